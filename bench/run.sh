@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# keycap proxy benchmark: the same load three ways on loopback.
+#
+#   direct  - straight at a fast upstream (nginx returning a fixed
+#             Stripe-like JSON body)
+#   nginx   - through nginx proxy_pass with an Authorization header swap:
+#             a mature proxy with no policy at all
+#   keycap  - through keycap-proxy's full path: vault-key auth, allowlist,
+#             Stripe-priced reservation against a daily cap, forward with the
+#             real key injected, settle, audit event to the control plane
+#
+# Each target gets a closed-loop run (max throughput: requests/s, p50, p99)
+# and an open-loop run at a fixed rate (default 5000 requests/s) to compare
+# added latency. Prints a table and the ratios to direct.
+#
+# Usage: bench/run.sh [seconds per run, default 10] [connections, default 64]
+# Env:   BENCH_RATE (fixed-rate run, default 5000), BENCH_PORT_BASE (19000)
+#
+# Installs what it needs: nginx (Debian package) and oha (crates.io).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${1:-10}
+CONNS=${2:-64}
+RATE=${BENCH_RATE:-5000}
+BASE=${BENCH_PORT_BASE:-19000}
+UPSTREAM=$((BASE + 1)); NGINX_PROXY=$((BASE + 2)); KC_PROXY=$((BASE + 3)); KC_CONTROL=$((BASE + 4))
+
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if ! command -v oha >/dev/null 2>&1; then
+  cargo install --locked oha
+fi
+
+cargo build --release -q -p keycap-control -p keycap-proxy
+BIN=${CARGO_TARGET_DIR:-target}/release
+
+WORK=$(mktemp -d /tmp/keycap-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+BODY='{"id":"pi_bench","object":"payment_intent","amount":100,"currency":"usd","status":"requires_payment_method","livemode":false}'
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/body;
+  proxy_temp_path $WORK/proxy;
+  fastcgi_temp_path $WORK/fcgi;
+  uwsgi_temp_path $WORK/uwsgi;
+  scgi_temp_path $WORK/scgi;
+  keepalive_requests 1000000;
+  upstream vendor { server 127.0.0.1:$UPSTREAM; keepalive 256; }
+  # The fast upstream: a fixed Stripe-like answer.
+  server {
+    listen 127.0.0.1:$UPSTREAM;
+    location / { default_type application/json; return 200 '$BODY'; }
+  }
+  # The bar: a plain reverse proxy that swaps the Authorization header.
+  server {
+    listen 127.0.0.1:$NGINX_PROXY;
+    location /stripe/ {
+      proxy_pass http://vendor/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer sk_test_bench";
+    }
+  }
+}
+CONF
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK"
+
+ADMIN=kcadm_bench_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+FLEET=kcfleet_bench_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+MASTER=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+KEYCAP_LOG=warn "$BIN/keycap-control" --listen 127.0.0.1:$KC_CONTROL \
+  --database-url "sqlite:$WORK/keycap.db" --master-key "$MASTER" \
+  --admin-token "$ADMIN" --fleet-token "$FLEET" > "$WORK/control.log" 2>&1 &
+PIDS+=($!)
+KEYCAP_LOG=warn "$BIN/keycap-proxy" --listen 127.0.0.1:$KC_PROXY \
+  --control-url http://127.0.0.1:$KC_CONTROL --fleet-token "$FLEET" --node-id bench > "$WORK/proxy.log" 2>&1 &
+PIDS+=($!)
+
+wait_ok() { for _ in $(seq 1 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
+wait_ok http://127.0.0.1:$KC_CONTROL/healthz
+wait_ok http://127.0.0.1:$KC_PROXY/healthz
+
+auth=(-H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json')
+curl -fs -X PUT "http://127.0.0.1:$KC_CONTROL/vault/vendors/stripe" "${auth[@]}" \
+  -d "{\"profile\":\"stripe\",\"base_url\":\"http://127.0.0.1:$UPSTREAM\",\"credential\":\"sk_test_bench\"}" >/dev/null
+KEY=$(curl -fs -X POST "http://127.0.0.1:$KC_CONTROL/vault/keys" "${auth[@]}" \
+  -d '{"vendor":"stripe","daily_usd_cap":100000000,"allowed_endpoints":["POST /v1/payment_intents"],"expires_in":"2h","agent_run_label":"bench"}' \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+# The new key reaches the proxy through the policy stream.
+for _ in $(seq 1 100); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents" \
+    -H "Authorization: Bearer $KEY" -d amount=100 -d currency=usd)
+  [ "$code" = 200 ] && break; sleep 0.1
+done
+[ "$code" = 200 ] || { echo "keycap proxy not serving the bench key (last status $code)" >&2; exit 1; }
+
+run() { # name url extra-oha-args...
+  local name=$1 url=$2; shift 2
+  oha --no-tui --output-format json -z "${DURATION}s" -m POST \
+    -H "Authorization: Bearer $KEY" -H 'Content-Type: application/x-www-form-urlencoded' \
+    -d 'amount=100&currency=usd' "$@" "$url" > "$WORK/$name.json"
+}
+
+targets=(
+  "direct http://127.0.0.1:$UPSTREAM/v1/payment_intents"
+  "nginx http://127.0.0.1:$NGINX_PROXY/stripe/v1/payment_intents"
+  "keycap http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents"
+)
+for t in "${targets[@]}"; do
+  set -- $t
+  run "$1-max" "$2" -c "$CONNS"
+  run "$1-rate" "$2" -c "$CONNS" -q "$RATE"
+done
+
+python3 - "$WORK" "$DURATION" "$CONNS" "$RATE" <<'PY'
+import json, sys, os
+work, duration, conns, rate = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+def load(n):
+    d = json.load(open(os.path.join(work, n + ".json")))
+    s = d["summary"]; p = d["latencyPercentiles"]
+    codes = d.get("statusCodeDistribution", {})
+    ok = codes.get("200", 0); total = sum(codes.values())
+    return {"rps": s["requestsPerSec"], "p50": p["p50"] * 1e3, "p99": p["p99"] * 1e3, "ok": ok, "total": total}
+rows = {n: (load(n + "-max"), load(n + "-rate")) for n in ("direct", "nginx", "keycap")}
+print(f"keycap bench: {duration}s per run, {conns} connections, fixed-rate runs at {rate} req/s, nproc={os.cpu_count()}")
+print(f"{'target':8} {'max req/s':>10} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} | {'@rate req/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'+p99 ms':>8} | non-200")
+d_max, d_rate = rows["direct"]
+for n, (m, r) in rows.items():
+    bad = (m["total"] - m["ok"]) + (r["total"] - r["ok"])
+    print(f"{n:8} {m['rps']:10.0f} {m['rps']/d_max['rps']:6.2f} {m['p50']:8.3f} {m['p99']:8.3f} | "
+          f"{r['rps']:11.0f} {r['p50']:8.3f} {r['p99']:8.3f} {r['p99']-d_rate['p99']:8.3f} | {bad}")
+n_ratio = rows["nginx"][0]["rps"] / d_max["rps"]
+k_ratio = rows["keycap"][0]["rps"] / d_max["rps"]
+print(f"keycap throughput ratio / nginx throughput ratio = {k_ratio / n_ratio:.2f} (goal >= 1.2)")
+print(f"added p99 at {rate} req/s: nginx {rows['nginx'][1]['p99'] - d_rate['p99']:.3f} ms, keycap {rows['keycap'][1]['p99'] - d_rate['p99']:.3f} ms (goal: keycap <= nginx)")
+PY

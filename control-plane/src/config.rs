@@ -1,0 +1,35 @@
+//! keycap-control configuration: flags, each also settable through a
+//! `KEYCAP_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ControlConfig {
+    /// Address for gRPC and REST.
+    #[arg(
+        long = "listen",
+        env = "KEYCAP_CONTROL_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub listen: SocketAddr,
+    /// `postgres://...` for PostgreSQL, `sqlite:path` for embedded SQLite.
+    #[arg(long, env = "KEYCAP_DATABASE_URL")]
+    pub database_url: String,
+    /// Key-encryption key for vendor credentials: 64 hex chars or base64 of
+    /// 32 bytes.
+    #[arg(long, env = "KEYCAP_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// File holding the key-encryption key (instead of --master-key).
+    #[arg(long, env = "KEYCAP_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Bootstrap admin token; stored hashed, accepted from then on.
+    #[arg(long, env = "KEYCAP_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Token proxies present to the fleet API.
+    #[arg(long, env = "KEYCAP_FLEET_TOKEN", hide_env_values = true)]
+    pub fleet_token: String,
+    /// Environment tag minted into vault keys (kc_<env>_...).
+    #[arg(long, env = "KEYCAP_KEY_ENV", default_value = "live")]
+    pub key_env: String,
+}

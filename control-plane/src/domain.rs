@@ -1,0 +1,494 @@
+//! Validated domain types of the control plane.
+//!
+//! Everything the store and the services handle has passed through here:
+//! wire messages and REST bodies are converted with the constructors below,
+//! so the core never sees an unvalidated name, URL, cap or duration. This
+//! module owns validation rules and must never do I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use keycap_proto::Micros;
+
+/// Largest cap keycap accepts: one billion dollars. Anything above is a typo
+/// (or an attempt to make a cap meaningless) and is refused.
+pub const MAX_CAP: Micros = Micros(1_000_000_000 * 1_000_000);
+/// Longest a vault key may live.
+pub const MAX_KEY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+pub const MAX_ALLOWED_ENDPOINTS: usize = 256;
+
+/// A validation failure, phrased for the client that sent the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidInput {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+pub fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidInput {
+    InvalidInput {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A vendor's name: the first path segment agents use on the proxy
+/// (`/{vendor}/...`). Lowercase letters, digits and '-', 1 to 64 characters,
+/// and never `vault` (reserved for the admin relay).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VendorName(String);
+
+impl VendorName {
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-');
+        if !ok {
+            return Err(invalid(
+                "name",
+                "vendor names are 1-64 characters of a-z, 0-9 and '-'",
+            ));
+        }
+        if s == "vault" || s == "_keycap" {
+            return Err(invalid("name", format!("{s:?} is reserved")));
+        }
+        Ok(VendorName(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VendorName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How keycap prices a vendor's calls and injects its credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Stripe,
+    Openai,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 2] = [Profile::Stripe, Profile::Openai];
+
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "stripe" => Ok(Profile::Stripe),
+            "openai" => Ok(Profile::Openai),
+            other => Err(invalid(
+                "profile",
+                format!("unknown profile {other:?}; known profiles: stripe, openai"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Stripe => "stripe",
+            Profile::Openai => "openai",
+        }
+    }
+}
+
+/// An http(s) base URL without query, fragment or userinfo, stored without a
+/// trailing slash.
+pub fn parse_base_url(s: &str) -> Result<String, InvalidInput> {
+    let bad = |why: &str| invalid("base_url", why.to_string());
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| bad("must start with https:// or http://"))?;
+    if s.len() > 2048 {
+        return Err(bad("too long"));
+    }
+    if rest.contains(['?', '#', '@', '\\', ' ']) || rest.chars().any(|c| c.is_control()) {
+        return Err(bad(
+            "must not contain a query, fragment, userinfo, backslash or space",
+        ));
+    }
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    if rest.split('/').skip(1).any(|seg| seg == "." || seg == "..") {
+        return Err(bad("must not contain dot segments"));
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+/// Currency code -> USD per unit, as exact parts-per-million.
+pub fn parse_currency_rates(
+    raw: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, InvalidInput> {
+    let mut out = BTreeMap::new();
+    for (code, rate) in raw {
+        let code_l = code.to_ascii_lowercase();
+        if code_l.len() != 3 || !code_l.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(invalid(
+                "currency_rates",
+                format!("{code:?} is not a 3-letter currency code"),
+            ));
+        }
+        let v = Micros::parse_usd(rate)
+            .map_err(|e| invalid("currency_rates", format!("{code}: {e}")))?;
+        if v.0 <= 0 || v > Micros::from_usd(100_000).expect("constant") {
+            return Err(invalid(
+                "currency_rates",
+                format!("{code}: rate must be positive and sane"),
+            ));
+        }
+        out.insert(code_l, rate.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// A vendor as stored, without its credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vendor {
+    pub name: VendorName,
+    pub profile: Profile,
+    pub base_url: String,
+    pub currency_rates: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An allowed endpoint, `METHOD /path` with `*` globs; validated for shape
+/// here, matched by the proxy.
+pub fn parse_allowed_endpoint(s: &str) -> Result<String, InvalidInput> {
+    let bad = |why: String| invalid("allowed_endpoints", why);
+    let (method, path) = s
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| bad(format!("{s:?} is not \"METHOD /path\"")))?;
+    let method_ok = matches!(
+        method,
+        "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" | "*"
+    );
+    if !method_ok {
+        return Err(bad(format!("{s:?}: unknown method {method:?}")));
+    }
+    let path = path.trim();
+    if !path.starts_with('/') || path.contains(['?', '#', ' ', '\\']) {
+        return Err(bad(format!(
+            "{s:?}: path must start with / and hold no query"
+        )));
+    }
+    for seg in path.split('/').skip(1) {
+        if seg == "." || seg == ".." || seg.contains('%') {
+            return Err(bad(format!("{s:?}: no dot or encoded segments")));
+        }
+        if seg.contains('*') && seg != "*" {
+            return Err(bad(format!("{s:?}: '*' must be a whole segment")));
+        }
+    }
+    Ok(format!("{method} {path}"))
+}
+
+/// A cap in micro-dollars: positive and at most `MAX_CAP`.
+pub fn parse_cap(field: &'static str, v: Micros) -> Result<Micros, InvalidInput> {
+    if v.0 <= 0 {
+        return Err(invalid(field, "must be greater than 0"));
+    }
+    if v > MAX_CAP {
+        return Err(invalid(field, format!("must be at most {MAX_CAP} USD")));
+    }
+    Ok(v)
+}
+
+/// Parses `expires_in` text: "2h", "90m", "1d 12h", "3600s", or seconds as
+/// digits.
+pub fn parse_expires_in(s: &str) -> Result<std::time::Duration, InvalidInput> {
+    let t = s.trim();
+    let d = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>()
+            .map(std::time::Duration::from_secs)
+            .map_err(|_| invalid("expires_in", "too large"))?
+    } else {
+        humantime::parse_duration(t).map_err(|e| {
+            invalid(
+                "expires_in",
+                format!("{s:?} is not a duration like \"2h\" or \"30m\": {e}"),
+            )
+        })?
+    };
+    check_lifetime(d)
+}
+
+pub fn check_lifetime(d: std::time::Duration) -> Result<std::time::Duration, InvalidInput> {
+    if d.as_secs() < 1 {
+        return Err(invalid("expires_in", "must be at least 1 second"));
+    }
+    if d > MAX_KEY_LIFETIME {
+        return Err(invalid("expires_in", "must be at most 366 days"));
+    }
+    Ok(d)
+}
+
+/// An agent run label: free text that ties spend to a run, 1-200 printable
+/// characters.
+pub fn parse_run_label(s: &str) -> Result<String, InvalidInput> {
+    if s.is_empty() || s.len() > 200 || s.chars().any(|c| c.is_control()) {
+        return Err(invalid(
+            "agent_run_label",
+            "must be 1-200 printable characters",
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// A vault key as stored. The secret itself is never stored: only its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultKey {
+    pub id: String,
+    pub key_hash: [u8; 32],
+    pub key_prefix: String,
+    pub vendor: VendorName,
+    pub allowed_endpoints: Vec<String>,
+    pub daily_cap: Micros,
+    pub per_call_cap: Option<Micros>,
+    pub lifetime_cap: Option<Micros>,
+    pub expires_at: DateTime<Utc>,
+    pub agent_run_label: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl VaultKey {
+    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+        if self.revoked_at.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_at <= now {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
+/// What a key has spent: settled amounts from the ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeySpend {
+    pub spent_day: Micros,
+    pub calls_day: i64,
+    pub spent_lifetime: Micros,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyFilter {
+    pub agent_run_label: Option<String>,
+    pub vendor: Option<String>,
+    pub include_inactive: bool,
+}
+
+/// How a reserved call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Settled at the cost the response showed.
+    Settled,
+    /// The vendor did not bill the call; the reservation was released.
+    Released,
+    /// The response could not be priced; settled at the reservation.
+    SettledAtReservation,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Settled => "settled",
+            Outcome::Released => "released",
+            Outcome::SettledAtReservation => "settled_at_reservation",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "settled" => Ok(Outcome::Settled),
+            "released" => Ok(Outcome::Released),
+            "settled_at_reservation" => Ok(Outcome::SettledAtReservation),
+            other => Err(invalid("outcome", format!("unknown outcome {other:?}"))),
+        }
+    }
+}
+
+/// One spend event from a proxy: a forwarded call and what it cost. Applied
+/// once per `event_id`; it becomes one audit entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendEvent {
+    pub event_id: String,
+    pub lease_id: String,
+    pub key_id: String,
+    /// UTC day (YYYY-MM-DD) of the budget window the call was reserved in.
+    pub day: String,
+    pub vendor: String,
+    pub method: String,
+    pub path: String,
+    pub upstream_status: i32,
+    pub reserved: Micros,
+    pub cost: Micros,
+    pub outcome: Outcome,
+    pub at: DateTime<Utc>,
+    pub node_id: String,
+    pub detail_json: String,
+}
+
+/// An audit ledger row: a spend event plus its sequence number and the run
+/// label of its key at the time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub agent_run_label: String,
+    pub event: SpendEvent,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub key_id: Option<String>,
+    pub agent_run_label: Option<String>,
+    pub vendor: Option<String>,
+    /// Entries at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Entries before this time (exclusive).
+    pub until: Option<DateTime<Utc>>,
+    /// Return entries with `seq` below this (the previous page's last seq).
+    pub before_seq: Option<i64>,
+    /// Page size: 0 means 100; at most 1000.
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpendSummary {
+    pub total: Micros,
+    pub calls: i64,
+    /// (vendor, total, calls), sorted by vendor.
+    pub vendors: Vec<(String, Micros, i64)>,
+}
+
+/// A request to grow a lease: a proxy's local slice of one key's budget for
+/// one UTC day.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseGrantRequest {
+    pub grant_id: String,
+    pub lease_id: String,
+    pub key_id: String,
+    pub node_id: String,
+    pub day: String,
+    pub requested: Micros,
+    pub minimum: Micros,
+    /// Expiry given to a new lease (an existing lease keeps its own).
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub granted: Micros,
+    pub lease_total: Micros,
+    /// Budget left for the key and day after this grant, outside any live
+    /// lease.
+    pub unleased: Micros,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One entry of the change log: what changed, at which version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeRef {
+    Vendor(String),
+    Key(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub version: i64,
+    pub what: ChangeRef,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendor_names() {
+        assert!(VendorName::parse("stripe").is_ok());
+        assert!(VendorName::parse("my-vendor2").is_ok());
+        for bad in ["", "Stripe", "a/b", "vault", "-x", &"a".repeat(65)] {
+            assert!(VendorName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            parse_base_url("https://api.stripe.com/").unwrap(),
+            "https://api.stripe.com"
+        );
+        assert!(parse_base_url("http://127.0.0.1:9000/v1").is_ok());
+        for bad in [
+            "ftp://x",
+            "https://",
+            "https://a@b",
+            "https://x/?q",
+            "https://x/../y",
+            "api.stripe.com",
+        ] {
+            assert!(parse_base_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_allowed_endpoint("POST /v1/payment_intents").unwrap(),
+            "POST /v1/payment_intents"
+        );
+        assert!(parse_allowed_endpoint("GET /v1/customers/*").is_ok());
+        for bad in [
+            "/v1/x",
+            "FETCH /x",
+            "GET v1",
+            "GET /a/../b",
+            "GET /a*b",
+            "GET /a?x=1",
+            "GET /a/%2e",
+        ] {
+            assert!(parse_allowed_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn caps_and_lifetimes() {
+        assert!(parse_cap("daily_usd_cap", Micros(-1)).is_err());
+        assert!(parse_cap("daily_usd_cap", Micros(0)).is_err());
+        assert!(parse_cap("daily_usd_cap", Micros(MAX_CAP.0 + 1)).is_err());
+        assert!(parse_cap("daily_usd_cap", Micros(500_000_000)).is_ok());
+        assert_eq!(parse_expires_in("2h").unwrap().as_secs(), 7200);
+        assert_eq!(parse_expires_in("90").unwrap().as_secs(), 90);
+        for bad in ["", "soon", "2 parsecs", "0s", "400d", "-1h"] {
+            assert!(parse_expires_in(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn currency_rates() {
+        let mut m = BTreeMap::new();
+        m.insert("EUR".to_string(), "1.08".to_string());
+        assert_eq!(parse_currency_rates(&m).unwrap()["eur"], "1.08");
+        m.insert("euro".to_string(), "1".to_string());
+        assert!(parse_currency_rates(&m).is_err());
+    }
+}

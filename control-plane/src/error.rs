@@ -1,0 +1,81 @@
+//! The control plane's one error type at its API boundary.
+//!
+//! `ApiError` is what gRPC and REST handlers return. Its messages are safe
+//! to show a client; internal causes are logged where they are handled (in
+//! `From<StoreError>`) and replaced by a generic message, so a database error
+//! or a file path never reaches a response.
+
+use crate::domain::InvalidInput;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(InvalidInput),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// Missing or wrong credential. Never says which.
+    #[error("missing or invalid token")]
+    Unauthenticated,
+    /// Something failed inside keycap; details went to the log.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// Stable code for JSON bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => "invalid_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    pub fn http_status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            ApiError::Invalid(_) => S::BAD_REQUEST,
+            ApiError::NotFound(_) => S::NOT_FOUND,
+            ApiError::Conflict(_) => S::CONFLICT,
+            ApiError::Unauthenticated => S::UNAUTHORIZED,
+            ApiError::Internal => S::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(e: InvalidInput) -> Self {
+        ApiError::Invalid(e)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
+            StoreError::Conflict(why) => ApiError::Conflict(why),
+            other => {
+                tracing::error!(error = %other, "store operation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::Invalid(_) => tonic::Status::invalid_argument(msg),
+            ApiError::NotFound(_) => tonic::Status::not_found(msg),
+            ApiError::Conflict(_) => tonic::Status::failed_precondition(msg),
+            ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
+            ApiError::Internal => tonic::Status::internal(msg),
+        }
+    }
+}

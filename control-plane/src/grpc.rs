@@ -1,0 +1,575 @@
+//! gRPC front end: admin services (vendors, keys, audit) and the fleet
+//! service proxies use. Converts wire messages into validated domain inputs
+//! on receipt and domain values back into messages; all logic lives in
+//! `service::Control`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use keycap_proto::pb;
+use keycap_proto::time::{from_proto, opt_to_proto, to_proto};
+use keycap_proto::Micros;
+use tonic::{Request, Response, Status};
+
+use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, LeaseGrantRequest, Vendor};
+use crate::error::ApiError;
+use crate::service::{Control, Delta, FleetVendor, KeyView, NewKey, PutVendor};
+
+/// Implements every keycap gRPC service over one `Control`.
+#[derive(Clone)]
+pub struct Api {
+    control: Arc<Control>,
+}
+
+impl Api {
+    pub fn new(control: Arc<Control>) -> Self {
+        Api { control }
+    }
+
+    async fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let auth = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        Ok(self.control.authenticate_admin(auth).await?)
+    }
+
+    fn fleet<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let auth = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        Ok(self.control.authenticate_fleet(auth)?)
+    }
+}
+
+pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
+    pb::Vendor {
+        name: v.name.to_string(),
+        profile: v.profile.as_str().to_string(),
+        base_url: v.base_url.clone(),
+        currency_rates: v.currency_rates.clone().into_iter().collect(),
+        created_at: Some(to_proto(v.created_at)),
+        updated_at: Some(to_proto(v.updated_at)),
+    }
+}
+
+pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
+    let k = &v.key;
+    pb::VaultKey {
+        id: k.id.clone(),
+        key_prefix: k.key_prefix.clone(),
+        vendor: k.vendor.to_string(),
+        allowed_endpoints: k.allowed_endpoints.clone(),
+        daily_cap_micros: k.daily_cap.0,
+        per_call_cap_micros: k.per_call_cap.map_or(0, |c| c.0),
+        lifetime_cap_micros: k.lifetime_cap.map_or(0, |c| c.0),
+        expires_at: Some(to_proto(k.expires_at)),
+        agent_run_label: k.agent_run_label.clone(),
+        metadata: k.metadata.clone().into_iter().collect(),
+        created_at: Some(to_proto(k.created_at)),
+        revoked_at: opt_to_proto(k.revoked_at),
+        status: match v.status {
+            KeyStatus::Active => pb::KeyStatus::Active,
+            KeyStatus::Expired => pb::KeyStatus::Expired,
+            KeyStatus::Revoked => pb::KeyStatus::Revoked,
+        } as i32,
+        spent_today_micros: v.spend.spent_day.0,
+        remaining_today_micros: v.remaining_today.0,
+        spent_lifetime_micros: v.spend.spent_lifetime.0,
+        calls_today: v.spend.calls_day,
+    }
+}
+
+fn entry_to_pb(e: &domain::AuditEntry) -> pb::AuditEntry {
+    let ev = &e.event;
+    pb::AuditEntry {
+        seq: e.seq,
+        event_id: ev.event_id.clone(),
+        key_id: ev.key_id.clone(),
+        agent_run_label: e.agent_run_label.clone(),
+        vendor: ev.vendor.clone(),
+        method: ev.method.clone(),
+        path: ev.path.clone(),
+        upstream_status: ev.upstream_status,
+        reserved_micros: ev.reserved.0,
+        cost_micros: ev.cost.0,
+        outcome: ev.outcome.as_str().to_string(),
+        at: Some(to_proto(ev.at)),
+        node_id: ev.node_id.clone(),
+        detail_json: ev.detail_json.clone(),
+    }
+}
+
+fn fleet_vendor_to_pb(v: &FleetVendor) -> pb::FleetVendor {
+    pb::FleetVendor {
+        name: v.vendor.name.to_string(),
+        profile: v.vendor.profile.as_str().to_string(),
+        base_url: v.vendor.base_url.clone(),
+        credential: v.credential.clone(),
+        currency_rates: v.vendor.currency_rates.clone().into_iter().collect(),
+    }
+}
+
+fn fleet_key_to_pb(k: &domain::VaultKey) -> pb::FleetKey {
+    pb::FleetKey {
+        id: k.id.clone(),
+        key_hash: k.key_hash.to_vec(),
+        vendor: k.vendor.to_string(),
+        allowed_endpoints: k.allowed_endpoints.clone(),
+        daily_cap_micros: k.daily_cap.0,
+        per_call_cap_micros: k.per_call_cap.map_or(0, |c| c.0),
+        lifetime_cap_micros: k.lifetime_cap.map_or(0, |c| c.0),
+        expires_at: Some(to_proto(k.expires_at)),
+        agent_run_label: k.agent_run_label.clone(),
+        revoked: k.revoked_at.is_some(),
+    }
+}
+
+fn opt_cap(v: i64) -> Option<Micros> {
+    (v != 0).then_some(Micros(v))
+}
+
+impl TryFrom<pb::CreateKeyRequest> for NewKey {
+    type Error = domain::InvalidInput;
+
+    fn try_from(r: pb::CreateKeyRequest) -> Result<Self, Self::Error> {
+        if r.expires_in_seconds <= 0 {
+            return Err(invalid("expires_in_seconds", "must be positive"));
+        }
+        NewKey::new(
+            &r.vendor,
+            &r.allowed_endpoints,
+            Micros(r.daily_cap_micros),
+            opt_cap(r.per_call_cap_micros),
+            opt_cap(r.lifetime_cap_micros),
+            Duration::from_secs(r.expires_in_seconds as u64),
+            &r.agent_run_label,
+            r.metadata.into_iter().collect(),
+        )
+    }
+}
+
+impl TryFrom<pb::PutVendorRequest> for PutVendor {
+    type Error = domain::InvalidInput;
+
+    fn try_from(r: pb::PutVendorRequest) -> Result<Self, Self::Error> {
+        PutVendor::new(
+            &r.name,
+            &r.profile,
+            &r.base_url,
+            Some(r.credential.as_str()),
+            &r.currency_rates.into_iter().collect(),
+        )
+    }
+}
+
+impl TryFrom<pb::QueryAuditRequest> for AuditQuery {
+    type Error = domain::InvalidInput;
+
+    fn try_from(r: pb::QueryAuditRequest) -> Result<Self, Self::Error> {
+        let ts = |field, t: Option<prost_types::Timestamp>| {
+            t.map(|t| from_proto(&t).ok_or_else(|| invalid(field, "out of range")))
+                .transpose()
+        };
+        if !(0..=1000).contains(&r.page_size) {
+            return Err(invalid("page_size", "must be between 1 and 1000"));
+        }
+        let before_seq = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                r.page_token
+                    .parse::<i64>()
+                    .map_err(|_| invalid("page_token", "not a token from a previous page"))?,
+            )
+        };
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        Ok(AuditQuery {
+            key_id: nonempty(r.key_id),
+            agent_run_label: nonempty(r.agent_run_label),
+            vendor: nonempty(r.vendor),
+            since: ts("since", r.since)?,
+            until: ts("until", r.until)?,
+            before_seq,
+            limit: if r.page_size == 0 {
+                100
+            } else {
+                r.page_size as u32
+            },
+        })
+    }
+}
+
+/// The page token for the page after `entries` (empty when it was short).
+pub fn next_page_token(entries: &[domain::AuditEntry], limit: u32) -> Option<i64> {
+    (entries.len() as u32 >= limit)
+        .then(|| entries.last().map(|e| e.seq))
+        .flatten()
+}
+
+#[tonic::async_trait]
+impl pb::vendor_service_server::VendorService for Api {
+    async fn put_vendor(
+        &self,
+        req: Request<pb::PutVendorRequest>,
+    ) -> Result<Response<pb::PutVendorResponse>, Status> {
+        self.admin(&req).await?;
+        let put = PutVendor::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let (v, created) = self.control.put_vendor(put).await?;
+        Ok(Response::new(pb::PutVendorResponse {
+            vendor: Some(vendor_to_pb(&v)),
+            created,
+        }))
+    }
+
+    async fn get_vendor(
+        &self,
+        req: Request<pb::GetVendorRequest>,
+    ) -> Result<Response<pb::GetVendorResponse>, Status> {
+        self.admin(&req).await?;
+        let v = self.control.get_vendor(&req.get_ref().name).await?;
+        Ok(Response::new(pb::GetVendorResponse {
+            vendor: Some(vendor_to_pb(&v)),
+        }))
+    }
+
+    async fn list_vendors(
+        &self,
+        req: Request<pb::ListVendorsRequest>,
+    ) -> Result<Response<pb::ListVendorsResponse>, Status> {
+        self.admin(&req).await?;
+        let vs = self.control.list_vendors().await?;
+        Ok(Response::new(pb::ListVendorsResponse {
+            vendors: vs.iter().map(vendor_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_vendor(
+        &self,
+        req: Request<pb::DeleteVendorRequest>,
+    ) -> Result<Response<pb::DeleteVendorResponse>, Status> {
+        self.admin(&req).await?;
+        self.control.delete_vendor(&req.get_ref().name).await?;
+        Ok(Response::new(pb::DeleteVendorResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::key_service_server::KeyService for Api {
+    async fn create_key(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        self.admin(&req).await?;
+        let new = NewKey::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let (view, secret) = self.control.create_key(new).await?;
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(key_to_pb(&view)),
+            secret,
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        req: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::GetKeyResponse>, Status> {
+        self.admin(&req).await?;
+        let v = self.control.get_key(&req.get_ref().id).await?;
+        Ok(Response::new(pb::GetKeyResponse {
+            key: Some(key_to_pb(&v)),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        self.admin(&req).await?;
+        let r = req.into_inner();
+        let filter = KeyFilter {
+            agent_run_label: (!r.agent_run_label.is_empty()).then_some(r.agent_run_label),
+            vendor: (!r.vendor.is_empty()).then_some(r.vendor),
+            include_inactive: r.include_inactive,
+        };
+        let keys = self.control.list_keys(&filter).await?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys.iter().map(key_to_pb).collect(),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        self.admin(&req).await?;
+        let v = self.control.revoke_key(&req.get_ref().id).await?;
+        Ok(Response::new(pb::RevokeKeyResponse {
+            key: Some(key_to_pb(&v)),
+        }))
+    }
+
+    async fn revoke_run(
+        &self,
+        req: Request<pb::RevokeRunRequest>,
+    ) -> Result<Response<pb::RevokeRunResponse>, Status> {
+        self.admin(&req).await?;
+        let ids = self
+            .control
+            .revoke_run(&req.get_ref().agent_run_label)
+            .await?;
+        Ok(Response::new(pb::RevokeRunResponse { revoked_ids: ids }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::audit_service_server::AuditService for Api {
+    async fn query_audit(
+        &self,
+        req: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        self.admin(&req).await?;
+        let q = AuditQuery::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let entries = self.control.query_audit(&q).await?;
+        Ok(Response::new(pb::QueryAuditResponse {
+            next_page_token: next_page_token(&entries, q.limit)
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            entries: entries.iter().map(entry_to_pb).collect(),
+        }))
+    }
+
+    async fn spend_summary(
+        &self,
+        req: Request<pb::SpendSummaryRequest>,
+    ) -> Result<Response<pb::SpendSummaryResponse>, Status> {
+        self.admin(&req).await?;
+        let label = req.into_inner().agent_run_label;
+        let s = self.control.spend_summary(&label).await?;
+        Ok(Response::new(pb::SpendSummaryResponse {
+            agent_run_label: label,
+            total_micros: s.total.0,
+            calls: s.calls,
+            vendors: s
+                .vendors
+                .into_iter()
+                .map(|(vendor, total, calls)| pb::VendorSpend {
+                    vendor,
+                    total_micros: total.0,
+                    calls,
+                })
+                .collect(),
+        }))
+    }
+}
+
+fn delta_to_pb(d: Delta) -> pb::PolicyUpdate {
+    pb::PolicyUpdate {
+        version: d.version,
+        update: Some(pb::policy_update::Update::Delta(pb::PolicyDelta {
+            upsert_vendors: d.upsert_vendors.iter().map(fleet_vendor_to_pb).collect(),
+            removed_vendors: d.removed_vendors,
+            upsert_keys: d.upsert_keys.iter().map(fleet_key_to_pb).collect(),
+            removed_keys: d.removed_keys,
+        })),
+    }
+}
+
+type PolicyStream = Pin<Box<dyn Stream<Item = Result<pb::PolicyUpdate, Status>> + Send>>;
+
+/// How often a policy stream re-reads the change log even without a local
+/// wake-up, so changes made through another replica arrive too.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+#[tonic::async_trait]
+impl pb::fleet_service_server::FleetService for Api {
+    type WatchPolicyStream = PolicyStream;
+
+    async fn watch_policy(
+        &self,
+        req: Request<pb::WatchPolicyRequest>,
+    ) -> Result<Response<Self::WatchPolicyStream>, Status> {
+        self.fleet(&req)?;
+        let r = req.into_inner();
+        let control = self.control.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PolicyUpdate, Status>>(16);
+        tracing::info!(node = %r.node_id, from_version = r.from_version, "proxy watching policy");
+        tokio::spawn(async move {
+            let mut versions = control.subscribe_versions();
+            let mut at = r.from_version;
+            let resumed = if at > 0 {
+                control.delta_since(at).await
+            } else {
+                Ok(None)
+            };
+            let first = match resumed {
+                Ok(Some(d)) => {
+                    at = d.version;
+                    delta_to_pb(d)
+                }
+                Ok(None) => match control.snapshot().await {
+                    Ok((version, vendors, keys)) => {
+                        at = version;
+                        pb::PolicyUpdate {
+                            version,
+                            update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
+                                vendors: vendors.iter().map(fleet_vendor_to_pb).collect(),
+                                keys: keys.iter().map(fleet_key_to_pb).collect(),
+                            })),
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                },
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let mut tick = tokio::time::interval(POLL_INTERVAL);
+            loop {
+                tokio::select! {
+                    changed = versions.changed() => if changed.is_err() { return },
+                    _ = tick.tick() => control.poll_version().await,
+                    _ = tx.closed() => return,
+                }
+                if *versions.borrow_and_update() <= at {
+                    continue;
+                }
+                match control.delta_since(at).await {
+                    Ok(Some(d)) if d.version > at => {
+                        at = d.version;
+                        if tx.send(Ok(delta_to_pb(d))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        // The log was trimmed past us: make the proxy start
+                        // over with a snapshot.
+                        let _ = tx
+                            .send(Err(Status::out_of_range("resume version is gone")))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn grant_lease(
+        &self,
+        req: Request<pb::GrantLeaseRequest>,
+    ) -> Result<Response<pb::GrantLeaseResponse>, Status> {
+        self.fleet(&req)?;
+        let r = req.into_inner();
+        let nonempty = |field: &'static str, s: String| {
+            if s.is_empty() || s.len() > 128 {
+                Err(ApiError::from(invalid(field, "must be 1-128 characters")))
+            } else {
+                Ok(s)
+            }
+        };
+        let grant = LeaseGrantRequest {
+            grant_id: nonempty("grant_id", r.grant_id)?,
+            lease_id: nonempty("lease_id", r.lease_id)?,
+            key_id: nonempty("key_id", r.key_id)?,
+            node_id: nonempty("node_id", r.node_id)?,
+            day: parse_day(r.day)?,
+            requested: Micros(r.requested_micros),
+            minimum: Micros(r.minimum_micros),
+            expires_at: chrono::Utc::now(),
+        };
+        let g = self.control.grant_lease(grant).await?;
+        Ok(Response::new(pb::GrantLeaseResponse {
+            granted_micros: g.granted.0,
+            lease_total_micros: g.lease_total.0,
+            unleased_micros: g.unleased.0,
+            expires_at: Some(to_proto(g.expires_at)),
+        }))
+    }
+
+    async fn return_lease(
+        &self,
+        req: Request<pb::ReturnLeaseRequest>,
+    ) -> Result<Response<pb::ReturnLeaseResponse>, Status> {
+        self.fleet(&req)?;
+        let r = req.into_inner();
+        self.control
+            .return_lease(&r.lease_id, Micros(r.spent_micros))
+            .await?;
+        Ok(Response::new(pb::ReturnLeaseResponse {}))
+    }
+
+    async fn report_spend(
+        &self,
+        req: Request<pb::ReportSpendRequest>,
+    ) -> Result<Response<pb::ReportSpendResponse>, Status> {
+        self.fleet(&req)?;
+        let r = req.into_inner();
+        let events = r
+            .events
+            .into_iter()
+            .map(|e| spend_event_from_pb(e, &r.node_id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ApiError::from)?;
+        let (applied, duplicates) = self.control.report_spend(&events).await?;
+        Ok(Response::new(pb::ReportSpendResponse {
+            applied: applied as i32,
+            duplicates: duplicates as i32,
+        }))
+    }
+}
+
+fn parse_day(day: String) -> Result<String, ApiError> {
+    chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d")
+        .map(|_| day)
+        .map_err(|_| ApiError::from(invalid("day", "must be a UTC day YYYY-MM-DD")))
+}
+
+fn spend_event_from_pb(
+    e: pb::SpendEvent,
+    node_id: &str,
+) -> Result<domain::SpendEvent, domain::InvalidInput> {
+    if e.event_id.is_empty() || e.event_id.len() > 128 {
+        return Err(invalid("event_id", "must be 1-128 characters"));
+    }
+    if e.cost_micros < 0 || e.reserved_micros < 0 {
+        return Err(invalid("cost_micros", "must not be negative"));
+    }
+    let day = parse_day(e.day).map_err(|_| invalid("day", "must be a UTC day YYYY-MM-DD"))?;
+    Ok(domain::SpendEvent {
+        event_id: e.event_id,
+        lease_id: e.lease_id,
+        key_id: e.key_id,
+        day,
+        vendor: e.vendor,
+        method: e.method,
+        path: e.path,
+        upstream_status: e.upstream_status,
+        reserved: Micros(e.reserved_micros),
+        cost: Micros(e.cost_micros),
+        outcome: domain::Outcome::parse(&e.outcome)?,
+        at: e
+            .at
+            .as_ref()
+            .and_then(from_proto)
+            .ok_or_else(|| invalid("at", "missing or out of range"))?,
+        node_id: node_id.to_string(),
+        detail_json: e.detail_json,
+    })
+}

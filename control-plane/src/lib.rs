@@ -1,0 +1,19 @@
+//! keycap-control: the control plane.
+//!
+//! Owns vendors (with envelope-encrypted credentials), vault keys, budget
+//! leases and the audit ledger; serves the admin API over gRPC and REST and
+//! the fleet API proxies use. Reading order: `domain` (validated types),
+//! `store` (persistence), `service` (operations), then the front ends
+//! `grpc` and `rest`, and `server` (wiring).
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod rest;
+pub mod server;
+pub mod service;
+pub mod store;

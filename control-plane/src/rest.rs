@@ -1,0 +1,432 @@
+//! REST/JSON front end under `/vault/*`, for automation platforms that
+//! cannot speak gRPC (a Make.com HTTP module, n8n, Zapier). Same operations
+//! as the gRPC admin API, same admin token. Bodies are parsed here into
+//! validated domain inputs; every failure is a JSON error body with a stable
+//! code. Responses never carry a vendor credential; a vault key secret
+//! appears only in the response that minted it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::{DateTime, SecondsFormat, Utc};
+use keycap_proto::Micros;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, Vendor};
+use crate::error::ApiError;
+use crate::grpc::next_page_token;
+use crate::service::{Control, KeyView, NewKey, PutVendor};
+
+type Ctl = State<Arc<Control>>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.code(), "message": self.to_string()});
+        if let ApiError::Invalid(i) = &self {
+            body["field"] = json!(i.field);
+        }
+        (self.http_status(), Json(body)).into_response()
+    }
+}
+
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/vault/vendors", get(list_vendors))
+        .route(
+            "/vault/vendors/{name}",
+            put(put_vendor).get(get_vendor).delete(delete_vendor),
+        )
+        .route("/vault/keys", post(create_key).get(list_keys))
+        .route("/vault/keys/revoke", post(revoke_run))
+        .route("/vault/keys/{id}", get(get_key).delete(revoke_key))
+        .route("/vault/spend", get(spend))
+        .route("/vault/audit", get(audit))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/vault/{*rest}",
+            axum::routing::any(|| async {
+                ApiError::NotFound("no such endpoint".to_string()).into_response()
+            }),
+        )
+        .with_state(control)
+}
+
+async fn admin(c: &Control, headers: &HeaderMap) -> Result<(), ApiError> {
+    let auth = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    c.authenticate_admin(auth).await
+}
+
+/// Parses a JSON body with a client-facing error that names what is wrong.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(invalid("body", "a JSON body is required").into());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::from(invalid("body", format!("invalid JSON: {e}"))))
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn usd(m: Micros) -> Value {
+    serde_json::to_value(m.to_json_usd()).unwrap_or(Value::Null)
+}
+
+/// A USD amount from JSON: a number or a decimal string, parsed exactly.
+fn usd_field(field: &'static str, v: &Value) -> Result<Micros, ApiError> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        _ => return Err(invalid(field, "must be a number of US dollars").into()),
+    };
+    Micros::parse_usd(&text).map_err(|e| ApiError::from(invalid(field, e.to_string())))
+}
+
+fn vendor_json(v: &Vendor) -> Value {
+    json!({
+        "name": v.name.as_str(),
+        "profile": v.profile.as_str(),
+        "base_url": v.base_url,
+        "currency_rates": v.currency_rates,
+        "created_at": rfc3339(v.created_at),
+        "updated_at": rfc3339(v.updated_at),
+    })
+}
+
+fn key_json(v: &KeyView) -> Value {
+    let k = &v.key;
+    json!({
+        "id": k.id,
+        "key_prefix": k.key_prefix,
+        "vendor": k.vendor.as_str(),
+        "status": match v.status {
+            KeyStatus::Active => "active",
+            KeyStatus::Expired => "expired",
+            KeyStatus::Revoked => "revoked",
+        },
+        "allowed_endpoints": k.allowed_endpoints,
+        "daily_usd_cap": usd(k.daily_cap),
+        "daily_cap_micros": k.daily_cap.0,
+        "per_call_usd_cap": k.per_call_cap.map(usd),
+        "lifetime_usd_cap": k.lifetime_cap.map(usd),
+        "spent_today_usd": usd(v.spend.spent_day),
+        "spent_today_micros": v.spend.spent_day.0,
+        "remaining_today_usd": usd(v.remaining_today),
+        "remaining_today_micros": v.remaining_today.0,
+        "calls_today": v.spend.calls_day,
+        "spent_lifetime_usd": usd(v.spend.spent_lifetime),
+        "expires_at": rfc3339(k.expires_at),
+        "created_at": rfc3339(k.created_at),
+        "revoked_at": k.revoked_at.map(rfc3339),
+        "agent_run_label": k.agent_run_label,
+        "metadata": k.metadata,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutVendorBody {
+    profile: String,
+    base_url: String,
+    #[serde(default)]
+    credential: Option<String>,
+    #[serde(default)]
+    currency_rates: BTreeMap<String, String>,
+}
+
+async fn put_vendor(
+    State(c): Ctl,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    admin(&c, &headers).await?;
+    let b: PutVendorBody = parse_body(&body)?;
+    let put = PutVendor::new(
+        &name,
+        &b.profile,
+        &b.base_url,
+        b.credential.as_deref(),
+        &b.currency_rates,
+    )?;
+    let (v, created) = c.put_vendor(put).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(vendor_json(&v))).into_response())
+}
+
+async fn get_vendor(
+    State(c): Ctl,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    Ok(Json(vendor_json(&c.get_vendor(&name).await?)))
+}
+
+async fn list_vendors(State(c): Ctl, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    let vs = c.list_vendors().await?;
+    Ok(Json(
+        json!({"vendors": vs.iter().map(vendor_json).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn delete_vendor(
+    State(c): Ctl,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    c.delete_vendor(&name).await?;
+    Ok(Json(json!({"deleted": name})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKeyBody {
+    vendor: String,
+    daily_usd_cap: Value,
+    #[serde(default)]
+    per_call_usd_cap: Option<Value>,
+    #[serde(default)]
+    lifetime_usd_cap: Option<Value>,
+    allowed_endpoints: Vec<String>,
+    expires_in: Value,
+    agent_run_label: String,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    admin(&c, &headers).await?;
+    let b: CreateKeyBody = parse_body(&body)?;
+    let expires_in = match &b.expires_in {
+        Value::String(s) => domain::parse_expires_in(s)?,
+        Value::Number(n) => {
+            let secs = n.as_u64().ok_or_else(|| {
+                invalid(
+                    "expires_in",
+                    "must be a duration like \"2h\" or whole seconds",
+                )
+            })?;
+            domain::check_lifetime(std::time::Duration::from_secs(secs))?
+        }
+        _ => {
+            return Err(invalid(
+                "expires_in",
+                "must be a duration like \"2h\" or whole seconds",
+            )
+            .into())
+        }
+    };
+    let new = NewKey::new(
+        &b.vendor,
+        &b.allowed_endpoints,
+        usd_field("daily_usd_cap", &b.daily_usd_cap)?,
+        b.per_call_usd_cap
+            .as_ref()
+            .map(|v| usd_field("per_call_usd_cap", v))
+            .transpose()?,
+        b.lifetime_usd_cap
+            .as_ref()
+            .map(|v| usd_field("lifetime_usd_cap", v))
+            .transpose()?,
+        expires_in,
+        &b.agent_run_label,
+        b.metadata,
+    )?;
+    let (view, secret) = c.create_key(new).await?;
+    let mut out = key_json(&view);
+    out["key"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn get_key(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    Ok(Json(key_json(&c.get_key(&id).await?)))
+}
+
+#[derive(Deserialize)]
+struct ListKeysQuery {
+    agent_run_label: Option<String>,
+    vendor: Option<String>,
+    #[serde(default)]
+    include_inactive: bool,
+}
+
+async fn list_keys(
+    State(c): Ctl,
+    headers: HeaderMap,
+    q: Result<Query<ListKeysQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let keys = c
+        .list_keys(&KeyFilter {
+            agent_run_label: q.agent_run_label,
+            vendor: q.vendor,
+            include_inactive: q.include_inactive,
+        })
+        .await?;
+    Ok(Json(
+        json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn revoke_key(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    Ok(Json(key_json(&c.revoke_key(&id).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRunBody {
+    agent_run_label: String,
+}
+
+async fn revoke_run(
+    State(c): Ctl,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    let b: RevokeRunBody = parse_body(&body)?;
+    let ids = c.revoke_run(&b.agent_run_label).await?;
+    Ok(Json(json!({
+        "agent_run_label": b.agent_run_label,
+        "revoked": ids.len(),
+        "revoked_ids": ids,
+    })))
+}
+
+#[derive(Deserialize)]
+struct SpendQuery {
+    agent_run_label: Option<String>,
+}
+
+async fn spend(
+    State(c): Ctl,
+    headers: HeaderMap,
+    q: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let label = q
+        .agent_run_label
+        .ok_or_else(|| invalid("agent_run_label", "query parameter is required"))?;
+    let s = c.spend_summary(&label).await?;
+    Ok(Json(json!({
+        "agent_run_label": label,
+        "total_usd": usd(s.total),
+        "total_micros": s.total.0,
+        "calls": s.calls,
+        "vendors": s.vendors.iter().map(|(v, total, calls)| json!({
+            "vendor": v, "total_usd": usd(*total), "total_micros": total.0, "calls": calls,
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    key_id: Option<String>,
+    agent_run_label: Option<String>,
+    vendor: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| invalid(field, "must be an RFC 3339 time like 2026-11-22T10:00:00Z").into())
+}
+
+async fn audit(
+    State(c): Ctl,
+    headers: HeaderMap,
+    q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&c, &headers).await?;
+    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 1000").into());
+    }
+    let query = AuditQuery {
+        key_id: p.key_id,
+        agent_run_label: p.agent_run_label,
+        vendor: p.vendor,
+        since: p
+            .since
+            .as_deref()
+            .map(|s| parse_time("since", s))
+            .transpose()?,
+        until: p
+            .until
+            .as_deref()
+            .map(|s| parse_time("until", s))
+            .transpose()?,
+        before_seq: p
+            .cursor
+            .as_deref()
+            .map(|s| {
+                s.parse::<i64>()
+                    .map_err(|_| invalid("cursor", "not a cursor from a previous page"))
+            })
+            .transpose()?,
+        limit,
+    };
+    let entries = c.query_audit(&query).await?;
+    let items: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let ev = &e.event;
+            json!({
+                "seq": e.seq,
+                "event_id": ev.event_id,
+                "key_id": ev.key_id,
+                "agent_run_label": e.agent_run_label,
+                "vendor": ev.vendor,
+                "method": ev.method,
+                "path": ev.path,
+                "upstream_status": ev.upstream_status,
+                "reserved_usd": usd(ev.reserved),
+                "reserved_micros": ev.reserved.0,
+                "cost_usd": usd(ev.cost),
+                "cost_micros": ev.cost.0,
+                "outcome": ev.outcome.as_str(),
+                "at": ev.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                "node_id": ev.node_id,
+                "detail": serde_json::from_str::<Value>(&ev.detail_json).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "entries": items,
+        "next_cursor": next_page_token(&entries, limit).map(|s| s.to_string()),
+    })))
+}

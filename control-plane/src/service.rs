@@ -1,0 +1,533 @@
+//! The control plane's operations, shared by the gRPC and REST front ends.
+//!
+//! `Control` takes validated inputs (see `domain`), talks to the `Store`,
+//! seals and opens credentials and wakes policy watchers after each change.
+//! It owns authentication of admin and fleet tokens. It never returns a
+//! vendor credential except to an authenticated fleet caller, and never
+//! stores a secret in plain text.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use keycap_proto::secret::{self, SecretKind};
+use keycap_proto::Micros;
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+
+use crate::crypto::Sealer;
+use crate::domain::{
+    self, invalid, AuditEntry, AuditQuery, ChangeRef, KeyFilter, KeySpend, KeyStatus, LeaseGrant,
+    LeaseGrantRequest, Profile, SpendEvent, SpendSummary, VaultKey, Vendor, VendorName,
+};
+use crate::error::ApiError;
+use crate::store::{Store, VendorWrite};
+
+/// How long a lease lives unless it is returned first.
+pub const LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// A vendor write as the admin asked for it, validated.
+#[derive(Clone, Debug)]
+pub struct PutVendor {
+    pub name: VendorName,
+    pub profile: Profile,
+    pub base_url: String,
+    /// `None` keeps the stored credential (updates only).
+    pub credential: Option<String>,
+    pub currency_rates: BTreeMap<String, String>,
+}
+
+impl PutVendor {
+    pub fn new(
+        name: &str,
+        profile: &str,
+        base_url: &str,
+        credential: Option<&str>,
+        currency_rates: &BTreeMap<String, String>,
+    ) -> Result<Self, domain::InvalidInput> {
+        let credential = match credential {
+            Some(c) if !c.is_empty() => {
+                if c.len() > 4096 || c.chars().any(|ch| ch.is_control()) {
+                    return Err(invalid(
+                        "credential",
+                        "must be at most 4096 printable characters",
+                    ));
+                }
+                Some(c.to_string())
+            }
+            _ => None,
+        };
+        Ok(PutVendor {
+            name: VendorName::parse(name)?,
+            profile: Profile::parse(profile)?,
+            base_url: domain::parse_base_url(base_url)?,
+            credential,
+            currency_rates: domain::parse_currency_rates(currency_rates)?,
+        })
+    }
+}
+
+/// A key to mint, validated.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    pub vendor: VendorName,
+    pub allowed_endpoints: Vec<String>,
+    pub daily_cap: Micros,
+    pub per_call_cap: Option<Micros>,
+    pub lifetime_cap: Option<Micros>,
+    pub expires_in: Duration,
+    pub agent_run_label: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl NewKey {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vendor: &str,
+        allowed_endpoints: &[String],
+        daily_cap: Micros,
+        per_call_cap: Option<Micros>,
+        lifetime_cap: Option<Micros>,
+        expires_in: Duration,
+        agent_run_label: &str,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Self, domain::InvalidInput> {
+        let vendor = VendorName::parse(vendor).map_err(|e| invalid("vendor", e.reason))?;
+        if allowed_endpoints.is_empty() {
+            return Err(invalid(
+                "allowed_endpoints",
+                "at least one endpoint is required, e.g. \"POST /v1/payment_intents\"",
+            ));
+        }
+        if allowed_endpoints.len() > domain::MAX_ALLOWED_ENDPOINTS {
+            return Err(invalid("allowed_endpoints", "at most 256 endpoints"));
+        }
+        let allowed_endpoints = allowed_endpoints
+            .iter()
+            .map(|e| domain::parse_allowed_endpoint(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        if metadata.len() > 64
+            || metadata
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
+        {
+            return Err(invalid(
+                "metadata",
+                "at most 64 entries, keys 1-128 and values up to 1024 characters",
+            ));
+        }
+        Ok(NewKey {
+            vendor,
+            allowed_endpoints,
+            daily_cap: domain::parse_cap("daily_usd_cap", daily_cap)?,
+            per_call_cap: per_call_cap
+                .map(|c| domain::parse_cap("per_call_usd_cap", c))
+                .transpose()?,
+            lifetime_cap: lifetime_cap
+                .map(|c| domain::parse_cap("lifetime_usd_cap", c))
+                .transpose()?,
+            expires_in: domain::check_lifetime(expires_in)?,
+            agent_run_label: domain::parse_run_label(agent_run_label)?,
+            metadata,
+        })
+    }
+}
+
+/// A key with its status and spend, as admin reads show it.
+#[derive(Clone, Debug)]
+pub struct KeyView {
+    pub key: VaultKey,
+    pub status: KeyStatus,
+    pub spend: KeySpend,
+    pub remaining_today: Micros,
+}
+
+/// A vendor with its opened credential: only for the fleet API.
+#[derive(Clone)]
+pub struct FleetVendor {
+    pub vendor: Vendor,
+    pub credential: String,
+}
+
+pub struct Control {
+    store: Arc<dyn Store>,
+    sealer: Sealer,
+    fleet_token_hash: [u8; 32],
+    key_env: String,
+    /// Latest change-log version this replica knows; watchers wait on it.
+    version: watch::Sender<i64>,
+}
+
+impl Control {
+    /// `key_env` is the environment tag minted into vault keys ("live",
+    /// "dev").
+    pub async fn new(
+        store: Arc<dyn Store>,
+        sealer: Sealer,
+        fleet_token: &str,
+        key_env: &str,
+    ) -> Result<Arc<Self>, ApiError> {
+        let v = store.latest_version().await?;
+        let (version, _) = watch::channel(v);
+        Ok(Arc::new(Control {
+            store,
+            sealer,
+            fleet_token_hash: secret::hash(fleet_token),
+            key_env: key_env.to_string(),
+            version,
+        }))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Records the bootstrap admin token (hashed).
+    pub async fn add_admin_token(&self, token: &str) -> Result<(), ApiError> {
+        Ok(self
+            .store
+            .add_admin_token(&secret::hash(token), Utc::now())
+            .await?)
+    }
+
+    /// Checks `Bearer <admin token>`. Every failure is the same
+    /// `Unauthenticated`.
+    pub async fn authenticate_admin(&self, authorization: Option<&str>) -> Result<(), ApiError> {
+        let token = bearer(authorization).ok_or(ApiError::Unauthenticated)?;
+        if self.store.admin_token_exists(&secret::hash(token)).await? {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthenticated)
+        }
+    }
+
+    /// Checks `Bearer <fleet token>` in constant time.
+    pub fn authenticate_fleet(&self, authorization: Option<&str>) -> Result<(), ApiError> {
+        let token = bearer(authorization).ok_or(ApiError::Unauthenticated)?;
+        if bool::from(secret::hash(token).ct_eq(&self.fleet_token_hash)) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthenticated)
+        }
+    }
+
+    /// Tells local watchers about a new change-log version.
+    async fn changed(&self) {
+        match self.store.latest_version().await {
+            Ok(v) => {
+                self.version.send_if_modified(|cur| {
+                    if v > *cur {
+                        *cur = v;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read change-log version"),
+        }
+    }
+
+    /// Re-reads the change-log head; replicas that did not make a change
+    /// learn of it this way.
+    pub async fn poll_version(&self) {
+        self.changed().await
+    }
+
+    pub fn subscribe_versions(&self) -> watch::Receiver<i64> {
+        self.version.subscribe()
+    }
+
+    // --- vendors ------------------------------------------------------------
+
+    pub async fn put_vendor(&self, req: PutVendor) -> Result<(Vendor, bool), ApiError> {
+        let now = Utc::now();
+        let sealed_credential = req
+            .credential
+            .as_deref()
+            .map(|c| self.sealer.seal(req.name.as_str(), c.as_bytes()));
+        let write = VendorWrite {
+            vendor: Vendor {
+                name: req.name,
+                profile: req.profile,
+                base_url: req.base_url,
+                currency_rates: req.currency_rates,
+                created_at: now,
+                updated_at: now,
+            },
+            sealed_credential,
+        };
+        let out = self.store.put_vendor(write).await.map_err(|e| match e {
+            crate::store::StoreError::Conflict(_) => {
+                ApiError::Invalid(invalid("credential", "a new vendor needs its credential"))
+            }
+            other => other.into(),
+        })?;
+        self.changed().await;
+        Ok(out)
+    }
+
+    pub async fn get_vendor(&self, name: &str) -> Result<Vendor, ApiError> {
+        self.store
+            .get_vendor(name)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))
+    }
+
+    pub async fn list_vendors(&self) -> Result<Vec<Vendor>, ApiError> {
+        Ok(self.store.list_vendors().await?)
+    }
+
+    pub async fn delete_vendor(&self, name: &str) -> Result<(), ApiError> {
+        self.store.delete_vendor(name, Utc::now()).await?;
+        self.changed().await;
+        Ok(())
+    }
+
+    // --- keys ---------------------------------------------------------------
+
+    /// Mints a key. Returns its view and the secret, which exists nowhere
+    /// else after this returns.
+    pub async fn create_key(&self, req: NewKey) -> Result<(KeyView, String), ApiError> {
+        if self.store.get_vendor(req.vendor.as_str()).await?.is_none() {
+            return Err(ApiError::Invalid(invalid(
+                "vendor",
+                format!(
+                    "unknown vendor {:?}; register it first",
+                    req.vendor.as_str()
+                ),
+            )));
+        }
+        let now = Utc::now();
+        let expires_in = chrono::Duration::from_std(req.expires_in)
+            .map_err(|_| invalid("expires_in", "too large"))?;
+        let secret_text = secret::generate(SecretKind::VaultKey, &self.key_env);
+        let key = VaultKey {
+            id: format!("key_{}", uuid::Uuid::new_v4().simple()),
+            key_hash: secret::hash(&secret_text),
+            key_prefix: secret::display_prefix(&secret_text),
+            vendor: req.vendor,
+            allowed_endpoints: req.allowed_endpoints,
+            daily_cap: req.daily_cap,
+            per_call_cap: req.per_call_cap,
+            lifetime_cap: req.lifetime_cap,
+            expires_at: now + expires_in,
+            agent_run_label: req.agent_run_label,
+            metadata: req.metadata,
+            created_at: now,
+            revoked_at: None,
+        };
+        self.store.insert_key(&key).await?;
+        self.changed().await;
+        let view = self.view(key, now).await?;
+        Ok((view, secret_text))
+    }
+
+    async fn view(&self, key: VaultKey, now: DateTime<Utc>) -> Result<KeyView, ApiError> {
+        let spend = self
+            .store
+            .key_spend(&key.id, &keycap_proto::time::utc_day(now))
+            .await?;
+        let status = key.status(now);
+        let remaining_today = key
+            .daily_cap
+            .saturating_sub(spend.spent_day)
+            .max(Micros::ZERO);
+        Ok(KeyView {
+            key,
+            status,
+            spend,
+            remaining_today,
+        })
+    }
+
+    pub async fn get_key(&self, id: &str) -> Result<KeyView, ApiError> {
+        let key = self
+            .store
+            .get_key(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("key {id:?} not found")))?;
+        self.view(key, Utc::now()).await
+    }
+
+    pub async fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<KeyView>, ApiError> {
+        let now = Utc::now();
+        let keys = self.store.list_keys(filter, now).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.view(k, now).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<KeyView, ApiError> {
+        let key = self.store.revoke_key(id, Utc::now()).await?;
+        self.changed().await;
+        self.view(key, Utc::now()).await
+    }
+
+    pub async fn revoke_run(&self, label: &str) -> Result<Vec<String>, ApiError> {
+        let label = domain::parse_run_label(label)?;
+        let ids = self.store.revoke_run(&label, Utc::now()).await?;
+        self.changed().await;
+        Ok(ids)
+    }
+
+    // --- audit --------------------------------------------------------------
+
+    pub async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, ApiError> {
+        Ok(self.store.query_audit(q).await?)
+    }
+
+    pub async fn spend_summary(&self, label: &str) -> Result<SpendSummary, ApiError> {
+        let label = domain::parse_run_label(label)?;
+        Ok(self.store.spend_summary(&label).await?)
+    }
+
+    // --- fleet --------------------------------------------------------------
+
+    /// Everything a proxy needs to start: vendors with opened credentials
+    /// and live keys, at the returned version.
+    pub async fn snapshot(&self) -> Result<(i64, Vec<FleetVendor>, Vec<VaultKey>), ApiError> {
+        // Read the version first: anything changed after it is re-sent as a
+        // delta, so the proxy can only be ahead, never behind.
+        let version = self.store.latest_version().await?;
+        let mut vendors = Vec::new();
+        for v in self.store.list_vendors().await? {
+            if let Some(fv) = self.fleet_vendor(v).await? {
+                vendors.push(fv);
+            }
+        }
+        let keys = self.store.live_keys(Utc::now()).await?;
+        Ok((version, vendors, keys))
+    }
+
+    async fn fleet_vendor(&self, v: Vendor) -> Result<Option<FleetVendor>, ApiError> {
+        let Some(sealed) = self.store.get_vendor_credential(v.name.as_str()).await? else {
+            return Ok(None);
+        };
+        match self.sealer.open(v.name.as_str(), &sealed) {
+            Ok(plain) => Ok(Some(FleetVendor {
+                credential: String::from_utf8(plain).map_err(|_| ApiError::Internal)?,
+                vendor: v,
+            })),
+            Err(e) => {
+                // A credential that cannot be opened (wrong master key,
+                // tampering) is withheld: the proxy then refuses the vendor.
+                tracing::error!(vendor = %v.name, error = %e, "vendor credential cannot be opened");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Changes after `after`, as current state: `None` when the log no
+    /// longer reaches back that far (the proxy needs a snapshot).
+    pub async fn delta_since(&self, after: i64) -> Result<Option<Delta>, ApiError> {
+        let oldest = self.store.oldest_version().await?;
+        if oldest > 0 && after + 1 < oldest {
+            return Ok(None);
+        }
+        let changes = self.store.changes_since(after, 10_000).await?;
+        let mut delta = Delta {
+            version: after,
+            ..Delta::default()
+        };
+        let now = Utc::now();
+        let mut seen_vendors = std::collections::BTreeSet::new();
+        let mut seen_keys = std::collections::BTreeSet::new();
+        for c in changes {
+            delta.version = delta.version.max(c.version);
+            match c.what {
+                ChangeRef::Vendor(name) => {
+                    seen_vendors.insert(name);
+                }
+                ChangeRef::Key(id) => {
+                    seen_keys.insert(id);
+                }
+            }
+        }
+        for name in seen_vendors {
+            match self.store.get_vendor(&name).await? {
+                Some(v) => match self.fleet_vendor(v).await? {
+                    Some(fv) => delta.upsert_vendors.push(fv),
+                    None => delta.removed_vendors.push(name),
+                },
+                None => delta.removed_vendors.push(name),
+            }
+        }
+        for id in seen_keys {
+            match self.store.get_key(&id).await? {
+                // Revoked keys travel as such, so the proxy can say
+                // `key_revoked` rather than `invalid_key`.
+                Some(k) if k.revoked_at.is_some() || k.status(now) == KeyStatus::Active => {
+                    delta.upsert_keys.push(k)
+                }
+                _ => delta.removed_keys.push(id),
+            }
+        }
+        Ok(Some(delta))
+    }
+
+    pub async fn grant_lease(&self, mut req: LeaseGrantRequest) -> Result<LeaseGrant, ApiError> {
+        if req.requested.0 <= 0 || req.minimum.is_negative() || req.minimum > req.requested {
+            return Err(ApiError::Invalid(invalid(
+                "requested_micros",
+                "must be positive and at least minimum_micros",
+            )));
+        }
+        let now = Utc::now();
+        req.expires_at = now + chrono::Duration::from_std(LEASE_TTL).expect("constant fits");
+        Ok(self.store.grant_lease(&req, now).await?)
+    }
+
+    pub async fn return_lease(&self, lease_id: &str, spent: Micros) -> Result<(), ApiError> {
+        if spent.is_negative() {
+            return Err(ApiError::Invalid(invalid(
+                "spent_micros",
+                "must not be negative",
+            )));
+        }
+        Ok(self.store.return_lease(lease_id, spent).await?)
+    }
+
+    pub async fn report_spend(&self, events: &[SpendEvent]) -> Result<(u32, u32), ApiError> {
+        if events.len() > 10_000 {
+            return Err(ApiError::Invalid(invalid(
+                "events",
+                "at most 10000 per batch",
+            )));
+        }
+        Ok(self.store.record_spend(events).await?)
+    }
+}
+
+/// Policy changes since a version, as current state.
+#[derive(Default)]
+pub struct Delta {
+    pub version: i64,
+    pub upsert_vendors: Vec<FleetVendor>,
+    pub removed_vendors: Vec<String>,
+    pub upsert_keys: Vec<VaultKey>,
+    pub removed_keys: Vec<String>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.upsert_vendors.is_empty()
+            && self.removed_vendors.is_empty()
+            && self.upsert_keys.is_empty()
+            && self.removed_keys.is_empty()
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value.
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let v = authorization?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}

@@ -1,0 +1,142 @@
+//! Persistence: what the control plane keeps, behind one `Store` trait.
+//!
+//! Stored: admin token hashes; vendors with their sealed (encrypted)
+//! credentials; vault keys (SHA-256 of the secret only); the change log that
+//! proxies follow; budget leases and their grants; daily spend per key; the
+//! append-only audit ledger. Two implementations — PostgreSQL for
+//! production and SQLite for the embedded single-node default — pass the
+//! same test suite (`control-plane/tests/store.rs`). Migrations are embedded
+//! in the binary.
+//!
+//! The store never sees plaintext credentials or secrets, and never decides
+//! policy beyond what must be atomic with the data: the budget arithmetic of
+//! a lease grant and the once-only application of a spend event live here
+//! because each must happen inside one transaction.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{
+    AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest, SpendEvent,
+    SpendSummary, VaultKey, Vendor,
+};
+
+pub mod postgres;
+mod sql;
+pub mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The operation conflicts with current state (e.g. deleting a vendor
+    /// that active keys still use, granting on a revoked key).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A vendor write: the record plus, when the credential changes, its sealed
+/// form (opaque bytes from `crypto::Sealer`).
+#[derive(Clone, Debug)]
+pub struct VendorWrite {
+    pub vendor: Vendor,
+    pub sealed_credential: Option<Vec<u8>>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies embedded migrations. Idempotent.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    // --- admin tokens -----------------------------------------------------
+    /// Records an admin token hash (no-op if present).
+    async fn add_admin_token(&self, token_hash: &[u8; 32], now: DateTime<Utc>) -> StoreResult<()>;
+    async fn admin_token_exists(&self, token_hash: &[u8; 32]) -> StoreResult<bool>;
+
+    // --- vendors ------------------------------------------------------------
+    /// Creates or replaces a vendor. Creating one requires a sealed
+    /// credential (`Conflict` otherwise); on update `None` keeps the stored
+    /// credential and `created_at`. Returns the stored vendor and whether it
+    /// was created. Appends a change-log entry.
+    async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)>;
+    async fn get_vendor(&self, name: &str) -> StoreResult<Option<Vendor>>;
+    /// The sealed credential of a vendor, for the fleet snapshot.
+    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    async fn list_vendors(&self) -> StoreResult<Vec<Vendor>>;
+    /// Deletes a vendor; `NotFound` if absent, `Conflict` if an active
+    /// (unrevoked, unexpired at `now`) key uses it. Appends a change-log entry.
+    async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    // --- vault keys ---------------------------------------------------------
+    /// Inserts a new key; `NotFound` if its vendor does not exist. Appends a
+    /// change-log entry.
+    async fn insert_key(&self, key: &VaultKey) -> StoreResult<()>;
+    async fn get_key(&self, id: &str) -> StoreResult<Option<VaultKey>>;
+    /// Keys matching the filter, newest first; inactive keys (revoked or
+    /// expired at `now`) only when the filter asks for them.
+    async fn list_keys(&self, filter: &KeyFilter, now: DateTime<Utc>)
+        -> StoreResult<Vec<VaultKey>>;
+    /// Revokes a key (idempotent: a revoked key keeps its first `revoked_at`).
+    /// `NotFound` if absent. Appends a change-log entry when it changed.
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<VaultKey>;
+    /// Revokes every unrevoked key with this run label; returns their ids.
+    async fn revoke_run(
+        &self,
+        agent_run_label: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<String>>;
+    /// Settled spend of a key on a UTC day (YYYY-MM-DD) and over its life.
+    async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend>;
+
+    // --- change log (what proxies follow) -----------------------------------
+    /// Highest change-log version (0 when empty).
+    async fn latest_version(&self) -> StoreResult<i64>;
+    /// Changes with version > `after`, oldest first, at most `limit`.
+    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<Change>>;
+    /// Lowest version still held (0 when empty); a proxy resuming from below
+    /// it needs a snapshot.
+    async fn oldest_version(&self) -> StoreResult<i64>;
+    /// Unrevoked keys whose expiry is after `now`, for the snapshot.
+    async fn live_keys(&self, now: DateTime<Utc>) -> StoreResult<Vec<VaultKey>>;
+
+    // --- budget -------------------------------------------------------------
+    /// Grows (or creates) a lease in one transaction so that, for the key
+    /// and day, settled spend + the unspent part of every unexpired lease
+    /// never exceeds the daily cap, and likewise over the key's life for the
+    /// lifetime cap. Grants min(requested, available) when that is at least
+    /// `minimum`, else 0. Idempotent by `grant_id`: a retried grant returns
+    /// the first answer. `Conflict` for a revoked or expired key, `NotFound`
+    /// for an unknown one. Also `Conflict` when the lease cannot grow: it
+    /// was returned, has expired, belongs to another key or day, or (new)
+    /// would already be expired; or when the grant id was used for another
+    /// lease.
+    async fn grant_lease(
+        &self,
+        req: &LeaseGrantRequest,
+        now: DateTime<Utc>,
+    ) -> StoreResult<LeaseGrant>;
+    /// Closes a lease: its grant shrinks to what the proxy says it spent, so
+    /// the rest returns to the key. Idempotent; `NotFound` if unknown.
+    async fn return_lease(&self, lease_id: &str, spent: keycap_proto::Micros) -> StoreResult<()>;
+    /// Applies spend events in one transaction, each at most once (by
+    /// `event_id`): one audit entry, the key's daily and lifetime spend, and
+    /// the lease's reported spend. Returns (applied, duplicates).
+    async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)>;
+
+    // --- audit --------------------------------------------------------------
+    /// Audit entries matching the query, newest first (by `seq`).
+    async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
+    /// Total settled spend and call count of a run label, per vendor.
+    async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary>;
+}

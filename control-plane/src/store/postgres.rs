@@ -1,0 +1,659 @@
+//! PostgreSQL store: production, shared by every control-plane replica.
+//!
+//! Replicas are stateless over this database, so every rule that must hold
+//! across them is enforced by Postgres locks inside one transaction
+//! (READ COMMITTED):
+//! * a lease grant locks its key row (`FOR UPDATE`) and the lease row, then
+//!   reads everything that weighs on the caps in ONE statement, so the sums
+//!   come from one snapshot taken after the lock (a spend batch committing
+//!   in between is seen whole or not at all);
+//! * a key insert holds its vendor row `FOR SHARE` and a vendor delete holds
+//!   it `FOR UPDATE` before counting active keys, so neither can slip past
+//!   the other;
+//! * change-log appends take `LOCK TABLE change_log IN EXCLUSIVE MODE` as
+//!   the last step before commit, so versions commit in increasing order and
+//!   a follower reading `version > after` never skips one. The lock blocks
+//!   other appenders only, never readers.
+//!
+//! Inserting into `change_log` notifies channel `keycap_changes` (see
+//! `CHANGE_CHANNEL`). Encoding (times as microseconds, money as
+//! micro-dollars, JSON text) is described in `store::sql`; the schema is
+//! `migrations/postgres`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keycap_proto::Micros;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+
+use super::sql::{
+    audit_limit, check_grant, conflict_on_unique, decide_grant, from_micros, micros,
+    push_audit_values, spend_totals, to_json, truncate, AuditRow, ChangeRow, GrantRow,
+    KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY,
+    CHANGE_VENDOR, KEY_COLUMNS, SPEND_CHUNK, VENDOR_COLUMNS,
+};
+use super::{Store, StoreError, StoreResult, VendorWrite};
+use crate::domain::{
+    AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest, SpendEvent,
+    SpendSummary, VaultKey, Vendor,
+};
+
+/// The channel notified (empty payload) whenever the change log grows.
+pub const CHANGE_CHANNEL: &str = "keycap_changes";
+
+const MAX_CONNECTIONS: u32 = 16;
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects a pool to `url` (`postgres://...`). Call `migrate` before use.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// Wraps a pool configured by the caller.
+    pub fn from_pool(pool: PgPool) -> Self {
+        PgStore { pool }
+    }
+
+    /// The pool, e.g. for a `PgListener` on `CHANGE_CHANNEL`.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Appends change-log entries; call it last in a transaction (see module
+/// docs for why it locks).
+async fn append_changes(conn: &mut PgConnection, kind: &str, ref_ids: &[&str]) -> StoreResult<()> {
+    if ref_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("LOCK TABLE change_log IN EXCLUSIVE MODE")
+        .execute(&mut *conn)
+        .await?;
+    for ref_id in ref_ids {
+        sqlx::query("INSERT INTO change_log (kind, ref_id) VALUES ($1, $2)")
+            .bind(kind)
+            .bind(ref_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn fetch_key(
+    conn: &mut PgConnection,
+    id: &str,
+    for_update: bool,
+) -> StoreResult<Option<VaultKey>> {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = $1{lock}");
+    sqlx::query_as::<_, KeyRow>(&sql)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(KeyRow::into_domain)
+        .transpose()
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        // sqlx takes an advisory lock, so replicas starting together are safe.
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn add_admin_token(&self, token_hash: &[u8; 32], now: DateTime<Utc>) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO admin_tokens (token_hash, created_at) VALUES ($1, $2) \
+             ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(&token_hash[..])
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn admin_token_exists(&self, token_hash: &[u8; 32]) -> StoreResult<bool> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM admin_tokens WHERE token_hash = $1")
+                .bind(&token_hash[..])
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)> {
+        let v = &write.vendor;
+        let rates = to_json(&v.currency_rates, "currency_rates")?;
+        let mut tx = self.pool.begin().await?;
+        let existing: Option<i64> =
+            sqlx::query_scalar("SELECT created_at FROM vendors WHERE name = $1 FOR UPDATE")
+                .bind(v.name.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (created_at, created) = match (existing, &write.sealed_credential) {
+            (None, None) => {
+                return Err(StoreError::Conflict(format!(
+                    "vendor {} does not exist; creating it needs a credential",
+                    v.name
+                )))
+            }
+            (None, Some(sealed)) => {
+                sqlx::query(
+                    "INSERT INTO vendors (name, profile, base_url, currency_rates, \
+                     sealed_credential, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(v.name.as_str())
+                .bind(v.profile.as_str())
+                .bind(&v.base_url)
+                .bind(&rates)
+                .bind(sealed.as_slice())
+                .bind(micros(v.created_at))
+                .bind(micros(v.updated_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    conflict_on_unique(e, || format!("vendor {} was created concurrently", v.name))
+                })?;
+                (truncate(v.created_at), true)
+            }
+            (Some(created_at), sealed) => {
+                sqlx::query(
+                    "UPDATE vendors SET profile = $1, base_url = $2, currency_rates = $3, \
+                     sealed_credential = COALESCE($4, sealed_credential), updated_at = $5 \
+                     WHERE name = $6",
+                )
+                .bind(v.profile.as_str())
+                .bind(&v.base_url)
+                .bind(&rates)
+                .bind(sealed.as_deref())
+                .bind(micros(v.updated_at))
+                .bind(v.name.as_str())
+                .execute(&mut *tx)
+                .await?;
+                (from_micros(created_at, "vendors.created_at")?, false)
+            }
+        };
+        append_changes(&mut tx, CHANGE_VENDOR, &[v.name.as_str()]).await?;
+        tx.commit().await?;
+        let stored = Vendor {
+            created_at,
+            updated_at: truncate(v.updated_at),
+            ..write.vendor
+        };
+        Ok((stored, created))
+    }
+
+    async fn get_vendor(&self, name: &str) -> StoreResult<Option<Vendor>> {
+        let sql = format!("SELECT {VENDOR_COLUMNS} FROM vendors WHERE name = $1");
+        sqlx::query_as::<_, VendorRow>(&sql)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(VendorRow::into_domain)
+            .transpose()
+    }
+
+    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(
+            sqlx::query_scalar("SELECT sealed_credential FROM vendors WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn list_vendors(&self) -> StoreResult<Vec<Vendor>> {
+        let sql = format!("SELECT {VENDOR_COLUMNS} FROM vendors ORDER BY name");
+        sqlx::query_as::<_, VendorRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(VendorRow::into_domain)
+            .collect()
+    }
+
+    async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM vendors WHERE name = $1 FOR UPDATE")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!("vendor {name}")));
+        }
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM vault_keys \
+             WHERE vendor = $1 AND revoked_at IS NULL AND expires_at > $2",
+        )
+        .bind(name)
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        if active > 0 {
+            return Err(StoreError::Conflict(format!(
+                "vendor {name} is used by {active} active key(s); revoke them first"
+            )));
+        }
+        sqlx::query("DELETE FROM vendors WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        append_changes(&mut tx, CHANGE_VENDOR, &[name]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_key(&self, key: &VaultKey) -> StoreResult<()> {
+        let k = KeyInsert::new(key)?;
+        let mut tx = self.pool.begin().await?;
+        let vendor: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM vendors WHERE name = $1 FOR SHARE")
+                .bind(k.vendor)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if vendor.is_none() {
+            return Err(StoreError::NotFound(format!("vendor {}", k.vendor)));
+        }
+        let sql = format!(
+            "INSERT INTO vault_keys ({KEY_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        );
+        sqlx::query(&sql)
+            .bind(k.id)
+            .bind(k.key_hash)
+            .bind(k.key_prefix)
+            .bind(k.vendor)
+            .bind(&k.allowed_endpoints)
+            .bind(k.daily_cap)
+            .bind(k.per_call_cap)
+            .bind(k.lifetime_cap)
+            .bind(k.expires_at)
+            .bind(k.agent_run_label)
+            .bind(&k.metadata)
+            .bind(k.created_at)
+            .bind(k.revoked_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
+        append_changes(&mut tx, CHANGE_KEY, &[k.id]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &str) -> StoreResult<Option<VaultKey>> {
+        let mut conn = self.pool.acquire().await?;
+        fetch_key(&mut conn, id, false).await
+    }
+
+    async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<VaultKey>> {
+        let mut q = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE TRUE"
+        ));
+        if let Some(label) = &filter.agent_run_label {
+            q.push(" AND agent_run_label = ").push_bind(label);
+        }
+        if let Some(vendor) = &filter.vendor {
+            q.push(" AND vendor = ").push_bind(vendor);
+        }
+        if !filter.include_inactive {
+            q.push(" AND revoked_at IS NULL AND expires_at > ")
+                .push_bind(micros(now));
+        }
+        q.push(" ORDER BY created_at DESC, id DESC");
+        q.build_query_as::<KeyRow>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(KeyRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<VaultKey> {
+        let mut tx = self.pool.begin().await?;
+        let mut key = fetch_key(&mut tx, id, true)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        if key.revoked_at.is_none() {
+            sqlx::query("UPDATE vault_keys SET revoked_at = $1 WHERE id = $2")
+                .bind(micros(now))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            append_changes(&mut tx, CHANGE_KEY, &[id]).await?;
+            key.revoked_at = Some(truncate(now));
+        }
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    async fn revoke_run(
+        &self,
+        agent_run_label: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let mut ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE vault_keys SET revoked_at = $1 \
+             WHERE agent_run_label = $2 AND revoked_at IS NULL RETURNING id",
+        )
+        .bind(micros(now))
+        .bind(agent_run_label)
+        .fetch_all(&mut *tx)
+        .await?;
+        ids.sort();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        append_changes(&mut tx, CHANGE_KEY, &refs).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend> {
+        let (spent_day, calls_day, spent_lifetime): (i64, i64, i64) = sqlx::query_as(
+            "SELECT \
+               COALESCE(SUM(spent) FILTER (WHERE day = $2), 0)::BIGINT, \
+               COALESCE(SUM(calls) FILTER (WHERE day = $2), 0)::BIGINT, \
+               COALESCE(SUM(spent), 0)::BIGINT \
+             FROM key_spend_daily WHERE key_id = $1",
+        )
+        .bind(id)
+        .bind(day)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(KeySpend {
+            spent_day: Micros(spent_day),
+            calls_day,
+            spent_lifetime: Micros(spent_lifetime),
+        })
+    }
+
+    async fn latest_version(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::BIGINT FROM change_log")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<Change>> {
+        sqlx::query_as::<_, ChangeRow>(
+            "SELECT version, kind, ref_id FROM change_log \
+             WHERE version > $1 ORDER BY version LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ChangeRow::into_domain)
+        .collect()
+    }
+
+    async fn oldest_version(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MIN(version), 0)::BIGINT FROM change_log")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn live_keys(&self, now: DateTime<Utc>) -> StoreResult<Vec<VaultKey>> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys \
+             WHERE revoked_at IS NULL AND expires_at > $1 ORDER BY id"
+        );
+        sqlx::query_as::<_, KeyRow>(&sql)
+            .bind(micros(now))
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(KeyRow::into_domain)
+            .collect()
+    }
+
+    async fn grant_lease(
+        &self,
+        req: &LeaseGrantRequest,
+        now: DateTime<Utc>,
+    ) -> StoreResult<LeaseGrant> {
+        let mut tx = self.pool.begin().await?;
+        // The key row lock serialises every grant on this key, across replicas.
+        let key: KeyBudgetRow = sqlx::query_as(
+            "SELECT daily_cap, lifetime_cap, expires_at, revoked_at FROM vault_keys \
+             WHERE id = $1 FOR UPDATE",
+        )
+        .bind(&req.key_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("key {}", req.key_id)))?;
+
+        let prior: Option<GrantRow> = sqlx::query_as(
+            "SELECT lease_id, granted, lease_total, unleased, expires_at \
+             FROM lease_grants WHERE grant_id = $1",
+        )
+        .bind(&req.grant_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(prior) = prior {
+            if prior.lease_id != req.lease_id {
+                return Err(StoreError::Conflict(format!(
+                    "grant {} was made for another lease",
+                    req.grant_id
+                )));
+            }
+            return prior.into_domain();
+        }
+
+        let lease: Option<LeaseRow> = sqlx::query_as(
+            "SELECT key_id, day, granted, expires_at, closed FROM leases WHERE id = $1 FOR UPDATE",
+        )
+        .bind(&req.lease_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        check_grant(
+            &req.key_id,
+            &key,
+            lease.as_ref(),
+            &req.day,
+            req.expires_at,
+            now,
+        )?;
+
+        let usage: UsageRow = sqlx::query_as(
+            "SELECT \
+               COALESCE((SELECT spent FROM key_spend_daily WHERE key_id = $1 AND day = $2), 0) \
+                 AS spent_day, \
+               COALESCE((SELECT SUM(spent) FROM key_spend_daily WHERE key_id = $1), 0)::BIGINT \
+                 AS spent_life, \
+               COALESCE((SELECT SUM(GREATEST(granted - reported, 0)) FROM leases \
+                 WHERE key_id = $1 AND day = $2 AND expires_at > $3), 0)::BIGINT AS leased_day, \
+               COALESCE((SELECT SUM(GREATEST(granted - reported, 0)) FROM leases \
+                 WHERE key_id = $1 AND expires_at > $3), 0)::BIGINT AS leased_life",
+        )
+        .bind(&req.key_id)
+        .bind(&req.day)
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let (granted, unleased) = decide_grant(&key, usage, req.requested, req.minimum);
+
+        let (lease_total, expires_at) = match &lease {
+            Some(l) => {
+                sqlx::query("UPDATE leases SET granted = granted + $1 WHERE id = $2")
+                    .bind(granted)
+                    .bind(&req.lease_id)
+                    .execute(&mut *tx)
+                    .await?;
+                (l.granted + granted, l.expires_at)
+            }
+            None => {
+                sqlx::query(
+                    "INSERT INTO leases (id, key_id, node_id, day, granted, reported, expires_at, closed) \
+                     VALUES ($1, $2, $3, $4, $5, 0, $6, FALSE)",
+                )
+                .bind(&req.lease_id)
+                .bind(&req.key_id)
+                .bind(&req.node_id)
+                .bind(&req.day)
+                .bind(granted)
+                .bind(micros(req.expires_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| conflict_on_unique(e, || format!("lease {} exists", req.lease_id)))?;
+                (granted, micros(req.expires_at))
+            }
+        };
+        let answer = GrantRow {
+            lease_id: req.lease_id.clone(),
+            granted,
+            lease_total,
+            unleased,
+            expires_at,
+        };
+        sqlx::query(
+            "INSERT INTO lease_grants (grant_id, lease_id, granted, lease_total, unleased, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&req.grant_id)
+        .bind(&answer.lease_id)
+        .bind(answer.granted)
+        .bind(answer.lease_total)
+        .bind(answer.unleased)
+        .bind(answer.expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_unique(e, || format!("grant {} exists", req.grant_id)))?;
+        tx.commit().await?;
+        answer.into_domain()
+    }
+
+    async fn return_lease(&self, lease_id: &str, spent: Micros) -> StoreResult<()> {
+        // A closed lease keeps the spend of its first return.
+        let done = sqlx::query(
+            "UPDATE leases SET granted = CASE WHEN closed THEN granted ELSE $1 END, closed = TRUE \
+             WHERE id = $2",
+        )
+        .bind(spent.0.max(0))
+        .bind(lease_id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("lease {lease_id}")));
+        }
+        Ok(())
+    }
+
+    async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {
+        if events.is_empty() {
+            return Ok((0, 0));
+        }
+        let mut tx = self.pool.begin().await?;
+        // One multi-row insert per chunk; RETURNING names the events that
+        // were new, and only those count towards spend.
+        let mut fresh = std::collections::HashSet::new();
+        for chunk in events.chunks(SPEND_CHUNK) {
+            let mut q = QueryBuilder::<Postgres>::new("");
+            push_audit_values(&mut q, chunk);
+            let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+            fresh.extend(ids);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let totals = spend_totals(
+            events
+                .iter()
+                .filter(|e| fresh.contains(&e.event_id) && seen.insert(e.event_id.as_str())),
+        );
+        for ((key_id, day), spent, calls) in &totals.daily {
+            sqlx::query(
+                "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key_id, day) DO UPDATE \
+                 SET spent = key_spend_daily.spent + EXCLUDED.spent, \
+                     calls = key_spend_daily.calls + EXCLUDED.calls",
+            )
+            .bind(key_id)
+            .bind(day)
+            .bind(spent)
+            .bind(calls)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (lease_id, reported) in &totals.leases {
+            sqlx::query("UPDATE leases SET reported = reported + $1 WHERE id = $2")
+                .bind(reported)
+                .bind(lease_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let applied = fresh.len() as u32;
+        Ok((applied, events.len() as u32 - applied))
+    }
+
+    async fn query_audit(&self, aq: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        let mut q =
+            QueryBuilder::<Postgres>::new(format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE TRUE"));
+        if let Some(key_id) = &aq.key_id {
+            q.push(" AND key_id = ").push_bind(key_id);
+        }
+        if let Some(label) = &aq.agent_run_label {
+            q.push(" AND agent_run_label = ").push_bind(label);
+        }
+        if let Some(vendor) = &aq.vendor {
+            q.push(" AND vendor = ").push_bind(vendor);
+        }
+        if let Some(since) = aq.since {
+            q.push(" AND at >= ").push_bind(micros(since));
+        }
+        if let Some(until) = aq.until {
+            q.push(" AND at < ").push_bind(micros(until));
+        }
+        if let Some(before) = aq.before_seq {
+            q.push(" AND seq < ").push_bind(before);
+        }
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(audit_limit(aq.limit));
+        q.build_query_as::<AuditRow>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(AuditRow::into_domain)
+            .collect()
+    }
+
+    async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT vendor, COALESCE(SUM(cost), 0)::BIGINT, COUNT(*) FROM audit \
+             WHERE agent_run_label = $1 GROUP BY vendor ORDER BY vendor",
+        )
+        .bind(agent_run_label)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut summary = SpendSummary::default();
+        for (vendor, total, calls) in rows {
+            summary.total = summary.total.saturating_add(Micros(total));
+            summary.calls += calls;
+            summary.vendors.push((vendor, Micros(total), calls));
+        }
+        Ok(summary)
+    }
+}

@@ -1,0 +1,514 @@
+//! What the two SQL backends share: row shapes and their conversion to
+//! domain types, the timestamp encoding, and the lease-grant arithmetic.
+//!
+//! Each backend owns its SQL and its locking; this module never touches a
+//! connection, so the budget rule is written once and both backends apply it
+//! to numbers they read inside their own transaction.
+//!
+//! Encoding, identical in both schemas:
+//! * times are `BIGINT` microseconds since the Unix epoch (UTC). Writing
+//!   truncates a `DateTime<Utc>` to whole microseconds, so a value read back
+//!   equals the written one after `truncate` (`trunc_subsecs(6)`);
+//! * money is `BIGINT` micro-dollars (`Micros`);
+//! * maps and lists (currency rates, allowed endpoints, metadata) are JSON
+//!   text.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use keycap_proto::Micros;
+
+use super::{StoreError, StoreResult};
+use crate::domain::{
+    AuditEntry, Change, ChangeRef, LeaseGrant, Outcome, Profile, SpendEvent, VaultKey, Vendor,
+    VendorName,
+};
+
+pub(super) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// `t` as the store keeps it: truncated to whole microseconds.
+pub(super) fn truncate(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+pub(super) fn from_micros(v: i64, column: &str) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(v)
+        .ok_or_else(|| StoreError::Corrupt(format!("{column}: timestamp {v} out of range")))
+}
+
+pub(super) fn to_json<T: serde::Serialize>(v: &T, column: &str) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str, column: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+}
+
+fn corrupt(column: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{column}: {e}"))
+}
+
+/// A unique-constraint violation becomes `Conflict(msg)`; anything else stays
+/// a database error.
+pub(super) fn conflict_on_unique(e: sqlx::Error, msg: impl FnOnce() -> String) -> StoreError {
+    match e.as_database_error() {
+        Some(db) if db.is_unique_violation() => StoreError::Conflict(msg()),
+        _ => StoreError::Database(e),
+    }
+}
+
+/// Clamps an audit page size: 0 means the default of 100, at most 1000.
+pub(super) fn audit_limit(limit: u32) -> i64 {
+    match limit {
+        0 => 100,
+        n => i64::from(n.min(1000)),
+    }
+}
+
+pub(super) const VENDOR_COLUMNS: &str =
+    "name, profile, base_url, currency_rates, created_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct VendorRow {
+    name: String,
+    profile: String,
+    base_url: String,
+    currency_rates: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl VendorRow {
+    pub(super) fn into_domain(self) -> StoreResult<Vendor> {
+        Ok(Vendor {
+            name: VendorName::parse(&self.name).map_err(|e| corrupt("vendors.name", e))?,
+            profile: Profile::parse(&self.profile).map_err(|e| corrupt("vendors.profile", e))?,
+            base_url: self.base_url,
+            currency_rates: from_json(&self.currency_rates, "vendors.currency_rates")?,
+            created_at: from_micros(self.created_at, "vendors.created_at")?,
+            updated_at: from_micros(self.updated_at, "vendors.updated_at")?,
+        })
+    }
+}
+
+pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_endpoints, \
+     daily_cap, per_call_cap, lifetime_cap, expires_at, agent_run_label, metadata, created_at, \
+     revoked_at";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct KeyRow {
+    id: String,
+    key_hash: Vec<u8>,
+    key_prefix: String,
+    vendor: String,
+    allowed_endpoints: String,
+    daily_cap: i64,
+    per_call_cap: Option<i64>,
+    lifetime_cap: Option<i64>,
+    expires_at: i64,
+    agent_run_label: String,
+    metadata: String,
+    created_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl KeyRow {
+    pub(super) fn into_domain(self) -> StoreResult<VaultKey> {
+        let key_hash: [u8; 32] = self
+            .key_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("vault_keys.key_hash", "not 32 bytes"))?;
+        let allowed_endpoints: Vec<String> =
+            from_json(&self.allowed_endpoints, "vault_keys.allowed_endpoints")?;
+        let metadata: BTreeMap<String, String> = from_json(&self.metadata, "vault_keys.metadata")?;
+        Ok(VaultKey {
+            id: self.id,
+            key_hash,
+            key_prefix: self.key_prefix,
+            vendor: VendorName::parse(&self.vendor).map_err(|e| corrupt("vault_keys.vendor", e))?,
+            allowed_endpoints,
+            daily_cap: Micros(self.daily_cap),
+            per_call_cap: self.per_call_cap.map(Micros),
+            lifetime_cap: self.lifetime_cap.map(Micros),
+            expires_at: from_micros(self.expires_at, "vault_keys.expires_at")?,
+            agent_run_label: self.agent_run_label,
+            metadata,
+            created_at: from_micros(self.created_at, "vault_keys.created_at")?,
+            revoked_at: self
+                .revoked_at
+                .map(|v| from_micros(v, "vault_keys.revoked_at"))
+                .transpose()?,
+        })
+    }
+}
+
+/// A key's columns encoded for an insert, in `KEY_COLUMNS` order.
+pub(super) struct KeyInsert<'a> {
+    pub id: &'a str,
+    pub key_hash: &'a [u8],
+    pub key_prefix: &'a str,
+    pub vendor: &'a str,
+    pub allowed_endpoints: String,
+    pub daily_cap: i64,
+    pub per_call_cap: Option<i64>,
+    pub lifetime_cap: Option<i64>,
+    pub expires_at: i64,
+    pub agent_run_label: &'a str,
+    pub metadata: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+impl<'a> KeyInsert<'a> {
+    pub(super) fn new(k: &'a VaultKey) -> StoreResult<Self> {
+        Ok(KeyInsert {
+            id: &k.id,
+            key_hash: &k.key_hash,
+            key_prefix: &k.key_prefix,
+            vendor: k.vendor.as_str(),
+            allowed_endpoints: to_json(&k.allowed_endpoints, "allowed_endpoints")?,
+            daily_cap: k.daily_cap.0,
+            per_call_cap: k.per_call_cap.map(|m| m.0),
+            lifetime_cap: k.lifetime_cap.map(|m| m.0),
+            expires_at: micros(k.expires_at),
+            agent_run_label: &k.agent_run_label,
+            metadata: to_json(&k.metadata, "metadata")?,
+            created_at: micros(k.created_at),
+            revoked_at: k.revoked_at.map(micros),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ChangeRow {
+    version: i64,
+    kind: String,
+    ref_id: String,
+}
+
+pub(super) const CHANGE_VENDOR: &str = "vendor";
+pub(super) const CHANGE_KEY: &str = "key";
+
+impl ChangeRow {
+    pub(super) fn into_domain(self) -> StoreResult<Change> {
+        let what = match self.kind.as_str() {
+            CHANGE_VENDOR => ChangeRef::Vendor(self.ref_id),
+            CHANGE_KEY => ChangeRef::Key(self.ref_id),
+            other => {
+                return Err(corrupt(
+                    "change_log.kind",
+                    format!("unknown kind {other:?}"),
+                ))
+            }
+        };
+        Ok(Change {
+            version: self.version,
+            what,
+        })
+    }
+}
+
+pub(super) const AUDIT_COLUMNS: &str = "seq, event_id, key_id, agent_run_label, vendor, method, \
+     path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AuditRow {
+    seq: i64,
+    event_id: String,
+    key_id: String,
+    agent_run_label: String,
+    vendor: String,
+    method: String,
+    path: String,
+    upstream_status: i32,
+    reserved: i64,
+    cost: i64,
+    outcome: String,
+    at: i64,
+    node_id: String,
+    lease_id: String,
+    day: String,
+    detail_json: String,
+}
+
+impl AuditRow {
+    pub(super) fn into_domain(self) -> StoreResult<AuditEntry> {
+        Ok(AuditEntry {
+            seq: self.seq,
+            agent_run_label: self.agent_run_label,
+            event: SpendEvent {
+                event_id: self.event_id,
+                lease_id: self.lease_id,
+                key_id: self.key_id,
+                day: self.day,
+                vendor: self.vendor,
+                method: self.method,
+                path: self.path,
+                upstream_status: self.upstream_status,
+                reserved: Micros(self.reserved),
+                cost: Micros(self.cost),
+                outcome: Outcome::parse(&self.outcome).map_err(|e| corrupt("audit.outcome", e))?,
+                at: from_micros(self.at, "audit.at")?,
+                node_id: self.node_id,
+                detail_json: self.detail_json,
+            },
+        })
+    }
+}
+
+/// The stored answer of a grant, returned again when it is retried.
+#[derive(sqlx::FromRow)]
+pub(super) struct GrantRow {
+    pub lease_id: String,
+    pub granted: i64,
+    pub lease_total: i64,
+    pub unleased: i64,
+    pub expires_at: i64,
+}
+
+impl GrantRow {
+    pub(super) fn into_domain(self) -> StoreResult<LeaseGrant> {
+        Ok(LeaseGrant {
+            granted: Micros(self.granted),
+            lease_total: Micros(self.lease_total),
+            unleased: Micros(self.unleased),
+            expires_at: from_micros(self.expires_at, "lease_grants.expires_at")?,
+        })
+    }
+}
+
+/// The caps and state of the key a grant draws on (read under its lock).
+#[derive(sqlx::FromRow)]
+pub(super) struct KeyBudgetRow {
+    pub daily_cap: i64,
+    pub lifetime_cap: Option<i64>,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// The lease a grant grows, when it already exists.
+#[derive(sqlx::FromRow)]
+pub(super) struct LeaseRow {
+    pub key_id: String,
+    pub day: String,
+    pub granted: i64,
+    pub expires_at: i64,
+    pub closed: bool,
+}
+
+/// What already weighs on a key's caps, read in one statement so the four
+/// sums come from one snapshot.
+#[derive(sqlx::FromRow, Debug, Clone, Copy)]
+pub(super) struct UsageRow {
+    /// Settled spend of the key on the grant's day.
+    pub spent_day: i64,
+    /// Settled spend of the key over all days.
+    pub spent_life: i64,
+    /// Unspent part of the key's unexpired leases for the grant's day.
+    pub leased_day: i64,
+    /// Unspent part of all the key's unexpired leases.
+    pub leased_life: i64,
+}
+
+/// Checks a grant against the key and the lease it grows; `Ok(())` when it
+/// may proceed. Shared so both backends refuse the same things.
+pub(super) fn check_grant(
+    key_id: &str,
+    key: &KeyBudgetRow,
+    lease: Option<&LeaseRow>,
+    req_day: &str,
+    req_expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let now = micros(now);
+    if key.revoked_at.is_some() {
+        return Err(StoreError::Conflict(format!("key {key_id} is revoked")));
+    }
+    if key.expires_at <= now {
+        return Err(StoreError::Conflict(format!("key {key_id} has expired")));
+    }
+    match lease {
+        Some(l) if l.key_id != key_id || l.day != req_day => Err(StoreError::Conflict(
+            "lease belongs to another key or day".to_string(),
+        )),
+        Some(l) if l.closed => Err(StoreError::Conflict("lease was returned".to_string())),
+        // Growing an expired lease would hand out budget nothing counts.
+        Some(l) if l.expires_at <= now => {
+            Err(StoreError::Conflict("lease has expired".to_string()))
+        }
+        Some(_) => Ok(()),
+        None if micros(req_expires_at) <= now => Err(StoreError::Conflict(
+            "a new lease must expire in the future".to_string(),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The budget rule of a lease grant: how much of `requested` to grant and
+/// how much stays unleased afterwards, as (granted, unleased).
+///
+/// available = min(daily_cap - spent_day - leased_day,
+///                 lifetime_cap - spent_life - leased_life), at least 0;
+/// granted = min(requested, available) when that is > 0 and >= minimum,
+/// else 0.
+pub(super) fn decide_grant(
+    key: &KeyBudgetRow,
+    usage: UsageRow,
+    requested: Micros,
+    minimum: Micros,
+) -> (i64, i64) {
+    let day = key
+        .daily_cap
+        .saturating_sub(usage.spent_day)
+        .saturating_sub(usage.leased_day);
+    let available = match key.lifetime_cap {
+        Some(cap) => day.min(
+            cap.saturating_sub(usage.spent_life)
+                .saturating_sub(usage.leased_life),
+        ),
+        None => day,
+    }
+    .max(0);
+    let want = requested.0.min(available);
+    let granted = if want > 0 && want >= minimum.0 {
+        want
+    } else {
+        0
+    };
+    (granted, available - granted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(daily: i64, life: Option<i64>) -> KeyBudgetRow {
+        KeyBudgetRow {
+            daily_cap: daily,
+            lifetime_cap: life,
+            expires_at: i64::MAX,
+            revoked_at: None,
+        }
+    }
+
+    fn usage(spent_day: i64, spent_life: i64, leased_day: i64, leased_life: i64) -> UsageRow {
+        UsageRow {
+            spent_day,
+            spent_life,
+            leased_day,
+            leased_life,
+        }
+    }
+
+    #[test]
+    fn grants_what_is_left_of_the_tighter_cap() {
+        let u = usage(30, 30, 20, 20);
+        assert_eq!(
+            decide_grant(&key(100, None), u, Micros(80), Micros(0)),
+            (50, 0)
+        );
+        assert_eq!(
+            decide_grant(&key(100, None), u, Micros(10), Micros(0)),
+            (10, 40)
+        );
+        let u = usage(0, 900, 0, 50);
+        assert_eq!(
+            decide_grant(&key(100, Some(1000)), u, Micros(80), Micros(0)),
+            (50, 0)
+        );
+    }
+
+    #[test]
+    fn minimum_and_exhaustion_grant_nothing() {
+        let u = usage(95, 95, 0, 0);
+        assert_eq!(
+            decide_grant(&key(100, None), u, Micros(10), Micros(6)),
+            (0, 5)
+        );
+        assert_eq!(
+            decide_grant(&key(100, None), u, Micros(10), Micros(5)),
+            (5, 0)
+        );
+        let over = usage(150, 150, 0, 0);
+        assert_eq!(
+            decide_grant(&key(100, None), over, Micros(10), Micros(0)),
+            (0, 0)
+        );
+        assert_eq!(
+            decide_grant(&key(100, None), usage(0, 0, 0, 0), Micros(-5), Micros(0)),
+            (0, 100)
+        );
+    }
+}
+
+/// Events per multi-row audit insert: 16 bound values each stays far below
+/// both backends' parameter limits.
+pub(super) const SPEND_CHUNK: usize = 500;
+
+/// What a batch of newly applied spend events adds up to, so each backend
+/// writes one row per (key, day) and per lease instead of one per event.
+/// Sorted, so concurrent batches take row locks in the same order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct SpendTotals {
+    /// ((key_id, day), spent, calls)
+    pub daily: Vec<((String, String), i64, i64)>,
+    /// (lease_id, reported)
+    pub leases: Vec<(String, i64)>,
+}
+
+pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) -> SpendTotals {
+    let mut daily: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    let mut leases: BTreeMap<String, i64> = BTreeMap::new();
+    for e in applied {
+        let d = daily.entry((e.key_id.clone(), e.day.clone())).or_default();
+        d.0 += e.cost.0;
+        d.1 += 1;
+        if !e.lease_id.is_empty() {
+            *leases.entry(e.lease_id.clone()).or_default() += e.cost.0;
+        }
+    }
+    SpendTotals {
+        daily: daily.into_iter().map(|(k, (s, c))| (k, s, c)).collect(),
+        leases: leases.into_iter().collect(),
+    }
+}
+
+/// Appends `VALUES` rows for `events` to an audit insert; the run label is
+/// read from the key in the same statement (empty for an unknown key).
+pub(super) fn push_audit_values<'a, DB>(
+    q: &mut sqlx::QueryBuilder<'a, DB>,
+    events: &'a [SpendEvent],
+) where
+    DB: sqlx::Database,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i32: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    q.push(
+        "INSERT INTO audit (event_id, key_id, agent_run_label, vendor, method, path, \
+         upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json) ",
+    );
+    q.push_values(events, |mut b, e| {
+        b.push_bind(e.event_id.as_str())
+            .push_bind(e.key_id.as_str())
+            .push("COALESCE((SELECT agent_run_label FROM vault_keys WHERE id = ")
+            .push_bind_unseparated(e.key_id.as_str())
+            .push_unseparated("), '')")
+            .push_bind(e.vendor.as_str())
+            .push_bind(e.method.as_str())
+            .push_bind(e.path.as_str())
+            .push_bind(e.upstream_status)
+            .push_bind(e.reserved.0)
+            .push_bind(e.cost.0)
+            .push_bind(e.outcome.as_str())
+            .push_bind(micros(e.at))
+            .push_bind(e.node_id.as_str())
+            .push_bind(e.lease_id.as_str())
+            .push_bind(e.day.as_str())
+            .push_bind(e.detail_json.as_str());
+    });
+    q.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+}

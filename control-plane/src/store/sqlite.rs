@@ -1,0 +1,695 @@
+//! SQLite store: the embedded single-node default.
+//!
+//! One database file in WAL mode, foreign keys on, a busy timeout so a
+//! second process waits rather than fails. Every write runs in a
+//! `BEGIN IMMEDIATE` transaction taken under an in-process mutex: writes are
+//! serial, which is what makes a lease grant's read-check-write atomic here
+//! (SQLite has no row locks), and the mutex queues writers fairly instead of
+//! leaving them to SQLite's busy-retry loop. Reads go straight to the pool
+//! and never wait for writers (WAL).
+//!
+//! Encoding (times as microseconds, money as micro-dollars, JSON text) is
+//! described in `store::sql`; the schema is `migrations/sqlite`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keycap_proto::Micros;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::sql::{
+    audit_limit, check_grant, conflict_on_unique, decide_grant, from_micros, micros,
+    push_audit_values, spend_totals, to_json, truncate, AuditRow, ChangeRow, GrantRow,
+    KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY,
+    CHANGE_VENDOR, KEY_COLUMNS, SPEND_CHUNK, VENDOR_COLUMNS,
+};
+use super::{Store, StoreError, StoreResult, VendorWrite};
+use crate::domain::{
+    AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest, SpendEvent,
+    SpendSummary, VaultKey, Vendor,
+};
+
+/// How long a connection waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS: u32 = 8;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Serialises this process's write transactions (see module docs).
+    write_lock: Mutex<()>,
+}
+
+/// A write transaction; holds the write mutex until it is committed or
+/// dropped (fields drop in order: the transaction first, then the guard).
+struct WriteTx<'a> {
+    tx: Transaction<'static, Sqlite>,
+    _serial: MutexGuard<'a, ()>,
+}
+
+impl WriteTx<'_> {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+
+    async fn commit(self) -> StoreResult<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url_or_path`: a
+    /// `sqlite:` URL or a plain file path. `sqlite::memory:` gives a private
+    /// in-memory database, as `in_memory` does. Call `migrate` before use.
+    pub async fn connect(url_or_path: &str) -> StoreResult<Self> {
+        if url_or_path.trim().is_empty() {
+            return Err(sqlx::Error::Configuration("empty SQLite database path".into()).into());
+        }
+        if url_or_path == ":memory:" || url_or_path.starts_with("sqlite::memory:") {
+            return Self::in_memory().await;
+        }
+        let options = if url_or_path.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url_or_path)?
+        } else {
+            SqliteConnectOptions::new().filename(url_or_path)
+        };
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// A fresh private in-memory database (for tests and throwaway runs).
+    /// Call `migrate` before use.
+    pub async fn in_memory() -> StoreResult<Self> {
+        // An in-memory database lives as long as a connection to it: keep
+        // exactly one, forever.
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        Ok(Self::from_pool(pool))
+    }
+
+    fn from_pool(pool: SqlitePool) -> Self {
+        SqliteStore {
+            pool,
+            write_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> StoreResult<WriteTx<'_>> {
+        let serial = self.write_lock.lock().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx {
+            tx,
+            _serial: serial,
+        })
+    }
+}
+
+async fn append_change(conn: &mut SqliteConnection, kind: &str, ref_id: &str) -> StoreResult<()> {
+    sqlx::query("INSERT INTO change_log (kind, ref_id) VALUES (?, ?)")
+        .bind(kind)
+        .bind(ref_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn fetch_key(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<VaultKey>> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = ?");
+    sqlx::query_as::<_, KeyRow>(&sql)
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .map(KeyRow::into_domain)
+        .transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn add_admin_token(&self, token_hash: &[u8; 32], now: DateTime<Utc>) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO admin_tokens (token_hash, created_at) VALUES (?, ?) \
+             ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(&token_hash[..])
+        .bind(micros(now))
+        .execute(w.conn())
+        .await?;
+        w.commit().await
+    }
+
+    async fn admin_token_exists(&self, token_hash: &[u8; 32]) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM admin_tokens WHERE token_hash = ?")
+                .bind(&token_hash[..])
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)> {
+        let v = &write.vendor;
+        let rates = to_json(&v.currency_rates, "currency_rates")?;
+        let mut w = self.begin_write().await?;
+        let existing: Option<i64> =
+            sqlx::query_scalar("SELECT created_at FROM vendors WHERE name = ?")
+                .bind(v.name.as_str())
+                .fetch_optional(w.conn())
+                .await?;
+        let (created_at, created) = match (existing, &write.sealed_credential) {
+            (None, None) => {
+                return Err(StoreError::Conflict(format!(
+                    "vendor {} does not exist; creating it needs a credential",
+                    v.name
+                )))
+            }
+            (None, Some(sealed)) => {
+                sqlx::query(
+                    "INSERT INTO vendors (name, profile, base_url, currency_rates, \
+                     sealed_credential, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(v.name.as_str())
+                .bind(v.profile.as_str())
+                .bind(&v.base_url)
+                .bind(&rates)
+                .bind(sealed.as_slice())
+                .bind(micros(v.created_at))
+                .bind(micros(v.updated_at))
+                .execute(w.conn())
+                .await?;
+                (truncate(v.created_at), true)
+            }
+            (Some(created_at), sealed) => {
+                sqlx::query(
+                    "UPDATE vendors SET profile = ?, base_url = ?, currency_rates = ?, \
+                     sealed_credential = COALESCE(?, sealed_credential), updated_at = ? \
+                     WHERE name = ?",
+                )
+                .bind(v.profile.as_str())
+                .bind(&v.base_url)
+                .bind(&rates)
+                .bind(sealed.as_deref())
+                .bind(micros(v.updated_at))
+                .bind(v.name.as_str())
+                .execute(w.conn())
+                .await?;
+                (from_micros(created_at, "vendors.created_at")?, false)
+            }
+        };
+        append_change(w.conn(), CHANGE_VENDOR, v.name.as_str()).await?;
+        w.commit().await?;
+        let stored = Vendor {
+            created_at,
+            updated_at: truncate(v.updated_at),
+            ..write.vendor
+        };
+        Ok((stored, created))
+    }
+
+    async fn get_vendor(&self, name: &str) -> StoreResult<Option<Vendor>> {
+        let sql = format!("SELECT {VENDOR_COLUMNS} FROM vendors WHERE name = ?");
+        sqlx::query_as::<_, VendorRow>(&sql)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(VendorRow::into_domain)
+            .transpose()
+    }
+
+    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(
+            sqlx::query_scalar("SELECT sealed_credential FROM vendors WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn list_vendors(&self) -> StoreResult<Vec<Vendor>> {
+        let sql = format!("SELECT {VENDOR_COLUMNS} FROM vendors ORDER BY name");
+        sqlx::query_as::<_, VendorRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(VendorRow::into_domain)
+            .collect()
+    }
+
+    async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM vendors WHERE name = ?")
+            .bind(name)
+            .fetch_optional(w.conn())
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!("vendor {name}")));
+        }
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM vault_keys \
+             WHERE vendor = ? AND revoked_at IS NULL AND expires_at > ?",
+        )
+        .bind(name)
+        .bind(micros(now))
+        .fetch_one(w.conn())
+        .await?;
+        if active > 0 {
+            return Err(StoreError::Conflict(format!(
+                "vendor {name} is used by {active} active key(s); revoke them first"
+            )));
+        }
+        sqlx::query("DELETE FROM vendors WHERE name = ?")
+            .bind(name)
+            .execute(w.conn())
+            .await?;
+        append_change(w.conn(), CHANGE_VENDOR, name).await?;
+        w.commit().await
+    }
+
+    async fn insert_key(&self, key: &VaultKey) -> StoreResult<()> {
+        let k = KeyInsert::new(key)?;
+        let mut w = self.begin_write().await?;
+        let vendor: Option<i64> = sqlx::query_scalar("SELECT 1 FROM vendors WHERE name = ?")
+            .bind(k.vendor)
+            .fetch_optional(w.conn())
+            .await?;
+        if vendor.is_none() {
+            return Err(StoreError::NotFound(format!("vendor {}", k.vendor)));
+        }
+        let sql = format!(
+            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        );
+        sqlx::query(&sql)
+            .bind(k.id)
+            .bind(k.key_hash)
+            .bind(k.key_prefix)
+            .bind(k.vendor)
+            .bind(&k.allowed_endpoints)
+            .bind(k.daily_cap)
+            .bind(k.per_call_cap)
+            .bind(k.lifetime_cap)
+            .bind(k.expires_at)
+            .bind(k.agent_run_label)
+            .bind(&k.metadata)
+            .bind(k.created_at)
+            .bind(k.revoked_at)
+            .execute(w.conn())
+            .await
+            .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
+        append_change(w.conn(), CHANGE_KEY, k.id).await?;
+        w.commit().await
+    }
+
+    async fn get_key(&self, id: &str) -> StoreResult<Option<VaultKey>> {
+        let mut conn = self.pool.acquire().await?;
+        fetch_key(&mut conn, id).await
+    }
+
+    async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<VaultKey>> {
+        let mut q = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE 1 = 1"
+        ));
+        if let Some(label) = &filter.agent_run_label {
+            q.push(" AND agent_run_label = ").push_bind(label);
+        }
+        if let Some(vendor) = &filter.vendor {
+            q.push(" AND vendor = ").push_bind(vendor);
+        }
+        if !filter.include_inactive {
+            q.push(" AND revoked_at IS NULL AND expires_at > ")
+                .push_bind(micros(now));
+        }
+        q.push(" ORDER BY created_at DESC, id DESC");
+        q.build_query_as::<KeyRow>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(KeyRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<VaultKey> {
+        let mut w = self.begin_write().await?;
+        let mut key = fetch_key(w.conn(), id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        if key.revoked_at.is_none() {
+            sqlx::query("UPDATE vault_keys SET revoked_at = ? WHERE id = ?")
+                .bind(micros(now))
+                .bind(id)
+                .execute(w.conn())
+                .await?;
+            append_change(w.conn(), CHANGE_KEY, id).await?;
+            key.revoked_at = Some(truncate(now));
+        }
+        w.commit().await?;
+        Ok(key)
+    }
+
+    async fn revoke_run(
+        &self,
+        agent_run_label: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<String>> {
+        let mut w = self.begin_write().await?;
+        let mut ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE vault_keys SET revoked_at = ? \
+             WHERE agent_run_label = ? AND revoked_at IS NULL RETURNING id",
+        )
+        .bind(micros(now))
+        .bind(agent_run_label)
+        .fetch_all(w.conn())
+        .await?;
+        ids.sort();
+        for id in &ids {
+            append_change(w.conn(), CHANGE_KEY, id).await?;
+        }
+        w.commit().await?;
+        Ok(ids)
+    }
+
+    async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend> {
+        let (spent_day, calls_day, spent_lifetime): (i64, i64, i64) = sqlx::query_as(
+            "SELECT \
+               COALESCE(SUM(CASE WHEN day = ?2 THEN spent END), 0), \
+               COALESCE(SUM(CASE WHEN day = ?2 THEN calls END), 0), \
+               COALESCE(SUM(spent), 0) \
+             FROM key_spend_daily WHERE key_id = ?1",
+        )
+        .bind(id)
+        .bind(day)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(KeySpend {
+            spent_day: Micros(spent_day),
+            calls_day,
+            spent_lifetime: Micros(spent_lifetime),
+        })
+    }
+
+    async fn latest_version(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM change_log")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<Change>> {
+        sqlx::query_as::<_, ChangeRow>(
+            "SELECT version, kind, ref_id FROM change_log \
+             WHERE version > ? ORDER BY version LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(ChangeRow::into_domain)
+        .collect()
+    }
+
+    async fn oldest_version(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MIN(version), 0) FROM change_log")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn live_keys(&self, now: DateTime<Utc>) -> StoreResult<Vec<VaultKey>> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM vault_keys \
+             WHERE revoked_at IS NULL AND expires_at > ? ORDER BY id"
+        );
+        sqlx::query_as::<_, KeyRow>(&sql)
+            .bind(micros(now))
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(KeyRow::into_domain)
+            .collect()
+    }
+
+    async fn grant_lease(
+        &self,
+        req: &LeaseGrantRequest,
+        now: DateTime<Utc>,
+    ) -> StoreResult<LeaseGrant> {
+        // BEGIN IMMEDIATE holds the database write lock from here to commit,
+        // so nothing changes between reading the usage and writing the grant.
+        let mut w = self.begin_write().await?;
+        let key: KeyBudgetRow = sqlx::query_as(
+            "SELECT daily_cap, lifetime_cap, expires_at, revoked_at FROM vault_keys WHERE id = ?",
+        )
+        .bind(&req.key_id)
+        .fetch_optional(w.conn())
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("key {}", req.key_id)))?;
+
+        let prior: Option<GrantRow> = sqlx::query_as(
+            "SELECT lease_id, granted, lease_total, unleased, expires_at \
+             FROM lease_grants WHERE grant_id = ?",
+        )
+        .bind(&req.grant_id)
+        .fetch_optional(w.conn())
+        .await?;
+        if let Some(prior) = prior {
+            if prior.lease_id != req.lease_id {
+                return Err(StoreError::Conflict(format!(
+                    "grant {} was made for another lease",
+                    req.grant_id
+                )));
+            }
+            return prior.into_domain();
+        }
+
+        let lease: Option<LeaseRow> = sqlx::query_as(
+            "SELECT key_id, day, granted, expires_at, closed FROM leases WHERE id = ?",
+        )
+        .bind(&req.lease_id)
+        .fetch_optional(w.conn())
+        .await?;
+        check_grant(
+            &req.key_id,
+            &key,
+            lease.as_ref(),
+            &req.day,
+            req.expires_at,
+            now,
+        )?;
+
+        let usage: UsageRow = sqlx::query_as(
+            "SELECT \
+               COALESCE((SELECT spent FROM key_spend_daily WHERE key_id = ?1 AND day = ?2), 0) \
+                 AS spent_day, \
+               COALESCE((SELECT SUM(spent) FROM key_spend_daily WHERE key_id = ?1), 0) \
+                 AS spent_life, \
+               COALESCE((SELECT SUM(MAX(granted - reported, 0)) FROM leases \
+                 WHERE key_id = ?1 AND day = ?2 AND expires_at > ?3), 0) AS leased_day, \
+               COALESCE((SELECT SUM(MAX(granted - reported, 0)) FROM leases \
+                 WHERE key_id = ?1 AND expires_at > ?3), 0) AS leased_life",
+        )
+        .bind(&req.key_id)
+        .bind(&req.day)
+        .bind(micros(now))
+        .fetch_one(w.conn())
+        .await?;
+        let (granted, unleased) = decide_grant(&key, usage, req.requested, req.minimum);
+
+        let (lease_total, expires_at) = match &lease {
+            Some(l) => {
+                sqlx::query("UPDATE leases SET granted = granted + ? WHERE id = ?")
+                    .bind(granted)
+                    .bind(&req.lease_id)
+                    .execute(w.conn())
+                    .await?;
+                (l.granted + granted, l.expires_at)
+            }
+            None => {
+                sqlx::query(
+                    "INSERT INTO leases (id, key_id, node_id, day, granted, reported, expires_at, closed) \
+                     VALUES (?, ?, ?, ?, ?, 0, ?, 0)",
+                )
+                .bind(&req.lease_id)
+                .bind(&req.key_id)
+                .bind(&req.node_id)
+                .bind(&req.day)
+                .bind(granted)
+                .bind(micros(req.expires_at))
+                .execute(w.conn())
+                .await
+                .map_err(|e| conflict_on_unique(e, || format!("lease {} exists", req.lease_id)))?;
+                (granted, micros(req.expires_at))
+            }
+        };
+        let answer = GrantRow {
+            lease_id: req.lease_id.clone(),
+            granted,
+            lease_total,
+            unleased,
+            expires_at,
+        };
+        sqlx::query(
+            "INSERT INTO lease_grants (grant_id, lease_id, granted, lease_total, unleased, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&req.grant_id)
+        .bind(&answer.lease_id)
+        .bind(answer.granted)
+        .bind(answer.lease_total)
+        .bind(answer.unleased)
+        .bind(answer.expires_at)
+        .execute(w.conn())
+        .await?;
+        w.commit().await?;
+        answer.into_domain()
+    }
+
+    async fn return_lease(&self, lease_id: &str, spent: Micros) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        // A closed lease keeps the spend of its first return.
+        let done = sqlx::query(
+            "UPDATE leases SET granted = CASE WHEN closed THEN granted ELSE ? END, closed = 1 \
+             WHERE id = ?",
+        )
+        .bind(spent.0.max(0))
+        .bind(lease_id)
+        .execute(w.conn())
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("lease {lease_id}")));
+        }
+        w.commit().await
+    }
+
+    async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {
+        if events.is_empty() {
+            return Ok((0, 0));
+        }
+        let mut w = self.begin_write().await?;
+        // One multi-row insert per chunk; RETURNING names the events that
+        // were new, and only those count towards spend.
+        let mut fresh = std::collections::HashSet::new();
+        for chunk in events.chunks(SPEND_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("");
+            push_audit_values(&mut q, chunk);
+            let ids: Vec<String> = q.build_query_scalar().fetch_all(w.conn()).await?;
+            fresh.extend(ids);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let totals = spend_totals(
+            events
+                .iter()
+                .filter(|e| fresh.contains(&e.event_id) && seen.insert(e.event_id.as_str())),
+        );
+        for ((key_id, day), spent, calls) in &totals.daily {
+            sqlx::query(
+                "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (key_id, day) DO UPDATE \
+                 SET spent = spent + excluded.spent, calls = calls + excluded.calls",
+            )
+            .bind(key_id)
+            .bind(day)
+            .bind(spent)
+            .bind(calls)
+            .execute(w.conn())
+            .await?;
+        }
+        for (lease_id, reported) in &totals.leases {
+            sqlx::query("UPDATE leases SET reported = reported + ? WHERE id = ?")
+                .bind(reported)
+                .bind(lease_id)
+                .execute(w.conn())
+                .await?;
+        }
+        w.commit().await?;
+        let applied = fresh.len() as u32;
+        Ok((applied, events.len() as u32 - applied))
+    }
+
+    async fn query_audit(&self, aq: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        let mut q =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE 1 = 1"));
+        if let Some(key_id) = &aq.key_id {
+            q.push(" AND key_id = ").push_bind(key_id);
+        }
+        if let Some(label) = &aq.agent_run_label {
+            q.push(" AND agent_run_label = ").push_bind(label);
+        }
+        if let Some(vendor) = &aq.vendor {
+            q.push(" AND vendor = ").push_bind(vendor);
+        }
+        if let Some(since) = aq.since {
+            q.push(" AND at >= ").push_bind(micros(since));
+        }
+        if let Some(until) = aq.until {
+            q.push(" AND at < ").push_bind(micros(until));
+        }
+        if let Some(before) = aq.before_seq {
+            q.push(" AND seq < ").push_bind(before);
+        }
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(audit_limit(aq.limit));
+        q.build_query_as::<AuditRow>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(AuditRow::into_domain)
+            .collect()
+    }
+
+    async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT vendor, COALESCE(SUM(cost), 0), COUNT(*) FROM audit \
+             WHERE agent_run_label = ? GROUP BY vendor ORDER BY vendor",
+        )
+        .bind(agent_run_label)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut summary = SpendSummary::default();
+        for (vendor, total, calls) in rows {
+            summary.total = summary.total.saturating_add(Micros(total));
+            summary.calls += calls;
+            summary.vendors.push((vendor, Micros(total), calls));
+        }
+        Ok(summary)
+    }
+}

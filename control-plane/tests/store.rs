@@ -1,0 +1,1268 @@
+//! The store test suite. Each case is written once against `dyn Store` and
+//! runs on both backends: `sqlite::<case>` on a temporary database file and
+//! `postgres::<case>` on a fresh database from `keycap_tests::pg` (the
+//! server at `DATABASE_URL`, or a throwaway cluster).
+//!
+//! Times passed in carry nanoseconds on purpose: the store keeps whole
+//! microseconds, so expected values are truncated with `trunc`.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
+use keycap_control::domain::{
+    AuditQuery, ChangeRef, KeyFilter, LeaseGrantRequest, Outcome, Profile, SpendEvent, VaultKey,
+    Vendor, VendorName,
+};
+use keycap_control::store::{PgStore, SqliteStore, Store, StoreError, VendorWrite};
+use keycap_proto::Micros;
+use sha2::{Digest, Sha256};
+
+// --- backends --------------------------------------------------------------
+
+struct Backend {
+    store: Arc<dyn Store>,
+    // Dropped after the store: the temp dir or the test database.
+    _guard: Box<dyn Any + Send>,
+}
+
+async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("keycap.db");
+    let store = SqliteStore::connect(path.to_str().expect("utf-8 path"))
+        .await
+        .expect("open sqlite");
+    store.migrate().await.expect("migrate sqlite");
+    store.migrate().await.expect("migrate is idempotent");
+    Backend {
+        store: Arc::new(store),
+        _guard: Box::new(dir),
+    }
+}
+
+async fn postgres() -> Option<Backend> {
+    let db = keycap_tests::pg::fresh_database_or_skip()
+        .await
+        .expect("a PostgreSQL database for the store tests")?;
+    let store = PgStore::connect(&db.url).await.expect("connect postgres");
+    store.migrate().await.expect("migrate postgres");
+    store.migrate().await.expect("migrate is idempotent");
+    Some(Backend {
+        store: Arc::new(store),
+        _guard: Box::new(db),
+    })
+}
+
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let backend = super::sqlite().await;
+                    super::cases::$case(backend.store.clone()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(backend) = super::postgres().await else { return };
+                    super::cases::$case(backend.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    admin_tokens,
+    vendor_create_update_list,
+    vendor_delete_rules,
+    key_round_trip_and_insert_rules,
+    list_keys_filters_and_order,
+    live_keys_are_unrevoked_and_unexpired,
+    revoke_key_is_idempotent,
+    revoke_run_revokes_unrevoked_keys_of_the_run,
+    change_log_versions,
+    grant_respects_daily_cap,
+    grant_minimum,
+    grant_is_idempotent_by_grant_id,
+    grant_refusals,
+    expired_leases_stop_counting,
+    return_lease_returns_the_unspent_rest,
+    lifetime_cap_spans_days,
+    record_spend_applies_each_event_once,
+    spend_moves_from_lease_to_settled,
+    key_spend_by_day_and_lifetime,
+    audit_filters_order_and_paging,
+    spend_summary_per_vendor,
+    concurrent_grants_never_exceed_the_cap,
+    concurrent_resent_batches_apply_once,
+);
+
+#[tokio::test]
+async fn sqlite_in_memory_store_works() {
+    let mem = SqliteStore::in_memory().await.unwrap();
+    mem.migrate().await.unwrap();
+    add_key(&mem, key("k1", "stripe", "run", 1_000)).await;
+    assert_eq!(
+        granted(&mem, grant("g1", "l1", "k1", DAY, 600, 0)).await,
+        600
+    );
+    assert_eq!(
+        granted(&mem, grant("g2", "l2", "k1", DAY, 600, 0)).await,
+        400
+    );
+    assert!(mem.get_key("k1").await.unwrap().is_some());
+    let other = SqliteStore::in_memory().await.unwrap();
+    other.migrate().await.unwrap();
+    assert!(
+        other.get_key("k1").await.unwrap().is_none(),
+        "each in-memory store is its own"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_file_is_created_in_wal_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub-keycap.db");
+    assert!(!path.exists());
+    let store = SqliteStore::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert!(path.exists(), "connect creates the file");
+    let pool = store.pool();
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(journal, "wal");
+    let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(foreign_keys, 1);
+    let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(busy > 0, "busy_timeout is set");
+    assert!(SqliteStore::connect("").await.is_err());
+}
+
+// --- fixtures ----------------------------------------------------------------
+
+const DAY: &str = "2030-01-15";
+const DAY2: &str = "2030-01-16";
+const DAY3: &str = "2030-01-17";
+
+/// A fixed "now" with sub-microsecond digits.
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2030, 1, 15, 12, 0, 0).unwrap() + Duration::nanoseconds(123_456_789)
+}
+
+fn trunc(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+fn vendor(name: &str, at: DateTime<Utc>) -> Vendor {
+    let mut rates = BTreeMap::new();
+    rates.insert("eur".to_string(), "1.08".to_string());
+    Vendor {
+        name: VendorName::parse(name).unwrap(),
+        profile: Profile::Stripe,
+        base_url: format!("https://{name}.example.com/v1"),
+        currency_rates: rates,
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+fn with_credential(v: Vendor, credential: &[u8]) -> VendorWrite {
+    VendorWrite {
+        vendor: v,
+        sealed_credential: Some(credential.to_vec()),
+    }
+}
+
+async fn add_vendor(s: &dyn Store, name: &str) {
+    s.put_vendor(with_credential(vendor(name, now()), b"sealed"))
+        .await
+        .expect("put vendor");
+}
+
+fn key(id: &str, vendor: &str, label: &str, daily_cap: i64) -> VaultKey {
+    let mut metadata = BTreeMap::new();
+    metadata.insert("scenario".to_string(), "checkout".to_string());
+    VaultKey {
+        id: id.to_string(),
+        key_hash: Sha256::digest(id.as_bytes()).into(),
+        key_prefix: format!("kc_test_{id}"),
+        vendor: VendorName::parse(vendor).unwrap(),
+        allowed_endpoints: vec![
+            "POST /v1/payment_intents".to_string(),
+            "GET /v1/*".to_string(),
+        ],
+        daily_cap: Micros(daily_cap),
+        per_call_cap: Some(Micros(daily_cap / 2)),
+        lifetime_cap: None,
+        expires_at: now() + Duration::days(30),
+        agent_run_label: label.to_string(),
+        metadata,
+        created_at: now(),
+        revoked_at: None,
+    }
+}
+
+/// Inserts a vendor (if needed) and a key with this daily cap.
+async fn add_key(s: &dyn Store, k: VaultKey) -> VaultKey {
+    if s.get_vendor(k.vendor.as_str()).await.unwrap().is_none() {
+        add_vendor(s, k.vendor.as_str()).await;
+    }
+    s.insert_key(&k).await.expect("insert key");
+    k
+}
+
+fn grant(
+    grant_id: &str,
+    lease_id: &str,
+    key_id: &str,
+    day: &str,
+    requested: i64,
+    minimum: i64,
+) -> LeaseGrantRequest {
+    LeaseGrantRequest {
+        grant_id: grant_id.to_string(),
+        lease_id: lease_id.to_string(),
+        key_id: key_id.to_string(),
+        node_id: "node-a".to_string(),
+        day: day.to_string(),
+        requested: Micros(requested),
+        minimum: Micros(minimum),
+        expires_at: now() + Duration::hours(1),
+    }
+}
+
+/// Grants and returns just the granted amount.
+async fn granted(s: &dyn Store, req: LeaseGrantRequest) -> i64 {
+    s.grant_lease(&req, now()).await.expect("grant").granted.0
+}
+
+/// What a fresh lease could get right now (asks for everything, grants
+/// nothing: the answer's `unleased` with a minimum nobody can meet).
+async fn available(s: &dyn Store, key_id: &str, day: &str) -> i64 {
+    let probe = format!("probe-{}", rand_id());
+    let mut req = grant(&probe, &probe, key_id, day, i64::MAX / 4, i64::MAX / 4);
+    req.expires_at = now() + Duration::hours(1);
+    let answer = s.grant_lease(&req, now()).await.expect("probe grant");
+    assert_eq!(answer.granted, Micros(0), "a probe must not take budget");
+    answer.unleased.0
+}
+
+fn rand_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+fn event(
+    event_id: &str,
+    key_id: &str,
+    lease_id: &str,
+    day: &str,
+    vendor: &str,
+    cost: i64,
+) -> SpendEvent {
+    SpendEvent {
+        event_id: event_id.to_string(),
+        lease_id: lease_id.to_string(),
+        key_id: key_id.to_string(),
+        day: day.to_string(),
+        vendor: vendor.to_string(),
+        method: "POST".to_string(),
+        path: "/v1/payment_intents".to_string(),
+        upstream_status: 200,
+        reserved: Micros(cost + 1),
+        cost: Micros(cost),
+        outcome: Outcome::Settled,
+        at: now(),
+        node_id: "node-a".to_string(),
+        detail_json: r#"{"model":"x"}"#.to_string(),
+    }
+}
+
+fn assert_conflict<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
+    assert!(
+        matches!(r, Err(StoreError::Conflict(_))),
+        "{what}: expected Conflict, got {r:?}"
+    );
+}
+
+fn assert_not_found<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
+    assert!(
+        matches!(r, Err(StoreError::NotFound(_))),
+        "{what}: expected NotFound, got {r:?}"
+    );
+}
+
+// --- cases -------------------------------------------------------------------
+
+mod cases {
+    use super::*;
+
+    type S = Arc<dyn Store>;
+
+    pub async fn admin_tokens(s: S) {
+        let a = [7u8; 32];
+        let b = [8u8; 32];
+        assert!(!s.admin_token_exists(&a).await.unwrap());
+        s.add_admin_token(&a, now()).await.unwrap();
+        s.add_admin_token(&a, now())
+            .await
+            .expect("adding twice is a no-op");
+        assert!(s.admin_token_exists(&a).await.unwrap());
+        assert!(!s.admin_token_exists(&b).await.unwrap());
+    }
+
+    pub async fn vendor_create_update_list(s: S) {
+        let t1 = now();
+        let no_credential = VendorWrite {
+            vendor: vendor("stripe", t1),
+            sealed_credential: None,
+        };
+        assert_conflict(
+            s.put_vendor(no_credential).await,
+            "create without credential",
+        );
+        assert_eq!(s.get_vendor("stripe").await.unwrap(), None);
+        assert_eq!(
+            s.latest_version().await.unwrap(),
+            0,
+            "a refused put logs nothing"
+        );
+
+        let (stored, created) = s
+            .put_vendor(with_credential(vendor("stripe", t1), b"cred-1"))
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(stored.created_at, trunc(t1));
+        assert_eq!(stored.updated_at, trunc(t1));
+        assert_eq!(s.get_vendor("stripe").await.unwrap(), Some(stored.clone()));
+        assert_eq!(
+            s.get_vendor_credential("stripe").await.unwrap(),
+            Some(b"cred-1".to_vec())
+        );
+
+        // Update without a credential: keeps it and created_at.
+        let t2 = t1 + Duration::minutes(5);
+        let mut changed = vendor("stripe", t2);
+        changed.base_url = "https://api.stripe.example/v2".to_string();
+        changed.profile = Profile::Openai;
+        changed
+            .currency_rates
+            .insert("gbp".to_string(), "1.27".to_string());
+        let (updated, created) = s
+            .put_vendor(VendorWrite {
+                vendor: changed.clone(),
+                sealed_credential: None,
+            })
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!(updated.created_at, trunc(t1), "created_at is kept");
+        assert_eq!(updated.updated_at, trunc(t2));
+        assert_eq!(updated.base_url, changed.base_url);
+        assert_eq!(s.get_vendor("stripe").await.unwrap(), Some(updated.clone()));
+        assert_eq!(
+            s.get_vendor_credential("stripe").await.unwrap(),
+            Some(b"cred-1".to_vec())
+        );
+
+        // Update with a credential replaces it.
+        s.put_vendor(with_credential(vendor("stripe", t2), b"cred-2"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_vendor_credential("stripe").await.unwrap(),
+            Some(b"cred-2".to_vec())
+        );
+
+        s.put_vendor(with_credential(vendor("anthropic", t1), b"x"))
+            .await
+            .unwrap();
+        s.put_vendor(with_credential(vendor("openai", t1), b"y"))
+            .await
+            .unwrap();
+        let names: Vec<String> = s
+            .list_vendors()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name.to_string())
+            .collect();
+        assert_eq!(names, ["anthropic", "openai", "stripe"]);
+        assert_eq!(s.get_vendor("nope").await.unwrap(), None);
+        assert_eq!(s.get_vendor_credential("nope").await.unwrap(), None);
+    }
+
+    pub async fn vendor_delete_rules(s: S) {
+        assert_not_found(
+            s.delete_vendor("ghost", now()).await,
+            "delete unknown vendor",
+        );
+
+        add_key(&*s, key("k1", "stripe", "run", 1_000)).await;
+        let before = s.latest_version().await.unwrap();
+        assert_conflict(
+            s.delete_vendor("stripe", now()).await,
+            "delete with an active key",
+        );
+        assert_eq!(
+            s.latest_version().await.unwrap(),
+            before,
+            "a refused delete logs nothing"
+        );
+
+        // Once the key is inactive (revoked here; expired in the second
+        // vendor below) the vendor may go, and the key stays.
+        s.revoke_key("k1", now()).await.unwrap();
+        s.delete_vendor("stripe", now())
+            .await
+            .expect("delete with only revoked keys");
+        assert_eq!(s.get_vendor("stripe").await.unwrap(), None);
+        assert_eq!(s.get_vendor_credential("stripe").await.unwrap(), None);
+        assert!(
+            s.get_key("k1").await.unwrap().is_some(),
+            "keys outlive their vendor"
+        );
+        assert_not_found(s.delete_vendor("stripe", now()).await, "delete twice");
+
+        let mut short = key("k2", "openai", "run", 1_000);
+        short.expires_at = now() + Duration::minutes(10);
+        add_key(&*s, short).await;
+        assert_conflict(s.delete_vendor("openai", now()).await, "key still live");
+        s.delete_vendor("openai", now() + Duration::minutes(10))
+            .await
+            .expect("delete once the only key has expired");
+        assert!(s.list_vendors().await.unwrap().is_empty());
+    }
+
+    pub async fn key_round_trip_and_insert_rules(s: S) {
+        assert_not_found(
+            s.insert_key(&key("k1", "stripe", "run", 5)).await,
+            "insert with unknown vendor",
+        );
+        assert_eq!(s.latest_version().await.unwrap(), 0);
+
+        add_vendor(&*s, "stripe").await;
+        let mut k = key("k1", "stripe", "run-1", 2_500_000);
+        k.lifetime_cap = Some(Micros(10_000_000));
+        k.per_call_cap = None;
+        s.insert_key(&k).await.unwrap();
+        let mut expected = k.clone();
+        expected.expires_at = trunc(k.expires_at);
+        expected.created_at = trunc(k.created_at);
+        assert_eq!(s.get_key("k1").await.unwrap(), Some(expected));
+        assert_eq!(s.get_key("nope").await.unwrap(), None);
+
+        assert_conflict(s.insert_key(&k).await, "duplicate key id");
+        let mut same_hash = key("k2", "stripe", "run-1", 5);
+        same_hash.key_hash = k.key_hash;
+        assert_conflict(s.insert_key(&same_hash).await, "duplicate key hash");
+        assert_eq!(s.get_key("k2").await.unwrap(), None);
+    }
+
+    pub async fn list_keys_filters_and_order(s: S) {
+        let at = |mins| now() + Duration::minutes(mins);
+        let mut a = key("a", "stripe", "run-1", 10);
+        a.created_at = at(1);
+        let mut b = key("b", "openai", "run-1", 10);
+        b.created_at = at(3);
+        let mut c = key("c", "stripe", "run-2", 10);
+        c.created_at = at(2);
+        let mut d = key("d", "stripe", "run-1", 10);
+        d.created_at = at(3); // same instant as b: ties break by id, descending
+        let mut expired = key("e", "stripe", "run-1", 10);
+        expired.created_at = at(4);
+        expired.expires_at = at(5);
+        for k in [a, b, c, d, expired] {
+            add_key(&*s, k).await;
+        }
+        s.revoke_key("c", at(6)).await.unwrap();
+        let later = at(10);
+
+        let ids = |keys: Vec<VaultKey>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
+        let all = KeyFilter::default();
+        assert_eq!(
+            ids(s.list_keys(&all, later).await.unwrap()),
+            ["d", "b", "a"]
+        );
+        let everything = KeyFilter {
+            include_inactive: true,
+            ..KeyFilter::default()
+        };
+        assert_eq!(
+            ids(s.list_keys(&everything, later).await.unwrap()),
+            ["e", "d", "b", "c", "a"]
+        );
+        let run1 = KeyFilter {
+            agent_run_label: Some("run-1".to_string()),
+            include_inactive: true,
+            ..KeyFilter::default()
+        };
+        assert_eq!(
+            ids(s.list_keys(&run1, later).await.unwrap()),
+            ["e", "d", "b", "a"]
+        );
+        let stripe_run1 = KeyFilter {
+            agent_run_label: Some("run-1".to_string()),
+            vendor: Some("stripe".to_string()),
+            include_inactive: false,
+        };
+        assert_eq!(
+            ids(s.list_keys(&stripe_run1, later).await.unwrap()),
+            ["d", "a"]
+        );
+        // Before "e" expired it is active.
+        assert_eq!(
+            ids(s.list_keys(&stripe_run1, at(4)).await.unwrap()),
+            ["e", "d", "a"]
+        );
+    }
+
+    pub async fn live_keys_are_unrevoked_and_unexpired(s: S) {
+        add_key(&*s, key("live", "stripe", "r", 10)).await;
+        add_key(&*s, key("revoked", "stripe", "r", 10)).await;
+        let mut soon = key("soon", "stripe", "r", 10);
+        soon.expires_at = now() + Duration::seconds(30);
+        add_key(&*s, soon).await;
+        s.revoke_key("revoked", now()).await.unwrap();
+
+        let ids = |keys: Vec<VaultKey>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.live_keys(now()).await.unwrap()), ["live", "soon"]);
+        assert_eq!(
+            ids(s.live_keys(now() + Duration::seconds(30)).await.unwrap()),
+            ["live"]
+        );
+    }
+
+    pub async fn revoke_key_is_idempotent(s: S) {
+        assert_not_found(s.revoke_key("ghost", now()).await, "revoke unknown key");
+        add_key(&*s, key("k1", "stripe", "r", 10)).await;
+        let v0 = s.latest_version().await.unwrap();
+
+        let first = s.revoke_key("k1", now()).await.unwrap();
+        assert_eq!(first.revoked_at, Some(trunc(now())));
+        assert_eq!(s.latest_version().await.unwrap(), v0 + 1);
+        let changes = s.changes_since(v0, 10).await.unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].what, ChangeRef::Key("k1".to_string()));
+
+        let again = s
+            .revoke_key("k1", now() + Duration::hours(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            again.revoked_at,
+            Some(trunc(now())),
+            "keeps the first revoked_at"
+        );
+        assert_eq!(
+            s.latest_version().await.unwrap(),
+            v0 + 1,
+            "no change logged"
+        );
+        assert_eq!(
+            s.get_key("k1").await.unwrap().unwrap().revoked_at,
+            Some(trunc(now()))
+        );
+    }
+
+    pub async fn revoke_run_revokes_unrevoked_keys_of_the_run(s: S) {
+        add_key(&*s, key("a2", "stripe", "run-a", 10)).await;
+        add_key(&*s, key("a1", "stripe", "run-a", 10)).await;
+        add_key(&*s, key("a3", "stripe", "run-a", 10)).await;
+        add_key(&*s, key("b1", "stripe", "run-b", 10)).await;
+        let earlier = now() - Duration::hours(1);
+        s.revoke_key("a3", earlier).await.unwrap();
+        let v0 = s.latest_version().await.unwrap();
+
+        let ids = s.revoke_run("run-a", now()).await.unwrap();
+        assert_eq!(ids, ["a1", "a2"]);
+        for id in ["a1", "a2"] {
+            assert_eq!(
+                s.get_key(id).await.unwrap().unwrap().revoked_at,
+                Some(trunc(now()))
+            );
+        }
+        assert_eq!(
+            s.get_key("a3").await.unwrap().unwrap().revoked_at,
+            Some(trunc(earlier)),
+            "an already revoked key keeps its time"
+        );
+        assert_eq!(s.get_key("b1").await.unwrap().unwrap().revoked_at, None);
+
+        let mut logged: Vec<ChangeRef> = s
+            .changes_since(v0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.what)
+            .collect();
+        logged.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            logged,
+            [ChangeRef::Key("a1".into()), ChangeRef::Key("a2".into())]
+        );
+
+        assert!(s.revoke_run("run-a", now()).await.unwrap().is_empty());
+        assert!(s.revoke_run("no-such-run", now()).await.unwrap().is_empty());
+        assert_eq!(s.latest_version().await.unwrap(), v0 + 2);
+    }
+
+    pub async fn change_log_versions(s: S) {
+        assert_eq!(s.latest_version().await.unwrap(), 0);
+        assert_eq!(s.oldest_version().await.unwrap(), 0);
+        assert!(s.changes_since(0, 100).await.unwrap().is_empty());
+
+        let mut versions = Vec::new();
+        fn step(v: i64, versions: &mut Vec<i64>) {
+            assert!(
+                versions.last().is_none_or(|last| v > *last),
+                "versions increase: {versions:?} then {v}"
+            );
+            versions.push(v);
+        }
+        add_vendor(&*s, "stripe").await;
+        step(s.latest_version().await.unwrap(), &mut versions);
+        s.put_vendor(VendorWrite {
+            vendor: vendor("stripe", now()),
+            sealed_credential: None,
+        })
+        .await
+        .unwrap();
+        step(s.latest_version().await.unwrap(), &mut versions);
+        s.insert_key(&key("k1", "stripe", "r", 10)).await.unwrap();
+        step(s.latest_version().await.unwrap(), &mut versions);
+        s.revoke_key("k1", now()).await.unwrap();
+        step(s.latest_version().await.unwrap(), &mut versions);
+        s.delete_vendor("stripe", now()).await.unwrap();
+        step(s.latest_version().await.unwrap(), &mut versions);
+
+        let changes = s.changes_since(0, 100).await.unwrap();
+        let got: Vec<(i64, ChangeRef)> = changes.into_iter().map(|c| (c.version, c.what)).collect();
+        let vendor_ref = || ChangeRef::Vendor("stripe".to_string());
+        let key_ref = || ChangeRef::Key("k1".to_string());
+        assert_eq!(
+            got,
+            [
+                (versions[0], vendor_ref()),
+                (versions[1], vendor_ref()),
+                (versions[2], key_ref()),
+                (versions[3], key_ref()),
+                (versions[4], vendor_ref()),
+            ]
+        );
+        assert_eq!(s.oldest_version().await.unwrap(), versions[0]);
+
+        let page: Vec<i64> = s
+            .changes_since(versions[1], 2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.version)
+            .collect();
+        assert_eq!(page, [versions[2], versions[3]]);
+        assert!(s.changes_since(versions[4], 100).await.unwrap().is_empty());
+
+        // Reads and refused writes log nothing.
+        s.get_key("k1").await.unwrap();
+        let _ = s.delete_vendor("stripe", now()).await;
+        assert_eq!(s.latest_version().await.unwrap(), versions[4]);
+    }
+
+    pub async fn grant_respects_daily_cap(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000_000)).await;
+
+        let g = s
+            .grant_lease(&grant("g1", "l1", "k1", DAY, 600_000, 0), now())
+            .await
+            .unwrap();
+        assert_eq!(g.granted, Micros(600_000));
+        assert_eq!(g.lease_total, Micros(600_000));
+        assert_eq!(g.unleased, Micros(400_000));
+        assert_eq!(g.expires_at, trunc(now() + Duration::hours(1)));
+
+        // Another lease gets only what is left.
+        let g = s
+            .grant_lease(&grant("g2", "l2", "k1", DAY, 600_000, 0), now())
+            .await
+            .unwrap();
+        assert_eq!(
+            (g.granted, g.lease_total, g.unleased),
+            (Micros(400_000), Micros(400_000), Micros(0))
+        );
+        // Growing an existing lease adds to its total; nothing is left now.
+        let mut grow = grant("g3", "l1", "k1", DAY, 1, 0);
+        grow.expires_at = now() + Duration::hours(5); // ignored: the lease keeps its own
+        let g = s.grant_lease(&grow, now()).await.unwrap();
+        assert_eq!(
+            (g.granted, g.lease_total, g.unleased),
+            (Micros(0), Micros(600_000), Micros(0))
+        );
+        assert_eq!(g.expires_at, trunc(now() + Duration::hours(1)));
+
+        // Another day has its own daily budget.
+        assert_eq!(
+            granted(&*s, grant("g4", "l3", "k1", DAY2, 999_999, 0)).await,
+            999_999
+        );
+        assert_eq!(available(&*s, "k1", DAY2).await, 1);
+        assert_eq!(available(&*s, "k1", DAY).await, 0);
+    }
+
+    pub async fn grant_minimum(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000)).await;
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "k1", DAY, 700, 0)).await,
+            700
+        );
+
+        let g = s
+            .grant_lease(&grant("g2", "l2", "k1", DAY, 500, 301), now())
+            .await
+            .unwrap();
+        assert_eq!(
+            (g.granted, g.unleased),
+            (Micros(0), Micros(300)),
+            "less than the minimum is left"
+        );
+        let g = s
+            .grant_lease(&grant("g3", "l2", "k1", DAY, 500, 300), now())
+            .await
+            .unwrap();
+        assert_eq!(
+            (g.granted, g.lease_total, g.unleased),
+            (Micros(300), Micros(300), Micros(0))
+        );
+        assert_eq!(granted(&*s, grant("g4", "l3", "k1", DAY, 5, 0)).await, 0);
+    }
+
+    pub async fn grant_is_idempotent_by_grant_id(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000)).await;
+        let req = grant("g1", "l1", "k1", DAY, 400, 0);
+        let first = s.grant_lease(&req, now()).await.unwrap();
+        let retry = s
+            .grant_lease(&req, now() + Duration::minutes(1))
+            .await
+            .unwrap();
+        assert_eq!(first, retry);
+        assert_eq!(
+            available(&*s, "k1", DAY).await,
+            600,
+            "the retry took nothing"
+        );
+
+        // A retry returns the first answer even after the budget moved.
+        assert_eq!(
+            granted(&*s, grant("g2", "l2", "k1", DAY, 600, 0)).await,
+            600
+        );
+        assert_eq!(s.grant_lease(&req, now()).await.unwrap(), first);
+        // And even after the key was revoked.
+        s.revoke_key("k1", now()).await.unwrap();
+        assert_eq!(s.grant_lease(&req, now()).await.unwrap(), first);
+
+        assert_conflict(
+            s.grant_lease(&grant("g1", "other-lease", "k1", DAY, 1, 0), now())
+                .await,
+            "a grant id reused for another lease",
+        );
+    }
+
+    pub async fn grant_refusals(s: S) {
+        assert_not_found(
+            s.grant_lease(&grant("g0", "l0", "ghost", DAY, 1, 0), now())
+                .await,
+            "unknown key",
+        );
+
+        add_key(&*s, key("revoked", "stripe", "r", 1_000)).await;
+        s.revoke_key("revoked", now()).await.unwrap();
+        assert_conflict(
+            s.grant_lease(&grant("g1", "l1", "revoked", DAY, 1, 0), now())
+                .await,
+            "revoked key",
+        );
+
+        let mut k = key("expiring", "stripe", "r", 1_000);
+        k.expires_at = now() + Duration::minutes(1);
+        add_key(&*s, k).await;
+        assert_eq!(
+            granted(&*s, grant("g2", "l2", "expiring", DAY, 10, 0)).await,
+            10
+        );
+        assert_conflict(
+            s.grant_lease(
+                &grant("g3", "l3", "expiring", DAY, 1, 0),
+                now() + Duration::minutes(1),
+            )
+            .await,
+            "expired key",
+        );
+
+        add_key(&*s, key("k", "stripe", "r", 1_000)).await;
+        let mut stale = grant("g4", "l4", "k", DAY, 10, 0);
+        stale.expires_at = now();
+        assert_conflict(
+            s.grant_lease(&stale, now()).await,
+            "a new lease that is already expired",
+        );
+        assert_conflict(
+            s.grant_lease(&grant("g5", "l2", "k", DAY, 10, 0), now())
+                .await,
+            "growing another key's lease",
+        );
+        assert_eq!(granted(&*s, grant("g6", "l6", "k", DAY, 10, 0)).await, 10);
+        assert_conflict(
+            s.grant_lease(&grant("g7", "l6", "k", DAY2, 10, 0), now())
+                .await,
+            "growing a lease of another day",
+        );
+        // Nothing refused took budget.
+        assert_eq!(available(&*s, "k", DAY).await, 990);
+    }
+
+    pub async fn expired_leases_stop_counting(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000)).await;
+        let mut req = grant("g1", "l1", "k1", DAY, 1_000, 0);
+        req.expires_at = now() + Duration::seconds(60);
+        assert_eq!(granted(&*s, req).await, 1_000);
+        assert_eq!(granted(&*s, grant("g2", "l2", "k1", DAY, 1, 0)).await, 0);
+
+        let later = now() + Duration::seconds(60);
+        let mut fresh = grant("g3", "l3", "k1", DAY, 1_000, 0);
+        fresh.expires_at = later + Duration::hours(1);
+        assert_eq!(
+            s.grant_lease(&fresh, later).await.unwrap().granted,
+            Micros(1_000)
+        );
+        assert_conflict(
+            s.grant_lease(&grant("g4", "l1", "k1", DAY, 1, 0), later)
+                .await,
+            "growing an expired lease",
+        );
+    }
+
+    pub async fn return_lease_returns_the_unspent_rest(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000)).await;
+        assert_not_found(s.return_lease("ghost", Micros(0)).await, "unknown lease");
+
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "k1", DAY, 1_000, 0)).await,
+            1_000
+        );
+        s.record_spend(&[event("e1", "k1", "l1", DAY, "stripe", 300)])
+            .await
+            .unwrap();
+        assert_eq!(available(&*s, "k1", DAY).await, 0);
+        s.return_lease("l1", Micros(300)).await.unwrap();
+        assert_eq!(
+            available(&*s, "k1", DAY).await,
+            700,
+            "settled 300, the rest is back"
+        );
+
+        // Spend the proxy reported on return but not yet as events still
+        // counts, through the lease.
+        assert_eq!(
+            granted(&*s, grant("g2", "l2", "k1", DAY, 500, 0)).await,
+            500
+        );
+        s.return_lease("l2", Micros(200)).await.unwrap();
+        assert_eq!(available(&*s, "k1", DAY).await, 500);
+        s.return_lease("l2", Micros(0))
+            .await
+            .expect("returning again is a no-op");
+        assert_eq!(
+            available(&*s, "k1", DAY).await,
+            500,
+            "the first return stands"
+        );
+        s.record_spend(&[event("e2", "k1", "l2", DAY, "stripe", 200)])
+            .await
+            .unwrap();
+        assert_eq!(
+            available(&*s, "k1", DAY).await,
+            500,
+            "the spend moved from lease to settled"
+        );
+
+        assert_conflict(
+            s.grant_lease(&grant("g3", "l2", "k1", DAY, 1, 0), now())
+                .await,
+            "growing a returned lease",
+        );
+    }
+
+    pub async fn lifetime_cap_spans_days(s: S) {
+        let mut k = key("k1", "stripe", "r", 1_000);
+        k.lifetime_cap = Some(Micros(1_500));
+        add_key(&*s, k).await;
+
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "k1", DAY, 1_000, 0)).await,
+            1_000
+        );
+        s.record_spend(&[event("e1", "k1", "l1", DAY, "stripe", 1_000)])
+            .await
+            .unwrap();
+        s.return_lease("l1", Micros(1_000)).await.unwrap();
+
+        // A new day has a fresh daily cap but only 500 of lifetime left.
+        let g = s
+            .grant_lease(&grant("g2", "l2", "k1", DAY2, 1_000, 0), now())
+            .await
+            .unwrap();
+        assert_eq!((g.granted, g.unleased), (Micros(500), Micros(0)));
+        // Unspent leases of any day count against the lifetime cap.
+        assert_eq!(
+            granted(&*s, grant("g3", "l3", "k1", DAY3, 1_000, 0)).await,
+            0
+        );
+        s.return_lease("l2", Micros(0)).await.unwrap();
+        assert_eq!(
+            granted(&*s, grant("g4", "l4", "k1", DAY3, 1_000, 0)).await,
+            500
+        );
+    }
+
+    pub async fn record_spend_applies_each_event_once(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-1", 10_000)).await;
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "k1", DAY, 5_000, 0)).await,
+            5_000
+        );
+        let batch = vec![
+            event("e1", "k1", "l1", DAY, "stripe", 100),
+            event("e2", "k1", "l1", DAY, "stripe", 250),
+            event("e3", "k1", "l1", DAY2, "stripe", 50),
+        ];
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (3, 0));
+        let spend = s.key_spend("k1", DAY).await.unwrap();
+        let audit_len = s.query_audit(&AuditQuery::default()).await.unwrap().len();
+        let avail = available(&*s, "k1", DAY).await;
+
+        assert_eq!(
+            s.record_spend(&batch).await.unwrap(),
+            (0, 3),
+            "a re-sent batch"
+        );
+        assert_eq!(s.key_spend("k1", DAY).await.unwrap(), spend);
+        assert_eq!(
+            s.query_audit(&AuditQuery::default()).await.unwrap().len(),
+            audit_len
+        );
+        assert_eq!(
+            available(&*s, "k1", DAY).await,
+            avail,
+            "lease reported spend unchanged"
+        );
+
+        let mixed = vec![
+            event("e2", "k1", "l1", DAY, "stripe", 250),
+            event("e4", "k1", "l1", DAY, "stripe", 1),
+        ];
+        assert_eq!(s.record_spend(&mixed).await.unwrap(), (1, 1));
+        assert_eq!(s.key_spend("k1", DAY).await.unwrap().spent_day, Micros(351));
+        assert_eq!(s.record_spend(&[]).await.unwrap(), (0, 0));
+
+        // Unknown key and lease: recorded, with an empty run label.
+        let stray = event("e5", "ghost", "no-lease", DAY, "stripe", 7);
+        assert_eq!(
+            s.record_spend(std::slice::from_ref(&stray)).await.unwrap(),
+            (1, 0)
+        );
+        let q = AuditQuery {
+            key_id: Some("ghost".to_string()),
+            ..AuditQuery::default()
+        };
+        let rows = s.query_audit(&q).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].agent_run_label, "");
+        let mut expected = stray.clone();
+        expected.at = trunc(stray.at);
+        assert_eq!(rows[0].event, expected, "the event round-trips");
+        assert_eq!(
+            s.key_spend("ghost", DAY).await.unwrap().spent_day,
+            Micros(7)
+        );
+    }
+
+    pub async fn spend_moves_from_lease_to_settled(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000)).await;
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "k1", DAY, 500, 0)).await,
+            500
+        );
+        assert_eq!(available(&*s, "k1", DAY).await, 500);
+        s.record_spend(&[event("e1", "k1", "l1", DAY, "stripe", 200)])
+            .await
+            .unwrap();
+        // settled 200 + unspent lease 300: still 500 available, not 300.
+        assert_eq!(available(&*s, "k1", DAY).await, 500);
+        // Overspending a lease never makes its unspent part negative.
+        s.record_spend(&[event("e2", "k1", "l1", DAY, "stripe", 400)])
+            .await
+            .unwrap();
+        assert_eq!(available(&*s, "k1", DAY).await, 400);
+    }
+
+    pub async fn key_spend_by_day_and_lifetime(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 10_000)).await;
+        let none = s.key_spend("k1", DAY).await.unwrap();
+        assert_eq!(
+            (none.spent_day, none.calls_day, none.spent_lifetime),
+            (Micros(0), 0, Micros(0))
+        );
+        s.record_spend(&[
+            event("e1", "k1", "l", DAY, "stripe", 100),
+            event("e2", "k1", "l", DAY, "stripe", 20),
+            event("e3", "k1", "l", DAY2, "stripe", 3),
+        ])
+        .await
+        .unwrap();
+        let d1 = s.key_spend("k1", DAY).await.unwrap();
+        assert_eq!(
+            (d1.spent_day, d1.calls_day, d1.spent_lifetime),
+            (Micros(120), 2, Micros(123))
+        );
+        let d2 = s.key_spend("k1", DAY2).await.unwrap();
+        assert_eq!(
+            (d2.spent_day, d2.calls_day, d2.spent_lifetime),
+            (Micros(3), 1, Micros(123))
+        );
+        let d3 = s.key_spend("k1", DAY3).await.unwrap();
+        assert_eq!(
+            (d3.spent_day, d3.calls_day, d3.spent_lifetime),
+            (Micros(0), 0, Micros(123))
+        );
+    }
+
+    pub async fn audit_filters_order_and_paging(s: S) {
+        add_key(&*s, key("ka", "stripe", "run-a", 10_000)).await;
+        add_key(&*s, key("kb", "openai", "run-b", 10_000)).await;
+        let mut events = Vec::new();
+        for i in 0..10 {
+            let (k, vendor) = if i % 2 == 0 {
+                ("ka", "stripe")
+            } else {
+                ("kb", "openai")
+            };
+            let mut e = event(&format!("e{i}"), k, "l", DAY, vendor, 10 + i);
+            e.at = now() + Duration::minutes(i);
+            events.push(e);
+        }
+        s.record_spend(&events[..4]).await.unwrap();
+        s.record_spend(&events[4..]).await.unwrap();
+        let ids = |rows: &[keycap_control::domain::AuditEntry]| {
+            rows.iter()
+                .map(|r| r.event.event_id.clone())
+                .collect::<Vec<_>>()
+        };
+
+        let all = s.query_audit(&AuditQuery::default()).await.unwrap();
+        assert_eq!(
+            ids(&all),
+            ["e9", "e8", "e7", "e6", "e5", "e4", "e3", "e2", "e1", "e0"]
+        );
+        assert!(
+            all.windows(2).all(|w| w[0].seq > w[1].seq),
+            "newest first by seq"
+        );
+        assert_eq!(all[0].agent_run_label, "run-b");
+        assert_eq!(all[1].agent_run_label, "run-a");
+
+        let by_key = AuditQuery {
+            key_id: Some("ka".into()),
+            ..AuditQuery::default()
+        };
+        assert_eq!(
+            ids(&s.query_audit(&by_key).await.unwrap()),
+            ["e8", "e6", "e4", "e2", "e0"]
+        );
+        let by_label = AuditQuery {
+            agent_run_label: Some("run-b".into()),
+            ..AuditQuery::default()
+        };
+        assert_eq!(
+            ids(&s.query_audit(&by_label).await.unwrap()),
+            ["e9", "e7", "e5", "e3", "e1"]
+        );
+        let by_vendor = AuditQuery {
+            vendor: Some("stripe".into()),
+            ..AuditQuery::default()
+        };
+        assert_eq!(
+            ids(&s.query_audit(&by_vendor).await.unwrap()),
+            ["e8", "e6", "e4", "e2", "e0"]
+        );
+        let none = AuditQuery {
+            vendor: Some("stripe".into()),
+            agent_run_label: Some("run-b".into()),
+            ..AuditQuery::default()
+        };
+        assert!(
+            s.query_audit(&none).await.unwrap().is_empty(),
+            "filters are ANDed"
+        );
+
+        // since is inclusive, until exclusive.
+        let window = AuditQuery {
+            since: Some(events[3].at),
+            until: Some(events[6].at),
+            ..AuditQuery::default()
+        };
+        assert_eq!(
+            ids(&s.query_audit(&window).await.unwrap()),
+            ["e5", "e4", "e3"]
+        );
+
+        // Paging.
+        let mut q = AuditQuery {
+            limit: 4,
+            ..AuditQuery::default()
+        };
+        let mut pages = Vec::new();
+        loop {
+            let page = s.query_audit(&q).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 4);
+            q.before_seq = Some(page.last().unwrap().seq);
+            pages.push(ids(&page));
+        }
+        assert_eq!(
+            pages,
+            [
+                vec!["e9", "e8", "e7", "e6"],
+                vec!["e5", "e4", "e3", "e2"],
+                vec!["e1", "e0"]
+            ]
+        );
+        let filtered_page = AuditQuery {
+            key_id: Some("kb".into()),
+            before_seq: Some(all[2].seq), // e7
+            limit: 2,
+            ..AuditQuery::default()
+        };
+        assert_eq!(
+            ids(&s.query_audit(&filtered_page).await.unwrap()),
+            ["e5", "e3"]
+        );
+    }
+
+    pub async fn spend_summary_per_vendor(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-1", 10_000)).await;
+        add_key(&*s, key("k2", "openai", "run-1", 10_000)).await;
+        add_key(&*s, key("k3", "stripe", "run-2", 10_000)).await;
+        s.record_spend(&[
+            event("e1", "k1", "l", DAY, "stripe", 100),
+            event("e2", "k2", "l", DAY, "openai", 7),
+            event("e3", "k1", "l", DAY2, "stripe", 50),
+            event("e4", "k3", "l", DAY, "stripe", 1_000),
+            event("e5", "k2", "l", DAY, "openai", 0),
+        ])
+        .await
+        .unwrap();
+        let sum = s.spend_summary("run-1").await.unwrap();
+        assert_eq!(sum.total, Micros(157));
+        assert_eq!(sum.calls, 4);
+        assert_eq!(
+            sum.vendors,
+            [
+                ("openai".to_string(), Micros(7), 2),
+                ("stripe".to_string(), Micros(150), 2)
+            ]
+        );
+        let empty = s.spend_summary("no-such-run").await.unwrap();
+        assert_eq!(
+            (empty.total, empty.calls, empty.vendors.len()),
+            (Micros(0), 0, 0)
+        );
+    }
+
+    pub async fn concurrent_grants_never_exceed_the_cap(s: S) {
+        const CAP: i64 = 1_000_000;
+        const TASKS: usize = 50;
+        const ASK: i64 = 30_000; // 50 x 30_000 = 1.5 x the cap
+        add_key(&*s, key("k1", "stripe", "r", CAP)).await;
+
+        // Each grant is sent twice at once (a retry racing its original).
+        let mut tasks = Vec::new();
+        for i in 0..TASKS {
+            for _ in 0..2 {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let req = grant(&format!("g{i}"), &format!("l{i}"), "k1", DAY, ASK, 0);
+                    (
+                        i,
+                        s.grant_lease(&req, now()).await.expect("concurrent grant"),
+                    )
+                }));
+            }
+        }
+        let mut answers: BTreeMap<usize, keycap_control::domain::LeaseGrant> = BTreeMap::new();
+        for t in tasks {
+            let (i, answer) = t.await.unwrap();
+            if let Some(first) = answers.get(&i) {
+                assert_eq!(
+                    first, &answer,
+                    "both copies of grant {i} get the same answer"
+                );
+            }
+            answers.insert(i, answer);
+        }
+        let total: i64 = answers.values().map(|a| a.granted.0).sum();
+        assert_eq!(
+            total, CAP,
+            "the whole cap is granted, and not a micro-dollar more"
+        );
+        assert!(answers.values().all(|a| (0..=ASK).contains(&a.granted.0)));
+        assert_eq!(available(&*s, "k1", DAY).await, 0);
+    }
+
+    pub async fn concurrent_resent_batches_apply_once(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000_000)).await;
+        let batch: Vec<SpendEvent> = (0..20)
+            .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 10 + i))
+            .collect();
+        let expected: i64 = batch.iter().map(|e| e.cost.0).sum();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let s = s.clone();
+            let batch = batch.clone();
+            tasks.push(tokio::spawn(async move {
+                s.record_spend(&batch).await.expect("record")
+            }));
+        }
+        let (mut applied, mut dups) = (0, 0);
+        for t in tasks {
+            let (a, d) = t.await.unwrap();
+            applied += a;
+            dups += d;
+        }
+        assert_eq!((applied, dups), (20, 7 * 20));
+        let spend = s.key_spend("k1", DAY).await.unwrap();
+        assert_eq!((spend.spent_day, spend.calls_day), (Micros(expected), 20));
+        assert_eq!(
+            s.query_audit(&AuditQuery::default()).await.unwrap().len(),
+            20
+        );
+    }
+}

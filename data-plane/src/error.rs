@@ -1,0 +1,145 @@
+//! The proxy's refusals, as JSON bodies with stable codes.
+//!
+//! Every refusal says whose fault it is (the agent's request, the key's
+//! policy, or an upstream/keycap failure) through its status, and carries a
+//! client-safe message. A refusal never echoes the vault key, the real
+//! credential, an internal address or an internal error; internal causes are
+//! logged where they happen.
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use keycap_proto::Micros;
+use serde_json::json;
+
+use crate::body::ProxyBody;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    InvalidTarget(String),
+    #[error("unknown vendor {0:?}")]
+    UnknownVendor(String),
+    #[error("missing or invalid vault key")]
+    InvalidKey,
+    #[error("this vault key has expired")]
+    KeyExpired,
+    #[error("this vault key has been revoked")]
+    KeyRevoked,
+    #[error("{0}")]
+    EndpointNotAllowed(String),
+    #[error("request body exceeds {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("{message}")]
+    Unpriceable { code: &'static str, message: String },
+    #[error("this call would cost {cost} USD, above the key's per-call cap of {cap} USD")]
+    PerCallCapExceeded { cost: Micros, cap: Micros },
+    #[error("this call would exceed the key's daily cap")]
+    DailyCapExceeded {
+        cap: Micros,
+        remaining: Micros,
+        resets_at: DateTime<Utc>,
+    },
+    #[error("budget for this key cannot be confirmed right now; nothing was forwarded")]
+    BudgetUnavailable,
+    #[error("this proxy has not received its policy yet; nothing was forwarded")]
+    PolicyUnavailable,
+    #[error("the vendor's response was too large to price")]
+    ResponseTooLarge,
+    #[error("the vendor could not be reached")]
+    UpstreamUnreachable,
+    #[error("the vendor did not answer in time")]
+    UpstreamTimeout,
+    #[error("internal error")]
+    Internal,
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::InvalidTarget(_) => "invalid_target",
+            Refusal::UnknownVendor(_) => "unknown_vendor",
+            Refusal::InvalidKey => "invalid_key",
+            Refusal::KeyExpired => "key_expired",
+            Refusal::KeyRevoked => "key_revoked",
+            Refusal::EndpointNotAllowed(_) => "endpoint_not_allowed",
+            Refusal::BodyTooLarge(_) => "body_too_large",
+            Refusal::Unpriceable { code, .. } => code,
+            Refusal::PerCallCapExceeded { .. } => "per_call_cap_exceeded",
+            Refusal::DailyCapExceeded { .. } => "daily_cap_exceeded",
+            Refusal::BudgetUnavailable => "budget_unavailable",
+            Refusal::PolicyUnavailable => "policy_unavailable",
+            Refusal::ResponseTooLarge => "upstream_response_too_large",
+            Refusal::UpstreamUnreachable => "upstream_unreachable",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::Internal => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::InvalidTarget(_) | Refusal::Unpriceable { .. } => StatusCode::BAD_REQUEST,
+            Refusal::UnknownVendor(_) => StatusCode::NOT_FOUND,
+            Refusal::InvalidKey | Refusal::KeyExpired | Refusal::KeyRevoked => {
+                StatusCode::UNAUTHORIZED
+            }
+            Refusal::EndpointNotAllowed(_) | Refusal::PerCallCapExceeded { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            Refusal::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::DailyCapExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::BudgetUnavailable | Refusal::PolicyUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refusal::ResponseTooLarge => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn into_response(self, now: DateTime<Utc>) -> Response<ProxyBody> {
+        let mut body = json!({"error": self.code(), "message": self.to_string()});
+        let mut retry_after = None;
+        match &self {
+            Refusal::DailyCapExceeded {
+                cap,
+                remaining,
+                resets_at,
+            } => {
+                body["cap_usd"] = serde_json::to_value(cap.to_json_usd()).unwrap_or_default();
+                body["remaining_usd"] =
+                    serde_json::to_value(remaining.to_json_usd()).unwrap_or_default();
+                body["resets_at"] = json!(resets_at.to_rfc3339_opts(SecondsFormat::Secs, true));
+                let secs = (*resets_at - now).num_seconds().max(1);
+                retry_after = Some(secs);
+            }
+            Refusal::PerCallCapExceeded { cost, cap } => {
+                body["cost_usd"] = serde_json::to_value(cost.to_json_usd()).unwrap_or_default();
+                body["per_call_cap_usd"] =
+                    serde_json::to_value(cap.to_json_usd()).unwrap_or_default();
+            }
+            Refusal::BudgetUnavailable | Refusal::PolicyUnavailable => retry_after = Some(1),
+            _ => {}
+        }
+        let mut resp = Response::new(crate::body::full(Full::new(Bytes::from(
+            serde_json::to_vec(&body).unwrap_or_default(),
+        ))));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = retry_after {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, Refusal::DailyCapExceeded { .. }) {
+            // Tells generic HTTP clients (and Stripe's) not to retry before
+            // the reset named in the body.
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        resp
+    }
+}

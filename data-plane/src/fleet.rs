@@ -1,0 +1,131 @@
+//! The proxy's side of the fleet API: an authenticated gRPC client to the
+//! control plane, the policy watch loop (reconnect with backoff, resume from
+//! the last applied version) and the lease calls the budget makes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keycap_proto::pb::{self, fleet_service_client::FleetServiceClient};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::policy::PolicyCache;
+
+#[derive(Clone)]
+pub struct FleetAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for FleetAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Client = FleetServiceClient<InterceptedService<Channel, FleetAuth>>;
+
+/// A cheap-to-clone handle on the control plane's fleet API.
+#[derive(Clone)]
+pub struct Fleet {
+    client: Client,
+    pub node_id: String,
+}
+
+impl Fleet {
+    pub fn new(control_url: &str, fleet_token: &str, node_id: &str) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(control_url.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let mut value: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {fleet_token}").parse()?;
+        value.set_sensitive(true);
+        Ok(Fleet {
+            client: FleetServiceClient::with_interceptor(channel, FleetAuth(value)),
+            node_id: node_id.to_string(),
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+}
+
+/// Follows the control plane's policy stream forever: applies the snapshot
+/// and deltas, hands keys that went away to `on_gone`, reconnects with
+/// capped exponential backoff and resumes from the last applied version.
+pub async fn watch_policy(
+    fleet: Fleet,
+    cache: Arc<PolicyCache>,
+    on_gone: impl Fn(Vec<String>) + Send + Sync + 'static,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let from_version = cache.version();
+        let mut client = fleet.client();
+        let req = pb::WatchPolicyRequest {
+            node_id: fleet.node_id.clone(),
+            from_version,
+        };
+        match client.watch_policy(req).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(update)) => {
+                            backoff = Duration::from_millis(50);
+                            let gone = cache.apply(update);
+                            if !gone.is_empty() {
+                                on_gone(gone);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(s) => {
+                            if s.code() == Code::OutOfRange {
+                                // Our version is gone from the log: start
+                                // over from a snapshot.
+                                cache.reset_version();
+                            }
+                            tracing::warn!(code = ?s.code(), "policy stream ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(s) => {
+                tracing::warn!(code = ?s.code(), message = s.message(), "cannot watch policy")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// What the budget needs from the control plane; a trait so the budget's
+/// tests can use an in-memory ledger.
+#[async_trait]
+pub trait LeaseSource: Send + Sync + 'static {
+    async fn grant(&self, req: pb::GrantLeaseRequest) -> Result<pb::GrantLeaseResponse, Status>;
+    async fn give_back(&self, lease_id: &str, spent_micros: i64) -> Result<(), Status>;
+}
+
+#[async_trait]
+impl LeaseSource for Fleet {
+    async fn grant(&self, req: pb::GrantLeaseRequest) -> Result<pb::GrantLeaseResponse, Status> {
+        let mut c = self.client();
+        let mut r = Request::new(req);
+        r.set_timeout(Duration::from_secs(3));
+        Ok(c.grant_lease(r).await?.into_inner())
+    }
+
+    async fn give_back(&self, lease_id: &str, spent_micros: i64) -> Result<(), Status> {
+        let mut c = self.client();
+        c.return_lease(pb::ReturnLeaseRequest {
+            lease_id: lease_id.to_string(),
+            spent_micros,
+        })
+        .await?;
+        Ok(())
+    }
+}

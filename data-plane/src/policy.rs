@@ -1,0 +1,226 @@
+//! The proxy's in-memory policy: vendors and vault keys as the control
+//! plane streamed them, keyed by the SHA-256 of the secret.
+//!
+//! Readers on the request path take a lock-free snapshot (`ArcSwap`);
+//! updates from the watch stream build a new `Policy` and swap it in. This
+//! module never talks to the network and never holds a secret, only hashes
+//! and the vendors' real credentials it must inject.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+use http::HeaderValue;
+use keycap_proto::{pb, time::from_proto, Micros};
+
+use crate::endpoint::EndpointSet;
+use crate::pricing::{self, OpenAiPrices, PriceModel};
+
+/// A vendor as the request path needs it.
+pub struct VendorPolicy {
+    pub name: String,
+    pub profile: String,
+    pub base_url: String,
+    /// The real credential, ready to inject as `Authorization`.
+    pub authorization: HeaderValue,
+    pub pricing: Arc<dyn PriceModel>,
+}
+
+impl std::fmt::Debug for VendorPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VendorPolicy")
+            .field("name", &self.name)
+            .field("profile", &self.profile)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A vault key as the request path needs it.
+#[derive(Debug)]
+pub struct KeyPolicy {
+    pub id: String,
+    pub hash: [u8; 32],
+    pub vendor: String,
+    pub endpoints: EndpointSet,
+    pub daily_cap: Micros,
+    pub per_call_cap: Option<Micros>,
+    pub lifetime_cap: Option<Micros>,
+    pub expires_at: DateTime<Utc>,
+    pub agent_run_label: String,
+    pub revoked: bool,
+}
+
+#[derive(Default)]
+pub struct Policy {
+    pub version: i64,
+    pub vendors: HashMap<String, Arc<VendorPolicy>>,
+    pub keys: HashMap<[u8; 32], Arc<KeyPolicy>>,
+    key_hash_by_id: HashMap<String, [u8; 32]>,
+}
+
+/// Shared, swappable policy.
+pub struct PolicyCache {
+    current: ArcSwap<Policy>,
+    prices: Arc<OpenAiPrices>,
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+fn vendor_policy(v: pb::FleetVendor, prices: &Arc<OpenAiPrices>) -> Option<VendorPolicy> {
+    let rates = v.currency_rates.into_iter().collect();
+    let pricing = match pricing::model_for(&v.profile, &rates, prices) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(vendor = %v.name, error = %e, "vendor profile cannot be priced; vendor refused");
+            return None;
+        }
+    };
+    let mut authorization = HeaderValue::from_str(&format!("Bearer {}", v.credential)).ok()?;
+    authorization.set_sensitive(true);
+    Some(VendorPolicy {
+        name: v.name,
+        profile: v.profile,
+        base_url: v.base_url,
+        authorization,
+        pricing,
+    })
+}
+
+fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
+    let hash: [u8; 32] = k.key_hash.as_slice().try_into().ok()?;
+    let endpoints = EndpointSet::parse(&k.allowed_endpoints).ok()?;
+    let cap = |v: i64| (v > 0).then_some(Micros(v));
+    Some(KeyPolicy {
+        id: k.id,
+        hash,
+        vendor: k.vendor,
+        endpoints,
+        daily_cap: Micros(k.daily_cap_micros),
+        per_call_cap: cap(k.per_call_cap_micros),
+        lifetime_cap: cap(k.lifetime_cap_micros),
+        expires_at: k.expires_at.as_ref().and_then(from_proto)?,
+        agent_run_label: k.agent_run_label,
+        revoked: k.revoked,
+    })
+}
+
+impl PolicyCache {
+    pub fn new(prices: Arc<OpenAiPrices>) -> Arc<Self> {
+        let (ready, _) = tokio::sync::watch::channel(false);
+        Arc::new(PolicyCache {
+            current: ArcSwap::from_pointee(Policy::default()),
+            prices,
+            ready,
+        })
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.current.load()
+    }
+
+    pub fn version(&self) -> i64 {
+        self.current.load().version
+    }
+
+    /// Resolves once the first snapshot has been applied.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Applies one update from the control plane. Returns the ids of keys
+    /// that are no longer usable (revoked or removed), so their leases can
+    /// be handed back.
+    pub fn apply(&self, update: pb::PolicyUpdate) -> Vec<String> {
+        let mut gone = Vec::new();
+        let next = match update.update {
+            Some(pb::policy_update::Update::Snapshot(s)) => {
+                let mut p = Policy {
+                    version: update.version,
+                    ..Policy::default()
+                };
+                for v in s.vendors {
+                    let name = v.name.clone();
+                    if let Some(vp) = vendor_policy(v, &self.prices) {
+                        p.vendors.insert(name, Arc::new(vp));
+                    }
+                }
+                for k in s.keys {
+                    if let Some(kp) = key_policy(k) {
+                        p.key_hash_by_id.insert(kp.id.clone(), kp.hash);
+                        p.keys.insert(kp.hash, Arc::new(kp));
+                    }
+                }
+                let old = self.current.load();
+                gone.extend(
+                    old.key_hash_by_id
+                        .keys()
+                        .filter(|id| !p.key_hash_by_id.contains_key(*id))
+                        .cloned(),
+                );
+                p
+            }
+            Some(pb::policy_update::Update::Delta(d)) => {
+                let old = self.current.load();
+                let mut p = Policy {
+                    version: update.version.max(old.version),
+                    vendors: old.vendors.clone(),
+                    keys: old.keys.clone(),
+                    key_hash_by_id: old.key_hash_by_id.clone(),
+                };
+                for name in d.removed_vendors {
+                    p.vendors.remove(&name);
+                }
+                for v in d.upsert_vendors {
+                    let name = v.name.clone();
+                    match vendor_policy(v, &self.prices) {
+                        Some(vp) => {
+                            p.vendors.insert(name, Arc::new(vp));
+                        }
+                        None => {
+                            p.vendors.remove(&name);
+                        }
+                    }
+                }
+                for id in d.removed_keys {
+                    if let Some(h) = p.key_hash_by_id.remove(&id) {
+                        p.keys.remove(&h);
+                    }
+                    gone.push(id);
+                }
+                for k in d.upsert_keys {
+                    if let Some(kp) = key_policy(k) {
+                        if kp.revoked {
+                            gone.push(kp.id.clone());
+                        }
+                        p.key_hash_by_id.insert(kp.id.clone(), kp.hash);
+                        p.keys.insert(kp.hash, Arc::new(kp));
+                    }
+                }
+                p
+            }
+            None => return gone,
+        };
+        self.current.store(Arc::new(next));
+        self.ready.send_replace(true);
+        gone
+    }
+}
+
+impl PolicyCache {
+    /// Forgets the applied version so the next watch asks for a snapshot.
+    pub fn reset_version(&self) {
+        let old = self.current.load();
+        self.current.store(Arc::new(Policy {
+            version: 0,
+            vendors: old.vendors.clone(),
+            keys: old.keys.clone(),
+            key_hash_by_id: old.key_hash_by_id.clone(),
+        }));
+    }
+}

@@ -1,0 +1,402 @@
+//! What a call costs.
+//!
+//! Owns the one pricing trait (`PriceModel`) and the rules every vendor
+//! profile shares: a call is quoted before it is forwarded (exact where the
+//! request states its cost, an upper bound where it does not), then settled
+//! from the response. Each vendor profile lives in its own module.
+//!
+//! It must never let a call through unpriced: a request whose cost cannot be
+//! read is an error, never a zero quote. It must never settle a successful
+//! response it cannot price at 0 (that settles at the reservation), and money
+//! is integer micro-dollars throughout; a float never holds a price. Pricing
+//! is pure: no I/O on the request path, no clocks, no budgets (those belong to
+//! the caller).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keycap_proto::Micros;
+
+pub mod openai;
+pub mod stripe;
+
+pub use openai::{ModelPrice, OpenAiPrices};
+
+/// The parts of a request pricing may look at.
+#[derive(Debug, Clone, Copy)]
+pub struct PriceRequest<'a> {
+    pub method: &'a str,
+    /// The vendor path as forwarded (see `target::Target::path`).
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// A priced request: what to reserve before forwarding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quote {
+    pub reserve: Micros,
+    /// The priced quantities, for the audit record.
+    pub detail: serde_json::Value,
+    /// The client asked for a streamed (SSE) response.
+    pub streaming: bool,
+    pub kind: QuoteKind,
+}
+
+/// What settlement needs to know about the quoted call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuoteKind {
+    /// A call the vendor does not bill.
+    Free,
+    /// A Stripe charge of `amount` minor units of `currency`.
+    Stripe { amount: i64, currency: String },
+    /// An OpenAI chat completion. The price is copied into the quote so a
+    /// price table reloaded mid-call cannot change how this call settles.
+    OpenAiChat { model: String, price: ModelPrice },
+}
+
+/// How a reservation was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Settled at the real cost read from the response.
+    Settled,
+    /// The vendor did not bill the call; nothing is spent.
+    Released,
+    /// The vendor may have billed but the cost could not be read, so the
+    /// whole reservation is spent (never 0).
+    SettledAtReservation,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Settled => "settled",
+            Outcome::Released => "released",
+            Outcome::SettledAtReservation => "settled_at_reservation",
+        }
+    }
+}
+
+/// The resolution of one reservation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settlement {
+    pub cost: Micros,
+    pub outcome: Outcome,
+    pub detail: serde_json::Value,
+}
+
+impl Settlement {
+    /// The vendor did not bill this response.
+    pub fn released(quote: &Quote, status: u16) -> Self {
+        Settlement {
+            cost: Micros::ZERO,
+            outcome: Outcome::Released,
+            detail: quote_detail_with(quote, status, None),
+        }
+    }
+
+    /// The response may have been billed but its cost is unknown.
+    pub fn at_reservation(quote: &Quote, status: u16, why: &str) -> Self {
+        Settlement {
+            cost: quote.reserve,
+            outcome: Outcome::SettledAtReservation,
+            detail: quote_detail_with(quote, status, Some(why)),
+        }
+    }
+}
+
+/// The quote's detail (what was priced) plus the response status and, when
+/// the cost could not be read, why; so the audit record of any outcome says
+/// what the call was.
+fn quote_detail_with(quote: &Quote, status: u16, reason: Option<&str>) -> serde_json::Value {
+    let mut detail = match &quote.detail {
+        serde_json::Value::Object(m) => m.clone(),
+        serde_json::Value::Null => serde_json::Map::new(),
+        other => {
+            let mut m = serde_json::Map::new();
+            m.insert("quote".into(), other.clone());
+            m
+        }
+    };
+    detail.insert("status".into(), status.into());
+    if let Some(why) = reason {
+        detail.insert("reason".into(), why.into());
+    }
+    serde_json::Value::Object(detail)
+}
+
+/// Why a request could not be priced. Messages are safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PricingError {
+    /// The request does not state its cost in a form keycap can read.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The request is in a currency with no configured rate.
+    #[error("{0}")]
+    Currency(String),
+    /// The model is not in the price table.
+    #[error("{0}")]
+    UnknownModel(String),
+    /// The vendor's pricing configuration (profile, rates, price table) is
+    /// invalid. Raised when a vendor or table is loaded, not per request.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl PricingError {
+    /// The stable error code for the client (`{"error": code}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            PricingError::Unreadable(_) => "unpriceable_request",
+            PricingError::Currency(_) => "currency_not_supported",
+            PricingError::UnknownModel(_) => "unknown_model",
+            PricingError::Config(_) => "pricing_misconfigured",
+        }
+    }
+}
+
+/// A vendor profile's pricing rules.
+pub trait PriceModel: Send + Sync {
+    /// Prices a request before it is forwarded.
+    fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError>;
+    /// Non-streamed response: status and full body.
+    fn settle(&self, quote: &Quote, status: u16, body: &[u8]) -> Settlement;
+    /// Streamed (SSE) response: a settler fed the body chunks as they pass.
+    fn stream_settler(&self, quote: &Quote) -> Box<dyn StreamSettler>;
+}
+
+/// Settles a streamed response from the chunks the client is sent.
+pub trait StreamSettler: Send {
+    fn feed(&mut self, chunk: &[u8]);
+    fn finish(self: Box<Self>, status: u16) -> Settlement;
+}
+
+/// The price model for a vendor profile.
+///
+/// `currency_rates` maps a lowercase currency code to decimal USD per major
+/// unit ("1.08"); it is read by profiles that charge in other currencies.
+pub fn model_for(
+    profile: &str,
+    currency_rates: &BTreeMap<String, String>,
+    prices: &Arc<OpenAiPrices>,
+) -> Result<Arc<dyn PriceModel>, PricingError> {
+    match profile {
+        "stripe" => Ok(Arc::new(stripe::StripePricing::new(currency_rates)?)),
+        "openai" => Ok(Arc::new(openai::OpenAiPricing::new(Arc::clone(prices)))),
+        other => Err(PricingError::Config(format!(
+            "unknown pricing profile {:?} (expected \"stripe\" or \"openai\")",
+            clip(other)
+        ))),
+    }
+}
+
+pub(crate) fn is_success(status: u16) -> bool {
+    (200..300).contains(&status)
+}
+
+/// `ceil(a * b / d)` in i128, for non-negative `a`, `b` and positive `d`;
+/// `None` if the result does not fit in micro-dollars.
+pub(crate) fn mul_div_ceil(a: i128, b: i128, d: i128) -> Option<i64> {
+    debug_assert!(a >= 0 && b >= 0 && d > 0);
+    let n = a.checked_mul(b)?;
+    let q = n / d + i128::from(n % d != 0);
+    i64::try_from(q).ok()
+}
+
+/// The media type of a Content-Type header, lowercased, without parameters.
+pub(crate) fn media_type(content_type: Option<&str>) -> Option<String> {
+    content_type.map(|ct| {
+        ct.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    })
+}
+
+/// Shortens client-controlled text before it goes into an error message.
+pub(crate) fn clip(s: &str) -> String {
+    const KEEP: usize = 64;
+    if s.len() <= KEEP {
+        return s.to_string();
+    }
+    let mut end = KEEP;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Settles by status alone, for calls whose cost is fixed at quote time.
+pub(crate) struct StatusSettler {
+    pub quote: Quote,
+}
+
+impl StreamSettler for StatusSettler {
+    fn feed(&mut self, _chunk: &[u8]) {}
+    fn finish(self: Box<Self>, status: u16) -> Settlement {
+        settle_fixed(&self.quote, status)
+    }
+}
+
+/// A 2xx spends exactly what was quoted; anything else is released.
+pub(crate) fn settle_fixed(quote: &Quote, status: u16) -> Settlement {
+    if !is_success(status) {
+        return Settlement::released(quote, status);
+    }
+    Settlement {
+        cost: quote.reserve,
+        outcome: Outcome::Settled,
+        detail: quote_detail_with(quote, status, None),
+    }
+}
+
+/// A free quote: reserve 0, no per-vendor data.
+pub(crate) fn free_quote(streaming: bool) -> Quote {
+    Quote {
+        reserve: Micros::ZERO,
+        detail: serde_json::json!({ "billed": false }),
+        streaming,
+        kind: QuoteKind::Free,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prices() -> Arc<OpenAiPrices> {
+        Arc::new(OpenAiPrices::builtin())
+    }
+
+    #[test]
+    fn outcome_strings_are_stable() {
+        assert_eq!(Outcome::Settled.as_str(), "settled");
+        assert_eq!(Outcome::Released.as_str(), "released");
+        assert_eq!(
+            Outcome::SettledAtReservation.as_str(),
+            "settled_at_reservation"
+        );
+    }
+
+    #[test]
+    fn error_codes_are_stable() {
+        let s = || "m".to_string();
+        assert_eq!(PricingError::Unreadable(s()).code(), "unpriceable_request");
+        assert_eq!(PricingError::Currency(s()).code(), "currency_not_supported");
+        assert_eq!(PricingError::UnknownModel(s()).code(), "unknown_model");
+        assert_eq!(PricingError::Config(s()).code(), "pricing_misconfigured");
+        assert_eq!(PricingError::Unreadable("why".into()).to_string(), "why");
+    }
+
+    #[test]
+    fn model_for_known_profiles() {
+        let rates = BTreeMap::new();
+        let stripe = model_for("stripe", &rates, &prices()).unwrap();
+        let q = stripe
+            .quote(&PriceRequest {
+                method: "POST",
+                path: "/v1/charges",
+                query: None,
+                content_type: Some("application/x-www-form-urlencoded"),
+                body: b"amount=100&currency=usd",
+            })
+            .unwrap();
+        assert_eq!(q.reserve, Micros(1_000_000));
+        let openai = model_for("openai", &rates, &prices()).unwrap();
+        let q = openai
+            .quote(&PriceRequest {
+                method: "GET",
+                path: "/v1/models",
+                query: None,
+                content_type: None,
+                body: b"",
+            })
+            .unwrap();
+        assert_eq!(q.reserve, Micros::ZERO);
+    }
+
+    #[test]
+    fn model_for_refuses_unknown_profile_and_bad_rates() {
+        let rates = BTreeMap::new();
+        let err = model_for("twilio", &rates, &prices()).err().unwrap();
+        assert_eq!(err.code(), "pricing_misconfigured");
+        assert!(err.to_string().contains("twilio"));
+        let huge = "x".repeat(10_000);
+        let err = model_for(&huge, &rates, &prices()).err().unwrap();
+        assert!(err.to_string().len() < 200);
+        let bad: BTreeMap<String, String> = [("eur".to_string(), "1,08".to_string())].into();
+        assert!(model_for("stripe", &bad, &prices()).is_err());
+    }
+
+    #[test]
+    fn mul_div_ceil_rounds_up_exactly() {
+        assert_eq!(mul_div_ceil(0, 5, 7), Some(0));
+        assert_eq!(mul_div_ceil(7, 1, 7), Some(1));
+        assert_eq!(mul_div_ceil(8, 1, 7), Some(2));
+        assert_eq!(mul_div_ceil(1, 1, 1_000_000), Some(1));
+        assert_eq!(
+            mul_div_ceil(1_000_000, 2_500_000, 1_000_000),
+            Some(2_500_000)
+        );
+        assert_eq!(mul_div_ceil(i128::from(i64::MAX), 2, 1), None);
+        assert_eq!(mul_div_ceil(i128::MAX, 2, 1), None);
+    }
+
+    #[test]
+    fn fixed_settlement_by_status() {
+        let q = Quote {
+            reserve: Micros(42),
+            detail: serde_json::json!({"amount": 1}),
+            streaming: false,
+            kind: QuoteKind::Free,
+        };
+        let s = settle_fixed(&q, 201);
+        assert_eq!((s.cost, s.outcome), (Micros(42), Outcome::Settled));
+        assert_eq!(s.detail["status"], 201);
+        for status in [199, 302, 400, 402, 404, 429, 500, 503] {
+            let s = settle_fixed(&q, status);
+            assert_eq!(
+                (s.cost, s.outcome),
+                (Micros::ZERO, Outcome::Released),
+                "{status}"
+            );
+            assert_eq!(s.detail, serde_json::json!({"amount": 1, "status": status}));
+        }
+        let mut settler: Box<dyn StreamSettler> = Box::new(StatusSettler { quote: q });
+        settler.feed(b"data: anything\n\n");
+        assert_eq!(settler.finish(200).cost, Micros(42));
+    }
+
+    #[test]
+    fn at_reservation_is_never_zero_for_priced_calls() {
+        let q = Quote {
+            reserve: Micros(9),
+            detail: serde_json::Value::Null,
+            streaming: true,
+            kind: QuoteKind::Free,
+        };
+        let s = Settlement::at_reservation(&q, 200, "no usage");
+        assert_eq!(s.cost, Micros(9));
+        assert_eq!(s.outcome, Outcome::SettledAtReservation);
+        assert_eq!(
+            s.detail,
+            serde_json::json!({"status": 200, "reason": "no usage"})
+        );
+        let released = Settlement::released(&q, 503);
+        assert_eq!(
+            (released.cost, released.outcome),
+            (Micros::ZERO, Outcome::Released)
+        );
+    }
+
+    #[test]
+    fn media_type_strips_parameters() {
+        assert_eq!(
+            media_type(Some("Application/JSON; charset=utf-8")).as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(media_type(None), None);
+    }
+}

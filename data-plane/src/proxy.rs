@@ -1,0 +1,470 @@
+//! The request path: target, key, allowlist, price, reserve, forward,
+//! settle, report. See DESIGN.md "Request path in the proxy".
+//!
+//! Every call that reaches `forward` holds a reservation, and every
+//! reservation is resolved exactly once: on a connect failure (released), on
+//! a settled response, or when a streamed response ends or is abandoned. A
+//! call that cannot be priced or authenticated is refused before anything
+//! leaves. The agent's `Authorization` never leaves; the vendor's credential
+//! never reaches the agent.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use keycap_proto::secret::{self, SecretKind};
+use keycap_proto::{pb, Micros};
+use serde_json::Value;
+
+use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
+use crate::budget::{Budget, Reservation};
+use crate::error::Refusal;
+use crate::policy::{KeyPolicy, PolicyCache, VendorPolicy};
+use crate::pricing::{Outcome, PriceRequest, Quote, Settlement, StreamSettler};
+use crate::spend::SpendReporter;
+use crate::target;
+
+pub type Connector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+pub type HttpClient = Client<Connector, Full<Bytes>>;
+
+/// Builds the upstream client: HTTP/1.1 and HTTP/2 over rustls with the
+/// system's roots, plain HTTP for loopback test vendors. Redirects are
+/// never followed (the legacy client does not follow them).
+pub fn http_client() -> anyhow::Result<HttpClient> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https))
+}
+
+pub struct Proxy {
+    pub policy: Arc<PolicyCache>,
+    pub budget: Arc<Budget>,
+    pub spend: SpendReporter,
+    pub client: HttpClient,
+    pub control_url: String,
+    pub node_id: String,
+    pub max_body_bytes: usize,
+    pub max_response_bytes: usize,
+    pub upstream_timeout: Duration,
+}
+
+/// Headers that describe one connection, not the message: never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+}
+
+/// The vault key an agent presented: `Authorization: Bearer <key>`.
+fn presented_key(h: &HeaderMap) -> Option<&str> {
+    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl Proxy {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let now = Utc::now();
+        let path = req.uri().path();
+        if path == "/vault" || path.starts_with("/vault/") {
+            return Ok(self
+                .relay_admin(req)
+                .await
+                .unwrap_or_else(|r| r.into_response(now)));
+        }
+        if path == "/healthz" {
+            let ready = self.policy.is_ready();
+            let mut resp = Response::new(body::bytes(Bytes::from(if ready {
+                r#"{"status":"ok"}"#
+            } else {
+                r#"{"status":"waiting_for_policy"}"#
+            })));
+            if !ready {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            return Ok(resp);
+        }
+        Ok(match self.clone().call_vendor(req, now).await {
+            Ok(resp) => resp,
+            Err(refusal) => refusal.into_response(now),
+        })
+    }
+
+    /// Steps 1-4 of the request path, then `forward`.
+    async fn call_vendor(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        now: DateTime<Utc>,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let raw_target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            return Err(Refusal::InvalidTarget(
+                "absolute-form request targets are not accepted".into(),
+            ));
+        }
+        let target =
+            target::normalize(raw_target).map_err(|e| Refusal::InvalidTarget(e.to_string()))?;
+        if !self.policy.is_ready() {
+            return Err(Refusal::PolicyUnavailable);
+        }
+        let policy = self.policy.load();
+        let vendor = policy
+            .vendors
+            .get(&target.vendor)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
+
+        let secret_text = presented_key(req.headers()).ok_or(Refusal::InvalidKey)?;
+        if !secret::is_well_formed(SecretKind::VaultKey, secret_text) {
+            return Err(Refusal::InvalidKey);
+        }
+        let key = policy
+            .keys
+            .get(&secret::hash(secret_text))
+            .cloned()
+            .ok_or(Refusal::InvalidKey)?;
+        drop(policy);
+        if key.revoked {
+            return Err(Refusal::KeyRevoked);
+        }
+        if key.expires_at <= now {
+            return Err(Refusal::KeyExpired);
+        }
+        if key.vendor != vendor.name {
+            return Err(Refusal::EndpointNotAllowed(format!(
+                "this key is for vendor {:?}, not {:?}",
+                key.vendor, vendor.name
+            )));
+        }
+        let method = req.method().as_str().to_string();
+        if !key.endpoints.allows(&method, &target.path) {
+            return Err(Refusal::EndpointNotAllowed(format!(
+                "{method} {} is not in this key's allowed endpoints",
+                target.path
+            )));
+        }
+
+        let (parts, incoming) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(Refusal::BodyTooLarge(self.max_body_bytes));
+        }
+        let body = Limited::new(incoming, self.max_body_bytes)
+            .collect()
+            .await
+            .map_err(|_| Refusal::BodyTooLarge(self.max_body_bytes))?
+            .to_bytes();
+
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let quote = vendor
+            .pricing
+            .quote(&PriceRequest {
+                method: &method,
+                path: &target.path,
+                query: target.query.as_deref(),
+                content_type,
+                body: &body,
+            })
+            .map_err(|e| Refusal::Unpriceable {
+                code: e.code(),
+                message: e.to_string(),
+            })?;
+        if let Some(cap) = key.per_call_cap {
+            if quote.reserve > cap {
+                return Err(Refusal::PerCallCapExceeded {
+                    cost: quote.reserve,
+                    cap,
+                });
+            }
+        }
+        let reservation = self.budget.reserve(&key, quote.reserve, now).await?;
+
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(header::AUTHORIZATION, vendor.authorization.clone());
+        let uri = target::join(&vendor.base_url, &target);
+        let mut up = Request::new(Full::new(body));
+        *up.method_mut() = parts.method;
+        *up.headers_mut() = headers;
+        *up.uri_mut() = match uri.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                self.budget.resolve(reservation, Micros::ZERO).await;
+                return Err(Refusal::InvalidTarget("target is not a valid URL".into()));
+            }
+        };
+        let call = Call {
+            proxy: self.clone(),
+            key,
+            vendor,
+            method,
+            path: target.path,
+            quote,
+            reservation: Some(reservation),
+            at: now,
+        };
+        call.forward(up).await
+    }
+
+    /// Relays `/vault/*` to the control plane's REST API unchanged (the
+    /// admin token travels with it), so a scenario needs one base URL.
+    async fn relay_admin(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
+        let (parts, incoming) = req.into_parts();
+        let body = Limited::new(incoming, self.max_body_bytes)
+            .collect()
+            .await
+            .map_err(|_| Refusal::BodyTooLarge(self.max_body_bytes))?
+            .to_bytes();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let uri = format!("{}{}", self.control_url.trim_end_matches('/'), pq)
+            .parse()
+            .map_err(|_| Refusal::InvalidTarget("target is not a valid URL".into()))?;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        headers.remove(header::CONTENT_LENGTH);
+        let mut up = Request::new(Full::new(body));
+        *up.method_mut() = parts.method;
+        *up.headers_mut() = headers;
+        *up.uri_mut() = uri;
+        let resp = tokio::time::timeout(self.upstream_timeout, self.client.request(up))
+            .await
+            .map_err(|_| Refusal::UpstreamTimeout)?
+            .map_err(|e| {
+                tracing::warn!(error = %e, "control plane unreachable for admin relay");
+                Refusal::UpstreamUnreachable
+            })?;
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed_unsync(),
+        ))
+    }
+}
+
+/// One forwarded call and everything needed to settle it.
+struct Call {
+    proxy: Arc<Proxy>,
+    key: Arc<KeyPolicy>,
+    vendor: Arc<VendorPolicy>,
+    method: String,
+    path: String,
+    quote: Quote,
+    reservation: Option<Reservation>,
+    at: DateTime<Utc>,
+}
+
+impl Call {
+    async fn forward(mut self, up: Request<Full<Bytes>>) -> Result<Response<ProxyBody>, Refusal> {
+        let sent =
+            tokio::time::timeout(self.proxy.upstream_timeout, self.proxy.client.request(up)).await;
+        let resp = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if e.is_connect() => {
+                // Nothing reached the vendor: release.
+                tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor unreachable");
+                let r = self.reservation.take().expect("reservation present");
+                self.proxy.budget.resolve(r, Micros::ZERO).await;
+                return Err(Refusal::UpstreamUnreachable);
+            }
+            Ok(Err(e)) => {
+                // The request may have reached the vendor: its cost is
+                // unknown, so it settles at the reservation.
+                tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor connection failed mid-call");
+                self.settle(0, self.at_reservation()).await;
+                return Err(Refusal::UpstreamUnreachable);
+            }
+            Err(_) => {
+                self.settle(0, self.at_reservation()).await;
+                return Err(Refusal::UpstreamTimeout);
+            }
+        };
+        let (mut parts, incoming) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let status = parts.status.as_u16();
+        let is_sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+
+        if self.quote.streaming && is_sse && parts.status.is_success() {
+            let settler = self.vendor.pricing.stream_settler(&self.quote);
+            let observer = StreamObserver {
+                settler: Some(settler),
+                call: Some(self),
+                status,
+            };
+            let body = ObservedBody::new(incoming, Box::new(observer));
+            return Ok(Response::from_parts(parts, body.boxed_unsync()));
+        }
+        if self.quote.reserve == Micros::ZERO {
+            // A free call: nothing to price from the response, so it streams
+            // through unbuffered.
+            let outcome = if parts.status.is_success() {
+                Outcome::Settled
+            } else {
+                Outcome::Released
+            };
+            self.settle(
+                status,
+                Settlement {
+                    cost: Micros::ZERO,
+                    outcome,
+                    detail: Value::Null,
+                },
+            )
+            .await;
+            return Ok(Response::from_parts(
+                parts,
+                incoming.map_err(Into::into).boxed_unsync(),
+            ));
+        }
+        let max = self.proxy.max_response_bytes;
+        match Limited::new(incoming, max).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                let settlement = self.vendor.pricing.settle(&self.quote, status, &bytes);
+                self.settle(status, settlement).await;
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Ok(Response::from_parts(parts, body::bytes(bytes)))
+            }
+            Err(e) => {
+                tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor response unreadable or too large");
+                self.settle(status, self.at_reservation()).await;
+                Err(Refusal::ResponseTooLarge)
+            }
+        }
+    }
+
+    fn at_reservation(&self) -> Settlement {
+        Settlement {
+            cost: self.quote.reserve,
+            outcome: Outcome::SettledAtReservation,
+            detail: Value::Null,
+        }
+    }
+
+    /// Resolves the reservation and reports the spend event. Runs once.
+    async fn settle(&mut self, status: u16, s: Settlement) {
+        let Some(r) = self.reservation.take() else {
+            return;
+        };
+        let lease_id = r.lease_id.clone();
+        let day = r.day.clone();
+        let reserved = r.amount;
+        self.proxy.budget.resolve(r, s.cost).await;
+        let mut detail = self.quote.detail.clone();
+        if let (Value::Object(d), Value::Object(extra)) = (&mut detail, s.detail) {
+            d.extend(extra);
+        }
+        self.proxy.spend.send(pb::SpendEvent {
+            event_id: format!("ev_{}", uuid::Uuid::new_v4().simple()),
+            lease_id,
+            key_id: self.key.id.clone(),
+            vendor: self.vendor.name.clone(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            upstream_status: i32::from(status),
+            reserved_micros: reserved.0,
+            cost_micros: s.cost.0,
+            outcome: s.outcome.as_str().to_string(),
+            at: Some(keycap_proto::time::to_proto(self.at)),
+            detail_json: if detail.is_null() {
+                String::new()
+            } else {
+                detail.to_string()
+            },
+            day,
+        });
+    }
+}
+
+/// Settles a streamed response from what passed through it.
+struct StreamObserver {
+    settler: Option<Box<dyn StreamSettler>>,
+    call: Option<Call>,
+    status: u16,
+}
+
+impl ChunkObserver for StreamObserver {
+    fn chunk(&mut self, data: &Bytes) {
+        if let Some(s) = self.settler.as_mut() {
+            s.feed(data);
+        }
+    }
+
+    fn finish(mut self: Box<Self>, complete: bool) {
+        let (Some(settler), Some(mut call)) = (self.settler.take(), self.call.take()) else {
+            return;
+        };
+        let status = self.status;
+        let settlement = settler.finish(status);
+        let settlement = if complete || settlement.outcome == Outcome::Settled {
+            settlement
+        } else {
+            call.at_reservation()
+        };
+        tokio::spawn(async move { call.settle(status, settlement).await });
+    }
+}

@@ -1,0 +1,24 @@
+//! keycap's wire API and the few value types both planes share.
+//!
+//! The control plane and the proxy are separate deployables that meet only
+//! here: the generated protobuf types and services (`pb`), the descriptor set
+//! for gRPC reflection, integer money (`Micros`), the vault-key secret format
+//! (`secret`) and timestamp conversions. Nothing in this crate does I/O.
+
+#![forbid(unsafe_code)]
+
+pub mod money;
+pub mod secret;
+pub mod time;
+
+/// Generated protobuf messages and gRPC services for `keycap.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("keycap.v1");
+}
+
+/// Encoded `FileDescriptorSet` of keycap/v1, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/keycap_descriptor.bin"));
+
+pub use money::{Micros, MICROS_PER_USD};

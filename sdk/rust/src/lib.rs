@@ -1,0 +1,53 @@
+//! Rust client for keycap's admin gRPC API.
+//!
+//! `AdminClient::connect` gives typed clients for vendors, keys and audit,
+//! each sending the admin token with every call. The `keycap` CLI is built
+//! on it.
+
+#![forbid(unsafe_code)]
+
+use keycap_proto::pb::{
+    audit_service_client::AuditServiceClient, key_service_client::KeyServiceClient,
+    vendor_service_client::VendorServiceClient,
+};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+pub use keycap_proto::pb;
+
+#[derive(Clone)]
+pub struct AdminAuth(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Svc = InterceptedService<Channel, AdminAuth>;
+
+/// Typed admin clients sharing one connection.
+#[derive(Clone)]
+pub struct AdminClient {
+    pub vendors: VendorServiceClient<Svc>,
+    pub keys: KeyServiceClient<Svc>,
+    pub audit: AuditServiceClient<Svc>,
+}
+
+impl AdminClient {
+    /// Connects to a control plane at `url` (e.g. `http://127.0.0.1:8081`).
+    pub async fn connect(url: &str, admin_token: &str) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(url.to_string())?.connect().await?;
+        let mut token: MetadataValue<Ascii> = format!("Bearer {admin_token}").parse()?;
+        token.set_sensitive(true);
+        let auth = AdminAuth(token);
+        Ok(AdminClient {
+            vendors: VendorServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            keys: KeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            audit: AuditServiceClient::with_interceptor(channel, auth),
+        })
+    }
+}

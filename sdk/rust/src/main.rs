@@ -1,0 +1,397 @@
+//! `keycap`: the admin CLI (over gRPC) and `keycap dev`, which runs the
+//! control plane, a proxy and a sandbox vendor in one process.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use keycap::{pb, AdminClient};
+use keycap_proto::time::{from_proto, to_proto};
+use keycap_proto::Micros;
+use serde_json::{json, Value};
+
+mod dev;
+mod sandbox;
+
+#[derive(Parser)]
+#[command(
+    name = "keycap",
+    version,
+    about = "Scoped, capped, revocable vault keys for AI agents"
+)]
+struct Cli {
+    /// Control plane address.
+    #[arg(
+        long,
+        env = "KEYCAP_CONTROL_URL",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
+    control_url: String,
+    /// Admin token.
+    #[arg(
+        long,
+        env = "KEYCAP_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run control plane, proxy and a sandbox vendor on an embedded SQLite
+    /// data dir.
+    Dev(dev::DevArgs),
+    /// Manage vendors.
+    #[command(subcommand)]
+    Vendor(VendorCmd),
+    /// Manage vault keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Total spend of an agent run, per vendor.
+    Spend {
+        #[arg(long = "run-label")]
+        run_label: String,
+    },
+    /// Audit entries, newest first.
+    Audit(AuditArgs),
+}
+
+#[derive(Subcommand)]
+enum VendorCmd {
+    /// Create or update a vendor.
+    Put {
+        name: String,
+        #[arg(long)]
+        profile: String,
+        #[arg(long)]
+        base_url: String,
+        /// The real API key (or set KEYCAP_VENDOR_CREDENTIAL).
+        #[arg(long, env = "KEYCAP_VENDOR_CREDENTIAL", hide_env_values = true)]
+        credential: Option<String>,
+        /// Currency rate as CODE=USD_PER_UNIT, e.g. eur=1.08 (repeatable).
+        #[arg(long = "rate")]
+        rates: Vec<String>,
+    },
+    /// List vendors.
+    List,
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Mint a vault key; prints the secret once.
+    Create {
+        #[arg(long)]
+        vendor: String,
+        /// Daily cap in USD, e.g. 500 or 12.50.
+        #[arg(long = "daily-usd-cap")]
+        daily_usd_cap: String,
+        #[arg(long = "per-call-usd-cap")]
+        per_call_usd_cap: Option<String>,
+        #[arg(long = "lifetime-usd-cap")]
+        lifetime_usd_cap: Option<String>,
+        /// Allowed endpoint "METHOD /path" with * globs (repeatable).
+        #[arg(long = "allow", required = true)]
+        allow: Vec<String>,
+        /// Lifetime, e.g. 2h, 30m, 7d.
+        #[arg(long = "expires-in")]
+        expires_in: String,
+        #[arg(long = "run-label")]
+        run_label: String,
+        /// Metadata as key=value (repeatable).
+        #[arg(long = "meta")]
+        meta: Vec<String>,
+    },
+    /// List keys.
+    List {
+        #[arg(long = "run-label")]
+        run_label: Option<String>,
+        #[arg(long)]
+        vendor: Option<String>,
+        /// Include revoked and expired keys.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show a key with its spend today.
+    Get { id: String },
+    /// Revoke one key, or every key of a run label.
+    Revoke {
+        id: Option<String>,
+        #[arg(long = "run-label", conflicts_with = "id")]
+        run_label: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[arg(long = "key-id")]
+    key_id: Option<String>,
+    #[arg(long = "run-label")]
+    run_label: Option<String>,
+    #[arg(long)]
+    vendor: Option<String>,
+    /// RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// RFC 3339 time.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    limit: i32,
+    /// Page token from a previous listing.
+    #[arg(long)]
+    page: Option<String>,
+}
+
+fn usd(m: i64) -> String {
+    Micros(m).to_string()
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref()
+        .and_then(from_proto)
+        .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        .unwrap_or(Value::Null)
+}
+
+fn key_json(k: &pb::VaultKey) -> Value {
+    json!({
+        "id": k.id,
+        "key_prefix": k.key_prefix,
+        "vendor": k.vendor,
+        "status": pb::KeyStatus::try_from(k.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "allowed_endpoints": k.allowed_endpoints,
+        "daily_usd_cap": usd(k.daily_cap_micros),
+        "spent_today_usd": usd(k.spent_today_micros),
+        "remaining_today_usd": usd(k.remaining_today_micros),
+        "calls_today": k.calls_today,
+        "expires_at": ts(&k.expires_at),
+        "revoked_at": ts(&k.revoked_at),
+        "agent_run_label": k.agent_run_label,
+    })
+}
+
+fn vendor_json(v: &pb::Vendor) -> Value {
+    json!({
+        "name": v.name,
+        "profile": v.profile,
+        "base_url": v.base_url,
+        "currency_rates": v.currency_rates,
+        "updated_at": ts(&v.updated_at),
+    })
+}
+
+fn parse_usd(field: &str, s: &str) -> anyhow::Result<i64> {
+    Micros::parse_usd(s)
+        .map(|m| m.0)
+        .with_context(|| format!("--{field}"))
+}
+
+fn pairs(field: &str, items: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    items
+        .iter()
+        .map(|i| {
+            i.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--{field} {i:?} is not key=value"))
+        })
+        .collect()
+}
+
+fn print(v: Value) {
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Dev(args) = cli.command {
+        return dev::run(args).await;
+    }
+    let Some(token) = cli.admin_token.as_deref() else {
+        bail!("an admin token is required: --admin-token or KEYCAP_ADMIN_TOKEN");
+    };
+    let mut c = AdminClient::connect(&cli.control_url, token)
+        .await
+        .with_context(|| format!("cannot reach the control plane at {}", cli.control_url))?;
+    let result = run(&mut c, cli.command).await;
+    if let Err(e) = &result {
+        if let Some(s) = e.downcast_ref::<tonic::Status>() {
+            bail!("{:?}: {}", s.code(), s.message());
+        }
+    }
+    result
+}
+
+async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Dev(_) => unreachable!("handled before connecting"),
+        Command::Vendor(VendorCmd::Put {
+            name,
+            profile,
+            base_url,
+            credential,
+            rates,
+        }) => {
+            let r = c
+                .vendors
+                .put_vendor(pb::PutVendorRequest {
+                    name,
+                    profile,
+                    base_url,
+                    credential: credential.unwrap_or_default(),
+                    currency_rates: pairs("rate", &rates)?,
+                })
+                .await?
+                .into_inner();
+            let mut out = r.vendor.as_ref().map(vendor_json).unwrap_or(Value::Null);
+            out["created"] = json!(r.created);
+            print(out);
+        }
+        Command::Vendor(VendorCmd::List) => {
+            let r = c
+                .vendors
+                .list_vendors(pb::ListVendorsRequest {})
+                .await?
+                .into_inner();
+            print(json!(r.vendors.iter().map(vendor_json).collect::<Vec<_>>()));
+        }
+        Command::Key(KeyCmd::Create {
+            vendor,
+            daily_usd_cap,
+            per_call_usd_cap,
+            lifetime_usd_cap,
+            allow,
+            expires_in,
+            run_label,
+            meta,
+        }) => {
+            let expires = humantime::parse_duration(&expires_in).with_context(|| {
+                format!("--expires-in {expires_in:?} is not a duration like 2h")
+            })?;
+            let r = c
+                .keys
+                .create_key(pb::CreateKeyRequest {
+                    vendor,
+                    allowed_endpoints: allow,
+                    daily_cap_micros: parse_usd("daily-usd-cap", &daily_usd_cap)?,
+                    per_call_cap_micros: per_call_usd_cap
+                        .map(|s| parse_usd("per-call-usd-cap", &s))
+                        .transpose()?
+                        .unwrap_or(0),
+                    lifetime_cap_micros: lifetime_usd_cap
+                        .map(|s| parse_usd("lifetime-usd-cap", &s))
+                        .transpose()?
+                        .unwrap_or(0),
+                    expires_in_seconds: expires.as_secs() as i64,
+                    agent_run_label: run_label,
+                    metadata: pairs("meta", &meta)?,
+                })
+                .await?
+                .into_inner();
+            let mut out = r.key.as_ref().map(key_json).unwrap_or(Value::Null);
+            out["key"] = json!(r.secret);
+            print(out);
+        }
+        Command::Key(KeyCmd::List {
+            run_label,
+            vendor,
+            all,
+        }) => {
+            let r = c
+                .keys
+                .list_keys(pb::ListKeysRequest {
+                    agent_run_label: run_label.unwrap_or_default(),
+                    vendor: vendor.unwrap_or_default(),
+                    include_inactive: all,
+                })
+                .await?
+                .into_inner();
+            print(json!(r.keys.iter().map(key_json).collect::<Vec<_>>()));
+        }
+        Command::Key(KeyCmd::Get { id }) => {
+            let r = c.keys.get_key(pb::GetKeyRequest { id }).await?.into_inner();
+            print(r.key.as_ref().map(key_json).unwrap_or(Value::Null));
+        }
+        Command::Key(KeyCmd::Revoke { id, run_label }) => match (id, run_label) {
+            (Some(id), None) => {
+                let r = c
+                    .keys
+                    .revoke_key(pb::RevokeKeyRequest { id })
+                    .await?
+                    .into_inner();
+                print(r.key.as_ref().map(key_json).unwrap_or(Value::Null));
+            }
+            (None, Some(label)) => {
+                let r = c
+                    .keys
+                    .revoke_run(pb::RevokeRunRequest {
+                        agent_run_label: label.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                print(json!({"agent_run_label": label, "revoked_ids": r.revoked_ids}));
+            }
+            _ => bail!("give a key id or --run-label"),
+        },
+        Command::Spend { run_label } => {
+            let r = c
+                .audit
+                .spend_summary(pb::SpendSummaryRequest {
+                    agent_run_label: run_label,
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "agent_run_label": r.agent_run_label,
+                "total_usd": usd(r.total_micros),
+                "calls": r.calls,
+                "vendors": r.vendors.iter().map(|v| json!({
+                    "vendor": v.vendor, "total_usd": usd(v.total_micros), "calls": v.calls,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        Command::Audit(a) => {
+            let time = |field: &str, s: Option<String>| -> anyhow::Result<_> {
+                s.map(|s| {
+                    chrono::DateTime::parse_from_rfc3339(&s)
+                        .map(|t| to_proto(t.with_timezone(&chrono::Utc)))
+                        .with_context(|| format!("--{field} {s:?} is not an RFC 3339 time"))
+                })
+                .transpose()
+            };
+            let r = c
+                .audit
+                .query_audit(pb::QueryAuditRequest {
+                    key_id: a.key_id.unwrap_or_default(),
+                    agent_run_label: a.run_label.unwrap_or_default(),
+                    vendor: a.vendor.unwrap_or_default(),
+                    since: time("since", a.since)?,
+                    until: time("until", a.until)?,
+                    page_size: a.limit,
+                    page_token: a.page.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "entries": r.entries.iter().map(|e| json!({
+                    "seq": e.seq,
+                    "at": ts(&e.at),
+                    "key_id": e.key_id,
+                    "agent_run_label": e.agent_run_label,
+                    "vendor": e.vendor,
+                    "call": format!("{} {}", e.method, e.path),
+                    "upstream_status": e.upstream_status,
+                    "reserved_usd": usd(e.reserved_micros),
+                    "cost_usd": usd(e.cost_micros),
+                    "outcome": e.outcome,
+                })).collect::<Vec<_>>(),
+                "next_page": (!r.next_page_token.is_empty()).then_some(r.next_page_token),
+            }));
+        }
+    }
+    Ok(())
+}

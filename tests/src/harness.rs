@@ -1,0 +1,1111 @@
+//! Starts keycap's real binaries as child processes for end-to-end tests,
+//! and talks to them over HTTP.
+//!
+//! It owns the lifecycle of every process a test starts: each listens on
+//! 127.0.0.1 on a free port (retried on a port clash), is ready only once its
+//! `/healthz` answers 200 within a bounded deadline, writes stdout and stderr
+//! to a log file in a temporary directory, and is killed when its handle is
+//! dropped. When a test panics, each handle prints the tail of its log so a
+//! CI failure can be read without rerunning it. It never sleeps in place of
+//! synchronisation: every wait polls a condition until a deadline.
+//!
+//! The binaries are found next to the test executable
+//! (`target/<profile>/`), or in `KEYCAP_BIN_DIR` when set; build them first
+//! with `cargo build --workspace --bins`.
+
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+use crate::mock::MockVendor;
+
+/// How long a process may take to answer its health check. Generous: the
+/// suite shares two cores with whatever else the machine is doing.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a policy change may take to reach a running proxy.
+pub const POLICY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a spend event may take to show up at the control plane.
+pub const SPEND_TIMEOUT: Duration = Duration::from_secs(20);
+/// Interval between two evaluations of a polled condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Lines of a process log printed when a test fails.
+const LOG_TAIL_LINES: usize = 80;
+/// Attempts at starting a process whose port was taken in the meantime.
+const START_ATTEMPTS: usize = 4;
+
+// --- waiting ----------------------------------------------------------------
+
+/// The instant `d` from now, as a deadline for `wait_until` / `wait_for`.
+pub fn within(d: Duration) -> Instant {
+    Instant::now() + d
+}
+
+/// Evaluates `probe` until it yields a value or `deadline` passes. Every
+/// evaluation starts before the deadline, so a value returned was observed
+/// in time. `None` on timeout.
+pub async fn wait_for<T, F, Fut>(deadline: Instant, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    loop {
+        if Instant::now() > deadline {
+            return None;
+        }
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Evaluates `condition` until it holds or `deadline` passes; whether it
+/// held.
+pub async fn wait_until<F, Fut>(deadline: Instant, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(deadline, || {
+        let c = condition();
+        async move { c.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+// --- secrets ----------------------------------------------------------------
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// A fresh admin token (long enough for keycap-control).
+pub fn admin_token() -> String {
+    format!("kcadm_test_{}", random_hex(20))
+}
+
+/// A fresh fleet token.
+pub fn fleet_token() -> String {
+    format!("kcfleet_test_{}", random_hex(20))
+}
+
+/// A fresh key-encryption key: 64 hex characters.
+pub fn master_key() -> String {
+    random_hex(32)
+}
+
+// --- binaries and child processes -------------------------------------------
+
+/// The path of one of keycap's binaries (see module docs).
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("KEYCAP_BIN_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let mut dir = exe
+                .parent()
+                .expect("test executable has a directory")
+                .to_path_buf();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir
+        }
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        panic!(
+            "{} not found: run `cargo build --workspace --bins` first",
+            path.display()
+        );
+    }
+    path
+}
+
+/// A command for one of keycap's binaries with no `KEYCAP_*` setting
+/// inherited from the environment the tests run in.
+fn keycap_command(bin: &str) -> Command {
+    let mut cmd = Command::new(bin_path(bin));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEYCAP_") {
+            cmd.env_remove(&name);
+        }
+    }
+    // KEYCAP_TEST_LOG raises (or lowers) the children's log level.
+    let level = std::env::var("KEYCAP_TEST_LOG").unwrap_or_else(|_| "info".into());
+    cmd.env("KEYCAP_LOG", level).env("NO_COLOR", "1");
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+/// A child process whose output goes to a log file. Killed on drop; prints
+/// the tail of its log when dropped during a panic.
+pub struct ChildProcess {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    /// Where this run's output starts in the (appended-to) log file.
+    log_start: u64,
+}
+
+impl ChildProcess {
+    fn spawn(name: &str, mut cmd: Command, log: &Path) -> ChildProcess {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let std_cmd = cmd.as_std();
+        // Program and arguments only: secrets travel in the environment.
+        let args: Vec<String> = std::iter::once(std_cmd.get_program())
+            .chain(std_cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let _ = writeln!(file, "=== starting {name}: {}", args.join(" "));
+        let log_start = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let err = file.try_clone().expect("clone log file handle");
+        cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", args[0]));
+        ChildProcess {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+            log_start,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The process id while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// The last `lines` lines of the log (every run of this process).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// What this run (not earlier ones) wrote to the log.
+    fn log_of_this_run(&self) -> String {
+        let mut out = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            if f.seek(SeekFrom::Start(self.log_start)).is_ok() {
+                let _ = f.read_to_string(&mut out);
+            }
+        }
+        out
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- last {LOG_TAIL_LINES} lines of {} ({}) -----\n{}\n----- end of {} log -----",
+                self.name,
+                self.log.display(),
+                self.log_tail(LOG_TAIL_LINES),
+                self.name
+            );
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// `n` distinct ports that were free a moment ago. Another process may take
+/// one before the child binds it; `launch` retries when that happens.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+async fn is_ok(http: &reqwest::Client, url: &str) -> bool {
+    matches!(
+        http.get(url).timeout(Duration::from_secs(2)).send().await,
+        Ok(r) if r.status() == reqwest::StatusCode::OK
+    )
+}
+
+/// Starts a process on the ports `ports()` picks and waits until every URL
+/// `ready_urls` names answers 200. Retries with new ports when the process
+/// exits because a port was taken.
+async fn launch(
+    name: &str,
+    log: &Path,
+    mut ports: impl FnMut() -> Vec<u16>,
+    command: impl Fn(&[u16]) -> Command,
+    ready_urls: impl Fn(&[u16]) -> Vec<String>,
+) -> (ChildProcess, Vec<u16>) {
+    let http = http_client();
+    for attempt in 1..=START_ATTEMPTS {
+        let p = ports();
+        let mut process = ChildProcess::spawn(name, command(&p), log);
+        let urls = ready_urls(&p);
+        let deadline = within(READY_TIMEOUT);
+        loop {
+            if let Some(status) = process.exited() {
+                let output = process.log_of_this_run();
+                let clash = output.contains("in use") || output.contains("AddrInUse");
+                if clash && attempt < START_ATTEMPTS {
+                    eprintln!("{name} could not bind {p:?}; retrying on other ports");
+                    break;
+                }
+                panic!("{name} exited ({status}) before it was ready; its output:\n{output}");
+            }
+            let mut ready = true;
+            for u in &urls {
+                if !is_ok(&http, u).await {
+                    ready = false;
+                    break;
+                }
+            }
+            if ready {
+                return (process, p);
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name} was not ready within {READY_TIMEOUT:?} ({urls:?}); log:\n{}",
+                    process.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL * 2).await;
+        }
+    }
+    panic!("{name} could not start after {START_ATTEMPTS} attempts");
+}
+
+fn log_dir() -> Arc<TempDir> {
+    Arc::new(
+        tempfile::Builder::new()
+            .prefix("keycap-e2e-logs-")
+            .tempdir()
+            .expect("log tempdir"),
+    )
+}
+
+// --- control plane ------------------------------------------------------------
+
+/// Where the control plane keeps its data.
+#[derive(Clone, Debug)]
+pub enum Database {
+    /// A SQLite file (`keycap.db`) in a directory kept alive by this value.
+    Sqlite(Arc<TempDir>),
+    /// A PostgreSQL URL.
+    Postgres(String),
+}
+
+impl Database {
+    /// SQLite in a fresh temporary directory.
+    pub fn sqlite() -> Database {
+        Database::Sqlite(Arc::new(
+            tempfile::Builder::new()
+                .prefix("keycap-e2e-db-")
+                .tempdir()
+                .expect("database tempdir"),
+        ))
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Database::Sqlite(dir) => format!("sqlite:{}", dir.path().join("keycap.db").display()),
+            Database::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// How to start a control plane.
+#[derive(Clone, Debug)]
+pub struct ControlOpts {
+    pub database: Database,
+    pub admin_token: String,
+    pub fleet_token: String,
+    pub master_key: String,
+}
+
+impl ControlOpts {
+    /// Fresh tokens and master key over `database`.
+    pub fn new(database: Database) -> ControlOpts {
+        ControlOpts {
+            database,
+            admin_token: admin_token(),
+            fleet_token: fleet_token(),
+            master_key: master_key(),
+        }
+    }
+
+    /// Fresh tokens over a SQLite file in a temporary directory.
+    pub fn sqlite() -> ControlOpts {
+        ControlOpts::new(Database::sqlite())
+    }
+
+    pub fn postgres(url: &str) -> ControlOpts {
+        ControlOpts::new(Database::Postgres(url.to_string()))
+    }
+}
+
+/// A running `keycap-control`.
+pub struct Control {
+    // Dropped (killed) before the logs and the database directory go.
+    process: ChildProcess,
+    pub opts: ControlOpts,
+    port: u16,
+    logs: Arc<TempDir>,
+}
+
+impl Control {
+    pub async fn start(opts: ControlOpts) -> Control {
+        let logs = log_dir();
+        let (process, port) = Self::spawn(&opts, &logs, None).await;
+        Control {
+            process,
+            opts,
+            port,
+            logs,
+        }
+    }
+
+    async fn spawn(opts: &ControlOpts, logs: &TempDir, port: Option<u16>) -> (ChildProcess, u16) {
+        let log = logs.path().join("keycap-control.log");
+        let (process, ports) = launch(
+            "keycap-control",
+            &log,
+            || vec![port.unwrap_or_else(free_port)],
+            |p| {
+                let mut cmd = keycap_command("keycap-control");
+                cmd.arg("--listen")
+                    .arg(format!("127.0.0.1:{}", p[0]))
+                    .arg("--database-url")
+                    .arg(opts.database.url())
+                    .env("KEYCAP_MASTER_KEY", &opts.master_key)
+                    .env("KEYCAP_ADMIN_TOKEN", &opts.admin_token)
+                    .env("KEYCAP_FLEET_TOKEN", &opts.fleet_token);
+                cmd
+            },
+            |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],
+        )
+        .await;
+        (process, ports[0])
+    }
+
+    /// `http://127.0.0.1:<port>`: gRPC and REST.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The REST API with the admin token.
+    pub fn admin(&self) -> Api {
+        Api::new(&self.url(), Some(&self.opts.admin_token))
+    }
+
+    pub fn process(&self) -> &ChildProcess {
+        &self.process
+    }
+
+    /// SIGKILLs the control plane (no graceful shutdown).
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
+    }
+
+    /// Starts the control plane again on the same port and database (after
+    /// `kill`, or killing it first).
+    pub async fn restart(&mut self) {
+        self.process.kill().await;
+        let (process, _) = Self::spawn(&self.opts, &self.logs, Some(self.port)).await;
+        self.process = process;
+    }
+}
+
+// --- proxy --------------------------------------------------------------------
+
+/// A running `keycap-proxy`, ready (it has its policy).
+pub struct Proxy {
+    process: ChildProcess,
+    port: u16,
+    pub node_id: String,
+    _logs: Arc<TempDir>,
+}
+
+impl Proxy {
+    pub async fn start(control_url: &str, fleet_token: &str, node_id: &str) -> Proxy {
+        let logs = log_dir();
+        let log = logs.path().join("keycap-proxy.log");
+        let (process, ports) = launch(
+            "keycap-proxy",
+            &log,
+            || vec![free_port()],
+            |p| {
+                let mut cmd = keycap_command("keycap-proxy");
+                cmd.arg("--listen")
+                    .arg(format!("127.0.0.1:{}", p[0]))
+                    .arg("--control-url")
+                    .arg(control_url)
+                    .arg("--node-id")
+                    .arg(node_id)
+                    .env("KEYCAP_FLEET_TOKEN", fleet_token);
+                cmd
+            },
+            |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],
+        )
+        .await;
+        Proxy {
+            process,
+            port: ports[0],
+            node_id: node_id.to_string(),
+            _logs: logs,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn process(&self) -> &ChildProcess {
+        &self.process
+    }
+}
+
+// --- keycap dev -----------------------------------------------------------------
+
+/// A running `keycap dev`: control plane, proxy and sandbox vendor in one
+/// process over a temporary data dir.
+pub struct Dev {
+    process: ChildProcess,
+    pub proxy_url: String,
+    pub control_url: String,
+    pub sandbox_url: String,
+    pub admin_token: String,
+    data_dir: TempDir,
+    _logs: Arc<TempDir>,
+}
+
+impl Dev {
+    /// Starts `keycap dev` with `KEYCAP_ADMIN_TOKEN` set to `admin_token`.
+    pub async fn start(admin_token: &str) -> Dev {
+        let logs = log_dir();
+        let data_dir = tempfile::Builder::new()
+            .prefix("keycap-e2e-dev-")
+            .tempdir()
+            .expect("dev data dir");
+        let log = logs.path().join("keycap-dev.log");
+        let (process, p) = launch(
+            "keycap dev",
+            &log,
+            || free_ports(3),
+            |p| {
+                let mut cmd = keycap_command("keycap");
+                cmd.arg("dev")
+                    .arg("--data-dir")
+                    .arg(data_dir.path())
+                    .arg("--proxy-listen")
+                    .arg(format!("127.0.0.1:{}", p[0]))
+                    .arg("--control-listen")
+                    .arg(format!("127.0.0.1:{}", p[1]))
+                    .arg("--sandbox-listen")
+                    .arg(format!("127.0.0.1:{}", p[2]))
+                    .env("KEYCAP_ADMIN_TOKEN", admin_token);
+                cmd
+            },
+            |p| {
+                vec![
+                    format!("http://127.0.0.1:{}/healthz", p[1]),
+                    format!("http://127.0.0.1:{}/healthz", p[0]),
+                ]
+            },
+        )
+        .await;
+        Dev {
+            process,
+            proxy_url: format!("http://127.0.0.1:{}", p[0]),
+            control_url: format!("http://127.0.0.1:{}", p[1]),
+            sandbox_url: format!("http://127.0.0.1:{}", p[2]),
+            admin_token: admin_token.to_string(),
+            data_dir,
+            _logs: logs,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    pub fn process(&self) -> &ChildProcess {
+        &self.process
+    }
+}
+
+// --- the keycap CLI ---------------------------------------------------------------
+
+/// What one `keycap` CLI run printed.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Stdout as JSON; panics unless the run succeeded and printed JSON.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        assert!(
+            self.status.success(),
+            "keycap failed ({}):\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "keycap printed no JSON ({e}):\n{}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs `keycap --control-url <url> --admin-token <token> <args...>`.
+pub async fn keycap_cli(control_url: &str, admin_token: &str, args: &[&str]) -> CliOutput {
+    let mut cmd = keycap_command("keycap");
+    cmd.arg("--control-url")
+        .arg(control_url)
+        .arg("--admin-token")
+        .arg(admin_token)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("keycap {args:?} did not finish within 60 s"))
+        .unwrap_or_else(|e| panic!("cannot run keycap {args:?}: {e}"));
+    CliOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// --- HTTP -----------------------------------------------------------------------
+
+/// An HTTP response, read in full.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl Resp {
+    /// The body as JSON; panics (showing the body) if it is not.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("response {} is not JSON ({e}): {}", self.status, self.text))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the status; returns the body as JSON.
+    #[track_caller]
+    pub fn expect(&self, status: u16) -> Value {
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.text
+        );
+        self.json()
+    }
+
+    /// Asserts a keycap error: status and `{"error": code, "message": ...}`.
+    /// Returns the body.
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.text
+        );
+        let body = self.json();
+        assert_eq!(
+            body["error"], code,
+            "unexpected error code; body: {}",
+            self.text
+        );
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without a message: {}",
+            self.text
+        );
+        body
+    }
+
+    /// The error code of a keycap error body, if it is one.
+    pub fn error_code(&self) -> Option<String> {
+        serde_json::from_str::<Value>(&self.text)
+            .ok()?
+            .get("error")?
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+/// An HTTP client for one base URL with one `Authorization` value: the
+/// admin REST API (token) or an agent calling the proxy (vault key).
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    authorization: Option<String>,
+}
+
+impl Api {
+    /// `Authorization: Bearer <token>` on every request when `token` is set.
+    pub fn new(base: &str, token: Option<&str>) -> Api {
+        Api {
+            http: http_client(),
+            base: base.trim_end_matches('/').to_string(),
+            authorization: token.map(|t| format!("Bearer {t}")),
+        }
+    }
+
+    /// The same client with another raw `Authorization` value (or none).
+    pub fn with_authorization(&self, value: Option<&str>) -> Api {
+        Api {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            authorization: value.map(str::to_string),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request; `body` is (content type, bytes). Panics only when
+    /// nothing answered.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        extra_headers: &[(&str, &str)],
+    ) -> Resp {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(a) = &self.authorization {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        for (n, v) in extra_headers {
+            req = req.header(*n, *v);
+        }
+        if let Some((ct, bytes)) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct).body(bytes);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: no response: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: body unreadable: {e}"));
+        Resp {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.send(Method::GET, path, None, &[]).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.send(Method::DELETE, path, None, &[]).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Resp {
+        self.send(
+            Method::POST,
+            path,
+            Some(("application/json", body.to_string().into_bytes())),
+            &[],
+        )
+        .await
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> Resp {
+        self.send(
+            Method::PUT,
+            path,
+            Some(("application/json", body.to_string().into_bytes())),
+            &[],
+        )
+        .await
+    }
+
+    /// POST with a raw body and content type (for malformed input).
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: &str) -> Resp {
+        self.send(
+            Method::POST,
+            path,
+            Some((content_type, body.as_bytes().to_vec())),
+            &[],
+        )
+        .await
+    }
+
+    /// POST `application/x-www-form-urlencoded`, as Stripe clients send.
+    pub async fn post_form(&self, path: &str, form: &str) -> Resp {
+        self.post_raw(path, "application/x-www-form-urlencoded", form)
+            .await
+    }
+}
+
+/// Percent-encodes a query parameter value.
+pub fn q(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// A response read off a raw TCP connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// Writes `request` as-is to `addr` (no URL normalisation by any client
+/// library) and reads the response until the server closes. The request
+/// should carry `Connection: close`.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> RawResponse {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .expect("raw HTTP exchange timed out")
+        .expect("raw HTTP exchange failed");
+    parse_raw_response(&buf)
+}
+
+fn parse_raw_response(buf: &[u8]) -> RawResponse {
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(buf)));
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &buf[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        match headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+        {
+            Some(n) => rest[..n.min(rest.len())].to_vec(),
+            None => rest.to_vec(),
+        }
+    };
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size_text = String::from_utf8_lossy(&rest[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size_text, 16) else {
+            return out;
+        };
+        rest = &rest[eol + 2..];
+        if size == 0 || rest.len() < size {
+            return out;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[(size + 2).min(rest.len())..];
+    }
+}
+
+// --- a control plane and a proxy together ------------------------------------------
+
+/// A minted vault key.
+#[derive(Debug, Clone)]
+pub struct MintedKey {
+    pub id: String,
+    /// The secret (`kc_...`), shown once.
+    pub secret: String,
+    /// The create response.
+    pub body: Value,
+}
+
+/// The error code a ready key gets for the probe request: the probe's
+/// endpoint is in no test key's allowlist, so a key the proxy knows and
+/// accepts is refused at the allowlist, after the key checks.
+pub const PROBE_LIVE: &str = "endpoint_not_allowed";
+
+/// The error code the proxy at `proxy_url` gives `secret` for a request no
+/// test key allows (`DELETE /{vendor}/keycap-e2e-probe`): `PROBE_LIVE` for a
+/// key it accepts, else why it refuses the key. Nothing is forwarded.
+pub async fn probe_key(proxy_url: &str, vendor: &str, secret: &str) -> Option<String> {
+    Api::new(proxy_url, Some(secret))
+        .delete(&format!("/{vendor}/keycap-e2e-probe"))
+        .await
+        .error_code()
+}
+
+/// Waits until the proxy at `proxy_url` accepts `secret` for `vendor`.
+pub async fn wait_key_live(proxy_url: &str, vendor: &str, secret: &str) {
+    let live = wait_until(within(POLICY_TIMEOUT), || async {
+        probe_key(proxy_url, vendor, secret).await.as_deref() == Some(PROBE_LIVE)
+    })
+    .await;
+    assert!(
+        live,
+        "the proxy did not accept a new key within {POLICY_TIMEOUT:?} (last probe: {:?})",
+        probe_key(proxy_url, vendor, secret).await
+    );
+}
+
+/// A control plane and a proxy connected to it, with an admin client.
+pub struct Stack {
+    // Field order is drop order: the proxy goes first.
+    pub proxy: Proxy,
+    pub control: Control,
+    pub admin: Api,
+}
+
+impl Stack {
+    /// Control plane on SQLite in a temporary directory, and one proxy.
+    pub async fn start() -> Stack {
+        Stack::start_with(ControlOpts::sqlite()).await
+    }
+
+    pub async fn start_with(opts: ControlOpts) -> Stack {
+        let control = Control::start(opts).await;
+        let proxy = Proxy::start(&control.url(), &control.opts.fleet_token, "e2e-proxy").await;
+        let admin = control.admin();
+        Stack {
+            proxy,
+            control,
+            admin,
+        }
+    }
+
+    /// The admin REST API relayed through the proxy's `/vault`.
+    pub fn admin_via_proxy(&self) -> Api {
+        Api::new(&self.proxy.url(), Some(&self.control.opts.admin_token))
+    }
+
+    /// An agent calling the proxy with `key`.
+    pub fn agent(&self, key: &str) -> Api {
+        Api::new(&self.proxy.url(), Some(key))
+    }
+
+    /// Registers (or updates) vendor `name` pointing at `mock`, with the
+    /// mock's credential; returns the response body.
+    pub async fn register(&self, name: &str, profile: &str, mock: &MockVendor) -> Value {
+        self.put_vendor(
+            name,
+            &json!({"profile": profile, "base_url": mock.url(), "credential": mock.credential()}),
+        )
+        .await
+    }
+
+    /// PUT /vault/vendors/{name}, asserting 200 or 201.
+    pub async fn put_vendor(&self, name: &str, body: &Value) -> Value {
+        let r = self
+            .admin
+            .put_json(&format!("/vault/vendors/{name}"), body)
+            .await;
+        assert!(
+            r.status == 200 || r.status == 201,
+            "PUT vendor {name}: {} {}",
+            r.status,
+            r.text
+        );
+        r.json()
+    }
+
+    /// POST /vault/keys, asserting 201; does not wait for the proxy.
+    pub async fn create_key(&self, body: &Value) -> MintedKey {
+        let r = self.admin.post_json("/vault/keys", body).await;
+        let body = r.expect(201);
+        MintedKey {
+            id: body["id"].as_str().expect("key id").to_string(),
+            secret: body["key"].as_str().expect("key secret").to_string(),
+            body,
+        }
+    }
+
+    /// Creates a key and waits until the proxy accepts it.
+    pub async fn mint(&self, body: &Value) -> MintedKey {
+        let key = self.create_key(body).await;
+        let vendor = body["vendor"].as_str().expect("vendor in key body");
+        self.wait_key_live(vendor, &key.secret).await;
+        key
+    }
+
+    /// See `probe_key`.
+    pub async fn probe(&self, vendor: &str, secret: &str) -> Option<String> {
+        probe_key(&self.proxy.url(), vendor, secret).await
+    }
+
+    /// Waits until the proxy accepts `secret` for `vendor`.
+    pub async fn wait_key_live(&self, vendor: &str, secret: &str) {
+        wait_key_live(&self.proxy.url(), vendor, secret).await
+    }
+
+    /// GET /vault/keys/{id}, asserting 200.
+    pub async fn key(&self, id: &str) -> Value {
+        self.admin
+            .get(&format!("/vault/keys/{id}"))
+            .await
+            .expect(200)
+    }
+
+    /// Waits until the control plane reports `micros` spent and `calls`
+    /// calls today on key `id`; returns the key.
+    pub async fn wait_key_spend(&self, id: &str, micros: i64, calls: i64) -> Value {
+        let got = wait_for(within(SPEND_TIMEOUT), || async {
+            let k = self.key(id).await;
+            (k["spent_today_micros"] == micros && k["calls_today"] == calls).then_some(k)
+        })
+        .await;
+        match got {
+            Some(k) => k,
+            None => panic!(
+                "key {id} never showed {micros} micros over {calls} calls; last: {}",
+                self.key(id).await
+            ),
+        }
+    }
+
+    /// GET /vault/audit?<query>, asserting 200; the entries.
+    pub async fn audit(&self, query: &str) -> Vec<Value> {
+        let body = self
+            .admin
+            .get(&format!("/vault/audit?{query}"))
+            .await
+            .expect(200);
+        body["entries"].as_array().expect("entries").clone()
+    }
+
+    /// Waits until GET /vault/audit?<query> has exactly `n` entries.
+    pub async fn wait_audit(&self, query: &str, n: usize) -> Vec<Value> {
+        let got = wait_for(within(SPEND_TIMEOUT), || async {
+            let e = self.audit(query).await;
+            (e.len() == n).then_some(e)
+        })
+        .await;
+        match got {
+            Some(e) => e,
+            None => panic!(
+                "audit {query:?} never had {n} entries; last: {:?}",
+                self.audit(query).await
+            ),
+        }
+    }
+}

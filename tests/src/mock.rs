@@ -1,0 +1,612 @@
+//! A mock vendor for end-to-end tests: a Stripe-like and OpenAI-like HTTP
+//! server on 127.0.0.1 that records every call it receives.
+//!
+//! It owns the vendor side of a test: it checks that keycap injected the real
+//! credential (`Authorization: Bearer <credential>`), answers with bodies
+//! shaped like the real vendors' (including the `usage` OpenAI reports, with
+//! numbers a test can predict), and keeps a log of what reached it so a test
+//! can prove a refused call never left the proxy. It never echoes a presented
+//! credential back, and it moves no money.
+//!
+//! Routes:
+//! * `POST /v1/payment_intents`, `POST /v1/charges`: form (or JSON) body with
+//!   `amount`; 401 on a wrong credential, 400 without an integer amount, 402
+//!   `card_declined` when `amount` is 402, else 200.
+//! * `GET /v1/customers/{*rest}`: 200.
+//! * `POST /v1/chat/completions`: JSON body; non-streamed JSON with `usage`,
+//!   or `text/event-stream` when `"stream": true` (a final usage chunk when
+//!   `stream_options.include_usage` is true), ending with `data: [DONE]`.
+//! * `POST /v1/fail500`: 500.
+//! * anything else: 404 (still recorded).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+/// Prompt tokens the mock reports for every chat completion.
+pub const CHAT_PROMPT_TOKENS: u64 = 42;
+/// Completion tokens the mock reports, unless the request's `max_tokens` /
+/// `max_completion_tokens` is smaller (then it reports that limit).
+pub const CHAT_COMPLETION_TOKENS: u64 = 321;
+/// The pieces of assistant text a streamed completion sends, one per event.
+pub const CHAT_STREAM_PIECES: [&str; 3] = ["Hello", " from", " the mock."];
+/// `created` in every chat response, so streamed bodies are reproducible.
+const CHAT_CREATED: i64 = 1_700_000_000;
+
+/// Largest request body the mock reads.
+const MAX_BODY: usize = 16 << 20;
+
+/// One request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct RecordedCall {
+    pub method: String,
+    pub path: String,
+    /// The raw query string, without '?'.
+    pub query: Option<String>,
+    /// Header names lowercased, in arrival order (authorization included).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl RecordedCall {
+    /// The first value of a header (name is case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn authorization(&self) -> Option<&str> {
+        self.header("authorization")
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Everything the vendor saw, as text: request line, headers and body.
+    /// For asserting that a secret never reached it.
+    pub fn as_text(&self) -> String {
+        let mut out = format!("{} {}", self.method, self.path);
+        if let Some(q) = &self.query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out.push('\n');
+        for (n, v) in &self.headers {
+            out.push_str(&format!("{n}: {v}\n"));
+        }
+        out.push('\n');
+        out.push_str(&self.body_text());
+        out
+    }
+}
+
+/// What the router shares between requests.
+struct MockState {
+    credential: String,
+    calls: Mutex<Vec<RecordedCall>>,
+    /// Sum of `amount` of every charge answered 2xx, in minor units.
+    stripe_amount: AtomicI64,
+    next_id: AtomicU64,
+}
+
+/// A running mock vendor. Stops when dropped.
+pub struct MockVendor {
+    addr: SocketAddr,
+    state: Arc<MockState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockVendor {
+    /// Starts a mock on a free 127.0.0.1 port that accepts only
+    /// `Authorization: Bearer <credential>`.
+    pub async fn start(credential: &str) -> MockVendor {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("mock vendor: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("mock vendor: local addr");
+        let state = new_state(credential);
+        let app = router_with(state.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("mock vendor on {addr} stopped: {e}");
+            }
+        });
+        MockVendor { addr, state, task }
+    }
+
+    /// `http://127.0.0.1:<port>`, the base URL to register as the vendor's.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn credential(&self) -> &str {
+        &self.state.credential
+    }
+
+    /// Every call received so far, oldest first.
+    pub fn calls(&self) -> Vec<RecordedCall> {
+        self.state.calls.lock().expect("mock calls lock").clone()
+    }
+
+    /// Sum of `amount` over every payment_intents/charges call answered 2xx.
+    pub fn forwarded_stripe_amount(&self) -> i64 {
+        self.state.stripe_amount.load(Ordering::SeqCst)
+    }
+
+    /// Forgets recorded calls and the charged total.
+    pub fn reset(&self) {
+        self.state.calls.lock().expect("mock calls lock").clear();
+        self.state.stripe_amount.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for MockVendor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn new_state(credential: &str) -> Arc<MockState> {
+    Arc::new(MockState {
+        credential: credential.to_string(),
+        calls: Mutex::new(Vec::new()),
+        stripe_amount: AtomicI64::new(0),
+        next_id: AtomicU64::new(1),
+    })
+}
+
+/// The mock's router, for serving it elsewhere (the `keycap-mock-vendor`
+/// binary).
+pub fn router(credential: &str) -> Router {
+    router_with(new_state(credential))
+}
+
+/// Serves the mock on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    credential: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(credential))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn router_with(state: Arc<MockState>) -> Router {
+    // One handler for every request, so that unknown paths are recorded too.
+    Router::new().fallback(handle).with_state(state)
+}
+
+async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => return (StatusCode::PAYLOAD_TOO_LARGE, "body too large").into_response(),
+    };
+    let call = RecordedCall {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body,
+    };
+    state
+        .calls
+        .lock()
+        .expect("mock calls lock")
+        .push(call.clone());
+
+    match (call.method.as_str(), call.path.as_str()) {
+        ("POST", "/v1/payment_intents") => stripe_charge(&state, &call, "payment_intent", "pi"),
+        ("POST", "/v1/charges") => stripe_charge(&state, &call, "charge", "ch"),
+        ("GET", p) if customer_path(p).is_some() => {
+            stripe_customer(&state, &call, customer_path(p).unwrap_or_default())
+        }
+        ("POST", "/v1/chat/completions") => chat_completion(&state, &call),
+        ("POST", "/v1/fail500") => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),
+        )
+            .into_response(),
+        _ => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {
+                "type": "invalid_request_error",
+                "message": format!("Unrecognized request URL ({} {}).", call.method, call.path),
+            }})),
+        )
+            .into_response(),
+    }
+}
+
+/// The part after `/v1/customers/`, when there is one.
+fn customer_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/customers/")
+        .filter(|r| !r.is_empty())
+}
+
+fn authorized(state: &MockState, call: &RecordedCall) -> bool {
+    call.authorization() == Some(format!("Bearer {}", state.credential).as_str())
+}
+
+fn stripe_error(status: StatusCode, error: Value) -> Response {
+    (status, Json(json!({ "error": error }))).into_response()
+}
+
+fn stripe_unauthorized() -> Response {
+    // Like Stripe's, but without echoing any part of what was presented.
+    stripe_error(
+        StatusCode::UNAUTHORIZED,
+        json!({"type": "invalid_request_error", "message": "Invalid API Key provided."}),
+    )
+}
+
+/// `amount` and `currency` from a form or JSON body, as text.
+fn charge_params(call: &RecordedCall) -> (Option<String>, Option<String>) {
+    let is_json = call
+        .header("content-type")
+        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"));
+    if is_json {
+        let v: Value = serde_json::from_slice(&call.body).unwrap_or(Value::Null);
+        let text = |f: &str| match v.get(f) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        return (text("amount"), text("currency"));
+    }
+    let mut amount = None;
+    let mut currency = None;
+    for (k, v) in form_urlencoded::parse(&call.body) {
+        match &*k {
+            "amount" => amount = Some(v.into_owned()),
+            "currency" => currency = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    (amount, currency)
+}
+
+fn stripe_charge(state: &MockState, call: &RecordedCall, object: &str, prefix: &str) -> Response {
+    if !authorized(state, call) {
+        return stripe_unauthorized();
+    }
+    let (amount, currency) = charge_params(call);
+    let Some(amount_text) = amount else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            json!({"type": "invalid_request_error", "code": "parameter_missing",
+                   "param": "amount", "message": "Missing required param: amount."}),
+        );
+    };
+    let Ok(amount) = amount_text.parse::<i64>() else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            json!({"type": "invalid_request_error", "code": "parameter_invalid_integer",
+                   "param": "amount", "message": "Invalid integer: amount."}),
+        );
+    };
+    if amount == 402 {
+        return stripe_error(
+            StatusCode::PAYMENT_REQUIRED,
+            json!({"type": "card_error", "code": "card_declined",
+                   "decline_code": "generic_decline", "message": "Your card was declined."}),
+        );
+    }
+    state.stripe_amount.fetch_add(amount, Ordering::SeqCst);
+    let n = state.next_id.fetch_add(1, Ordering::SeqCst);
+    Json(json!({
+        "id": format!("{prefix}_mock_{n}"),
+        "object": object,
+        "amount": amount,
+        "currency": currency.unwrap_or_default(),
+        "status": "succeeded",
+        "livemode": false,
+    }))
+    .into_response()
+}
+
+fn stripe_customer(state: &MockState, call: &RecordedCall, rest: &str) -> Response {
+    if !authorized(state, call) {
+        return stripe_unauthorized();
+    }
+    Json(json!({"id": rest, "object": "customer", "livemode": false})).into_response()
+}
+
+/// The usage the mock reports for a chat completion request body.
+pub fn chat_usage(request: &Value) -> (u64, u64) {
+    let limit = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .filter_map(|f| request.get(*f).and_then(Value::as_u64))
+        .min();
+    let completion = limit.map_or(CHAT_COMPLETION_TOKENS, |l| l.min(CHAT_COMPLETION_TOKENS));
+    (CHAT_PROMPT_TOKENS, completion)
+}
+
+fn usage_json(prompt: u64, completion: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+/// The `data:` payloads of a streamed completion, in order, ending with
+/// `[DONE]`: one content chunk per `CHAT_STREAM_PIECES`, a finish chunk, and
+/// (with `include_usage`) a final chunk carrying `usage`.
+pub fn chat_stream_events(model: &str, include_usage: bool, usage: (u64, u64)) -> Vec<String> {
+    let chunk = |choices: Value, usage: Option<Value>| {
+        let mut c = json!({
+            "id": "chatcmpl-mock-stream",
+            "object": "chat.completion.chunk",
+            "created": CHAT_CREATED,
+            "model": model,
+            "choices": choices,
+        });
+        // As OpenAI does: with include_usage every chunk has a `usage` key,
+        // null except in the last one.
+        if include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        c.to_string()
+    };
+    let mut events = Vec::new();
+    for (i, piece) in CHAT_STREAM_PIECES.iter().enumerate() {
+        let delta = if i == 0 {
+            json!({"role": "assistant", "content": piece})
+        } else {
+            json!({"content": piece})
+        };
+        events.push(chunk(
+            json!([{"index": 0, "delta": delta, "finish_reason": null}]),
+            None,
+        ));
+    }
+    events.push(chunk(
+        json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        None,
+    ));
+    if include_usage {
+        events.push(chunk(json!([]), Some(usage_json(usage.0, usage.1))));
+    }
+    events.push("[DONE]".to_string());
+    events
+}
+
+/// The exact body the mock sends for a streamed completion.
+pub fn chat_stream_body(model: &str, include_usage: bool, usage: (u64, u64)) -> String {
+    chat_stream_events(model, include_usage, usage)
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect()
+}
+
+fn chat_completion(state: &MockState, call: &RecordedCall) -> Response {
+    if !authorized(state, call) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {
+                "message": "Incorrect API key provided.",
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "invalid_api_key",
+            }})),
+        )
+            .into_response();
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&call.body) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": {"message": "We could not parse the JSON body of your request.",
+                                  "type": "invalid_request_error", "param": null, "code": null}}),
+            ),
+        )
+            .into_response();
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string();
+    let usage = chat_usage(&req);
+    let streaming = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if streaming {
+        let include_usage = req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let frames: Vec<Result<Bytes, Infallible>> =
+            chat_stream_events(&model, include_usage, usage)
+                .into_iter()
+                .map(|e| Ok(Bytes::from(format!("data: {e}\n\n"))))
+                .collect();
+        let mut resp = Response::new(Body::from_stream(futures_util::stream::iter(frames)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return resp;
+    }
+    let n = state.next_id.fetch_add(1, Ordering::SeqCst);
+    Json(json!({
+        "id": format!("chatcmpl-mock-{n}"),
+        "object": "chat.completion",
+        "created": CHAT_CREATED,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": CHAT_STREAM_PIECES.concat()},
+            "finish_reason": "stop",
+        }],
+        "usage": usage_json(usage.0, usage.1),
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CREDENTIAL: &str = "sk_test_mock";
+
+    async fn post(
+        mock: &MockVendor,
+        path: &str,
+        auth: &str,
+        ct: &str,
+        body: &str,
+    ) -> (u16, String) {
+        let r = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("{}{path}", mock.url()))
+            .header("authorization", auth)
+            .header("content-type", ct)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    const FORM: &str = "application/x-www-form-urlencoded";
+
+    #[tokio::test]
+    async fn stripe_routes_check_the_credential_and_count_charged_amounts() {
+        let mock = MockVendor::start(CREDENTIAL).await;
+        let good = format!("Bearer {CREDENTIAL}");
+        let pi = "/v1/payment_intents";
+        let (s, body) = post(
+            &mock,
+            pi,
+            "Bearer kc_live_x",
+            FORM,
+            "amount=100&currency=usd",
+        )
+        .await;
+        assert_eq!(s, 401);
+        assert!(!body.contains("kc_live_x"));
+        assert_eq!(post(&mock, pi, &good, FORM, "currency=usd").await.0, 400);
+        assert_eq!(post(&mock, pi, &good, FORM, "amount=1.5").await.0, 400);
+        let (s, body) = post(&mock, pi, &good, FORM, "amount=402&currency=usd").await;
+        assert_eq!(s, 402);
+        assert!(body.contains("card_declined"));
+        let (s, body) = post(&mock, pi, &good, FORM, "amount=2000&currency=usd").await;
+        assert_eq!(s, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["amount"], 2000);
+        assert_eq!(v["object"], "payment_intent");
+        assert_eq!(v["status"], "succeeded");
+        let json_body = r#"{"amount": 300, "currency": "usd"}"#;
+        let (s, body) = post(&mock, "/v1/charges", &good, "application/json", json_body).await;
+        assert_eq!(s, 200);
+        assert!(body.contains("\"object\":\"charge\""));
+        assert_eq!(mock.forwarded_stripe_amount(), 2300);
+        assert_eq!(post(&mock, "/v1/fail500", &good, FORM, "").await.0, 500);
+        assert_eq!(post(&mock, "/v1/nothing", &good, FORM, "").await.0, 404);
+
+        let calls = mock.calls();
+        assert_eq!(calls.len(), 8);
+        assert_eq!(calls[0].authorization(), Some("Bearer kc_live_x"));
+        assert_eq!(calls[4].body_text(), "amount=2000&currency=usd");
+        assert_eq!(calls[7].path, "/v1/nothing");
+        mock.reset();
+        assert!(mock.calls().is_empty());
+        assert_eq!(mock.forwarded_stripe_amount(), 0);
+    }
+
+    #[tokio::test]
+    async fn customers_answer_any_sub_path_with_the_credential_only() {
+        let mock = MockVendor::start(CREDENTIAL).await;
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let get = |path: &str, auth: &str| {
+            http.get(format!("{}{path}", mock.url()))
+                .header("authorization", auth.to_string())
+                .send()
+        };
+        let good = format!("Bearer {CREDENTIAL}");
+        let r = get("/v1/customers/cus_1/sources?limit=3", &good)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            get("/v1/customers/cus_1", "Bearer x")
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+        assert_eq!(get("/v1/customers/", &good).await.unwrap().status(), 404);
+        let calls = mock.calls();
+        assert_eq!(calls[0].path, "/v1/customers/cus_1/sources");
+        assert_eq!(calls[0].query.as_deref(), Some("limit=3"));
+    }
+
+    #[tokio::test]
+    async fn chat_completions_report_predictable_usage() {
+        let mock = MockVendor::start(CREDENTIAL).await;
+        let good = format!("Bearer {CREDENTIAL}");
+        let path = "/v1/chat/completions";
+        let ct = "application/json";
+        let req = json!({"model": "gpt-4o", "messages": [], "max_tokens": 100});
+        let (s, body) = post(&mock, path, &good, ct, &req.to_string()).await;
+        assert_eq!(s, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(chat_usage(&req), (CHAT_PROMPT_TOKENS, 100));
+        assert_eq!(v["usage"]["prompt_tokens"], CHAT_PROMPT_TOKENS);
+        assert_eq!(v["usage"]["completion_tokens"], 100);
+        assert_eq!(v["usage"]["total_tokens"], CHAT_PROMPT_TOKENS + 100);
+
+        let stream = json!({"model": "gpt-4o", "messages": [], "stream": true,
+                            "stream_options": {"include_usage": true}});
+        let (s, body) = post(&mock, path, &good, ct, &stream.to_string()).await;
+        assert_eq!(s, 200);
+        let usage = chat_usage(&stream);
+        assert_eq!(usage, (CHAT_PROMPT_TOKENS, CHAT_COMPLETION_TOKENS));
+        assert_eq!(body, chat_stream_body("gpt-4o", true, usage));
+        let events = chat_stream_events("gpt-4o", true, usage);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(last["usage"]["completion_tokens"], CHAT_COMPLETION_TOKENS);
+        assert!(body.ends_with("data: [DONE]\n\n"));
+
+        let no_usage = chat_stream_body("gpt-4o", false, usage);
+        assert!(!no_usage.contains("usage"));
+        assert_eq!(
+            post(&mock, path, "Bearer nope", ct, &req.to_string())
+                .await
+                .0,
+            401
+        );
+    }
+}
