@@ -24,6 +24,10 @@ use crate::domain::{
 use crate::error::ApiError;
 use crate::store::{Store, VendorWrite};
 
+/// How long proxies keep knowing a key after it expired, to answer
+/// `key_expired` rather than `invalid_key`.
+pub const KEY_MEMORY: chrono::Duration = chrono::Duration::hours(24);
+
 /// How long a lease lives unless it is returned first.
 pub const LEASE_TTL: Duration = Duration::from_secs(3600);
 
@@ -399,7 +403,7 @@ impl Control {
                 vendors.push(fv);
             }
         }
-        let keys = self.store.live_keys(Utc::now()).await?;
+        let keys = self.store.policy_keys(Utc::now() - KEY_MEMORY).await?;
         Ok((version, vendors, keys))
     }
 
@@ -458,11 +462,10 @@ impl Control {
         }
         for id in seen_keys {
             match self.store.get_key(&id).await? {
-                // Revoked keys travel as such, so the proxy can say
-                // `key_revoked` rather than `invalid_key`.
-                Some(k) if k.revoked_at.is_some() || k.status(now) == KeyStatus::Active => {
-                    delta.upsert_keys.push(k)
-                }
+                // Revoked and recently expired keys travel as such, so the
+                // proxy can say `key_revoked` / `key_expired` rather than
+                // `invalid_key`.
+                Some(k) if k.expires_at > now - KEY_MEMORY => delta.upsert_keys.push(k),
                 _ => delta.removed_keys.push(id),
             }
         }

@@ -83,7 +83,7 @@ suite!(
     vendor_delete_rules,
     key_round_trip_and_insert_rules,
     list_keys_filters_and_order,
-    live_keys_are_unrevoked_and_unexpired,
+    policy_keys_are_those_expiring_after_the_bound,
     revoke_key_is_idempotent,
     revoke_run_revokes_unrevoked_keys_of_the_run,
     change_log_versions,
@@ -534,7 +534,7 @@ mod cases {
         );
     }
 
-    pub async fn live_keys_are_unrevoked_and_unexpired(s: S) {
+    pub async fn policy_keys_are_those_expiring_after_the_bound(s: S) {
         add_key(&*s, key("live", "stripe", "r", 10)).await;
         add_key(&*s, key("revoked", "stripe", "r", 10)).await;
         let mut soon = key("soon", "stripe", "r", 10);
@@ -543,10 +543,14 @@ mod cases {
         s.revoke_key("revoked", now()).await.unwrap();
 
         let ids = |keys: Vec<VaultKey>| keys.into_iter().map(|k| k.id).collect::<Vec<_>>();
-        assert_eq!(ids(s.live_keys(now()).await.unwrap()), ["live", "soon"]);
+        // Revoked keys stay in, so proxies can say `key_revoked`.
         assert_eq!(
-            ids(s.live_keys(now() + Duration::seconds(30)).await.unwrap()),
-            ["live"]
+            ids(s.policy_keys(now()).await.unwrap()),
+            ["live", "revoked", "soon"]
+        );
+        assert_eq!(
+            ids(s.policy_keys(now() + Duration::seconds(30)).await.unwrap()),
+            ["live", "revoked"]
         );
     }
 

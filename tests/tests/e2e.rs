@@ -949,13 +949,11 @@ async fn late_proxy_refusal(revoke: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "keycap bug: policy snapshots omit revoked keys, so a proxy that joins later says invalid_key"]
 async fn a_proxy_started_after_a_revocation_says_key_revoked() {
     late_proxy_refusal(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "keycap bug: policy snapshots omit expired keys, so a proxy that joins later says invalid_key"]
 async fn a_proxy_started_after_an_expiry_says_key_expired() {
     late_proxy_refusal(false).await;
 }
@@ -1526,7 +1524,7 @@ async fn an_oversized_body_is_refused_before_forwarding() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "keycap bug: a request with both Content-Length and Transfer-Encoding is forwarded"]
+#[ignore = "not yet refused: hyper drops Content-Length when Transfer-Encoding is present (and closes the connection after the response) before keycap sees the headers; refusing needs a raw request-head check in front of hyper"]
 async fn content_length_with_transfer_encoding_is_refused() {
     let (stack, mock) = stack_with_stripe().await;
     let key = stack

@@ -107,8 +107,10 @@ pub trait Store: Send + Sync + 'static {
     /// Lowest version still held (0 when empty); a proxy resuming from below
     /// it needs a snapshot.
     async fn oldest_version(&self) -> StoreResult<i64>;
-    /// Unrevoked keys whose expiry is after `now`, for the snapshot.
-    async fn live_keys(&self, now: DateTime<Utc>) -> StoreResult<Vec<VaultKey>>;
+    /// Keys a proxy should know, revoked ones included: every key whose
+    /// expiry is after `expired_after`, so a proxy can tell a revoked or a
+    /// recently expired key from an unknown one.
+    async fn policy_keys(&self, expired_after: DateTime<Utc>) -> StoreResult<Vec<VaultKey>>;
 
     // --- budget -------------------------------------------------------------
     /// Grows (or creates) a lease in one transaction so that, for the key

@@ -454,13 +454,13 @@ impl Store for SqliteStore {
         )
     }
 
-    async fn live_keys(&self, now: DateTime<Utc>) -> StoreResult<Vec<VaultKey>> {
+    async fn policy_keys(&self, expired_after: DateTime<Utc>) -> StoreResult<Vec<VaultKey>> {
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM vault_keys \
-             WHERE revoked_at IS NULL AND expires_at > ? ORDER BY id"
+             WHERE expires_at > ? ORDER BY id"
         );
         sqlx::query_as::<_, KeyRow>(&sql)
-            .bind(micros(now))
+            .bind(micros(expired_after))
             .fetch_all(&self.pool)
             .await?
             .into_iter()
