@@ -161,36 +161,13 @@ pub struct Vendor {
     pub updated_at: DateTime<Utc>,
 }
 
-/// An allowed endpoint, `METHOD /path` with `*` globs; validated for shape
-/// here, matched by the proxy.
+/// An allowed endpoint, `METHOD /path` with `*` globs. Parsed by the same
+/// code the proxy matches with, so a key the control plane accepts is never
+/// one the proxy would drop; stored in its canonical form.
 pub fn parse_allowed_endpoint(s: &str) -> Result<String, InvalidInput> {
-    let bad = |why: String| invalid("allowed_endpoints", why);
-    let (method, path) = s
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| bad(format!("{s:?} is not \"METHOD /path\"")))?;
-    let method_ok = matches!(
-        method,
-        "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" | "*"
-    );
-    if !method_ok {
-        return Err(bad(format!("{s:?}: unknown method {method:?}")));
-    }
-    let path = path.trim();
-    if !path.starts_with('/') || path.contains(['?', '#', ' ', '\\']) {
-        return Err(bad(format!(
-            "{s:?}: path must start with / and hold no query"
-        )));
-    }
-    for seg in path.split('/').skip(1) {
-        if seg == "." || seg == ".." || seg.contains('%') {
-            return Err(bad(format!("{s:?}: no dot or encoded segments")));
-        }
-        if seg.contains('*') && seg != "*" {
-            return Err(bad(format!("{s:?}: '*' must be a whole segment")));
-        }
-    }
-    Ok(format!("{method} {path}"))
+    keycap_proto::endpoint::EndpointPattern::parse(s)
+        .map(|p| p.to_string())
+        .map_err(|e| invalid("allowed_endpoints", e.to_string()))
 }
 
 /// A cap in micro-dollars: positive and at most `MAX_CAP`.
@@ -403,6 +380,8 @@ pub struct LeaseGrant {
     /// lease.
     pub unleased: Micros,
     pub expires_at: DateTime<Utc>,
+    /// The key's lifetime cap, not its daily cap, is what limits it now.
+    pub lifetime_bound: bool,
 }
 
 /// One entry of the change log: what changed, at which version.
@@ -465,6 +444,12 @@ mod tests {
             "GET /a*b",
             "GET /a?x=1",
             "GET /a/%2e",
+            // Shapes the proxy cannot match: accepting them would mint a key
+            // every proxy silently drops.
+            "GET /v1/customers/",
+            "GET /a//b",
+            "GET /caf\u{e9}",
+            "GET /a /b",
         ] {
             assert!(parse_allowed_endpoint(bad).is_err(), "{bad}");
         }

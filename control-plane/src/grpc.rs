@@ -499,6 +499,7 @@ impl pb::fleet_service_server::FleetService for Api {
             granted_micros: g.granted.0,
             lease_total_micros: g.lease_total.0,
             unleased_micros: g.unleased.0,
+            lifetime_bound: g.lifetime_bound,
             expires_at: Some(to_proto(g.expires_at)),
         }))
     }

@@ -52,10 +52,12 @@ impl PutVendor {
     ) -> Result<Self, domain::InvalidInput> {
         let credential = match credential {
             Some(c) if !c.is_empty() => {
-                if c.len() > 4096 || c.chars().any(|ch| ch.is_control()) {
+                // It goes into an HTTP header: anything but visible ASCII
+                // would be accepted here and then dropped by every proxy.
+                if c.len() > 4096 || !c.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(invalid(
                         "credential",
-                        "must be at most 4096 printable characters",
+                        "must be at most 4096 visible ASCII characters (no spaces)",
                     ));
                 }
                 Some(c.to_string())

@@ -63,6 +63,8 @@ struct KeyLeases {
     retiring: Vec<LocalLease>,
     /// The control plane's last word on budget left outside our lease.
     unleased: i64,
+    /// Its last word on which cap binds: the lifetime cap, not the daily.
+    lifetime_bound: bool,
 }
 
 pub struct Budget {
@@ -102,10 +104,19 @@ impl Budget {
                 amount: Micros::ZERO,
             });
         }
-        let exceeded = |remaining: i64| Refusal::DailyCapExceeded {
-            cap: key.daily_cap,
-            remaining: Micros(remaining.max(0)),
-            resets_at: next_utc_midnight(now),
+        // Only the daily cap resets at midnight; saying so when the lifetime
+        // cap is what ran out would send the agent back to a key that can
+        // never serve it.
+        let exceeded = |remaining: i64, lifetime_bound: bool| match key.lifetime_cap {
+            Some(cap) if lifetime_bound => Refusal::LifetimeCapExceeded {
+                cap,
+                remaining: Micros(remaining.max(0)),
+            },
+            _ => Refusal::DailyCapExceeded {
+                cap: key.daily_cap,
+                remaining: Micros(remaining.max(0)),
+                resets_at: next_utc_midnight(now),
+            },
         };
         let slot = self.entry(&key.id);
         let mut st = slot.lock().await;
@@ -149,8 +160,12 @@ impl Budget {
                 })?,
             };
             st.unleased = resp.unleased_micros;
+            st.lifetime_bound = resp.lifetime_bound;
             if resp.granted_micros <= 0 {
-                return Err(exceeded(available + resp.unleased_micros));
+                return Err(exceeded(
+                    available + resp.unleased_micros,
+                    resp.lifetime_bound,
+                ));
             }
             let usable_until = resp.expires_at.as_ref().and_then(from_proto).unwrap_or(now);
             match &mut st.current {
@@ -171,7 +186,7 @@ impl Budget {
         }
         let lease = st.current.as_mut().expect("lease present after grant");
         if lease.available() < amount.0 {
-            return Err(exceeded(lease.available() + st.unleased));
+            return Err(exceeded(lease.available() + st.unleased, st.lifetime_bound));
         }
         lease.reserved += amount.0;
         Ok(Reservation {
@@ -286,6 +301,7 @@ mod tests {
                 granted_micros: g,
                 lease_total_micros: 0,
                 unleased_micros: avail - g,
+                lifetime_bound: false,
                 expires_at: Some(keycap_proto::time::to_proto(
                     Utc::now() + chrono::Duration::hours(1),
                 )),

@@ -41,6 +41,8 @@ pub enum Refusal {
         remaining: Micros,
         resets_at: DateTime<Utc>,
     },
+    #[error("this call would exceed the key's lifetime cap, which never resets")]
+    LifetimeCapExceeded { cap: Micros, remaining: Micros },
     #[error("budget for this key cannot be confirmed right now; nothing was forwarded")]
     BudgetUnavailable,
     #[error("this proxy has not received its policy yet; nothing was forwarded")]
@@ -68,6 +70,7 @@ impl Refusal {
             Refusal::Unpriceable { code, .. } => code,
             Refusal::PerCallCapExceeded { .. } => "per_call_cap_exceeded",
             Refusal::DailyCapExceeded { .. } => "daily_cap_exceeded",
+            Refusal::LifetimeCapExceeded { .. } => "lifetime_cap_exceeded",
             Refusal::BudgetUnavailable => "budget_unavailable",
             Refusal::PolicyUnavailable => "policy_unavailable",
             Refusal::ResponseTooLarge => "upstream_response_too_large",
@@ -84,9 +87,11 @@ impl Refusal {
             Refusal::InvalidKey | Refusal::KeyExpired | Refusal::KeyRevoked => {
                 StatusCode::UNAUTHORIZED
             }
-            Refusal::EndpointNotAllowed(_) | Refusal::PerCallCapExceeded { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            // Lifetime exhaustion is final for this key: 403, not the 429
+            // that tells clients to come back later.
+            Refusal::EndpointNotAllowed(_)
+            | Refusal::PerCallCapExceeded { .. }
+            | Refusal::LifetimeCapExceeded { .. } => StatusCode::FORBIDDEN,
             Refusal::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::DailyCapExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BudgetUnavailable | Refusal::PolicyUnavailable => {
@@ -115,6 +120,11 @@ impl Refusal {
                 let secs = (*resets_at - now).num_seconds().max(1);
                 retry_after = Some(secs);
             }
+            Refusal::LifetimeCapExceeded { cap, remaining } => {
+                body["cap_usd"] = serde_json::to_value(cap.to_json_usd()).unwrap_or_default();
+                body["remaining_usd"] =
+                    serde_json::to_value(remaining.to_json_usd()).unwrap_or_default();
+            }
             Refusal::PerCallCapExceeded { cost, cap } => {
                 body["cost_usd"] = serde_json::to_value(cost.to_json_usd()).unwrap_or_default();
                 body["per_call_cap_usd"] =
@@ -135,9 +145,12 @@ impl Refusal {
         if let Some(secs) = retry_after {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if matches!(self, Refusal::DailyCapExceeded { .. }) {
+        if matches!(
+            self,
+            Refusal::DailyCapExceeded { .. } | Refusal::LifetimeCapExceeded { .. }
+        ) {
             // Tells generic HTTP clients (and Stripe's) not to retry before
-            // the reset named in the body.
+            // the reset named in the body (for a lifetime cap: ever).
             h.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp

@@ -15,7 +15,7 @@
 pub mod body;
 pub mod budget;
 pub mod config;
-pub mod endpoint;
+pub use keycap_proto::endpoint;
 pub mod error;
 pub mod fleet;
 pub mod policy;

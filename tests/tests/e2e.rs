@@ -1112,6 +1112,37 @@ async fn per_call_cap_refuses_a_single_large_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifetime_cap_refusal_says_it_never_resets() {
+    let (stack, mock) = stack_with_stripe().await;
+    let mut body = stripe_key_body(json!(100), &["POST /v1/payment_intents"], "life/1");
+    body["lifetime_usd_cap"] = json!(5);
+    let key = stack.mint(&body).await;
+    let agent = stack.agent(&key.secret);
+    agent
+        .post_form("/stripe/v1/payment_intents", "amount=300&currency=usd")
+        .await
+        .expect(200);
+    // $2 left over the key's life while $97 is left today: the lifetime cap
+    // is what refuses, and nothing about it resets at midnight.
+    let r = agent
+        .post_form("/stripe/v1/payment_intents", "amount=300&currency=usd")
+        .await;
+    let refused = r.expect_error(403, "lifetime_cap_exceeded");
+    assert_eq!(refused["cap_usd"].as_f64(), Some(5.0), "{refused}");
+    assert_eq!(refused["remaining_usd"].as_f64(), Some(2.0), "{refused}");
+    assert!(refused.get("resets_at").is_none(), "{refused}");
+    assert_eq!(r.header("retry-after"), None);
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert_eq!(mock.forwarded_stripe_amount(), 300);
+    // What is left can still be spent.
+    agent
+        .post_form("/stripe/v1/payment_intents", "amount=200&currency=usd")
+        .await
+        .expect(200);
+    assert_eq!(mock.forwarded_stripe_amount(), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_charge_releases_its_reservation() {
     let (stack, mock) = stack_with_stripe().await;
     let key = stack
@@ -1244,6 +1275,23 @@ async fn bad_admin_input_is_refused_and_creates_nothing() {
             with("agent_run_label", json!("")),
             "agent_run_label",
         ),
+        // Patterns the proxy could never match: accepting them would mint
+        // a key every proxy drops, and the agent would see invalid_key.
+        (
+            "trailing slash",
+            with("allowed_endpoints", json!(["GET /v1/customers/"])),
+            "allowed_endpoints",
+        ),
+        (
+            "empty segment",
+            with("allowed_endpoints", json!(["GET /v1//customers"])),
+            "allowed_endpoints",
+        ),
+        (
+            "non-ASCII path",
+            with("allowed_endpoints", json!(["GET /v1/caf\u{e9}"])),
+            "allowed_endpoints",
+        ),
     ];
     for (what, body, field) in &bad_keys {
         let r = admin.post_json("/vault/keys", body).await;
@@ -1282,6 +1330,12 @@ async fn bad_admin_input_is_refused_and_creates_nothing() {
             "other",
             json!({"profile": "stripe", "base_url": "ftp://example.com", "credential": "x"}),
             "base_url",
+        ),
+        (
+            "credential that cannot go in a header",
+            "other",
+            json!({"profile": "stripe", "base_url": mock.url(), "credential": "sk_caf\u{e9}"}),
+            "credential",
         ),
         (
             "bad currency rate",

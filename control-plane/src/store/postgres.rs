@@ -448,7 +448,7 @@ impl Store for PgStore {
         .ok_or_else(|| StoreError::NotFound(format!("key {}", req.key_id)))?;
 
         let prior: Option<GrantRow> = sqlx::query_as(
-            "SELECT lease_id, granted, lease_total, unleased, expires_at \
+            "SELECT lease_id, granted, lease_total, unleased, expires_at, lifetime_bound \
              FROM lease_grants WHERE grant_id = $1",
         )
         .bind(&req.grant_id)
@@ -495,7 +495,8 @@ impl Store for PgStore {
         .bind(micros(now))
         .fetch_one(&mut *tx)
         .await?;
-        let (granted, unleased) = decide_grant(&key, usage, req.requested, req.minimum);
+        let decision = decide_grant(&key, usage, req.requested, req.minimum);
+        let granted = decision.granted;
 
         let (lease_total, expires_at) = match &lease {
             Some(l) => {
@@ -527,12 +528,14 @@ impl Store for PgStore {
             lease_id: req.lease_id.clone(),
             granted,
             lease_total,
-            unleased,
+            unleased: decision.unleased,
             expires_at,
+            lifetime_bound: decision.lifetime_bound,
         };
         sqlx::query(
-            "INSERT INTO lease_grants (grant_id, lease_id, granted, lease_total, unleased, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO lease_grants \
+             (grant_id, lease_id, granted, lease_total, unleased, expires_at, lifetime_bound) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&req.grant_id)
         .bind(&answer.lease_id)
@@ -540,6 +543,7 @@ impl Store for PgStore {
         .bind(answer.lease_total)
         .bind(answer.unleased)
         .bind(answer.expires_at)
+        .bind(answer.lifetime_bound)
         .execute(&mut *tx)
         .await
         .map_err(|e| conflict_on_unique(e, || format!("grant {} exists", req.grant_id)))?;

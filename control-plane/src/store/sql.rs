@@ -267,6 +267,7 @@ pub(super) struct GrantRow {
     pub lease_total: i64,
     pub unleased: i64,
     pub expires_at: i64,
+    pub lifetime_bound: bool,
 }
 
 impl GrantRow {
@@ -276,6 +277,7 @@ impl GrantRow {
             lease_total: Micros(self.lease_total),
             unleased: Micros(self.unleased),
             expires_at: from_micros(self.expires_at, "lease_grants.expires_at")?,
+            lifetime_bound: self.lifetime_bound,
         })
     }
 }
@@ -347,8 +349,18 @@ pub(super) fn check_grant(
     }
 }
 
+/// What a grant decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct GrantDecision {
+    pub granted: i64,
+    /// Left outside every live lease after this grant.
+    pub unleased: i64,
+    /// The lifetime cap, not the daily one, is what limits the key now.
+    pub lifetime_bound: bool,
+}
+
 /// The budget rule of a lease grant: how much of `requested` to grant and
-/// how much stays unleased afterwards, as (granted, unleased).
+/// how much stays unleased afterwards.
 ///
 /// available = min(daily_cap - spent_day - leased_day,
 ///                 lifetime_cap - spent_life - leased_life), at least 0;
@@ -359,26 +371,28 @@ pub(super) fn decide_grant(
     usage: UsageRow,
     requested: Micros,
     minimum: Micros,
-) -> (i64, i64) {
+) -> GrantDecision {
     let day = key
         .daily_cap
         .saturating_sub(usage.spent_day)
         .saturating_sub(usage.leased_day);
-    let available = match key.lifetime_cap {
-        Some(cap) => day.min(
-            cap.saturating_sub(usage.spent_life)
-                .saturating_sub(usage.leased_life),
-        ),
-        None => day,
-    }
-    .max(0);
+    let life = key.lifetime_cap.map(|cap| {
+        cap.saturating_sub(usage.spent_life)
+            .saturating_sub(usage.leased_life)
+    });
+    let lifetime_bound = life.is_some_and(|l| l < day);
+    let available = life.map_or(day, |l| day.min(l)).max(0);
     let want = requested.0.min(available);
     let granted = if want > 0 && want >= minimum.0 {
         want
     } else {
         0
     };
-    (granted, available - granted)
+    GrantDecision {
+        granted,
+        unleased: available - granted,
+        lifetime_bound,
+    }
 }
 
 #[cfg(test)]
@@ -403,42 +417,79 @@ mod tests {
         }
     }
 
+    fn pair(d: GrantDecision) -> (i64, i64) {
+        (d.granted, d.unleased)
+    }
+
     #[test]
     fn grants_what_is_left_of_the_tighter_cap() {
         let u = usage(30, 30, 20, 20);
         assert_eq!(
-            decide_grant(&key(100, None), u, Micros(80), Micros(0)),
+            pair(decide_grant(&key(100, None), u, Micros(80), Micros(0))),
             (50, 0)
         );
         assert_eq!(
-            decide_grant(&key(100, None), u, Micros(10), Micros(0)),
+            pair(decide_grant(&key(100, None), u, Micros(10), Micros(0))),
             (10, 40)
         );
         let u = usage(0, 900, 0, 50);
         assert_eq!(
-            decide_grant(&key(100, Some(1000)), u, Micros(80), Micros(0)),
+            pair(decide_grant(
+                &key(100, Some(1000)),
+                u,
+                Micros(80),
+                Micros(0)
+            )),
             (50, 0)
         );
+    }
+
+    #[test]
+    fn says_which_cap_binds() {
+        // Daily budget left 100, lifetime left 60: the lifetime cap binds.
+        let d = decide_grant(
+            &key(100, Some(1000)),
+            usage(0, 940, 0, 0),
+            Micros(80),
+            Micros(0),
+        );
+        assert_eq!((d.granted, d.unleased, d.lifetime_bound), (60, 0, true));
+        // Lifetime left 500, daily left 40: the daily cap binds.
+        let d = decide_grant(
+            &key(100, Some(1000)),
+            usage(60, 500, 0, 0),
+            Micros(80),
+            Micros(0),
+        );
+        assert_eq!((d.granted, d.unleased, d.lifetime_bound), (40, 0, false));
+        // No lifetime cap: always the daily one.
+        let d = decide_grant(&key(100, None), usage(100, 100, 0, 0), Micros(1), Micros(1));
+        assert_eq!((d.granted, d.lifetime_bound), (0, false));
     }
 
     #[test]
     fn minimum_and_exhaustion_grant_nothing() {
         let u = usage(95, 95, 0, 0);
         assert_eq!(
-            decide_grant(&key(100, None), u, Micros(10), Micros(6)),
+            pair(decide_grant(&key(100, None), u, Micros(10), Micros(6))),
             (0, 5)
         );
         assert_eq!(
-            decide_grant(&key(100, None), u, Micros(10), Micros(5)),
+            pair(decide_grant(&key(100, None), u, Micros(10), Micros(5))),
             (5, 0)
         );
         let over = usage(150, 150, 0, 0);
         assert_eq!(
-            decide_grant(&key(100, None), over, Micros(10), Micros(0)),
+            pair(decide_grant(&key(100, None), over, Micros(10), Micros(0))),
             (0, 0)
         );
         assert_eq!(
-            decide_grant(&key(100, None), usage(0, 0, 0, 0), Micros(-5), Micros(0)),
+            pair(decide_grant(
+                &key(100, None),
+                usage(0, 0, 0, 0),
+                Micros(-5),
+                Micros(0)
+            )),
             (0, 100)
         );
     }

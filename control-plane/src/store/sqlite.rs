@@ -485,7 +485,7 @@ impl Store for SqliteStore {
         .ok_or_else(|| StoreError::NotFound(format!("key {}", req.key_id)))?;
 
         let prior: Option<GrantRow> = sqlx::query_as(
-            "SELECT lease_id, granted, lease_total, unleased, expires_at \
+            "SELECT lease_id, granted, lease_total, unleased, expires_at, lifetime_bound \
              FROM lease_grants WHERE grant_id = ?",
         )
         .bind(&req.grant_id)
@@ -532,7 +532,8 @@ impl Store for SqliteStore {
         .bind(micros(now))
         .fetch_one(w.conn())
         .await?;
-        let (granted, unleased) = decide_grant(&key, usage, req.requested, req.minimum);
+        let decision = decide_grant(&key, usage, req.requested, req.minimum);
+        let granted = decision.granted;
 
         let (lease_total, expires_at) = match &lease {
             Some(l) => {
@@ -564,12 +565,14 @@ impl Store for SqliteStore {
             lease_id: req.lease_id.clone(),
             granted,
             lease_total,
-            unleased,
+            unleased: decision.unleased,
             expires_at,
+            lifetime_bound: decision.lifetime_bound,
         };
         sqlx::query(
-            "INSERT INTO lease_grants (grant_id, lease_id, granted, lease_total, unleased, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO lease_grants \
+             (grant_id, lease_id, granted, lease_total, unleased, expires_at, lifetime_bound) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&req.grant_id)
         .bind(&answer.lease_id)
@@ -577,6 +580,7 @@ impl Store for SqliteStore {
         .bind(answer.lease_total)
         .bind(answer.unleased)
         .bind(answer.expires_at)
+        .bind(answer.lifetime_bound)
         .execute(w.conn())
         .await?;
         w.commit().await?;

@@ -1,0 +1,5 @@
+-- Which cap limited a grant: the lifetime cap (true) or the daily cap. A
+-- proxy refusing a call tells the agent which, since only the daily one
+-- resets at midnight. Stored with the answer so a retried grant says the
+-- same.
+ALTER TABLE lease_grants ADD COLUMN lifetime_bound BOOLEAN NOT NULL DEFAULT FALSE;
