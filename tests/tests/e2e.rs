@@ -19,6 +19,9 @@ use keycap_tests::mock::{self, MockVendor};
 use keycap_tests::pg;
 use serde_json::{json, Value};
 
+#[path = "e2e/grpc.rs"]
+mod grpc;
+
 const STRIPE_CREDENTIAL: &str = "sk_live_51KeycapE2eRealStripeCredentialDoNotLeak";
 const OPENAI_CREDENTIAL: &str = "sk-proj-KeycapE2eRealOpenAiCredentialDoNotLeak";
 const RUN_LABEL: &str = "make-billing-scenario/4711";
