@@ -274,22 +274,34 @@ fn http_client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
-async fn is_ok(http: &reqwest::Client, url: &str) -> bool {
-    matches!(
-        http.get(url).timeout(Duration::from_secs(2)).send().await,
-        Ok(r) if r.status() == reqwest::StatusCode::OK
-    )
+/// When a started process counts as up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every readiness URL answers 200 (a proxy: it has its policy).
+    Healthy,
+    /// Every readiness URL answers with any HTTP status: the process
+    /// listens, whether or not it is healthy (a proxy cut off from its
+    /// control plane answers 503).
+    Listening,
+}
+
+async fn is_up(http: &reqwest::Client, url: &str, readiness: Readiness) -> bool {
+    match http.get(url).timeout(Duration::from_secs(2)).send().await {
+        Ok(r) => readiness == Readiness::Listening || r.status() == reqwest::StatusCode::OK,
+        Err(_) => false,
+    }
 }
 
 /// Starts a process on the ports `ports()` picks and waits until every URL
-/// `ready_urls` names answers 200. Retries with new ports when the process
-/// exits because a port was taken.
+/// `ready_urls` names is up as `readiness` says. Retries with new ports when
+/// the process exits because a port was taken.
 async fn launch(
     name: &str,
     log: &Path,
     mut ports: impl FnMut() -> Vec<u16>,
     command: impl Fn(&[u16]) -> Command,
     ready_urls: impl Fn(&[u16]) -> Vec<String>,
+    readiness: Readiness,
 ) -> (ChildProcess, Vec<u16>) {
     let http = http_client();
     for attempt in 1..=START_ATTEMPTS {
@@ -309,7 +321,7 @@ async fn launch(
             }
             let mut ready = true;
             for u in &urls {
-                if !is_ok(&http, u).await {
+                if !is_up(&http, u, readiness).await {
                     ready = false;
                     break;
                 }
@@ -437,6 +449,7 @@ impl Control {
                 cmd
             },
             |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],
+            Readiness::Healthy,
         )
         .await;
         (process, ports[0])
@@ -460,6 +473,15 @@ impl Control {
         &self.process
     }
 
+    /// The directory holding the SQLite database and its `-wal`/`-shm`
+    /// files; `None` on PostgreSQL.
+    pub fn database_dir(&self) -> Option<&Path> {
+        match &self.opts.database {
+            Database::Sqlite(dir) => Some(dir.path()),
+            Database::Postgres(_) => None,
+        }
+    }
+
     /// SIGKILLs the control plane (no graceful shutdown).
     pub async fn kill(&mut self) {
         self.process.kill().await;
@@ -476,7 +498,42 @@ impl Control {
 
 // --- proxy --------------------------------------------------------------------
 
-/// A running `keycap-proxy`, ready (it has its policy).
+/// How to start a proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyOpts {
+    pub node_id: String,
+    /// Flags added to the command line, e.g. `--upstream-timeout-secs 1`
+    /// (see data-plane/src/config.rs).
+    pub args: Vec<String>,
+    /// `Healthy` (the default) waits until the proxy has its policy;
+    /// `Listening` only until it answers, for a proxy that cannot get one.
+    pub readiness: Readiness,
+}
+
+impl ProxyOpts {
+    pub fn new(node_id: &str) -> ProxyOpts {
+        ProxyOpts {
+            node_id: node_id.to_string(),
+            args: Vec::new(),
+            readiness: Readiness::Healthy,
+        }
+    }
+
+    /// Adds `--<flag> <value>`.
+    pub fn flag(mut self, flag: &str, value: impl ToString) -> ProxyOpts {
+        self.args.push(format!("--{flag}"));
+        self.args.push(value.to_string());
+        self
+    }
+
+    pub fn readiness(mut self, readiness: Readiness) -> ProxyOpts {
+        self.readiness = readiness;
+        self
+    }
+}
+
+/// A running `keycap-proxy`: ready (it has its policy) unless started with
+/// `Readiness::Listening`.
 pub struct Proxy {
     process: ChildProcess,
     port: u16,
@@ -486,6 +543,10 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(control_url: &str, fleet_token: &str, node_id: &str) -> Proxy {
+        Proxy::start_with(control_url, fleet_token, &ProxyOpts::new(node_id)).await
+    }
+
+    pub async fn start_with(control_url: &str, fleet_token: &str, opts: &ProxyOpts) -> Proxy {
         let logs = log_dir();
         let log = logs.path().join("keycap-proxy.log");
         let (process, ports) = launch(
@@ -499,17 +560,19 @@ impl Proxy {
                     .arg("--control-url")
                     .arg(control_url)
                     .arg("--node-id")
-                    .arg(node_id)
+                    .arg(&opts.node_id)
+                    .args(&opts.args)
                     .env("KEYCAP_FLEET_TOKEN", fleet_token);
                 cmd
             },
             |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],
+            opts.readiness,
         )
         .await;
         Proxy {
             process,
             port: ports[0],
-            node_id: node_id.to_string(),
+            node_id: opts.node_id.clone(),
             _logs: logs,
         }
     }
@@ -544,6 +607,17 @@ pub struct Dev {
 impl Dev {
     /// Starts `keycap dev` with `KEYCAP_ADMIN_TOKEN` set to `admin_token`.
     pub async fn start(admin_token: &str) -> Dev {
+        Dev::boot(Some(admin_token)).await
+    }
+
+    /// Starts `keycap dev` without `KEYCAP_ADMIN_TOKEN`, so that it makes
+    /// up its own admin token; `admin_token` is then what it wrote to
+    /// `<data dir>/admin-token`.
+    pub async fn start_generating_admin_token() -> Dev {
+        Dev::boot(None).await
+    }
+
+    async fn boot(admin_token: Option<&str>) -> Dev {
         let logs = log_dir();
         let data_dir = tempfile::Builder::new()
             .prefix("keycap-e2e-dev-")
@@ -564,8 +638,10 @@ impl Dev {
                     .arg("--control-listen")
                     .arg(format!("127.0.0.1:{}", p[1]))
                     .arg("--sandbox-listen")
-                    .arg(format!("127.0.0.1:{}", p[2]))
-                    .env("KEYCAP_ADMIN_TOKEN", admin_token);
+                    .arg(format!("127.0.0.1:{}", p[2]));
+                if let Some(token) = admin_token {
+                    cmd.env("KEYCAP_ADMIN_TOKEN", token);
+                }
                 cmd
             },
             |p| {
@@ -574,14 +650,26 @@ impl Dev {
                     format!("http://127.0.0.1:{}/healthz", p[0]),
                 ]
             },
+            Readiness::Healthy,
         )
         .await;
+        let admin_token = match admin_token {
+            Some(t) => t.to_string(),
+            // Written before either plane listens, so it is there by now.
+            None => {
+                let path = data_dir.path().join("admin-token");
+                std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("keycap dev wrote no {}: {e}", path.display()))
+                    .trim()
+                    .to_string()
+            }
+        };
         Dev {
             process,
             proxy_url: format!("http://127.0.0.1:{}", p[0]),
             control_url: format!("http://127.0.0.1:{}", p[1]),
             sandbox_url: format!("http://127.0.0.1:{}", p[2]),
-            admin_token: admin_token.to_string(),
+            admin_token,
             data_dir,
             _logs: logs,
         }
@@ -810,6 +898,24 @@ impl Api {
         .await
     }
 
+    /// POSTs JSON and returns as soon as the response head has arrived,
+    /// for a test that reads the body as it comes (`chunk()`). Panics only
+    /// when nothing answered.
+    pub async fn post_json_streaming(&self, path: &str, body: &Value) -> reqwest::Response {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(a) = &self.authorization {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: no response: {e}"))
+    }
+
     /// POST with a raw body and content type (for malformed input).
     pub async fn post_raw(&self, path: &str, content_type: &str, body: &str) -> Resp {
         self.send(
@@ -984,8 +1090,13 @@ impl Stack {
     }
 
     pub async fn start_with(opts: ControlOpts) -> Stack {
+        Stack::start_with_proxy(opts, ProxyOpts::new("e2e-proxy")).await
+    }
+
+    /// A control plane, and a proxy started with `proxy` (extra flags).
+    pub async fn start_with_proxy(opts: ControlOpts, proxy: ProxyOpts) -> Stack {
         let control = Control::start(opts).await;
-        let proxy = Proxy::start(&control.url(), &control.opts.fleet_token, "e2e-proxy").await;
+        let proxy = Proxy::start_with(&control.url(), &control.opts.fleet_token, &proxy).await;
         let admin = control.admin();
         Stack {
             proxy,

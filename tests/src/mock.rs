@@ -11,13 +11,18 @@
 //! Routes:
 //! * `POST /v1/payment_intents`, `POST /v1/charges`: form (or JSON) body with
 //!   `amount`; 401 on a wrong credential, 400 without an integer amount, 402
-//!   `card_declined` when `amount` is 402, else 200.
+//!   `card_declined` when `amount` is 402, else 200 (echoing `description`,
+//!   as Stripe does, so a test can make a response as large as it needs).
 //! * `GET /v1/customers/{*rest}`: 200.
 //! * `POST /v1/chat/completions`: JSON body; non-streamed JSON with `usage`,
 //!   or `text/event-stream` when `"stream": true` (a final usage chunk when
 //!   `stream_options.include_usage` is true), ending with `data: [DONE]`.
 //! * `POST /v1/fail500`: 500.
 //! * anything else: 404 (still recorded).
+//!
+//! A test can hold the responses to one path until it releases them
+//! (`MockVendor::hold`): the whole response, or a streamed completion after
+//! its first event. A held call is recorded when it arrives, before it waits.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +36,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// Prompt tokens the mock reports for every chat completion.
 pub const CHAT_PROMPT_TOKENS: u64 = 42;
@@ -93,10 +100,51 @@ impl RecordedCall {
     }
 }
 
+/// Where a held response waits for the test to release it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldAt {
+    /// Before anything is sent: no status line, no headers.
+    Response,
+    /// A streamed chat completion sends its first event, then waits before
+    /// the rest (the usage chunk included). Other responses are not held.
+    AfterFirstEvent,
+}
+
+/// Holds the mock's responses to one path until `release` is called or the
+/// value is dropped (so no handler is left waiting after a test).
+pub struct Hold {
+    released: watch::Sender<bool>,
+}
+
+impl Hold {
+    /// Lets every held response (and every later one) proceed.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+struct HeldPath {
+    path: String,
+    at: HoldAt,
+    released: watch::Receiver<bool>,
+}
+
+/// Waits until a hold is released (or its `Hold` is gone).
+async fn until_released(mut released: watch::Receiver<bool>) {
+    let _ = released.wait_for(|r| *r).await;
+}
+
 /// What the router shares between requests.
 struct MockState {
     credential: String,
     calls: Mutex<Vec<RecordedCall>>,
+    holds: Mutex<Vec<HeldPath>>,
     /// Sum of `amount` of every charge answered 2xx, in minor units.
     stripe_amount: AtomicI64,
     next_id: AtomicU64,
@@ -150,6 +198,22 @@ impl MockVendor {
         self.state.stripe_amount.load(Ordering::SeqCst)
     }
 
+    /// Holds responses to `path` (any method) at `at` until the returned
+    /// `Hold` is released or dropped. The latest hold on a path wins.
+    pub fn hold(&self, path: &str, at: HoldAt) -> Hold {
+        let (released, rx) = watch::channel(false);
+        self.state
+            .holds
+            .lock()
+            .expect("mock holds lock")
+            .push(HeldPath {
+                path: path.to_string(),
+                at,
+                released: rx,
+            });
+        Hold { released }
+    }
+
     /// Forgets recorded calls and the charged total.
     pub fn reset(&self) {
         self.state.calls.lock().expect("mock calls lock").clear();
@@ -167,6 +231,7 @@ fn new_state(credential: &str) -> Arc<MockState> {
     Arc::new(MockState {
         credential: credential.to_string(),
         calls: Mutex::new(Vec::new()),
+        holds: Mutex::new(Vec::new()),
         stripe_amount: AtomicI64::new(0),
         next_id: AtomicU64::new(1),
     })
@@ -221,6 +286,22 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         .lock()
         .expect("mock calls lock")
         .push(call.clone());
+    let hold = state
+        .holds
+        .lock()
+        .expect("mock holds lock")
+        .iter()
+        .rev()
+        .find(|h| h.path == call.path)
+        .map(|h| (h.at, h.released.clone()));
+    let mid_stream = match hold {
+        Some((HoldAt::Response, released)) => {
+            until_released(released).await;
+            None
+        }
+        Some((HoldAt::AfterFirstEvent, released)) => Some(released),
+        None => None,
+    };
 
     match (call.method.as_str(), call.path.as_str()) {
         ("POST", "/v1/payment_intents") => stripe_charge(&state, &call, "payment_intent", "pi"),
@@ -228,7 +309,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         ("GET", p) if customer_path(p).is_some() => {
             stripe_customer(&state, &call, customer_path(p).unwrap_or_default())
         }
-        ("POST", "/v1/chat/completions") => chat_completion(&state, &call),
+        ("POST", "/v1/chat/completions") => chat_completion(&state, &call, mid_stream),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),
@@ -267,8 +348,15 @@ fn stripe_unauthorized() -> Response {
     )
 }
 
-/// `amount` and `currency` from a form or JSON body, as text.
-fn charge_params(call: &RecordedCall) -> (Option<String>, Option<String>) {
+/// `amount`, `currency` and `description` of a charge, from a form or JSON
+/// body, as text.
+struct ChargeParams {
+    amount: Option<String>,
+    currency: Option<String>,
+    description: Option<String>,
+}
+
+fn charge_params(call: &RecordedCall) -> ChargeParams {
     let is_json = call
         .header("content-type")
         .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"));
@@ -279,25 +367,37 @@ fn charge_params(call: &RecordedCall) -> (Option<String>, Option<String>) {
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
-        return (text("amount"), text("currency"));
+        return ChargeParams {
+            amount: text("amount"),
+            currency: text("currency"),
+            description: text("description"),
+        };
     }
-    let mut amount = None;
-    let mut currency = None;
+    let mut p = ChargeParams {
+        amount: None,
+        currency: None,
+        description: None,
+    };
     for (k, v) in form_urlencoded::parse(&call.body) {
         match &*k {
-            "amount" => amount = Some(v.into_owned()),
-            "currency" => currency = Some(v.into_owned()),
+            "amount" => p.amount = Some(v.into_owned()),
+            "currency" => p.currency = Some(v.into_owned()),
+            "description" => p.description = Some(v.into_owned()),
             _ => {}
         }
     }
-    (amount, currency)
+    p
 }
 
 fn stripe_charge(state: &MockState, call: &RecordedCall, object: &str, prefix: &str) -> Response {
     if !authorized(state, call) {
         return stripe_unauthorized();
     }
-    let (amount, currency) = charge_params(call);
+    let ChargeParams {
+        amount,
+        currency,
+        description,
+    } = charge_params(call);
     let Some(amount_text) = amount else {
         return stripe_error(
             StatusCode::BAD_REQUEST,
@@ -326,6 +426,7 @@ fn stripe_charge(state: &MockState, call: &RecordedCall, object: &str, prefix: &
         "object": object,
         "amount": amount,
         "currency": currency.unwrap_or_default(),
+        "description": description,
         "status": "succeeded",
         "livemode": false,
     }))
@@ -407,7 +508,13 @@ pub fn chat_stream_body(model: &str, include_usage: bool, usage: (u64, u64)) -> 
         .collect()
 }
 
-fn chat_completion(state: &MockState, call: &RecordedCall) -> Response {
+/// A chat completion; a streamed one waits for `mid_stream` (when set)
+/// after its first event.
+fn chat_completion(
+    state: &MockState,
+    call: &RecordedCall,
+    mid_stream: Option<watch::Receiver<bool>>,
+) -> Response {
     if !authorized(state, call) {
         return (
             StatusCode::UNAUTHORIZED,
@@ -442,12 +549,28 @@ fn chat_completion(state: &MockState, call: &RecordedCall) -> Response {
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let frames: Vec<Result<Bytes, Infallible>> =
-            chat_stream_events(&model, include_usage, usage)
-                .into_iter()
-                .map(|e| Ok(Bytes::from(format!("data: {e}\n\n"))))
-                .collect();
-        let mut resp = Response::new(Body::from_stream(futures_util::stream::iter(frames)));
+        let frames: Vec<Bytes> = chat_stream_events(&model, include_usage, usage)
+            .into_iter()
+            .map(|e| Bytes::from(format!("data: {e}\n\n")))
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(frames.len());
+        tokio::spawn(async move {
+            let mut frames = frames.into_iter();
+            if let Some(first) = frames.next() {
+                if tx.send(Ok(first)).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(released) = mid_stream {
+                until_released(released).await;
+            }
+            for f in frames {
+                if tx.send(Ok(f)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut resp = Response::new(Body::from_stream(ReceiverStream::new(rx)));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),

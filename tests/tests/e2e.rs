@@ -469,6 +469,9 @@ async fn issue_rest_flow(stack: &Stack, admin: &Api) {
     r.expect(200);
 }
 
+#[path = "e2e/proxy_edges.rs"]
+mod proxy_edges;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;

@@ -1,0 +1,494 @@
+//! The proxy's edges: how it streams, times out, bounds what it buffers,
+//! fails closed without its control plane, and what it (and the control
+//! plane) leave behind on disk. Included from `e2e.rs`, whose helpers these
+//! tests share.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keycap_proto::secret::{self, SecretKind};
+use keycap_tests::harness::{
+    self, wait_until, within, Api, ControlOpts, Dev, Proxy, ProxyOpts, Readiness, Stack,
+    POLICY_TIMEOUT, READY_TIMEOUT,
+};
+use keycap_tests::mock::{self, HoldAt, MockVendor};
+use serde_json::{json, Value};
+
+use super::{
+    assert_mock_never_saw, assert_resp_lacks, openai_cost, stack_with_openai, stack_with_stripe,
+    stripe_key_body, STRIPE_CREDENTIAL,
+};
+
+/// How long a piece of a response the vendor has already sent may take to
+/// come through the proxy. Far above a pass-through's latency, far below
+/// the test's other timeouts, so a proxy that buffers fails here.
+const PASS_THROUGH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A proxy started with extra flags, its control plane, and a Stripe mock
+/// registered as `stripe`.
+async fn stack_with_stripe_and_proxy(proxy: ProxyOpts) -> (Stack, MockVendor) {
+    let stack = Stack::start_with_proxy(ControlOpts::sqlite(), proxy).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    (stack, mock)
+}
+
+/// The only audit entry of key `id`, once it has arrived.
+async fn only_audit_entry(stack: &Stack, id: &str) -> Value {
+    stack.wait_audit(&format!("key_id={id}"), 1).await.remove(0)
+}
+
+// --- streaming ---------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_reach_the_agent_as_the_vendor_sends_them() {
+    let (stack, mock, key) = stack_with_openai().await;
+    let model = "gpt-4o";
+    let request = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Stream a hello, slowly."}],
+        "max_tokens": 500,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let usage = mock::chat_usage(&request);
+    let events = mock::chat_stream_events(model, true, usage);
+    let first_event = format!("data: {}\n\n", events[0]);
+
+    // The vendor sends its first event, then nothing (not even the usage
+    // chunk the cost comes from) until the test says so.
+    let hold = mock.hold("/v1/chat/completions", HoldAt::AfterFirstEvent);
+    let mut resp = tokio::time::timeout(
+        PASS_THROUGH_TIMEOUT,
+        stack
+            .agent(&key.secret)
+            .post_json_streaming("/openai/v1/chat/completions", &request),
+    )
+    .await
+    .expect("no response head while the vendor held the rest of its stream");
+    assert_eq!(resp.status(), 200);
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type:?}"
+    );
+
+    let mut received: Vec<u8> = Vec::new();
+    let first = async {
+        while !received.windows(2).any(|w| w == b"\n\n") {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => received.extend_from_slice(&chunk),
+                Ok(None) => panic!("the stream ended before the vendor was released"),
+                Err(e) => panic!("the stream failed before the vendor was released: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(PASS_THROUGH_TIMEOUT, first)
+        .await
+        .expect("the vendor's first event did not come through while it held the rest: the proxy buffers the stream");
+    assert_eq!(String::from_utf8_lossy(&received), first_event);
+
+    hold.release();
+    let rest = async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => received.extend_from_slice(&chunk),
+                Ok(None) => return,
+                Err(e) => panic!("the stream failed after the vendor was released: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(PASS_THROUGH_TIMEOUT, rest)
+        .await
+        .expect("the rest of the stream did not come through after the release");
+    assert_eq!(
+        String::from_utf8_lossy(&received),
+        mock::chat_stream_body(model, true, usage)
+    );
+    assert_mock_never_saw(&mock, &key.secret);
+
+    // The cost comes from the usage chunk that arrived after the hold.
+    let cost = openai_cost(model, usage);
+    let e = only_audit_entry(&stack, &key.id).await;
+    assert_eq!(e["outcome"], "settled", "{e}");
+    assert_eq!(e["cost_micros"], cost, "{e}");
+    assert!(
+        e["reserved_micros"].as_i64().is_some_and(|r| r > cost),
+        "{e}"
+    );
+    stack.wait_key_spend(&key.id, cost, 1).await;
+}
+
+// --- upstream failures -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vendor_that_does_not_answer_in_time_is_a_504_settled_at_the_reservation() {
+    let (stack, mock) =
+        stack_with_stripe_and_proxy(ProxyOpts::new("e2e-proxy").flag("upstream-timeout-secs", 1))
+            .await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "timeout/1",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    let hold = mock.hold("/v1/payment_intents", HoldAt::Response);
+
+    let sent = Instant::now();
+    let r = agent
+        .post_form("/stripe/v1/payment_intents", "amount=500&currency=usd")
+        .await;
+    let waited = sent.elapsed();
+    r.expect_error(504, "upstream_timeout");
+    assert_resp_lacks(&r, STRIPE_CREDENTIAL);
+    assert!(
+        !r.text.contains(&mock.addr().port().to_string()),
+        "internal address leaked: {}",
+        r.text
+    );
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(15),
+        "answered after {waited:?}, not after the configured 1 s"
+    );
+    // The call did reach the vendor, which may have charged it: the
+    // reservation is kept, not released.
+    assert_eq!(mock.calls().len(), 1);
+    let e = only_audit_entry(&stack, &key.id).await;
+    assert_eq!(e["outcome"], "settled_at_reservation", "{e}");
+    assert_eq!(e["reserved_micros"], 5_000_000, "{e}");
+    assert_eq!(e["cost_micros"], 5_000_000, "{e}");
+    stack.wait_key_spend(&key.id, 5_000_000, 1).await;
+
+    // A vendor that answers again is served as usual.
+    hold.release();
+    agent
+        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 6_000_000, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priced_response_over_the_limit_is_a_502_settled_at_the_reservation() {
+    let limit = 4096;
+    let (stack, mock) =
+        stack_with_stripe_and_proxy(ProxyOpts::new("e2e-proxy").flag("max-response-bytes", limit))
+            .await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "large/1",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+
+    // Under the limit: passed back whole.
+    let fits = agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&description=small",
+        )
+        .await;
+    let body = fits.expect(200);
+    assert_eq!(body["description"], "small");
+    assert!(fits.text.len() < limit, "{}", fits.text.len());
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+
+    // The vendor echoes the description: twice the limit comes back.
+    let description = "x".repeat(2 * limit);
+    let r = agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            &format!("amount=100&currency=usd&description={description}"),
+        )
+        .await;
+    r.expect_error(502, "upstream_response_too_large");
+    assert!(
+        !r.text.contains(&description),
+        "the oversized body was passed on"
+    );
+    assert_resp_lacks(&r, STRIPE_CREDENTIAL);
+    assert_eq!(mock.calls().len(), 2);
+    // The vendor accepted the charge; the proxy could not read the answer,
+    // so the call costs its reservation, not zero.
+    assert_eq!(mock.forwarded_stripe_amount(), 200);
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 2).await;
+    let e = entries
+        .iter()
+        .find(|e| e["outcome"] != "settled")
+        .unwrap_or_else(|| panic!("no entry for the oversized response: {entries:?}"));
+    assert_eq!(e["outcome"], "settled_at_reservation", "{e}");
+    assert_eq!(e["reserved_micros"], 1_000_000, "{e}");
+    assert_eq!(e["cost_micros"], 1_000_000, "{e}");
+    stack.wait_key_spend(&key.id, 2_000_000, 2).await;
+}
+
+// --- without the control plane -------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_policy_is_unhealthy_and_forwards_nothing() {
+    // Nothing listens on this port.
+    let port = harness::free_port();
+    let proxy = Proxy::start_with(
+        &format!("http://127.0.0.1:{port}"),
+        &harness::fleet_token(),
+        &ProxyOpts::new("orphan-proxy").readiness(Readiness::Listening),
+    )
+    .await;
+
+    let health = Api::new(&proxy.url(), None).get("/healthz").await;
+    assert_eq!(health.status, 503, "{}", health.text);
+    assert_eq!(health.json()["status"], "waiting_for_policy");
+
+    let key = secret::generate(SecretKind::VaultKey, "test");
+    let r = Api::new(&proxy.url(), Some(&key))
+        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .await;
+    r.expect_error(503, "policy_unavailable");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        !r.text.contains(&port.to_string()),
+        "internal address leaked: {}",
+        r.text
+    );
+
+    // The admin relay has nowhere to go either.
+    let relayed = Api::new(&proxy.url(), Some(&harness::admin_token()))
+        .get("/vault/keys")
+        .await;
+    relayed.expect_error(502, "upstream_unreachable");
+    assert!(
+        !relayed.text.contains(&port.to_string()),
+        "internal address leaked: {}",
+        relayed.text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_without_a_lease_fails_closed_when_the_control_plane_is_gone() {
+    let (mut stack, mock) = stack_with_stripe().await;
+    // Made live by a probe that is refused before pricing: no call has
+    // reserved anything, so the proxy holds no lease for this key.
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "closed/1",
+        ))
+        .await;
+    stack.control.kill().await;
+    let control_addr = format!("127.0.0.1:{}", stack.control.port());
+    assert!(
+        tokio::net::TcpStream::connect(&control_addr).await.is_err(),
+        "the control plane still accepts connections after SIGKILL"
+    );
+
+    let r = stack
+        .agent(&key.secret)
+        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .await;
+    r.expect_error(503, "budget_unavailable");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        !r.text.contains(&stack.control.port().to_string()),
+        "internal address leaked: {}",
+        r.text
+    );
+    assert!(
+        mock.calls().is_empty(),
+        "a call without budget reached the vendor: {:?}",
+        mock.calls()
+    );
+    assert_eq!(mock.forwarded_stripe_amount(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_an_unknown_vendor_is_a_404() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "unknown/1",
+        ))
+        .await;
+    let r = stack
+        .agent(&key.secret)
+        .post_form("/nosuchvendor/v1/x", "amount=100&currency=usd")
+        .await;
+    let body = r.expect_error(404, "unknown_vendor");
+    assert_resp_lacks(&r, &key.secret);
+    assert_resp_lacks(&r, STRIPE_CREDENTIAL);
+    assert!(body.get("cap_usd").is_none(), "{body}");
+    assert!(mock.calls().is_empty(), "{:?}", mock.calls());
+}
+
+// --- secrets at rest -----------------------------------------------------------------
+
+/// Every regular file directly in `dir`, with its bytes.
+fn files_in(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes =
+                std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+            (p.display().to_string(), bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_is_left_in_the_database_or_the_logs() {
+    const CANARY_CREDENTIAL: &str = "sk_live_CANARY0keycapAtRestCredential7Zq4WmX2pL9sT";
+    let stack = Stack::start().await;
+    let mock = MockVendor::start(CANARY_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    // Registered twice, as an operator rotating to the same value would.
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "at-rest/1",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    for form in ["amount=100&currency=usd", "amount=250&currency=usd"] {
+        agent
+            .post_form("/stripe/v1/payment_intents", form)
+            .await
+            .expect(200);
+    }
+    agent
+        .post_form("/stripe/v1/payment_intents", "amount=402&currency=usd")
+        .await
+        .expect(402);
+    // The credential was really in use.
+    assert_eq!(
+        mock.calls()[0].authorization(),
+        Some(format!("Bearer {CANARY_CREDENTIAL}").as_str())
+    );
+    stack.wait_key_spend(&key.id, 3_500_000, 2).await;
+    stack.wait_audit(&format!("key_id={}", key.id), 3).await;
+    stack
+        .admin
+        .delete(&format!("/vault/keys/{}", key.id))
+        .await
+        .expect(200);
+    let revoked = wait_until(within(POLICY_TIMEOUT), || async {
+        stack.probe("stripe", &key.secret).await.as_deref() == Some("key_revoked")
+    })
+    .await;
+    assert!(revoked, "the proxy never learned of the revocation");
+
+    let canaries = [
+        ("the vendor credential", CANARY_CREDENTIAL.to_string()),
+        ("the vault key", key.secret.clone()),
+        ("the admin token", stack.control.opts.admin_token.clone()),
+        ("the fleet token", stack.control.opts.fleet_token.clone()),
+        ("the master key", stack.control.opts.master_key.clone()),
+    ];
+
+    // The database, its write-ahead log and shared memory, as they are on
+    // disk while the control plane runs.
+    let db_dir = stack.control.database_dir().expect("a SQLite stack");
+    let db_files = files_in(db_dir);
+    assert!(
+        db_files.iter().any(|(p, _)| p.ends_with("keycap.db")),
+        "no database file in {}: {:?}",
+        db_dir.display(),
+        db_files.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    // The scan sees the data: the key's id was written somewhere.
+    assert!(
+        db_files.iter().any(|(_, b)| contains(b, &key.id)),
+        "key id {} found in no database file; nothing was scanned",
+        key.id
+    );
+    let logs = [
+        stack.control.process().log_path(),
+        stack.proxy.process().log_path(),
+    ];
+    let mut scanned: Vec<(String, Vec<u8>)> = db_files;
+    for log in logs {
+        let bytes =
+            std::fs::read(log).unwrap_or_else(|e| panic!("cannot read {}: {e}", log.display()));
+        assert!(!bytes.is_empty(), "{} is empty", log.display());
+        scanned.push((log.display().to_string(), bytes));
+    }
+    for (path, bytes) in &scanned {
+        for (what, secret) in &canaries {
+            assert!(
+                !contains(bytes, secret),
+                "{what} is stored in plain text in {path}"
+            );
+        }
+    }
+}
+
+// --- keycap dev ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycap_dev_makes_up_an_admin_token_when_none_is_given() {
+    let dev = Dev::start_generating_admin_token().await;
+    let token = dev.admin_token.clone();
+    assert!(
+        secret::is_well_formed(SecretKind::AdminToken, &token),
+        "not an admin token: {token:?}"
+    );
+    let file = dev.data_dir().join("admin-token");
+    let mode = std::fs::metadata(&file)
+        .expect("admin-token metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "admin-token has mode {mode:o}");
+
+    // The banner shows it.
+    let log = dev.process().log_path().to_path_buf();
+    let banner_token = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("admin token:").map(str::trim))
+            .map(str::to_string)
+    };
+    let shown = wait_until(within(READY_TIMEOUT), || async { banner_token().is_some() }).await;
+    assert!(
+        shown,
+        "no admin token in the banner:\n{}",
+        dev.process().log_tail(40)
+    );
+    assert_eq!(banner_token().as_deref(), Some(token.as_str()));
+
+    // It works on both addresses, and only it does.
+    for base in [&dev.proxy_url, &dev.control_url] {
+        let vendors = Api::new(base, Some(&token))
+            .get("/vault/vendors")
+            .await
+            .expect(200);
+        assert_eq!(vendors["vendors"][0]["name"], "sandbox", "{vendors}");
+        Api::new(base, Some(&harness::admin_token()))
+            .get("/vault/vendors")
+            .await
+            .expect_error(401, "unauthenticated");
+    }
+}
