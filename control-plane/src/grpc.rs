@@ -149,6 +149,18 @@ impl TryFrom<pb::CreateKeyRequest> for NewKey {
             &r.agent_run_label,
             r.metadata.into_iter().collect(),
         )
+        .map_err(|mut e| {
+            // Validation speaks REST's field names; a gRPC caller should be
+            // told the field it actually sent.
+            e.field = match e.field {
+                "daily_usd_cap" => "daily_cap_micros",
+                "per_call_usd_cap" => "per_call_cap_micros",
+                "lifetime_usd_cap" => "lifetime_cap_micros",
+                "expires_in" => "expires_in_seconds",
+                other => other,
+            };
+            e
+        })
     }
 }
 

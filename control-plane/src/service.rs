@@ -429,9 +429,16 @@ impl Control {
 
     /// Changes after `after`, as current state: `None` when the log no
     /// longer reaches back that far (the proxy needs a snapshot).
+    ///
+    /// A version beyond the log's head (a proxy that outlived a database
+    /// restore or a fresh dev data dir) also needs a snapshot: resuming from
+    /// it would skip every change up to that number, revocations included.
     pub async fn delta_since(&self, after: i64) -> Result<Option<Delta>, ApiError> {
         let oldest = self.store.oldest_version().await?;
         if oldest > 0 && after + 1 < oldest {
+            return Ok(None);
+        }
+        if after > self.store.latest_version().await? {
             return Ok(None);
         }
         let changes = self.store.changes_since(after, 10_000).await?;

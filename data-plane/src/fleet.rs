@@ -129,3 +129,23 @@ impl LeaseSource for Fleet {
         Ok(())
     }
 }
+
+/// Where spend events go; a trait so delivery can be tested without a
+/// control plane.
+#[async_trait]
+pub trait SpendSink: Send + Sync + 'static {
+    async fn report(&self, events: Vec<pb::SpendEvent>) -> Result<(), Status>;
+}
+
+#[async_trait]
+impl SpendSink for Fleet {
+    async fn report(&self, events: Vec<pb::SpendEvent>) -> Result<(), Status> {
+        let mut c = self.client();
+        c.report_spend(pb::ReportSpendRequest {
+            node_id: self.node_id.clone(),
+            events,
+        })
+        .await?;
+        Ok(())
+    }
+}

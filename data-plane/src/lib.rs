@@ -50,7 +50,7 @@ pub async fn run(
     let cache = policy::PolicyCache::new(Arc::new(prices));
     let fleet = fleet::Fleet::new(&config.control_url, &config.fleet_token, &node_id)?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
-    let spend = spend::SpendReporter::start(fleet.clone());
+    let spend = spend::SpendReporter::start(Arc::new(fleet.clone()));
     let gone_budget = budget.clone();
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();

@@ -4,14 +4,17 @@
 //! moves on; a background task sends batches and, while the control plane is
 //! away, keeps retrying the same batch with capped backoff. Events carry ids
 //! and the control plane applies each once, so a batch resent after a lost
-//! answer is not counted twice. Order within the queue is kept.
+//! answer is not counted twice. Order within the queue is kept. The queue
+//! lives in memory: events not yet delivered are lost if the proxy process
+//! dies (a disk spool belongs to the fleet work).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keycap_proto::pb;
 use tokio::sync::mpsc;
 
-use crate::fleet::Fleet;
+use crate::fleet::SpendSink;
 
 const MAX_BATCH: usize = 1000;
 
@@ -22,9 +25,9 @@ pub struct SpendReporter {
 
 impl SpendReporter {
     /// Starts the delivery task.
-    pub fn start(fleet: Fleet) -> Self {
+    pub fn start(sink: Arc<dyn SpendSink>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(deliver(fleet, rx));
+        tokio::spawn(deliver(sink, rx));
         SpendReporter { tx }
     }
 
@@ -35,37 +38,131 @@ impl SpendReporter {
     }
 }
 
-async fn deliver(fleet: Fleet, mut rx: mpsc::UnboundedReceiver<pb::SpendEvent>) {
+async fn deliver(sink: Arc<dyn SpendSink>, mut rx: mpsc::UnboundedReceiver<pb::SpendEvent>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        let req = pb::ReportSpendRequest {
-            node_id: fleet.node_id.clone(),
-            events: std::mem::take(&mut batch),
-        };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let mut client = fleet.client();
-            match client.report_spend(req.clone()).await {
-                Ok(_) => break,
-                Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    // The control plane will never take this batch; keeping it
-                    // would block every later event.
+        // Batches still to send, in order. A batch the control plane refuses
+        // as invalid is split in halves until the offending events stand
+        // alone, so one bad event costs only itself, never its neighbours.
+        let mut pending = vec![std::mem::take(&mut batch)];
+        while let Some(events) = pending.pop() {
+            if let Err(refused) = send_until_answered(sink.as_ref(), &events).await {
+                if events.len() > 1 {
+                    let mut first = events;
+                    let second = first.split_off(first.len() / 2);
+                    pending.push(second);
+                    pending.push(first);
+                } else {
+                    // The control plane will never take this event; keeping
+                    // it would block every later one.
                     tracing::error!(
-                        message = s.message(),
-                        events = req.events.len(),
-                        "spend batch refused"
+                        event = %events[0].event_id,
+                        key = %events[0].key_id,
+                        message = refused.message(),
+                        "spend event refused as invalid; dropped"
                     );
-                    break;
-                }
-                Err(s) => {
-                    tracing::warn!(code = ?s.code(), events = req.events.len(), "spend report failed; will retry");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
+    }
+}
+
+/// Sends one batch, retrying with capped backoff while the control plane is
+/// away. Returns the refusal when it says the batch is invalid.
+async fn send_until_answered(
+    sink: &dyn SpendSink,
+    events: &[pb::SpendEvent],
+) -> Result<(), tonic::Status> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match sink.report(events.to_vec()).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s),
+            Err(s) => {
+                tracing::warn!(code = ?s.code(), events = events.len(), "spend report failed; will retry");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use std::sync::Mutex;
+    use tonic::Status;
+
+    /// Refuses any batch holding a "bad" event, fails the first attempt of
+    /// every batch as if the control plane were away, and records what it
+    /// applied.
+    #[derive(Default)]
+    struct Sink {
+        applied: Mutex<Vec<String>>,
+        attempts: Mutex<std::collections::HashSet<Vec<String>>>,
+        done: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl SpendSink for Sink {
+        async fn report(&self, events: Vec<pb::SpendEvent>) -> Result<(), Status> {
+            let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+            if self.attempts.lock().unwrap().insert(ids.clone()) {
+                return Err(Status::unavailable("control plane away"));
+            }
+            if ids.iter().any(|id| id.starts_with("bad")) {
+                return Err(Status::invalid_argument("event_id: bad"));
+            }
+            let mut applied = self.applied.lock().unwrap();
+            applied.extend(ids);
+            if applied.iter().any(|id| id == "ev9") {
+                self.done.notify_one();
+            }
+            Ok(())
+        }
+    }
+
+    fn event(id: &str) -> pb::SpendEvent {
+        pb::SpendEvent {
+            event_id: id.to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn one_invalid_event_costs_only_itself_and_order_is_kept() {
+        let sink = Arc::new(Sink::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ids = [
+            "ev0", "ev1", "bad2", "ev3", "ev4", "ev5", "bad6", "ev7", "ev8", "ev9",
+        ];
+        // Queued before delivery starts, so they travel as one batch.
+        for id in ids {
+            tx.send(event(id)).unwrap();
+        }
+        let task = tokio::spawn(deliver(sink.clone(), rx));
+        tokio::time::timeout(Duration::from_secs(30), sink.done.notified())
+            .await
+            .expect("every valid event delivered");
+        let applied = sink.applied.lock().unwrap().clone();
+        let want: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !id.starts_with("bad"))
+            .collect();
+        assert_eq!(applied, want);
+        assert!(
+            sink.attempts
+                .lock()
+                .unwrap()
+                .contains(&vec!["bad2".to_string()]),
+            "the bad event was tried on its own before being dropped"
+        );
+        drop(tx);
+        task.await.unwrap();
     }
 }

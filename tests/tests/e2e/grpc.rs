@@ -422,11 +422,9 @@ async fn watch_policy_resumes_with_only_the_changes_it_missed() {
 
 /// A proxy can hold a version this control plane has never reached: its
 /// database was restored from a backup, or `keycap dev` was started over a
-/// fresh data dir. The stream then answers with an empty delta that claims
-/// the proxy's version, and skips every later change whose version is not
-/// above it, revocations included.
+/// fresh data dir. Resuming from it would skip every later change whose
+/// version is not above it, revocations included; it gets a snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: WatchPolicy from a version above the change-log head never delivers later changes (control-plane/src/service.rs:430-435, control-plane/src/grpc.rs:443)"]
 async fn watch_policy_from_a_version_the_log_never_reached_still_delivers_changes() {
     let g = Grpc::start().await;
     g.put_vendor().await;
@@ -978,7 +976,6 @@ async fn create_key_refuses_bad_input_and_creates_nothing() {
 /// should name those fields, not the REST API's `daily_usd_cap` and
 /// `expires_in` (and call the amount micro-dollars, as the client sent it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: gRPC CreateKey errors name the REST fields (daily_usd_cap, per_call_usd_cap, lifetime_usd_cap, expires_in) instead of the gRPC ones (control-plane/src/service.rs:127-132, control-plane/src/domain.rs:228-231)"]
 async fn create_key_errors_name_the_grpc_field() {
     let g = Grpc::start().await;
     g.put_vendor().await;
