@@ -47,6 +47,12 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
             anyhow::bail!("KEYCAP_ADMIN_TOKEN must be at least 24 characters");
         }
         control.add_admin_token(token).await?;
+    } else {
+        // Not an error: tokens from earlier starts stay valid. But a first
+        // start without one leaves an admin API nobody can call.
+        tracing::warn!(
+            "no KEYCAP_ADMIN_TOKEN given: only admin tokens stored by earlier starts are accepted"
+        );
     }
     Ok(control)
 }

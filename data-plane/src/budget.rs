@@ -84,6 +84,9 @@ impl Budget {
 
     fn entry(&self, key_id: &str) -> Arc<tokio::sync::Mutex<KeyLeases>> {
         let mut keys = self.keys.lock().expect("budget map lock");
+        if let Some(slot) = keys.get(key_id) {
+            return slot.clone();
+        }
         keys.entry(key_id.to_string()).or_default().clone()
     }
 

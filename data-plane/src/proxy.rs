@@ -419,7 +419,7 @@ impl Call {
             d.extend(extra);
         }
         self.proxy.spend.send(pb::SpendEvent {
-            event_id: format!("ev_{}", uuid::Uuid::new_v4().simple()),
+            event_id: self.proxy.spend.next_event_id(),
             lease_id,
             key_id: self.key.id.clone(),
             vendor: self.vendor.name.clone(),

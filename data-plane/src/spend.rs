@@ -8,6 +8,7 @@
 //! lives in memory: events not yet delivered are lost if the proxy process
 //! dies (a disk spool belongs to the fleet work).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +18,17 @@ use tokio::sync::mpsc;
 use crate::fleet::SpendSink;
 
 const MAX_BATCH: usize = 1000;
+/// How long a batch waits for more events once its first has arrived. Each
+/// batch is one transaction on the control plane; a few milliseconds of
+/// audit latency buy batches large enough that the ledger keeps up with the
+/// proxy instead of competing with it for CPU.
+const LINGER: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct SpendReporter {
     tx: mpsc::UnboundedSender<pb::SpendEvent>,
+    run_prefix: Arc<str>,
+    seq: Arc<AtomicU64>,
 }
 
 impl SpendReporter {
@@ -28,7 +36,19 @@ impl SpendReporter {
     pub fn start(sink: Arc<dyn SpendSink>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(deliver(sink, rx));
-        SpendReporter { tx }
+        SpendReporter {
+            tx,
+            run_prefix: uuid::Uuid::new_v4().simple().to_string().into(),
+            seq: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A fresh event id. Ids from one proxy run share a random prefix and
+    /// then count up, so they are unique across the fleet, cost no system
+    /// call, and land next to each other in the ledger's unique index.
+    pub fn next_event_id(&self) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        format!("ev_{}{n:016x}", self.run_prefix)
     }
 
     pub fn send(&self, event: pb::SpendEvent) {
@@ -43,6 +63,15 @@ async fn deliver(sink: Arc<dyn SpendSink>, mut rx: mpsc::UnboundedReceiver<pb::S
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
+        }
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < MAX_BATCH {
+            let room = MAX_BATCH - batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                // Closed: send what there is, then stop on the next turn.
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
         // Batches still to send, in order. A batch the control plane refuses
         // as invalid is split in halves until the offending events stand
