@@ -230,17 +230,7 @@ fn check_segment(seg: &str) -> Result<(), TargetError> {
 
 /// Shortens client input for an error message.
 fn truncate(s: &str) -> String {
-    const KEEP: usize = 32;
-    if s.len() <= KEEP {
-        return s.to_string();
-    }
-    // Input reaching here is ASCII (checked above), but stay on a char
-    // boundary anyway so this can never panic.
-    let mut end = KEEP;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
+    keycap_proto::clip(s, 32)
 }
 
 #[cfg(test)]

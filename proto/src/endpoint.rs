@@ -181,14 +181,7 @@ impl EndpointSet {
 }
 
 fn shorten(s: &str) -> String {
-    if s.len() <= ECHO_LIMIT {
-        return s.to_string();
-    }
-    let mut end = ECHO_LIMIT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
+    crate::clip(s, ECHO_LIMIT)
 }
 
 #[cfg(test)]

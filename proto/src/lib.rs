@@ -24,3 +24,27 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/keycap_descriptor.bin"));
 
 pub use money::{Micros, MICROS_PER_USD};
+
+/// Client-controlled text shortened to at most `keep` bytes (on a char
+/// boundary, with "..." when cut) before it goes into an error message.
+pub fn clip(s: &str, keep: usize) -> String {
+    if s.len() <= keep {
+        return s.to_string();
+    }
+    let mut end = keep;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clip_keeps_short_text_and_cuts_on_a_char_boundary() {
+        assert_eq!(super::clip("abc", 3), "abc");
+        assert_eq!(super::clip("abcd", 3), "abc...");
+        // 'é' is two bytes: a cut inside it backs off to before it.
+        assert_eq!(super::clip("aé", 2), "a...");
+    }
+}

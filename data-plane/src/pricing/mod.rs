@@ -217,15 +217,7 @@ pub(crate) fn media_type(content_type: Option<&str>) -> Option<String> {
 
 /// Shortens client-controlled text before it goes into an error message.
 pub(crate) fn clip(s: &str) -> String {
-    const KEEP: usize = 64;
-    if s.len() <= KEEP {
-        return s.to_string();
-    }
-    let mut end = KEEP;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
+    keycap_proto::clip(s, 64)
 }
 
 /// Settles by status alone, for calls whose cost is fixed at quote time.
