@@ -5,6 +5,9 @@
 #             Stripe-like JSON body)
 #   nginx   - through nginx proxy_pass with an Authorization header swap:
 #             a mature proxy with no policy at all
+#   floor   - through a bare hyper proxy (data-plane/examples/bare_proxy.rs):
+#             keycap's serving stack with an Authorization swap and nothing
+#             else, the most any proxy on this stack reaches here
 #   keycap  - through keycap-proxy's full path: vault-key auth, allowlist,
 #             Stripe-priced reservation against a daily cap, forward with the
 #             real key injected, settle, audit event to the control plane
@@ -25,6 +28,7 @@ CONNS=${2:-64}
 RATE=${BENCH_RATE:-5000}
 BASE=${BENCH_PORT_BASE:-19000}
 UPSTREAM=$((BASE + 1)); NGINX_PROXY=$((BASE + 2)); KC_PROXY=$((BASE + 3)); KC_CONTROL=$((BASE + 4))
+FLOOR=$((BASE + 5))
 
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
@@ -35,7 +39,7 @@ if ! command -v oha >/dev/null 2>&1; then
   cargo install --locked oha
 fi
 
-cargo build --release -q -p keycap-control -p keycap-proxy
+cargo build --release -q -p keycap-control -p keycap-proxy --bins --example bare_proxy
 BIN=${CARGO_TARGET_DIR:-target}/release
 
 WORK=$(mktemp -d /tmp/keycap-bench.XXXXXX)
@@ -91,10 +95,13 @@ PIDS+=($!)
 KEYCAP_LOG=warn "$BIN/keycap-proxy" --listen 127.0.0.1:$KC_PROXY \
   --control-url http://127.0.0.1:$KC_CONTROL --fleet-token "$FLEET" --node-id bench > "$WORK/proxy.log" 2>&1 &
 PIDS+=($!)
+"$BIN/examples/bare_proxy" 127.0.0.1:$FLOOR http://127.0.0.1:$UPSTREAM > "$WORK/floor.log" 2>&1 &
+PIDS+=($!)
 
 wait_ok() { for _ in $(seq 1 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
 wait_ok http://127.0.0.1:$KC_CONTROL/healthz
 wait_ok http://127.0.0.1:$KC_PROXY/healthz
+wait_ok http://127.0.0.1:$FLOOR/stripe/healthz
 
 auth=(-H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json')
 curl -fs -X PUT "http://127.0.0.1:$KC_CONTROL/vault/vendors/stripe" "${auth[@]}" \
@@ -120,6 +127,7 @@ run() { # name url extra-oha-args...
 targets=(
   "direct http://127.0.0.1:$UPSTREAM/v1/payment_intents"
   "nginx http://127.0.0.1:$NGINX_PROXY/stripe/v1/payment_intents"
+  "floor http://127.0.0.1:$FLOOR/stripe/v1/payment_intents"
   "keycap http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents"
 )
 for t in "${targets[@]}"; do
@@ -137,7 +145,7 @@ def load(n):
     codes = d.get("statusCodeDistribution", {})
     ok = codes.get("200", 0); total = sum(codes.values())
     return {"rps": s["requestsPerSec"], "p50": p["p50"] * 1e3, "p99": p["p99"] * 1e3, "ok": ok, "total": total}
-rows = {n: (load(n + "-max"), load(n + "-rate")) for n in ("direct", "nginx", "keycap")}
+rows = {n: (load(n + "-max"), load(n + "-rate")) for n in ("direct", "nginx", "floor", "keycap")}
 print(f"keycap bench: {duration}s per run, {conns} connections, fixed-rate runs at {rate} req/s, nproc={os.cpu_count()}")
 print(f"{'target':8} {'max req/s':>10} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} | {'@rate req/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'+p99 ms':>8} | non-200")
 d_max, d_rate = rows["direct"]
@@ -147,6 +155,8 @@ for n, (m, r) in rows.items():
           f"{r['rps']:11.0f} {r['p50']:8.3f} {r['p99']:8.3f} {r['p99']-d_rate['p99']:8.3f} | {bad}")
 n_ratio = rows["nginx"][0]["rps"] / d_max["rps"]
 k_ratio = rows["keycap"][0]["rps"] / d_max["rps"]
+f_ratio = rows["floor"][0]["rps"] / d_max["rps"]
 print(f"keycap throughput ratio / nginx throughput ratio = {k_ratio / n_ratio:.2f} (goal >= 1.2)")
+print(f"bare hyper floor ratio / nginx throughput ratio  = {f_ratio / n_ratio:.2f}; keycap reaches {k_ratio / f_ratio:.2f} of the floor")
 print(f"added p99 at {rate} req/s: nginx {rows['nginx'][1]['p99'] - d_rate['p99']:.3f} ms, keycap {rows['keycap'][1]['p99'] - d_rate['p99']:.3f} ms (goal: keycap <= nginx)")
 PY

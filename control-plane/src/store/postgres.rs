@@ -29,10 +29,10 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::sql::{
-    audit_limit, check_grant, conflict_on_unique, decide_grant, from_micros, micros,
-    push_audit_values, spend_totals, to_json, truncate, AuditRow, ChangeRow, GrantRow,
-    KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY,
-    CHANGE_VENDOR, KEY_COLUMNS, SPEND_CHUNK, VENDOR_COLUMNS,
+    audit_limit, check_grant, conflict_on_unique, decide_grant, distinct_key_ids, from_micros,
+    micros, push_audit_values, spend_chunks, spend_totals, to_json, truncate, AuditRow, ChangeRow,
+    GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
+    CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::{Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
@@ -575,9 +575,15 @@ impl Store for PgStore {
         // One multi-row insert per chunk; RETURNING names the events that
         // were new, and only those count towards spend.
         let mut fresh = std::collections::HashSet::new();
-        for chunk in events.chunks(SPEND_CHUNK) {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, agent_run_label FROM vault_keys WHERE id = ANY($1)")
+                .bind(distinct_key_ids(events))
+                .fetch_all(&mut *tx)
+                .await?;
+        let labels: std::collections::HashMap<String, String> = rows.into_iter().collect();
+        for chunk in spend_chunks(events) {
             let mut q = QueryBuilder::<Postgres>::new("");
-            push_audit_values(&mut q, chunk);
+            push_audit_values(&mut q, chunk, &labels);
             let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
             fresh.extend(ids);
         }

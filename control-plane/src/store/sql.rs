@@ -13,7 +13,7 @@
 //! * maps and lists (currency rates, allowed endpoints, metadata) are JSON
 //!   text.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use keycap_proto::Micros;
@@ -399,6 +399,30 @@ pub(super) fn decide_grant(
 mod tests {
     use super::*;
 
+    #[test]
+    fn spend_chunks_are_powers_of_two_in_order_and_cover_the_batch() {
+        for n in [0usize, 1, 2, 3, 7, 200, 255, 256, 257, 1000, 10_000] {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = spend_chunks(&items).collect();
+            assert!(
+                chunks
+                    .iter()
+                    .all(|c| c.len().is_power_of_two() && c.len() <= SPEND_CHUNK),
+                "{n}: {:?}",
+                chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
+            );
+            assert_eq!(chunks.concat(), items, "{n}: every event once, in order");
+        }
+        // A handful of statement shapes serve every batch size.
+        let shapes: std::collections::BTreeSet<usize> = (1..=2000usize)
+            .flat_map(|n| {
+                let items = vec![0u8; n];
+                spend_chunks(&items).map(<[u8]>::len).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(shapes.len(), 9, "{shapes:?}");
+    }
+
     fn key(daily: i64, life: Option<i64>) -> KeyBudgetRow {
         KeyBudgetRow {
             daily_cap: daily,
@@ -495,9 +519,34 @@ mod tests {
     }
 }
 
-/// Events per multi-row audit insert: 16 bound values each stays far below
-/// both backends' parameter limits.
-pub(super) const SPEND_CHUNK: usize = 500;
+/// Most events per multi-row audit insert: 15 bound values each stays far
+/// below both backends' parameter limits.
+const SPEND_CHUNK: usize = 256;
+
+/// Splits a batch into chunks whose lengths are powers of two, largest
+/// first. Each chunk length is one SQL text, so a handful of prepared
+/// statements serve every batch size instead of one fresh statement (and
+/// its parse) per batch.
+pub(super) fn spend_chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let n = items.len().min(SPEND_CHUNK);
+        let n = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let (chunk, rest) = items.split_at(n);
+        items = rest;
+        Some(chunk)
+    })
+}
+
+/// The distinct key ids of a batch, for one run-label lookup per batch.
+pub(super) fn distinct_key_ids(events: &[SpendEvent]) -> Vec<&str> {
+    let mut ids: Vec<&str> = events.iter().map(|e| e.key_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
 
 /// What a batch of newly applied spend events adds up to, so each backend
 /// writes one row per (key, day) and per lease instead of one per event.
@@ -527,11 +576,12 @@ pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) ->
     }
 }
 
-/// Appends `VALUES` rows for `events` to an audit insert; the run label is
-/// read from the key in the same statement (empty for an unknown key).
+/// Appends `VALUES` rows for `events` to an audit insert, with each key's
+/// run label from `labels` (empty for an unknown key).
 pub(super) fn push_audit_values<'a, DB>(
     q: &mut sqlx::QueryBuilder<'a, DB>,
     events: &'a [SpendEvent],
+    labels: &'a HashMap<String, String>,
 ) where
     DB: sqlx::Database,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -545,9 +595,7 @@ pub(super) fn push_audit_values<'a, DB>(
     q.push_values(events, |mut b, e| {
         b.push_bind(e.event_id.as_str())
             .push_bind(e.key_id.as_str())
-            .push("COALESCE((SELECT agent_run_label FROM vault_keys WHERE id = ")
-            .push_bind_unseparated(e.key_id.as_str())
-            .push_unseparated("), '')")
+            .push_bind(labels.get(&e.key_id).map_or("", String::as_str))
             .push_bind(e.vendor.as_str())
             .push_bind(e.method.as_str())
             .push_bind(e.path.as_str())

@@ -24,10 +24,10 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::sql::{
-    audit_limit, check_grant, conflict_on_unique, decide_grant, from_micros, micros,
-    push_audit_values, spend_totals, to_json, truncate, AuditRow, ChangeRow, GrantRow,
-    KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY,
-    CHANGE_VENDOR, KEY_COLUMNS, SPEND_CHUNK, VENDOR_COLUMNS,
+    audit_limit, check_grant, conflict_on_unique, decide_grant, distinct_key_ids, from_micros,
+    micros, push_audit_values, spend_chunks, spend_totals, to_json, truncate, AuditRow, ChangeRow,
+    GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
+    CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::{Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
@@ -619,9 +619,22 @@ impl Store for SqliteStore {
         // One multi-row insert per chunk; RETURNING names the events that
         // were new, and only those count towards spend.
         let mut fresh = std::collections::HashSet::new();
-        for chunk in events.chunks(SPEND_CHUNK) {
+        let mut labels = std::collections::HashMap::new();
+        for ids in spend_chunks(&distinct_key_ids(events)) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT id, agent_run_label FROM vault_keys WHERE id IN (",
+            );
+            let mut list = q.separated(", ");
+            for id in ids {
+                list.push_bind(*id);
+            }
+            q.push(")");
+            let rows: Vec<(String, String)> = q.build_query_as().fetch_all(w.conn()).await?;
+            labels.extend(rows);
+        }
+        for chunk in spend_chunks(events) {
             let mut q = QueryBuilder::<Sqlite>::new("");
-            push_audit_values(&mut q, chunk);
+            push_audit_values(&mut q, chunk, &labels);
             let ids: Vec<String> = q.build_query_scalar().fetch_all(w.conn()).await?;
             fresh.extend(ids);
         }
