@@ -80,15 +80,33 @@ pub fn router(control: Arc<Control>) -> axum::Router {
     crate::rest::router(control).fallback_service(grpc)
 }
 
-/// Serves until `shutdown` resolves.
+/// How long calls in flight may finish after a shutdown signal. Policy
+/// streams never finish on their own, so without a bound a control plane
+/// with a proxy attached would never exit.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves until `shutdown` resolves, then lets calls in flight finish for
+/// at most `SHUTDOWN_GRACE`.
 pub async fn serve(
     listener: TcpListener,
     control: Arc<Control>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "keycap-control listening");
-    axum::serve(listener, router(control))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (signalled, stopping) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(control)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = signalled.send(());
+    });
+    tokio::select! {
+        done = server => done?,
+        _ = async {
+            if stopping.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => tracing::info!("shutdown grace over; closing open streams"),
+    }
     Ok(())
 }

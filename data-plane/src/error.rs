@@ -31,6 +31,8 @@ pub enum Refusal {
     EndpointNotAllowed(String),
     #[error("request body exceeds {0} bytes")]
     BodyTooLarge(usize),
+    #[error("the request body could not be read (connection closed or bad chunked encoding)")]
+    BodyUnreadable,
     #[error("{message}")]
     Unpriceable { code: &'static str, message: String },
     #[error("this call would cost {cost} USD, above the key's per-call cap of {cap} USD")]
@@ -67,6 +69,7 @@ impl Refusal {
             Refusal::KeyRevoked => "key_revoked",
             Refusal::EndpointNotAllowed(_) => "endpoint_not_allowed",
             Refusal::BodyTooLarge(_) => "body_too_large",
+            Refusal::BodyUnreadable => "invalid_request_body",
             Refusal::Unpriceable { code, .. } => code,
             Refusal::PerCallCapExceeded { .. } => "per_call_cap_exceeded",
             Refusal::DailyCapExceeded { .. } => "daily_cap_exceeded",
@@ -82,7 +85,9 @@ impl Refusal {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::InvalidTarget(_) | Refusal::Unpriceable { .. } => StatusCode::BAD_REQUEST,
+            Refusal::InvalidTarget(_) | Refusal::Unpriceable { .. } | Refusal::BodyUnreadable => {
+                StatusCode::BAD_REQUEST
+            }
             Refusal::UnknownVendor(_) => StatusCode::NOT_FOUND,
             Refusal::InvalidKey | Refusal::KeyExpired | Refusal::KeyRevoked => {
                 StatusCode::UNAUTHORIZED

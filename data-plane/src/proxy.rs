@@ -153,21 +153,18 @@ impl Proxy {
             return Err(Refusal::PolicyUnavailable);
         }
         let policy = self.policy.load();
+        // The key is checked before the vendor is named in an error, so a
+        // caller without a key cannot probe which vendors exist.
+        let key = presented_key(req.headers())
+            .filter(|k| secret::is_well_formed(SecretKind::VaultKey, k))
+            .and_then(|k| policy.keys.get(&secret::hash(k)))
+            .cloned()
+            .ok_or(Refusal::InvalidKey)?;
         let vendor = policy
             .vendors
             .get(&target.vendor)
             .cloned()
             .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
-
-        let secret_text = presented_key(req.headers()).ok_or(Refusal::InvalidKey)?;
-        if !secret::is_well_formed(SecretKind::VaultKey, secret_text) {
-            return Err(Refusal::InvalidKey);
-        }
-        let key = policy
-            .keys
-            .get(&secret::hash(secret_text))
-            .cloned()
-            .ok_or(Refusal::InvalidKey)?;
         drop(policy);
         if key.revoked {
             return Err(Refusal::KeyRevoked);
@@ -198,11 +195,7 @@ impl Proxy {
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
             return Err(Refusal::BodyTooLarge(self.max_body_bytes));
         }
-        let body = Limited::new(incoming, self.max_body_bytes)
-            .collect()
-            .await
-            .map_err(|_| Refusal::BodyTooLarge(self.max_body_bytes))?
-            .to_bytes();
+        let body = self.read_body(incoming).await?;
 
         let content_type = parts
             .headers
@@ -261,15 +254,27 @@ impl Proxy {
         call.forward(up).await
     }
 
+    /// The whole request body, at most `max_body_bytes` of it. Only a body
+    /// over the limit is "too large"; one cut short or badly chunked is the
+    /// client's malformed request.
+    async fn read_body(&self, incoming: Incoming) -> Result<Bytes, Refusal> {
+        match Limited::new(incoming, self.max_body_bytes).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(Refusal::BodyTooLarge(self.max_body_bytes))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "request body unreadable");
+                Err(Refusal::BodyUnreadable)
+            }
+        }
+    }
+
     /// Relays `/vault/*` to the control plane's REST API unchanged (the
     /// admin token travels with it), so a scenario needs one base URL.
     async fn relay_admin(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Refusal> {
         let (parts, incoming) = req.into_parts();
-        let body = Limited::new(incoming, self.max_body_bytes)
-            .collect()
-            .await
-            .map_err(|_| Refusal::BodyTooLarge(self.max_body_bytes))?
-            .to_bytes();
+        let body = self.read_body(incoming).await?;
         let pq = parts
             .uri
             .path_and_query()

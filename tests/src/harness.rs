@@ -225,6 +225,23 @@ impl ChildProcess {
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 
+    /// Sends SIGTERM (the signal an orchestrator stops a service with) and
+    /// waits until `deadline` for the process to exit. Returns its status, or
+    /// `None` if it was still running at the deadline.
+    pub async fn terminate(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        let pid = self.id()?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let child = self.child.as_mut()?;
+        tokio::time::timeout_at(deadline.into(), child.wait())
+            .await
+            .ok()?
+            .ok()
+    }
+
     /// SIGKILL, then reap.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -473,6 +490,10 @@ impl Control {
         &self.process
     }
 
+    pub fn process_mut(&mut self) -> &mut ChildProcess {
+        &mut self.process
+    }
+
     /// The directory holding the SQLite database and its `-wal`/`-shm`
     /// files; `None` on PostgreSQL.
     pub fn database_dir(&self) -> Option<&Path> {
@@ -607,17 +628,23 @@ pub struct Dev {
 impl Dev {
     /// Starts `keycap dev` with `KEYCAP_ADMIN_TOKEN` set to `admin_token`.
     pub async fn start(admin_token: &str) -> Dev {
-        Dev::boot(Some(admin_token)).await
+        Dev::boot(Some(admin_token), false).await
+    }
+
+    /// Starts `keycap --admin-token <admin_token> dev`, with no
+    /// `KEYCAP_ADMIN_TOKEN` in its environment.
+    pub async fn start_with_admin_token_flag(admin_token: &str) -> Dev {
+        Dev::boot(Some(admin_token), true).await
     }
 
     /// Starts `keycap dev` without `KEYCAP_ADMIN_TOKEN`, so that it makes
     /// up its own admin token; `admin_token` is then what it wrote to
     /// `<data dir>/admin-token`.
     pub async fn start_generating_admin_token() -> Dev {
-        Dev::boot(None).await
+        Dev::boot(None, false).await
     }
 
-    async fn boot(admin_token: Option<&str>) -> Dev {
+    async fn boot(admin_token: Option<&str>, as_flag: bool) -> Dev {
         let logs = log_dir();
         let data_dir = tempfile::Builder::new()
             .prefix("keycap-e2e-dev-")
@@ -630,6 +657,10 @@ impl Dev {
             || free_ports(3),
             |p| {
                 let mut cmd = keycap_command("keycap");
+                cmd.env_remove("KEYCAP_ADMIN_TOKEN");
+                if let (Some(token), true) = (admin_token, as_flag) {
+                    cmd.arg("--admin-token").arg(token);
+                }
                 cmd.arg("dev")
                     .arg("--data-dir")
                     .arg(data_dir.path())
@@ -639,7 +670,7 @@ impl Dev {
                     .arg(format!("127.0.0.1:{}", p[1]))
                     .arg("--sandbox-listen")
                     .arg(format!("127.0.0.1:{}", p[2]));
-                if let Some(token) = admin_token {
+                if let (Some(token), false) = (admin_token, as_flag) {
                     cmd.env("KEYCAP_ADMIN_TOKEN", token);
                 }
                 cmd

@@ -49,7 +49,10 @@ fn secret_file(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<Str
     Ok(value)
 }
 
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+/// Runs `keycap dev`. `admin_token` is the CLI's `--admin-token` (or
+/// `KEYCAP_ADMIN_TOKEN`); without one, the token kept in the data dir is
+/// used, or generated there on first run.
+pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYCAP_LOG")
@@ -61,8 +64,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let dir = args.data_dir.canonicalize()?;
     let master_key_file = dir.join("master.key");
     secret_file(&master_key_file, Sealer::generate_key_text)?;
-    let admin_token = match std::env::var("KEYCAP_ADMIN_TOKEN") {
-        Ok(t) if !t.is_empty() => t,
+    let admin_token = match admin_token {
+        Some(t) if !t.is_empty() => t,
         _ => secret_file(&dir.join("admin-token"), || {
             secret::generate(SecretKind::AdminToken, "dev")
         })?,

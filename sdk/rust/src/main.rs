@@ -209,7 +209,7 @@ fn print(v: Value) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Dev(args) = cli.command {
-        return dev::run(args).await;
+        return dev::run(args, cli.admin_token).await;
     }
     let Some(token) = cli.admin_token.as_deref() else {
         bail!("an admin token is required: --admin-token or KEYCAP_ADMIN_TOKEN");

@@ -1042,3 +1042,28 @@ async fn reflection_lists_the_keycap_services() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_control_plane_even_with_a_proxy_stream_open() {
+    // A policy stream never ends on its own; a graceful shutdown that waited
+    // for it would leave the control plane running until SIGKILL.
+    let mut g = Grpc::start().await;
+    let mut stream = g.watch(0).await;
+    snapshot(&next_update(&mut stream, "snapshot").await, "snapshot");
+
+    let status = g
+        .control
+        .process_mut()
+        .terminate(keycap_tests::harness::within(Duration::from_secs(30)))
+        .await
+        .expect("keycap-control exits within its shutdown grace after SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    // The stream ends with the process instead of hanging.
+    let end = tokio::time::timeout(POLICY_TIMEOUT, stream.message())
+        .await
+        .expect("the policy stream ends once the control plane is gone");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no policy update after shutdown: {end:?}"
+    );
+}

@@ -312,7 +312,7 @@ async fn a_key_without_a_lease_fails_closed_when_the_control_plane_is_gone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_to_an_unknown_vendor_is_a_404() {
+async fn a_call_to_an_unknown_vendor_is_a_404_but_only_for_a_known_key() {
     let (stack, mock) = stack_with_stripe().await;
     let key = stack
         .mint(&stripe_key_body(
@@ -329,6 +329,53 @@ async fn a_call_to_an_unknown_vendor_is_a_404() {
     assert_resp_lacks(&r, &key.secret);
     assert_resp_lacks(&r, STRIPE_CREDENTIAL);
     assert!(body.get("cap_usd").is_none(), "{body}");
+
+    // Without a key the answer is the same for a vendor that exists and one
+    // that does not: vendor names cannot be probed.
+    let forged = format!("{}x", &key.secret[..key.secret.len() - 1]);
+    for credential in [None, Some("kc_not_a_key"), Some(forged.as_str())] {
+        for vendor in ["nosuchvendor", "stripe"] {
+            let r = Api::new(&stack.proxy.url(), credential)
+                .post_form(
+                    &format!("/{vendor}/v1/payment_intents"),
+                    "amount=100&currency=usd",
+                )
+                .await;
+            let body = r.expect_error(401, "invalid_key");
+            assert!(
+                !r.text.contains("nosuchvendor"),
+                "{credential:?} {vendor}: {body}"
+            );
+        }
+    }
+    assert!(mock.calls().is_empty(), "{:?}", mock.calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_badly_chunked_body_is_a_400_not_a_413() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "chunked/1",
+        ))
+        .await;
+    // A chunk size that is not hexadecimal: the body can never be read, but
+    // it is not too large either.
+    let request = format!(
+        "POST /stripe/v1/payment_intents HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         17\r\namount=100&currency=usd\r\nzz\r\n",
+        key.secret
+    );
+    let r = harness::raw_http(stack.proxy.addr(), &request).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.json().expect("JSON error body")["error"],
+        "invalid_request_body"
+    );
     assert!(mock.calls().is_empty(), "{:?}", mock.calls());
 }
 
@@ -447,6 +494,24 @@ async fn no_secret_is_left_in_the_database_or_the_logs() {
 }
 
 // --- keycap dev ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycap_dev_takes_the_admin_token_flag() {
+    let token = harness::admin_token();
+    let dev = Dev::start_with_admin_token_flag(&token).await;
+    Api::new(&dev.control_url, Some(&token))
+        .get("/vault/keys")
+        .await
+        .expect(200);
+    Api::new(&dev.control_url, Some(&harness::admin_token()))
+        .get("/vault/keys")
+        .await
+        .expect_error(401, "unauthenticated");
+    assert!(
+        !dev.data_dir().join("admin-token").exists(),
+        "a token given on the command line is not replaced by a generated one"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycap_dev_makes_up_an_admin_token_when_none_is_given() {
