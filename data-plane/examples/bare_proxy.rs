@@ -57,12 +57,37 @@ fn status(code: StatusCode) -> Response<Body> {
     resp
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
         anyhow::bail!("usage: bare_proxy <listen addr> <upstream base URL>");
     };
+    // Served the way keycap-proxy serves: one single-threaded runtime per
+    // CPU, each with its own upstream pool, all accepting from one listener.
+    let listener = std::net::TcpListener::bind(&listen)?;
+    listener.set_nonblocking(true)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let serving: Vec<_> = (0..threads)
+        .map(|_| {
+            let listener = listener.try_clone()?;
+            let upstream = upstream.clone();
+            Ok(std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(serve(listener, upstream))
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for t in serving {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("serving thread panicked"))??;
+    }
+    Ok(())
+}
+
+async fn serve(listener: std::net::TcpListener, upstream: String) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let bare = Arc::new(Bare {
@@ -72,7 +97,6 @@ async fn main() -> anyhow::Result<()> {
             .build(http),
         credential: HeaderValue::from_static("Bearer sk_test_bench"),
     });
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;

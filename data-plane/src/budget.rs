@@ -67,22 +67,49 @@ struct KeyLeases {
     lifetime_bound: bool,
 }
 
+/// One key's leases. `state` is only ever held for a few arithmetic steps,
+/// never across an await, so settling a call needs no async lock and can
+/// happen anywhere (even while a dropped call unwinds). `granting` is held
+/// across a lease grant, and only its holder may change which lease is
+/// current: calls that fit the current lease never wait on a grant.
+#[derive(Default)]
+struct KeySlot {
+    state: Mutex<KeyLeases>,
+    granting: tokio::sync::Mutex<()>,
+}
+
+impl KeySlot {
+    fn state(&self) -> std::sync::MutexGuard<'_, KeyLeases> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 pub struct Budget {
     source: Arc<dyn LeaseSource>,
     node_id: String,
-    keys: Mutex<HashMap<String, Arc<tokio::sync::Mutex<KeyLeases>>>>,
+    keys: Mutex<HashMap<String, Arc<KeySlot>>>,
+    /// Leases to hand back, to a task on the runtime that created the
+    /// budget, so retiring a lease never needs a runtime where it happens.
+    returns: tokio::sync::mpsc::UnboundedSender<LocalLease>,
 }
 
 impl Budget {
+    /// A budget drawing on `source`. Must be called within a tokio runtime:
+    /// it starts the task that hands retired leases back.
     pub fn new(source: Arc<dyn LeaseSource>, node_id: &str) -> Arc<Self> {
+        let (returns, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(return_leases(source.clone(), rx));
         Arc::new(Budget {
             source,
             node_id: node_id.to_string(),
             keys: Mutex::new(HashMap::new()),
+            returns,
         })
     }
 
-    fn entry(&self, key_id: &str) -> Arc<tokio::sync::Mutex<KeyLeases>> {
+    fn entry(&self, key_id: &str) -> Arc<KeySlot> {
         let mut keys = self.keys.lock().expect("budget map lock");
         if let Some(slot) = keys.get(key_id) {
             return slot.clone();
@@ -107,69 +134,64 @@ impl Budget {
                 amount: Micros::ZERO,
             });
         }
-        // Only the daily cap resets at midnight; saying so when the lifetime
-        // cap is what ran out would send the agent back to a key that can
-        // never serve it.
-        let exceeded = |remaining: i64, lifetime_bound: bool| match key.lifetime_cap {
-            Some(cap) if lifetime_bound => Refusal::LifetimeCapExceeded {
-                cap,
-                remaining: Micros(remaining.max(0)),
-            },
-            _ => Refusal::DailyCapExceeded {
-                cap: key.daily_cap,
-                remaining: Micros(remaining.max(0)),
-                resets_at: next_utc_midnight(now),
-            },
-        };
         let slot = self.entry(&key.id);
-        let mut st = slot.lock().await;
-        if st.day != day {
-            self.retire_current(&mut st);
-            st.day = day.clone();
-            st.unleased = key.daily_cap.0;
-        } else if st
-            .current
-            .as_ref()
-            .is_some_and(|l| now + EXPIRY_MARGIN >= l.usable_until)
-        {
-            self.retire_current(&mut st);
+        // Fast path: the current lease is today's, not about to expire, and
+        // covers the call.
+        if let Some(r) = take_from_current(&mut slot.state(), key, amount, &day, now) {
+            return Ok(r);
         }
-        let available = st.current.as_ref().map_or(0, LocalLease::available);
-        if available < amount.0 {
+        let _granting = slot.granting.lock().await;
+        let req = {
+            let mut st = slot.state();
+            if st.day != day {
+                self.retire_current(&mut st);
+                st.day = day.clone();
+                st.unleased = key.daily_cap.0;
+            } else if st
+                .current
+                .as_ref()
+                .is_some_and(|l| now + EXPIRY_MARGIN >= l.usable_until)
+            {
+                self.retire_current(&mut st);
+            }
+            // Another call may have been granted budget while this one
+            // waited its turn.
+            if let Some(r) = take_from_current(&mut st, key, amount, &day, now) {
+                return Ok(r);
+            }
+            let available = st.current.as_ref().map_or(0, LocalLease::available);
             let need = amount.0 - available;
-            // Ask for a slice well beyond this call so most calls never wait
-            // on the control plane; it grants at most what is left.
-            let want = need.max(key.daily_cap.0 / 8);
-            let lease_id = match &st.current {
-                Some(l) => l.id.clone(),
-                None => format!("lease_{}", uuid::Uuid::new_v4().simple()),
-            };
-            let req = pb::GrantLeaseRequest {
+            pb::GrantLeaseRequest {
                 grant_id: format!("grant_{}", uuid::Uuid::new_v4().simple()),
-                lease_id: lease_id.clone(),
+                lease_id: st.current.as_ref().map_or_else(
+                    || format!("lease_{}", uuid::Uuid::new_v4().simple()),
+                    |l| l.id.clone(),
+                ),
                 key_id: key.id.clone(),
                 node_id: self.node_id.clone(),
                 day: day.clone(),
-                requested_micros: want,
+                // Ask for a slice well beyond this call so most calls never
+                // wait on the control plane; it grants at most what is left.
+                requested_micros: need.max(key.daily_cap.0 / 8),
                 minimum_micros: need,
-            };
-            let resp = match self.source.grant(req.clone()).await {
-                Ok(r) => r,
-                // One retry with the same grant id: idempotent on the control
-                // plane, so a lost answer is not granted twice.
-                Err(_) => self.source.grant(req).await.map_err(|s| {
-                    tracing::warn!(code = ?s.code(), key = %key.id, "lease grant failed");
-                    Refusal::BudgetUnavailable
-                })?,
-            };
-            st.unleased = resp.unleased_micros;
-            st.lifetime_bound = resp.lifetime_bound;
-            if resp.granted_micros <= 0 {
-                return Err(exceeded(
-                    available + resp.unleased_micros,
-                    resp.lifetime_bound,
-                ));
             }
+        };
+        let lease_id = req.lease_id.clone();
+        let resp = match self.source.grant(req.clone()).await {
+            Ok(r) => r,
+            // One retry with the same grant id: idempotent on the control
+            // plane, so a lost answer is not granted twice.
+            Err(_) => self.source.grant(req).await.map_err(|s| {
+                tracing::warn!(code = ?s.code(), key = %key.id, "lease grant failed");
+                Refusal::BudgetUnavailable
+            })?,
+        };
+        // Only the holder of `granting` changes the current lease, so it is
+        // still the one the grant was for (or still none).
+        let mut st = slot.state();
+        st.unleased = resp.unleased_micros;
+        st.lifetime_bound = resp.lifetime_bound;
+        if resp.granted_micros > 0 {
             let usable_until = resp.expires_at.as_ref().and_then(from_proto).unwrap_or(now);
             match &mut st.current {
                 Some(l) => {
@@ -187,10 +209,22 @@ impl Budget {
                 }
             }
         }
-        let lease = st.current.as_mut().expect("lease present after grant");
-        if lease.available() < amount.0 {
-            return Err(exceeded(lease.available() + st.unleased, st.lifetime_bound));
+        let available = st.current.as_ref().map_or(0, LocalLease::available);
+        if available < amount.0 {
+            // Only the daily cap resets at midnight; saying so when the
+            // lifetime cap is what ran out would send the agent back to a
+            // key that can never serve it.
+            let remaining = Micros((available + st.unleased).max(0));
+            return Err(match key.lifetime_cap {
+                Some(cap) if st.lifetime_bound => Refusal::LifetimeCapExceeded { cap, remaining },
+                _ => Refusal::DailyCapExceeded {
+                    cap: key.daily_cap,
+                    remaining,
+                    resets_at: next_utc_midnight(now),
+                },
+            });
         }
+        let lease = st.current.as_mut().expect("lease present after grant");
         lease.reserved += amount.0;
         Ok(Reservation {
             key_id: key.id.clone(),
@@ -211,32 +245,21 @@ impl Budget {
     }
 
     fn give_back(&self, l: LocalLease) {
-        let source = self.source.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            for _ in 0..8 {
-                match source.give_back(&l.id, l.spent).await {
-                    Ok(()) => return,
-                    Err(s) => {
-                        tracing::debug!(code = ?s.code(), lease = %l.id, "lease return failed; retrying")
-                    }
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            // The lease expires on the control plane anyway; its unspent
-            // part becomes available again then.
-            tracing::warn!(lease = %l.id, "lease not returned; it will expire");
-        });
+        if let Err(e) = self.returns.send(l) {
+            // The budget's runtime is gone (shutting down); the lease
+            // expires on the control plane and its unspent part comes back.
+            tracing::warn!(lease = %e.0.id, "lease not returned; it will expire");
+        }
     }
 
-    /// Resolves a reservation to its real cost (0 releases it).
-    pub async fn resolve(&self, r: Reservation, cost: Micros) {
+    /// Resolves a reservation to its real cost (0 releases it). Never
+    /// waits: safe to call from `Drop`.
+    pub fn resolve(&self, r: Reservation, cost: Micros) {
         if r.lease_id.is_empty() {
             return;
         }
         let slot = self.entry(&r.key_id);
-        let mut st = slot.lock().await;
+        let mut st = slot.state();
         if let Some(l) = st.current.as_mut().filter(|l| l.id == r.lease_id) {
             l.reserved -= r.amount.0;
             l.spent += cost.0;
@@ -261,9 +284,61 @@ impl Budget {
             keys.get(key_id).cloned()
         };
         if let Some(slot) = slot {
-            let mut st = slot.lock().await;
-            self.retire_current(&mut st);
+            let _granting = slot.granting.lock().await;
+            self.retire_current(&mut slot.state());
         }
+    }
+}
+
+/// Reserves from the current lease when it is today's, usable a while
+/// longer and covers `amount`; anything else is left to the grant path.
+fn take_from_current(
+    st: &mut KeyLeases,
+    key: &KeyPolicy,
+    amount: Micros,
+    day: &str,
+    now: DateTime<Utc>,
+) -> Option<Reservation> {
+    if st.day != day {
+        return None;
+    }
+    let lease = st.current.as_mut()?;
+    if now + EXPIRY_MARGIN >= lease.usable_until || lease.available() < amount.0 {
+        return None;
+    }
+    lease.reserved += amount.0;
+    Some(Reservation {
+        key_id: key.id.clone(),
+        lease_id: lease.id.clone(),
+        day: day.to_string(),
+        amount,
+    })
+}
+
+/// Hands retired leases back with what was spent from them, each retried
+/// with backoff on its own so one slow return holds up no other.
+async fn return_leases(
+    source: Arc<dyn LeaseSource>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<LocalLease>,
+) {
+    while let Some(l) = rx.recv().await {
+        let source = source.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            for _ in 0..8 {
+                match source.give_back(&l.id, l.spent).await {
+                    Ok(()) => return,
+                    Err(s) => {
+                        tracing::debug!(code = ?s.code(), lease = %l.id, "lease return failed; retrying")
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            // The lease expires on the control plane anyway; its unspent
+            // part becomes available again then.
+            tracing::warn!(lease = %l.id, "lease not returned; it will expire");
+        });
     }
 }
 
@@ -362,7 +437,7 @@ mod tests {
         // 1000 / 30 = 33 calls fit, and exactly that many must be admitted.
         assert_eq!(ok.len(), 33);
         for r in ok {
-            b.resolve(r, Micros(30)).await;
+            b.resolve(r, Micros(30));
         }
         let err = b.reserve(&k, Micros(30), Utc::now()).await.unwrap_err();
         match err {
@@ -381,7 +456,7 @@ mod tests {
         let k = key(100);
         let r = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
         assert!(b.reserve(&k, Micros(1), Utc::now()).await.is_err());
-        b.resolve(r, Micros::ZERO).await;
+        b.resolve(r, Micros::ZERO);
         let r2 = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
         assert_eq!(r2.amount, Micros(100));
     }
@@ -401,10 +476,10 @@ mod tests {
         // the lease is spent.
         l.fail.store(false, std::sync::atomic::Ordering::SeqCst);
         let r = b.reserve(&k, Micros(5), Utc::now()).await.unwrap();
-        b.resolve(r, Micros(5)).await;
+        b.resolve(r, Micros(5));
         l.fail.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = b.reserve(&k, Micros(5), Utc::now()).await.unwrap();
-        b.resolve(r, Micros(5)).await;
+        b.resolve(r, Micros(5));
         assert!(matches!(
             b.reserve(&k, Micros(5), Utc::now()).await,
             Err(Refusal::BudgetUnavailable)
@@ -418,12 +493,12 @@ mod tests {
         let k = key(100);
         let today = Utc::now();
         let r = b.reserve(&k, Micros(40), today).await.unwrap();
-        b.resolve(r, Micros(25)).await;
+        b.resolve(r, Micros(25));
         let tomorrow = today + chrono::Duration::days(1);
         // The first reservation of a new day retires yesterday's lease; it
         // goes back with its 25 spent, freeing 15 of the 40 it held.
         let r = b.reserve(&k, Micros(10), tomorrow).await.unwrap();
-        b.resolve(r, Micros(10)).await;
+        b.resolve(r, Micros(10));
         for _ in 0..10_000 {
             if !l.state.lock().unwrap().1.is_empty() {
                 break;
@@ -434,7 +509,7 @@ mod tests {
         assert_eq!(returned.values().copied().collect::<Vec<_>>(), vec![25]);
         // The fake ledger has one window: 25 + 12 leased leaves 63.
         let r = b.reserve(&k, Micros(63), tomorrow).await.unwrap();
-        b.resolve(r, Micros(63)).await;
+        b.resolve(r, Micros(63));
         assert!(b.reserve(&k, Micros(3), tomorrow).await.is_err());
     }
 
@@ -445,6 +520,6 @@ mod tests {
         let b = Budget::new(l, "n1");
         let r = b.reserve(&key(1), Micros::ZERO, Utc::now()).await.unwrap();
         assert!(r.lease_id.is_empty());
-        b.resolve(r, Micros::ZERO).await;
+        b.resolve(r, Micros::ZERO);
     }
 }

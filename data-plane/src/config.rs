@@ -38,6 +38,10 @@ pub struct ProxyConfig {
     /// How long to wait for a vendor's response headers, in seconds.
     #[arg(long, env = "KEYCAP_UPSTREAM_TIMEOUT_SECS", default_value_t = 60)]
     pub upstream_timeout_secs: u64,
+    /// Threads serving agents, each with its own connections and upstream
+    /// pool (0: one per CPU).
+    #[arg(long, env = "KEYCAP_PROXY_SERVE_THREADS", default_value_t = 0)]
+    pub serve_threads: usize,
 }
 
 impl ProxyConfig {

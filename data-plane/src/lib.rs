@@ -31,12 +31,26 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::ProxyConfig;
 use crate::pricing::OpenAiPrices;
 
-/// Starts a proxy on `listener` and serves until `shutdown` resolves.
+/// After shutdown is asked for: how long calls in flight get to finish, and
+/// then how long undelivered spend events get to reach the control plane.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Starts a proxy on `listener` and serves until `shutdown` resolves, then
+/// stops accepting, lets calls in flight finish (up to a grace period) and
+/// delivers their spend events before returning.
+///
+/// Agents are served by `serve_threads` threads, each running its own
+/// single-threaded runtime with its own connections and upstream pool and
+/// accepting from the shared listener, so a call's client side, vendor side
+/// and settlement run on one thread without waking another. Policy, budget
+/// and spend delivery are shared and run on the caller's runtime.
 pub async fn run(
     config: ProxyConfig,
     listener: TcpListener,
@@ -50,7 +64,7 @@ pub async fn run(
     let cache = policy::PolicyCache::new(Arc::new(prices));
     let fleet = fleet::Fleet::new(&config.control_url, &config.fleet_token, &node_id)?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
-    let spend = spend::SpendReporter::start(Arc::new(fleet.clone()));
+    let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()));
     let gone_budget = budget.clone();
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();
@@ -60,19 +74,76 @@ pub async fn run(
             }
         });
     }));
-    let proxy = Arc::new(proxy::Proxy {
-        policy: cache,
-        budget,
-        spend,
-        client: proxy::http_client()?,
-        control_url: config.control_url.clone(),
-        node_id: node_id.clone(),
-        max_body_bytes: config.max_body_bytes,
-        max_response_bytes: config.max_response_bytes,
-        upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
-    });
-    tracing::info!(addr = %listener.local_addr()?, node = %node_id, "keycap-proxy listening");
-    let mut shutdown = std::pin::pin!(shutdown);
+    let threads = match config.serve_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    tracing::info!(addr = %listener.local_addr()?, node = %node_id, threads, "keycap-proxy listening");
+    let listener = listener.into_std()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<anyhow::Result<()>>();
+    for i in 0..threads {
+        let proxy = Arc::new(proxy::Proxy {
+            policy: cache.clone(),
+            budget: budget.clone(),
+            spend: spend.clone(),
+            client: proxy::http_client()?,
+            control_url: config.control_url.clone(),
+            node_id: node_id.clone(),
+            max_body_bytes: config.max_body_bytes,
+            max_response_bytes: config.max_response_bytes,
+            upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
+        });
+        let listener = listener.try_clone()?;
+        let stop = stop_rx.clone();
+        let ended = ended_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("keycap-serve-{i}"))
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(serve(listener, proxy, stop)));
+                let _ = ended.send(served);
+            })?;
+    }
+    // From here only the serving threads hold reporters: once they have
+    // ended, delivery drains the queue and stops.
+    drop((spend, ended_tx, listener));
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        ended = ended_rx.recv() => match ended {
+            Some(Err(e)) => Err(e),
+            _ => Err(anyhow::anyhow!("a serving thread stopped")),
+        },
+    };
+    let _ = stop_tx.send(true);
+    while ended_rx.recv().await.is_some() {}
+    if tokio::time::timeout(SHUTDOWN_GRACE, delivery)
+        .await
+        .is_err()
+    {
+        tracing::warn!("control plane unreachable at shutdown; spend events still queued are lost");
+    }
+    outcome
+}
+
+/// One serving thread: accepts until told to stop, then gives connections
+/// in flight up to `SHUTDOWN_GRACE` to finish.
+async fn serve(
+    listener: std::net::TcpListener,
+    proxy: Arc<proxy::Proxy>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024);
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -83,21 +154,28 @@ pub async fn run(
                     continue;
                 }
             },
-            _ = &mut shutdown => return Ok(()),
+            _ = stop.wait_for(|stopping| *stopping) => break,
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| proxy.clone().handle(req));
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let svc = service_fn(move |req| proxy.clone().handle(req));
+        let conn = graceful.watch(
             builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(64 * 1024);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("calls still in flight at shutdown were cut off");
+    }
+    Ok(())
 }

@@ -19,8 +19,19 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;
-    keycap_proxy::run(cli.config, listener, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+    keycap_proxy::run(cli.config, listener, shutdown_signal()).await
+}
+
+/// Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send): either
+/// starts the drain in `keycap_proxy::run`.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

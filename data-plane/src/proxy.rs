@@ -237,7 +237,7 @@ impl Proxy {
         *up.uri_mut() = match uri.parse() {
             Ok(u) => u,
             Err(_) => {
-                self.budget.resolve(reservation, Micros::ZERO).await;
+                self.budget.resolve(reservation, Micros::ZERO);
                 return Err(Refusal::InvalidTarget("target is not a valid URL".into()));
             }
         };
@@ -329,18 +329,18 @@ impl Call {
                 // Nothing reached the vendor: release.
                 tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor unreachable");
                 let r = self.reservation.take().expect("reservation present");
-                self.proxy.budget.resolve(r, Micros::ZERO).await;
+                self.proxy.budget.resolve(r, Micros::ZERO);
                 return Err(Refusal::UpstreamUnreachable);
             }
             Ok(Err(e)) => {
                 // The request may have reached the vendor: its cost is
                 // unknown, so it settles at the reservation.
                 tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor connection failed mid-call");
-                self.settle(0, self.at_reservation()).await;
+                self.settle(0, self.at_reservation());
                 return Err(Refusal::UpstreamUnreachable);
             }
             Err(_) => {
-                self.settle(0, self.at_reservation()).await;
+                self.settle(0, self.at_reservation());
                 return Err(Refusal::UpstreamTimeout);
             }
         };
@@ -378,8 +378,7 @@ impl Call {
                     outcome,
                     detail: Value::Null,
                 },
-            )
-            .await;
+            );
             return Ok(Response::from_parts(
                 parts,
                 incoming.map_err(Into::into).boxed_unsync(),
@@ -390,13 +389,13 @@ impl Call {
             Ok(collected) => {
                 let bytes = collected.to_bytes();
                 let settlement = self.vendor.pricing.settle(&self.quote, status, &bytes);
-                self.settle(status, settlement).await;
+                self.settle(status, settlement);
                 parts.headers.remove(header::CONTENT_LENGTH);
                 Ok(Response::from_parts(parts, body::bytes(bytes)))
             }
             Err(e) => {
                 tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor response unreadable or too large");
-                self.settle(status, self.at_reservation()).await;
+                self.settle(status, self.at_reservation());
                 Err(Refusal::ResponseTooLarge)
             }
         }
@@ -411,14 +410,14 @@ impl Call {
     }
 
     /// Resolves the reservation and reports the spend event. Runs once.
-    async fn settle(&mut self, status: u16, s: Settlement) {
+    fn settle(&mut self, status: u16, s: Settlement) {
         let Some(r) = self.reservation.take() else {
             return;
         };
         let lease_id = r.lease_id.clone();
         let day = r.day.clone();
         let reserved = r.amount;
-        self.proxy.budget.resolve(r, s.cost).await;
+        self.proxy.budget.resolve(r, s.cost);
         let mut detail = self.quote.detail.clone();
         if let (Value::Object(d), Value::Object(extra)) = (&mut detail, s.detail) {
             d.extend(extra);
@@ -442,6 +441,19 @@ impl Call {
             },
             day,
         });
+    }
+}
+
+/// A call dropped before it settled — the agent hung up while the vendor
+/// was answering, or the proxy is stopping — may still have reached the
+/// vendor and cost money: it settles at its reservation, with an audit
+/// entry, so neither the budget nor the ledger loses track of it.
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self.reservation.is_some() {
+            let settlement = self.at_reservation();
+            self.settle(0, settlement);
+        }
     }
 }
 
@@ -470,6 +482,6 @@ impl ChunkObserver for StreamObserver {
         } else {
             call.at_reservation()
         };
-        tokio::spawn(async move { call.settle(status, settlement).await });
+        call.settle(status, settlement);
     }
 }

@@ -32,15 +32,18 @@ pub struct SpendReporter {
 }
 
 impl SpendReporter {
-    /// Starts the delivery task.
-    pub fn start(sink: Arc<dyn SpendSink>) -> Self {
+    /// Starts the delivery task. It ends once every reporter clone is
+    /// dropped and the events queued by then are delivered; await the
+    /// handle to flush on shutdown.
+    pub fn start(sink: Arc<dyn SpendSink>) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(deliver(sink, rx));
-        SpendReporter {
+        let task = tokio::spawn(deliver(sink, rx));
+        let reporter = SpendReporter {
             tx,
             run_prefix: uuid::Uuid::new_v4().simple().to_string().into(),
             seq: Arc::new(AtomicU64::new(0)),
-        }
+        };
+        (reporter, task)
     }
 
     /// A fresh event id. Ids from one proxy run share a random prefix and
@@ -64,13 +67,17 @@ async fn deliver(sink: Arc<dyn SpendSink>, mut rx: mpsc::UnboundedReceiver<pb::S
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        let deadline = tokio::time::Instant::now() + LINGER;
+        // Linger without listening: events sent meanwhile queue up without
+        // waking this task (from another serving thread) once per event.
+        if batch.len() < MAX_BATCH && !rx.is_closed() {
+            tokio::time::sleep(LINGER).await;
+        }
         while batch.len() < MAX_BATCH {
-            let room = MAX_BATCH - batch.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                // Closed: send what there is, then stop on the next turn.
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            match rx.try_recv() {
+                Ok(event) => batch.push(event),
+                // Empty, or closed: send what there is; a closed queue ends
+                // the loop on the next turn.
+                Err(_) => break,
             }
         }
         // Batches still to send, in order. A batch the control plane refuses

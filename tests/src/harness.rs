@@ -229,12 +229,23 @@ impl ChildProcess {
     /// waits until `deadline` for the process to exit. Returns its status, or
     /// `None` if it was still running at the deadline.
     pub async fn terminate(&mut self, deadline: Instant) -> Option<ExitStatus> {
-        let pid = self.id()?;
+        self.signal_term();
+        self.wait_exit(deadline).await
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn signal_term(&self) {
+        let Some(pid) = self.id() else { return };
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
             .expect("run kill(1)");
         assert!(sent.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Waits until `deadline` for the process to exit; its status, or
+    /// `None` if it is still running then.
+    pub async fn wait_exit(&mut self, deadline: Instant) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         tokio::time::timeout_at(deadline.into(), child.wait())
             .await
@@ -608,6 +619,10 @@ impl Proxy {
 
     pub fn process(&self) -> &ChildProcess {
         &self.process
+    }
+
+    pub fn process_mut(&mut self) -> &mut ChildProcess {
+        &mut self.process
     }
 }
 

@@ -127,6 +127,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         max_body_bytes: 1 << 20,
         max_response_bytes: 16 << 20,
         upstream_timeout_secs: 60,
+        serve_threads: 0,
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(
         proxy_config,

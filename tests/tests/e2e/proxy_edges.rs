@@ -14,6 +14,8 @@ use keycap_tests::harness::{
 };
 use keycap_tests::mock::{self, HoldAt, MockVendor};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::{
     assert_mock_never_saw, assert_resp_lacks, openai_cost, stack_with_openai, stack_with_stripe,
@@ -230,6 +232,123 @@ async fn a_priced_response_over_the_limit_is_a_502_settled_at_the_reservation() 
     assert_eq!(e["reserved_micros"], 1_000_000, "{e}");
     assert_eq!(e["cost_micros"], 1_000_000, "{e}");
     stack.wait_key_spend(&key.id, 2_000_000, 2).await;
+}
+
+/// Sends a raw form POST for a Stripe payment intent of `amount` cents with
+/// `key`, and returns the open connection without reading the answer.
+async fn send_payment_intent_raw(addr: std::net::SocketAddr, key: &str, amount: u32) -> TcpStream {
+    let body = format!("amount={amount}&currency=usd");
+    let mut conn = TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    let request = format!(
+        "POST /stripe/v1/payment_intents HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_hangs_up_mid_call_is_settled_at_the_reservation() {
+    let (stack, mock) = stack_with_stripe_and_proxy(ProxyOpts::new("e2e-proxy")).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "hangup/1",
+        ))
+        .await;
+    let hold = mock.hold("/v1/payment_intents", HoldAt::Response);
+
+    let conn = send_payment_intent_raw(stack.proxy.addr(), &key.secret, 700).await;
+    assert!(
+        wait_until(within(PASS_THROUGH_TIMEOUT), || async {
+            mock.calls().len() == 1
+        })
+        .await,
+        "the call never reached the vendor"
+    );
+    // The vendor has the charge; the agent goes away before the answer.
+    drop(conn);
+
+    // The call may have cost money: it is audited at its reservation, not
+    // forgotten, and the budget counts it.
+    let e = only_audit_entry(&stack, &key.id).await;
+    assert_eq!(e["outcome"], "settled_at_reservation", "{e}");
+    assert_eq!(e["reserved_micros"], 7_000_000, "{e}");
+    assert_eq!(e["cost_micros"], 7_000_000, "{e}");
+    stack.wait_key_spend(&key.id, 7_000_000, 1).await;
+
+    // The reservation was resolved, not stranded: the rest of the cap is
+    // still there for the next call ($50 - $7 leaves room for $43).
+    hold.release();
+    stack
+        .agent(&key.secret)
+        .post_form("/stripe/v1/payment_intents", "amount=4300&currency=usd")
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 50_000_000, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_calls_in_flight_finish_and_delivers_their_spend() {
+    let (mut stack, mock) = stack_with_stripe_and_proxy(ProxyOpts::new("e2e-proxy")).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "sigterm/1",
+        ))
+        .await;
+    let hold = mock.hold("/v1/payment_intents", HoldAt::Response);
+    let mut conn = send_payment_intent_raw(stack.proxy.addr(), &key.secret, 300).await;
+    assert!(
+        wait_until(within(PASS_THROUGH_TIMEOUT), || async {
+            mock.calls().len() == 1
+        })
+        .await,
+        "the call never reached the vendor"
+    );
+
+    stack.proxy.process().signal_term();
+    // New connections are refused once the proxy has stopped accepting.
+    let refused = wait_until(within(READY_TIMEOUT), || async {
+        TcpStream::connect(stack.proxy.addr()).await.is_err()
+    })
+    .await;
+    assert!(refused, "the proxy still accepts connections after SIGTERM");
+    assert!(
+        stack.proxy.process_mut().exited().is_none(),
+        "the proxy exited with a call in flight"
+    );
+
+    // The vendor answers: the call in flight completes for the agent...
+    hold.release();
+    let mut answer = String::new();
+    tokio::time::timeout(PASS_THROUGH_TIMEOUT, conn.read_to_string(&mut answer))
+        .await
+        .expect("the answer came before the proxy closed the connection")
+        .expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"amount\":300"), "{answer}");
+
+    // ...and the proxy exits on its own, having delivered the spend event:
+    // it is in the ledger the moment the proxy is gone.
+    let status = stack
+        .proxy
+        .process_mut()
+        .wait_exit(within(READY_TIMEOUT))
+        .await
+        .expect("the proxy exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let entries = stack.audit(&format!("key_id={}", key.id)).await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["outcome"], "settled", "{}", entries[0]);
+    assert_eq!(entries[0]["cost_micros"], 3_000_000, "{}", entries[0]);
 }
 
 // --- without the control plane -------------------------------------------------
