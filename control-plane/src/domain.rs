@@ -69,33 +69,20 @@ impl fmt::Display for VendorName {
     }
 }
 
-/// How keycap prices a vendor's calls and injects its credential.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Profile {
-    Stripe,
-    Openai,
-}
+pub use keycap_proto::profile::Profile;
 
-impl Profile {
-    pub const ALL: [Profile; 2] = [Profile::Stripe, Profile::Openai];
-
-    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
-        match s {
-            "stripe" => Ok(Profile::Stripe),
-            "openai" => Ok(Profile::Openai),
-            other => Err(invalid(
-                "profile",
-                format!("unknown profile {other:?}; known profiles: stripe, openai"),
-            )),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Profile::Stripe => "stripe",
-            Profile::Openai => "openai",
-        }
-    }
+/// The profile named `s`, or a clear error naming the known ones.
+pub fn parse_profile(s: &str) -> Result<Profile, InvalidInput> {
+    Profile::parse(s).ok_or_else(|| {
+        invalid(
+            "profile",
+            format!(
+                "unknown profile {:?}; known profiles: {}",
+                keycap_proto::clip(s, 64),
+                Profile::names()
+            ),
+        )
+    })
 }
 
 /// An http(s) base URL without query, fragment or userinfo, stored without a

@@ -18,8 +18,9 @@ use tokio::sync::watch;
 
 use crate::crypto::Sealer;
 use crate::domain::{
-    self, invalid, AuditEntry, AuditQuery, ChangeRef, KeyFilter, KeySpend, KeyStatus, LeaseGrant,
-    LeaseGrantRequest, Profile, SpendEvent, SpendSummary, VaultKey, Vendor, VendorName,
+    self, invalid, parse_profile, AuditEntry, AuditQuery, ChangeRef, KeyFilter, KeySpend,
+    KeyStatus, LeaseGrant, LeaseGrantRequest, Profile, SpendEvent, SpendSummary, VaultKey, Vendor,
+    VendorName,
 };
 use crate::error::ApiError;
 use crate::store::{Store, VendorWrite};
@@ -66,7 +67,7 @@ impl PutVendor {
         };
         Ok(PutVendor {
             name: VendorName::parse(name)?,
-            profile: Profile::parse(profile)?,
+            profile: parse_profile(profile)?,
             base_url: domain::parse_base_url(base_url)?,
             credential,
             currency_rates: domain::parse_currency_rates(currency_rates)?,

@@ -29,6 +29,9 @@ pub struct ProxyConfig {
     /// JSON price table overriding the built-in OpenAI prices.
     #[arg(long, env = "KEYCAP_OPENAI_PRICES")]
     pub openai_prices: Option<PathBuf>,
+    /// JSON price table replacing the built-in Anthropic prices.
+    #[arg(long, env = "KEYCAP_ANTHROPIC_PRICES")]
+    pub anthropic_prices: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "KEYCAP_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,

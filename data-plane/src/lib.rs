@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ProxyConfig;
-use crate::pricing::OpenAiPrices;
+use crate::pricing::{Catalog, TokenPrices};
 
 /// After shutdown is asked for: how long calls in flight get to finish, and
 /// then how long undelivered spend events get to reach the control plane.
@@ -57,11 +57,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let node_id = config.node_id();
-    let prices = match &config.openai_prices {
-        Some(path) => OpenAiPrices::load(path)?,
-        None => OpenAiPrices::builtin(),
-    };
-    let cache = policy::PolicyCache::new(Arc::new(prices));
+    let mut prices = Catalog::builtin();
+    if let Some(path) = &config.openai_prices {
+        prices.openai = Arc::new(TokenPrices::load(path)?);
+    }
+    if let Some(path) = &config.anthropic_prices {
+        prices.anthropic = Arc::new(TokenPrices::load(path)?);
+    }
+    let cache = policy::PolicyCache::new(prices);
     let fleet = fleet::Fleet::new(&config.control_url, &config.fleet_token, &node_id)?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
     let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()));

@@ -11,19 +11,22 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
+use keycap_proto::profile::{CredentialHeader, Profile};
 use keycap_proto::{pb, time::from_proto, Micros};
 
 use crate::endpoint::EndpointSet;
-use crate::pricing::{self, OpenAiPrices, PriceModel};
+use crate::pricing::{self, Catalog, PriceModel};
 
 /// A vendor as the request path needs it.
 pub struct VendorPolicy {
     pub name: String,
     pub profile: String,
     pub base_url: String,
-    /// The real credential, ready to inject as `Authorization`.
-    pub authorization: HeaderValue,
+    /// The header the real credential goes in (`Authorization`, or
+    /// `x-api-key` for Anthropic) and its value, ready to inject.
+    pub credential_header: HeaderName,
+    pub credential: HeaderValue,
     pub pricing: Arc<dyn PriceModel>,
 }
 
@@ -63,11 +66,11 @@ pub struct Policy {
 /// Shared, swappable policy.
 pub struct PolicyCache {
     current: ArcSwap<Policy>,
-    prices: Arc<OpenAiPrices>,
+    prices: Catalog,
     ready: tokio::sync::watch::Sender<bool>,
 }
 
-fn vendor_policy(v: pb::FleetVendor, prices: &Arc<OpenAiPrices>) -> Option<VendorPolicy> {
+fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Option<VendorPolicy> {
     let rates = v.currency_rates.into_iter().collect();
     let pricing = match pricing::model_for(&v.profile, &rates, prices) {
         Ok(p) => p,
@@ -76,13 +79,22 @@ fn vendor_policy(v: pb::FleetVendor, prices: &Arc<OpenAiPrices>) -> Option<Vendo
             return None;
         }
     };
-    let mut authorization = HeaderValue::from_str(&format!("Bearer {}", v.credential)).ok()?;
-    authorization.set_sensitive(true);
+    // model_for accepted the profile, so it parses.
+    let (credential_header, value) = match Profile::parse(&v.profile)?.credential_header() {
+        CredentialHeader::Bearer => (
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", v.credential),
+        ),
+        CredentialHeader::XApiKey => (HeaderName::from_static("x-api-key"), v.credential),
+    };
+    let mut credential = HeaderValue::from_str(&value).ok()?;
+    credential.set_sensitive(true);
     Some(VendorPolicy {
         name: v.name,
         profile: v.profile,
         base_url: v.base_url,
-        authorization,
+        credential_header,
+        credential,
         pricing,
     })
 }
@@ -106,7 +118,7 @@ fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
 }
 
 impl PolicyCache {
-    pub fn new(prices: Arc<OpenAiPrices>) -> Arc<Self> {
+    pub fn new(prices: Catalog) -> Arc<Self> {
         let (ready, _) = tokio::sync::watch::channel(false);
         Arc::new(PolicyCache {
             current: ArcSwap::from_pointee(Policy::default()),

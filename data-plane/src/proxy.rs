@@ -93,11 +93,19 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// The vault key an agent presented: `Authorization: Bearer <key>`.
+/// Where Anthropic's SDKs send the API key, and so where an agent built on
+/// them sends its vault key.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// The vault key an agent presented: `Authorization: Bearer <key>`, or
+/// (when there is no `Authorization`) `x-api-key: <key>`. Both headers are
+/// removed before forwarding, whichever carried the key.
 fn presented_key(h: &HeaderMap) -> Option<&str> {
-    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    if let Some(v) = h.get(header::AUTHORIZATION) {
+        let (scheme, token) = v.to_str().ok()?.trim().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
+    }
+    Some(h.get(X_API_KEY)?.to_str().ok()?.trim())
 }
 
 impl Proxy {
@@ -228,8 +236,9 @@ impl Proxy {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::AUTHORIZATION);
+        headers.remove(X_API_KEY);
         headers.remove(header::CONTENT_LENGTH);
-        headers.insert(header::AUTHORIZATION, vendor.authorization.clone());
+        headers.insert(vendor.credential_header.clone(), vendor.credential.clone());
         let uri = target::join(&vendor.base_url, &target);
         let mut up = Request::new(Full::new(body));
         *up.method_mut() = parts.method;

@@ -3,13 +3,14 @@
 //! The control plane and the proxy are separate deployables that meet only
 //! here: the generated protobuf types and services (`pb`), the descriptor set
 //! for gRPC reflection, integer money (`Micros`), the vault-key secret format
-//! (`secret`), allowed-endpoint patterns (`endpoint`, so the control plane
+//! (`secret`), vendor profiles (`profile`), allowed-endpoint patterns (`endpoint`, so the control plane
 //! accepts exactly the patterns the proxy can match) and timestamp conversions. Nothing in this crate does I/O.
 
 #![forbid(unsafe_code)]
 
 pub mod endpoint;
 pub mod money;
+pub mod profile;
 pub mod secret;
 pub mod time;
 

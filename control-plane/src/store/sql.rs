@@ -20,8 +20,8 @@ use keycap_proto::Micros;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    AuditEntry, Change, ChangeRef, LeaseGrant, Outcome, Profile, SpendEvent, VaultKey, Vendor,
-    VendorName,
+    parse_profile, AuditEntry, Change, ChangeRef, LeaseGrant, Outcome, SpendEvent, VaultKey,
+    Vendor, VendorName,
 };
 
 pub(super) fn micros(t: DateTime<Utc>) -> i64 {
@@ -84,7 +84,7 @@ impl VendorRow {
     pub(super) fn into_domain(self) -> StoreResult<Vendor> {
         Ok(Vendor {
             name: VendorName::parse(&self.name).map_err(|e| corrupt("vendors.name", e))?,
-            profile: Profile::parse(&self.profile).map_err(|e| corrupt("vendors.profile", e))?,
+            profile: parse_profile(&self.profile).map_err(|e| corrupt("vendors.profile", e))?,
             base_url: self.base_url,
             currency_rates: from_json(&self.currency_rates, "vendors.currency_rates")?,
             created_at: from_micros(self.created_at, "vendors.created_at")?,

@@ -15,12 +15,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use keycap_proto::profile::Profile;
 use keycap_proto::Micros;
 
+pub mod anthropic;
 pub mod openai;
 pub mod stripe;
+pub mod tokens;
 
-pub use openai::{ModelPrice, OpenAiPrices};
+pub use tokens::{ModelPrice, TokenPrices};
 
 /// The parts of a request pricing may look at.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +57,8 @@ pub enum QuoteKind {
     /// An OpenAI chat completion. The price is copied into the quote so a
     /// price table reloaded mid-call cannot change how this call settles.
     OpenAiChat { model: String, price: ModelPrice },
+    /// An Anthropic message, with its price copied in for the same reason.
+    AnthropicMessages { model: String, price: ModelPrice },
 }
 
 /// How a reservation was resolved.
@@ -172,6 +177,24 @@ pub trait StreamSettler: Send {
     fn finish(self: Box<Self>, status: u16) -> Settlement;
 }
 
+/// The token price tables the LLM profiles read, as shipped or replaced by
+/// the operator's files.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub openai: Arc<TokenPrices>,
+    pub anthropic: Arc<TokenPrices>,
+}
+
+impl Catalog {
+    /// The tables shipped with this build.
+    pub fn builtin() -> Self {
+        Catalog {
+            openai: Arc::new(openai::builtin_prices()),
+            anthropic: Arc::new(anthropic::builtin_prices()),
+        }
+    }
+}
+
 /// The price model for a vendor profile.
 ///
 /// `currency_rates` maps a lowercase currency code to decimal USD per major
@@ -179,14 +202,20 @@ pub trait StreamSettler: Send {
 pub fn model_for(
     profile: &str,
     currency_rates: &BTreeMap<String, String>,
-    prices: &Arc<OpenAiPrices>,
+    catalog: &Catalog,
 ) -> Result<Arc<dyn PriceModel>, PricingError> {
-    match profile {
-        "stripe" => Ok(Arc::new(stripe::StripePricing::new(currency_rates)?)),
-        "openai" => Ok(Arc::new(openai::OpenAiPricing::new(Arc::clone(prices)))),
-        other => Err(PricingError::Config(format!(
-            "unknown pricing profile {:?} (expected \"stripe\" or \"openai\")",
-            clip(other)
+    match Profile::parse(profile) {
+        Some(Profile::Stripe) => Ok(Arc::new(stripe::StripePricing::new(currency_rates)?)),
+        Some(Profile::Openai) => Ok(Arc::new(openai::OpenAiPricing::new(Arc::clone(
+            &catalog.openai,
+        )))),
+        Some(Profile::Anthropic) => Ok(Arc::new(anthropic::AnthropicPricing::new(Arc::clone(
+            &catalog.anthropic,
+        )))),
+        None => Err(PricingError::Config(format!(
+            "unknown pricing profile {:?} (known: {})",
+            clip(profile),
+            Profile::names()
         ))),
     }
 }
@@ -218,6 +247,27 @@ pub(crate) fn media_type(content_type: Option<&str>) -> Option<String> {
 /// Shortens client-controlled text before it goes into an error message.
 pub(crate) fn clip(s: &str) -> String {
     keycap_proto::clip(s, 64)
+}
+
+pub(crate) fn unreadable(msg: impl Into<String>) -> PricingError {
+    PricingError::Unreadable(msg.into())
+}
+
+/// An optional positive integer field; null counts as absent (the API treats
+/// it as unset). Floats, strings, zero and negatives are refused.
+pub(crate) fn positive_int(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> Result<Option<u64>, PricingError> {
+    match obj.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n > 0 => Ok(Some(n)),
+            _ => Err(unreadable(format!(
+                "\"{field}\" must be a positive integer"
+            ))),
+        },
+    }
 }
 
 /// Settles by status alone, for calls whose cost is fixed at quote time.
@@ -258,8 +308,8 @@ pub(crate) fn free_quote(streaming: bool) -> Quote {
 mod tests {
     use super::*;
 
-    fn prices() -> Arc<OpenAiPrices> {
-        Arc::new(OpenAiPrices::builtin())
+    fn prices() -> Catalog {
+        Catalog::builtin()
     }
 
     #[test]

@@ -15,240 +15,35 @@
 //! Prices are integer micro-dollars per million tokens; a float never holds
 //! one.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
-use keycap_proto::Micros;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::tokens::TokenPrices;
 use super::{
-    clip, free_quote, is_success, media_type, mul_div_ceil, settle_fixed, Outcome, PriceModel,
-    PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
+    clip, free_quote, is_success, media_type, positive_int, settle_fixed, unreadable, Outcome,
+    PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
 };
 use crate::sse::SseReader;
 
 const BUILTIN_TABLE: &str = include_str!("../../prices/openai.json");
 
-const TOKENS_PER_UNIT: i128 = 1_000_000;
+/// The OpenAI price table shipped with this build.
+pub fn builtin_prices() -> TokenPrices {
+    TokenPrices::from_json(BUILTIN_TABLE).expect("the built-in OpenAI price table is valid")
+}
 
 /// OpenAI accepts at most this many choices (`n`) per request.
 const MAX_CHOICES: u64 = 128;
 
-/// One model's prices. Token prices are micro-dollars per million tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelPrice {
-    pub input: Micros,
-    /// Price of prompt tokens served from the cache; `input` when absent.
-    pub cached_input: Option<Micros>,
-    pub output: Micros,
-    /// The model's output limit: the bound used when a request sets none.
-    pub max_output_tokens: u64,
-    /// Most input tokens one image can cost; `None` means image input is
-    /// refused for this model because its cost cannot be bounded.
-    pub image_input_tokens_max: Option<u64>,
-}
-
-impl ModelPrice {
-    /// Cost of a call, each of input and output rounded up. The same function
-    /// prices the reservation and the settlement, and it is monotone in every
-    /// count, so usage within the reserved bounds never settles above the
-    /// reservation.
-    pub fn cost(
-        &self,
-        input_tokens: u64,
-        cached_tokens: u64,
-        output_tokens: u64,
-    ) -> Option<Micros> {
-        let cached = cached_tokens.min(input_tokens);
-        let uncached = input_tokens - cached;
-        let cached_price = self.cached_input.unwrap_or(self.input);
-        // One rounding for all input: cached tokens are never priced above
-        // uncached ones, so the sum stays at or under the all-uncached bound.
-        let input_numer = i128::from(uncached)
-            .checked_mul(i128::from(self.input.0))?
-            .checked_add(i128::from(cached).checked_mul(i128::from(cached_price.0))?)?;
-        let input_cost = mul_div_ceil(input_numer, 1, TOKENS_PER_UNIT)?;
-        let output_cost = mul_div_ceil(
-            i128::from(output_tokens),
-            i128::from(self.output.0),
-            TOKENS_PER_UNIT,
-        )?;
-        Micros(input_cost).checked_add(Micros(output_cost))
-    }
-}
-
-/// A price table, as shipped or loaded from an operator's file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenAiPrices {
-    as_of: String,
-    models: BTreeMap<String, ModelPrice>,
-    default: Option<ModelPrice>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTable {
-    as_of: String,
-    currency: String,
-    unit: String,
-    models: BTreeMap<String, RawModel>,
-    #[serde(default)]
-    default: Option<RawModel>,
-}
-
-/// Prices are decimal strings, not JSON numbers, so they never pass through
-/// a float on the way in.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawModel {
-    input: String,
-    #[serde(default)]
-    cached_input: Option<String>,
-    output: String,
-    max_output_tokens: u64,
-    #[serde(default)]
-    image_input_tokens_max: Option<u64>,
-}
-
-impl RawModel {
-    fn into_price(self, name: &str) -> Result<ModelPrice, PricingError> {
-        let price = |field: &str, text: &str| {
-            Micros::parse_usd(text)
-                .ok()
-                .filter(|m| !m.is_negative())
-                .ok_or_else(|| {
-                    config(format!(
-                        "price table: {name}.{field} must be a non-negative decimal, got {:?}",
-                        clip(text)
-                    ))
-                })
-        };
-        let input = price("input", &self.input)?;
-        let output = price("output", &self.output)?;
-        let cached_input = self
-            .cached_input
-            .as_deref()
-            .map(|t| price("cached_input", t))
-            .transpose()?;
-        if cached_input.is_some_and(|c| c > input) {
-            return Err(config(format!(
-                "price table: {name}.cached_input must not exceed input"
-            )));
-        }
-        if self.max_output_tokens == 0 {
-            return Err(config(format!(
-                "price table: {name}.max_output_tokens must be positive"
-            )));
-        }
-        Ok(ModelPrice {
-            input,
-            cached_input,
-            output,
-            max_output_tokens: self.max_output_tokens,
-            image_input_tokens_max: self.image_input_tokens_max,
-        })
-    }
-}
-
-fn config(msg: String) -> PricingError {
-    PricingError::Config(msg)
-}
-
-impl OpenAiPrices {
-    /// The table shipped with this build.
-    pub fn builtin() -> Self {
-        Self::from_json(BUILTIN_TABLE).expect("the built-in OpenAI price table is valid")
-    }
-
-    pub fn from_json(text: &str) -> Result<Self, PricingError> {
-        let raw: RawTable = serde_json::from_str(text)
-            .map_err(|e| config(format!("price table is not valid: {e}")))?;
-        if raw.currency != "usd" || raw.unit != "per_million_tokens" {
-            return Err(config(
-                "price table must have \"currency\": \"usd\" and \"unit\": \"per_million_tokens\""
-                    .into(),
-            ));
-        }
-        let mut models = BTreeMap::new();
-        for (name, m) in raw.models {
-            if name.is_empty() || name == "default" {
-                return Err(config(format!(
-                    "price table: model name {name:?} is reserved; use the top-level \"default\""
-                )));
-            }
-            let price = m.into_price(&name)?;
-            models.insert(name, price);
-        }
-        let default = raw.default.map(|m| m.into_price("default")).transpose()?;
-        Ok(OpenAiPrices {
-            as_of: raw.as_of,
-            models,
-            default,
-        })
-    }
-
-    pub fn load(path: &Path) -> Result<Self, PricingError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| config(format!("cannot read price table {}: {e}", path.display())))?;
-        Self::from_json(&text)
-    }
-
-    /// The date the table's prices were checked.
-    pub fn as_of(&self) -> &str {
-        &self.as_of
-    }
-
-    /// The price for a model and the table entry it was priced as: the exact
-    /// name; else the longest entry the name extends with a dated snapshot
-    /// suffix (`gpt-4o-2024-08-06` -> `gpt-4o`, `gpt-4-0613` -> `gpt-4`); else
-    /// the table's `default` if it has one.
-    ///
-    /// Only snapshot suffixes fall back to their base model. A variant such as
-    /// `gpt-4o-search-preview` or `o3-pro` is priced differently from its base
-    /// (per-call fees, ten times the token price), so pricing it as the base
-    /// could reserve far less than it costs; it needs its own entry.
-    pub fn lookup(&self, model: &str) -> Option<(&str, &ModelPrice)> {
-        if let Some((k, p)) = self.models.get_key_value(model) {
-            return Some((k, p));
-        }
-        let snapshot_base = self
-            .models
-            .iter()
-            .filter(|(k, _)| {
-                model
-                    .strip_prefix(k.as_str())
-                    .and_then(|rest| rest.strip_prefix('-'))
-                    .is_some_and(is_snapshot_suffix)
-            })
-            .max_by_key(|(k, _)| k.len());
-        if let Some((k, p)) = snapshot_base {
-            return Some((k, p));
-        }
-        self.default.as_ref().map(|p| ("default", p))
-    }
-}
-
-/// `2024-08-06` or `0613`.
-fn is_snapshot_suffix(s: &str) -> bool {
-    let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    match b.len() {
-        4 => digits(0..4),
-        10 => digits(0..4) && b[4] == b'-' && digits(5..7) && b[7] == b'-' && digits(8..10),
-        _ => false,
-    }
-}
-
 /// The OpenAI price model over a (shared, possibly operator-supplied) table.
 #[derive(Debug, Clone)]
 pub struct OpenAiPricing {
-    prices: Arc<OpenAiPrices>,
+    prices: Arc<TokenPrices>,
 }
 
 impl OpenAiPricing {
-    pub fn new(prices: Arc<OpenAiPrices>) -> Self {
+    pub fn new(prices: Arc<TokenPrices>) -> Self {
         OpenAiPricing { prices }
     }
 
@@ -341,27 +136,6 @@ impl OpenAiPricing {
                 price: price.clone(),
             },
         })
-    }
-}
-
-fn unreadable(msg: impl Into<String>) -> PricingError {
-    PricingError::Unreadable(msg.into())
-}
-
-/// An optional positive integer field; null counts as absent (the API treats
-/// it as unset). Floats, strings, zero and negatives are refused.
-fn positive_int(
-    obj: &serde_json::Map<String, Value>,
-    field: &str,
-) -> Result<Option<u64>, PricingError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_u64() {
-            Some(n) if n > 0 => Ok(Some(n)),
-            _ => Err(unreadable(format!(
-                "\"{field}\" must be a positive integer"
-            ))),
-        },
     }
 }
 
@@ -540,11 +314,13 @@ impl StreamSettler for ChatStreamSettler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pricing::ModelPrice;
+    use keycap_proto::Micros;
 
     const JSON: Option<&str> = Some("application/json");
 
     fn pricing() -> OpenAiPricing {
-        OpenAiPricing::new(Arc::new(OpenAiPrices::builtin()))
+        OpenAiPricing::new(Arc::new(builtin_prices()))
     }
 
     fn chat(body: &str) -> PriceRequest<'_> {
@@ -578,7 +354,7 @@ mod tests {
 
     #[test]
     fn builtin_table_loads_and_has_expected_models() {
-        let t = OpenAiPrices::builtin();
+        let t = builtin_prices();
         for m in [
             "gpt-4o",
             "gpt-4o-mini",
@@ -593,13 +369,13 @@ mod tests {
         assert_eq!(p.input, Micros(2_500_000));
         assert_eq!(p.output, Micros(10_000_000));
         assert_eq!(p.max_output_tokens, 16384);
-        assert!(t.default.is_none(), "no default entry ships by default");
+        assert!(!t.has_default(), "no default entry ships by default");
         assert!(!t.as_of().is_empty());
     }
 
     #[test]
     fn lookup_exact_then_snapshot_then_default() {
-        let t = OpenAiPrices::builtin();
+        let t = builtin_prices();
         assert_eq!(t.lookup("gpt-4o-2024-08-06").unwrap().0, "gpt-4o");
         assert_eq!(t.lookup("gpt-4o-mini-2024-07-18").unwrap().0, "gpt-4o-mini");
         assert_eq!(t.lookup("gpt-4o-mini").unwrap().0, "gpt-4o-mini");
@@ -615,7 +391,7 @@ mod tests {
         ] {
             assert!(t.lookup(m).is_none(), "{m}");
         }
-        let t = OpenAiPrices::from_json(TABLE).unwrap();
+        let t = TokenPrices::from_json(TABLE).unwrap();
         assert_eq!(t.lookup("gpt-4-0613").unwrap().0, "gpt-4");
         assert!(t.lookup("gpt-4-06130").is_none());
         assert!(t.lookup("gpt-4-2024-8-06").is_none());
@@ -624,7 +400,7 @@ mod tests {
             r#""default": {"input": "100", "output": "100", "max_output_tokens": 10}, "models""#,
             1,
         );
-        let t = OpenAiPrices::from_json(&with_default).unwrap();
+        let t = TokenPrices::from_json(&with_default).unwrap();
         assert_eq!(t.lookup("anything").unwrap().0, "default");
         assert_eq!(t.lookup("m").unwrap().0, "m");
     }
@@ -648,7 +424,7 @@ mod tests {
             "not json".to_string(),
         ];
         for text in bad {
-            let err = OpenAiPrices::from_json(&text).unwrap_err();
+            let err = TokenPrices::from_json(&text).unwrap_err();
             assert_eq!(err.code(), "pricing_misconfigured", "{text}");
         }
     }
@@ -659,10 +435,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("openai.json");
         std::fs::write(&path, TABLE).unwrap();
-        let t = OpenAiPrices::load(&path).unwrap();
+        let t = TokenPrices::load(&path).unwrap();
         assert_eq!(t.as_of(), "2026-01-01");
         std::fs::remove_file(&path).unwrap();
-        assert!(OpenAiPrices::load(&path).is_err());
+        assert!(TokenPrices::load(&path).is_err());
         let _ = std::fs::remove_dir(&dir);
     }
 
@@ -939,6 +715,8 @@ mod tests {
             input: Micros(333_333),
             cached_input: Some(Micros(111_111)),
             output: Micros(1_234_567),
+            cache_write: None,
+            cache_write_1h: None,
             max_output_tokens: 40,
             image_input_tokens_max: None,
         };
@@ -1081,6 +859,8 @@ mod tests {
             input: Micros(i64::MAX),
             cached_input: None,
             output: Micros(i64::MAX),
+            cache_write: None,
+            cache_write_1h: None,
             max_output_tokens: u64::MAX,
             image_input_tokens_max: Some(u64::MAX),
         };

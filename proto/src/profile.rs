@@ -1,0 +1,65 @@
+//! Vendor profiles: how keycap prices a vendor's calls and injects its
+//! credential. Shared so the control plane accepts exactly the profiles the
+//! proxy can serve.
+
+/// A vendor profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Profile {
+    Stripe,
+    Openai,
+    Anthropic,
+}
+
+/// How a vendor expects its real credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialHeader {
+    /// `Authorization: Bearer <credential>`.
+    Bearer,
+    /// `x-api-key: <credential>`.
+    XApiKey,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 3] = [Profile::Stripe, Profile::Openai, Profile::Anthropic];
+
+    /// The profile named `s` (exact, lowercase).
+    pub fn parse(s: &str) -> Option<Self> {
+        Profile::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Stripe => "stripe",
+            Profile::Openai => "openai",
+            Profile::Anthropic => "anthropic",
+        }
+    }
+
+    /// The known profile names, for error messages: "stripe, openai, ...".
+    pub fn names() -> String {
+        Profile::ALL.map(Profile::as_str).join(", ")
+    }
+
+    pub fn credential_header(self) -> CredentialHeader {
+        match self {
+            Profile::Stripe | Profile::Openai => CredentialHeader::Bearer,
+            Profile::Anthropic => CredentialHeader::XApiKey,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_nothing_else_parses() {
+        for p in Profile::ALL {
+            assert_eq!(Profile::parse(p.as_str()), Some(p));
+        }
+        for s in ["", "Stripe", "stripe ", "twilio", "openai\0"] {
+            assert_eq!(Profile::parse(s), None, "{s:?}");
+        }
+        assert_eq!(Profile::names(), "stripe, openai, anthropic");
+    }
+}
