@@ -17,6 +17,10 @@
 //! * `POST /v1/chat/completions`: JSON body; non-streamed JSON with `usage`,
 //!   or `text/event-stream` when `"stream": true` (a final usage chunk when
 //!   `stream_options.include_usage` is true), ending with `data: [DONE]`.
+//! * `POST /v1/messages` (Anthropic): the real credential in `x-api-key` and
+//!   no `Authorization` (401 otherwise); JSON with `usage`, or an SSE stream
+//!   (`message_start` ... `message_delta` with the output count) when
+//!   `"stream": true`. Usage as for chat completions, from `max_tokens`.
 //! * `POST /v1/fail500`: 500.
 //! * anything else: 404 (still recorded).
 //!
@@ -310,6 +314,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
             stripe_customer(&state, &call, customer_path(p).unwrap_or_default())
         }
         ("POST", "/v1/chat/completions") => chat_completion(&state, &call, mid_stream),
+        ("POST", "/v1/messages") => anthropic_message(&state, &call),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),
@@ -591,6 +596,71 @@ fn chat_completion(
             "finish_reason": "stop",
         }],
         "usage": usage_json(usage.0, usage.1),
+    }))
+    .into_response()
+}
+
+/// The exact body of a streamed Anthropic message reporting `usage`.
+pub fn anthropic_stream_body(model: &str, usage: (u64, u64)) -> String {
+    let text = CHAT_STREAM_PIECES.concat();
+    let events = [
+        json!({"type": "message_start", "message": {
+            "id": "msg_mock_stream", "type": "message", "role": "assistant", "content": [],
+            "model": model, "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": usage.0, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "ping"}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+               "usage": {"output_tokens": usage.1}}),
+        json!({"type": "message_stop"}),
+    ];
+    events
+        .iter()
+        .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("")))
+        .collect()
+}
+
+/// An Anthropic message: the credential must arrive as `x-api-key`.
+fn anthropic_message(state: &MockState, call: &RecordedCall) -> Response {
+    let key_ok = call.header("x-api-key") == Some(state.credential.as_str());
+    if !key_ok || call.authorization().is_some() {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"type": "error", "error": {
+                "type": "authentication_error", "message": "invalid x-api-key"}})),
+        )
+            .into_response();
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&call.body) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"type": "error", "error": {
+                "type": "invalid_request_error", "message": "invalid JSON body"}})),
+        )
+            .into_response();
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
+    let usage = chat_usage(&req);
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let mut resp = Response::new(Body::from(anthropic_stream_body(model, usage)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        return resp;
+    }
+    Json(json!({
+        "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": CHAT_STREAM_PIECES.concat()}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": usage.0, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "output_tokens": usage.1},
     }))
     .into_response()
 }

@@ -472,6 +472,9 @@ async fn issue_rest_flow(stack: &Stack, admin: &Api) {
 #[path = "e2e/proxy_edges.rs"]
 mod proxy_edges;
 
+#[path = "e2e/anthropic.rs"]
+mod anthropic;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;

@@ -1,0 +1,157 @@
+//! The Anthropic profile end to end: an agent built on Anthropic's SDK sends
+//! its vault key as `x-api-key`; the vendor gets the real key there and
+//! nowhere else; messages are priced from the shipped table and settled from
+//! the usage the vendor reports, streamed or not. Included from `e2e.rs`.
+
+use keycap_tests::harness::{Api, MintedKey, Resp, Stack};
+use keycap_tests::mock::{self, MockVendor};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::{assert_mock_never_saw, assert_resp_lacks, usd_micros};
+
+const ANTHROPIC_CREDENTIAL: &str = "sk-ant-api03-KeycapE2eRealAnthropicCredentialDoNotLeak";
+
+async fn stack_with_anthropic() -> (Stack, MockVendor, MintedKey) {
+    let stack = Stack::start().await;
+    let mock = MockVendor::start(ANTHROPIC_CREDENTIAL).await;
+    stack.register("anthropic", "anthropic", &mock).await;
+    let key = stack
+        .mint(&json!({
+            "vendor": "anthropic",
+            "daily_usd_cap": 5,
+            "allowed_endpoints": ["POST /v1/messages"],
+            "expires_in": "1h",
+            "agent_run_label": "anthropic/1",
+        }))
+        .await;
+    (stack, mock, key)
+}
+
+/// A message request sent the way Anthropic's SDKs send it: the key in
+/// `x-api-key`, no `Authorization`.
+async fn send_message(stack: &Stack, key: &str, body: &Value) -> Resp {
+    Api::new(&stack.proxy.url(), None)
+        .send(
+            Method::POST,
+            "/anthropic/v1/messages",
+            Some(("application/json", body.to_string().into_bytes())),
+            &[("x-api-key", key), ("anthropic-version", "2023-06-01")],
+        )
+        .await
+}
+
+/// What a message with this usage costs by the shipped table.
+fn anthropic_cost(model: &str, (input, output): (u64, u64)) -> i64 {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data-plane/prices/anthropic.json"
+    );
+    let table: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let m = &table["models"][model];
+    let price = |field: &str| usd_micros(m[field].as_str().unwrap());
+    let ceil = |tokens: u64, p: i64| (tokens as i64 * p + 999_999) / 1_000_000;
+    ceil(input, price("input")) + ceil(output, price("output"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_goes_out_with_the_real_key_in_x_api_key_and_settles_from_usage() {
+    let (stack, mock, key) = stack_with_anthropic().await;
+    let model = "claude-sonnet-4-5";
+    let request = json!({
+        "model": model,
+        "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    });
+    let r = send_message(&stack, &key.secret, &request).await;
+    let body = r.expect(200);
+    let usage = mock::chat_usage(&request);
+    assert_eq!(body["usage"]["output_tokens"], usage.1);
+    assert_resp_lacks(&r, ANTHROPIC_CREDENTIAL);
+    let call = &mock.calls()[0];
+    assert_eq!(call.header("x-api-key"), Some(ANTHROPIC_CREDENTIAL));
+    assert_eq!(
+        call.authorization(),
+        None,
+        "no Authorization reaches Anthropic"
+    );
+    assert_eq!(call.header("anthropic-version"), Some("2023-06-01"));
+    assert_mock_never_saw(&mock, &key.secret);
+
+    let cost = anthropic_cost(model, usage);
+    assert!(cost > 0);
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 1).await;
+    let e = &entries[0];
+    assert_eq!(e["outcome"], "settled", "{e}");
+    assert_eq!(e["cost_micros"], cost, "{e}");
+    assert!(e["reserved_micros"].as_i64().unwrap() >= cost, "{e}");
+    assert_eq!(e["detail"]["model"], model, "{e}");
+    assert_eq!(e["detail"]["input_tokens"], usage.0, "{e}");
+    assert_eq!(e["detail"]["output_tokens"], usage.1, "{e}");
+    stack.wait_key_spend(&key.id, cost, 1).await;
+
+    // The vault key also works as a Bearer token (the proxy's usual form);
+    // the vendor still gets only x-api-key.
+    let r = stack
+        .agent(&key.secret)
+        .post_json("/anthropic/v1/messages", &request)
+        .await;
+    r.expect(200);
+    let call = &mock.calls()[1];
+    assert_eq!(call.header("x-api-key"), Some(ANTHROPIC_CREDENTIAL));
+    assert_eq!(call.authorization(), None);
+    stack.wait_key_spend(&key.id, 2 * cost, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_message_passes_through_and_settles_from_its_final_delta() {
+    let (stack, _mock, key) = stack_with_anthropic().await;
+    let model = "claude-haiku-4-5";
+    let request = json!({
+        "model": model,
+        "max_tokens": 100,
+        "stream": true,
+        "messages": [{"role": "user", "content": "Stream a hello."}],
+    });
+    let r = send_message(&stack, &key.secret, &request).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let usage = mock::chat_usage(&request);
+    assert_eq!(r.text, mock::anthropic_stream_body(model, usage));
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 1).await;
+    let e = &entries[0];
+    assert_eq!(e["outcome"], "settled", "{e}");
+    assert_eq!(e["cost_micros"], anthropic_cost(model, usage), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_and_unpriceable_messages_never_reach_anthropic() {
+    let (stack, mock, key) = stack_with_anthropic().await;
+    let ok = json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let forged = format!("{}x", &key.secret[..key.secret.len() - 1]);
+    send_message(&stack, &forged, &ok)
+        .await
+        .expect_error(401, "invalid_key");
+
+    let mut no_limit = ok.clone();
+    no_limit.as_object_mut().unwrap().remove("max_tokens");
+    let mut pdf = ok.clone();
+    pdf["messages"][0]["content"] = json!([{"type": "document",
+        "source": {"type": "url", "url": "https://example.com/report.pdf"}}]);
+    let mut server_tool = ok.clone();
+    server_tool["tools"] = json!([{"type": "web_search_20250305", "name": "web_search"}]);
+    for body in [no_limit, pdf, server_tool] {
+        send_message(&stack, &key.secret, &body)
+            .await
+            .expect_error(400, "unpriceable_request");
+    }
+    let mut unknown = ok.clone();
+    unknown["model"] = json!("claude-unreleased-9");
+    send_message(&stack, &key.secret, &unknown)
+        .await
+        .expect_error(400, "unknown_model");
+    assert!(mock.calls().is_empty(), "{:?}", mock.calls());
+}
