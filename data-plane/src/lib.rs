@@ -85,18 +85,25 @@ pub async fn run(
     let listener = listener.into_std()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<anyhow::Result<()>>();
-    for i in 0..threads {
-        let proxy = Arc::new(proxy::Proxy {
-            policy: cache.clone(),
-            budget: budget.clone(),
-            spend: spend.clone(),
-            client: proxy::http_client()?,
-            control_url: config.control_url.clone(),
-            node_id: node_id.clone(),
-            max_body_bytes: config.max_body_bytes,
-            max_response_bytes: config.max_response_bytes,
-            upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
-        });
+    // Every thread's state is built before any thread serves, so a slow
+    // step (loading the system's root certificates) never leaves a proxy
+    // half started while agents are already being answered.
+    let proxies = (0..threads)
+        .map(|_| {
+            Ok(Arc::new(proxy::Proxy {
+                policy: cache.clone(),
+                budget: budget.clone(),
+                spend: spend.clone(),
+                client: proxy::http_client()?,
+                control_url: config.control_url.clone(),
+                node_id: node_id.clone(),
+                max_body_bytes: config.max_body_bytes,
+                max_response_bytes: config.max_response_bytes,
+                upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
+            }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (i, proxy) in proxies.into_iter().enumerate() {
         let listener = listener.try_clone()?;
         let stop = stop_rx.clone();
         let ended = ended_tx.clone();

@@ -19,19 +19,19 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;
-    keycap_proxy::run(cli.config, listener, shutdown_signal()).await
+    // Registered before anything serves, so a SIGTERM from the first
+    // moment starts a drain instead of killing the process.
+    let shutdown = shutdown_signal()?;
+    keycap_proxy::run(cli.config, listener, shutdown).await
 }
 
 /// Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send): either
 /// starts the drain in `keycap_proxy::run`.
-async fn shutdown_signal() {
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! { _ = term.recv() => {}, _ = interrupt.recv() => {} }
+    })
 }

@@ -321,9 +321,10 @@ async fn sigterm_lets_calls_in_flight_finish_and_delivers_their_spend() {
     })
     .await;
     assert!(refused, "the proxy still accepts connections after SIGTERM");
+    let early = stack.proxy.process_mut().exited();
     assert!(
-        stack.proxy.process_mut().exited().is_none(),
-        "the proxy exited with a call in flight"
+        early.is_none(),
+        "the proxy exited with a call in flight: {early:?}"
     );
 
     // The vendor answers: the call in flight completes for the agent...
