@@ -8,6 +8,7 @@ pub enum Profile {
     Stripe,
     Openai,
     Anthropic,
+    Resend,
 }
 
 /// How a vendor expects its real credential.
@@ -20,7 +21,12 @@ pub enum CredentialHeader {
 }
 
 impl Profile {
-    pub const ALL: [Profile; 3] = [Profile::Stripe, Profile::Openai, Profile::Anthropic];
+    pub const ALL: [Profile; 4] = [
+        Profile::Stripe,
+        Profile::Openai,
+        Profile::Anthropic,
+        Profile::Resend,
+    ];
 
     /// The profile named `s` (exact, lowercase).
     pub fn parse(s: &str) -> Option<Self> {
@@ -32,6 +38,7 @@ impl Profile {
             Profile::Stripe => "stripe",
             Profile::Openai => "openai",
             Profile::Anthropic => "anthropic",
+            Profile::Resend => "resend",
         }
     }
 
@@ -42,7 +49,7 @@ impl Profile {
 
     pub fn credential_header(self) -> CredentialHeader {
         match self {
-            Profile::Stripe | Profile::Openai => CredentialHeader::Bearer,
+            Profile::Stripe | Profile::Openai | Profile::Resend => CredentialHeader::Bearer,
             Profile::Anthropic => CredentialHeader::XApiKey,
         }
     }
@@ -60,6 +67,6 @@ mod tests {
         for s in ["", "Stripe", "stripe ", "twilio", "openai\0"] {
             assert_eq!(Profile::parse(s), None, "{s:?}");
         }
-        assert_eq!(Profile::names(), "stripe, openai, anthropic");
+        assert_eq!(Profile::names(), "stripe, openai, anthropic, resend");
     }
 }

@@ -21,6 +21,8 @@
 //!   no `Authorization` (401 otherwise); JSON with `usage`, or an SSE stream
 //!   (`message_start` ... `message_delta` with the output count) when
 //!   `"stream": true`. Usage as for chat completions, from `max_tokens`.
+//! * `POST /emails`, `POST /emails/batch` (Resend): Bearer credential (401
+//!   otherwise); 200 with an id per email.
 //! * `POST /v1/fail500`: 500.
 //! * anything else: 404 (still recorded).
 //!
@@ -315,6 +317,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         }
         ("POST", "/v1/chat/completions") => chat_completion(&state, &call, mid_stream),
         ("POST", "/v1/messages") => anthropic_message(&state, &call),
+        ("POST", "/emails" | "/emails/batch") => resend_send(&state, &call),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),
@@ -598,6 +601,32 @@ fn chat_completion(
         "usage": usage_json(usage.0, usage.1),
     }))
     .into_response()
+}
+
+/// Resend's answer to a send: an id per email.
+fn resend_send(state: &MockState, call: &RecordedCall) -> Response {
+    if !authorized(state, call) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"statusCode": 401, "name": "validation_error", "message": "API key is invalid"})),
+        )
+            .into_response();
+    }
+    let id = || {
+        format!(
+            "email_mock_{}",
+            state.next_id.fetch_add(1, Ordering::SeqCst)
+        )
+    };
+    if call.path == "/emails/batch" {
+        let n = serde_json::from_slice::<Value>(&call.body)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0);
+        let data: Vec<Value> = (0..n).map(|_| json!({"id": id()})).collect();
+        return Json(json!({ "data": data })).into_response();
+    }
+    Json(json!({"id": id()})).into_response()
 }
 
 /// The exact body of a streamed Anthropic message reporting `usage`.

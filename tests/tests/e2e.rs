@@ -475,6 +475,9 @@ mod proxy_edges;
 #[path = "e2e/anthropic.rs"]
 mod anthropic;
 
+#[path = "e2e/resend.rs"]
+mod resend;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;

@@ -20,6 +20,7 @@ use keycap_proto::Micros;
 
 pub mod anthropic;
 pub mod openai;
+pub mod resend;
 pub mod stripe;
 pub mod tokens;
 
@@ -59,6 +60,8 @@ pub enum QuoteKind {
     OpenAiChat { model: String, price: ModelPrice },
     /// An Anthropic message, with its price copied in for the same reason.
     AnthropicMessages { model: String, price: ModelPrice },
+    /// Resend emails to this many recipients.
+    Resend { recipients: u64 },
 }
 
 /// How a reservation was resolved.
@@ -177,12 +180,13 @@ pub trait StreamSettler: Send {
     fn finish(self: Box<Self>, status: u16) -> Settlement;
 }
 
-/// The token price tables the LLM profiles read, as shipped or replaced by
-/// the operator's files.
+/// The price tables the profiles read (per-token for the LLM vendors, a
+/// unit price for Resend), as shipped or replaced by the operator's files.
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pub openai: Arc<TokenPrices>,
     pub anthropic: Arc<TokenPrices>,
+    pub resend: resend::ResendPrices,
 }
 
 impl Catalog {
@@ -191,6 +195,7 @@ impl Catalog {
         Catalog {
             openai: Arc::new(openai::builtin_prices()),
             anthropic: Arc::new(anthropic::builtin_prices()),
+            resend: resend::ResendPrices::builtin(),
         }
     }
 }
@@ -212,6 +217,7 @@ pub fn model_for(
         Some(Profile::Anthropic) => Ok(Arc::new(anthropic::AnthropicPricing::new(Arc::clone(
             &catalog.anthropic,
         )))),
+        Some(Profile::Resend) => Ok(Arc::new(resend::ResendPricing::new(catalog.resend.clone()))),
         None => Err(PricingError::Config(format!(
             "unknown pricing profile {:?} (known: {})",
             clip(profile),

@@ -1,0 +1,74 @@
+//! The Resend profile end to end: emails are priced per recipient from the
+//! shipped unit price before they leave, a batch is the sum of its emails,
+//! and an email keycap cannot count never reaches Resend. Included from
+//! `e2e.rs`.
+
+use keycap_tests::harness::Stack;
+use keycap_tests::mock::MockVendor;
+use serde_json::{json, Value};
+
+use super::{assert_mock_never_saw, usd_micros};
+
+const RESEND_CREDENTIAL: &str = "re_KeycapE2eRealResendCredentialDoNotLeak";
+
+fn per_recipient() -> i64 {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data-plane/prices/resend.json"
+    );
+    let table: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    usd_micros(table["per_recipient"].as_str().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emails_cost_their_recipients_and_uncountable_ones_stay_home() {
+    let stack = Stack::start().await;
+    let mock = MockVendor::start(RESEND_CREDENTIAL).await;
+    stack.register("resend", "resend", &mock).await;
+    let key = stack
+        .mint(&json!({
+            "vendor": "resend",
+            "daily_usd_cap": 1,
+            "allowed_endpoints": ["POST /emails", "POST /emails/batch"],
+            "expires_in": "1h",
+            "agent_run_label": "resend/1",
+        }))
+        .await;
+    let agent = stack.agent(&key.secret);
+    let unit = per_recipient();
+
+    let email = json!({
+        "from": "agent@example.com",
+        "to": ["a@example.com", "b@example.com"],
+        "cc": "c@example.com",
+        "subject": "Your invoice",
+        "html": "<p>Attached.</p>",
+    });
+    agent.post_json("/resend/emails", &email).await.expect(200);
+    assert_eq!(
+        mock.calls()[0].authorization(),
+        Some(format!("Bearer {RESEND_CREDENTIAL}").as_str())
+    );
+    stack.wait_key_spend(&key.id, 3 * unit, 1).await;
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 1).await;
+    assert_eq!(entries[0]["detail"]["recipients"], 3, "{}", entries[0]);
+
+    let batch = json!([
+        {"from": "agent@example.com", "to": "d@example.com", "subject": "1"},
+        {"from": "agent@example.com", "to": "e@example.com", "bcc": ["f@example.com"], "subject": "2"},
+    ]);
+    let body = agent
+        .post_json("/resend/emails/batch", &batch)
+        .await
+        .expect(200);
+    assert_eq!(body["data"].as_array().map(Vec::len), Some(2));
+    stack.wait_key_spend(&key.id, 6 * unit, 2).await;
+
+    let no_recipient = json!({"from": "agent@example.com", "subject": "x"});
+    agent
+        .post_json("/resend/emails", &no_recipient)
+        .await
+        .expect_error(400, "unpriceable_request");
+    assert_eq!(mock.calls().len(), 2, "the uncountable email was forwarded");
+    assert_mock_never_saw(&mock, &key.secret);
+}
