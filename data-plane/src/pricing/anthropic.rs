@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::tokens::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
 use super::{
-    clip, free_quote, is_success, media_type, mul_div_ceil, positive_int, settle_fixed, unreadable,
+    clip, free_quote, is_success, json_body, mul_div_ceil, positive_int, settle_fixed, unreadable,
     Outcome, PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
 };
 use crate::sse::SseReader;
@@ -53,17 +53,7 @@ impl AnthropicPricing {
     }
 
     fn quote_messages(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
-        match media_type(req.content_type).as_deref() {
-            None | Some("application/json") => {}
-            Some(other) => {
-                return Err(unreadable(format!(
-                    "messages must be sent as application/json, not {}",
-                    clip(other)
-                )))
-            }
-        }
-        let body: Value = serde_json::from_slice(req.body)
-            .map_err(|e| unreadable(format!("request body is not valid JSON: {e}")))?;
+        let body = json_body(req, "messages")?;
         let obj = body
             .as_object()
             .ok_or_else(|| unreadable("request body must be a JSON object"))?;
@@ -395,6 +385,7 @@ impl StreamSettler for MessageStreamSettler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pricing::ceil_cost;
     use keycap_proto::Micros;
 
     const JSON: Option<&str> = Some("application/json");
@@ -415,12 +406,6 @@ mod tests {
 
     fn quote(body: &str) -> Result<Quote, PricingError> {
         pricing().quote(&messages(body))
-    }
-
-    /// Reference: ceil(tokens * per_million_micros / 1e6).
-    fn ceil_cost(tokens: u64, per_million: i64) -> i64 {
-        let n = i128::from(tokens) * i128::from(per_million);
-        i64::try_from((n + 999_999) / 1_000_000).unwrap()
     }
 
     const SONNET: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Hello, Claude"}]}"#;

@@ -165,13 +165,24 @@ impl PricingError {
 }
 
 /// A vendor profile's pricing rules.
+///
+/// The settlement defaults suit profiles whose request fixes the cost (a
+/// charge's amount, an email's recipients): a 2xx spends exactly the quote,
+/// anything else releases it. Profiles that learn the cost from the
+/// response override both.
 pub trait PriceModel: Send + Sync {
     /// Prices a request before it is forwarded.
     fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError>;
     /// Non-streamed response: status and full body.
-    fn settle(&self, quote: &Quote, status: u16, body: &[u8]) -> Settlement;
+    fn settle(&self, quote: &Quote, status: u16, _body: &[u8]) -> Settlement {
+        settle_fixed(quote, status)
+    }
     /// Streamed (SSE) response: a settler fed the body chunks as they pass.
-    fn stream_settler(&self, quote: &Quote) -> Box<dyn StreamSettler>;
+    fn stream_settler(&self, quote: &Quote) -> Box<dyn StreamSettler> {
+        Box::new(StatusSettler {
+            quote: quote.clone(),
+        })
+    }
 }
 
 /// Settles a streamed response from the chunks the client is sent.
@@ -276,6 +287,24 @@ pub(crate) fn positive_int(
     }
 }
 
+/// A JSON request body (`application/json`, or no content type), for
+/// `what` ("messages", "emails") in the error.
+pub(crate) fn json_body(
+    req: &PriceRequest<'_>,
+    what: &str,
+) -> Result<serde_json::Value, PricingError> {
+    match media_type(req.content_type).as_deref() {
+        None | Some("application/json") => {}
+        Some(other) => {
+            return Err(unreadable(format!(
+                "{what} must be sent as application/json, not {}",
+                clip(other)
+            )))
+        }
+    }
+    serde_json::from_slice(req.body).map_err(|_| unreadable("request body is not valid JSON"))
+}
+
 /// Settles by status alone, for calls whose cost is fixed at quote time.
 pub(crate) struct StatusSettler {
     pub quote: Quote,
@@ -308,6 +337,14 @@ pub(crate) fn free_quote(streaming: bool) -> Quote {
         streaming,
         kind: QuoteKind::Free,
     }
+}
+
+/// `ceil(tokens * per_million / 1e6)` term by term: the reference the
+/// pricing tests check token costs against.
+#[cfg(test)]
+pub(crate) fn ceil_cost(tokens: u64, per_million: i64) -> i64 {
+    let n = i128::from(tokens) * i128::from(per_million);
+    i64::try_from((n + 999_999) / 1_000_000).unwrap()
 }
 
 #[cfg(test)]

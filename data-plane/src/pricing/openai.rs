@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::tokens::TokenPrices;
 use super::{
-    clip, free_quote, is_success, media_type, positive_int, settle_fixed, unreadable, Outcome,
+    clip, free_quote, is_success, json_body, positive_int, settle_fixed, unreadable, Outcome,
     PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
 };
 use crate::sse::SseReader;
@@ -48,17 +48,7 @@ impl OpenAiPricing {
     }
 
     fn quote_chat(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
-        match media_type(req.content_type).as_deref() {
-            None | Some("application/json") => {}
-            Some(other) => {
-                return Err(unreadable(format!(
-                    "chat completions must be sent as application/json, not {}",
-                    clip(other)
-                )))
-            }
-        }
-        let body: Value = serde_json::from_slice(req.body)
-            .map_err(|_| unreadable("request body is not valid JSON"))?;
+        let body = json_body(req, "chat completions")?;
         let obj = body
             .as_object()
             .ok_or_else(|| unreadable("request body must be a JSON object"))?;
@@ -314,6 +304,7 @@ impl StreamSettler for ChatStreamSettler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pricing::ceil_cost;
     use crate::pricing::ModelPrice;
     use keycap_proto::Micros;
 
@@ -335,12 +326,6 @@ mod tests {
 
     fn quote(body: &str) -> Result<Quote, PricingError> {
         pricing().quote(&chat(body))
-    }
-
-    /// Reference: ceil(tokens * per_million_micros / 1e6), term by term.
-    fn ceil_cost(tokens: u64, per_million: i64) -> i64 {
-        let n = i128::from(tokens) * i128::from(per_million);
-        i64::try_from((n + 999_999) / 1_000_000).unwrap()
     }
 
     const TABLE: &str = r#"{

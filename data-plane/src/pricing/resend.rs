@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    clip, free_quote, media_type, settle_fixed, unreadable, PriceModel, PriceRequest, PricingError,
-    Quote, QuoteKind, Settlement, StatusSettler, StreamSettler,
+    clip, free_quote, json_body, unreadable, PriceModel, PriceRequest, PricingError, Quote,
+    QuoteKind,
 };
 
 const BUILTIN_TABLE: &str = include_str!("../../prices/resend.json");
@@ -131,17 +131,7 @@ impl PriceModel for ResendPricing {
             }
             _ => return Ok(free_quote(false)),
         };
-        match media_type(req.content_type).as_deref() {
-            None | Some("application/json") => {}
-            Some(other) => {
-                return Err(unreadable(format!(
-                    "emails must be sent as application/json, not {}",
-                    clip(other)
-                )))
-            }
-        }
-        let body: Value = serde_json::from_slice(req.body)
-            .map_err(|e| unreadable(format!("request body is not valid JSON: {e}")))?;
+        let body = json_body(req, "emails")?;
         let (emails, count) = if batch {
             let list = body
                 .as_array()
@@ -173,18 +163,6 @@ impl PriceModel for ResendPricing {
             }),
             streaming: false,
             kind: QuoteKind::Resend { recipients: count },
-        })
-    }
-
-    fn settle(&self, quote: &Quote, status: u16, _body: &[u8]) -> Settlement {
-        // The request fixed the count; the response only says whether
-        // Resend accepted the emails.
-        settle_fixed(quote, status)
-    }
-
-    fn stream_settler(&self, quote: &Quote) -> Box<dyn StreamSettler> {
-        Box::new(StatusSettler {
-            quote: quote.clone(),
         })
     }
 }

@@ -17,8 +17,8 @@ use keycap_proto::{Micros, MICROS_PER_USD};
 use serde_json::json;
 
 use super::{
-    clip, free_quote, media_type, mul_div_ceil, settle_fixed, PriceModel, PriceRequest,
-    PricingError, Quote, QuoteKind, Settlement, StatusSettler, StreamSettler,
+    clip, free_quote, media_type, mul_div_ceil, PriceModel, PriceRequest, PricingError, Quote,
+    QuoteKind,
 };
 
 /// Currencies whose Stripe amounts are whole units (no minor unit).
@@ -255,18 +255,6 @@ impl PriceModel for StripePricing {
             detail,
             streaming: false,
             kind: QuoteKind::Stripe { amount, currency },
-        })
-    }
-
-    fn settle(&self, quote: &Quote, status: u16, _body: &[u8]) -> Settlement {
-        // The request fixed the amount; the response only says whether the
-        // charge was accepted.
-        settle_fixed(quote, status)
-    }
-
-    fn stream_settler(&self, quote: &Quote) -> Box<dyn StreamSettler> {
-        Box::new(StatusSettler {
-            quote: quote.clone(),
         })
     }
 }
