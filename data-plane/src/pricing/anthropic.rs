@@ -23,8 +23,9 @@ use serde_json::{json, Value};
 
 use super::tokens::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
 use super::{
-    clip, free_quote, is_success, json_body, mul_div_ceil, positive_int, settle_fixed, unreadable,
-    Outcome, PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
+    clip, free_quote, json_body, mul_div_ceil, positive_int, settle_fixed, settle_reported,
+    unreadable, PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
+    StreamSettler,
 };
 use crate::sse::SseReader;
 
@@ -267,40 +268,23 @@ fn settle_usage(quote: &Quote, status: u16, usage: Option<Usage>) -> Settlement 
     let QuoteKind::AnthropicMessages { model, price } = &quote.kind else {
         return settle_fixed(quote, status);
     };
-    if !is_success(status) {
-        return Settlement::released(quote, status);
-    }
-    let Some(u) = usage else {
-        return Settlement::at_reservation(quote, status, "response reported no usage");
-    };
-    let Some(cost) = u.cost(price) else {
-        return Settlement::at_reservation(quote, status, "reported usage is too large to price");
-    };
-    let mut detail = json!({
-        "status": status,
-        "model": model,
-        "input_tokens": u.input,
-        "output_tokens": u.output,
-    });
-    for (name, n) in [
-        ("cache_read_input_tokens", u.cache_read),
-        ("cache_write_input_tokens", u.cache_write),
-        ("cache_write_1h_input_tokens", u.cache_write_1h),
-    ] {
-        if n > 0 {
-            detail[name] = n.into();
+    settle_reported(quote, status, usage, |u| {
+        let mut detail = json!({
+            "model": model,
+            "input_tokens": u.input,
+            "output_tokens": u.output,
+        });
+        for (name, n) in [
+            ("cache_read_input_tokens", u.cache_read),
+            ("cache_write_input_tokens", u.cache_write),
+            ("cache_write_1h_input_tokens", u.cache_write_1h),
+        ] {
+            if n > 0 {
+                detail[name] = n.into();
+            }
         }
-    }
-    if cost > quote.reserve {
-        // Possible only if the vendor counted more than the request bounds
-        // allow; recorded at the true cost, and flagged for the audit trail.
-        detail["exceeded_reservation"] = true.into();
-    }
-    Settlement {
-        cost,
-        outcome: Outcome::Settled,
-        detail,
-    }
+        (u.cost(price), detail)
+    })
 }
 
 impl PriceModel for AnthropicPricing {
@@ -386,6 +370,7 @@ impl StreamSettler for MessageStreamSettler {
 mod tests {
     use super::*;
     use crate::pricing::ceil_cost;
+    use crate::pricing::Outcome;
     use keycap_proto::Micros;
 
     const JSON: Option<&str> = Some("application/json");

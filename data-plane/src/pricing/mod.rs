@@ -305,6 +305,40 @@ pub(crate) fn json_body(
     serde_json::from_slice(req.body).map_err(|_| unreadable("request body is not valid JSON"))
 }
 
+/// Settles a call priced from the usage the vendor reported. A failure
+/// status releases the reservation; a success without readable usage, or
+/// with usage too large to price, settles at the reservation (never 0);
+/// otherwise `price` gives the cost and the priced quantities for the audit
+/// entry, and a cost above the reservation is recorded as it is and flagged.
+pub(crate) fn settle_reported<U>(
+    quote: &Quote,
+    status: u16,
+    usage: Option<U>,
+    price: impl FnOnce(U) -> (Option<Micros>, serde_json::Value),
+) -> Settlement {
+    if !is_success(status) {
+        return Settlement::released(quote, status);
+    }
+    let Some(u) = usage else {
+        return Settlement::at_reservation(quote, status, "response reported no usage");
+    };
+    let (cost, mut detail) = price(u);
+    let Some(cost) = cost else {
+        return Settlement::at_reservation(quote, status, "reported usage is too large to price");
+    };
+    detail["status"] = status.into();
+    if cost > quote.reserve {
+        // Possible only if the vendor counted more than the request bounds
+        // allow; recorded at the true cost, and flagged for the audit trail.
+        detail["exceeded_reservation"] = true.into();
+    }
+    Settlement {
+        cost,
+        outcome: Outcome::Settled,
+        detail,
+    }
+}
+
 /// Settles by status alone, for calls whose cost is fixed at quote time.
 pub(crate) struct StatusSettler {
     pub quote: Quote,

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::tokens::TokenPrices;
 use super::{
-    clip, free_quote, is_success, json_body, positive_int, settle_fixed, unreadable, Outcome,
+    clip, free_quote, json_body, positive_int, settle_fixed, settle_reported, unreadable,
     PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
 };
 use crate::sse::SseReader;
@@ -209,34 +209,17 @@ fn settle_usage(quote: &Quote, status: u16, usage: Option<Usage>) -> Settlement 
     let QuoteKind::OpenAiChat { model, price } = &quote.kind else {
         return settle_fixed(quote, status);
     };
-    if !is_success(status) {
-        return Settlement::released(quote, status);
-    }
-    let Some(u) = usage else {
-        return Settlement::at_reservation(quote, status, "response reported no usage");
-    };
-    let Some(cost) = price.cost(u.input, u.cached, u.output) else {
-        return Settlement::at_reservation(quote, status, "reported usage is too large to price");
-    };
-    let mut detail = json!({
-        "status": status,
-        "model": model,
-        "input_tokens": u.input,
-        "output_tokens": u.output,
-    });
-    if u.cached > 0 {
-        detail["cached_input_tokens"] = u.cached.into();
-    }
-    if cost > quote.reserve {
-        // Possible only if the vendor counted more than the request bounds
-        // allow; recorded at the true cost, and flagged for the audit trail.
-        detail["exceeded_reservation"] = true.into();
-    }
-    Settlement {
-        cost,
-        outcome: Outcome::Settled,
-        detail,
-    }
+    settle_reported(quote, status, usage, |u| {
+        let mut detail = json!({
+            "model": model,
+            "input_tokens": u.input,
+            "output_tokens": u.output,
+        });
+        if u.cached > 0 {
+            detail["cached_input_tokens"] = u.cached.into();
+        }
+        (price.cost(u.input, u.cached, u.output), detail)
+    })
 }
 
 impl PriceModel for OpenAiPricing {
@@ -306,6 +289,7 @@ mod tests {
     use super::*;
     use crate::pricing::ceil_cost;
     use crate::pricing::ModelPrice;
+    use crate::pricing::Outcome;
     use keycap_proto::Micros;
 
     const JSON: Option<&str> = Some("application/json");
