@@ -137,6 +137,20 @@ pub fn parse_currency_rates(
     Ok(out)
 }
 
+/// An operator's price table for a vendor of `profile`: checked by the
+/// same parser the proxy prices with, and stored as compact JSON. Empty
+/// text keeps the prices shipped with keycap.
+pub fn parse_prices(profile: Profile, text: &str) -> Result<String, InvalidInput> {
+    if text.trim().is_empty() {
+        return Ok(String::new());
+    }
+    keycap_proto::prices::VendorPrices::parse(profile, text)
+        .map_err(|e| invalid("prices_json", e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| invalid("prices_json", e.to_string()))?;
+    Ok(value.to_string())
+}
+
 /// A vendor as stored, without its credential.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vendor {
@@ -144,6 +158,9 @@ pub struct Vendor {
     pub profile: Profile,
     pub base_url: String,
     pub currency_rates: BTreeMap<String, String>,
+    /// The operator's price table (canonical JSON text); empty when the
+    /// prices shipped with keycap apply.
+    pub prices: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

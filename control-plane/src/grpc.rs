@@ -51,6 +51,7 @@ pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
         profile: v.profile.as_str().to_string(),
         base_url: v.base_url.clone(),
         currency_rates: v.currency_rates.clone().into_iter().collect(),
+        prices_json: v.prices.clone(),
         created_at: Some(to_proto(v.created_at)),
         updated_at: Some(to_proto(v.updated_at)),
     }
@@ -110,6 +111,7 @@ fn fleet_vendor_to_pb(v: &FleetVendor) -> pb::FleetVendor {
         base_url: v.vendor.base_url.clone(),
         credential: v.credential.clone(),
         currency_rates: v.vendor.currency_rates.clone().into_iter().collect(),
+        prices_json: v.vendor.prices.clone(),
     }
 }
 
@@ -174,6 +176,7 @@ impl TryFrom<pb::PutVendorRequest> for PutVendor {
             &r.base_url,
             Some(r.credential.as_str()),
             &r.currency_rates.into_iter().collect(),
+            &r.prices_json,
         )
     }
 }

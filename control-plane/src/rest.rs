@@ -98,6 +98,7 @@ fn vendor_json(v: &Vendor) -> Value {
         "profile": v.profile.as_str(),
         "base_url": v.base_url,
         "currency_rates": v.currency_rates,
+        "prices": serde_json::from_str::<Value>(&v.prices).unwrap_or(Value::Null),
         "created_at": rfc3339(v.created_at),
         "updated_at": rfc3339(v.updated_at),
     })
@@ -142,6 +143,10 @@ struct PutVendorBody {
     credential: Option<String>,
     #[serde(default)]
     currency_rates: BTreeMap<String, String>,
+    /// The operator's price table, as a JSON object in the profile's table
+    /// format; absent or null for the shipped prices.
+    #[serde(default)]
+    prices: Option<Value>,
 }
 
 async fn put_vendor(
@@ -158,6 +163,7 @@ async fn put_vendor(
         &b.base_url,
         b.credential.as_deref(),
         &b.currency_rates,
+        &b.prices.map(|p| p.to_string()).unwrap_or_default(),
     )?;
     let (v, created) = c.put_vendor(put).await?;
     let status = if created {

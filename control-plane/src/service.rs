@@ -41,6 +41,9 @@ pub struct PutVendor {
     /// `None` keeps the stored credential (updates only).
     pub credential: Option<String>,
     pub currency_rates: BTreeMap<String, String>,
+    /// Canonical JSON of the operator's price table; empty for the shipped
+    /// prices.
+    pub prices: String,
 }
 
 impl PutVendor {
@@ -50,6 +53,7 @@ impl PutVendor {
         base_url: &str,
         credential: Option<&str>,
         currency_rates: &BTreeMap<String, String>,
+        prices: &str,
     ) -> Result<Self, domain::InvalidInput> {
         let credential = match credential {
             Some(c) if !c.is_empty() => {
@@ -65,12 +69,14 @@ impl PutVendor {
             }
             _ => None,
         };
+        let profile = parse_profile(profile)?;
         Ok(PutVendor {
             name: VendorName::parse(name)?,
-            profile: parse_profile(profile)?,
+            profile,
             base_url: domain::parse_base_url(base_url)?,
             credential,
             currency_rates: domain::parse_currency_rates(currency_rates)?,
+            prices: domain::parse_prices(profile, prices)?,
         })
     }
 }
@@ -260,6 +266,7 @@ impl Control {
                 profile: req.profile,
                 base_url: req.base_url,
                 currency_rates: req.currency_rates,
+                prices: req.prices,
                 created_at: now,
                 updated_at: now,
             },

@@ -176,6 +176,8 @@ fn vendor(name: &str, at: DateTime<Utc>) -> Vendor {
         profile: Profile::Stripe,
         base_url: format!("https://{name}.example.com/v1"),
         currency_rates: rates,
+        // The store keeps the text as given (validation is the domain's).
+        prices: format!(r#"{{"vendor":"{name}"}}"#),
         created_at: at,
         updated_at: at,
     }

@@ -23,16 +23,23 @@ pub fn bytes(b: Bytes) -> ProxyBody {
 
 /// Called once with every data chunk, then once at the end.
 pub trait ChunkObserver: Send + 'static {
-    fn chunk(&mut self, data: &Bytes);
+    /// Sees a chunk and returns what the client gets for it: the chunk
+    /// itself, or less when the observer holds bytes back.
+    fn chunk(&mut self, data: Bytes) -> Bytes;
+    /// The upstream body ended: bytes still held back, sent last.
+    fn end_of_stream(&mut self) -> Bytes;
     /// `complete` is false when the stream failed or the client left early.
     fn finish(self: Box<Self>, complete: bool);
 }
 
-/// Passes an upstream body through, showing each chunk to an observer and
-/// telling it exactly once when the stream ends.
+/// Passes an upstream body through, showing each chunk to an observer
+/// (which may hold bytes back) and telling it exactly once when the stream
+/// ends. Its length is never announced in advance, since the observer may
+/// change it.
 pub struct ObservedBody<B> {
     inner: B,
     observer: Option<Box<dyn ChunkObserver>>,
+    ended: bool,
 }
 
 impl<B> ObservedBody<B> {
@@ -40,6 +47,7 @@ impl<B> ObservedBody<B> {
         ObservedBody {
             inner,
             observer: Some(observer),
+            ended: false,
         }
     }
 }
@@ -57,35 +65,56 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(obs)) = (frame.data_ref(), this.observer.as_mut()) {
-                    obs.chunk(data);
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match (frame.into_data(), this.observer.as_mut()) {
+                        (Ok(data), Some(obs)) => {
+                            let out = obs.chunk(data);
+                            if out.is_empty() {
+                                // All held back: nothing to send yet.
+                                continue;
+                            }
+                            Frame::data(out)
+                        }
+                        (Ok(data), None) => Frame::data(data),
+                        (Err(other), _) => other,
+                    };
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(obs) = this.observer.take() {
-                    obs.finish(false);
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(obs) = this.observer.take() {
+                        obs.finish(false);
+                    }
+                    Poll::Ready(Some(Err(e.into())))
                 }
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                if let Some(obs) = this.observer.take() {
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    let Some(mut obs) = this.observer.take() else {
+                        return Poll::Ready(None);
+                    };
+                    let tail = obs.end_of_stream();
                     obs.finish(true);
+                    if tail.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(tail))))
+                    }
                 }
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        SizeHint::default()
     }
 }
 

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ProxyConfig;
-use crate::pricing::{Catalog, TokenPrices};
+use crate::pricing::{load_table, Catalog, TokenPrices};
 
 /// After shutdown is asked for: how long calls in flight get to finish, and
 /// then how long undelivered spend events get to reach the control plane.
@@ -59,10 +59,10 @@ pub async fn run(
     let node_id = config.node_id();
     let mut prices = Catalog::builtin();
     if let Some(path) = &config.openai_prices {
-        prices.openai = Arc::new(TokenPrices::load(path)?);
+        prices.openai = Arc::new(load_table(path, TokenPrices::from_json)?);
     }
     if let Some(path) = &config.anthropic_prices {
-        prices.anthropic = Arc::new(TokenPrices::load(path)?);
+        prices.anthropic = Arc::new(load_table(path, TokenPrices::from_json)?);
     }
     let cache = policy::PolicyCache::new(prices);
     let fleet = fleet::Fleet::new(&config.control_url, &config.fleet_token, &node_id)?;

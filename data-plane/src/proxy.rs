@@ -28,7 +28,7 @@ use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::error::Refusal;
 use crate::policy::{KeyPolicy, PolicyCache, VendorPolicy};
-use crate::pricing::{Outcome, PriceRequest, Quote, Settlement, StreamSettler};
+use crate::pricing::{Outcome, PriceRequest, PriceResponse, Quote, Settlement, StreamSettler};
 use crate::spend::SpendReporter;
 use crate::target;
 
@@ -205,17 +205,23 @@ impl Proxy {
         }
         let body = self.read_body(incoming).await?;
 
-        let content_type = parts
-            .headers
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(X_API_KEY);
+        headers.remove(header::CONTENT_LENGTH);
+        let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        let quote = vendor
+        let mut quote = vendor
             .pricing
             .quote(&PriceRequest {
                 method: &method,
                 path: &target.path,
                 query: target.query.as_deref(),
                 content_type,
+                headers: &headers,
                 body: &body,
             })
             .map_err(|e| Refusal::Unpriceable {
@@ -232,14 +238,9 @@ impl Proxy {
         }
         let reservation = self.budget.reserve(&key, quote.reserve, now).await?;
 
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(X_API_KEY);
-        headers.remove(header::CONTENT_LENGTH);
         headers.insert(vendor.credential_header.clone(), vendor.credential.clone());
         let uri = target::join(&vendor.base_url, &target);
+        let body = quote.forward_body.take().unwrap_or(body);
         let mut up = Request::new(Full::new(body));
         *up.method_mut() = parts.method;
         *up.headers_mut() = headers;
@@ -363,12 +364,17 @@ impl Call {
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
 
         if self.quote.streaming && is_sse && parts.status.is_success() {
-            let settler = self.vendor.pricing.stream_settler(&self.quote);
+            let settler = self
+                .vendor
+                .pricing
+                .stream_settler_for(&self.quote, &parts.headers);
             let observer = StreamObserver {
                 settler: Some(settler),
                 call: Some(self),
                 status,
             };
+            // The settler may hold back part of the stream.
+            parts.headers.remove(header::CONTENT_LENGTH);
             let body = ObservedBody::new(incoming, Box::new(observer));
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
@@ -397,7 +403,14 @@ impl Call {
         match Limited::new(incoming, max).collect().await {
             Ok(collected) => {
                 let bytes = collected.to_bytes();
-                let settlement = self.vendor.pricing.settle(&self.quote, status, &bytes);
+                let settlement = self.vendor.pricing.settle_response(
+                    &self.quote,
+                    &PriceResponse {
+                        status,
+                        headers: &parts.headers,
+                        body: &bytes,
+                    },
+                );
                 self.settle(status, settlement);
                 parts.headers.remove(header::CONTENT_LENGTH);
                 Ok(Response::from_parts(parts, body::bytes(bytes)))
@@ -474,10 +487,18 @@ struct StreamObserver {
 }
 
 impl ChunkObserver for StreamObserver {
-    fn chunk(&mut self, data: &Bytes) {
-        if let Some(s) = self.settler.as_mut() {
-            s.feed(data);
+    fn chunk(&mut self, data: Bytes) -> Bytes {
+        match self.settler.as_mut() {
+            Some(s) => s.pass(data),
+            None => data,
         }
+    }
+
+    fn end_of_stream(&mut self) -> Bytes {
+        self.settler
+            .as_mut()
+            .map(|s| s.end_of_stream())
+            .unwrap_or_default()
     }
 
     fn finish(mut self: Box<Self>, complete: bool) {

@@ -3,13 +3,15 @@
 //! The control plane and the proxy are separate deployables that meet only
 //! here: the generated protobuf types and services (`pb`), the descriptor set
 //! for gRPC reflection, integer money (`Micros`), the vault-key secret format
-//! (`secret`), vendor profiles (`profile`), allowed-endpoint patterns (`endpoint`, so the control plane
+//! (`secret`), vendor profiles (`profile`), the price tables they read (`prices`),
+//! allowed-endpoint patterns (`endpoint`, so the control plane
 //! accepts exactly the patterns the proxy can match) and timestamp conversions. Nothing in this crate does I/O.
 
 #![forbid(unsafe_code)]
 
 pub mod endpoint;
 pub mod money;
+pub mod prices;
 pub mod profile;
 pub mod secret;
 pub mod time;

@@ -155,13 +155,15 @@ impl Store for PgStore {
             }
             (None, Some(sealed)) => {
                 sqlx::query(
-                    "INSERT INTO vendors (name, profile, base_url, currency_rates, \
-                     sealed_credential, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    "INSERT INTO vendors (name, profile, base_url, currency_rates, prices, \
+                     sealed_credential, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(v.name.as_str())
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
                 .bind(&rates)
+                .bind(&v.prices)
                 .bind(sealed.as_slice())
                 .bind(micros(v.created_at))
                 .bind(micros(v.updated_at))
@@ -175,12 +177,13 @@ impl Store for PgStore {
             (Some(created_at), sealed) => {
                 sqlx::query(
                     "UPDATE vendors SET profile = $1, base_url = $2, currency_rates = $3, \
-                     sealed_credential = COALESCE($4, sealed_credential), updated_at = $5 \
-                     WHERE name = $6",
+                     prices = $4, sealed_credential = COALESCE($5, sealed_credential), \
+                     updated_at = $6 WHERE name = $7",
                 )
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
                 .bind(&rates)
+                .bind(&v.prices)
                 .bind(sealed.as_deref())
                 .bind(micros(v.updated_at))
                 .bind(v.name.as_str())

@@ -68,7 +68,7 @@ pub(super) fn audit_limit(limit: u32) -> i64 {
 }
 
 pub(super) const VENDOR_COLUMNS: &str =
-    "name, profile, base_url, currency_rates, created_at, updated_at";
+    "name, profile, base_url, currency_rates, prices, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct VendorRow {
@@ -76,6 +76,7 @@ pub(super) struct VendorRow {
     profile: String,
     base_url: String,
     currency_rates: String,
+    prices: String,
     created_at: i64,
     updated_at: i64,
 }
@@ -87,6 +88,7 @@ impl VendorRow {
             profile: parse_profile(&self.profile).map_err(|e| corrupt("vendors.profile", e))?,
             base_url: self.base_url,
             currency_rates: from_json(&self.currency_rates, "vendors.currency_rates")?,
+            prices: self.prices,
             created_at: from_micros(self.created_at, "vendors.created_at")?,
             updated_at: from_micros(self.updated_at, "vendors.updated_at")?,
         })

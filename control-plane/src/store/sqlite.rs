@@ -206,13 +206,14 @@ impl Store for SqliteStore {
             }
             (None, Some(sealed)) => {
                 sqlx::query(
-                    "INSERT INTO vendors (name, profile, base_url, currency_rates, \
-                     sealed_credential, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO vendors (name, profile, base_url, currency_rates, prices, \
+                     sealed_credential, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(v.name.as_str())
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
                 .bind(&rates)
+                .bind(&v.prices)
                 .bind(sealed.as_slice())
                 .bind(micros(v.created_at))
                 .bind(micros(v.updated_at))
@@ -222,13 +223,14 @@ impl Store for SqliteStore {
             }
             (Some(created_at), sealed) => {
                 sqlx::query(
-                    "UPDATE vendors SET profile = ?, base_url = ?, currency_rates = ?, \
+                    "UPDATE vendors SET profile = ?, base_url = ?, currency_rates = ?, prices = ?, \
                      sealed_credential = COALESCE(?, sealed_credential), updated_at = ? \
                      WHERE name = ?",
                 )
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
                 .bind(&rates)
+                .bind(&v.prices)
                 .bind(sealed.as_deref())
                 .bind(micros(v.updated_at))
                 .bind(v.name.as_str())

@@ -21,13 +21,13 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::tokens::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
 use super::{
     clip, free_quote, json_body, mul_div_ceil, positive_int, settle_fixed, settle_reported,
     unreadable, PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
     StreamSettler,
 };
 use crate::sse::SseReader;
+use keycap_proto::prices::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
 
 const BUILTIN_TABLE: &str = include_str!("../../prices/anthropic.json");
 
@@ -112,6 +112,7 @@ impl AnthropicPricing {
                 model: model.to_string(),
                 price: price.clone(),
             },
+            forward_body: None,
         })
     }
 }
@@ -381,6 +382,7 @@ mod tests {
 
     fn messages(body: &str) -> PriceRequest<'_> {
         PriceRequest {
+            headers: crate::pricing::no_headers(),
             method: "POST",
             path: "/v1/messages",
             query: None,
@@ -545,12 +547,14 @@ mod tests {
             assert_eq!(quote(body).unwrap_err().code(), code, "{body}");
         }
         let form = PriceRequest {
+            headers: crate::pricing::no_headers(),
             content_type: Some("application/x-www-form-urlencoded"),
             ..messages(SONNET)
         };
         assert!(pricing().quote(&form).is_err());
         for (method, path) in [("POST", "/v1/messages/batches"), ("POST", "/v1/complete")] {
             let r = PriceRequest {
+                headers: crate::pricing::no_headers(),
                 method,
                 path,
                 ..messages(SONNET)
@@ -562,6 +566,7 @@ mod tests {
         }
         for (method, path) in [("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models")] {
             let r = PriceRequest {
+                headers: crate::pricing::no_headers(),
                 method,
                 path,
                 ..messages(SONNET)

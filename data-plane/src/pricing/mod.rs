@@ -15,6 +15,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http::HeaderMap;
+
 use keycap_proto::profile::Profile;
 use keycap_proto::Micros;
 
@@ -22,9 +25,9 @@ pub mod anthropic;
 pub mod openai;
 pub mod resend;
 pub mod stripe;
-pub mod tokens;
 
-pub use tokens::{ModelPrice, TokenPrices};
+pub(crate) use keycap_proto::prices::mul_div_ceil;
+pub use keycap_proto::prices::{ModelPrice, TokenPrices, VendorPrices};
 
 /// The parts of a request pricing may look at.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +37,23 @@ pub struct PriceRequest<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub content_type: Option<&'a str>,
+    /// The agent's request headers (its credential already removed).
+    pub headers: &'a HeaderMap,
     pub body: &'a [u8],
+}
+
+/// The parts of a response settlement may look at.
+#[derive(Debug, Clone, Copy)]
+pub struct PriceResponse<'a> {
+    pub status: u16,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// An empty header map, for requests built without headers.
+pub fn no_headers() -> &'static HeaderMap {
+    static EMPTY: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+    &EMPTY
 }
 
 /// A priced request: what to reserve before forwarding it.
@@ -46,6 +65,9 @@ pub struct Quote {
     /// The client asked for a streamed (SSE) response.
     pub streaming: bool,
     pub kind: QuoteKind,
+    /// The request body to forward in place of the agent's, when pricing
+    /// must change the request (asking for a usage report, say).
+    pub forward_body: Option<Bytes>,
 }
 
 /// What settlement needs to know about the quoted call.
@@ -152,6 +174,23 @@ pub enum PricingError {
     Config(String),
 }
 
+impl From<keycap_proto::prices::PriceTableError> for PricingError {
+    fn from(e: keycap_proto::prices::PriceTableError) -> Self {
+        PricingError::Config(e.0)
+    }
+}
+
+/// Reads an operator's price table file (`--openai-prices`, ...).
+pub fn load_table<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> Result<T, keycap_proto::prices::PriceTableError>,
+) -> Result<T, PricingError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        PricingError::Config(format!("cannot read price table {}: {e}", path.display()))
+    })?;
+    Ok(parse(&text)?)
+}
+
 impl PricingError {
     /// The stable error code for the client (`{"error": code}`).
     pub fn code(&self) -> &'static str {
@@ -169,7 +208,9 @@ impl PricingError {
 /// The settlement defaults suit profiles whose request fixes the cost (a
 /// charge's amount, an email's recipients): a 2xx spends exactly the quote,
 /// anything else releases it. Profiles that learn the cost from the
-/// response override both.
+/// response body override `settle` and `stream_settler`; those that also
+/// read response headers override `settle_response` and
+/// `stream_settler_for`, which the proxy calls.
 pub trait PriceModel: Send + Sync {
     /// Prices a request before it is forwarded.
     fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError>;
@@ -177,17 +218,37 @@ pub trait PriceModel: Send + Sync {
     fn settle(&self, quote: &Quote, status: u16, _body: &[u8]) -> Settlement {
         settle_fixed(quote, status)
     }
+    /// Non-streamed response with its headers.
+    fn settle_response(&self, quote: &Quote, resp: &PriceResponse<'_>) -> Settlement {
+        self.settle(quote, resp.status, resp.body)
+    }
     /// Streamed (SSE) response: a settler fed the body chunks as they pass.
     fn stream_settler(&self, quote: &Quote) -> Box<dyn StreamSettler> {
         Box::new(StatusSettler {
             quote: quote.clone(),
         })
     }
+    /// Streamed response, given its headers.
+    fn stream_settler_for(&self, quote: &Quote, _headers: &HeaderMap) -> Box<dyn StreamSettler> {
+        self.stream_settler(quote)
+    }
 }
 
 /// Settles a streamed response from the chunks the client is sent.
 pub trait StreamSettler: Send {
     fn feed(&mut self, chunk: &[u8]);
+    /// What the client is sent for `chunk`. The default passes it through
+    /// unchanged after `feed`; a settler that must hide part of the stream
+    /// (a usage report the client did not ask for) returns less, holding
+    /// back bytes until it can tell.
+    fn pass(&mut self, chunk: Bytes) -> Bytes {
+        self.feed(&chunk);
+        chunk
+    }
+    /// Bytes still held back when the upstream stream ends, sent last.
+    fn end_of_stream(&mut self) -> Bytes {
+        Bytes::new()
+    }
     fn finish(self: Box<Self>, status: u16) -> Settlement;
 }
 
@@ -197,7 +258,7 @@ pub trait StreamSettler: Send {
 pub struct Catalog {
     pub openai: Arc<TokenPrices>,
     pub anthropic: Arc<TokenPrices>,
-    pub resend: resend::ResendPrices,
+    pub resend: keycap_proto::prices::ResendPrices,
 }
 
 impl Catalog {
@@ -206,7 +267,7 @@ impl Catalog {
         Catalog {
             openai: Arc::new(openai::builtin_prices()),
             anthropic: Arc::new(anthropic::builtin_prices()),
-            resend: resend::ResendPrices::builtin(),
+            resend: resend::builtin_prices(),
         }
     }
 }
@@ -215,39 +276,45 @@ impl Catalog {
 ///
 /// `currency_rates` maps a lowercase currency code to decimal USD per major
 /// unit ("1.08"); it is read by profiles that charge in other currencies.
+/// `prices_json`, when not empty, is the operator's price table for this
+/// vendor and replaces the catalog's table for its profile.
 pub fn model_for(
     profile: &str,
     currency_rates: &BTreeMap<String, String>,
     catalog: &Catalog,
+    prices_json: &str,
 ) -> Result<Arc<dyn PriceModel>, PricingError> {
-    match Profile::parse(profile) {
-        Some(Profile::Stripe) => Ok(Arc::new(stripe::StripePricing::new(currency_rates)?)),
-        Some(Profile::Openai) => Ok(Arc::new(openai::OpenAiPricing::new(Arc::clone(
-            &catalog.openai,
-        )))),
-        Some(Profile::Anthropic) => Ok(Arc::new(anthropic::AnthropicPricing::new(Arc::clone(
-            &catalog.anthropic,
-        )))),
-        Some(Profile::Resend) => Ok(Arc::new(resend::ResendPricing::new(catalog.resend.clone()))),
-        None => Err(PricingError::Config(format!(
+    let Some(profile) = Profile::parse(profile) else {
+        return Err(PricingError::Config(format!(
             "unknown pricing profile {:?} (known: {})",
             clip(profile),
             Profile::names()
-        ))),
-    }
+        )));
+    };
+    let own = if prices_json.trim().is_empty() {
+        None
+    } else {
+        Some(VendorPrices::parse(profile, prices_json)?)
+    };
+    let tokens = |shipped: &Arc<TokenPrices>| match &own {
+        Some(VendorPrices::Tokens(t)) => Arc::new(t.clone()),
+        _ => Arc::clone(shipped),
+    };
+    Ok(match profile {
+        Profile::Stripe => Arc::new(stripe::StripePricing::new(currency_rates)?),
+        Profile::Openai => Arc::new(openai::OpenAiPricing::new(tokens(&catalog.openai))),
+        Profile::Anthropic => {
+            Arc::new(anthropic::AnthropicPricing::new(tokens(&catalog.anthropic)))
+        }
+        Profile::Resend => Arc::new(resend::ResendPricing::new(match own {
+            Some(VendorPrices::Resend(r)) => r,
+            _ => catalog.resend.clone(),
+        })),
+    })
 }
 
 pub(crate) fn is_success(status: u16) -> bool {
     (200..300).contains(&status)
-}
-
-/// `ceil(a * b / d)` in i128, for non-negative `a`, `b` and positive `d`;
-/// `None` if the result does not fit in micro-dollars.
-pub(crate) fn mul_div_ceil(a: i128, b: i128, d: i128) -> Option<i64> {
-    debug_assert!(a >= 0 && b >= 0 && d > 0);
-    let n = a.checked_mul(b)?;
-    let q = n / d + i128::from(n % d != 0);
-    i64::try_from(q).ok()
 }
 
 /// The media type of a Content-Type header, lowercased, without parameters.
@@ -370,6 +437,7 @@ pub(crate) fn free_quote(streaming: bool) -> Quote {
         detail: serde_json::json!({ "billed": false }),
         streaming,
         kind: QuoteKind::Free,
+        forward_body: None,
     }
 }
 
@@ -412,9 +480,10 @@ mod tests {
     #[test]
     fn model_for_known_profiles() {
         let rates = BTreeMap::new();
-        let stripe = model_for("stripe", &rates, &prices()).unwrap();
+        let stripe = model_for("stripe", &rates, &prices(), "").unwrap();
         let q = stripe
             .quote(&PriceRequest {
+                headers: no_headers(),
                 method: "POST",
                 path: "/v1/charges",
                 query: None,
@@ -423,9 +492,10 @@ mod tests {
             })
             .unwrap();
         assert_eq!(q.reserve, Micros(1_000_000));
-        let openai = model_for("openai", &rates, &prices()).unwrap();
+        let openai = model_for("openai", &rates, &prices(), "").unwrap();
         let q = openai
             .quote(&PriceRequest {
+                headers: no_headers(),
                 method: "GET",
                 path: "/v1/models",
                 query: None,
@@ -437,30 +507,49 @@ mod tests {
     }
 
     #[test]
-    fn model_for_refuses_unknown_profile_and_bad_rates() {
+    fn an_operator_table_replaces_the_shipped_one() {
         let rates = BTreeMap::new();
-        let err = model_for("twilio", &rates, &prices()).err().unwrap();
+        let table = r#"{"as_of":"2026-11-20","currency":"usd","unit":"per_million_tokens",
+            "models":{"house-model":{"input":"1","output":"2","max_output_tokens":1000}}}"#;
+        let req = PriceRequest {
+            method: "POST",
+            path: "/v1/chat/completions",
+            query: None,
+            content_type: Some("application/json"),
+            headers: no_headers(),
+            body: br#"{"model":"house-model","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":10}"#,
+        };
+        let shipped = model_for("openai", &rates, &prices(), "").unwrap();
+        assert_eq!(shipped.quote(&req).unwrap_err().code(), "unknown_model");
+        let own = model_for("openai", &rates, &prices(), table).unwrap();
+        let q = own.quote(&req).unwrap();
+        assert!(
+            q.reserve > Micros::ZERO && q.reserve < Micros(1_000),
+            "{q:?}"
+        );
+        // The operator's table is the whole table: shipped models are gone.
+        let gpt = PriceRequest {
+            body: br#"{"model":"gpt-4o","messages":[],"max_completion_tokens":10}"#,
+            ..req
+        };
+        assert_eq!(own.quote(&gpt).unwrap_err().code(), "unknown_model");
+        let err = model_for("openai", &rates, &prices(), "{}").err().unwrap();
         assert_eq!(err.code(), "pricing_misconfigured");
-        assert!(err.to_string().contains("twilio"));
-        let huge = "x".repeat(10_000);
-        let err = model_for(&huge, &rates, &prices()).err().unwrap();
-        assert!(err.to_string().len() < 200);
-        let bad: BTreeMap<String, String> = [("eur".to_string(), "1,08".to_string())].into();
-        assert!(model_for("stripe", &bad, &prices()).is_err());
+        let err = model_for("stripe", &rates, &prices(), table).err().unwrap();
+        assert_eq!(err.code(), "pricing_misconfigured");
     }
 
     #[test]
-    fn mul_div_ceil_rounds_up_exactly() {
-        assert_eq!(mul_div_ceil(0, 5, 7), Some(0));
-        assert_eq!(mul_div_ceil(7, 1, 7), Some(1));
-        assert_eq!(mul_div_ceil(8, 1, 7), Some(2));
-        assert_eq!(mul_div_ceil(1, 1, 1_000_000), Some(1));
-        assert_eq!(
-            mul_div_ceil(1_000_000, 2_500_000, 1_000_000),
-            Some(2_500_000)
-        );
-        assert_eq!(mul_div_ceil(i128::from(i64::MAX), 2, 1), None);
-        assert_eq!(mul_div_ceil(i128::MAX, 2, 1), None);
+    fn model_for_refuses_unknown_profile_and_bad_rates() {
+        let rates = BTreeMap::new();
+        let err = model_for("paypal", &rates, &prices(), "").err().unwrap();
+        assert_eq!(err.code(), "pricing_misconfigured");
+        assert!(err.to_string().contains("paypal"));
+        let huge = "x".repeat(10_000);
+        let err = model_for(&huge, &rates, &prices(), "").err().unwrap();
+        assert!(err.to_string().len() < 200);
+        let bad: BTreeMap<String, String> = [("eur".to_string(), "1,08".to_string())].into();
+        assert!(model_for("stripe", &bad, &prices(), "").is_err());
     }
 
     #[test]
@@ -470,6 +559,7 @@ mod tests {
             detail: serde_json::json!({"amount": 1}),
             streaming: false,
             kind: QuoteKind::Free,
+            forward_body: None,
         };
         let s = settle_fixed(&q, 201);
         assert_eq!((s.cost, s.outcome), (Micros(42), Outcome::Settled));
@@ -495,6 +585,7 @@ mod tests {
             detail: serde_json::Value::Null,
             streaming: true,
             kind: QuoteKind::Free,
+            forward_body: None,
         };
         let s = Settlement::at_reservation(&q, 200, "no usage");
         assert_eq!(s.cost, Micros(9));

@@ -19,12 +19,12 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::tokens::TokenPrices;
 use super::{
     clip, free_quote, json_body, positive_int, settle_fixed, settle_reported, unreadable,
     PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
 };
 use crate::sse::SseReader;
+use keycap_proto::prices::TokenPrices;
 
 const BUILTIN_TABLE: &str = include_str!("../../prices/openai.json");
 
@@ -125,6 +125,7 @@ impl OpenAiPricing {
                 model: model.to_string(),
                 price: price.clone(),
             },
+            forward_body: None,
         })
     }
 }
@@ -300,6 +301,7 @@ mod tests {
 
     fn chat(body: &str) -> PriceRequest<'_> {
         PriceRequest {
+            headers: crate::pricing::no_headers(),
             method: "POST",
             path: "/v1/chat/completions",
             query: None,
@@ -393,7 +395,7 @@ mod tests {
             "not json".to_string(),
         ];
         for text in bad {
-            let err = TokenPrices::from_json(&text).unwrap_err();
+            let err = PricingError::from(TokenPrices::from_json(&text).unwrap_err());
             assert_eq!(err.code(), "pricing_misconfigured", "{text}");
         }
     }
@@ -404,10 +406,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("openai.json");
         std::fs::write(&path, TABLE).unwrap();
-        let t = TokenPrices::load(&path).unwrap();
+        let t = crate::pricing::load_table(&path, TokenPrices::from_json).unwrap();
         assert_eq!(t.as_of(), "2026-01-01");
         std::fs::remove_file(&path).unwrap();
-        assert!(TokenPrices::load(&path).is_err());
+        assert!(crate::pricing::load_table(&path, TokenPrices::from_json).is_err());
         let _ = std::fs::remove_dir(&dir);
     }
 
@@ -498,6 +500,7 @@ mod tests {
         let long = format!(r#"{{"model":"{}","messages":[]}}"#, "x".repeat(5000));
         assert!(quote(&long).unwrap_err().to_string().len() < 300);
         let r = PriceRequest {
+            headers: crate::pricing::no_headers(),
             content_type: Some("text/plain"),
             ..chat(r#"{"model":"gpt-4o","messages":[]}"#)
         };
@@ -506,6 +509,7 @@ mod tests {
             "unpriceable_request"
         );
         let r = PriceRequest {
+            headers: crate::pricing::no_headers(),
             content_type: None,
             ..chat(r#"{"model":"gpt-4o","messages":[]}"#)
         };
@@ -595,6 +599,7 @@ mod tests {
         ] {
             let q = p
                 .quote(&PriceRequest {
+                    headers: crate::pricing::no_headers(),
                     method: m,
                     path,
                     ..chat("")
@@ -614,6 +619,7 @@ mod tests {
         ] {
             let err = p
                 .quote(&PriceRequest {
+                    headers: crate::pricing::no_headers(),
                     method: m,
                     path,
                     ..chat(r#"{"model":"gpt-4o","messages":[]}"#)
@@ -811,6 +817,7 @@ mod tests {
         let p = pricing();
         let q = p
             .quote(&PriceRequest {
+                headers: crate::pricing::no_headers(),
                 method: "GET",
                 path: "/v1/models",
                 ..chat("")

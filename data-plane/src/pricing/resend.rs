@@ -12,62 +12,19 @@
 //! batch that is not a JSON array of emails is refused before forwarding.
 //! The unit price comes from `prices/resend.json` (dated).
 
+use keycap_proto::prices::ResendPrices;
 use keycap_proto::Micros;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    clip, free_quote, json_body, unreadable, PriceModel, PriceRequest, PricingError, Quote,
-    QuoteKind,
+    free_quote, json_body, unreadable, PriceModel, PriceRequest, PricingError, Quote, QuoteKind,
 };
 
 const BUILTIN_TABLE: &str = include_str!("../../prices/resend.json");
 
-/// Resend's unit price, as shipped or loaded from an operator's file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResendPrices {
-    /// The date the price was checked.
-    pub as_of: String,
-    pub per_recipient: Micros,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTable {
-    as_of: String,
-    currency: String,
-    per_recipient: String,
-}
-
-impl ResendPrices {
-    /// The price shipped with this build.
-    pub fn builtin() -> Self {
-        Self::from_json(BUILTIN_TABLE).expect("the built-in Resend price is valid")
-    }
-
-    pub fn from_json(text: &str) -> Result<Self, PricingError> {
-        let config = PricingError::Config;
-        let raw: RawTable = serde_json::from_str(text)
-            .map_err(|e| config(format!("Resend price table is not valid: {e}")))?;
-        if raw.currency != "usd" {
-            return Err(config(
-                "Resend price table must have \"currency\": \"usd\"".into(),
-            ));
-        }
-        let per_recipient = Micros::parse_usd(&raw.per_recipient)
-            .ok()
-            .filter(|m| m.0 > 0)
-            .ok_or_else(|| {
-                config(format!(
-                    "Resend price table: per_recipient must be a positive decimal, got {:?}",
-                    clip(&raw.per_recipient)
-                ))
-            })?;
-        Ok(ResendPrices {
-            as_of: raw.as_of,
-            per_recipient,
-        })
-    }
+/// The price shipped with this build.
+pub fn builtin_prices() -> ResendPrices {
+    ResendPrices::from_json(BUILTIN_TABLE).expect("the built-in Resend price is valid")
 }
 
 /// The Resend price model.
@@ -163,6 +120,7 @@ impl PriceModel for ResendPricing {
             }),
             streaming: false,
             kind: QuoteKind::Resend { recipients: count },
+            forward_body: None,
         })
     }
 }
@@ -175,11 +133,12 @@ mod tests {
     const JSON: Option<&str> = Some("application/json");
 
     fn pricing() -> ResendPricing {
-        ResendPricing::new(ResendPrices::builtin())
+        ResendPricing::new(builtin_prices())
     }
 
     fn post<'a>(path: &'a str, body: &'a str) -> PriceRequest<'a> {
         PriceRequest {
+            headers: crate::pricing::no_headers(),
             method: "POST",
             path,
             query: None,
@@ -190,7 +149,7 @@ mod tests {
 
     #[test]
     fn builtin_price_loads() {
-        let p = ResendPrices::builtin();
+        let p = builtin_prices();
         assert_eq!(p.per_recipient, Micros(900));
         assert!(!p.as_of.is_empty());
     }
@@ -259,6 +218,7 @@ mod tests {
             assert_eq!(err.code(), "unpriceable_request", "{path} {body}");
         }
         let form = PriceRequest {
+            headers: crate::pricing::no_headers(),
             content_type: Some("application/x-www-form-urlencoded"),
             ..post("/emails", r#"{"to":"b@x.dev"}"#)
         };
@@ -269,6 +229,7 @@ mod tests {
             ("POST", "/audiences"),
         ] {
             let r = PriceRequest {
+                headers: crate::pricing::no_headers(),
                 method,
                 ..post(path, "")
             };
@@ -276,23 +237,6 @@ mod tests {
                 p.quote(&r).unwrap().reserve,
                 Micros::ZERO,
                 "{method} {path}"
-            );
-        }
-    }
-
-    #[test]
-    fn price_table_validation() {
-        for bad in [
-            r#"{"as_of":"x","currency":"eur","per_recipient":"0.001"}"#,
-            r#"{"as_of":"x","currency":"usd","per_recipient":"0"}"#,
-            r#"{"as_of":"x","currency":"usd","per_recipient":"-1"}"#,
-            r#"{"as_of":"x","currency":"usd","per_recipient":0.001}"#,
-            r#"{"as_of":"x","currency":"usd"}"#,
-        ] {
-            assert_eq!(
-                ResendPrices::from_json(bad).unwrap_err().code(),
-                "pricing_misconfigured",
-                "{bad}"
             );
         }
     }

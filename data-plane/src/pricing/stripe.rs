@@ -255,6 +255,7 @@ impl PriceModel for StripePricing {
             detail,
             streaming: false,
             kind: QuoteKind::Stripe { amount, currency },
+            forward_body: None,
         })
     }
 }
@@ -281,6 +282,7 @@ mod tests {
         body: &'a [u8],
     ) -> PriceRequest<'a> {
         PriceRequest {
+            headers: crate::pricing::no_headers(),
             method,
             path,
             query: None,
@@ -418,6 +420,7 @@ mod tests {
     fn parameters_in_query_are_refused() {
         let p = pricing(&[]);
         let r = PriceRequest {
+            headers: crate::pricing::no_headers(),
             query: Some("amount=1"),
             ..req(
                 "POST",
@@ -428,6 +431,7 @@ mod tests {
         };
         assert_eq!(p.quote(&r).unwrap_err().code(), "unpriceable_request");
         let r = PriceRequest {
+            headers: crate::pricing::no_headers(),
             query: Some(""),
             ..req(
                 "POST",

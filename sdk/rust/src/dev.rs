@@ -102,6 +102,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
             &format!("http://{sandbox_addr}"),
             Some(sandbox::SANDBOX_CREDENTIAL),
             &BTreeMap::new(),
+            "",
         )?)
         .await
         .map_err(|e| anyhow::anyhow!("registering the sandbox vendor: {e}"))?;

@@ -75,6 +75,10 @@ enum VendorCmd {
         /// Currency rate as CODE=USD_PER_UNIT, e.g. eur=1.08 (repeatable).
         #[arg(long = "rate")]
         rates: Vec<String>,
+        /// A JSON price table replacing the prices shipped with keycap for
+        /// this vendor (the profile's table format; see docs/pricing.md).
+        #[arg(long)]
+        prices_file: Option<std::path::PathBuf>,
     },
     /// List vendors.
     List,
@@ -180,6 +184,7 @@ fn vendor_json(v: &pb::Vendor) -> Value {
         "profile": v.profile,
         "base_url": v.base_url,
         "currency_rates": v.currency_rates,
+        "prices": serde_json::from_str::<Value>(&v.prices_json).unwrap_or(Value::Null),
         "updated_at": ts(&v.updated_at),
     })
 }
@@ -235,7 +240,13 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             base_url,
             credential,
             rates,
+            prices_file,
         }) => {
+            let prices_json = match prices_file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("--prices-file {}", path.display()))?,
+                None => String::new(),
+            };
             let r = c
                 .vendors
                 .put_vendor(pb::PutVendorRequest {
@@ -244,6 +255,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     base_url,
                     credential: credential.unwrap_or_default(),
                     currency_rates: pairs("rate", &rates)?,
+                    prices_json,
                 })
                 .await?
                 .into_inner();

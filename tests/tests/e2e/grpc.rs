@@ -93,6 +93,7 @@ impl Grpc {
                     currency_rates: BTreeMap::from([("eur".to_string(), "1.08".to_string())])
                         .into_iter()
                         .collect(),
+                    prices_json: String::new(),
                 }),
             )
             .await
@@ -765,6 +766,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
             base_url: "http://127.0.0.1:9/stripe-v2".into(),
             credential: String::new(),
             currency_rates: Default::default(),
+            prices_json: String::new(),
         }))
         .await
         .expect("PutVendor update")

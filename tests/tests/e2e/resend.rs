@@ -70,3 +70,85 @@ async fn emails_cost_their_recipients_and_uncountable_ones_stay_home() {
     assert_eq!(mock.calls().len(), 2, "the uncountable email was forwarded");
     assert_mock_never_saw(&mock, &key.secret);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_price_set_through_the_admin_api_replaces_the_shipped_one() {
+    let stack = Stack::start().await;
+    let mock = MockVendor::start(RESEND_CREDENTIAL).await;
+    let vendor = |prices: Value| {
+        json!({
+            "profile": "resend",
+            "base_url": mock.url(),
+            "credential": mock.credential(),
+            "prices": prices,
+        })
+    };
+
+    // A table the profile cannot read is refused, naming the problem, and
+    // nothing is stored.
+    for (bad, says) in [
+        (
+            json!({"as_of": "2026-11-20", "currency": "usd", "per_recipient": "0"}),
+            "per_recipient",
+        ),
+        (
+            json!({"as_of": "2026-11-20", "currency": "eur", "per_recipient": "1"}),
+            "usd",
+        ),
+        (json!({"per_recipient": 0.25}), "not valid"),
+    ] {
+        let r = stack
+            .admin
+            .put_json("/vault/vendors/resend", &vendor(bad))
+            .await;
+        let err = r.expect_error(400, "invalid_request");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    let stripe_with_prices = json!({
+        "profile": "stripe", "base_url": mock.url(), "credential": mock.credential(),
+        "prices": {"as_of": "2026-11-20", "currency": "usd", "per_recipient": "1"},
+    });
+    stack
+        .admin
+        .put_json("/vault/vendors/stripe", &stripe_with_prices)
+        .await
+        .expect_error(400, "invalid_request");
+    assert_eq!(
+        stack.admin.get("/vault/vendors").await.expect(200),
+        json!({"vendors": []})
+    );
+
+    let table = json!({"as_of": "2026-11-20", "currency": "usd", "per_recipient": "0.25"});
+    let stored = stack.put_vendor("resend", &vendor(table.clone())).await;
+    assert_eq!(stored["prices"], table);
+    let key = stack
+        .mint(&json!({
+            "vendor": "resend",
+            "daily_usd_cap": 1,
+            "allowed_endpoints": ["POST /emails"],
+            "expires_in": "1h",
+            "agent_run_label": "resend/prices",
+        }))
+        .await;
+    let agent = stack.agent(&key.secret);
+    let email = json!({
+        "from": "agent@example.com",
+        "to": ["a@example.com", "b@example.com"],
+        "subject": "Priced by the operator",
+    });
+    agent.post_json("/resend/emails", &email).await.expect(200);
+    stack.wait_key_spend(&key.id, 500_000, 1).await;
+
+    // Five recipients at the operator's price (1.25) exceed the 1 USD cap:
+    // refused before anything leaves.
+    let five = json!({
+        "from": "agent@example.com",
+        "to": ["a@example.com", "b@example.com", "c@example.com", "d@example.com", "e@example.com"],
+        "subject": "Too dear",
+    });
+    agent
+        .post_json("/resend/emails", &five)
+        .await
+        .expect_error(429, "daily_cap_exceeded");
+    assert_eq!(mock.calls().len(), 1);
+}

@@ -3,19 +3,20 @@
 //! Owns the table format every LLM profile shares (prices per million
 //! tokens per token class, a model's output limit, an optional default for
 //! unknown models), its validation, and model lookup. Each vendor ships its
-//! own dated table under `prices/`, replaceable by an operator's file.
+//! own dated table under `prices/`, replaceable by an operator's file or
+//! the vendor's `prices` set through the admin API.
 //! Prices are decimal strings in the file and integer micro-dollars here; a
 //! float never holds one.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use keycap_proto::Micros;
 use serde::Deserialize;
 
-use super::{clip, mul_div_ceil, PricingError};
+use super::{clip, mul_div_ceil, PriceTableError};
+use crate::Micros;
 
-pub(crate) const TOKENS_PER_UNIT: i128 = 1_000_000;
+/// Token prices are quoted per this many tokens.
+pub const TOKENS_PER_UNIT: i128 = 1_000_000;
 
 /// One model's prices. Token prices are micro-dollars per million tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,7 +113,7 @@ struct RawModel {
 }
 
 impl RawModel {
-    fn into_price(self, name: &str) -> Result<ModelPrice, PricingError> {
+    fn into_price(self, name: &str) -> Result<ModelPrice, PriceTableError> {
         let price = |field: &str, text: &str| {
             Micros::parse_usd(text)
                 .ok()
@@ -163,12 +164,12 @@ impl RawModel {
     }
 }
 
-fn config(msg: String) -> PricingError {
-    PricingError::Config(msg)
+fn config(msg: String) -> PriceTableError {
+    PriceTableError(msg)
 }
 
 impl TokenPrices {
-    pub fn from_json(text: &str) -> Result<Self, PricingError> {
+    pub fn from_json(text: &str) -> Result<Self, PriceTableError> {
         let raw: RawTable = serde_json::from_str(text)
             .map_err(|e| config(format!("price table is not valid: {e}")))?;
         if raw.currency != "usd" || raw.unit != "per_million_tokens" {
@@ -193,12 +194,6 @@ impl TokenPrices {
             models,
             default,
         })
-    }
-
-    pub fn load(path: &Path) -> Result<Self, PricingError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| config(format!("cannot read price table {}: {e}", path.display())))?;
-        Self::from_json(&text)
     }
 
     /// Whether unknown models are priced (by the table's `default`).
