@@ -112,7 +112,7 @@ KEY=$(curl -fs -X POST "http://127.0.0.1:$KC_CONTROL/vault/keys" "${auth[@]}" \
 # The new key reaches the proxy through the policy stream.
 for _ in $(seq 1 100); do
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents" \
-    -H "Authorization: Bearer $KEY" -d amount=100 -d currency=usd)
+    -H "Authorization: Bearer $KEY" -d amount=100 -d currency=usd -d confirm=true)
   [ "$code" = 200 ] && break; sleep 0.1
 done
 [ "$code" = 200 ] || { echo "keycap proxy not serving the bench key (last status $code)" >&2; exit 1; }
@@ -121,7 +121,7 @@ run() { # name url extra-oha-args...
   local name=$1 url=$2; shift 2
   oha --no-tui --output-format json -z "${DURATION}s" -m POST \
     -H "Authorization: Bearer $KEY" -H 'Content-Type: application/x-www-form-urlencoded' \
-    -d 'amount=100&currency=usd' "$@" "$url" > "$WORK/$name.json"
+    -d 'amount=100&currency=usd&confirm=true' "$@" "$url" > "$WORK/$name.json"
 }
 
 targets=(

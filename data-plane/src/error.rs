@@ -55,6 +55,10 @@ pub enum Refusal {
     UpstreamUnreachable,
     #[error("the vendor did not answer in time")]
     UpstreamTimeout,
+    #[error(
+        "a request with this Idempotency-Key is already in flight; retry when it has finished"
+    )]
+    IdempotentRequestInFlight,
     #[error("internal error")]
     Internal,
 }
@@ -79,6 +83,7 @@ impl Refusal {
             Refusal::ResponseTooLarge => "upstream_response_too_large",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
             Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::IdempotentRequestInFlight => "idempotent_request_in_flight",
             Refusal::Internal => "internal",
         }
     }
@@ -105,6 +110,7 @@ impl Refusal {
             Refusal::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::IdempotentRequestInFlight => StatusCode::CONFLICT,
             Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

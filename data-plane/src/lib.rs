@@ -18,6 +18,7 @@ pub mod config;
 pub use keycap_proto::endpoint;
 pub mod error;
 pub mod fleet;
+pub mod idempotency;
 pub mod policy;
 pub mod pricing;
 pub mod proxy;
@@ -88,6 +89,7 @@ pub async fn run(
     // Every thread's state is built before any thread serves, so a slow
     // step (loading the system's root certificates) never leaves a proxy
     // half started while agents are already being answered.
+    let idempotency = idempotency::IdempotencyMemory::new();
     let proxies = (0..threads)
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
@@ -100,6 +102,7 @@ pub async fn run(
                 max_body_bytes: config.max_body_bytes,
                 max_response_bytes: config.max_response_bytes,
                 upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
+                idempotency: idempotency.clone(),
             }))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -27,8 +27,12 @@ use serde_json::Value;
 use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::error::Refusal;
+use crate::idempotency::{Begin, Guard, IdempotencyMemory};
 use crate::policy::{KeyPolicy, PolicyCache, VendorPolicy};
-use crate::pricing::{Outcome, PriceRequest, PriceResponse, Quote, Settlement, StreamSettler};
+use crate::pricing::{
+    Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
+    StreamSettler,
+};
 use crate::spend::SpendReporter;
 use crate::target;
 
@@ -66,6 +70,8 @@ pub struct Proxy {
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
     pub upstream_timeout: Duration,
+    /// Idempotency keys this proxy has forwarded, shared by its threads.
+    pub idempotency: IdempotencyMemory,
 }
 
 /// Headers that describe one connection, not the message: never forwarded.
@@ -214,20 +220,42 @@ impl Proxy {
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
+        let price_request = PriceRequest {
+            method: &method,
+            path: &target.path,
+            query: target.query.as_deref(),
+            content_type,
+            headers: &headers,
+            body: &body,
+        };
+        let unpriceable = |e: PricingError| Refusal::Unpriceable {
+            code: e.code(),
+            message: e.to_string(),
+        };
+        let paths = vendor
+            .pricing
+            .lookups(&price_request)
+            .map_err(unpriceable)?;
+        let looked = self.look_up(&vendor, &headers, paths).await?;
         let mut quote = vendor
             .pricing
-            .quote(&PriceRequest {
-                method: &method,
-                path: &target.path,
-                query: target.query.as_deref(),
-                content_type,
-                headers: &headers,
-                body: &body,
-            })
-            .map_err(|e| Refusal::Unpriceable {
-                code: e.code(),
-                message: e.to_string(),
-            })?;
+            .quote_with(&price_request, &looked)
+            .map_err(unpriceable)?;
+        let mut idempotency = None;
+        if quote.kind != QuoteKind::Free {
+            if let Some(k) = vendor.pricing.idempotency_key(&headers) {
+                match self.idempotency.begin(&key.id, k, now) {
+                    Begin::New(guard) => idempotency = Some(guard),
+                    Begin::InFlight => return Err(Refusal::IdempotentRequestInFlight),
+                    Begin::Counted => {
+                        // The vendor answers a repeat with the first
+                        // request's saved response and charges nothing.
+                        quote.reserve = Micros::ZERO;
+                        quote.detail["idempotent_retry"] = true.into();
+                    }
+                }
+            }
+        }
         if let Some(cap) = key.per_call_cap {
             if quote.reserve > cap {
                 return Err(Refusal::PerCallCapExceeded {
@@ -259,9 +287,49 @@ impl Proxy {
             path: target.path,
             quote,
             reservation: Some(reservation),
+            idempotency,
             at: now,
         };
         call.forward(up).await
+    }
+
+    /// Reads the vendor objects a request's price depends on (`GET`, with
+    /// the vendor's credential and the agent's other headers, such as the
+    /// account it acts for). A lookup the vendor refuses is handed to
+    /// pricing, which refuses the call with the status.
+    async fn look_up(
+        &self,
+        vendor: &VendorPolicy,
+        headers: &HeaderMap,
+        paths: Vec<String>,
+    ) -> Result<Vec<Looked>, Refusal> {
+        let mut looked = Vec::with_capacity(paths.len());
+        for path in paths {
+            let mut h = headers.clone();
+            h.remove(header::CONTENT_TYPE);
+            h.remove("idempotency-key");
+            h.insert(vendor.credential_header.clone(), vendor.credential.clone());
+            let mut get = Request::new(Full::new(Bytes::new()));
+            *get.headers_mut() = h;
+            *get.uri_mut() = format!("{}{}", vendor.base_url, path)
+                .parse()
+                .map_err(|_| Refusal::Internal)?;
+            let resp = tokio::time::timeout(self.upstream_timeout, self.client.request(get))
+                .await
+                .map_err(|_| Refusal::UpstreamTimeout)?
+                .map_err(|e| {
+                    tracing::warn!(vendor = %vendor.name, error = %e, "vendor unreachable for a price lookup");
+                    Refusal::UpstreamUnreachable
+                })?;
+            let status = resp.status().as_u16();
+            let body = Limited::new(resp.into_body(), self.max_response_bytes)
+                .collect()
+                .await
+                .map_err(|_| Refusal::ResponseTooLarge)?
+                .to_bytes();
+            looked.push(Looked { path, status, body });
+        }
+        Ok(looked)
     }
 
     /// The whole request body, at most `max_body_bytes` of it. Only a body
@@ -326,6 +394,9 @@ struct Call {
     path: String,
     quote: Quote,
     reservation: Option<Reservation>,
+    /// Set when the request carried an idempotency key seen for the first
+    /// time: told how the call ended.
+    idempotency: Option<Guard>,
     at: DateTime<Utc>,
 }
 
@@ -378,7 +449,7 @@ impl Call {
             let body = ObservedBody::new(incoming, Box::new(observer));
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
-        if self.quote.reserve == Micros::ZERO {
+        if self.quote.kind == QuoteKind::Free {
             // A free call: nothing to price from the response, so it streams
             // through unbuffered.
             let outcome = if parts.status.is_success() {
@@ -440,6 +511,11 @@ impl Call {
         let day = r.day.clone();
         let reserved = r.amount;
         self.proxy.budget.resolve(r, s.cost);
+        if let Some(guard) = self.idempotency.take() {
+            // Only a call that certainly spent is replayed by the vendor; one
+            // whose fate is unknown is priced again if retried.
+            guard.done(s.outcome == Outcome::Settled && s.cost > Micros::ZERO);
+        }
         let mut detail = self.quote.detail.clone();
         if let (Value::Object(d), Value::Object(extra)) = (&mut detail, s.detail) {
             d.extend(extra);

@@ -15,6 +15,8 @@
 //!     "headers": {"idempotency-key": "k1"},                 // optional
 //!     "body": { ... } | "form=encoded&text"                  // JSON value or text
 //!   },
+//!   "looked": [{"path": "/v1/...", "status": 200, "body": { ... }}],  // optional:
+//!          // the objects the proxy reads from the vendor first (`lookups`)
 //!   "quote": {"reserve_micros": 1234, "streaming": false, "detail": { ... }}
 //!          | {"error": "unpriceable_request"},
 //!   "forward_body": { ... },          // optional: the body keycap forwards instead
@@ -37,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use keycap_proxy::pricing::{model_for, Catalog, PriceRequest, PriceResponse, Settlement};
+use keycap_proxy::pricing::{model_for, Catalog, Looked, PriceRequest, PriceResponse, Settlement};
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
@@ -162,14 +164,34 @@ fn run_case(path: &Path) {
     let r = &f["request"];
     let req_headers = headers(&r["headers"]);
     let body = body_bytes(&r["body"]);
-    let quoted = model.quote(&PriceRequest {
+    let request = PriceRequest {
         method: r["method"].as_str().expect("request.method"),
         path: r["path"].as_str().expect("request.path"),
         query: r["query"].as_str(),
         content_type: r["content_type"].as_str(),
         headers: &req_headers,
         body: &body,
-    });
+    };
+    let looked: Vec<Looked> = f["looked"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|l| Looked {
+                    path: l["path"].as_str().expect("looked.path").to_string(),
+                    status: l["status"].as_u64().expect("looked.status") as u16,
+                    body: Bytes::from(body_bytes(&l["body"])),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if f["quote"].get("error").is_none() {
+        let wanted: Vec<&str> = looked.iter().map(|l| l.path.as_str()).collect();
+        let asked = model
+            .lookups(&request)
+            .unwrap_or_else(|e| panic!("{case}: lookups: {e}"));
+        assert_eq!(asked, wanted, "{case}: the objects read before pricing");
+    }
+    let quoted = model.quote_with(&request, &looked);
     let want = &f["quote"];
     if let Some(code) = want.get("error") {
         let err = quoted.expect_err(&format!("{case}: quote should be refused"));

@@ -9,10 +9,17 @@
 //! credential back, and it moves no money.
 //!
 //! Routes:
-//! * `POST /v1/payment_intents`, `POST /v1/charges`: form (or JSON) body with
-//!   `amount`; 401 on a wrong credential, 400 without an integer amount, 402
-//!   `card_declined` when `amount` is 402, else 200 (echoing `description`,
-//!   as Stripe does, so a test can make a response as large as it needs).
+//! * Stripe (see `stripe`): `POST /v1/charges`; `POST /v1/payment_intents`
+//!   (confirmed only with `confirm=true`), `GET /v1/payment_intents/{id}`,
+//!   `.../confirm`, `.../capture`; `GET /v1/invoices/{id}`, `.../pay`
+//!   (invoices added with `add_invoice`); `GET /v1/prices/{id}` (added with
+//!   `add_price`); `POST /v1/checkout/sessions`; `POST /v1/refunds`. Form
+//!   (or JSON) bodies; 401 on a wrong credential, 400 without an integer
+//!   amount, 402 `card_declined` when the amount is 402, 500 for a charge
+//!   whose description is `fail500`; `description` is
+//!   echoed, as Stripe does, so a test can make a response as large as it
+//!   needs; a repeated `Idempotency-Key` is answered from the saved response
+//!   with `Idempotent-Replayed: true`.
 //! * `GET /v1/customers/{*rest}`: 200.
 //! * `POST /v1/chat/completions`: JSON body; non-streamed JSON with `usage`,
 //!   or `text/event-stream` when `"stream": true` (a final usage chunk when
@@ -44,6 +51,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
+
+mod stripe;
 
 /// Prompt tokens the mock reports for every chat completion.
 pub const CHAT_PROMPT_TOKENS: u64 = 42;
@@ -151,9 +160,10 @@ struct MockState {
     credential: String,
     calls: Mutex<Vec<RecordedCall>>,
     holds: Mutex<Vec<HeldPath>>,
-    /// Sum of `amount` of every charge answered 2xx, in minor units.
+    /// Money moved, in minor units, counted as `stripe` describes.
     stripe_amount: AtomicI64,
     next_id: AtomicU64,
+    stripe: Mutex<stripe::StripeObjects>,
 }
 
 /// A running mock vendor. Stops when dropped.
@@ -199,9 +209,41 @@ impl MockVendor {
         self.state.calls.lock().expect("mock calls lock").clone()
     }
 
-    /// Sum of `amount` over every payment_intents/charges call answered 2xx.
+    /// Money the mock's Stripe moved, in minor units: charges made, payment
+    /// intents confirmed, invoices paid, checkout sessions created.
     pub fn forwarded_stripe_amount(&self) -> i64 {
         self.state.stripe_amount.load(Ordering::SeqCst)
+    }
+
+    /// Adds an open invoice of `amount_due` and returns its id.
+    pub fn add_invoice(&self, amount_due: i64, currency: &str) -> String {
+        let id = format!(
+            "in_mock_{}",
+            self.state.next_id.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut objects = self.state.stripe.lock().expect("mock stripe lock");
+        objects.add_invoice(id.clone(), amount_due, currency);
+        id
+    }
+
+    /// Adds a one-time Price of `unit_amount` and returns its id.
+    pub fn add_price(&self, unit_amount: i64, currency: &str) -> String {
+        let id = format!(
+            "price_mock_{}",
+            self.state.next_id.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut objects = self.state.stripe.lock().expect("mock stripe lock");
+        objects.add_price(id.clone(), unit_amount, currency);
+        id
+    }
+
+    /// A payment intent as the mock holds it.
+    pub fn payment_intent(&self, id: &str) -> Option<Value> {
+        self.state
+            .stripe
+            .lock()
+            .expect("mock stripe lock")
+            .intent(id)
     }
 
     /// Holds responses to `path` (any method) at `at` until the returned
@@ -240,6 +282,7 @@ fn new_state(credential: &str) -> Arc<MockState> {
         holds: Mutex::new(Vec::new()),
         stripe_amount: AtomicI64::new(0),
         next_id: AtomicU64::new(1),
+        stripe: Mutex::new(stripe::StripeObjects::default()),
     })
 }
 
@@ -309,9 +352,10 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         None => None,
     };
 
+    if let Some(r) = stripe::answer(&state, &call) {
+        return r;
+    }
     match (call.method.as_str(), call.path.as_str()) {
-        ("POST", "/v1/payment_intents") => stripe_charge(&state, &call, "payment_intent", "pi"),
-        ("POST", "/v1/charges") => stripe_charge(&state, &call, "charge", "ch"),
         ("GET", p) if customer_path(p).is_some() => {
             stripe_customer(&state, &call, customer_path(p).unwrap_or_default())
         }
@@ -395,50 +439,6 @@ fn charge_params(call: &RecordedCall) -> ChargeParams {
         }
     }
     p
-}
-
-fn stripe_charge(state: &MockState, call: &RecordedCall, object: &str, prefix: &str) -> Response {
-    if !authorized(state, call) {
-        return stripe_unauthorized();
-    }
-    let ChargeParams {
-        amount,
-        currency,
-        description,
-    } = charge_params(call);
-    let Some(amount_text) = amount else {
-        return stripe_error(
-            StatusCode::BAD_REQUEST,
-            json!({"type": "invalid_request_error", "code": "parameter_missing",
-                   "param": "amount", "message": "Missing required param: amount."}),
-        );
-    };
-    let Ok(amount) = amount_text.parse::<i64>() else {
-        return stripe_error(
-            StatusCode::BAD_REQUEST,
-            json!({"type": "invalid_request_error", "code": "parameter_invalid_integer",
-                   "param": "amount", "message": "Invalid integer: amount."}),
-        );
-    };
-    if amount == 402 {
-        return stripe_error(
-            StatusCode::PAYMENT_REQUIRED,
-            json!({"type": "card_error", "code": "card_declined",
-                   "decline_code": "generic_decline", "message": "Your card was declined."}),
-        );
-    }
-    state.stripe_amount.fetch_add(amount, Ordering::SeqCst);
-    let n = state.next_id.fetch_add(1, Ordering::SeqCst);
-    Json(json!({
-        "id": format!("{prefix}_mock_{n}"),
-        "object": object,
-        "amount": amount,
-        "currency": currency.unwrap_or_default(),
-        "description": description,
-        "status": "succeeded",
-        "livemode": false,
-    }))
-    .into_response()
 }
 
 fn stripe_customer(state: &MockState, call: &RecordedCall, rest: &str) -> Response {
@@ -740,10 +740,24 @@ mod tests {
         assert!(!body.contains("kc_live_x"));
         assert_eq!(post(&mock, pi, &good, FORM, "currency=usd").await.0, 400);
         assert_eq!(post(&mock, pi, &good, FORM, "amount=1.5").await.0, 400);
-        let (s, body) = post(&mock, pi, &good, FORM, "amount=402&currency=usd").await;
+        let (s, body) = post(
+            &mock,
+            pi,
+            &good,
+            FORM,
+            "amount=402&currency=usd&confirm=true",
+        )
+        .await;
         assert_eq!(s, 402);
         assert!(body.contains("card_declined"));
-        let (s, body) = post(&mock, pi, &good, FORM, "amount=2000&currency=usd").await;
+        let (s, body) = post(
+            &mock,
+            pi,
+            &good,
+            FORM,
+            "amount=2000&currency=usd&confirm=true",
+        )
+        .await;
         assert_eq!(s, 200);
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["amount"], 2000);
@@ -760,7 +774,10 @@ mod tests {
         let calls = mock.calls();
         assert_eq!(calls.len(), 8);
         assert_eq!(calls[0].authorization(), Some("Bearer kc_live_x"));
-        assert_eq!(calls[4].body_text(), "amount=2000&currency=usd");
+        assert_eq!(
+            calls[4].body_text(),
+            "amount=2000&currency=usd&confirm=true"
+        );
         assert_eq!(calls[7].path, "/v1/nothing");
         mock.reset();
         assert!(mock.calls().is_empty());

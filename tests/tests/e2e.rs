@@ -274,7 +274,10 @@ async fn issue_rest_flow(stack: &Stack, admin: &Api) {
     stack.wait_key_live("stripe", &secret).await;
     let agent = stack.agent(&secret);
     let r = agent
-        .post_form("/stripe/v1/payment_intents", "amount=2000&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=2000&currency=usd&confirm=true",
+        )
         .await;
     let pi = r.expect(200);
     assert_eq!(pi["amount"], 2000);
@@ -284,7 +287,10 @@ async fn issue_rest_flow(stack: &Stack, admin: &Api) {
     let r = agent.get("/stripe/v1/customers/cus_4711").await;
     assert_eq!(r.expect(200)["id"], "cus_4711");
     let r = agent
-        .post_form("/stripe/v1/payment_intents", "amount=150&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=150&currency=usd&confirm=true",
+        )
         .await;
     assert_eq!(r.expect(200)["amount"], 150);
     assert_eq!(mock.calls().len(), 3);
@@ -406,7 +412,10 @@ async fn issue_rest_flow(stack: &Stack, admin: &Api) {
     .await;
     let calls_before = mock.calls().len();
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await
         .expect_error(401, "key_revoked");
     assert_eq!(
@@ -462,7 +471,10 @@ async fn issue_rest_flow(stack: &Stack, admin: &Api) {
     );
     let r = stack
         .agent(&secret_of(&other))
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await;
     r.expect(200);
 }
@@ -475,6 +487,9 @@ mod anthropic;
 
 #[path = "e2e/resend.rs"]
 mod resend;
+
+#[path = "e2e/stripe.rs"]
+mod stripe;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
@@ -570,7 +585,7 @@ async fn the_vendor_sees_the_real_credential_and_the_agent_never_does() {
             &[
                 "POST /v1/payment_intents",
                 "GET /v1/customers/*",
-                "POST /v1/fail500",
+                "POST /v1/charges",
             ],
             "inject/1",
         ))
@@ -584,7 +599,7 @@ async fn the_vendor_sees_the_real_credential_and_the_agent_never_does() {
                 "/stripe/v1/payment_intents",
                 Some((
                     "application/x-www-form-urlencoded",
-                    b"amount=500&currency=usd".to_vec(),
+                    b"amount=500&currency=usd&confirm=true".to_vec(),
                 )),
                 &trace,
             )
@@ -598,7 +613,15 @@ async fn the_vendor_sees_the_real_credential_and_the_agent_never_does() {
             )
             .await,
         agent
-            .send(reqwest::Method::POST, "/stripe/v1/fail500", None, &trace)
+            .send(
+                reqwest::Method::POST,
+                "/stripe/v1/charges",
+                Some((
+                    "application/x-www-form-urlencoded",
+                    b"amount=700&currency=usd&description=fail500".to_vec(),
+                )),
+                &trace,
+            )
             .await,
     ];
     assert_eq!(responses[0].status, 200, "{}", responses[0].text);
@@ -621,19 +644,22 @@ async fn the_vendor_sees_the_real_credential_and_the_agent_never_does() {
         );
         assert_eq!(call.header("x-agent-trace"), Some("trace-4711"));
     }
-    assert_eq!(calls[0].body_text(), "amount=500&currency=usd");
+    assert_eq!(calls[0].body_text(), "amount=500&currency=usd&confirm=true");
     assert_eq!(calls[1].path, "/v1/customers/cus_1");
     assert_eq!(calls[1].query.as_deref(), Some("expand=sources"));
     assert_mock_never_saw(&mock, &key.secret);
 
     // The vault key is worth nothing at the vendor itself.
     let direct = Api::new(&mock.url(), Some(&key.secret))
-        .post_form("/v1/payment_intents", "amount=500&currency=usd")
+        .post_form(
+            "/v1/payment_intents",
+            "amount=500&currency=usd&confirm=true",
+        )
         .await;
     assert_eq!(direct.status, 401);
     assert_eq!(mock.forwarded_stripe_amount(), 500);
 
-    // The 500 released its (zero) reservation; the charge settled.
+    // The 500 released its reservation; the payment intent settled.
     let entries = stack.wait_audit(&format!("key_id={}", key.id), 3).await;
     let outcome_of = |path: &str| {
         entries
@@ -642,7 +668,7 @@ async fn the_vendor_sees_the_real_credential_and_the_agent_never_does() {
             .map(|e| (e["outcome"].clone(), e["upstream_status"].clone()))
     };
     assert_eq!(
-        outcome_of("/v1/fail500"),
+        outcome_of("/v1/charges"),
         Some((json!("released"), json!(500)))
     );
     assert_eq!(
@@ -860,7 +886,10 @@ async fn invalid_keys_are_refused_before_forwarding() {
     for (what, authorization) in &presented {
         let agent = stack.agent("").with_authorization(authorization.as_deref());
         let r = agent
-            .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=100&currency=usd&confirm=true",
+            )
             .await;
         assert_eq!(r.status, 401, "{what}: {}", r.text);
         let body = r.expect_error(401, "invalid_key");
@@ -888,7 +917,10 @@ async fn invalid_keys_are_refused_before_forwarding() {
     // The real key still works.
     stack
         .agent(&key.secret)
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     assert_eq!(mock.calls().len(), 1);
@@ -912,7 +944,10 @@ async fn expired_key_is_refused() {
     );
     stack
         .agent(&key.secret)
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await
         .expect_error(401, "key_expired");
     assert!(mock.calls().is_empty());
@@ -952,7 +987,10 @@ async fn late_proxy_refusal(revoke: bool) {
     )
     .await;
     Api::new(&late.url(), Some(&key.secret))
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await
         .expect_error(401, code);
     assert!(mock.calls().is_empty());
@@ -992,7 +1030,10 @@ async fn cap_holds_under_concurrency(stack: &Stack, mock: &MockVendor, cap: i64,
             tokio::spawn(async move {
                 let sent = Utc::now();
                 let r = agent
-                    .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+                    .post_form(
+                        "/stripe/v1/payment_intents",
+                        "amount=100&currency=usd&confirm=true",
+                    )
                     .await;
                 (r, sent, Utc::now())
             })
@@ -1023,7 +1064,10 @@ async fn cap_holds_under_concurrency(stack: &Stack, mock: &MockVendor, cap: i64,
     // Settled spend still holds the cap.
     let sent = Utc::now();
     let r = agent
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await;
     assert_cap_refusal(&r, cap as f64, 0.0, sent, Utc::now());
     let entries = stack
@@ -1061,7 +1105,10 @@ async fn charges_through_two_proxies() -> usize {
             let agent = agents[i % 2].clone();
             tokio::spawn(async move {
                 agent
-                    .post_form("/stripe/v1/payment_intents", "amount=70&currency=usd")
+                    .post_form(
+                        "/stripe/v1/payment_intents",
+                        "amount=70&currency=usd&confirm=true",
+                    )
                     .await
             })
         })
@@ -1108,14 +1155,20 @@ async fn per_call_cap_refuses_a_single_large_call() {
     let key = stack.mint(&body).await;
     let agent = stack.agent(&key.secret);
     let refused = agent
-        .post_form("/stripe/v1/payment_intents", "amount=501&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=501&currency=usd&confirm=true",
+        )
         .await
         .expect_error(403, "per_call_cap_exceeded");
     assert_eq!(refused["per_call_cap_usd"].as_f64(), Some(5.0), "{refused}");
     assert_eq!(refused["cost_usd"].as_f64(), Some(5.01), "{refused}");
     assert!(mock.calls().is_empty());
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=500&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=500&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     assert_eq!(mock.forwarded_stripe_amount(), 500);
@@ -1129,13 +1182,19 @@ async fn lifetime_cap_refusal_says_it_never_resets() {
     let key = stack.mint(&body).await;
     let agent = stack.agent(&key.secret);
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=300&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=300&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     // $2 left over the key's life while $97 is left today: the lifetime cap
     // is what refuses, and nothing about it resets at midnight.
     let r = agent
-        .post_form("/stripe/v1/payment_intents", "amount=300&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=300&currency=usd&confirm=true",
+        )
         .await;
     let refused = r.expect_error(403, "lifetime_cap_exceeded");
     assert_eq!(refused["cap_usd"].as_f64(), Some(5.0), "{refused}");
@@ -1146,7 +1205,10 @@ async fn lifetime_cap_refusal_says_it_never_resets() {
     assert_eq!(mock.forwarded_stripe_amount(), 300);
     // What is left can still be spent.
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=200&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=200&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     assert_eq!(mock.forwarded_stripe_amount(), 500);
@@ -1164,7 +1226,10 @@ async fn a_declined_charge_releases_its_reservation() {
         .await;
     let agent = stack.agent(&key.secret);
     let r = agent
-        .post_form("/stripe/v1/payment_intents", "amount=402&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=402&currency=usd&confirm=true",
+        )
         .await;
     assert_eq!(r.status, 402, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "card_declined");
@@ -1182,7 +1247,10 @@ async fn a_declined_charge_releases_its_reservation() {
 
     // The released $4.02 is spendable again: the whole $10 goes through.
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=1000&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=1000&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     assert_eq!(mock.forwarded_stripe_amount(), 1000);
@@ -1425,25 +1493,25 @@ async fn unpriceable_stripe_calls_are_refused_and_rates_price_other_currencies()
         (
             "fractional amount",
             "/stripe/v1/payment_intents",
-            "amount=12.5&currency=usd",
+            "amount=12.5&currency=usd&confirm=true",
             "unpriceable_request",
         ),
         (
             "word amount",
             "/stripe/v1/payment_intents",
-            "amount=ten&currency=usd",
+            "amount=ten&currency=usd&confirm=true",
             "unpriceable_request",
         ),
         (
             "negative amount",
             "/stripe/v1/payment_intents",
-            "amount=-100&currency=usd",
+            "amount=-100&currency=usd&confirm=true",
             "unpriceable_request",
         ),
         (
             "two amounts",
             "/stripe/v1/payment_intents",
-            "amount=1&amount=100000&currency=usd",
+            "amount=1&amount=100000&currency=usd&confirm=true",
             "unpriceable_request",
         ),
         (
@@ -1461,7 +1529,7 @@ async fn unpriceable_stripe_calls_are_refused_and_rates_price_other_currencies()
         (
             "eur without a rate",
             "/stripe/v1/payment_intents",
-            "amount=1000&currency=eur",
+            "amount=1000&currency=eur&confirm=true",
             "currency_not_supported",
         ),
     ];
@@ -1495,7 +1563,10 @@ async fn unpriceable_stripe_calls_are_refused_and_rates_price_other_currencies()
     assert_eq!(v["currency_rates"], json!({"eur": "1.10"}));
     let priced = wait_for(within(harness::POLICY_TIMEOUT), || async {
         let r = agent
-            .post_form("/stripe/v1/payment_intents", "amount=1000&currency=eur")
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=1000&currency=eur&confirm=true",
+            )
             .await;
         (r.error_code().as_deref() != Some("currency_not_supported")).then_some(r)
     })
@@ -1519,7 +1590,10 @@ async fn unpriceable_stripe_calls_are_refused_and_rates_price_other_currencies()
     assert_eq!(e["detail"]["usd_rate"], "1.10", "{e}");
     // Other currencies still need their own rate.
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=1000&currency=jpy")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=1000&currency=jpy&confirm=true",
+        )
         .await
         .expect_error(400, "currency_not_supported");
     assert_eq!(mock.calls().len(), 1);
@@ -1549,7 +1623,10 @@ async fn an_unreachable_vendor_is_a_502_that_costs_nothing() {
         // $5 each: were a failed call's reservation kept, the second would
         // be refused with daily_cap_exceeded.
         let r = agent
-            .post_form("/stripe/v1/payment_intents", "amount=500&currency=usd")
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=500&currency=usd&confirm=true",
+            )
             .await;
         r.expect_error(502, "upstream_unreachable");
         assert!(
@@ -1811,7 +1888,10 @@ async fn spend_events_survive_a_control_plane_outage() {
     let agent = stack.agent(&key.secret);
     let charge = || async {
         agent
-            .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=100&currency=usd&confirm=true",
+            )
             .await
     };
     for _ in 0..3 {
@@ -1891,7 +1971,10 @@ async fn policy_changes_reach_a_running_proxy() {
     eprintln!("new key usable after {:?}", started.elapsed());
     stack
         .agent(&key.secret)
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     assert_eq!(mock.calls().len(), 1);
@@ -1902,7 +1985,10 @@ async fn policy_changes_reach_a_running_proxy() {
     let arrived = wait_until(within(harness::POLICY_TIMEOUT), || async {
         stack
             .agent(&key.secret)
-            .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=100&currency=usd&confirm=true",
+            )
             .await
             .expect(200);
         !moved.calls().is_empty()
@@ -2013,7 +2099,10 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     stack.wait_key_live("stripe", &secret).await;
     stack
         .agent(&secret)
-        .post_form("/stripe/v1/payment_intents", "amount=250&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=250&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
 
@@ -2137,14 +2226,20 @@ async fn keycap_dev_runs_the_sandbox_flow() {
 
     let agent = Api::new(&dev.proxy_url, Some(&secret));
     let pi = agent
-        .post_form("/sandbox/v1/payment_intents", "amount=300&currency=usd")
+        .post_form(
+            "/sandbox/v1/payment_intents",
+            "amount=300&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     assert_eq!(pi["amount"], 300);
     assert_eq!(pi["status"], "succeeded");
     let sent = Utc::now();
     let r = agent
-        .post_form("/sandbox/v1/payment_intents", "amount=300&currency=usd")
+        .post_form(
+            "/sandbox/v1/payment_intents",
+            "amount=300&currency=usd&confirm=true",
+        )
         .await;
     assert_cap_refusal(&r, 5.0, 2.0, sent, Utc::now());
 

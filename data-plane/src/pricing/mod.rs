@@ -50,6 +50,16 @@ pub struct PriceResponse<'a> {
     pub body: &'a [u8],
 }
 
+/// An object the proxy read from the vendor before pricing a request
+/// (`PriceModel::lookups`): a payment intent to confirm, an invoice to pay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Looked {
+    /// The vendor path that was read (`GET`).
+    pub path: String,
+    pub status: u16,
+    pub body: Bytes,
+}
+
 /// An empty header map, for requests built without headers.
 pub fn no_headers() -> &'static HeaderMap {
     static EMPTY: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
@@ -75,8 +85,12 @@ pub struct Quote {
 pub enum QuoteKind {
     /// A call the vendor does not bill.
     Free,
-    /// A Stripe charge of `amount` minor units of `currency`.
-    Stripe { amount: i64, currency: String },
+    /// A Stripe call that moves `amount` minor units of `currency`.
+    Stripe {
+        amount: i64,
+        currency: String,
+        op: stripe::StripeOp,
+    },
     /// An OpenAI chat completion. The price is copied into the quote so a
     /// price table reloaded mid-call cannot change how this call settles.
     OpenAiChat { model: String, price: ModelPrice },
@@ -214,6 +228,26 @@ impl PricingError {
 pub trait PriceModel: Send + Sync {
     /// Prices a request before it is forwarded.
     fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError>;
+    /// Vendor paths the proxy must read (`GET`, with the vendor's
+    /// credential) before this request can be priced: the amount of a
+    /// payment intent being confirmed is in Stripe, not in the request.
+    fn lookups(&self, _req: &PriceRequest<'_>) -> Result<Vec<String>, PricingError> {
+        Ok(Vec::new())
+    }
+    /// Prices a request given the objects `lookups` asked for.
+    fn quote_with(
+        &self,
+        req: &PriceRequest<'_>,
+        _looked: &[Looked],
+    ) -> Result<Quote, PricingError> {
+        self.quote(req)
+    }
+    /// The request's idempotency key, for vendors that replay a repeated
+    /// request instead of executing it again (the proxy then reserves it
+    /// once, not per attempt).
+    fn idempotency_key<'h>(&self, _headers: &'h HeaderMap) -> Option<&'h str> {
+        None
+    }
     /// Non-streamed response: status and full body.
     fn settle(&self, quote: &Quote, status: u16, _body: &[u8]) -> Settlement {
         settle_fixed(quote, status)

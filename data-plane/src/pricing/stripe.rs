@@ -13,12 +13,13 @@
 
 use std::collections::BTreeMap;
 
+use http::HeaderMap;
 use keycap_proto::{Micros, MICROS_PER_USD};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{
-    clip, free_quote, media_type, mul_div_ceil, PriceModel, PriceRequest, PricingError, Quote,
-    QuoteKind,
+    clip, free_quote, media_type, mul_div_ceil, settle_fixed, Looked, PriceModel, PriceRequest,
+    PriceResponse, PricingError, Quote, QuoteKind, Settlement,
 };
 
 /// Currencies whose Stripe amounts are whole units (no minor unit).
@@ -146,107 +147,296 @@ fn unreadable(msg: impl Into<String>) -> PricingError {
     PricingError::Unreadable(msg.into())
 }
 
-/// The `amount` and `currency` fields of a charge request, as text.
-#[derive(Default)]
-struct ChargeFields {
-    amount: Option<String>,
-    currency: Option<String>,
+/// What a priced Stripe call does with money, as settlement needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeOp {
+    /// `POST /v1/charges`: the charge is made (or authorized) by the call.
+    Charge,
+    /// Creating or confirming a PaymentIntent: money moves only if the
+    /// response says the intent succeeded, is processing, or holds an
+    /// authorization.
+    Intent,
+    /// `POST /v1/invoices/{id}/pay`.
+    InvoicePay,
+    /// `POST /v1/checkout/sessions`: the line items the customer is asked
+    /// to pay.
+    Checkout,
 }
 
-impl ChargeFields {
-    fn set(slot: &mut Option<String>, name: &str, value: String) -> Result<(), PricingError> {
-        // Which duplicate the vendor honours is not something to guess when
-        // money depends on it.
-        if slot.replace(value).is_some() {
+/// What a request is, by method and path.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Priced(StripeOp),
+    /// Confirming an existing PaymentIntent: its amount is read from Stripe.
+    Confirm(&'a str),
+    /// Paying an existing invoice: the amount due is read from Stripe.
+    Pay(&'a str),
+    /// Moves no money (reads, customers, refunds, captures of what was
+    /// counted when it was authorized, ...).
+    Free,
+    /// Moves money in a way keycap does not price.
+    Refused(&'static str),
+}
+
+/// Resources whose writes move no money.
+const FREE_RESOURCES: [&str; 12] = [
+    "customers",
+    "payment_methods",
+    "setup_intents",
+    "products",
+    "prices",
+    "invoiceitems",
+    "coupons",
+    "promotion_codes",
+    "tax_rates",
+    "webhook_endpoints",
+    "tokens",
+    "refunds",
+];
+
+/// Most objects one request may need read from Stripe before it is priced.
+const MAX_LOOKUPS: usize = 20;
+
+fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
+    if method != "POST" {
+        // Reads move nothing; deletes only cancel or detach.
+        return Route::Free;
+    }
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let id = |s: &'a str| is_object_id(s).then_some(s);
+    match segs.as_slice() {
+        ["v1", "charges"] => Route::Priced(StripeOp::Charge),
+        // Counted when the charge was created, authorized or not.
+        ["v1", "charges", c] | ["v1", "charges", c, "capture"] if id(c).is_some() => Route::Free,
+        ["v1", "payment_intents"] => Route::Priced(StripeOp::Intent),
+        ["v1", "payment_intents", pi, "confirm"] => match id(pi) {
+            Some(pi) => Route::Confirm(pi),
+            None => Route::Refused("the PaymentIntent id in the path is not a Stripe id"),
+        },
+        // An update changes an intent before it is confirmed (counted then);
+        // a capture takes what its confirmation authorized (counted then).
+        ["v1", "payment_intents", pi] | ["v1", "payment_intents", pi, "capture" | "cancel"]
+            if id(pi).is_some() =>
+        {
+            Route::Free
+        }
+        ["v1", "invoices"] => Route::Free,
+        ["v1", "invoices", inv, "pay"] => match id(inv) {
+            Some(inv) => Route::Pay(inv),
+            None => Route::Refused("the invoice id in the path is not a Stripe id"),
+        },
+        ["v1", "invoices", inv, "finalize"] if id(inv).is_some() => Route::Refused(
+            "finalizing an invoice lets Stripe charge it later, out of keycap's sight; \
+             pay it with POST /v1/invoices/{id}/pay, which keycap prices",
+        ),
+        ["v1", "invoices", inv]
+        | ["v1", "invoices", inv, "void" | "send" | "mark_uncollectible"]
+            if id(inv).is_some() =>
+        {
+            Route::Free
+        }
+        ["v1", "checkout", "sessions"] => Route::Priced(StripeOp::Checkout),
+        ["v1", "checkout", "sessions", cs, "expire"] if id(cs).is_some() => Route::Free,
+        ["v1", resource, ..] if FREE_RESOURCES.contains(resource) => Route::Free,
+        _ => Route::Refused(
+            "keycap does not price this Stripe call (it prices charges, payment intents, \
+             invoice payments and checkout sessions; other writes that move money are refused)",
+        ),
+    }
+}
+
+/// A Stripe object id: `pi_...`, `in_...`, `price_...`. Checked before it
+/// goes into a lookup path.
+fn is_object_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A request's parameters as Stripe reads them: form fields by their
+/// bracketed names (`line_items[0][quantity]`), or a JSON body flattened to
+/// the same names. A name given twice is refused: which duplicate Stripe
+/// honours is not something to guess when money depends on it.
+/// Each value remembers whether it was a JSON string: an amount must be a
+/// JSON integer, since "10" could be read differently by different parsers.
+struct Params(BTreeMap<String, (String, bool)>);
+
+impl Params {
+    fn parse(req: &PriceRequest<'_>) -> Result<Params, PricingError> {
+        match media_type(req.content_type).as_deref() {
+            None | Some("application/x-www-form-urlencoded") => Self::from_form(req.body),
+            Some("application/json") => Self::from_json(req.body),
+            Some(other) => Err(unreadable(format!(
+                "cannot read the amount from a {} body; use application/x-www-form-urlencoded",
+                clip(other)
+            ))),
+        }
+    }
+
+    fn insert(&mut self, name: String, value: String) -> Result<(), PricingError> {
+        self.insert_as(name, value, false)
+    }
+
+    fn insert_as(
+        &mut self,
+        name: String,
+        value: String,
+        json_string: bool,
+    ) -> Result<(), PricingError> {
+        if self.0.contains_key(&name) {
             return Err(unreadable(format!(
-                "parameter {name} is given more than once"
+                "parameter {} is given more than once",
+                clip(&name)
             )));
         }
+        self.0.insert(name, (value, json_string));
         Ok(())
     }
 
-    fn from_form(body: &[u8]) -> Result<Self, PricingError> {
-        let mut f = ChargeFields::default();
+    fn from_form(body: &[u8]) -> Result<Params, PricingError> {
+        let mut p = Params(BTreeMap::new());
         for (k, v) in form_urlencoded::parse(body) {
-            match &*k {
-                "amount" => Self::set(&mut f.amount, "amount", v.into_owned())?,
-                "currency" => Self::set(&mut f.currency, "currency", v.into_owned())?,
-                _ => {}
-            }
+            p.insert(k.into_owned(), v.into_owned())?;
         }
-        Ok(f)
+        Ok(p)
     }
 
-    fn from_json(body: &[u8]) -> Result<Self, PricingError> {
-        let v: serde_json::Value = serde_json::from_slice(body)
+    fn from_json(body: &[u8]) -> Result<Params, PricingError> {
+        let v: Value = serde_json::from_slice(body)
             .map_err(|_| unreadable("request body is not valid JSON"))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| unreadable("request body must be a JSON object"))?;
-        let amount = match obj.get("amount") {
-            None | Some(serde_json::Value::Null) => None,
-            // Only a JSON integer: 10.0 or "10" would be read differently by
-            // different parsers.
-            Some(serde_json::Value::Number(n)) if n.is_u64() || n.is_i64() => Some(n.to_string()),
-            Some(_) => return Err(bad_amount()),
-        };
-        let currency = match obj.get("currency") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err(unreadable("currency must be a string")),
-        };
-        Ok(ChargeFields { amount, currency })
+        if !v.is_object() {
+            return Err(unreadable("request body must be a JSON object"));
+        }
+        let mut p = Params(BTreeMap::new());
+        p.flatten(String::new(), &v)?;
+        Ok(p)
     }
+
+    fn flatten(&mut self, name: String, v: &Value) -> Result<(), PricingError> {
+        let child = |k: &str| {
+            if name.is_empty() {
+                k.to_string()
+            } else {
+                format!("{name}[{k}]")
+            }
+        };
+        match v {
+            Value::Null => Ok(()),
+            Value::Object(m) => m.iter().try_for_each(|(k, v)| self.flatten(child(k), v)),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, v)| self.flatten(child(&i.to_string()), v)),
+            Value::String(s) => self.insert_as(name, s.clone(), true),
+            Value::Bool(b) => self.insert(name, b.to_string()),
+            // Only a JSON integer is an amount: 10.0 would be read
+            // differently by different parsers, so it is kept as text that
+            // no amount parses.
+            Value::Number(n) if n.is_u64() || n.is_i64() => self.insert(name, n.to_string()),
+            Value::Number(n) => self.insert(name, format!("{n}.float")),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|(v, _)| v.as_str())
+    }
+
+    /// A required non-negative integer (an amount in minor units, a
+    /// quantity).
+    fn int(&self, name: &str, what: &str) -> Result<i64, PricingError> {
+        match self.0.get(name) {
+            None => Err(unreadable(format!("{what} needs {name}"))),
+            Some((_, true)) => Err(bad_amount()),
+            Some((text, false)) => parse_amount(text),
+        }
+    }
+
+    fn currency(&self, name: &str, what: &str) -> Result<String, PricingError> {
+        let text = self
+            .get(name)
+            .ok_or_else(|| unreadable(format!("{what} needs {name}")))?;
+        currency_code(text)
+    }
+
+    /// The indices of `line_items[i][...]` parameters, in order.
+    fn line_items(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for k in self.0.keys() {
+            let idx = k
+                .strip_prefix("line_items[")
+                .and_then(|r| r.split_once(']'))
+                .map(|(i, _)| i.to_string());
+            if let Some(i) = idx {
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn parse_amount(text: &str) -> Result<i64, PricingError> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad_amount());
+    }
+    text.parse()
+        .map_err(|_| unreadable("amount is too large to price"))
+}
+
+fn currency_code(text: &str) -> Result<String, PricingError> {
+    let c = text.to_ascii_lowercase();
+    if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(unreadable(format!(
+            "currency {:?} is not a three-letter currency code",
+            clip(&c)
+        )));
+    }
+    Ok(c)
 }
 
 fn bad_amount() -> PricingError {
     unreadable("amount must be a non-negative integer number of the currency's minor unit")
 }
 
-impl PriceModel for StripePricing {
-    fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
-        let priced =
-            req.method == "POST" && matches!(req.path, "/v1/payment_intents" | "/v1/charges");
-        if !priced {
-            return Ok(free_quote(false));
-        }
-        if req.query.is_some_and(|q| !q.is_empty()) {
-            return Err(unreadable(format!(
-                "keycap prices POST {} from the request body; send its parameters in the body, not the query string",
-                req.path
-            )));
-        }
-        let fields = match media_type(req.content_type).as_deref() {
-            None | Some("application/x-www-form-urlencoded") => ChargeFields::from_form(req.body)?,
-            Some("application/json") => ChargeFields::from_json(req.body)?,
-            Some(other) => {
-                return Err(unreadable(format!(
-                    "cannot read the amount from a {} body; use application/x-www-form-urlencoded",
-                    clip(other)
-                )))
-            }
-        };
-        let amount_text = fields
-            .amount
-            .ok_or_else(|| unreadable(format!("POST {} needs an amount", req.path)))?;
-        if amount_text.is_empty() || !amount_text.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad_amount());
-        }
-        let amount: i64 = amount_text
-            .parse()
-            .map_err(|_| unreadable("amount is too large to price"))?;
-        let currency = fields
-            .currency
-            .ok_or_else(|| unreadable(format!("POST {} needs a currency", req.path)))?
-            .to_ascii_lowercase();
-        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
-            return Err(unreadable(format!(
-                "currency {:?} is not a three-letter currency code",
-                clip(&currency)
-            )));
-        }
+/// The object Stripe returned for a lookup, as JSON.
+fn looked_object(
+    looked: &[Looked],
+    path: &str,
+    what: &str,
+) -> Result<serde_json::Map<String, Value>, PricingError> {
+    let l = looked
+        .iter()
+        .find(|l| l.path == path)
+        .ok_or_else(|| unreadable(format!("{what} could not be read from Stripe")))?;
+    if !(200..300).contains(&l.status) {
+        return Err(unreadable(format!(
+            "{what} could not be read from Stripe (status {})",
+            l.status
+        )));
+    }
+    match serde_json::from_slice(&l.body) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(unreadable(format!(
+            "Stripe's answer for {what} is not an object"
+        ))),
+    }
+}
+
+/// An integer field of a Stripe object.
+fn object_int(obj: &serde_json::Map<String, Value>, field: &str) -> Option<i64> {
+    obj.get(field).and_then(Value::as_i64).filter(|n| *n >= 0)
+}
+
+impl StripePricing {
+    fn charge_quote(
+        &self,
+        op: StripeOp,
+        amount: i64,
+        currency: String,
+        mut detail: Value,
+    ) -> Result<Quote, PricingError> {
         let (reserve, rate) = self.to_micros(amount, &currency)?;
-        let mut detail = json!({ "amount": amount, "currency": currency });
+        detail["amount"] = amount.into();
+        detail["currency"] = currency.clone().into();
         if let Some(rate) = rate {
             detail["usd_rate"] = rate.into();
         }
@@ -254,9 +444,308 @@ impl PriceModel for StripePricing {
             reserve,
             detail,
             streaming: false,
-            kind: QuoteKind::Stripe { amount, currency },
+            kind: QuoteKind::Stripe {
+                amount,
+                currency,
+                op,
+            },
             forward_body: None,
         })
+    }
+
+    /// A checkout session's total: each line item's unit amount (from
+    /// `price_data`, or from the Price object read from Stripe) times its
+    /// quantity, all in one currency.
+    fn checkout_quote(&self, p: &Params, looked: &[Looked]) -> Result<Quote, PricingError> {
+        let mode = p.get("mode").unwrap_or("payment");
+        match mode {
+            // A setup session saves a payment method; nothing is charged.
+            "setup" => return Ok(free_quote(false)),
+            "payment" | "subscription" => {}
+            other => {
+                return Err(unreadable(format!(
+                    "checkout mode {:?} is not one keycap prices",
+                    clip(other)
+                )))
+            }
+        }
+        let items = p.line_items();
+        if items.is_empty() {
+            return Err(unreadable(
+                "a checkout session is priced from its line_items; none were given",
+            ));
+        }
+        let mut total: i64 = 0;
+        let mut currency: Option<String> = None;
+        for i in &items {
+            // `field("price_data][currency")` is line_items[i][price_data][currency].
+            let field = |f: &str| format!("line_items[{i}][{f}]");
+            let quantity = match p.get(&field("quantity")) {
+                None => 1,
+                Some(q) => parse_amount(q)?,
+            };
+            let (unit, cur) = if let Some(price) = p.get(&field("price")) {
+                let obj = looked_object(looked, &price_path(price)?, "the line item's price")?;
+                let unit = object_int(&obj, "unit_amount").ok_or_else(|| {
+                    unreadable(format!(
+                        "price {} has no fixed unit_amount (tiered or customer-chosen prices are not priced)",
+                        clip(price)
+                    ))
+                })?;
+                let cur = obj
+                    .get("currency")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| unreadable("the line item's price has no currency"))?;
+                (unit, currency_code(cur)?)
+            } else {
+                if p.get(&field("price_data][unit_amount_decimal")).is_some() {
+                    return Err(unreadable(
+                        "unit_amount_decimal is not priced; give unit_amount in minor units",
+                    ));
+                }
+                (
+                    p.int(&field("price_data][unit_amount"), "a line item")?,
+                    p.currency(&field("price_data][currency"), "a line item")?,
+                )
+            };
+            match &currency {
+                None => currency = Some(cur),
+                Some(c) if *c == cur => {}
+                Some(_) => {
+                    return Err(unreadable(
+                        "the line items of one checkout session must share a currency",
+                    ))
+                }
+            }
+            total = unit
+                .checked_mul(quantity)
+                .and_then(|v| total.checked_add(v))
+                .ok_or_else(|| unreadable("amount is too large to price"))?;
+        }
+        let currency = currency.expect("at least one line item");
+        self.charge_quote(
+            StripeOp::Checkout,
+            total,
+            currency,
+            json!({"mode": mode, "line_items": items.len()}),
+        )
+    }
+
+    /// What a successful response spent: its own amount where it reports
+    /// one (in micro-dollars), `None` when money did not move.
+    fn spent(&self, op: StripeOp, quote: &Quote, obj: &serde_json::Map<String, Value>) -> Spent {
+        let status = obj.get("status").and_then(Value::as_str);
+        let own_amount = |field: &str| -> Option<Micros> {
+            let amount = object_int(obj, field)?;
+            let cur = currency_code(obj.get("currency")?.as_str()?).ok()?;
+            self.to_micros(amount, &cur).ok().map(|(m, _)| m)
+        };
+        match op {
+            StripeOp::Charge => match status {
+                Some("failed") => Spent::Nothing("failed"),
+                Some(_) => own_amount("amount").map_or(Spent::Unknown, Spent::Amount),
+                None => Spent::Unknown,
+            },
+            StripeOp::Intent => match status {
+                Some(s @ ("succeeded" | "processing" | "requires_capture")) => own_amount("amount")
+                    .map_or(Spent::Unknown, |m| Spent::AmountWith(m, s.to_string())),
+                // Created but not confirmed, declined, waiting on the
+                // customer, or canceled: nothing moved on this call.
+                Some(s) => Spent::Nothing(match s {
+                    "requires_payment_method" => "requires_payment_method",
+                    "requires_confirmation" => "requires_confirmation",
+                    "requires_action" => "requires_action",
+                    "canceled" => "canceled",
+                    _ => "not_confirmed",
+                }),
+                None => Spent::Unknown,
+            },
+            StripeOp::InvoicePay => match status {
+                Some("paid") => Spent::Amount(quote.reserve),
+                Some(_) => Spent::Nothing("not_paid"),
+                None => Spent::Unknown,
+            },
+            StripeOp::Checkout => own_amount("amount_total").map_or(Spent::Unknown, Spent::Amount),
+        }
+    }
+}
+
+/// The lookup path of a Price object named by a line item.
+fn price_path(price: &str) -> Result<String, PricingError> {
+    if !is_object_id(price) {
+        return Err(unreadable(format!(
+            "line item price {:?} is not a Stripe id",
+            clip(price)
+        )));
+    }
+    Ok(format!("/v1/prices/{price}"))
+}
+
+enum Spent {
+    Amount(Micros),
+    /// An amount, and the object's status for the audit entry.
+    AmountWith(Micros, String),
+    Nothing(&'static str),
+    Unknown,
+}
+
+/// Stripe marks a response it replays for a repeated Idempotency-Key.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+impl PriceModel for StripePricing {
+    fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
+        self.quote_with(req, &[])
+    }
+
+    fn lookups(&self, req: &PriceRequest<'_>) -> Result<Vec<String>, PricingError> {
+        match route(req.method, req.path) {
+            Route::Confirm(pi) => Ok(vec![format!("/v1/payment_intents/{pi}")]),
+            Route::Pay(inv) => Ok(vec![format!("/v1/invoices/{inv}")]),
+            Route::Priced(StripeOp::Checkout) => {
+                let p = Params::parse(req)?;
+                let mut paths: Vec<String> = Vec::new();
+                for i in p.line_items() {
+                    if let Some(price) = p.get(&format!("line_items[{i}][price]")) {
+                        let path = price_path(price)?;
+                        if !paths.contains(&path) {
+                            paths.push(path);
+                        }
+                    }
+                }
+                if paths.len() > MAX_LOOKUPS {
+                    return Err(unreadable(format!(
+                        "a checkout session may name at most {MAX_LOOKUPS} distinct prices"
+                    )));
+                }
+                Ok(paths)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn quote_with(&self, req: &PriceRequest<'_>, looked: &[Looked]) -> Result<Quote, PricingError> {
+        let route = route(req.method, req.path);
+        match route {
+            Route::Free => return Ok(free_quote(false)),
+            Route::Refused(why) => return Err(unreadable(why)),
+            _ => {}
+        }
+        if req.query.is_some_and(|q| !q.is_empty()) {
+            return Err(unreadable(format!(
+                "keycap prices POST {} from the request body; send its parameters in the body, not the query string",
+                clip(req.path)
+            )));
+        }
+        let p = Params::parse(req)?;
+        let what = || format!("POST {}", clip(req.path));
+        match route {
+            Route::Priced(op @ (StripeOp::Charge | StripeOp::Intent)) => {
+                let amount = p.int("amount", &what())?;
+                let currency = p.currency("currency", &what())?;
+                self.charge_quote(op, amount, currency, json!({}))
+            }
+            Route::Priced(StripeOp::Checkout) => self.checkout_quote(&p, looked),
+            Route::Confirm(pi) => {
+                let path = format!("/v1/payment_intents/{pi}");
+                let obj = looked_object(looked, &path, "the payment intent")?;
+                let amount = object_int(&obj, "amount")
+                    .ok_or_else(|| unreadable("the payment intent has no amount"))?;
+                let cur = obj
+                    .get("currency")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| unreadable("the payment intent has no currency"))?;
+                let detail = json!({"payment_intent": pi});
+                self.charge_quote(StripeOp::Intent, amount, currency_code(cur)?, detail)
+            }
+            Route::Pay(inv) => {
+                if p.get("paid_out_of_band") == Some("true") {
+                    // Marked paid by other means: Stripe charges nothing.
+                    return Ok(free_quote(false));
+                }
+                let obj = looked_object(looked, &format!("/v1/invoices/{inv}"), "the invoice")?;
+                let due = object_int(&obj, "amount_remaining")
+                    .ok_or_else(|| unreadable("the invoice has no amount_remaining"))?;
+                let cur = obj
+                    .get("currency")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| unreadable("the invoice has no currency"))?;
+                let detail = json!({"invoice": inv});
+                self.charge_quote(StripeOp::InvoicePay, due, currency_code(cur)?, detail)
+            }
+            Route::Priced(_) | Route::Free | Route::Refused(_) => unreachable!("handled above"),
+        }
+    }
+
+    fn settle(&self, quote: &Quote, status: u16, body: &[u8]) -> Settlement {
+        let headers = super::no_headers();
+        self.settle_response(
+            quote,
+            &PriceResponse {
+                status,
+                headers,
+                body,
+            },
+        )
+    }
+
+    fn settle_response(&self, quote: &Quote, resp: &PriceResponse<'_>) -> Settlement {
+        let QuoteKind::Stripe { op, .. } = &quote.kind else {
+            return settle_fixed(quote, resp.status);
+        };
+        if !super::is_success(resp.status) {
+            return Settlement::released(quote, resp.status);
+        }
+        let replayed = resp
+            .headers
+            .get(IDEMPOTENT_REPLAYED)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let mut settled = settle_fixed(quote, resp.status);
+        if replayed {
+            // Stripe answered a repeated Idempotency-Key with the saved
+            // response of the first request: nothing is charged again.
+            settled.cost = Micros::ZERO;
+            settled.detail["idempotent_replay"] = true.into();
+            return settled;
+        }
+        let obj = match serde_json::from_slice::<Value>(resp.body) {
+            Ok(Value::Object(m)) => m,
+            _ => {
+                return Settlement::at_reservation(
+                    quote,
+                    resp.status,
+                    "response is not a Stripe object",
+                )
+            }
+        };
+        match self.spent(*op, quote, &obj) {
+            Spent::Amount(m) => settled.cost = m,
+            Spent::AmountWith(m, status) => {
+                settled.cost = m;
+                settled.detail["object_status"] = status.into();
+            }
+            Spent::Nothing(status) => {
+                settled.cost = Micros::ZERO;
+                settled.detail["object_status"] = status.into();
+            }
+            Spent::Unknown => {
+                return Settlement::at_reservation(
+                    quote,
+                    resp.status,
+                    "response does not say what was charged",
+                )
+            }
+        }
+        if settled.cost > quote.reserve {
+            settled.detail["exceeded_reservation"] = true.into();
+        }
+        settled
+    }
+
+    fn idempotency_key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
+        headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.is_empty())
     }
 }
 
@@ -305,7 +794,8 @@ mod tests {
             q.kind,
             QuoteKind::Stripe {
                 amount: 1999,
-                currency: "usd".into()
+                currency: "usd".into(),
+                op: StripeOp::Intent,
             }
         );
         assert!(!q.streaming);
@@ -520,27 +1010,242 @@ mod tests {
     }
 
     #[test]
-    fn every_other_call_is_free() {
+    fn calls_that_move_no_money_are_free_and_unknown_writes_refused() {
         let p = pricing(&[]);
         for (m, path) in [
             ("GET", "/v1/payment_intents"),
             ("GET", "/v1/charges"),
             ("POST", "/v1/customers"),
-            ("POST", "/v1/payment_intents/pi_1/confirm"),
-            ("POST", "/v1/charges/"),
+            ("POST", "/v1/customers/cus_1"),
+            ("POST", "/v1/refunds"),
+            ("POST", "/v1/payment_intents/pi_1"),
+            ("POST", "/v1/payment_intents/pi_1/capture"),
+            ("POST", "/v1/payment_intents/pi_1/cancel"),
+            ("POST", "/v1/charges/ch_1/capture"),
+            ("POST", "/v1/invoices"),
+            ("POST", "/v1/invoices/in_1/void"),
+            ("POST", "/v1/checkout/sessions/cs_1/expire"),
             ("DELETE", "/v1/customers/cus_1"),
         ] {
             let q = p.quote(&req(m, path, FORM, b"amount=-1")).unwrap();
             assert_eq!(q.reserve, Micros::ZERO, "{m} {path}");
-            assert_eq!(q.kind, QuoteKind::Free);
+            assert_eq!(q.kind, QuoteKind::Free, "{m} {path}");
         }
+        for path in [
+            "/v1/transfers",
+            "/v1/payouts",
+            "/v1/subscriptions",
+            "/v1/payment_links",
+            "/v1/invoices/in_1/finalize",
+            "/v1/payment_intents/pi_1/increment_authorization",
+            "/v1/charges/",
+            "/v1/payment_intents/pi..1/confirm",
+            "/v2/core/events",
+        ] {
+            let err = p.quote(&req("POST", path, FORM, b"")).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{path}");
+        }
+    }
+
+    fn looked(path: &str, status: u16, body: serde_json::Value) -> Looked {
+        Looked {
+            path: path.into(),
+            status,
+            body: body.to_string().into(),
+        }
+    }
+
+    fn resp<'a>(status: u16, headers: &'a HeaderMap, body: &'a str) -> PriceResponse<'a> {
+        PriceResponse {
+            status,
+            headers,
+            body: body.as_bytes(),
+        }
+    }
+
+    #[test]
+    fn a_payment_intent_counts_only_when_money_moves() {
+        let p = pricing(&[("eur", "1.08")]);
+        let h = HeaderMap::new();
+        let q = quote_form(&p, "amount=1999&currency=usd").unwrap();
+        assert_eq!(q.reserve, Micros(19_990_000));
+        for (status, cost) in [
+            ("succeeded", 19_990_000),
+            ("processing", 19_990_000),
+            ("requires_capture", 19_990_000),
+            ("requires_payment_method", 0),
+            ("requires_confirmation", 0),
+            ("requires_action", 0),
+            ("canceled", 0),
+        ] {
+            let body = json!({"object": "payment_intent", "amount": 1999, "currency": "usd", "status": status});
+            let s = p.settle_response(&q, &resp(200, &h, &body.to_string()));
+            assert_eq!(
+                (s.cost, s.outcome),
+                (Micros(cost), Outcome::Settled),
+                "{status}"
+            );
+            assert_eq!(s.detail["object_status"], status);
+        }
+        // The response's own amount is what moved; above the reservation it
+        // is recorded as it is, and flagged.
+        let body = json!({"amount": 2500, "currency": "usd", "status": "succeeded"});
+        let s = p.settle_response(&q, &resp(200, &h, &body.to_string()));
+        assert_eq!(s.cost, Micros(25_000_000));
+        assert_eq!(s.detail["exceeded_reservation"], true);
+        // A 2xx that does not say what happened settles at the reservation.
+        for body in ["{}", "not json", r#"{"status":"succeeded"}"#] {
+            let s = p.settle_response(&q, &resp(200, &h, body));
+            assert_eq!(s.outcome, Outcome::SettledAtReservation, "{body}");
+            assert_eq!(s.cost, q.reserve);
+        }
+        let s = p.settle_response(&q, &resp(402, &h, r#"{"error":{}}"#));
+        assert_eq!((s.cost, s.outcome), (Micros::ZERO, Outcome::Released));
+    }
+
+    #[test]
+    fn confirming_an_existing_intent_is_priced_from_stripe() {
+        let p = pricing(&[("eur", "1.08")]);
+        let r = req(
+            "POST",
+            "/v1/payment_intents/pi_123/confirm",
+            FORM,
+            b"payment_method=pm_card_visa",
+        );
+        assert_eq!(p.lookups(&r).unwrap(), vec!["/v1/payment_intents/pi_123"]);
+        let intent = json!({"id": "pi_123", "amount": 5000, "currency": "eur", "status": "requires_confirmation"});
+        let q = p
+            .quote_with(&r, &[looked("/v1/payment_intents/pi_123", 200, intent)])
+            .unwrap();
+        assert_eq!(q.reserve, Micros(54_000_000));
+        assert_eq!(q.detail["payment_intent"], "pi_123");
+        assert_eq!(q.detail["usd_rate"], "1.08");
+        // Without the lookup, or with Stripe refusing it, nothing is priced.
+        assert_eq!(p.quote(&r).unwrap_err().code(), "unpriceable_request");
+        let gone = looked("/v1/payment_intents/pi_123", 404, json!({"error": {}}));
+        let err = p.quote_with(&r, &[gone]).unwrap_err();
+        assert!(err.to_string().contains("404"), "{err}");
+        let no_amount = looked(
+            "/v1/payment_intents/pi_123",
+            200,
+            json!({"currency": "usd"}),
+        );
+        assert!(p.quote_with(&r, &[no_amount]).is_err());
+        // Confirming an intent that already succeeded is refused by Stripe:
+        // released, so it is never counted twice.
+        let s = p.settle_response(&q, &resp(400, &HeaderMap::new(), r#"{"error":{}}"#));
+        assert_eq!(s.cost, Micros::ZERO);
+    }
+
+    #[test]
+    fn paying_an_invoice_reserves_what_remains_due() {
+        let p = pricing(&[]);
+        let r = req("POST", "/v1/invoices/in_9/pay", FORM, b"");
+        assert_eq!(p.lookups(&r).unwrap(), vec!["/v1/invoices/in_9"]);
+        let inv = json!({"id": "in_9", "amount_due": 3000, "amount_remaining": 1200, "currency": "usd", "status": "open"});
+        let q = p
+            .quote_with(&r, &[looked("/v1/invoices/in_9", 200, inv)])
+            .unwrap();
+        assert_eq!(q.reserve, Micros(12_000_000));
+        let h = HeaderMap::new();
+        let s = p.settle_response(
+            &q,
+            &resp(200, &h, r#"{"status":"paid","amount_paid":3000}"#),
+        );
+        assert_eq!(s.cost, Micros(12_000_000));
+        let s = p.settle_response(&q, &resp(200, &h, r#"{"status":"open"}"#));
+        assert_eq!(s.cost, Micros::ZERO);
+        // Marked paid outside Stripe: nothing is charged.
+        let oob = req(
+            "POST",
+            "/v1/invoices/in_9/pay",
+            FORM,
+            b"paid_out_of_band=true",
+        );
+        assert_eq!(p.quote_with(&oob, &[]).unwrap().kind, QuoteKind::Free);
+    }
+
+    #[test]
+    fn a_checkout_session_costs_its_line_items_times_quantities() {
+        let p = pricing(&[]);
+        let body = "mode=payment&success_url=https%3A%2F%2Fexample.com\
+            &line_items[0][price_data][currency]=usd&line_items[0][price_data][unit_amount]=1500\
+            &line_items[0][price_data][product_data][name]=T-shirt&line_items[0][quantity]=3\
+            &line_items[1][price]=price_abc&line_items[1][quantity]=2";
+        let r = req("POST", "/v1/checkout/sessions", FORM, body.as_bytes());
+        assert_eq!(p.lookups(&r).unwrap(), vec!["/v1/prices/price_abc"]);
+        let price = looked(
+            "/v1/prices/price_abc",
+            200,
+            json!({"id": "price_abc", "unit_amount": 250, "currency": "usd"}),
+        );
+        let q = p.quote_with(&r, std::slice::from_ref(&price)).unwrap();
+        // 3 x 15.00 + 2 x 2.50
+        assert_eq!(q.reserve, Micros(50_000_000));
+        assert_eq!(q.detail["line_items"], 2);
+        let h = HeaderMap::new();
+        let s = p.settle_response(
+            &q,
+            &resp(200, &h, r#"{"amount_total":4800,"currency":"usd"}"#),
+        );
+        assert_eq!(s.cost, Micros(48_000_000));
+
+        let tiered = looked(
+            "/v1/prices/price_abc",
+            200,
+            json!({"id": "price_abc", "unit_amount": null, "currency": "usd"}),
+        );
+        assert!(p.quote_with(&r, &[tiered]).is_err());
+        let mixed = body.replace(
+            "[0][price_data][currency]=usd",
+            "[0][price_data][currency]=eur",
+        );
+        let p_eur = pricing(&[("eur", "1.08")]);
+        let r = req("POST", "/v1/checkout/sessions", FORM, mixed.as_bytes());
+        assert!(
+            p_eur.quote_with(&r, &[price]).is_err(),
+            "one currency per session"
+        );
+        let setup = req(
+            "POST",
+            "/v1/checkout/sessions",
+            FORM,
+            b"mode=setup&currency=usd",
+        );
+        assert_eq!(p.quote(&setup).unwrap().kind, QuoteKind::Free);
+        let empty = req("POST", "/v1/checkout/sessions", FORM, b"mode=payment");
+        assert!(p.quote(&empty).is_err());
+        let bad_id = req(
+            "POST",
+            "/v1/checkout/sessions",
+            FORM,
+            b"line_items[0][price]=../x",
+        );
+        assert!(p.lookups(&bad_id).is_err());
+    }
+
+    #[test]
+    fn a_replayed_response_is_never_counted_again() {
+        let p = pricing(&[]);
+        let q = quote_form(&p, "amount=1999&currency=usd").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("idempotent-replayed", "true".parse().unwrap());
+        let body = json!({"amount": 1999, "currency": "usd", "status": "succeeded"}).to_string();
+        let s = p.settle_response(&q, &resp(200, &h, &body));
+        assert_eq!((s.cost, s.outcome), (Micros::ZERO, Outcome::Settled));
+        assert_eq!(s.detail["idempotent_replay"], true);
+        let mut hk = HeaderMap::new();
+        hk.insert("idempotency-key", "retry-1".parse().unwrap());
+        assert_eq!(p.idempotency_key(&hk), Some("retry-1"));
+        assert_eq!(p.idempotency_key(&HeaderMap::new()), None);
     }
 
     #[test]
     fn settles_at_amount_on_success_else_releases() {
         let p = pricing(&[]);
         let q = quote_form(&p, "amount=1999&currency=usd").unwrap();
-        let s = p.settle(&q, 200, b"{}");
+        let ok = json!({"amount": 1999, "currency": "usd", "status": "succeeded"}).to_string();
+        let s = p.settle(&q, 200, ok.as_bytes());
         assert_eq!((s.cost, s.outcome), (Micros(19_990_000), Outcome::Settled));
         assert_eq!(s.detail["amount"], 1999);
         assert_eq!(s.detail["currency"], "usd");
@@ -560,9 +1265,5 @@ mod tests {
         let free = p.quote(&req("GET", "/v1/customers", None, b"")).unwrap();
         let s = p.settle(&free, 200, b"{}");
         assert_eq!((s.cost, s.outcome), (Micros::ZERO, Outcome::Settled));
-        let mut st = p.stream_settler(&q);
-        st.feed(b"data: {}\n\n");
-        assert_eq!(st.finish(200).cost, Micros(19_990_000));
-        assert_eq!(p.stream_settler(&q).finish(500).outcome, Outcome::Released);
     }
 }

@@ -165,9 +165,9 @@ Try it with the built-in sandbox vendor (a local Stripe look-alike):
     -d '{{"vendor":"sandbox","daily_usd_cap":5,"allowed_endpoints":["POST /v1/payment_intents"],"expires_in":"1h","agent_run_label":"demo/1"}}' \
     | sed -E 's/.*"key":"([^"]+)".*/\1/')
   # a $3 charge goes through ...
-  curl -s http://{proxy}/sandbox/v1/payment_intents -H "Authorization: Bearer $KEY" -d amount=300 -d currency=usd
+  curl -s http://{proxy}/sandbox/v1/payment_intents -H "Authorization: Bearer $KEY" -d amount=300 -d currency=usd -d confirm=true
   # ... a second one would cross the cap and is refused before it leaves (429)
-  curl -s http://{proxy}/sandbox/v1/payment_intents -H "Authorization: Bearer $KEY" -d amount=300 -d currency=usd
+  curl -s http://{proxy}/sandbox/v1/payment_intents -H "Authorization: Bearer $KEY" -d amount=300 -d currency=usd -d confirm=true
   # what the run spent
   curl -s "http://{proxy}/vault/spend?agent_run_label=demo/1" -H "Authorization: Bearer $KEYCAP_ADMIN_TOKEN"
 "#,

@@ -64,7 +64,13 @@ async fn create(h: HeaderMap, body: Bytes, object: &'static str, prefix: &'stati
         "object": object,
         "amount": amount,
         "currency": form.get("currency").cloned().unwrap_or_default(),
-        "status": "succeeded",
+        // Like Stripe: a charge is made at once, a payment intent only when
+        // it is confirmed.
+        "status": if object == "charge" || form.get("confirm").map(String::as_str) == Some("true") {
+            "succeeded"
+        } else {
+            "requires_payment_method"
+        },
         "livemode": false,
     }))
     .into_response()

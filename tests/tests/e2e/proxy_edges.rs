@@ -146,7 +146,10 @@ async fn a_vendor_that_does_not_answer_in_time_is_a_504_settled_at_the_reservati
 
     let sent = Instant::now();
     let r = agent
-        .post_form("/stripe/v1/payment_intents", "amount=500&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=500&currency=usd&confirm=true",
+        )
         .await;
     let waited = sent.elapsed();
     r.expect_error(504, "upstream_timeout");
@@ -172,7 +175,10 @@ async fn a_vendor_that_does_not_answer_in_time_is_a_504_settled_at_the_reservati
     // A vendor that answers again is served as usual.
     hold.release();
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     stack.wait_key_spend(&key.id, 6_000_000, 2).await;
@@ -197,7 +203,7 @@ async fn a_priced_response_over_the_limit_is_a_502_settled_at_the_reservation() 
     let fits = agent
         .post_form(
             "/stripe/v1/payment_intents",
-            "amount=100&currency=usd&description=small",
+            "amount=100&currency=usd&confirm=true&description=small",
         )
         .await;
     let body = fits.expect(200);
@@ -210,7 +216,7 @@ async fn a_priced_response_over_the_limit_is_a_502_settled_at_the_reservation() 
     let r = agent
         .post_form(
             "/stripe/v1/payment_intents",
-            &format!("amount=100&currency=usd&description={description}"),
+            &format!("amount=100&currency=usd&confirm=true&description={description}"),
         )
         .await;
     r.expect_error(502, "upstream_response_too_large");
@@ -237,7 +243,7 @@ async fn a_priced_response_over_the_limit_is_a_502_settled_at_the_reservation() 
 /// Sends a raw form POST for a Stripe payment intent of `amount` cents with
 /// `key`, and returns the open connection without reading the answer.
 async fn send_payment_intent_raw(addr: std::net::SocketAddr, key: &str, amount: u32) -> TcpStream {
-    let body = format!("amount={amount}&currency=usd");
+    let body = format!("amount={amount}&currency=usd&confirm=true");
     let mut conn = TcpStream::connect(addr)
         .await
         .expect("connect to the proxy");
@@ -288,7 +294,10 @@ async fn an_agent_that_hangs_up_mid_call_is_settled_at_the_reservation() {
     hold.release();
     stack
         .agent(&key.secret)
-        .post_form("/stripe/v1/payment_intents", "amount=4300&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=4300&currency=usd&confirm=true",
+        )
         .await
         .expect(200);
     stack.wait_key_spend(&key.id, 50_000_000, 2).await;
@@ -371,7 +380,10 @@ async fn a_proxy_without_policy_is_unhealthy_and_forwards_nothing() {
 
     let key = secret::generate(SecretKind::VaultKey, "test");
     let r = Api::new(&proxy.url(), Some(&key))
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await;
     r.expect_error(503, "policy_unavailable");
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -414,7 +426,10 @@ async fn a_key_without_a_lease_fails_closed_when_the_control_plane_is_gone() {
 
     let r = stack
         .agent(&key.secret)
-        .post_form("/stripe/v1/payment_intents", "amount=100&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
         .await;
     r.expect_error(503, "budget_unavailable");
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -539,14 +554,20 @@ async fn no_secret_is_left_in_the_database_or_the_logs() {
         ))
         .await;
     let agent = stack.agent(&key.secret);
-    for form in ["amount=100&currency=usd", "amount=250&currency=usd"] {
+    for form in [
+        "amount=100&currency=usd&confirm=true",
+        "amount=250&currency=usd&confirm=true",
+    ] {
         agent
             .post_form("/stripe/v1/payment_intents", form)
             .await
             .expect(200);
     }
     agent
-        .post_form("/stripe/v1/payment_intents", "amount=402&currency=usd")
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=402&currency=usd&confirm=true",
+        )
         .await
         .expect(402);
     // The credential was really in use.

@@ -1,0 +1,347 @@
+//! The mock's Stripe: payment intents with Stripe's confirm/capture states,
+//! charges, invoices to pay, prices, checkout sessions, refunds, and
+//! Idempotency-Key replays.
+//!
+//! `stripe_amount` counts money the way keycap must: a charge when it is
+//! made, a payment intent when it is confirmed (succeeded or authorized for
+//! capture), an invoice when it is paid, a checkout session's total when it
+//! is created. Capturing an authorization, refunding and creating an
+//! unconfirmed intent move nothing. A repeated Idempotency-Key gets the
+//! first answer again, marked `Idempotent-Replayed: true`, and changes
+//! nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{authorized, charge_params, stripe_unauthorized, MockState, RecordedCall};
+
+/// Stripe objects the mock keeps, by id.
+#[derive(Default)]
+pub(super) struct StripeObjects {
+    intents: HashMap<String, Value>,
+    invoices: HashMap<String, Value>,
+    prices: HashMap<String, Value>,
+    /// Saved answers by Idempotency-Key.
+    answers: HashMap<String, (StatusCode, Value)>,
+}
+
+impl StripeObjects {
+    pub(super) fn add_invoice(&mut self, id: String, amount_due: i64, currency: &str) {
+        let inv = json!({
+            "id": id, "object": "invoice", "status": "open", "currency": currency,
+            "amount_due": amount_due, "amount_paid": 0, "amount_remaining": amount_due,
+            "collection_method": "charge_automatically", "livemode": false,
+        });
+        self.invoices.insert(id, inv);
+    }
+
+    pub(super) fn add_price(&mut self, id: String, unit_amount: i64, currency: &str) {
+        let price = json!({
+            "id": id, "object": "price", "active": true, "currency": currency,
+            "unit_amount": unit_amount, "billing_scheme": "per_unit", "type": "one_time",
+        });
+        self.prices.insert(id, price);
+    }
+
+    pub(super) fn intent(&self, id: &str) -> Option<Value> {
+        self.intents.get(id).cloned()
+    }
+}
+
+/// Answers a Stripe route, or `None` when the request is not one.
+pub(super) fn answer(state: &MockState, call: &RecordedCall) -> Option<Response> {
+    let segs: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
+    let route = match (call.method.as_str(), segs.as_slice()) {
+        ("POST", ["v1", "payment_intents"]) => Route::CreateIntent,
+        ("POST", ["v1", "charges"]) => Route::Charge,
+        ("GET", ["v1", "payment_intents", id]) => Route::Get(Kind::Intent, id.to_string()),
+        ("POST", ["v1", "payment_intents", id, "confirm"]) => Route::Confirm(id.to_string()),
+        ("POST", ["v1", "payment_intents", id, "capture"]) => Route::Capture(id.to_string()),
+        ("GET", ["v1", "invoices", id]) => Route::Get(Kind::Invoice, id.to_string()),
+        ("POST", ["v1", "invoices", id, "pay"]) => Route::Pay(id.to_string()),
+        ("GET", ["v1", "prices", id]) => Route::Get(Kind::Price, id.to_string()),
+        ("POST", ["v1", "checkout", "sessions"]) => Route::Checkout,
+        ("POST", ["v1", "refunds"]) => Route::Refund,
+        _ => return None,
+    };
+    if !authorized(state, call) {
+        return Some(stripe_unauthorized());
+    }
+    let idem = call
+        .header("idempotency-key")
+        .filter(|_| call.method == "POST")
+        .map(str::to_string);
+    let mut objects = state.stripe.lock().expect("mock stripe lock");
+    if let Some(k) = &idem {
+        if let Some((status, body)) = objects.answers.get(k) {
+            let mut r = (*status, Json(body.clone())).into_response();
+            r.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Some(r);
+        }
+    }
+    let (status, body) = route.run(state, &mut objects, call);
+    if let Some(k) = idem {
+        // Stripe saves the result of a request that started executing,
+        // a decline included.
+        if status.is_success() || status == StatusCode::PAYMENT_REQUIRED {
+            objects.answers.insert(k, (status, body.clone()));
+        }
+    }
+    Some((status, Json(body)).into_response())
+}
+
+enum Kind {
+    Intent,
+    Invoice,
+    Price,
+}
+
+enum Route {
+    CreateIntent,
+    Charge,
+    Get(Kind, String),
+    Confirm(String),
+    Capture(String),
+    Pay(String),
+    Checkout,
+    Refund,
+}
+
+fn form(call: &RecordedCall) -> HashMap<String, String> {
+    form_urlencoded::parse(&call.body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn not_found(what: &str, id: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+                         "message": format!("No such {what}: '{id}'")}}),
+    )
+}
+
+fn declined() -> (StatusCode, Value) {
+    (
+        StatusCode::PAYMENT_REQUIRED,
+        json!({"error": {"type": "card_error", "code": "card_declined",
+                         "decline_code": "generic_decline", "message": "Your card was declined."}}),
+    )
+}
+
+fn missing_amount() -> (StatusCode, Value) {
+    (
+        StatusCode::BAD_REQUEST,
+        json!({"error": {"type": "invalid_request_error", "code": "parameter_missing",
+                         "param": "amount", "message": "Missing required param: amount."}}),
+    )
+}
+
+impl Route {
+    fn run(
+        self,
+        state: &MockState,
+        objects: &mut StripeObjects,
+        call: &RecordedCall,
+    ) -> (StatusCode, Value) {
+        let next_id = |prefix: &str| {
+            format!(
+                "{prefix}_mock_{}",
+                state.next_id.fetch_add(1, Ordering::SeqCst)
+            )
+        };
+        let moved = |amount: i64| {
+            state.stripe_amount.fetch_add(amount, Ordering::SeqCst);
+        };
+        match self {
+            Route::Charge => {
+                let p = charge_params(call);
+                let Some(amount) = p.amount.and_then(|a| a.parse::<i64>().ok()) else {
+                    return missing_amount();
+                };
+                if amount == 402 {
+                    return declined();
+                }
+                if p.description.as_deref() == Some("fail500") {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({"error": {"type": "api_error", "message": "mock internal failure"}}),
+                    );
+                }
+                moved(amount);
+                (
+                    StatusCode::OK,
+                    json!({"id": next_id("ch"), "object": "charge", "amount": amount,
+                           "currency": p.currency.unwrap_or_default(), "description": p.description,
+                           "status": "succeeded", "captured": true, "livemode": false}),
+                )
+            }
+            Route::CreateIntent => {
+                let p = charge_params(call);
+                let Some(amount) = p.amount.and_then(|a| a.parse::<i64>().ok()) else {
+                    return missing_amount();
+                };
+                let f = form(call);
+                let id = next_id("pi");
+                let manual = f.get("capture_method").map(String::as_str) == Some("manual");
+                let mut intent = json!({
+                    "id": id, "object": "payment_intent", "amount": amount,
+                    "currency": p.currency.unwrap_or_default(), "description": p.description,
+                    "capture_method": if manual { "manual" } else { "automatic" },
+                    "status": "requires_payment_method", "amount_received": 0, "livemode": false,
+                });
+                if f.get("confirm").map(String::as_str) == Some("true") {
+                    if amount == 402 {
+                        return declined();
+                    }
+                    confirm(&mut intent);
+                    moved(amount);
+                }
+                objects.intents.insert(id, intent.clone());
+                (StatusCode::OK, intent)
+            }
+            Route::Get(kind, id) => {
+                let (map, what) = match kind {
+                    Kind::Intent => (&objects.intents, "payment_intent"),
+                    Kind::Invoice => (&objects.invoices, "invoice"),
+                    Kind::Price => (&objects.prices, "price"),
+                };
+                match map.get(&id) {
+                    Some(o) => (StatusCode::OK, o.clone()),
+                    None => not_found(what, &id),
+                }
+            }
+            Route::Confirm(id) => {
+                let Some(intent) = objects.intents.get_mut(&id) else {
+                    return not_found("payment_intent", &id);
+                };
+                if !intent["status"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("requires_") && s != "requires_capture")
+                {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": {"type": "invalid_request_error",
+                                         "code": "payment_intent_unexpected_state",
+                                         "message": "This PaymentIntent's status does not allow confirmation."}}),
+                    );
+                }
+                let amount = intent["amount"].as_i64().unwrap_or(0);
+                if amount == 402 {
+                    return declined();
+                }
+                confirm(intent);
+                moved(amount);
+                (StatusCode::OK, intent.clone())
+            }
+            Route::Capture(id) => {
+                let Some(intent) = objects.intents.get_mut(&id) else {
+                    return not_found("payment_intent", &id);
+                };
+                if intent["status"] != "requires_capture" {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": {"type": "invalid_request_error",
+                                         "code": "payment_intent_unexpected_state"}}),
+                    );
+                }
+                // Counted when it was authorized.
+                intent["status"] = "succeeded".into();
+                intent["amount_received"] = intent["amount"].clone();
+                (StatusCode::OK, intent.clone())
+            }
+            Route::Pay(id) => {
+                let Some(inv) = objects.invoices.get_mut(&id) else {
+                    return not_found("invoice", &id);
+                };
+                let due = inv["amount_remaining"].as_i64().unwrap_or(0);
+                if inv["status"] != "open" {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": {"type": "invalid_request_error",
+                                         "code": "invoice_not_open"}}),
+                    );
+                }
+                if due == 402 {
+                    return declined();
+                }
+                moved(due);
+                inv["status"] = "paid".into();
+                inv["amount_paid"] = due.into();
+                inv["amount_remaining"] = 0.into();
+                (StatusCode::OK, inv.clone())
+            }
+            Route::Checkout => {
+                let f = form(call);
+                let mut total = 0i64;
+                let mut currency = String::new();
+                for i in 0.. {
+                    // `get("price_data][currency")` reads line_items[i][price_data][currency].
+                    let get = |k: &str| f.get(&format!("line_items[{i}][{k}]"));
+                    let qty = match get("quantity") {
+                        Some(q) => q.parse::<i64>().unwrap_or(0),
+                        None if get("price").is_some()
+                            || get("price_data][unit_amount").is_some() =>
+                        {
+                            1
+                        }
+                        None => break,
+                    };
+                    let (unit, cur) = if let Some(price) = get("price") {
+                        let Some(p) = objects.prices.get(price) else {
+                            return not_found("price", price);
+                        };
+                        (
+                            p["unit_amount"].as_i64().unwrap_or(0),
+                            p["currency"].as_str().unwrap_or_default().to_string(),
+                        )
+                    } else {
+                        (
+                            get("price_data][unit_amount")
+                                .and_then(|u| u.parse().ok())
+                                .unwrap_or(0),
+                            get("price_data][currency").cloned().unwrap_or_default(),
+                        )
+                    };
+                    total += unit * qty;
+                    currency = cur;
+                }
+                moved(total);
+                let id = next_id("cs");
+                (
+                    StatusCode::OK,
+                    json!({"id": id, "object": "checkout.session", "amount_total": total,
+                           "amount_subtotal": total, "currency": currency,
+                           "mode": f.get("mode").cloned().unwrap_or_else(|| "payment".into()),
+                           "status": "open", "payment_status": "unpaid",
+                           "url": format!("https://checkout.stripe.com/c/pay/{id}")}),
+                )
+            }
+            Route::Refund => {
+                let f = form(call);
+                (
+                    StatusCode::OK,
+                    json!({"id": next_id("re"), "object": "refund",
+                           "amount": f.get("amount").and_then(|a| a.parse::<i64>().ok()),
+                           "payment_intent": f.get("payment_intent"), "status": "succeeded"}),
+                )
+            }
+        }
+    }
+}
+
+/// Confirms an intent: authorized for a manual capture, else succeeded.
+fn confirm(intent: &mut Value) {
+    if intent["capture_method"] == "manual" {
+        intent["status"] = "requires_capture".into();
+    } else {
+        intent["status"] = "succeeded".into();
+        intent["amount_received"] = intent["amount"].clone();
+    }
+}

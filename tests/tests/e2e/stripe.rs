@@ -1,0 +1,219 @@
+//! Stripe end to end: money counts once, at the call that moves it.
+//! Confirming an existing payment intent and paying an invoice are priced
+//! from the object read from Stripe first; a checkout session costs its
+//! line items; captures and refunds cost nothing; a retried request with the
+//! same Idempotency-Key is reserved once and never counted twice; writes
+//! keycap does not price never leave. Included from `e2e.rs`.
+
+use keycap_tests::harness::Stack;
+use keycap_tests::mock::MockVendor;
+use serde_json::json;
+
+use super::{assert_mock_never_saw, stack_with_stripe, stripe_key_body};
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+async fn mint(
+    stack: &Stack,
+    cap: i64,
+    endpoints: &[&str],
+    label: &str,
+) -> keycap_tests::harness::MintedKey {
+    stack
+        .mint(&stripe_key_body(json!(cap), endpoints, label))
+        .await
+}
+
+fn paths(mock: &MockVendor) -> Vec<String> {
+    mock.calls()
+        .iter()
+        .map(|c| format!("{} {}", c.method, c.path))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_intent_counts_once_when_it_is_confirmed() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        100,
+        &["POST /v1/payment_intents", "POST /v1/payment_intents/*"],
+        "stripe/intents",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
+
+    // Created unconfirmed: reserved, but nothing moved, so nothing spent.
+    let pi = agent
+        .post_form("/stripe/v1/payment_intents", "amount=2500&currency=usd")
+        .await
+        .expect(200);
+    assert_eq!(pi["status"], "requires_payment_method");
+    let id = pi["id"].as_str().unwrap().to_string();
+    stack.wait_key_spend(&key.id, 0, 1).await;
+
+    // Confirmed through keycap: priced from the intent read from Stripe.
+    let confirmed = agent
+        .post_form(
+            &format!("/stripe/v1/payment_intents/{id}/confirm"),
+            "payment_method=pm_card_visa",
+        )
+        .await
+        .expect(200);
+    assert_eq!(confirmed["status"], "succeeded");
+    stack.wait_key_spend(&key.id, 25_000_000, 2).await;
+    let calls = mock.calls();
+    let lookup = &calls[1];
+    assert_eq!(
+        (lookup.method.as_str(), lookup.path.as_str()),
+        ("GET", format!("/v1/payment_intents/{id}").as_str())
+    );
+    assert_eq!(
+        lookup.authorization(),
+        Some(format!("Bearer {}", mock.credential()).as_str())
+    );
+
+    // Confirming it again: Stripe refuses, the reservation is released.
+    agent
+        .post_form(&format!("/stripe/v1/payment_intents/{id}/confirm"), "")
+        .await
+        .expect(400);
+    stack.wait_key_spend(&key.id, 25_000_000, 3).await;
+
+    // An authorization counts when it is made; its capture costs nothing.
+    let auth = agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=1000&currency=usd&confirm=true&capture_method=manual",
+        )
+        .await
+        .expect(200);
+    assert_eq!(auth["status"], "requires_capture");
+    let auth_id = auth["id"].as_str().unwrap();
+    agent
+        .post_form(&format!("/stripe/v1/payment_intents/{auth_id}/capture"), "")
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 35_000_000, 5).await;
+    assert_eq!(mock.forwarded_stripe_amount(), 3500);
+
+    // An intent Stripe does not know is refused before anything is sent.
+    let before = mock.calls().len();
+    agent
+        .post_form("/stripe/v1/payment_intents/pi_missing/confirm", "")
+        .await
+        .expect_error(400, "unpriceable_request");
+    let after = paths(&mock);
+    assert_eq!(after.len(), before + 1, "only the lookup: {after:?}");
+    assert_eq!(after[before], "GET /v1/payment_intents/pi_missing");
+    assert_mock_never_saw(&mock, &key.secret);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_checkout_sessions_and_refunds() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        100,
+        &[
+            "POST /v1/invoices/*",
+            "POST /v1/checkout/sessions",
+            "POST /v1/refunds",
+            "POST /v1/transfers",
+        ],
+        "stripe/billing",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
+
+    let invoice = mock.add_invoice(1234, "usd");
+    let paid = agent
+        .post_form(&format!("/stripe/v1/invoices/{invoice}/pay"), "")
+        .await
+        .expect(200);
+    assert_eq!(paid["status"], "paid");
+    stack.wait_key_spend(&key.id, 12_340_000, 1).await;
+
+    let price = mock.add_price(250, "usd");
+    let session = format!(
+        "mode=payment&success_url=https%3A%2F%2Fexample.com%2Fdone\
+         &line_items[0][price_data][currency]=usd&line_items[0][price_data][unit_amount]=1500\
+         &line_items[0][price_data][product_data][name]=Shirt&line_items[0][quantity]=3\
+         &line_items[1][price]={price}&line_items[1][quantity]=2"
+    );
+    let cs = agent
+        .post_form("/stripe/v1/checkout/sessions", &session)
+        .await
+        .expect(200);
+    assert_eq!(cs["amount_total"], 5000);
+    stack.wait_key_spend(&key.id, 62_340_000, 2).await;
+
+    agent
+        .post_form("/stripe/v1/refunds", "payment_intent=pi_x&amount=500")
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 62_340_000, 3).await;
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 3).await;
+    let refund = entries.iter().find(|e| e["path"] == "/v1/refunds").unwrap();
+    assert_eq!(refund["cost_micros"], 0, "{refund}");
+
+    // Moving money keycap does not price never leaves.
+    let before = mock.calls().len();
+    agent
+        .post_form(
+            "/stripe/v1/transfers",
+            "amount=100&currency=usd&destination=acct_1",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    assert_eq!(mock.calls().len(), before);
+    assert_eq!(mock.forwarded_stripe_amount(), 1234 + 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_idempotent_request_is_reserved_once_and_counted_once() {
+    let (stack, mock) = stack_with_stripe().await;
+    // 15 USD: a second reservation of the 10 USD charge would not fit.
+    let key = mint(&stack, 15, &["POST /v1/charges"], "stripe/idem").await;
+    let agent = stack.agent(&key.secret);
+    let charge = |idem: &'static str| {
+        let agent = agent.clone();
+        async move {
+            agent
+                .send(
+                    reqwest::Method::POST,
+                    "/stripe/v1/charges",
+                    Some((FORM, b"amount=1000&currency=usd&source=tok_visa".to_vec())),
+                    &[("idempotency-key", idem)],
+                )
+                .await
+        }
+    };
+    let first = charge("order-42").await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    stack.wait_key_spend(&key.id, 10_000_000, 1).await;
+
+    let retry = charge("order-42").await;
+    assert_eq!(retry.status, 200, "{}", retry.text);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.json()["id"], first.json()["id"]);
+    stack.wait_key_spend(&key.id, 10_000_000, 2).await;
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 2).await;
+    let again = &entries[0];
+    assert_eq!(again["reserved_micros"], 0, "{again}");
+    assert_eq!(again["cost_micros"], 0, "{again}");
+    assert_eq!(again["detail"]["idempotent_retry"], true, "{again}");
+
+    // The key reached Stripe both times; Stripe charged once.
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(calls
+        .iter()
+        .all(|c| c.header("idempotency-key") == Some("order-42")));
+    assert_eq!(mock.forwarded_stripe_amount(), 1000);
+
+    // A different key is a different charge, and no longer fits the cap.
+    charge("order-43")
+        .await
+        .expect_error(429, "daily_cap_exceeded");
+}
