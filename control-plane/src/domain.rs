@@ -142,6 +142,12 @@ pub fn parse_currency_rates(
 /// text keeps the prices shipped with keycap.
 pub fn parse_prices(profile: Profile, text: &str) -> Result<String, InvalidInput> {
     if text.trim().is_empty() {
+        if profile == Profile::Generic {
+            return Err(invalid(
+                "prices_json",
+                "a generic vendor needs its pricing rules (see docs/pricing.md)",
+            ));
+        }
         return Ok(String::new());
     }
     keycap_proto::prices::VendorPrices::parse(profile, text)

@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod spend;
 pub mod sse;
 pub mod target;
+pub mod tightening;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -90,6 +91,7 @@ pub async fn run(
     // step (loading the system's root certificates) never leaves a proxy
     // half started while agents are already being answered.
     let idempotency = idempotency::IdempotencyMemory::new();
+    let tightening = tightening::Tightening::new();
     let proxies = (0..threads)
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
@@ -103,6 +105,7 @@ pub async fn run(
                 max_response_bytes: config.max_response_bytes,
                 upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
                 idempotency: idempotency.clone(),
+                tightening: tightening.clone(),
             }))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

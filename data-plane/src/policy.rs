@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use http::{HeaderName, HeaderValue};
+use keycap_proto::prices::GenericRules;
 use keycap_proto::profile::{CredentialHeader, Profile};
 use keycap_proto::{pb, time::from_proto, Micros};
 
@@ -79,13 +80,24 @@ fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Option<VendorPolicy> {
             return None;
         }
     };
-    // model_for accepted the profile, so it parses.
-    let (credential_header, value) = match Profile::parse(&v.profile)?.credential_header() {
-        CredentialHeader::Bearer => (
+    // model_for accepted the profile (and a generic vendor's rules), so
+    // both parse.
+    let profile = Profile::parse(&v.profile)?;
+    let own_header = match profile {
+        Profile::Generic => {
+            GenericRules::from_json(&v.prices_json)
+                .ok()?
+                .credential_header
+        }
+        _ => None,
+    };
+    let (credential_header, value) = match (own_header, profile.credential_header()) {
+        (Some(name), _) => (HeaderName::from_bytes(name.as_bytes()).ok()?, v.credential),
+        (None, CredentialHeader::Bearer) => (
             http::header::AUTHORIZATION,
             format!("Bearer {}", v.credential),
         ),
-        CredentialHeader::XApiKey => (HeaderName::from_static("x-api-key"), v.credential),
+        (None, CredentialHeader::XApiKey) => (HeaderName::from_static("x-api-key"), v.credential),
     };
     let mut credential = HeaderValue::from_str(&value).ok()?;
     credential.set_sensitive(true);

@@ -35,6 +35,7 @@ use crate::pricing::{
 };
 use crate::spend::SpendReporter;
 use crate::target;
+use crate::tightening::Tightening;
 
 pub type Connector =
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
@@ -72,6 +73,8 @@ pub struct Proxy {
     pub upstream_timeout: Duration,
     /// Idempotency keys this proxy has forwarded, shared by its threads.
     pub idempotency: IdempotencyMemory,
+    /// Reservation rules tightened after an overrun, shared by its threads.
+    pub tightening: Tightening,
 }
 
 /// Headers that describe one connection, not the message: never forwarded.
@@ -241,6 +244,16 @@ impl Proxy {
             .pricing
             .quote_with(&price_request, &looked)
             .map_err(unpriceable)?;
+        let rule = vendor.pricing.rule_of(&price_request);
+        let quoted = quote.reserve;
+        if quote.kind != QuoteKind::Free {
+            let reserve = self.tightening.apply(&vendor.name, &rule, quoted);
+            if reserve > quoted {
+                // An earlier call under this rule cost more than it quoted.
+                quote.detail["tightened_from_micros"] = quoted.0.into();
+                quote.reserve = reserve;
+            }
+        }
         let mut idempotency = None;
         if quote.kind != QuoteKind::Free {
             if let Some(k) = vendor.pricing.idempotency_key(&headers) {
@@ -288,6 +301,8 @@ impl Proxy {
             quote,
             reservation: Some(reservation),
             idempotency,
+            rule,
+            quoted,
             at: now,
         };
         call.forward(up).await
@@ -397,6 +412,10 @@ struct Call {
     /// Set when the request carried an idempotency key seen for the first
     /// time: told how the call ended.
     idempotency: Option<Guard>,
+    /// The reservation rule the call was priced by, and what the rule
+    /// quoted before any tightening.
+    rule: String,
+    quoted: Micros,
     at: DateTime<Utc>,
 }
 
@@ -511,6 +530,20 @@ impl Call {
         let day = r.day.clone();
         let reserved = r.amount;
         self.proxy.budget.resolve(r, s.cost);
+        if s.cost > reserved
+            && self
+                .proxy
+                .tightening
+                .record(&self.vendor.name, &self.rule, self.quoted, s.cost)
+        {
+            tracing::warn!(
+                vendor = %self.vendor.name,
+                rule = %self.rule,
+                reserved = reserved.0,
+                cost = s.cost.0,
+                "a call cost more than was reserved; later reservations under this rule are raised"
+            );
+        }
         if let Some(guard) = self.idempotency.take() {
             // Only a call that certainly spent is replayed by the vendor; one
             // whose fate is unknown is priced again if retried.

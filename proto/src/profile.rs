@@ -9,6 +9,8 @@ pub enum Profile {
     Openai,
     Anthropic,
     Resend,
+    /// Any HTTP API, priced by the operator's rules (`prices::GenericRules`).
+    Generic,
 }
 
 /// How a vendor expects its real credential.
@@ -21,11 +23,12 @@ pub enum CredentialHeader {
 }
 
 impl Profile {
-    pub const ALL: [Profile; 4] = [
+    pub const ALL: [Profile; 5] = [
         Profile::Stripe,
         Profile::Openai,
         Profile::Anthropic,
         Profile::Resend,
+        Profile::Generic,
     ];
 
     /// The profile named `s` (exact, lowercase).
@@ -39,6 +42,7 @@ impl Profile {
             Profile::Openai => "openai",
             Profile::Anthropic => "anthropic",
             Profile::Resend => "resend",
+            Profile::Generic => "generic",
         }
     }
 
@@ -49,7 +53,10 @@ impl Profile {
 
     pub fn credential_header(self) -> CredentialHeader {
         match self {
-            Profile::Stripe | Profile::Openai | Profile::Resend => CredentialHeader::Bearer,
+            // A generic vendor's rules may name another header.
+            Profile::Stripe | Profile::Openai | Profile::Resend | Profile::Generic => {
+                CredentialHeader::Bearer
+            }
             Profile::Anthropic => CredentialHeader::XApiKey,
         }
     }
@@ -67,6 +74,9 @@ mod tests {
         for s in ["", "Stripe", "stripe ", "twilio", "openai\0"] {
             assert_eq!(Profile::parse(s), None, "{s:?}");
         }
-        assert_eq!(Profile::names(), "stripe, openai, anthropic, resend");
+        assert_eq!(
+            Profile::names(),
+            "stripe, openai, anthropic, resend, generic"
+        );
     }
 }

@@ -31,6 +31,7 @@
 //! * `POST /emails`, `POST /emails/batch` (Resend): Bearer credential (401
 //!   otherwise); 200 with an id per email.
 //! * `POST /v1/fail500`: 500.
+//! * `POST /generic/{*rest}`: a generic vendor (see `generic_call`).
 //! * anything else: 404 (still recorded).
 //!
 //! A test can hold the responses to one path until it releases them
@@ -362,6 +363,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         ("POST", "/v1/chat/completions") => chat_completion(&state, &call, mid_stream),
         ("POST", "/v1/messages") => anthropic_message(&state, &call),
         ("POST", "/emails" | "/emails/batch") => resend_send(&state, &call),
+        ("POST", p) if p.starts_with("/generic/") => generic_call(&state, &call),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),
@@ -376,6 +378,29 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         )
             .into_response(),
     }
+}
+
+/// A generic vendor's call: the credential in `x-vendor-key` (401
+/// otherwise); the cost it states is whatever the test asked for, in the
+/// `x-request-cost` response header (from the request's `x-mock-cost`) and
+/// at `/usage/cost` in the body (from `x-mock-body-cost`).
+fn generic_call(state: &MockState, call: &RecordedCall) -> Response {
+    if call.header("x-vendor-key") != Some(state.credential.as_str()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "unauthorized"})),
+        )
+            .into_response();
+    }
+    let body_cost = call.header("x-mock-body-cost").map(str::to_string);
+    let mut resp = Json(json!({"ok": true, "usage": {"cost": body_cost}})).into_response();
+    if let Some(c) = call
+        .header("x-mock-cost")
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        resp.headers_mut().insert("x-request-cost", c);
+    }
+    resp
 }
 
 /// The part after `/v1/customers/`, when there is one.

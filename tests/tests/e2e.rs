@@ -491,6 +491,9 @@ mod resend;
 #[path = "e2e/stripe.rs"]
 mod stripe;
 
+#[path = "e2e/generic.rs"]
+mod generic;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;

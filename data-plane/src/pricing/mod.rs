@@ -22,6 +22,7 @@ use keycap_proto::profile::Profile;
 use keycap_proto::Micros;
 
 pub mod anthropic;
+pub mod generic;
 pub mod openai;
 pub mod resend;
 pub mod stripe;
@@ -98,6 +99,8 @@ pub enum QuoteKind {
     AnthropicMessages { model: String, price: ModelPrice },
     /// Resend emails to this many recipients.
     Resend { recipients: u64 },
+    /// A generic vendor's call, priced by its rule at this index.
+    Generic { rule: usize },
 }
 
 /// How a reservation was resolved.
@@ -248,6 +251,12 @@ pub trait PriceModel: Send + Sync {
     fn idempotency_key<'h>(&self, _headers: &'h HeaderMap) -> Option<&'h str> {
         None
     }
+    /// The reservation rule a request is priced by, as a stable name
+    /// ("POST /v1/jobs/*"): when a call costs more than was reserved, the
+    /// proxy tightens later reservations under the same name.
+    fn rule_of(&self, req: &PriceRequest<'_>) -> String {
+        format!("{} {}", req.method, req.path)
+    }
     /// Non-streamed response: status and full body.
     fn settle(&self, quote: &Quote, status: u16, _body: &[u8]) -> Settlement {
         settle_fixed(quote, status)
@@ -344,6 +353,14 @@ pub fn model_for(
             Some(VendorPrices::Resend(r)) => r,
             _ => catalog.resend.clone(),
         })),
+        Profile::Generic => match own {
+            Some(VendorPrices::Generic(rules)) => Arc::new(generic::GenericPricing::new(rules)),
+            _ => {
+                return Err(PricingError::Config(
+                    "a generic vendor is priced only by its own rules (prices)".into(),
+                ))
+            }
+        },
     })
 }
 

@@ -741,6 +741,23 @@ impl PriceModel for StripePricing {
         settled
     }
 
+    fn rule_of(&self, req: &PriceRequest<'_>) -> String {
+        // Object ids name one call's object, not the rule that priced it.
+        let path: Vec<&str> = req
+            .path
+            .split('/')
+            .enumerate()
+            .map(|(i, s)| {
+                if i > 2 && s.contains('_') && is_object_id(s) {
+                    "*"
+                } else {
+                    s
+                }
+            })
+            .collect();
+        format!("{} {}", req.method, path.join("/"))
+    }
+
     fn idempotency_key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
         headers
             .get("idempotency-key")

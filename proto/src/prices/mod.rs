@@ -8,9 +8,11 @@
 
 use crate::profile::Profile;
 
+pub mod generic;
 pub mod resend;
 pub mod tokens;
 
+pub use generic::GenericRules;
 pub use resend::ResendPrices;
 pub use tokens::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
 
@@ -25,6 +27,7 @@ pub enum VendorPrices {
     /// Per-token prices (openai, anthropic).
     Tokens(TokenPrices),
     Resend(ResendPrices),
+    Generic(GenericRules),
 }
 
 impl VendorPrices {
@@ -35,6 +38,7 @@ impl VendorPrices {
         match profile {
             Profile::Openai | Profile::Anthropic => TokenPrices::from_json(text).map(Self::Tokens),
             Profile::Resend => ResendPrices::from_json(text).map(Self::Resend),
+            Profile::Generic => GenericRules::from_json(text).map(Self::Generic),
             Profile::Stripe => Err(PriceTableError(
                 "stripe takes no price table: a call costs the amount it states \
                  (set currency_rates for non-USD currencies)"
