@@ -125,3 +125,91 @@ impl<B> Drop for ObservedBody<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::StreamBody;
+
+    use super::*;
+
+    /// Holds bytes back until a line is complete; the unfinished line is the
+    /// end-of-stream tail. Records every `finish`.
+    struct LineObserver {
+        held: Vec<u8>,
+        finished: Arc<Mutex<Vec<bool>>>,
+    }
+
+    impl ChunkObserver for LineObserver {
+        fn chunk(&mut self, data: Bytes) -> Bytes {
+            self.held.extend_from_slice(&data);
+            match self.held.iter().rposition(|&b| b == b'\n') {
+                Some(i) => Bytes::from(self.held.drain(..=i).collect::<Vec<u8>>()),
+                None => Bytes::new(),
+            }
+        }
+        fn end_of_stream(&mut self) -> Bytes {
+            Bytes::from(std::mem::take(&mut self.held))
+        }
+        fn finish(self: Box<Self>, complete: bool) {
+            self.finished.lock().unwrap().push(complete);
+        }
+    }
+
+    fn observed(
+        chunks: Vec<Result<&'static [u8], &'static str>>,
+    ) -> (
+        impl Body<Data = Bytes, Error = BoxError> + Unpin,
+        Arc<Mutex<Vec<bool>>>,
+    ) {
+        let finished = Arc::new(Mutex::new(Vec::new()));
+        let frames = chunks.into_iter().map(|c| {
+            c.map(|b| Frame::data(Bytes::from_static(b)))
+                .map_err(BoxError::from)
+        });
+        let inner = StreamBody::new(futures_util::stream::iter(frames));
+        let observer = LineObserver {
+            held: Vec::new(),
+            finished: finished.clone(),
+        };
+        (ObservedBody::new(inner, Box::new(observer)), finished)
+    }
+
+    #[tokio::test]
+    async fn held_back_bytes_and_the_tail_reach_the_client_in_order() {
+        let (mut body, finished) = observed(vec![Ok(b"ab"), Ok(b"c\nde"), Ok(b"f"), Ok(b"g\nh")]);
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.unwrap().into_data().unwrap());
+        }
+        // Chunks held back entirely send nothing; what was held comes out
+        // before the bytes after it, and the tail comes last.
+        assert_eq!(frames, ["abc\n", "defg\n", "h"]);
+        assert!(body.is_end_stream());
+        assert_eq!(*finished.lock().unwrap(), [true]);
+        assert!(body.frame().await.is_none());
+        drop(body);
+        assert_eq!(*finished.lock().unwrap(), [true], "finished exactly once");
+    }
+
+    #[tokio::test]
+    async fn a_failed_or_abandoned_stream_finishes_incomplete_once() {
+        let (mut body, finished) = observed(vec![Ok(b"a\nb"), Err("upstream reset")]);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a\n"
+        );
+        assert!(body.frame().await.unwrap().is_err());
+        drop(body);
+        assert_eq!(*finished.lock().unwrap(), [false]);
+
+        let (mut body, finished) = observed(vec![Ok(b"a\n"), Ok(b"b\n")]);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a\n"
+        );
+        drop(body);
+        assert_eq!(*finished.lock().unwrap(), [false]);
+    }
+}

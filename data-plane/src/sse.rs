@@ -10,6 +10,12 @@
 //! proxy forwards the original chunks). It must never buffer without bound:
 //! an event larger than the limit is dropped and `overflowed` set, so a
 //! hostile or broken upstream cannot exhaust the proxy's memory.
+//!
+//! `SseFramer` cuts the same stream into the raw bytes of whole events, for
+//! a settler that must decide per event what the client is sent; it holds
+//! at most one bounded event, and passes a larger one through unheld.
+
+use bytes::Bytes;
 
 /// Default bound on one event (its data plus the line being read).
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
@@ -185,6 +191,165 @@ impl SseReader {
     }
 }
 
+/// A piece of a stream cut by `SseFramer`, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framed {
+    /// The raw bytes of one whole event (or run of comment or blank lines),
+    /// through the blank line that ends it.
+    Event(Bytes),
+    /// Bytes of an event too large to hold (or cut short by the end of the
+    /// stream): to be passed on as they are, never held.
+    Passed(Bytes),
+}
+
+/// Cuts a stream, fed in chunks split at arbitrary bytes, into the raw bytes
+/// of whole events, following the same line rules as `SseReader` (a blank
+/// line ends an event; LF, CRLF or lone CR end a line). Every byte fed comes
+/// out exactly once, in order.
+///
+/// It holds at most `max_event_bytes` of an event it has not seen the end
+/// of; past that, the event's bytes come out as `Framed::Passed` as they
+/// arrive.
+#[derive(Debug)]
+pub struct SseFramer {
+    /// Bytes of the event not yet complete (or complete, see `awaiting_lf`).
+    held: Vec<u8>,
+    /// The current line has bytes, so a line end is not a blank line.
+    line_nonempty: bool,
+    /// The last byte fed was a CR ending a line: an LF next is the second
+    /// half of a CRLF, not a blank line.
+    after_cr: bool,
+    /// `held` is a whole event that ended with a CR at the end of a chunk;
+    /// it is released with the next byte (an LF is kept with it).
+    awaiting_lf: bool,
+    /// The current event outgrew the limit: its bytes are passed through.
+    oversized: bool,
+    max_event_bytes: usize,
+}
+
+impl SseFramer {
+    pub fn with_limit(max_event_bytes: usize) -> Self {
+        SseFramer {
+            held: Vec::new(),
+            line_nonempty: false,
+            after_cr: false,
+            awaiting_lf: false,
+            oversized: false,
+            max_event_bytes,
+        }
+    }
+
+    /// Bytes currently held back.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Feeds the next chunk; returns the pieces it completed, in order.
+    pub fn push(&mut self, chunk: &Bytes) -> Vec<Framed> {
+        let mut out = Vec::new();
+        let len = chunk.len();
+        if len == 0 {
+            return out;
+        }
+        // Start of the bytes of `chunk` not yet held or returned.
+        let mut start = 0;
+        let mut i = 0;
+        if self.awaiting_lf {
+            self.awaiting_lf = false;
+            self.after_cr = false;
+            if chunk[0] == b'\n' {
+                i = 1;
+            }
+            self.held.extend_from_slice(&chunk[..i]);
+            start = i;
+            out.push(Framed::Event(Bytes::from(std::mem::take(&mut self.held))));
+        } else if self.after_cr {
+            self.after_cr = false;
+            if chunk[0] == b'\n' {
+                i = 1;
+            }
+        }
+        while i < len {
+            let b = chunk[i];
+            if b != b'\n' && b != b'\r' {
+                self.line_nonempty = true;
+                i += 1;
+                continue;
+            }
+            let blank = !self.line_nonempty;
+            self.line_nonempty = false;
+            let mut end = i + 1;
+            let mut cr_at_end = false;
+            if b == b'\r' {
+                if end < len {
+                    if chunk[end] == b'\n' {
+                        end += 1;
+                    }
+                } else {
+                    cr_at_end = true;
+                }
+            }
+            i = end;
+            if !blank {
+                self.after_cr = cr_at_end;
+                continue;
+            }
+            if self.oversized {
+                self.oversized = false;
+                self.after_cr = cr_at_end;
+                out.push(Framed::Passed(chunk.slice(start..end)));
+            } else if cr_at_end {
+                self.held.extend_from_slice(&chunk[start..end]);
+                self.awaiting_lf = true;
+            } else {
+                out.push(Framed::Event(self.take_with(chunk, start, end)));
+            }
+            start = end;
+        }
+        if start < len {
+            if self.oversized {
+                out.push(Framed::Passed(chunk.slice(start..)));
+            } else if self.held.len() + (len - start) > self.max_event_bytes {
+                self.oversized = true;
+                out.push(Framed::Passed(self.take_with(chunk, start, len)));
+            } else {
+                self.held.extend_from_slice(&chunk[start..]);
+            }
+        }
+        out
+    }
+
+    /// The stream ended: whatever is still held. A whole event that ended in
+    /// a CR is an event; the bytes of one never completed are passed on as
+    /// they are (a client discards an unfinished event itself).
+    pub fn finish(&mut self) -> Vec<Framed> {
+        let held = Bytes::from(std::mem::take(&mut self.held));
+        let complete = std::mem::take(&mut self.awaiting_lf);
+        self.oversized = false;
+        self.line_nonempty = false;
+        self.after_cr = false;
+        if held.is_empty() {
+            Vec::new()
+        } else if complete {
+            vec![Framed::Event(held)]
+        } else {
+            vec![Framed::Passed(held)]
+        }
+    }
+
+    /// The held bytes followed by `chunk[start..end]`, without a copy when
+    /// nothing is held.
+    fn take_with(&mut self, chunk: &Bytes, start: usize, end: usize) -> Bytes {
+        if self.held.is_empty() {
+            chunk.slice(start..end)
+        } else {
+            let mut b = std::mem::take(&mut self.held);
+            b.extend_from_slice(&chunk[start..end]);
+            Bytes::from(b)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,5 +506,141 @@ mod tests {
         let mut r = SseReader::with_limit(15);
         assert!(r.feed(b"data: 0123456789\n\n").is_empty());
         assert!(r.overflowed());
+    }
+
+    fn frame_all(framer: &mut SseFramer, chunks: &[&[u8]]) -> Vec<Framed> {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend(framer.push(&Bytes::copy_from_slice(c)));
+        }
+        out.extend(framer.finish());
+        out
+    }
+
+    fn joined(pieces: &[Framed]) -> Vec<u8> {
+        pieces
+            .iter()
+            .flat_map(|p| match p {
+                Framed::Event(b) | Framed::Passed(b) => b.to_vec(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn framer_cuts_whole_events_at_any_split() {
+        let stream: &[u8] = b": hi\r\ndata: {\"a\":1}\r\n\r\ndata: x\rdata: y\r\r\
+            event: e\ndata:  z\n\ndata: [DONE]\r\n\r\n";
+        let expected: Vec<Framed> = [
+            &b": hi\r\ndata: {\"a\":1}\r\n\r\n"[..],
+            b"data: x\rdata: y\r\r",
+            b"event: e\ndata:  z\n\n",
+            b"data: [DONE]\r\n\r\n",
+        ]
+        .iter()
+        .map(|e| Framed::Event(Bytes::copy_from_slice(e)))
+        .collect();
+        assert_eq!(
+            frame_all(&mut SseFramer::with_limit(1024), &[stream]),
+            expected
+        );
+        for cut1 in 0..stream.len() {
+            for cut2 in cut1..stream.len() {
+                let parts = [&stream[..cut1], &stream[cut1..cut2], &stream[cut2..]];
+                let got = frame_all(&mut SseFramer::with_limit(1024), &parts);
+                assert_eq!(got, expected, "cuts at {cut1},{cut2}");
+            }
+        }
+        // Each event's bytes, fed in order, give the reader's events one by one.
+        let mut reader = SseReader::new();
+        let data: Vec<Vec<String>> = expected
+            .iter()
+            .map(|p| match p {
+                Framed::Event(b) => reader.feed(b),
+                Framed::Passed(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            data,
+            [vec!["{\"a\":1}"], vec!["x\ny"], vec![" z"], vec!["[DONE]"]]
+        );
+    }
+
+    #[test]
+    fn framer_holds_only_the_unfinished_event() {
+        let mut f = SseFramer::with_limit(1024);
+        assert_eq!(
+            f.push(&Bytes::from_static(b"data: a\n\ndata: b")),
+            [Framed::Event(Bytes::from_static(b"data: a\n\n"))]
+        );
+        assert_eq!(f.held(), 7);
+        assert!(f.push(&Bytes::from_static(b"\n")).is_empty());
+        assert_eq!(
+            f.push(&Bytes::from_static(b"\n")),
+            [Framed::Event(Bytes::from_static(b"data: b\n\n"))]
+        );
+        assert_eq!(f.held(), 0);
+        // A CR at the end of a chunk may be half of a CRLF: the event waits
+        // for the next byte, and keeps the LF.
+        assert!(f.push(&Bytes::from_static(b"data: c\r\n\r")).is_empty());
+        assert_eq!(
+            f.push(&Bytes::from_static(b"\ndata: d\r\r")),
+            [Framed::Event(Bytes::from_static(b"data: c\r\n\r\n"))]
+        );
+        assert_eq!(
+            f.finish(),
+            [Framed::Event(Bytes::from_static(b"data: d\r\r"))]
+        );
+        // An unfinished event at the end of the stream is passed on as is.
+        assert!(f.push(&Bytes::from_static(b"data: e\n")).is_empty());
+        assert_eq!(
+            f.finish(),
+            [Framed::Passed(Bytes::from_static(b"data: e\n"))]
+        );
+        assert!(f.finish().is_empty());
+    }
+
+    #[test]
+    fn framer_passes_an_oversized_event_through_unheld() {
+        let mut f = SseFramer::with_limit(16);
+        assert!(f.push(&Bytes::from_static(b"data: 0123")).is_empty());
+        let big = Bytes::from(vec![b'x'; 100]);
+        let mut b = b"data: 0123".to_vec();
+        b.extend_from_slice(&big);
+        assert_eq!(f.push(&big), [Framed::Passed(Bytes::from(b))]);
+        assert_eq!(f.held(), 0);
+        for _ in 0..100 {
+            assert_eq!(f.push(&big), [Framed::Passed(big.clone())]);
+            assert_eq!(f.held(), 0);
+        }
+        // The blank line ends it; the next event is framed normally.
+        assert_eq!(
+            f.push(&Bytes::from_static(b"x\n\ndata: next\n\n")),
+            [
+                Framed::Passed(Bytes::from_static(b"x\n\n")),
+                Framed::Event(Bytes::from_static(b"data: next\n\n")),
+            ]
+        );
+        // Whole events within one chunk are framed whatever their size.
+        let long = format!("data: {}\n\n", "y".repeat(64));
+        assert_eq!(
+            f.push(&Bytes::from(long.clone())),
+            [Framed::Event(Bytes::from(long))]
+        );
+    }
+
+    #[test]
+    fn framer_returns_every_byte_in_order() {
+        let stream: &[u8] =
+            b"data: one\n\n: c\r\rdata: a long event over the limit\n\ndata: t\r\n\r\ndata: cut";
+        for limit in [4, 16, 1024] {
+            for size in 1..stream.len() {
+                let chunks: Vec<&[u8]> = stream.chunks(size).collect();
+                let got = frame_all(&mut SseFramer::with_limit(limit), &chunks);
+                assert_eq!(joined(&got), stream, "limit {limit}, chunks of {size}");
+                assert!(got.iter().all(|p| match p {
+                    Framed::Event(b) | Framed::Passed(b) => !b.is_empty(),
+                }));
+            }
+        }
     }
 }

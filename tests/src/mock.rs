@@ -24,6 +24,12 @@
 //! * `POST /v1/chat/completions`: JSON body; non-streamed JSON with `usage`,
 //!   or `text/event-stream` when `"stream": true` (a final usage chunk when
 //!   `stream_options.include_usage` is true), ending with `data: [DONE]`.
+//! * `POST /v1/responses`, `POST /v1/embeddings`, `POST /v1/images/generations`
+//!   (module `openai`): Bearer credential (401 otherwise); a response as JSON,
+//!   or as an SSE stream (`response.created` ... `response.output_text.delta`
+//!   ... `response.completed` with `usage`) when `"stream": true`; a vector
+//!   per embeddings input; `n` images, with `usage` for gpt-image models.
+//!   Usage as `openai::responses_usage`, `embeddings_usage`, `image_usage`.
 //! * `POST /v1/messages` (Anthropic): the real credential in `x-api-key` and
 //!   no `Authorization` (401 otherwise); JSON with `usage`, or an SSE stream
 //!   (`message_start` ... `message_delta` with the output count) when
@@ -53,6 +59,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 
+pub mod openai;
 mod stripe;
 
 /// Prompt tokens the mock reports for every chat completion.
@@ -361,6 +368,9 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
             stripe_customer(&state, &call, customer_path(p).unwrap_or_default())
         }
         ("POST", "/v1/chat/completions") => chat_completion(&state, &call, mid_stream),
+        ("POST", "/v1/responses") => openai::responses(&state, &call),
+        ("POST", "/v1/embeddings") => openai::embeddings(&state, &call),
+        ("POST", "/v1/images/generations") => openai::image_generation(&state, &call),
         ("POST", "/v1/messages") => anthropic_message(&state, &call),
         ("POST", "/emails" | "/emails/batch") => resend_send(&state, &call),
         ("POST", p) if p.starts_with("/generic/") => generic_call(&state, &call),

@@ -28,7 +28,7 @@ pub mod resend;
 pub mod stripe;
 
 pub(crate) use keycap_proto::prices::mul_div_ceil;
-pub use keycap_proto::prices::{ModelPrice, TokenPrices, VendorPrices};
+pub use keycap_proto::prices::{EmbeddingPrice, ModelPrice, TokenPrices, VendorPrices};
 
 /// The parts of a request pricing may look at.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +94,28 @@ pub enum QuoteKind {
     },
     /// An OpenAI chat completion. The price is copied into the quote so a
     /// price table reloaded mid-call cannot change how this call settles.
-    OpenAiChat { model: String, price: ModelPrice },
+    /// `hide_usage`: keycap asked for the stream's usage chunk, so the
+    /// client is not shown it.
+    OpenAiChat {
+        model: String,
+        price: ModelPrice,
+        hide_usage: bool,
+    },
+    /// An OpenAI Responses API call, its price copied in likewise.
+    OpenAiResponses { model: String, price: ModelPrice },
+    /// OpenAI embeddings, priced per input token.
+    OpenAiEmbeddings {
+        model: String,
+        price: EmbeddingPrice,
+    },
+    /// OpenAI image generation: `images` images; `tokens` is the price of a
+    /// model billed in tokens (settled from usage), `None` for a fixed
+    /// price per image (settled at the quote).
+    OpenAiImages {
+        model: String,
+        images: u64,
+        tokens: Option<ModelPrice>,
+    },
     /// An Anthropic message, with its price copied in for the same reason.
     AnthropicMessages { model: String, price: ModelPrice },
     /// Resend emails to this many recipients.

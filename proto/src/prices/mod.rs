@@ -14,7 +14,7 @@ pub mod tokens;
 
 pub use generic::GenericRules;
 pub use resend::ResendPrices;
-pub use tokens::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
+pub use tokens::{EmbeddingPrice, ImagePrice, ModelPrice, TokenPrices, TOKENS_PER_UNIT};
 
 /// Why a price table was refused. The message names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
