@@ -9,6 +9,7 @@ pub enum Profile {
     Openai,
     Anthropic,
     Resend,
+    Twilio,
 }
 
 /// How a vendor expects its real credential.
@@ -18,14 +19,18 @@ pub enum CredentialHeader {
     Bearer,
     /// `x-api-key: <credential>`.
     XApiKey,
+    /// `Authorization: Basic base64(<credential>)`, the credential being
+    /// `USER:PASSWORD` (Twilio: `ACCOUNT_SID:AUTH_TOKEN`).
+    Basic,
 }
 
 impl Profile {
-    pub const ALL: [Profile; 4] = [
+    pub const ALL: [Profile; 5] = [
         Profile::Stripe,
         Profile::Openai,
         Profile::Anthropic,
         Profile::Resend,
+        Profile::Twilio,
     ];
 
     /// The profile named `s` (exact, lowercase).
@@ -39,6 +44,7 @@ impl Profile {
             Profile::Openai => "openai",
             Profile::Anthropic => "anthropic",
             Profile::Resend => "resend",
+            Profile::Twilio => "twilio",
         }
     }
 
@@ -51,6 +57,7 @@ impl Profile {
         match self {
             Profile::Stripe | Profile::Openai | Profile::Resend => CredentialHeader::Bearer,
             Profile::Anthropic => CredentialHeader::XApiKey,
+            Profile::Twilio => CredentialHeader::Basic,
         }
     }
 }
@@ -64,9 +71,13 @@ mod tests {
         for p in Profile::ALL {
             assert_eq!(Profile::parse(p.as_str()), Some(p));
         }
-        for s in ["", "Stripe", "stripe ", "twilio", "openai\0"] {
+        for s in ["", "Stripe", "stripe ", "Twilio", "paypal", "openai\0"] {
             assert_eq!(Profile::parse(s), None, "{s:?}");
         }
-        assert_eq!(Profile::names(), "stripe, openai, anthropic, resend");
+        assert_eq!(
+            Profile::names(),
+            "stripe, openai, anthropic, resend, twilio"
+        );
+        assert_eq!(Profile::Twilio.credential_header(), CredentialHeader::Basic);
     }
 }

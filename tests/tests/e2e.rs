@@ -1331,9 +1331,15 @@ async fn bad_admin_input_is_refused_and_creates_nothing() {
     let bad_vendors: Vec<(&str, &str, Value, &str)> = vec![
         (
             "unknown profile",
+            "paypal",
+            json!({"profile": "paypal", "base_url": mock.url(), "credential": "x"}),
+            "profile",
+        ),
+        (
+            "twilio credential that is not SID:TOKEN",
             "twilio",
             json!({"profile": "twilio", "base_url": mock.url(), "credential": "x"}),
-            "profile",
+            "credential",
         ),
         (
             "bad base_url",

@@ -1,8 +1,9 @@
 //! Price tables: the data that prices a vendor's calls.
 //!
 //! Owns the format and validation of every table a profile prices from
-//! (per-token LLM prices, Resend's unit price), so the control plane accepts
-//! exactly the `prices` a proxy can use and the proxy reads the shipped
+//! (per-token LLM prices, Resend's unit price, Twilio's per-destination
+//! prices), so the control plane accepts exactly the `prices` a proxy can
+//! use and the proxy reads the shipped
 //! tables with the same code. Prices are decimal strings in JSON and integer
 //! micro-dollars here; a float never holds one. No I/O: callers read files.
 
@@ -10,9 +11,11 @@ use crate::profile::Profile;
 
 pub mod resend;
 pub mod tokens;
+pub mod twilio;
 
 pub use resend::ResendPrices;
 pub use tokens::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
+pub use twilio::TwilioPrices;
 
 /// Why a price table was refused. The message names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +28,7 @@ pub enum VendorPrices {
     /// Per-token prices (openai, anthropic).
     Tokens(TokenPrices),
     Resend(ResendPrices),
+    Twilio(TwilioPrices),
 }
 
 impl VendorPrices {
@@ -35,6 +39,7 @@ impl VendorPrices {
         match profile {
             Profile::Openai | Profile::Anthropic => TokenPrices::from_json(text).map(Self::Tokens),
             Profile::Resend => ResendPrices::from_json(text).map(Self::Resend),
+            Profile::Twilio => TwilioPrices::from_json(text).map(Self::Twilio),
             Profile::Stripe => Err(PriceTableError(
                 "stripe takes no price table: a call costs the amount it states \
                  (set currency_rates for non-USD currencies)"
@@ -94,6 +99,12 @@ mod tests {
         ));
         assert!(VendorPrices::parse(Profile::Resend, tokens).is_err());
         assert!(VendorPrices::parse(Profile::Openai, resend).is_err());
+        let twilio = r#"{"as_of":"2026-11-01","currency":"usd","sms":{"default":"0.01"}}"#;
+        assert!(matches!(
+            VendorPrices::parse(Profile::Twilio, twilio),
+            Ok(VendorPrices::Twilio(_))
+        ));
+        assert!(VendorPrices::parse(Profile::Twilio, resend).is_err());
         let err = VendorPrices::parse(Profile::Stripe, "{}").unwrap_err();
         assert!(err.0.contains("currency_rates"), "{err}");
     }
