@@ -23,6 +23,9 @@
 //!   `"stream": true`. Usage as for chat completions, from `max_tokens`.
 //! * `POST /emails`, `POST /emails/batch` (Resend): Bearer credential (401
 //!   otherwise); 200 with an id per email.
+//! * `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, `.../Calls.json`
+//!   (Twilio, see `twilio`): `Authorization: Basic base64(<credential>)`
+//!   (401 otherwise); 201 with a queued message or call, `price` null.
 //! * `POST /v1/fail500`: 500.
 //! * anything else: 404 (still recorded).
 //!
@@ -44,6 +47,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
+
+pub mod twilio;
 
 /// Prompt tokens the mock reports for every chat completion.
 pub const CHAT_PROMPT_TOKENS: u64 = 42;
@@ -318,6 +323,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         ("POST", "/v1/chat/completions") => chat_completion(&state, &call, mid_stream),
         ("POST", "/v1/messages") => anthropic_message(&state, &call),
         ("POST", "/emails" | "/emails/batch") => resend_send(&state, &call),
+        ("POST", p) if twilio::is_create(p) => twilio::create(&state, &call),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),

@@ -476,6 +476,9 @@ mod anthropic;
 #[path = "e2e/resend.rs"]
 mod resend;
 
+#[path = "e2e/twilio.rs"]
+mod twilio;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;
