@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use keycap_proto::profile::CredentialHeader;
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::Micros;
 use subtle::ConstantTimeEq;
@@ -70,6 +71,22 @@ impl PutVendor {
             _ => None,
         };
         let profile = parse_profile(profile)?;
+        if profile.credential_header() == CredentialHeader::Basic {
+            // Injected as `Authorization: Basic base64(USER:PASSWORD)`.
+            let user_password = |c: &str| {
+                c.split_once(':')
+                    .is_some_and(|(u, p)| !u.is_empty() && !p.is_empty())
+            };
+            if credential.as_deref().is_some_and(|c| !user_password(c)) {
+                return Err(invalid(
+                    "credential",
+                    format!(
+                        "a {} credential is ACCOUNT_SID:AUTH_TOKEN (or API_KEY_SID:API_KEY_SECRET)",
+                        profile.as_str()
+                    ),
+                ));
+            }
+        }
         Ok(PutVendor {
             name: VendorName::parse(name)?,
             profile,
@@ -550,4 +567,43 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
     }
     let token = token.trim();
     (!token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(profile: &str, credential: Option<&str>) -> Result<PutVendor, domain::InvalidInput> {
+        PutVendor::new(
+            "v",
+            profile,
+            "https://api.twilio.com",
+            credential,
+            &BTreeMap::new(),
+            "",
+        )
+    }
+
+    #[test]
+    fn a_twilio_credential_must_be_sid_and_token() {
+        let ok = put("twilio", Some("AC0123456789abcdef0123456789abcdef:token")).unwrap();
+        assert_eq!(
+            ok.credential.as_deref(),
+            Some("AC0123456789abcdef0123456789abcdef:token")
+        );
+        assert!(put("twilio", Some("SKabc:secret")).is_ok());
+        // An update that keeps the stored credential is not checked here.
+        assert!(put("twilio", None).unwrap().credential.is_none());
+        for bad in ["token", "AC123:", ":token", ":"] {
+            let err = put("twilio", Some(bad)).err().unwrap();
+            assert_eq!(err.field, "credential", "{bad}");
+            assert!(
+                err.reason.contains("ACCOUNT_SID:AUTH_TOKEN"),
+                "{}",
+                err.reason
+            );
+        }
+        // Other profiles take a bare token.
+        assert!(put("stripe", Some("sk_live_1")).is_ok());
+    }
 }

@@ -32,6 +32,9 @@ pub struct ProxyConfig {
     /// JSON price table replacing the built-in Anthropic prices.
     #[arg(long, env = "KEYCAP_ANTHROPIC_PRICES")]
     pub anthropic_prices: Option<PathBuf>,
+    /// JSON price table replacing the built-in Twilio prices.
+    #[arg(long, env = "KEYCAP_TWILIO_PRICES")]
+    pub twilio_prices: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "KEYCAP_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,

@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ProxyConfig;
-use crate::pricing::{load_table, Catalog, TokenPrices};
+use crate::pricing::{load_table, Catalog, TokenPrices, TwilioPrices};
 
 /// After shutdown is asked for: how long calls in flight get to finish, and
 /// then how long undelivered spend events get to reach the control plane.
@@ -65,6 +65,9 @@ pub async fn run(
     }
     if let Some(path) = &config.anthropic_prices {
         prices.anthropic = Arc::new(load_table(path, TokenPrices::from_json)?);
+    }
+    if let Some(path) = &config.twilio_prices {
+        prices.twilio = load_table(path, TwilioPrices::from_json)?;
     }
     let cache = policy::PolicyCache::new(prices);
     let fleet = fleet::Fleet::new(&config.control_url, &config.fleet_token, &node_id)?;

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use http::{HeaderName, HeaderValue};
 use keycap_proto::prices::GenericRules;
@@ -25,7 +27,8 @@ pub struct VendorPolicy {
     pub profile: String,
     pub base_url: String,
     /// The header the real credential goes in (`Authorization`, or
-    /// `x-api-key` for Anthropic) and its value, ready to inject.
+    /// `x-api-key` for Anthropic) and its value, ready to inject (Bearer,
+    /// or Basic for Twilio).
     pub credential_header: HeaderName,
     pub credential: HeaderValue,
     pub pricing: Arc<dyn PriceModel>,
@@ -98,6 +101,16 @@ fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Option<VendorPolicy> {
             format!("Bearer {}", v.credential),
         ),
         (None, CredentialHeader::XApiKey) => (HeaderName::from_static("x-api-key"), v.credential),
+        (None, CredentialHeader::Basic) => {
+            if !v.credential.contains(':') {
+                tracing::error!(vendor = %v.name, "vendor credential is not USER:PASSWORD; vendor refused");
+                return None;
+            }
+            (
+                http::header::AUTHORIZATION,
+                format!("Basic {}", BASE64.encode(&v.credential)),
+            )
+        }
     };
     let mut credential = HeaderValue::from_str(&value).ok()?;
     credential.set_sensitive(true);
@@ -246,5 +259,37 @@ impl PolicyCache {
             keys: old.keys.clone(),
             key_hash_by_id: old.key_hash_by_id.clone(),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vendor(profile: &str, credential: &str) -> pb::FleetVendor {
+        pb::FleetVendor {
+            name: "v".into(),
+            profile: profile.into(),
+            base_url: "https://vendor.example".into(),
+            credential: credential.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn credentials_go_in_the_profile_header() {
+        let prices = Catalog::builtin();
+        let v = vendor_policy(vendor("twilio", "AC123:secret"), &prices).unwrap();
+        assert_eq!(v.credential_header, http::header::AUTHORIZATION);
+        assert_eq!(v.credential, "Basic QUMxMjM6c2VjcmV0");
+        assert!(v.credential.is_sensitive());
+        let v = vendor_policy(vendor("stripe", "sk_1"), &prices).unwrap();
+        assert_eq!(v.credential, "Bearer sk_1");
+        let v = vendor_policy(vendor("anthropic", "sk-ant"), &prices).unwrap();
+        assert_eq!(v.credential_header, "x-api-key");
+        assert_eq!(v.credential, "sk-ant");
+        // A Basic credential that is not USER:PASSWORD would only ever be
+        // refused upstream: the vendor is refused here instead.
+        assert!(vendor_policy(vendor("twilio", "AC123"), &prices).is_none());
     }
 }

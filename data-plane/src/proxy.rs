@@ -8,10 +8,13 @@
 //! leaves. The agent's `Authorization` never leaves; the vendor's credential
 //! never reaches the agent.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::header::{self, HeaderMap, HeaderName};
@@ -106,15 +109,26 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// them sends its vault key.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// The vault key an agent presented: `Authorization: Bearer <key>`, or
-/// (when there is no `Authorization`) `x-api-key: <key>`. Both headers are
-/// removed before forwarding, whichever carried the key.
-fn presented_key(h: &HeaderMap) -> Option<&str> {
+/// The vault key an agent presented: `Authorization: Bearer <key>`, the
+/// password of `Authorization: Basic base64(<anything>:<key>)` (where
+/// Twilio's SDKs put the auth token), or (when there is no `Authorization`)
+/// `x-api-key: <key>`. All are removed before forwarding, whichever carried
+/// the key.
+fn presented_key(h: &HeaderMap) -> Option<Cow<'_, str>> {
     if let Some(v) = h.get(header::AUTHORIZATION) {
         let (scheme, token) = v.to_str().ok()?.trim().split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
+        let token = token.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(Cow::Borrowed(token));
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = String::from_utf8(BASE64.decode(token).ok()?).ok()?;
+        let (_user, password) = decoded.split_once(':')?;
+        return Some(Cow::Owned(password.to_string()));
     }
-    Some(h.get(X_API_KEY)?.to_str().ok()?.trim())
+    Some(Cow::Borrowed(h.get(X_API_KEY)?.to_str().ok()?.trim()))
 }
 
 impl Proxy {
@@ -174,7 +188,7 @@ impl Proxy {
         // caller without a key cannot probe which vendors exist.
         let key = presented_key(req.headers())
             .filter(|k| secret::is_well_formed(SecretKind::VaultKey, k))
-            .and_then(|k| policy.keys.get(&secret::hash(k)))
+            .and_then(|k| policy.keys.get(&secret::hash(&k)))
             .cloned()
             .ok_or(Refusal::InvalidKey)?;
         let vendor = policy
@@ -622,5 +636,70 @@ impl ChunkObserver for StreamObserver {
             call.at_reservation()
         };
         call.settle(status, settlement);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(headers: &[(&str, &str)]) -> Option<String> {
+        let mut h = HeaderMap::new();
+        for (n, v) in headers {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        presented_key(&h).map(Cow::into_owned)
+    }
+
+    fn basic(user_pass: &str) -> String {
+        format!("Basic {}", BASE64.encode(user_pass))
+    }
+
+    #[test]
+    fn the_key_is_read_from_bearer_basic_password_or_x_api_key() {
+        let k = "kc_live_abc";
+        assert_eq!(
+            key_of(&[("authorization", "Bearer kc_live_abc")]).as_deref(),
+            Some(k)
+        );
+        assert_eq!(
+            key_of(&[("authorization", "bearer  kc_live_abc ")]).as_deref(),
+            Some(k)
+        );
+        assert_eq!(key_of(&[("x-api-key", "kc_live_abc")]).as_deref(), Some(k));
+        // Twilio's SDKs: ACCOUNT_SID as the user, the vault key as the password.
+        let sdk = basic("AC0123456789abcdef0123456789abcdef:kc_live_abc");
+        assert_eq!(key_of(&[("authorization", &sdk)]).as_deref(), Some(k));
+        let lower = format!("basic {}", BASE64.encode(":kc_live_abc"));
+        assert_eq!(key_of(&[("authorization", &lower)]).as_deref(), Some(k));
+        // Only the first colon separates the user: the rest is the password.
+        assert_eq!(
+            key_of(&[("authorization", &basic("AC1:kc:x"))]).as_deref(),
+            Some("kc:x")
+        );
+        // Authorization wins over x-api-key, whatever its scheme.
+        assert_eq!(
+            key_of(&[("authorization", &sdk), ("x-api-key", "kc_live_other")]).as_deref(),
+            Some(k)
+        );
+    }
+
+    #[test]
+    fn unreadable_credentials_present_no_key() {
+        for value in [
+            "kc_live_abc".to_string(),
+            "Token kc_live_abc".to_string(),
+            "Basic".to_string(),
+            "Basic not*base64".to_string(),
+            // The user alone, without a password.
+            basic("kc_live_abc"),
+            format!("Basic {}", BASE64.encode([0x41, 0x3a, 0xff, 0xfe])),
+        ] {
+            assert_eq!(key_of(&[("authorization", &value)]), None, "{value}");
+        }
+        assert_eq!(key_of(&[]), None);
     }
 }

@@ -273,7 +273,14 @@ fn every_vendor_fixture_prices_and_settles_as_written() {
         })
         .collect();
     vendors.dedup();
-    for want in ["anthropic", "openai", "resend", "stripe"] {
+    for want in [
+        "anthropic",
+        "generic",
+        "openai",
+        "resend",
+        "stripe",
+        "twilio",
+    ] {
         assert!(
             vendors.iter().any(|v| v == want),
             "no fixtures for {want} (found {vendors:?})"

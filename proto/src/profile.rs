@@ -11,6 +11,7 @@ pub enum Profile {
     Resend,
     /// Any HTTP API, priced by the operator's rules (`prices::GenericRules`).
     Generic,
+    Twilio,
 }
 
 /// How a vendor expects its real credential.
@@ -20,15 +21,19 @@ pub enum CredentialHeader {
     Bearer,
     /// `x-api-key: <credential>`.
     XApiKey,
+    /// `Authorization: Basic base64(<credential>)`, the credential being
+    /// `USER:PASSWORD` (Twilio: `ACCOUNT_SID:AUTH_TOKEN`).
+    Basic,
 }
 
 impl Profile {
-    pub const ALL: [Profile; 5] = [
+    pub const ALL: [Profile; 6] = [
         Profile::Stripe,
         Profile::Openai,
         Profile::Anthropic,
         Profile::Resend,
         Profile::Generic,
+        Profile::Twilio,
     ];
 
     /// The profile named `s` (exact, lowercase).
@@ -43,6 +48,7 @@ impl Profile {
             Profile::Anthropic => "anthropic",
             Profile::Resend => "resend",
             Profile::Generic => "generic",
+            Profile::Twilio => "twilio",
         }
     }
 
@@ -58,6 +64,7 @@ impl Profile {
                 CredentialHeader::Bearer
             }
             Profile::Anthropic => CredentialHeader::XApiKey,
+            Profile::Twilio => CredentialHeader::Basic,
         }
     }
 }
@@ -71,12 +78,13 @@ mod tests {
         for p in Profile::ALL {
             assert_eq!(Profile::parse(p.as_str()), Some(p));
         }
-        for s in ["", "Stripe", "stripe ", "twilio", "openai\0"] {
+        for s in ["", "Stripe", "stripe ", "Twilio", "paypal", "openai\0"] {
             assert_eq!(Profile::parse(s), None, "{s:?}");
         }
         assert_eq!(
             Profile::names(),
-            "stripe, openai, anthropic, resend, generic"
+            "stripe, openai, anthropic, resend, generic, twilio"
         );
+        assert_eq!(Profile::Twilio.credential_header(), CredentialHeader::Basic);
     }
 }

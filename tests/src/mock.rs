@@ -36,6 +36,9 @@
 //!   `"stream": true`. Usage as for chat completions, from `max_tokens`.
 //! * `POST /emails`, `POST /emails/batch` (Resend): Bearer credential (401
 //!   otherwise); 200 with an id per email.
+//! * `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, `.../Calls.json`
+//!   (Twilio, see `twilio`): `Authorization: Basic base64(<credential>)`
+//!   (401 otherwise); 201 with a queued message or call, `price` null.
 //! * `POST /v1/fail500`: 500.
 //! * `POST /generic/{*rest}`: a generic vendor (see `generic_call`).
 //! * anything else: 404 (still recorded).
@@ -61,6 +64,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 pub mod openai;
 mod stripe;
+pub mod twilio;
 
 /// Prompt tokens the mock reports for every chat completion.
 pub const CHAT_PROMPT_TOKENS: u64 = 42;
@@ -374,6 +378,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         ("POST", "/v1/messages") => anthropic_message(&state, &call),
         ("POST", "/emails" | "/emails/batch") => resend_send(&state, &call),
         ("POST", p) if p.starts_with("/generic/") => generic_call(&state, &call),
+        ("POST", p) if twilio::is_create(p) => twilio::create(&state, &call),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),

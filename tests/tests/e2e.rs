@@ -497,6 +497,9 @@ mod generic;
 #[path = "e2e/openai.rs"]
 mod openai;
 
+#[path = "e2e/twilio.rs"]
+mod twilio;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;
@@ -1405,9 +1408,15 @@ async fn bad_admin_input_is_refused_and_creates_nothing() {
     let bad_vendors: Vec<(&str, &str, Value, &str)> = vec![
         (
             "unknown profile",
+            "paypal",
+            json!({"profile": "paypal", "base_url": mock.url(), "credential": "x"}),
+            "profile",
+        ),
+        (
+            "twilio credential that is not SID:TOKEN",
             "twilio",
             json!({"profile": "twilio", "base_url": mock.url(), "credential": "x"}),
-            "profile",
+            "credential",
         ),
         (
             "bad base_url",

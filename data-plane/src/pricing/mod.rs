@@ -26,9 +26,12 @@ pub mod generic;
 pub mod openai;
 pub mod resend;
 pub mod stripe;
+pub mod twilio;
 
 pub(crate) use keycap_proto::prices::mul_div_ceil;
-pub use keycap_proto::prices::{EmbeddingPrice, ModelPrice, TokenPrices, VendorPrices};
+pub use keycap_proto::prices::{
+    EmbeddingPrice, ModelPrice, TokenPrices, TwilioPrices, VendorPrices,
+};
 
 /// The parts of a request pricing may look at.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +125,8 @@ pub enum QuoteKind {
     Resend { recipients: u64 },
     /// A generic vendor's call, priced by its rule at this index.
     Generic { rule: usize },
+    /// A Twilio message or call.
+    Twilio(twilio::TwilioCharge),
 }
 
 /// How a reservation was resolved.
@@ -206,6 +211,9 @@ pub enum PricingError {
     /// The model is not in the price table.
     #[error("{0}")]
     UnknownModel(String),
+    /// The destination (a phone number's prefix) is not in the price table.
+    #[error("{0}")]
+    UnknownDestination(String),
     /// The vendor's pricing configuration (profile, rates, price table) is
     /// invalid. Raised when a vendor or table is loaded, not per request.
     #[error("{0}")]
@@ -236,6 +244,7 @@ impl PricingError {
             PricingError::Unreadable(_) => "unpriceable_request",
             PricingError::Currency(_) => "currency_not_supported",
             PricingError::UnknownModel(_) => "unknown_model",
+            PricingError::UnknownDestination(_) => "unknown_destination",
             PricingError::Config(_) => "pricing_misconfigured",
         }
     }
@@ -317,12 +326,14 @@ pub trait StreamSettler: Send {
 }
 
 /// The price tables the profiles read (per-token for the LLM vendors, a
-/// unit price for Resend), as shipped or replaced by the operator's files.
+/// unit price for Resend, per destination for Twilio), as shipped or
+/// replaced by the operator's files.
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pub openai: Arc<TokenPrices>,
     pub anthropic: Arc<TokenPrices>,
     pub resend: keycap_proto::prices::ResendPrices,
+    pub twilio: keycap_proto::prices::TwilioPrices,
 }
 
 impl Catalog {
@@ -332,6 +343,7 @@ impl Catalog {
             openai: Arc::new(openai::builtin_prices()),
             anthropic: Arc::new(anthropic::builtin_prices()),
             resend: resend::builtin_prices(),
+            twilio: twilio::builtin_prices(),
         }
     }
 }
@@ -382,6 +394,10 @@ pub fn model_for(
                 ))
             }
         },
+        Profile::Twilio => Arc::new(twilio::TwilioPricing::new(match own {
+            Some(VendorPrices::Twilio(t)) => t,
+            _ => catalog.twilio.clone(),
+        })),
     })
 }
 
@@ -545,6 +561,10 @@ mod tests {
         assert_eq!(PricingError::Unreadable(s()).code(), "unpriceable_request");
         assert_eq!(PricingError::Currency(s()).code(), "currency_not_supported");
         assert_eq!(PricingError::UnknownModel(s()).code(), "unknown_model");
+        assert_eq!(
+            PricingError::UnknownDestination(s()).code(),
+            "unknown_destination"
+        );
         assert_eq!(PricingError::Config(s()).code(), "pricing_misconfigured");
         assert_eq!(PricingError::Unreadable("why".into()).to_string(), "why");
     }

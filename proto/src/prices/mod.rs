@@ -1,8 +1,9 @@
 //! Price tables: the data that prices a vendor's calls.
 //!
 //! Owns the format and validation of every table a profile prices from
-//! (per-token LLM prices, Resend's unit price), so the control plane accepts
-//! exactly the `prices` a proxy can use and the proxy reads the shipped
+//! (per-token LLM prices, Resend's unit price, Twilio's per-destination
+//! prices), so the control plane accepts exactly the `prices` a proxy can
+//! use and the proxy reads the shipped
 //! tables with the same code. Prices are decimal strings in JSON and integer
 //! micro-dollars here; a float never holds one. No I/O: callers read files.
 
@@ -11,10 +12,12 @@ use crate::profile::Profile;
 pub mod generic;
 pub mod resend;
 pub mod tokens;
+pub mod twilio;
 
 pub use generic::GenericRules;
 pub use resend::ResendPrices;
 pub use tokens::{EmbeddingPrice, ImagePrice, ModelPrice, TokenPrices, TOKENS_PER_UNIT};
+pub use twilio::TwilioPrices;
 
 /// Why a price table was refused. The message names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +31,7 @@ pub enum VendorPrices {
     Tokens(TokenPrices),
     Resend(ResendPrices),
     Generic(GenericRules),
+    Twilio(TwilioPrices),
 }
 
 impl VendorPrices {
@@ -39,6 +43,7 @@ impl VendorPrices {
             Profile::Openai | Profile::Anthropic => TokenPrices::from_json(text).map(Self::Tokens),
             Profile::Resend => ResendPrices::from_json(text).map(Self::Resend),
             Profile::Generic => GenericRules::from_json(text).map(Self::Generic),
+            Profile::Twilio => TwilioPrices::from_json(text).map(Self::Twilio),
             Profile::Stripe => Err(PriceTableError(
                 "stripe takes no price table: a call costs the amount it states \
                  (set currency_rates for non-USD currencies)"
@@ -98,6 +103,12 @@ mod tests {
         ));
         assert!(VendorPrices::parse(Profile::Resend, tokens).is_err());
         assert!(VendorPrices::parse(Profile::Openai, resend).is_err());
+        let twilio = r#"{"as_of":"2026-11-01","currency":"usd","sms":{"default":"0.01"}}"#;
+        assert!(matches!(
+            VendorPrices::parse(Profile::Twilio, twilio),
+            Ok(VendorPrices::Twilio(_))
+        ));
+        assert!(VendorPrices::parse(Profile::Twilio, resend).is_err());
         let err = VendorPrices::parse(Profile::Stripe, "{}").unwrap_err();
         assert!(err.0.contains("currency_rates"), "{err}");
     }

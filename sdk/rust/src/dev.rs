@@ -126,6 +126,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         node_id: Some("dev".to_string()),
         openai_prices: None,
         anthropic_prices: None,
+        twilio_prices: None,
         max_body_bytes: 1 << 20,
         max_response_bytes: 16 << 20,
         upstream_timeout_secs: 60,
