@@ -268,6 +268,11 @@ impl Proxy {
                 quote.reserve = reserve;
             }
         }
+        if quote.kind != QuoteKind::Free {
+            // A priced response is read to settle it: the vendor must not
+            // compress it. The agent gets it uncompressed.
+            headers.remove(header::ACCEPT_ENCODING);
+        }
         let mut idempotency = None;
         if quote.kind != QuoteKind::Free {
             if let Some(k) = vendor.pricing.idempotency_key(&headers) {
@@ -336,6 +341,7 @@ impl Proxy {
         for path in paths {
             let mut h = headers.clone();
             h.remove(header::CONTENT_TYPE);
+            h.remove(header::ACCEPT_ENCODING);
             h.remove("idempotency-key");
             h.insert(vendor.credential_header.clone(), vendor.credential.clone());
             let mut get = Request::new(Full::new(Bytes::new()));

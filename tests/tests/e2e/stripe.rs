@@ -217,3 +217,65 @@ async fn a_retried_idempotent_request_is_reserved_once_and_counted_once() {
         .await
         .expect_error(429, "daily_cap_exceeded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priced_calls_ask_for_a_response_keycap_can_read() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        100,
+        &[
+            "POST /v1/payment_intents",
+            "POST /v1/payment_intents/*",
+            "GET /v1/customers/*",
+        ],
+        "stripe/encoding",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
+    let gzip = [("accept-encoding", "gzip, deflate")];
+    let pi = agent
+        .send(
+            reqwest::Method::POST,
+            "/stripe/v1/payment_intents",
+            Some((FORM, b"amount=100&currency=usd".to_vec())),
+            &gzip,
+        )
+        .await;
+    assert_eq!(pi.status, 200, "{}", pi.text);
+    let id = pi.json()["id"].as_str().unwrap().to_string();
+    agent
+        .send(
+            reqwest::Method::POST,
+            &format!("/stripe/v1/payment_intents/{id}/confirm"),
+            Some((FORM, b"".to_vec())),
+            &gzip,
+        )
+        .await;
+    agent
+        .send(
+            reqwest::Method::GET,
+            "/stripe/v1/customers/cus_1",
+            None,
+            &gzip,
+        )
+        .await;
+    let calls = mock.calls();
+    let seen: Vec<(String, Option<&str>)> = calls
+        .iter()
+        .map(|c| {
+            (
+                format!("{} {}", c.method, c.path),
+                c.header("accept-encoding"),
+            )
+        })
+        .collect();
+    // A compressed answer could not be settled from: priced calls and the
+    // lookups before them ask for identity; a free call keeps the agent's.
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for (call, enc) in &seen[..3] {
+        assert_eq!(*enc, None, "{call}");
+    }
+    assert_eq!(seen[3].1, Some("gzip, deflate"), "{seen:?}");
+    stack.wait_key_spend(&key.id, 1_000_000, 3).await;
+}
