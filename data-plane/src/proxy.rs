@@ -260,7 +260,7 @@ impl Proxy {
             .map_err(unpriceable)?;
         let rule = vendor.pricing.rule_of(&price_request);
         let quoted = quote.reserve;
-        if quote.kind != QuoteKind::Free {
+        if tightens(&quote.kind) {
             let reserve = self.tightening.apply(&vendor.name, &rule, quoted);
             if reserve > quoted {
                 // An earlier call under this rule cost more than it quoted.
@@ -276,7 +276,13 @@ impl Proxy {
         let mut idempotency = None;
         if quote.kind != QuoteKind::Free {
             if let Some(k) = vendor.pricing.idempotency_key(&headers) {
-                match self.idempotency.begin(&key.id, k, now) {
+                // The vendor replays only the same request under the same
+                // key (and account): anything else is a new call.
+                let same = request_fingerprint(&method, &target, &headers, &body);
+                match self
+                    .idempotency
+                    .begin(&key.id, &format!("{k}\n{same}"), now)
+                {
                     Begin::New(guard) => idempotency = Some(guard),
                     Begin::InFlight => return Err(Refusal::IdempotentRequestInFlight),
                     Begin::Counted => {
@@ -420,6 +426,40 @@ impl Proxy {
     }
 }
 
+/// A digest of what makes two requests the same call: method, path, query,
+/// the account acted for (`Stripe-Account`) and body.
+fn request_fingerprint(
+    method: &str,
+    target: &target::Target,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        method.as_bytes(),
+        target.path.as_bytes(),
+        target.query.as_deref().unwrap_or("").as_bytes(),
+        headers
+            .get("stripe-account")
+            .map(|v| v.as_bytes())
+            .unwrap_or(b""),
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.update(body);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether an overrun under this kind of quote tightens its rule: not for
+/// free calls, and not for Stripe, whose quote is the exact amount the
+/// request states (an overrun there means the object changed, not that
+/// the rule under-estimates).
+fn tightens(kind: &QuoteKind) -> bool {
+    !matches!(kind, QuoteKind::Free | QuoteKind::Stripe { .. })
+}
+
 /// One forwarded call and everything needed to settle it.
 struct Call {
     proxy: Arc<Proxy>,
@@ -551,6 +591,7 @@ impl Call {
         let reserved = r.amount;
         self.proxy.budget.resolve(r, s.cost);
         if s.cost > reserved
+            && tightens(&self.quote.kind)
             && self
                 .proxy
                 .tightening

@@ -5,6 +5,9 @@
 //! has a fixed cost, or a fixed reservation and a place in the response (a
 //! header, or a JSON pointer into the body) that states the real cost.
 //!
+//! Quotes are never streamed: a response, SSE included, is read whole
+//! (up to the proxy's response limit) before it is settled.
+//!
 //! It must never forward a request no rule matches (refused as
 //! unpriceable), and never settle a successful response whose stated cost
 //! it cannot read at 0: that settles at the reservation, flagged. A 4xx/5xx
@@ -17,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::{
     clip, free_quote, is_success, unreadable, PriceModel, PriceRequest, PriceResponse,
-    PricingError, Quote, QuoteKind, Settlement, StreamSettler,
+    PricingError, Quote, QuoteKind, Settlement,
 };
 
 /// The generic price model over one vendor's rules.
@@ -121,36 +124,11 @@ impl PriceModel for GenericPricing {
         self.settle_from(quote, resp.status, resp.headers, Some(resp.body))
     }
 
-    fn stream_settler_for(&self, quote: &Quote, headers: &HeaderMap) -> Box<dyn StreamSettler> {
-        Box::new(GenericStream {
-            pricing: self.clone(),
-            quote: quote.clone(),
-            headers: headers.clone(),
-        })
-    }
-
     fn rule_of(&self, req: &PriceRequest<'_>) -> String {
         match self.rules.rule_for(req.method, req.path) {
             Some((_, rule)) => rule.endpoint.to_string(),
             None => format!("{} {}", req.method, req.path),
         }
-    }
-}
-
-/// A streamed response: a cost in a header is read; one in the body cannot
-/// be (the body is not buffered), so it settles at the reservation.
-struct GenericStream {
-    pricing: GenericPricing,
-    quote: Quote,
-    headers: HeaderMap,
-}
-
-impl StreamSettler for GenericStream {
-    fn feed(&mut self, _chunk: &[u8]) {}
-
-    fn finish(self: Box<Self>, status: u16) -> Settlement {
-        self.pricing
-            .settle_from(&self.quote, status, &self.headers, None)
     }
 }
 
@@ -256,10 +234,5 @@ mod tests {
                 None => assert_eq!(s.outcome, Outcome::SettledAtReservation),
             }
         }
-        // A stream cannot be read for a body cost: at the reservation.
-        let st = p.stream_settler_for(&gen, &none);
-        assert_eq!(st.finish(200).outcome, Outcome::SettledAtReservation);
-        let st = p.stream_settler_for(&job, &h);
-        assert_eq!(st.finish(200).cost, Micros(2_500_000));
     }
 }

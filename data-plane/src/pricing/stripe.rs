@@ -198,11 +198,18 @@ const FREE_RESOURCES: [&str; 12] = [
 const MAX_LOOKUPS: usize = 20;
 
 fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
-    if method != "POST" {
-        // Reads move nothing; deletes only cancel or detach.
-        return Route::Free;
-    }
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if method != "POST" {
+        return match (method, segs.as_slice()) {
+            // Canceling a subscription can invoice and charge at once
+            // (invoice_now, prorations).
+            ("DELETE", ["v1", "subscriptions" | "subscription_items", ..]) => Route::Refused(
+                "canceling a subscription can charge at once; keycap does not price it",
+            ),
+            // Reads move nothing; other deletes only cancel or detach.
+            _ => Route::Free,
+        };
+    }
     let id = |s: &'a str| is_object_id(s).then_some(s);
     match segs.as_slice() {
         ["v1", "charges"] => Route::Priced(StripeOp::Charge),
@@ -461,7 +468,12 @@ impl StripePricing {
         match mode {
             // A setup session saves a payment method; nothing is charged.
             "setup" => return Ok(free_quote(false)),
-            "payment" | "subscription" => {}
+            "payment" => {}
+            "subscription" => {
+                return Err(unreadable(
+                    "a subscription charges again every period; keycap does not price it",
+                ))
+            }
             other => {
                 return Err(unreadable(format!(
                     "checkout mode {:?} is not one keycap prices",
@@ -480,6 +492,11 @@ impl StripePricing {
         for i in &items {
             // `field("price_data][currency")` is line_items[i][price_data][currency].
             let field = |f: &str| format!("line_items[{i}][{f}]");
+            if p.get(&field("adjustable_quantity][enabled")) == Some("true") {
+                return Err(unreadable(
+                    "an adjustable quantity lets the customer pay more than the session states",
+                ));
+            }
             let quantity = match p.get(&field("quantity")) {
                 None => 1,
                 Some(q) => parse_amount(q)?,
@@ -547,27 +564,78 @@ impl StripePricing {
                 None => Spent::Unknown,
             },
             StripeOp::Intent => match status {
-                Some(s @ ("succeeded" | "processing" | "requires_capture")) => own_amount("amount")
-                    .map_or(Spent::Unknown, |m| Spent::AmountWith(m, s.to_string())),
+                // requires_action: the customer's authentication completes
+                // it out of keycap's sight, so it counts now.
+                Some(s @ ("succeeded" | "processing" | "requires_capture" | "requires_action")) => {
+                    own_amount("amount")
+                        .map_or(Spent::Unknown, |m| Spent::AmountWith(m, s.to_string()))
+                }
                 // Created but not confirmed, declined, waiting on the
                 // customer, or canceled: nothing moved on this call.
                 Some(s) => Spent::Nothing(match s {
                     "requires_payment_method" => "requires_payment_method",
                     "requires_confirmation" => "requires_confirmation",
-                    "requires_action" => "requires_action",
                     "canceled" => "canceled",
                     _ => "not_confirmed",
                 }),
                 None => Spent::Unknown,
             },
             StripeOp::InvoicePay => match status {
-                Some("paid") => Spent::Amount(quote.reserve),
+                // What this call paid: the invoice's amount_paid now, less
+                // what it had paid when it was read before the call.
+                Some("paid") => {
+                    let before = quote.detail["amount_paid_before"].as_i64().unwrap_or(0);
+                    match (
+                        object_int(obj, "amount_paid"),
+                        obj.get("currency").and_then(Value::as_str),
+                    ) {
+                        (Some(paid), Some(cur)) if paid >= before => currency_code(cur)
+                            .ok()
+                            .and_then(|c| self.to_micros(paid - before, &c).ok())
+                            .map_or(Spent::Unknown, |(m, _)| Spent::Amount(m)),
+                        _ => Spent::Unknown,
+                    }
+                }
                 Some(_) => Spent::Nothing("not_paid"),
                 None => Spent::Unknown,
             },
             StripeOp::Checkout => own_amount("amount_total").map_or(Spent::Unknown, Spent::Amount),
         }
     }
+}
+
+/// Writes that move no money by themselves, unless their parameters ask
+/// Stripe to move it later, out of keycap's sight.
+fn free_write_check(path: &str, p: &Params) -> Result<(), PricingError> {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["v1", "invoices"] | ["v1", "invoices", _] => {
+            // Stripe finalizes and charges an auto-advancing invoice itself.
+            let manual = p.get("auto_advance") == Some("false")
+                || p.get("collection_method") == Some("send_invoice");
+            let creating = segs.len() == 2;
+            if p.get("auto_advance") == Some("true")
+                || p.get("automatically_finalizes_at").is_some()
+                || (creating && !manual)
+            {
+                return Err(unreadable(
+                    "an invoice Stripe advances itself is charged out of keycap's sight; \
+                     set auto_advance=false and pay it with POST /v1/invoices/{id}/pay",
+                ));
+            }
+        }
+        // The amount is read when the intent is confirmed; changing it
+        // between that read and the confirmation would move more.
+        ["v1", "payment_intents", _]
+            if p.get("amount").is_some() || p.get("currency").is_some() =>
+        {
+            return Err(unreadable(
+                "changing a payment intent's amount is not priced; create a new intent",
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The lookup path of a Price object named by a line item.
@@ -626,6 +694,10 @@ impl PriceModel for StripePricing {
     fn quote_with(&self, req: &PriceRequest<'_>, looked: &[Looked]) -> Result<Quote, PricingError> {
         let route = route(req.method, req.path);
         match route {
+            Route::Free if req.method == "POST" => {
+                free_write_check(req.path, &Params::parse(req)?)?;
+                return Ok(free_quote(false));
+            }
             Route::Free => return Ok(free_quote(false)),
             Route::Refused(why) => return Err(unreadable(why)),
             _ => {}
@@ -669,7 +741,8 @@ impl PriceModel for StripePricing {
                     .get("currency")
                     .and_then(Value::as_str)
                     .ok_or_else(|| unreadable("the invoice has no currency"))?;
-                let detail = json!({"invoice": inv});
+                let paid_before = object_int(&obj, "amount_paid").unwrap_or(0);
+                let detail = json!({"invoice": inv, "amount_paid_before": paid_before});
                 self.charge_quote(StripeOp::InvoicePay, due, currency_code(cur)?, detail)
             }
             Route::Priced(_) | Route::Free | Route::Refused(_) => unreachable!("handled above"),
@@ -759,10 +832,11 @@ impl PriceModel for StripePricing {
     }
 
     fn idempotency_key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
-        headers
-            .get("idempotency-key")
-            .and_then(|v| v.to_str().ok())
-            .filter(|k| !k.is_empty())
+        // Two keys, or one longer than Stripe accepts: not one Stripe would
+        // replay by, so the call is reserved as any other.
+        let mut keys = headers.get_all("idempotency-key").iter();
+        let key = keys.next()?.to_str().ok()?;
+        (keys.next().is_none() && !key.is_empty() && key.len() <= 255).then_some(key)
     }
 }
 
@@ -1039,12 +1113,11 @@ mod tests {
             ("POST", "/v1/payment_intents/pi_1/capture"),
             ("POST", "/v1/payment_intents/pi_1/cancel"),
             ("POST", "/v1/charges/ch_1/capture"),
-            ("POST", "/v1/invoices"),
             ("POST", "/v1/invoices/in_1/void"),
             ("POST", "/v1/checkout/sessions/cs_1/expire"),
             ("DELETE", "/v1/customers/cus_1"),
         ] {
-            let q = p.quote(&req(m, path, FORM, b"amount=-1")).unwrap();
+            let q = p.quote(&req(m, path, FORM, b"description=x")).unwrap();
             assert_eq!(q.reserve, Micros::ZERO, "{m} {path}");
             assert_eq!(q.kind, QuoteKind::Free, "{m} {path}");
         }
@@ -1061,6 +1134,48 @@ mod tests {
         ] {
             let err = p.quote(&req("POST", path, FORM, b"")).unwrap_err();
             assert_eq!(err.code(), "unpriceable_request", "{path}");
+        }
+    }
+
+    #[test]
+    fn free_writes_that_would_move_money_later_are_refused() {
+        let p = pricing(&[]);
+        let refused = [
+            ("DELETE", "/v1/subscriptions/sub_1", ""),
+            ("DELETE", "/v1/subscription_items/si_1", ""),
+            ("POST", "/v1/invoices", "customer=cus_1"),
+            ("POST", "/v1/invoices", "customer=cus_1&auto_advance=true"),
+            ("POST", "/v1/invoices/in_1", "auto_advance=true"),
+            (
+                "POST",
+                "/v1/invoices/in_1",
+                "automatically_finalizes_at=1700000000",
+            ),
+            ("POST", "/v1/payment_intents/pi_1", "amount=999999"),
+            ("POST", "/v1/payment_intents/pi_1", "currency=eur"),
+        ];
+        for (m, path, body) in refused {
+            let err = p.quote(&req(m, path, FORM, body.as_bytes())).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{m} {path} {body}");
+        }
+        let free = [
+            ("DELETE", "/v1/customers/cus_1", ""),
+            ("POST", "/v1/invoices", "customer=cus_1&auto_advance=false"),
+            (
+                "POST",
+                "/v1/invoices",
+                "customer=cus_1&collection_method=send_invoice",
+            ),
+            ("POST", "/v1/invoices/in_1", "description=x"),
+            (
+                "POST",
+                "/v1/payment_intents/pi_1",
+                "description=x&metadata[order]=7",
+            ),
+        ];
+        for (m, path, body) in free {
+            let q = p.quote(&req(m, path, FORM, body.as_bytes())).unwrap();
+            assert_eq!(q.kind, QuoteKind::Free, "{m} {path} {body}");
         }
     }
 
@@ -1090,9 +1205,9 @@ mod tests {
             ("succeeded", 19_990_000),
             ("processing", 19_990_000),
             ("requires_capture", 19_990_000),
+            ("requires_action", 19_990_000),
             ("requires_payment_method", 0),
             ("requires_confirmation", 0),
-            ("requires_action", 0),
             ("canceled", 0),
         ] {
             let body = json!({"object": "payment_intent", "amount": 1999, "currency": "usd", "status": status});
@@ -1159,17 +1274,18 @@ mod tests {
         let p = pricing(&[]);
         let r = req("POST", "/v1/invoices/in_9/pay", FORM, b"");
         assert_eq!(p.lookups(&r).unwrap(), vec!["/v1/invoices/in_9"]);
-        let inv = json!({"id": "in_9", "amount_due": 3000, "amount_remaining": 1200, "currency": "usd", "status": "open"});
+        let inv = json!({"id": "in_9", "amount_due": 3000, "amount_paid": 1800, "amount_remaining": 1200, "currency": "usd", "status": "open"});
         let q = p
             .quote_with(&r, &[looked("/v1/invoices/in_9", 200, inv)])
             .unwrap();
         assert_eq!(q.reserve, Micros(12_000_000));
         let h = HeaderMap::new();
-        let s = p.settle_response(
-            &q,
-            &resp(200, &h, r#"{"status":"paid","amount_paid":3000}"#),
-        );
+        // What this call paid: amount_paid now less what was paid before.
+        let paid = r#"{"status":"paid","amount_paid":3000,"currency":"usd"}"#;
+        let s = p.settle_response(&q, &resp(200, &h, paid));
         assert_eq!(s.cost, Micros(12_000_000));
+        let s = p.settle_response(&q, &resp(200, &h, r#"{"status":"paid"}"#));
+        assert_eq!(s.outcome, Outcome::SettledAtReservation);
         let s = p.settle_response(&q, &resp(200, &h, r#"{"status":"open"}"#));
         assert_eq!(s.cost, Micros::ZERO);
         // Marked paid outside Stripe: nothing is charged.
@@ -1223,6 +1339,17 @@ mod tests {
             p_eur.quote_with(&r, &[price]).is_err(),
             "one currency per session"
         );
+        let subscription = body.replace("mode=payment", "mode=subscription");
+        let r = req(
+            "POST",
+            "/v1/checkout/sessions",
+            FORM,
+            subscription.as_bytes(),
+        );
+        assert!(p.quote(&r).is_err(), "subscriptions charge every period");
+        let adjustable = format!("{body}&line_items[0][adjustable_quantity][enabled]=true");
+        let r = req("POST", "/v1/checkout/sessions", FORM, adjustable.as_bytes());
+        assert!(p.quote(&r).is_err(), "the customer could pay more");
         let setup = req(
             "POST",
             "/v1/checkout/sessions",
@@ -1255,6 +1382,11 @@ mod tests {
         hk.insert("idempotency-key", "retry-1".parse().unwrap());
         assert_eq!(p.idempotency_key(&hk), Some("retry-1"));
         assert_eq!(p.idempotency_key(&HeaderMap::new()), None);
+        hk.append("idempotency-key", "retry-2".parse().unwrap());
+        assert_eq!(p.idempotency_key(&hk), None, "two keys: reserved as usual");
+        let mut long = HeaderMap::new();
+        long.insert("idempotency-key", "k".repeat(256).parse().unwrap());
+        assert_eq!(p.idempotency_key(&long), None);
     }
 
     #[test]
