@@ -167,12 +167,25 @@ impl ChargeFields {
 
     fn from_form(body: &[u8]) -> Result<Self, PricingError> {
         let mut f = ChargeFields::default();
-        for (k, v) in form_urlencoded::parse(body) {
-            match &*k {
-                "amount" => Self::set(&mut f.amount, "amount", v.into_owned())?,
-                "currency" => Self::set(&mut f.currency, "currency", v.into_owned())?,
-                _ => {}
-            }
+        // Pairs decode exactly as `form_urlencoded::parse` decodes them, but
+        // a value only when its name is one pricing reads: a charge body is
+        // mostly descriptions and metadata, and decoding every value was
+        // most of the quote's cost.
+        for pair in body.split(|&b| b == b'&') {
+            let name_end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+            let Some((name, _)) = form_urlencoded::parse(&pair[..name_end]).next() else {
+                continue;
+            };
+            let (slot, name) = match &*name {
+                "amount" => (&mut f.amount, "amount"),
+                "currency" => (&mut f.currency, "currency"),
+                _ => continue,
+            };
+            let value = form_urlencoded::parse(pair)
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            Self::set(slot, name, value)?;
         }
         Ok(f)
     }
@@ -327,6 +340,12 @@ mod tests {
         assert_eq!(q.reserve, Micros(500_000));
         // Nested parameters are not the top-level amount.
         assert!(quote_form(&p, "amount_details[tip][amount]=5&currency=usd").is_err());
+        // Values pricing does not read may be anything, even invalid UTF-8.
+        let q = quote_form(
+            &p,
+            "description=%FF%FE+x&amount=5&metadata[a]=%&currency=usd",
+        );
+        assert_eq!(q.unwrap().reserve, Micros(50_000));
         // Leading zeros are still an integer.
         assert_eq!(
             quote_form(&p, "amount=007&currency=usd").unwrap().reserve,
@@ -349,6 +368,8 @@ mod tests {
             "amount=five&currency=usd",
             "amount=99999999999999999999&currency=usd",
             "amount=5&amount=500000&currency=usd",
+            "%61mount=5&amount=500000&currency=usd",
+            "amount=5&cur%72ency=usd&currency=jpy",
             "amount=5&currency=usd&currency=jpy",
             "amount=5",
             "amount=5&currency=",
