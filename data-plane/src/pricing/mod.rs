@@ -22,6 +22,7 @@ use keycap_proto::profile::Profile;
 use keycap_proto::Micros;
 
 pub mod anthropic;
+pub mod check;
 pub mod generic;
 pub mod openai;
 pub mod resend;
