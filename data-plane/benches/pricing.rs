@@ -337,6 +337,53 @@ fn resend() -> Call {
     }
 }
 
+fn twilio() -> Call {
+    // An SMS body is at most 1600 characters; the rest of the 4 KiB is the
+    // callback URL and other parameters Twilio accepts.
+    let body = exactly_4k(|pad| {
+        let text: String = pad.chars().take(1500).collect();
+        let rest: String = pad.chars().skip(1500).collect();
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("To", "+447700900123")
+            .append_pair("From", "+15005550006")
+            .append_pair("Body", &text)
+            .append_pair(
+                "StatusCallback",
+                &format!("https://hooks.example.com/sms?note={rest}"),
+            )
+            .finish()
+    });
+    Call {
+        name: "twilio",
+        profile: "twilio",
+        path: "/2010-04-01/Accounts/AC00000000000000000000000000000000/Messages.json",
+        content_type: "application/x-www-form-urlencoded",
+        body,
+        response: br#"{"sid":"SM00000000000000000000000000000000","status":"queued","num_segments":"10","price":null,"price_unit":"USD"}"#.to_vec(),
+        stream: None,
+    }
+}
+
+/// The generic profile's rules for the bench: a cost from the JSON body.
+const GENERIC_RULES: &str = r#"{"currency": "usd", "rules": [
+    {"endpoint": "POST /v1/renders", "cost": {"fixed": "0.05"}},
+    {"endpoint": "POST /v1/generate", "reserve": "0.50",
+     "cost": {"json_pointer": {"pointer": "/usage/cost", "unit": "usd"}}}
+]}"#;
+
+fn generic() -> Call {
+    let body = exactly_4k(|pad| json!({"prompt": pad}).to_string());
+    Call {
+        name: "generic",
+        profile: "generic",
+        path: "/v1/generate",
+        content_type: "application/json",
+        body,
+        response: br#"{"id":"gen_1","usage":{"cost":"0.12","seconds":3}}"#.to_vec(),
+        stream: None,
+    }
+}
+
 struct Priced {
     call: Call,
     model: Arc<dyn PriceModel>,
@@ -344,7 +391,12 @@ struct Priced {
 }
 
 fn priced(call: Call) -> Priced {
-    let model = model_for(call.profile, &BTreeMap::new(), &Catalog::builtin(), "").unwrap();
+    let prices = if call.profile == "generic" {
+        GENERIC_RULES
+    } else {
+        ""
+    };
+    let model = model_for(call.profile, &BTreeMap::new(), &Catalog::builtin(), prices).unwrap();
     let quote = model
         .quote(&request(&call))
         .unwrap_or_else(|e| panic!("{}: {e}", call.name));
@@ -376,6 +428,8 @@ fn pricing(c: &mut Criterion) {
         openai(),
         anthropic(),
         resend(),
+        twilio(),
+        generic(),
     ]
     .into_iter()
     .map(priced)

@@ -300,8 +300,21 @@ impl Params {
 
     fn from_form(body: &[u8]) -> Result<Params, PricingError> {
         let mut p = Params(BTreeMap::new());
-        for (k, v) in form_urlencoded::parse(body) {
-            p.insert(k.into_owned(), v.into_owned())?;
+        // Names are decoded first and values only for parameters pricing
+        // reads: a body is mostly descriptions and metadata.
+        for pair in body.split(|&b| b == b'&') {
+            let name_end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+            let Some((name, _)) = form_urlencoded::parse(&pair[..name_end]).next() else {
+                continue;
+            };
+            if !is_read(&name) {
+                continue;
+            }
+            let value = form_urlencoded::parse(pair)
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            p.insert(name.into_owned(), value)?;
         }
         Ok(p)
     }
@@ -313,7 +326,11 @@ impl Params {
             return Err(unreadable("request body must be a JSON object"));
         }
         let mut p = Params(BTreeMap::new());
-        p.flatten(String::new(), &v)?;
+        if let Value::Object(m) = &v {
+            for (k, v) in m.iter().filter(|(k, _)| is_read(k)) {
+                p.flatten(k.clone(), v)?;
+            }
+        }
         Ok(p)
     }
 
@@ -379,6 +396,25 @@ impl Params {
         }
         out
     }
+}
+
+/// The top-level parameters pricing reads; the rest are never decoded.
+const READ: [&str; 8] = [
+    "amount",
+    "currency",
+    "mode",
+    "line_items",
+    "paid_out_of_band",
+    "auto_advance",
+    "collection_method",
+    "automatically_finalizes_at",
+];
+
+/// Whether a parameter (`line_items[0][quantity]` by its top-level name)
+/// is one pricing reads.
+fn is_read(name: &str) -> bool {
+    let top = name.split('[').next().unwrap_or(name);
+    READ.contains(&top)
 }
 
 fn parse_amount(text: &str) -> Result<i64, PricingError> {

@@ -95,8 +95,30 @@ impl Encoding {
     }
 }
 
+/// Septets each ASCII character takes in GSM-7 (0: none), from the tables
+/// once, so the common case is a lookup rather than a scan per character.
+static GSM7_ASCII: std::sync::LazyLock<[u8; 128]> = std::sync::LazyLock::new(|| {
+    let mut t = [0u8; 128];
+    for (c, n) in (0u8..128).map(|b| (char::from(b), b)) {
+        t[usize::from(n)] = if GSM7_BASIC.contains(c) {
+            1
+        } else if GSM7_EXTENSION.contains(c) {
+            2
+        } else {
+            0
+        };
+    }
+    t
+});
+
 /// Septets a character takes in GSM-7, `None` if it has no GSM-7 form.
 fn gsm7_septets(c: char) -> Option<u32> {
+    if c.is_ascii() {
+        return match GSM7_ASCII[c as usize] {
+            0 => None,
+            n => Some(u32::from(n)),
+        };
+    }
     if GSM7_BASIC.contains(c) {
         Some(1)
     } else if GSM7_EXTENSION.contains(c) {
