@@ -152,13 +152,14 @@ impl TokenUsage {
 }
 
 /// Settles a token-billed call from the usage its response reported.
-fn settle_tokens(
-    quote: &Quote,
-    status: u16,
-    model: &str,
-    price: &ModelPrice,
-    usage: Option<TokenUsage>,
-) -> Settlement {
+/// Settles a token-priced call (chat or responses) from the usage the
+/// vendor reported, at the price copied into its quote.
+fn settle_tokens(quote: &Quote, status: u16, usage: Option<TokenUsage>) -> Settlement {
+    let (QuoteKind::OpenAiChat { model, price, .. } | QuoteKind::OpenAiResponses { model, price }) =
+        &quote.kind
+    else {
+        return settle_fixed(quote, status);
+    };
     settle_reported(quote, status, usage, |u| {
         let mut detail = json!({
             "model": model,
@@ -170,6 +171,20 @@ fn settle_tokens(
         }
         (price.cost(u.input, u.cached, u.output), detail)
     })
+}
+
+/// Settles a token-priced call from the `usage` object of its JSON body,
+/// read by the endpoint's `read`.
+fn settle_body_tokens(
+    quote: &Quote,
+    status: u16,
+    body: &[u8],
+    read: fn(&Value) -> Option<TokenUsage>,
+) -> Settlement {
+    let usage = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("usage").and_then(read));
+    settle_tokens(quote, status, usage)
 }
 
 impl PriceModel for OpenAiPricing {

@@ -18,12 +18,12 @@
 use serde_json::{json, Value};
 
 use super::{
-    model_name, refuse_priority_tier, request_object, settle_tokens, stream_flag, token_model,
-    JsonObject, TokenUsage,
+    model_name, refuse_priority_tier, request_object, settle_body_tokens, settle_tokens,
+    stream_flag, token_model, JsonObject, TokenUsage,
 };
 use crate::pricing::{
-    clip, positive_int, settle_fixed, unreadable, PriceRequest, PricingError, Quote, QuoteKind,
-    Settlement, StreamSettler,
+    clip, positive_int, unreadable, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
+    StreamSettler,
 };
 use crate::sse::SseReader;
 use keycap_proto::prices::TokenPrices;
@@ -209,20 +209,8 @@ fn read_usage(usage: &Value) -> Option<TokenUsage> {
     )
 }
 
-fn settle_usage(quote: &Quote, status: u16, usage: Option<TokenUsage>) -> Settlement {
-    match &quote.kind {
-        QuoteKind::OpenAiResponses { model, price } => {
-            settle_tokens(quote, status, model, price, usage)
-        }
-        _ => settle_fixed(quote, status),
-    }
-}
-
 pub(super) fn settle(quote: &Quote, status: u16, body: &[u8]) -> Settlement {
-    let usage = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v.get("usage").and_then(read_usage));
-    settle_usage(quote, status, usage)
+    settle_body_tokens(quote, status, body, read_usage)
 }
 
 pub(super) fn stream_settler(quote: &Quote) -> Box<dyn StreamSettler> {
@@ -272,7 +260,7 @@ impl StreamSettler for ResponseStreamSettler {
     }
 
     fn finish(self: Box<Self>, status: u16) -> Settlement {
-        settle_usage(&self.quote, status, self.usage)
+        settle_tokens(&self.quote, status, self.usage)
     }
 }
 
