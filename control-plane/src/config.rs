@@ -23,6 +23,23 @@ pub struct ControlConfig {
     /// File holding the key-encryption key (instead of --master-key).
     #[arg(long, env = "KEYCAP_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// Key-encryption keys being rotated away from (or not yet made primary
+    /// on every replica): credentials sealed under them still open. Comma
+    /// separated; see README, "Rotating the master key".
+    #[arg(
+        long = "previous-master-key",
+        env = "KEYCAP_PREVIOUS_MASTER_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub previous_master_keys: Vec<String>,
+    /// Files each holding a previous key-encryption key (repeatable).
+    #[arg(
+        long = "previous-master-key-file",
+        env = "KEYCAP_PREVIOUS_MASTER_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub previous_master_key_files: Vec<PathBuf>,
     /// Bootstrap admin token; stored hashed, accepted from then on.
     #[arg(long, env = "KEYCAP_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,

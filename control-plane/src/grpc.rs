@@ -270,6 +270,20 @@ impl pb::vendor_service_server::VendorService for Api {
         self.control.delete_vendor(&req.get_ref().name).await?;
         Ok(Response::new(pb::DeleteVendorResponse {}))
     }
+
+    async fn rotate_kek(
+        &self,
+        req: Request<pb::RotateKekRequest>,
+    ) -> Result<Response<pb::RotateKekResponse>, Status> {
+        self.admin(&req).await?;
+        let r = self.control.rotate_kek().await?;
+        Ok(Response::new(pb::RotateKekResponse {
+            kek_id: r.kek_id,
+            rewrapped: r.rewrapped,
+            already_current: r.already_current,
+            failed_vendors: r.failed_vendors,
+        }))
+    }
 }
 
 #[tonic::async_trait]

@@ -31,13 +31,19 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 /// Builds `Control` from configuration: store, master key, tokens.
 pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
     let store = open_store(&config.database_url).await?;
-    let sealer = match (&config.master_key, &config.master_key_file) {
+    let mut sealer = match (&config.master_key, &config.master_key_file) {
         (Some(k), _) => Sealer::from_key_text(k)?,
         (None, Some(path)) => Sealer::from_key_file(path)?,
         (None, None) => anyhow::bail!(
             "a master key is required: set KEYCAP_MASTER_KEY or KEYCAP_MASTER_KEY_FILE"
         ),
     };
+    for text in &config.previous_master_keys {
+        sealer = sealer.with_previous(&Sealer::from_key_text(text)?);
+    }
+    for path in &config.previous_master_key_files {
+        sealer = sealer.with_previous(&Sealer::from_key_file(path)?);
+    }
     if config.fleet_token.len() < 24 {
         anyhow::bail!("KEYCAP_FLEET_TOKEN must be at least 24 characters");
     }

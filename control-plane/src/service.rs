@@ -164,6 +164,17 @@ impl NewKey {
     }
 }
 
+/// What a KEK rotation did.
+#[derive(Debug, Default)]
+pub struct KekRotation {
+    /// Id of the KEK every data key is now wrapped under.
+    pub kek_id: String,
+    pub rewrapped: u32,
+    pub already_current: u32,
+    /// Vendors whose credential this replica could not open.
+    pub failed_vendors: Vec<String>,
+}
+
 /// A key with its status and spend, as admin reads show it.
 #[derive(Clone, Debug)]
 pub struct KeyView {
@@ -257,6 +268,54 @@ impl Control {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read change-log version"),
         }
+    }
+
+    /// Re-wraps every vendor credential's data key under this replica's
+    /// primary KEK. Safe while proxies are served and other replicas write:
+    /// each record is replaced only if unchanged since it was read, and a
+    /// record changed meanwhile was sealed under a current KEK anyway. A
+    /// record this replica cannot open is named, not skipped silently.
+    pub async fn rotate_kek(&self) -> Result<KekRotation, ApiError> {
+        let mut out = KekRotation {
+            kek_id: self.sealer.kek_id(),
+            ..KekRotation::default()
+        };
+        for (name, sealed) in self.store.sealed_credentials().await? {
+            match self.sealer.rewrap(&name, &sealed) {
+                Ok(None) => out.already_current += 1,
+                Ok(Some(rewrapped)) => {
+                    if self
+                        .store
+                        .replace_sealed_credential(&name, &sealed, &rewrapped)
+                        .await?
+                    {
+                        out.rewrapped += 1;
+                    } else {
+                        // Replaced meanwhile by a put, which sealed it under
+                        // a KEK of that replica's: look again.
+                        match self.store.get_vendor_credential(&name).await? {
+                            Some(now) if matches!(self.sealer.rewrap(&name, &now), Ok(None)) => {
+                                out.already_current += 1
+                            }
+                            None => {}
+                            Some(_) => out.failed_vendors.push(name),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(vendor = %name, error = %e, "credential cannot be re-wrapped");
+                    out.failed_vendors.push(name);
+                }
+            }
+        }
+        tracing::info!(
+            kek = %out.kek_id,
+            rewrapped = out.rewrapped,
+            already_current = out.already_current,
+            failed = out.failed_vendors.len(),
+            "key-encryption key rotation"
+        );
+        Ok(out)
     }
 
     /// Re-reads the change-log head; replicas that did not make a change

@@ -81,6 +81,7 @@ suite!(
     admin_tokens,
     vendor_create_update_list,
     vendor_delete_rules,
+    sealed_credentials_are_replaced_only_if_unchanged,
     key_round_trip_and_insert_rules,
     list_keys_filters_and_order,
     policy_keys_are_those_expiring_after_the_bound,
@@ -327,6 +328,53 @@ mod cases {
             .expect("adding twice is a no-op");
         assert!(s.admin_token_exists(&a).await.unwrap());
         assert!(!s.admin_token_exists(&b).await.unwrap());
+    }
+
+    pub async fn sealed_credentials_are_replaced_only_if_unchanged(s: S) {
+        s.put_vendor(with_credential(vendor("stripe", now()), b"sealed-a"))
+            .await
+            .unwrap();
+        s.put_vendor(with_credential(vendor("openai", now()), b"sealed-b"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.sealed_credentials().await.unwrap(),
+            vec![
+                ("openai".to_string(), b"sealed-b".to_vec()),
+                ("stripe".to_string(), b"sealed-a".to_vec()),
+            ]
+        );
+        let version = s.latest_version().await.unwrap();
+        assert!(s
+            .replace_sealed_credential("stripe", b"sealed-a", b"sealed-a2")
+            .await
+            .unwrap());
+        assert_eq!(
+            s.get_vendor_credential("stripe").await.unwrap(),
+            Some(b"sealed-a2".to_vec())
+        );
+        // Stale expectation (changed meanwhile): nothing is replaced.
+        assert!(!s
+            .replace_sealed_credential("stripe", b"sealed-a", b"sealed-a3")
+            .await
+            .unwrap());
+        assert!(!s
+            .replace_sealed_credential("missing", b"x", b"y")
+            .await
+            .unwrap());
+        assert_eq!(
+            s.get_vendor_credential("stripe").await.unwrap(),
+            Some(b"sealed-a2".to_vec())
+        );
+        assert_eq!(
+            s.get_vendor_credential("openai").await.unwrap(),
+            Some(b"sealed-b".to_vec())
+        );
+        assert_eq!(
+            s.latest_version().await.unwrap(),
+            version,
+            "a re-wrap changes nothing a proxy sees"
+        );
     }
 
     pub async fn vendor_create_update_list(s: S) {

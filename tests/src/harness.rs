@@ -415,6 +415,8 @@ pub struct ControlOpts {
     pub admin_token: String,
     pub fleet_token: String,
     pub master_key: String,
+    /// Key-encryption keys still accepted for opening (a rotation under way).
+    pub previous_master_keys: Vec<String>,
 }
 
 impl ControlOpts {
@@ -425,6 +427,7 @@ impl ControlOpts {
             admin_token: admin_token(),
             fleet_token: fleet_token(),
             master_key: master_key(),
+            previous_master_keys: Vec::new(),
         }
     }
 
@@ -474,6 +477,12 @@ impl Control {
                     .env("KEYCAP_MASTER_KEY", &opts.master_key)
                     .env("KEYCAP_ADMIN_TOKEN", &opts.admin_token)
                     .env("KEYCAP_FLEET_TOKEN", &opts.fleet_token);
+                if !opts.previous_master_keys.is_empty() {
+                    cmd.env(
+                        "KEYCAP_PREVIOUS_MASTER_KEYS",
+                        opts.previous_master_keys.join(","),
+                    );
+                }
                 cmd
             },
             |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],

@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 
 #[path = "e2e/grpc.rs"]
 mod grpc;
+#[path = "e2e/kek.rs"]
+mod kek;
 
 const STRIPE_CREDENTIAL: &str = "sk_live_51KeycapE2eRealStripeCredentialDoNotLeak";
 const OPENAI_CREDENTIAL: &str = "sk-proj-KeycapE2eRealOpenAiCredentialDoNotLeak";

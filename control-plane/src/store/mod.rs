@@ -74,6 +74,18 @@ pub trait Store: Send + Sync + 'static {
     /// The sealed credential of a vendor, for the fleet snapshot.
     async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn list_vendors(&self) -> StoreResult<Vec<Vendor>>;
+    /// Every vendor's name and sealed credential, for a KEK rotation.
+    async fn sealed_credentials(&self) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    /// Replaces a vendor's sealed credential only if it is still `expected`,
+    /// so a rotation never overwrites a credential changed meanwhile.
+    /// Returns whether it was replaced. Appends no change-log entry: the
+    /// credential a proxy sees is the same.
+    async fn replace_sealed_credential(
+        &self,
+        name: &str,
+        expected: &[u8],
+        sealed: &[u8],
+    ) -> StoreResult<bool>;
     /// Deletes a vendor; `NotFound` if absent, `Conflict` if an active
     /// (unrevoked, unexpired at `now`) key uses it. Appends a change-log entry.
     async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()>;

@@ -268,6 +268,31 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn sealed_credentials(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        Ok(
+            sqlx::query_as("SELECT name, sealed_credential FROM vendors ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn replace_sealed_credential(
+        &self,
+        name: &str,
+        expected: &[u8],
+        sealed: &[u8],
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE vendors SET sealed_credential = ?3 WHERE name = ?1 AND sealed_credential = ?2",
+        )
+        .bind(name)
+        .bind(expected)
+        .bind(sealed)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn list_vendors(&self) -> StoreResult<Vec<Vendor>> {
         let sql = format!("SELECT {VENDOR_COLUMNS} FROM vendors ORDER BY name");
         sqlx::query_as::<_, VendorRow>(&sql)

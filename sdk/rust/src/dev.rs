@@ -93,6 +93,8 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         admin_token: Some(admin_token.clone()),
         fleet_token: fleet_token.clone(),
         key_env: "dev".to_string(),
+        previous_master_keys: Vec::new(),
+        previous_master_key_files: Vec::new(),
     };
     let control = keycap_control::server::build(&config).await?;
     control

@@ -58,6 +58,16 @@ enum Command {
     },
     /// Audit entries, newest first.
     Audit(AuditArgs),
+    /// Operator tasks on the control plane.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Re-wrap every vendor credential's data key under the primary master
+    /// key of the control plane answering (after it was given a new one).
+    RotateKek,
 }
 
 #[derive(Subcommand)]
@@ -262,6 +272,26 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             let mut out = r.vendor.as_ref().map(vendor_json).unwrap_or(Value::Null);
             out["created"] = json!(r.created);
             print(out);
+        }
+        Command::Admin(AdminCmd::RotateKek) => {
+            let r = c
+                .vendors
+                .rotate_kek(pb::RotateKekRequest {})
+                .await?
+                .into_inner();
+            print(json!({
+                "kek_id": r.kek_id,
+                "rewrapped": r.rewrapped,
+                "already_current": r.already_current,
+                "failed_vendors": r.failed_vendors,
+            }));
+            if !r.failed_vendors.is_empty() {
+                bail!(
+                    "not rotated: the credentials of {} cannot be opened by this control plane \
+                     (is a previous master key missing from its configuration?)",
+                    r.failed_vendors.join(", ")
+                );
+            }
         }
         Command::Vendor(VendorCmd::List) => {
             let r = c
