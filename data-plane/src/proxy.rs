@@ -23,7 +23,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::{pb, Micros};
 use serde_json::Value;
 
@@ -31,7 +30,7 @@ use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::error::Refusal;
 use crate::idempotency::{Begin, Guard, IdempotencyMemory};
-use crate::policy::{KeyPolicy, PolicyCache, VendorPolicy};
+use crate::policy::{KeyPolicy, KeyStanding, PolicyCache, VendorPolicy};
 use crate::pricing::{
     Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
     StreamSettler,
@@ -186,23 +185,23 @@ impl Proxy {
         let policy = self.policy.load();
         // The key is checked before the vendor is named in an error, so a
         // caller without a key cannot probe which vendors exist.
-        let key = presented_key(req.headers())
-            .filter(|k| secret::is_well_formed(SecretKind::VaultKey, k))
-            .and_then(|k| policy.keys.get(&secret::hash(&k)))
-            .cloned()
-            .ok_or(Refusal::InvalidKey)?;
+        let standing = presented_key(req.headers())
+            .map_or(KeyStanding::Unknown, |k| policy.key_standing(&k, now));
+        let key = match standing {
+            KeyStanding::Unknown => return Err(Refusal::InvalidKey),
+            KeyStanding::Revoked(k) | KeyStanding::Expired(k) | KeyStanding::Active(k) => k.clone(),
+        };
         let vendor = policy
             .vendors
             .get(&target.vendor)
             .cloned()
             .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
+        match standing {
+            KeyStanding::Revoked(_) => return Err(Refusal::KeyRevoked),
+            KeyStanding::Expired(_) => return Err(Refusal::KeyExpired),
+            _ => {}
+        }
         drop(policy);
-        if key.revoked {
-            return Err(Refusal::KeyRevoked);
-        }
-        if key.expires_at <= now {
-            return Err(Refusal::KeyExpired);
-        }
         if key.vendor != vendor.name {
             return Err(Refusal::EndpointNotAllowed(format!(
                 "this key is for vendor {:?}, not {:?}",
