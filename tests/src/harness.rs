@@ -417,6 +417,8 @@ pub struct ControlOpts {
     pub master_key: String,
     /// Key-encryption keys still accepted for opening (a rotation under way).
     pub previous_master_keys: Vec<String>,
+    /// `KEYCAP_LOG` for this process (else `KEYCAP_TEST_LOG`, else `info`).
+    pub log_level: Option<String>,
 }
 
 impl ControlOpts {
@@ -428,6 +430,7 @@ impl ControlOpts {
             fleet_token: fleet_token(),
             master_key: master_key(),
             previous_master_keys: Vec::new(),
+            log_level: None,
         }
     }
 
@@ -477,6 +480,9 @@ impl Control {
                     .env("KEYCAP_MASTER_KEY", &opts.master_key)
                     .env("KEYCAP_ADMIN_TOKEN", &opts.admin_token)
                     .env("KEYCAP_FLEET_TOKEN", &opts.fleet_token);
+                if let Some(level) = &opts.log_level {
+                    cmd.env("KEYCAP_LOG", level);
+                }
                 if !opts.previous_master_keys.is_empty() {
                     cmd.env(
                         "KEYCAP_PREVIOUS_MASTER_KEYS",
@@ -549,6 +555,8 @@ pub struct ProxyOpts {
     /// `Healthy` (the default) waits until the proxy has its policy;
     /// `Listening` only until it answers, for a proxy that cannot get one.
     pub readiness: Readiness,
+    /// `KEYCAP_LOG` for this process (else `KEYCAP_TEST_LOG`, else `info`).
+    pub log_level: Option<String>,
 }
 
 impl ProxyOpts {
@@ -557,7 +565,13 @@ impl ProxyOpts {
             node_id: node_id.to_string(),
             args: Vec::new(),
             readiness: Readiness::Healthy,
+            log_level: None,
         }
+    }
+
+    pub fn log_level(mut self, level: &str) -> ProxyOpts {
+        self.log_level = Some(level.to_string());
+        self
     }
 
     /// Adds `--<flag> <value>`.
@@ -604,6 +618,9 @@ impl Proxy {
                     .arg(&opts.node_id)
                     .args(&opts.args)
                     .env("KEYCAP_FLEET_TOKEN", fleet_token);
+                if let Some(level) = &opts.log_level {
+                    cmd.env("KEYCAP_LOG", level);
+                }
                 cmd
             },
             |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],

@@ -1,0 +1,334 @@
+//! The canary: recognisable secrets planted everywhere keycap takes them,
+//! every API and error path driven, and then none of them found in plain
+//! text in the database, the logs (at trace level, the most keycap and its
+//! libraries ever write), any response body or header, CLI output, or
+//! audit entries.
+
+use std::path::Path;
+
+use keycap_tests::harness::ProxyOpts;
+
+use super::*;
+
+/// Every regular file directly in `dir`, with its bytes.
+fn files_in(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes =
+                std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+            (p.display().to_string(), bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// Everything keycap said back: responses (status, headers, body) and CLI
+/// output, each under a label saying which call it was.
+#[derive(Default)]
+struct Heard(Vec<(String, Vec<u8>)>);
+
+impl Heard {
+    fn resp(&mut self, label: &str, r: &Resp) {
+        self.0.push((
+            format!("response to {label}"),
+            format!("{} {:?}\n{}", r.status, r.headers, r.text).into_bytes(),
+        ));
+    }
+
+    fn cli(&mut self, label: &str, out: &harness::CliOutput) {
+        self.0.push((
+            format!("keycap {label}"),
+            format!("{}\n{}", out.stdout, out.stderr).into_bytes(),
+        ));
+    }
+}
+
+const CANARY_CREDENTIAL: &str = "sk_live_CANARY0keycapAtRestCredential7Zq4WmX2pL9sT";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
+    let mut opts = ControlOpts::sqlite();
+    opts.log_level = Some("trace".into());
+    let stack =
+        Stack::start_with_proxy(opts, ProxyOpts::new("canary-proxy").log_level("trace")).await;
+    let mock = MockVendor::start(CANARY_CREDENTIAL).await;
+    let mut heard = Heard::default();
+    let admin = &stack.admin;
+    let relay = stack.admin_via_proxy();
+    let stripe =
+        json!({"profile": "stripe", "base_url": mock.url(), "credential": CANARY_CREDENTIAL});
+
+    // --- admin API, REST, direct and through the proxy's relay ----------------
+    let r = admin.put_json("/vault/vendors/stripe", &stripe).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    heard.resp("PUT vendor", &r);
+    // Registered again, as an operator re-sending the same value would.
+    let r = relay.put_json("/vault/vendors/stripe", &stripe).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("PUT vendor via relay", &r);
+    // Refused writes that carry the credential: the error must not echo it.
+    for (label, body) in [
+        (
+            "PUT vendor, bad profile",
+            json!({"profile": "nope", "base_url": mock.url(), "credential": CANARY_CREDENTIAL}),
+        ),
+        (
+            "PUT vendor, bad base URL",
+            json!({"profile": "stripe", "base_url": "ftp://x", "credential": CANARY_CREDENTIAL}),
+        ),
+        (
+            "PUT vendor, credential of the wrong type",
+            json!({"profile": "stripe", "base_url": mock.url(), "credential": [CANARY_CREDENTIAL]}),
+        ),
+    ] {
+        let r = admin.put_json("/vault/vendors/other", &body).await;
+        assert_eq!(r.status, 400, "{label}: {}", r.text);
+        heard.resp(label, &r);
+    }
+    let r = admin
+        .send(
+            reqwest::Method::PUT,
+            "/vault/vendors/other",
+            Some((
+                "application/json",
+                format!("{{\"credential\": \"{CANARY_CREDENTIAL}\", ").into_bytes(),
+            )),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 400, "truncated JSON: {}", r.text);
+    heard.resp("PUT vendor, truncated JSON", &r);
+    for path in ["/vault/vendors/stripe", "/vault/vendors"] {
+        let r = admin.get(path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        heard.resp(path, &r);
+    }
+
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "canary/1",
+        ))
+        .await;
+    heard
+        .0
+        .push(("key creation".into(), key.body.to_string().into_bytes()));
+    let other = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "canary/2",
+        ))
+        .await;
+    // The only place a key may appear: the answer that minted it.
+    assert_eq!(key.body["key"], json!(key.secret));
+
+    // Secrets handed to the admin API as tokens are refused without echo.
+    for (label, token) in [
+        ("vault key as admin token", key.secret.as_str()),
+        ("vendor credential as admin token", CANARY_CREDENTIAL),
+        (
+            "fleet token as admin token",
+            stack.control.opts.fleet_token.as_str(),
+        ),
+    ] {
+        let r = Api::new(&stack.control.url(), Some(token))
+            .get("/vault/keys")
+            .await;
+        assert_eq!(r.status, 401, "{label}: {}", r.text);
+        heard.resp(label, &r);
+    }
+
+    // --- the proxy: served, declined and refused calls ------------------------
+    let agent = stack.agent(&key.secret);
+    let pay = |form: &'static str| agent.post_form("/stripe/v1/payment_intents", form);
+    let r = pay("amount=100&currency=usd&confirm=true").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("a paid call", &r);
+    let r = pay("amount=402&currency=usd&confirm=true").await;
+    assert_eq!(r.status, 402, "{}", r.text);
+    heard.resp("a declined call", &r);
+    let r = pay("amount=100000&currency=usd&confirm=true").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    heard.resp("a call over the cap", &r);
+    let r = pay("amount=abc&currency=usd").await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    heard.resp("an unpriceable call", &r);
+    let r = agent.get("/stripe/v1/customers").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    heard.resp("an endpoint not allowed", &r);
+    let r = agent
+        .post_form("/nope/v1/payment_intents", "amount=1")
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    heard.resp("an unknown vendor", &r);
+    let mut forged = key.secret.clone().into_bytes();
+    let last = forged.len() - 1;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).expect("ASCII");
+    for (label, token) in [
+        ("a forged key", forged.as_str()),
+        (
+            "the admin token as a vault key",
+            stack.control.opts.admin_token.as_str(),
+        ),
+        ("the vendor credential as a vault key", CANARY_CREDENTIAL),
+    ] {
+        let r = Api::new(&stack.proxy.url(), Some(token))
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=100&currency=usd&confirm=true",
+            )
+            .await;
+        assert_eq!(r.status, 401, "{label}: {}", r.text);
+        heard.resp(label, &r);
+    }
+    // The key in the other header agents use.
+    let r = Api::new(&stack.proxy.url(), None)
+        .send(
+            reqwest::Method::POST,
+            "/stripe/v1/payment_intents",
+            Some((
+                "application/x-www-form-urlencoded",
+                b"amount=100&currency=usd&confirm=true".to_vec(),
+            )),
+            &[("x-api-key", &other.secret)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "x-api-key: {}", r.text);
+    heard.resp("a call with x-api-key", &r);
+    assert!(mock
+        .calls()
+        .iter()
+        .all(|c| c.authorization() == Some(format!("Bearer {CANARY_CREDENTIAL}").as_str())));
+
+    // --- spend, audit, revocation, the CLI over gRPC ------------------------------
+    stack.wait_key_spend(&key.id, 1_000_000, 2).await;
+    let audit = stack.wait_audit("agent_run_label=canary/1", 2).await;
+    heard.0.push((
+        "audit entries".into(),
+        json!(audit).to_string().into_bytes(),
+    ));
+    for path in [
+        format!("/vault/keys/{}", key.id),
+        "/vault/keys?all=true".to_string(),
+        "/vault/spend?agent_run_label=canary/1".to_string(),
+        "/vault/audit?limit=100".to_string(),
+    ] {
+        let r = relay.get(&path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        heard.resp(&path, &r);
+    }
+    let r = admin.delete(&format!("/vault/keys/{}", key.id)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("revoke", &r);
+    let r = admin
+        .post_json(
+            "/vault/keys/revoke",
+            &json!({"agent_run_label": "canary/2"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("revoke run", &r);
+    let revoked = wait_until(within(harness::POLICY_TIMEOUT), || async {
+        stack.probe("stripe", &key.secret).await.as_deref() == Some("key_revoked")
+    })
+    .await;
+    assert!(revoked, "the proxy never learned of the revocation");
+    let r = pay("amount=100&currency=usd&confirm=true").await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    heard.resp("a revoked key", &r);
+
+    let url = stack.control.url();
+    let token = stack.control.opts.admin_token.clone();
+    for args in [
+        &["vendor", "list"][..],
+        &["key", "list", "--all"][..],
+        &["key", "get", &key.id][..],
+        &["audit", "--run-label", "canary/1"][..],
+        &["admin", "rotate-kek"][..],
+    ] {
+        let out = keycap_cli(&url, &token, args).await;
+        assert!(out.status.success(), "keycap {args:?}: {}", out.stderr);
+        heard.cli(&args.join(" "), &out);
+    }
+    let out = keycap_cli(&url, &key.secret, &["key", "list"]).await;
+    assert!(!out.status.success(), "a vault key is no admin token");
+    heard.cli("key list with a vault key", &out);
+
+    // --- the search ------------------------------------------------------------------
+    let canaries = [
+        ("the vendor credential", CANARY_CREDENTIAL.to_string()),
+        ("the first vault key", key.secret.clone()),
+        ("the second vault key", other.secret.clone()),
+        ("the admin token", stack.control.opts.admin_token.clone()),
+        ("the fleet token", stack.control.opts.fleet_token.clone()),
+        ("the master key", stack.control.opts.master_key.clone()),
+    ];
+    let db_dir = stack.control.database_dir().expect("a SQLite stack");
+    let db_files = files_in(db_dir);
+    assert!(
+        db_files.iter().any(|(p, _)| p.ends_with("keycap.db")),
+        "no database file in {}",
+        db_dir.display()
+    );
+    // The scans see the data: the key's id was written in each place.
+    for (place, bytes) in [
+        (
+            "database",
+            db_files
+                .iter()
+                .flat_map(|(_, b)| b.clone())
+                .collect::<Vec<u8>>(),
+        ),
+        (
+            "responses",
+            heard.0.iter().flat_map(|(_, b)| b.clone()).collect(),
+        ),
+    ] {
+        assert!(
+            contains(&bytes, &key.id),
+            "key id {} is in no {place}: nothing was scanned",
+            key.id
+        );
+    }
+    let mut scanned = db_files;
+    for log in [
+        stack.control.process().log_path(),
+        stack.proxy.process().log_path(),
+    ] {
+        let bytes =
+            std::fs::read(log).unwrap_or_else(|e| panic!("cannot read {}: {e}", log.display()));
+        // Trace level really was on: libraries' trace lines are there.
+        assert!(
+            contains(&bytes, "TRACE"),
+            "{} has no trace lines",
+            log.display()
+        );
+        scanned.push((log.display().to_string(), bytes));
+    }
+    scanned.extend(heard.0);
+    for (place, bytes) in &scanned {
+        for (what, secret) in &canaries {
+            // A minted key is shown once, by design: in the answer that made it.
+            if place == "key creation" && *secret == key.secret {
+                continue;
+            }
+            assert!(
+                !contains(bytes, secret),
+                "{what} is in plain text in {place}"
+            );
+        }
+    }
+}
