@@ -383,6 +383,7 @@ impl Control {
             revoked_at: None,
         };
         self.store.insert_admin_token(&record).await?;
+        tracing::info!(id = %record.id, by = %caller.token_id, scopes = ?record.scopes, "admin token created");
         let stored = self
             .store
             .get_admin_token(&record.id)
@@ -423,7 +424,9 @@ impl Control {
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("admin token {id:?} not found")))?;
         caller.check_within(target.scopes, &target.vendors)?;
-        Ok(self.store.revoke_admin_token(id, Utc::now()).await?)
+        let revoked = self.store.revoke_admin_token(id, Utc::now()).await?;
+        tracing::info!(id, by = %caller.token_id, "admin token revoked");
+        Ok(revoked)
     }
 
     /// Checks `Bearer <fleet token>` in constant time.
@@ -836,6 +839,59 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SqliteStore;
+
+    /// A `Control` whose store fails every query: any lookup shows up as
+    /// `Internal` instead of `Unauthenticated`.
+    async fn control_without_a_store() -> Arc<Control> {
+        let store = SqliteStore::in_memory().await.unwrap();
+        store.migrate().await.unwrap();
+        let pool = store.pool().clone();
+        let control = Control::new(
+            Arc::new(store),
+            Sealer::from_key_text(&Sealer::generate_key_text()).unwrap(),
+            &secret::generate(SecretKind::FleetToken, "test"),
+            "test",
+        )
+        .await
+        .unwrap();
+        pool.close().await;
+        control
+    }
+
+    #[tokio::test]
+    async fn a_malformed_admin_token_is_refused_without_a_lookup() {
+        let control = control_without_a_store().await;
+        let good = secret::generate(SecretKind::AdminToken, "live");
+        let mut bad_check = good.clone().into_bytes();
+        let last = bad_check.len() - 1;
+        bad_check[last] = if bad_check[last] == b'a' { b'b' } else { b'a' };
+        let bad_check = String::from_utf8(bad_check).unwrap();
+        let vault_key = secret::generate(SecretKind::VaultKey, "live");
+        let fleet = secret::generate(SecretKind::FleetToken, "live");
+        for token in [
+            bad_check.as_str(),
+            &vault_key,
+            &fleet,
+            "kcadm_live_short",
+            "x",
+        ] {
+            let auth = format!("Bearer {token}");
+            assert!(
+                matches!(
+                    control.authenticate_admin(Some(&auth)).await,
+                    Err(ApiError::Unauthenticated)
+                ),
+                "{token}"
+            );
+        }
+        // A well-formed token does reach the store (which fails here).
+        let auth = format!("Bearer {good}");
+        assert!(matches!(
+            control.authenticate_admin(Some(&auth)).await,
+            Err(ApiError::Internal)
+        ));
+    }
 
     fn put(profile: &str, credential: Option<&str>) -> Result<PutVendor, domain::InvalidInput> {
         PutVendor::new(
