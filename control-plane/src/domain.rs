@@ -349,6 +349,9 @@ pub struct AuditQuery {
     pub key_id: Option<String>,
     pub agent_run_label: Option<String>,
     pub vendor: Option<String>,
+    /// Only entries of these vendors (an admin token's restriction); `None`
+    /// for every vendor.
+    pub vendors: Option<Vec<String>>,
     /// Entries at or after this time.
     pub since: Option<DateTime<Utc>>,
     /// Entries before this time (exclusive).
@@ -405,6 +408,54 @@ pub enum ChangeRef {
 pub struct Change {
     pub version: i64,
     pub what: ChangeRef,
+}
+
+// --- admin tokens -------------------------------------------------------------
+
+/// An admin token as stored: its hash, never its text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminToken {
+    pub id: String,
+    pub token_hash: [u8; 32],
+    /// First characters of the token, enough to recognise it in a list.
+    pub token_prefix: String,
+    pub name: String,
+    pub scopes: crate::scope::Scopes,
+    pub vendors: crate::scope::VendorScope,
+    pub created_at: DateTime<Utc>,
+    /// `None`: never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// The name the `--admin-token` token is recorded under.
+pub const BOOTSTRAP_TOKEN_NAME: &str = "bootstrap";
+
+impl AdminToken {
+    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+        if self.revoked_at.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+
+    /// Holds every scope over every vendor: what the bootstrap token has,
+    /// and what must remain after any revocation.
+    pub fn is_unrestricted_admin(&self) -> bool {
+        self.scopes.is_admin() && self.vendors == crate::scope::VendorScope::All
+    }
+}
+
+/// An admin token name: 1-64 printable characters.
+pub fn parse_token_name(s: &str) -> Result<String, InvalidInput> {
+    let s = s.trim();
+    if s.is_empty() || s.len() > 64 || s.chars().any(|c| c.is_control()) {
+        return Err(invalid("name", "must be 1-64 printable characters"));
+    }
+    Ok(s.to_string())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! or a file path never reaches a response.
 
 use crate::domain::InvalidInput;
+use crate::scope::Scope;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,13 @@ pub enum ApiError {
     /// Missing or wrong credential. Never says which.
     #[error("missing or invalid token")]
     Unauthenticated,
+    /// A known admin token without a scope the call needs.
+    #[error("this admin token lacks the {0} scope")]
+    MissingScope(Scope),
+    /// A known admin token restricted to other vendors. `"*"` stands for
+    /// "every vendor" (an unrestricted token asked for by a restricted one).
+    #[error("this admin token may not act on vendor {0:?}")]
+    VendorNotAllowed(String),
     /// Something failed inside keycap; details went to the log.
     #[error("internal error")]
     Internal,
@@ -32,6 +40,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unauthenticated => "unauthenticated",
+            ApiError::MissingScope(_) => "missing_scope",
+            ApiError::VendorNotAllowed(_) => "vendor_not_allowed",
             ApiError::Internal => "internal",
         }
     }
@@ -43,6 +53,7 @@ impl ApiError {
             ApiError::NotFound(_) => S::NOT_FOUND,
             ApiError::Conflict(_) => S::CONFLICT,
             ApiError::Unauthenticated => S::UNAUTHORIZED,
+            ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) => S::FORBIDDEN,
             ApiError::Internal => S::INTERNAL_SERVER_ERROR,
         }
     }
@@ -75,6 +86,9 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
             ApiError::Conflict(_) => tonic::Status::failed_precondition(msg),
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
+            ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) => {
+                tonic::Status::permission_denied(msg)
+            }
             ApiError::Internal => tonic::Status::internal(msg),
         }
     }

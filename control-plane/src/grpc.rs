@@ -1,4 +1,4 @@
-//! gRPC front end: admin services (vendors, keys, audit) and the fleet
+//! gRPC front end: admin services (vendors, keys, audit, admin tokens) and the fleet
 //! service proxies use. Converts wire messages into validated domain inputs
 //! on receipt and domain values back into messages; all logic lives in
 //! `service::Control`.
@@ -15,7 +15,10 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, LeaseGrantRequest, Vendor};
 use crate::error::ApiError;
-use crate::service::{Control, Delta, FleetVendor, KeyView, NewKey, PutVendor};
+use crate::scope::Operation;
+use crate::service::{
+    AdminPrincipal, Control, Delta, FleetVendor, KeyView, NewAdminToken, NewKey, PutVendor,
+};
 
 /// Implements every keycap gRPC service over one `Control`.
 #[derive(Clone)]
@@ -28,12 +31,13 @@ impl Api {
         Api { control }
     }
 
-    async fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Authenticates the admin token and checks the scopes `op` needs.
+    async fn admin<T>(&self, req: &Request<T>, op: Operation) -> Result<AdminPrincipal, Status> {
         let auth = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        Ok(self.control.authenticate_admin(auth).await?)
+        Ok(self.control.authorize(auth, op).await?)
     }
 
     fn fleet<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -206,6 +210,7 @@ impl TryFrom<pb::QueryAuditRequest> for AuditQuery {
             key_id: nonempty(r.key_id),
             agent_run_label: nonempty(r.agent_run_label),
             vendor: nonempty(r.vendor),
+            vendors: None,
             since: ts("since", r.since)?,
             until: ts("until", r.until)?,
             before_seq,
@@ -231,9 +236,14 @@ impl pb::vendor_service_server::VendorService for Api {
         &self,
         req: Request<pb::PutVendorRequest>,
     ) -> Result<Response<pb::PutVendorResponse>, Status> {
-        self.admin(&req).await?;
+        let op = if req.get_ref().credential.is_empty() {
+            Operation::PutVendor
+        } else {
+            Operation::PutVendorWithCredential
+        };
+        let caller = self.admin(&req, op).await?;
         let put = PutVendor::try_from(req.into_inner()).map_err(ApiError::from)?;
-        let (v, created) = self.control.put_vendor(put).await?;
+        let (v, created) = self.control.put_vendor(&caller.vendors, put).await?;
         Ok(Response::new(pb::PutVendorResponse {
             vendor: Some(vendor_to_pb(&v)),
             created,
@@ -244,8 +254,11 @@ impl pb::vendor_service_server::VendorService for Api {
         &self,
         req: Request<pb::GetVendorRequest>,
     ) -> Result<Response<pb::GetVendorResponse>, Status> {
-        self.admin(&req).await?;
-        let v = self.control.get_vendor(&req.get_ref().name).await?;
+        let caller = self.admin(&req, Operation::GetVendor).await?;
+        let v = self
+            .control
+            .get_vendor(&caller.vendors, &req.get_ref().name)
+            .await?;
         Ok(Response::new(pb::GetVendorResponse {
             vendor: Some(vendor_to_pb(&v)),
         }))
@@ -255,8 +268,8 @@ impl pb::vendor_service_server::VendorService for Api {
         &self,
         req: Request<pb::ListVendorsRequest>,
     ) -> Result<Response<pb::ListVendorsResponse>, Status> {
-        self.admin(&req).await?;
-        let vs = self.control.list_vendors().await?;
+        let caller = self.admin(&req, Operation::ListVendors).await?;
+        let vs = self.control.list_vendors(&caller.vendors).await?;
         Ok(Response::new(pb::ListVendorsResponse {
             vendors: vs.iter().map(vendor_to_pb).collect(),
         }))
@@ -266,8 +279,10 @@ impl pb::vendor_service_server::VendorService for Api {
         &self,
         req: Request<pb::DeleteVendorRequest>,
     ) -> Result<Response<pb::DeleteVendorResponse>, Status> {
-        self.admin(&req).await?;
-        self.control.delete_vendor(&req.get_ref().name).await?;
+        let caller = self.admin(&req, Operation::DeleteVendor).await?;
+        self.control
+            .delete_vendor(&caller.vendors, &req.get_ref().name)
+            .await?;
         Ok(Response::new(pb::DeleteVendorResponse {}))
     }
 
@@ -275,7 +290,9 @@ impl pb::vendor_service_server::VendorService for Api {
         &self,
         req: Request<pb::RotateKekRequest>,
     ) -> Result<Response<pb::RotateKekResponse>, Status> {
-        self.admin(&req).await?;
+        let caller = self.admin(&req, Operation::RotateKek).await?;
+        // It touches every vendor's credential.
+        caller.vendors.check_all()?;
         let r = self.control.rotate_kek().await?;
         Ok(Response::new(pb::RotateKekResponse {
             kek_id: r.kek_id,
@@ -292,9 +309,9 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        self.admin(&req).await?;
+        let caller = self.admin(&req, Operation::CreateKey).await?;
         let new = NewKey::try_from(req.into_inner()).map_err(ApiError::from)?;
-        let (view, secret) = self.control.create_key(new).await?;
+        let (view, secret) = self.control.create_key(&caller.vendors, new).await?;
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_to_pb(&view)),
             secret,
@@ -305,8 +322,11 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::GetKeyResponse>, Status> {
-        self.admin(&req).await?;
-        let v = self.control.get_key(&req.get_ref().id).await?;
+        let caller = self.admin(&req, Operation::GetKey).await?;
+        let v = self
+            .control
+            .get_key(&caller.vendors, &req.get_ref().id)
+            .await?;
         Ok(Response::new(pb::GetKeyResponse {
             key: Some(key_to_pb(&v)),
         }))
@@ -316,14 +336,14 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        self.admin(&req).await?;
+        let caller = self.admin(&req, Operation::ListKeys).await?;
         let r = req.into_inner();
         let filter = KeyFilter {
             agent_run_label: (!r.agent_run_label.is_empty()).then_some(r.agent_run_label),
             vendor: (!r.vendor.is_empty()).then_some(r.vendor),
             include_inactive: r.include_inactive,
         };
-        let keys = self.control.list_keys(&filter).await?;
+        let keys = self.control.list_keys(&caller.vendors, &filter).await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: keys.iter().map(key_to_pb).collect(),
         }))
@@ -333,8 +353,11 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
-        self.admin(&req).await?;
-        let v = self.control.revoke_key(&req.get_ref().id).await?;
+        let caller = self.admin(&req, Operation::RevokeKey).await?;
+        let v = self
+            .control
+            .revoke_key(&caller.vendors, &req.get_ref().id)
+            .await?;
         Ok(Response::new(pb::RevokeKeyResponse {
             key: Some(key_to_pb(&v)),
         }))
@@ -344,10 +367,10 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::RevokeRunRequest>,
     ) -> Result<Response<pb::RevokeRunResponse>, Status> {
-        self.admin(&req).await?;
+        let caller = self.admin(&req, Operation::RevokeRun).await?;
         let ids = self
             .control
-            .revoke_run(&req.get_ref().agent_run_label)
+            .revoke_run(&caller.vendors, &req.get_ref().agent_run_label)
             .await?;
         Ok(Response::new(pb::RevokeRunResponse { revoked_ids: ids }))
     }
@@ -359,9 +382,9 @@ impl pb::audit_service_server::AuditService for Api {
         &self,
         req: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<pb::QueryAuditResponse>, Status> {
-        self.admin(&req).await?;
+        let caller = self.admin(&req, Operation::QueryAudit).await?;
         let q = AuditQuery::try_from(req.into_inner()).map_err(ApiError::from)?;
-        let entries = self.control.query_audit(&q).await?;
+        let entries = self.control.query_audit(&caller.vendors, &q).await?;
         Ok(Response::new(pb::QueryAuditResponse {
             next_page_token: next_page_token(&entries, q.limit)
                 .map(|s| s.to_string())
@@ -374,9 +397,9 @@ impl pb::audit_service_server::AuditService for Api {
         &self,
         req: Request<pb::SpendSummaryRequest>,
     ) -> Result<Response<pb::SpendSummaryResponse>, Status> {
-        self.admin(&req).await?;
+        let caller = self.admin(&req, Operation::SpendSummary).await?;
         let label = req.into_inner().agent_run_label;
-        let s = self.control.spend_summary(&label).await?;
+        let s = self.control.spend_summary(&caller.vendors, &label).await?;
         Ok(Response::new(pb::SpendSummaryResponse {
             agent_run_label: label,
             total_micros: s.total.0,
@@ -390,6 +413,86 @@ impl pb::audit_service_server::AuditService for Api {
                     calls,
                 })
                 .collect(),
+        }))
+    }
+}
+
+pub fn admin_token_to_pb(t: &domain::AdminToken) -> pb::AdminToken {
+    pb::AdminToken {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        scopes: t.scopes.names().into_iter().map(String::from).collect(),
+        vendors: t.vendors.list().unwrap_or_default(),
+        token_prefix: t.token_prefix.clone(),
+        created_at: Some(to_proto(t.created_at)),
+        expires_at: opt_to_proto(t.expires_at),
+        revoked_at: opt_to_proto(t.revoked_at),
+        status: match t.status(chrono::Utc::now()) {
+            KeyStatus::Active => pb::KeyStatus::Active,
+            KeyStatus::Expired => pb::KeyStatus::Expired,
+            KeyStatus::Revoked => pb::KeyStatus::Revoked,
+        } as i32,
+    }
+}
+
+impl TryFrom<pb::CreateAdminTokenRequest> for NewAdminToken {
+    type Error = domain::InvalidInput;
+
+    fn try_from(r: pb::CreateAdminTokenRequest) -> Result<Self, Self::Error> {
+        let expires_in = match r.expires_in_seconds {
+            0 => None,
+            s if s < 0 => return Err(invalid("expires_in_seconds", "must not be negative")),
+            s => Some(Duration::from_secs(s as u64)),
+        };
+        NewAdminToken::new(&r.name, &r.scopes, &r.vendors, expires_in).map_err(|mut e| {
+            if e.field == "expires_in" {
+                e.field = "expires_in_seconds";
+            }
+            e
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_token_service_server::AdminTokenService for Api {
+    async fn create_admin_token(
+        &self,
+        req: Request<pb::CreateAdminTokenRequest>,
+    ) -> Result<Response<pb::CreateAdminTokenResponse>, Status> {
+        let caller = self.admin(&req, Operation::CreateAdminToken).await?;
+        let new = NewAdminToken::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let (token, secret) = self.control.create_admin_token(&caller, new).await?;
+        Ok(Response::new(pb::CreateAdminTokenResponse {
+            token: Some(admin_token_to_pb(&token)),
+            secret,
+        }))
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        req: Request<pb::ListAdminTokensRequest>,
+    ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
+        let caller = self.admin(&req, Operation::ListAdminTokens).await?;
+        let tokens = self
+            .control
+            .list_admin_tokens(&caller, req.get_ref().include_inactive)
+            .await?;
+        Ok(Response::new(pb::ListAdminTokensResponse {
+            tokens: tokens.iter().map(admin_token_to_pb).collect(),
+        }))
+    }
+
+    async fn revoke_admin_token(
+        &self,
+        req: Request<pb::RevokeAdminTokenRequest>,
+    ) -> Result<Response<pb::RevokeAdminTokenResponse>, Status> {
+        let caller = self.admin(&req, Operation::RevokeAdminToken).await?;
+        let token = self
+            .control
+            .revoke_admin_token(&caller, &req.get_ref().id)
+            .await?;
+        Ok(Response::new(pb::RevokeAdminTokenResponse {
+            token: Some(admin_token_to_pb(&token)),
         }))
     }
 }

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod rest;
+pub mod scope;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,9 +1,10 @@
 //! REST/JSON front end under `/vault/*`, for automation platforms that
 //! cannot speak gRPC (a Make.com HTTP module, n8n, Zapier). Same operations
-//! as the gRPC admin API, same admin token. Bodies are parsed here into
-//! validated domain inputs; every failure is a JSON error body with a stable
-//! code. Responses never carry a vendor credential; a vault key secret
-//! appears only in the response that minted it.
+//! as the gRPC admin API, same admin tokens and scopes (`scope::required`).
+//! Bodies are parsed here into validated domain inputs; every failure is a
+//! JSON error body with a stable code. Responses never carry a vendor
+//! credential; a vault key or admin token secret appears only in the
+//! response that minted it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use keycap_proto::Micros;
@@ -22,15 +23,19 @@ use serde_json::{json, Value};
 use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, Vendor};
 use crate::error::ApiError;
 use crate::grpc::next_page_token;
-use crate::service::{Control, KeyView, NewKey, PutVendor};
+use crate::scope::Operation;
+use crate::service::{AdminPrincipal, Control, KeyView, NewAdminToken, NewKey, PutVendor};
 
 type Ctl = State<Arc<Control>>;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({"error": self.code(), "message": self.to_string()});
-        if let ApiError::Invalid(i) = &self {
-            body["field"] = json!(i.field);
+        match &self {
+            ApiError::Invalid(i) => body["field"] = json!(i.field),
+            ApiError::MissingScope(s) => body["scope"] = json!(s.as_str()),
+            ApiError::VendorNotAllowed(v) => body["vendor"] = json!(v),
+            _ => {}
         }
         (self.http_status(), Json(body)).into_response()
     }
@@ -46,6 +51,11 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/keys", post(create_key).get(list_keys))
         .route("/vault/keys/revoke", post(revoke_run))
         .route("/vault/keys/{id}", get(get_key).delete(revoke_key))
+        .route(
+            "/vault/admin-tokens",
+            post(create_admin_token).get(list_admin_tokens),
+        )
+        .route("/vault/admin-tokens/{id}", delete(revoke_admin_token))
         .route("/vault/spend", get(spend))
         .route("/vault/audit", get(audit))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -58,11 +68,16 @@ pub fn router(control: Arc<Control>) -> Router {
         .with_state(control)
 }
 
-async fn admin(c: &Control, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Authenticates the admin token and checks the scopes `op` needs.
+async fn admin(
+    c: &Control,
+    headers: &HeaderMap,
+    op: Operation,
+) -> Result<AdminPrincipal, ApiError> {
     let auth = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    c.authenticate_admin(auth).await
+    c.authorize(auth, op).await
 }
 
 /// Parses a JSON body with a client-facing error that names what is wrong.
@@ -155,8 +170,11 @@ async fn put_vendor(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    admin(&c, &headers).await?;
+    let caller = admin(&c, &headers, Operation::PutVendor).await?;
     let b: PutVendorBody = parse_body(&body)?;
+    if b.credential.as_deref().is_some_and(|c| !c.is_empty()) {
+        caller.require(Operation::PutVendorWithCredential)?;
+    }
     let put = PutVendor::new(
         &name,
         &b.profile,
@@ -165,7 +183,7 @@ async fn put_vendor(
         &b.currency_rates,
         &b.prices.map(|p| p.to_string()).unwrap_or_default(),
     )?;
-    let (v, created) = c.put_vendor(put).await?;
+    let (v, created) = c.put_vendor(&caller.vendors, put).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -179,13 +197,15 @@ async fn get_vendor(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
-    Ok(Json(vendor_json(&c.get_vendor(&name).await?)))
+    let caller = admin(&c, &headers, Operation::GetVendor).await?;
+    Ok(Json(vendor_json(
+        &c.get_vendor(&caller.vendors, &name).await?,
+    )))
 }
 
 async fn list_vendors(State(c): Ctl, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
-    let vs = c.list_vendors().await?;
+    let caller = admin(&c, &headers, Operation::ListVendors).await?;
+    let vs = c.list_vendors(&caller.vendors).await?;
     Ok(Json(
         json!({"vendors": vs.iter().map(vendor_json).collect::<Vec<_>>()}),
     ))
@@ -196,8 +216,8 @@ async fn delete_vendor(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
-    c.delete_vendor(&name).await?;
+    let caller = admin(&c, &headers, Operation::DeleteVendor).await?;
+    c.delete_vendor(&caller.vendors, &name).await?;
     Ok(Json(json!({"deleted": name})))
 }
 
@@ -217,28 +237,28 @@ struct CreateKeyBody {
     metadata: BTreeMap<String, String>,
 }
 
-async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    admin(&c, &headers).await?;
-    let b: CreateKeyBody = parse_body(&body)?;
-    let expires_in = match &b.expires_in {
+/// `expires_in` from JSON: a duration like "2h" or whole seconds.
+fn expires_in_field(v: &Value) -> Result<std::time::Duration, ApiError> {
+    let wrong = || {
+        invalid(
+            "expires_in",
+            "must be a duration like \"2h\" or whole seconds",
+        )
+    };
+    Ok(match v {
         Value::String(s) => domain::parse_expires_in(s)?,
         Value::Number(n) => {
-            let secs = n.as_u64().ok_or_else(|| {
-                invalid(
-                    "expires_in",
-                    "must be a duration like \"2h\" or whole seconds",
-                )
-            })?;
+            let secs = n.as_u64().ok_or_else(wrong)?;
             domain::check_lifetime(std::time::Duration::from_secs(secs))?
         }
-        _ => {
-            return Err(invalid(
-                "expires_in",
-                "must be a duration like \"2h\" or whole seconds",
-            )
-            .into())
-        }
-    };
+        _ => return Err(wrong().into()),
+    })
+}
+
+async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let caller = admin(&c, &headers, Operation::CreateKey).await?;
+    let b: CreateKeyBody = parse_body(&body)?;
+    let expires_in = expires_in_field(&b.expires_in)?;
     let new = NewKey::new(
         &b.vendor,
         &b.allowed_endpoints,
@@ -255,7 +275,7 @@ async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Re
         &b.agent_run_label,
         b.metadata,
     )?;
-    let (view, secret) = c.create_key(new).await?;
+    let (view, secret) = c.create_key(&caller.vendors, new).await?;
     let mut out = key_json(&view);
     out["key"] = json!(secret);
     Ok((StatusCode::CREATED, Json(out)).into_response())
@@ -266,8 +286,8 @@ async fn get_key(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
-    Ok(Json(key_json(&c.get_key(&id).await?)))
+    let caller = admin(&c, &headers, Operation::GetKey).await?;
+    Ok(Json(key_json(&c.get_key(&caller.vendors, &id).await?)))
 }
 
 #[derive(Deserialize)]
@@ -283,14 +303,17 @@ async fn list_keys(
     headers: HeaderMap,
     q: Result<Query<ListKeysQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
+    let caller = admin(&c, &headers, Operation::ListKeys).await?;
     let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
     let keys = c
-        .list_keys(&KeyFilter {
-            agent_run_label: q.agent_run_label,
-            vendor: q.vendor,
-            include_inactive: q.include_inactive,
-        })
+        .list_keys(
+            &caller.vendors,
+            &KeyFilter {
+                agent_run_label: q.agent_run_label,
+                vendor: q.vendor,
+                include_inactive: q.include_inactive,
+            },
+        )
         .await?;
     Ok(Json(
         json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()}),
@@ -302,8 +325,8 @@ async fn revoke_key(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
-    Ok(Json(key_json(&c.revoke_key(&id).await?)))
+    let caller = admin(&c, &headers, Operation::RevokeKey).await?;
+    Ok(Json(key_json(&c.revoke_key(&caller.vendors, &id).await?)))
 }
 
 #[derive(Deserialize)]
@@ -317,14 +340,95 @@ async fn revoke_run(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
+    let caller = admin(&c, &headers, Operation::RevokeRun).await?;
     let b: RevokeRunBody = parse_body(&body)?;
-    let ids = c.revoke_run(&b.agent_run_label).await?;
+    let ids = c.revoke_run(&caller.vendors, &b.agent_run_label).await?;
     Ok(Json(json!({
         "agent_run_label": b.agent_run_label,
         "revoked": ids.len(),
         "revoked_ids": ids,
     })))
+}
+
+// --- admin tokens -------------------------------------------------------------
+
+fn admin_token_json(t: &domain::AdminToken) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "token_prefix": t.token_prefix,
+        "scopes": t.scopes.names(),
+        "vendors": t.vendors.list(),
+        "status": match t.status(Utc::now()) {
+            KeyStatus::Active => "active",
+            KeyStatus::Expired => "expired",
+            KeyStatus::Revoked => "revoked",
+        },
+        "created_at": rfc3339(t.created_at),
+        "expires_at": t.expires_at.map(rfc3339),
+        "revoked_at": t.revoked_at.map(rfc3339),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAdminTokenBody {
+    name: String,
+    scopes: Vec<String>,
+    /// Absent or empty: every vendor.
+    #[serde(default)]
+    vendors: Vec<String>,
+    /// Absent or null: never expires.
+    #[serde(default)]
+    expires_in: Option<Value>,
+}
+
+async fn create_admin_token(
+    State(c): Ctl,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = admin(&c, &headers, Operation::CreateAdminToken).await?;
+    let b: CreateAdminTokenBody = parse_body(&body)?;
+    let expires_in = match &b.expires_in {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(expires_in_field(v)?),
+    };
+    let new = NewAdminToken::new(&b.name, &b.scopes, &b.vendors, expires_in)?;
+    let (token, secret) = c.create_admin_token(&caller, new).await?;
+    let mut out = admin_token_json(&token);
+    out["token"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListAdminTokensQuery {
+    #[serde(default)]
+    include_inactive: bool,
+}
+
+async fn list_admin_tokens(
+    State(c): Ctl,
+    headers: HeaderMap,
+    q: Result<Query<ListAdminTokensQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&c, &headers, Operation::ListAdminTokens).await?;
+    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let tokens = c.list_admin_tokens(&caller, q.include_inactive).await?;
+    Ok(Json(
+        json!({"admin_tokens": tokens.iter().map(admin_token_json).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn revoke_admin_token(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&c, &headers, Operation::RevokeAdminToken).await?;
+    Ok(Json(admin_token_json(
+        &c.revoke_admin_token(&caller, &id).await?,
+    )))
 }
 
 #[derive(Deserialize)]
@@ -337,12 +441,12 @@ async fn spend(
     headers: HeaderMap,
     q: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
+    let caller = admin(&c, &headers, Operation::SpendSummary).await?;
     let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
     let label = q
         .agent_run_label
         .ok_or_else(|| invalid("agent_run_label", "query parameter is required"))?;
-    let s = c.spend_summary(&label).await?;
+    let s = c.spend_summary(&caller.vendors, &label).await?;
     Ok(Json(json!({
         "agent_run_label": label,
         "total_usd": usd(s.total),
@@ -376,7 +480,7 @@ async fn audit(
     headers: HeaderMap,
     q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&c, &headers).await?;
+    let caller = admin(&c, &headers, Operation::QueryAudit).await?;
     let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
     let limit = p.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -386,6 +490,7 @@ async fn audit(
         key_id: p.key_id,
         agent_run_label: p.agent_run_label,
         vendor: p.vendor,
+        vendors: None,
         since: p
             .since
             .as_deref()
@@ -406,7 +511,7 @@ async fn audit(
             .transpose()?,
         limit,
     };
-    let entries = c.query_audit(&query).await?;
+    let entries = c.query_audit(&caller.vendors, &query).await?;
     let items: Vec<Value> = entries
         .iter()
         .map(|e| {

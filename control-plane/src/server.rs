@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use keycap_proto::pb;
+use keycap_proto::secret::{self, SecretKind};
 use tokio::net::TcpListener;
 
 use crate::config::ControlConfig;
@@ -49,10 +50,13 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
     }
     let control = Control::new(store, sealer, &config.fleet_token, &config.key_env).await?;
     if let Some(token) = &config.admin_token {
-        if token.len() < 24 {
-            anyhow::bail!("KEYCAP_ADMIN_TOKEN must be at least 24 characters");
+        if !secret::is_well_formed(SecretKind::AdminToken, token) {
+            anyhow::bail!(
+                "KEYCAP_ADMIN_TOKEN is not a keycap admin token (kcadm_<env>_... with its \
+                 checksum); make one with `keycap admin-token generate`"
+            );
         }
-        control.add_admin_token(token).await?;
+        control.record_bootstrap_token(token).await?;
     } else {
         // Not an error: tokens from earlier starts stay valid. But a first
         // start without one leaves an admin API nobody can call.
@@ -77,6 +81,7 @@ pub fn router(control: Arc<Control>) -> axum::Router {
     .add_service(pb::audit_service_server::AuditServiceServer::new(
         api.clone(),
     ))
+    .add_service(pb::admin_token_service_server::AdminTokenServiceServer::new(api.clone()))
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
     .add_service(reflection)
     .prepare()

@@ -2,9 +2,10 @@
 //!
 //! `Control` takes validated inputs (see `domain`), talks to the `Store`,
 //! seals and opens credentials and wakes policy watchers after each change.
-//! It owns authentication of admin and fleet tokens. It never returns a
-//! vendor credential except to an authenticated fleet caller, and never
-//! stores a secret in plain text.
+//! It owns authentication of admin and fleet tokens and what an admin
+//! token may do (its scopes, vendors and lifetime; see `scope`). It never
+//! returns a vendor credential except to an authenticated fleet caller, and
+//! never stores a secret in plain text.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,11 +20,12 @@ use tokio::sync::watch;
 
 use crate::crypto::Sealer;
 use crate::domain::{
-    self, invalid, parse_profile, AuditEntry, AuditQuery, ChangeRef, KeyFilter, KeySpend,
-    KeyStatus, LeaseGrant, LeaseGrantRequest, Profile, SpendEvent, SpendSummary, VaultKey, Vendor,
-    VendorName,
+    self, invalid, parse_profile, AdminToken, AuditEntry, AuditQuery, ChangeRef, KeyFilter,
+    KeySpend, KeyStatus, LeaseGrant, LeaseGrantRequest, Profile, SpendEvent, SpendSummary,
+    VaultKey, Vendor, VendorName, BOOTSTRAP_TOKEN_NAME,
 };
 use crate::error::ApiError;
+use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
 /// How long proxies keep knowing a key after it expired, to answer
@@ -96,6 +98,69 @@ impl PutVendor {
             prices: domain::parse_prices(profile, prices)?,
         })
     }
+}
+
+/// An authenticated admin token: what it may do, on which vendors, until
+/// when.
+#[derive(Clone, Debug)]
+pub struct AdminPrincipal {
+    pub token_id: String,
+    pub scopes: Scopes,
+    pub vendors: VendorScope,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl AdminPrincipal {
+    /// `MissingScope` naming the first scope `op` needs that this token
+    /// lacks (see `scope::required`).
+    pub fn require(&self, op: Operation) -> Result<(), ApiError> {
+        match scope::missing_for(self.scopes, op) {
+            Some(s) => Err(ApiError::MissingScope(s)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses scopes or vendors beyond this token's own: no token can mint
+    /// (or revoke, or see) a more powerful one.
+    pub fn check_within(&self, scopes: Scopes, vendors: &VendorScope) -> Result<(), ApiError> {
+        if let Some(s) = self.scopes.first_missing(scopes) {
+            return Err(ApiError::MissingScope(s));
+        }
+        if let Some(v) = self.vendors.first_uncovered(vendors) {
+            return Err(ApiError::VendorNotAllowed(v));
+        }
+        Ok(())
+    }
+}
+
+/// An admin token to mint, validated.
+#[derive(Clone, Debug)]
+pub struct NewAdminToken {
+    pub name: String,
+    pub scopes: Scopes,
+    pub vendors: VendorScope,
+    /// `None`: never expires.
+    pub expires_in: Option<Duration>,
+}
+
+impl NewAdminToken {
+    pub fn new<S: AsRef<str>>(
+        name: &str,
+        scopes: &[S],
+        vendors: &[S],
+        expires_in: Option<Duration>,
+    ) -> Result<Self, domain::InvalidInput> {
+        Ok(NewAdminToken {
+            name: domain::parse_token_name(name)?,
+            scopes: Scopes::parse_list(scopes)?,
+            vendors: VendorScope::parse_list(vendors)?,
+            expires_in: expires_in.map(domain::check_lifetime).transpose()?,
+        })
+    }
+}
+
+fn new_admin_token_id() -> String {
+    format!("adm_{}", uuid::Uuid::new_v4().simple())
 }
 
 /// A key to mint, validated.
@@ -224,23 +289,155 @@ impl Control {
         &self.store
     }
 
-    /// Records the bootstrap admin token (hashed).
-    pub async fn add_admin_token(&self, token: &str) -> Result<(), ApiError> {
-        Ok(self
-            .store
-            .add_admin_token(&secret::hash(token), Utc::now())
-            .await?)
+    // --- admin tokens -------------------------------------------------------
+
+    /// Records the `--admin-token` token (hashed) as `bootstrap` with every
+    /// scope, unless it is already stored: a bootstrap token that was
+    /// retired stays retired when the same token is given again.
+    pub async fn record_bootstrap_token(&self, token: &str) -> Result<(), ApiError> {
+        if !secret::is_well_formed(SecretKind::AdminToken, token) {
+            return Err(invalid(
+                "admin_token",
+                "not a keycap admin token (kcadm_<env>_...); make one with `keycap admin-token generate`",
+            )
+            .into());
+        }
+        let record = AdminToken {
+            id: new_admin_token_id(),
+            token_hash: secret::hash(token),
+            token_prefix: secret::display_prefix(token),
+            name: BOOTSTRAP_TOKEN_NAME.to_string(),
+            scopes: Scopes::ADMIN,
+            vendors: VendorScope::All,
+            created_at: Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+        };
+        Ok(self.store.ensure_admin_token(&record).await?)
     }
 
-    /// Checks `Bearer <admin token>`. Every failure is the same
+    /// Checks `Bearer <admin token>`: a malformed token (wrong prefix or
+    /// checksum) is refused before any lookup; an unknown, expired or
+    /// revoked one is refused after it. Every failure is the same
     /// `Unauthenticated`.
-    pub async fn authenticate_admin(&self, authorization: Option<&str>) -> Result<(), ApiError> {
+    pub async fn authenticate_admin(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<AdminPrincipal, ApiError> {
         let token = bearer(authorization).ok_or(ApiError::Unauthenticated)?;
-        if self.store.admin_token_exists(&secret::hash(token)).await? {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthenticated)
+        if !secret::is_well_formed(SecretKind::AdminToken, token) {
+            return Err(ApiError::Unauthenticated);
         }
+        let Some(t) = self.store.find_admin_token(&secret::hash(token)).await? else {
+            return Err(ApiError::Unauthenticated);
+        };
+        if t.status(Utc::now()) != KeyStatus::Active {
+            return Err(ApiError::Unauthenticated);
+        }
+        Ok(AdminPrincipal {
+            token_id: t.id,
+            scopes: t.scopes,
+            vendors: t.vendors,
+            expires_at: t.expires_at,
+        })
+    }
+
+    /// Authenticates and checks the scopes `op` needs (`scope::required`):
+    /// `MissingScope` names the first one the token lacks.
+    pub async fn authorize(
+        &self,
+        authorization: Option<&str>,
+        op: Operation,
+    ) -> Result<AdminPrincipal, ApiError> {
+        let caller = self.authenticate_admin(authorization).await?;
+        caller.require(op)?;
+        Ok(caller)
+    }
+
+    /// Mints an admin token within the caller's own scopes, vendors and
+    /// lifetime. Returns its record and the token text, which exists nowhere
+    /// else after this returns.
+    pub async fn create_admin_token(
+        &self,
+        caller: &AdminPrincipal,
+        req: NewAdminToken,
+    ) -> Result<(AdminToken, String), ApiError> {
+        caller.check_within(req.scopes, &req.vendors)?;
+        let now = Utc::now();
+        let expires_at = req
+            .expires_in
+            .map(|d| chrono::Duration::from_std(d).map(|d| now + d))
+            .transpose()
+            .map_err(|_| invalid("expires_in", "too large"))?;
+        if let Some(limit) = caller.expires_at {
+            if expires_at.is_none_or(|e| e > limit) {
+                return Err(invalid(
+                    "expires_in",
+                    format!(
+                        "must end by {}, when the token creating it expires",
+                        limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                )
+                .into());
+            }
+        }
+        let text = secret::generate(SecretKind::AdminToken, &self.key_env);
+        let record = AdminToken {
+            id: new_admin_token_id(),
+            token_hash: secret::hash(&text),
+            token_prefix: secret::display_prefix(&text),
+            name: req.name,
+            scopes: req.scopes,
+            vendors: req.vendors,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+        };
+        self.store.insert_admin_token(&record).await?;
+        tracing::info!(id = %record.id, by = %caller.token_id, scopes = ?record.scopes, "admin token created");
+        let stored = self
+            .store
+            .get_admin_token(&record.id)
+            .await?
+            .ok_or(ApiError::Internal)?;
+        Ok((stored, text))
+    }
+
+    /// Tokens within the caller's own scopes and vendors, newest first;
+    /// revoked and expired ones only when asked for.
+    pub async fn list_admin_tokens(
+        &self,
+        caller: &AdminPrincipal,
+        include_inactive: bool,
+    ) -> Result<Vec<AdminToken>, ApiError> {
+        let now = Utc::now();
+        Ok(self
+            .store
+            .list_admin_tokens()
+            .await?
+            .into_iter()
+            .filter(|t| include_inactive || t.status(now) == KeyStatus::Active)
+            .filter(|t| caller.check_within(t.scopes, &t.vendors).is_ok())
+            .collect())
+    }
+
+    /// Revokes a token within the caller's own scopes and vendors. The last
+    /// active token with every scope over every vendor (at first, the
+    /// bootstrap token) cannot be revoked: `Conflict`.
+    pub async fn revoke_admin_token(
+        &self,
+        caller: &AdminPrincipal,
+        id: &str,
+    ) -> Result<AdminToken, ApiError> {
+        let target = self
+            .store
+            .get_admin_token(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("admin token {id:?} not found")))?;
+        caller.check_within(target.scopes, &target.vendors)?;
+        let revoked = self.store.revoke_admin_token(id, Utc::now()).await?;
+        tracing::info!(id, by = %caller.token_id, "admin token revoked");
+        Ok(revoked)
     }
 
     /// Checks `Bearer <fleet token>` in constant time.
@@ -330,7 +527,12 @@ impl Control {
 
     // --- vendors ------------------------------------------------------------
 
-    pub async fn put_vendor(&self, req: PutVendor) -> Result<(Vendor, bool), ApiError> {
+    pub async fn put_vendor(
+        &self,
+        vendors: &VendorScope,
+        req: PutVendor,
+    ) -> Result<(Vendor, bool), ApiError> {
+        vendors.check(req.name.as_str())?;
         let now = Utc::now();
         let sealed_credential = req
             .credential
@@ -358,18 +560,22 @@ impl Control {
         Ok(out)
     }
 
-    pub async fn get_vendor(&self, name: &str) -> Result<Vendor, ApiError> {
+    pub async fn get_vendor(&self, vendors: &VendorScope, name: &str) -> Result<Vendor, ApiError> {
+        vendors.check(name)?;
         self.store
             .get_vendor(name)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))
     }
 
-    pub async fn list_vendors(&self) -> Result<Vec<Vendor>, ApiError> {
-        Ok(self.store.list_vendors().await?)
+    pub async fn list_vendors(&self, vendors: &VendorScope) -> Result<Vec<Vendor>, ApiError> {
+        let mut all = self.store.list_vendors().await?;
+        all.retain(|v| vendors.allows(v.name.as_str()));
+        Ok(all)
     }
 
-    pub async fn delete_vendor(&self, name: &str) -> Result<(), ApiError> {
+    pub async fn delete_vendor(&self, vendors: &VendorScope, name: &str) -> Result<(), ApiError> {
+        vendors.check(name)?;
         self.store.delete_vendor(name, Utc::now()).await?;
         self.changed().await;
         Ok(())
@@ -379,7 +585,12 @@ impl Control {
 
     /// Mints a key. Returns its view and the secret, which exists nowhere
     /// else after this returns.
-    pub async fn create_key(&self, req: NewKey) -> Result<(KeyView, String), ApiError> {
+    pub async fn create_key(
+        &self,
+        vendors: &VendorScope,
+        req: NewKey,
+    ) -> Result<(KeyView, String), ApiError> {
+        vendors.check(req.vendor.as_str())?;
         if self.store.get_vendor(req.vendor.as_str()).await?.is_none() {
             return Err(ApiError::Invalid(invalid(
                 "vendor",
@@ -432,47 +643,103 @@ impl Control {
         })
     }
 
-    pub async fn get_key(&self, id: &str) -> Result<KeyView, ApiError> {
+    pub async fn get_key(&self, vendors: &VendorScope, id: &str) -> Result<KeyView, ApiError> {
+        let key = self.key_of_allowed_vendor(vendors, id).await?;
+        self.view(key, Utc::now()).await
+    }
+
+    /// The key, if the caller may act on its vendor.
+    async fn key_of_allowed_vendor(
+        &self,
+        vendors: &VendorScope,
+        id: &str,
+    ) -> Result<VaultKey, ApiError> {
         let key = self
             .store
             .get_key(id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("key {id:?} not found")))?;
-        self.view(key, Utc::now()).await
+        vendors.check(key.vendor.as_str())?;
+        Ok(key)
     }
 
-    pub async fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<KeyView>, ApiError> {
+    pub async fn list_keys(
+        &self,
+        vendors: &VendorScope,
+        filter: &KeyFilter,
+    ) -> Result<Vec<KeyView>, ApiError> {
+        if let Some(v) = &filter.vendor {
+            vendors.check(v)?;
+        }
         let now = Utc::now();
         let keys = self.store.list_keys(filter, now).await?;
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            out.push(self.view(k, now).await?);
+            if vendors.allows(k.vendor.as_str()) {
+                out.push(self.view(k, now).await?);
+            }
         }
         Ok(out)
     }
 
-    pub async fn revoke_key(&self, id: &str) -> Result<KeyView, ApiError> {
+    pub async fn revoke_key(&self, vendors: &VendorScope, id: &str) -> Result<KeyView, ApiError> {
+        self.key_of_allowed_vendor(vendors, id).await?;
         let key = self.store.revoke_key(id, Utc::now()).await?;
         self.changed().await;
         self.view(key, Utc::now()).await
     }
 
-    pub async fn revoke_run(&self, label: &str) -> Result<Vec<String>, ApiError> {
+    /// Revokes the run's keys — only those of the caller's vendors.
+    pub async fn revoke_run(
+        &self,
+        vendors: &VendorScope,
+        label: &str,
+    ) -> Result<Vec<String>, ApiError> {
         let label = domain::parse_run_label(label)?;
-        let ids = self.store.revoke_run(&label, Utc::now()).await?;
+        let ids = self
+            .store
+            .revoke_run(&label, vendors.list().as_deref(), Utc::now())
+            .await?;
         self.changed().await;
         Ok(ids)
     }
 
     // --- audit --------------------------------------------------------------
 
-    pub async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, ApiError> {
-        Ok(self.store.query_audit(q).await?)
+    /// Audit entries of the caller's vendors only.
+    pub async fn query_audit(
+        &self,
+        vendors: &VendorScope,
+        q: &AuditQuery,
+    ) -> Result<Vec<AuditEntry>, ApiError> {
+        if let Some(v) = &q.vendor {
+            vendors.check(v)?;
+        }
+        let mut q = q.clone();
+        q.vendors = vendors.list();
+        Ok(self.store.query_audit(&q).await?)
     }
 
-    pub async fn spend_summary(&self, label: &str) -> Result<SpendSummary, ApiError> {
+    /// A run's spend over the caller's vendors only.
+    pub async fn spend_summary(
+        &self,
+        vendors: &VendorScope,
+        label: &str,
+    ) -> Result<SpendSummary, ApiError> {
         let label = domain::parse_run_label(label)?;
-        Ok(self.store.spend_summary(&label).await?)
+        let all = self.store.spend_summary(&label).await?;
+        if *vendors == VendorScope::All {
+            return Ok(all);
+        }
+        let mut out = SpendSummary::default();
+        for (vendor, total, calls) in all.vendors {
+            if vendors.allows(&vendor) {
+                out.total = out.total.saturating_add(total);
+                out.calls += calls;
+                out.vendors.push((vendor, total, calls));
+            }
+        }
+        Ok(out)
     }
 
     // --- fleet --------------------------------------------------------------
@@ -631,6 +898,59 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SqliteStore;
+
+    /// A `Control` whose store fails every query: any lookup shows up as
+    /// `Internal` instead of `Unauthenticated`.
+    async fn control_without_a_store() -> Arc<Control> {
+        let store = SqliteStore::in_memory().await.unwrap();
+        store.migrate().await.unwrap();
+        let pool = store.pool().clone();
+        let control = Control::new(
+            Arc::new(store),
+            Sealer::from_key_text(&Sealer::generate_key_text()).unwrap(),
+            &secret::generate(SecretKind::FleetToken, "test"),
+            "test",
+        )
+        .await
+        .unwrap();
+        pool.close().await;
+        control
+    }
+
+    #[tokio::test]
+    async fn a_malformed_admin_token_is_refused_without_a_lookup() {
+        let control = control_without_a_store().await;
+        let good = secret::generate(SecretKind::AdminToken, "live");
+        let mut bad_check = good.clone().into_bytes();
+        let last = bad_check.len() - 1;
+        bad_check[last] = if bad_check[last] == b'a' { b'b' } else { b'a' };
+        let bad_check = String::from_utf8(bad_check).unwrap();
+        let vault_key = secret::generate(SecretKind::VaultKey, "live");
+        let fleet = secret::generate(SecretKind::FleetToken, "live");
+        for token in [
+            bad_check.as_str(),
+            &vault_key,
+            &fleet,
+            "kcadm_live_short",
+            "x",
+        ] {
+            let auth = format!("Bearer {token}");
+            assert!(
+                matches!(
+                    control.authenticate_admin(Some(&auth)).await,
+                    Err(ApiError::Unauthenticated)
+                ),
+                "{token}"
+            );
+        }
+        // A well-formed token does reach the store (which fails here).
+        let auth = format!("Bearer {good}");
+        assert!(matches!(
+            control.authenticate_admin(Some(&auth)).await,
+            Err(ApiError::Internal)
+        ));
+    }
 
     fn put(profile: &str, credential: Option<&str>) -> Result<PutVendor, domain::InvalidInput> {
         PutVendor::new(

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
 use keycap_control::domain::{
-    AuditQuery, ChangeRef, KeyFilter, LeaseGrantRequest, Outcome, Profile, SpendEvent, VaultKey,
-    Vendor, VendorName,
+    AdminToken, AuditQuery, ChangeRef, KeyFilter, KeyStatus, LeaseGrantRequest, Outcome, Profile,
+    SpendEvent, VaultKey, Vendor, VendorName,
 };
+use keycap_control::scope::{Scopes, VendorScope};
 use keycap_control::store::{PgStore, SqliteStore, Store, StoreError, VendorWrite};
 use keycap_proto::Micros;
 use sha2::{Digest, Sha256};
@@ -78,7 +79,11 @@ macro_rules! suite {
 }
 
 suite!(
-    admin_tokens,
+    admin_tokens_round_trip,
+    a_known_hash_is_not_recorded_again,
+    the_last_unrestricted_admin_token_cannot_be_revoked,
+    revoke_run_within_vendors,
+    audit_restricted_to_vendors,
     vendor_create_update_list,
     vendor_delete_rules,
     sealed_credentials_are_replaced_only_if_unchanged,
@@ -195,6 +200,26 @@ async fn add_vendor(s: &dyn Store, name: &str) {
     s.put_vendor(with_credential(vendor(name, now()), b"sealed"))
         .await
         .expect("put vendor");
+}
+
+fn admin_token(
+    id: &str,
+    scopes: &[&str],
+    vendors: &[&str],
+    expires_at: Option<DateTime<Utc>>,
+) -> AdminToken {
+    AdminToken {
+        id: id.to_string(),
+        token_hash: Sha256::digest(id.as_bytes()).into(),
+        token_prefix: format!("kcadm_test_{id}"),
+        name: format!("token {id}"),
+        scopes: Scopes::parse_list(scopes).unwrap(),
+        vendors: VendorScope::parse_list(vendors).unwrap(),
+        // Later ids sort as newer.
+        created_at: trunc(now()) + Duration::seconds(id.len() as i64),
+        expires_at: expires_at.map(trunc),
+        revoked_at: None,
+    }
 }
 
 fn key(id: &str, vendor: &str, label: &str, daily_cap: i64) -> VaultKey {
@@ -318,16 +343,154 @@ mod cases {
 
     type S = Arc<dyn Store>;
 
-    pub async fn admin_tokens(s: S) {
-        let a = [7u8; 32];
-        let b = [8u8; 32];
-        assert!(!s.admin_token_exists(&a).await.unwrap());
-        s.add_admin_token(&a, now()).await.unwrap();
-        s.add_admin_token(&a, now())
+    pub async fn admin_tokens_round_trip(s: S) {
+        let full = admin_token("adm_full", &["admin"], &[], None);
+        let narrow = admin_token(
+            "adm_narrow",
+            &["keys:issue", "audit:read"],
+            &["openai", "stripe"],
+            Some(now() + Duration::hours(2)),
+        );
+        s.insert_admin_token(&full).await.unwrap();
+        s.insert_admin_token(&narrow).await.unwrap();
+        assert_eq!(
+            s.find_admin_token(&narrow.token_hash).await.unwrap(),
+            Some(narrow.clone()),
+            "scopes, vendors and times read back as written"
+        );
+        assert_eq!(
+            s.get_admin_token("adm_full").await.unwrap(),
+            Some(full.clone())
+        );
+        assert_eq!(s.find_admin_token(&[9u8; 32]).await.unwrap(), None);
+        assert_eq!(s.get_admin_token("adm_none").await.unwrap(), None);
+        let listed: Vec<String> = s
+            .list_admin_tokens()
             .await
-            .expect("adding twice is a no-op");
-        assert!(s.admin_token_exists(&a).await.unwrap());
-        assert!(!s.admin_token_exists(&b).await.unwrap());
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(listed, ["adm_narrow", "adm_full"], "newest first");
+
+        let mut same_hash = admin_token("adm_other", &["admin"], &[], None);
+        same_hash.token_hash = full.token_hash;
+        assert!(matches!(
+            s.insert_admin_token(&same_hash).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let same_id = admin_token("adm_full", &["admin"], &[], None);
+        let mut same_id = same_id;
+        same_id.token_hash = [42u8; 32];
+        assert!(matches!(
+            s.insert_admin_token(&same_id).await,
+            Err(StoreError::Conflict(_))
+        ));
+
+        let later = now() + Duration::minutes(5);
+        let revoked = s.revoke_admin_token("adm_narrow", later).await.unwrap();
+        assert_eq!(revoked.revoked_at, Some(trunc(later)));
+        let again = s
+            .revoke_admin_token("adm_narrow", later + Duration::hours(1))
+            .await
+            .unwrap();
+        assert_eq!(again.revoked_at, Some(trunc(later)), "keeps its first time");
+        assert_eq!(
+            s.find_admin_token(&narrow.token_hash)
+                .await
+                .unwrap()
+                .unwrap()
+                .status(later),
+            KeyStatus::Revoked
+        );
+        assert!(matches!(
+            s.revoke_admin_token("adm_none", later).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    pub async fn a_known_hash_is_not_recorded_again(s: S) {
+        // What start-up does with --admin-token: a retired bootstrap token
+        // presented again must stay retired.
+        let boot = admin_token("adm_boot", &["admin"], &[], None);
+        s.ensure_admin_token(&boot).await.unwrap();
+        s.insert_admin_token(&admin_token("adm_second", &["admin"], &[], None))
+            .await
+            .unwrap();
+        s.revoke_admin_token("adm_boot", now()).await.unwrap();
+        let mut restart = admin_token("adm_fresh_id", &["admin"], &[], None);
+        restart.token_hash = boot.token_hash;
+        s.ensure_admin_token(&restart).await.unwrap();
+        let stored = s.find_admin_token(&boot.token_hash).await.unwrap().unwrap();
+        assert_eq!(stored.id, "adm_boot");
+        assert_eq!(stored.revoked_at, Some(trunc(now())));
+        assert_eq!(s.get_admin_token("adm_fresh_id").await.unwrap(), None);
+        assert_eq!(s.list_admin_tokens().await.unwrap().len(), 2);
+    }
+
+    pub async fn the_last_unrestricted_admin_token_cannot_be_revoked(s: S) {
+        s.insert_admin_token(&admin_token("adm_boot", &["admin"], &[], None))
+            .await
+            .unwrap();
+        // None of these can stand in for it: restricted to vendors, short
+        // of scopes, or expired.
+        s.insert_admin_token(&admin_token("adm_vendor", &["admin"], &["stripe"], None))
+            .await
+            .unwrap();
+        s.insert_admin_token(&admin_token(
+            "adm_keys",
+            &["keys:issue", "tokens:write"],
+            &[],
+            None,
+        ))
+        .await
+        .unwrap();
+        s.insert_admin_token(&admin_token(
+            "adm_expired",
+            &["admin"],
+            &[],
+            Some(now() - Duration::seconds(1)),
+        ))
+        .await
+        .unwrap();
+        match s.revoke_admin_token("adm_boot", now()).await {
+            Err(StoreError::Conflict(msg)) => assert!(msg.contains("last"), "{msg}"),
+            other => panic!("revoked the last admin token: {other:?}"),
+        }
+        assert_eq!(
+            s.get_admin_token("adm_boot")
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at,
+            None
+        );
+        // Lesser tokens can always go.
+        s.revoke_admin_token("adm_vendor", now()).await.unwrap();
+        s.revoke_admin_token("adm_keys", now()).await.unwrap();
+
+        s.insert_admin_token(&admin_token("adm_second", &["admin"], &[], None))
+            .await
+            .unwrap();
+        s.revoke_admin_token("adm_boot", now()).await.unwrap();
+        assert!(matches!(
+            s.revoke_admin_token("adm_second", now()).await,
+            Err(StoreError::Conflict(_))
+        ));
+
+        // Two admins revoked at once: exactly one revocation succeeds.
+        s.insert_admin_token(&admin_token("adm_third", &["admin"], &[], None))
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            s.revoke_admin_token("adm_second", now()),
+            s.revoke_admin_token("adm_third", now())
+        );
+        assert_eq!(
+            [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(),
+            1,
+            "{a:?} / {b:?}"
+        );
     }
 
     pub async fn sealed_credentials_are_replaced_only_if_unchanged(s: S) {
@@ -645,7 +808,7 @@ mod cases {
         s.revoke_key("a3", earlier).await.unwrap();
         let v0 = s.latest_version().await.unwrap();
 
-        let ids = s.revoke_run("run-a", now()).await.unwrap();
+        let ids = s.revoke_run("run-a", None, now()).await.unwrap();
         assert_eq!(ids, ["a1", "a2"]);
         for id in ["a1", "a2"] {
             assert_eq!(
@@ -673,8 +836,12 @@ mod cases {
             [ChangeRef::Key("a1".into()), ChangeRef::Key("a2".into())]
         );
 
-        assert!(s.revoke_run("run-a", now()).await.unwrap().is_empty());
-        assert!(s.revoke_run("no-such-run", now()).await.unwrap().is_empty());
+        assert!(s.revoke_run("run-a", None, now()).await.unwrap().is_empty());
+        assert!(s
+            .revoke_run("no-such-run", None, now())
+            .await
+            .unwrap()
+            .is_empty());
         assert_eq!(s.latest_version().await.unwrap(), v0 + 2);
     }
 
@@ -1105,6 +1272,64 @@ mod cases {
             (d3.spent_day, d3.calls_day, d3.spent_lifetime),
             (Micros(0), 0, Micros(123))
         );
+    }
+
+    pub async fn revoke_run_within_vendors(s: S) {
+        add_key(&*s, key("s1", "stripe", "run", 10)).await;
+        add_key(&*s, key("o1", "openai", "run", 10)).await;
+        add_key(&*s, key("r1", "resend", "run", 10)).await;
+        let only = ["openai".to_string(), "resend".to_string()];
+        let ids = s.revoke_run("run", Some(&only), now()).await.unwrap();
+        assert_eq!(ids, ["o1", "r1"]);
+        assert_eq!(s.get_key("s1").await.unwrap().unwrap().revoked_at, None);
+        assert!(s
+            .revoke_run("run", Some(&[]), now())
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(s.revoke_run("run", None, now()).await.unwrap(), ["s1"]);
+    }
+
+    pub async fn audit_restricted_to_vendors(s: S) {
+        add_key(&*s, key("ka", "stripe", "run", 10_000)).await;
+        add_key(&*s, key("kb", "openai", "run", 10_000)).await;
+        let events: Vec<SpendEvent> = (0..6)
+            .map(|i| {
+                let (k, vendor) = if i % 2 == 0 {
+                    ("ka", "stripe")
+                } else {
+                    ("kb", "openai")
+                };
+                let mut e = event(&format!("e{i}"), k, "l", DAY, vendor, 10);
+                e.at = now() + Duration::minutes(i);
+                e
+            })
+            .collect();
+        s.record_spend(&events).await.unwrap();
+        let ids = |vendors: Option<Vec<&str>>, limit: u32| {
+            let s = s.clone();
+            let vendors: Option<Vec<String>> =
+                vendors.map(|v| v.into_iter().map(String::from).collect());
+            async move {
+                let q = AuditQuery {
+                    vendors,
+                    limit,
+                    ..AuditQuery::default()
+                };
+                s.query_audit(&q)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.event.event_id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(ids(Some(vec!["openai"]), 0).await, ["e5", "e3", "e1"]);
+        // The restriction applies before the page is cut.
+        assert_eq!(ids(Some(vec!["stripe"]), 2).await, ["e4", "e2"]);
+        assert_eq!(ids(Some(vec!["openai", "stripe"]), 0).await.len(), 6);
+        assert!(ids(Some(vec![]), 0).await.is_empty());
+        assert_eq!(ids(None, 0).await.len(), 6);
     }
 
     pub async fn audit_filters_order_and_paging(s: S) {

@@ -92,9 +92,10 @@ fn random_hex(bytes: usize) -> String {
         .collect()
 }
 
-/// A fresh admin token (long enough for keycap-control).
+/// A fresh admin token in keycap's format (keycap-control refuses any
+/// other as its bootstrap token).
 pub fn admin_token() -> String {
-    format!("kcadm_test_{}", random_hex(20))
+    keycap_proto::secret::generate(keycap_proto::secret::SecretKind::AdminToken, "test")
 }
 
 /// A fresh fleet token.

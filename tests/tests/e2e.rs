@@ -504,6 +504,9 @@ mod openai;
 #[path = "e2e/twilio.rs"]
 mod twilio;
 
+#[path = "e2e/admin_tokens.rs"]
+mod admin_tokens;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;

@@ -1,7 +1,7 @@
 //! Persistence: what the control plane keeps, behind one `Store` trait.
 //!
-//! Stored: admin token hashes; vendors with their sealed (encrypted)
-//! credentials; vault keys (SHA-256 of the secret only); the change log that
+//! Stored: admin tokens (hash, scopes, vendor restriction, expiry);
+//! vendors with their sealed (encrypted) credentials; vault keys (SHA-256 of the secret only); the change log that
 //! proxies follow; budget leases and their grants; daily spend per key; the
 //! append-only audit ledger. Two implementations — PostgreSQL for
 //! production and SQLite for the embedded single-node default — pass the
@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{
-    AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest, SpendEvent,
-    SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest,
+    SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 pub mod postgres;
@@ -60,9 +60,22 @@ pub trait Store: Send + Sync + 'static {
     async fn migrate(&self) -> StoreResult<()>;
 
     // --- admin tokens -----------------------------------------------------
-    /// Records an admin token hash (no-op if present).
-    async fn add_admin_token(&self, token_hash: &[u8; 32], now: DateTime<Utc>) -> StoreResult<()>;
-    async fn admin_token_exists(&self, token_hash: &[u8; 32]) -> StoreResult<bool>;
+    /// Records a token unless one with its hash is already stored, whatever
+    /// that one's state: a revoked (retired) bootstrap token presented again
+    /// at start-up stays revoked.
+    async fn ensure_admin_token(&self, token: &AdminToken) -> StoreResult<()>;
+    /// Inserts a new token; `Conflict` if its id or hash is taken.
+    async fn insert_admin_token(&self, token: &AdminToken) -> StoreResult<()>;
+    /// The token with this hash, whatever its state.
+    async fn find_admin_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<AdminToken>>;
+    async fn get_admin_token(&self, id: &str) -> StoreResult<Option<AdminToken>>;
+    /// Every token, newest first.
+    async fn list_admin_tokens(&self) -> StoreResult<Vec<AdminToken>>;
+    /// Revokes a token (idempotent: a revoked token keeps its first
+    /// `revoked_at`). `NotFound` if absent. `Conflict` when it is the last
+    /// token active at `now` with every scope over every vendor: checked in
+    /// the same transaction, so two concurrent revocations cannot both pass.
+    async fn revoke_admin_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<AdminToken>;
 
     // --- vendors ------------------------------------------------------------
     /// Creates or replaces a vendor. Creating one requires a sealed
@@ -102,10 +115,12 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a key (idempotent: a revoked key keeps its first `revoked_at`).
     /// `NotFound` if absent. Appends a change-log entry when it changed.
     async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<VaultKey>;
-    /// Revokes every unrevoked key with this run label; returns their ids.
+    /// Revokes every unrevoked key with this run label — only those of
+    /// `vendors` when given — and returns their ids.
     async fn revoke_run(
         &self,
         agent_run_label: &str,
+        vendors: Option<&[String]>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>>;
     /// Settled spend of a key on a UTC day (YYYY-MM-DD) and over its life.
@@ -149,7 +164,8 @@ pub trait Store: Send + Sync + 'static {
     async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)>;
 
     // --- audit --------------------------------------------------------------
-    /// Audit entries matching the query, newest first (by `seq`).
+    /// Audit entries matching the query (`vendors` included), newest first
+    /// (by `seq`).
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
     /// Total settled spend and call count of a run label, per vendor.
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary>;

@@ -29,6 +29,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::sql::{
+    admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
+};
+use super::sql::{
     audit_limit, check_grant, conflict_on_unique, decide_grant, distinct_key_ids, from_micros,
     micros, push_audit_values, spend_chunks, spend_totals, to_json, truncate, AuditRow, ChangeRow,
     GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
@@ -36,8 +39,8 @@ use super::sql::{
 };
 use super::{Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
-    AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest, SpendEvent,
-    SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, KeyStatus, LeaseGrant,
+    LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 /// The channel notified (empty payload) whenever the change log grows.
@@ -91,6 +94,34 @@ async fn append_changes(conn: &mut PgConnection, kind: &str, ref_ids: &[&str]) -
     Ok(())
 }
 
+/// Inserts an admin token; with `keep_existing`, a token whose hash is
+/// already stored is left as it is.
+async fn insert_admin_token(pool: &PgPool, t: &AdminToken, keep_existing: bool) -> StoreResult<()> {
+    let (scopes, vendors) = admin_token_lists(t)?;
+    let on_conflict = if keep_existing {
+        " ON CONFLICT (token_hash) DO NOTHING"
+    } else {
+        ""
+    };
+    sqlx::query(&format!(
+        "INSERT INTO admin_tokens ({ADMIN_TOKEN_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9){on_conflict}"
+    ))
+    .bind(&t.id)
+    .bind(&t.token_hash[..])
+    .bind(&t.token_prefix)
+    .bind(&t.name)
+    .bind(scopes)
+    .bind(vendors)
+    .bind(micros(t.created_at))
+    .bind(t.expires_at.map(micros))
+    .bind(t.revoked_at.map(micros))
+    .execute(pool)
+    .await
+    .map_err(|e| conflict_on_unique(e, || format!("admin token {} already exists", t.id)))?;
+    Ok(())
+}
+
 async fn fetch_key(
     conn: &mut PgConnection,
     id: &str,
@@ -116,25 +147,84 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn add_admin_token(&self, token_hash: &[u8; 32], now: DateTime<Utc>) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO admin_tokens (token_hash, created_at) VALUES ($1, $2) \
-             ON CONFLICT (token_hash) DO NOTHING",
-        )
-        .bind(&token_hash[..])
-        .bind(micros(now))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    async fn ensure_admin_token(&self, token: &AdminToken) -> StoreResult<()> {
+        insert_admin_token(&self.pool, token, true).await
     }
 
-    async fn admin_token_exists(&self, token_hash: &[u8; 32]) -> StoreResult<bool> {
-        let found: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM admin_tokens WHERE token_hash = $1")
-                .bind(&token_hash[..])
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(found.is_some())
+    async fn insert_admin_token(&self, token: &AdminToken) -> StoreResult<()> {
+        insert_admin_token(&self.pool, token, false).await
+    }
+
+    async fn find_admin_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<AdminToken>> {
+        let sql = format!("SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens WHERE token_hash = $1");
+        sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .bind(&token_hash[..])
+            .fetch_optional(&self.pool)
+            .await?
+            .map(AdminTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn get_admin_token(&self, id: &str) -> StoreResult<Option<AdminToken>> {
+        let sql = format!("SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens WHERE id = $1");
+        sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(AdminTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn list_admin_tokens(&self) -> StoreResult<Vec<AdminToken>> {
+        let sql = format!(
+            "SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens ORDER BY created_at DESC, id DESC"
+        );
+        sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(AdminTokenRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_admin_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<AdminToken> {
+        let mut tx = self.pool.begin().await?;
+        // Conflicts with itself: revocations run one at a time across
+        // replicas, so two cannot each see the other's token as the admin
+        // that remains. Readers (authentication) are not blocked.
+        sqlx::query("LOCK TABLE admin_tokens IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let sql = format!("SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens");
+        let all = sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(AdminTokenRow::into_domain)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let mut target = all
+            .iter()
+            .find(|t| t.id == id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("admin token {id}")))?;
+        if target.revoked_at.is_some() {
+            return Ok(target);
+        }
+        let active: Vec<AdminToken> = all
+            .into_iter()
+            .filter(|t| t.status(now) == KeyStatus::Active)
+            .collect();
+        if would_strand_admin(&target, &active) {
+            return Err(StoreError::Conflict(LAST_ADMIN.to_string()));
+        }
+        sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2")
+            .bind(micros(now))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        target.revoked_at = Some(truncate(now));
+        Ok(target)
     }
 
     async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)> {
@@ -378,17 +468,22 @@ impl Store for PgStore {
     async fn revoke_run(
         &self,
         agent_run_label: &str,
+        vendors: Option<&[String]>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
         let mut tx = self.pool.begin().await?;
-        let mut ids: Vec<String> = sqlx::query_scalar(
-            "UPDATE vault_keys SET revoked_at = $1 \
-             WHERE agent_run_label = $2 AND revoked_at IS NULL RETURNING id",
-        )
-        .bind(micros(now))
-        .bind(agent_run_label)
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut q = QueryBuilder::<Postgres>::new("UPDATE vault_keys SET revoked_at = ");
+        q.push_bind(micros(now))
+            .push(" WHERE agent_run_label = ")
+            .push_bind(agent_run_label)
+            .push(" AND revoked_at IS NULL");
+        if let Some(vendors) = vendors {
+            q.push(" AND vendor = ANY(")
+                .push_bind(vendors.to_vec())
+                .push(")");
+        }
+        q.push(" RETURNING id");
+        let mut ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
         ids.sort();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         append_changes(&mut tx, CHANGE_KEY, &refs).await?;
@@ -658,6 +753,11 @@ impl Store for PgStore {
         }
         if let Some(vendor) = &aq.vendor {
             q.push(" AND vendor = ").push_bind(vendor);
+        }
+        if let Some(vendors) = &aq.vendors {
+            q.push(" AND vendor = ANY(")
+                .push_bind(vendors.clone())
+                .push(")");
         }
         if let Some(since) = aq.since {
             q.push(" AND at >= ").push_bind(micros(since));

@@ -20,9 +20,10 @@ use keycap_proto::Micros;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    parse_profile, AuditEntry, Change, ChangeRef, LeaseGrant, Outcome, SpendEvent, VaultKey,
-    Vendor, VendorName,
+    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, LeaseGrant, Outcome, SpendEvent,
+    VaultKey, Vendor, VendorName,
 };
+use crate::scope::{Scopes, VendorScope};
 
 pub(super) fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
@@ -183,6 +184,81 @@ impl<'a> KeyInsert<'a> {
         })
     }
 }
+
+pub(super) const ADMIN_TOKEN_COLUMNS: &str =
+    "id, token_hash, token_prefix, name, scopes, vendors, created_at, expires_at, revoked_at";
+
+/// An admin token row. `scopes` is a JSON list of scope names; `vendors` a
+/// JSON list of vendor names, NULL for every vendor.
+#[derive(sqlx::FromRow)]
+pub(super) struct AdminTokenRow {
+    id: String,
+    token_hash: Vec<u8>,
+    token_prefix: String,
+    name: String,
+    scopes: String,
+    vendors: Option<String>,
+    created_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+}
+
+impl AdminTokenRow {
+    pub(super) fn into_domain(self) -> StoreResult<AdminToken> {
+        let token_hash: [u8; 32] = self
+            .token_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("admin_tokens.token_hash", "not 32 bytes"))?;
+        let scopes: Vec<String> = from_json(&self.scopes, "admin_tokens.scopes")?;
+        let vendors: Vec<String> = match &self.vendors {
+            Some(v) => from_json(v, "admin_tokens.vendors")?,
+            None => Vec::new(),
+        };
+        Ok(AdminToken {
+            id: self.id,
+            token_hash,
+            token_prefix: self.token_prefix,
+            name: self.name,
+            scopes: Scopes::parse_list(&scopes).map_err(|e| corrupt("admin_tokens.scopes", e))?,
+            vendors: VendorScope::parse_list(&vendors)
+                .map_err(|e| corrupt("admin_tokens.vendors", e))?,
+            created_at: from_micros(self.created_at, "admin_tokens.created_at")?,
+            expires_at: self
+                .expires_at
+                .map(|v| from_micros(v, "admin_tokens.expires_at"))
+                .transpose()?,
+            revoked_at: self
+                .revoked_at
+                .map(|v| from_micros(v, "admin_tokens.revoked_at"))
+                .transpose()?,
+        })
+    }
+}
+
+/// An admin token's `scopes` and `vendors` columns.
+pub(super) fn admin_token_lists(t: &AdminToken) -> StoreResult<(String, Option<String>)> {
+    Ok((
+        to_json(&t.scopes.names(), "scopes")?,
+        t.vendors
+            .list()
+            .map(|v| to_json(&v, "vendors"))
+            .transpose()?,
+    ))
+}
+
+/// Whether revoking `target` would leave no active token holding every
+/// scope over every vendor (the admin API would then be out of reach).
+/// `active` are the tokens active at the time of the revocation.
+pub(super) fn would_strand_admin(target: &AdminToken, active: &[AdminToken]) -> bool {
+    target.is_unrestricted_admin()
+        && !active
+            .iter()
+            .any(|t| t.id != target.id && t.is_unrestricted_admin())
+}
+
+pub(super) const LAST_ADMIN: &str = "this is the last active admin token with every scope over \
+     every vendor; create another (scope \"admin\") before revoking it";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct ChangeRow {

@@ -24,6 +24,9 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::sql::{
+    admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
+};
+use super::sql::{
     audit_limit, check_grant, conflict_on_unique, decide_grant, distinct_key_ids, from_micros,
     micros, push_audit_values, spend_chunks, spend_totals, to_json, truncate, AuditRow, ChangeRow,
     GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
@@ -31,8 +34,8 @@ use super::sql::{
 };
 use super::{Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
-    AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest, SpendEvent,
-    SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, KeyStatus, LeaseGrant,
+    LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 /// How long a connection waits for another process's write lock.
@@ -147,6 +150,52 @@ async fn append_change(conn: &mut SqliteConnection, kind: &str, ref_id: &str) ->
     Ok(())
 }
 
+/// Inserts an admin token; with `keep_existing`, a token whose hash is
+/// already stored is left as it is.
+async fn insert_admin_token(
+    conn: &mut SqliteConnection,
+    t: &AdminToken,
+    keep_existing: bool,
+) -> StoreResult<()> {
+    let (scopes, vendors) = admin_token_lists(t)?;
+    let on_conflict = if keep_existing {
+        " ON CONFLICT (token_hash) DO NOTHING"
+    } else {
+        ""
+    };
+    sqlx::query(&format!(
+        "INSERT INTO admin_tokens ({ADMIN_TOKEN_COLUMNS}) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?){on_conflict}"
+    ))
+    .bind(&t.id)
+    .bind(&t.token_hash[..])
+    .bind(&t.token_prefix)
+    .bind(&t.name)
+    .bind(scopes)
+    .bind(vendors)
+    .bind(micros(t.created_at))
+    .bind(t.expires_at.map(micros))
+    .bind(t.revoked_at.map(micros))
+    .execute(conn)
+    .await
+    .map_err(|e| conflict_on_unique(e, || format!("admin token {} already exists", t.id)))?;
+    Ok(())
+}
+
+/// ` AND vendor IN (...)`; matches nothing for an empty list.
+fn push_vendor_in(q: &mut QueryBuilder<'_, Sqlite>, vendors: &[String]) {
+    if vendors.is_empty() {
+        q.push(" AND 1 = 0");
+        return;
+    }
+    q.push(" AND vendor IN (");
+    let mut list = q.separated(", ");
+    for v in vendors {
+        list.push_bind(v.clone());
+    }
+    list.push_unseparated(")");
+}
+
 async fn fetch_key(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<VaultKey>> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = ?");
     sqlx::query_as::<_, KeyRow>(&sql)
@@ -166,26 +215,83 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn add_admin_token(&self, token_hash: &[u8; 32], now: DateTime<Utc>) -> StoreResult<()> {
+    async fn ensure_admin_token(&self, token: &AdminToken) -> StoreResult<()> {
         let mut w = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO admin_tokens (token_hash, created_at) VALUES (?, ?) \
-             ON CONFLICT (token_hash) DO NOTHING",
-        )
-        .bind(&token_hash[..])
-        .bind(micros(now))
-        .execute(w.conn())
-        .await?;
+        insert_admin_token(w.conn(), token, true).await?;
         w.commit().await
     }
 
-    async fn admin_token_exists(&self, token_hash: &[u8; 32]) -> StoreResult<bool> {
-        let found: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM admin_tokens WHERE token_hash = ?")
-                .bind(&token_hash[..])
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(found.is_some())
+    async fn insert_admin_token(&self, token: &AdminToken) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        insert_admin_token(w.conn(), token, false).await?;
+        w.commit().await
+    }
+
+    async fn find_admin_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<AdminToken>> {
+        let sql = format!("SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens WHERE token_hash = ?");
+        sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .bind(&token_hash[..])
+            .fetch_optional(&self.pool)
+            .await?
+            .map(AdminTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn get_admin_token(&self, id: &str) -> StoreResult<Option<AdminToken>> {
+        let sql = format!("SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens WHERE id = ?");
+        sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(AdminTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn list_admin_tokens(&self) -> StoreResult<Vec<AdminToken>> {
+        let sql = format!(
+            "SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens ORDER BY created_at DESC, id DESC"
+        );
+        sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(AdminTokenRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_admin_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<AdminToken> {
+        // The write lock serialises this with every other revocation.
+        let mut w = self.begin_write().await?;
+        let sql = format!("SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens");
+        let all = sqlx::query_as::<_, AdminTokenRow>(&sql)
+            .fetch_all(w.conn())
+            .await?
+            .into_iter()
+            .map(AdminTokenRow::into_domain)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let mut target = all
+            .iter()
+            .find(|t| t.id == id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("admin token {id}")))?;
+        if target.revoked_at.is_some() {
+            return Ok(target);
+        }
+        let active: Vec<AdminToken> = all
+            .into_iter()
+            .filter(|t| t.status(now) == KeyStatus::Active)
+            .collect();
+        if would_strand_admin(&target, &active) {
+            return Err(StoreError::Conflict(LAST_ADMIN.to_string()));
+        }
+        sqlx::query("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?")
+            .bind(micros(now))
+            .bind(id)
+            .execute(w.conn())
+            .await?;
+        w.commit().await?;
+        target.revoked_at = Some(truncate(now));
+        Ok(target)
     }
 
     async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)> {
@@ -420,17 +526,20 @@ impl Store for SqliteStore {
     async fn revoke_run(
         &self,
         agent_run_label: &str,
+        vendors: Option<&[String]>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
         let mut w = self.begin_write().await?;
-        let mut ids: Vec<String> = sqlx::query_scalar(
-            "UPDATE vault_keys SET revoked_at = ? \
-             WHERE agent_run_label = ? AND revoked_at IS NULL RETURNING id",
-        )
-        .bind(micros(now))
-        .bind(agent_run_label)
-        .fetch_all(w.conn())
-        .await?;
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE vault_keys SET revoked_at = ");
+        q.push_bind(micros(now))
+            .push(" WHERE agent_run_label = ")
+            .push_bind(agent_run_label)
+            .push(" AND revoked_at IS NULL");
+        if let Some(vendors) = vendors {
+            push_vendor_in(&mut q, vendors);
+        }
+        q.push(" RETURNING id");
+        let mut ids: Vec<String> = q.build_query_scalar().fetch_all(w.conn()).await?;
         ids.sort();
         for id in &ids {
             append_change(w.conn(), CHANGE_KEY, id).await?;
@@ -707,6 +816,9 @@ impl Store for SqliteStore {
         }
         if let Some(vendor) = &aq.vendor {
             q.push(" AND vendor = ").push_bind(vendor);
+        }
+        if let Some(vendors) = &aq.vendors {
+            push_vendor_in(&mut q, vendors);
         }
         if let Some(since) = aq.since {
             q.push(" AND at >= ").push_bind(micros(since));

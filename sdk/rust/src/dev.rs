@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use keycap_control::config::ControlConfig;
 use keycap_control::crypto::Sealer;
+use keycap_control::scope::VendorScope;
 use keycap_control::service::PutVendor;
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proxy::config::ProxyConfig;
@@ -98,14 +99,17 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
     };
     let control = keycap_control::server::build(&config).await?;
     control
-        .put_vendor(PutVendor::new(
-            "sandbox",
-            "stripe",
-            &format!("http://{sandbox_addr}"),
-            Some(sandbox::SANDBOX_CREDENTIAL),
-            &BTreeMap::new(),
-            "",
-        )?)
+        .put_vendor(
+            &VendorScope::All,
+            PutVendor::new(
+                "sandbox",
+                "stripe",
+                &format!("http://{sandbox_addr}"),
+                Some(sandbox::SANDBOX_CREDENTIAL),
+                &BTreeMap::new(),
+                "",
+            )?,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("registering the sandbox vendor: {e}"))?;
 

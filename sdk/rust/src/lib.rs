@@ -1,14 +1,15 @@
 //! Rust client for keycap's admin gRPC API.
 //!
-//! `AdminClient::connect` gives typed clients for vendors, keys and audit,
+//! `AdminClient::connect` gives typed clients for vendors, keys, audit and
+//! admin tokens,
 //! each sending the admin token with every call. The `keycap` CLI is built
 //! on it.
 
 #![forbid(unsafe_code)]
 
 use keycap_proto::pb::{
-    audit_service_client::AuditServiceClient, key_service_client::KeyServiceClient,
-    vendor_service_client::VendorServiceClient,
+    admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
+    key_service_client::KeyServiceClient, vendor_service_client::VendorServiceClient,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -35,6 +36,7 @@ pub struct AdminClient {
     pub vendors: VendorServiceClient<Svc>,
     pub keys: KeyServiceClient<Svc>,
     pub audit: AuditServiceClient<Svc>,
+    pub admin_tokens: AdminTokenServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -47,7 +49,8 @@ impl AdminClient {
         Ok(AdminClient {
             vendors: VendorServiceClient::with_interceptor(channel.clone(), auth.clone()),
             keys: KeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            audit: AuditServiceClient::with_interceptor(channel, auth),
+            audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            admin_tokens: AdminTokenServiceClient::with_interceptor(channel, auth),
         })
     }
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use keycap::{pb, AdminClient};
+use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::time::{from_proto, to_proto};
 use keycap_proto::Micros;
 use serde_json::{json, Value};
@@ -61,6 +62,9 @@ enum Command {
     /// Operator tasks on the control plane.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// Manage admin tokens (scoped, optionally vendor-restricted).
+    #[command(subcommand, name = "admin-token")]
+    AdminToken(AdminTokenCmd),
 }
 
 #[derive(Subcommand)]
@@ -68,6 +72,43 @@ enum AdminCmd {
     /// Re-wrap every vendor credential's data key under the primary master
     /// key of the control plane answering (after it was given a new one).
     RotateKek,
+}
+
+#[derive(Subcommand)]
+enum AdminTokenCmd {
+    /// Mint an admin token within your own token's scopes and vendors;
+    /// prints the token once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Scope, e.g. keys:issue (repeatable or comma-separated); "admin"
+        /// for all.
+        #[arg(long = "scope", required = true, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// Restrict the token to this vendor (repeatable or comma-separated);
+        /// none means every vendor.
+        #[arg(long = "vendor", value_delimiter = ',')]
+        vendors: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h; never expires when omitted.
+        #[arg(long = "expires-in")]
+        expires_in: Option<String>,
+    },
+    /// List admin tokens (never their text).
+    List {
+        /// Include revoked and expired tokens.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke an admin token by id (the bootstrap token too, once another
+    /// token with every scope exists).
+    Revoke { id: String },
+    /// Print a fresh admin token for --admin-token / KEYCAP_ADMIN_TOKEN
+    /// (offline; nothing is stored until keycap-control starts with it).
+    Generate {
+        /// Environment tag in the token (kcadm_<env>_...).
+        #[arg(long, default_value = "live")]
+        env: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +229,20 @@ fn key_json(k: &pb::VaultKey) -> Value {
     })
 }
 
+fn admin_token_json(t: &pb::AdminToken) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "token_prefix": t.token_prefix,
+        "scopes": t.scopes,
+        "vendors": (!t.vendors.is_empty()).then_some(&t.vendors),
+        "status": pb::KeyStatus::try_from(t.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "created_at": ts(&t.created_at),
+        "expires_at": ts(&t.expires_at),
+        "revoked_at": ts(&t.revoked_at),
+    })
+}
+
 fn vendor_json(v: &pb::Vendor) -> Value {
     json!({
         "name": v.name,
@@ -226,6 +281,13 @@ async fn main() -> anyhow::Result<()> {
     if let Command::Dev(args) = cli.command {
         return dev::run(args, cli.admin_token).await;
     }
+    if let Command::AdminToken(AdminTokenCmd::Generate { env }) = &cli.command {
+        if env.is_empty() || env.len() > 16 || !env.bytes().all(|b| b.is_ascii_lowercase()) {
+            bail!("--env must be 1-16 lowercase letters");
+        }
+        println!("{}", secret::generate(SecretKind::AdminToken, env));
+        return Ok(());
+    }
     let Some(token) = cli.admin_token.as_deref() else {
         bail!("an admin token is required: --admin-token or KEYCAP_ADMIN_TOKEN");
     };
@@ -243,7 +305,66 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev(_) => unreachable!("handled before connecting"),
+        Command::Dev(_) | Command::AdminToken(AdminTokenCmd::Generate { .. }) => {
+            unreachable!("handled before connecting")
+        }
+        Command::AdminToken(AdminTokenCmd::Create {
+            name,
+            scopes,
+            vendors,
+            expires_in,
+        }) => {
+            let expires_in_seconds = match expires_in {
+                Some(e) => humantime::parse_duration(&e)
+                    .with_context(|| format!("--expires-in {e:?} is not a duration like 30d"))?
+                    .as_secs() as i64,
+                None => 0,
+            };
+            let r = c
+                .admin_tokens
+                .create_admin_token(pb::CreateAdminTokenRequest {
+                    name,
+                    scopes,
+                    vendors,
+                    expires_in_seconds,
+                })
+                .await?
+                .into_inner();
+            let mut out = r
+                .token
+                .as_ref()
+                .map(admin_token_json)
+                .unwrap_or(Value::Null);
+            out["token"] = json!(r.secret);
+            print(out);
+        }
+        Command::AdminToken(AdminTokenCmd::List { all }) => {
+            let r = c
+                .admin_tokens
+                .list_admin_tokens(pb::ListAdminTokensRequest {
+                    include_inactive: all,
+                })
+                .await?
+                .into_inner();
+            print(json!(r
+                .tokens
+                .iter()
+                .map(admin_token_json)
+                .collect::<Vec<_>>()));
+        }
+        Command::AdminToken(AdminTokenCmd::Revoke { id }) => {
+            let r = c
+                .admin_tokens
+                .revoke_admin_token(pb::RevokeAdminTokenRequest { id })
+                .await?
+                .into_inner();
+            print(
+                r.token
+                    .as_ref()
+                    .map(admin_token_json)
+                    .unwrap_or(Value::Null),
+            );
+        }
         Command::Vendor(VendorCmd::Put {
             name,
             profile,
