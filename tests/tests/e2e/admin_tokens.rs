@@ -638,7 +638,23 @@ async fn an_admin_token_is_never_a_vault_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bootstrap_token_retires_once_another_admin_exists_and_stays_retired() {
-    let mut control = Control::start(ControlOpts::sqlite()).await;
+    bootstrap_retirement(ControlOpts::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_token_stays_retired_on_postgres() {
+    // Under CI a missing PostgreSQL fails here instead of skipping.
+    let Some(db) = keycap_tests::pg::fresh_database_or_skip()
+        .await
+        .expect("a PostgreSQL database for the test")
+    else {
+        return;
+    };
+    bootstrap_retirement(ControlOpts::postgres(&db.url)).await;
+}
+
+async fn bootstrap_retirement(opts: ControlOpts) {
+    let mut control = Control::start(opts).await;
     let bootstrap = control.admin();
     let tokens = bootstrap.get("/vault/admin-tokens").await.expect(200);
     assert_eq!(names(&tokens["admin_tokens"], "name"), ["bootstrap"]);
