@@ -20,8 +20,8 @@ use keycap_proto::Micros;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    parse_profile, AuditEntry, Change, ChangeRef, LeaseGrant, Outcome, SpendEvent, VaultKey,
-    Vendor, VendorName,
+    parse_profile, AuditEntry, Change, ChangeRef, KeyLimits, LeaseGrant, Outcome, SpendEvent,
+    VaultKey, Vendor, VendorName,
 };
 
 pub(super) fn micros(t: DateTime<Utc>) -> i64 {
@@ -97,7 +97,7 @@ impl VendorRow {
 
 pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_endpoints, \
      daily_cap, per_call_cap, lifetime_cap, expires_at, agent_run_label, metadata, created_at, \
-     revoked_at";
+     revoked_at, rate_limit_per_minute, allowed_cidrs, zone";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct KeyRow {
@@ -114,6 +114,9 @@ pub(super) struct KeyRow {
     metadata: String,
     created_at: i64,
     revoked_at: Option<i64>,
+    rate_limit_per_minute: Option<i64>,
+    allowed_cidrs: String,
+    zone: Option<String>,
 }
 
 impl KeyRow {
@@ -126,6 +129,18 @@ impl KeyRow {
         let allowed_endpoints: Vec<String> =
             from_json(&self.allowed_endpoints, "vault_keys.allowed_endpoints")?;
         let metadata: BTreeMap<String, String> = from_json(&self.metadata, "vault_keys.metadata")?;
+        let cidrs: Vec<String> = from_json(&self.allowed_cidrs, "vault_keys.allowed_cidrs")?;
+        let limits = KeyLimits {
+            rate_limit_per_minute: self
+                .rate_limit_per_minute
+                .map(|r| {
+                    u32::try_from(r).map_err(|e| corrupt("vault_keys.rate_limit_per_minute", e))
+                })
+                .transpose()?,
+            allowed_cidrs: keycap_proto::network::parse_cidrs(&cidrs)
+                .map_err(|e| corrupt("vault_keys.allowed_cidrs", e))?,
+            zone: self.zone,
+        };
         Ok(VaultKey {
             id: self.id,
             key_hash,
@@ -143,6 +158,7 @@ impl KeyRow {
                 .revoked_at
                 .map(|v| from_micros(v, "vault_keys.revoked_at"))
                 .transpose()?,
+            limits,
         })
     }
 }
@@ -162,6 +178,9 @@ pub(super) struct KeyInsert<'a> {
     pub metadata: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    pub rate_limit_per_minute: Option<i64>,
+    pub allowed_cidrs: String,
+    pub zone: Option<&'a str>,
 }
 
 impl<'a> KeyInsert<'a> {
@@ -180,6 +199,9 @@ impl<'a> KeyInsert<'a> {
             metadata: to_json(&k.metadata, "metadata")?,
             created_at: micros(k.created_at),
             revoked_at: k.revoked_at.map(micros),
+            rate_limit_per_minute: k.limits.rate_limit_per_minute.map(i64::from),
+            allowed_cidrs: to_json(&k.limits.cidr_strings(), "allowed_cidrs")?,
+            zone: k.limits.zone.as_deref(),
         })
     }
 }
