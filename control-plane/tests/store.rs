@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
 use keycap_control::domain::{
-    AuditQuery, ChangeRef, KeyFilter, KeyLimits, LeaseGrantRequest, Outcome, Profile, SpendEvent, VaultKey,
-    Vendor, VendorName,
+    AuditQuery, ChangeRef, KeyFilter, KeyLimits, LeaseGrantRequest, Outcome, Profile, SpendEvent,
+    VaultKey, Vendor, VendorName,
 };
 use keycap_control::store::{PgStore, SqliteStore, Store, StoreError, VendorWrite};
 use keycap_proto::Micros;
@@ -485,7 +485,11 @@ mod cases {
         let mut limited = key("limited", "stripe", "run-1", 5);
         limited.limits = KeyLimits::parse(
             120,
-            &["10.0.0.0/8".into(), "2001:db8::/32".into(), "192.0.2.7".into()],
+            &[
+                "10.0.0.0/8".into(),
+                "2001:db8::/32".into(),
+                "192.0.2.7".into(),
+            ],
             "eu-west",
         )
         .unwrap();
@@ -505,12 +509,12 @@ mod cases {
         assert_eq!(open.limits, KeyLimits::default());
         // What proxies are sent carries the limits too.
         let policy = s.policy_keys(now() - Duration::days(1)).await.unwrap();
-        let sent = policy.iter().find(|k| k.id == "limited").expect("in policy");
+        let sent = policy
+            .iter()
+            .find(|k| k.id == "limited")
+            .expect("in policy");
         assert_eq!(sent.limits, limited.limits);
-        let listed = s
-            .list_keys(&KeyFilter::default(), now())
-            .await
-            .unwrap();
+        let listed = s.list_keys(&KeyFilter::default(), now()).await.unwrap();
         let listed = listed.iter().find(|k| k.id == "limited").expect("listed");
         assert_eq!(listed.limits, limited.limits);
     }

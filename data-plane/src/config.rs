@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use keycap_proto::network::IpNet;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct ProxyConfig {
     /// Address agents call.
@@ -48,6 +50,28 @@ pub struct ProxyConfig {
     /// pool (0: one per CPU).
     #[arg(long, env = "KEYCAP_PROXY_SERVE_THREADS", default_value_t = 0)]
     pub serve_threads: usize,
+    /// The zone this proxy serves (e.g. eu): a key bound to a zone is
+    /// served only by proxies of that zone. Unset: only keys without a zone.
+    #[arg(long, env = "KEYCAP_ZONE", value_parser = parse_zone)]
+    pub zone: Option<String>,
+    /// Comma-separated CIDRs of the balancers in front of this proxy. Only
+    /// a call from one of them has its client address read from
+    /// X-Forwarded-For; otherwise the TCP peer is the client.
+    #[arg(
+        long,
+        env = "KEYCAP_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_parser = parse_trusted_proxy
+    )]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+fn parse_zone(s: &str) -> Result<String, String> {
+    keycap_proto::network::parse_zone(s).map_err(|e| e.to_string())
+}
+
+fn parse_trusted_proxy(s: &str) -> Result<IpNet, String> {
+    keycap_proto::network::parse_cidr(s).map_err(|e| e.to_string())
 }
 
 impl ProxyConfig {

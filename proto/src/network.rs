@@ -130,8 +130,14 @@ mod tests {
     #[test]
     fn cidrs_parse_to_networks_and_refuse_typos() {
         assert_eq!(parse_cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(parse_cidr(" 192.0.2.7 ").unwrap().to_string(), "192.0.2.7/32");
-        assert_eq!(parse_cidr("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(
+            parse_cidr(" 192.0.2.7 ").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
         assert_eq!(parse_cidr("::1").unwrap().to_string(), "::1/128");
         assert_eq!(
             parse_cidr("::ffff:10.0.0.0/104").unwrap().to_string(),
@@ -139,15 +145,21 @@ mod tests {
         );
         let e = parse_cidr("10.0.0.1/8").unwrap_err().to_string();
         assert!(e.contains("10.0.0.0/8") && e.contains("10.0.0.1/32"), "{e}");
-        for bad in ["", "10.0.0.0/33", "10.0.0/8", "example.com", "10.0.0.0/-1", "*"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "example.com",
+            "10.0.0.0/-1",
+            "*",
+        ] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
-        let many: Vec<String> = (0..=MAX_ALLOWED_CIDRS).map(|i| format!("10.0.{i}.0/24")).collect();
+        let many: Vec<String> = (0..=MAX_ALLOWED_CIDRS)
+            .map(|i| format!("10.0.{i}.0/24"))
+            .collect();
         assert_eq!(parse_cidrs(&many), Err(NetworkError::TooManyCidrs));
-        assert_eq!(
-            parse_cidrs(&["10.0.0.0/8", "10.0.0.0/8"]).unwrap().len(),
-            1
-        );
+        assert_eq!(parse_cidrs(&["10.0.0.0/8", "10.0.0.0/8"]).unwrap().len(), 1);
     }
 
     #[test]
