@@ -2,6 +2,7 @@
 //! end: each refusal comes before pricing, so a refused call reserves
 //! nothing and never reaches the vendor. Included from `e2e.rs`.
 
+use keycap_proto::pb;
 use keycap_tests::harness::{
     keycap_cli, probe_key, wait_key_live, wait_until, within, Api, ControlOpts, Proxy, ProxyOpts,
     Resp, Stack, POLICY_TIMEOUT,
@@ -360,4 +361,114 @@ async fn the_cli_sets_and_shows_key_limits() {
     assert_eq!(read["rate_limit_per_minute"], 30);
     assert_eq!(read["allowed_cidrs"], created["allowed_cidrs"]);
     assert_eq!(read["zone"], "eu");
+}
+
+/// The limits over gRPC: what an SDK sends, reads back, and what the fleet
+/// stream hands every proxy; bad ones are InvalidArgument naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_keys_carry_limits_to_admin_reads_and_the_fleet_stream() {
+    use keycap_proto::pb::{
+        fleet_service_client::FleetServiceClient, key_service_client::KeyServiceClient,
+        policy_update::Update,
+    };
+    use tonic::{Code, Request};
+
+    let (stack, _mock) = stack_with_stripe().await;
+    let channel = tonic::transport::Endpoint::from_shared(stack.control.url())
+        .expect("control plane URL")
+        .connect()
+        .await
+        .expect("gRPC connection");
+    fn bearer<T>(msg: T, token: &str) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ASCII token"),
+        );
+        req
+    }
+    let admin_token = stack.control.opts.admin_token.clone();
+    let mut keys = KeyServiceClient::new(channel.clone());
+    let request = |rate: u32, cidrs: &[&str], zone: &str| pb::CreateKeyRequest {
+        vendor: "stripe".into(),
+        allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+        daily_cap_micros: 10_000_000,
+        expires_in_seconds: 3600,
+        agent_run_label: "grpc/limits".into(),
+        rate_limit_per_minute: rate,
+        allowed_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+        zone: zone.into(),
+        ..Default::default()
+    };
+
+    for (req, field) in [
+        (request(600_001, &[], ""), "rate_limit_per_minute"),
+        (request(0, &["10.0.0.1/8"], ""), "allowed_cidrs"),
+        (request(0, &["10.0.0.0/8", "nonsense"], ""), "allowed_cidrs"),
+        (request(0, &[], "Eu"), "zone"),
+    ] {
+        let s = keys
+            .create_key(bearer(req, &admin_token))
+            .await
+            .expect_err("bad limits accepted");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().starts_with(&format!("{field}: ")), "{s:?}");
+    }
+
+    let created = keys
+        .create_key(bearer(
+            request(90, &["10.0.0.0/8", "::ffff:192.0.2.0/120"], "eu"),
+            &admin_token,
+        ))
+        .await
+        .expect("CreateKey")
+        .into_inner();
+    let view = created.key.expect("key");
+    assert_eq!(view.rate_limit_per_minute, 90);
+    assert_eq!(view.allowed_cidrs, ["10.0.0.0/8", "192.0.2.0/24"]);
+    assert_eq!(view.zone, "eu");
+    let read = keys
+        .get_key(bearer(
+            pb::GetKeyRequest {
+                id: view.id.clone(),
+            },
+            &admin_token,
+        ))
+        .await
+        .expect("GetKey")
+        .into_inner()
+        .key
+        .expect("key");
+    assert_eq!(
+        (read.rate_limit_per_minute, &read.allowed_cidrs, &read.zone),
+        (90, &view.allowed_cidrs, &view.zone)
+    );
+
+    let mut stream = FleetServiceClient::new(channel)
+        .watch_policy(bearer(
+            pb::WatchPolicyRequest {
+                node_id: "limits-e2e".into(),
+                from_version: 0,
+            },
+            &stack.control.opts.fleet_token,
+        ))
+        .await
+        .expect("WatchPolicy")
+        .into_inner();
+    let first = tokio::time::timeout(POLICY_TIMEOUT, stream.message())
+        .await
+        .expect("a snapshot in time")
+        .expect("stream open")
+        .expect("a message");
+    let Some(Update::Snapshot(snap)) = first.update else {
+        panic!("first message is not a snapshot: {first:?}");
+    };
+    let fleet_key = snap
+        .keys
+        .iter()
+        .find(|k| k.id == view.id)
+        .expect("the key in the snapshot");
+    assert_eq!(fleet_key.rate_limit_per_minute, 90);
+    assert_eq!(fleet_key.allowed_cidrs, view.allowed_cidrs);
+    assert_eq!(fleet_key.zone, "eu");
 }
