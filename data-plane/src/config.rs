@@ -81,3 +81,34 @@ impl ProxyConfig {
             .unwrap_or_else(|| format!("proxy-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: ProxyConfig,
+    }
+
+    fn parse(args: &[&str]) -> Result<ProxyConfig, clap::Error> {
+        let base = ["keycap-proxy", "--fleet-token", "t"];
+        Cli::try_parse_from(base.iter().chain(args)).map(|c| c.config)
+    }
+
+    #[test]
+    fn zone_and_trusted_proxies_are_validated_at_start() {
+        let c = parse(&["--zone", "eu", "--trusted-proxies", "10.0.0.0/8,127.0.0.1"]).unwrap();
+        assert_eq!(c.zone.as_deref(), Some("eu"));
+        let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32"]);
+        let none = parse(&[]).unwrap();
+        assert!(none.zone.is_none() && none.trusted_proxies.is_empty());
+        assert!(parse(&["--zone", "EU"]).is_err());
+        assert!(parse(&["--trusted-proxies", "10.0.0.1/8"]).is_err());
+        assert!(parse(&["--trusted-proxies", "lb.internal"]).is_err());
+    }
+}
