@@ -232,6 +232,56 @@ pub fn parse_run_label(s: &str) -> Result<String, InvalidInput> {
     Ok(s.to_string())
 }
 
+/// A key's network limits: its request rate per proxy, the client networks
+/// it may be used from and the zone of proxies that serve it. The default
+/// limits nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Calls per minute through one proxy; `None`: no limit.
+    pub rate_limit_per_minute: Option<u32>,
+    /// Empty: any client address.
+    pub allowed_cidrs: Vec<keycap_proto::network::IpNet>,
+    /// `None`: served by a proxy in any zone (or none).
+    pub zone: Option<String>,
+}
+
+impl KeyLimits {
+    /// Validates limits as a client sent them: `rate_limit_per_minute` 0
+    /// (none) up to `MAX_RATE_LIMIT_PER_MINUTE`, CIDRs (or single
+    /// addresses) without host bits, and a zone name or "" for any.
+    pub fn parse(
+        rate_limit_per_minute: i64,
+        allowed_cidrs: &[String],
+        zone: &str,
+    ) -> Result<Self, InvalidInput> {
+        use keycap_proto::network;
+        let rate = u32::try_from(rate_limit_per_minute).map_err(|_| {
+            invalid(
+                "rate_limit_per_minute",
+                "must be 0 (no limit) or a positive whole number",
+            )
+        })?;
+        let rate_limit_per_minute = network::parse_rate_limit(rate)
+            .map_err(|e| invalid("rate_limit_per_minute", e.to_string()))?;
+        let allowed_cidrs = network::parse_cidrs(allowed_cidrs)
+            .map_err(|e| invalid("allowed_cidrs", e.to_string()))?;
+        let zone = match zone {
+            "" => None,
+            z => Some(network::parse_zone(z).map_err(|e| invalid("zone", e.to_string()))?),
+        };
+        Ok(KeyLimits {
+            rate_limit_per_minute,
+            allowed_cidrs,
+            zone,
+        })
+    }
+
+    /// The CIDRs as text, in their canonical form.
+    pub fn cidr_strings(&self) -> Vec<String> {
+        self.allowed_cidrs.iter().map(|n| n.to_string()).collect()
+    }
+}
+
 /// A vault key as stored. The secret itself is never stored: only its hash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VaultKey {
@@ -248,6 +298,7 @@ pub struct VaultKey {
     pub metadata: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub limits: KeyLimits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -527,6 +578,25 @@ mod tests {
         for bad in ["", "soon", "2 parsecs", "0s", "400d", "-1h"] {
             assert!(parse_expires_in(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn key_limits_name_the_field_they_refuse() {
+        let ok = KeyLimits::parse(60, &["10.0.0.0/8".into(), "192.0.2.7".into()], "eu").unwrap();
+        assert_eq!(ok.rate_limit_per_minute, Some(60));
+        assert_eq!(ok.cidr_strings(), ["10.0.0.0/8", "192.0.2.7/32"]);
+        assert_eq!(ok.zone.as_deref(), Some("eu"));
+        assert_eq!(KeyLimits::parse(0, &[], "").unwrap(), KeyLimits::default());
+        let field = |r: i64, c: &[&str], z: &str| {
+            let c: Vec<String> = c.iter().map(|s| s.to_string()).collect();
+            KeyLimits::parse(r, &c, z).unwrap_err().field
+        };
+        assert_eq!(field(-1, &[], ""), "rate_limit_per_minute");
+        assert_eq!(field(1_000_000_000, &[], ""), "rate_limit_per_minute");
+        assert_eq!(field(i64::MAX, &[], ""), "rate_limit_per_minute");
+        assert_eq!(field(0, &["10.0.0.1/8"], ""), "allowed_cidrs");
+        assert_eq!(field(0, &["not-a-net"], ""), "allowed_cidrs");
+        assert_eq!(field(0, &[], "EU"), "zone");
     }
 
     #[test]

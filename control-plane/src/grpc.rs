@@ -85,6 +85,9 @@ pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
         remaining_today_micros: v.remaining_today.0,
         spent_lifetime_micros: v.spend.spent_lifetime.0,
         calls_today: v.spend.calls_day,
+        rate_limit_per_minute: k.limits.rate_limit_per_minute.unwrap_or(0),
+        allowed_cidrs: k.limits.cidr_strings(),
+        zone: k.limits.zone.clone().unwrap_or_default(),
     }
 }
 
@@ -131,6 +134,9 @@ fn fleet_key_to_pb(k: &domain::VaultKey) -> pb::FleetKey {
         expires_at: Some(to_proto(k.expires_at)),
         agent_run_label: k.agent_run_label.clone(),
         revoked: k.revoked_at.is_some(),
+        rate_limit_per_minute: k.limits.rate_limit_per_minute.unwrap_or(0),
+        allowed_cidrs: k.limits.cidr_strings(),
+        zone: k.limits.zone.clone().unwrap_or_default(),
     }
 }
 
@@ -154,6 +160,11 @@ impl TryFrom<pb::CreateKeyRequest> for NewKey {
             Duration::from_secs(r.expires_in_seconds as u64),
             &r.agent_run_label,
             r.metadata.into_iter().collect(),
+            domain::KeyLimits::parse(
+                i64::from(r.rate_limit_per_minute),
+                &r.allowed_cidrs,
+                &r.zone,
+            )?,
         )
         .map_err(|mut e| {
             // Validation speaks REST's field names; a gRPC caller should be

@@ -146,6 +146,9 @@ fn key_json(v: &KeyView) -> Value {
         "revoked_at": k.revoked_at.map(rfc3339),
         "agent_run_label": k.agent_run_label,
         "metadata": k.metadata,
+        "rate_limit_per_minute": k.limits.rate_limit_per_minute,
+        "allowed_cidrs": k.limits.cidr_strings(),
+        "zone": k.limits.zone,
     })
 }
 
@@ -235,6 +238,39 @@ struct CreateKeyBody {
     agent_run_label: String,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+    /// Calls per minute through one proxy; absent, null or 0: no limit.
+    #[serde(default)]
+    rate_limit_per_minute: Option<Value>,
+    #[serde(default)]
+    allowed_cidrs: Vec<String>,
+    #[serde(default)]
+    zone: Option<String>,
+}
+
+/// A key's limits from a create body; a rate that is not a whole number is
+/// refused naming its field.
+fn key_limits(b: &CreateKeyBody) -> Result<domain::KeyLimits, ApiError> {
+    let rate = match &b.rate_limit_per_minute {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
+            invalid(
+                "rate_limit_per_minute",
+                "must be 0 (no limit) or a positive whole number",
+            )
+        })?,
+        Some(_) => {
+            return Err(invalid(
+                "rate_limit_per_minute",
+                "must be 0 (no limit) or a positive whole number",
+            )
+            .into())
+        }
+    };
+    Ok(domain::KeyLimits::parse(
+        rate,
+        &b.allowed_cidrs,
+        b.zone.as_deref().unwrap_or(""),
+    )?)
 }
 
 /// `expires_in` from JSON: a duration like "2h" or whole seconds.
@@ -259,6 +295,7 @@ async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Re
     let caller = admin(&c, &headers, Operation::CreateKey).await?;
     let b: CreateKeyBody = parse_body(&body)?;
     let expires_in = expires_in_field(&b.expires_in)?;
+    let limits = key_limits(&b)?;
     let new = NewKey::new(
         &b.vendor,
         &b.allowed_endpoints,
@@ -274,6 +311,7 @@ async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Re
         expires_in,
         &b.agent_run_label,
         b.metadata,
+        limits,
     )?;
     let (view, secret) = c.create_key(&caller.vendors, new).await?;
     let mut out = key_json(&view);

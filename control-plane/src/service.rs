@@ -174,6 +174,7 @@ pub struct NewKey {
     pub expires_in: Duration,
     pub agent_run_label: String,
     pub metadata: BTreeMap<String, String>,
+    pub limits: domain::KeyLimits,
 }
 
 impl NewKey {
@@ -187,6 +188,7 @@ impl NewKey {
         expires_in: Duration,
         agent_run_label: &str,
         metadata: BTreeMap<String, String>,
+        limits: domain::KeyLimits,
     ) -> Result<Self, domain::InvalidInput> {
         let vendor = VendorName::parse(vendor).map_err(|e| invalid("vendor", e.reason))?;
         if allowed_endpoints.is_empty() {
@@ -225,6 +227,7 @@ impl NewKey {
             expires_in: domain::check_lifetime(expires_in)?,
             agent_run_label: domain::parse_run_label(agent_run_label)?,
             metadata,
+            limits,
         })
     }
 }
@@ -618,6 +621,7 @@ impl Control {
             metadata: req.metadata,
             created_at: now,
             revoked_at: None,
+            limits: req.limits,
         };
         self.store.insert_key(&key).await?;
         self.changed().await;

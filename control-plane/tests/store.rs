@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
 use keycap_control::domain::{
-    AdminToken, AuditQuery, ChangeRef, KeyFilter, KeyStatus, LeaseGrantRequest, Outcome, Profile,
-    SpendEvent, VaultKey, Vendor, VendorName,
+    AdminToken, AuditQuery, ChangeRef, KeyFilter, KeyLimits, KeyStatus, LeaseGrantRequest, Outcome,
+    Profile, SpendEvent, VaultKey, Vendor, VendorName,
 };
 use keycap_control::scope::{Scopes, VendorScope};
 use keycap_control::store::{PgStore, SqliteStore, Store, StoreError, VendorWrite};
@@ -88,6 +88,7 @@ suite!(
     vendor_delete_rules,
     sealed_credentials_are_replaced_only_if_unchanged,
     key_round_trip_and_insert_rules,
+    key_limits_round_trip,
     list_keys_filters_and_order,
     policy_keys_are_those_expiring_after_the_bound,
     revoke_key_is_idempotent,
@@ -242,6 +243,7 @@ fn key(id: &str, vendor: &str, label: &str, daily_cap: i64) -> VaultKey {
         metadata,
         created_at: now(),
         revoked_at: None,
+        limits: KeyLimits::default(),
     }
 }
 
@@ -687,6 +689,45 @@ mod cases {
         same_hash.key_hash = k.key_hash;
         assert_conflict(s.insert_key(&same_hash).await, "duplicate key hash");
         assert_eq!(s.get_key("k2").await.unwrap(), None);
+    }
+
+    pub async fn key_limits_round_trip(s: S) {
+        add_vendor(&*s, "stripe").await;
+        let mut limited = key("limited", "stripe", "run-1", 5);
+        limited.limits = KeyLimits::parse(
+            120,
+            &[
+                "10.0.0.0/8".into(),
+                "2001:db8::/32".into(),
+                "192.0.2.7".into(),
+            ],
+            "eu-west",
+        )
+        .unwrap();
+        add_key(&*s, limited.clone()).await;
+        // A key without limits reads back without them, not as zeros.
+        add_key(&*s, key("open", "stripe", "run-1", 5)).await;
+
+        let got = s.get_key("limited").await.unwrap().expect("limited key");
+        assert_eq!(got.limits, limited.limits);
+        assert_eq!(
+            got.limits.cidr_strings(),
+            ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+        );
+        assert_eq!(got.limits.rate_limit_per_minute, Some(120));
+        assert_eq!(got.limits.zone.as_deref(), Some("eu-west"));
+        let open = s.get_key("open").await.unwrap().expect("open key");
+        assert_eq!(open.limits, KeyLimits::default());
+        // What proxies are sent carries the limits too.
+        let policy = s.policy_keys(now() - Duration::days(1)).await.unwrap();
+        let sent = policy
+            .iter()
+            .find(|k| k.id == "limited")
+            .expect("in policy");
+        assert_eq!(sent.limits, limited.limits);
+        let listed = s.list_keys(&KeyFilter::default(), now()).await.unwrap();
+        let listed = listed.iter().find(|k| k.id == "limited").expect("listed");
+        assert_eq!(listed.limits, limited.limits);
     }
 
     pub async fn list_keys_filters_and_order(s: S) {

@@ -405,6 +405,9 @@ mod tests {
             expires_at: Utc::now() + chrono::Duration::hours(1),
             agent_run_label: "run".into(),
             revoked: false,
+            rate_limit_per_minute: None,
+            allowed_cidrs: Vec::new(),
+            zone: None,
         }
     }
 

@@ -29,6 +29,17 @@ pub enum Refusal {
     KeyRevoked,
     #[error("{0}")]
     EndpointNotAllowed(String),
+    #[error("{0}")]
+    ZoneMismatch(String),
+    /// The client's own address (never a proxy's or an allowlist's).
+    #[error("client address {0} is not in this key's allowed networks")]
+    IpNotAllowed(std::net::IpAddr),
+    #[error(
+        "this key's rate limit of {} calls per minute is used up; retry in {} s",
+        .0.limit,
+        .0.reset_secs()
+    )]
+    RateLimited(crate::ratelimit::RateStatus),
     #[error("request body exceeds {0} bytes")]
     BodyTooLarge(usize),
     #[error("the request body could not be read (connection closed or bad chunked encoding)")]
@@ -72,6 +83,9 @@ impl Refusal {
             Refusal::KeyExpired => "key_expired",
             Refusal::KeyRevoked => "key_revoked",
             Refusal::EndpointNotAllowed(_) => "endpoint_not_allowed",
+            Refusal::ZoneMismatch(_) => "zone_mismatch",
+            Refusal::IpNotAllowed(_) => "ip_not_allowed",
+            Refusal::RateLimited(_) => "rate_limited",
             Refusal::BodyTooLarge(_) => "body_too_large",
             Refusal::BodyUnreadable => "invalid_request_body",
             Refusal::Unpriceable { code, .. } => code,
@@ -100,10 +114,14 @@ impl Refusal {
             // Lifetime exhaustion is final for this key: 403, not the 429
             // that tells clients to come back later.
             Refusal::EndpointNotAllowed(_)
+            | Refusal::ZoneMismatch(_)
+            | Refusal::IpNotAllowed(_)
             | Refusal::PerCallCapExceeded { .. }
             | Refusal::LifetimeCapExceeded { .. } => StatusCode::FORBIDDEN,
             Refusal::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Refusal::DailyCapExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::DailyCapExceeded { .. } | Refusal::RateLimited(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Refusal::BudgetUnavailable | Refusal::PolicyUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -141,6 +159,11 @@ impl Refusal {
                 body["per_call_cap_usd"] =
                     serde_json::to_value(cap.to_json_usd()).unwrap_or_default();
             }
+            Refusal::RateLimited(status) => {
+                body["limit_per_minute"] = json!(status.limit);
+                body["retry_after_seconds"] = json!(status.reset_secs());
+                retry_after = Some(status.reset_secs() as i64);
+            }
             Refusal::BudgetUnavailable | Refusal::PolicyUnavailable => retry_after = Some(1),
             _ => {}
         }
@@ -155,6 +178,9 @@ impl Refusal {
         );
         if let Some(secs) = retry_after {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Refusal::RateLimited(status) = &self {
+            status.insert_headers(h);
         }
         if matches!(
             self,

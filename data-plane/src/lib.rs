@@ -14,6 +14,7 @@
 
 pub mod body;
 pub mod budget;
+pub mod client_addr;
 pub mod config;
 pub use keycap_proto::endpoint;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod idempotency;
 pub mod policy;
 pub mod pricing;
 pub mod proxy;
+pub mod ratelimit;
 pub mod spend;
 pub mod sse;
 pub mod target;
@@ -95,6 +97,7 @@ pub async fn run(
     // half started while agents are already being answered.
     let idempotency = idempotency::IdempotencyMemory::new();
     let tightening = tightening::Tightening::new();
+    let rate_limiter = ratelimit::RateLimiter::new();
     let proxies = (0..threads)
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
@@ -109,6 +112,9 @@ pub async fn run(
                 upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
                 idempotency: idempotency.clone(),
                 tightening: tightening.clone(),
+                zone: config.zone.clone(),
+                trusted_proxies: config.trusted_proxies.clone(),
+                rate_limiter: rate_limiter.clone(),
             }))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -164,7 +170,7 @@ async fn serve(
         .max_buf_size(64 * 1024);
     let graceful = GracefulShutdown::new();
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -177,7 +183,7 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let svc = service_fn(move |req| proxy.clone().handle(req));
+        let svc = service_fn(move |req| proxy.clone().handle(req, peer));
         let conn = graceful.watch(
             builder
                 .serve_connection(TokioIo::new(stream), svc)

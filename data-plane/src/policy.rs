@@ -14,6 +14,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use http::{HeaderName, HeaderValue};
+use keycap_proto::network::{self, IpNet};
 use keycap_proto::prices::GenericRules;
 use keycap_proto::profile::{CredentialHeader, Profile};
 use keycap_proto::secret::{self, SecretKind};
@@ -59,6 +60,12 @@ pub struct KeyPolicy {
     pub expires_at: DateTime<Utc>,
     pub agent_run_label: String,
     pub revoked: bool,
+    /// Calls per minute through this proxy; `None`: no limit.
+    pub rate_limit_per_minute: Option<u32>,
+    /// Client networks the key may be used from; empty: any.
+    pub allowed_cidrs: Vec<IpNet>,
+    /// Only a proxy of this zone serves the key; `None`: any.
+    pub zone: Option<String>,
 }
 
 #[derive(Default)]
@@ -187,6 +194,24 @@ fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
     let hash: [u8; 32] = k.key_hash.as_slice().try_into().ok()?;
     let endpoints = EndpointSet::parse(&k.allowed_endpoints).ok()?;
     let cap = |v: i64| (v > 0).then_some(Micros(v));
+    // Limits this proxy cannot read drop the key (it is then refused as
+    // unknown) rather than serve it with fewer limits than it was given.
+    let limits = (|| {
+        let rate = network::parse_rate_limit(k.rate_limit_per_minute)?;
+        let cidrs = network::parse_cidrs(&k.allowed_cidrs)?;
+        let zone = match k.zone.as_str() {
+            "" => None,
+            z => Some(network::parse_zone(z)?),
+        };
+        Ok::<_, network::NetworkError>((rate, cidrs, zone))
+    })();
+    let (rate_limit_per_minute, allowed_cidrs, zone) = match limits {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(key = %k.id, error = %e, "key limits unreadable; key refused");
+            return None;
+        }
+    };
     Some(KeyPolicy {
         id: k.id,
         hash,
@@ -198,6 +223,9 @@ fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
         expires_at: k.expires_at.as_ref().and_then(from_proto)?,
         agent_run_label: k.agent_run_label,
         revoked: k.revoked,
+        rate_limit_per_minute,
+        allowed_cidrs,
+        zone,
     })
 }
 
@@ -364,6 +392,21 @@ mod tests {
         }
     }
 
+    fn limited_key(cidrs: &[&str], zone: &str, rate: u32) -> pb::FleetKey {
+        pb::FleetKey {
+            id: "key_1".into(),
+            key_hash: vec![7; 32],
+            vendor: "v".into(),
+            allowed_endpoints: vec!["POST /x".into()],
+            daily_cap_micros: 1,
+            expires_at: Some(keycap_proto::time::to_proto(Utc::now())),
+            allowed_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+            zone: zone.into(),
+            rate_limit_per_minute: rate,
+            ..Default::default()
+        }
+    }
+
     fn standing_of(cache: &PolicyCache, secret: &str) -> &'static str {
         match cache.load().key_standing(secret, Utc::now()) {
             KeyStanding::Unknown => "unknown",
@@ -420,6 +463,25 @@ mod tests {
         ));
         assert_eq!(standing_of(&cache, &b), "unknown");
         assert_eq!(standing_of(&cache, &a), "revoked");
+    }
+
+    #[test]
+    fn key_limits_arrive_parsed_and_unreadable_ones_drop_the_key() {
+        let k = key_policy(limited_key(&["10.0.0.0/8"], "eu", 60)).unwrap();
+        assert_eq!(
+            k.allowed_cidrs,
+            network::parse_cidrs(&["10.0.0.0/8"]).unwrap()
+        );
+        assert_eq!(k.zone.as_deref(), Some("eu"));
+        assert_eq!(k.rate_limit_per_minute, Some(60));
+        let open = key_policy(limited_key(&[], "", 0)).unwrap();
+        assert!(open.allowed_cidrs.is_empty());
+        assert_eq!((open.zone, open.rate_limit_per_minute), (None, None));
+        // Served with fewer limits than it was given would be worse than
+        // refused as unknown.
+        assert!(key_policy(limited_key(&["10.0.0.0/33"], "", 0)).is_none());
+        assert!(key_policy(limited_key(&[], "EU", 0)).is_none());
+        assert!(key_policy(limited_key(&[], "", u32::MAX)).is_none());
     }
 
     #[test]

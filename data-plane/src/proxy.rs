@@ -10,8 +10,9 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -23,11 +24,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use keycap_proto::network::{self, IpNet};
 use keycap_proto::{pb, Micros};
 use serde_json::Value;
 
 use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
+use crate::client_addr;
 use crate::error::Refusal;
 use crate::idempotency::{Begin, Guard, IdempotencyMemory};
 use crate::policy::{KeyPolicy, KeyStanding, PolicyCache, VendorPolicy};
@@ -35,6 +38,7 @@ use crate::pricing::{
     Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
     StreamSettler,
 };
+use crate::ratelimit::{RateLimiter, RateStatus};
 use crate::spend::SpendReporter;
 use crate::target;
 use crate::tightening::Tightening;
@@ -77,6 +81,12 @@ pub struct Proxy {
     pub idempotency: IdempotencyMemory,
     /// Reservation rules tightened after an overrun, shared by its threads.
     pub tightening: Tightening,
+    /// The zone this proxy serves (`--zone`).
+    pub zone: Option<String>,
+    /// Balancers whose `X-Forwarded-For` is believed (`--trusted-proxies`).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Per-key rate limits, shared by its threads.
+    pub rate_limiter: RateLimiter,
 }
 
 /// Headers that describe one connection, not the message: never forwarded.
@@ -131,9 +141,11 @@ fn presented_key(h: &HeaderMap) -> Option<Cow<'_, str>> {
 }
 
 impl Proxy {
+    /// Answers one request from the TCP peer `peer`.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
+        peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let now = Utc::now();
         let path = req.uri().path();
@@ -155,7 +167,7 @@ impl Proxy {
             }
             return Ok(resp);
         }
-        Ok(match self.clone().call_vendor(req, now).await {
+        Ok(match self.clone().call_vendor(req, now, peer.ip()).await {
             Ok(resp) => resp,
             Err(refusal) => refusal.into_response(now),
         })
@@ -166,6 +178,7 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
         now: DateTime<Utc>,
+        peer: IpAddr,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let raw_target = req
             .uri()
@@ -202,6 +215,7 @@ impl Proxy {
             _ => {}
         }
         drop(policy);
+        self.check_network(&key, peer, req.headers())?;
         if key.vendor != vendor.name {
             return Err(Refusal::EndpointNotAllowed(format!(
                 "this key is for vendor {:?}, not {:?}",
@@ -215,6 +229,9 @@ impl Proxy {
                 target.path
             )));
         }
+        // Last of the checks, so a call refused for any other reason does
+        // not use up the key's rate.
+        let rate = self.check_rate(&key)?;
 
         let (parts, incoming) = req.into_parts();
         let declared = parts
@@ -329,7 +346,51 @@ impl Proxy {
             quoted,
             at: now,
         };
-        call.forward(up).await
+        let mut resp = call.forward(up).await?;
+        if let Some(rate) = rate {
+            rate.insert_headers(resp.headers_mut());
+        }
+        Ok(resp)
+    }
+
+    /// Step 3's network checks: the key's zone is this proxy's, and the
+    /// client's address is in the key's networks.
+    fn check_network(
+        &self,
+        key: &KeyPolicy,
+        peer: IpAddr,
+        headers: &HeaderMap,
+    ) -> Result<(), Refusal> {
+        if let Some(zone) = &key.zone {
+            if self.zone.as_ref() != Some(zone) {
+                let here = match &self.zone {
+                    Some(z) => format!("zone {z:?}"),
+                    None => "no zone".to_string(),
+                };
+                return Err(Refusal::ZoneMismatch(format!(
+                    "this key is bound to zone {zone:?}; this proxy serves {here}"
+                )));
+            }
+        }
+        if !key.allowed_cidrs.is_empty() {
+            let client = client_addr::client_ip(peer, headers, &self.trusted_proxies);
+            if !network::contains(&key.allowed_cidrs, client) {
+                return Err(Refusal::IpNotAllowed(client));
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 3's rate check: counts the call against the key's limit, if it
+    /// has one.
+    fn check_rate(&self, key: &KeyPolicy) -> Result<Option<RateStatus>, Refusal> {
+        let Some(per_minute) = key.rate_limit_per_minute else {
+            return Ok(None);
+        };
+        self.rate_limiter
+            .check(&key.id, per_minute, Instant::now())
+            .map(Some)
+            .map_err(Refusal::RateLimited)
     }
 
     /// Reads the vendor objects a request's price depends on (`GET`, with

@@ -5,12 +5,14 @@
 //! for gRPC reflection, integer money (`Micros`), the vault-key secret format
 //! (`secret`), vendor profiles (`profile`), the price tables they read (`prices`),
 //! allowed-endpoint patterns (`endpoint`, so the control plane
-//! accepts exactly the patterns the proxy can match) and timestamp conversions. Nothing in this crate does I/O.
+//! accepts exactly the patterns the proxy can match), a key's network limits
+//! (`network`: CIDRs, zone, rate) and timestamp conversions. Nothing in this crate does I/O.
 
 #![forbid(unsafe_code)]
 
 pub mod endpoint;
 pub mod money;
+pub mod network;
 pub mod prices;
 pub mod profile;
 pub mod secret;

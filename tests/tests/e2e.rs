@@ -506,6 +506,8 @@ mod twilio;
 
 #[path = "e2e/admin_tokens.rs"]
 mod admin_tokens;
+#[path = "e2e/limits.rs"]
+mod limits;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {

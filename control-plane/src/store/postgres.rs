@@ -391,7 +391,7 @@ impl Store for PgStore {
         }
         let sql = format!(
             "INSERT INTO vault_keys ({KEY_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         );
         sqlx::query(&sql)
             .bind(k.id)
@@ -407,6 +407,9 @@ impl Store for PgStore {
             .bind(&k.metadata)
             .bind(k.created_at)
             .bind(k.revoked_at)
+            .bind(k.rate_limit_per_minute)
+            .bind(&k.allowed_cidrs)
+            .bind(k.zone)
             .execute(&mut *tx)
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;

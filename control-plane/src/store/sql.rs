@@ -20,7 +20,7 @@ use keycap_proto::Micros;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, LeaseGrant, Outcome, SpendEvent,
+    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, KeyLimits, LeaseGrant, Outcome, SpendEvent,
     VaultKey, Vendor, VendorName,
 };
 use crate::scope::{Scopes, VendorScope};
@@ -98,7 +98,7 @@ impl VendorRow {
 
 pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_endpoints, \
      daily_cap, per_call_cap, lifetime_cap, expires_at, agent_run_label, metadata, created_at, \
-     revoked_at";
+     revoked_at, rate_limit_per_minute, allowed_cidrs, zone";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct KeyRow {
@@ -115,6 +115,9 @@ pub(super) struct KeyRow {
     metadata: String,
     created_at: i64,
     revoked_at: Option<i64>,
+    rate_limit_per_minute: Option<i64>,
+    allowed_cidrs: String,
+    zone: Option<String>,
 }
 
 impl KeyRow {
@@ -127,6 +130,18 @@ impl KeyRow {
         let allowed_endpoints: Vec<String> =
             from_json(&self.allowed_endpoints, "vault_keys.allowed_endpoints")?;
         let metadata: BTreeMap<String, String> = from_json(&self.metadata, "vault_keys.metadata")?;
+        let cidrs: Vec<String> = from_json(&self.allowed_cidrs, "vault_keys.allowed_cidrs")?;
+        let limits = KeyLimits {
+            rate_limit_per_minute: self
+                .rate_limit_per_minute
+                .map(|r| {
+                    u32::try_from(r).map_err(|e| corrupt("vault_keys.rate_limit_per_minute", e))
+                })
+                .transpose()?,
+            allowed_cidrs: keycap_proto::network::parse_cidrs(&cidrs)
+                .map_err(|e| corrupt("vault_keys.allowed_cidrs", e))?,
+            zone: self.zone,
+        };
         Ok(VaultKey {
             id: self.id,
             key_hash,
@@ -144,6 +159,7 @@ impl KeyRow {
                 .revoked_at
                 .map(|v| from_micros(v, "vault_keys.revoked_at"))
                 .transpose()?,
+            limits,
         })
     }
 }
@@ -163,6 +179,9 @@ pub(super) struct KeyInsert<'a> {
     pub metadata: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    pub rate_limit_per_minute: Option<i64>,
+    pub allowed_cidrs: String,
+    pub zone: Option<&'a str>,
 }
 
 impl<'a> KeyInsert<'a> {
@@ -181,6 +200,9 @@ impl<'a> KeyInsert<'a> {
             metadata: to_json(&k.metadata, "metadata")?,
             created_at: micros(k.created_at),
             revoked_at: k.revoked_at.map(micros),
+            rate_limit_per_minute: k.limits.rate_limit_per_minute.map(i64::from),
+            allowed_cidrs: to_json(&k.limits.cidr_strings(), "allowed_cidrs")?,
+            zone: k.limits.zone.as_deref(),
         })
     }
 }

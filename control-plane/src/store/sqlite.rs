@@ -450,7 +450,7 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("vendor {}", k.vendor)));
         }
         let sql = format!(
-            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         );
         sqlx::query(&sql)
             .bind(k.id)
@@ -466,6 +466,9 @@ impl Store for SqliteStore {
             .bind(&k.metadata)
             .bind(k.created_at)
             .bind(k.revoked_at)
+            .bind(k.rate_limit_per_minute)
+            .bind(&k.allowed_cidrs)
+            .bind(k.zone)
             .execute(w.conn())
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;

@@ -137,6 +137,8 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         max_response_bytes: 16 << 20,
         upstream_timeout_secs: 60,
         serve_threads: 0,
+        zone: None,
+        trusted_proxies: Vec::new(),
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(
         proxy_config,

@@ -159,6 +159,16 @@ enum KeyCmd {
         /// Metadata as key=value (repeatable).
         #[arg(long = "meta")]
         meta: Vec<String>,
+        /// Calls per minute the key may make through each proxy (0: no limit).
+        #[arg(long = "rate-limit-per-minute", default_value_t = 0)]
+        rate_limit_per_minute: u32,
+        /// Client network the key may be used from, e.g. 10.0.0.0/8
+        /// (repeatable or comma-separated; none: any address).
+        #[arg(long = "allow-cidr", value_delimiter = ',')]
+        allow_cidr: Vec<String>,
+        /// Zone whose proxies alone serve the key (none: any proxy).
+        #[arg(long)]
+        zone: Option<String>,
     },
     /// List keys.
     List {
@@ -226,6 +236,9 @@ fn key_json(k: &pb::VaultKey) -> Value {
         "expires_at": ts(&k.expires_at),
         "revoked_at": ts(&k.revoked_at),
         "agent_run_label": k.agent_run_label,
+        "rate_limit_per_minute": (k.rate_limit_per_minute > 0).then_some(k.rate_limit_per_minute),
+        "allowed_cidrs": k.allowed_cidrs,
+        "zone": (!k.zone.is_empty()).then_some(&k.zone),
     })
 }
 
@@ -431,6 +444,9 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             expires_in,
             run_label,
             meta,
+            rate_limit_per_minute,
+            allow_cidr,
+            zone,
         }) => {
             let expires = humantime::parse_duration(&expires_in).with_context(|| {
                 format!("--expires-in {expires_in:?} is not a duration like 2h")
@@ -452,6 +468,9 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     expires_in_seconds: expires.as_secs() as i64,
                     agent_run_label: run_label,
                     metadata: pairs("meta", &meta)?,
+                    rate_limit_per_minute,
+                    allowed_cidrs: allow_cidr,
+                    zone: zone.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

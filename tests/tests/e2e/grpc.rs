@@ -175,6 +175,7 @@ fn key_request(label: &str) -> pb::CreateKeyRequest {
         expires_in_seconds: 7200,
         agent_run_label: label.into(),
         metadata: Default::default(),
+        ..Default::default()
     }
 }
 
