@@ -16,16 +16,21 @@ use tonic::{Request, Response, Status};
 use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, LeaseGrantRequest, Vendor};
 use crate::error::ApiError;
 use crate::service::{Control, Delta, FleetVendor, KeyView, NewKey, PutVendor};
+use crate::tls::{self, FleetIdentity, PeerCertificate};
 
 /// Implements every keycap gRPC service over one `Control`.
 #[derive(Clone)]
 pub struct Api {
     control: Arc<Control>,
+    fleet_identity: FleetIdentity,
 }
 
 impl Api {
-    pub fn new(control: Arc<Control>) -> Self {
-        Api { control }
+    pub fn new(control: Arc<Control>, fleet_identity: FleetIdentity) -> Self {
+        Api {
+            control,
+            fleet_identity,
+        }
     }
 
     async fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -36,12 +41,20 @@ impl Api {
         Ok(self.control.authenticate_admin(auth).await?)
     }
 
-    fn fleet<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Authenticates a fleet call made for `node_id`: the fleet token, and
+    /// under mutual TLS a client certificate naming that node.
+    fn fleet<T>(&self, req: &Request<T>, node_id: &str) -> Result<(), Status> {
         let auth = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        Ok(self.control.authenticate_fleet(auth)?)
+        self.control.authenticate_fleet(auth)?;
+        match self.fleet_identity {
+            FleetIdentity::TokenOnly => Ok(()),
+            FleetIdentity::ClientCertificate => {
+                tls::check_node(req.extensions().get::<PeerCertificate>(), node_id)
+            }
+        }
     }
 }
 
@@ -406,7 +419,7 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::WatchPolicyRequest>,
     ) -> Result<Response<Self::WatchPolicyStream>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         let control = self.control.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PolicyUpdate, Status>>(16);
@@ -490,7 +503,7 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::GrantLeaseRequest>,
     ) -> Result<Response<pb::GrantLeaseResponse>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         let nonempty = |field: &'static str, s: String| {
             if s.is_empty() || s.len() > 128 {
@@ -523,10 +536,11 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::ReturnLeaseRequest>,
     ) -> Result<Response<pb::ReturnLeaseResponse>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
+        let node = (!r.node_id.is_empty()).then_some(r.node_id.as_str());
         self.control
-            .return_lease(&r.lease_id, Micros(r.spent_micros))
+            .return_lease(&r.lease_id, node, Micros(r.spent_micros))
             .await?;
         Ok(Response::new(pb::ReturnLeaseResponse {}))
     }
@@ -535,7 +549,7 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::ReportSpendRequest>,
     ) -> Result<Response<pb::ReportSpendResponse>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         let events = r
             .events

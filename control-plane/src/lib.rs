@@ -17,3 +17,4 @@ pub mod rest;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

@@ -3,6 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use keycap_proto::tls::{self, Identity, Trust};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ProxyConfig {
@@ -48,9 +51,61 @@ pub struct ProxyConfig {
     /// pool (0: one per CPU).
     #[arg(long, env = "KEYCAP_PROXY_SERVE_THREADS", default_value_t = 0)]
     pub serve_threads: usize,
+    /// PEM certificate chain for serving agents over HTTPS (with
+    /// --tls-key); without both, agents are served plain HTTP.
+    #[arg(long, env = "KEYCAP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "KEYCAP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle that is the whole trust for an `https://` control
+    /// plane (default: the system's roots).
+    #[arg(long, env = "KEYCAP_CONTROL_CA")]
+    pub control_ca: Option<PathBuf>,
+    /// PEM certificate this proxy presents to the control plane (mutual
+    /// TLS, with --tls-client-key); its DNS name must be the node id.
+    #[arg(long, env = "KEYCAP_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key for --tls-client-cert.
+    #[arg(long, env = "KEYCAP_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// PEM CA bundle trusted for vendors in addition to the system's roots
+    /// (for test vendors with a private CA).
+    #[arg(long, env = "KEYCAP_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+}
+
+/// The TLS configurations a proxy uses, built once at start so a bad file
+/// stops the proxy before it serves anything.
+pub struct ProxyTls {
+    /// Serving agents; `None` serves plain HTTP.
+    pub listener: Option<Arc<rustls::ServerConfig>>,
+    /// Calling the control plane (fleet gRPC and the `/vault/*` relay).
+    pub control: rustls::ClientConfig,
+    /// Calling vendors.
+    pub upstream: rustls::ClientConfig,
 }
 
 impl ProxyConfig {
+    pub fn tls(&self) -> anyhow::Result<ProxyTls> {
+        let listener = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(tls::server_config(
+                Identity::load(cert, key)?,
+                None,
+            )?)),
+            _ => None,
+        };
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some(Identity::load(cert, key)?),
+            _ => None,
+        };
+        Ok(ProxyTls {
+            listener,
+            control: tls::client_config(Trust::OnlyOrSystem(self.control_ca.as_deref()), identity)?,
+            upstream: tls::client_config(Trust::SystemAnd(self.upstream_ca.as_deref()), None)?,
+        })
+    }
+
     pub fn node_id(&self) -> String {
         self.node_id
             .clone()

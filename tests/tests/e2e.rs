@@ -500,6 +500,9 @@ mod openai;
 #[path = "e2e/twilio.rs"]
 mod twilio;
 
+#[path = "e2e/tls.rs"]
+mod tls;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
     let stack = Stack::start().await;

@@ -93,6 +93,10 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         admin_token: Some(admin_token.clone()),
         fleet_token: fleet_token.clone(),
         key_env: "dev".to_string(),
+        // `keycap dev` stays on plain loopback.
+        tls_cert: None,
+        tls_key: None,
+        client_ca: None,
     };
     let control = keycap_control::server::build(&config).await?;
     control
@@ -117,6 +121,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
     let control_task = tokio::spawn(keycap_control::server::serve(
         control_listener,
         control,
+        None,
         stopped(stop_rx.clone()),
     ));
     let proxy_config = ProxyConfig {
@@ -131,6 +136,12 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         max_response_bytes: 16 << 20,
         upstream_timeout_secs: 60,
         serve_threads: 0,
+        tls_cert: None,
+        tls_key: None,
+        control_ca: None,
+        tls_client_cert: None,
+        tls_client_key: None,
+        upstream_ca: None,
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(
         proxy_config,
