@@ -92,3 +92,79 @@ pub fn check_node(peer: Option<&PeerCertificate>, node_id: &str) -> Result<(), S
         "the client certificate does not name node {node_id:?}"
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keycap_tests::pki::TestCa;
+    use tonic::Code;
+
+    fn peer(ca: &TestCa, dns_name: &str) -> PeerCertificate {
+        let files = ca.client(dns_name);
+        let chain = shared::load_certs(&files.cert).unwrap();
+        PeerCertificate(chain[0].clone())
+    }
+
+    #[test]
+    fn no_certificate_is_unauthenticated() {
+        let refused = check_node(None, "node-1.proxy.keycap").unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+        assert!(refused.message().contains("client certificate"));
+    }
+
+    #[test]
+    fn a_certificate_must_name_the_node_exactly() {
+        let ca = TestCa::new("unit");
+        let node1 = peer(&ca, "node-1.proxy.keycap");
+        assert!(check_node(Some(&node1), "node-1.proxy.keycap").is_ok());
+        assert!(check_node(Some(&node1), "NODE-1.proxy.keycap").is_ok());
+        for other in ["node-2.proxy.keycap", "node-1", "proxy.keycap", ""] {
+            let refused = check_node(Some(&node1), other).unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_wildcard_certificate_names_no_node() {
+        let ca = TestCa::new("unit");
+        let wildcard = peer(&ca, "*.proxy.keycap");
+        let refused = check_node(Some(&wildcard), "node-1.proxy.keycap").unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied);
+    }
+
+    fn config(cert: bool, client_ca: bool, ca: &TestCa) -> ControlConfig {
+        let server = ca.server("control");
+        ControlConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: "sqlite::memory:".into(),
+            master_key: None,
+            master_key_file: None,
+            admin_token: None,
+            fleet_token: String::new(),
+            key_env: "test".into(),
+            tls_cert: cert.then(|| server.cert.clone()),
+            tls_key: cert.then(|| server.key.clone()),
+            client_ca: client_ca.then(|| ca.ca_pem()),
+        }
+    }
+
+    #[test]
+    fn client_certificates_are_checked_only_with_a_client_ca() {
+        let ca = TestCa::new("unit");
+        assert!(ServerTls::from_config(&config(false, false, &ca))
+            .unwrap()
+            .is_none());
+        let plain_tls = ServerTls::from_config(&config(true, false, &ca))
+            .unwrap()
+            .unwrap();
+        assert_eq!(plain_tls.fleet, FleetIdentity::TokenOnly);
+        let mutual = ServerTls::from_config(&config(true, true, &ca))
+            .unwrap()
+            .unwrap();
+        assert_eq!(mutual.fleet, FleetIdentity::ClientCertificate);
+        let err = ServerTls::from_config(&config(false, true, &ca))
+            .err()
+            .expect("--client-ca without TLS is refused");
+        assert!(err.to_string().contains("--client-ca"), "{err}");
+    }
+}

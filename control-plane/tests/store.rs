@@ -879,6 +879,16 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(available(&*s, "k1", DAY).await, 0);
+        // Only the node the lease was granted to may return it.
+        assert_not_found(
+            s.return_lease("l1", Some("another-node"), Micros(0)).await,
+            "another node's lease",
+        );
+        assert_eq!(
+            available(&*s, "k1", DAY).await,
+            0,
+            "the lease is still open"
+        );
         s.return_lease("l1", None, Micros(300)).await.unwrap();
         assert_eq!(
             available(&*s, "k1", DAY).await,
@@ -892,7 +902,9 @@ mod cases {
             granted(&*s, grant("g2", "l2", "k1", DAY, 500, 0)).await,
             500
         );
-        s.return_lease("l2", None, Micros(200)).await.unwrap();
+        s.return_lease("l2", Some("node-a"), Micros(200))
+            .await
+            .unwrap();
         assert_eq!(available(&*s, "k1", DAY).await, 500);
         s.return_lease("l2", None, Micros(0))
             .await
