@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use keycap_proto::pb::{self, fleet_service_client::FleetServiceClient};
+use keycap_proto::tls::{client_config, Identity, Trust};
 use keycap_tests::harness::{
     keycap_cli, wait_until, within, Control, ControlOpts, ControlTls, Proxy, ProxyOpts, Readiness,
     Stack, POLICY_TIMEOUT,
@@ -13,6 +15,7 @@ use keycap_tests::harness::{
 use keycap_tests::mock::MockVendor;
 use keycap_tests::pki::TestCa;
 use serde_json::json;
+use tonic::Code;
 
 use super::{assert_mock_never_saw, assert_resp_lacks, stripe_key_body, STRIPE_CREDENTIAL};
 
@@ -321,6 +324,117 @@ async fn proxies_without_a_matching_client_certificate_get_no_policy() {
     assert!(cut_off, "{}", proxy.process().log_tail(20));
     assert_eq!(proxy.api(None).get("/healthz").await.status, 503);
     assert!(mock.calls().is_empty());
+}
+
+/// A fleet gRPC client to `control` over TLS, presenting `client` if given,
+/// with the fleet token on every call.
+async fn fleet_client(
+    control: &Control,
+    server_ca: &TestCa,
+    client: Option<&keycap_tests::pki::CertFiles>,
+) -> FleetServiceClient<tonic::transport::Channel> {
+    let identity = client.map(|c| Identity::load(&c.cert, &c.key).unwrap());
+    let ca = server_ca.ca_pem();
+    let tls = client_config(Trust::OnlyOrSystem(Some(&ca)), identity).unwrap();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http2()
+        .wrap_connector(http);
+    let channel = tonic::transport::Endpoint::from_shared(control.url())
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("TLS connection to the control plane");
+    FleetServiceClient::new(channel)
+}
+
+fn with_fleet_token<T>(control: &Control, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", control.opts.fleet_token)
+            .parse()
+            .unwrap(),
+    );
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_spend_reports_are_checked_against_the_client_certificate() {
+    let server_ca = TestCa::new("control");
+    let client_ca = TestCa::new("proxies");
+    let control = mtls_control(&server_ca, &client_ca).await;
+    let grant = |node: &str| pb::GrantLeaseRequest {
+        grant_id: "grant-1".into(),
+        lease_id: "lease-1".into(),
+        key_id: "key_unknown".into(),
+        node_id: node.into(),
+        day: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        requested_micros: 1_000,
+        minimum_micros: 1,
+    };
+    let report = |node: &str| pb::ReportSpendRequest {
+        node_id: node.into(),
+        events: Vec::new(),
+    };
+    let give_back = |node: &str| pb::ReturnLeaseRequest {
+        lease_id: "lease-1".into(),
+        spent_micros: 0,
+        node_id: node.into(),
+    };
+
+    // No client certificate: refused before anything is looked at.
+    let mut anonymous = fleet_client(&control, &server_ca, None).await;
+    let status = anonymous
+        .grant_lease(with_fleet_token(&control, grant("node-1.proxy.keycap")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("client certificate"),
+        "{status:?}"
+    );
+
+    // node-1's certificate speaking for node-2.
+    let node1 = client_ca.client("node-1.proxy.keycap");
+    let mut c = fleet_client(&control, &server_ca, Some(&node1)).await;
+    let node2 = "node-2.proxy.keycap";
+    let refusals = [
+        c.grant_lease(with_fleet_token(&control, grant(node2)))
+            .await
+            .map(|_| ()),
+        c.report_spend(with_fleet_token(&control, report(node2)))
+            .await
+            .map(|_| ()),
+        c.return_lease(with_fleet_token(&control, give_back(node2)))
+            .await
+            .map(|_| ()),
+    ];
+    for r in refusals {
+        let status = r.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains(node2), "{status:?}");
+    }
+
+    // Speaking for itself, node-1 passes the identity check and reaches the
+    // handlers: an empty report is applied, an unknown key is not found.
+    c.report_spend(with_fleet_token(&control, report("node-1.proxy.keycap")))
+        .await
+        .expect("node-1 reports for itself");
+    let status = c
+        .grant_lease(with_fleet_token(&control, grant("node-1.proxy.keycap")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // The certificate does not replace the fleet token.
+    let status = c
+        .report_spend(tonic::Request::new(report("node-1.proxy.keycap")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
