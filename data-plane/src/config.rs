@@ -80,7 +80,8 @@ pub struct ProxyConfig {
 pub struct ProxyTls {
     /// Serving agents; `None` serves plain HTTP.
     pub listener: Option<Arc<rustls::ServerConfig>>,
-    /// Calling the control plane (fleet gRPC and the `/vault/*` relay).
+    /// Calling the control plane (fleet gRPC and the `/vault/*` relay); used for
+    /// `https://` control URLs only.
     pub control: rustls::ClientConfig,
     /// Calling vendors.
     pub upstream: rustls::ClientConfig,
@@ -99,6 +100,11 @@ impl ProxyConfig {
             (Some(cert), Some(key)) => Some(Identity::load(cert, key)?),
             _ => None,
         };
+        if identity.is_some() && !self.control_url.starts_with("https://") {
+            tracing::warn!(
+                "--tls-client-cert is set but --control-url is not https://: the certificate is never presented"
+            );
+        }
         Ok(ProxyTls {
             listener,
             control: tls::client_config(Trust::OnlyOrSystem(self.control_ca.as_deref()), identity)?,

@@ -1,5 +1,5 @@
 //! Starts keycap's real binaries as child processes for end-to-end tests,
-//! and talks to them over HTTP.
+//! and talks to them over HTTP or HTTPS (certificates from `pki`).
 //!
 //! It owns the lifecycle of every process a test starts: each listens on
 //! 127.0.0.1 on a free port (retried on a port clash), is ready only once its
