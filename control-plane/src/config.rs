@@ -49,4 +49,16 @@ pub struct ControlConfig {
     /// Environment tag minted into vault keys (kc_<env>_...).
     #[arg(long, env = "KEYCAP_KEY_ENV", default_value = "live")]
     pub key_env: String,
+    /// PEM certificate chain for serving gRPC and REST over TLS (with
+    /// --tls-key); without both, the listener is plain HTTP.
+    #[arg(long, env = "KEYCAP_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "KEYCAP_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle for proxies' client certificates. When set (TLS only),
+    /// every fleet call must come over a connection whose client
+    /// certificate names the calling node id; admin calls are unaffected.
+    #[arg(long, env = "KEYCAP_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
 }

@@ -19,16 +19,21 @@ use crate::scope::Operation;
 use crate::service::{
     AdminPrincipal, Control, Delta, FleetVendor, KeyView, NewAdminToken, NewKey, PutVendor,
 };
+use crate::tls::{self, FleetIdentity, PeerCertificate};
 
 /// Implements every keycap gRPC service over one `Control`.
 #[derive(Clone)]
 pub struct Api {
     control: Arc<Control>,
+    fleet_identity: FleetIdentity,
 }
 
 impl Api {
-    pub fn new(control: Arc<Control>) -> Self {
-        Api { control }
+    pub fn new(control: Arc<Control>, fleet_identity: FleetIdentity) -> Self {
+        Api {
+            control,
+            fleet_identity,
+        }
     }
 
     /// Authenticates the admin token and checks the scopes `op` needs.
@@ -40,12 +45,20 @@ impl Api {
         Ok(self.control.authorize(auth, op).await?)
     }
 
-    fn fleet<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Authenticates a fleet call made for `node_id`: the fleet token, and
+    /// under mutual TLS a client certificate naming that node.
+    fn fleet<T>(&self, req: &Request<T>, node_id: &str) -> Result<(), Status> {
         let auth = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        Ok(self.control.authenticate_fleet(auth)?)
+        self.control.authenticate_fleet(auth)?;
+        match self.fleet_identity {
+            FleetIdentity::TokenOnly => Ok(()),
+            FleetIdentity::ClientCertificate => {
+                tls::check_node(req.extensions().get::<PeerCertificate>(), node_id)
+            }
+        }
     }
 }
 
@@ -534,7 +547,7 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::WatchPolicyRequest>,
     ) -> Result<Response<Self::WatchPolicyStream>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         let control = self.control.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PolicyUpdate, Status>>(16);
@@ -618,7 +631,7 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::GrantLeaseRequest>,
     ) -> Result<Response<pb::GrantLeaseResponse>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         let nonempty = |field: &'static str, s: String| {
             if s.is_empty() || s.len() > 128 {
@@ -651,10 +664,11 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::ReturnLeaseRequest>,
     ) -> Result<Response<pb::ReturnLeaseResponse>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
+        let node = (!r.node_id.is_empty()).then_some(r.node_id.as_str());
         self.control
-            .return_lease(&r.lease_id, Micros(r.spent_micros))
+            .return_lease(&r.lease_id, node, Micros(r.spent_micros))
             .await?;
         Ok(Response::new(pb::ReturnLeaseResponse {}))
     }
@@ -663,7 +677,7 @@ impl pb::fleet_service_server::FleetService for Api {
         &self,
         req: Request<pb::ReportSpendRequest>,
     ) -> Result<Response<pb::ReportSpendResponse>, Status> {
-        self.fleet(&req)?;
+        self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         let events = r
             .events

@@ -18,9 +18,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    let tls = keycap_control::tls::ServerTls::from_config(&cli.config)?;
     let control = keycap_control::server::build(&cli.config).await?;
     let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;
-    keycap_control::server::serve(listener, control, shutdown_signal()).await
+    keycap_control::server::serve(listener, control, tls, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

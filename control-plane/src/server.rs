@@ -4,16 +4,24 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
 use keycap_proto::pb;
 use keycap_proto::secret::{self, SecretKind};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
 use crate::config::ControlConfig;
 use crate::crypto::Sealer;
 use crate::grpc::Api;
 use crate::service::Control;
 use crate::store::{PgStore, SqliteStore, Store};
+use crate::tls::{FleetIdentity, PeerCertificate, ServerTls};
 
 /// Opens the store a database URL names: `postgres://` / `postgresql://`
 /// for PostgreSQL, `sqlite:` (or a plain file path) for SQLite. Runs
@@ -67,9 +75,10 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
     Ok(control)
 }
 
-/// The combined gRPC + REST router.
-pub fn router(control: Arc<Control>) -> axum::Router {
-    let api = Api::new(control.clone());
+/// The combined gRPC + REST router. `fleet` says whether fleet calls must
+/// also carry a client certificate naming the node.
+pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
+    let api = Api::new(control.clone(), fleet);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keycap_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -94,30 +103,98 @@ pub fn router(control: Arc<Control>) -> axum::Router {
 /// How long calls in flight may finish after a shutdown signal. Policy
 /// streams never finish on their own, so without a bound a control plane
 /// with a proxy attached would never exit.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves until `shutdown` resolves, then lets calls in flight finish for
-/// at most `SHUTDOWN_GRACE`.
+/// How long a client gets to complete a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until `shutdown` resolves, then stops accepting and lets calls in
+/// flight finish for at most `SHUTDOWN_GRACE`. With `tls`, every connection
+/// is TLS; each handshake runs in its connection's own task (a failed or
+/// slow one holds up nobody else), and a client certificate it verified is
+/// put into every request's extensions as a `PeerCertificate`.
 pub async fn serve(
     listener: TcpListener,
     control: Arc<Control>,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "keycap-control listening");
-    let (signalled, stopping) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router(control)).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = signalled.send(());
-    });
-    tokio::select! {
-        done = server => done?,
-        _ = async {
-            if stopping.await.is_ok() {
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        } => tracing::info!("shutdown grace over; closing open streams"),
+    let fleet = tls.as_ref().map_or(FleetIdentity::TokenOnly, |t| t.fleet);
+    let app = router(control, fleet);
+    let acceptor = tls.map(|t| TlsAcceptor::from(t.config));
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        tls = acceptor.is_some(),
+        client_certificates = fleet == FleetIdentity::ClientCertificate,
+        "keycap-control listening"
+    );
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
+        let Some(acceptor) = acceptor.clone() else {
+            tokio::spawn(serve_connection(builder, watcher, stream, app, None));
+            continue;
+        };
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!("TLS handshake timed out"),
+                };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| PeerCertificate(leaf.clone().into_owned()));
+            serve_connection(builder, watcher, stream, app, peer).await
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("shutdown grace over; closing open streams");
     }
     Ok(())
+}
+
+/// Serves one accepted connection (HTTP/1.1 or HTTP/2, plain or TLS).
+async fn serve_connection<I>(
+    builder: auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: I,
+    app: axum::Router,
+    peer: Option<PeerCertificate>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(peer.clone());
+        }
+        req
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }

@@ -848,14 +848,21 @@ impl Control {
         Ok(self.store.grant_lease(&req, now).await?)
     }
 
-    pub async fn return_lease(&self, lease_id: &str, spent: Micros) -> Result<(), ApiError> {
+    /// Closes a lease. With `node`, only a lease granted to that node is
+    /// found.
+    pub async fn return_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        spent: Micros,
+    ) -> Result<(), ApiError> {
         if spent.is_negative() {
             return Err(ApiError::Invalid(invalid(
                 "spent_micros",
                 "must not be negative",
             )));
         }
-        Ok(self.store.return_lease(lease_id, spent).await?)
+        Ok(self.store.return_lease(lease_id, node, spent).await?)
     }
 
     pub async fn report_spend(&self, events: &[SpendEvent]) -> Result<(u32, u32), ApiError> {

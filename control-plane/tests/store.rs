@@ -1122,7 +1122,10 @@ mod cases {
 
     pub async fn return_lease_returns_the_unspent_rest(s: S) {
         add_key(&*s, key("k1", "stripe", "r", 1_000)).await;
-        assert_not_found(s.return_lease("ghost", Micros(0)).await, "unknown lease");
+        assert_not_found(
+            s.return_lease("ghost", None, Micros(0)).await,
+            "unknown lease",
+        );
 
         assert_eq!(
             granted(&*s, grant("g1", "l1", "k1", DAY, 1_000, 0)).await,
@@ -1132,7 +1135,17 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(available(&*s, "k1", DAY).await, 0);
-        s.return_lease("l1", Micros(300)).await.unwrap();
+        // Only the node the lease was granted to may return it.
+        assert_not_found(
+            s.return_lease("l1", Some("another-node"), Micros(0)).await,
+            "another node's lease",
+        );
+        assert_eq!(
+            available(&*s, "k1", DAY).await,
+            0,
+            "the lease is still open"
+        );
+        s.return_lease("l1", None, Micros(300)).await.unwrap();
         assert_eq!(
             available(&*s, "k1", DAY).await,
             700,
@@ -1145,9 +1158,11 @@ mod cases {
             granted(&*s, grant("g2", "l2", "k1", DAY, 500, 0)).await,
             500
         );
-        s.return_lease("l2", Micros(200)).await.unwrap();
+        s.return_lease("l2", Some("node-a"), Micros(200))
+            .await
+            .unwrap();
         assert_eq!(available(&*s, "k1", DAY).await, 500);
-        s.return_lease("l2", Micros(0))
+        s.return_lease("l2", None, Micros(0))
             .await
             .expect("returning again is a no-op");
         assert_eq!(
@@ -1183,7 +1198,7 @@ mod cases {
         s.record_spend(&[event("e1", "k1", "l1", DAY, "stripe", 1_000)])
             .await
             .unwrap();
-        s.return_lease("l1", Micros(1_000)).await.unwrap();
+        s.return_lease("l1", None, Micros(1_000)).await.unwrap();
 
         // A new day has a fresh daily cap but only 500 of lifetime left.
         let g = s
@@ -1196,7 +1211,7 @@ mod cases {
             granted(&*s, grant("g3", "l3", "k1", DAY3, 1_000, 0)).await,
             0
         );
-        s.return_lease("l2", Micros(0)).await.unwrap();
+        s.return_lease("l2", None, Micros(0)).await.unwrap();
         assert_eq!(
             granted(&*s, grant("g4", "l4", "k1", DAY3, 1_000, 0)).await,
             500

@@ -3,6 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use keycap_proto::tls::{self, Identity, Trust};
 
 use keycap_proto::network::IpNet;
 
@@ -64,6 +67,28 @@ pub struct ProxyConfig {
         value_parser = parse_trusted_proxy
     )]
     pub trusted_proxies: Vec<IpNet>,
+    /// PEM certificate chain for serving agents over HTTPS (with
+    /// --tls-key); without both, agents are served plain HTTP.
+    #[arg(long, env = "KEYCAP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "KEYCAP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle that is the whole trust for an `https://` control
+    /// plane (default: the system's roots).
+    #[arg(long, env = "KEYCAP_CONTROL_CA")]
+    pub control_ca: Option<PathBuf>,
+    /// PEM certificate this proxy presents to the control plane (mutual
+    /// TLS, with --tls-client-key); its DNS name must be the node id.
+    #[arg(long, env = "KEYCAP_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key for --tls-client-cert.
+    #[arg(long, env = "KEYCAP_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// PEM CA bundle trusted for vendors in addition to the system's roots
+    /// (for test vendors with a private CA).
+    #[arg(long, env = "KEYCAP_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 fn parse_zone(s: &str) -> Result<String, String> {
@@ -74,7 +99,43 @@ fn parse_trusted_proxy(s: &str) -> Result<IpNet, String> {
     keycap_proto::network::parse_cidr(s).map_err(|e| e.to_string())
 }
 
+/// The TLS configurations a proxy uses, built once at start so a bad file
+/// stops the proxy before it serves anything.
+pub struct ProxyTls {
+    /// Serving agents; `None` serves plain HTTP.
+    pub listener: Option<Arc<rustls::ServerConfig>>,
+    /// Calling the control plane (fleet gRPC and the `/vault/*` relay); used for
+    /// `https://` control URLs only.
+    pub control: rustls::ClientConfig,
+    /// Calling vendors.
+    pub upstream: rustls::ClientConfig,
+}
+
 impl ProxyConfig {
+    pub fn tls(&self) -> anyhow::Result<ProxyTls> {
+        let listener = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(tls::server_config(
+                Identity::load(cert, key)?,
+                None,
+            )?)),
+            _ => None,
+        };
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some(Identity::load(cert, key)?),
+            _ => None,
+        };
+        if identity.is_some() && !self.control_url.starts_with("https://") {
+            tracing::warn!(
+                "--tls-client-cert is set but --control-url is not https://: the certificate is never presented"
+            );
+        }
+        Ok(ProxyTls {
+            listener,
+            control: tls::client_config(Trust::OnlyOrSystem(self.control_ca.as_deref()), identity)?,
+            upstream: tls::client_config(Trust::SystemAnd(self.upstream_ca.as_deref()), None)?,
+        })
+    }
+
     pub fn node_id(&self) -> String {
         self.node_id
             .clone()

@@ -33,11 +33,27 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(control_url: &str, fleet_token: &str, node_id: &str) -> anyhow::Result<Self> {
+    /// A lazily connected channel to `control_url`: over `tls` (which
+    /// carries this node's client certificate, if it has one) when the URL
+    /// is `https://`, plain HTTP/2 otherwise.
+    pub fn new(
+        control_url: &str,
+        fleet_token: &str,
+        node_id: &str,
+        tls: rustls::ClientConfig,
+    ) -> anyhow::Result<Self> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        // gRPC needs HTTP/2, so only `h2` is offered by ALPN.
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(http);
         let channel = Endpoint::from_shared(control_url.to_string())?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .connect_with_connector_lazy(connector);
         let mut value: tonic::metadata::MetadataValue<_> =
             format!("Bearer {fleet_token}").parse()?;
         value.set_sensitive(true);
@@ -124,6 +140,7 @@ impl LeaseSource for Fleet {
         c.return_lease(pb::ReturnLeaseRequest {
             lease_id: lease_id.to_string(),
             spent_micros,
+            node_id: self.node_id.clone(),
         })
         .await?;
         Ok(())

@@ -71,8 +71,14 @@ pub async fn run(
     if let Some(path) = &config.twilio_prices {
         prices.twilio = load_table(path, TwilioPrices::from_json)?;
     }
+    let tls = config.tls()?;
     let cache = policy::PolicyCache::new(prices);
-    let fleet = fleet::Fleet::new(&config.control_url, &config.fleet_token, &node_id)?;
+    let fleet = fleet::Fleet::new(
+        &config.control_url,
+        &config.fleet_token,
+        &node_id,
+        tls.control.clone(),
+    )?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
     let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()));
     let gone_budget = budget.clone();
@@ -104,7 +110,8 @@ pub async fn run(
                 policy: cache.clone(),
                 budget: budget.clone(),
                 spend: spend.clone(),
-                client: proxy::http_client()?,
+                client: proxy::http_client(tls.upstream.clone()),
+                control_client: proxy::http_client(tls.control.clone()),
                 control_url: config.control_url.clone(),
                 node_id: node_id.clone(),
                 max_body_bytes: config.max_body_bytes,
@@ -118,8 +125,10 @@ pub async fn run(
             }))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let acceptor = tls.listener.map(tokio_rustls::TlsAcceptor::from);
     for (i, proxy) in proxies.into_iter().enumerate() {
         let listener = listener.try_clone()?;
+        let acceptor = acceptor.clone();
         let stop = stop_rx.clone();
         let ended = ended_tx.clone();
         std::thread::Builder::new()
@@ -129,7 +138,7 @@ pub async fn run(
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(serve(listener, proxy, stop)));
+                    .and_then(|rt| rt.block_on(serve(listener, acceptor, proxy, stop)));
                 let _ = ended.send(served);
             })?;
     }
@@ -154,10 +163,16 @@ pub async fn run(
     outcome
 }
 
+/// How long a client gets to complete a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One serving thread: accepts until told to stop, then gives connections
-/// in flight up to `SHUTDOWN_GRACE` to finish.
+/// in flight up to `SHUTDOWN_GRACE` to finish. With `tls`, each connection's
+/// handshake runs in the connection's own task, so a slow or failed
+/// handshake holds up nobody else.
 async fn serve(
     listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     proxy: Arc<proxy::Proxy>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -184,13 +199,29 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let svc = service_fn(move |req| proxy.clone().handle(req, peer));
-        let conn = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned(),
-        );
+        let Some(tls) = &tls else {
+            let conn = graceful.watch(
+                builder
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .into_owned(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!("TLS handshake timed out"),
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

@@ -47,31 +47,36 @@ pub type Connector =
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 pub type HttpClient = Client<Connector, Full<Bytes>>;
 
-/// Builds the upstream client: HTTP/1.1 and HTTP/2 over rustls with the
-/// system's roots, plain HTTP for loopback test vendors. Redirects are
-/// never followed (the legacy client does not follow them).
-pub fn http_client() -> anyhow::Result<HttpClient> {
+/// Builds an HTTP client over `tls`: HTTP/1.1 and HTTP/2 (by ALPN) for
+/// `https://` targets, plain HTTP for `http://` ones (loopback test vendors,
+/// a plain control plane). Redirects are never followed (the legacy client
+/// does not follow them).
+pub fn http_client(tls: rustls::ClientConfig) -> HttpClient {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()?
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
-        .build(https))
+        .build(https)
 }
 
 pub struct Proxy {
     pub policy: Arc<PolicyCache>,
     pub budget: Arc<Budget>,
     pub spend: SpendReporter,
+    /// Calls vendors: the system's roots plus `--upstream-ca`.
     pub client: HttpClient,
+    /// Relays `/vault/*`: trusts `--control-ca` and presents this node's
+    /// client certificate, like the fleet channel.
+    pub control_client: HttpClient,
     pub control_url: String,
     pub node_id: String,
     pub max_body_bytes: usize,
@@ -470,7 +475,7 @@ impl Proxy {
         *up.method_mut() = parts.method;
         *up.headers_mut() = headers;
         *up.uri_mut() = uri;
-        let resp = tokio::time::timeout(self.upstream_timeout, self.client.request(up))
+        let resp = tokio::time::timeout(self.upstream_timeout, self.control_client.request(up))
             .await
             .map_err(|_| Refusal::UpstreamTimeout)?
             .map_err(|e| {

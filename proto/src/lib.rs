@@ -17,6 +17,7 @@ pub mod prices;
 pub mod profile;
 pub mod secret;
 pub mod time;
+pub mod tls;
 
 /// Generated protobuf messages and gRPC services for `keycap.v1`.
 pub mod pb {

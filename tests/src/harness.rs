@@ -1,5 +1,5 @@
 //! Starts keycap's real binaries as child processes for end-to-end tests,
-//! and talks to them over HTTP.
+//! and talks to them over HTTP or HTTPS (certificates from `pki`).
 //!
 //! It owns the lifecycle of every process a test starts: each listens on
 //! 127.0.0.1 on a free port (retried on a port clash), is ready only once its
@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use crate::mock::MockVendor;
+use crate::pki::CertFiles;
 
 /// How long a process may take to answer its health check. Generous: the
 /// suite shares two cores with whatever else the machine is doing.
@@ -296,7 +297,20 @@ pub fn free_port() -> u16 {
 }
 
 fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
+    http_client_trusting(None)
+}
+
+/// A client that trusts only the CA in the PEM file `ca` (if given) for
+/// `https://` URLs.
+fn http_client_trusting(ca: Option<&Path>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("read {}: {e}", ca.display()));
+        builder = builder.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem).expect("CA certificate PEM"),
+        );
+    }
+    builder
         .no_proxy()
         .timeout(Duration::from_secs(30))
         .build()
@@ -331,8 +345,9 @@ async fn launch(
     command: impl Fn(&[u16]) -> Command,
     ready_urls: impl Fn(&[u16]) -> Vec<String>,
     readiness: Readiness,
+    ca: Option<&Path>,
 ) -> (ChildProcess, Vec<u16>) {
-    let http = http_client();
+    let http = http_client_trusting(ca);
     for attempt in 1..=START_ATTEMPTS {
         let p = ports();
         let mut process = ChildProcess::spawn(name, command(&p), log);
@@ -420,6 +435,17 @@ pub struct ControlOpts {
     pub previous_master_keys: Vec<String>,
     /// `KEYCAP_LOG` for this process (else `KEYCAP_TEST_LOG`, else `info`).
     pub log_level: Option<String>,
+    /// Serve over TLS (see `ControlTls`); `None` serves plain HTTP.
+    pub tls: Option<ControlTls>,
+}
+
+/// TLS for a control plane: its server certificate, the CA clients trust
+/// it by, and (for mutual TLS with proxies) the CA of client certificates.
+#[derive(Clone, Debug)]
+pub struct ControlTls {
+    pub server: CertFiles,
+    pub ca: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ControlOpts {
@@ -432,7 +458,13 @@ impl ControlOpts {
             master_key: master_key(),
             previous_master_keys: Vec::new(),
             log_level: None,
+            tls: None,
         }
+    }
+
+    pub fn tls(mut self, tls: ControlTls) -> ControlOpts {
+        self.tls = Some(tls);
+        self
     }
 
     /// Fresh tokens over a SQLite file in a temporary directory.
@@ -442,6 +474,14 @@ impl ControlOpts {
 
     pub fn postgres(url: &str) -> ControlOpts {
         ControlOpts::new(Database::Postgres(url.to_string()))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -490,27 +530,42 @@ impl Control {
                         opts.previous_master_keys.join(","),
                     );
                 }
+                if let Some(tls) = &opts.tls {
+                    cmd.arg("--tls-cert")
+                        .arg(&tls.server.cert)
+                        .arg("--tls-key")
+                        .arg(&tls.server.key);
+                    if let Some(client_ca) = &tls.client_ca {
+                        cmd.arg("--client-ca").arg(client_ca);
+                    }
+                }
                 cmd
             },
-            |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],
+            |p| vec![format!("{}://127.0.0.1:{}/healthz", opts.scheme(), p[0])],
             Readiness::Healthy,
+            opts.tls.as_ref().map(|t| t.ca.as_path()),
         )
         .await;
         (process, ports[0])
     }
 
-    /// `http://127.0.0.1:<port>`: gRPC and REST.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS): gRPC and REST.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.opts.scheme(), self.port)
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// The REST API with the admin token.
+    /// The REST API with the admin token (trusting the control plane's CA
+    /// under TLS).
     pub fn admin(&self) -> Api {
-        Api::new(&self.url(), Some(&self.opts.admin_token))
+        let api = Api::new(&self.url(), Some(&self.opts.admin_token));
+        match &self.opts.tls {
+            Some(tls) => api.trusting(&tls.ca),
+            None => api,
+        }
     }
 
     pub fn process(&self) -> &ChildProcess {
@@ -558,6 +613,9 @@ pub struct ProxyOpts {
     pub readiness: Readiness,
     /// `KEYCAP_LOG` for this process (else `KEYCAP_TEST_LOG`, else `info`).
     pub log_level: Option<String>,
+    /// Set by `serve_tls`: the CA agents trust the proxy's HTTPS listener
+    /// by.
+    pub listener_ca: Option<PathBuf>,
 }
 
 impl ProxyOpts {
@@ -567,6 +625,24 @@ impl ProxyOpts {
             args: Vec::new(),
             readiness: Readiness::Healthy,
             log_level: None,
+            listener_ca: None,
+        }
+    }
+
+    /// Serves agents over HTTPS with `server` (issued by the CA in `ca`).
+    pub fn serve_tls(self, server: &CertFiles, ca: &Path) -> ProxyOpts {
+        let mut opts = self
+            .flag("tls-cert", server.cert.display())
+            .flag("tls-key", server.key.display());
+        opts.listener_ca = Some(ca.to_path_buf());
+        opts
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.listener_ca.is_some() {
+            "https"
+        } else {
+            "http"
         }
     }
 
@@ -593,6 +669,7 @@ impl ProxyOpts {
 pub struct Proxy {
     process: ChildProcess,
     port: u16,
+    listener_ca: Option<PathBuf>,
     pub node_id: String,
     _logs: Arc<TempDir>,
 }
@@ -624,20 +701,38 @@ impl Proxy {
                 }
                 cmd
             },
-            |p| vec![format!("http://127.0.0.1:{}/healthz", p[0])],
+            |p| vec![format!("{}://127.0.0.1:{}/healthz", opts.scheme(), p[0])],
             opts.readiness,
+            opts.listener_ca.as_deref(),
         )
         .await;
         Proxy {
             process,
             port: ports[0],
+            listener_ca: opts.listener_ca.clone(),
             node_id: opts.node_id.clone(),
             _logs: logs,
         }
     }
 
+    /// `http://127.0.0.1:<port>` (`https://` when serving TLS).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.listener_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// An agent's client for this proxy with `token` (trusting the
+    /// listener's CA when it serves TLS).
+    pub fn api(&self, token: Option<&str>) -> Api {
+        let api = Api::new(&self.url(), token);
+        match &self.listener_ca {
+            Some(ca) => api.trusting(ca),
+            None => api,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -724,6 +819,7 @@ impl Dev {
                 ]
             },
             Readiness::Healthy,
+            None,
         )
         .await;
         let admin_token = match admin_token {
@@ -890,6 +986,15 @@ impl Api {
             http: http_client(),
             base: base.trim_end_matches('/').to_string(),
             authorization: token.map(|t| format!("Bearer {t}")),
+        }
+    }
+
+    /// The same API through a client that trusts only the CA in `ca` for
+    /// `https://`.
+    pub fn trusting(self, ca: &Path) -> Api {
+        Api {
+            http: http_client_trusting(Some(ca)),
+            ..self
         }
     }
 
@@ -1129,7 +1234,12 @@ pub const PROBE_LIVE: &str = "endpoint_not_allowed";
 /// test key allows (`DELETE /{vendor}/keycap-e2e-probe`): `PROBE_LIVE` for a
 /// key it accepts, else why it refuses the key. Nothing is forwarded.
 pub async fn probe_key(proxy_url: &str, vendor: &str, secret: &str) -> Option<String> {
-    Api::new(proxy_url, Some(secret))
+    probe(&Api::new(proxy_url, Some(secret)), vendor).await
+}
+
+/// `probe_key` through `agent`, a client for a proxy holding the key.
+async fn probe(agent: &Api, vendor: &str) -> Option<String> {
+    agent
         .delete(&format!("/{vendor}/keycap-e2e-probe"))
         .await
         .error_code()
@@ -1137,14 +1247,19 @@ pub async fn probe_key(proxy_url: &str, vendor: &str, secret: &str) -> Option<St
 
 /// Waits until the proxy at `proxy_url` accepts `secret` for `vendor`.
 pub async fn wait_key_live(proxy_url: &str, vendor: &str, secret: &str) {
+    wait_live(&Api::new(proxy_url, Some(secret)), vendor).await
+}
+
+/// `wait_key_live` through `agent`, a client for a proxy holding the key.
+async fn wait_live(agent: &Api, vendor: &str) {
     let live = wait_until(within(POLICY_TIMEOUT), || async {
-        probe_key(proxy_url, vendor, secret).await.as_deref() == Some(PROBE_LIVE)
+        probe(agent, vendor).await.as_deref() == Some(PROBE_LIVE)
     })
     .await;
     assert!(
         live,
         "the proxy did not accept a new key within {POLICY_TIMEOUT:?} (last probe: {:?})",
-        probe_key(proxy_url, vendor, secret).await
+        probe(agent, vendor).await
     );
 }
 
@@ -1180,12 +1295,12 @@ impl Stack {
 
     /// The admin REST API relayed through the proxy's `/vault`.
     pub fn admin_via_proxy(&self) -> Api {
-        Api::new(&self.proxy.url(), Some(&self.control.opts.admin_token))
+        self.proxy.api(Some(&self.control.opts.admin_token))
     }
 
     /// An agent calling the proxy with `key`.
     pub fn agent(&self, key: &str) -> Api {
-        Api::new(&self.proxy.url(), Some(key))
+        self.proxy.api(Some(key))
     }
 
     /// Registers (or updates) vendor `name` pointing at `mock`, with the
@@ -1234,12 +1349,12 @@ impl Stack {
 
     /// See `probe_key`.
     pub async fn probe(&self, vendor: &str, secret: &str) -> Option<String> {
-        probe_key(&self.proxy.url(), vendor, secret).await
+        probe(&self.agent(secret), vendor).await
     }
 
     /// Waits until the proxy accepts `secret` for `vendor`.
     pub async fn wait_key_live(&self, vendor: &str, secret: &str) {
-        wait_key_live(&self.proxy.url(), vendor, secret).await
+        wait_live(&self.agent(secret), vendor).await
     }
 
     /// GET /vault/keys/{id}, asserting 200.

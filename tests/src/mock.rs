@@ -51,6 +51,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -181,6 +182,7 @@ struct MockState {
 /// A running mock vendor. Stops when dropped.
 pub struct MockVendor {
     addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<MockState>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -200,12 +202,45 @@ impl MockVendor {
                 eprintln!("mock vendor on {addr} stopped: {e}");
             }
         });
-        MockVendor { addr, state, task }
+        MockVendor {
+            addr,
+            scheme: "http",
+            state,
+            task,
+        }
     }
 
-    /// `http://127.0.0.1:<port>`, the base URL to register as the vendor's.
+    /// Like `start`, but serves HTTPS with `tls` (see `pki::TestCa`). A
+    /// client that rejects the certificate never gets as far as a request,
+    /// so `calls()` stays empty for it.
+    pub async fn start_tls(credential: &str, tls: Arc<rustls::ServerConfig>) -> MockVendor {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("mock vendor: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("mock vendor: local addr");
+        let state = new_state(credential);
+        let app = router_with(state.clone());
+        let listener = TlsListener {
+            tcp: listener,
+            acceptor: tokio_rustls::TlsAcceptor::from(tls),
+        };
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("mock vendor on {addr} stopped: {e}");
+            }
+        });
+        MockVendor {
+            addr,
+            scheme: "https",
+            state,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>` (`https://` when started with TLS), the
+    /// base URL to register as the vendor's.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -278,6 +313,35 @@ impl MockVendor {
     pub fn reset(&self) {
         self.state.calls.lock().expect("mock calls lock").clear();
         self.state.stripe_amount.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Accepts TCP connections and completes a TLS handshake on each, one at a
+/// time (enough for a test vendor). A failed handshake drops only that
+/// connection.
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            let handshake = self.acceptor.accept(tcp);
+            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                return (tls, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
     }
 }
 

@@ -508,6 +508,8 @@ mod twilio;
 mod admin_tokens;
 #[path = "e2e/limits.rs"]
 mod limits;
+#[path = "e2e/tls.rs"]
+mod tls;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {

@@ -157,7 +157,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<LeaseGrant>;
     /// Closes a lease: its grant shrinks to what the proxy says it spent, so
     /// the rest returns to the key. Idempotent; `NotFound` if unknown.
-    async fn return_lease(&self, lease_id: &str, spent: keycap_proto::Micros) -> StoreResult<()>;
+    /// With `node`, a lease granted to another node is `NotFound`.
+    async fn return_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        spent: keycap_proto::Micros,
+    ) -> StoreResult<()>;
     /// Applies spend events in one transaction, each at most once (by
     /// `event_id`): one audit entry, the key's daily and lifetime spend, and
     /// the lease's reported spend. Returns (applied, duplicates).

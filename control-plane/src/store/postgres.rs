@@ -677,14 +677,20 @@ impl Store for PgStore {
         answer.into_domain()
     }
 
-    async fn return_lease(&self, lease_id: &str, spent: Micros) -> StoreResult<()> {
+    async fn return_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        spent: Micros,
+    ) -> StoreResult<()> {
         // A closed lease keeps the spend of its first return.
         let done = sqlx::query(
             "UPDATE leases SET granted = CASE WHEN closed THEN granted ELSE $1 END, closed = TRUE \
-             WHERE id = $2",
+             WHERE id = $2 AND ($3::TEXT IS NULL OR node_id = $3)",
         )
         .bind(spent.0.max(0))
         .bind(lease_id)
+        .bind(node)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {

@@ -733,15 +733,22 @@ impl Store for SqliteStore {
         answer.into_domain()
     }
 
-    async fn return_lease(&self, lease_id: &str, spent: Micros) -> StoreResult<()> {
+    async fn return_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        spent: Micros,
+    ) -> StoreResult<()> {
         let mut w = self.begin_write().await?;
         // A closed lease keeps the spend of its first return.
         let done = sqlx::query(
             "UPDATE leases SET granted = CASE WHEN closed THEN granted ELSE ? END, closed = 1 \
-             WHERE id = ?",
+             WHERE id = ? AND (? IS NULL OR node_id = ?)",
         )
         .bind(spent.0.max(0))
         .bind(lease_id)
+        .bind(node)
+        .bind(node)
         .execute(w.conn())
         .await?;
         if done.rows_affected() == 0 {

@@ -96,6 +96,10 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         key_env: "dev".to_string(),
         previous_master_keys: Vec::new(),
         previous_master_key_files: Vec::new(),
+        // `keycap dev` stays on plain loopback.
+        tls_cert: None,
+        tls_key: None,
+        client_ca: None,
     };
     let control = keycap_control::server::build(&config).await?;
     control
@@ -123,6 +127,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
     let control_task = tokio::spawn(keycap_control::server::serve(
         control_listener,
         control,
+        None,
         stopped(stop_rx.clone()),
     ));
     let proxy_config = ProxyConfig {
@@ -139,6 +144,12 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         serve_threads: 0,
         zone: None,
         trusted_proxies: Vec::new(),
+        tls_cert: None,
+        tls_key: None,
+        control_ca: None,
+        tls_client_cert: None,
+        tls_client_key: None,
+        upstream_ca: None,
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(
         proxy_config,

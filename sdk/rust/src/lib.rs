@@ -7,10 +7,13 @@
 
 #![forbid(unsafe_code)]
 
+use std::path::Path;
+
 use keycap_proto::pb::{
     admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
     key_service_client::KeyServiceClient, vendor_service_client::VendorServiceClient,
 };
+use keycap_proto::tls::{self, Trust};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -41,8 +44,21 @@ pub struct AdminClient {
 
 impl AdminClient {
     /// Connects to a control plane at `url` (e.g. `http://127.0.0.1:8081`).
-    pub async fn connect(url: &str, admin_token: &str) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url.to_string())?.connect().await?;
+    /// An `https://` URL is verified against the CAs in the PEM file `ca`
+    /// if given, else against the system's roots.
+    pub async fn connect(url: &str, admin_token: &str, ca: Option<&Path>) -> anyhow::Result<Self> {
+        let tls = tls::client_config(Trust::OnlyOrSystem(ca), None)?;
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        // gRPC needs HTTP/2, so only `h2` is offered by ALPN.
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(http);
+        let channel = Endpoint::from_shared(url.to_string())?
+            .connect_with_connector(connector)
+            .await?;
         let mut token: MetadataValue<Ascii> = format!("Bearer {admin_token}").parse()?;
         token.set_sensitive(true);
         let auth = AdminAuth(token);

@@ -37,6 +37,10 @@ struct Cli {
         global = true
     )]
     admin_token: Option<String>,
+    /// PEM CA bundle trusted for an `https://` control plane (default: the
+    /// system's roots).
+    #[arg(long, env = "KEYCAP_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -304,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
     let Some(token) = cli.admin_token.as_deref() else {
         bail!("an admin token is required: --admin-token or KEYCAP_ADMIN_TOKEN");
     };
-    let mut c = AdminClient::connect(&cli.control_url, token)
+    let mut c = AdminClient::connect(&cli.control_url, token, cli.ca.as_deref())
         .await
         .with_context(|| format!("cannot reach the control plane at {}", cli.control_url))?;
     let result = run(&mut c, cli.command).await;
