@@ -20,8 +20,8 @@ use keycap_proto::Micros;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, KeyLimits, LeaseGrant, Outcome, SpendEvent,
-    VaultKey, Vendor, VendorName,
+    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, KeyLimits, LeaseGrant, Outcome,
+    SpendEvent, VaultKey, Vendor, VendorName,
 };
 use crate::scope::{Scopes, VendorScope};
 
