@@ -134,6 +134,44 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
     // The only place a key may appear: the answer that minted it.
     assert_eq!(key.body["key"], json!(key.secret));
 
+    // A scoped admin token: shown once, used within and beyond its scope,
+    // then revoked and used again.
+    let r = admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "canary", "scopes": ["keys:read"], "expires_in": "1h"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let minted_token = r.json()["token"].as_str().expect("token").to_string();
+    heard
+        .0
+        .push(("admin token creation".into(), r.text.clone().into_bytes()));
+    let token_id = r.json()["id"].as_str().expect("token id").to_string();
+    let scoped = Api::new(&stack.control.url(), Some(&minted_token));
+    let r = scoped.get("/vault/keys").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("keys with a scoped token", &r);
+    let r = scoped
+        .post_json(
+            "/vault/keys",
+            &stripe_key_body(json!(1), &["POST /x"], "canary/x"),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    heard.resp("a scope the token lacks", &r);
+    let r = admin.get("/vault/admin-tokens?include_inactive=true").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("admin token list", &r);
+    let r = admin
+        .delete(&format!("/vault/admin-tokens/{token_id}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("admin token revoke", &r);
+    let r = scoped.get("/vault/keys").await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    heard.resp("a revoked admin token", &r);
+
     // Secrets handed to the admin API as tokens are refused without echo.
     for (label, token) in [
         ("vault key as admin token", key.secret.as_str()),
@@ -194,6 +232,48 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
         assert_eq!(r.status, 401, "{label}: {}", r.text);
         heard.resp(label, &r);
     }
+    // Keys refused by their network and rate limits.
+    let mut limited = stripe_key_body(json!(50), &["POST /v1/payment_intents"], "canary/3");
+    limited["rate_limit_per_minute"] = json!(1);
+    let limited = stack.mint(&limited).await;
+    let mut fenced = stripe_key_body(json!(50), &["POST /v1/payment_intents"], "canary/4");
+    fenced["allowed_cidrs"] = json!(["10.0.0.0/8"]);
+    let fenced = stack.create_key(&fenced).await;
+    let limited_agent = stack.agent(&limited.secret);
+    let first = limited_agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
+        .await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let last = limited_agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
+        .await;
+    assert_eq!(
+        last.error_code().as_deref(),
+        Some("rate_limited"),
+        "{}",
+        last.text
+    );
+    heard.resp("a rate-limited call", &last);
+    let refused = wait_for(within(harness::POLICY_TIMEOUT), || async {
+        let r = stack
+            .agent(&fenced.secret)
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=100&currency=usd&confirm=true",
+            )
+            .await;
+        (r.error_code().as_deref() == Some("ip_not_allowed")).then_some(r)
+    })
+    .await
+    .expect("the proxy never refused the fenced key's address");
+    heard.resp("a call from outside the key's networks", &refused);
+
     // The key in the other header agents use.
     let r = Api::new(&stack.proxy.url(), None)
         .send(
@@ -272,6 +352,9 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
         ("the vendor credential", CANARY_CREDENTIAL.to_string()),
         ("the first vault key", key.secret.clone()),
         ("the second vault key", other.secret.clone()),
+        ("the rate-limited vault key", limited.secret.clone()),
+        ("the fenced vault key", fenced.secret.clone()),
+        ("the minted admin token", minted_token.clone()),
         ("the admin token", stack.control.opts.admin_token.clone()),
         ("the fleet token", stack.control.opts.fleet_token.clone()),
         ("the master key", stack.control.opts.master_key.clone()),
@@ -321,8 +404,10 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
     scanned.extend(heard.0);
     for (place, bytes) in &scanned {
         for (what, secret) in &canaries {
-            // A minted key is shown once, by design: in the answer that made it.
-            if place == "key creation" && *secret == key.secret {
+            // A minted secret is shown once, by design: in the answer that made it.
+            if (place == "key creation" && *secret == key.secret)
+                || (place == "admin token creation" && *secret == minted_token)
+            {
                 continue;
             }
             assert!(
