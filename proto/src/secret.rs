@@ -34,6 +34,19 @@ impl SecretKind {
     }
 }
 
+impl SecretKind {
+    /// A regular expression that finds secrets of this kind in text, for
+    /// secret scanners (README, "Secret formats"); `is_well_formed` then
+    /// tells a real one from a look-alike by its checksum.
+    pub fn scanner_pattern(self) -> &'static str {
+        match self {
+            SecretKind::VaultKey => r"\bkc_[a-z]{1,16}_[0-9A-Za-z]{49}\b",
+            SecretKind::AdminToken => r"\bkcadm_[a-z]{1,16}_[0-9A-Za-z]{49}\b",
+            SecretKind::FleetToken => r"\bkcfleet_[a-z]{1,16}_[0-9A-Za-z]{49}\b",
+        }
+    }
+}
+
 /// SHA-256 of a secret's full text: the only form keycap stores.
 pub type SecretHash = [u8; 32];
 
@@ -119,6 +132,40 @@ mod tests {
         ));
         assert!(!is_well_formed(SecretKind::VaultKey, "kc_live_short"));
         assert!(!is_well_formed(SecretKind::VaultKey, "sk_live_abc"));
+    }
+
+    #[test]
+    fn scanner_patterns_find_each_kind_and_only_it() {
+        let kinds = [
+            SecretKind::VaultKey,
+            SecretKind::AdminToken,
+            SecretKind::FleetToken,
+        ];
+        let readme = include_str!("../../README.md");
+        for kind in kinds {
+            let re = regex::Regex::new(kind.scanner_pattern()).unwrap();
+            for other in kinds {
+                for _ in 0..50 {
+                    let s = generate(other, "live");
+                    let text = format!("export TOKEN={s}; echo done");
+                    let found: Vec<&str> = re.find_iter(&text).map(|m| m.as_str()).collect();
+                    if other == kind {
+                        assert_eq!(found, [s.as_str()], "{kind:?} in {text}");
+                    } else {
+                        assert!(
+                            found.is_empty(),
+                            "{kind:?} pattern matched a {other:?}: {text}"
+                        );
+                    }
+                }
+            }
+        }
+        for kind in [SecretKind::VaultKey, SecretKind::AdminToken] {
+            assert!(
+                readme.contains(&format!("`{}`", kind.scanner_pattern())),
+                "README does not show the {kind:?} pattern"
+            );
+        }
     }
 
     #[test]
