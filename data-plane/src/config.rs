@@ -18,6 +18,10 @@ pub struct ProxyConfig {
         default_value = "127.0.0.1:8080"
     )]
     pub listen: SocketAddr,
+    /// Address for Prometheus metrics (`GET /metrics`), apart from the one
+    /// agents call; unset: no metrics listener.
+    #[arg(long, env = "KEYCAP_PROXY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The control plane's gRPC/REST address.
     #[arg(
         long,

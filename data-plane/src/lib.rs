@@ -20,6 +20,7 @@ pub use keycap_proto::endpoint;
 pub mod error;
 pub mod fleet;
 pub mod idempotency;
+pub mod metrics;
 pub mod policy;
 pub mod pricing;
 pub mod proxy;
@@ -104,6 +105,19 @@ pub async fn run(
     let idempotency = idempotency::IdempotencyMemory::new();
     let tightening = tightening::Tightening::new();
     let rate_limiter = ratelimit::RateLimiter::new();
+    let metrics = metrics::Metrics::new(cache.clone());
+    if let Some(addr) = config.metrics_listen {
+        let metrics_listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
+        let mut stop = stop_rx.clone();
+        tokio::spawn(metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+            async move {
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            },
+        ));
+    }
     let proxies = (0..threads)
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
@@ -122,6 +136,7 @@ pub async fn run(
                 zone: config.zone.clone(),
                 trusted_proxies: config.trusted_proxies.clone(),
                 rate_limiter: rate_limiter.clone(),
+                metrics: metrics.clone(),
             }))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

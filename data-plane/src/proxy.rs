@@ -33,6 +33,7 @@ use crate::budget::{Budget, Reservation};
 use crate::client_addr;
 use crate::error::Refusal;
 use crate::idempotency::{Begin, Guard, IdempotencyMemory};
+use crate::metrics::Metrics;
 use crate::policy::{KeyPolicy, KeyStanding, PolicyCache, VendorPolicy};
 use crate::pricing::{
     Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
@@ -70,6 +71,7 @@ pub fn http_client(tls: rustls::ClientConfig) -> HttpClient {
 
 pub struct Proxy {
     pub policy: Arc<PolicyCache>,
+    pub metrics: Arc<Metrics>,
     pub budget: Arc<Budget>,
     pub spend: SpendReporter,
     /// Calls vendors: the system's roots plus `--upstream-ca`.
@@ -173,8 +175,14 @@ impl Proxy {
             return Ok(resp);
         }
         Ok(match self.clone().call_vendor(req, now, peer.ip()).await {
-            Ok(resp) => resp,
-            Err(refusal) => refusal.into_response(now),
+            Ok(resp) => {
+                self.metrics.request("forwarded");
+                resp
+            }
+            Err(refusal) => {
+                self.metrics.request(refusal.code());
+                refusal.into_response(now)
+            }
         })
     }
 
@@ -679,6 +687,7 @@ impl Call {
         if let (Value::Object(d), Value::Object(extra)) = (&mut detail, s.detail) {
             d.extend(extra);
         }
+        self.proxy.metrics.settled(&self.vendor.name, s.cost.0);
         self.proxy.spend.send(pb::SpendEvent {
             event_id: self.proxy.spend.next_event_id(),
             lease_id,

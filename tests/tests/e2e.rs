@@ -25,6 +25,8 @@ mod canary;
 mod grpc;
 #[path = "e2e/kek.rs"]
 mod kek;
+#[path = "e2e/metrics.rs"]
+mod metrics;
 
 const STRIPE_CREDENTIAL: &str = "sk_live_51KeycapE2eRealStripeCredentialDoNotLeak";
 const OPENAI_CREDENTIAL: &str = "sk-proj-KeycapE2eRealOpenAiCredentialDoNotLeak";

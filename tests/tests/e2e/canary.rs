@@ -1,8 +1,8 @@
 //! The canary: recognisable secrets planted everywhere keycap takes them,
 //! every API and error path driven, and then none of them found in plain
 //! text in the database, the logs (at trace level, the most keycap and its
-//! libraries ever write), any response body or header, CLI output, or
-//! audit entries.
+//! libraries ever write), any response body or header, CLI output, metrics
+//! or audit entries.
 
 use std::path::Path;
 
@@ -59,8 +59,14 @@ const CANARY_CREDENTIAL: &str = "sk_live_CANARY0keycapAtRestCredential7Zq4WmX2pL
 async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
     let mut opts = ControlOpts::sqlite();
     opts.log_level = Some("trace".into());
-    let stack =
-        Stack::start_with_proxy(opts, ProxyOpts::new("canary-proxy").log_level("trace")).await;
+    let metrics_port = harness::free_port();
+    let stack = Stack::start_with_proxy(
+        opts,
+        ProxyOpts::new("canary-proxy")
+            .log_level("trace")
+            .flag("metrics-listen", format!("127.0.0.1:{metrics_port}")),
+    )
+    .await;
     let mock = MockVendor::start(CANARY_CREDENTIAL).await;
     let mut heard = Heard::default();
     let admin = &stack.admin;
@@ -346,6 +352,16 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
     let out = keycap_cli(&url, &key.secret, &["key", "list"]).await;
     assert!(!out.status.success(), "a vault key is no admin token");
     heard.cli("key list with a vault key", &out);
+
+    let metrics = Api::new(&format!("http://127.0.0.1:{metrics_port}"), None)
+        .get("/metrics")
+        .await;
+    assert!(
+        metrics.text.contains("keycap_proxy_requests_total"),
+        "{}",
+        metrics.text
+    );
+    heard.resp("metrics", &metrics);
 
     // --- the search ------------------------------------------------------------------
     let canaries = [
