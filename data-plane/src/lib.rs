@@ -15,6 +15,7 @@
 pub mod body;
 pub mod budget;
 pub mod config;
+pub mod edge;
 pub use keycap_proto::endpoint;
 pub mod error;
 pub mod fleet;
@@ -35,7 +36,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::ProxyConfig;
 use crate::pricing::{load_table, Catalog, TokenPrices, TwilioPrices};
@@ -112,8 +113,17 @@ pub async fn run(
             }))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let limits = ConnLimits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+        slots: Arc::new(Semaphore::new(
+            usize::try_from(config.max_connections)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        )),
+    };
     for (i, proxy) in proxies.into_iter().enumerate() {
         let listener = listener.try_clone()?;
+        let limits = limits.clone();
         let stop = stop_rx.clone();
         let ended = ended_tx.clone();
         std::thread::Builder::new()
@@ -123,7 +133,7 @@ pub async fn run(
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(serve(listener, proxy, stop)));
+                    .and_then(|rt| rt.block_on(serve(listener, proxy, limits, stop)));
                 let _ = ended.send(served);
             })?;
     }
@@ -148,11 +158,22 @@ pub async fn run(
     outcome
 }
 
+/// What every serving thread shares about agent connections.
+#[derive(Clone)]
+struct ConnLimits {
+    header_read_timeout: Duration,
+    /// One permit per open connection (`--max-connections`): a thread
+    /// takes one before it accepts, so connections past the cap wait in
+    /// the listen backlog instead of being read.
+    slots: Arc<Semaphore>,
+}
+
 /// One serving thread: accepts until told to stop, then gives connections
 /// in flight up to `SHUTDOWN_GRACE` to finish.
 async fn serve(
     listener: std::net::TcpListener,
     proxy: Arc<proxy::Proxy>,
+    limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener)?;
@@ -160,10 +181,14 @@ async fn serve(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(edge::MAX_HEAD_BYTES);
     let graceful = GracefulShutdown::new();
     loop {
+        let slot = tokio::select! {
+            slot = limits.slots.clone().acquire_owned() => slot?,
+            _ = stop.wait_for(|stopping| *stopping) => break,
+        };
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -176,17 +201,24 @@ async fn serve(
             _ = stop.wait_for(|stopping| *stopping) => break,
         };
         let _ = stream.set_nodelay(true);
+        let (io, edge) = edge::CheckedConn::new(stream, limits.header_read_timeout);
         let proxy = proxy.clone();
-        let svc = service_fn(move |req| proxy.clone().handle(req));
-        let conn = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned(),
-        );
+        let svc = service_fn(move |req| {
+            let refusal = edge.refusal_for_next();
+            let proxy = proxy.clone();
+            async move {
+                match refusal {
+                    Some(r) => Ok(r.into_response()),
+                    None => proxy.handle(req).await,
+                }
+            }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

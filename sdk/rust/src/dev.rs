@@ -131,6 +131,8 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         max_response_bytes: 16 << 20,
         upstream_timeout_secs: 60,
         serve_threads: 0,
+        header_read_timeout_secs: 10,
+        max_connections: 4096,
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(
         proxy_config,
