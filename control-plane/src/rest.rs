@@ -66,7 +66,7 @@ async fn admin(c: &Control, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Parses a JSON body with a client-facing error that names what is wrong.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(invalid("body", "a JSON body is required").into());
     }
@@ -149,6 +149,20 @@ struct PutVendorBody {
     prices: Option<Value>,
 }
 
+/// `PUT /vault/vendors/{name}`'s body, validated. Public for the fuzz
+/// checks in `check`.
+pub fn put_vendor_body(name: &str, body: &[u8]) -> Result<PutVendor, ApiError> {
+    let b: PutVendorBody = parse_body(body)?;
+    Ok(PutVendor::new(
+        name,
+        &b.profile,
+        &b.base_url,
+        b.credential.as_deref(),
+        &b.currency_rates,
+        &b.prices.map(|p| p.to_string()).unwrap_or_default(),
+    )?)
+}
+
 async fn put_vendor(
     State(c): Ctl,
     Path(name): Path<String>,
@@ -156,15 +170,7 @@ async fn put_vendor(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     admin(&c, &headers).await?;
-    let b: PutVendorBody = parse_body(&body)?;
-    let put = PutVendor::new(
-        &name,
-        &b.profile,
-        &b.base_url,
-        b.credential.as_deref(),
-        &b.currency_rates,
-        &b.prices.map(|p| p.to_string()).unwrap_or_default(),
-    )?;
+    let put = put_vendor_body(&name, &body)?;
     let (v, created) = c.put_vendor(put).await?;
     let status = if created {
         StatusCode::CREATED
@@ -217,9 +223,10 @@ struct CreateKeyBody {
     metadata: BTreeMap<String, String>,
 }
 
-async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    admin(&c, &headers).await?;
-    let b: CreateKeyBody = parse_body(&body)?;
+/// `POST /vault/keys`'s body, validated. Public for the fuzz checks in
+/// `check`.
+pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
+    let b: CreateKeyBody = parse_body(body)?;
     let expires_in = match &b.expires_in {
         Value::String(s) => domain::parse_expires_in(s)?,
         Value::Number(n) => {
@@ -239,7 +246,7 @@ async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Re
             .into())
         }
     };
-    let new = NewKey::new(
+    Ok(NewKey::new(
         &b.vendor,
         &b.allowed_endpoints,
         usd_field("daily_usd_cap", &b.daily_usd_cap)?,
@@ -254,7 +261,12 @@ async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Re
         expires_in,
         &b.agent_run_label,
         b.metadata,
-    )?;
+    )?)
+}
+
+async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    admin(&c, &headers).await?;
+    let new = create_key_body(&body)?;
     let (view, secret) = c.create_key(new).await?;
     let mut out = key_json(&view);
     out["key"] = json!(secret);

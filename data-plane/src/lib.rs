@@ -14,6 +14,7 @@
 
 pub mod body;
 pub mod budget;
+pub mod check;
 pub mod config;
 pub mod edge;
 pub use keycap_proto::endpoint;
