@@ -15,9 +15,12 @@ use keycap_proto::Micros;
 use crate::error::ApiError;
 use crate::rest::{create_key_body, put_vendor_body};
 
+/// A fuzz target's check: returns normally or panics on a broken invariant.
+pub type Check = fn(&[u8]);
+
 /// Every control-plane fuzz target, by the name of its file in
 /// `fuzz/fuzz_targets/` and of its seed directory in `fuzz/corpus/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("rest_body", rest_body)];
+pub const TARGETS: &[(&str, Check)] = &[("rest_body", rest_body)];
 
 /// The first byte picks the body (even: a new key, odd: a vendor); the rest
 /// is the body. Parsing never panics; a refusal is a 400 `invalid_request`
