@@ -247,6 +247,12 @@ impl RequestFraming {
         self.heads
     }
 
+    /// Whether the first head has been read whole (or the connection
+    /// turned out to speak HTTP/2, which has no such head).
+    pub fn past_first_head(&self) -> bool {
+        self.heads > 0 || self.state == State::Passthrough
+    }
+
     /// Bytes of an incomplete head, released when the client closes so that
     /// hyper sees (and reports) the truncated request itself.
     pub fn take_pending_head(&mut self) -> Vec<u8> {
@@ -525,7 +531,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for CheckedConn<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            if this.framing.heads() > 0 {
+            if this.framing.past_first_head() {
                 this.first_head = None;
             }
             let mut read = ReadBuf::new(&mut this.scratch);
@@ -752,6 +758,13 @@ mod tests {
         let (out, refused, _) = run(input);
         assert_eq!(refused, None);
         assert_eq!(out, input);
+        let mut f = RequestFraming::new();
+        assert!(!f.past_first_head());
+        f.feed(input, &mut Vec::new());
+        assert!(
+            f.past_first_head(),
+            "HTTP/2 would be timed out as a slow head"
+        );
     }
 
     #[test]

@@ -76,10 +76,46 @@ impl Drop for OtherHost {
     }
 }
 
+/// A response: status, headers (names lowercased) and body.
+type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A client connection that reads one response at a time, keeping what
+/// arrived beyond it for the next.
+struct Client {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client {
+            s: TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.expect("write");
+    }
+
+    /// The next response, or `None` if the connection closed first.
+    async fn response(&mut self) -> Option<Answer> {
+        read_response(&mut self.s, &mut self.buf).await
+    }
+
+    /// The next response within `ANSWER_TIMEOUT`, which must come.
+    async fn answer(&mut self, what: &str) -> Answer {
+        tokio::time::timeout(ANSWER_TIMEOUT, self.response())
+            .await
+            .unwrap_or_else(|_| panic!("no answer: {what}"))
+            .unwrap_or_else(|| panic!("closed without an answer: {what}"))
+    }
+}
+
 /// One response read off a connection that stays open: the head, then a
-/// body of the length it announces. `None` if the connection closed first.
-async fn read_response(s: &mut TcpStream) -> Option<(u16, Vec<(String, String)>, Vec<u8>)> {
-    let mut buf = Vec::new();
+/// body of the length it announces; bytes after it stay in `buf`. `None`
+/// if the connection closed first.
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Answer> {
     let mut chunk = [0u8; 4096];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -110,7 +146,9 @@ async fn read_response(s: &mut TcpStream) -> Option<(u16, Vec<(String, String)>,
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Some((status, headers, buf[head_end..head_end + len].to_vec()))
+    let body = buf[head_end..head_end + len].to_vec();
+    buf.drain(..head_end + len);
+    Some((status, headers, body))
 }
 
 /// Whether the peer closes `s` (EOF or reset) before `deadline`; bytes
@@ -291,15 +329,9 @@ async fn ambiguous_body_framing_is_refused_and_the_connection_closed() {
         format!("{}{chunked}", head("Transfer-Encoding: gzip, chunked\r\n")),
     ];
     for request in &cases {
-        let mut s = TcpStream::connect(stack.proxy.addr())
-            .await
-            .expect("connect");
-        s.write_all(request.as_bytes()).await.expect("write");
-        let (status, headers, resp_body) =
-            tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut s))
-                .await
-                .expect("no answer")
-                .unwrap_or_else(|| panic!("closed without an answer: {request:?}"));
+        let mut c = Client::connect(stack.proxy.addr()).await;
+        c.send(request.as_bytes()).await;
+        let (status, headers, resp_body) = c.answer(request).await;
         assert_eq!(status, 400, "{request:?}");
         assert_eq!(
             error_code(&resp_body),
@@ -308,7 +340,7 @@ async fn ambiguous_body_framing_is_refused_and_the_connection_closed() {
         );
         assert_eq!(header(&headers, "connection"), Some("close"));
         assert!(
-            closed_by_peer(&mut s, within(ANSWER_TIMEOUT)).await,
+            closed_by_peer(&mut c.s, within(ANSWER_TIMEOUT)).await,
             "the connection stayed open after {request:?}"
         );
     }
@@ -320,24 +352,14 @@ async fn ambiguous_body_framing_is_refused_and_the_connection_closed() {
          Authorization: Bearer {}\r\n\r\n",
         key.secret
     );
-    let mut s = TcpStream::connect(stack.proxy.addr())
-        .await
-        .expect("connect");
-    s.write_all(format!("{good}{}", cases[0]).as_bytes())
-        .await
-        .expect("write");
-    let first = tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut s))
-        .await
-        .expect("no first answer")
-        .expect("closed before the first answer");
+    let mut c = Client::connect(stack.proxy.addr()).await;
+    c.send(format!("{good}{}", cases[0]).as_bytes()).await;
+    let first = c.answer("the good request before a refused one").await;
     assert_eq!(first.0, 200, "{:?}", String::from_utf8_lossy(&first.2));
-    let second = tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut s))
-        .await
-        .expect("no second answer")
-        .expect("closed before the refusal");
+    let second = c.answer("the refused request after a good one").await;
     assert_eq!(second.0, 400);
     assert_eq!(error_code(&second.2), "invalid_request_framing");
-    assert!(closed_by_peer(&mut s, within(ANSWER_TIMEOUT)).await);
+    assert!(closed_by_peer(&mut c.s, within(ANSWER_TIMEOUT)).await);
 
     let calls = mock.calls();
     assert_eq!(
@@ -386,16 +408,9 @@ async fn oversized_heads_and_declared_bodies_are_refused_early() {
 
     // A body announced above --max-body-bytes is refused from the head
     // alone: the body is never sent, and the answer comes anyway.
-    let mut s = TcpStream::connect(stack.proxy.addr())
-        .await
-        .expect("connect");
-    s.write_all(head("Content-Length: 5000\r\n").as_bytes())
-        .await
-        .expect("write");
-    let (status, _, body) = tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut s))
-        .await
-        .expect("no answer before the body was sent")
-        .expect("closed without an answer");
+    let mut c = Client::connect(stack.proxy.addr()).await;
+    c.send(head("Content-Length: 5000\r\n").as_bytes()).await;
+    let (status, _, body) = c.answer("a head announcing too large a body").await;
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
     assert_eq!(error_code(&body), "body_too_large");
 
@@ -493,40 +508,31 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     // Served: two keep-alive connections, each answered and left open.
     let mut open = Vec::new();
     for _ in 0..2 {
-        let mut s = TcpStream::connect(stack.proxy.addr())
-            .await
-            .expect("connect");
-        s.write_all(health).await.expect("write");
-        let (status, _, _) = tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut s))
-            .await
-            .expect("a connection within the cap was not served")
-            .expect("closed");
+        let mut c = Client::connect(stack.proxy.addr()).await;
+        c.send(health).await;
+        let (status, _, _) = c.answer("a connection within the cap").await;
         assert_eq!(status, 200);
-        open.push(s);
+        open.push(c);
     }
     // The third is accepted by the kernel but not read while both are open.
-    let mut third = TcpStream::connect(stack.proxy.addr())
-        .await
-        .expect("connect");
-    third.write_all(health).await.expect("write");
-    let early = tokio::time::timeout(Duration::from_millis(700), read_response(&mut third)).await;
+    let mut third = Client::connect(stack.proxy.addr()).await;
+    third.send(health).await;
+    let early = tokio::time::timeout(Duration::from_millis(700), third.response()).await;
     assert!(
         early.is_err(),
         "a connection past the cap was served: {early:?}"
     );
     // The open ones still work.
-    open[0].write_all(health).await.expect("write");
-    let again = tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut open[0]))
-        .await
-        .expect("no answer")
-        .expect("closed");
-    assert_eq!(again.0, 200);
+    open[0].send(health).await;
+    assert_eq!(
+        open[0].answer("an open connection within the cap").await.0,
+        200
+    );
     // One closes: the waiting one is served.
     drop(open.remove(0));
-    let (status, _, _) = tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut third))
-        .await
-        .expect("the waiting connection was not served after one closed")
-        .expect("closed without an answer");
+    let (status, _, _) = third
+        .answer("the waiting connection, after one closed")
+        .await;
     assert_eq!(status, 200);
 }
 
