@@ -83,8 +83,8 @@ pub fn normalize(path_and_query: &str) -> Result<Target, TargetError> {
         return Err(TargetError::ForbiddenChar(CharDesc(c)));
     }
     // Whatever is accepted is joined onto the vendor's base URL and parsed
-    // again there; characters a URI may not hold (`` ` `` or `]` in a
-    // path) are refused here rather than after the call was priced.
+    // again there; visible characters a URI path or query may not hold are
+    // refused here rather than after the call was priced.
     if path_and_query.parse::<http::uri::PathAndQuery>().is_err() {
         return Err(TargetError::NotAUri);
     }
