@@ -108,6 +108,14 @@ pub fn parse_base_url(s: &str) -> Result<String, InvalidInput> {
     if rest.split('/').skip(1).any(|seg| seg == "." || seg == "..") {
         return Err(bad("must not contain dot segments"));
     }
+    // The proxy joins request paths onto it and parses the result: a base
+    // it cannot parse (a '%' or '[' in the host, say) would make every call
+    // to the vendor fail.
+    if s.parse::<http::Uri>()
+        .map_or(true, |u| u.host().is_none_or(str::is_empty))
+    {
+        return Err(bad("is not a valid URL"));
+    }
     Ok(s.trim_end_matches('/').to_string())
 }
 
@@ -536,6 +544,9 @@ mod tests {
             "https://x/?q",
             "https://x/../y",
             "api.stripe.com",
+            // Found by the rest_body fuzzer: not a URL the proxy can parse.
+            "https://api.strip%abcdef",
+            "https://[x/v1",
         ] {
             assert!(parse_base_url(bad).is_err(), "{bad}");
         }

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod config;
 pub mod crypto;
 pub mod domain;

@@ -81,7 +81,7 @@ async fn admin(
 }
 
 /// Parses a JSON body with a client-facing error that names what is wrong.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(invalid("body", "a JSON body is required").into());
     }
@@ -167,6 +167,20 @@ struct PutVendorBody {
     prices: Option<Value>,
 }
 
+/// `PUT /vault/vendors/{name}`'s body, validated. Public for the fuzz
+/// checks in `check`.
+pub fn put_vendor_body(name: &str, body: &[u8]) -> Result<PutVendor, ApiError> {
+    let b: PutVendorBody = parse_body(body)?;
+    Ok(PutVendor::new(
+        name,
+        &b.profile,
+        &b.base_url,
+        b.credential.as_deref(),
+        &b.currency_rates,
+        &b.prices.map(|p| p.to_string()).unwrap_or_default(),
+    )?)
+}
+
 async fn put_vendor(
     State(c): Ctl,
     Path(name): Path<String>,
@@ -174,18 +188,10 @@ async fn put_vendor(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let caller = admin(&c, &headers, Operation::PutVendor).await?;
-    let b: PutVendorBody = parse_body(&body)?;
-    if b.credential.as_deref().is_some_and(|c| !c.is_empty()) {
+    let put = put_vendor_body(&name, &body)?;
+    if put.credential.is_some() {
         caller.require(Operation::PutVendorWithCredential)?;
     }
-    let put = PutVendor::new(
-        &name,
-        &b.profile,
-        &b.base_url,
-        b.credential.as_deref(),
-        &b.currency_rates,
-        &b.prices.map(|p| p.to_string()).unwrap_or_default(),
-    )?;
     let (v, created) = c.put_vendor(&caller.vendors, put).await?;
     let status = if created {
         StatusCode::CREATED
@@ -291,12 +297,13 @@ fn expires_in_field(v: &Value) -> Result<std::time::Duration, ApiError> {
     })
 }
 
-async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let caller = admin(&c, &headers, Operation::CreateKey).await?;
-    let b: CreateKeyBody = parse_body(&body)?;
+/// `POST /vault/keys`'s body, validated. Public for the fuzz checks in
+/// `check`.
+pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
+    let b: CreateKeyBody = parse_body(body)?;
     let expires_in = expires_in_field(&b.expires_in)?;
     let limits = key_limits(&b)?;
-    let new = NewKey::new(
+    Ok(NewKey::new(
         &b.vendor,
         &b.allowed_endpoints,
         usd_field("daily_usd_cap", &b.daily_usd_cap)?,
@@ -312,7 +319,12 @@ async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Re
         &b.agent_run_label,
         b.metadata,
         limits,
-    )?;
+    )?)
+}
+
+async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let caller = admin(&c, &headers, Operation::CreateKey).await?;
+    let new = create_key_body(&body)?;
     let (view, secret) = c.create_key(&caller.vendors, new).await?;
     let mut out = key_json(&view);
     out["key"] = json!(secret);

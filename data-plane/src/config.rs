@@ -93,6 +93,18 @@ pub struct ProxyConfig {
     /// (for test vendors with a private CA).
     #[arg(long, env = "KEYCAP_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
+    /// How long a client may take to send a request's headers, in seconds;
+    /// a connection that is slower (or idle that long between requests) is
+    /// closed.
+    #[arg(long, env = "KEYCAP_HEADER_READ_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_secs: u64,
+    /// Most agent connections served at once, across all serving threads;
+    /// further connections wait (unread, in the listen backlog) until one
+    /// closes.
+    #[arg(long, env = "KEYCAP_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
 }
 
 fn parse_zone(s: &str) -> Result<String, String> {

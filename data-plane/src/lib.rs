@@ -14,8 +14,10 @@
 
 pub mod body;
 pub mod budget;
+pub mod check;
 pub mod client_addr;
 pub mod config;
+pub mod edge;
 pub use keycap_proto::endpoint;
 pub mod error;
 pub mod fleet;
@@ -38,7 +40,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::config::ProxyConfig;
 use crate::pricing::{load_table, Catalog, TokenPrices, TwilioPrices};
@@ -140,10 +142,19 @@ pub async fn run(
             }))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let limits = ConnLimits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+        slots: Arc::new(Semaphore::new(
+            usize::try_from(config.max_connections)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        )),
+    };
     let acceptor = tls.listener.map(tokio_rustls::TlsAcceptor::from);
     for (i, proxy) in proxies.into_iter().enumerate() {
         let listener = listener.try_clone()?;
         let acceptor = acceptor.clone();
+        let limits = limits.clone();
         let stop = stop_rx.clone();
         let ended = ended_tx.clone();
         std::thread::Builder::new()
@@ -153,7 +164,7 @@ pub async fn run(
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(serve(listener, acceptor, proxy, stop)));
+                    .and_then(|rt| rt.block_on(serve(listener, acceptor, proxy, limits, stop)));
                 let _ = ended.send(served);
             })?;
     }
@@ -181,14 +192,23 @@ pub async fn run(
 /// How long a client gets to complete a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What every serving thread shares about agent connections.
+#[derive(Clone)]
+struct ConnLimits {
+    header_read_timeout: Duration,
+    /// One permit per open connection (`--max-connections`): a thread
+    /// takes one before it accepts, so connections past the cap wait in
+    /// the listen backlog instead of being read.
+    slots: Arc<Semaphore>,
+}
+
 /// One serving thread: accepts until told to stop, then gives connections
-/// in flight up to `SHUTDOWN_GRACE` to finish. With `tls`, each connection's
-/// handshake runs in the connection's own task, so a slow or failed
-/// handshake holds up nobody else.
+/// in flight up to `SHUTDOWN_GRACE` to finish.
 async fn serve(
     listener: std::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     proxy: Arc<proxy::Proxy>,
+    limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener)?;
@@ -196,10 +216,14 @@ async fn serve(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(edge::MAX_HEAD_BYTES);
     let graceful = GracefulShutdown::new();
     loop {
+        let slot = tokio::select! {
+            slot = limits.slots.clone().acquire_owned() => slot?,
+            _ = stop.wait_for(|stopping| *stopping) => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -212,33 +236,26 @@ async fn serve(
             _ = stop.wait_for(|stopping| *stopping) => break,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let svc = service_fn(move |req| proxy.clone().handle(req, peer));
-        let Some(tls) = &tls else {
-            let conn = graceful.watch(
-                builder
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .into_owned(),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            });
-            continue;
+        let conn = Conn {
+            proxy: proxy.clone(),
+            peer,
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            header_read_timeout: limits.header_read_timeout,
         };
-        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!("TLS handshake timed out"),
-            };
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match tls {
+                None => conn.serve(stream).await,
+                Some(tls) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(s)) => conn.serve(s).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -249,4 +266,40 @@ async fn serve(
         tracing::warn!("calls still in flight at shutdown were cut off");
     }
     Ok(())
+}
+
+/// One accepted agent connection, ready to be served once its transport
+/// (plain or TLS) is.
+struct Conn {
+    proxy: Arc<proxy::Proxy>,
+    peer: std::net::SocketAddr,
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: Duration,
+}
+
+impl Conn {
+    /// Serves requests whose heads `edge` checked first, until the
+    /// connection ends.
+    async fn serve<S>(self, io: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (io, edge) = edge::CheckedConn::new(io, self.header_read_timeout);
+        let (proxy, peer) = (self.proxy, self.peer);
+        let svc = service_fn(move |req| {
+            let refusal = edge.refusal_for_next();
+            let proxy = proxy.clone();
+            async move {
+                match refusal {
+                    Some(r) => Ok(r.into_response()),
+                    None => proxy.handle(req, peer).await,
+                }
+            }
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(io), svc);
+        if let Err(e) = self.watcher.watch(conn.into_owned()).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
 }

@@ -130,7 +130,7 @@ const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// Twilio's SDKs put the auth token), or (when there is no `Authorization`)
 /// `x-api-key: <key>`. All are removed before forwarding, whichever carried
 /// the key.
-fn presented_key(h: &HeaderMap) -> Option<Cow<'_, str>> {
+pub fn presented_key(h: &HeaderMap) -> Option<Cow<'_, str>> {
     if let Some(v) = h.get(header::AUTHORIZATION) {
         let (scheme, token) = v.to_str().ok()?.trim().split_once(' ')?;
         let token = token.trim();

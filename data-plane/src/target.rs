@@ -44,6 +44,8 @@ pub enum TargetError {
     MissingVendor,
     #[error("vendor name {0:?} is not valid (1-64 characters of a-z, 0-9 and '-')")]
     InvalidVendor(String),
+    #[error("request target is not a valid URI path and query")]
+    NotAUri,
 }
 
 /// A printable description of a refused character, so an error never carries
@@ -79,6 +81,12 @@ pub fn normalize(path_and_query: &str) -> Result<Target, TargetError> {
         .find(|&c| !c.is_ascii_graphic() || c == '\\' || c == '#')
     {
         return Err(TargetError::ForbiddenChar(CharDesc(c)));
+    }
+    // Whatever is accepted is joined onto the vendor's base URL and parsed
+    // again there; visible characters a URI path or query may not hold are
+    // refused here rather than after the call was priced.
+    if path_and_query.parse::<http::uri::PathAndQuery>().is_err() {
+        return Err(TargetError::NotAUri);
     }
 
     let (raw_path, query) = match path_and_query.split_once('?') {
@@ -386,6 +394,13 @@ mod tests {
         ] {
             assert_eq!(normalize(s), Err(TargetError::DotSegment), "{s:?}");
         }
+    }
+
+    #[test]
+    fn refuses_what_is_no_uri() {
+        // Found by the target_path fuzzer: accepted, then unparsable once
+        // joined onto the base URL.
+        assert_eq!(normalize("/v1/st]e`/v1/v1"), Err(TargetError::NotAUri));
     }
 
     #[test]

@@ -43,6 +43,9 @@
 //! * `POST /generic/{*rest}`: a generic vendor (see `generic_call`).
 //! * anything else: 404 (still recorded).
 //!
+//! A test can also script the answer to one path (`MockVendor::script`):
+//! a fixed status, headers and body, ahead of every route above.
+//!
 //! A test can hold the responses to one path until it releases them
 //! (`MockVendor::hold`): the whole response, or a streamed completion after
 //! its first event. A held call is recorded when it arrives, before it waits.
@@ -157,6 +160,15 @@ impl Drop for Hold {
     }
 }
 
+/// A fixed answer to one path, set with `MockVendor::script`.
+#[derive(Clone, Debug)]
+pub struct Scripted {
+    pub status: u16,
+    /// Sent as given (names and values), after the status line.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
 struct HeldPath {
     path: String,
     at: HoldAt,
@@ -173,6 +185,7 @@ struct MockState {
     credential: String,
     calls: Mutex<Vec<RecordedCall>>,
     holds: Mutex<Vec<HeldPath>>,
+    scripts: Mutex<Vec<(String, Scripted)>>,
     /// Money moved, in minor units, counted as `stripe` describes.
     stripe_amount: AtomicI64,
     next_id: AtomicU64,
@@ -309,6 +322,16 @@ impl MockVendor {
         Hold { released }
     }
 
+    /// Answers every later request to `path` (any method) with `answer`.
+    /// The latest script for a path wins.
+    pub fn script(&self, path: &str, answer: Scripted) {
+        self.state
+            .scripts
+            .lock()
+            .expect("mock scripts lock")
+            .push((path.to_string(), answer));
+    }
+
     /// Forgets recorded calls and the charged total.
     pub fn reset(&self) {
         self.state.calls.lock().expect("mock calls lock").clear();
@@ -356,6 +379,7 @@ fn new_state(credential: &str) -> Arc<MockState> {
         credential: credential.to_string(),
         calls: Mutex::new(Vec::new()),
         holds: Mutex::new(Vec::new()),
+        scripts: Mutex::new(Vec::new()),
         stripe_amount: AtomicI64::new(0),
         next_id: AtomicU64::new(1),
         stripe: Mutex::new(stripe::StripeObjects::default()),
@@ -428,6 +452,25 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         None => None,
     };
 
+    let scripted = state
+        .scripts
+        .lock()
+        .expect("mock scripts lock")
+        .iter()
+        .rev()
+        .find(|(p, _)| *p == call.path)
+        .map(|(_, s)| s.clone());
+    if let Some(s) = scripted {
+        let mut resp = Response::new(Body::from(s.body));
+        *resp.status_mut() = StatusCode::from_u16(s.status).expect("scripted status");
+        for (n, v) in s.headers {
+            resp.headers_mut().append(
+                header::HeaderName::from_bytes(n.as_bytes()).expect("scripted header name"),
+                HeaderValue::from_str(&v).expect("scripted header value"),
+            );
+        }
+        return resp;
+    }
     if let Some(r) = stripe::answer(&state, &call) {
         return r;
     }

@@ -151,6 +151,8 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         tls_client_cert: None,
         tls_client_key: None,
         upstream_ca: None,
+        header_read_timeout_secs: 10,
+        max_connections: 4096,
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(
         proxy_config,

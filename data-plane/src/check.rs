@@ -1,0 +1,383 @@
+//! Invariant checks for the proxy's edge parsers: where a request may go
+//! (`target`), what a key may call (`endpoint`), which key was presented
+//! (`secret` and the proxy's header extraction) and how raw bytes are cut
+//! into requests (`edge`).
+//!
+//! Test support, not part of the request path, in the same form as
+//! `pricing::check`: each `pub fn` takes arbitrary bytes and panics when an
+//! invariant breaks. The fuzz targets in `fuzz/fuzz_targets/` call one
+//! function each, and `tests/fuzz_seeds.rs` runs them over the seed corpus
+//! on stable. It must never be called by the proxy, and it holds no `cfg`
+//! and no `unsafe`.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use keycap_proto::endpoint::EndpointPattern;
+use keycap_proto::secret::{self, SecretKind};
+use sha2::{Digest, Sha256};
+
+use crate::edge::RequestFraming;
+use crate::pricing::check::{split_chunks, Check};
+use crate::proxy::presented_key;
+use crate::target::{join, normalize, Target};
+
+/// Every edge fuzz target, by the name of its file in `fuzz/fuzz_targets/`
+/// and of its seed directory in `fuzz/corpus/`.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("target_path", target_path),
+    ("endpoint_match", endpoint_match),
+    ("vault_key", vault_key),
+    ("request_framing", request_framing),
+];
+
+/// Base URLs a target is joined onto, with and without a path prefix.
+const BASES: [&str; 3] = [
+    "http://127.0.0.1:9/v1",
+    "https://api.example.com",
+    "http://h:1/a/b/",
+];
+
+/// The bytes as a raw request-target: a refusal is short and printable; an
+/// accepted target names a valid vendor, has no dot, empty or encoded-
+/// separator segment, normalises to itself again, and joined onto any base
+/// stays on the base's host and under its path.
+pub fn target_path(data: &[u8]) {
+    let raw = String::from_utf8_lossy(data);
+    let t = match normalize(&raw) {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.len() < 200, "error of {} bytes", msg.len());
+            assert!(
+                msg.chars().all(|c| !c.is_control()),
+                "control character in {msg:?}"
+            );
+            return;
+        }
+    };
+    assert!(
+        !t.vendor.is_empty()
+            && t.vendor.len() <= 64
+            && t.vendor
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+        "vendor {:?} from {raw:?}",
+        t.vendor
+    );
+    assert!(t.path.starts_with('/'), "{t:?}");
+    assert!(!t.path.contains('?'), "{t:?}");
+    assert!(t.query.as_deref() != Some(""), "{t:?}");
+    let all = format!("{}{}", t.path, t.query.as_deref().unwrap_or(""));
+    assert!(
+        all.chars()
+            .all(|c| c.is_ascii_graphic() && c != '\\' && c != '#'),
+        "{t:?}"
+    );
+    assert_clean_segments(&t.path, &raw);
+    let lower = t.path.to_ascii_lowercase();
+    for enc in ["%2e", "%2f", "%5c", "%25"] {
+        assert!(!lower.contains(enc), "{enc} kept in {t:?} from {raw:?}");
+    }
+    // What was accepted is what the agent sent, and accepted again.
+    let again = rebuild(&t);
+    assert_eq!(normalize(&again).as_ref(), Ok(&t), "{raw:?} -> {again:?}");
+    for base in BASES {
+        let joined = join(base, &t);
+        let trimmed = base.trim_end_matches('/');
+        let uri: http::Uri = joined
+            .parse()
+            .unwrap_or_else(|e| panic!("{raw:?} -> {joined:?} is no URI: {e}"));
+        let base_uri: http::Uri = trimmed.parse().expect("base");
+        assert_eq!(uri.authority(), base_uri.authority(), "{joined:?}");
+        assert_eq!(uri.scheme(), base_uri.scheme(), "{joined:?}");
+        let prefix = base_uri.path().trim_end_matches('/');
+        let rest = uri
+            .path()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{joined:?} left {prefix:?}"));
+        assert!(rest.starts_with('/'), "{joined:?}");
+        assert_clean_segments(rest, &raw);
+    }
+}
+
+/// `/{vendor}{path}?{query}` of an accepted target.
+fn rebuild(t: &Target) -> String {
+    let mut s = format!("/{}{}", t.vendor, t.path);
+    if let Some(q) = &t.query {
+        s.push('?');
+        s.push_str(q);
+    }
+    s
+}
+
+/// A path below a base: no empty segment (but one trailing slash) and no
+/// dot segment, also not behind `;params`.
+fn assert_clean_segments(path: &str, raw: &str) {
+    let inner = &path[1..];
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    if inner.is_empty() {
+        return;
+    }
+    for seg in inner.split('/') {
+        assert!(!seg.is_empty(), "empty segment in {path:?} from {raw:?}");
+        let bare = seg.split(';').next().unwrap_or(seg);
+        assert!(
+            bare != "." && bare != "..",
+            "dot segment in {path:?} from {raw:?}"
+        );
+    }
+}
+
+/// The bytes as three lines: an endpoint pattern, a method and a path.
+/// Parsing never panics and refuses with a short single-line message; an
+/// accepted pattern prints as text that parses back to it; a match never
+/// crosses methods, and honours `*`: a whole non-empty segment, one or more
+/// when last; a pattern without `*` matches its own path exactly; the
+/// pattern's path with each `*` filled in always matches.
+pub fn endpoint_match(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(3, '\n');
+    let pattern = lines.next().unwrap_or("");
+    let method = lines.next().unwrap_or("");
+    let path = lines.next().unwrap_or("");
+    let p = match EndpointPattern::parse(pattern) {
+        Ok(p) => p,
+        Err(e) => {
+            // The pattern is echoed clipped to 80 characters, each escaped
+            // to at most 10 (`\u{10ffff}`).
+            let msg = e.to_string();
+            assert!(msg.len() < 1000, "error of {} bytes", msg.len());
+            assert!(!msg.contains(['\n', '\r']), "{msg:?}");
+            return;
+        }
+    };
+    let shown = p.to_string();
+    assert_eq!(
+        EndpointPattern::parse(&shown).as_ref(),
+        Ok(&p),
+        "{pattern:?} shows as {shown:?}"
+    );
+    let (pat_method, pat_path) = shown.split_once(' ').expect("METHOD /path");
+    let pat_segs: Vec<&str> = if pat_path == "/" {
+        Vec::new()
+    } else {
+        pat_path[1..].split('/').collect()
+    };
+
+    if p.matches(method, path) {
+        assert!(
+            pat_method == "*" || pat_method == method,
+            "{shown} ~ {method}"
+        );
+        let rest = path
+            .strip_prefix('/')
+            .unwrap_or_else(|| panic!("{shown} matched relative {path:?}"));
+        let req: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        assert!(
+            req.iter().all(|s| !s.is_empty()),
+            "{shown} matched {path:?} with an empty segment"
+        );
+        let tail_glob = pat_segs.last() == Some(&"*");
+        if tail_glob {
+            assert!(req.len() >= pat_segs.len(), "{shown} ~ {path:?}");
+        } else {
+            assert_eq!(req.len(), pat_segs.len(), "{shown} ~ {path:?}");
+        }
+        for (i, seg) in pat_segs.iter().enumerate() {
+            if *seg != "*" {
+                assert_eq!(req[i], *seg, "{shown} ~ {path:?}");
+            }
+        }
+    }
+    if !pat_segs.contains(&"*") {
+        let exact = p.matches(method, path);
+        assert_eq!(
+            exact,
+            (pat_method == "*" || pat_method == method) && path == pat_path,
+            "{shown} ~ {method} {path:?}"
+        );
+    }
+    // Filled in with a segment taken from the input, or a plain one.
+    let fill = path
+        .split('/')
+        .find(|s| !s.is_empty() && !s.contains(['?', '#']))
+        .unwrap_or("x");
+    let concrete: String = if pat_segs.is_empty() {
+        "/".into()
+    } else {
+        pat_segs
+            .iter()
+            .map(|s| format!("/{}", if *s == "*" { fill } else { s }))
+            .collect()
+    };
+    let m = if pat_method == "*" { "GET" } else { pat_method };
+    assert!(p.matches(m, &concrete), "{shown} refuses {m} {concrete:?}");
+    if pat_method != "*" {
+        assert!(!p.matches("BREW", &concrete), "{shown} ignores the method");
+    }
+}
+
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// The documented vault-key checksum, computed independently of
+/// `keycap_proto::secret`, so a change there that breaks the published
+/// format (which secret scanners rely on) fails here.
+fn documented_checksum(head: &str) -> String {
+    let d = Sha256::digest(head.as_bytes());
+    let mut n = u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8(out.to_vec()).expect("ASCII")
+}
+
+/// A well-formed vault key made from arbitrary bytes: an environment of
+/// 1-16 lowercase letters and a 43-character body.
+fn key_from(data: &[u8]) -> String {
+    let env_len = 1 + data.first().map_or(0, |b| usize::from(b % 16));
+    let mut bytes = data.iter().copied().skip(1).cycle();
+    let mut next = || bytes.next().unwrap_or(0);
+    let env: String = (0..env_len)
+        .map(|_| char::from(b'a' + next() % 26))
+        .collect();
+    let body: String = (0..43)
+        .map(|_| char::from(ALPHABET[usize::from(next()) % 62]))
+        .collect();
+    let head = format!("kc_{env}_{body}");
+    let check = documented_checksum(&head);
+    format!("{head}{check}")
+}
+
+/// The bytes as a presented key, and as the seed of a well-formed one.
+/// Checking never panics; a well-formed key is refused after any single
+/// character is changed, dropped or added, and as another kind of secret;
+/// the proxy reads it back exactly from `Bearer`, `Basic` (as the password)
+/// and `x-api-key`, and reads nothing from a header it cannot decode.
+pub fn vault_key(data: &[u8]) {
+    let raw = String::from_utf8_lossy(data);
+    let raw_ok = secret::is_well_formed(SecretKind::VaultKey, &raw);
+    if raw_ok {
+        assert_single_changes_fail(&raw);
+    }
+    for kind in [SecretKind::AdminToken, SecretKind::FleetToken] {
+        // Another kind's prefix never passes as a vault key, or vice versa.
+        assert!(!(raw_ok && secret::is_well_formed(kind, &raw)), "{raw:?}");
+    }
+    let key = key_from(data);
+    assert!(
+        secret::is_well_formed(SecretKind::VaultKey, &key),
+        "the documented format is refused: {key:?}"
+    );
+    assert!(!secret::is_well_formed(SecretKind::AdminToken, &key));
+    assert_single_changes_fail(&key);
+
+    let spaces = " ".repeat(usize::from(data.first().copied().unwrap_or(0) % 3));
+    let user = String::from_utf8_lossy(data)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(40)
+        .collect::<String>();
+    let presented = [
+        ("authorization", format!("Bearer{spaces} {key}{spaces}")),
+        ("authorization", format!("bearer {key}")),
+        (
+            "authorization",
+            format!("Basic {}", BASE64.encode(format!("{user}:{key}"))),
+        ),
+        ("x-api-key", format!("{spaces}{key}")),
+    ];
+    for (name, value) in presented {
+        let mut h = HeaderMap::new();
+        h.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_str(&value).expect("header value"),
+        );
+        assert_eq!(
+            presented_key(&h).as_deref(),
+            Some(key.as_str()),
+            "{name}: {value:?}"
+        );
+    }
+    // Arbitrary header bytes: never a panic; a key read from them is
+    // either in the header as sent or, for Basic, its decoded password.
+    if let Ok(v) = HeaderValue::from_bytes(data) {
+        for name in ["authorization", "x-api-key"] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(name), v.clone());
+            if let Some(k) = presented_key(&h) {
+                let sent = String::from_utf8_lossy(data);
+                let basic = sent
+                    .trim()
+                    .split_once(' ')
+                    .filter(|(s, _)| s.eq_ignore_ascii_case("basic"))
+                    .and_then(|(_, t)| BASE64.decode(t.trim()).ok())
+                    .map(|d| String::from_utf8_lossy(&d).into_owned());
+                assert!(
+                    sent.contains(k.as_ref()) || basic.is_some_and(|d| d.ends_with(k.as_ref())),
+                    "{name}: {sent:?} presented {k:?}"
+                );
+            }
+        }
+    }
+}
+
+fn assert_single_changes_fail(key: &str) {
+    let b = key.as_bytes();
+    for i in 0..b.len() {
+        let mut changed = b.to_vec();
+        // The next character of the alphabet (or '_' / 'a' for others).
+        changed[i] = match ALPHABET.iter().position(|&c| c == b[i]) {
+            Some(p) => ALPHABET[(p + 1) % 62],
+            None if b[i] == b'_' => b'a',
+            None => b'_',
+        };
+        let changed = String::from_utf8(changed).expect("ASCII");
+        assert!(
+            !secret::is_well_formed(SecretKind::VaultKey, &changed),
+            "{key:?} with character {i} changed still passes: {changed:?}"
+        );
+        let mut dropped = b.to_vec();
+        dropped.remove(i);
+        let dropped = String::from_utf8(dropped).expect("ASCII");
+        assert!(!secret::is_well_formed(SecretKind::VaultKey, &dropped));
+    }
+    assert!(!secret::is_well_formed(
+        SecretKind::VaultKey,
+        &format!("{key}0")
+    ));
+}
+
+/// The bytes as what a client sends on one connection, cut into reads by
+/// the leading chunk-size header (`pricing::check::split_chunks`). Fed
+/// whole or in those reads, the framing passes the same bytes, counts the
+/// same heads and refuses the same way; what it passes is always a prefix
+/// of the input, byte for byte.
+pub fn request_framing(data: &[u8]) {
+    let (stream, cuts) = split_chunks(data);
+    let mut whole = RequestFraming::new();
+    let mut out = Vec::new();
+    let refused = whole.feed(stream, &mut out);
+    let mut pieces = RequestFraming::new();
+    let mut out2 = Vec::new();
+    let mut refused2 = None;
+    for cut in &cuts {
+        refused2 = pieces.feed(cut, &mut out2).or(refused2);
+    }
+    assert_eq!(out, out2, "reads of {:?} changed what passed", cuts.len());
+    assert_eq!(refused, refused2);
+    assert_eq!(whole.heads(), pieces.heads());
+    assert!(stream.starts_with(&out), "passed bytes that were not sent");
+    if refused.is_some() {
+        // Nothing passes after a refusal.
+        let before = out.len();
+        whole.feed(b"GET / HTTP/1.1\r\n\r\n", &mut out);
+        assert_eq!(out.len(), before);
+    }
+}
