@@ -260,13 +260,9 @@ impl pb::vendor_service_server::VendorService for Api {
         &self,
         req: Request<pb::PutVendorRequest>,
     ) -> Result<Response<pb::PutVendorResponse>, Status> {
-        let op = if req.get_ref().credential.is_empty() {
-            Operation::PutVendor
-        } else {
-            Operation::PutVendorWithCredential
-        };
-        let caller = self.admin(&req, op).await?;
+        let caller = self.admin(&req, Operation::PutVendor).await?;
         let put = PutVendor::try_from(req.into_inner()).map_err(ApiError::from)?;
+        caller.require(self.control.vendor_put_operation(&put).await?)?;
         let (v, created) = self.control.put_vendor(&caller.vendors, put).await?;
         Ok(Response::new(pb::PutVendorResponse {
             vendor: Some(vendor_to_pb(&v)),

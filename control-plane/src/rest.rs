@@ -189,9 +189,7 @@ async fn put_vendor(
 ) -> Result<Response, ApiError> {
     let caller = admin(&c, &headers, Operation::PutVendor).await?;
     let put = put_vendor_body(&name, &body)?;
-    if put.credential.is_some() {
-        caller.require(Operation::PutVendorWithCredential)?;
-    }
+    caller.require(c.vendor_put_operation(&put).await?)?;
     let (v, created) = c.put_vendor(&caller.vendors, put).await?;
     let status = if created {
         StatusCode::CREATED

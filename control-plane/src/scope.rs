@@ -239,7 +239,9 @@ impl VendorScope {
 pub enum Operation {
     /// Put a vendor without touching its credential.
     PutVendor,
-    /// Put a vendor and set or replace its credential.
+    /// Put a vendor and set or replace its credential, or change where a
+    /// stored credential goes (base URL, profile) or what calls cost
+    /// (prices, currency rates).
     PutVendorWithCredential,
     GetVendor,
     ListVendors,

@@ -530,6 +530,28 @@ impl Control {
 
     // --- vendors ------------------------------------------------------------
 
+    /// The operation a vendor put amounts to, for its scope check. Besides
+    /// setting a credential, changing a stored vendor's base URL or profile
+    /// (where its credential goes) or its prices or rates (what its calls
+    /// count against caps) needs `credentials:write` too: each could spend
+    /// or send away the credential already stored.
+    pub async fn vendor_put_operation(&self, put: &PutVendor) -> Result<Operation, ApiError> {
+        if put.credential.is_some() {
+            return Ok(Operation::PutVendorWithCredential);
+        }
+        Ok(match self.store.get_vendor(put.name.as_str()).await? {
+            Some(v)
+                if v.profile != put.profile
+                    || v.base_url != put.base_url
+                    || v.prices != put.prices
+                    || v.currency_rates != put.currency_rates =>
+            {
+                Operation::PutVendorWithCredential
+            }
+            _ => Operation::PutVendor,
+        })
+    }
+
     pub async fn put_vendor(
         &self,
         vendors: &VendorScope,

@@ -944,3 +944,82 @@ async fn cli_creates_lists_and_revokes_tokens() {
     let still = keycap_cli(&url, &boot, &["key", "list"]).await;
     assert!(still.status.success(), "{}", still.stderr);
 }
+
+#[tokio::test]
+async fn vendors_write_alone_cannot_redirect_or_reprice_a_stored_credential() {
+    let control = Control::start(ControlOpts::sqlite()).await;
+    let admin = control.admin();
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    let stored =
+        json!({"profile": "stripe", "base_url": mock.url(), "credential": STRIPE_CREDENTIAL});
+    admin
+        .put_json("/vault/vendors/stripe", &stored)
+        .await
+        .expect(201);
+    let writer = token_with(&control.url(), &admin, &["vendors:write", "vendors:read"]).await;
+    // A generic vendor's rules are its prices.
+    let rules = |cost: &str| {
+        json!({"as_of": "2026-11-23", "currency": "usd",
+               "rules": [{"endpoint": "POST /x", "cost": {"fixed": cost}}]})
+    };
+    let generic =
+        |cost: &str| json!({"profile": "generic", "base_url": mock.url(), "prices": rules(cost)});
+    let mut first = generic("1.00");
+    first["credential"] = json!(STRIPE_CREDENTIAL);
+    admin
+        .put_json("/vault/vendors/gen", &first)
+        .await
+        .expect(201);
+    let r = writer
+        .put_json("/vault/vendors/gen", &generic("0.000001"))
+        .await;
+    expect_missing_scope(&r, "credentials:write");
+    writer
+        .put_json("/vault/vendors/gen", &generic("1.00"))
+        .await
+        .expect(200);
+    let same = json!({"profile": "stripe", "base_url": mock.url()});
+    // Sending the credential somewhere else, or changing what calls cost,
+    // could spend or leak the stored credential: credentials:write.
+    for (what, body) in [
+        (
+            "base URL",
+            json!({"profile": "stripe", "base_url": "https://attacker.example"}),
+        ),
+        (
+            "profile",
+            json!({"profile": "openai", "base_url": mock.url()}),
+        ),
+        (
+            "currency rates",
+            json!({"profile": "stripe", "base_url": mock.url(), "currency_rates": {"eur": "0.000001"}}),
+        ),
+    ] {
+        let r = writer.put_json("/vault/vendors/stripe", &body).await;
+        assert_eq!(r.status, 403, "{what}: {}", r.text);
+        expect_missing_scope(&r, "credentials:write");
+    }
+    let kept = writer.get("/vault/vendors/stripe").await.expect(200);
+    assert_eq!(kept["base_url"], json!(mock.url()), "{kept}");
+    assert_eq!(kept["profile"], "stripe");
+    // Re-sending what is stored changes nothing and needs only vendors:write.
+    writer
+        .put_json("/vault/vendors/stripe", &same)
+        .await
+        .expect(200);
+    // With credentials:write the same change goes through.
+    let both = token_with(
+        &control.url(),
+        &admin,
+        &["vendors:write", "credentials:write"],
+    )
+    .await;
+    let moved = both
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "stripe", "base_url": "https://vendor-moved.example"}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(moved["base_url"], "https://vendor-moved.example");
+}
