@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
+use keycap_proto::secret::SecretKind;
 use keycap_proto::Micros;
 
 /// Largest cap keycap accepts: one billion dollars. Anything above is a typo
@@ -505,6 +506,18 @@ impl AdminToken {
     /// and what must remain after any revocation.
     pub fn is_unrestricted_admin(&self) -> bool {
         self.scopes.is_admin() && self.vendors == crate::scope::VendorScope::All
+    }
+
+    /// Can be what remains after another admin token is revoked: every
+    /// scope over every vendor, no expiry (a token that expires tomorrow
+    /// would leave nobody then), and a token that can still sign in (rows
+    /// from before the `kcadm_` format cannot; their prefix is empty).
+    pub fn can_stand_in_for_admin(&self) -> bool {
+        self.is_unrestricted_admin()
+            && self.expires_at.is_none()
+            && self
+                .token_prefix
+                .starts_with(&format!("{}_", SecretKind::AdminToken.prefix()))
     }
 }
 

@@ -455,6 +455,19 @@ mod cases {
         ))
         .await
         .unwrap();
+        // Nor one that will expire, nor a row from before the kcadm_ format
+        // (empty prefix), which can never sign in.
+        s.insert_admin_token(&admin_token(
+            "adm_expiring",
+            &["admin"],
+            &[],
+            Some(now() + Duration::days(1)),
+        ))
+        .await
+        .unwrap();
+        let mut legacy = admin_token("adm_legacy", &["admin"], &[], None);
+        legacy.token_prefix = String::new();
+        s.insert_admin_token(&legacy).await.unwrap();
         match s.revoke_admin_token("adm_boot", now()).await {
             Err(StoreError::Conflict(msg)) => assert!(msg.contains("last"), "{msg}"),
             other => panic!("revoked the last admin token: {other:?}"),

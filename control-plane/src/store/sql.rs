@@ -276,11 +276,11 @@ pub(super) fn would_strand_admin(target: &AdminToken, active: &[AdminToken]) -> 
     target.is_unrestricted_admin()
         && !active
             .iter()
-            .any(|t| t.id != target.id && t.is_unrestricted_admin())
+            .any(|t| t.id != target.id && t.can_stand_in_for_admin())
 }
 
 pub(super) const LAST_ADMIN: &str = "this is the last active admin token with every scope over \
-     every vendor; create another (scope \"admin\") before revoking it";
+     every vendor; create another (scope \"admin\", no expiry) before revoking it";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct ChangeRow {
