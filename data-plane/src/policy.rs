@@ -72,7 +72,9 @@ pub struct KeyPolicy {
 pub struct Policy {
     pub version: i64,
     pub vendors: HashMap<String, Arc<VendorPolicy>>,
-    pub keys: HashMap<[u8; 32], Arc<KeyPolicy>>,
+    /// Keys by hash, for applying updates. Requests look keys up only
+    /// through `key_standing`, which takes the same time for any key.
+    keys: HashMap<[u8; 32], Arc<KeyPolicy>>,
     key_hash_by_id: HashMap<String, [u8; 32]>,
     /// Every key again, sorted by hash, for `key_standing`'s search.
     by_hash: Vec<Indexed>,

@@ -242,8 +242,9 @@ impl Proxy {
                 target.path
             )));
         }
-        // Last of the checks, so a call refused for any other reason does
-        // not use up the key's rate.
+        // Last of the authorisation checks, so a call refused by one of
+        // them does not use up the key's rate; one refused later (body,
+        // price, cap) has used it.
         let rate = self.check_rate(&key)?;
 
         let (parts, incoming) = req.into_parts();

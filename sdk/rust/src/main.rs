@@ -331,10 +331,16 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             vendors,
             expires_in,
         }) => {
+            // 0 on the wire means "never expires": a lifetime under a
+            // second must not become that.
             let expires_in_seconds = match expires_in {
-                Some(e) => humantime::parse_duration(&e)
+                Some(e) => match humantime::parse_duration(&e)
                     .with_context(|| format!("--expires-in {e:?} is not a duration like 30d"))?
-                    .as_secs() as i64,
+                    .as_secs()
+                {
+                    0 => bail!("--expires-in {e:?} is under a second; leave it out for no expiry"),
+                    secs => secs as i64,
+                },
                 None => 0,
             };
             let r = c
