@@ -105,9 +105,6 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
 /// with a proxy attached would never exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// How long a client gets to complete a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves until `shutdown` resolves, then stops accepting and lets calls in
 /// flight finish for at most `SHUTDOWN_GRACE`. With `tls`, every connection
 /// is TLS; each handshake runs in its connection's own task (a failed or
@@ -150,12 +147,9 @@ pub async fn serve(
             continue;
         };
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!("TLS handshake timed out"),
-                };
+            let Some(stream) = keycap_proto::tls::accept(&acceptor, stream).await else {
+                return;
+            };
             let peer = stream
                 .get_ref()
                 .1

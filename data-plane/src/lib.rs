@@ -189,9 +189,6 @@ pub async fn run(
     outcome
 }
 
-/// How long a client gets to complete a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What every serving thread shares about agent connections.
 #[derive(Clone)]
 struct ConnLimits {
@@ -248,10 +245,8 @@ async fn serve(
             match tls {
                 None => conn.serve(stream).await,
                 Some(tls) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(s)) => conn.serve(s).await,
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    if let Some(s) = keycap_proto::tls::accept(&tls, stream).await {
+                        conn.serve(s).await
                     }
                 }
             }

@@ -3,11 +3,13 @@
 //!
 //! One TLS stack: rustls with the `ring` provider, chosen explicitly so a
 //! second provider linked in by some dependency can never change what these
-//! configurations negotiate. This module builds configurations only; it
-//! never opens a connection and never logs key material.
+//! configurations negotiate. This module builds configurations and
+//! completes server handshakes on connections others accepted; it never
+//! logs key material.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -178,4 +180,31 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// How long a client gets to complete a TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Completes the server side of a TLS handshake within
+/// `HANDSHAKE_TIMEOUT`. A failed or slow handshake is logged at debug level
+/// (it is the client's doing) and yields `None`. Run it in the connection's
+/// own task, so it holds up no other client.
+pub async fn accept<S>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: S,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
 }
