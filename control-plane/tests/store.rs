@@ -1108,6 +1108,12 @@ mod cases {
                 .await,
             "growing a lease of another day",
         );
+        let mut other_node = grant("g8", "l6", "k", DAY, 10, 0);
+        other_node.node_id = "node-b".to_string();
+        assert_conflict(
+            s.grant_lease(&other_node, now()).await,
+            "growing another node's lease",
+        );
         // Nothing refused took budget.
         assert_eq!(available(&*s, "k", DAY).await, 990);
     }

@@ -591,7 +591,7 @@ impl Store for PgStore {
         }
 
         let lease: Option<LeaseRow> = sqlx::query_as(
-            "SELECT key_id, day, granted, expires_at, closed FROM leases WHERE id = $1 FOR UPDATE",
+            "SELECT key_id, node_id, day, granted, expires_at, closed FROM leases WHERE id = $1 FOR UPDATE",
         )
         .bind(&req.lease_id)
         .fetch_optional(&mut *tx)
@@ -600,6 +600,7 @@ impl Store for PgStore {
             &req.key_id,
             &key,
             lease.as_ref(),
+            &req.node_id,
             &req.day,
             req.expires_at,
             now,

@@ -395,6 +395,7 @@ pub(super) struct KeyBudgetRow {
 #[derive(sqlx::FromRow)]
 pub(super) struct LeaseRow {
     pub key_id: String,
+    pub node_id: String,
     pub day: String,
     pub granted: i64,
     pub expires_at: i64,
@@ -421,6 +422,7 @@ pub(super) fn check_grant(
     key_id: &str,
     key: &KeyBudgetRow,
     lease: Option<&LeaseRow>,
+    req_node: &str,
     req_day: &str,
     req_expires_at: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -435,6 +437,11 @@ pub(super) fn check_grant(
     match lease {
         Some(l) if l.key_id != key_id || l.day != req_day => Err(StoreError::Conflict(
             "lease belongs to another key or day".to_string(),
+        )),
+        // Only the node it was granted to may grow it (under mutual TLS the
+        // node id is the one its certificate names).
+        Some(l) if l.node_id != req_node => Err(StoreError::Conflict(
+            "lease belongs to another node".to_string(),
         )),
         Some(l) if l.closed => Err(StoreError::Conflict("lease was returned".to_string())),
         // Growing an expired lease would hand out budget nothing counts.

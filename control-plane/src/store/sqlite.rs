@@ -648,7 +648,7 @@ impl Store for SqliteStore {
         }
 
         let lease: Option<LeaseRow> = sqlx::query_as(
-            "SELECT key_id, day, granted, expires_at, closed FROM leases WHERE id = ?",
+            "SELECT key_id, node_id, day, granted, expires_at, closed FROM leases WHERE id = ?",
         )
         .bind(&req.lease_id)
         .fetch_optional(w.conn())
@@ -657,6 +657,7 @@ impl Store for SqliteStore {
             &req.key_id,
             &key,
             lease.as_ref(),
+            &req.node_id,
             &req.day,
             req.expires_at,
             now,
