@@ -46,6 +46,12 @@ pub struct ControlConfig {
     /// Token proxies present to the fleet API.
     #[arg(long, env = "KEYCAP_FLEET_TOKEN", hide_env_values = true)]
     pub fleet_token: String,
+    /// How often the change log's head is re-read for changes made through
+    /// other replicas, in milliseconds. On PostgreSQL, LISTEN/NOTIFY wakes
+    /// replicas at once and this is only the fallback.
+    #[arg(long, env = "KEYCAP_CHANGE_POLL_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub change_poll_ms: u64,
     /// Environment tag minted into vault keys (kc_<env>_...).
     #[arg(long, env = "KEYCAP_KEY_ENV", default_value = "live")]
     pub key_env: String,

@@ -531,10 +531,6 @@ fn delta_to_pb(d: Delta) -> pb::PolicyUpdate {
 
 type PolicyStream = Pin<Box<dyn Stream<Item = Result<pb::PolicyUpdate, Status>> + Send>>;
 
-/// How often a policy stream re-reads the change log even without a local
-/// wake-up, so changes made through another replica arrive too.
-const POLL_INTERVAL: Duration = Duration::from_millis(250);
-
 #[tonic::async_trait]
 impl pb::fleet_service_server::FleetService for Api {
     type WatchPolicyStream = PolicyStream;
@@ -585,11 +581,9 @@ impl pb::fleet_service_server::FleetService for Api {
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
-            let mut tick = tokio::time::interval(POLL_INTERVAL);
             loop {
                 tokio::select! {
                     changed = versions.changed() => if changed.is_err() { return },
-                    _ = tick.tick() => control.poll_version().await,
                     _ = tx.closed() => return,
                 }
                 if *versions.borrow_and_update() <= at {

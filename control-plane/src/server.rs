@@ -57,6 +57,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         anyhow::bail!("KEYCAP_FLEET_TOKEN must be at least 24 characters");
     }
     let control = Control::new(store, sealer, &config.fleet_token, &config.key_env).await?;
+    control.follow_changes(Duration::from_millis(config.change_poll_ms));
     if let Some(token) = &config.admin_token {
         if !secret::is_well_formed(SecretKind::AdminToken, token) {
             anyhow::bail!(

@@ -292,6 +292,33 @@ impl Control {
         &self.store
     }
 
+    /// Keeps the version every policy stream follows current with changes
+    /// made through other replicas: wakes on the store's change feed
+    /// (PostgreSQL LISTEN/NOTIFY) and re-reads the log head every `poll`,
+    /// for a missed signal or a store without a feed. One reader per
+    /// replica, however many proxies watch it.
+    pub fn follow_changes(self: &Arc<Self>, poll: std::time::Duration) {
+        if let Some(mut feed) = self.store.change_feed() {
+            let me = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while feed.changed().await.is_ok() {
+                    let Some(control) = me.upgrade() else { return };
+                    control.changed().await;
+                }
+            });
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let Some(control) = me.upgrade() else { return };
+                control.changed().await;
+            }
+        });
+    }
+
     // --- admin tokens -------------------------------------------------------
 
     /// Records the `--admin-token` token (hashed) as `bootstrap` with every
@@ -516,12 +543,6 @@ impl Control {
             "key-encryption key rotation"
         );
         Ok(out)
-    }
-
-    /// Re-reads the change-log head; replicas that did not make a change
-    /// learn of it this way.
-    pub async fn poll_version(&self) {
-        self.changed().await
     }
 
     pub fn subscribe_versions(&self) -> watch::Receiver<i64> {

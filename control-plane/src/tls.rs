@@ -144,6 +144,7 @@ mod tests {
             admin_token: None,
             fleet_token: String::new(),
             key_env: "test".into(),
+            change_poll_ms: 250,
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),
             client_ca: client_ca.then(|| ca.ca_pem()),

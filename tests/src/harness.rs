@@ -435,6 +435,8 @@ pub struct ControlOpts {
     pub previous_master_keys: Vec<String>,
     /// `KEYCAP_LOG` for this process (else `KEYCAP_TEST_LOG`, else `info`).
     pub log_level: Option<String>,
+    /// Flags added to the command line, e.g. `--change-poll-ms 600000`.
+    pub args: Vec<String>,
     /// Serve over TLS (see `ControlTls`); `None` serves plain HTTP.
     pub tls: Option<ControlTls>,
 }
@@ -458,6 +460,7 @@ impl ControlOpts {
             master_key: master_key(),
             previous_master_keys: Vec::new(),
             log_level: None,
+            args: Vec::new(),
             tls: None,
         }
     }
@@ -524,6 +527,7 @@ impl Control {
                 if let Some(level) = &opts.log_level {
                     cmd.env("KEYCAP_LOG", level);
                 }
+                cmd.args(&opts.args);
                 if !opts.previous_master_keys.is_empty() {
                     cmd.env(
                         "KEYCAP_PREVIOUS_MASTER_KEYS",

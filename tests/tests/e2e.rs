@@ -27,6 +27,8 @@ mod grpc;
 mod kek;
 #[path = "e2e/metrics.rs"]
 mod metrics;
+#[path = "e2e/replicas.rs"]
+mod replicas;
 
 const STRIPE_CREDENTIAL: &str = "sk_live_51KeycapE2eRealStripeCredentialDoNotLeak";
 const OPENAI_CREDENTIAL: &str = "sk-proj-KeycapE2eRealOpenAiCredentialDoNotLeak";

@@ -127,6 +127,13 @@ pub trait Store: Send + Sync + 'static {
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend>;
 
     // --- change log (what proxies follow) -----------------------------------
+    /// A signal that moves whenever the database says the change log may
+    /// have grown, from whichever replica; `None` when the database says
+    /// nothing (SQLite) and only polling finds other replicas' changes.
+    /// The log stays the truth: a missed signal only delays.
+    fn change_feed(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
     /// Highest change-log version (0 when empty).
     async fn latest_version(&self) -> StoreResult<i64>;
     /// Changes with version > `after`, oldest first, at most `limit`.

@@ -94,6 +94,35 @@ async fn append_changes(conn: &mut PgConnection, kind: &str, ref_ids: &[&str]) -
     Ok(())
 }
 
+/// LISTENs on `CHANGE_CHANNEL` and moves `tx` on every notification, and
+/// after every (re)connection since notifications may have been missed
+/// meanwhile. Reconnects with capped backoff; ends when nobody listens.
+async fn listen_for_changes(pool: PgPool, tx: tokio::sync::watch::Sender<u64>) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut backoff = Duration::from_millis(100);
+    while !tx.is_closed() {
+        match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(mut listener) => match listener.listen(CHANGE_CHANNEL).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    tx.send_modify(|n| *n += 1);
+                    // `recv` reconnects by itself after a lost connection.
+                    while let Ok(_notification) = listener.recv().await {
+                        tx.send_modify(|n| *n += 1);
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot LISTEN for changes"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot connect to LISTEN for changes"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
 /// Inserts an admin token; with `keep_existing`, a token whose hash is
 /// already stored is left as it is.
 async fn insert_admin_token(pool: &PgPool, t: &AdminToken, keep_existing: bool) -> StoreResult<()> {
@@ -511,6 +540,12 @@ impl Store for PgStore {
             calls_day,
             spent_lifetime: Micros(spent_lifetime),
         })
+    }
+
+    fn change_feed(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(listen_for_changes(self.pool.clone(), tx));
+        Some(rx)
     }
 
     async fn latest_version(&self) -> StoreResult<i64> {

@@ -94,6 +94,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         admin_token: Some(admin_token.clone()),
         fleet_token: fleet_token.clone(),
         key_env: "dev".to_string(),
+        change_poll_ms: 250,
         previous_master_keys: Vec::new(),
         previous_master_key_files: Vec::new(),
         // `keycap dev` stays on plain loopback.

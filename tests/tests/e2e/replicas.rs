@@ -1,0 +1,64 @@
+//! Control-plane replicas over one PostgreSQL: a change made through one
+//! reaches proxies watching another through LISTEN/NOTIFY, not polling.
+
+use keycap_tests::harness::{Control, Proxy};
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_replica_reaches_proxies_of_another_without_polling() {
+    let Some(db) = pg::fresh_database_or_skip()
+        .await
+        .expect("a PostgreSQL database for the test")
+    else {
+        return;
+    };
+    let mut opts = ControlOpts::postgres(&db.url);
+    // Polling this slow cannot be what delivers a change within the test.
+    opts.args = vec!["--change-poll-ms".into(), "600000".into()];
+    let a = Control::start(opts.clone()).await;
+    let b = Control::start(opts.clone()).await;
+    let proxy = Proxy::start(&b.url(), &opts.fleet_token, "replica-b-proxy").await;
+
+    // The vendor and the key are made through replica A after the proxy
+    // took its snapshot from B: only B's change feed can bring them.
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    a.admin()
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "stripe", "base_url": mock.url(), "credential": STRIPE_CREDENTIAL}),
+        )
+        .await
+        .expect(201);
+    let key = a
+        .admin()
+        .post_json(
+            "/vault/keys",
+            &stripe_key_body(json!(5), &["POST /v1/payment_intents"], "replicas/1"),
+        )
+        .await
+        .expect(201);
+    let secret = key["key"].as_str().expect("key").to_string();
+    wait_key_live(&proxy.url(), "stripe", &secret).await;
+    let r = Api::new(&proxy.url(), Some(&secret))
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let id = key["id"].as_str().expect("key id");
+    a.admin()
+        .delete(&format!("/vault/keys/{id}"))
+        .await
+        .expect(200);
+    let revoked = wait_until(within(harness::POLICY_TIMEOUT), || async {
+        probe_key(&proxy.url(), "stripe", &secret).await.as_deref() == Some("key_revoked")
+    })
+    .await;
+    assert!(
+        revoked,
+        "a revocation through replica A never reached B's proxy"
+    );
+}
