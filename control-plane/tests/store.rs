@@ -103,6 +103,7 @@ suite!(
     lifetime_cap_spans_days,
     record_spend_applies_each_event_once,
     spend_moves_from_lease_to_settled,
+    a_report_moves_only_its_own_nodes_lease,
     key_spend_by_day_and_lifetime,
     audit_filters_order_and_paging,
     spend_summary_per_vendor,
@@ -1116,6 +1117,23 @@ mod cases {
         );
         // Nothing refused took budget.
         assert_eq!(available(&*s, "k", DAY).await, 990);
+    }
+
+    pub async fn a_report_moves_only_its_own_nodes_lease(s: S) {
+        add_key(&*s, key("k", "stripe", "r", 1_000)).await;
+        assert_eq!(granted(&*s, grant("g1", "l1", "k", DAY, 600, 0)).await, 600);
+        // Another node reports spend against node-a's lease: the spend is
+        // real and counts, but node-a's lease keeps its whole share.
+        let mut stray = event("e1", "k", "l1", DAY, "stripe", 100);
+        stray.node_id = "node-b".to_string();
+        s.record_spend(&[stray]).await.unwrap();
+        assert_eq!(s.key_spend("k", DAY).await.unwrap().spent_day, Micros(100));
+        assert_eq!(available(&*s, "k", DAY).await, 300);
+        // Its own node's report moves the spend out of the lease.
+        s.record_spend(&[event("e2", "k", "l1", DAY, "stripe", 100)])
+            .await
+            .unwrap();
+        assert_eq!(available(&*s, "k", DAY).await, 300);
     }
 
     pub async fn expired_leases_stop_counting(s: S) {

@@ -775,12 +775,15 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         }
-        for (lease_id, reported) in &totals.leases {
-            sqlx::query("UPDATE leases SET reported = reported + $1 WHERE id = $2")
-                .bind(reported)
-                .bind(lease_id)
-                .execute(&mut *tx)
-                .await?;
+        for ((lease_id, node_id), reported) in &totals.leases {
+            sqlx::query(
+                "UPDATE leases SET reported = reported + $1 WHERE id = $2 AND node_id = $3",
+            )
+            .bind(reported)
+            .bind(lease_id)
+            .bind(node_id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         let applied = fresh.len() as u32;

@@ -662,19 +662,22 @@ pub(super) fn distinct_key_ids(events: &[SpendEvent]) -> Vec<&str> {
 pub(super) struct SpendTotals {
     /// ((key_id, day), spent, calls)
     pub daily: Vec<((String, String), i64, i64)>,
-    /// (lease_id, reported)
-    pub leases: Vec<(String, i64)>,
+    /// ((lease_id, node_id), reported): a lease's reported spend grows
+    /// only by its own node's reports.
+    pub leases: Vec<((String, String), i64)>,
 }
 
 pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) -> SpendTotals {
     let mut daily: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-    let mut leases: BTreeMap<String, i64> = BTreeMap::new();
+    let mut leases: BTreeMap<(String, String), i64> = BTreeMap::new();
     for e in applied {
         let d = daily.entry((e.key_id.clone(), e.day.clone())).or_default();
         d.0 += e.cost.0;
         d.1 += 1;
         if !e.lease_id.is_empty() {
-            *leases.entry(e.lease_id.clone()).or_default() += e.cost.0;
+            *leases
+                .entry((e.lease_id.clone(), e.node_id.clone()))
+                .or_default() += e.cost.0;
         }
     }
     SpendTotals {

@@ -804,10 +804,11 @@ impl Store for SqliteStore {
             .execute(w.conn())
             .await?;
         }
-        for (lease_id, reported) in &totals.leases {
-            sqlx::query("UPDATE leases SET reported = reported + ? WHERE id = ?")
+        for ((lease_id, node_id), reported) in &totals.leases {
+            sqlx::query("UPDATE leases SET reported = reported + ? WHERE id = ? AND node_id = ?")
                 .bind(reported)
                 .bind(lease_id)
+                .bind(node_id)
                 .execute(w.conn())
                 .await?;
         }
