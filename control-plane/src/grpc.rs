@@ -89,11 +89,7 @@ pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
         metadata: k.metadata.clone().into_iter().collect(),
         created_at: Some(to_proto(k.created_at)),
         revoked_at: opt_to_proto(k.revoked_at),
-        status: match v.status {
-            KeyStatus::Active => pb::KeyStatus::Active,
-            KeyStatus::Expired => pb::KeyStatus::Expired,
-            KeyStatus::Revoked => pb::KeyStatus::Revoked,
-        } as i32,
+        status: status_to_pb(v.status) as i32,
         spent_today_micros: v.spend.spent_day.0,
         remaining_today_micros: v.remaining_today.0,
         spent_lifetime_micros: v.spend.spent_lifetime.0,
@@ -447,11 +443,7 @@ pub fn admin_token_to_pb(t: &domain::AdminToken) -> pb::AdminToken {
         created_at: Some(to_proto(t.created_at)),
         expires_at: opt_to_proto(t.expires_at),
         revoked_at: opt_to_proto(t.revoked_at),
-        status: match t.status(chrono::Utc::now()) {
-            KeyStatus::Active => pb::KeyStatus::Active,
-            KeyStatus::Expired => pb::KeyStatus::Expired,
-            KeyStatus::Revoked => pb::KeyStatus::Revoked,
-        } as i32,
+        status: status_to_pb(t.status(chrono::Utc::now())) as i32,
     }
 }
 
@@ -720,4 +712,12 @@ fn spend_event_from_pb(
         node_id: node_id.to_string(),
         detail_json: e.detail_json,
     })
+}
+
+fn status_to_pb(status: KeyStatus) -> pb::KeyStatus {
+    match status {
+        KeyStatus::Active => pb::KeyStatus::Active,
+        KeyStatus::Expired => pb::KeyStatus::Expired,
+        KeyStatus::Revoked => pb::KeyStatus::Revoked,
+    }
 }

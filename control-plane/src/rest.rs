@@ -20,7 +20,7 @@ use keycap_proto::Micros;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, Vendor};
+use crate::domain::{self, invalid, AuditQuery, KeyFilter, Vendor};
 use crate::error::ApiError;
 use crate::grpc::next_page_token;
 use crate::scope::Operation;
@@ -125,11 +125,7 @@ fn key_json(v: &KeyView) -> Value {
         "id": k.id,
         "key_prefix": k.key_prefix,
         "vendor": k.vendor.as_str(),
-        "status": match v.status {
-            KeyStatus::Active => "active",
-            KeyStatus::Expired => "expired",
-            KeyStatus::Revoked => "revoked",
-        },
+        "status": v.status.as_str(),
         "allowed_endpoints": k.allowed_endpoints,
         "daily_usd_cap": usd(k.daily_cap),
         "daily_cap_micros": k.daily_cap.0,
@@ -407,11 +403,7 @@ fn admin_token_json(t: &domain::AdminToken) -> Value {
         "token_prefix": t.token_prefix,
         "scopes": t.scopes.names(),
         "vendors": t.vendors.list(),
-        "status": match t.status(Utc::now()) {
-            KeyStatus::Active => "active",
-            KeyStatus::Expired => "expired",
-            KeyStatus::Revoked => "revoked",
-        },
+        "status": t.status(Utc::now()).as_str(),
         "created_at": rfc3339(t.created_at),
         "expires_at": t.expires_at.map(rfc3339),
         "revoked_at": t.revoked_at.map(rfc3339),

@@ -16,11 +16,11 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{
-    model_name, refuse_priority_tier, request_object, settle_body_tokens, settle_tokens,
-    stream_flag, token_model, JsonObject, TokenUsage,
+    image_tokens_max, model_name, refuse_priority_tier, request_object, settle_body_tokens,
+    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, TokenUsage,
 };
 use crate::pricing::{
     clip, positive_int, unreadable, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
@@ -60,20 +60,8 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
     }
     let output_max = max_out.saturating_mul(choices);
 
-    // Images are billed by size, not by the bytes of their URL, so each
-    // one adds the model's per-image maximum to the input bound.
     let images = count_images(&obj)?;
-    let image_tokens = if images == 0 {
-        0
-    } else {
-        let per_image = price.image_input_tokens_max.ok_or_else(|| {
-            unreadable(format!(
-                "keycap cannot bound the cost of image input for model {:?}",
-                clip(model)
-            ))
-        })?;
-        per_image.saturating_mul(images)
-    };
+    let image_tokens = image_tokens_max(price, model, images)?;
 
     let forward_body = if streaming && !client_asked_for_usage(&obj) {
         Some(with_usage_requested(req.body)?)
@@ -87,18 +75,8 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
     let body_len = u64::try_from(body_len).unwrap_or(u64::MAX);
     let input_max = body_len.saturating_add(image_tokens);
 
-    let reserve = price
-        .cost(input_max, 0, output_max)
-        .ok_or_else(|| unreadable("request is too large to price"))?;
-    let mut detail = json!({
-        "model": model,
-        "priced_as": priced_as,
-        "input_tokens_max": input_max,
-        "output_tokens_max": output_max,
-    });
-    if images > 0 {
-        detail["images"] = images.into();
-    }
+    let (reserve, mut detail) =
+        token_reservation(price, model, priced_as, input_max, output_max, images)?;
     let hide_usage = forward_body.is_some();
     if hide_usage {
         detail["stream_usage_requested"] = true.into();

@@ -26,6 +26,7 @@ use super::{
     PriceRequest, PricingError, Quote, QuoteKind, Settlement, StatusSettler, StreamSettler,
 };
 use keycap_proto::prices::{ModelPrice, TokenPrices};
+use keycap_proto::Micros;
 
 mod chat;
 mod embeddings;
@@ -110,6 +111,47 @@ fn token_model<'a>(
     prices
         .lookup(model)
         .ok_or_else(|| unknown_model(prices, model))
+}
+
+/// The most input tokens `images` input images can cost: images are billed
+/// by size, not by the bytes of their URL, so each adds the model's
+/// per-image maximum. Refused for a model with no such maximum.
+fn image_tokens_max(price: &ModelPrice, model: &str, images: u64) -> Result<u64, PricingError> {
+    if images == 0 {
+        return Ok(0);
+    }
+    let per_image = price.image_input_tokens_max.ok_or_else(|| {
+        unreadable(format!(
+            "keycap cannot bound the cost of image input for model {:?}",
+            clip(model)
+        ))
+    })?;
+    Ok(per_image.saturating_mul(images))
+}
+
+/// The reservation for at most `input_max` input and `output_max` output
+/// tokens, and the audit detail that says how it was bounded.
+fn token_reservation(
+    price: &ModelPrice,
+    model: &str,
+    priced_as: &str,
+    input_max: u64,
+    output_max: u64,
+    images: u64,
+) -> Result<(Micros, Value), PricingError> {
+    let reserve = price
+        .cost(input_max, 0, output_max)
+        .ok_or_else(|| unreadable("request is too large to price"))?;
+    let mut detail = json!({
+        "model": model,
+        "priced_as": priced_as,
+        "input_tokens_max": input_max,
+        "output_tokens_max": output_max,
+    });
+    if images > 0 {
+        detail["images"] = images.into();
+    }
+    Ok((reserve, detail))
 }
 
 /// Priority processing bills more per token than the table's prices.

@@ -15,11 +15,11 @@
 //! are billed per call, per file or per container, or feed back content of
 //! unknown size).
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{
-    model_name, refuse_priority_tier, request_object, settle_body_tokens, settle_tokens,
-    stream_flag, token_model, JsonObject, TokenUsage,
+    image_tokens_max, model_name, refuse_priority_tier, request_object, settle_body_tokens,
+    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, TokenUsage,
 };
 use crate::pricing::{
     clip, positive_int, unreadable, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
@@ -40,31 +40,11 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
 
     let output_max = positive_int(&obj, "max_output_tokens")?
         .map_or(price.max_output_tokens, |r| r.min(price.max_output_tokens));
-    let image_tokens = if images == 0 {
-        0
-    } else {
-        let per_image = price.image_input_tokens_max.ok_or_else(|| {
-            unreadable(format!(
-                "keycap cannot bound the cost of image input for model {:?}",
-                clip(model)
-            ))
-        })?;
-        per_image.saturating_mul(images)
-    };
+    let image_tokens = image_tokens_max(price, model, images)?;
     let body_len = u64::try_from(req.body.len()).unwrap_or(u64::MAX);
     let input_max = body_len.saturating_add(image_tokens);
-    let reserve = price
-        .cost(input_max, 0, output_max)
-        .ok_or_else(|| unreadable("request is too large to price"))?;
-    let mut detail = json!({
-        "model": model,
-        "priced_as": priced_as,
-        "input_tokens_max": input_max,
-        "output_tokens_max": output_max,
-    });
-    if images > 0 {
-        detail["images"] = images.into();
-    }
+    let (reserve, detail) =
+        token_reservation(price, model, priced_as, input_max, output_max, images)?;
     Ok(Quote {
         reserve,
         detail,
