@@ -649,9 +649,20 @@ impl pb::fleet_service_server::FleetService for Api {
         self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         let node = (!r.node_id.is_empty()).then_some(r.node_id.as_str());
-        self.control
-            .return_lease(&r.lease_id, node, Micros(r.spent_micros))
-            .await?;
+        if r.keep_open {
+            self.control
+                .shrink_lease(
+                    &r.lease_id,
+                    node,
+                    Micros(r.granted_micros),
+                    Micros(r.spent_micros),
+                )
+                .await?;
+        } else {
+            self.control
+                .return_lease(&r.lease_id, node, Micros(r.spent_micros))
+                .await?;
+        }
         Ok(Response::new(pb::ReturnLeaseResponse {}))
     }
 

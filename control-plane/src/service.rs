@@ -908,6 +908,25 @@ impl Control {
         Ok(self.store.return_lease(lease_id, node, spent).await?)
     }
 
+    /// Gives back what an open lease holds beyond `keep` while the lease
+    /// stays open, if its grant is still `granted`. With `node`, only a
+    /// lease granted to that node is found.
+    pub async fn shrink_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        granted: Micros,
+        keep: Micros,
+    ) -> Result<bool, ApiError> {
+        if keep.is_negative() || keep > granted {
+            return Err(ApiError::Invalid(invalid(
+                "spent_micros",
+                "must be between 0 and granted_micros",
+            )));
+        }
+        Ok(self.store.shrink_lease(lease_id, node, granted, keep).await?)
+    }
+
     pub async fn report_spend(&self, events: &[SpendEvent]) -> Result<(u32, u32), ApiError> {
         if events.len() > 10_000 {
             return Err(ApiError::Invalid(invalid(

@@ -100,6 +100,7 @@ suite!(
     grant_refusals,
     expired_leases_stop_counting,
     return_lease_returns_the_unspent_rest,
+    shrink_lease_gives_back_only_from_the_grant_it_names,
     lifetime_cap_spans_days,
     record_spend_applies_each_event_once,
     spend_moves_from_lease_to_settled,
@@ -1155,6 +1156,57 @@ mod cases {
                 .await,
             "growing an expired lease",
         );
+    }
+
+    pub async fn shrink_lease_gives_back_only_from_the_grant_it_names(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000)).await;
+        assert_not_found(
+            s.shrink_lease("ghost", None, Micros(0), Micros(0)).await,
+            "unknown lease",
+        );
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "k1", DAY, 600, 0)).await,
+            600
+        );
+        s.record_spend(&[event("e1", "k1", "l1", DAY, "stripe", 100)])
+            .await
+            .unwrap();
+        assert_not_found(
+            s.shrink_lease("l1", Some("another-node"), Micros(600), Micros(100))
+                .await,
+            "another node's lease",
+        );
+        // The node keeps 250 (spent plus reserved) and gives 350 back; the
+        // lease stays open and can grow again.
+        assert!(s
+            .shrink_lease("l1", Some("node-a"), Micros(600), Micros(250))
+            .await
+            .unwrap());
+        assert_eq!(available(&*s, "k1", DAY).await, 750);
+        // A late retry of the same shrink, or one naming a stale grant,
+        // changes nothing, even after the lease grew again.
+        assert_eq!(
+            granted(&*s, grant("g2", "l1", "k1", DAY, 50, 0)).await,
+            50
+        );
+        assert!(!s
+            .shrink_lease("l1", None, Micros(600), Micros(250))
+            .await
+            .unwrap());
+        assert_eq!(available(&*s, "k1", DAY).await, 700);
+        // Never below what was reported spent from it.
+        assert!(s
+            .shrink_lease("l1", None, Micros(300), Micros(0))
+            .await
+            .unwrap());
+        assert_eq!(available(&*s, "k1", DAY).await, 900);
+        // A returned lease shrinks no more.
+        s.return_lease("l1", None, Micros(100)).await.unwrap();
+        assert!(!s
+            .shrink_lease("l1", None, Micros(100), Micros(0))
+            .await
+            .unwrap());
+        assert_eq!(available(&*s, "k1", DAY).await, 900);
     }
 
     pub async fn return_lease_returns_the_unspent_rest(s: S) {

@@ -10,12 +10,23 @@
 //! proxy fails closed. Leases of a past day, an expiring lease or a revoked
 //! key's lease are handed back with what was spent from them.
 //!
+//! Lease size follows the node's own recent spend on the key: a slice asks
+//! for about `HORIZON` of it, never more than a quarter of the daily cap.
+//! Near the cap (when the control plane has less left outside leases than
+//! that) the node asks for exactly what the waiting call needs: slices
+//! shrink to exactly-one-call grants. A node refused for lack of budget gives
+//! back the part of its lease it cannot use, so another node can. While the
+//! key is far from its cap a lease is topped up ahead of need, off the
+//! request path, once it covers less than `RENEW_AHEAD` of recent spend.
+//! A lease not drawn on for `IDLE_SHRINK` gives back what it holds beyond
+//! its calls in flight, and one not drawn on for `IDLE_RETURN` goes back.
+//!
 //! Invariant kept here: for every lease, reserved + spent <= granted, except
 //! where a settled cost exceeded its reservation (recorded at true cost).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use keycap_proto::pb;
@@ -29,6 +40,26 @@ use crate::policy::KeyPolicy;
 /// Stop drawing on a lease this long before it expires, so calls in flight
 /// settle while the control plane still counts it.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(120);
+/// A lease is sized to cover this much of the node's recent spend on a key.
+const HORIZON: Duration = Duration::from_secs(10);
+/// Top a lease up, off the request path, once it covers less than this much
+/// of the node's recent spend (or is within two margins of expiring).
+const RENEW_AHEAD: Duration = Duration::from_secs(3);
+/// Time constant of the spend-rate estimate.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Before any spend rate is known, a slice covers this many calls of the
+/// size that asked.
+const FIRST_CALLS: i64 = 4;
+/// A node never asks for more than this share of a key's daily cap.
+const MAX_SHARE: i64 = 4;
+/// A lease not drawn on for this long gives back what it holds beyond its
+/// calls in flight, so budget never sits on an idle node for longer while a
+/// busy one is refused.
+const IDLE_SHRINK: Duration = Duration::from_secs(2);
+/// A lease not drawn on for this long goes back to the key.
+const IDLE_RETURN: Duration = Duration::from_secs(30);
+/// How often idle leases are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// A reserved amount; resolve it exactly once with `Budget::resolve`.
 #[derive(Debug)]
@@ -55,23 +86,96 @@ impl LocalLease {
     }
 }
 
+/// How fast this node draws on a key: an exponentially decaying sum of
+/// reserved amounts. Only sizes lease requests; money itself stays integer.
+#[derive(Debug, Default)]
+struct SpendRate {
+    decayed: f64,
+    at: Option<Instant>,
+}
+
+impl SpendRate {
+    fn decay(&mut self, now: Instant) {
+        if let Some(at) = self.at {
+            let elapsed = now.saturating_duration_since(at).as_secs_f64();
+            self.decayed *= (-elapsed / RATE_WINDOW.as_secs_f64()).exp();
+        }
+        self.at = Some(now);
+    }
+
+    fn add(&mut self, amount: i64, now: Instant) {
+        self.decay(now);
+        self.decayed += amount as f64;
+    }
+
+    /// About what this node will draw over `span` at its recent rate.
+    fn over(&mut self, span: Duration, now: Instant) -> i64 {
+        self.decay(now);
+        (self.decayed / RATE_WINDOW.as_secs_f64() * span.as_secs_f64()) as i64
+    }
+}
+
 #[derive(Debug, Default)]
 struct KeyLeases {
     day: String,
     current: Option<LocalLease>,
     /// Leases no longer drawn on whose reservations are still in flight.
     retiring: Vec<LocalLease>,
-    /// The control plane's last word on budget left outside our lease.
+    /// The control plane's last word on budget left outside every lease.
     unleased: i64,
     /// Its last word on which cap binds: the lifetime cap, not the daily.
     lifetime_bound: bool,
+    rate: SpendRate,
+    last_used: Option<Instant>,
+    /// A top-up is under way off the request path.
+    renewing: bool,
+}
+
+impl KeyLeases {
+    fn drew(&mut self, amount: i64, now: Instant) {
+        self.rate.add(amount, now);
+        self.last_used = Some(now);
+    }
+
+    /// What to ask for when `need` more is needed for a call of `amount`:
+    /// about `HORIZON` of recent spend, at least a few calls' worth, at most
+    /// a share of the daily cap, and exactly `need` near the cap.
+    fn ask_size(&mut self, daily_cap: i64, need: i64, amount: i64, now: Instant) -> i64 {
+        let wanted = self
+            .rate
+            .over(HORIZON, now)
+            .max(amount.saturating_mul(FIRST_CALLS))
+            .min(daily_cap / MAX_SHARE)
+            .max(need);
+        if self.unleased < wanted {
+            need
+        } else {
+            wanted
+        }
+    }
+
+    /// Whether the current lease should be topped up ahead of need: it is
+    /// today's, the key is far from its cap, and the lease covers less than
+    /// `RENEW_AHEAD` of recent spend or is close to expiring.
+    fn wants_renewal(&mut self, day: &str, now: DateTime<Utc>, clock: Instant) -> bool {
+        if self.renewing || self.day != day {
+            return false;
+        }
+        let soon = self.rate.over(RENEW_AHEAD, clock);
+        let horizon = self.rate.over(HORIZON, clock);
+        let Some(lease) = &self.current else {
+            return false;
+        };
+        let expiring = now + EXPIRY_MARGIN * 2 >= lease.usable_until;
+        (lease.available() < soon || expiring) && self.unleased >= horizon
+    }
 }
 
 /// One key's leases. `state` is only ever held for a few arithmetic steps,
 /// never across an await, so settling a call needs no async lock and can
 /// happen anywhere (even while a dropped call unwinds). `granting` is held
-/// across a lease grant, and only its holder may change which lease is
-/// current: calls that fit the current lease never wait on a grant.
+/// across a lease grant or shrink, and only its holder may change which
+/// lease is current: calls that fit the current lease never wait on it.
 #[derive(Default)]
 struct KeySlot {
     state: Mutex<KeyLeases>,
@@ -93,20 +197,27 @@ pub struct Budget {
     /// Leases to hand back, to a task on the runtime that created the
     /// budget, so retiring a lease never needs a runtime where it happens.
     returns: tokio::sync::mpsc::UnboundedSender<LocalLease>,
+    /// The runtime that created the budget: top-ups run there, not on the
+    /// serving thread that noticed the need.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Budget {
     /// A budget drawing on `source`. Must be called within a tokio runtime:
-    /// it starts the task that hands retired leases back.
+    /// it starts the tasks that hand retired leases back and look for idle
+    /// ones.
     pub fn new(source: Arc<dyn LeaseSource>, node_id: &str) -> Arc<Self> {
         let (returns, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(return_leases(source.clone(), rx));
-        Arc::new(Budget {
+        let budget = Arc::new(Budget {
             source,
             node_id: node_id.to_string(),
             keys: Mutex::new(HashMap::new()),
             returns,
-        })
+            runtime: tokio::runtime::Handle::current(),
+        });
+        tokio::spawn(sweep_idle(Arc::downgrade(&budget)));
+        budget
     }
 
     fn entry(&self, key_id: &str) -> Arc<KeySlot> {
@@ -120,7 +231,7 @@ impl Budget {
     /// Reserves `amount` for one call on `key`, asking the control plane for
     /// more lease when needed. Zero-cost calls reserve nothing.
     pub async fn reserve(
-        &self,
+        self: &Arc<Self>,
         key: &KeyPolicy,
         amount: Micros,
         now: DateTime<Utc>,
@@ -135,13 +246,23 @@ impl Budget {
             });
         }
         let slot = self.entry(&key.id);
+        let clock = Instant::now();
         // Fast path: the current lease is today's, not about to expire, and
         // covers the call.
-        if let Some(r) = take_from_current(&mut slot.state(), key, amount, &day, now) {
-            return Ok(r);
+        {
+            let mut st = slot.state();
+            if let Some(r) = take_from_current(&mut st, key, amount, &day, now) {
+                st.drew(amount.0, clock);
+                if st.wants_renewal(&day, now, clock) {
+                    st.renewing = true;
+                    drop(st);
+                    self.top_up(slot.clone(), key.id.clone(), key.daily_cap.0, day);
+                }
+                return Ok(r);
+            }
         }
         let _granting = slot.granting.lock().await;
-        let req = {
+        {
             let mut st = slot.state();
             if st.day != day {
                 self.retire_current(&mut st);
@@ -157,81 +278,135 @@ impl Budget {
             // Another call may have been granted budget while this one
             // waited its turn.
             if let Some(r) = take_from_current(&mut st, key, amount, &day, now) {
+                st.drew(amount.0, clock);
                 return Ok(r);
             }
-            let available = st.current.as_ref().map_or(0, LocalLease::available);
-            let need = amount.0 - available;
-            pb::GrantLeaseRequest {
-                grant_id: format!("grant_{}", uuid::Uuid::new_v4().simple()),
-                lease_id: st.current.as_ref().map_or_else(
-                    || format!("lease_{}", uuid::Uuid::new_v4().simple()),
-                    |l| l.id.clone(),
-                ),
-                key_id: key.id.clone(),
-                node_id: self.node_id.clone(),
-                day: day.clone(),
-                // Ask for a slice well beyond this call so most calls never
-                // wait on the control plane; it grants at most what is left.
-                requested_micros: need.max(key.daily_cap.0 / 8),
-                minimum_micros: need,
-            }
-        };
-        let lease_id = req.lease_id.clone();
-        let resp = match self.source.grant(req.clone()).await {
-            Ok(r) => r,
-            // One retry with the same grant id: idempotent on the control
-            // plane, so a lost answer is not granted twice.
-            Err(_) => self.source.grant(req).await.map_err(|s| {
-                tracing::warn!(code = ?s.code(), key = %key.id, "lease grant failed");
-                Refusal::BudgetUnavailable
-            })?,
-        };
-        // Only the holder of `granting` changes the current lease, so it is
-        // still the one the grant was for (or still none).
-        let mut st = slot.state();
-        st.unleased = resp.unleased_micros;
-        st.lifetime_bound = resp.lifetime_bound;
-        if resp.granted_micros > 0 {
-            let usable_until = resp.expires_at.as_ref().and_then(from_proto).unwrap_or(now);
-            match &mut st.current {
-                Some(l) => {
-                    l.granted += resp.granted_micros;
-                    l.usable_until = l.usable_until.min(usable_until);
-                }
-                None => {
-                    st.current = Some(LocalLease {
-                        id: lease_id,
-                        granted: resp.granted_micros,
-                        reserved: 0,
-                        spent: 0,
-                        usable_until,
-                    })
-                }
-            }
         }
-        let available = st.current.as_ref().map_or(0, LocalLease::available);
-        if available < amount.0 {
-            // Only the daily cap resets at midnight; saying so when the
-            // lifetime cap is what ran out would send the agent back to a
-            // key that can never serve it.
-            let remaining = Micros((available + st.unleased).max(0));
-            return Err(match key.lifetime_cap {
-                Some(cap) if st.lifetime_bound => Refusal::LifetimeCapExceeded { cap, remaining },
-                _ => Refusal::DailyCapExceeded {
-                    cap: key.daily_cap,
-                    remaining,
-                    resets_at: next_utc_midnight(now),
-                },
-            });
+        // At most two asks: the second only after handing back the part of
+        // this node's lease the call could not use, in case other nodes
+        // handed theirs back meanwhile.
+        let mut gave_back = false;
+        loop {
+            let req = {
+                let mut st = slot.state();
+                let available = st.current.as_ref().map_or(0, LocalLease::available);
+                let need = amount.0 - available;
+                let requested = if gave_back {
+                    need
+                } else {
+                    st.ask_size(key.daily_cap.0, need, amount.0, clock)
+                };
+                self.grant_request(&st, &key.id, &day, requested, need)
+            };
+            let lease_id = req.lease_id.clone();
+            let resp = match self.source.grant(req.clone()).await {
+                Ok(r) => r,
+                // One retry with the same grant id: idempotent on the control
+                // plane, so a lost answer is not granted twice.
+                Err(_) => self.source.grant(req).await.map_err(|s| {
+                    tracing::warn!(code = ?s.code(), key = %key.id, "lease grant failed");
+                    Refusal::BudgetUnavailable
+                })?,
+            };
+            // Only the holder of `granting` changes the current lease, so it
+            // is still the one the grant was for (or still none).
+            let shrink = {
+                let mut st = slot.state();
+                apply_grant(&mut st, lease_id, &resp, now);
+                let available = st.current.as_ref().map_or(0, LocalLease::available);
+                if available >= amount.0 {
+                    st.drew(amount.0, clock);
+                    let lease = st.current.as_mut().expect("lease present after grant");
+                    lease.reserved += amount.0;
+                    return Ok(Reservation {
+                        key_id: key.id.clone(),
+                        lease_id: lease.id.clone(),
+                        day,
+                        amount,
+                    });
+                }
+                match st.current.as_mut().and_then(take_leftover) {
+                    // Refused: what this lease holds beyond its calls is no
+                    // use to this call, but may be to another node's. It
+                    // leaves the local lease first, so no call draws on it
+                    // meanwhile.
+                    Some(shrink) if !gave_back => shrink,
+                    _ => {
+                        // Only the daily cap resets at midnight; saying so
+                        // when the lifetime cap is what ran out would send
+                        // the agent back to a key that can never serve it.
+                        let remaining = Micros((available + st.unleased).max(0));
+                        return Err(match key.lifetime_cap {
+                            Some(cap) if st.lifetime_bound => {
+                                Refusal::LifetimeCapExceeded { cap, remaining }
+                            }
+                            _ => Refusal::DailyCapExceeded {
+                                cap: key.daily_cap,
+                                remaining,
+                                resets_at: next_utc_midnight(now),
+                            },
+                        });
+                    }
+                }
+            };
+            gave_back = true;
+            self.send_shrink(shrink).await;
         }
-        let lease = st.current.as_mut().expect("lease present after grant");
-        lease.reserved += amount.0;
-        Ok(Reservation {
-            key_id: key.id.clone(),
-            lease_id: lease.id.clone(),
-            day,
-            amount,
-        })
+    }
+
+    fn grant_request(
+        &self,
+        st: &KeyLeases,
+        key_id: &str,
+        day: &str,
+        requested: i64,
+        minimum: i64,
+    ) -> pb::GrantLeaseRequest {
+        pb::GrantLeaseRequest {
+            grant_id: format!("grant_{}", uuid::Uuid::new_v4().simple()),
+            lease_id: st.current.as_ref().map_or_else(
+                || format!("lease_{}", uuid::Uuid::new_v4().simple()),
+                |l| l.id.clone(),
+            ),
+            key_id: key_id.to_string(),
+            node_id: self.node_id.clone(),
+            day: day.to_string(),
+            requested_micros: requested,
+            minimum_micros: minimum,
+        }
+    }
+
+    /// Tops the key's lease up off the request path: grows it by about
+    /// `HORIZON` of recent spend, or replaces it when it is close to
+    /// expiring. Any failure only leaves the request path to ask itself.
+    fn top_up(self: &Arc<Self>, slot: Arc<KeySlot>, key_id: String, daily_cap: i64, day: String) {
+        let budget = self.clone();
+        self.runtime.spawn(async move {
+            let _granting = slot.granting.lock().await;
+            let now = Utc::now();
+            let clock = Instant::now();
+            let req = {
+                let mut st = slot.state();
+                st.renewing = false;
+                if st.day != day || st.current.is_none() {
+                    return;
+                }
+                if st
+                    .current
+                    .as_ref()
+                    .is_some_and(|l| now + EXPIRY_MARGIN * 2 >= l.usable_until)
+                {
+                    budget.retire_current(&mut st);
+                }
+                let size = st.ask_size(daily_cap, 1, 1, clock);
+                budget.grant_request(&st, &key_id, &day, size, 1)
+            };
+            let lease_id = req.lease_id.clone();
+            match budget.source.grant(req).await {
+                Ok(resp) => apply_grant(&mut slot.state(), lease_id, &resp, now),
+                Err(s) => tracing::debug!(code = ?s.code(), key = %key_id, "lease top-up failed"),
+            }
+        });
     }
 
     fn retire_current(&self, st: &mut KeyLeases) {
@@ -288,6 +463,114 @@ impl Budget {
             self.retire_current(&mut slot.state());
         }
     }
+
+    /// Looks at every key's lease as of `clock`: one not drawn on for
+    /// `IDLE_SHRINK` gives back what it holds beyond its calls, so a busy
+    /// node can have it; one not drawn on for `IDLE_RETURN` goes back whole,
+    /// and a key with nothing left to track is dropped. A key whose lease
+    /// is being granted or shrunk right now is busy, not idle.
+    async fn sweep(&self, clock: Instant) {
+        let slots: Vec<(String, Arc<KeySlot>)> = {
+            let keys = self.keys.lock().expect("budget map lock");
+            keys.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
+        };
+        for (key_id, slot) in slots {
+            let Ok(granting) = slot.granting.try_lock() else {
+                continue;
+            };
+            let (shrink, empty) = {
+                let mut st = slot.state();
+                let idle_for = st
+                    .last_used
+                    .map_or(IDLE_RETURN, |t| clock.saturating_duration_since(t));
+                if idle_for >= IDLE_RETURN
+                    && st.current.as_ref().is_some_and(|l| l.reserved == 0)
+                {
+                    self.retire_current(&mut st);
+                }
+                let shrink = match st.current.as_mut() {
+                    Some(l) if idle_for >= IDLE_SHRINK => take_leftover(l),
+                    _ => None,
+                };
+                let empty = st.current.is_none() && st.retiring.is_empty();
+                (shrink, empty)
+            };
+            if let Some(shrink) = shrink {
+                self.send_shrink(shrink).await;
+            }
+            drop(granting);
+            if empty {
+                let mut keys = self.keys.lock().expect("budget map lock");
+                // Only when nothing else holds the slot: a call between
+                // looking it up and locking it keeps it.
+                if keys
+                    .get(&key_id)
+                    .is_some_and(|s| Arc::ptr_eq(s, &slot) && Arc::strong_count(s) == 2)
+                {
+                    keys.remove(&key_id);
+                }
+            }
+        }
+    }
+
+    /// Tells the control plane a lease gave up its leftover (already gone
+    /// from the local lease). Call holding the key's `granting`.
+    async fn send_shrink(&self, (id, from, keep): (String, i64, i64)) {
+        if let Err(s) = self.source.shrink(&id, from, keep).await {
+            // The control plane keeps counting the part given up until the
+            // lease is returned: safe, only idle.
+            tracing::debug!(code = ?s.code(), lease = %id, "lease not shrunk");
+        }
+    }
+}
+
+/// Takes what a lease holds beyond what its calls spent and reserved out of
+/// it, for `Budget::send_shrink`: (lease id, grant before, grant after).
+fn take_leftover(lease: &mut LocalLease) -> Option<(String, i64, i64)> {
+    let leftover = lease.available();
+    if leftover <= 0 {
+        return None;
+    }
+    let from = lease.granted;
+    lease.granted -= leftover;
+    Some((lease.id.clone(), from, lease.granted))
+}
+
+/// Records a grant's answer: the control plane's view of what is left and
+/// the lease's total grant.
+fn apply_grant(
+    st: &mut KeyLeases,
+    lease_id: String,
+    resp: &pb::GrantLeaseResponse,
+    now: DateTime<Utc>,
+) {
+    st.unleased = resp.unleased_micros;
+    st.lifetime_bound = resp.lifetime_bound;
+    let usable_until = resp.expires_at.as_ref().and_then(from_proto).unwrap_or(now);
+    match &mut st.current {
+        Some(l) if l.id == lease_id => {
+            // The control plane's total is the truth: it includes a grant
+            // whose answer was lost, and undoes a shrink that never landed.
+            l.granted = resp.lease_total_micros;
+            l.usable_until = l.usable_until.min(usable_until);
+        }
+        Some(_) => {
+            // Cannot happen: only the holder of `granting` changes the
+            // current lease. The grant stays counted on the control plane
+            // until it expires.
+            tracing::error!(lease = %lease_id, "grant answer for a lease no longer current");
+        }
+        None if resp.granted_micros > 0 => {
+            st.current = Some(LocalLease {
+                id: lease_id,
+                granted: resp.lease_total_micros,
+                reserved: 0,
+                spent: 0,
+                usable_until,
+            })
+        }
+        None => {}
+    }
 }
 
 /// Reserves from the current lease when it is today's, usable a while
@@ -313,6 +596,19 @@ fn take_from_current(
         day: day.to_string(),
         amount,
     })
+}
+
+/// Looks for idle leases every `SWEEP_EVERY` while the budget lives.
+async fn sweep_idle(budget: Weak<Budget>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match budget.upgrade() {
+            Some(b) => b.sweep(Instant::now()).await,
+            None => return,
+        }
+    }
 }
 
 /// Hands retired leases back with what was spent from them, each retried
@@ -349,11 +645,21 @@ mod tests {
     use std::collections::HashMap as Map;
     use tonic::Status;
 
-    /// An in-memory control plane ledger for one day: grants never exceed
-    /// the cap minus what live leases hold.
+    #[derive(Default)]
+    struct Ledger {
+        /// lease -> granted
+        leases: Map<String, i64>,
+        /// lease -> spent, for returned leases
+        returned: Map<String, i64>,
+        /// (requested, minimum) of every grant asked for
+        asks: Vec<(i64, i64)>,
+    }
+
+    /// An in-memory control plane for one day, with the control plane's
+    /// grant rule: never beyond the cap minus what leases hold.
     struct FakeLedger {
         cap: i64,
-        state: Mutex<(Map<String, i64>, Map<String, i64>)>, // lease -> granted, lease -> returned spent
+        state: Mutex<Ledger>,
         fail: std::sync::atomic::AtomicBool,
     }
 
@@ -367,28 +673,42 @@ mod tests {
                 return Err(Status::unavailable("down"));
             }
             let mut st = self.state.lock().unwrap();
-            let used: i64 = st.0.values().sum();
-            let avail = self.cap - used;
-            let g = if avail >= req.minimum_micros {
-                req.requested_micros.min(avail)
+            st.asks.push((req.requested_micros, req.minimum_micros));
+            let avail = self.cap - st.leases.values().sum::<i64>();
+            let want = req.requested_micros.min(avail);
+            let g = if want > 0 && want >= req.minimum_micros {
+                want
             } else {
                 0
             };
-            *st.0.entry(req.lease_id).or_default() += g;
+            let total = st.leases.entry(req.lease_id).or_default();
+            *total += g;
+            let lease_total = *total;
             Ok(pb::GrantLeaseResponse {
                 granted_micros: g,
-                lease_total_micros: 0,
+                lease_total_micros: lease_total,
                 unleased_micros: avail - g,
                 lifetime_bound: false,
+                // Long enough for tests that move to the next day.
                 expires_at: Some(keycap_proto::time::to_proto(
-                    Utc::now() + chrono::Duration::hours(1),
+                    Utc::now() + chrono::Duration::days(3),
                 )),
             })
         }
+
         async fn give_back(&self, lease_id: &str, spent: i64) -> Result<(), Status> {
             let mut st = self.state.lock().unwrap();
-            st.0.insert(lease_id.to_string(), spent);
-            st.1.insert(lease_id.to_string(), spent);
+            st.leases.insert(lease_id.to_string(), spent);
+            st.returned.insert(lease_id.to_string(), spent);
+            Ok(())
+        }
+
+        async fn shrink(&self, lease_id: &str, granted: i64, keep: i64) -> Result<(), Status> {
+            let mut st = self.state.lock().unwrap();
+            let total = st.leases.get_mut(lease_id).expect("known lease");
+            if *total == granted {
+                *total = keep;
+            }
             Ok(())
         }
     }
@@ -414,9 +734,19 @@ mod tests {
     fn ledger(cap: i64) -> Arc<FakeLedger> {
         Arc::new(FakeLedger {
             cap,
-            state: Mutex::new((Map::new(), Map::new())),
+            state: Mutex::default(),
             fail: false.into(),
         })
+    }
+
+    async fn returned(l: &FakeLedger, count: usize) -> Map<String, i64> {
+        for _ in 0..10_000 {
+            if l.state.lock().unwrap().returned.len() >= count {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        l.state.lock().unwrap().returned.clone()
     }
 
     #[tokio::test]
@@ -452,6 +782,62 @@ mod tests {
         }
     }
 
+    async fn serve_until_refused(b: &Arc<Budget>, k: &KeyPolicy, amount: i64) -> usize {
+        let mut served = 0;
+        while let Ok(r) = b.reserve(k, Micros(amount), Utc::now()).await {
+            b.resolve(r, Micros(amount));
+            served += 1;
+        }
+        served
+    }
+
+    #[tokio::test]
+    async fn no_budget_is_stranded_on_an_idle_node() {
+        // $10 in $1 calls. Node 2 makes one call and goes idle holding the
+        // rest of its slice; node 1 is busy.
+        let l = ledger(10_000);
+        let (busy, idle) = (Budget::new(l.clone(), "n1"), Budget::new(l.clone(), "n2"));
+        let k = key(10_000);
+        let r = idle.reserve(&k, Micros(1_000), Utc::now()).await.unwrap();
+        idle.resolve(r, Micros(1_000));
+        let first = serve_until_refused(&busy, &k, 1_000).await;
+        assert!(first < 9, "the idle node held no budget back: {first}");
+        // A refused node gave back what it could not use.
+        let asks = l.state.lock().unwrap().asks.clone();
+        assert!(asks.iter().any(|&(req, min)| req == min), "{asks:?}");
+        // Once idle for a moment, node 2 gives back what it holds beyond
+        // its calls, and node 1 serves until exactly the cap is spent.
+        idle.sweep(Instant::now() + IDLE_SHRINK).await;
+        let second = serve_until_refused(&busy, &k, 1_000).await;
+        assert_eq!(1 + first + second, 10);
+        // The idle node still has its lease, spent as it was, and serves
+        // nothing more: the cap is spent.
+        assert!(l.state.lock().unwrap().returned.is_empty());
+        assert!(idle.reserve(&k, Micros(1), Utc::now()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_node_gives_back_what_it_cannot_use() {
+        // Two nodes each hold less than a call while, together with what is
+        // left, there is enough for one: a refusal hands the leftover back
+        // and the other node serves the call.
+        let l = ledger(1_000);
+        let (a, b) = (Budget::new(l.clone(), "a"), Budget::new(l.clone(), "b"));
+        let k = key(1_000);
+        // Each node's first slice is a quarter of the cap: 250, of which
+        // 200 is spent; 500 stays outside both leases.
+        for node in [&a, &b] {
+            let r = node.reserve(&k, Micros(200), Utc::now()).await.unwrap();
+            node.resolve(r, Micros(200));
+        }
+        // 50 + 50 + 500 is 600: node a is refused a 600 call (it can get
+        // at most 50 + 500), gives its 50 back, and node b then gets 600.
+        assert!(a.reserve(&k, Micros(600), Utc::now()).await.is_err());
+        let r = b.reserve(&k, Micros(600), Utc::now()).await.unwrap();
+        b.resolve(r, Micros(600));
+        assert!(b.reserve(&k, Micros(1), Utc::now()).await.is_err());
+    }
+
     #[tokio::test]
     async fn released_reservations_return_budget() {
         let l = ledger(100);
@@ -466,25 +852,28 @@ mod tests {
 
     #[tokio::test]
     async fn control_plane_away_fails_closed_without_lease() {
-        let l = ledger(100);
+        let l = ledger(1_000);
         l.fail.store(true, std::sync::atomic::Ordering::SeqCst);
         let b = Budget::new(l.clone(), "n1");
-        let k = key(100);
+        let k = key(1_000);
         assert!(matches!(
             b.reserve(&k, Micros(10), Utc::now()).await,
             Err(Refusal::BudgetUnavailable)
         ));
-        // With a lease in hand (an eighth of the cap: 12), the proxy keeps
-        // serving from it while the control plane is away, and refuses once
-        // the lease is spent.
+        // With a lease in hand (a first slice covers four calls of the size
+        // that asked: 40), the proxy keeps serving from it while the control
+        // plane is away, and refuses once the lease is spent.
         l.fail.store(false, std::sync::atomic::Ordering::SeqCst);
-        let r = b.reserve(&k, Micros(5), Utc::now()).await.unwrap();
-        b.resolve(r, Micros(5));
+        let r = b.reserve(&k, Micros(10), Utc::now()).await.unwrap();
+        b.resolve(r, Micros(10));
+        assert_eq!(l.state.lock().unwrap().asks, vec![(40, 10)]);
         l.fail.store(true, std::sync::atomic::Ordering::SeqCst);
-        let r = b.reserve(&k, Micros(5), Utc::now()).await.unwrap();
-        b.resolve(r, Micros(5));
+        for _ in 0..3 {
+            let r = b.reserve(&k, Micros(10), Utc::now()).await.unwrap();
+            b.resolve(r, Micros(10));
+        }
         assert!(matches!(
-            b.reserve(&k, Micros(5), Utc::now()).await,
+            b.reserve(&k, Micros(10), Utc::now()).await,
             Err(Refusal::BudgetUnavailable)
         ));
     }
@@ -499,21 +888,95 @@ mod tests {
         b.resolve(r, Micros(25));
         let tomorrow = today + chrono::Duration::days(1);
         // The first reservation of a new day retires yesterday's lease; it
-        // goes back with its 25 spent, freeing 15 of the 40 it held.
+        // goes back with its 25 spent.
         let r = b.reserve(&k, Micros(10), tomorrow).await.unwrap();
         b.resolve(r, Micros(10));
+        let back = returned(&l, 1).await;
+        assert_eq!(back.values().copied().collect::<Vec<_>>(), vec![25]);
+        // The fake ledger has one window: of its 100, 25 went yesterday and
+        // 10 today, so 65 are left whichever lease holds them.
+        assert!(b.reserve(&k, Micros(66), tomorrow).await.is_err());
+        let r = b.reserve(&k, Micros(65), tomorrow).await.unwrap();
+        b.resolve(r, Micros(65));
+        assert!(b.reserve(&k, Micros(1), tomorrow).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_idle_lease_goes_back_and_a_busy_one_stays() {
+        let l = ledger(1_000);
+        let b = Budget::new(l.clone(), "n1");
+        let k = key(1_000);
+        let r = b.reserve(&k, Micros(10), Utc::now()).await.unwrap();
+        // A reservation in flight keeps the lease however long it takes.
+        b.sweep(Instant::now() + IDLE_RETURN * 2).await;
+        assert!(l.state.lock().unwrap().returned.is_empty());
+        b.resolve(r, Micros(7));
+        // Drawn on just now: not idle.
+        b.sweep(Instant::now()).await;
+        assert!(l.state.lock().unwrap().returned.is_empty());
+        b.sweep(Instant::now() + IDLE_RETURN).await;
+        let back = returned(&l, 1).await;
+        assert_eq!(back.values().copied().collect::<Vec<_>>(), vec![7]);
+        assert!(b.keys.lock().unwrap().is_empty(), "idle key forgotten");
+        // The key is served again from a fresh lease.
+        let r = b.reserve(&k, Micros(10), Utc::now()).await.unwrap();
+        assert_ne!(back.keys().next(), Some(&r.lease_id));
+        b.resolve(r, Micros(10));
+    }
+
+    #[tokio::test]
+    async fn a_busy_lease_is_topped_up_off_the_request_path() {
+        let l = ledger(1_000_000);
+        let b = Budget::new(l.clone(), "n1");
+        let k = key(1_000_000);
+        // The first call asks on the request path, for four calls' worth.
+        let r = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
+        b.resolve(r, Micros(100));
+        assert_eq!(l.state.lock().unwrap().asks, vec![(400, 100)]);
+        // The next calls fit the lease; one of them finds it running low
+        // and starts a top-up that no call waits on (minimum 1).
+        for _ in 0..3 {
+            let r = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
+            b.resolve(r, Micros(100));
+        }
         for _ in 0..10_000 {
-            if !l.state.lock().unwrap().1.is_empty() {
+            if l.state.lock().unwrap().asks.len() >= 2 {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        let returned = l.state.lock().unwrap().1.clone();
-        assert_eq!(returned.values().copied().collect::<Vec<_>>(), vec![25]);
-        // The fake ledger has one window: 25 + 12 leased leaves 63.
-        let r = b.reserve(&k, Micros(63), tomorrow).await.unwrap();
-        b.resolve(r, Micros(63));
-        assert!(b.reserve(&k, Micros(3), tomorrow).await.is_err());
+        let asks = l.state.lock().unwrap().asks.clone();
+        assert_eq!(asks.len(), 2, "{asks:?}");
+        assert_eq!(asks[1].1, 1, "a top-up needs no minimum: {asks:?}");
+        assert!(asks[1].0 >= 400, "sized from recent spend: {asks:?}");
+        // The grown lease serves the next call without another ask.
+        let r = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
+        b.resolve(r, Micros(100));
+        assert_eq!(l.state.lock().unwrap().asks.len(), 2);
+    }
+
+    #[test]
+    fn slices_follow_the_spend_rate_and_shrink_to_one_call_near_the_cap() {
+        let mut st = KeyLeases {
+            unleased: 1_000_000_000,
+            ..KeyLeases::default()
+        };
+        let t0 = Instant::now();
+        // Nothing known yet: four calls' worth.
+        assert_eq!(st.ask_size(1_000_000_000, 500, 500, t0), 2_000);
+        // 1000 micro-dollars a second for a minute: about ten seconds' worth.
+        let mut t = t0;
+        for _ in 0..600 {
+            t += Duration::from_millis(100);
+            st.rate.add(100, t);
+        }
+        let size = st.ask_size(1_000_000_000, 500, 500, t);
+        assert!((9_000..=11_000).contains(&size), "{size}");
+        // Never more than a quarter of the daily cap.
+        assert_eq!(st.ask_size(20_000, 500, 500, t), 5_000);
+        // Less left outside leases than a slice: exactly what the call needs.
+        st.unleased = 3_000;
+        assert_eq!(st.ask_size(1_000_000_000, 500, 500, t), 500);
     }
 
     #[tokio::test]

@@ -124,6 +124,14 @@ pub async fn watch_policy(
 pub trait LeaseSource: Send + Sync + 'static {
     async fn grant(&self, req: pb::GrantLeaseRequest) -> Result<pb::GrantLeaseResponse, Status>;
     async fn give_back(&self, lease_id: &str, spent_micros: i64) -> Result<(), Status>;
+    /// Gives back what an open lease holds beyond `keep_micros`, if its
+    /// total grant is still `granted_micros`; the lease stays open.
+    async fn shrink(
+        &self,
+        lease_id: &str,
+        granted_micros: i64,
+        keep_micros: i64,
+    ) -> Result<(), Status>;
 }
 
 #[async_trait]
@@ -141,8 +149,28 @@ impl LeaseSource for Fleet {
             lease_id: lease_id.to_string(),
             spent_micros,
             node_id: self.node_id.clone(),
+            ..Default::default()
         })
         .await?;
+        Ok(())
+    }
+
+    async fn shrink(
+        &self,
+        lease_id: &str,
+        granted_micros: i64,
+        keep_micros: i64,
+    ) -> Result<(), Status> {
+        let mut c = self.client();
+        let mut r = Request::new(pb::ReturnLeaseRequest {
+            lease_id: lease_id.to_string(),
+            spent_micros: keep_micros,
+            node_id: self.node_id.clone(),
+            keep_open: true,
+            granted_micros,
+        });
+        r.set_timeout(Duration::from_secs(3));
+        c.return_lease(r).await?;
         Ok(())
     }
 }

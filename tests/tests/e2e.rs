@@ -1165,7 +1165,6 @@ async fn daily_cap_is_never_exceeded_across_two_proxies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "keycap bug: leases strand budget across proxies (want = max(need, cap/8), no shrink near the cap)"]
 async fn no_budget_is_stranded_across_two_proxies() {
     // DESIGN.md: lease slices "shrink to exactly-one-call grants as the key
     // nears its cap, so no node strands budget another node needs".

@@ -171,6 +171,18 @@ pub trait Store: Send + Sync + 'static {
         node: Option<&str>,
         spent: keycap_proto::Micros,
     ) -> StoreResult<()>;
+    /// Shrinks an open lease's grant from `from` to `to` (never below what
+    /// was reported spent from it), giving the rest back to the key while
+    /// the lease stays open. Applied only while the grant is still `from`,
+    /// so a late retry never undoes a grant made after it; returns whether
+    /// it shrank. `NotFound` if unknown (or, with `node`, another node's).
+    async fn shrink_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        from: keycap_proto::Micros,
+        to: keycap_proto::Micros,
+    ) -> StoreResult<bool>;
     /// Applies spend events in one transaction, each at most once (by
     /// `event_id`): one audit entry, the key's daily and lifetime spend, and
     /// the lease's reported spend. Returns (applied, duplicates).

@@ -735,6 +735,39 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn shrink_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        from: Micros,
+        to: Micros,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE leases SET granted = GREATEST($1, reported) \
+             WHERE id = $2 AND ($3::TEXT IS NULL OR node_id = $3) AND NOT closed AND granted = $4",
+        )
+        .bind(to.0)
+        .bind(lease_id)
+        .bind(node)
+        .bind(from.0)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() > 0 {
+            return Ok(true);
+        }
+        let known: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM leases WHERE id = $1 AND ($2::TEXT IS NULL OR node_id = $2)",
+        )
+        .bind(lease_id)
+        .bind(node)
+        .fetch_optional(&self.pool)
+        .await?;
+        match known {
+            Some(_) => Ok(false),
+            None => Err(StoreError::NotFound(format!("lease {lease_id}"))),
+        }
+    }
+
     async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {
         if events.is_empty() {
             return Ok((0, 0));

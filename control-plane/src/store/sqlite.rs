@@ -758,6 +758,42 @@ impl Store for SqliteStore {
         w.commit().await
     }
 
+    async fn shrink_lease(
+        &self,
+        lease_id: &str,
+        node: Option<&str>,
+        from: Micros,
+        to: Micros,
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE leases SET granted = MAX(?, reported) \
+             WHERE id = ? AND (? IS NULL OR node_id = ?) AND NOT closed AND granted = ?",
+        )
+        .bind(to.0)
+        .bind(lease_id)
+        .bind(node)
+        .bind(node)
+        .bind(from.0)
+        .execute(w.conn())
+        .await?;
+        let shrank = done.rows_affected() > 0;
+        if !shrank {
+            let known: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM leases WHERE id = ? AND (? IS NULL OR node_id = ?)")
+                    .bind(lease_id)
+                    .bind(node)
+                    .bind(node)
+                    .fetch_optional(w.conn())
+                    .await?;
+            if known.is_none() {
+                return Err(StoreError::NotFound(format!("lease {lease_id}")));
+            }
+        }
+        w.commit().await?;
+        Ok(shrank)
+    }
+
     async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {
         if events.is_empty() {
             return Ok((0, 0));

@@ -386,6 +386,7 @@ async fn leases_and_spend_reports_are_checked_against_the_client_certificate() {
         lease_id: "lease-1".into(),
         spent_micros: 0,
         node_id: node.into(),
+        ..Default::default()
     };
 
     // No client certificate: refused before anything is looked at.
