@@ -924,7 +924,10 @@ impl Control {
                 "must be between 0 and granted_micros",
             )));
         }
-        Ok(self.store.shrink_lease(lease_id, node, granted, keep).await?)
+        Ok(self
+            .store
+            .shrink_lease(lease_id, node, granted, keep)
+            .await?)
     }
 
     pub async fn report_spend(&self, events: &[SpendEvent]) -> Result<(u32, u32), ApiError> {

@@ -1185,10 +1185,7 @@ mod cases {
         assert_eq!(available(&*s, "k1", DAY).await, 750);
         // A late retry of the same shrink, or one naming a stale grant,
         // changes nothing, even after the lease grew again.
-        assert_eq!(
-            granted(&*s, grant("g2", "l1", "k1", DAY, 50, 0)).await,
-            50
-        );
+        assert_eq!(granted(&*s, grant("g2", "l1", "k1", DAY, 50, 0)).await, 50);
         assert!(!s
             .shrink_lease("l1", None, Micros(600), Micros(250))
             .await

@@ -483,9 +483,7 @@ impl Budget {
                 let idle_for = st
                     .last_used
                     .map_or(IDLE_RETURN, |t| clock.saturating_duration_since(t));
-                if idle_for >= IDLE_RETURN
-                    && st.current.as_ref().is_some_and(|l| l.reserved == 0)
-                {
+                if idle_for >= IDLE_RETURN && st.current.as_ref().is_some_and(|l| l.reserved == 0) {
                     self.retire_current(&mut st);
                 }
                 let shrink = match st.current.as_mut() {

@@ -22,6 +22,13 @@ pub struct ProxyConfig {
     /// agents call; unset: no metrics listener.
     #[arg(long, env = "KEYCAP_PROXY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Directory for the spend spool: every forwarded call's spend is on
+    /// disk here until the control plane has applied it, and a restarted
+    /// proxy delivers what its previous run left. One proxy per directory.
+    /// Unset: spend waits in memory and a proxy that dies loses what it had
+    /// not yet delivered.
+    #[arg(long, env = "KEYCAP_SPOOL_DIR")]
+    pub spool_dir: Option<std::path::PathBuf>,
     /// The control plane's gRPC/REST address.
     #[arg(
         long,

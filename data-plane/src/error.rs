@@ -60,6 +60,8 @@ pub enum Refusal {
     BudgetUnavailable,
     #[error("this proxy has not received its policy yet; nothing was forwarded")]
     PolicyUnavailable,
+    #[error("this proxy cannot record spend on its disk right now; nothing was forwarded")]
+    SpendNotRecorded,
     #[error("the vendor's response was too large to price")]
     ResponseTooLarge,
     #[error("the vendor could not be reached")]
@@ -94,6 +96,7 @@ impl Refusal {
             Refusal::LifetimeCapExceeded { .. } => "lifetime_cap_exceeded",
             Refusal::BudgetUnavailable => "budget_unavailable",
             Refusal::PolicyUnavailable => "policy_unavailable",
+            Refusal::SpendNotRecorded => "spend_not_recorded",
             Refusal::ResponseTooLarge => "upstream_response_too_large",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
             Refusal::UpstreamTimeout => "upstream_timeout",
@@ -122,7 +125,7 @@ impl Refusal {
             Refusal::DailyCapExceeded { .. } | Refusal::RateLimited(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Refusal::BudgetUnavailable | Refusal::PolicyUnavailable => {
+            Refusal::BudgetUnavailable | Refusal::PolicyUnavailable | Refusal::SpendNotRecorded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Refusal::ResponseTooLarge => StatusCode::BAD_GATEWAY,
@@ -164,7 +167,9 @@ impl Refusal {
                 body["retry_after_seconds"] = json!(status.reset_secs());
                 retry_after = Some(status.reset_secs() as i64);
             }
-            Refusal::BudgetUnavailable | Refusal::PolicyUnavailable => retry_after = Some(1),
+            Refusal::BudgetUnavailable | Refusal::PolicyUnavailable | Refusal::SpendNotRecorded => {
+                retry_after = Some(1)
+            }
             _ => {}
         }
         let mut resp = Response::new(crate::body::full(Full::new(Bytes::from(

@@ -18,6 +18,7 @@ pub mod check;
 pub mod client_addr;
 pub mod config;
 pub mod edge;
+pub mod spool;
 pub use keycap_proto::endpoint;
 pub mod error;
 pub mod fleet;
@@ -83,7 +84,24 @@ pub async fn run(
         tls.control.clone(),
     )?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
-    let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()));
+    let spool = match &config.spool_dir {
+        Some(dir) => {
+            let (spool, recovered) = spool::Spool::open(dir)?;
+            let spool = Arc::new(spool);
+            tokio::spawn(spend::replay(
+                recovered,
+                Arc::new(fleet.clone()),
+                Arc::new(fleet.clone()),
+                spool.clone(),
+            ));
+            Some(spool)
+        }
+        None => {
+            tracing::warn!("no --spool-dir: spend not yet delivered is lost if this proxy dies");
+            None
+        }
+    };
+    let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()), spool);
     let gone_budget = budget.clone();
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();

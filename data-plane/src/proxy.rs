@@ -347,7 +347,7 @@ impl Proxy {
                 return Err(Refusal::InvalidTarget("target is not a valid URL".into()));
             }
         };
-        let call = Call {
+        let mut call = Call {
             proxy: self.clone(),
             key,
             vendor,
@@ -355,11 +355,21 @@ impl Proxy {
             path: target.path,
             quote,
             reservation: Some(reservation),
+            event_id: self.spend.next_event_id(),
             idempotency,
             rule,
             quoted,
             at: now,
         };
+        // On disk before it leaves: a proxy killed while the vendor answers
+        // still reports the call, at its reservation, when it restarts.
+        let at_reservation = call.at_reservation();
+        if let Err(e) = self.spend.reserve(&call.event(0, &at_reservation)) {
+            tracing::error!(error = %e, "spend spool not writable; call refused");
+            let r = call.reservation.take().expect("reservation present");
+            self.budget.resolve(r, Micros::ZERO);
+            return Err(Refusal::SpendNotRecorded);
+        }
         let mut resp = call.forward(up).await?;
         if let Some(rate) = rate {
             rate.insert_headers(resp.headers_mut());
@@ -543,6 +553,8 @@ struct Call {
     path: String,
     quote: Quote,
     reservation: Option<Reservation>,
+    /// The id its spend event carries, from its reservation record on.
+    event_id: String,
     /// Set when the request carried an idempotency key seen for the first
     /// time: told how the call ended.
     idempotency: Option<Guard>,
@@ -684,13 +696,38 @@ impl Call {
             // whose fate is unknown is priced again if retried.
             guard.done(s.outcome == Outcome::Settled && s.cost > Micros::ZERO);
         }
+        self.proxy.metrics.settled(&self.vendor.name, s.cost.0);
+        let event = self.event_for(status, s, lease_id, day, reserved);
+        self.proxy.spend.send(event);
+    }
+
+    /// The spend event of this call had it settled as `s`, before its
+    /// reservation is resolved.
+    fn event(&self, status: u16, s: &Settlement) -> pb::SpendEvent {
+        let r = self.reservation.as_ref().expect("reservation present");
+        self.event_for(
+            status,
+            s.clone(),
+            r.lease_id.clone(),
+            r.day.clone(),
+            r.amount,
+        )
+    }
+
+    fn event_for(
+        &self,
+        status: u16,
+        s: Settlement,
+        lease_id: String,
+        day: String,
+        reserved: Micros,
+    ) -> pb::SpendEvent {
         let mut detail = self.quote.detail.clone();
         if let (Value::Object(d), Value::Object(extra)) = (&mut detail, s.detail) {
             d.extend(extra);
         }
-        self.proxy.metrics.settled(&self.vendor.name, s.cost.0);
-        self.proxy.spend.send(pb::SpendEvent {
-            event_id: self.proxy.spend.next_event_id(),
+        pb::SpendEvent {
+            event_id: self.event_id.clone(),
             lease_id,
             key_id: self.key.id.clone(),
             vendor: self.vendor.name.clone(),
@@ -707,7 +744,7 @@ impl Call {
                 detail.to_string()
             },
             day,
-        });
+        }
     }
 }
 

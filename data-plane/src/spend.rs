@@ -4,9 +4,14 @@
 //! moves on; a background task sends batches and, while the control plane is
 //! away, keeps retrying the same batch with capped backoff. Events carry ids
 //! and the control plane applies each once, so a batch resent after a lost
-//! answer is not counted twice. Order within the queue is kept. The queue
-//! lives in memory: events not yet delivered are lost if the proxy process
-//! dies (a disk spool belongs to the fleet work).
+//! answer is not counted twice. Order within the queue is kept.
+//!
+//! With a spool (`--spool-dir`), every event is also on disk until the
+//! control plane has applied it: a reservation record before the call is
+//! forwarded, the event when it settles, one fsync per batch before the
+//! batch is sent, and the records dropped once the batch is applied. A
+//! restarted proxy delivers what its previous run left (`replay`). Without
+//! one, events not yet delivered are lost if the proxy process dies.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +20,8 @@ use std::time::Duration;
 use keycap_proto::pb;
 use tokio::sync::mpsc;
 
-use crate::fleet::SpendSink;
+use crate::fleet::{LeaseSource, SpendSink};
+use crate::spool::{Recovered, Spool};
 
 const MAX_BATCH: usize = 1000;
 /// How long a batch waits for more events once its first has arrived. Each
@@ -27,6 +33,7 @@ const LINGER: Duration = Duration::from_millis(20);
 #[derive(Clone)]
 pub struct SpendReporter {
     tx: mpsc::UnboundedSender<pb::SpendEvent>,
+    spool: Option<Arc<Spool>>,
     run_prefix: Arc<str>,
     seq: Arc<AtomicU64>,
 }
@@ -35,11 +42,15 @@ impl SpendReporter {
     /// Starts the delivery task. It ends once every reporter clone is
     /// dropped and the events queued by then are delivered; await the
     /// handle to flush on shutdown.
-    pub fn start(sink: Arc<dyn SpendSink>) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        sink: Arc<dyn SpendSink>,
+        spool: Option<Arc<Spool>>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(deliver(sink, rx));
+        let task = tokio::spawn(deliver(sink, rx, spool.clone()));
         let reporter = SpendReporter {
             tx,
+            spool,
             run_prefix: uuid::Uuid::new_v4().simple().to_string().into(),
             seq: Arc::new(AtomicU64::new(0)),
         };
@@ -54,14 +65,34 @@ impl SpendReporter {
         format!("ev_{}{n:016x}", self.run_prefix)
     }
 
+    /// Records, before a call is forwarded, what it reports if it never
+    /// settles. An error means the call must not be forwarded.
+    pub fn reserve(&self, at_reservation: &pb::SpendEvent) -> std::io::Result<()> {
+        match &self.spool {
+            Some(spool) => spool.reserve(at_reservation),
+            None => Ok(()),
+        }
+    }
+
     pub fn send(&self, event: pb::SpendEvent) {
+        if let Some(spool) = &self.spool {
+            if let Err(e) = spool.event(&event) {
+                // The reservation record stays: a restart reports the call
+                // at its reservation, never at less.
+                tracing::error!(event = %event.event_id, error = %e, "spend event not spooled");
+            }
+        }
         if self.tx.send(event).is_err() {
             tracing::error!("spend delivery task is gone; event lost");
         }
     }
 }
 
-async fn deliver(sink: Arc<dyn SpendSink>, mut rx: mpsc::UnboundedReceiver<pb::SpendEvent>) {
+async fn deliver(
+    sink: Arc<dyn SpendSink>,
+    mut rx: mpsc::UnboundedReceiver<pb::SpendEvent>,
+    spool: Option<Arc<Spool>>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -80,30 +111,90 @@ async fn deliver(sink: Arc<dyn SpendSink>, mut rx: mpsc::UnboundedReceiver<pb::S
                 Err(_) => break,
             }
         }
-        // Batches still to send, in order. A batch the control plane refuses
-        // as invalid is split in halves until the offending events stand
-        // alone, so one bad event costs only itself, never its neighbours.
-        let mut pending = vec![std::mem::take(&mut batch)];
-        while let Some(events) = pending.pop() {
-            if let Err(refused) = send_until_answered(sink.as_ref(), &events).await {
-                if events.len() > 1 {
-                    let mut first = events;
-                    let second = first.split_off(first.len() / 2);
-                    pending.push(second);
-                    pending.push(first);
-                } else {
-                    // The control plane will never take this event; keeping
-                    // it would block every later one.
-                    tracing::error!(
-                        event = %events[0].event_id,
-                        key = %events[0].key_id,
-                        message = refused.message(),
-                        "spend event refused as invalid; dropped"
-                    );
-                }
+        if let Some(spool) = spool.clone() {
+            // One fsync for the whole batch, before the control plane can
+            // count it.
+            match tokio::task::spawn_blocking(move || spool.sync()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "spend spool not synced"),
+                Err(e) => tracing::error!(error = %e, "spend spool sync did not finish"),
             }
         }
+        send_all(sink.as_ref(), std::mem::take(&mut batch), spool.as_deref()).await;
     }
+}
+
+/// Sends events in order until each is applied or refused as invalid. A
+/// batch the control plane refuses as invalid is split in halves until the
+/// offending events stand alone, so one bad event costs only itself, never
+/// its neighbours.
+async fn send_all(sink: &dyn SpendSink, events: Vec<pb::SpendEvent>, spool: Option<&Spool>) {
+    let mut pending = vec![events];
+    while let Some(events) = pending.pop() {
+        let result = send_until_answered(sink, &events).await;
+        match result {
+            Err(_) if events.len() > 1 => {
+                let mut first = events;
+                let second = first.split_off(first.len() / 2);
+                pending.push(second);
+                pending.push(first);
+                continue;
+            }
+            Err(refused) => {
+                // The control plane will never take this event; keeping it
+                // would block every later one.
+                tracing::error!(
+                    event = %events[0].event_id,
+                    key = %events[0].key_id,
+                    message = refused.message(),
+                    "spend event refused as invalid; dropped"
+                );
+            }
+            Ok(()) => {}
+        }
+        // Applied, or never applicable: either way the disk need not keep
+        // them.
+        if let Some(spool) = spool {
+            spool.delivered(events.iter().map(|e| e.event_id.as_str()));
+        }
+    }
+}
+
+/// Delivers what a previous run left in the spool, then hands back the
+/// leases it drew on with what the spool says was spent from them (every
+/// call that may have reached a vendor is in it, at its real cost or its
+/// reservation), and deletes the old segments.
+pub async fn replay(
+    recovered: Recovered,
+    sink: Arc<dyn SpendSink>,
+    leases: Arc<dyn LeaseSource>,
+    spool: Arc<Spool>,
+) {
+    if recovered.events.is_empty() {
+        spool.forget_recovered(&recovered);
+        return;
+    }
+    tracing::info!(
+        events = recovered.events.len(),
+        "delivering spend a previous run left in the spool"
+    );
+    for chunk in recovered.events.chunks(MAX_BATCH) {
+        send_all(sink.as_ref(), chunk.to_vec(), None).await;
+    }
+    for lease in recovered.leases() {
+        let spent: i64 = recovered
+            .events
+            .iter()
+            .filter(|e| e.lease_id == lease)
+            .map(|e| e.cost_micros)
+            .sum();
+        // Best effort: a lease not returned expires, and until then counts
+        // in full.
+        if let Err(s) = leases.give_back(&lease, spent).await {
+            tracing::warn!(code = ?s.code(), lease = %lease, "recovered lease not returned; it will expire");
+        }
+    }
+    spool.forget_recovered(&recovered);
 }
 
 /// Sends one batch, retrying with capped backoff while the control plane is
@@ -180,7 +271,7 @@ mod tests {
         for id in ids {
             tx.send(event(id)).unwrap();
         }
-        let task = tokio::spawn(deliver(sink.clone(), rx));
+        let task = tokio::spawn(deliver(sink.clone(), rx, None));
         tokio::time::timeout(Duration::from_secs(30), sink.done.notified())
             .await
             .expect("every valid event delivered");

@@ -779,13 +779,14 @@ impl Store for SqliteStore {
         .await?;
         let shrank = done.rows_affected() > 0;
         if !shrank {
-            let known: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM leases WHERE id = ? AND (? IS NULL OR node_id = ?)")
-                    .bind(lease_id)
-                    .bind(node)
-                    .bind(node)
-                    .fetch_optional(w.conn())
-                    .await?;
+            let known: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM leases WHERE id = ? AND (? IS NULL OR node_id = ?)",
+            )
+            .bind(lease_id)
+            .bind(node)
+            .bind(node)
+            .fetch_optional(w.conn())
+            .await?;
             if known.is_none() {
                 return Err(StoreError::NotFound(format!("lease {lease_id}")));
             }

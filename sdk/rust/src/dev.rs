@@ -154,6 +154,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         upstream_ca: None,
         header_read_timeout_secs: 10,
         max_connections: 4096,
+        spool_dir: Some(dir.join("proxy-spool")),
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(
         proxy_config,

@@ -579,3 +579,102 @@ async fn keycap_dev_makes_up_an_admin_token_when_none_is_given() {
             .expect_error(401, "unauthenticated");
     }
 }
+
+/// Segment files in a proxy's spool directory.
+fn spool_segments(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .expect("spool directory")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("spend-"))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_off_by_sigkill_is_reported_once_when_the_proxy_restarts() {
+    let spool = tempfile::tempdir().unwrap();
+    let opts = ProxyOpts::new("spooled").flag("spool-dir", spool.path().display());
+    let (mut stack, mock) = stack_with_stripe_and_proxy(opts.clone()).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "spool/1",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+
+    // The vendor has the second call and has not answered when the proxy
+    // is killed: the proxy never learns what it cost.
+    let hold = mock.hold("/v1/payment_intents", HoldAt::Response);
+    let cut_off = tokio::spawn(async move {
+        agent
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=250&currency=usd&confirm=true",
+            )
+            .await
+    });
+    assert!(
+        wait_until(within(Duration::from_secs(20)), || async {
+            mock.calls().len() == 2
+        })
+        .await,
+        "the second call reached the vendor"
+    );
+    stack.proxy.process_mut().kill().await;
+    cut_off.abort();
+    drop(hold);
+
+    // Restarted on the same spool, the proxy reports the cut-off call at
+    // its reservation, once, beside the first call's entry.
+    let restarted =
+        Proxy::start_with(&stack.control.url(), &stack.control.opts.fleet_token, &opts).await;
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 2).await;
+    let mut got: Vec<(i64, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["cost_micros"].as_i64().unwrap(),
+                e["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (1_000_000, "settled".to_string()),
+            (2_500_000, "settled_at_reservation".to_string()),
+        ]
+    );
+    stack.wait_key_spend(&key.id, 3_500_000, 2).await;
+    // What the old run left is gone once delivered: only the new run's
+    // segment stays.
+    assert!(
+        wait_until(within(Duration::from_secs(20)), || async {
+            spool_segments(spool.path()) == 1
+        })
+        .await,
+        "the old run's segments were not removed"
+    );
+    // The key serves on through the restarted proxy, from what is left.
+    restarted
+        .api(Some(&key.secret))
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 4_500_000, 3).await;
+}

@@ -1,0 +1,439 @@
+//! The spend spool: every call's spend event on local disk until the
+//! control plane has applied it.
+//!
+//! Before a call is forwarded, its *reservation record* is appended: the
+//! spend event the call would report if it never settled (cost = the
+//! reservation, outcome `settled_at_reservation`), under the event id the
+//! call will use. When the call settles, its real spend event is appended
+//! under the same id. Appends go straight to the file (`write(2)`, no
+//! buffering in the process), so a proxy killed with SIGKILL loses nothing
+//! that was forwarded; `sync` makes them durable against a machine crash
+//! too, and the delivery task calls it once per batch (fsync in groups).
+//!
+//! On start, `recover` reads what a previous run left: each event id's last
+//! record — the real event, or for a call cut off mid-flight the
+//! reservation record — is delivered again. The control plane applies each
+//! event id once, so a record delivered before the crash is not counted
+//! twice. Segments roll over at `SEGMENT_BYTES` and are deleted once every
+//! event with a record in them has been delivered.
+//!
+//! Record format: one tag byte (`R` reservation, `E` event, `D` delivered:
+//! only the id) then the length-delimited protobuf `SpendEvent`. A torn last record (a write cut
+//! off by the crash) ends the segment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use keycap_proto::pb;
+use prost::Message;
+
+/// A segment rolls over once it is this large.
+const SEGMENT_BYTES: u64 = 4 << 20;
+const RESERVATION: u8 = b'R';
+const EVENT: u8 = b'E';
+/// The control plane applied the event with this id (only `event_id` set).
+const DELIVERED: u8 = b'D';
+
+/// What a previous run left undelivered.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Each undelivered event once, in the order first written.
+    pub events: Vec<pb::SpendEvent>,
+    /// Segments they came from; `Spool::forget_recovered` deletes them once
+    /// the events are delivered.
+    segments: Vec<PathBuf>,
+}
+
+impl Recovered {
+    /// Leases the recovered events drew on, to hand back once they are
+    /// delivered.
+    pub fn leases(&self) -> Vec<String> {
+        let mut leases: Vec<String> = self
+            .events
+            .iter()
+            .filter(|e| !e.lease_id.is_empty())
+            .map(|e| e.lease_id.clone())
+            .collect();
+        leases.sort();
+        leases.dedup();
+        leases
+    }
+}
+
+struct Segment {
+    file: File,
+    seq: u64,
+    len: u64,
+}
+
+struct State {
+    current: Segment,
+    /// Segment sequence -> records in it whose event is not yet delivered.
+    live: BTreeMap<u64, usize>,
+    /// Event id -> the segments holding its reservation and event records.
+    pending: HashMap<String, (Option<u64>, Option<u64>)>,
+    /// Rolled-over segments not yet synced.
+    unsynced: Vec<File>,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    state: Mutex<State>,
+    /// Held for the spool's life: two proxies never share a directory.
+    _lock: File,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("spend-{seq:020}.log"))
+}
+
+fn segment_seq(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_prefix("spend-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir`, takes its lock and reads what a
+    /// previous run left there. New records go to a fresh segment.
+    pub fn open(dir: &Path) -> anyhow::Result<(Spool, Recovered)> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating spool directory {}", dir.display()))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("spool.lock"))
+            .with_context(|| format!("opening {}", dir.join("spool.lock").display()))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "spool directory {} is in use by another keycap-proxy",
+                dir.display()
+            )
+        })?;
+        let mut segments: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| segment_seq(&p).map(|seq| (seq, p)))
+            .collect();
+        segments.sort();
+        let recovered = recover(&segments)?;
+        let next = segments.last().map_or(1, |(seq, _)| seq + 1);
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(State {
+                current: create_segment(dir, next)?,
+                live: BTreeMap::new(),
+                pending: HashMap::new(),
+                unsynced: Vec::new(),
+            }),
+            _lock: lock,
+        };
+        Ok((spool, recovered))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends a call's reservation record: what it reports if it never
+    /// settles. Must return before the call is forwarded.
+    pub fn reserve(&self, at_reservation: &pb::SpendEvent) -> std::io::Result<()> {
+        self.append(RESERVATION, at_reservation)
+    }
+
+    /// Appends a call's spend event.
+    pub fn event(&self, event: &pb::SpendEvent) -> std::io::Result<()> {
+        self.append(EVENT, event)
+    }
+
+    fn append(&self, tag: u8, event: &pb::SpendEvent) -> std::io::Result<()> {
+        let mut record = Vec::with_capacity(1 + event.encoded_len() + 10);
+        record.push(tag);
+        event
+            .encode_length_delimited(&mut record)
+            .expect("a Vec grows");
+        let mut st = self.state();
+        if st.current.len >= SEGMENT_BYTES {
+            let next = create_segment(&self.dir, st.current.seq + 1)?;
+            let old = std::mem::replace(&mut st.current, next);
+            if st.live.get(&old.seq).is_none_or(|n| *n == 0) {
+                st.live.remove(&old.seq);
+                remove_segment(&self.dir, old.seq);
+            } else {
+                st.unsynced.push(old.file);
+            }
+        }
+        st.current.file.write_all(&record)?;
+        st.current.len += record.len() as u64;
+        let seq = st.current.seq;
+        *st.live.entry(seq).or_default() += 1;
+        let slots = st.pending.entry(event.event_id.clone()).or_default();
+        let slot = if tag == RESERVATION {
+            &mut slots.0
+        } else {
+            &mut slots.1
+        };
+        if let Some(earlier) = slot.replace(seq) {
+            // Written twice under one id (cannot happen on the request
+            // path): the earlier record is superseded.
+            drop_record(&mut st, &self.dir, earlier);
+        }
+        Ok(())
+    }
+
+    /// Makes every record appended so far durable (one fsync per file).
+    pub fn sync(&self) -> std::io::Result<()> {
+        let (current, unsynced) = {
+            let mut st = self.state();
+            (
+                st.current.file.try_clone()?,
+                std::mem::take(&mut st.unsynced),
+            )
+        };
+        for f in unsynced {
+            f.sync_data()?;
+        }
+        current.sync_data()
+    }
+
+    /// The control plane applied these events: their records are no longer
+    /// needed, and segments left with none are deleted.
+    pub fn delivered<'a>(&self, event_ids: impl IntoIterator<Item = &'a str>) {
+        let mut st = self.state();
+        let mut marks = Vec::new();
+        for id in event_ids {
+            if let Some((reservation, event)) = st.pending.remove(id) {
+                for seq in [reservation, event].into_iter().flatten() {
+                    drop_record(&mut st, &self.dir, seq);
+                }
+                marks.push(DELIVERED);
+                pb::SpendEvent {
+                    event_id: id.to_string(),
+                    ..Default::default()
+                }
+                .encode_length_delimited(&mut marks)
+                .expect("a Vec grows");
+            }
+        }
+        // Spares a restart from sending these again; losing the marks
+        // costs only duplicates the control plane ignores.
+        if !marks.is_empty() && st.current.file.write_all(&marks).is_ok() {
+            st.current.len += marks.len() as u64;
+        }
+    }
+
+    /// Deletes the segments a previous run left, once their events are
+    /// delivered.
+    pub fn forget_recovered(&self, recovered: &Recovered) {
+        for path in &recovered.segments {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "recovered spool segment not removed");
+            }
+        }
+    }
+}
+
+fn drop_record(st: &mut State, dir: &Path, seq: u64) {
+    let Some(n) = st.live.get_mut(&seq) else {
+        return;
+    };
+    *n = n.saturating_sub(1);
+    if *n == 0 && seq != st.current.seq {
+        st.live.remove(&seq);
+        remove_segment(dir, seq);
+    }
+}
+
+fn remove_segment(dir: &Path, seq: u64) {
+    let path = segment_path(dir, seq);
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(path = %path.display(), error = %e, "spool segment not removed");
+    }
+}
+
+fn create_segment(dir: &Path, seq: u64) -> std::io::Result<Segment> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment_path(dir, seq))?;
+    // The new name must survive a crash too.
+    File::open(dir)?.sync_all()?;
+    Ok(Segment { file, seq, len: 0 })
+}
+
+/// Reads the segments a previous run left, oldest first: each event id's
+/// last record wins (its real event over its reservation record).
+fn recover(segments: &[(u64, PathBuf)]) -> anyhow::Result<Recovered> {
+    let mut order: Vec<String> = Vec::new();
+    let mut last: HashMap<String, pb::SpendEvent> = HashMap::new();
+    for (_, path) in segments {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut rest = bytes.as_slice();
+        while let Some((&tag, after)) = rest.split_first() {
+            let mut cursor = after;
+            let event = match (tag, pb::SpendEvent::decode_length_delimited(&mut cursor)) {
+                (RESERVATION | EVENT | DELIVERED, Ok(event)) => event,
+                _ => {
+                    tracing::warn!(path = %path.display(), "spool segment ends in a torn record; the rest is skipped");
+                    break;
+                }
+            };
+            rest = cursor;
+            if event.event_id.is_empty() {
+                continue;
+            }
+            let id = event.event_id.clone();
+            if tag == DELIVERED {
+                last.remove(&id);
+                continue;
+            }
+            match last.get(&id) {
+                // A reservation record never overrides the real event.
+                Some(_) if tag == RESERVATION => {}
+                Some(_) => {
+                    last.insert(id, event);
+                }
+                None => {
+                    order.push(id.clone());
+                    last.insert(id, event);
+                }
+            }
+        }
+    }
+    let events = order
+        .into_iter()
+        .filter_map(|id| last.remove(&id))
+        .collect();
+    Ok(Recovered {
+        events,
+        segments: segments.iter().map(|(_, p)| p.clone()).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, lease: &str, cost: i64, outcome: &str) -> pb::SpendEvent {
+        pb::SpendEvent {
+            event_id: id.to_string(),
+            lease_id: lease.to_string(),
+            key_id: "key_1".to_string(),
+            cost_micros: cost,
+            reserved_micros: 100,
+            outcome: outcome.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn segments(dir: &Path) -> Vec<u64> {
+        let mut s: Vec<u64> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| segment_seq(&e.unwrap().path()))
+            .collect();
+        s.sort();
+        s
+    }
+
+    #[test]
+    fn a_killed_run_leaves_each_undelivered_call_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (spool, recovered) = Spool::open(dir.path()).unwrap();
+            assert!(recovered.events.is_empty());
+            // Settled and delivered: gone.
+            spool
+                .reserve(&event("e1", "l1", 100, "settled_at_reservation"))
+                .unwrap();
+            spool.event(&event("e1", "l1", 40, "settled")).unwrap();
+            // Settled, not delivered: its real event comes back.
+            spool
+                .reserve(&event("e2", "l1", 100, "settled_at_reservation"))
+                .unwrap();
+            spool.event(&event("e2", "l1", 70, "settled")).unwrap();
+            // Forwarded, never settled: comes back at its reservation.
+            spool
+                .reserve(&event("e3", "l2", 100, "settled_at_reservation"))
+                .unwrap();
+            spool.delivered(["e1"]);
+            spool.sync().unwrap();
+            // Dropped without any shutdown, as SIGKILL would.
+        }
+        let (spool, recovered) = Spool::open(dir.path()).unwrap();
+        let got: Vec<(&str, i64, &str)> = recovered
+            .events
+            .iter()
+            .map(|e| (e.event_id.as_str(), e.cost_micros, e.outcome.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("e2", 70, "settled"), ("e3", 100, "settled_at_reservation")]
+        );
+        assert_eq!(recovered.leases(), vec!["l1".to_string(), "l2".to_string()]);
+        // Once delivered, the old segments go; the new run has its own.
+        spool.forget_recovered(&recovered);
+        assert_eq!(segments(dir.path()).len(), 1);
+        drop(spool);
+        let (_spool, recovered) = Spool::open(dir.path()).unwrap();
+        assert!(recovered.events.is_empty());
+    }
+
+    #[test]
+    fn a_torn_last_record_is_skipped_and_what_precedes_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            spool
+                .reserve(&event("e1", "l1", 100, "settled_at_reservation"))
+                .unwrap();
+            spool.event(&event("e2", "l1", 5, "settled")).unwrap();
+        }
+        let seq = segments(dir.path())[0];
+        let path = segment_path(dir.path(), seq);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let (_spool, recovered) = Spool::open(dir.path()).unwrap();
+        let ids: Vec<&str> = recovered
+            .events
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["e1"]);
+    }
+
+    #[test]
+    fn delivered_segments_are_deleted_once_they_roll_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let mut big = event("", "l1", 1, "settled");
+        big.detail_json = "x".repeat(64 << 10);
+        let n = (SEGMENT_BYTES / (64 << 10)) as usize + 8;
+        for i in 0..n {
+            big.event_id = format!("e{i}");
+            spool.event(&big).unwrap();
+        }
+        assert!(segments(dir.path()).len() >= 2);
+        // The first event stays undelivered: its segment stays.
+        let ids: Vec<String> = (1..n).map(|i| format!("e{i}")).collect();
+        spool.delivered(ids.iter().map(String::as_str));
+        assert_eq!(segments(dir.path()).len(), 2);
+        spool.delivered(["e0"]);
+        assert_eq!(segments(dir.path()).len(), 1, "only the current segment");
+    }
+
+    #[test]
+    fn two_proxies_never_share_a_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_first, _) = Spool::open(dir.path()).unwrap();
+        let err = Spool::open(dir.path()).err().expect("second open refused");
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+}
