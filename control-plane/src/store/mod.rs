@@ -46,6 +46,14 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// How long after it expires a lease that was never returned still counts in
+/// full. Its proxy stopped drawing on it before it expired, but may have
+/// been killed with spend not yet delivered: restarted within this, it
+/// delivers that spend from its spool before the budget is granted again.
+pub fn unreturned_lease_grace() -> chrono::TimeDelta {
+    chrono::TimeDelta::hours(1)
+}
+
 /// A vendor write: the record plus, when the credential changes, its sealed
 /// form (opaque bytes from `crypto::Sealer`).
 #[derive(Clone, Debug)]
@@ -148,8 +156,10 @@ pub trait Store: Send + Sync + 'static {
 
     // --- budget -------------------------------------------------------------
     /// Grows (or creates) a lease in one transaction so that, for the key
-    /// and day, settled spend + the unspent part of every unexpired lease
-    /// never exceeds the daily cap, and likewise over the key's life for the
+    /// and day, settled spend + the unreported part of every counting lease
+    /// never exceeds the daily cap (a lease counts until it expires; one never
+    /// returned until `unreturned_lease_grace` after that; a returned one
+    /// until its spend has all been reported), and likewise over the key's life for the
     /// lifetime cap. Grants min(requested, available) when that is at least
     /// `minimum`, else 0. Idempotent by `grant_id`: a retried grant returns
     /// the first answer. `Conflict` for a revoked or expired key, `NotFound`

@@ -641,6 +641,8 @@ impl Store for PgStore {
             now,
         )?;
 
+        // An unreturned lease counts until its grace after expiry ends; a
+        // returned one counts its spend not yet reported until it arrives.
         let usage: UsageRow = sqlx::query_as(
             "SELECT \
                COALESCE((SELECT spent FROM key_spend_daily WHERE key_id = $1 AND day = $2), 0) \
@@ -648,13 +650,15 @@ impl Store for PgStore {
                COALESCE((SELECT SUM(spent) FROM key_spend_daily WHERE key_id = $1), 0)::BIGINT \
                  AS spent_life, \
                COALESCE((SELECT SUM(GREATEST(granted - reported, 0)) FROM leases \
-                 WHERE key_id = $1 AND day = $2 AND expires_at > $3), 0)::BIGINT AS leased_day, \
+                 WHERE key_id = $1 AND day = $2 \
+                   AND (expires_at > $3 OR (closed AND granted > reported))), 0)::BIGINT AS leased_day, \
                COALESCE((SELECT SUM(GREATEST(granted - reported, 0)) FROM leases \
-                 WHERE key_id = $1 AND expires_at > $3), 0)::BIGINT AS leased_life",
+                 WHERE key_id = $1 \
+                   AND (expires_at > $3 OR (closed AND granted > reported))), 0)::BIGINT AS leased_life",
         )
         .bind(&req.key_id)
         .bind(&req.day)
-        .bind(micros(now))
+        .bind(micros(now - super::unreturned_lease_grace()))
         .fetch_one(&mut *tx)
         .await?;
         let decision = decide_grant(&key, usage, req.requested, req.minimum);
