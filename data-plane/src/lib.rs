@@ -85,6 +85,10 @@ pub async fn run(
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
     let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()));
     let gone_budget = budget.clone();
+    tokio::spawn(fleet::acknowledge_policy(
+        fleet.clone(),
+        cache.subscribe_applied(),
+    ));
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();
         tokio::spawn(async move {
