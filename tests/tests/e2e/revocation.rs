@@ -82,6 +82,16 @@ impl Fleet {
     }
 }
 
+/// `DELETE /vault/keys/{id}` through `control`: the revoked key with its
+/// confirmation.
+async fn revoke_key(control: &Control, id: &str) -> Value {
+    control
+        .admin()
+        .delete(&format!("/vault/keys/{id}"))
+        .await
+        .expect(200)
+}
+
 async fn charge(proxy: &Proxy, secret: &str) -> Resp {
     Api::new(&proxy.url(), Some(secret))
         .post_form(
@@ -178,12 +188,7 @@ async fn a_revocation_returns_once_every_proxy_refuses_the_key() {
     // One key, revoked through replica A: B's proxies must confirm through
     // the database.
     let (id, secret) = fleet.key_in_use(&fleet.a.admin(), "ack/key").await;
-    let out = fleet
-        .a
-        .admin()
-        .delete(&format!("/vault/keys/{id}"))
-        .await
-        .expect(200);
+    let out = revoke_key(&fleet.a, &id).await;
     assert_eq!(out["status"], "revoked", "{out}");
     assert_all_confirmed(&out["confirmation"], &nodes);
     assert_refused_by_all(&fleet.proxies, &secret, "RevokeKey through A").await;
@@ -208,12 +213,7 @@ async fn a_revocation_returns_once_every_proxy_refuses_the_key() {
     }
 
     // Revoking again changes nothing and still answers for every proxy.
-    let again = fleet
-        .b
-        .admin()
-        .delete(&format!("/vault/keys/{id}"))
-        .await
-        .expect(200);
+    let again = revoke_key(&fleet.b, &id).await;
     assert_all_confirmed(&again["confirmation"], &nodes);
     assert_eq!(
         again["confirmation"]["version"], out["confirmation"]["version"],
@@ -248,12 +248,7 @@ async fn a_proxy_that_cannot_confirm_is_named_and_its_lease_fenced() {
     // The proxy hangs with its policy stream (on replica B) still open.
     stalled.process().pause();
     let asked = Instant::now();
-    let out = fleet
-        .a
-        .admin()
-        .delete(&format!("/vault/keys/{id}"))
-        .await
-        .expect(200);
+    let out = revoke_key(&fleet.a, &id).await;
     let waited = asked.elapsed();
     let c = &out["confirmation"];
     assert_eq!(out["status"], "revoked", "{out}");
@@ -333,12 +328,7 @@ async fn a_proxy_that_cannot_confirm_is_named_and_its_lease_fenced() {
         assert!(refused, "the resumed proxy still accepts a revoked key");
     }
     assert_leases_returned(db, &id, &nodes).await;
-    let again = fleet
-        .a
-        .admin()
-        .delete(&format!("/vault/keys/{id}"))
-        .await
-        .expect(200);
+    let again = revoke_key(&fleet.a, &id).await;
     assert_all_confirmed(&again["confirmation"], &nodes);
     let cli = keycap_cli(
         &fleet.a.url(),
