@@ -229,6 +229,31 @@ pub fn check_lifetime(d: std::time::Duration) -> Result<std::time::Duration, Inv
     Ok(d)
 }
 
+/// Longest a revocation may be asked to wait for proxies to confirm.
+pub const MAX_ACK_TIMEOUT_MS: u64 = 60_000;
+
+/// A revocation's wait for proxies, in milliseconds: `None` (the control
+/// plane's `--revoke-ack-timeout-ms`) for 0, at most a minute.
+pub fn parse_ack_timeout_ms(ms: u64) -> Result<Option<std::time::Duration>, InvalidInput> {
+    match ms {
+        0 => Ok(None),
+        ms if ms > MAX_ACK_TIMEOUT_MS => Err(invalid(
+            "ack_timeout_ms",
+            format!("must be at most {MAX_ACK_TIMEOUT_MS} (0: the control plane's default)"),
+        )),
+        ms => Ok(Some(std::time::Duration::from_millis(ms))),
+    }
+}
+
+/// A node id as proxies send it on the fleet API: 1-128 characters, no
+/// control characters.
+pub fn parse_node_id(s: &str) -> Result<&str, InvalidInput> {
+    if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control()) {
+        return Err(invalid("node_id", "must be 1-128 printable characters"));
+    }
+    Ok(s)
+}
+
 /// An agent run label: free text that ties spend to a run, 1-200 printable
 /// characters.
 pub fn parse_run_label(s: &str) -> Result<String, InvalidInput> {
@@ -466,6 +491,18 @@ pub struct LeaseGrant {
     pub expires_at: DateTime<Utc>,
     /// The key's lifetime cap, not its daily cap, is what limits it now.
     pub lifetime_bound: bool,
+}
+
+/// A proxy with an open policy stream, as the fleet table records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetNode {
+    pub node_id: String,
+    /// The replica serving its stream.
+    pub replica: String,
+    /// Highest change-log version the proxy said it applied on this stream.
+    pub applied_version: i64,
+    /// Last time the serving replica said the stream was open.
+    pub heartbeat_at: DateTime<Utc>,
 }
 
 /// One entry of the change log: what changed, at which version.

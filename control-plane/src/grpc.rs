@@ -17,7 +17,8 @@ use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, LeaseGrantR
 use crate::error::ApiError;
 use crate::scope::Operation;
 use crate::service::{
-    AdminPrincipal, Control, Delta, FleetVendor, KeyView, NewAdminToken, NewKey, PutVendor,
+    AdminPrincipal, Confirmation, Control, Delta, FleetVendor, KeyView, NewAdminToken, NewKey,
+    PutVendor,
 };
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
@@ -147,6 +148,19 @@ fn fleet_key_to_pb(k: &domain::VaultKey) -> pb::FleetKey {
         allowed_cidrs: k.limits.cidr_strings(),
         zone: k.limits.zone.clone().unwrap_or_default(),
     }
+}
+
+fn confirmation_to_pb(c: Confirmation) -> pb::RevocationConfirmation {
+    pb::RevocationConfirmation {
+        version: c.version,
+        confirmed_nodes: c.confirmed,
+        unconfirmed_nodes: c.unconfirmed,
+        unconfirmed_lease_micros: c.unconfirmed_lease.0,
+    }
+}
+
+fn ack_timeout(ms: u32) -> Result<Option<Duration>, ApiError> {
+    Ok(domain::parse_ack_timeout_ms(u64::from(ms))?)
 }
 
 fn opt_cap(v: i64) -> Option<Micros> {
@@ -370,12 +384,14 @@ impl pb::key_service_server::KeyService for Api {
         req: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
         let caller = self.admin(&req, Operation::RevokeKey).await?;
-        let v = self
+        let r = req.into_inner();
+        let (v, confirmation) = self
             .control
-            .revoke_key(&caller.vendors, &req.get_ref().id)
+            .revoke_key(&caller.vendors, &r.id, ack_timeout(r.ack_timeout_ms)?)
             .await?;
         Ok(Response::new(pb::RevokeKeyResponse {
             key: Some(key_to_pb(&v)),
+            confirmation: Some(confirmation_to_pb(confirmation)),
         }))
     }
 
@@ -384,11 +400,19 @@ impl pb::key_service_server::KeyService for Api {
         req: Request<pb::RevokeRunRequest>,
     ) -> Result<Response<pb::RevokeRunResponse>, Status> {
         let caller = self.admin(&req, Operation::RevokeRun).await?;
-        let ids = self
+        let r = req.into_inner();
+        let (ids, confirmation) = self
             .control
-            .revoke_run(&caller.vendors, &req.get_ref().agent_run_label)
+            .revoke_run(
+                &caller.vendors,
+                &r.agent_run_label,
+                ack_timeout(r.ack_timeout_ms)?,
+            )
             .await?;
-        Ok(Response::new(pb::RevokeRunResponse { revoked_ids: ids }))
+        Ok(Response::new(pb::RevokeRunResponse {
+            revoked_ids: ids,
+            confirmation: Some(confirmation_to_pb(confirmation)),
+        }))
     }
 }
 
@@ -533,10 +557,20 @@ impl pb::fleet_service_server::FleetService for Api {
     ) -> Result<Response<Self::WatchPolicyStream>, Status> {
         self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
+        domain::parse_node_id(&r.node_id).map_err(ApiError::from)?;
         let control = self.control.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PolicyUpdate, Status>>(16);
         tracing::info!(node = %r.node_id, from_version = r.from_version, "proxy watching policy");
         tokio::spawn(async move {
+            // Registered before the first update is read: a revocation
+            // either waits for this node or is already in what it gets.
+            let _registration = match control.open_node_stream(&r.node_id).await {
+                Ok(registration) => registration,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
             let mut versions = control.subscribe_versions();
             let mut at = r.from_version;
             let resumed = if at > 0 {
@@ -607,6 +641,16 @@ impl pb::fleet_service_server::FleetService for Api {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn ack_policy(
+        &self,
+        req: Request<pb::AckPolicyRequest>,
+    ) -> Result<Response<pb::AckPolicyResponse>, Status> {
+        self.fleet(&req, &req.get_ref().node_id)?;
+        let r = req.into_inner();
+        self.control.ack_policy(&r.node_id, r.version).await?;
+        Ok(Response::new(pb::AckPolicyResponse {}))
     }
 
     async fn grant_lease(

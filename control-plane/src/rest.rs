@@ -24,7 +24,9 @@ use crate::domain::{self, invalid, AuditQuery, KeyFilter, Vendor};
 use crate::error::ApiError;
 use crate::grpc::next_page_token;
 use crate::scope::Operation;
-use crate::service::{AdminPrincipal, Control, KeyView, NewAdminToken, NewKey, PutVendor};
+use crate::service::{
+    AdminPrincipal, Confirmation, Control, KeyView, NewAdminToken, NewKey, PutVendor,
+};
 
 type Ctl = State<Arc<Control>>;
 
@@ -364,19 +366,45 @@ async fn list_keys(
     ))
 }
 
+/// Which proxies confirmed a revocation (see `service::Confirmation`).
+fn confirmation_json(c: &Confirmation) -> Value {
+    json!({
+        "version": c.version,
+        "all_confirmed": c.unconfirmed.is_empty(),
+        "confirmed_nodes": c.confirmed,
+        "unconfirmed_nodes": c.unconfirmed,
+        "unconfirmed_lease_usd": usd(c.unconfirmed_lease),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeKeyQuery {
+    #[serde(default)]
+    ack_timeout_ms: u64,
+}
+
 async fn revoke_key(
     State(c): Ctl,
     Path(id): Path<String>,
     headers: HeaderMap,
+    q: Result<Query<RevokeKeyQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let caller = admin(&c, &headers, Operation::RevokeKey).await?;
-    Ok(Json(key_json(&c.revoke_key(&caller.vendors, &id).await?)))
+    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let timeout = domain::parse_ack_timeout_ms(q.ack_timeout_ms)?;
+    let (key, confirmation) = c.revoke_key(&caller.vendors, &id, timeout).await?;
+    let mut out = key_json(&key);
+    out["confirmation"] = confirmation_json(&confirmation);
+    Ok(Json(out))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RevokeRunBody {
     agent_run_label: String,
+    #[serde(default)]
+    ack_timeout_ms: u64,
 }
 
 async fn revoke_run(
@@ -386,11 +414,15 @@ async fn revoke_run(
 ) -> Result<Json<Value>, ApiError> {
     let caller = admin(&c, &headers, Operation::RevokeRun).await?;
     let b: RevokeRunBody = parse_body(&body)?;
-    let ids = c.revoke_run(&caller.vendors, &b.agent_run_label).await?;
+    let timeout = domain::parse_ack_timeout_ms(b.ack_timeout_ms)?;
+    let (ids, confirmation) = c
+        .revoke_run(&caller.vendors, &b.agent_run_label, timeout)
+        .await?;
     Ok(Json(json!({
         "agent_run_label": b.agent_run_label,
         "revoked": ids.len(),
         "revoked_ids": ids,
+        "confirmation": confirmation_json(&confirmation),
     })))
 }
 

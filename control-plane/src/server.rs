@@ -56,8 +56,16 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
     if config.fleet_token.len() < 24 {
         anyhow::bail!("KEYCAP_FLEET_TOKEN must be at least 24 characters");
     }
-    let control = Control::new(store, sealer, &config.fleet_token, &config.key_env).await?;
+    let control = Control::new(
+        store,
+        sealer,
+        &config.fleet_token,
+        &config.key_env,
+        Duration::from_millis(config.revoke_ack_timeout_ms),
+    )
+    .await?;
     control.follow_changes(Duration::from_millis(config.change_poll_ms));
+    control.heartbeat_fleet();
     if let Some(token) = &config.admin_token {
         if !secret::is_well_formed(SecretKind::AdminToken, token) {
             anyhow::bail!(

@@ -2,12 +2,14 @@
 //!
 //! `Control` takes validated inputs (see `domain`), talks to the `Store`,
 //! seals and opens credentials and wakes policy watchers after each change.
-//! It owns authentication of admin and fleet tokens and what an admin
-//! token may do (its scopes, vendors and lifetime; see `scope`). It never
-//! returns a vendor credential except to an authenticated fleet caller, and
-//! never stores a secret in plain text.
+//! It keeps the fleet table of connected proxies current (registrations,
+//! acknowledged versions, heartbeats) and makes a revocation wait for their
+//! confirmation. It owns authentication of admin and fleet tokens and what
+//! an admin token may do (its scopes, vendors and lifetime; see `scope`).
+//! It never returns a vendor credential except to an authenticated fleet
+//! caller, and never stores a secret in plain text.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,40 @@ pub const KEY_MEMORY: chrono::Duration = chrono::Duration::hours(24);
 
 /// How long a lease lives unless it is returned first.
 pub const LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// How often a replica tells the database that the policy streams it serves
+/// are still open.
+pub const FLEET_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A registration whose heartbeat is older than this no longer counts as a
+/// connected proxy: its replica stopped refreshing it (it died, or lost the
+/// database).
+pub const FLEET_NODE_STALE: chrono::Duration = chrono::Duration::seconds(5);
+
+/// Registrations left this long without a heartbeat are deleted.
+const FLEET_NODE_FORGET: chrono::Duration = chrono::Duration::hours(1);
+
+/// While a revocation waits for proxies, how often it re-reads the versions
+/// they acknowledged through other replicas. Acknowledgements that arrive
+/// at this replica wake it at once.
+const ACK_POLL: Duration = Duration::from_millis(5);
+
+/// Which proxies confirmed a revocation: they applied the change-log
+/// `version` that carries it, so they refuse the key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Confirmation {
+    pub version: i64,
+    /// Proxies connected when the revocation was written that confirmed it
+    /// before the wait ended, by node id.
+    pub confirmed: Vec<String>,
+    /// Connected proxies that did not confirm in time, and proxies not
+    /// connected that still hold a lease of a revoked key. Their leases of
+    /// the revoked keys are fenced.
+    pub unconfirmed: Vec<String>,
+    /// The unspent part of those leases: the most the unconfirmed proxies
+    /// can still spend with the revoked keys.
+    pub unconfirmed_lease: Micros,
+}
 
 /// A vendor write as the admin asked for it, validated.
 #[derive(Clone, Debug)]
@@ -266,25 +302,39 @@ pub struct Control {
     key_env: String,
     /// Latest change-log version this replica knows; watchers wait on it.
     version: watch::Sender<i64>,
+    /// This replica's name in the fleet table, drawn at start: a restarted
+    /// replica never refreshes the registrations of the one before it.
+    replica_id: String,
+    /// Moves whenever a proxy acknowledges a version through this replica;
+    /// waiting revocations wake on it.
+    acks: watch::Sender<u64>,
+    /// How long a revocation waits for proxies unless the caller says.
+    revoke_ack_timeout: Duration,
 }
 
 impl Control {
     /// `key_env` is the environment tag minted into vault keys ("live",
-    /// "dev").
+    /// "dev"); `revoke_ack_timeout` how long a revocation waits for proxies
+    /// to confirm unless the caller asks otherwise.
     pub async fn new(
         store: Arc<dyn Store>,
         sealer: Sealer,
         fleet_token: &str,
         key_env: &str,
+        revoke_ack_timeout: Duration,
     ) -> Result<Arc<Self>, ApiError> {
         let v = store.latest_version().await?;
         let (version, _) = watch::channel(v);
+        let (acks, _) = watch::channel(0);
         Ok(Arc::new(Control {
             store,
             sealer,
             fleet_token_hash: secret::hash(fleet_token),
             key_env: key_env.to_string(),
             version,
+            replica_id: uuid::Uuid::new_v4().simple().to_string(),
+            acks,
+            revoke_ack_timeout,
         }))
     }
 
@@ -315,6 +365,29 @@ impl Control {
                 tick.tick().await;
                 let Some(control) = me.upgrade() else { return };
                 control.changed().await;
+            }
+        });
+    }
+
+    /// Refreshes the heartbeat of every policy stream this replica serves,
+    /// every `FLEET_HEARTBEAT`, so its proxies keep counting as connected;
+    /// if the replica dies they stop counting after `FLEET_NODE_STALE`.
+    pub fn heartbeat_fleet(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FLEET_HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(control) = me.upgrade() else { return };
+                let now = Utc::now();
+                if let Err(e) = control
+                    .store
+                    .heartbeat_fleet_nodes(&control.replica_id, now, now - FLEET_NODE_FORGET)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot refresh the fleet heartbeat");
+                }
             }
         });
     }
@@ -482,19 +555,24 @@ impl Control {
 
     /// Tells local watchers about a new change-log version.
     async fn changed(&self) {
-        match self.store.latest_version().await {
-            Ok(v) => {
-                self.version.send_if_modified(|cur| {
-                    if v > *cur {
-                        *cur = v;
-                        true
-                    } else {
-                        false
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read change-log version"),
+        if let Err(e) = self.publish_head().await {
+            tracing::warn!(error = %e, "cannot read change-log version");
         }
+    }
+
+    /// Reads the change log's head and wakes local watchers if it moved.
+    /// Returns the head: after a write it covers that write's entries.
+    async fn publish_head(&self) -> Result<i64, crate::store::StoreError> {
+        let v = self.store.latest_version().await?;
+        self.version.send_if_modified(|cur| {
+            if v > *cur {
+                *cur = v;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(v)
     }
 
     /// Re-wraps every vendor credential's data key under this replica's
@@ -729,26 +807,151 @@ impl Control {
         Ok(out)
     }
 
-    pub async fn revoke_key(&self, vendors: &VendorScope, id: &str) -> Result<KeyView, ApiError> {
+    /// Revokes a key and waits for the proxies to confirm it (see
+    /// `confirm_revocation`). Revoking a revoked key changes nothing and
+    /// reports the confirmation state again.
+    pub async fn revoke_key(
+        self: &Arc<Self>,
+        vendors: &VendorScope,
+        id: &str,
+        ack_timeout: Option<Duration>,
+    ) -> Result<(KeyView, Confirmation), ApiError> {
         self.key_of_allowed_vendor(vendors, id).await?;
         let key = self.store.revoke_key(id, Utc::now()).await?;
-        self.changed().await;
-        self.view(key, Utc::now()).await
+        let version = self.publish_head().await?;
+        let confirmation = self
+            .confirm_revocation(vec![key.id.clone()], version, ack_timeout)
+            .await?;
+        Ok((self.view(key, Utc::now()).await?, confirmation))
     }
 
-    /// Revokes the run's keys — only those of the caller's vendors.
+    /// Revokes the run's keys — only those of the caller's vendors — and
+    /// waits for the proxies to confirm. Returns the ids revoked by this
+    /// call; the confirmation covers every revoked key of the run the
+    /// caller may see, so a repeated call reports it again.
     pub async fn revoke_run(
-        &self,
+        self: &Arc<Self>,
         vendors: &VendorScope,
         label: &str,
-    ) -> Result<Vec<String>, ApiError> {
+        ack_timeout: Option<Duration>,
+    ) -> Result<(Vec<String>, Confirmation), ApiError> {
         let label = domain::parse_run_label(label)?;
+        let now = Utc::now();
         let ids = self
             .store
-            .revoke_run(&label, vendors.list().as_deref(), Utc::now())
+            .revoke_run(&label, vendors.list().as_deref(), now)
             .await?;
-        self.changed().await;
-        Ok(ids)
+        let version = self.publish_head().await?;
+        let filter = KeyFilter {
+            agent_run_label: Some(label),
+            vendor: None,
+            include_inactive: true,
+        };
+        let revoked: Vec<String> = self
+            .store
+            .list_keys(&filter, now)
+            .await?
+            .into_iter()
+            .filter(|k| k.revoked_at.is_some() && vendors.allows(k.vendor.as_str()))
+            .map(|k| k.id)
+            .collect();
+        let confirmation = self
+            .confirm_revocation(revoked, version, ack_timeout)
+            .await?;
+        Ok((ids, confirmation))
+    }
+
+    /// Waits until every proxy connected now has applied `version` (which
+    /// carries the revocation of `key_ids`), or until the timeout. Proxies
+    /// that did not confirm by then, and proxies not connected that still
+    /// hold a lease of one of the keys, are named unconfirmed and their
+    /// leases of the keys are fenced: they can spend at most what those
+    /// leases hold. Runs in its own task, so the fence is set even if the
+    /// caller hangs up.
+    async fn confirm_revocation(
+        self: &Arc<Self>,
+        key_ids: Vec<String>,
+        version: i64,
+        ack_timeout: Option<Duration>,
+    ) -> Result<Confirmation, ApiError> {
+        if key_ids.is_empty() {
+            return Ok(Confirmation {
+                version,
+                ..Confirmation::default()
+            });
+        }
+        let me = self.clone();
+        let timeout = ack_timeout.unwrap_or(self.revoke_ack_timeout);
+        tokio::spawn(async move { me.await_confirmation(key_ids, version, timeout).await })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "revocation confirmation task failed");
+                ApiError::Internal
+            })?
+    }
+
+    async fn await_confirmation(
+        &self,
+        key_ids: Vec<String>,
+        version: i64,
+        timeout: Duration,
+    ) -> Result<Confirmation, ApiError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        // Subscribed before the first read, so no acknowledgement between
+        // the read and the wait goes unnoticed.
+        let mut acks = self.acks.subscribe();
+        let connected_after = Utc::now() - FLEET_NODE_STALE;
+        let mut nodes = self.store.fleet_nodes().await?;
+        let mut waiting: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| n.heartbeat_at > connected_after)
+            .map(|n| n.node_id.clone())
+            .collect();
+        let mut confirmed = BTreeSet::new();
+        loop {
+            for n in &nodes {
+                if n.applied_version >= version && waiting.remove(&n.node_id) {
+                    confirmed.insert(n.node_id.clone());
+                }
+            }
+            if waiting.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::select! {
+                _ = acks.changed() => {}
+                _ = tokio::time::sleep(ACK_POLL) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            nodes = self.store.fleet_nodes().await?;
+        }
+        // A proxy that is not connected cannot confirm; one that still
+        // holds budget of a revoked key could spend it.
+        let now = Utc::now();
+        let mut unconfirmed = waiting;
+        for holder in self.store.lease_holders(&key_ids, now).await? {
+            if !confirmed.contains(&holder) {
+                unconfirmed.insert(holder);
+            }
+        }
+        let unconfirmed: Vec<String> = unconfirmed.into_iter().collect();
+        let unconfirmed_lease = if unconfirmed.is_empty() {
+            Micros::ZERO
+        } else {
+            self.store.fence_leases(&unconfirmed, &key_ids, now).await?
+        };
+        let waited_ms = started.elapsed().as_millis() as u64;
+        if unconfirmed.is_empty() {
+            tracing::info!(version, keys = ?key_ids, confirmed = confirmed.len(), waited_ms, "revocation confirmed by every connected proxy");
+        } else {
+            tracing::warn!(version, keys = ?key_ids, unconfirmed = ?unconfirmed, fenced_micros = unconfirmed_lease.0, waited_ms, "revocation not confirmed by every proxy; their leases of the keys are fenced");
+        }
+        Ok(Confirmation {
+            version,
+            confirmed: confirmed.into_iter().collect(),
+            unconfirmed,
+            unconfirmed_lease,
+        })
     }
 
     // --- audit --------------------------------------------------------------
@@ -790,6 +993,36 @@ impl Control {
     }
 
     // --- fleet --------------------------------------------------------------
+
+    /// Registers `node_id`'s policy stream as connected through this
+    /// replica; the registration ends when the returned value is dropped.
+    pub async fn open_node_stream(&self, node_id: &str) -> Result<NodeStream, ApiError> {
+        let node_id = domain::parse_node_id(node_id)?.to_string();
+        let stream_id = uuid::Uuid::new_v4().simple().to_string();
+        self.store
+            .register_fleet_node(&node_id, &self.replica_id, &stream_id, Utc::now())
+            .await?;
+        Ok(NodeStream {
+            store: self.store.clone(),
+            node_id,
+            stream_id,
+        })
+    }
+
+    /// Records that `node_id` has applied the policy up to `version`
+    /// (never lowering what it said before) and wakes revocations waiting
+    /// here. A node without an open stream is ignored: it counts for no
+    /// revocation.
+    pub async fn ack_policy(&self, node_id: &str, version: i64) -> Result<(), ApiError> {
+        let node_id = domain::parse_node_id(node_id)?;
+        if version < 0 {
+            return Err(invalid("version", "must not be negative").into());
+        }
+        if self.store.ack_policy(node_id, version).await? {
+            self.acks.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
+    }
 
     /// Everything a proxy needs to start: vendors with opened credentials
     /// and live keys, at the returned version.
@@ -941,6 +1174,33 @@ impl Control {
     }
 }
 
+/// A proxy's open policy stream, registered in the fleet table until this
+/// is dropped.
+pub struct NodeStream {
+    store: Arc<dyn Store>,
+    node_id: String,
+    stream_id: String,
+}
+
+impl Drop for NodeStream {
+    fn drop(&mut self) {
+        let store = self.store.clone();
+        let (node, stream) = (
+            std::mem::take(&mut self.node_id),
+            std::mem::take(&mut self.stream_id),
+        );
+        // A replica shutting down may not get to run this; its heartbeat
+        // stops too, so the registration stops counting soon anyway.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.unregister_fleet_node(&node, &stream).await {
+                    tracing::warn!(node = %node, error = %e, "cannot unregister a closed policy stream");
+                }
+            });
+        }
+    }
+}
+
 /// Policy changes since a version, as current state.
 #[derive(Default)]
 pub struct Delta {
@@ -987,6 +1247,7 @@ mod tests {
             Sealer::from_key_text(&Sealer::generate_key_text()).unwrap(),
             &secret::generate(SecretKind::FleetToken, "test"),
             "test",
+            Duration::from_secs(2),
         )
         .await
         .unwrap();

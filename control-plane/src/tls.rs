@@ -145,6 +145,7 @@ mod tests {
             fleet_token: String::new(),
             key_env: "test".into(),
             change_poll_ms: 250,
+            revoke_ack_timeout_ms: 2000,
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),
             client_ca: client_ca.then(|| ca.ca_pem()),

@@ -108,6 +108,9 @@ suite!(
     record_spend_applies_each_event_once,
     spend_moves_from_lease_to_settled,
     a_report_moves_only_its_own_nodes_lease,
+    fleet_nodes_register_acknowledge_and_unregister,
+    fleet_heartbeat_refreshes_its_replica_and_forgets_the_dead,
+    fenced_leases_are_never_grown_but_keep_counting,
     key_spend_by_day_and_lifetime,
     audit_filters_order_and_paging,
     spend_summary_per_vendor,
@@ -1138,6 +1141,206 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(available(&*s, "k", DAY).await, 300);
+    }
+
+    /// (node, replica, applied version) of every registration.
+    async fn nodes(s: &dyn Store) -> Vec<(String, String, i64)> {
+        s.fleet_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.node_id, n.replica, n.applied_version))
+            .collect()
+    }
+
+    fn row(node: &str, replica: &str, applied: i64) -> (String, String, i64) {
+        (node.to_string(), replica.to_string(), applied)
+    }
+
+    pub async fn fleet_nodes_register_acknowledge_and_unregister(s: S) {
+        assert!(s.fleet_nodes().await.unwrap().is_empty());
+        s.register_fleet_node("n1", "r1", "s1", now())
+            .await
+            .unwrap();
+        s.register_fleet_node("n2", "r2", "s2", now())
+            .await
+            .unwrap();
+        let listed = s.fleet_nodes().await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].heartbeat_at, trunc(now()));
+        assert_eq!(
+            nodes(&*s).await,
+            vec![row("n1", "r1", 0), row("n2", "r2", 0)]
+        );
+
+        // Acknowledgements only ever raise the applied version.
+        assert!(s.ack_policy("n1", 7).await.unwrap());
+        assert!(s.ack_policy("n1", 3).await.unwrap());
+        assert!(!s.ack_policy("ghost", 9).await.unwrap(), "not registered");
+        assert_eq!(
+            nodes(&*s).await,
+            vec![row("n1", "r1", 7), row("n2", "r2", 0)]
+        );
+        assert!(s
+            .fleet_nodes()
+            .await
+            .unwrap()
+            .iter()
+            .all(|n| n.node_id != "ghost"));
+
+        // n1 reconnects to r2: a new stream starts from nothing, and the old
+        // stream ending later leaves the new registration alone.
+        s.register_fleet_node("n1", "r2", "s3", now())
+            .await
+            .unwrap();
+        assert_eq!(
+            nodes(&*s).await,
+            vec![row("n1", "r2", 0), row("n2", "r2", 0)]
+        );
+        s.unregister_fleet_node("n1", "s1").await.unwrap();
+        assert_eq!(nodes(&*s).await.len(), 2);
+        s.unregister_fleet_node("n1", "s3").await.unwrap();
+        assert_eq!(nodes(&*s).await, vec![row("n2", "r2", 0)]);
+        s.unregister_fleet_node("n1", "s3").await.unwrap();
+    }
+
+    pub async fn fleet_heartbeat_refreshes_its_replica_and_forgets_the_dead(s: S) {
+        let t0 = now();
+        s.register_fleet_node("a1", "alive", "s1", t0)
+            .await
+            .unwrap();
+        s.register_fleet_node("a2", "alive", "s2", t0)
+            .await
+            .unwrap();
+        s.register_fleet_node("d1", "dead", "s3", t0).await.unwrap();
+        let t1 = t0 + Duration::seconds(10);
+        s.heartbeat_fleet_nodes("alive", t1, t0 - Duration::hours(1))
+            .await
+            .unwrap();
+        let beats: Vec<(String, DateTime<Utc>)> = s
+            .fleet_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.node_id, n.heartbeat_at))
+            .collect();
+        assert_eq!(
+            beats,
+            vec![
+                ("a1".to_string(), trunc(t1)),
+                ("a2".to_string(), trunc(t1)),
+                ("d1".to_string(), trunc(t0)),
+            ],
+            "one replica's heartbeat refreshes its own streams only"
+        );
+        // Much later, the dead replica's registration is dropped; the live
+        // one's stays.
+        let t2 = t1 + Duration::hours(2);
+        s.heartbeat_fleet_nodes("alive", t2, t2 - Duration::hours(1))
+            .await
+            .unwrap();
+        let left: Vec<String> = nodes(&*s).await.into_iter().map(|n| n.0).collect();
+        assert_eq!(left, ["a1", "a2"]);
+    }
+
+    pub async fn fenced_leases_are_never_grown_but_keep_counting(s: S) {
+        add_key(&*s, key("k", "stripe", "r", 1_000)).await;
+        add_key(&*s, key("other", "stripe", "r", 1_000)).await;
+        let on = |node: &str, mut g: LeaseGrantRequest| {
+            g.node_id = node.to_string();
+            g
+        };
+        assert_eq!(
+            granted(&*s, on("node-a", grant("g1", "la", "k", DAY, 300, 0))).await,
+            300
+        );
+        assert_eq!(
+            granted(&*s, on("node-b", grant("g2", "lb", "k", DAY, 200, 0))).await,
+            200
+        );
+        assert_eq!(
+            granted(&*s, on("node-c", grant("g3", "lc", "k", DAY, 100, 0))).await,
+            100
+        );
+        assert_eq!(
+            granted(&*s, on("node-a", grant("g4", "lo", "other", DAY, 50, 0))).await,
+            50
+        );
+        s.return_lease("lc", None, Micros(40)).await.unwrap();
+        let mut spent = event("e1", "k", "la", DAY, "stripe", 120);
+        spent.node_id = "node-a".to_string();
+        s.record_spend(&[spent]).await.unwrap();
+
+        // Who could still spend with k: open, unexpired, not fully
+        // reported leases (node-c returned its lease).
+        let holders = s.lease_holders(&["k".to_string()], now()).await.unwrap();
+        assert_eq!(holders, ["node-a", "node-b"]);
+        assert!(
+            s.lease_holders(&["k".to_string()], now() + Duration::hours(2))
+                .await
+                .unwrap()
+                .is_empty(),
+            "expired leases hold nothing"
+        );
+
+        // Fencing node-a's leases of k: what they still hold comes back.
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let held = s
+            .fence_leases(&ids(&["node-a", "node-c"]), &ids(&["k"]), now())
+            .await
+            .unwrap();
+        assert_eq!(held, Micros(300 - 120));
+        let before = available(&*s, "k", DAY).await;
+        assert_conflict(
+            s.grant_lease(&on("node-a", grant("g5", "la", "k", DAY, 10, 0)), now())
+                .await,
+            "growing a fenced lease",
+        );
+        // Other nodes' leases and node-a's lease of another key still grow.
+        assert_eq!(
+            granted(&*s, on("node-b", grant("g6", "lb", "k", DAY, 10, 0))).await,
+            10
+        );
+        assert_eq!(
+            granted(&*s, on("node-a", grant("g7", "lo", "other", DAY, 10, 0))).await,
+            10
+        );
+        // The fenced lease still counts against the cap; reports on it still
+        // apply and it can still be handed back.
+        assert_eq!(available(&*s, "k", DAY).await, before - 10);
+        let mut late = event("e2", "k", "la", DAY, "stripe", 30);
+        late.node_id = "node-a".to_string();
+        assert_eq!(s.record_spend(&[late]).await.unwrap(), (1, 0));
+        assert_eq!(s.key_spend("k", DAY).await.unwrap().spent_day, Micros(150));
+        // Fencing again keeps the first fence and reports what is left.
+        let held = s
+            .fence_leases(
+                &ids(&["node-a"]),
+                &ids(&["k"]),
+                now() + Duration::minutes(1),
+            )
+            .await
+            .unwrap();
+        assert_eq!(held, Micros(300 - 150));
+        s.return_lease("la", Some("node-a"), Micros(150))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.lease_holders(&ids(&["k"]), now()).await.unwrap(),
+            ["node-b"]
+        );
+        assert_eq!(
+            s.fence_leases(&ids(&["node-a"]), &ids(&["k"]), now())
+                .await
+                .unwrap(),
+            Micros(0),
+            "a returned lease is not fenced"
+        );
+        assert!(s.lease_holders(&[], now()).await.unwrap().is_empty());
+        assert_eq!(
+            s.fence_leases(&[], &ids(&["k"]), now()).await.unwrap(),
+            Micros(0)
+        );
     }
 
     pub async fn expired_leases_stop_counting(s: S) {

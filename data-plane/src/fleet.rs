@@ -118,6 +118,49 @@ pub async fn watch_policy(
     }
 }
 
+/// Tells the control plane the policy version this proxy has applied (see
+/// `PolicyCache::subscribe_applied`), so a revocation returns once every
+/// proxy refuses the key. Runs beside the watch loop and never holds it up:
+/// versions applied while an acknowledgement is on its way collapse into
+/// the latest, which is retried with capped backoff until it lands.
+pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::Receiver<i64>) {
+    let mut backoff = Duration::from_millis(50);
+    let mut failed = false;
+    loop {
+        if !failed && applied.changed().await.is_err() {
+            return;
+        }
+        let version = *applied.borrow_and_update();
+        let mut req = Request::new(pb::AckPolicyRequest {
+            node_id: fleet.node_id.clone(),
+            version,
+        });
+        req.set_timeout(Duration::from_secs(2));
+        match fleet.client().ack_policy(req).await {
+            Ok(_) => {
+                failed = false;
+                backoff = Duration::from_millis(50);
+            }
+            // A control plane from before acknowledgements (during a
+            // rolling upgrade): retrying cannot help; the next update tries
+            // again.
+            Err(s) if s.code() == Code::Unimplemented => {
+                tracing::debug!(
+                    version,
+                    "the control plane takes no policy acknowledgements"
+                );
+                failed = false;
+            }
+            Err(s) => {
+                tracing::warn!(code = ?s.code(), version, "cannot acknowledge the policy version");
+                failed = true;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 /// What the budget needs from the control plane; a trait so the budget's
 /// tests can use an in-memory ledger.
 #[async_trait]

@@ -103,6 +103,10 @@ pub async fn run(
     };
     let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()), spool);
     let gone_budget = budget.clone();
+    tokio::spawn(fleet::acknowledge_policy(
+        fleet.clone(),
+        cache.subscribe_applied(),
+    ));
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();
         tokio::spawn(async move {

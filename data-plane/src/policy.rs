@@ -140,6 +140,9 @@ pub struct PolicyCache {
     current: ArcSwap<Policy>,
     prices: Catalog,
     ready: tokio::sync::watch::Sender<bool>,
+    /// The version of each update once it is applied (and the request path
+    /// sees it), for acknowledging it to the control plane.
+    applied: tokio::sync::watch::Sender<i64>,
 }
 
 fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Option<VendorPolicy> {
@@ -234,11 +237,19 @@ fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
 impl PolicyCache {
     pub fn new(prices: Catalog) -> Arc<Self> {
         let (ready, _) = tokio::sync::watch::channel(false);
+        let (applied, _) = tokio::sync::watch::channel(0);
         Arc::new(PolicyCache {
             current: ArcSwap::from_pointee(Policy::default()),
             prices,
             ready,
+            applied,
         })
+    }
+
+    /// Moves after every applied update (even one that left the version
+    /// where it was) to the version the proxy now refuses keys by.
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.applied.subscribe()
     }
 
     pub fn load(&self) -> arc_swap::Guard<Arc<Policy>> {
@@ -345,8 +356,12 @@ impl PolicyCache {
             })
             .collect();
         next.by_hash.sort_unstable_by_key(|e| e.hash);
+        let version = next.version;
         self.current.store(Arc::new(next));
         self.ready.send_replace(true);
+        // After the store: whoever reads this version acknowledges a policy
+        // the request path already uses.
+        self.applied.send_replace(version);
         gone
     }
 }
@@ -465,6 +480,33 @@ mod tests {
         ));
         assert_eq!(standing_of(&cache, &b), "unknown");
         assert_eq!(standing_of(&cache, &a), "revoked");
+    }
+
+    #[test]
+    fn every_applied_update_is_announced_after_the_request_path_sees_it() {
+        let cache = PolicyCache::new(Catalog::builtin());
+        let a = secret::generate(SecretKind::VaultKey, "live");
+        let mut applied = cache.subscribe_applied();
+        let delta = |version, keys| pb::PolicyUpdate {
+            version,
+            update: Some(pb::policy_update::Update::Delta(pb::PolicyDelta {
+                upsert_keys: keys,
+                ..Default::default()
+            })),
+        };
+        cache.apply(delta(4, vec![fleet_key("a", &a, false)]));
+        assert!(applied.has_changed().unwrap());
+        assert_eq!(*applied.borrow_and_update(), 4);
+        let gone = cache.apply(delta(5, vec![fleet_key("a", &a, true)]));
+        assert_eq!(gone, vec!["a".to_string()], "its lease is to be retired");
+        // Whoever is told 5 finds the key refused already.
+        assert_eq!(*applied.borrow_and_update(), 5);
+        assert_eq!(standing_of(&cache, &a), "revoked");
+        // A resumed stream's first update may bring no change: it is
+        // announced all the same, so the new stream is acknowledged.
+        cache.apply(delta(5, vec![]));
+        assert!(applied.has_changed().unwrap());
+        assert_eq!(*applied.borrow_and_update(), 5);
     }
 
     #[test]

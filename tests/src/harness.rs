@@ -237,12 +237,29 @@ impl ChildProcess {
 
     /// Sends SIGTERM and returns at once.
     pub fn signal_term(&self) {
+        self.signal("TERM");
+    }
+
+    /// SIGSTOP: the process keeps its sockets open but does nothing, like
+    /// a host that hangs. Undo with `resume` (a stopped process is still
+    /// killed when its handle drops).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    /// Sends the signal kill(1) calls `name` and returns at once.
+    fn signal(&self, name: &str) {
         let Some(pid) = self.id() else { return };
         let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .expect("run kill(1)");
-        assert!(sent.success(), "kill -TERM {pid} failed");
+        assert!(sent.success(), "kill -{name} {pid} failed");
     }
 
     /// Waits until `deadline` for the process to exit; its status, or

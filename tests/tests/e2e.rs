@@ -29,6 +29,8 @@ mod kek;
 mod metrics;
 #[path = "e2e/replicas.rs"]
 mod replicas;
+#[path = "e2e/revocation.rs"]
+mod revocation;
 
 const STRIPE_CREDENTIAL: &str = "sk_live_51KeycapE2eRealStripeCredentialDoNotLeak";
 const OPENAI_CREDENTIAL: &str = "sk-proj-KeycapE2eRealOpenAiCredentialDoNotLeak";

@@ -2,7 +2,8 @@
 //!
 //! Stored: admin tokens (hash, scopes, vendor restriction, expiry);
 //! vendors with their sealed (encrypted) credentials; vault keys (SHA-256 of the secret only); the change log that
-//! proxies follow; budget leases and their grants; daily spend per key; the
+//! proxies follow; the proxies connected to it and the version each has
+//! applied; budget leases and their grants; daily spend per key; the
 //! append-only audit ledger. Two implementations — PostgreSQL for
 //! production and SQLite for the embedded single-node default — pass the
 //! same test suite (`control-plane/tests/store.rs`). Migrations are embedded
@@ -17,8 +18,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{
-    AdminToken, AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, LeaseGrant, LeaseGrantRequest,
-    SpendEvent, SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, LeaseGrant,
+    LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 pub mod postgres;
@@ -154,6 +155,37 @@ pub trait Store: Send + Sync + 'static {
     /// recently expired key from an unknown one.
     async fn policy_keys(&self, expired_after: DateTime<Utc>) -> StoreResult<Vec<VaultKey>>;
 
+    // --- fleet nodes (who must confirm a revocation) ------------------------
+    /// Records that `node` has a policy stream (`stream`) open on
+    /// `replica`, replacing any earlier registration of the node: its
+    /// applied version starts again at 0 until the node acknowledges one on
+    /// this stream.
+    async fn register_fleet_node(
+        &self,
+        node: &str,
+        replica: &str,
+        stream: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// Removes the node's registration if it is still the one `stream`
+    /// made (the node may have reconnected since).
+    async fn unregister_fleet_node(&self, node: &str, stream: &str) -> StoreResult<()>;
+    /// Raises the node's applied version to `version`; a lower version than
+    /// the one recorded changes nothing. Whether the node is registered.
+    async fn ack_policy(&self, node: &str, version: i64) -> StoreResult<bool>;
+    /// Marks every stream `replica` serves as alive at `now` and forgets
+    /// registrations whose heartbeat is older than `forget_before` (their
+    /// replica died without unregistering them). One statement per call,
+    /// whatever the number of streams.
+    async fn heartbeat_fleet_nodes(
+        &self,
+        replica: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// Every registered node, by node id.
+    async fn fleet_nodes(&self) -> StoreResult<Vec<FleetNode>>;
+
     // --- budget -------------------------------------------------------------
     /// Grows (or creates) a lease in one transaction so that, for the key
     /// and day, settled spend + the unreported part of every counting lease
@@ -164,7 +196,8 @@ pub trait Store: Send + Sync + 'static {
     /// `minimum`, else 0. Idempotent by `grant_id`: a retried grant returns
     /// the first answer. `Conflict` for a revoked or expired key, `NotFound`
     /// for an unknown one. Also `Conflict` when the lease cannot grow: it
-    /// was returned, has expired, belongs to another key or day, or (new)
+    /// was returned, has expired, was fenced, belongs to another key or
+    /// day, or (new)
     /// would already be expired; or when the grant id was used for another
     /// lease.
     async fn grant_lease(
@@ -193,6 +226,25 @@ pub trait Store: Send + Sync + 'static {
         from: keycap_proto::Micros,
         to: keycap_proto::Micros,
     ) -> StoreResult<bool>;
+    /// Nodes holding a lease of one of `key_ids` that is open, unexpired at
+    /// `now` and not fully reported: each could still spend with the key.
+    async fn lease_holders(
+        &self,
+        key_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<String>>;
+    /// Fences the open, unexpired leases of `key_ids` held by `node_ids`: a
+    /// fenced lease is never grown again (`grant_lease` answers
+    /// `Conflict`), but keeps counting against the caps until it is
+    /// returned or expires, and spend reports on it still apply. A lease
+    /// keeps the time it was first fenced. Returns the unspent part of those
+    /// leases (granted minus reported): the most their nodes can still spend.
+    async fn fence_leases(
+        &self,
+        node_ids: &[String],
+        key_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<keycap_proto::Micros>;
     /// Applies spend events in one transaction, each at most once (by
     /// `event_id`): one audit entry, the key's daily and lifetime spend, and
     /// the lease's reported spend. Returns (applied, duplicates).

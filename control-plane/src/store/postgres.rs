@@ -37,10 +37,11 @@ use super::sql::{
     GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
     CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
 };
+use super::sql::{FleetNodeRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS};
 use super::{Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
-    AdminToken, AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, KeyStatus, LeaseGrant,
-    LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, KeyStatus,
+    LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 /// The channel notified (empty payload) whenever the change log grows.
@@ -625,9 +626,9 @@ impl Store for PgStore {
             return prior.into_domain();
         }
 
-        let lease: Option<LeaseRow> = sqlx::query_as(
-            "SELECT key_id, node_id, day, granted, expires_at, closed FROM leases WHERE id = $1 FOR UPDATE",
-        )
+        let lease: Option<LeaseRow> = sqlx::query_as(&format!(
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1 FOR UPDATE"
+        ))
         .bind(&req.lease_id)
         .fetch_optional(&mut *tx)
         .await?;
@@ -770,6 +771,114 @@ impl Store for PgStore {
             Some(_) => Ok(false),
             None => Err(StoreError::NotFound(format!("lease {lease_id}"))),
         }
+    }
+
+    async fn register_fleet_node(
+        &self,
+        node: &str,
+        replica: &str,
+        stream: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO fleet_nodes \
+             (node_id, replica, stream_id, applied_version, connected_at, heartbeat_at) \
+             VALUES ($1, $2, $3, 0, $4, $4) \
+             ON CONFLICT (node_id) DO UPDATE SET replica = EXCLUDED.replica, \
+               stream_id = EXCLUDED.stream_id, applied_version = 0, \
+               connected_at = EXCLUDED.connected_at, heartbeat_at = EXCLUDED.heartbeat_at",
+        )
+        .bind(node)
+        .bind(replica)
+        .bind(stream)
+        .bind(micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn unregister_fleet_node(&self, node: &str, stream: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM fleet_nodes WHERE node_id = $1 AND stream_id = $2")
+            .bind(node)
+            .bind(stream)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ack_policy(&self, node: &str, version: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE fleet_nodes SET applied_version = GREATEST(applied_version, $2) \
+             WHERE node_id = $1",
+        )
+        .bind(node)
+        .bind(version)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn heartbeat_fleet_nodes(
+        &self,
+        replica: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        // One statement: the refresh and the clean-up share a round trip.
+        sqlx::query(
+            "WITH gone AS (DELETE FROM fleet_nodes WHERE heartbeat_at < $3 AND replica <> $1) \
+             UPDATE fleet_nodes SET heartbeat_at = $2 WHERE replica = $1",
+        )
+        .bind(replica)
+        .bind(micros(now))
+        .bind(micros(forget_before))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn fleet_nodes(&self) -> StoreResult<Vec<FleetNode>> {
+        let sql = format!("SELECT {FLEET_NODE_COLUMNS} FROM fleet_nodes ORDER BY node_id");
+        sqlx::query_as::<_, FleetNodeRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(FleetNodeRow::into_domain)
+            .collect()
+    }
+
+    async fn lease_holders(
+        &self,
+        key_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT node_id FROM leases WHERE key_id = ANY($1) AND NOT closed \
+             AND expires_at > $2 AND granted > reported ORDER BY node_id",
+        )
+        .bind(key_ids)
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn fence_leases(
+        &self,
+        node_ids: &[String],
+        key_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Micros> {
+        let unspent: Vec<i64> = sqlx::query_scalar(
+            "UPDATE leases SET fenced_at = COALESCE(fenced_at, $3) \
+             WHERE node_id = ANY($1) AND key_id = ANY($2) AND NOT closed AND expires_at > $3 \
+             RETURNING GREATEST(granted - reported, 0)",
+        )
+        .bind(node_ids)
+        .bind(key_ids)
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Micros(unspent.into_iter().fold(0i64, i64::saturating_add)))
     }
 
     async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {

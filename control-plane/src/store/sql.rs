@@ -20,8 +20,8 @@ use keycap_proto::Micros;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, KeyLimits, LeaseGrant, Outcome,
-    SpendEvent, VaultKey, Vendor, VendorName,
+    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, FleetNode, KeyLimits, LeaseGrant,
+    Outcome, SpendEvent, VaultKey, Vendor, VendorName,
 };
 use crate::scope::{Scopes, VendorScope};
 
@@ -400,6 +400,32 @@ pub(super) struct LeaseRow {
     pub granted: i64,
     pub expires_at: i64,
     pub closed: bool,
+    pub fenced: bool,
+}
+
+/// Columns of `LeaseRow`, selected from `leases`.
+pub(super) const LEASE_COLUMNS: &str =
+    "key_id, node_id, day, granted, expires_at, closed, fenced_at IS NOT NULL AS fenced";
+
+pub(super) const FLEET_NODE_COLUMNS: &str = "node_id, replica, applied_version, heartbeat_at";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct FleetNodeRow {
+    node_id: String,
+    replica: String,
+    applied_version: i64,
+    heartbeat_at: i64,
+}
+
+impl FleetNodeRow {
+    pub(super) fn into_domain(self) -> StoreResult<FleetNode> {
+        Ok(FleetNode {
+            node_id: self.node_id,
+            replica: self.replica,
+            applied_version: self.applied_version,
+            heartbeat_at: from_micros(self.heartbeat_at, "fleet_nodes.heartbeat_at")?,
+        })
+    }
 }
 
 /// What already weighs on a key's caps, read in one statement so the four
@@ -444,6 +470,11 @@ pub(super) fn check_grant(
             "lease belongs to another node".to_string(),
         )),
         Some(l) if l.closed => Err(StoreError::Conflict("lease was returned".to_string())),
+        // Its node did not confirm a revocation: whatever it still holds is
+        // all it may spend.
+        Some(l) if l.fenced => Err(StoreError::Conflict(
+            "lease is fenced: its node did not confirm a revocation".to_string(),
+        )),
         // Growing an expired lease would hand out budget nothing counts.
         Some(l) if l.expires_at <= now => {
             Err(StoreError::Conflict("lease has expired".to_string()))

@@ -32,10 +32,11 @@ use super::sql::{
     GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
     CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
 };
+use super::sql::{FleetNodeRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS};
 use super::{Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
-    AdminToken, AuditEntry, AuditQuery, Change, KeyFilter, KeySpend, KeyStatus, LeaseGrant,
-    LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, KeyStatus,
+    LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 /// How long a connection waits for another process's write lock.
@@ -182,15 +183,15 @@ async fn insert_admin_token(
     Ok(())
 }
 
-/// ` AND vendor IN (...)`; matches nothing for an empty list.
-fn push_vendor_in(q: &mut QueryBuilder<'_, Sqlite>, vendors: &[String]) {
-    if vendors.is_empty() {
+/// ` AND <column> IN (...)`; matches nothing for an empty list.
+fn push_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, values: &[String]) {
+    if values.is_empty() {
         q.push(" AND 1 = 0");
         return;
     }
-    q.push(" AND vendor IN (");
+    q.push(format!(" AND {column} IN ("));
     let mut list = q.separated(", ");
-    for v in vendors {
+    for v in values {
         list.push_bind(v.clone());
     }
     list.push_unseparated(")");
@@ -539,7 +540,7 @@ impl Store for SqliteStore {
             .push_bind(agent_run_label)
             .push(" AND revoked_at IS NULL");
         if let Some(vendors) = vendors {
-            push_vendor_in(&mut q, vendors);
+            push_in(&mut q, "vendor", vendors);
         }
         q.push(" RETURNING id");
         let mut ids: Vec<String> = q.build_query_scalar().fetch_all(w.conn()).await?;
@@ -647,12 +648,11 @@ impl Store for SqliteStore {
             return prior.into_domain();
         }
 
-        let lease: Option<LeaseRow> = sqlx::query_as(
-            "SELECT key_id, node_id, day, granted, expires_at, closed FROM leases WHERE id = ?",
-        )
-        .bind(&req.lease_id)
-        .fetch_optional(w.conn())
-        .await?;
+        let lease: Option<LeaseRow> =
+            sqlx::query_as(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?"))
+                .bind(&req.lease_id)
+                .fetch_optional(w.conn())
+                .await?;
         check_grant(
             &req.key_id,
             &key,
@@ -799,6 +799,118 @@ impl Store for SqliteStore {
         Ok(shrank)
     }
 
+    async fn register_fleet_node(
+        &self,
+        node: &str,
+        replica: &str,
+        stream: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO fleet_nodes \
+             (node_id, replica, stream_id, applied_version, connected_at, heartbeat_at) \
+             VALUES (?1, ?2, ?3, 0, ?4, ?4) \
+             ON CONFLICT (node_id) DO UPDATE SET replica = excluded.replica, \
+               stream_id = excluded.stream_id, applied_version = 0, \
+               connected_at = excluded.connected_at, heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(node)
+        .bind(replica)
+        .bind(stream)
+        .bind(micros(now))
+        .execute(w.conn())
+        .await?;
+        w.commit().await
+    }
+
+    async fn unregister_fleet_node(&self, node: &str, stream: &str) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query("DELETE FROM fleet_nodes WHERE node_id = ? AND stream_id = ?")
+            .bind(node)
+            .bind(stream)
+            .execute(w.conn())
+            .await?;
+        w.commit().await
+    }
+
+    async fn ack_policy(&self, node: &str, version: i64) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE fleet_nodes SET applied_version = MAX(applied_version, ?2) WHERE node_id = ?1",
+        )
+        .bind(node)
+        .bind(version)
+        .execute(w.conn())
+        .await?;
+        w.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn heartbeat_fleet_nodes(
+        &self,
+        replica: &str,
+        now: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query("UPDATE fleet_nodes SET heartbeat_at = ? WHERE replica = ?")
+            .bind(micros(now))
+            .bind(replica)
+            .execute(w.conn())
+            .await?;
+        sqlx::query("DELETE FROM fleet_nodes WHERE heartbeat_at < ?")
+            .bind(micros(forget_before))
+            .execute(w.conn())
+            .await?;
+        w.commit().await
+    }
+
+    async fn fleet_nodes(&self) -> StoreResult<Vec<FleetNode>> {
+        let sql = format!("SELECT {FLEET_NODE_COLUMNS} FROM fleet_nodes ORDER BY node_id");
+        sqlx::query_as::<_, FleetNodeRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(FleetNodeRow::into_domain)
+            .collect()
+    }
+
+    async fn lease_holders(
+        &self,
+        key_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<String>> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT DISTINCT node_id FROM leases WHERE NOT closed AND granted > reported \
+             AND expires_at > ",
+        );
+        q.push_bind(micros(now));
+        push_in(&mut q, "key_id", key_ids);
+        q.push(" ORDER BY node_id");
+        Ok(q.build_query_scalar().fetch_all(&self.pool).await?)
+    }
+
+    async fn fence_leases(
+        &self,
+        node_ids: &[String],
+        key_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Micros> {
+        let mut w = self.begin_write().await?;
+        let mut q =
+            QueryBuilder::<Sqlite>::new("UPDATE leases SET fenced_at = COALESCE(fenced_at, ");
+        q.push_bind(micros(now))
+            .push(") WHERE NOT closed AND expires_at > ")
+            .push_bind(micros(now));
+        push_in(&mut q, "node_id", node_ids);
+        push_in(&mut q, "key_id", key_ids);
+        q.push(" RETURNING MAX(granted - reported, 0)");
+        let unspent: Vec<i64> = q.build_query_scalar().fetch_all(w.conn()).await?;
+        w.commit().await?;
+        Ok(Micros(unspent.into_iter().fold(0i64, i64::saturating_add)))
+    }
+
     async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {
         if events.is_empty() {
             return Ok((0, 0));
@@ -871,7 +983,7 @@ impl Store for SqliteStore {
             q.push(" AND vendor = ").push_bind(vendor);
         }
         if let Some(vendors) = &aq.vendors {
-            push_vendor_in(&mut q, vendors);
+            push_in(&mut q, "vendor", vendors);
         }
         if let Some(since) = aq.since {
             q.push(" AND at >= ").push_bind(micros(since));

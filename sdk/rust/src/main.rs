@@ -186,11 +186,17 @@ enum KeyCmd {
     },
     /// Show a key with its spend today.
     Get { id: String },
-    /// Revoke one key, or every key of a run label.
+    /// Revoke one key, or every key of a run label, and wait until every
+    /// connected proxy confirms it refuses them. Exits non-zero, naming
+    /// them, if some proxies did not confirm.
     Revoke {
         id: Option<String>,
         #[arg(long = "run-label", conflicts_with = "id")]
         run_label: Option<String>,
+        /// How long to wait for the proxies, e.g. 500ms or 5s, at most 60s
+        /// (default: the control plane's --revoke-ack-timeout-ms).
+        #[arg(long = "ack-timeout")]
+        ack_timeout: Option<String>,
     },
 }
 
@@ -243,6 +249,17 @@ fn key_json(k: &pb::VaultKey) -> Value {
         "rate_limit_per_minute": (k.rate_limit_per_minute > 0).then_some(k.rate_limit_per_minute),
         "allowed_cidrs": k.allowed_cidrs,
         "zone": (!k.zone.is_empty()).then_some(&k.zone),
+    })
+}
+
+fn confirmation_json(c: Option<&pb::RevocationConfirmation>) -> Value {
+    let Some(c) = c else { return Value::Null };
+    json!({
+        "version": c.version,
+        "all_confirmed": c.unconfirmed_nodes.is_empty(),
+        "confirmed_nodes": c.confirmed_nodes,
+        "unconfirmed_nodes": c.unconfirmed_nodes,
+        "unconfirmed_lease_usd": usd(c.unconfirmed_lease_micros),
     })
 }
 
@@ -508,27 +525,66 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             let r = c.keys.get_key(pb::GetKeyRequest { id }).await?.into_inner();
             print(r.key.as_ref().map(key_json).unwrap_or(Value::Null));
         }
-        Command::Key(KeyCmd::Revoke { id, run_label }) => match (id, run_label) {
-            (Some(id), None) => {
-                let r = c
-                    .keys
-                    .revoke_key(pb::RevokeKeyRequest { id })
-                    .await?
-                    .into_inner();
-                print(r.key.as_ref().map(key_json).unwrap_or(Value::Null));
+        Command::Key(KeyCmd::Revoke {
+            id,
+            run_label,
+            ack_timeout,
+        }) => {
+            let ack_timeout_ms = match ack_timeout {
+                Some(t) => {
+                    let d = humantime::parse_duration(&t).with_context(|| {
+                        format!("--ack-timeout {t:?} is not a duration like 5s")
+                    })?;
+                    match u32::try_from(d.as_millis()) {
+                        Ok(ms) if (1..=60_000).contains(&ms) => ms,
+                        _ => bail!("--ack-timeout must be between 1ms and 60s"),
+                    }
+                }
+                None => 0,
+            };
+            let confirmation = match (id, run_label) {
+                (Some(id), None) => {
+                    let r = c
+                        .keys
+                        .revoke_key(pb::RevokeKeyRequest { id, ack_timeout_ms })
+                        .await?
+                        .into_inner();
+                    let mut out = r.key.as_ref().map(key_json).unwrap_or(Value::Null);
+                    out["confirmation"] = confirmation_json(r.confirmation.as_ref());
+                    print(out);
+                    r.confirmation
+                }
+                (None, Some(label)) => {
+                    let r = c
+                        .keys
+                        .revoke_run(pb::RevokeRunRequest {
+                            agent_run_label: label.clone(),
+                            ack_timeout_ms,
+                        })
+                        .await?
+                        .into_inner();
+                    print(json!({
+                        "agent_run_label": label,
+                        "revoked_ids": r.revoked_ids,
+                        "confirmation": confirmation_json(r.confirmation.as_ref()),
+                    }));
+                    r.confirmation
+                }
+                _ => bail!("give a key id or --run-label"),
+            };
+            if let Some(c) = confirmation.filter(|c| !c.unconfirmed_nodes.is_empty()) {
+                bail!(
+                    "revoked, but {} of {} proxies did not confirm they refuse it: {}. \
+                     Their leases of the revoked keys are fenced; they can still spend at \
+                     most {} USD with them until they apply the revocation or the leases \
+                     expire. Revoke again to see whether they have caught up",
+                    c.unconfirmed_nodes.len(),
+                    c.unconfirmed_nodes.len() + c.confirmed_nodes.len(),
+                    c.unconfirmed_nodes.join(", "),
+                    usd(c.unconfirmed_lease_micros)
+                );
             }
-            (None, Some(label)) => {
-                let r = c
-                    .keys
-                    .revoke_run(pb::RevokeRunRequest {
-                        agent_run_label: label.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                print(json!({"agent_run_label": label, "revoked_ids": r.revoked_ids}));
-            }
-            _ => bail!("give a key id or --run-label"),
-        },
+        }
         Command::Spend { run_label } => {
             let r = c
                 .audit

@@ -331,16 +331,18 @@ async fn watch_policy_sends_a_snapshot_then_key_deltas() {
     assert_eq!(d.upsert_keys[0].id, fresh_id);
 
     // Revoking it sends the key again, revoked, at a higher version still.
-    let revoked = g
-        .keys()
-        .revoke_key(g.admin(pb::RevokeKeyRequest {
+    // This stream never acknowledges what it applied, so the revocation
+    // returns after its wait, naming the node.
+    let revoke = |ack_timeout_ms| {
+        let mut keys = g.keys();
+        let req = g.admin(pb::RevokeKeyRequest {
             id: fresh_id.clone(),
-        }))
-        .await
-        .expect("RevokeKey")
-        .into_inner()
-        .key
-        .expect("RevokeKey answers with the key");
+            ack_timeout_ms,
+        });
+        async move { keys.revoke_key(req).await }
+    };
+    let r = revoke(300).await.expect("RevokeKey").into_inner();
+    let revoked = r.key.expect("RevokeKey answers with the key");
     assert_eq!(revoked.status, pb::KeyStatus::Revoked as i32);
     let after_revoke = next_update(&mut stream, "after RevokeKey").await;
     let d = delta(&after_revoke, "after RevokeKey");
@@ -352,6 +354,43 @@ async fn watch_policy_sends_a_snapshot_then_key_deltas() {
     );
     assert_delta_keys(&d, &[&fresh.secret], true, "after RevokeKey");
     assert_eq!(d.upsert_keys[0].id, fresh_id);
+    assert_eq!(
+        r.confirmation,
+        Some(pb::RevocationConfirmation {
+            version: after_revoke.version,
+            confirmed_nodes: vec![],
+            unconfirmed_nodes: vec![NODE.to_string()],
+            unconfirmed_lease_micros: 0,
+        }),
+        "a watcher that never acknowledged"
+    );
+
+    // Once the node acknowledges the version it applied, revoking again
+    // (which changes nothing) reports it confirmed; a late, lower
+    // acknowledgement takes nothing back.
+    for version in [after_revoke.version, created.version] {
+        g.fleet()
+            .ack_policy(g.as_fleet(pb::AckPolicyRequest {
+                node_id: NODE.into(),
+                version,
+            }))
+            .await
+            .expect("AckPolicy");
+    }
+    let again = revoke(0).await.expect("RevokeKey again").into_inner();
+    assert_eq!(again.key.expect("key").revoked_at, revoked.revoked_at);
+    assert_eq!(
+        again.confirmation,
+        Some(pb::RevocationConfirmation {
+            version: after_revoke.version,
+            confirmed_nodes: vec![NODE.to_string()],
+            unconfirmed_nodes: vec![],
+            unconfirmed_lease_micros: 0,
+        })
+    );
+    let s = revoke(60_001).await.expect_err("a wait over a minute");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("ack_timeout_ms"), "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,6 +559,19 @@ async fn fleet_calls_need_the_fleet_token() {
             .err()
             .unwrap_or_else(|| panic!("GrantLease with {what} was accepted"));
         assert_eq!(s.code(), Code::Unauthenticated, "GrantLease, {what}: {s:?}");
+
+        let s = fleet
+            .ack_policy(with_authorization(
+                pb::AckPolicyRequest {
+                    node_id: NODE.into(),
+                    version: 1,
+                },
+                auth,
+            ))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("AckPolicy with {what} was accepted"));
+        assert_eq!(s.code(), Code::Unauthenticated, "AckPolicy, {what}: {s:?}");
 
         let s = fleet
             .report_spend(with_authorization(report.clone(), auth))
@@ -803,6 +855,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
     g.keys()
         .revoke_key(g.admin(pb::RevokeKeyRequest {
             id: key.key.expect("key").id,
+            ..Default::default()
         }))
         .await
         .expect("RevokeKey");
@@ -962,7 +1015,10 @@ async fn create_key_refuses_bad_input_and_creates_nothing() {
             .expect_err("GetKey of a key that does not exist");
         assert_eq!(s.code(), Code::NotFound, "GetKey, {what} id: {s:?}");
         let s = keys
-            .revoke_key(g.admin(pb::RevokeKeyRequest { id: id.into() }))
+            .revoke_key(g.admin(pb::RevokeKeyRequest {
+                id: id.into(),
+                ..Default::default()
+            }))
             .await
             .expect_err("RevokeKey of a key that does not exist");
         assert_eq!(s.code(), Code::NotFound, "RevokeKey, {what} id: {s:?}");

@@ -365,7 +365,7 @@ fn with_fleet_token<T>(control: &Control, msg: T) -> tonic::Request<T> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_and_spend_reports_are_checked_against_the_client_certificate() {
+async fn leases_spend_reports_and_acks_are_checked_against_the_client_certificate() {
     let server_ca = TestCa::new("control");
     let client_ca = TestCa::new("proxies");
     let control = mtls_control(&server_ca, &client_ca).await;
@@ -387,6 +387,10 @@ async fn leases_and_spend_reports_are_checked_against_the_client_certificate() {
         spent_micros: 0,
         node_id: node.into(),
         ..Default::default()
+    };
+    let ack = |node: &str| pb::AckPolicyRequest {
+        node_id: node.into(),
+        version: 1,
     };
 
     // No client certificate: refused before anything is looked at.
@@ -415,6 +419,10 @@ async fn leases_and_spend_reports_are_checked_against_the_client_certificate() {
         c.return_lease(with_fleet_token(&control, give_back(node2)))
             .await
             .map(|_| ()),
+        // Or a revocation could count node-2 as confirmed.
+        c.ack_policy(with_fleet_token(&control, ack(node2)))
+            .await
+            .map(|_| ()),
     ];
     for r in refusals {
         let status = r.unwrap_err();
@@ -427,6 +435,9 @@ async fn leases_and_spend_reports_are_checked_against_the_client_certificate() {
     c.report_spend(with_fleet_token(&control, report("node-1.proxy.keycap")))
         .await
         .expect("node-1 reports for itself");
+    c.ack_policy(with_fleet_token(&control, ack("node-1.proxy.keycap")))
+        .await
+        .expect("node-1 acknowledges for itself");
     let status = c
         .grant_lease(with_fleet_token(&control, grant("node-1.proxy.keycap")))
         .await
