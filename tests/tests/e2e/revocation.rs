@@ -63,7 +63,7 @@ impl Fleet {
 
     /// Mints a key through `admin` and charges $1 once through every
     /// proxy, so each holds a lease of it with budget left ($50 a day is
-    /// leased in slices of $6.25).
+    /// leased to each in a first slice of four calls: $4).
     async fn key_in_use(&self, admin: &Api, label: &str) -> (String, String) {
         let key = admin
             .post_json(
@@ -262,9 +262,10 @@ async fn a_proxy_that_cannot_confirm_is_named_and_its_lease_fenced() {
         waited >= Duration::from_millis(300),
         "answered after {waited:?}, before --revoke-ack-timeout-ms"
     );
-    // Its lease holds the key's unspent budget: that, and no more, is what
-    // it could still spend.
-    assert_eq!(usd(&c["unconfirmed_lease_usd"]), 6.25 - 1.0, "{c}");
+    // Its lease holds what it was granted and has not spent (a first slice
+    // is four calls' worth): that, and no more, is what it could still
+    // spend.
+    assert_eq!(usd(&c["unconfirmed_lease_usd"]), 4.0 - 1.0, "{c}");
     let fenced: Vec<String> = leases(db, &id)
         .await
         .into_iter()
