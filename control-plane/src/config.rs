@@ -52,6 +52,11 @@ pub struct ControlConfig {
     #[arg(long, env = "KEYCAP_CHANGE_POLL_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(10..))]
     pub change_poll_ms: u64,
+    /// How many of the newest change-log entries to keep. A proxy that
+    /// resumes from a version older than that takes a fresh snapshot.
+    #[arg(long, env = "KEYCAP_CHANGE_LOG_KEEP", default_value_t = 100_000,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub change_log_keep: i64,
     /// How long a revocation (RevokeKey, RevokeRun, their REST routes and
     /// the CLI) waits for every connected proxy to confirm it refuses the
     /// key, in milliseconds, unless the call asks otherwise. Proxies that do

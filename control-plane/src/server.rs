@@ -64,7 +64,10 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         Duration::from_millis(config.revoke_ack_timeout_ms),
     )
     .await?;
-    control.follow_changes(Duration::from_millis(config.change_poll_ms));
+    control.follow_changes(
+        Duration::from_millis(config.change_poll_ms),
+        config.change_log_keep,
+    );
     control.heartbeat_fleet();
     if let Some(token) = &config.admin_token {
         if !secret::is_well_formed(SecretKind::AdminToken, token) {

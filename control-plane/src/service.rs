@@ -347,7 +347,10 @@ impl Control {
     /// (PostgreSQL LISTEN/NOTIFY) and re-reads the log head every `poll`,
     /// for a missed signal or a store without a feed. One reader per
     /// replica, however many proxies watch it.
-    pub fn follow_changes(self: &Arc<Self>, poll: std::time::Duration) {
+    /// Also trims the change log to its newest `keep` entries as the head
+    /// moves: a proxy that resumes from a version trimmed away gets a
+    /// snapshot instead.
+    pub fn follow_changes(self: &Arc<Self>, poll: std::time::Duration, keep: i64) {
         if let Some(mut feed) = self.store.change_feed() {
             let me = Arc::downgrade(self);
             tokio::spawn(async move {
@@ -361,10 +364,18 @@ impl Control {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut trimmed_at = 0;
             loop {
                 tick.tick().await;
                 let Some(control) = me.upgrade() else { return };
                 control.changed().await;
+                let head = *control.version.borrow();
+                if head - keep > trimmed_at {
+                    match control.store.prune_changes(head - keep).await {
+                        Ok(_) => trimmed_at = head - keep,
+                        Err(e) => tracing::warn!(error = %e, "cannot trim the change log"),
+                    }
+                }
             }
         });
     }

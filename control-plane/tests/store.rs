@@ -966,6 +966,20 @@ mod cases {
         s.get_key("k1").await.unwrap();
         let _ = s.delete_vendor("stripe", now()).await;
         assert_eq!(s.latest_version().await.unwrap(), versions[4]);
+
+        // Trimming drops the oldest entries only; the head stays.
+        assert_eq!(s.prune_changes(versions[2]).await.unwrap(), 3);
+        assert_eq!(s.oldest_version().await.unwrap(), versions[3]);
+        assert_eq!(s.latest_version().await.unwrap(), versions[4]);
+        assert_eq!(s.prune_changes(versions[2]).await.unwrap(), 0);
+        let left: Vec<i64> = s
+            .changes_since(0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.version)
+            .collect();
+        assert_eq!(left, [versions[3], versions[4]]);
     }
 
     pub async fn grant_respects_daily_cap(s: S) {

@@ -1931,9 +1931,7 @@ async fn spend_events_survive_a_control_plane_outage() {
         );
     }
     // The lease is spent: fail closed.
-    charge()
-        .await
-        .expect_error(503, "budget_unavailable");
+    charge().await.expect_error(503, "budget_unavailable");
     assert_eq!(mock.forwarded_stripe_amount(), 400);
 
     stack.control.restart().await;

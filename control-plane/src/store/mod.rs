@@ -147,6 +147,8 @@ pub trait Store: Send + Sync + 'static {
     async fn latest_version(&self) -> StoreResult<i64>;
     /// Changes with version > `after`, oldest first, at most `limit`.
     async fn changes_since(&self, after: i64, limit: u32) -> StoreResult<Vec<Change>>;
+    /// Deletes the changes with version <= `through`; returns how many.
+    async fn prune_changes(&self, through: i64) -> StoreResult<u64>;
     /// Lowest version still held (0 when empty); a proxy resuming from below
     /// it needs a snapshot.
     async fn oldest_version(&self) -> StoreResult<i64>;

@@ -571,6 +571,14 @@ impl Store for PgStore {
         .collect()
     }
 
+    async fn prune_changes(&self, through: i64) -> StoreResult<u64> {
+        Ok(sqlx::query("DELETE FROM change_log WHERE version <= $1")
+            .bind(through)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
     async fn oldest_version(&self) -> StoreResult<i64> {
         Ok(
             sqlx::query_scalar("SELECT COALESCE(MIN(version), 0)::BIGINT FROM change_log")

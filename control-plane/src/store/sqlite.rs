@@ -593,6 +593,17 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn prune_changes(&self, through: i64) -> StoreResult<u64> {
+        let mut w = self.begin_write().await?;
+        let n = sqlx::query("DELETE FROM change_log WHERE version <= ?")
+            .bind(through)
+            .execute(w.conn())
+            .await?
+            .rows_affected();
+        w.commit().await?;
+        Ok(n)
+    }
+
     async fn oldest_version(&self) -> StoreResult<i64> {
         Ok(
             sqlx::query_scalar("SELECT COALESCE(MIN(version), 0) FROM change_log")

@@ -95,6 +95,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         fleet_token: fleet_token.clone(),
         key_env: "dev".to_string(),
         change_poll_ms: 250,
+        change_log_keep: 100_000,
         revoke_ack_timeout_ms: 2000,
         previous_master_keys: Vec::new(),
         previous_master_key_files: Vec::new(),

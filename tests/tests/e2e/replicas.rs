@@ -62,3 +62,84 @@ async fn a_change_through_one_replica_reaches_proxies_of_another_without_polling
         "a revocation through replica A never reached B's proxy"
     );
 }
+
+/// (lowest, highest) version in the change log.
+async fn change_log_span(db: &pg::PgDatabase) -> (i64, i64) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::query_as("SELECT COALESCE(MIN(version), 0), COALESCE(MAX(version), 0) FROM change_log")
+        .fetch_one(&mut conn)
+        .await
+        .expect("read the change log")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_resuming_from_a_trimmed_version_takes_a_snapshot() {
+    let Some(db) = pg::fresh_database_or_skip()
+        .await
+        .expect("a PostgreSQL database for the test")
+    else {
+        return;
+    };
+    let mut opts = ControlOpts::postgres(&db.url);
+    opts.args = [
+        "--change-log-keep",
+        "1",
+        "--change-poll-ms",
+        "20",
+        "--revoke-ack-timeout-ms",
+        "200",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut a = Control::start(opts.clone()).await;
+    let b = Control::start(opts.clone()).await;
+    let proxy = Proxy::start(&a.url(), &opts.fleet_token, "trimmed-proxy").await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    a.admin()
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "stripe", "base_url": mock.url(), "credential": STRIPE_CREDENTIAL}),
+        )
+        .await
+        .expect(201);
+    let mint = |control: &Control, label: &str| {
+        let admin = control.admin();
+        let body = stripe_key_body(json!(5), &["POST /v1/payment_intents"], label);
+        async move {
+            let key = admin.post_json("/vault/keys", &body).await.expect(201);
+            (
+                key["id"].as_str().expect("id").to_string(),
+                key["key"].as_str().expect("key").to_string(),
+            )
+        }
+    };
+    let (gone_id, gone) = mint(&a, "trimmed/1").await;
+    wait_key_live(&proxy.url(), "stripe", &gone).await;
+    let (_, seen) = change_log_span(&db).await;
+
+    // The proxy's replica dies. Through the other, the key is revoked and
+    // another minted, and the log is trimmed past everything the proxy saw.
+    a.kill().await;
+    b.admin()
+        .delete(&format!("/vault/keys/{gone_id}"))
+        .await
+        .expect(200);
+    let (_, fresh) = mint(&b, "trimmed/2").await;
+    assert!(
+        wait_until(within(harness::POLICY_TIMEOUT), || async {
+            change_log_span(&db).await.0 > seen + 1
+        })
+        .await,
+        "the change log was not trimmed"
+    );
+
+    // Back on its replica, the proxy cannot resume from its version: it
+    // takes a snapshot, which has the revocation and the new key.
+    a.restart().await;
+    wait_key_live(&proxy.url(), "stripe", &fresh).await;
+    assert_eq!(
+        probe_key(&proxy.url(), "stripe", &gone).await.as_deref(),
+        Some("key_revoked")
+    );
+}
