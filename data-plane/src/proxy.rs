@@ -576,6 +576,9 @@ impl Call {
                 tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor unreachable");
                 let r = self.reservation.take().expect("reservation present");
                 self.proxy.budget.resolve(r, Micros::ZERO);
+                // Its reservation record must not be reported after a
+                // restart: it never left.
+                self.proxy.spend.never_sent(&self.event_id);
                 return Err(Refusal::UpstreamUnreachable);
             }
             Ok(Err(e)) => {

@@ -74,6 +74,14 @@ impl SpendReporter {
         }
     }
 
+    /// A call whose reservation record was written was not forwarded after
+    /// all: drops the record, so a restart does not report it.
+    pub fn never_sent(&self, event_id: &str) {
+        if let Some(spool) = &self.spool {
+            spool.delivered([event_id]);
+        }
+    }
+
     pub fn send(&self, event: pb::SpendEvent) {
         if let Some(spool) = &self.spool {
             if let Err(e) = spool.event(&event) {
