@@ -363,7 +363,11 @@ mod tests {
             spool
                 .reserve(&event("e3", "l2", 100, "settled_at_reservation"))
                 .unwrap();
-            spool.delivered(["e1"]);
+            // Recorded, then never sent (the vendor could not be reached).
+            spool
+                .reserve(&event("e4", "l2", 100, "settled_at_reservation"))
+                .unwrap();
+            spool.delivered(["e1", "e4"]);
             spool.sync().unwrap();
             // Dropped without any shutdown, as SIGKILL would.
         }
