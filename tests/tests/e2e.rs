@@ -58,6 +58,21 @@ async fn stack_with_stripe() -> (Stack, MockVendor) {
     (stack, mock)
 }
 
+/// A Stripe mock registered as vendor `stripe` through `control`'s admin
+/// API.
+async fn stripe_on(control: &harness::Control) -> MockVendor {
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    control
+        .admin()
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "stripe", "base_url": mock.url(), "credential": STRIPE_CREDENTIAL}),
+        )
+        .await
+        .expect(201);
+    mock
+}
+
 fn next_utc_midnight(t: DateTime<Utc>) -> DateTime<Utc> {
     (t.date_naive() + chrono::Days::new(1))
         .and_hms_opt(0, 0, 0)

@@ -22,14 +22,7 @@ async fn a_change_through_one_replica_reaches_proxies_of_another_without_polling
 
     // The vendor and the key are made through replica A after the proxy
     // took its snapshot from B: only B's change feed can bring them.
-    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
-    a.admin()
-        .put_json(
-            "/vault/vendors/stripe",
-            &json!({"profile": "stripe", "base_url": mock.url(), "credential": STRIPE_CREDENTIAL}),
-        )
-        .await
-        .expect(201);
+    let _mock = stripe_on(&a).await;
     let key = a
         .admin()
         .post_json(
@@ -95,14 +88,7 @@ async fn a_proxy_resuming_from_a_trimmed_version_takes_a_snapshot() {
     let mut a = Control::start(opts.clone()).await;
     let b = Control::start(opts.clone()).await;
     let proxy = Proxy::start(&a.url(), &opts.fleet_token, "trimmed-proxy").await;
-    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
-    a.admin()
-        .put_json(
-            "/vault/vendors/stripe",
-            &json!({"profile": "stripe", "base_url": mock.url(), "credential": STRIPE_CREDENTIAL}),
-        )
-        .await
-        .expect(201);
+    let _mock = stripe_on(&a).await;
     let mint = |control: &Control, label: &str| {
         let admin = control.admin();
         let body = stripe_key_body(json!(5), &["POST /v1/payment_intents"], label);

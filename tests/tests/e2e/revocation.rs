@@ -40,14 +40,7 @@ impl Fleet {
             let control = if i == 0 { &a } else { &b };
             proxies.push(Proxy::start(&control.url(), &opts.fleet_token, name).await);
         }
-        let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
-        a.admin()
-            .put_json(
-                "/vault/vendors/stripe",
-                &json!({"profile": "stripe", "base_url": mock.url(), "credential": STRIPE_CREDENTIAL}),
-            )
-            .await
-            .expect(201);
+        let mock = stripe_on(&a).await;
         Some(Fleet {
             proxies,
             a,
