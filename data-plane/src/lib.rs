@@ -77,7 +77,7 @@ pub async fn run(
     let tls = config.tls()?;
     let cache = policy::PolicyCache::new(prices);
     let fleet = fleet::Fleet::new(
-        &config.control_url,
+        &config.control_urls,
         &config.fleet_token,
         &node_id,
         tls.control.clone(),
@@ -85,6 +85,7 @@ pub async fn run(
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
     let (spend, delivery) = spend::SpendReporter::start(Arc::new(fleet.clone()));
     let gone_budget = budget.clone();
+    let control = fleet.replicas().clone();
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();
         tokio::spawn(async move {
@@ -128,7 +129,7 @@ pub async fn run(
                 spend: spend.clone(),
                 client: proxy::http_client(tls.upstream.clone()),
                 control_client: proxy::http_client(tls.control.clone()),
-                control_url: config.control_url.clone(),
+                control: control.clone(),
                 node_id: node_id.clone(),
                 max_body_bytes: config.max_body_bytes,
                 max_response_bytes: config.max_response_bytes,
