@@ -29,13 +29,17 @@ pub struct ProxyConfig {
     /// not yet delivered.
     #[arg(long, env = "KEYCAP_SPOOL_DIR")]
     pub spool_dir: Option<std::path::PathBuf>,
-    /// The control plane's gRPC/REST address.
+    /// The control plane's gRPC/REST address. Repeat the flag (or separate
+    /// URLs with commas) to name several replicas: calls go to the first
+    /// until it stops answering, then move to the next.
     #[arg(
-        long,
+        long = "control-url",
         env = "KEYCAP_CONTROL_URL",
-        default_value = "http://127.0.0.1:8081"
+        default_value = "http://127.0.0.1:8081",
+        value_delimiter = ',',
+        value_parser = parse_control_url
     )]
-    pub control_url: String,
+    pub control_urls: Vec<String>,
     /// Token for the control plane's fleet API.
     #[arg(long, env = "KEYCAP_FLEET_TOKEN", hide_env_values = true)]
     pub fleet_token: String,
@@ -118,6 +122,15 @@ fn parse_zone(s: &str) -> Result<String, String> {
     keycap_proto::network::parse_zone(s).map_err(|e| e.to_string())
 }
 
+fn parse_control_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(s.to_string()),
+        _ => Err(format!("{s:?} is not an http:// or https:// URL")),
+    }
+}
+
 fn parse_trusted_proxy(s: &str) -> Result<IpNet, String> {
     keycap_proto::network::parse_cidr(s).map_err(|e| e.to_string())
 }
@@ -147,16 +160,42 @@ impl ProxyConfig {
             (Some(cert), Some(key)) => Some(Identity::load(cert, key)?),
             _ => None,
         };
-        if identity.is_some() && !self.control_url.starts_with("https://") {
-            tracing::warn!(
-                "--tls-client-cert is set but --control-url is not https://: the certificate is never presented"
-            );
+        self.check_control_urls()?;
+        if identity.is_some() {
+            for url in self
+                .control_urls
+                .iter()
+                .filter(|u| !u.starts_with("https://"))
+            {
+                tracing::warn!(
+                    %url,
+                    "--tls-client-cert is set but this --control-url is not https://: the certificate is never presented"
+                );
+            }
         }
         Ok(ProxyTls {
             listener,
             control: tls::client_config(Trust::OnlyOrSystem(self.control_ca.as_deref()), identity)?,
             upstream: tls::client_config(Trust::SystemAnd(self.upstream_ca.as_deref()), None)?,
         })
+    }
+
+    /// Replicas are interchangeable, so they are reached the same way: a
+    /// mix of `https://` and `http://` would send the fleet token, and the
+    /// vendor credentials the policy stream carries, in the clear whenever
+    /// the proxy fails over to a plain one.
+    fn check_control_urls(&self) -> anyhow::Result<()> {
+        let urls = &self.control_urls;
+        anyhow::ensure!(!urls.is_empty(), "--control-url names no control plane");
+        let tls = urls.iter().filter(|u| u.starts_with("https://")).count();
+        anyhow::ensure!(
+            tls == 0 || tls == urls.len(),
+            "--control-url mixes https:// and http:// replicas; reach every replica over TLS or none"
+        );
+        for (i, url) in urls.iter().enumerate() {
+            anyhow::ensure!(!urls[..i].contains(url), "--control-url names {url} twice");
+        }
+        Ok(())
     }
 
     pub fn node_id(&self) -> String {
@@ -194,5 +233,37 @@ mod tests {
         assert!(parse(&["--zone", "EU"]).is_err());
         assert!(parse(&["--trusted-proxies", "10.0.0.1/8"]).is_err());
         assert!(parse(&["--trusted-proxies", "lb.internal"]).is_err());
+    }
+
+    #[test]
+    fn control_urls_are_repeated_or_comma_separated() {
+        let one = parse(&[]).unwrap();
+        assert_eq!(one.control_urls, ["http://127.0.0.1:8081"]);
+        let c = parse(&[
+            "--control-url",
+            "http://a:8081,http://b:8081",
+            "--control-url",
+            "http://c:8081",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.control_urls,
+            ["http://a:8081", "http://b:8081", "http://c:8081"]
+        );
+        c.check_control_urls().unwrap();
+        assert!(parse(&["--control-url", "a:8081"]).is_err());
+        assert!(parse(&["--control-url", "ftp://a:8081"]).is_err());
+        assert!(parse(&["--control-url", "http://a:8081,"]).is_err());
+    }
+
+    #[test]
+    fn replicas_are_all_reached_over_tls_or_none() {
+        let mixed = parse(&["--control-url", "https://a:8081,http://b:8081"]).unwrap();
+        let e = mixed.check_control_urls().unwrap_err().to_string();
+        assert!(e.contains("mixes"), "{e}");
+        let twice = parse(&["--control-url", "https://a:8081,https://a:8081"]).unwrap();
+        assert!(twice.check_control_urls().is_err());
+        let tls = parse(&["--control-url", "https://a:8081,https://b:8081"]).unwrap();
+        tls.check_control_urls().unwrap();
     }
 }

@@ -1,7 +1,17 @@
-//! The proxy's side of the fleet API: an authenticated gRPC client to the
-//! control plane, the policy watch loop (reconnect with backoff, resume from
-//! the last applied version) and the lease calls the budget makes.
+//! The proxy's side of the fleet API: authenticated gRPC clients to the
+//! control-plane replicas, the policy watch loop (reconnect with backoff,
+//! resume from the last applied version) and the lease calls the budget
+//! makes.
+//!
+//! A proxy may be given several replicas. Calls go to one of them (the
+//! current replica) until it stops answering; then they move to the next in
+//! the operator's order and stay there. Lease grants, returns and spend
+//! reports carry ids the control plane applies once, so a call retried on
+//! another replica after a lost answer is never applied twice. This module
+//! never retries a call the control plane answered with a refusal.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +22,18 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::policy::PolicyCache;
+
+/// How long a lease grant or return may take before the replica counts as
+/// unavailable for it.
+const LEASE_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a spend report (up to a thousand events, one transaction) may
+/// take before it is resent, possibly to another replica.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings on an otherwise silent connection, so a replica that went
+/// away without closing it (a partition, a stopped host) ends the policy
+/// stream instead of leaving it open and mute forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct FleetAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
@@ -25,52 +47,190 @@ impl tonic::service::Interceptor for FleetAuth {
 
 pub type Client = FleetServiceClient<InterceptedService<Channel, FleetAuth>>;
 
+/// The control-plane replicas, in the operator's order, and which one calls
+/// go to now. Cheap to clone; clones share the current replica.
+#[derive(Clone)]
+pub struct Replicas<C> {
+    members: Arc<[C]>,
+    current: Arc<AtomicUsize>,
+}
+
+impl<C: Clone> Replicas<C> {
+    /// Replicas in this order, the first one current. Needs at least one.
+    pub fn new(members: Vec<C>) -> Self {
+        assert!(!members.is_empty(), "at least one control-plane replica");
+        Replicas {
+            members: members.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The replica calls go to now, with its index.
+    pub fn current(&self) -> (usize, C) {
+        let i = self.current.load(Ordering::Relaxed) % self.members.len();
+        (i, self.members[i].clone())
+    }
+
+    /// Replica `failed` did not answer: later calls start at the one after
+    /// it. When another caller has already moved on from `failed`, nothing
+    /// changes, so many calls failing on one replica move the fleet client
+    /// one step, not one step each.
+    pub fn fail_over(&self, failed: usize) {
+        let next = (failed + 1) % self.members.len();
+        let _ = self
+            .current
+            .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Runs `call` on the current replica and, each time it fails with an
+    /// error `unavailable` says is the replica's absence rather than an
+    /// answer, on the next one, trying every replica at most once. Returns
+    /// the first answer, or the last replica's error.
+    pub async fn call<T, E, F, Fut>(
+        &self,
+        mut call: F,
+        unavailable: impl Fn(&E) -> bool,
+    ) -> Result<T, E>
+    where
+        F: FnMut(C) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let (start, _) = self.current();
+        let n = self.members.len();
+        let mut tried = 0;
+        loop {
+            let i = (start + tried) % n;
+            match call(self.members[i].clone()).await {
+                Err(e) if unavailable(&e) && tried + 1 < n => {
+                    self.fail_over(i);
+                    tried += 1;
+                }
+                Err(e) => {
+                    if unavailable(&e) {
+                        self.fail_over(i);
+                    }
+                    return Err(e);
+                }
+                ok => return ok,
+            }
+        }
+    }
+}
+
+/// Whether a failed fleet call says the replica is away (not reachable, not
+/// answering in time, its connection cut) rather than answering: only then
+/// is the same call worth sending to another replica. `Internal` counts as
+/// away too: a replica whose database connection broke says so, and another
+/// one may still reach the database; the call applies once either way.
+pub fn replica_unavailable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Internal
+    )
+}
+
+/// One replica: its URL (for the `/vault/*` relay and logs) and a lazily
+/// connected fleet client.
+#[derive(Clone)]
+pub struct Replica {
+    pub url: Arc<str>,
+    client: Client,
+}
+
 /// A cheap-to-clone handle on the control plane's fleet API.
 #[derive(Clone)]
 pub struct Fleet {
-    client: Client,
+    replicas: Replicas<Replica>,
     pub node_id: String,
 }
 
 impl Fleet {
-    /// A lazily connected channel to `control_url`: over `tls` (which
-    /// carries this node's client certificate, if it has one) when the URL
-    /// is `https://`, plain HTTP/2 otherwise.
+    /// A lazily connected channel to each of `control_urls`: over `tls`
+    /// (which carries this node's client certificate, if it has one) when
+    /// the URL is `https://`, plain HTTP/2 otherwise.
     pub fn new(
-        control_url: &str,
+        control_urls: &[String],
         fleet_token: &str,
         node_id: &str,
         tls: rustls::ClientConfig,
     ) -> anyhow::Result<Self> {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        // gRPC needs HTTP/2, so only `h2` is offered by ALPN.
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http2()
-            .wrap_connector(http);
-        let channel = Endpoint::from_shared(control_url.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_with_connector_lazy(connector);
         let mut value: tonic::metadata::MetadataValue<_> =
             format!("Bearer {fleet_token}").parse()?;
         value.set_sensitive(true);
+        let auth = FleetAuth(value);
+        let mut replicas = Vec::with_capacity(control_urls.len());
+        for url in control_urls {
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            // gRPC needs HTTP/2, so only `h2` is offered by ALPN.
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http2()
+                .wrap_connector(http);
+            let channel = Endpoint::from_shared(url.clone())?
+                .connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .connect_with_connector_lazy(connector);
+            replicas.push(Replica {
+                url: url.as_str().into(),
+                client: FleetServiceClient::with_interceptor(channel, auth.clone()),
+            });
+        }
+        anyhow::ensure!(!replicas.is_empty(), "no control-plane URL");
         Ok(Fleet {
-            client: FleetServiceClient::with_interceptor(channel, FleetAuth(value)),
+            replicas: Replicas::new(replicas),
             node_id: node_id.to_string(),
         })
     }
 
+    /// The current replica's client.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.replicas.current().1.client
+    }
+
+    pub fn replicas(&self) -> &Replicas<Replica> {
+        &self.replicas
+    }
+
+    /// Runs a fleet call on the current replica, moving to the next while
+    /// replicas are unavailable.
+    async fn call<T, F, Fut>(&self, what: &'static str, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.replicas
+            .call(
+                |r: Replica| {
+                    let fut = call(r.client);
+                    async move {
+                        let out = fut.await;
+                        if let Err(s) = &out {
+                            if replica_unavailable(s) {
+                                tracing::warn!(replica = %r.url, call = what, code = ?s.code(), "control-plane replica unavailable");
+                            }
+                        }
+                        out
+                    }
+                },
+                replica_unavailable,
+            )
+            .await
     }
 }
 
 /// Follows the control plane's policy stream forever: applies the snapshot
-/// and deltas, hands keys that went away to `on_gone`, reconnects with
-/// capped exponential backoff and resumes from the last applied version.
+/// and deltas, hands keys that went away to `on_gone`, and when the stream
+/// breaks or cannot be opened moves to the next replica, with capped
+/// exponential backoff, resuming from the last applied version.
 pub async fn watch_policy(
     fleet: Fleet,
     cache: Arc<PolicyCache>,
@@ -79,7 +239,8 @@ pub async fn watch_policy(
     let mut backoff = Duration::from_millis(50);
     loop {
         let from_version = cache.version();
-        let mut client = fleet.client();
+        let (replica, current) = fleet.replicas().current();
+        let mut client = current.client;
         let req = pb::WatchPolicyRequest {
             node_id: fleet.node_id.clone(),
             from_version,
@@ -103,16 +264,18 @@ pub async fn watch_policy(
                                 // over from a snapshot.
                                 cache.reset_version();
                             }
-                            tracing::warn!(code = ?s.code(), "policy stream ended");
+                            tracing::warn!(replica = %current.url, code = ?s.code(), "policy stream ended");
                             break;
                         }
                     }
                 }
             }
             Err(s) => {
-                tracing::warn!(code = ?s.code(), message = s.message(), "cannot watch policy")
+                tracing::warn!(replica = %current.url, code = ?s.code(), message = s.message(), "cannot watch policy")
             }
         }
+        // The next replica takes over, from the version applied here.
+        fleet.replicas().fail_over(replica);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -180,22 +343,26 @@ pub trait LeaseSource: Send + Sync + 'static {
 #[async_trait]
 impl LeaseSource for Fleet {
     async fn grant(&self, req: pb::GrantLeaseRequest) -> Result<pb::GrantLeaseResponse, Status> {
-        let mut c = self.client();
-        let mut r = Request::new(req);
-        r.set_timeout(Duration::from_secs(3));
-        Ok(c.grant_lease(r).await?.into_inner())
+        self.call("grant_lease", |mut c| {
+            let mut r = Request::new(req.clone());
+            r.set_timeout(LEASE_CALL_TIMEOUT);
+            async move { Ok(c.grant_lease(r).await?.into_inner()) }
+        })
+        .await
     }
 
     async fn give_back(&self, lease_id: &str, spent_micros: i64) -> Result<(), Status> {
-        let mut c = self.client();
-        c.return_lease(pb::ReturnLeaseRequest {
-            lease_id: lease_id.to_string(),
-            spent_micros,
-            node_id: self.node_id.clone(),
-            ..Default::default()
+        self.call("return_lease", |mut c| {
+            let mut r = Request::new(pb::ReturnLeaseRequest {
+                lease_id: lease_id.to_string(),
+                spent_micros,
+                node_id: self.node_id.clone(),
+                ..Default::default()
+            });
+            r.set_timeout(LEASE_CALL_TIMEOUT);
+            async move { c.return_lease(r).await.map(drop) }
         })
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn shrink(
@@ -204,17 +371,18 @@ impl LeaseSource for Fleet {
         granted_micros: i64,
         keep_micros: i64,
     ) -> Result<(), Status> {
-        let mut c = self.client();
-        let mut r = Request::new(pb::ReturnLeaseRequest {
-            lease_id: lease_id.to_string(),
-            spent_micros: keep_micros,
-            node_id: self.node_id.clone(),
-            keep_open: true,
-            granted_micros,
-        });
-        r.set_timeout(Duration::from_secs(3));
-        c.return_lease(r).await?;
-        Ok(())
+        self.call("shrink_lease", |mut c| {
+            let mut r = Request::new(pb::ReturnLeaseRequest {
+                lease_id: lease_id.to_string(),
+                spent_micros: keep_micros,
+                node_id: self.node_id.clone(),
+                keep_open: true,
+                granted_micros,
+            });
+            r.set_timeout(LEASE_CALL_TIMEOUT);
+            async move { c.return_lease(r).await.map(drop) }
+        })
+        .await
     }
 }
 
@@ -228,12 +396,156 @@ pub trait SpendSink: Send + Sync + 'static {
 #[async_trait]
 impl SpendSink for Fleet {
     async fn report(&self, events: Vec<pb::SpendEvent>) -> Result<(), Status> {
-        let mut c = self.client();
-        c.report_spend(pb::ReportSpendRequest {
-            node_id: self.node_id.clone(),
-            events,
+        self.call("report_spend", |mut c| {
+            let mut r = Request::new(pb::ReportSpendRequest {
+                node_id: self.node_id.clone(),
+                events: events.clone(),
+            });
+            r.set_timeout(REPORT_TIMEOUT);
+            async move { c.report_spend(r).await.map(drop) }
         })
-        .await?;
-        Ok(())
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Three replicas answering as scripted: `true` answers, `false` is
+    /// away. Records which replica each attempt went to.
+    struct Scripted {
+        up: Mutex<[bool; 3]>,
+        tried: Mutex<Vec<usize>>,
+    }
+
+    impl Scripted {
+        fn new(up: [bool; 3]) -> Self {
+            Scripted {
+                up: Mutex::new(up),
+                tried: Mutex::new(Vec::new()),
+            }
+        }
+
+        async fn call(&self, replicas: &Replicas<usize>) -> Result<usize, Status> {
+            replicas
+                .call(
+                    |i| async move {
+                        self.tried.lock().unwrap().push(i);
+                        if self.up.lock().unwrap()[i] {
+                            Ok(i)
+                        } else {
+                            Err(Status::unavailable("connection refused"))
+                        }
+                    },
+                    replica_unavailable,
+                )
+                .await
+        }
+
+        fn tried(&self) -> Vec<usize> {
+            std::mem::take(&mut self.tried.lock().unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_stay_on_a_replica_until_it_fails_then_move_to_the_next() {
+        let replicas = Replicas::new(vec![0, 1, 2]);
+        let s = Scripted::new([true, true, true]);
+        assert_eq!(s.call(&replicas).await.unwrap(), 0);
+        assert_eq!(s.call(&replicas).await.unwrap(), 0);
+        assert_eq!(s.tried(), [0, 0]);
+
+        // The first replica dies: the same call is retried on the second,
+        // and later calls start there.
+        s.up.lock().unwrap()[0] = false;
+        assert_eq!(s.call(&replicas).await.unwrap(), 1);
+        assert_eq!(s.call(&replicas).await.unwrap(), 1);
+        assert_eq!(s.tried(), [0, 1, 1]);
+
+        // It comes back; calls do not move back while the second answers.
+        s.up.lock().unwrap()[0] = true;
+        assert_eq!(s.call(&replicas).await.unwrap(), 1);
+
+        // The second and third die: the list wraps around to the first.
+        *s.up.lock().unwrap() = [true, false, false];
+        s.tried();
+        assert_eq!(s.call(&replicas).await.unwrap(), 0);
+        assert_eq!(s.tried(), [1, 2, 0]);
+    }
+
+    #[tokio::test]
+    async fn with_every_replica_away_each_is_tried_once_and_the_error_returned() {
+        let replicas = Replicas::new(vec![0, 1, 2]);
+        let s = Scripted::new([false, false, false]);
+        let e = s.call(&replicas).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert_eq!(s.tried(), [0, 1, 2]);
+        // The next call starts after the last one tried.
+        let _ = s.call(&replicas).await;
+        assert_eq!(s.tried(), [0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_never_sent_to_another_replica() {
+        let replicas = Replicas::new(vec![0, 1]);
+        let tried = Mutex::new(Vec::new());
+        let e = replicas
+            .call(
+                |i| {
+                    tried.lock().unwrap().push(i);
+                    async { Err::<(), _>(Status::permission_denied("not this node")) }
+                },
+                replica_unavailable,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert_eq!(*tried.lock().unwrap(), [0]);
+        assert_eq!(replicas.current().0, 0, "a refusal does not move calls");
+    }
+
+    #[test]
+    fn concurrent_failures_of_one_replica_move_calls_one_step() {
+        let replicas = Replicas::new(vec![0, 1, 2]);
+        // Many calls in flight on replica 0 all fail: one step, to 1.
+        for _ in 0..5 {
+            replicas.fail_over(0);
+        }
+        assert_eq!(replicas.current().0, 1);
+        // A late failure report from 0 does not skip the healthy 1.
+        replicas.fail_over(0);
+        assert_eq!(replicas.current().0, 1);
+        replicas.fail_over(1);
+        replicas.fail_over(2);
+        assert_eq!(replicas.current().0, 0, "wraps around");
+        let single = Replicas::new(vec![0]);
+        single.fail_over(0);
+        assert_eq!(single.current().0, 0);
+    }
+
+    #[test]
+    fn only_a_replica_s_absence_is_retried_elsewhere() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::Internal,
+        ] {
+            assert!(replica_unavailable(&Status::new(code, "")), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::FailedPrecondition,
+            Code::OutOfRange,
+        ] {
+            assert!(!replica_unavailable(&Status::new(code, "")), "{code:?}");
+        }
     }
 }

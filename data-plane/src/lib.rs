@@ -78,7 +78,7 @@ pub async fn run(
     let tls = config.tls()?;
     let cache = policy::PolicyCache::new(prices);
     let fleet = fleet::Fleet::new(
-        &config.control_url,
+        &config.control_urls,
         &config.fleet_token,
         &node_id,
         tls.control.clone(),
@@ -107,6 +107,7 @@ pub async fn run(
         fleet.clone(),
         cache.subscribe_applied(),
     ));
+    let control = fleet.replicas().clone();
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();
         tokio::spawn(async move {
@@ -150,7 +151,7 @@ pub async fn run(
                 spend: spend.clone(),
                 client: proxy::http_client(tls.upstream.clone()),
                 control_client: proxy::http_client(tls.control.clone()),
-                control_url: config.control_url.clone(),
+                control: control.clone(),
                 node_id: node_id.clone(),
                 max_body_bytes: config.max_body_bytes,
                 max_response_bytes: config.max_response_bytes,

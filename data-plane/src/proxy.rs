@@ -32,6 +32,7 @@ use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::client_addr;
 use crate::error::Refusal;
+use crate::fleet::{Replica, Replicas};
 use crate::idempotency::{Begin, Guard, IdempotencyMemory};
 use crate::metrics::Metrics;
 use crate::policy::{KeyPolicy, KeyStanding, PolicyCache, VendorPolicy};
@@ -79,7 +80,9 @@ pub struct Proxy {
     /// Relays `/vault/*`: trusts `--control-ca` and presents this node's
     /// client certificate, like the fleet channel.
     pub control_client: HttpClient,
-    pub control_url: String,
+    /// The control-plane replicas, shared with the fleet client so the
+    /// relay goes where fleet calls go.
+    pub control: Replicas<Replica>,
     pub node_id: String,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
@@ -483,23 +486,28 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let uri = format!("{}{}", self.control_url.trim_end_matches('/'), pq)
-            .parse()
-            .map_err(|_| Refusal::InvalidTarget("target is not a valid URL".into()))?;
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
-        let mut up = Request::new(Full::new(body));
-        *up.method_mut() = parts.method;
-        *up.headers_mut() = headers;
-        *up.uri_mut() = uri;
-        let resp = tokio::time::timeout(self.upstream_timeout, self.control_client.request(up))
+        // Only a replica that could not be connected to is skipped: the
+        // call never left, so sending it to the next one cannot apply it
+        // twice. Any later failure is the agent's to retry.
+        let resp = self
+            .control
+            .call(
+                |replica| {
+                    let mut up = Request::new(Full::new(body.clone()));
+                    *up.method_mut() = parts.method.clone();
+                    *up.headers_mut() = headers.clone();
+                    self.relay_to(replica, pq, up)
+                },
+                |f| matches!(f, RelayFailure::NotConnected),
+            )
             .await
-            .map_err(|_| Refusal::UpstreamTimeout)?
-            .map_err(|e| {
-                tracing::warn!(error = %e, "control plane unreachable for admin relay");
-                Refusal::UpstreamUnreachable
+            .map_err(|f| match f {
+                RelayFailure::NotConnected => Refusal::UpstreamUnreachable,
+                RelayFailure::Refused(r) => r,
             })?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -508,6 +516,41 @@ impl Proxy {
             body.map_err(Into::into).boxed_unsync(),
         ))
     }
+}
+
+impl Proxy {
+    /// Sends one relayed admin call to `replica`, at `path_and_query`.
+    async fn relay_to(
+        &self,
+        replica: Replica,
+        path_and_query: &str,
+        mut up: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, RelayFailure> {
+        *up.uri_mut() = format!("{}{}", replica.url.trim_end_matches('/'), path_and_query)
+            .parse()
+            .map_err(|_| {
+                RelayFailure::Refused(Refusal::InvalidTarget("target is not a valid URL".into()))
+            })?;
+        match tokio::time::timeout(self.upstream_timeout, self.control_client.request(up)).await {
+            Err(_) => Err(RelayFailure::Refused(Refusal::UpstreamTimeout)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                tracing::warn!(replica = %replica.url, error = %e, "control plane unreachable for admin relay");
+                Err(if e.is_connect() {
+                    RelayFailure::NotConnected
+                } else {
+                    RelayFailure::Refused(Refusal::UpstreamUnreachable)
+                })
+            }
+        }
+    }
+}
+
+/// Why relaying an admin call to one replica failed.
+enum RelayFailure {
+    /// No connection to the replica: the call was never sent.
+    NotConnected,
+    Refused(Refusal),
 }
 
 /// A digest of what makes two requests the same call: method, path, query,

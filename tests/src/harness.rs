@@ -692,7 +692,10 @@ pub struct Proxy {
     port: u16,
     listener_ca: Option<PathBuf>,
     pub node_id: String,
-    _logs: Arc<TempDir>,
+    control_urls: Vec<String>,
+    fleet_token: String,
+    opts: ProxyOpts,
+    logs: Arc<TempDir>,
 }
 
 impl Proxy {
@@ -701,19 +704,50 @@ impl Proxy {
     }
 
     pub async fn start_with(control_url: &str, fleet_token: &str, opts: &ProxyOpts) -> Proxy {
+        Proxy::start_with_replicas(&[control_url.to_string()], fleet_token, opts).await
+    }
+
+    /// A proxy given every control-plane replica in `control_urls`, one
+    /// `--control-url` flag each, in that order: it talks to the first
+    /// until that one stops answering.
+    pub async fn start_with_replicas(
+        control_urls: &[String],
+        fleet_token: &str,
+        opts: &ProxyOpts,
+    ) -> Proxy {
         let logs = log_dir();
+        let (process, port) = Self::spawn(control_urls, fleet_token, opts, &logs, None).await;
+        Proxy {
+            process,
+            port,
+            listener_ca: opts.listener_ca.clone(),
+            node_id: opts.node_id.clone(),
+            control_urls: control_urls.to_vec(),
+            fleet_token: fleet_token.to_string(),
+            opts: opts.clone(),
+            logs,
+        }
+    }
+
+    async fn spawn(
+        control_urls: &[String],
+        fleet_token: &str,
+        opts: &ProxyOpts,
+        logs: &TempDir,
+        port: Option<u16>,
+    ) -> (ChildProcess, u16) {
         let log = logs.path().join("keycap-proxy.log");
         let (process, ports) = launch(
             "keycap-proxy",
             &log,
-            || vec![free_port()],
+            || vec![port.unwrap_or_else(free_port)],
             |p| {
                 let mut cmd = keycap_command("keycap-proxy");
-                cmd.arg("--listen")
-                    .arg(format!("127.0.0.1:{}", p[0]))
-                    .arg("--control-url")
-                    .arg(control_url)
-                    .arg("--node-id")
+                cmd.arg("--listen").arg(format!("127.0.0.1:{}", p[0]));
+                for url in control_urls {
+                    cmd.arg("--control-url").arg(url);
+                }
+                cmd.arg("--node-id")
                     .arg(&opts.node_id)
                     .args(&opts.args)
                     .env("KEYCAP_FLEET_TOKEN", fleet_token);
@@ -727,13 +761,23 @@ impl Proxy {
             opts.listener_ca.as_deref(),
         )
         .await;
-        Proxy {
-            process,
-            port: ports[0],
-            listener_ca: opts.listener_ca.clone(),
-            node_id: opts.node_id.clone(),
-            _logs: logs,
-        }
+        (process, ports[0])
+    }
+
+    /// Starts the proxy again on the same port, node id and flags (after
+    /// `process_mut().kill()`, or killing it first), and waits until it is
+    /// ready as its options say.
+    pub async fn restart(&mut self) {
+        self.process.kill().await;
+        let (process, _) = Self::spawn(
+            &self.control_urls,
+            &self.fleet_token,
+            &self.opts,
+            &self.logs,
+            Some(self.port),
+        )
+        .await;
+        self.process = process;
     }
 
     /// `http://127.0.0.1:<port>` (`https://` when serving TLS).
@@ -1042,6 +1086,22 @@ impl Api {
         extra_headers: &[(&str, &str)],
     ) -> Resp {
         let url = format!("{}{}", self.base, path);
+        self.try_send(method.clone(), path, body, extra_headers)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+    }
+
+    /// Like `send`, but a request nothing answered (connection refused or
+    /// cut) is an error instead of a panic: for calls to a process a test
+    /// may kill.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        extra_headers: &[(&str, &str)],
+    ) -> Result<Resp, String> {
+        let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(a) = &self.authorization {
             req = req.header(reqwest::header::AUTHORIZATION, a);
@@ -1052,21 +1112,18 @@ impl Api {
         if let Some((ct, bytes)) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, ct).body(bytes);
         }
-        let resp = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {url}: no response: {e}"));
+        let resp = req.send().await.map_err(|e| format!("no response: {e}"))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp
             .text()
             .await
-            .unwrap_or_else(|e| panic!("{method} {url}: body unreadable: {e}"));
-        Resp {
+            .map_err(|e| format!("body unreadable: {e}"))?;
+        Ok(Resp {
             status,
             headers,
             text,
-        }
+        })
     }
 
     pub async fn get(&self, path: &str) -> Resp {
@@ -1259,7 +1316,7 @@ pub async fn probe_key(proxy_url: &str, vendor: &str, secret: &str) -> Option<St
 }
 
 /// `probe_key` through `agent`, a client for a proxy holding the key.
-async fn probe(agent: &Api, vendor: &str) -> Option<String> {
+pub async fn probe(agent: &Api, vendor: &str) -> Option<String> {
     agent
         .delete(&format!("/{vendor}/keycap-e2e-probe"))
         .await
@@ -1380,10 +1437,30 @@ impl Stack {
 
     /// GET /vault/keys/{id}, asserting 200.
     pub async fn key(&self, id: &str) -> Value {
-        self.admin
-            .get(&format!("/vault/keys/{id}"))
-            .await
-            .expect(200)
+        self.admin.key(id).await
+    }
+
+    /// See `Api::wait_key_spend`.
+    pub async fn wait_key_spend(&self, id: &str, micros: i64, calls: i64) -> Value {
+        self.admin.wait_key_spend(id, micros, calls).await
+    }
+
+    /// GET /vault/audit?<query>, asserting 200; the entries.
+    pub async fn audit(&self, query: &str) -> Vec<Value> {
+        self.admin.audit(query).await
+    }
+
+    /// See `Api::wait_audit`.
+    pub async fn wait_audit(&self, query: &str, n: usize) -> Vec<Value> {
+        self.admin.wait_audit(query, n).await
+    }
+}
+
+/// Reads of the admin REST API, for an `Api` holding an admin token.
+impl Api {
+    /// GET /vault/keys/{id}, asserting 200.
+    pub async fn key(&self, id: &str) -> Value {
+        self.get(&format!("/vault/keys/{id}")).await.expect(200)
     }
 
     /// Waits until the control plane reports `micros` spent and `calls`
@@ -1405,11 +1482,7 @@ impl Stack {
 
     /// GET /vault/audit?<query>, asserting 200; the entries.
     pub async fn audit(&self, query: &str) -> Vec<Value> {
-        let body = self
-            .admin
-            .get(&format!("/vault/audit?{query}"))
-            .await
-            .expect(200);
+        let body = self.get(&format!("/vault/audit?{query}")).await.expect(200);
         body["entries"].as_array().expect("entries").clone()
     }
 

@@ -275,6 +275,22 @@ impl MockVendor {
         self.state.stripe_amount.load(Ordering::SeqCst)
     }
 
+    /// The `amount` of every form-encoded `POST /v1/payment_intents`
+    /// received so far, in arrival order, whether or not it was answered: a
+    /// call whose caller went away while it was held still reached the
+    /// vendor.
+    pub fn payment_intent_amounts(&self) -> Vec<i64> {
+        self.calls()
+            .iter()
+            .filter(|c| c.method == "POST" && c.path == "/v1/payment_intents")
+            .filter_map(|c| {
+                form_urlencoded::parse(&c.body)
+                    .find(|(k, _)| k == "amount")
+                    .and_then(|(_, v)| v.parse().ok())
+            })
+            .collect()
+    }
+
     /// Adds an open invoice of `amount_due` and returns its id.
     pub fn add_invoice(&self, amount_due: i64, currency: &str) -> String {
         let id = format!(

@@ -198,6 +198,33 @@ fn the_compose_file_runs_the_binaries_as_they_are() {
         .lines()
         .find_map(|l| l.trim().strip_prefix("ipv4_address: "))
         .expect("the balancer's fixed address");
+    // Every proxy names every replica, so it can move to another when
+    // one dies, and the proxies do not all start on the same one.
+    let replicas: BTreeSet<String> = services
+        .iter()
+        .filter(|(_, s)| s.command.first().is_some_and(|b| b == "keycap-control"))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut first_choices = BTreeSet::new();
+    for (name, svc) in services.iter().filter(|(n, _)| proxies.contains(*n)) {
+        let urls: Vec<&String> = svc
+            .command
+            .windows(2)
+            .filter(|w| w[0] == "--control-url")
+            .map(|w| &w[1])
+            .collect();
+        let named: BTreeSet<String> = urls
+            .iter()
+            .filter_map(|u| u.strip_prefix("http://")?.split(':').next())
+            .map(str::to_string)
+            .collect();
+        assert_eq!(named, replicas, "{name} names {urls:?}");
+        first_choices.insert(urls.first().map(|u| u.to_string()));
+    }
+    assert!(
+        first_choices.len() > 1,
+        "every proxy starts on the same replica"
+    );
     for (name, svc) in services.iter().filter(|(n, _)| proxies.contains(*n)) {
         let trusted = svc
             .command

@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 
 #[path = "e2e/canary.rs"]
 mod canary;
+#[path = "e2e/fleet.rs"]
+mod fleet;
 #[path = "e2e/grpc.rs"]
 mod grpc;
 #[path = "e2e/kek.rs"]
@@ -90,13 +92,26 @@ fn assert_cap_refusal(
     sent: DateTime<Utc>,
     received: DateTime<Utc>,
 ) {
-    let body = r.expect_error(429, "daily_cap_exceeded");
-    assert_eq!(body["cap_usd"].as_f64(), Some(cap_usd), "{body}");
+    let body = assert_cap_refusal_of(r, cap_usd, sent, received);
     assert_eq!(
         body["remaining_usd"].as_f64(),
         Some(remaining_usd),
         "{body}"
     );
+}
+
+/// Asserts a `daily_cap_exceeded` refusal of a request sent at `sent` and
+/// answered at `received` under a `cap_usd` cap, whatever it says remains;
+/// returns the body.
+#[track_caller]
+fn assert_cap_refusal_of(
+    r: &Resp,
+    cap_usd: f64,
+    sent: DateTime<Utc>,
+    received: DateTime<Utc>,
+) -> Value {
+    let body = r.expect_error(429, "daily_cap_exceeded");
+    assert_eq!(body["cap_usd"].as_f64(), Some(cap_usd), "{body}");
     let reset = next_utc_midnight(sent);
     assert_eq!(
         body["resets_at"],
@@ -116,6 +131,7 @@ fn assert_cap_refusal(
         "Retry-After {retry_after} not within [{lo}, {hi}] seconds to {reset}"
     );
     assert_eq!(r.header("x-should-retry"), Some("false"));
+    body
 }
 
 /// Asserts that the proxy refuses `secret` with `code` in a request sent

@@ -136,7 +136,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
     let proxy_config = ProxyConfig {
         listen: proxy_addr,
         metrics_listen: None,
-        control_url: format!("http://{control_addr}"),
+        control_urls: vec![format!("http://{control_addr}")],
         fleet_token,
         node_id: Some("dev".to_string()),
         openai_prices: None,
