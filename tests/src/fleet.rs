@@ -40,6 +40,8 @@ pub struct FleetOpts {
 /// replicas, then the database they share.
 pub struct Fleet {
     pub proxies: Vec<Proxy>,
+    /// Each proxy's `--spool-dir`, kept across its restarts.
+    pub spools: Vec<tempfile::TempDir>,
     pub controls: Vec<Control>,
     pub mock: MockVendor,
     pub db: PgDatabase,
@@ -55,10 +57,14 @@ impl Fleet {
         let a = Control::start(control.clone()).await;
         let b = Control::start(control.clone()).await;
         let urls = [a.url(), b.url()];
+        let spools: Vec<tempfile::TempDir> = (0..3)
+            .map(|_| tempfile::tempdir().expect("a spool directory"))
+            .collect();
         let start = |i: usize| {
             let first = FIRST_CHOICE[i];
             let ordered = [urls[first].clone(), urls[1 - first].clone()];
-            let mut proxy = ProxyOpts::new(&format!("fleet-proxy-{i}"));
+            let mut proxy = ProxyOpts::new(&format!("fleet-proxy-{i}"))
+                .flag("spool-dir", spools[i].path().display());
             proxy.log_level = opts.log_level.clone();
             let token = control.fleet_token.clone();
             async move { Proxy::start_with_replicas(&ordered, &token, &proxy).await }
@@ -67,6 +73,7 @@ impl Fleet {
         let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
         let fleet = Fleet {
             proxies: vec![p0, p1, p2],
+            spools,
             controls: vec![a, b],
             mock,
             db,
