@@ -11,7 +11,9 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 keycap
+ && useradd --system --uid 10001 keycap \
+ && mkdir -p /var/lib/keycap \
+ && chown keycap /var/lib/keycap
 COPY --from=build /out/ /usr/local/bin/
 USER keycap
 ENV KEYCAP_LOG=info
