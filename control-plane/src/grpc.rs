@@ -98,6 +98,7 @@ pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
         rate_limit_per_minute: k.limits.rate_limit_per_minute.unwrap_or(0),
         allowed_cidrs: k.limits.cidr_strings(),
         zone: k.limits.zone.clone().unwrap_or_default(),
+        parent_id: k.parent_id.clone().unwrap_or_default(),
     }
 }
 
@@ -188,6 +189,7 @@ impl TryFrom<pb::CreateKeyRequest> for NewKey {
                 &r.allowed_cidrs,
                 &r.zone,
             )?,
+            Some(r.parent_id.as_str()),
         )
         .map_err(|mut e| {
             // Validation speaks REST's field names; a gRPC caller should be
