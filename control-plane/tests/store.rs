@@ -122,6 +122,7 @@ suite!(
     siblings_share_their_parents_lifetime_cap,
     a_revoked_or_expired_ancestor_refuses_grants,
     revoking_a_key_revokes_its_subtree,
+    revoking_a_run_revokes_the_subtrees_of_its_keys,
     concurrent_sibling_grants_never_exceed_the_parents_cap,
 );
 
@@ -2154,6 +2155,26 @@ mod cases {
             .unwrap()
             .revoked_at
             .is_none());
+    }
+
+    pub async fn revoking_a_run_revokes_the_subtrees_of_its_keys(s: S) {
+        add_key(&*s, key("p", "stripe", "scenario", 100)).await;
+        // Children carry their own labels (per execution).
+        add_key(&*s, child("p1", "p", 10)).await;
+        add_key(&*s, child("p11", "p1", 10)).await;
+        add_key(&*s, key("q", "stripe", "other", 100)).await;
+        add_key(&*s, child("q1", "q", 10)).await;
+        let v0 = s.latest_version().await.unwrap();
+        let ids = s.revoke_run("scenario", None, now()).await.unwrap();
+        assert_eq!(ids, vec!["p", "p1", "p11"]);
+        assert_eq!(s.latest_version().await.unwrap(), v0 + 3);
+        assert!(s.get_key("q1").await.unwrap().unwrap().revoked_at.is_none());
+        // Restricted to other vendors, nothing is revoked.
+        let none = s
+            .revoke_run("other", Some(&["openai".to_string()]), now())
+            .await
+            .unwrap();
+        assert!(none.is_empty());
     }
 
     pub async fn concurrent_sibling_grants_never_exceed_the_parents_cap(s: S) {

@@ -136,7 +136,8 @@ pub trait Store: Send + Sync + 'static {
     /// entry per key it revoked, so proxies refuse the descendants too.
     async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey>;
     /// Revokes every unrevoked key with this run label — only those of
-    /// `vendors` when given — and returns their ids.
+    /// `vendors` when given — and every unrevoked key below one of them in
+    /// its budget tree, and returns their ids.
     async fn revoke_run(
         &self,
         agent_run_label: &str,

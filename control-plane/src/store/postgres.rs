@@ -542,7 +542,7 @@ impl Store for PgStore {
         // The subtree's rows are locked in id order, the order a grant locks
         // a key's ancestors in, so a revocation and a grant below it cannot
         // deadlock.
-        let subtree: Vec<String> = sqlx::query_scalar(
+        let _: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM vault_keys WHERE id IN \
                (SELECT key_id FROM key_ancestors WHERE ancestor_id = $1) \
              ORDER BY id FOR UPDATE",
@@ -553,12 +553,15 @@ impl Store for PgStore {
         let mut key = fetch_key(&mut tx, id, false)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        // A statement begun after the locks sees every child committed
+        // before them; a child minted later waits on the key's lock and
+        // then finds it revoked.
         let mut revoked: Vec<String> = sqlx::query_scalar(
-            "UPDATE vault_keys SET revoked_at = $1 WHERE revoked_at IS NULL AND id = ANY($2) \
-             RETURNING id",
+            "UPDATE vault_keys SET revoked_at = $1 WHERE revoked_at IS NULL \
+             AND id IN (SELECT key_id FROM key_ancestors WHERE ancestor_id = $2) RETURNING id",
         )
         .bind(micros(now))
-        .bind(&subtree)
+        .bind(id)
         .fetch_all(&mut *tx)
         .await?;
         revoked.sort();
@@ -567,8 +570,14 @@ impl Store for PgStore {
         if key.revoked_at.is_none() {
             key.revoked_at = Some(truncate(now));
         }
+        let descendants: Vec<String> = sqlx::query_scalar(
+            "SELECT key_id FROM key_ancestors WHERE ancestor_id = $1 AND key_id <> $1 \
+             ORDER BY key_id",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        let descendants = subtree.into_iter().filter(|k| k != id).collect();
         Ok(RevokedKey { key, descendants })
     }
 
@@ -579,16 +588,32 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
         let mut tx = self.pool.begin().await?;
+        // The run's keys and everything below them: a child key spends
+        // only while its ancestors may. Locked in id order first, the order
+        // grants lock a key's ancestors in.
+        let subtrees = |q: &mut QueryBuilder<'_, Postgres>| {
+            q.push(
+                "id IN (SELECT a.key_id FROM key_ancestors a \
+                 JOIN vault_keys r ON r.id = a.ancestor_id WHERE r.agent_run_label = ",
+            )
+            .push_bind(agent_run_label.to_string());
+            if let Some(vendors) = vendors {
+                q.push(" AND r.vendor = ANY(")
+                    .push_bind(vendors.to_vec())
+                    .push(")");
+            }
+            q.push(")");
+        };
+        let mut lock = QueryBuilder::<Postgres>::new(
+            "SELECT id FROM vault_keys WHERE revoked_at IS NULL AND ",
+        );
+        subtrees(&mut lock);
+        lock.push(" ORDER BY id FOR UPDATE");
+        let _: Vec<String> = lock.build_query_scalar().fetch_all(&mut *tx).await?;
         let mut q = QueryBuilder::<Postgres>::new("UPDATE vault_keys SET revoked_at = ");
         q.push_bind(micros(now))
-            .push(" WHERE agent_run_label = ")
-            .push_bind(agent_run_label)
-            .push(" AND revoked_at IS NULL");
-        if let Some(vendors) = vendors {
-            q.push(" AND vendor = ANY(")
-                .push_bind(vendors.to_vec())
-                .push(")");
-        }
+            .push(" WHERE revoked_at IS NULL AND ");
+        subtrees(&mut q);
         q.push(" RETURNING id");
         let mut ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
         ids.sort();

@@ -604,15 +604,18 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
         let mut w = self.begin_write().await?;
+        // The run's keys and everything below them: a child key spends
+        // only while its ancestors may.
         let mut q = QueryBuilder::<Sqlite>::new("UPDATE vault_keys SET revoked_at = ");
-        q.push_bind(micros(now))
-            .push(" WHERE agent_run_label = ")
-            .push_bind(agent_run_label)
-            .push(" AND revoked_at IS NULL");
+        q.push_bind(micros(now)).push(
+            " WHERE revoked_at IS NULL AND id IN (SELECT a.key_id FROM key_ancestors a \
+             JOIN vault_keys r ON r.id = a.ancestor_id WHERE r.agent_run_label = ",
+        );
+        q.push_bind(agent_run_label);
         if let Some(vendors) = vendors {
-            push_in(&mut q, "vendor", vendors);
+            push_in(&mut q, "r.vendor", vendors);
         }
-        q.push(" RETURNING id");
+        q.push(") RETURNING id");
         let mut ids: Vec<String> = q.build_query_scalar().fetch_all(w.conn()).await?;
         ids.sort();
         for id in &ids {
