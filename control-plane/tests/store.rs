@@ -2294,14 +2294,29 @@ const CAP: i64 = 1_000;
 /// model; the store's grace must cover it.
 const COMES_BACK_WITHIN: Duration = Duration::minutes(59);
 
+/// A child's cap in the tree model: three of them exceed the parent's.
+const CHILD_CAP: i64 = 700;
+
 /// Runs `ops` against the store with three proxies and checks, after every
 /// step: the vendor was never charged more than the cap; the store counted
 /// every delivered call exactly once; and what it still offers plus what it
-/// counted never exceeds the cap.
-async fn run_model(ops: Vec<Op>) {
+/// counted never exceeds the cap. With `tree`, each proxy spends with its
+/// own child key (cap `CHILD_CAP`) of one parent key (cap `CAP`), and the
+/// cap checked is the parent's, over all three children, as well as each
+/// child's own.
+async fn run_model(ops: Vec<Op>, tree: bool) {
     let s = SqliteStore::in_memory().await.unwrap();
     s.migrate().await.unwrap();
     add_key(&s, key("k", "stripe", "r", CAP)).await;
+    let keys: Vec<String> = if tree {
+        for node in 0..3 {
+            add_key(&s, child(&format!("k{node}"), "k", CHILD_CAP)).await;
+        }
+        (0..3).map(|node| format!("k{node}")).collect()
+    } else {
+        vec!["k".to_string(); 3]
+    };
+    let mut charged_by = [0i64; 3];
     let mut clock = now();
     let mut nodes: Vec<Node> = (0..3).map(|_| Node::default()).collect();
     let (mut charged, mut delivered, mut n) = (0i64, 0i64, 0u32);
@@ -2313,7 +2328,7 @@ async fn run_model(ops: Vec<Op>) {
                     Some((id, ..)) => id.clone(),
                     None => format!("lease-{node}-{n}"),
                 };
-                let mut req = grant(&format!("g{n}"), &id, "k", DAY, amount, 1);
+                let mut req = grant(&format!("g{n}"), &id, &keys[node], DAY, amount, 1);
                 req.node_id = format!("node-{node}");
                 req.expires_at = clock + Duration::seconds(60);
                 match s.grant_lease(&req, clock).await {
@@ -2341,7 +2356,8 @@ async fn run_model(ops: Vec<Op>) {
                 let cost = amount * percent / 100;
                 *used += cost;
                 charged += cost;
-                let mut e = event(&format!("e{n}"), "k", id, DAY, "stripe", cost);
+                charged_by[node] += cost;
+                let mut e = event(&format!("e{n}"), &keys[node], id, DAY, "stripe", cost);
                 e.node_id = format!("node-{node}");
                 let expires = *expires;
                 nodes[node].queued.push((e, expires));
@@ -2391,7 +2407,28 @@ async fn run_model(ops: Vec<Op>) {
             charged <= CAP,
             "the vendor was charged {charged} against a cap of {CAP}"
         );
-        let spent = s.key_spend("k", DAY).await.unwrap().spent_day.0;
+        // What the nodes may still spend counts too: the vendor could be
+        // charged that much more without the store being asked again.
+        let spendable: i64 = nodes
+            .iter()
+            .filter_map(|nd| nd.lease.as_ref())
+            .filter(|l| l.2 > clock)
+            .map(|l| l.1 - l.3)
+            .sum();
+        assert!(
+            charged + spendable <= CAP,
+            "charged {charged} + still spendable {spendable} exceeds the cap {CAP}"
+        );
+        if tree {
+            assert!(
+                charged_by.iter().all(|c| *c <= CHILD_CAP),
+                "a child was charged more than its cap: {charged_by:?}"
+            );
+        }
+        let mut spent = 0;
+        for k in if tree { &keys[..] } else { &keys[..1] } {
+            spent += s.key_spend(k, DAY).await.unwrap().spent_day.0;
+        }
         assert_eq!(spent, delivered, "delivered spend counted exactly once");
         let mut probe = grant(
             &format!("p{n}"),
@@ -2422,6 +2459,17 @@ proptest::proptest! {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(run_model(ops));
+            .block_on(run_model(ops, false));
+    }
+
+    #[test]
+    fn no_sequence_of_grants_spends_returns_and_expiries_breaks_a_parents_cap(
+        ops in proptest::collection::vec(op(), 1..60)
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run_model(ops, true));
     }
 }
