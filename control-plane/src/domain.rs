@@ -333,6 +333,9 @@ pub struct VaultKey {
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub limits: KeyLimits,
+    /// The key whose caps this key also draws on (a budget tree); `None`
+    /// for a root key. Fixed at mint.
+    pub parent_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -578,6 +581,87 @@ pub fn parse_token_name(s: &str) -> Result<String, InvalidInput> {
     Ok(s.to_string())
 }
 
+/// Whether every endpoint pattern of a child key lies within its parent's: a
+/// child pattern is within when the parent's set matches the child's pattern
+/// text taken literally as a request (`*` as a segment named "*", `*` as a
+/// method named "*"). Sound because a parent `*` matches the literal segment
+/// "*" exactly where it matches any segment, and a parent literal matches
+/// only itself, never a child's `*`.
+pub fn endpoints_within(parent: &[String], child: &[String]) -> Result<(), InvalidInput> {
+    let parent = keycap_proto::endpoint::EndpointSet::parse(parent)
+        .map_err(|e| invalid("allowed_endpoints", format!("parent key: {e}")))?;
+    for c in child {
+        let pattern = keycap_proto::endpoint::EndpointPattern::parse(c)
+            .map_err(|e| invalid("allowed_endpoints", e.to_string()))?;
+        let text = pattern.to_string();
+        let (method, path) = text.split_once(' ').unwrap_or((text.as_str(), "/"));
+        if !parent.allows(method, path) {
+            return Err(invalid(
+                "allowed_endpoints",
+                format!("{text:?} is not within the parent key's allowed endpoints"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `child` may be minted under `parent` at `now`: the parent is
+/// active and of the same vendor; the child's caps are no larger than the
+/// parent's (a cap the parent has, the child must have too); it expires no
+/// later; its endpoints lie within the parent's.
+pub fn check_child_key(
+    parent: &VaultKey,
+    child: &VaultKey,
+    now: DateTime<Utc>,
+) -> Result<(), InvalidInput> {
+    match parent.status(now) {
+        KeyStatus::Active => {}
+        KeyStatus::Revoked => return Err(invalid("parent_id", "the parent key is revoked")),
+        KeyStatus::Expired => return Err(invalid("parent_id", "the parent key has expired")),
+    }
+    if parent.vendor != child.vendor {
+        return Err(invalid(
+            "parent_id",
+            format!(
+                "the parent key is for vendor {:?}; a child must be for the same vendor",
+                parent.vendor.as_str()
+            ),
+        ));
+    }
+    if child.daily_cap > parent.daily_cap {
+        return Err(invalid(
+            "daily_usd_cap",
+            format!("must not exceed the parent key's ({})", parent.daily_cap),
+        ));
+    }
+    let within = |field: &'static str, parent_cap: Option<Micros>, child_cap: Option<Micros>| match (
+        parent_cap, child_cap,
+    ) {
+        (None, _) => Ok(()),
+        (Some(p), None) => Err(invalid(
+            field,
+            format!("the parent key has one ({p}); the child needs one no larger"),
+        )),
+        (Some(p), Some(c)) if c > p => Err(invalid(
+            field,
+            format!("must not exceed the parent key's ({p})"),
+        )),
+        _ => Ok(()),
+    };
+    within("per_call_usd_cap", parent.per_call_cap, child.per_call_cap)?;
+    within("lifetime_usd_cap", parent.lifetime_cap, child.lifetime_cap)?;
+    if child.expires_at > parent.expires_at {
+        return Err(invalid(
+            "expires_in",
+            format!(
+                "the key would expire after its parent (at {})",
+                parent.expires_at.to_rfc3339()
+            ),
+        ));
+    }
+    endpoints_within(&parent.allowed_endpoints, &child.allowed_endpoints)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,5 +762,108 @@ mod tests {
         assert_eq!(parse_currency_rates(&m).unwrap()["eur"], "1.08");
         m.insert("euro".to_string(), "1".to_string());
         assert!(parse_currency_rates(&m).is_err());
+    }
+
+    fn endpoint_list(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn child_endpoints_must_lie_within_the_parent() {
+        let parent = endpoint_list(&["POST /v1/*", "GET /v1/customers/*/sources"]);
+        for ok in [
+            "POST /v1/payment_intents",
+            "POST /v1/*",
+            "POST /v1/refunds/*",
+            "GET /v1/customers/*/sources",
+            "GET /v1/customers/cus_1/sources",
+        ] {
+            assert!(
+                endpoints_within(&parent, &endpoint_list(&[ok])).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "GET /v1/payment_intents",
+            "* /v1/payment_intents",
+            "POST /v2/x",
+            "POST /*",
+            "POST /v1",
+            "GET /v1/customers/*",
+            "GET /v1/customers/*/sources/*",
+        ] {
+            assert!(
+                endpoints_within(&parent, &endpoint_list(&["POST /v1/x", bad])).is_err(),
+                "{bad}"
+            );
+        }
+        let any_method = endpoint_list(&["* /v1/*"]);
+        assert!(endpoints_within(&any_method, &endpoint_list(&["* /v1/x"])).is_ok());
+        assert!(endpoints_within(&any_method, &endpoint_list(&["DELETE /v1/x/y"])).is_ok());
+    }
+
+    fn tree_now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_900_000_000, 0).unwrap()
+    }
+
+    fn tree_key(daily: i64, per_call: Option<i64>, life: Option<i64>) -> VaultKey {
+        let now = tree_now();
+        VaultKey {
+            id: "key_p".into(),
+            key_hash: [0; 32],
+            key_prefix: "kc_".into(),
+            vendor: VendorName::parse("stripe").unwrap(),
+            allowed_endpoints: endpoint_list(&["POST /v1/*"]),
+            daily_cap: Micros(daily),
+            per_call_cap: per_call.map(Micros),
+            lifetime_cap: life.map(Micros),
+            expires_at: now + chrono::TimeDelta::hours(2),
+            agent_run_label: "run".into(),
+            metadata: BTreeMap::new(),
+            created_at: now,
+            revoked_at: None,
+            limits: KeyLimits::default(),
+            parent_id: None,
+        }
+    }
+
+    #[test]
+    fn child_caps_and_expiry_stay_within_the_parent() {
+        let now = tree_now();
+        let parent = tree_key(100, Some(10), Some(1000));
+        let fits = tree_key(100, Some(10), Some(1000));
+        assert!(check_child_key(&parent, &fits, now).is_ok());
+        let field = |c: &VaultKey| check_child_key(&parent, c, now).unwrap_err().field;
+        assert_eq!(field(&tree_key(101, Some(10), Some(1000))), "daily_usd_cap");
+        assert_eq!(
+            field(&tree_key(50, Some(11), Some(1000))),
+            "per_call_usd_cap"
+        );
+        assert_eq!(field(&tree_key(50, None, Some(1000))), "per_call_usd_cap");
+        assert_eq!(
+            field(&tree_key(50, Some(5), Some(1001))),
+            "lifetime_usd_cap"
+        );
+        assert_eq!(field(&tree_key(50, Some(5), None)), "lifetime_usd_cap");
+        let mut late = tree_key(50, Some(5), Some(10));
+        late.expires_at = parent.expires_at + chrono::TimeDelta::seconds(1);
+        assert_eq!(field(&late), "expires_in");
+        let mut wide = tree_key(50, Some(5), Some(10));
+        wide.allowed_endpoints = endpoint_list(&["POST /*"]);
+        assert_eq!(field(&wide), "allowed_endpoints");
+        let mut other = tree_key(50, Some(5), Some(10));
+        other.vendor = VendorName::parse("openai").unwrap();
+        assert_eq!(field(&other), "parent_id");
+        // A parent without per-call or lifetime caps leaves the child free
+        // to have them or not.
+        let open = tree_key(100, None, None);
+        assert!(check_child_key(&open, &tree_key(100, None, None), now).is_ok());
+        assert!(check_child_key(&open, &tree_key(100, Some(1), Some(1)), now).is_ok());
+        let mut revoked = tree_key(100, None, None);
+        revoked.revoked_at = Some(now);
+        assert_eq!(
+            check_child_key(&revoked, &fits, now).unwrap_err().field,
+            "parent_id"
+        );
     }
 }

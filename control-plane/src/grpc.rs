@@ -98,6 +98,7 @@ pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
         rate_limit_per_minute: k.limits.rate_limit_per_minute.unwrap_or(0),
         allowed_cidrs: k.limits.cidr_strings(),
         zone: k.limits.zone.clone().unwrap_or_default(),
+        parent_id: k.parent_id.clone().unwrap_or_default(),
     }
 }
 
@@ -188,19 +189,24 @@ impl TryFrom<pb::CreateKeyRequest> for NewKey {
                 &r.allowed_cidrs,
                 &r.zone,
             )?,
+            Some(r.parent_id.as_str()),
         )
         .map_err(|mut e| {
-            // Validation speaks REST's field names; a gRPC caller should be
-            // told the field it actually sent.
-            e.field = match e.field {
-                "daily_usd_cap" => "daily_cap_micros",
-                "per_call_usd_cap" => "per_call_cap_micros",
-                "lifetime_usd_cap" => "lifetime_cap_micros",
-                "expires_in" => "expires_in_seconds",
-                other => other,
-            };
+            e.field = grpc_key_field(e.field);
             e
         })
+    }
+}
+
+/// Validation speaks REST's field names; a gRPC caller should be told the
+/// field it actually sent.
+fn grpc_key_field(rest: &'static str) -> &'static str {
+    match rest {
+        "daily_usd_cap" => "daily_cap_micros",
+        "per_call_usd_cap" => "per_call_cap_micros",
+        "lifetime_usd_cap" => "lifetime_cap_micros",
+        "expires_in" => "expires_in_seconds",
+        other => other,
     }
 }
 
@@ -341,7 +347,19 @@ impl pb::key_service_server::KeyService for Api {
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let caller = self.admin(&req, Operation::CreateKey).await?;
         let new = NewKey::try_from(req.into_inner()).map_err(ApiError::from)?;
-        let (view, secret) = self.control.create_key(&caller.vendors, new).await?;
+        // Checks against a parent key are made by the service, in REST's
+        // field names too.
+        let (view, secret) = self
+            .control
+            .create_key(&caller.vendors, new)
+            .await
+            .map_err(|e| match e {
+                ApiError::Invalid(mut i) => {
+                    i.field = grpc_key_field(i.field);
+                    ApiError::Invalid(i)
+                }
+                other => other,
+            })?;
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_to_pb(&view)),
             secret,

@@ -147,6 +147,7 @@ fn key_json(v: &KeyView) -> Value {
         "rate_limit_per_minute": k.limits.rate_limit_per_minute,
         "allowed_cidrs": k.limits.cidr_strings(),
         "zone": k.limits.zone,
+        "parent_id": k.parent_id,
     })
 }
 
@@ -247,6 +248,9 @@ struct CreateKeyBody {
     allowed_cidrs: Vec<String>,
     #[serde(default)]
     zone: Option<String>,
+    /// The key to mint this one under; absent or null for a root key.
+    #[serde(default)]
+    parent_id: Option<String>,
 }
 
 /// A key's limits from a create body; a rate that is not a whole number is
@@ -315,6 +319,7 @@ pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
         &b.agent_run_label,
         b.metadata,
         limits,
+        b.parent_id.as_deref(),
     )?)
 }
 

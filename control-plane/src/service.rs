@@ -211,6 +211,8 @@ pub struct NewKey {
     pub agent_run_label: String,
     pub metadata: BTreeMap<String, String>,
     pub limits: domain::KeyLimits,
+    /// The key to mint this one under (a budget tree), if any.
+    pub parent_id: Option<String>,
 }
 
 impl NewKey {
@@ -225,7 +227,17 @@ impl NewKey {
         agent_run_label: &str,
         metadata: BTreeMap<String, String>,
         limits: domain::KeyLimits,
+        parent_id: Option<&str>,
     ) -> Result<Self, domain::InvalidInput> {
+        let parent_id = match parent_id.map(str::trim) {
+            None | Some("") => None,
+            Some(p)
+                if p.len() > 128 || !p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                return Err(invalid("parent_id", "not a key id"))
+            }
+            Some(p) => Some(p.to_string()),
+        };
         let vendor = VendorName::parse(vendor).map_err(|e| invalid("vendor", e.reason))?;
         if allowed_endpoints.is_empty() {
             return Err(invalid(
@@ -264,6 +276,7 @@ impl NewKey {
             agent_run_label: domain::parse_run_label(agent_run_label)?,
             metadata,
             limits,
+            parent_id,
         })
     }
 }
@@ -754,8 +767,25 @@ impl Control {
             created_at: now,
             revoked_at: None,
             limits: req.limits,
+            parent_id: req.parent_id,
         };
-        self.store.insert_key(&key).await?;
+        if let Some(parent_id) = &key.parent_id {
+            // A parent of a vendor the caller may not act on is not found,
+            // like an unknown one.
+            let parent = self
+                .key_of_allowed_vendor(vendors, parent_id)
+                .await
+                .map_err(|_| ApiError::NotFound(format!("parent key {parent_id:?} not found")))?;
+            domain::check_child_key(&parent, &key, now)?;
+        }
+        self.store.insert_key(&key).await.map_err(|e| match e {
+            // The parent changed since it was checked, or the tree is as
+            // deep as it may be.
+            crate::store::StoreError::Conflict(why) if key.parent_id.is_some() => {
+                ApiError::Invalid(invalid("parent_id", why))
+            }
+            other => other.into(),
+        })?;
         self.changed().await;
         let view = self.view(key, now).await?;
         Ok((view, secret_text))
@@ -818,7 +848,8 @@ impl Control {
         Ok(out)
     }
 
-    /// Revokes a key and waits for the proxies to confirm it (see
+    /// Revokes a key with its whole subtree and waits for the proxies to
+    /// confirm every one of them (see
     /// `confirm_revocation`). Revoking a revoked key changes nothing and
     /// reports the confirmation state again.
     pub async fn revoke_key(
@@ -828,12 +859,15 @@ impl Control {
         ack_timeout: Option<Duration>,
     ) -> Result<(KeyView, Confirmation), ApiError> {
         self.key_of_allowed_vendor(vendors, id).await?;
-        let key = self.store.revoke_key(id, Utc::now()).await?;
+        let revoked = self.store.revoke_key(id, Utc::now()).await?;
         let version = self.publish_head().await?;
-        let confirmation = self
-            .confirm_revocation(vec![key.id.clone()], version, ack_timeout)
-            .await?;
-        Ok((self.view(key, Utc::now()).await?, confirmation))
+        // Its whole subtree was revoked with it: proxies must refuse every
+        // key in it before the revocation is confirmed.
+        let ids = std::iter::once(revoked.key.id.clone())
+            .chain(revoked.descendants)
+            .collect();
+        let confirmation = self.confirm_revocation(ids, version, ack_timeout).await?;
+        Ok((self.view(revoked.key, Utc::now()).await?, confirmation))
     }
 
     /// Revokes the run's keys — only those of the caller's vendors — and

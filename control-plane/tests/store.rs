@@ -116,6 +116,14 @@ suite!(
     spend_summary_per_vendor,
     concurrent_grants_never_exceed_the_cap,
     concurrent_resent_batches_apply_once,
+    a_tree_is_recorded_and_bounded_in_depth,
+    siblings_share_their_parents_daily_cap,
+    a_grandchild_is_bounded_by_its_grandparent,
+    siblings_share_their_parents_lifetime_cap,
+    a_revoked_or_expired_ancestor_refuses_grants,
+    revoking_a_key_revokes_its_subtree,
+    revoking_a_run_revokes_the_subtrees_of_its_keys,
+    concurrent_sibling_grants_never_exceed_the_parents_cap,
 );
 
 #[tokio::test]
@@ -252,6 +260,15 @@ fn key(id: &str, vendor: &str, label: &str, daily_cap: i64) -> VaultKey {
         created_at: now(),
         revoked_at: None,
         limits: KeyLimits::default(),
+        parent_id: None,
+    }
+}
+
+/// A key minted under `parent`.
+fn child(id: &str, parent: &str, daily_cap: i64) -> VaultKey {
+    VaultKey {
+        parent_id: Some(parent.to_string()),
+        ..key(id, "stripe", "r", daily_cap)
     }
 }
 
@@ -834,7 +851,7 @@ mod cases {
         add_key(&*s, key("k1", "stripe", "r", 10)).await;
         let v0 = s.latest_version().await.unwrap();
 
-        let first = s.revoke_key("k1", now()).await.unwrap();
+        let first = s.revoke_key("k1", now()).await.unwrap().key;
         assert_eq!(first.revoked_at, Some(trunc(now())));
         assert_eq!(s.latest_version().await.unwrap(), v0 + 1);
         let changes = s.changes_since(v0, 10).await.unwrap();
@@ -844,7 +861,8 @@ mod cases {
         let again = s
             .revoke_key("k1", now() + Duration::hours(1))
             .await
-            .unwrap();
+            .unwrap()
+            .key;
         assert_eq!(
             again.revoked_at,
             Some(trunc(now())),
@@ -1922,6 +1940,273 @@ mod cases {
         assert_eq!(available(&*s, "k1", DAY).await, 0);
     }
 
+    // --- budget trees -------------------------------------------------------
+
+    pub async fn a_tree_is_recorded_and_bounded_in_depth(s: S) {
+        add_key(&*s, key("p", "stripe", "r", 100)).await;
+        assert_not_found(
+            s.insert_key(&child("c0", "ghost", 10)).await,
+            "unknown parent",
+        );
+        add_key(&*s, child("c1", "p", 100)).await;
+        add_key(&*s, child("c2", "c1", 100)).await;
+        add_key(&*s, child("c3", "c2", 100)).await;
+        assert_eq!(
+            s.get_key("c3").await.unwrap().unwrap().parent_id.as_deref(),
+            Some("c2")
+        );
+        assert_eq!(s.get_key("p").await.unwrap().unwrap().parent_id, None);
+        // Four levels is the most a tree has; nothing is written on refusal.
+        let v = s.latest_version().await.unwrap();
+        assert_conflict(s.insert_key(&child("c4", "c3", 100)).await, "fifth level");
+        assert!(s.get_key("c4").await.unwrap().is_none());
+        assert_eq!(s.latest_version().await.unwrap(), v);
+        s.revoke_key("c3", now()).await.unwrap();
+        assert_conflict(s.insert_key(&child("c5", "c3", 10)).await, "revoked parent");
+    }
+
+    pub async fn siblings_share_their_parents_daily_cap(s: S) {
+        add_key(&*s, key("p", "stripe", "r", 10_000_000)).await;
+        for c in ["a", "b", "c"] {
+            add_key(&*s, child(c, "p", 5_000_000)).await;
+        }
+        // Each child asks for its whole $5; together they may not pass $10.
+        let mut total = 0;
+        for c in ["a", "b", "c"] {
+            total += granted(
+                &*s,
+                grant(&format!("g{c}"), &format!("l{c}"), c, DAY, 5_000_000, 0),
+            )
+            .await;
+        }
+        assert_eq!(total, 10_000_000, "the parent's cap, not 3 x $5");
+        assert_eq!(available(&*s, "c", DAY).await, 0);
+        assert_eq!(
+            available(&*s, "p", DAY).await,
+            0,
+            "the parent counts its children's leases"
+        );
+
+        // A spends $1 of its lease and returns the rest: $4 goes back to the
+        // parent, and is what C (its own $5 untouched) can get now.
+        s.record_spend(&[event("e1", "a", "la", DAY, "stripe", 1_000_000)])
+            .await
+            .unwrap();
+        s.return_lease("la", None, Micros(1_000_000)).await.unwrap();
+        assert_eq!(available(&*s, "c", DAY).await, 4_000_000);
+        assert_eq!(available(&*s, "a", DAY).await, 4_000_000);
+        // B reports $2.50 and returns the rest: the parent has $6.50 left,
+        // more than C's own cap; A stays bound by its own $4.
+        s.record_spend(&[event("e2", "b", "lb", DAY, "stripe", 2_500_000)])
+            .await
+            .unwrap();
+        s.return_lease("lb", None, Micros(2_500_000)).await.unwrap();
+        assert_eq!(available(&*s, "a", DAY).await, 4_000_000);
+        assert_eq!(available(&*s, "c", DAY).await, 5_000_000);
+        assert_eq!(available(&*s, "p", DAY).await, 6_500_000);
+    }
+
+    pub async fn a_grandchild_is_bounded_by_its_grandparent(s: S) {
+        add_key(&*s, key("g", "stripe", "r", 3_000_000)).await;
+        add_key(&*s, child("p", "g", 3_000_000)).await;
+        add_key(&*s, child("x", "g", 3_000_000)).await;
+        add_key(&*s, child("c", "p", 3_000_000)).await;
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "x", DAY, 2_000_000, 0)).await,
+            2_000_000
+        );
+        // Parent p and grandchild c have $3 each, the grandparent $1 left.
+        let answer = s
+            .grant_lease(&grant("g2", "l2", "c", DAY, 3_000_000, 0), now())
+            .await
+            .unwrap();
+        assert_eq!((answer.granted.0, answer.unleased.0), (1_000_000, 0));
+        assert!(!answer.lifetime_bound);
+        assert_eq!(available(&*s, "p", DAY).await, 0);
+        // The tightest level says how much is left when nothing is granted.
+        let refused = s
+            .grant_lease(&grant("g3", "l3", "c", DAY, 1, 1), now())
+            .await
+            .unwrap();
+        assert_eq!((refused.granted.0, refused.unleased.0), (0, 0));
+        // A new day: the daily caps start again for every level.
+        assert_eq!(available(&*s, "c", DAY2).await, 3_000_000);
+    }
+
+    pub async fn siblings_share_their_parents_lifetime_cap(s: S) {
+        add_key(
+            &*s,
+            VaultKey {
+                lifetime_cap: Some(Micros(6_000_000)),
+                ..key("p", "stripe", "r", 10_000_000)
+            },
+        )
+        .await;
+        add_key(&*s, child("a", "p", 10_000_000)).await;
+        add_key(&*s, child("b", "p", 10_000_000)).await;
+        s.record_spend(&[event("e1", "a", "", DAY, "stripe", 4_000_000)])
+            .await
+            .unwrap();
+        // Another day: the parent's daily cap is fresh, its lifetime cap
+        // has $2 left, which binds B.
+        let answer = s
+            .grant_lease(&grant("g1", "l1", "b", DAY2, 10_000_000, 0), now())
+            .await
+            .unwrap();
+        assert_eq!(answer.granted.0, 2_000_000);
+        assert!(answer.lifetime_bound, "the parent's lifetime cap binds");
+        assert_eq!(available(&*s, "a", DAY3).await, 0);
+    }
+
+    pub async fn a_revoked_or_expired_ancestor_refuses_grants(s: S) {
+        add_key(&*s, key("p", "stripe", "r", 10_000_000)).await;
+        add_key(&*s, child("c", "p", 5_000_000)).await;
+        add_key(&*s, child("gc", "c", 5_000_000)).await;
+        assert_eq!(granted(&*s, grant("g0", "l0", "gc", DAY, 1, 0)).await, 1);
+        s.revoke_key("p", now()).await.unwrap();
+        assert_conflict(
+            s.grant_lease(&grant("g1", "l1", "gc", DAY, 1, 0), now())
+                .await,
+            "grandchild of a revoked key",
+        );
+        // The store does not check a child's expiry against its parent's
+        // (minting does), so a live child under an expired parent shows
+        // that a grant checks every level itself.
+        add_key(
+            &*s,
+            VaultKey {
+                expires_at: now() + Duration::hours(1),
+                ..key("q", "stripe", "r", 10_000_000)
+            },
+        )
+        .await;
+        add_key(
+            &*s,
+            VaultKey {
+                expires_at: now() + Duration::hours(2),
+                ..child("d", "q", 5_000_000)
+            },
+        )
+        .await;
+        let mut req = grant("g2", "l2", "d", DAY, 1, 0);
+        req.expires_at = now() + Duration::hours(3);
+        assert_conflict(
+            s.grant_lease(&req, now() + Duration::minutes(90)).await,
+            "child of an expired key",
+        );
+    }
+
+    pub async fn revoking_a_key_revokes_its_subtree(s: S) {
+        add_key(&*s, key("p", "stripe", "r", 100)).await;
+        add_key(&*s, child("a", "p", 10)).await;
+        add_key(&*s, child("b", "p", 10)).await;
+        add_key(&*s, child("aa", "a", 10)).await;
+        add_key(&*s, key("other", "stripe", "r", 100)).await;
+        s.revoke_key("b", now() - Duration::minutes(1))
+            .await
+            .unwrap();
+        let v0 = s.latest_version().await.unwrap();
+
+        let out = s.revoke_key("p", now()).await.unwrap();
+        assert_eq!(out.key.id, "p");
+        assert_eq!(out.key.revoked_at, Some(trunc(now())));
+        assert_eq!(out.descendants, vec!["a", "aa", "b"]);
+        // One change per key this revocation changed: b was revoked before.
+        let mut changed: Vec<ChangeRef> = s
+            .changes_since(v0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.what)
+            .collect();
+        changed.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            changed,
+            ["a", "aa", "p"]
+                .map(|k| ChangeRef::Key(k.to_string()))
+                .to_vec()
+        );
+        for k in ["a", "aa"] {
+            assert_eq!(
+                s.get_key(k).await.unwrap().unwrap().revoked_at,
+                Some(trunc(now()))
+            );
+        }
+        assert_eq!(
+            s.get_key("b").await.unwrap().unwrap().revoked_at,
+            Some(trunc(now() - Duration::minutes(1))),
+            "keeps its first revoked_at"
+        );
+        assert!(s
+            .get_key("other")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none());
+        // Revoking a leaf revokes only it.
+        add_key(&*s, child("o1", "other", 10)).await;
+        let leaf = s.revoke_key("o1", now()).await.unwrap();
+        assert!(leaf.descendants.is_empty());
+        assert!(s
+            .get_key("other")
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none());
+    }
+
+    pub async fn revoking_a_run_revokes_the_subtrees_of_its_keys(s: S) {
+        add_key(&*s, key("p", "stripe", "scenario", 100)).await;
+        // Children carry their own labels (per execution).
+        add_key(&*s, child("p1", "p", 10)).await;
+        add_key(&*s, child("p11", "p1", 10)).await;
+        add_key(&*s, key("q", "stripe", "other", 100)).await;
+        add_key(&*s, child("q1", "q", 10)).await;
+        let v0 = s.latest_version().await.unwrap();
+        let ids = s.revoke_run("scenario", None, now()).await.unwrap();
+        assert_eq!(ids, vec!["p", "p1", "p11"]);
+        assert_eq!(s.latest_version().await.unwrap(), v0 + 3);
+        assert!(s.get_key("q1").await.unwrap().unwrap().revoked_at.is_none());
+        // Restricted to other vendors, nothing is revoked.
+        let none = s
+            .revoke_run("other", Some(&["openai".to_string()]), now())
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+    }
+
+    pub async fn concurrent_sibling_grants_never_exceed_the_parents_cap(s: S) {
+        const CAP: i64 = 1_000_000;
+        const CHILDREN: usize = 10;
+        const ASK: i64 = 30_000; // 10 x 5 x 30_000 = 1.5 x the parent's cap
+        add_key(&*s, key("p", "stripe", "r", CAP)).await;
+        for c in 0..CHILDREN {
+            add_key(&*s, child(&format!("c{c}"), "p", CAP)).await;
+        }
+        let mut tasks = Vec::new();
+        for c in 0..CHILDREN {
+            for i in 0..5 {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let id = format!("c{c}-{i}");
+                    let req = grant(&id, &id, &format!("c{c}"), DAY, ASK, 0);
+                    s.grant_lease(&req, now()).await.expect("concurrent grant")
+                }));
+            }
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap().granted.0;
+        }
+        assert_eq!(
+            total, CAP,
+            "the whole parent cap, and not a micro-dollar more"
+        );
+        assert_eq!(available(&*s, "c0", DAY).await, 0);
+    }
+
     pub async fn concurrent_resent_batches_apply_once(s: S) {
         add_key(&*s, key("k1", "stripe", "r", 1_000_000)).await;
         let batch: Vec<SpendEvent> = (0..20)
@@ -2009,14 +2294,29 @@ const CAP: i64 = 1_000;
 /// model; the store's grace must cover it.
 const COMES_BACK_WITHIN: Duration = Duration::minutes(59);
 
+/// A child's cap in the tree model: three of them exceed the parent's.
+const CHILD_CAP: i64 = 700;
+
 /// Runs `ops` against the store with three proxies and checks, after every
 /// step: the vendor was never charged more than the cap; the store counted
 /// every delivered call exactly once; and what it still offers plus what it
-/// counted never exceeds the cap.
-async fn run_model(ops: Vec<Op>) {
+/// counted never exceeds the cap. With `tree`, each proxy spends with its
+/// own child key (cap `CHILD_CAP`) of one parent key (cap `CAP`), and the
+/// cap checked is the parent's, over all three children, as well as each
+/// child's own.
+async fn run_model(ops: Vec<Op>, tree: bool) {
     let s = SqliteStore::in_memory().await.unwrap();
     s.migrate().await.unwrap();
     add_key(&s, key("k", "stripe", "r", CAP)).await;
+    let keys: Vec<String> = if tree {
+        for node in 0..3 {
+            add_key(&s, child(&format!("k{node}"), "k", CHILD_CAP)).await;
+        }
+        (0..3).map(|node| format!("k{node}")).collect()
+    } else {
+        vec!["k".to_string(); 3]
+    };
+    let mut charged_by = [0i64; 3];
     let mut clock = now();
     let mut nodes: Vec<Node> = (0..3).map(|_| Node::default()).collect();
     let (mut charged, mut delivered, mut n) = (0i64, 0i64, 0u32);
@@ -2028,7 +2328,7 @@ async fn run_model(ops: Vec<Op>) {
                     Some((id, ..)) => id.clone(),
                     None => format!("lease-{node}-{n}"),
                 };
-                let mut req = grant(&format!("g{n}"), &id, "k", DAY, amount, 1);
+                let mut req = grant(&format!("g{n}"), &id, &keys[node], DAY, amount, 1);
                 req.node_id = format!("node-{node}");
                 req.expires_at = clock + Duration::seconds(60);
                 match s.grant_lease(&req, clock).await {
@@ -2056,7 +2356,8 @@ async fn run_model(ops: Vec<Op>) {
                 let cost = amount * percent / 100;
                 *used += cost;
                 charged += cost;
-                let mut e = event(&format!("e{n}"), "k", id, DAY, "stripe", cost);
+                charged_by[node] += cost;
+                let mut e = event(&format!("e{n}"), &keys[node], id, DAY, "stripe", cost);
                 e.node_id = format!("node-{node}");
                 let expires = *expires;
                 nodes[node].queued.push((e, expires));
@@ -2106,7 +2407,28 @@ async fn run_model(ops: Vec<Op>) {
             charged <= CAP,
             "the vendor was charged {charged} against a cap of {CAP}"
         );
-        let spent = s.key_spend("k", DAY).await.unwrap().spent_day.0;
+        // What the nodes may still spend counts too: the vendor could be
+        // charged that much more without the store being asked again.
+        let spendable: i64 = nodes
+            .iter()
+            .filter_map(|nd| nd.lease.as_ref())
+            .filter(|l| l.2 > clock)
+            .map(|l| l.1 - l.3)
+            .sum();
+        assert!(
+            charged + spendable <= CAP,
+            "charged {charged} + still spendable {spendable} exceeds the cap {CAP}"
+        );
+        if tree {
+            assert!(
+                charged_by.iter().all(|c| *c <= CHILD_CAP),
+                "a child was charged more than its cap: {charged_by:?}"
+            );
+        }
+        let mut spent = 0;
+        for k in if tree { &keys[..] } else { &keys[..1] } {
+            spent += s.key_spend(k, DAY).await.unwrap().spent_day.0;
+        }
         assert_eq!(spent, delivered, "delivered spend counted exactly once");
         let mut probe = grant(
             &format!("p{n}"),
@@ -2137,6 +2459,17 @@ proptest::proptest! {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(run_model(ops));
+            .block_on(run_model(ops, false));
+    }
+
+    #[test]
+    fn no_sequence_of_grants_spends_returns_and_expiries_breaks_a_parents_cap(
+        ops in proptest::collection::vec(op(), 1..60)
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(run_model(ops, true));
     }
 }

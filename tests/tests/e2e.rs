@@ -549,6 +549,8 @@ mod edge;
 mod limits;
 #[path = "e2e/tls.rs"]
 mod tls;
+#[path = "e2e/trees.rs"]
+mod trees;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {

@@ -55,6 +55,14 @@ pub fn unreturned_lease_grace() -> chrono::TimeDelta {
     chrono::TimeDelta::hours(1)
 }
 
+/// What revoking a key did: the key as now stored, and the ids of every
+/// key below it in its budget tree (revoked with it, or before).
+#[derive(Clone, Debug)]
+pub struct RevokedKey {
+    pub key: VaultKey,
+    pub descendants: Vec<String>,
+}
+
 /// A vendor write: the record plus, when the credential changes, its sealed
 /// form (opaque bytes from `crypto::Sealer`).
 #[derive(Clone, Debug)]
@@ -113,19 +121,23 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     // --- vault keys ---------------------------------------------------------
-    /// Inserts a new key; `NotFound` if its vendor does not exist. Appends a
-    /// change-log entry.
+    /// Inserts a new key and its rows in the ancestor closure table;
+    /// `NotFound` if its vendor or parent does not exist, `Conflict` if the
+    /// parent is revoked, expired (at the key's `created_at`) or already at
+    /// the deepest level a tree may have. Appends a change-log entry.
     async fn insert_key(&self, key: &VaultKey) -> StoreResult<()>;
     async fn get_key(&self, id: &str) -> StoreResult<Option<VaultKey>>;
     /// Keys matching the filter, newest first; inactive keys (revoked or
     /// expired at `now`) only when the filter asks for them.
     async fn list_keys(&self, filter: &KeyFilter, now: DateTime<Utc>)
         -> StoreResult<Vec<VaultKey>>;
-    /// Revokes a key (idempotent: a revoked key keeps its first `revoked_at`).
-    /// `NotFound` if absent. Appends a change-log entry when it changed.
-    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<VaultKey>;
+    /// Revokes a key and its whole subtree (idempotent: a revoked key keeps
+    /// its first `revoked_at`). `NotFound` if absent. Appends one change-log
+    /// entry per key it revoked, so proxies refuse the descendants too.
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey>;
     /// Revokes every unrevoked key with this run label — only those of
-    /// `vendors` when given — and returns their ids.
+    /// `vendors` when given — and every unrevoked key below one of them in
+    /// its budget tree, and returns their ids.
     async fn revoke_run(
         &self,
         agent_run_label: &str,
@@ -191,12 +203,13 @@ pub trait Store: Send + Sync + 'static {
     // --- budget -------------------------------------------------------------
     /// Grows (or creates) a lease in one transaction so that, for the key
     /// and day, settled spend + the unreported part of every counting lease
-    /// never exceeds the daily cap (a lease counts until it expires; one never
+    /// never exceeds the daily cap — for the key and for every ancestor, each
+    /// counting its whole subtree — (a lease counts until it expires; one never
     /// returned until `unreturned_lease_grace` after that; a returned one
     /// until its spend has all been reported), and likewise over the key's life for the
     /// lifetime cap. Grants min(requested, available) when that is at least
     /// `minimum`, else 0. Idempotent by `grant_id`: a retried grant returns
-    /// the first answer. `Conflict` for a revoked or expired key, `NotFound`
+    /// the first answer. `Conflict` for a revoked or expired key or ancestor, `NotFound`
     /// for an unknown one. Also `Conflict` when the lease cannot grow: it
     /// was returned, has expired, was fenced, belongs to another key or
     /// day, or (new)

@@ -32,13 +32,14 @@ use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
 };
 use super::sql::{
-    audit_limit, check_grant, conflict_on_unique, decide_grant, distinct_key_ids, from_micros,
-    micros, push_audit_values, spend_chunks, spend_totals, to_json, truncate, AuditRow, ChangeRow,
-    GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
-    CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
+    audit_limit, check_ancestors, check_grant, check_tree_depth, conflict_on_unique,
+    decide_tree_grant, distinct_key_ids, from_micros, micros, push_audit_values, spend_chunks,
+    spend_totals, to_json, tree_levels_sql, truncate, AuditRow, ChangeRow, GrantRow, KeyInsert,
+    KeyRow, LeaseRow, TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR,
+    KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::sql::{FleetNodeRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS};
-use super::{Store, StoreError, StoreResult, VendorWrite};
+use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, KeyStatus,
     LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
@@ -150,6 +151,46 @@ async fn insert_admin_token(pool: &PgPool, t: &AdminToken, keep_existing: bool) 
     .await
     .map_err(|e| conflict_on_unique(e, || format!("admin token {} already exists", t.id)))?;
     Ok(())
+}
+
+/// The ancestors of a new key's parent, the parent itself included, each
+/// with its depth below the parent; `NotFound` for an unknown parent,
+/// `Conflict` for a revoked or expired one (at `now`) or one already at the
+/// deepest level. Holds the parent row `FOR SHARE` until commit, so a
+/// concurrent revocation of the parent either sees the child (and revokes
+/// it) or happens first (and the child is refused).
+async fn parent_ancestors(
+    conn: &mut PgConnection,
+    parent: &str,
+    now: i64,
+) -> StoreResult<Vec<(String, i64)>> {
+    let state: Option<(Option<i64>, i64)> =
+        sqlx::query_as("SELECT revoked_at, expires_at FROM vault_keys WHERE id = $1 FOR SHARE")
+            .bind(parent)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match state {
+        None => return Err(StoreError::NotFound(format!("parent key {parent}"))),
+        Some((Some(_), _)) => {
+            return Err(StoreError::Conflict(format!(
+                "parent key {parent} is revoked"
+            )))
+        }
+        Some((None, expires_at)) if expires_at <= now => {
+            return Err(StoreError::Conflict(format!(
+                "parent key {parent} has expired"
+            )))
+        }
+        Some(_) => {}
+    }
+    let ancestors: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT ancestor_id, CAST(depth AS BIGINT) FROM key_ancestors WHERE key_id = $1",
+    )
+    .bind(parent)
+    .fetch_all(&mut *conn)
+    .await?;
+    check_tree_depth(parent, &ancestors)?;
+    Ok(ancestors)
 }
 
 async fn fetch_key(
@@ -419,9 +460,13 @@ impl Store for PgStore {
         if vendor.is_none() {
             return Err(StoreError::NotFound(format!("vendor {}", k.vendor)));
         }
+        let ancestors = match k.parent_id {
+            Some(parent) => parent_ancestors(&mut tx, parent, k.created_at).await?,
+            None => Vec::new(),
+        };
         let sql = format!(
             "INSERT INTO vault_keys ({KEY_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         );
         sqlx::query(&sql)
             .bind(k.id)
@@ -440,9 +485,21 @@ impl Store for PgStore {
             .bind(k.rate_limit_per_minute)
             .bind(&k.allowed_cidrs)
             .bind(k.zone)
+            .bind(k.parent_id)
             .execute(&mut *tx)
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
+        let own = (k.id.to_string(), -1);
+        for (ancestor, depth) in std::iter::once(&own).chain(&ancestors) {
+            sqlx::query(
+                "INSERT INTO key_ancestors (key_id, ancestor_id, depth) VALUES ($1, $2, $3)",
+            )
+            .bind(k.id)
+            .bind(ancestor)
+            .bind(i32::try_from(depth + 1).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
         append_changes(&mut tx, CHANGE_KEY, &[k.id]).await?;
         tx.commit().await?;
         Ok(())
@@ -480,22 +537,48 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<VaultKey> {
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey> {
         let mut tx = self.pool.begin().await?;
-        let mut key = fetch_key(&mut tx, id, true)
+        // The subtree's rows are locked in id order, the order a grant locks
+        // a key's ancestors in, so a revocation and a grant below it cannot
+        // deadlock.
+        let _: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM vault_keys WHERE id IN \
+               (SELECT key_id FROM key_ancestors WHERE ancestor_id = $1) \
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut key = fetch_key(&mut tx, id, false)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        // A statement begun after the locks sees every child committed
+        // before them; a child minted later waits on the key's lock and
+        // then finds it revoked.
+        let mut revoked: Vec<String> = sqlx::query_scalar(
+            "UPDATE vault_keys SET revoked_at = $1 WHERE revoked_at IS NULL \
+             AND id IN (SELECT key_id FROM key_ancestors WHERE ancestor_id = $2) RETURNING id",
+        )
+        .bind(micros(now))
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        revoked.sort();
+        let refs: Vec<&str> = revoked.iter().map(String::as_str).collect();
+        append_changes(&mut tx, CHANGE_KEY, &refs).await?;
         if key.revoked_at.is_none() {
-            sqlx::query("UPDATE vault_keys SET revoked_at = $1 WHERE id = $2")
-                .bind(micros(now))
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            append_changes(&mut tx, CHANGE_KEY, &[id]).await?;
             key.revoked_at = Some(truncate(now));
         }
+        let descendants: Vec<String> = sqlx::query_scalar(
+            "SELECT key_id FROM key_ancestors WHERE ancestor_id = $1 AND key_id <> $1 \
+             ORDER BY key_id",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(key)
+        Ok(RevokedKey { key, descendants })
     }
 
     async fn revoke_run(
@@ -505,16 +588,32 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
         let mut tx = self.pool.begin().await?;
+        // The run's keys and everything below them: a child key spends
+        // only while its ancestors may. Locked in id order first, the order
+        // grants lock a key's ancestors in.
+        let subtrees = |q: &mut QueryBuilder<'_, Postgres>| {
+            q.push(
+                "id IN (SELECT a.key_id FROM key_ancestors a \
+                 JOIN vault_keys r ON r.id = a.ancestor_id WHERE r.agent_run_label = ",
+            )
+            .push_bind(agent_run_label.to_string());
+            if let Some(vendors) = vendors {
+                q.push(" AND r.vendor = ANY(")
+                    .push_bind(vendors.to_vec())
+                    .push(")");
+            }
+            q.push(")");
+        };
+        let mut lock = QueryBuilder::<Postgres>::new(
+            "SELECT id FROM vault_keys WHERE revoked_at IS NULL AND ",
+        );
+        subtrees(&mut lock);
+        lock.push(" ORDER BY id FOR UPDATE");
+        let _: Vec<String> = lock.build_query_scalar().fetch_all(&mut *tx).await?;
         let mut q = QueryBuilder::<Postgres>::new("UPDATE vault_keys SET revoked_at = ");
         q.push_bind(micros(now))
-            .push(" WHERE agent_run_label = ")
-            .push_bind(agent_run_label)
-            .push(" AND revoked_at IS NULL");
-        if let Some(vendors) = vendors {
-            q.push(" AND vendor = ANY(")
-                .push_bind(vendors.to_vec())
-                .push(")");
-        }
+            .push(" WHERE revoked_at IS NULL AND ");
+        subtrees(&mut q);
         q.push(" RETURNING id");
         let mut ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
         ids.sort();
@@ -607,15 +706,31 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> StoreResult<LeaseGrant> {
         let mut tx = self.pool.begin().await?;
-        // The key row lock serialises every grant on this key, across replicas.
-        let key: KeyBudgetRow = sqlx::query_as(
-            "SELECT daily_cap, lifetime_cap, expires_at, revoked_at FROM vault_keys \
-             WHERE id = $1 FOR UPDATE",
+        // Locking the key and every ancestor, in id order, serialises every
+        // grant that draws on any of them, across replicas: grants on
+        // sibling keys meet at their common parent.
+        let locked: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM vault_keys WHERE id IN \
+               (SELECT ancestor_id FROM key_ancestors WHERE key_id = $1) \
+             ORDER BY id FOR UPDATE",
         )
         .bind(&req.key_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("key {}", req.key_id)))?;
+        .fetch_all(&mut *tx)
+        .await?;
+        if locked.is_empty() {
+            return Err(StoreError::NotFound(format!("key {}", req.key_id)));
+        }
+        let levels: Vec<TreeLevelRow> =
+            sqlx::query_as(&tree_levels_sql("$1", "$2", "$3", "GREATEST"))
+                .bind(&req.key_id)
+                .bind(&req.day)
+                .bind(micros(now - super::unreturned_lease_grace()))
+                .fetch_all(&mut *tx)
+                .await?;
+        let key = match levels.first() {
+            Some(l) if l.depth == 0 => l.budget.clone(),
+            _ => return Err(StoreError::NotFound(format!("key {}", req.key_id))),
+        };
 
         let prior: Option<GrantRow> = sqlx::query_as(
             "SELECT lease_id, granted, lease_total, unleased, expires_at, lifetime_bound \
@@ -650,27 +765,12 @@ impl Store for PgStore {
             now,
         )?;
 
-        // An unreturned lease counts until its grace after expiry ends; a
-        // returned one counts its spend not yet reported until it arrives.
-        let usage: UsageRow = sqlx::query_as(
-            "SELECT \
-               COALESCE((SELECT spent FROM key_spend_daily WHERE key_id = $1 AND day = $2), 0) \
-                 AS spent_day, \
-               COALESCE((SELECT SUM(spent) FROM key_spend_daily WHERE key_id = $1), 0)::BIGINT \
-                 AS spent_life, \
-               COALESCE((SELECT SUM(GREATEST(granted - reported, 0)) FROM leases \
-                 WHERE key_id = $1 AND day = $2 \
-                   AND (expires_at > $3 OR (closed AND granted > reported))), 0)::BIGINT AS leased_day, \
-               COALESCE((SELECT SUM(GREATEST(granted - reported, 0)) FROM leases \
-                 WHERE key_id = $1 \
-                   AND (expires_at > $3 OR (closed AND granted > reported))), 0)::BIGINT AS leased_life",
-        )
-        .bind(&req.key_id)
-        .bind(&req.day)
-        .bind(micros(now - super::unreturned_lease_grace()))
-        .fetch_one(&mut *tx)
-        .await?;
-        let decision = decide_grant(&key, usage, req.requested, req.minimum);
+        check_ancestors(&levels, now)?;
+        let decision = decide_tree_grant(
+            levels.iter().map(|l| (&l.budget, l.usage)),
+            req.requested,
+            req.minimum,
+        );
         let granted = decision.granted;
 
         let (lease_total, expires_at) = match &lease {

@@ -98,7 +98,7 @@ impl VendorRow {
 
 pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_endpoints, \
      daily_cap, per_call_cap, lifetime_cap, expires_at, agent_run_label, metadata, created_at, \
-     revoked_at, rate_limit_per_minute, allowed_cidrs, zone";
+     revoked_at, rate_limit_per_minute, allowed_cidrs, zone, parent_id";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct KeyRow {
@@ -118,6 +118,7 @@ pub(super) struct KeyRow {
     rate_limit_per_minute: Option<i64>,
     allowed_cidrs: String,
     zone: Option<String>,
+    parent_id: Option<String>,
 }
 
 impl KeyRow {
@@ -160,6 +161,7 @@ impl KeyRow {
                 .map(|v| from_micros(v, "vault_keys.revoked_at"))
                 .transpose()?,
             limits,
+            parent_id: self.parent_id,
         })
     }
 }
@@ -182,6 +184,7 @@ pub(super) struct KeyInsert<'a> {
     pub rate_limit_per_minute: Option<i64>,
     pub allowed_cidrs: String,
     pub zone: Option<&'a str>,
+    pub parent_id: Option<&'a str>,
 }
 
 impl<'a> KeyInsert<'a> {
@@ -203,6 +206,7 @@ impl<'a> KeyInsert<'a> {
             rate_limit_per_minute: k.limits.rate_limit_per_minute.map(i64::from),
             allowed_cidrs: to_json(&k.limits.cidr_strings(), "allowed_cidrs")?,
             zone: k.limits.zone.as_deref(),
+            parent_id: k.parent_id.as_deref(),
         })
     }
 }
@@ -383,7 +387,7 @@ impl GrantRow {
 }
 
 /// The caps and state of the key a grant draws on (read under its lock).
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Debug, Clone)]
 pub(super) struct KeyBudgetRow {
     pub daily_cap: i64,
     pub lifetime_cap: Option<i64>,
@@ -442,6 +446,69 @@ pub(super) struct UsageRow {
     pub leased_life: i64,
 }
 
+/// One level of a grant's budget tree — the key itself (depth 0) or one of
+/// its ancestors — with what already weighs on that level's caps: the
+/// settled spend and counting leases of every key in its subtree.
+#[derive(sqlx::FromRow, Debug, Clone)]
+pub(super) struct TreeLevelRow {
+    pub id: String,
+    pub depth: i64,
+    #[sqlx(flatten)]
+    pub budget: KeyBudgetRow,
+    #[sqlx(flatten)]
+    pub usage: UsageRow,
+}
+
+/// The columns of `TreeLevelRow` for the key `?1`/`$1` and each ancestor,
+/// key first. `{p}` placeholders: key id, day, the time before which an
+/// unreturned lease no longer counts; `{greatest}` is the backend's
+/// two-argument max. Subtree sums go through the closure table, so a
+/// level counts its own spend and leases and those of all its descendants,
+/// with the same lease-counting rule as a single key.
+pub(super) fn tree_levels_sql(key: &str, day: &str, grace: &str, greatest: &str) -> String {
+    format!(
+        "SELECT k.id, CAST(a.depth AS BIGINT) AS depth, k.daily_cap, k.lifetime_cap,            k.expires_at, k.revoked_at,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id AND s.day = {day}), 0) AS BIGINT) AS spent_day,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id), 0) AS BIGINT) AS spent_life,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id AND l.day = {day}                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_day,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_life          FROM key_ancestors a JOIN vault_keys k ON k.id = a.ancestor_id          WHERE a.key_id = {key} ORDER BY a.depth"
+    )
+}
+
+/// Refuses a grant when an ancestor of the key is revoked or expired: a
+/// child may spend only while every key above it may.
+pub(super) fn check_ancestors(levels: &[TreeLevelRow], now: DateTime<Utc>) -> StoreResult<()> {
+    let now = micros(now);
+    for l in levels.iter().filter(|l| l.depth > 0) {
+        if l.budget.revoked_at.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "ancestor key {} is revoked",
+                l.id
+            )));
+        }
+        if l.budget.expires_at <= now {
+            return Err(StoreError::Conflict(format!(
+                "ancestor key {} has expired",
+                l.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The deepest a budget tree may go: a root and at most three levels of
+/// descendants. Bounded so a grant's work (one budget per level) is too.
+pub(super) const MAX_TREE_LEVELS: i64 = 4;
+
+/// Refuses a new child of `parent` (whose ancestors, itself at depth 0, are
+/// `ancestors`) when the child would sit below `MAX_TREE_LEVELS`.
+pub(super) fn check_tree_depth(parent: &str, ancestors: &[(String, i64)]) -> StoreResult<()> {
+    let parent_levels = ancestors.iter().map(|(_, d)| d + 1).max().unwrap_or(1);
+    if parent_levels >= MAX_TREE_LEVELS {
+        return Err(StoreError::Conflict(format!(
+            "parent key {parent} is already {parent_levels} levels deep; a budget tree has at \
+             most {MAX_TREE_LEVELS}"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a grant against the key and the lease it grows; `Ok(())` when it
 /// may proceed. Shared so both backends refuse the same things.
 pub(super) fn check_grant(
@@ -497,19 +564,26 @@ pub(super) struct GrantDecision {
     pub lifetime_bound: bool,
 }
 
-/// The budget rule of a lease grant: how much of `requested` to grant and
-/// how much stays unleased afterwards.
+/// The budget rule of a lease grant for a key alone (a one-level tree):
+/// how much of `requested` to grant and how much stays unleased afterwards.
 ///
 /// available = min(daily_cap - spent_day - leased_day,
 ///                 lifetime_cap - spent_life - leased_life), at least 0;
 /// granted = min(requested, available) when that is > 0 and >= minimum,
 /// else 0.
-pub(super) fn decide_grant(
+#[cfg(test)]
+fn decide_grant(
     key: &KeyBudgetRow,
     usage: UsageRow,
     requested: Micros,
     minimum: Micros,
 ) -> GrantDecision {
+    decide_tree_grant([(key, usage)], requested, minimum)
+}
+
+/// What is left at one level of the tree and whether its lifetime cap, not
+/// its daily one, is what limits it.
+fn level_available(key: &KeyBudgetRow, usage: UsageRow) -> (i64, bool) {
     let day = key
         .daily_cap
         .saturating_sub(usage.spent_day)
@@ -519,7 +593,27 @@ pub(super) fn decide_grant(
             .saturating_sub(usage.leased_life)
     });
     let lifetime_bound = life.is_some_and(|l| l < day);
-    let available = life.map_or(day, |l| day.min(l)).max(0);
+    (life.map_or(day, |l| day.min(l)).max(0), lifetime_bound)
+}
+
+/// The budget rule over a key and its ancestors (key first): each level
+/// allows what `decide_grant` would for it alone; the grant is bounded by
+/// the tightest level, whose lifetime-or-daily answer and remainder are the
+/// ones reported. So for every level, subtree spend + subtree leases stays
+/// within its caps.
+pub(super) fn decide_tree_grant<'a>(
+    levels: impl IntoIterator<Item = (&'a KeyBudgetRow, UsageRow)>,
+    requested: Micros,
+    minimum: Micros,
+) -> GrantDecision {
+    let mut tightest: Option<(i64, bool)> = None;
+    for (key, usage) in levels {
+        let level = level_available(key, usage);
+        if tightest.is_none_or(|t| level.0 < t.0) {
+            tightest = Some(level);
+        }
+    }
+    let (available, lifetime_bound) = tightest.unwrap_or((0, false));
     let want = requested.0.min(available);
     let granted = if want > 0 && want >= minimum.0 {
         want
@@ -627,6 +721,34 @@ mod tests {
         // No lifetime cap: always the daily one.
         let d = decide_grant(&key(100, None), usage(100, 100, 0, 0), Micros(1), Micros(1));
         assert_eq!((d.granted, d.lifetime_bound), (0, false));
+    }
+
+    #[test]
+    fn a_tree_grants_what_its_tightest_level_allows() {
+        let child = key(500, None);
+        let parent = key(1000, Some(5000));
+        // The child has 500 left, its parent 1000 - 700 = 300 by the day
+        // and 5000 - 4900 = 100 over its life: the parent's lifetime binds.
+        let levels = [
+            (&child, usage(0, 0, 0, 0)),
+            (&parent, usage(400, 4600, 300, 300)),
+        ];
+        let d = decide_tree_grant(levels, Micros(250), Micros(0));
+        assert_eq!((d.granted, d.unleased, d.lifetime_bound), (100, 0, true));
+        // With the parent far from its caps the child's own cap binds.
+        let levels = [
+            (&child, usage(450, 450, 0, 0)),
+            (&parent, usage(450, 450, 0, 0)),
+        ];
+        let d = decide_tree_grant(levels, Micros(250), Micros(0));
+        assert_eq!((d.granted, d.unleased, d.lifetime_bound), (50, 0, false));
+        // An exhausted ancestor grants nothing, and says nothing is left.
+        let levels = [
+            (&child, usage(0, 0, 0, 0)),
+            (&parent, usage(0, 0, 1000, 1000)),
+        ];
+        let d = decide_tree_grant(levels, Micros(1), Micros(1));
+        assert_eq!((d.granted, d.unleased), (0, 0));
     }
 
     #[test]

@@ -27,13 +27,14 @@ use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
 };
 use super::sql::{
-    audit_limit, check_grant, conflict_on_unique, decide_grant, distinct_key_ids, from_micros,
-    micros, push_audit_values, spend_chunks, spend_totals, to_json, truncate, AuditRow, ChangeRow,
-    GrantRow, KeyBudgetRow, KeyInsert, KeyRow, LeaseRow, UsageRow, VendorRow, AUDIT_COLUMNS,
-    CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
+    audit_limit, check_ancestors, check_grant, check_tree_depth, conflict_on_unique,
+    decide_tree_grant, distinct_key_ids, from_micros, micros, push_audit_values, spend_chunks,
+    spend_totals, to_json, tree_levels_sql, truncate, AuditRow, ChangeRow, GrantRow, KeyInsert,
+    KeyRow, LeaseRow, TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR,
+    KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::sql::{FleetNodeRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS};
-use super::{Store, StoreError, StoreResult, VendorWrite};
+use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, KeyStatus,
     LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
@@ -195,6 +196,44 @@ fn push_in(q: &mut QueryBuilder<'_, Sqlite>, column: &str, values: &[String]) {
         list.push_bind(v.clone());
     }
     list.push_unseparated(")");
+}
+
+/// The ancestors of a new key's parent, the parent itself included, each
+/// with its depth below the parent; `NotFound` for an unknown parent,
+/// `Conflict` for a revoked or expired one or one already at the deepest
+/// level.
+async fn parent_ancestors(
+    conn: &mut SqliteConnection,
+    parent: &str,
+    now: i64,
+) -> StoreResult<Vec<(String, i64)>> {
+    let state: Option<(Option<i64>, i64)> =
+        sqlx::query_as("SELECT revoked_at, expires_at FROM vault_keys WHERE id = ?")
+            .bind(parent)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match state {
+        None => return Err(StoreError::NotFound(format!("parent key {parent}"))),
+        Some((Some(_), _)) => {
+            return Err(StoreError::Conflict(format!(
+                "parent key {parent} is revoked"
+            )))
+        }
+        Some((None, expires_at)) if expires_at <= now => {
+            return Err(StoreError::Conflict(format!(
+                "parent key {parent} has expired"
+            )))
+        }
+        Some(_) => {}
+    }
+    let ancestors: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT ancestor_id, CAST(depth AS BIGINT) FROM key_ancestors WHERE key_id = ?",
+    )
+    .bind(parent)
+    .fetch_all(&mut *conn)
+    .await?;
+    check_tree_depth(parent, &ancestors)?;
+    Ok(ancestors)
 }
 
 async fn fetch_key(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<VaultKey>> {
@@ -450,8 +489,12 @@ impl Store for SqliteStore {
         if vendor.is_none() {
             return Err(StoreError::NotFound(format!("vendor {}", k.vendor)));
         }
+        let ancestors = match k.parent_id {
+            Some(parent) => parent_ancestors(w.conn(), parent, k.created_at).await?,
+            None => Vec::new(),
+        };
         let sql = format!(
-            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         );
         sqlx::query(&sql)
             .bind(k.id)
@@ -470,9 +513,19 @@ impl Store for SqliteStore {
             .bind(k.rate_limit_per_minute)
             .bind(&k.allowed_cidrs)
             .bind(k.zone)
+            .bind(k.parent_id)
             .execute(w.conn())
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
+        let own = (k.id.to_string(), -1);
+        for (ancestor, depth) in std::iter::once(&own).chain(&ancestors) {
+            sqlx::query("INSERT INTO key_ancestors (key_id, ancestor_id, depth) VALUES (?, ?, ?)")
+                .bind(k.id)
+                .bind(ancestor)
+                .bind(depth + 1)
+                .execute(w.conn())
+                .await?;
+        }
         append_change(w.conn(), CHANGE_KEY, k.id).await?;
         w.commit().await
     }
@@ -509,22 +562,39 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<VaultKey> {
+    async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey> {
         let mut w = self.begin_write().await?;
         let mut key = fetch_key(w.conn(), id)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        let mut revoked: Vec<String> = sqlx::query_scalar(
+            "UPDATE vault_keys SET revoked_at = ?1 WHERE revoked_at IS NULL \
+             AND id IN (SELECT key_id FROM key_ancestors WHERE ancestor_id = ?2) RETURNING id",
+        )
+        .bind(micros(now))
+        .bind(id)
+        .fetch_all(w.conn())
+        .await?;
+        revoked.sort();
+        for r in &revoked {
+            append_change(w.conn(), CHANGE_KEY, r).await?;
+        }
         if key.revoked_at.is_none() {
-            sqlx::query("UPDATE vault_keys SET revoked_at = ? WHERE id = ?")
-                .bind(micros(now))
-                .bind(id)
-                .execute(w.conn())
-                .await?;
-            append_change(w.conn(), CHANGE_KEY, id).await?;
             key.revoked_at = Some(truncate(now));
         }
+        let mut subtree: Vec<String> = sqlx::query_scalar(
+            "SELECT key_id FROM key_ancestors WHERE ancestor_id = ? AND key_id <> ?",
+        )
+        .bind(id)
+        .bind(id)
+        .fetch_all(w.conn())
+        .await?;
+        subtree.sort();
         w.commit().await?;
-        Ok(key)
+        Ok(RevokedKey {
+            key,
+            descendants: subtree,
+        })
     }
 
     async fn revoke_run(
@@ -534,15 +604,18 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
         let mut w = self.begin_write().await?;
+        // The run's keys and everything below them: a child key spends
+        // only while its ancestors may.
         let mut q = QueryBuilder::<Sqlite>::new("UPDATE vault_keys SET revoked_at = ");
-        q.push_bind(micros(now))
-            .push(" WHERE agent_run_label = ")
-            .push_bind(agent_run_label)
-            .push(" AND revoked_at IS NULL");
+        q.push_bind(micros(now)).push(
+            " WHERE revoked_at IS NULL AND id IN (SELECT a.key_id FROM key_ancestors a \
+             JOIN vault_keys r ON r.id = a.ancestor_id WHERE r.agent_run_label = ",
+        );
+        q.push_bind(agent_run_label);
         if let Some(vendors) = vendors {
-            push_in(&mut q, "vendor", vendors);
+            push_in(&mut q, "r.vendor", vendors);
         }
-        q.push(" RETURNING id");
+        q.push(") RETURNING id");
         let mut ids: Vec<String> = q.build_query_scalar().fetch_all(w.conn()).await?;
         ids.sort();
         for id in &ids {
@@ -634,13 +707,17 @@ impl Store for SqliteStore {
         // BEGIN IMMEDIATE holds the database write lock from here to commit,
         // so nothing changes between reading the usage and writing the grant.
         let mut w = self.begin_write().await?;
-        let key: KeyBudgetRow = sqlx::query_as(
-            "SELECT daily_cap, lifetime_cap, expires_at, revoked_at FROM vault_keys WHERE id = ?",
-        )
-        .bind(&req.key_id)
-        .fetch_optional(w.conn())
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("key {}", req.key_id)))?;
+        // The key and each ancestor with its subtree's usage, key first.
+        let levels: Vec<TreeLevelRow> = sqlx::query_as(&tree_levels_sql("?1", "?2", "?3", "MAX"))
+            .bind(&req.key_id)
+            .bind(&req.day)
+            .bind(micros(now - super::unreturned_lease_grace()))
+            .fetch_all(w.conn())
+            .await?;
+        let key = match levels.first() {
+            Some(l) if l.depth == 0 => l.budget.clone(),
+            _ => return Err(StoreError::NotFound(format!("key {}", req.key_id))),
+        };
 
         let prior: Option<GrantRow> = sqlx::query_as(
             "SELECT lease_id, granted, lease_total, unleased, expires_at, lifetime_bound \
@@ -674,27 +751,12 @@ impl Store for SqliteStore {
             now,
         )?;
 
-        // An unreturned lease counts until its grace after expiry ends; a
-        // returned one counts its spend not yet reported until it arrives.
-        let usage: UsageRow = sqlx::query_as(
-            "SELECT \
-               COALESCE((SELECT spent FROM key_spend_daily WHERE key_id = ?1 AND day = ?2), 0) \
-                 AS spent_day, \
-               COALESCE((SELECT SUM(spent) FROM key_spend_daily WHERE key_id = ?1), 0) \
-                 AS spent_life, \
-               COALESCE((SELECT SUM(MAX(granted - reported, 0)) FROM leases \
-                 WHERE key_id = ?1 AND day = ?2 \
-                   AND (expires_at > ?3 OR (closed AND granted > reported))), 0) AS leased_day, \
-               COALESCE((SELECT SUM(MAX(granted - reported, 0)) FROM leases \
-                 WHERE key_id = ?1 \
-                   AND (expires_at > ?3 OR (closed AND granted > reported))), 0) AS leased_life",
-        )
-        .bind(&req.key_id)
-        .bind(&req.day)
-        .bind(micros(now - super::unreturned_lease_grace()))
-        .fetch_one(w.conn())
-        .await?;
-        let decision = decide_grant(&key, usage, req.requested, req.minimum);
+        check_ancestors(&levels, now)?;
+        let decision = decide_tree_grant(
+            levels.iter().map(|l| (&l.budget, l.usage)),
+            req.requested,
+            req.minimum,
+        );
         let granted = decision.granted;
 
         let (lease_total, expires_at) = match &lease {

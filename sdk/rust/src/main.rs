@@ -173,6 +173,11 @@ enum KeyCmd {
         /// Zone whose proxies alone serve the key (none: any proxy).
         #[arg(long)]
         zone: Option<String>,
+        /// Mint the key under this key (a budget tree): same vendor, caps,
+        /// expiry and endpoints within the parent's; its spend also counts
+        /// against the parent's caps.
+        #[arg(long)]
+        parent: Option<String>,
     },
     /// List keys.
     List {
@@ -249,6 +254,7 @@ fn key_json(k: &pb::VaultKey) -> Value {
         "rate_limit_per_minute": (k.rate_limit_per_minute > 0).then_some(k.rate_limit_per_minute),
         "allowed_cidrs": k.allowed_cidrs,
         "zone": (!k.zone.is_empty()).then_some(&k.zone),
+        "parent_id": (!k.parent_id.is_empty()).then_some(&k.parent_id),
     })
 }
 
@@ -474,6 +480,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             rate_limit_per_minute,
             allow_cidr,
             zone,
+            parent,
         }) => {
             let expires = humantime::parse_duration(&expires_in).with_context(|| {
                 format!("--expires-in {expires_in:?} is not a duration like 2h")
@@ -498,6 +505,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     rate_limit_per_minute,
                     allowed_cidrs: allow_cidr,
                     zone: zone.unwrap_or_default(),
+                    parent_id: parent.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

@@ -569,6 +569,31 @@ async fn a_vendor_restricted_token_sees_and_touches_only_its_vendors() {
         let body = r.expect_error(404, "not_found");
         assert!(!body.to_string().contains("billing"), "{body}");
     }
+    // Nor can it mint under another vendor's key: the parent is not found
+    // (even for a child of a vendor it may act on), and nothing is written.
+    let before = stack.admin.get("/vault/keys").await.expect(200)["keys"]
+        .as_array()
+        .map(Vec::len);
+    for vendor in ["stripe", "billing"] {
+        let mut body = key_body(vendor);
+        body["parent_id"] = json!(billing_key.id);
+        body["expires_in"] = json!("1h");
+        let r = ops.post_json("/vault/keys", &body).await;
+        let status = if vendor == "billing" { 403 } else { 404 };
+        assert_eq!(r.status, status, "{}", r.text);
+        assert!(!r.text.contains("billing\" key"), "{}", r.text);
+    }
+    let after = stack.admin.get("/vault/keys").await.expect(200)["keys"]
+        .as_array()
+        .map(Vec::len);
+    assert_eq!(before, after, "a refused child was written");
+    // Under its own vendor's key it may.
+    let mut body = key_body("stripe");
+    body["parent_id"] = json!(stripe_key.id);
+    body["daily_usd_cap"] = json!(5);
+    body["expires_in"] = json!("1h");
+    let minted = ops.post_json("/vault/keys", &body).await.expect(201);
+    assert_eq!(minted["parent_id"], json!(stripe_key.id));
     let unknown = ops
         .get("/vault/keys/key_unknown")
         .await

@@ -1055,6 +1055,28 @@ async fn create_key_errors_name_the_grpc_field() {
         "messages naming another field:\n{}",
         wrong.join("\n")
     );
+
+    // Checks against a parent key name the gRPC fields too.
+    let parent = g.create_key("trees").await.key.expect("key");
+    let mut child = key_request("trees/1");
+    child.parent_id = parent.id.clone();
+    child.expires_in_seconds = 3600;
+    child.daily_cap_micros = DAILY_CAP + 1;
+    let s = g
+        .keys()
+        .create_key(g.admin(child.clone()))
+        .await
+        .expect_err("a child wider than its parent");
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().starts_with("daily_cap_micros: "), "{s:?}");
+    child.daily_cap_micros = DAILY_CAP;
+    let minted = g
+        .keys()
+        .create_key(g.admin(child))
+        .await
+        .expect("a child within its parent")
+        .into_inner();
+    assert_eq!(minted.key.expect("key").parent_id, parent.id);
 }
 
 // --- reflection ----------------------------------------------------------------------------------
