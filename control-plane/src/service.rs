@@ -968,7 +968,11 @@ impl Control {
                 _ = tokio::time::sleep(ACK_POLL) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
-            nodes = self.store.fleet_nodes().await?;
+            // A slow database does not hold the answer past the deadline.
+            match tokio::time::timeout_at(deadline, self.store.fleet_nodes()).await {
+                Ok(read) => nodes = read?,
+                Err(_) => break,
+            }
         }
         // A proxy that is not connected cannot confirm; one that still
         // holds budget of a revoked key could spend it.
@@ -1118,6 +1122,12 @@ impl Control {
             return Ok(None);
         }
         let changes = self.store.changes_since(after, 10_000).await?;
+        // Another replica may have trimmed the log between the two reads:
+        // then what was read may lack changes the proxy never saw.
+        let oldest = self.store.oldest_version().await?;
+        if oldest > 0 && after + 1 < oldest {
+            return Ok(None);
+        }
         let mut delta = Delta {
             version: after,
             ..Delta::default()

@@ -547,9 +547,12 @@ fn apply_grant(
     let usable_until = resp.expires_at.as_ref().and_then(from_proto).unwrap_or(now);
     match &mut st.current {
         Some(l) if l.id == lease_id => {
-            // The control plane's total is the truth: it includes a grant
-            // whose answer was lost, and undoes a shrink that never landed.
-            l.granted = resp.lease_total_micros;
+            // Only what this answer grants is added. Taking the control
+            // plane's total instead would undo a shrink that had not landed
+            // yet but still could, leaving the lease here larger than the
+            // control plane counts it; adding never can, and a grant whose
+            // answer was lost only stays idle until the lease is returned.
+            l.granted += resp.granted_micros;
             l.usable_until = l.usable_until.min(usable_until);
         }
         Some(_) => {
@@ -561,7 +564,7 @@ fn apply_grant(
         None if resp.granted_micros > 0 => {
             st.current = Some(LocalLease {
                 id: lease_id,
-                granted: resp.lease_total_micros,
+                granted: resp.granted_micros,
                 reserved: 0,
                 spent: 0,
                 usable_until,

@@ -91,7 +91,6 @@ pub async fn run(
             tokio::spawn(spend::replay(
                 recovered,
                 Arc::new(fleet.clone()),
-                Arc::new(fleet.clone()),
                 spool.clone(),
             ));
             Some(spool)

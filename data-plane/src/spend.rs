@@ -20,7 +20,7 @@ use std::time::Duration;
 use keycap_proto::pb;
 use tokio::sync::mpsc;
 
-use crate::fleet::{LeaseSource, SpendSink};
+use crate::fleet::SpendSink;
 use crate::spool::{Recovered, Spool};
 
 const MAX_BATCH: usize = 1000;
@@ -168,38 +168,19 @@ async fn send_all(sink: &dyn SpendSink, events: Vec<pb::SpendEvent>, spool: Opti
     }
 }
 
-/// Delivers what a previous run left in the spool, then hands back the
-/// leases it drew on with what the spool says was spent from them (every
-/// call that may have reached a vendor is in it, at its real cost or its
-/// reservation), and deletes the old segments.
-pub async fn replay(
-    recovered: Recovered,
-    sink: Arc<dyn SpendSink>,
-    leases: Arc<dyn LeaseSource>,
-    spool: Arc<Spool>,
-) {
-    if recovered.events.is_empty() {
-        spool.forget_recovered(&recovered);
-        return;
-    }
-    tracing::info!(
-        events = recovered.events.len(),
-        "delivering spend a previous run left in the spool"
-    );
-    for chunk in recovered.events.chunks(MAX_BATCH) {
-        send_all(sink.as_ref(), chunk.to_vec(), None).await;
-    }
-    for lease in recovered.leases() {
-        let spent: i64 = recovered
-            .events
-            .iter()
-            .filter(|e| e.lease_id == lease)
-            .map(|e| e.cost_micros)
-            .sum();
-        // Best effort: a lease not returned expires, and until then counts
-        // in full.
-        if let Err(s) = leases.give_back(&lease, spent).await {
-            tracing::warn!(code = ?s.code(), lease = %lease, "recovered lease not returned; it will expire");
+/// Delivers what a previous run left in the spool, then deletes the old
+/// segments. The leases those events drew on are not handed back: a record
+/// the machine lost before its fsync is not here, so the leases keep
+/// counting in full until they expire (and the grace after that) rather
+/// than at what the spool says was spent.
+pub async fn replay(recovered: Recovered, sink: Arc<dyn SpendSink>, spool: Arc<Spool>) {
+    if !recovered.events.is_empty() {
+        tracing::info!(
+            events = recovered.events.len(),
+            "delivering spend a previous run left in the spool"
+        );
+        for chunk in recovered.events.chunks(MAX_BATCH) {
+            send_all(sink.as_ref(), chunk.to_vec(), None).await;
         }
     }
     spool.forget_recovered(&recovered);

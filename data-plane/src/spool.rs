@@ -48,22 +48,6 @@ pub struct Recovered {
     segments: Vec<PathBuf>,
 }
 
-impl Recovered {
-    /// Leases the recovered events drew on, to hand back once they are
-    /// delivered.
-    pub fn leases(&self) -> Vec<String> {
-        let mut leases: Vec<String> = self
-            .events
-            .iter()
-            .filter(|e| !e.lease_id.is_empty())
-            .map(|e| e.lease_id.clone())
-            .collect();
-        leases.sort();
-        leases.dedup();
-        leases
-    }
-}
-
 struct Segment {
     file: File,
     seq: u64,
@@ -128,7 +112,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             state: Mutex::new(State {
                 current: create_segment(dir, next)?,
-                live: BTreeMap::new(),
+                live: BTreeMap::from([(next, 0)]),
                 pending: HashMap::new(),
                 unsynced: Vec::new(),
             }),
@@ -163,16 +147,12 @@ impl Spool {
         let mut st = self.state();
         if st.current.len >= SEGMENT_BYTES {
             let next = create_segment(&self.dir, st.current.seq + 1)?;
+            st.live.entry(next.seq).or_insert(0);
             let old = std::mem::replace(&mut st.current, next);
-            if st.live.get(&old.seq).is_none_or(|n| *n == 0) {
-                st.live.remove(&old.seq);
-                remove_segment(&self.dir, old.seq);
-            } else {
-                st.unsynced.push(old.file);
-            }
+            st.unsynced.push(old.file);
+            remove_dead_segments(&mut st, &self.dir);
         }
-        st.current.file.write_all(&record)?;
-        st.current.len += record.len() as u64;
+        write_whole(&mut st.current, &record)?;
         let seq = st.current.seq;
         *st.live.entry(seq).or_default() += 1;
         let slots = st.pending.entry(event.event_id.clone()).or_default();
@@ -223,10 +203,13 @@ impl Spool {
                 .expect("a Vec grows");
             }
         }
-        // Spares a restart from sending these again; losing the marks
-        // costs only duplicates the control plane ignores.
-        if !marks.is_empty() && st.current.file.write_all(&marks).is_ok() {
-            st.current.len += marks.len() as u64;
+        // Spares a restart from sending these again (and from charging a
+        // call that was never sent); segments go oldest first, so a mark
+        // outlives the records it cancels.
+        if !marks.is_empty() {
+            if let Err(e) = write_whole(&mut st.current, &marks) {
+                tracing::warn!(error = %e, "spool delivery marks not written");
+            }
         }
     }
 
@@ -241,12 +224,35 @@ impl Spool {
     }
 }
 
+/// Appends `bytes` whole or not at all: a failed write is cut back off, so
+/// no torn record is left for later ones to follow (recovery stops at the
+/// first torn record of a segment).
+fn write_whole(segment: &mut Segment, bytes: &[u8]) -> std::io::Result<()> {
+    if let Err(e) = segment.file.write_all(bytes) {
+        if let Err(cut) = segment.file.set_len(segment.len) {
+            tracing::error!(error = %cut, "spool segment not cut back after a failed write");
+        }
+        return Err(e);
+    }
+    segment.len += bytes.len() as u64;
+    Ok(())
+}
+
 fn drop_record(st: &mut State, dir: &Path, seq: u64) {
-    let Some(n) = st.live.get_mut(&seq) else {
-        return;
-    };
-    *n = n.saturating_sub(1);
-    if *n == 0 && seq != st.current.seq {
+    if let Some(n) = st.live.get_mut(&seq) {
+        *n = n.saturating_sub(1);
+    }
+    remove_dead_segments(st, dir);
+}
+
+/// Deletes segments oldest first while they hold nothing undelivered, never
+/// the current one: a newer segment may hold the delivery marks for an
+/// older one's records, so it must not go first.
+fn remove_dead_segments(st: &mut State, dir: &Path) {
+    while let Some((&seq, &n)) = st.live.first_key_value() {
+        if n > 0 || seq == st.current.seq {
+            return;
+        }
         st.live.remove(&seq);
         remove_segment(dir, seq);
     }
@@ -381,7 +387,6 @@ mod tests {
             got,
             vec![("e2", 70, "settled"), ("e3", 100, "settled_at_reservation")]
         );
-        assert_eq!(recovered.leases(), vec!["l1".to_string(), "l2".to_string()]);
         // Once delivered, the old segments go; the new run has its own.
         spool.forget_recovered(&recovered);
         assert_eq!(segments(dir.path()).len(), 1);
@@ -431,6 +436,48 @@ mod tests {
         assert_eq!(segments(dir.path()).len(), 2);
         spool.delivered(["e0"]);
         assert_eq!(segments(dir.path()).len(), 1, "only the current segment");
+    }
+
+    #[test]
+    fn a_delivery_mark_outlives_the_record_it_cancels() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            // X was recorded and never sent; Y is still in flight and keeps
+            // the first segment.
+            spool
+                .reserve(&event("x", "l1", 100, "settled_at_reservation"))
+                .unwrap();
+            spool
+                .reserve(&event("y", "l1", 100, "settled_at_reservation"))
+                .unwrap();
+            let mut big = event("", "l1", 1, "settled");
+            big.detail_json = "x".repeat(64 << 10);
+            let per_segment = (SEGMENT_BYTES / (64 << 10)) as usize + 1;
+            let mut fill = |from: usize| {
+                let ids: Vec<String> = (from..from + per_segment)
+                    .map(|i| format!("z{i}"))
+                    .collect();
+                for id in &ids {
+                    big.event_id = id.clone();
+                    spool.event(&big).unwrap();
+                }
+                spool.delivered(ids.iter().map(String::as_str));
+            };
+            fill(0);
+            // X's mark lands in a later segment than X's record...
+            spool.delivered(["x"]);
+            // ...which then fills up, is all delivered and rolls over.
+            fill(per_segment);
+            fill(2 * per_segment);
+        }
+        let (_spool, recovered) = Spool::open(dir.path()).unwrap();
+        let ids: Vec<&str> = recovered
+            .events
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["y"], "a call never sent must not be charged");
     }
 
     #[test]

@@ -191,11 +191,13 @@ async fn assert_ledger_within_cap(fleet: &Fleet, key_id: &str) {
         .await
         .expect("connect to the fleet's database");
     let (spent, leased): (i64, i64) = sqlx::query_as(
-        "SELECT COALESCE((SELECT SUM(spent) FROM key_spend_daily WHERE key_id = $1), 0)::BIGINT, \
+        "SELECT COALESCE((SELECT SUM(spent) FROM key_spend_daily \
+                          WHERE key_id = $1 AND day = $2), 0)::BIGINT, \
                 COALESCE((SELECT SUM(GREATEST(granted - reported, 0)) FROM leases \
-                          WHERE key_id = $1), 0)::BIGINT",
+                          WHERE key_id = $1 AND day = $2), 0)::BIGINT",
     )
     .bind(key_id)
+    .bind(chrono::Utc::now().format("%Y-%m-%d").to_string())
     .fetch_one(&mut db)
     .await
     .expect("read the key's spend and leases");
