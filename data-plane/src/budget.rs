@@ -11,7 +11,9 @@
 //! key's lease are handed back with what was spent from them.
 //!
 //! Lease size follows the node's own recent spend on the key: a slice asks
-//! for about `HORIZON` of it, never more than a quarter of the daily cap.
+//! for about `HORIZON` of it (and at least a sixteenth of what is left
+//! outside leases, so a key far from its cap rides out a control-plane
+//! outage), never more than a quarter of the daily cap.
 //! Near the cap (when the control plane has less left outside leases than
 //! that) the node asks for exactly what the waiting call needs: slices
 //! shrink to exactly-one-call grants. A node refused for lack of budget gives
@@ -52,6 +54,10 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 const FIRST_CALLS: i64 = 4;
 /// A node never asks for more than this share of a key's daily cap.
 const MAX_SHARE: i64 = 4;
+/// A slice takes at least this share of what is left outside leases: far
+/// from the cap, holding more costs no other node anything and carries this
+/// one through a control-plane outage; near it, the share is small.
+const LEFT_SHARE: i64 = 16;
 /// A lease not drawn on for this long gives back what it holds beyond its
 /// calls in flight, so budget never sits on an idle node for longer while a
 /// busy one is refused.
@@ -138,13 +144,15 @@ impl KeyLeases {
     }
 
     /// What to ask for when `need` more is needed for a call of `amount`:
-    /// about `HORIZON` of recent spend, at least a few calls' worth, at most
-    /// a share of the daily cap, and exactly `need` near the cap.
+    /// about `HORIZON` of recent spend, at least a few calls' worth and a
+    /// share of what is left, at most a share of the daily cap, and exactly
+    /// `need` near the cap.
     fn ask_size(&mut self, daily_cap: i64, need: i64, amount: i64, now: Instant) -> i64 {
         let wanted = self
             .rate
             .over(HORIZON, now)
             .max(amount.saturating_mul(FIRST_CALLS))
+            .max(self.unleased / LEFT_SHARE)
             .min(daily_cap / MAX_SHARE)
             .max(need);
         if self.unleased < wanted {
@@ -861,15 +869,15 @@ mod tests {
             b.reserve(&k, Micros(10), Utc::now()).await,
             Err(Refusal::BudgetUnavailable)
         ));
-        // With a lease in hand (a first slice covers four calls of the size
-        // that asked: 40), the proxy keeps serving from it while the control
-        // plane is away, and refuses once the lease is spent.
+        // With a lease in hand (a first slice: a sixteenth of what is left,
+        // 62), the proxy keeps serving from it while the control plane is
+        // away, and refuses once the lease is spent.
         l.fail.store(false, std::sync::atomic::Ordering::SeqCst);
         let r = b.reserve(&k, Micros(10), Utc::now()).await.unwrap();
         b.resolve(r, Micros(10));
-        assert_eq!(l.state.lock().unwrap().asks, vec![(40, 10)]);
+        assert_eq!(l.state.lock().unwrap().asks, vec![(62, 10)]);
         l.fail.store(true, std::sync::atomic::Ordering::SeqCst);
-        for _ in 0..3 {
+        for _ in 0..5 {
             let r = b.reserve(&k, Micros(10), Utc::now()).await.unwrap();
             b.resolve(r, Micros(10));
         }
@@ -927,10 +935,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_lease_is_topped_up_off_the_request_path() {
-        let l = ledger(1_000_000);
+        let l = ledger(1_600);
         let b = Budget::new(l.clone(), "n1");
-        let k = key(1_000_000);
-        // The first call asks on the request path, for four calls' worth.
+        let k = key(1_600);
+        // The first call asks on the request path, for four calls' worth (a
+        // quarter of this small cap).
         let r = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
         b.resolve(r, Micros(100));
         assert_eq!(l.state.lock().unwrap().asks, vec![(400, 100)]);
@@ -959,7 +968,7 @@ mod tests {
     #[test]
     fn slices_follow_the_spend_rate_and_shrink_to_one_call_near_the_cap() {
         let mut st = KeyLeases {
-            unleased: 1_000_000_000,
+            unleased: 16_000,
             ..KeyLeases::default()
         };
         let t0 = Instant::now();
@@ -975,6 +984,9 @@ mod tests {
         assert!((9_000..=11_000).contains(&size), "{size}");
         // Never more than a quarter of the daily cap.
         assert_eq!(st.ask_size(20_000, 500, 500, t), 5_000);
+        // Far from the cap, a sixteenth of what is left when that is more.
+        st.unleased = 1_000_000_000;
+        assert_eq!(st.ask_size(1_000_000_000, 500, 500, t), 62_500_000);
         // Less left outside leases than a slice: exactly what the call needs.
         st.unleased = 3_000;
         assert_eq!(st.ask_size(1_000_000_000, 500, 500, t), 500);

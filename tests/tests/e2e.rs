@@ -1928,8 +1928,9 @@ async fn openai_unknown_model_is_refused_before_forwarding() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spend_events_survive_a_control_plane_outage() {
     let (mut stack, mock) = stack_with_stripe().await;
-    // A $100 cap: the first call's lease is a first slice, four calls'
-    // worth, and one call is too slow a rate to top it up ahead of need.
+    // A $100 cap: the first call's lease is a first slice, a sixteenth of
+    // the cap ($6.25), and two calls are too slow a rate to top it up
+    // ahead of need.
     let key = stack
         .mint(&stripe_key_body(
             json!(100),
@@ -1955,7 +1956,7 @@ async fn spend_events_survive_a_control_plane_outage() {
         tokio::net::TcpStream::connect(&control_addr).await.is_err(),
         "the control plane still accepts connections after SIGKILL"
     );
-    for _ in 0..2 {
+    for _ in 0..4 {
         let r = charge().await;
         assert_eq!(
             r.status, 200,
@@ -1965,31 +1966,31 @@ async fn spend_events_survive_a_control_plane_outage() {
     }
     // The lease is spent: fail closed.
     charge().await.expect_error(503, "budget_unavailable");
-    assert_eq!(mock.forwarded_stripe_amount(), 400);
+    assert_eq!(mock.forwarded_stripe_amount(), 600);
 
     stack.control.restart().await;
     let entries = stack
-        .wait_audit(&format!("key_id={}&limit=1000", key.id), 4)
+        .wait_audit(&format!("key_id={}&limit=1000", key.id), 6)
         .await;
     let events: BTreeSet<&str> = entries
         .iter()
         .filter_map(|e| e["event_id"].as_str())
         .collect();
-    assert_eq!(events.len(), 4, "duplicate audit entries: {entries:?}");
+    assert_eq!(events.len(), 6, "duplicate audit entries: {entries:?}");
     assert!(entries.iter().all(|e| e["cost_micros"] == 1_000_000));
-    stack.wait_key_spend(&key.id, 4_000_000, 4).await;
+    stack.wait_key_spend(&key.id, 6_000_000, 6).await;
     let s = stack
         .admin
         .get("/vault/spend?agent_run_label=outage%2F1")
         .await
         .expect(200);
-    assert_eq!(s["calls"], 4, "{s}");
-    assert_eq!(s["total_micros"], 4_000_000, "{s}");
+    assert_eq!(s["calls"], 6, "{s}");
+    assert_eq!(s["total_micros"], 6_000_000, "{s}");
 
     // The proxy is back in touch: new calls are recorded and new keys work.
     charge().await.expect(200);
     stack
-        .wait_audit(&format!("key_id={}&limit=1000", key.id), 5)
+        .wait_audit(&format!("key_id={}&limit=1000", key.id), 7)
         .await;
     stack
         .mint(&stripe_key_body(

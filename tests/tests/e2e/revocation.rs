@@ -56,7 +56,8 @@ impl Fleet {
 
     /// Mints a key through `admin` and charges $1 once through every
     /// proxy, so each holds a lease of it with budget left ($50 a day is
-    /// leased to each in a first slice of four calls: $4).
+    /// leased to each in a first slice of four calls: $4, more than a
+    /// sixteenth of the cap).
     async fn key_in_use(&self, admin: &Api, label: &str) -> (String, String) {
         let key = admin
             .post_json(
