@@ -572,6 +572,38 @@ impl AdminToken {
     }
 }
 
+// --- issuer tokens ------------------------------------------------------------
+
+/// An issuer token as stored: its hash, never its text. It may only mint
+/// child keys of `key_id`, each within that key's vendor, endpoints, caps
+/// and expiry; it authorises nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuerToken {
+    pub id: String,
+    pub token_hash: [u8; 32],
+    /// First characters of the token, enough to recognise it in a list.
+    pub token_prefix: String,
+    /// The key whose children it mints.
+    pub key_id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    /// `None`: lives as long as its key.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl IssuerToken {
+    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+        if self.revoked_at.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
 /// An admin token name: 1-64 printable characters.
 pub fn parse_token_name(s: &str) -> Result<String, InvalidInput> {
     let s = s.trim();

@@ -27,6 +27,12 @@ pub enum ApiError {
     /// "every vendor" (an unrestricted token asked for by a restricted one).
     #[error("this admin token may not act on vendor {0:?}")]
     VendorNotAllowed(String),
+    /// A valid issuer token used for anything but minting a child of its
+    /// own key.
+    #[error(
+        "an issuer token may only mint child keys of its own key (POST /vault/keys or CreateKey)"
+    )]
+    IssuerScope,
     /// Something failed inside keycap; details went to the log.
     #[error("internal error")]
     Internal,
@@ -42,6 +48,7 @@ impl ApiError {
             ApiError::Unauthenticated => "unauthenticated",
             ApiError::MissingScope(_) => "missing_scope",
             ApiError::VendorNotAllowed(_) => "vendor_not_allowed",
+            ApiError::IssuerScope => "issuer_scope",
             ApiError::Internal => "internal",
         }
     }
@@ -53,7 +60,9 @@ impl ApiError {
             ApiError::NotFound(_) => S::NOT_FOUND,
             ApiError::Conflict(_) => S::CONFLICT,
             ApiError::Unauthenticated => S::UNAUTHORIZED,
-            ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) => S::FORBIDDEN,
+            ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
+                S::FORBIDDEN
+            }
             ApiError::Internal => S::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,7 +95,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
             ApiError::Conflict(_) => tonic::Status::failed_precondition(msg),
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
-            ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) => {
+            ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
                 tonic::Status::permission_denied(msg)
             }
             ApiError::Internal => tonic::Status::internal(msg),

@@ -1,4 +1,5 @@
-//! gRPC front end: admin services (vendors, keys, audit, admin tokens) and the fleet
+//! gRPC front end: admin services (vendors, keys and their issuer tokens, audit,
+//! admin tokens) and the fleet
 //! service proxies use. Converts wire messages into validated domain inputs
 //! on receipt and domain values back into messages; all logic lives in
 //! `service::Control`.
@@ -17,8 +18,8 @@ use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, LeaseGrantR
 use crate::error::ApiError;
 use crate::scope::Operation;
 use crate::service::{
-    AdminPrincipal, Confirmation, Control, Delta, FleetVendor, KeyView, NewAdminToken, NewKey,
-    PutVendor,
+    AdminPrincipal, Confirmation, Control, Delta, FleetVendor, KeyView, NewAdminToken,
+    NewIssuerToken, NewKey, PutVendor,
 };
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
@@ -39,11 +40,7 @@ impl Api {
 
     /// Authenticates the admin token and checks the scopes `op` needs.
     async fn admin<T>(&self, req: &Request<T>, op: Operation) -> Result<AdminPrincipal, Status> {
-        let auth = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        Ok(self.control.authorize(auth, op).await?)
+        Ok(self.control.authorize(auth(req), op).await?)
     }
 
     /// Authenticates a fleet call made for `node_id`: the fleet token, and
@@ -61,6 +58,13 @@ impl Api {
             }
         }
     }
+}
+
+/// The request's `authorization` metadata, if it is text.
+fn auth<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
 }
 
 pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
@@ -345,13 +349,13 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let caller = self.admin(&req, Operation::CreateKey).await?;
+        let minter = self.control.authorize_mint(auth(&req)).await?;
         let new = NewKey::try_from(req.into_inner()).map_err(ApiError::from)?;
         // Checks against a parent key are made by the service, in REST's
         // field names too.
         let (view, secret) = self
             .control
-            .create_key(&caller.vendors, new)
+            .mint_key(&minter, new)
             .await
             .map_err(|e| match e {
                 ApiError::Invalid(mut i) => {
@@ -363,6 +367,68 @@ impl pb::key_service_server::KeyService for Api {
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_to_pb(&view)),
             secret,
+        }))
+    }
+
+    async fn create_issuer_token(
+        &self,
+        req: Request<pb::CreateIssuerTokenRequest>,
+    ) -> Result<Response<pb::CreateIssuerTokenResponse>, Status> {
+        let caller = self.admin(&req, Operation::CreateIssuerToken).await?;
+        let r = req.into_inner();
+        let expires_in = match r.expires_in_seconds {
+            0 => None,
+            s if s < 0 => {
+                return Err(
+                    ApiError::from(invalid("expires_in_seconds", "must not be negative")).into(),
+                )
+            }
+            s => Some(Duration::from_secs(s as u64)),
+        };
+        let new = NewIssuerToken::new(&r.name, expires_in).map_err(ApiError::from)?;
+        let (token, secret) = self
+            .control
+            .create_issuer_token(&caller, &r.key_id, new)
+            .await
+            .map_err(|e| match e {
+                ApiError::Invalid(mut i) if i.field == "expires_in" => {
+                    i.field = "expires_in_seconds";
+                    ApiError::Invalid(i)
+                }
+                other => other,
+            })?;
+        Ok(Response::new(pb::CreateIssuerTokenResponse {
+            token: Some(issuer_token_to_pb(&token)),
+            secret,
+        }))
+    }
+
+    async fn list_issuer_tokens(
+        &self,
+        req: Request<pb::ListIssuerTokensRequest>,
+    ) -> Result<Response<pb::ListIssuerTokensResponse>, Status> {
+        let caller = self.admin(&req, Operation::ListIssuerTokens).await?;
+        let r = req.get_ref();
+        let tokens = self
+            .control
+            .list_issuer_tokens(&caller, &r.key_id, r.include_inactive)
+            .await?;
+        Ok(Response::new(pb::ListIssuerTokensResponse {
+            tokens: tokens.iter().map(issuer_token_to_pb).collect(),
+        }))
+    }
+
+    async fn revoke_issuer_token(
+        &self,
+        req: Request<pb::RevokeIssuerTokenRequest>,
+    ) -> Result<Response<pb::RevokeIssuerTokenResponse>, Status> {
+        let caller = self.admin(&req, Operation::RevokeIssuerToken).await?;
+        let token = self
+            .control
+            .revoke_issuer_token(&caller, &req.get_ref().id)
+            .await?;
+        Ok(Response::new(pb::RevokeIssuerTokenResponse {
+            token: Some(issuer_token_to_pb(&token)),
         }))
     }
 
@@ -472,6 +538,19 @@ impl pb::audit_service_server::AuditService for Api {
                 })
                 .collect(),
         }))
+    }
+}
+
+pub fn issuer_token_to_pb(t: &domain::IssuerToken) -> pb::IssuerToken {
+    pb::IssuerToken {
+        id: t.id.clone(),
+        key_id: t.key_id.clone(),
+        name: t.name.clone(),
+        token_prefix: t.token_prefix.clone(),
+        created_at: Some(to_proto(t.created_at)),
+        expires_at: opt_to_proto(t.expires_at),
+        revoked_at: opt_to_proto(t.revoked_at),
+        status: status_to_pb(t.status(chrono::Utc::now())) as i32,
     }
 }
 

@@ -25,7 +25,8 @@ use crate::error::ApiError;
 use crate::grpc::next_page_token;
 use crate::scope::Operation;
 use crate::service::{
-    AdminPrincipal, Confirmation, Control, KeyView, NewAdminToken, NewKey, PutVendor,
+    AdminPrincipal, Confirmation, Control, KeyView, NewAdminToken, NewIssuerToken, NewKey,
+    PutVendor,
 };
 
 type Ctl = State<Arc<Control>>;
@@ -53,6 +54,11 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/keys", post(create_key).get(list_keys))
         .route("/vault/keys/revoke", post(revoke_run))
         .route("/vault/keys/{id}", get(get_key).delete(revoke_key))
+        .route(
+            "/vault/keys/{id}/issuer-tokens",
+            post(create_issuer_token).get(list_issuer_tokens),
+        )
+        .route("/vault/issuer-tokens/{id}", delete(revoke_issuer_token))
         .route(
             "/vault/admin-tokens",
             post(create_admin_token).get(list_admin_tokens),
@@ -324,9 +330,12 @@ pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
 }
 
 async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let caller = admin(&c, &headers, Operation::CreateKey).await?;
+    let auth = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let minter = c.authorize_mint(auth).await?;
     let new = create_key_body(&body)?;
-    let (view, secret) = c.create_key(&caller.vendors, new).await?;
+    let (view, secret) = c.mint_key(&minter, new).await?;
     let mut out = key_json(&view);
     out["key"] = json!(secret);
     Ok((StatusCode::CREATED, Json(out)).into_response())
@@ -505,6 +514,76 @@ async fn revoke_admin_token(
     let caller = admin(&c, &headers, Operation::RevokeAdminToken).await?;
     Ok(Json(admin_token_json(
         &c.revoke_admin_token(&caller, &id).await?,
+    )))
+}
+
+// --- issuer tokens ------------------------------------------------------------
+
+fn issuer_token_json(t: &domain::IssuerToken) -> Value {
+    json!({
+        "id": t.id,
+        "key_id": t.key_id,
+        "name": t.name,
+        "token_prefix": t.token_prefix,
+        "status": t.status(Utc::now()).as_str(),
+        "created_at": rfc3339(t.created_at),
+        "expires_at": t.expires_at.map(rfc3339),
+        "revoked_at": t.revoked_at.map(rfc3339),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateIssuerTokenBody {
+    name: String,
+    /// Absent or null: lives as long as its key.
+    #[serde(default)]
+    expires_in: Option<Value>,
+}
+
+async fn create_issuer_token(
+    State(c): Ctl,
+    Path(key_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = admin(&c, &headers, Operation::CreateIssuerToken).await?;
+    let b: CreateIssuerTokenBody = parse_body(&body)?;
+    let expires_in = match &b.expires_in {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(expires_in_field(v)?),
+    };
+    let new = NewIssuerToken::new(&b.name, expires_in)?;
+    let (token, secret) = c.create_issuer_token(&caller, &key_id, new).await?;
+    let mut out = issuer_token_json(&token);
+    out["token"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn list_issuer_tokens(
+    State(c): Ctl,
+    Path(key_id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<ListAdminTokensQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&c, &headers, Operation::ListIssuerTokens).await?;
+    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let tokens = c
+        .list_issuer_tokens(&caller, &key_id, q.include_inactive)
+        .await?;
+    Ok(Json(
+        json!({"issuer_tokens": tokens.iter().map(issuer_token_json).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn revoke_issuer_token(
+    State(c): Ctl,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&c, &headers, Operation::RevokeIssuerToken).await?;
+    Ok(Json(issuer_token_json(
+        &c.revoke_issuer_token(&caller, &id).await?,
     )))
 }
 

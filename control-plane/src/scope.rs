@@ -256,12 +256,16 @@ pub enum Operation {
     CreateAdminToken,
     ListAdminTokens,
     RevokeAdminToken,
+    /// Mint an issuer token for a key.
+    CreateIssuerToken,
+    ListIssuerTokens,
+    RevokeIssuerToken,
     /// Re-wrap every vendor credential under the current master key.
     RotateKek,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 16] = [
+    pub const ALL: [Operation; 19] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -277,6 +281,9 @@ impl Operation {
         Operation::CreateAdminToken,
         Operation::ListAdminTokens,
         Operation::RevokeAdminToken,
+        Operation::CreateIssuerToken,
+        Operation::ListIssuerTokens,
+        Operation::RevokeIssuerToken,
         Operation::RotateKek,
     ];
 }
@@ -291,7 +298,10 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::PutVendorWithCredential => &[S::VendorsWrite, S::CredentialsWrite],
         O::GetVendor | O::ListVendors => &[S::VendorsRead],
         O::DeleteVendor => &[S::VendorsWrite],
-        O::CreateKey => &[S::KeysIssue],
+        // An issuer token mints keys, so making one is issuing.
+        O::CreateKey | O::CreateIssuerToken => &[S::KeysIssue],
+        O::ListIssuerTokens => &[S::KeysRead],
+        O::RevokeIssuerToken => &[S::KeysRevoke],
         O::GetKey | O::ListKeys => &[S::KeysRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
         O::QueryAudit | O::SpendSummary => &[S::AuditRead],
@@ -387,6 +397,18 @@ mod tests {
                 Some(Scope::TokensRead),
             ),
             (Operation::RevokeAdminToken, &["tokens:write"], None),
+            (
+                Operation::CreateIssuerToken,
+                &["keys:read", "tokens:write"],
+                Some(Scope::KeysIssue),
+            ),
+            (Operation::CreateIssuerToken, &["keys:issue"], None),
+            (Operation::ListIssuerTokens, &["keys:read"], None),
+            (
+                Operation::RevokeIssuerToken,
+                &["keys:issue"],
+                Some(Scope::KeysRevoke),
+            ),
         ];
         for (op, held, missing) in cases {
             assert_eq!(

@@ -199,6 +199,39 @@ fn new_admin_token_id() -> String {
     format!("adm_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// The caller behind an issuer token: it may mint child keys of `key_id`
+/// and nothing else.
+#[derive(Clone, Debug)]
+pub struct IssuerPrincipal {
+    pub token_id: String,
+    pub key_id: String,
+}
+
+/// Who may mint a key: an admin token with `keys:issue`, or an issuer token
+/// (children of its own key only).
+#[derive(Clone, Debug)]
+pub enum KeyMinter {
+    Admin(AdminPrincipal),
+    Issuer(IssuerPrincipal),
+}
+
+/// An issuer token to mint, validated.
+#[derive(Clone, Debug)]
+pub struct NewIssuerToken {
+    pub name: String,
+    /// `None`: lives as long as its key.
+    pub expires_in: Option<Duration>,
+}
+
+impl NewIssuerToken {
+    pub fn new(name: &str, expires_in: Option<Duration>) -> Result<Self, domain::InvalidInput> {
+        Ok(NewIssuerToken {
+            name: domain::parse_token_name(name)?,
+            expires_in: expires_in.map(domain::check_lifetime).transpose()?,
+        })
+    }
+}
+
 /// A key to mint, validated.
 #[derive(Clone, Debug)]
 pub struct NewKey {
@@ -452,6 +485,12 @@ impl Control {
         authorization: Option<&str>,
     ) -> Result<AdminPrincipal, ApiError> {
         let token = bearer(authorization).ok_or(ApiError::Unauthenticated)?;
+        if secret::is_well_formed(SecretKind::IssuerToken, token) {
+            // A valid issuer token is told plainly that it may only mint;
+            // an invalid one gets the same 401 as any bad token.
+            self.authenticate_issuer(authorization).await?;
+            return Err(ApiError::IssuerScope);
+        }
         if !secret::is_well_formed(SecretKind::AdminToken, token) {
             return Err(ApiError::Unauthenticated);
         }
@@ -564,6 +603,162 @@ impl Control {
         caller.check_within(target.scopes, &target.vendors)?;
         let revoked = self.store.revoke_admin_token(id, Utc::now()).await?;
         tracing::info!(id, by = %caller.token_id, "admin token revoked");
+        Ok(revoked)
+    }
+
+    // --- issuer tokens ------------------------------------------------------
+
+    /// Checks `Bearer <issuer token>` like an admin token: malformed,
+    /// unknown, expired or revoked are all the same `Unauthenticated`. The
+    /// key's own state is checked when minting (`check_child_key`).
+    pub async fn authenticate_issuer(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<IssuerPrincipal, ApiError> {
+        let token = bearer(authorization).ok_or(ApiError::Unauthenticated)?;
+        if !secret::is_well_formed(SecretKind::IssuerToken, token) {
+            return Err(ApiError::Unauthenticated);
+        }
+        let Some(t) = self.store.find_issuer_token(&secret::hash(token)).await? else {
+            return Err(ApiError::Unauthenticated);
+        };
+        if t.status(Utc::now()) != KeyStatus::Active {
+            return Err(ApiError::Unauthenticated);
+        }
+        Ok(IssuerPrincipal {
+            token_id: t.id,
+            key_id: t.key_id,
+        })
+    }
+
+    /// Authenticates a key mint: an issuer token, or an admin token holding
+    /// what `CreateKey` needs.
+    pub async fn authorize_mint(&self, authorization: Option<&str>) -> Result<KeyMinter, ApiError> {
+        match bearer(authorization) {
+            Some(t) if t.starts_with(&format!("{}_", SecretKind::IssuerToken.prefix())) => Ok(
+                KeyMinter::Issuer(self.authenticate_issuer(authorization).await?),
+            ),
+            _ => Ok(KeyMinter::Admin(
+                self.authorize(authorization, Operation::CreateKey).await?,
+            )),
+        }
+    }
+
+    /// Mints a key for `minter`. An issuer token mints only children of its
+    /// own key (a missing `parent_id` means that key; another one is
+    /// `IssuerScope`), each checked against that key like any child.
+    pub async fn mint_key(
+        &self,
+        minter: &KeyMinter,
+        mut req: NewKey,
+    ) -> Result<(KeyView, String), ApiError> {
+        match minter {
+            KeyMinter::Admin(caller) => self.create_key(&caller.vendors, req).await,
+            KeyMinter::Issuer(issuer) => {
+                match &req.parent_id {
+                    None => req.parent_id = Some(issuer.key_id.clone()),
+                    Some(p) if *p == issuer.key_id => {}
+                    Some(_) => return Err(ApiError::IssuerScope),
+                }
+                let (view, secret) = self.create_key(&VendorScope::All, req).await?;
+                tracing::info!(id = %view.key.id, parent = %issuer.key_id, issuer = %issuer.token_id, "key minted by issuer token");
+                Ok((view, secret))
+            }
+        }
+    }
+
+    /// Mints an issuer token for an active key of a vendor the caller may
+    /// act on, ending no later than the caller's own token. Returns its
+    /// record and the token text, which exists nowhere else after this
+    /// returns.
+    pub async fn create_issuer_token(
+        &self,
+        caller: &AdminPrincipal,
+        key_id: &str,
+        req: NewIssuerToken,
+    ) -> Result<(domain::IssuerToken, String), ApiError> {
+        let key = self.key_of_allowed_vendor(&caller.vendors, key_id).await?;
+        let now = Utc::now();
+        match key.status(now) {
+            KeyStatus::Active => {}
+            KeyStatus::Revoked => return Err(invalid("key_id", "the key is revoked").into()),
+            KeyStatus::Expired => return Err(invalid("key_id", "the key has expired").into()),
+        }
+        let expires_at = req
+            .expires_in
+            .map(|d| chrono::Duration::from_std(d).map(|d| now + d))
+            .transpose()
+            .map_err(|_| invalid("expires_in", "too large"))?;
+        if let Some(limit) = caller.expires_at {
+            if expires_at.is_none_or(|e| e > limit) {
+                return Err(invalid(
+                    "expires_in",
+                    format!(
+                        "must end by {}, when the admin token creating it expires",
+                        limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                )
+                .into());
+            }
+        }
+        let text = secret::generate(SecretKind::IssuerToken, &self.key_env);
+        let record = domain::IssuerToken {
+            id: format!("iss_{}", uuid::Uuid::new_v4().simple()),
+            token_hash: secret::hash(&text),
+            token_prefix: secret::display_prefix(&text),
+            key_id: key.id,
+            name: req.name,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+        };
+        self.store.insert_issuer_token(&record).await?;
+        tracing::info!(id = %record.id, key = %record.key_id, by = %caller.token_id, "issuer token created");
+        let stored = self
+            .store
+            .get_issuer_token(&record.id)
+            .await?
+            .ok_or(ApiError::Internal)?;
+        Ok((stored, text))
+    }
+
+    /// A key's issuer tokens, newest first; revoked and expired ones only
+    /// when asked for.
+    pub async fn list_issuer_tokens(
+        &self,
+        caller: &AdminPrincipal,
+        key_id: &str,
+        include_inactive: bool,
+    ) -> Result<Vec<domain::IssuerToken>, ApiError> {
+        self.key_of_allowed_vendor(&caller.vendors, key_id).await?;
+        let now = Utc::now();
+        Ok(self
+            .store
+            .list_issuer_tokens(key_id)
+            .await?
+            .into_iter()
+            .filter(|t| include_inactive || t.status(now) == KeyStatus::Active)
+            .collect())
+    }
+
+    /// Revokes an issuer token of a key of a vendor the caller may act on;
+    /// revoking a revoked one changes nothing.
+    pub async fn revoke_issuer_token(
+        &self,
+        caller: &AdminPrincipal,
+        id: &str,
+    ) -> Result<domain::IssuerToken, ApiError> {
+        let not_found = || ApiError::NotFound(format!("issuer token {id:?} not found"));
+        let target = self
+            .store
+            .get_issuer_token(id)
+            .await?
+            .ok_or_else(not_found)?;
+        self.key_of_allowed_vendor(&caller.vendors, &target.key_id)
+            .await
+            .map_err(|_| not_found())?;
+        let revoked = self.store.revoke_issuer_token(id, Utc::now()).await?;
+        tracing::info!(id, by = %caller.token_id, "issuer token revoked");
         Ok(revoked)
     }
 

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
 use keycap_control::domain::{
-    AdminToken, AuditQuery, ChangeRef, KeyFilter, KeyLimits, KeyStatus, LeaseGrantRequest, Outcome,
-    Profile, SpendEvent, VaultKey, Vendor, VendorName,
+    AdminToken, AuditQuery, ChangeRef, IssuerToken, KeyFilter, KeyLimits, KeyStatus,
+    LeaseGrantRequest, Outcome, Profile, SpendEvent, VaultKey, Vendor, VendorName,
 };
 use keycap_control::scope::{Scopes, VendorScope};
 use keycap_control::store::{
@@ -82,6 +82,7 @@ macro_rules! suite {
 
 suite!(
     admin_tokens_round_trip,
+    issuer_tokens_round_trip,
     a_known_hash_is_not_recorded_again,
     the_last_unrestricted_admin_token_cannot_be_revoked,
     revoke_run_within_vendors,
@@ -232,6 +233,20 @@ fn admin_token(
         name: format!("token {id}"),
         scopes: Scopes::parse_list(scopes).unwrap(),
         vendors: VendorScope::parse_list(vendors).unwrap(),
+        // Later ids sort as newer.
+        created_at: trunc(now()) + Duration::seconds(id.len() as i64),
+        expires_at: expires_at.map(trunc),
+        revoked_at: None,
+    }
+}
+
+fn issuer_token(id: &str, key_id: &str, expires_at: Option<DateTime<Utc>>) -> IssuerToken {
+    IssuerToken {
+        id: id.to_string(),
+        token_hash: Sha256::digest(id.as_bytes()).into(),
+        token_prefix: format!("kciss_test_{id}"),
+        key_id: key_id.to_string(),
+        name: format!("scenario {id}"),
         // Later ids sort as newer.
         created_at: trunc(now()) + Duration::seconds(id.len() as i64),
         expires_at: expires_at.map(trunc),
@@ -843,6 +858,73 @@ mod cases {
         assert_eq!(
             ids(s.policy_keys(now() + Duration::seconds(30)).await.unwrap()),
             ["live", "revoked"]
+        );
+    }
+
+    pub async fn issuer_tokens_round_trip(s: S) {
+        add_vendor(&*s, "stripe").await;
+        s.insert_key(&key("k1", "stripe", "r", 10)).await.unwrap();
+        s.insert_key(&key("k2", "stripe", "r", 10)).await.unwrap();
+        let a = issuer_token("iss_a", "k1", None);
+        let b = issuer_token("iss_bb", "k1", Some(now() + Duration::hours(1)));
+        let c = issuer_token("iss_ccc", "k2", None);
+        for t in [&a, &b, &c] {
+            s.insert_issuer_token(t).await.unwrap();
+        }
+        assert_eq!(
+            s.find_issuer_token(&b.token_hash).await.unwrap(),
+            Some(b.clone()),
+            "every column reads back as written"
+        );
+        assert_eq!(s.get_issuer_token("iss_a").await.unwrap(), Some(a.clone()));
+        assert_eq!(s.find_issuer_token(&[9u8; 32]).await.unwrap(), None);
+        assert_eq!(s.get_issuer_token("iss_none").await.unwrap(), None);
+        let ids = |v: Vec<IssuerToken>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.list_issuer_tokens("k1").await.unwrap()),
+            ["iss_bb", "iss_a"],
+            "only the key's tokens, newest first"
+        );
+        assert!(s.list_issuer_tokens("k9").await.unwrap().is_empty());
+
+        let mut same_hash = issuer_token("iss_other", "k1", None);
+        same_hash.token_hash = a.token_hash;
+        assert!(matches!(
+            s.insert_issuer_token(&same_hash).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let mut same_id = issuer_token("iss_a", "k1", None);
+        same_id.token_hash = [42u8; 32];
+        assert!(matches!(
+            s.insert_issuer_token(&same_id).await,
+            Err(StoreError::Conflict(_))
+        ));
+
+        let later = now() + Duration::minutes(5);
+        let revoked = s.revoke_issuer_token("iss_a", later).await.unwrap();
+        assert_eq!(revoked.revoked_at, Some(trunc(later)));
+        assert_eq!(revoked.status(later), KeyStatus::Revoked);
+        let again = s
+            .revoke_issuer_token("iss_a", later + Duration::minutes(1))
+            .await
+            .unwrap();
+        assert_eq!(again, revoked, "a second revocation changes nothing");
+        assert_eq!(
+            s.find_issuer_token(&a.token_hash).await.unwrap(),
+            Some(revoked)
+        );
+        assert!(matches!(
+            s.revoke_issuer_token("iss_none", later).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(
+            s.get_issuer_token("iss_ccc")
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at,
+            None,
+            "other tokens are untouched"
         );
     }
 

@@ -1,4 +1,4 @@
-//! Secret formats: vault keys, admin tokens and fleet tokens.
+//! Secret formats: vault keys, admin tokens, issuer tokens and fleet tokens.
 //!
 //! A secret is `<prefix>_<env>_<body><check>`: 43 base62 characters of
 //! randomness (256 bits) and a 6-character base62 checksum of everything
@@ -22,6 +22,9 @@ pub enum SecretKind {
     AdminToken,
     /// `kcfleet_`: the token proxies present to the fleet API.
     FleetToken,
+    /// `kciss_`: an issuer token, which may only mint child keys of the one
+    /// key it belongs to.
+    IssuerToken,
 }
 
 impl SecretKind {
@@ -30,6 +33,7 @@ impl SecretKind {
             SecretKind::VaultKey => "kc",
             SecretKind::AdminToken => "kcadm",
             SecretKind::FleetToken => "kcfleet",
+            SecretKind::IssuerToken => "kciss",
         }
     }
 }
@@ -43,6 +47,7 @@ impl SecretKind {
             SecretKind::VaultKey => r"\bkc_[a-z]{1,16}_[0-9A-Za-z]{49}\b",
             SecretKind::AdminToken => r"\bkcadm_[a-z]{1,16}_[0-9A-Za-z]{49}\b",
             SecretKind::FleetToken => r"\bkcfleet_[a-z]{1,16}_[0-9A-Za-z]{49}\b",
+            SecretKind::IssuerToken => r"\bkciss_[a-z]{1,16}_[0-9A-Za-z]{49}\b",
         }
     }
 }
@@ -140,6 +145,7 @@ mod tests {
             SecretKind::VaultKey,
             SecretKind::AdminToken,
             SecretKind::FleetToken,
+            SecretKind::IssuerToken,
         ];
         let readme = include_str!("../../README.md");
         for kind in kinds {
@@ -160,12 +166,43 @@ mod tests {
                 }
             }
         }
-        for kind in [SecretKind::VaultKey, SecretKind::AdminToken] {
+        for kind in [
+            SecretKind::VaultKey,
+            SecretKind::AdminToken,
+            SecretKind::IssuerToken,
+        ] {
             assert!(
                 readme.contains(&format!("`{}`", kind.scanner_pattern())),
                 "README does not show the {kind:?} pattern"
             );
         }
+    }
+
+    #[test]
+    fn issuer_tokens_are_their_own_kind() {
+        let t = generate(SecretKind::IssuerToken, "live");
+        assert!(t.starts_with("kciss_live_"));
+        assert_eq!(t.len(), "kciss_live_".len() + 49);
+        assert!(is_well_formed(SecretKind::IssuerToken, &t));
+        for other in [
+            SecretKind::VaultKey,
+            SecretKind::AdminToken,
+            SecretKind::FleetToken,
+        ] {
+            assert!(!is_well_formed(other, &t), "{other:?}");
+            assert!(!is_well_formed(
+                SecretKind::IssuerToken,
+                &generate(other, "live")
+            ));
+        }
+        let mut bytes = t.into_bytes();
+        let i = bytes.len() - 1;
+        bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+        assert!(!is_well_formed(
+            SecretKind::IssuerToken,
+            &String::from_utf8(bytes).unwrap()
+        ));
+        assert!(display_prefix(&generate(SecretKind::IssuerToken, "dev")).starts_with("kciss_dev_"));
     }
 
     #[test]

@@ -545,6 +545,8 @@ mod twilio;
 mod admin_tokens;
 #[path = "e2e/edge.rs"]
 mod edge;
+#[path = "e2e/issuer.rs"]
+mod issuer;
 #[path = "e2e/limits.rs"]
 mod limits;
 #[path = "e2e/tls.rs"]

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{
-    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, LeaseGrant,
-    LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
+    LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 pub mod postgres;
@@ -93,6 +93,17 @@ pub trait Store: Send + Sync + 'static {
     /// token active at `now` with every scope over every vendor: checked in
     /// the same transaction, so two concurrent revocations cannot both pass.
     async fn revoke_admin_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<AdminToken>;
+
+    // Issuer tokens: each belongs to one key (see `IssuerToken`).
+    /// `Conflict` if its id or hash is taken. The key must exist.
+    async fn insert_issuer_token(&self, token: &IssuerToken) -> StoreResult<()>;
+    async fn find_issuer_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<IssuerToken>>;
+    async fn get_issuer_token(&self, id: &str) -> StoreResult<Option<IssuerToken>>;
+    /// A key's issuer tokens, newest first.
+    async fn list_issuer_tokens(&self, key_id: &str) -> StoreResult<Vec<IssuerToken>>;
+    /// Sets `revoked_at`; revoking a revoked token changes nothing.
+    /// `NotFound` for an unknown id.
+    async fn revoke_issuer_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<IssuerToken>;
 
     // --- vendors ------------------------------------------------------------
     /// Creates or replaces a vendor. Creating one requires a sealed

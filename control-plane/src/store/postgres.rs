@@ -39,10 +39,11 @@ use super::sql::{
     KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::sql::{FleetNodeRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS};
+use super::sql::{IssuerTokenRow, ISSUER_TOKEN_COLUMNS};
 use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
-    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, KeyStatus,
-    LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
+    KeyStatus, LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 /// The channel notified (empty payload) whenever the change log grows.
@@ -296,6 +297,75 @@ impl Store for PgStore {
         tx.commit().await?;
         target.revoked_at = Some(truncate(now));
         Ok(target)
+    }
+
+    async fn insert_issuer_token(&self, t: &IssuerToken) -> StoreResult<()> {
+        let sql = format!(
+            "INSERT INTO issuer_tokens ({ISSUER_TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        );
+        sqlx::query(&sql)
+            .bind(&t.id)
+            .bind(&t.token_hash[..])
+            .bind(&t.token_prefix)
+            .bind(&t.key_id)
+            .bind(&t.name)
+            .bind(micros(t.created_at))
+            .bind(t.expires_at.map(micros))
+            .bind(t.revoked_at.map(micros))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                conflict_on_unique(e, || format!("issuer token {} already exists", t.id))
+            })?;
+        Ok(())
+    }
+
+    async fn find_issuer_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<IssuerToken>> {
+        let sql = format!("SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE token_hash = $1");
+        sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(&token_hash[..])
+            .fetch_optional(&self.pool)
+            .await?
+            .map(IssuerTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn get_issuer_token(&self, id: &str) -> StoreResult<Option<IssuerToken>> {
+        let sql = format!("SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE id = $1");
+        sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(IssuerTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn list_issuer_tokens(&self, key_id: &str) -> StoreResult<Vec<IssuerToken>> {
+        let sql = format!(
+            "SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE key_id = $1 \
+             ORDER BY created_at DESC, id DESC"
+        );
+        sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(key_id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(IssuerTokenRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_issuer_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<IssuerToken> {
+        // One statement: a concurrent revocation keeps the first time.
+        sqlx::query(
+            "UPDATE issuer_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(micros(now))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        self.get_issuer_token(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("issuer token {id}")))
     }
 
     async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)> {

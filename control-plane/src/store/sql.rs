@@ -20,8 +20,8 @@ use keycap_proto::Micros;
 
 use super::{StoreError, StoreResult};
 use crate::domain::{
-    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, FleetNode, KeyLimits, LeaseGrant,
-    Outcome, SpendEvent, VaultKey, Vendor, VendorName,
+    parse_profile, AdminToken, AuditEntry, Change, ChangeRef, FleetNode, IssuerToken, KeyLimits,
+    LeaseGrant, Outcome, SpendEvent, VaultKey, Vendor, VendorName,
 };
 use crate::scope::{Scopes, VendorScope};
 
@@ -257,6 +257,48 @@ impl AdminTokenRow {
             revoked_at: self
                 .revoked_at
                 .map(|v| from_micros(v, "admin_tokens.revoked_at"))
+                .transpose()?,
+        })
+    }
+}
+
+pub(super) const ISSUER_TOKEN_COLUMNS: &str =
+    "id, token_hash, token_prefix, key_id, name, created_at, expires_at, revoked_at";
+
+/// An issuer token row.
+#[derive(sqlx::FromRow)]
+pub(super) struct IssuerTokenRow {
+    id: String,
+    token_hash: Vec<u8>,
+    token_prefix: String,
+    key_id: String,
+    name: String,
+    created_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+}
+
+impl IssuerTokenRow {
+    pub(super) fn into_domain(self) -> StoreResult<IssuerToken> {
+        let token_hash: [u8; 32] = self
+            .token_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("issuer_tokens.token_hash", "not 32 bytes"))?;
+        Ok(IssuerToken {
+            id: self.id,
+            token_hash,
+            token_prefix: self.token_prefix,
+            key_id: self.key_id,
+            name: self.name,
+            created_at: from_micros(self.created_at, "issuer_tokens.created_at")?,
+            expires_at: self
+                .expires_at
+                .map(|v| from_micros(v, "issuer_tokens.expires_at"))
+                .transpose()?,
+            revoked_at: self
+                .revoked_at
+                .map(|v| from_micros(v, "issuer_tokens.revoked_at"))
                 .transpose()?,
         })
     }

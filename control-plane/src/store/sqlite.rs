@@ -34,10 +34,11 @@ use super::sql::{
     KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::sql::{FleetNodeRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS};
+use super::sql::{IssuerTokenRow, ISSUER_TOKEN_COLUMNS};
 use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
-    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, KeyFilter, KeySpend, KeyStatus,
-    LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
+    AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
+    KeyStatus, LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 /// How long a connection waits for another process's write lock.
@@ -332,6 +333,79 @@ impl Store for SqliteStore {
         w.commit().await?;
         target.revoked_at = Some(truncate(now));
         Ok(target)
+    }
+
+    async fn insert_issuer_token(&self, t: &IssuerToken) -> StoreResult<()> {
+        let sql = format!(
+            "INSERT INTO issuer_tokens ({ISSUER_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        );
+        let mut w = self.begin_write().await?;
+        sqlx::query(&sql)
+            .bind(&t.id)
+            .bind(&t.token_hash[..])
+            .bind(&t.token_prefix)
+            .bind(&t.key_id)
+            .bind(&t.name)
+            .bind(micros(t.created_at))
+            .bind(t.expires_at.map(micros))
+            .bind(t.revoked_at.map(micros))
+            .execute(w.conn())
+            .await
+            .map_err(|e| {
+                conflict_on_unique(e, || format!("issuer token {} already exists", t.id))
+            })?;
+        w.commit().await
+    }
+
+    async fn find_issuer_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<IssuerToken>> {
+        let sql = format!("SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE token_hash = ?");
+        sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(&token_hash[..])
+            .fetch_optional(&self.pool)
+            .await?
+            .map(IssuerTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn get_issuer_token(&self, id: &str) -> StoreResult<Option<IssuerToken>> {
+        let sql = format!("SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE id = ?");
+        sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(IssuerTokenRow::into_domain)
+            .transpose()
+    }
+
+    async fn list_issuer_tokens(&self, key_id: &str) -> StoreResult<Vec<IssuerToken>> {
+        let sql = format!(
+            "SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE key_id = ? \
+             ORDER BY created_at DESC, id DESC"
+        );
+        sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(key_id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(IssuerTokenRow::into_domain)
+            .collect()
+    }
+
+    async fn revoke_issuer_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<IssuerToken> {
+        let mut w = self.begin_write().await?;
+        sqlx::query("UPDATE issuer_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(micros(now))
+            .bind(id)
+            .execute(w.conn())
+            .await?;
+        let sql = format!("SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE id = ?");
+        let row = sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(id)
+            .fetch_optional(w.conn())
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("issuer token {id}")))?;
+        w.commit().await?;
+        row.into_domain()
     }
 
     async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)> {

@@ -255,6 +255,14 @@ async fn every_admin_route_needs_the_scope_the_table_names() {
         .await
         .expect(201);
     let key_id = key["id"].as_str().unwrap().to_string();
+    // One the table's DELETE does not revoke, for the issuer-token routes.
+    let live_key_id = admin
+        .post_json("/vault/keys", &key_body("stripe"))
+        .await
+        .expect(201)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let other_token = create_token(
         &admin,
         json!({"name": "victim", "scopes": ["tokens:write"]}),
@@ -330,6 +338,24 @@ async fn every_admin_route_needs_the_scope_the_table_names() {
             format!("/vault/admin-tokens/{other_token}"),
             None,
             &["tokens:write"],
+        ),
+        (
+            "POST",
+            format!("/vault/keys/{live_key_id}/issuer-tokens"),
+            Some(json!({"name": "scenario"})),
+            &["keys:issue"],
+        ),
+        (
+            "GET",
+            format!("/vault/keys/{live_key_id}/issuer-tokens"),
+            None,
+            &["keys:read"],
+        ),
+        (
+            "DELETE",
+            "/vault/issuer-tokens/iss_nobody".into(),
+            None,
+            &["keys:revoke"],
         ),
     ];
     // A known token with an unrelated scope: 403 naming the first scope.
