@@ -203,6 +203,34 @@ enum KeyCmd {
         #[arg(long = "ack-timeout")]
         ack_timeout: Option<String>,
     },
+    /// Issuer tokens: each may only mint child keys of one key.
+    #[command(subcommand)]
+    IssuerToken(IssuerTokenCmd),
+}
+
+#[derive(Subcommand)]
+enum IssuerTokenCmd {
+    /// Mint an issuer token for an active key; prints the token once. It
+    /// mints children of that key (POST /vault/keys with it as the bearer
+    /// token) and nothing else.
+    Create {
+        /// The key whose children it mints.
+        key_id: String,
+        #[arg(long)]
+        name: String,
+        /// Lifetime, e.g. 30d, 12h; as long as its key when omitted.
+        #[arg(long = "expires-in")]
+        expires_in: Option<String>,
+    },
+    /// List a key's issuer tokens (never their text).
+    List {
+        key_id: String,
+        /// Include revoked and expired tokens.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke an issuer token by id.
+    Revoke { id: String },
 }
 
 #[derive(Args)]
@@ -283,6 +311,34 @@ fn admin_token_json(t: &pb::AdminToken) -> Value {
     })
 }
 
+fn issuer_token_json(t: &pb::IssuerToken) -> Value {
+    json!({
+        "id": t.id,
+        "key_id": t.key_id,
+        "name": t.name,
+        "token_prefix": t.token_prefix,
+        "status": pb::KeyStatus::try_from(t.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "created_at": ts(&t.created_at),
+        "expires_at": ts(&t.expires_at),
+        "revoked_at": ts(&t.revoked_at),
+    })
+}
+
+/// `--expires-in` of a token: 0 on the wire means "no expiry of its own",
+/// so a lifetime under a second must not become that.
+fn token_lifetime_secs(expires_in: Option<String>) -> anyhow::Result<i64> {
+    Ok(match expires_in {
+        Some(e) => match humantime::parse_duration(&e)
+            .with_context(|| format!("--expires-in {e:?} is not a duration like 30d"))?
+            .as_secs()
+        {
+            0 => bail!("--expires-in {e:?} is under a second; leave it out for no expiry"),
+            secs => secs as i64,
+        },
+        None => 0,
+    })
+}
+
 fn vendor_json(v: &pb::Vendor) -> Value {
     json!({
         "name": v.name,
@@ -354,18 +410,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             vendors,
             expires_in,
         }) => {
-            // 0 on the wire means "never expires": a lifetime under a
-            // second must not become that.
-            let expires_in_seconds = match expires_in {
-                Some(e) => match humantime::parse_duration(&e)
-                    .with_context(|| format!("--expires-in {e:?} is not a duration like 30d"))?
-                    .as_secs()
-                {
-                    0 => bail!("--expires-in {e:?} is under a second; leave it out for no expiry"),
-                    secs => secs as i64,
-                },
-                None => 0,
-            };
+            let expires_in_seconds = token_lifetime_secs(expires_in)?;
             let r = c
                 .admin_tokens
                 .create_admin_token(pb::CreateAdminTokenRequest {
@@ -532,6 +577,56 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
         Command::Key(KeyCmd::Get { id }) => {
             let r = c.keys.get_key(pb::GetKeyRequest { id }).await?.into_inner();
             print(r.key.as_ref().map(key_json).unwrap_or(Value::Null));
+        }
+        Command::Key(KeyCmd::IssuerToken(IssuerTokenCmd::Create {
+            key_id,
+            name,
+            expires_in,
+        })) => {
+            let r = c
+                .keys
+                .create_issuer_token(pb::CreateIssuerTokenRequest {
+                    key_id,
+                    name,
+                    expires_in_seconds: token_lifetime_secs(expires_in)?,
+                })
+                .await?
+                .into_inner();
+            let mut out = r
+                .token
+                .as_ref()
+                .map(issuer_token_json)
+                .unwrap_or(Value::Null);
+            out["token"] = json!(r.secret);
+            print(out);
+        }
+        Command::Key(KeyCmd::IssuerToken(IssuerTokenCmd::List { key_id, all })) => {
+            let r = c
+                .keys
+                .list_issuer_tokens(pb::ListIssuerTokensRequest {
+                    key_id,
+                    include_inactive: all,
+                })
+                .await?
+                .into_inner();
+            print(json!(r
+                .tokens
+                .iter()
+                .map(issuer_token_json)
+                .collect::<Vec<_>>()));
+        }
+        Command::Key(KeyCmd::IssuerToken(IssuerTokenCmd::Revoke { id })) => {
+            let r = c
+                .keys
+                .revoke_issuer_token(pb::RevokeIssuerTokenRequest { id })
+                .await?
+                .into_inner();
+            print(
+                r.token
+                    .as_ref()
+                    .map(issuer_token_json)
+                    .unwrap_or(Value::Null),
+            );
         }
         Command::Key(KeyCmd::Revoke {
             id,

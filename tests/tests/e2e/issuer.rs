@@ -232,3 +232,114 @@ async fn an_issuer_token_mints_children_of_its_key_and_nothing_else() {
         .await
         .expect_error(400, "invalid_request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_issuer_tokens_and_grpc_mints_with_one() {
+    use keycap_proto::pb::{self, key_service_client::KeyServiceClient};
+    use tonic::metadata::MetadataValue;
+    use tonic::{Code, Request};
+
+    let control = harness::Control::start(ControlOpts::sqlite()).await;
+    let url = control.url();
+    let boot = control.opts.admin_token.clone();
+    let _mock = stripe_on(&control).await;
+    let parent = control
+        .admin()
+        .post_json(
+            "/vault/keys",
+            &stripe_key_body(json!(10), &["POST /v1/*"], "make-scenario/cli"),
+        )
+        .await
+        .expect(201);
+    let parent_id = parent["id"].as_str().unwrap().to_string();
+
+    let created = keycap_cli(
+        &url,
+        &boot,
+        &[
+            "key",
+            "issuer-token",
+            "create",
+            &parent_id,
+            "--name",
+            "checkout",
+            "--expires-in",
+            "1d",
+        ],
+    )
+    .await
+    .json();
+    let token = created["token"]
+        .as_str()
+        .expect("token shown once")
+        .to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(secret::is_well_formed(SecretKind::IssuerToken, &token));
+    assert_eq!(created["key_id"], parent_id.as_str());
+    let listed = keycap_cli(&url, &boot, &["key", "issuer-token", "list", &parent_id]).await;
+    assert!(!listed.stdout.contains(&token), "{}", listed.stdout);
+    assert_eq!(listed.json()[0]["id"], id.as_str());
+
+    fn with_token<T>(msg: T, token: &str) -> Request<T> {
+        let mut req = Request::new(msg);
+        let v: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        req.metadata_mut().insert("authorization", v);
+        req
+    }
+    let mut keys = KeyServiceClient::connect(url.clone()).await.expect("gRPC");
+    let child = pb::CreateKeyRequest {
+        vendor: "stripe".into(),
+        allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+        daily_cap_micros: 5_000_000,
+        expires_in_seconds: 3600,
+        agent_run_label: "make-scenario/cli/1".into(),
+        ..Default::default()
+    };
+    let minted = keys
+        .create_key(with_token(child.clone(), &token))
+        .await
+        .expect("CreateKey with the issuer token")
+        .into_inner();
+    assert_eq!(minted.key.unwrap().parent_id, parent_id);
+    let refused = keys
+        .create_key(with_token(
+            pb::CreateKeyRequest {
+                parent_id: "key_elsewhere".into(),
+                ..child.clone()
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = keys
+        .list_keys(with_token(pb::ListKeysRequest::default(), &token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("issuer token"), "{refused:?}");
+
+    let revoked = keycap_cli(&url, &boot, &["key", "issuer-token", "revoke", &id])
+        .await
+        .json();
+    assert_eq!(revoked["status"], "KEY_STATUS_REVOKED");
+    let refused = keys
+        .create_key(with_token(child, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let all = keycap_cli(&url, &boot, &["key", "issuer-token", "list", &parent_id]).await;
+    assert_eq!(
+        all.json(),
+        json!([]),
+        "revoked tokens are listed only with --all"
+    );
+    let all = keycap_cli(
+        &url,
+        &boot,
+        &["key", "issuer-token", "list", &parent_id, "--all"],
+    )
+    .await
+    .json();
+    assert_eq!(all[0]["status"], "KEY_STATUS_REVOKED");
+}
