@@ -178,6 +178,49 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
     assert_eq!(r.status, 401, "{}", r.text);
     heard.resp("a revoked admin token", &r);
 
+    // An issuer token: made, listed, used to mint a child, refused beyond
+    // that, revoked.
+    let r = admin
+        .post_json(
+            &format!("/vault/keys/{}/issuer-tokens", key.id),
+            &json!({"name": "canary scenario"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let issuer_token = r.json()["token"].as_str().expect("token").to_string();
+    let issuer_id = r.json()["id"].as_str().expect("token id").to_string();
+    heard
+        .0
+        .push(("issuer token creation".into(), r.text.clone().into_bytes()));
+    let r = relay
+        .get(&format!(
+            "/vault/keys/{}/issuer-tokens?include_inactive=true",
+            key.id
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("issuer token list", &r);
+    let issuer = Api::new(&stack.control.url(), Some(&issuer_token));
+    let mut child_body = stripe_key_body(json!(1), &["POST /v1/payment_intents"], "canary/1/c");
+    child_body["expires_in"] = json!("1h");
+    let r = issuer.post_json("/vault/keys", &child_body).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let issued_child = r.json()["key"].as_str().expect("key secret").to_string();
+    heard
+        .0
+        .push(("issued key creation".into(), r.text.clone().into_bytes()));
+    let r = issuer.get("/vault/keys").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    heard.resp("an issuer token beyond minting", &r);
+    let r = admin
+        .delete(&format!("/vault/issuer-tokens/{issuer_id}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    heard.resp("issuer token revoke", &r);
+    let r = issuer.post_json("/vault/keys", &child_body).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    heard.resp("a revoked issuer token", &r);
+
     // Secrets handed to the admin API as tokens are refused without echo.
     for (label, token) in [
         ("vault key as admin token", key.secret.as_str()),
@@ -344,6 +387,7 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
         &["key", "get", &key.id][..],
         &["audit", "--run-label", "canary/1"][..],
         &["admin", "rotate-kek"][..],
+        &["key", "issuer-token", "list", &key.id, "--all"][..],
     ] {
         let out = keycap_cli(&url, &token, args).await;
         assert!(out.status.success(), "keycap {args:?}: {}", out.stderr);
@@ -371,6 +415,11 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
         ("the rate-limited vault key", limited.secret.clone()),
         ("the fenced vault key", fenced.secret.clone()),
         ("the minted admin token", minted_token.clone()),
+        ("the issuer token", issuer_token.clone()),
+        (
+            "the vault key minted by the issuer token",
+            issued_child.clone(),
+        ),
         ("the admin token", stack.control.opts.admin_token.clone()),
         ("the fleet token", stack.control.opts.fleet_token.clone()),
         ("the master key", stack.control.opts.master_key.clone()),
@@ -423,6 +472,8 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
             // A minted secret is shown once, by design: in the answer that made it.
             if (place == "key creation" && *secret == key.secret)
                 || (place == "admin token creation" && *secret == minted_token)
+                || (place == "issuer token creation" && *secret == issuer_token)
+                || (place == "issued key creation" && *secret == issued_child)
             {
                 continue;
             }
