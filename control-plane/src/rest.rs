@@ -1,6 +1,7 @@
 //! REST/JSON front end under `/vault/*`, for automation platforms that
 //! cannot speak gRPC (a Make.com HTTP module, n8n, Zapier). Same operations
-//! as the gRPC admin API, same admin tokens and scopes (`scope::required`).
+//! as the gRPC admin API, same admin tokens and scopes (`scope::required`);
+//! `POST /vault/keys` also takes an issuer token (children of its key only).
 //! Bodies are parsed here into validated domain inputs; every failure is a
 //! JSON error body with a stable code. Responses never carry a vendor
 //! credential; a vault key or admin token secret appears only in the

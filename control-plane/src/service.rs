@@ -4,7 +4,7 @@
 //! seals and opens credentials and wakes policy watchers after each change.
 //! It keeps the fleet table of connected proxies current (registrations,
 //! acknowledged versions, heartbeats) and makes a revocation wait for their
-//! confirmation. It owns authentication of admin and fleet tokens and what
+//! confirmation. It owns authentication of admin, issuer and fleet tokens and what
 //! an admin token may do (its scopes, vendors and lifetime; see `scope`).
 //! It never returns a vendor credential except to an authenticated fleet
 //! caller, and never stores a secret in plain text.
