@@ -147,6 +147,33 @@ pub struct AdminPrincipal {
 }
 
 impl AdminPrincipal {
+    /// When a token this one creates, living `expires_in` from `now`
+    /// (`None`: forever), expires; refused if that is after this token
+    /// expires, so no token outlives the one that made it.
+    fn expiry_within(
+        &self,
+        expires_in: Option<Duration>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, ApiError> {
+        let expires_at = expires_in
+            .map(|d| chrono::Duration::from_std(d).map(|d| now + d))
+            .transpose()
+            .map_err(|_| invalid("expires_in", "too large"))?;
+        if let Some(limit) = self.expires_at {
+            if expires_at.is_none_or(|e| e > limit) {
+                return Err(invalid(
+                    "expires_in",
+                    format!(
+                        "must end by {}, when the admin token creating it expires",
+                        limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                )
+                .into());
+            }
+        }
+        Ok(expires_at)
+    }
+
     /// `MissingScope` naming the first scope `op` needs that this token
     /// lacks (see `scope::required`).
     pub fn require(&self, op: Operation) -> Result<(), ApiError> {
@@ -530,23 +557,7 @@ impl Control {
     ) -> Result<(AdminToken, String), ApiError> {
         caller.check_within(req.scopes, &req.vendors)?;
         let now = Utc::now();
-        let expires_at = req
-            .expires_in
-            .map(|d| chrono::Duration::from_std(d).map(|d| now + d))
-            .transpose()
-            .map_err(|_| invalid("expires_in", "too large"))?;
-        if let Some(limit) = caller.expires_at {
-            if expires_at.is_none_or(|e| e > limit) {
-                return Err(invalid(
-                    "expires_in",
-                    format!(
-                        "must end by {}, when the token creating it expires",
-                        limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    ),
-                )
-                .into());
-            }
-        }
+        let expires_at = caller.expiry_within(req.expires_in, now)?;
         let text = secret::generate(SecretKind::AdminToken, &self.key_env);
         let record = AdminToken {
             id: new_admin_token_id(),
@@ -684,23 +695,7 @@ impl Control {
             KeyStatus::Revoked => return Err(invalid("key_id", "the key is revoked").into()),
             KeyStatus::Expired => return Err(invalid("key_id", "the key has expired").into()),
         }
-        let expires_at = req
-            .expires_in
-            .map(|d| chrono::Duration::from_std(d).map(|d| now + d))
-            .transpose()
-            .map_err(|_| invalid("expires_in", "too large"))?;
-        if let Some(limit) = caller.expires_at {
-            if expires_at.is_none_or(|e| e > limit) {
-                return Err(invalid(
-                    "expires_in",
-                    format!(
-                        "must end by {}, when the admin token creating it expires",
-                        limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    ),
-                )
-                .into());
-            }
-        }
+        let expires_at = caller.expiry_within(req.expires_in, now)?;
         let text = secret::generate(SecretKind::IssuerToken, &self.key_env);
         let record = domain::IssuerToken {
             id: format!("iss_{}", uuid::Uuid::new_v4().simple()),

@@ -75,6 +75,34 @@ async fn stripe_on(control: &harness::Control) -> MockVendor {
     mock
 }
 
+/// `n` concurrent $1 Stripe charges spread round robin over `agents`;
+/// every refusal must be a 429. Returns how many were answered 200.
+async fn dollar_charges(agents: &[Api], n: usize) -> i64 {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let agent = agents[i % agents.len()].clone();
+            tokio::spawn(async move {
+                agent
+                    .post_form(
+                        "/stripe/v1/payment_intents",
+                        "amount=100&currency=usd&confirm=true",
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.expect("call task");
+        if r.status == 200 {
+            ok += 1;
+        } else {
+            assert_eq!(r.status, 429, "{}", r.text);
+        }
+    }
+    ok
+}
+
 fn next_utc_midnight(t: DateTime<Utc>) -> DateTime<Utc> {
     (t.date_naive() + chrono::Days::new(1))
         .and_hms_opt(0, 0, 0)

@@ -164,28 +164,7 @@ async fn an_issuer_token_mints_children_of_its_key_and_nothing_else() {
         stack.agent(&children[0]),
         stack.agent(&children[1]),
     ];
-    let tasks: Vec<_> = (0..45)
-        .map(|i| {
-            let agent = agents[i % 3].clone();
-            tokio::spawn(async move {
-                agent
-                    .post_form(
-                        "/stripe/v1/payment_intents",
-                        "amount=100&currency=usd&confirm=true",
-                    )
-                    .await
-            })
-        })
-        .collect();
-    let mut ok = 0i64;
-    for t in tasks {
-        let r = t.await.expect("call task");
-        if r.status == 200 {
-            ok += 1;
-        } else {
-            assert_eq!(r.status, 429, "{}", r.text);
-        }
-    }
+    let ok = dollar_charges(&agents, 45).await;
     assert!(ok > 0, "no charge went through");
     assert!(
         mock.forwarded_stripe_amount() <= 1000,
