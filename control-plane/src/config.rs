@@ -58,13 +58,15 @@ pub struct ControlConfig {
           value_parser = clap::value_parser!(i64).range(1..))]
     pub change_log_keep: i64,
     /// How long a revocation (RevokeKey, RevokeRun, their REST routes and
-    /// the CLI) waits for every connected proxy to confirm it refuses the
-    /// key, in milliseconds, unless the call asks otherwise. Proxies that do
-    /// not confirm in time are named in the answer and their leases of the
-    /// key are fenced.
-    #[arg(long, env = "KEYCAP_REVOKE_ACK_TIMEOUT_MS", default_value_t = 2000,
+    /// the CLI), a key creation and a vendor change wait for every
+    /// connected proxy to confirm it serves the change, in milliseconds,
+    /// unless the call asks otherwise. Proxies that do not confirm in time
+    /// are named in the answer (and, for a revocation, their leases of the
+    /// key are fenced).
+    #[arg(long, env = "KEYCAP_ACK_TIMEOUT_MS", default_value_t = 2000,
+          alias = "revoke-ack-timeout-ms",
           value_parser = clap::value_parser!(u64).range(1..=crate::domain::MAX_ACK_TIMEOUT_MS))]
-    pub revoke_ack_timeout_ms: u64,
+    pub ack_timeout_ms: u64,
     /// Environment tag minted into vault keys (kc_<env>_...).
     #[arg(long, env = "KEYCAP_KEY_ENV", default_value = "live")]
     pub key_env: String,

@@ -229,11 +229,11 @@ pub fn check_lifetime(d: std::time::Duration) -> Result<std::time::Duration, Inv
     Ok(d)
 }
 
-/// Longest a revocation may be asked to wait for proxies to confirm.
+/// Longest a change may be asked to wait for proxies to confirm.
 pub const MAX_ACK_TIMEOUT_MS: u64 = 60_000;
 
-/// A revocation's wait for proxies, in milliseconds: `None` (the control
-/// plane's `--revoke-ack-timeout-ms`) for 0, at most a minute.
+/// A change's wait for proxies, in milliseconds: `None` (the control
+/// plane's `--ack-timeout-ms`) for 0, at most a minute.
 pub fn parse_ack_timeout_ms(ms: u64) -> Result<Option<std::time::Duration>, InvalidInput> {
     match ms {
         0 => Ok(None),

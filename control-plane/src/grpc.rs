@@ -155,8 +155,8 @@ fn fleet_key_to_pb(k: &domain::VaultKey) -> pb::FleetKey {
     }
 }
 
-fn confirmation_to_pb(c: Confirmation) -> pb::RevocationConfirmation {
-    pb::RevocationConfirmation {
+fn confirmation_to_pb(c: Confirmation) -> pb::FleetConfirmation {
+    pb::FleetConfirmation {
         version: c.version,
         confirmed_nodes: c.confirmed,
         unconfirmed_nodes: c.unconfirmed,
@@ -281,12 +281,18 @@ impl pb::vendor_service_server::VendorService for Api {
         req: Request<pb::PutVendorRequest>,
     ) -> Result<Response<pb::PutVendorResponse>, Status> {
         let caller = self.admin(&req, Operation::PutVendor).await?;
-        let put = PutVendor::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let r = req.into_inner();
+        let timeout = ack_timeout(r.ack_timeout_ms)?;
+        let put = PutVendor::try_from(r).map_err(ApiError::from)?;
         caller.require(self.control.vendor_put_operation(&put).await?)?;
-        let (v, created) = self.control.put_vendor(&caller.vendors, put).await?;
+        let (v, created, confirmation) = self
+            .control
+            .put_vendor(&caller.vendors, put, timeout)
+            .await?;
         Ok(Response::new(pb::PutVendorResponse {
             vendor: Some(vendor_to_pb(&v)),
             created,
+            confirmation: Some(confirmation_to_pb(confirmation)),
         }))
     }
 
@@ -320,10 +326,14 @@ impl pb::vendor_service_server::VendorService for Api {
         req: Request<pb::DeleteVendorRequest>,
     ) -> Result<Response<pb::DeleteVendorResponse>, Status> {
         let caller = self.admin(&req, Operation::DeleteVendor).await?;
-        self.control
-            .delete_vendor(&caller.vendors, &req.get_ref().name)
+        let r = req.into_inner();
+        let confirmation = self
+            .control
+            .delete_vendor(&caller.vendors, &r.name, ack_timeout(r.ack_timeout_ms)?)
             .await?;
-        Ok(Response::new(pb::DeleteVendorResponse {}))
+        Ok(Response::new(pb::DeleteVendorResponse {
+            confirmation: Some(confirmation_to_pb(confirmation)),
+        }))
     }
 
     async fn rotate_kek(
@@ -350,12 +360,14 @@ impl pb::key_service_server::KeyService for Api {
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let minter = self.control.authorize_mint(auth(&req)).await?;
-        let new = NewKey::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let r = req.into_inner();
+        let timeout = ack_timeout(r.ack_timeout_ms)?;
+        let new = NewKey::try_from(r).map_err(ApiError::from)?;
         // Checks against a parent key are made by the service, in REST's
         // field names too.
-        let (view, secret) = self
+        let (view, secret, confirmation) = self
             .control
-            .mint_key(&minter, new)
+            .mint_key(&minter, new, timeout)
             .await
             .map_err(|e| match e {
                 ApiError::Invalid(mut i) => {
@@ -367,6 +379,7 @@ impl pb::key_service_server::KeyService for Api {
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(key_to_pb(&view)),
             secret,
+            confirmation: Some(confirmation_to_pb(confirmation)),
         }))
     }
 

@@ -171,20 +171,33 @@ struct PutVendorBody {
     /// format; absent or null for the shipped prices.
     #[serde(default)]
     prices: Option<Value>,
+    /// How long to wait for the proxies to serve the change; absent or 0:
+    /// the control plane's default.
+    #[serde(default)]
+    ack_timeout_ms: u64,
 }
 
 /// `PUT /vault/vendors/{name}`'s body, validated. Public for the fuzz
 /// checks in `check`.
 pub fn put_vendor_body(name: &str, body: &[u8]) -> Result<PutVendor, ApiError> {
+    Ok(put_vendor_request(name, body)?.0)
+}
+
+/// `PUT /vault/vendors/{name}`'s body and how long it waits for proxies.
+fn put_vendor_request(
+    name: &str,
+    body: &[u8],
+) -> Result<(PutVendor, Option<std::time::Duration>), ApiError> {
     let b: PutVendorBody = parse_body(body)?;
-    Ok(PutVendor::new(
+    let put = PutVendor::new(
         name,
         &b.profile,
         &b.base_url,
         b.credential.as_deref(),
         &b.currency_rates,
         &b.prices.map(|p| p.to_string()).unwrap_or_default(),
-    )?)
+    )?;
+    Ok((put, domain::parse_ack_timeout_ms(b.ack_timeout_ms)?))
 }
 
 async fn put_vendor(
@@ -194,15 +207,17 @@ async fn put_vendor(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let caller = admin(&c, &headers, Operation::PutVendor).await?;
-    let put = put_vendor_body(&name, &body)?;
+    let (put, timeout) = put_vendor_request(&name, &body)?;
     caller.require(c.vendor_put_operation(&put).await?)?;
-    let (v, created) = c.put_vendor(&caller.vendors, put).await?;
+    let (v, created, confirmation) = c.put_vendor(&caller.vendors, put, timeout).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(vendor_json(&v))).into_response())
+    let mut out = vendor_json(&v);
+    out["confirmation"] = confirmation_json(&confirmation);
+    Ok((status, Json(out)).into_response())
 }
 
 async fn get_vendor(
@@ -228,10 +243,15 @@ async fn delete_vendor(
     State(c): Ctl,
     Path(name): Path<String>,
     headers: HeaderMap,
+    q: Result<Query<AckTimeoutQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let caller = admin(&c, &headers, Operation::DeleteVendor).await?;
-    c.delete_vendor(&caller.vendors, &name).await?;
-    Ok(Json(json!({"deleted": name})))
+    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let timeout = domain::parse_ack_timeout_ms(q.ack_timeout_ms)?;
+    let confirmation = c.delete_vendor(&caller.vendors, &name, timeout).await?;
+    Ok(Json(
+        json!({"deleted": name, "confirmation": confirmation_json(&confirmation)}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -258,6 +278,10 @@ struct CreateKeyBody {
     /// The key to mint this one under; absent or null for a root key.
     #[serde(default)]
     parent_id: Option<String>,
+    /// How long to wait for the proxies to serve the key; absent or 0: the
+    /// control plane's default.
+    #[serde(default)]
+    ack_timeout_ms: u64,
 }
 
 /// A key's limits from a create body; a rate that is not a whole number is
@@ -307,10 +331,16 @@ fn expires_in_field(v: &Value) -> Result<std::time::Duration, ApiError> {
 /// `POST /vault/keys`'s body, validated. Public for the fuzz checks in
 /// `check`.
 pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
+    Ok(create_key_request(body)?.0)
+}
+
+/// `POST /vault/keys`'s body and how long it waits for proxies.
+fn create_key_request(body: &[u8]) -> Result<(NewKey, Option<std::time::Duration>), ApiError> {
     let b: CreateKeyBody = parse_body(body)?;
     let expires_in = expires_in_field(&b.expires_in)?;
     let limits = key_limits(&b)?;
-    Ok(NewKey::new(
+    let timeout = domain::parse_ack_timeout_ms(b.ack_timeout_ms)?;
+    let key = NewKey::new(
         &b.vendor,
         &b.allowed_endpoints,
         usd_field("daily_usd_cap", &b.daily_usd_cap)?,
@@ -327,7 +357,8 @@ pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
         b.metadata,
         limits,
         b.parent_id.as_deref(),
-    )?)
+    )?;
+    Ok((key, timeout))
 }
 
 async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -335,10 +366,11 @@ async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Re
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let minter = c.authorize_mint(auth).await?;
-    let new = create_key_body(&body)?;
-    let (view, secret) = c.mint_key(&minter, new).await?;
+    let (new, timeout) = create_key_request(&body)?;
+    let (view, secret, confirmation) = c.mint_key(&minter, new, timeout).await?;
     let mut out = key_json(&view);
     out["key"] = json!(secret);
+    out["confirmation"] = confirmation_json(&confirmation);
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -381,7 +413,7 @@ async fn list_keys(
     ))
 }
 
-/// Which proxies confirmed a revocation (see `service::Confirmation`).
+/// Which proxies confirmed a change (see `service::Confirmation`).
 fn confirmation_json(c: &Confirmation) -> Value {
     json!({
         "version": c.version,
@@ -394,7 +426,7 @@ fn confirmation_json(c: &Confirmation) -> Value {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RevokeKeyQuery {
+struct AckTimeoutQuery {
     #[serde(default)]
     ack_timeout_ms: u64,
 }
@@ -403,7 +435,7 @@ async fn revoke_key(
     State(c): Ctl,
     Path(id): Path<String>,
     headers: HeaderMap,
-    q: Result<Query<RevokeKeyQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<AckTimeoutQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let caller = admin(&c, &headers, Operation::RevokeKey).await?;
     let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;

@@ -61,7 +61,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         sealer,
         &config.fleet_token,
         &config.key_env,
-        Duration::from_millis(config.revoke_ack_timeout_ms),
+        Duration::from_millis(config.ack_timeout_ms),
     )
     .await?;
     control.follow_changes(

@@ -3,8 +3,9 @@
 //! `Control` takes validated inputs (see `domain`), talks to the `Store`,
 //! seals and opens credentials and wakes policy watchers after each change.
 //! It keeps the fleet table of connected proxies current (registrations,
-//! acknowledged versions, heartbeats) and makes a revocation wait for their
-//! confirmation. It owns authentication of admin, issuer and fleet tokens and what
+//! acknowledged versions, heartbeats) and makes a change — a key minted or
+//! revoked, a vendor written or deleted — wait for their confirmation, so
+//! the answer means every connected proxy serves it. It owns authentication of admin, issuer and fleet tokens and what
 //! an admin token may do (its scopes, vendors and lifetime; see `scope`).
 //! It never returns a vendor credential except to an authenticated fleet
 //! caller, and never stores a secret in plain text.
@@ -54,20 +55,21 @@ const FLEET_NODE_FORGET: chrono::Duration = chrono::Duration::hours(1);
 /// at this replica wake it at once.
 const ACK_POLL: Duration = Duration::from_millis(5);
 
-/// Which proxies confirmed a revocation: they applied the change-log
-/// `version` that carries it, so they refuse the key.
+/// Which proxies confirmed a change: they applied the change-log `version`
+/// that carries it, so they serve a new key or vendor as written and refuse
+/// a revoked key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Confirmation {
     pub version: i64,
-    /// Proxies connected when the revocation was written that confirmed it
+    /// Proxies connected when the change was written that confirmed it
     /// before the wait ended, by node id.
     pub confirmed: Vec<String>,
-    /// Connected proxies that did not confirm in time, and proxies not
-    /// connected that still hold a lease of a revoked key. Their leases of
-    /// the revoked keys are fenced.
+    /// Connected proxies that did not confirm in time; for a revocation
+    /// also proxies not connected that still hold a lease of a revoked key,
+    /// whose leases of the revoked keys are fenced.
     pub unconfirmed: Vec<String>,
-    /// The unspent part of those leases: the most the unconfirmed proxies
-    /// can still spend with the revoked keys.
+    /// For a revocation, the unspent part of those leases: the most the
+    /// unconfirmed proxies can still spend with the revoked keys.
     pub unconfirmed_lease: Micros,
 }
 
@@ -381,20 +383,20 @@ pub struct Control {
     /// Moves whenever a proxy acknowledges a version through this replica;
     /// waiting revocations wake on it.
     acks: watch::Sender<u64>,
-    /// How long a revocation waits for proxies unless the caller says.
-    revoke_ack_timeout: Duration,
+    /// How long a change waits for proxies unless the caller says.
+    ack_timeout: Duration,
 }
 
 impl Control {
     /// `key_env` is the environment tag minted into vault keys ("live",
-    /// "dev"); `revoke_ack_timeout` how long a revocation waits for proxies
-    /// to confirm unless the caller asks otherwise.
+    /// "dev"); `ack_timeout` how long a change waits for proxies to confirm
+    /// unless the caller asks otherwise.
     pub async fn new(
         store: Arc<dyn Store>,
         sealer: Sealer,
         fleet_token: &str,
         key_env: &str,
-        revoke_ack_timeout: Duration,
+        ack_timeout: Duration,
     ) -> Result<Arc<Self>, ApiError> {
         let v = store.latest_version().await?;
         let (version, _) = watch::channel(v);
@@ -407,7 +409,7 @@ impl Control {
             version,
             replica_id: uuid::Uuid::new_v4().simple().to_string(),
             acks,
-            revoke_ack_timeout,
+            ack_timeout,
         }))
     }
 
@@ -655,27 +657,32 @@ impl Control {
         }
     }
 
-    /// Mints a key for `minter`. An issuer token mints only children of its
-    /// own key (a missing `parent_id` means that key; another one is
-    /// `IssuerScope`), each checked against that key like any child.
+    /// Mints a key for `minter` and waits until the proxies serve it (see
+    /// `confirm_change`), so the key works on its first call through any of
+    /// them. An issuer token mints only children of its own key (a missing
+    /// `parent_id` means that key; another one is `IssuerScope`), each
+    /// checked against that key like any child.
     pub async fn mint_key(
         &self,
         minter: &KeyMinter,
         mut req: NewKey,
-    ) -> Result<(KeyView, String), ApiError> {
-        match minter {
-            KeyMinter::Admin(caller) => self.create_key(&caller.vendors, req).await,
+        ack_timeout: Option<Duration>,
+    ) -> Result<(KeyView, String, Confirmation), ApiError> {
+        let (view, secret, version) = match minter {
+            KeyMinter::Admin(caller) => self.create_key(&caller.vendors, req).await?,
             KeyMinter::Issuer(issuer) => {
                 match &req.parent_id {
                     None => req.parent_id = Some(issuer.key_id.clone()),
                     Some(p) if *p == issuer.key_id => {}
                     Some(_) => return Err(ApiError::IssuerScope),
                 }
-                let (view, secret) = self.create_key(&VendorScope::All, req).await?;
-                tracing::info!(id = %view.key.id, parent = %issuer.key_id, issuer = %issuer.token_id, "key minted by issuer token");
-                Ok((view, secret))
+                let minted = self.create_key(&VendorScope::All, req).await?;
+                tracing::info!(id = %minted.0.key.id, parent = %issuer.key_id, issuer = %issuer.token_id, "key minted by issuer token");
+                minted
             }
-        }
+        };
+        let confirmation = self.confirm_change(version, ack_timeout).await?;
+        Ok((view, secret, confirmation))
     }
 
     /// Mints an issuer token for an active key of a vendor the caller may
@@ -865,11 +872,13 @@ impl Control {
         })
     }
 
+    /// Writes a vendor and waits until the proxies serve it as written.
     pub async fn put_vendor(
         &self,
         vendors: &VendorScope,
         req: PutVendor,
-    ) -> Result<(Vendor, bool), ApiError> {
+        ack_timeout: Option<Duration>,
+    ) -> Result<(Vendor, bool, Confirmation), ApiError> {
         vendors.check(req.name.as_str())?;
         let now = Utc::now();
         let sealed_credential = req
@@ -894,8 +903,9 @@ impl Control {
             }
             other => other.into(),
         })?;
-        self.changed().await;
-        Ok(out)
+        let version = self.publish_head().await?;
+        let confirmation = self.confirm_change(version, ack_timeout).await?;
+        Ok((out.0, out.1, confirmation))
     }
 
     pub async fn get_vendor(&self, vendors: &VendorScope, name: &str) -> Result<Vendor, ApiError> {
@@ -912,22 +922,28 @@ impl Control {
         Ok(all)
     }
 
-    pub async fn delete_vendor(&self, vendors: &VendorScope, name: &str) -> Result<(), ApiError> {
+    /// Deletes a vendor and waits until the proxies no longer serve it.
+    pub async fn delete_vendor(
+        &self,
+        vendors: &VendorScope,
+        name: &str,
+        ack_timeout: Option<Duration>,
+    ) -> Result<Confirmation, ApiError> {
         vendors.check(name)?;
         self.store.delete_vendor(name, Utc::now()).await?;
-        self.changed().await;
-        Ok(())
+        let version = self.publish_head().await?;
+        self.confirm_change(version, ack_timeout).await
     }
 
     // --- keys ---------------------------------------------------------------
 
-    /// Mints a key. Returns its view and the secret, which exists nowhere
-    /// else after this returns.
-    pub async fn create_key(
+    /// Mints a key. Returns its view, the secret, which exists nowhere else
+    /// after this returns, and the change-log version that carries it.
+    async fn create_key(
         &self,
         vendors: &VendorScope,
         req: NewKey,
-    ) -> Result<(KeyView, String), ApiError> {
+    ) -> Result<(KeyView, String, i64), ApiError> {
         vendors.check(req.vendor.as_str())?;
         if self.store.get_vendor(req.vendor.as_str()).await?.is_none() {
             return Err(ApiError::Invalid(invalid(
@@ -976,9 +992,9 @@ impl Control {
             }
             other => other.into(),
         })?;
-        self.changed().await;
+        let version = self.publish_head().await?;
         let view = self.view(key, now).await?;
-        Ok((view, secret_text))
+        Ok((view, secret_text, version))
     }
 
     async fn view(&self, key: VaultKey, now: DateTime<Utc>) -> Result<KeyView, ApiError> {
@@ -1116,8 +1132,8 @@ impl Control {
             });
         }
         let me = self.clone();
-        let timeout = ack_timeout.unwrap_or(self.revoke_ack_timeout);
-        tokio::spawn(async move { me.await_confirmation(key_ids, version, timeout).await })
+        let timeout = ack_timeout.unwrap_or(self.ack_timeout);
+        tokio::spawn(async move { me.await_revocation(key_ids, version, timeout).await })
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "revocation confirmation task failed");
@@ -1125,14 +1141,40 @@ impl Control {
             })?
     }
 
-    async fn await_confirmation(
+    /// Waits until every proxy connected now has applied `version` (which
+    /// carries a new key or a vendor write), or until the timeout, and says
+    /// which did. Nothing is fenced: a proxy that has not applied a creation
+    /// yet refuses the new key (or asks the control plane for it) rather
+    /// than spending with it.
+    async fn confirm_change(
         &self,
-        key_ids: Vec<String>,
         version: i64,
-        timeout: Duration,
+        ack_timeout: Option<Duration>,
     ) -> Result<Confirmation, ApiError> {
+        let timeout = ack_timeout.unwrap_or(self.ack_timeout);
         let started = tokio::time::Instant::now();
-        let deadline = started + timeout;
+        let acks = self.await_acks(version, started + timeout).await?;
+        let waited_ms = started.elapsed().as_millis() as u64;
+        if acks.waiting.is_empty() {
+            tracing::debug!(version, confirmed = acks.confirmed.len(), waited_ms, "change confirmed by every connected proxy");
+        } else {
+            tracing::warn!(version, unconfirmed = ?acks.waiting, waited_ms, "change not confirmed by every connected proxy");
+        }
+        Ok(Confirmation {
+            version,
+            confirmed: acks.confirmed.into_iter().collect(),
+            unconfirmed: acks.waiting.into_iter().collect(),
+            unconfirmed_lease: Micros::ZERO,
+        })
+    }
+
+    /// Waits until every proxy connected now has applied `version`, or
+    /// until `deadline`.
+    async fn await_acks(
+        &self,
+        version: i64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Acks, ApiError> {
         // Subscribed before the first read, so no acknowledgement between
         // the read and the wait goes unnoticed.
         let mut acks = self.acks.subscribe();
@@ -1164,6 +1206,17 @@ impl Control {
                 Err(_) => break,
             }
         }
+        Ok(Acks { confirmed, waiting })
+    }
+
+    async fn await_revocation(
+        &self,
+        key_ids: Vec<String>,
+        version: i64,
+        timeout: Duration,
+    ) -> Result<Confirmation, ApiError> {
+        let started = tokio::time::Instant::now();
+        let Acks { confirmed, waiting } = self.await_acks(version, started + timeout).await?;
         // A proxy that is not connected cannot confirm; one that still
         // holds budget of a revoked key could spend it.
         let now = Utc::now();
@@ -1421,6 +1474,13 @@ impl Control {
 
 /// A proxy's open policy stream, registered in the fleet table until this
 /// is dropped.
+/// Which proxies applied a version while a change waited for them.
+struct Acks {
+    confirmed: BTreeSet<String>,
+    /// Connected when the wait began, and not confirmed by its end.
+    waiting: BTreeSet<String>,
+}
+
 pub struct NodeStream {
     store: Arc<dyn Store>,
     node_id: String,

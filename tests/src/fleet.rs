@@ -16,7 +16,9 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::harness::{wait_key_live, Api, Control, ControlOpts, MintedKey, Proxy, ProxyOpts, Resp};
+use crate::harness::{
+    assert_all_confirmed, Api, Control, ControlOpts, MintedKey, Proxy, ProxyOpts, Resp,
+};
 use crate::mock::MockVendor;
 use crate::pg::PgDatabase;
 
@@ -99,8 +101,8 @@ impl Fleet {
         FIRST_CHOICE[i]
     }
 
-    /// Creates a Stripe key through replica `via` and waits until every
-    /// proxy accepts it.
+    /// Creates a Stripe key through replica `via`, asserting every proxy
+    /// confirmed it; the first call needs no wait.
     pub async fn mint(&self, via: usize, daily_usd_cap: Value, label: &str) -> MintedKey {
         let r = self
             .admin(via)
@@ -121,15 +123,8 @@ impl Fleet {
             secret: body["key"].as_str().expect("key secret").to_string(),
             body,
         };
-        self.wait_live(&key.secret).await;
+        assert_all_confirmed(&key.body);
         key
-    }
-
-    /// Waits until every proxy accepts `secret`.
-    pub async fn wait_live(&self, secret: &str) {
-        for p in &self.proxies {
-            wait_key_live(&p.url(), "stripe", secret).await;
-        }
     }
 
     /// An agent with `secret` for each proxy, in proxy order.

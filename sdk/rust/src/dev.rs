@@ -96,7 +96,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         key_env: "dev".to_string(),
         change_poll_ms: 250,
         change_log_keep: 100_000,
-        revoke_ack_timeout_ms: 2000,
+        ack_timeout_ms: 2000,
         previous_master_keys: Vec::new(),
         previous_master_key_files: Vec::new(),
         // `keycap dev` stays on plain loopback.
@@ -116,6 +116,8 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
                 &BTreeMap::new(),
                 "",
             )?,
+            // No proxy is connected yet: the one started below loads it.
+            Some(std::time::Duration::ZERO),
         )
         .await
         .map_err(|e| anyhow::anyhow!("registering the sandbox vendor: {e}"))?;

@@ -199,7 +199,7 @@ enum KeyCmd {
         #[arg(long = "run-label", conflicts_with = "id")]
         run_label: Option<String>,
         /// How long to wait for the proxies, e.g. 500ms or 5s, at most 60s
-        /// (default: the control plane's --revoke-ack-timeout-ms).
+        /// (default: the control plane's --ack-timeout-ms).
         #[arg(long = "ack-timeout")]
         ack_timeout: Option<String>,
     },
@@ -286,7 +286,21 @@ fn key_json(k: &pb::VaultKey) -> Value {
     })
 }
 
-fn confirmation_json(c: Option<&pb::RevocationConfirmation>) -> Value {
+/// Says on stderr which proxies did not confirm a creation or vendor write
+/// in time. Not an error: the change is made, and a proxy that has not
+/// applied it yet asks the control plane for a key it does not know.
+fn warn_unconfirmed(what: &str, c: Option<&pb::FleetConfirmation>) {
+    if let Some(c) = c.filter(|c| !c.unconfirmed_nodes.is_empty()) {
+        eprintln!(
+            "warning: {what}, but {} of {} proxies did not confirm they serve it yet: {}",
+            c.unconfirmed_nodes.len(),
+            c.unconfirmed_nodes.len() + c.confirmed_nodes.len(),
+            c.unconfirmed_nodes.join(", ")
+        );
+    }
+}
+
+fn confirmation_json(c: Option<&pb::FleetConfirmation>) -> Value {
     let Some(c) = c else { return Value::Null };
     json!({
         "version": c.version,
@@ -478,12 +492,15 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     credential: credential.unwrap_or_default(),
                     currency_rates: pairs("rate", &rates)?,
                     prices_json,
+                    ack_timeout_ms: 0,
                 })
                 .await?
                 .into_inner();
             let mut out = r.vendor.as_ref().map(vendor_json).unwrap_or(Value::Null);
             out["created"] = json!(r.created);
+            out["confirmation"] = confirmation_json(r.confirmation.as_ref());
             print(out);
+            warn_unconfirmed("vendor written", r.confirmation.as_ref());
         }
         Command::Admin(AdminCmd::RotateKek) => {
             let r = c
@@ -551,12 +568,15 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     allowed_cidrs: allow_cidr,
                     zone: zone.unwrap_or_default(),
                     parent_id: parent.unwrap_or_default(),
+                    ack_timeout_ms: 0,
                 })
                 .await?
                 .into_inner();
             let mut out = r.key.as_ref().map(key_json).unwrap_or(Value::Null);
             out["key"] = json!(r.secret);
+            out["confirmation"] = confirmation_json(r.confirmation.as_ref());
             print(out);
+            warn_unconfirmed("key created", r.confirmation.as_ref());
         }
         Command::Key(KeyCmd::List {
             run_label,

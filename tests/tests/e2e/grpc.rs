@@ -94,6 +94,7 @@ impl Grpc {
                         .into_iter()
                         .collect(),
                     prices_json: String::new(),
+                    ack_timeout_ms: 0,
                 }),
             )
             .await
@@ -356,7 +357,7 @@ async fn watch_policy_sends_a_snapshot_then_key_deltas() {
     assert_eq!(d.upsert_keys[0].id, fresh_id);
     assert_eq!(
         r.confirmation,
-        Some(pb::RevocationConfirmation {
+        Some(pb::FleetConfirmation {
             version: after_revoke.version,
             confirmed_nodes: vec![],
             unconfirmed_nodes: vec![NODE.to_string()],
@@ -381,7 +382,7 @@ async fn watch_policy_sends_a_snapshot_then_key_deltas() {
     assert_eq!(again.key.expect("key").revoked_at, revoked.revoked_at);
     assert_eq!(
         again.confirmation,
-        Some(pb::RevocationConfirmation {
+        Some(pb::FleetConfirmation {
             version: after_revoke.version,
             confirmed_nodes: vec![NODE.to_string()],
             unconfirmed_nodes: vec![],
@@ -820,6 +821,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
             credential: String::new(),
             currency_rates: Default::default(),
             prices_json: String::new(),
+            ack_timeout_ms: 0,
         }))
         .await
         .expect("PutVendor update")
@@ -848,6 +850,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
     let s = vendors
         .delete_vendor(g.admin(pb::DeleteVendorRequest {
             name: VENDOR.into(),
+            ack_timeout_ms: 0,
         }))
         .await
         .expect_err("DeleteVendor with an active key");
@@ -863,6 +866,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
     vendors
         .delete_vendor(g.admin(pb::DeleteVendorRequest {
             name: VENDOR.into(),
+            ack_timeout_ms: 0,
         }))
         .await
         .expect("DeleteVendor");
@@ -876,6 +880,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
     let s = vendors
         .delete_vendor(g.admin(pb::DeleteVendorRequest {
             name: VENDOR.into(),
+            ack_timeout_ms: 0,
         }))
         .await
         .expect_err("DeleteVendor twice");

@@ -96,7 +96,7 @@ async fn an_issuer_token_mints_children_of_its_key_and_nothing_else() {
         let b = issuer.post_json("/vault/keys", &body).await.expect(201);
         assert_eq!(b["parent_id"], parent.id.as_str(), "{b}");
         let secret = b["key"].as_str().expect("key secret").to_string();
-        stack.wait_key_live("stripe", &secret).await;
+        harness::assert_all_confirmed(&b);
         children.push(secret);
     }
 

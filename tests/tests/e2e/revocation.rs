@@ -67,8 +67,8 @@ impl Fleet {
             .await
             .expect(201);
         let secret = key["key"].as_str().expect("key").to_string();
+        harness::assert_all_confirmed(&key);
         for p in &self.proxies {
-            wait_key_live(&p.url(), "stripe", &secret).await;
             let r = charge(p, &secret).await;
             assert_eq!(r.status, 200, "{}: {}", p.node_id, r.text);
         }
