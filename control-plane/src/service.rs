@@ -1156,7 +1156,12 @@ impl Control {
         let acks = self.await_acks(version, started + timeout).await?;
         let waited_ms = started.elapsed().as_millis() as u64;
         if acks.waiting.is_empty() {
-            tracing::debug!(version, confirmed = acks.confirmed.len(), waited_ms, "change confirmed by every connected proxy");
+            tracing::debug!(
+                version,
+                confirmed = acks.confirmed.len(),
+                waited_ms,
+                "change confirmed by every connected proxy"
+            );
         } else {
             tracing::warn!(version, unconfirmed = ?acks.waiting, waited_ms, "change not confirmed by every connected proxy");
         }

@@ -4,8 +4,8 @@
 
 use keycap_proto::pb;
 use keycap_tests::harness::{
-    keycap_cli, probe_key, wait_until, within, Api, ControlOpts, Proxy, ProxyOpts,
-    Resp, Stack, POLICY_TIMEOUT,
+    keycap_cli, probe_key, wait_until, within, Api, ControlOpts, Proxy, ProxyOpts, Resp, Stack,
+    POLICY_TIMEOUT,
 };
 use keycap_tests::mock::MockVendor;
 use reqwest::Method;
