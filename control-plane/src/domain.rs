@@ -508,6 +508,17 @@ pub struct FleetNode {
     pub heartbeat_at: DateTime<Utc>,
 }
 
+/// A lease as its node sees it: what was granted, what was reported spent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeLease {
+    pub id: String,
+    pub key_id: String,
+    pub day: String,
+    pub granted: Micros,
+    pub reported: Micros,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// One entry of the change log: what changed, at which version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChangeRef {

@@ -671,81 +671,13 @@ impl pb::fleet_service_server::FleetService for Api {
         let control = self.control.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::PolicyUpdate, Status>>(16);
         tracing::info!(node = %r.node_id, from_version = r.from_version, "proxy watching policy");
+        let beats = tx.clone();
         tokio::spawn(async move {
-            // Registered before the first update is read: a revocation
-            // either waits for this node or is already in what it gets.
-            let _registration = match control.open_node_stream(&r.node_id).await {
-                Ok(registration) => registration,
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            };
-            let mut versions = control.subscribe_versions();
-            let mut at = r.from_version;
-            let resumed = if at > 0 {
-                control.delta_since(at).await
-            } else {
-                Ok(None)
-            };
-            let first = match resumed {
-                Ok(Some(d)) => {
-                    at = d.version;
-                    delta_to_pb(d)
-                }
-                Ok(None) => match control.snapshot().await {
-                    Ok((version, vendors, keys)) => {
-                        at = version;
-                        pb::PolicyUpdate {
-                            version,
-                            update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
-                                vendors: vendors.iter().map(fleet_vendor_to_pb).collect(),
-                                keys: keys.iter().map(fleet_key_to_pb).collect(),
-                            })),
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                },
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
-            loop {
-                tokio::select! {
-                    changed = versions.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-                if *versions.borrow_and_update() <= at {
-                    continue;
-                }
-                match control.delta_since(at).await {
-                    Ok(Some(d)) if d.version > at => {
-                        at = d.version;
-                        if tx.send(Ok(delta_to_pb(d))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        // The log was trimmed past us: make the proxy start
-                        // over with a snapshot.
-                        let _ = tx
-                            .send(Err(Status::out_of_range("resume version is gone")))
-                            .await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                }
+            // Heartbeats go out from the moment the stream opens, a snapshot
+            // that takes long to read included, until the updates below end.
+            tokio::select! {
+                _ = send_updates(control, r, tx) => {}
+                _ = send_heartbeats(beats) => {}
             }
         });
         Ok(Response::new(Box::pin(
@@ -761,6 +693,40 @@ impl pb::fleet_service_server::FleetService for Api {
         let r = req.into_inner();
         self.control.ack_policy(&r.node_id, r.version).await?;
         Ok(Response::new(pb::AckPolicyResponse {}))
+    }
+
+    async fn lookup_key(
+        &self,
+        req: Request<pb::LookupKeyRequest>,
+    ) -> Result<Response<pb::LookupKeyResponse>, Status> {
+        self.fleet(&req, &req.get_ref().node_id)?;
+        let r = req.into_inner();
+        let (key, version) = self.control.lookup_key(&r.key_hash).await?;
+        Ok(Response::new(pb::LookupKeyResponse {
+            key: key.as_ref().map(fleet_key_to_pb),
+            version,
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        self.fleet(&req, &req.get_ref().node_id)?;
+        let leases = self.control.node_leases(&req.get_ref().node_id).await?;
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: leases
+                .into_iter()
+                .map(|l| pb::NodeLease {
+                    lease_id: l.id,
+                    key_id: l.key_id,
+                    day: l.day,
+                    granted_micros: l.granted.0,
+                    reported_micros: l.reported.0,
+                    expires_at: Some(to_proto(l.expires_at)),
+                })
+                .collect(),
+        }))
     }
 
     async fn grant_lease(
@@ -837,6 +803,109 @@ impl pb::fleet_service_server::FleetService for Api {
             applied: applied as i32,
             duplicates: duplicates as i32,
         }))
+    }
+}
+
+/// How often a policy stream carries a heartbeat: a proxy takes a stream
+/// silent for about a second (four beats) as a replica that stopped.
+const POLICY_HEARTBEAT: Duration = Duration::from_millis(250);
+
+async fn send_heartbeats(tx: tokio::sync::mpsc::Sender<Result<pb::PolicyUpdate, Status>>) {
+    let mut tick = tokio::time::interval(POLICY_HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let beat = pb::PolicyUpdate {
+            version: 0,
+            update: Some(pb::policy_update::Update::Heartbeat(pb::Heartbeat {})),
+        };
+        if tx.send(Ok(beat)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A proxy's policy stream: a snapshot (or the changes since the version it
+/// resumes from), then a delta whenever the change log moves.
+async fn send_updates(
+    control: Arc<Control>,
+    r: pb::WatchPolicyRequest,
+    tx: tokio::sync::mpsc::Sender<Result<pb::PolicyUpdate, Status>>,
+) {
+    // Registered before the first update is read: a revocation
+    // either waits for this node or is already in what it gets.
+    let _registration = match control.open_node_stream(&r.node_id).await {
+        Ok(registration) => registration,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let mut versions = control.subscribe_versions();
+    let mut at = r.from_version;
+    let resumed = if at > 0 {
+        control.delta_since(at).await
+    } else {
+        Ok(None)
+    };
+    let first = match resumed {
+        Ok(Some(d)) => {
+            at = d.version;
+            delta_to_pb(d)
+        }
+        Ok(None) => match control.snapshot().await {
+            Ok((version, vendors, keys)) => {
+                at = version;
+                pb::PolicyUpdate {
+                    version,
+                    update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
+                        vendors: vendors.iter().map(fleet_vendor_to_pb).collect(),
+                        keys: keys.iter().map(fleet_key_to_pb).collect(),
+                    })),
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        },
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    if tx.send(Ok(first)).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            changed = versions.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+        }
+        if *versions.borrow_and_update() <= at {
+            continue;
+        }
+        match control.delta_since(at).await {
+            Ok(Some(d)) if d.version > at => {
+                at = d.version;
+                if tx.send(Ok(delta_to_pb(d))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                // The log was trimmed past us: make the proxy start
+                // over with a snapshot.
+                let _ = tx
+                    .send(Err(Status::out_of_range("resume version is gone")))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
     }
 }
 

@@ -1321,6 +1321,31 @@ impl Control {
         Ok(())
     }
 
+    /// The key whose secret hashes to `key_hash`, if proxies should know it
+    /// (as in `snapshot`: not expired more than `KEY_MEMORY` ago), and the
+    /// change-log version read after it: a policy at or past that version
+    /// holds the key as answered, or newer.
+    pub async fn lookup_key(&self, key_hash: &[u8]) -> Result<(Option<VaultKey>, i64), ApiError> {
+        let hash: [u8; 32] = key_hash
+            .try_into()
+            .map_err(|_| invalid("key_hash", "must be a SHA-256 digest (32 bytes)"))?;
+        let key = self
+            .store
+            .find_key_by_hash(&hash)
+            .await?
+            .filter(|k| k.expires_at > Utc::now() - KEY_MEMORY);
+        // Read after the key: the key's own change is at or below it.
+        let version = self.store.latest_version().await?;
+        Ok((key, version))
+    }
+
+    /// The leases granted to `node_id` that still count against caps.
+    pub async fn node_leases(&self, node_id: &str) -> Result<Vec<domain::NodeLease>, ApiError> {
+        let node_id = domain::parse_node_id(node_id)?;
+        let counted_after = Utc::now() - crate::store::unreturned_lease_grace();
+        Ok(self.store.node_leases(node_id, counted_after).await?)
+    }
+
     /// Everything a proxy needs to start: vendors with opened credentials
     /// and live keys, at the returned version.
     pub async fn snapshot(&self) -> Result<(i64, Vec<FleetVendor>, Vec<VaultKey>), ApiError> {

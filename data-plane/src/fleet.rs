@@ -5,10 +5,15 @@
 //!
 //! A proxy may be given several replicas. Calls go to one of them (the
 //! current replica) until it stops answering; then they move to the next in
-//! the operator's order and stay there. Lease grants, returns and spend
-//! reports carry ids the control plane applies once, so a call retried on
-//! another replica after a lost answer is never applied twice. This module
-//! never retries a call the control plane answered with a refusal.
+//! the operator's order. A policy stream that falls silent (no heartbeat for
+//! `STREAM_STALL`) counts as a replica that stopped answering. While away
+//! from its first replica (its home), the proxy checks every `HOME_RETRY`
+//! whether home serves again and moves back, opening the new stream before
+//! it drops the old one, so it is never without a registered stream. Lease
+//! grants, returns and spend reports carry ids the control plane applies
+//! once, so a call retried on another replica after a lost answer is never
+//! applied twice. This module never retries a call the control plane
+//! answered with a refusal.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +39,21 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// stream instead of leaving it open and mute forever.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A policy stream silent this long, after it has shown it sends
+/// heartbeats (a quarter second apart), belongs to a replica that stopped:
+/// a frozen process or a partition that leaves the connection open.
+const STREAM_STALL: Duration = Duration::from_secs(1);
+/// How long a replica gets to open a policy stream and send its first
+/// message (a heartbeat, sent at once) before it counts as away.
+const STREAM_OPEN: Duration = Duration::from_secs(3);
+/// While on another replica, how often the proxy tries its home replica
+/// again, so a fleet that failed over spreads back once home returns.
+const HOME_RETRY: Duration = Duration::from_secs(5);
+/// How long the home replica gets to answer a check, and then to open the
+/// stream the proxy moves to: while it opens, the old stream is not read.
+const HOME_SWITCH: Duration = Duration::from_millis(500);
+/// How long a key lookup may take; the agent waits for it.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct FleetAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
@@ -63,6 +83,12 @@ impl<C: Clone> Replicas<C> {
             members: members.into(),
             current: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Moves calls to replica `i` (the policy stream moved there).
+    pub fn set_current(&self, i: usize) {
+        self.current
+            .store(i % self.members.len(), Ordering::Relaxed);
     }
 
     /// The replica calls go to now, with its index.
@@ -196,6 +222,37 @@ impl Fleet {
         self.replicas.current().1.client
     }
 
+    /// Replica `i`'s URL, for logs.
+    fn url(&self, i: usize) -> &str {
+        &self.replicas.members[i].url
+    }
+
+    /// Asks the control plane for the key whose secret hashes to
+    /// `key_hash` (see `lookup`).
+    pub async fn lookup_key(&self, key_hash: [u8; 32]) -> Result<pb::LookupKeyResponse, Status> {
+        self.call("lookup_key", |mut c| {
+            let mut r = Request::new(pb::LookupKeyRequest {
+                node_id: self.node_id.clone(),
+                key_hash: key_hash.to_vec(),
+            });
+            r.set_timeout(LOOKUP_TIMEOUT);
+            async move { Ok(c.lookup_key(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// The leases granted to this node that still count against caps.
+    pub async fn list_leases(&self) -> Result<Vec<pb::NodeLease>, Status> {
+        self.call("list_leases", |mut c| {
+            let mut r = Request::new(pb::ListLeasesRequest {
+                node_id: self.node_id.clone(),
+            });
+            r.set_timeout(LEASE_CALL_TIMEOUT);
+            async move { Ok(c.list_leases(r).await?.into_inner().leases) }
+        })
+        .await
+    }
+
     pub fn replicas(&self) -> &Replicas<Replica> {
         &self.replicas
     }
@@ -229,49 +286,94 @@ impl Fleet {
 
 /// Follows the control plane's policy stream forever: applies the snapshot
 /// and deltas, hands keys that went away to `on_gone`, and when the stream
-/// breaks or cannot be opened moves to the next replica, with capped
-/// exponential backoff, resuming from the last applied version.
+/// breaks, falls silent or cannot be opened moves to the next replica, with
+/// capped exponential backoff, resuming from the last applied version.
+/// Away from its home replica (the first), it moves back once home serves
+/// again.
 pub async fn watch_policy(
     fleet: Fleet,
     cache: Arc<PolicyCache>,
     on_gone: impl Fn(Vec<String>) + Send + Sync + 'static,
 ) {
+    let apply = |update: pb::PolicyUpdate| {
+        if matches!(update.update, Some(pb::policy_update::Update::Heartbeat(_))) {
+            return;
+        }
+        let gone = cache.apply(update);
+        if !gone.is_empty() {
+            on_gone(gone);
+        }
+    };
     let mut backoff = Duration::from_millis(50);
     loop {
-        let from_version = cache.version();
-        let (replica, current) = fleet.replicas().current();
-        let mut client = current.client;
-        let req = pb::WatchPolicyRequest {
-            node_id: fleet.node_id.clone(),
-            from_version,
-        };
-        match client.watch_policy(req).await {
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
+        let (mut replica, _) = fleet.replicas().current();
+        match open_stream(&fleet, replica, cache.version(), STREAM_OPEN).await {
+            Ok((mut stream, first)) => {
+                backoff = Duration::from_millis(50);
+                let mut beating = is_heartbeat(&first);
+                apply(first);
+                let mut home_retry =
+                    tokio::time::interval_at(tokio::time::Instant::now() + HOME_RETRY, HOME_RETRY);
+                // A check that home answers, run while this stream is read.
+                let mut probe: Option<futures_util::future::BoxFuture<'static, bool>> = None;
                 loop {
-                    match stream.message().await {
-                        Ok(Some(update)) => {
-                            backoff = Duration::from_millis(50);
-                            let gone = cache.apply(update);
-                            if !gone.is_empty() {
-                                on_gone(gone);
-                            }
+                    let away = replica != HOME;
+                    let message = async {
+                        if beating {
+                            tokio::time::timeout(STREAM_STALL, stream.message()).await
+                        } else {
+                            Ok(stream.message().await)
                         }
-                        Ok(None) => break,
-                        Err(s) => {
-                            if s.code() == Code::OutOfRange {
-                                // Our version is gone from the log: start
-                                // over from a snapshot.
-                                cache.reset_version();
+                    };
+                    tokio::select! {
+                        next = message => match next {
+                            Ok(Ok(Some(update))) => {
+                                beating |= is_heartbeat(&update);
+                                apply(update);
                             }
-                            tracing::warn!(replica = %current.url, code = ?s.code(), "policy stream ended");
-                            break;
+                            Ok(Ok(None)) => break,
+                            Ok(Err(s)) => {
+                                if s.code() == Code::OutOfRange {
+                                    // Our version is gone from the log:
+                                    // start over from a snapshot.
+                                    cache.reset_version();
+                                }
+                                tracing::warn!(replica = %fleet.url(replica), code = ?s.code(), "policy stream ended");
+                                break;
+                            }
+                            Err(_) => {
+                                tracing::warn!(replica = %fleet.url(replica), silent_ms = STREAM_STALL.as_millis() as u64, "policy stream fell silent; the replica counts as away");
+                                break;
+                            }
+                        },
+                        _ = home_retry.tick(), if away && probe.is_none() => {
+                            probe = Some(Box::pin(home_answers(fleet.clone(), cache.version())));
+                        }
+                        answers = async { probe.as_mut().expect("probe").await }, if probe.is_some() => {
+                            probe = None;
+                            if !answers {
+                                continue;
+                            }
+                            // Make before break: the old stream stays open
+                            // (and unread, so nothing interleaves) until
+                            // home has sent its first message.
+                            if let Ok((home, first)) = open_stream(&fleet, HOME, cache.version(), HOME_SWITCH).await {
+                                tracing::info!(replica = %fleet.url(HOME), "policy stream back on the home replica");
+                                fleet.replicas().set_current(HOME);
+                                stream = home;
+                                replica = HOME;
+                                beating = is_heartbeat(&first);
+                                apply(first);
+                            }
                         }
                     }
                 }
             }
             Err(s) => {
-                tracing::warn!(replica = %current.url, code = ?s.code(), message = s.message(), "cannot watch policy")
+                if s.code() == Code::OutOfRange {
+                    cache.reset_version();
+                }
+                tracing::warn!(replica = %fleet.url(replica), code = ?s.code(), message = s.message(), "cannot watch policy")
             }
         }
         // The next replica takes over, from the version applied here.
@@ -281,27 +383,95 @@ pub async fn watch_policy(
     }
 }
 
+/// The replica a proxy prefers: the first the operator named.
+const HOME: usize = 0;
+
+fn is_heartbeat(update: &pb::PolicyUpdate) -> bool {
+    matches!(update.update, Some(pb::policy_update::Update::Heartbeat(_)))
+}
+
+/// Whether the home replica answers a fleet call now: the proxy's applied
+/// version acknowledged there (harmless: versions only rise), within
+/// `HOME_SWITCH`.
+async fn home_answers(fleet: Fleet, version: i64) -> bool {
+    let mut client = fleet.replicas.members[HOME].client.clone();
+    let mut req = Request::new(pb::AckPolicyRequest {
+        node_id: fleet.node_id.clone(),
+        version,
+    });
+    req.set_timeout(HOME_SWITCH);
+    matches!(
+        tokio::time::timeout(HOME_SWITCH, client.ack_policy(req)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Opens a policy stream on replica `i` from `from_version` and reads its
+/// first message, within `within`.
+async fn open_stream(
+    fleet: &Fleet,
+    i: usize,
+    from_version: i64,
+    within: Duration,
+) -> Result<(tonic::Streaming<pb::PolicyUpdate>, pb::PolicyUpdate), Status> {
+    let mut client = fleet.replicas().members[i].client.clone();
+    let req = pb::WatchPolicyRequest {
+        node_id: fleet.node_id.clone(),
+        from_version,
+    };
+    let opened = async {
+        let mut stream = client.watch_policy(req).await?.into_inner();
+        match stream.message().await? {
+            Some(first) => Ok((stream, first)),
+            None => Err(Status::unavailable("the policy stream ended at once")),
+        }
+    };
+    tokio::time::timeout(within, opened)
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("no answer within {within:?}")))?
+}
+
 /// Tells the control plane the policy version this proxy has applied (see
-/// `PolicyCache::subscribe_applied`), so a revocation returns once every
-/// proxy refuses the key. Runs beside the watch loop and never holds it up:
-/// versions applied while an acknowledgement is on its way collapse into
-/// the latest, which is retried with capped backoff until it lands.
+/// `PolicyCache::subscribe_applied`), so a change returns once every proxy
+/// serves it. Runs beside the watch loop and never holds it up: versions
+/// applied while an acknowledgement is on its way collapse into the latest,
+/// which is retried with capped backoff until it lands. A newer version
+/// drops the acknowledgement in flight and goes to the current replica at
+/// once, so one sent to a replica that stopped answering (the stream has
+/// moved on) does not hold up the next.
 pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::Receiver<i64>) {
     let mut backoff = Duration::from_millis(50);
-    let mut failed = false;
+    let mut pending = None;
     loop {
-        if !failed && applied.changed().await.is_err() {
-            return;
-        }
-        let version = *applied.borrow_and_update();
+        let version = match pending {
+            Some(v) => v,
+            None => {
+                if applied.changed().await.is_err() {
+                    return;
+                }
+                *applied.borrow_and_update()
+            }
+        };
+        pending = Some(version);
         let mut req = Request::new(pb::AckPolicyRequest {
             node_id: fleet.node_id.clone(),
             version,
         });
         req.set_timeout(Duration::from_secs(2));
-        match fleet.client().ack_policy(req).await {
+        let mut client = fleet.client();
+        let outcome = tokio::select! {
+            sent = client.ack_policy(req) => sent,
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                pending = Some(*applied.borrow_and_update());
+                continue;
+            }
+        };
+        match outcome {
             Ok(_) => {
-                failed = false;
+                pending = None;
                 backoff = Duration::from_millis(50);
             }
             // A control plane from before acknowledgements (during a
@@ -312,12 +482,19 @@ pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::R
                     version,
                     "the control plane takes no policy acknowledgements"
                 );
-                failed = false;
+                pending = None;
             }
             Err(s) => {
                 tracing::warn!(code = ?s.code(), version, "cannot acknowledge the policy version");
-                failed = true;
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    changed = applied.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        pending = Some(*applied.borrow_and_update());
+                    }
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }

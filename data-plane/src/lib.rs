@@ -23,6 +23,7 @@ pub use keycap_proto::endpoint;
 pub mod error;
 pub mod fleet;
 pub mod idempotency;
+pub mod lookup;
 pub mod metrics;
 pub mod policy;
 pub mod pricing;
@@ -84,6 +85,7 @@ pub async fn run(
         tls.control.clone(),
     )?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
+    let lookup = lookup::KeyLookup::new(Arc::new(fleet.clone()), cache.clone());
     let spool = match &config.spool_dir {
         Some(dir) => {
             let (spool, recovered) = spool::Spool::open(dir)?;
@@ -146,6 +148,7 @@ pub async fn run(
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
                 policy: cache.clone(),
+                lookup: lookup.clone(),
                 budget: budget.clone(),
                 spend: spend.clone(),
                 client: proxy::http_client(tls.upstream.clone()),

@@ -143,7 +143,16 @@ pub struct PolicyCache {
     /// The version of each update once it is applied (and the request path
     /// sees it), for acknowledging it to the control plane.
     applied: tokio::sync::watch::Sender<i64>,
+    /// Keys learned by asking the control plane (`lookup`), by hash, each
+    /// with the version its answer was read at: it stands in for the
+    /// stream only until the policy reaches that version, which then holds
+    /// the key as answered or newer.
+    looked_up: std::sync::Mutex<LookedUp>,
 }
+
+/// Keys learned from the control plane by hash, each with the version
+/// until which it stands in for the policy.
+type LookedUp = HashMap<[u8; 32], (Arc<KeyPolicy>, i64)>;
 
 fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Option<VendorPolicy> {
     let rates = v.currency_rates.into_iter().collect();
@@ -243,6 +252,7 @@ impl PolicyCache {
             prices,
             ready,
             applied,
+            looked_up: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -342,7 +352,9 @@ impl PolicyCache {
                 }
                 p
             }
-            None => return gone,
+            // A heartbeat changes nothing (the watch loop reads it for
+            // the replica's liveness).
+            Some(pb::policy_update::Update::Heartbeat(_)) | None => return gone,
         };
         let mut next = next;
         next.by_hash = next
@@ -358,6 +370,10 @@ impl PolicyCache {
         next.by_hash.sort_unstable_by_key(|e| e.hash);
         let version = next.version;
         self.current.store(Arc::new(next));
+        self.looked_up
+            .lock()
+            .expect("looked-up keys")
+            .retain(|_, (_, until)| *until > version);
         self.ready.send_replace(true);
         // After the store: whoever reads this version acknowledges a policy
         // the request path already uses.
@@ -367,6 +383,34 @@ impl PolicyCache {
 }
 
 impl PolicyCache {
+    /// A key learned from the control plane (see `looked_up`), valid while
+    /// the policy is below `version`. Once the policy is at or past it, the
+    /// policy's own entry is the answer.
+    pub fn adopt(&self, key: pb::FleetKey, version: i64) -> Option<Arc<KeyPolicy>> {
+        let key = Arc::new(key_policy(key)?);
+        let policy = self.current.load();
+        if version <= policy.version {
+            return policy.keys.get(&key.hash).cloned();
+        }
+        self.looked_up
+            .lock()
+            .expect("looked-up keys")
+            .insert(key.hash, (key.clone(), version));
+        Some(key)
+    }
+
+    /// A key learned from the control plane that the policy does not hold
+    /// yet.
+    pub fn looked_up(&self, hash: &[u8; 32]) -> Option<Arc<KeyPolicy>> {
+        let version = self.current.load().version;
+        self.looked_up
+            .lock()
+            .expect("looked-up keys")
+            .get(hash)
+            .filter(|(_, until)| *until > version)
+            .map(|(k, _)| k.clone())
+    }
+
     /// Forgets the applied version so the next watch asks for a snapshot.
     pub fn reset_version(&self) {
         let old = self.current.load();

@@ -34,6 +34,7 @@ use crate::client_addr;
 use crate::error::Refusal;
 use crate::fleet::{Replica, Replicas};
 use crate::idempotency::{Begin, Guard, IdempotencyMemory};
+use crate::lookup::KeyLookup;
 use crate::metrics::Metrics;
 use crate::policy::{KeyPolicy, KeyStanding, PolicyCache, VendorPolicy};
 use crate::pricing::{
@@ -72,6 +73,8 @@ pub fn http_client(tls: rustls::ClientConfig) -> HttpClient {
 
 pub struct Proxy {
     pub policy: Arc<PolicyCache>,
+    /// Asks the control plane about keys the policy does not hold yet.
+    pub lookup: Arc<KeyLookup>,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<Budget>,
     pub spend: SpendReporter,
@@ -211,26 +214,42 @@ impl Proxy {
         if !self.policy.is_ready() {
             return Err(Refusal::PolicyUnavailable);
         }
-        let policy = self.policy.load();
         // The key is checked before the vendor is named in an error, so a
         // caller without a key cannot probe which vendors exist.
-        let standing = presented_key(req.headers())
-            .map_or(KeyStanding::Unknown, |k| policy.key_standing(&k, now));
-        let key = match standing {
-            KeyStanding::Unknown => return Err(Refusal::InvalidKey),
-            KeyStanding::Revoked(k) | KeyStanding::Expired(k) | KeyStanding::Active(k) => k.clone(),
+        let presented = presented_key(req.headers());
+        let known = {
+            let policy = self.policy.load();
+            match presented
+                .as_deref()
+                .map_or(KeyStanding::Unknown, |k| policy.key_standing(k, now))
+            {
+                KeyStanding::Unknown => None,
+                KeyStanding::Revoked(k) | KeyStanding::Expired(k) | KeyStanding::Active(k) => {
+                    Some(k.clone())
+                }
+            }
         };
-        let vendor = policy
+        let key = match (known, presented.as_deref()) {
+            (Some(k), _) => k,
+            // Minted a moment ago through a replica this proxy's stream
+            // has not caught up with: ask once.
+            (None, Some(p)) => self.lookup.find(p).await.ok_or(Refusal::InvalidKey)?,
+            (None, None) => return Err(Refusal::InvalidKey),
+        };
+        drop(presented);
+        let vendor = self
+            .policy
+            .load()
             .vendors
             .get(&target.vendor)
             .cloned()
             .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
-        match standing {
-            KeyStanding::Revoked(_) => return Err(Refusal::KeyRevoked),
-            KeyStanding::Expired(_) => return Err(Refusal::KeyExpired),
-            _ => {}
+        if key.revoked {
+            return Err(Refusal::KeyRevoked);
         }
-        drop(policy);
+        if key.expires_at <= now {
+            return Err(Refusal::KeyExpired);
+        }
         self.check_network(&key, peer, req.headers())?;
         if key.vendor != vendor.name {
             return Err(Refusal::EndpointNotAllowed(format!(

@@ -211,6 +211,11 @@ impl ChildProcess {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Whether this run wrote `needle` to its log.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log_of_this_run().contains(needle)
+    }
+
     /// What this run (not earlier ones) wrote to the log.
     fn log_of_this_run(&self) -> String {
         let mut out = String::new();
@@ -1323,22 +1328,21 @@ pub async fn probe(agent: &Api, vendor: &str) -> Option<String> {
         .error_code()
 }
 
-/// Waits until the proxy at `proxy_url` accepts `secret` for `vendor`.
-pub async fn wait_key_live(proxy_url: &str, vendor: &str, secret: &str) {
-    wait_live(&Api::new(proxy_url, Some(secret)), vendor).await
-}
-
-/// `wait_key_live` through `agent`, a client for a proxy holding the key.
-async fn wait_live(agent: &Api, vendor: &str) {
-    let live = wait_until(within(POLICY_TIMEOUT), || async {
-        probe(agent, vendor).await.as_deref() == Some(PROBE_LIVE)
-    })
-    .await;
-    assert!(
-        live,
-        "the proxy did not accept a new key within {POLICY_TIMEOUT:?} (last probe: {:?})",
-        probe(agent, vendor).await
-    );
+/// The next policy update on a fleet policy stream, skipping the heartbeats
+/// replicas send between updates.
+pub async fn next_policy_update(
+    stream: &mut tonic::Streaming<keycap_proto::pb::PolicyUpdate>,
+) -> Result<Option<keycap_proto::pb::PolicyUpdate>, tonic::Status> {
+    use keycap_proto::pb::policy_update::Update;
+    loop {
+        match stream.message().await? {
+            Some(keycap_proto::pb::PolicyUpdate {
+                update: Some(Update::Heartbeat(_)),
+                ..
+            }) => continue,
+            other => return Ok(other),
+        }
+    }
 }
 
 /// Asserts that a creation's or revocation's answer says every connected
@@ -1439,11 +1443,6 @@ impl Stack {
     /// See `probe_key`.
     pub async fn probe(&self, vendor: &str, secret: &str) -> Option<String> {
         probe(&self.agent(secret), vendor).await
-    }
-
-    /// Waits until the proxy accepts `secret` for `vendor`.
-    pub async fn wait_key_live(&self, vendor: &str, secret: &str) {
-        wait_live(&self.agent(secret), vendor).await
     }
 
     /// GET /vault/keys/{id}, asserting 200.

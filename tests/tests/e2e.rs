@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use keycap_proto::secret::{self, SecretKind};
 use keycap_tests::harness::{
-    self, keycap_cli, probe_key, q, raw_http, wait_for, wait_key_live, wait_until, within, Api,
-    ControlOpts, Dev, MintedKey, Proxy, Resp, Stack, PROBE_LIVE, SPEND_TIMEOUT,
+    self, keycap_cli, probe_key, q, raw_http, wait_for, wait_until, within, Api, ControlOpts, Dev,
+    MintedKey, Proxy, Resp, Stack, PROBE_LIVE, SPEND_TIMEOUT,
 };
 use keycap_tests::mock::{self, MockVendor};
 use keycap_tests::pg;
@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 
 #[path = "e2e/canary.rs"]
 mod canary;
+#[path = "e2e/first_call.rs"]
+mod first_call;
 #[path = "e2e/fleet.rs"]
 mod fleet;
 #[path = "e2e/grpc.rs"]

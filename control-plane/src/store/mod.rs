@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
-    LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
+    LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey, Vendor,
 };
 
 pub mod postgres;
@@ -138,6 +138,8 @@ pub trait Store: Send + Sync + 'static {
     /// the deepest level a tree may have. Appends a change-log entry.
     async fn insert_key(&self, key: &VaultKey) -> StoreResult<()>;
     async fn get_key(&self, id: &str) -> StoreResult<Option<VaultKey>>;
+    /// The key whose secret hashes to `key_hash`, whatever its state.
+    async fn find_key_by_hash(&self, key_hash: &[u8; 32]) -> StoreResult<Option<VaultKey>>;
     /// Keys matching the filter, newest first; inactive keys (revoked or
     /// expired at `now`) only when the filter asks for them.
     async fn list_keys(&self, filter: &KeyFilter, now: DateTime<Utc>)
@@ -259,6 +261,15 @@ pub trait Store: Send + Sync + 'static {
         key_ids: &[String],
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>>;
+    /// The leases granted to `node` that are not returned and still count
+    /// against caps: unexpired, or expired after `counted_after` (an
+    /// unreturned lease counts for `unreturned_lease_grace` past its
+    /// expiry).
+    async fn node_leases(
+        &self,
+        node: &str,
+        counted_after: DateTime<Utc>,
+    ) -> StoreResult<Vec<NodeLease>>;
     /// Fences the open, unexpired leases of `key_ids` held by `node_ids`: a
     /// fenced lease is never grown again (`grant_lease` answers
     /// `Conflict`), but keeps counting against the caps until it is

@@ -21,7 +21,7 @@ use keycap_proto::Micros;
 use super::{StoreError, StoreResult};
 use crate::domain::{
     parse_profile, AdminToken, AuditEntry, Change, ChangeRef, FleetNode, IssuerToken, KeyLimits,
-    LeaseGrant, Outcome, SpendEvent, VaultKey, Vendor, VendorName,
+    LeaseGrant, NodeLease, Outcome, SpendEvent, VaultKey, Vendor, VendorName,
 };
 use crate::scope::{Scopes, VendorScope};
 
@@ -452,6 +452,32 @@ pub(super) struct LeaseRow {
 /// Columns of `LeaseRow`, selected from `leases`.
 pub(super) const LEASE_COLUMNS: &str =
     "key_id, node_id, day, granted, expires_at, closed, fenced_at IS NOT NULL AS fenced";
+
+/// Columns of `NodeLeaseRow`, selected from `leases`.
+pub(super) const NODE_LEASE_COLUMNS: &str = "id, key_id, day, granted, reported, expires_at";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct NodeLeaseRow {
+    id: String,
+    key_id: String,
+    day: String,
+    granted: i64,
+    reported: i64,
+    expires_at: i64,
+}
+
+impl NodeLeaseRow {
+    pub fn into_domain(self) -> StoreResult<NodeLease> {
+        Ok(NodeLease {
+            expires_at: from_micros(self.expires_at, "leases.expires_at")?,
+            id: self.id,
+            key_id: self.key_id,
+            day: self.day,
+            granted: Micros(self.granted),
+            reported: Micros(self.reported),
+        })
+    }
+}
 
 pub(super) const FLEET_NODE_COLUMNS: &str = "node_id, replica, applied_version, heartbeat_at";
 

@@ -33,12 +33,15 @@ use super::sql::{
     KeyRow, LeaseRow, TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR,
     KEY_COLUMNS, VENDOR_COLUMNS,
 };
-use super::sql::{FleetNodeRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS};
+use super::sql::{
+    FleetNodeRow, NodeLeaseRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS, NODE_LEASE_COLUMNS,
+};
 use super::sql::{IssuerTokenRow, ISSUER_TOKEN_COLUMNS};
 use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
-    KeyStatus, LeaseGrant, LeaseGrantRequest, SpendEvent, SpendSummary, VaultKey, Vendor,
+    KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey,
+    Vendor,
 };
 
 /// How long a connection waits for another process's write lock.
@@ -609,6 +612,16 @@ impl Store for SqliteStore {
         fetch_key(&mut conn, id).await
     }
 
+    async fn find_key_by_hash(&self, key_hash: &[u8; 32]) -> StoreResult<Option<VaultKey>> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE key_hash = ?");
+        sqlx::query_as::<_, KeyRow>(&sql)
+            .bind(key_hash.as_slice())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(KeyRow::into_domain)
+            .transpose()
+    }
+
     async fn list_keys(
         &self,
         filter: &KeyFilter,
@@ -1036,6 +1049,25 @@ impl Store for SqliteStore {
         push_in(&mut q, "key_id", key_ids);
         q.push(" ORDER BY node_id");
         Ok(q.build_query_scalar().fetch_all(&self.pool).await?)
+    }
+
+    async fn node_leases(
+        &self,
+        node: &str,
+        counted_after: DateTime<Utc>,
+    ) -> StoreResult<Vec<NodeLease>> {
+        let sql = format!(
+            "SELECT {NODE_LEASE_COLUMNS} FROM leases \
+             WHERE node_id = ? AND NOT closed AND expires_at > ? ORDER BY id"
+        );
+        sqlx::query_as::<_, NodeLeaseRow>(&sql)
+            .bind(node)
+            .bind(micros(counted_after))
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(NodeLeaseRow::into_domain)
+            .collect()
     }
 
     async fn fence_leases(

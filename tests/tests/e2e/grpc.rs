@@ -14,7 +14,7 @@ use keycap_proto::pb::{
     policy_update::Update, vendor_service_client::VendorServiceClient,
 };
 use keycap_proto::secret;
-use keycap_tests::harness::{Control, ControlOpts, POLICY_TIMEOUT};
+use keycap_tests::harness::{next_policy_update, Control, ControlOpts, POLICY_TIMEOUT};
 use prost::Message;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -182,7 +182,7 @@ fn key_request(label: &str) -> pb::CreateKeyRequest {
 
 /// The next message of a policy stream, within `POLICY_TIMEOUT`.
 async fn next_update(stream: &mut Streaming<pb::PolicyUpdate>, what: &str) -> pb::PolicyUpdate {
-    match tokio::time::timeout(POLICY_TIMEOUT, stream.message()).await {
+    match tokio::time::timeout(POLICY_TIMEOUT, next_policy_update(stream)).await {
         Ok(Ok(Some(u))) => u,
         Ok(Ok(None)) => panic!("{what}: the policy stream ended"),
         Ok(Err(s)) => panic!("{what}: the policy stream failed: {s:?}"),
@@ -478,12 +478,12 @@ async fn watch_policy_from_a_version_the_log_never_reached_still_delivers_change
     let first = next_update(&mut ahead, "first message from ahead of the head").await;
     let k = g.create_key("grpc/ahead").await;
     let hash = secret::hash(&k.secret).to_vec();
-    let next = tokio::time::timeout(POLICY_TIMEOUT, ahead.message()).await;
+    let next = tokio::time::timeout(POLICY_TIMEOUT, next_policy_update(&mut ahead)).await;
     let delivered = match &next {
         Ok(Ok(Some(u))) => match &u.update {
             Some(Update::Delta(d)) => d.upsert_keys.iter().any(|fk| fk.key_hash == hash),
             Some(Update::Snapshot(s)) => s.keys.iter().any(|fk| fk.key_hash == hash),
-            None => false,
+            Some(Update::Heartbeat(_)) | None => false,
         },
         _ => false,
     };
@@ -496,6 +496,7 @@ async fn watch_policy_from_a_version_the_log_never_reached_still_delivers_change
         first.update.as_ref().map(|u| match u {
             Update::Snapshot(_) => "snapshot",
             Update::Delta(_) => "delta",
+            Update::Heartbeat(_) => "heartbeat",
         }),
     );
 }
@@ -1145,7 +1146,7 @@ async fn sigterm_stops_the_control_plane_even_with_a_proxy_stream_open() {
         .expect("keycap-control exits within its shutdown grace after SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
     // The stream ends with the process instead of hanging.
-    let end = tokio::time::timeout(POLICY_TIMEOUT, stream.message())
+    let end = tokio::time::timeout(POLICY_TIMEOUT, next_policy_update(&mut stream))
         .await
         .expect("the policy stream ends once the control plane is gone");
     assert!(

@@ -452,11 +452,14 @@ async fn grpc_keys_carry_limits_to_admin_reads_and_the_fleet_stream() {
         .await
         .expect("WatchPolicy")
         .into_inner();
-    let first = tokio::time::timeout(POLICY_TIMEOUT, stream.message())
-        .await
-        .expect("a snapshot in time")
-        .expect("stream open")
-        .expect("a message");
+    let first = tokio::time::timeout(
+        POLICY_TIMEOUT,
+        keycap_tests::harness::next_policy_update(&mut stream),
+    )
+    .await
+    .expect("a snapshot in time")
+    .expect("stream open")
+    .expect("a message");
     let Some(Update::Snapshot(snap)) = first.update else {
         panic!("first message is not a snapshot: {first:?}");
     };
