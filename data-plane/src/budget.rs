@@ -201,6 +201,9 @@ impl KeySlot {
 pub struct Budget {
     source: Arc<dyn LeaseSource>,
     node_id: String,
+    /// This run's mark in the ids of the leases it opens, telling them
+    /// from the leases an earlier run of the same node left.
+    run: String,
     keys: Mutex<HashMap<String, Arc<KeySlot>>>,
     /// Leases to hand back, to a task on the runtime that created the
     /// budget, so retiring a lease never needs a runtime where it happens.
@@ -220,6 +223,7 @@ impl Budget {
         let budget = Arc::new(Budget {
             source,
             node_id: node_id.to_string(),
+            run: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             keys: Mutex::new(HashMap::new()),
             returns,
             runtime: tokio::runtime::Handle::current(),
@@ -362,6 +366,53 @@ impl Budget {
         }
     }
 
+    /// Whether this run opened the lease `id`.
+    pub fn is_own_lease(&self, id: &str) -> bool {
+        id.strip_prefix("lease_")
+            .and_then(|rest| rest.strip_prefix(self.run.as_str()))
+            .is_some_and(|rest| rest.starts_with('_'))
+    }
+
+    /// Hands back the leases an earlier run of this node left open, each at
+    /// what the control plane has been told it spent. Only for a restart
+    /// whose spool was complete (`spool::Recovered::complete`) and has been
+    /// delivered: then every cost those leases carried has been reported,
+    /// and their rest is budget nobody can spend until they expire. Retries
+    /// while the control plane is away.
+    pub async fn return_previous_run(&self) {
+        let mut backoff = Duration::from_millis(100);
+        let held = loop {
+            match self.source.held().await {
+                Ok(held) => break held,
+                Err(s) => {
+                    tracing::warn!(code = ?s.code(), "cannot list this node's leases; will retry");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        for l in held.into_iter().filter(|l| !self.is_own_lease(&l.lease_id)) {
+            loop {
+                match self.source.give_back(&l.lease_id, l.reported_micros).await {
+                    Ok(()) => break,
+                    Err(s) if s.code() == tonic::Code::NotFound => break,
+                    Err(s) => {
+                        tracing::warn!(code = ?s.code(), lease = %l.lease_id, "cannot return a lease of the previous run; will retry");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            tracing::info!(
+                lease = %l.lease_id,
+                key = %l.key_id,
+                granted = l.granted_micros,
+                spent = l.reported_micros,
+                "lease left by the previous run returned"
+            );
+        }
+    }
+
     fn grant_request(
         &self,
         st: &KeyLeases,
@@ -373,7 +424,7 @@ impl Budget {
         pb::GrantLeaseRequest {
             grant_id: format!("grant_{}", uuid::Uuid::new_v4().simple()),
             lease_id: st.current.as_ref().map_or_else(
-                || format!("lease_{}", uuid::Uuid::new_v4().simple()),
+                || format!("lease_{}_{}", self.run, uuid::Uuid::new_v4().simple()),
                 |l| l.id.clone(),
             ),
             key_id: key_id.to_string(),
@@ -662,6 +713,8 @@ mod tests {
         returned: Map<String, i64>,
         /// (requested, minimum) of every grant asked for
         asks: Vec<(i64, i64)>,
+        /// lease -> spend reported against it
+        reported: Map<String, i64>,
     }
 
     /// An in-memory control plane for one day, with the control plane's
@@ -719,6 +772,21 @@ mod tests {
                 *total = keep;
             }
             Ok(())
+        }
+
+        async fn held(&self) -> Result<Vec<pb::NodeLease>, Status> {
+            let st = self.state.lock().unwrap();
+            Ok(st
+                .leases
+                .iter()
+                .filter(|(id, _)| !st.returned.contains_key(*id))
+                .map(|(id, granted)| pb::NodeLease {
+                    lease_id: id.clone(),
+                    granted_micros: *granted,
+                    reported_micros: st.reported.get(id).copied().unwrap_or(0),
+                    ..Default::default()
+                })
+                .collect())
         }
     }
 
@@ -789,6 +857,34 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_restart_returns_the_previous_run_s_leases_at_their_reported_spend() {
+        let l = ledger(10_000);
+        // The previous run of this node: a lease of 4000 with 1500 reported.
+        {
+            let mut st = l.state.lock().unwrap();
+            st.leases.insert("lease_0123456789ab_old".into(), 4_000);
+            st.reported.insert("lease_0123456789ab_old".into(), 1_500);
+        }
+        let b = Budget::new(l.clone(), "n1");
+        let k = key(10_000);
+        let r = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
+        let own = r.lease_id.clone();
+        assert!(b.is_own_lease(&own), "{own}");
+        assert!(!b.is_own_lease("lease_0123456789ab_old"));
+
+        b.return_previous_run().await;
+        let st = l.state.lock().unwrap();
+        assert_eq!(
+            st.returned.get("lease_0123456789ab_old"),
+            Some(&1_500),
+            "returned at what was reported, the rest freed"
+        );
+        assert!(!st.returned.contains_key(&own), "this run's lease stays");
+        drop(st);
+        b.resolve(r, Micros(100));
     }
 
     async fn serve_until_refused(b: &Arc<Budget>, k: &KeyPolicy, amount: i64) -> usize {

@@ -515,6 +515,8 @@ pub trait LeaseSource: Send + Sync + 'static {
         granted_micros: i64,
         keep_micros: i64,
     ) -> Result<(), Status>;
+    /// The leases granted to this node that still count against caps.
+    async fn held(&self) -> Result<Vec<pb::NodeLease>, Status>;
 }
 
 #[async_trait]
@@ -560,6 +562,10 @@ impl LeaseSource for Fleet {
             async move { c.return_lease(r).await.map(drop) }
         })
         .await
+    }
+
+    async fn held(&self) -> Result<Vec<pb::NodeLease>, Status> {
+        self.list_leases().await
     }
 }
 

@@ -86,15 +86,26 @@ pub async fn run(
     )?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
     let lookup = lookup::KeyLookup::new(Arc::new(fleet.clone()), cache.clone());
+    // Whether what a previous run left is settled: its spend delivered and
+    // its leases handed back. `/healthz` waits for it.
+    let spooled = config.spool_dir.is_some();
+    let (settled_tx, settled) = watch::channel(!spooled);
     let spool = match &config.spool_dir {
         Some(dir) => {
             let (spool, recovered) = spool::Spool::open(dir)?;
             let spool = Arc::new(spool);
-            tokio::spawn(spend::replay(
-                recovered,
-                Arc::new(fleet.clone()),
-                spool.clone(),
-            ));
+            let complete = recovered.complete;
+            let (sink, replayed, previous) = (fleet.clone(), spool.clone(), budget.clone());
+            tokio::spawn(async move {
+                spend::replay(recovered, Arc::new(sink), replayed).await;
+                // Everything the previous run spent is reported now: the
+                // rest of its leases goes back instead of waiting out
+                // their hour.
+                if complete {
+                    previous.return_previous_run().await;
+                }
+                let _ = settled_tx.send(true);
+            });
             Some(spool)
         }
         None => {
@@ -148,6 +159,7 @@ pub async fn run(
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
                 policy: cache.clone(),
+                previous_run_settled: settled.clone(),
                 lookup: lookup.clone(),
                 budget: budget.clone(),
                 spend: spend.clone(),
@@ -209,7 +221,14 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!("control plane unreachable at shutdown; spend events still queued are lost");
+        if spooled {
+            tracing::warn!(
+                "control plane unreachable at shutdown; spend not yet delivered stays in the \
+                 spool and is delivered when this proxy starts again"
+            );
+        } else {
+            tracing::warn!("control plane unreachable at shutdown; spend events still queued are lost (no --spool-dir)");
+        }
     }
     outcome
 }

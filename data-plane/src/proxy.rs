@@ -75,6 +75,10 @@ pub struct Proxy {
     pub policy: Arc<PolicyCache>,
     /// Asks the control plane about keys the policy does not hold yet.
     pub lookup: Arc<KeyLookup>,
+    /// Set once what a previous run left in the spool is delivered and its
+    /// leases handed back; until then `/healthz` says the proxy is not
+    /// ready.
+    pub previous_run_settled: tokio::sync::watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<Budget>,
     pub spend: SpendReporter,
@@ -169,13 +173,13 @@ impl Proxy {
                 .unwrap_or_else(|r| r.into_response(now)));
         }
         if path == "/healthz" {
-            let ready = self.policy.is_ready();
-            let mut resp = Response::new(body::bytes(Bytes::from(if ready {
-                r#"{"status":"ok"}"#
-            } else {
-                r#"{"status":"waiting_for_policy"}"#
-            })));
-            if !ready {
+            let status = match (self.policy.is_ready(), *self.previous_run_settled.borrow()) {
+                (true, true) => r#"{"status":"ok"}"#,
+                (false, _) => r#"{"status":"waiting_for_policy"}"#,
+                (true, false) => r#"{"status":"settling_previous_run"}"#,
+            };
+            let mut resp = Response::new(body::bytes(Bytes::from(status)));
+            if status != r#"{"status":"ok"}"# {
                 *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             }
             return Ok(resp);

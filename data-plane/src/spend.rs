@@ -169,10 +169,11 @@ async fn send_all(sink: &dyn SpendSink, events: Vec<pb::SpendEvent>, spool: Opti
 }
 
 /// Delivers what a previous run left in the spool, then deletes the old
-/// segments. The leases those events drew on are not handed back: a record
-/// the machine lost before its fsync is not here, so the leases keep
-/// counting in full until they expire (and the grace after that) rather
-/// than at what the spool says was spent.
+/// segments. Handing back the leases those events drew on is the caller's
+/// call: only a spool the previous run wrote in this boot is known to hold
+/// every record (`Recovered::complete`); after a machine crash a record
+/// lost before its fsync is not here, so the leases keep counting in full
+/// until they expire (and the grace after that).
 pub async fn replay(recovered: Recovered, sink: Arc<dyn SpendSink>, spool: Arc<Spool>) {
     if !recovered.events.is_empty() {
         tracing::info!(

@@ -17,6 +17,14 @@
 //! twice. Segments roll over at `SEGMENT_BYTES` and are deleted once every
 //! event with a record in them has been delivered.
 //!
+//! A spool also remembers the boot it was last opened in
+//! (`/proc/sys/kernel/random/boot_id`). When the previous run ran in the
+//! same boot, every record it wrote is still here — `write(2)` reaches the
+//! kernel, which a killed process cannot undo; only a machine crash loses
+//! unsynced records — so what it spent is exactly what its records say, and
+//! the leases it held can be handed back once they are delivered
+//! (`Recovered::complete`).
+//!
 //! Record format: one tag byte (`R` reservation, `E` event, `D` delivered:
 //! only the id) then the length-delimited protobuf `SpendEvent`. A torn last record (a write cut
 //! off by the crash) ends the segment.
@@ -46,6 +54,10 @@ pub struct Recovered {
     /// Segments they came from; `Spool::forget_recovered` deletes them once
     /// the events are delivered.
     segments: Vec<PathBuf>,
+    /// The previous run used this spool in the current boot of this
+    /// machine, so none of its records can have been lost: once these
+    /// events are delivered, the control plane knows all it spent.
+    pub complete: bool,
 }
 
 struct Segment {
@@ -106,7 +118,8 @@ impl Spool {
             .filter_map(|p| segment_seq(&p).map(|seq| (seq, p)))
             .collect();
         segments.sort();
-        let recovered = recover(&segments)?;
+        let mut recovered = recover(&segments)?;
+        recovered.complete = same_boot_as_before(dir)?;
         let next = segments.last().map_or(1, |(seq, _)| seq + 1);
         let spool = Spool {
             dir: dir.to_path_buf(),
@@ -275,6 +288,30 @@ fn create_segment(dir: &Path, seq: u64) -> std::io::Result<Segment> {
     Ok(Segment { file, seq, len: 0 })
 }
 
+/// This machine's boot, as Linux names it; `None` where it cannot be read.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether the spool was last opened in this boot, recording this one for
+/// the next run (written whole, then renamed into place).
+fn same_boot_as_before(dir: &Path) -> anyhow::Result<bool> {
+    let path = dir.join("boot_id");
+    let before = std::fs::read_to_string(&path).ok();
+    let Some(now) = boot_id() else {
+        return Ok(false);
+    };
+    let tmp = dir.join("boot_id.tmp");
+    let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(now.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(before.is_some_and(|b| b.trim() == now))
+}
+
 /// Reads the segments a previous run left, oldest first: each event id's
 /// last record wins (its real event over its reservation record).
 fn recover(segments: &[(u64, PathBuf)]) -> anyhow::Result<Recovered> {
@@ -321,6 +358,7 @@ fn recover(segments: &[(u64, PathBuf)]) -> anyhow::Result<Recovered> {
     Ok(Recovered {
         events,
         segments: segments.iter().map(|(_, p)| p.clone()).collect(),
+        complete: false,
     })
 }
 
@@ -478,6 +516,22 @@ mod tests {
             .map(|e| e.event_id.as_str())
             .collect();
         assert_eq!(ids, vec!["y"], "a call never sent must not be charged");
+    }
+
+    #[test]
+    fn a_run_in_the_same_boot_is_complete_and_one_after_a_reboot_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, recovered) = Spool::open(dir.path()).unwrap();
+        assert!(!recovered.complete, "no run before this one");
+        drop(first);
+        let (second, recovered) = Spool::open(dir.path()).unwrap();
+        assert!(recovered.complete, "the previous run was in this boot");
+        drop(second);
+        // A spool last opened in another boot (the machine crashed and came
+        // back): what that run wrote may not all be here.
+        std::fs::write(dir.path().join("boot_id"), "another-boot").unwrap();
+        let (_third, recovered) = Spool::open(dir.path()).unwrap();
+        assert!(!recovered.complete);
     }
 
     #[test]

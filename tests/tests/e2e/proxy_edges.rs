@@ -678,3 +678,97 @@ async fn a_call_cut_off_by_sigkill_is_reported_once_when_the_proxy_restarts() {
         .expect(200);
     stack.wait_key_spend(&key.id, 4_500_000, 3).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_killed_and_restarted_on_its_spool_strands_no_budget() {
+    let spool = tempfile::tempdir().unwrap();
+    let opts = ProxyOpts::new("restarted").flag("spool-dir", spool.path().display());
+    let (mut stack, _mock) = stack_with_stripe_and_proxy(opts).await;
+    // $5.50 a day: the first call opens a lease of a quarter of the cap
+    // ($1.375), which the kill leaves $0.375 of unspent.
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(5.5),
+            &["POST /v1/payment_intents"],
+            "restart/1",
+        ))
+        .await;
+    let charge = |agent: Api| async move {
+        agent
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=100&currency=usd&confirm=true",
+            )
+            .await
+    };
+    charge(stack.agent(&key.secret)).await.expect(200);
+
+    // SIGKILL, and back on the same spool and node id: the old run's lease
+    // goes back once its spend is delivered, so the key can spend the rest
+    // of its cap rather than what the stranded lease leaves of it.
+    stack.proxy.restart().await;
+    let mut served = 0;
+    let refusal = loop {
+        let r = charge(stack.agent(&key.secret)).await;
+        if r.status != 200 {
+            break r;
+        }
+        served += 1;
+    };
+    assert_eq!(served, 4, "$5.50 holds five $1 calls in all");
+    let body = refusal.expect_error(429, "daily_cap_exceeded");
+    assert_eq!(body["remaining_usd"], json!(0.5), "{body}");
+    // The key's own read says the same once the spend has landed.
+    let view = stack.wait_key_spend(&key.id, 5_000_000, 5).await;
+    assert_eq!(view["remaining_today_usd"], json!(0.5), "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_a_stopping_proxy_cannot_deliver_stays_in_its_spool_for_the_next_start() {
+    let spool = tempfile::tempdir().unwrap();
+    let opts = ProxyOpts::new("stopping").flag("spool-dir", spool.path().display());
+    let (mut stack, _mock) = stack_with_stripe_and_proxy(opts).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "stopping/1",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    let charge = || async {
+        agent
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=100&currency=usd&confirm=true",
+            )
+            .await
+    };
+    charge().await.expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+
+    // The control plane goes away; the next call is served from the lease
+    // and its spend cannot be delivered before the proxy stops.
+    stack.control.process_mut().kill().await;
+    charge().await.expect(200);
+    let status = stack
+        .proxy
+        .process_mut()
+        .terminate(within(Duration::from_secs(30)))
+        .await
+        .expect("the proxy exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stack
+            .proxy
+            .process()
+            .log_contains("stays in the spool and is delivered when this proxy starts again"),
+        "{}",
+        stack.proxy.process().log_tail(20)
+    );
+
+    // Both back: the second call's spend arrives from the spool.
+    stack.control.restart().await;
+    stack.proxy.restart().await;
+    stack.wait_key_spend(&key.id, 2_000_000, 2).await;
+}
