@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keycap_proto::tls::{self, Identity, Trust};
 
@@ -112,10 +113,25 @@ pub struct ProxyConfig {
     pub header_read_timeout_secs: u64,
     /// Most agent connections served at once, across all serving threads;
     /// further connections wait (unread, in the listen backlog) until one
-    /// closes.
+    /// closes. Requests without a credential whose body is read before
+    /// the control plane sees them (the `/vault` relay) may hold a quarter.
     #[arg(long, env = "KEYCAP_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
+    /// How long a client has to send a whole request body, in seconds; a
+    /// slower one is refused (408) and nothing is forwarded.
+    #[arg(long, env = "KEYCAP_BODY_READ_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_secs: u64,
+    /// The slowest average a request body may arrive at once
+    /// --body-rate-grace-secs have passed, in bytes per second (0: no
+    /// minimum, only --body-read-timeout-secs).
+    #[arg(long, env = "KEYCAP_BODY_MIN_BYTES_PER_SEC", default_value_t = 1024)]
+    pub body_min_bytes_per_sec: u64,
+    /// Seconds a request body may take before --body-min-bytes-per-sec
+    /// applies.
+    #[arg(long, env = "KEYCAP_BODY_RATE_GRACE_SECS", default_value_t = 5)]
+    pub body_rate_grace_secs: u64,
 }
 
 fn parse_zone(s: &str) -> Result<String, String> {
@@ -196,6 +212,15 @@ impl ProxyConfig {
             anyhow::ensure!(!urls[..i].contains(url), "--control-url names {url} twice");
         }
         Ok(())
+    }
+
+    /// The pace every request body must keep.
+    pub fn body_pace(&self) -> crate::body::BodyPace {
+        crate::body::BodyPace {
+            total: Duration::from_secs(self.body_read_timeout_secs),
+            grace: Duration::from_secs(self.body_rate_grace_secs),
+            min_bytes_per_sec: self.body_min_bytes_per_sec,
+        }
     }
 
     pub fn node_id(&self) -> String {

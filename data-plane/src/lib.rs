@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod body;
 pub mod budget;
 pub mod check;
@@ -142,6 +143,7 @@ pub async fn run(
             },
         ));
     }
+    let unauthenticated = admission::UnauthenticatedShare::of(config.max_connections);
     let proxies = (0..threads)
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
@@ -153,6 +155,8 @@ pub async fn run(
                 control: control.clone(),
                 node_id: node_id.clone(),
                 max_body_bytes: config.max_body_bytes,
+                body_pace: config.body_pace(),
+                unauthenticated: unauthenticated.clone(),
                 max_response_bytes: config.max_response_bytes,
                 upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
                 idempotency: idempotency.clone(),

@@ -28,7 +28,8 @@ use keycap_proto::network::{self, IpNet};
 use keycap_proto::{pb, Micros};
 use serde_json::Value;
 
-use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
+use crate::admission::UnauthenticatedShare;
+use crate::body::{self, BodyReadError, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::client_addr;
 use crate::error::Refusal;
@@ -85,6 +86,12 @@ pub struct Proxy {
     pub control: Replicas<Replica>,
     pub node_id: String,
     pub max_body_bytes: usize,
+    /// How fast a request body must arrive (`--body-read-timeout-secs` and
+    /// the minimum rate).
+    pub body_pace: body::BodyPace,
+    /// The connections requests without a credential may hold while the
+    /// `/vault` relay reads their bodies.
+    pub unauthenticated: UnauthenticatedShare,
     pub max_response_bytes: usize,
     pub upstream_timeout: Duration,
     /// Idempotency keys this proxy has forwarded, shared by its threads.
@@ -158,12 +165,21 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let now = Utc::now();
+        let version = req.version();
         let path = req.uri().path();
         if path == "/vault" || path.starts_with("/vault/") {
-            return Ok(self
-                .relay_admin(req)
-                .await
-                .unwrap_or_else(|r| r.into_response(now)));
+            // The control plane checks the token only once it has the
+            // whole request, so the body is read first: a request without
+            // even the shape of a credential may hold only its share of
+            // the connections meanwhile.
+            let _share = match self.unauthenticated.admit(req.headers()) {
+                Ok(permit) => permit,
+                Err(_) => return Ok(closing_after(Refusal::UnauthenticatedBusy, version, now)),
+            };
+            return Ok(match self.relay_admin(req).await {
+                Ok(resp) => resp,
+                Err(refusal) => closing_after(refusal, version, now),
+            });
         }
         if path == "/healthz" {
             let ready = self.policy.is_ready();
@@ -184,7 +200,7 @@ impl Proxy {
             }
             Err(refusal) => {
                 self.metrics.request(refusal.code());
-                refusal.into_response(now)
+                closing_after(refusal, version, now)
             }
         })
     }
@@ -460,16 +476,16 @@ impl Proxy {
         Ok(looked)
     }
 
-    /// The whole request body, at most `max_body_bytes` of it. Only a body
-    /// over the limit is "too large"; one cut short or badly chunked is the
-    /// client's malformed request.
+    /// The whole request body, at most `max_body_bytes` of it, arriving at
+    /// `body_pace`. Only a body over the limit is "too large"; one cut
+    /// short or badly chunked is the client's malformed request; one too
+    /// slow is cut off, and whatever it sent is dropped.
     async fn read_body(&self, incoming: Incoming) -> Result<Bytes, Refusal> {
-        match Limited::new(incoming, self.max_body_bytes).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(Refusal::BodyTooLarge(self.max_body_bytes))
-            }
-            Err(e) => {
+        match body::read_paced(incoming, self.max_body_bytes, self.body_pace).await {
+            Ok(bytes) => Ok(bytes),
+            Err(BodyReadError::TooLarge) => Err(Refusal::BodyTooLarge(self.max_body_bytes)),
+            Err(BodyReadError::TooSlow) => Err(Refusal::BodyTimeout),
+            Err(BodyReadError::Unreadable(e)) => {
                 tracing::debug!(error = %e, "request body unreadable");
                 Err(Refusal::BodyUnreadable)
             }
@@ -551,6 +567,23 @@ enum RelayFailure {
     /// No connection to the replica: the call was never sent.
     NotConnected,
     Refused(Refusal),
+}
+
+/// The response for `refusal`. A refusal that leaves the request body
+/// unread (too slow, or never read) ends an HTTP/1 connection: the rest of
+/// the body is not waited for.
+fn closing_after(
+    refusal: Refusal,
+    version: http::Version,
+    now: DateTime<Utc>,
+) -> Response<ProxyBody> {
+    let unread = matches!(refusal, Refusal::BodyTimeout | Refusal::UnauthenticatedBusy);
+    let mut resp = refusal.into_response(now);
+    if unread && version < http::Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// A digest of what makes two requests the same call: method, path, query,

@@ -1,6 +1,7 @@
 //! The proxy's edge against hostile raw bytes: request targets that try to
 //! leave the vendor, ambiguous body framing, oversized heads and bodies,
-//! slow clients, too many connections, hop-by-hop headers and redirects.
+//! slow clients (heads and bodies), too many connections, requests without
+//! a credential crowding out keyed ones, hop-by-hop headers and redirects.
 //! Every request here is written byte for byte over a `TcpStream`, so no
 //! client library tidies it first. Included from `e2e.rs`.
 
@@ -9,10 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keycap_tests::harness::{raw_http, within, ControlOpts, ProxyOpts, Stack};
+use keycap_tests::harness::{raw_http, wait_until, within, ControlOpts, ProxyOpts, Stack};
 use keycap_tests::mock::{MockVendor, Scripted};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{stack_with_stripe, stripe_key_body, STRIPE_CREDENTIAL};
@@ -115,7 +116,7 @@ impl Client {
 /// One response read off a connection that stays open: the head, then a
 /// body of the length it announces; bytes after it stay in `buf`. `None`
 /// if the connection closed first.
-async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Answer> {
+async fn read_response(s: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> Option<Answer> {
     let mut chunk = [0u8; 4096];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -153,7 +154,7 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Answer> {
 
 /// Whether the peer closes `s` (EOF or reset) before `deadline`; bytes
 /// arriving meanwhile are read and dropped.
-async fn closed_by_peer(s: &mut TcpStream, deadline: Instant) -> bool {
+async fn closed_by_peer(s: &mut (impl AsyncRead + Unpin), deadline: Instant) -> bool {
     let mut chunk = [0u8; 4096];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -702,4 +703,238 @@ async fn redirects_are_returned_never_followed_and_release_the_reservation() {
     assert_eq!(entry["upstream_status"], 302, "{entry}");
     stack.wait_key_spend(&key.id, 0, 1).await;
     other.assert_untouched();
+}
+
+// --- slow bodies, and requests without a credential ------------------------------------
+
+/// The head of a form POST for a Stripe payment intent with `key`,
+/// announcing a body of `len` bytes.
+fn payment_intent_head(key: &str, len: usize) -> String {
+    format!(
+        "POST /stripe/v1/payment_intents HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Bearer {key}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {len}\r\n\r\n"
+    )
+}
+
+/// The head of a chunked `POST /vault/keys`, with `authorization` if any.
+fn relay_mint_head(authorization: Option<&str>) -> String {
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "POST /vault/keys HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+}
+
+/// Sends `head`, then `body` in `pieces` pieces `gap` apart (the pace is
+/// what is under test), and returns the answer and whether the proxy then
+/// closed the connection. The sending stops once the proxy has answered.
+async fn send_paced(
+    addr: SocketAddr,
+    head: &str,
+    body: &[u8],
+    pieces: usize,
+    gap: Duration,
+) -> (Answer, bool) {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(head.as_bytes()).await.expect("write head");
+    let body = body.to_vec();
+    let writer = tokio::spawn(async move {
+        for piece in body.chunks(body.len().div_ceil(pieces).max(1)) {
+            tokio::time::sleep(gap).await;
+            if wr.write_all(piece).await.is_err() {
+                return;
+            }
+        }
+        // Keep the connection open: only the proxy may end it.
+        std::future::pending::<()>().await;
+    });
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, read_response(&mut rd, &mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {head:?} sent in {pieces} pieces"))
+        .unwrap_or_else(|| panic!("closed without an answer: {head:?}"));
+    let closed = closed_by_peer(&mut rd, within(ANSWER_TIMEOUT)).await;
+    writer.abort();
+    (answer, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_bodies_are_cut_and_nothing_is_forwarded() {
+    let (stack, mock) = stripe_stack_with(
+        ProxyOpts::new("edge-slow-body")
+            .flag("body-read-timeout-secs", 4)
+            .flag("body-rate-grace-secs", 2)
+            .flag("body-min-bytes-per-sec", 100),
+    )
+    .await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(5),
+            &["POST /v1/payment_intents"],
+            "edge/slow-body",
+        ))
+        .await;
+    let addr = stack.proxy.addr();
+    // A whole day's cap: if a refused call held a reservation, the last
+    // call below could not be made.
+    let form = "amount=500&currency=usd&confirm=true";
+    let head = payment_intent_head(&key.secret, form.len());
+    let admin = format!("Bearer {}", stack.control.opts.admin_token);
+    let padded = format!("{form}&metadata[pad]={}", "x".repeat(3000));
+    let cases: Vec<(&str, String, Vec<u8>, usize, Duration)> = vec![
+        (
+            "a vendor call trickling a byte every 300 ms",
+            head.clone(),
+            form.as_bytes().to_vec(),
+            form.len(),
+            Duration::from_millis(300),
+        ),
+        (
+            "a vendor call well above the minimum rate that never ends in time",
+            payment_intent_head(&key.secret, padded.len()),
+            padded.into_bytes(),
+            12,
+            Duration::from_millis(500),
+        ),
+        (
+            "a relayed call with an admin token trickling its body",
+            relay_mint_head(Some(&admin)),
+            b"1\r\n{\r\n".repeat(40),
+            40,
+            Duration::from_millis(300),
+        ),
+        (
+            "a relayed call without a token sending no body",
+            relay_mint_head(None),
+            Vec::new(),
+            1,
+            Duration::ZERO,
+        ),
+    ];
+    for (what, head, body, pieces, gap) in &cases {
+        let started = Instant::now();
+        let ((status, headers, resp_body), closed) =
+            send_paced(addr, head, body, *pieces, *gap).await;
+        let took = started.elapsed();
+        assert_eq!(
+            status,
+            408,
+            "{what}: {}",
+            String::from_utf8_lossy(&resp_body)
+        );
+        assert_eq!(error_code(&resp_body), "request_body_timeout", "{what}");
+        assert_eq!(header(&headers, "connection"), Some("close"), "{what}");
+        assert!(closed, "{what}: the connection stayed open");
+        // Never before the grace: the minimum rate is an average.
+        assert!(took >= Duration::from_secs(2), "{what}: cut after {took:?}");
+        assert!(!String::from_utf8_lossy(&resp_body).contains(&key.secret));
+    }
+    assert!(
+        mock.calls().is_empty(),
+        "a slow body reached the vendor: {:?}",
+        mock.calls()
+    );
+    assert_eq!(stack.key(&key.id).await["spent_today_micros"], 0);
+
+    // A body sent in pieces within the pace is read whole and the call
+    // goes through, for the whole cap: nothing was left reserved.
+    let ((status, _, resp_body), _) =
+        send_paced(addr, &head, form.as_bytes(), 2, Duration::from_millis(200)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp_body));
+    assert_eq!(mock.forwarded_stripe_amount(), 500);
+    stack.wait_key_spend(&key.id, 5_000_000, 1).await;
+    assert_eq!(
+        stack
+            .wait_audit(&format!("key_id={}", key.id), 1)
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_without_a_credential_leave_keyed_calls_served() {
+    let (stack, mock) = stripe_stack_with(
+        ProxyOpts::new("edge-share")
+            .flag("max-connections", 20)
+            // Long enough that the bodies below are never cut during the
+            // test: only the share can make room.
+            .flag("body-read-timeout-secs", 300)
+            .flag("body-rate-grace-secs", 300),
+    )
+    .await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            "edge/share",
+        ))
+        .await;
+    let addr = stack.proxy.addr();
+
+    // Twenty connections each send the head of a chunked POST /vault/keys
+    // without a token, then nothing. Each records the answer it gets.
+    let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
+    let mut attackers = Vec::new();
+    for _ in 0..20 {
+        let mut c = Client::connect(addr).await;
+        c.send(relay_mint_head(None).as_bytes()).await;
+        let answers = answers.clone();
+        attackers.push(tokio::spawn(async move {
+            if let Some(a) = c.response().await {
+                answers.lock().expect("lock").push(a);
+            }
+            // Hold the connection until the test ends.
+            std::future::pending::<()>().await;
+        }));
+    }
+
+    // An agent with a key connects after all of them and is served.
+    let started = Instant::now();
+    let served = tokio::time::timeout(
+        Duration::from_secs(10),
+        stack.agent(&key.secret).post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        ),
+    )
+    .await;
+    let took = started.elapsed();
+    let r = served.expect("a keyed call waited behind slow bodies without a credential");
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(mock.forwarded_stripe_amount(), 100);
+    eprintln!("keyed call served in {took:?} beside 20 slow bodies without a credential");
+
+    // A quarter of the connections (5 of 20) still hold their bodies; the
+    // rest were refused at once, and their connections closed.
+    assert!(
+        wait_until(within(ANSWER_TIMEOUT), || async {
+            answers.lock().expect("lock").len() >= 15
+        })
+        .await,
+        "only {} were refused",
+        answers.lock().expect("lock").len()
+    );
+    let answered = answers.lock().expect("lock").clone();
+    assert_eq!(answered.len(), 15, "{answered:?}");
+    for (status, headers, body) in &answered {
+        assert_eq!(*status, 503, "{}", String::from_utf8_lossy(body));
+        assert_eq!(error_code(body), "unauthenticated_busy");
+        assert_eq!(header(headers, "retry-after"), Some("1"));
+        assert_eq!(header(headers, "connection"), Some("close"));
+    }
+    assert!(
+        attackers.iter().all(|a| !a.is_finished()),
+        "an attacker's connection task ended"
+    );
+    // An admin token's shape is enough to be read beside them.
+    let vendors = stack.admin_via_proxy().get("/vault/vendors").await;
+    assert_eq!(vendors.status, 200, "{}", vendors.text);
+    for a in attackers {
+        a.abort();
+    }
 }
