@@ -166,6 +166,10 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let now = Utc::now();
         let version = req.version();
+        if let Err(refusal) = origin_form(&req) {
+            self.metrics.request(refusal.code());
+            return Ok(refusal.into_response(now));
+        }
         let path = req.uri().path();
         if path == "/vault" || path.starts_with("/vault/") {
             // The control plane checks the token only once it has the
@@ -217,11 +221,6 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            return Err(Refusal::InvalidTarget(
-                "absolute-form request targets are not accepted".into(),
-            ));
-        }
         let target =
             target::normalize(raw_target).map_err(|e| Refusal::InvalidTarget(e.to_string()))?;
         if !self.policy.is_ready() {
@@ -567,6 +566,31 @@ enum RelayFailure {
     /// No connection to the replica: the call was never sent.
     NotConnected,
     Refused(Refusal),
+}
+
+/// Checks that a request's target is in origin form (`/path?query`), the
+/// only form a call may take. HTTP/1.1's absolute and authority forms are
+/// refused. An HTTP/2 request always names `:scheme` and `:authority`
+/// beside `:path`, and hyper puts them in its URI: that is origin form,
+/// since only `:path` is ever read (the vendor's base URL alone decides
+/// where a call goes, as it does whatever `Host` says), but a `CONNECT`
+/// without `:path`, or an authority with userinfo (RFC 9113 forbids it),
+/// is refused like its HTTP/1.1 form.
+fn origin_form<B>(req: &Request<B>) -> Result<(), Refusal> {
+    let uri = req.uri();
+    let refused = match req.version() {
+        http::Version::HTTP_2 => {
+            uri.path_and_query().is_none()
+                || uri.authority().is_some_and(|a| a.as_str().contains('@'))
+        }
+        _ => uri.scheme().is_some() || uri.authority().is_some(),
+    };
+    if refused {
+        return Err(Refusal::InvalidTarget(
+            "absolute-form and authority-form request targets are not accepted".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The response for `refusal`. A refusal that leaves the request body
