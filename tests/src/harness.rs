@@ -1468,6 +1468,31 @@ impl Stack {
         key
     }
 
+    /// Mints a key through the proxy's `/vault` relay speaking `version`
+    /// (asserting the answer came in it), and waits until the proxy
+    /// accepts the key.
+    pub async fn mint_via_proxy(&self, version: HttpVersion, body: &Value) -> MintedKey {
+        let r = self
+            .admin_via_proxy()
+            .speaking(version)
+            .post_json("/vault/keys", body)
+            .await;
+        let expected = match version {
+            HttpVersion::Http1 => reqwest::Version::HTTP_11,
+            HttpVersion::Http2 => reqwest::Version::HTTP_2,
+        };
+        assert_eq!(r.version, expected, "minted over {:?}", r.version);
+        let created = r.expect(201);
+        let key = MintedKey {
+            id: created["id"].as_str().expect("key id").to_string(),
+            secret: created["key"].as_str().expect("key secret").to_string(),
+            body: created,
+        };
+        let vendor = body["vendor"].as_str().expect("vendor in key body");
+        self.wait_key_live(vendor, &key.secret).await;
+        key
+    }
+
     /// See `probe_key`.
     pub async fn probe(&self, vendor: &str, secret: &str) -> Option<String> {
         probe(&self.agent(secret), vendor).await

@@ -1336,11 +1336,9 @@ async fn idle_and_slow_http2_connections_are_closed_at_the_header_read_timeout()
 async fn http2_calls_are_minted_priced_audited_and_refused_like_http1() {
     let (stack, mock) = stack_with_stripe().await;
     // Minted through the proxy's /vault relay, over HTTP/2.
-    let minted = stack
-        .admin_via_proxy()
-        .speaking(HttpVersion::Http2)
-        .post_json(
-            "/vault/keys",
+    let key = stack
+        .mint_via_proxy(
+            HttpVersion::Http2,
             &stripe_key_body(
                 json!(5),
                 &["POST /v1/payment_intents", "GET /v1/customers/*"],
@@ -1348,13 +1346,7 @@ async fn http2_calls_are_minted_priced_audited_and_refused_like_http1() {
             ),
         )
         .await;
-    assert_eq!(minted.version, reqwest::Version::HTTP_2);
-    let body = minted.expect(201);
-    let (id, secret) = (
-        body["id"].as_str().expect("id").to_string(),
-        body["key"].as_str().expect("key").to_string(),
-    );
-    stack.wait_key_live("stripe", &secret).await;
+    let (id, secret) = (key.id, key.secret);
 
     let h2 = stack.agent(&secret).speaking(HttpVersion::Http2);
     let r = h2

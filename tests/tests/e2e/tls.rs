@@ -101,21 +101,13 @@ async fn agents_negotiating_http2_by_alpn_are_served_with_the_same_checks() {
 
     // An ordinary TLS client offers h2 and http/1.1; the proxy picks h2.
     // The key is minted through the proxy's /vault relay on it.
-    let minted = stack
-        .admin_via_proxy()
-        .speaking(HttpVersion::Http2)
-        .post_json(
-            "/vault/keys",
+    let key = stack
+        .mint_via_proxy(
+            HttpVersion::Http2,
             &stripe_key_body(json!(5), &["POST /v1/payment_intents"], "tls/h2"),
         )
         .await;
-    assert_eq!(minted.version, reqwest::Version::HTTP_2);
-    let body = minted.expect(201);
-    let (id, secret) = (
-        body["id"].as_str().unwrap().to_string(),
-        body["key"].as_str().unwrap().to_string(),
-    );
-    stack.wait_key_live("stripe", &secret).await;
+    let (id, secret) = (key.id, key.secret);
 
     let agent = stack.agent(&secret).speaking(HttpVersion::Http2);
     let r = agent
