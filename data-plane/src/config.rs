@@ -261,6 +261,17 @@ mod tests {
     }
 
     #[test]
+    fn request_bodies_have_a_pace_by_default_and_a_deadline_always() {
+        let pace = parse(&[]).unwrap().body_pace();
+        assert_eq!(pace.total, Duration::from_secs(30));
+        assert_eq!(pace.grace, Duration::from_secs(5));
+        assert_eq!(pace.min_bytes_per_sec, 1024);
+        let no_minimum = parse(&["--body-min-bytes-per-sec", "0"]).unwrap();
+        assert_eq!(no_minimum.body_pace().min_bytes_per_sec, 0);
+        assert!(parse(&["--body-read-timeout-secs", "0"]).is_err());
+    }
+
+    #[test]
     fn control_urls_are_repeated_or_comma_separated() {
         let one = parse(&[]).unwrap();
         assert_eq!(one.control_urls, ["http://127.0.0.1:8081"]);
