@@ -1,11 +1,18 @@
-//! Response bodies the proxy returns, and the streaming body that settles a
-//! call when its (SSE) response has fully passed through — or when the
-//! client goes away, whichever comes first. Settlement happens exactly once.
+//! Request bodies as the proxy reads them, response bodies as it returns
+//! them, and the streaming body that settles a call when its (SSE)
+//! response has fully passed through — or when the client goes away,
+//! whichever comes first. Settlement happens exactly once.
+//!
+//! A request body is read whole, at most `--max-body-bytes` of it, and at
+//! a pace (`BodyPace`): a client that trickles its body is cut off rather
+//! than holding its connection open. Reading never forwards anything; what
+//! a refused body already sent is dropped.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
@@ -19,6 +26,87 @@ pub fn full(b: Full<Bytes>) -> ProxyBody {
 
 pub fn bytes(b: Bytes) -> ProxyBody {
     full(Full::new(b))
+}
+
+/// How fast a request body must arrive: whole within `total`, and, once
+/// `grace` has passed, at an average of at least `min_bytes_per_sec` since
+/// it started (0: no minimum). The average, not each gap, is judged, so a
+/// client that sent quickly may pause; one that never sent much may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPace {
+    pub total: Duration,
+    pub grace: Duration,
+    pub min_bytes_per_sec: u64,
+}
+
+impl BodyPace {
+    /// How long after the body started more of it (or its end) must have
+    /// arrived, once `received` bytes have: the moment the average would
+    /// drop below the minimum, no earlier than `grace`, no later than
+    /// `total`.
+    pub fn allowance(&self, received: u64) -> Duration {
+        let by_rate = match self.min_bytes_per_sec {
+            0 => self.total,
+            rate => Duration::from_millis(received.saturating_mul(1000) / rate).max(self.grace),
+        };
+        by_rate.min(self.total)
+    }
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyReadError {
+    /// More than the limit.
+    TooLarge,
+    /// Slower than its `BodyPace`.
+    TooSlow,
+    /// Cut short or badly framed (the client's malformed request).
+    Unreadable(BoxError),
+}
+
+/// Reads a whole request body of at most `limit` bytes at `pace`. Trailers
+/// are dropped.
+pub async fn read_paced<B>(
+    mut body: B,
+    limit: usize,
+    pace: BodyPace,
+) -> Result<Bytes, BodyReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let started = tokio::time::Instant::now();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received: usize = 0;
+    loop {
+        let by = started + pace.allowance(received as u64);
+        let frame = match tokio::time::timeout_at(by, body.frame()).await {
+            Err(_) => return Err(BodyReadError::TooSlow),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyReadError::Unreadable(e.into())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            received = received.saturating_add(data.len());
+            if received > limit {
+                return Err(BodyReadError::TooLarge);
+            }
+            if !data.is_empty() {
+                chunks.push(data);
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.remove(0),
+        _ => {
+            let mut whole = BytesMut::with_capacity(received);
+            for c in chunks {
+                whole.extend_from_slice(&c);
+            }
+            whole.freeze()
+        }
+    })
 }
 
 /// Called once with every data chunk, then once at the end.
@@ -130,6 +218,7 @@ impl<B> Drop for ObservedBody<B> {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use futures_util::StreamExt as _;
     use http_body_util::StreamBody;
 
     use super::*;
@@ -174,6 +263,107 @@ mod tests {
             finished: finished.clone(),
         };
         (ObservedBody::new(inner, Box::new(observer)), finished)
+    }
+
+    const PACE: BodyPace = BodyPace {
+        total: Duration::from_secs(30),
+        grace: Duration::from_secs(5),
+        min_bytes_per_sec: 1000,
+    };
+
+    #[test]
+    fn a_body_must_keep_its_average_after_the_grace_and_end_in_time() {
+        // Nothing yet, or too little to matter: the grace.
+        assert_eq!(PACE.allowance(0), Duration::from_secs(5));
+        assert_eq!(PACE.allowance(4_999), Duration::from_secs(5));
+        // Then the moment the average would fall under the minimum.
+        assert_eq!(PACE.allowance(12_000), Duration::from_secs(12));
+        assert_eq!(PACE.allowance(12_345), Duration::from_millis(12_345));
+        // Never past the whole body's deadline, however much arrived.
+        assert_eq!(PACE.allowance(10_000_000), Duration::from_secs(30));
+        assert_eq!(PACE.allowance(u64::MAX), Duration::from_secs(30));
+        let no_minimum = BodyPace {
+            min_bytes_per_sec: 0,
+            ..PACE
+        };
+        assert_eq!(no_minimum.allowance(0), Duration::from_secs(30));
+    }
+
+    /// A body fed through a channel: each `Some` a chunk, `None` its end.
+    fn channel_body() -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        impl Body<Data = Bytes, Error = BoxError> + Unpin,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let frames = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(|b| Ok::<_, BoxError>(Frame::data(b)));
+        (tx, StreamBody::new(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_body_is_cut_and_a_paced_one_is_read_whole() {
+        // A byte every 1.5 s: far under 1000 bytes/s once the grace is over.
+        let (tx, body) = channel_body();
+        let started = tokio::time::Instant::now();
+        let trickle = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                if tx.send(Bytes::from_static(b"x")).is_err() {
+                    return;
+                }
+            }
+        });
+        let cut = read_paced(body, 1 << 20, PACE).await;
+        assert!(matches!(cut, Err(BodyReadError::TooSlow)), "{cut:?}");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5),
+            "cut at the grace"
+        );
+        trickle.abort();
+
+        // Fast enough, in three pieces and a pause: read whole.
+        let (tx, body) = channel_body();
+        let reading = tokio::spawn(read_paced(body, 1 << 20, PACE));
+        tx.send(Bytes::from(vec![b'a'; 6000])).unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tx.send(Bytes::from_static(b"b")).unwrap();
+        tx.send(Bytes::from_static(b"c")).unwrap();
+        drop(tx);
+        let whole = reading.await.unwrap().unwrap();
+        assert_eq!(whole.len(), 6002);
+        assert_eq!(&whole[5999..], b"abc");
+
+        // Steady above the minimum, but never ending: cut at the total.
+        let (tx, body) = channel_body();
+        let started = tokio::time::Instant::now();
+        let reading = tokio::spawn(read_paced(body, 1 << 20, PACE));
+        let feeding = tokio::spawn(async move {
+            while tx.send(Bytes::from(vec![b'x'; 2000])).is_ok() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let cut = reading.await.unwrap();
+        assert!(matches!(cut, Err(BodyReadError::TooSlow)), "{cut:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        feeding.abort();
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_or_failing_is_refused_as_such() {
+        let (tx, body) = channel_body();
+        tx.send(Bytes::from(vec![0; 600])).unwrap();
+        tx.send(Bytes::from(vec![0; 600])).unwrap();
+        let r = read_paced(body, 1000, PACE).await;
+        assert!(matches!(r, Err(BodyReadError::TooLarge)), "{r:?}");
+        let failing = StreamBody::new(futures_util::stream::iter(vec![Err::<Frame<Bytes>, _>(
+            BoxError::from("reset"),
+        )]));
+        let r = read_paced(failing, 1000, PACE).await;
+        assert!(matches!(r, Err(BodyReadError::Unreadable(_))), "{r:?}");
+        let (tx, body) = channel_body();
+        drop(tx);
+        assert!(read_paced(body, 1000, PACE).await.unwrap().is_empty());
     }
 
     #[tokio::test]

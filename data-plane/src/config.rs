@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keycap_proto::tls::{self, Identity, Trust};
 
@@ -112,10 +113,25 @@ pub struct ProxyConfig {
     pub header_read_timeout_secs: u64,
     /// Most agent connections served at once, across all serving threads;
     /// further connections wait (unread, in the listen backlog) until one
-    /// closes.
+    /// closes. Requests without a credential whose body is read before
+    /// the control plane sees them (the `/vault` relay) may hold a quarter.
     #[arg(long, env = "KEYCAP_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
+    /// How long a client has to send a whole request body, in seconds; a
+    /// slower one is refused (408) and nothing is forwarded.
+    #[arg(long, env = "KEYCAP_BODY_READ_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_secs: u64,
+    /// The slowest average a request body may arrive at once
+    /// --body-rate-grace-secs have passed, in bytes per second (0: no
+    /// minimum, only --body-read-timeout-secs).
+    #[arg(long, env = "KEYCAP_BODY_MIN_BYTES_PER_SEC", default_value_t = 1024)]
+    pub body_min_bytes_per_sec: u64,
+    /// Seconds a request body may take before --body-min-bytes-per-sec
+    /// applies.
+    #[arg(long, env = "KEYCAP_BODY_RATE_GRACE_SECS", default_value_t = 5)]
+    pub body_rate_grace_secs: u64,
 }
 
 fn parse_zone(s: &str) -> Result<String, String> {
@@ -198,6 +214,15 @@ impl ProxyConfig {
         Ok(())
     }
 
+    /// The pace every request body must keep.
+    pub fn body_pace(&self) -> crate::body::BodyPace {
+        crate::body::BodyPace {
+            total: Duration::from_secs(self.body_read_timeout_secs),
+            grace: Duration::from_secs(self.body_rate_grace_secs),
+            min_bytes_per_sec: self.body_min_bytes_per_sec,
+        }
+    }
+
     pub fn node_id(&self) -> String {
         self.node_id
             .clone()
@@ -233,6 +258,17 @@ mod tests {
         assert!(parse(&["--zone", "EU"]).is_err());
         assert!(parse(&["--trusted-proxies", "10.0.0.1/8"]).is_err());
         assert!(parse(&["--trusted-proxies", "lb.internal"]).is_err());
+    }
+
+    #[test]
+    fn request_bodies_have_a_pace_by_default_and_a_deadline_always() {
+        let pace = parse(&[]).unwrap().body_pace();
+        assert_eq!(pace.total, Duration::from_secs(30));
+        assert_eq!(pace.grace, Duration::from_secs(5));
+        assert_eq!(pace.min_bytes_per_sec, 1024);
+        let no_minimum = parse(&["--body-min-bytes-per-sec", "0"]).unwrap();
+        assert_eq!(no_minimum.body_pace().min_bytes_per_sec, 0);
+        assert!(parse(&["--body-read-timeout-secs", "0"]).is_err());
     }
 
     #[test]

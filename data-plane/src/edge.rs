@@ -14,8 +14,10 @@
 //! its first head (`header_read_timeout`); hyper bounds the later ones.
 //!
 //! It must never change an accepted byte: what passes is what hyper parses.
-//! HTTP/2 (prior knowledge) has no such framing ambiguity and is passed
-//! through unchecked after its preface.
+//! HTTP/2 (prior knowledge, or `h2` chosen by ALPN over TLS) has no such
+//! framing ambiguity and is passed through unchecked after its preface;
+//! its requests get the checks that still mean something there from
+//! `check_h2_head`, once the h2 library has decoded them.
 
 use std::future::Future;
 use std::io;
@@ -37,6 +39,13 @@ pub const MAX_HEADERS: usize = 100;
 const MAX_CHUNK_LINE: usize = 4096;
 
 const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
+
+/// Largest HTTP/2 header list the h2 library decodes (counted its way: 32
+/// bytes more per field); above it the library answers a bare 431 itself
+/// and resets the stream. Twice `MAX_HEAD_BYTES`, so a head that is too
+/// large by keycap's measure still reaches `check_h2_head` and is refused
+/// with the same JSON as on HTTP/1.1.
+pub const H2_MAX_HEADER_LIST: u32 = 2 * MAX_HEAD_BYTES as u32;
 
 /// Why a request head was refused: status, stable code and a message safe
 /// to show the client (it never echoes the head).
@@ -92,8 +101,10 @@ impl HeadRefusal {
         }
     }
 
-    /// The JSON error sent for this refusal; it closes the connection.
-    pub fn into_response(self) -> http::Response<crate::body::ProxyBody> {
+    /// The JSON error sent for this refusal. On HTTP/1 it closes the
+    /// connection; on HTTP/2 only the request's stream ends (HTTP/2 has no
+    /// `Connection` header, and its framing leaves nothing ambiguous).
+    pub fn into_response(self, version: http::Version) -> http::Response<crate::body::ProxyBody> {
         let body = serde_json::json!({"error": self.code(), "message": self.message()});
         let mut resp =
             http::Response::new(crate::body::bytes(bytes::Bytes::from(body.to_string())));
@@ -104,12 +115,48 @@ impl HeadRefusal {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        h.insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
+        if version < http::Version::HTTP_2 {
+            h.insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         resp
     }
+}
+
+/// The HTTP/1 head checks that still mean something for an HTTP/2 request,
+/// applied to the head the h2 library decoded. The library itself resets
+/// the stream (`PROTOCOL_ERROR`, no HTTP answer, nothing reaches keycap)
+/// for a connection-specific field (`Connection`, `Keep-Alive`,
+/// `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`), a `TE` other than
+/// `trailers`, a `Content-Length` that is not digits or differs from
+/// another one or from the DATA it frames, and a header list over
+/// `H2_MAX_HEADER_LIST`. Refused here: `Content-Length` more than once
+/// (even equal), more than `MAX_HEADERS` fields, and a head larger than
+/// `MAX_HEAD_BYTES` when written as HTTP/1.1 (`:authority` as `Host`).
+/// Where the request may go is judged with HTTP/1's targets, on `:path`.
+pub fn check_h2_head<B>(req: &http::Request<B>) -> Option<HeadRefusal> {
+    let headers = req.headers();
+    let line = req.method().as_str().len()
+        + 1
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + b" HTTP/1.1\r\n".len();
+    let host = req
+        .uri()
+        .authority()
+        .map_or(0, |a| b"host: \r\n".len() + a.as_str().len());
+    let fields: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + b": \r\n".len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || line + host + fields + 2 > MAX_HEAD_BYTES {
+        return Some(HeadRefusal::TooLarge);
+    }
+    if headers.get_all(http::header::CONTENT_LENGTH).iter().count() > 1 {
+        return Some(HeadRefusal::DuplicateLength);
+    }
+    None
 }
 
 /// A head hyper is given in place of a refused one, so that the refusal is
@@ -782,12 +829,68 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_json_with_connection_close() {
-        let r = HeadRefusal::LengthAndChunked.into_response();
+    fn refusals_are_json_closing_http1_connections_only() {
+        let r = HeadRefusal::LengthAndChunked.into_response(http::Version::HTTP_11);
         assert_eq!(r.status(), 400);
         assert_eq!(r.headers()["connection"], "close");
         assert_eq!(r.headers()["content-type"], "application/json");
-        assert_eq!(HeadRefusal::TooLarge.into_response().status(), 431);
+        let r = HeadRefusal::TooLarge.into_response(http::Version::HTTP_2);
+        assert_eq!(r.status(), 431);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert!(r.headers().get("connection").is_none());
+    }
+
+    fn h2_request(fields: &[(&str, String)]) -> http::Request<()> {
+        let mut req = http::Request::builder()
+            .version(http::Version::HTTP_2)
+            .method("POST")
+            .uri("https://proxy.example/stripe/v1/payment_intents");
+        for (n, v) in fields {
+            req = req.header(*n, v);
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn http2_heads_get_the_length_and_size_checks() {
+        let ok = h2_request(&[
+            ("content-length", "5".into()),
+            ("authorization", "Bearer k".into()),
+        ]);
+        assert_eq!(check_h2_head(&ok), None);
+        let twice = h2_request(&[
+            ("content-length", "5".into()),
+            ("content-length", "5".into()),
+        ]);
+        assert_eq!(check_h2_head(&twice), Some(HeadRefusal::DuplicateLength));
+
+        let many: Vec<(&str, String)> = (0..=MAX_HEADERS).map(|_| ("x-pad", "v".into())).collect();
+        assert_eq!(
+            check_h2_head(&h2_request(&many)),
+            Some(HeadRefusal::TooLarge)
+        );
+        let most: Vec<(&str, String)> = (0..MAX_HEADERS).map(|_| ("x-pad", "v".into())).collect();
+        assert_eq!(check_h2_head(&h2_request(&most)), None);
+
+        // Measured as the same head written as HTTP/1.1 would be.
+        let h1_head = |pad: usize| {
+            format!(
+                "POST /stripe/v1/payment_intents HTTP/1.1\r\nhost: proxy.example\r\nx-pad: {}\r\n\r\n",
+                "a".repeat(pad)
+            )
+        };
+        let fits = MAX_HEAD_BYTES - h1_head(0).len();
+        let mut f = RequestFraming::new();
+        assert_eq!(f.feed(h1_head(fits).as_bytes(), &mut Vec::new()), None);
+        let at_limit = h2_request(&[("x-pad", "a".repeat(fits))]);
+        assert_eq!(check_h2_head(&at_limit), None);
+        let mut f = RequestFraming::new();
+        assert_eq!(
+            f.feed(h1_head(fits + 1).as_bytes(), &mut Vec::new()),
+            Some(HeadRefusal::TooLarge)
+        );
+        let over = h2_request(&[("x-pad", "a".repeat(fits + 1))]);
+        assert_eq!(check_h2_head(&over), Some(HeadRefusal::TooLarge));
     }
 
     #[test]

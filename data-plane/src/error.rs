@@ -44,6 +44,10 @@ pub enum Refusal {
     BodyTooLarge(usize),
     #[error("the request body could not be read (connection closed or bad chunked encoding)")]
     BodyUnreadable,
+    #[error("the request body arrived too slowly; nothing was forwarded")]
+    BodyTimeout,
+    #[error("too many requests without a credential are being read right now; retry shortly")]
+    UnauthenticatedBusy,
     #[error("{message}")]
     Unpriceable { code: &'static str, message: String },
     #[error("this call would cost {cost} USD, above the key's per-call cap of {cap} USD")]
@@ -90,6 +94,8 @@ impl Refusal {
             Refusal::RateLimited(_) => "rate_limited",
             Refusal::BodyTooLarge(_) => "body_too_large",
             Refusal::BodyUnreadable => "invalid_request_body",
+            Refusal::BodyTimeout => "request_body_timeout",
+            Refusal::UnauthenticatedBusy => "unauthenticated_busy",
             Refusal::Unpriceable { code, .. } => code,
             Refusal::PerCallCapExceeded { .. } => "per_call_cap_exceeded",
             Refusal::DailyCapExceeded { .. } => "daily_cap_exceeded",
@@ -122,6 +128,8 @@ impl Refusal {
             | Refusal::PerCallCapExceeded { .. }
             | Refusal::LifetimeCapExceeded { .. } => StatusCode::FORBIDDEN,
             Refusal::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::UnauthenticatedBusy => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::DailyCapExceeded { .. } | Refusal::RateLimited(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -167,9 +175,10 @@ impl Refusal {
                 body["retry_after_seconds"] = json!(status.reset_secs());
                 retry_after = Some(status.reset_secs() as i64);
             }
-            Refusal::BudgetUnavailable | Refusal::PolicyUnavailable | Refusal::SpendNotRecorded => {
-                retry_after = Some(1)
-            }
+            Refusal::BudgetUnavailable
+            | Refusal::PolicyUnavailable
+            | Refusal::SpendNotRecorded
+            | Refusal::UnauthenticatedBusy => retry_after = Some(1),
             _ => {}
         }
         let mut resp = Response::new(crate::body::full(Full::new(Bytes::from(

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod body;
 pub mod budget;
 pub mod check;
@@ -38,9 +39,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -50,6 +51,11 @@ use crate::pricing::{load_table, Catalog, TokenPrices, TwilioPrices};
 /// After shutdown is asked for: how long calls in flight get to finish, and
 /// then how long undelivered spend events get to reach the control plane.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Requests one HTTP/2 connection may have open at once. Each can hold a
+/// head and a body in memory, so this bounds what one connection (one
+/// `--max-connections` slot) holds; agents rarely run more in parallel.
+const H2_MAX_STREAMS: u32 = 100;
 
 /// Starts a proxy on `listener` and serves until `shutdown` resolves, then
 /// stops accepting, lets calls in flight finish (up to a grace period) and
@@ -155,6 +161,7 @@ pub async fn run(
             },
         ));
     }
+    let unauthenticated = admission::UnauthenticatedShare::of(config.max_connections);
     let proxies = (0..threads)
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
@@ -168,6 +175,8 @@ pub async fn run(
                 control: control.clone(),
                 node_id: node_id.clone(),
                 max_body_bytes: config.max_body_bytes,
+                body_pace: config.body_pace(),
+                unauthenticated: unauthenticated.clone(),
                 max_response_bytes: config.max_response_bytes,
                 upstream_timeout: Duration::from_secs(config.upstream_timeout_secs),
                 idempotency: idempotency.clone(),
@@ -259,7 +268,14 @@ async fn serve(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(edge::MAX_HEAD_BYTES);
-    let graceful = GracefulShutdown::new();
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(edge::H2_MAX_HEADER_LIST)
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    // Every connection's task holds a sender: once all are gone (and ours
+    // is dropped), `recv` answers None.
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     loop {
         let slot = tokio::select! {
             slot = limits.slots.clone().acquire_owned() => slot?,
@@ -281,10 +297,11 @@ async fn serve(
             proxy: proxy.clone(),
             peer,
             builder: builder.clone(),
-            watcher: graceful.watcher(),
+            stop: stop.clone(),
             header_read_timeout: limits.header_read_timeout,
         };
         let tls = tls.clone();
+        let open = open_tx.clone();
         tokio::spawn(async move {
             match tls {
                 None => conn.serve(stream).await,
@@ -294,11 +311,11 @@ async fn serve(
                     }
                 }
             }
-            drop(slot);
+            drop((slot, open));
         });
     }
-    drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    drop((listener, open_tx));
+    if tokio::time::timeout(SHUTDOWN_GRACE, open_rx.recv())
         .await
         .is_err()
     {
@@ -313,32 +330,72 @@ struct Conn {
     proxy: Arc<proxy::Proxy>,
     peer: std::net::SocketAddr,
     builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    stop: watch::Receiver<bool>,
     header_read_timeout: Duration,
 }
 
 impl Conn {
-    /// Serves requests whose heads `edge` checked first, until the
-    /// connection ends.
+    /// Serves requests whose heads were checked first (HTTP/1 by `edge`
+    /// before hyper parses them, HTTP/2 once decoded), until the
+    /// connection ends. It is shut down gracefully (HTTP/2: GOAWAY, and
+    /// open streams finish) when the proxy stops or when it has had no
+    /// request in flight for the header read timeout; if it then stays
+    /// open that long again with nothing in flight (an HTTP/2 client that
+    /// never answers the shutdown's PING), it is dropped.
     async fn serve<S>(self, io: S)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (io, edge) = edge::CheckedConn::new(io, self.header_read_timeout);
         let (proxy, peer) = (self.proxy, self.peer);
-        let svc = service_fn(move |req| {
-            let refusal = edge.refusal_for_next();
+        let activity = admission::Activity::new();
+        let requests = activity.clone();
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let in_flight = requests.begin();
+            let version = req.version();
+            let refusal = if version == http::Version::HTTP_2 {
+                edge::check_h2_head(&req)
+            } else {
+                edge.refusal_for_next()
+            };
             let proxy = proxy.clone();
             async move {
-                match refusal {
-                    Some(r) => Ok(r.into_response()),
-                    None => proxy.handle(req, peer).await,
-                }
+                let resp = match refusal {
+                    Some(r) => r.into_response(version),
+                    None => proxy.handle(req, peer).await?,
+                };
+                Ok::<_, std::convert::Infallible>(
+                    resp.map(|b| admission::InFlightBody::new(b, in_flight).boxed_unsync()),
+                )
             }
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), svc);
-        if let Err(e) = self.watcher.watch(conn.into_owned()).await {
-            tracing::debug!(error = %e, "connection ended with an error");
+        let mut conn = std::pin::pin!(conn);
+        let idle = activity.idle_for(self.header_read_timeout);
+        let mut idle = std::pin::pin!(idle);
+        let mut stop = self.stop;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                ended = conn.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|stopping| *stopping), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = &mut idle => {
+                    if closing {
+                        return;
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                    idle.set(activity.idle_for(self.header_read_timeout));
+                }
+            }
         }
     }
 }

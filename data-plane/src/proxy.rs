@@ -28,7 +28,8 @@ use keycap_proto::network::{self, IpNet};
 use keycap_proto::{pb, Micros};
 use serde_json::Value;
 
-use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
+use crate::admission::UnauthenticatedShare;
+use crate::body::{self, BodyReadError, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::client_addr;
 use crate::error::Refusal;
@@ -92,6 +93,12 @@ pub struct Proxy {
     pub control: Replicas<Replica>,
     pub node_id: String,
     pub max_body_bytes: usize,
+    /// How fast a request body must arrive (`--body-read-timeout-secs` and
+    /// the minimum rate).
+    pub body_pace: body::BodyPace,
+    /// The connections requests without a credential may hold while the
+    /// `/vault` relay reads their bodies.
+    pub unauthenticated: UnauthenticatedShare,
     pub max_response_bytes: usize,
     pub upstream_timeout: Duration,
     /// Idempotency keys this proxy has forwarded, shared by its threads.
@@ -165,12 +172,25 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let now = Utc::now();
+        let version = req.version();
+        if let Err(refusal) = origin_form(&req) {
+            self.metrics.request(refusal.code());
+            return Ok(refusal.into_response(now));
+        }
         let path = req.uri().path();
         if path == "/vault" || path.starts_with("/vault/") {
-            return Ok(self
-                .relay_admin(req)
-                .await
-                .unwrap_or_else(|r| r.into_response(now)));
+            // The control plane checks the token only once it has the
+            // whole request, so the body is read first: a request without
+            // even the shape of a credential may hold only its share of
+            // the connections meanwhile.
+            let _share = match self.unauthenticated.admit(req.headers()) {
+                Ok(permit) => permit,
+                Err(_) => return Ok(closing_after(Refusal::UnauthenticatedBusy, version, now)),
+            };
+            return Ok(match self.relay_admin(req).await {
+                Ok(resp) => resp,
+                Err(refusal) => closing_after(refusal, version, now),
+            });
         }
         if path == "/healthz" {
             let status = match (self.policy.is_ready(), *self.previous_run_settled.borrow()) {
@@ -191,7 +211,7 @@ impl Proxy {
             }
             Err(refusal) => {
                 self.metrics.request(refusal.code());
-                refusal.into_response(now)
+                closing_after(refusal, version, now)
             }
         })
     }
@@ -208,11 +228,6 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            return Err(Refusal::InvalidTarget(
-                "absolute-form request targets are not accepted".into(),
-            ));
-        }
         let target =
             target::normalize(raw_target).map_err(|e| Refusal::InvalidTarget(e.to_string()))?;
         if !self.policy.is_ready() {
@@ -483,16 +498,16 @@ impl Proxy {
         Ok(looked)
     }
 
-    /// The whole request body, at most `max_body_bytes` of it. Only a body
-    /// over the limit is "too large"; one cut short or badly chunked is the
-    /// client's malformed request.
+    /// The whole request body, at most `max_body_bytes` of it, arriving at
+    /// `body_pace`. Only a body over the limit is "too large"; one cut
+    /// short or badly chunked is the client's malformed request; one too
+    /// slow is cut off, and whatever it sent is dropped.
     async fn read_body(&self, incoming: Incoming) -> Result<Bytes, Refusal> {
-        match Limited::new(incoming, self.max_body_bytes).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(Refusal::BodyTooLarge(self.max_body_bytes))
-            }
-            Err(e) => {
+        match body::read_paced(incoming, self.max_body_bytes, self.body_pace).await {
+            Ok(bytes) => Ok(bytes),
+            Err(BodyReadError::TooLarge) => Err(Refusal::BodyTooLarge(self.max_body_bytes)),
+            Err(BodyReadError::TooSlow) => Err(Refusal::BodyTimeout),
+            Err(BodyReadError::Unreadable(e)) => {
                 tracing::debug!(error = %e, "request body unreadable");
                 Err(Refusal::BodyUnreadable)
             }
@@ -574,6 +589,48 @@ enum RelayFailure {
     /// No connection to the replica: the call was never sent.
     NotConnected,
     Refused(Refusal),
+}
+
+/// Checks that a request's target is in origin form (`/path?query`), the
+/// only form a call may take. HTTP/1.1's absolute and authority forms are
+/// refused. An HTTP/2 request always names `:scheme` and `:authority`
+/// beside `:path`, and hyper puts them in its URI: that is origin form,
+/// since only `:path` is ever read (the vendor's base URL alone decides
+/// where a call goes, as it does whatever `Host` says), but a `CONNECT`
+/// without `:path`, or an authority with userinfo (RFC 9113 forbids it),
+/// is refused like its HTTP/1.1 form.
+fn origin_form<B>(req: &Request<B>) -> Result<(), Refusal> {
+    let uri = req.uri();
+    let refused = match req.version() {
+        http::Version::HTTP_2 => {
+            uri.path_and_query().is_none()
+                || uri.authority().is_some_and(|a| a.as_str().contains('@'))
+        }
+        _ => uri.scheme().is_some() || uri.authority().is_some(),
+    };
+    if refused {
+        return Err(Refusal::InvalidTarget(
+            "absolute-form and authority-form request targets are not accepted".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The response for `refusal`. A refusal that leaves the request body
+/// unread (too slow, or never read) ends an HTTP/1 connection: the rest of
+/// the body is not waited for.
+fn closing_after(
+    refusal: Refusal,
+    version: http::Version,
+    now: DateTime<Utc>,
+) -> Response<ProxyBody> {
+    let unread = matches!(refusal, Refusal::BodyTimeout | Refusal::UnauthenticatedBusy);
+    let mut resp = refusal.into_response(now);
+    if unread && version < http::Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// A digest of what makes two requests the same call: method, path, query,

@@ -322,9 +322,26 @@ fn http_client() -> reqwest::Client {
     http_client_trusting(None)
 }
 
+/// Which HTTP version a test client speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/1.1 only, the tests' default.
+    Http1,
+    /// HTTP/2: with prior knowledge for `http://`; for `https://`, as an
+    /// ordinary client does it, offering `h2` and `http/1.1` by ALPN and
+    /// speaking whichever the server picks.
+    Http2,
+}
+
 /// A client that trusts only the CA in the PEM file `ca` (if given) for
-/// `https://` URLs.
+/// `https://` URLs, speaking HTTP/1.1.
 fn http_client_trusting(ca: Option<&Path>) -> reqwest::Client {
+    http_client_with(ca, HttpVersion::Http1, false)
+}
+
+/// A client that trusts only `ca` (if given) and speaks `version`;
+/// `https` says whether it is for an `https://` base URL.
+fn http_client_with(ca: Option<&Path>, version: HttpVersion, https: bool) -> reqwest::Client {
     let mut builder = reqwest::Client::builder();
     if let Some(ca) = ca {
         let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("read {}: {e}", ca.display()));
@@ -332,6 +349,11 @@ fn http_client_trusting(ca: Option<&Path>) -> reqwest::Client {
             reqwest::Certificate::from_pem(&pem).expect("CA certificate PEM"),
         );
     }
+    builder = match (version, https) {
+        (HttpVersion::Http1, _) => builder.http1_only(),
+        (HttpVersion::Http2, false) => builder.http2_prior_knowledge(),
+        (HttpVersion::Http2, true) => builder,
+    };
     builder
         .no_proxy()
         .timeout(Duration::from_secs(30))
@@ -980,6 +1002,8 @@ pub async fn keycap_cli(control_url: &str, admin_token: &str, args: &[&str]) -> 
 #[derive(Debug)]
 pub struct Resp {
     pub status: u16,
+    /// The HTTP version the response came in.
+    pub version: reqwest::Version,
     pub headers: reqwest::header::HeaderMap,
     pub text: String,
 }
@@ -1047,6 +1071,9 @@ pub struct Api {
     http: reqwest::Client,
     base: String,
     authorization: Option<String>,
+    /// The CA trusted for `https://` (`trusting`), kept to build another
+    /// client for the same base.
+    ca: Option<PathBuf>,
 }
 
 impl Api {
@@ -1056,6 +1083,7 @@ impl Api {
             http: http_client(),
             base: base.trim_end_matches('/').to_string(),
             authorization: token.map(|t| format!("Bearer {t}")),
+            ca: None,
         }
     }
 
@@ -1064,16 +1092,29 @@ impl Api {
     pub fn trusting(self, ca: &Path) -> Api {
         Api {
             http: http_client_trusting(Some(ca)),
+            ca: Some(ca.to_path_buf()),
             ..self
+        }
+    }
+
+    /// The same API through a client of its own speaking `version` (see
+    /// `HttpVersion`); each `Resp` says which version answered.
+    pub fn speaking(&self, version: HttpVersion) -> Api {
+        Api {
+            http: http_client_with(
+                self.ca.as_deref(),
+                version,
+                self.base.starts_with("https://"),
+            ),
+            ..self.clone()
         }
     }
 
     /// The same client with another raw `Authorization` value (or none).
     pub fn with_authorization(&self, value: Option<&str>) -> Api {
         Api {
-            http: self.http.clone(),
-            base: self.base.clone(),
             authorization: value.map(str::to_string),
+            ..self.clone()
         }
     }
 
@@ -1119,6 +1160,7 @@ impl Api {
         }
         let resp = req.send().await.map_err(|e| format!("no response: {e}"))?;
         let status = resp.status().as_u16();
+        let version = resp.version();
         let headers = resp.headers().clone();
         let text = resp
             .text()
@@ -1126,6 +1168,7 @@ impl Api {
             .map_err(|e| format!("body unreadable: {e}"))?;
         Ok(Resp {
             status,
+            version,
             headers,
             text,
         })
@@ -1437,6 +1480,31 @@ impl Stack {
     pub async fn mint(&self, body: &Value) -> MintedKey {
         let key = self.create_key(body).await;
         assert_all_confirmed(&key.body);
+        key
+    }
+
+    /// Mints a key through the proxy's `/vault` relay speaking `version`
+    /// (asserting the answer came in it), and waits until the proxy
+    /// accepts the key.
+    pub async fn mint_via_proxy(&self, version: HttpVersion, body: &Value) -> MintedKey {
+        let r = self
+            .admin_via_proxy()
+            .speaking(version)
+            .post_json("/vault/keys", body)
+            .await;
+        let expected = match version {
+            HttpVersion::Http1 => reqwest::Version::HTTP_11,
+            HttpVersion::Http2 => reqwest::Version::HTTP_2,
+        };
+        assert_eq!(r.version, expected, "minted over {:?}", r.version);
+        let created = r.expect(201);
+        let key = MintedKey {
+            id: created["id"].as_str().expect("key id").to_string(),
+            secret: created["key"].as_str().expect("key secret").to_string(),
+            body: created,
+        };
+        let vendor = body["vendor"].as_str().expect("vendor in key body");
+        self.wait_key_live(vendor, &key.secret).await;
         key
     }
 

@@ -158,6 +158,9 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         upstream_ca: None,
         header_read_timeout_secs: 10,
         max_connections: 4096,
+        body_read_timeout_secs: 30,
+        body_min_bytes_per_sec: 1024,
+        body_rate_grace_secs: 5,
         spool_dir: Some(dir.join("proxy-spool")),
     };
     let proxy_task = tokio::spawn(keycap_proxy::run(

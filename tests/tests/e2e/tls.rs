@@ -9,8 +9,8 @@ use std::path::Path;
 use keycap_proto::pb::{self, fleet_service_client::FleetServiceClient};
 use keycap_proto::tls::{client_config, Identity, Trust};
 use keycap_tests::harness::{
-    keycap_cli, wait_until, within, Control, ControlOpts, ControlTls, Proxy, ProxyOpts, Readiness,
-    Stack, POLICY_TIMEOUT,
+    keycap_cli, wait_until, within, Control, ControlOpts, ControlTls, HttpVersion, Proxy,
+    ProxyOpts, Readiness, Stack, POLICY_TIMEOUT,
 };
 use keycap_tests::mock::MockVendor;
 use keycap_tests::pki::TestCa;
@@ -89,6 +89,55 @@ async fn agents_call_the_proxy_over_https_and_plain_http_is_refused() {
         .await
         .expect(200);
     assert!(vendors.to_string().contains("stripe"), "{vendors}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_negotiating_http2_by_alpn_are_served_with_the_same_checks() {
+    let ca = TestCa::new("proxy-listener-h2");
+    let opts = ProxyOpts::new("https-h2-proxy").serve_tls(&ca.server("proxy"), &ca.ca_pem());
+    let stack = Stack::start_with_proxy(ControlOpts::sqlite(), opts).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+
+    // An ordinary TLS client offers h2 and http/1.1; the proxy picks h2.
+    // The key is minted through the proxy's /vault relay on it.
+    let key = stack
+        .mint_via_proxy(
+            HttpVersion::Http2,
+            &stripe_key_body(json!(5), &["POST /v1/payment_intents"], "tls/h2"),
+        )
+        .await;
+    let (id, secret) = (key.id, key.secret);
+
+    let agent = stack.agent(&secret).speaking(HttpVersion::Http2);
+    let r = agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=350&currency=usd&confirm=true",
+        )
+        .await;
+    assert_eq!(r.version, reqwest::Version::HTTP_2);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_resp_lacks(&r, STRIPE_CREDENTIAL);
+    assert_mock_never_saw(&mock, &secret);
+    assert_eq!(mock.forwarded_stripe_amount(), 350);
+    stack.wait_key_spend(&id, 3_500_000, 1).await;
+    let entry = stack.wait_audit(&format!("key_id={id}"), 1).await.remove(0);
+    assert_eq!(entry["cost_micros"], 3_500_000, "{entry}");
+
+    // Refused as over HTTP/1.1: the cap, and a target leaving the vendor.
+    for api in [agent.clone(), stack.agent(&secret)] {
+        let over = api
+            .post_form(
+                "/stripe/v1/payment_intents",
+                "amount=350&currency=usd&confirm=true",
+            )
+            .await;
+        over.expect_error(429, "daily_cap_exceeded");
+        let escape = api.get("/stripe/v1/customers/x%2f..%2fy").await;
+        escape.expect_error(400, "invalid_target");
+    }
+    assert_eq!(mock.calls().len(), 1, "{:?}", mock.calls());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
