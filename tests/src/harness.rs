@@ -1503,8 +1503,7 @@ impl Stack {
             secret: created["key"].as_str().expect("key secret").to_string(),
             body: created,
         };
-        let vendor = body["vendor"].as_str().expect("vendor in key body");
-        self.wait_key_live(vendor, &key.secret).await;
+        assert_all_confirmed(&key.body);
         key
     }
 
