@@ -25,19 +25,21 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use keycap_proto::network::{self, IpNet};
+use keycap_proto::profile::Profile;
 use keycap_proto::{pb, Micros};
 use serde_json::Value;
 
 use crate::body::{self, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::client_addr;
+use crate::envelope::{self, Envelope};
 use crate::error::Refusal;
 use crate::fleet::{Replica, Replicas};
 use crate::idempotency::{Begin, Guard, IdempotencyMemory};
 use crate::metrics::Metrics;
 use crate::policy::{KeyPolicy, KeyStanding, PolicyCache, VendorPolicy};
 use crate::pricing::{
-    Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
+    self, Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
     StreamSettler,
 };
 use crate::ratelimit::{RateLimiter, RateStatus};
@@ -160,10 +162,11 @@ impl Proxy {
         let now = Utc::now();
         let path = req.uri().path();
         if path == "/vault" || path.starts_with("/vault/") {
+            // keycap's own API: its flat body, like the control plane's.
             return Ok(self
                 .relay_admin(req)
                 .await
-                .unwrap_or_else(|r| r.into_response(now)));
+                .unwrap_or_else(|r| r.into_response(now, envelope::flat)));
         }
         if path == "/healthz" {
             let ready = self.policy.is_ready();
@@ -177,24 +180,34 @@ impl Proxy {
             }
             return Ok(resp);
         }
-        Ok(match self.clone().call_vendor(req, now, peer.ip()).await {
-            Ok(resp) => {
-                self.metrics.request("forwarded");
-                resp
-            }
-            Err(refusal) => {
-                self.metrics.request(refusal.code());
-                refusal.into_response(now)
-            }
-        })
+        let mut envelope: Envelope = envelope::before_authentication;
+        Ok(
+            match self
+                .clone()
+                .call_vendor(req, now, peer.ip(), &mut envelope)
+                .await
+            {
+                Ok(resp) => {
+                    self.metrics.request("forwarded");
+                    resp
+                }
+                Err(refusal) => {
+                    self.metrics.request(refusal.code());
+                    refusal.into_response(now, envelope)
+                }
+            },
+        )
     }
 
-    /// Steps 1-4 of the request path, then `forward`.
+    /// Steps 1-4 of the request path, then `forward`. Sets `envelope` to
+    /// the key's vendor's once the key is known: a refusal before that is
+    /// worded the same whatever vendor the path names.
     async fn call_vendor(
         self: Arc<Self>,
         req: Request<Incoming>,
         now: DateTime<Utc>,
         peer: IpAddr,
+        envelope: &mut Envelope,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let raw_target = req
             .uri()
@@ -220,6 +233,13 @@ impl Proxy {
             KeyStanding::Unknown => return Err(Refusal::InvalidKey),
             KeyStanding::Revoked(k) | KeyStanding::Expired(k) | KeyStanding::Active(k) => k.clone(),
         };
+        if let Some(profile) = policy
+            .vendors
+            .get(&key.vendor)
+            .and_then(|v| Profile::parse(&v.profile))
+        {
+            *envelope = pricing::envelope_for(profile);
+        }
         let vendor = policy
             .vendors
             .get(&target.vendor)
