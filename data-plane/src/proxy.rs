@@ -327,6 +327,7 @@ impl Proxy {
             headers.remove(header::ACCEPT_ENCODING);
         }
         let mut idempotency = None;
+        let mut rides_on = None;
         if quote.kind != QuoteKind::Free {
             if let Some(k) = vendor.pricing.idempotency_key(&headers) {
                 // The vendor replays only the same request under the same
@@ -338,11 +339,14 @@ impl Proxy {
                 {
                     Begin::New(guard) => idempotency = Some(guard),
                     Begin::InFlight => return Err(Refusal::IdempotentRequestInFlight),
-                    Begin::Counted => {
-                        // The vendor answers a repeat with the first
-                        // request's saved response and charges nothing.
+                    Begin::Counted(original) => {
+                        // The first request was counted: the vendor
+                        // answers a repeat with its saved response, or (if
+                        // the first never reached it) executes this one
+                        // instead. Either way the charge is already counted.
                         quote.reserve = Micros::ZERO;
                         quote.detail["idempotent_retry"] = true.into();
+                        rides_on = Some(original);
                     }
                 }
             }
@@ -380,6 +384,7 @@ impl Proxy {
             reservation: Some(reservation),
             event_id: self.spend.next_event_id(),
             idempotency,
+            rides_on,
             rule,
             quoted,
             at: now,
@@ -621,6 +626,9 @@ struct Call {
     /// Set when the request carried an idempotency key seen for the first
     /// time: told how the call ended.
     idempotency: Option<Guard>,
+    /// Set for a retry of a call already counted: what the original
+    /// counted, which this call's cost is counted beyond.
+    rides_on: Option<Micros>,
     /// The reservation rule the call was priced by, and what the rule
     /// quoted before any tightening.
     rule: String,
@@ -734,10 +742,20 @@ impl Call {
     }
 
     /// Resolves the reservation and reports the spend event. Runs once.
-    fn settle(&mut self, status: u16, s: Settlement) {
+    fn settle(&mut self, status: u16, mut s: Settlement) {
         let Some(r) = self.reservation.take() else {
             return;
         };
+        if let Some(original) = self.rides_on {
+            // Whether the vendor replayed the original or executed this
+            // retry in its place, it charged for one call, already counted.
+            s.cost = s.cost.saturating_sub(original).max(Micros::ZERO);
+            if s.cost <= r.amount {
+                if let Value::Object(d) = &mut s.detail {
+                    d.remove("exceeded_reservation");
+                }
+            }
+        }
         let lease_id = r.lease_id.clone();
         let day = r.day.clone();
         let reserved = r.amount;
@@ -758,9 +776,10 @@ impl Call {
             );
         }
         if let Some(guard) = self.idempotency.take() {
-            // Only a call that certainly spent is replayed by the vendor; one
-            // whose fate is unknown is priced again if retried.
-            guard.done(s.outcome == Outcome::Settled && s.cost > Micros::ZERO);
+            // A call counted at its reservation (its outcome unknown) may
+            // have been charged: its retry rides on that count too.
+            let counted = s.outcome != Outcome::Released && s.cost > Micros::ZERO;
+            guard.done(counted.then_some(s.cost));
         }
         self.proxy.metrics.settled(&self.vendor.name, s.cost.0);
         let event = self.event_for(status, s, lease_id, day, reserved);
