@@ -101,15 +101,25 @@ impl HeadRefusal {
         }
     }
 
-    /// The JSON error sent for this refusal. On HTTP/1 it closes the
+    /// The JSON error sent for this refusal. No key has been read yet, so
+    /// it is worded in the pre-authentication envelope
+    /// (`envelope::before_authentication`). On HTTP/1 it closes the
     /// connection; on HTTP/2 only the request's stream ends (HTTP/2 has no
     /// `Connection` header, and its framing leaves nothing ambiguous).
     pub fn into_response(self, version: http::Version) -> http::Response<crate::body::ProxyBody> {
-        let body = serde_json::json!({"error": self.code(), "message": self.message()});
-        let mut resp =
-            http::Response::new(crate::body::bytes(bytes::Bytes::from(body.to_string())));
-        *resp.status_mut() =
+        let status =
             http::StatusCode::from_u16(self.status()).unwrap_or(http::StatusCode::BAD_REQUEST);
+        let wire = crate::envelope::before_authentication(&crate::envelope::Refused {
+            status,
+            code: self.code(),
+            message: self.message(),
+            fields: &serde_json::Map::new(),
+            retry_is_futile: false,
+        });
+        let mut resp = http::Response::new(crate::body::bytes(bytes::Bytes::from(
+            wire.body.to_string(),
+        )));
+        *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(
             http::header::CONTENT_TYPE,

@@ -1,8 +1,11 @@
-//! The proxy's refusals, as JSON bodies with stable codes.
+//! The proxy's refusals: stable codes, statuses, client-safe messages and
+//! keycap's own fields, and the headers keycap sends with them.
 //!
 //! Every refusal says whose fault it is (the agent's request, the key's
 //! policy, or an upstream/keycap failure) through its status, and carries a
-//! client-safe message. A refusal never echoes the vault key, the real
+//! client-safe message. How the body is worded (the envelope: a vendor's
+//! error format, or keycap's flat one) is chosen by the caller, see
+//! `envelope`. A refusal never echoes the vault key, the real
 //! credential, an internal address or an internal error; internal causes are
 //! logged where they happen.
 
@@ -11,9 +14,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use keycap_proto::Micros;
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
 use crate::body::ProxyBody;
+use crate::envelope::{Envelope, Refused};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Refusal {
@@ -144,45 +148,78 @@ impl Refusal {
         }
     }
 
-    pub fn into_response(self, now: DateTime<Utc>) -> Response<ProxyBody> {
-        let mut body = json!({"error": self.code(), "message": self.to_string()});
-        let mut retry_after = None;
-        match &self {
+    /// keycap's own fields of this refusal, beside its code and message:
+    /// what a client needs to act on it (`cap_usd`, `remaining_usd`,
+    /// `resets_at`, ...). Every envelope carries them at a documented path.
+    pub fn fields(&self) -> Map<String, Value> {
+        let usd = |m: &Micros| serde_json::to_value(m.to_json_usd()).unwrap_or_default();
+        let mut f = Map::new();
+        match self {
             Refusal::DailyCapExceeded {
                 cap,
                 remaining,
                 resets_at,
             } => {
-                body["cap_usd"] = serde_json::to_value(cap.to_json_usd()).unwrap_or_default();
-                body["remaining_usd"] =
-                    serde_json::to_value(remaining.to_json_usd()).unwrap_or_default();
-                body["resets_at"] = json!(resets_at.to_rfc3339_opts(SecondsFormat::Secs, true));
-                let secs = (*resets_at - now).num_seconds().max(1);
-                retry_after = Some(secs);
+                f.insert("cap_usd".into(), usd(cap));
+                f.insert("remaining_usd".into(), usd(remaining));
+                f.insert(
+                    "resets_at".into(),
+                    json!(resets_at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+                );
             }
             Refusal::LifetimeCapExceeded { cap, remaining } => {
-                body["cap_usd"] = serde_json::to_value(cap.to_json_usd()).unwrap_or_default();
-                body["remaining_usd"] =
-                    serde_json::to_value(remaining.to_json_usd()).unwrap_or_default();
+                f.insert("cap_usd".into(), usd(cap));
+                f.insert("remaining_usd".into(), usd(remaining));
             }
             Refusal::PerCallCapExceeded { cost, cap } => {
-                body["cost_usd"] = serde_json::to_value(cost.to_json_usd()).unwrap_or_default();
-                body["per_call_cap_usd"] =
-                    serde_json::to_value(cap.to_json_usd()).unwrap_or_default();
+                f.insert("cost_usd".into(), usd(cost));
+                f.insert("per_call_cap_usd".into(), usd(cap));
             }
             Refusal::RateLimited(status) => {
-                body["limit_per_minute"] = json!(status.limit);
-                body["retry_after_seconds"] = json!(status.reset_secs());
-                retry_after = Some(status.reset_secs() as i64);
+                f.insert("limit_per_minute".into(), json!(status.limit));
+                f.insert("retry_after_seconds".into(), json!(status.reset_secs()));
             }
+            _ => {}
+        }
+        f
+    }
+
+    /// Whether a retry is bound to be refused the same way: a spent cap
+    /// does not come back before its reset (a lifetime cap: ever).
+    pub fn retry_is_futile(&self) -> bool {
+        matches!(
+            self,
+            Refusal::DailyCapExceeded { .. } | Refusal::LifetimeCapExceeded { .. }
+        )
+    }
+
+    /// The refusal as an HTTP response, its body in `envelope` (see
+    /// `envelope`: the key's vendor's, or the one answered before a key is
+    /// known). The headers are keycap's whatever the envelope, plus the
+    /// ones the envelope adds for its vendor's SDK.
+    pub fn into_response(self, now: DateTime<Utc>, envelope: Envelope) -> Response<ProxyBody> {
+        let message = self.to_string();
+        let fields = self.fields();
+        let wire = envelope(&Refused {
+            status: self.status(),
+            code: self.code(),
+            message: &message,
+            fields: &fields,
+            retry_is_futile: self.retry_is_futile(),
+        });
+        let retry_after = match &self {
+            Refusal::DailyCapExceeded { resets_at, .. } => {
+                Some((*resets_at - now).num_seconds().max(1))
+            }
+            Refusal::RateLimited(status) => Some(status.reset_secs() as i64),
             Refusal::BudgetUnavailable
             | Refusal::PolicyUnavailable
             | Refusal::SpendNotRecorded
-            | Refusal::UnauthenticatedBusy => retry_after = Some(1),
-            _ => {}
-        }
+            | Refusal::UnauthenticatedBusy => Some(1),
+            _ => None,
+        };
         let mut resp = Response::new(crate::body::full(Full::new(Bytes::from(
-            serde_json::to_vec(&body).unwrap_or_default(),
+            serde_json::to_vec(&wire.body).unwrap_or_default(),
         ))));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
@@ -196,14 +233,106 @@ impl Refusal {
         if let Refusal::RateLimited(status) = &self {
             status.insert_headers(h);
         }
-        if matches!(
-            self,
-            Refusal::DailyCapExceeded { .. } | Refusal::LifetimeCapExceeded { .. }
-        ) {
-            // Tells generic HTTP clients (and Stripe's) not to retry before
-            // the reset named in the body (for a lifetime cap: ever).
+        if self.status() == StatusCode::UNAUTHORIZED {
+            h.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"keycap\""),
+            );
+        }
+        if self.retry_is_futile() {
+            // The Stainless SDKs (OpenAI's, Anthropic's) and generic HTTP
+            // clients read this; Stripe's SDK reads its own header, which
+            // the Stripe envelope adds.
             h.insert("x-should-retry", HeaderValue::from_static("false"));
         }
+        for (name, value) in wire.headers {
+            h.insert(name, value);
+        }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope;
+    use http_body_util::BodyExt;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-23T23:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    async fn answer(r: Refusal, e: Envelope) -> (Response<()>, Value) {
+        let (parts, body) = r.into_response(now(), e).into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (
+            Response::from_parts(parts, ()),
+            serde_json::from_slice(&bytes).unwrap(),
+        )
+    }
+
+    fn cap() -> Refusal {
+        Refusal::DailyCapExceeded {
+            cap: Micros(30_000_000),
+            remaining: Micros(5_000_000),
+            resets_at: now() + chrono::Duration::hours(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cap_refusal_says_when_to_come_back_and_not_to_retry_before() {
+        let (resp, body) = answer(cap(), envelope::flat).await;
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "3600");
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        assert_eq!(
+            body,
+            json!({"error": "daily_cap_exceeded", "message": cap().to_string(),
+                   "cap_usd": 30.0, "remaining_usd": 5.0, "resets_at": "2026-11-24T00:00:00Z"})
+        );
+        // Stripe's SDK reads its own header, which its envelope adds.
+        assert!(resp.headers().get("stripe-should-retry").is_none());
+        let stripe = crate::pricing::envelope_for(keycap_proto::profile::Profile::Stripe);
+        let (resp, body) = answer(cap(), stripe).await;
+        assert_eq!(resp.headers()["stripe-should-retry"], "false");
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        assert_eq!(body["error"]["code"], "daily_cap_exceeded");
+        assert_eq!(body["error"]["remaining_usd"], 5.0);
+        assert_eq!(body["error"]["resets_at"], "2026-11-24T00:00:00Z");
+    }
+
+    #[tokio::test]
+    async fn a_401_names_its_scheme_and_only_caps_forbid_a_retry() {
+        for r in [
+            Refusal::InvalidKey,
+            Refusal::KeyRevoked,
+            Refusal::KeyExpired,
+        ] {
+            let code = r.code();
+            let (resp, body) = answer(r, envelope::before_authentication).await;
+            assert_eq!(resp.status(), 401);
+            assert_eq!(
+                resp.headers()["www-authenticate"],
+                "Bearer realm=\"keycap\""
+            );
+            assert!(resp.headers().get("x-should-retry").is_none());
+            assert!(resp.headers().get("stripe-should-retry").is_none());
+            assert_eq!(body["error"]["code"], code);
+            assert_eq!(body["code"], code, "Twilio's place for it");
+        }
+        let (resp, _) = answer(Refusal::UpstreamTimeout, envelope::flat).await;
+        assert!(resp.headers().get("www-authenticate").is_none());
+        assert!(resp.headers().get("x-should-retry").is_none());
+        let lifetime = Refusal::LifetimeCapExceeded {
+            cap: Micros(1),
+            remaining: Micros::ZERO,
+        };
+        let (resp, body) = answer(lifetime, envelope::flat).await;
+        assert_eq!(resp.status(), 403);
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        assert!(resp.headers().get("retry-after").is_none());
+        assert!(body.get("resets_at").is_none());
     }
 }

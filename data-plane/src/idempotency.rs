@@ -1,25 +1,33 @@
-//! Idempotent retries: a request repeated with the same idempotency key is
-//! reserved once, not once per attempt.
+//! Idempotent retries: a request repeated with the same idempotency key
+//! rides on its original's charge, reserved and counted once, not once per
+//! attempt.
 //!
-//! Owns the proxy's memory of idempotency keys it has forwarded, per vault
-//! key: in flight (a concurrent repeat is refused, as the vendor would
-//! refuse it), or counted (a later repeat is forwarded with nothing
-//! reserved, because the vendor answers it with the saved response and
-//! charges nothing). Only a call that was counted — its settlement spent
-//! something — is remembered as counted; one that was released is
-//! forgotten, so its retry is priced again.
+//! Owns the proxy's memory of idempotency keys it has forwarded (with a
+//! digest of the request), per vault key: in flight (a concurrent repeat is
+//! refused, as the vendor would refuse it), or counted, with what the
+//! original counted. A later repeat of a counted call is forwarded with
+//! nothing reserved and counts only what its answer costs beyond that: the
+//! vendor either replays the original's saved response (charging nothing)
+//! or, when the original never reached it, executes the request once now.
+//! A call counts when its settlement spent something: settled from the
+//! response, or settled at its reservation because its outcome was unknown
+//! (a timeout, a connection cut after sending), since the vendor may have
+//! charged it. One that was released is forgotten, so its retry is priced
+//! again.
 //!
 //! It must forget a counted key before the vendor does (`REMEMBER`, under
 //! Stripe's 24 hours), or a retry the vendor executes afresh would go out
 //! unreserved. It is bounded (`MAX_KEYS`): when full, the oldest entries
 //! are dropped, which only makes a retry reserve again. The memory is per
-//! proxy process; across a fleet a retry through another proxy is reserved
-//! again but still settles at 0, from the vendor's replay marker.
+//! proxy process: across a fleet, a retry through another proxy is priced
+//! and reserved again (under a cap it may not fit), and settles at 0 when
+//! the vendor marks its answer a replay.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
+use keycap_proto::Micros;
 
 /// How long a counted key is remembered.
 pub const REMEMBER: Duration = Duration::hours(23);
@@ -29,7 +37,8 @@ pub const MAX_KEYS: usize = 100_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     InFlight,
-    Counted,
+    /// Counted at this cost.
+    Counted(Micros),
 }
 
 #[derive(Default)]
@@ -64,8 +73,8 @@ pub enum Begin {
     New(Guard),
     /// The same key is being forwarded right now.
     InFlight,
-    /// Already counted: the vendor will replay its saved response.
-    Counted,
+    /// Already counted, at this cost: the retry rides on that charge.
+    Counted(Micros),
 }
 
 /// Shared by every serving thread of one proxy.
@@ -85,7 +94,7 @@ impl IdempotencyMemory {
         let k = (key_id.to_string(), idempotency_key.to_string());
         match inner.entries.get(&k) {
             Some((State::InFlight, _)) => Begin::InFlight,
-            Some((State::Counted, _)) => Begin::Counted,
+            Some((State::Counted(cost), _)) => Begin::Counted(*cost),
             None => {
                 inner.entries.insert(k.clone(), (State::InFlight, now));
                 inner.order.push_back((k.clone(), now));
@@ -97,14 +106,17 @@ impl IdempotencyMemory {
         }
     }
 
-    fn finish(&self, key: (String, String), counted: bool) {
+    fn finish(&self, key: (String, String), counted: Option<Micros>) {
         let mut inner = self.inner.lock().expect("idempotency memory poisoned");
-        if counted {
-            if let Some(e) = inner.entries.get_mut(&key) {
-                e.0 = State::Counted;
+        match counted {
+            Some(cost) => {
+                if let Some(e) = inner.entries.get_mut(&key) {
+                    e.0 = State::Counted(cost);
+                }
             }
-        } else {
-            inner.entries.remove(&key);
+            None => {
+                inner.entries.remove(&key);
+            }
         }
     }
 }
@@ -124,8 +136,9 @@ impl std::fmt::Debug for IdempotencyMemory {
 }
 
 impl Guard {
-    /// The call settled; `counted` when it spent something.
-    pub fn done(mut self, counted: bool) {
+    /// The call settled: `counted` is what it spent, when it spent
+    /// something (`None` for a call released or spent nothing).
+    pub fn done(mut self, counted: Option<Micros>) {
         if let Some(k) = self.key.take() {
             self.memory.finish(k, counted);
         }
@@ -135,7 +148,7 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(k) = self.key.take() {
-            self.memory.finish(k, false);
+            self.memory.finish(k, None);
         }
     }
 }
@@ -159,13 +172,16 @@ mod tests {
         assert!(matches!(m.begin("key_1", "idem-a", t0()), Begin::InFlight));
         // Another vault key's idempotency keys are its own.
         assert!(matches!(m.begin("key_2", "idem-a", t0()), Begin::New(_)));
-        g.done(true);
-        assert!(matches!(m.begin("key_1", "idem-a", t0()), Begin::Counted));
+        g.done(Some(Micros(25_000_000)));
+        assert!(matches!(
+            m.begin("key_1", "idem-a", t0()),
+            Begin::Counted(Micros(25_000_000))
+        ));
 
         let Begin::New(g) = m.begin("key_1", "idem-b", t0()) else {
             panic!()
         };
-        g.done(false);
+        g.done(None);
         assert!(matches!(m.begin("key_1", "idem-b", t0()), Begin::New(_)));
     }
 
@@ -185,9 +201,9 @@ mod tests {
         let Begin::New(g) = m.begin("k", "i", t0()) else {
             panic!()
         };
-        g.done(true);
+        g.done(Some(Micros(1)));
         let almost = t0() + REMEMBER - Duration::seconds(1);
-        assert!(matches!(m.begin("k", "i", almost), Begin::Counted));
+        assert!(matches!(m.begin("k", "i", almost), Begin::Counted(_)));
         assert!(REMEMBER < Duration::hours(24));
         assert!(matches!(m.begin("k", "i", t0() + REMEMBER), Begin::New(_)));
     }
@@ -197,7 +213,7 @@ mod tests {
         let m = IdempotencyMemory::new();
         for i in 0..=MAX_KEYS {
             if let Begin::New(g) = m.begin("k", &i.to_string(), t0()) {
-                g.done(true);
+                g.done(Some(Micros(1)));
             }
         }
         assert!(matches!(m.begin("k", "0", t0()), Begin::New(_)));
@@ -205,7 +221,7 @@ mod tests {
         assert!(len <= MAX_KEYS + 1, "{len}");
         assert!(matches!(
             m.begin("k", &MAX_KEYS.to_string(), t0()),
-            Begin::Counted
+            Begin::Counted(_)
         ));
     }
 }

@@ -19,6 +19,7 @@ pub mod check;
 pub mod client_addr;
 pub mod config;
 pub mod edge;
+pub mod envelope;
 pub mod spool;
 pub use keycap_proto::endpoint;
 pub mod error;

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use keycap_proto::network::{self, IpNet};
+use keycap_proto::profile::Profile;
 use keycap_proto::{pb, Micros};
 use serde_json::Value;
 
@@ -32,6 +33,7 @@ use crate::admission::UnauthenticatedShare;
 use crate::body::{self, BodyReadError, ChunkObserver, ObservedBody, ProxyBody};
 use crate::budget::{Budget, Reservation};
 use crate::client_addr;
+use crate::envelope::{self, Envelope};
 use crate::error::Refusal;
 use crate::fleet::{Replica, Replicas};
 use crate::idempotency::{Begin, Guard, IdempotencyMemory};
@@ -39,7 +41,7 @@ use crate::lookup::KeyLookup;
 use crate::metrics::Metrics;
 use crate::policy::{KeyPolicy, KeyStanding, PolicyCache, VendorPolicy};
 use crate::pricing::{
-    Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
+    self, Looked, Outcome, PriceRequest, PriceResponse, PricingError, Quote, QuoteKind, Settlement,
     StreamSettler,
 };
 use crate::ratelimit::{RateLimiter, RateStatus};
@@ -175,21 +177,29 @@ impl Proxy {
         let version = req.version();
         if let Err(refusal) = origin_form(&req) {
             self.metrics.request(refusal.code());
-            return Ok(refusal.into_response(now));
+            return Ok(refusal.into_response(now, envelope::before_authentication));
         }
         let path = req.uri().path();
         if path == "/vault" || path.starts_with("/vault/") {
             // The control plane checks the token only once it has the
             // whole request, so the body is read first: a request without
             // even the shape of a credential may hold only its share of
-            // the connections meanwhile.
+            // the connections meanwhile. keycap's own API answers in its
+            // flat body, like the control plane's.
             let _share = match self.unauthenticated.admit(req.headers()) {
                 Ok(permit) => permit,
-                Err(_) => return Ok(closing_after(Refusal::UnauthenticatedBusy, version, now)),
+                Err(_) => {
+                    return Ok(closing_after(
+                        Refusal::UnauthenticatedBusy,
+                        version,
+                        now,
+                        envelope::flat,
+                    ))
+                }
             };
             return Ok(match self.relay_admin(req).await {
                 Ok(resp) => resp,
-                Err(refusal) => closing_after(refusal, version, now),
+                Err(refusal) => closing_after(refusal, version, now, envelope::flat),
             });
         }
         if path == "/healthz" {
@@ -204,24 +214,34 @@ impl Proxy {
             }
             return Ok(resp);
         }
-        Ok(match self.clone().call_vendor(req, now, peer.ip()).await {
-            Ok(resp) => {
-                self.metrics.request("forwarded");
-                resp
-            }
-            Err(refusal) => {
-                self.metrics.request(refusal.code());
-                closing_after(refusal, version, now)
-            }
-        })
+        let mut envelope: Envelope = envelope::before_authentication;
+        Ok(
+            match self
+                .clone()
+                .call_vendor(req, now, peer.ip(), &mut envelope)
+                .await
+            {
+                Ok(resp) => {
+                    self.metrics.request("forwarded");
+                    resp
+                }
+                Err(refusal) => {
+                    self.metrics.request(refusal.code());
+                    closing_after(refusal, version, now, envelope)
+                }
+            },
+        )
     }
 
-    /// Steps 1-4 of the request path, then `forward`.
+    /// Steps 1-4 of the request path, then `forward`. Sets `envelope` to
+    /// the key's vendor's once the key is known: a refusal before that is
+    /// worded the same whatever vendor the path names.
     async fn call_vendor(
         self: Arc<Self>,
         req: Request<Incoming>,
         now: DateTime<Utc>,
         peer: IpAddr,
+        envelope: &mut Envelope,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let raw_target = req
             .uri()
@@ -256,13 +276,20 @@ impl Proxy {
             (None, None) => return Err(Refusal::InvalidKey),
         };
         drop(presented);
-        let vendor = self
-            .policy
-            .load()
+        let policy = self.policy.load();
+        if let Some(profile) = policy
+            .vendors
+            .get(&key.vendor)
+            .and_then(|v| Profile::parse(&v.profile))
+        {
+            *envelope = pricing::envelope_for(profile);
+        }
+        let vendor = policy
             .vendors
             .get(&target.vendor)
             .cloned()
             .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
+        drop(policy);
         if key.revoked {
             return Err(Refusal::KeyRevoked);
         }
@@ -345,6 +372,7 @@ impl Proxy {
             headers.remove(header::ACCEPT_ENCODING);
         }
         let mut idempotency = None;
+        let mut rides_on = None;
         if quote.kind != QuoteKind::Free {
             if let Some(k) = vendor.pricing.idempotency_key(&headers) {
                 // The vendor replays only the same request under the same
@@ -356,11 +384,14 @@ impl Proxy {
                 {
                     Begin::New(guard) => idempotency = Some(guard),
                     Begin::InFlight => return Err(Refusal::IdempotentRequestInFlight),
-                    Begin::Counted => {
-                        // The vendor answers a repeat with the first
-                        // request's saved response and charges nothing.
+                    Begin::Counted(original) => {
+                        // The first request was counted: the vendor
+                        // answers a repeat with its saved response, or (if
+                        // the first never reached it) executes this one
+                        // instead. Either way the charge is already counted.
                         quote.reserve = Micros::ZERO;
                         quote.detail["idempotent_retry"] = true.into();
+                        rides_on = Some(original);
                     }
                 }
             }
@@ -398,6 +429,7 @@ impl Proxy {
             reservation: Some(reservation),
             event_id: self.spend.next_event_id(),
             idempotency,
+            rides_on,
             rule,
             quoted,
             at: now,
@@ -623,9 +655,10 @@ fn closing_after(
     refusal: Refusal,
     version: http::Version,
     now: DateTime<Utc>,
+    envelope: Envelope,
 ) -> Response<ProxyBody> {
     let unread = matches!(refusal, Refusal::BodyTimeout | Refusal::UnauthenticatedBusy);
-    let mut resp = refusal.into_response(now);
+    let mut resp = refusal.into_response(now, envelope);
     if unread && version < http::Version::HTTP_2 {
         resp.headers_mut()
             .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
@@ -681,6 +714,9 @@ struct Call {
     /// Set when the request carried an idempotency key seen for the first
     /// time: told how the call ended.
     idempotency: Option<Guard>,
+    /// Set for a retry of a call already counted: what the original
+    /// counted, which this call's cost is counted beyond.
+    rides_on: Option<Micros>,
     /// The reservation rule the call was priced by, and what the rule
     /// quoted before any tightening.
     rule: String,
@@ -794,10 +830,20 @@ impl Call {
     }
 
     /// Resolves the reservation and reports the spend event. Runs once.
-    fn settle(&mut self, status: u16, s: Settlement) {
+    fn settle(&mut self, status: u16, mut s: Settlement) {
         let Some(r) = self.reservation.take() else {
             return;
         };
+        if let Some(original) = self.rides_on {
+            // Whether the vendor replayed the original or executed this
+            // retry in its place, it charged for one call, already counted.
+            s.cost = s.cost.saturating_sub(original).max(Micros::ZERO);
+            if s.cost <= r.amount {
+                if let Value::Object(d) = &mut s.detail {
+                    d.remove("exceeded_reservation");
+                }
+            }
+        }
         let lease_id = r.lease_id.clone();
         let day = r.day.clone();
         let reserved = r.amount;
@@ -818,9 +864,10 @@ impl Call {
             );
         }
         if let Some(guard) = self.idempotency.take() {
-            // Only a call that certainly spent is replayed by the vendor; one
-            // whose fate is unknown is priced again if retried.
-            guard.done(s.outcome == Outcome::Settled && s.cost > Micros::ZERO);
+            // A call counted at its reservation (its outcome unknown) may
+            // have been charged: its retry rides on that count too.
+            let counted = s.outcome != Outcome::Released && s.cost > Micros::ZERO;
+            guard.done(counted.then_some(s.cost));
         }
         self.proxy.metrics.settled(&self.vendor.name, s.cost.0);
         let event = self.event_for(status, s, lease_id, day, reserved);

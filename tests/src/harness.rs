@@ -1031,8 +1031,9 @@ impl Resp {
         self.json()
     }
 
-    /// Asserts a keycap error: status and `{"error": code, "message": ...}`.
-    /// Returns the body.
+    /// Asserts a keycap error: status, code and a message, in whichever
+    /// envelope carried them. Returns keycap's part of it in the flat form
+    /// (`{"error": code, "message", ...fields}`, see `keycap_refusal`).
     #[track_caller]
     pub fn expect_error(&self, status: u16, code: &str) -> Value {
         assert_eq!(
@@ -1040,7 +1041,7 @@ impl Resp {
             "unexpected status; body: {}",
             self.text
         );
-        let body = self.json();
+        let body = keycap_refusal(&self.json());
         assert_eq!(
             body["error"], code,
             "unexpected error code; body: {}",
@@ -1056,11 +1057,28 @@ impl Resp {
 
     /// The error code of a keycap error body, if it is one.
     pub fn error_code(&self) -> Option<String> {
-        serde_json::from_str::<Value>(&self.text)
-            .ok()?
+        let body = serde_json::from_str::<Value>(&self.text).ok()?;
+        keycap_refusal(&body)
             .get("error")?
             .as_str()
             .map(str::to_string)
+    }
+}
+
+/// keycap's part of a refusal body in the flat form, whatever envelope
+/// carried it: the body itself when it is flat (the generic profile, the
+/// `/vault/*` API), or, when `error` is an object (a vendor's envelope, or
+/// the one answered before the key is known), that object with its `code`
+/// as `error`, beside keycap's fields.
+pub fn keycap_refusal(body: &Value) -> Value {
+    match body.get("error") {
+        Some(Value::Object(e)) => {
+            let mut flat = e.clone();
+            let code = flat.remove("code").unwrap_or(Value::Null);
+            flat.insert("error".into(), code);
+            Value::Object(flat)
+        }
+        _ => body.clone(),
     }
 }
 

@@ -44,7 +44,14 @@
 //! * anything else: 404 (still recorded).
 //!
 //! A test can also script the answer to one path (`MockVendor::script`):
-//! a fixed status, headers and body, ahead of every route above.
+//! a fixed status, headers and body, ahead of every route above; or only
+//! the next answer to it (`MockVendor::script_once`).
+//!
+//! A payment intent created with the description `LOSE_FIRST_ANSWER` is
+//! made, and its answer saved for its Idempotency-Key, but the answer is
+//! held until a retry with the same key has been answered from it (or
+//! 30 s): the first answer is lost to a caller that gives up sooner, as
+//! when Stripe answers too late.
 //!
 //! A test can hold the responses to one path until it releases them
 //! (`MockVendor::hold`): the whole response, or a streamed completion after
@@ -68,6 +75,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 pub mod openai;
 mod stripe;
+pub use stripe::LOSE_FIRST_ANSWER;
 pub mod twilio;
 
 /// Prompt tokens the mock reports for every chat completion.
@@ -186,6 +194,10 @@ struct MockState {
     calls: Mutex<Vec<RecordedCall>>,
     holds: Mutex<Vec<HeldPath>>,
     scripts: Mutex<Vec<(String, Scripted)>>,
+    /// Answers to the next request to a path only, oldest first.
+    scripts_once: Mutex<Vec<(String, Scripted)>>,
+    /// First answers held back (`LOSE_FIRST_ANSWER`), by Idempotency-Key.
+    lost_answers: Mutex<std::collections::HashMap<String, watch::Sender<bool>>>,
     /// Money moved, in minor units, counted as `stripe` describes.
     stripe_amount: AtomicI64,
     next_id: AtomicU64,
@@ -348,6 +360,16 @@ impl MockVendor {
             .push((path.to_string(), answer));
     }
 
+    /// Answers only the next request to `path` (any method) with `answer`,
+    /// ahead of any `script` for it.
+    pub fn script_once(&self, path: &str, answer: Scripted) {
+        self.state
+            .scripts_once
+            .lock()
+            .expect("mock scripts lock")
+            .push((path.to_string(), answer));
+    }
+
     /// Forgets recorded calls and the charged total.
     pub fn reset(&self) {
         self.state.calls.lock().expect("mock calls lock").clear();
@@ -396,6 +418,8 @@ fn new_state(credential: &str) -> Arc<MockState> {
         calls: Mutex::new(Vec::new()),
         holds: Mutex::new(Vec::new()),
         scripts: Mutex::new(Vec::new()),
+        scripts_once: Mutex::new(Vec::new()),
+        lost_answers: Mutex::new(std::collections::HashMap::new()),
         stripe_amount: AtomicI64::new(0),
         next_id: AtomicU64::new(1),
         stripe: Mutex::new(stripe::StripeObjects::default()),
@@ -417,6 +441,13 @@ pub async fn serve(
     axum::serve(listener, router(credential))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The oldest `script_once` answer for `path`, taken.
+fn take_script_once(state: &MockState, path: &str) -> Option<Scripted> {
+    let mut once = state.scripts_once.lock().expect("mock scripts lock");
+    let at = once.iter().position(|(p, _)| p == path)?;
+    Some(once.remove(at).1)
 }
 
 fn router_with(state: Arc<MockState>) -> Router {
@@ -468,14 +499,16 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         None => None,
     };
 
-    let scripted = state
-        .scripts
-        .lock()
-        .expect("mock scripts lock")
-        .iter()
-        .rev()
-        .find(|(p, _)| *p == call.path)
-        .map(|(_, s)| s.clone());
+    let scripted = take_script_once(&state, &call.path).or_else(|| {
+        state
+            .scripts
+            .lock()
+            .expect("mock scripts lock")
+            .iter()
+            .rev()
+            .find(|(p, _)| *p == call.path)
+            .map(|(_, s)| s.clone())
+    });
     if let Some(s) = scripted {
         let mut resp = Response::new(Body::from(s.body));
         *resp.status_mut() = StatusCode::from_u16(s.status).expect("scripted status");
@@ -488,7 +521,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         return resp;
     }
     if let Some(r) = stripe::answer(&state, &call) {
-        return r;
+        return stripe::deliver(&state, &call, r).await;
     }
     match (call.method.as_str(), call.path.as_str()) {
         ("GET", p) if customer_path(p).is_some() => {

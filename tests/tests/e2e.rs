@@ -574,6 +574,8 @@ mod twilio;
 mod admin_tokens;
 #[path = "e2e/edge.rs"]
 mod edge;
+#[path = "e2e/envelopes.rs"]
+mod envelopes;
 #[path = "e2e/issuer.rs"]
 mod issuer;
 #[path = "e2e/limits.rs"]
@@ -925,9 +927,10 @@ async fn escaping_request_targets_are_refused_before_forwarding() {
     for target in targets {
         let r = raw_http(stack.proxy.addr(), &request(target)).await;
         assert_eq!(r.status, 400, "{target}: {} {}", r.status, r.text());
-        let body = r
-            .json()
-            .unwrap_or_else(|| panic!("{target}: body is not JSON: {:?}", r.text()));
+        let body = keycap_tests::harness::keycap_refusal(
+            &r.json()
+                .unwrap_or_else(|| panic!("{target}: body is not JSON: {:?}", r.text())),
+        );
         assert_eq!(body["error"], "invalid_target", "{target}: {body}");
         assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
         assert!(!r.text().contains(&key.secret));
@@ -1767,7 +1770,7 @@ async fn an_oversized_body_is_refused_before_forwarding() {
     let r = raw_http(stack.proxy.addr(), &declared).await;
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(
-        r.json().expect("JSON error body")["error"],
+        keycap_tests::harness::keycap_refusal(&r.json().expect("JSON error body"))["error"],
         "body_too_large"
     );
 
@@ -1782,7 +1785,7 @@ async fn an_oversized_body_is_refused_before_forwarding() {
     let r = raw_http(stack.proxy.addr(), &chunked).await;
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(
-        r.json().expect("JSON error body")["error"],
+        keycap_tests::harness::keycap_refusal(&r.json().expect("JSON error body"))["error"],
         "body_too_large"
     );
 

@@ -367,6 +367,70 @@ impl StreamSettler for MessageStreamSettler {
     }
 }
 
+/// Anthropic's refusal envelope: `{"type": "error", "error": {"type",
+/// "message", "details": {"error_code"}, ...}}`. anthropic-python picks its
+/// exception by status (`RateLimitError`, `AuthenticationError`,
+/// `PermissionDeniedError`, `BadRequestError`, ...), reads keycap's code as
+/// `e.error_code` (from `error.details.error_code`) and keeps the body as
+/// `e.body`, so keycap's fields are `e.body["error"]["remaining_usd"]`, ....
+pub fn refusal_envelope(r: &crate::envelope::Refused<'_>) -> crate::envelope::Wire {
+    let mut error = crate::envelope::keycap_error(r);
+    error.insert("type".into(), error_type(r.status).into());
+    error.insert("details".into(), json!({ "error_code": r.code }));
+    crate::envelope::Wire::body(json!({ "type": "error", "error": error }))
+}
+
+/// Anthropic's name for the kind of error a status stands for.
+fn error_type(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use crate::envelope::Refused;
+
+    #[test]
+    fn refusals_are_anthropic_errors_with_keycaps_code() {
+        let fields = json!({"remaining_usd": 5}).as_object().unwrap().clone();
+        let r = |status: u16| Refused {
+            status: http::StatusCode::from_u16(status).unwrap(),
+            code: "key_revoked",
+            message: "revoked",
+            fields: &fields,
+            retry_is_futile: false,
+        };
+        assert_eq!(
+            refusal_envelope(&r(401)).body,
+            json!({"type": "error", "error": {"type": "authentication_error",
+                   "code": "key_revoked", "message": "revoked", "remaining_usd": 5,
+                   "details": {"error_code": "key_revoked"}}})
+        );
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (409, "conflict_error"),
+            (413, "invalid_request_error"),
+            (429, "rate_limit_error"),
+            (502, "api_error"),
+            (503, "api_error"),
+            (504, "timeout_error"),
+        ] {
+            assert_eq!(refusal_envelope(&r(status)).body["error"]["type"], kind);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,6 +132,13 @@ impl PriceModel for GenericPricing {
     }
 }
 
+/// A generic vendor's refusals are keycap's flat body
+/// (`{"error": code, "message", ...fields}`): there is no vendor SDK to
+/// please, and automation platforms read the fields at the top level.
+pub fn refusal_envelope(r: &crate::envelope::Refused<'_>) -> crate::envelope::Wire {
+    crate::envelope::flat(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::Outcome;

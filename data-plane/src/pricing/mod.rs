@@ -402,6 +402,20 @@ pub fn model_for(
     })
 }
 
+/// How a vendor profile words keycap's refusals once the key is known (see
+/// `envelope`): each profile's own function, so that profile's official
+/// SDK raises its own exception for them.
+pub fn envelope_for(profile: Profile) -> crate::envelope::Envelope {
+    match profile {
+        Profile::Stripe => stripe::refusal_envelope,
+        Profile::Openai => openai::refusal_envelope,
+        Profile::Anthropic => anthropic::refusal_envelope,
+        Profile::Resend => resend::refusal_envelope,
+        Profile::Generic => generic::refusal_envelope,
+        Profile::Twilio => twilio::refusal_envelope,
+    }
+}
+
 pub(crate) fn is_success(status: u16) -> bool {
     (200..300).contains(&status)
 }

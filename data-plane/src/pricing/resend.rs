@@ -125,6 +125,76 @@ impl PriceModel for ResendPricing {
     }
 }
 
+/// Resend's refusal envelope: `{"statusCode", "name", "message"}`, plus
+/// keycap's `error` object. resend-python picks its exception from the
+/// status and `name`: `RateLimitError` for 429 (`daily_quota_exceeded` for
+/// a daily cap, `rate_limit_exceeded` otherwise), `MissingApiKeyError` for
+/// 401 (its message is the SDK's own), `ValidationError` for 400,
+/// `ApplicationError` for 500, and `ResendError` with `error_type`
+/// `restricted_api_key` for 403 (a key not allowed this call; the SDK has
+/// no class for it). Its exceptions carry the status as `code`, not
+/// keycap's: keycap's code and fields are in the body's `error`.
+pub fn refusal_envelope(r: &crate::envelope::Refused<'_>) -> crate::envelope::Wire {
+    crate::envelope::Wire::body(json!({
+        "statusCode": r.status.as_u16(),
+        "name": error_name(r),
+        "message": r.message,
+        "error": crate::envelope::keycap_error(r),
+    }))
+}
+
+/// Resend's name for the kind of error (`name`).
+fn error_name(r: &crate::envelope::Refused<'_>) -> &'static str {
+    match r.status.as_u16() {
+        429 if r.code == "daily_cap_exceeded" => "daily_quota_exceeded",
+        429 => "rate_limit_exceeded",
+        401 => "missing_api_key",
+        403 => "restricted_api_key",
+        404 => "not_found",
+        409 => "concurrent_idempotent_requests",
+        500..=599 => "application_error",
+        _ => "validation_error",
+    }
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use crate::envelope::Refused;
+
+    #[test]
+    fn refusals_are_resend_errors_named_for_its_sdk() {
+        let fields = json!({"remaining_usd": 5}).as_object().unwrap().clone();
+        let r = |status: u16, code: &'static str| Refused {
+            status: http::StatusCode::from_u16(status).unwrap(),
+            code,
+            message: "no",
+            fields: &fields,
+            retry_is_futile: false,
+        };
+        assert_eq!(
+            refusal_envelope(&r(429, "daily_cap_exceeded")).body,
+            json!({"statusCode": 429, "name": "daily_quota_exceeded", "message": "no",
+                   "error": {"code": "daily_cap_exceeded", "message": "no", "remaining_usd": 5}})
+        );
+        for (status, code, name) in [
+            (429, "rate_limited", "rate_limit_exceeded"),
+            (401, "key_revoked", "missing_api_key"),
+            (403, "endpoint_not_allowed", "restricted_api_key"),
+            (400, "unpriceable_request", "validation_error"),
+            (404, "unknown_vendor", "not_found"),
+            (
+                409,
+                "idempotent_request_in_flight",
+                "concurrent_idempotent_requests",
+            ),
+            (502, "upstream_unreachable", "application_error"),
+        ] {
+            assert_eq!(refusal_envelope(&r(status, code)).body["name"], name);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::Outcome;

@@ -876,6 +876,73 @@ impl PriceModel for StripePricing {
     }
 }
 
+/// Stripe's refusal envelope: `{"error": {"type", "code", "message", ...}}`.
+/// stripe-python picks its exception by status (`RateLimitError` for 429,
+/// `AuthenticationError` for 401, `PermissionError` for 403,
+/// `InvalidRequestError` for 400 and 404, `APIError` otherwise) and keeps
+/// the object as `e.error`, so keycap's code is `e.error.code` and its
+/// fields `e.error.remaining_usd`, .... `Stripe-Should-Retry: false` stops
+/// its automatic retries where a retry would be refused the same way.
+pub fn refusal_envelope(r: &crate::envelope::Refused<'_>) -> crate::envelope::Wire {
+    let mut error = crate::envelope::keycap_error(r);
+    let kind = if r.status.is_server_error() {
+        "api_error"
+    } else {
+        "invalid_request_error"
+    };
+    error.insert("type".into(), kind.into());
+    let mut wire = crate::envelope::Wire::body(json!({ "error": error }));
+    if r.retry_is_futile {
+        wire.headers.push((
+            http::HeaderName::from_static("stripe-should-retry"),
+            http::HeaderValue::from_static("false"),
+        ));
+    }
+    wire
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use crate::envelope::Refused;
+
+    #[test]
+    fn refusals_are_stripe_errors_that_stop_its_retries_at_a_cap() {
+        let fields = json!({"cap_usd": 30, "remaining_usd": 5})
+            .as_object()
+            .unwrap()
+            .clone();
+        let cap = Refused {
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            code: "daily_cap_exceeded",
+            message: "over the cap",
+            fields: &fields,
+            retry_is_futile: true,
+        };
+        let wire = refusal_envelope(&cap);
+        assert_eq!(
+            wire.body,
+            json!({"error": {"type": "invalid_request_error", "code": "daily_cap_exceeded",
+                             "message": "over the cap", "cap_usd": 30, "remaining_usd": 5}})
+        );
+        assert_eq!(wire.headers.len(), 1);
+        assert_eq!(wire.headers[0].0, "stripe-should-retry");
+        assert_eq!(wire.headers[0].1, "false");
+        let no_fields = serde_json::Map::new();
+        let timeout = Refused {
+            status: http::StatusCode::GATEWAY_TIMEOUT,
+            code: "upstream_timeout",
+            message: "late",
+            fields: &no_fields,
+            retry_is_futile: false,
+        };
+        let wire = refusal_envelope(&timeout);
+        assert_eq!(wire.body["error"]["type"], "api_error");
+        // Stripe's SDK retries a 5xx with the same Idempotency-Key.
+        assert!(wire.headers.is_empty());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::Outcome;

@@ -571,6 +571,48 @@ impl PriceModel for TwilioPricing {
     }
 }
 
+/// Twilio's refusal envelope: `{"code", "message", "status", "more_info"}`,
+/// with keycap's fields in `details`, plus keycap's `error` object.
+/// twilio-python raises `TwilioRestException` with the status as `status`,
+/// keycap's code as `code` and its fields as `details`. It has no
+/// `title`, so the SDK never reads it as an RFC 9457 problem.
+pub fn refusal_envelope(r: &crate::envelope::Refused<'_>) -> crate::envelope::Wire {
+    let error = crate::envelope::keycap_error(r);
+    crate::envelope::Wire::body(json!({
+        "code": r.code,
+        "message": r.message,
+        "status": r.status.as_u16(),
+        "more_info": "refused by keycap before the call reached Twilio; see `code`",
+        "details": error.clone(),
+        "error": error,
+    }))
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use crate::envelope::Refused;
+
+    #[test]
+    fn refusals_are_twilio_errors_with_keycaps_code() {
+        let fields = json!({"remaining_usd": 5}).as_object().unwrap().clone();
+        let wire = refusal_envelope(&Refused {
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            code: "daily_cap_exceeded",
+            message: "over",
+            fields: &fields,
+            retry_is_futile: true,
+        });
+        let keycap = json!({"code": "daily_cap_exceeded", "message": "over", "remaining_usd": 5});
+        assert_eq!(wire.body["code"], "daily_cap_exceeded");
+        assert_eq!(wire.body["status"], 429);
+        assert_eq!(wire.body["message"], "over");
+        assert_eq!(wire.body["details"], keycap);
+        assert_eq!(wire.body["error"], keycap);
+        assert!(wire.body.get("title").is_none());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,13 @@ pub struct DevArgs {
     /// Sandbox vendor address.
     #[arg(long, env = "KEYCAP_SANDBOX_LISTEN", default_value = "127.0.0.1:8082")]
     sandbox_listen: SocketAddr,
+    /// Address for the proxy's Prometheus metrics (`GET /metrics`); none
+    /// when unset.
+    #[arg(long, env = "KEYCAP_PROXY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// How long the proxy waits for a vendor's response headers.
+    #[arg(long, env = "KEYCAP_UPSTREAM_TIMEOUT_SECS", default_value_t = 60)]
+    upstream_timeout_secs: u64,
 }
 
 /// Reads a secret file, or creates it with `make()` (mode 0600).
@@ -137,7 +144,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
     ));
     let proxy_config = ProxyConfig {
         listen: proxy_addr,
-        metrics_listen: None,
+        metrics_listen: args.metrics_listen,
         control_urls: vec![format!("http://{control_addr}")],
         fleet_token,
         node_id: Some("dev".to_string()),
@@ -146,7 +153,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         twilio_prices: None,
         max_body_bytes: 1 << 20,
         max_response_bytes: 16 << 20,
-        upstream_timeout_secs: 60,
+        upstream_timeout_secs: args.upstream_timeout_secs,
         serve_threads: 0,
         zone: None,
         trusted_proxies: Vec::new(),

@@ -96,6 +96,39 @@ pub(super) fn answer(state: &MockState, call: &RecordedCall) -> Option<Response>
     Some((status, Json(body)).into_response())
 }
 
+/// The description of a payment intent whose first answer the mock loses
+/// (see the module `mock`).
+pub const LOSE_FIRST_ANSWER: &str = "mock:lose-first-answer";
+
+/// Most a lost answer is held back.
+const LOST_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends `resp`, the answer to `call` already made by `answer`, unless it
+/// is the first answer to a `LOSE_FIRST_ANSWER` intent: that is held until
+/// a retry under the same Idempotency-Key has been answered from it.
+pub(super) async fn deliver(state: &MockState, call: &RecordedCall, resp: Response) -> Response {
+    let lose = call.method == "POST"
+        && call.path == "/v1/payment_intents"
+        && charge_params(call).description.as_deref() == Some(LOSE_FIRST_ANSWER);
+    let Some(key) = call.header("idempotency-key").filter(|_| lose) else {
+        return resp;
+    };
+    let released = {
+        let mut lost = state.lost_answers.lock().expect("mock lost answers lock");
+        if resp.headers().contains_key("idempotent-replayed") {
+            if let Some(first) = lost.remove(key) {
+                first.send_replace(true);
+            }
+            return resp;
+        }
+        let (first, released) = tokio::sync::watch::channel(false);
+        lost.insert(key.to_string(), first);
+        released
+    };
+    let _ = tokio::time::timeout(LOST_FOR, super::until_released(released)).await;
+    resp
+}
+
 enum Kind {
     Intent,
     Invoice,

@@ -185,6 +185,7 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 fn error_code(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
         .ok()
+        .map(|v| keycap_tests::harness::keycap_refusal(&v))
         .and_then(|v| v["error"].as_str().map(str::to_string))
         .unwrap_or_else(|| format!("<not a JSON error: {:?}>", String::from_utf8_lossy(body)))
 }
@@ -244,9 +245,10 @@ async fn escaping_targets_never_reach_another_host() {
             r.status,
             r.text()
         );
-        let body = r
-            .json()
-            .unwrap_or_else(|| panic!("{target}: not a JSON error: {:?}", r.text()));
+        let body = keycap_tests::harness::keycap_refusal(
+            &r.json()
+                .unwrap_or_else(|| panic!("{target}: not a JSON error: {:?}", r.text())),
+        );
         let code = body["error"].as_str().unwrap_or_default();
         assert!(
             ["invalid_target", "malformed_request"].contains(&code),

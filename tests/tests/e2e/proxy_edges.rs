@@ -508,7 +508,7 @@ async fn a_badly_chunked_body_is_a_400_not_a_413() {
     let r = harness::raw_http(stack.proxy.addr(), &request).await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(
-        r.json().expect("JSON error body")["error"],
+        keycap_tests::harness::keycap_refusal(&r.json().expect("JSON error body"))["error"],
         "invalid_request_body"
     );
     assert!(mock.calls().is_empty(), "{:?}", mock.calls());

@@ -5,8 +5,8 @@
 //! same Idempotency-Key is reserved once and never counted twice; writes
 //! keycap does not price never leave. Included from `e2e.rs`.
 
-use keycap_tests::harness::Stack;
-use keycap_tests::mock::MockVendor;
+use keycap_tests::harness::{Api, ControlOpts, ProxyOpts, Resp, Stack};
+use keycap_tests::mock::{MockVendor, Scripted, LOSE_FIRST_ANSWER};
 use serde_json::json;
 
 use super::{assert_mock_never_saw, stack_with_stripe, stripe_key_body};
@@ -278,4 +278,102 @@ async fn priced_calls_ask_for_a_response_keycap_can_read() {
     }
     assert_eq!(seen[3].1, Some("gzip, deflate"), "{seen:?}");
     stack.wait_key_spend(&key.id, 1_000_000, 3).await;
+}
+
+/// A proxy that gives a vendor one second, and the Stripe mock registered
+/// as `stripe`.
+async fn stack_with_a_one_second_stripe() -> (Stack, MockVendor) {
+    let stack = Stack::start_with_proxy(
+        ControlOpts::sqlite(),
+        ProxyOpts::new("impatient").flag("upstream-timeout-secs", 1),
+    )
+    .await;
+    let mock = MockVendor::start(super::STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    (stack, mock)
+}
+
+/// Sends a payment intent under Idempotency-Key `idem`.
+async fn intent(agent: &Api, idem: &str, body: &str) -> Resp {
+    agent
+        .send(
+            reqwest::Method::POST,
+            "/stripe/v1/payment_intents",
+            Some((FORM, body.as_bytes().to_vec())),
+            &[("idempotency-key", idem)],
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_timed_out_answer_rides_on_the_first_calls_charge() {
+    let (stack, mock) = stack_with_a_one_second_stripe().await;
+    // 30 USD: the 25 USD intent fits once, never twice.
+    let key = mint(&stack, 30, &["POST /v1/payment_intents"], "stripe/lost").await;
+    let agent = stack.agent(&key.secret);
+    let body = format!("amount=2500&currency=usd&confirm=true&description={LOSE_FIRST_ANSWER}");
+
+    // Stripe makes the intent but its answer comes too late: the call may
+    // have been charged, so it counts at its reservation.
+    intent(&agent, "order-7", &body)
+        .await
+        .expect_error(504, "upstream_timeout");
+    stack.wait_key_spend(&key.id, 25_000_000, 1).await;
+
+    // The retry is forwarded with nothing reserved and Stripe replays the
+    // intent: the agent learns its id, and it is counted once.
+    let retry = intent(&agent, "order-7", &body).await;
+    assert_eq!(retry.status, 200, "{}", retry.text);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.json()["status"], "succeeded");
+    stack.wait_key_spend(&key.id, 25_000_000, 2).await;
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 2).await;
+    let (again, first) = (&entries[0], &entries[1]);
+    assert_eq!(first["outcome"], "settled_at_reservation", "{first}");
+    assert_eq!(again["reserved_micros"], 0, "{again}");
+    assert_eq!(again["cost_micros"], 0, "{again}");
+    assert_eq!(again["detail"]["idempotent_retry"], true, "{again}");
+    assert_eq!(mock.forwarded_stripe_amount(), 2500);
+
+    // Another request under the same key is not the same call: priced
+    // again, it no longer fits, and never reaches Stripe.
+    let other = body.replace("amount=2500", "amount=2600");
+    intent(&agent, "order-7", &other)
+        .await
+        .expect_error(429, "daily_cap_exceeded");
+    assert_eq!(mock.payment_intent_amounts(), [2500, 2500]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_stripe_runs_in_place_of_a_lost_first_call_counts_once() {
+    let (stack, mock) = stack_with_a_one_second_stripe().await;
+    let key = mint(&stack, 30, &["POST /v1/payment_intents"], "stripe/unread").await;
+    let agent = stack.agent(&key.secret);
+    let body = "amount=2500&currency=usd&confirm=true";
+
+    // An answer keycap cannot read: the outcome is unknown, so the call
+    // counts at its reservation (and this one never reached Stripe).
+    mock.script_once(
+        "/v1/payment_intents",
+        Scripted {
+            status: 200,
+            headers: vec![("content-type".into(), "text/html".into())],
+            body: "<html>gateway</html>".into(),
+        },
+    );
+    let first = intent(&agent, "order-8", body).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    stack.wait_key_spend(&key.id, 25_000_000, 1).await;
+    assert_eq!(mock.forwarded_stripe_amount(), 0);
+
+    // Stripe runs the retry as the first time: one charge, already counted.
+    let retry = intent(&agent, "order-8", body).await;
+    assert_eq!(retry.status, 200, "{}", retry.text);
+    assert_eq!(retry.header("idempotent-replayed"), None);
+    assert_eq!(retry.json()["status"], "succeeded");
+    stack.wait_key_spend(&key.id, 25_000_000, 2).await;
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 2).await;
+    assert_eq!(entries[0]["cost_micros"], 0, "{}", entries[0]);
+    assert!(entries[0]["detail"].get("exceeded_reservation").is_none());
+    assert_eq!(mock.forwarded_stripe_amount(), 2500);
 }

@@ -290,6 +290,48 @@ mod test_support {
     }
 }
 
+/// OpenAI's refusal envelope: `{"error": {"message", "type", "param",
+/// "code", ...}}`. openai-python picks its exception by status
+/// (`RateLimitError`, `AuthenticationError`, `PermissionDeniedError`,
+/// `BadRequestError`, ...) and gives it the `error` object: keycap's code
+/// is `e.code` and its fields `e.body["remaining_usd"]`, ....
+pub fn refusal_envelope(r: &crate::envelope::Refused<'_>) -> crate::envelope::Wire {
+    let mut error = crate::envelope::keycap_error(r);
+    let kind = if r.status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    error.insert("type".into(), kind.into());
+    error.insert("param".into(), Value::Null);
+    crate::envelope::Wire::body(json!({ "error": error }))
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use crate::envelope::Refused;
+
+    #[test]
+    fn refusals_are_openai_errors_with_keycaps_code() {
+        let fields = json!({"remaining_usd": 5}).as_object().unwrap().clone();
+        let wire = refusal_envelope(&Refused {
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            code: "daily_cap_exceeded",
+            message: "over the cap",
+            fields: &fields,
+            retry_is_futile: true,
+        });
+        assert_eq!(
+            wire.body,
+            json!({"error": {"type": "invalid_request_error", "code": "daily_cap_exceeded",
+                             "param": null, "message": "over the cap", "remaining_usd": 5}})
+        );
+        // x-should-retry, which this SDK obeys, is keycap's own header.
+        assert!(wire.headers.is_empty());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::test_support::*;
