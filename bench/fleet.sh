@@ -6,11 +6,20 @@
 # refuses, and revocation latency. BENCHMARKS.md ("Fleet") reads the output.
 #
 # Usage: bench/fleet.sh [fleet-bench flags, e.g. --seconds 10 --connections 64]
+#        bench/fleet.sh --smoke   every step for a second or two on the debug
+#                                 build: proves the bench still runs (the
+#                                 test command does this); numbers mean nothing
 # PostgreSQL: DATABASE_URL when set (its user must be allowed to CREATE
 # DATABASE), else a throwaway cluster from the installed server binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=release
+for arg in "$@"; do [ "$arg" = --smoke ] && profile=debug; done
 # One invocation, so the planes and the bench share one feature set and
-# the harness finds the release binaries next to the bench.
-cargo build --release -q -p keycap-control -p keycap-proxy -p keycap-tests --bins
-exec "${CARGO_TARGET_DIR:-target}/release/fleet-bench" "$@"
+# the harness finds the binaries next to the bench.
+if [ "$profile" = release ]; then
+  cargo build --release -q -p keycap-control -p keycap-proxy -p keycap-tests --bins
+else
+  cargo build -q -p keycap-control -p keycap-proxy -p keycap-tests --bins
+fi
+exec "${CARGO_TARGET_DIR:-target}/$profile/fleet-bench" "$@"

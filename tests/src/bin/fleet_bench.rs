@@ -54,13 +54,32 @@ struct Cli {
     /// Steps to run (1 throughput, 2 overspend, 3 outage, 4 revocation).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     steps: Vec<u8>,
+    /// Every step once, for a second or two each: proves the bench still
+    /// starts and runs (the test command uses it); its numbers mean
+    /// nothing.
+    #[arg(long)]
+    smoke: bool,
 }
 
-/// Seconds of fixed-rate load in an outage run, and when the outage starts
-/// and ends within it.
-const OUTAGE_RUN: Duration = Duration::from_secs(14);
-const OUTAGE_FROM: Duration = Duration::from_secs(2);
-const OUTAGE_LEN: Duration = Duration::from_secs(10);
+/// An outage run: seconds of fixed-rate load, and when the outage starts
+/// and how long it lasts within it.
+#[derive(Clone, Copy)]
+struct OutagePlan {
+    run: Duration,
+    from: Duration,
+    len: Duration,
+}
+
+const OUTAGE: OutagePlan = OutagePlan {
+    run: Duration::from_secs(14),
+    from: Duration::from_secs(2),
+    len: Duration::from_secs(10),
+};
+const SMOKE_OUTAGE: OutagePlan = OutagePlan {
+    run: Duration::from_secs(3),
+    from: Duration::from_millis(500),
+    len: Duration::from_secs(2),
+};
 /// The overspend run: a $20 cap, 480 charges of 45-55 cents, 96 in flight.
 const OVERSPEND_CAP_CENTS: i64 = 2_000;
 const OVERSPEND_CALLS: usize = 480;
@@ -68,7 +87,13 @@ const OVERSPEND_CONCURRENCY: usize = 96;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.smoke {
+        cli.seconds = 1;
+        cli.rounds = 1;
+        cli.overspend_trials = 1;
+        cli.revocations = 3;
+    }
     println!("keycap fleet bench: {}", machine());
     let db = pg::fresh_database().await?;
     let opts = FleetOpts {
@@ -421,9 +446,15 @@ struct OutageRun {
 }
 
 /// One fixed-rate run of 10-cent charges on a fresh key of `cap_usd`;
-/// with `outage`, both replicas are SIGKILLed 2 s in and restarted 10 s
-/// later.
-async fn outage_run(fleet: &mut Fleet, rate: u64, cap_usd: u64, outage: bool) -> OutageRun {
+/// with `outage`, both replicas are SIGKILLed `plan.from` in and restarted
+/// `plan.len` later.
+async fn outage_run(
+    fleet: &mut Fleet,
+    rate: u64,
+    cap_usd: u64,
+    outage: bool,
+    plan: OutagePlan,
+) -> OutageRun {
     let key = fleet
         .mint(
             0,
@@ -432,15 +463,15 @@ async fn outage_run(fleet: &mut Fleet, rate: u64, cap_usd: u64, outage: bool) ->
         )
         .await;
     let agents = fleet.agents(&key.secret);
-    let load = tokio::spawn(async move { fixed_rate(&agents, rate, OUTAGE_RUN, 10).await });
+    let load = tokio::spawn(async move { fixed_rate(&agents, rate, plan.run, 10).await });
     let mut outage_len = None;
     if outage {
-        tokio::time::sleep(OUTAGE_FROM).await;
+        tokio::time::sleep(plan.from).await;
         let down = Instant::now();
         for c in &mut fleet.controls {
             c.kill().await;
         }
-        tokio::time::sleep(OUTAGE_LEN).await;
+        tokio::time::sleep(plan.len).await;
         fleet.controls[0].restart().await;
         outage_len = Some(down.elapsed());
         fleet.controls[1].restart().await;
@@ -471,19 +502,18 @@ async fn outage_run(fleet: &mut Fleet, rate: u64, cap_usd: u64, outage: bool) ->
 /// Once for a key whose per-proxy leases cannot cover the outage, once for
 /// a key far from its cap (its leases can).
 async fn outage(fleet: &mut Fleet, cli: &Cli) {
+    let plan = if cli.smoke { SMOKE_OUTAGE } else { OUTAGE };
     println!(
-        "3. 10 s outage of both replicas: {} req/s of 10-cent charges for {} s, outage from {} s",
-        cli.outage_rate,
-        OUTAGE_RUN.as_secs(),
-        OUTAGE_FROM.as_secs()
+        "3. {:?} outage of both replicas: {} req/s of 10-cent charges for {:?}, outage from {:?}",
+        plan.len, cli.outage_rate, plan.run, plan.from
     );
     println!(
         "   {:<24} {:>9} {:>9} {:>12} {:>6} {:>9}",
         "key", "outage", "admitted", "unavailable", "other", "outage s"
     );
     for cap in [cli.outage_cap_usd, 1_000_000] {
-        let live = outage_run(fleet, cli.outage_rate, cap, false).await;
-        let down = outage_run(fleet, cli.outage_rate, cap, true).await;
+        let live = outage_run(fleet, cli.outage_rate, cap, false, plan).await;
+        let down = outage_run(fleet, cli.outage_rate, cap, true, plan).await;
         for (name, r) in [("no", &live), ("yes", &down)] {
             println!(
                 "   {:<24} {:>9} {:>9} {:>12} {:>6} {:>9}",
