@@ -314,6 +314,57 @@ impl KeyLimits {
     pub fn cidr_strings(&self) -> Vec<String> {
         self.allowed_cidrs.iter().map(|n| n.to_string()).collect()
     }
+
+    /// A child key's limits under a parent with `self`: each limit the
+    /// child leaves out is the parent's; one it states must be at least as
+    /// tight (every CIDR inside one of the parent's, the parent's zone, a
+    /// rate no higher), or it is refused naming the field. Like caps and
+    /// endpoints, a child never loosens what its parent is held to.
+    pub fn for_child(&self, child: &KeyLimits) -> Result<KeyLimits, InvalidInput> {
+        let rate_limit_per_minute = match (self.rate_limit_per_minute, child.rate_limit_per_minute)
+        {
+            (Some(p), Some(c)) if c > p => {
+                return Err(invalid(
+                    "rate_limit_per_minute",
+                    format!("must not exceed the parent key's ({p} per minute)"),
+                ))
+            }
+            (p, None) => p,
+            (_, c) => c,
+        };
+        let allowed_cidrs = if child.allowed_cidrs.is_empty() {
+            self.allowed_cidrs.clone()
+        } else {
+            if !self.allowed_cidrs.is_empty() {
+                if let Some(outside) = child
+                    .allowed_cidrs
+                    .iter()
+                    .find(|c| !self.allowed_cidrs.iter().any(|p| p.contains(*c)))
+                {
+                    return Err(invalid(
+                        "allowed_cidrs",
+                        format!("{outside} is not within the parent key's networks"),
+                    ));
+                }
+            }
+            child.allowed_cidrs.clone()
+        };
+        let zone = match (&self.zone, &child.zone) {
+            (Some(p), Some(c)) if p != c => {
+                return Err(invalid(
+                    "zone",
+                    format!("the parent key is bound to zone {p:?}; a child must be too"),
+                ))
+            }
+            (p, None) => p.clone(),
+            (_, c) => c.clone(),
+        };
+        Ok(KeyLimits {
+            rate_limit_per_minute,
+            allowed_cidrs,
+            zone,
+        })
+    }
 }
 
 /// A vault key as stored. The secret itself is never stored: only its hash.
@@ -639,8 +690,9 @@ pub fn endpoints_within(parent: &[String], child: &[String]) -> Result<(), Inval
 
 /// Whether `child` may be minted under `parent` at `now`: the parent is
 /// active and of the same vendor; the child's caps are no larger than the
-/// parent's (a cap the parent has, the child must have too); it expires no
-/// later; its endpoints lie within the parent's.
+/// parent's (a cap the parent has, the child must have too); its network
+/// limits are at least as tight (`KeyLimits::for_child`, already applied);
+/// it expires no later; its endpoints lie within the parent's.
 pub fn check_child_key(
     parent: &VaultKey,
     child: &VaultKey,
@@ -682,6 +734,15 @@ pub fn check_child_key(
     };
     within("per_call_usd_cap", parent.per_call_cap, child.per_call_cap)?;
     within("lifetime_usd_cap", parent.lifetime_cap, child.lifetime_cap)?;
+    if parent.limits.for_child(&child.limits)? != child.limits {
+        // `create_key` fills in what the child left out before this check:
+        // a child that reaches it without its parent's limits was minted
+        // past that step.
+        return Err(invalid(
+            "allowed_cidrs",
+            "a child key carries its parent's network limits",
+        ));
+    }
     if child.expires_at > parent.expires_at {
         return Err(invalid(
             "expires_in",
@@ -897,5 +958,52 @@ mod tests {
             check_child_key(&revoked, &fits, now).unwrap_err().field,
             "parent_id"
         );
+    }
+
+    fn limits(rate: i64, cidrs: &[&str], zone: &str) -> KeyLimits {
+        let cidrs: Vec<String> = cidrs.iter().map(|s| s.to_string()).collect();
+        KeyLimits::parse(rate, &cidrs, zone).unwrap()
+    }
+
+    #[test]
+    fn a_child_inherits_the_network_limits_it_leaves_out() {
+        let parent = limits(60, &["10.0.0.0/8", "2001:db8::/32"], "eu");
+        assert_eq!(parent.for_child(&KeyLimits::default()).unwrap(), parent);
+        // Tighter limits stand as the child states them.
+        let tight = limits(10, &["10.1.0.0/16", "2001:db8:1::/48"], "eu");
+        assert_eq!(parent.for_child(&tight).unwrap(), tight);
+        // Each limit is inherited on its own.
+        let rate_only = limits(5, &[], "");
+        assert_eq!(
+            parent.for_child(&rate_only).unwrap(),
+            limits(5, &["10.0.0.0/8", "2001:db8::/32"], "eu")
+        );
+        // A parent without limits leaves the child free to have them.
+        assert_eq!(KeyLimits::default().for_child(&tight).unwrap(), tight);
+    }
+
+    #[test]
+    fn a_child_with_wider_network_limits_is_refused_naming_the_field() {
+        let parent = limits(60, &["10.0.0.0/8"], "eu");
+        let field = |c: KeyLimits| parent.for_child(&c).unwrap_err().field;
+        assert_eq!(field(limits(61, &[], "")), "rate_limit_per_minute");
+        assert_eq!(field(limits(0, &["11.0.0.0/8"], "")), "allowed_cidrs");
+        assert_eq!(field(limits(0, &["0.0.0.0/0"], "")), "allowed_cidrs");
+        assert_eq!(
+            field(limits(0, &["10.0.0.0/16", "192.0.2.7"], "")),
+            "allowed_cidrs"
+        );
+        assert_eq!(field(limits(0, &["::ffff:0:0/96"], "")), "allowed_cidrs");
+        assert_eq!(field(limits(0, &[], "us")), "zone");
+        // A key minted without the step in front (as `create_key` takes it)
+        // still fails `check_child_key`.
+        let now = tree_now();
+        let mut p = tree_key(100, None, None);
+        p.limits = parent.clone();
+        let open_child = tree_key(100, None, None);
+        assert!(check_child_key(&p, &open_child, now).is_err());
+        let mut fitted = tree_key(100, None, None);
+        fitted.limits = parent.for_child(&KeyLimits::default()).unwrap();
+        assert!(check_child_key(&p, &fitted, now).is_ok());
     }
 }

@@ -942,7 +942,7 @@ impl Control {
         let expires_in = chrono::Duration::from_std(req.expires_in)
             .map_err(|_| invalid("expires_in", "too large"))?;
         let secret_text = secret::generate(SecretKind::VaultKey, &self.key_env);
-        let key = VaultKey {
+        let mut key = VaultKey {
             id: format!("key_{}", uuid::Uuid::new_v4().simple()),
             key_hash: secret::hash(&secret_text),
             key_prefix: secret::display_prefix(&secret_text),
@@ -966,6 +966,8 @@ impl Control {
                 .key_of_allowed_vendor(vendors, parent_id)
                 .await
                 .map_err(|_| ApiError::NotFound(format!("parent key {parent_id:?} not found")))?;
+            // Network limits the child leaves out are its parent's.
+            key.limits = parent.limits.for_child(&key.limits)?;
             domain::check_child_key(&parent, &key, now)?;
         }
         self.store.insert_key(&key).await.map_err(|e| match e {
