@@ -120,29 +120,24 @@ pub fn parse_base_url(s: &str) -> Result<String, InvalidInput> {
     Ok(s.trim_end_matches('/').to_string())
 }
 
-/// Currency code -> USD per unit, as exact parts-per-million.
+/// Currency code -> decimal USD per unit. Codes are lowercased and rates
+/// trimmed, then checked by the rule the proxy prices with
+/// (`prices::CurrencyRates`), so every rate stored is one each proxy serves.
 pub fn parse_currency_rates(
     raw: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, InvalidInput> {
-    let mut out = BTreeMap::new();
-    for (code, rate) in raw {
-        let code_l = code.to_ascii_lowercase();
-        if code_l.len() != 3 || !code_l.bytes().all(|b| b.is_ascii_lowercase()) {
-            return Err(invalid(
-                "currency_rates",
-                format!("{code:?} is not a 3-letter currency code"),
-            ));
-        }
-        let v = Micros::parse_usd(rate)
-            .map_err(|e| invalid("currency_rates", format!("{code}: {e}")))?;
-        if v.0 <= 0 || v > Micros::from_usd(100_000).expect("constant") {
-            return Err(invalid(
-                "currency_rates",
-                format!("{code}: rate must be positive and sane"),
-            ));
-        }
-        out.insert(code_l, rate.trim().to_string());
+    let out: BTreeMap<String, String> = raw
+        .iter()
+        .map(|(code, rate)| (code.to_ascii_lowercase(), rate.trim().to_string()))
+        .collect();
+    if out.len() != raw.len() {
+        return Err(invalid(
+            "currency_rates",
+            "a currency is given twice (codes are not case-sensitive)",
+        ));
     }
+    keycap_proto::prices::CurrencyRates::parse(&out)
+        .map_err(|e| invalid("currency_rates", e.to_string()))?;
     Ok(out)
 }
 
@@ -164,6 +159,28 @@ pub fn parse_prices(profile: Profile, text: &str) -> Result<String, InvalidInput
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| invalid("prices_json", e.to_string()))?;
     Ok(value.to_string())
+}
+
+/// Whether `credential` can be injected for a vendor of `profile` with
+/// `prices` (a generic vendor's rules may name the header): checked by the
+/// code the proxy injects with, so a credential stored here is never one a
+/// proxy cannot send.
+pub fn check_credential(
+    profile: Profile,
+    prices: &str,
+    credential: &str,
+) -> Result<(), InvalidInput> {
+    let own_header = match profile {
+        Profile::Generic => {
+            keycap_proto::prices::GenericRules::from_json(prices)
+                .map_err(|e| invalid("prices_json", e.to_string()))?
+                .credential_header
+        }
+        _ => None,
+    };
+    keycap_proto::profile::CredentialInjection::new(profile, own_header.as_deref(), credential)
+        .map(drop)
+        .map_err(|e| invalid("credential", e.to_string()))
 }
 
 /// A vendor as stored, without its credential.
@@ -559,6 +576,19 @@ pub struct FleetNode {
     pub heartbeat_at: DateTime<Utc>,
 }
 
+/// A vendor a proxy reported it cannot load, as its last policy
+/// acknowledgement said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VendorLoadError {
+    pub vendor: String,
+    pub node_id: String,
+    pub error: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Longest load error kept from a proxy's report.
+pub const MAX_VENDOR_ERROR_LEN: usize = 512;
+
 /// One entry of the change log: what changed, at which version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChangeRef {
@@ -855,6 +885,20 @@ mod tests {
         assert_eq!(parse_currency_rates(&m).unwrap()["eur"], "1.08");
         m.insert("euro".to_string(), "1".to_string());
         assert!(parse_currency_rates(&m).is_err());
+        // What the proxy refuses, the control plane refuses: usd is 1.
+        let usd: BTreeMap<_, _> = [("usd".to_string(), "2".to_string())].into();
+        let e = parse_currency_rates(&usd).unwrap_err();
+        assert_eq!(e.field, "currency_rates");
+        assert!(e.reason.contains("usd"), "{e}");
+        let twice: BTreeMap<_, _> = [
+            ("EUR".to_string(), "1".to_string()),
+            ("eur".to_string(), "2".to_string()),
+        ]
+        .into();
+        assert!(parse_currency_rates(&twice).is_err());
+        // Rates are exact decimals: more places than micro-dollars are fine.
+        let fine: BTreeMap<_, _> = [("jpy".to_string(), "0.0062345".to_string())].into();
+        assert!(parse_currency_rates(&fine).is_ok());
     }
 
     fn endpoint_list(v: &[&str]) -> Vec<String> {

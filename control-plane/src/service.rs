@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keycap_proto::profile::CredentialHeader;
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::Micros;
 use subtle::ConstantTimeEq;
@@ -94,44 +93,25 @@ impl PutVendor {
         currency_rates: &BTreeMap<String, String>,
         prices: &str,
     ) -> Result<Self, domain::InvalidInput> {
+        let profile = parse_profile(profile)?;
+        let name = VendorName::parse(name)?;
+        let base_url = domain::parse_base_url(base_url)?;
+        let currency_rates = domain::parse_currency_rates(currency_rates)?;
+        let prices = domain::parse_prices(profile, prices)?;
         let credential = match credential {
             Some(c) if !c.is_empty() => {
-                // It goes into an HTTP header: anything but visible ASCII
-                // would be accepted here and then dropped by every proxy.
-                if c.len() > 4096 || !c.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(invalid(
-                        "credential",
-                        "must be at most 4096 visible ASCII characters (no spaces)",
-                    ));
-                }
+                domain::check_credential(profile, &prices, c)?;
                 Some(c.to_string())
             }
             _ => None,
         };
-        let profile = parse_profile(profile)?;
-        if profile.credential_header() == CredentialHeader::Basic {
-            // Injected as `Authorization: Basic base64(USER:PASSWORD)`.
-            let user_password = |c: &str| {
-                c.split_once(':')
-                    .is_some_and(|(u, p)| !u.is_empty() && !p.is_empty())
-            };
-            if credential.as_deref().is_some_and(|c| !user_password(c)) {
-                return Err(invalid(
-                    "credential",
-                    format!(
-                        "a {} credential is ACCOUNT_SID:AUTH_TOKEN (or API_KEY_SID:API_KEY_SECRET)",
-                        profile.as_str()
-                    ),
-                ));
-            }
-        }
         Ok(PutVendor {
-            name: VendorName::parse(name)?,
+            name,
             profile,
-            base_url: domain::parse_base_url(base_url)?,
+            base_url,
             credential,
-            currency_rates: domain::parse_currency_rates(currency_rates)?,
-            prices: domain::parse_prices(profile, prices)?,
+            currency_rates,
+            prices,
         })
     }
 }
@@ -359,6 +339,14 @@ pub struct KeyView {
     pub status: KeyStatus,
     pub spend: KeySpend,
     pub remaining_today: Micros,
+}
+
+/// A vendor as admin reads show it: with the connected proxies that
+/// reported they cannot load it.
+#[derive(Clone, Debug)]
+pub struct VendorView {
+    pub vendor: Vendor,
+    pub proxy_errors: Vec<domain::VendorLoadError>,
 }
 
 /// A vendor with its opened credential: only for the fleet API.
@@ -898,18 +886,70 @@ impl Control {
         Ok(out)
     }
 
-    pub async fn get_vendor(&self, vendors: &VendorScope, name: &str) -> Result<Vendor, ApiError> {
+    pub async fn get_vendor(
+        &self,
+        vendors: &VendorScope,
+        name: &str,
+    ) -> Result<VendorView, ApiError> {
         vendors.check(name)?;
-        self.store
+        let vendor = self
+            .store
             .get_vendor(name)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))
+            .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))?;
+        let proxy_errors = self.store.vendor_load_errors(Some(name)).await?;
+        Ok(VendorView {
+            vendor,
+            proxy_errors,
+        })
     }
 
-    pub async fn list_vendors(&self, vendors: &VendorScope) -> Result<Vec<Vendor>, ApiError> {
+    pub async fn list_vendors(&self, vendors: &VendorScope) -> Result<Vec<VendorView>, ApiError> {
         let mut all = self.store.list_vendors().await?;
         all.retain(|v| vendors.allows(v.name.as_str()));
-        Ok(all)
+        let mut errors = self.store.vendor_load_errors(None).await?;
+        Ok(all
+            .into_iter()
+            .map(|vendor| {
+                let (mine, rest) = errors
+                    .drain(..)
+                    .partition(|e| e.vendor == vendor.name.as_str());
+                errors = rest;
+                VendorView {
+                    vendor,
+                    proxy_errors: mine,
+                }
+            })
+            .collect())
+    }
+
+    /// Records the vendors `node_id` says it cannot load (the whole list,
+    /// replacing its last report), for the vendor reads to show.
+    pub async fn report_vendor_errors(
+        &self,
+        node_id: &str,
+        errors: Vec<(String, String)>,
+    ) -> Result<(), ApiError> {
+        domain::parse_node_id(node_id)?;
+        if errors.len() > 10_000 {
+            return Err(invalid("vendor_errors", "too many entries").into());
+        }
+        let errors: Vec<(String, String)> = errors
+            .into_iter()
+            .map(|(vendor, error)| {
+                (
+                    keycap_proto::clip(&vendor, 64),
+                    keycap_proto::clip(&error, domain::MAX_VENDOR_ERROR_LEN),
+                )
+            })
+            .collect();
+        for (vendor, error) in &errors {
+            tracing::warn!(node = node_id, vendor = %vendor, error = %error, "a proxy cannot load a vendor");
+        }
+        self.store
+            .report_vendor_errors(node_id, &errors, Utc::now())
+            .await?;
+        Ok(())
     }
 
     pub async fn delete_vendor(&self, vendors: &VendorScope, name: &str) -> Result<(), ApiError> {
@@ -1549,12 +1589,21 @@ mod tests {
 
     #[test]
     fn a_twilio_credential_must_be_sid_and_token() {
-        let ok = put("twilio", Some("AC0123456789abcdef0123456789abcdef:token")).unwrap();
+        let ok = put(
+            "twilio",
+            Some("AC0123456789abcdef0123456789abcdef:authtoken"),
+        )
+        .unwrap();
         assert_eq!(
             ok.credential.as_deref(),
-            Some("AC0123456789abcdef0123456789abcdef:token")
+            Some("AC0123456789abcdef0123456789abcdef:authtoken")
         );
-        assert!(put("twilio", Some("SKabc:secret")).is_ok());
+        assert!(put("twilio", Some("SKabc:secret12")).is_ok());
+        // The proxy masks the secret in responses: a short one is refused.
+        assert_eq!(
+            put("twilio", Some("AC1:token")).err().unwrap().field,
+            "credential"
+        );
         // An update that keeps the stored credential is not checked here.
         assert!(put("twilio", None).unwrap().credential.is_none());
         for bad in ["token", "AC123:", ":token", ":"] {

@@ -286,7 +286,14 @@ pub async fn watch_policy(
 /// proxy refuses the key. Runs beside the watch loop and never holds it up:
 /// versions applied while an acknowledgement is on its way collapse into
 /// the latest, which is retried with capped backoff until it lands.
-pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::Receiver<i64>) {
+/// Each acknowledgement also carries every vendor the applied policy holds
+/// that this proxy cannot serve (`Policy::vendor_errors`), so the admin API
+/// shows them.
+pub async fn acknowledge_policy(
+    fleet: Fleet,
+    mut applied: tokio::sync::watch::Receiver<i64>,
+    policy: Arc<PolicyCache>,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut failed = false;
     loop {
@@ -294,9 +301,19 @@ pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::R
             return;
         }
         let version = *applied.borrow_and_update();
+        let vendor_errors = policy
+            .load()
+            .vendor_errors
+            .iter()
+            .map(|(vendor, error)| pb::VendorLoadError {
+                vendor: vendor.clone(),
+                error: error.clone(),
+            })
+            .collect();
         let mut req = Request::new(pb::AckPolicyRequest {
             node_id: fleet.node_id.clone(),
             version,
+            vendor_errors,
         });
         req.set_timeout(Duration::from_secs(2));
         match fleet.client().ack_policy(req).await {

@@ -105,6 +105,7 @@ pub async fn run(
     tokio::spawn(fleet::acknowledge_policy(
         fleet.clone(),
         cache.subscribe_applied(),
+        cache.clone(),
     ));
     let control = fleet.replicas().clone();
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {

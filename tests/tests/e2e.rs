@@ -581,6 +581,8 @@ mod limits;
 mod tls;
 #[path = "e2e/trees.rs"]
 mod trees;
+#[path = "e2e/vendor_config.rs"]
+mod vendor_config;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {
