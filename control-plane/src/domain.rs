@@ -120,6 +120,68 @@ pub fn parse_base_url(s: &str) -> Result<String, InvalidInput> {
     Ok(s.trim_end_matches('/').to_string())
 }
 
+/// Where a vendor's calls may go: the control plane's
+/// `--allow-private-upstreams` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamPolicy {
+    /// `https://` only, and only to globally routable addresses
+    /// (`keycap_proto::network::is_public_upstream`): the default.
+    PublicHttps,
+    /// Any `http(s)` base URL: for test vendors on loopback and `keycap
+    /// dev`. Proxies are told, per vendor, that they may connect to
+    /// private addresses for it.
+    AllowPrivate,
+}
+
+/// Checks what can be checked of `base_url` (already parsed by
+/// `parse_base_url`) without a resolver under `policy`: the scheme, and a
+/// host given as an IP address. Returns the host name and port still to
+/// be resolved and checked, if any.
+pub fn check_upstream(
+    base_url: &str,
+    policy: UpstreamPolicy,
+) -> Result<Option<(String, u16)>, InvalidInput> {
+    if policy == UpstreamPolicy::AllowPrivate {
+        return Ok(None);
+    }
+    let uri: http::Uri = base_url
+        .parse()
+        .map_err(|_| invalid("base_url", "is not a valid URL"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(invalid(
+            "base_url",
+            "must be https:// (plain http only with the control plane's --allow-private-upstreams)",
+        ));
+    }
+    let host = uri.host().unwrap_or("");
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return if keycap_proto::network::is_public_upstream(ip) {
+            Ok(None)
+        } else {
+            Err(private_upstream(host, ip))
+        };
+    }
+    Ok(Some((host.to_string(), uri.port_u16().unwrap_or(443))))
+}
+
+/// The refusal of a base URL whose host is, or resolves to, `ip`.
+pub fn private_upstream(host: &str, ip: std::net::IpAddr) -> InvalidInput {
+    let host = keycap_proto::clip(host, 128);
+    let what = if host.trim_matches(['[', ']']) == ip.to_string() {
+        host
+    } else {
+        format!("{host} resolves to {ip}, which")
+    };
+    invalid(
+        "base_url",
+        format!(
+            "{what} is a loopback, link-local, private or otherwise non-public address; \
+             vendors there need the control plane's --allow-private-upstreams"
+        ),
+    )
+}
+
 /// Currency code -> decimal USD per unit. Codes are lowercased and rates
 /// trimmed, then checked by the rule the proxy prices with
 /// (`prices::CurrencyRates`), so every rate stored is one each proxy serves.
@@ -817,6 +879,43 @@ mod tests {
             "https://[x/v1",
         ] {
             assert!(parse_base_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstreams_are_public_https_unless_the_operator_opts_in() {
+        use UpstreamPolicy::*;
+        let field = |u: &str| check_upstream(u, PublicHttps).unwrap_err().field;
+        for bad in [
+            "http://api.stripe.com",
+            "https://169.254.169.254",
+            "https://127.0.0.1:8443",
+            "https://10.0.0.1/v1",
+            "https://[::1]",
+            "https://[::ffff:169.254.169.254]",
+            "https://[fe80::1]",
+            "https://0.0.0.0",
+        ] {
+            assert_eq!(field(bad), "base_url", "{bad}");
+        }
+        assert_eq!(
+            check_upstream("https://93.184.216.34", PublicHttps),
+            Ok(None)
+        );
+        assert_eq!(
+            check_upstream("https://api.stripe.com", PublicHttps),
+            Ok(Some(("api.stripe.com".into(), 443)))
+        );
+        assert_eq!(
+            check_upstream("https://localhost:8443/v1", PublicHttps),
+            Ok(Some(("localhost".into(), 8443)))
+        );
+        for fine in [
+            "http://127.0.0.1:9000",
+            "http://169.254.169.254",
+            "https://[::1]",
+        ] {
+            assert_eq!(check_upstream(fine, AllowPrivate), Ok(None), "{fine}");
         }
     }
 

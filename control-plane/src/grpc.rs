@@ -151,6 +151,7 @@ fn fleet_vendor_to_pb(v: &FleetVendor) -> pb::FleetVendor {
         credential: v.credential.clone(),
         currency_rates: v.vendor.currency_rates.clone().into_iter().collect(),
         prices_json: v.vendor.prices.clone(),
+        allow_private_upstream: v.allow_private_upstream,
     }
 }
 

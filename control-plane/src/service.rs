@@ -354,6 +354,9 @@ pub struct VendorView {
 pub struct FleetVendor {
     pub vendor: Vendor,
     pub credential: String,
+    /// The proxy may connect to private addresses for this vendor: only
+    /// under the control plane's `--allow-private-upstreams`.
+    pub allow_private_upstream: bool,
 }
 
 pub struct Control {
@@ -371,18 +374,22 @@ pub struct Control {
     acks: watch::Sender<u64>,
     /// How long a revocation waits for proxies unless the caller says.
     revoke_ack_timeout: Duration,
+    /// Where vendors' base URLs may point (`--allow-private-upstreams`).
+    upstreams: domain::UpstreamPolicy,
 }
 
 impl Control {
     /// `key_env` is the environment tag minted into vault keys ("live",
     /// "dev"); `revoke_ack_timeout` how long a revocation waits for proxies
-    /// to confirm unless the caller asks otherwise.
+    /// to confirm unless the caller asks otherwise; `upstreams` where
+    /// vendors' base URLs may point.
     pub async fn new(
         store: Arc<dyn Store>,
         sealer: Sealer,
         fleet_token: &str,
         key_env: &str,
         revoke_ack_timeout: Duration,
+        upstreams: domain::UpstreamPolicy,
     ) -> Result<Arc<Self>, ApiError> {
         let v = store.latest_version().await?;
         let (version, _) = watch::channel(v);
@@ -396,6 +403,7 @@ impl Control {
             replica_id: uuid::Uuid::new_v4().simple().to_string(),
             acks,
             revoke_ack_timeout,
+            upstreams,
         }))
     }
 
@@ -859,6 +867,7 @@ impl Control {
         req: PutVendor,
     ) -> Result<(Vendor, bool), ApiError> {
         vendors.check(req.name.as_str())?;
+        self.check_upstream(&req.base_url).await?;
         let now = Utc::now();
         let sealed_credential = req
             .credential
@@ -884,6 +893,30 @@ impl Control {
         })?;
         self.changed().await;
         Ok(out)
+    }
+
+    /// Whether vendor calls may go to `base_url` under this control
+    /// plane's upstream policy, resolving its host: every address it
+    /// resolves to must be public. Proxies check again each address they
+    /// connect to, since DNS answers change.
+    async fn check_upstream(&self, base_url: &str) -> Result<(), ApiError> {
+        let Some((host, port)) = domain::check_upstream(base_url, self.upstreams)? else {
+            return Ok(());
+        };
+        let addrs = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| {
+                invalid(
+                    "base_url",
+                    format!("{} does not resolve: {e}", keycap_proto::clip(&host, 128)),
+                )
+            })?;
+        for addr in addrs {
+            if !keycap_proto::network::is_public_upstream(addr.ip()) {
+                return Err(domain::private_upstream(&host, addr.ip()).into());
+            }
+        }
+        Ok(())
     }
 
     pub async fn get_vendor(
@@ -1329,6 +1362,7 @@ impl Control {
             Ok(plain) => Ok(Some(FleetVendor {
                 credential: String::from_utf8(plain).map_err(|_| ApiError::Internal)?,
                 vendor: v,
+                allow_private_upstream: self.upstreams == domain::UpstreamPolicy::AllowPrivate,
             })),
             Err(e) => {
                 // A credential that cannot be opened (wrong master key,
@@ -1535,6 +1569,7 @@ mod tests {
             &secret::generate(SecretKind::FleetToken, "test"),
             "test",
             Duration::from_secs(2),
+            domain::UpstreamPolicy::PublicHttps,
         )
         .await
         .unwrap();

@@ -32,6 +32,7 @@ pub mod spend;
 pub mod sse;
 pub mod target;
 pub mod tightening;
+pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -149,7 +150,7 @@ pub async fn run(
                 policy: cache.clone(),
                 budget: budget.clone(),
                 spend: spend.clone(),
-                client: proxy::http_client(tls.upstream.clone()),
+                vendors: proxy::VendorClients::new(tls.upstream.clone()),
                 control_client: proxy::http_client(tls.control.clone()),
                 control: control.clone(),
                 node_id: node_id.clone(),

@@ -33,6 +33,9 @@ pub struct VendorPolicy {
     pub credential_header: HeaderName,
     pub credential: HeaderValue,
     pub pricing: Arc<dyn PriceModel>,
+    /// The control plane runs with `--allow-private-upstreams`: calls may
+    /// go over plain http and to non-public addresses.
+    pub allow_private_upstream: bool,
 }
 
 impl std::fmt::Debug for VendorPolicy {
@@ -171,6 +174,7 @@ pub struct PolicyCache {
 /// before a rule: it is reported to the control plane with the next
 /// acknowledgement and shown in the vendor's admin reads.
 fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Result<VendorPolicy, String> {
+    crate::upstream::check_base_url(&v.base_url, v.allow_private_upstream)?;
     let rates = v.currency_rates.into_iter().collect();
     let pricing = pricing::model_for(&v.profile, &rates, prices, &v.prices_json)
         .map_err(|e| format!("cannot be priced: {e}"))?;
@@ -199,6 +203,7 @@ fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Result<VendorPolicy, S
         credential_header,
         credential,
         pricing,
+        allow_private_upstream: v.allow_private_upstream,
     })
 }
 

@@ -22,6 +22,8 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use keycap_proto::network::{self, IpNet};
@@ -44,17 +46,59 @@ use crate::ratelimit::{RateLimiter, RateStatus};
 use crate::spend::SpendReporter;
 use crate::target;
 use crate::tightening::Tightening;
+use crate::upstream::{self, PublicResolver};
 
-pub type Connector =
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-pub type HttpClient = Client<Connector, Full<Bytes>>;
+pub type Connector<R = GaiResolver> = hyper_rustls::HttpsConnector<HttpConnector<R>>;
+pub type HttpClient<R = GaiResolver> = Client<Connector<R>, Full<Bytes>>;
+
+/// The clients a serving thread calls vendors with: `public` connects only
+/// to public addresses (`upstream::PublicResolver`); `private` to any, for
+/// vendors of a control plane run with `--allow-private-upstreams`.
+pub struct VendorClients {
+    pub public: HttpClient<PublicResolver>,
+    pub private: HttpClient,
+}
+
+impl VendorClients {
+    pub fn new(tls: rustls::ClientConfig) -> Self {
+        VendorClients {
+            public: http_client_with(tls.clone(), PublicResolver::new()),
+            private: http_client(tls),
+        }
+    }
+
+    /// Sends `req` to `vendor`'s base URL through the client its upstream
+    /// policy allows.
+    async fn request(
+        &self,
+        vendor: &VendorPolicy,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        if vendor.allow_private_upstream {
+            self.private.request(req).await
+        } else {
+            self.public.request(req).await
+        }
+    }
+}
 
 /// Builds an HTTP client over `tls`: HTTP/1.1 and HTTP/2 (by ALPN) for
 /// `https://` targets, plain HTTP for `http://` ones (loopback test vendors,
 /// a plain control plane). Redirects are never followed (the legacy client
 /// does not follow them).
 pub fn http_client(tls: rustls::ClientConfig) -> HttpClient {
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http_client_with(tls, GaiResolver::new())
+}
+
+/// `http_client`, resolving names with `resolver`.
+pub fn http_client_with<R>(tls: rustls::ClientConfig, resolver: R) -> HttpClient<R>
+where
+    R: tower::Service<Name> + Clone + Send + Sync + 'static,
+    R::Response: Iterator<Item = SocketAddr>,
+    R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R::Future: Send,
+{
+    let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -76,7 +120,7 @@ pub struct Proxy {
     pub budget: Arc<Budget>,
     pub spend: SpendReporter,
     /// Calls vendors: the system's roots plus `--upstream-ca`.
-    pub client: HttpClient,
+    pub vendors: VendorClients,
     /// Relays `/vault/*`: trusts `--control-ca` and presents this node's
     /// client certificate, like the fleet channel.
     pub control_client: HttpClient,
@@ -442,13 +486,18 @@ impl Proxy {
             *get.uri_mut() = format!("{}{}", vendor.base_url, path)
                 .parse()
                 .map_err(|_| Refusal::Internal)?;
-            let resp = tokio::time::timeout(self.upstream_timeout, self.client.request(get))
-                .await
-                .map_err(|_| Refusal::UpstreamTimeout)?
-                .map_err(|e| {
-                    tracing::warn!(vendor = %vendor.name, error = %e, "vendor unreachable for a price lookup");
-                    Refusal::UpstreamUnreachable
-                })?;
+            let resp =
+                tokio::time::timeout(self.upstream_timeout, self.vendors.request(vendor, get))
+                    .await
+                    .map_err(|_| Refusal::UpstreamTimeout)?
+                    .map_err(|e| {
+                        tracing::warn!(vendor = %vendor.name, error = %e, "vendor unreachable for a price lookup");
+                        if upstream::is_address_refused(&e) {
+                            Refusal::UpstreamAddressRefused
+                        } else {
+                            Refusal::UpstreamUnreachable
+                        }
+                    })?;
             let status = resp.status().as_u16();
             let body = Limited::new(resp.into_body(), self.max_response_bytes)
                 .collect()
@@ -610,8 +659,11 @@ struct Call {
 
 impl Call {
     async fn forward(mut self, up: Request<Full<Bytes>>) -> Result<Response<ProxyBody>, Refusal> {
-        let sent =
-            tokio::time::timeout(self.proxy.upstream_timeout, self.proxy.client.request(up)).await;
+        let sent = tokio::time::timeout(
+            self.proxy.upstream_timeout,
+            self.proxy.vendors.request(&self.vendor, up),
+        )
+        .await;
         let resp = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(e)) if e.is_connect() => {
@@ -622,7 +674,11 @@ impl Call {
                 // Its reservation record must not be reported after a
                 // restart: it never left.
                 self.proxy.spend.never_sent(&self.event_id);
-                return Err(Refusal::UpstreamUnreachable);
+                return Err(if upstream::is_address_refused(&e) {
+                    Refusal::UpstreamAddressRefused
+                } else {
+                    Refusal::UpstreamUnreachable
+                });
             }
             Ok(Err(e)) => {
                 // The request may have reached the vendor: its cost is

@@ -581,6 +581,8 @@ mod limits;
 mod tls;
 #[path = "e2e/trees.rs"]
 mod trees;
+#[path = "e2e/upstreams.rs"]
+mod upstreams;
 #[path = "e2e/vendor_config.rs"]
 mod vendor_config;
 

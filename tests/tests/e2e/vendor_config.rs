@@ -54,9 +54,15 @@ async fn vendor_settings_a_proxy_would_refuse_are_refused_when_registered() {
     stack.put_vendor("other", &ok).await;
 }
 
-/// Writes `rates` straight into the stored `stripe` vendor and logs the
-/// change, as a vendor stored before a rule existed would be.
-async fn store_rates_behind_the_control_planes_back(stack: &Stack, rates: &str) {
+/// Writes `value` straight into `column` of the stored vendor `name` and
+/// logs the change, as a vendor stored before a rule existed (or by a
+/// control plane with other flags) would be.
+pub async fn store_behind_the_control_planes_back(
+    stack: &Stack,
+    name: &str,
+    column: &str,
+    value: &str,
+) {
     let db = stack
         .control
         .database_dir()
@@ -65,12 +71,14 @@ async fn store_rates_behind_the_control_planes_back(stack: &Stack, rates: &str) 
     let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite:{}", db.display()))
         .await
         .expect("open the control plane's database");
-    sqlx::query("UPDATE vendors SET currency_rates = ? WHERE name = 'stripe'")
-        .bind(rates)
+    sqlx::query(&format!("UPDATE vendors SET {column} = ? WHERE name = ?"))
+        .bind(value)
+        .bind(name)
         .execute(&mut conn)
         .await
         .expect("update the vendor");
-    sqlx::query("INSERT INTO change_log (kind, ref_id) VALUES ('vendor', 'stripe')")
+    sqlx::query("INSERT INTO change_log (kind, ref_id) VALUES ('vendor', ?)")
+        .bind(name)
         .execute(&mut conn)
         .await
         .expect("log the change");
@@ -89,7 +97,8 @@ async fn a_vendor_a_proxy_cannot_load_is_shown_on_the_vendors_reads() {
     let fresh = stack.admin.get("/vault/vendors/stripe").await.expect(200);
     assert_eq!(fresh["proxy_errors"], json!([]));
 
-    store_rates_behind_the_control_planes_back(&stack, r#"{"usd":"2"}"#).await;
+    store_behind_the_control_planes_back(&stack, "stripe", "currency_rates", r#"{"usd":"2"}"#)
+        .await;
     let shown = wait_for(within(POLICY_TIMEOUT), || async {
         let v = stack.admin.get("/vault/vendors/stripe").await.expect(200);
         (v["proxy_errors"].as_array().is_some_and(|e| !e.is_empty())).then_some(v)
