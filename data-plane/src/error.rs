@@ -71,6 +71,10 @@ pub enum Refusal {
     /// registered under the control plane's --allow-private-upstreams.
     #[error("the vendor's host resolves only to non-public addresses; nothing was sent")]
     UpstreamAddressRefused,
+    /// The vendor compressed its answer although keycap asked for
+    /// `identity`: it cannot be checked for the credential.
+    #[error("the vendor answered with a content encoding keycap did not ask for")]
+    UpstreamResponseEncoded,
     #[error("the vendor did not answer in time")]
     UpstreamTimeout,
     #[error(
@@ -105,6 +109,7 @@ impl Refusal {
             Refusal::ResponseTooLarge => "upstream_response_too_large",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
             Refusal::UpstreamAddressRefused => "upstream_address_refused",
+            Refusal::UpstreamResponseEncoded => "upstream_response_encoded",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::IdempotentRequestInFlight => "idempotent_request_in_flight",
             Refusal::Internal => "internal",
@@ -135,9 +140,9 @@ impl Refusal {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Refusal::ResponseTooLarge => StatusCode::BAD_GATEWAY,
-            Refusal::UpstreamUnreachable | Refusal::UpstreamAddressRefused => {
-                StatusCode::BAD_GATEWAY
-            }
+            Refusal::UpstreamUnreachable
+            | Refusal::UpstreamAddressRefused
+            | Refusal::UpstreamResponseEncoded => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::IdempotentRequestInFlight => StatusCode::CONFLICT,
             Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,

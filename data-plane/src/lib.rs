@@ -28,6 +28,7 @@ pub mod policy;
 pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;
+pub mod scrub;
 pub mod spend;
 pub mod sse;
 pub mod target;

@@ -21,6 +21,7 @@ use subtle::ConstantTimeEq;
 
 use crate::endpoint::EndpointSet;
 use crate::pricing::{self, Catalog, PriceModel};
+use crate::scrub::CredentialScrub;
 
 /// A vendor as the request path needs it.
 pub struct VendorPolicy {
@@ -36,6 +37,8 @@ pub struct VendorPolicy {
     /// The control plane runs with `--allow-private-upstreams`: calls may
     /// go over plain http and to non-public addresses.
     pub allow_private_upstream: bool,
+    /// Masks the credential wherever a response repeats it.
+    pub scrub: Arc<CredentialScrub>,
 }
 
 impl std::fmt::Debug for VendorPolicy {
@@ -204,6 +207,7 @@ fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Result<VendorPolicy, S
         credential,
         pricing,
         allow_private_upstream: v.allow_private_upstream,
+        scrub: Arc::new(CredentialScrub::new(&injection.secrets)),
     })
 }
 

@@ -43,6 +43,7 @@ use crate::pricing::{
     StreamSettler,
 };
 use crate::ratelimit::{RateLimiter, RateStatus};
+use crate::scrub::StreamScrub;
 use crate::spend::SpendReporter;
 use crate::target;
 use crate::tightening::Tightening;
@@ -345,11 +346,13 @@ impl Proxy {
                 quote.reserve = reserve;
             }
         }
-        if quote.kind != QuoteKind::Free {
-            // A priced response is read to settle it: the vendor must not
-            // compress it. The agent gets it uncompressed.
-            headers.remove(header::ACCEPT_ENCODING);
-        }
+        // Every response is read for the credential (and a priced one to
+        // settle it): the vendor must not compress it. The agent gets it
+        // uncompressed.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            header::HeaderValue::from_static("identity"),
+        );
         let mut idempotency = None;
         if quote.kind != QuoteKind::Free {
             if let Some(k) = vendor.pricing.idempotency_key(&headers) {
@@ -695,6 +698,26 @@ impl Call {
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
+        // No response carries the credential: masked in headers here and in
+        // the body on each path below.
+        self.vendor.scrub.headers(&mut parts.headers);
+        if is_encoded(&parts.headers) {
+            // Asked for identity and answered compressed: it cannot be
+            // checked for the credential, so the agent does not get it. A
+            // priced call may have been billed: settled at its reservation.
+            tracing::warn!(vendor = %self.vendor.name, "vendor answered with a content encoding; refused");
+            let settlement = if self.quote.kind == QuoteKind::Free {
+                Settlement {
+                    cost: Micros::ZERO,
+                    outcome: Outcome::Released,
+                    detail: Value::Null,
+                }
+            } else {
+                self.at_reservation()
+            };
+            self.settle(status, settlement);
+            return Err(Refusal::UpstreamResponseEncoded);
+        }
         let is_sse = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -708,6 +731,7 @@ impl Call {
                 .stream_settler_for(&self.quote, &parts.headers);
             let observer = StreamObserver {
                 settler: Some(settler),
+                scrub: StreamScrub::new(self.vendor.scrub.clone()),
                 call: Some(self),
                 status,
             };
@@ -732,10 +756,9 @@ impl Call {
                     detail: Value::Null,
                 },
             );
-            return Ok(Response::from_parts(
-                parts,
-                incoming.map_err(Into::into).boxed_unsync(),
-            ));
+            let scrub = StreamScrub::new(self.vendor.scrub.clone());
+            let body = ObservedBody::new(incoming, Box::new(scrub));
+            return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
         let max = self.proxy.max_response_bytes;
         match Limited::new(incoming, max).collect().await {
@@ -751,6 +774,7 @@ impl Call {
                 );
                 self.settle(status, settlement);
                 parts.headers.remove(header::CONTENT_LENGTH);
+                let bytes = self.vendor.scrub.bytes(bytes);
                 Ok(Response::from_parts(parts, body::bytes(bytes)))
             }
             Err(e) => {
@@ -863,26 +887,58 @@ impl Drop for Call {
     }
 }
 
-/// Settles a streamed response from what passed through it.
+/// Whether a response names a content coding other than `identity`.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|c| {
+            let c = c.trim_ascii();
+            !c.is_empty() && !c.eq_ignore_ascii_case(b"identity")
+        })
+}
+
+/// Masks the credential in a body that streams through unpriced.
+impl ChunkObserver for StreamScrub {
+    fn chunk(&mut self, data: Bytes) -> Bytes {
+        self.pass(data)
+    }
+
+    fn end_of_stream(&mut self) -> Bytes {
+        self.finish()
+    }
+
+    fn finish(self: Box<Self>, _complete: bool) {}
+}
+
+/// Settles a streamed response from what passed through it, and masks the
+/// credential in what the client gets.
 struct StreamObserver {
     settler: Option<Box<dyn StreamSettler>>,
+    scrub: StreamScrub,
     call: Option<Call>,
     status: u16,
 }
 
 impl ChunkObserver for StreamObserver {
     fn chunk(&mut self, data: Bytes) -> Bytes {
-        match self.settler.as_mut() {
+        let out = match self.settler.as_mut() {
             Some(s) => s.pass(data),
             None => data,
-        }
+        };
+        self.scrub.pass(out)
     }
 
     fn end_of_stream(&mut self) -> Bytes {
-        self.settler
+        let tail = self
+            .settler
             .as_mut()
             .map(|s| s.end_of_stream())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut out = self.scrub.pass(tail).to_vec();
+        out.extend_from_slice(&self.scrub.finish());
+        Bytes::from(out)
     }
 
     fn finish(mut self: Box<Self>, complete: bool) {

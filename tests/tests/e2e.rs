@@ -577,6 +577,8 @@ mod edge;
 mod issuer;
 #[path = "e2e/limits.rs"]
 mod limits;
+#[path = "e2e/scrub.rs"]
+mod scrub;
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/trees.rs"]
