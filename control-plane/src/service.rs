@@ -868,6 +868,9 @@ impl Control {
     ) -> Result<(Vendor, bool), ApiError> {
         vendors.check(req.name.as_str())?;
         self.check_upstream(&req.base_url).await?;
+        if req.credential.is_none() {
+            self.check_stored_credential(&req).await?;
+        }
         let now = Utc::now();
         let sealed_credential = req
             .credential
@@ -893,6 +896,32 @@ impl Control {
         })?;
         self.changed().await;
         Ok(out)
+    }
+
+    /// An update that keeps the stored credential but changes the profile
+    /// or prices (where it goes): the stored credential must still fit, or
+    /// every proxy would refuse the vendor.
+    async fn check_stored_credential(&self, req: &PutVendor) -> Result<(), ApiError> {
+        let name = req.name.as_str();
+        let Some(sealed) = self.store.get_vendor_credential(name).await? else {
+            return Ok(());
+        };
+        // One that cannot be opened is withheld from proxies anyway (and
+        // logged where the policy is built).
+        let Ok(plain) = self.sealer.open(name, &sealed) else {
+            return Ok(());
+        };
+        let plain = String::from_utf8(plain).unwrap_or_default();
+        domain::check_credential(req.profile, &req.prices, &plain).map_err(|e| {
+            invalid(
+                "credential",
+                format!(
+                    "the stored credential does not fit this vendor ({}); send a new one",
+                    e.reason
+                ),
+            )
+        })?;
+        Ok(())
     }
 
     /// Whether vendor calls may go to `base_url` under this control

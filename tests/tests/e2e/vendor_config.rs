@@ -48,6 +48,20 @@ async fn vendor_settings_a_proxy_would_refuse_are_refused_when_registered() {
         let e = r.expect_error(400, "invalid_request");
         assert_eq!(e["field"], field, "{body}: {e}");
     }
+    // An update that keeps the stored credential must still fit it: a
+    // Stripe key is no Twilio ACCOUNT_SID:AUTH_TOKEN.
+    let r = stack
+        .admin
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "twilio", "base_url": url}),
+        )
+        .await;
+    assert_eq!(
+        r.expect_error(400, "invalid_request")["field"],
+        "credential"
+    );
+    assert!(!r.text.contains(STRIPE_CREDENTIAL), "{}", r.text);
     // The shared rules still accept what proxies serve.
     let ok = json!({"profile": "generic", "base_url": url, "credential": "tok_123456",
         "prices": serde_json::from_str::<Value>(&GENERIC_RULES.replace("HEADER", "X-Token")).unwrap()});
