@@ -23,7 +23,9 @@
 //! * `GET /v1/customers/{*rest}`: 200.
 //! * `POST /v1/chat/completions`: JSON body; non-streamed JSON with `usage`,
 //!   or `text/event-stream` when `"stream": true` (a final usage chunk when
-//!   `stream_options.include_usage` is true), ending with `data: [DONE]`.
+//!   `stream_options.include_usage` is true), ending with `data: [DONE]`;
+//!   with an `x-mock-echo` request header the stream also repeats the
+//!   `Authorization` it got, in an SSE comment cut over two frames.
 //! * `POST /v1/responses`, `POST /v1/embeddings`, `POST /v1/images/generations`
 //!   (module `openai`): Bearer credential (401 otherwise); a response as JSON,
 //!   or as an SSE stream (`response.created` ... `response.output_text.delta`
@@ -773,10 +775,18 @@ fn chat_completion(
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let frames: Vec<Bytes> = chat_stream_events(&model, include_usage, usage)
+        let mut frames: Vec<Bytes> = chat_stream_events(&model, include_usage, usage)
             .into_iter()
             .map(|e| Bytes::from(format!("data: {e}\n\n")))
             .collect();
+        if call.header("x-mock-echo").is_some() {
+            // An SSE comment repeating the Authorization header, cut in two
+            // frames mid-credential, after the first event.
+            let echo = format!(": echo {}\n\n", call.authorization().unwrap_or_default());
+            let (a, b) = echo.split_at(echo.len() / 2);
+            frames.insert(1, Bytes::from(b.to_string()));
+            frames.insert(1, Bytes::from(a.to_string()));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(frames.len());
         tokio::spawn(async move {
             let mut frames = frames.into_iter();

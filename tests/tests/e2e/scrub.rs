@@ -166,3 +166,35 @@ async fn a_compressed_answer_is_refused_not_passed_unread() {
     assert!(!r.text.contains(STRIPE_CREDENTIAL), "{}", r.text);
     assert_eq!(mock.calls().len(), 1, "the call was sent once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priced_stream_is_scrubbed_and_still_settles() {
+    let (stack, mock, key) = stack_with_openai().await;
+    let request = json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 1000,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let r = stack
+        .agent(&key.secret)
+        .send(
+            reqwest::Method::POST,
+            "/openai/v1/chat/completions",
+            Some(("application/json", request.to_string().into_bytes())),
+            &[("x-mock-echo", "1")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(OPENAI_CREDENTIAL), "{}", r.text);
+    let masked = format!(": echo Bearer {}", stars(OPENAI_CREDENTIAL));
+    assert!(r.text.contains(&masked), "{}", r.text);
+    assert!(r.text.contains("data: [DONE]"), "{}", r.text);
+    // Settled from the usage the stream reported, as without the echo.
+    let usage = mock::chat_usage(&request);
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 1).await;
+    assert_eq!(entries[0]["outcome"], "settled", "{}", entries[0]);
+    assert_eq!(entries[0]["detail"]["output_tokens"], usage.1);
+    assert_eq!(mock.calls().len(), 1);
+}
