@@ -75,20 +75,23 @@ async fn stripe_on(control: &harness::Control) -> MockVendor {
     mock
 }
 
+/// One $1 Stripe charge (a confirmed payment intent) by `agent`.
+async fn dollar_charge(agent: &Api) -> Resp {
+    agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
+        .await
+}
+
 /// `n` concurrent $1 Stripe charges spread round robin over `agents`;
 /// every refusal must be a 429. Returns how many were answered 200.
 async fn dollar_charges(agents: &[Api], n: usize) -> i64 {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let agent = agents[i % agents.len()].clone();
-            tokio::spawn(async move {
-                agent
-                    .post_form(
-                        "/stripe/v1/payment_intents",
-                        "amount=100&currency=usd&confirm=true",
-                    )
-                    .await
-            })
+            tokio::spawn(async move { dollar_charge(&agent).await })
         })
         .collect();
     let mut ok = 0;

@@ -398,13 +398,8 @@ async fn children_minted_with_an_issuer_token_keep_their_parents_network_limits(
     let secret = child["key"].as_str().expect("child secret");
     stack.wait_key_live("stripe", secret).await;
     let agent = stack.agent(secret);
-    let charge = "amount=100&currency=usd&confirm=true";
-    agent
-        .post_form("/stripe/v1/payment_intents", charge)
-        .await
-        .expect(200);
-    agent
-        .post_form("/stripe/v1/payment_intents", charge)
+    dollar_charge(&agent).await.expect(200);
+    dollar_charge(&agent)
         .await
         .expect_error(429, "rate_limited");
 }

@@ -6,8 +6,22 @@
 
 use keycap_tests::harness::{wait_for, within, ControlOpts, POLICY_TIMEOUT};
 
-use super::vendor_config::store_behind_the_control_planes_back;
+use super::vendor_config::{store_behind_the_control_planes_back, wait_proxy_errors};
 use super::*;
+
+/// An address the control plane takes as public; nothing is sent to it.
+const PUBLIC_BASE_URL: &str = "https://93.184.216.34";
+
+/// Registers vendor `stripe` at `PUBLIC_BASE_URL`.
+async fn register_public_stripe(stack: &Stack) {
+    stack
+        .put_vendor(
+            "stripe",
+            &json!({"profile": "stripe", "base_url": PUBLIC_BASE_URL,
+                    "credential": STRIPE_CREDENTIAL}),
+        )
+        .await;
+}
 
 /// A control plane without the opt-in, and a proxy.
 async fn public_only_stack() -> Stack {
@@ -45,13 +59,7 @@ async fn base_urls_are_public_https_unless_the_control_plane_opts_in() {
         assert_eq!(e["field"], "base_url", "{base_url}: {e}");
     }
     // A public address is accepted (nothing is sent to it here).
-    stack
-        .put_vendor(
-            "stripe",
-            &json!({"profile": "stripe", "base_url": "https://93.184.216.34",
-                    "credential": STRIPE_CREDENTIAL}),
-        )
-        .await;
+    register_public_stripe(&stack).await;
     assert_eq!(mock.calls().len(), 0);
 }
 
@@ -59,13 +67,7 @@ async fn base_urls_are_public_https_unless_the_control_plane_opts_in() {
 async fn the_proxy_checks_the_address_it_connects_to() {
     let stack = public_only_stack().await;
     let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
-    stack
-        .put_vendor(
-            "stripe",
-            &json!({"profile": "stripe", "base_url": "https://93.184.216.34",
-                    "credential": STRIPE_CREDENTIAL}),
-        )
-        .await;
+    register_public_stripe(&stack).await;
     let key = stack
         .mint(&stripe_key_body(
             json!(1),
@@ -86,9 +88,8 @@ async fn the_proxy_checks_the_address_it_connects_to() {
     )
     .await;
     let agent = stack.agent(&key.secret);
-    let charge = "amount=100&currency=usd&confirm=true";
     let refused = wait_for(within(POLICY_TIMEOUT), || async {
-        let r = agent.post_form("/stripe/v1/payment_intents", charge).await;
+        let r = dollar_charge(&agent).await;
         (r.error_code().as_deref() == Some("upstream_address_refused")).then_some(r)
     })
     .await
@@ -96,8 +97,7 @@ async fn the_proxy_checks_the_address_it_connects_to() {
     assert_eq!(refused.status, 502);
     assert!(!refused.text.contains("127.0.0.1"), "{}", refused.text);
     for _ in 0..3 {
-        agent
-            .post_form("/stripe/v1/payment_intents", charge)
+        dollar_charge(&agent)
             .await
             .expect_error(502, "upstream_address_refused");
     }
@@ -113,16 +113,10 @@ async fn the_proxy_checks_the_address_it_connects_to() {
         &format!("https://127.0.0.1:{port}"),
     )
     .await;
-    let shown = wait_for(within(POLICY_TIMEOUT), || async {
-        let v = stack.admin.get("/vault/vendors/stripe").await.expect(200);
-        (v["proxy_errors"].as_array().is_some_and(|e| !e.is_empty())).then_some(v)
-    })
-    .await
-    .expect("the proxy's load error never showed");
+    let shown = wait_proxy_errors(&stack, "stripe").await;
     let why = shown["proxy_errors"][0]["error"].as_str().expect("error");
     assert!(why.contains("allow-private-upstreams"), "{why}");
-    agent
-        .post_form("/stripe/v1/payment_intents", charge)
+    dollar_charge(&agent)
         .await
         .expect_error(404, "unknown_vendor");
     assert_eq!(mock.calls().len(), 0, "a call reached the vendor");

@@ -98,6 +98,21 @@ pub async fn store_behind_the_control_planes_back(
         .expect("log the change");
 }
 
+/// Waits until GET /vault/vendors/{name} shows a proxy's load error;
+/// the vendor as read then.
+pub async fn wait_proxy_errors(stack: &Stack, name: &str) -> Value {
+    wait_for(within(POLICY_TIMEOUT), || async {
+        let v = stack
+            .admin
+            .get(&format!("/vault/vendors/{name}"))
+            .await
+            .expect(200);
+        (v["proxy_errors"].as_array().is_some_and(|e| !e.is_empty())).then_some(v)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no proxy's load error reached GET /vault/vendors/{name}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vendor_a_proxy_cannot_load_is_shown_on_the_vendors_reads() {
     let (stack, _mock) = stack_with_stripe().await;
@@ -113,12 +128,7 @@ async fn a_vendor_a_proxy_cannot_load_is_shown_on_the_vendors_reads() {
 
     store_behind_the_control_planes_back(&stack, "stripe", "currency_rates", r#"{"usd":"2"}"#)
         .await;
-    let shown = wait_for(within(POLICY_TIMEOUT), || async {
-        let v = stack.admin.get("/vault/vendors/stripe").await.expect(200);
-        (v["proxy_errors"].as_array().is_some_and(|e| !e.is_empty())).then_some(v)
-    })
-    .await
-    .expect("the proxy's load error never reached GET /vault/vendors/stripe");
+    let shown = wait_proxy_errors(&stack, "stripe").await;
     let errors = shown["proxy_errors"].as_array().expect("array");
     assert_eq!(errors.len(), 1, "{shown}");
     assert_eq!(errors[0]["node_id"], "e2e-proxy");
@@ -127,12 +137,7 @@ async fn a_vendor_a_proxy_cannot_load_is_shown_on_the_vendors_reads() {
     assert!(!why.contains(STRIPE_CREDENTIAL), "{why}");
     assert!(errors[0]["at"].as_str().is_some(), "{shown}");
     // The proxy refuses the vendor rather than serve an older version.
-    stack
-        .agent(&key.secret)
-        .post_form(
-            "/stripe/v1/payment_intents",
-            "amount=100&currency=usd&confirm=true",
-        )
+    dollar_charge(&stack.agent(&key.secret))
         .await
         .expect_error(404, "unknown_vendor");
     let listed = stack.admin.get("/vault/vendors").await.expect(200);
@@ -175,12 +180,5 @@ async fn a_vendor_a_proxy_cannot_load_is_shown_on_the_vendors_reads() {
     })
     .await;
     assert!(cleared.is_some(), "the load error was never cleared");
-    stack
-        .agent(&key.secret)
-        .post_form(
-            "/stripe/v1/payment_intents",
-            "amount=100&currency=usd&confirm=true",
-        )
-        .await
-        .expect(200);
+    dollar_charge(&stack.agent(&key.secret)).await.expect(200);
 }
