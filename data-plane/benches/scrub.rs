@@ -57,7 +57,7 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let event = Bytes::from(format!("data: {{\"delta\":\"{}\"}}\n\n", "x".repeat(43)));
+    let event = Bytes::from(format!("data: {{\"delta\":\"{}\"}}\n\n", "x".repeat(44)));
     let mut group = c.benchmark_group("scrub_stream");
     group.throughput(Throughput::Bytes(event.len() as u64 * 100));
     group.bench_function("100_sse_events_of_64b", |bench| {

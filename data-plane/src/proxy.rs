@@ -701,7 +701,8 @@ impl Call {
         // No response carries the credential: masked in headers here and in
         // the body on each path below.
         self.vendor.scrub.headers(&mut parts.headers);
-        if is_encoded(&parts.headers) {
+        let bodiless = self.method == "HEAD" || matches!(status, 204 | 304);
+        if !bodiless && is_encoded(&parts.headers) {
             // Asked for identity and answered compressed: it cannot be
             // checked for the credential, so the agent does not get it. A
             // priced call may have been billed: settled at its reservation.

@@ -96,7 +96,12 @@ impl CredentialScrub {
             let needle = f.needle();
             let window = (needle.len() - 1).min(buf.len());
             let from = buf.len() - window;
-            if let Some(start) = (from..buf.len()).find(|&i| needle.starts_with(&buf[i..])) {
+            // Only where the secret's first byte stands can it start; the
+            // first such place that fits is the longest tail.
+            if let Some(start) = memchr::memchr_iter(needle[0], &buf[from..])
+                .map(|i| from + i)
+                .find(|&i| needle.starts_with(&buf[i..]))
+            {
                 hold = hold.max(buf.len() - start);
             }
         }
