@@ -102,7 +102,7 @@ CONF
 ADMIN=$("$BIN/keycap" admin-token generate --env bench)
 FLEET=kcfleet_bench_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 MASTER=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-KEYCAP_LOG=warn "$BIN/keycap-control" --listen 127.0.0.1:$KC_CONTROL \
+KEYCAP_LOG=warn "$BIN/keycap-control" --listen 127.0.0.1:$KC_CONTROL --allow-private-upstreams \
   --database-url "sqlite:$WORK/keycap.db" --master-key "$MASTER" \
   --admin-token "$ADMIN" --fleet-token "$FLEET" > "$WORK/control.log" 2>&1 &
 PIDS+=($!)

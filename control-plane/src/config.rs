@@ -67,6 +67,12 @@ pub struct ControlConfig {
           alias = "revoke-ack-timeout-ms",
           value_parser = clap::value_parser!(u64).range(1..=crate::domain::MAX_ACK_TIMEOUT_MS))]
     pub ack_timeout_ms: u64,
+    /// Let vendors' base URLs use plain http and point at loopback,
+    /// private, link-local (cloud metadata) and other non-public addresses,
+    /// and let proxies connect to such addresses for them. Off by default:
+    /// for test vendors on loopback and `keycap dev` only.
+    #[arg(long, env = "KEYCAP_ALLOW_PRIVATE_UPSTREAMS")]
+    pub allow_private_upstreams: bool,
     /// Environment tag minted into vault keys (kc_<env>_...).
     #[arg(long, env = "KEYCAP_KEY_ENV", default_value = "live")]
     pub key_env: String,

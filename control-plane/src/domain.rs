@@ -120,29 +120,86 @@ pub fn parse_base_url(s: &str) -> Result<String, InvalidInput> {
     Ok(s.trim_end_matches('/').to_string())
 }
 
-/// Currency code -> USD per unit, as exact parts-per-million.
+/// Where a vendor's calls may go: the control plane's
+/// `--allow-private-upstreams` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamPolicy {
+    /// `https://` only, and only to globally routable addresses
+    /// (`keycap_proto::network::is_public_upstream`): the default.
+    PublicHttps,
+    /// Any `http(s)` base URL: for test vendors on loopback and `keycap
+    /// dev`. Proxies are told, per vendor, that they may connect to
+    /// private addresses for it.
+    AllowPrivate,
+}
+
+/// Checks what can be checked of `base_url` (already parsed by
+/// `parse_base_url`) without a resolver under `policy`: the scheme, and a
+/// host given as an IP address. Returns the host name and port still to
+/// be resolved and checked, if any.
+pub fn check_upstream(
+    base_url: &str,
+    policy: UpstreamPolicy,
+) -> Result<Option<(String, u16)>, InvalidInput> {
+    if policy == UpstreamPolicy::AllowPrivate {
+        return Ok(None);
+    }
+    let uri: http::Uri = base_url
+        .parse()
+        .map_err(|_| invalid("base_url", "is not a valid URL"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(invalid(
+            "base_url",
+            "must be https:// (plain http only with the control plane's --allow-private-upstreams)",
+        ));
+    }
+    let host = uri.host().unwrap_or("");
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return if keycap_proto::network::is_public_upstream(ip) {
+            Ok(None)
+        } else {
+            Err(private_upstream(host, ip))
+        };
+    }
+    Ok(Some((host.to_string(), uri.port_u16().unwrap_or(443))))
+}
+
+/// The refusal of a base URL whose host is, or resolves to, `ip`.
+pub fn private_upstream(host: &str, ip: std::net::IpAddr) -> InvalidInput {
+    let host = keycap_proto::clip(host, 128);
+    let what = if host.trim_matches(['[', ']']) == ip.to_string() {
+        host
+    } else {
+        format!("{host} resolves to {ip}, which")
+    };
+    invalid(
+        "base_url",
+        format!(
+            "{what} is a loopback, link-local, private or otherwise non-public address; \
+             vendors there need the control plane's --allow-private-upstreams"
+        ),
+    )
+}
+
+/// Currency code -> decimal USD per unit. Codes are lowercased and rates
+/// trimmed, then checked by the rule the proxy prices with
+/// (`prices::CurrencyRates`), so every rate stored is one each proxy serves.
 pub fn parse_currency_rates(
     raw: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, InvalidInput> {
-    let mut out = BTreeMap::new();
-    for (code, rate) in raw {
-        let code_l = code.to_ascii_lowercase();
-        if code_l.len() != 3 || !code_l.bytes().all(|b| b.is_ascii_lowercase()) {
-            return Err(invalid(
-                "currency_rates",
-                format!("{code:?} is not a 3-letter currency code"),
-            ));
-        }
-        let v = Micros::parse_usd(rate)
-            .map_err(|e| invalid("currency_rates", format!("{code}: {e}")))?;
-        if v.0 <= 0 || v > Micros::from_usd(100_000).expect("constant") {
-            return Err(invalid(
-                "currency_rates",
-                format!("{code}: rate must be positive and sane"),
-            ));
-        }
-        out.insert(code_l, rate.trim().to_string());
+    let out: BTreeMap<String, String> = raw
+        .iter()
+        .map(|(code, rate)| (code.to_ascii_lowercase(), rate.trim().to_string()))
+        .collect();
+    if out.len() != raw.len() {
+        return Err(invalid(
+            "currency_rates",
+            "a currency is given twice (codes are not case-sensitive)",
+        ));
     }
+    keycap_proto::prices::CurrencyRates::parse(&out)
+        .map_err(|e| invalid("currency_rates", e.to_string()))?;
     Ok(out)
 }
 
@@ -164,6 +221,28 @@ pub fn parse_prices(profile: Profile, text: &str) -> Result<String, InvalidInput
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| invalid("prices_json", e.to_string()))?;
     Ok(value.to_string())
+}
+
+/// Whether `credential` can be injected for a vendor of `profile` with
+/// `prices` (a generic vendor's rules may name the header): checked by the
+/// code the proxy injects with, so a credential stored here is never one a
+/// proxy cannot send.
+pub fn check_credential(
+    profile: Profile,
+    prices: &str,
+    credential: &str,
+) -> Result<(), InvalidInput> {
+    let own_header = match profile {
+        Profile::Generic => {
+            keycap_proto::prices::GenericRules::from_json(prices)
+                .map_err(|e| invalid("prices_json", e.to_string()))?
+                .credential_header
+        }
+        _ => None,
+    };
+    keycap_proto::profile::CredentialInjection::new(profile, own_header.as_deref(), credential)
+        .map(drop)
+        .map_err(|e| invalid("credential", e.to_string()))
 }
 
 /// A vendor as stored, without its credential.
@@ -313,6 +392,57 @@ impl KeyLimits {
     /// The CIDRs as text, in their canonical form.
     pub fn cidr_strings(&self) -> Vec<String> {
         self.allowed_cidrs.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// A child key's limits under a parent with `self`: each limit the
+    /// child leaves out is the parent's; one it states must be at least as
+    /// tight (every CIDR inside one of the parent's, the parent's zone, a
+    /// rate no higher), or it is refused naming the field. Like caps and
+    /// endpoints, a child never loosens what its parent is held to.
+    pub fn for_child(&self, child: &KeyLimits) -> Result<KeyLimits, InvalidInput> {
+        let rate_limit_per_minute = match (self.rate_limit_per_minute, child.rate_limit_per_minute)
+        {
+            (Some(p), Some(c)) if c > p => {
+                return Err(invalid(
+                    "rate_limit_per_minute",
+                    format!("must not exceed the parent key's ({p} per minute)"),
+                ))
+            }
+            (p, None) => p,
+            (_, c) => c,
+        };
+        let allowed_cidrs = if child.allowed_cidrs.is_empty() {
+            self.allowed_cidrs.clone()
+        } else {
+            if !self.allowed_cidrs.is_empty() {
+                if let Some(outside) = child
+                    .allowed_cidrs
+                    .iter()
+                    .find(|c| !self.allowed_cidrs.iter().any(|p| p.contains(*c)))
+                {
+                    return Err(invalid(
+                        "allowed_cidrs",
+                        format!("{outside} is not within the parent key's networks"),
+                    ));
+                }
+            }
+            child.allowed_cidrs.clone()
+        };
+        let zone = match (&self.zone, &child.zone) {
+            (Some(p), Some(c)) if p != c => {
+                return Err(invalid(
+                    "zone",
+                    format!("the parent key is bound to zone {p:?}; a child must be too"),
+                ))
+            }
+            (p, None) => p.clone(),
+            (_, c) => c.clone(),
+        };
+        Ok(KeyLimits {
+            rate_limit_per_minute,
+            allowed_cidrs,
+            zone,
+        })
     }
 }
 
@@ -519,6 +649,19 @@ pub struct NodeLease {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A vendor a proxy reported it cannot load, as its last policy
+/// acknowledgement said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VendorLoadError {
+    pub vendor: String,
+    pub node_id: String,
+    pub error: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Longest load error kept from a proxy's report.
+pub const MAX_VENDOR_ERROR_LEN: usize = 512;
+
 /// One entry of the change log: what changed, at which version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChangeRef {
@@ -650,8 +793,9 @@ pub fn endpoints_within(parent: &[String], child: &[String]) -> Result<(), Inval
 
 /// Whether `child` may be minted under `parent` at `now`: the parent is
 /// active and of the same vendor; the child's caps are no larger than the
-/// parent's (a cap the parent has, the child must have too); it expires no
-/// later; its endpoints lie within the parent's.
+/// parent's (a cap the parent has, the child must have too); its network
+/// limits are at least as tight (`KeyLimits::for_child`, already applied);
+/// it expires no later; its endpoints lie within the parent's.
 pub fn check_child_key(
     parent: &VaultKey,
     child: &VaultKey,
@@ -693,6 +837,15 @@ pub fn check_child_key(
     };
     within("per_call_usd_cap", parent.per_call_cap, child.per_call_cap)?;
     within("lifetime_usd_cap", parent.lifetime_cap, child.lifetime_cap)?;
+    if parent.limits.for_child(&child.limits)? != child.limits {
+        // `create_key` fills in what the child left out before this check:
+        // a child that reaches it without its parent's limits was minted
+        // past that step.
+        return Err(invalid(
+            "allowed_cidrs",
+            "a child key carries its parent's network limits",
+        ));
+    }
     if child.expires_at > parent.expires_at {
         return Err(invalid(
             "expires_in",
@@ -737,6 +890,43 @@ mod tests {
             "https://[x/v1",
         ] {
             assert!(parse_base_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstreams_are_public_https_unless_the_operator_opts_in() {
+        use UpstreamPolicy::*;
+        let field = |u: &str| check_upstream(u, PublicHttps).unwrap_err().field;
+        for bad in [
+            "http://api.stripe.com",
+            "https://169.254.169.254",
+            "https://127.0.0.1:8443",
+            "https://10.0.0.1/v1",
+            "https://[::1]",
+            "https://[::ffff:169.254.169.254]",
+            "https://[fe80::1]",
+            "https://0.0.0.0",
+        ] {
+            assert_eq!(field(bad), "base_url", "{bad}");
+        }
+        assert_eq!(
+            check_upstream("https://93.184.216.34", PublicHttps),
+            Ok(None)
+        );
+        assert_eq!(
+            check_upstream("https://api.stripe.com", PublicHttps),
+            Ok(Some(("api.stripe.com".into(), 443)))
+        );
+        assert_eq!(
+            check_upstream("https://localhost:8443/v1", PublicHttps),
+            Ok(Some(("localhost".into(), 8443)))
+        );
+        for fine in [
+            "http://127.0.0.1:9000",
+            "http://169.254.169.254",
+            "https://[::1]",
+        ] {
+            assert_eq!(check_upstream(fine, AllowPrivate), Ok(None), "{fine}");
         }
     }
 
@@ -805,6 +995,20 @@ mod tests {
         assert_eq!(parse_currency_rates(&m).unwrap()["eur"], "1.08");
         m.insert("euro".to_string(), "1".to_string());
         assert!(parse_currency_rates(&m).is_err());
+        // What the proxy refuses, the control plane refuses: usd is 1.
+        let usd: BTreeMap<_, _> = [("usd".to_string(), "2".to_string())].into();
+        let e = parse_currency_rates(&usd).unwrap_err();
+        assert_eq!(e.field, "currency_rates");
+        assert!(e.reason.contains("usd"), "{e}");
+        let twice: BTreeMap<_, _> = [
+            ("EUR".to_string(), "1".to_string()),
+            ("eur".to_string(), "2".to_string()),
+        ]
+        .into();
+        assert!(parse_currency_rates(&twice).is_err());
+        // Rates are exact decimals: more places than micro-dollars are fine.
+        let fine: BTreeMap<_, _> = [("jpy".to_string(), "0.0062345".to_string())].into();
+        assert!(parse_currency_rates(&fine).is_ok());
     }
 
     fn endpoint_list(v: &[&str]) -> Vec<String> {
@@ -908,5 +1112,52 @@ mod tests {
             check_child_key(&revoked, &fits, now).unwrap_err().field,
             "parent_id"
         );
+    }
+
+    fn limits(rate: i64, cidrs: &[&str], zone: &str) -> KeyLimits {
+        let cidrs: Vec<String> = cidrs.iter().map(|s| s.to_string()).collect();
+        KeyLimits::parse(rate, &cidrs, zone).unwrap()
+    }
+
+    #[test]
+    fn a_child_inherits_the_network_limits_it_leaves_out() {
+        let parent = limits(60, &["10.0.0.0/8", "2001:db8::/32"], "eu");
+        assert_eq!(parent.for_child(&KeyLimits::default()).unwrap(), parent);
+        // Tighter limits stand as the child states them.
+        let tight = limits(10, &["10.1.0.0/16", "2001:db8:1::/48"], "eu");
+        assert_eq!(parent.for_child(&tight).unwrap(), tight);
+        // Each limit is inherited on its own.
+        let rate_only = limits(5, &[], "");
+        assert_eq!(
+            parent.for_child(&rate_only).unwrap(),
+            limits(5, &["10.0.0.0/8", "2001:db8::/32"], "eu")
+        );
+        // A parent without limits leaves the child free to have them.
+        assert_eq!(KeyLimits::default().for_child(&tight).unwrap(), tight);
+    }
+
+    #[test]
+    fn a_child_with_wider_network_limits_is_refused_naming_the_field() {
+        let parent = limits(60, &["10.0.0.0/8"], "eu");
+        let field = |c: KeyLimits| parent.for_child(&c).unwrap_err().field;
+        assert_eq!(field(limits(61, &[], "")), "rate_limit_per_minute");
+        assert_eq!(field(limits(0, &["11.0.0.0/8"], "")), "allowed_cidrs");
+        assert_eq!(field(limits(0, &["0.0.0.0/0"], "")), "allowed_cidrs");
+        assert_eq!(
+            field(limits(0, &["10.0.0.0/16", "192.0.2.7"], "")),
+            "allowed_cidrs"
+        );
+        assert_eq!(field(limits(0, &["::ffff:0:0/96"], "")), "allowed_cidrs");
+        assert_eq!(field(limits(0, &[], "us")), "zone");
+        // A key minted without the step in front (as `create_key` takes it)
+        // still fails `check_child_key`.
+        let now = tree_now();
+        let mut p = tree_key(100, None, None);
+        p.limits = parent.clone();
+        let open_child = tree_key(100, None, None);
+        assert!(check_child_key(&p, &open_child, now).is_err());
+        let mut fitted = tree_key(100, None, None);
+        fitted.limits = parent.for_child(&KeyLimits::default()).unwrap();
+        assert!(check_child_key(&p, &fitted, now).is_ok());
     }
 }

@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::scope::Operation;
 use crate::service::{
     AdminPrincipal, Confirmation, Control, Delta, FleetVendor, KeyView, NewAdminToken,
-    NewIssuerToken, NewKey, PutVendor,
+    NewIssuerToken, NewKey, PutVendor, VendorView,
 };
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
@@ -67,6 +67,21 @@ fn auth<T>(req: &Request<T>) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+pub fn vendor_view_to_pb(view: &VendorView) -> pb::Vendor {
+    pb::Vendor {
+        proxy_errors: view
+            .proxy_errors
+            .iter()
+            .map(|e| pb::VendorProxyError {
+                node_id: e.node_id.clone(),
+                error: e.error.clone(),
+                at: Some(to_proto(e.at)),
+            })
+            .collect(),
+        ..vendor_to_pb(&view.vendor)
+    }
+}
+
 pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
     pb::Vendor {
         name: v.name.to_string(),
@@ -76,6 +91,8 @@ pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
         prices_json: v.prices.clone(),
         created_at: Some(to_proto(v.created_at)),
         updated_at: Some(to_proto(v.updated_at)),
+        // A vendor as written: no proxy has loaded it yet.
+        proxy_errors: Vec::new(),
     }
 }
 
@@ -134,6 +151,7 @@ fn fleet_vendor_to_pb(v: &FleetVendor) -> pb::FleetVendor {
         credential: v.credential.clone(),
         currency_rates: v.vendor.currency_rates.clone().into_iter().collect(),
         prices_json: v.vendor.prices.clone(),
+        allow_private_upstream: v.allow_private_upstream,
     }
 }
 
@@ -306,7 +324,7 @@ impl pb::vendor_service_server::VendorService for Api {
             .get_vendor(&caller.vendors, &req.get_ref().name)
             .await?;
         Ok(Response::new(pb::GetVendorResponse {
-            vendor: Some(vendor_to_pb(&v)),
+            vendor: Some(vendor_view_to_pb(&v)),
         }))
     }
 
@@ -317,7 +335,7 @@ impl pb::vendor_service_server::VendorService for Api {
         let caller = self.admin(&req, Operation::ListVendors).await?;
         let vs = self.control.list_vendors(&caller.vendors).await?;
         Ok(Response::new(pb::ListVendorsResponse {
-            vendors: vs.iter().map(vendor_to_pb).collect(),
+            vendors: vs.iter().map(vendor_view_to_pb).collect(),
         }))
     }
 
@@ -692,6 +710,14 @@ impl pb::fleet_service_server::FleetService for Api {
         self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         self.control.ack_policy(&r.node_id, r.version).await?;
+        let errors = r
+            .vendor_errors
+            .into_iter()
+            .map(|e| (e.vendor, e.error))
+            .collect();
+        self.control
+            .report_vendor_errors(&r.node_id, errors)
+            .await?;
         Ok(Response::new(pb::AckPolicyResponse {}))
     }
 

@@ -27,7 +27,7 @@ use crate::grpc::next_page_token;
 use crate::scope::Operation;
 use crate::service::{
     AdminPrincipal, Confirmation, Control, KeyView, NewAdminToken, NewIssuerToken, NewKey,
-    PutVendor,
+    PutVendor, VendorView,
 };
 
 type Ctl = State<Arc<Control>>;
@@ -116,7 +116,24 @@ fn usd_field(field: &'static str, v: &Value) -> Result<Micros, ApiError> {
     Micros::parse_usd(&text).map_err(|e| ApiError::from(invalid(field, e.to_string())))
 }
 
+/// A vendor as written: no proxy has loaded this configuration yet.
 fn vendor_json(v: &Vendor) -> Value {
+    let mut out = vendor_fields(v);
+    out["proxy_errors"] = json!([]);
+    out
+}
+
+fn vendor_view_json(view: &VendorView) -> Value {
+    let mut out = vendor_fields(&view.vendor);
+    out["proxy_errors"] = view
+        .proxy_errors
+        .iter()
+        .map(|e| json!({"node_id": e.node_id, "error": e.error, "at": rfc3339(e.at)}))
+        .collect();
+    out
+}
+
+fn vendor_fields(v: &Vendor) -> Value {
     json!({
         "name": v.name.as_str(),
         "profile": v.profile.as_str(),
@@ -226,7 +243,7 @@ async fn get_vendor(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let caller = admin(&c, &headers, Operation::GetVendor).await?;
-    Ok(Json(vendor_json(
+    Ok(Json(vendor_view_json(
         &c.get_vendor(&caller.vendors, &name).await?,
     )))
 }
@@ -235,7 +252,7 @@ async fn list_vendors(State(c): Ctl, headers: HeaderMap) -> Result<Json<Value>, 
     let caller = admin(&c, &headers, Operation::ListVendors).await?;
     let vs = c.list_vendors(&caller.vendors).await?;
     Ok(Json(
-        json!({"vendors": vs.iter().map(vendor_json).collect::<Vec<_>>()}),
+        json!({"vendors": vs.iter().map(vendor_view_json).collect::<Vec<_>>()}),
     ))
 }
 

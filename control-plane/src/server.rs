@@ -62,6 +62,15 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         &config.fleet_token,
         &config.key_env,
         Duration::from_millis(config.ack_timeout_ms),
+        if config.allow_private_upstreams {
+            tracing::warn!(
+                "--allow-private-upstreams: vendors may point at loopback, private and \
+                 link-local addresses and plain http; for tests and keycap dev only"
+            );
+            crate::domain::UpstreamPolicy::AllowPrivate
+        } else {
+            crate::domain::UpstreamPolicy::PublicHttps
+        },
     )
     .await?;
     control.follow_changes(

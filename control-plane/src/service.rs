@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keycap_proto::profile::CredentialHeader;
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::Micros;
 use subtle::ConstantTimeEq;
@@ -96,44 +95,25 @@ impl PutVendor {
         currency_rates: &BTreeMap<String, String>,
         prices: &str,
     ) -> Result<Self, domain::InvalidInput> {
+        let profile = parse_profile(profile)?;
+        let name = VendorName::parse(name)?;
+        let base_url = domain::parse_base_url(base_url)?;
+        let currency_rates = domain::parse_currency_rates(currency_rates)?;
+        let prices = domain::parse_prices(profile, prices)?;
         let credential = match credential {
             Some(c) if !c.is_empty() => {
-                // It goes into an HTTP header: anything but visible ASCII
-                // would be accepted here and then dropped by every proxy.
-                if c.len() > 4096 || !c.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(invalid(
-                        "credential",
-                        "must be at most 4096 visible ASCII characters (no spaces)",
-                    ));
-                }
+                domain::check_credential(profile, &prices, c)?;
                 Some(c.to_string())
             }
             _ => None,
         };
-        let profile = parse_profile(profile)?;
-        if profile.credential_header() == CredentialHeader::Basic {
-            // Injected as `Authorization: Basic base64(USER:PASSWORD)`.
-            let user_password = |c: &str| {
-                c.split_once(':')
-                    .is_some_and(|(u, p)| !u.is_empty() && !p.is_empty())
-            };
-            if credential.as_deref().is_some_and(|c| !user_password(c)) {
-                return Err(invalid(
-                    "credential",
-                    format!(
-                        "a {} credential is ACCOUNT_SID:AUTH_TOKEN (or API_KEY_SID:API_KEY_SECRET)",
-                        profile.as_str()
-                    ),
-                ));
-            }
-        }
         Ok(PutVendor {
-            name: VendorName::parse(name)?,
+            name,
             profile,
-            base_url: domain::parse_base_url(base_url)?,
+            base_url,
             credential,
-            currency_rates: domain::parse_currency_rates(currency_rates)?,
-            prices: domain::parse_prices(profile, prices)?,
+            currency_rates,
+            prices,
         })
     }
 }
@@ -363,11 +343,22 @@ pub struct KeyView {
     pub remaining_today: Micros,
 }
 
+/// A vendor as admin reads show it: with the connected proxies that
+/// reported they cannot load it.
+#[derive(Clone, Debug)]
+pub struct VendorView {
+    pub vendor: Vendor,
+    pub proxy_errors: Vec<domain::VendorLoadError>,
+}
+
 /// A vendor with its opened credential: only for the fleet API.
 #[derive(Clone)]
 pub struct FleetVendor {
     pub vendor: Vendor,
     pub credential: String,
+    /// The proxy may connect to private addresses for this vendor: only
+    /// under the control plane's `--allow-private-upstreams`.
+    pub allow_private_upstream: bool,
 }
 
 pub struct Control {
@@ -385,18 +376,22 @@ pub struct Control {
     acks: watch::Sender<u64>,
     /// How long a change waits for proxies unless the caller says.
     ack_timeout: Duration,
+    /// Where vendors' base URLs may point (`--allow-private-upstreams`).
+    upstreams: domain::UpstreamPolicy,
 }
 
 impl Control {
     /// `key_env` is the environment tag minted into vault keys ("live",
     /// "dev"); `ack_timeout` how long a change waits for proxies to confirm
-    /// unless the caller asks otherwise.
+    /// unless the caller asks otherwise; `upstreams` where vendors' base
+    /// URLs may point.
     pub async fn new(
         store: Arc<dyn Store>,
         sealer: Sealer,
         fleet_token: &str,
         key_env: &str,
         ack_timeout: Duration,
+        upstreams: domain::UpstreamPolicy,
     ) -> Result<Arc<Self>, ApiError> {
         let v = store.latest_version().await?;
         let (version, _) = watch::channel(v);
@@ -410,6 +405,7 @@ impl Control {
             replica_id: uuid::Uuid::new_v4().simple().to_string(),
             acks,
             ack_timeout,
+            upstreams,
         }))
     }
 
@@ -880,6 +876,10 @@ impl Control {
         ack_timeout: Option<Duration>,
     ) -> Result<(Vendor, bool, Confirmation), ApiError> {
         vendors.check(req.name.as_str())?;
+        self.check_upstream(&req.base_url).await?;
+        if req.credential.is_none() {
+            self.check_stored_credential(&req).await?;
+        }
         let now = Utc::now();
         let sealed_credential = req
             .credential
@@ -908,18 +908,120 @@ impl Control {
         Ok((out.0, out.1, confirmation))
     }
 
-    pub async fn get_vendor(&self, vendors: &VendorScope, name: &str) -> Result<Vendor, ApiError> {
-        vendors.check(name)?;
-        self.store
-            .get_vendor(name)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))
+    /// An update that keeps the stored credential but changes the profile
+    /// or prices (where it goes): the stored credential must still fit, or
+    /// every proxy would refuse the vendor.
+    async fn check_stored_credential(&self, req: &PutVendor) -> Result<(), ApiError> {
+        let name = req.name.as_str();
+        let Some(sealed) = self.store.get_vendor_credential(name).await? else {
+            return Ok(());
+        };
+        // One that cannot be opened is withheld from proxies anyway (and
+        // logged where the policy is built).
+        let Ok(plain) = self.sealer.open(name, &sealed) else {
+            return Ok(());
+        };
+        let plain = String::from_utf8(plain).unwrap_or_default();
+        domain::check_credential(req.profile, &req.prices, &plain).map_err(|e| {
+            invalid(
+                "credential",
+                format!(
+                    "the stored credential does not fit this vendor ({}); send a new one",
+                    e.reason
+                ),
+            )
+        })?;
+        Ok(())
     }
 
-    pub async fn list_vendors(&self, vendors: &VendorScope) -> Result<Vec<Vendor>, ApiError> {
+    /// Whether vendor calls may go to `base_url` under this control
+    /// plane's upstream policy, resolving its host: every address it
+    /// resolves to must be public. Proxies check again each address they
+    /// connect to, since DNS answers change.
+    async fn check_upstream(&self, base_url: &str) -> Result<(), ApiError> {
+        let Some((host, port)) = domain::check_upstream(base_url, self.upstreams)? else {
+            return Ok(());
+        };
+        let addrs = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| {
+                invalid(
+                    "base_url",
+                    format!("{} does not resolve: {e}", keycap_proto::clip(&host, 128)),
+                )
+            })?;
+        for addr in addrs {
+            if !keycap_proto::network::is_public_upstream(addr.ip()) {
+                return Err(domain::private_upstream(&host, addr.ip()).into());
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn get_vendor(
+        &self,
+        vendors: &VendorScope,
+        name: &str,
+    ) -> Result<VendorView, ApiError> {
+        vendors.check(name)?;
+        let vendor = self
+            .store
+            .get_vendor(name)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))?;
+        let proxy_errors = self.store.vendor_load_errors(Some(name)).await?;
+        Ok(VendorView {
+            vendor,
+            proxy_errors,
+        })
+    }
+
+    pub async fn list_vendors(&self, vendors: &VendorScope) -> Result<Vec<VendorView>, ApiError> {
         let mut all = self.store.list_vendors().await?;
         all.retain(|v| vendors.allows(v.name.as_str()));
-        Ok(all)
+        let mut errors = self.store.vendor_load_errors(None).await?;
+        Ok(all
+            .into_iter()
+            .map(|vendor| {
+                let (mine, rest) = errors
+                    .drain(..)
+                    .partition(|e| e.vendor == vendor.name.as_str());
+                errors = rest;
+                VendorView {
+                    vendor,
+                    proxy_errors: mine,
+                }
+            })
+            .collect())
+    }
+
+    /// Records the vendors `node_id` says it cannot load (the whole list,
+    /// replacing its last report), for the vendor reads to show.
+    pub async fn report_vendor_errors(
+        &self,
+        node_id: &str,
+        errors: Vec<(String, String)>,
+    ) -> Result<(), ApiError> {
+        domain::parse_node_id(node_id)?;
+        if errors.len() > 10_000 {
+            return Err(invalid("vendor_errors", "too many entries").into());
+        }
+        let errors: Vec<(String, String)> = errors
+            .into_iter()
+            .map(|(vendor, error)| {
+                (
+                    keycap_proto::clip(&vendor, 64),
+                    keycap_proto::clip(&error, domain::MAX_VENDOR_ERROR_LEN),
+                )
+            })
+            .collect();
+        for (vendor, error) in &errors {
+            tracing::warn!(node = node_id, vendor = %vendor, error = %error, "a proxy cannot load a vendor");
+        }
+        self.store
+            .report_vendor_errors(node_id, &errors, Utc::now())
+            .await?;
+        Ok(())
     }
 
     /// Deletes a vendor and waits until the proxies no longer serve it.
@@ -958,7 +1060,7 @@ impl Control {
         let expires_in = chrono::Duration::from_std(req.expires_in)
             .map_err(|_| invalid("expires_in", "too large"))?;
         let secret_text = secret::generate(SecretKind::VaultKey, &self.key_env);
-        let key = VaultKey {
+        let mut key = VaultKey {
             id: format!("key_{}", uuid::Uuid::new_v4().simple()),
             key_hash: secret::hash(&secret_text),
             key_prefix: secret::display_prefix(&secret_text),
@@ -982,6 +1084,8 @@ impl Control {
                 .key_of_allowed_vendor(vendors, parent_id)
                 .await
                 .map_err(|_| ApiError::NotFound(format!("parent key {parent_id:?} not found")))?;
+            // Network limits the child leaves out are its parent's.
+            key.limits = parent.limits.for_child(&key.limits)?;
             domain::check_child_key(&parent, &key, now)?;
         }
         self.store.insert_key(&key).await.map_err(|e| match e {
@@ -1370,6 +1474,7 @@ impl Control {
             Ok(plain) => Ok(Some(FleetVendor {
                 credential: String::from_utf8(plain).map_err(|_| ApiError::Internal)?,
                 vendor: v,
+                allow_private_upstream: self.upstreams == domain::UpstreamPolicy::AllowPrivate,
             })),
             Err(e) => {
                 // A credential that cannot be opened (wrong master key,
@@ -1583,6 +1688,7 @@ mod tests {
             &secret::generate(SecretKind::FleetToken, "test"),
             "test",
             Duration::from_secs(2),
+            domain::UpstreamPolicy::PublicHttps,
         )
         .await
         .unwrap();
@@ -1637,12 +1743,21 @@ mod tests {
 
     #[test]
     fn a_twilio_credential_must_be_sid_and_token() {
-        let ok = put("twilio", Some("AC0123456789abcdef0123456789abcdef:token")).unwrap();
+        let ok = put(
+            "twilio",
+            Some("AC0123456789abcdef0123456789abcdef:authtoken"),
+        )
+        .unwrap();
         assert_eq!(
             ok.credential.as_deref(),
-            Some("AC0123456789abcdef0123456789abcdef:token")
+            Some("AC0123456789abcdef0123456789abcdef:authtoken")
         );
-        assert!(put("twilio", Some("SKabc:secret")).is_ok());
+        assert!(put("twilio", Some("SKabc:secret12")).is_ok());
+        // The proxy masks the secret in responses: a short one is refused.
+        assert_eq!(
+            put("twilio", Some("AC1:token")).err().unwrap().field,
+            "credential"
+        );
         // An update that keeps the stored credential is not checked here.
         assert!(put("twilio", None).unwrap().credential.is_none());
         for bad in ["token", "AC123:", ":token", ":"] {

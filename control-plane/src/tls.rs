@@ -147,6 +147,7 @@ mod tests {
             change_poll_ms: 250,
             change_log_keep: 100_000,
             ack_timeout_ms: 2000,
+            allow_private_upstreams: false,
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),
             client_ca: client_ca.then(|| ca.ca_pem()),

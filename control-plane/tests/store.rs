@@ -111,6 +111,7 @@ suite!(
     a_report_moves_only_its_own_nodes_lease,
     fleet_nodes_register_acknowledge_and_unregister,
     fleet_heartbeat_refreshes_its_replica_and_forgets_the_dead,
+    vendor_load_errors_are_replaced_per_node_and_shown_while_it_is_registered,
     fenced_leases_are_never_grown_but_keep_counting,
     key_spend_by_day_and_lifetime,
     audit_filters_order_and_paging,
@@ -1316,6 +1317,62 @@ mod cases {
         s.unregister_fleet_node("n1", "s3").await.unwrap();
         assert_eq!(nodes(&*s).await, vec![row("n2", "r2", 0)]);
         s.unregister_fleet_node("n1", "s3").await.unwrap();
+    }
+
+    pub async fn vendor_load_errors_are_replaced_per_node_and_shown_while_it_is_registered(s: S) {
+        let errs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(v, e)| (v.to_string(), e.to_string()))
+                .collect()
+        };
+        let seen =
+            |list: Vec<keycap_control::domain::VendorLoadError>| -> Vec<(String, String, String)> {
+                list.into_iter()
+                    .map(|e| (e.vendor, e.node_id, e.error))
+                    .collect()
+            };
+        let t = now();
+        s.register_fleet_node("n1", "r1", "s1", t).await.unwrap();
+        s.register_fleet_node("n2", "r1", "s2", t).await.unwrap();
+        // Nothing to clear: no write, nothing shown.
+        s.report_vendor_errors("n1", &[], t).await.unwrap();
+        assert!(s.vendor_load_errors(None).await.unwrap().is_empty());
+        s.report_vendor_errors("n1", &errs(&[("stripe", "bad rate"), ("openai", "x")]), t)
+            .await
+            .unwrap();
+        s.report_vendor_errors("n2", &errs(&[("stripe", "other")]), t)
+            .await
+            .unwrap();
+        let stripe = s.vendor_load_errors(Some("stripe")).await.unwrap();
+        assert_eq!(stripe[0].at, trunc(t));
+        assert_eq!(
+            seen(stripe),
+            [
+                ("stripe".into(), "n1".into(), "bad rate".into()),
+                ("stripe".into(), "n2".into(), "other".into())
+            ]
+        );
+        assert_eq!(s.vendor_load_errors(None).await.unwrap().len(), 3);
+        // A node's next report replaces its last one.
+        s.report_vendor_errors("n1", &errs(&[("openai", "y")]), t)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen(s.vendor_load_errors(None).await.unwrap()),
+            [
+                ("openai".into(), "n1".into(), "y".into()),
+                ("stripe".into(), "n2".into(), "other".into())
+            ]
+        );
+        // A node no longer registered no longer speaks for the fleet.
+        s.unregister_fleet_node("n2", "s2").await.unwrap();
+        assert!(s
+            .vendor_load_errors(Some("stripe"))
+            .await
+            .unwrap()
+            .is_empty());
+        s.report_vendor_errors("n1", &[], t).await.unwrap();
+        assert!(s.vendor_load_errors(None).await.unwrap().is_empty());
     }
 
     pub async fn fleet_heartbeat_refreshes_its_replica_and_forgets_the_dead(s: S) {

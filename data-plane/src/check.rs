@@ -1,7 +1,8 @@
 //! Invariant checks for the proxy's edge parsers: where a request may go
 //! (`target`), what a key may call (`endpoint`), which key was presented
-//! (`secret` and the proxy's header extraction) and how raw bytes are cut
-//! into requests (`edge`).
+//! (`secret` and the proxy's header extraction), how raw bytes are cut
+//! into requests (`edge`), and how the credential is masked in what a
+//! vendor answers (`scrub`).
 //!
 //! Test support, not part of the request path, in the same form as
 //! `pricing::check`: each `pub fn` takes arbitrary bytes and panics when an
@@ -29,6 +30,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("endpoint_match", endpoint_match),
     ("vault_key", vault_key),
     ("request_framing", request_framing),
+    ("response_scrub", response_scrub),
 ];
 
 /// Base URLs a target is joined onto, with and without a path prefix.
@@ -379,5 +381,60 @@ pub fn request_framing(data: &[u8]) {
         let before = out.len();
         whole.feed(b"GET / HTTP/1.1\r\n\r\n", &mut out);
         assert_eq!(out.len(), before);
+    }
+}
+
+/// The bytes as a vendor's response body and the secret to keep out of it:
+/// the first byte picks the secret's length (8 to 23), the next that many
+/// bytes are the secret, and the rest is cut into chunks as in
+/// `pricing::check::split_chunks`. However the body is cut, streaming it
+/// through `StreamScrub` gives exactly what masking it whole gives; the
+/// result has the body's length, holds the secret nowhere, and differs from
+/// the body only by `*` inside occurrences of the secret.
+pub fn response_scrub(data: &[u8]) {
+    use crate::scrub::{CredentialScrub, StreamScrub, MASK};
+    use bytes::Bytes;
+    use memchr::memmem;
+
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = 8 + usize::from(n % 16);
+    if rest.len() < n {
+        return;
+    }
+    let (secret, rest) = rest.split_at(n);
+    if secret.contains(&MASK) {
+        // A secret of '*' could be re-formed by its own mask.
+        return;
+    }
+    let scrub = std::sync::Arc::new(CredentialScrub::new(&[secret]));
+    let (body, cuts) = split_chunks(rest);
+    let whole = scrub.bytes(Bytes::copy_from_slice(body));
+    let mut stream = StreamScrub::new(scrub);
+    let mut streamed = Vec::with_capacity(body.len());
+    for cut in cuts {
+        streamed.extend_from_slice(&stream.pass(Bytes::copy_from_slice(cut)));
+    }
+    streamed.extend_from_slice(&stream.finish());
+    assert_eq!(streamed, whole[..], "streamed and whole masking differ");
+    assert_eq!(whole.len(), body.len(), "masking changed the length");
+    assert!(
+        memmem::find(&whole, secret).is_none(),
+        "the secret survived"
+    );
+    let mut covered = vec![false; body.len()];
+    let mut from = 0;
+    while let Some(i) = memmem::find(&body[from..], secret) {
+        covered[from + i..from + i + secret.len()].fill(true);
+        from += i + 1;
+    }
+    for (i, (before, after)) in body.iter().zip(whole.iter()).enumerate() {
+        if before != after {
+            assert!(
+                *after == MASK && covered[i],
+                "byte {i} changed outside the secret"
+            );
+        }
     }
 }

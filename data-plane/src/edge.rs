@@ -63,8 +63,9 @@ pub enum HeadRefusal {
     TooLarge,
     /// Not a request head HTTP/1.1 parsers agree on.
     Malformed,
-    /// A request-target that is not a URI at all (`target::normalize`
-    /// judges the ones that are).
+    /// A request-target that is not a URI at all, or carries a fragment
+    /// (`#`), which the URI parser behind hyper would silently drop
+    /// (`target::normalize` judges the rest).
     InvalidTarget,
 }
 
@@ -97,7 +98,9 @@ impl HeadRefusal {
             }
             HeadRefusal::TooLarge => "the request headers are too large",
             HeadRefusal::Malformed => "the request head is not valid HTTP/1.1",
-            HeadRefusal::InvalidTarget => "the request target is not a valid URI",
+            HeadRefusal::InvalidTarget => {
+                "the request target is not a valid URI without a fragment (#)"
+            }
         }
     }
 
@@ -443,7 +446,10 @@ fn check_head(head: &[u8]) -> Result<BodyFraming, HeadRefusal> {
         _ => return Err(HeadRefusal::Malformed),
     }
     // hyper would answer a target it cannot parse with a bare 400 of its own.
-    if req.path.is_none_or(|p| p.parse::<http::Uri>().is_err()) {
+    if req
+        .path
+        .is_none_or(|p| p.contains('#') || p.parse::<http::Uri>().is_err())
+    {
         return Err(HeadRefusal::InvalidTarget);
     }
     let mut length = None;
@@ -787,6 +793,8 @@ mod tests {
             ("GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", HeadRefusal::Malformed),
             ("GET / HTTP/1.1\r\n folded\r\n\r\n", HeadRefusal::Malformed),
             ("GET @evil.example/x HTTP/1.1\r\n\r\n", HeadRefusal::InvalidTarget),
+            ("GET /s/v1/x#frag HTTP/1.1\r\n\r\n", HeadRefusal::InvalidTarget),
+            ("GET /s/v1/x?q=1#f HTTP/1.1\r\n\r\n", HeadRefusal::InvalidTarget),
             ("GET http://a b/ HTTP/1.1\r\n\r\n", HeadRefusal::Malformed),
         ] {
             let input = format!("{GET}{head}0\r\n\r\n{GET}");

@@ -74,6 +74,15 @@ pub enum Refusal {
     ResponseTooLarge,
     #[error("the vendor could not be reached")]
     UpstreamUnreachable,
+    /// Every address the vendor's host resolved to is loopback, private,
+    /// link-local or otherwise non-public, and the vendor was not
+    /// registered under the control plane's --allow-private-upstreams.
+    #[error("the vendor's host resolves only to non-public addresses; nothing was sent")]
+    UpstreamAddressRefused,
+    /// The vendor compressed its answer although keycap asked for
+    /// `identity`: it cannot be checked for the credential.
+    #[error("the vendor answered with a content encoding keycap did not ask for")]
+    UpstreamResponseEncoded,
     #[error("the vendor did not answer in time")]
     UpstreamTimeout,
     #[error(
@@ -109,6 +118,8 @@ impl Refusal {
             Refusal::SpendNotRecorded => "spend_not_recorded",
             Refusal::ResponseTooLarge => "upstream_response_too_large",
             Refusal::UpstreamUnreachable => "upstream_unreachable",
+            Refusal::UpstreamAddressRefused => "upstream_address_refused",
+            Refusal::UpstreamResponseEncoded => "upstream_response_encoded",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::IdempotentRequestInFlight => "idempotent_request_in_flight",
             Refusal::Internal => "internal",
@@ -141,7 +152,9 @@ impl Refusal {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Refusal::ResponseTooLarge => StatusCode::BAD_GATEWAY,
-            Refusal::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamUnreachable
+            | Refusal::UpstreamAddressRefused
+            | Refusal::UpstreamResponseEncoded => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::IdempotentRequestInFlight => StatusCode::CONFLICT,
             Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,

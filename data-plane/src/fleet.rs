@@ -347,7 +347,7 @@ pub async fn watch_policy(
                             }
                         },
                         _ = home_retry.tick(), if away && probe.is_none() => {
-                            probe = Some(Box::pin(home_answers(fleet.clone(), cache.version())));
+                            probe = Some(Box::pin(home_answers(fleet.clone(), cache.clone())));
                         }
                         answers = async { probe.as_mut().expect("probe").await }, if probe.is_some() => {
                             probe = None;
@@ -393,12 +393,9 @@ fn is_heartbeat(update: &pb::PolicyUpdate) -> bool {
 /// Whether the home replica answers a fleet call now: the proxy's applied
 /// version acknowledged there (harmless: versions only rise), within
 /// `HOME_SWITCH`.
-async fn home_answers(fleet: Fleet, version: i64) -> bool {
+async fn home_answers(fleet: Fleet, policy: Arc<PolicyCache>) -> bool {
     let mut client = fleet.replicas.members[HOME].client.clone();
-    let mut req = Request::new(pb::AckPolicyRequest {
-        node_id: fleet.node_id.clone(),
-        version,
-    });
+    let mut req = Request::new(ack_request(&fleet, policy.version(), &policy));
     req.set_timeout(HOME_SWITCH);
     matches!(
         tokio::time::timeout(HOME_SWITCH, client.ack_policy(req)).await,
@@ -438,8 +435,14 @@ async fn open_stream(
 /// which is retried with capped backoff until it lands. A newer version
 /// drops the acknowledgement in flight and goes to the current replica at
 /// once, so one sent to a replica that stopped answering (the stream has
-/// moved on) does not hold up the next.
-pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::Receiver<i64>) {
+/// moved on) does not hold up the next. Each acknowledgement also carries
+/// every vendor the applied policy holds that this proxy cannot serve
+/// (`Policy::vendor_errors`), so the admin API shows them.
+pub async fn acknowledge_policy(
+    fleet: Fleet,
+    mut applied: tokio::sync::watch::Receiver<i64>,
+    policy: Arc<PolicyCache>,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut pending = None;
     loop {
@@ -453,10 +456,7 @@ pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::R
             }
         };
         pending = Some(version);
-        let mut req = Request::new(pb::AckPolicyRequest {
-            node_id: fleet.node_id.clone(),
-            version,
-        });
+        let mut req = Request::new(ack_request(&fleet, version, &policy));
         req.set_timeout(Duration::from_secs(2));
         let mut client = fleet.client();
         let outcome = tokio::select! {
@@ -498,6 +498,25 @@ pub async fn acknowledge_policy(fleet: Fleet, mut applied: tokio::sync::watch::R
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// The acknowledgement of `version`, with the vendors the applied policy
+/// holds that this proxy cannot serve: each acknowledgement replaces what
+/// the control plane shows for this node.
+fn ack_request(fleet: &Fleet, version: i64, policy: &PolicyCache) -> pb::AckPolicyRequest {
+    pb::AckPolicyRequest {
+        node_id: fleet.node_id.clone(),
+        version,
+        vendor_errors: policy
+            .load()
+            .vendor_errors
+            .iter()
+            .map(|(vendor, error)| pb::VendorLoadError {
+                vendor: vendor.clone(),
+                error: error.clone(),
+            })
+            .collect(),
     }
 }
 

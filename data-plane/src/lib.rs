@@ -31,10 +31,12 @@ pub mod policy;
 pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;
+pub mod scrub;
 pub mod spend;
 pub mod sse;
 pub mod target;
 pub mod tightening;
+pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -125,6 +127,7 @@ pub async fn run(
     tokio::spawn(fleet::acknowledge_policy(
         fleet.clone(),
         cache.subscribe_applied(),
+        cache.clone(),
     ));
     let control = fleet.replicas().clone();
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
@@ -171,7 +174,7 @@ pub async fn run(
                 lookup: lookup.clone(),
                 budget: budget.clone(),
                 spend: spend.clone(),
-                client: proxy::http_client(tls.upstream.clone()),
+                vendors: proxy::VendorClients::new(tls.upstream.clone()),
                 control_client: proxy::http_client(tls.control.clone()),
                 control: control.clone(),
                 node_id: node_id.clone(),

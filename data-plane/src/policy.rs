@@ -6,23 +6,22 @@
 //! module never talks to the network and never holds a secret, only hashes
 //! and the vendors' real credentials it must inject.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use http::{HeaderName, HeaderValue};
 use keycap_proto::network::{self, IpNet};
 use keycap_proto::prices::GenericRules;
-use keycap_proto::profile::{CredentialHeader, Profile};
+use keycap_proto::profile::{CredentialInjection, Profile};
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::{pb, time::from_proto, Micros};
 use subtle::ConstantTimeEq;
 
 use crate::endpoint::EndpointSet;
 use crate::pricing::{self, Catalog, PriceModel};
+use crate::scrub::CredentialScrub;
 
 /// A vendor as the request path needs it.
 pub struct VendorPolicy {
@@ -35,6 +34,11 @@ pub struct VendorPolicy {
     pub credential_header: HeaderName,
     pub credential: HeaderValue,
     pub pricing: Arc<dyn PriceModel>,
+    /// The control plane runs with `--allow-private-upstreams`: calls may
+    /// go over plain http and to non-public addresses.
+    pub allow_private_upstream: bool,
+    /// Masks the credential wherever a response repeats it.
+    pub scrub: Arc<CredentialScrub>,
 }
 
 impl std::fmt::Debug for VendorPolicy {
@@ -72,6 +76,9 @@ pub struct KeyPolicy {
 pub struct Policy {
     pub version: i64,
     pub vendors: HashMap<String, Arc<VendorPolicy>>,
+    /// Vendors in the policy this proxy cannot serve, with why: reported
+    /// to the control plane with every acknowledgement.
+    pub vendor_errors: BTreeMap<String, String>,
     /// Keys by hash, for applying updates. Requests look keys up only
     /// through `key_standing`, which takes the same time for any key.
     keys: HashMap<[u8; 32], Arc<KeyPolicy>>,
@@ -135,6 +142,25 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Serves `v` from now on, or, when this proxy cannot, drops it and
+    /// records why (never serving an older version of it instead).
+    fn apply_vendor(&mut self, v: pb::FleetVendor, prices: &Catalog) {
+        let name = v.name.clone();
+        match vendor_policy(v, prices) {
+            Ok(vp) => {
+                self.vendors.insert(name.clone(), Arc::new(vp));
+                self.vendor_errors.remove(&name);
+            }
+            Err(e) => {
+                tracing::error!(vendor = %name, error = %e, "vendor cannot be served; reported to the control plane");
+                self.vendors.remove(&name);
+                self.vendor_errors.insert(name, e);
+            }
+        }
+    }
+}
+
 /// Shared, swappable policy.
 pub struct PolicyCache {
     current: ArcSwap<Policy>,
@@ -154,53 +180,43 @@ pub struct PolicyCache {
 /// until which it stands in for the policy.
 type LookedUp = HashMap<[u8; 32], (Arc<KeyPolicy>, i64)>;
 
-fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Option<VendorPolicy> {
+/// The vendor as the request path needs it, or why this proxy cannot serve
+/// it. Every rule here is the control plane's too (shared in
+/// `keycap_proto`), so a refusal means version skew or a stored vendor from
+/// before a rule: it is reported to the control plane with the next
+/// acknowledgement and shown in the vendor's admin reads.
+fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Result<VendorPolicy, String> {
+    crate::upstream::check_base_url(&v.base_url, v.allow_private_upstream)?;
     let rates = v.currency_rates.into_iter().collect();
-    let pricing = match pricing::model_for(&v.profile, &rates, prices, &v.prices_json) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(vendor = %v.name, error = %e, "vendor profile cannot be priced; vendor refused");
-            return None;
-        }
-    };
+    let pricing = pricing::model_for(&v.profile, &rates, prices, &v.prices_json)
+        .map_err(|e| format!("cannot be priced: {e}"))?;
     // model_for accepted the profile (and a generic vendor's rules), so
     // both parse.
-    let profile = Profile::parse(&v.profile)?;
+    let profile = Profile::parse(&v.profile).ok_or("unknown profile")?;
     let own_header = match profile {
         Profile::Generic => {
             GenericRules::from_json(&v.prices_json)
-                .ok()?
+                .map_err(|e| e.to_string())?
                 .credential_header
         }
         _ => None,
     };
-    let (credential_header, value) = match (own_header, profile.credential_header()) {
-        (Some(name), _) => (HeaderName::from_bytes(name.as_bytes()).ok()?, v.credential),
-        (None, CredentialHeader::Bearer) => (
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", v.credential),
-        ),
-        (None, CredentialHeader::XApiKey) => (HeaderName::from_static("x-api-key"), v.credential),
-        (None, CredentialHeader::Basic) => {
-            if !v.credential.contains(':') {
-                tracing::error!(vendor = %v.name, "vendor credential is not USER:PASSWORD; vendor refused");
-                return None;
-            }
-            (
-                http::header::AUTHORIZATION,
-                format!("Basic {}", BASE64.encode(&v.credential)),
-            )
-        }
-    };
-    let mut credential = HeaderValue::from_str(&value).ok()?;
+    let injection = CredentialInjection::new(profile, own_header.as_deref(), &v.credential)
+        .map_err(|e| format!("credential: {e}"))?;
+    let credential_header = HeaderName::from_bytes(injection.header.as_bytes())
+        .map_err(|_| "credential header is not a header name".to_string())?;
+    let mut credential = HeaderValue::from_str(&injection.value)
+        .map_err(|_| "credential: cannot be a header value".to_string())?;
     credential.set_sensitive(true);
-    Some(VendorPolicy {
+    Ok(VendorPolicy {
         name: v.name,
         profile: v.profile,
         base_url: v.base_url,
         credential_header,
         credential,
         pricing,
+        allow_private_upstream: v.allow_private_upstream,
+        scrub: Arc::new(CredentialScrub::new(&injection.secrets)),
     })
 }
 
@@ -292,10 +308,7 @@ impl PolicyCache {
                     ..Policy::default()
                 };
                 for v in s.vendors {
-                    let name = v.name.clone();
-                    if let Some(vp) = vendor_policy(v, &self.prices) {
-                        p.vendors.insert(name, Arc::new(vp));
-                    }
+                    p.apply_vendor(v, &self.prices);
                 }
                 for k in s.keys {
                     if let Some(kp) = key_policy(k) {
@@ -317,23 +330,17 @@ impl PolicyCache {
                 let mut p = Policy {
                     version: update.version.max(old.version),
                     vendors: old.vendors.clone(),
+                    vendor_errors: old.vendor_errors.clone(),
                     keys: old.keys.clone(),
                     key_hash_by_id: old.key_hash_by_id.clone(),
                     by_hash: Vec::new(),
                 };
                 for name in d.removed_vendors {
                     p.vendors.remove(&name);
+                    p.vendor_errors.remove(&name);
                 }
                 for v in d.upsert_vendors {
-                    let name = v.name.clone();
-                    match vendor_policy(v, &self.prices) {
-                        Some(vp) => {
-                            p.vendors.insert(name, Arc::new(vp));
-                        }
-                        None => {
-                            p.vendors.remove(&name);
-                        }
-                    }
+                    p.apply_vendor(v, &self.prices);
                 }
                 for id in d.removed_keys {
                     if let Some(h) = p.key_hash_by_id.remove(&id) {
@@ -417,6 +424,7 @@ impl PolicyCache {
         self.current.store(Arc::new(Policy {
             version: 0,
             vendors: old.vendors.clone(),
+            vendor_errors: old.vendor_errors.clone(),
             keys: old.keys.clone(),
             key_hash_by_id: old.key_hash_by_id.clone(),
             by_hash: old.by_hash.clone(),
@@ -575,17 +583,47 @@ mod tests {
     #[test]
     fn credentials_go_in_the_profile_header() {
         let prices = Catalog::builtin();
-        let v = vendor_policy(vendor("twilio", "AC123:secret"), &prices).unwrap();
+        let v = vendor_policy(vendor("twilio", "AC123:secret12"), &prices).unwrap();
         assert_eq!(v.credential_header, http::header::AUTHORIZATION);
-        assert_eq!(v.credential, "Basic QUMxMjM6c2VjcmV0");
+        assert_eq!(v.credential, "Basic QUMxMjM6c2VjcmV0MTI=");
         assert!(v.credential.is_sensitive());
-        let v = vendor_policy(vendor("stripe", "sk_1"), &prices).unwrap();
-        assert_eq!(v.credential, "Bearer sk_1");
-        let v = vendor_policy(vendor("anthropic", "sk-ant"), &prices).unwrap();
+        let v = vendor_policy(vendor("stripe", "sk_test_1"), &prices).unwrap();
+        assert_eq!(v.credential, "Bearer sk_test_1");
+        let v = vendor_policy(vendor("anthropic", "sk-ant-12"), &prices).unwrap();
         assert_eq!(v.credential_header, "x-api-key");
-        assert_eq!(v.credential, "sk-ant");
+        assert_eq!(v.credential, "sk-ant-12");
         // A Basic credential that is not USER:PASSWORD would only ever be
         // refused upstream: the vendor is refused here instead.
-        assert!(vendor_policy(vendor("twilio", "AC123"), &prices).is_none());
+        let e = vendor_policy(vendor("twilio", "AC123"), &prices).unwrap_err();
+        assert!(e.contains("credential"), "{e}");
+    }
+
+    #[test]
+    fn a_vendor_this_proxy_cannot_serve_is_recorded_until_it_can() {
+        let cache = PolicyCache::new(Catalog::builtin());
+        let mut bad = vendor("stripe", "sk_test_1");
+        bad.currency_rates = [("usd".to_string(), "2".to_string())].into();
+        cache.apply(pb::PolicyUpdate {
+            version: 1,
+            update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
+                vendors: vec![bad],
+                keys: vec![],
+            })),
+        });
+        let p = cache.load();
+        assert!(!p.vendors.contains_key("v"));
+        let why = p.vendor_errors.get("v").expect("error recorded");
+        assert!(why.contains("usd"), "{why}");
+        drop(p);
+        cache.apply(pb::PolicyUpdate {
+            version: 2,
+            update: Some(pb::policy_update::Update::Delta(pb::PolicyDelta {
+                upsert_vendors: vec![vendor("stripe", "sk_test_1")],
+                ..Default::default()
+            })),
+        });
+        let p = cache.load();
+        assert!(p.vendors.contains_key("v"));
+        assert!(p.vendor_errors.is_empty());
     }
 }

@@ -22,6 +22,8 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use keycap_proto::network::{self, IpNet};
@@ -45,20 +47,63 @@ use crate::pricing::{
     StreamSettler,
 };
 use crate::ratelimit::{RateLimiter, RateStatus};
+use crate::scrub::StreamScrub;
 use crate::spend::SpendReporter;
 use crate::target;
 use crate::tightening::Tightening;
+use crate::upstream::{self, PublicResolver};
 
-pub type Connector =
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-pub type HttpClient = Client<Connector, Full<Bytes>>;
+pub type Connector<R = GaiResolver> = hyper_rustls::HttpsConnector<HttpConnector<R>>;
+pub type HttpClient<R = GaiResolver> = Client<Connector<R>, Full<Bytes>>;
+
+/// The clients a serving thread calls vendors with: `public` connects only
+/// to public addresses (`upstream::PublicResolver`); `private` to any, for
+/// vendors of a control plane run with `--allow-private-upstreams`.
+pub struct VendorClients {
+    pub public: HttpClient<PublicResolver>,
+    pub private: HttpClient,
+}
+
+impl VendorClients {
+    pub fn new(tls: rustls::ClientConfig) -> Self {
+        VendorClients {
+            public: http_client_with(tls.clone(), PublicResolver::new()),
+            private: http_client(tls),
+        }
+    }
+
+    /// Sends `req` to `vendor`'s base URL through the client its upstream
+    /// policy allows.
+    async fn request(
+        &self,
+        vendor: &VendorPolicy,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        if vendor.allow_private_upstream {
+            self.private.request(req).await
+        } else {
+            self.public.request(req).await
+        }
+    }
+}
 
 /// Builds an HTTP client over `tls`: HTTP/1.1 and HTTP/2 (by ALPN) for
 /// `https://` targets, plain HTTP for `http://` ones (loopback test vendors,
 /// a plain control plane). Redirects are never followed (the legacy client
 /// does not follow them).
 pub fn http_client(tls: rustls::ClientConfig) -> HttpClient {
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http_client_with(tls, GaiResolver::new())
+}
+
+/// `http_client`, resolving names with `resolver`.
+pub fn http_client_with<R>(tls: rustls::ClientConfig, resolver: R) -> HttpClient<R>
+where
+    R: tower::Service<Name> + Clone + Send + Sync + 'static,
+    R::Response: Iterator<Item = SocketAddr>,
+    R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R::Future: Send,
+{
+    let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -86,7 +131,7 @@ pub struct Proxy {
     pub budget: Arc<Budget>,
     pub spend: SpendReporter,
     /// Calls vendors: the system's roots plus `--upstream-ca`.
-    pub client: HttpClient,
+    pub vendors: VendorClients,
     /// Relays `/vault/*`: trusts `--control-ca` and presents this node's
     /// client certificate, like the fleet channel.
     pub control_client: HttpClient,
@@ -366,11 +411,13 @@ impl Proxy {
                 quote.reserve = reserve;
             }
         }
-        if quote.kind != QuoteKind::Free {
-            // A priced response is read to settle it: the vendor must not
-            // compress it. The agent gets it uncompressed.
-            headers.remove(header::ACCEPT_ENCODING);
-        }
+        // Every response is read for the credential (and a priced one to
+        // settle it): the vendor must not compress it. The agent gets it
+        // uncompressed.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            header::HeaderValue::from_static("identity"),
+        );
         let mut idempotency = None;
         let mut rides_on = None;
         if quote.kind != QuoteKind::Free {
@@ -512,13 +559,18 @@ impl Proxy {
             *get.uri_mut() = format!("{}{}", vendor.base_url, path)
                 .parse()
                 .map_err(|_| Refusal::Internal)?;
-            let resp = tokio::time::timeout(self.upstream_timeout, self.client.request(get))
-                .await
-                .map_err(|_| Refusal::UpstreamTimeout)?
-                .map_err(|e| {
-                    tracing::warn!(vendor = %vendor.name, error = %e, "vendor unreachable for a price lookup");
-                    Refusal::UpstreamUnreachable
-                })?;
+            let resp =
+                tokio::time::timeout(self.upstream_timeout, self.vendors.request(vendor, get))
+                    .await
+                    .map_err(|_| Refusal::UpstreamTimeout)?
+                    .map_err(|e| {
+                        tracing::warn!(vendor = %vendor.name, error = %e, "vendor unreachable for a price lookup");
+                        if upstream::is_address_refused(&e) {
+                            Refusal::UpstreamAddressRefused
+                        } else {
+                            Refusal::UpstreamUnreachable
+                        }
+                    })?;
             let status = resp.status().as_u16();
             let body = Limited::new(resp.into_body(), self.max_response_bytes)
                 .collect()
@@ -726,8 +778,11 @@ struct Call {
 
 impl Call {
     async fn forward(mut self, up: Request<Full<Bytes>>) -> Result<Response<ProxyBody>, Refusal> {
-        let sent =
-            tokio::time::timeout(self.proxy.upstream_timeout, self.proxy.client.request(up)).await;
+        let sent = tokio::time::timeout(
+            self.proxy.upstream_timeout,
+            self.proxy.vendors.request(&self.vendor, up),
+        )
+        .await;
         let resp = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(e)) if e.is_connect() => {
@@ -738,7 +793,11 @@ impl Call {
                 // Its reservation record must not be reported after a
                 // restart: it never left.
                 self.proxy.spend.never_sent(&self.event_id);
-                return Err(Refusal::UpstreamUnreachable);
+                return Err(if upstream::is_address_refused(&e) {
+                    Refusal::UpstreamAddressRefused
+                } else {
+                    Refusal::UpstreamUnreachable
+                });
             }
             Ok(Err(e)) => {
                 // The request may have reached the vendor: its cost is
@@ -755,6 +814,27 @@ impl Call {
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
+        // No response carries the credential: masked in headers here and in
+        // the body on each path below.
+        self.vendor.scrub.headers(&mut parts.headers);
+        let bodiless = self.method == "HEAD" || matches!(status, 204 | 304);
+        if !bodiless && is_encoded(&parts.headers) {
+            // Asked for identity and answered compressed: it cannot be
+            // checked for the credential, so the agent does not get it. A
+            // priced call may have been billed: settled at its reservation.
+            tracing::warn!(vendor = %self.vendor.name, "vendor answered with a content encoding; refused");
+            let settlement = if self.quote.kind == QuoteKind::Free {
+                Settlement {
+                    cost: Micros::ZERO,
+                    outcome: Outcome::Released,
+                    detail: Value::Null,
+                }
+            } else {
+                self.at_reservation()
+            };
+            self.settle(status, settlement);
+            return Err(Refusal::UpstreamResponseEncoded);
+        }
         let is_sse = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -768,6 +848,7 @@ impl Call {
                 .stream_settler_for(&self.quote, &parts.headers);
             let observer = StreamObserver {
                 settler: Some(settler),
+                scrub: StreamScrub::new(self.vendor.scrub.clone()),
                 call: Some(self),
                 status,
             };
@@ -792,10 +873,9 @@ impl Call {
                     detail: Value::Null,
                 },
             );
-            return Ok(Response::from_parts(
-                parts,
-                incoming.map_err(Into::into).boxed_unsync(),
-            ));
+            let scrub = StreamScrub::new(self.vendor.scrub.clone());
+            let body = ObservedBody::new(incoming, Box::new(scrub));
+            return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
         let max = self.proxy.max_response_bytes;
         match Limited::new(incoming, max).collect().await {
@@ -811,6 +891,7 @@ impl Call {
                 );
                 self.settle(status, settlement);
                 parts.headers.remove(header::CONTENT_LENGTH);
+                let bytes = self.vendor.scrub.bytes(bytes);
                 Ok(Response::from_parts(parts, body::bytes(bytes)))
             }
             Err(e) => {
@@ -934,26 +1015,58 @@ impl Drop for Call {
     }
 }
 
-/// Settles a streamed response from what passed through it.
+/// Whether a response names a content coding other than `identity`.
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|c| {
+            let c = c.trim_ascii();
+            !c.is_empty() && !c.eq_ignore_ascii_case(b"identity")
+        })
+}
+
+/// Masks the credential in a body that streams through unpriced.
+impl ChunkObserver for StreamScrub {
+    fn chunk(&mut self, data: Bytes) -> Bytes {
+        self.pass(data)
+    }
+
+    fn end_of_stream(&mut self) -> Bytes {
+        self.finish()
+    }
+
+    fn finish(self: Box<Self>, _complete: bool) {}
+}
+
+/// Settles a streamed response from what passed through it, and masks the
+/// credential in what the client gets.
 struct StreamObserver {
     settler: Option<Box<dyn StreamSettler>>,
+    scrub: StreamScrub,
     call: Option<Call>,
     status: u16,
 }
 
 impl ChunkObserver for StreamObserver {
     fn chunk(&mut self, data: Bytes) -> Bytes {
-        match self.settler.as_mut() {
+        let out = match self.settler.as_mut() {
             Some(s) => s.pass(data),
             None => data,
-        }
+        };
+        self.scrub.pass(out)
     }
 
     fn end_of_stream(&mut self) -> Bytes {
-        self.settler
+        let tail = self
+            .settler
             .as_mut()
             .map(|s| s.end_of_stream())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut out = self.scrub.pass(tail).to_vec();
+        out.extend_from_slice(&self.scrub.finish());
+        Bytes::from(out)
     }
 
     fn finish(mut self: Box<Self>, complete: bool) {

@@ -1,5 +1,6 @@
 //! A key's network limits: the client networks it may be used from, the
-//! zone of proxies that may serve it, and its request rate.
+//! zone of proxies that may serve it, and its request rate; and which
+//! addresses a vendor's calls may go to (`is_public_upstream`).
 //!
 //! Parsed by the control plane when a key is minted and again by the proxy
 //! when the key arrives in its policy, with the same rules, so a key the
@@ -123,6 +124,65 @@ pub fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
+/// Whether a vendor's calls may be sent to `ip` without the control
+/// plane's `--allow-private-upstreams`: a globally routable unicast
+/// address. Refused: loopback, private (10/8, 172.16/12, 192.168/16,
+/// fc00::/7), link-local (169.254/16 with cloud metadata services, fe80::/10),
+/// CGNAT 100.64/10, unspecified and "this network" 0/8, broadcast,
+/// multicast, reserved and benchmarking ranges, documentation ranges, and
+/// IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64, 6to4)
+/// when that address is refused. Checked by the control plane when a vendor
+/// is registered and by the proxy on every address it connects to.
+pub fn is_public_upstream(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: std::net::Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(a == 0
+        || a == 10
+        || a == 127
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 169 && b == 254)
+        || (a == 172 && (16..32).contains(&b))
+        || (a == 192 && b == 168)
+        || (a == 192 && b == 0 && (c == 0 || c == 2))
+        || (a == 198 && (b == 18 || b == 19))
+        || (a == 198 && b == 51 && c == 100)
+        || (a == 203 && b == 0 && c == 113)
+        || a >= 224)
+}
+
+fn is_public_v6(ip: std::net::Ipv6Addr) -> bool {
+    let seg = ip.segments();
+    let embedded_v4 = |hi: u16, lo: u16| {
+        std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+    };
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    match seg {
+        // :: and ::1, and the deprecated IPv4-compatible ::a.b.c.d.
+        [0, 0, 0, 0, 0, 0, hi, lo] => hi != 0 && is_public_v4(embedded_v4(hi, lo)),
+        // NAT64 (64:ff9b::/96) reaches the IPv4 address it carries.
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => is_public_v4(embedded_v4(hi, lo)),
+        // 6to4 (2002::/16) likewise.
+        [0x2002, hi, lo, ..] => is_public_v4(embedded_v4(hi, lo)),
+        // Teredo, documentation, ORCHID and benchmarking ranges.
+        [0x2001, 0, ..] | [0x2001, 0xdb8, ..] | [0x2001, 0x2, 0, ..] => false,
+        [0x2001, s, ..] if (0x10..0x30).contains(&s) => false,
+        // Unique local fc00::/7, link-local fe80::/10, site-local fec0::/10,
+        // multicast ff00::/8.
+        [s, ..] if (s & 0xfe00) == 0xfc00 || (s & 0xffc0) == 0xfe80 => false,
+        [s, ..] if (s & 0xffc0) == 0xfec0 || (s & 0xff00) == 0xff00 => false,
+        // Only 2000::/3 is allocated global unicast.
+        [s, ..] => (s & 0xe000) == 0x2000,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +244,64 @@ mod tests {
             parse_rate_limit(MAX_RATE_LIMIT_PER_MINUTE + 1),
             Err(NetworkError::RateTooHigh)
         );
+    }
+
+    #[test]
+    fn only_globally_routable_addresses_are_public_upstreams() {
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.1",
+            "172.15.0.1",
+            "172.32.0.1",
+            "169.253.1.1",
+            "2606:4700::1111",
+            "2a00:1450:4001:80b::200e",
+            "::ffff:93.184.216.34",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
+            assert!(is_public_upstream(public.parse().unwrap()), "{public}");
+        }
+        for private in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.1.2.3",
+            "100.64.0.1",
+            "100.127.255.255",
+            "127.0.0.1",
+            "127.255.0.1",
+            "169.254.169.254",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "192.0.0.170",
+            "192.0.2.1",
+            "198.18.0.1",
+            "198.51.100.1",
+            "203.0.113.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::127.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::1",
+            "fe80::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fec0::1",
+            "ff02::1",
+            "2001:db8::1",
+            "2001::1",
+            "100::1",
+        ] {
+            assert!(!is_public_upstream(private.parse().unwrap()), "{private}");
+        }
     }
 }

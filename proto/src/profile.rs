@@ -1,6 +1,10 @@
 //! Vendor profiles: how keycap prices a vendor's calls and injects its
-//! credential. Shared so the control plane accepts exactly the profiles the
-//! proxy can serve.
+//! credential. Shared so the control plane accepts exactly the profiles,
+//! credentials and credential headers the proxy can serve: both planes
+//! build the injected header with `CredentialInjection::new`. No I/O.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 
 /// A vendor profile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,6 +73,143 @@ impl Profile {
     }
 }
 
+/// Shortest secret keycap injects. The proxy masks a vendor's secret
+/// wherever a response repeats it, so a secret this short would mask
+/// unrelated text; no real API key is.
+pub const MIN_SECRET_LEN: usize = 8;
+/// Longest credential keycap injects.
+pub const MAX_CREDENTIAL_LEN: usize = 4096;
+
+/// Headers a credential may never go in: those that frame the message or
+/// describe one connection (hop-by-hop), and those keycap sets itself on
+/// every forwarded call. `proxy-*` is refused as well.
+pub const RESERVED_CREDENTIAL_HEADERS: [&str; 11] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "accept-encoding",
+    "content-encoding",
+];
+
+/// Why a credential (or the header it goes in) cannot be injected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error(
+        "must be {MIN_SECRET_LEN} to {MAX_CREDENTIAL_LEN} visible ASCII characters (no spaces)"
+    )]
+    NotHeaderText,
+    #[error("a {0} credential is ACCOUNT_SID:AUTH_TOKEN (or API_KEY_SID:API_KEY_SECRET)")]
+    NotUserPassword(&'static str),
+    #[error("{0:?} frames the request or is managed by keycap; the credential cannot go in it")]
+    ReservedHeader(String),
+}
+
+/// Whether a (lowercase) header name may carry a vendor credential.
+pub fn check_credential_header(name: &str) -> Result<(), CredentialError> {
+    let lower = name.to_ascii_lowercase();
+    if RESERVED_CREDENTIAL_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+        return Err(CredentialError::ReservedHeader(lower));
+    }
+    Ok(())
+}
+
+/// The header a vendor's credential goes in, its value, and the secret
+/// parts that must never reach an agent.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CredentialInjection {
+    /// Lowercase header name: `authorization`, `x-api-key`, or a generic
+    /// vendor's own.
+    pub header: String,
+    /// The value injected: `Bearer <credential>`, `Basic <base64>`, or the
+    /// credential itself.
+    pub value: String,
+    /// Byte strings a response must never carry: the secret (for Basic, the
+    /// password; otherwise the whole credential) and, for Basic, the
+    /// base64 that carries it. Any other form the proxy injects contains
+    /// one of them.
+    pub secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for CredentialInjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialInjection")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CredentialInjection {
+    /// How `credential` is injected for `profile`; `own_header` is a
+    /// generic vendor's `credential_header`, if it names one.
+    pub fn new(
+        profile: Profile,
+        own_header: Option<&str>,
+        credential: &str,
+    ) -> Result<Self, CredentialError> {
+        // It goes into an HTTP header: anything but visible ASCII would
+        // be refused by every proxy.
+        if credential.len() > MAX_CREDENTIAL_LEN
+            || !credential.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(CredentialError::NotHeaderText);
+        }
+        if let Some(name) = own_header {
+            check_credential_header(name)?;
+        }
+        let (header, value, secret, encoded) = match (own_header, profile.credential_header()) {
+            (Some(name), _) => (
+                name.to_ascii_lowercase(),
+                credential.to_string(),
+                credential,
+                None,
+            ),
+            (None, CredentialHeader::Bearer) => (
+                "authorization".to_string(),
+                format!("Bearer {credential}"),
+                credential,
+                None,
+            ),
+            (None, CredentialHeader::XApiKey) => (
+                "x-api-key".to_string(),
+                credential.to_string(),
+                credential,
+                None,
+            ),
+            (None, CredentialHeader::Basic) => {
+                let Some((_, password)) = credential
+                    .split_once(':')
+                    .filter(|(u, p)| !u.is_empty() && !p.is_empty())
+                else {
+                    return Err(CredentialError::NotUserPassword(profile.as_str()));
+                };
+                let encoded = BASE64.encode(credential);
+                (
+                    "authorization".to_string(),
+                    format!("Basic {encoded}"),
+                    password,
+                    Some(encoded),
+                )
+            }
+        };
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(CredentialError::NotHeaderText);
+        }
+        let mut secrets = vec![secret.to_string()];
+        secrets.extend(encoded);
+        Ok(CredentialInjection {
+            header,
+            value,
+            secrets,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +227,75 @@ mod tests {
             "stripe, openai, anthropic, resend, generic, twilio"
         );
         assert_eq!(Profile::Twilio.credential_header(), CredentialHeader::Basic);
+    }
+
+    #[test]
+    fn credentials_are_injected_as_each_profile_expects() {
+        let bearer = CredentialInjection::new(Profile::Stripe, None, "sk_test_123").unwrap();
+        assert_eq!(bearer.header, "authorization");
+        assert_eq!(bearer.value, "Bearer sk_test_123");
+        assert_eq!(bearer.secrets, ["sk_test_123"]);
+        let key = CredentialInjection::new(Profile::Anthropic, None, "sk-ant-123").unwrap();
+        assert_eq!(
+            (key.header.as_str(), key.value.as_str()),
+            ("x-api-key", "sk-ant-123")
+        );
+        let basic = CredentialInjection::new(Profile::Twilio, None, "AC1:authtoken").unwrap();
+        assert_eq!(
+            basic.value,
+            format!("Basic {}", BASE64.encode("AC1:authtoken"))
+        );
+        assert_eq!(
+            basic.secrets,
+            ["authtoken".to_string(), BASE64.encode("AC1:authtoken")]
+        );
+        let own = CredentialInjection::new(Profile::Generic, Some("X-Token"), "tok_12345").unwrap();
+        assert_eq!(
+            (own.header.as_str(), own.value.as_str()),
+            ("x-token", "tok_12345")
+        );
+        assert!(!format!("{own:?}").contains("tok_"));
+    }
+
+    #[test]
+    fn credentials_that_cannot_be_injected_are_refused() {
+        use CredentialError::*;
+        let new = |p, h, c| CredentialInjection::new(p, h, c).unwrap_err();
+        assert_eq!(
+            new(Profile::Stripe, None, "sk_caf\u{e9}xxxx"),
+            NotHeaderText
+        );
+        assert_eq!(new(Profile::Stripe, None, "sk live key"), NotHeaderText);
+        assert_eq!(new(Profile::Stripe, None, "short"), NotHeaderText);
+        assert_eq!(
+            new(Profile::Twilio, None, "justatoken"),
+            NotUserPassword("twilio")
+        );
+        assert_eq!(
+            new(Profile::Twilio, None, ":password1"),
+            NotUserPassword("twilio")
+        );
+        assert_eq!(new(Profile::Twilio, None, "AC1:short"), NotHeaderText);
+        for header in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authorization",
+            "Proxy-Foo",
+            "accept-encoding",
+        ] {
+            assert!(
+                matches!(
+                    new(Profile::Generic, Some(header), "tok_12345"),
+                    ReservedHeader(_)
+                ),
+                "{header}"
+            );
+        }
     }
 }

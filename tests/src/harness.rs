@@ -483,6 +483,9 @@ pub struct ControlOpts {
     pub args: Vec<String>,
     /// Serve over TLS (see `ControlTls`); `None` serves plain HTTP.
     pub tls: Option<ControlTls>,
+    /// `--allow-private-upstreams`: on for every test control plane (the
+    /// mock vendors are plain http on 127.0.0.1) unless a test turns it off.
+    pub allow_private_upstreams: bool,
 }
 
 /// TLS for a control plane: its server certificate, the CA clients trust
@@ -506,6 +509,7 @@ impl ControlOpts {
             log_level: None,
             args: Vec::new(),
             tls: None,
+            allow_private_upstreams: true,
         }
     }
 
@@ -572,6 +576,9 @@ impl Control {
                     cmd.env("KEYCAP_LOG", level);
                 }
                 cmd.args(&opts.args);
+                if opts.allow_private_upstreams {
+                    cmd.arg("--allow-private-upstreams");
+                }
                 if !opts.previous_master_keys.is_empty() {
                     cmd.env(
                         "KEYCAP_PREVIOUS_MASTER_KEYS",

@@ -5,8 +5,8 @@
 //! credential (`Authorization: Bearer <credential>`), answers with bodies
 //! shaped like the real vendors' (including the `usage` OpenAI reports, with
 //! numbers a test can predict), and keeps a log of what reached it so a test
-//! can prove a refused call never left the proxy. It never echoes a presented
-//! credential back, and it moves no money.
+//! can prove a refused call never left the proxy. Outside `/echo/` it never
+//! echoes a presented credential back, and it moves no money.
 //!
 //! Routes:
 //! * Stripe (see `stripe`): `POST /v1/charges`; `POST /v1/payment_intents`
@@ -23,7 +23,9 @@
 //! * `GET /v1/customers/{*rest}`: 200.
 //! * `POST /v1/chat/completions`: JSON body; non-streamed JSON with `usage`,
 //!   or `text/event-stream` when `"stream": true` (a final usage chunk when
-//!   `stream_options.include_usage` is true), ending with `data: [DONE]`.
+//!   `stream_options.include_usage` is true), ending with `data: [DONE]`;
+//!   with an `x-mock-echo` request header the stream also repeats the
+//!   `Authorization` it got, in an SSE comment cut over two frames.
 //! * `POST /v1/responses`, `POST /v1/embeddings`, `POST /v1/images/generations`
 //!   (module `openai`): Bearer credential (401 otherwise); a response as JSON,
 //!   or as an SSE stream (`response.created` ... `response.output_text.delta`
@@ -40,6 +42,9 @@
 //!   (Twilio, see `twilio`): `Authorization: Basic base64(<credential>)`
 //!   (401 otherwise); 201 with a queued message or call, `price` null.
 //! * `POST /v1/fail500`: 500.
+//! * any method on `/echo/{*rest}`: the request's headers echoed back in
+//!   response headers and a streamed body (see `echo`) — the one route that
+//!   repeats what it was sent, to prove keycap masks the credential.
 //! * `POST /generic/{*rest}`: a generic vendor (see `generic_call`).
 //! * anything else: 404 (still recorded).
 //!
@@ -535,6 +540,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         ("POST", "/emails" | "/emails/batch") => resend_send(&state, &call),
         ("POST", p) if p.starts_with("/generic/") => generic_call(&state, &call),
         ("POST", p) if twilio::is_create(p) => twilio::create(&state, &call),
+        (_, p) if p.starts_with("/echo/") => echo(&call),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),
@@ -549,6 +555,55 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         )
             .into_response(),
     }
+}
+
+/// Echoes the request's headers back, the way some vendors' debugging
+/// endpoints do: each as an `x-echo-<name>` response header, and in the
+/// body, which is streamed three bytes at a time so anything echoed is cut
+/// by chunk boundaries: JSON `{"headers": {...}}`, or with `sse` in the
+/// query an SSE event per header (`text/event-stream`).
+fn echo(call: &RecordedCall) -> Response {
+    let echoed: Vec<&(String, String)> = call
+        .headers
+        .iter()
+        .filter(|(n, _)| !matches!(n.as_str(), "host" | "content-length" | "connection"))
+        .collect();
+    let sse = call.query.as_deref().is_some_and(|q| q.contains("sse"));
+    let text = if sse {
+        echoed
+            .iter()
+            .map(|(n, v)| format!("data: {}\n\n", json!({ n.as_str(): v })))
+            .collect::<String>()
+    } else {
+        let map: serde_json::Map<String, Value> = echoed
+            .iter()
+            .map(|(n, v)| (n.clone(), Value::from(v.as_str())))
+            .collect();
+        json!({ "headers": map }).to_string()
+    };
+    let chunks: Vec<Result<Bytes, Infallible>> = text
+        .into_bytes()
+        .chunks(3)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let mut resp = Response::new(Body::from_stream(tokio_stream::iter(chunks)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if sse {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
+    );
+    for (n, v) in echoed {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(format!("x-echo-{n}").as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            resp.headers_mut().append(name, value);
+        }
+    }
+    resp
 }
 
 /// A generic vendor's call: the credential in `x-vendor-key` (401
@@ -753,10 +808,18 @@ fn chat_completion(
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let frames: Vec<Bytes> = chat_stream_events(&model, include_usage, usage)
+        let mut frames: Vec<Bytes> = chat_stream_events(&model, include_usage, usage)
             .into_iter()
             .map(|e| Bytes::from(format!("data: {e}\n\n")))
             .collect();
+        if call.header("x-mock-echo").is_some() {
+            // An SSE comment repeating the Authorization header, cut in two
+            // frames mid-credential, after the first event.
+            let echo = format!(": echo {}\n\n", call.authorization().unwrap_or_default());
+            let (a, b) = echo.split_at(echo.len() / 2);
+            frames.insert(1, Bytes::from(b.to_string()));
+            frames.insert(1, Bytes::from(a.to_string()));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(frames.len());
         tokio::spawn(async move {
             let mut frames = frames.into_iter();

@@ -77,20 +77,23 @@ async fn stripe_on(control: &harness::Control) -> MockVendor {
     mock
 }
 
+/// One $1 Stripe charge (a confirmed payment intent) by `agent`.
+async fn dollar_charge(agent: &Api) -> Resp {
+    agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=100&currency=usd&confirm=true",
+        )
+        .await
+}
+
 /// `n` concurrent $1 Stripe charges spread round robin over `agents`;
 /// every refusal must be a 429. Returns how many were answered 200.
 async fn dollar_charges(agents: &[Api], n: usize) -> i64 {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let agent = agents[i % agents.len()].clone();
-            tokio::spawn(async move {
-                agent
-                    .post_form(
-                        "/stripe/v1/payment_intents",
-                        "amount=100&currency=usd&confirm=true",
-                    )
-                    .await
-            })
+            tokio::spawn(async move { dollar_charge(&agent).await })
         })
         .collect();
     let mut ok = 0;
@@ -580,10 +583,16 @@ mod envelopes;
 mod issuer;
 #[path = "e2e/limits.rs"]
 mod limits;
+#[path = "e2e/scrub.rs"]
+mod scrub;
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/trees.rs"]
 mod trees;
+#[path = "e2e/upstreams.rs"]
+mod upstreams;
+#[path = "e2e/vendor_config.rs"]
+mod vendor_config;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_rest_flow_against_the_control_plane() {

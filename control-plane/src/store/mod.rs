@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey, Vendor,
+    VendorLoadError,
 };
 
 pub mod postgres;
@@ -212,6 +213,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Every registered node, by node id.
     async fn fleet_nodes(&self) -> StoreResult<Vec<FleetNode>>;
+    /// Replaces what `node` last reported it cannot load with `errors`
+    /// (vendor, why); an empty list clears them.
+    async fn report_vendor_errors(
+        &self,
+        node: &str,
+        errors: &[(String, String)],
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// What registered nodes reported they cannot load, of `vendor` (of
+    /// every vendor for `None`), by vendor then node.
+    async fn vendor_load_errors(&self, vendor: Option<&str>) -> StoreResult<Vec<VendorLoadError>>;
 
     // --- budget -------------------------------------------------------------
     /// Grows (or creates) a lease in one transaction so that, for the key

@@ -38,6 +38,7 @@ use super::sql::{
     KeyRow, LeaseRow, TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR,
     KEY_COLUMNS, VENDOR_COLUMNS,
 };
+use super::sql::{vendor_load_errors_sql, VendorLoadErrorRow};
 use super::sql::{
     FleetNodeRow, NodeLeaseRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS, NODE_LEASE_COLUMNS,
 };
@@ -46,7 +47,7 @@ use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey,
-    Vendor,
+    Vendor, VendorLoadError,
 };
 
 /// The channel notified (empty payload) whenever the change log grows.
@@ -1035,6 +1036,54 @@ impl Store for PgStore {
             .await?
             .into_iter()
             .map(FleetNodeRow::into_domain)
+            .collect()
+    }
+
+    async fn report_vendor_errors(
+        &self,
+        node: &str,
+        errors: &[(String, String)],
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        if errors.is_empty() {
+            // The common case, on every acknowledgement: no write unless
+            // there is something to clear.
+            let had = sqlx::query("SELECT 1 FROM vendor_load_errors WHERE node_id = $1 LIMIT 1")
+                .bind(node)
+                .fetch_optional(&self.pool)
+                .await?;
+            if had.is_none() {
+                return Ok(());
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM vendor_load_errors WHERE node_id = $1")
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        for (vendor, error) in errors {
+            sqlx::query(
+                "INSERT INTO vendor_load_errors (node_id, vendor, error, at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (node_id, vendor) DO UPDATE SET error = excluded.error, at = excluded.at",
+            )
+            .bind(node)
+            .bind(vendor)
+            .bind(error)
+            .bind(micros(at))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn vendor_load_errors(&self, vendor: Option<&str>) -> StoreResult<Vec<VendorLoadError>> {
+        sqlx::query_as::<_, VendorLoadErrorRow>(&vendor_load_errors_sql("$1::TEXT"))
+            .bind(vendor)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(VendorLoadErrorRow::into_domain)
             .collect()
     }
 

@@ -479,6 +479,37 @@ impl NodeLeaseRow {
     }
 }
 
+/// Load errors of nodes still registered: a node gone from `fleet_nodes`
+/// no longer speaks for the fleet. `{vendor}` is a placeholder for the
+/// vendor filter (or `NULL`).
+pub(super) fn vendor_load_errors_sql(vendor_param: &str) -> String {
+    format!(
+        "SELECT e.vendor, e.node_id, e.error, e.at FROM vendor_load_errors e \
+         JOIN fleet_nodes f ON f.node_id = e.node_id \
+         WHERE {vendor_param} IS NULL OR e.vendor = {vendor_param} \
+         ORDER BY e.vendor, e.node_id"
+    )
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct VendorLoadErrorRow {
+    vendor: String,
+    node_id: String,
+    error: String,
+    at: i64,
+}
+
+impl VendorLoadErrorRow {
+    pub(super) fn into_domain(self) -> StoreResult<crate::domain::VendorLoadError> {
+        Ok(crate::domain::VendorLoadError {
+            vendor: self.vendor,
+            node_id: self.node_id,
+            error: self.error,
+            at: from_micros(self.at, "vendor_load_errors.at")?,
+        })
+    }
+}
+
 pub(super) const FLEET_NODE_COLUMNS: &str = "node_id, replica, applied_version, heartbeat_at";
 
 #[derive(sqlx::FromRow)]

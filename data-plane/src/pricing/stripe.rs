@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 
 use http::HeaderMap;
+use keycap_proto::prices::CurrencyRates;
 use keycap_proto::{Micros, MICROS_PER_USD};
 use serde_json::{json, Value};
 
@@ -30,75 +31,19 @@ const ZERO_DECIMAL: [&str; 16] = [
 /// Currencies whose Stripe amounts are thousandths of a unit.
 const THREE_DECIMAL: [&str; 5] = ["bhd", "jod", "kwd", "omr", "tnd"];
 
-/// Most fractional digits a configured rate may have. Eighteen is far more
-/// than any real rate needs and keeps every product inside i128.
-const MAX_RATE_SCALE: u32 = 18;
-
-/// USD per major unit of a currency, held exactly as `num / 10^scale`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Rate {
-    num: i128,
-    scale: u32,
-    text: String,
-}
-
-impl Rate {
-    fn parse(text: &str) -> Option<Rate> {
-        let (int, frac) = text.split_once('.').unwrap_or((text, ""));
-        let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-        if int.is_empty()
-            || !digits(int)
-            || !digits(frac)
-            || (text.contains('.') && frac.is_empty())
-        {
-            return None;
-        }
-        let frac = frac.trim_end_matches('0');
-        let scale = u32::try_from(frac.len()).ok()?;
-        if scale > MAX_RATE_SCALE || int.trim_start_matches('0').len() > 12 {
-            return None;
-        }
-        let num: i128 = format!("{int}{frac}").parse().ok()?;
-        // A zero rate would make every charge in that currency free.
-        (num > 0).then(|| Rate {
-            num,
-            scale,
-            text: text.to_string(),
-        })
-    }
-}
-
 /// The Stripe price model, with the vendor's configured currency rates.
 #[derive(Debug, Clone)]
 pub struct StripePricing {
-    rates: BTreeMap<String, Rate>,
+    rates: CurrencyRates,
 }
 
 impl StripePricing {
     /// `currency_rates`: lowercase currency code -> decimal USD per major
-    /// unit. A malformed entry is a configuration error, raised here rather
-    /// than on the first charge in that currency.
+    /// unit, checked by the rule the control plane checks them with. A
+    /// malformed entry is a configuration error, raised here rather than on
+    /// the first charge in that currency.
     pub fn new(currency_rates: &BTreeMap<String, String>) -> Result<Self, PricingError> {
-        let mut rates = BTreeMap::new();
-        for (code, text) in currency_rates {
-            let code_ok = code.len() == 3 && code.bytes().all(|b| b.is_ascii_lowercase());
-            if !code_ok {
-                return Err(PricingError::Config(format!(
-                    "currency rate key {:?} must be a lowercase three-letter code",
-                    clip(code)
-                )));
-            }
-            let rate = Rate::parse(text).ok_or_else(|| {
-                PricingError::Config(format!(
-                    "currency rate for {code} must be a positive decimal number of USD, got {:?}",
-                    clip(text)
-                ))
-            })?;
-            if code == "usd" && (rate.num, rate.scale) != (1, 0) {
-                return Err(PricingError::Config("the rate for usd must be 1".into()));
-            }
-            rates.insert(code.clone(), rate);
-        }
+        let rates = CurrencyRates::parse(currency_rates).map_err(|e| PricingError::Config(e.0))?;
         Ok(StripePricing { rates })
     }
 
@@ -1197,10 +1142,6 @@ mod tests {
             assert_eq!(err.code(), "pricing_misconfigured", "{code}={rate}");
         }
         assert!(StripePricing::new(&[("usd".into(), "1.000".into())].into()).is_ok());
-        assert_eq!(
-            Rate::parse("1.0800").map(|r| (r.num, r.scale)),
-            Some((108, 2))
-        );
     }
 
     #[test]

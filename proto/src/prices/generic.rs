@@ -182,6 +182,10 @@ impl GenericRules {
             .credential_header
             .map(|h| header_name(&h, "credential_header"))
             .transpose()?;
+        if let Some(h) = &credential_header {
+            crate::profile::check_credential_header(h)
+                .map_err(|e| err(format!("generic rules: credential_header: {e}")))?;
+        }
         Ok(GenericRules {
             as_of: raw.as_of,
             rules,
@@ -282,6 +286,11 @@ mod tests {
             (RULES.replace("/usage/cost_micros", "usage"), "pointer"),
             (RULES.replace("\"micros\"", "\"pennies\""), "not valid"),
             (RULES.replace("X-Api-Key", "x:key"), "credential_header"),
+            (RULES.replace("X-Api-Key", "Host"), "credential_header"),
+            (RULES.replace("X-Api-Key", "Content-Length"), "credential_header"),
+            (RULES.replace("X-Api-Key", "transfer-encoding"), "credential_header"),
+            (RULES.replace("X-Api-Key", "Connection"), "credential_header"),
+            (RULES.replace("X-Api-Key", "Proxy-Authorization"), "credential_header"),
             (
                 r#"{"currency": "usd", "rules": []}"#.to_string(),
                 "1 to",

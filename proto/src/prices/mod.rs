@@ -2,18 +2,20 @@
 //!
 //! Owns the format and validation of every table a profile prices from
 //! (per-token LLM prices, Resend's unit price, Twilio's per-destination
-//! prices), so the control plane accepts exactly the `prices` a proxy can
+//! prices, a vendor's currency rates), so the control plane accepts exactly the `prices` a proxy can
 //! use and the proxy reads the shipped
 //! tables with the same code. Prices are decimal strings in JSON and integer
 //! micro-dollars here; a float never holds one. No I/O: callers read files.
 
 use crate::profile::Profile;
 
+pub mod currency;
 pub mod generic;
 pub mod resend;
 pub mod tokens;
 pub mod twilio;
 
+pub use currency::CurrencyRates;
 pub use generic::GenericRules;
 pub use resend::ResendPrices;
 pub use tokens::{EmbeddingPrice, ImagePrice, ModelPrice, TokenPrices, TOKENS_PER_UNIT};

@@ -361,6 +361,9 @@ fn vendor_json(v: &pb::Vendor) -> Value {
         "currency_rates": v.currency_rates,
         "prices": serde_json::from_str::<Value>(&v.prices_json).unwrap_or(Value::Null),
         "updated_at": ts(&v.updated_at),
+        "proxy_errors": v.proxy_errors.iter().map(|e| json!({
+            "node_id": e.node_id, "error": e.error, "at": ts(&e.at),
+        })).collect::<Vec<_>>(),
     })
 }
 

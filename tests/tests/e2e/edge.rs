@@ -236,6 +236,9 @@ async fn escaping_targets_never_reach_another_host() {
         format!("https://{o}/v1/customers/cus_1"),
         o.to_string(),
         "*".to_string(),
+        // A fragment is refused, not dropped before the path is checked.
+        "/stripe/v1/customers/cus_1#frag".to_string(),
+        "/stripe/v1/customers/cus_1?expand=x#/../../payment_intents".to_string(),
     ];
     for target in &targets {
         let r = raw_http(stack.proxy.addr(), &request(target, "127.0.0.1")).await;

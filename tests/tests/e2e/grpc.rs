@@ -374,6 +374,7 @@ async fn watch_policy_sends_a_snapshot_then_key_deltas() {
             .ack_policy(g.as_fleet(pb::AckPolicyRequest {
                 node_id: NODE.into(),
                 version,
+                ..Default::default()
             }))
             .await
             .expect("AckPolicy");
@@ -567,6 +568,7 @@ async fn fleet_calls_need_the_fleet_token() {
                 pb::AckPolicyRequest {
                     node_id: NODE.into(),
                     version: 1,
+                    ..Default::default()
                 },
                 auth,
             ))

@@ -322,3 +322,84 @@ async fn cli_manages_issuer_tokens_and_grpc_mints_with_one() {
     .json();
     assert_eq!(all[0]["status"], "KEY_STATUS_REVOKED");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_minted_with_an_issuer_token_keep_their_parents_network_limits() {
+    let (stack, _mock) = stack_with_stripe().await;
+    let control_url = stack.control.url();
+    let mut body = stripe_key_body(json!(10), &["POST /v1/*"], "make-scenario/limits");
+    body["allowed_cidrs"] = json!(["127.0.0.0/8", "2001:db8::/32"]);
+    body["zone"] = json!("eu");
+    body["rate_limit_per_minute"] = json!(2);
+    let zoned = stack.create_key(&body).await;
+    let (_, token, _) = create_issuer(&stack.admin, &zoned.id, "zoned").await;
+    let issuer = Api::new(&control_url, Some(&token));
+
+    // Left out: each limit is the parent's, as read back and as served.
+    let child = issuer
+        .post_json("/vault/keys", &child_body(5, "make-scenario/limits/1"))
+        .await
+        .expect(201);
+    assert_eq!(
+        child["allowed_cidrs"],
+        json!(["127.0.0.0/8", "2001:db8::/32"])
+    );
+    assert_eq!(child["zone"], "eu");
+    assert_eq!(child["rate_limit_per_minute"], 2);
+    let read = stack.key(child["id"].as_str().expect("child id")).await;
+    assert_eq!(read["allowed_cidrs"], child["allowed_cidrs"]);
+    assert_eq!(read["zone"], "eu");
+    assert_eq!(read["rate_limit_per_minute"], 2);
+    // This proxy serves no zone: the child is refused like its parent.
+    let secret = child["key"].as_str().expect("child secret");
+    let refused = wait_until(within(keycap_tests::harness::POLICY_TIMEOUT), || async {
+        stack.probe("stripe", secret).await.as_deref() == Some("zone_mismatch")
+    })
+    .await;
+    assert!(refused, "{:?}", stack.probe("stripe", secret).await);
+
+    // Wider: refused, naming the field.
+    for (wider, field) in [
+        (json!({"allowed_cidrs": ["10.0.0.0/8"]}), "allowed_cidrs"),
+        (json!({"allowed_cidrs": ["0.0.0.0/0"]}), "allowed_cidrs"),
+        (json!({"zone": "us"}), "zone"),
+        (json!({"rate_limit_per_minute": 3}), "rate_limit_per_minute"),
+    ] {
+        let mut b = child_body(1, "make-scenario/limits/wide");
+        for (k, v) in wider.as_object().expect("object") {
+            b[k] = v.clone();
+        }
+        let r = issuer.post_json("/vault/keys", &b).await;
+        assert_eq!(
+            r.expect_error(400, "invalid_request")["field"],
+            field,
+            "{wider}"
+        );
+    }
+    // Tighter: kept as stated.
+    let mut tight = child_body(1, "make-scenario/limits/tight");
+    tight["allowed_cidrs"] = json!(["127.0.0.1"]);
+    tight["zone"] = json!("eu");
+    tight["rate_limit_per_minute"] = json!(1);
+    let tight = issuer.post_json("/vault/keys", &tight).await.expect(201);
+    assert_eq!(tight["allowed_cidrs"], json!(["127.0.0.1/32"]));
+    assert_eq!(tight["rate_limit_per_minute"], 1);
+
+    // A parent limited only in rate: its child, minted without one, gets
+    // the parent's limit at the proxy.
+    let mut body = stripe_key_body(json!(10), &["POST /v1/*"], "make-scenario/rate");
+    body["rate_limit_per_minute"] = json!(1);
+    let rated = stack.create_key(&body).await;
+    let (_, token, _) = create_issuer(&stack.admin, &rated.id, "rated").await;
+    let child = Api::new(&control_url, Some(&token))
+        .post_json("/vault/keys", &child_body(5, "make-scenario/rate/1"))
+        .await
+        .expect(201);
+    let secret = child["key"].as_str().expect("child secret");
+    harness::assert_all_confirmed(&child);
+    let agent = stack.agent(secret);
+    dollar_charge(&agent).await.expect(200);
+    dollar_charge(&agent)
+        .await
+        .expect_error(429, "rate_limited");
+}

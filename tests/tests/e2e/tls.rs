@@ -440,6 +440,7 @@ async fn leases_spend_reports_and_acks_are_checked_against_the_client_certificat
     let ack = |node: &str| pb::AckPolicyRequest {
         node_id: node.into(),
         version: 1,
+        ..Default::default()
     };
 
     // No client certificate: refused before anything is looked at.
