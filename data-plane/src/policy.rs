@@ -147,7 +147,8 @@ pub struct PolicyCache {
 
 fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Option<VendorPolicy> {
     let rates = v.currency_rates.into_iter().collect();
-    let pricing = match pricing::model_for(&v.profile, &rates, prices, &v.prices_json) {
+    let pricing = match pricing::model_for(&v.profile, &rates, prices, &v.prices_json, &v.base_url)
+    {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(vendor = %v.name, error = %e, "vendor profile cannot be priced; vendor refused");

@@ -31,7 +31,7 @@ pub mod twilio;
 
 pub(crate) use keycap_proto::prices::mul_div_ceil;
 pub use keycap_proto::prices::{
-    EmbeddingPrice, ModelPrice, TokenPrices, TwilioPrices, VendorPrices,
+    EmbeddingPrice, ModelPrice, TokenPrices, TokenUse, TwilioPrices, Uplift, VendorPrices,
 };
 
 /// The parts of a request pricing may look at.
@@ -104,9 +104,14 @@ pub enum QuoteKind {
         model: String,
         price: ModelPrice,
         hide_usage: bool,
+        billing: TokenBilling,
     },
     /// An OpenAI Responses API call, its price copied in likewise.
-    OpenAiResponses { model: String, price: ModelPrice },
+    OpenAiResponses {
+        model: String,
+        price: ModelPrice,
+        billing: TokenBilling,
+    },
     /// OpenAI embeddings, priced per input token.
     OpenAiEmbeddings {
         model: String,
@@ -121,13 +126,29 @@ pub enum QuoteKind {
         tokens: Option<ModelPrice>,
     },
     /// An Anthropic message, with its price copied in for the same reason.
-    AnthropicMessages { model: String, price: ModelPrice },
+    AnthropicMessages {
+        model: String,
+        price: ModelPrice,
+        billing: TokenBilling,
+    },
     /// Resend emails to this many recipients.
     Resend { recipients: u64 },
     /// A generic vendor's call, priced by its rule at this index.
     Generic { rule: usize },
     /// A Twilio message or call.
     Twilio(twilio::TwilioCharge),
+}
+
+/// What a token-billed call's quote decided about its price beyond the
+/// token counts, so it settles by the same rules it was reserved by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenBilling {
+    /// The surcharge the call is reserved with (a regional endpoint, US-only
+    /// inference), and settled with unless the response says where it ran.
+    pub uplift: Option<Uplift>,
+    /// The request asked for a longer cache retention: its cache writes
+    /// are priced as long-lived writes.
+    pub long_cache_writes: bool,
 }
 
 /// How a reservation was resolved.
@@ -354,12 +375,15 @@ impl Catalog {
 /// `currency_rates` maps a lowercase currency code to decimal USD per major
 /// unit ("1.08"); it is read by profiles that charge in other currencies.
 /// `prices_json`, when not empty, is the operator's price table for this
-/// vendor and replaces the catalog's table for its profile.
+/// vendor and replaces the catalog's table for its profile. `base_url` is
+/// where the vendor's calls go: some endpoints bill more (OpenAI's
+/// data-residency hosts).
 pub fn model_for(
     profile: &str,
     currency_rates: &BTreeMap<String, String>,
     catalog: &Catalog,
     prices_json: &str,
+    base_url: &str,
 ) -> Result<Arc<dyn PriceModel>, PricingError> {
     let Some(profile) = Profile::parse(profile) else {
         return Err(PricingError::Config(format!(
@@ -379,7 +403,10 @@ pub fn model_for(
     };
     Ok(match profile {
         Profile::Stripe => Arc::new(stripe::StripePricing::new(currency_rates)?),
-        Profile::Openai => Arc::new(openai::OpenAiPricing::new(tokens(&catalog.openai))),
+        Profile::Openai => Arc::new(
+            openai::OpenAiPricing::new(tokens(&catalog.openai))
+                .regional(openai::is_regional_endpoint(base_url)),
+        ),
         Profile::Anthropic => {
             Arc::new(anthropic::AnthropicPricing::new(tokens(&catalog.anthropic)))
         }
@@ -654,7 +681,7 @@ mod tests {
     #[test]
     fn model_for_known_profiles() {
         let rates = BTreeMap::new();
-        let stripe = model_for("stripe", &rates, &prices(), "").unwrap();
+        let stripe = model_for("stripe", &rates, &prices(), "", "").unwrap();
         let q = stripe
             .quote(&PriceRequest {
                 headers: no_headers(),
@@ -666,7 +693,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(q.reserve, Micros(1_000_000));
-        let openai = model_for("openai", &rates, &prices(), "").unwrap();
+        let openai = model_for("openai", &rates, &prices(), "", "").unwrap();
         let q = openai
             .quote(&PriceRequest {
                 headers: no_headers(),
@@ -693,9 +720,9 @@ mod tests {
             headers: no_headers(),
             body: br#"{"model":"house-model","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":10}"#,
         };
-        let shipped = model_for("openai", &rates, &prices(), "").unwrap();
+        let shipped = model_for("openai", &rates, &prices(), "", "").unwrap();
         assert_eq!(shipped.quote(&req).unwrap_err().code(), "unknown_model");
-        let own = model_for("openai", &rates, &prices(), table).unwrap();
+        let own = model_for("openai", &rates, &prices(), table, "").unwrap();
         let q = own.quote(&req).unwrap();
         assert!(
             q.reserve > Micros::ZERO && q.reserve < Micros(1_000),
@@ -707,23 +734,29 @@ mod tests {
             ..req
         };
         assert_eq!(own.quote(&gpt).unwrap_err().code(), "unknown_model");
-        let err = model_for("openai", &rates, &prices(), "{}").err().unwrap();
+        let err = model_for("openai", &rates, &prices(), "{}", "")
+            .err()
+            .unwrap();
         assert_eq!(err.code(), "pricing_misconfigured");
-        let err = model_for("stripe", &rates, &prices(), table).err().unwrap();
+        let err = model_for("stripe", &rates, &prices(), table, "")
+            .err()
+            .unwrap();
         assert_eq!(err.code(), "pricing_misconfigured");
     }
 
     #[test]
     fn model_for_refuses_unknown_profile_and_bad_rates() {
         let rates = BTreeMap::new();
-        let err = model_for("paypal", &rates, &prices(), "").err().unwrap();
+        let err = model_for("paypal", &rates, &prices(), "", "")
+            .err()
+            .unwrap();
         assert_eq!(err.code(), "pricing_misconfigured");
         assert!(err.to_string().contains("paypal"));
         let huge = "x".repeat(10_000);
-        let err = model_for(&huge, &rates, &prices(), "").err().unwrap();
+        let err = model_for(&huge, &rates, &prices(), "", "").err().unwrap();
         assert!(err.to_string().len() < 200);
         let bad: BTreeMap<String, String> = [("eur".to_string(), "1,08".to_string())].into();
-        assert!(model_for("stripe", &bad, &prices(), "").is_err());
+        assert!(model_for("stripe", &bad, &prices(), "", "").is_err());
     }
 
     #[test]
@@ -852,7 +885,7 @@ mod tests {
                 r#"{"amount":100,"amount":100000,"currency":"usd"}"#,
             ),
         ] {
-            let model = model_for(profile, &rates, &prices(), "").unwrap();
+            let model = model_for(profile, &rates, &prices(), "", "").unwrap();
             let err = model
                 .quote(&PriceRequest {
                     headers: no_headers(),
