@@ -571,12 +571,15 @@ mod twilio;
 
 #[path = "e2e/admin_tokens.rs"]
 mod admin_tokens;
+
 #[path = "e2e/edge.rs"]
 mod edge;
 #[path = "e2e/issuer.rs"]
 mod issuer;
 #[path = "e2e/limits.rs"]
 mod limits;
+#[path = "e2e/prices.rs"]
+mod prices;
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/trees.rs"]
