@@ -21,13 +21,13 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    check_service_tier, image_tokens_max, long_cache_writes, model_name, request_object,
-    settle_body_tokens, settle_tokens, stream_flag, token_model, token_reservation, JsonObject,
-    OpenAiPricing, TokenBound, TokenUsage,
+    check_service_tier, image_tokens_max, model_name, request_object, settle_body_tokens,
+    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, OpenAiPricing,
+    TokenBound, TokenUsage,
 };
 use crate::pricing::{
     clip, positive_int, unreadable, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
-    StreamSettler, TokenBilling,
+    StreamSettler,
 };
 use crate::sse::{Framed, SseFramer, SseReader};
 use keycap_proto::prices::TokenPrices;
@@ -50,10 +50,7 @@ pub(super) fn quote(
     let (priced_as, price) = token_model(prices, model)?;
     let streaming = stream_flag(&obj)?;
     refuse_unbounded_features(&obj)?;
-    let billing = TokenBilling {
-        uplift: pricing.uplift(price),
-        long_cache_writes: long_cache_writes(&obj)?,
-    };
+    let billing = pricing.billing(price, &obj)?;
 
     // Both limits may be sent; the larger one bounds the output either way.
     let requested_out = [

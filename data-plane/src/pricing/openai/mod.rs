@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use super::{
     clip, free_quote, json_body, settle_fixed, settle_reported, unreadable, PriceModel,
     PriceRequest, PricingError, Quote, QuoteKind, Settlement, StatusSettler, StreamSettler,
-    TokenBilling, TokenUse, Uplift,
+    TokenBilling, TokenUse,
 };
 use keycap_proto::prices::{ModelPrice, TokenPrices};
 use keycap_proto::Micros;
@@ -67,13 +67,18 @@ impl OpenAiPricing {
         OpenAiPricing { regional, ..self }
     }
 
-    /// The surcharge a call of `price` carries through this vendor.
-    fn uplift(&self, price: &ModelPrice) -> Option<Uplift> {
-        if self.regional {
-            price.uplifts.regional_processing
-        } else {
-            None
-        }
+    /// How a token-billed request of `price` is billed beyond its token
+    /// counts: the surcharge it carries through this vendor, and whether
+    /// its cache writes are long-lived.
+    fn billing(&self, price: &ModelPrice, obj: &JsonObject) -> Result<TokenBilling, PricingError> {
+        Ok(TokenBilling {
+            uplift: if self.regional {
+                price.uplifts.regional_processing
+            } else {
+                None
+            },
+            long_cache_writes: long_cache_writes(obj)?,
+        })
     }
 }
 

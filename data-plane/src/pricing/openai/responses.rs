@@ -20,13 +20,13 @@
 use serde_json::Value;
 
 use super::{
-    check_service_tier, image_tokens_max, long_cache_writes, model_name, request_object,
-    settle_body_tokens, settle_tokens, stream_flag, token_model, token_reservation, JsonObject,
-    OpenAiPricing, TokenBound, TokenUsage,
+    check_service_tier, image_tokens_max, model_name, request_object, settle_body_tokens,
+    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, OpenAiPricing,
+    TokenBound, TokenUsage,
 };
 use crate::pricing::{
     clip, positive_int, unreadable, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
-    StreamSettler, TokenBilling,
+    StreamSettler,
 };
 use crate::sse::SseReader;
 use keycap_proto::prices::TokenPrices;
@@ -43,10 +43,7 @@ pub(super) fn quote(
     let streaming = stream_flag(&obj)?;
     check_service_tier(&obj)?;
     check_tools(&obj)?;
-    let billing = TokenBilling {
-        uplift: pricing.uplift(price),
-        long_cache_writes: long_cache_writes(&obj)?,
-    };
+    let billing = pricing.billing(price, &obj)?;
     let images = count_input_images(&obj)?;
 
     let output_max = positive_int(&obj, "max_output_tokens")?
