@@ -1,15 +1,22 @@
 //! Per-token price tables for LLM vendors.
 //!
 //! Owns the table format every LLM profile shares (prices per million
-//! tokens per token class, a model's output limit, an optional default for
-//! unknown models), its validation, and model lookup. A table may also price
-//! models that are not billed by input and output text: `embeddings` (input
-//! tokens only) and `images` (per generated image, or per token with a fixed
-//! token count per image). Each vendor ships its
-//! own dated table under `prices/`, replaceable by an operator's file or
-//! the vendor's `prices` set through the admin API.
-//! Prices are decimal strings in the file and integer micro-dollars here; a
-//! float never holds one.
+//! tokens per token class, long-context prices, surcharge multipliers, a
+//! model's output limit, an optional default for unknown models), its
+//! validation, writing a table back out, model lookup, and the one cost
+//! function both the reservation (`ModelPrice::bound`) and the settlement
+//! (`ModelPrice::charge`) use. A table may also price models that are not
+//! billed by input and output text: `embeddings` (input tokens only) and
+//! `images` (per generated image, or per token with a fixed token count per
+//! image). Each vendor ships its own dated table under `prices/`,
+//! replaceable by an operator's file or the vendor's `prices` set through
+//! the admin API.
+//!
+//! It must never let a settlement within a reservation's bounds cost more
+//! than the reservation: long-context prices are refused below the base
+//! ones, and the cost is monotone in every count. Prices are decimal
+//! strings in the file and integer micro-dollars here; a float never holds
+//! one.
 
 use std::collections::BTreeMap;
 
