@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use keycap_proto::pb;
+use keycap_proto::prices::litellm;
 use keycap_proto::time::{from_proto, opt_to_proto, to_proto};
 use keycap_proto::Micros;
 use tonic::{Request, Response, Status};
@@ -368,6 +369,51 @@ impl pb::vendor_service_server::VendorService for Api {
             already_current: r.already_current,
             failed_vendors: r.failed_vendors,
         }))
+    }
+
+    async fn import_vendor_prices(
+        &self,
+        req: Request<pb::ImportVendorPricesRequest>,
+    ) -> Result<Response<pb::ImportVendorPricesResponse>, Status> {
+        let caller = self.admin(&req, Operation::ImportVendorPrices).await?;
+        let r = req.get_ref();
+        let (v, report) = self
+            .control
+            .import_vendor_prices(&caller.vendors, &r.name, &r.litellm_json)
+            .await?;
+        Ok(Response::new(pb::ImportVendorPricesResponse {
+            vendor: Some(vendor_to_pb(&v)),
+            report: Some(report_to_pb(report)),
+        }))
+    }
+}
+
+/// A price import's report on the wire.
+fn report_to_pb(r: litellm::ImportReport) -> pb::PriceImportReport {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    pb::PriceImportReport {
+        as_of: r.as_of,
+        entries: count(r.entries),
+        models: r.models,
+        embeddings: r.embeddings,
+        images: r.images,
+        skipped: r
+            .skipped
+            .into_iter()
+            .map(|s| pb::SkippedPriceEntry {
+                name: s.name,
+                reason: s.reason,
+            })
+            .collect(),
+        unused_prices: r
+            .unused_prices
+            .into_iter()
+            .map(|u| pb::UnusedPrice {
+                kind: u.kind,
+                reason: u.reason,
+                entries: count(u.entries),
+            })
+            .collect(),
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -51,6 +51,10 @@ pub fn router(control: Arc<Control>) -> Router {
         .route(
             "/vault/vendors/{name}",
             put(put_vendor).get(get_vendor).delete(delete_vendor),
+        )
+        .route(
+            "/vault/vendors/{name}/prices/import",
+            post(import_vendor_prices).layer(DefaultBodyLimit::max(MAX_PRICE_FILE_BYTES)),
         )
         .route("/vault/keys", post(create_key).get(list_keys))
         .route("/vault/keys/revoke", post(revoke_run))
@@ -235,6 +239,29 @@ async fn put_vendor(
     let mut out = vendor_json(&v);
     out["confirmation"] = confirmation_json(&confirmation);
     Ok((status, Json(out)).into_response())
+}
+
+/// The largest LiteLLM price file the import takes (REST body, gRPC
+/// message): the whole file is about 3.5 MB; the body limit of every other
+/// route stays axum's 2 MB.
+pub const MAX_PRICE_FILE_BYTES: usize = 16 * 1024 * 1024;
+
+/// `POST /vault/vendors/{name}/prices/import`: the body is LiteLLM's price
+/// file as published.
+async fn import_vendor_prices(
+    State(c): Ctl,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&c, &headers, Operation::ImportVendorPrices).await?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::from(invalid("body", "must be UTF-8 JSON text")))?;
+    let (v, report) = c.import_vendor_prices(&caller.vendors, &name, text).await?;
+    Ok(Json(json!({
+        "vendor": vendor_json(&v),
+        "report": report,
+    })))
 }
 
 async fn get_vendor(

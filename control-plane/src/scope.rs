@@ -262,10 +262,13 @@ pub enum Operation {
     RevokeIssuerToken,
     /// Re-wrap every vendor credential under the current master key.
     RotateKek,
+    /// Replace a vendor's prices with a table converted from LiteLLM's
+    /// price file: a price change, so it needs what one needs.
+    ImportVendorPrices,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 19] = [
+    pub const ALL: [Operation; 20] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -285,6 +288,7 @@ impl Operation {
         Operation::ListIssuerTokens,
         Operation::RevokeIssuerToken,
         Operation::RotateKek,
+        Operation::ImportVendorPrices,
     ];
 }
 
@@ -295,7 +299,9 @@ pub fn required(op: Operation) -> &'static [Scope] {
     use Scope as S;
     match op {
         O::PutVendor => &[S::VendorsWrite],
-        O::PutVendorWithCredential => &[S::VendorsWrite, S::CredentialsWrite],
+        O::PutVendorWithCredential | O::ImportVendorPrices => {
+            &[S::VendorsWrite, S::CredentialsWrite]
+        }
         O::GetVendor | O::ListVendors => &[S::VendorsRead],
         O::DeleteVendor => &[S::VendorsWrite],
         // An issuer token mints keys, so making one is issuing.
@@ -379,6 +385,16 @@ mod tests {
                 Operation::DeleteVendor,
                 &["vendors:read"],
                 Some(Scope::VendorsWrite),
+            ),
+            (
+                Operation::ImportVendorPrices,
+                &["vendors:write"],
+                Some(Scope::CredentialsWrite),
+            ),
+            (
+                Operation::ImportVendorPrices,
+                &["vendors:write", "credentials:write"],
+                None,
             ),
             (Operation::SpendSummary, &["audit:read"], None),
             (

@@ -104,9 +104,10 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
         .register_encoded_file_descriptor_set(keycap_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("embedded descriptor set is valid");
-    let grpc = tonic::service::Routes::new(pb::vendor_service_server::VendorServiceServer::new(
-        api.clone(),
-    ))
+    let grpc = tonic::service::Routes::new(
+        pb::vendor_service_server::VendorServiceServer::new(api.clone())
+            .max_decoding_message_size(crate::rest::MAX_PRICE_FILE_BYTES),
+    )
     .add_service(pb::key_service_server::KeyServiceServer::new(api.clone()))
     .add_service(pb::audit_service_server::AuditServiceServer::new(
         api.clone(),

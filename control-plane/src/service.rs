@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use keycap_proto::prices::{self, litellm};
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::Micros;
 use subtle::ConstantTimeEq;
@@ -956,6 +957,69 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// Converts LiteLLM's price file into the vendor's price table (the
+    /// converter `keycap prices import` uses) and stores it as the vendor's
+    /// `prices`, exactly as a vendor put with that table would. Facts the
+    /// file does not carry (image token bounds) come from the vendor's
+    /// current table, or the shipped one. A file the converter refuses
+    /// changes nothing.
+    pub async fn import_vendor_prices(
+        &self,
+        vendors: &VendorScope,
+        name: &str,
+        litellm_json: &str,
+    ) -> Result<(Vendor, litellm::ImportReport), ApiError> {
+        vendors.check(name)?;
+        let current = self
+            .store
+            .get_vendor(name)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))?;
+        let (vendor, shipped) = match current.profile {
+            Profile::Openai => (litellm::LlmVendor::Openai, prices::shipped::OPENAI),
+            Profile::Anthropic => (litellm::LlmVendor::Anthropic, prices::shipped::ANTHROPIC),
+            other => {
+                return Err(invalid(
+                    "name",
+                    format!(
+                        "vendor {name:?} has profile {}: LiteLLM prices only openai and \
+                         anthropic vendors",
+                        other.as_str()
+                    ),
+                )
+                .into())
+            }
+        };
+        let base_text = if current.prices.is_empty() {
+            shipped
+        } else {
+            current.prices.as_str()
+        };
+        let base = prices::TokenPrices::from_json(base_text)
+            .map_err(|e| invalid("prices", format!("the vendor's current table: {e}")))?;
+        let as_of = Utc::now().format("%Y-%m-%d").to_string();
+        let import = litellm::import(
+            litellm_json,
+            vendor,
+            &litellm::ImportOptions {
+                as_of: &as_of,
+                source: None,
+                base: Some(&base),
+            },
+        )
+        .map_err(|e| invalid("litellm_json", e.0))?;
+        let put = PutVendor {
+            name: current.name,
+            profile: current.profile,
+            base_url: current.base_url,
+            credential: None,
+            currency_rates: current.currency_rates,
+            prices: domain::parse_prices(current.profile, &import.table.to_json())?,
+        };
+        let (v, _, _) = self.put_vendor(vendors, put, None).await?;
+        Ok((v, import.report))
     }
 
     pub async fn get_vendor(

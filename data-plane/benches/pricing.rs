@@ -396,7 +396,14 @@ fn priced(call: Call) -> Priced {
     } else {
         ""
     };
-    let model = model_for(call.profile, &BTreeMap::new(), &Catalog::builtin(), prices).unwrap();
+    let model = model_for(
+        call.profile,
+        &BTreeMap::new(),
+        &Catalog::builtin(),
+        prices,
+        "",
+    )
+    .unwrap();
     let quote = model
         .quote(&request(&call))
         .unwrap_or_else(|e| panic!("{}: {e}", call.name));

@@ -188,7 +188,7 @@ type LookedUp = HashMap<[u8; 32], (Arc<KeyPolicy>, i64)>;
 fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Result<VendorPolicy, String> {
     crate::upstream::check_base_url(&v.base_url, v.allow_private_upstream)?;
     let rates = v.currency_rates.into_iter().collect();
-    let pricing = pricing::model_for(&v.profile, &rates, prices, &v.prices_json)
+    let pricing = pricing::model_for(&v.profile, &rates, prices, &v.prices_json, &v.base_url)
         .map_err(|e| format!("cannot be priced: {e}"))?;
     // model_for accepted the profile (and a generic vendor's rules), so
     // both parse.

@@ -8,6 +8,7 @@
 //!   "about": "what the case shows",
 //!   "profile": "openai",
 //!   "currency_rates": {"eur": "1.08"},          // optional
+//!   "base_url": "https://eu.api.openai.com",    // optional: where the vendor's calls go
 //!   "prices": { ... },                           // optional operator table
 //!   "request": {
 //!     "method": "POST", "path": "/v1/...", "query": "a=b",   // query optional
@@ -158,6 +159,7 @@ fn run_case(path: &Path) {
         &rates,
         &Catalog::builtin(),
         &prices,
+        f["base_url"].as_str().unwrap_or_default(),
     )
     .unwrap_or_else(|e| panic!("{case}: {e}"));
 

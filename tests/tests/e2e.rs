@@ -575,6 +575,7 @@ mod twilio;
 
 #[path = "e2e/admin_tokens.rs"]
 mod admin_tokens;
+
 #[path = "e2e/edge.rs"]
 mod edge;
 #[path = "e2e/envelopes.rs"]
@@ -583,6 +584,8 @@ mod envelopes;
 mod issuer;
 #[path = "e2e/limits.rs"]
 mod limits;
+#[path = "e2e/prices.rs"]
+mod prices;
 #[path = "e2e/scrub.rs"]
 mod scrub;
 #[path = "e2e/tls.rs"]

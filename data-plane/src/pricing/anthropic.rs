@@ -10,26 +10,30 @@
 //! the body's byte length (a token is at least one byte), plus a per-image
 //! bound, plus the system prompt Anthropic adds for tool use; every input
 //! token is reserved at the dearest input price the model has (a cache write
-//! costs more than plain input). The output bound is `max_tokens`, which
-//! Anthropic requires and which includes any extended-thinking budget.
-//! Server tools billed per use (web search, code execution), Anthropic-
-//! defined client tools whose hidden prompts it cannot bound, and document
-//! (PDF) input are refused. A successful response without readable usage
-//! settles at the reservation, never at 0.
+//! costs more than plain input), at the long-context prices when the input
+//! bound is past their threshold, and with the US-only inference surcharge
+//! unless the request pins `inference_geo` to `global` (the workspace's
+//! default may be `us`). The output bound is `max_tokens`, which Anthropic
+//! requires and which includes any extended-thinking budget. Whatever adds
+//! billed tokens the body does not hold is refused: server tools billed per
+//! use (web search, code execution), Anthropic-defined client tools whose
+//! hidden prompts it cannot bound, remote MCP servers (`mcp_servers`), a
+//! code-execution `container`, compaction, fast mode, a 1M-token context
+//! beta for a model the table has no long-context prices for, and document
+//! (PDF) input. A successful response without readable usage settles at the
+//! reservation, never at 0.
 
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
 use super::{
-    clip, free_quote, json_body, mul_div_ceil, positive_int, settle_fixed, settle_reported,
-    unreadable, PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
-    StreamSettler,
+    clip, free_quote, json_body, positive_int, settle_fixed, settle_reported, unreadable,
+    PriceModel, PriceRequest, PricingError, Quote, QuoteKind, Settlement, StreamSettler,
+    TokenBilling, TokenUse,
 };
 use crate::sse::SseReader;
-use keycap_proto::prices::{ModelPrice, TokenPrices, TOKENS_PER_UNIT};
-
-const BUILTIN_TABLE: &str = include_str!("../../prices/anthropic.json");
+use keycap_proto::prices::{ModelPrice, TokenPrices};
 
 /// Tokens Anthropic adds to a request's input when it defines tools (its
 /// tool-use system prompt is documented at a few hundred tokens per model;
@@ -38,7 +42,8 @@ pub const TOOL_PROMPT_TOKENS_MAX: u64 = 1_000;
 
 /// The Anthropic price table shipped with this build.
 pub fn builtin_prices() -> TokenPrices {
-    TokenPrices::from_json(BUILTIN_TABLE).expect("the built-in Anthropic price table is valid")
+    TokenPrices::from_json(keycap_proto::prices::shipped::ANTHROPIC)
+        .expect("the built-in Anthropic price table is valid")
 }
 
 /// The Anthropic price model over a (shared, possibly operator-supplied)
@@ -75,6 +80,17 @@ impl AnthropicPricing {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(unreadable("\"stream\" must be true or false")),
         };
+        refuse_unbounded_features(obj)?;
+        refuse_unpriced_long_context(req, price, model)?;
+        let billing = TokenBilling {
+            uplift: match inference_geo(obj)? {
+                Some(Geo::Global) => None,
+                // The workspace's default geo applies when the request
+                // names none, and it may be `us`.
+                Some(Geo::Us) | None => price.uplifts.inference_geo_us,
+            },
+            long_cache_writes: false,
+        };
         let tool_prompt = tool_prompt_bound(obj)?;
         let mut images = 0u64;
         for field in ["system", "messages"] {
@@ -96,40 +112,132 @@ impl AnthropicPricing {
             .saturating_add(image_tokens)
             .saturating_add(tool_prompt);
         let output_max = max_tokens.min(price.max_output_tokens);
-        let reserve = bound_cost(price, input_max, output_max)
+        // Every input token at the dearest input price, plus the output bound.
+        let reserve = price
+            .bound(input_max, output_max, billing.uplift)
             .ok_or_else(|| unreadable("request is too large to price"))?;
+        let mut detail = json!({
+            "model": model,
+            "priced_as": priced_as,
+            "input_tokens_max": input_max,
+            "output_tokens_max": output_max,
+            "images": images,
+        });
+        if price
+            .long_context
+            .as_ref()
+            .is_some_and(|l| input_max > l.above_input_tokens)
+        {
+            detail["long_context"] = true.into();
+        }
+        if let Some(u) = billing.uplift {
+            detail["uplift_millionths"] = u.millionths().into();
+        }
         Ok(Quote {
             reserve,
-            detail: json!({
-                "model": model,
-                "priced_as": priced_as,
-                "input_tokens_max": input_max,
-                "output_tokens_max": output_max,
-                "images": images,
-            }),
+            detail,
             streaming,
             kind: QuoteKind::AnthropicMessages {
                 model: model.to_string(),
                 price: price.clone(),
+                billing,
             },
             forward_body: None,
         })
     }
 }
 
-/// Every input token at the dearest input price, plus the output bound.
-fn bound_cost(price: &ModelPrice, input_max: u64, output_max: u64) -> Option<keycap_proto::Micros> {
-    let input = mul_div_ceil(
-        i128::from(input_max),
-        i128::from(price.max_input_price().0),
-        TOKENS_PER_UNIT,
-    )?;
-    let output = mul_div_ceil(
-        i128::from(output_max),
-        i128::from(price.output.0),
-        TOKENS_PER_UNIT,
-    )?;
-    keycap_proto::Micros(input).checked_add(keycap_proto::Micros(output))
+/// Where a request asks its inference to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Geo {
+    Global,
+    Us,
+}
+
+fn inference_geo(obj: &serde_json::Map<String, Value>) -> Result<Option<Geo>, PricingError> {
+    match obj.get("inference_geo") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(g)) if g == "global" => Ok(Some(Geo::Global)),
+        Some(Value::String(g)) if g == "us" => Ok(Some(Geo::Us)),
+        Some(other) => Err(unreadable(format!(
+            "keycap cannot price inference_geo {}: only \"global\" and \"us\" are priced",
+            clip(&other.to_string())
+        ))),
+    }
+}
+
+/// Refuses request fields that add billed tokens or fees the body does not
+/// state.
+fn refuse_unbounded_features(obj: &serde_json::Map<String, Value>) -> Result<(), PricingError> {
+    let present = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
+    if present("mcp_servers") {
+        return Err(unreadable(
+            "keycap cannot price \"mcp_servers\": the remote servers' tool definitions and \
+             results are added to the input, and their size is not in the request",
+        ));
+    }
+    if present("container") {
+        return Err(unreadable(
+            "keycap cannot price a \"container\": code execution and skills are billed by \
+             the container and add content the request does not hold",
+        ));
+    }
+    match obj.get("speed") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "standard" => {}
+        Some(other) => {
+            return Err(unreadable(format!(
+                "keycap cannot price speed {}: fast mode bills a multiple of the table's prices",
+                clip(&other.to_string())
+            )))
+        }
+    }
+    if let Some(cm) = obj.get("context_management").filter(|v| !v.is_null()) {
+        let edits = cm
+            .get("edits")
+            .and_then(Value::as_array)
+            .ok_or_else(|| unreadable("\"context_management.edits\" must be an array"))?;
+        for edit in edits {
+            let kind = edit.get("type").and_then(Value::as_str).unwrap_or("");
+            // Clearing old tool results or thinking only removes input.
+            if !(kind.starts_with("clear_tool_uses_") || kind.starts_with("clear_thinking_")) {
+                return Err(unreadable(format!(
+                    "keycap cannot price context_management edit {:?}: compaction runs a \
+                     summarising pass billed on top of the call",
+                    clip(kind)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses the 1M-token context beta for a model whose long-context prices
+/// the table does not hold: past 200k input tokens such a call is billed
+/// at premium prices keycap would not know.
+fn refuse_unpriced_long_context(
+    req: &PriceRequest<'_>,
+    price: &ModelPrice,
+    model: &str,
+) -> Result<(), PricingError> {
+    if price.long_context.is_some() {
+        return Ok(());
+    }
+    let asks = req
+        .headers
+        .get_all("anthropic-beta")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|beta| beta.trim().starts_with("context-1m"));
+    if asks {
+        return Err(unreadable(format!(
+            "keycap cannot price the 1M-token context beta for model {:?}: its price table \
+             has no long-context prices",
+            clip(model)
+        )));
+    }
+    Ok(())
 }
 
 /// The hidden tool-use prompt's bound when the request defines tools; a
@@ -172,6 +280,12 @@ fn count_media(v: &Value, images: &mut u64) -> Result<(), PricingError> {
                 Some("document") => {
                     return Err(unreadable("keycap cannot price document (PDF) input"))
                 }
+                Some("container_upload") => {
+                    return Err(unreadable(
+                        "keycap cannot price a \"container_upload\": files loaded into a code \
+                         execution container",
+                    ))
+                }
                 Some("tool_use" | "server_tool_use") => return Ok(()),
                 _ => {}
             }
@@ -193,6 +307,8 @@ struct Usage {
     /// response does not say).
     cache_write_1h: u64,
     output: u64,
+    /// Where the inference ran, when the response says.
+    geo: Option<Geo>,
 }
 
 impl Usage {
@@ -229,6 +345,11 @@ impl Usage {
             self.cache_write = five;
             self.cache_write_1h = total - five;
         }
+        match usage.get("inference_geo").and_then(Value::as_str) {
+            Some("us") => self.geo = Some(Geo::Us),
+            Some("global") => self.geo = Some(Geo::Global),
+            _ => {}
+        }
         Some(())
     }
 
@@ -240,33 +361,33 @@ impl Usage {
         Some(u)
     }
 
-    fn cost(&self, price: &ModelPrice) -> Option<keycap_proto::Micros> {
-        let read = price.cached_input.unwrap_or(price.input);
-        let write = price.cache_write.unwrap_or(price.input);
-        let write_1h = price.cache_write_1h.unwrap_or(write).max(write);
-        // One rounding for all input, as for the reservation's bound.
-        let classes = [
-            (self.input, price.input),
-            (self.cache_read, read),
-            (self.cache_write, write),
-            (self.cache_write_1h, write_1h),
-        ];
-        let mut numer: i128 = 0;
-        for (tokens, p) in classes {
-            numer = numer.checked_add(i128::from(tokens).checked_mul(i128::from(p.0))?)?;
-        }
-        let input = mul_div_ceil(numer, 1, TOKENS_PER_UNIT)?;
-        let output = mul_div_ceil(
-            i128::from(self.output),
-            i128::from(price.output.0),
-            TOKENS_PER_UNIT,
-        )?;
-        keycap_proto::Micros(input).checked_add(keycap_proto::Micros(output))
+    /// The cost at `price`: with the US-only surcharge when the response
+    /// says the call ran in the US, without it when it says it ran
+    /// globally, and as reserved when it does not say.
+    fn cost(&self, price: &ModelPrice, billing: &TokenBilling) -> Option<keycap_proto::Micros> {
+        let uplift = match self.geo {
+            Some(Geo::Us) => price.uplifts.inference_geo_us,
+            Some(Geo::Global) => None,
+            None => billing.uplift,
+        };
+        let classes = TokenUse {
+            input: self.input,
+            cache_read: self.cache_read,
+            cache_write: self.cache_write,
+            cache_write_long: self.cache_write_1h,
+            output: self.output,
+        };
+        price.charge(&classes, uplift)
     }
 }
 
 fn settle_usage(quote: &Quote, status: u16, usage: Option<Usage>) -> Settlement {
-    let QuoteKind::AnthropicMessages { model, price } = &quote.kind else {
+    let QuoteKind::AnthropicMessages {
+        model,
+        price,
+        billing,
+    } = &quote.kind
+    else {
         return settle_fixed(quote, status);
     };
     settle_reported(quote, status, usage, |u| {
@@ -284,7 +405,14 @@ fn settle_usage(quote: &Quote, status: u16, usage: Option<Usage>) -> Settlement 
                 detail[name] = n.into();
             }
         }
-        (u.cost(price), detail)
+        if let Some(g) = u.geo {
+            detail["inference_geo"] = match g {
+                Geo::Us => "us",
+                Geo::Global => "global",
+            }
+            .into();
+        }
+        (u.cost(price, billing), detail)
     })
 }
 
@@ -466,32 +594,38 @@ mod tests {
         let t = builtin_prices();
         for m in [
             "claude-opus-4-5",
-            "claude-opus-4-1",
+            "claude-opus-4-6",
+            "claude-opus-4-7-20260416",
+            "claude-opus-5-5",
             "claude-sonnet-4-5",
             "claude-sonnet-4-5-20250929",
-            "claude-sonnet-4-20250514",
+            "claude-sonnet-4-6",
             "claude-haiku-4-5-20251001",
-            "claude-3-5-haiku-20241022",
+            "claude-haiku-5-5",
         ] {
             assert!(t.lookup(m).is_some(), "{m}");
         }
         assert_eq!(
-            t.lookup("claude-sonnet-4-20250514").unwrap().0,
-            "claude-sonnet-4"
+            t.lookup("claude-opus-4-7-20260416").unwrap().0,
+            "claude-opus-4-7"
         );
         assert_eq!(
             t.lookup("claude-sonnet-4-5-20250929").unwrap().0,
             "claude-sonnet-4-5"
         );
-        // A differently priced sibling never falls back to another model.
+        // A differently priced sibling never falls back to another model,
+        // and models LiteLLM no longer lists are gone.
         for m in [
-            "claude-sonnet-4-6",
+            "claude-sonnet-4-7",
             "claude-opus",
             "claude-2.1",
             "claude-sonnet-4-",
+            "claude-sonnet-4-20250514",
+            "claude-3-5-haiku-20241022",
         ] {
             assert!(t.lookup(m).is_none(), "{m}");
         }
+        assert!(t.source().is_some_and(|s| s.contains("LiteLLM")));
         let (_, p) = t.lookup("claude-sonnet-4-5").unwrap();
         assert_eq!(p.input, Micros(3_000_000));
         assert_eq!(p.cache_write, Some(Micros(3_750_000)));
@@ -637,6 +771,163 @@ mod tests {
             };
             assert_eq!(pricing().quote(&r).unwrap().reserve, Micros::ZERO);
         }
+    }
+
+    /// `SONNET` on `model` with `extra` members.
+    fn on(model: &str, extra: &str) -> String {
+        SONNET.replace("claude-sonnet-4-5", model).replacen(
+            "\"max_tokens\"",
+            &format!("{extra}\"max_tokens\""),
+            1,
+        )
+    }
+
+    #[test]
+    fn what_adds_billed_tokens_the_body_does_not_state_is_refused() {
+        for (extra, says) in [
+            (
+                r#""mcp_servers":[{"type":"url","url":"https://mcp.example.com/sse","name":"x"}],"#,
+                "mcp_servers",
+            ),
+            (r#""container":"container_1","#, "container"),
+            (
+                r#""container":{"skills":[{"type":"anthropic","skill_id":"pptx"}]},"#,
+                "container",
+            ),
+            (
+                r#""context_management":{"edits":[{"type":"compact_20260112"}]},"#,
+                "compact_20260112",
+            ),
+            (r#""context_management":{"edits":"x"},"#, "edits"),
+            (r#""speed":"fast","#, "fast"),
+            (r#""inference_geo":"eu","#, "inference_geo"),
+            (
+                r#""tools":[{"type":"web_fetch_20250910","name":"web_fetch"}],"#,
+                "web_fetch",
+            ),
+            (
+                r#""tools":[{"type":"code_execution_20250825","name":"code_execution"}],"#,
+                "code_execution",
+            ),
+        ] {
+            let err = quote(&on("claude-sonnet-4-5", extra)).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{extra}");
+            assert!(err.to_string().contains(says), "{extra}: {err}");
+        }
+        let upload = SONNET.replace(
+            r#""content":"Hello, Claude""#,
+            r#""content":[{"type":"container_upload","file_id":"file_1"}]"#,
+        );
+        assert!(quote(&upload)
+            .unwrap_err()
+            .to_string()
+            .contains("container_upload"));
+        // Clearing old tool results or thinking only removes input.
+        for fine in [
+            r#""context_management":{"edits":[{"type":"clear_tool_uses_20250919"}]},"#,
+            r#""context_management":{"edits":[{"type":"clear_thinking_20251015"}]},"#,
+            r#""speed":"standard","#,
+            r#""mcp_servers":null,"container":null,"#,
+        ] {
+            assert!(quote(&on("claude-sonnet-4-5", fine)).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn us_only_inference_is_reserved_unless_the_request_pins_global() {
+        let t = builtin_prices();
+        let (_, opus) = t.lookup("claude-opus-4-6").unwrap();
+        let us = opus
+            .uplifts
+            .inference_geo_us
+            .expect("opus 4.6 bills US-only inference more");
+        let p = pricing();
+        // Without inference_geo the workspace's default applies, which may
+        // be "us": reserved with the surcharge, as with "us" itself.
+        for extra in ["", r#""inference_geo":"us","#] {
+            let body = on("claude-opus-4-6", extra);
+            let q = quote(&body).unwrap();
+            let n = body.len() as u64;
+            assert_eq!(q.reserve, opus.bound(n, 1024, Some(us)).unwrap(), "{extra}");
+            assert!(q.reserve > opus.bound(n, 1024, None).unwrap());
+            assert_eq!(q.detail["uplift_millionths"], us.millionths());
+        }
+        let global = on("claude-opus-4-6", r#""inference_geo":"global","#);
+        let q = quote(&global).unwrap();
+        assert_eq!(
+            q.reserve,
+            opus.bound(global.len() as u64, 1024, None).unwrap()
+        );
+        // Settled by where the response says it ran, else as reserved.
+        let q = quote(&on("claude-opus-4-6", "")).unwrap();
+        let usage =
+            |geo: &str| format!(r#"{{"usage":{{"input_tokens":100,"output_tokens":10{geo}}}}}"#);
+        let counts = TokenUse {
+            input: 100,
+            output: 10,
+            ..TokenUse::default()
+        };
+        for (geo, uplift) in [
+            (r#","inference_geo":"us""#, Some(us)),
+            (r#","inference_geo":"global""#, None),
+            ("", Some(us)),
+        ] {
+            let s = p.settle(&q, 200, usage(geo).as_bytes());
+            assert_eq!(s.cost, opus.charge(&counts, uplift).unwrap(), "{geo}");
+        }
+        // A model without the surcharge is never charged it.
+        let (_, sonnet) = t.lookup("claude-sonnet-4-5").unwrap();
+        assert_eq!(sonnet.uplifts.inference_geo_us, None);
+        let q = quote(SONNET).unwrap();
+        let s = p.settle(&q, 200, usage(r#","inference_geo":"us""#).as_bytes());
+        assert_eq!(s.cost, sonnet.charge(&counts, None).unwrap());
+    }
+
+    #[test]
+    fn long_context_is_priced_where_the_table_has_it_and_refused_where_it_does_not() {
+        let t = builtin_prices();
+        let (_, haiku) = t.lookup("claude-haiku-5-5").unwrap();
+        let long = haiku
+            .long_context
+            .as_ref()
+            .expect("haiku 5.5 bills long inputs more");
+        let big = on("claude-haiku-5-5", "").replace(
+            "Hello, Claude",
+            &"x".repeat(usize::try_from(long.above_input_tokens).unwrap()),
+        );
+        let q = quote(&big).unwrap();
+        assert_eq!(q.detail["long_context"], true);
+        let uplift = haiku.uplifts.inference_geo_us;
+        assert_eq!(
+            q.reserve,
+            haiku.bound(big.len() as u64, 1024, uplift).unwrap()
+        );
+        assert!(
+            q.reserve > {
+                let base = ModelPrice {
+                    long_context: None,
+                    ..haiku.clone()
+                };
+                base.bound(big.len() as u64, 1024, uplift).unwrap()
+            }
+        );
+        // The 1M-token context beta bills long inputs at prices the table
+        // has only for some models.
+        let beta = |model: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "anthropic-beta",
+                http::HeaderValue::from_static("prompt-caching-2024-07-31, context-1m-2025-08-07"),
+            );
+            let body = on(model, "");
+            pricing().quote(&PriceRequest {
+                headers: &headers,
+                ..messages(&body)
+            })
+        };
+        let err = beta("claude-sonnet-4-5").unwrap_err();
+        assert!(err.to_string().contains("1M-token context"), "{err}");
+        assert!(beta("claude-haiku-5-5").is_ok());
     }
 
     #[test]

@@ -242,7 +242,7 @@ static MODELS: LazyLock<BTreeMap<&'static str, Arc<dyn PriceModel>>> = LazyLock:
             } else {
                 ""
             };
-            let model = model_for(p.as_str(), &rates, &catalog, prices)
+            let model = model_for(p.as_str(), &rates, &catalog, prices, "")
                 .unwrap_or_else(|e| panic!("profile {}: {e}", p.as_str()));
             (p.as_str(), model)
         })
@@ -352,9 +352,10 @@ pub fn json_body(data: &[u8]) {
         let quoted = quote(ep, data);
         check_quote(ep, data, &quoted);
         let Ok(q) = &quoted else { continue };
-        let v: Value = match serde_json::from_slice(data) {
+        // A quoted body is read exactly: valid JSON, no key named twice.
+        let v: Value = match super::parse_json(data) {
             Ok(v) => v,
-            Err(e) => panic!("{ep:?}: quoted a body that is not JSON ({e}): {q:?}"),
+            Err(e) => panic!("{ep:?}: quoted a body not read exactly ({e}): {q:?}"),
         };
         match &q.kind {
             QuoteKind::Stripe {
@@ -367,6 +368,23 @@ pub fn json_body(data: &[u8]) {
             QuoteKind::OpenAiChat { .. } | QuoteKind::AnthropicMessages { .. } => {
                 let asked = v.get("stream") == Some(&Value::Bool(true));
                 assert_eq!(q.streaming, asked, "{ep:?}: streaming flag");
+                // What adds billed tokens the body does not state is never
+                // quoted.
+                for unbounded in ["mcp_servers", "container", "web_search_options", "audio"] {
+                    assert!(
+                        v.get(unbounded).is_none_or(Value::is_null),
+                        "{ep:?}: quoted a body with {unbounded}: {q:?}"
+                    );
+                }
+                // Prediction tokens are billed as output, and bounded so.
+                if let Some(p) = v.get("prediction").filter(|p| !p.is_null()) {
+                    let output_max = q.detail["output_tokens_max"].as_u64().unwrap_or(0);
+                    let len = p.to_string().len() as u64;
+                    assert!(
+                        output_max >= len,
+                        "{ep:?}: prediction of {len} bytes: {q:?}"
+                    );
+                }
             }
             _ => {}
         }
@@ -423,7 +441,8 @@ fn check_quote(ep: &Endpoint, body: &[u8], quoted: &Result<Quote, PricingError>)
             let body_len = body.len() as u64;
             assert!(input_max >= body_len, "{ep:?}: {input_max} < {body_len}");
             assert!(output_max >= 1, "{q:?}");
-            if let Some(floor) = price.cost(body_len, 0, output_max) {
+            // Every input token at the dearest input price.
+            if let Some(floor) = price.bound(body_len, output_max, None) {
                 assert!(q.reserve >= floor, "{ep:?}: {q:?} under {floor:?}");
             }
         }

@@ -56,7 +56,7 @@ impl GenericPricing {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|t| unit.parse(t)),
             Cost::JsonPointer { pointer, unit } => body
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .and_then(|b| super::parse_json(b).ok())
                 .and_then(|v| v.pointer(pointer).and_then(|c| stated_value(c, *unit))),
         };
         let Some(cost) = stated else {
@@ -234,6 +234,12 @@ mod tests {
             (br#"{"usage":{"cost":0.0000001}}"#, None),
             (br#"{"usage":{}}"#, None),
             (b"not json", None),
+            // Named twice, the cost is not read as one of them.
+            (br#"{"usage":{"cost":"0.01","cost":"9.00"}}"#, None),
+            (
+                br#"{"usage":{"cost":"0.01"},"usage":{"cost":"9.00"}}"#,
+                None,
+            ),
         ] {
             let s = p.settle_response(&gen, &resp(200, &none, body));
             match cost {

@@ -31,7 +31,7 @@ pub mod twilio;
 
 pub(crate) use keycap_proto::prices::mul_div_ceil;
 pub use keycap_proto::prices::{
-    EmbeddingPrice, ModelPrice, TokenPrices, TwilioPrices, VendorPrices,
+    EmbeddingPrice, ModelPrice, TokenPrices, TokenUse, TwilioPrices, Uplift, VendorPrices,
 };
 
 /// The parts of a request pricing may look at.
@@ -104,9 +104,14 @@ pub enum QuoteKind {
         model: String,
         price: ModelPrice,
         hide_usage: bool,
+        billing: TokenBilling,
     },
     /// An OpenAI Responses API call, its price copied in likewise.
-    OpenAiResponses { model: String, price: ModelPrice },
+    OpenAiResponses {
+        model: String,
+        price: ModelPrice,
+        billing: TokenBilling,
+    },
     /// OpenAI embeddings, priced per input token.
     OpenAiEmbeddings {
         model: String,
@@ -121,13 +126,29 @@ pub enum QuoteKind {
         tokens: Option<ModelPrice>,
     },
     /// An Anthropic message, with its price copied in for the same reason.
-    AnthropicMessages { model: String, price: ModelPrice },
+    AnthropicMessages {
+        model: String,
+        price: ModelPrice,
+        billing: TokenBilling,
+    },
     /// Resend emails to this many recipients.
     Resend { recipients: u64 },
     /// A generic vendor's call, priced by its rule at this index.
     Generic { rule: usize },
     /// A Twilio message or call.
     Twilio(twilio::TwilioCharge),
+}
+
+/// What a token-billed call's quote decided about its price beyond the
+/// token counts, so it settles by the same rules it was reserved by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenBilling {
+    /// The surcharge the call is reserved with (a regional endpoint, US-only
+    /// inference), and settled with unless the response says where it ran.
+    pub uplift: Option<Uplift>,
+    /// The request asked for a longer cache retention: its cache writes
+    /// are priced as long-lived writes.
+    pub long_cache_writes: bool,
 }
 
 /// How a reservation was resolved.
@@ -354,12 +375,15 @@ impl Catalog {
 /// `currency_rates` maps a lowercase currency code to decimal USD per major
 /// unit ("1.08"); it is read by profiles that charge in other currencies.
 /// `prices_json`, when not empty, is the operator's price table for this
-/// vendor and replaces the catalog's table for its profile.
+/// vendor and replaces the catalog's table for its profile. `base_url` is
+/// where the vendor's calls go: some endpoints bill more (OpenAI's
+/// data-residency hosts).
 pub fn model_for(
     profile: &str,
     currency_rates: &BTreeMap<String, String>,
     catalog: &Catalog,
     prices_json: &str,
+    base_url: &str,
 ) -> Result<Arc<dyn PriceModel>, PricingError> {
     let Some(profile) = Profile::parse(profile) else {
         return Err(PricingError::Config(format!(
@@ -379,7 +403,10 @@ pub fn model_for(
     };
     Ok(match profile {
         Profile::Stripe => Arc::new(stripe::StripePricing::new(currency_rates)?),
-        Profile::Openai => Arc::new(openai::OpenAiPricing::new(tokens(&catalog.openai))),
+        Profile::Openai => Arc::new(
+            openai::OpenAiPricing::new(tokens(&catalog.openai))
+                .regional(openai::is_regional_endpoint(base_url)),
+        ),
         Profile::Anthropic => {
             Arc::new(anthropic::AnthropicPricing::new(tokens(&catalog.anthropic)))
         }
@@ -472,7 +499,88 @@ pub(crate) fn json_body(
             )))
         }
     }
-    serde_json::from_slice(req.body).map_err(|_| unreadable("request body is not valid JSON"))
+    parse_json(req.body)
+}
+
+/// The one parser for JSON that prices a call (request bodies, and the
+/// responses a cost is read from). It refuses an object that names a key
+/// twice, at any depth, naming the key: serde_json keeps the last value,
+/// a vendor's parser may keep the first, and keycap must read a body as the
+/// vendor will. Nesting is limited as serde_json limits it (128 levels).
+pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, PricingError> {
+    match serde_json::from_slice::<ExactJson>(bytes) {
+        Ok(ExactJson(v)) => Ok(v),
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            // Only the duplicate-key check raises a data error here.
+            Err(unreadable(format!(
+                "request body names a JSON key twice ({e}); keycap refuses a body \
+                 the vendor could read differently"
+            )))
+        }
+        Err(_) => Err(unreadable("request body is not valid JSON")),
+    }
+}
+
+/// A JSON value read by `parse_json`: as serde_json reads one, but an
+/// object with a repeated key is an error.
+struct ExactJson(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for ExactJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ExactJsonVisitor).map(ExactJson)
+    }
+}
+
+struct ExactJsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ExactJsonVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(b.into())
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(n.into())
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(n.into())
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(s.into())
+    }
+    fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+        Ok(s.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(ExactJson(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {:?}",
+                    clip(&key)
+                )));
+            }
+            let ExactJson(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(serde_json::Value::Object(object))
+    }
 }
 
 /// Settles a call priced from the usage the vendor reported. A failure
@@ -587,7 +695,7 @@ mod tests {
     #[test]
     fn model_for_known_profiles() {
         let rates = BTreeMap::new();
-        let stripe = model_for("stripe", &rates, &prices(), "").unwrap();
+        let stripe = model_for("stripe", &rates, &prices(), "", "").unwrap();
         let q = stripe
             .quote(&PriceRequest {
                 headers: no_headers(),
@@ -599,7 +707,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(q.reserve, Micros(1_000_000));
-        let openai = model_for("openai", &rates, &prices(), "").unwrap();
+        let openai = model_for("openai", &rates, &prices(), "", "").unwrap();
         let q = openai
             .quote(&PriceRequest {
                 headers: no_headers(),
@@ -626,9 +734,9 @@ mod tests {
             headers: no_headers(),
             body: br#"{"model":"house-model","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":10}"#,
         };
-        let shipped = model_for("openai", &rates, &prices(), "").unwrap();
+        let shipped = model_for("openai", &rates, &prices(), "", "").unwrap();
         assert_eq!(shipped.quote(&req).unwrap_err().code(), "unknown_model");
-        let own = model_for("openai", &rates, &prices(), table).unwrap();
+        let own = model_for("openai", &rates, &prices(), table, "").unwrap();
         let q = own.quote(&req).unwrap();
         assert!(
             q.reserve > Micros::ZERO && q.reserve < Micros(1_000),
@@ -640,23 +748,29 @@ mod tests {
             ..req
         };
         assert_eq!(own.quote(&gpt).unwrap_err().code(), "unknown_model");
-        let err = model_for("openai", &rates, &prices(), "{}").err().unwrap();
+        let err = model_for("openai", &rates, &prices(), "{}", "")
+            .err()
+            .unwrap();
         assert_eq!(err.code(), "pricing_misconfigured");
-        let err = model_for("stripe", &rates, &prices(), table).err().unwrap();
+        let err = model_for("stripe", &rates, &prices(), table, "")
+            .err()
+            .unwrap();
         assert_eq!(err.code(), "pricing_misconfigured");
     }
 
     #[test]
     fn model_for_refuses_unknown_profile_and_bad_rates() {
         let rates = BTreeMap::new();
-        let err = model_for("paypal", &rates, &prices(), "").err().unwrap();
+        let err = model_for("paypal", &rates, &prices(), "", "")
+            .err()
+            .unwrap();
         assert_eq!(err.code(), "pricing_misconfigured");
         assert!(err.to_string().contains("paypal"));
         let huge = "x".repeat(10_000);
-        let err = model_for(&huge, &rates, &prices(), "").err().unwrap();
+        let err = model_for(&huge, &rates, &prices(), "", "").err().unwrap();
         assert!(err.to_string().len() < 200);
         let bad: BTreeMap<String, String> = [("eur".to_string(), "1,08".to_string())].into();
-        assert!(model_for("stripe", &bad, &prices(), "").is_err());
+        assert!(model_for("stripe", &bad, &prices(), "", "").is_err());
     }
 
     #[test]
@@ -706,6 +820,102 @@ mod tests {
             (released.cost, released.outcome),
             (Micros::ZERO, Outcome::Released)
         );
+    }
+
+    #[test]
+    fn json_is_read_exactly_and_a_key_named_twice_is_refused_at_any_depth() {
+        for (text, key) in [
+            (r#"{"model":"a","model":"b"}"#, "model"),
+            (r#"{"x":{"amount":1,"amount":2}}"#, "amount"),
+            (r#"[{"ok":1},{"n":1,"n":1}]"#, "n"),
+            (r#"{"a":[[{"deep":{"k":1,"k":1}}]]}"#, "k"),
+            (r#"{"\u006dodel":"a","model":"b"}"#, "model"),
+        ] {
+            let err = parse_json(text.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{text}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("duplicate key \"{key}\"")),
+                "{text}: {msg}"
+            );
+        }
+        // The same key in sibling objects is no duplicate.
+        let v = parse_json(
+            br#"{"a":{"k":1},"b":{"k":2.5},"c":[null,true,"s",-3,18446744073709551615]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a":{"k":1},"b":{"k":2.5},"c":[null,true,"s",-3,18446744073709551615u64]})
+        );
+        for bad in [&b"not json"[..], b"{\"a\":1", b"", b"{} {}"] {
+            let err = parse_json(bad).unwrap_err();
+            assert_eq!(err.to_string(), "request body is not valid JSON");
+        }
+        // Nesting is bounded as serde_json bounds it.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(parse_json(deep.as_bytes()).is_err());
+        let fine = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert!(parse_json(fine.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn every_json_priced_profile_refuses_a_key_named_twice() {
+        let rates = BTreeMap::new();
+        for (profile, path, body) in [
+            (
+                "openai",
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o-mini","max_tokens":5,"max_tokens":100000,"messages":[]}"#,
+            ),
+            (
+                "openai",
+                "/v1/responses",
+                r#"{"model":"gpt-4o","input":"hi","tools":[{"type":"function","type":"web_search"}]}"#,
+            ),
+            (
+                "openai",
+                "/v1/embeddings",
+                r#"{"model":"text-embedding-3-small","input":"a","input":["b","c"]}"#,
+            ),
+            (
+                "openai",
+                "/v1/images/generations",
+                r#"{"model":"gpt-image-1","prompt":"x","n":1,"n":10}"#,
+            ),
+            (
+                "anthropic",
+                "/v1/messages",
+                r#"{"model":"claude-haiku-4-5","max_tokens":1,"max_tokens":64000,"messages":[]}"#,
+            ),
+            (
+                "resend",
+                "/emails",
+                r#"{"from":"a@example.com","to":"b@example.com","to":["c@example.com","d@example.com"]}"#,
+            ),
+            (
+                "stripe",
+                "/v1/payment_intents",
+                r#"{"amount":100,"amount":100000,"currency":"usd"}"#,
+            ),
+        ] {
+            let model = model_for(profile, &rates, &prices(), "", "").unwrap();
+            let err = model
+                .quote(&PriceRequest {
+                    headers: no_headers(),
+                    method: "POST",
+                    path,
+                    query: None,
+                    content_type: Some("application/json"),
+                    body: body.as_bytes(),
+                })
+                .unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{profile} {path}");
+            assert!(
+                err.to_string().contains("duplicate key"),
+                "{profile}: {err}"
+            );
+        }
     }
 
     #[test]

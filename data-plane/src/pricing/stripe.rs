@@ -265,8 +265,7 @@ impl Params {
     }
 
     fn from_json(body: &[u8]) -> Result<Params, PricingError> {
-        let v: Value = serde_json::from_slice(body)
-            .map_err(|_| unreadable("request body is not valid JSON"))?;
+        let v: Value = super::parse_json(body)?;
         if !v.is_object() {
             return Err(unreadable("request body must be a JSON object"));
         }

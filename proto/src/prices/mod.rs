@@ -11,6 +11,7 @@ use crate::profile::Profile;
 
 pub mod currency;
 pub mod generic;
+pub mod litellm;
 pub mod resend;
 pub mod tokens;
 pub mod twilio;
@@ -18,8 +19,19 @@ pub mod twilio;
 pub use currency::CurrencyRates;
 pub use generic::GenericRules;
 pub use resend::ResendPrices;
-pub use tokens::{EmbeddingPrice, ImagePrice, ModelPrice, TokenPrices, TOKENS_PER_UNIT};
+pub use tokens::{
+    EmbeddingPrice, ImagePrice, LongContext, ModelPrice, Rates, TokenPrices, TokenUse, Uplift,
+    Uplifts, TOKENS_PER_UNIT,
+};
 pub use twilio::TwilioPrices;
+
+/// The LLM price tables shipped with keycap (`data-plane/prices/`), read
+/// by the proxy as its defaults and by the control plane as the base of a
+/// price import for a vendor that has no table of its own.
+pub mod shipped {
+    pub const OPENAI: &str = include_str!("../../../data-plane/prices/openai.json");
+    pub const ANTHROPIC: &str = include_str!("../../../data-plane/prices/anthropic.json");
+}
 
 /// Why a price table was refused. The message names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

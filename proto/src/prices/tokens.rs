@@ -1,19 +1,26 @@
 //! Per-token price tables for LLM vendors.
 //!
 //! Owns the table format every LLM profile shares (prices per million
-//! tokens per token class, a model's output limit, an optional default for
-//! unknown models), its validation, and model lookup. A table may also price
-//! models that are not billed by input and output text: `embeddings` (input
-//! tokens only) and `images` (per generated image, or per token with a fixed
-//! token count per image). Each vendor ships its
-//! own dated table under `prices/`, replaceable by an operator's file or
-//! the vendor's `prices` set through the admin API.
-//! Prices are decimal strings in the file and integer micro-dollars here; a
-//! float never holds one.
+//! tokens per token class, long-context prices, surcharge multipliers, a
+//! model's output limit, an optional default for unknown models), its
+//! validation, writing a table back out, model lookup, and the one cost
+//! function both the reservation (`ModelPrice::bound`) and the settlement
+//! (`ModelPrice::charge`) use. A table may also price models that are not
+//! billed by input and output text: `embeddings` (input tokens only) and
+//! `images` (per generated image, or per token with a fixed token count per
+//! image). Each vendor ships its own dated table under `prices/`,
+//! replaceable by an operator's file or the vendor's `prices` set through
+//! the admin API.
+//!
+//! It must never let a settlement within a reservation's bounds cost more
+//! than the reservation: long-context prices are refused below the base
+//! ones, and the cost is monotone in every count. Prices are decimal
+//! strings in the file and integer micro-dollars here; a float never holds
+//! one.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{clip, mul_div_ceil, PriceTableError};
 use crate::Micros;
@@ -21,39 +28,205 @@ use crate::Micros;
 /// Token prices are quoted per this many tokens.
 pub const TOKENS_PER_UNIT: i128 = 1_000_000;
 
-/// One model's prices. Token prices are micro-dollars per million tokens.
+/// A price multiplier in millionths (`1.1` is 1_100_000): a surcharge the
+/// vendor adds to every token of a call in some condition (US-only
+/// inference, a regional endpoint). Never below 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Uplift(i64);
+
+impl Uplift {
+    const ONE: i64 = 1_000_000;
+
+    /// The multiplier in millionths.
+    pub fn millionths(self) -> i64 {
+        self.0
+    }
+
+    /// An uplift from millionths, between 1 and 10.
+    pub fn from_millionths(m: i64) -> Option<Uplift> {
+        (Self::ONE..=10 * Self::ONE)
+            .contains(&m)
+            .then_some(Uplift(m))
+    }
+}
+
+/// The surcharges a model's calls may carry, each applied by the profile
+/// that can tell when it applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Uplifts {
+    /// Anthropic: inference run only in the US (`inference_geo: "us"`, per
+    /// request or as the workspace's default).
+    pub inference_geo_us: Option<Uplift>,
+    /// OpenAI: calls through a data-residency endpoint (`eu.api.openai.com`).
+    pub regional_processing: Option<Uplift>,
+}
+
+/// Token counts of one call by price class. `input` is the plain input:
+/// cache reads and writes are counted apart from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUse {
+    pub input: u64,
+    pub cache_read: u64,
+    /// Writes to the short-lived prompt cache.
+    pub cache_write: u64,
+    /// Writes to the long-lived prompt cache (one hour for Anthropic), and
+    /// writes whose duration the vendor does not report.
+    pub cache_write_long: u64,
+    pub output: u64,
+}
+
+impl TokenUse {
+    /// Every input token of the call, whatever its class: what decides
+    /// whether long-context prices apply.
+    pub fn total_input(&self) -> u64 {
+        self.input
+            .saturating_add(self.cache_read)
+            .saturating_add(self.cache_write)
+            .saturating_add(self.cache_write_long)
+    }
+}
+
+/// The price of each token class that applies to one call, per million
+/// tokens, with every optional price resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rates {
+    pub input: Micros,
+    pub cache_read: Micros,
+    pub cache_write: Micros,
+    pub cache_write_long: Micros,
+    pub output: Micros,
+}
+
+impl Rates {
+    /// The dearest price any one input token can have.
+    pub fn max_input(&self) -> Micros {
+        self.input
+            .max(self.cache_read)
+            .max(self.cache_write)
+            .max(self.cache_write_long)
+    }
+}
+
+/// Prices for a call whose input is larger than `above_input_tokens`: the
+/// whole call (every token, input and output) is billed at these instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LongContext {
+    pub above_input_tokens: u64,
+    pub input: Micros,
+    pub cached_input: Option<Micros>,
+    pub output: Micros,
+    pub cache_write: Option<Micros>,
+    pub cache_write_1h: Option<Micros>,
+}
+
+/// One model's prices. Token prices are micro-dollars per million tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelPrice {
     pub input: Micros,
     /// Price of prompt tokens served from the cache; `input` when absent.
     pub cached_input: Option<Micros>,
     pub output: Micros,
-    /// Price of input tokens written to a five-minute prompt cache
-    /// (Anthropic); absent where the vendor does not bill cache writes.
+    /// Price of input tokens written to a short-lived prompt cache
+    /// (Anthropic's five minutes); absent where writes cost plain input.
     pub cache_write: Option<Micros>,
-    /// Price of input tokens written to a one-hour prompt cache.
+    /// Price of input tokens written to a long-lived prompt cache
+    /// (Anthropic's one hour).
     pub cache_write_1h: Option<Micros>,
     /// The model's output limit: the bound used when a request sets none.
     pub max_output_tokens: u64,
     /// Most input tokens one image can cost; `None` means image input is
     /// refused for this model because its cost cannot be bounded.
     pub image_input_tokens_max: Option<u64>,
+    /// Dearer prices for calls with very large inputs.
+    pub long_context: Option<LongContext>,
+    pub uplifts: Uplifts,
+}
+
+/// Resolves optional cache prices: a read or a write without its own price
+/// costs plain input; a long write never costs less than a short one.
+fn resolve(
+    input: Micros,
+    cached_input: Option<Micros>,
+    output: Micros,
+    cache_write: Option<Micros>,
+    cache_write_1h: Option<Micros>,
+) -> Rates {
+    let cache_write = cache_write.unwrap_or(input);
+    Rates {
+        input,
+        cache_read: cached_input.unwrap_or(input),
+        cache_write,
+        cache_write_long: cache_write_1h.unwrap_or(cache_write).max(cache_write),
+        output,
+    }
 }
 
 impl ModelPrice {
-    /// The dearest price any one input token can have: what an input bound
-    /// is reserved at.
-    pub fn max_input_price(&self) -> Micros {
-        [self.cache_write, self.cache_write_1h]
-            .into_iter()
-            .flatten()
-            .fold(self.input, Micros::max)
+    /// The prices of a call with `total_input` input tokens (all classes):
+    /// the long-context prices above their threshold, else the base ones.
+    pub fn rates(&self, total_input: u64) -> Rates {
+        match &self.long_context {
+            Some(l) if total_input > l.above_input_tokens => resolve(
+                l.input,
+                l.cached_input,
+                l.output,
+                l.cache_write,
+                l.cache_write_1h,
+            ),
+            _ => self.base_rates(),
+        }
     }
 
-    /// Cost of a call, each of input and output rounded up. The same function
-    /// prices the reservation and the settlement, and it is monotone in every
-    /// count, so usage within the reserved bounds never settles above the
-    /// reservation.
+    fn base_rates(&self) -> Rates {
+        resolve(
+            self.input,
+            self.cached_input,
+            self.output,
+            self.cache_write,
+            self.cache_write_1h,
+        )
+    }
+
+    /// The dearest price any one input token can have at the base prices.
+    pub fn max_input_price(&self) -> Micros {
+        self.base_rates().max_input()
+    }
+
+    /// What a call that used `usage` costs, times `uplift` when one
+    /// applies; input and output each rounded up once.
+    ///
+    /// The same prices bound the reservation (`bound`), and the cost is
+    /// monotone in every count and the long-context prices are never below
+    /// the base ones (the table refuses it), so usage within the reserved
+    /// bounds never costs more than the reservation.
+    pub fn charge(&self, usage: &TokenUse, uplift: Option<Uplift>) -> Option<Micros> {
+        let r = self.rates(usage.total_input());
+        let mut input: i128 = 0;
+        for (tokens, price) in [
+            (usage.input, r.input),
+            (usage.cache_read, r.cache_read),
+            (usage.cache_write, r.cache_write),
+            (usage.cache_write_long, r.cache_write_long),
+        ] {
+            input = input.checked_add(i128::from(tokens).checked_mul(i128::from(price.0))?)?;
+        }
+        let output = i128::from(usage.output).checked_mul(i128::from(r.output.0))?;
+        Micros(scaled(input, uplift)?).checked_add(Micros(scaled(output, uplift)?))
+    }
+
+    /// The most a call with at most `input_max` input and `output_max`
+    /// output tokens can cost: every input token at the dearest input price
+    /// of the prices that apply to that much input.
+    pub fn bound(&self, input_max: u64, output_max: u64, uplift: Option<Uplift>) -> Option<Micros> {
+        let r = self.rates(input_max);
+        let input = i128::from(input_max).checked_mul(i128::from(r.max_input().0))?;
+        let output = i128::from(output_max).checked_mul(i128::from(r.output.0))?;
+        Micros(scaled(input, uplift)?).checked_add(Micros(scaled(output, uplift)?))
+    }
+
+    /// Cost of a call with `input_tokens` input tokens of which
+    /// `cached_tokens` were read from the cache, and `output_tokens`
+    /// output; no uplift.
     pub fn cost(
         &self,
         input_tokens: u64,
@@ -61,20 +234,28 @@ impl ModelPrice {
         output_tokens: u64,
     ) -> Option<Micros> {
         let cached = cached_tokens.min(input_tokens);
-        let uncached = input_tokens - cached;
-        let cached_price = self.cached_input.unwrap_or(self.input);
-        // One rounding for all input: cached tokens are never priced above
-        // uncached ones, so the sum stays at or under the all-uncached bound.
-        let input_numer = i128::from(uncached)
-            .checked_mul(i128::from(self.input.0))?
-            .checked_add(i128::from(cached).checked_mul(i128::from(cached_price.0))?)?;
-        let input_cost = mul_div_ceil(input_numer, 1, TOKENS_PER_UNIT)?;
-        let output_cost = mul_div_ceil(
-            i128::from(output_tokens),
-            i128::from(self.output.0),
-            TOKENS_PER_UNIT,
-        )?;
-        Micros(input_cost).checked_add(Micros(output_cost))
+        self.charge(
+            &TokenUse {
+                input: input_tokens - cached,
+                cache_read: cached,
+                output: output_tokens,
+                ..TokenUse::default()
+            },
+            None,
+        )
+    }
+}
+
+/// `ceil(numer * uplift / 1e6)`, in micro-dollars, for a numerator of
+/// tokens times micro-dollars per million tokens.
+fn scaled(numer: i128, uplift: Option<Uplift>) -> Option<i64> {
+    match uplift {
+        None => mul_div_ceil(numer, 1, TOKENS_PER_UNIT),
+        Some(u) => mul_div_ceil(
+            numer,
+            i128::from(u.millionths()),
+            TOKENS_PER_UNIT * i128::from(Uplift::ONE),
+        ),
     }
 }
 
@@ -129,63 +310,102 @@ impl ImagePrice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenPrices {
     as_of: String,
+    source: Option<String>,
     models: BTreeMap<String, ModelPrice>,
     default: Option<ModelPrice>,
     embeddings: BTreeMap<String, EmbeddingPrice>,
     images: BTreeMap<String, ImagePrice>,
 }
 
-#[derive(Deserialize)]
+/// The table as written: serialised in this field order, so a table
+/// keycap writes reads top to bottom.
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawTable {
     as_of: String,
+    /// Where the prices came from (free text, for people).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
     currency: String,
     unit: String,
     models: BTreeMap<String, RawModel>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     default: Option<RawModel>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     embeddings: BTreeMap<String, RawEmbedding>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     images: BTreeMap<String, RawImage>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawEmbedding {
     input: String,
 }
 
 /// Either `per_image`, or `input`, `output` and `output_tokens_per_image`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawImage {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     per_image: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     input: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     output: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     output_tokens_per_image: Option<BTreeMap<String, u64>>,
 }
 
 /// Prices are decimal strings, not JSON numbers, so they never pass through
 /// a float on the way in.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
     input: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     cached_input: Option<String>,
-    output: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     cache_write: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     cache_write_1h: Option<String>,
+    output: String,
     max_output_tokens: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     image_input_tokens_max: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    long_context: Option<RawLongContext>,
+    #[serde(default, skip_serializing_if = "RawUplifts::is_empty")]
+    uplifts: RawUplifts,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawLongContext {
+    above_input_tokens: u64,
+    input: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cached_input: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cache_write: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cache_write_1h: Option<String>,
+    output: String,
+}
+
+#[derive(Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplifts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    inference_geo_us: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    regional_processing: Option<String>,
+}
+
+impl RawUplifts {
+    fn is_empty(&self) -> bool {
+        self.inference_geo_us.is_none() && self.regional_processing.is_none()
+    }
 }
 
 /// A non-negative decimal price; the error names `{name}.{field}`.
@@ -201,26 +421,37 @@ fn decimal_price(name: &str, field: &str, text: &str) -> Result<Micros, PriceTab
         })
 }
 
+fn optional_price(
+    name: &str,
+    field: &str,
+    text: Option<&str>,
+) -> Result<Option<Micros>, PriceTableError> {
+    text.map(|t| decimal_price(name, field, t)).transpose()
+}
+
+fn uplift(name: &str, field: &str, text: Option<&str>) -> Result<Option<Uplift>, PriceTableError> {
+    text.map(|t| {
+        Micros::parse_usd(t)
+            .ok()
+            .and_then(|m| Uplift::from_millionths(m.0))
+            .ok_or_else(|| {
+                config(format!(
+                    "price table: {name}.uplifts.{field} must be a decimal from 1 to 10, got {:?}",
+                    clip(t)
+                ))
+            })
+    })
+    .transpose()
+}
+
 impl RawModel {
     fn into_price(self, name: &str) -> Result<ModelPrice, PriceTableError> {
-        let price = |field: &str, text: &str| decimal_price(name, field, text);
-        let input = price("input", &self.input)?;
-        let output = price("output", &self.output)?;
-        let cached_input = self
-            .cached_input
-            .as_deref()
-            .map(|t| price("cached_input", t))
-            .transpose()?;
-        let cache_write = self
-            .cache_write
-            .as_deref()
-            .map(|t| price("cache_write", t))
-            .transpose()?;
-        let cache_write_1h = self
-            .cache_write_1h
-            .as_deref()
-            .map(|t| price("cache_write_1h", t))
-            .transpose()?;
+        let input = decimal_price(name, "input", &self.input)?;
+        let output = decimal_price(name, "output", &self.output)?;
+        let cached_input = optional_price(name, "cached_input", self.cached_input.as_deref())?;
+        let cache_write = optional_price(name, "cache_write", self.cache_write.as_deref())?;
+        let cache_write_1h =
+            optional_price(name, "cache_write_1h", self.cache_write_1h.as_deref())?;
         if cached_input.is_some_and(|c| c > input) {
             return Err(config(format!(
                 "price table: {name}.cached_input must not exceed input"
@@ -231,7 +462,7 @@ impl RawModel {
                 "price table: {name}.max_output_tokens must be positive"
             )));
         }
-        Ok(ModelPrice {
+        let mut price = ModelPrice {
             input,
             cached_input,
             output,
@@ -239,7 +470,102 @@ impl RawModel {
             cache_write_1h,
             max_output_tokens: self.max_output_tokens,
             image_input_tokens_max: self.image_input_tokens_max,
-        })
+            long_context: None,
+            uplifts: Uplifts {
+                inference_geo_us: uplift(
+                    name,
+                    "inference_geo_us",
+                    self.uplifts.inference_geo_us.as_deref(),
+                )?,
+                regional_processing: uplift(
+                    name,
+                    "regional_processing",
+                    self.uplifts.regional_processing.as_deref(),
+                )?,
+            },
+        };
+        if let Some(l) = self.long_context {
+            price.long_context = Some(l.into_long(name, &price)?);
+        }
+        Ok(price)
+    }
+
+    fn from_price(p: &ModelPrice) -> RawModel {
+        let text = |m: Micros| m.to_string();
+        let uplift = |u: Option<Uplift>| u.map(|u| Micros(u.millionths()).to_string());
+        RawModel {
+            input: text(p.input),
+            cached_input: p.cached_input.map(text),
+            cache_write: p.cache_write.map(text),
+            cache_write_1h: p.cache_write_1h.map(text),
+            output: text(p.output),
+            max_output_tokens: p.max_output_tokens,
+            image_input_tokens_max: p.image_input_tokens_max,
+            long_context: p.long_context.as_ref().map(|l| RawLongContext {
+                above_input_tokens: l.above_input_tokens,
+                input: text(l.input),
+                cached_input: l.cached_input.map(text),
+                cache_write: l.cache_write.map(text),
+                cache_write_1h: l.cache_write_1h.map(text),
+                output: text(l.output),
+            }),
+            uplifts: RawUplifts {
+                inference_geo_us: uplift(p.uplifts.inference_geo_us),
+                regional_processing: uplift(p.uplifts.regional_processing),
+            },
+        }
+    }
+}
+
+impl RawLongContext {
+    /// The long-context prices of `base`; none of them below its base
+    /// price, so a call reserved at them never settles above its quote.
+    fn into_long(self, name: &str, base: &ModelPrice) -> Result<LongContext, PriceTableError> {
+        let name = format!("{name}.long_context");
+        let long = LongContext {
+            above_input_tokens: self.above_input_tokens,
+            input: decimal_price(&name, "input", &self.input)?,
+            cached_input: optional_price(&name, "cached_input", self.cached_input.as_deref())?,
+            output: decimal_price(&name, "output", &self.output)?,
+            cache_write: optional_price(&name, "cache_write", self.cache_write.as_deref())?,
+            cache_write_1h: optional_price(
+                &name,
+                "cache_write_1h",
+                self.cache_write_1h.as_deref(),
+            )?,
+        };
+        if long.above_input_tokens == 0 {
+            return Err(config(format!(
+                "price table: {name}.above_input_tokens must be positive"
+            )));
+        }
+        if long.cached_input.is_some_and(|c| c > long.input) {
+            return Err(config(format!(
+                "price table: {name}.cached_input must not exceed input"
+            )));
+        }
+        let b = base.base_rates();
+        let l = resolve(
+            long.input,
+            long.cached_input,
+            long.output,
+            long.cache_write,
+            long.cache_write_1h,
+        );
+        for (field, lp, bp) in [
+            ("input", l.input, b.input),
+            ("cached_input", l.cache_read, b.cache_read),
+            ("cache_write", l.cache_write, b.cache_write),
+            ("cache_write_1h", l.cache_write_long, b.cache_write_long),
+            ("output", l.output, b.output),
+        ] {
+            if lp < bp {
+                return Err(config(format!(
+                    "price table: {name}.{field} must not be below the base {field} price"
+                )));
+            }
+        }
+        Ok(long)
     }
 }
 
@@ -312,7 +638,31 @@ impl RawImage {
             ))),
         }
     }
+
+    fn from_price(p: &ImagePrice) -> RawImage {
+        match p {
+            ImagePrice::PerImage(m) => RawImage {
+                per_image: Some(m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()),
+                input: None,
+                output: None,
+                output_tokens_per_image: None,
+            },
+            ImagePrice::Tokens {
+                input,
+                output,
+                output_tokens_per_image,
+            } => RawImage {
+                per_image: None,
+                input: Some(input.to_string()),
+                output: Some(output.to_string()),
+                output_tokens_per_image: Some(output_tokens_per_image.clone()),
+            },
+        }
+    }
 }
+
+/// The longest `source` note a table may carry.
+const MAX_SOURCE_LEN: usize = 256;
 
 fn config(msg: String) -> PriceTableError {
     PriceTableError(msg)
@@ -356,13 +706,101 @@ impl TokenPrices {
             let price = i.into_price(&name)?;
             images.insert(name, price);
         }
+        if raw
+            .source
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_SOURCE_LEN)
+        {
+            return Err(config(format!(
+                "price table: \"source\" must be at most {MAX_SOURCE_LEN} bytes"
+            )));
+        }
         Ok(TokenPrices {
             as_of: raw.as_of,
+            source: raw.source,
             models,
             default,
             embeddings,
             images,
         })
+    }
+
+    /// A table of these sections, checked as `from_json` checks one (the
+    /// importer builds tables this way).
+    pub fn new(
+        as_of: &str,
+        source: Option<&str>,
+        models: BTreeMap<String, ModelPrice>,
+        embeddings: BTreeMap<String, EmbeddingPrice>,
+        images: BTreeMap<String, ImagePrice>,
+    ) -> Result<Self, PriceTableError> {
+        let table = TokenPrices {
+            as_of: as_of.to_string(),
+            source: source.map(str::to_string),
+            models,
+            default: None,
+            embeddings,
+            images,
+        };
+        // One validation path: what keycap writes, it reads back.
+        TokenPrices::from_json(&table.to_json())
+    }
+
+    /// The table in its JSON format, fields in a fixed order and models by
+    /// name, so a regenerated table diffs cleanly against the last one.
+    pub fn to_json(&self) -> String {
+        let raw = RawTable {
+            as_of: self.as_of.clone(),
+            source: self.source.clone(),
+            currency: "usd".into(),
+            unit: "per_million_tokens".into(),
+            models: self
+                .models
+                .iter()
+                .map(|(k, p)| (k.clone(), RawModel::from_price(p)))
+                .collect(),
+            default: self.default.as_ref().map(RawModel::from_price),
+            embeddings: self
+                .embeddings
+                .iter()
+                .map(|(k, e)| {
+                    (
+                        k.clone(),
+                        RawEmbedding {
+                            input: e.input.to_string(),
+                        },
+                    )
+                })
+                .collect(),
+            images: self
+                .images
+                .iter()
+                .map(|(k, i)| (k.clone(), RawImage::from_price(i)))
+                .collect(),
+        };
+        let mut text = serde_json::to_string_pretty(&raw).expect("a price table serialises");
+        text.push('\n');
+        text
+    }
+
+    /// Where the prices came from, if the table says.
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
+    }
+
+    /// The token-priced models, by name.
+    pub fn models(&self) -> &BTreeMap<String, ModelPrice> {
+        &self.models
+    }
+
+    /// The embedding models, by name.
+    pub fn embeddings(&self) -> &BTreeMap<String, EmbeddingPrice> {
+        &self.embeddings
+    }
+
+    /// The image models, by name.
+    pub fn images(&self) -> &BTreeMap<String, ImagePrice> {
+        &self.images
     }
 
     /// An embedding model's price: the exact name, else the entry it extends
@@ -389,6 +827,12 @@ impl TokenPrices {
     /// The date the table's prices were checked.
     pub fn as_of(&self) -> &str {
         &self.as_of
+    }
+
+    /// The model's own entry, or the entry it is a dated snapshot of;
+    /// never the `default`.
+    pub fn lookup_listed(&self, model: &str) -> Option<(&str, &ModelPrice)> {
+        lookup_in(&self.models, model)
     }
 
     /// The price for a model and the table entry it was priced as: the exact
@@ -443,7 +887,7 @@ fn lookup_in<'a, T>(map: &'a BTreeMap<String, T>, model: &str) -> Option<(&'a st
 }
 
 /// `2024-08-06`, `20241022` or `0613`.
-fn is_snapshot_suffix(s: &str) -> bool {
+pub(super) fn is_snapshot_suffix(s: &str) -> bool {
     let b = s.as_bytes();
     let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
     match b.len() {
@@ -573,5 +1017,159 @@ mod tests {
             let err = table(extra).unwrap_err();
             assert!(err.0.contains(says), "{extra}: {err}");
         }
+    }
+
+    const LONG: &str = r#"{"as_of": "2026-01-01", "currency": "usd", "unit": "per_million_tokens",
+        "source": "hand-written",
+        "models": {"m": {"input": "2", "cached_input": "0.2", "cache_write": "2.5",
+            "cache_write_1h": "4", "output": "10", "max_output_tokens": 1000,
+            "long_context": {"above_input_tokens": 100, "input": "4", "cached_input": "0.4",
+                "cache_write": "5", "cache_write_1h": "8", "output": "15"},
+            "uplifts": {"inference_geo_us": "1.1", "regional_processing": "1.25"}}}}"#;
+
+    #[test]
+    fn long_context_prices_apply_to_the_whole_call_past_their_threshold() {
+        let t = TokenPrices::from_json(LONG).unwrap();
+        let (_, p) = t.lookup("m").unwrap();
+        assert_eq!(t.source(), Some("hand-written"));
+        // 100 input tokens: base prices; 101: every token at the long ones.
+        let at = |input: u64, output: u64| TokenUse {
+            input,
+            output,
+            ..TokenUse::default()
+        };
+        assert_eq!(p.charge(&at(100, 10), None), Some(Micros(200 + 100)));
+        assert_eq!(p.charge(&at(101, 10), None), Some(Micros(404 + 150)));
+        // Cache reads and writes count towards the threshold.
+        let mixed = TokenUse {
+            input: 50,
+            cache_read: 30,
+            cache_write: 10,
+            cache_write_long: 11,
+            output: 0,
+        };
+        assert_eq!(mixed.total_input(), 101);
+        assert_eq!(
+            p.charge(&mixed, None),
+            Some(Micros(
+                (50 * 4_000_000 + 30 * 400_000 + 10 * 5_000_000 + 11 * 8_000_000) / 1_000_000
+            ))
+        );
+        // The bound prices every input token at the dearest input price of
+        // the prices its input bound falls under.
+        assert_eq!(p.bound(100, 10, None), Some(Micros(400 + 100)));
+        assert_eq!(p.bound(101, 10, None), Some(Micros(808 + 150)));
+        assert_eq!(p.max_input_price(), Micros(4_000_000));
+    }
+
+    #[test]
+    fn an_uplift_scales_input_and_output_each_rounded_up_once() {
+        let t = TokenPrices::from_json(LONG).unwrap();
+        let (_, p) = t.lookup("m").unwrap();
+        let us = p.uplifts.inference_geo_us;
+        assert_eq!(us.map(Uplift::millionths), Some(1_100_000));
+        assert_eq!(
+            p.uplifts.regional_processing.map(Uplift::millionths),
+            Some(1_250_000)
+        );
+        let u = TokenUse {
+            input: 7,
+            output: 3,
+            ..TokenUse::default()
+        };
+        // 7 * 2.0 * 1.1 = 15.4 -> 16; 3 * 10 * 1.1 = 33.
+        assert_eq!(p.charge(&u, us), Some(Micros(16 + 33)));
+        assert_eq!(p.charge(&u, None), Some(Micros(14 + 30)));
+        assert_eq!(p.bound(7, 3, us), Some(Micros(31 + 33)));
+    }
+
+    #[test]
+    fn usage_within_the_bound_never_costs_more_than_it() {
+        let t = TokenPrices::from_json(LONG).unwrap();
+        let (_, p) = t.lookup("m").unwrap();
+        for uplift in [None, p.uplifts.inference_geo_us] {
+            for input_max in [0u64, 1, 99, 100, 101, 150] {
+                let bound = p.bound(input_max, 7, uplift).unwrap();
+                for input in 0..=input_max {
+                    for split in [0, input / 3, input / 2, input] {
+                        let u = TokenUse {
+                            input: input - split,
+                            cache_read: split / 2,
+                            cache_write: split / 4,
+                            cache_write_long: split - split / 2 - split / 4,
+                            output: 7,
+                        };
+                        assert!(p.charge(&u, uplift).unwrap() <= bound, "{u:?} {input_max}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_table_written_out_reads_back_the_same() {
+        let t = TokenPrices::from_json(LONG).unwrap();
+        assert_eq!(TokenPrices::from_json(&t.to_json()).unwrap(), t);
+        let with_sections = table(
+            r#", "embeddings": {"e": {"input": "0.02"}},
+            "images": {"i": {"per_image": {"hd/1024x1024": "0.08"}},
+                       "j": {"input": "5", "output": "40",
+                             "output_tokens_per_image": {"low/1024x1024": 272}}}"#,
+        )
+        .unwrap();
+        let text = with_sections.to_json();
+        assert_eq!(TokenPrices::from_json(&text).unwrap(), with_sections);
+        // Decimal strings, never JSON numbers.
+        assert!(text.contains(r#""input": "0.02""#), "{text}");
+    }
+
+    #[test]
+    fn long_context_and_uplifts_are_checked_naming_the_field() {
+        for (from, to, says) in [
+            (r#""input": "4""#, r#""input": "1""#, "m.long_context.input"),
+            (
+                r#""output": "15""#,
+                r#""output": "9""#,
+                "m.long_context.output",
+            ),
+            (
+                r#""cache_write": "5""#,
+                r#""cache_write": "2""#,
+                "m.long_context.cache_write",
+            ),
+            (
+                r#""cached_input": "0.4""#,
+                r#""cached_input": "5""#,
+                "cached_input must not exceed",
+            ),
+            (
+                r#""above_input_tokens": 100"#,
+                r#""above_input_tokens": 0"#,
+                "above_input_tokens",
+            ),
+            (
+                r#""inference_geo_us": "1.1""#,
+                r#""inference_geo_us": "0.9""#,
+                "inference_geo_us",
+            ),
+            (
+                r#""regional_processing": "1.25""#,
+                r#""regional_processing": "11""#,
+                "regional_processing",
+            ),
+            (r#""inference_geo_us": "1.1""#, r#""fast": "2""#, "fast"),
+            (
+                r#""source": "hand-written""#,
+                r#""source": 3"#,
+                "expected a string",
+            ),
+        ] {
+            let text = LONG.replacen(from, to, 1);
+            assert_ne!(text, LONG, "{from}");
+            let err = TokenPrices::from_json(&text).unwrap_err();
+            assert!(err.0.contains(says), "{to}: {err}");
+        }
+        let long_source = LONG.replace("hand-written", &"x".repeat(300));
+        assert!(TokenPrices::from_json(&long_source).is_err());
     }
 }

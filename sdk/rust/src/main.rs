@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use keycap::{pb, AdminClient};
+use keycap_proto::prices::{self, litellm};
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::time::{from_proto, to_proto};
 use keycap_proto::Micros;
@@ -69,6 +70,48 @@ enum Command {
     /// Manage admin tokens (scoped, optionally vendor-restricted).
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCmd),
+    /// LLM price tables.
+    #[command(subcommand)]
+    Prices(PricesCmd),
+}
+
+#[derive(Subcommand)]
+enum PricesCmd {
+    /// Convert LiteLLM's model price file
+    /// (model_prices_and_context_window_backup.json, in the `litellm`
+    /// Python package) into a keycap price table, and print what was left
+    /// out and why. Offline unless --remote.
+    Import(PricesImportArgs),
+}
+
+#[derive(Args)]
+struct PricesImportArgs {
+    /// LiteLLM's price file.
+    file: std::path::PathBuf,
+    /// Whose entries to convert: openai or anthropic.
+    #[arg(long, required_unless_present = "remote")]
+    vendor: Option<String>,
+    /// Write the table here (default: standard output, the report to
+    /// standard error).
+    #[arg(long, conflicts_with = "remote")]
+    out: Option<std::path::PathBuf>,
+    /// The table being replaced, for what LiteLLM does not list (image
+    /// token bounds); default: the table shipped with keycap.
+    #[arg(long, conflicts_with = "remote")]
+    base: Option<std::path::PathBuf>,
+    /// The table's date (default: today, UTC).
+    #[arg(long = "as-of", conflicts_with = "remote")]
+    as_of: Option<String>,
+    /// The table's source note, e.g. the litellm version the file came from.
+    #[arg(long, conflicts_with = "remote")]
+    source: Option<String>,
+    /// Have the control plane convert the file and store the table as this
+    /// vendor's prices (needs vendors:write and credentials:write).
+    #[arg(long, requires = "vendor_name")]
+    remote: bool,
+    /// The vendor whose prices --remote replaces.
+    #[arg(long = "vendor-name", requires = "remote")]
+    vendor_name: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -384,6 +427,55 @@ fn pairs(field: &str, items: &[String]) -> anyhow::Result<HashMap<String, String
         .collect()
 }
 
+fn read_price_file(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// `keycap prices import` without --remote: the table to --out (or
+/// standard output), the report to standard output (or standard error).
+fn import_prices_offline(args: &PricesImportArgs) -> anyhow::Result<()> {
+    let name = args.vendor.as_deref().unwrap_or_default();
+    let Some(vendor) = litellm::LlmVendor::parse(name) else {
+        bail!("--vendor must be openai or anthropic, not {name:?}");
+    };
+    let text = read_price_file(&args.file)?;
+    let base_text = match &args.base {
+        Some(path) => read_price_file(path)?,
+        None => match vendor {
+            litellm::LlmVendor::Openai => prices::shipped::OPENAI.to_string(),
+            litellm::LlmVendor::Anthropic => prices::shipped::ANTHROPIC.to_string(),
+        },
+    };
+    let base = prices::TokenPrices::from_json(&base_text).context("--base")?;
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let as_of = args.as_of.as_deref().unwrap_or(&today);
+    if chrono::NaiveDate::parse_from_str(as_of, "%Y-%m-%d").is_err() {
+        bail!("--as-of {as_of:?} is not a date like 2026-11-30");
+    }
+    let import = litellm::import(
+        &text,
+        vendor,
+        &litellm::ImportOptions {
+            as_of,
+            source: args.source.as_deref(),
+            base: Some(&base),
+        },
+    )?;
+    let report = serde_json::to_string_pretty(&import.report)?;
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, import.table.to_json())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("{report}");
+        }
+        None => {
+            print!("{}", import.table.to_json());
+            eprintln!("{report}");
+        }
+    }
+    Ok(())
+}
+
 fn print(v: Value) {
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
@@ -393,6 +485,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Dev(args) = cli.command {
         return dev::run(args, cli.admin_token).await;
+    }
+    if let Command::Prices(PricesCmd::Import(args)) = &cli.command {
+        if !args.remote {
+            return import_prices_offline(args);
+        }
     }
     if let Command::AdminToken(AdminTokenCmd::Generate { env }) = &cli.command {
         if env.is_empty() || env.len() > 16 || !env.bytes().all(|b| b.is_ascii_lowercase()) {
@@ -420,6 +517,40 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Dev(_) | Command::AdminToken(AdminTokenCmd::Generate { .. }) => {
             unreachable!("handled before connecting")
+        }
+        Command::Prices(PricesCmd::Import(args)) => {
+            let text = read_price_file(&args.file)?;
+            // Only what an LLM vendor can use goes over the wire; the
+            // control plane converts it with the same parser.
+            let litellm_json = litellm::vendor_entries(
+                &text,
+                &[litellm::LlmVendor::Openai, litellm::LlmVendor::Anthropic],
+            )?;
+            let r = c
+                .vendors
+                .import_vendor_prices(pb::ImportVendorPricesRequest {
+                    name: args.vendor_name.unwrap_or_default(),
+                    litellm_json,
+                })
+                .await?
+                .into_inner();
+            let report = r.report.unwrap_or_default();
+            print(json!({
+                "vendor": r.vendor.as_ref().map(vendor_json),
+                "report": {
+                    "as_of": report.as_of,
+                    "entries": report.entries,
+                    "models": report.models,
+                    "embeddings": report.embeddings,
+                    "images": report.images,
+                    "skipped": report.skipped.iter()
+                        .map(|s| json!({"name": s.name, "reason": s.reason}))
+                        .collect::<Vec<_>>(),
+                    "unused_prices": report.unused_prices.iter()
+                        .map(|u| json!({"kind": u.kind, "reason": u.reason, "entries": u.entries}))
+                        .collect::<Vec<_>>(),
+                },
+            }));
         }
         Command::AdminToken(AdminTokenCmd::Create {
             name,

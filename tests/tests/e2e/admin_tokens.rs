@@ -25,7 +25,7 @@ const RUN: &str = "tokens-e2e/run-1";
 // --- helpers -------------------------------------------------------------------
 
 /// POST /vault/admin-tokens with `admin`, asserting 201; (id, token, body).
-async fn create_token(admin: &Api, body: Value) -> (String, String, Value) {
+pub(super) async fn create_token(admin: &Api, body: Value) -> (String, String, Value) {
     let b = admin
         .post_json("/vault/admin-tokens", &body)
         .await

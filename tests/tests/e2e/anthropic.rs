@@ -142,15 +142,88 @@ async fn bad_keys_and_unpriceable_messages_never_reach_anthropic() {
         "source": {"type": "url", "url": "https://example.com/report.pdf"}}]);
     let mut server_tool = ok.clone();
     server_tool["tools"] = json!([{"type": "web_search_20250305", "name": "web_search"}]);
-    for body in [no_limit, pdf, server_tool] {
+    // Remote MCP servers add their tools and results to the input.
+    let mut mcp = ok.clone();
+    mcp["mcp_servers"] =
+        json!([{"type": "url", "url": "https://mcp.example.com/sse", "name": "x"}]);
+    let mut fast = ok.clone();
+    fast["speed"] = json!("fast");
+    for body in [no_limit, pdf, server_tool, mcp, fast] {
         send_message(&stack, &key.secret, &body)
             .await
             .expect_error(400, "unpriceable_request");
     }
+    // A key named twice is read one way by keycap and maybe another by
+    // Anthropic: refused, naming the key.
+    let twice = r#"{"model":"claude-sonnet-4-5","max_tokens":10,"max_tokens":64000,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = Api::new(&stack.proxy.url(), None)
+        .send(
+            Method::POST,
+            "/anthropic/v1/messages",
+            Some(("application/json", twice.as_bytes().to_vec())),
+            &[
+                ("x-api-key", &key.secret),
+                ("anthropic-version", "2023-06-01"),
+            ],
+        )
+        .await;
+    let body = r.expect_error(400, "unpriceable_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("\"max_tokens\""),
+        "{body}"
+    );
     let mut unknown = ok.clone();
     unknown["model"] = json!("claude-unreleased-9");
     send_message(&stack, &key.secret, &unknown)
         .await
         .expect_error(400, "unknown_model");
     assert!(mock.calls().is_empty(), "{:?}", mock.calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_claude_model_is_priced_with_its_us_inference_surcharge() {
+    let (stack, mock, key) = stack_with_anthropic().await;
+    let model = "claude-opus-4-6";
+    let table: Value =
+        serde_json::from_str(include_str!("../../../data-plane/prices/anthropic.json")).unwrap();
+    let uplift = usd_micros(
+        table["models"][model]["uplifts"]["inference_geo_us"]
+            .as_str()
+            .expect("the shipped table carries opus 4.6's US-only surcharge"),
+    );
+    // No inference_geo: the workspace's default applies, which may be "us".
+    let request = json!({
+        "model": model,
+        "max_tokens": 300,
+        "messages": [{"role": "user", "content": "Summarize the key points."}],
+    });
+    send_message(&stack, &key.secret, &request)
+        .await
+        .expect(200);
+    let usage = mock::chat_usage(&request);
+    let m = &table["models"][model];
+    let price = |field: &str| usd_micros(m[field].as_str().unwrap());
+    // Each of input and output rounded up once, surcharge included; the
+    // mock's usage does not say where inference ran.
+    let ceil = |tokens: u64, p: i64| {
+        let n = u128::from(tokens) * p as u128 * uplift as u128;
+        n.div_ceil(1_000_000_000_000) as i64
+    };
+    let cost = ceil(usage.0, price("input")) + ceil(usage.1, price("output"));
+    assert!(cost > anthropic_cost(model, usage));
+    let e = &stack.wait_audit(&format!("key_id={}", key.id), 1).await[0];
+    assert_eq!(e["outcome"], "settled", "{e}");
+    assert_eq!(e["cost_micros"], cost, "{e}");
+    assert_eq!(e["detail"]["uplift_millionths"], uplift, "{e}");
+    stack.wait_key_spend(&key.id, cost, 1).await;
+
+    // Pinned to global inference, it is priced without the surcharge.
+    let mut global = request.clone();
+    global["inference_geo"] = json!("global");
+    send_message(&stack, &key.secret, &global).await.expect(200);
+    let plain = anthropic_cost(model, mock::chat_usage(&global));
+    let e = &stack.wait_audit(&format!("key_id={}", key.id), 2).await[0];
+    assert_eq!(e["cost_micros"], plain, "{e}");
+    stack.wait_key_spend(&key.id, cost + plain, 2).await;
+    assert_eq!(mock.calls().len(), 2);
 }

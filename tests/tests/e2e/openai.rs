@@ -139,26 +139,47 @@ async fn openai_embeddings_and_images_are_priced_before_and_settled_after() {
         "{e}"
     );
 
-    // A fixed price per image, spent in full.
+    // A fixed price per image, spent in full. DALL·E is no longer in the
+    // shipped table: an operator prices it with a table of its own.
+    let dalle_table = json!({"as_of": "2025-08-01", "currency": "usd", "unit": "per_million_tokens",
+        "models": {}, "images": {"dall-e-3": {"per_image": {"hd/1024x1792": "0.12"}}}});
+    stack
+        .put_vendor(
+            "openai-dalle",
+            &json!({"profile": "openai", "base_url": mock.url(),
+                    "credential": mock.credential(), "prices": dalle_table}),
+        )
+        .await;
+    let dalle_key = stack
+        .mint(&json!({
+            "vendor": "openai-dalle",
+            "daily_usd_cap": 5,
+            "allowed_endpoints": ["POST /v1/images/generations"],
+            "expires_in": "1h",
+            "agent_run_label": "openai/dalle",
+        }))
+        .await;
     let dalle =
         json!({"model": "dall-e-3", "prompt": "an otter", "quality": "hd", "size": "1024x1792"});
-    let body = agent
-        .post_json("/openai/v1/images/generations", &dalle)
+    let body = stack
+        .agent(&dalle_key.secret)
+        .post_json("/openai-dalle/v1/images/generations", &dalle)
         .await
         .expect(200);
     assert!(body["data"][0]["url"].is_string(), "{body}");
     let dalle_cost = usd_micros(
-        table()["images"]["dall-e-3"]["per_image"]["hd/1024x1792"]
+        dalle_table["images"]["dall-e-3"]["per_image"]["hd/1024x1792"]
             .as_str()
             .unwrap(),
     );
-    let e = newest_entry(&stack, &key.id, 2).await;
+    let e = newest_entry(&stack, &dalle_key.id, 1).await;
     assert_eq!(e["outcome"], "settled", "{e}");
     assert_eq!(
         (e["reserved_micros"].clone(), e["cost_micros"].clone()),
         (json!(dalle_cost), json!(dalle_cost)),
         "{e}"
     );
+    stack.wait_key_spend(&dalle_key.id, dalle_cost, 1).await;
 
     // Billed in tokens: reserved at the dearest image `auto` may pick,
     // settled from the usage reported.
@@ -172,13 +193,13 @@ async fn openai_embeddings_and_images_are_priced_before_and_settled_after() {
     let gpt_price = |f: &str| usd_micros(t["images"]["gpt-image-1"][f].as_str().unwrap());
     let gpt_cost = ceil_div(input as i64 * gpt_price("input"), 1_000_000)
         + ceil_div(output as i64 * gpt_price("output"), 1_000_000);
-    let e = newest_entry(&stack, &key.id, 3).await;
+    let e = newest_entry(&stack, &key.id, 2).await;
     assert_eq!(e["outcome"], "settled", "{e}");
     assert_eq!(e["cost_micros"], gpt_cost, "{e}");
     assert_eq!(e["detail"]["output_tokens_max"], 2 * 6240, "{e}");
     assert!(e["reserved_micros"].as_i64().unwrap() > gpt_cost, "{e}");
     stack
-        .wait_key_spend(&key.id, embed_cost + dalle_cost + gpt_cost, 3)
+        .wait_key_spend(&key.id, embed_cost + gpt_cost, 2)
         .await;
     assert_mock_never_saw(&mock, &key.secret);
 }
@@ -207,7 +228,7 @@ async fn openai_calls_keycap_cannot_bound_never_leave() {
         ),
         (
             "/openai/v1/images/generations",
-            json!({"model": "dall-e-3", "prompt": "x", "size": "256x256"}),
+            json!({"model": "gpt-image-1", "prompt": "x", "size": "256x256"}),
         ),
     ] {
         agent
@@ -280,4 +301,82 @@ async fn openai_chat_stream_without_include_usage_settles_from_a_usage_chunk_the
     assert_eq!(sent["stream_options"], json!({"include_usage": true}));
     stack.wait_key_spend(&key.id, 2 * cost, 2).await;
     assert_mock_never_saw(&mock, &key.secret);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpt_5_mini_is_priced_from_the_shipped_table_and_settled_from_usage() {
+    let (stack, mock, key) = stack().await;
+    let agent = stack.agent(&key.secret);
+    let model = "gpt-5-mini";
+    let request = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_completion_tokens": 300,
+    });
+    agent
+        .post_json("/openai/v1/chat/completions", &request)
+        .await
+        .expect(200);
+    let usage = mock::chat_usage(&request);
+    let cost = token_cost(model, usage.0, 0, usage.1);
+    assert!(cost > 0);
+    let e = newest_entry(&stack, &key.id, 1).await;
+    assert_eq!(e["outcome"], "settled", "{e}");
+    assert_eq!(e["cost_micros"], cost, "{e}");
+    assert_eq!(e["detail"]["priced_as"], model, "{e}");
+    // Reserved: the body's bytes as input, the requested output.
+    let n = request.to_string().len() as u64;
+    assert_eq!(e["reserved_micros"], token_cost(model, n, 0, 300), "{e}");
+    stack.wait_key_spend(&key.id, cost, 1).await;
+
+    // A predicted output's unused tokens are billed as output on top of
+    // the completion: reserved so.
+    let prediction = json!({"type": "content", "content": "print('hello')"});
+    let mut predicted = request.clone();
+    predicted["prediction"] = prediction.clone();
+    agent
+        .post_json("/openai/v1/chat/completions", &predicted)
+        .await
+        .expect(200);
+    let e = newest_entry(&stack, &key.id, 2).await;
+    let extra = prediction.to_string().len() as u64;
+    assert_eq!(e["detail"]["output_tokens_max"], 300 + extra, "{e}");
+    let n = predicted.to_string().len() as u64;
+    assert_eq!(
+        e["reserved_micros"],
+        token_cost(model, n, 0, 300 + extra),
+        "{e}"
+    );
+    assert_mock_never_saw(&mock, &key.secret);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_naming_a_key_twice_never_leaves() {
+    let (stack, mock, key) = stack().await;
+    let agent = stack.agent(&key.secret);
+    // keycap would bound the output by one max_completion_tokens; OpenAI
+    // might read the other.
+    let twice = r#"{"model":"gpt-5-mini","max_completion_tokens":5,"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":100000}"#;
+    let body = agent
+        .post_raw("/openai/v1/chat/completions", "application/json", twice)
+        .await
+        .expect_error(400, "unpriceable_request");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("\"max_completion_tokens\""), "{message}");
+    for (path, nested) in [
+        (
+            "/openai/v1/responses",
+            r#"{"model":"gpt-5-mini","input":[{"role":"user","content":"hi","content":[{"type":"input_file","file_id":"f"}]}]}"#,
+        ),
+        (
+            "/openai/v1/embeddings",
+            r#"{"model":"text-embedding-3-small","input":"x","input":["a","b"]}"#,
+        ),
+    ] {
+        agent
+            .post_raw(path, "application/json", nested)
+            .await
+            .expect_error(400, "unpriceable_request");
+    }
+    assert!(mock.calls().is_empty(), "{:?}", mock.calls());
 }

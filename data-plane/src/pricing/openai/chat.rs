@@ -2,8 +2,10 @@
 //!
 //! The input bound is the body's byte length plus the model's per-image
 //! bound for each image; the output bound is the requested (or the model's)
-//! maximum times the number of choices. Settled from the `usage` the
-//! response reports, streamed or not.
+//! maximum times the number of choices, plus the length of a predicted
+//! output (`prediction`): OpenAI bills every prediction token it does not
+//! use as output, beyond the completion's own limit. Settled from the
+//! `usage` the response reports, streamed or not.
 //!
 //! A stream reports usage only in a last chunk the client asks for with
 //! `stream_options.include_usage`. When the client has not asked, keycap
@@ -19,8 +21,9 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    image_tokens_max, model_name, refuse_priority_tier, request_object, settle_body_tokens,
-    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, TokenUsage,
+    check_service_tier, image_tokens_max, model_name, request_object, settle_body_tokens,
+    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, OpenAiPricing,
+    TokenBound, TokenUsage,
 };
 use crate::pricing::{
     clip, positive_int, unreadable, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
@@ -37,12 +40,17 @@ const MAX_CHOICES: u64 = 128;
 /// not that chunk and passes through as it arrives.
 const MAX_HELD_EVENT_BYTES: usize = 64 * 1024;
 
-pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
+pub(super) fn quote(
+    pricing: &OpenAiPricing,
+    req: &PriceRequest<'_>,
+) -> Result<Quote, PricingError> {
+    let prices: &TokenPrices = &pricing.prices;
     let obj = request_object(req, "chat completions")?;
     let model = model_name(&obj)?;
     let (priced_as, price) = token_model(prices, model)?;
     let streaming = stream_flag(&obj)?;
     refuse_unbounded_features(&obj)?;
+    let billing = pricing.billing(price, &obj)?;
 
     // Both limits may be sent; the larger one bounds the output either way.
     let requested_out = [
@@ -58,7 +66,8 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
     if choices > MAX_CHOICES {
         return Err(unreadable(format!("\"n\" must be at most {MAX_CHOICES}")));
     }
-    let output_max = max_out.saturating_mul(choices);
+    let prediction = prediction_tokens_max(&obj, choices)?;
+    let output_max = max_out.saturating_mul(choices).saturating_add(prediction);
 
     let images = count_images(&obj)?;
     let image_tokens = image_tokens_max(price, model, images)?;
@@ -75,11 +84,20 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
     let body_len = u64::try_from(body_len).unwrap_or(u64::MAX);
     let input_max = body_len.saturating_add(image_tokens);
 
-    let (reserve, mut detail) =
-        token_reservation(price, model, priced_as, input_max, output_max, images)?;
+    let bound = TokenBound {
+        model,
+        priced_as,
+        input_max,
+        output_max,
+        images,
+    };
+    let (reserve, mut detail) = token_reservation(price, &bound, billing)?;
     let hide_usage = forward_body.is_some();
     if hide_usage {
         detail["stream_usage_requested"] = true.into();
+    }
+    if prediction > 0 {
+        detail["prediction_tokens_max"] = prediction.into();
     }
     Ok(Quote {
         reserve,
@@ -89,9 +107,33 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
             model: model.to_string(),
             price: price.clone(),
             hide_usage,
+            billing,
         },
         forward_body,
     })
+}
+
+/// The most output tokens a predicted output (`prediction`) can add: its
+/// JSON text's length, as a token is at least one byte of its text. OpenAI
+/// bills the prediction tokens a completion does not use as output, on top
+/// of the completion itself; it takes no prediction with several choices.
+fn prediction_tokens_max(obj: &JsonObject, choices: u64) -> Result<u64, PricingError> {
+    let prediction = match obj.get("prediction") {
+        None | Some(Value::Null) => return Ok(0),
+        Some(p) => p,
+    };
+    if prediction.get("type").and_then(Value::as_str) != Some("content") {
+        return Err(unreadable(
+            "keycap can only price a \"prediction\" of type \"content\"",
+        ));
+    }
+    if choices > 1 {
+        return Err(unreadable(
+            "keycap cannot price a \"prediction\" with \"n\" above 1",
+        ));
+    }
+    // Re-encoding never shortens text: escapes only lengthen it.
+    Ok(u64::try_from(prediction.to_string().len()).unwrap_or(u64::MAX))
 }
 
 /// Refuses request features billed outside input and output text tokens.
@@ -111,7 +153,7 @@ fn refuse_unbounded_features(obj: &JsonObject) -> Result<(), PricingError> {
     if present("web_search_options") {
         return Err(unreadable("keycap cannot price web search calls"));
     }
-    refuse_priority_tier(obj)
+    check_service_tier(obj)
 }
 
 /// Counts image parts in the messages; refuses parts it cannot bound.
@@ -618,6 +660,57 @@ mod tests {
     }
 
     #[test]
+    fn a_predicted_output_is_reserved_as_output_it_may_be_billed_for() {
+        let plain = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Rename x to n"}],"max_completion_tokens":100}"#;
+        let prediction = r#"{"type":"content","content":"let x = 1;\nprint(x);"}"#;
+        let body = plain.replacen(
+            "\"max_completion_tokens\"",
+            &format!("\"prediction\":{prediction},\"max_completion_tokens\""),
+            1,
+        );
+        let q = quote(&body).unwrap();
+        let n = body.len() as u64;
+        // Its tokens are read as input and, those the completion does not
+        // use, billed as output beyond max_completion_tokens.
+        let extra = prediction.len() as u64;
+        assert_eq!(q.detail["prediction_tokens_max"], extra);
+        assert_eq!(q.detail["output_tokens_max"], 100 + extra);
+        assert_eq!(
+            q.reserve,
+            Micros(ceil_cost(n, 2_500_000) + ceil_cost(100 + extra, 10_000_000))
+        );
+        // A completion billed for every rejected prediction token settles
+        // within the reservation.
+        let usage = format!(
+            r#"{{"usage":{{"prompt_tokens":{n},"completion_tokens":{},"completion_tokens_details":{{"rejected_prediction_tokens":{extra}}}}}}}"#,
+            100 + extra
+        );
+        let s = pricing().settle(&q, 200, usage.as_bytes());
+        assert_eq!(s.cost, q.reserve);
+        assert!(s.detail.get("exceeded_reservation").is_none(), "{s:?}");
+        for (bad, says) in [
+            (r#"{"type":"text","content":"x"}"#, "content"),
+            (r#""x""#, "content"),
+        ] {
+            let body = plain.replacen(
+                "\"max_completion_tokens\"",
+                &format!("\"prediction\":{bad},\"max_completion_tokens\""),
+                1,
+            );
+            let err = quote(&body).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+        let several = body.replacen(
+            "\"max_completion_tokens\"",
+            "\"n\":2,\"max_completion_tokens\"",
+            1,
+        );
+        let err = quote(&several).unwrap_err();
+        assert!(err.to_string().contains("\"n\""), "{err}");
+        assert!(quote(&plain.replacen('{', r#"{"prediction":null,"#, 1)).is_ok());
+    }
+
+    #[test]
     fn settles_from_usage() {
         let p = pricing();
         let q = quote(r#"{"model":"gpt-4o","messages":[],"max_tokens":500}"#).unwrap();
@@ -676,10 +769,8 @@ mod tests {
             input: Micros(333_333),
             cached_input: Some(Micros(111_111)),
             output: Micros(1_234_567),
-            cache_write: None,
-            cache_write_1h: None,
             max_output_tokens: 40,
-            image_input_tokens_max: None,
+            ..ModelPrice::default()
         };
         for in_max in 0..40u64 {
             for out_max in 0..40u64 {

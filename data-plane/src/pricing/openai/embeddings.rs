@@ -194,7 +194,7 @@ mod tests {
                 .code(),
             "unpriceable_request"
         );
-        for model in ["gpt-4o", "dall-e-3"] {
+        for model in ["gpt-4o", "gpt-image-1"] {
             let err = quote(&format!(r#"{{"model":"{model}","input":"x"}}"#)).unwrap_err();
             assert_eq!(err.code(), "unpriceable_request");
             assert!(err.to_string().contains("not an embedding model"), "{err}");

@@ -132,12 +132,9 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
             let input_max = u64::try_from(req.body.len()).unwrap_or(u64::MAX);
             let tokens = ModelPrice {
                 input: *input,
-                cached_input: None,
                 output: *output,
-                cache_write: None,
-                cache_write_1h: None,
                 max_output_tokens: output_max,
-                image_input_tokens_max: None,
+                ..ModelPrice::default()
             };
             detail["priced_option"] = option.as_str().into();
             detail["input_tokens_max"] = input_max.into();
@@ -216,12 +213,52 @@ pub(super) fn settle(quote: &Quote, status: u16, body: &[u8]) -> Settlement {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::*;
+    use super::super::test_support::post;
+    use super::super::OpenAiPricing;
     use super::*;
     use crate::pricing::{ceil_cost, Outcome, PriceModel};
 
+    /// An operator's table with both kinds of image model: DALL·E's fixed
+    /// prices per image (no longer in the shipped table) and gpt-image-1's
+    /// tokens.
+    const TABLE: &str = r#"{"as_of": "2026-01-01", "currency": "usd", "unit": "per_million_tokens",
+        "models": {"gpt-4o": {"input": "2.5", "output": "10", "max_output_tokens": 16384}},
+        "embeddings": {"text-embedding-3-small": {"input": "0.02"}},
+        "images": {
+            "dall-e-2": {"per_image": {"standard/256x256": "0.016",
+                "standard/512x512": "0.018", "standard/1024x1024": "0.02"}},
+            "dall-e-3": {"per_image": {"standard/1024x1024": "0.04",
+                "standard/1024x1792": "0.08", "standard/1792x1024": "0.08",
+                "hd/1024x1024": "0.08", "hd/1024x1792": "0.12", "hd/1792x1024": "0.12"}},
+            "gpt-image-1": {"input": "5", "output": "40", "output_tokens_per_image": {
+                "low/1024x1024": 272, "low/1024x1536": 408, "low/1536x1024": 400,
+                "medium/1024x1024": 1056, "medium/1024x1536": 1584, "medium/1536x1024": 1568,
+                "high/1024x1024": 4160, "high/1024x1536": 6240, "high/1536x1024": 6208}}}}"#;
+
+    fn pricing() -> OpenAiPricing {
+        OpenAiPricing::new(std::sync::Arc::new(TokenPrices::from_json(TABLE).unwrap()))
+    }
+
     fn quote(body: &str) -> Result<Quote, PricingError> {
         pricing().quote(&post("/v1/images/generations", body))
+    }
+
+    #[test]
+    fn the_shipped_table_prices_gpt_image_1_by_tokens() {
+        let shipped = super::super::test_support::pricing();
+        let q = shipped
+            .quote(&post(
+                "/v1/images/generations",
+                r#"{"model":"gpt-image-1","prompt":"x","quality":"low","size":"1024x1024"}"#,
+            ))
+            .unwrap();
+        assert_eq!(q.detail["output_tokens_max"], 272);
+        // DALL·E is no longer listed, so a request naming no model (which
+        // OpenAI sends to dall-e-2) is not priced.
+        let err = shipped
+            .quote(&post("/v1/images/generations", r#"{"prompt":"x"}"#))
+            .unwrap_err();
+        assert_eq!(err.code(), "unknown_model");
     }
 
     fn reserve(body: &str) -> i64 {

@@ -9,13 +9,18 @@
 //!
 //! It must never under-reserve a call it lets through: a token-billed call
 //! reserves its input bound (the body's byte length, as a token is at least
-//! one byte, plus a per-image bound) and its output bound (the requested or
-//! the model's maximum) at the model's prices; embeddings reserve their
-//! input alone; generated images their price or their token bound. Whatever
-//! it cannot bound (built-in tools, files, stored context, an unknown model,
-//! priority processing) is refused before anything leaves. A successful
-//! response without readable usage settles at the reservation, never at 0.
-//! Prices are integer micro-dollars; a float never holds one.
+//! one byte, plus a per-image bound) at the dearest input price the model
+//! has (a cache write costs more than plain input on newer models) and its
+//! output bound (the requested or the model's maximum, plus a predicted
+//! output's length) at the output price — the long-context prices when the
+//! input bound is past their threshold, and the data-residency surcharge
+//! when the vendor's base URL is a regional endpoint; embeddings reserve
+//! their input alone; generated images their price or their token bound.
+//! Whatever it cannot bound (built-in tools, files, stored context,
+//! compaction, an unknown model, service tiers other than auto, default and
+//! flex) is refused before anything leaves. A successful response without
+//! readable usage settles at the reservation, never at 0. Prices are
+//! integer micro-dollars; a float never holds one.
 
 use std::sync::Arc;
 
@@ -24,6 +29,7 @@ use serde_json::{json, Value};
 use super::{
     clip, free_quote, json_body, settle_fixed, settle_reported, unreadable, PriceModel,
     PriceRequest, PricingError, Quote, QuoteKind, Settlement, StatusSettler, StreamSettler,
+    TokenBilling, TokenUse,
 };
 use keycap_proto::prices::{ModelPrice, TokenPrices};
 use keycap_proto::Micros;
@@ -33,23 +39,62 @@ mod embeddings;
 mod images;
 mod responses;
 
-const BUILTIN_TABLE: &str = include_str!("../../../prices/openai.json");
-
 /// The OpenAI price table shipped with this build.
 pub fn builtin_prices() -> TokenPrices {
-    TokenPrices::from_json(BUILTIN_TABLE).expect("the built-in OpenAI price table is valid")
+    TokenPrices::from_json(keycap_proto::prices::shipped::OPENAI)
+        .expect("the built-in OpenAI price table is valid")
 }
 
 /// The OpenAI price model over a (shared, possibly operator-supplied) table.
 #[derive(Debug, Clone)]
 pub struct OpenAiPricing {
     prices: Arc<TokenPrices>,
+    /// The vendor's calls go to a data-residency endpoint, billed with the
+    /// models' regional surcharge.
+    regional: bool,
 }
 
 impl OpenAiPricing {
     pub fn new(prices: Arc<TokenPrices>) -> Self {
-        OpenAiPricing { prices }
+        OpenAiPricing {
+            prices,
+            regional: false,
+        }
     }
+
+    /// Prices the calls as made through a data-residency endpoint.
+    pub fn regional(self, regional: bool) -> Self {
+        OpenAiPricing { regional, ..self }
+    }
+
+    /// How a token-billed request of `price` is billed beyond its token
+    /// counts: the surcharge it carries through this vendor, and whether
+    /// its cache writes are long-lived.
+    fn billing(&self, price: &ModelPrice, obj: &JsonObject) -> Result<TokenBilling, PricingError> {
+        Ok(TokenBilling {
+            uplift: if self.regional {
+                price.uplifts.regional_processing
+            } else {
+                None
+            },
+            long_cache_writes: long_cache_writes(obj)?,
+        })
+    }
+}
+
+/// Whether `base_url` is one of OpenAI's data-residency hosts
+/// (`eu.api.openai.com`, `us.api.openai.com`, ...), whose calls OpenAI
+/// bills with a regional surcharge on the models that carry one.
+pub fn is_regional_endpoint(base_url: &str) -> bool {
+    let host = base_url
+        .split_once("://")
+        .map_or(base_url, |(_, rest)| rest)
+        .split(['/', ':', '?', '#'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    host.strip_suffix(".api.openai.com")
+        .is_some_and(|region| !region.is_empty() && !region.contains('.'))
 }
 
 type JsonObject = serde_json::Map<String, Value>;
@@ -133,35 +178,82 @@ fn image_tokens_max(price: &ModelPrice, model: &str, images: u64) -> Result<u64,
 /// tokens, and the audit detail that says how it was bounded.
 fn token_reservation(
     price: &ModelPrice,
-    model: &str,
-    priced_as: &str,
-    input_max: u64,
-    output_max: u64,
-    images: u64,
+    bound: &TokenBound<'_>,
+    billing: TokenBilling,
 ) -> Result<(Micros, Value), PricingError> {
     let reserve = price
-        .cost(input_max, 0, output_max)
+        .bound(bound.input_max, bound.output_max, billing.uplift)
         .ok_or_else(|| unreadable("request is too large to price"))?;
     let mut detail = json!({
-        "model": model,
-        "priced_as": priced_as,
-        "input_tokens_max": input_max,
-        "output_tokens_max": output_max,
+        "model": bound.model,
+        "priced_as": bound.priced_as,
+        "input_tokens_max": bound.input_max,
+        "output_tokens_max": bound.output_max,
     });
-    if images > 0 {
-        detail["images"] = images.into();
+    if bound.images > 0 {
+        detail["images"] = bound.images.into();
+    }
+    if price
+        .long_context
+        .as_ref()
+        .is_some_and(|l| bound.input_max > l.above_input_tokens)
+    {
+        detail["long_context"] = true.into();
+    }
+    if let Some(u) = billing.uplift {
+        detail["uplift_millionths"] = u.millionths().into();
     }
     Ok((reserve, detail))
 }
 
-/// Priority processing bills more per token than the table's prices.
-fn refuse_priority_tier(obj: &JsonObject) -> Result<(), PricingError> {
-    if obj.get("service_tier").and_then(Value::as_str) == Some("priority") {
-        return Err(unreadable(
-            "keycap cannot price service_tier \"priority\": the price table holds standard prices",
-        ));
+/// What a token-billed request is bounded by.
+struct TokenBound<'a> {
+    model: &'a str,
+    priced_as: &'a str,
+    input_max: u64,
+    output_max: u64,
+    images: u64,
+}
+
+/// Service tiers billed at the table's prices: the standard tier, and flex
+/// (billed below it, so recorded at an upper bound). Priority and any other
+/// tier bill above the table.
+fn check_service_tier(obj: &JsonObject) -> Result<(), PricingError> {
+    match obj.get("service_tier") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(t)) if matches!(t.as_str(), "auto" | "default" | "flex") => Ok(()),
+        Some(Value::String(t)) => Err(unreadable(format!(
+            "keycap cannot price service_tier {:?}: the price table holds standard prices \
+             (use \"auto\", \"default\" or \"flex\")",
+            clip(t)
+        ))),
+        Some(_) => Err(unreadable("\"service_tier\" must be a string")),
     }
-    Ok(())
+}
+
+/// Whether the request asks for a prompt cache kept longer than OpenAI's
+/// default (`prompt_cache_retention: "24h"`, or a `prompt_cache_options`
+/// TTL other than the default 30 minutes): its cache writes are priced as
+/// long-lived writes. A retention keycap cannot read is refused.
+fn long_cache_writes(obj: &JsonObject) -> Result<bool, PricingError> {
+    let retention = match obj.get("prompt_cache_retention") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(r)) if r == "in_memory" => false,
+        Some(Value::String(r)) if r == "24h" => true,
+        Some(_) => return Err(unreadable(
+            "keycap cannot price \"prompt_cache_retention\" other than \"in_memory\" or \"24h\"",
+        )),
+    };
+    let ttl = match obj.get("prompt_cache_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("ttl") {
+            None | Some(Value::Null) => false,
+            Some(Value::String(t)) => t != "30m",
+            Some(_) => return Err(unreadable("\"prompt_cache_options.ttl\" must be a string")),
+        },
+        Some(_) => return Err(unreadable("\"prompt_cache_options\" must be an object")),
+    };
+    Ok(retention || ttl)
 }
 
 /// Token counts a response reports.
@@ -170,6 +262,8 @@ struct TokenUsage {
     input: u64,
     /// Input tokens served from the prompt cache (part of `input`).
     cached: u64,
+    /// Input tokens written to the prompt cache (part of `input`).
+    cache_write: u64,
     /// Output tokens, reasoning tokens included.
     output: u64,
 }
@@ -177,28 +271,60 @@ struct TokenUsage {
 impl TokenUsage {
     /// Reads a `usage` object whose counts are named `input` and `output`
     /// (`prompt_tokens`/`completion_tokens` for chat completions,
-    /// `input_tokens`/`output_tokens` for responses), with the cached input
-    /// count in `{details}.cached_tokens`. `None` unless both counts are
+    /// `input_tokens`/`output_tokens` for responses), with the cached and
+    /// cache-written input counts in `{details}.cached_tokens` and
+    /// `{details}.cache_write_tokens`. `None` unless both counts are
     /// non-negative integers.
     fn read(usage: &Value, input: &str, output: &str, details: &str) -> Option<TokenUsage> {
+        let detail = |name: &str| {
+            usage
+                .get(details)
+                .and_then(|d| d.get(name))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
         Some(TokenUsage {
             input: usage.get(input)?.as_u64()?,
             output: usage.get(output)?.as_u64()?,
-            cached: usage
-                .get(details)
-                .and_then(|d| d.get("cached_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
+            cached: detail("cached_tokens"),
+            cache_write: detail("cache_write_tokens"),
         })
+    }
+
+    /// The counts by price class: reads and writes are part of the input
+    /// count, and never more than it.
+    fn by_class(&self, long_cache_writes: bool) -> TokenUse {
+        let cached = self.cached.min(self.input);
+        let written = self.cache_write.min(self.input - cached);
+        let (cache_write, cache_write_long) = if long_cache_writes {
+            (0, written)
+        } else {
+            (written, 0)
+        };
+        TokenUse {
+            input: self.input - cached - written,
+            cache_read: cached,
+            cache_write,
+            cache_write_long,
+            output: self.output,
+        }
     }
 }
 
-/// Settles a token-billed call from the usage its response reported.
 /// Settles a token-priced call (chat or responses) from the usage the
-/// vendor reported, at the price copied into its quote.
+/// vendor reported, at the price and surcharge copied into its quote.
 fn settle_tokens(quote: &Quote, status: u16, usage: Option<TokenUsage>) -> Settlement {
-    let (QuoteKind::OpenAiChat { model, price, .. } | QuoteKind::OpenAiResponses { model, price }) =
-        &quote.kind
+    let (QuoteKind::OpenAiChat {
+        model,
+        price,
+        billing,
+        ..
+    }
+    | QuoteKind::OpenAiResponses {
+        model,
+        price,
+        billing,
+    }) = &quote.kind
     else {
         return settle_fixed(quote, status);
     };
@@ -211,7 +337,14 @@ fn settle_tokens(quote: &Quote, status: u16, usage: Option<TokenUsage>) -> Settl
         if u.cached > 0 {
             detail["cached_input_tokens"] = u.cached.into();
         }
-        (price.cost(u.input, u.cached, u.output), detail)
+        if u.cache_write > 0 {
+            detail["cache_write_input_tokens"] = u.cache_write.into();
+        }
+        if let Some(up) = billing.uplift {
+            detail["uplift_millionths"] = up.millionths().into();
+        }
+        let classes = u.by_class(billing.long_cache_writes);
+        (price.charge(&classes, billing.uplift), detail)
     })
 }
 
@@ -232,8 +365,8 @@ fn settle_body_tokens(
 impl PriceModel for OpenAiPricing {
     fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
         match (req.method, req.path) {
-            ("POST", "/v1/chat/completions") => chat::quote(&self.prices, req),
-            ("POST", "/v1/responses") => responses::quote(&self.prices, req),
+            ("POST", "/v1/chat/completions") => chat::quote(self, req),
+            ("POST", "/v1/responses") => responses::quote(self, req),
             ("POST", "/v1/embeddings") => embeddings::quote(&self.prices, req),
             ("POST", "/v1/images/generations") => images::quote(&self.prices, req),
             ("GET" | "HEAD", _) => Ok(free_quote(false)),
@@ -336,7 +469,7 @@ mod envelope_tests {
 mod tests {
     use super::test_support::*;
     use super::*;
-    use crate::pricing::Outcome;
+    use crate::pricing::{ceil_cost, Outcome};
     use keycap_proto::Micros;
 
     fn chat(body: &str) -> PriceRequest<'_> {
@@ -362,9 +495,15 @@ mod tests {
             "gpt-4.1-mini",
             "o3",
             "o4-mini",
+            "gpt-5",
+            "gpt-5-mini",
+            "gpt-5-nano",
+            "gpt-5-mini-2025-08-07",
+            "gpt-5.6-sol",
         ] {
             assert!(t.lookup(m).is_some(), "{m}");
         }
+        assert!(t.source().is_some_and(|s| s.contains("LiteLLM")));
         let (_, p) = t.lookup("gpt-4o").unwrap();
         assert_eq!(p.input, Micros(2_500_000));
         assert_eq!(p.output, Micros(10_000_000));
@@ -384,13 +523,19 @@ mod tests {
         // Differently priced variants do not fall back to their base.
         for m in [
             "gpt-4o-search-preview",
-            "o3-pro",
+            "gpt-5-search-api",
+            "gpt-5.5-cyber",
             "gpt-4o-x-2024-08-06",
-            "gpt-4",
             "gpt-4o-",
         ] {
             assert!(t.lookup(m).is_none(), "{m}");
         }
+        // A snapshot priced apart from its base has its own entry.
+        assert_eq!(
+            t.lookup("gpt-4o-2024-05-13").unwrap().0,
+            "gpt-4o-2024-05-13"
+        );
+        assert_eq!(t.lookup("o3-pro").unwrap().0, "o3-pro");
         let t = TokenPrices::from_json(TABLE).unwrap();
         assert_eq!(t.lookup("gpt-4-0613").unwrap().0, "gpt-4");
         assert!(t.lookup("gpt-4-06130").is_none());
@@ -515,7 +660,7 @@ mod tests {
             ),
             (
                 "/v1/responses",
-                r#"{"model":"dall-e-3","input":"hi"}"#,
+                r#"{"model":"gpt-image-1","input":"hi"}"#,
                 "POST /v1/images/generations",
             ),
         ] {
@@ -534,6 +679,196 @@ mod tests {
             "unpriceable_request"
         );
         assert!(p.quote(&chat(r#"{"model":"x","messages":[]}"#)).is_ok());
+    }
+
+    /// A model billed the newer way: cache writes dearer than input, a
+    /// long-context tier, a regional surcharge.
+    const NEWER: &str = r#"{"as_of": "2026-12-01", "currency": "usd", "unit": "per_million_tokens",
+        "models": {"sol": {"input": "4", "cached_input": "0.4", "cache_write": "5",
+            "cache_write_1h": "10", "output": "20", "max_output_tokens": 1000,
+            "long_context": {"above_input_tokens": 300, "input": "8", "cached_input": "0.8",
+                "cache_write": "10", "cache_write_1h": "20", "output": "30"},
+            "uplifts": {"regional_processing": "1.1"}}}}"#;
+
+    fn newer(regional: bool) -> OpenAiPricing {
+        OpenAiPricing::new(Arc::new(TokenPrices::from_json(NEWER).unwrap())).regional(regional)
+    }
+
+    const SOL: &str =
+        r#"{"model":"sol","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":10}"#;
+
+    #[test]
+    fn input_is_reserved_at_the_dearest_price_a_token_can_cost() {
+        // A cache write (10/M for the longer retention) costs more than
+        // plain input (4/M): every input token is reserved at it.
+        let q = newer(false).quote(&chat(SOL)).unwrap();
+        let n = SOL.len() as u64;
+        assert_eq!(
+            q.reserve,
+            Micros(ceil_cost(n, 10_000_000) + ceil_cost(10, 20_000_000))
+        );
+    }
+
+    #[test]
+    fn cache_writes_settle_at_the_write_price_and_longer_retention_at_the_dearer_one() {
+        let usage = br#"{"usage":{"prompt_tokens":100,"completion_tokens":10,
+            "prompt_tokens_details":{"cached_tokens":20,"cache_write_tokens":30}}}"#;
+        let p = newer(false);
+        let q = p.quote(&chat(SOL)).unwrap();
+        let s = p.settle(&q, 200, usage);
+        // 50 plain at 4, 20 read at 0.4, 30 written at 5; 10 out at 20.
+        let input = (50 * 4_000_000 + 20 * 400_000 + 30 * 5_000_000 + 999_999) / 1_000_000;
+        assert_eq!(s.cost, Micros(input + ceil_cost(10, 20_000_000)));
+        assert_eq!(s.detail["cache_write_input_tokens"], 30);
+        // `SOL` with `extra` members.
+        let with = |extra: &str| {
+            SOL.replacen(
+                "\"max_completion_tokens\"",
+                &format!("{extra}, \"max_completion_tokens\""),
+                1,
+            )
+        };
+        let long_writes = |q: &Quote| {
+            matches!(
+                q.kind,
+                QuoteKind::OpenAiChat {
+                    billing: TokenBilling {
+                        long_cache_writes: true,
+                        ..
+                    },
+                    ..
+                }
+            )
+        };
+        for longer in [
+            r#""prompt_cache_retention":"24h""#,
+            r#""prompt_cache_options":{"ttl":"24h"}"#,
+        ] {
+            let q = p.quote(&chat(&with(longer))).unwrap();
+            assert!(long_writes(&q), "{longer}");
+            let s = p.settle(&q, 200, usage);
+            let input = (50 * 4_000_000 + 20 * 400_000 + 30 * 10_000_000 + 999_999) / 1_000_000;
+            assert_eq!(
+                s.cost,
+                Micros(input + ceil_cost(10, 20_000_000)),
+                "{longer}"
+            );
+        }
+        // The default retention and an explicit 30-minute TTL are the short
+        // one.
+        for short in [
+            r#""prompt_cache_retention":"in_memory""#,
+            r#""prompt_cache_options":{"ttl":"30m","mode":"explicit"}"#,
+        ] {
+            assert!(
+                !long_writes(&p.quote(&chat(&with(short))).unwrap()),
+                "{short}"
+            );
+        }
+        for bad in [
+            r#""prompt_cache_retention":"forever""#,
+            r#""prompt_cache_options":"30m""#,
+            r#""prompt_cache_options":{"ttl":30}"#,
+        ] {
+            let err = p.quote(&chat(&with(bad))).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{bad}");
+            assert!(err.to_string().contains("prompt_cache"), "{err}");
+        }
+        // Reads and writes never count for more than the input reported.
+        let odd = br#"{"usage":{"prompt_tokens":10,"completion_tokens":0,
+            "prompt_tokens_details":{"cached_tokens":8,"cache_write_tokens":8}}}"#;
+        let s = p.settle(&q, 200, odd);
+        assert_eq!(
+            s.cost,
+            Micros((2 * 5_000_000 + 8 * 400_000 + 999_999) / 1_000_000)
+        );
+    }
+
+    #[test]
+    fn a_regional_endpoint_adds_the_models_surcharge_to_reservation_and_settlement() {
+        let usage = br#"{"usage":{"prompt_tokens":100,"completion_tokens":10}}"#;
+        let (global, regional) = (newer(false), newer(true));
+        let qg = global.quote(&chat(SOL)).unwrap();
+        let qr = regional.quote(&chat(SOL)).unwrap();
+        let n = SOL.len() as u64;
+        assert_eq!(
+            qr.reserve,
+            Micros(
+                (i64::try_from(n).unwrap() * 11_000_000 + 999_999) / 1_000_000
+                    + ceil_cost(10, 22_000_000)
+            )
+        );
+        assert_eq!(qr.detail["uplift_millionths"], 1_100_000);
+        assert!(qg.detail.get("uplift_millionths").is_none());
+        assert_eq!(global.settle(&qg, 200, usage).cost, Micros(400 + 200));
+        assert_eq!(regional.settle(&qr, 200, usage).cost, Micros(440 + 220));
+        for (url, regional) in [
+            ("https://eu.api.openai.com", true),
+            ("https://us.api.openai.com/v1", true),
+            ("https://JP.api.openai.com:443", true),
+            ("https://api.openai.com", false),
+            ("https://api.openai.com/v1", false),
+            ("https://eu.api.openai.com.evil.example", false),
+            ("https://a.b.api.openai.com", false),
+            ("http://127.0.0.1:8080", false),
+            ("", false),
+        ] {
+            assert_eq!(is_regional_endpoint(url), regional, "{url}");
+        }
+    }
+
+    #[test]
+    fn long_context_prices_apply_when_the_input_bound_passes_their_threshold() {
+        let p = newer(false);
+        let long = format!(
+            r#"{{"model":"sol","messages":[{{"role":"user","content":"{}"}}],"max_completion_tokens":10}}"#,
+            "x".repeat(400)
+        );
+        let q = p.quote(&chat(&long)).unwrap();
+        let n = long.len() as u64;
+        assert_eq!(q.detail["long_context"], true);
+        assert_eq!(
+            q.reserve,
+            Micros(ceil_cost(n, 20_000_000) + ceil_cost(10, 30_000_000))
+        );
+        // Settled at the long prices only if the input reported passed it.
+        let under = br#"{"usage":{"prompt_tokens":300,"completion_tokens":10}}"#;
+        let over = br#"{"usage":{"prompt_tokens":301,"completion_tokens":10}}"#;
+        assert_eq!(p.settle(&q, 200, under).cost, Micros(1200 + 200));
+        assert_eq!(p.settle(&q, 200, over).cost, Micros(2408 + 300));
+        assert!(p
+            .quote(&chat(SOL))
+            .unwrap()
+            .detail
+            .get("long_context")
+            .is_none());
+    }
+
+    #[test]
+    fn service_tiers_billed_above_the_table_are_refused() {
+        let p = pricing();
+        for tier in ["priority", "scale", "ultrafast", "fast"] {
+            for (path, body) in [
+                (
+                    "/v1/chat/completions",
+                    format!(r#"{{"model":"gpt-4o","messages":[],"service_tier":"{tier}"}}"#),
+                ),
+                (
+                    "/v1/responses",
+                    format!(r#"{{"model":"gpt-4o","input":"hi","service_tier":"{tier}"}}"#),
+                ),
+            ] {
+                let err = p.quote(&post(path, &body)).unwrap_err();
+                assert_eq!(err.code(), "unpriceable_request", "{path} {tier}");
+                assert!(err.to_string().contains(tier), "{err}");
+            }
+        }
+        let err = p
+            .quote(&chat(
+                r#"{"model":"gpt-4o","messages":[],"service_tier":1}"#,
+            ))
+            .unwrap_err();
+        assert!(err.to_string().contains("service_tier"), "{err}");
     }
 
     #[test]
@@ -569,6 +904,7 @@ mod tests {
             cache_write_1h: None,
             max_output_tokens: u64::MAX,
             image_input_tokens_max: Some(u64::MAX),
+            ..ModelPrice::default()
         };
         assert_eq!(price.cost(u64::MAX, 0, u64::MAX), None);
         assert_eq!(price.cost(1, 0, 0), Some(Micros(9_223_372_036_855)));

@@ -11,15 +11,18 @@
 //! Whatever could add input the body does not hold is refused: prior
 //! context (`previous_response_id`, `conversation`, a stored `prompt`, an
 //! `item_reference`, a reasoning item without its `encrypted_content`),
-//! file input, and every tool but function and custom tools (built-in tools
-//! are billed per call, per file or per container, or feed back content of
-//! unknown size).
+//! server-side compaction (`context_management`: a summarising pass billed
+//! on top), file input, and every tool but function and custom tools
+//! (built-in tools are billed per call, per file or per container, or feed
+//! back content of unknown size). A `background` response answers before
+//! it has run, without usage, so it settles at its reservation.
 
 use serde_json::Value;
 
 use super::{
-    image_tokens_max, model_name, refuse_priority_tier, request_object, settle_body_tokens,
-    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, TokenUsage,
+    check_service_tier, image_tokens_max, model_name, request_object, settle_body_tokens,
+    settle_tokens, stream_flag, token_model, token_reservation, JsonObject, OpenAiPricing,
+    TokenBound, TokenUsage,
 };
 use crate::pricing::{
     clip, positive_int, unreadable, PriceRequest, PricingError, Quote, QuoteKind, Settlement,
@@ -28,14 +31,19 @@ use crate::pricing::{
 use crate::sse::SseReader;
 use keycap_proto::prices::TokenPrices;
 
-pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
+pub(super) fn quote(
+    pricing: &OpenAiPricing,
+    req: &PriceRequest<'_>,
+) -> Result<Quote, PricingError> {
+    let prices: &TokenPrices = &pricing.prices;
     let obj = request_object(req, "responses")?;
     refuse_stored_context(&obj)?;
     let model = model_name(&obj)?;
     let (priced_as, price) = token_model(prices, model)?;
     let streaming = stream_flag(&obj)?;
-    refuse_priority_tier(&obj)?;
+    check_service_tier(&obj)?;
     check_tools(&obj)?;
+    let billing = pricing.billing(price, &obj)?;
     let images = count_input_images(&obj)?;
 
     let output_max = positive_int(&obj, "max_output_tokens")?
@@ -43,8 +51,14 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
     let image_tokens = image_tokens_max(price, model, images)?;
     let body_len = u64::try_from(req.body.len()).unwrap_or(u64::MAX);
     let input_max = body_len.saturating_add(image_tokens);
-    let (reserve, detail) =
-        token_reservation(price, model, priced_as, input_max, output_max, images)?;
+    let bound = TokenBound {
+        model,
+        priced_as,
+        input_max,
+        output_max,
+        images,
+    };
+    let (reserve, detail) = token_reservation(price, &bound, billing)?;
     Ok(Quote {
         reserve,
         detail,
@@ -52,6 +66,7 @@ pub(super) fn quote(prices: &TokenPrices, req: &PriceRequest<'_>) -> Result<Quot
         kind: QuoteKind::OpenAiResponses {
             model: model.to_string(),
             price: price.clone(),
+            billing,
         },
         forward_body: None,
     })
@@ -70,6 +85,12 @@ fn refuse_stored_context(obj: &JsonObject) -> Result<(), PricingError> {
                  request does not state; send the context in \"input\" instead"
             )));
         }
+    }
+    if obj.get("context_management").is_some_and(|v| !v.is_null()) {
+        return Err(unreadable(
+            "keycap cannot price \"context_management\": server-side compaction runs a \
+             summarising pass billed on top of the call, whose size the request does not state",
+        ));
     }
     Ok(())
 }
@@ -275,7 +296,7 @@ mod tests {
         assert_eq!(q.detail["priced_as"], "gpt-4.1");
         assert!(!q.streaming);
         assert!(q.forward_body.is_none());
-        let QuoteKind::OpenAiResponses { model, price } = &q.kind else {
+        let QuoteKind::OpenAiResponses { model, price, .. } = &q.kind else {
             panic!("{:?}", q.kind)
         };
         assert_eq!(model, "gpt-4.1");
@@ -341,6 +362,19 @@ mod tests {
     }
 
     #[test]
+    fn a_background_response_settles_at_its_reservation() {
+        // It answers queued, before it has run: no usage yet.
+        let body = r#"{"model":"gpt-4.1","input":"Write a report.","background":true,"max_output_tokens":500}"#;
+        let q = quote(body).unwrap();
+        let queued = br#"{"id":"resp_1","object":"response","status":"queued","background":true,"usage":null}"#;
+        let s = pricing().settle(&q, 200, queued);
+        assert_eq!(
+            (s.cost, s.outcome),
+            (q.reserve, Outcome::SettledAtReservation)
+        );
+    }
+
+    #[test]
     fn what_cannot_be_bounded_is_refused() {
         for (extra, says) in [
             (
@@ -379,6 +413,10 @@ mod tests {
             (r#","tools":[{"name":"untyped"}]"#, "type"),
             (r#","tools":{}"#, "tools"),
             (r#","service_tier":"priority""#, "priority"),
+            (
+                r#","context_management":[{"type":"compaction","compact_threshold":200000}]"#,
+                "context_management",
+            ),
             (r#","max_output_tokens":0"#, "max_output_tokens"),
             (r#","max_output_tokens":"100""#, "max_output_tokens"),
             (r#","stream":"yes""#, "stream"),
