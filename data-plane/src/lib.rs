@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod body_headers;
 pub mod budget;
 pub mod check;
 pub mod client_addr;

@@ -696,6 +696,11 @@ impl PriceModel for StripePricing {
         self.quote_with(req, &[])
     }
 
+    /// Stripe reads a write's query with its body, and so does `Params`.
+    fn check_write_query(&self, _req: &PriceRequest<'_>) -> Result<(), PricingError> {
+        Ok(())
+    }
+
     fn lookups(&self, req: &PriceRequest<'_>) -> Result<Vec<String>, PricingError> {
         let Some(op) = operation(req.method, req.path)? else {
             return Ok(Vec::new());
