@@ -456,19 +456,9 @@ async fn query_parameters_are_read_with_the_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_the_vendor_could_read_otherwise_is_refused() {
+async fn a_second_content_type_is_refused() {
     let (stack, mock) = stack_with_stripe().await;
-    let key = mint(
-        &stack,
-        5,
-        &[
-            "POST /v1/charges",
-            "POST /v1/invoices/*",
-            "POST /v1/payment_intents/*",
-        ],
-        "stripe/headers",
-    )
-    .await;
+    let key = mint(&stack, 5, &["POST /v1/charges"], "stripe/content-type").await;
     let agent = stack.agent(&key.secret);
 
     // JSON to the first Content-Type (1 cent), a form to the second
@@ -479,12 +469,60 @@ async fn a_body_the_vendor_could_read_otherwise_is_refused() {
         .send(
             reqwest::Method::POST,
             "/stripe/v1/charges",
-            Some(("application/json", body.to_vec())),
-            &[("content-type", FORM)],
+            Some((FORM, body.to_vec())),
+            &[("content-type", "application/json")],
         )
         .await;
     r.expect_error(400, "ambiguous_request");
     assert!(r.text.contains("Content-Type"), "{}", r.text);
+    for content_type in [
+        "application/json, application/x-www-form-urlencoded",
+        "application/x-www-form-urlencoded; charset=utf-16",
+    ] {
+        agent
+            .send(
+                reqwest::Method::POST,
+                "/stripe/v1/charges",
+                Some((content_type, b"amount=100&currency=usd".to_vec())),
+                &[],
+            )
+            .await
+            .expect_error(400, "ambiguous_request");
+    }
+    assert_eq!(seen(&mock), Vec::<String>::new());
+    assert_eq!(mock.forwarded_stripe_amount(), 0);
+
+    // One plain Content-Type is priced as before.
+    agent
+        .send(
+            reqwest::Method::POST,
+            "/stripe/v1/charges",
+            Some((
+                "application/x-www-form-urlencoded; charset=utf-8",
+                b"amount=100&currency=usd".to_vec(),
+            )),
+            &[],
+        )
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_body_is_refused() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        5,
+        &[
+            "POST /v1/charges",
+            "POST /v1/invoices/*",
+            "POST /v1/payment_intents/*",
+        ],
+        "stripe/encoding",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
 
     // A gzip body: pricing would read noise, Stripe the parameters.
     let inv = mock.add_invoice(100_000, "usd");
@@ -509,9 +547,10 @@ async fn a_body_the_vendor_could_read_otherwise_is_refused() {
             .await;
         r.expect_error(400, "ambiguous_request");
     }
+    // So are a transfer encoding of the body and a method override.
     for (name, value) in [
-        ("x-http-method-override", "DELETE"),
         ("content-transfer-encoding", "base64"),
+        ("x-http-method-override", "DELETE"),
     ] {
         agent
             .send(
@@ -523,31 +562,15 @@ async fn a_body_the_vendor_could_read_otherwise_is_refused() {
             .await
             .expect_error(400, "ambiguous_request");
     }
-    agent
-        .send(
-            reqwest::Method::POST,
-            "/stripe/v1/charges",
-            Some((
-                "application/x-www-form-urlencoded; charset=utf-16",
-                b"amount=100&currency=usd".to_vec(),
-            )),
-            &[],
-        )
-        .await
-        .expect_error(400, "ambiguous_request");
     assert_eq!(seen(&mock), Vec::<String>::new());
     assert_eq!(mock.forwarded_stripe_amount(), 0);
 
-    // One plain Content-Type (and `identity`, no coding at all) is priced
-    // as before.
+    // `identity` is no coding at all.
     agent
         .send(
             reqwest::Method::POST,
             "/stripe/v1/charges",
-            Some((
-                "application/x-www-form-urlencoded; charset=utf-8",
-                b"amount=100&currency=usd".to_vec(),
-            )),
+            Some((FORM, b"amount=100&currency=usd".to_vec())),
             &[("content-encoding", "identity")],
         )
         .await
