@@ -100,7 +100,13 @@ fn content_type(ct: &str) -> Result<(), AmbiguousBody> {
             continue;
         }
         charsets += 1;
-        let value = value.trim().trim_matches('"');
+        let value = value.trim();
+        // A quoted value is one whole quoted string (a ';' inside would
+        // have cut it above).
+        let value = match value.strip_prefix('"') {
+            Some(rest) => rest.strip_suffix('"').unwrap_or("\""),
+            None => value,
+        };
         if charsets > 1
             || !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8"))
         {
@@ -173,6 +179,7 @@ mod tests {
                 "content-type",
                 "application/json; charset=utf-8; charset=utf-16",
             )],
+            vec![("content-type", "application/json; charset=\"utf-8;x\"")],
             vec![("content-type", "json")],
             vec![("content-type", "")],
             vec![("content-encoding", "gzip")],
