@@ -19,6 +19,7 @@
 //! rounded up.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::LazyLock;
 
 use http::HeaderMap;
 use keycap_proto::{Micros, MICROS_PER_USD};
@@ -327,7 +328,9 @@ impl Params {
                     clip(&name)
                 )));
             };
-            p.names.insert(top.to_string());
+            if !p.names.contains(top) {
+                p.names.insert(top.to_string());
+            }
             if !is_read(&name) {
                 continue;
             }
@@ -477,13 +480,21 @@ const READ: [&str; 8] = [
     "optional_items",
 ];
 
+/// Every top-level parameter pricing reads: `READ`, the money parameters
+/// and the guarded ones.
+static READ_ALL: LazyLock<BTreeSet<&'static str>> = LazyLock::new(|| {
+    READ.iter()
+        .copied()
+        .chain(operations::MONEY_PARAMS.iter().map(|(n, _)| *n))
+        .chain(operations::GUARDED.iter().copied())
+        .collect()
+});
+
 /// Whether a parameter (`line_items[0][quantity]` by its top-level name)
 /// is one pricing reads.
 fn is_read(name: &str) -> bool {
     let top = name.split('[').next().unwrap_or(name);
-    READ.contains(&top)
-        || operations::MONEY_PARAMS.iter().any(|(n, _)| *n == top)
-        || operations::GUARDED.contains(top)
+    READ_ALL.contains(top)
 }
 
 fn parse_amount(text: &str) -> Result<i64, PricingError> {

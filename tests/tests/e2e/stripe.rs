@@ -674,3 +674,24 @@ async fn a_checkout_session_reserves_its_shipping_and_tax() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripes_v2_api_is_refused_as_a_whole() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(&stack, 5, &["* /v2/*"], "stripe/v2").await;
+    let agent = stack.agent(&key.secret);
+    agent
+        .get("/stripe/v2/core/events")
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .send(
+            reqwest::Method::POST,
+            "/stripe/v2/core/accounts",
+            Some(("application/json", br#"{"display_name":"x"}"#.to_vec())),
+            &[],
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    assert_eq!(seen(&mock), Vec::<String>::new());
+}

@@ -15,7 +15,7 @@
 //! or listed in `HARMLESS` with the reason; the tests below hold the table
 //! to that.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::LazyLock;
 
 use super::{clip, unreadable, Params, PricingError};
@@ -223,6 +223,9 @@ pub(super) struct Operation {
 pub(super) struct Table {
     pub api_version: &'static str,
     pub operations: Vec<Operation>,
+    /// Rows by method and resource (the segment after `/v1/`), so a request
+    /// is matched against a handful of templates, not all of them.
+    by_resource: HashMap<(&'static str, &'static str), Vec<usize>>,
 }
 
 fn list(text: &'static str) -> impl Iterator<Item = &'static str> {
@@ -292,9 +295,23 @@ fn parse(text: &'static str) -> Result<Table, String> {
         }
         operations.push(parse_row(line)?);
     }
+    let mut by_resource: HashMap<_, Vec<usize>> = HashMap::new();
+    for (i, op) in operations.iter().enumerate() {
+        let Some(Some(resource)) = op.segments.get(1) else {
+            return Err(format!(
+                "{} {}: the segment after /v1/ must be a resource name",
+                op.method, op.path
+            ));
+        };
+        by_resource
+            .entry((op.method, *resource))
+            .or_default()
+            .push(i);
+    }
     Ok(Table {
         api_version: api_version.ok_or("the table does not name its api_version")?,
         operations,
+        by_resource,
     })
 }
 
@@ -327,9 +344,10 @@ impl Table {
     /// first from the left, wins.
     pub(super) fn find(&self, method: &str, path: &str) -> Option<&Operation> {
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let rows = self.by_resource.get(&(method, *segs.get(1)?))?;
         let mut best: Option<(&Operation, Vec<bool>)> = None;
-        for op in &self.operations {
-            if op.method != method || op.segments.len() != segs.len() {
+        for op in rows.iter().map(|&i| &self.operations[i]) {
+            if op.segments.len() != segs.len() {
                 continue;
             }
             let fits = op.segments.iter().zip(&segs).all(|(t, s)| match t {
