@@ -716,6 +716,19 @@ impl PriceModel for StripePricing {
         let Some(op) = operation(req.method, req.path)? else {
             return Ok(Vec::new());
         };
+        let reads_first = matches!(
+            op.class,
+            Class::Priced(
+                PricedRule::PaymentIntentConfirm
+                    | PricedRule::InvoicePay
+                    | PricedRule::CheckoutSession
+            ) | Class::Free(Some(FreeRule::InvoiceItem))
+        );
+        if !reads_first {
+            // Checked once, when it is quoted.
+            return Ok(Vec::new());
+        }
+        // Checked before anything is read from Stripe for it.
         let p = Params::parse(req)?;
         op.check(&p, operations::table()?.api_version)?;
         Ok(match op.class {
