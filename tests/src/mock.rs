@@ -296,12 +296,15 @@ impl MockVendor {
             .collect()
     }
 
+    /// A fresh Stripe-like object id, `<prefix>_mock_<n>`.
+    fn new_id(&self, prefix: &str) -> String {
+        let n = self.state.next_id.fetch_add(1, Ordering::SeqCst);
+        format!("{prefix}_mock_{n}")
+    }
+
     /// Adds an open invoice of `amount_due` and returns its id.
     pub fn add_invoice(&self, amount_due: i64, currency: &str) -> String {
-        let id = format!(
-            "in_mock_{}",
-            self.state.next_id.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = self.new_id("in");
         let mut objects = self.state.stripe.lock().expect("mock stripe lock");
         objects.add_invoice(id.clone(), amount_due, currency);
         id
@@ -309,10 +312,7 @@ impl MockVendor {
 
     /// Adds a one-time Price of `unit_amount` and returns its id.
     pub fn add_price(&self, unit_amount: i64, currency: &str) -> String {
-        let id = format!(
-            "price_mock_{}",
-            self.state.next_id.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = self.new_id("price");
         let mut objects = self.state.stripe.lock().expect("mock stripe lock");
         objects.add_price(id.clone(), unit_amount, currency);
         id
@@ -320,10 +320,7 @@ impl MockVendor {
 
     /// Adds a fixed-amount Shipping Rate and returns its id.
     pub fn add_shipping_rate(&self, amount: i64, currency: &str) -> String {
-        let id = format!(
-            "shr_mock_{}",
-            self.state.next_id.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = self.new_id("shr");
         let mut objects = self.state.stripe.lock().expect("mock stripe lock");
         objects.add_shipping_rate(id.clone(), amount, currency);
         id
@@ -332,10 +329,7 @@ impl MockVendor {
     /// Adds a Tax Rate of `percentage` (exclusive unless `inclusive`) and
     /// returns its id.
     pub fn add_tax_rate(&self, percentage: f64, inclusive: bool) -> String {
-        let id = format!(
-            "txr_mock_{}",
-            self.state.next_id.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = self.new_id("txr");
         let mut objects = self.state.stripe.lock().expect("mock stripe lock");
         objects.add_tax_rate(id.clone(), percentage, inclusive);
         id

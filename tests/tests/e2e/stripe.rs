@@ -5,7 +5,7 @@
 //! same Idempotency-Key is reserved once and never counted twice; writes
 //! keycap does not price never leave. Included from `e2e.rs`.
 
-use keycap_tests::harness::Stack;
+use keycap_tests::harness::{Api, Resp, Stack};
 use keycap_tests::mock::MockVendor;
 use serde_json::json;
 
@@ -465,46 +465,43 @@ async fn a_second_content_type_is_refused() {
     // (1,000 USD).
     let body =
         br#"{"amount":1,"currency":"usd","metadata":{"x":"&amount=100000&currency=usd&y="}}"#;
-    let r = agent
-        .send(
-            reqwest::Method::POST,
-            "/stripe/v1/charges",
-            Some((FORM, body.to_vec())),
-            &[("content-type", "application/json")],
-        )
-        .await;
+    let r = post(
+        &agent,
+        "/stripe/v1/charges",
+        FORM,
+        body.to_vec(),
+        &[("content-type", "application/json")],
+    )
+    .await;
     r.expect_error(400, "ambiguous_request");
     assert!(r.text.contains("Content-Type"), "{}", r.text);
     for content_type in [
         "application/json, application/x-www-form-urlencoded",
         "application/x-www-form-urlencoded; charset=utf-16",
     ] {
-        agent
-            .send(
-                reqwest::Method::POST,
-                "/stripe/v1/charges",
-                Some((content_type, b"amount=100&currency=usd".to_vec())),
-                &[],
-            )
-            .await
-            .expect_error(400, "ambiguous_request");
+        post(
+            &agent,
+            "/stripe/v1/charges",
+            content_type,
+            b"amount=100&currency=usd".to_vec(),
+            &[],
+        )
+        .await
+        .expect_error(400, "ambiguous_request");
     }
     assert_eq!(seen(&mock), Vec::<String>::new());
     assert_eq!(mock.forwarded_stripe_amount(), 0);
 
     // One plain Content-Type is priced as before.
-    agent
-        .send(
-            reqwest::Method::POST,
-            "/stripe/v1/charges",
-            Some((
-                "application/x-www-form-urlencoded; charset=utf-8",
-                b"amount=100&currency=usd".to_vec(),
-            )),
-            &[],
-        )
-        .await
-        .expect(200);
+    post(
+        &agent,
+        "/stripe/v1/charges",
+        "application/x-www-form-urlencoded; charset=utf-8",
+        b"amount=100&currency=usd".to_vec(),
+        &[],
+    )
+    .await
+    .expect(200);
     stack.wait_key_spend(&key.id, 1_000_000, 1).await;
 }
 
@@ -537,14 +534,14 @@ async fn an_encoded_body_is_refused() {
             "amount=100000&currency=usd",
         ),
     ] {
-        let r = agent
-            .send(
-                reqwest::Method::POST,
-                &path,
-                Some((FORM, gzip(form.as_bytes()))),
-                &[("content-encoding", "gzip")],
-            )
-            .await;
+        let r = post(
+            &agent,
+            &path,
+            FORM,
+            gzip(form.as_bytes()),
+            &[("content-encoding", "gzip")],
+        )
+        .await;
         r.expect_error(400, "ambiguous_request");
     }
     // So are a transfer encoding of the body and a method override.
@@ -552,30 +549,49 @@ async fn an_encoded_body_is_refused() {
         ("content-transfer-encoding", "base64"),
         ("x-http-method-override", "DELETE"),
     ] {
-        agent
-            .send(
-                reqwest::Method::POST,
-                "/stripe/v1/charges",
-                Some((FORM, b"amount=100&currency=usd".to_vec())),
-                &[(name, value)],
-            )
-            .await
-            .expect_error(400, "ambiguous_request");
+        post(
+            &agent,
+            "/stripe/v1/charges",
+            FORM,
+            b"amount=100&currency=usd".to_vec(),
+            &[(name, value)],
+        )
+        .await
+        .expect_error(400, "ambiguous_request");
     }
     assert_eq!(seen(&mock), Vec::<String>::new());
     assert_eq!(mock.forwarded_stripe_amount(), 0);
 
     // `identity` is no coding at all.
+    post(
+        &agent,
+        "/stripe/v1/charges",
+        FORM,
+        b"amount=100&currency=usd".to_vec(),
+        &[("content-encoding", "identity")],
+    )
+    .await
+    .expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+}
+
+/// POSTs `body` as `content_type` with `headers` (sent before the body's
+/// Content-Type).
+async fn post(
+    agent: &Api,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Resp {
     agent
         .send(
             reqwest::Method::POST,
-            "/stripe/v1/charges",
-            Some((FORM, b"amount=100&currency=usd".to_vec())),
-            &[("content-encoding", "identity")],
+            path,
+            Some((content_type, body)),
+            headers,
         )
         .await
-        .expect(200);
-    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
 }
 
 /// `data` as a gzip member of one stored (uncompressed) deflate block.

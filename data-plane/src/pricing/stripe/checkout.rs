@@ -165,7 +165,7 @@ impl StripePricing {
         }
         let (mut items_amount, mut tax_amount) = (0i64, 0i64);
         for i in &items {
-            let amount = self.line_item(p, i, looked, &mut currency)?;
+            let amount = line_item(p, i, looked, &mut currency)?;
             items_amount = items_amount.checked_add(amount).ok_or_else(too_large)?;
             tax_amount = tax_amount
                 .checked_add(line_item_tax(p, i, amount, looked)?)
@@ -193,65 +193,64 @@ impl StripePricing {
         }
         self.charge_quote(StripeOp::Checkout, total, currency, detail)
     }
+}
 
-    /// Line item `i`'s unit amount times its quantity.
-    fn line_item(
-        &self,
-        p: &Params,
-        i: &str,
-        looked: &[Looked],
-        currency: &mut Currency,
-    ) -> Result<i64, PricingError> {
-        let f = |name: &str| field("line_items", i, name);
-        if p.get(&f("adjustable_quantity][enabled")) == Some("true") {
+/// Line item `i`'s unit amount times its quantity.
+fn line_item(
+    p: &Params,
+    i: &str,
+    looked: &[Looked],
+    currency: &mut Currency,
+) -> Result<i64, PricingError> {
+    let f = |name: &str| field("line_items", i, name);
+    if p.get(&f("adjustable_quantity][enabled")) == Some("true") {
+        return Err(unreadable(
+            "an adjustable quantity lets the customer pay more than the session states; \
+             give a fixed quantity",
+        ));
+    }
+    let quantity = match p.get(&f("quantity")) {
+        None => 1,
+        Some(q) => parse_amount(q)?,
+    };
+    let unit = if let Some(price) = p.get(&f("price")) {
+        let path = object_path("prices", "line item price", price)?;
+        let obj = looked_object(looked, &path, "the line item's price")?;
+        if obj.get("recurring").is_some_and(|r| !r.is_null()) {
+            return Err(unreadable(format!(
+                "price {} is recurring: a subscription charges every period, which keycap \
+                 does not price",
+                clip(price)
+            )));
+        }
+        let unit = object_int(&obj, "unit_amount").ok_or_else(|| {
+            unreadable(format!(
+                "price {} has no fixed unit_amount (tiered or customer-chosen prices are not priced)",
+                clip(price)
+            ))
+        })?;
+        let cur = obj
+            .get("currency")
+            .and_then(Value::as_str)
+            .ok_or_else(|| unreadable("the line item's price has no currency"))?;
+        currency.meet(currency_code(cur)?, "a line item's price")?;
+        unit
+    } else {
+        if p.get(&f("price_data][unit_amount_decimal")).is_some() {
             return Err(unreadable(
-                "an adjustable quantity lets the customer pay more than the session states; \
-                 give a fixed quantity",
+                "unit_amount_decimal is not priced; give unit_amount in minor units",
             ));
         }
-        let quantity = match p.get(&f("quantity")) {
-            None => 1,
-            Some(q) => parse_amount(q)?,
-        };
-        let unit = if let Some(price) = p.get(&f("price")) {
-            let path = object_path("prices", "line item price", price)?;
-            let obj = looked_object(looked, &path, "the line item's price")?;
-            if obj.get("recurring").is_some_and(|r| !r.is_null()) {
-                return Err(unreadable(format!(
-                    "price {} is recurring: a subscription charges every period, which keycap \
-                     does not price",
-                    clip(price)
-                )));
-            }
-            let unit = object_int(&obj, "unit_amount").ok_or_else(|| {
-                unreadable(format!(
-                    "price {} has no fixed unit_amount (tiered or customer-chosen prices are not priced)",
-                    clip(price)
-                ))
-            })?;
-            let cur = obj
-                .get("currency")
-                .and_then(Value::as_str)
-                .ok_or_else(|| unreadable("the line item's price has no currency"))?;
-            currency.meet(currency_code(cur)?, "a line item's price")?;
-            unit
-        } else {
-            if p.get(&f("price_data][unit_amount_decimal")).is_some() {
-                return Err(unreadable(
-                    "unit_amount_decimal is not priced; give unit_amount in minor units",
-                ));
-            }
-            if p.any_under(&f("price_data][recurring")) {
-                return Err(unreadable(
-                    "a recurring line item charges every period, which keycap does not price",
-                ));
-            }
-            let cur = p.currency(&f("price_data][currency"), "a line item")?;
-            currency.meet(cur, "a line item")?;
-            p.int(&f("price_data][unit_amount"), "a line item")?
-        };
-        unit.checked_mul(quantity).ok_or_else(too_large)
-    }
+        if p.any_under(&f("price_data][recurring")) {
+            return Err(unreadable(
+                "a recurring line item charges every period, which keycap does not price",
+            ));
+        }
+        let cur = p.currency(&f("price_data][currency"), "a line item")?;
+        currency.meet(cur, "a line item")?;
+        p.int(&f("price_data][unit_amount"), "a line item")?
+    };
+    unit.checked_mul(quantity).ok_or_else(too_large)
 }
 
 /// The exclusive tax line item `i`'s tax rates add to its `amount`, each
