@@ -241,10 +241,11 @@ fn is_object_id(s: &str) -> bool {
 /// A request's parameters as Stripe reads them: the query string and the
 /// body as one set (Stripe merges a write's query parameters into its body's),
 /// form fields by their bracketed names (`line_items[0][quantity]`), or a JSON
-/// body flattened to the same names. A name given twice — in one of them, or
-/// in both — is refused: which duplicate Stripe honours is not something to
-/// guess when money depends on it. So is a name that is not `name[key]...`,
-/// since form parsers disagree on how to read one.
+/// body flattened to the same names. A parameter pricing reads given twice,
+/// and a top-level name in both the query and the body, are refused: which
+/// duplicate Stripe honours is not something to guess when money depends on
+/// it. So is a name that is not `name[key]...`, since form parsers disagree
+/// on how to read one.
 /// Each value remembers whether it was a JSON string: an amount must be a
 /// JSON integer, since "10" could be read differently by different parsers.
 #[derive(Default)]
