@@ -1,8 +1,9 @@
 //! Invariant checks for the proxy's edge parsers: where a request may go
 //! (`target`), what a key may call (`endpoint`), which key was presented
 //! (`secret` and the proxy's header extraction), how raw bytes are cut
-//! into requests (`edge`), and how the credential is masked in what a
-//! vendor answers (`scrub`).
+//! into requests (`edge`), which headers would change how a vendor reads a
+//! body (`body_headers`), and how the credential is masked in what a vendor
+//! answers (`scrub`).
 //!
 //! Test support, not part of the request path, in the same form as
 //! `pricing::check`: each `pub fn` takes arbitrary bytes and panics when an
@@ -31,6 +32,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("vault_key", vault_key),
     ("request_framing", request_framing),
     ("response_scrub", response_scrub),
+    ("body_headers", body_headers),
 ];
 
 /// Base URLs a target is joined onto, with and without a path prefix.
@@ -436,5 +438,73 @@ pub fn response_scrub(data: &[u8]) {
                 "byte {i} changed outside the secret"
             );
         }
+    }
+}
+
+/// Arbitrary bytes as request headers, one `name: value` per line (lines
+/// that are no header are skipped): a set `body_headers::check` accepts has
+/// at most one Content-Type, of one media type and no charset but UTF-8,
+/// no Content-Encoding but `identity`, no Content-Transfer-Encoding and no
+/// method override; a set with none of those headers is always accepted;
+/// a refusal's message is short and printable.
+pub fn body_headers(data: &[u8]) {
+    let mut headers = HeaderMap::new();
+    for line in data.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(line[..colon].trim_ascii()),
+            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) else {
+            continue;
+        };
+        headers.append(name, value);
+    }
+    let decisive = [
+        "content-type",
+        "content-encoding",
+        "content-transfer-encoding",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ];
+    let result = crate::body_headers::check(&headers);
+    if let Err(e) = &result {
+        assert!(
+            decisive.iter().any(|h| headers.contains_key(*h)),
+            "refused without a header that changes how the body is read: {e}"
+        );
+        assert!(e.0.len() < 300 && !e.0.chars().any(char::is_control), "{e}");
+        return;
+    }
+    let types: Vec<&HeaderValue> = headers.get_all("content-type").iter().collect();
+    assert!(types.len() <= 1, "two Content-Types accepted: {types:?}");
+    if let Some(ct) = types.first() {
+        let ct = ct.to_str().expect("an accepted Content-Type is text");
+        let media = ct.split(';').next().unwrap_or("");
+        assert!(
+            media.matches('/').count() == 1 && !media.contains(','),
+            "{ct:?} accepted as one media type"
+        );
+        for param in ct.split(';').skip(1) {
+            let (name, value) = param.split_once('=').unwrap_or((param, ""));
+            if name.trim().eq_ignore_ascii_case("charset") {
+                let v = value.trim().trim_matches('"').to_ascii_lowercase();
+                assert!(v == "utf-8" || v == "utf8", "charset {v:?} accepted");
+            }
+        }
+    }
+    for coding in headers.get_all("content-encoding") {
+        assert!(
+            coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"identity"),
+            "Content-Encoding {coding:?} accepted"
+        );
+    }
+    for h in &decisive[2..] {
+        assert!(!headers.contains_key(*h), "{h} accepted");
     }
 }

@@ -54,6 +54,10 @@ pub enum Refusal {
     UnauthenticatedBusy,
     #[error("{message}")]
     Unpriceable { code: &'static str, message: String },
+    /// A header that would make the vendor read the body differently from
+    /// how keycap prices it (`body_headers`).
+    #[error("{0}")]
+    AmbiguousRequest(String),
     #[error("this call would cost {cost} USD, above the key's per-call cap of {cap} USD")]
     PerCallCapExceeded { cost: Micros, cap: Micros },
     #[error("this call would exceed the key's daily cap")]
@@ -110,6 +114,7 @@ impl Refusal {
             Refusal::BodyTimeout => "request_body_timeout",
             Refusal::UnauthenticatedBusy => "unauthenticated_busy",
             Refusal::Unpriceable { code, .. } => code,
+            Refusal::AmbiguousRequest(_) => "ambiguous_request",
             Refusal::PerCallCapExceeded { .. } => "per_call_cap_exceeded",
             Refusal::DailyCapExceeded { .. } => "daily_cap_exceeded",
             Refusal::LifetimeCapExceeded { .. } => "lifetime_cap_exceeded",
@@ -128,9 +133,10 @@ impl Refusal {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::InvalidTarget(_) | Refusal::Unpriceable { .. } | Refusal::BodyUnreadable => {
-                StatusCode::BAD_REQUEST
-            }
+            Refusal::InvalidTarget(_)
+            | Refusal::Unpriceable { .. }
+            | Refusal::AmbiguousRequest(_)
+            | Refusal::BodyUnreadable => StatusCode::BAD_REQUEST,
             Refusal::UnknownVendor(_) => StatusCode::NOT_FOUND,
             Refusal::InvalidKey | Refusal::KeyExpired | Refusal::KeyRevoked => {
                 StatusCode::UNAUTHORIZED

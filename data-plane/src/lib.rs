@@ -14,6 +14,7 @@
 
 pub mod admission;
 pub mod body;
+pub mod body_headers;
 pub mod budget;
 pub mod check;
 pub mod client_addr;

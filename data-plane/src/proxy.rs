@@ -360,6 +360,9 @@ impl Proxy {
         // price, cap) has used it.
         let rate = self.check_rate(&key)?;
 
+        // One reading of the body, the vendor's and pricing's alike.
+        crate::body_headers::check(req.headers())
+            .map_err(|e| Refusal::AmbiguousRequest(e.to_string()))?;
         let (parts, incoming) = req.into_parts();
         let declared = parts
             .headers
@@ -392,6 +395,10 @@ impl Proxy {
             code: e.code(),
             message: e.to_string(),
         };
+        vendor
+            .pricing
+            .check_write_query(&price_request)
+            .map_err(unpriceable)?;
         let paths = vendor
             .pricing
             .lookups(&price_request)

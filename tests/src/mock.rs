@@ -10,11 +10,16 @@
 //!
 //! Routes:
 //! * Stripe (see `stripe`): `POST /v1/charges`; `POST /v1/payment_intents`
-//!   (confirmed only with `confirm=true`), `GET /v1/payment_intents/{id}`,
-//!   `.../confirm`, `.../capture`; `GET /v1/invoices/{id}`, `.../pay`
-//!   (invoices added with `add_invoice`); `GET /v1/prices/{id}` (added with
-//!   `add_price`); `POST /v1/checkout/sessions`; `POST /v1/refunds`. Form
-//!   (or JSON) bodies; 401 on a wrong credential, 400 without an integer
+//!   (confirmed only with `confirm=true`), `GET`/`POST /v1/payment_intents/{id}`,
+//!   `.../confirm`, `.../capture`; `POST /v1/invoices`, `GET`/`POST
+//!   /v1/invoices/{id}`, `.../pay` (invoices also added with `add_invoice`),
+//!   `POST /v1/invoiceitems`; `GET /v1/prices/{id}`, `/v1/shipping_rates/{id}`,
+//!   `/v1/tax_rates/{id}` (added with `add_price`, `add_shipping_rate`,
+//!   `add_tax_rate`); `POST /v1/checkout/sessions`; subscriptions created,
+//!   updated and canceled by `/v1/subscriptions[/{id}]` or
+//!   `/v1/customers/{id}/subscriptions[/{id}]`; `POST /v1/refunds`. The
+//!   query string merged with a form (or JSON) body, read as a form unless
+//!   every Content-Type says JSON; 401 on a wrong credential, 400 without an integer
 //!   amount, 402 `card_declined` when the amount is 402, 500 for a charge
 //!   whose description is `fail500`; `description` is
 //!   echoed, as Stripe does, so a test can make a response as large as it
@@ -308,12 +313,15 @@ impl MockVendor {
             .collect()
     }
 
+    /// A fresh Stripe-like object id, `<prefix>_mock_<n>`.
+    fn new_id(&self, prefix: &str) -> String {
+        let n = self.state.next_id.fetch_add(1, Ordering::SeqCst);
+        format!("{prefix}_mock_{n}")
+    }
+
     /// Adds an open invoice of `amount_due` and returns its id.
     pub fn add_invoice(&self, amount_due: i64, currency: &str) -> String {
-        let id = format!(
-            "in_mock_{}",
-            self.state.next_id.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = self.new_id("in");
         let mut objects = self.state.stripe.lock().expect("mock stripe lock");
         objects.add_invoice(id.clone(), amount_due, currency);
         id
@@ -321,13 +329,36 @@ impl MockVendor {
 
     /// Adds a one-time Price of `unit_amount` and returns its id.
     pub fn add_price(&self, unit_amount: i64, currency: &str) -> String {
-        let id = format!(
-            "price_mock_{}",
-            self.state.next_id.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = self.new_id("price");
         let mut objects = self.state.stripe.lock().expect("mock stripe lock");
         objects.add_price(id.clone(), unit_amount, currency);
         id
+    }
+
+    /// Adds a fixed-amount Shipping Rate and returns its id.
+    pub fn add_shipping_rate(&self, amount: i64, currency: &str) -> String {
+        let id = self.new_id("shr");
+        let mut objects = self.state.stripe.lock().expect("mock stripe lock");
+        objects.add_shipping_rate(id.clone(), amount, currency);
+        id
+    }
+
+    /// Adds a Tax Rate of `percentage` (exclusive unless `inclusive`) and
+    /// returns its id.
+    pub fn add_tax_rate(&self, percentage: f64, inclusive: bool) -> String {
+        let id = self.new_id("txr");
+        let mut objects = self.state.stripe.lock().expect("mock stripe lock");
+        objects.add_tax_rate(id.clone(), percentage, inclusive);
+        id
+    }
+
+    /// An invoice as the mock holds it.
+    pub fn invoice(&self, id: &str) -> Option<Value> {
+        self.state
+            .stripe
+            .lock()
+            .expect("mock stripe lock")
+            .invoice(id)
     }
 
     /// A payment intent as the mock holds it.
@@ -660,9 +691,18 @@ struct ChargeParams {
 }
 
 fn charge_params(call: &RecordedCall) -> ChargeParams {
-    let is_json = call
-        .header("content-type")
-        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"));
+    // Read as JSON only when every Content-Type says so: a server that
+    // honours another one reads the body as a form.
+    let mut types = call
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "content-type")
+        .map(|(_, v)| v.to_ascii_lowercase());
+    let first = types.next();
+    let is_json = first
+        .as_deref()
+        .is_some_and(|ct| ct.starts_with("application/json"))
+        && types.all(|ct| ct.starts_with("application/json"));
     if is_json {
         let v: Value = serde_json::from_slice(&call.body).unwrap_or(Value::Null);
         let text = |f: &str| match v.get(f) {
@@ -681,7 +721,8 @@ fn charge_params(call: &RecordedCall) -> ChargeParams {
         currency: None,
         description: None,
     };
-    for (k, v) in form_urlencoded::parse(&call.body) {
+    let query = call.query.as_deref().unwrap_or("").as_bytes();
+    for (k, v) in form_urlencoded::parse(query).chain(form_urlencoded::parse(&call.body)) {
         match &*k {
             "amount" => p.amount = Some(v.into_owned()),
             "currency" => p.currency = Some(v.into_owned()),

@@ -1632,9 +1632,9 @@ async fn unpriceable_stripe_calls_are_refused_and_rates_price_other_currencies()
             "unpriceable_request",
         ),
         (
-            "amount in the query",
-            "/stripe/v1/payment_intents?amount=100&currency=usd",
-            "",
+            "amount in the query and in the body",
+            "/stripe/v1/payment_intents?amount=100000",
+            "amount=100&currency=usd",
             "unpriceable_request",
         ),
         (

@@ -417,6 +417,12 @@ fn settle_usage(quote: &Quote, status: u16, usage: Option<Usage>) -> Settlement 
 }
 
 impl PriceModel for AnthropicPricing {
+    fn check_write_query(&self, req: &PriceRequest<'_>) -> Result<(), PricingError> {
+        // Anthropic's SDKs send beta calls as `POST /v1/messages?beta=true`;
+        // the betas themselves are named in the anthropic-beta header.
+        super::write_query_within(req, |name, value| (name, value) == ("beta", "true"))
+    }
+
     fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
         match (req.method, req.path) {
             ("POST", "/v1/messages") => self.quote_messages(req),

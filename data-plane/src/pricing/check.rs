@@ -46,6 +46,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("json_body", json_body),
     ("sse_stream", sse_stream),
     ("settle_body", settle_body),
+    ("query_and_body", query_and_body),
 ];
 
 /// An endpoint whose request body a profile reads to price the call.
@@ -588,6 +589,138 @@ fn stream_through(
 fn is_subsequence(sub: &[u8], of: &[u8]) -> bool {
     let mut rest = of.iter();
     sub.iter().all(|b| rest.any(|x| x == b))
+}
+
+/// Stripe writes whose query and body `query_and_body` reads as one set:
+/// priced ones, and free ones that refuse some parameters.
+const STRIPE_WRITES: [(&str, &str); 6] = [
+    ("POST", "/v1/charges"),
+    ("POST", "/v1/payment_intents"),
+    ("POST", "/v1/invoices/in_1"),
+    ("POST", "/v1/payment_intents/pi_1"),
+    ("POST", "/v1/customers/cus_1"),
+    ("DELETE", "/v1/customers/cus_1"),
+];
+
+/// Splits fuzz input into a query string and a body: the first byte is how
+/// many of the rest are the query (the query as text, lossily).
+pub fn split_query(data: &[u8]) -> (String, &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return (String::new(), data);
+    };
+    let (query, body) = rest.split_at(usize::from(n).min(rest.len()));
+    (String::from_utf8_lossy(query).into_owned(), body)
+}
+
+/// Arbitrary bytes as a write's query string and form body (see
+/// `split_query`). Stripe reads both as one set: a quote comes only from
+/// a query without `;`, with no top-level name in both, stating one amount
+/// across both, and never lets through a guarded parameter with a value
+/// that could move money. Every other profile lets a write's query through
+/// only when each parameter is one it knows harmless.
+pub fn query_and_body(data: &[u8]) {
+    let (query, body) = split_query(data);
+    let pairs = |bytes: &[u8]| -> Vec<(String, String)> {
+        form_urlencoded::parse(bytes)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    };
+    let (in_query, in_body) = (pairs(query.as_bytes()), pairs(body));
+    let top = |name: &str| name.split('[').next().unwrap_or("").to_string();
+    let all: Vec<(String, String)> = in_query.iter().chain(&in_body).cloned().collect();
+    let values = |name: &str| -> Vec<&str> {
+        all.iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let has = |name: &str| all.iter().any(|(k, _)| top(k) == name);
+    for (method, path) in STRIPE_WRITES {
+        let req = PriceRequest {
+            method,
+            path,
+            query: Some(&query),
+            content_type: Some(FORM),
+            headers: super::no_headers(),
+            body,
+        };
+        let quoted = model("stripe").quote(&req);
+        let q = match quoted {
+            Err(PricingError::Config(m)) => panic!("{method} {path}: configuration error {m}"),
+            Err(e) => {
+                assert!(e.to_string().len() <= MAX_ERROR_MESSAGE, "{e}");
+                continue;
+            }
+            Ok(q) => q,
+        };
+        let at = format!("{method} {path}?{query}");
+        assert!(!query.contains(';'), "{at}: a query with ';' was read");
+        let names_in = |ps: &[(String, String)]| -> Vec<String> {
+            ps.iter()
+                .map(|(k, _)| top(k))
+                .filter(|k| !k.is_empty())
+                .collect()
+        };
+        let (qn, bn) = (names_in(&in_query), names_in(&in_body));
+        assert!(
+            !qn.iter().any(|n| bn.contains(n)),
+            "{at}: a name in the query and the body was read"
+        );
+        match path {
+            "/v1/charges" | "/v1/payment_intents" => {
+                let QuoteKind::Stripe { amount, .. } = q.kind else {
+                    panic!("{at}: a charge quoted free: {q:?}");
+                };
+                // The amount reserved is the one stated, once, in either.
+                let stated = values("amount");
+                assert_eq!(stated.len(), 1, "{at}: {stated:?}");
+                assert_eq!(stated[0].parse::<i64>(), Ok(amount), "{at}");
+            }
+            "/v1/invoices/in_1" => {
+                assert!(values("auto_advance").iter().all(|v| *v == "false"), "{at}");
+                assert!(!has("automatically_finalizes_at"), "{at}");
+                assert!(
+                    values("collection_method")
+                        .iter()
+                        .all(|v| *v == "send_invoice"),
+                    "{at}"
+                );
+            }
+            "/v1/payment_intents/pi_1" => {
+                assert!(!has("amount") && !has("currency"), "{at}");
+            }
+            "/v1/customers/cus_1" if method == "POST" => assert!(!has("balance"), "{at}"),
+            _ => assert!(
+                all.iter().all(|(k, _)| k.is_empty()),
+                "{at}: a parameter the delete does not have"
+            ),
+        }
+    }
+    for (profile, harmless) in [
+        ("openai", &[("beta", "true")][..]),
+        ("anthropic", &[("beta", "true")][..]),
+        ("resend", &[][..]),
+        ("twilio", &[][..]),
+        ("generic", &[][..]),
+    ] {
+        let req = PriceRequest {
+            method: "POST",
+            path: "/v1/generate",
+            query: Some(&query),
+            content_type: Some(JSON),
+            headers: super::no_headers(),
+            body,
+        };
+        if model(profile).check_write_query(&req).is_ok() {
+            assert!(!query.contains(';'), "{profile}: ';' let through");
+            for (k, v) in &in_query {
+                assert!(
+                    harmless.contains(&(k.as_str(), v.as_str())),
+                    "{profile}: {k}={v} let through"
+                );
+            }
+        }
+    }
 }
 
 /// Arbitrary bytes as a response to every sample call: the first two bytes

@@ -9,7 +9,8 @@
 //! (up to the proxy's response limit) before it is settled.
 //!
 //! It must never forward a request no rule matches (refused as
-//! unpriceable), and never settle a successful response whose stated cost
+//! unpriceable), nor a write whose query string names a parameter its rule
+//! does not list in `query_params`, and never settle a successful response whose stated cost
 //! it cannot read at 0: that settles at the reservation, flagged. A 4xx/5xx
 //! releases the reservation.
 
@@ -88,6 +89,16 @@ fn stated_value(v: &Value, unit: CostUnit) -> Option<Micros> {
 }
 
 impl PriceModel for GenericPricing {
+    fn check_write_query(&self, req: &PriceRequest<'_>) -> Result<(), PricingError> {
+        // The vendor is the operator's: only the query parameters its rule
+        // names are known to be harmless on a write.
+        let allowed = self
+            .rules
+            .rule_for(req.method, req.path)
+            .map_or(&[][..], |(_, r)| r.query_params.as_slice());
+        super::write_query_within(req, |name, _| allowed.iter().any(|a| a == name))
+    }
+
     fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
         let Some((i, rule)) = self.rules.rule_for(req.method, req.path) else {
             return Err(unreadable(format!(

@@ -289,6 +289,16 @@ pub trait PriceModel: Send + Sync {
     fn lookups(&self, _req: &PriceRequest<'_>) -> Result<Vec<String>, PricingError> {
         Ok(Vec::new())
     }
+    /// Checks the query string of a call that is not a read (GET, HEAD),
+    /// before anything else is done with it. A profile's vendor reads a
+    /// write's parameters from its body, and pricing reads only the body; a
+    /// query string could carry parameters the vendor also reads, so it is
+    /// refused unless every parameter in it is one the profile knows to be
+    /// harmless. A profile whose pricing reads the query itself (Stripe)
+    /// overrides this.
+    fn check_write_query(&self, req: &PriceRequest<'_>) -> Result<(), PricingError> {
+        write_query_within(req, |_, _| false)
+    }
     /// Prices a request given the objects `lookups` asked for.
     fn quote_with(
         &self,
@@ -456,6 +466,40 @@ pub(crate) fn media_type(content_type: Option<&str>) -> Option<String> {
             .trim()
             .to_ascii_lowercase()
     })
+}
+
+/// Refuses the query string of a write unless `harmless` accepts each of its
+/// parameters (decoded name and value). Reads pass: their query is what
+/// they read, and they move no money.
+pub(crate) fn write_query_within(
+    req: &PriceRequest<'_>,
+    harmless: impl Fn(&str, &str) -> bool,
+) -> Result<(), PricingError> {
+    let Some(query) = req.query.filter(|q| !q.is_empty()) else {
+        return Ok(());
+    };
+    if matches!(req.method, "GET" | "HEAD") {
+        return Ok(());
+    }
+    let refused = |what: String| {
+        unreadable(format!(
+            "{what} in the query string of {} {}: keycap prices this call from its body, so it \
+             refuses query parameters the vendor could read that pricing does not; send them \
+             in the body",
+            clip(req.method),
+            clip(req.path)
+        ))
+    };
+    // Some servers also split a query string at ';'.
+    if query.contains(';') {
+        return Err(refused("';'".into()));
+    }
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if !harmless(&name, &value) {
+            return Err(refused(format!("parameter {:?}", clip(&name))));
+        }
+    }
+    Ok(())
 }
 
 /// Shortens client-controlled text before it goes into an error message.
@@ -771,6 +815,90 @@ mod tests {
         assert!(err.to_string().len() < 200);
         let bad: BTreeMap<String, String> = [("eur".to_string(), "1,08".to_string())].into();
         assert!(model_for("stripe", &bad, &prices(), "", "").is_err());
+    }
+
+    #[test]
+    fn a_write_query_is_refused_unless_its_profile_knows_it_harmless() {
+        let rates = BTreeMap::new();
+        let generic = r#"{"currency":"usd","rules":[
+            {"endpoint":"POST /v1/renders","cost":{"fixed":"0.05"},"query_params":["format"]},
+            {"endpoint":"POST /v1/jobs","cost":{"fixed":"0.10"}}]}"#;
+        let model = |profile: &str| {
+            let own = if profile == "generic" { generic } else { "" };
+            model_for(profile, &rates, &prices(), own, "").unwrap()
+        };
+        let req = |method: &'static str, path: &'static str, query: &'static str| PriceRequest {
+            method,
+            path,
+            query: Some(query),
+            content_type: Some("application/json"),
+            headers: no_headers(),
+            body: b"{}",
+        };
+        let ok = |profile: &str, r: PriceRequest<'_>| model(profile).check_write_query(&r);
+        // What the official SDKs send passes.
+        assert!(ok("anthropic", req("POST", "/v1/messages", "beta=true")).is_ok());
+        assert!(ok(
+            "anthropic",
+            req("POST", "/v1/messages/count_tokens", "beta=true")
+        )
+        .is_ok());
+        assert!(ok("openai", req("POST", "/v1/responses", "beta=true")).is_ok());
+        assert!(ok(
+            "generic",
+            req("POST", "/v1/renders", "format=png&format=jpg")
+        )
+        .is_ok());
+        // Reads read their query; an empty query is none.
+        for profile in [
+            "openai",
+            "anthropic",
+            "resend",
+            "twilio",
+            "generic",
+            "stripe",
+        ] {
+            assert!(
+                ok(profile, req("GET", "/v1/anything", "limit=5")).is_ok(),
+                "{profile}"
+            );
+            assert!(
+                ok(profile, req("POST", "/v1/anything", "")).is_ok(),
+                "{profile}"
+            );
+        }
+        // Stripe reads a write's query with its body (see stripe.rs).
+        assert!(ok("stripe", req("POST", "/v1/charges", "amount=1")).is_ok());
+        for (profile, method, path, query) in [
+            ("anthropic", "POST", "/v1/messages", "beta=false"),
+            (
+                "anthropic",
+                "POST",
+                "/v1/messages",
+                "beta=true&max_tokens=99999",
+            ),
+            ("anthropic", "POST", "/v1/messages", "beta=true;x=1"),
+            ("openai", "POST", "/v1/chat/completions", "model=gpt-4o"),
+            ("openai", "DELETE", "/v1/files/f_1", "x=1"),
+            ("resend", "POST", "/emails", "to=a@b.c"),
+            (
+                "twilio",
+                "POST",
+                "/2010-04-01/Accounts/AC1/Messages/SM1.json",
+                "Body=x",
+            ),
+            ("generic", "POST", "/v1/jobs", "format=png"),
+            ("generic", "POST", "/v1/renders", "size=large"),
+            ("generic", "POST", "/v1/unknown", "format=png"),
+        ] {
+            let err = ok(profile, req(method, path, query)).unwrap_err();
+            assert_eq!(
+                err.code(),
+                "unpriceable_request",
+                "{profile} {method} {path}?{query}"
+            );
+            assert!(err.to_string().contains("query"), "{err}");
+        }
     }
 
     #[test]

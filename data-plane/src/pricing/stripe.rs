@@ -1,17 +1,25 @@
 //! Stripe pricing.
 //!
-//! Owns the cost of Stripe calls: creating a PaymentIntent or a Charge
-//! (`POST /v1/payment_intents`, `POST /v1/charges`) reserves exactly the
-//! `amount` the request states, converted to micro-dollars; every other call
-//! is free. A 2xx settles at that amount, anything else is released.
+//! Owns the cost of Stripe calls. Every write is one operation of Stripe's
+//! published v1 API (`operations`, a checked-in table of every POST and
+//! DELETE): priced by a rule — a Charge or a new PaymentIntent reserves the
+//! `amount` it states, a confirmation or an invoice payment what Stripe says
+//! the object holds, a Checkout Session its line items, tax and shipping
+//! (`checkout`) — free, or refused. Reads under `/v1/` are free. A 2xx
+//! settles at what the response says moved, anything else is released.
 //!
-//! It must never forward a charge it could not read: a missing, duplicated,
-//! negative or non-integer `amount`, a missing `currency`, parameters it cannot
-//! see (in the query, or in a body format it does not parse) are errors, not
-//! zero quotes. A currency other than USD is priced only through a configured
-//! rate, converted with exact integer arithmetic and rounded up.
+//! It must never forward a write it could not read as Stripe reads it: the
+//! query string and the body are one set of parameters; a missing,
+//! duplicated, negative or non-integer `amount`, a missing `currency`, a
+//! parameter name form parsers read differently, a parameter the operation
+//! does not have, a money parameter the operation does not handle, a body
+//! format it does not parse, and any path the table does not classify are
+//! errors, not zero quotes. A currency other than USD is priced only
+//! through a configured rate, converted with exact integer arithmetic and
+//! rounded up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::LazyLock;
 
 use http::HeaderMap;
 use keycap_proto::prices::CurrencyRates;
@@ -22,6 +30,10 @@ use super::{
     clip, free_quote, media_type, mul_div_ceil, settle_fixed, Looked, PriceModel, PriceRequest,
     PriceResponse, PricingError, Quote, QuoteKind, Settlement,
 };
+use operations::{Class, FreeRule, Operation, PricedRule};
+
+mod checkout;
+mod operations;
 
 /// Currencies whose Stripe amounts are whole units (no minor unit).
 const ZERO_DECIMAL: [&str; 16] = [
@@ -44,6 +56,8 @@ impl StripePricing {
     /// the first charge in that currency.
     pub fn new(currency_rates: &BTreeMap<String, String>) -> Result<Self, PricingError> {
         let rates = CurrencyRates::parse(currency_rates).map_err(|e| PricingError::Config(e.0))?;
+        // A build whose operation table does not load prices no Stripe call.
+        operations::table()?;
         Ok(StripePricing { rates })
     }
 
@@ -108,93 +122,59 @@ pub enum StripeOp {
     Checkout,
 }
 
-/// What a request is, by method and path.
-#[derive(Debug, PartialEq, Eq)]
-enum Route<'a> {
-    Priced(StripeOp),
-    /// Confirming an existing PaymentIntent: its amount is read from Stripe.
-    Confirm(&'a str),
-    /// Paying an existing invoice: the amount due is read from Stripe.
-    Pay(&'a str),
-    /// Moves no money (reads, customers, refunds, captures of what was
-    /// counted when it was authorized, ...).
-    Free,
-    /// Moves money in a way keycap does not price.
-    Refused(&'static str),
-}
-
-/// Resources whose writes move no money.
-const FREE_RESOURCES: [&str; 12] = [
-    "customers",
-    "payment_methods",
-    "setup_intents",
-    "products",
-    "prices",
-    "invoiceitems",
-    "coupons",
-    "promotion_codes",
-    "tax_rates",
-    "webhook_endpoints",
-    "tokens",
-    "refunds",
-];
-
 /// Most objects one request may need read from Stripe before it is priced.
 const MAX_LOOKUPS: usize = 20;
 
-fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if method != "POST" {
-        return match (method, segs.as_slice()) {
-            // Canceling a subscription can invoice and charge at once
-            // (invoice_now, prorations).
-            ("DELETE", ["v1", "subscriptions" | "subscription_items", ..]) => Route::Refused(
-                "canceling a subscription can charge at once; keycap does not price it",
-            ),
-            // Reads move nothing; other deletes only cancel or detach.
-            _ => Route::Free,
-        };
+/// Whether a method only reads: reads move no money.
+fn is_read_method(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD")
+}
+
+/// The operation of the table a write is, or why it is refused. A read
+/// (`GET`, `HEAD`) under `/v1/` is `None`: it moves nothing.
+fn operation(method: &str, path: &str) -> Result<Option<&'static Operation>, PricingError> {
+    if !path.starts_with("/v1/") {
+        return Err(unreadable(
+            "keycap prices Stripe's v1 API only; /v2/ and every other path are refused",
+        ));
     }
-    let id = |s: &'a str| is_object_id(s).then_some(s);
-    match segs.as_slice() {
-        ["v1", "charges"] => Route::Priced(StripeOp::Charge),
-        // Counted when the charge was created, authorized or not.
-        ["v1", "charges", c] | ["v1", "charges", c, "capture"] if id(c).is_some() => Route::Free,
-        ["v1", "payment_intents"] => Route::Priced(StripeOp::Intent),
-        ["v1", "payment_intents", pi, "confirm"] => match id(pi) {
-            Some(pi) => Route::Confirm(pi),
-            None => Route::Refused("the PaymentIntent id in the path is not a Stripe id"),
-        },
-        // An update changes an intent before it is confirmed (counted then);
-        // a capture takes what its confirmation authorized (counted then).
-        ["v1", "payment_intents", pi] | ["v1", "payment_intents", pi, "capture" | "cancel"]
-            if id(pi).is_some() =>
-        {
-            Route::Free
-        }
-        ["v1", "invoices"] => Route::Free,
-        ["v1", "invoices", inv, "pay"] => match id(inv) {
-            Some(inv) => Route::Pay(inv),
-            None => Route::Refused("the invoice id in the path is not a Stripe id"),
-        },
-        ["v1", "invoices", inv, "finalize"] if id(inv).is_some() => Route::Refused(
-            "finalizing an invoice lets Stripe charge it later, out of keycap's sight; \
-             pay it with POST /v1/invoices/{id}/pay, which keycap prices",
-        ),
-        ["v1", "invoices", inv]
-        | ["v1", "invoices", inv, "void" | "send" | "mark_uncollectible"]
-            if id(inv).is_some() =>
-        {
-            Route::Free
-        }
-        ["v1", "checkout", "sessions"] => Route::Priced(StripeOp::Checkout),
-        ["v1", "checkout", "sessions", cs, "expire"] if id(cs).is_some() => Route::Free,
-        ["v1", resource, ..] if FREE_RESOURCES.contains(resource) => Route::Free,
-        _ => Route::Refused(
-            "keycap does not price this Stripe call (it prices charges, payment intents, \
-             invoice payments and checkout sessions; other writes that move money are refused)",
-        ),
+    if is_read_method(method) {
+        return Ok(None);
     }
+    let table = operations::table()?;
+    let op = table.find(method, path).ok_or_else(|| {
+        unreadable(format!(
+            "{} {} is not an operation of Stripe's API version {} that keycap knows; it is refused",
+            clip(method),
+            clip(path),
+            table.api_version
+        ))
+    })?;
+    match op.class {
+        Class::Refused(why) if op.legacy => Err(unreadable(format!(
+            "{} (this is a legacy path Stripe no longer publishes)",
+            why.message()
+        ))),
+        Class::Refused(why) => Err(unreadable(why.message())),
+        Class::Unclassified => Err(unreadable(format!(
+            "keycap has not classified {} {} yet; it is refused until it is",
+            op.method, op.path
+        ))),
+        Class::Priced(_) | Class::Free(_) => Ok(Some(op)),
+    }
+}
+
+/// The object id in segment `i` of a path (`/v1/invoices/{id}/pay`: 2),
+/// checked before it goes into a lookup path.
+fn path_id(path: &str, i: usize) -> Result<&str, PricingError> {
+    let id = path.trim_start_matches('/').split('/').nth(i).unwrap_or("");
+    if !is_object_id(id) {
+        return Err(unreadable(format!(
+            "{:?} in the path is not a Stripe id",
+            clip(id)
+        )));
+    }
+    Ok(id)
 }
 
 /// A Stripe object id: `pi_...`, `in_...`, `price_...`. Checked before it
@@ -203,24 +183,56 @@ fn is_object_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// A request's parameters as Stripe reads them: form fields by their
-/// bracketed names (`line_items[0][quantity]`), or a JSON body flattened to
-/// the same names. A name given twice is refused: which duplicate Stripe
-/// honours is not something to guess when money depends on it.
+/// A request's parameters as Stripe reads them: the query string and the
+/// body as one set (Stripe merges a write's query parameters into its body's),
+/// form fields by their bracketed names (`line_items[0][quantity]`), or a JSON
+/// body flattened to the same names. A parameter pricing reads given twice,
+/// and a top-level name in both the query and the body, are refused: which
+/// duplicate Stripe honours is not something to guess when money depends on
+/// it. So is a name that is not `name[key]...`, since form parsers disagree
+/// on how to read one.
 /// Each value remembers whether it was a JSON string: an amount must be a
 /// JSON integer, since "10" could be read differently by different parsers.
-struct Params(BTreeMap<String, (String, bool)>);
+#[derive(Default)]
+struct Params {
+    /// The values of the parameters pricing reads (`is_read`).
+    values: BTreeMap<String, (String, bool)>,
+    /// Every top-level name the request carries, read or not.
+    names: BTreeSet<String>,
+}
 
 impl Params {
     fn parse(req: &PriceRequest<'_>) -> Result<Params, PricingError> {
-        match media_type(req.content_type).as_deref() {
-            None | Some("application/x-www-form-urlencoded") => Self::from_form(req.body),
-            Some("application/json") => Self::from_json(req.body),
-            Some(other) => Err(unreadable(format!(
-                "cannot read the amount from a {} body; use application/x-www-form-urlencoded",
-                clip(other)
-            ))),
+        let mut p = match req.query.filter(|q| !q.is_empty()) {
+            // Some servers also split a query string at ';'.
+            Some(q) if q.contains(';') => return Err(unreadable(
+                "the query string contains ';', which servers split differently; encode it as %3B",
+            )),
+            Some(q) => Self::from_form(q.as_bytes())?,
+            None => Params::default(),
+        };
+        if req.body.is_empty() {
+            return Ok(p);
         }
+        let body = match media_type(req.content_type).as_deref() {
+            None | Some("application/x-www-form-urlencoded") => Self::from_form(req.body)?,
+            Some("application/json") => Self::from_json(req.body)?,
+            Some(other) => {
+                return Err(unreadable(format!(
+                    "cannot read the amount from a {} body; use application/x-www-form-urlencoded",
+                    clip(other)
+                )))
+            }
+        };
+        if let Some(both) = p.names.intersection(&body.names).next() {
+            return Err(unreadable(format!(
+                "parameter {} is given both in the query string and in the body",
+                clip(both)
+            )));
+        }
+        p.names.extend(body.names);
+        p.values.extend(body.values);
+        Ok(p)
     }
 
     fn insert(&mut self, name: String, value: String) -> Result<(), PricingError> {
@@ -233,25 +245,38 @@ impl Params {
         value: String,
         json_string: bool,
     ) -> Result<(), PricingError> {
-        if self.0.contains_key(&name) {
+        if self.values.contains_key(&name) {
             return Err(unreadable(format!(
                 "parameter {} is given more than once",
                 clip(&name)
             )));
         }
-        self.0.insert(name, (value, json_string));
+        self.values.insert(name, (value, json_string));
         Ok(())
     }
 
     fn from_form(body: &[u8]) -> Result<Params, PricingError> {
-        let mut p = Params(BTreeMap::new());
+        let mut p = Params::default();
         // Names are decoded first and values only for parameters pricing
         // reads: a body is mostly descriptions and metadata.
         for pair in body.split(|&b| b == b'&') {
-            let name_end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
-            let Some((name, _)) = form_urlencoded::parse(&pair[..name_end]).next() else {
+            if pair.is_empty() {
                 continue;
+            }
+            let name_end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+            let name = form_urlencoded::parse(&pair[..name_end])
+                .next()
+                .map(|(n, _)| n)
+                .unwrap_or_default();
+            let Some(top) = top_level_name(&name) else {
+                return Err(unreadable(format!(
+                    "parameter name {:?} is not of the form name[key]...",
+                    clip(&name)
+                )));
             };
+            if !p.names.contains(top) {
+                p.names.insert(top.to_string());
+            }
             if !is_read(&name) {
                 continue;
             }
@@ -269,10 +294,13 @@ impl Params {
         if !v.is_object() {
             return Err(unreadable("request body must be a JSON object"));
         }
-        let mut p = Params(BTreeMap::new());
+        let mut p = Params::default();
         if let Value::Object(m) = &v {
-            for (k, v) in m.iter().filter(|(k, _)| is_read(k)) {
-                p.flatten(k.clone(), v)?;
+            for (k, v) in m {
+                p.names.insert(k.clone());
+                if is_read(k) {
+                    p.flatten(k.clone(), v)?;
+                }
             }
         }
         Ok(p)
@@ -304,13 +332,24 @@ impl Params {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(|(v, _)| v.as_str())
+        self.values.get(name).map(|(v, _)| v.as_str())
+    }
+
+    /// Whether the request carries a parameter of this top-level name, in
+    /// any form (`balance`, `balance[x]`).
+    fn has(&self, top: &str) -> bool {
+        self.names.contains(top)
+    }
+
+    /// Every top-level parameter name the request carries.
+    fn names(&self) -> impl Iterator<Item = &String> {
+        self.names.iter()
     }
 
     /// A required non-negative integer (an amount in minor units, a
     /// quantity).
     fn int(&self, name: &str, what: &str) -> Result<i64, PricingError> {
-        match self.0.get(name) {
+        match self.values.get(name) {
             None => Err(unreadable(format!("{what} needs {name}"))),
             Some((_, true)) => Err(bad_amount()),
             Some((text, false)) => parse_amount(text),
@@ -324,12 +363,14 @@ impl Params {
         currency_code(text)
     }
 
-    /// The indices of `line_items[i][...]` parameters, in order.
-    fn line_items(&self) -> Vec<String> {
+    /// The indices of a list parameter (`line_items[i][...]`), in the
+    /// order Stripe numbers them.
+    fn indices(&self, list: &str) -> Vec<String> {
+        let prefix = format!("{list}[");
         let mut out: Vec<String> = Vec::new();
-        for k in self.0.keys() {
+        for k in self.values.keys() {
             let idx = k
-                .strip_prefix("line_items[")
+                .strip_prefix(&prefix)
                 .and_then(|r| r.split_once(']'))
                 .map(|(i, _)| i.to_string());
             if let Some(i) = idx {
@@ -338,27 +379,67 @@ impl Params {
                 }
             }
         }
+        out.sort_by_key(|i| (i.len(), i.clone()));
         out
+    }
+
+    /// Whether any parameter under `prefix` (`line_items[0][tax_rates]`)
+    /// is given.
+    fn any_under(&self, prefix: &str) -> bool {
+        self.values
+            .range(prefix.to_string()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(prefix))
     }
 }
 
-/// The top-level parameters pricing reads; the rest are never decoded.
+/// The top-level name of a parameter name of the form `name[key][key]...`
+/// (keys may be empty, `name` is letters, digits and `_`); `None` for any
+/// other form, which form parsers read in different ways.
+fn top_level_name(name: &str) -> Option<&str> {
+    let end = name.find('[').unwrap_or(name.len());
+    let (top, mut rest) = name.split_at(end);
+    if top.is_empty() || !top.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return None;
+    }
+    while !rest.is_empty() {
+        let close = rest.find(']')?;
+        if !rest.starts_with('[') || rest[1..close].contains('[') {
+            return None;
+        }
+        rest = &rest[close + 1..];
+    }
+    Some(top)
+}
+
+/// The top-level parameters pricing reads, besides the money parameters
+/// and the guarded ones (`operations`); the rest are never decoded.
 const READ: [&str; 8] = [
-    "amount",
     "currency",
     "mode",
     "line_items",
     "paid_out_of_band",
-    "auto_advance",
-    "collection_method",
-    "automatically_finalizes_at",
+    "invoice",
+    "shipping_options",
+    "automatic_tax",
+    "optional_items",
 ];
+
+/// Every top-level parameter pricing reads: `READ`, the money parameters
+/// and the guarded ones.
+static READ_ALL: LazyLock<BTreeSet<&'static str>> = LazyLock::new(|| {
+    READ.iter()
+        .copied()
+        .chain(operations::MONEY_PARAMS.iter().map(|(n, _)| *n))
+        .chain(operations::GUARDED.iter().copied())
+        .collect()
+});
 
 /// Whether a parameter (`line_items[0][quantity]` by its top-level name)
 /// is one pricing reads.
 fn is_read(name: &str) -> bool {
     let top = name.split('[').next().unwrap_or(name);
-    READ.contains(&top)
+    READ_ALL.contains(top)
 }
 
 fn parse_amount(text: &str) -> Result<i64, PricingError> {
@@ -440,94 +521,6 @@ impl StripePricing {
         })
     }
 
-    /// A checkout session's total: each line item's unit amount (from
-    /// `price_data`, or from the Price object read from Stripe) times its
-    /// quantity, all in one currency.
-    fn checkout_quote(&self, p: &Params, looked: &[Looked]) -> Result<Quote, PricingError> {
-        let mode = p.get("mode").unwrap_or("payment");
-        match mode {
-            // A setup session saves a payment method; nothing is charged.
-            "setup" => return Ok(free_quote(false)),
-            "payment" => {}
-            "subscription" => {
-                return Err(unreadable(
-                    "a subscription charges again every period; keycap does not price it",
-                ))
-            }
-            other => {
-                return Err(unreadable(format!(
-                    "checkout mode {:?} is not one keycap prices",
-                    clip(other)
-                )))
-            }
-        }
-        let items = p.line_items();
-        if items.is_empty() {
-            return Err(unreadable(
-                "a checkout session is priced from its line_items; none were given",
-            ));
-        }
-        let mut total: i64 = 0;
-        let mut currency: Option<String> = None;
-        for i in &items {
-            // `field("price_data][currency")` is line_items[i][price_data][currency].
-            let field = |f: &str| format!("line_items[{i}][{f}]");
-            if p.get(&field("adjustable_quantity][enabled")) == Some("true") {
-                return Err(unreadable(
-                    "an adjustable quantity lets the customer pay more than the session states",
-                ));
-            }
-            let quantity = match p.get(&field("quantity")) {
-                None => 1,
-                Some(q) => parse_amount(q)?,
-            };
-            let (unit, cur) = if let Some(price) = p.get(&field("price")) {
-                let obj = looked_object(looked, &price_path(price)?, "the line item's price")?;
-                let unit = object_int(&obj, "unit_amount").ok_or_else(|| {
-                    unreadable(format!(
-                        "price {} has no fixed unit_amount (tiered or customer-chosen prices are not priced)",
-                        clip(price)
-                    ))
-                })?;
-                let cur = obj
-                    .get("currency")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| unreadable("the line item's price has no currency"))?;
-                (unit, currency_code(cur)?)
-            } else {
-                if p.get(&field("price_data][unit_amount_decimal")).is_some() {
-                    return Err(unreadable(
-                        "unit_amount_decimal is not priced; give unit_amount in minor units",
-                    ));
-                }
-                (
-                    p.int(&field("price_data][unit_amount"), "a line item")?,
-                    p.currency(&field("price_data][currency"), "a line item")?,
-                )
-            };
-            match &currency {
-                None => currency = Some(cur),
-                Some(c) if *c == cur => {}
-                Some(_) => {
-                    return Err(unreadable(
-                        "the line items of one checkout session must share a currency",
-                    ))
-                }
-            }
-            total = unit
-                .checked_mul(quantity)
-                .and_then(|v| total.checked_add(v))
-                .ok_or_else(|| unreadable("amount is too large to price"))?;
-        }
-        let currency = currency.expect("at least one line item");
-        self.charge_quote(
-            StripeOp::Checkout,
-            total,
-            currency,
-            json!({"mode": mode, "line_items": items.len()}),
-        )
-    }
-
     /// What a successful response spent: its own amount where it reports
     /// one (in micro-dollars), `None` when money did not move.
     fn spent(&self, op: StripeOp, quote: &Quote, obj: &serde_json::Map<String, Value>) -> Spent {
@@ -579,54 +572,68 @@ impl StripePricing {
                 Some(_) => Spent::Nothing("not_paid"),
                 None => Spent::Unknown,
             },
-            StripeOp::Checkout => own_amount("amount_total").map_or(Spent::Unknown, Spent::Amount),
+            StripeOp::Checkout => match own_amount("amount_total") {
+                None => Spent::Unknown,
+                // The customer picks a shipping option after the session is
+                // made; its total holds the first one, and the dearest may
+                // still be charged: the reservation bounds it.
+                Some(m) if quote.detail["customer_chooses_shipping"] == true => {
+                    Spent::Amount(m.max(quote.reserve))
+                }
+                Some(m) => Spent::Amount(m),
+            },
         }
     }
 }
 
-/// Writes that move no money by themselves, unless their parameters ask
-/// Stripe to move it later, out of keycap's sight.
-fn free_write_check(path: &str, p: &Params) -> Result<(), PricingError> {
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match segs.as_slice() {
-        ["v1", "invoices"] | ["v1", "invoices", _] => {
-            // Stripe finalizes and charges an auto-advancing invoice itself.
-            let manual = p.get("auto_advance") == Some("false")
-                || p.get("collection_method") == Some("send_invoice");
-            let creating = segs.len() == 2;
-            if p.get("auto_advance") == Some("true")
-                || p.get("automatically_finalizes_at").is_some()
-                || (creating && !manual)
-            {
-                return Err(unreadable(
-                    "an invoice Stripe advances itself is charged out of keycap's sight; \
-                     set auto_advance=false and pay it with POST /v1/invoices/{id}/pay",
-                ));
-            }
-        }
-        // The amount is read when the intent is confirmed; changing it
-        // between that read and the confirmation would move more.
-        ["v1", "payment_intents", _]
-            if p.get("amount").is_some() || p.get("currency").is_some() =>
-        {
-            return Err(unreadable(
-                "changing a payment intent's amount is not priced; create a new intent",
-            ));
-        }
-        _ => {}
+/// `POST /v1/invoices`: free only for an invoice Stripe will not finalize
+/// and charge on its own (`auto_advance=false`, or sent for the customer to
+/// pay). Stated explicitly, since the default differs between API versions.
+fn invoice_create_check(p: &Params) -> Result<(), PricingError> {
+    let manual = p.get("auto_advance") == Some("false")
+        || p.get("collection_method") == Some("send_invoice");
+    if !manual {
+        return Err(unreadable(
+            "an invoice Stripe advances itself is charged out of keycap's sight; \
+             set auto_advance=false and pay it with POST /v1/invoices/{id}/pay",
+        ));
     }
     Ok(())
 }
 
-/// The lookup path of a Price object named by a line item.
-fn price_path(price: &str) -> Result<String, PricingError> {
-    if !is_object_id(price) {
+/// The draft invoice an invoice item names, which `invoice_item_check`
+/// reads from Stripe.
+fn invoice_item_target(p: &Params) -> Result<String, PricingError> {
+    let Some(invoice) = p.get("invoice") else {
+        return Err(unreadable(
+            "an invoice item without an invoice waits for the customer's next invoice, which \
+             Stripe may charge on its own (a subscription's renewal, say); name a draft \
+             invoice created with auto_advance=false and pay it with POST /v1/invoices/{id}/pay",
+        ));
+    };
+    if !is_object_id(invoice) {
         return Err(unreadable(format!(
-            "line item price {:?} is not a Stripe id",
-            clip(price)
+            "invoice {:?} is not a Stripe id",
+            clip(invoice)
         )));
     }
-    Ok(format!("/v1/prices/{price}"))
+    Ok(format!("/v1/invoices/{invoice}"))
+}
+
+/// `POST /v1/invoiceitems`: free only onto a draft invoice Stripe will not
+/// finalize on its own, so what it adds is charged only through `/pay`.
+fn invoice_item_check(p: &Params, looked: &[Looked]) -> Result<(), PricingError> {
+    let path = invoice_item_target(p)?;
+    let inv = looked_object(looked, &path, "the invoice")?;
+    let draft = inv.get("status").and_then(Value::as_str) == Some("draft");
+    let manual = inv.get("auto_advance") == Some(&Value::Bool(false));
+    if !(draft && manual) {
+        return Err(unreadable(
+            "an invoice item may only go on a draft invoice with auto_advance=false: Stripe \
+             charges any other invoice out of keycap's sight",
+        ));
+    }
+    Ok(())
 }
 
 enum Spent {
@@ -645,59 +652,73 @@ impl PriceModel for StripePricing {
         self.quote_with(req, &[])
     }
 
+    /// Stripe reads a write's query with its body, and so does `Params`.
+    fn check_write_query(&self, _req: &PriceRequest<'_>) -> Result<(), PricingError> {
+        Ok(())
+    }
+
     fn lookups(&self, req: &PriceRequest<'_>) -> Result<Vec<String>, PricingError> {
-        match route(req.method, req.path) {
-            Route::Confirm(pi) => Ok(vec![format!("/v1/payment_intents/{pi}")]),
-            Route::Pay(inv) => Ok(vec![format!("/v1/invoices/{inv}")]),
-            Route::Priced(StripeOp::Checkout) => {
-                let p = Params::parse(req)?;
-                let mut paths: Vec<String> = Vec::new();
-                for i in p.line_items() {
-                    if let Some(price) = p.get(&format!("line_items[{i}][price]")) {
-                        let path = price_path(price)?;
-                        if !paths.contains(&path) {
-                            paths.push(path);
-                        }
-                    }
-                }
-                if paths.len() > MAX_LOOKUPS {
-                    return Err(unreadable(format!(
-                        "a checkout session may name at most {MAX_LOOKUPS} distinct prices"
-                    )));
-                }
-                Ok(paths)
-            }
-            _ => Ok(Vec::new()),
+        let Some(op) = operation(req.method, req.path)? else {
+            return Ok(Vec::new());
+        };
+        let reads_first = matches!(
+            op.class,
+            Class::Priced(
+                PricedRule::PaymentIntentConfirm
+                    | PricedRule::InvoicePay
+                    | PricedRule::CheckoutSession
+            ) | Class::Free(Some(FreeRule::InvoiceItem))
+        );
+        if !reads_first {
+            // Checked once, when it is quoted.
+            return Ok(Vec::new());
         }
+        // Checked before anything is read from Stripe for it.
+        let p = Params::parse(req)?;
+        op.check(&p, operations::table()?.api_version)?;
+        Ok(match op.class {
+            Class::Priced(PricedRule::PaymentIntentConfirm) => {
+                vec![format!("/v1/payment_intents/{}", path_id(req.path, 2)?)]
+            }
+            Class::Priced(PricedRule::InvoicePay) => {
+                vec![format!("/v1/invoices/{}", path_id(req.path, 2)?)]
+            }
+            Class::Priced(PricedRule::CheckoutSession) => checkout::lookups(&p)?,
+            Class::Free(Some(FreeRule::InvoiceItem)) => vec![invoice_item_target(&p)?],
+            _ => Vec::new(),
+        })
     }
 
     fn quote_with(&self, req: &PriceRequest<'_>, looked: &[Looked]) -> Result<Quote, PricingError> {
-        let route = route(req.method, req.path);
-        match route {
-            Route::Free if req.method == "POST" => {
-                free_write_check(req.path, &Params::parse(req)?)?;
-                return Ok(free_quote(false));
-            }
-            Route::Free => return Ok(free_quote(false)),
-            Route::Refused(why) => return Err(unreadable(why)),
-            _ => {}
-        }
-        if req.query.is_some_and(|q| !q.is_empty()) {
-            return Err(unreadable(format!(
-                "keycap prices POST {} from the request body; send its parameters in the body, not the query string",
-                clip(req.path)
-            )));
-        }
+        let Some(op) = operation(req.method, req.path)? else {
+            return Ok(free_quote(false));
+        };
         let p = Params::parse(req)?;
-        let what = || format!("POST {}", clip(req.path));
-        match route {
-            Route::Priced(op @ (StripeOp::Charge | StripeOp::Intent)) => {
+        op.check(&p, operations::table()?.api_version)?;
+        let what = || format!("{} {}", op.method, op.path);
+        match op.class {
+            Class::Free(None) => Ok(free_quote(false)),
+            Class::Free(Some(FreeRule::InvoiceCreate)) => {
+                invoice_create_check(&p)?;
+                Ok(free_quote(false))
+            }
+            Class::Free(Some(FreeRule::InvoiceItem)) => {
+                invoice_item_check(&p, looked)?;
+                Ok(free_quote(false))
+            }
+            Class::Priced(rule @ (PricedRule::Charge | PricedRule::PaymentIntent)) => {
                 let amount = p.int("amount", &what())?;
                 let currency = p.currency("currency", &what())?;
+                let op = if rule == PricedRule::Charge {
+                    StripeOp::Charge
+                } else {
+                    StripeOp::Intent
+                };
                 self.charge_quote(op, amount, currency, json!({}))
             }
-            Route::Priced(StripeOp::Checkout) => self.checkout_quote(&p, looked),
-            Route::Confirm(pi) => {
+            Class::Priced(PricedRule::CheckoutSession) => self.checkout_quote(&p, looked),
+            Class::Priced(PricedRule::PaymentIntentConfirm) => {
+                let pi = path_id(req.path, 2)?;
                 let path = format!("/v1/payment_intents/{pi}");
                 let obj = looked_object(looked, &path, "the payment intent")?;
                 let amount = object_int(&obj, "amount")
@@ -709,11 +730,12 @@ impl PriceModel for StripePricing {
                 let detail = json!({"payment_intent": pi});
                 self.charge_quote(StripeOp::Intent, amount, currency_code(cur)?, detail)
             }
-            Route::Pay(inv) => {
+            Class::Priced(PricedRule::InvoicePay) => {
                 if p.get("paid_out_of_band") == Some("true") {
                     // Marked paid by other means: Stripe charges nothing.
                     return Ok(free_quote(false));
                 }
+                let inv = path_id(req.path, 2)?;
                 let obj = looked_object(looked, &format!("/v1/invoices/{inv}"), "the invoice")?;
                 let due = object_int(&obj, "amount_remaining")
                     .ok_or_else(|| unreadable("the invoice has no amount_remaining"))?;
@@ -725,7 +747,7 @@ impl PriceModel for StripePricing {
                 let detail = json!({"invoice": inv, "amount_paid_before": paid_before});
                 self.charge_quote(StripeOp::InvoicePay, due, currency_code(cur)?, detail)
             }
-            Route::Priced(_) | Route::Free | Route::Refused(_) => unreachable!("handled above"),
+            Class::Refused(_) | Class::Unclassified => unreachable!("refused by operation()"),
         }
     }
 
@@ -1146,37 +1168,46 @@ mod tests {
     #[test]
     fn calls_that_move_no_money_are_free_and_unknown_writes_refused() {
         let p = pricing(&[]);
-        for (m, path) in [
-            ("GET", "/v1/payment_intents"),
-            ("GET", "/v1/charges"),
-            ("POST", "/v1/customers"),
-            ("POST", "/v1/customers/cus_1"),
-            ("POST", "/v1/refunds"),
-            ("POST", "/v1/payment_intents/pi_1"),
-            ("POST", "/v1/payment_intents/pi_1/capture"),
-            ("POST", "/v1/payment_intents/pi_1/cancel"),
-            ("POST", "/v1/charges/ch_1/capture"),
-            ("POST", "/v1/invoices/in_1/void"),
-            ("POST", "/v1/checkout/sessions/cs_1/expire"),
-            ("DELETE", "/v1/customers/cus_1"),
+        for (m, path, body) in [
+            ("GET", "/v1/payment_intents", ""),
+            ("GET", "/v1/charges", ""),
+            ("HEAD", "/v1/charges", ""),
+            ("POST", "/v1/customers", "description=x"),
+            ("POST", "/v1/customers/cus_1", "description=x"),
+            ("POST", "/v1/refunds", "metadata[x]=1"),
+            ("POST", "/v1/payment_intents/pi_1", "description=x"),
+            ("POST", "/v1/payment_intents/pi_1/capture", "metadata[x]=1"),
+            ("POST", "/v1/payment_intents/pi_1/cancel", "expand[0]=x"),
+            ("POST", "/v1/charges/ch_1/capture", "receipt_email=a%40b.c"),
+            ("POST", "/v1/invoices/in_1/void", ""),
+            ("POST", "/v1/invoices/create_preview", "customer=cus_1"),
+            ("POST", "/v1/checkout/sessions/cs_1/expire", ""),
+            ("DELETE", "/v1/customers/cus_1", ""),
+            ("DELETE", "/v1/invoiceitems/ii_1", ""),
         ] {
-            let q = p.quote(&req(m, path, FORM, b"description=x")).unwrap();
+            let q = p.quote(&req(m, path, FORM, body.as_bytes())).unwrap();
             assert_eq!(q.reserve, Micros::ZERO, "{m} {path}");
             assert_eq!(q.kind, QuoteKind::Free, "{m} {path}");
         }
-        for path in [
-            "/v1/transfers",
-            "/v1/payouts",
-            "/v1/subscriptions",
-            "/v1/payment_links",
-            "/v1/invoices/in_1/finalize",
-            "/v1/payment_intents/pi_1/increment_authorization",
-            "/v1/charges/",
-            "/v1/payment_intents/pi..1/confirm",
-            "/v2/core/events",
+        for (m, path) in [
+            ("POST", "/v1/transfers"),
+            ("POST", "/v1/payouts"),
+            ("POST", "/v1/subscriptions"),
+            ("POST", "/v1/payment_links"),
+            ("POST", "/v1/invoices/in_1/finalize"),
+            ("POST", "/v1/payment_intents/pi_1/increment_authorization"),
+            ("POST", "/v1/charges/"),
+            ("POST", "/v1/payment_intents/pi..1/confirm"),
+            ("POST", "/v1/no_such_resource"),
+            ("POST", "/v2/core/events"),
+            ("GET", "/v2/core/events"),
+            ("DELETE", "/v2/core/vault/us_bank_accounts/x"),
+            ("GET", "/v3/anything"),
+            ("PUT", "/v1/charges"),
+            ("PATCH", "/v1/customers/cus_1"),
         ] {
-            let err = p.quote(&req("POST", path, FORM, b"")).unwrap_err();
-            assert_eq!(err.code(), "unpriceable_request", "{path}");
+            let err = p.quote(&req(m, path, FORM, b"")).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{m} {path}");
         }
     }
 
@@ -1186,16 +1217,49 @@ mod tests {
         let refused = [
             ("DELETE", "/v1/subscriptions/sub_1", ""),
             ("DELETE", "/v1/subscription_items/si_1", ""),
+            ("DELETE", "/v1/customers/cus_1/discount", ""),
             ("POST", "/v1/invoices", "customer=cus_1"),
             ("POST", "/v1/invoices", "customer=cus_1&auto_advance=true"),
+            (
+                "POST",
+                "/v1/invoices",
+                "customer=cus_1&auto_advance=false&subscription=sub_1",
+            ),
             ("POST", "/v1/invoices/in_1", "auto_advance=true"),
+            ("POST", "/v1/invoices/in_1", "auto_advance="),
+            ("POST", "/v1/invoices/in_1", "auto_advance[x]=false"),
             (
                 "POST",
                 "/v1/invoices/in_1",
                 "automatically_finalizes_at=1700000000",
             ),
+            (
+                "POST",
+                "/v1/invoices/in_1",
+                "collection_method=charge_automatically",
+            ),
+            ("POST", "/v1/invoices/in_1/add_lines", "lines[0][amount]=5"),
             ("POST", "/v1/payment_intents/pi_1", "amount=999999"),
             ("POST", "/v1/payment_intents/pi_1", "currency=eur"),
+            ("POST", "/v1/customers", "balance=5000"),
+            ("POST", "/v1/customers/cus_1", "balance=5000"),
+            (
+                "POST",
+                "/v1/customers/cus_1/balance_transactions",
+                "amount=5000&currency=usd",
+            ),
+            ("POST", "/v1/invoiceitems/ii_1", "amount=5000"),
+            ("POST", "/v1/invoiceitems/ii_1", "quantity=50"),
+            (
+                "POST",
+                "/v1/invoiceitems",
+                "customer=cus_1&amount=5000&currency=usd",
+            ),
+            (
+                "POST",
+                "/v1/invoiceitems",
+                "customer=cus_1&amount=5000&currency=usd&subscription=sub_1",
+            ),
         ];
         for (m, path, body) in refused {
             let err = p.quote(&req(m, path, FORM, body.as_bytes())).unwrap_err();
@@ -1210,16 +1274,246 @@ mod tests {
                 "customer=cus_1&collection_method=send_invoice",
             ),
             ("POST", "/v1/invoices/in_1", "description=x"),
+            ("POST", "/v1/invoices/in_1", "auto_advance=false"),
+            (
+                "POST",
+                "/v1/invoiceitems/ii_1",
+                "description=x&metadata[k]=v",
+            ),
             (
                 "POST",
                 "/v1/payment_intents/pi_1",
                 "description=x&metadata[order]=7",
             ),
+            ("POST", "/v1/setup_intents", "customer=cus_1&confirm=true"),
+            ("POST", "/v1/refunds", "payment_intent=pi_1&amount=500"),
         ];
         for (m, path, body) in free {
             let q = p.quote(&req(m, path, FORM, body.as_bytes())).unwrap();
             assert_eq!(q.kind, QuoteKind::Free, "{m} {path} {body}");
         }
+    }
+
+    fn with_query<'a>(r: PriceRequest<'a>, query: &'a str) -> PriceRequest<'a> {
+        PriceRequest {
+            query: Some(query),
+            ..r
+        }
+    }
+
+    #[test]
+    fn the_query_string_is_read_with_the_body_as_stripe_reads_it() {
+        let p = pricing(&[]);
+        // Parameters in the query are parameters: priced like the body's.
+        let r = with_query(
+            req("POST", "/v1/charges", FORM, b""),
+            "amount=250&currency=usd",
+        );
+        assert_eq!(p.quote(&r).unwrap().reserve, Micros(2_500_000));
+        let r = with_query(
+            req("POST", "/v1/charges", FORM, b"currency=usd"),
+            "amount=250",
+        );
+        assert_eq!(p.quote(&r).unwrap().reserve, Micros(2_500_000));
+        // And guarded like the body's, on writes that are otherwise free.
+        for (m, path, query) in [
+            ("POST", "/v1/invoices/in_1", "auto_advance=true"),
+            ("POST", "/v1/payment_intents/pi_1", "amount=99999999"),
+            ("POST", "/v1/customers/cus_1", "balance=100000"),
+            ("DELETE", "/v1/subscriptions/sub_1", "invoice_now=true"),
+            (
+                "POST",
+                "/v1/invoices",
+                "auto_advance=true&customer=cus_1&collection_method=send_invoice",
+            ),
+        ] {
+            let r = with_query(req(m, path, FORM, b""), query);
+            let err = p.quote(&r).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{m} {path}?{query}");
+        }
+        let r = with_query(
+            req("POST", "/v1/invoices", FORM, b"customer=cus_1"),
+            "auto_advance=false",
+        );
+        assert_eq!(p.quote(&r).unwrap().kind, QuoteKind::Free);
+        // A name in both, or a query split differently by different
+        // servers, is refused.
+        for (query, body) in [
+            ("amount=1", "amount=100000&currency=usd"),
+            ("currency=usd", "amount=1&currency=usd"),
+            ("metadata[a]=1", "amount=1&currency=usd&metadata[b]=2"),
+            ("amount=1;currency=usd", ""),
+            ("description=x;amount=5", "amount=1&currency=usd"),
+        ] {
+            let r = with_query(req("POST", "/v1/charges", FORM, body.as_bytes()), query);
+            assert_eq!(
+                p.quote(&r).unwrap_err().code(),
+                "unpriceable_request",
+                "{query}"
+            );
+        }
+        let r = with_query(
+            req("POST", "/v1/charges", FORM, b"amount=1&currency=usd"),
+            "",
+        );
+        assert_eq!(p.quote(&r).unwrap().reserve, Micros(10_000));
+        let json = with_query(
+            req(
+                "POST",
+                "/v1/charges",
+                Some("application/json"),
+                br#"{"currency":"usd"}"#,
+            ),
+            "amount=7",
+        );
+        assert_eq!(p.quote(&json).unwrap().reserve, Micros(70_000));
+        let json = with_query(
+            req(
+                "POST",
+                "/v1/charges",
+                Some("application/json"),
+                br#"{"amount":1,"currency":"usd"}"#,
+            ),
+            "amount=7",
+        );
+        assert!(p.quote(&json).is_err());
+    }
+
+    #[test]
+    fn parameters_are_only_those_the_operation_has_in_one_reading() {
+        let p = pricing(&[]);
+        for body in [
+            // Read as `amount` by some form parsers, as another name by others.
+            "amount]=500000&amount=1&currency=usd",
+            "[amount]=500000&currency=usd",
+            "amount=1&currency=usd&%20amount=500000",
+            "amount=1&currency=usd&=5",
+            "amount=1&currency=usd&amount[=5",
+            "amount=1&currency=usd&amount[a[b]]=5",
+            // Not a parameter of this operation (in this API version).
+            "amount=1&currency=usd&_method=delete",
+            "amount=1&currency=usd&plan=gold",
+        ] {
+            let err = quote_form(&p, body).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{body}");
+        }
+        let err = p
+            .quote(&req(
+                "POST",
+                "/v1/customers",
+                FORM,
+                b"plan=gold&email=a%40b.c",
+            ))
+            .unwrap_err();
+        assert!(err.to_string().contains("\"plan\""), "{err}");
+        let err = p
+            .quote(&req(
+                "POST",
+                "/v1/customers",
+                Some("application/json"),
+                br#"{"plan":"gold"}"#,
+            ))
+            .unwrap_err();
+        assert!(err.to_string().contains("plan"), "{err}");
+        // Nested, repeated and empty keys of known parameters are fine.
+        let body = "amount=1&currency=usd&metadata[order id]=7&metadata[]=x&expand[0]=customer\
+                    &allowed_payment_method_types[0]=card&&";
+        assert!(quote_form(&p, body).is_ok());
+        assert_eq!(
+            top_level_name("line_items[0][price_data][currency]"),
+            Some("line_items")
+        );
+        assert_eq!(top_level_name("expand[]"), Some("expand"));
+        for bad in [
+            "", "a]", "[a]", "a[", "a[b", "a[b]c", "a[[b]]", "a b", "a-b", "a[b]]",
+        ] {
+            assert_eq!(top_level_name(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn subscriptions_are_refused_whatever_path_reaches_them() {
+        let p = pricing(&[]);
+        for (m, path, query) in [
+            ("POST", "/v1/customers/cus_1/subscriptions", ""),
+            (
+                "POST",
+                "/v1/customers/cus_1/subscriptions/sub_1",
+                "proration_behavior=always_invoice",
+            ),
+            (
+                "DELETE",
+                "/v1/customers/cus_1/subscriptions/sub_1",
+                "invoice_now=true",
+            ),
+            (
+                "DELETE",
+                "/v1/customers/cus_1/subscriptions/sub_1/discount",
+                "",
+            ),
+            (
+                "POST",
+                "/v1/subscriptions/sub_1",
+                "proration_behavior=always_invoice",
+            ),
+            ("DELETE", "/v1/subscriptions/sub_1", ""),
+        ] {
+            let r = with_query(req(m, path, FORM, b"items[0][price]=price_1"), query);
+            let err = p.quote(&r).unwrap_err();
+            assert_eq!(err.code(), "unpriceable_request", "{m} {path}");
+            assert!(err.to_string().contains("subscription"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_invoice_item_goes_only_on_a_draft_stripe_will_not_charge_on_its_own() {
+        let p = pricing(&[]);
+        let r = req(
+            "POST",
+            "/v1/invoiceitems",
+            FORM,
+            b"customer=cus_1&invoice=in_7&amount=5000&currency=usd",
+        );
+        assert_eq!(p.lookups(&r).unwrap(), vec!["/v1/invoices/in_7"]);
+        let invoice = |status: &str, auto: bool| {
+            looked(
+                "/v1/invoices/in_7",
+                200,
+                json!({"id": "in_7", "status": status, "auto_advance": auto}),
+            )
+        };
+        let q = p.quote_with(&r, &[invoice("draft", false)]).unwrap();
+        assert_eq!(q.kind, QuoteKind::Free);
+        for bad in [invoice("draft", true), invoice("open", false)] {
+            assert!(p.quote_with(&r, &[bad]).is_err());
+        }
+        assert!(p.quote_with(&r, &[]).is_err(), "not read: not forwarded");
+        let pending = req(
+            "POST",
+            "/v1/invoiceitems",
+            FORM,
+            b"customer=cus_1&amount=5000&currency=usd",
+        );
+        assert!(p.lookups(&pending).is_err());
+        let bad_id = req(
+            "POST",
+            "/v1/invoiceitems",
+            FORM,
+            b"invoice=../x&amount=1&currency=usd",
+        );
+        assert!(p.lookups(&bad_id).is_err());
+    }
+
+    #[test]
+    fn a_confirmation_of_another_amount_is_refused() {
+        let p = pricing(&[]);
+        let r = req(
+            "POST",
+            "/v1/payment_intents/pi_1/confirm",
+            FORM,
+            b"amount_to_confirm=99999999",
+        );
+        assert_eq!(p.lookups(&r).unwrap_err().code(), "unpriceable_request");
     }
 
     fn looked(path: &str, status: u16, body: serde_json::Value) -> Looked {
@@ -1409,6 +1703,173 @@ mod tests {
             b"line_items[0][price]=../x",
         );
         assert!(p.lookups(&bad_id).is_err());
+    }
+
+    const ONE_DOLLAR_ITEM: &str = "mode=payment&line_items[0][price_data][currency]=usd\
+        &line_items[0][price_data][unit_amount]=100\
+        &line_items[0][price_data][product_data][name]=Pen&line_items[0][quantity]=1";
+
+    #[test]
+    fn a_checkout_session_reserves_its_dearest_shipping_option() {
+        let p = pricing(&[]);
+        let body = format!(
+            "{ONE_DOLLAR_ITEM}\
+             &shipping_options[0][shipping_rate_data][type]=fixed_amount\
+             &shipping_options[0][shipping_rate_data][display_name]=Post\
+             &shipping_options[0][shipping_rate_data][fixed_amount][amount]=500\
+             &shipping_options[0][shipping_rate_data][fixed_amount][currency]=usd\
+             &shipping_options[1][shipping_rate]=shr_courier"
+        );
+        let r = req("POST", "/v1/checkout/sessions", FORM, body.as_bytes());
+        assert_eq!(
+            p.lookups(&r).unwrap(),
+            vec!["/v1/shipping_rates/shr_courier"]
+        );
+        let courier = |amount: i64, currency: &str| {
+            looked(
+                "/v1/shipping_rates/shr_courier",
+                200,
+                json!({"id": "shr_courier", "type": "fixed_amount",
+                       "fixed_amount": {"amount": amount, "currency": currency}}),
+            )
+        };
+        // 1.00 + the dearer of 5.00 and 999,999.99.
+        let q = p.quote_with(&r, &[courier(99_999_999, "usd")]).unwrap();
+        assert_eq!(q.reserve, Micros(1_000_000_990_000));
+        assert_eq!(q.detail["shipping_amount"], 99_999_999);
+        assert_eq!(q.detail["customer_chooses_shipping"], true);
+        let q = p.quote_with(&r, &[courier(200, "usd")]).unwrap();
+        assert_eq!(q.reserve, Micros(6_000_000));
+        // Stripe's total holds the first option; the customer may pick the
+        // dearest, so a session with a choice settles at the bound.
+        let h = HeaderMap::new();
+        let s = p.settle_response(
+            &q,
+            &resp(200, &h, r#"{"amount_total":600,"currency":"usd"}"#),
+        );
+        assert_eq!(s.cost, Micros(6_000_000));
+        let p_eur = pricing(&[("eur", "1.08")]);
+        assert!(
+            p_eur.quote_with(&r, &[courier(200, "eur")]).is_err(),
+            "one currency"
+        );
+        let tiered = looked(
+            "/v1/shipping_rates/shr_courier",
+            200,
+            json!({"id": "shr_courier", "type": "delivery_estimate"}),
+        );
+        assert!(p.quote_with(&r, &[tiered]).is_err());
+        assert!(
+            p.quote_with(&r, &[]).is_err(),
+            "a rate not read is not priced"
+        );
+
+        // One inline option: its amount is what the customer pays.
+        let one = format!(
+            "{ONE_DOLLAR_ITEM}\
+             &shipping_options[0][shipping_rate_data][display_name]=Post\
+             &shipping_options[0][shipping_rate_data][fixed_amount][amount]=99999999\
+             &shipping_options[0][shipping_rate_data][fixed_amount][currency]=usd"
+        );
+        let q = p
+            .quote(&req("POST", "/v1/checkout/sessions", FORM, one.as_bytes()))
+            .unwrap();
+        assert_eq!(q.reserve, Micros(1_000_000_990_000));
+        assert!(q.detail.get("customer_chooses_shipping").is_none());
+        let s = p.settle_response(
+            &q,
+            &resp(200, &h, r#"{"amount_total":100000099,"currency":"usd"}"#),
+        );
+        assert_eq!(s.cost, Micros(1_000_000_990_000));
+        for refused in [
+            one.replace("[amount]=99999999", "[amount]=x"),
+            one.replace("[fixed_amount][currency]=usd", "[fixed_amount][currency]=eur"),
+            format!("{one}&shipping_options[0][shipping_rate_data][fixed_amount][currency_options][eur][amount]=1"),
+            format!("{ONE_DOLLAR_ITEM}&shipping_options[0][shipping_rate_data][display_name]=Post"),
+        ] {
+            let r = req("POST", "/v1/checkout/sessions", FORM, refused.as_bytes());
+            assert!(p_eur.quote(&r).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_checkout_session_reserves_its_exclusive_tax_and_refuses_what_it_cannot_bound() {
+        let p = pricing(&[]);
+        let body = "mode=payment&line_items[0][price_data][currency]=usd\
+            &line_items[0][price_data][unit_amount]=1000&line_items[0][quantity]=3\
+            &line_items[0][price_data][product_data][name]=Mug\
+            &line_items[0][tax_rates][0]=txr_state&line_items[0][tax_rates][1]=txr_city\
+            &line_items[0][tax_rates][2]=txr_vat";
+        let r = req("POST", "/v1/checkout/sessions", FORM, body.as_bytes());
+        assert_eq!(
+            p.lookups(&r).unwrap(),
+            vec![
+                "/v1/tax_rates/txr_state",
+                "/v1/tax_rates/txr_city",
+                "/v1/tax_rates/txr_vat"
+            ]
+        );
+        let rate = |id: &str, pct: serde_json::Value, inclusive: bool| {
+            looked(
+                &format!("/v1/tax_rates/{id}"),
+                200,
+                json!({"id": id, "percentage": pct, "inclusive": inclusive}),
+            )
+        };
+        let rates = [
+            rate("txr_state", json!(8.25), false),
+            rate("txr_city", json!(0.333), false),
+            rate("txr_vat", json!(20), true),
+        ];
+        let q = p.quote_with(&r, &rates).unwrap();
+        // 30.00 + 8.25% (2.475, up to 2.48) + 0.333% (0.0999, up to 0.10);
+        // inclusive tax is in the unit amount already.
+        assert_eq!(q.detail["tax_amount"], 248 + 10);
+        assert_eq!(q.reserve, Micros(32_580_000));
+        let no_pct = rate("txr_state", json!(null), false);
+        assert!(p
+            .quote_with(&r, &[no_pct, rates[1].clone(), rates[2].clone()])
+            .is_err());
+
+        for (extra, why) in [
+            ("&automatic_tax[enabled]=true", "tax"),
+            (
+                "&optional_items[0][price]=price_1&optional_items[0][quantity]=1",
+                "optional",
+            ),
+            (
+                "&line_items[0][adjustable_quantity][enabled]=true",
+                "quantity",
+            ),
+            (
+                "&line_items[0][price_data][recurring][interval]=month",
+                "recurring",
+            ),
+            ("&currency=eur", "currency"),
+        ] {
+            let body = format!("{ONE_DOLLAR_ITEM}{extra}");
+            let r = req("POST", "/v1/checkout/sessions", FORM, body.as_bytes());
+            let err = pricing(&[("eur", "1.08")]).quote(&r).unwrap_err();
+            assert!(err.to_string().contains(why), "{extra}: {err}");
+        }
+        let ok = format!("{ONE_DOLLAR_ITEM}&automatic_tax[enabled]=false&currency=usd");
+        let q = p
+            .quote(&req("POST", "/v1/checkout/sessions", FORM, ok.as_bytes()))
+            .unwrap();
+        assert_eq!(q.reserve, Micros(1_000_000));
+        let recurring = looked(
+            "/v1/prices/price_m",
+            200,
+            json!({"id": "price_m", "unit_amount": 500, "currency": "usd",
+                   "recurring": {"interval": "month"}}),
+        );
+        let r = req(
+            "POST",
+            "/v1/checkout/sessions",
+            FORM,
+            b"mode=payment&line_items[0][price]=price_m",
+        );
+        assert!(p.quote_with(&r, &[recurring]).is_err());
     }
 
     #[test]

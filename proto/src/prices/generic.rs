@@ -4,7 +4,9 @@
 //! syntax, first match wins) and for each either a fixed cost, or a fixed
 //! reservation plus where the response states the real cost (a header or a
 //! JSON pointer into the body). A request no rule matches is refused, so
-//! nothing leaves unpriced. Amounts are decimal strings, never floats.
+//! nothing leaves unpriced. A rule may name the query parameters it lets
+//! through on writes (`query_params`); the proxy refuses any other query
+//! parameter on a write. Amounts are decimal strings, never floats.
 
 use serde::Deserialize;
 
@@ -43,6 +45,9 @@ pub struct GenericRule {
     /// `reserve` for a cost read from the response.
     pub reserve: Micros,
     pub cost: Cost,
+    /// Query parameters the operator knows are harmless on this rule's
+    /// writes (any value); any other query parameter on a write is refused.
+    pub query_params: Vec<String>,
 }
 
 /// A generic vendor's rules, in match order.
@@ -73,6 +78,8 @@ struct RawRule {
     #[serde(default)]
     reserve: Option<String>,
     cost: RawCost,
+    #[serde(default)]
+    query_params: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +92,8 @@ enum RawCost {
 
 /// Most rules one vendor may have.
 const MAX_RULES: usize = 256;
+/// Most query parameters one rule may let through on a write.
+const MAX_QUERY_PARAMS: usize = 32;
 
 fn err(msg: String) -> PriceTableError {
     PriceTableError(msg)
@@ -172,10 +181,31 @@ impl GenericRules {
                     )
                 }
             };
+            if r.query_params.len() > MAX_QUERY_PARAMS {
+                return Err(err(format!(
+                    "generic rules: {} may name at most {MAX_QUERY_PARAMS} parameters",
+                    at("query_params")
+                )));
+            }
+            for name in &r.query_params {
+                let ok = !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.[]".contains(&b));
+                if !ok {
+                    return Err(err(format!(
+                        "generic rules: {} entry {:?} is not a query parameter name",
+                        at("query_params"),
+                        clip(name)
+                    )));
+                }
+            }
             rules.push(GenericRule {
                 endpoint,
                 reserve,
                 cost,
+                query_params: r.query_params,
             });
         }
         let credential_header = raw
@@ -244,7 +274,8 @@ mod tests {
         "as_of": "2026-11-23", "currency": "usd",
         "credential_header": "X-Api-Key",
         "rules": [
-            {"endpoint": "POST /v1/renders", "cost": {"fixed": "0.05"}},
+            {"endpoint": "POST /v1/renders", "cost": {"fixed": "0.05"},
+             "query_params": ["format", "page[size]"]},
             {"endpoint": "POST /v1/jobs/*", "reserve": "1.00",
              "cost": {"header": {"name": "X-Request-Cost", "unit": "usd"}}},
             {"endpoint": "POST /v1/generate", "reserve": "0.50",
@@ -258,6 +289,7 @@ mod tests {
         assert_eq!(r.credential_header.as_deref(), Some("x-api-key"));
         let (i, rule) = r.rule_for("POST", "/v1/renders").unwrap();
         assert_eq!((i, rule.reserve), (0, Micros(50_000)));
+        assert_eq!(rule.query_params, ["format", "page[size]"]);
         let (i, rule) = r.rule_for("POST", "/v1/jobs/j1").unwrap();
         assert_eq!(i, 1);
         assert_eq!(rule.reserve, Micros(1_000_000));
@@ -291,6 +323,8 @@ mod tests {
             (RULES.replace("X-Api-Key", "transfer-encoding"), "credential_header"),
             (RULES.replace("X-Api-Key", "Connection"), "credential_header"),
             (RULES.replace("X-Api-Key", "Proxy-Authorization"), "credential_header"),
+            (RULES.replace("\"format\"", "\"a b\""), "rules[0].query_params"),
+            (RULES.replace("\"format\"", "\"\""), "rules[0].query_params"),
             (
                 r#"{"currency": "usd", "rules": []}"#.to_string(),
                 "1 to",

@@ -1,14 +1,21 @@
 //! The mock's Stripe: payment intents with Stripe's confirm/capture states,
-//! charges, invoices to pay, prices, checkout sessions, refunds, and
-//! Idempotency-Key replays.
+//! charges, invoices (drafts, items, payment), prices, shipping and tax
+//! rates, checkout sessions, subscriptions (by `/v1/subscriptions` and by
+//! the legacy `/v1/customers/{id}/subscriptions`), refunds, and
+//! Idempotency-Key replays. Parameters are read as Stripe reads them: the
+//! query string merged with a form body.
 //!
 //! `stripe_amount` counts money the way keycap must: a charge when it is
 //! made, a payment intent when it is confirmed (succeeded or authorized for
-//! capture), an invoice when it is paid, a checkout session's total when it
-//! is created. Capturing an authorization, refunding and creating an
-//! unconfirmed intent move nothing. A repeated Idempotency-Key gets the
-//! first answer again, marked `Idempotent-Replayed: true`, and changes
-//! nothing.
+//! capture), an invoice when it is paid — or when it is set to auto-advance,
+//! since Stripe then finalizes and charges it on its own — a checkout
+//! session's total when it is created, a subscription's price when it is
+//! created, when an update invoices prorations at once
+//! (`proration_behavior=always_invoice`) and when a cancellation invoices at
+//! once (`invoice_now=true`). Capturing an authorization, refunding and
+//! creating an unconfirmed intent move nothing. A repeated Idempotency-Key
+//! gets the first answer again, marked `Idempotent-Replayed: true`, and
+//! changes nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -26,6 +33,9 @@ pub(super) struct StripeObjects {
     intents: HashMap<String, Value>,
     invoices: HashMap<String, Value>,
     prices: HashMap<String, Value>,
+    shipping_rates: HashMap<String, Value>,
+    tax_rates: HashMap<String, Value>,
+    subscriptions: HashMap<String, Value>,
     /// Saved answers by Idempotency-Key.
     answers: HashMap<String, (StatusCode, Value)>,
 }
@@ -48,8 +58,28 @@ impl StripeObjects {
         self.prices.insert(id, price);
     }
 
+    pub(super) fn add_shipping_rate(&mut self, id: String, amount: i64, currency: &str) {
+        let rate = json!({
+            "id": id, "object": "shipping_rate", "type": "fixed_amount", "active": true,
+            "fixed_amount": {"amount": amount, "currency": currency},
+        });
+        self.shipping_rates.insert(id, rate);
+    }
+
+    pub(super) fn add_tax_rate(&mut self, id: String, percentage: f64, inclusive: bool) {
+        let rate = json!({
+            "id": id, "object": "tax_rate", "active": true,
+            "percentage": percentage, "inclusive": inclusive,
+        });
+        self.tax_rates.insert(id, rate);
+    }
+
     pub(super) fn intent(&self, id: &str) -> Option<Value> {
         self.intents.get(id).cloned()
+    }
+
+    pub(super) fn invoice(&self, id: &str) -> Option<Value> {
+        self.invoices.get(id).cloned()
     }
 }
 
@@ -57,6 +87,21 @@ impl StripeObjects {
 pub(super) fn answer(state: &MockState, call: &RecordedCall) -> Option<Response> {
     let segs: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
     let route = match (call.method.as_str(), segs.as_slice()) {
+        ("POST", ["v1", "subscriptions"] | ["v1", "customers", _, "subscriptions"]) => {
+            Route::CreateSubscription
+        }
+        ("POST", ["v1", "subscriptions", id] | ["v1", "customers", _, "subscriptions", id]) => {
+            Route::UpdateSubscription(id.to_string())
+        }
+        ("DELETE", ["v1", "subscriptions", id] | ["v1", "customers", _, "subscriptions", id]) => {
+            Route::CancelSubscription(id.to_string())
+        }
+        ("POST", ["v1", "invoices"]) => Route::CreateInvoice,
+        ("POST", ["v1", "invoices", id]) => Route::UpdateInvoice(id.to_string()),
+        ("POST", ["v1", "invoiceitems"]) => Route::CreateInvoiceItem,
+        ("POST", ["v1", "payment_intents", id]) => Route::UpdateIntent(id.to_string()),
+        ("GET", ["v1", "shipping_rates", id]) => Route::Get(Kind::ShippingRate, id.to_string()),
+        ("GET", ["v1", "tax_rates", id]) => Route::Get(Kind::TaxRate, id.to_string()),
         ("POST", ["v1", "payment_intents"]) => Route::CreateIntent,
         ("POST", ["v1", "charges"]) => Route::Charge,
         ("GET", ["v1", "payment_intents", id]) => Route::Get(Kind::Intent, id.to_string()),
@@ -133,9 +178,18 @@ enum Kind {
     Intent,
     Invoice,
     Price,
+    ShippingRate,
+    TaxRate,
 }
 
 enum Route {
+    CreateSubscription,
+    UpdateSubscription(String),
+    CancelSubscription(String),
+    CreateInvoice,
+    UpdateInvoice(String),
+    CreateInvoiceItem,
+    UpdateIntent(String),
     CreateIntent,
     Charge,
     Get(Kind, String),
@@ -146,10 +200,18 @@ enum Route {
     Refund,
 }
 
+/// The request's parameters as Stripe reads them: the query string merged
+/// with the form body.
 fn form(call: &RecordedCall) -> HashMap<String, String> {
-    form_urlencoded::parse(&call.body)
+    let query = call.query.as_deref().unwrap_or("").as_bytes();
+    form_urlencoded::parse(query)
+        .chain(form_urlencoded::parse(&call.body))
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
+}
+
+fn is_true(f: &HashMap<String, String>, name: &str) -> bool {
+    f.get(name).map(String::as_str) == Some("true")
 }
 
 fn not_found(what: &str, id: &str) -> (StatusCode, Value) {
@@ -239,11 +301,117 @@ impl Route {
                 objects.intents.insert(id, intent.clone());
                 (StatusCode::OK, intent)
             }
+            Route::CreateSubscription => {
+                let f = form(call);
+                let unit = match f.get("items[0][price]") {
+                    Some(price) => match objects.prices.get(price) {
+                        Some(p) => p["unit_amount"].as_i64().unwrap_or(0),
+                        None => return not_found("price", price),
+                    },
+                    None => f
+                        .get("items[0][price_data][unit_amount]")
+                        .and_then(|u| u.parse().ok())
+                        .unwrap_or(0),
+                };
+                let quantity = f
+                    .get("items[0][quantity]")
+                    .and_then(|q| q.parse().ok())
+                    .unwrap_or(1i64);
+                let amount = unit * quantity;
+                // The first invoice is charged at once.
+                moved(amount);
+                let id = next_id("sub");
+                let sub = json!({"id": id, "object": "subscription", "status": "active",
+                                 "customer": f.get("customer"), "amount": amount});
+                objects.subscriptions.insert(id, sub.clone());
+                (StatusCode::OK, sub)
+            }
+            Route::UpdateSubscription(id) | Route::CancelSubscription(id) => {
+                let cancel = call.method == "DELETE";
+                let Some(sub) = objects.subscriptions.get_mut(&id) else {
+                    return not_found("subscription", &id);
+                };
+                let f = form(call);
+                let amount = sub["amount"].as_i64().unwrap_or(0);
+                // Prorations invoiced at once, or a final invoice: charged now.
+                let charged_now = if cancel {
+                    is_true(&f, "invoice_now")
+                } else {
+                    f.get("proration_behavior").map(String::as_str) == Some("always_invoice")
+                };
+                if charged_now {
+                    moved(amount);
+                }
+                if cancel {
+                    sub["status"] = "canceled".into();
+                }
+                (StatusCode::OK, sub.clone())
+            }
+            Route::CreateInvoice => {
+                let f = form(call);
+                let id = next_id("in");
+                let inv = json!({
+                    "id": id, "object": "invoice", "status": "draft",
+                    "currency": f.get("currency").cloned().unwrap_or_else(|| "usd".into()),
+                    "customer": f.get("customer"), "auto_advance": is_true(&f, "auto_advance"),
+                    "collection_method": f.get("collection_method").cloned()
+                        .unwrap_or_else(|| "charge_automatically".into()),
+                    "amount_due": 0, "amount_paid": 0, "amount_remaining": 0, "livemode": false,
+                });
+                objects.invoices.insert(id, inv.clone());
+                (StatusCode::OK, inv)
+            }
+            Route::UpdateInvoice(id) => {
+                let Some(inv) = objects.invoices.get_mut(&id) else {
+                    return not_found("invoice", &id);
+                };
+                let f = form(call);
+                if let Some(a) = f.get("auto_advance") {
+                    let on = a == "true";
+                    if on && inv["auto_advance"] != true {
+                        // Stripe finalizes it within the hour and charges it.
+                        moved(inv["amount_remaining"].as_i64().unwrap_or(0));
+                    }
+                    inv["auto_advance"] = on.into();
+                }
+                (StatusCode::OK, inv.clone())
+            }
+            Route::CreateInvoiceItem => {
+                let f = form(call);
+                let amount = f
+                    .get("amount")
+                    .and_then(|a| a.parse::<i64>().ok())
+                    .unwrap_or(0);
+                if let Some(in_id) = f.get("invoice") {
+                    let Some(inv) = objects.invoices.get_mut(in_id) else {
+                        return not_found("invoice", in_id);
+                    };
+                    for field in ["amount_due", "amount_remaining"] {
+                        inv[field] = (inv[field].as_i64().unwrap_or(0) + amount).into();
+                    }
+                }
+                (
+                    StatusCode::OK,
+                    json!({"id": next_id("ii"), "object": "invoiceitem", "amount": amount,
+                           "invoice": f.get("invoice"), "customer": f.get("customer")}),
+                )
+            }
+            Route::UpdateIntent(id) => {
+                let Some(intent) = objects.intents.get_mut(&id) else {
+                    return not_found("payment_intent", &id);
+                };
+                if let Some(a) = form(call).get("amount").and_then(|a| a.parse::<i64>().ok()) {
+                    intent["amount"] = a.into();
+                }
+                (StatusCode::OK, intent.clone())
+            }
             Route::Get(kind, id) => {
                 let (map, what) = match kind {
                     Kind::Intent => (&objects.intents, "payment_intent"),
                     Kind::Invoice => (&objects.invoices, "invoice"),
                     Kind::Price => (&objects.prices, "price"),
+                    Kind::ShippingRate => (&objects.shipping_rates, "shipping_rate"),
+                    Kind::TaxRate => (&objects.tax_rates, "tax_rate"),
                 };
                 match map.get(&id) {
                     Some(o) => (StatusCode::OK, o.clone()),
@@ -294,7 +462,8 @@ impl Route {
                     return not_found("invoice", &id);
                 };
                 let due = inv["amount_remaining"].as_i64().unwrap_or(0);
-                if inv["status"] != "open" {
+                // Paying a draft finalizes it first.
+                if inv["status"] != "open" && inv["status"] != "draft" {
                     return (
                         StatusCode::BAD_REQUEST,
                         json!({"error": {"type": "invalid_request_error",
@@ -312,7 +481,7 @@ impl Route {
             }
             Route::Checkout => {
                 let f = form(call);
-                let mut total = 0i64;
+                let (mut subtotal, mut tax) = (0i64, 0i64);
                 let mut currency = String::new();
                 for i in 0.. {
                     // `get("price_data][currency")` reads line_items[i][price_data][currency].
@@ -342,15 +511,42 @@ impl Route {
                             get("price_data][currency").cloned().unwrap_or_default(),
                         )
                     };
-                    total += unit * qty;
+                    let line = unit * qty;
+                    // Exclusive tax, rounded to the nearest minor unit.
+                    for k in 0.. {
+                        let Some(rate) = get(&format!("tax_rates][{k}")) else {
+                            break;
+                        };
+                        let Some(r) = objects.tax_rates.get(rate) else {
+                            return not_found("tax_rate", rate);
+                        };
+                        if r["inclusive"] != true {
+                            let pct = r["percentage"].as_f64().unwrap_or(0.0);
+                            tax += (line as f64 * pct / 100.0).round() as i64;
+                        }
+                    }
+                    subtotal += line;
                     currency = cur;
                 }
+                // The first shipping option is the one selected at creation.
+                let shipping = if let Some(rate) = f.get("shipping_options[0][shipping_rate]") {
+                    match objects.shipping_rates.get(rate) {
+                        Some(r) => r["fixed_amount"]["amount"].as_i64().unwrap_or(0),
+                        None => return not_found("shipping_rate", rate),
+                    }
+                } else {
+                    f.get("shipping_options[0][shipping_rate_data][fixed_amount][amount]")
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or(0)
+                };
+                let total = subtotal + tax + shipping;
                 moved(total);
                 let id = next_id("cs");
                 (
                     StatusCode::OK,
                     json!({"id": id, "object": "checkout.session", "amount_total": total,
-                           "amount_subtotal": total, "currency": currency,
+                           "amount_subtotal": subtotal, "currency": currency,
+                           "total_details": {"amount_tax": tax, "amount_shipping": shipping},
                            "mode": f.get("mode").cloned().unwrap_or_else(|| "payment".into()),
                            "status": "open", "payment_status": "unpaid",
                            "url": format!("https://checkout.stripe.com/c/pay/{id}")}),

@@ -181,6 +181,59 @@ async fn bad_keys_and_unpriceable_messages_never_reach_anthropic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_beta_call_passes_and_other_write_queries_and_two_content_types_do_not() {
+    let (stack, mock, key) = stack_with_anthropic().await;
+    let body = json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let send = |path: &'static str, extra: Vec<(&'static str, &'static str)>| {
+        let api = Api::new(&stack.proxy.url(), None);
+        let key = key.secret.clone();
+        let body = body.to_string().into_bytes();
+        async move {
+            let mut headers = vec![
+                ("x-api-key", key.as_str()),
+                ("anthropic-version", "2023-06-01"),
+            ];
+            headers.extend(extra);
+            api.send(
+                Method::POST,
+                path,
+                Some(("application/json", body)),
+                &headers,
+            )
+            .await
+        }
+    };
+    // Anthropic's SDKs send beta calls with `?beta=true`.
+    send(
+        "/anthropic/v1/messages?beta=true",
+        vec![("anthropic-beta", "context-1m-2025-08-07")],
+    )
+    .await
+    .expect(200);
+    // A query parameter pricing does not read, on a write: refused.
+    send("/anthropic/v1/messages?max_tokens=64000", vec![])
+        .await
+        .expect_error(400, "unpriceable_request");
+    // Two Content-Types: the vendor could read the other one.
+    send(
+        "/anthropic/v1/messages",
+        vec![("content-type", "text/plain")],
+    )
+    .await
+    .expect_error(400, "ambiguous_request");
+    send("/anthropic/v1/messages", vec![("content-encoding", "gzip")])
+        .await
+        .expect_error(400, "ambiguous_request");
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].query.as_deref(), Some("beta=true"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_current_claude_model_is_priced_with_its_us_inference_surcharge() {
     let (stack, mock, key) = stack_with_anthropic().await;
     let model = "claude-opus-4-6";

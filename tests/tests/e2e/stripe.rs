@@ -285,6 +285,438 @@ async fn priced_calls_ask_for_a_response_keycap_can_read() {
     stack.wait_key_spend(&key.id, 1_000_000, 3).await;
 }
 
+/// Every call the mock received, as `METHOD /path?query`.
+fn seen(mock: &MockVendor) -> Vec<String> {
+    mock.calls()
+        .iter()
+        .map(|c| match &c.query {
+            Some(q) => format!("{} {}?{q}", c.method, c.path),
+            None => format!("{} {}", c.method, c.path),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_refused_by_every_path_that_reaches_them() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        1,
+        &[
+            "POST /v1/customers/*",
+            "DELETE /v1/customers/*",
+            "POST /v1/subscriptions/*",
+        ],
+        "stripe/subscriptions",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
+    let price = mock.add_price(500_000, "usd");
+    // Creating one through the customer creates it and charges its first
+    // invoice; updating with always_invoice and canceling with invoice_now
+    // charge at once.
+    let create = agent
+        .post_form(
+            "/stripe/v1/customers/cus_1/subscriptions",
+            &format!("items[0][price]={price}"),
+        )
+        .await;
+    create.expect_error(400, "unpriceable_request");
+    assert!(create.text.contains("subscription"), "{}", create.text);
+    agent
+        .post_form(
+            "/stripe/v1/customers/cus_1/subscriptions/sub_1",
+            "proration_behavior=always_invoice",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .post_form(
+            "/stripe/v1/customers/cus_1/subscriptions/sub_1?proration_behavior=always_invoice",
+            "",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .delete("/stripe/v1/customers/cus_1/subscriptions/sub_1?invoice_now=true")
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .delete("/stripe/v1/customers/cus_1/subscriptions/sub_1/discount")
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .post_form(
+            "/stripe/v1/subscriptions/sub_1",
+            "proration_behavior=always_invoice",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    assert_eq!(seen(&mock), Vec::<String>::new());
+    assert_eq!(mock.forwarded_stripe_amount(), 0);
+
+    // The customer itself is still a free write: it reaches Stripe (the
+    // mock has no customer to delete).
+    let r = agent.delete("/stripe/v1/customers/cus_1").await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(seen(&mock), ["DELETE /v1/customers/cus_1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_parameters_are_read_with_the_body() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        1,
+        &[
+            "POST /v1/invoiceitems",
+            "POST /v1/invoices",
+            "POST /v1/invoices/*",
+            "POST /v1/payment_intents",
+            "POST /v1/payment_intents/*",
+        ],
+        "stripe/query",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
+
+    // A pending invoice item waits for the customer's next invoice, which
+    // Stripe may charge on its own: refused, whether its amount is in the
+    // body or the query.
+    agent
+        .post_form(
+            "/stripe/v1/invoiceitems",
+            "customer=cus_1&amount=5000000&currency=usd",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .post_form(
+            "/stripe/v1/invoiceitems?amount=5000000&currency=usd",
+            "customer=cus_1",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+
+    // A draft Stripe will not advance on its own is free; turning
+    // auto_advance on from the query string is refused like from the body.
+    let inv = agent
+        .post_form("/stripe/v1/invoices", "customer=cus_1&auto_advance=false")
+        .await
+        .expect(200);
+    let id = inv["id"].as_str().unwrap().to_string();
+    for (path, body) in [
+        (format!("/stripe/v1/invoices/{id}?auto_advance=true"), ""),
+        (format!("/stripe/v1/invoices/{id}"), "auto_advance=true"),
+    ] {
+        agent
+            .post_form(&path, body)
+            .await
+            .expect_error(400, "unpriceable_request");
+    }
+    assert_eq!(mock.invoice(&id).unwrap()["auto_advance"], false);
+
+    // An item on that draft is free (the draft is read from Stripe first);
+    // the invoice is charged only through /pay, which is priced: 5.00 is
+    // over this key's 1 USD.
+    agent
+        .post_form(
+            "/stripe/v1/invoiceitems",
+            &format!("customer=cus_1&invoice={id}&amount=500&currency=usd"),
+        )
+        .await
+        .expect(200);
+    agent
+        .post_form(&format!("/stripe/v1/invoices/{id}/pay"), "")
+        .await
+        .expect_error(429, "daily_cap_exceeded");
+
+    // Changing an intent's amount between its read and its confirmation.
+    let pi = agent
+        .post_form("/stripe/v1/payment_intents", "amount=50&currency=usd")
+        .await
+        .expect(200);
+    let pi = pi["id"].as_str().unwrap().to_string();
+    agent
+        .post_form(
+            &format!("/stripe/v1/payment_intents/{pi}?amount=99999999"),
+            "",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    assert_eq!(mock.payment_intent(&pi).unwrap()["amount"], 50);
+
+    assert_eq!(
+        seen(&mock),
+        [
+            "POST /v1/invoices".to_string(),
+            format!("GET /v1/invoices/{id}"),
+            "POST /v1/invoiceitems".to_string(),
+            format!("GET /v1/invoices/{id}"),
+            "POST /v1/payment_intents".to_string(),
+        ]
+    );
+    assert_eq!(mock.forwarded_stripe_amount(), 0);
+    stack.wait_key_spend(&key.id, 0, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_content_type_is_refused() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(&stack, 5, &["POST /v1/charges"], "stripe/content-type").await;
+    let agent = stack.agent(&key.secret);
+
+    // JSON to the first Content-Type (1 cent), a form to the second
+    // (1,000 USD).
+    let body =
+        br#"{"amount":1,"currency":"usd","metadata":{"x":"&amount=100000&currency=usd&y="}}"#;
+    let r = post(
+        &agent,
+        "/stripe/v1/charges",
+        FORM,
+        body.to_vec(),
+        &[("content-type", "application/json")],
+    )
+    .await;
+    r.expect_error(400, "ambiguous_request");
+    assert!(r.text.contains("Content-Type"), "{}", r.text);
+    for content_type in [
+        "application/json, application/x-www-form-urlencoded",
+        "application/x-www-form-urlencoded; charset=utf-16",
+    ] {
+        post(
+            &agent,
+            "/stripe/v1/charges",
+            content_type,
+            b"amount=100&currency=usd".to_vec(),
+            &[],
+        )
+        .await
+        .expect_error(400, "ambiguous_request");
+    }
+    assert_eq!(seen(&mock), Vec::<String>::new());
+    assert_eq!(mock.forwarded_stripe_amount(), 0);
+
+    // One plain Content-Type is priced as before.
+    post(
+        &agent,
+        "/stripe/v1/charges",
+        "application/x-www-form-urlencoded; charset=utf-8",
+        b"amount=100&currency=usd".to_vec(),
+        &[],
+    )
+    .await
+    .expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_body_is_refused() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        5,
+        &[
+            "POST /v1/charges",
+            "POST /v1/invoices/*",
+            "POST /v1/payment_intents/*",
+        ],
+        "stripe/encoding",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
+
+    // A gzip body: pricing would read noise, Stripe the parameters.
+    let inv = mock.add_invoice(100_000, "usd");
+    for (path, form) in [
+        (format!("/stripe/v1/invoices/{inv}"), "auto_advance=true"),
+        (
+            "/stripe/v1/payment_intents/pi_1".to_string(),
+            "amount=99999999",
+        ),
+        (
+            "/stripe/v1/charges".to_string(),
+            "amount=100000&currency=usd",
+        ),
+    ] {
+        let r = post(
+            &agent,
+            &path,
+            FORM,
+            gzip(form.as_bytes()),
+            &[("content-encoding", "gzip")],
+        )
+        .await;
+        r.expect_error(400, "ambiguous_request");
+    }
+    // So are a transfer encoding of the body and a method override.
+    for (name, value) in [
+        ("content-transfer-encoding", "base64"),
+        ("x-http-method-override", "DELETE"),
+    ] {
+        post(
+            &agent,
+            "/stripe/v1/charges",
+            FORM,
+            b"amount=100&currency=usd".to_vec(),
+            &[(name, value)],
+        )
+        .await
+        .expect_error(400, "ambiguous_request");
+    }
+    assert_eq!(seen(&mock), Vec::<String>::new());
+    assert_eq!(mock.forwarded_stripe_amount(), 0);
+
+    // `identity` is no coding at all.
+    post(
+        &agent,
+        "/stripe/v1/charges",
+        FORM,
+        b"amount=100&currency=usd".to_vec(),
+        &[("content-encoding", "identity")],
+    )
+    .await
+    .expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+}
+
+/// POSTs `body` as `content_type` with `headers` (sent before the body's
+/// Content-Type).
+async fn post(
+    agent: &Api,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    agent
+        .send(
+            reqwest::Method::POST,
+            path,
+            Some((content_type, body)),
+            headers,
+        )
+        .await
+}
+
+/// `data` as a gzip member of one stored (uncompressed) deflate block.
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let len = u16::try_from(data.len()).expect("a short body");
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 1];
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&(!len).to_le_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(&(!crc).to_le_bytes());
+    out.extend_from_slice(&u32::try_from(data.len()).unwrap().to_le_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_session_reserves_its_shipping_and_tax() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(
+        &stack,
+        5,
+        &["POST /v1/checkout/sessions"],
+        "stripe/checkout",
+    )
+    .await;
+    let agent = stack.agent(&key.secret);
+    let item = "mode=payment&success_url=https%3A%2F%2Fexample.com\
+        &line_items[0][price_data][currency]=usd&line_items[0][price_data][unit_amount]=100\
+        &line_items[0][price_data][product_data][name]=Pen&line_items[0][quantity]=1";
+
+    // One 1.00 item with 999,999.99 of shipping: over a 5 USD cap.
+    let dear = format!(
+        "{item}&shipping_options[0][shipping_rate_data][display_name]=Freight\
+         &shipping_options[0][shipping_rate_data][type]=fixed_amount\
+         &shipping_options[0][shipping_rate_data][fixed_amount][amount]=99999999\
+         &shipping_options[0][shipping_rate_data][fixed_amount][currency]=usd"
+    );
+    agent
+        .post_form("/stripe/v1/checkout/sessions", &dear)
+        .await
+        .expect_error(429, "daily_cap_exceeded");
+    // Tax worked out later from the customer's address cannot be bounded.
+    agent
+        .post_form(
+            "/stripe/v1/checkout/sessions",
+            &format!("{item}&automatic_tax[enabled]=true"),
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    assert_eq!(seen(&mock), Vec::<String>::new());
+
+    // The customer picks one of two shipping options after the session is
+    // made: the dearer (1.50, a Shipping Rate read from Stripe) is
+    // reserved, and the session settles at that bound, not at the total
+    // Stripe reports with the first option selected (2.00).
+    let courier = mock.add_shipping_rate(150, "usd");
+    let choice = format!(
+        "{item}&shipping_options[0][shipping_rate_data][display_name]=Post\
+         &shipping_options[0][shipping_rate_data][fixed_amount][amount]=100\
+         &shipping_options[0][shipping_rate_data][fixed_amount][currency]=usd\
+         &shipping_options[1][shipping_rate]={courier}"
+    );
+    let cs = agent
+        .post_form("/stripe/v1/checkout/sessions", &choice)
+        .await
+        .expect(200);
+    assert_eq!(cs["amount_total"], 200);
+    stack.wait_key_spend(&key.id, 2_500_000, 1).await;
+
+    // Exclusive tax of a tax rate read from Stripe: 1.00 + 10%.
+    let tax = mock.add_tax_rate(10.0, false);
+    let taxed = format!("{item}&line_items[0][tax_rates][0]={tax}");
+    let cs = agent
+        .post_form("/stripe/v1/checkout/sessions", &taxed)
+        .await
+        .expect(200);
+    assert_eq!(cs["amount_total"], 110);
+    stack.wait_key_spend(&key.id, 3_600_000, 2).await;
+    assert_eq!(
+        seen(&mock),
+        [
+            format!("GET /v1/shipping_rates/{courier}"),
+            "POST /v1/checkout/sessions".to_string(),
+            format!("GET /v1/tax_rates/{tax}"),
+            "POST /v1/checkout/sessions".to_string(),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripes_v2_api_is_refused_as_a_whole() {
+    let (stack, mock) = stack_with_stripe().await;
+    let key = mint(&stack, 5, &["* /v2/*"], "stripe/v2").await;
+    let agent = stack.agent(&key.secret);
+    agent
+        .get("/stripe/v2/core/events")
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .send(
+            reqwest::Method::POST,
+            "/stripe/v2/core/accounts",
+            Some(("application/json", br#"{"display_name":"x"}"#.to_vec())),
+            &[],
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    assert_eq!(seen(&mock), Vec::<String>::new());
+}
+
 /// A proxy that gives a vendor one second, and the Stripe mock registered
 /// as `stripe`.
 async fn stack_with_a_one_second_stripe() -> (Stack, MockVendor) {

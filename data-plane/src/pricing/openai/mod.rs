@@ -363,6 +363,12 @@ fn settle_body_tokens(
 }
 
 impl PriceModel for OpenAiPricing {
+    fn check_write_query(&self, req: &PriceRequest<'_>) -> Result<(), PricingError> {
+        // OpenAI's SDKs send their beta Responses calls as
+        // `POST /v1/responses?beta=true`; nothing else in a write's query.
+        super::write_query_within(req, |name, value| (name, value) == ("beta", "true"))
+    }
+
     fn quote(&self, req: &PriceRequest<'_>) -> Result<Quote, PricingError> {
         match (req.method, req.path) {
             ("POST", "/v1/chat/completions") => chat::quote(self, req),
