@@ -47,7 +47,8 @@
 //!   (Twilio, see `twilio`): `Authorization: Basic base64(<credential>)`
 //!   (401 otherwise); 201 with a queued message or call, `price` null.
 //! * `POST /v1/fail500`: 500.
-//! * any method on `/echo/{*rest}`: the request's headers echoed back in
+//! * any method on `/echo/{*rest}` (or `/v1/echo/{*rest}`, a path a Stripe
+//!   vendor forwards): the request's headers echoed back in
 //!   response headers and a streamed body (see `echo`) — the one route that
 //!   repeats what it was sent, to prove keycap masks the credential.
 //! * `POST /generic/{*rest}`: a generic vendor (see `generic_call`).
@@ -571,7 +572,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         ("POST", "/emails" | "/emails/batch") => resend_send(&state, &call),
         ("POST", p) if p.starts_with("/generic/") => generic_call(&state, &call),
         ("POST", p) if twilio::is_create(p) => twilio::create(&state, &call),
-        (_, p) if p.starts_with("/echo/") => echo(&call),
+        (_, p) if p.starts_with("/echo/") || p.starts_with("/v1/echo/") => echo(&call),
         ("POST", "/v1/fail500") => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"type": "api_error", "message": "mock internal failure"}})),

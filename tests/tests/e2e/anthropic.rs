@@ -208,12 +208,9 @@ async fn an_sdk_beta_call_passes_and_other_write_queries_and_two_content_types_d
         }
     };
     // Anthropic's SDKs send beta calls with `?beta=true`.
-    send(
-        "/anthropic/v1/messages?beta=true",
-        vec![("anthropic-beta", "context-1m-2025-08-07")],
-    )
-    .await
-    .expect(200);
+    send("/anthropic/v1/messages?beta=true", vec![])
+        .await
+        .expect(200);
     // A query parameter pricing does not read, on a write: refused.
     send("/anthropic/v1/messages?max_tokens=64000", vec![])
         .await

@@ -54,7 +54,7 @@ fn echo_key(vendor: &str) -> Value {
     json!({
         "vendor": vendor,
         "daily_usd_cap": 1,
-        "allowed_endpoints": ["GET /echo/*"],
+        "allowed_endpoints": ["GET /v1/echo/*"],
         "expires_in": "1h",
         "agent_run_label": format!("scrub/{vendor}"),
     })
@@ -62,8 +62,8 @@ fn echo_key(vendor: &str) -> Value {
 
 async fn echo_both_ways(agent: &Api, vendor: &str) -> (Resp, Resp) {
     (
-        agent.get(&format!("/{vendor}/echo/x")).await,
-        agent.get(&format!("/{vendor}/echo/x?sse=1")).await,
+        agent.get(&format!("/{vendor}/v1/echo/x")).await,
+        agent.get(&format!("/{vendor}/v1/echo/x?sse=1")).await,
     )
 }
 
@@ -124,7 +124,7 @@ async fn no_response_carries_the_vendor_credential() {
     // Buffered (a priced call): Bearer and a generic vendor's own header.
     for (name, header) in [("generic-bearer", None), ("generic-key", Some("X-Api-Key"))] {
         let mut rules = json!({"currency": "usd",
-            "rules": [{"endpoint": "GET /echo/*", "cost": {"fixed": "0.01"}}]});
+            "rules": [{"endpoint": "GET /v1/echo/*", "cost": {"fixed": "0.01"}}]});
         if let Some(h) = header {
             rules["credential_header"] = json!(h);
         }
@@ -150,7 +150,7 @@ async fn no_response_carries_the_vendor_credential() {
 async fn a_compressed_answer_is_refused_not_passed_unread() {
     let (stack, mock) = stack_with_stripe().await;
     mock.script(
-        "/echo/gz",
+        "/v1/echo/gz",
         Scripted {
             status: 200,
             headers: vec![
@@ -161,7 +161,7 @@ async fn a_compressed_answer_is_refused_not_passed_unread() {
         },
     );
     let key = stack.mint(&echo_key("stripe")).await;
-    let r = stack.agent(&key.secret).get("/stripe/echo/gz").await;
+    let r = stack.agent(&key.secret).get("/stripe/v1/echo/gz").await;
     r.expect_error(502, "upstream_response_encoded");
     assert!(!r.text.contains(STRIPE_CREDENTIAL), "{}", r.text);
     assert_eq!(mock.calls().len(), 1, "the call was sent once");
