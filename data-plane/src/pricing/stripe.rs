@@ -706,6 +706,16 @@ impl PriceModel for StripePricing {
                 invoice_item_check(&p, looked)?;
                 Ok(free_quote(false))
             }
+            Class::Free(Some(FreeRule::InvoiceFinalize)) => {
+                if p.get("auto_advance") != Some("false") {
+                    return Err(unreadable(
+                        "an invoice is finalized only with auto_advance=false: Stripe would \
+                         otherwise collect it later, out of keycap's sight; pay it with \
+                         POST /v1/invoices/{id}/pay, which keycap prices",
+                    ));
+                }
+                Ok(free_quote(false))
+            }
             Class::Priced(rule @ (PricedRule::Charge | PricedRule::PaymentIntent)) => {
                 let amount = p.int("amount", &what())?;
                 let currency = p.currency("currency", &what())?;
@@ -737,6 +747,17 @@ impl PriceModel for StripePricing {
                 }
                 let inv = path_id(req.path, 2)?;
                 let obj = looked_object(looked, &format!("/v1/invoices/{inv}"), "the invoice")?;
+                // Only a finalized invoice's lines are fixed: a draft could
+                // gain lines between this read and Stripe's payment, which
+                // would charge them unpriced.
+                let status = obj.get("status").and_then(Value::as_str);
+                if status != Some("open") {
+                    return Err(unreadable(format!(
+                        "only an open invoice is paid through keycap (this one is {}): \
+                         finalize it with auto_advance=false first, so its amount cannot change",
+                        clip(status.unwrap_or("of unknown status"))
+                    )));
+                }
                 let due = object_int(&obj, "amount_remaining")
                     .ok_or_else(|| unreadable("the invoice has no amount_remaining"))?;
                 let cur = obj

@@ -109,6 +109,7 @@ pub(super) fn answer(state: &MockState, call: &RecordedCall) -> Option<Response>
         ("POST", ["v1", "payment_intents", id, "capture"]) => Route::Capture(id.to_string()),
         ("GET", ["v1", "invoices", id]) => Route::Get(Kind::Invoice, id.to_string()),
         ("POST", ["v1", "invoices", id, "pay"]) => Route::Pay(id.to_string()),
+        ("POST", ["v1", "invoices", id, "finalize"]) => Route::FinalizeInvoice(id.to_string()),
         ("GET", ["v1", "prices", id]) => Route::Get(Kind::Price, id.to_string()),
         ("POST", ["v1", "checkout", "sessions"]) => Route::Checkout,
         ("POST", ["v1", "refunds"]) => Route::Refund,
@@ -188,6 +189,7 @@ enum Route {
     CancelSubscription(String),
     CreateInvoice,
     UpdateInvoice(String),
+    FinalizeInvoice(String),
     CreateInvoiceItem,
     UpdateIntent(String),
     CreateIntent,
@@ -374,6 +376,28 @@ impl Route {
                     }
                     inv["auto_advance"] = on.into();
                 }
+                (StatusCode::OK, inv.clone())
+            }
+            Route::FinalizeInvoice(id) => {
+                let Some(inv) = objects.invoices.get_mut(&id) else {
+                    return not_found("invoice", &id);
+                };
+                if inv["status"] != "draft" {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": {"type": "invalid_request_error",
+                                         "code": "invoice_not_editable"}}),
+                    );
+                }
+                let f = form(call);
+                if let Some(a) = f.get("auto_advance") {
+                    inv["auto_advance"] = (a == "true").into();
+                }
+                if inv["auto_advance"] == true {
+                    // Stripe collects it on its own.
+                    moved(inv["amount_remaining"].as_i64().unwrap_or(0));
+                }
+                inv["status"] = "open".into();
                 (StatusCode::OK, inv.clone())
             }
             Route::CreateInvoiceItem => {

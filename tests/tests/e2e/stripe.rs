@@ -426,6 +426,32 @@ async fn query_parameters_are_read_with_the_body() {
         )
         .await
         .expect(200);
+    // Paying a draft is refused: a line added between keycap's read and
+    // Stripe's payment would be charged unpriced. Finalizing it is free
+    // only when Stripe will not collect it on its own.
+    agent
+        .post_form(&format!("/stripe/v1/invoices/{id}/pay"), "")
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .post_form(&format!("/stripe/v1/invoices/{id}/finalize"), "")
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .post_form(
+            &format!("/stripe/v1/invoices/{id}/finalize?auto_advance=true"),
+            "",
+        )
+        .await
+        .expect_error(400, "unpriceable_request");
+    agent
+        .post_form(
+            &format!("/stripe/v1/invoices/{id}/finalize"),
+            "auto_advance=false",
+        )
+        .await
+        .expect(200);
+    assert_eq!(mock.invoice(&id).unwrap()["status"], "open");
     agent
         .post_form(&format!("/stripe/v1/invoices/{id}/pay"), "")
         .await
@@ -452,6 +478,10 @@ async fn query_parameters_are_read_with_the_body() {
             "POST /v1/invoices".to_string(),
             format!("GET /v1/invoices/{id}"),
             "POST /v1/invoiceitems".to_string(),
+            // The draft /pay was refused on what this read showed.
+            format!("GET /v1/invoices/{id}"),
+            format!("POST /v1/invoices/{id}/finalize"),
+            // The open invoice's /pay, refused for the cap.
             format!("GET /v1/invoices/{id}"),
             "POST /v1/payment_intents".to_string(),
         ]

@@ -106,6 +106,9 @@ pub(super) enum FreeRule {
     /// An invoice item only goes on a draft invoice Stripe will not charge
     /// on its own (read from Stripe first).
     InvoiceItem,
+    /// An invoice is finalized only with `auto_advance=false`, so Stripe
+    /// never collects it on its own: it is paid through `/pay`, priced.
+    InvoiceFinalize,
 }
 
 /// Why an operation is refused.
@@ -149,15 +152,17 @@ impl PricedRule {
 }
 
 impl FreeRule {
-    const ALL: [(&'static str, FreeRule); 2] = [
+    const ALL: [(&'static str, FreeRule); 3] = [
         ("invoice_create", FreeRule::InvoiceCreate),
         ("invoice_item", FreeRule::InvoiceItem),
+        ("invoice_finalize", FreeRule::InvoiceFinalize),
     ];
 
     pub(super) fn handles(self) -> &'static [&'static str] {
         match self {
             FreeRule::InvoiceCreate => &["collection_method"],
             FreeRule::InvoiceItem => &["amount"],
+            FreeRule::InvoiceFinalize => &["auto_advance"],
         }
     }
 }
