@@ -726,7 +726,8 @@ fn closing_after(
 }
 
 /// A digest of what makes two requests the same call: method, path, query,
-/// the account acted for (`Stripe-Account`) and body.
+/// the account acted for (every `Stripe-Account` and `Stripe-Context`
+/// value: the vendor keeps idempotency keys per account) and body.
 fn request_fingerprint(
     method: &str,
     target: &target::Target,
@@ -735,18 +736,20 @@ fn request_fingerprint(
 ) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for part in [
+    let accounts = ["stripe-account", "stripe-context"]
+        .into_iter()
+        .flat_map(|name| headers.get_all(name).iter().map(|v| v.as_bytes()));
+    let parts = [
         method.as_bytes(),
         target.path.as_bytes(),
         target.query.as_deref().unwrap_or("").as_bytes(),
-        headers
-            .get("stripe-account")
-            .map(|v| v.as_bytes())
-            .unwrap_or(b""),
-    ] {
+    ];
+    for part in parts.into_iter().chain(accounts) {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
+    // Ends the header parts, so a body cannot pass for one.
+    h.update(u64::MAX.to_be_bytes());
     h.update(body);
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -1137,6 +1140,35 @@ mod tests {
             key_of(&[("authorization", &sdk), ("x-api-key", "kc_live_other")]).as_deref(),
             Some(k)
         );
+    }
+
+    #[test]
+    fn the_same_request_for_another_account_is_another_call() {
+        let target = target::normalize("/stripe/v1/payment_intents").unwrap();
+        let print = |accounts: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in accounts {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            request_fingerprint("POST", &target, &h, b"amount=100")
+        };
+        let none = print(&[]);
+        let a = print(&[("stripe-account", "acct_a")]);
+        assert_ne!(none, a);
+        assert_ne!(a, print(&[("stripe-account", "acct_b")]));
+        assert_ne!(
+            a,
+            print(&[("stripe-account", "acct_a"), ("stripe-account", "acct_b")])
+        );
+        assert_ne!(none, print(&[("stripe-context", "acct_a")]));
+        assert_ne!(
+            a,
+            print(&[("stripe-account", "acct_a"), ("stripe-context", "acct_b")])
+        );
+        assert_eq!(a, print(&[("stripe-account", "acct_a")]));
     }
 
     #[test]

@@ -644,6 +644,22 @@ enum Spent {
     Unknown,
 }
 
+/// The headers that name the account a call acts for. Given twice, which
+/// one Stripe honours (and so which account's idempotency keys a retry is
+/// matched against) is not something to guess.
+const ACCOUNT_HEADERS: [&str; 2] = ["stripe-account", "stripe-context"];
+
+fn one_account(headers: &HeaderMap) -> Result<(), PricingError> {
+    for name in ACCOUNT_HEADERS {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(unreadable(format!(
+                "the {name} header is given more than once"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Stripe marks a response it replays for a repeated Idempotency-Key.
 const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
@@ -658,6 +674,7 @@ impl PriceModel for StripePricing {
     }
 
     fn lookups(&self, req: &PriceRequest<'_>) -> Result<Vec<String>, PricingError> {
+        one_account(req.headers)?;
         let Some(op) = operation(req.method, req.path)? else {
             return Ok(Vec::new());
         };
@@ -690,6 +707,7 @@ impl PriceModel for StripePricing {
     }
 
     fn quote_with(&self, req: &PriceRequest<'_>, looked: &[Looked]) -> Result<Quote, PricingError> {
+        one_account(req.headers)?;
         let Some(op) = operation(req.method, req.path)? else {
             return Ok(free_quote(false));
         };

@@ -808,6 +808,34 @@ async fn a_retry_after_a_timed_out_answer_rides_on_the_first_calls_charge() {
     intent(&agent, "order-7", &other)
         .await
         .expect_error(429, "daily_cap_exceeded");
+    // Nor is the same request for another account (Stripe keeps keys per
+    // account, and would charge it afresh): priced again, it no longer
+    // fits. Naming two accounts is refused outright.
+    let on = |headers: Vec<(&'static str, &'static str)>| {
+        let agent = agent.clone();
+        let body = body.clone();
+        async move {
+            let mut h = vec![("idempotency-key", "order-7")];
+            h.extend(headers);
+            agent
+                .send(
+                    reqwest::Method::POST,
+                    "/stripe/v1/payment_intents",
+                    Some((FORM, body.into_bytes())),
+                    &h,
+                )
+                .await
+        }
+    };
+    on(vec![("stripe-context", "acct_other")])
+        .await
+        .expect_error(429, "daily_cap_exceeded");
+    on(vec![
+        ("stripe-account", "acct_a"),
+        ("stripe-account", "acct_b"),
+    ])
+    .await
+    .expect_error(400, "unpriceable_request");
     assert_eq!(mock.payment_intent_amounts(), [2500, 2500]);
 }
 
