@@ -366,20 +366,27 @@ impl Budget {
         }
     }
 
-    /// Whether this run opened the lease `id`.
-    pub fn is_own_lease(&self, id: &str) -> bool {
+    /// This run's mark in the ids of the leases it opens.
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// Whether the run marked `run` opened the lease `id`.
+    fn opened_by(id: &str, run: &str) -> bool {
         id.strip_prefix("lease_")
-            .and_then(|rest| rest.strip_prefix(self.run.as_str()))
+            .and_then(|rest| rest.strip_prefix(run))
             .is_some_and(|rest| rest.starts_with('_'))
     }
 
-    /// Hands back the leases an earlier run of this node left open, each at
-    /// what the control plane has been told it spent. Only for a restart
-    /// whose spool was complete (`spool::Recovered::complete`) and has been
-    /// delivered: then every cost those leases carried has been reported,
-    /// and their rest is budget nobody can spend until they expire. Retries
-    /// while the control plane is away.
-    pub async fn return_previous_run(&self) {
+    /// Hands back the leases the run marked `previous` (this node's last
+    /// run) left open, each at what the control plane has been told it
+    /// spent. Only for a restart whose spool holds every record that run
+    /// wrote (`spool::Recovered::previous_run`) and has been delivered: then
+    /// every cost those leases carried has been reported, and their rest is
+    /// budget nobody can spend until they expire. Leases of older runs keep
+    /// counting until they expire: one of them may have died with the
+    /// machine. Retries while the control plane is away.
+    pub async fn return_previous_run(&self, previous: &str) {
         let mut backoff = Duration::from_millis(100);
         let held = loop {
             match self.source.held().await {
@@ -391,7 +398,10 @@ impl Budget {
                 }
             }
         };
-        for l in held.into_iter().filter(|l| !self.is_own_lease(&l.lease_id)) {
+        for l in held
+            .into_iter()
+            .filter(|l| Self::opened_by(&l.lease_id, previous))
+        {
             loop {
                 match self.source.give_back(&l.lease_id, l.reported_micros).await {
                     Ok(()) => break,
@@ -862,20 +872,22 @@ mod tests {
     #[tokio::test]
     async fn a_restart_returns_the_previous_run_s_leases_at_their_reported_spend() {
         let l = ledger(10_000);
-        // The previous run of this node: a lease of 4000 with 1500 reported.
+        // The previous run of this node: a lease of 4000 with 1500
+        // reported. And one of a run before it, which may have lost records
+        // in a machine crash.
         {
             let mut st = l.state.lock().unwrap();
             st.leases.insert("lease_0123456789ab_old".into(), 4_000);
             st.reported.insert("lease_0123456789ab_old".into(), 1_500);
+            st.leases.insert("lease_ba9876543210_older".into(), 2_000);
         }
         let b = Budget::new(l.clone(), "n1");
         let k = key(10_000);
         let r = b.reserve(&k, Micros(100), Utc::now()).await.unwrap();
         let own = r.lease_id.clone();
-        assert!(b.is_own_lease(&own), "{own}");
-        assert!(!b.is_own_lease("lease_0123456789ab_old"));
+        assert!(Budget::opened_by(&own, b.run()), "{own}");
 
-        b.return_previous_run().await;
+        b.return_previous_run("0123456789ab").await;
         let st = l.state.lock().unwrap();
         assert_eq!(
             st.returned.get("lease_0123456789ab_old"),
@@ -883,6 +895,10 @@ mod tests {
             "returned at what was reported, the rest freed"
         );
         assert!(!st.returned.contains_key(&own), "this run's lease stays");
+        assert!(
+            !st.returned.contains_key("lease_ba9876543210_older"),
+            "an older run's lease keeps counting until it expires"
+        );
         drop(st);
         b.resolve(r, Micros(100));
     }

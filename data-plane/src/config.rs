@@ -44,7 +44,8 @@ pub struct ProxyConfig {
     /// Token for the control plane's fleet API.
     #[arg(long, env = "KEYCAP_FLEET_TOKEN", hide_env_values = true)]
     pub fleet_token: String,
-    /// This proxy's name in leases and audit entries (default: random).
+    /// This proxy's name in leases and audit entries (default: with
+    /// --spool-dir, one kept in the spool directory; else random).
     #[arg(long, env = "KEYCAP_NODE_ID")]
     pub node_id: Option<String>,
     /// JSON price table overriding the built-in OpenAI prices.

@@ -75,7 +75,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let node_id = config.node_id();
+    // With a spool and no --node-id, the id kept in the spool: a restart
+    // must be the same node to find the leases its previous run held.
+    let node_id = match (&config.node_id, &config.spool_dir) {
+        (None, Some(dir)) => spool::remembered_node_id(dir)?,
+        _ => config.node_id(),
+    };
     let mut prices = Catalog::builtin();
     if let Some(path) = &config.openai_prices {
         prices.openai = Arc::new(load_table(path, TokenPrices::from_json)?);
@@ -102,17 +107,17 @@ pub async fn run(
     let (settled_tx, settled) = watch::channel(!spooled);
     let spool = match &config.spool_dir {
         Some(dir) => {
-            let (spool, recovered) = spool::Spool::open(dir)?;
+            let (spool, recovered) = spool::Spool::open(dir, budget.run())?;
             let spool = Arc::new(spool);
-            let complete = recovered.complete;
+            let previous_run = recovered.previous_run.clone();
             let (sink, replayed, previous) = (fleet.clone(), spool.clone(), budget.clone());
             tokio::spawn(async move {
                 spend::replay(recovered, Arc::new(sink), replayed).await;
                 // Everything the previous run spent is reported now: the
                 // rest of its leases goes back instead of waiting out
                 // their hour.
-                if complete {
-                    previous.return_previous_run().await;
+                if let Some(run) = previous_run {
+                    previous.return_previous_run(&run).await;
                 }
                 let _ = settled_tx.send(true);
             });

@@ -18,12 +18,14 @@
 //! event with a record in them has been delivered.
 //!
 //! A spool also remembers the boot it was last opened in
-//! (`/proc/sys/kernel/random/boot_id`). When the previous run ran in the
-//! same boot, every record it wrote is still here — `write(2)` reaches the
-//! kernel, which a killed process cannot undo; only a machine crash loses
-//! unsynced records — so what it spent is exactly what its records say, and
-//! the leases it held can be handed back once they are delivered
-//! (`Recovered::complete`).
+//! (`/proc/sys/kernel/random/boot_id`) and the run that opened it (the mark
+//! in that run's lease ids). When the previous run ran in the same boot,
+//! every record it wrote is still here — `write(2)` reaches the kernel,
+//! which a killed process cannot undo; only a machine crash loses unsynced
+//! records — so what it spent is exactly what its records say, and the
+//! leases it opened can be handed back once they are delivered
+//! (`Recovered::previous_run`). Leases of runs before it are not: one of
+//! them may have died with the machine.
 //!
 //! Record format: one tag byte (`R` reservation, `E` event, `D` delivered:
 //! only the id) then the length-delimited protobuf `SpendEvent`. A torn last record (a write cut
@@ -54,10 +56,11 @@ pub struct Recovered {
     /// Segments they came from; `Spool::forget_recovered` deletes them once
     /// the events are delivered.
     segments: Vec<PathBuf>,
-    /// The previous run used this spool in the current boot of this
-    /// machine, so none of its records can have been lost: once these
-    /// events are delivered, the control plane knows all it spent.
-    pub complete: bool,
+    /// The run that used this spool last, if it did so in the current boot
+    /// of this machine: none of its records can have been lost, so once
+    /// these events are delivered the control plane knows all that run
+    /// spent from the leases it opened.
+    pub previous_run: Option<String>,
 }
 
 struct Segment {
@@ -96,9 +99,10 @@ fn segment_seq(path: &Path) -> Option<u64> {
 }
 
 impl Spool {
-    /// Opens (creating) the spool in `dir`, takes its lock and reads what a
-    /// previous run left there. New records go to a fresh segment.
-    pub fn open(dir: &Path) -> anyhow::Result<(Spool, Recovered)> {
+    /// Opens (creating) the spool in `dir` for the run marked `run`, takes
+    /// its lock and reads what a previous run left there. New records go to
+    /// a fresh segment.
+    pub fn open(dir: &Path, run: &str) -> anyhow::Result<(Spool, Recovered)> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating spool directory {}", dir.display()))?;
         let lock = OpenOptions::new()
@@ -119,7 +123,7 @@ impl Spool {
             .collect();
         segments.sort();
         let mut recovered = recover(&segments)?;
-        recovered.complete = same_boot_as_before(dir)?;
+        recovered.previous_run = previous_run_in_this_boot(dir, run)?;
         let next = segments.last().map_or(1, |(seq, _)| seq + 1);
         let spool = Spool {
             dir: dir.to_path_buf(),
@@ -296,20 +300,49 @@ fn boot_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Whether the spool was last opened in this boot, recording this one for
-/// the next run (written whole, then renamed into place).
-fn same_boot_as_before(dir: &Path) -> anyhow::Result<bool> {
-    let path = dir.join("boot_id");
-    let before = std::fs::read_to_string(&path).ok();
-    let Some(now) = boot_id() else {
-        return Ok(false);
+/// The run that last opened the spool, if it did in this boot; records
+/// this boot and `run` for the next one (each written whole, then renamed
+/// into place).
+fn previous_run_in_this_boot(dir: &Path, run: &str) -> anyhow::Result<Option<String>> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .map(|s| s.trim().to_string())
     };
-    let tmp = dir.join("boot_id.tmp");
+    let (boot_before, run_before) = (read("boot_id"), read("run_id"));
+    let Some(now) = boot_id() else {
+        return Ok(None);
+    };
+    replace_file(dir, "boot_id", &now)?;
+    replace_file(dir, "run_id", run)?;
+    Ok(run_before.filter(|r| !r.is_empty() && boot_before.as_deref() == Some(now.as_str())))
+}
+
+/// Writes `text` to `dir/name` whole: to a temporary file, synced, then
+/// renamed into place.
+fn replace_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let (path, tmp) = (dir.join(name), dir.join(format!("{name}.tmp")));
     let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(now.as_bytes())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(before.is_some_and(|b| b.trim() == now))
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The node id kept in the spool directory, made up (and kept) on first
+/// use: a proxy started without `--node-id` keeps its id across restarts,
+/// so a restart finds the leases its previous run held.
+pub fn remembered_node_id(dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating spool directory {}", dir.display()))?;
+    if let Ok(id) = std::fs::read_to_string(dir.join("node_id")) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let id = format!("proxy-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    replace_file(dir, "node_id", &id)?;
+    Ok(id)
 }
 
 /// Reads the segments a previous run left, oldest first: each event id's
@@ -358,7 +391,7 @@ fn recover(segments: &[(u64, PathBuf)]) -> anyhow::Result<Recovered> {
     Ok(Recovered {
         events,
         segments: segments.iter().map(|(_, p)| p.clone()).collect(),
-        complete: false,
+        previous_run: None,
     })
 }
 
@@ -391,7 +424,7 @@ mod tests {
     fn a_killed_run_leaves_each_undelivered_call_once() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (spool, recovered) = Spool::open(dir.path()).unwrap();
+            let (spool, recovered) = Spool::open(dir.path(), "test-run").unwrap();
             assert!(recovered.events.is_empty());
             // Settled and delivered: gone.
             spool
@@ -415,7 +448,7 @@ mod tests {
             spool.sync().unwrap();
             // Dropped without any shutdown, as SIGKILL would.
         }
-        let (spool, recovered) = Spool::open(dir.path()).unwrap();
+        let (spool, recovered) = Spool::open(dir.path(), "test-run").unwrap();
         let got: Vec<(&str, i64, &str)> = recovered
             .events
             .iter()
@@ -429,7 +462,7 @@ mod tests {
         spool.forget_recovered(&recovered);
         assert_eq!(segments(dir.path()).len(), 1);
         drop(spool);
-        let (_spool, recovered) = Spool::open(dir.path()).unwrap();
+        let (_spool, recovered) = Spool::open(dir.path(), "test-run").unwrap();
         assert!(recovered.events.is_empty());
     }
 
@@ -437,7 +470,7 @@ mod tests {
     fn a_torn_last_record_is_skipped_and_what_precedes_it_kept() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (spool, _) = Spool::open(dir.path()).unwrap();
+            let (spool, _) = Spool::open(dir.path(), "test-run").unwrap();
             spool
                 .reserve(&event("e1", "l1", 100, "settled_at_reservation"))
                 .unwrap();
@@ -447,7 +480,7 @@ mod tests {
         let path = segment_path(dir.path(), seq);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        let (_spool, recovered) = Spool::open(dir.path()).unwrap();
+        let (_spool, recovered) = Spool::open(dir.path(), "test-run").unwrap();
         let ids: Vec<&str> = recovered
             .events
             .iter()
@@ -459,7 +492,7 @@ mod tests {
     #[test]
     fn delivered_segments_are_deleted_once_they_roll_over() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let (spool, _) = Spool::open(dir.path(), "test-run").unwrap();
         let mut big = event("", "l1", 1, "settled");
         big.detail_json = "x".repeat(64 << 10);
         let n = (SEGMENT_BYTES / (64 << 10)) as usize + 8;
@@ -480,7 +513,7 @@ mod tests {
     fn a_delivery_mark_outlives_the_record_it_cancels() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (spool, _) = Spool::open(dir.path()).unwrap();
+            let (spool, _) = Spool::open(dir.path(), "test-run").unwrap();
             // X was recorded and never sent; Y is still in flight and keeps
             // the first segment.
             spool
@@ -509,7 +542,7 @@ mod tests {
             fill(per_segment);
             fill(2 * per_segment);
         }
-        let (_spool, recovered) = Spool::open(dir.path()).unwrap();
+        let (_spool, recovered) = Spool::open(dir.path(), "test-run").unwrap();
         let ids: Vec<&str> = recovered
             .events
             .iter()
@@ -519,26 +552,41 @@ mod tests {
     }
 
     #[test]
-    fn a_run_in_the_same_boot_is_complete_and_one_after_a_reboot_is_not() {
+    fn only_the_last_run_in_this_boot_is_known_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let (first, recovered) = Spool::open(dir.path()).unwrap();
-        assert!(!recovered.complete, "no run before this one");
+        let (first, recovered) = Spool::open(dir.path(), "run1").unwrap();
+        assert_eq!(recovered.previous_run, None, "no run before this one");
         drop(first);
-        let (second, recovered) = Spool::open(dir.path()).unwrap();
-        assert!(recovered.complete, "the previous run was in this boot");
+        let (second, recovered) = Spool::open(dir.path(), "run2").unwrap();
+        assert_eq!(recovered.previous_run.as_deref(), Some("run1"));
         drop(second);
-        // A spool last opened in another boot (the machine crashed and came
-        // back): what that run wrote may not all be here.
+        // The spool was last opened in another boot (the machine crashed
+        // and came back): what that run wrote may not all be here.
         std::fs::write(dir.path().join("boot_id"), "another-boot").unwrap();
-        let (_third, recovered) = Spool::open(dir.path()).unwrap();
-        assert!(!recovered.complete);
+        let (third, recovered) = Spool::open(dir.path(), "run3").unwrap();
+        assert_eq!(recovered.previous_run, None);
+        drop(third);
+        // The run after it is known whole, and only it: run2's leases
+        // (before the crash) are not named.
+        let (_fourth, recovered) = Spool::open(dir.path(), "run4").unwrap();
+        assert_eq!(recovered.previous_run.as_deref(), Some("run3"));
+    }
+
+    #[test]
+    fn a_node_id_made_up_for_a_spool_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = remembered_node_id(dir.path()).unwrap();
+        assert!(id.starts_with("proxy-"), "{id}");
+        assert_eq!(remembered_node_id(dir.path()).unwrap(), id);
     }
 
     #[test]
     fn two_proxies_never_share_a_spool() {
         let dir = tempfile::tempdir().unwrap();
-        let (_first, _) = Spool::open(dir.path()).unwrap();
-        let err = Spool::open(dir.path()).err().expect("second open refused");
+        let (_first, _) = Spool::open(dir.path(), "test-run").unwrap();
+        let err = Spool::open(dir.path(), "test-run")
+            .err()
+            .expect("second open refused");
         assert!(err.to_string().contains("in use"), "{err}");
     }
 }
