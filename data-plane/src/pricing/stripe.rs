@@ -684,7 +684,7 @@ impl PriceModel for StripePricing {
                 PricedRule::PaymentIntentConfirm
                     | PricedRule::InvoicePay
                     | PricedRule::CheckoutSession
-            ) | Class::Free(Some(FreeRule::InvoiceItem))
+            ) | Class::Free(Some(FreeRule::ItemOnDraft))
         );
         if !reads_first {
             // Checked once, when it is quoted.
@@ -701,7 +701,7 @@ impl PriceModel for StripePricing {
                 vec![format!("/v1/invoices/{}", path_id(req.path, 2)?)]
             }
             Class::Priced(PricedRule::CheckoutSession) => checkout::lookups(&p)?,
-            Class::Free(Some(FreeRule::InvoiceItem)) => vec![invoice_item_target(&p)?],
+            Class::Free(Some(FreeRule::ItemOnDraft)) => vec![invoice_item_target(&p)?],
             _ => Vec::new(),
         })
     }
@@ -716,15 +716,15 @@ impl PriceModel for StripePricing {
         let what = || format!("{} {}", op.method, op.path);
         match op.class {
             Class::Free(None) => Ok(free_quote(false)),
-            Class::Free(Some(FreeRule::InvoiceCreate)) => {
+            Class::Free(Some(FreeRule::ManualInvoice)) => {
                 invoice_create_check(&p)?;
                 Ok(free_quote(false))
             }
-            Class::Free(Some(FreeRule::InvoiceItem)) => {
+            Class::Free(Some(FreeRule::ItemOnDraft)) => {
                 invoice_item_check(&p, looked)?;
                 Ok(free_quote(false))
             }
-            Class::Free(Some(FreeRule::InvoiceFinalize)) => {
+            Class::Free(Some(FreeRule::ManualFinalize)) => {
                 if p.get("auto_advance") != Some("false") {
                     return Err(unreadable(
                         "an invoice is finalized only with auto_advance=false: Stripe would \

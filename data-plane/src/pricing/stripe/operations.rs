@@ -102,13 +102,13 @@ pub(super) enum PricedRule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum FreeRule {
     /// An invoice is created only if Stripe will not charge it on its own.
-    InvoiceCreate,
+    ManualInvoice,
     /// An invoice item only goes on a draft invoice Stripe will not charge
     /// on its own (read from Stripe first).
-    InvoiceItem,
+    ItemOnDraft,
     /// An invoice is finalized only with `auto_advance=false`, so Stripe
     /// never collects it on its own: it is paid through `/pay`, priced.
-    InvoiceFinalize,
+    ManualFinalize,
 }
 
 /// Why an operation is refused.
@@ -153,16 +153,16 @@ impl PricedRule {
 
 impl FreeRule {
     const ALL: [(&'static str, FreeRule); 3] = [
-        ("invoice_create", FreeRule::InvoiceCreate),
-        ("invoice_item", FreeRule::InvoiceItem),
-        ("invoice_finalize", FreeRule::InvoiceFinalize),
+        ("invoice_create", FreeRule::ManualInvoice),
+        ("invoice_item", FreeRule::ItemOnDraft),
+        ("invoice_finalize", FreeRule::ManualFinalize),
     ];
 
     pub(super) fn handles(self) -> &'static [&'static str] {
         match self {
-            FreeRule::InvoiceCreate => &["collection_method"],
-            FreeRule::InvoiceItem => &["amount"],
-            FreeRule::InvoiceFinalize => &["auto_advance"],
+            FreeRule::ManualInvoice => &["collection_method"],
+            FreeRule::ItemOnDraft => &["amount"],
+            FreeRule::ManualFinalize => &["auto_advance"],
         }
     }
 }
