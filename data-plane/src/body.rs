@@ -169,7 +169,11 @@ where
                             Frame::data(out)
                         }
                         (Ok(data), None) => Frame::data(data),
-                        (Err(other), _) => other,
+                        // Trailers are dropped: nothing an agent calls
+                        // through keycap needs them, and they could carry
+                        // what the observer masks in the data (a vendor
+                        // echoing the request's headers).
+                        (Err(_trailers), _) => continue,
                     };
                     Poll::Ready(Some(Ok(frame)))
                 }
@@ -364,6 +368,46 @@ mod tests {
         let (tx, body) = channel_body();
         drop(tx);
         assert!(read_paced(body, 1000, PACE).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vendors_trailers_never_reach_the_client() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-echo-authorization", "Bearer sk_live_x".parse().unwrap());
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+                b"a
+b",
+            ))),
+            Ok(Frame::trailers(trailers)),
+            Ok(Frame::data(Bytes::from_static(
+                b"c
+",
+            ))),
+        ];
+        let finished = Arc::new(Mutex::new(Vec::new()));
+        let observer = LineObserver {
+            held: Vec::new(),
+            finished: finished.clone(),
+        };
+        let inner = StreamBody::new(futures_util::stream::iter(frames));
+        let mut body = ObservedBody::new(inner, Box::new(observer));
+        let mut seen = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            assert!(frame.is_data(), "a non-data frame passed: {frame:?}");
+            seen.push(frame.into_data().unwrap());
+        }
+        // The bytes held back before the trailers still come out in order.
+        assert_eq!(
+            seen,
+            [
+                "a
+", "bc
+"
+            ]
+        );
+        assert_eq!(*finished.lock().unwrap(), [true]);
     }
 
     #[tokio::test]

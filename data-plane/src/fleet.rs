@@ -310,7 +310,11 @@ pub async fn watch_policy(
         match open_stream(&fleet, replica, cache.version(), STREAM_OPEN).await {
             Ok((mut stream, first)) => {
                 backoff = Duration::from_millis(50);
-                let mut beating = is_heartbeat(&first);
+                // Silence is judged once the stream has shown it beats and
+                // has brought its first update: a large snapshot may take
+                // longer than a second to arrive on a slow link.
+                let mut watch = StallWatch::default();
+                watch.saw(&first);
                 apply(first);
                 let mut home_retry =
                     tokio::time::interval_at(tokio::time::Instant::now() + HOME_RETRY, HOME_RETRY);
@@ -319,7 +323,7 @@ pub async fn watch_policy(
                 loop {
                     let away = replica != HOME;
                     let message = async {
-                        if beating {
+                        if watch.armed() {
                             tokio::time::timeout(STREAM_STALL, stream.message()).await
                         } else {
                             Ok(stream.message().await)
@@ -328,7 +332,7 @@ pub async fn watch_policy(
                     tokio::select! {
                         next = message => match next {
                             Ok(Ok(Some(update))) => {
-                                beating |= is_heartbeat(&update);
+                                watch.saw(&update);
                                 apply(update);
                             }
                             Ok(Ok(None)) => break,
@@ -362,7 +366,8 @@ pub async fn watch_policy(
                                 fleet.replicas().set_current(HOME);
                                 stream = home;
                                 replica = HOME;
-                                beating = is_heartbeat(&first);
+                                watch = StallWatch::default();
+                                watch.saw(&first);
                                 apply(first);
                             }
                         }
@@ -380,6 +385,29 @@ pub async fn watch_policy(
         fleet.replicas().fail_over(replica);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// What a policy stream has shown so far: silence counts against it only
+/// once it has sent a heartbeat (so the replica sends them) and its first
+/// update.
+#[derive(Default)]
+struct StallWatch {
+    beats: bool,
+    updated: bool,
+}
+
+impl StallWatch {
+    fn saw(&mut self, update: &pb::PolicyUpdate) {
+        if is_heartbeat(update) {
+            self.beats = true;
+        } else {
+            self.updated = true;
+        }
+    }
+
+    fn armed(&self) -> bool {
+        self.beats && self.updated
     }
 }
 

@@ -281,6 +281,11 @@ mod tests {
         held.release.notify_waiters();
         assert!(asking.await.unwrap().is_some());
         assert!(cache.looked_up(&secret::hash(&secret)).is_some());
+        // A stream that starts over from a snapshot (version 0) does not
+        // bring an old answer back to life.
+        cache.reset_version();
+        assert!(cache.looked_up(&secret::hash(&secret)).is_none());
+        assert!(cache.adopt(fleet_key(&secret), 7).is_some());
         // The stream reaches the answer's version with the key revoked:
         // the stream's word wins.
         let mut revoked = fleet_key(&secret);

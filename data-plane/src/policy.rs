@@ -399,10 +399,15 @@ impl PolicyCache {
         if version <= policy.version {
             return policy.keys.get(&key.hash).cloned();
         }
-        self.looked_up
-            .lock()
-            .expect("looked-up keys")
-            .insert(key.hash, (key.clone(), version));
+        let mut looked_up = self.looked_up.lock().expect("looked-up keys");
+        looked_up.insert(key.hash, (key.clone(), version));
+        // An update applied between the read above and the insert may
+        // already cover the answer: then the policy's word stands.
+        let now = self.current.load();
+        if version <= now.version {
+            looked_up.remove(&key.hash);
+            return now.keys.get(&key.hash).cloned();
+        }
         Some(key)
     }
 
@@ -419,7 +424,10 @@ impl PolicyCache {
     }
 
     /// Forgets the applied version so the next watch asks for a snapshot.
+    /// Keys learned from the control plane are forgotten too: each stood in
+    /// only below a version, which means nothing once the version restarts.
     pub fn reset_version(&self) {
+        self.looked_up.lock().expect("looked-up keys").clear();
         let old = self.current.load();
         self.current.store(Arc::new(Policy {
             version: 0,

@@ -329,18 +329,20 @@ impl Proxy {
         {
             *envelope = pricing::envelope_for(profile);
         }
-        let vendor = policy
-            .vendors
-            .get(&target.vendor)
-            .cloned()
-            .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
-        drop(policy);
+        // A revoked or expired key learns nothing of which vendors exist
+        // either: it is refused before the path's vendor is looked up.
         if key.revoked {
             return Err(Refusal::KeyRevoked);
         }
         if key.expires_at <= now {
             return Err(Refusal::KeyExpired);
         }
+        let vendor = policy
+            .vendors
+            .get(&target.vendor)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
+        drop(policy);
         self.check_network(&key, peer, req.headers())?;
         if key.vendor != vendor.name {
             return Err(Refusal::EndpointNotAllowed(format!(

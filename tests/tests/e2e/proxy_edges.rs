@@ -483,6 +483,23 @@ async fn a_call_to_an_unknown_vendor_is_a_404_but_only_for_a_known_key() {
             );
         }
     }
+    // Nor can a key that no longer works: revoked, it is refused before
+    // the vendor is looked up.
+    stack
+        .admin
+        .delete(&format!("/vault/keys/{}", key.id))
+        .await
+        .expect(200);
+    for vendor in ["nosuchvendor", "stripe"] {
+        stack
+            .agent(&key.secret)
+            .post_form(
+                &format!("/{vendor}/v1/payment_intents"),
+                "amount=100&currency=usd",
+            )
+            .await
+            .expect_error(401, "key_revoked");
+    }
     assert!(mock.calls().is_empty(), "{:?}", mock.calls());
 }
 
