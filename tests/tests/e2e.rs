@@ -2050,38 +2050,20 @@ async fn spend_events_survive_a_control_plane_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_changes_reach_a_running_proxy() {
-    // Vendor and key are both created after the proxy has its policy.
+    // Vendor and key are both created after the proxy has its policy, and
+    // each change is served by the call right after it: every change waits
+    // for the proxy's confirmation.
     let stack = Stack::start().await;
     let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
-    stack.register("stripe", "stripe", &mock).await;
-    let started = Instant::now();
+    harness::assert_all_confirmed(&stack.register("stripe", "stripe", &mock).await);
     let key = stack
-        .create_key(&stripe_key_body(
+        .mint(&stripe_key_body(
             json!(10),
             &["POST /v1/payment_intents"],
             "policy/1",
         ))
         .await;
-    let live = wait_until(within(harness::POLICY_TIMEOUT), || async {
-        stack.probe("stripe", &key.secret).await.as_deref() == Some(PROBE_LIVE)
-    })
-    .await;
-    assert!(live, "a new key did not reach the proxy");
-    eprintln!("new key usable after {:?}", started.elapsed());
-    stack
-        .agent(&key.secret)
-        .post_form(
-            "/stripe/v1/payment_intents",
-            "amount=100&currency=usd&confirm=true",
-        )
-        .await
-        .expect(200);
-    assert_eq!(mock.calls().len(), 1);
-
-    // Moving the vendor to another base URL takes effect without a restart.
-    let moved = MockVendor::start(STRIPE_CREDENTIAL).await;
-    stack.register("stripe", "stripe", &moved).await;
-    let arrived = wait_until(within(harness::POLICY_TIMEOUT), || async {
+    let charge = || async {
         stack
             .agent(&key.secret)
             .post_form(
@@ -2089,14 +2071,20 @@ async fn policy_changes_reach_a_running_proxy() {
                 "amount=100&currency=usd&confirm=true",
             )
             .await
-            .expect(200);
-        !moved.calls().is_empty()
-    })
-    .await;
-    assert!(arrived, "calls still go to the old base URL");
+    };
+    charge().await.expect(200);
+    assert_eq!(mock.calls().len(), 1);
+
+    // Moving the vendor to another base URL takes effect without a restart.
+    let moved = MockVendor::start(STRIPE_CREDENTIAL).await;
+    harness::assert_all_confirmed(&stack.register("stripe", "stripe", &moved).await);
+    charge().await.expect(200);
+    assert_eq!(moved.calls().len(), 1, "the call went to the new base URL");
+    assert_eq!(mock.calls().len(), 1);
 
     // A vendor with live keys cannot be deleted; once they are revoked it
-    // can, and the proxy stops serving it.
+    // can, and the proxy stops serving it: a key of another vendor is
+    // told it does not exist.
     stack
         .admin
         .delete("/vault/vendors/stripe")
@@ -2107,19 +2095,25 @@ async fn policy_changes_reach_a_running_proxy() {
         .delete(&format!("/vault/keys/{}", key.id))
         .await
         .expect(200);
-    stack
+    let other = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("other", "stripe", &other).await;
+    let mut body = stripe_key_body(json!(10), &["POST /v1/payment_intents"], "policy/2");
+    body["vendor"] = json!("other");
+    let witness = stack.mint(&body).await;
+    assert_eq!(
+        stack.probe("stripe", &witness.secret).await.as_deref(),
+        Some("endpoint_not_allowed")
+    );
+    let deleted = stack
         .admin
         .delete("/vault/vendors/stripe")
         .await
         .expect(200);
-    let gone = wait_until(within(harness::POLICY_TIMEOUT), || async {
-        stack.probe("stripe", &key.secret).await.as_deref() == Some("unknown_vendor")
-    })
-    .await;
-    assert!(
-        gone,
-        "a deleted vendor is still served (probe says {:?})",
-        stack.probe("stripe", &key.secret).await
+    harness::assert_all_confirmed(&deleted);
+    assert_eq!(
+        stack.probe("stripe", &witness.secret).await.as_deref(),
+        Some("unknown_vendor"),
+        "a deleted vendor is still served"
     );
 }
 
