@@ -1984,14 +1984,7 @@ async fn spend_events_survive_a_control_plane_outage() {
         ))
         .await;
     let agent = stack.agent(&key.secret);
-    let charge = || async {
-        agent
-            .post_form(
-                "/stripe/v1/payment_intents",
-                "amount=100&currency=usd&confirm=true",
-            )
-            .await
-    };
+    let charge = || dollar_charge(&agent);
     charge().await.expect(200);
     charge().await.expect(200);
 
@@ -2063,15 +2056,8 @@ async fn policy_changes_reach_a_running_proxy() {
             "policy/1",
         ))
         .await;
-    let charge = || async {
-        stack
-            .agent(&key.secret)
-            .post_form(
-                "/stripe/v1/payment_intents",
-                "amount=100&currency=usd&confirm=true",
-            )
-            .await
-    };
+    let agent = stack.agent(&key.secret);
+    let charge = || dollar_charge(&agent);
     charge().await.expect(200);
     assert_eq!(mock.calls().len(), 1);
 

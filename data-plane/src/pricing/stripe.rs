@@ -1182,25 +1182,12 @@ mod tests {
     }
 
     #[test]
-    fn rate_configuration_is_validated() {
-        for (code, rate) in [
-            ("eur", "1,08"),
-            ("eur", "-1.08"),
-            ("eur", "0"),
-            ("eur", "0.000"),
-            ("eur", "1."),
-            ("eur", ".5"),
-            ("eur", "1e2"),
-            ("eur", " 1.08"),
-            ("eur", "0.0000000000000000001"),
-            ("EUR", "1.08"),
-            ("euro", "1.08"),
-            ("usd", "2"),
-        ] {
-            let map = [(code.to_string(), rate.to_string())].into();
-            let err = StripePricing::new(&map).unwrap_err();
-            assert_eq!(err.code(), "pricing_misconfigured", "{code}={rate}");
-        }
+    fn a_rate_the_shared_rule_refuses_is_a_configuration_error() {
+        // The rule itself is `keycap_proto::prices::currency`'s (tested
+        // there); the Stripe model only reports what it says.
+        let map = [("usd".to_string(), "2".to_string())].into();
+        let err = StripePricing::new(&map).unwrap_err();
+        assert_eq!(err.code(), "pricing_misconfigured");
         assert!(StripePricing::new(&[("usd".into(), "1.000".into())].into()).is_ok());
     }
 

@@ -16,8 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{
-    assert_mock_never_saw, assert_resp_lacks, openai_cost, stack_with_openai, stack_with_stripe,
-    stripe_key_body, STRIPE_CREDENTIAL,
+    assert_mock_never_saw, assert_resp_lacks, dollar_charge, openai_cost, stack_with_openai,
+    stack_with_stripe, stripe_key_body, STRIPE_CREDENTIAL,
 };
 
 /// How long a piece of a response the vendor has already sent may take to
@@ -710,15 +710,7 @@ async fn a_proxy_killed_and_restarted_on_its_spool_strands_no_budget() {
             "restart/1",
         ))
         .await;
-    let charge = |agent: Api| async move {
-        agent
-            .post_form(
-                "/stripe/v1/payment_intents",
-                "amount=100&currency=usd&confirm=true",
-            )
-            .await
-    };
-    charge(stack.agent(&key.secret)).await.expect(200);
+    dollar_charge(&stack.agent(&key.secret)).await.expect(200);
 
     // SIGKILL, and back on the same spool and node id: the old run's lease
     // goes back once its spend is delivered, so the key can spend the rest
@@ -726,7 +718,7 @@ async fn a_proxy_killed_and_restarted_on_its_spool_strands_no_budget() {
     stack.proxy.restart().await;
     let mut served = 0;
     let refusal = loop {
-        let r = charge(stack.agent(&key.secret)).await;
+        let r = dollar_charge(&stack.agent(&key.secret)).await;
         if r.status != 200 {
             break r;
         }
@@ -753,21 +745,13 @@ async fn spend_a_stopping_proxy_cannot_deliver_stays_in_its_spool_for_the_next_s
         ))
         .await;
     let agent = stack.agent(&key.secret);
-    let charge = || async {
-        agent
-            .post_form(
-                "/stripe/v1/payment_intents",
-                "amount=100&currency=usd&confirm=true",
-            )
-            .await
-    };
-    charge().await.expect(200);
+    dollar_charge(&agent).await.expect(200);
     stack.wait_key_spend(&key.id, 1_000_000, 1).await;
 
     // The control plane goes away; the next call is served from the lease
     // and its spend cannot be delivered before the proxy stops.
     stack.control.process_mut().kill().await;
-    charge().await.expect(200);
+    dollar_charge(&agent).await.expect(200);
     let status = stack
         .proxy
         .process_mut()
