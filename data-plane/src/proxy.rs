@@ -1010,6 +1010,9 @@ impl Call {
                 detail.to_string()
             },
             day,
+            // No trace or agent context is read from the call yet.
+            trace_id: String::new(),
+            context: Default::default(),
         }
     }
 }

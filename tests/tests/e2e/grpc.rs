@@ -265,6 +265,7 @@ fn spend_event(id: &str, lease_id: &str, key_id: &str, cost: i64) -> pb::SpendEv
         at: Some(keycap_proto::time::to_proto(chrono::Utc::now())),
         detail_json: "{}".into(),
         day: today(),
+        ..Default::default()
     }
 }
 
