@@ -4,9 +4,9 @@
 //! vendors with their sealed (encrypted) credentials; vault keys (SHA-256 of the secret only); the change log that
 //! proxies follow; the proxies connected to it and the version each has
 //! applied; budget leases and their grants; daily spend per key; the
-//! append-only audit ledger. Two implementations — PostgreSQL for
-//! production and SQLite for the embedded single-node default — pass the
-//! same test suite (`control-plane/tests/store.rs`). Migrations are embedded
+//! append-only audit ledger. One implementation, `SqlStore`, with each
+//! query written once over a `Dialect` — PostgreSQL for production and
+//! SQLite for the embedded single-node default — passes the same test suite (`control-plane/tests/store.rs`). Migrations are embedded
 //! in the binary.
 //!
 //! The store never sees plaintext credentials or secrets, and never decides
@@ -23,12 +23,12 @@ use crate::domain::{
     VendorLoadError,
 };
 
-pub mod postgres;
+pub mod dialect;
 mod sql;
-pub mod sqlite;
+mod sql_store;
 
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+pub use dialect::{Dialect, CHANGE_CHANNEL};
+pub use sql_store::{PgStore, SqlStore, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -72,7 +72,7 @@ pub(super) const VENDOR_COLUMNS: &str =
     "name, profile, base_url, currency_rates, prices, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
-pub(super) struct VendorRow {
+pub struct VendorRow {
     name: String,
     profile: String,
     base_url: String,
@@ -101,7 +101,7 @@ pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_
      revoked_at, rate_limit_per_minute, allowed_cidrs, zone, parent_id";
 
 #[derive(sqlx::FromRow)]
-pub(super) struct KeyRow {
+pub struct KeyRow {
     id: String,
     key_hash: Vec<u8>,
     key_prefix: String,
@@ -217,7 +217,7 @@ pub(super) const ADMIN_TOKEN_COLUMNS: &str =
 /// An admin token row. `scopes` is a JSON list of scope names; `vendors` a
 /// JSON list of vendor names, NULL for every vendor.
 #[derive(sqlx::FromRow)]
-pub(super) struct AdminTokenRow {
+pub struct AdminTokenRow {
     id: String,
     token_hash: Vec<u8>,
     token_prefix: String,
@@ -267,7 +267,7 @@ pub(super) const ISSUER_TOKEN_COLUMNS: &str =
 
 /// An issuer token row.
 #[derive(sqlx::FromRow)]
-pub(super) struct IssuerTokenRow {
+pub struct IssuerTokenRow {
     id: String,
     token_hash: Vec<u8>,
     token_prefix: String,
@@ -329,7 +329,7 @@ pub(super) const LAST_ADMIN: &str = "this is the last active admin token with ev
      every vendor; create another (scope \"admin\", no expiry) before revoking it";
 
 #[derive(sqlx::FromRow)]
-pub(super) struct ChangeRow {
+pub struct ChangeRow {
     version: i64,
     kind: String,
     ref_id: String,
@@ -361,7 +361,7 @@ pub(super) const AUDIT_COLUMNS: &str = "seq, event_id, key_id, agent_run_label, 
      path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json";
 
 #[derive(sqlx::FromRow)]
-pub(super) struct AuditRow {
+pub struct AuditRow {
     seq: i64,
     event_id: String,
     key_id: String,
@@ -407,7 +407,7 @@ impl AuditRow {
 
 /// The stored answer of a grant, returned again when it is retried.
 #[derive(sqlx::FromRow)]
-pub(super) struct GrantRow {
+pub struct GrantRow {
     pub lease_id: String,
     pub granted: i64,
     pub lease_total: i64,
@@ -430,7 +430,7 @@ impl GrantRow {
 
 /// The caps and state of the key a grant draws on (read under its lock).
 #[derive(sqlx::FromRow, Debug, Clone)]
-pub(super) struct KeyBudgetRow {
+pub struct KeyBudgetRow {
     pub daily_cap: i64,
     pub lifetime_cap: Option<i64>,
     pub expires_at: i64,
@@ -439,7 +439,7 @@ pub(super) struct KeyBudgetRow {
 
 /// The lease a grant grows, when it already exists.
 #[derive(sqlx::FromRow)]
-pub(super) struct LeaseRow {
+pub struct LeaseRow {
     pub key_id: String,
     pub node_id: String,
     pub day: String,
@@ -457,7 +457,7 @@ pub(super) const LEASE_COLUMNS: &str =
 pub(super) const NODE_LEASE_COLUMNS: &str = "id, key_id, day, granted, reported, expires_at";
 
 #[derive(sqlx::FromRow)]
-pub(super) struct NodeLeaseRow {
+pub struct NodeLeaseRow {
     id: String,
     key_id: String,
     day: String,
@@ -492,7 +492,7 @@ pub(super) fn vendor_load_errors_sql(vendor_param: &str) -> String {
 }
 
 #[derive(sqlx::FromRow)]
-pub(super) struct VendorLoadErrorRow {
+pub struct VendorLoadErrorRow {
     vendor: String,
     node_id: String,
     error: String,
@@ -513,7 +513,7 @@ impl VendorLoadErrorRow {
 pub(super) const FLEET_NODE_COLUMNS: &str = "node_id, replica, applied_version, heartbeat_at";
 
 #[derive(sqlx::FromRow)]
-pub(super) struct FleetNodeRow {
+pub struct FleetNodeRow {
     node_id: String,
     replica: String,
     applied_version: i64,
@@ -534,7 +534,7 @@ impl FleetNodeRow {
 /// What already weighs on a key's caps, read in one statement so the four
 /// sums come from one snapshot.
 #[derive(sqlx::FromRow, Debug, Clone, Copy)]
-pub(super) struct UsageRow {
+pub struct UsageRow {
     /// Settled spend of the key on the grant's day.
     pub spent_day: i64,
     /// Settled spend of the key over all days.
@@ -549,7 +549,7 @@ pub(super) struct UsageRow {
 /// its ancestors — with what already weighs on that level's caps: the
 /// settled spend and counting leases of every key in its subtree.
 #[derive(sqlx::FromRow, Debug, Clone)]
-pub(super) struct TreeLevelRow {
+pub struct TreeLevelRow {
     pub id: String,
     pub depth: i64,
     #[sqlx(flatten)]
@@ -938,38 +938,166 @@ pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) ->
     }
 }
 
-/// Appends `VALUES` rows for `events` to an audit insert, with each key's
-/// run label from `labels` (empty for an unknown key).
-pub(super) fn push_audit_values<'a, DB>(
-    q: &mut sqlx::QueryBuilder<'a, DB>,
-    events: &'a [SpendEvent],
-    labels: &'a HashMap<String, String>,
-) where
-    DB: sqlx::Database,
-    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    i32: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-{
-    q.push(
+/// The multi-row insert of `events` into the audit ledger; it returns the
+/// ids of the events that were new.
+pub(super) fn audit_insert(events: &[SpendEvent], labels: &HashMap<String, String>) -> Statement {
+    let mut q = Statement::new(
         "INSERT INTO audit (event_id, key_id, agent_run_label, vendor, method, path, \
-         upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json) ",
+         upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json) VALUES ",
     );
-    q.push_values(events, |mut b, e| {
-        b.push_bind(e.event_id.as_str())
+    for (i, e) in events.iter().enumerate() {
+        q.push(if i == 0 { "(" } else { ", (" });
+        q.push_bind(e.event_id.as_str())
+            .push(", ")
             .push_bind(e.key_id.as_str())
+            .push(", ")
             .push_bind(labels.get(&e.key_id).map_or("", String::as_str))
+            .push(", ")
             .push_bind(e.vendor.as_str())
+            .push(", ")
             .push_bind(e.method.as_str())
+            .push(", ")
             .push_bind(e.path.as_str())
+            .push(", ")
             .push_bind(e.upstream_status)
+            .push(", ")
             .push_bind(e.reserved.0)
+            .push(", ")
             .push_bind(e.cost.0)
+            .push(", ")
             .push_bind(e.outcome.as_str())
+            .push(", ")
             .push_bind(micros(e.at))
+            .push(", ")
             .push_bind(e.node_id.as_str())
+            .push(", ")
             .push_bind(e.lease_id.as_str())
+            .push(", ")
             .push_bind(e.day.as_str())
-            .push_bind(e.detail_json.as_str());
-    });
+            .push(", ")
+            .push_bind(e.detail_json.as_str())
+            .push(")");
+    }
     q.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+    q
+}
+
+/// One argument of a `Statement`.
+#[derive(Clone, Debug)]
+pub(super) enum Arg {
+    Text(String),
+    Int(i64),
+    Int32(i32),
+}
+
+impl From<&str> for Arg {
+    fn from(v: &str) -> Self {
+        Arg::Text(v.to_string())
+    }
+}
+impl From<&String> for Arg {
+    fn from(v: &String) -> Self {
+        Arg::Text(v.clone())
+    }
+}
+impl From<String> for Arg {
+    fn from(v: String) -> Self {
+        Arg::Text(v)
+    }
+}
+impl From<i64> for Arg {
+    fn from(v: i64) -> Self {
+        Arg::Int(v)
+    }
+}
+impl From<i32> for Arg {
+    fn from(v: i32) -> Self {
+        Arg::Int32(v)
+    }
+}
+
+/// A statement assembled piece by piece — a filter, an `IN` list, a
+/// multi-row insert — with `$N` placeholders, which both databases read,
+/// and its arguments, bound in order when it runs.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Statement {
+    sql: String,
+    args: Vec<Arg>,
+}
+
+impl Statement {
+    pub(super) fn new(sql: impl Into<String>) -> Self {
+        Statement {
+            sql: sql.into(),
+            args: Vec::new(),
+        }
+    }
+
+    pub(super) fn push(&mut self, sql: impl AsRef<str>) -> &mut Self {
+        self.sql.push_str(sql.as_ref());
+        self
+    }
+
+    pub(super) fn push_bind(&mut self, arg: impl Into<Arg>) -> &mut Self {
+        self.args.push(arg.into());
+        self.sql.push_str(&format!("${}", self.args.len()));
+        self
+    }
+
+    /// ` AND <column> IN (...)`; matches nothing for an empty list.
+    pub(super) fn push_in(&mut self, column: &str, values: &[impl AsRef<str>]) -> &mut Self {
+        if values.is_empty() {
+            return self.push(" AND 1 = 0");
+        }
+        self.push(format!(" AND {column} IN ("));
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.push_bind(v.as_ref());
+        }
+        self.push(")")
+    }
+
+    pub(super) fn query_as<'q, DB, O>(
+        &'q self,
+    ) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
+    where
+        DB: sqlx::Database,
+        O: for<'r> sqlx::FromRow<'r, DB::Row>,
+        &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
+        let mut q = sqlx::query_as(&self.sql);
+        for a in &self.args {
+            q = match a {
+                Arg::Text(v) => q.bind(v.as_str()),
+                Arg::Int(v) => q.bind(*v),
+                Arg::Int32(v) => q.bind(*v),
+            };
+        }
+        q
+    }
+
+    pub(super) fn query_scalar<'q, DB, O>(
+        &'q self,
+    ) -> sqlx::query::QueryScalar<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
+    where
+        DB: sqlx::Database,
+        (O,): for<'r> sqlx::FromRow<'r, DB::Row>,
+        &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
+        let mut q = sqlx::query_scalar(&self.sql);
+        for a in &self.args {
+            q = match a {
+                Arg::Text(v) => q.bind(v.as_str()),
+                Arg::Int(v) => q.bind(*v),
+                Arg::Int32(v) => q.bind(*v),
+            };
+        }
+        q
+    }
 }

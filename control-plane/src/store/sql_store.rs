@@ -1,42 +1,26 @@
-//! PostgreSQL store: production, shared by every control-plane replica.
+//! The one SQL store: every query written once, run on PostgreSQL or SQLite
+//! through a `Dialect` (see `store::dialect` for what differs and how each
+//! database keeps the money path atomic).
 //!
-//! Replicas are stateless over this database, so every rule that must hold
-//! across them is enforced by Postgres locks inside one transaction
-//! (READ COMMITTED):
-//! * a lease grant locks its key row (`FOR UPDATE`) and the lease row, then
-//!   reads everything that weighs on the caps in ONE statement, so the sums
-//!   come from one snapshot taken after the lock (a spend batch committing
-//!   in between is seen whole or not at all);
-//! * a key insert holds its vendor row `FOR SHARE` and a vendor delete holds
-//!   it `FOR UPDATE` before counting active keys, so neither can slip past
-//!   the other;
-//! * change-log appends take `LOCK TABLE change_log IN EXCLUSIVE MODE` as
-//!   the last step before commit, so versions commit in increasing order and
-//!   a follower reading `version > after` never skips one. The lock blocks
-//!   other appenders only, never readers.
-//!
-//! Inserting into `change_log` notifies channel `keycap_changes` (see
-//! `CHANGE_CHANNEL`). Encoding (times as microseconds, money as
-//! micro-dollars, JSON text) is described in `store::sql`; the schema is
-//! `migrations/postgres`.
-
-use std::time::Duration;
+//! Encoding (times as microseconds, money as micro-dollars, JSON text) is
+//! described in `store::sql`; the schemas are `migrations/postgres` and
+//! `migrations/sqlite`.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keycap_proto::Micros;
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{PgConnection, Postgres, QueryBuilder};
+use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
+use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
+use super::sql::Statement;
 use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
 };
 use super::sql::{
-    audit_limit, check_ancestors, check_grant, check_tree_depth, conflict_on_unique,
-    decide_tree_grant, distinct_key_ids, from_micros, micros, push_audit_values, spend_chunks,
-    spend_totals, to_json, tree_levels_sql, truncate, AuditRow, ChangeRow, GrantRow, KeyInsert,
-    KeyRow, LeaseRow, TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR,
-    KEY_COLUMNS, VENDOR_COLUMNS,
+    audit_insert, audit_limit, check_ancestors, check_grant, check_tree_depth, conflict_on_unique,
+    decide_tree_grant, distinct_key_ids, from_micros, micros, spend_chunks, spend_totals, to_json,
+    tree_levels_sql, truncate, AuditRow, ChangeRow, GrantRow, KeyInsert, KeyRow, LeaseRow,
+    TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::sql::{vendor_load_errors_sql, VendorLoadErrorRow};
 use super::sql::{
@@ -50,185 +34,278 @@ use crate::domain::{
     Vendor, VendorLoadError,
 };
 
-/// The channel notified (empty payload) whenever the change log grows.
-pub const CHANGE_CHANNEL: &str = "keycap_changes";
-
-const MAX_CONNECTIONS: u32 = 16;
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub struct PgStore {
-    pool: PgPool,
+pub struct SqlStore<D: Dialect> {
+    pool: Pool<D::Db>,
+    dialect: D,
 }
+
+/// The production store, shared by every control-plane replica.
+pub type PgStore = SqlStore<Pg>;
+/// The embedded single-node default.
+pub type SqliteStore = SqlStore<Lite>;
 
 impl PgStore {
     /// Connects a pool to `url` (`postgres://...`). Call `migrate` before use.
     pub async fn connect(url: &str) -> StoreResult<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
-            .await?;
-        Ok(Self::from_pool(pool))
+        Ok(Self::from_pool(dialect::pg_pool(url).await?))
     }
 
     /// Wraps a pool configured by the caller.
-    pub fn from_pool(pool: PgPool) -> Self {
-        PgStore { pool }
+    pub fn from_pool(pool: sqlx::PgPool) -> Self {
+        SqlStore { pool, dialect: Pg }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url_or_path`: a
+    /// `sqlite:` URL or a plain file path. `sqlite::memory:` gives a private
+    /// in-memory database, as `in_memory` does. Call `migrate` before use.
+    pub async fn connect(url_or_path: &str) -> StoreResult<Self> {
+        if url_or_path.trim().is_empty() {
+            return Err(sqlx::Error::Configuration("empty SQLite database path".into()).into());
+        }
+        if url_or_path == ":memory:" || url_or_path.starts_with("sqlite::memory:") {
+            return Self::in_memory().await;
+        }
+        Ok(Self::from_pool(
+            dialect::sqlite_pool(Some(url_or_path)).await?,
+        ))
     }
 
-    /// The pool, e.g. for a `PgListener` on `CHANGE_CHANNEL`.
-    pub fn pool(&self) -> &PgPool {
+    /// A fresh private in-memory database (for tests and throwaway runs).
+    /// Call `migrate` before use.
+    pub async fn in_memory() -> StoreResult<Self> {
+        Ok(Self::from_pool(dialect::sqlite_pool(None).await?))
+    }
+
+    fn from_pool(pool: sqlx::SqlitePool) -> Self {
+        SqlStore {
+            pool,
+            dialect: Lite::default(),
+        }
+    }
+}
+
+impl<D: Dialect> SqlStore<D> {
+    /// The pool, e.g. for a `PgListener` or a test's raw SQL.
+    pub fn pool(&self) -> &Pool<D::Db> {
         &self.pool
     }
 }
 
-/// Appends change-log entries; call it last in a transaction (see module
-/// docs for why it locks).
-async fn append_changes(conn: &mut PgConnection, kind: &str, ref_ids: &[&str]) -> StoreResult<()> {
-    if ref_ids.is_empty() {
-        return Ok(());
+impl<D: Dialect> SqlStore<D>
+where
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    for<'q> <D::Db as Database>::Arguments<'q>: IntoArguments<'q, D::Db>,
+    for<'q> &'q str: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<&'q str>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> String: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<String>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> &'q [u8]: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<&'q [u8]>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> i64: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<i64>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> i32: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> bool: Encode<'q, D::Db> + Type<D::Db>,
+    for<'r> i64: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Option<i64>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> i32: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> String: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Vec<u8>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> bool: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Option<String>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> (String, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (Option<i64>, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, String): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (Vec<u8>,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (Option<i64>,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> KeyRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> AdminTokenRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> IssuerTokenRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> VendorRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> ChangeRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> AuditRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> GrantRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> LeaseRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> TreeLevelRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> FleetNodeRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> NodeLeaseRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> VendorLoadErrorRow: FromRow<'r, <D::Db as Database>::Row>,
+{
+    async fn begin_write(&self) -> StoreResult<WriteTx<'_, D::Db>> {
+        self.dialect.begin_write(&self.pool).await
     }
-    sqlx::query("LOCK TABLE change_log IN EXCLUSIVE MODE")
-        .execute(&mut *conn)
-        .await?;
-    for ref_id in ref_ids {
-        sqlx::query("INSERT INTO change_log (kind, ref_id) VALUES ($1, $2)")
-            .bind(kind)
-            .bind(ref_id)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
 
-/// LISTENs on `CHANGE_CHANNEL` and moves `tx` on every notification, and
-/// after every (re)connection since notifications may have been missed
-/// meanwhile. Reconnects with capped backoff; ends when nobody listens.
-async fn listen_for_changes(pool: PgPool, tx: tokio::sync::watch::Sender<u64>) {
-    const MAX_BACKOFF: Duration = Duration::from_secs(5);
-    let mut backoff = Duration::from_millis(100);
-    while !tx.is_closed() {
-        match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(mut listener) => match listener.listen(CHANGE_CHANNEL).await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(100);
-                    tx.send_modify(|n| *n += 1);
-                    // `recv` reconnects by itself after a lost connection.
-                    while let Ok(_notification) = listener.recv().await {
-                        tx.send_modify(|n| *n += 1);
-                        if tx.is_closed() {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot LISTEN for changes"),
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot connect to LISTEN for changes"),
+    /// Appends change-log entries; call it last in a transaction (see
+    /// `store::dialect` for why PostgreSQL locks the table first).
+    async fn append_changes(
+        conn: &mut <D::Db as Database>::Connection,
+        kind: &str,
+        ref_ids: &[&str],
+    ) -> StoreResult<()> {
+        if ref_ids.is_empty() {
+            return Ok(());
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-}
-
-/// Inserts an admin token; with `keep_existing`, a token whose hash is
-/// already stored is left as it is.
-async fn insert_admin_token(pool: &PgPool, t: &AdminToken, keep_existing: bool) -> StoreResult<()> {
-    let (scopes, vendors) = admin_token_lists(t)?;
-    let on_conflict = if keep_existing {
-        " ON CONFLICT (token_hash) DO NOTHING"
-    } else {
-        ""
-    };
-    sqlx::query(&format!(
-        "INSERT INTO admin_tokens ({ADMIN_TOKEN_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9){on_conflict}"
-    ))
-    .bind(&t.id)
-    .bind(&t.token_hash[..])
-    .bind(&t.token_prefix)
-    .bind(&t.name)
-    .bind(scopes)
-    .bind(vendors)
-    .bind(micros(t.created_at))
-    .bind(t.expires_at.map(micros))
-    .bind(t.revoked_at.map(micros))
-    .execute(pool)
-    .await
-    .map_err(|e| conflict_on_unique(e, || format!("admin token {} already exists", t.id)))?;
-    Ok(())
-}
-
-/// The ancestors of a new key's parent, the parent itself included, each
-/// with its depth below the parent; `NotFound` for an unknown parent,
-/// `Conflict` for a revoked or expired one (at `now`) or one already at the
-/// deepest level. Holds the parent row `FOR SHARE` until commit, so a
-/// concurrent revocation of the parent either sees the child (and revokes
-/// it) or happens first (and the child is refused).
-async fn parent_ancestors(
-    conn: &mut PgConnection,
-    parent: &str,
-    now: i64,
-) -> StoreResult<Vec<(String, i64)>> {
-    let state: Option<(Option<i64>, i64)> =
-        sqlx::query_as("SELECT revoked_at, expires_at FROM vault_keys WHERE id = $1 FOR SHARE")
-            .bind(parent)
-            .fetch_optional(&mut *conn)
-            .await?;
-    match state {
-        None => return Err(StoreError::NotFound(format!("parent key {parent}"))),
-        Some((Some(_), _)) => {
-            return Err(StoreError::Conflict(format!(
-                "parent key {parent} is revoked"
-            )))
+        if let Some(lock) = D::lock_table("change_log", "EXCLUSIVE") {
+            sqlx::query(&lock).execute(&mut *conn).await?;
         }
-        Some((None, expires_at)) if expires_at <= now => {
-            return Err(StoreError::Conflict(format!(
-                "parent key {parent} has expired"
-            )))
+        for ref_id in ref_ids {
+            sqlx::query("INSERT INTO change_log (kind, ref_id) VALUES ($1, $2)")
+                .bind(kind)
+                .bind(*ref_id)
+                .execute(&mut *conn)
+                .await?;
         }
-        Some(_) => {}
-    }
-    let ancestors: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT ancestor_id, CAST(depth AS BIGINT) FROM key_ancestors WHERE key_id = $1",
-    )
-    .bind(parent)
-    .fetch_all(&mut *conn)
-    .await?;
-    check_tree_depth(parent, &ancestors)?;
-    Ok(ancestors)
-}
-
-async fn fetch_key(
-    conn: &mut PgConnection,
-    id: &str,
-    for_update: bool,
-) -> StoreResult<Option<VaultKey>> {
-    let lock = if for_update { " FOR UPDATE" } else { "" };
-    let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = $1{lock}");
-    sqlx::query_as::<_, KeyRow>(&sql)
-        .bind(id)
-        .fetch_optional(conn)
-        .await?
-        .map(KeyRow::into_domain)
-        .transpose()
-}
-
-#[async_trait]
-impl Store for PgStore {
-    async fn migrate(&self) -> StoreResult<()> {
-        // sqlx takes an advisory lock, so replicas starting together are safe.
-        sqlx::migrate!("./migrations/postgres")
-            .run(&self.pool)
-            .await?;
         Ok(())
     }
 
+    /// Inserts an admin token; with `keep_existing`, a token whose hash is
+    /// already stored is left as it is.
+    async fn insert_admin_token(&self, t: &AdminToken, keep_existing: bool) -> StoreResult<()> {
+        let (scopes, vendors) = admin_token_lists(t)?;
+        let on_conflict = if keep_existing {
+            " ON CONFLICT (token_hash) DO NOTHING"
+        } else {
+            ""
+        };
+        let mut w = self.begin_write().await?;
+        sqlx::query(&format!(
+            "INSERT INTO admin_tokens ({ADMIN_TOKEN_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9){on_conflict}"
+        ))
+        .bind(t.id.as_str())
+        .bind(&t.token_hash[..])
+        .bind(t.token_prefix.as_str())
+        .bind(t.name.as_str())
+        .bind(scopes.as_str())
+        .bind(vendors.as_deref())
+        .bind(micros(t.created_at))
+        .bind(t.expires_at.map(micros))
+        .bind(t.revoked_at.map(micros))
+        .execute(w.conn())
+        .await
+        .map_err(|e| conflict_on_unique(e, || format!("admin token {} already exists", t.id)))?;
+        w.commit().await
+    }
+
+    /// The ancestors of a new key's parent, the parent itself included, each
+    /// with its depth below the parent; `NotFound` for an unknown parent,
+    /// `Conflict` for a revoked or expired one (at `now`) or one already at
+    /// the deepest level. Holds the parent row `FOR SHARE` until commit, so a
+    /// concurrent revocation of the parent either sees the child (and
+    /// revokes it) or happens first (and the child is refused).
+    async fn parent_ancestors(
+        conn: &mut <D::Db as Database>::Connection,
+        parent: &str,
+        now: i64,
+    ) -> StoreResult<Vec<(String, i64)>> {
+        let state: Option<(Option<i64>, i64)> = sqlx::query_as(&format!(
+            "SELECT revoked_at, expires_at FROM vault_keys WHERE id = $1{}",
+            D::FOR_SHARE
+        ))
+        .bind(parent)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match state {
+            None => return Err(StoreError::NotFound(format!("parent key {parent}"))),
+            Some((Some(_), _)) => {
+                return Err(StoreError::Conflict(format!(
+                    "parent key {parent} is revoked"
+                )))
+            }
+            Some((None, expires_at)) if expires_at <= now => {
+                return Err(StoreError::Conflict(format!(
+                    "parent key {parent} has expired"
+                )))
+            }
+            Some(_) => {}
+        }
+        let ancestors: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT ancestor_id, CAST(depth AS BIGINT) FROM key_ancestors WHERE key_id = $1",
+        )
+        .bind(parent)
+        .fetch_all(&mut *conn)
+        .await?;
+        check_tree_depth(parent, &ancestors)?;
+        Ok(ancestors)
+    }
+
+    async fn fetch_key(
+        conn: &mut <D::Db as Database>::Connection,
+        id: &str,
+    ) -> StoreResult<Option<VaultKey>> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE id = $1");
+        sqlx::query_as::<_, KeyRow>(&sql)
+            .bind(id)
+            .fetch_optional(conn)
+            .await?
+            .map(KeyRow::into_domain)
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl<D: Dialect> Store for SqlStore<D>
+where
+    for<'c> &'c mut <D::Db as Database>::Connection: Executor<'c, Database = D::Db>,
+    for<'q> <D::Db as Database>::Arguments<'q>: IntoArguments<'q, D::Db>,
+    for<'q> &'q str: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<&'q str>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> String: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<String>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> &'q [u8]: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<&'q [u8]>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> i64: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<i64>: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> i32: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> bool: Encode<'q, D::Db> + Type<D::Db>,
+    for<'r> i64: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Option<i64>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> i32: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> String: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Vec<u8>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> bool: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Option<String>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> (String, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (Option<i64>, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, String): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (Vec<u8>,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (Option<i64>,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> KeyRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> AdminTokenRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> IssuerTokenRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> VendorRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> ChangeRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> AuditRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> GrantRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> LeaseRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> TreeLevelRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> FleetNodeRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> NodeLeaseRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> VendorLoadErrorRow: FromRow<'r, <D::Db as Database>::Row>,
+{
+    async fn migrate(&self) -> StoreResult<()> {
+        self.dialect.migrate(&self.pool).await
+    }
+
     async fn ensure_admin_token(&self, token: &AdminToken) -> StoreResult<()> {
-        insert_admin_token(&self.pool, token, true).await
+        self.insert_admin_token(token, true).await
     }
 
     async fn insert_admin_token(&self, token: &AdminToken) -> StoreResult<()> {
-        insert_admin_token(&self.pool, token, false).await
+        SqlStore::insert_admin_token(self, token, false).await
     }
 
     async fn find_admin_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<AdminToken>> {
@@ -264,16 +341,16 @@ impl Store for PgStore {
     }
 
     async fn revoke_admin_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<AdminToken> {
-        let mut tx = self.pool.begin().await?;
-        // Conflicts with itself: revocations run one at a time across
-        // replicas, so two cannot each see the other's token as the admin
-        // that remains. Readers (authentication) are not blocked.
-        sqlx::query("LOCK TABLE admin_tokens IN SHARE ROW EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await?;
+        let mut w = self.begin_write().await?;
+        // Revocations run one at a time (across replicas on PostgreSQL, where
+        // the lock conflicts with itself but not with readers), so two cannot
+        // each see the other's token as the admin that remains.
+        if let Some(lock) = D::lock_table("admin_tokens", "SHARE ROW EXCLUSIVE") {
+            sqlx::query(&lock).execute(w.conn()).await?;
+        }
         let sql = format!("SELECT {ADMIN_TOKEN_COLUMNS} FROM admin_tokens");
         let all = sqlx::query_as::<_, AdminTokenRow>(&sql)
-            .fetch_all(&mut *tx)
+            .fetch_all(w.conn())
             .await?
             .into_iter()
             .map(AdminTokenRow::into_domain)
@@ -296,9 +373,9 @@ impl Store for PgStore {
         sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2")
             .bind(micros(now))
             .bind(id)
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await?;
-        tx.commit().await?;
+        w.commit().await?;
         target.revoked_at = Some(truncate(now));
         Ok(target)
     }
@@ -307,6 +384,7 @@ impl Store for PgStore {
         let sql = format!(
             "INSERT INTO issuer_tokens ({ISSUER_TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         );
+        let mut w = self.begin_write().await?;
         sqlx::query(&sql)
             .bind(&t.id)
             .bind(&t.token_hash[..])
@@ -316,12 +394,12 @@ impl Store for PgStore {
             .bind(micros(t.created_at))
             .bind(t.expires_at.map(micros))
             .bind(t.revoked_at.map(micros))
-            .execute(&self.pool)
+            .execute(w.conn())
             .await
             .map_err(|e| {
                 conflict_on_unique(e, || format!("issuer token {} already exists", t.id))
             })?;
-        Ok(())
+        w.commit().await
     }
 
     async fn find_issuer_token(&self, token_hash: &[u8; 32]) -> StoreResult<Option<IssuerToken>> {
@@ -359,28 +437,35 @@ impl Store for PgStore {
     }
 
     async fn revoke_issuer_token(&self, id: &str, now: DateTime<Utc>) -> StoreResult<IssuerToken> {
-        // One statement: a concurrent revocation keeps the first time.
+        let mut w = self.begin_write().await?;
         sqlx::query(
             "UPDATE issuer_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(micros(now))
         .bind(id)
-        .execute(&self.pool)
+        .execute(w.conn())
         .await?;
-        self.get_issuer_token(id)
+        let sql = format!("SELECT {ISSUER_TOKEN_COLUMNS} FROM issuer_tokens WHERE id = $1");
+        let row = sqlx::query_as::<_, IssuerTokenRow>(&sql)
+            .bind(id)
+            .fetch_optional(w.conn())
             .await?
-            .ok_or_else(|| StoreError::NotFound(format!("issuer token {id}")))
+            .ok_or_else(|| StoreError::NotFound(format!("issuer token {id}")))?;
+        w.commit().await?;
+        row.into_domain()
     }
 
     async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)> {
         let v = &write.vendor;
         let rates = to_json(&v.currency_rates, "currency_rates")?;
-        let mut tx = self.pool.begin().await?;
-        let existing: Option<i64> =
-            sqlx::query_scalar("SELECT created_at FROM vendors WHERE name = $1 FOR UPDATE")
-                .bind(v.name.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let mut w = self.begin_write().await?;
+        let existing: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT created_at FROM vendors WHERE name = $1{}",
+            D::FOR_UPDATE
+        ))
+        .bind(v.name.as_str())
+        .fetch_optional(w.conn())
+        .await?;
         let (created_at, created) = match (existing, &write.sealed_credential) {
             (None, None) => {
                 return Err(StoreError::Conflict(format!(
@@ -391,8 +476,7 @@ impl Store for PgStore {
             (None, Some(sealed)) => {
                 sqlx::query(
                     "INSERT INTO vendors (name, profile, base_url, currency_rates, prices, \
-                     sealed_credential, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                     sealed_credential, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(v.name.as_str())
                 .bind(v.profile.as_str())
@@ -402,7 +486,7 @@ impl Store for PgStore {
                 .bind(sealed.as_slice())
                 .bind(micros(v.created_at))
                 .bind(micros(v.updated_at))
-                .execute(&mut *tx)
+                .execute(w.conn())
                 .await
                 .map_err(|e| {
                     conflict_on_unique(e, || format!("vendor {} was created concurrently", v.name))
@@ -411,9 +495,9 @@ impl Store for PgStore {
             }
             (Some(created_at), sealed) => {
                 sqlx::query(
-                    "UPDATE vendors SET profile = $1, base_url = $2, currency_rates = $3, \
-                     prices = $4, sealed_credential = COALESCE($5, sealed_credential), \
-                     updated_at = $6 WHERE name = $7",
+                    "UPDATE vendors SET profile = $1, base_url = $2, currency_rates = $3, prices = $4, \
+                     sealed_credential = COALESCE($5, sealed_credential), updated_at = $6 \
+                     WHERE name = $7",
                 )
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
@@ -422,13 +506,13 @@ impl Store for PgStore {
                 .bind(sealed.as_deref())
                 .bind(micros(v.updated_at))
                 .bind(v.name.as_str())
-                .execute(&mut *tx)
+                .execute(w.conn())
                 .await?;
                 (from_micros(created_at, "vendors.created_at")?, false)
             }
         };
-        append_changes(&mut tx, CHANGE_VENDOR, &[v.name.as_str()]).await?;
-        tx.commit().await?;
+        Self::append_changes(w.conn(), CHANGE_VENDOR, &[v.name.as_str()]).await?;
+        w.commit().await?;
         let stored = Vendor {
             created_at,
             updated_at: truncate(v.updated_at),
@@ -478,7 +562,7 @@ impl Store for PgStore {
         .bind(sealed)
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(D::rows_affected(&done) == 1)
     }
 
     async fn list_vendors(&self) -> StoreResult<Vec<Vendor>> {
@@ -492,12 +576,14 @@ impl Store for PgStore {
     }
 
     async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        let exists: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM vendors WHERE name = $1 FOR UPDATE")
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let mut w = self.begin_write().await?;
+        let exists: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM vendors WHERE name = $1{}",
+            D::FOR_UPDATE
+        ))
+        .bind(name)
+        .fetch_optional(w.conn())
+        .await?;
         if exists.is_none() {
             return Err(StoreError::NotFound(format!("vendor {name}")));
         }
@@ -507,7 +593,7 @@ impl Store for PgStore {
         )
         .bind(name)
         .bind(micros(now))
-        .fetch_one(&mut *tx)
+        .fetch_one(w.conn())
         .await?;
         if active > 0 {
             return Err(StoreError::Conflict(format!(
@@ -516,31 +602,31 @@ impl Store for PgStore {
         }
         sqlx::query("DELETE FROM vendors WHERE name = $1")
             .bind(name)
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await?;
-        append_changes(&mut tx, CHANGE_VENDOR, &[name]).await?;
-        tx.commit().await?;
-        Ok(())
+        Self::append_changes(w.conn(), CHANGE_VENDOR, &[name]).await?;
+        w.commit().await
     }
 
     async fn insert_key(&self, key: &VaultKey) -> StoreResult<()> {
         let k = KeyInsert::new(key)?;
-        let mut tx = self.pool.begin().await?;
-        let vendor: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM vendors WHERE name = $1 FOR SHARE")
-                .bind(k.vendor)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let mut w = self.begin_write().await?;
+        let vendor: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM vendors WHERE name = $1{}",
+            D::FOR_SHARE
+        ))
+        .bind(k.vendor)
+        .fetch_optional(w.conn())
+        .await?;
         if vendor.is_none() {
             return Err(StoreError::NotFound(format!("vendor {}", k.vendor)));
         }
         let ancestors = match k.parent_id {
-            Some(parent) => parent_ancestors(&mut tx, parent, k.created_at).await?,
+            Some(parent) => Self::parent_ancestors(w.conn(), parent, k.created_at).await?,
             None => Vec::new(),
         };
         let sql = format!(
-            "INSERT INTO vault_keys ({KEY_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         );
         sqlx::query(&sql)
             .bind(k.id)
@@ -560,7 +646,7 @@ impl Store for PgStore {
             .bind(&k.allowed_cidrs)
             .bind(k.zone)
             .bind(k.parent_id)
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
         let own = (k.id.to_string(), -1);
@@ -569,19 +655,18 @@ impl Store for PgStore {
                 "INSERT INTO key_ancestors (key_id, ancestor_id, depth) VALUES ($1, $2, $3)",
             )
             .bind(k.id)
-            .bind(ancestor)
+            .bind(ancestor.as_str())
             .bind(i32::try_from(depth + 1).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await?;
         }
-        append_changes(&mut tx, CHANGE_KEY, &[k.id]).await?;
-        tx.commit().await?;
-        Ok(())
+        Self::append_changes(w.conn(), CHANGE_KEY, &[k.id]).await?;
+        w.commit().await
     }
 
     async fn get_key(&self, id: &str) -> StoreResult<Option<VaultKey>> {
         let mut conn = self.pool.acquire().await?;
-        fetch_key(&mut conn, id, false).await
+        Self::fetch_key(&mut conn, id).await
     }
 
     async fn find_key_by_hash(&self, key_hash: &[u8; 32]) -> StoreResult<Option<VaultKey>> {
@@ -599,9 +684,7 @@ impl Store for PgStore {
         filter: &KeyFilter,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<VaultKey>> {
-        let mut q = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {KEY_COLUMNS} FROM vault_keys WHERE TRUE"
-        ));
+        let mut q = Statement::new(format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE 1 = 1"));
         if let Some(label) = &filter.agent_run_label {
             q.push(" AND agent_run_label = ").push_bind(label);
         }
@@ -613,7 +696,7 @@ impl Store for PgStore {
                 .push_bind(micros(now));
         }
         q.push(" ORDER BY created_at DESC, id DESC");
-        q.build_query_as::<KeyRow>()
+        q.query_as::<D::Db, KeyRow>()
             .fetch_all(&self.pool)
             .await?
             .into_iter()
@@ -622,35 +705,37 @@ impl Store for PgStore {
     }
 
     async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey> {
-        let mut tx = self.pool.begin().await?;
-        // The subtree's rows are locked in id order, the order a grant locks
-        // a key's ancestors in, so a revocation and a grant below it cannot
-        // deadlock.
-        let _: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM vault_keys WHERE id IN \
-               (SELECT key_id FROM key_ancestors WHERE ancestor_id = $1) \
-             ORDER BY id FOR UPDATE",
-        )
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut key = fetch_key(&mut tx, id, false)
+        let mut w = self.begin_write().await?;
+        if D::ROW_LOCKS {
+            // The subtree's rows are locked in id order, the order a grant
+            // locks a key's ancestors in, so a revocation and a grant below
+            // it cannot deadlock. A statement begun after the locks sees
+            // every child committed before them; a child minted later waits
+            // on the key's lock and then finds it revoked.
+            let _: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM vault_keys WHERE id IN \
+                   (SELECT key_id FROM key_ancestors WHERE ancestor_id = $1) \
+                 ORDER BY id{}",
+                D::FOR_UPDATE
+            ))
+            .bind(id)
+            .fetch_all(w.conn())
+            .await?;
+        }
+        let mut key = Self::fetch_key(w.conn(), id)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
-        // A statement begun after the locks sees every child committed
-        // before them; a child minted later waits on the key's lock and
-        // then finds it revoked.
         let mut revoked: Vec<String> = sqlx::query_scalar(
             "UPDATE vault_keys SET revoked_at = $1 WHERE revoked_at IS NULL \
              AND id IN (SELECT key_id FROM key_ancestors WHERE ancestor_id = $2) RETURNING id",
         )
         .bind(micros(now))
         .bind(id)
-        .fetch_all(&mut *tx)
+        .fetch_all(w.conn())
         .await?;
         revoked.sort();
         let refs: Vec<&str> = revoked.iter().map(String::as_str).collect();
-        append_changes(&mut tx, CHANGE_KEY, &refs).await?;
+        Self::append_changes(w.conn(), CHANGE_KEY, &refs).await?;
         if key.revoked_at.is_none() {
             key.revoked_at = Some(truncate(now));
         }
@@ -659,9 +744,9 @@ impl Store for PgStore {
              ORDER BY key_id",
         )
         .bind(id)
-        .fetch_all(&mut *tx)
+        .fetch_all(w.conn())
         .await?;
-        tx.commit().await?;
+        w.commit().await?;
         Ok(RevokedKey { key, descendants })
     }
 
@@ -671,48 +756,47 @@ impl Store for PgStore {
         vendors: Option<&[String]>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
-        let mut tx = self.pool.begin().await?;
+        let mut w = self.begin_write().await?;
         // The run's keys and everything below them: a child key spends
-        // only while its ancestors may. Locked in id order first, the order
-        // grants lock a key's ancestors in.
-        let subtrees = |q: &mut QueryBuilder<'_, Postgres>| {
+        // only while its ancestors may. Locked in id order first (where rows
+        // lock), the order grants lock a key's ancestors in.
+        let subtrees = |q: &mut Statement| {
             q.push(
                 "id IN (SELECT a.key_id FROM key_ancestors a \
                  JOIN vault_keys r ON r.id = a.ancestor_id WHERE r.agent_run_label = ",
             )
             .push_bind(agent_run_label.to_string());
             if let Some(vendors) = vendors {
-                q.push(" AND r.vendor = ANY(")
-                    .push_bind(vendors.to_vec())
-                    .push(")");
+                q.push_in("r.vendor", vendors);
             }
             q.push(")");
         };
-        let mut lock = QueryBuilder::<Postgres>::new(
-            "SELECT id FROM vault_keys WHERE revoked_at IS NULL AND ",
-        );
-        subtrees(&mut lock);
-        lock.push(" ORDER BY id FOR UPDATE");
-        let _: Vec<String> = lock.build_query_scalar().fetch_all(&mut *tx).await?;
-        let mut q = QueryBuilder::<Postgres>::new("UPDATE vault_keys SET revoked_at = ");
+        if D::ROW_LOCKS {
+            let mut lock =
+                Statement::new("SELECT id FROM vault_keys WHERE revoked_at IS NULL AND ");
+            subtrees(&mut lock);
+            lock.push(" ORDER BY id").push(D::FOR_UPDATE);
+            let _: Vec<String> = lock.query_scalar::<D::Db, _>().fetch_all(w.conn()).await?;
+        }
+        let mut q = Statement::new("UPDATE vault_keys SET revoked_at = ");
         q.push_bind(micros(now))
             .push(" WHERE revoked_at IS NULL AND ");
         subtrees(&mut q);
         q.push(" RETURNING id");
-        let mut ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+        let mut ids: Vec<String> = q.query_scalar::<D::Db, _>().fetch_all(w.conn()).await?;
         ids.sort();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        append_changes(&mut tx, CHANGE_KEY, &refs).await?;
-        tx.commit().await?;
+        Self::append_changes(w.conn(), CHANGE_KEY, &refs).await?;
+        w.commit().await?;
         Ok(ids)
     }
 
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend> {
         let (spent_day, calls_day, spent_lifetime): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
-               COALESCE(SUM(spent) FILTER (WHERE day = $2), 0)::BIGINT, \
-               COALESCE(SUM(calls) FILTER (WHERE day = $2), 0)::BIGINT, \
-               COALESCE(SUM(spent), 0)::BIGINT \
+               CAST(COALESCE(SUM(CASE WHEN day = $2 THEN spent END), 0) AS BIGINT), \
+               CAST(COALESCE(SUM(CASE WHEN day = $2 THEN calls END), 0) AS BIGINT), \
+               CAST(COALESCE(SUM(spent), 0) AS BIGINT) \
              FROM key_spend_daily WHERE key_id = $1",
         )
         .bind(id)
@@ -727,14 +811,12 @@ impl Store for PgStore {
     }
 
     fn change_feed(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        let (tx, rx) = tokio::sync::watch::channel(0u64);
-        tokio::spawn(listen_for_changes(self.pool.clone(), tx));
-        Some(rx)
+        self.dialect.change_feed(&self.pool)
     }
 
     async fn latest_version(&self) -> StoreResult<i64> {
         Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::BIGINT FROM change_log")
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) FROM change_log")
                 .fetch_one(&self.pool)
                 .await?,
         )
@@ -755,16 +837,19 @@ impl Store for PgStore {
     }
 
     async fn prune_changes(&self, through: i64) -> StoreResult<u64> {
-        Ok(sqlx::query("DELETE FROM change_log WHERE version <= $1")
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query("DELETE FROM change_log WHERE version <= $1")
             .bind(through)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+            .execute(w.conn())
+            .await?;
+        let n = D::rows_affected(&done);
+        w.commit().await?;
+        Ok(n)
     }
 
     async fn oldest_version(&self) -> StoreResult<i64> {
         Ok(
-            sqlx::query_scalar("SELECT COALESCE(MIN(version), 0)::BIGINT FROM change_log")
+            sqlx::query_scalar("SELECT CAST(COALESCE(MIN(version), 0) AS BIGINT) FROM change_log")
                 .fetch_one(&self.pool)
                 .await?,
         )
@@ -789,27 +874,36 @@ impl Store for PgStore {
         req: &LeaseGrantRequest,
         now: DateTime<Utc>,
     ) -> StoreResult<LeaseGrant> {
-        let mut tx = self.pool.begin().await?;
-        // Locking the key and every ancestor, in id order, serialises every
-        // grant that draws on any of them, across replicas: grants on
-        // sibling keys meet at their common parent.
-        let locked: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM vault_keys WHERE id IN \
-               (SELECT ancestor_id FROM key_ancestors WHERE key_id = $1) \
-             ORDER BY id FOR UPDATE",
-        )
-        .bind(&req.key_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        if locked.is_empty() {
-            return Err(StoreError::NotFound(format!("key {}", req.key_id)));
+        // Nothing that weighs on the caps changes between reading the usage
+        // and writing the grant: on SQLite the write transaction holds the
+        // database write lock from here to commit; on PostgreSQL the key and
+        // every ancestor are locked, in id order, which serialises every
+        // grant that draws on any of them across replicas (grants on sibling
+        // keys meet at their common parent), and the usage is then read in
+        // ONE statement, so a spend batch committing in between is seen whole
+        // or not at all.
+        let mut w = self.begin_write().await?;
+        if D::ROW_LOCKS {
+            let locked: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM vault_keys WHERE id IN \
+                   (SELECT ancestor_id FROM key_ancestors WHERE key_id = $1) \
+                 ORDER BY id{}",
+                D::FOR_UPDATE
+            ))
+            .bind(req.key_id.as_str())
+            .fetch_all(w.conn())
+            .await?;
+            if locked.is_empty() {
+                return Err(StoreError::NotFound(format!("key {}", req.key_id)));
+            }
         }
+        // The key and each ancestor with its subtree's usage, key first.
         let levels: Vec<TreeLevelRow> =
-            sqlx::query_as(&tree_levels_sql("$1", "$2", "$3", "GREATEST"))
-                .bind(&req.key_id)
-                .bind(&req.day)
+            sqlx::query_as(&tree_levels_sql("$1", "$2", "$3", D::GREATEST))
+                .bind(req.key_id.as_str())
+                .bind(req.day.as_str())
                 .bind(micros(now - super::unreturned_lease_grace()))
-                .fetch_all(&mut *tx)
+                .fetch_all(w.conn())
                 .await?;
         let key = match levels.first() {
             Some(l) if l.depth == 0 => l.budget.clone(),
@@ -821,7 +915,7 @@ impl Store for PgStore {
              FROM lease_grants WHERE grant_id = $1",
         )
         .bind(&req.grant_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(w.conn())
         .await?;
         if let Some(prior) = prior {
             if prior.lease_id != req.lease_id {
@@ -834,10 +928,11 @@ impl Store for PgStore {
         }
 
         let lease: Option<LeaseRow> = sqlx::query_as(&format!(
-            "SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1 FOR UPDATE"
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE id = $1{}",
+            D::FOR_UPDATE
         ))
         .bind(&req.lease_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(w.conn())
         .await?;
         check_grant(
             &req.key_id,
@@ -862,7 +957,7 @@ impl Store for PgStore {
                 sqlx::query("UPDATE leases SET granted = granted + $1 WHERE id = $2")
                     .bind(granted)
                     .bind(&req.lease_id)
-                    .execute(&mut *tx)
+                    .execute(w.conn())
                     .await?;
                 (l.granted + granted, l.expires_at)
             }
@@ -877,7 +972,7 @@ impl Store for PgStore {
                 .bind(&req.day)
                 .bind(granted)
                 .bind(micros(req.expires_at))
-                .execute(&mut *tx)
+                .execute(w.conn())
                 .await
                 .map_err(|e| conflict_on_unique(e, || format!("lease {} exists", req.lease_id)))?;
                 (granted, micros(req.expires_at))
@@ -903,10 +998,10 @@ impl Store for PgStore {
         .bind(answer.unleased)
         .bind(answer.expires_at)
         .bind(answer.lifetime_bound)
-        .execute(&mut *tx)
+        .execute(w.conn())
         .await
         .map_err(|e| conflict_on_unique(e, || format!("grant {} exists", req.grant_id)))?;
-        tx.commit().await?;
+        w.commit().await?;
         answer.into_domain()
     }
 
@@ -916,20 +1011,21 @@ impl Store for PgStore {
         node: Option<&str>,
         spent: Micros,
     ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
         // A closed lease keeps the spend of its first return.
         let done = sqlx::query(
             "UPDATE leases SET granted = CASE WHEN closed THEN granted ELSE $1 END, closed = TRUE \
-             WHERE id = $2 AND ($3::TEXT IS NULL OR node_id = $3)",
+             WHERE id = $2 AND (CAST($3 AS TEXT) IS NULL OR node_id = $3)",
         )
         .bind(spent.0.max(0))
         .bind(lease_id)
         .bind(node)
-        .execute(&self.pool)
+        .execute(w.conn())
         .await?;
-        if done.rows_affected() == 0 {
+        if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("lease {lease_id}")));
         }
-        Ok(())
+        w.commit().await
     }
 
     async fn shrink_lease(
@@ -939,30 +1035,34 @@ impl Store for PgStore {
         from: Micros,
         to: Micros,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE leases SET granted = GREATEST($1, reported) \
-             WHERE id = $2 AND ($3::TEXT IS NULL OR node_id = $3) AND NOT closed AND granted = $4",
-        )
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(&format!(
+            "UPDATE leases SET granted = {}($1, reported) \
+             WHERE id = $2 AND (CAST($3 AS TEXT) IS NULL OR node_id = $3) AND NOT closed \
+             AND granted = $4",
+            D::GREATEST
+        ))
         .bind(to.0)
         .bind(lease_id)
         .bind(node)
         .bind(from.0)
-        .execute(&self.pool)
+        .execute(w.conn())
         .await?;
-        if done.rows_affected() > 0 {
-            return Ok(true);
+        let shrank = D::rows_affected(&done) > 0;
+        if !shrank {
+            let known: Option<i32> = sqlx::query_scalar(
+                "SELECT 1 FROM leases WHERE id = $1 AND (CAST($2 AS TEXT) IS NULL OR node_id = $2)",
+            )
+            .bind(lease_id)
+            .bind(node)
+            .fetch_optional(w.conn())
+            .await?;
+            if known.is_none() {
+                return Err(StoreError::NotFound(format!("lease {lease_id}")));
+            }
         }
-        let known: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM leases WHERE id = $1 AND ($2::TEXT IS NULL OR node_id = $2)",
-        )
-        .bind(lease_id)
-        .bind(node)
-        .fetch_optional(&self.pool)
-        .await?;
-        match known {
-            Some(_) => Ok(false),
-            None => Err(StoreError::NotFound(format!("lease {lease_id}"))),
-        }
+        w.commit().await?;
+        Ok(shrank)
     }
 
     async fn register_fleet_node(
@@ -972,42 +1072,46 @@ impl Store for PgStore {
         stream: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO fleet_nodes \
              (node_id, replica, stream_id, applied_version, connected_at, heartbeat_at) \
              VALUES ($1, $2, $3, 0, $4, $4) \
-             ON CONFLICT (node_id) DO UPDATE SET replica = EXCLUDED.replica, \
-               stream_id = EXCLUDED.stream_id, applied_version = 0, \
-               connected_at = EXCLUDED.connected_at, heartbeat_at = EXCLUDED.heartbeat_at",
+             ON CONFLICT (node_id) DO UPDATE SET replica = excluded.replica, \
+               stream_id = excluded.stream_id, applied_version = 0, \
+               connected_at = excluded.connected_at, heartbeat_at = excluded.heartbeat_at",
         )
         .bind(node)
         .bind(replica)
         .bind(stream)
         .bind(micros(now))
-        .execute(&self.pool)
+        .execute(w.conn())
         .await?;
-        Ok(())
+        w.commit().await
     }
 
     async fn unregister_fleet_node(&self, node: &str, stream: &str) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
         sqlx::query("DELETE FROM fleet_nodes WHERE node_id = $1 AND stream_id = $2")
             .bind(node)
             .bind(stream)
-            .execute(&self.pool)
+            .execute(w.conn())
             .await?;
-        Ok(())
+        w.commit().await
     }
 
     async fn ack_policy(&self, node: &str, version: i64) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE fleet_nodes SET applied_version = GREATEST(applied_version, $2) \
-             WHERE node_id = $1",
-        )
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(&format!(
+            "UPDATE fleet_nodes SET applied_version = {}(applied_version, $2) WHERE node_id = $1",
+            D::GREATEST
+        ))
         .bind(node)
         .bind(version)
-        .execute(&self.pool)
+        .execute(w.conn())
         .await?;
-        Ok(done.rows_affected() == 1)
+        w.commit().await?;
+        Ok(D::rows_affected(&done) == 1)
     }
 
     async fn heartbeat_fleet_nodes(
@@ -1016,17 +1120,17 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         forget_before: DateTime<Utc>,
     ) -> StoreResult<()> {
-        // One statement: the refresh and the clean-up share a round trip.
-        sqlx::query(
-            "WITH gone AS (DELETE FROM fleet_nodes WHERE heartbeat_at < $3 AND replica <> $1) \
-             UPDATE fleet_nodes SET heartbeat_at = $2 WHERE replica = $1",
-        )
-        .bind(replica)
-        .bind(micros(now))
-        .bind(micros(forget_before))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut w = self.begin_write().await?;
+        sqlx::query("UPDATE fleet_nodes SET heartbeat_at = $1 WHERE replica = $2")
+            .bind(micros(now))
+            .bind(replica)
+            .execute(w.conn())
+            .await?;
+        sqlx::query("DELETE FROM fleet_nodes WHERE heartbeat_at < $1")
+            .bind(micros(forget_before))
+            .execute(w.conn())
+            .await?;
+        w.commit().await
     }
 
     async fn fleet_nodes(&self) -> StoreResult<Vec<FleetNode>> {
@@ -1056,10 +1160,10 @@ impl Store for PgStore {
                 return Ok(());
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut w = self.begin_write().await?;
         sqlx::query("DELETE FROM vendor_load_errors WHERE node_id = $1")
             .bind(node)
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await?;
         for (vendor, error) in errors {
             sqlx::query(
@@ -1070,15 +1174,14 @@ impl Store for PgStore {
             .bind(vendor)
             .bind(error)
             .bind(micros(at))
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await?;
         }
-        tx.commit().await?;
-        Ok(())
+        w.commit().await
     }
 
     async fn vendor_load_errors(&self, vendor: Option<&str>) -> StoreResult<Vec<VendorLoadError>> {
-        sqlx::query_as::<_, VendorLoadErrorRow>(&vendor_load_errors_sql("$1::TEXT"))
+        sqlx::query_as::<_, VendorLoadErrorRow>(&vendor_load_errors_sql("CAST($1 AS TEXT)"))
             .bind(vendor)
             .fetch_all(&self.pool)
             .await?
@@ -1092,14 +1195,14 @@ impl Store for PgStore {
         key_ids: &[String],
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT DISTINCT node_id FROM leases WHERE key_id = ANY($1) AND NOT closed \
-             AND expires_at > $2 AND granted > reported ORDER BY node_id",
-        )
-        .bind(key_ids)
-        .bind(micros(now))
-        .fetch_all(&self.pool)
-        .await?)
+        let mut q = Statement::new(
+            "SELECT DISTINCT node_id FROM leases WHERE NOT closed AND granted > reported \
+             AND expires_at > ",
+        );
+        q.push_bind(micros(now));
+        q.push_in("key_id", key_ids);
+        q.push(" ORDER BY node_id");
+        Ok(q.query_scalar::<D::Db, _>().fetch_all(&self.pool).await?)
     }
 
     async fn node_leases(
@@ -1127,16 +1230,16 @@ impl Store for PgStore {
         key_ids: &[String],
         now: DateTime<Utc>,
     ) -> StoreResult<Micros> {
-        let unspent: Vec<i64> = sqlx::query_scalar(
-            "UPDATE leases SET fenced_at = COALESCE(fenced_at, $3) \
-             WHERE node_id = ANY($1) AND key_id = ANY($2) AND NOT closed AND expires_at > $3 \
-             RETURNING GREATEST(granted - reported, 0)",
-        )
-        .bind(node_ids)
-        .bind(key_ids)
-        .bind(micros(now))
-        .fetch_all(&self.pool)
-        .await?;
+        let mut w = self.begin_write().await?;
+        let mut q = Statement::new("UPDATE leases SET fenced_at = COALESCE(fenced_at, ");
+        q.push_bind(micros(now))
+            .push(") WHERE NOT closed AND expires_at > ")
+            .push_bind(micros(now));
+        q.push_in("node_id", node_ids);
+        q.push_in("key_id", key_ids);
+        q.push(format!(" RETURNING {}(granted - reported, 0)", D::GREATEST));
+        let unspent: Vec<i64> = q.query_scalar::<D::Db, _>().fetch_all(w.conn()).await?;
+        w.commit().await?;
         Ok(Micros(unspent.into_iter().fold(0i64, i64::saturating_add)))
     }
 
@@ -1144,20 +1247,20 @@ impl Store for PgStore {
         if events.is_empty() {
             return Ok((0, 0));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut w = self.begin_write().await?;
         // One multi-row insert per chunk; RETURNING names the events that
         // were new, and only those count towards spend.
         let mut fresh = std::collections::HashSet::new();
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT id, agent_run_label FROM vault_keys WHERE id = ANY($1)")
-                .bind(distinct_key_ids(events))
-                .fetch_all(&mut *tx)
-                .await?;
-        let labels: std::collections::HashMap<String, String> = rows.into_iter().collect();
+        let mut labels = std::collections::HashMap::new();
+        for ids in spend_chunks(&distinct_key_ids(events)) {
+            let mut q = Statement::new("SELECT id, agent_run_label FROM vault_keys WHERE 1 = 1");
+            q.push_in("id", ids);
+            let rows: Vec<(String, String)> = q.query_as::<D::Db, _>().fetch_all(w.conn()).await?;
+            labels.extend(rows);
+        }
         for chunk in spend_chunks(events) {
-            let mut q = QueryBuilder::<Postgres>::new("");
-            push_audit_values(&mut q, chunk, &labels);
-            let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+            let q = audit_insert(chunk, &labels);
+            let ids: Vec<String> = q.query_scalar::<D::Db, _>().fetch_all(w.conn()).await?;
             fresh.extend(ids);
         }
         let mut seen = std::collections::HashSet::new();
@@ -1170,14 +1273,14 @@ impl Store for PgStore {
             sqlx::query(
                 "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (key_id, day) DO UPDATE \
-                 SET spent = key_spend_daily.spent + EXCLUDED.spent, \
-                     calls = key_spend_daily.calls + EXCLUDED.calls",
+                 SET spent = key_spend_daily.spent + excluded.spent, \
+                     calls = key_spend_daily.calls + excluded.calls",
             )
             .bind(key_id)
             .bind(day)
             .bind(spent)
             .bind(calls)
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await?;
         }
         for ((lease_id, node_id), reported) in &totals.leases {
@@ -1187,17 +1290,16 @@ impl Store for PgStore {
             .bind(reported)
             .bind(lease_id)
             .bind(node_id)
-            .execute(&mut *tx)
+            .execute(w.conn())
             .await?;
         }
-        tx.commit().await?;
+        w.commit().await?;
         let applied = fresh.len() as u32;
         Ok((applied, events.len() as u32 - applied))
     }
 
     async fn query_audit(&self, aq: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
-        let mut q =
-            QueryBuilder::<Postgres>::new(format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE TRUE"));
+        let mut q = Statement::new(format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE 1 = 1"));
         if let Some(key_id) = &aq.key_id {
             q.push(" AND key_id = ").push_bind(key_id);
         }
@@ -1208,9 +1310,7 @@ impl Store for PgStore {
             q.push(" AND vendor = ").push_bind(vendor);
         }
         if let Some(vendors) = &aq.vendors {
-            q.push(" AND vendor = ANY(")
-                .push_bind(vendors.clone())
-                .push(")");
+            q.push_in("vendor", vendors);
         }
         if let Some(since) = aq.since {
             q.push(" AND at >= ").push_bind(micros(since));
@@ -1223,7 +1323,7 @@ impl Store for PgStore {
         }
         q.push(" ORDER BY seq DESC LIMIT ")
             .push_bind(audit_limit(aq.limit));
-        q.build_query_as::<AuditRow>()
+        q.query_as::<D::Db, AuditRow>()
             .fetch_all(&self.pool)
             .await?
             .into_iter()
@@ -1233,7 +1333,7 @@ impl Store for PgStore {
 
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary> {
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT vendor, COALESCE(SUM(cost), 0)::BIGINT, COUNT(*) FROM audit \
+            "SELECT vendor, CAST(COALESCE(SUM(cost), 0) AS BIGINT), COUNT(*) FROM audit \
              WHERE agent_run_label = $1 GROUP BY vendor ORDER BY vendor",
         )
         .bind(agent_run_label)

@@ -1,0 +1,252 @@
+//! What differs between the two databases `SqlStore` runs on, and nothing
+//! else: how to connect and migrate, how a write transaction begins, which
+//! rows and tables a transaction locks, the two-argument maximum, and the
+//! change feed. Every query is written once in `sql_store`, in SQL both
+//! databases read (`$N` placeholders, `CAST(.. AS BIGINT)`, `IN (..)`
+//! lists, `CASE` instead of `FILTER`).
+//!
+//! * PostgreSQL (production, shared by every control-plane replica):
+//!   replicas are stateless over the database, so every rule that must hold
+//!   across them is enforced by row and table locks inside one READ
+//!   COMMITTED transaction. A lease grant locks its key and every ancestor
+//!   (in id order) and the lease row before it reads the usage; a key
+//!   insert holds its vendor and parent rows `FOR SHARE` while a vendor
+//!   delete or key revocation holds them `FOR UPDATE`; change-log appends
+//!   take `LOCK TABLE change_log IN EXCLUSIVE MODE` last before commit, so
+//!   versions commit in increasing order and a follower reading
+//!   `version > after` never skips one. Inserting into `change_log`
+//!   notifies `CHANGE_CHANNEL`.
+//! * SQLite (the embedded single-node default): one file in WAL mode,
+//!   foreign keys on, a busy timeout so a second process waits rather than
+//!   fails. Every write runs in a `BEGIN IMMEDIATE` transaction taken under
+//!   an in-process mutex: writes are serial, which is what makes a lease
+//!   grant's read-check-write atomic here (SQLite has no row locks), and the
+//!   mutex queues writers fairly instead of leaving them to SQLite's
+//!   busy-retry loop. Reads go straight to the pool and never wait for
+//!   writers (WAL).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Database, Pool, Postgres, Sqlite, Transaction};
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::StoreResult;
+
+/// The channel notified (empty payload) whenever the change log grows.
+pub const CHANGE_CHANNEL: &str = "keycap_changes";
+
+/// A write transaction; on SQLite it also holds the write mutex until it is
+/// committed or dropped (fields drop in order: the transaction first, then
+/// the guard).
+pub struct WriteTx<'a, DB: Database> {
+    tx: Transaction<'static, DB>,
+    _serial: Option<MutexGuard<'a, ()>>,
+}
+
+impl<DB: Database> WriteTx<'_, DB> {
+    pub fn conn(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+
+    pub async fn commit(self) -> StoreResult<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+pub trait Dialect: Send + Sync + 'static {
+    type Db: Database;
+    /// Whether the database locks rows (`FOR UPDATE`); without them a write
+    /// transaction is serial as a whole.
+    const ROW_LOCKS: bool;
+    /// Suffix of a `SELECT` that locks the rows it reads for writing.
+    const FOR_UPDATE: &'static str;
+    /// Suffix of a `SELECT` that keeps the rows it reads from changing.
+    const FOR_SHARE: &'static str;
+    /// The scalar maximum of two values.
+    const GREATEST: &'static str;
+
+    /// Applies the embedded migrations. Idempotent.
+    async fn migrate(&self, pool: &Pool<Self::Db>) -> StoreResult<()>;
+    /// Begins a transaction that will write.
+    async fn begin_write<'a>(&'a self, pool: &Pool<Self::Db>)
+        -> StoreResult<WriteTx<'a, Self::Db>>;
+    /// The statement that locks `table` in `mode` until commit, if the
+    /// database has table locks.
+    fn lock_table(table: &str, mode: &str) -> Option<String>;
+    /// How many rows a statement changed.
+    fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
+    /// See `Store::change_feed`.
+    fn change_feed(&self, pool: &Pool<Self::Db>) -> Option<tokio::sync::watch::Receiver<u64>>;
+}
+
+pub struct Pg;
+
+#[async_trait]
+impl Dialect for Pg {
+    type Db = Postgres;
+    const ROW_LOCKS: bool = true;
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    const FOR_SHARE: &'static str = " FOR SHARE";
+    const GREATEST: &'static str = "GREATEST";
+
+    async fn migrate(&self, pool: &PgPool) -> StoreResult<()> {
+        // sqlx takes an advisory lock, so replicas starting together are safe.
+        sqlx::migrate!("./migrations/postgres").run(pool).await?;
+        Ok(())
+    }
+
+    async fn begin_write<'a>(&'a self, pool: &PgPool) -> StoreResult<WriteTx<'a, Postgres>> {
+        Ok(WriteTx {
+            tx: pool.begin().await?,
+            _serial: None,
+        })
+    }
+
+    fn lock_table(table: &str, mode: &str) -> Option<String> {
+        Some(format!("LOCK TABLE {table} IN {mode} MODE"))
+    }
+
+    fn rows_affected(done: &sqlx::postgres::PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn change_feed(&self, pool: &PgPool) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(listen_for_changes(pool.clone(), tx));
+        Some(rx)
+    }
+}
+
+pub(super) const PG_MAX_CONNECTIONS: u32 = 16;
+pub(super) const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) async fn pg_pool(url: &str) -> StoreResult<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(PG_MAX_CONNECTIONS)
+        .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+        .connect(url)
+        .await?)
+}
+
+/// LISTENs on `CHANGE_CHANNEL` and moves `tx` on every notification, and
+/// after every (re)connection since notifications may have been missed
+/// meanwhile. Reconnects with capped backoff; ends when nobody listens.
+async fn listen_for_changes(pool: PgPool, tx: tokio::sync::watch::Sender<u64>) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut backoff = Duration::from_millis(100);
+    while !tx.is_closed() {
+        match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(mut listener) => match listener.listen(CHANGE_CHANNEL).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    tx.send_modify(|n| *n += 1);
+                    // `recv` reconnects by itself after a lost connection.
+                    while let Ok(_notification) = listener.recv().await {
+                        tx.send_modify(|n| *n += 1);
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot LISTEN for changes"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot connect to LISTEN for changes"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// SQLite; `write_lock` serialises this process's write transactions.
+#[derive(Default)]
+pub struct Lite {
+    write_lock: Mutex<()>,
+}
+
+/// How long a connection waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+const SQLITE_MAX_CONNECTIONS: u32 = 8;
+
+#[async_trait]
+impl Dialect for Lite {
+    type Db = Sqlite;
+    const ROW_LOCKS: bool = false;
+    const FOR_UPDATE: &'static str = "";
+    const FOR_SHARE: &'static str = "";
+    const GREATEST: &'static str = "MAX";
+
+    async fn migrate(&self, pool: &SqlitePool) -> StoreResult<()> {
+        sqlx::migrate!("./migrations/sqlite").run(pool).await?;
+        Ok(())
+    }
+
+    async fn begin_write<'a>(&'a self, pool: &SqlitePool) -> StoreResult<WriteTx<'a, Sqlite>> {
+        let serial = self.write_lock.lock().await;
+        let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx {
+            tx,
+            _serial: Some(serial),
+        })
+    }
+
+    fn lock_table(_table: &str, _mode: &str) -> Option<String> {
+        None
+    }
+
+    fn rows_affected(done: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn change_feed(&self, _pool: &SqlitePool) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// Opens (creating if missing) the SQLite database at `url_or_path`: a
+/// `sqlite:` URL or a plain file path; `None` for an in-memory one.
+pub(super) async fn sqlite_pool(url_or_path: Option<&str>) -> StoreResult<SqlitePool> {
+    let Some(url_or_path) = url_or_path else {
+        // An in-memory database lives as long as a connection to it: keep
+        // exactly one, forever.
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        return Ok(SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?);
+    };
+    let options = if url_or_path.starts_with("sqlite:") {
+        SqliteConnectOptions::from_str(url_or_path)?
+    } else {
+        SqliteConnectOptions::new().filename(url_or_path)
+    };
+    let options = options
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true)
+        // The audit ledger is written in batches of hundreds of rows
+        // across five indexes: keep its hot pages in memory rather than
+        // re-reading them from the OS on every batch, keep statement
+        // journals off disk, and checkpoint the WAL less often.
+        .pragma("cache_size", "-65536")
+        .pragma("temp_store", "MEMORY")
+        .pragma("wal_autocheckpoint", "10000");
+    Ok(SqlitePoolOptions::new()
+        .max_connections(SQLITE_MAX_CONNECTIONS)
+        .connect_with(options)
+        .await?)
+}
