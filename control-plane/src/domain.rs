@@ -562,15 +562,95 @@ pub struct SpendEvent {
     pub at: DateTime<Utc>,
     pub node_id: String,
     pub detail_json: String,
+    /// W3C trace id of the call's span (32 lowercase hex digits), or empty.
+    pub trace_id: String,
+    /// The agent's context for the call (see `validate_context`).
+    pub context: BTreeMap<String, String>,
 }
 
-/// An audit ledger row: a spend event plus its sequence number and the run
-/// label of its key at the time.
+/// At most this many context entries per call.
+pub const MAX_CONTEXT_ENTRIES: usize = 32;
+/// Longest context key, in bytes.
+pub const MAX_CONTEXT_KEY: usize = 128;
+/// Longest context value, in bytes.
+pub const MAX_CONTEXT_VALUE: usize = 1024;
+
+/// Checks a call's trace id: empty, or 32 lowercase hex digits.
+pub fn validate_trace_id(trace_id: &str) -> Result<(), InvalidInput> {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if trace_id.is_empty() || (trace_id.len() == 32 && trace_id.bytes().all(hex)) {
+        Ok(())
+    } else {
+        Err(InvalidInput {
+            field: "trace_id",
+            reason: "must be empty or 32 lowercase hex digits".into(),
+        })
+    }
+}
+
+/// Checks a call's context: bounded count and sizes, keys of letters,
+/// digits and `_ . : -` (so a key is safe in a query filter), values
+/// without control characters.
+pub fn validate_context(context: &BTreeMap<String, String>) -> Result<(), InvalidInput> {
+    let bad = |reason: String| InvalidInput {
+        field: "context",
+        reason,
+    };
+    if context.len() > MAX_CONTEXT_ENTRIES {
+        return Err(bad(format!("at most {MAX_CONTEXT_ENTRIES} entries")));
+    }
+    for (k, v) in context {
+        validate_context_key(k)?;
+        if v.len() > MAX_CONTEXT_VALUE || v.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "value of {k}: at most {MAX_CONTEXT_VALUE} bytes, no control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses an audit filter on the context: `key=value`.
+pub fn parse_context_filter(s: &str) -> Result<(String, String), InvalidInput> {
+    let (k, v) = s.split_once('=').ok_or_else(|| InvalidInput {
+        field: "context",
+        reason: "must be key=value".into(),
+    })?;
+    validate_context_key(k)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Checks a trace id given as a filter: 32 lowercase hex digits.
+pub fn parse_trace_filter(s: &str) -> Result<String, InvalidInput> {
+    if s.is_empty() {
+        return Err(invalid("trace_id", "must be 32 lowercase hex digits"));
+    }
+    validate_trace_id(s)?;
+    Ok(s.to_string())
+}
+
+/// Checks one context key (also a query filter's).
+pub fn validate_context_key(k: &str) -> Result<(), InvalidInput> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-');
+    if k.is_empty() || k.len() > MAX_CONTEXT_KEY || !k.chars().all(ok) {
+        return Err(InvalidInput {
+            field: "context",
+            reason: format!("key {k:?}: 1-{MAX_CONTEXT_KEY} letters, digits or _ . : -"),
+        });
+    }
+    Ok(())
+}
+
+/// An audit ledger row: a spend event plus its sequence number, the run
+/// label of its key at the time, and its place in the hash chain (see
+/// `ledger`): `None` for a row written before the ledger was chained.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditEntry {
     pub seq: i64,
     pub agent_run_label: String,
     pub event: SpendEvent,
+    pub prev_hash: Option<[u8; 32]>,
+    pub hash: Option<[u8; 32]>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -587,6 +667,10 @@ pub struct AuditQuery {
     pub until: Option<DateTime<Utc>>,
     /// Return entries with `seq` below this (the previous page's last seq).
     pub before_seq: Option<i64>,
+    /// Only entries of the call with this trace id.
+    pub trace_id: Option<String>,
+    /// Only entries whose context has this key with this value.
+    pub context: Option<(String, String)>,
     /// Page size: 0 means 100; at most 1000.
     pub limit: u32,
 }

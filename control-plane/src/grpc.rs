@@ -141,6 +141,12 @@ fn entry_to_pb(e: &domain::AuditEntry) -> pb::AuditEntry {
         at: Some(to_proto(ev.at)),
         node_id: ev.node_id.clone(),
         detail_json: ev.detail_json.clone(),
+        lease_id: ev.lease_id.clone(),
+        day: ev.day.clone(),
+        trace_id: ev.trace_id.clone(),
+        context: ev.context.clone().into_iter().collect(),
+        prev_hash: e.prev_hash.map(|h| h.to_vec()).unwrap_or_default(),
+        hash: e.hash.map(|h| h.to_vec()).unwrap_or_default(),
     }
 }
 
@@ -277,6 +283,12 @@ impl TryFrom<pb::QueryAuditRequest> for AuditQuery {
             since: ts("since", r.since)?,
             until: ts("until", r.until)?,
             before_seq,
+            trace_id: nonempty(r.trace_id)
+                .map(|t| domain::parse_trace_filter(&t))
+                .transpose()?,
+            context: nonempty(r.context)
+                .map(|c| domain::parse_context_filter(&c))
+                .transpose()?,
             limit: if r.page_size == 0 {
                 100
             } else {
@@ -998,6 +1010,9 @@ fn spend_event_from_pb(
         return Err(invalid("cost_micros", "must not be negative"));
     }
     let day = parse_day(e.day).map_err(|_| invalid("day", "must be a UTC day YYYY-MM-DD"))?;
+    domain::validate_trace_id(&e.trace_id)?;
+    let context: std::collections::BTreeMap<String, String> = e.context.into_iter().collect();
+    domain::validate_context(&context)?;
     Ok(domain::SpendEvent {
         event_id: e.event_id,
         lease_id: e.lease_id,
@@ -1017,6 +1032,8 @@ fn spend_event_from_pb(
             .ok_or_else(|| invalid("at", "missing or out of range"))?,
         node_id: node_id.to_string(),
         detail_json: e.detail_json,
+        trace_id: e.trace_id,
+        context,
     })
 }
 

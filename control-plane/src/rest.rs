@@ -700,6 +700,10 @@ struct AuditParams {
     until: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
+    /// Only the entries of the call with this trace id.
+    trace_id: Option<String>,
+    /// `key=value`: only entries whose context has this key with this value.
+    context: Option<String>,
 }
 
 fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
@@ -720,6 +724,16 @@ async fn audit(
         return Err(invalid("limit", "must be between 1 and 1000").into());
     }
     let query = AuditQuery {
+        trace_id: p
+            .trace_id
+            .as_deref()
+            .map(domain::parse_trace_filter)
+            .transpose()?,
+        context: p
+            .context
+            .as_deref()
+            .map(domain::parse_context_filter)
+            .transpose()?,
         key_id: p.key_id,
         agent_run_label: p.agent_run_label,
         vendor: p.vendor,
@@ -765,7 +779,13 @@ async fn audit(
                 "outcome": ev.outcome.as_str(),
                 "at": ev.at.to_rfc3339_opts(SecondsFormat::Micros, true),
                 "node_id": ev.node_id,
+                "lease_id": ev.lease_id,
+                "day": ev.day,
                 "detail": serde_json::from_str::<Value>(&ev.detail_json).unwrap_or(Value::Null),
+                "trace_id": ev.trace_id,
+                "context": ev.context,
+                "prev_hash": e.prev_hash.map(hex::encode),
+                "hash": e.hash.map(hex::encode),
             })
         })
         .collect();

@@ -126,6 +126,10 @@ suite!(
     revoking_a_key_revokes_its_subtree,
     revoking_a_run_revokes_the_subtrees_of_its_keys,
     concurrent_sibling_grants_never_exceed_the_parents_cap,
+    the_audit_ledger_is_one_hash_chain,
+    concurrent_appenders_form_one_chain,
+    audit_filters_by_trace_id_and_context,
+    an_export_verifies_with_the_documented_script,
 );
 
 #[tokio::test]
@@ -362,7 +366,51 @@ fn event(
         at: now(),
         node_id: "node-a".to_string(),
         detail_json: r#"{"model":"x"}"#.to_string(),
+        trace_id: String::new(),
+        context: BTreeMap::new(),
     }
+}
+
+/// Every audit entry, oldest first, checked as one hash chain from the
+/// start; panics naming the first broken entry.
+async fn check_whole_chain(s: &dyn Store) -> Vec<keycap_control::domain::AuditEntry> {
+    let mut all = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s
+            .query_audit(&AuditQuery {
+                before_seq: before,
+                limit: 1000,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        let done = page.len() < 1000;
+        before = page.last().map(|e| e.seq);
+        all.extend(page);
+        if done {
+            break;
+        }
+    }
+    all.reverse();
+    let mut check = keycap_control::ledger::ChainCheck::new();
+    for e in &all {
+        check
+            .push(
+                e.seq,
+                &e.agent_run_label,
+                &e.event,
+                e.prev_hash.as_ref().map(|h| &h[..]),
+                e.hash.as_ref().map(|h| &h[..]),
+            )
+            .unwrap_or_else(|b| panic!("chain broken at seq {}: {}", e.seq, b.describe()));
+    }
+    assert_eq!(
+        check.checked() as usize,
+        all.len(),
+        "every entry is chained"
+    );
+    all
 }
 
 fn assert_conflict<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
@@ -2373,6 +2421,196 @@ mod cases {
             s.query_audit(&AuditQuery::default()).await.unwrap().len(),
             20
         );
+    }
+
+    pub async fn the_audit_ledger_is_one_hash_chain(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
+        let mut first: Vec<SpendEvent> = (0..5)
+            .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 10 + i))
+            .collect();
+        first[1].trace_id = "0af7651916cd43dd8448eb211c80319c".into();
+        first[1].context = BTreeMap::from([
+            ("step".to_string(), "charge".to_string()),
+            ("tenant".to_string(), "acme".to_string()),
+        ]);
+        // A duplicate inside the batch counts once.
+        first.push(first[0].clone());
+        assert_eq!(s.record_spend(&first).await.unwrap(), (5, 1));
+        // A resent batch, partly new: only the new events are appended.
+        let mut second = first[3..5].to_vec();
+        second.push(event("e5", "k1", "l1", DAY, "stripe", 15));
+        assert_eq!(s.record_spend(&second).await.unwrap(), (1, 2));
+
+        let all = check_whole_chain(&*s).await;
+        let ids: Vec<&str> = all.iter().map(|e| e.event.event_id.as_str()).collect();
+        assert_eq!(ids, ["e0", "e1", "e2", "e3", "e4", "e5"]);
+        assert!(
+            all.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+            "seqs are consecutive"
+        );
+        assert_eq!(all[0].prev_hash, Some(keycap_control::ledger::GENESIS));
+        assert_eq!(all[1].event.trace_id, first[1].trace_id);
+        assert_eq!(all[1].event.context, first[1].context);
+        assert_eq!(all[1].agent_run_label, "run-1");
+    }
+
+    pub async fn concurrent_appenders_form_one_chain(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000_000_000)).await;
+        add_key(&*s, key("k2", "openai", "r", 1_000_000_000)).await;
+        // 8 writers (on PostgreSQL each on its own connection, as replicas
+        // are); every batch is also resent by a second writer.
+        let batches: Vec<Vec<SpendEvent>> = (0..16)
+            .map(|b| {
+                (0..25)
+                    .map(|i| {
+                        let k = if i % 2 == 0 { "k1" } else { "k2" };
+                        event(&format!("b{b}-e{i}"), k, "l1", DAY, "stripe", 1 + i)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut tasks = Vec::new();
+        for w in 0..8usize {
+            let s = s.clone();
+            let mine: Vec<Vec<SpendEvent>> = batches
+                .iter()
+                .enumerate()
+                .filter(|(b, _)| b % 8 == w || (b + 1) % 8 == w)
+                .map(|(_, batch)| batch.clone())
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                let mut applied = 0;
+                for batch in mine {
+                    applied += s.record_spend(&batch).await.expect("record").0;
+                }
+                applied
+            }));
+        }
+        let mut applied = 0;
+        for t in tasks {
+            applied += t.await.unwrap();
+        }
+        assert_eq!(applied, 16 * 25, "each event applied once");
+        let all = check_whole_chain(&*s).await;
+        assert_eq!(all.len(), 16 * 25);
+        assert!(
+            all.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+            "seqs are consecutive"
+        );
+        let spent: i64 = batches.iter().flatten().map(|e| e.cost.0).sum();
+        let k1 = s.key_spend("k1", DAY).await.unwrap().spent_day;
+        let k2 = s.key_spend("k2", DAY).await.unwrap().spent_day;
+        assert_eq!(k1.0 + k2.0, spent);
+    }
+
+    pub async fn an_export_verifies_with_the_documented_script(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-ü", 1_000_000)).await;
+        let mut events: Vec<SpendEvent> = (0..30)
+            .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 7 * i))
+            .collect();
+        events[3].trace_id = "0af7651916cd43dd8448eb211c80319c".into();
+        events[3].context = BTreeMap::from([
+            ("z".into(), "last".into()),
+            ("a".into(), "first, \"quoted\" ✓".into()),
+        ]);
+        events[4].detail_json = r#"{ "model" : "gpt-x",  "spaced": true }"#.into();
+        for batch in events.chunks(7) {
+            s.record_spend(batch).await.unwrap();
+        }
+        let all = check_whole_chain(&*s).await;
+        let dir = tempfile::tempdir().unwrap();
+        let export: String = all
+            .iter()
+            .map(keycap_control::ledger::export::jsonl)
+            .collect();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/verify_ledger.py");
+        let run = |text: &str| {
+            let path = dir.path().join("audit.jsonl");
+            std::fs::write(&path, text).unwrap();
+            std::process::Command::new("python3")
+                .arg(script)
+                .arg(&path)
+                .output()
+                .expect("python3 runs")
+        };
+        let ok = run(&export);
+        let out = String::from_utf8_lossy(&ok.stdout);
+        let head = all.last().unwrap();
+        assert!(
+            ok.status.success(),
+            "{out} {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        assert_eq!(
+            out.trim(),
+            format!(
+                "OK 30 entries, head seq {} hash {}",
+                head.seq,
+                hex::encode(head.hash.unwrap())
+            )
+        );
+
+        // An amount changed in the export: that entry is named.
+        let mut lines: Vec<String> = export.lines().map(str::to_string).collect();
+        let mut edited: serde_json::Value = serde_json::from_str(&lines[10]).unwrap();
+        edited["cost_micros"] = serde_json::json!(1);
+        lines[10] = edited.to_string();
+        let bad = run(&(lines.join("\n") + "\n"));
+        assert!(!bad.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&bad.stdout).trim(),
+            format!(
+                "BROKEN at seq {}: content does not match its hash",
+                all[10].seq
+            )
+        );
+        // A middle entry removed: the one after it is named.
+        let mut lines: Vec<String> = export.lines().map(str::to_string).collect();
+        lines.remove(20);
+        let gap = run(&(lines.join("\n") + "\n"));
+        assert!(!gap.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&gap.stdout).trim(),
+            format!(
+                "BROKEN at seq {}: prev_hash is not the hash of the entry before it",
+                all[21].seq
+            )
+        );
+    }
+
+    pub async fn audit_filters_by_trace_id_and_context(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000_000)).await;
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let mut events: Vec<SpendEvent> = (0..4)
+            .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 1))
+            .collect();
+        events[0].trace_id = trace.into();
+        events[2].trace_id = trace.into();
+        events[1].context = BTreeMap::from([("tenant".into(), "acme".into())]);
+        events[2].context = BTreeMap::from([("tenant".into(), "globex".into())]);
+        events[3].context = BTreeMap::from([("other".into(), "acme".into())]);
+        s.record_spend(&events).await.unwrap();
+        let ids = |rows: Vec<keycap_control::domain::AuditEntry>| {
+            rows.into_iter()
+                .map(|r| r.event.event_id)
+                .collect::<Vec<_>>()
+        };
+        let by_trace = AuditQuery {
+            trace_id: Some(trace.into()),
+            ..AuditQuery::default()
+        };
+        assert_eq!(ids(s.query_audit(&by_trace).await.unwrap()), ["e2", "e0"]);
+        let by_context = AuditQuery {
+            context: Some(("tenant".into(), "acme".into())),
+            ..AuditQuery::default()
+        };
+        assert_eq!(ids(s.query_audit(&by_context).await.unwrap()), ["e1"]);
+        let both = AuditQuery {
+            trace_id: Some(trace.into()),
+            context: Some(("tenant".into(), "globex".into())),
+            ..AuditQuery::default()
+        };
+        assert_eq!(ids(s.query_audit(&both).await.unwrap()), ["e2"]);
     }
 }
 

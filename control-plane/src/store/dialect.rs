@@ -81,6 +81,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// The statement that locks `table` in `mode` until commit, if the
     /// database has table locks.
     fn lock_table(table: &str, mode: &str) -> Option<String>;
+    /// The text value of key `key` (an expression, e.g. a placeholder) of
+    /// the JSON object in `column`; NULL when absent.
+    fn json_text(column: &str, key: &str) -> String;
     /// How many rows a statement changed.
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
     /// See `Store::change_feed`.
@@ -112,6 +115,10 @@ impl Dialect for Pg {
 
     fn lock_table(table: &str, mode: &str) -> Option<String> {
         Some(format!("LOCK TABLE {table} IN {mode} MODE"))
+    }
+
+    fn json_text(column: &str, key: &str) -> String {
+        format!("(CAST({column} AS JSONB) ->> CAST({key} AS TEXT))")
     }
 
     fn rows_affected(done: &sqlx::postgres::PgQueryResult) -> u64 {
@@ -199,6 +206,13 @@ impl Dialect for Lite {
 
     fn lock_table(_table: &str, _mode: &str) -> Option<String> {
         None
+    }
+
+    fn json_text(column: &str, key: &str) -> String {
+        // Keys are letters, digits and `_ . : -` (see
+        // `domain::validate_context_key`), so quoting them in the path is
+        // enough.
+        format!("json_extract({column}, '$.\"' || {key} || '\"')")
     }
 
     fn rows_affected(done: &sqlx::sqlite::SqliteQueryResult) -> u64 {

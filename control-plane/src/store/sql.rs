@@ -13,7 +13,7 @@
 //! * maps and lists (currency rates, allowed endpoints, metadata) are JSON
 //!   text.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use keycap_proto::Micros;
@@ -358,7 +358,8 @@ impl ChangeRow {
 }
 
 pub(super) const AUDIT_COLUMNS: &str = "seq, event_id, key_id, agent_run_label, vendor, method, \
-     path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json";
+     path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
+     trace_id, context, prev_hash, hash";
 
 #[derive(sqlx::FromRow)]
 pub struct AuditRow {
@@ -378,6 +379,15 @@ pub struct AuditRow {
     lease_id: String,
     day: String,
     detail_json: String,
+    trace_id: String,
+    context: String,
+    prev_hash: Option<Vec<u8>>,
+    hash: Option<Vec<u8>>,
+}
+
+fn hash32(v: Option<Vec<u8>>, column: &str) -> StoreResult<Option<[u8; 32]>> {
+    v.map(|v| <[u8; 32]>::try_from(v.as_slice()).map_err(|_| corrupt(column, "not 32 bytes")))
+        .transpose()
 }
 
 impl AuditRow {
@@ -400,7 +410,11 @@ impl AuditRow {
                 at: from_micros(self.at, "audit.at")?,
                 node_id: self.node_id,
                 detail_json: self.detail_json,
+                trace_id: self.trace_id,
+                context: from_json(&self.context, "audit.context")?,
             },
+            prev_hash: hash32(self.prev_hash, "audit.prev_hash")?,
+            hash: hash32(self.hash, "audit.hash")?,
         })
     }
 }
@@ -938,48 +952,58 @@ pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) ->
     }
 }
 
-/// The multi-row insert of `events` into the audit ledger; it returns the
-/// ids of the events that were new.
-pub(super) fn audit_insert(events: &[SpendEvent], labels: &HashMap<String, String>) -> Statement {
+/// One entry about to be appended: its event, its place in the chain and
+/// the run label of its key.
+pub(super) struct ChainedEntry<'a> {
+    pub seq: i64,
+    pub event: &'a SpendEvent,
+    pub agent_run_label: &'a str,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// The multi-row insert of `entries` into the audit ledger.
+pub(super) fn audit_insert(entries: &[ChainedEntry<'_>]) -> StoreResult<Statement> {
     let mut q = Statement::new(
-        "INSERT INTO audit (event_id, key_id, agent_run_label, vendor, method, path, \
-         upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json) VALUES ",
+        "INSERT INTO audit (seq, event_id, key_id, agent_run_label, vendor, method, path, \
+         upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
+         trace_id, context, prev_hash, hash) VALUES ",
     );
-    for (i, e) in events.iter().enumerate() {
+    for (i, c) in entries.iter().enumerate() {
+        let e = c.event;
         q.push(if i == 0 { "(" } else { ", (" });
-        q.push_bind(e.event_id.as_str())
-            .push(", ")
-            .push_bind(e.key_id.as_str())
-            .push(", ")
-            .push_bind(labels.get(&e.key_id).map_or("", String::as_str))
-            .push(", ")
-            .push_bind(e.vendor.as_str())
-            .push(", ")
-            .push_bind(e.method.as_str())
-            .push(", ")
-            .push_bind(e.path.as_str())
-            .push(", ")
-            .push_bind(e.upstream_status)
-            .push(", ")
-            .push_bind(e.reserved.0)
-            .push(", ")
-            .push_bind(e.cost.0)
-            .push(", ")
-            .push_bind(e.outcome.as_str())
-            .push(", ")
-            .push_bind(micros(e.at))
-            .push(", ")
-            .push_bind(e.node_id.as_str())
-            .push(", ")
-            .push_bind(e.lease_id.as_str())
-            .push(", ")
-            .push_bind(e.day.as_str())
-            .push(", ")
-            .push_bind(e.detail_json.as_str())
-            .push(")");
+        q.push_bind(c.seq);
+        for text in [
+            e.event_id.as_str(),
+            e.key_id.as_str(),
+            c.agent_run_label,
+            e.vendor.as_str(),
+            e.method.as_str(),
+            e.path.as_str(),
+        ] {
+            q.push(", ").push_bind(text);
+        }
+        q.push(", ").push_bind(e.upstream_status);
+        for int in [e.reserved.0, e.cost.0] {
+            q.push(", ").push_bind(int);
+        }
+        q.push(", ").push_bind(e.outcome.as_str());
+        q.push(", ").push_bind(micros(e.at));
+        for text in [
+            e.node_id.as_str(),
+            e.lease_id.as_str(),
+            e.day.as_str(),
+            e.detail_json.as_str(),
+            e.trace_id.as_str(),
+        ] {
+            q.push(", ").push_bind(text);
+        }
+        q.push(", ").push_bind(to_json(&e.context, "context")?);
+        q.push(", ").push_bind(c.prev_hash.to_vec());
+        q.push(", ").push_bind(c.hash.to_vec());
+        q.push(")");
     }
-    q.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
-    q
+    Ok(q)
 }
 
 /// One argument of a `Statement`.
@@ -988,6 +1012,13 @@ pub(super) enum Arg {
     Text(String),
     Int(i64),
     Int32(i32),
+    Bytes(Vec<u8>),
+}
+
+impl From<Vec<u8>> for Arg {
+    fn from(v: Vec<u8>) -> Self {
+        Arg::Bytes(v)
+    }
 }
 
 impl From<&str> for Arg {
@@ -1039,9 +1070,14 @@ impl Statement {
     }
 
     pub(super) fn push_bind(&mut self, arg: impl Into<Arg>) -> &mut Self {
+        let placeholder = self.arg(arg);
+        self.push(placeholder)
+    }
+
+    /// Adds an argument without writing its placeholder; returns it.
+    pub(super) fn arg(&mut self, arg: impl Into<Arg>) -> String {
         self.args.push(arg.into());
-        self.sql.push_str(&format!("${}", self.args.len()));
-        self
+        format!("${}", self.args.len())
     }
 
     /// ` AND <column> IN (...)`; matches nothing for an empty list.
@@ -1068,6 +1104,7 @@ impl Statement {
         &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     {
         let mut q = sqlx::query_as(&self.sql);
         for a in &self.args {
@@ -1075,6 +1112,29 @@ impl Statement {
                 Arg::Text(v) => q.bind(v.as_str()),
                 Arg::Int(v) => q.bind(*v),
                 Arg::Int32(v) => q.bind(*v),
+                Arg::Bytes(v) => q.bind(v.as_slice()),
+            };
+        }
+        q
+    }
+
+    pub(super) fn query<'q, DB>(
+        &'q self,
+    ) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+    where
+        DB: sqlx::Database,
+        &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
+        let mut q = sqlx::query(&self.sql);
+        for a in &self.args {
+            q = match a {
+                Arg::Text(v) => q.bind(v.as_str()),
+                Arg::Int(v) => q.bind(*v),
+                Arg::Int32(v) => q.bind(*v),
+                Arg::Bytes(v) => q.bind(v.as_slice()),
             };
         }
         q
@@ -1089,6 +1149,7 @@ impl Statement {
         &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     {
         let mut q = sqlx::query_scalar(&self.sql);
         for a in &self.args {
@@ -1096,6 +1157,7 @@ impl Statement {
                 Arg::Text(v) => q.bind(v.as_str()),
                 Arg::Int(v) => q.bind(*v),
                 Arg::Int32(v) => q.bind(*v),
+                Arg::Bytes(v) => q.bind(v.as_slice()),
             };
         }
         q

@@ -12,7 +12,6 @@ use keycap_proto::Micros;
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
 use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
-use super::sql::Statement;
 use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
 };
@@ -23,6 +22,7 @@ use super::sql::{
     TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::sql::{vendor_load_errors_sql, VendorLoadErrorRow};
+use super::sql::{ChainedEntry, Statement};
 use super::sql::{
     FleetNodeRow, NodeLeaseRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS, NODE_LEASE_COLUMNS,
 };
@@ -33,6 +33,7 @@ use crate::domain::{
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey,
     Vendor, VendorLoadError,
 };
+use crate::ledger;
 
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
@@ -112,12 +113,14 @@ where
     for<'r> i32: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> String: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> Vec<u8>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Option<Vec<u8>>: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> bool: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> Option<String>: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> (String, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (Option<i64>, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, String): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
@@ -270,12 +273,14 @@ where
     for<'r> i32: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> String: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> Vec<u8>: Decode<'r, D::Db> + Type<D::Db>,
+    for<'r> Option<Vec<u8>>: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> bool: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> Option<String>: Decode<'r, D::Db> + Type<D::Db>,
     for<'r> (String, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (Option<i64>, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, String): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
@@ -1248,9 +1253,33 @@ where
             return Ok((0, 0));
         }
         let mut w = self.begin_write().await?;
-        // One multi-row insert per chunk; RETURNING names the events that
-        // were new, and only those count towards spend.
-        let mut fresh = std::collections::HashSet::new();
+        // The ledger head first: holding it, this transaction is the only
+        // appender (across replicas on PostgreSQL), so the events found
+        // new below stay new until commit, and the seqs and hashes chained
+        // onto the head are the ledger's next ones.
+        let (head_seq, head_hash): (i64, Vec<u8>) = sqlx::query_as(&format!(
+            "SELECT seq, hash FROM ledger_head WHERE id = 1{}",
+            D::FOR_UPDATE
+        ))
+        .fetch_one(w.conn())
+        .await?;
+        let mut prev: [u8; 32] = head_hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?;
+        let mut seen = std::collections::HashSet::new();
+        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        for chunk in spend_chunks(&ids) {
+            let mut q = Statement::new("SELECT event_id FROM audit WHERE 1 = 1");
+            q.push_in("event_id", chunk);
+            let known: Vec<String> = q.query_scalar::<D::Db, _>().fetch_all(w.conn()).await?;
+            seen.extend(known);
+        }
+        // Each event at most once: not stored before, first in the batch.
+        let fresh: Vec<&SpendEvent> = events
+            .iter()
+            .filter(|e| seen.insert(e.event_id.clone()))
+            .collect();
         let mut labels = std::collections::HashMap::new();
         for ids in spend_chunks(&distinct_key_ids(events)) {
             let mut q = Statement::new("SELECT id, agent_run_label FROM vault_keys WHERE 1 = 1");
@@ -1258,17 +1287,38 @@ where
             let rows: Vec<(String, String)> = q.query_as::<D::Db, _>().fetch_all(w.conn()).await?;
             labels.extend(rows);
         }
-        for chunk in spend_chunks(events) {
-            let q = audit_insert(chunk, &labels);
-            let ids: Vec<String> = q.query_scalar::<D::Db, _>().fetch_all(w.conn()).await?;
-            fresh.extend(ids);
+        let mut seq = head_seq;
+        let entries: Vec<ChainedEntry<'_>> = fresh
+            .iter()
+            .map(|&event| {
+                seq += 1;
+                let agent_run_label = labels.get(&event.key_id).map_or("", String::as_str);
+                let hash = ledger::link(&prev, seq, agent_run_label, event);
+                let entry = ChainedEntry {
+                    seq,
+                    event,
+                    agent_run_label,
+                    prev_hash: prev,
+                    hash,
+                };
+                prev = hash;
+                entry
+            })
+            .collect();
+        for chunk in spend_chunks(&entries) {
+            audit_insert(chunk)?
+                .query::<D::Db>()
+                .execute(w.conn())
+                .await?;
         }
-        let mut seen = std::collections::HashSet::new();
-        let totals = spend_totals(
-            events
-                .iter()
-                .filter(|e| fresh.contains(&e.event_id) && seen.insert(e.event_id.as_str())),
-        );
+        if !entries.is_empty() {
+            sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(seq)
+                .bind(prev.as_slice())
+                .execute(w.conn())
+                .await?;
+        }
+        let totals = spend_totals(fresh.iter().copied());
         for ((key_id, day), spent, calls) in &totals.daily {
             sqlx::query(
                 "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES ($1, $2, $3, $4) \
@@ -1294,7 +1344,7 @@ where
             .await?;
         }
         w.commit().await?;
-        let applied = fresh.len() as u32;
+        let applied = entries.len() as u32;
         Ok((applied, events.len() as u32 - applied))
     }
 
@@ -1317,6 +1367,14 @@ where
         }
         if let Some(until) = aq.until {
             q.push(" AND at < ").push_bind(micros(until));
+        }
+        if let Some(trace_id) = &aq.trace_id {
+            q.push(" AND trace_id = ").push_bind(trace_id);
+        }
+        if let Some((key, value)) = &aq.context {
+            let key = q.arg(key);
+            q.push(format!(" AND {} = ", D::json_text("context", &key)))
+                .push_bind(value);
         }
         if let Some(before) = aq.before_seq {
             q.push(" AND seq < ").push_bind(before);

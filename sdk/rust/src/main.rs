@@ -878,6 +878,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     until: time("until", a.until)?,
                     page_size: a.limit,
                     page_token: a.page.unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -1,0 +1,125 @@
+//! The export formats of the ledger: one self-contained record per entry,
+//! chain fields included, so an export verifies on its own (see
+//! `docs/ledger.md` and `docs/verify_ledger.py`).
+
+use chrono::SecondsFormat;
+use serde_json::json;
+
+use crate::domain::AuditEntry;
+
+/// The columns of a CSV export, in order (also the JSONL field names).
+pub const FIELDS: [&str; 21] = [
+    "seq",
+    "event_id",
+    "key_id",
+    "agent_run_label",
+    "vendor",
+    "method",
+    "path",
+    "upstream_status",
+    "reserved_micros",
+    "cost_micros",
+    "outcome",
+    "at",
+    "at_micros",
+    "node_id",
+    "lease_id",
+    "day",
+    "detail_json",
+    "trace_id",
+    "context",
+    "prev_hash",
+    "hash",
+];
+
+fn hex32(h: Option<[u8; 32]>) -> String {
+    h.map(hex::encode).unwrap_or_default()
+}
+
+/// The entry's fields as text, in `FIELDS` order; the context as a JSON
+/// object, hashes as lowercase hex (empty for an unchained entry).
+pub fn fields(e: &AuditEntry) -> [String; 21] {
+    let ev = &e.event;
+    [
+        e.seq.to_string(),
+        ev.event_id.clone(),
+        ev.key_id.clone(),
+        e.agent_run_label.clone(),
+        ev.vendor.clone(),
+        ev.method.clone(),
+        ev.path.clone(),
+        ev.upstream_status.to_string(),
+        ev.reserved.0.to_string(),
+        ev.cost.0.to_string(),
+        ev.outcome.as_str().to_string(),
+        ev.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        ev.at.timestamp_micros().to_string(),
+        ev.node_id.clone(),
+        ev.lease_id.clone(),
+        ev.day.clone(),
+        ev.detail_json.clone(),
+        ev.trace_id.clone(),
+        serde_json::to_string(&ev.context).unwrap_or_else(|_| "{}".into()),
+        hex32(e.prev_hash),
+        hex32(e.hash),
+    ]
+}
+
+/// One JSON Lines record (with its newline).
+pub fn jsonl(e: &AuditEntry) -> String {
+    let ev = &e.event;
+    let mut line = json!({
+        "seq": e.seq,
+        "event_id": ev.event_id,
+        "key_id": ev.key_id,
+        "agent_run_label": e.agent_run_label,
+        "vendor": ev.vendor,
+        "method": ev.method,
+        "path": ev.path,
+        "upstream_status": ev.upstream_status,
+        "reserved_micros": ev.reserved.0,
+        "cost_micros": ev.cost.0,
+        "outcome": ev.outcome.as_str(),
+        "at": ev.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        "at_micros": ev.at.timestamp_micros(),
+        "node_id": ev.node_id,
+        "lease_id": ev.lease_id,
+        "day": ev.day,
+        "detail_json": ev.detail_json,
+        "trace_id": ev.trace_id,
+        "context": ev.context,
+        "prev_hash": hex32(e.prev_hash),
+        "hash": hex32(e.hash),
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+/// One CSV record (RFC 4180 quoting, with its CRLF).
+pub fn csv(e: &AuditEntry) -> String {
+    csv_record(fields(e).iter().map(String::as_str))
+}
+
+/// The CSV header record.
+pub fn csv_header() -> String {
+    csv_record(FIELDS.iter().copied())
+}
+
+fn csv_record<'a>(values: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if v.contains([',', '"', '\r', '\n']) {
+            out.push('"');
+            out.push_str(&v.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(v);
+        }
+    }
+    out.push_str("\r\n");
+    out
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Verify a keycap audit ledger export (JSON Lines) on its own.
+
+Usage: python3 verify_ledger.py export.jsonl [--from-hash HEX]
+
+Reads the export in seq order, recomputes every entry's hash from its
+fields as docs/ledger.md describes, and checks that each entry's prev_hash
+is the hash of the entry before it. Prints the head (last seq and hash) and
+exits 0 when the chain holds; names the first broken entry and exits 1
+otherwise. Standard library only.
+"""
+import hashlib
+import json
+import struct
+import sys
+
+
+def s(value):
+    data = value.encode("utf-8")
+    return struct.pack(">I", len(data)) + data
+
+
+def i(value):
+    return struct.pack(">q", value)
+
+
+def canonical(e):
+    out = i(e["seq"])
+    for f in ("event_id", "key_id", "agent_run_label", "vendor", "method", "path"):
+        out += s(e[f])
+    out += i(e["upstream_status"]) + i(e["reserved_micros"]) + i(e["cost_micros"])
+    out += s(e["outcome"]) + i(e["at_micros"])
+    for f in ("node_id", "lease_id", "day", "detail_json", "trace_id"):
+        out += s(e[f])
+    ctx = sorted(e["context"].items(), key=lambda kv: kv[0].encode("utf-8"))
+    out += struct.pack(">I", len(ctx))
+    for k, v in ctx:
+        out += s(k) + s(v)
+    return out
+
+
+def main(argv):
+    if len(argv) < 2:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    prev = None
+    if "--from-hash" in argv:
+        prev = bytes.fromhex(argv[argv.index("--from-hash") + 1])
+    count = 0
+    last_seq = None
+    with open(argv[1], encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            e = json.loads(line)
+            if not e["hash"]:
+                if prev is not None:
+                    print(f"BROKEN at seq {e['seq']}: unchained entry after the chain started")
+                    return 1
+                continue  # written before the ledger was chained
+            expected_prev = prev if prev is not None else bytes(32)
+            if bytes.fromhex(e["prev_hash"]) != expected_prev:
+                print(f"BROKEN at seq {e['seq']}: prev_hash is not the hash of the entry before it")
+                return 1
+            h = hashlib.sha256(expected_prev + canonical(e)).digest()
+            if h.hex() != e["hash"]:
+                print(f"BROKEN at seq {e['seq']}: content does not match its hash")
+                return 1
+            prev, last_seq, count = h, e["seq"], count + 1
+    print(f"OK {count} entries, head seq {last_seq} hash {prev.hex() if prev else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
