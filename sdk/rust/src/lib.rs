@@ -2,9 +2,11 @@
 //!
 //! Depends only on `keycap-proto` and `tonic`: a service that only calls
 //! keycap compiles neither plane, no database driver and no HTTP server.
-//! `AdminClient::connect` gives typed clients for vendors, keys, audit and
-//! admin tokens, each sending the admin token with every call. The `keycap`
-//! CLI is built on it.
+//! [`Client`] is the typed surface (the operations of the Python and
+//! TypeScript SDKs, errors carrying keycap's code); [`AdminClient`] gives
+//! the raw generated clients for vendors, keys, audit and admin tokens,
+//! each sending the admin token with every call. The `keycap` CLI is built
+//! on it.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +22,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
+mod client;
+
+pub use client::{base_url, AuditFilter, Client, CreatedKey, Error, NewKey, Result};
 pub use keycap_proto::pb;
+pub use keycap_proto::Micros;
 
 /// Why a connection could not be made. The admin token never appears in it.
 #[derive(Debug, thiserror::Error)]
