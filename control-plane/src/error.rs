@@ -87,10 +87,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// gRPC metadata carrying keycap's stable error code (the REST body's
+/// `error`), so every client names an error the same way over both APIs.
+pub const CODE_METADATA: &str = "keycap-error";
+/// gRPC metadata naming the input field an `invalid_request` is about (the
+/// REST body's `field`).
+pub const FIELD_METADATA: &str = "keycap-field";
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let msg = e.to_string();
-        match e {
+        let code = e.code();
+        let field = match &e {
+            ApiError::Invalid(i) => Some(i.field),
+            _ => None,
+        };
+        let mut status = match e {
             ApiError::Invalid(_) => tonic::Status::invalid_argument(msg),
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
             ApiError::Conflict(_) => tonic::Status::failed_precondition(msg),
@@ -99,6 +111,39 @@ impl From<ApiError> for tonic::Status {
                 tonic::Status::permission_denied(msg)
             }
             ApiError::Internal => tonic::Status::internal(msg),
+        };
+        let metadata = status.metadata_mut();
+        metadata.insert(
+            CODE_METADATA,
+            tonic::metadata::MetadataValue::from_static(code),
+        );
+        if let Some(field) = field {
+            metadata.insert(
+                FIELD_METADATA,
+                tonic::metadata::MetadataValue::from_static(field),
+            );
         }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::invalid;
+
+    #[test]
+    fn grpc_status_carries_the_rest_code_and_field() {
+        let s = tonic::Status::from(ApiError::from(invalid(
+            "daily_usd_cap",
+            "must be greater than 0",
+        )));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.metadata().get(CODE_METADATA).unwrap(), "invalid_request");
+        assert_eq!(s.metadata().get(FIELD_METADATA).unwrap(), "daily_usd_cap");
+        assert_eq!(s.message(), "daily_usd_cap: must be greater than 0");
+        let s = tonic::Status::from(ApiError::Unauthenticated);
+        assert_eq!(s.metadata().get(CODE_METADATA).unwrap(), "unauthenticated");
+        assert!(s.metadata().get(FIELD_METADATA).is_none());
     }
 }

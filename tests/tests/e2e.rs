@@ -2356,3 +2356,6 @@ async fn postgres_core_flow() {
     stack.register("stripe", "stripe", &mock).await;
     cap_holds_under_concurrency(&stack, &mock, 5, 12).await;
 }
+
+#[path = "e2e/rust_client.rs"]
+mod rust_client;

@@ -1,7 +1,10 @@
-//! Rust client for keycap's admin gRPC API.
+//! Light Rust client for keycap's admin gRPC API.
 //!
-//! `AdminClient::connect` gives typed clients for vendors, keys, audit and
-//! admin tokens,
+//! Depends only on `keycap-proto` and `tonic`: a service that only calls
+//! keycap compiles neither plane, no database driver and no HTTP server.
+//! [`Client`] is the typed surface (the operations of the Python and
+//! TypeScript SDKs, errors carrying keycap's code); [`AdminClient`] gives
+//! the raw generated clients for vendors, keys, audit and admin tokens,
 //! each sending the admin token with every call. The `keycap` CLI is built
 //! on it.
 
@@ -19,8 +22,32 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-pub use keycap_proto::pb;
+mod client;
 
+pub use client::{base_url, AuditFilter, Client, CreatedKey, Error, NewKey, Result};
+pub use keycap_proto::pb;
+pub use keycap_proto::Micros;
+
+/// Why a connection could not be made. The admin token never appears in it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid control-plane address {addr:?}: {source}")]
+    Address {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the admin token is not a valid header value")]
+    Token,
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot reach the control plane at {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Sends `authorization: Bearer <admin token>` with every call.
 #[derive(Clone)]
 pub struct AdminAuth(MetadataValue<Ascii>);
 
@@ -46,7 +73,15 @@ impl AdminClient {
     /// Connects to a control plane at `url` (e.g. `http://127.0.0.1:8081`).
     /// An `https://` URL is verified against the CAs in the PEM file `ca`
     /// if given, else against the system's roots.
-    pub async fn connect(url: &str, admin_token: &str, ca: Option<&Path>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        admin_token: &str,
+        ca: Option<&Path>,
+    ) -> Result<Self, ConnectError> {
+        let address = |source| ConnectError::Address {
+            addr: url.to_string(),
+            source,
+        };
         let tls = tls::client_config(Trust::OnlyOrSystem(ca), None)?;
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
@@ -56,10 +91,17 @@ impl AdminClient {
             .https_or_http()
             .enable_http2()
             .wrap_connector(http);
-        let channel = Endpoint::from_shared(url.to_string())?
+        let endpoint = Endpoint::from_shared(url.to_string()).map_err(address)?;
+        let channel = endpoint
             .connect_with_connector(connector)
-            .await?;
-        let mut token: MetadataValue<Ascii> = format!("Bearer {admin_token}").parse()?;
+            .await
+            .map_err(|source| ConnectError::Unreachable {
+                addr: url.to_string(),
+                source,
+            })?;
+        let mut token: MetadataValue<Ascii> = format!("Bearer {admin_token}")
+            .parse()
+            .map_err(|_| ConnectError::Token)?;
         token.set_sensitive(true);
         let auth = AdminAuth(token);
         Ok(AdminClient {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use keycap::{pb, AdminClient};
+use keycap_client::{pb, AdminClient};
 use keycap_proto::prices::{self, litellm};
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::time::{from_proto, to_proto};
@@ -501,9 +501,7 @@ async fn main() -> anyhow::Result<()> {
     let Some(token) = cli.admin_token.as_deref() else {
         bail!("an admin token is required: --admin-token or KEYCAP_ADMIN_TOKEN");
     };
-    let mut c = AdminClient::connect(&cli.control_url, token, cli.ca.as_deref())
-        .await
-        .with_context(|| format!("cannot reach the control plane at {}", cli.control_url))?;
+    let mut c = AdminClient::connect(&cli.control_url, token, cli.ca.as_deref()).await?;
     let result = run(&mut c, cli.command).await;
     if let Err(e) = &result {
         if let Some(s) = e.downcast_ref::<tonic::Status>() {

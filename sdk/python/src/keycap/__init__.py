@@ -1,0 +1,57 @@
+"""keycap's Python SDK: a typed client for keycap's admin API.
+
+    import keycap
+    from openai import OpenAI
+
+    kc = keycap.Client()  # KEYCAP_ADDR, KEYCAP_ADMIN_TOKEN
+    created = kc.keys.create(vendor="openai", daily_usd_cap="5",
+                             allowed_endpoints=["POST /v1/chat/completions"],
+                             expires_in="1h", agent_run_label="run-42")
+    ai = OpenAI(base_url=created.base_url("http://127.0.0.1:8080"), api_key=created.key)
+"""
+
+from ._client import (
+    AsyncAudit,
+    AsyncClient,
+    AsyncKeys,
+    AsyncVendors,
+    Audit,
+    Client,
+    Keys,
+    Vendors,
+)
+from ._errors import (
+    Conflict,
+    InvalidRequest,
+    KeycapError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from ._types import (
+    AuditEntry,
+    Confirmation,
+    CreatedIssuerToken,
+    CreatedKey,
+    Duration,
+    IssuerToken,
+    Key,
+    KeyRevocation,
+    Money,
+    RunRevocation,
+    Spend,
+    Vendor,
+    VendorProxyError,
+    VendorSpend,
+    VendorWrite,
+    base_url,
+)
+
+__all__ = [
+    "AsyncAudit", "AsyncClient", "AsyncKeys", "AsyncVendors", "Audit", "AuditEntry", "Client",
+    "Confirmation", "Conflict", "CreatedIssuerToken", "CreatedKey", "Duration", "InvalidRequest",
+    "IssuerToken", "Key", "KeyRevocation", "KeycapError", "Keys", "Money", "NotFound",
+    "PermissionDenied", "RunRevocation", "Spend", "Unauthenticated", "Unavailable", "Vendor",
+    "VendorProxyError", "VendorSpend", "VendorWrite", "Vendors", "base_url",
+]

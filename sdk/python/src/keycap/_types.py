@@ -1,0 +1,324 @@
+"""What the client returns: frozen dataclasses named and shaped like
+keycap's REST bodies (`daily_usd_cap`, `status` as "active" / "expired" /
+"revoked"), with money as `Decimal` US dollars, times as aware UTC
+`datetime`s and durations as `timedelta`s. Conversion from and to the
+generated protobuf messages lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any, Union
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from keycap.v1 import admin_pb2 as pb
+
+from ._errors import InvalidRequest
+
+MICROS_PER_USD = 1_000_000
+
+Money = Union[Decimal, int, str]
+"""A USD amount: a `Decimal`, an `int` or a decimal string; never a float."""
+
+Duration = Union[timedelta, int, str]
+"""A duration: a `timedelta`, whole seconds, or keycap's text ("90s",
+"15m", "2h", "7d", or a sum such as "1h30m")."""
+
+
+def usd(micros: int) -> Decimal:
+    """Integer micro-dollars as exact US dollars."""
+    return Decimal(micros) / MICROS_PER_USD
+
+
+def micros(field_name: str, amount: Money) -> int:
+    """US dollars as integer micro-dollars; the server judges the value."""
+    if isinstance(amount, bool) or isinstance(amount, float):
+        raise InvalidRequest(f"{field_name}: give a Decimal or a decimal string, not a float",
+                             field=field_name)
+    try:
+        exact = Decimal(amount) * MICROS_PER_USD
+    except (InvalidOperation, ValueError, TypeError):
+        raise InvalidRequest(f"{field_name}: not a US dollar amount: {amount!r}",
+                             field=field_name) from None
+    if not exact.is_finite() or exact != exact.to_integral_value():
+        raise InvalidRequest(f"{field_name}: must be whole micro-dollars (at most 6 decimals)",
+                             field=field_name)
+    return int(exact)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_PART = re.compile(r"(\d+)\s*([smhdw])")
+
+
+def seconds(field_name: str, d: Duration) -> int:
+    """A duration as whole seconds."""
+    if isinstance(d, timedelta):
+        return int(d.total_seconds())
+    if isinstance(d, int) and not isinstance(d, bool):
+        return d
+    if isinstance(d, str):
+        text = d.replace(" ", "")
+        parts = _PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(int(n) * _UNITS[u] for n, u in parts)
+    raise InvalidRequest(f"{field_name}: not a duration: {d!r} (e.g. \"30m\", \"2h\", \"7d\")",
+                         field=field_name)
+
+
+def _time(t: Timestamp, present: bool = True) -> datetime | None:
+    if not present:
+        return None
+    return datetime.fromtimestamp(t.seconds, tz=timezone.utc) + timedelta(microseconds=t.nanos // 1000)
+
+
+def timestamp(t: datetime) -> Timestamp:
+    if t.tzinfo is None:
+        raise InvalidRequest("times must be timezone-aware datetimes", field="time")
+    out = Timestamp()
+    out.FromDatetime(t.astimezone(timezone.utc))
+    return out
+
+
+_STATUS = {
+    pb.KEY_STATUS_ACTIVE: "active",
+    pb.KEY_STATUS_EXPIRED: "expired",
+    pb.KEY_STATUS_REVOKED: "revoked",
+}
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """Which proxies serve a change: `all_confirmed` once every connected
+    proxy applied it (a revocation is enforced fleet-wide)."""
+
+    version: int
+    confirmed_nodes: tuple[str, ...]
+    unconfirmed_nodes: tuple[str, ...]
+    unconfirmed_lease_usd: Decimal
+
+    @property
+    def all_confirmed(self) -> bool:
+        return not self.unconfirmed_nodes
+
+    @classmethod
+    def _from(cls, m: pb.FleetConfirmation) -> Confirmation:
+        return cls(m.version, tuple(m.confirmed_nodes), tuple(m.unconfirmed_nodes),
+                   usd(m.unconfirmed_lease_micros))
+
+
+@dataclass(frozen=True)
+class VendorProxyError:
+    node_id: str
+    error: str
+    at: datetime | None
+
+
+@dataclass(frozen=True)
+class Vendor:
+    """A vendor keycap forwards to. Its credential is write-only: never here."""
+
+    name: str
+    profile: str
+    base_url: str
+    currency_rates: dict[str, Decimal]
+    prices: Any
+    created_at: datetime | None
+    updated_at: datetime | None
+    proxy_errors: tuple[VendorProxyError, ...]
+
+    @classmethod
+    def _from(cls, m: pb.Vendor) -> Vendor:
+        return cls(
+            name=m.name,
+            profile=m.profile,
+            base_url=m.base_url,
+            currency_rates={k: Decimal(v) for k, v in m.currency_rates.items()},
+            prices=json.loads(m.prices_json) if m.prices_json else None,
+            created_at=_time(m.created_at, m.HasField("created_at")),
+            updated_at=_time(m.updated_at, m.HasField("updated_at")),
+            proxy_errors=tuple(VendorProxyError(e.node_id, e.error, _time(e.at, e.HasField("at")))
+                               for e in m.proxy_errors),
+        )
+
+
+@dataclass(frozen=True)
+class VendorWrite:
+    """The answer to `vendors.put`: the vendor, whether it was new, and
+    which proxies serve it as written."""
+
+    vendor: Vendor
+    created: bool
+    confirmation: Confirmation
+
+
+@dataclass(frozen=True)
+class Key:
+    """A vault key as keycap stores it: never its secret."""
+
+    id: str
+    key_prefix: str
+    vendor: str
+    status: str
+    allowed_endpoints: tuple[str, ...]
+    daily_usd_cap: Decimal
+    per_call_usd_cap: Decimal | None
+    lifetime_usd_cap: Decimal | None
+    spent_today_usd: Decimal
+    remaining_today_usd: Decimal
+    spent_lifetime_usd: Decimal
+    calls_today: int
+    expires_at: datetime | None
+    created_at: datetime | None
+    revoked_at: datetime | None
+    agent_run_label: str
+    metadata: dict[str, str]
+    rate_limit_per_minute: int | None
+    allowed_cidrs: tuple[str, ...]
+    zone: str
+    parent_id: str
+
+    @classmethod
+    def _from(cls, m: pb.VaultKey) -> Key:
+        return cls(
+            id=m.id,
+            key_prefix=m.key_prefix,
+            vendor=m.vendor,
+            status=_STATUS.get(m.status, "unknown"),
+            allowed_endpoints=tuple(m.allowed_endpoints),
+            daily_usd_cap=usd(m.daily_cap_micros),
+            per_call_usd_cap=usd(m.per_call_cap_micros) if m.per_call_cap_micros else None,
+            lifetime_usd_cap=usd(m.lifetime_cap_micros) if m.lifetime_cap_micros else None,
+            spent_today_usd=usd(m.spent_today_micros),
+            remaining_today_usd=usd(m.remaining_today_micros),
+            spent_lifetime_usd=usd(m.spent_lifetime_micros),
+            calls_today=m.calls_today,
+            expires_at=_time(m.expires_at, m.HasField("expires_at")),
+            created_at=_time(m.created_at, m.HasField("created_at")),
+            revoked_at=_time(m.revoked_at, m.HasField("revoked_at")),
+            agent_run_label=m.agent_run_label,
+            metadata=dict(m.metadata),
+            rate_limit_per_minute=m.rate_limit_per_minute or None,
+            allowed_cidrs=tuple(m.allowed_cidrs),
+            zone=m.zone,
+            parent_id=m.parent_id,
+        )
+
+
+def base_url(proxy: str, vendor: str, sdk: str = "openai") -> str:
+    """The base URL an official vendor SDK takes to call `vendor` through
+    the keycap proxy at `proxy`: `/{vendor}` on the proxy, plus the `/v1`
+    the OpenAI SDKs expect in theirs (the Anthropic, Stripe and other SDKs
+    add their own version to each path)."""
+    root = f"{proxy.rstrip('/')}/{vendor}"
+    return f"{root}/v1" if sdk == "openai" else root
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    """A newly minted key. `key` is its secret, shown this once; it is left
+    out of the repr so a log line never carries it."""
+
+    key: str = field(repr=False)
+    info: Key
+    confirmation: Confirmation
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return self.info.expires_at
+
+    def base_url(self, proxy: str, sdk: str = "openai") -> str:
+        """`OpenAI(base_url=created.base_url(proxy), api_key=created.key)`."""
+        return base_url(proxy, self.info.vendor, sdk)
+
+
+@dataclass(frozen=True)
+class KeyRevocation:
+    key: Key
+    confirmation: Confirmation
+
+
+@dataclass(frozen=True)
+class RunRevocation:
+    revoked_ids: tuple[str, ...]
+    confirmation: Confirmation
+
+
+@dataclass(frozen=True)
+class IssuerToken:
+    id: str
+    key_id: str
+    name: str
+    token_prefix: str
+    status: str
+    created_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def _from(cls, m: pb.IssuerToken) -> IssuerToken:
+        return cls(m.id, m.key_id, m.name, m.token_prefix, _STATUS.get(m.status, "unknown"),
+                   _time(m.created_at, m.HasField("created_at")),
+                   _time(m.expires_at, m.HasField("expires_at")),
+                   _time(m.revoked_at, m.HasField("revoked_at")))
+
+
+@dataclass(frozen=True)
+class CreatedIssuerToken:
+    """A new issuer token; `token` is its secret, shown once, not in the repr."""
+
+    token: str = field(repr=False)
+    info: IssuerToken
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    event_id: str
+    key_id: str
+    agent_run_label: str
+    vendor: str
+    method: str
+    path: str
+    upstream_status: int
+    reserved_usd: Decimal
+    cost_usd: Decimal
+    outcome: str
+    at: datetime | None
+    node_id: str
+    detail: Any
+
+    @classmethod
+    def _from(cls, m: pb.AuditEntry) -> AuditEntry:
+        return cls(m.seq, m.event_id, m.key_id, m.agent_run_label, m.vendor, m.method, m.path,
+                   m.upstream_status, usd(m.reserved_micros), usd(m.cost_micros), m.outcome,
+                   _time(m.at, m.HasField("at")), m.node_id,
+                   json.loads(m.detail_json) if m.detail_json else None)
+
+
+@dataclass(frozen=True)
+class VendorSpend:
+    vendor: str
+    total_usd: Decimal
+    calls: int
+
+
+@dataclass(frozen=True)
+class Spend:
+    agent_run_label: str
+    total_usd: Decimal
+    calls: int
+    vendors: tuple[VendorSpend, ...]
+
+    @classmethod
+    def _from(cls, m: pb.SpendSummaryResponse) -> Spend:
+        return cls(m.agent_run_label, usd(m.total_micros), m.calls,
+                   tuple(VendorSpend(v.vendor, usd(v.total_micros), v.calls) for v in m.vendors))

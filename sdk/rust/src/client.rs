@@ -1,0 +1,403 @@
+//! The typed surface over the raw gRPC clients: the operations of the
+//! Python and TypeScript SDKs (vendors, keys, issuer tokens, audit, spend),
+//! with every failure an [`Error`] carrying keycap's stable code. It checks
+//! no rule of the server's itself; answers are the protobuf messages of
+//! `keycap_proto::pb`, money in integer micro-dollars ([`Micros`]).
+
+use std::path::Path;
+use std::time::Duration;
+
+use keycap_proto::pb;
+use keycap_proto::Micros;
+use tonic::{Code, Status};
+
+use crate::{AdminClient, ConnectError};
+
+/// Audit entries fetched per call while `audit_query` walks the pages.
+const AUDIT_PAGE_SIZE: i32 = 500;
+
+/// A failed operation. `code()` is keycap's stable code, the `error` of its
+/// REST bodies (`invalid_request`, `not_found`, `unauthenticated`, ...).
+/// The admin token never appears in it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The control plane refused the call.
+    #[error("{code}: {message}")]
+    Api {
+        code: String,
+        message: String,
+        /// The input an `invalid_request` is about.
+        field: Option<String>,
+    },
+    /// The control plane could not be reached or did not answer.
+    #[error("unavailable: the control plane at {addr} is unreachable")]
+    Unavailable { addr: String },
+}
+
+impl Error {
+    pub fn code(&self) -> &str {
+        match self {
+            Error::Connect(_) | Error::Unavailable { .. } => "unavailable",
+            Error::Api { code, .. } => code,
+        }
+    }
+
+    /// The input field the server named, for `invalid_request`.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Error::Api { field, .. } => field.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn from_status(s: Status, addr: &str) -> Error {
+        let text = |name: &str| {
+            s.metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        if let Some(code) = text("keycap-error") {
+            return Error::Api {
+                code,
+                message: s.message().to_string(),
+                field: text("keycap-field"),
+            };
+        }
+        let code = match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded => {
+                return Error::Unavailable {
+                    addr: addr.to_string(),
+                }
+            }
+            Code::InvalidArgument => "invalid_request",
+            Code::NotFound => "not_found",
+            Code::FailedPrecondition | Code::AlreadyExists => "conflict",
+            Code::Unauthenticated => "unauthenticated",
+            Code::PermissionDenied => "permission_denied",
+            _ => "internal",
+        };
+        Error::Api {
+            code: code.to_string(),
+            message: s.message().to_string(),
+            field: None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A vault key to mint. Caps are integer micro-dollars.
+#[derive(Clone, Debug, Default)]
+pub struct NewKey {
+    pub vendor: String,
+    pub daily_usd_cap: Micros,
+    pub allowed_endpoints: Vec<String>,
+    pub expires_in: Duration,
+    pub agent_run_label: String,
+    pub per_call_usd_cap: Option<Micros>,
+    pub lifetime_usd_cap: Option<Micros>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub allowed_cidrs: Vec<String>,
+    pub zone: Option<String>,
+    pub parent_id: Option<String>,
+}
+
+/// A newly minted key: `key` is its secret, shown this once and kept out of
+/// the `Debug` output.
+#[derive(Clone)]
+pub struct CreatedKey {
+    pub key: String,
+    pub info: pb::VaultKey,
+    pub confirmation: Option<pb::FleetConfirmation>,
+}
+
+impl CreatedKey {
+    pub fn id(&self) -> &str {
+        &self.info.id
+    }
+
+    /// The base URL an official vendor SDK takes to call this key's vendor
+    /// through the proxy at `proxy` (see [`base_url`]).
+    pub fn base_url(&self, proxy: &str, sdk: &str) -> String {
+        base_url(proxy, &self.info.vendor, sdk)
+    }
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key", &"<secret>")
+            .field("info", &self.info)
+            .field("confirmation", &self.confirmation)
+            .finish()
+    }
+}
+
+/// `{proxy}/{vendor}/v1` for the OpenAI SDKs (they expect the version in
+/// the base URL), `{proxy}/{vendor}` for the others.
+pub fn base_url(proxy: &str, vendor: &str, sdk: &str) -> String {
+    let root = format!("{}/{vendor}", proxy.trim_end_matches('/'));
+    if sdk == "openai" {
+        format!("{root}/v1")
+    } else {
+        root
+    }
+}
+
+/// Which audit entries to read; empty fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub key_id: String,
+    pub agent_run_label: String,
+    pub vendor: String,
+    pub since: Option<prost_types::Timestamp>,
+    pub until: Option<prost_types::Timestamp>,
+}
+
+/// keycap's admin API with typed errors.
+#[derive(Clone)]
+pub struct Client {
+    raw: AdminClient,
+    addr: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("addr", &self.addr).finish()
+    }
+}
+
+impl Client {
+    /// Connects to the control plane at `addr` (`http://` or `https://`),
+    /// verifying https against the PEM CAs in `ca` or the system's roots.
+    pub async fn connect(addr: &str, admin_token: &str, ca: Option<&Path>) -> Result<Client> {
+        Ok(Client {
+            raw: AdminClient::connect(addr, admin_token, ca).await?,
+            addr: addr.to_string(),
+        })
+    }
+
+    /// The raw gRPC clients, for calls this surface does not cover.
+    pub fn raw(&mut self) -> &mut AdminClient {
+        &mut self.raw
+    }
+
+    fn fail(&self) -> impl Fn(Status) -> Error + '_ {
+        |s| Error::from_status(s, &self.addr)
+    }
+
+    pub async fn put_vendor(
+        &mut self,
+        name: &str,
+        profile: &str,
+        base_url: &str,
+        credential: Option<&str>,
+    ) -> Result<pb::PutVendorResponse> {
+        let req = pb::PutVendorRequest {
+            name: name.to_string(),
+            profile: profile.to_string(),
+            base_url: base_url.to_string(),
+            credential: credential.unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        let r = self.raw.vendors.put_vendor(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    pub async fn get_vendor(&mut self, name: &str) -> Result<pb::Vendor> {
+        let req = pb::GetVendorRequest {
+            name: name.to_string(),
+        };
+        let r = self.raw.vendors.get_vendor(req).await;
+        Ok(r.map_err(self.fail())?
+            .into_inner()
+            .vendor
+            .unwrap_or_default())
+    }
+
+    pub async fn list_vendors(&mut self) -> Result<Vec<pb::Vendor>> {
+        let r = self
+            .raw
+            .vendors
+            .list_vendors(pb::ListVendorsRequest {})
+            .await;
+        Ok(r.map_err(self.fail())?.into_inner().vendors)
+    }
+
+    pub async fn delete_vendor(&mut self, name: &str) -> Result<pb::FleetConfirmation> {
+        let req = pb::DeleteVendorRequest {
+            name: name.to_string(),
+            ack_timeout_ms: 0,
+        };
+        let r = self.raw.vendors.delete_vendor(req).await;
+        Ok(r.map_err(self.fail())?
+            .into_inner()
+            .confirmation
+            .unwrap_or_default())
+    }
+
+    pub async fn create_key(&mut self, k: NewKey) -> Result<CreatedKey> {
+        let req = pb::CreateKeyRequest {
+            vendor: k.vendor,
+            allowed_endpoints: k.allowed_endpoints,
+            daily_cap_micros: k.daily_usd_cap.0,
+            per_call_cap_micros: k.per_call_usd_cap.map_or(0, |m| m.0),
+            lifetime_cap_micros: k.lifetime_usd_cap.map_or(0, |m| m.0),
+            expires_in_seconds: i64::try_from(k.expires_in.as_secs()).unwrap_or(i64::MAX),
+            agent_run_label: k.agent_run_label,
+            rate_limit_per_minute: k.rate_limit_per_minute.unwrap_or(0),
+            allowed_cidrs: k.allowed_cidrs,
+            zone: k.zone.unwrap_or_default(),
+            parent_id: k.parent_id.unwrap_or_default(),
+            ..Default::default()
+        };
+        let r = self.raw.keys.create_key(req).await;
+        let r = r.map_err(self.fail())?.into_inner();
+        Ok(CreatedKey {
+            key: r.secret,
+            info: r.key.unwrap_or_default(),
+            confirmation: r.confirmation,
+        })
+    }
+
+    pub async fn get_key(&mut self, id: &str) -> Result<pb::VaultKey> {
+        let req = pb::GetKeyRequest { id: id.to_string() };
+        let r = self.raw.keys.get_key(req).await;
+        Ok(r.map_err(self.fail())?.into_inner().key.unwrap_or_default())
+    }
+
+    pub async fn list_keys(
+        &mut self,
+        agent_run_label: &str,
+        include_inactive: bool,
+    ) -> Result<Vec<pb::VaultKey>> {
+        let req = pb::ListKeysRequest {
+            agent_run_label: agent_run_label.to_string(),
+            vendor: String::new(),
+            include_inactive,
+        };
+        let r = self.raw.keys.list_keys(req).await;
+        Ok(r.map_err(self.fail())?.into_inner().keys)
+    }
+
+    /// Revokes a key; returns once the proxies confirmed (or the wait ended).
+    pub async fn revoke_key(&mut self, id: &str) -> Result<pb::RevokeKeyResponse> {
+        let req = pb::RevokeKeyRequest {
+            id: id.to_string(),
+            ack_timeout_ms: 0,
+        };
+        let r = self.raw.keys.revoke_key(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// Revokes every key of an agent run.
+    pub async fn revoke_run(&mut self, agent_run_label: &str) -> Result<pb::RevokeRunResponse> {
+        let req = pb::RevokeRunRequest {
+            agent_run_label: agent_run_label.to_string(),
+            ack_timeout_ms: 0,
+        };
+        let r = self.raw.keys.revoke_run(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// An issuer token for `key_id`: `(secret, token)`.
+    pub async fn create_issuer_token(
+        &mut self,
+        key_id: &str,
+        name: &str,
+        expires_in: Duration,
+    ) -> Result<(String, pb::IssuerToken)> {
+        let req = pb::CreateIssuerTokenRequest {
+            key_id: key_id.to_string(),
+            name: name.to_string(),
+            expires_in_seconds: i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX),
+        };
+        let r = self.raw.keys.create_issuer_token(req).await;
+        let r = r.map_err(self.fail())?.into_inner();
+        Ok((r.secret, r.token.unwrap_or_default()))
+    }
+
+    /// Every matching audit entry, newest first, over all pages.
+    pub async fn audit_query(&mut self, filter: &AuditFilter) -> Result<Vec<pb::AuditEntry>> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = pb::QueryAuditRequest {
+                key_id: filter.key_id.clone(),
+                agent_run_label: filter.agent_run_label.clone(),
+                vendor: filter.vendor.clone(),
+                since: filter.since,
+                until: filter.until,
+                page_size: AUDIT_PAGE_SIZE,
+                page_token,
+            };
+            let r = self.raw.audit.query_audit(req).await;
+            let r = r.map_err(self.fail())?.into_inner();
+            out.extend(r.entries);
+            if r.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = r.next_page_token;
+        }
+    }
+
+    /// What an agent run spent, in total and per vendor.
+    pub async fn spend(&mut self, agent_run_label: &str) -> Result<pb::SpendSummaryResponse> {
+        let req = pb::SpendSummaryRequest {
+            agent_run_label: agent_run_label.to_string(),
+        };
+        let r = self.raw.audit.spend_summary(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataValue;
+
+    #[test]
+    fn a_refusal_carries_keycaps_code_and_field() {
+        let mut s = Status::invalid_argument("daily_cap_micros: must be greater than 0");
+        s.metadata_mut().insert(
+            "keycap-error",
+            MetadataValue::from_static("invalid_request"),
+        );
+        s.metadata_mut().insert(
+            "keycap-field",
+            MetadataValue::from_static("daily_cap_micros"),
+        );
+        let e = Error::from_status(s, "http://127.0.0.1:1");
+        assert_eq!(e.code(), "invalid_request");
+        assert_eq!(e.field(), Some("daily_cap_micros"));
+        assert_eq!(
+            e.to_string(),
+            "invalid_request: daily_cap_micros: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn a_transport_failure_names_the_address_only() {
+        let e = Error::from_status(Status::unavailable("tcp connect error: ..."), "http://h:1");
+        assert_eq!(e.code(), "unavailable");
+        assert_eq!(
+            e.to_string(),
+            "unavailable: the control plane at http://h:1 is unreachable"
+        );
+    }
+
+    #[test]
+    fn base_urls_follow_each_sdks_convention() {
+        assert_eq!(
+            base_url("http://p:8080/", "openai", "openai"),
+            "http://p:8080/openai/v1"
+        );
+        assert_eq!(
+            base_url("http://p:8080", "claude", "anthropic"),
+            "http://p:8080/claude"
+        );
+    }
+}

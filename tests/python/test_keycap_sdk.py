@@ -1,0 +1,228 @@
+"""keycap's own Python SDK (sdk/python) against the real `keycap dev` and
+the mock vendor, the way a Python team walks it: register a vendor, mint a
+key, call the vendor through the proxy with the official `openai` client
+pointed at keycap by the key's `base_url`, meet the cap refusal, revoke the
+run, then read the audit and the spend. Then its errors: the server's code,
+message and field; one clear error for a wrong token or an unreachable
+server; no token in any error or repr. The same flow on `AsyncClient`.
+Also: the checked-in generated code matches a fresh `scripts/gen-sdks`,
+and the package type-checks under mypy --strict.
+"""
+
+import asyncio
+import filecmp
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import pytest
+
+import keycap as kc
+from conftest import CREDENTIAL, ROOT, SPEND_SETTLES, free_ports
+
+CHAT = ["POST /v1/chat/completions"]
+
+
+def chat(ai):
+    r = ai.chat.completions.create(model="gpt-4o", max_tokens=10,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "Hello from the mock.", r
+
+
+def settled(probe):
+    """`probe()` once it is truthy: spend reaches the control plane in
+    batches just after the answer."""
+    deadline = time.monotonic() + SPEND_SETTLES
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "spend never reached the control plane"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def client(keycap):
+    with kc.Client(addr=keycap.control, token=keycap.admin_token) as c:
+        yield c
+
+
+def test_a_python_team_walks_the_whole_flow(keycap, client):
+    written = client.vendors.put("py-openai", profile="openai", base_url=keycap.mock_url,
+                                 credential=CREDENTIAL)
+    assert written.created and written.confirmation.all_confirmed, written
+    assert written.vendor.profile == "openai" and written.vendor.created_at.tzinfo is not None
+    assert client.vendors.get("py-openai").base_url == keycap.mock_url
+    assert "py-openai" in [v.name for v in client.vendors.list()]
+
+    run = "py-sdk/run-1"
+    created = client.keys.create(vendor="py-openai", daily_usd_cap=Decimal("1.5"),
+                                 allowed_endpoints=CHAT, expires_in=timedelta(hours=1),
+                                 agent_run_label=run, per_call_usd_cap="0.5")
+    assert created.key.startswith("kc_") and created.id
+    assert created.expires_at - datetime.now(timezone.utc) > timedelta(minutes=59)
+    assert created.info.daily_usd_cap == Decimal("1.5")
+    assert created.info.per_call_usd_cap == Decimal("0.5")
+    assert created.info.status == "active"
+    assert created.key not in repr(created)
+
+    ai = openai.OpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key, max_retries=0)
+    chat(ai)
+    key = settled(lambda: (k := client.keys.get(created.id)).calls_today == 1 and k)
+    assert Decimal(0) < key.spent_today_usd < Decimal("0.5")
+    assert key.remaining_today_usd == Decimal("1.5") - key.spent_today_usd
+
+    # A second key of the same run whose cap no call fits: the official
+    # client raises its rate-limit error with keycap's code.
+    tiny = client.keys.create(vendor="py-openai", daily_usd_cap="0.0001", allowed_endpoints=CHAT,
+                              expires_in="1h", agent_run_label=run)
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(openai.OpenAI(base_url=tiny.base_url(keycap.proxy), api_key=tiny.key, max_retries=0))
+    assert refused.value.code == "daily_cap_exceeded"
+
+    revoked = client.keys.revoke_run(run)
+    assert sorted(revoked.revoked_ids) == sorted([created.id, tiny.id])
+    assert revoked.confirmation.all_confirmed
+    with pytest.raises(openai.AuthenticationError) as gone:
+        chat(ai)
+    assert gone.value.code == "key_revoked"
+    assert client.keys.get(created.id).status == "revoked"
+    assert {k.id for k in client.keys.list(agent_run_label=run)} == set()
+    assert {k.id for k in client.keys.list(agent_run_label=run, include_inactive=True)} == {
+        created.id, tiny.id}
+
+    spend = client.spend(agent_run_label=run)
+    assert spend.total_usd == key.spent_today_usd and spend.calls == 1
+    assert [(v.vendor, v.total_usd) for v in spend.vendors] == [("py-openai", spend.total_usd)]
+    entries = list(client.audit.query(agent_run_label=run))
+    outcomes = sorted(e.outcome for e in entries)
+    assert len(entries) >= 1 and all(e.vendor == "py-openai" for e in entries), entries
+    forwarded = [e for e in entries if e.key_id == created.id and e.cost_usd > 0]
+    assert len(forwarded) == 1, outcomes
+    assert forwarded[0].cost_usd == spend.total_usd
+    assert forwarded[0].path == "/v1/chat/completions" and forwarded[0].at.tzinfo is not None
+
+    assert client.vendors.delete("py-openai").all_confirmed
+    with pytest.raises(kc.NotFound) as missing:
+        client.vendors.get("py-openai")
+    assert missing.value.code == "not_found"
+
+
+def test_the_audit_iterates_over_every_page(keycap, client):
+    # More entries than one page holds would take minutes to make; instead
+    # a key's entries come back whole and newest first, and the iterator
+    # stops on the last page.
+    created = client.keys.create(vendor="openai", daily_usd_cap="5", allowed_endpoints=CHAT,
+                                 expires_in="1h", agent_run_label="py-sdk/audit")
+    ai = openai.OpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key, max_retries=0)
+    for _ in range(3):
+        chat(ai)
+    entries = settled(lambda: (e := list(client.audit.query(key_id=created.id))) and len(e) == 3 and e)
+    seqs = [e.seq for e in entries]
+    assert seqs == sorted(seqs, reverse=True)
+    since = entries[-1].at
+    assert len(list(client.audit.query(key_id=created.id, since=since))) == 3
+    assert list(client.audit.query(key_id=created.id, until=since - timedelta(hours=1))) == []
+
+
+def test_the_servers_refusal_names_its_code_and_field(client):
+    with pytest.raises(kc.InvalidRequest) as bad:
+        client.keys.create(vendor="openai", daily_usd_cap=0, allowed_endpoints=CHAT,
+                           expires_in="1h")
+    assert bad.value.code == "invalid_request"
+    assert bad.value.field == "daily_cap_micros"  # the gRPC field the server judged
+    assert "must be greater than 0" in bad.value.message
+    with pytest.raises(kc.InvalidRequest) as bad:
+        client.keys.create(vendor="openai", daily_usd_cap=1, allowed_endpoints=["FETCH /x"],
+                           expires_in="1h")
+    assert bad.value.field == "allowed_endpoints", repr(bad.value)
+    with pytest.raises(kc.NotFound):
+        client.keys.get("no-such-key")
+    # A float never holds money: refused before anything is sent.
+    with pytest.raises(kc.InvalidRequest) as bad:
+        client.keys.create(vendor="openai", daily_usd_cap=0.1, allowed_endpoints=CHAT,
+                           expires_in="1h")
+    assert bad.value.field == "daily_usd_cap"
+
+
+def test_a_wrong_token_is_one_clear_error_without_the_token(keycap):
+    token = "kcadm_live_definitely-not-a-real-token"
+    with kc.Client(addr=keycap.control, token=token) as c:
+        with pytest.raises(kc.Unauthenticated) as e:
+            c.vendors.list()
+    assert e.value.code == "unauthenticated"
+    assert str(e.value) == "unauthenticated: missing or invalid token"
+    for text in (str(e.value), repr(e.value), repr(c), repr(c.keys)):
+        assert token not in text
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_an_unreachable_server_is_one_clear_error(keycap):
+    (port,) = free_ports(1)
+    addr = f"http://127.0.0.1:{port}"
+    with kc.Client(addr=addr, token=keycap.admin_token, timeout=2) as c:
+        with pytest.raises(kc.Unavailable) as e:
+            c.keys.list()
+    assert str(e.value) == f"unavailable: the control plane at {addr} is unreachable"
+    assert keycap.admin_token not in repr(e.value)
+
+
+def test_no_token_at_all_is_refused_before_connecting(monkeypatch):
+    monkeypatch.delenv("KEYCAP_ADMIN_TOKEN", raising=False)
+    with pytest.raises(kc.Unauthenticated):
+        kc.Client(addr="http://127.0.0.1:1")
+
+
+def test_the_environment_configures_the_client(keycap, monkeypatch):
+    monkeypatch.setenv("KEYCAP_ADDR", keycap.control)
+    monkeypatch.setenv("KEYCAP_ADMIN_TOKEN", keycap.admin_token)
+    with kc.Client() as c:
+        assert "openai" in [v.name for v in c.vendors.list()]
+
+
+def test_the_async_client_has_the_same_surface(keycap):
+    async def flow():
+        async with kc.AsyncClient(addr=keycap.control, token=keycap.admin_token) as c:
+            created = await c.keys.create(vendor="openai", daily_usd_cap="2", allowed_endpoints=CHAT,
+                                          expires_in=3600, agent_run_label="py-sdk/async")
+            ai = openai.AsyncOpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key,
+                                    max_retries=0)
+            r = await ai.chat.completions.create(model="gpt-4o", max_tokens=10,
+                                                 messages=[{"role": "user", "content": "hi"}])
+            assert r.choices[0].message.content == "Hello from the mock."
+            assert [k.id for k in await c.keys.list(agent_run_label="py-sdk/async")] == [created.id]
+            deadline = time.monotonic() + SPEND_SETTLES
+            while (await c.spend(agent_run_label="py-sdk/async")).calls != 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            entries = [e async for e in c.audit.query(key_id=created.id)]
+            assert len(entries) == 1 and entries[0].cost_usd > 0
+            revoked = await c.keys.revoke(created.id)
+            assert revoked.key.status == "revoked" and revoked.confirmation.all_confirmed
+            with pytest.raises(kc.InvalidRequest) as bad:
+                await c.keys.create(vendor="openai", daily_usd_cap="1", allowed_endpoints=CHAT,
+                                    expires_in="0s")
+            assert bad.value.field is not None
+    asyncio.run(flow())
+
+
+def test_the_checked_in_generated_code_is_fresh(tmp_path):
+    subprocess.run([str(ROOT / "scripts" / "gen-sdks"), "--into", str(tmp_path)], check=True)
+    fresh = tmp_path / "sdk" / "python" / "src" / "keycap" / "v1"
+    checked_in = ROOT / "sdk" / "python" / "src" / "keycap" / "v1"
+    names = sorted(p.name for p in fresh.iterdir())
+    assert names == sorted(p.name for p in checked_in.iterdir() if p.name != "__pycache__")
+    _, differ, errors = filecmp.cmpfiles(fresh, checked_in, names, shallow=False)
+    assert differ == [] and errors == [], f"run scripts/gen-sdks: {differ or errors} changed"
+    packaged = ROOT / "sdk" / "python" / "LICENSE"
+    assert packaged.read_bytes() == (ROOT / "LICENSE").read_bytes(), "run scripts/gen-sdks"
+
+
+def test_the_sdk_type_checks_strictly():
+    r = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT / "sdk" / "python",
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
