@@ -77,6 +77,49 @@ pub struct Reservation {
     pub amount: Micros,
 }
 
+/// A reservation held for one call, resolved exactly once: `resolve`
+/// consumes it, and one dropped unresolved is released. Only a call that
+/// never left drops it so; a call that has left resolves it when it
+/// settles (see `proxy::Call`), so the drop is never the path that money
+/// takes once the vendor may have charged.
+#[must_use = "a held reservation is released when dropped"]
+pub struct Held {
+    budget: Arc<Budget>,
+    reservation: Option<Reservation>,
+}
+
+impl Held {
+    pub fn amount(&self) -> Micros {
+        self.reservation().amount
+    }
+
+    pub fn lease_id(&self) -> &str {
+        &self.reservation().lease_id
+    }
+
+    pub fn day(&self) -> &str {
+        &self.reservation().day
+    }
+
+    fn reservation(&self) -> &Reservation {
+        self.reservation.as_ref().expect("held until resolved")
+    }
+
+    /// Resolves the reservation to `cost` (0 releases it).
+    pub fn resolve(mut self, cost: Micros) {
+        let r = self.reservation.take().expect("held until resolved");
+        self.budget.resolve(r, cost);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            self.budget.resolve(r, Micros::ZERO);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct LocalLease {
     id: String,
@@ -364,6 +407,36 @@ impl Budget {
             gave_back = true;
             self.send_shrink(shrink).await;
         }
+    }
+
+    /// `reserve`, held by a guard that resolves it exactly once.
+    pub async fn hold(
+        self: &Arc<Self>,
+        key: &KeyPolicy,
+        amount: Micros,
+        now: DateTime<Utc>,
+    ) -> Result<Held, Refusal> {
+        let reservation = self.reserve(key, amount, now).await?;
+        Ok(Held {
+            budget: self.clone(),
+            reservation: Some(reservation),
+        })
+    }
+
+    /// What `key_id` has left as this node knows it: what its current
+    /// lease still holds plus what the control plane last said was left
+    /// outside every lease (so leases other nodes hold count as spent: a
+    /// lower bound). `None` before this node has drawn on the key.
+    pub fn remaining(&self, key_id: &str) -> Option<Micros> {
+        let slot = self
+            .keys
+            .lock()
+            .expect("budget map lock")
+            .get(key_id)?
+            .clone();
+        let st = slot.state();
+        let lease = st.current.as_ref()?;
+        Some(Micros((lease.available() + st.unleased).max(0)))
     }
 
     /// This run's mark in the ids of the leases it opens.

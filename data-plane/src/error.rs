@@ -58,6 +58,9 @@ pub enum Refusal {
     /// how keycap prices it (`body_headers`).
     #[error("{0}")]
     AmbiguousRequest(String),
+    /// A `Keycap-Context` header that breaks its grammar or bounds.
+    #[error("{0}")]
+    InvalidContext(#[from] crate::context::ContextError),
     #[error("this call would cost {cost} USD, above the key's per-call cap of {cap} USD")]
     PerCallCapExceeded { cost: Micros, cap: Micros },
     #[error("this call would exceed the key's daily cap")]
@@ -115,6 +118,7 @@ impl Refusal {
             Refusal::UnauthenticatedBusy => "unauthenticated_busy",
             Refusal::Unpriceable { code, .. } => code,
             Refusal::AmbiguousRequest(_) => "ambiguous_request",
+            Refusal::InvalidContext(_) => "invalid_context",
             Refusal::PerCallCapExceeded { .. } => "per_call_cap_exceeded",
             Refusal::DailyCapExceeded { .. } => "daily_cap_exceeded",
             Refusal::LifetimeCapExceeded { .. } => "lifetime_cap_exceeded",
@@ -136,6 +140,7 @@ impl Refusal {
             Refusal::InvalidTarget(_)
             | Refusal::Unpriceable { .. }
             | Refusal::AmbiguousRequest(_)
+            | Refusal::InvalidContext(_)
             | Refusal::BodyUnreadable => StatusCode::BAD_REQUEST,
             Refusal::UnknownVendor(_) => StatusCode::NOT_FOUND,
             Refusal::InvalidKey | Refusal::KeyExpired | Refusal::KeyRevoked => {

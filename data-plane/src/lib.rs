@@ -19,6 +19,7 @@ pub mod budget;
 pub mod check;
 pub mod client_addr;
 pub mod config;
+pub mod context;
 pub mod edge;
 pub mod envelope;
 pub mod spool;

@@ -1,14 +1,18 @@
 //! The request path: target, key, allowlist, price, reserve, forward,
 //! settle, report. See DESIGN.md "Request path in the proxy".
 //!
-//! Every call that reaches `forward` holds a reservation, and every
-//! reservation is resolved exactly once: on a connect failure (released), on
-//! a settled response, or when a streamed response ends or is abandoned. A
+//! A call moves through typed phases: `Admitted` (steps 1-3) -> `Priced`
+//! -> `Reserved` (holds a `budget::Held`) -> `Call` (recorded on disk and
+//! forwarded) -> settled. The reservation is a guard resolved exactly
+//! once: a `Reserved` call dropped before it leaves releases it; a `Call`
+//! resolves it when it settles (from the response, or at the reservation
+//! when dropped first) or releases it when nothing reached the vendor. A
 //! call that cannot be priced or authenticated is refused before anything
 //! leaves. The agent's `Authorization` never leaves; the vendor's credential
 //! never reaches the agent.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -33,8 +37,9 @@ use serde_json::Value;
 
 use crate::admission::UnauthenticatedShare;
 use crate::body::{self, BodyReadError, ChunkObserver, ObservedBody, ProxyBody};
-use crate::budget::{Budget, Reservation};
+use crate::budget::{Budget, Held};
 use crate::client_addr;
+use crate::context;
 use crate::envelope::{self, Envelope};
 use crate::error::Refusal;
 use crate::fleet::{Replica, Replicas};
@@ -185,6 +190,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// On every answer to a vendor call: the id of its audit entry.
+const KEYCAP_CALL_ID: HeaderName = HeaderName::from_static("keycap-call-id");
+/// On an answer whose cost was settled before its head left.
+const KEYCAP_COST_USD: HeaderName = HeaderName::from_static("keycap-cost-usd");
+const KEYCAP_REMAINING_USD: HeaderName = HeaderName::from_static("keycap-remaining-usd");
+
 /// Where Anthropic's SDKs send the API key, and so where an agent built on
 /// them sends its vault key.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -260,34 +271,61 @@ impl Proxy {
             return Ok(resp);
         }
         let mut envelope: Envelope = envelope::before_authentication;
-        Ok(
-            match self
-                .clone()
-                .call_vendor(req, now, peer.ip(), &mut envelope)
-                .await
-            {
-                Ok(resp) => {
-                    self.metrics.request("forwarded");
-                    resp
-                }
-                Err(refusal) => {
-                    self.metrics.request(refusal.code());
-                    closing_after(refusal, version, now, envelope)
-                }
-            },
-        )
+        // The id of the call's audit entry, on its answer whatever it is.
+        let call_id = self.spend.next_event_id();
+        let mut resp = match self
+            .clone()
+            .call_vendor(req, now, peer.ip(), &call_id, &mut envelope)
+            .await
+        {
+            Ok(resp) => {
+                self.metrics.request("forwarded");
+                resp
+            }
+            Err(refusal) => {
+                self.metrics.request(refusal.code());
+                closing_after(refusal, version, now, envelope)
+            }
+        };
+        if let Ok(v) = header::HeaderValue::from_str(&call_id) {
+            resp.headers_mut().insert(KEYCAP_CALL_ID, v);
+        }
+        Ok(resp)
     }
 
-    /// Steps 1-4 of the request path, then `forward`. Sets `envelope` to
-    /// the key's vendor's once the key is known: a refusal before that is
-    /// worded the same whatever vendor the path names.
+    /// The request path as phases: a call is admitted (steps 1-3),
+    /// priced, reserved, recorded and forwarded, then settled (step 6,
+    /// in `Call`). Sets `envelope` to the key's vendor's once the key is
+    /// known: a refusal before that is worded the same whatever vendor the
+    /// path names.
     async fn call_vendor(
         self: Arc<Self>,
         req: Request<Incoming>,
         now: DateTime<Utc>,
         peer: IpAddr,
+        call_id: &str,
         envelope: &mut Envelope,
     ) -> Result<Response<ProxyBody>, Refusal> {
+        let admitted = self.admit(req, now, peer, envelope).await?;
+        let rate = admitted.rate;
+        let priced = self.price(admitted, call_id, now).await?;
+        let (call, up) = priced.reserve().await?.record()?;
+        let mut resp = call.forward(up).await?;
+        if let Some(rate) = rate {
+            rate.insert_headers(resp.headers_mut());
+        }
+        Ok(resp)
+    }
+
+    /// Steps 1-3: the target, the key, its authorisation and rate, and the
+    /// body, read once. Sets `envelope` as `call_vendor` says.
+    async fn admit(
+        &self,
+        req: Request<Incoming>,
+        now: DateTime<Utc>,
+        peer: IpAddr,
+        envelope: &mut Envelope,
+    ) -> Result<Admitted, Refusal> {
         let raw_target = req
             .uri()
             .path_and_query()
@@ -361,6 +399,8 @@ impl Proxy {
         // them does not use up the key's rate; one refused later (body,
         // price, cap) has used it.
         let rate = self.check_rate(&key)?;
+        let agent_context = context::read(req.headers())?;
+        let trace_id = context::trace_id(req.headers());
 
         // One reading of the body, the vendor's and pricing's alike.
         crate::body_headers::check(req.headers())
@@ -382,6 +422,40 @@ impl Proxy {
         headers.remove(header::AUTHORIZATION);
         headers.remove(X_API_KEY);
         headers.remove(header::CONTENT_LENGTH);
+        headers.remove(context::KEYCAP_CONTEXT);
+        Ok(Admitted {
+            key,
+            vendor,
+            target,
+            method: parts.method,
+            headers,
+            body,
+            rate,
+            agent_context,
+            trace_id,
+        })
+    }
+
+    /// Step 4a: the call's price, its idempotency, its per-call cap, and
+    /// the request that will leave.
+    async fn price(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        call_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Priced, Refusal> {
+        let Admitted {
+            key,
+            vendor,
+            target,
+            method: http_method,
+            mut headers,
+            body,
+            rate: _,
+            agent_context,
+            trace_id,
+        } = admitted;
+        let method = http_method.as_str().to_string();
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
@@ -460,50 +534,34 @@ impl Proxy {
                 });
             }
         }
-        let reservation = self.budget.reserve(&key, quote.reserve, now).await?;
-
         headers.insert(vendor.credential_header.clone(), vendor.credential.clone());
-        let uri = target::join(&vendor.base_url, &target);
+        let uri = target::join(&vendor.base_url, &target)
+            .parse()
+            .map_err(|_| Refusal::InvalidTarget("target is not a valid URL".into()))?;
         let body = quote.forward_body.take().unwrap_or(body);
         let mut up = Request::new(Full::new(body));
-        *up.method_mut() = parts.method;
+        *up.method_mut() = http_method;
         *up.headers_mut() = headers;
-        *up.uri_mut() = match uri.parse() {
-            Ok(u) => u,
-            Err(_) => {
-                self.budget.resolve(reservation, Micros::ZERO);
-                return Err(Refusal::InvalidTarget("target is not a valid URL".into()));
-            }
-        };
-        let mut call = Call {
-            proxy: self.clone(),
-            key,
-            vendor,
-            method,
-            path: target.path,
-            quote,
-            reservation: Some(reservation),
-            event_id: self.spend.next_event_id(),
-            idempotency,
-            rides_on,
-            rule,
-            quoted,
-            at: now,
-        };
-        // On disk before it leaves: a proxy killed while the vendor answers
-        // still reports the call, at its reservation, when it restarts.
-        let at_reservation = call.at_reservation();
-        if let Err(e) = self.spend.reserve(&call.event(0, &at_reservation)) {
-            tracing::error!(error = %e, "spend spool not writable; call refused");
-            let r = call.reservation.take().expect("reservation present");
-            self.budget.resolve(r, Micros::ZERO);
-            return Err(Refusal::SpendNotRecorded);
-        }
-        let mut resp = call.forward(up).await?;
-        if let Some(rate) = rate {
-            rate.insert_headers(resp.headers_mut());
-        }
-        Ok(resp)
+        *up.uri_mut() = uri;
+        Ok(Priced {
+            ticket: Ticket {
+                proxy: self.clone(),
+                key,
+                vendor,
+                method,
+                path: target.path,
+                quote,
+                event_id: call_id.to_string(),
+                trace_id,
+                agent_context,
+                idempotency,
+                rides_on,
+                rule,
+                quoted,
+                at: now,
+            },
+            up,
+        })
     }
 
     /// Step 3's network checks: the key's zone is this proxy's, and the
@@ -764,17 +822,43 @@ fn tightens(kind: &QuoteKind) -> bool {
     !matches!(kind, QuoteKind::Free | QuoteKind::Stripe { .. })
 }
 
-/// One forwarded call and everything needed to settle it.
-struct Call {
+/// A call past step 3: its key and vendor known, the call authorised and
+/// counted against the key's rate, its body read. Nothing is reserved.
+struct Admitted {
+    key: Arc<KeyPolicy>,
+    vendor: Arc<VendorPolicy>,
+    target: target::Target,
+    method: http::Method,
+    /// The agent's headers, its credential and hop-by-hop headers removed.
+    headers: HeaderMap,
+    body: Bytes,
+    rate: Option<RateStatus>,
+    /// The validated `Keycap-Context` (removed from `headers`).
+    agent_context: HashMap<String, String>,
+    /// The agent's W3C trace id, when it sent one.
+    trace_id: Option<String>,
+}
+
+/// A priced call: what its spend event will say, and the request that
+/// will leave, carrying the vendor's credential. Nothing is reserved.
+struct Priced {
+    ticket: Ticket,
+    up: Request<Full<Bytes>>,
+}
+
+/// What a call is from its price on: everything its spend event says.
+struct Ticket {
     proxy: Arc<Proxy>,
     key: Arc<KeyPolicy>,
     vendor: Arc<VendorPolicy>,
     method: String,
     path: String,
     quote: Quote,
-    reservation: Option<Reservation>,
-    /// The id its spend event carries, from its reservation record on.
+    /// The id its spend event carries, from its reservation record on:
+    /// the call's `Keycap-Call-Id`.
     event_id: String,
+    trace_id: Option<String>,
+    agent_context: HashMap<String, String>,
     /// Set when the request carried an idempotency key seen for the first
     /// time: told how the call ended.
     idempotency: Option<Guard>,
@@ -786,6 +870,60 @@ struct Call {
     rule: String,
     quoted: Micros,
     at: DateTime<Utc>,
+}
+
+impl Priced {
+    /// Step 4b: reserves the quote against the key and its ancestors.
+    async fn reserve(self) -> Result<Reserved, Refusal> {
+        let t = &self.ticket;
+        let held = t.proxy.budget.hold(&t.key, t.quote.reserve, t.at).await?;
+        Ok(Reserved {
+            ticket: self.ticket,
+            up: self.up,
+            held,
+        })
+    }
+}
+
+/// A call whose cost is reserved but that has not left: dropped, its
+/// reservation is released, since the vendor cannot have charged.
+struct Reserved {
+    ticket: Ticket,
+    up: Request<Full<Bytes>>,
+    held: Held,
+}
+
+impl Reserved {
+    /// Puts the call's reservation record on disk, so a proxy killed while
+    /// the vendor answers still reports the call, at its reservation, when
+    /// it restarts; from then on the call may leave.
+    fn record(self) -> Result<(Call, Request<Full<Bytes>>), Refusal> {
+        let at_reservation = self.ticket.event(
+            0,
+            self.ticket.at_reservation(),
+            self.held.lease_id().to_string(),
+            self.held.day().to_string(),
+            self.held.amount(),
+        );
+        if let Err(e) = self.ticket.proxy.spend.reserve(&at_reservation) {
+            tracing::error!(error = %e, "spend spool not writable; call refused");
+            return Err(Refusal::SpendNotRecorded);
+        }
+        let call = Call {
+            ticket: self.ticket,
+            held: Some(self.held),
+        };
+        Ok((call, self.up))
+    }
+}
+
+/// A forwarded call, on its way to the vendor or back, until it settles:
+/// its reservation resolves exactly once, in `settle` (or `unsent`, when
+/// nothing reached the vendor); dropped before that, it settles at its
+/// reservation.
+struct Call {
+    ticket: Ticket,
+    held: Option<Held>,
 }
 
 impl Call {
@@ -800,11 +938,7 @@ impl Call {
             Ok(Err(e)) if e.is_connect() => {
                 // Nothing reached the vendor: release.
                 tracing::warn!(vendor = %self.vendor.name, error = %e, "vendor unreachable");
-                let r = self.reservation.take().expect("reservation present");
-                self.proxy.budget.resolve(r, Micros::ZERO);
-                // Its reservation record must not be reported after a
-                // restart: it never left.
-                self.proxy.spend.never_sent(&self.event_id);
+                self.unsent();
                 return Err(if upstream::is_address_refused(&e) {
                     Refusal::UpstreamAddressRefused
                 } else {
@@ -877,7 +1011,7 @@ impl Call {
             } else {
                 Outcome::Released
             };
-            self.settle(
+            let cost = self.settle(
                 status,
                 Settlement {
                     cost: Micros::ZERO,
@@ -885,6 +1019,7 @@ impl Call {
                     detail: Value::Null,
                 },
             );
+            self.cost_headers(cost, &mut parts.headers);
             let scrub = StreamScrub::new(self.vendor.scrub.clone());
             let body = ObservedBody::new(incoming, Box::new(scrub));
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
@@ -901,7 +1036,8 @@ impl Call {
                         body: &bytes,
                     },
                 );
-                self.settle(status, settlement);
+                let cost = self.settle(status, settlement);
+                self.cost_headers(cost, &mut parts.headers);
                 parts.headers.remove(header::CONTENT_LENGTH);
                 let bytes = self.vendor.scrub.bytes(bytes);
                 Ok(Response::from_parts(parts, body::bytes(bytes)))
@@ -915,6 +1051,93 @@ impl Call {
     }
 
     fn at_reservation(&self) -> Settlement {
+        self.ticket.at_reservation()
+    }
+
+    /// Nothing reached the vendor: the reservation is released, and its
+    /// record must not be reported after a restart.
+    fn unsent(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        held.resolve(Micros::ZERO);
+        self.proxy.spend.never_sent(&self.ticket.event_id);
+    }
+
+    /// Step 6: resolves the reservation and reports the spend event. Runs
+    /// once.
+    fn settle(&mut self, status: u16, mut s: Settlement) -> Option<Micros> {
+        let held = self.held.take()?;
+        let t = &mut self.ticket;
+        let reserved = held.amount();
+        if let Some(original) = t.rides_on {
+            // Whether the vendor replayed the original or executed this
+            // retry in its place, it charged for one call, already counted.
+            s.cost = s.cost.saturating_sub(original).max(Micros::ZERO);
+            if s.cost <= reserved {
+                if let Value::Object(d) = &mut s.detail {
+                    d.remove("exceeded_reservation");
+                }
+            }
+        }
+        let lease_id = held.lease_id().to_string();
+        let day = held.day().to_string();
+        held.resolve(s.cost);
+        if s.cost > reserved
+            && tightens(&t.quote.kind)
+            && t.proxy
+                .tightening
+                .record(&t.vendor.name, &t.rule, t.quoted, s.cost)
+        {
+            tracing::warn!(
+                vendor = %t.vendor.name,
+                rule = %t.rule,
+                reserved = reserved.0,
+                cost = s.cost.0,
+                "a call cost more than was reserved; later reservations under this rule are raised"
+            );
+        }
+        if let Some(guard) = t.idempotency.take() {
+            // A call counted at its reservation (its outcome unknown) may
+            // have been charged: its retry rides on that count too.
+            let counted = s.outcome != Outcome::Released && s.cost > Micros::ZERO;
+            guard.done(counted.then_some(s.cost));
+        }
+        t.proxy.metrics.settled(&t.vendor.name, s.cost.0);
+        let cost = s.cost;
+        let event = t.event(status, s, lease_id, day, reserved);
+        t.proxy.spend.send(event);
+        Some(cost)
+    }
+
+    /// `Keycap-Cost-USD` (what the call was counted at) and
+    /// `Keycap-Remaining-USD` (what the key has left as this proxy knows
+    /// it, see `Budget::remaining`) on a response settled before its head
+    /// leaves.
+    fn cost_headers(&self, cost: Option<Micros>, headers: &mut HeaderMap) {
+        let Some(cost) = cost else {
+            return;
+        };
+        let usd = |m: Micros| header::HeaderValue::from_str(&m.to_string());
+        if let Ok(v) = usd(cost) {
+            headers.insert(KEYCAP_COST_USD, v);
+        }
+        if let Some(Ok(v)) = self.proxy.budget.remaining(&self.key.id).map(usd) {
+            headers.insert(KEYCAP_REMAINING_USD, v);
+        }
+    }
+}
+
+impl std::ops::Deref for Call {
+    type Target = Ticket;
+
+    fn deref(&self) -> &Ticket {
+        &self.ticket
+    }
+}
+
+impl Ticket {
+    fn at_reservation(&self) -> Settlement {
         Settlement {
             cost: self.quote.reserve,
             outcome: Outcome::SettledAtReservation,
@@ -922,65 +1145,9 @@ impl Call {
         }
     }
 
-    /// Resolves the reservation and reports the spend event. Runs once.
-    fn settle(&mut self, status: u16, mut s: Settlement) {
-        let Some(r) = self.reservation.take() else {
-            return;
-        };
-        if let Some(original) = self.rides_on {
-            // Whether the vendor replayed the original or executed this
-            // retry in its place, it charged for one call, already counted.
-            s.cost = s.cost.saturating_sub(original).max(Micros::ZERO);
-            if s.cost <= r.amount {
-                if let Value::Object(d) = &mut s.detail {
-                    d.remove("exceeded_reservation");
-                }
-            }
-        }
-        let lease_id = r.lease_id.clone();
-        let day = r.day.clone();
-        let reserved = r.amount;
-        self.proxy.budget.resolve(r, s.cost);
-        if s.cost > reserved
-            && tightens(&self.quote.kind)
-            && self
-                .proxy
-                .tightening
-                .record(&self.vendor.name, &self.rule, self.quoted, s.cost)
-        {
-            tracing::warn!(
-                vendor = %self.vendor.name,
-                rule = %self.rule,
-                reserved = reserved.0,
-                cost = s.cost.0,
-                "a call cost more than was reserved; later reservations under this rule are raised"
-            );
-        }
-        if let Some(guard) = self.idempotency.take() {
-            // A call counted at its reservation (its outcome unknown) may
-            // have been charged: its retry rides on that count too.
-            let counted = s.outcome != Outcome::Released && s.cost > Micros::ZERO;
-            guard.done(counted.then_some(s.cost));
-        }
-        self.proxy.metrics.settled(&self.vendor.name, s.cost.0);
-        let event = self.event_for(status, s, lease_id, day, reserved);
-        self.proxy.spend.send(event);
-    }
-
-    /// The spend event of this call had it settled as `s`, before its
-    /// reservation is resolved.
-    fn event(&self, status: u16, s: &Settlement) -> pb::SpendEvent {
-        let r = self.reservation.as_ref().expect("reservation present");
-        self.event_for(
-            status,
-            s.clone(),
-            r.lease_id.clone(),
-            r.day.clone(),
-            r.amount,
-        )
-    }
-
-    fn event_for(
+    /// The spend event of this call settled as `s` from the reservation of
+    /// `reserved` on lease `lease_id` for `day`.
+    fn event(
         &self,
         status: u16,
         s: Settlement,
@@ -1010,9 +1177,8 @@ impl Call {
                 detail.to_string()
             },
             day,
-            // No trace or agent context is read from the call yet.
-            trace_id: String::new(),
-            context: Default::default(),
+            trace_id: self.trace_id.clone().unwrap_or_default(),
+            context: self.agent_context.clone(),
         }
     }
 }
@@ -1023,10 +1189,8 @@ impl Call {
 /// entry, so neither the budget nor the ledger loses track of it.
 impl Drop for Call {
     fn drop(&mut self) {
-        if self.reservation.is_some() {
-            let settlement = self.at_reservation();
-            self.settle(0, settlement);
-        }
+        let settlement = self.at_reservation();
+        self.settle(0, settlement);
     }
 }
 
