@@ -155,6 +155,10 @@ pub struct AuditFilter {
     pub vendor: String,
     pub since: Option<prost_types::Timestamp>,
     pub until: Option<prost_types::Timestamp>,
+    /// Only entries of this W3C trace id.
+    pub trace_id: String,
+    /// `key=value`: only entries whose agent context has this pair.
+    pub context: String,
 }
 
 /// keycap's admin API with typed errors.
@@ -331,6 +335,8 @@ impl Client {
                 vendor: filter.vendor.clone(),
                 since: filter.since,
                 until: filter.until,
+                trace_id: filter.trace_id.clone(),
+                context: filter.context.clone(),
                 page_size: AUDIT_PAGE_SIZE,
                 page_token,
             };
