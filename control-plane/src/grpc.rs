@@ -606,6 +606,42 @@ impl pb::audit_service_server::AuditService for Api {
         }))
     }
 
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let caller = self.admin(&req, Operation::VerifyAudit).await?;
+        let from = req.into_inner().from_seq;
+        let v = self
+            .control
+            .verify_audit(&caller.vendors, (from != 0).then_some(from))
+            .await?;
+        let (head_seq, head_hash) = v.head.unwrap_or_default();
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: v.ok(),
+            checked: v.checked as i64,
+            legacy: v.legacy as i64,
+            head_seq,
+            head_hash: if v.head.is_some() {
+                head_hash.to_vec()
+            } else {
+                Vec::new()
+            },
+            broken_seq: v.broken.as_ref().map_or(0, |b| b.seq),
+            broken_reason: v
+                .broken
+                .as_ref()
+                .map_or("", |b| b.reason.as_str())
+                .to_string(),
+            broken_message: v
+                .broken
+                .as_ref()
+                .map_or("", |b| b.reason.describe())
+                .to_string(),
+            checkpoint_seq: v.checkpoint_seq.unwrap_or(0),
+        }))
+    }
+
     async fn spend_summary(
         &self,
         req: Request<pb::SpendSummaryRequest>,

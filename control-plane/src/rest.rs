@@ -18,7 +18,7 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use keycap_proto::Micros;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::domain::{self, invalid, AuditQuery, KeyFilter, Vendor};
@@ -71,6 +71,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/admin-tokens/{id}", delete(revoke_admin_token))
         .route("/vault/spend", get(spend))
         .route("/vault/audit", get(audit))
+        .route("/vault/audit/verify", get(verify_audit))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route(
             "/vault/{*rest}",
@@ -704,6 +705,54 @@ struct AuditParams {
     trace_id: Option<String>,
     /// `key=value`: only entries whose context has this key with this value.
     context: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    /// Start at this seq, trusting the prev_hash stored with it.
+    from: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct VerifyAnswer {
+    ok: bool,
+    checked: u64,
+    legacy: u64,
+    head_seq: Option<i64>,
+    head_hash: Option<String>,
+    broken: Option<BrokenAnswer>,
+    checkpoint_seq: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct BrokenAnswer {
+    seq: i64,
+    reason: &'static str,
+    message: &'static str,
+}
+
+async fn verify_audit(
+    State(c): Ctl,
+    headers: HeaderMap,
+    q: Result<Query<VerifyParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<VerifyAnswer>, ApiError> {
+    let caller = admin(&c, &headers, Operation::VerifyAudit).await?;
+    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let v = c.verify_audit(&caller.vendors, p.from).await?;
+    Ok(Json(VerifyAnswer {
+        ok: v.ok(),
+        checked: v.checked,
+        legacy: v.legacy,
+        head_seq: v.head.map(|(seq, _)| seq),
+        head_hash: v.head.map(|(_, h)| hex::encode(h)),
+        broken: v.broken.map(|b| BrokenAnswer {
+            seq: b.seq,
+            reason: b.reason.as_str(),
+            message: b.reason.describe(),
+        }),
+        checkpoint_seq: v.checkpoint_seq,
+    }))
 }
 
 fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {

@@ -253,6 +253,8 @@ pub enum Operation {
     RevokeRun,
     QueryAudit,
     SpendSummary,
+    /// Recompute the audit ledger's hash chain (every vendor's entries).
+    VerifyAudit,
     CreateAdminToken,
     ListAdminTokens,
     RevokeAdminToken,
@@ -268,7 +270,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 20] = [
+    pub const ALL: [Operation; 21] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -281,6 +283,7 @@ impl Operation {
         Operation::RevokeRun,
         Operation::QueryAudit,
         Operation::SpendSummary,
+        Operation::VerifyAudit,
         Operation::CreateAdminToken,
         Operation::ListAdminTokens,
         Operation::RevokeAdminToken,
@@ -310,7 +313,7 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::RevokeIssuerToken => &[S::KeysRevoke],
         O::GetKey | O::ListKeys => &[S::KeysRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
-        O::QueryAudit | O::SpendSummary => &[S::AuditRead],
+        O::QueryAudit | O::SpendSummary | O::VerifyAudit => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],
         O::ListAdminTokens => &[S::TokensRead],
         O::RotateKek => &[S::CredentialsWrite],

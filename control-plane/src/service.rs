@@ -28,6 +28,7 @@ use crate::domain::{
     VaultKey, Vendor, VendorName, BOOTSTRAP_TOKEN_NAME,
 };
 use crate::error::ApiError;
+use crate::ledger;
 use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
@@ -1433,6 +1434,20 @@ impl Control {
         let mut q = q.clone();
         q.vendors = vendors.list();
         Ok(self.store.query_audit(&q).await?)
+    }
+
+    /// Recomputes the ledger's chain from `from` (see `ledger::verify`).
+    /// The chain spans every vendor, so only a caller over all of them may.
+    pub async fn verify_audit(
+        &self,
+        vendors: &VendorScope,
+        from: Option<i64>,
+    ) -> Result<ledger::Verification, ApiError> {
+        vendors.check_all()?;
+        if from.is_some_and(|f| f < 1) {
+            return Err(domain::invalid("from", "must be a seq of at least 1").into());
+        }
+        Ok(ledger::verify(&*self.store, from, None).await?)
     }
 
     /// A run's spend over the caller's vendors only.

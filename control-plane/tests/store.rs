@@ -26,6 +26,8 @@ use sha2::{Digest, Sha256};
 
 struct Backend {
     store: Arc<dyn Store>,
+    /// The database as its owner sees it, for tests that tamper with it.
+    raw: Raw,
     // Dropped after the store: the temp dir or the test database.
     _guard: Box<dyn Any + Send>,
 }
@@ -39,6 +41,7 @@ async fn sqlite() -> Backend {
     store.migrate().await.expect("migrate sqlite");
     store.migrate().await.expect("migrate is idempotent");
     Backend {
+        raw: Raw::Sqlite(store.pool().clone()),
         store: Arc::new(store),
         _guard: Box::new(dir),
     }
@@ -52,9 +55,44 @@ async fn postgres() -> Option<Backend> {
     store.migrate().await.expect("migrate postgres");
     store.migrate().await.expect("migrate is idempotent");
     Some(Backend {
+        raw: Raw::Postgres(store.pool().clone()),
         store: Arc::new(store),
         _guard: Box::new(db),
     })
+}
+
+/// Direct SQL on a backend's database.
+#[derive(Clone)]
+pub enum Raw {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Raw {
+    /// Runs `sql` (one statement); the database's error as text.
+    pub async fn exec(&self, sql: &str) -> Result<u64, String> {
+        match self {
+            Raw::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()),
+            Raw::Postgres(p) => sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// Lets the owner change the ledger as an attacker with the database
+    /// would: the append-only triggers out of the way.
+    pub async fn disable_ledger_triggers(&self) {
+        match self {
+            Raw::Sqlite(_) => {
+                self.exec("DROP TRIGGER audit_no_update").await.unwrap();
+                self.exec("DROP TRIGGER audit_no_delete").await.unwrap();
+            }
+            Raw::Postgres(_) => {
+                self.exec("ALTER TABLE audit DISABLE TRIGGER USER")
+                    .await
+                    .unwrap();
+            }
+        }
+    }
 }
 
 macro_rules! suite {
@@ -131,6 +169,131 @@ suite!(
     audit_filters_by_trace_id_and_context,
     an_export_verifies_with_the_documented_script,
 );
+
+macro_rules! raw_suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite_raw {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let backend = super::sqlite().await;
+                    super::tamper::$case(backend.store.clone(), backend.raw.clone()).await;
+                }
+            )*
+        }
+        mod postgres_raw {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(backend) = super::postgres().await else { return };
+                    super::tamper::$case(backend.store.clone(), backend.raw.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+raw_suite!(
+    the_ledger_triggers_refuse_changes,
+    an_edited_amount_is_named,
+    a_removed_middle_entry_is_named,
+    removed_last_entries_are_caught_against_the_head,
+);
+
+/// The ledger tampered with as the database owner: verify names the entry.
+mod tamper {
+    use super::*;
+    use keycap_control::ledger::{self, ChainBreak};
+
+    type S = Arc<dyn Store>;
+
+    /// 40 entries in batches of 7; their seqs, oldest first.
+    async fn filled(s: &dyn Store) -> Vec<i64> {
+        add_key(s, key("k1", "stripe", "r", 1_000_000_000)).await;
+        let events: Vec<SpendEvent> = (0..40)
+            .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 100 + i))
+            .collect();
+        for batch in events.chunks(7) {
+            s.record_spend(batch).await.unwrap();
+        }
+        let all = check_whole_chain(s).await;
+        let v = ledger::verify(s, None, None).await.unwrap();
+        assert!(v.ok(), "{v:?}");
+        assert_eq!(v.checked, 40);
+        all.iter().map(|e| e.seq).collect()
+    }
+
+    pub async fn the_ledger_triggers_refuse_changes(s: S, raw: Raw) {
+        let seqs = filled(&*s).await;
+        let update = raw
+            .exec(&format!(
+                "UPDATE audit SET cost = 1 WHERE seq = {}",
+                seqs[3]
+            ))
+            .await;
+        assert!(update.unwrap_err().contains("append-only"));
+        let delete = raw
+            .exec(&format!("DELETE FROM audit WHERE seq = {}", seqs[3]))
+            .await;
+        assert!(delete.unwrap_err().contains("append-only"));
+        if let Raw::Postgres(_) = raw {
+            let truncate = raw.exec("TRUNCATE audit").await;
+            assert!(truncate.unwrap_err().contains("append-only"));
+        }
+        assert!(ledger::verify(&*s, None, None).await.unwrap().ok());
+    }
+
+    pub async fn an_edited_amount_is_named(s: S, raw: Raw) {
+        let seqs = filled(&*s).await;
+        raw.disable_ledger_triggers().await;
+        raw.exec(&format!(
+            "UPDATE audit SET cost = cost + 1 WHERE seq = {}",
+            seqs[17]
+        ))
+        .await
+        .unwrap();
+        let v = ledger::verify(&*s, None, None).await.unwrap();
+        let broken = v.broken.expect("the edit is found");
+        assert_eq!(
+            (broken.seq, broken.reason),
+            (seqs[17], ChainBreak::HashMismatch)
+        );
+        assert_eq!(v.checked, 17, "the entries before it hold");
+        // Verifying from after it passes: the edit is before the range.
+        let later = ledger::verify(&*s, Some(seqs[18]), None).await.unwrap();
+        assert!(later.ok(), "{later:?}");
+        assert_eq!(later.checked, 22);
+    }
+
+    pub async fn a_removed_middle_entry_is_named(s: S, raw: Raw) {
+        let seqs = filled(&*s).await;
+        raw.disable_ledger_triggers().await;
+        raw.exec(&format!("DELETE FROM audit WHERE seq = {}", seqs[25]))
+            .await
+            .unwrap();
+        let v = ledger::verify(&*s, None, None).await.unwrap();
+        let broken = v.broken.expect("the gap is found");
+        assert_eq!(
+            (broken.seq, broken.reason),
+            (seqs[26], ChainBreak::PrevMismatch)
+        );
+    }
+
+    pub async fn removed_last_entries_are_caught_against_the_head(s: S, raw: Raw) {
+        let seqs = filled(&*s).await;
+        raw.disable_ledger_triggers().await;
+        raw.exec(&format!("DELETE FROM audit WHERE seq >= {}", seqs[37]))
+            .await
+            .unwrap();
+        let v = ledger::verify(&*s, None, None).await.unwrap();
+        let broken = v.broken.expect("the truncation is found");
+        assert_eq!(
+            (broken.seq, broken.reason),
+            (seqs[37], ChainBreak::Truncated)
+        );
+        assert_eq!(v.checked, 37);
+    }
+}
 
 #[tokio::test]
 async fn sqlite_in_memory_store_works() {

@@ -31,6 +31,8 @@ mod fleet;
 mod grpc;
 #[path = "e2e/kek.rs"]
 mod kek;
+#[path = "e2e/ledger.rs"]
+mod ledger;
 #[path = "e2e/metrics.rs"]
 mod metrics;
 #[path = "e2e/replicas.rs"]

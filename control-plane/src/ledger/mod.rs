@@ -13,5 +13,7 @@
 
 pub mod chain;
 pub mod export;
+pub mod verify;
 
 pub use chain::{canonical_bytes, link, ChainBreak, ChainCheck, GENESIS};
+pub use verify::{verify, BrokenEntry, KnownPoint, Verification};

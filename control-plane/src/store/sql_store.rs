@@ -1348,6 +1348,31 @@ where
         Ok((applied, events.len() as u32 - applied))
     }
 
+    async fn audit_chain(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditEntry>> {
+        sqlx::query_as::<_, AuditRow>(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(AuditRow::into_domain)
+        .collect()
+    }
+
+    async fn ledger_head(&self) -> StoreResult<(i64, [u8; 32])> {
+        let (seq, hash): (i64, Vec<u8>) =
+            sqlx::query_as("SELECT seq, hash FROM ledger_head WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?;
+        let hash = hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?;
+        Ok((seq, hash))
+    }
+
     async fn query_audit(&self, aq: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
         let mut q = Statement::new(format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE 1 = 1"));
         if let Some(key_id) = &aq.key_id {

@@ -1,0 +1,135 @@
+//! Verifying the ledger in the database: the chain recomputed a page at a
+//! time (constant memory), then its end held against the ledger head and
+//! the latest checkpoint, so removed or rewritten last entries are caught
+//! too.
+
+use super::chain::{ChainBreak, ChainCheck};
+use crate::store::{Store, StoreResult};
+
+/// Entries read per page: large enough to amortise a round trip, small
+/// enough to keep memory flat.
+const PAGE: u32 = 5_000;
+
+/// The first entry where the chain breaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokenEntry {
+    /// The entry named: the first one that fails, or, for a truncation,
+    /// the first one missing.
+    pub seq: i64,
+    pub reason: ChainBreak,
+}
+
+/// What a verification found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verification {
+    /// Chained entries whose hash was recomputed and matched.
+    pub checked: u64,
+    /// Entries written before the ledger was chained (counted, not checked).
+    pub legacy: u64,
+    /// The last entry checked: its seq and hash.
+    pub head: Option<(i64, [u8; 32])>,
+    /// `None` when the chain holds.
+    pub broken: Option<BrokenEntry>,
+    /// The seq of the checkpoint the end was held against, if any.
+    pub checkpoint_seq: Option<i64>,
+}
+
+impl Verification {
+    pub fn ok(&self) -> bool {
+        self.broken.is_none()
+    }
+}
+
+/// A point of the chain known from elsewhere (a signed checkpoint): the
+/// entry `seq` must still exist with this hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownPoint {
+    pub seq: i64,
+    pub hash: [u8; 32],
+}
+
+/// Recomputes the chain from `from` (the first entry when `None`; from a
+/// later entry, its stored `prev_hash` is trusted) to the end, and holds
+/// the end against the ledger head and `checkpoint`.
+pub async fn verify(
+    store: &dyn Store,
+    from: Option<i64>,
+    checkpoint: Option<KnownPoint>,
+) -> StoreResult<Verification> {
+    let mut after = from.map_or(0, |f| f.saturating_sub(1));
+    let mut check: Option<ChainCheck> = from.is_none().then(ChainCheck::new);
+    let out = Verification {
+        checkpoint_seq: checkpoint.map(|c| c.seq),
+        ..Verification::default()
+    };
+    let mut checkpoint_seen = false;
+    loop {
+        let page = store.audit_chain(after, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            let c = check.get_or_insert_with(|| match e.prev_hash {
+                Some(prev) => ChainCheck::after(e.seq - 1, prev),
+                None => ChainCheck::new(),
+            });
+            if let Err(reason) = c.push(
+                e.seq,
+                &e.agent_run_label,
+                &e.event,
+                e.prev_hash.as_ref().map(|h| &h[..]),
+                e.hash.as_ref().map(|h| &h[..]),
+            ) {
+                return Ok(finish(out, c, Some(BrokenEntry { seq: e.seq, reason })));
+            }
+            if let Some(cp) = checkpoint {
+                if e.seq == cp.seq {
+                    checkpoint_seen = true;
+                    if e.hash != Some(cp.hash) {
+                        let broken = BrokenEntry {
+                            seq: e.seq,
+                            reason: ChainBreak::Truncated,
+                        };
+                        return Ok(finish(out, c, Some(broken)));
+                    }
+                }
+            }
+        }
+        if page.len() < PAGE as usize {
+            break;
+        }
+    }
+    let check = check.unwrap_or_default();
+    // The end: the database's head must be the last entry checked, and a
+    // checkpoint's entry must not lie beyond it. The first entry missing
+    // (or the last one, when it was rewritten) is the one named.
+    let (head_seq, head_hash) = store.ledger_head().await?;
+    let missing = match check.head() {
+        Some(h) if h == (head_seq, head_hash) => None,
+        Some((seq, _)) if head_seq > seq => Some(seq + 1),
+        Some((seq, _)) => Some(seq),
+        None if head_seq > after => Some(after + 1),
+        None => None,
+    };
+    let end = check.head().map_or(after, |(seq, _)| seq);
+    let missing = missing.or_else(|| {
+        checkpoint
+            .filter(|cp| !checkpoint_seen && cp.seq > end)
+            .map(|_| end + 1)
+    });
+    if let Some(seq) = missing {
+        let broken = BrokenEntry {
+            seq,
+            reason: ChainBreak::Truncated,
+        };
+        return Ok(finish(out, &check, Some(broken)));
+    }
+    Ok(finish(out, &check, None))
+}
+
+fn finish(mut out: Verification, check: &ChainCheck, broken: Option<BrokenEntry>) -> Verification {
+    out.checked = check.checked();
+    out.legacy = check.legacy();
+    out.head = check.head();
+    out.broken = broken;
+    out
+}
