@@ -73,6 +73,12 @@ enum Command {
     /// LLM price tables.
     #[command(subcommand)]
     Prices(PricesCmd),
+    /// Print a shell completion script, e.g.
+    /// `keycap completions bash > /etc/bash_completion.d/keycap`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,7 +173,8 @@ enum VendorCmd {
         profile: String,
         #[arg(long)]
         base_url: String,
-        /// The real API key (or set KEYCAP_VENDOR_CREDENTIAL).
+        /// The real API key, or `-` to read it from standard input (so it
+        /// stays out of shell history), or set KEYCAP_VENDOR_CREDENTIAL.
         #[arg(long, env = "KEYCAP_VENDOR_CREDENTIAL", hide_env_values = true)]
         credential: Option<String>,
         /// Currency rate as CODE=USD_PER_UNIT, e.g. eur=1.08 (repeatable).
@@ -180,6 +187,11 @@ enum VendorCmd {
     },
     /// List vendors.
     List,
+    /// Show one vendor (never its credential), with the proxies that cannot
+    /// serve it.
+    Get { name: String },
+    /// Delete a vendor; its keys stop working once the proxies confirm.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -332,6 +344,20 @@ fn key_json(k: &pb::VaultKey) -> Value {
 /// Says on stderr which proxies did not confirm a creation or vendor write
 /// in time. Not an error: the change is made, and a proxy that has not
 /// applied it yet asks the control plane for a key it does not know.
+/// The first line of standard input, for `--credential -`: the secret never
+/// appears in the command line or the shell's history.
+fn credential_from_stdin() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("--credential -: cannot read standard input")?;
+    let credential = line.trim_end_matches(['\r', '\n']).to_string();
+    if credential.is_empty() {
+        bail!("--credential -: standard input held no credential");
+    }
+    Ok(credential)
+}
+
 fn warn_unconfirmed(what: &str, c: Option<&pb::FleetConfirmation>) {
     if let Some(c) = c.filter(|c| !c.unconfirmed_nodes.is_empty()) {
         eprintln!(
@@ -483,6 +509,11 @@ fn print(v: Value) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "keycap", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Command::Dev(args) = cli.command {
         return dev::run(args, cli.admin_token).await;
     }
@@ -505,7 +536,15 @@ async fn main() -> anyhow::Result<()> {
     let result = run(&mut c, cli.command).await;
     if let Err(e) = &result {
         if let Some(s) = e.downcast_ref::<tonic::Status>() {
-            bail!("{:?}: {}", s.code(), s.message());
+            // keycap's stable code, as in REST bodies and the SDKs' errors.
+            let code = s
+                .metadata()
+                .get("keycap-error")
+                .and_then(|v| v.to_str().ok());
+            match code {
+                Some(code) => bail!("{code}: {}", s.message()),
+                None => bail!("{:?}: {}", s.code(), s.message()),
+            }
         }
     }
     result
@@ -513,7 +552,9 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev(_) | Command::AdminToken(AdminTokenCmd::Generate { .. }) => {
+        Command::Dev(_)
+        | Command::Completions { .. }
+        | Command::AdminToken(AdminTokenCmd::Generate { .. }) => {
             unreachable!("handled before connecting")
         }
         Command::Prices(PricesCmd::Import(args)) => {
@@ -615,13 +656,17 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     .with_context(|| format!("--prices-file {}", path.display()))?,
                 None => String::new(),
             };
+            let credential = match credential.as_deref() {
+                Some("-") => credential_from_stdin()?,
+                other => other.unwrap_or_default().to_string(),
+            };
             let r = c
                 .vendors
                 .put_vendor(pb::PutVendorRequest {
                     name,
                     profile,
                     base_url,
-                    credential: credential.unwrap_or_default(),
+                    credential,
                     currency_rates: pairs("rate", &rates)?,
                     prices_json,
                     ack_timeout_ms: 0,
@@ -653,6 +698,30 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     r.failed_vendors.join(", ")
                 );
             }
+        }
+        Command::Vendor(VendorCmd::Get { name }) => {
+            let r = c
+                .vendors
+                .get_vendor(pb::GetVendorRequest { name })
+                .await?
+                .into_inner();
+            print(r.vendor.as_ref().map(vendor_json).unwrap_or(Value::Null));
+        }
+        Command::Vendor(VendorCmd::Delete { name }) => {
+            eprintln!("deleting vendor {name}: waiting for the proxies to stop serving it...");
+            let r = c
+                .vendors
+                .delete_vendor(pb::DeleteVendorRequest {
+                    name: name.clone(),
+                    ack_timeout_ms: 0,
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "deleted": name,
+                "confirmation": confirmation_json(r.confirmation.as_ref()),
+            }));
+            warn_unconfirmed("vendor deleted", r.confirmation.as_ref());
         }
         Command::Vendor(VendorCmd::List) => {
             let r = c
@@ -797,6 +866,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 }
                 None => 0,
             };
+            eprintln!("revoking: waiting for the proxies to confirm they refuse the key...");
             let confirmation = match (id, run_label) {
                 (Some(id), None) => {
                     let r = c
