@@ -155,6 +155,10 @@ pub struct AuditFilter {
     pub vendor: String,
     pub since: Option<prost_types::Timestamp>,
     pub until: Option<prost_types::Timestamp>,
+    /// Only the entries of the call with this trace id.
+    pub trace_id: String,
+    /// `key=value`: only entries whose agent context has it.
+    pub context: String,
 }
 
 /// keycap's admin API with typed errors.
@@ -333,6 +337,8 @@ impl Client {
                 until: filter.until,
                 page_size: AUDIT_PAGE_SIZE,
                 page_token,
+                trace_id: filter.trace_id.clone(),
+                context: filter.context.clone(),
             };
             let r = self.raw.audit.query_audit(req).await;
             let r = r.map_err(self.fail())?.into_inner();

@@ -444,7 +444,13 @@ export class Audit {
   constructor(readonly rpc: RpcClient<typeof pb.AuditService>, private readonly call: Call) {}
 
   /** Every matching entry, newest first, fetching page after page. */
-  async *query(filter: { keyId?: string; agentRunLabel?: string; vendor?: string; since?: Date; until?: Date } = {}):
+  async *query(filter: {
+    keyId?: string; agentRunLabel?: string; vendor?: string; since?: Date; until?: Date;
+    /** Only the entries of the call with this trace id. */
+    traceId?: string;
+    /** "key=value": only entries whose agent context has it. */
+    context?: string;
+  } = {}):
     AsyncGenerator<AuditEntry> {
     let pageToken = "";
     for (;;) {
@@ -454,6 +460,8 @@ export class Audit {
         vendor: filter.vendor ?? "",
         ...(filter.since ? { since: timestampFromDate(filter.since) } : {}),
         ...(filter.until ? { until: timestampFromDate(filter.until) } : {}),
+        traceId: filter.traceId ?? "",
+        context: filter.context ?? "",
         pageSize: 500,
         pageToken,
       }));

@@ -1238,6 +1238,26 @@ class AuditEntry(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SEQ_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
@@ -1252,6 +1272,12 @@ class AuditEntry(_message.Message):
     AT_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     DETAIL_JSON_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     event_id: _builtins.str
     key_id: _builtins.str
@@ -1267,8 +1293,22 @@ class AuditEntry(_message.Message):
     node_id: _builtins.str
     detail_json: _builtins.str
     """Priced quantities as JSON (amount/currency, tokens, model ...)."""
+    lease_id: _builtins.str
+    day: _builtins.str
+    """UTC day (YYYY-MM-DD) of the budget window the call was reserved in."""
+    trace_id: _builtins.str
+    """W3C trace id of the call's span; empty when it was not traced."""
+    prev_hash: _builtins.bytes
+    """The entry's place in the hash chain (docs/ledger.md); both empty for
+    an entry written before the ledger was chained.
+    """
+    hash: _builtins.bytes
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The agent's context for the call."""
+
     def __init__(
         self,
         *,
@@ -1286,10 +1326,16 @@ class AuditEntry(_message.Message):
         at: _timestamp_pb2.Timestamp | None = ...,
         node_id: _builtins.str = ...,
         detail_json: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        day: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        prev_hash: _builtins.bytes = ...,
+        hash: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "at", b"at", "cost_micros", b"cost_micros", "detail_json", b"detail_json", "event_id", b"event_id", "key_id", b"key_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "reserved_micros", b"reserved_micros", "seq", b"seq", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1306,6 +1352,8 @@ class QueryAuditRequest(_message.Message):
     UNTIL_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     agent_run_label: _builtins.str
     vendor: _builtins.str
@@ -1313,6 +1361,10 @@ class QueryAuditRequest(_message.Message):
     """1..1000, default 100."""
     page_token: _builtins.str
     """Opaque; from the previous response."""
+    trace_id: _builtins.str
+    """Only the entries of the call with this trace id."""
+    context: _builtins.str
+    """"key=value": only entries whose context has this key with this value."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1327,10 +1379,12 @@ class QueryAuditRequest(_message.Message):
         until: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        context: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "key_id", b"key_id", "page_size", b"page_size", "page_token", b"page_token", "since", b"since", "until", b"until", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "context", b"context", "key_id", b"key_id", "page_size", b"page_size", "page_token", b"page_token", "since", b"since", "trace_id", b"trace_id", "until", b"until", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
