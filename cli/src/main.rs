@@ -42,6 +42,11 @@ struct Cli {
     /// system's roots).
     #[arg(long, env = "KEYCAP_CA", global = true)]
     ca: Option<std::path::PathBuf>,
+    /// How answers are printed: `table` for people, `json` (the REST
+    /// mapping's shapes) for scripts. Default: table on a terminal, json
+    /// when piped.
+    #[arg(long, value_enum, env = "KEYCAP_FORMAT", global = true)]
+    format: Option<Format>,
     #[command(subcommand)]
     command: Command,
 }
@@ -502,13 +507,99 @@ fn import_prices_offline(args: &PricesImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Json,
+    Table,
+}
+
+/// The format every answer is printed in, chosen once in `main`.
+static FORMAT: std::sync::OnceLock<Format> = std::sync::OnceLock::new();
+
 fn print(v: Value) {
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match FORMAT.get().copied().unwrap_or(Format::Json) {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Format::Table => print!("{}", table(&v)),
+    }
+}
+
+/// Columns a table shows at most; `--format json` has every field.
+const TABLE_COLUMNS: usize = 8;
+
+/// A list of objects as one row each under the first object's plain
+/// fields; an object as field/value rows; a wrapper object holding one list
+/// (`{"keys": [...]}`) as that list.
+fn table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = match v {
+        Value::Array(items) => {
+            let Some(Value::Object(first)) = items.first() else {
+                return items.iter().map(|i| format!("{}\n", cell(i))).collect();
+            };
+            // What names a row comes first; the rest in field order.
+            let mut columns: Vec<&String> = first
+                .iter()
+                .filter(|(_, v)| !v.is_object())
+                .map(|(k, _)| k)
+                .collect();
+            columns.sort_by_key(|c| !matches!(c.as_str(), "id" | "name"));
+            columns.truncate(TABLE_COLUMNS);
+            let mut rows = vec![columns.iter().map(|c| c.to_string()).collect()];
+            rows.extend(
+                items
+                    .iter()
+                    .map(|i| columns.iter().map(|c| cell(&i[c.as_str()])).collect()),
+            );
+            rows
+        }
+        Value::Object(fields) => {
+            if let (1, Some(list @ Value::Array(_))) = (fields.len(), fields.values().next()) {
+                return table(list);
+            }
+            fields
+                .iter()
+                .map(|(k, v)| vec![k.clone(), cell(v)])
+                .collect()
+        }
+        other => return format!("{}\n", cell(other)),
+    };
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One value as table text: strings bare, lists comma-joined, null empty.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let format = cli.format.unwrap_or_else(|| {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            Format::Table
+        } else {
+            Format::Json
+        }
+    });
+    let _ = FORMAT.set(format);
     if let Command::Completions { shell } = cli.command {
         let mut command = <Cli as clap::CommandFactory>::command();
         clap_complete::generate(shell, &mut command, "keycap", &mut std::io::stdout());

@@ -1,4 +1,5 @@
-//! The `keycap` CLI's habits, run as the real binary: the vendor credential
+//! The `keycap` CLI's habits, run as the real binary: `--format table`
+//! next to the JSON printed when piped, the vendor credential
 //! read from standard input (`--credential -`), `vendor get` and `vendor
 //! delete`, revocation saying that it waits for the proxies, errors named by
 //! keycap's stable code, and shell completions without a control plane.
@@ -56,6 +57,34 @@ async fn a_credential_from_stdin_reaches_the_vendor_and_vendor_get_and_delete_wo
         .post_json("/cli-openai/v1/chat/completions", &chat())
         .await
         .expect(200);
+
+    // Piped, the default is JSON (as above); --format table is for people.
+    let listed = keycap_cli(&url, &token, &["vendor", "list", "--format", "table"]).await;
+    assert!(listed.status.success(), "{}", listed.stderr);
+    // Columns are aligned: a cell starts where its header does.
+    let mut lines = listed.stdout.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(header.starts_with("name "), "{}", listed.stdout);
+    let profile = header.find(" profile ").expect("a profile column") + 1;
+    assert!(
+        lines.any(|l| l.starts_with("cli-openai ")
+            && l.get(profile..).is_some_and(|c| c.starts_with("openai "))),
+        "{}",
+        listed.stdout
+    );
+    let one = keycap_cli(
+        &url,
+        &token,
+        &["--format", "table", "vendor", "get", "cli-openai"],
+    )
+    .await;
+    assert!(
+        one.stdout
+            .lines()
+            .any(|l| l.split_whitespace().eq(["profile", "openai"])),
+        "{}",
+        one.stdout
+    );
 
     let got = keycap_cli(&url, &token, &["vendor", "get", "cli-openai"]).await;
     assert!(got.status.success(), "{}", got.stderr);
