@@ -42,6 +42,11 @@ struct Cli {
     /// system's roots).
     #[arg(long, env = "KEYCAP_CA", global = true)]
     ca: Option<std::path::PathBuf>,
+    /// How answers are printed: `table` for people, `json` (the REST
+    /// mapping's shapes) for scripts. Default: table on a terminal, json
+    /// when piped.
+    #[arg(long, value_enum, env = "KEYCAP_FORMAT", global = true)]
+    format: Option<Format>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +78,12 @@ enum Command {
     /// LLM price tables.
     #[command(subcommand)]
     Prices(PricesCmd),
+    /// Print a shell completion script, e.g.
+    /// `keycap completions bash > /etc/bash_completion.d/keycap`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,7 +178,8 @@ enum VendorCmd {
         profile: String,
         #[arg(long)]
         base_url: String,
-        /// The real API key (or set KEYCAP_VENDOR_CREDENTIAL).
+        /// The real API key, or `-` to read it from standard input (so it
+        /// stays out of shell history), or set KEYCAP_VENDOR_CREDENTIAL.
         #[arg(long, env = "KEYCAP_VENDOR_CREDENTIAL", hide_env_values = true)]
         credential: Option<String>,
         /// Currency rate as CODE=USD_PER_UNIT, e.g. eur=1.08 (repeatable).
@@ -180,6 +192,11 @@ enum VendorCmd {
     },
     /// List vendors.
     List,
+    /// Show one vendor (never its credential), with the proxies that cannot
+    /// serve it.
+    Get { name: String },
+    /// Delete a vendor; its keys stop working once the proxies confirm.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -332,6 +349,20 @@ fn key_json(k: &pb::VaultKey) -> Value {
 /// Says on stderr which proxies did not confirm a creation or vendor write
 /// in time. Not an error: the change is made, and a proxy that has not
 /// applied it yet asks the control plane for a key it does not know.
+/// The first line of standard input, for `--credential -`: the secret never
+/// appears in the command line or the shell's history.
+fn credential_from_stdin() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("--credential -: cannot read standard input")?;
+    let credential = line.trim_end_matches(['\r', '\n']).to_string();
+    if credential.is_empty() {
+        bail!("--credential -: standard input held no credential");
+    }
+    Ok(credential)
+}
+
 fn warn_unconfirmed(what: &str, c: Option<&pb::FleetConfirmation>) {
     if let Some(c) = c.filter(|c| !c.unconfirmed_nodes.is_empty()) {
         eprintln!(
@@ -476,13 +507,104 @@ fn import_prices_offline(args: &PricesImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Json,
+    Table,
+}
+
+/// The format every answer is printed in, chosen once in `main`.
+static FORMAT: std::sync::OnceLock<Format> = std::sync::OnceLock::new();
+
 fn print(v: Value) {
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match FORMAT.get().copied().unwrap_or(Format::Json) {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Format::Table => print!("{}", table(&v)),
+    }
+}
+
+/// Columns a table shows at most; `--format json` has every field.
+const TABLE_COLUMNS: usize = 8;
+
+/// A list of objects as one row each under the first object's plain
+/// fields; an object as field/value rows; a wrapper object holding one list
+/// (`{"keys": [...]}`) as that list.
+fn table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = match v {
+        Value::Array(items) => {
+            let Some(Value::Object(first)) = items.first() else {
+                return items.iter().map(|i| format!("{}\n", cell(i))).collect();
+            };
+            // What names a row comes first; the rest in field order.
+            let mut columns: Vec<&String> = first
+                .iter()
+                .filter(|(_, v)| !v.is_object())
+                .map(|(k, _)| k)
+                .collect();
+            columns.sort_by_key(|c| !matches!(c.as_str(), "id" | "name"));
+            columns.truncate(TABLE_COLUMNS);
+            let mut rows = vec![columns.iter().map(|c| c.to_string()).collect()];
+            rows.extend(
+                items
+                    .iter()
+                    .map(|i| columns.iter().map(|c| cell(&i[c.as_str()])).collect()),
+            );
+            rows
+        }
+        Value::Object(fields) => {
+            if let (1, Some(list @ Value::Array(_))) = (fields.len(), fields.values().next()) {
+                return table(list);
+            }
+            fields
+                .iter()
+                .map(|(k, v)| vec![k.clone(), cell(v)])
+                .collect()
+        }
+        other => return format!("{}\n", cell(other)),
+    };
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One value as table text: strings bare, lists comma-joined, null empty.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let format = cli.format.unwrap_or_else(|| {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            Format::Table
+        } else {
+            Format::Json
+        }
+    });
+    let _ = FORMAT.set(format);
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "keycap", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Command::Dev(args) = cli.command {
         return dev::run(args, cli.admin_token).await;
     }
@@ -505,7 +627,15 @@ async fn main() -> anyhow::Result<()> {
     let result = run(&mut c, cli.command).await;
     if let Err(e) = &result {
         if let Some(s) = e.downcast_ref::<tonic::Status>() {
-            bail!("{:?}: {}", s.code(), s.message());
+            // keycap's stable code, as in REST bodies and the SDKs' errors.
+            let code = s
+                .metadata()
+                .get("keycap-error")
+                .and_then(|v| v.to_str().ok());
+            match code {
+                Some(code) => bail!("{code}: {}", s.message()),
+                None => bail!("{:?}: {}", s.code(), s.message()),
+            }
         }
     }
     result
@@ -513,7 +643,9 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev(_) | Command::AdminToken(AdminTokenCmd::Generate { .. }) => {
+        Command::Dev(_)
+        | Command::Completions { .. }
+        | Command::AdminToken(AdminTokenCmd::Generate { .. }) => {
             unreachable!("handled before connecting")
         }
         Command::Prices(PricesCmd::Import(args)) => {
@@ -615,13 +747,17 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     .with_context(|| format!("--prices-file {}", path.display()))?,
                 None => String::new(),
             };
+            let credential = match credential.as_deref() {
+                Some("-") => credential_from_stdin()?,
+                other => other.unwrap_or_default().to_string(),
+            };
             let r = c
                 .vendors
                 .put_vendor(pb::PutVendorRequest {
                     name,
                     profile,
                     base_url,
-                    credential: credential.unwrap_or_default(),
+                    credential,
                     currency_rates: pairs("rate", &rates)?,
                     prices_json,
                     ack_timeout_ms: 0,
@@ -653,6 +789,30 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     r.failed_vendors.join(", ")
                 );
             }
+        }
+        Command::Vendor(VendorCmd::Get { name }) => {
+            let r = c
+                .vendors
+                .get_vendor(pb::GetVendorRequest { name })
+                .await?
+                .into_inner();
+            print(r.vendor.as_ref().map(vendor_json).unwrap_or(Value::Null));
+        }
+        Command::Vendor(VendorCmd::Delete { name }) => {
+            eprintln!("deleting vendor {name}: waiting for the proxies to stop serving it...");
+            let r = c
+                .vendors
+                .delete_vendor(pb::DeleteVendorRequest {
+                    name: name.clone(),
+                    ack_timeout_ms: 0,
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "deleted": name,
+                "confirmation": confirmation_json(r.confirmation.as_ref()),
+            }));
+            warn_unconfirmed("vendor deleted", r.confirmation.as_ref());
         }
         Command::Vendor(VendorCmd::List) => {
             let r = c
@@ -797,6 +957,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 }
                 None => 0,
             };
+            eprintln!("revoking: waiting for the proxies to confirm they refuse the key...");
             let confirmation = match (id, run_label) {
                 (Some(id), None) => {
                     let r = c

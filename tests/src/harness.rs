@@ -984,6 +984,16 @@ impl CliOutput {
 
 /// Runs `keycap --control-url <url> --admin-token <token> <args...>`.
 pub async fn keycap_cli(control_url: &str, admin_token: &str, args: &[&str]) -> CliOutput {
+    keycap_cli_with_stdin(control_url, admin_token, args, None).await
+}
+
+/// `keycap_cli` with `stdin` written to the command's standard input.
+pub async fn keycap_cli_with_stdin(
+    control_url: &str,
+    admin_token: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> CliOutput {
     let mut cmd = keycap_command("keycap");
     cmd.arg("--control-url")
         .arg(control_url)
@@ -992,7 +1002,17 @@ pub async fn keycap_cli(control_url: &str, admin_token: &str, args: &[&str]) -> 
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let run = async {
+        let mut child = cmd.spawn()?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes()).await?;
+        }
+        child.wait_with_output().await
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
         .await
         .unwrap_or_else(|_| panic!("keycap {args:?} did not finish within 60 s"))
         .unwrap_or_else(|e| panic!("cannot run keycap {args:?}: {e}"));

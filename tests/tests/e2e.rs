@@ -2268,11 +2268,11 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     // Failures exit non-zero and say why.
     let missing = cli(strings(&["key", "get", "key_doesnotexist"])).await;
     assert!(!missing.status.success());
-    assert!(missing.stderr.contains("NotFound"), "{}", missing.stderr);
+    assert!(missing.stderr.contains("not_found: "), "{}", missing.stderr);
     let denied = keycap_cli(&url, &harness::admin_token(), &["vendor", "list"]).await;
     assert!(!denied.status.success());
     assert!(
-        denied.stderr.contains("Unauthenticated"),
+        denied.stderr.contains("unauthenticated: "),
         "{}",
         denied.stderr
     );
@@ -2363,3 +2363,6 @@ async fn postgres_core_flow() {
 
 #[path = "e2e/rust_client.rs"]
 mod rust_client;
+
+#[path = "e2e/cli.rs"]
+mod cli;

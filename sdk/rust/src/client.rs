@@ -155,9 +155,9 @@ pub struct AuditFilter {
     pub vendor: String,
     pub since: Option<prost_types::Timestamp>,
     pub until: Option<prost_types::Timestamp>,
-    /// Only entries of this W3C trace id.
+    /// Only the entries of the call with this trace id.
     pub trace_id: String,
-    /// `key=value`: only entries whose agent context has this pair.
+    /// `key=value`: only entries whose agent context has it.
     pub context: String,
 }
 
@@ -335,10 +335,10 @@ impl Client {
                 vendor: filter.vendor.clone(),
                 since: filter.since,
                 until: filter.until,
-                trace_id: filter.trace_id.clone(),
-                context: filter.context.clone(),
                 page_size: AUDIT_PAGE_SIZE,
                 page_token,
+                trace_id: filter.trace_id.clone(),
+                context: filter.context.clone(),
             };
             let r = self.raw.audit.query_audit(req).await;
             let r = r.map_err(self.fail())?.into_inner();

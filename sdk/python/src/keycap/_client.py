@@ -126,11 +126,12 @@ class _Requests:
 
     @staticmethod
     def query_audit(key_id: str | None, agent_run_label: str | None, vendor: str | None,
-                    since: datetime | None, until: datetime | None,
-                    page_token: str) -> pb.QueryAuditRequest:
+                    since: datetime | None, until: datetime | None, trace_id: str | None,
+                    context: str | None, page_token: str) -> pb.QueryAuditRequest:
         req = pb.QueryAuditRequest(key_id=key_id or "", agent_run_label=agent_run_label or "",
                                    vendor=vendor or "", page_size=AUDIT_PAGE_SIZE,
-                                   page_token=page_token)
+                                   page_token=page_token, trace_id=trace_id or "",
+                                   context=context or "")
         if since is not None:
             req.since.CopyFrom(timestamp(since))
         if until is not None:
@@ -244,12 +245,15 @@ class Keys(_Sync):
 class Audit(_Sync):
     def query(self, *, key_id: str | None = None, agent_run_label: str | None = None,
               vendor: str | None = None, since: datetime | None = None,
-              until: datetime | None = None) -> Iterator[AuditEntry]:
-        """Every matching entry, newest first, fetching page after page."""
+              until: datetime | None = None, trace_id: str | None = None,
+              context: str | None = None) -> Iterator[AuditEntry]:
+        """Every matching entry, newest first, fetching page after page.
+        `trace_id`: one call's entries; `context`: "key=value" of the
+        agent context the calls carried."""
         page = ""
         while True:
             r = self._call(self._audit.QueryAudit, _Requests.query_audit(
-                key_id, agent_run_label, vendor, since, until, page))
+                key_id, agent_run_label, vendor, since, until, trace_id, context, page))
             yield from (AuditEntry._from(e) for e in r.entries)
             if not r.next_page_token:
                 return
@@ -396,11 +400,12 @@ class AsyncKeys(_Async):
 class AsyncAudit(_Async):
     async def query(self, *, key_id: str | None = None, agent_run_label: str | None = None,
                     vendor: str | None = None, since: datetime | None = None,
-                    until: datetime | None = None) -> AsyncIterator[AuditEntry]:
+                    until: datetime | None = None, trace_id: str | None = None,
+                    context: str | None = None) -> AsyncIterator[AuditEntry]:
         page = ""
         while True:
             r = await self._call(self._audit.QueryAudit, _Requests.query_audit(
-                key_id, agent_run_label, vendor, since, until, page))
+                key_id, agent_run_label, vendor, since, until, trace_id, context, page))
             for e in r.entries:
                 yield AuditEntry._from(e)
             if not r.next_page_token:

@@ -1,0 +1,480 @@
+/**
+ * keycap's TypeScript SDK: a typed client for keycap's admin API over gRPC
+ * (@connectrpc/connect-node, code generated from proto/ by
+ * @bufbuild/protoc-gen-es into src/gen). Values are named like keycap's REST
+ * bodies; money is a decimal string of US dollars ("1.5"), never a JS
+ * number (counts are numbers); times are `Date`s. Every failure is a `KeycapError` carrying
+ * keycap's stable code and the server's message; the client checks no rule
+ * of the server's itself, and no token appears in an error.
+ */
+
+import { create } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, type Client as RpcClient, type Interceptor } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { readFileSync } from "node:fs";
+
+import * as pb from "./gen/keycap/v1/admin_pb.js";
+
+export { pb };
+
+/** A US dollar amount as a decimal string ("5", "0.25"), or a bigint of whole dollars. */
+export type Money = string | bigint;
+/** Whole seconds, or keycap's text: "90s", "15m", "2h", "7d", "1h30m". */
+export type Duration = number | string;
+
+// ------------------------------------------------------------------ errors
+
+/** Any error keycap answered, or the failure to reach it. */
+export class KeycapError extends Error {
+  /** keycap's stable code: the REST body's `error` ("invalid_request", "not_found", ...). */
+  readonly code: string;
+  /** The input an `invalid_request` is about. */
+  readonly field: string | undefined;
+
+  constructor(code: string, message: string, field?: string) {
+    super(`${code}: ${message}`);
+    this.name = new.target.name;
+    this.code = code;
+    this.field = field;
+  }
+}
+export class InvalidRequest extends KeycapError {}
+export class NotFound extends KeycapError {}
+export class Conflict extends KeycapError {}
+export class Unauthenticated extends KeycapError {}
+/** A valid token that may not do this: missing_scope, vendor_not_allowed, issuer_scope. */
+export class PermissionDenied extends KeycapError {}
+/** The control plane could not be reached or did not answer in time. */
+export class Unavailable extends KeycapError {}
+
+const BY_CODE: Record<string, typeof KeycapError> = {
+  invalid_request: InvalidRequest,
+  not_found: NotFound,
+  conflict: Conflict,
+  unauthenticated: Unauthenticated,
+  missing_scope: PermissionDenied,
+  vendor_not_allowed: PermissionDenied,
+  issuer_scope: PermissionDenied,
+};
+
+function keycapError(e: unknown, addr: string): KeycapError {
+  if (e instanceof KeycapError) return e;
+  const err = ConnectError.from(e);
+  const code = err.metadata.get("keycap-error");
+  if (code !== null) {
+    const Cls = BY_CODE[code] ?? KeycapError;
+    return new Cls(code, err.rawMessage, err.metadata.get("keycap-field") ?? undefined);
+  }
+  switch (err.code) {
+    case Code.Unavailable:
+    case Code.DeadlineExceeded:
+    case Code.Unknown:
+      return new Unavailable("unavailable", `the control plane at ${addr} is unreachable`);
+    case Code.Unauthenticated:
+      return new Unauthenticated("unauthenticated", err.rawMessage);
+    default:
+      return new KeycapError("internal", err.rawMessage || "the control plane failed the call");
+  }
+}
+
+// ------------------------------------------------------------- conversions
+
+const MICROS_PER_USD = 1_000_000n;
+
+/** Integer micro-dollars as a decimal string of dollars: 1500000n -> "1.5". */
+export function usd(micros: bigint): string {
+  const sign = micros < 0n ? "-" : "";
+  const abs = micros < 0n ? -micros : micros;
+  const whole = abs / MICROS_PER_USD;
+  const frac = (abs % MICROS_PER_USD).toString().padStart(6, "0").replace(/0+$/, "");
+  return `${sign}${whole}${frac ? "." + frac : ""}`;
+}
+
+/** Dollars as integer micro-dollars, exactly; anything else is an `InvalidRequest` naming `field`. */
+export function micros(field: string, amount: Money): bigint {
+  if (typeof amount === "bigint") return amount * MICROS_PER_USD;
+  const m = /^(-?)(\d+)(?:\.(\d{1,6}))?$/.exec(typeof amount === "string" ? amount.trim() : "");
+  if (m === null) {
+    throw new InvalidRequest("invalid_request",
+      `${field}: give US dollars as a decimal string with at most 6 decimals`, field);
+  }
+  const value = BigInt(m[2]!) * MICROS_PER_USD + BigInt((m[3] ?? "").padEnd(6, "0"));
+  return m[1] === "-" ? -value : value;
+}
+
+const UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86400, w: 604800 };
+
+export function seconds(field: string, d: Duration): bigint {
+  if (typeof d === "number" && Number.isInteger(d)) return BigInt(d);
+  if (typeof d === "string") {
+    const text = d.replace(/\s+/g, "");
+    const parts = [...text.matchAll(/(\d+)([smhdw])/g)];
+    if (parts.length > 0 && parts.map((p) => p[0]).join("") === text) {
+      return BigInt(parts.reduce((sum, p) => sum + Number(p[1]) * UNITS[p[2]!]!, 0));
+    }
+  }
+  throw new InvalidRequest("invalid_request", `${field}: not a duration (e.g. "30m", "2h", "7d")`, field);
+}
+
+const date = (t: Timestamp | undefined): Date | null => (t === undefined ? null : timestampDate(t));
+
+const STATUS: Record<number, string> = {
+  [pb.KeyStatus.ACTIVE]: "active",
+  [pb.KeyStatus.EXPIRED]: "expired",
+  [pb.KeyStatus.REVOKED]: "revoked",
+};
+
+export interface Confirmation {
+  version: number;
+  allConfirmed: boolean;
+  confirmedNodes: string[];
+  unconfirmedNodes: string[];
+  unconfirmedLeaseUsd: string;
+}
+
+function confirmation(c: pb.FleetConfirmation | undefined): Confirmation {
+  return {
+    version: Number(c?.version ?? 0n),
+    allConfirmed: (c?.unconfirmedNodes.length ?? 0) === 0,
+    confirmedNodes: c?.confirmedNodes ?? [],
+    unconfirmedNodes: c?.unconfirmedNodes ?? [],
+    unconfirmedLeaseUsd: usd(c?.unconfirmedLeaseMicros ?? 0n),
+  };
+}
+
+export interface Vendor {
+  name: string;
+  profile: string;
+  baseUrl: string;
+  currencyRates: Record<string, string>;
+  createdAt: Date | null;
+  updatedAt: Date | null;
+  proxyErrors: { nodeId: string; error: string; at: Date | null }[];
+}
+
+function vendor(v: pb.Vendor | undefined): Vendor {
+  return {
+    name: v?.name ?? "",
+    profile: v?.profile ?? "",
+    baseUrl: v?.baseUrl ?? "",
+    currencyRates: { ...(v?.currencyRates ?? {}) },
+    createdAt: date(v?.createdAt),
+    updatedAt: date(v?.updatedAt),
+    proxyErrors: (v?.proxyErrors ?? []).map((e) => ({ nodeId: e.nodeId, error: e.error, at: date(e.at) })),
+  };
+}
+
+/** A vault key as keycap stores it: never its secret. */
+export interface Key {
+  id: string;
+  keyPrefix: string;
+  vendor: string;
+  status: string;
+  allowedEndpoints: string[];
+  dailyUsdCap: string;
+  perCallUsdCap: string | null;
+  lifetimeUsdCap: string | null;
+  spentTodayUsd: string;
+  remainingTodayUsd: string;
+  spentLifetimeUsd: string;
+  callsToday: number;
+  expiresAt: Date | null;
+  createdAt: Date | null;
+  revokedAt: Date | null;
+  agentRunLabel: string;
+  metadata: Record<string, string>;
+  rateLimitPerMinute: number | null;
+  allowedCidrs: string[];
+  zone: string;
+  parentId: string;
+}
+
+function key(k: pb.VaultKey | undefined): Key {
+  const m = k ?? create(pb.VaultKeySchema);
+  return {
+    id: m.id,
+    keyPrefix: m.keyPrefix,
+    vendor: m.vendor,
+    status: STATUS[m.status] ?? "unknown",
+    allowedEndpoints: m.allowedEndpoints,
+    dailyUsdCap: usd(m.dailyCapMicros),
+    perCallUsdCap: m.perCallCapMicros ? usd(m.perCallCapMicros) : null,
+    lifetimeUsdCap: m.lifetimeCapMicros ? usd(m.lifetimeCapMicros) : null,
+    spentTodayUsd: usd(m.spentTodayMicros),
+    remainingTodayUsd: usd(m.remainingTodayMicros),
+    spentLifetimeUsd: usd(m.spentLifetimeMicros),
+    callsToday: Number(m.callsToday),
+    expiresAt: date(m.expiresAt),
+    createdAt: date(m.createdAt),
+    revokedAt: date(m.revokedAt),
+    agentRunLabel: m.agentRunLabel,
+    metadata: { ...m.metadata },
+    rateLimitPerMinute: m.rateLimitPerMinute || null,
+    allowedCidrs: m.allowedCidrs,
+    zone: m.zone,
+    parentId: m.parentId,
+  };
+}
+
+/**
+ * The base URL an official vendor SDK takes to call `vendor` through the
+ * proxy: `{proxy}/{vendor}/v1` for the OpenAI SDKs (they expect the version
+ * in it), `{proxy}/{vendor}` for the others.
+ */
+export function baseUrl(proxy: string, vendor: string, sdk = "openai"): string {
+  const root = `${proxy.replace(/\/+$/, "")}/${vendor}`;
+  return sdk === "openai" ? `${root}/v1` : root;
+}
+
+/** A newly minted key. `key` is its secret, shown once; not enumerable, so JSON and inspect leave it out. */
+export class CreatedKey {
+  declare readonly key: string;
+  constructor(secret: string, readonly info: Key, readonly confirmation: Confirmation) {
+    Object.defineProperty(this, "key", { value: secret, enumerable: false });
+  }
+  get id(): string {
+    return this.info.id;
+  }
+  get expiresAt(): Date | null {
+    return this.info.expiresAt;
+  }
+  /** `new OpenAI({ baseURL: created.baseUrl(proxy), apiKey: created.key })`. */
+  baseUrl(proxy: string, sdk = "openai"): string {
+    return baseUrl(proxy, this.info.vendor, sdk);
+  }
+}
+
+export interface AuditEntry {
+  seq: number;
+  eventId: string;
+  keyId: string;
+  agentRunLabel: string;
+  vendor: string;
+  method: string;
+  path: string;
+  upstreamStatus: number;
+  reservedUsd: string;
+  costUsd: string;
+  outcome: string;
+  at: Date | null;
+  nodeId: string;
+  detail: unknown;
+}
+
+export interface Spend {
+  agentRunLabel: string;
+  totalUsd: string;
+  calls: number;
+  vendors: { vendor: string; totalUsd: string; calls: number }[];
+}
+
+export interface CreateKey {
+  vendor: string;
+  dailyUsdCap: Money;
+  allowedEndpoints: string[];
+  expiresIn: Duration;
+  agentRunLabel?: string;
+  perCallUsdCap?: Money;
+  lifetimeUsdCap?: Money;
+  metadata?: Record<string, string>;
+  rateLimitPerMinute?: number;
+  allowedCidrs?: string[];
+  zone?: string;
+  parentId?: string;
+}
+
+// ------------------------------------------------------------------ client
+
+export interface ClientOptions {
+  /** `http://host:port` or `https://host:port`; else KEYCAP_ADDR, else http://127.0.0.1:8081. */
+  addr?: string;
+  /** An admin token; else KEYCAP_ADMIN_TOKEN. */
+  token?: string;
+  /** PEM CAs trusted for https; else KEYCAP_CACERT; else the system's roots. */
+  caFile?: string;
+  /** Seconds per call (default 10). */
+  timeout?: number;
+}
+
+/** keycap's admin API. All methods return promises. */
+export class Client {
+  readonly addr: string;
+  readonly vendors: Vendors;
+  readonly keys: Keys;
+  readonly audit: Audit;
+  readonly #audit: RpcClient<typeof pb.AuditService>;
+  readonly #call: Call;
+
+  constructor(options: ClientOptions = {}) {
+    const env = process.env;
+    this.addr = options.addr ?? env.KEYCAP_ADDR ?? env.KEYCAP_CONTROL_URL ?? "http://127.0.0.1:8081";
+    const token = options.token ?? env.KEYCAP_ADMIN_TOKEN;
+    if (!token) {
+      throw new Unauthenticated("unauthenticated", "an admin token is required: token or KEYCAP_ADMIN_TOKEN");
+    }
+    const caFile = options.caFile ?? env.KEYCAP_CACERT ?? env.KEYCAP_CA;
+    const bearer = `Bearer ${token}`;
+    const auth: Interceptor = (next) => (req) => {
+      req.header.set("authorization", bearer);
+      return next(req);
+    };
+    const transport = createGrpcTransport({
+      baseUrl: this.addr,
+      interceptors: [auth],
+      defaultTimeoutMs: (options.timeout ?? 10) * 1000,
+      ...(caFile ? { nodeOptions: { ca: readFileSync(caFile) } } : {}),
+    });
+    const addr = this.addr;
+    this.#call = async <T>(call: () => Promise<T>): Promise<T> => {
+      try {
+        return await call();
+      } catch (e) {
+        throw keycapError(e, addr);
+      }
+    };
+    this.vendors = new Vendors(createClient(pb.VendorService, transport), this.#call);
+    this.keys = new Keys(createClient(pb.KeyService, transport), this.#call);
+    this.#audit = createClient(pb.AuditService, transport);
+    this.audit = new Audit(this.#audit, this.#call);
+  }
+
+  /** What an agent run spent, in total and per vendor. */
+  async spend(agentRunLabel: string): Promise<Spend> {
+    const r = await this.#call(() => this.#audit.spendSummary({ agentRunLabel }));
+    return {
+      agentRunLabel: r.agentRunLabel,
+      totalUsd: usd(r.totalMicros),
+      calls: Number(r.calls),
+      vendors: r.vendors.map((v) => ({ vendor: v.vendor, totalUsd: usd(v.totalMicros), calls: Number(v.calls) })),
+    };
+  }
+
+  toJSON(): { addr: string } {
+    return { addr: this.addr };
+  }
+}
+
+type Call = <T>(call: () => Promise<T>) => Promise<T>;
+
+export class Vendors {
+  constructor(readonly rpc: RpcClient<typeof pb.VendorService>, private readonly call: Call) {}
+
+  /** Creates or replaces a vendor; `credential` is required on creation. */
+  async put(name: string, v: { profile: string; baseUrl: string; credential?: string; currencyRates?: Record<string, string> }):
+    Promise<{ vendor: Vendor; created: boolean; confirmation: Confirmation }> {
+    const r = await this.call(() => this.rpc.putVendor({
+      name, profile: v.profile, baseUrl: v.baseUrl, credential: v.credential ?? "",
+      currencyRates: v.currencyRates ?? {},
+    }));
+    return { vendor: vendor(r.vendor), created: r.created, confirmation: confirmation(r.confirmation) };
+  }
+
+  async get(name: string): Promise<Vendor> {
+    return vendor((await this.call(() => this.rpc.getVendor({ name }))).vendor);
+  }
+
+  async list(): Promise<Vendor[]> {
+    return (await this.call(() => this.rpc.listVendors({}))).vendors.map(vendor);
+  }
+
+  async delete(name: string): Promise<Confirmation> {
+    return confirmation((await this.call(() => this.rpc.deleteVendor({ name }))).confirmation);
+  }
+}
+
+export class Keys {
+  constructor(readonly rpc: RpcClient<typeof pb.KeyService>, private readonly call: Call) {}
+
+  /** Mints a vault key; the answer carries its secret (`.key`) once. */
+  async create(k: CreateKey): Promise<CreatedKey> {
+    const req = {
+      vendor: k.vendor,
+      dailyCapMicros: micros("daily_usd_cap", k.dailyUsdCap),
+      allowedEndpoints: k.allowedEndpoints,
+      expiresInSeconds: seconds("expires_in", k.expiresIn),
+      agentRunLabel: k.agentRunLabel ?? "",
+      perCallCapMicros: k.perCallUsdCap === undefined ? 0n : micros("per_call_usd_cap", k.perCallUsdCap),
+      lifetimeCapMicros: k.lifetimeUsdCap === undefined ? 0n : micros("lifetime_usd_cap", k.lifetimeUsdCap),
+      metadata: k.metadata ?? {},
+      rateLimitPerMinute: k.rateLimitPerMinute ?? 0,
+      allowedCidrs: k.allowedCidrs ?? [],
+      zone: k.zone ?? "",
+      parentId: k.parentId ?? "",
+    };
+    const r = await this.call(() => this.rpc.createKey(req));
+    return new CreatedKey(r.secret, key(r.key), confirmation(r.confirmation));
+  }
+
+  async get(id: string): Promise<Key> {
+    return key((await this.call(() => this.rpc.getKey({ id }))).key);
+  }
+
+  async list(filter: { agentRunLabel?: string; vendor?: string; includeInactive?: boolean } = {}): Promise<Key[]> {
+    const r = await this.call(() => this.rpc.listKeys({
+      agentRunLabel: filter.agentRunLabel ?? "", vendor: filter.vendor ?? "",
+      includeInactive: filter.includeInactive ?? false,
+    }));
+    return r.keys.map(key);
+  }
+
+  /** Revokes a key; resolves once the proxies confirmed (or the wait ended). */
+  async revoke(id: string): Promise<{ key: Key; confirmation: Confirmation }> {
+    const r = await this.call(() => this.rpc.revokeKey({ id }));
+    return { key: key(r.key), confirmation: confirmation(r.confirmation) };
+  }
+
+  /** Revokes every key of an agent run. */
+  async revokeRun(agentRunLabel: string): Promise<{ revokedIds: string[]; confirmation: Confirmation }> {
+    const r = await this.call(() => this.rpc.revokeRun({ agentRunLabel }));
+    return { revokedIds: r.revokedIds, confirmation: confirmation(r.confirmation) };
+  }
+
+  /** An issuer token for a key: its secret (`token`, shown once) and what keycap stores. */
+  async createIssuerToken(keyId: string, t: { name: string; expiresIn: Duration }):
+    Promise<{ token: string; id: string; expiresAt: Date | null }> {
+    const r = await this.call(() => this.rpc.createIssuerToken({
+      keyId, name: t.name, expiresInSeconds: seconds("expires_in", t.expiresIn),
+    }));
+    return { token: r.secret, id: r.token?.id ?? "", expiresAt: date(r.token?.expiresAt) };
+  }
+}
+
+export class Audit {
+  constructor(readonly rpc: RpcClient<typeof pb.AuditService>, private readonly call: Call) {}
+
+  /** Every matching entry, newest first, fetching page after page. */
+  async *query(filter: {
+    keyId?: string; agentRunLabel?: string; vendor?: string; since?: Date; until?: Date;
+    /** Only the entries of the call with this trace id. */
+    traceId?: string;
+    /** "key=value": only entries whose agent context has it. */
+    context?: string;
+  } = {}):
+    AsyncGenerator<AuditEntry> {
+    let pageToken = "";
+    for (;;) {
+      const r = await this.call(() => this.rpc.queryAudit({
+        keyId: filter.keyId ?? "",
+        agentRunLabel: filter.agentRunLabel ?? "",
+        vendor: filter.vendor ?? "",
+        ...(filter.since ? { since: timestampFromDate(filter.since) } : {}),
+        ...(filter.until ? { until: timestampFromDate(filter.until) } : {}),
+        traceId: filter.traceId ?? "",
+        context: filter.context ?? "",
+        pageSize: 500,
+        pageToken,
+      }));
+      for (const e of r.entries) {
+        yield {
+          seq: Number(e.seq), eventId: e.eventId, keyId: e.keyId, agentRunLabel: e.agentRunLabel,
+          vendor: e.vendor, method: e.method, path: e.path, upstreamStatus: e.upstreamStatus,
+          reservedUsd: usd(e.reservedMicros), costUsd: usd(e.costMicros), outcome: e.outcome,
+          at: date(e.at), nodeId: e.nodeId, detail: e.detailJson ? JSON.parse(e.detailJson) : null,
+        };
+      }
+      if (!r.nextPageToken) return;
+      pageToken = r.nextPageToken;
+    }
+  }
+}

@@ -1,0 +1,178 @@
+// @keycap/sdk against the real `keycap dev` and `keycap-mock-vendor`
+// binaries (from CARGO_TARGET_DIR, else target/; build them with `cargo
+// build --workspace --bins`), on 127.0.0.1 only: register a vendor, mint a
+// key, call the vendor through the proxy with the official `openai` client
+// at the key's baseUrl, meet the cap refusal, revoke the run, read the
+// audit and the spend; then the errors: keycap's code and field, one error
+// for a wrong token or an unreachable control plane, no secret or token in
+// any error or serialised value.
+
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
+import { createServer, connect } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, isAbsolute, join, resolve } from "node:path";
+import { after, before, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { inspect } from "node:util";
+
+import OpenAI from "openai";
+
+import * as keycap from "../src/index.js";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../../..");
+const CREDENTIAL = "sk-proj-KeycapTypeScriptSdkCredentialDoNotLeak";
+const CHAT = ["POST /v1/chat/completions"];
+const STARTUP_MS = 60_000;
+const SPEND_SETTLES_MS = 20_000;
+
+function binary(name: string): string {
+  const target = process.env.CARGO_TARGET_DIR ?? "target";
+  return join(isAbsolute(target) ? target : join(ROOT, target), "debug", name);
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((done, fail) => {
+    const s = createServer();
+    s.once("error", fail);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => done(port));
+    });
+  });
+}
+
+async function until<T>(what: string, ms: number, probe: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await probe().catch(() => undefined);
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`${what} not within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+const listening = (port: number) =>
+  new Promise<true | undefined>((done) => {
+    const c = connect(port, "127.0.0.1", () => { c.end(); done(true); });
+    c.on("error", () => done(undefined));
+  });
+
+let workdir: string;
+const children: ChildProcess[] = [];
+let control: string;
+let proxy: string;
+let mockUrl: string;
+let adminToken: string;
+
+function start(args: string[], log: string): void {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("KEYCAP_")));
+  const out = openSync(join(workdir, log), "w");
+  children.push(spawn(args[0]!, args.slice(1), { stdio: ["ignore", out, out], env: { ...env, KEYCAP_LOG: "warn" } }));
+}
+
+before(async () => {
+  workdir = mkdtempSync(join(tmpdir(), "keycap-ts-sdk-"));
+  const [mock, proxyPort, controlPort, sandbox] = [await freePort(), await freePort(), await freePort(), await freePort()];
+  mockUrl = `http://127.0.0.1:${mock}`;
+  proxy = `http://127.0.0.1:${proxyPort}`;
+  control = `http://127.0.0.1:${controlPort}`;
+  start([binary("keycap-mock-vendor"), "--listen", `127.0.0.1:${mock}`, "--credential", CREDENTIAL], "mock.log");
+  start([binary("keycap"), "dev", "--data-dir", join(workdir, "dev"),
+    "--proxy-listen", `127.0.0.1:${proxyPort}`, "--control-listen", `127.0.0.1:${controlPort}`,
+    "--sandbox-listen", `127.0.0.1:${sandbox}`], "dev.log");
+  await until("keycap-mock-vendor", STARTUP_MS, () => listening(mock));
+  await until("keycap dev", STARTUP_MS, async () => ((await fetch(`${proxy}/healthz`)).ok ? true : undefined));
+  adminToken = readFileSync(join(workdir, "dev", "admin-token"), "utf8").trim();
+});
+
+after(() => {
+  for (const c of children) c.kill();
+  rmSync(workdir, { recursive: true, force: true });
+});
+
+async function chat(ai: OpenAI): Promise<void> {
+  const r = await ai.chat.completions.create({ model: "gpt-4o", max_tokens: 10, messages: [{ role: "user", content: "hi" }] });
+  assert.equal(r.choices[0]?.message.content, "Hello from the mock.");
+}
+
+test("a TypeScript team walks the whole flow", async () => {
+  const kc = new keycap.Client({ addr: control, token: adminToken });
+  const written = await kc.vendors.put("ts-openai", { profile: "openai", baseUrl: mockUrl, credential: CREDENTIAL });
+  assert.ok(written.created && written.confirmation.allConfirmed);
+  assert.equal((await kc.vendors.get("ts-openai")).profile, "openai");
+  assert.ok((await kc.vendors.list()).some((v) => v.name === "ts-openai"));
+
+  const run = "ts-sdk/run-1";
+  const created = await kc.keys.create({
+    vendor: "ts-openai", dailyUsdCap: "1.5", perCallUsdCap: "0.5", allowedEndpoints: CHAT,
+    expiresIn: "1h", agentRunLabel: run,
+  });
+  assert.match(created.key, /^kc_/);
+  assert.equal(created.info.dailyUsdCap, "1.5");
+  assert.equal(created.info.perCallUsdCap, "0.5");
+  assert.ok(created.expiresAt !== null && created.expiresAt.getTime() - Date.now() > 59 * 60_000);
+  assert.ok(!JSON.stringify(created).includes(created.key));
+  assert.ok(!inspect(created).includes(created.key));
+
+  const ai = new OpenAI({ baseURL: created.baseUrl(proxy), apiKey: created.key, maxRetries: 0 });
+  await chat(ai);
+  const spent = await until("the call's spend", SPEND_SETTLES_MS, async () => {
+    const k = await kc.keys.get(created.id);
+    return k.callsToday === 1 ? k : undefined;
+  });
+  assert.notEqual(spent.spentTodayUsd, "0");
+
+  const tiny = await kc.keys.create({ vendor: "ts-openai", dailyUsdCap: "0.0001", allowedEndpoints: CHAT, expiresIn: 3600, agentRunLabel: run });
+  await assert.rejects(chat(new OpenAI({ baseURL: tiny.baseUrl(proxy), apiKey: tiny.key, maxRetries: 0 })),
+    (e: unknown) => e instanceof OpenAI.RateLimitError && e.code === "daily_cap_exceeded");
+
+  const revoked = await kc.keys.revokeRun(run);
+  assert.deepEqual([...revoked.revokedIds].sort(), [created.id, tiny.id].sort());
+  assert.ok(revoked.confirmation.allConfirmed);
+  await assert.rejects(chat(ai), (e: unknown) => e instanceof OpenAI.AuthenticationError && e.code === "key_revoked");
+  assert.equal((await kc.keys.get(created.id)).status, "revoked");
+  assert.equal((await kc.keys.list({ agentRunLabel: run })).length, 0);
+  assert.equal((await kc.keys.list({ agentRunLabel: run, includeInactive: true })).length, 2);
+
+  const spend = await kc.spend(run);
+  assert.equal(spend.totalUsd, spent.spentTodayUsd);
+  assert.equal(spend.calls, 1);
+  const entries = [];
+  for await (const e of kc.audit.query({ agentRunLabel: run })) entries.push(e);
+  const billed = entries.filter((e) => e.keyId === created.id && e.costUsd !== "0");
+  assert.equal(billed.length, 1);
+  assert.equal(billed[0]!.costUsd, spend.totalUsd);
+  assert.equal(billed[0]!.path, "/v1/chat/completions");
+
+  assert.ok((await kc.vendors.delete("ts-openai")).allConfirmed);
+  await assert.rejects(kc.vendors.get("ts-openai"), (e: unknown) => e instanceof keycap.NotFound && e.code === "not_found");
+});
+
+test("the server's refusal carries its code and field", async () => {
+  const kc = new keycap.Client({ addr: control, token: adminToken });
+  await assert.rejects(
+    kc.keys.create({ vendor: "openai", dailyUsdCap: "0", allowedEndpoints: CHAT, expiresIn: "1h" }),
+    (e: unknown) => e instanceof keycap.InvalidRequest && e.code === "invalid_request"
+      && e.field === "daily_cap_micros" && e.message.includes("must be greater than 0"));
+  // Money is a decimal string, never a float.
+  assert.throws(() => keycap.micros("daily_usd_cap", "0.1234567"), keycap.InvalidRequest);
+  assert.equal(keycap.micros("x", "12.5"), 12_500_000n);
+  assert.equal(keycap.usd(12_500_000n), "12.5");
+});
+
+test("a wrong token and an unreachable server are one clear error each, without the token", async () => {
+  const token = "kcadm_live_a-token-keycap-never-issued";
+  const stranger = new keycap.Client({ addr: control, token });
+  const denied = await stranger.vendors.list().then(() => undefined, (e: unknown) => e);
+  assert.ok(denied instanceof keycap.Unauthenticated, String(denied));
+  assert.equal(denied.message, "unauthenticated: missing or invalid token");
+  assert.ok(!inspect(denied).includes(token) && !JSON.stringify(stranger).includes(token));
+
+  const addr = `http://127.0.0.1:${await freePort()}`;
+  const lost = await new keycap.Client({ addr, token: adminToken, timeout: 2 }).keys.list().then(() => undefined, (e: unknown) => e);
+  assert.ok(lost instanceof keycap.Unavailable, String(lost));
+  assert.equal(lost.message, `unavailable: the control plane at ${addr} is unreachable`);
+  assert.ok(!inspect(lost).includes(adminToken));
+});
