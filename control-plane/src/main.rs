@@ -7,21 +7,21 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     config: keycap_control::config::ControlConfig,
+    /// How log lines are written: text, or JSON with trace and span ids.
+    #[arg(long, value_enum, env = "KEYCAP_LOG_FORMAT", default_value = "text")]
+    log_format: keycap_telemetry::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYCAP_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    let telemetry = keycap_telemetry::init("keycap-control", cli.log_format, "info")?;
     let tls = keycap_control::tls::ServerTls::from_config(&cli.config)?;
     let control = keycap_control::server::build(&cli.config).await?;
     let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;
-    keycap_control::server::serve(listener, control, tls, shutdown_signal()).await
+    let served = keycap_control::server::serve(listener, control, tls, shutdown_signal()).await;
+    telemetry.shutdown();
+    served
 }
 
 async fn shutdown_signal() {

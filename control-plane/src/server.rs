@@ -22,6 +22,7 @@ use crate::grpc::Api;
 use crate::service::Control;
 use crate::store::{PgStore, SqliteStore, Store};
 use crate::tls::{FleetIdentity, PeerCertificate, ServerTls};
+use tracing::Instrument as _;
 
 /// Opens the store a database URL names: `postgres://` / `postgresql://`
 /// for PostgreSQL, `sqlite:` (or a plain file path) for SQLite. Runs
@@ -116,10 +117,46 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
     .add_service(reflection)
     .prepare()
-    .into_axum_router();
+    .into_axum_router()
+    .layer(axum::middleware::from_fn(grpc_span));
     // REST routes first; everything else is gRPC (whose fallback answers
     // `unimplemented`).
     crate::rest::router(control).fallback_service(grpc)
+}
+
+/// One server span per gRPC call, continuing the caller's W3C trace from
+/// its metadata (a proxy's lease grant joins the agent's call this way).
+/// Named by service and method, only for keycap's own services, so an
+/// unknown path cannot mint span names.
+async fn grpc_span(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = req.uri().path().trim_start_matches('/');
+    let (service, method) = match path.split_once('/') {
+        Some((s, m)) if s.starts_with("keycap.v1.") && !m.contains('/') => (s, m),
+        _ => ("unknown", "unknown"),
+    };
+    let span = tracing::info_span!(
+        "grpc call",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    keycap_telemetry::continue_trace(&span, req.headers());
+    let resp = next.run(req).instrument(span.clone()).await;
+    // A failed unary call answers trailers-only: its status is a header.
+    let code = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0);
+    span.record("rpc.grpc.status_code", code);
+    resp
 }
 
 /// How long calls in flight may finish after a shutdown signal. Policy

@@ -14,6 +14,8 @@ use http::header::{HeaderMap, HeaderName};
 pub const KEYCAP_CONTEXT: HeaderName = HeaderName::from_static("keycap-context");
 /// W3C Trace Context: where a call's trace is carried.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// W3C Trace Context: vendor-specific trace data beside `traceparent`.
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// At most this many `key=value` pairs in a call's context.
 pub const MAX_PAIRS: usize = 16;

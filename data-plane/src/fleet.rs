@@ -25,6 +25,7 @@ use keycap_proto::pb::{self, fleet_service_client::FleetServiceClient};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
+use tracing::Instrument as _;
 
 use crate::policy::PolicyCache;
 
@@ -61,6 +62,8 @@ pub struct FleetAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 impl tonic::service::Interceptor for FleetAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
+        // The control plane's spans for this call join the caller's trace.
+        keycap_telemetry::inject_grpc(req.metadata_mut());
         Ok(req)
     }
 }
@@ -569,11 +572,21 @@ pub trait LeaseSource: Send + Sync + 'static {
 #[async_trait]
 impl LeaseSource for Fleet {
     async fn grant(&self, req: pb::GrantLeaseRequest) -> Result<pb::GrantLeaseResponse, Status> {
+        let span = tracing::info_span!(
+            "lease grant",
+            otel.name = "keycap.v1.FleetService/GrantLease",
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = "keycap.v1.FleetService",
+            rpc.method = "GrantLease",
+            keycap.key_id = %req.key_id,
+        );
         self.call("grant_lease", |mut c| {
             let mut r = Request::new(req.clone());
             r.set_timeout(LEASE_CALL_TIMEOUT);
             async move { Ok(c.grant_lease(r).await?.into_inner()) }
         })
+        .instrument(span)
         .await
     }
 

@@ -7,22 +7,22 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     config: keycap_proxy::config::ProxyConfig,
+    /// How log lines are written: text, or JSON with trace and span ids.
+    #[arg(long, value_enum, env = "KEYCAP_LOG_FORMAT", default_value = "text")]
+    log_format: keycap_telemetry::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYCAP_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    let telemetry = keycap_telemetry::init("keycap-proxy", cli.log_format, "info")?;
     let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;
     // Registered before anything serves, so a SIGTERM from the first
     // moment starts a drain instead of killing the process.
     let shutdown = shutdown_signal()?;
-    keycap_proxy::run(cli.config, listener, shutdown).await
+    let served = keycap_proxy::run(cli.config, listener, shutdown).await;
+    telemetry.shutdown();
+    served
 }
 
 /// Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send): either

@@ -34,6 +34,7 @@ use keycap_proto::network::{self, IpNet};
 use keycap_proto::profile::Profile;
 use keycap_proto::{pb, Micros};
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::admission::UnauthenticatedShare;
 use crate::body::{self, BodyReadError, ChunkObserver, ObservedBody, ProxyBody};
@@ -273,9 +274,11 @@ impl Proxy {
         let mut envelope: Envelope = envelope::before_authentication;
         // The id of the call's audit entry, on its answer whatever it is.
         let call_id = self.spend.next_event_id();
+        let span = call_span(&req, &call_id);
         let mut resp = match self
             .clone()
             .call_vendor(req, now, peer.ip(), &call_id, &mut envelope)
+            .instrument(span.clone())
             .await
         {
             Ok(resp) => {
@@ -284,9 +287,12 @@ impl Proxy {
             }
             Err(refusal) => {
                 self.metrics.request(refusal.code());
+                span.record("keycap.outcome", refusal.code());
+                span.record("error.type", refusal.code());
                 closing_after(refusal, version, now, envelope)
             }
         };
+        span.record("http.response.status_code", resp.status().as_u16());
         if let Ok(v) = header::HeaderValue::from_str(&call_id) {
             resp.headers_mut().insert(KEYCAP_CALL_ID, v);
         }
@@ -306,11 +312,30 @@ impl Proxy {
         call_id: &str,
         envelope: &mut Envelope,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let admitted = self.admit(req, now, peer, envelope).await?;
+        // This call's server span (see `call_span`); each phase is a child.
+        let span = tracing::Span::current();
+        let admitted = self
+            .admit(req, now, peer, &span, envelope)
+            .instrument(tracing::info_span!("authenticate"))
+            .await?;
         let rate = admitted.rate;
-        let priced = self.price(admitted, call_id, now).await?;
-        let (call, up) = priced.reserve().await?.record()?;
-        let mut resp = call.forward(up).await?;
+        let priced = self
+            .price(admitted, call_id, span, now)
+            .instrument(tracing::info_span!("price"))
+            .await?;
+        let reserved = priced
+            .reserve()
+            .instrument(tracing::info_span!("reserve"))
+            .await?;
+        let (call, up) = reserved.record()?;
+        let forward = tracing::info_span!(
+            "forward",
+            otel.kind = "client",
+            http.request.method = %up.method(),
+            server.address = up.uri().host().unwrap_or_default(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        let mut resp = call.forward(up).instrument(forward).await?;
         if let Some(rate) = rate {
             rate.insert_headers(resp.headers_mut());
         }
@@ -324,6 +349,7 @@ impl Proxy {
         req: Request<Incoming>,
         now: DateTime<Utc>,
         peer: IpAddr,
+        call: &tracing::Span,
         envelope: &mut Envelope,
     ) -> Result<Admitted, Refusal> {
         let raw_target = req
@@ -359,6 +385,8 @@ impl Proxy {
             (None, None) => return Err(Refusal::InvalidKey),
         };
         drop(presented);
+        call.record("keycap.key_id", key.id.as_str());
+        call.record("keycap.run_label", key.agent_run_label.as_str());
         let policy = self.policy.load();
         if let Some(profile) = policy
             .vendors
@@ -381,6 +409,10 @@ impl Proxy {
             .cloned()
             .ok_or_else(|| Refusal::UnknownVendor(target.vendor.clone()))?;
         drop(policy);
+        let route = format!("/{}/*", vendor.name);
+        call.record("keycap.vendor", vendor.name.as_str());
+        keycap_telemetry::rename(call, format!("{} {route}", req.method()));
+        call.record("http.route", route);
         self.check_network(&key, peer, req.headers())?;
         if key.vendor != vendor.name {
             return Err(Refusal::EndpointNotAllowed(format!(
@@ -400,7 +432,9 @@ impl Proxy {
         // price, cap) has used it.
         let rate = self.check_rate(&key)?;
         let agent_context = context::read(req.headers())?;
-        let trace_id = context::trace_id(req.headers());
+        // The call's own trace when traces are exported; else the agent's.
+        let trace_id =
+            keycap_telemetry::trace_id(call).or_else(|| context::trace_id(req.headers()));
 
         // One reading of the body, the vendor's and pricing's alike.
         crate::body_headers::check(req.headers())
@@ -423,6 +457,9 @@ impl Proxy {
         headers.remove(X_API_KEY);
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(context::KEYCAP_CONTEXT);
+        // The agent's trace stays keycap's: vendors are not told of it.
+        headers.remove(context::TRACEPARENT);
+        headers.remove(context::TRACESTATE);
         Ok(Admitted {
             key,
             vendor,
@@ -442,6 +479,7 @@ impl Proxy {
         self: &Arc<Self>,
         admitted: Admitted,
         call_id: &str,
+        span: tracing::Span,
         now: DateTime<Utc>,
     ) -> Result<Priced, Refusal> {
         let Admitted {
@@ -552,6 +590,7 @@ impl Proxy {
                 path: target.path,
                 quote,
                 event_id: call_id.to_string(),
+                span,
                 trace_id,
                 agent_context,
                 idempotency,
@@ -742,6 +781,37 @@ enum RelayFailure {
     Refused(Refusal),
 }
 
+/// The server span of one vendor call, continuing the agent's W3C trace.
+/// Its attributes follow the OpenTelemetry HTTP conventions, with the
+/// route template (`/{vendor}/*`), never the raw path or query, and
+/// keycap's own; the key's secret and the agent's headers never go in.
+fn call_span<B>(req: &Request<B>, call_id: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "proxy call",
+        otel.name = %format_args!("{} /{{vendor}}/*", req.method()),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %req.method(),
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        network.protocol.version = match req.version() {
+            http::Version::HTTP_10 => "1.0",
+            http::Version::HTTP_2 => "2",
+            _ => "1.1",
+        },
+        url.scheme = "http",
+        error.type = tracing::field::Empty,
+        keycap.call_id = call_id,
+        keycap.vendor = tracing::field::Empty,
+        keycap.key_id = tracing::field::Empty,
+        keycap.run_label = tracing::field::Empty,
+        keycap.cost_usd = tracing::field::Empty,
+        keycap.outcome = tracing::field::Empty,
+    );
+    keycap_telemetry::continue_trace(&span, req.headers());
+    span
+}
+
 /// Checks that a request's target is in origin form (`/path?query`), the
 /// only form a call may take. HTTP/1.1's absolute and authority forms are
 /// refused. An HTTP/2 request always names `:scheme` and `:authority`
@@ -857,6 +927,8 @@ struct Ticket {
     /// The id its spend event carries, from its reservation record on:
     /// the call's `Keycap-Call-Id`.
     event_id: String,
+    /// The call's server span, open until the call settles.
+    span: tracing::Span,
     trace_id: Option<String>,
     agent_context: HashMap<String, String>,
     /// Set when the request carried an idempotency key seen for the first
@@ -960,6 +1032,7 @@ impl Call {
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
+        tracing::Span::current().record("http.response.status_code", status);
         // No response carries the credential: masked in headers here and in
         // the body on each path below.
         self.vendor.scrub.headers(&mut parts.headers);
@@ -1061,6 +1134,9 @@ impl Call {
             return;
         };
         held.resolve(Micros::ZERO);
+        self.ticket
+            .span
+            .record("keycap.outcome", Outcome::Released.as_str());
         self.proxy.spend.never_sent(&self.ticket.event_id);
     }
 
@@ -1069,6 +1145,7 @@ impl Call {
     fn settle(&mut self, status: u16, mut s: Settlement) -> Option<Micros> {
         let held = self.held.take()?;
         let t = &mut self.ticket;
+        let _settle = tracing::info_span!(parent: &t.span, "settle").entered();
         let reserved = held.amount();
         if let Some(original) = t.rides_on {
             // Whether the vendor replayed the original or executed this
@@ -1105,6 +1182,9 @@ impl Call {
         }
         t.proxy.metrics.settled(&t.vendor.name, s.cost.0);
         let cost = s.cost;
+        t.span.record("keycap.cost_usd", cost.to_string());
+        t.span.record("keycap.outcome", s.outcome.as_str());
+        tracing::debug!(cost_usd = %cost, outcome = s.outcome.as_str(), "call settled");
         let event = t.event(status, s, lease_id, day, reserved);
         t.proxy.spend.send(event);
         Some(cost)

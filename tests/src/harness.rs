@@ -142,7 +142,8 @@ pub fn bin_path(name: &str) -> PathBuf {
 fn keycap_command(bin: &str) -> Command {
     let mut cmd = Command::new(bin_path(bin));
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("KEYCAP_") {
+        let name_text = name.to_string_lossy();
+        if name_text.starts_with("KEYCAP_") || name_text.starts_with("OTEL_") {
             cmd.env_remove(&name);
         }
     }
@@ -486,6 +487,8 @@ pub struct ControlOpts {
     /// `--allow-private-upstreams`: on for every test control plane (the
     /// mock vendors are plain http on 127.0.0.1) unless a test turns it off.
     pub allow_private_upstreams: bool,
+    /// Environment added to the process (`OTEL_*` for a traced one).
+    pub env: Vec<(String, String)>,
 }
 
 /// TLS for a control plane: its server certificate, the CA clients trust
@@ -510,6 +513,7 @@ impl ControlOpts {
             args: Vec::new(),
             tls: None,
             allow_private_upstreams: true,
+            env: Vec::new(),
         }
     }
 
@@ -575,6 +579,7 @@ impl Control {
                 if let Some(level) = &opts.log_level {
                     cmd.env("KEYCAP_LOG", level);
                 }
+                cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
                 cmd.args(&opts.args);
                 if opts.allow_private_upstreams {
                     cmd.arg("--allow-private-upstreams");
@@ -671,6 +676,8 @@ pub struct ProxyOpts {
     /// Set by `serve_tls`: the CA agents trust the proxy's HTTPS listener
     /// by.
     pub listener_ca: Option<PathBuf>,
+    /// Environment added to the process (`OTEL_*` for a traced one).
+    pub env: Vec<(String, String)>,
 }
 
 impl ProxyOpts {
@@ -681,6 +688,7 @@ impl ProxyOpts {
             readiness: Readiness::Healthy,
             log_level: None,
             listener_ca: None,
+            env: Vec::new(),
         }
     }
 
@@ -715,6 +723,12 @@ impl ProxyOpts {
 
     pub fn readiness(mut self, readiness: Readiness) -> ProxyOpts {
         self.readiness = readiness;
+        self
+    }
+
+    /// Adds `vars` to the process's environment.
+    pub fn envs(mut self, vars: Vec<(String, String)>) -> ProxyOpts {
+        self.env.extend(vars);
         self
     }
 }
@@ -788,6 +802,7 @@ impl Proxy {
                 if let Some(level) = &opts.log_level {
                     cmd.env("KEYCAP_LOG", level);
                 }
+                cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
                 cmd
             },
             |p| vec![format!("{}://127.0.0.1:{}/healthz", opts.scheme(), p[0])],

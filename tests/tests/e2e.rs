@@ -592,6 +592,9 @@ mod limits;
 mod prices;
 #[path = "e2e/scrub.rs"]
 mod scrub;
+#[path = "e2e/traces.rs"]
+mod traces;
+
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/trees.rs"]

@@ -1,0 +1,166 @@
+//! Traces end to end: the agent's W3C `traceparent` continues into the
+//! proxy's span for the call, whose phases are its children, and across
+//! gRPC metadata into the control plane's span for the lease grant; all
+//! exported to the harness's own OTLP collector. No secret reaches a span
+//! or a log line, the vendor is not told of the trace, and a collector
+//! that is gone fails no call. Included from `e2e.rs`.
+
+use keycap_tests::harness::ProxyOpts;
+use keycap_tests::otlp::{CollectedSpan, Collector};
+
+use super::*;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const AGENT_SPAN: &str = "00f067aa0ba902b7";
+
+async fn traced_stack(collector: &Collector) -> (Stack, MockVendor) {
+    let mut control = ControlOpts::sqlite();
+    control.env = collector.env();
+    control.args = vec!["--log-format".into(), "json".into()];
+    let proxy = ProxyOpts::new("traced-proxy")
+        .envs(collector.env())
+        .flag("log-format", "json")
+        .log_level("info,keycap_proxy=debug");
+    let stack = Stack::start_with_proxy(control, proxy).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    (stack, mock)
+}
+
+/// The one span named `name` that `service` sent.
+fn one<'a>(spans: &'a [CollectedSpan], service: &str, name: &str) -> &'a CollectedSpan {
+    let found: Vec<_> = spans
+        .iter()
+        .filter(|s| s.service == service && s.name == name)
+        .collect();
+    assert_eq!(found.len(), 1, "{service} {name}: {spans:#?}");
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_runs_from_the_agent_through_the_proxy_to_the_control_plane() {
+    let collector = Collector::start().await;
+    let (stack, mock) = traced_stack(&collector).await;
+    let key = stack
+        .mint(&stripe_key_body(json!(10), &["POST /v1/*"], "traced/1"))
+        .await;
+    let agent = stack.agent(&key.secret);
+    let traceparent = format!("00-{TRACE}-{AGENT_SPAN}-01");
+    let paid = agent
+        .send(
+            reqwest::Method::POST,
+            "/stripe/v1/payment_intents?expand[]=latest_charge",
+            Some((
+                "application/x-www-form-urlencoded",
+                b"amount=100&currency=usd&confirm=true".to_vec(),
+            )),
+            &[
+                ("traceparent", &traceparent),
+                ("keycap-context", "step=charge-customer"),
+            ],
+        )
+        .await;
+    assert_eq!(paid.status, 200, "{}", paid.text);
+
+    let spans = collector
+        .wait_trace(
+            TRACE,
+            &[
+                ("keycap-proxy", "POST /stripe/*"),
+                ("keycap-proxy", "authenticate"),
+                ("keycap-proxy", "price"),
+                ("keycap-proxy", "reserve"),
+                ("keycap-proxy", "keycap.v1.FleetService/GrantLease"),
+                ("keycap-control", "keycap.v1.FleetService/GrantLease"),
+                ("keycap-proxy", "forward"),
+                ("keycap-proxy", "settle"),
+            ],
+        )
+        .await;
+    let proxy = |name| one(&spans, "keycap-proxy", name);
+    let call = proxy("POST /stripe/*");
+    assert_eq!(call.kind, "SPAN_KIND_SERVER");
+    assert_eq!(
+        call.parent_span_id, AGENT_SPAN,
+        "continues the agent's span"
+    );
+    for (attr, want) in [
+        ("http.request.method", "POST"),
+        ("http.route", "/stripe/*"),
+        ("http.response.status_code", "200"),
+        ("keycap.vendor", "stripe"),
+        ("keycap.key_id", key.id.as_str()),
+        ("keycap.run_label", "traced/1"),
+        ("keycap.cost_usd", "1"),
+        ("keycap.outcome", "settled"),
+        ("keycap.call_id", paid.header("keycap-call-id").unwrap()),
+    ] {
+        assert_eq!(call.attr(attr), Some(want), "{attr}: {call:#?}");
+    }
+    for phase in ["authenticate", "price", "reserve", "forward", "settle"] {
+        assert_eq!(proxy(phase).parent_span_id, call.span_id, "{phase}");
+    }
+    assert_eq!(proxy("forward").kind, "SPAN_KIND_CLIENT");
+    let grant = proxy("keycap.v1.FleetService/GrantLease");
+    assert_eq!(grant.kind, "SPAN_KIND_CLIENT");
+    assert_eq!(grant.parent_span_id, proxy("reserve").span_id);
+    let granted = one(
+        &spans,
+        "keycap-control",
+        "keycap.v1.FleetService/GrantLease",
+    );
+    assert_eq!(granted.kind, "SPAN_KIND_SERVER");
+    assert_eq!(
+        granted.parent_span_id, grant.span_id,
+        "crosses gRPC metadata"
+    );
+    assert_eq!(granted.attr("rpc.grpc.status_code"), Some("0"));
+
+    // Never the raw path or query, the vault key or the credential.
+    let everything = format!("{:?}", collector.spans());
+    for secret in [
+        key.secret.as_str(),
+        STRIPE_CREDENTIAL,
+        "payment_intents",
+        "latest_charge",
+    ] {
+        assert!(!everything.contains(secret), "{secret} in a span");
+    }
+    for log in [stack.proxy.process(), stack.control.process()] {
+        assert!(!log.log_contains(&key.secret), "the vault key in a log");
+        assert!(
+            !log.log_contains(STRIPE_CREDENTIAL),
+            "the credential in a log"
+        );
+    }
+    // JSON log lines written inside the call's span carry its trace.
+    let proxy_log = std::fs::read_to_string(stack.proxy.process().log_path()).unwrap();
+    let traced_line = proxy_log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["trace_id"] == TRACE && l["message"] == "call settled");
+    assert!(
+        traced_line.is_some(),
+        "no log line of the trace: {proxy_log}"
+    );
+
+    // The vendor is not told of the agent's trace.
+    let sent = mock.calls();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].header("traceparent"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_gone_fails_no_call() {
+    let mut collector = Collector::start().await;
+    let (stack, _mock) = traced_stack(&collector).await;
+    collector.stop();
+    let key = stack
+        .mint(&stripe_key_body(json!(100), &["POST /v1/*"], "traced/2"))
+        .await;
+    let agent = stack.agent(&key.secret);
+    for _ in 0..20 {
+        assert_eq!(dollar_charge(&agent).await.status, 200);
+    }
+    stack.wait_key_spend(&key.id, 20_000_000, 20).await;
+}
