@@ -462,25 +462,37 @@ impl Control {
         });
     }
 
-    /// Refreshes the heartbeat of every policy stream this replica serves,
-    /// every `FLEET_HEARTBEAT`, so its proxies keep counting as connected;
-    /// if the replica dies they stop counting after `FLEET_NODE_STALE`.
-    pub fn heartbeat_fleet(self: &Arc<Self>) {
+    /// Runs `job` every `period` (delayed, never bunched, when late) for as
+    /// long as the control plane lives.
+    fn every<F, Fut>(self: &Arc<Self>, period: Duration, job: F)
+    where
+        F: Fn(Arc<Control>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(FLEET_HEARTBEAT);
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(control) = me.upgrade() else { return };
-                let now = Utc::now();
-                if let Err(e) = control
-                    .store
-                    .heartbeat_fleet_nodes(&control.replica_id, now, now - FLEET_NODE_FORGET)
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot refresh the fleet heartbeat");
-                }
+                job(control).await;
+            }
+        });
+    }
+
+    /// Refreshes the heartbeat of every policy stream this replica serves,
+    /// every `FLEET_HEARTBEAT`, so its proxies keep counting as connected;
+    /// if the replica dies they stop counting after `FLEET_NODE_STALE`.
+    pub fn heartbeat_fleet(self: &Arc<Self>) {
+        self.every(FLEET_HEARTBEAT, |control| async move {
+            let now = Utc::now();
+            if let Err(e) = control
+                .store
+                .heartbeat_fleet_nodes(&control.replica_id, now, now - FLEET_NODE_FORGET)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot refresh the fleet heartbeat");
             }
         });
     }
@@ -488,16 +500,9 @@ impl Control {
     /// Signs a checkpoint of the ledger head every `LEDGER_CHECKPOINT_EVERY`
     /// while it moves (every replica does; one checkpoint per head is kept).
     pub fn checkpoint_ledger_periodically(self: &Arc<Self>) {
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LEDGER_CHECKPOINT_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(control) = me.upgrade() else { return };
-                if let Err(e) = control.checkpoint_ledger().await {
-                    tracing::warn!(error = %e, "cannot sign a ledger checkpoint");
-                }
+        self.every(LEDGER_CHECKPOINT_EVERY, |control| async move {
+            if let Err(e) = control.checkpoint_ledger().await {
+                tracing::warn!(error = %e, "cannot sign a ledger checkpoint");
             }
         });
     }
@@ -1839,33 +1844,23 @@ mod tests {
     /// A `Control` whose store fails every query: any lookup shows up as
     /// `Internal` instead of `Unauthenticated`.
     async fn control_without_a_store() -> Arc<Control> {
-        let store = SqliteStore::in_memory().await.unwrap();
-        store.migrate().await.unwrap();
-        let pool = store.pool().clone();
-        let control = Control::new(
-            Arc::new(store),
-            Sealer::from_key_text(&Sealer::generate_key_text()).unwrap(),
-            &secret::generate(SecretKind::FleetToken, "test"),
-            "test",
-            Duration::from_secs(2),
-            domain::UpstreamPolicy::PublicHttps,
-        )
-        .await
-        .unwrap();
+        let (control, store, pool) = control_in_memory(Sealer::generate_key_text()).await;
+        drop(store);
         pool.close().await;
         control
     }
 
-    #[tokio::test]
-    async fn checkpoints_are_signed_once_per_head_with_a_sealed_key() {
+    /// A `Control` over a fresh in-memory store; also the store and its pool.
+    async fn control_in_memory(
+        master_key: String,
+    ) -> (Arc<Control>, Arc<dyn Store>, sqlx::SqlitePool) {
         let store = SqliteStore::in_memory().await.unwrap();
         store.migrate().await.unwrap();
         let pool = store.pool().clone();
         let store: Arc<dyn Store> = Arc::new(store);
-        let sealer = || Sealer::from_key_bytes(&[9; 32]);
         let control = Control::new(
             store.clone(),
-            sealer(),
+            Sealer::from_key_text(&master_key).unwrap(),
             &secret::generate(SecretKind::FleetToken, "test"),
             "test",
             Duration::from_secs(2),
@@ -1873,6 +1868,14 @@ mod tests {
         )
         .await
         .unwrap();
+        (control, store, pool)
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_signed_once_per_head_with_a_sealed_key() {
+        let master_key = Sealer::generate_key_text();
+        let sealer = || Sealer::from_key_text(&master_key).unwrap();
+        let (control, store, pool) = control_in_memory(master_key.clone()).await;
         assert_eq!(control.checkpoint_ledger().await.unwrap(), None, "empty");
 
         // The head as appends leave it (entries themselves are not needed).
