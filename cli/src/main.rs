@@ -294,7 +294,10 @@ enum IssuerTokenCmd {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct AuditArgs {
+    #[command(subcommand)]
+    action: Option<AuditAction>,
     #[arg(long = "key-id")]
     key_id: Option<String>,
     #[arg(long = "run-label")]
@@ -312,6 +315,18 @@ struct AuditArgs {
     /// Page token from a previous listing.
     #[arg(long)]
     page: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Recompute the ledger's hash chain (and hold it against the latest
+    /// signed checkpoint); names the first broken entry and exits 1 if
+    /// there is one.
+    Verify {
+        /// Start at this seq, trusting the prev_hash stored with it.
+        #[arg(long)]
+        from: Option<i64>,
+    },
 }
 
 fn usd(m: i64) -> String {
@@ -1017,6 +1032,39 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     "vendor": v.vendor, "total_usd": usd(v.total_micros), "calls": v.calls,
                 })).collect::<Vec<_>>(),
             }));
+        }
+        Command::Audit(AuditArgs {
+            action: Some(AuditAction::Verify { from }),
+            ..
+        }) => {
+            let r = c
+                .audit
+                .verify_audit(pb::VerifyAuditRequest {
+                    from_seq: from.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            let head = |ok: bool| ok.then(|| hex::encode(&r.head_hash));
+            print(json!({
+                "ok": r.ok,
+                "checked": r.checked,
+                "legacy": r.legacy,
+                "head_seq": (!r.head_hash.is_empty()).then_some(r.head_seq),
+                "head_hash": head(!r.head_hash.is_empty()),
+                "broken": (!r.ok).then(|| json!({
+                    "seq": r.broken_seq,
+                    "reason": r.broken_reason,
+                    "message": r.broken_message,
+                })),
+                "checkpoint_seq": (r.checkpoint_seq != 0).then_some(r.checkpoint_seq),
+            }));
+            if !r.ok {
+                anyhow::bail!(
+                    "the audit ledger is broken at seq {}: {}",
+                    r.broken_seq,
+                    r.broken_message
+                );
+            }
         }
         Command::Audit(a) => {
             let time = |field: &str, s: Option<String>| -> anyhow::Result<_> {

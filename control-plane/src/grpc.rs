@@ -642,6 +642,33 @@ impl pb::audit_service_server::AuditService for Api {
         }))
     }
 
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let caller = self.admin(&req, Operation::ListCheckpoints).await?;
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n => u32::try_from(n).unwrap_or(0),
+        };
+        let cps = self
+            .control
+            .ledger_checkpoints(&caller.vendors, limit)
+            .await?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: cps
+                .into_iter()
+                .map(|cp| pb::Checkpoint {
+                    seq: cp.seq,
+                    hash: cp.hash.to_vec(),
+                    at: Some(to_proto(cp.at)),
+                    public_key: cp.public_key.to_vec(),
+                    signature: cp.signature.to_vec(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn spend_summary(
         &self,
         req: Request<pb::SpendSummaryRequest>,

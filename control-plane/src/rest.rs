@@ -72,6 +72,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/spend", get(spend))
         .route("/vault/audit", get(audit))
         .route("/vault/audit/verify", get(verify_audit))
+        .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route(
             "/vault/{*rest}",
@@ -753,6 +754,44 @@ async fn verify_audit(
         }),
         checkpoint_seq: v.checkpoint_seq,
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointParams {
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct CheckpointAnswer {
+    seq: i64,
+    hash: String,
+    at: String,
+    public_key: String,
+    signature: String,
+}
+
+async fn list_checkpoints(
+    State(c): Ctl,
+    headers: HeaderMap,
+    q: Result<Query<CheckpointParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&c, &headers, Operation::ListCheckpoints).await?;
+    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let cps = c
+        .ledger_checkpoints(&caller.vendors, p.limit.unwrap_or(100))
+        .await?;
+    let items: Vec<CheckpointAnswer> = cps
+        .into_iter()
+        .map(|cp| CheckpointAnswer {
+            seq: cp.seq,
+            hash: hex::encode(cp.hash),
+            at: cp.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            public_key: hex::encode(cp.public_key),
+            signature: hex::encode(cp.signature),
+        })
+        .collect();
+    Ok(Json(json!({ "checkpoints": items })))
 }
 
 fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {

@@ -255,6 +255,8 @@ pub enum Operation {
     SpendSummary,
     /// Recompute the audit ledger's hash chain (every vendor's entries).
     VerifyAudit,
+    /// Read the ledger's signed checkpoints.
+    ListCheckpoints,
     CreateAdminToken,
     ListAdminTokens,
     RevokeAdminToken,
@@ -270,7 +272,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 21] = [
+    pub const ALL: [Operation; 22] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -284,6 +286,7 @@ impl Operation {
         Operation::QueryAudit,
         Operation::SpendSummary,
         Operation::VerifyAudit,
+        Operation::ListCheckpoints,
         Operation::CreateAdminToken,
         Operation::ListAdminTokens,
         Operation::RevokeAdminToken,
@@ -313,7 +316,7 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::RevokeIssuerToken => &[S::KeysRevoke],
         O::GetKey | O::ListKeys => &[S::KeysRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
-        O::QueryAudit | O::SpendSummary | O::VerifyAudit => &[S::AuditRead],
+        O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],
         O::ListAdminTokens => &[S::TokensRead],
         O::RotateKek => &[S::CredentialsWrite],

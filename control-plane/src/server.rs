@@ -79,6 +79,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         config.change_log_keep,
     );
     control.heartbeat_fleet();
+    control.checkpoint_ledger_periodically();
     if let Some(token) = &config.admin_token {
         if !secret::is_well_formed(SecretKind::AdminToken, token) {
             anyhow::bail!(

@@ -43,6 +43,15 @@ pub const LEASE_TTL: Duration = Duration::from_secs(3600);
 /// are still open.
 pub const FLEET_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How often a replica signs a checkpoint of the ledger head (when it moved).
+const LEDGER_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+
+/// The record id a ledger signing key is sealed under (bound as associated
+/// data, as a vendor's name is for its credential).
+fn signing_key_record(id: &str) -> String {
+    format!("ledger-signing-key/{id}")
+}
+
 /// A registration whose heartbeat is older than this no longer counts as a
 /// connected proxy: its replica stopped refreshing it (it died, or lost the
 /// database).
@@ -453,27 +462,104 @@ impl Control {
         });
     }
 
-    /// Refreshes the heartbeat of every policy stream this replica serves,
-    /// every `FLEET_HEARTBEAT`, so its proxies keep counting as connected;
-    /// if the replica dies they stop counting after `FLEET_NODE_STALE`.
-    pub fn heartbeat_fleet(self: &Arc<Self>) {
+    /// Runs `job` every `period` (delayed, never bunched, when late) for as
+    /// long as the control plane lives.
+    fn every<F, Fut>(self: &Arc<Self>, period: Duration, job: F)
+    where
+        F: Fn(Arc<Control>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(FLEET_HEARTBEAT);
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(control) = me.upgrade() else { return };
-                let now = Utc::now();
-                if let Err(e) = control
-                    .store
-                    .heartbeat_fleet_nodes(&control.replica_id, now, now - FLEET_NODE_FORGET)
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot refresh the fleet heartbeat");
-                }
+                job(control).await;
             }
         });
+    }
+
+    /// Refreshes the heartbeat of every policy stream this replica serves,
+    /// every `FLEET_HEARTBEAT`, so its proxies keep counting as connected;
+    /// if the replica dies they stop counting after `FLEET_NODE_STALE`.
+    pub fn heartbeat_fleet(self: &Arc<Self>) {
+        self.every(FLEET_HEARTBEAT, |control| async move {
+            let now = Utc::now();
+            if let Err(e) = control
+                .store
+                .heartbeat_fleet_nodes(&control.replica_id, now, now - FLEET_NODE_FORGET)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot refresh the fleet heartbeat");
+            }
+        });
+    }
+
+    /// Signs a checkpoint of the ledger head every `LEDGER_CHECKPOINT_EVERY`
+    /// while it moves (every replica does; one checkpoint per head is kept).
+    pub fn checkpoint_ledger_periodically(self: &Arc<Self>) {
+        self.every(LEDGER_CHECKPOINT_EVERY, |control| async move {
+            if let Err(e) = control.checkpoint_ledger().await {
+                tracing::warn!(error = %e, "cannot sign a ledger checkpoint");
+            }
+        });
+    }
+
+    /// Signs and stores a checkpoint of the ledger head unless the latest
+    /// checkpoint is already of it; returns the newest checkpoint.
+    pub async fn checkpoint_ledger(&self) -> Result<Option<ledger::Checkpoint>, ApiError> {
+        let (seq, hash) = self.store.ledger_head().await?;
+        let latest = self.store.checkpoints(1).await?.into_iter().next();
+        if seq == 0 || latest.as_ref().is_some_and(|cp| cp.seq >= seq) {
+            return Ok(latest);
+        }
+        let key = self.ledger_signing_key().await?;
+        let cp = ledger::Checkpoint::sign(&key, seq, hash, Utc::now());
+        self.store.insert_checkpoint(&cp).await?;
+        Ok(Some(cp))
+    }
+
+    /// The newest ledger signing key this replica's master key opens; a new
+    /// one (sealed under the master key) when there is none, e.g. after a
+    /// master key change. Old checkpoints keep their public keys.
+    async fn ledger_signing_key(&self) -> Result<ed25519_dalek::SigningKey, ApiError> {
+        for (id, public_key, sealed) in self.store.ledger_signing_keys().await? {
+            let Ok(secret) = self.sealer.open(&signing_key_record(&id), &sealed) else {
+                continue;
+            };
+            let Ok(secret) = <[u8; 32]>::try_from(secret.as_slice()) else {
+                continue;
+            };
+            let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+            if key.verifying_key().to_bytes()[..] == public_key[..] {
+                return Ok(key);
+            }
+        }
+        let key = ledger::checkpoint::new_signing_key();
+        let public_key = key.verifying_key().to_bytes();
+        let id = hex::encode(&public_key[..8]);
+        let sealed = self
+            .sealer
+            .seal(&signing_key_record(&id), key.to_bytes().as_slice());
+        self.store
+            .insert_ledger_signing_key(&id, &public_key, &sealed, Utc::now())
+            .await?;
+        Ok(key)
+    }
+
+    /// Stored checkpoints, newest first.
+    pub async fn ledger_checkpoints(
+        &self,
+        vendors: &VendorScope,
+        limit: u32,
+    ) -> Result<Vec<ledger::Checkpoint>, ApiError> {
+        vendors.check_all()?;
+        if !(1..=1000).contains(&limit) {
+            return Err(domain::invalid("limit", "must be between 1 and 1000").into());
+        }
+        Ok(self.store.checkpoints(limit).await?)
     }
 
     // --- admin tokens -------------------------------------------------------
@@ -1447,7 +1533,7 @@ impl Control {
         if from.is_some_and(|f| f < 1) {
             return Err(domain::invalid("from", "must be a seq of at least 1").into());
         }
-        Ok(ledger::verify(&*self.store, from, None).await?)
+        Ok(ledger::verify_to_checkpoint(&*self.store, from).await?)
     }
 
     /// A run's spend over the caller's vendors only.
@@ -1758,12 +1844,23 @@ mod tests {
     /// A `Control` whose store fails every query: any lookup shows up as
     /// `Internal` instead of `Unauthenticated`.
     async fn control_without_a_store() -> Arc<Control> {
+        let (control, store, pool) = control_in_memory(Sealer::generate_key_text()).await;
+        drop(store);
+        pool.close().await;
+        control
+    }
+
+    /// A `Control` over a fresh in-memory store; also the store and its pool.
+    async fn control_in_memory(
+        master_key: String,
+    ) -> (Arc<Control>, Arc<dyn Store>, sqlx::SqlitePool) {
         let store = SqliteStore::in_memory().await.unwrap();
         store.migrate().await.unwrap();
         let pool = store.pool().clone();
+        let store: Arc<dyn Store> = Arc::new(store);
         let control = Control::new(
-            Arc::new(store),
-            Sealer::from_key_text(&Sealer::generate_key_text()).unwrap(),
+            store.clone(),
+            Sealer::from_key_text(&master_key).unwrap(),
             &secret::generate(SecretKind::FleetToken, "test"),
             "test",
             Duration::from_secs(2),
@@ -1771,8 +1868,54 @@ mod tests {
         )
         .await
         .unwrap();
-        pool.close().await;
-        control
+        (control, store, pool)
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_signed_once_per_head_with_a_sealed_key() {
+        let master_key = Sealer::generate_key_text();
+        let sealer = || Sealer::from_key_text(&master_key).unwrap();
+        let (control, store, pool) = control_in_memory(master_key.clone()).await;
+        assert_eq!(control.checkpoint_ledger().await.unwrap(), None, "empty");
+
+        // The head as appends leave it (entries themselves are not needed).
+        sqlx::query("UPDATE ledger_head SET seq = 5, hash = $1")
+            .bind(&[3u8; 32][..])
+            .execute(&pool)
+            .await
+            .unwrap();
+        let cp = control.checkpoint_ledger().await.unwrap().expect("signed");
+        assert_eq!((cp.seq, cp.hash), (5, [3; 32]));
+        assert!(cp.signature_holds());
+        // Same head: no second checkpoint.
+        assert_eq!(control.checkpoint_ledger().await.unwrap(), Some(cp.clone()));
+        let listed = control
+            .ledger_checkpoints(&VendorScope::All, 10)
+            .await
+            .unwrap();
+        assert_eq!(listed, std::slice::from_ref(&cp));
+        let restricted = VendorScope::parse_list(&["stripe"]).unwrap();
+        assert!(control.ledger_checkpoints(&restricted, 10).await.is_err());
+
+        // The private key is stored sealed under the master key, and the
+        // next checkpoint uses the same key.
+        let keys = store.ledger_signing_keys().await.unwrap();
+        assert_eq!(keys.len(), 1);
+        let (id, public_key, sealed) = &keys[0];
+        assert_eq!(public_key[..], cp.public_key[..]);
+        let secret = sealer().open(&signing_key_record(id), sealed).unwrap();
+        assert!(
+            !sealed.windows(32).any(|w| w == secret.as_slice()),
+            "the private key is not stored in the clear"
+        );
+        let opened = ed25519_dalek::SigningKey::from_bytes(&secret.try_into().unwrap());
+        assert_eq!(opened.verifying_key().to_bytes(), cp.public_key);
+        sqlx::query("UPDATE ledger_head SET seq = 6")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let next = control.checkpoint_ledger().await.unwrap().unwrap();
+        assert_eq!((next.seq, next.public_key), (6, cp.public_key));
     }
 
     #[tokio::test]

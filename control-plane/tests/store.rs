@@ -198,6 +198,7 @@ raw_suite!(
     an_edited_amount_is_named,
     a_removed_middle_entry_is_named,
     removed_last_entries_are_caught_against_the_head,
+    a_rewritten_head_is_caught_against_the_last_checkpoint,
 );
 
 /// The ledger tampered with as the database owner: verify names the entry.
@@ -276,6 +277,56 @@ mod tamper {
         assert_eq!(
             (broken.seq, broken.reason),
             (seqs[26], ChainBreak::PrevMismatch)
+        );
+    }
+
+    pub async fn a_rewritten_head_is_caught_against_the_last_checkpoint(s: S, raw: Raw) {
+        let seqs = filled(&*s).await;
+        let (head_seq, head_hash) = s.ledger_head().await.unwrap();
+        assert_eq!(head_seq, seqs[39]);
+        let key = ledger::checkpoint::new_signing_key();
+        let cp = ledger::Checkpoint::sign(&key, head_seq, head_hash, Utc::now());
+        assert!(s.insert_checkpoint(&cp).await.unwrap());
+        assert!(!s.insert_checkpoint(&cp).await.unwrap(), "one per seq");
+        assert_eq!(s.checkpoints(5).await.unwrap(), std::slice::from_ref(&cp));
+        assert!(ledger::verify_to_checkpoint(&*s, None).await.unwrap().ok());
+
+        // The last three entries removed and the head moved back to the
+        // entry before them: the chain and the head agree again.
+        raw.disable_ledger_triggers().await;
+        raw.exec(&format!("DELETE FROM audit WHERE seq >= {}", seqs[37]))
+            .await
+            .unwrap();
+        let survivor = check_whole_chain(&*s).await.pop().unwrap();
+        let hex = hex::encode(survivor.hash.unwrap());
+        let literal = match raw {
+            Raw::Sqlite(_) => format!("X'{hex}'"),
+            Raw::Postgres(_) => format!("decode('{hex}', 'hex')"),
+        };
+        raw.exec(&format!(
+            "UPDATE ledger_head SET seq = {}, hash = {literal}",
+            survivor.seq
+        ))
+        .await
+        .unwrap();
+        assert!(ledger::verify(&*s, None, None).await.unwrap().ok());
+        let v = ledger::verify_to_checkpoint(&*s, None).await.unwrap();
+        let broken = v.broken.expect("the checkpoint catches it");
+        assert_eq!(
+            (broken.seq, broken.reason),
+            (seqs[37], ChainBreak::Truncated)
+        );
+        assert_eq!(v.checkpoint_seq, Some(seqs[39]));
+
+        // A forged checkpoint (signature broken) is not trusted.
+        let mut forged = ledger::Checkpoint::sign(&key, seqs[39] + 5, [1; 32], Utc::now());
+        forged.signature[0] ^= 1;
+        s.insert_checkpoint(&forged).await.unwrap();
+        let v = ledger::verify_to_checkpoint(&*s, None).await.unwrap();
+        assert_eq!(
+            v.checkpoint_seq,
+            Some(seqs[39]),
+            "the forged one is skipped"
         );
     }
 

@@ -12,8 +12,10 @@
 //! holding an export can check it without keycap.
 
 pub mod chain;
+pub mod checkpoint;
 pub mod export;
 pub mod verify;
 
 pub use chain::{canonical_bytes, link, ChainBreak, ChainCheck, GENESIS};
-pub use verify::{verify, BrokenEntry, KnownPoint, Verification};
+pub use checkpoint::Checkpoint;
+pub use verify::{verify, verify_to_checkpoint, BrokenEntry, KnownPoint, Verification};

@@ -133,3 +133,22 @@ fn finish(mut out: Verification, check: &ChainCheck, broken: Option<BrokenEntry>
     out.broken = broken;
     out
 }
+
+/// `verify` held against the latest stored checkpoint whose signature
+/// holds (a checkpoint with a broken signature is not trusted, and not
+/// used).
+pub async fn verify_to_checkpoint(
+    store: &dyn Store,
+    from: Option<i64>,
+) -> StoreResult<Verification> {
+    let latest = store
+        .checkpoints(16)
+        .await?
+        .into_iter()
+        .find(|cp| cp.signature_holds())
+        .map(|cp| KnownPoint {
+            seq: cp.seq,
+            hash: cp.hash,
+        });
+    verify(store, from, latest).await
+}

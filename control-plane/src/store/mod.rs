@@ -22,6 +22,7 @@ use crate::domain::{
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey, Vendor,
     VendorLoadError,
 };
+use crate::ledger::Checkpoint;
 
 pub mod dialect;
 mod sql;
@@ -309,6 +310,22 @@ pub trait Store: Send + Sync + 'static {
     /// The ledger head: the last appended entry's seq and hash (seq 0 and
     /// 32 zero bytes before the first, or the last unchained seq).
     async fn ledger_head(&self) -> StoreResult<(i64, [u8; 32])>;
+    /// Stores a signed checkpoint; one already stored for its seq (another
+    /// replica's) is kept. Whether this one was stored.
+    async fn insert_checkpoint(&self, cp: &Checkpoint) -> StoreResult<bool>;
+    /// Stored checkpoints, newest (highest seq) first, at most `limit`.
+    async fn checkpoints(&self, limit: u32) -> StoreResult<Vec<Checkpoint>>;
+    /// Every ledger signing key: (id, public key, sealed private key),
+    /// newest first.
+    async fn ledger_signing_keys(&self) -> StoreResult<Vec<(String, Vec<u8>, Vec<u8>)>>;
+    /// Stores a signing key (sealed); `Conflict` if its id is taken.
+    async fn insert_ledger_signing_key(
+        &self,
+        id: &str,
+        public_key: &[u8],
+        sealed_private: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
     /// Total settled spend and call count of a run label, per vendor.
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary>;
 }

@@ -33,7 +33,7 @@ use crate::domain::{
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey,
     Vendor, VendorLoadError,
 };
-use crate::ledger;
+use crate::ledger::{self, Checkpoint};
 
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
@@ -121,6 +121,8 @@ where
     for<'r> (String, String): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, Vec<u8>, i64, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
@@ -281,6 +283,8 @@ where
     for<'r> (String, String): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, Vec<u8>, i64, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
@@ -1371,6 +1375,81 @@ where
             .try_into()
             .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?;
         Ok((seq, hash))
+    }
+
+    async fn insert_checkpoint(&self, cp: &Checkpoint) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "INSERT INTO ledger_checkpoints (seq, hash, at, public_key, signature) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(cp.seq)
+        .bind(&cp.hash[..])
+        .bind(micros(cp.at))
+        .bind(&cp.public_key[..])
+        .bind(&cp.signature[..])
+        .execute(w.conn())
+        .await?;
+        w.commit().await?;
+        Ok(D::rows_affected(&done) == 1)
+    }
+
+    async fn checkpoints(&self, limit: u32) -> StoreResult<Vec<Checkpoint>> {
+        let rows: Vec<(i64, Vec<u8>, i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, hash, at, public_key, signature FROM ledger_checkpoints \
+             ORDER BY seq DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let bytes = |v: Vec<u8>, column: &str| {
+            v.try_into()
+                .map_err(|_| StoreError::Corrupt(format!("ledger_checkpoints.{column}: length")))
+        };
+        rows.into_iter()
+            .map(|(seq, hash, at, public_key, signature)| {
+                Ok(Checkpoint {
+                    seq,
+                    hash: bytes(hash, "hash")?,
+                    at: from_micros(at, "ledger_checkpoints.at")?,
+                    public_key: bytes(public_key, "public_key")?,
+                    signature: signature.try_into().map_err(|_| {
+                        StoreError::Corrupt("ledger_checkpoints.signature: length".into())
+                    })?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ledger_signing_keys(&self) -> StoreResult<Vec<(String, Vec<u8>, Vec<u8>)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, public_key, sealed_private FROM ledger_signing_keys \
+             ORDER BY created_at DESC, id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn insert_ledger_signing_key(
+        &self,
+        id: &str,
+        public_key: &[u8],
+        sealed_private: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO ledger_signing_keys (id, public_key, sealed_private, created_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(public_key)
+        .bind(sealed_private)
+        .bind(micros(at))
+        .execute(w.conn())
+        .await
+        .map_err(|e| conflict_on_unique(e, || format!("signing key {id} exists")))?;
+        w.commit().await
     }
 
     async fn query_audit(&self, aq: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {

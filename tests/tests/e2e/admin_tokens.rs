@@ -327,6 +327,12 @@ async fn every_admin_route_needs_the_scope_the_table_names() {
         ),
         ("GET", "/vault/audit".into(), None, &["audit:read"]),
         ("GET", "/vault/audit/verify".into(), None, &["audit:read"]),
+        (
+            "GET",
+            "/vault/audit/checkpoints".into(),
+            None,
+            &["audit:read"],
+        ),
         ("GET", "/vault/admin-tokens".into(), None, &["tokens:read"]),
         (
             "POST",

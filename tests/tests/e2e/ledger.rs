@@ -9,7 +9,7 @@ use serde_json::json;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 
-use super::{dollar_charge, stack_with_stripe, stripe_key_body};
+use super::{dollar_charge, keycap_cli, stack_with_stripe, stripe_key_body};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_become_a_chain_that_verifies_over_rest_and_grpc() {
@@ -79,4 +79,23 @@ async fn calls_become_a_chain_that_verifies_over_rest_and_grpc() {
     let head: String = r.head_hash.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(head, entries[0]["hash"].as_str().unwrap());
     assert_eq!(r.broken_seq, 0);
+
+    // The CLI, as an operator runs it.
+    let cli = keycap_cli(
+        &stack.control.url(),
+        &stack.control.opts.admin_token,
+        &["audit", "verify"],
+    )
+    .await;
+    let out = cli.json();
+    assert_eq!(out["ok"], true);
+    assert_eq!(out["checked"], 3);
+    assert_eq!(out["head_hash"], entries[0]["hash"]);
+    let cli = keycap_cli(
+        &stack.control.url(),
+        &stack.control.opts.admin_token,
+        &["audit", "verify", "--from", &from.to_string()],
+    )
+    .await;
+    assert_eq!(cli.json()["checked"], 2);
 }
