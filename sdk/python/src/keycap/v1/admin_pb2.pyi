@@ -1416,6 +1416,82 @@ class QueryAuditResponse(_message.Message):
 Global___QueryAuditResponse: _TypeAlias = QueryAuditResponse  # noqa: Y015
 
 @_typing.final
+class VerifyAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_SEQ_FIELD_NUMBER: _builtins.int
+    from_seq: _builtins.int
+    """Start at this seq, trusting the prev_hash stored with it; 0: from the
+    first entry.
+    """
+    def __init__(
+        self,
+        *,
+        from_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_seq", b"from_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditRequest: _TypeAlias = VerifyAuditRequest  # noqa: Y015
+
+@_typing.final
+class VerifyAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    LEGACY_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    BROKEN_SEQ_FIELD_NUMBER: _builtins.int
+    BROKEN_REASON_FIELD_NUMBER: _builtins.int
+    BROKEN_MESSAGE_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SEQ_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    """Whether the chain holds from the start to the end (and up to the
+    ledger head and the latest checkpoint).
+    """
+    checked: _builtins.int
+    """Chained entries recomputed and found intact."""
+    legacy: _builtins.int
+    """Entries written before the ledger was chained (counted, not checked)."""
+    head_seq: _builtins.int
+    """The last entry checked."""
+    head_hash: _builtins.bytes
+    broken_seq: _builtins.int
+    """When not ok: the first broken entry (for a truncation, the first one
+    missing), a stable reason ("hash_mismatch", "prev_hash_mismatch",
+    "unchained_entry", "truncated") and what it means.
+    """
+    broken_reason: _builtins.str
+    broken_message: _builtins.str
+    checkpoint_seq: _builtins.int
+    """The checkpoint the end was held against (0: none)."""
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        checked: _builtins.int = ...,
+        legacy: _builtins.int = ...,
+        head_seq: _builtins.int = ...,
+        head_hash: _builtins.bytes = ...,
+        broken_seq: _builtins.int = ...,
+        broken_reason: _builtins.str = ...,
+        broken_message: _builtins.str = ...,
+        checkpoint_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken_message", b"broken_message", "broken_reason", b"broken_reason", "broken_seq", b"broken_seq", "checked", b"checked", "checkpoint_seq", b"checkpoint_seq", "head_hash", b"head_hash", "head_seq", b"head_seq", "legacy", b"legacy", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015
+
+@_typing.final
 class SpendSummaryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

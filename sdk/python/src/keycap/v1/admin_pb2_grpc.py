@@ -712,6 +712,11 @@ class AuditServiceStub:
                 request_serializer=keycap_dot_v1_dot_admin__pb2.SpendSummaryRequest.SerializeToString,
                 response_deserializer=keycap_dot_v1_dot_admin__pb2.SpendSummaryResponse.FromString,
                 _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/keycap.v1.AuditService/VerifyAudit',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -729,6 +734,14 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyAudit(self, request, context):
+        """Recomputes the ledger's hash chain (docs/ledger.md) and names the first
+        broken entry. Needs audit:read over every vendor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -741,6 +754,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.SpendSummary,
                     request_deserializer=keycap_dot_v1_dot_admin__pb2.SpendSummaryRequest.FromString,
                     response_serializer=keycap_dot_v1_dot_admin__pb2.SpendSummaryResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -797,6 +815,33 @@ class AuditService:
             '/keycap.v1.AuditService/SpendSummary',
             keycap_dot_v1_dot_admin__pb2.SpendSummaryRequest.SerializeToString,
             keycap_dot_v1_dot_admin__pb2.SpendSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.AuditService/VerifyAudit',
+            keycap_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

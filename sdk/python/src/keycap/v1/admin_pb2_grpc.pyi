@@ -217,12 +217,20 @@ class AuditServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
     QueryAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QueryAuditRequest, _admin_pb2.QueryAuditResponse]
     SpendSummary: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SpendSummaryRequest, _admin_pb2.SpendSummaryResponse]
+    VerifyAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]
+    """Recomputes the ledger's hash chain (docs/ledger.md) and names the first
+    broken entry. Needs audit:read over every vendor.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     QueryAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.QueryAuditRequest, _admin_pb2.QueryAuditResponse]  # type: ignore[assignment]
     SpendSummary: _aio.UnaryUnaryMultiCallable[_admin_pb2.SpendSummaryRequest, _admin_pb2.SpendSummaryResponse]  # type: ignore[assignment]
+    VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
+    """Recomputes the ledger's hash chain (docs/ledger.md) and names the first
+    broken entry. Needs audit:read over every vendor.
+    """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -238,6 +246,16 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SpendSummaryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SpendSummaryResponse, _abc.Awaitable[_admin_pb2.SpendSummaryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def VerifyAudit(
+        self,
+        request: _admin_pb2.VerifyAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
+        """Recomputes the ledger's hash chain (docs/ledger.md) and names the first
+        broken entry. Needs audit:read over every vendor.
+        """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
