@@ -40,7 +40,7 @@ impl SecretKind {
 
 impl SecretKind {
     /// A regular expression that finds secrets of this kind in text, for
-    /// secret scanners (README, "Secret formats"); `is_well_formed` then
+    /// secret scanners (docs/key-formats.md); `is_well_formed` then
     /// tells a real one from a look-alike by its checksum.
     pub fn scanner_pattern(self) -> &'static str {
         match self {
@@ -147,7 +147,7 @@ mod tests {
             SecretKind::FleetToken,
             SecretKind::IssuerToken,
         ];
-        let readme = include_str!("../../README.md");
+        let documented = include_str!("../../docs/key-formats.md");
         for kind in kinds {
             let re = regex::Regex::new(kind.scanner_pattern()).unwrap();
             for other in kinds {
@@ -172,8 +172,8 @@ mod tests {
             SecretKind::IssuerToken,
         ] {
             assert!(
-                readme.contains(&format!("`{}`", kind.scanner_pattern())),
-                "README does not show the {kind:?} pattern"
+                documented.contains(&format!("`{}`", kind.scanner_pattern())),
+                "docs/key-formats.md does not show the {kind:?} pattern"
             );
         }
     }

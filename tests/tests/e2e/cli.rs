@@ -9,11 +9,8 @@ use keycap_tests::harness::{keycap_cli, keycap_cli_with_stdin, Stack};
 use keycap_tests::mock::MockVendor;
 use serde_json::json;
 
+use super::rust_client::chat;
 use super::OPENAI_CREDENTIAL;
-
-fn chat() -> serde_json::Value {
-    json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_from_stdin_reaches_the_vendor_and_vendor_get_and_delete_work() {

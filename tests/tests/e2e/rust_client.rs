@@ -28,7 +28,8 @@ fn new_key(vendor: &str, cap: &str, label: &str) -> NewKey {
     }
 }
 
-fn chat() -> serde_json::Value {
+/// A small OpenAI chat completion body (the mock answers it).
+pub(crate) fn chat() -> serde_json::Value {
     json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
 }
 
