@@ -81,6 +81,13 @@ impl Telemetry {
     }
 }
 
+/// Spans still queued when the process ends are sent first.
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
 /// Installs the global subscriber: `KEYCAP_LOG` (or `default_filter`)
 /// filters log lines written as `format`; with `OTEL_EXPORTER_OTLP_ENDPOINT`
 /// (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, spans are also exported
