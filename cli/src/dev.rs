@@ -93,6 +93,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
     let sandbox_addr = sandbox_listener.local_addr()?;
 
     let config = ControlConfig {
+        metrics_listen: None,
         listen: control_addr,
         database_url: format!("sqlite:{}", dir.join("keycap.db").display()),
         master_key: None,
