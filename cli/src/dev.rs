@@ -40,6 +40,9 @@ pub struct DevArgs {
     /// How long the proxy waits for a vendor's response headers.
     #[arg(long, env = "KEYCAP_UPSTREAM_TIMEOUT_SECS", default_value_t = 60)]
     upstream_timeout_secs: u64,
+    /// How log lines are written: text, or JSON with trace and span ids.
+    #[arg(long, value_enum, env = "KEYCAP_LOG_FORMAT", default_value = "text")]
+    log_format: keycap_telemetry::LogFormat,
 }
 
 /// Reads a secret file, or creates it with `make()` (mode 0600).
@@ -61,12 +64,8 @@ fn secret_file(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<Str
 /// `KEYCAP_ADMIN_TOKEN`); without one, the token kept in the data dir is
 /// used, or generated there on first run.
 pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYCAP_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    // Both planes in one process, so one service name for their spans.
+    let _telemetry = keycap_telemetry::init("keycap-dev", args.log_format, "warn")?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let dir = args.data_dir.canonicalize()?;
@@ -94,6 +93,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
     let sandbox_addr = sandbox_listener.local_addr()?;
 
     let config = ControlConfig {
+        metrics_listen: None,
         listen: control_addr,
         database_url: format!("sqlite:{}", dir.join("keycap.db").display()),
         master_key: None,

@@ -13,6 +13,10 @@ pub struct ControlConfig {
         default_value = "127.0.0.1:8081"
     )]
     pub listen: SocketAddr,
+    /// Address for Prometheus metrics (`GET /metrics`), apart from the
+    /// API's; unset: no metrics listener.
+    #[arg(long, env = "KEYCAP_CONTROL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// `postgres://...` for PostgreSQL, `sqlite:path` for embedded SQLite.
     #[arg(long, env = "KEYCAP_DATABASE_URL")]
     pub database_url: String,

@@ -946,6 +946,7 @@ impl pb::fleet_service_server::FleetService for Api {
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::from)?;
         let (applied, duplicates) = self.control.report_spend(&events).await?;
+        crate::metrics::METRICS.spend_reported(applied as u64, duplicates as u64);
         Ok(Response::new(pb::ReportSpendResponse {
             applied: applied as i32,
             duplicates: duplicates as i32,

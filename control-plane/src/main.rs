@@ -19,6 +19,15 @@ async fn main() -> anyhow::Result<()> {
     let tls = keycap_control::tls::ServerTls::from_config(&cli.config)?;
     let control = keycap_control::server::build(&cli.config).await?;
     let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;
+    if let Some(addr) = cli.config.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(addr = %metrics.local_addr()?, "metrics listening");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics, keycap_control::metrics::router()).await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     let served = keycap_control::server::serve(listener, control, tls, shutdown_signal()).await;
     telemetry.shutdown();
     served

@@ -128,23 +128,21 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
 /// One server span per gRPC call, continuing the caller's W3C trace from
 /// its metadata (a proxy's lease grant joins the agent's call this way).
 /// Named by service and method, only for keycap's own services, so an
-/// unknown path cannot mint span names.
+/// unknown path cannot mint span names; counted and timed in `metrics`.
 async fn grpc_span(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let path = req.uri().path().trim_start_matches('/');
-    let (service, method) = match path.split_once('/') {
-        Some((s, m)) if s.starts_with("keycap.v1.") && !m.contains('/') => (s, m),
-        _ => ("unknown", "unknown"),
-    };
+    let path = req.uri().path().to_string();
+    let (service, method) = crate::metrics::rpc_names(&path);
+    let started = std::time::Instant::now();
     let span = tracing::info_span!(
         "grpc call",
         otel.name = %format_args!("{service}/{method}"),
         otel.kind = "server",
         rpc.system = "grpc",
         rpc.service = service,
-        rpc.method = method,
+        rpc.method = %method,
         rpc.grpc.status_code = tracing::field::Empty,
     );
     keycap_telemetry::continue_trace(&span, req.headers());
@@ -157,6 +155,7 @@ async fn grpc_span(
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(0);
     span.record("rpc.grpc.status_code", code);
+    crate::metrics::METRICS.rpc(&path, code, started.elapsed());
     resp
 }
 

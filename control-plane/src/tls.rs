@@ -135,6 +135,7 @@ mod tests {
     fn config(cert: bool, client_ca: bool, ca: &TestCa) -> ControlConfig {
         let server = ca.server("control");
         ControlConfig {
+            metrics_listen: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             database_url: "sqlite::memory:".into(),
             master_key: None,

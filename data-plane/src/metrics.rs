@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -19,7 +20,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
 use crate::policy::PolicyCache;
@@ -34,6 +36,23 @@ struct VendorLabel {
     vendor: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusClassLabel {
+    vendor: String,
+    /// `1xx` ... `5xx`.
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+/// Latency buckets from half a millisecond to about 16 seconds.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabel, Counter>,
@@ -41,6 +60,10 @@ pub struct Metrics {
     settled_micros: Family<VendorLabel, Counter>,
     policy_version: Gauge,
     policy: Arc<PolicyCache>,
+    overhead: Family<VendorLabel, Histogram>,
+    vendor_time: Family<VendorLabel, Histogram>,
+    upstream: Family<StatusClassLabel, Counter>,
+    spans_dropped: Counter,
 }
 
 impl Metrics {
@@ -70,6 +93,41 @@ impl Metrics {
             "Change-log version of the policy this proxy applied",
             policy_version.clone(),
         );
+        // A gauge at 1 rather than an OpenMetrics info, which the classic
+        // text format (and promtool) does not know.
+        let build = Family::<VersionLabel, Gauge>::default();
+        build
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The running keycap-proxy's version", build);
+        let overhead = Family::<VendorLabel, Histogram>::new_with_constructor(seconds);
+        registry.register_with_unit(
+            "call_overhead",
+            "keycap's own time in a forwarded call up to its response head: the whole minus the vendor's",
+            Unit::Seconds,
+            overhead.clone(),
+        );
+        let vendor_time = Family::<VendorLabel, Histogram>::new_with_constructor(seconds);
+        registry.register_with_unit(
+            "vendor_response",
+            "The vendor's time in a forwarded call: from sending it to its response head (and whole body, for a body keycap reads to settle)",
+            Unit::Seconds,
+            vendor_time.clone(),
+        );
+        let upstream = Family::<StatusClassLabel, Counter>::default();
+        registry.register(
+            "upstream_responses",
+            "Vendor responses, by vendor and status class",
+            upstream.clone(),
+        );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Trace spans dropped: the export queue was full or the collector did not take them",
+            spans_dropped.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -77,6 +135,10 @@ impl Metrics {
             settled_micros,
             policy_version,
             policy,
+            overhead,
+            vendor_time,
+            upstream,
+            spans_dropped,
         })
     }
 
@@ -96,9 +158,43 @@ impl Metrics {
             .inc_by(cost_micros.max(0) as u64);
     }
 
+    /// One vendor response of `status` to a call of `vendor`.
+    pub fn upstream(&self, vendor: &str, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.upstream
+            .get_or_create(&StatusClassLabel {
+                vendor: vendor.to_string(),
+                class,
+            })
+            .inc();
+    }
+
+    /// One forwarded call of `vendor`: `total` from arrival to response
+    /// head, `vendor_time` of it spent waiting on the vendor.
+    pub fn timed(&self, vendor: &str, total: Duration, vendor_time: Duration) {
+        let label = VendorLabel {
+            vendor: vendor.to_string(),
+        };
+        self.vendor_time
+            .get_or_create(&label)
+            .observe(vendor_time.as_secs_f64());
+        self.overhead
+            .get_or_create(&label)
+            .observe(total.saturating_sub(vendor_time).as_secs_f64());
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         self.policy_version.set(self.policy.version());
+        let dropped = keycap_telemetry::dropped_spans();
+        self.spans_dropped
+            .inc_by(dropped.saturating_sub(self.spans_dropped.get()));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -143,12 +239,15 @@ fn answer(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         *r.status_mut() = StatusCode::NOT_FOUND;
         return r;
     }
-    let mut r = Response::new(Full::new(Bytes::from(metrics.render())));
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let (content_type, body) = keycap_telemetry::exposition::negotiate(metrics.render(), accept);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        header::HeaderValue::from_static(content_type),
     );
     r
 }

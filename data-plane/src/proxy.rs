@@ -275,14 +275,18 @@ impl Proxy {
         // The id of the call's audit entry, on its answer whatever it is.
         let call_id = self.spend.next_event_id();
         let span = call_span(&req, &call_id);
+        let started = Instant::now();
         let mut resp = match self
             .clone()
             .call_vendor(req, now, peer.ip(), &call_id, &mut envelope)
             .instrument(span.clone())
             .await
         {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 self.metrics.request("forwarded");
+                if let Some(v) = resp.extensions_mut().remove::<VendorTime>() {
+                    self.metrics.timed(&v.vendor, started.elapsed(), v.elapsed);
+                }
                 resp
             }
             Err(refusal) => {
@@ -989,6 +993,15 @@ impl Reserved {
     }
 }
 
+/// How long a forwarded call waited on its vendor, carried from `Call` to
+/// `handle` in the response's extensions, so keycap's own time is told
+/// apart from the vendor's.
+#[derive(Clone)]
+struct VendorTime {
+    vendor: String,
+    elapsed: Duration,
+}
+
 /// A forwarded call, on its way to the vendor or back, until it settles:
 /// its reservation resolves exactly once, in `settle` (or `unsent`, when
 /// nothing reached the vendor); dropped before that, it settles at its
@@ -1000,6 +1013,7 @@ struct Call {
 
 impl Call {
     async fn forward(mut self, up: Request<Full<Bytes>>) -> Result<Response<ProxyBody>, Refusal> {
+        let sent_at = Instant::now();
         let sent = tokio::time::timeout(
             self.proxy.upstream_timeout,
             self.proxy.vendors.request(&self.vendor, up),
@@ -1033,6 +1047,12 @@ impl Call {
         strip_hop_by_hop(&mut parts.headers);
         let status = parts.status.as_u16();
         tracing::Span::current().record("http.response.status_code", status);
+        self.proxy.metrics.upstream(&self.vendor.name, status);
+        let vendor_time = |elapsed| VendorTime {
+            vendor: self.vendor.name.clone(),
+            elapsed,
+        };
+        parts.extensions.insert(vendor_time(sent_at.elapsed()));
         // No response carries the credential: masked in headers here and in
         // the body on each path below.
         self.vendor.scrub.headers(&mut parts.headers);
@@ -1100,6 +1120,8 @@ impl Call {
         let max = self.proxy.max_response_bytes;
         match Limited::new(incoming, max).collect().await {
             Ok(collected) => {
+                // The vendor's time includes sending the body keycap waited for.
+                parts.extensions.insert(vendor_time(sent_at.elapsed()));
                 let bytes = collected.to_bytes();
                 let settlement = self.vendor.pricing.settle_response(
                     &self.quote,

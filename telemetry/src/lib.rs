@@ -28,6 +28,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
+pub mod exposition;
 mod json;
 
 /// How log lines are written to stderr.
@@ -78,6 +79,13 @@ impl Telemetry {
         if let Some(p) = &self.provider {
             let _ = p.shutdown_with_timeout(Duration::from_secs(2));
         }
+    }
+}
+
+/// Spans still queued when the process ends are sent first.
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

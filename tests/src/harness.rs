@@ -879,23 +879,29 @@ pub struct Dev {
 impl Dev {
     /// Starts `keycap dev` with `KEYCAP_ADMIN_TOKEN` set to `admin_token`.
     pub async fn start(admin_token: &str) -> Dev {
-        Dev::boot(Some(admin_token), false).await
+        Dev::boot(Some(admin_token), false, &[]).await
+    }
+
+    /// `start`, with `env` added to the process's environment (`OTEL_*`
+    /// for a traced one).
+    pub async fn start_with_env(admin_token: &str, env: &[(String, String)]) -> Dev {
+        Dev::boot(Some(admin_token), false, env).await
     }
 
     /// Starts `keycap --admin-token <admin_token> dev`, with no
     /// `KEYCAP_ADMIN_TOKEN` in its environment.
     pub async fn start_with_admin_token_flag(admin_token: &str) -> Dev {
-        Dev::boot(Some(admin_token), true).await
+        Dev::boot(Some(admin_token), true, &[]).await
     }
 
     /// Starts `keycap dev` without `KEYCAP_ADMIN_TOKEN`, so that it makes
     /// up its own admin token; `admin_token` is then what it wrote to
     /// `<data dir>/admin-token`.
     pub async fn start_generating_admin_token() -> Dev {
-        Dev::boot(None, false).await
+        Dev::boot(None, false, &[]).await
     }
 
-    async fn boot(admin_token: Option<&str>, as_flag: bool) -> Dev {
+    async fn boot(admin_token: Option<&str>, as_flag: bool, env: &[(String, String)]) -> Dev {
         let logs = log_dir();
         let data_dir = tempfile::Builder::new()
             .prefix("keycap-e2e-dev-")
@@ -909,6 +915,7 @@ impl Dev {
             |p| {
                 let mut cmd = keycap_command("keycap");
                 cmd.env_remove("KEYCAP_ADMIN_TOKEN");
+                cmd.envs(env.iter().map(|(k, v)| (k, v)));
                 if let (Some(token), true) = (admin_token, as_flag) {
                     cmd.arg("--admin-token").arg(token);
                 }

@@ -12,12 +12,32 @@ fn sample(text: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().expect("a number"))
 }
 
+/// The OpenMetrics exposition, as Prometheus asks for it.
 async fn scrape(port: u16) -> String {
+    let r = Api::new(&format!("http://127.0.0.1:{port}"), None)
+        .send(
+            reqwest::Method::GET,
+            "/metrics",
+            None,
+            &[("accept", "application/openmetrics-text;version=1.0.0")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.text.ends_with("# EOF\n"), "{}", r.text);
+    r.text
+}
+
+/// The classic text exposition, served to a scraper that does not ask
+/// for OpenMetrics.
+async fn scrape_classic(port: u16) -> String {
     let r = Api::new(&format!("http://127.0.0.1:{port}"), None)
         .get("/metrics")
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert!(r.text.ends_with("# EOF\n"), "{}", r.text);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
     r.text
 }
 
@@ -86,4 +106,94 @@ async fn proxy_metrics_count_calls_by_outcome_and_spend_by_vendor() {
         sample(&after, "keycap_proxy_policy_version") >= 1.0,
         "{after}"
     );
+}
+
+/// Passes `text` through `promtool check metrics` (Debian package
+/// `prometheus`), which judges names, units, types and help as Prometheus
+/// conventions ask.
+fn promtool_accepts(text: &str, what: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    assert!(
+        out.status.success(),
+        "promtool rejects the {what} metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_planes_serve_metrics_that_promtool_accepts() {
+    let (proxy_port, control_port) = (free_port(), free_port());
+    let mut control = ControlOpts::sqlite();
+    control.args = vec![
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{control_port}"),
+    ];
+    let stack = Stack::start_with_proxy(
+        control,
+        ProxyOpts::new("metrics-proxy").flag("metrics-listen", format!("127.0.0.1:{proxy_port}")),
+    )
+    .await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&stripe_key_body(json!(50), &["POST /v1/*"], "metrics/2"))
+        .await;
+    let agent = stack.agent(&key.secret);
+    assert_eq!(dollar_charge(&agent).await.status, 200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+
+    let proxy = scrape(proxy_port).await;
+    for series in [
+        r#"keycap_proxy_call_overhead_seconds_count{vendor="stripe"}"#,
+        r#"keycap_proxy_vendor_response_seconds_count{vendor="stripe"}"#,
+        r#"keycap_proxy_upstream_responses_total{vendor="stripe",class="2xx"}"#,
+    ] {
+        assert_eq!(sample(&proxy, series), 1.0, "{series} in {proxy}");
+    }
+    assert!(
+        proxy.contains("keycap_proxy_build_info{version=\""),
+        "{proxy}"
+    );
+    assert!(
+        proxy.contains("keycap_proxy_trace_spans_dropped_total 0"),
+        "{proxy}"
+    );
+
+    let control = scrape(control_port).await;
+    let grants = r#"keycap_control_grpc_requests_total{service="keycap.v1.FleetService",method="GrantLease",code="0"}"#;
+    assert!(sample(&control, grants) >= 1.0, "{control}");
+    let applied = r#"keycap_control_spend_events_ingested_total{result="applied"}"#;
+    assert!(sample(&control, applied) >= 1.0, "{control}");
+    assert!(
+        control.contains("keycap_control_build_info{version=\""),
+        "{control}"
+    );
+
+    let classic = [
+        (scrape_classic(proxy_port).await, "proxy"),
+        (scrape_classic(control_port).await, "control plane"),
+    ];
+    for (text, what) in &classic {
+        promtool_accepts(text, what);
+    }
+    for (text, what) in [(&proxy, "proxy"), (&control, "control plane")] {
+        for secret in [key.secret.as_str(), STRIPE_CREDENTIAL, key.id.as_str()] {
+            assert!(!text.contains(secret), "{what} metrics name {secret}");
+        }
+    }
 }

@@ -164,3 +164,73 @@ async fn a_collector_that_is_gone_fails_no_call() {
     }
     stack.wait_key_spend(&key.id, 20_000_000, 20).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycap_dev_traces_a_call_and_its_audit_entry_names_the_trace_and_context() {
+    let collector = Collector::start().await;
+    let token = harness::admin_token();
+    let dev = Dev::start_with_env(&token, &collector.env()).await;
+    let admin = Api::new(&dev.proxy_url, Some(&token));
+    let k = admin
+        .post_json(
+            "/vault/keys",
+            &json!({
+                "vendor": "sandbox",
+                "daily_usd_cap": 5,
+                "allowed_endpoints": ["POST /v1/payment_intents"],
+                "expires_in": "1h",
+                "agent_run_label": "dev-traced/1",
+            }),
+        )
+        .await
+        .expect(201);
+    let secret = k["key"].as_str().expect("key").to_string();
+    let agent = Api::new(&dev.proxy_url, Some(&secret));
+    let paid = agent
+        .send(
+            reqwest::Method::POST,
+            "/sandbox/v1/payment_intents",
+            Some((
+                "application/x-www-form-urlencoded",
+                b"amount=300&currency=usd&confirm=true".to_vec(),
+            )),
+            &[
+                ("traceparent", &format!("00-{TRACE}-{AGENT_SPAN}-01")),
+                (
+                    "keycap-context",
+                    "step=charge-customer, tool_call_id=call_abc, reasoning_id=r_42",
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(paid.status, 200, "{}", paid.text);
+    let spans = collector
+        .wait_trace(
+            TRACE,
+            &[("keycap-dev", "POST /sandbox/*"), ("keycap-dev", "settle")],
+        )
+        .await;
+    let call = one(&spans, "keycap-dev", "POST /sandbox/*");
+    assert_eq!(call.parent_span_id, AGENT_SPAN);
+    assert_eq!(call.attr("keycap.cost_usd"), Some("3"));
+    assert!(!format!("{spans:?}").contains(&secret));
+
+    // The audit entry of the call names the agent's trace and context.
+    let call_id = paid.header("keycap-call-id").expect("Keycap-Call-Id");
+    let entry = wait_for(within(SPEND_TIMEOUT), || async {
+        let audit = admin.get(&format!("/vault/audit?trace_id={TRACE}")).await;
+        let entries = audit.json()["entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        entries.into_iter().find(|e| e["event_id"] == call_id)
+    })
+    .await
+    .expect("the call's audit entry, found by its trace id");
+    assert_eq!(entry["trace_id"], TRACE, "{entry}");
+    assert_eq!(
+        entry["context"],
+        json!({"step": "charge-customer", "tool_call_id": "call_abc", "reasoning_id": "r_42"}),
+        "{entry}"
+    );
+}
