@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -107,11 +107,12 @@ fn form(body: &[u8]) -> HashMap<String, String> {
 /// origin and carries the session's CSRF value.
 async fn post_session(
     c: &Control,
+    uri: &Uri,
     headers: &HeaderMap,
     fields: &HashMap<String, String>,
     tls: bool,
 ) -> Result<Session, Response> {
-    if !same_origin(headers) {
+    if !same_origin(headers, uri) {
         return Err(forbidden("cross-site request refused"));
     }
     let Some(s) = session::current(c, headers).await else {
@@ -141,8 +142,8 @@ async fn sign_in_form(State(c): Ctl, headers: HeaderMap) -> Response {
     html(StatusCode::OK, pages::sign_in(None))
 }
 
-async fn sign_in(State(c): Ctl, tls: TlsOn, headers: HeaderMap, body: Bytes) -> Response {
-    if !same_origin(&headers) {
+async fn sign_in(State(c): Ctl, tls: TlsOn, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    if !same_origin(&headers, &uri) {
         return forbidden("cross-site request refused");
     }
     let fields = form(&body);
@@ -164,8 +165,14 @@ async fn sign_in(State(c): Ctl, tls: TlsOn, headers: HeaderMap, body: Bytes) -> 
     res
 }
 
-async fn sign_out(State(c): Ctl, tls: TlsOn, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(res) = post_session(&c, &headers, &form(&body), tls.is_some()).await {
+async fn sign_out(
+    State(c): Ctl,
+    tls: TlsOn,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(res) = post_session(&c, &uri, &headers, &form(&body), tls.is_some()).await {
         return res;
     }
     to_sign_in(tls.is_some())
@@ -218,11 +225,12 @@ async fn keys(
 async fn revoke_key(
     State(c): Ctl,
     tls: TlsOn,
+    uri: Uri,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let s = match post_session(&c, &headers, &form(&body), tls.is_some()).await {
+    let s = match post_session(&c, &uri, &headers, &form(&body), tls.is_some()).await {
         Ok(s) => s,
         Err(res) => return res,
     };
@@ -268,9 +276,15 @@ async fn run(
     html(StatusCode::OK, pages::run(&s, &label, &keys))
 }
 
-async fn revoke_run(State(c): Ctl, tls: TlsOn, headers: HeaderMap, body: Bytes) -> Response {
+async fn revoke_run(
+    State(c): Ctl,
+    tls: TlsOn,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let fields = form(&body);
-    let s = match post_session(&c, &headers, &fields, tls.is_some()).await {
+    let s = match post_session(&c, &uri, &headers, &fields, tls.is_some()).await {
         Ok(s) => s,
         Err(res) => return res,
     };

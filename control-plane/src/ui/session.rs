@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, Uri};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::Utc;
@@ -98,7 +98,9 @@ impl Session {
 /// Whether the browser says the request comes from this site. A request
 /// without either header (a non-browser client) passes this check and
 /// still needs the CSRF value.
-pub fn same_origin(headers: &HeaderMap) -> bool {
+/// `uri` gives the host where HTTP/2 carries it (`:authority`) instead of
+/// a `Host` header.
+pub fn same_origin(headers: &HeaderMap, uri: &Uri) -> bool {
     if let Some(site) = headers.get("sec-fetch-site") {
         if site.as_bytes() != b"same-origin" && site.as_bytes() != b"none" {
             return false;
@@ -107,7 +109,10 @@ pub fn same_origin(headers: &HeaderMap) -> bool {
     match headers.get(header::ORIGIN) {
         None => true,
         Some(origin) => {
-            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| uri.authority().map(|a| a.as_str()));
             let origin_host = origin
                 .to_str()
                 .ok()
@@ -163,24 +168,18 @@ mod tests {
     #[test]
     fn cross_site_requests_are_not_same_origin() {
         let host = ("host", "127.0.0.1:8080");
-        assert!(same_origin(&headers(&[host])));
-        assert!(same_origin(&headers(&[
-            host,
-            ("origin", "http://127.0.0.1:8080")
-        ])));
-        assert!(!same_origin(&headers(&[
-            host,
-            ("origin", "https://evil.example")
-        ])));
-        assert!(!same_origin(&headers(&[host, ("origin", "null")])));
-        assert!(!same_origin(&headers(&[
-            host,
-            ("sec-fetch-site", "cross-site")
-        ])));
-        assert!(!same_origin(&headers(&[
-            host,
-            ("sec-fetch-site", "same-site")
-        ])));
+        let same = |h: &[(&'static str, &str)]| same_origin(&headers(h), &Uri::from_static("/ui"));
+        assert!(same(&[host]));
+        assert!(same(&[host, ("origin", "http://127.0.0.1:8080")]));
+        assert!(!same(&[host, ("origin", "https://evil.example")]));
+        assert!(!same(&[host, ("origin", "null")]));
+        assert!(!same(&[host, ("sec-fetch-site", "cross-site")]));
+        assert!(!same(&[host, ("sec-fetch-site", "same-site")]));
+        // HTTP/2: no Host header, the authority is in the URI.
+        let h2 = Uri::from_static("https://127.0.0.1:8443/ui/sign-out");
+        let origin = |o: &str| headers(&[("origin", o)]);
+        assert!(same_origin(&origin("https://127.0.0.1:8443"), &h2));
+        assert!(!same_origin(&origin("https://evil.example"), &h2));
     }
 
     #[test]

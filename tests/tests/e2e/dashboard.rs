@@ -4,7 +4,10 @@
 //! session that ends with its token, a run's spend after real calls through
 //! the proxy, and revoking the run from the page. Included from `e2e.rs`.
 
-use keycap_tests::harness::{Api, Control, ControlOpts, Stack};
+use std::path::Path;
+
+use keycap_tests::harness::{Api, Control, ControlOpts, ControlTls, Stack};
+use keycap_tests::pki::TestCa;
 use reqwest::header::{HeaderMap, CONTENT_SECURITY_POLICY, LOCATION, SET_COOKIE};
 use serde_json::json;
 
@@ -47,8 +50,22 @@ impl Page {
 
 impl Browser {
     fn new(base: &str) -> Browser {
+        Browser::with(base, reqwest::Client::builder())
+    }
+
+    /// A browser for an `https://` dashboard whose certificate `ca` signed.
+    fn trusting(base: &str, ca: &Path) -> Browser {
+        let pem = std::fs::read(ca).unwrap();
+        let builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        Browser::with(base, builder)
+    }
+
+    fn with(base: &str, builder: reqwest::ClientBuilder) -> Browser {
         Browser {
-            http: reqwest::Client::builder()
+            http: builder
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap(),
@@ -153,7 +170,12 @@ async fn signing_in_gives_a_sealed_strict_cookie_and_pages_allow_no_inline_scrip
     // A tampered cookie is no session.
     let mut forged = Browser::new(&control.url());
     let value = browser.cookie.clone().unwrap();
-    forged.cookie = Some(format!("{}A", &value[..value.len() - 1]));
+    // Change one character in the middle (the last one may only carry
+    // base64 padding bits).
+    let mut chars: Vec<char> = value.chars().collect();
+    let mid = chars.len() / 2;
+    chars[mid] = if chars[mid] == 'A' { 'B' } else { 'A' };
+    forged.cookie = Some(chars.into_iter().collect());
     assert_eq!(forged.get("/ui").await.status, 303);
 
     // Signing out needs the page's CSRF value.
@@ -163,6 +185,32 @@ async fn signing_in_gives_a_sealed_strict_cookie_and_pages_allow_no_inline_scrip
     assert_eq!(out.status, 303);
     assert_eq!(out.location(), Some("/ui/sign-in"));
     assert!(out.set_cookie().unwrap().contains("Max-Age=0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tls_the_session_cookie_is_secure() {
+    let ca = TestCa::new("dashboard");
+    let control = Control::start(ControlOpts::sqlite().tls(ControlTls {
+        server: ca.server("control"),
+        ca: ca.ca_pem(),
+        client_ca: None,
+    }))
+    .await;
+    assert!(control.url().starts_with("https://"));
+    let mut browser = Browser::trusting(&control.url(), &ca.ca_pem());
+    let page = browser.sign_in(&control.opts.admin_token).await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    let cookie = page.set_cookie().unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert_eq!(browser.get("/ui").await.status, 200);
+    let out = browser
+        .post(
+            "/ui/sign-out",
+            &[("csrf", &browser.get("/ui").await.csrf())],
+        )
+        .await;
+    assert!(out.set_cookie().unwrap().contains("; Secure"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
