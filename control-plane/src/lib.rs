@@ -4,7 +4,7 @@
 //! leases and the audit ledger; serves the admin API over gRPC and REST and
 //! the fleet API proxies use. Reading order: `domain` (validated types),
 //! `store` (persistence), `ledger` (the audit chain's rules), `service` (operations), then the front ends
-//! `grpc` and `rest`, and `server` (wiring).
+//! `grpc` and `rest`, the dashboard `ui`, and `server` (wiring).
 
 #![forbid(unsafe_code)]
 
@@ -22,3 +22,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod ui;

@@ -122,7 +122,9 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
     .layer(axum::middleware::from_fn(grpc_span));
     // REST routes first; everything else is gRPC (whose fallback answers
     // `unimplemented`).
-    crate::rest::router(control).fallback_service(grpc)
+    crate::rest::router(control.clone())
+        .merge(crate::ui::router(control))
+        .fallback_service(grpc)
 }
 
 /// One server span per gRPC call, continuing the caller's W3C trace from
@@ -176,7 +178,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let fleet = tls.as_ref().map_or(FleetIdentity::TokenOnly, |t| t.fleet);
-    let app = router(control, fleet);
+    let mut app = router(control, fleet);
+    if tls.is_some() {
+        // Dashboard session cookies are `Secure` under TLS.
+        app = app.layer(axum::Extension(crate::ui::Tls));
+    }
     let acceptor = tls.map(|t| TlsAcceptor::from(t.config));
     tracing::info!(
         addr = %listener.local_addr()?,

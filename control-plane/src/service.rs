@@ -424,6 +424,12 @@ impl Control {
         &self.store
     }
 
+    /// The master-key sealer; the dashboard seals its session cookies with
+    /// it so that every replica can open them.
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
     /// Keeps the version every policy stream follows current with changes
     /// made through other replicas: wakes on the store's change feed
     /// (PostgreSQL LISTEN/NOTIFY) and re-reads the log head every `poll`,

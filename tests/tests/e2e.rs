@@ -580,6 +580,8 @@ mod twilio;
 #[path = "e2e/admin_tokens.rs"]
 mod admin_tokens;
 
+#[path = "e2e/dashboard.rs"]
+mod dashboard;
 #[path = "e2e/edge.rs"]
 mod edge;
 #[path = "e2e/envelopes.rs"]

@@ -1,0 +1,302 @@
+//! The operator's dashboard under `/ui`: server-rendered HTML (maud), one
+//! stylesheet embedded in the binary, no script, so it works offline and
+//! under a Content-Security-Policy that allows no inline code.
+//!
+//! It owns presentation only: every read and every action goes through
+//! `Control` with the signed-in token's principal, so the dashboard can
+//! never do more than the same token could over REST or gRPC (a button
+//! hidden for a read-only token is refused by the server as well). It never
+//! shows a vendor credential or an admin token.
+
+mod pages;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use maud::Markup;
+
+use crate::domain::KeyFilter;
+use crate::error::ApiError;
+use crate::scope::Operation;
+use crate::service::Control;
+pub use session::Tls;
+use session::{same_origin, Session};
+
+type Ctl = State<Arc<Control>>;
+type TlsOn = Option<Extension<Tls>>;
+
+const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+const STYLESHEET: &str = include_str!("assets/keycap.css");
+
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/ui", get(overview))
+        .route("/ui/sign-in", get(sign_in_form).post(sign_in))
+        .route("/ui/sign-out", post(sign_out))
+        .route("/ui/keys", get(keys))
+        .route("/ui/keys/{id}/revoke", post(revoke_key))
+        .route("/ui/run", get(run))
+        .route("/ui/run/revoke", post(revoke_run))
+        .route("/ui/assets/keycap.css", get(stylesheet))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(control)
+}
+
+async fn security_headers(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    res
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        STYLESHEET,
+    )
+        .into_response()
+}
+
+fn html(status: StatusCode, markup: Markup) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        markup.into_string(),
+    )
+        .into_response()
+}
+
+/// Where a request without a live session goes; its stale cookie, if any,
+/// is cleared.
+fn to_sign_in(tls: bool) -> Response {
+    let mut res = Redirect::to("/ui/sign-in").into_response();
+    res.headers_mut()
+        .insert(header::SET_COOKIE, session::clear_cookie(tls));
+    res
+}
+
+fn form(body: &[u8]) -> HashMap<String, String> {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+/// The session of a state-changing request: refused unless it is same
+/// origin and carries the session's CSRF value.
+async fn post_session(
+    c: &Control,
+    uri: &Uri,
+    headers: &HeaderMap,
+    fields: &HashMap<String, String>,
+    tls: bool,
+) -> Result<Session, Response> {
+    if !same_origin(headers, uri) {
+        return Err(forbidden("cross-site request refused"));
+    }
+    let Some(s) = session::current(c, headers).await else {
+        return Err(to_sign_in(tls));
+    };
+    if !s.csrf_matches(fields.get("csrf").map(String::as_str)) {
+        return Err(forbidden("missing or wrong CSRF token; reload the page"));
+    }
+    Ok(s)
+}
+
+fn forbidden(why: &str) -> Response {
+    html(StatusCode::FORBIDDEN, pages::message(None, "Refused", why))
+}
+
+fn api_error(s: &Session, e: ApiError) -> Response {
+    html(
+        e.http_status(),
+        pages::message(Some(s), "Refused", &e.to_string()),
+    )
+}
+
+async fn sign_in_form(State(c): Ctl, headers: HeaderMap) -> Response {
+    if session::current(&c, &headers).await.is_some() {
+        return Redirect::to("/ui").into_response();
+    }
+    html(StatusCode::OK, pages::sign_in(None))
+}
+
+async fn sign_in(State(c): Ctl, tls: TlsOn, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    if !same_origin(&headers, &uri) {
+        return forbidden("cross-site request refused");
+    }
+    let fields = form(&body);
+    let token = fields.get("token").map(|t| t.trim()).unwrap_or_default();
+    if c.authenticate_admin(Some(&format!("Bearer {token}")))
+        .await
+        .is_err()
+    {
+        return html(
+            StatusCode::UNAUTHORIZED,
+            pages::sign_in(Some("That is not a valid, active admin token.")),
+        );
+    }
+    let mut res = Redirect::to("/ui").into_response();
+    res.headers_mut().insert(
+        header::SET_COOKIE,
+        session::set_cookie(&session::seal(&c, token), tls.is_some()),
+    );
+    res
+}
+
+async fn sign_out(
+    State(c): Ctl,
+    tls: TlsOn,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(res) = post_session(&c, &uri, &headers, &form(&body), tls.is_some()).await {
+        return res;
+    }
+    to_sign_in(tls.is_some())
+}
+
+async fn overview(State(c): Ctl, tls: TlsOn, headers: HeaderMap) -> Response {
+    let Some(s) = session::current(&c, &headers).await else {
+        return to_sign_in(tls.is_some());
+    };
+    if let Err(e) = s.principal.require(Operation::ListKeys) {
+        return html(
+            StatusCode::OK,
+            pages::overview(&s, None, Some(&e.to_string())),
+        );
+    }
+    let filter = KeyFilter {
+        include_inactive: true,
+        ..KeyFilter::default()
+    };
+    match c.list_keys(&s.principal.vendors, &filter).await {
+        Ok(keys) => html(StatusCode::OK, pages::overview(&s, Some(&keys), None)),
+        Err(e) => api_error(&s, e),
+    }
+}
+
+async fn keys(
+    State(c): Ctl,
+    tls: TlsOn,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(s) = session::current(&c, &headers).await else {
+        return to_sign_in(tls.is_some());
+    };
+    if let Err(e) = s.principal.require(Operation::ListKeys) {
+        return api_error(&s, e);
+    }
+    let filters = pages::KeyFilters::from_query(&q);
+    let filter = KeyFilter {
+        agent_run_label: filters.label.clone(),
+        vendor: filters.vendor.clone(),
+        include_inactive: filters.status.as_deref() != Some("active"),
+    };
+    match c.list_keys(&s.principal.vendors, &filter).await {
+        Ok(keys) => html(StatusCode::OK, pages::keys(&s, &filters, &keys)),
+        Err(e) => api_error(&s, e),
+    }
+}
+
+async fn revoke_key(
+    State(c): Ctl,
+    tls: TlsOn,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let s = match post_session(&c, &uri, &headers, &form(&body), tls.is_some()).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    if let Err(e) = s.principal.require(Operation::RevokeKey) {
+        return api_error(&s, e);
+    }
+    match c.revoke_key(&s.principal.vendors, &id, None).await {
+        Ok((view, confirmation)) => html(
+            StatusCode::OK,
+            pages::revoked(
+                &s,
+                &format!("key {}", view.key.id),
+                std::slice::from_ref(&view.key.id),
+                &confirmation,
+            ),
+        ),
+        Err(e) => api_error(&s, e),
+    }
+}
+
+async fn run(
+    State(c): Ctl,
+    tls: TlsOn,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(s) = session::current(&c, &headers).await else {
+        return to_sign_in(tls.is_some());
+    };
+    if let Err(e) = s.principal.require(Operation::ListKeys) {
+        return api_error(&s, e);
+    }
+    let label = q.get("label").cloned().unwrap_or_default();
+    let filter = KeyFilter {
+        agent_run_label: Some(label.clone()),
+        vendor: None,
+        include_inactive: true,
+    };
+    let keys = match c.list_keys(&s.principal.vendors, &filter).await {
+        Ok(k) => k,
+        Err(e) => return api_error(&s, e),
+    };
+    html(StatusCode::OK, pages::run(&s, &label, &keys))
+}
+
+async fn revoke_run(
+    State(c): Ctl,
+    tls: TlsOn,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fields = form(&body);
+    let s = match post_session(&c, &uri, &headers, &fields, tls.is_some()).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    if let Err(e) = s.principal.require(Operation::RevokeRun) {
+        return api_error(&s, e);
+    }
+    let label = fields.get("label").cloned().unwrap_or_default();
+    match c.revoke_run(&s.principal.vendors, &label, None).await {
+        Ok((ids, confirmation)) => html(
+            StatusCode::OK,
+            pages::revoked(&s, &format!("run {label}"), &ids, &confirmation),
+        ),
+        Err(e) => api_error(&s, e),
+    }
+}

@@ -1,0 +1,274 @@
+//! The dashboard's pages as maud templates. Pure functions of what the
+//! handlers read through `Control`: no I/O here. Charts are inline SVG
+//! drawn from attributes only (the CSP allows no inline style or script).
+
+use std::collections::{BTreeMap, HashMap};
+
+use keycap_proto::Micros;
+use maud::{html, Markup, DOCTYPE};
+
+use super::session::Session;
+use crate::domain::KeyStatus;
+use crate::scope::Operation;
+use crate::service::{Confirmation, KeyView};
+
+fn usd(m: Micros) -> String {
+    format!("${m}")
+}
+
+fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · keycap" }
+                link rel="stylesheet" href="/ui/assets/keycap.css";
+            }
+            body {
+                header {
+                    nav aria-label="Main" {
+                        a.brand href="/ui" { "keycap" }
+                        @if session.is_some() {
+                            a href="/ui" { "Overview" }
+                            a href="/ui/keys" { "Keys" }
+                        }
+                    }
+                    @if let Some(s) = session {
+                        form.sign-out method="post" action="/ui/sign-out" {
+                            input type="hidden" name="csrf" value=(s.csrf);
+                            span.token { "Token " (s.principal.token_id) }
+                            button type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main { h1 { (title) } (body) }
+            }
+        }
+    }
+}
+
+pub fn message(session: Option<&Session>, title: &str, text: &str) -> Markup {
+    layout(session, title, html! { p.notice role="alert" { (text) } })
+}
+
+pub fn sign_in(error: Option<&str>) -> Markup {
+    layout(
+        None,
+        "Sign in",
+        html! {
+            @if let Some(e) = error { p.notice role="alert" { (e) } }
+            form method="post" action="/ui/sign-in" {
+                label for="token" { "Admin token" }
+                input #token type="password" name="token" autocomplete="off" required
+                    aria-describedby="token-help";
+                p #token-help .help {
+                    "The session carries this token's scopes and ends when it is revoked."
+                }
+                button type="submit" { "Sign in" }
+            }
+        },
+    )
+}
+
+/// A horizontal bar chart of `(label, amount)`, largest first.
+fn bar_chart(caption: &str, rows: &[(String, Micros)]) -> Markup {
+    const ROW: usize = 28;
+    let max = rows.iter().map(|(_, m)| m.0).max().unwrap_or(0).max(1);
+    let height = ROW * rows.len().max(1);
+    html! {
+        figure {
+            figcaption { (caption) }
+            @if rows.is_empty() {
+                p.help { "No spend yet today." }
+            } @else {
+                svg role="img" aria-label=(caption) viewBox={"0 0 600 " (height)}
+                    width="100%" preserveAspectRatio="xMinYMin meet" {
+                    @for (i, (label, amount)) in rows.iter().enumerate() {
+                        @let y = i * ROW;
+                        @let w = 8 + (amount.0.max(0) as i128 * 352 / max as i128) as i64;
+                        text x="0" y=(y + 18) font-size="13" fill="currentColor" { (label) }
+                        rect x="200" y=(y + 4) width=(w) height="18" fill="#3b6fd8" {}
+                        text x=(208 + w) y=(y + 18) font-size="13" fill="currentColor" { (usd(*amount)) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Today's spend summed by a key attribute, largest first.
+fn spend_by(keys: &[KeyView], by: impl Fn(&KeyView) -> String) -> Vec<(String, Micros)> {
+    let mut sums: BTreeMap<String, i64> = BTreeMap::new();
+    for k in keys {
+        *sums.entry(by(k)).or_default() += k.spend.spent_day.0;
+    }
+    let mut rows: Vec<_> = sums
+        .into_iter()
+        .filter(|(_, m)| *m > 0)
+        .map(|(l, m)| (l, Micros(m)))
+        .collect();
+    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
+    rows
+}
+
+pub fn overview(s: &Session, keys: Option<&[KeyView]>, error: Option<&str>) -> Markup {
+    layout(
+        Some(s),
+        "Overview",
+        html! {
+            @if let Some(e) = error { p.notice role="alert" { (e) } }
+            @if let Some(keys) = keys {
+                @let by_vendor = spend_by(keys, |k| k.key.vendor.as_str().to_string());
+                @let by_run = spend_by(keys, |k| k.key.agent_run_label.clone());
+                section.charts {
+                    (bar_chart("Today's spend by vendor", &by_vendor))
+                    (bar_chart("Today's spend by run", &by_run))
+                }
+                h2 { "Runs" }
+                ul.runs {
+                    @for (label, amount) in &by_run {
+                        li { a href={"/ui/run?label=" (urlencode(label))} { (label) } " — " (usd(*amount)) }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The filters of the Keys page, as the query string gave them.
+pub struct KeyFilters {
+    pub vendor: Option<String>,
+    pub label: Option<String>,
+    /// "active" or "all".
+    pub status: Option<String>,
+}
+
+impl KeyFilters {
+    pub fn from_query(q: &HashMap<String, String>) -> KeyFilters {
+        let get = |k: &str| {
+            q.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        KeyFilters {
+            vendor: get("vendor"),
+            label: get("label"),
+            status: get("status"),
+        }
+    }
+}
+
+fn status_text(s: KeyStatus) -> &'static str {
+    s.as_str()
+}
+
+fn keys_table(s: &Session, keys: &[KeyView]) -> Markup {
+    let can_revoke = s.principal.require(Operation::RevokeKey).is_ok();
+    html! {
+        div.table-wrap {
+            table {
+                thead { tr {
+                    th scope="col" { "Key" } th scope="col" { "Vendor" } th scope="col" { "Run" }
+                    th scope="col" { "Status" } th scope="col" { "Daily cap" }
+                    th scope="col" { "Spent today" } th scope="col" { "Remaining" }
+                    th scope="col" { "Lifetime spent" }
+                    @if can_revoke { th scope="col" { span.visually-hidden { "Actions" } } }
+                } }
+                tbody {
+                    @for k in keys {
+                        tr {
+                            td { code { (k.key.key_prefix) "…" } br; small { (k.key.id) } }
+                            td { (k.key.vendor.as_str()) }
+                            td { a href={"/ui/run?label=" (urlencode(&k.key.agent_run_label))} { (k.key.agent_run_label) } }
+                            td { (status_text(k.status)) }
+                            td { (usd(k.key.daily_cap)) }
+                            td { (usd(k.spend.spent_day)) }
+                            td { (usd(k.remaining_today)) }
+                            td { (usd(k.spend.spent_lifetime)) }
+                            @if can_revoke {
+                                td {
+                                    @if k.status == KeyStatus::Active {
+                                        form method="post" action={"/ui/keys/" (k.key.id) "/revoke"} {
+                                            input type="hidden" name="csrf" value=(s.csrf);
+                                            button.danger type="submit"
+                                                aria-label={"Revoke key " (k.key.id)} { "Revoke" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn keys(s: &Session, f: &KeyFilters, keys: &[KeyView]) -> Markup {
+    let status = f.status.as_deref().unwrap_or("all");
+    layout(
+        Some(s),
+        "Keys",
+        html! {
+            form.filters method="get" action="/ui/keys" role="search" {
+                label { "Vendor " input type="text" name="vendor" value=[f.vendor.as_deref()]; }
+                label { "Run label " input type="text" name="label" value=[f.label.as_deref()]; }
+                label { "Status "
+                    select name="status" {
+                        option value="all" selected[status == "all"] { "All" }
+                        option value="active" selected[status == "active"] { "Active" }
+                    }
+                }
+                button type="submit" { "Filter" }
+            }
+            @if keys.is_empty() { p.help { "No keys match." } } @else { (keys_table(s, keys)) }
+        },
+    )
+}
+
+pub fn run(s: &Session, label: &str, keys: &[KeyView]) -> Markup {
+    let spent: i64 = keys.iter().map(|k| k.spend.spent_day.0).sum();
+    let can_revoke = s.principal.require(Operation::RevokeRun).is_ok();
+    let any_active = keys.iter().any(|k| k.status == KeyStatus::Active);
+    layout(
+        Some(s),
+        &format!("Run {label}"),
+        html! {
+            p.total { "Spent today: " strong #run-spend { (usd(Micros(spent))) } }
+            @if can_revoke && any_active {
+                form method="post" action="/ui/run/revoke" {
+                    input type="hidden" name="csrf" value=(s.csrf);
+                    input type="hidden" name="label" value=(label);
+                    button.danger type="submit" { "Revoke run" }
+                }
+            }
+            h2 { "Keys" }
+            @if keys.is_empty() { p.help { "No keys carry this run label." } } @else { (keys_table(s, keys)) }
+        },
+    )
+}
+
+pub fn revoked(s: &Session, what: &str, ids: &[String], c: &Confirmation) -> Markup {
+    layout(
+        Some(s),
+        "Revoked",
+        html! {
+            p role="status" { "Revoked " (what) ": " (ids.len()) " key(s)." }
+            h2 { "Proxies that confirmed" }
+            @if c.confirmed.is_empty() { p.help { "None connected." } }
+            ul #confirmed { @for n in &c.confirmed { li { (n) } } }
+            @if !c.unconfirmed.is_empty() {
+                h2 { "Proxies that did not confirm" }
+                p.notice { "They may still spend up to " (usd(c.unconfirmed_lease)) " of leases already granted." }
+                ul #unconfirmed { @for n in &c.unconfirmed { li { (n) } } }
+            }
+            p { a href="/ui/keys" { "Back to keys" } }
+        },
+    )
+}

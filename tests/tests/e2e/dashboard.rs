@@ -1,0 +1,338 @@
+//! The operator's dashboard at `/ui`, driven over HTTP as a browser drives
+//! it: sign in with an admin token, a sealed HttpOnly SameSite=Strict
+//! cookie, a CSP with no inline script, CSRF values on every form, a
+//! session that ends with its token, a run's spend after real calls through
+//! the proxy, and revoking the run from the page. Included from `e2e.rs`.
+
+use std::path::Path;
+
+use keycap_tests::harness::{Api, Control, ControlOpts, ControlTls, Stack};
+use keycap_tests::pki::TestCa;
+use reqwest::header::{HeaderMap, CONTENT_SECURITY_POLICY, LOCATION, SET_COOKIE};
+use serde_json::json;
+
+use super::{dollar_charge, stack_with_stripe, stripe_key_body};
+
+/// A browser's view of the dashboard: one cookie jar of one cookie, no
+/// redirects followed, so every answer can be inspected.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    cookie: Option<String>,
+}
+
+struct Page {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Page {
+    fn location(&self) -> Option<&str> {
+        self.headers.get(LOCATION).and_then(|v| v.to_str().ok())
+    }
+
+    fn set_cookie(&self) -> Option<&str> {
+        self.headers.get(SET_COOKIE).and_then(|v| v.to_str().ok())
+    }
+
+    /// The CSRF value the page's forms carry.
+    #[track_caller]
+    fn csrf(&self) -> String {
+        let at = self
+            .body
+            .find("name=\"csrf\" value=\"")
+            .unwrap_or_else(|| panic!("no CSRF field in page: {}", self.body));
+        let rest = &self.body[at + "name=\"csrf\" value=\"".len()..];
+        rest[..rest.find('"').unwrap()].to_string()
+    }
+}
+
+impl Browser {
+    fn new(base: &str) -> Browser {
+        Browser::with(base, reqwest::Client::builder())
+    }
+
+    /// A browser for an `https://` dashboard whose certificate `ca` signed.
+    fn trusting(base: &str, ca: &Path) -> Browser {
+        let pem = std::fs::read(ca).unwrap();
+        let builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        Browser::with(base, builder)
+    }
+
+    fn with(base: &str, builder: reqwest::ClientBuilder) -> Browser {
+        Browser {
+            http: builder
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            base: base.to_string(),
+            cookie: None,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Page {
+        let req = match &self.cookie {
+            Some(c) => req.header("cookie", c),
+            None => req,
+        };
+        let res = req.send().await.expect("dashboard request");
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body = res.text().await.unwrap();
+        Page {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Page {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// A same-origin form post, as the dashboard's own forms send it.
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> Page {
+        self.post_from(&self.base.clone(), path, form).await
+    }
+
+    /// A form post that the browser says comes from `origin`.
+    async fn post_from(&self, origin: &str, path: &str, form: &[(&str, &str)]) -> Page {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("origin", origin)
+                .form(form),
+        )
+        .await
+    }
+
+    /// Signs in with `token`, keeping the session cookie; the answer.
+    async fn sign_in(&mut self, token: &str) -> Page {
+        let page = self.post("/ui/sign-in", &[("token", token)]).await;
+        if let Some(c) = page.set_cookie() {
+            self.cookie = Some(c.split(';').next().unwrap().to_string());
+        }
+        page
+    }
+}
+
+async fn signed_in(base: &str, token: &str) -> Browser {
+    let mut b = Browser::new(base);
+    let page = b.sign_in(token).await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    assert_eq!(page.location(), Some("/ui"));
+    b
+}
+
+async fn key_status(admin: &Api, id: &str) -> String {
+    let k = admin.get(&format!("/vault/keys/{id}")).await.expect(200);
+    k["status"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_in_gives_a_sealed_strict_cookie_and_pages_allow_no_inline_script() {
+    let control = Control::start(ControlOpts::sqlite()).await;
+    let token = control.opts.admin_token.clone();
+    let mut browser = Browser::new(&control.url());
+
+    let page = browser.get("/ui").await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.location(), Some("/ui/sign-in"));
+
+    let page = browser.sign_in("kcadm_test_not-a-real-token").await;
+    assert_eq!(page.status, 401);
+    assert!(page.set_cookie().is_none());
+    assert!(page.body.contains("not a valid, active admin token"));
+
+    let page = browser.sign_in(&token).await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    let cookie = page.set_cookie().unwrap().to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(cookie.contains(attr), "{attr} missing from {cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain http: {cookie}");
+    assert!(!cookie.contains(&token), "the token is sealed: {cookie}");
+
+    let page = browser.get("/ui").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csp = page.headers[CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert!(!page.body.contains("<script"), "{}", page.body);
+    assert!(!page.body.contains(&token));
+    assert!(page.body.contains("Overview"));
+
+    // A tampered cookie is no session.
+    let mut forged = Browser::new(&control.url());
+    let value = browser.cookie.clone().unwrap();
+    // Change one character in the middle (the last one may only carry
+    // base64 padding bits).
+    let mut chars: Vec<char> = value.chars().collect();
+    let mid = chars.len() / 2;
+    chars[mid] = if chars[mid] == 'A' { 'B' } else { 'A' };
+    forged.cookie = Some(chars.into_iter().collect());
+    assert_eq!(forged.get("/ui").await.status, 303);
+
+    // Signing out needs the page's CSRF value.
+    let csrf = page.csrf();
+    assert_eq!(browser.post("/ui/sign-out", &[]).await.status, 403);
+    let out = browser.post("/ui/sign-out", &[("csrf", &csrf)]).await;
+    assert_eq!(out.status, 303);
+    assert_eq!(out.location(), Some("/ui/sign-in"));
+    assert!(out.set_cookie().unwrap().contains("Max-Age=0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tls_the_session_cookie_is_secure() {
+    let ca = TestCa::new("dashboard");
+    let control = Control::start(ControlOpts::sqlite().tls(ControlTls {
+        server: ca.server("control"),
+        ca: ca.ca_pem(),
+        client_ca: None,
+    }))
+    .await;
+    assert!(control.url().starts_with("https://"));
+    let mut browser = Browser::trusting(&control.url(), &ca.ca_pem());
+    let page = browser.sign_in(&control.opts.admin_token).await;
+    assert_eq!(page.status, 303, "{}", page.body);
+    let cookie = page.set_cookie().unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert_eq!(browser.get("/ui").await.status, 200);
+    let out = browser
+        .post(
+            "/ui/sign-out",
+            &[("csrf", &browser.get("/ui").await.csrf())],
+        )
+        .await;
+    assert!(out.set_cookie().unwrap().contains("; Secure"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_is_revoked() {
+    let control = Control::start(ControlOpts::sqlite()).await;
+    let admin = control.admin();
+    let created = admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "dashboard operator", "scopes": ["keys:read"]}),
+        )
+        .await
+        .expect(201);
+    let browser = signed_in(&control.url(), created["token"].as_str().unwrap()).await;
+    assert_eq!(browser.get("/ui/keys").await.status, 200);
+
+    admin
+        .delete(&format!(
+            "/vault/admin-tokens/{}",
+            created["id"].as_str().unwrap()
+        ))
+        .await
+        .expect(200);
+    let page = browser.get("/ui/keys").await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.location(), Some("/ui/sign-in"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_sees_a_runs_spend_and_revokes_the_run() {
+    let (stack, _mock) = stack_with_stripe().await;
+    let label = "dashboard/run-1";
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            label,
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    dollar_charge(&agent).await.expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+
+    let browser = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    let overview = browser.get("/ui").await;
+    assert!(overview.body.contains(label), "{}", overview.body);
+    let run = browser.get("/ui/run?label=dashboard%2Frun-1").await;
+    assert_eq!(run.status, 200, "{}", run.body);
+    assert!(
+        run.body.contains("id=\"run-spend\">$1<"),
+        "run spend: {}",
+        run.body
+    );
+    assert!(run.body.contains(&key.id));
+    let csrf = run.csrf();
+
+    // A cross-site post is refused even with the right CSRF value, and a
+    // same-site one without it: the key stays active.
+    let refused = browser
+        .post_from(
+            "https://attacker.example",
+            "/ui/run/revoke",
+            &[("csrf", &csrf), ("label", label)],
+        )
+        .await;
+    assert_eq!(refused.status, 403);
+    let refused = browser.post("/ui/run/revoke", &[("label", label)]).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(key_status(&stack.admin, &key.id).await, "active");
+
+    let done = browser
+        .post("/ui/run/revoke", &[("csrf", &csrf), ("label", label)])
+        .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(
+        done.body.contains("<li>e2e-proxy</li>"),
+        "confirmed proxies: {}",
+        done.body
+    );
+    assert_eq!(key_status(&stack.admin, &key.id).await, "revoked");
+    dollar_charge(&agent).await.expect_error(401, "key_revoked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_sees_no_revoke_button_and_cannot_revoke() {
+    let stack = Stack::start().await;
+    let mock = keycap_tests::mock::MockVendor::start("sk_live_51KeycapDashboardReadOnly").await;
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(5),
+            &["POST /v1/payment_intents"],
+            "ro/run",
+        ))
+        .await;
+    let created = stack
+        .admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "read only", "scopes": ["keys:read", "audit:read"]}),
+        )
+        .await
+        .expect(201);
+    let browser = signed_in(&stack.control.url(), created["token"].as_str().unwrap()).await;
+
+    let keys = browser.get("/ui/keys").await;
+    assert_eq!(keys.status, 200);
+    assert!(keys.body.contains(&key.id), "{}", keys.body);
+    assert!(!keys.body.contains(">Revoke<"), "{}", keys.body);
+    let run = browser.get("/ui/run?label=ro%2Frun").await;
+    assert!(!run.body.contains("Revoke run"), "{}", run.body);
+
+    // The server refuses the action anyway.
+    let csrf = keys.csrf();
+    let refused = browser
+        .post(&format!("/ui/keys/{}/revoke", key.id), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains("keys:revoke"), "{}", refused.body);
+    let refused = browser
+        .post("/ui/run/revoke", &[("csrf", &csrf), ("label", "ro/run")])
+        .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(key_status(&stack.admin, &key.id).await, "active");
+}
