@@ -717,6 +717,11 @@ class AuditServiceStub:
                 request_serializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
                 response_deserializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/keycap.v1.AuditService/ListCheckpoints',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -742,6 +747,14 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """The ledger's signed checkpoints, newest first. Needs audit:read over
+        every vendor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -759,6 +772,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
                     response_serializer=keycap_dot_v1_dot_admin__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -842,6 +860,33 @@ class AuditService:
             '/keycap.v1.AuditService/VerifyAudit',
             keycap_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
             keycap_dot_v1_dot_admin__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.AuditService/ListCheckpoints',
+            keycap_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -221,6 +221,10 @@ class AuditServiceStub:
     """Recomputes the ledger's hash chain (docs/ledger.md) and names the first
     broken entry. Needs audit:read over every vendor.
     """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCheckpointsRequest, _admin_pb2.ListCheckpointsResponse]
+    """The ledger's signed checkpoints, newest first. Needs audit:read over
+    every vendor.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -230,6 +234,10 @@ class AuditServiceAsyncStub(AuditServiceStub):
     VerifyAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyAuditRequest, _admin_pb2.VerifyAuditResponse]  # type: ignore[assignment]
     """Recomputes the ledger's hash chain (docs/ledger.md) and names the first
     broken entry. Needs audit:read over every vendor.
+    """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCheckpointsRequest, _admin_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """The ledger's signed checkpoints, newest first. Needs audit:read over
+    every vendor.
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -255,6 +263,16 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.VerifyAuditResponse, _abc.Awaitable[_admin_pb2.VerifyAuditResponse]]:
         """Recomputes the ledger's hash chain (docs/ledger.md) and names the first
         broken entry. Needs audit:read over every vendor.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _admin_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCheckpointsResponse, _abc.Awaitable[_admin_pb2.ListCheckpointsResponse]]:
+        """The ledger's signed checkpoints, newest first. Needs audit:read over
+        every vendor.
         """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
