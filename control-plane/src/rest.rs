@@ -74,6 +74,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/verify", get(verify_audit))
         .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
         .route(
             "/vault/{*rest}",
             axum::routing::any(|| async {
@@ -81,6 +83,34 @@ pub fn router(control: Arc<Control>) -> Router {
             }),
         )
         .with_state(control)
+}
+
+/// Ready when the database answers a query, within two seconds.
+async fn readyz(State(c): State<Arc<Control>>) -> Response {
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        c.store().latest_version(),
+    )
+    .await;
+    match answered {
+        Ok(Ok(_)) => Json(json!({"status": "ok"})).into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the database refused a query");
+            unready()
+        }
+        Err(_) => {
+            tracing::warn!("readiness: the database did not answer within 2 s");
+            unready()
+        }
+    }
+}
+
+fn unready() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "database_unavailable"})),
+    )
+        .into_response()
 }
 
 /// Authenticates the admin token and checks the scopes `op` needs.

@@ -164,9 +164,11 @@ pub async fn run(
         let metrics_listener = TcpListener::bind(addr).await?;
         tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
         let mut stop = stop_rx.clone();
+        let (policy, previous) = (cache.clone(), settled.clone());
         tokio::spawn(metrics::serve(
             metrics_listener,
             metrics.clone(),
+            Arc::new(move || proxy::readiness(&policy, &previous)),
             async move {
                 let _ = stop.wait_for(|stopping| *stopping).await;
             },

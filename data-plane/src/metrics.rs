@@ -203,9 +203,12 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Also answers `/livez` and `/readyz` (`ready` says whether the proxy can
+/// serve), so a balancer can probe the proxy away from agent traffic.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    ready: Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -221,9 +224,11 @@ pub async fn serve(
             _ = &mut shutdown => return,
         };
         let metrics = metrics.clone();
+        let ready = ready.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let metrics = metrics.clone();
-            async move { Ok::<_, Infallible>(answer(&metrics, &req)) }
+            let ready = ready.clone();
+            async move { Ok::<_, Infallible>(answer(&metrics, &*ready, &req)) }
         });
         tokio::spawn(async move {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -233,7 +238,21 @@ pub async fn serve(
     }
 }
 
-fn answer(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer(
+    metrics: &Metrics,
+    ready: &(dyn Fn() -> Result<(), &'static str> + Send + Sync),
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let health = match req.uri().path() {
+        "/livez" => Some((StatusCode::OK, r#"{"status":"ok"}"#.to_string())),
+        "/readyz" => Some(crate::proxy::health_answer(ready())),
+        _ => None,
+    };
+    if let Some((status, body)) = health {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        return r;
+    }
     if req.uri().path() != "/metrics" {
         let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
         *r.status_mut() = StatusCode::NOT_FOUND;

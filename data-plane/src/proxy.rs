@@ -259,17 +259,16 @@ impl Proxy {
                 Err(refusal) => closing_after(refusal, version, now, envelope::flat),
             });
         }
-        if path == "/healthz" {
-            let status = match (self.policy.is_ready(), *self.previous_run_settled.borrow()) {
-                (true, true) => r#"{"status":"ok"}"#,
-                (false, _) => r#"{"status":"waiting_for_policy"}"#,
-                (true, false) => r#"{"status":"settling_previous_run"}"#,
-            };
-            let mut resp = Response::new(body::bytes(Bytes::from(status)));
-            if status != r#"{"status":"ok"}"# {
-                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            }
+        if path == "/healthz" || path == "/readyz" {
+            let (status, body) = health_answer(readiness(&self.policy, &self.previous_run_settled));
+            let mut resp = Response::new(body::bytes(Bytes::from(body)));
+            *resp.status_mut() = status;
             return Ok(resp);
+        }
+        if path == "/livez" {
+            return Ok(Response::new(body::bytes(Bytes::from_static(
+                br#"{"status":"ok"}"#,
+            ))));
         }
         let mut envelope: Envelope = envelope::before_authentication;
         // The id of the call's audit entry, on its answer whatever it is.
@@ -814,6 +813,32 @@ fn call_span<B>(req: &Request<B>, call_id: &str) -> tracing::Span {
     );
     keycap_telemetry::continue_trace(&span, req.headers());
     span
+}
+
+/// Whether the proxy can serve calls: it has its policy, and what a
+/// previous run left in the spool is delivered (its leases handed back).
+/// The reason when not.
+pub fn readiness(
+    policy: &PolicyCache,
+    previous_run_settled: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(), &'static str> {
+    match (policy.is_ready(), *previous_run_settled.borrow()) {
+        (true, true) => Ok(()),
+        (false, _) => Err("waiting_for_policy"),
+        (true, false) => Err("settling_previous_run"),
+    }
+}
+
+/// `/readyz` (and `/healthz`): 200 `{"status":"ok"}`, or 503 with the
+/// reason as the status.
+pub fn health_answer(ready: Result<(), &'static str>) -> (StatusCode, String) {
+    match ready {
+        Ok(()) => (StatusCode::OK, r#"{"status":"ok"}"#.to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(r#"{{"status":"{why}"}}"#),
+        ),
+    }
 }
 
 /// Checks that a request's target is in origin form (`/path?query`), the

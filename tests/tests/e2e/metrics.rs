@@ -184,6 +184,20 @@ async fn both_planes_serve_metrics_that_promtool_accepts() {
         "{control}"
     );
 
+    // Both planes are alive and ready, the proxy on its metrics listener
+    // too, where a balancer probes it away from agent traffic.
+    for base in [
+        stack.control.url(),
+        stack.proxy.url(),
+        format!("http://127.0.0.1:{proxy_port}"),
+    ] {
+        for path in ["/livez", "/readyz"] {
+            let r = Api::new(&base, None).get(path).await;
+            assert_eq!(r.status, 200, "{base}{path}: {}", r.text);
+            assert_eq!(r.json()["status"], "ok");
+        }
+    }
+
     let classic = [
         (scrape_classic(proxy_port).await, "proxy"),
         (scrape_classic(control_port).await, "control plane"),

@@ -365,16 +365,32 @@ async fn sigterm_lets_calls_in_flight_finish_and_delivers_their_spend() {
 async fn a_proxy_without_policy_is_unhealthy_and_forwards_nothing() {
     // Nothing listens on this port.
     let port = harness::free_port();
+    let metrics_port = harness::free_port();
     let proxy = Proxy::start_with(
         &format!("http://127.0.0.1:{port}"),
         &harness::fleet_token(),
-        &ProxyOpts::new("orphan-proxy").readiness(Readiness::Listening),
+        &ProxyOpts::new("orphan-proxy")
+            .readiness(Readiness::Listening)
+            .flag("metrics-listen", format!("127.0.0.1:{metrics_port}")),
     )
     .await;
 
-    let health = Api::new(&proxy.url(), None).get("/healthz").await;
-    assert_eq!(health.status, 503, "{}", health.text);
-    assert_eq!(health.json()["status"], "waiting_for_policy");
+    // Alive, not ready: on the agents' listener and, for a balancer, on
+    // the metrics listener.
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}");
+    let probes = [
+        (proxy.url(), &["/healthz", "/readyz"][..]),
+        (metrics_url, &["/readyz"][..]),
+    ];
+    for (base, paths) in probes {
+        for path in paths {
+            let health = Api::new(&base, None).get(path).await;
+            assert_eq!(health.status, 503, "{base}{path}: {}", health.text);
+            assert_eq!(health.json()["status"], "waiting_for_policy");
+        }
+        let live = Api::new(&base, None).get("/livez").await;
+        assert_eq!(live.status, 200, "{base}/livez: {}", live.text);
+    }
 
     let key = secret::generate(SecretKind::VaultKey, "test");
     let r = Api::new(&proxy.url(), Some(&key))
