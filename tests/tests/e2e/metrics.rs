@@ -205,9 +205,48 @@ async fn both_planes_serve_metrics_that_promtool_accepts() {
     for (text, what) in &classic {
         promtool_accepts(text, what);
     }
+    deploy_files_name_only_served_metrics(&format!("{proxy}{control}"));
     for (text, what) in [(&proxy, "proxy"), (&control, "control plane")] {
         for secret in [key.secret.as_str(), STRIPE_CREDENTIAL, key.id.as_str()] {
             assert!(!text.contains(secret), "{what} metrics name {secret}");
+        }
+    }
+}
+
+/// The dashboard and alert rules in deploy/ name only metrics the planes
+/// serve (in `served`), and promtool accepts the rules.
+fn deploy_files_name_only_served_metrics(served: &str) {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let rules = deploy.join("prometheus-alerts.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (Debian package prometheus)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [rules, deploy.join("grafana-dashboard.json")] {
+        let text = std::fs::read_to_string(&file).expect("deploy file");
+        let names: BTreeSet<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("keycap_proxy_") || w.starts_with("keycap_control_"))
+            .collect();
+        assert!(!names.is_empty(), "{}", file.display());
+        for name in names {
+            // Histograms are named by their series.
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                served.contains(family),
+                "{} names {name}, which no plane serves",
+                file.display()
+            );
         }
     }
 }
