@@ -62,7 +62,9 @@ async fn security_headers(mut res: Response) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        // `no-referrer` would make browsers send `Origin: null` on the
+        // dashboard's own form posts, which the same-origin check refuses.
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.entry(header::CACHE_CONTROL)

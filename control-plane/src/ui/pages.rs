@@ -183,7 +183,7 @@ fn keys_table(s: &Session, keys: &[KeyView]) -> Markup {
                 tbody {
                     @for k in keys {
                         tr {
-                            td { code { (k.key.key_prefix) "…" } br; small { (k.key.id) } }
+                            td { code { (k.key.key_prefix) } br; small { (k.key.id) } }
                             td { (k.key.vendor.as_str()) }
                             td { a href={"/ui/run?label=" (urlencode(&k.key.agent_run_label))} { (k.key.agent_run_label) } }
                             td { (status_text(k.status)) }
