@@ -97,6 +97,12 @@ def test_an_operator_sees_a_runs_spend_and_revokes_it(keycap, browser):
     browser.get(f"{keycap.control}/ui/keys")
     assert key_id in browser.page_source
     screenshot(browser, "keys")
+    browser.get(f"{keycap.control}/ui/vendors")
+    assert keycap.mock_url in browser.page_source
+    screenshot(browser, "vendors")
+    browser.get(f"{keycap.control}/ui/audit?label={urllib.parse.quote(label, safe='')}")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr")) == 2
+    screenshot(browser, "audit")
 
     browser.get(run_url(keycap, label))
     assert browser.find_element(By.ID, "run-spend").text == "$2"
