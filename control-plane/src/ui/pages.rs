@@ -143,6 +143,13 @@ fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// A filter from the query string; an empty one is no filter.
+fn filter_value(q: &HashMap<String, String>, name: &str) -> Option<String> {
+    q.get(name)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
 /// The filters of the Keys page, as the query string gave them.
 pub struct KeyFilters {
     pub vendor: Option<String>,
@@ -153,11 +160,7 @@ pub struct KeyFilters {
 
 impl KeyFilters {
     pub fn from_query(q: &HashMap<String, String>) -> KeyFilters {
-        let get = |k: &str| {
-            q.get(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |k: &str| filter_value(q, k);
         KeyFilters {
             vendor: get("vendor"),
             label: get("label"),
@@ -317,11 +320,7 @@ pub struct AuditFilters {
 
 impl AuditFilters {
     pub fn from_query(q: &HashMap<String, String>) -> AuditFilters {
-        let get = |k: &str| {
-            q.get(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |k: &str| filter_value(q, k);
         AuditFilters {
             label: get("label"),
             vendor: get("vendor"),
