@@ -27,8 +27,17 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Most a click may take to load the page it leads to.
+NAVIGATION = 30
+
+
+def wait_for_page(driver, condition):
+    """Polls until the page a click leads to satisfies `condition`: a
+    click returns before the browser has loaded the answer."""
+    WebDriverWait(driver, NAVIGATION, poll_frequency=0.05).until(condition)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +68,8 @@ def sign_in(driver, keycap, token):
     driver.get(f"{keycap.control}/ui/sign-in")
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "form[action='/ui/sign-in'] button").click()
+    wait_for_page(driver, lambda d: d.current_url != f"{keycap.control}/ui/sign-in"
+                  or "role=\"alert\"" in d.page_source)
     assert driver.current_url == f"{keycap.control}/ui", driver.page_source
 
 
@@ -109,6 +120,7 @@ def test_an_operator_sees_a_runs_spend_and_revokes_it(keycap, browser):
     screenshot(browser, "run")
     [revoke] = buttons(browser, "Revoke run")
     revoke.click()
+    wait_for_page(browser, lambda d: d.current_url.endswith("/ui/run/revoke"))
     assert "Revoked run" in browser.page_source
     confirmed = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#confirmed li")]
     assert confirmed, browser.page_source
@@ -179,6 +191,7 @@ def test_a_form_posted_from_another_site_is_refused(keycap, browser):
         browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
         [prize] = buttons(browser, "Win a prize")
         prize.click()
+        wait_for_page(browser, lambda d: d.current_url.startswith(keycap.control))
         assert browser.current_url == f"{keycap.control}/ui/run/revoke"
         assert "cross-site request refused" in browser.page_source, browser.page_source
     finally:
