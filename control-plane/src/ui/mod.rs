@@ -22,7 +22,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use maud::Markup;
 
-use crate::domain::KeyFilter;
+use crate::domain::{AuditQuery, KeyFilter};
 use crate::error::ApiError;
 use crate::scope::Operation;
 use crate::service::Control;
@@ -45,6 +45,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui/keys/{id}/revoke", post(revoke_key))
         .route("/ui/run", get(run))
         .route("/ui/run/revoke", post(revoke_run))
+        .route("/ui/vendors", get(vendors))
+        .route("/ui/audit", get(audit))
         .route("/ui/assets/keycap.css", get(stylesheet))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(control)
@@ -62,7 +64,9 @@ async fn security_headers(mut res: Response) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        // `no-referrer` would make browsers send `Origin: null` on the
+        // dashboard's own form posts, which the same-origin check refuses.
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.entry(header::CACHE_CONTROL)
@@ -122,6 +126,23 @@ async fn post_session(
         return Err(forbidden("missing or wrong CSRF token; reload the page"));
     }
     Ok(s)
+}
+
+/// The session of a page view that needs `op`: a request without a live
+/// session goes to sign in; a token without the scope is told which one.
+async fn page_session(
+    c: &Control,
+    headers: &HeaderMap,
+    tls: TlsOn,
+    op: Operation,
+) -> Result<Session, Response> {
+    let Some(s) = session::current(c, headers).await else {
+        return Err(to_sign_in(tls.is_some()));
+    };
+    match s.principal.require(op) {
+        Ok(()) => Ok(s),
+        Err(e) => Err(api_error(&s, e)),
+    }
 }
 
 fn forbidden(why: &str) -> Response {
@@ -204,12 +225,10 @@ async fn keys(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(s) = session::current(&c, &headers).await else {
-        return to_sign_in(tls.is_some());
+    let s = match page_session(&c, &headers, tls, Operation::ListKeys).await {
+        Ok(s) => s,
+        Err(res) => return res,
     };
-    if let Err(e) = s.principal.require(Operation::ListKeys) {
-        return api_error(&s, e);
-    }
     let filters = pages::KeyFilters::from_query(&q);
     let filter = KeyFilter {
         agent_run_label: filters.label.clone(),
@@ -257,12 +276,10 @@ async fn run(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(s) = session::current(&c, &headers).await else {
-        return to_sign_in(tls.is_some());
+    let s = match page_session(&c, &headers, tls, Operation::ListKeys).await {
+        Ok(s) => s,
+        Err(res) => return res,
     };
-    if let Err(e) = s.principal.require(Operation::ListKeys) {
-        return api_error(&s, e);
-    }
     let label = q.get("label").cloned().unwrap_or_default();
     let filter = KeyFilter {
         agent_run_label: Some(label.clone()),
@@ -297,6 +314,56 @@ async fn revoke_run(
             StatusCode::OK,
             pages::revoked(&s, &format!("run {label}"), &ids, &confirmation),
         ),
+        Err(e) => api_error(&s, e),
+    }
+}
+
+async fn vendors(State(c): Ctl, tls: TlsOn, headers: HeaderMap) -> Response {
+    let s = match page_session(&c, &headers, tls, Operation::ListVendors).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    match c.list_vendors(&s.principal.vendors).await {
+        Ok(vendors) => html(StatusCode::OK, pages::vendors(&s, &vendors)),
+        Err(e) => api_error(&s, e),
+    }
+}
+
+/// Entries per audit page.
+const AUDIT_PAGE: u32 = 50;
+
+async fn audit(
+    State(c): Ctl,
+    tls: TlsOn,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let s = match page_session(&c, &headers, tls, Operation::QueryAudit).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    let filters = pages::AuditFilters::from_query(&q);
+    let before_seq = match filters.before.as_deref().map(str::parse::<i64>) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => {
+            let e = crate::domain::invalid("before", "must be an audit sequence number");
+            return api_error(&s, e.into());
+        }
+    };
+    let query = AuditQuery {
+        key_id: filters.key_id.clone(),
+        agent_run_label: filters.label.clone(),
+        vendor: filters.vendor.clone(),
+        before_seq,
+        limit: AUDIT_PAGE,
+        ..AuditQuery::default()
+    };
+    match c.query_audit(&s.principal.vendors, &query).await {
+        Ok(entries) => {
+            let more = entries.len() == AUDIT_PAGE as usize;
+            html(StatusCode::OK, pages::audit(&s, &filters, &entries, more))
+        }
         Err(e) => api_error(&s, e),
     }
 }

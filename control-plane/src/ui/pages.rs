@@ -8,9 +8,9 @@ use keycap_proto::Micros;
 use maud::{html, Markup, DOCTYPE};
 
 use super::session::Session;
-use crate::domain::KeyStatus;
+use crate::domain::{AuditEntry, KeyStatus};
 use crate::scope::Operation;
-use crate::service::{Confirmation, KeyView};
+use crate::service::{Confirmation, KeyView, VendorView};
 
 fn usd(m: Micros) -> String {
     format!("${m}")
@@ -33,6 +33,8 @@ fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
                         @if session.is_some() {
                             a href="/ui" { "Overview" }
                             a href="/ui/keys" { "Keys" }
+                            a href="/ui/vendors" { "Vendors" }
+                            a href="/ui/audit" { "Audit" }
                         }
                     }
                     @if let Some(s) = session {
@@ -141,6 +143,13 @@ fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// A filter from the query string; an empty one is no filter.
+fn filter_value(q: &HashMap<String, String>, name: &str) -> Option<String> {
+    q.get(name)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
 /// The filters of the Keys page, as the query string gave them.
 pub struct KeyFilters {
     pub vendor: Option<String>,
@@ -151,11 +160,7 @@ pub struct KeyFilters {
 
 impl KeyFilters {
     pub fn from_query(q: &HashMap<String, String>) -> KeyFilters {
-        let get = |k: &str| {
-            q.get(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |k: &str| filter_value(q, k);
         KeyFilters {
             vendor: get("vendor"),
             label: get("label"),
@@ -183,7 +188,7 @@ fn keys_table(s: &Session, keys: &[KeyView]) -> Markup {
                 tbody {
                     @for k in keys {
                         tr {
-                            td { code { (k.key.key_prefix) "…" } br; small { (k.key.id) } }
+                            td { code { (k.key.key_prefix) } br; small { (k.key.id) } }
                             td { (k.key.vendor.as_str()) }
                             td { a href={"/ui/run?label=" (urlencode(&k.key.agent_run_label))} { (k.key.agent_run_label) } }
                             td { (status_text(k.status)) }
@@ -269,6 +274,117 @@ pub fn revoked(s: &Session, what: &str, ids: &[String], c: &Confirmation) -> Mar
                 ul #unconfirmed { @for n in &c.unconfirmed { li { (n) } } }
             }
             p { a href="/ui/keys" { "Back to keys" } }
+        },
+    )
+}
+
+pub fn vendors(s: &Session, vendors: &[VendorView]) -> Markup {
+    layout(
+        Some(s),
+        "Vendors",
+        html! {
+            p.help { "Credentials are never shown; they stay sealed in the control plane." }
+            div.table-wrap { table {
+                thead { tr {
+                    th scope="col" { "Vendor" } th scope="col" { "Profile" }
+                    th scope="col" { "Base URL" } th scope="col" { "Prices" }
+                    th scope="col" { "Proxies that cannot load it" }
+                } }
+                tbody { @for v in vendors {
+                    tr {
+                        td { (v.vendor.name.as_str()) }
+                        td { (v.vendor.profile.as_str()) }
+                        td { code { (v.vendor.base_url) } }
+                        td {
+                            @if v.vendor.prices.is_empty() { "shipped with keycap" }
+                            @else { "operator's table, set " (v.vendor.updated_at.format("%Y-%m-%d %H:%M UTC")) }
+                        }
+                        td { @if v.proxy_errors.is_empty() { "none" } @else {
+                            ul { @for e in &v.proxy_errors { li { (e.node_id) ": " (e.error) } } }
+                        } }
+                    }
+                } }
+            } }
+        },
+    )
+}
+
+/// The filters of the Audit page, as the query string gave them.
+pub struct AuditFilters {
+    pub label: Option<String>,
+    pub vendor: Option<String>,
+    pub key_id: Option<String>,
+    /// The sequence number the page starts below.
+    pub before: Option<String>,
+}
+
+impl AuditFilters {
+    pub fn from_query(q: &HashMap<String, String>) -> AuditFilters {
+        let get = |k: &str| filter_value(q, k);
+        AuditFilters {
+            label: get("label"),
+            vendor: get("vendor"),
+            key_id: get("key_id"),
+            before: get("before"),
+        }
+    }
+
+    fn next_page(&self, before: i64) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in [
+            ("label", &self.label),
+            ("vendor", &self.vendor),
+            ("key_id", &self.key_id),
+        ] {
+            if let Some(v) = v {
+                q.append_pair(k, v);
+            }
+        }
+        q.append_pair("before", &before.to_string());
+        format!("/ui/audit?{}", q.finish())
+    }
+}
+
+pub fn audit(s: &Session, f: &AuditFilters, entries: &[AuditEntry], more: bool) -> Markup {
+    layout(
+        Some(s),
+        "Audit",
+        html! {
+            form.filters method="get" action="/ui/audit" role="search" {
+                label { "Run label " input type="text" name="label" value=[f.label.as_deref()]; }
+                label { "Vendor " input type="text" name="vendor" value=[f.vendor.as_deref()]; }
+                label { "Key id " input type="text" name="key_id" value=[f.key_id.as_deref()]; }
+                button type="submit" { "Filter" }
+            }
+            @if entries.is_empty() { p.help { "No audit entries match." } } @else {
+                div.table-wrap { table #audit {
+                    thead { tr {
+                        th scope="col" { "#" } th scope="col" { "At (UTC)" } th scope="col" { "Run" }
+                        th scope="col" { "Key" } th scope="col" { "Call" } th scope="col" { "Status" }
+                        th scope="col" { "Reserved" } th scope="col" { "Cost" } th scope="col" { "Outcome" }
+                        th scope="col" { "Proxy" }
+                    } }
+                    tbody { @for e in entries {
+                        tr {
+                            td { (e.seq) }
+                            td { (e.event.at.format("%Y-%m-%d %H:%M:%S")) }
+                            td { (e.agent_run_label) }
+                            td { small { (e.event.key_id) } }
+                            td { (e.event.vendor) " " (e.event.method) " " code { (e.event.path) } }
+                            td { (e.event.upstream_status) }
+                            td { (usd(e.event.reserved)) }
+                            td { (usd(e.event.cost)) }
+                            td { (e.event.outcome.as_str()) }
+                            td { (e.event.node_id) }
+                        }
+                    } }
+                } }
+                @if more {
+                    @if let Some(last) = entries.last() {
+                        p { a href=(f.next_page(last.seq)) rel="next" { "Older entries" } }
+                    }
+                }
+            }
         },
     )
 }

@@ -241,7 +241,7 @@ async fn a_session_ends_when_its_token_is_revoked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_sees_a_runs_spend_and_revokes_the_run() {
-    let (stack, _mock) = stack_with_stripe().await;
+    let (stack, mock) = stack_with_stripe().await;
     let label = "dashboard/run-1";
     let key = stack
         .mint(&stripe_key_body(
@@ -266,6 +266,20 @@ async fn an_operator_sees_a_runs_spend_and_revokes_the_run() {
     );
     assert!(run.body.contains(&key.id));
     let csrf = run.csrf();
+
+    // The vendor without its credential, and the call in the audit.
+    let vendors = browser.get("/ui/vendors").await;
+    assert_eq!(vendors.status, 200, "{}", vendors.body);
+    assert!(vendors.body.contains(&mock.url()), "{}", vendors.body);
+    assert!(!vendors.body.contains(super::STRIPE_CREDENTIAL));
+    let audit = browser.get("/ui/audit?label=dashboard%2Frun-1").await;
+    assert_eq!(audit.status, 200, "{}", audit.body);
+    assert!(audit.body.contains("/v1/payment_intents"), "{}", audit.body);
+    assert!(audit.body.contains(&key.id), "{}", audit.body);
+    let other_run = browser.get("/ui/audit?label=no-such%2Frun").await;
+    assert!(other_run.body.contains("No audit entries match."));
+    let bad_page = browser.get("/ui/audit?before=yesterday").await;
+    assert_eq!(bad_page.status, 400, "{}", bad_page.body);
 
     // A cross-site post is refused even with the right CSRF value, and a
     // same-site one without it: the key stays active.

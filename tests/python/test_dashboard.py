@@ -1,0 +1,199 @@
+"""The dashboard at /ui in a real browser: headless Chromium over WebDriver
+(Debian's `chromium` and `chromium-driver`), against the same `keycap dev`
+and mock vendor as the SDK tests. An operator signs in, sees a run's spend
+after calls through the proxy, revokes the run with a click, and the next
+call is refused; a read-only token gets no revoke button and the server
+refuses the action anyway; a form posted from another site is refused.
+Each page visited is saved as a screenshot under docs/screenshots/.
+"""
+
+import os
+import shutil
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# Selenium must use the installed driver and never look one up online.
+os.environ.setdefault("SE_OFFLINE", "true")
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Most a click may take to load the page it leads to.
+NAVIGATION = 30
+
+
+def wait_for_page(driver, condition):
+    """Polls until the page a click leads to satisfies `condition`: a
+    click returns before the browser has loaded the answer."""
+    WebDriverWait(driver, NAVIGATION, poll_frequency=0.05).until(condition)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.fail("headless Chromium is required: apt-get install chromium chromium-driver "
+                    "(.ci/run installs them)")
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def screenshot(driver, name):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def sign_in(driver, keycap, token):
+    driver.get(f"{keycap.control}/ui/sign-in")
+    driver.delete_all_cookies()
+    driver.get(f"{keycap.control}/ui/sign-in")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "form[action='/ui/sign-in'] button").click()
+    wait_for_page(driver, lambda d: d.current_url != f"{keycap.control}/ui/sign-in"
+                  or "role=\"alert\"" in d.page_source)
+    assert driver.current_url == f"{keycap.control}/ui", driver.page_source
+
+
+def charge(keycap, secret):
+    """One $1 Stripe charge through the proxy: (status, body text)."""
+    req = urllib.request.Request(
+        f"{keycap.proxy}/stripe/v1/payment_intents",
+        data=b"amount=100&currency=usd&confirm=true", method="POST",
+        headers={"Authorization": f"Bearer {secret}",
+                 "Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def buttons(driver, text):
+    return [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == text]
+
+
+def run_url(keycap, label):
+    return f"{keycap.control}/ui/run?label={urllib.parse.quote(label, safe='')}"
+
+
+def test_an_operator_sees_a_runs_spend_and_revokes_it(keycap, browser):
+    label = "dashboard/browser-run"
+    key_id, secret = keycap.mint("stripe", 20, ["POST /v1/payment_intents"], label)
+    for _ in range(2):
+        assert charge(keycap, secret)[0] == 200
+    keycap.wait_spend(key_id, 2_000_000, 2)
+
+    sign_in(browser, keycap, keycap.admin_token)
+    assert label in browser.find_element(By.TAG_NAME, "main").text
+    screenshot(browser, "overview")
+    browser.get(f"{keycap.control}/ui/keys")
+    assert key_id in browser.page_source
+    screenshot(browser, "keys")
+    browser.get(f"{keycap.control}/ui/vendors")
+    assert keycap.mock_url in browser.page_source
+    screenshot(browser, "vendors")
+    browser.get(f"{keycap.control}/ui/audit?label={urllib.parse.quote(label, safe='')}")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr")) == 2
+    screenshot(browser, "audit")
+
+    browser.get(run_url(keycap, label))
+    assert browser.find_element(By.ID, "run-spend").text == "$2"
+    screenshot(browser, "run")
+    [revoke] = buttons(browser, "Revoke run")
+    revoke.click()
+    wait_for_page(browser, lambda d: d.current_url.endswith("/ui/run/revoke"))
+    assert "Revoked run" in browser.page_source
+    confirmed = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#confirmed li")]
+    assert confirmed, browser.page_source
+    assert not browser.find_elements(By.ID, "unconfirmed")
+    screenshot(browser, "revoked")
+
+    status, body = charge(keycap, secret)
+    assert status == 401 and "key_revoked" in body, body
+    assert keycap.key(key_id)["status"] == "revoked"
+
+
+def test_a_read_only_token_has_no_revoke_button_and_is_refused(keycap, browser):
+    key_id, _ = keycap.mint("stripe", 5, ["POST /v1/payment_intents"], "dashboard/read-only")
+    status, token = keycap.admin("POST", "/vault/admin-tokens",
+                                 {"name": "dashboard viewer", "scopes": ["keys:read"]})
+    assert status == 201, token
+    sign_in(browser, keycap, token["token"])
+    browser.get(f"{keycap.control}/ui/keys?label=dashboard%2Fread-only")
+    assert key_id in browser.page_source
+    assert not buttons(browser, "Revoke")
+    browser.get(run_url(keycap, "dashboard/read-only"))
+    assert not buttons(browser, "Revoke run")
+
+    # The server refuses the action itself, whatever the page offered: the
+    # browser's own session and CSRF value, posted without a button.
+    csrf = browser.find_element(By.CSS_SELECTOR, "input[name=csrf]").get_attribute("value")
+    cookie = browser.get_cookie("keycap_session")["value"]
+    req = urllib.request.Request(
+        f"{keycap.control}/ui/keys/{key_id}/revoke",
+        data=urllib.parse.urlencode({"csrf": csrf}).encode(), method="POST",
+        headers={"Cookie": f"keycap_session={cookie}",
+                 "Content-Type": "application/x-www-form-urlencoded"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 403
+    assert "keys:revoke" in refused.value.read().decode()
+    assert keycap.key(key_id)["status"] == "active"
+
+
+def test_a_form_posted_from_another_site_is_refused(keycap, browser):
+    label = "dashboard/cross-site"
+    key_id, _ = keycap.mint("stripe", 5, ["POST /v1/payment_intents"], label)
+    sign_in(browser, keycap, keycap.admin_token)
+    browser.get(run_url(keycap, label))
+    # Even the session's real CSRF value does not help a page on another
+    # origin (here: another port of the same host).
+    csrf = browser.find_element(By.CSS_SELECTOR, "input[name=csrf]").get_attribute("value")
+    page = f"""<!doctype html><title>elsewhere</title>
+<form method="post" action="{keycap.control}/ui/run/revoke">
+<input type="hidden" name="csrf" value="{csrf}">
+<input type="hidden" name="label" value="{label}">
+<button type="submit">Win a prize</button></form>""".encode()
+
+    class Attacker(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        [prize] = buttons(browser, "Win a prize")
+        prize.click()
+        wait_for_page(browser, lambda d: d.current_url.startswith(keycap.control))
+        assert browser.current_url == f"{keycap.control}/ui/run/revoke"
+        assert "cross-site request refused" in browser.page_source, browser.page_source
+    finally:
+        server.shutdown()
+    assert keycap.key(key_id)["status"] == "active"
