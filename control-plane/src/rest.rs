@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use crate::domain::{self, invalid, AuditQuery, KeyFilter, Vendor};
 use crate::error::ApiError;
 use crate::grpc::next_page_token;
+use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{
     AdminPrincipal, Confirmation, Control, KeyView, NewAdminToken, NewIssuerToken, NewKey,
@@ -73,6 +74,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit", get(audit))
         .route("/vault/audit/verify", get(verify_audit))
         .route("/vault/audit/checkpoints", get(list_checkpoints))
+        .route("/vault/audit/export", get(export_audit))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -784,6 +786,42 @@ async fn verify_audit(
         }),
         checkpoint_seq: v.checkpoint_seq,
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportParams {
+    /// `jsonl` (default) or `csv`.
+    format: Option<String>,
+    /// RFC 3339: entries at or after this time.
+    from: Option<String>,
+    /// RFC 3339: entries before this time.
+    to: Option<String>,
+}
+
+async fn export_audit(
+    State(c): Ctl,
+    headers: HeaderMap,
+    q: Result<Query<ExportParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let caller = admin(&c, &headers, Operation::QueryAudit).await?;
+    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let format = ledger::export::Format::parse(p.format.as_deref().unwrap_or("jsonl"))
+        .ok_or_else(|| ApiError::from(invalid("format", "must be jsonl or csv")))?;
+    let since = p
+        .from
+        .as_deref()
+        .map(|s| parse_time("from", s))
+        .transpose()?;
+    let until = p.to.as_deref().map(|s| parse_time("to", s)).transpose()?;
+    let records = c.export_audit(&caller.vendors, format, since, until)?;
+    // Errors after the first byte can only end the stream early: the
+    // answer is already 200. The record count or a verify run tells.
+    let body = axum::body::Body::from_stream(futures_util::TryStreamExt::map_err(records, |e| {
+        tracing::error!(error = %e, "audit export stopped");
+        std::io::Error::other("audit export stopped")
+    }));
+    Ok(([(http::header::CONTENT_TYPE, format.content_type())], body).into_response())
 }
 
 #[derive(Deserialize)]

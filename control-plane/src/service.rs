@@ -555,6 +555,42 @@ impl Control {
         Ok(key)
     }
 
+    /// The ledger (entries at or after `since`, before `until`), oldest
+    /// first, as a stream of export records read a page at a time: memory
+    /// stays flat whatever its length. The chain spans every vendor, so
+    /// only a caller over all of them may export it.
+    pub fn export_audit(
+        &self,
+        vendors: &VendorScope,
+        format: ledger::export::Format,
+        since: Option<chrono::DateTime<Utc>>,
+        until: Option<chrono::DateTime<Utc>>,
+    ) -> Result<impl futures_util::Stream<Item = Result<String, crate::store::StoreError>>, ApiError>
+    {
+        vendors.check_all()?;
+        const PAGE: u32 = 2_000;
+        let store = self.store.clone();
+        let header = format.header();
+        Ok(futures_util::stream::try_unfold(
+            (Some(0i64), header),
+            move |(after, header)| {
+                let store = store.clone();
+                async move {
+                    let Some(after) = after else { return Ok(None) };
+                    let page = store.audit_chain(after, since, until, PAGE).await?;
+                    let next = (page.len() == PAGE as usize)
+                        .then(|| page.last().map(|e| e.seq))
+                        .flatten();
+                    let mut chunk = header.unwrap_or_default();
+                    for e in &page {
+                        chunk.push_str(&format.record(e));
+                    }
+                    Ok(Some((chunk, (next, None))))
+                }
+            },
+        ))
+    }
+
     /// Stored checkpoints, newest first.
     pub async fn ledger_checkpoints(
         &self,

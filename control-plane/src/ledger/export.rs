@@ -7,6 +7,42 @@ use serde_json::json;
 
 use crate::domain::AuditEntry;
 
+/// An export's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Jsonl,
+    Csv,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "jsonl" => Some(Format::Jsonl),
+            "csv" => Some(Format::Csv),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Jsonl => "application/jsonl",
+            Format::Csv => "text/csv; charset=utf-8",
+        }
+    }
+
+    /// What comes before the first record.
+    pub fn header(self) -> Option<String> {
+        (self == Format::Csv).then(csv_header)
+    }
+
+    pub fn record(self, e: &AuditEntry) -> String {
+        match self {
+            Format::Jsonl => jsonl(e),
+            Format::Csv => csv(e),
+        }
+    }
+}
+
 /// The columns of a CSV export, in order (also the JSONL field names).
 pub const FIELDS: [&str; 21] = [
     "seq",

@@ -64,7 +64,7 @@ pub async fn verify(
     };
     let mut checkpoint_seen = false;
     loop {
-        let page = store.audit_chain(after, PAGE).await?;
+        let page = store.audit_chain(after, None, None, PAGE).await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for e in &page {

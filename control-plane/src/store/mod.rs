@@ -304,9 +304,16 @@ pub trait Store: Send + Sync + 'static {
     /// Audit entries matching the query (`vendors` included), newest first
     /// (by `seq`).
     async fn query_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
-    /// Up to `limit` audit entries with `seq` > `after_seq`, oldest first:
-    /// the ledger in chain order, a page at a time.
-    async fn audit_chain(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditEntry>>;
+    /// Up to `limit` audit entries with `seq` > `after_seq`, oldest first
+    /// (the ledger in chain order, a page at a time), only those at or
+    /// after `since` and before `until` when given.
+    async fn audit_chain(
+        &self,
+        after_seq: i64,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEntry>>;
     /// The ledger head: the last appended entry's seq and hash (seq 0 and
     /// 32 zero bytes before the first, or the last unchained seq).
     async fn ledger_head(&self) -> StoreResult<(i64, [u8; 32])>;

@@ -1080,6 +1080,21 @@ impl Statement {
         format!("${}", self.args.len())
     }
 
+    /// ` AND at >= since AND at < until`, each when given.
+    pub(super) fn push_time_range(
+        &mut self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> &mut Self {
+        if let Some(since) = since {
+            self.push(" AND at >= ").push_bind(micros(since));
+        }
+        if let Some(until) = until {
+            self.push(" AND at < ").push_bind(micros(until));
+        }
+        self
+    }
+
     /// ` AND <column> IN (...)`; matches nothing for an empty list.
     pub(super) fn push_in(&mut self, column: &str, values: &[impl AsRef<str>]) -> &mut Self {
         if values.is_empty() {

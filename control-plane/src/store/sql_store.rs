@@ -1352,17 +1352,23 @@ where
         Ok((applied, events.len() as u32 - applied))
     }
 
-    async fn audit_chain(&self, after_seq: i64, limit: u32) -> StoreResult<Vec<AuditEntry>> {
-        sqlx::query_as::<_, AuditRow>(&format!(
-            "SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
-        ))
-        .bind(after_seq)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(AuditRow::into_domain)
-        .collect()
+    async fn audit_chain(
+        &self,
+        after_seq: i64,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        let mut q = Statement::new(format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > "));
+        q.push_bind(after_seq);
+        q.push_time_range(since, until);
+        q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
+        q.query_as::<D::Db, AuditRow>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(AuditRow::into_domain)
+            .collect()
     }
 
     async fn ledger_head(&self) -> StoreResult<(i64, [u8; 32])> {
@@ -1466,12 +1472,7 @@ where
         if let Some(vendors) = &aq.vendors {
             q.push_in("vendor", vendors);
         }
-        if let Some(since) = aq.since {
-            q.push(" AND at >= ").push_bind(micros(since));
-        }
-        if let Some(until) = aq.until {
-            q.push(" AND at < ").push_bind(micros(until));
-        }
+        q.push_time_range(aq.since, aq.until);
         if let Some(trace_id) = &aq.trace_id {
             q.push(" AND trace_id = ").push_bind(trace_id);
         }

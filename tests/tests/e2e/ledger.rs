@@ -80,6 +80,43 @@ async fn calls_become_a_chain_that_verifies_over_rest_and_grpc() {
     assert_eq!(head, entries[0]["hash"].as_str().unwrap());
     assert_eq!(r.broken_seq, 0);
 
+    // An export verifies on its own with the documented script.
+    let export = stack.admin.get("/vault/audit/export?format=jsonl").await;
+    assert_eq!(export.status, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    std::fs::write(&path, export.text).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/verify_ledger.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!(
+            "OK 3 entries, head seq {} hash {}",
+            entries[0]["seq"],
+            entries[0]["hash"].as_str().unwrap()
+        )
+    );
+    let csv = stack.admin.get("/vault/audit/export?format=csv").await;
+    assert_eq!(csv.status, 200);
+    let lines: Vec<&str> = csv.text.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three records");
+    assert!(lines[0].starts_with("seq,event_id,key_id,"));
+    let future = stack
+        .admin
+        .get("/vault/audit/export?from=2100-01-01T00:00:00Z")
+        .await;
+    assert_eq!(future.text, "", "nothing after the range's start");
+    stack
+        .admin
+        .get("/vault/audit/export?format=xml")
+        .await
+        .expect_error(400, "invalid_request");
+
     // The CLI, as an operator runs it.
     let cli = keycap_cli(
         &stack.control.url(),
