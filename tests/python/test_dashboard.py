@@ -4,11 +4,14 @@ and mock vendor as the SDK tests. An operator signs in, sees a run's spend
 after calls through the proxy, revokes the run with a click, and the next
 call is refused; a read-only token gets no revoke button and the server
 refuses the action anyway; a form posted from another site is refused.
-Each page visited is saved as a screenshot under docs/screenshots/.
+Each page visited is saved as a screenshot: under $KEYCAP_SCREENSHOTS when
+set (`KEYCAP_SCREENSHOTS=docs/screenshots` refreshes the README's), else in
+a temporary directory, so a test run leaves the checkout as it was.
 """
 
 import os
 import shutil
+import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -17,8 +20,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT
 
 # Selenium must use the installed driver and never look one up online.
 os.environ.setdefault("SE_OFFLINE", "true")
@@ -29,7 +30,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+SCREENSHOTS = Path(os.environ.get("KEYCAP_SCREENSHOTS") or tempfile.mkdtemp(prefix="keycap-ui-"))
 # Most a click may take to load the page it leads to.
 NAVIGATION = 30
 
