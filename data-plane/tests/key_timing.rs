@@ -28,6 +28,9 @@ const LEAK_Z: f64 = 5.0;
 const KEYS_PER_CLASS: usize = 256;
 const BATCH: usize = 16;
 const ROUNDS: usize = 500;
+/// How many measurements a class must stay past LEAK_Z in to be judged
+/// leaky.
+const MEASUREMENTS: usize = 3;
 
 struct Keys {
     unknown: Vec<String>,
@@ -166,15 +169,27 @@ fn unknown_revoked_expired_and_valid_keys_take_the_same_time() {
     let lookup = |k: &str| standing(&policy, k) == 3;
     // Warm up caches and the branch predictor before measuring.
     measure(&classes, &lookup);
-    let z = z_against_last(&measure(&classes, &lookup));
-    println!(
-        "sign-test z against valid keys: unknown {:.2}, revoked {:.2}, expired {:.2}",
-        z[0], z[1], z[2]
-    );
-    for (name, z) in ["unknown", "revoked", "expired"].iter().zip(&z) {
+    // A leak is systematic: it shows in every measurement. A machine busy
+    // with other work can push one measurement past the limit, so a class
+    // is judged leaky only when it stays past it over MEASUREMENTS runs.
+    let mut smallest = [f64::INFINITY; 3];
+    for _ in 0..MEASUREMENTS {
+        let z = z_against_last(&measure(&classes, &lookup));
+        println!(
+            "sign-test z against valid keys: unknown {:.2}, revoked {:.2}, expired {:.2}",
+            z[0], z[1], z[2]
+        );
+        for (s, z) in smallest.iter_mut().zip(&z) {
+            *s = s.min(z.abs());
+        }
+        if smallest.iter().all(|z| *z < LEAK_Z) {
+            break;
+        }
+    }
+    for (name, z) in ["unknown", "revoked", "expired"].iter().zip(&smallest) {
         assert!(
-            z.abs() < LEAK_Z,
-            "{name} keys are looked up in measurably different time from valid ones (z = {z:.2})"
+            *z < LEAK_Z,
+            "{name} keys are looked up in measurably different time from valid ones (z >= {z:.2} in each of {MEASUREMENTS} runs)"
         );
     }
 }
