@@ -1673,6 +1673,21 @@ impl Control {
         Ok((version, vendors, keys))
     }
 
+    /// A fingerprint of vendor `name`'s credential, for an operator to tell
+    /// which credential is set without seeing it: `sha256:` and the first 12
+    /// hex digits of the credential's SHA-256 (what `printf %s "$KEY" |
+    /// sha256sum | cut -c1-12` prints). `None` when no credential is set or
+    /// it cannot be opened.
+    pub async fn credential_fingerprint(&self, name: &str) -> Result<Option<String>, ApiError> {
+        let Some(sealed) = self.store.get_vendor_credential(name).await? else {
+            return Ok(None);
+        };
+        Ok(self.sealer.open(name, &sealed).ok().map(|plain| {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(&plain);
+            format!("sha256:{}", &hex::encode(digest)[..12])
+        }))
+    }
+
     async fn fleet_vendor(&self, v: Vendor) -> Result<Option<FleetVendor>, ApiError> {
         let Some(sealed) = self.store.get_vendor_credential(v.name.as_str()).await? else {
             return Ok(None);

@@ -323,10 +323,18 @@ async fn vendors(State(c): Ctl, tls: TlsOn, headers: HeaderMap) -> Response {
         Ok(s) => s,
         Err(res) => return res,
     };
-    match c.list_vendors(&s.principal.vendors).await {
-        Ok(vendors) => html(StatusCode::OK, pages::vendors(&s, &vendors)),
-        Err(e) => api_error(&s, e),
+    let vendors = match c.list_vendors(&s.principal.vendors).await {
+        Ok(vendors) => vendors,
+        Err(e) => return api_error(&s, e),
+    };
+    let mut fingerprints = Vec::with_capacity(vendors.len());
+    for v in &vendors {
+        match c.credential_fingerprint(v.vendor.name.as_str()).await {
+            Ok(f) => fingerprints.push(f),
+            Err(e) => return api_error(&s, e),
+        }
     }
+    html(StatusCode::OK, pages::vendors(&s, &vendors, &fingerprints))
 }
 
 /// Entries per audit page.

@@ -278,23 +278,35 @@ pub fn revoked(s: &Session, what: &str, ids: &[String], c: &Confirmation) -> Mar
     )
 }
 
-pub fn vendors(s: &Session, vendors: &[VendorView]) -> Markup {
+/// `fingerprints[i]` is `vendors[i]`'s credential fingerprint (see
+/// `Control::credential_fingerprint`).
+pub fn vendors(s: &Session, vendors: &[VendorView], fingerprints: &[Option<String>]) -> Markup {
     layout(
         Some(s),
         "Vendors",
         html! {
-            p.help { "Credentials are never shown; they stay sealed in the control plane." }
+            p.help {
+                "Credentials are never shown; they stay sealed in the control plane. "
+                "The fingerprint is the start of the credential's SHA-256: "
+                code { "printf %s \"$KEY\" | sha256sum | cut -c1-12" }
+                " prints the same for the key you hold."
+            }
             div.table-wrap { table {
                 thead { tr {
                     th scope="col" { "Vendor" } th scope="col" { "Profile" }
-                    th scope="col" { "Base URL" } th scope="col" { "Prices" }
+                    th scope="col" { "Base URL" } th scope="col" { "Credential" }
+                    th scope="col" { "Prices" }
                     th scope="col" { "Proxies that cannot load it" }
                 } }
-                tbody { @for v in vendors {
+                tbody { @for (v, fingerprint) in vendors.iter().zip(fingerprints) {
                     tr {
                         td { (v.vendor.name.as_str()) }
                         td { (v.vendor.profile.as_str()) }
                         td { code { (v.vendor.base_url) } }
+                        td { @match fingerprint {
+                            Some(f) => code { (f) },
+                            None => "cannot be opened",
+                        } }
                         td {
                             @if v.vendor.prices.is_empty() { "shipped with keycap" }
                             @else { "operator's table, set " (v.vendor.updated_at.format("%Y-%m-%d %H:%M UTC")) }

@@ -272,6 +272,16 @@ async fn an_operator_sees_a_runs_spend_and_revokes_the_run() {
     assert_eq!(vendors.status, 200, "{}", vendors.body);
     assert!(vendors.body.contains(&mock.url()), "{}", vendors.body);
     assert!(!vendors.body.contains(super::STRIPE_CREDENTIAL));
+    // The credential's fingerprint, as an operator computes it from the key
+    // they hold, tells which credential is set.
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        super::STRIPE_CREDENTIAL.as_bytes(),
+    ));
+    assert!(
+        vendors.body.contains(&format!("sha256:{}", &digest[..12])),
+        "{}",
+        vendors.body
+    );
     let audit = browser.get("/ui/audit?label=dashboard%2Frun-1").await;
     assert_eq!(audit.status, 200, "{}", audit.body);
     assert!(audit.body.contains("/v1/payment_intents"), "{}", audit.body);
