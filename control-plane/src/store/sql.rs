@@ -1110,6 +1110,30 @@ impl Statement {
         self.push(")")
     }
 
+    /// The statement's arguments in order. Text, integers and bytes always
+    /// encode, on either backend.
+    fn arguments<'q, DB>(&'q self) -> <DB as sqlx::Database>::Arguments<'q>
+    where
+        DB: sqlx::Database,
+        &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
+        use sqlx::Arguments as _;
+        let mut args = <DB as sqlx::Database>::Arguments::<'q>::default();
+        for a in &self.args {
+            match a {
+                Arg::Text(v) => args.add(v.as_str()),
+                Arg::Int(v) => args.add(*v),
+                Arg::Int32(v) => args.add(*v),
+                Arg::Bytes(v) => args.add(v.as_slice()),
+            }
+            .expect("text, integers and bytes always encode");
+        }
+        args
+    }
+
     pub(super) fn query_as<'q, DB, O>(
         &'q self,
     ) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments<'q>>
@@ -1120,17 +1144,9 @@ impl Statement {
         i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     {
-        let mut q = sqlx::query_as(&self.sql);
-        for a in &self.args {
-            q = match a {
-                Arg::Text(v) => q.bind(v.as_str()),
-                Arg::Int(v) => q.bind(*v),
-                Arg::Int32(v) => q.bind(*v),
-                Arg::Bytes(v) => q.bind(v.as_slice()),
-            };
-        }
-        q
+        sqlx::query_as_with(&self.sql, self.arguments())
     }
 
     pub(super) fn query<'q, DB>(
@@ -1142,17 +1158,9 @@ impl Statement {
         i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     {
-        let mut q = sqlx::query(&self.sql);
-        for a in &self.args {
-            q = match a {
-                Arg::Text(v) => q.bind(v.as_str()),
-                Arg::Int(v) => q.bind(*v),
-                Arg::Int32(v) => q.bind(*v),
-                Arg::Bytes(v) => q.bind(v.as_slice()),
-            };
-        }
-        q
+        sqlx::query_with(&self.sql, self.arguments())
     }
 
     pub(super) fn query_scalar<'q, DB, O>(
@@ -1165,16 +1173,8 @@ impl Statement {
         i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     {
-        let mut q = sqlx::query_scalar(&self.sql);
-        for a in &self.args {
-            q = match a {
-                Arg::Text(v) => q.bind(v.as_str()),
-                Arg::Int(v) => q.bind(*v),
-                Arg::Int32(v) => q.bind(*v),
-                Arg::Bytes(v) => q.bind(v.as_slice()),
-            };
-        }
-        q
+        sqlx::query_scalar_with(&self.sql, self.arguments())
     }
 }
