@@ -104,6 +104,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         change_poll_ms: 250,
         change_log_keep: 100_000,
         ack_timeout_ms: 2000,
+        audit_retention_days: None,
         // The sandbox vendor is plain http on loopback.
         allow_private_upstreams: true,
         previous_master_keys: Vec::new(),

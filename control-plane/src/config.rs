@@ -77,6 +77,13 @@ pub struct ControlConfig {
     /// for test vendors on loopback and `keycap dev` only.
     #[arg(long, env = "KEYCAP_ALLOW_PRIVATE_UPSTREAMS")]
     pub allow_private_upstreams: bool,
+    /// Drop audit ledger days older than this many days (PostgreSQL only,
+    /// where the ledger is partitioned by UTC day), and only once a signed
+    /// checkpoint and a completed export of the whole ledger cover them.
+    /// Unset: keep everything.
+    #[arg(long, env = "KEYCAP_AUDIT_RETENTION_DAYS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub audit_retention_days: Option<u32>,
     /// Environment tag minted into vault keys (kc_<env>_...).
     #[arg(long, env = "KEYCAP_KEY_ENV", default_value = "live")]
     pub key_env: String,

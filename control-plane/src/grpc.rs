@@ -945,7 +945,7 @@ impl pb::fleet_service_server::FleetService for Api {
             .map(|e| spend_event_from_pb(e, &r.node_id))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::from)?;
-        let (applied, duplicates) = self.control.report_spend(&events).await?;
+        let (applied, duplicates) = self.control.report_spend(events).await?;
         crate::metrics::METRICS.spend_reported(applied as u64, duplicates as u64);
         Ok(Response::new(pb::ReportSpendResponse {
             applied: applied as i32,
@@ -1072,6 +1072,21 @@ fn spend_event_from_pb(
     }
     if e.cost_micros < 0 || e.reserved_micros < 0 {
         return Err(invalid("cost_micros", "must not be negative"));
+    }
+    // No database stores a NUL in text (PostgreSQL refuses the whole
+    // batch): refused here, with the field named.
+    for (field, text) in [
+        ("event_id", &e.event_id),
+        ("lease_id", &e.lease_id),
+        ("key_id", &e.key_id),
+        ("vendor", &e.vendor),
+        ("method", &e.method),
+        ("path", &e.path),
+        ("detail_json", &e.detail_json),
+    ] {
+        if text.contains('\0') {
+            return Err(invalid(field, "must not contain a NUL character"));
+        }
     }
     let day = parse_day(e.day).map_err(|_| invalid("day", "must be a UTC day YYYY-MM-DD"))?;
     domain::validate_trace_id(&e.trace_id)?;

@@ -3,7 +3,7 @@
 //! Owns vendors (with envelope-encrypted credentials), vault keys, budget
 //! leases and the audit ledger; serves the admin API over gRPC and REST and
 //! the fleet API proxies use. Reading order: `domain` (validated types),
-//! `store` (persistence), `ledger` (the audit chain's rules), `service` (operations), then the front ends
+//! `store` (persistence), `ledger` (the audit chain's rules), `service` (operations, with `ingest` for spend reports), then the front ends
 //! `grpc` and `rest`, the dashboard `ui`, and `server` (wiring).
 
 #![forbid(unsafe_code)]
@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod ingest;
 pub mod ledger;
 pub mod metrics;
 pub mod rest;

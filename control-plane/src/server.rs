@@ -40,6 +40,13 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 
 /// Builds `Control` from configuration: store, master key, tokens.
 pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
+    let postgres = config.database_url.starts_with("postgres://")
+        || config.database_url.starts_with("postgresql://");
+    if config.audit_retention_days.is_some() && !postgres {
+        anyhow::bail!(
+            "--audit-retention-days needs PostgreSQL: SQLite keeps the audit ledger in one table"
+        );
+    }
     let store = open_store(&config.database_url).await?;
     let mut sealer = match (&config.master_key, &config.master_key_file) {
         (Some(k), _) => Sealer::from_key_text(k)?,
@@ -80,6 +87,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
     );
     control.heartbeat_fleet();
     control.checkpoint_ledger_periodically();
+    control.maintain_ledger_periodically(config.audit_retention_days);
     if let Some(token) = &config.admin_token {
         if !secret::is_well_formed(SecretKind::AdminToken, token) {
             anyhow::bail!(

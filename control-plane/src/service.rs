@@ -43,6 +43,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(3600);
 /// are still open.
 pub const FLEET_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How often a replica creates the coming days' audit partitions and
+/// applies the retention.
+const LEDGER_MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
 /// How often a replica signs a checkpoint of the ledger head (when it moved).
 const LEDGER_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 
@@ -389,6 +392,8 @@ pub struct Control {
     ack_timeout: Duration,
     /// Where vendors' base URLs may point (`--allow-private-upstreams`).
     upstreams: domain::UpstreamPolicy,
+    /// Joins concurrent spend reports into one store batch.
+    spend: crate::ingest::SpendIngest,
 }
 
 impl Control {
@@ -408,7 +413,6 @@ impl Control {
         let (version, _) = watch::channel(v);
         let (acks, _) = watch::channel(0);
         Ok(Arc::new(Control {
-            store,
             sealer,
             fleet_token_hash: secret::hash(fleet_token),
             key_env: key_env.to_string(),
@@ -417,6 +421,8 @@ impl Control {
             acks,
             ack_timeout,
             upstreams,
+            spend: crate::ingest::SpendIngest::start(store.clone()),
+            store,
         }))
     }
 
@@ -503,6 +509,37 @@ impl Control {
         });
     }
 
+    /// Keeps the audit ledger's storage: every `LEDGER_MAINTENANCE_EVERY`
+    /// (and at once) creates the partitions of the coming days and, with a
+    /// retention of `retention_days`, drops the days older than that which
+    /// a signed checkpoint and an export both cover (`ledger::retention`).
+    pub fn maintain_ledger_periodically(self: &Arc<Self>, retention_days: Option<u32>) {
+        self.every(LEDGER_MAINTENANCE_EVERY, move |control| async move {
+            if let Err(e) = control.maintain_ledger(retention_days).await {
+                tracing::warn!(error = %e, "cannot maintain the audit ledger's partitions");
+            }
+        });
+    }
+
+    /// One round of `maintain_ledger_periodically`; the partitions dropped.
+    pub async fn maintain_ledger(
+        &self,
+        retention_days: Option<u32>,
+    ) -> Result<Vec<String>, ApiError> {
+        self.store.ensure_audit_partitions().await?;
+        let Some(days) = retention_days else {
+            return Ok(Vec::new());
+        };
+        let retention = self.store.ledger_retention().await?;
+        let covered = retention.droppable_through(&self.store.checkpoints(16).await?);
+        let before = Utc::now().date_naive() - chrono::Days::new(u64::from(days));
+        let dropped = self.store.drop_audit_partitions(before, covered).await?;
+        for table in &dropped {
+            tracing::info!(partition = %table, covered, "dropped an audit partition past retention");
+        }
+        Ok(dropped)
+    }
+
     /// Signs a checkpoint of the ledger head every `LEDGER_CHECKPOINT_EVERY`
     /// while it moves (every replica does; one checkpoint per head is kept).
     pub fn checkpoint_ledger_periodically(self: &Arc<Self>) {
@@ -571,21 +608,31 @@ impl Control {
         const PAGE: u32 = 2_000;
         let store = self.store.clone();
         let header = format.header();
+        // An export of the whole ledger that reaches its end is noted
+        // (the highest seq it held), so retention knows those entries are
+        // kept outside the database too. A time-bounded export holds a
+        // range of times, not of seqs, and is not noted.
+        let whole = since.is_none() && until.is_none();
         Ok(futures_util::stream::try_unfold(
-            (Some(0i64), header),
-            move |(after, header)| {
+            (Some(0i64), header, 0i64),
+            move |(after, header, last)| {
                 let store = store.clone();
                 async move {
-                    let Some(after) = after else { return Ok(None) };
+                    let Some(after) = after else {
+                        // Polled again only once the last chunk was taken.
+                        if whole && last > 0 {
+                            store.record_export(last).await?;
+                        }
+                        return Ok(None);
+                    };
                     let page = store.audit_chain(after, since, until, PAGE).await?;
-                    let next = (page.len() == PAGE as usize)
-                        .then(|| page.last().map(|e| e.seq))
-                        .flatten();
+                    let last = page.last().map_or(last, |e| e.seq);
+                    let next = (page.len() == PAGE as usize).then_some(last);
                     let mut chunk = header.unwrap_or_default();
                     for e in &page {
                         chunk.push_str(&format.record(e));
                     }
-                    Ok(Some((chunk, (next, None))))
+                    Ok(Some((chunk, (next, None, last))))
                 }
             },
         ))
@@ -1818,14 +1865,16 @@ impl Control {
             .await?)
     }
 
-    pub async fn report_spend(&self, events: &[SpendEvent]) -> Result<(u32, u32), ApiError> {
+    /// Applies a proxy's spend report, joined with the reports of other
+    /// calls arriving meanwhile (`ingest`).
+    pub async fn report_spend(&self, events: Vec<SpendEvent>) -> Result<(u32, u32), ApiError> {
         if events.len() > 10_000 {
             return Err(ApiError::Invalid(invalid(
                 "events",
                 "at most 10000 per batch",
             )));
         }
-        Ok(self.store.record_spend(events).await?)
+        Ok(self.spend.record(events).await?)
     }
 }
 

@@ -148,6 +148,7 @@ mod tests {
             change_poll_ms: 250,
             change_log_keep: 100_000,
             ack_timeout_ms: 2000,
+            audit_retention_days: None,
             allow_private_upstreams: false,
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),

@@ -14,8 +14,10 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod export;
+pub mod retention;
 pub mod verify;
 
 pub use chain::{canonical_bytes, link, ChainBreak, ChainCheck, GENESIS};
 pub use checkpoint::Checkpoint;
+pub use retention::Retention;
 pub use verify::{verify, verify_to_checkpoint, BrokenEntry, KnownPoint, Verification};

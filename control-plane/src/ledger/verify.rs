@@ -3,7 +3,7 @@
 //! the latest checkpoint, so removed or rewritten last entries are caught
 //! too.
 
-use super::chain::{ChainBreak, ChainCheck};
+use super::chain::{ChainBreak, ChainCheck, GENESIS};
 use crate::store::{Store, StoreResult};
 
 /// Entries read per page: large enough to amortise a round trip, small
@@ -49,15 +49,30 @@ pub struct KnownPoint {
 }
 
 /// Recomputes the chain from `from` (the first entry when `None`; from a
-/// later entry, its stored `prev_hash` is trusted) to the end, and holds
-/// the end against the ledger head and `checkpoint`.
+/// later entry, its stored `prev_hash` is trusted; never before the first
+/// entry retention kept, which must follow the hash recorded for the last
+/// one dropped) to the end, and holds the end against the ledger head and
+/// `checkpoint`.
 pub async fn verify(
     store: &dyn Store,
     from: Option<i64>,
     checkpoint: Option<KnownPoint>,
 ) -> StoreResult<Verification> {
-    let mut after = from.map_or(0, |f| f.saturating_sub(1));
-    let mut check: Option<ChainCheck> = from.is_none().then(ChainCheck::new);
+    // Entries dropped by retention are gone for good: the check starts
+    // after the last of them, from the hash kept for it, whatever `from`
+    // says below that.
+    let retention = store.ledger_retention().await?;
+    let dropped = retention.dropped_through;
+    let (mut after, mut check) = match from {
+        Some(f) if f > dropped.saturating_add(1) => (f - 1, None),
+        _ if dropped > 0 && retention.dropped_hash != GENESIS => (
+            dropped,
+            Some(ChainCheck::after(dropped, retention.dropped_hash)),
+        ),
+        _ if dropped > 0 => (dropped, Some(ChainCheck::new())),
+        Some(f) => (f.saturating_sub(1), None),
+        None => (0, Some(ChainCheck::new())),
+    };
     let out = Verification {
         checkpoint_seq: checkpoint.map(|c| c.seq),
         ..Verification::default()

@@ -29,13 +29,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use sqlx::{Database, Pool, Postgres, Sqlite, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
+use super::sql::{audit_insert, spend_chunks, to_json, ChainedEntry, Statement};
 use super::StoreResult;
 
 /// The channel notified (empty payload) whenever the change log grows.
@@ -88,7 +90,55 @@ pub trait Dialect: Send + Sync + 'static {
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
     /// See `Store::change_feed`.
     fn change_feed(&self, pool: &Pool<Self::Db>) -> Option<tokio::sync::watch::Receiver<u64>>;
+    /// Which of `ids` are already in the audit ledger.
+    async fn known_event_ids(
+        conn: &mut <Self::Db as Database>::Connection,
+        ids: &[&str],
+    ) -> StoreResult<Vec<String>>;
+    /// Writes a batch of chained entries into the audit ledger, in one go
+    /// where the database has a bulk path. The caller holds the ledger
+    /// head and has already dropped every event stored before.
+    async fn append_audit(
+        conn: &mut <Self::Db as Database>::Connection,
+        entries: &[ChainedEntry<'_>],
+    ) -> StoreResult<()>;
+    /// See `Store::ensure_audit_partitions`.
+    async fn ensure_audit_partitions(pool: &Pool<Self::Db>) -> StoreResult<()>;
+    /// The audit ledger's day partitions, oldest first (none where the
+    /// ledger is one table).
+    async fn audit_partitions(pool: &Pool<Self::Db>) -> StoreResult<Vec<AuditPartition>>;
+    /// Detaches and drops one partition of `audit_partitions`.
+    async fn drop_audit_partition(
+        conn: &mut <Self::Db as Database>::Connection,
+        partition: &AuditPartition,
+    ) -> StoreResult<()>;
 }
+
+/// One day's partition of the audit ledger (PostgreSQL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditPartition {
+    pub day: chrono::NaiveDate,
+    /// `audit_pYYYYMMDD`: made only of the day, so safe to put in SQL.
+    pub table: String,
+}
+
+impl AuditPartition {
+    /// The partition named `table`, if it is one of keycap's.
+    fn parse(table: &str) -> Option<AuditPartition> {
+        let digits = table.strip_prefix("audit_p")?;
+        if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let day = chrono::NaiveDate::parse_from_str(digits, "%Y%m%d").ok()?;
+        Some(AuditPartition {
+            day,
+            table: table.to_string(),
+        })
+    }
+}
+
+/// How many days ahead of today the audit partitions exist.
+const AUDIT_PARTITIONS_AHEAD: i32 = 3;
 
 pub struct Pg;
 
@@ -129,6 +179,151 @@ impl Dialect for Pg {
         let (tx, rx) = tokio::sync::watch::channel(0u64);
         tokio::spawn(listen_for_changes(pool.clone(), tx));
         Some(rx)
+    }
+
+    async fn known_event_ids(conn: &mut PgConnection, ids: &[&str]) -> StoreResult<Vec<String>> {
+        // One array parameter, one plan, whatever the batch size.
+        Ok(
+            sqlx::query_scalar("SELECT event_id FROM audit WHERE event_id = ANY($1)")
+                .bind(ids)
+                .fetch_all(conn)
+                .await?,
+        )
+    }
+
+    async fn append_audit(
+        conn: &mut PgConnection,
+        entries: &[ChainedEntry<'_>],
+    ) -> StoreResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let data = pg_copy::audit_rows(entries)?;
+        let mut copy = conn.copy_in_raw(pg_copy::AUDIT_COPY).await?;
+        for chunk in data.chunks(pg_copy::MESSAGE) {
+            if let Err(e) = copy.send(chunk).await {
+                // The connection goes back to normal only once the COPY
+                // is ended; the transaction is rolled back by the caller.
+                let _ = copy.abort("keycap: batch not sent").await;
+                return Err(e.into());
+            }
+        }
+        copy.finish().await?;
+        Ok(())
+    }
+
+    async fn ensure_audit_partitions(pool: &PgPool) -> StoreResult<()> {
+        sqlx::query("SELECT keycap_audit_ensure_partitions($1)")
+            .bind(AUDIT_PARTITIONS_AHEAD)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn audit_partitions(pool: &PgPool) -> StoreResult<Vec<AuditPartition>> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT CAST(c.relname AS TEXT) FROM pg_inherits i \
+             JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = CAST('audit' AS REGCLASS)",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut parts: Vec<AuditPartition> = names
+            .iter()
+            .filter_map(|n| AuditPartition::parse(n))
+            .collect();
+        parts.sort_by_key(|p| p.day);
+        Ok(parts)
+    }
+
+    async fn drop_audit_partition(
+        conn: &mut PgConnection,
+        partition: &AuditPartition,
+    ) -> StoreResult<()> {
+        let table = &partition.table;
+        sqlx::query(&format!("ALTER TABLE audit DETACH PARTITION {table}"))
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The audit batch as PostgreSQL's binary `COPY` format, written by hand:
+/// a fixed header, then per row the field count and each field as its
+/// length (4 bytes, big-endian) and its bytes (integers big-endian, text as
+/// UTF-8, `bytea` raw), then a trailer. The server parses no text and
+/// plans no statement per batch.
+mod pg_copy {
+    use super::{to_json, ChainedEntry, StoreResult};
+    use crate::store::sql::micros;
+
+    pub const AUDIT_COPY: &str = "COPY audit (seq, event_id, key_id, agent_run_label, vendor, \
+         method, path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, \
+         detail_json, trace_id, context, prev_hash, hash) FROM STDIN (FORMAT binary)";
+    const FIELDS: i16 = 20;
+    /// Bytes per `CopyData` message.
+    pub const MESSAGE: usize = 1 << 20;
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+    fn int8(out: &mut Vec<u8>, v: i64) {
+        out.extend_from_slice(&8i32.to_be_bytes());
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+
+    fn int4(out: &mut Vec<u8>, v: i32) {
+        out.extend_from_slice(&4i32.to_be_bytes());
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+
+    fn bytes(out: &mut Vec<u8>, v: &[u8]) {
+        // Fields are bounded far below 2 GiB by request validation.
+        let len = i32::try_from(v.len()).unwrap_or(i32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(v);
+    }
+
+    pub fn audit_rows(entries: &[ChainedEntry<'_>]) -> StoreResult<Vec<u8>> {
+        let mut out = Vec::with_capacity(32 + entries.len() * 512);
+        out.extend_from_slice(SIGNATURE);
+        out.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
+        out.extend_from_slice(&0i32.to_be_bytes()); // no header extension
+        for c in entries {
+            let e = c.event;
+            out.extend_from_slice(&FIELDS.to_be_bytes());
+            int8(&mut out, c.seq);
+            for text in [
+                e.event_id.as_str(),
+                e.key_id.as_str(),
+                c.agent_run_label,
+                e.vendor.as_str(),
+                e.method.as_str(),
+                e.path.as_str(),
+            ] {
+                bytes(&mut out, text.as_bytes());
+            }
+            int4(&mut out, e.upstream_status);
+            int8(&mut out, e.reserved.0);
+            int8(&mut out, e.cost.0);
+            bytes(&mut out, e.outcome.as_str().as_bytes());
+            int8(&mut out, micros(e.at));
+            for text in [
+                e.node_id.as_str(),
+                e.lease_id.as_str(),
+                e.day.as_str(),
+                e.detail_json.as_str(),
+                e.trace_id.as_str(),
+            ] {
+                bytes(&mut out, text.as_bytes());
+            }
+            bytes(&mut out, to_json(&e.context, "context")?.as_bytes());
+            bytes(&mut out, &c.prev_hash);
+            bytes(&mut out, &c.hash);
+        }
+        out.extend_from_slice(&(-1i16).to_be_bytes());
+        Ok(out)
     }
 }
 
@@ -221,6 +416,53 @@ impl Dialect for Lite {
 
     fn change_feed(&self, _pool: &SqlitePool) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
+    }
+
+    async fn known_event_ids(
+        conn: &mut SqliteConnection,
+        ids: &[&str],
+    ) -> StoreResult<Vec<String>> {
+        let mut known = Vec::new();
+        for chunk in spend_chunks(ids) {
+            let mut q = Statement::new("SELECT event_id FROM audit WHERE 1 = 1");
+            q.push_in("event_id", chunk);
+            known.extend(
+                q.query_scalar::<Sqlite, String>()
+                    .fetch_all(&mut *conn)
+                    .await?,
+            );
+        }
+        Ok(known)
+    }
+
+    async fn append_audit(
+        conn: &mut SqliteConnection,
+        entries: &[ChainedEntry<'_>],
+    ) -> StoreResult<()> {
+        // Inside the batch's one transaction: multi-row inserts, in
+        // power-of-two chunks so a few prepared statements serve any size.
+        for chunk in spend_chunks(entries) {
+            audit_insert(chunk)?
+                .query::<Sqlite>()
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_audit_partitions(_pool: &SqlitePool) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn audit_partitions(_pool: &SqlitePool) -> StoreResult<Vec<AuditPartition>> {
+        Ok(Vec::new())
+    }
+
+    async fn drop_audit_partition(
+        _conn: &mut SqliteConnection,
+        _partition: &AuditPartition,
+    ) -> StoreResult<()> {
+        Ok(())
     }
 }
 

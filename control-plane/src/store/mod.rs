@@ -22,7 +22,7 @@ use crate::domain::{
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey, Vendor,
     VendorLoadError,
 };
-use crate::ledger::Checkpoint;
+use crate::ledger::{Checkpoint, Retention};
 
 pub mod dialect;
 mod sql;
@@ -297,8 +297,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<keycap_proto::Micros>;
     /// Applies spend events in one transaction, each at most once (by
     /// `event_id`): one audit entry, the key's daily and lifetime spend, and
-    /// the lease's reported spend. Returns (applied, duplicates).
-    async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)>;
+    /// the lease's reported spend. For each event, whether it was applied
+    /// (false: stored before, or earlier in the same batch).
+    async fn apply_spend(&self, events: &[SpendEvent]) -> StoreResult<Vec<bool>>;
+    /// `apply_spend`, counted: (applied, duplicates).
+    async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {
+        let applied = self.apply_spend(events).await?;
+        let n = applied.iter().filter(|a| **a).count() as u32;
+        Ok((n, events.len() as u32 - n))
+    }
 
     // --- audit --------------------------------------------------------------
     /// Audit entries matching the query (`vendors` included), newest first
@@ -333,6 +340,26 @@ pub trait Store: Send + Sync + 'static {
         sealed_private: &[u8],
         at: DateTime<Utc>,
     ) -> StoreResult<()>;
+    /// Creates the audit ledger's partitions for today and the next days
+    /// by the database's clock (PostgreSQL, where the ledger is partitioned
+    /// by UTC day; nothing on SQLite, which keeps one table). Idempotent;
+    /// replicas call it at start and every hour.
+    async fn ensure_audit_partitions(&self) -> StoreResult<()>;
+    /// Detaches and drops, oldest first, the audit partitions of days
+    /// before `before` whose entries all have `seq <= covered`, stopping at
+    /// the first that is not covered; records the last entry dropped in
+    /// the retention row (where verify starts from then on). The names of
+    /// the partitions dropped; nothing on SQLite.
+    async fn drop_audit_partitions(
+        &self,
+        before: chrono::NaiveDate,
+        covered: i64,
+    ) -> StoreResult<Vec<String>>;
+    /// Notes that an export held every entry up to `seq` (the mark only
+    /// rises).
+    async fn record_export(&self, through_seq: i64) -> StoreResult<()>;
+    /// What was exported and what was dropped.
+    async fn ledger_retention(&self) -> StoreResult<Retention>;
     /// Total settled spend and call count of a run label, per vendor.
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary>;
 }

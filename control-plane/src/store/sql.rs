@@ -954,7 +954,7 @@ pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) ->
 
 /// One entry about to be appended: its event, its place in the chain and
 /// the run label of its key.
-pub(super) struct ChainedEntry<'a> {
+pub struct ChainedEntry<'a> {
     pub seq: i64,
     pub event: &'a SpendEvent,
     pub agent_run_label: &'a str,

@@ -16,7 +16,7 @@ use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
 };
 use super::sql::{
-    audit_insert, audit_limit, check_ancestors, check_grant, check_tree_depth, conflict_on_unique,
+    audit_limit, check_ancestors, check_grant, check_tree_depth, conflict_on_unique,
     decide_tree_grant, distinct_key_ids, from_micros, micros, spend_chunks, spend_totals, to_json,
     tree_levels_sql, truncate, AuditRow, ChangeRow, GrantRow, KeyInsert, KeyRow, LeaseRow,
     TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
@@ -33,7 +33,7 @@ use crate::domain::{
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey,
     Vendor, VendorLoadError,
 };
-use crate::ledger::{self, Checkpoint};
+use crate::ledger::{self, Checkpoint, Retention};
 
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
@@ -125,6 +125,8 @@ where
     for<'r> (String, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
@@ -287,6 +289,8 @@ where
     for<'r> (String, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
@@ -1252,9 +1256,9 @@ where
         Ok(Micros(unspent.into_iter().fold(0i64, i64::saturating_add)))
     }
 
-    async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)> {
+    async fn apply_spend(&self, events: &[SpendEvent]) -> StoreResult<Vec<bool>> {
         if events.is_empty() {
-            return Ok((0, 0));
+            return Ok(Vec::new());
         }
         let mut w = self.begin_write().await?;
         // The ledger head first: holding it, this transaction is the only
@@ -1271,18 +1275,20 @@ where
             .as_slice()
             .try_into()
             .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?;
-        let mut seen = std::collections::HashSet::new();
         let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        for chunk in spend_chunks(&ids) {
-            let mut q = Statement::new("SELECT event_id FROM audit WHERE 1 = 1");
-            q.push_in("event_id", chunk);
-            let known: Vec<String> = q.query_scalar::<D::Db, _>().fetch_all(w.conn()).await?;
-            seen.extend(known);
-        }
+        let mut seen: std::collections::HashSet<String> = D::known_event_ids(w.conn(), &ids)
+            .await?
+            .into_iter()
+            .collect();
         // Each event at most once: not stored before, first in the batch.
+        let applied: Vec<bool> = events
+            .iter()
+            .map(|e| seen.insert(e.event_id.clone()))
+            .collect();
         let fresh: Vec<&SpendEvent> = events
             .iter()
-            .filter(|e| seen.insert(e.event_id.clone()))
+            .zip(&applied)
+            .filter_map(|(e, a)| a.then_some(e))
             .collect();
         let mut labels = std::collections::HashMap::new();
         for ids in spend_chunks(&distinct_key_ids(events)) {
@@ -1309,12 +1315,7 @@ where
                 entry
             })
             .collect();
-        for chunk in spend_chunks(&entries) {
-            audit_insert(chunk)?
-                .query::<D::Db>()
-                .execute(w.conn())
-                .await?;
-        }
+        D::append_audit(w.conn(), &entries).await?;
         if !entries.is_empty() {
             sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
                 .bind(seq)
@@ -1348,8 +1349,7 @@ where
             .await?;
         }
         w.commit().await?;
-        let applied = entries.len() as u32;
-        Ok((applied, events.len() as u32 - applied))
+        Ok(applied)
     }
 
     async fn audit_chain(
@@ -1492,6 +1492,83 @@ where
             .into_iter()
             .map(AuditRow::into_domain)
             .collect()
+    }
+
+    async fn ensure_audit_partitions(&self) -> StoreResult<()> {
+        D::ensure_audit_partitions(&self.pool).await
+    }
+
+    async fn drop_audit_partitions(
+        &self,
+        before: chrono::NaiveDate,
+        covered: i64,
+    ) -> StoreResult<Vec<String>> {
+        let mut dropped = Vec::new();
+        for part in D::audit_partitions(&self.pool).await? {
+            if part.day >= before {
+                break;
+            }
+            let mut w = self.begin_write().await?;
+            // The retention row first: replicas pruning at once take turns.
+            let (through,): (i64,) = sqlx::query_as(&format!(
+                "SELECT dropped_through FROM ledger_retention WHERE id = 1{}",
+                D::FOR_UPDATE
+            ))
+            .fetch_one(w.conn())
+            .await?;
+            let last: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(&format!(
+                "SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1",
+                part.table
+            ))
+            .fetch_optional(w.conn())
+            .await?;
+            if last.as_ref().is_some_and(|(seq, _)| *seq > covered) {
+                break;
+            }
+            D::drop_audit_partition(w.conn(), &part).await?;
+            if let Some((seq, hash)) = last.filter(|(seq, _)| *seq > through) {
+                let hash = hash.unwrap_or_else(|| ledger::GENESIS.to_vec());
+                sqlx::query(
+                    "UPDATE ledger_retention SET dropped_through = $1, dropped_hash = $2 \
+                     WHERE id = 1",
+                )
+                .bind(seq)
+                .bind(hash.as_slice())
+                .execute(w.conn())
+                .await?;
+            }
+            w.commit().await?;
+            dropped.push(part.table);
+        }
+        Ok(dropped)
+    }
+
+    async fn record_export(&self, through_seq: i64) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(&format!(
+            "UPDATE ledger_retention SET exported_through = {}(exported_through, $1) WHERE id = 1",
+            D::GREATEST
+        ))
+        .bind(through_seq)
+        .execute(w.conn())
+        .await?;
+        w.commit().await
+    }
+
+    async fn ledger_retention(&self) -> StoreResult<Retention> {
+        let (exported_through, dropped_through, hash): (i64, i64, Vec<u8>) = sqlx::query_as(
+            "SELECT exported_through, dropped_through, dropped_hash FROM ledger_retention \
+             WHERE id = 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Retention {
+            exported_through,
+            dropped_through,
+            dropped_hash: hash.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt("ledger_retention.dropped_hash: not 32 bytes".into())
+            })?,
+        })
     }
 
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary> {
