@@ -12,6 +12,7 @@
 //! batch fails only its own call. This module never decides what an event
 //! means; the store applies it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -33,14 +34,21 @@ struct Pending {
 /// The replica's spend writer (see module docs).
 pub struct SpendIngest {
     queue: mpsc::Sender<Pending>,
+    batches: Arc<AtomicU64>,
 }
 
 impl SpendIngest {
     /// Starts the writer task; it ends when this is dropped.
     pub fn start(store: Arc<dyn Store>) -> SpendIngest {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write(store, rx));
-        SpendIngest { queue }
+        let batches = Arc::new(AtomicU64::new(0));
+        tokio::spawn(write(store, rx, batches.clone()));
+        SpendIngest { queue, batches }
+    }
+
+    /// Store batches written so far (joined ones count once).
+    pub fn batches_written(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
     }
 
     /// Applies `events` (each at most once by event id); returns (applied,
@@ -60,8 +68,9 @@ impl SpendIngest {
     }
 }
 
-async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
+async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>, batches: Arc<AtomicU64>) {
     while let Some(first) = rx.recv().await {
+        batches.fetch_add(1, Ordering::Relaxed);
         let mut n = first.events.len();
         let mut group = vec![first];
         while n < MAX_GROUP_EVENTS {

@@ -1977,6 +1977,120 @@ mod tests {
         (control, store, pool)
     }
 
+    fn spend(id: &str, cost: i64) -> SpendEvent {
+        SpendEvent {
+            event_id: id.into(),
+            lease_id: "l1".into(),
+            key_id: "k1".into(),
+            day: "2026-12-06".into(),
+            vendor: "stripe".into(),
+            method: "POST".into(),
+            path: "/v1/payment_intents".into(),
+            upstream_status: 200,
+            reserved: Micros(cost),
+            cost: Micros(cost),
+            outcome: domain::Outcome::Settled,
+            at: Utc::now(),
+            node_id: "n1".into(),
+            detail_json: "{}".into(),
+            trace_id: String::new(),
+            context: BTreeMap::new(),
+        }
+    }
+
+    // A current-thread runtime runs the calls' tasks in order before the
+    // writer task gets its turn, so they are all queued when it looks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_spend_reports_join_one_batch_and_each_gets_its_own_answer() {
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        // 20 calls of 30 events; each call repeats 10 events of the one
+        // before it, and the last call is a retry of the first.
+        let calls: Vec<Vec<SpendEvent>> = (0..20)
+            .map(|c| {
+                (0..30)
+                    .map(|i| {
+                        let n = if c == 19 { i } else { c * 20 + i };
+                        spend(&format!("e{n}"), 1 + n as i64)
+                    })
+                    .collect()
+            })
+            .collect();
+        let unique: std::collections::BTreeMap<&str, i64> = calls
+            .iter()
+            .flatten()
+            .map(|e| (e.event_id.as_str(), e.cost.0))
+            .collect();
+        let tasks: Vec<_> = calls
+            .iter()
+            .cloned()
+            .map(|events| {
+                let control = control.clone();
+                tokio::spawn(async move { control.report_spend(events).await.unwrap() })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        assert!(
+            control.spend.batches_written() < 20,
+            "the calls were joined: {} batches for 20 calls",
+            control.spend.batches_written()
+        );
+        for (a, d) in &answers {
+            assert_eq!(a + d, 30, "each call answers for its own events");
+        }
+        let applied: u32 = answers.iter().map(|(a, _)| a).sum();
+        assert_eq!(applied as usize, unique.len(), "each event applied once");
+        // Whichever call carried an event first applied it; the first
+        // call is first in the queue, so its retry applied nothing.
+        assert_eq!(answers[0], (30, 0));
+        assert_eq!(answers[19], (0, 30));
+        let spent = store.key_spend("k1", "2026-12-06").await.unwrap();
+        assert_eq!(spent.spent_day, Micros(unique.values().sum()));
+        let v = ledger::verify(&*store, None, None).await.unwrap();
+        assert!(v.ok(), "{v:?}");
+        assert_eq!(v.checked as usize, unique.len());
+    }
+
+    #[tokio::test]
+    async fn a_whole_ledger_export_is_noted_for_retention_and_a_bounded_one_is_not() {
+        use futures_util::TryStreamExt;
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        let events: Vec<SpendEvent> = (0..2_500).map(|i| spend(&format!("x{i}"), 1)).collect();
+        control.report_spend(events).await.unwrap();
+        let export = |since| {
+            control
+                .export_audit(
+                    &VendorScope::All,
+                    ledger::export::Format::Jsonl,
+                    since,
+                    None,
+                )
+                .unwrap()
+                .try_collect::<Vec<String>>()
+        };
+        export(Some(Utc::now() - chrono::TimeDelta::hours(1)))
+            .await
+            .unwrap();
+        assert_eq!(store.ledger_retention().await.unwrap().exported_through, 0);
+        // More than one page: the mark is the last entry of the last page.
+        let lines: usize = export(None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.lines().count())
+            .sum();
+        assert_eq!(lines, 2_500);
+        let (head, _) = store.ledger_head().await.unwrap();
+        assert_eq!(
+            store.ledger_retention().await.unwrap().exported_through,
+            head
+        );
+        // SQLite keeps one table: retention has nothing to drop.
+        assert!(control.maintain_ledger(Some(1)).await.unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn checkpoints_are_signed_once_per_head_with_a_sealed_key() {
         let master_key = Sealer::generate_key_text();

@@ -166,6 +166,7 @@ suite!(
     concurrent_sibling_grants_never_exceed_the_parents_cap,
     the_audit_ledger_is_one_hash_chain,
     concurrent_appenders_form_one_chain,
+    a_bulk_batch_applies_each_event_once_within_and_across_batches,
     audit_filters_by_trace_id_and_context,
     an_export_verifies_with_the_documented_script,
 );
@@ -2608,6 +2609,64 @@ mod cases {
         assert_eq!(available(&*s, "c0", DAY).await, 0);
     }
 
+    pub async fn a_bulk_batch_applies_each_event_once_within_and_across_batches(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-1", 1_000_000_000)).await;
+        add_key(&*s, key("k2", "stripe", "run-2", 1_000_000_000)).await;
+        let ev = |i: usize| {
+            let k = if i.is_multiple_of(2) { "k1" } else { "k2" };
+            event(
+                &format!("e{i}"),
+                k,
+                "l1",
+                DAY,
+                "stripe",
+                1 + (i % 13) as i64,
+            )
+        };
+        // 1,000 events in one batch (several bulk writes on SQLite, one
+        // COPY on PostgreSQL), 100 of them twice: once early in the batch,
+        // once again after every fresh one.
+        let mut first: Vec<SpendEvent> = (0..1000).map(ev).collect();
+        first.insert(1, ev(0));
+        let later: Vec<SpendEvent> = (0..1000).step_by(10).skip(1).map(ev).collect();
+        first.extend(later);
+        let applied = s.apply_spend(&first).await.unwrap();
+        assert_eq!(applied.len(), 1100);
+        assert_eq!(applied.iter().filter(|a| **a).count(), 1000);
+        assert!(!applied[1], "the repeat right after its first copy");
+        assert!(applied[1001..].iter().all(|a| !a), "the repeats at the end");
+        // Across batches: 300 stored ones, then 200 new ones each twice.
+        let mut second: Vec<SpendEvent> = (0..300).map(ev).collect();
+        let fresh: Vec<SpendEvent> = (1000..1200).map(ev).collect();
+        second.extend(fresh.iter().cloned());
+        second.extend(fresh);
+        assert_eq!(s.record_spend(&second).await.unwrap(), (200, 500));
+        assert_eq!(s.record_spend(&second).await.unwrap(), (0, 700), "resent");
+
+        let all = check_whole_chain(&*s).await;
+        assert_eq!(all.len(), 1200);
+        let ids: std::collections::BTreeSet<&str> =
+            all.iter().map(|e| e.event.event_id.as_str()).collect();
+        assert_eq!(ids.len(), 1200, "no event twice");
+        assert!(
+            all.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+            "seqs are consecutive"
+        );
+        let spent = |k: usize| -> (i64, i64) {
+            let of_k: Vec<i64> = (0..1200)
+                .filter(|i| i % 2 == k)
+                .map(|i| 1 + (i % 13) as i64)
+                .collect();
+            (of_k.iter().sum(), of_k.len() as i64)
+        };
+        for (k, id) in [(0, "k1"), (1, "k2")] {
+            let got = s.key_spend(id, DAY).await.unwrap();
+            assert_eq!((got.spent_day.0, got.calls_day), spent(k), "{id}");
+        }
+        assert_eq!(all[5].agent_run_label, "run-2");
+        assert_eq!(all[4].agent_run_label, "run-1");
+    }
+
     pub async fn concurrent_resent_batches_apply_once(s: S) {
         add_key(&*s, key("k1", "stripe", "r", 1_000_000)).await;
         let batch: Vec<SpendEvent> = (0..20)
@@ -3063,4 +3122,218 @@ proptest::proptest! {
             .unwrap()
             .block_on(run_model(ops, true));
     }
+}
+
+// --- PostgreSQL: the ledger's day partitions -----------------------------------
+
+/// The names of the audit ledger's partitions, sorted.
+async fn audit_partitions(pool: &sqlx::PgPool) -> Vec<String> {
+    let mut names: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(c.relname AS TEXT) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = CAST('audit' AS REGCLASS)",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    names.sort();
+    names
+}
+
+fn partition_name(day: chrono::NaiveDate) -> String {
+    format!("audit_p{}", day.format("%Y%m%d"))
+}
+
+/// Moves entries `seqs` into `day`'s partition (creating it) as the
+/// database owner: entries appended that day, seen days later.
+async fn age_entries(
+    raw: &Raw,
+    pool: &sqlx::PgPool,
+    seqs: std::ops::RangeInclusive<i64>,
+    day: chrono::NaiveDate,
+) {
+    sqlx::query("SELECT keycap_audit_partition($1)")
+        .bind(day)
+        .execute(pool)
+        .await
+        .unwrap();
+    raw.disable_ledger_triggers().await;
+    let start = day
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_micros();
+    sqlx::query("UPDATE audit SET logged_at = $1 + seq WHERE seq BETWEEN $2 AND $3")
+        .bind(start)
+        .bind(seqs.start())
+        .bind(seqs.end())
+        .execute(pool)
+        .await
+        .unwrap();
+    raw.exec("ALTER TABLE audit ENABLE TRIGGER USER")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_retention_drops_only_covered_days_and_verify_holds_after() {
+    use keycap_control::ledger::{self, ChainBreak};
+    let Some(b) = postgres().await else { return };
+    let s = &*b.store;
+    let Raw::Postgres(pool) = b.raw.clone() else {
+        unreachable!()
+    };
+    add_key(s, key("k1", "stripe", "r", 1_000_000_000)).await;
+    let events: Vec<SpendEvent> = (0..30)
+        .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 1 + i))
+        .collect();
+    for batch in events.chunks(7) {
+        s.record_spend(batch).await.unwrap();
+    }
+    let all = check_whole_chain(s).await;
+    let seq = |i: usize| all[i].seq;
+
+    // Partitions exist for today and the next three days (the database's
+    // clock; allow for a midnight passing since).
+    let today = Utc::now().date_naive();
+    s.ensure_audit_partitions().await.unwrap();
+    let names = audit_partitions(&pool).await;
+    for d in 0..3 {
+        let day = today + chrono::Days::new(d);
+        assert!(names.contains(&partition_name(day)), "{day} in {names:?}");
+    }
+    let old = today - chrono::Days::new(10);
+    let older_kept = today - chrono::Days::new(9);
+    age_entries(&b.raw, &pool, seq(0)..=seq(9), old).await;
+    age_entries(&b.raw, &pool, seq(10)..=seq(19), older_kept).await;
+    assert!(ledger::verify(s, None, None).await.unwrap().ok());
+    let before = today - chrono::Days::new(5);
+
+    // Nothing covered (no checkpoint, no export): nothing goes.
+    assert!(s.drop_audit_partitions(before, 0).await.unwrap().is_empty());
+    // Covered through the 15th entry: the first day (entries 1-10) goes;
+    // the second (11-20) is not wholly covered, and retention stops there.
+    let dropped = s.drop_audit_partitions(before, seq(14)).await.unwrap();
+    assert_eq!(dropped, [partition_name(old)]);
+    assert!(!audit_partitions(&pool).await.contains(&partition_name(old)));
+    let r = s.ledger_retention().await.unwrap();
+    assert_eq!(
+        (r.dropped_through, Some(r.dropped_hash)),
+        (seq(9), all[9].hash)
+    );
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 20);
+
+    // Verify starts after the last dropped entry, from its kept hash, and
+    // still reaches a signed checkpoint of the head.
+    let (head_seq, head_hash) = s.ledger_head().await.unwrap();
+    let key = ledger::checkpoint::new_signing_key();
+    let cp = ledger::Checkpoint::sign(&key, head_seq, head_hash, Utc::now());
+    s.insert_checkpoint(&cp).await.unwrap();
+    let v = ledger::verify_to_checkpoint(s, None).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!((v.checked, v.checkpoint_seq), (20, Some(head_seq)));
+    // Asking for earlier entries starts at the first one kept.
+    let v = ledger::verify(s, Some(1), None).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.checked, 20);
+
+    // The kept partitions still refuse changes.
+    let delete = b
+        .raw
+        .exec(&format!("DELETE FROM audit WHERE seq = {}", seq(12)))
+        .await;
+    assert!(delete.unwrap_err().contains("append-only"));
+    let truncate = b
+        .raw
+        .exec(&format!("TRUNCATE {}", partition_name(older_kept)))
+        .await;
+    assert!(truncate.unwrap_err().contains("append-only"));
+
+    // Everything covered: the second old day goes; today's is not past
+    // retention and stays.
+    let dropped = s.drop_audit_partitions(before, head_seq).await.unwrap();
+    assert_eq!(dropped, [partition_name(older_kept)]);
+    let v = ledger::verify_to_checkpoint(s, None).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.checked, 10);
+    assert_eq!(s.ledger_retention().await.unwrap().dropped_through, seq(19));
+
+    // An edit of the first entry kept is still named.
+    b.raw.disable_ledger_triggers().await;
+    b.raw
+        .exec(&format!(
+            "UPDATE audit SET cost = cost + 1 WHERE seq = {}",
+            seq(20)
+        ))
+        .await
+        .unwrap();
+    let broken = ledger::verify(s, None, None).await.unwrap().broken.unwrap();
+    assert_eq!(
+        (broken.seq, broken.reason),
+        (seq(20), ChainBreak::HashMismatch)
+    );
+}
+
+/// The migration that partitions the ledger keeps the rows written before
+/// it, their chain, and the append-only triggers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
+    use keycap_control::ledger;
+    let Some(db) = keycap_tests::pg::fresh_database_or_skip()
+        .await
+        .expect("a PostgreSQL database")
+    else {
+        return;
+    };
+    let store = PgStore::connect(&db.url).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations/postgres");
+    before.migrations = std::borrow::Cow::Owned(
+        before
+            .migrations
+            .iter()
+            .filter(|m| m.version <= 11)
+            .cloned()
+            .collect(),
+    );
+    before.run(store.pool()).await.unwrap();
+    let s: &dyn Store = &store;
+    add_key(s, key("k1", "stripe", "r", 1_000_000_000)).await;
+    let events: Vec<SpendEvent> = (0..25)
+        .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 1 + i))
+        .collect();
+    for batch in events.chunks(10) {
+        s.record_spend(batch).await.unwrap();
+    }
+    let old = check_whole_chain(s).await;
+    let head = s.ledger_head().await.unwrap();
+
+    s.migrate().await.unwrap();
+    let partitioned: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = CAST('audit' AS REGCLASS))",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(partitioned);
+    assert_eq!(check_whole_chain(s).await, old, "every row kept as it was");
+    assert_eq!(s.ledger_head().await.unwrap(), head);
+    let raw = Raw::Postgres(store.pool().clone());
+    let delete = raw.exec("DELETE FROM audit").await;
+    assert!(delete.unwrap_err().contains("append-only"));
+    assert!(raw
+        .exec("TRUNCATE audit")
+        .await
+        .unwrap_err()
+        .contains("append-only"));
+    // Appending goes on where it stopped, and dedupe still sees old rows.
+    let more: Vec<SpendEvent> = (20..30)
+        .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 1 + i))
+        .collect();
+    assert_eq!(s.record_spend(&more).await.unwrap(), (5, 5));
+    let v = ledger::verify(s, None, None).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.checked, 30);
 }

@@ -1,0 +1,268 @@
+//! `ingest-bench`: the fleet ingest benchmark (BENCHMARKS.md, "Fleet
+//! ingest"). One `keycap-control` replica on PostgreSQL; N simulated
+//! proxies, each on its own gRPC connection, send `ReportSpend` batches of
+//! synthetic spend events (fresh event ids, one key and lease per proxy)
+//! in closed loops for a while. Prints the events applied per second, and
+//! the CPU per event of the replica process and of the PostgreSQL backends
+//! serving its database (`/proc/<pid>/stat` utime + stime before and after
+//! the run), hash chain and dedupe included. Checks at the end that every
+//! event sent was applied once and that the whole chain verifies.
+//!
+//! Not a test: it prints numbers and judges none of them. `bench/ingest.sh`
+//! builds the release binaries and runs it; `--smoke` runs a second on the
+//! debug build (part of `scripts/test`). The load generator runs in this
+//! process, on the same two cores as the replica and PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use clap::Parser;
+use keycap_proto::pb::{self, fleet_service_client::FleetServiceClient};
+use keycap_tests::harness::{Control, ControlOpts};
+use keycap_tests::pg;
+use serde_json::json;
+use sqlx::Connection;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(name = "ingest-bench", about = "keycap fleet ingest benchmark")]
+struct Cli {
+    /// Simulated proxies, each with its own connection and one batch in
+    /// flight.
+    #[arg(long, default_value_t = 16)]
+    proxies: usize,
+    /// Spend events per ReportSpend call.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Seconds of measured load (after a warm-up of a second).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// A second or two with small settings: does the bench still run?
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// CPU time a process (or thread group) has used, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn ticks_per_second() -> f64 {
+    // USER_HZ is 100 on every Linux this runs on; `getconf CLK_TCK` says.
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The server processes serving `database` (its backends), by pid.
+async fn backends(admin: &mut sqlx::PgConnection, database: &str) -> anyhow::Result<Vec<u32>> {
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .fetch_all(admin)
+    .await?;
+    Ok(pids.into_iter().map(|p| p as u32).collect())
+}
+
+fn sum_ticks(pids: &[u32]) -> BTreeMap<u32, u64> {
+    pids.iter()
+        .filter_map(|&p| cpu_ticks(p).map(|t| (p, t)))
+        .collect()
+}
+
+fn event(proxy: usize, n: u64, key_id: &str, day: &str) -> pb::SpendEvent {
+    pb::SpendEvent {
+        event_id: format!("p{proxy}-{n}"),
+        lease_id: format!("lease-{proxy}"),
+        key_id: key_id.to_string(),
+        vendor: "stripe".into(),
+        method: "POST".into(),
+        path: "/v1/payment_intents".into(),
+        upstream_status: 200,
+        reserved_micros: 10_000,
+        cost_micros: 10_000,
+        outcome: "settled".into(),
+        at: Some(keycap_proto::time::to_proto(chrono::Utc::now())),
+        detail_json: r#"{"amount":1,"currency":"usd"}"#.into(),
+        day: day.to_string(),
+        trace_id: format!("{:032x}", n + 1),
+        context: [("tenant".to_string(), format!("t{}", n % 7))].into(),
+    }
+}
+
+/// One simulated proxy: sends batches until `stop`, counting the events
+/// the replica applied.
+async fn proxy(
+    i: usize,
+    channel: Channel,
+    token: String,
+    key_id: String,
+    batch: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    applied: Arc<AtomicU64>,
+) -> anyhow::Result<u64> {
+    let mut client = FleetServiceClient::new(channel);
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let node_id = format!("ingest-proxy-{i}");
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let events: Vec<pb::SpendEvent> = (0..batch)
+            .map(|k| event(i, n + k as u64, &key_id, &day))
+            .collect();
+        n += batch as u64;
+        let mut req = tonic::Request::new(pb::ReportSpendRequest {
+            node_id: node_id.clone(),
+            events,
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        let answer = client.report_spend(req).await?.into_inner();
+        ensure!(
+            answer.applied as usize == batch && answer.duplicates == 0,
+            "proxy {i}: {answer:?} for {batch} fresh events"
+        );
+        applied.fetch_add(batch as u64, Ordering::Relaxed);
+    }
+    Ok(n)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut cli = Cli::parse();
+    if cli.smoke {
+        cli.proxies = cli.proxies.min(4);
+        cli.batch = cli.batch.min(100);
+        cli.seconds = 1;
+    }
+    let db = pg::fresh_database().await?;
+    let database = db
+        .url
+        .rsplit('/')
+        .next()
+        .and_then(|s| s.split('?').next())
+        .context("database name")?
+        .to_string();
+    let mut opts = ControlOpts::postgres(&db.url);
+    opts.log_level = Some("warn".into());
+    let control = Control::start(opts).await;
+    let replica_pid = control.process().id().context("replica pid")?;
+    let admin = control.admin();
+    let r = admin
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "stripe", "base_url": "http://127.0.0.1:9/stripe",
+                    "credential": "sk_live_51KeycapIngestBenchCredentialNeverSent"}),
+        )
+        .await;
+    ensure!(r.status == 201, "register the vendor: {}", r.text);
+    let mut keys = Vec::new();
+    for i in 0..cli.proxies {
+        let r = admin
+            .post_json(
+                "/vault/keys",
+                &json!({
+                    "vendor": "stripe",
+                    "daily_usd_cap": 1_000_000_000,
+                    "allowed_endpoints": ["POST /v1/payment_intents"],
+                    "expires_in": "2h",
+                    "agent_run_label": format!("ingest/{i}"),
+                }),
+            )
+            .await;
+        let body = r.expect(201);
+        keys.push(body["id"].as_str().context("key id")?.to_string());
+    }
+
+    let mut pg_admin = sqlx::PgConnection::connect(&db.url).await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let applied = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (i, key_id) in keys.iter().enumerate() {
+        let channel = Endpoint::from_shared(control.url())?.connect().await?;
+        tasks.push(tokio::spawn(proxy(
+            i,
+            channel,
+            control.opts.fleet_token.clone(),
+            key_id.clone(),
+            cli.batch,
+            stop.clone(),
+            applied.clone(),
+        )));
+    }
+
+    // Warm-up: connections made, statements prepared, pool filled.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hz = ticks_per_second();
+    let pg_pids = backends(&mut pg_admin, &database).await?;
+    let before_replica = cpu_ticks(replica_pid).context("replica stat")?;
+    let before_pg = sum_ticks(&pg_pids);
+    let before_me = cpu_ticks(std::process::id()).context("own stat")?;
+    let before_events = applied.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(cli.seconds)).await;
+    let events = applied.load(Ordering::Relaxed) - before_events;
+    let took = started.elapsed();
+    let replica = cpu_ticks(replica_pid).context("replica stat")? - before_replica;
+    let me = cpu_ticks(std::process::id()).context("own stat")? - before_me;
+    // Backends that started during the run count whole; none should.
+    let after_pids = backends(&mut pg_admin, &database).await?;
+    let after_pg = sum_ticks(&after_pids);
+    let pg: u64 = after_pg
+        .iter()
+        .map(|(pid, t)| t - before_pg.get(pid).copied().unwrap_or(0))
+        .sum();
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await??;
+    }
+
+    let per_event = |ticks: u64| ticks as f64 / hz * 1e6 / events.max(1) as f64;
+    println!(
+        "ingest: {} proxies, batches of {}, {:.1} s: {} events, {:.0} events/s (goal >= 100,000)",
+        cli.proxies,
+        cli.batch,
+        took.as_secs_f64(),
+        events,
+        events as f64 / took.as_secs_f64()
+    );
+    println!(
+        "ingest: CPU per event: replica {:.2} us (goal <= 5), PostgreSQL backends {:.2} us \
+         (goal <= 10; {} backends), load generator {:.2} us",
+        per_event(replica),
+        per_event(pg),
+        after_pg.len(),
+        per_event(me)
+    );
+
+    // Every event sent is in the ledger once, and the chain holds.
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit")
+        .fetch_one(&mut pg_admin)
+        .await?;
+    ensure!(
+        rows as u64 == sent,
+        "{rows} ledger entries for {sent} events sent"
+    );
+    let v = admin.get("/vault/audit/verify").await.expect(200);
+    ensure!(v["ok"] == json!(true), "the chain does not verify: {v}");
+    println!(
+        "ingest: ledger holds {rows} entries; verify ok, head seq {}",
+        v["head_seq"]
+    );
+    Ok(())
+}
