@@ -387,6 +387,7 @@ fn usd_field(field: &'static str, v: &Value) -> Result<Micros, ApiError> {
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"profile": "stripe", "base_url": "https://api.stripe.com", "credential": "sk_live_..."}))]
 pub struct PutVendorBody {
     /// The vendor profile (`openai`, `anthropic`, `stripe`, ...).
     profile: String,
@@ -584,6 +585,7 @@ async fn delete_vendor(
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"vendor": "openai", "daily_usd_cap": "5", "allowed_endpoints": ["POST /v1/chat/completions"], "expires_in": "1h", "agent_run_label": "agent/7"}))]
 pub struct CreateKeyBody {
     /// The vendor the key spends at.
     vendor: String,
@@ -818,6 +820,7 @@ async fn revoke_key(
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"agent_run_label": "agent/7"}))]
 pub struct RevokeRunBody {
     agent_run_label: String,
     /// How long to wait for the proxies to confirm; absent or 0: the
@@ -858,6 +861,7 @@ async fn revoke_run(
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "make issuer", "scopes": ["keys:issue", "keys:revoke"], "vendors": ["stripe"], "expires_in": "30d"}))]
 pub struct CreateAdminTokenBody {
     name: String,
     /// Scope names (`keys:issue`, `audit:read`, `admin`, ...; see
@@ -955,6 +959,7 @@ async fn revoke_admin_token(
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "make checkout", "expires_in": "30d"}))]
 pub struct CreateIssuerTokenBody {
     name: String,
     /// Absent or null: lives as long as its key.
