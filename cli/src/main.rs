@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use keycap_client::{pb, AdminClient};
+use keycap_control::answers;
 use keycap_proto::prices::{self, litellm};
 use keycap_proto::secret::{self, SecretKind};
-use keycap_proto::time::{from_proto, to_proto};
+use keycap_proto::time::to_proto;
 use keycap_proto::Micros;
 use serde_json::{json, Value};
 
@@ -312,7 +313,7 @@ struct AuditArgs {
     until: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: i32,
-    /// Page token from a previous listing.
+    /// The `next_cursor` of a previous listing.
     #[arg(long)]
     page: Option<String>,
 }
@@ -333,32 +334,14 @@ fn usd(m: i64) -> String {
     Micros(m).to_string()
 }
 
-fn ts(t: &Option<prost_types::Timestamp>) -> Value {
-    t.as_ref()
-        .and_then(from_proto)
-        .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
-        .unwrap_or(Value::Null)
+/// The JSON shapes below are the REST mapping's (`keycap_control::answers`),
+/// built from the gRPC answers: the CLI prints what `/vault/*` answers.
+fn to_json(v: impl serde::Serialize) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 fn key_json(k: &pb::VaultKey) -> Value {
-    json!({
-        "id": k.id,
-        "key_prefix": k.key_prefix,
-        "vendor": k.vendor,
-        "status": pb::KeyStatus::try_from(k.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
-        "allowed_endpoints": k.allowed_endpoints,
-        "daily_usd_cap": usd(k.daily_cap_micros),
-        "spent_today_usd": usd(k.spent_today_micros),
-        "remaining_today_usd": usd(k.remaining_today_micros),
-        "calls_today": k.calls_today,
-        "expires_at": ts(&k.expires_at),
-        "revoked_at": ts(&k.revoked_at),
-        "agent_run_label": k.agent_run_label,
-        "rate_limit_per_minute": (k.rate_limit_per_minute > 0).then_some(k.rate_limit_per_minute),
-        "allowed_cidrs": k.allowed_cidrs,
-        "zone": (!k.zone.is_empty()).then_some(&k.zone),
-        "parent_id": (!k.parent_id.is_empty()).then_some(&k.parent_id),
-    })
+    to_json(answers::KeyAnswer::from(k))
 }
 
 /// Says on stderr which proxies did not confirm a creation or vendor write
@@ -390,41 +373,16 @@ fn warn_unconfirmed(what: &str, c: Option<&pb::FleetConfirmation>) {
 }
 
 fn confirmation_json(c: Option<&pb::FleetConfirmation>) -> Value {
-    let Some(c) = c else { return Value::Null };
-    json!({
-        "version": c.version,
-        "all_confirmed": c.unconfirmed_nodes.is_empty(),
-        "confirmed_nodes": c.confirmed_nodes,
-        "unconfirmed_nodes": c.unconfirmed_nodes,
-        "unconfirmed_lease_usd": usd(c.unconfirmed_lease_micros),
-    })
+    c.map(|c| to_json(answers::ConfirmationAnswer::from(c)))
+        .unwrap_or(Value::Null)
 }
 
 fn admin_token_json(t: &pb::AdminToken) -> Value {
-    json!({
-        "id": t.id,
-        "name": t.name,
-        "token_prefix": t.token_prefix,
-        "scopes": t.scopes,
-        "vendors": (!t.vendors.is_empty()).then_some(&t.vendors),
-        "status": pb::KeyStatus::try_from(t.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
-        "created_at": ts(&t.created_at),
-        "expires_at": ts(&t.expires_at),
-        "revoked_at": ts(&t.revoked_at),
-    })
+    to_json(answers::AdminTokenAnswer::from(t))
 }
 
 fn issuer_token_json(t: &pb::IssuerToken) -> Value {
-    json!({
-        "id": t.id,
-        "key_id": t.key_id,
-        "name": t.name,
-        "token_prefix": t.token_prefix,
-        "status": pb::KeyStatus::try_from(t.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
-        "created_at": ts(&t.created_at),
-        "expires_at": ts(&t.expires_at),
-        "revoked_at": ts(&t.revoked_at),
-    })
+    to_json(answers::IssuerTokenAnswer::from(t))
 }
 
 /// `--expires-in` of a token: 0 on the wire means "no expiry of its own",
@@ -443,17 +401,7 @@ fn token_lifetime_secs(expires_in: Option<String>) -> anyhow::Result<i64> {
 }
 
 fn vendor_json(v: &pb::Vendor) -> Value {
-    json!({
-        "name": v.name,
-        "profile": v.profile,
-        "base_url": v.base_url,
-        "currency_rates": v.currency_rates,
-        "prices": serde_json::from_str::<Value>(&v.prices_json).unwrap_or(Value::Null),
-        "updated_at": ts(&v.updated_at),
-        "proxy_errors": v.proxy_errors.iter().map(|e| json!({
-            "node_id": e.node_id, "error": e.error, "at": ts(&e.at),
-        })).collect::<Vec<_>>(),
-    })
+    to_json(answers::VendorAnswer::from(v))
 }
 
 fn parse_usd(field: &str, s: &str) -> anyhow::Result<i64> {
@@ -541,6 +489,22 @@ fn print(v: Value) {
 /// Columns a table shows at most; `--format json` has every field.
 const TABLE_COLUMNS: usize = 8;
 
+/// The columns a table leads with, when a row has them.
+const TABLE_FIRST: [&str; 12] = [
+    "id",
+    "name",
+    "seq",
+    "at",
+    "vendor",
+    "profile",
+    "status",
+    "outcome",
+    "agent_run_label",
+    "daily_usd_cap",
+    "spent_today_usd",
+    "cost_usd",
+];
+
 /// A list of objects as one row each under the first object's plain
 /// fields; an object as field/value rows; a wrapper object holding one list
 /// (`{"keys": [...]}`) as that list.
@@ -550,13 +514,19 @@ fn table(v: &Value) -> String {
             let Some(Value::Object(first)) = items.first() else {
                 return items.iter().map(|i| format!("{}\n", cell(i))).collect();
             };
-            // What names a row comes first; the rest in field order.
+            // What names a row comes first, then what a person looks for;
+            // the rest in field order.
             let mut columns: Vec<&String> = first
                 .iter()
                 .filter(|(_, v)| !v.is_object())
                 .map(|(k, _)| k)
                 .collect();
-            columns.sort_by_key(|c| !matches!(c.as_str(), "id" | "name"));
+            columns.sort_by_key(|c| {
+                TABLE_FIRST
+                    .iter()
+                    .position(|f| f == c)
+                    .unwrap_or(TABLE_FIRST.len())
+            });
             columns.truncate(TABLE_COLUMNS);
             let mut rows = vec![columns.iter().map(|c| c.to_string()).collect()];
             rows.extend(
@@ -730,11 +700,9 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            print(json!(r
-                .tokens
-                .iter()
-                .map(admin_token_json)
-                .collect::<Vec<_>>()));
+            print(json!({
+                "admin_tokens": r.tokens.iter().map(admin_token_json).collect::<Vec<_>>(),
+            }));
         }
         Command::AdminToken(AdminTokenCmd::Revoke { id }) => {
             let r = c
@@ -835,7 +803,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 .list_vendors(pb::ListVendorsRequest {})
                 .await?
                 .into_inner();
-            print(json!(r.vendors.iter().map(vendor_json).collect::<Vec<_>>()));
+            print(json!({"vendors": r.vendors.iter().map(vendor_json).collect::<Vec<_>>()}));
         }
         Command::Key(KeyCmd::Create {
             vendor,
@@ -899,7 +867,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            print(json!(r.keys.iter().map(key_json).collect::<Vec<_>>()));
+            print(json!({"keys": r.keys.iter().map(key_json).collect::<Vec<_>>()}));
         }
         Command::Key(KeyCmd::Get { id }) => {
             let r = c.keys.get_key(pb::GetKeyRequest { id }).await?.into_inner();
@@ -936,11 +904,9 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            print(json!(r
-                .tokens
-                .iter()
-                .map(issuer_token_json)
-                .collect::<Vec<_>>()));
+            print(json!({
+                "issuer_tokens": r.tokens.iter().map(issuer_token_json).collect::<Vec<_>>(),
+            }));
         }
         Command::Key(KeyCmd::IssuerToken(IssuerTokenCmd::Revoke { id })) => {
             let r = c
@@ -996,6 +962,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                         .into_inner();
                     print(json!({
                         "agent_run_label": label,
+                        "revoked": r.revoked_ids.len(),
                         "revoked_ids": r.revoked_ids,
                         "confirmation": confirmation_json(r.confirmation.as_ref()),
                     }));
@@ -1024,14 +991,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            print(json!({
-                "agent_run_label": r.agent_run_label,
-                "total_usd": usd(r.total_micros),
-                "calls": r.calls,
-                "vendors": r.vendors.iter().map(|v| json!({
-                    "vendor": v.vendor, "total_usd": usd(v.total_micros), "calls": v.calls,
-                })).collect::<Vec<_>>(),
-            }));
+            print(to_json(answers::SpendAnswer::from(&r)));
         }
         Command::Audit(AuditArgs {
             action: Some(AuditAction::Verify { from }),
@@ -1044,20 +1004,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            let head = |ok: bool| ok.then(|| hex::encode(&r.head_hash));
-            print(json!({
-                "ok": r.ok,
-                "checked": r.checked,
-                "legacy": r.legacy,
-                "head_seq": (!r.head_hash.is_empty()).then_some(r.head_seq),
-                "head_hash": head(!r.head_hash.is_empty()),
-                "broken": (!r.ok).then(|| json!({
-                    "seq": r.broken_seq,
-                    "reason": r.broken_reason,
-                    "message": r.broken_message,
-                })),
-                "checkpoint_seq": (r.checkpoint_seq != 0).then_some(r.checkpoint_seq),
-            }));
+            print(to_json(answers::VerifyAnswer::from(&r)));
             if !r.ok {
                 anyhow::bail!(
                     "the audit ledger is broken at seq {}: {}",
@@ -1089,21 +1036,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            print(json!({
-                "entries": r.entries.iter().map(|e| json!({
-                    "seq": e.seq,
-                    "at": ts(&e.at),
-                    "key_id": e.key_id,
-                    "agent_run_label": e.agent_run_label,
-                    "vendor": e.vendor,
-                    "call": format!("{} {}", e.method, e.path),
-                    "upstream_status": e.upstream_status,
-                    "reserved_usd": usd(e.reserved_micros),
-                    "cost_usd": usd(e.cost_micros),
-                    "outcome": e.outcome,
-                })).collect::<Vec<_>>(),
-                "next_page": (!r.next_page_token.is_empty()).then_some(r.next_page_token),
-            }));
+            print(to_json(answers::AuditPage::from(&r)));
         }
     }
     Ok(())

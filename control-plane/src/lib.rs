@@ -4,10 +4,12 @@
 //! leases and the audit ledger; serves the admin API over gRPC and REST and
 //! the fleet API proxies use. Reading order: `domain` (validated types),
 //! `store` (persistence), `ledger` (the audit chain's rules), `service` (operations, with `ingest` for spend reports), then the front ends
-//! `grpc` and `rest`, the dashboard `ui`, and `server` (wiring).
+//! `grpc` and `rest` (whose JSON shapes, shared with the CLI, are `answers`),
+//! the dashboard `ui`, and `server` (wiring).
 
 #![forbid(unsafe_code)]
 
+pub mod answers;
 pub mod check;
 pub mod config;
 pub mod crypto;

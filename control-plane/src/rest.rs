@@ -6,9 +6,15 @@
 //! JSON error body with a stable code. Responses never carry a vendor
 //! credential; a vault key or admin token secret appears only in the
 //! response that minted it.
+//!
+//! Every request and answer body is a typed struct deriving `ToSchema`, and
+//! every handler carries its `#[utoipa::path]`: `ApiDoc` collects them into
+//! the OpenAPI document served at `GET /openapi.json` (checked in at
+//! `docs/openapi.json`). A route added to `router` without a documented
+//! handler fails `every_route_is_documented`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -20,34 +26,257 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use keycap_proto::Micros;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, IntoResponses, OpenApi, ToSchema};
 
-use crate::domain::{self, invalid, AuditQuery, KeyFilter, Vendor};
+use crate::answers::*;
+use crate::domain::{self, invalid, AuditQuery, KeyFilter};
 use crate::error::ApiError;
 use crate::grpc::next_page_token;
 use crate::ledger;
 use crate::scope::Operation;
-use crate::service::{
-    AdminPrincipal, Confirmation, Control, KeyView, NewAdminToken, NewIssuerToken, NewKey,
-    PutVendor, VendorView,
-};
+use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
 type Ctl = State<Arc<Control>>;
 
+/// The body of every error answer of the REST mapping (see
+/// docs/api-conventions.md and docs/errors.md).
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"error": "invalid_request", "field": "daily_usd_cap", "message": "daily_usd_cap: must be a number of US dollars"}))]
+pub struct ErrorBody {
+    /// The stable error code: `invalid_request`, `not_found`, `conflict`,
+    /// `unauthenticated`, `missing_scope`, `vendor_not_allowed`,
+    /// `issuer_scope` or `internal`.
+    pub error: String,
+    /// For `invalid_request`: the input that was refused, as this API
+    /// spells it (a JSON body field, a query parameter, `body` or `query`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// What is wrong, for a person to read.
+    pub message: String,
+    /// For `missing_scope`: the scope the token lacks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// For `vendor_not_allowed`: the vendor the token may not act on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": self.code(), "message": self.to_string()});
+        let mut body = ErrorBody {
+            error: self.code().to_string(),
+            field: None,
+            message: self.to_string(),
+            scope: None,
+            vendor: None,
+        };
         match &self {
-            ApiError::Invalid(i) => body["field"] = json!(i.field),
-            ApiError::MissingScope(s) => body["scope"] = json!(s.as_str()),
-            ApiError::VendorNotAllowed(v) => body["vendor"] = json!(v),
+            ApiError::Invalid(i) => body.field = Some(i.field.to_string()),
+            ApiError::MissingScope(s) => body.scope = Some(s.as_str().to_string()),
+            ApiError::VendorNotAllowed(v) => body.vendor = Some(v.clone()),
             _ => {}
         }
         (self.http_status(), Json(body)).into_response()
     }
 }
 
+/// The error answers every documented operation may give, all in the one
+/// `ErrorBody` shape.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // describes answers; never built
+enum ErrorAnswers {
+    /// An input was refused (`invalid_request`; `field` names it).
+    #[response(status = 400)]
+    Invalid(ErrorBody),
+    /// Missing or wrong token (`unauthenticated`).
+    #[response(status = 401)]
+    Unauthenticated(ErrorBody),
+    /// The token may not do this (`missing_scope`, `vendor_not_allowed`,
+    /// `issuer_scope`).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such vendor, key or token, or not visible to this token
+    /// (`not_found`).
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The change contradicts what is stored (`conflict`).
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// A failure inside keycap (`internal`); details are in its log only.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+}
+
+/// An answer sent as a JSON object with its keys in sorted order, as the
+/// REST mapping has always written them (`serde_json::Value`'s map is
+/// sorted), so a typed answer is byte for byte the body it replaced.
+struct Answer<T>(StatusCode, T);
+
+impl<T: Serialize> Answer<T> {
+    fn ok(body: T) -> Self {
+        Answer(StatusCode::OK, body)
+    }
+
+    fn created(body: T) -> Self {
+        Answer(StatusCode::CREATED, body)
+    }
+}
+
+impl<T: Serialize> IntoResponse for Answer<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_value(&self.1) {
+            Ok(v) => (self.0, Json(v)).into_response(),
+            Err(e) => {
+                tracing::error!(error = %e, "an answer did not serialize");
+                ApiError::Internal.into_response()
+            }
+        }
+    }
+}
+
+/// A US dollar amount as a request gives it: a JSON number or a decimal
+/// string, parsed exactly (never through a float).
+fn usd_input_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Number, Type::String]))
+        .description(Some(
+            "US dollars: a number or a decimal string such as \"12.50\"",
+        ))
+        .examples([json!("12.50")])
+        .into()
+}
+
+/// Like `usd_input_schema`, also null (absent: no such cap).
+fn optional_usd_input_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([
+            Type::Number,
+            Type::String,
+            Type::Null,
+        ]))
+        .description(Some(
+            "US dollars: a number or a decimal string; absent or null for no such cap",
+        ))
+        .into()
+}
+
+/// A duration as a request gives it.
+fn duration_input_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Integer]))
+        .description(Some(
+            "A duration like \"90s\", \"15m\", \"2h\", \"7d\" (or a sum such as \"1h30m\"), or whole seconds",
+        ))
+        .examples([json!("2h")])
+        .into()
+}
+
+/// Like `duration_input_schema`, also null.
+fn optional_duration_input_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([
+            Type::String,
+            Type::Integer,
+            Type::Null,
+        ]))
+        .description(Some(
+            "A duration like \"2h\" or whole seconds; absent or null for no expiry of its own",
+        ))
+        .into()
+}
+
+/// Calls per minute as a request gives it.
+fn rate_input_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
+        .description(Some(
+            "Calls per minute through one proxy; absent, null or 0: no limit",
+        ))
+        .into()
+}
+
+/// Bearer admin tokens on every operation.
+struct AdminTokenAuth;
+
+impl utoipa::Modify for AdminTokenAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An admin token (`kcadm_...`); `POST /vault/keys` also takes an issuer token (`kciss_...`)",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 document of the REST mapping.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keycap REST API",
+        description = "The REST/JSON mapping of keycap's admin API under /vault/*: vendors, vault keys, issuer and admin tokens, the audit ledger and spend. Every error answer is an ErrorBody with a stable code (docs/errors.md); money and status names follow docs/api-conventions.md.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        list_vendors, put_vendor, get_vendor, delete_vendor, import_vendor_prices,
+        create_key, list_keys, revoke_run, get_key, revoke_key,
+        create_issuer_token, list_issuer_tokens, revoke_issuer_token,
+        create_admin_token, list_admin_tokens, revoke_admin_token,
+        spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&AdminTokenAuth),
+    security(("admin_token" = [])),
+    tags(
+        (name = "vendors", description = "Vendors and their real credentials (never shown)"),
+        (name = "keys", description = "Vault keys and their issuer tokens"),
+        (name = "admin-tokens", description = "Admin tokens and their scopes"),
+        (name = "audit", description = "The hash-chained audit ledger and spend"),
+        (name = "meta", description = "This document"),
+    ),
+)]
+pub struct ApiDoc;
+
+/// The document as served and as checked in at docs/openapi.json: pretty
+/// JSON with a final newline.
+pub fn openapi_document() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+static OPENAPI_DOCUMENT: LazyLock<String> = LazyLock::new(openapi_document);
+
+/// `GET /openapi.json`: this document; no token needed.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    operation_id = "openapi",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of the REST mapping", content_type = "application/json", body = Object)),
+)]
+async fn openapi_json() -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI_DOCUMENT.as_str(),
+    )
+        .into_response()
+}
+
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
+        .route("/openapi.json", get(openapi_json))
         .route("/vault/vendors", get(list_vendors))
         .route(
             "/vault/vendors/{name}",
@@ -136,13 +365,13 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         .map_err(|e| ApiError::from(invalid("body", format!("invalid JSON: {e}"))))
 }
 
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+/// Query parameters, or an `invalid_request` naming the query.
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::from(invalid("query", e.body_text())))
 }
 
-fn usd(m: Micros) -> Value {
-    serde_json::to_value(m.to_json_usd()).unwrap_or(Value::Null)
-}
+type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 /// A USD amount from JSON: a number or a decimal string, parsed exactly.
 fn usd_field(field: &'static str, v: &Value) -> Result<Micros, ApiError> {
@@ -154,77 +383,28 @@ fn usd_field(field: &'static str, v: &Value) -> Result<Micros, ApiError> {
     Micros::parse_usd(&text).map_err(|e| ApiError::from(invalid(field, e.to_string())))
 }
 
-/// A vendor as written: no proxy has loaded this configuration yet.
-fn vendor_json(v: &Vendor) -> Value {
-    let mut out = vendor_fields(v);
-    out["proxy_errors"] = json!([]);
-    out
-}
+// --- vendors ------------------------------------------------------------------
 
-fn vendor_view_json(view: &VendorView) -> Value {
-    let mut out = vendor_fields(&view.vendor);
-    out["proxy_errors"] = view
-        .proxy_errors
-        .iter()
-        .map(|e| json!({"node_id": e.node_id, "error": e.error, "at": rfc3339(e.at)}))
-        .collect();
-    out
-}
-
-fn vendor_fields(v: &Vendor) -> Value {
-    json!({
-        "name": v.name.as_str(),
-        "profile": v.profile.as_str(),
-        "base_url": v.base_url,
-        "currency_rates": v.currency_rates,
-        "prices": serde_json::from_str::<Value>(&v.prices).unwrap_or(Value::Null),
-        "created_at": rfc3339(v.created_at),
-        "updated_at": rfc3339(v.updated_at),
-    })
-}
-
-fn key_json(v: &KeyView) -> Value {
-    let k = &v.key;
-    json!({
-        "id": k.id,
-        "key_prefix": k.key_prefix,
-        "vendor": k.vendor.as_str(),
-        "status": v.status.as_str(),
-        "allowed_endpoints": k.allowed_endpoints,
-        "daily_usd_cap": usd(k.daily_cap),
-        "daily_cap_micros": k.daily_cap.0,
-        "per_call_usd_cap": k.per_call_cap.map(usd),
-        "lifetime_usd_cap": k.lifetime_cap.map(usd),
-        "spent_today_usd": usd(v.spend.spent_day),
-        "spent_today_micros": v.spend.spent_day.0,
-        "remaining_today_usd": usd(v.remaining_today),
-        "remaining_today_micros": v.remaining_today.0,
-        "calls_today": v.spend.calls_day,
-        "spent_lifetime_usd": usd(v.spend.spent_lifetime),
-        "expires_at": rfc3339(k.expires_at),
-        "created_at": rfc3339(k.created_at),
-        "revoked_at": k.revoked_at.map(rfc3339),
-        "agent_run_label": k.agent_run_label,
-        "metadata": k.metadata,
-        "rate_limit_per_minute": k.limits.rate_limit_per_minute,
-        "allowed_cidrs": k.limits.cidr_strings(),
-        "zone": k.limits.zone,
-        "parent_id": k.parent_id,
-    })
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PutVendorBody {
+#[schema(example = json!({"profile": "stripe", "base_url": "https://api.stripe.com", "credential": "sk_live_..."}))]
+pub struct PutVendorBody {
+    /// The vendor profile (`openai`, `anthropic`, `stripe`, ...).
     profile: String,
+    /// The vendor's API base URL; `https://` unless the control plane
+    /// allows private upstreams.
     base_url: String,
+    /// The real API key; required when the vendor is created, absent to
+    /// keep the stored one.
     #[serde(default)]
     credential: Option<String>,
+    /// Exchange rates to USD, as decimal strings.
     #[serde(default)]
     currency_rates: BTreeMap<String, String>,
     /// The operator's price table, as a JSON object in the profile's table
     /// format; absent or null for the shipped prices.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     prices: Option<Value>,
     /// How long to wait for the proxies to serve the change; absent or 0:
     /// the control plane's default.
@@ -255,12 +435,27 @@ fn put_vendor_request(
     Ok((put, domain::parse_ack_timeout_ms(b.ack_timeout_ms)?))
 }
 
+/// Creates or replaces a vendor (scopes `vendors:write`, and
+/// `credentials:write` to set its credential).
+#[utoipa::path(
+    put,
+    path = "/vault/vendors/{name}",
+    tag = "vendors",
+    operation_id = "put_vendor",
+    params(("name" = String, Path, description = "The vendor's name, the proxy's first path segment")),
+    request_body = PutVendorBody,
+    responses(
+        (status = 200, description = "Replaced", body = PutVendorAnswer),
+        (status = 201, description = "Created", body = PutVendorAnswer),
+        ErrorAnswers,
+    ),
+)]
 async fn put_vendor(
     State(c): Ctl,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Answer<PutVendorAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::PutVendor).await?;
     let (put, timeout) = put_vendor_request(&name, &body)?;
     caller.require(c.vendor_put_operation(&put).await?)?;
@@ -270,9 +465,13 @@ async fn put_vendor(
     } else {
         StatusCode::OK
     };
-    let mut out = vendor_json(&v);
-    out["confirmation"] = confirmation_json(&confirmation);
-    Ok((status, Json(out)).into_response())
+    Ok(Answer(
+        status,
+        PutVendorAnswer {
+            vendor: VendorAnswer::written(&v),
+            confirmation: (&confirmation).into(),
+        },
+    ))
 }
 
 /// The largest LiteLLM price file the import takes (REST body, gRPC
@@ -280,77 +479,140 @@ async fn put_vendor(
 /// route stays axum's 2 MB.
 pub const MAX_PRICE_FILE_BYTES: usize = 16 * 1024 * 1024;
 
-/// `POST /vault/vendors/{name}/prices/import`: the body is LiteLLM's price
-/// file as published.
+/// Replaces a vendor's price table with the prices of LiteLLM's price file
+/// (`model_prices_and_context_window.json` as published), for the models of
+/// this vendor's profile.
+#[utoipa::path(
+    post,
+    path = "/vault/vendors/{name}/prices/import",
+    tag = "vendors",
+    operation_id = "import_vendor_prices",
+    params(("name" = String, Path, description = "The vendor's name")),
+    request_body(content = Object, description = "LiteLLM's price file, as published", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The vendor with its new prices, and what was priced and skipped", body = ImportAnswer),
+        ErrorAnswers,
+    ),
+)]
 async fn import_vendor_prices(
     State(c): Ctl,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Answer<ImportAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::ImportVendorPrices).await?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::from(invalid("body", "must be UTF-8 JSON text")))?;
     let (v, report) = c.import_vendor_prices(&caller.vendors, &name, text).await?;
-    Ok(Json(json!({
-        "vendor": vendor_json(&v),
-        "report": report,
-    })))
+    Ok(Answer::ok(ImportAnswer {
+        vendor: VendorAnswer::written(&v),
+        report: report.into(),
+    }))
 }
 
+/// One vendor, with the proxies that cannot load it.
+#[utoipa::path(
+    get,
+    path = "/vault/vendors/{name}",
+    tag = "vendors",
+    operation_id = "get_vendor",
+    params(("name" = String, Path, description = "The vendor's name")),
+    responses((status = 200, description = "The vendor", body = VendorAnswer), ErrorAnswers),
+)]
 async fn get_vendor(
     State(c): Ctl,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Answer<VendorAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::GetVendor).await?;
-    Ok(Json(vendor_view_json(
+    Ok(Answer::ok(VendorAnswer::view(
         &c.get_vendor(&caller.vendors, &name).await?,
     )))
 }
 
-async fn list_vendors(State(c): Ctl, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+/// Every vendor this token may see.
+#[utoipa::path(
+    get,
+    path = "/vault/vendors",
+    tag = "vendors",
+    operation_id = "list_vendors",
+    responses((status = 200, description = "The vendors", body = VendorList), ErrorAnswers),
+)]
+async fn list_vendors(State(c): Ctl, headers: HeaderMap) -> Result<Answer<VendorList>, ApiError> {
     let caller = admin(&c, &headers, Operation::ListVendors).await?;
     let vs = c.list_vendors(&caller.vendors).await?;
-    Ok(Json(
-        json!({"vendors": vs.iter().map(vendor_view_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Answer::ok(VendorList {
+        vendors: vs.iter().map(VendorAnswer::view).collect(),
+    }))
 }
 
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct AckTimeoutQuery {
+    /// How long to wait for the proxies to confirm; absent or 0: the
+    /// control plane's default.
+    #[serde(default)]
+    ack_timeout_ms: u64,
+}
+
+/// Deletes a vendor with its credential; refused while keys name it.
+#[utoipa::path(
+    delete,
+    path = "/vault/vendors/{name}",
+    tag = "vendors",
+    operation_id = "delete_vendor",
+    params(("name" = String, Path, description = "The vendor's name"), AckTimeoutQuery),
+    responses((status = 200, description = "Deleted", body = DeletedVendor), ErrorAnswers),
+)]
 async fn delete_vendor(
     State(c): Ctl,
     Path(name): Path<String>,
     headers: HeaderMap,
-    q: Result<Query<AckTimeoutQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<AckTimeoutQuery>,
+) -> Result<Answer<DeletedVendor>, ApiError> {
     let caller = admin(&c, &headers, Operation::DeleteVendor).await?;
-    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let q = query(q)?;
     let timeout = domain::parse_ack_timeout_ms(q.ack_timeout_ms)?;
     let confirmation = c.delete_vendor(&caller.vendors, &name, timeout).await?;
-    Ok(Json(
-        json!({"deleted": name, "confirmation": confirmation_json(&confirmation)}),
-    ))
+    Ok(Answer::ok(DeletedVendor {
+        deleted: name,
+        confirmation: (&confirmation).into(),
+    }))
 }
 
-#[derive(Deserialize)]
+// --- keys ---------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateKeyBody {
+#[schema(example = json!({"vendor": "openai", "daily_usd_cap": "5", "allowed_endpoints": ["POST /v1/chat/completions"], "expires_in": "1h", "agent_run_label": "agent/7"}))]
+pub struct CreateKeyBody {
+    /// The vendor the key spends at.
     vendor: String,
+    #[schema(schema_with = usd_input_schema)]
     daily_usd_cap: Value,
     #[serde(default)]
+    #[schema(schema_with = optional_usd_input_schema)]
     per_call_usd_cap: Option<Value>,
     #[serde(default)]
+    #[schema(schema_with = optional_usd_input_schema)]
     lifetime_usd_cap: Option<Value>,
+    /// `METHOD /path` patterns with `*` globs, e.g. `POST /v1/chat/completions`.
     allowed_endpoints: Vec<String>,
+    #[schema(schema_with = duration_input_schema)]
     expires_in: Value,
+    /// The agent run the key belongs to; revoke a whole run by it.
     agent_run_label: String,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
     /// Calls per minute through one proxy; absent, null or 0: no limit.
     #[serde(default)]
+    #[schema(schema_with = rate_input_schema)]
     rate_limit_per_minute: Option<Value>,
+    /// Client addresses allowed to use the key (CIDRs); empty: any.
     #[serde(default)]
     allowed_cidrs: Vec<String>,
+    /// Only proxies of this zone serve the key; absent: any.
     #[serde(default)]
     zone: Option<String>,
     /// The key to mint this one under; absent or null for a root key.
@@ -424,10 +686,12 @@ fn create_key_request(body: &[u8]) -> Result<(NewKey, Option<std::time::Duration
         usd_field("daily_usd_cap", &b.daily_usd_cap)?,
         b.per_call_usd_cap
             .as_ref()
+            .filter(|v| !v.is_null())
             .map(|v| usd_field("per_call_usd_cap", v))
             .transpose()?,
         b.lifetime_usd_cap
             .as_ref()
+            .filter(|v| !v.is_null())
             .map(|v| usd_field("lifetime_usd_cap", v))
             .transpose()?,
         expires_in,
@@ -439,43 +703,80 @@ fn create_key_request(body: &[u8]) -> Result<(NewKey, Option<std::time::Duration
     Ok((key, timeout))
 }
 
-async fn create_key(State(c): Ctl, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+/// Mints a vault key (scope `keys:issue`, or an issuer token for a child
+/// of its key). The answer carries the secret, this once.
+#[utoipa::path(
+    post,
+    path = "/vault/keys",
+    tag = "keys",
+    operation_id = "create_key",
+    request_body = CreateKeyBody,
+    responses((status = 201, description = "Minted", body = CreatedKeyAnswer), ErrorAnswers),
+)]
+async fn create_key(
+    State(c): Ctl,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Answer<CreatedKeyAnswer>, ApiError> {
     let auth = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let minter = c.authorize_mint(auth).await?;
     let (new, timeout) = create_key_request(&body)?;
     let (view, secret, confirmation) = c.mint_key(&minter, new, timeout).await?;
-    let mut out = key_json(&view);
-    out["key"] = json!(secret);
-    out["confirmation"] = confirmation_json(&confirmation);
-    Ok((StatusCode::CREATED, Json(out)).into_response())
+    Ok(Answer::created(CreatedKeyAnswer {
+        info: (&view).into(),
+        key: secret,
+        confirmation: (&confirmation).into(),
+    }))
 }
 
+/// One key with today's spend.
+#[utoipa::path(
+    get,
+    path = "/vault/keys/{id}",
+    tag = "keys",
+    operation_id = "get_key",
+    params(("id" = String, Path, description = "The key's id")),
+    responses((status = 200, description = "The key", body = KeyAnswer), ErrorAnswers),
+)]
 async fn get_key(
     State(c): Ctl,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Answer<KeyAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::GetKey).await?;
-    Ok(Json(key_json(&c.get_key(&caller.vendors, &id).await?)))
+    Ok(Answer::ok((&c.get_key(&caller.vendors, &id).await?).into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListKeysQuery {
+    /// Only the keys of this agent run.
     agent_run_label: Option<String>,
+    /// Only the keys of this vendor.
     vendor: Option<String>,
+    /// Also expired and revoked keys.
     #[serde(default)]
     include_inactive: bool,
 }
 
+/// The keys this token may see, active ones unless asked otherwise.
+#[utoipa::path(
+    get,
+    path = "/vault/keys",
+    tag = "keys",
+    operation_id = "list_keys",
+    params(ListKeysQuery),
+    responses((status = 200, description = "The keys", body = KeyList), ErrorAnswers),
+)]
 async fn list_keys(
     State(c): Ctl,
     headers: HeaderMap,
-    q: Result<Query<ListKeysQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<ListKeysQuery>,
+) -> Result<Answer<KeyList>, ApiError> {
     let caller = admin(&c, &headers, Operation::ListKeys).await?;
-    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let q = query(q)?;
     let keys = c
         .list_keys(
             &caller.vendors,
@@ -486,105 +787,110 @@ async fn list_keys(
             },
         )
         .await?;
-    Ok(Json(
-        json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Answer::ok(KeyList {
+        keys: keys.iter().map(KeyAnswer::from).collect(),
+    }))
 }
 
-/// Which proxies confirmed a change (see `service::Confirmation`).
-fn confirmation_json(c: &Confirmation) -> Value {
-    json!({
-        "version": c.version,
-        "all_confirmed": c.unconfirmed.is_empty(),
-        "confirmed_nodes": c.confirmed,
-        "unconfirmed_nodes": c.unconfirmed,
-        "unconfirmed_lease_usd": usd(c.unconfirmed_lease),
-    })
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AckTimeoutQuery {
-    #[serde(default)]
-    ack_timeout_ms: u64,
-}
-
+/// Revokes a key; answers once the proxies confirmed they stopped serving
+/// it, or the wait ended (`confirmation` tells which).
+#[utoipa::path(
+    delete,
+    path = "/vault/keys/{id}",
+    tag = "keys",
+    operation_id = "revoke_key",
+    params(("id" = String, Path, description = "The key's id"), AckTimeoutQuery),
+    responses((status = 200, description = "Revoked", body = RevokedKeyAnswer), ErrorAnswers),
+)]
 async fn revoke_key(
     State(c): Ctl,
     Path(id): Path<String>,
     headers: HeaderMap,
-    q: Result<Query<AckTimeoutQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<AckTimeoutQuery>,
+) -> Result<Answer<RevokedKeyAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::RevokeKey).await?;
-    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let q = query(q)?;
     let timeout = domain::parse_ack_timeout_ms(q.ack_timeout_ms)?;
     let (key, confirmation) = c.revoke_key(&caller.vendors, &id, timeout).await?;
-    let mut out = key_json(&key);
-    out["confirmation"] = confirmation_json(&confirmation);
-    Ok(Json(out))
+    Ok(Answer::ok(RevokedKeyAnswer {
+        info: (&key).into(),
+        confirmation: (&confirmation).into(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RevokeRunBody {
+#[schema(example = json!({"agent_run_label": "agent/7"}))]
+pub struct RevokeRunBody {
     agent_run_label: String,
+    /// How long to wait for the proxies to confirm; absent or 0: the
+    /// control plane's default.
     #[serde(default)]
     ack_timeout_ms: u64,
 }
 
+/// Revokes every key of an agent run.
+#[utoipa::path(
+    post,
+    path = "/vault/keys/revoke",
+    tag = "keys",
+    operation_id = "revoke_run",
+    request_body = RevokeRunBody,
+    responses((status = 200, description = "Revoked", body = RunRevocationAnswer), ErrorAnswers),
+)]
 async fn revoke_run(
     State(c): Ctl,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Answer<RunRevocationAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::RevokeRun).await?;
     let b: RevokeRunBody = parse_body(&body)?;
     let timeout = domain::parse_ack_timeout_ms(b.ack_timeout_ms)?;
     let (ids, confirmation) = c
         .revoke_run(&caller.vendors, &b.agent_run_label, timeout)
         .await?;
-    Ok(Json(json!({
-        "agent_run_label": b.agent_run_label,
-        "revoked": ids.len(),
-        "revoked_ids": ids,
-        "confirmation": confirmation_json(&confirmation),
-    })))
+    Ok(Answer::ok(RunRevocationAnswer {
+        agent_run_label: b.agent_run_label,
+        revoked: ids.len(),
+        revoked_ids: ids,
+        confirmation: (&confirmation).into(),
+    }))
 }
 
 // --- admin tokens -------------------------------------------------------------
 
-fn admin_token_json(t: &domain::AdminToken) -> Value {
-    json!({
-        "id": t.id,
-        "name": t.name,
-        "token_prefix": t.token_prefix,
-        "scopes": t.scopes.names(),
-        "vendors": t.vendors.list(),
-        "status": t.status(Utc::now()).as_str(),
-        "created_at": rfc3339(t.created_at),
-        "expires_at": t.expires_at.map(rfc3339),
-        "revoked_at": t.revoked_at.map(rfc3339),
-    })
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateAdminTokenBody {
+#[schema(example = json!({"name": "make issuer", "scopes": ["keys:issue", "keys:revoke"], "vendors": ["stripe"], "expires_in": "30d"}))]
+pub struct CreateAdminTokenBody {
     name: String,
+    /// Scope names (`keys:issue`, `audit:read`, `admin`, ...; see
+    /// docs/scopes.md).
     scopes: Vec<String>,
     /// Absent or empty: every vendor.
     #[serde(default)]
     vendors: Vec<String>,
     /// Absent or null: never expires.
     #[serde(default)]
+    #[schema(schema_with = optional_duration_input_schema)]
     expires_in: Option<Value>,
 }
 
+/// Mints an admin token, at most as powerful as the caller's (scope
+/// `tokens:write`). The answer carries the secret, this once.
+#[utoipa::path(
+    post,
+    path = "/vault/admin-tokens",
+    tag = "admin-tokens",
+    operation_id = "create_admin_token",
+    request_body = CreateAdminTokenBody,
+    responses((status = 201, description = "Minted", body = CreatedAdminTokenAnswer), ErrorAnswers),
+)]
 async fn create_admin_token(
     State(c): Ctl,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Answer<CreatedAdminTokenAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::CreateAdminToken).await?;
     let b: CreateAdminTokenBody = parse_body(&body)?;
     let expires_in = match &b.expires_in {
@@ -593,71 +899,92 @@ async fn create_admin_token(
     };
     let new = NewAdminToken::new(&b.name, &b.scopes, &b.vendors, expires_in)?;
     let (token, secret) = c.create_admin_token(&caller, new).await?;
-    let mut out = admin_token_json(&token);
-    out["token"] = json!(secret);
-    Ok((StatusCode::CREATED, Json(out)).into_response())
+    Ok(Answer::created(CreatedAdminTokenAnswer {
+        info: (&token).into(),
+        token: secret,
+    }))
 }
 
-#[derive(Deserialize)]
-struct ListAdminTokensQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct IncludeInactiveQuery {
+    /// Also expired and revoked tokens.
     #[serde(default)]
     include_inactive: bool,
 }
 
+/// The admin tokens (scope `tokens:read`).
+#[utoipa::path(
+    get,
+    path = "/vault/admin-tokens",
+    tag = "admin-tokens",
+    operation_id = "list_admin_tokens",
+    params(IncludeInactiveQuery),
+    responses((status = 200, description = "The admin tokens", body = AdminTokenList), ErrorAnswers),
+)]
 async fn list_admin_tokens(
     State(c): Ctl,
     headers: HeaderMap,
-    q: Result<Query<ListAdminTokensQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<IncludeInactiveQuery>,
+) -> Result<Answer<AdminTokenList>, ApiError> {
     let caller = admin(&c, &headers, Operation::ListAdminTokens).await?;
-    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let q = query(q)?;
     let tokens = c.list_admin_tokens(&caller, q.include_inactive).await?;
-    Ok(Json(
-        json!({"admin_tokens": tokens.iter().map(admin_token_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Answer::ok(AdminTokenList {
+        admin_tokens: tokens.iter().map(AdminTokenAnswer::from).collect(),
+    }))
 }
 
+/// Revokes an admin token (scope `tokens:write`).
+#[utoipa::path(
+    delete,
+    path = "/vault/admin-tokens/{id}",
+    tag = "admin-tokens",
+    operation_id = "revoke_admin_token",
+    params(("id" = String, Path, description = "The admin token's id")),
+    responses((status = 200, description = "Revoked", body = AdminTokenAnswer), ErrorAnswers),
+)]
 async fn revoke_admin_token(
     State(c): Ctl,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Answer<AdminTokenAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::RevokeAdminToken).await?;
-    Ok(Json(admin_token_json(
-        &c.revoke_admin_token(&caller, &id).await?,
-    )))
+    Ok(Answer::ok(
+        (&c.revoke_admin_token(&caller, &id).await?).into(),
+    ))
 }
 
 // --- issuer tokens ------------------------------------------------------------
 
-fn issuer_token_json(t: &domain::IssuerToken) -> Value {
-    json!({
-        "id": t.id,
-        "key_id": t.key_id,
-        "name": t.name,
-        "token_prefix": t.token_prefix,
-        "status": t.status(Utc::now()).as_str(),
-        "created_at": rfc3339(t.created_at),
-        "expires_at": t.expires_at.map(rfc3339),
-        "revoked_at": t.revoked_at.map(rfc3339),
-    })
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateIssuerTokenBody {
+#[schema(example = json!({"name": "make checkout", "expires_in": "30d"}))]
+pub struct CreateIssuerTokenBody {
     name: String,
     /// Absent or null: lives as long as its key.
     #[serde(default)]
+    #[schema(schema_with = optional_duration_input_schema)]
     expires_in: Option<Value>,
 }
 
+/// Mints an issuer token for a key: it mints child keys of that key, within
+/// its caps, and nothing else.
+#[utoipa::path(
+    post,
+    path = "/vault/keys/{id}/issuer-tokens",
+    tag = "keys",
+    operation_id = "create_issuer_token",
+    params(("id" = String, Path, description = "The key's id")),
+    request_body = CreateIssuerTokenBody,
+    responses((status = 201, description = "Minted", body = CreatedIssuerTokenAnswer), ErrorAnswers),
+)]
 async fn create_issuer_token(
     State(c): Ctl,
     Path(key_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Answer<CreatedIssuerTokenAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::CreateIssuerToken).await?;
     let b: CreateIssuerTokenBody = parse_body(&body)?;
     let expires_in = match &b.expires_in {
@@ -666,73 +993,117 @@ async fn create_issuer_token(
     };
     let new = NewIssuerToken::new(&b.name, expires_in)?;
     let (token, secret) = c.create_issuer_token(&caller, &key_id, new).await?;
-    let mut out = issuer_token_json(&token);
-    out["token"] = json!(secret);
-    Ok((StatusCode::CREATED, Json(out)).into_response())
+    Ok(Answer::created(CreatedIssuerTokenAnswer {
+        info: (&token).into(),
+        token: secret,
+    }))
 }
 
+/// A key's issuer tokens.
+#[utoipa::path(
+    get,
+    path = "/vault/keys/{id}/issuer-tokens",
+    tag = "keys",
+    operation_id = "list_issuer_tokens",
+    params(("id" = String, Path, description = "The key's id"), IncludeInactiveQuery),
+    responses((status = 200, description = "The issuer tokens", body = IssuerTokenList), ErrorAnswers),
+)]
 async fn list_issuer_tokens(
     State(c): Ctl,
     Path(key_id): Path<String>,
     headers: HeaderMap,
-    q: Result<Query<ListAdminTokensQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<IncludeInactiveQuery>,
+) -> Result<Answer<IssuerTokenList>, ApiError> {
     let caller = admin(&c, &headers, Operation::ListIssuerTokens).await?;
-    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let q = query(q)?;
     let tokens = c
         .list_issuer_tokens(&caller, &key_id, q.include_inactive)
         .await?;
-    Ok(Json(
-        json!({"issuer_tokens": tokens.iter().map(issuer_token_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Answer::ok(IssuerTokenList {
+        issuer_tokens: tokens.iter().map(IssuerTokenAnswer::from).collect(),
+    }))
 }
 
+/// Revokes an issuer token.
+#[utoipa::path(
+    delete,
+    path = "/vault/issuer-tokens/{id}",
+    tag = "keys",
+    operation_id = "revoke_issuer_token",
+    params(("id" = String, Path, description = "The issuer token's id")),
+    responses((status = 200, description = "Revoked", body = IssuerTokenAnswer), ErrorAnswers),
+)]
 async fn revoke_issuer_token(
     State(c): Ctl,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Answer<IssuerTokenAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::RevokeIssuerToken).await?;
-    Ok(Json(issuer_token_json(
-        &c.revoke_issuer_token(&caller, &id).await?,
-    )))
+    Ok(Answer::ok(
+        (&c.revoke_issuer_token(&caller, &id).await?).into(),
+    ))
 }
 
-#[derive(Deserialize)]
+// --- audit and spend ----------------------------------------------------------
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SpendQuery {
+    /// The agent run to sum (required).
     agent_run_label: Option<String>,
 }
 
+/// What an agent run spent, in total and per vendor (scope `audit:read`).
+#[utoipa::path(
+    get,
+    path = "/vault/spend",
+    tag = "audit",
+    operation_id = "spend",
+    params(SpendQuery),
+    responses((status = 200, description = "The run's spend", body = SpendAnswer), ErrorAnswers),
+)]
 async fn spend(
     State(c): Ctl,
     headers: HeaderMap,
-    q: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<SpendQuery>,
+) -> Result<Answer<SpendAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::SpendSummary).await?;
-    let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let q = query(q)?;
     let label = q
         .agent_run_label
         .ok_or_else(|| invalid("agent_run_label", "query parameter is required"))?;
     let s = c.spend_summary(&caller.vendors, &label).await?;
-    Ok(Json(json!({
-        "agent_run_label": label,
-        "total_usd": usd(s.total),
-        "total_micros": s.total.0,
-        "calls": s.calls,
-        "vendors": s.vendors.iter().map(|(v, total, calls)| json!({
-            "vendor": v, "total_usd": usd(*total), "total_micros": total.0, "calls": calls,
-        })).collect::<Vec<_>>(),
-    })))
+    Ok(Answer::ok(SpendAnswer {
+        agent_run_label: label,
+        total_usd: Usd(s.total),
+        total_micros: s.total.0,
+        calls: s.calls,
+        vendors: s
+            .vendors
+            .iter()
+            .map(|(v, total, calls)| VendorSpendAnswer {
+                vendor: v.clone(),
+                total_usd: Usd(*total),
+                total_micros: total.0,
+                calls: *calls,
+            })
+            .collect(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
     key_id: Option<String>,
     agent_run_label: Option<String>,
     vendor: Option<String>,
+    /// RFC 3339: entries at or after this time.
     since: Option<String>,
+    /// RFC 3339: entries before this time.
     until: Option<String>,
+    /// Entries per page, 1 to 1000 (default 100).
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Only the entries of the call with this trace id.
     trace_id: Option<String>,
@@ -740,38 +1111,31 @@ struct AuditParams {
     context: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct VerifyParams {
     /// Start at this seq, trusting the prev_hash stored with it.
     from: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct VerifyAnswer {
-    ok: bool,
-    checked: u64,
-    legacy: u64,
-    head_seq: Option<i64>,
-    head_hash: Option<String>,
-    broken: Option<BrokenAnswer>,
-    checkpoint_seq: Option<i64>,
-}
-
-#[derive(Serialize)]
-struct BrokenAnswer {
-    seq: i64,
-    reason: &'static str,
-    message: &'static str,
-}
-
+/// Recomputes the audit ledger's hash chain and holds its end against the
+/// latest signed checkpoint (scope `audit:read`).
+#[utoipa::path(
+    get,
+    path = "/vault/audit/verify",
+    tag = "audit",
+    operation_id = "verify_audit",
+    params(VerifyParams),
+    responses((status = 200, description = "The verdict; `ok` false names the first broken entry", body = VerifyAnswer), ErrorAnswers),
+)]
 async fn verify_audit(
     State(c): Ctl,
     headers: HeaderMap,
-    q: Result<Query<VerifyParams>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<VerifyParams>,
 ) -> Result<Json<VerifyAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::VerifyAudit).await?;
-    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let p = query(q)?;
     let v = c.verify_audit(&caller.vendors, p.from).await?;
     Ok(Json(VerifyAnswer {
         ok: v.ok(),
@@ -781,15 +1145,16 @@ async fn verify_audit(
         head_hash: v.head.map(|(_, h)| hex::encode(h)),
         broken: v.broken.map(|b| BrokenAnswer {
             seq: b.seq,
-            reason: b.reason.as_str(),
-            message: b.reason.describe(),
+            reason: b.reason.as_str().to_string(),
+            message: b.reason.describe().to_string(),
         }),
         checkpoint_seq: v.checkpoint_seq,
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ExportParams {
     /// `jsonl` (default) or `csv`.
     format: Option<String>,
@@ -799,13 +1164,29 @@ struct ExportParams {
     to: Option<String>,
 }
 
+/// Streams the audit ledger, oldest first, as JSON lines or CSV (scope
+/// `audit:read`).
+#[utoipa::path(
+    get,
+    path = "/vault/audit/export",
+    tag = "audit",
+    operation_id = "export_audit",
+    params(ExportParams),
+    responses(
+        (status = 200, description = "The entries, one per line", content(
+            (String = "application/jsonl"),
+            (String = "text/csv; charset=utf-8"),
+        )),
+        ErrorAnswers,
+    ),
+)]
 async fn export_audit(
     State(c): Ctl,
     headers: HeaderMap,
-    q: Result<Query<ExportParams>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<ExportParams>,
 ) -> Result<Response, ApiError> {
     let caller = admin(&c, &headers, Operation::QueryAudit).await?;
-    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let p = query(q)?;
     let format = ledger::export::Format::parse(p.format.as_deref().unwrap_or("jsonl"))
         .ok_or_else(|| ApiError::from(invalid("format", "must be jsonl or csv")))?;
     let since = p
@@ -824,42 +1205,45 @@ async fn export_audit(
     Ok(([(http::header::CONTENT_TYPE, format.content_type())], body).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct CheckpointParams {
+    /// At most this many, newest first (default 100).
     limit: Option<u32>,
 }
 
-#[derive(Serialize)]
-struct CheckpointAnswer {
-    seq: i64,
-    hash: String,
-    at: String,
-    public_key: String,
-    signature: String,
-}
-
+/// The ledger's signed checkpoints, newest first (scope `audit:read`).
+#[utoipa::path(
+    get,
+    path = "/vault/audit/checkpoints",
+    tag = "audit",
+    operation_id = "list_checkpoints",
+    params(CheckpointParams),
+    responses((status = 200, description = "The checkpoints", body = CheckpointList), ErrorAnswers),
+)]
 async fn list_checkpoints(
     State(c): Ctl,
     headers: HeaderMap,
-    q: Result<Query<CheckpointParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<CheckpointParams>,
+) -> Result<Answer<CheckpointList>, ApiError> {
     let caller = admin(&c, &headers, Operation::ListCheckpoints).await?;
-    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let p = query(q)?;
     let cps = c
         .ledger_checkpoints(&caller.vendors, p.limit.unwrap_or(100))
         .await?;
-    let items: Vec<CheckpointAnswer> = cps
-        .into_iter()
-        .map(|cp| CheckpointAnswer {
-            seq: cp.seq,
-            hash: hex::encode(cp.hash),
-            at: cp.at.to_rfc3339_opts(SecondsFormat::Micros, true),
-            public_key: hex::encode(cp.public_key),
-            signature: hex::encode(cp.signature),
-        })
-        .collect();
-    Ok(Json(json!({ "checkpoints": items })))
+    Ok(Answer::ok(CheckpointList {
+        checkpoints: cps
+            .into_iter()
+            .map(|cp| CheckpointAnswer {
+                seq: cp.seq,
+                hash: hex::encode(cp.hash),
+                at: cp.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                public_key: hex::encode(cp.public_key),
+                signature: hex::encode(cp.signature),
+            })
+            .collect(),
+    }))
 }
 
 fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
@@ -868,13 +1252,22 @@ fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
         .map_err(|_| invalid(field, "must be an RFC 3339 time like 2026-11-22T10:00:00Z").into())
 }
 
+/// The audit ledger, newest first, a page at a time (scope `audit:read`).
+#[utoipa::path(
+    get,
+    path = "/vault/audit",
+    tag = "audit",
+    operation_id = "query_audit",
+    params(AuditParams),
+    responses((status = 200, description = "A page of entries", body = AuditPage), ErrorAnswers),
+)]
 async fn audit(
     State(c): Ctl,
     headers: HeaderMap,
-    q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: QueryResult<AuditParams>,
+) -> Result<Answer<AuditPage>, ApiError> {
     let caller = admin(&c, &headers, Operation::QueryAudit).await?;
-    let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let p = query(q)?;
     let limit = p.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(invalid("limit", "must be between 1 and 1000").into());
@@ -915,38 +1308,207 @@ async fn audit(
         limit,
     };
     let entries = c.query_audit(&caller.vendors, &query).await?;
-    let items: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            let ev = &e.event;
-            json!({
-                "seq": e.seq,
-                "event_id": ev.event_id,
-                "key_id": ev.key_id,
-                "agent_run_label": e.agent_run_label,
-                "vendor": ev.vendor,
-                "method": ev.method,
-                "path": ev.path,
-                "upstream_status": ev.upstream_status,
-                "reserved_usd": usd(ev.reserved),
-                "reserved_micros": ev.reserved.0,
-                "cost_usd": usd(ev.cost),
-                "cost_micros": ev.cost.0,
-                "outcome": ev.outcome.as_str(),
-                "at": ev.at.to_rfc3339_opts(SecondsFormat::Micros, true),
-                "node_id": ev.node_id,
-                "lease_id": ev.lease_id,
-                "day": ev.day,
-                "detail": serde_json::from_str::<Value>(&ev.detail_json).unwrap_or(Value::Null),
-                "trace_id": ev.trace_id,
-                "context": ev.context,
-                "prev_hash": e.prev_hash.map(hex::encode),
-                "hash": e.hash.map(hex::encode),
-            })
-        })
-        .collect();
-    Ok(Json(json!({
-        "entries": items,
-        "next_cursor": next_page_token(&entries, limit).map(|s| s.to_string()),
-    })))
+    Ok(Answer::ok(AuditPage {
+        entries: entries.iter().map(AuditEntryAnswer::from).collect(),
+        next_cursor: next_page_token(&entries, limit).map(|s| s.to_string()),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use keycap_proto::secret::{self, SecretKind};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::crypto::Sealer;
+    use crate::store::{SqliteStore, Store};
+
+    /// The command that rewrites docs/openapi.json from the handlers.
+    const REGENERATE: &str = "scripts/gen-openapi";
+
+    const METHODS: [&str; 5] = ["GET", "POST", "PUT", "DELETE", "PATCH"];
+
+    async fn rest_router() -> Router {
+        let store = SqliteStore::in_memory().await.unwrap();
+        store.migrate().await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        let control = Control::new(
+            store,
+            Sealer::from_key_text(&Sealer::generate_key_text()).unwrap(),
+            &secret::generate(SecretKind::FleetToken, "test"),
+            "test",
+            Duration::from_secs(1),
+            domain::UpstreamPolicy::PublicHttps,
+        )
+        .await
+        .unwrap();
+        router(control)
+    }
+
+    async fn call(router: &Router, method: &str, path: &str) -> (StatusCode, Vec<u8>) {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, body.to_vec())
+    }
+
+    /// Whether the router has a handler for `method` at `path` (a concrete
+    /// path): not a 405, and not the `/vault/*` fallback's "no such
+    /// endpoint".
+    async fn routed(router: &Router, method: &str, path: &str) -> bool {
+        let (status, body) = call(router, method, path).await;
+        let fallback = status == StatusCode::NOT_FOUND
+            && serde_json::from_slice::<Value>(&body)
+                .is_ok_and(|b| b["message"] == "no such endpoint");
+        status != StatusCode::METHOD_NOT_ALLOWED && !fallback
+    }
+
+    /// `/vault/keys/{id}` as a path the router matches.
+    fn concrete(template: &str) -> String {
+        template
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "p1" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// Every path given to `.route(` in the control plane's sources that
+    /// the REST mapping serves (`/vault/...` and `/openapi.json`), catch-alls
+    /// aside. Read from the sources because axum cannot list its routes.
+    fn routed_paths() -> BTreeSet<String> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let mut paths = BTreeSet::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for piece in text.split(".route(").skip(1) {
+                let Some(literal) = piece.trim_start().strip_prefix('"') else {
+                    continue;
+                };
+                let path = &literal[..literal.find('"').unwrap()];
+                if (path.starts_with("/vault/") || path == "/openapi.json") && !path.contains("{*")
+                {
+                    paths.insert(path.to_string());
+                }
+            }
+        }
+        paths
+    }
+
+    /// Every (METHOD, path template) the document describes.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: Value = serde_json::from_str(&openapi_document()).unwrap();
+        let mut ops = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in METHODS {
+                if item.get(method.to_lowercase()).is_some() {
+                    ops.insert((method.to_string(), path.clone()));
+                }
+            }
+        }
+        ops
+    }
+
+    #[tokio::test]
+    async fn every_route_is_documented() {
+        let router = rest_router().await;
+        let paths = routed_paths();
+        assert!(paths.len() >= 15, "the source scan found {paths:?}");
+        let documented = documented();
+        let mut missing = Vec::new();
+        for path in &paths {
+            for method in METHODS {
+                if routed(&router, method, &concrete(path)).await
+                    && !documented.contains(&(method.to_string(), path.clone()))
+                {
+                    missing.push(format!("{method} {path}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "routes without an OpenAPI operation: {missing:?}. Give each handler a \
+             #[utoipa::path], add it to ApiDoc's paths, then run {REGENERATE}"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_documented_operation_is_routed() {
+        let router = rest_router().await;
+        for (method, path) in documented() {
+            assert!(
+                routed(&router, &method, &concrete(&path)).await,
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_served_document_is_the_checked_in_one() {
+        let router = rest_router().await;
+        let (status, served) = call(&router, "GET", "/openapi.json").await;
+        assert_eq!(status, StatusCode::OK);
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+        let checked_in = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            served == checked_in,
+            "docs/openapi.json differs from the document GET /openapi.json serves: \
+             run {REGENERATE} and commit docs/openapi.json"
+        );
+        let doc: Value = serde_json::from_slice(&served).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+    }
+
+    #[tokio::test]
+    async fn every_error_answer_is_the_one_documented_error_schema() {
+        let doc: Value = serde_json::from_str(&openapi_document()).unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = op["responses"].as_object().unwrap();
+                if path == "/openapi.json" {
+                    continue;
+                }
+                for code in ["400", "401", "403", "404", "409", "500"] {
+                    assert_eq!(
+                        responses[code]["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{method} {path} {code}"
+                    );
+                }
+            }
+        }
+        // And an error the router gives is that shape.
+        let router = rest_router().await;
+        let (status, body) = call(&router, "GET", "/vault/keys").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"error": "unauthenticated", "message": "missing or invalid token"})
+        );
+    }
 }

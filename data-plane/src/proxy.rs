@@ -237,7 +237,9 @@ impl Proxy {
             return Ok(refusal.into_response(now, envelope::before_authentication));
         }
         let path = req.uri().path();
-        if path == "/vault" || path.starts_with("/vault/") {
+        // keycap's own API, and its OpenAPI document, are the control
+        // plane's: relayed as they are.
+        if path == "/vault" || path.starts_with("/vault/") || path == "/openapi.json" {
             // The control plane checks the token only once it has the
             // whole request, so the body is read first: a request without
             // even the shape of a credential may hold only its share of

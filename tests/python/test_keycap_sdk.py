@@ -129,6 +129,51 @@ def test_the_audit_iterates_over_every_page(keycap, client):
     assert list(client.audit.query(key_id=created.id, until=since - timedelta(hours=1))) == []
 
 
+def test_admin_tokens_are_minted_listed_and_revoked(keycap, client):
+    created = client.admin_tokens.create(name="py-sdk reader", scopes=["keys:read"],
+                                         vendors=["openai"], expires_in="1h")
+    assert created.token.startswith("kcadm_") and created.token not in repr(created)
+    assert created.info.scopes == ("keys:read",) and created.info.vendors == ("openai",)
+    assert created.info.status == "active" and created.info.expires_at.tzinfo is not None
+    assert created.id in [t.id for t in client.admin_tokens.list()]
+
+    # The new token reads keys and nothing else.
+    with kc.Client(addr=keycap.control, token=created.token) as reader:
+        assert isinstance(reader.keys.list(), list)
+        with pytest.raises(kc.PermissionDenied) as denied:
+            reader.vendors.list()
+        assert denied.value.code == "missing_scope"
+        assert created.token not in str(denied.value) + repr(denied.value)
+
+    revoked = client.admin_tokens.revoke(created.id)
+    assert revoked.status == "revoked" and revoked.revoked_at is not None
+    assert created.id not in [t.id for t in client.admin_tokens.list()]
+    assert created.id in [t.id for t in client.admin_tokens.list(include_inactive=True)]
+    with kc.Client(addr=keycap.control, token=created.token) as gone:
+        with pytest.raises(kc.Unauthenticated):
+            gone.keys.list()
+    with pytest.raises(kc.InvalidRequest) as bad:
+        client.admin_tokens.create(name="typo", scopes=["keys:reed"])
+    assert bad.value.field == "scopes"
+
+
+def test_the_audit_ledger_verifies_and_lists_its_checkpoints(keycap, client):
+    created = client.keys.create(vendor="openai", daily_usd_cap="5", allowed_endpoints=CHAT,
+                                 expires_in="1h", agent_run_label="py-sdk/verify")
+    chat(openai.OpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key,
+                       max_retries=0))
+    settled(lambda: list(client.audit.query(key_id=created.id)))
+    verified = client.audit.verify()
+    assert verified.ok and verified.broken is None, verified
+    newest = max(e.seq for e in client.audit.query())
+    assert verified.head_seq == newest and verified.checked >= 1
+    assert verified.head_hash is not None and len(verified.head_hash) == 64
+    assert client.audit.verify(from_seq=newest).checked == 1
+    for cp in client.audit.checkpoints(limit=5):
+        assert cp.seq <= newest and len(cp.hash) == 64 and len(cp.signature) == 128
+        assert cp.at is not None and cp.at.tzinfo is not None
+
+
 def test_the_servers_refusal_names_its_code_and_field(client):
     with pytest.raises(kc.InvalidRequest) as bad:
         client.keys.create(vendor="openai", daily_usd_cap=0, allowed_endpoints=CHAT,
@@ -203,6 +248,10 @@ def test_the_async_client_has_the_same_surface(keycap):
             assert len(entries) == 1 and entries[0].cost_usd > 0
             revoked = await c.keys.revoke(created.id)
             assert revoked.key.status == "revoked" and revoked.confirmation.all_confirmed
+            assert (await c.audit.verify()).ok
+            assert isinstance(await c.audit.checkpoints(), list)
+            tokens = await c.admin_tokens.list()
+            assert any(t.status == "active" for t in tokens), tokens
             with pytest.raises(kc.InvalidRequest) as bad:
                 await c.keys.create(vendor="openai", daily_usd_cap="1", allowed_endpoints=CHAT,
                                     expires_in="0s")

@@ -2151,8 +2151,14 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     let out = cli(strings(&["vendor", "list"])).await;
     let list = out.json();
     assert!(!out.stdout.contains(STRIPE_CREDENTIAL));
-    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
-    assert_eq!(list[0]["name"], "stripe");
+    // The CLI prints what REST answers (docs/api-conventions.md).
+    assert_eq!(list, stack.admin.get("/vault/vendors").await.expect(200));
+    assert_eq!(list["vendors"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list["vendors"][0]["name"], "stripe");
+    assert_eq!(
+        cli(strings(&["vendor", "get", "stripe"])).await.json(),
+        stack.admin.get("/vault/vendors/stripe").await.expect(200)
+    );
 
     let create = |label: &str| {
         strings(&[
@@ -2176,8 +2182,9 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     let id = k["id"].as_str().expect("id").to_string();
     let secret = k["key"].as_str().expect("key").to_string();
     assert!(secret.starts_with("kc_"), "{k}");
-    assert_eq!(k["status"], "KEY_STATUS_ACTIVE");
-    assert_eq!(k["daily_usd_cap"], "25");
+    assert_eq!(k["status"], "active");
+    assert_eq!(k["daily_usd_cap"], 25.0);
+    assert_eq!(k["daily_cap_micros"], 25_000_000);
     assert_eq!(k["agent_run_label"], "cli/1");
     assert_eq!(
         k["allowed_endpoints"],
@@ -2196,9 +2203,9 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     let listed = cli(strings(&["key", "list", "--run-label", "cli/1"]))
         .await
         .json();
-    let ids: Vec<&str> = listed
+    let ids: Vec<&str> = listed["keys"]
         .as_array()
-        .expect("array")
+        .expect("keys")
         .iter()
         .filter_map(|k| k["id"].as_str())
         .collect();
@@ -2212,32 +2219,55 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     })
     .await
     .expect("the call reaches the key's spend");
-    assert_eq!(got["spent_today_usd"], "2.5");
-    assert_eq!(got["remaining_today_usd"], "22.5");
+    assert_eq!(got["spent_today_usd"], 2.5);
+    assert_eq!(got["remaining_today_usd"], 22.5);
     assert!(!got.to_string().contains(&secret));
+    let rest = |path: String| {
+        let admin = &stack.admin;
+        async move { admin.get(&path).await.expect(200) }
+    };
+    assert_eq!(got, rest(format!("/vault/keys/{id}")).await);
+    assert_eq!(
+        listed,
+        rest("/vault/keys?agent_run_label=cli/1".to_string()).await
+    );
 
     let s = cli(strings(&["spend", "--run-label", "cli/1"]))
         .await
         .json();
-    assert_eq!(s["total_usd"], "2.5");
+    assert_eq!(s["total_usd"], 2.5);
     assert_eq!(s["calls"], 1);
     assert_eq!(
         s["vendors"],
-        json!([{"vendor": "stripe", "total_usd": "2.5", "calls": 1}])
+        json!([{"vendor": "stripe", "total_usd": 2.5, "total_micros": 2_500_000, "calls": 1}])
+    );
+    assert_eq!(
+        s,
+        rest("/vault/spend?agent_run_label=cli/1".to_string()).await
     );
     let a = cli(strings(&["audit", "--run-label", "cli/1"]))
         .await
         .json();
     let entries = a["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 1, "{a}");
-    assert_eq!(entries[0]["call"], "POST /v1/payment_intents");
-    assert_eq!(entries[0]["cost_usd"], "2.5");
+    assert_eq!(
+        (&entries[0]["method"], &entries[0]["path"]),
+        (&json!("POST"), &json!("/v1/payment_intents"))
+    );
+    assert_eq!(entries[0]["cost_usd"], 2.5);
+    assert_eq!(
+        a,
+        rest("/vault/audit?agent_run_label=cli/1&limit=50".to_string()).await
+    );
+    let verified = cli(strings(&["audit", "verify"])).await.json();
+    assert_eq!(verified, rest("/vault/audit/verify".to_string()).await);
+    assert_eq!(verified["ok"], true);
     assert_eq!(entries[0]["outcome"], "settled");
     assert_eq!(entries[0]["key_id"], id.as_str());
 
     let r = cli(strings(&["key", "revoke", &id])).await.json();
     let revoked_at = Instant::now();
-    assert_eq!(r["status"], "KEY_STATUS_REVOKED");
+    assert_eq!(r["status"], "revoked");
     assert_refused_in_time(
         &stack.proxy.url(),
         "stripe",
@@ -2262,13 +2292,14 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     let mut want = vec![a["id"].as_str().unwrap(), b["id"].as_str().unwrap()];
     want.sort();
     assert_eq!(got, want);
+    assert_eq!(r["revoked"], 2);
     assert_eq!(
         cli(strings(&["key", "list"])).await.json(),
-        json!([]),
+        json!({"keys": []}),
         "revoked keys are not listed as active"
     );
     let all = cli(strings(&["key", "list", "--all"])).await.json();
-    assert_eq!(all.as_array().map(Vec::len), Some(3), "{all}");
+    assert_eq!(all["keys"].as_array().map(Vec::len), Some(3), "{all}");
 
     // Failures exit non-zero and say why.
     let missing = cli(strings(&["key", "get", "key_doesnotexist"])).await;
@@ -2281,6 +2312,32 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         "{}",
         denied.stderr
     );
+}
+
+// --- the OpenAPI document ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_served_by_the_control_plane_and_through_the_proxy() {
+    let stack = Stack::start().await;
+    let checked_in =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
+            .expect("docs/openapi.json");
+    for (what, api) in [
+        ("the control plane", Api::new(&stack.control.url(), None)),
+        ("the proxy's relay", stack.proxy.api(None)),
+    ] {
+        let served = api.get("/openapi.json").await;
+        assert_eq!(served.status, 200, "{what}: {}", served.text);
+        assert_eq!(
+            served.header("content-type"),
+            Some("application/json"),
+            "{what}"
+        );
+        assert!(
+            served.text == checked_in,
+            "{what} serves another document than docs/openapi.json: run scripts/gen-openapi"
+        );
+    }
 }
 
 // --- keycap dev ------------------------------------------------------------------------------------

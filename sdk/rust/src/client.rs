@@ -358,6 +358,111 @@ impl Client {
         let r = self.raw.audit.spend_summary(req).await;
         Ok(r.map_err(self.fail())?.into_inner())
     }
+
+    /// Recomputes the audit ledger's hash chain (from `from_seq`, trusting
+    /// the hash stored before it) and holds its end against the latest
+    /// signed checkpoint.
+    pub async fn verify_audit(&mut self, from_seq: Option<i64>) -> Result<pb::VerifyAuditResponse> {
+        let req = pb::VerifyAuditRequest {
+            from_seq: from_seq.unwrap_or(0),
+        };
+        let r = self.raw.audit.verify_audit(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// The ledger's signed checkpoints, newest first (at most `limit`; 0:
+    /// the server's default).
+    pub async fn checkpoints(&mut self, limit: u32) -> Result<Vec<pb::Checkpoint>> {
+        let req = pb::ListCheckpointsRequest {
+            limit: i32::try_from(limit).unwrap_or(i32::MAX),
+        };
+        let r = self.raw.audit.list_checkpoints(req).await;
+        Ok(r.map_err(self.fail())?.into_inner().checkpoints)
+    }
+
+    /// A key's issuer tokens.
+    pub async fn list_issuer_tokens(
+        &mut self,
+        key_id: &str,
+        include_inactive: bool,
+    ) -> Result<Vec<pb::IssuerToken>> {
+        let req = pb::ListIssuerTokensRequest {
+            key_id: key_id.to_string(),
+            include_inactive,
+        };
+        let r = self.raw.keys.list_issuer_tokens(req).await;
+        Ok(r.map_err(self.fail())?.into_inner().tokens)
+    }
+
+    pub async fn revoke_issuer_token(&mut self, id: &str) -> Result<pb::IssuerToken> {
+        let req = pb::RevokeIssuerTokenRequest { id: id.to_string() };
+        let r = self.raw.keys.revoke_issuer_token(req).await;
+        Ok(r.map_err(self.fail())?
+            .into_inner()
+            .token
+            .unwrap_or_default())
+    }
+
+    /// An admin token with `scopes`, restricted to `vendors` unless empty,
+    /// expiring after `expires_in` if given: `(secret, token)`.
+    pub async fn create_admin_token(
+        &mut self,
+        name: &str,
+        scopes: &[&str],
+        vendors: &[&str],
+        expires_in: Option<Duration>,
+    ) -> Result<(String, pb::AdminToken)> {
+        let req = pb::CreateAdminTokenRequest {
+            name: name.to_string(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            vendors: vendors.iter().map(|v| v.to_string()).collect(),
+            expires_in_seconds: expires_in
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        };
+        let r = self.raw.admin_tokens.create_admin_token(req).await;
+        let r = r.map_err(self.fail())?.into_inner();
+        Ok((r.secret, r.token.unwrap_or_default()))
+    }
+
+    pub async fn list_admin_tokens(
+        &mut self,
+        include_inactive: bool,
+    ) -> Result<Vec<pb::AdminToken>> {
+        let req = pb::ListAdminTokensRequest { include_inactive };
+        let r = self.raw.admin_tokens.list_admin_tokens(req).await;
+        Ok(r.map_err(self.fail())?.into_inner().tokens)
+    }
+
+    pub async fn revoke_admin_token(&mut self, id: &str) -> Result<pb::AdminToken> {
+        let req = pb::RevokeAdminTokenRequest { id: id.to_string() };
+        let r = self.raw.admin_tokens.revoke_admin_token(req).await;
+        Ok(r.map_err(self.fail())?
+            .into_inner()
+            .token
+            .unwrap_or_default())
+    }
+
+    /// Replaces a vendor's prices with those of LiteLLM's price file (its
+    /// JSON text as published).
+    pub async fn import_vendor_prices(
+        &mut self,
+        name: &str,
+        litellm_json: String,
+    ) -> Result<pb::ImportVendorPricesResponse> {
+        let req = pb::ImportVendorPricesRequest {
+            name: name.to_string(),
+            litellm_json,
+        };
+        let r = self.raw.vendors.import_vendor_prices(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// Re-wraps every vendor credential under the answering control
+    /// plane's primary master key.
+    pub async fn rotate_kek(&mut self) -> Result<pb::RotateKekResponse> {
+        let r = self.raw.vendors.rotate_kek(pb::RotateKekRequest {}).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
 }
 
 #[cfg(test)]

@@ -257,7 +257,7 @@ async fn cli_manages_issuer_tokens_and_grpc_mints_with_one() {
     assert_eq!(created["key_id"], parent_id.as_str());
     let listed = keycap_cli(&url, &boot, &["key", "issuer-token", "list", &parent_id]).await;
     assert!(!listed.stdout.contains(&token), "{}", listed.stdout);
-    assert_eq!(listed.json()[0]["id"], id.as_str());
+    assert_eq!(listed.json()["issuer_tokens"][0]["id"], id.as_str());
 
     fn with_token<T>(msg: T, token: &str) -> Request<T> {
         let mut req = Request::new(msg);
@@ -301,7 +301,7 @@ async fn cli_manages_issuer_tokens_and_grpc_mints_with_one() {
     let revoked = keycap_cli(&url, &boot, &["key", "issuer-token", "revoke", &id])
         .await
         .json();
-    assert_eq!(revoked["status"], "KEY_STATUS_REVOKED");
+    assert_eq!(revoked["status"], "revoked");
     let refused = keys
         .create_key(with_token(child, &token))
         .await
@@ -310,7 +310,7 @@ async fn cli_manages_issuer_tokens_and_grpc_mints_with_one() {
     let all = keycap_cli(&url, &boot, &["key", "issuer-token", "list", &parent_id]).await;
     assert_eq!(
         all.json(),
-        json!([]),
+        json!({"issuer_tokens": []}),
         "revoked tokens are listed only with --all"
     );
     let all = keycap_cli(
@@ -320,7 +320,7 @@ async fn cli_manages_issuer_tokens_and_grpc_mints_with_one() {
     )
     .await
     .json();
-    assert_eq!(all[0]["status"], "KEY_STATUS_REVOKED");
+    assert_eq!(all["issuer_tokens"][0]["status"], "revoked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,6 +127,111 @@ async fn a_rust_service_walks_the_whole_flow_with_keycap_client() {
     assert_eq!(billed.len(), 1, "{entries:?}");
     assert_eq!(billed[0].cost_micros, spent.total_micros);
     assert_eq!(billed[0].path, "/v1/chat/completions");
+
+    // The ledger verifies, over gRPC as over REST.
+    let newest = client
+        .audit_query(&AuditFilter::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .max()
+        .unwrap();
+    let verified = client.verify_audit(None).await.unwrap();
+    assert!(verified.ok, "{verified:?}");
+    assert_eq!(verified.head_seq, newest);
+    assert_eq!(
+        hex::encode(&verified.head_hash),
+        stack.admin.get("/vault/audit/verify").await.expect(200)["head_hash"]
+            .as_str()
+            .unwrap()
+    );
+    assert_eq!(client.verify_audit(Some(newest)).await.unwrap().checked, 1);
+    for cp in client.checkpoints(5).await.unwrap() {
+        assert!(cp.seq <= newest && cp.hash.len() == 32 && cp.signature.len() == 64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycap_client_manages_admin_and_issuer_tokens() {
+    let stack = Stack::start().await;
+    let mock = MockVendor::start(OPENAI_CREDENTIAL).await;
+    let token = stack.control.opts.admin_token.clone();
+    let mut client = Client::connect(&stack.control.url(), &token, None)
+        .await
+        .unwrap();
+
+    let (secret, minted) = client
+        .create_admin_token(
+            "rs reader",
+            &["keys:read"],
+            &["rs-openai"],
+            Some(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    assert!(secret.starts_with("kcadm_"));
+    assert_eq!(minted.scopes, ["keys:read"]);
+    assert_eq!(minted.vendors, ["rs-openai"]);
+    assert!(client
+        .list_admin_tokens(false)
+        .await
+        .unwrap()
+        .iter()
+        .any(|t| t.id == minted.id));
+    let mut reader = Client::connect(&stack.control.url(), &secret, None)
+        .await
+        .unwrap();
+    assert!(reader.list_keys("", false).await.is_ok());
+    let e = reader.list_vendors().await.unwrap_err();
+    assert_eq!(e.code(), "missing_scope", "{e}");
+    assert!(!format!("{e:?}{e}").contains(&secret));
+    let revoked = client.revoke_admin_token(&minted.id).await.unwrap();
+    assert_eq!(revoked.status, keycap_client::pb::KeyStatus::Revoked as i32);
+    assert!(!client
+        .list_admin_tokens(false)
+        .await
+        .unwrap()
+        .iter()
+        .any(|t| t.id == minted.id));
+    assert_eq!(
+        reader.list_keys("", false).await.unwrap_err().code(),
+        "unauthenticated"
+    );
+    let e = client
+        .create_admin_token("typo", &["keys:reed"], &[], None)
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.field()), ("invalid_request", Some("scopes")));
+
+    client
+        .put_vendor("rs-openai", "openai", &mock.url(), Some(mock.credential()))
+        .await
+        .unwrap();
+    let parent = client
+        .create_key(new_key("rs-openai", "5", "rs-client/issuer"))
+        .await
+        .unwrap();
+    let (issuer_secret, issuer) = client
+        .create_issuer_token(parent.id(), "scenario", Duration::from_secs(1800))
+        .await
+        .unwrap();
+    assert!(issuer_secret.starts_with("kciss_"));
+    let listed = client.list_issuer_tokens(parent.id(), false).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        [issuer.id.as_str()]
+    );
+    client.revoke_issuer_token(&issuer.id).await.unwrap();
+    assert!(client
+        .list_issuer_tokens(parent.id(), false)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        client.list_issuer_tokens(parent.id(), true).await.unwrap()[0].status,
+        keycap_client::pb::KeyStatus::Revoked as i32
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@
 """
 
 from ._client import (
+    AdminTokens,
+    AsyncAdminTokens,
     AsyncAudit,
     AsyncClient,
     AsyncKeys,
@@ -30,17 +32,26 @@ from ._errors import (
     Unavailable,
 )
 from ._types import (
+    AdminToken,
     AuditEntry,
+    BrokenEntry,
+    Checkpoint,
     Confirmation,
+    CreatedAdminToken,
     CreatedIssuerToken,
     CreatedKey,
     Duration,
     IssuerToken,
+    KekRotation,
     Key,
     KeyRevocation,
     Money,
+    PriceImport,
     RunRevocation,
+    SkippedPrice,
     Spend,
+    UnusedPrice,
+    Verification,
     Vendor,
     VendorProxyError,
     VendorSpend,
@@ -49,6 +60,9 @@ from ._types import (
 )
 
 __all__ = [
+    "AdminToken", "AdminTokens", "AsyncAdminTokens", "BrokenEntry", "Checkpoint",
+    "CreatedAdminToken", "KekRotation", "PriceImport", "SkippedPrice", "UnusedPrice",
+    "Verification",
     "AsyncAudit", "AsyncClient", "AsyncKeys", "AsyncVendors", "Audit", "AuditEntry", "Client",
     "Confirmation", "Conflict", "CreatedIssuerToken", "CreatedKey", "Duration", "InvalidRequest",
     "IssuerToken", "Key", "KeyRevocation", "KeycapError", "Keys", "Money", "NotFound",

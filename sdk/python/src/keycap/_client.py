@@ -23,17 +23,23 @@ from keycap.v1 import admin_pb2_grpc as rpc
 
 from ._errors import KeycapError, Unauthenticated, from_rpc_error
 from ._types import (
+    AdminToken,
     AuditEntry,
+    Checkpoint,
     Confirmation,
+    CreatedAdminToken,
     CreatedIssuerToken,
     CreatedKey,
     Duration,
     IssuerToken,
     Key,
+    KekRotation,
     KeyRevocation,
     Money,
+    PriceImport,
     RunRevocation,
     Spend,
+    Verification,
     Vendor,
     VendorWrite,
     micros,
@@ -139,8 +145,19 @@ class _Requests:
         return req
 
 
+def _admin_token_request(name: str, scopes: Sequence[str], vendors: Sequence[str] | None,
+                         expires_in: Duration | None) -> pb.CreateAdminTokenRequest:
+    return pb.CreateAdminTokenRequest(
+        name=name, scopes=list(scopes), vendors=list(vendors or ()),
+        expires_in_seconds=0 if expires_in is None else seconds("expires_in", expires_in))
+
+
 def _ack_ms(d: Duration | None) -> int:
     return 0 if d is None else seconds("ack_timeout", d) * 1000
+
+
+def _kek_rotation(r: pb.RotateKekResponse) -> KekRotation:
+    return KekRotation(r.kek_id, r.rewrapped, r.already_current, tuple(r.failed_vendors))
 
 
 def _created_key(r: pb.CreateKeyResponse) -> CreatedKey:
@@ -158,6 +175,7 @@ class _Sync:
         self._vendors = rpc.VendorServiceStub(channel)
         self._keys = rpc.KeyServiceStub(channel)
         self._audit = rpc.AuditServiceStub(channel)
+        self._admin_tokens = rpc.AdminTokenServiceStub(channel)
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -186,6 +204,18 @@ class Vendors(_Sync):
         r = self._call(self._vendors.DeleteVendor,
                        pb.DeleteVendorRequest(name=name, ack_timeout_ms=_ack_ms(ack_timeout)))
         return Confirmation._from(r.confirmation)
+
+    def import_prices(self, name: str, litellm_json: str) -> PriceImport:
+        """Replaces the vendor's prices with those of LiteLLM's price file
+        (its JSON text as published)."""
+        return PriceImport._from(self._call(self._vendors.ImportVendorPrices,
+                                            pb.ImportVendorPricesRequest(
+                                                name=name, litellm_json=litellm_json)))
+
+    def rotate_kek(self) -> KekRotation:
+        """Re-wraps every vendor credential under the answering control
+        plane's primary master key."""
+        return _kek_rotation(self._call(self._vendors.RotateKek, pb.RotateKekRequest()))
 
 
 class Keys(_Sync):
@@ -259,6 +289,37 @@ class Audit(_Sync):
                 return
             page = r.next_page_token
 
+    def verify(self, *, from_seq: int | None = None) -> Verification:
+        """Recomputes the ledger's hash chain (from `from_seq`, trusting the
+        hash stored before it) and holds its end against the latest signed
+        checkpoint."""
+        return Verification._from(self._call(self._audit.VerifyAudit,
+                                             pb.VerifyAuditRequest(from_seq=from_seq or 0)))
+
+    def checkpoints(self, *, limit: int | None = None) -> list[Checkpoint]:
+        """The ledger's signed checkpoints, newest first."""
+        r = self._call(self._audit.ListCheckpoints, pb.ListCheckpointsRequest(limit=limit or 0))
+        return [Checkpoint._from(c) for c in r.checkpoints]
+
+
+class AdminTokens(_Sync):
+    def create(self, *, name: str, scopes: Sequence[str], vendors: Sequence[str] | None = None,
+               expires_in: Duration | None = None) -> CreatedAdminToken:
+        """Mints an admin token with `scopes` (restricted to `vendors` when
+        given); the answer carries its secret (`.token`) once."""
+        r = self._call(self._admin_tokens.CreateAdminToken,
+                       _admin_token_request(name, scopes, vendors, expires_in))
+        return CreatedAdminToken(r.secret, AdminToken._from(r.token))
+
+    def list(self, *, include_inactive: bool = False) -> builtins.list[AdminToken]:
+        r = self._call(self._admin_tokens.ListAdminTokens,
+                       pb.ListAdminTokensRequest(include_inactive=include_inactive))
+        return [AdminToken._from(t) for t in r.tokens]
+
+    def revoke(self, id: str) -> AdminToken:
+        r = self._call(self._admin_tokens.RevokeAdminToken, pb.RevokeAdminTokenRequest(id=id))
+        return AdminToken._from(r.token)
+
 
 class Client:
     """keycap's admin API, blocking.
@@ -283,6 +344,7 @@ class Client:
         self.vendors = Vendors(self._channel, target, metadata)
         self.keys = Keys(self._channel, target, metadata)
         self.audit = Audit(self._channel, target, metadata)
+        self.admin_tokens = AdminTokens(self._channel, target, metadata)
 
     def spend(self, *, agent_run_label: str) -> Spend:
         """What an agent run spent, in total and per vendor."""
@@ -313,6 +375,7 @@ class _Async:
         self._vendors = rpc.VendorServiceStub(channel)
         self._keys = rpc.KeyServiceStub(channel)
         self._audit = rpc.AuditServiceStub(channel)
+        self._admin_tokens = rpc.AdminTokenServiceStub(channel)
 
     async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -342,6 +405,14 @@ class AsyncVendors(_Async):
         r = await self._call(self._vendors.DeleteVendor,
                              pb.DeleteVendorRequest(name=name, ack_timeout_ms=_ack_ms(ack_timeout)))
         return Confirmation._from(r.confirmation)
+
+    async def import_prices(self, name: str, litellm_json: str) -> PriceImport:
+        return PriceImport._from(await self._call(self._vendors.ImportVendorPrices,
+                                                  pb.ImportVendorPricesRequest(
+                                                      name=name, litellm_json=litellm_json)))
+
+    async def rotate_kek(self) -> KekRotation:
+        return _kek_rotation(await self._call(self._vendors.RotateKek, pb.RotateKekRequest()))
 
 
 class AsyncKeys(_Async):
@@ -412,6 +483,34 @@ class AsyncAudit(_Async):
                 return
             page = r.next_page_token
 
+    async def verify(self, *, from_seq: int | None = None) -> Verification:
+        return Verification._from(await self._call(
+            self._audit.VerifyAudit, pb.VerifyAuditRequest(from_seq=from_seq or 0)))
+
+    async def checkpoints(self, *, limit: int | None = None) -> list[Checkpoint]:
+        r = await self._call(self._audit.ListCheckpoints,
+                             pb.ListCheckpointsRequest(limit=limit or 0))
+        return [Checkpoint._from(c) for c in r.checkpoints]
+
+
+class AsyncAdminTokens(_Async):
+    async def create(self, *, name: str, scopes: Sequence[str],
+                     vendors: Sequence[str] | None = None,
+                     expires_in: Duration | None = None) -> CreatedAdminToken:
+        r = await self._call(self._admin_tokens.CreateAdminToken,
+                             _admin_token_request(name, scopes, vendors, expires_in))
+        return CreatedAdminToken(r.secret, AdminToken._from(r.token))
+
+    async def list(self, *, include_inactive: bool = False) -> builtins.list[AdminToken]:
+        r = await self._call(self._admin_tokens.ListAdminTokens,
+                             pb.ListAdminTokensRequest(include_inactive=include_inactive))
+        return [AdminToken._from(t) for t in r.tokens]
+
+    async def revoke(self, id: str) -> AdminToken:
+        r = await self._call(self._admin_tokens.RevokeAdminToken,
+                             pb.RevokeAdminTokenRequest(id=id))
+        return AdminToken._from(r.token)
+
 
 class AsyncClient:
     """`Client`'s surface on asyncio (grpc.aio); the same arguments."""
@@ -429,6 +528,7 @@ class AsyncClient:
         self.vendors = AsyncVendors(self._channel, target, metadata)
         self.keys = AsyncKeys(self._channel, target, metadata)
         self.audit = AsyncAudit(self._channel, target, metadata)
+        self.admin_tokens = AsyncAdminTokens(self._channel, target, metadata)
 
     async def spend(self, *, agent_run_label: str) -> Spend:
         r = await self.audit._call(self.audit._audit.SpendSummary,

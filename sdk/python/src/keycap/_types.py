@@ -322,3 +322,137 @@ class Spend:
     def _from(cls, m: pb.SpendSummaryResponse) -> Spend:
         return cls(m.agent_run_label, usd(m.total_micros), m.calls,
                    tuple(VendorSpend(v.vendor, usd(v.total_micros), v.calls) for v in m.vendors))
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """An admin token as keycap stores it: never its secret. `vendors` is
+    empty for a token that may act on every vendor."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    vendors: tuple[str, ...]
+    token_prefix: str
+    status: str
+    created_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def _from(cls, m: pb.AdminToken) -> AdminToken:
+        return cls(m.id, m.name, tuple(m.scopes), tuple(m.vendors), m.token_prefix,
+                   _STATUS.get(m.status, "unknown"),
+                   _time(m.created_at, m.HasField("created_at")),
+                   _time(m.expires_at, m.HasField("expires_at")),
+                   _time(m.revoked_at, m.HasField("revoked_at")))
+
+
+@dataclass(frozen=True)
+class CreatedAdminToken:
+    """A new admin token; `token` is its secret, shown once, not in the repr."""
+
+    token: str = field(repr=False)
+    info: AdminToken
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+
+@dataclass(frozen=True)
+class BrokenEntry:
+    """The first audit entry whose hash chain does not hold, and why."""
+
+    seq: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Whether the audit ledger's hash chain holds (`ok`); `broken` names
+    the first entry that breaks it."""
+
+    ok: bool
+    checked: int
+    legacy: int
+    head_seq: int | None
+    head_hash: str | None
+    broken: BrokenEntry | None
+    checkpoint_seq: int | None
+
+    @classmethod
+    def _from(cls, m: pb.VerifyAuditResponse) -> Verification:
+        head = bool(m.head_hash)
+        return cls(
+            ok=m.ok, checked=m.checked, legacy=m.legacy,
+            head_seq=m.head_seq if head else None,
+            head_hash=m.head_hash.hex() if head else None,
+            broken=None if m.ok else BrokenEntry(m.broken_seq, m.broken_reason, m.broken_message),
+            checkpoint_seq=m.checkpoint_seq or None,
+        )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A signed checkpoint of the ledger's head: hex SHA-256 `hash` of the
+    entry at `seq`, and the Ed25519 `public_key` and `signature` over it."""
+
+    seq: int
+    hash: str
+    at: datetime | None
+    public_key: str
+    signature: str
+
+    @classmethod
+    def _from(cls, m: pb.Checkpoint) -> Checkpoint:
+        return cls(m.seq, m.hash.hex(), _time(m.at, m.HasField("at")), m.public_key.hex(),
+                   m.signature.hex())
+
+
+@dataclass(frozen=True)
+class KekRotation:
+    """The answer to `vendors.rotate_kek`: not done while `failed_vendors`
+    is not empty."""
+
+    kek_id: str
+    rewrapped: int
+    already_current: int
+    failed_vendors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SkippedPrice:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UnusedPrice:
+    kind: str
+    reason: str
+    entries: int
+
+
+@dataclass(frozen=True)
+class PriceImport:
+    """The answer to `vendors.import_prices`: the vendor with its new
+    prices, and what the file priced, skipped and left out."""
+
+    vendor: Vendor
+    as_of: str
+    entries: int
+    models: tuple[str, ...]
+    embeddings: tuple[str, ...]
+    images: tuple[str, ...]
+    skipped: tuple[SkippedPrice, ...]
+    unused_prices: tuple[UnusedPrice, ...]
+
+    @classmethod
+    def _from(cls, m: pb.ImportVendorPricesResponse) -> PriceImport:
+        r = m.report
+        return cls(Vendor._from(m.vendor), r.as_of, r.entries, tuple(r.models),
+                   tuple(r.embeddings), tuple(r.images),
+                   tuple(SkippedPrice(s.name, s.reason) for s in r.skipped),
+                   tuple(UnusedPrice(u.kind, u.reason, u.entries) for u in r.unused_prices))
