@@ -31,6 +31,9 @@ use crate::service::{
     PutVendor, VendorView,
 };
 
+mod webhooks;
+pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
+
 type Ctl = State<Arc<Control>>;
 
 impl IntoResponse for ApiError {
@@ -75,6 +78,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/verify", get(verify_audit))
         .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/vault/audit/export", get(export_audit))
+        .merge(webhooks::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

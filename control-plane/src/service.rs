@@ -32,6 +32,9 @@ use crate::ledger;
 use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
+mod alerts;
+pub use alerts::SPOOL_BACKLOG;
+
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.
 pub const KEY_MEMORY: chrono::Duration = chrono::Duration::hours(24);
@@ -389,6 +392,9 @@ pub struct Control {
     ack_timeout: Duration,
     /// Where vendors' base URLs may point (`--allow-private-upstreams`).
     upstreams: domain::UpstreamPolicy,
+    /// This replica's webhook sender, once `deliver_webhooks` started it;
+    /// without one, events wait in the outbox for a replica that has one.
+    courier: std::sync::OnceLock<Arc<crate::webhook::delivery::Courier>>,
 }
 
 impl Control {
@@ -417,6 +423,7 @@ impl Control {
             acks,
             ack_timeout,
             upstreams,
+            courier: std::sync::OnceLock::new(),
         }))
     }
 
@@ -1367,9 +1374,11 @@ impl Control {
         // Its whole subtree was revoked with it: proxies must refuse every
         // key in it before the revocation is confirmed.
         let ids = std::iter::once(revoked.key.id.clone())
-            .chain(revoked.descendants)
+            .chain(revoked.descendants.iter().cloned())
             .collect();
         let confirmation = self.confirm_revocation(ids, version, ack_timeout).await?;
+        self.alert_key_revoked(&revoked.key, &revoked.descendants, &confirmation)
+            .await;
         Ok((self.view(revoked.key, Utc::now()).await?, confirmation))
     }
 
@@ -1391,7 +1400,7 @@ impl Control {
             .await?;
         let version = self.publish_head().await?;
         let filter = KeyFilter {
-            agent_run_label: Some(label),
+            agent_run_label: Some(label.clone()),
             vendor: None,
             include_inactive: true,
         };
@@ -1406,6 +1415,7 @@ impl Control {
         let confirmation = self
             .confirm_revocation(revoked, version, ack_timeout)
             .await?;
+        self.alert_run_revoked(&label, &ids, &confirmation).await;
         Ok((ids, confirmation))
     }
 
@@ -1776,7 +1786,13 @@ impl Control {
         }
         let now = Utc::now();
         req.expires_at = now + chrono::Duration::from_std(LEASE_TTL).expect("constant fits");
-        Ok(self.store.grant_lease(&req, now).await?)
+        let grant = self.store.grant_lease(&req, now).await?;
+        if grant.granted.0 == 0 {
+            // The key cannot cover the call's minimum: the proxy refuses it
+            // at the cap.
+            self.note_cap_refusal(&req.key_id, now).await;
+        }
+        Ok(grant)
     }
 
     /// Closes a lease. With `node`, only a lease granted to that node is
@@ -1825,7 +1841,9 @@ impl Control {
                 "at most 10000 per batch",
             )));
         }
-        Ok(self.store.record_spend(events).await?)
+        let recorded = self.store.record_spend(events).await?;
+        self.check_thresholds(events).await;
+        Ok(recorded)
     }
 }
 

@@ -149,6 +149,8 @@ mod tests {
             change_log_keep: 100_000,
             ack_timeout_ms: 2000,
             allow_private_upstreams: false,
+            allow_private_webhooks: false,
+            webhook_timeout_ms: 10_000,
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),
             client_ca: client_ca.then(|| ca.ca_pem()),
