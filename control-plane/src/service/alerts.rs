@@ -62,6 +62,9 @@ impl Control {
         req: &EndpointRequest,
     ) -> Result<(WebhookEndpoint, String), ApiError> {
         let new = NewWebhookEndpoint::new(req, Utc::now())?;
+        if let Some(courier) = self.courier.get() {
+            courier.check_destination(&new.endpoint.url).await?;
+        }
         let sealed = self
             .sealer
             .seal(&secret_record(&new.endpoint.id), new.secret.as_bytes());

@@ -32,6 +32,7 @@ use super::{
     SIGNATURE_HEADER,
 };
 use crate::crypto::Sealer;
+use crate::domain::{invalid, InvalidInput};
 use crate::store::Store;
 
 /// How long after its event a delivery is retried before it fails.
@@ -187,6 +188,39 @@ impl Courier {
 
     pub fn destinations(&self) -> Destinations {
         self.destinations
+    }
+
+    /// Refuses, as bad input, a URL whose host does not resolve or
+    /// resolves to an address deliveries may not reach. Deliveries check
+    /// again, each time: DNS answers change.
+    pub async fn check_destination(&self, url: &str) -> Result<(), InvalidInput> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| invalid("url", format!("not a URL: {e}")))?;
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name: Name = host
+            .parse()
+            .map_err(|_| invalid("url", "not a host name"))?;
+        let mut resolver = CheckedResolver {
+            destinations: self.destinations,
+        };
+        match tower::Service::call(&mut resolver, name).await {
+            Ok(_) => Ok(()),
+            Err(e) => match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<PrivateDestination>())
+            {
+                Some(p) => Err(invalid("url", p.to_string())),
+                None => Err(invalid(
+                    "url",
+                    format!("{} does not resolve: {e}", keycap_proto::clip(host, 128)),
+                )),
+            },
+        }
     }
 
     /// Says that a delivery may be due now.
