@@ -107,6 +107,9 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         audit_retention_days: None,
         // The sandbox vendor is plain http on loopback.
         allow_private_upstreams: true,
+        // A receiver on this machine is what a developer tries first.
+        allow_private_webhooks: true,
+        webhook_timeout_ms: 10_000,
         previous_master_keys: Vec::new(),
         previous_master_key_files: Vec::new(),
         // `keycap dev` stays on plain loopback.

@@ -84,6 +84,17 @@ pub struct ControlConfig {
     #[arg(long, env = "KEYCAP_AUDIT_RETENTION_DAYS",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub audit_retention_days: Option<u32>,
+    /// Let alert webhooks go to loopback, private, link-local and other
+    /// non-public addresses. Off by default: a registered URL whose host
+    /// resolves to such an address (checked at every delivery) is refused.
+    #[arg(long, env = "KEYCAP_ALLOW_PRIVATE_WEBHOOKS")]
+    pub allow_private_webhooks: bool,
+    /// How long one webhook delivery attempt may take (connect, send and
+    /// answer), in milliseconds; a replica's claim on a delivery lasts
+    /// twice this plus 5 s, after which another replica may retry it.
+    #[arg(long, env = "KEYCAP_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub webhook_timeout_ms: u64,
     /// Environment tag minted into vault keys (kc_<env>_...).
     #[arg(long, env = "KEYCAP_KEY_ENV", default_value = "live")]
     pub key_env: String,

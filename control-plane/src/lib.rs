@@ -26,3 +26,4 @@ pub mod service;
 pub mod store;
 pub mod tls;
 pub mod ui;
+pub mod webhook;

@@ -38,6 +38,9 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
+mod webhooks;
+pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
+
 type Ctl = State<Arc<Control>>;
 
 /// The body of every error answer of the REST mapping (see
@@ -304,6 +307,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/verify", get(verify_audit))
         .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/vault/audit/export", get(export_audit))
+        .merge(webhooks::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

@@ -33,12 +33,17 @@ pub enum Scope {
     TokensRead,
     /// Creating and revoking admin tokens.
     TokensWrite,
+    /// Alert webhook endpoints and their deliveries (events about every
+    /// vendor's keys, so a vendor-restricted token cannot hold them).
+    WebhooksRead,
+    /// Registering, deleting and testing alert webhook endpoints.
+    WebhooksWrite,
     /// Every scope, including ones added later.
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 12] = [
+    pub const ALL: [Scope; 14] = [
         Scope::VendorsRead,
         Scope::VendorsWrite,
         Scope::CredentialsWrite,
@@ -50,6 +55,8 @@ impl Scope {
         Scope::FleetWrite,
         Scope::TokensRead,
         Scope::TokensWrite,
+        Scope::WebhooksRead,
+        Scope::WebhooksWrite,
         Scope::Admin,
     ];
 
@@ -66,6 +73,8 @@ impl Scope {
             Scope::FleetWrite => "fleet:write",
             Scope::TokensRead => "tokens:read",
             Scope::TokensWrite => "tokens:write",
+            Scope::WebhooksRead => "webhooks:read",
+            Scope::WebhooksWrite => "webhooks:write",
             Scope::Admin => "admin",
         }
     }
@@ -269,10 +278,17 @@ pub enum Operation {
     /// Replace a vendor's prices with a table converted from LiteLLM's
     /// price file: a price change, so it needs what one needs.
     ImportVendorPrices,
+    CreateWebhook,
+    ListWebhooks,
+    DeleteWebhook,
+    /// Send a test event to an endpoint.
+    TestWebhook,
+    /// An endpoint's deliveries and their attempts.
+    ListWebhookDeliveries,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 22] = [
+    pub const ALL: [Operation; 27] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -295,6 +311,11 @@ impl Operation {
         Operation::RevokeIssuerToken,
         Operation::RotateKek,
         Operation::ImportVendorPrices,
+        Operation::CreateWebhook,
+        Operation::ListWebhooks,
+        Operation::DeleteWebhook,
+        Operation::TestWebhook,
+        Operation::ListWebhookDeliveries,
     ];
 }
 
@@ -320,6 +341,8 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],
         O::ListAdminTokens => &[S::TokensRead],
         O::RotateKek => &[S::CredentialsWrite],
+        O::CreateWebhook | O::DeleteWebhook | O::TestWebhook => &[S::WebhooksWrite],
+        O::ListWebhooks | O::ListWebhookDeliveries => &[S::WebhooksRead],
     }
 }
 

@@ -86,6 +86,18 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         config.change_log_keep,
     );
     control.heartbeat_fleet();
+    control.deliver_webhooks(
+        if config.allow_private_webhooks {
+            tracing::warn!(
+                "--allow-private-webhooks: alert webhooks may go to loopback, private and \
+                 link-local addresses"
+            );
+            crate::webhook::delivery::Destinations::AllowPrivate
+        } else {
+            crate::webhook::delivery::Destinations::PublicOnly
+        },
+        Duration::from_millis(config.webhook_timeout_ms),
+    )?;
     control.checkpoint_ledger_periodically();
     control.maintain_ledger_periodically(config.audit_retention_days);
     if let Some(token) = &config.admin_token {

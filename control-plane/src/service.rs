@@ -32,6 +32,9 @@ use crate::ledger;
 use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
+mod alerts;
+pub use alerts::SPOOL_BACKLOG;
+
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.
 pub const KEY_MEMORY: chrono::Duration = chrono::Duration::hours(24);
@@ -394,6 +397,9 @@ pub struct Control {
     upstreams: domain::UpstreamPolicy,
     /// Joins concurrent spend reports into one store batch.
     spend: crate::ingest::SpendIngest,
+    /// This replica's webhook sender, once `deliver_webhooks` started it;
+    /// without one, events wait in the outbox for a replica that has one.
+    courier: std::sync::OnceLock<Arc<crate::webhook::delivery::Courier>>,
 }
 
 impl Control {
@@ -422,6 +428,7 @@ impl Control {
             ack_timeout,
             upstreams,
             spend: crate::ingest::SpendIngest::start(store.clone()),
+            courier: std::sync::OnceLock::new(),
             store,
         }))
     }
@@ -1414,9 +1421,11 @@ impl Control {
         // Its whole subtree was revoked with it: proxies must refuse every
         // key in it before the revocation is confirmed.
         let ids = std::iter::once(revoked.key.id.clone())
-            .chain(revoked.descendants)
+            .chain(revoked.descendants.iter().cloned())
             .collect();
         let confirmation = self.confirm_revocation(ids, version, ack_timeout).await?;
+        self.alert_key_revoked(&revoked.key, &revoked.descendants, &confirmation)
+            .await;
         Ok((self.view(revoked.key, Utc::now()).await?, confirmation))
     }
 
@@ -1438,7 +1447,7 @@ impl Control {
             .await?;
         let version = self.publish_head().await?;
         let filter = KeyFilter {
-            agent_run_label: Some(label),
+            agent_run_label: Some(label.clone()),
             vendor: None,
             include_inactive: true,
         };
@@ -1453,6 +1462,7 @@ impl Control {
         let confirmation = self
             .confirm_revocation(revoked, version, ack_timeout)
             .await?;
+        self.alert_run_revoked(&label, &ids, &confirmation).await;
         Ok((ids, confirmation))
     }
 
@@ -1823,7 +1833,13 @@ impl Control {
         }
         let now = Utc::now();
         req.expires_at = now + chrono::Duration::from_std(LEASE_TTL).expect("constant fits");
-        Ok(self.store.grant_lease(&req, now).await?)
+        let grant = self.store.grant_lease(&req, now).await?;
+        if grant.granted.0 == 0 {
+            // The key cannot cover the call's minimum: the proxy refuses it
+            // at the cap.
+            self.note_cap_refusal(&req.key_id, now).await;
+        }
+        Ok(grant)
     }
 
     /// Closes a lease. With `node`, only a lease granted to that node is
@@ -1874,7 +1890,12 @@ impl Control {
                 "at most 10000 per batch",
             )));
         }
-        Ok(self.spend.record(events).await?)
+        // The thresholds are checked on the keys and days the batch touched,
+        // once it is stored.
+        let touched = alerts::touched(&events);
+        let recorded = self.spend.record(events).await?;
+        self.check_thresholds(touched).await;
+        Ok(recorded)
     }
 }
 

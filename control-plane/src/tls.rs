@@ -150,6 +150,8 @@ mod tests {
             ack_timeout_ms: 2000,
             audit_retention_days: None,
             allow_private_upstreams: false,
+            allow_private_webhooks: false,
+            webhook_timeout_ms: 10_000,
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),
             client_ca: client_ca.then(|| ca.ca_pem()),

@@ -36,6 +36,8 @@ const FIRST_CHOICE: [usize; 3] = [0, 1, 0];
 pub struct FleetOpts {
     /// `KEYCAP_LOG` for every keycap process (else the harness default).
     pub log_level: Option<String>,
+    /// Flags added to every replica's command line.
+    pub control_args: Vec<String>,
 }
 
 /// A running fleet. Field order is drop order: proxies first, then the
@@ -55,6 +57,7 @@ impl Fleet {
     pub async fn start(db: PgDatabase, opts: &FleetOpts) -> Fleet {
         let mut control = ControlOpts::postgres(&db.url);
         control.log_level = opts.log_level.clone();
+        control.args.extend(opts.control_args.iter().cloned());
         // One after the other: both would run the migrations.
         let a = Control::start(control.clone()).await;
         let b = Control::start(control.clone()).await;

@@ -39,6 +39,8 @@ mod metrics;
 mod replicas;
 #[path = "e2e/revocation.rs"]
 mod revocation;
+#[path = "e2e/webhooks.rs"]
+mod webhooks;
 
 const STRIPE_CREDENTIAL: &str = "sk_live_51KeycapE2eRealStripeCredentialDoNotLeak";
 const OPENAI_CREDENTIAL: &str = "sk-proj-KeycapE2eRealOpenAiCredentialDoNotLeak";

@@ -72,6 +72,9 @@ pub trait Dialect: Send + Sync + 'static {
     const FOR_UPDATE: &'static str;
     /// Suffix of a `SELECT` that keeps the rows it reads from changing.
     const FOR_SHARE: &'static str;
+    /// Suffix of a `SELECT` that locks the rows it reads for writing and
+    /// passes over rows another transaction has locked (a work queue).
+    const SKIP_LOCKED: &'static str;
     /// The scalar maximum of two values.
     const GREATEST: &'static str;
 
@@ -148,6 +151,7 @@ impl Dialect for Pg {
     const ROW_LOCKS: bool = true;
     const FOR_UPDATE: &'static str = " FOR UPDATE";
     const FOR_SHARE: &'static str = " FOR SHARE";
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const GREATEST: &'static str = "GREATEST";
 
     async fn migrate(&self, pool: &PgPool) -> StoreResult<()> {
@@ -383,6 +387,7 @@ impl Dialect for Lite {
     const ROW_LOCKS: bool = false;
     const FOR_UPDATE: &'static str = "";
     const FOR_SHARE: &'static str = "";
+    const SKIP_LOCKED: &'static str = "";
     const GREATEST: &'static str = "MAX";
 
     async fn migrate(&self, pool: &SqlitePool) -> StoreResult<()> {

@@ -23,10 +23,14 @@ use crate::domain::{
     VendorLoadError,
 };
 use crate::ledger::{Checkpoint, Retention};
+use crate::webhook::{
+    Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
+};
 
 pub mod dialect;
 mod sql;
 mod sql_store;
+mod webhook_rows;
 
 pub use dialect::{Dialect, CHANGE_CHANNEL};
 pub use sql_store::{PgStore, SqlStore, SqliteStore};
@@ -362,4 +366,59 @@ pub trait Store: Send + Sync + 'static {
     async fn ledger_retention(&self) -> StoreResult<Retention>;
     /// Total settled spend and call count of a run label, per vendor.
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary>;
+
+    // --- alert webhooks (see `crate::webhook`) -------------------------------
+    /// Registers an endpoint with its sealed signing secret; `Conflict` if
+    /// its id is taken.
+    async fn insert_webhook_endpoint(
+        &self,
+        endpoint: &WebhookEndpoint,
+        sealed_secret: &[u8],
+    ) -> StoreResult<()>;
+    /// Every endpoint, oldest first.
+    async fn list_webhook_endpoints(&self) -> StoreResult<Vec<WebhookEndpoint>>;
+    async fn get_webhook_endpoint(&self, id: &str) -> StoreResult<Option<WebhookEndpoint>>;
+    /// Deletes an endpoint and its deliveries; `NotFound` if absent.
+    async fn delete_webhook_endpoint(&self, id: &str) -> StoreResult<()>;
+    /// Stores `event` and a pending delivery of it to each of
+    /// `endpoint_ids`, due at `now`, in one transaction — unless an event
+    /// with the same `dedupe` is already stored (by this replica or
+    /// another, now or before), when nothing is written. The unique
+    /// constraint on `dedupe` decides, so concurrent callers raise an event
+    /// once. Whether it was stored.
+    async fn enqueue_webhook_event(
+        &self,
+        event: &WebhookEvent,
+        dedupe: Option<&str>,
+        endpoint_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Claims up to `limit` deliveries for `worker` until `lease_until`:
+    /// each the oldest pending delivery of its endpoint (so an endpoint
+    /// gets its events in order), due at `now`, not leased to a worker
+    /// whose lease still runs. Two workers never claim the same delivery
+    /// (row locks skipped on PostgreSQL, one writer at a time on SQLite).
+    async fn claim_webhook_deliveries(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ClaimedDelivery>>;
+    /// Records an attempt of a delivery `worker` holds and what it leaves
+    /// the delivery as, releasing the lease. Ignored (false) when the lease
+    /// was lost to another worker meanwhile.
+    async fn finish_webhook_attempt(
+        &self,
+        seq: i64,
+        worker: &str,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+    ) -> StoreResult<bool>;
+    /// An endpoint's newest deliveries with their attempts, newest first.
+    async fn webhook_deliveries(&self, endpoint_id: &str, limit: u32)
+        -> StoreResult<Vec<Delivery>>;
+    /// Adds one to the counter of (`subject`, `bucket`) and returns its new
+    /// value; every replica counts into the same row.
+    async fn count_alert(&self, subject: &str, bucket: &str) -> StoreResult<i64>;
 }

@@ -27,6 +27,10 @@ use super::sql::{
     FleetNodeRow, NodeLeaseRow, FLEET_NODE_COLUMNS, LEASE_COLUMNS, NODE_LEASE_COLUMNS,
 };
 use super::sql::{IssuerTokenRow, ISSUER_TOKEN_COLUMNS};
+use super::webhook_rows::{
+    endpoint_lists, AttemptRow, ClaimRow, DeliveryRow, WebhookEndpointRow, ATTEMPT_COLUMNS,
+    CLAIM_COLUMNS, DELIVERY_COLUMNS, ENDPOINT_COLUMNS,
+};
 use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
@@ -34,6 +38,9 @@ use crate::domain::{
     Vendor, VendorLoadError,
 };
 use crate::ledger::{self, Checkpoint, Retention};
+use crate::webhook::{
+    Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
+};
 
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
@@ -144,6 +151,10 @@ where
     for<'r> FleetNodeRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> NodeLeaseRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> VendorLoadErrorRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> WebhookEndpointRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> ClaimRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> DeliveryRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> AttemptRow: FromRow<'r, <D::Db as Database>::Row>,
 {
     async fn begin_write(&self) -> StoreResult<WriteTx<'_, D::Db>> {
         self.dialect.begin_write(&self.pool).await
@@ -308,6 +319,10 @@ where
     for<'r> FleetNodeRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> NodeLeaseRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> VendorLoadErrorRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> WebhookEndpointRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> ClaimRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> DeliveryRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> AttemptRow: FromRow<'r, <D::Db as Database>::Row>,
 {
     async fn migrate(&self) -> StoreResult<()> {
         self.dialect.migrate(&self.pool).await
@@ -1587,4 +1602,276 @@ where
         }
         Ok(summary)
     }
+
+    async fn insert_webhook_endpoint(
+        &self,
+        e: &WebhookEndpoint,
+        sealed_secret: &[u8],
+    ) -> StoreResult<()> {
+        let (events, thresholds) = endpoint_lists(e)?;
+        let mut w = self.begin_write().await?;
+        sqlx::query(&format!(
+            "INSERT INTO webhook_endpoints ({ENDPOINT_COLUMNS}, sealed_secret) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ))
+        .bind(e.id.as_str())
+        .bind(e.url.as_str())
+        .bind(events)
+        .bind(thresholds)
+        .bind(e.run_label.as_deref())
+        .bind(e.key_id.as_deref())
+        .bind(e.format.as_str())
+        .bind(e.description.as_str())
+        .bind(micros(e.created_at))
+        .bind(sealed_secret)
+        .execute(w.conn())
+        .await
+        .map_err(|err| conflict_on_unique(err, || format!("webhook {} already exists", e.id)))?;
+        w.commit().await
+    }
+
+    async fn list_webhook_endpoints(&self) -> StoreResult<Vec<WebhookEndpoint>> {
+        let sql =
+            format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints ORDER BY created_at, id");
+        sqlx::query_as::<_, WebhookEndpointRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(WebhookEndpointRow::into_domain)
+            .collect()
+    }
+
+    async fn get_webhook_endpoint(&self, id: &str) -> StoreResult<Option<WebhookEndpoint>> {
+        let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1");
+        sqlx::query_as::<_, WebhookEndpointRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(WebhookEndpointRow::into_domain)
+            .transpose()
+    }
+
+    async fn delete_webhook_endpoint(&self, id: &str) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        // Attempts go with their deliveries, deliveries with their endpoint
+        // (ON DELETE CASCADE); events stay, other endpoints may hold them.
+        let done = sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1")
+            .bind(id)
+            .execute(w.conn())
+            .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("webhook {id}")));
+        }
+        w.commit().await
+    }
+
+    async fn enqueue_webhook_event(
+        &self,
+        event: &WebhookEvent,
+        dedupe: Option<&str>,
+        endpoint_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "INSERT INTO webhook_events (id, type, dedupe, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(event.id.as_str())
+        .bind(event.kind.as_str())
+        .bind(dedupe)
+        .bind(event.payload())
+        .bind(micros(event.created_at))
+        .execute(w.conn())
+        .await?;
+        if D::rows_affected(&done) == 0 {
+            return Ok(false);
+        }
+        for endpoint in endpoint_ids {
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (endpoint_id, event_id, state, attempts, \
+                 next_attempt_at, created_at) VALUES ($1, $2, 'pending', $3, $4, $5)",
+            )
+            .bind(endpoint.as_str())
+            .bind(event.id.as_str())
+            .bind(0i32)
+            .bind(micros(now))
+            .bind(micros(now))
+            .execute(w.conn())
+            .await?;
+        }
+        w.commit().await?;
+        Ok(true)
+    }
+
+    async fn claim_webhook_deliveries(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<ClaimedDelivery>> {
+        let mut w = self.begin_write().await?;
+        // The head of each endpoint's queue: no earlier pending delivery of
+        // the same endpoint (a leased one, in flight elsewhere, counts).
+        let seqs: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT d.seq FROM webhook_deliveries d WHERE d.state = 'pending' \
+             AND d.next_attempt_at <= $1 AND (d.lease_until IS NULL OR d.lease_until <= $1) \
+             AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.endpoint_id = d.endpoint_id \
+             AND e.state = 'pending' AND e.seq < d.seq) \
+             ORDER BY d.seq LIMIT $2{}",
+            D::SKIP_LOCKED
+        ))
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(w.conn())
+        .await?;
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = seqs.iter().map(|s| s.to_string()).collect();
+        let mut q = Statement::new("UPDATE webhook_deliveries SET lease_until = ");
+        q.push_bind(micros(lease_until))
+            .push(", leased_by = ")
+            .push_bind(worker)
+            .push(" WHERE 1 = 1");
+        push_in_ints(&mut q, "seq", &seqs);
+        q.query::<D::Db>().execute(w.conn()).await?;
+        let mut q = Statement::new(format!(
+            "SELECT {CLAIM_COLUMNS} FROM webhook_deliveries d \
+             JOIN webhook_events ev ON ev.id = d.event_id \
+             JOIN webhook_endpoints ep ON ep.id = d.endpoint_id WHERE 1 = 1"
+        ));
+        push_in_ints(&mut q, "d.seq", &seqs);
+        q.push(" ORDER BY d.seq");
+        let rows = q.query_as::<D::Db, ClaimRow>().fetch_all(w.conn()).await?;
+        w.commit().await?;
+        tracing::debug!(worker, deliveries = ?ids, "claimed webhook deliveries");
+        rows.into_iter().map(ClaimRow::into_domain).collect()
+    }
+
+    async fn finish_webhook_attempt(
+        &self,
+        seq: i64,
+        worker: &str,
+        attempt: &Attempt,
+        outcome: AttemptOutcome,
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let held: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT CAST(attempts AS BIGINT) FROM webhook_deliveries \
+             WHERE seq = $1 AND leased_by = $2 AND state = 'pending'{}",
+            D::FOR_UPDATE
+        ))
+        .bind(seq)
+        .bind(worker)
+        .fetch_optional(w.conn())
+        .await?;
+        let Some(before) = held else {
+            return Ok(false);
+        };
+        let number = i32::try_from(before + 1)
+            .map_err(|e| StoreError::Corrupt(format!("webhook_deliveries.attempts: {e}")))?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_seq, attempt, at, status, error, duration_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(seq)
+        .bind(number)
+        .bind(micros(attempt.at))
+        .bind(attempt.status.map(i64::from))
+        .bind(attempt.error.as_str())
+        .bind(attempt.duration_ms)
+        .execute(w.conn())
+        .await?;
+        let (state, next, done_at) = match outcome {
+            AttemptOutcome::Delivered => {
+                ("delivered", micros(attempt.at), Some(micros(attempt.at)))
+            }
+            AttemptOutcome::Failed => ("failed", micros(attempt.at), Some(micros(attempt.at))),
+            AttemptOutcome::Retry(at) => ("pending", micros(at), None),
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = $1, state = $2, next_attempt_at = $3, \
+             done_at = $4, lease_until = NULL, leased_by = NULL WHERE seq = $5",
+        )
+        .bind(number)
+        .bind(state)
+        .bind(next)
+        .bind(done_at)
+        .bind(seq)
+        .execute(w.conn())
+        .await?;
+        w.commit().await?;
+        Ok(true)
+    }
+
+    async fn webhook_deliveries(
+        &self,
+        endpoint_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<Delivery>> {
+        let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d \
+             JOIN webhook_events ev ON ev.id = d.event_id \
+             WHERE d.endpoint_id = $1 ORDER BY d.seq DESC LIMIT $2"
+        ))
+        .bind(endpoint_id)
+        .bind(audit_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let seqs: Vec<i64> = rows.iter().map(DeliveryRow::seq).collect();
+        let mut attempts: std::collections::BTreeMap<i64, Vec<Attempt>> = Default::default();
+        if !seqs.is_empty() {
+            let mut q = Statement::new(format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE 1 = 1"
+            ));
+            push_in_ints(&mut q, "delivery_seq", &seqs);
+            q.push(" ORDER BY delivery_seq, attempt");
+            for row in q
+                .query_as::<D::Db, AttemptRow>()
+                .fetch_all(&self.pool)
+                .await?
+            {
+                let seq = row.delivery_seq();
+                attempts.entry(seq).or_default().push(row.into_domain()?);
+            }
+        }
+        rows.into_iter()
+            .map(|r| {
+                let a = attempts.remove(&r.seq()).unwrap_or_default();
+                r.into_domain(a)
+            })
+            .collect()
+    }
+
+    async fn count_alert(&self, subject: &str, bucket: &str) -> StoreResult<i64> {
+        let mut w = self.begin_write().await?;
+        let n: i64 = sqlx::query_scalar(
+            "INSERT INTO alert_counters (subject, bucket, n) VALUES ($1, $2, 1) \
+             ON CONFLICT (subject, bucket) DO UPDATE SET n = alert_counters.n + 1 RETURNING n",
+        )
+        .bind(subject)
+        .bind(bucket)
+        .fetch_one(w.conn())
+        .await?;
+        w.commit().await?;
+        Ok(n)
+    }
+}
+
+/// ` AND <column> IN (...)` over integers; matches nothing for an empty list.
+fn push_in_ints(q: &mut Statement, column: &str, values: &[i64]) {
+    if values.is_empty() {
+        q.push(" AND 1 = 0");
+        return;
+    }
+    q.push(format!(" AND {column} IN ("));
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            q.push(", ");
+        }
+        q.push_bind(*v);
+    }
+    q.push(")");
 }

@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
     let db = pg::fresh_database().await?;
     let opts = FleetOpts {
         log_level: Some("warn".into()),
+        ..FleetOpts::default()
     };
     let mut fleet = Fleet::start(db, &opts).await;
     println!(

@@ -1,0 +1,514 @@
+//! Alert webhooks as operations: registering endpoints, and raising events
+//! from what the control plane sees — spend crossing a cap threshold,
+//! refusals at a cap, revocations and the proxies that did not confirm
+//! them, proxies' spool backlogs, credentials due for rotation.
+//!
+//! Raising an event only writes it to the store's outbox (once: the store's
+//! unique constraint on what it is about decides); the replica's `Courier`
+//! posts it. A failure to raise is logged, never returned to the call that
+//! caused it: an alert must not undo a revocation or refuse spend.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use keycap_proto::Micros;
+use serde_json::json;
+
+use super::{Confirmation, Control};
+use crate::domain::{KeyFilter, SpendEvent, VaultKey};
+use crate::error::ApiError;
+use crate::webhook::delivery::{Courier, Destinations};
+use crate::webhook::{
+    secret_record, Delivery, EndpointRequest, EventType, NewWebhookEndpoint, Subject,
+    WebhookEndpoint, WebhookEvent, REFUSAL_BURST,
+};
+
+/// A proxy reporting at least this many undelivered spend events in its
+/// spool raises `spool.backlog` (once per proxy and hour).
+pub const SPOOL_BACKLOG: i64 = 1000;
+
+fn usd(m: Micros) -> String {
+    m.to_string()
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// The (key id, UTC day) pairs a batch of spend events touched: what
+/// [`Control::check_thresholds`] looks at once the batch is stored.
+pub(crate) fn touched(events: &[SpendEvent]) -> BTreeSet<(String, String)> {
+    events
+        .iter()
+        .map(|e| (e.key_id.clone(), e.day.clone()))
+        .collect()
+}
+
+impl Control {
+    /// Starts this replica's webhook courier: from now on it posts what the
+    /// outbox holds (whichever replica raised it).
+    pub fn deliver_webhooks(
+        &self,
+        destinations: Destinations,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let courier = Courier::new(
+            self.store.clone(),
+            self.sealer.clone(),
+            destinations,
+            timeout,
+        )?;
+        courier.run();
+        if self.courier.set(courier).is_err() {
+            anyhow::bail!("webhook delivery already started");
+        }
+        Ok(())
+    }
+
+    pub async fn create_webhook(
+        &self,
+        req: &EndpointRequest,
+    ) -> Result<(WebhookEndpoint, String), ApiError> {
+        let new = NewWebhookEndpoint::new(req, Utc::now())?;
+        if let Some(courier) = self.courier.get() {
+            courier.check_destination(&new.endpoint.url).await?;
+        }
+        let sealed = self
+            .sealer
+            .seal(&secret_record(&new.endpoint.id), new.secret.as_bytes());
+        self.store
+            .insert_webhook_endpoint(&new.endpoint, &sealed)
+            .await?;
+        tracing::info!(webhook = %new.endpoint.id, url = %new.endpoint.url, "webhook endpoint registered");
+        let stored = self
+            .store
+            .get_webhook_endpoint(&new.endpoint.id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("webhook {}", new.endpoint.id)))?;
+        Ok((stored, new.secret))
+    }
+
+    pub async fn list_webhooks(&self) -> Result<Vec<WebhookEndpoint>, ApiError> {
+        Ok(self.store.list_webhook_endpoints().await?)
+    }
+
+    pub async fn get_webhook(&self, id: &str) -> Result<WebhookEndpoint, ApiError> {
+        self.store
+            .get_webhook_endpoint(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("webhook {id}")))
+    }
+
+    pub async fn delete_webhook(&self, id: &str) -> Result<(), ApiError> {
+        self.store.delete_webhook_endpoint(id).await?;
+        tracing::info!(webhook = %id, "webhook endpoint deleted");
+        Ok(())
+    }
+
+    /// Queues a `webhook.test` event for one endpoint; returns the event.
+    pub async fn test_webhook(&self, id: &str) -> Result<WebhookEvent, ApiError> {
+        let endpoint = self.get_webhook(id).await?;
+        let event = WebhookEvent::new(
+            EventType::Test,
+            Utc::now(),
+            json!({"webhook_id": endpoint.id, "url": endpoint.url}),
+        );
+        self.store
+            .enqueue_webhook_event(&event, None, &[endpoint.id], Utc::now())
+            .await?;
+        self.wake_courier();
+        Ok(event)
+    }
+
+    /// An endpoint's newest deliveries (at most `limit`, 100 when 0).
+    pub async fn webhook_deliveries(
+        &self,
+        id: &str,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, ApiError> {
+        self.get_webhook(id).await?;
+        Ok(self.store.webhook_deliveries(id, limit).await?)
+    }
+
+    fn wake_courier(&self) {
+        if let Some(c) = self.courier.get() {
+            c.wake();
+        }
+    }
+
+    /// Raises an event for the endpoints among `endpoints` that `wants`
+    /// picks, once per `dedupe`. Nothing is stored when no endpoint wants
+    /// it.
+    async fn raise(
+        &self,
+        endpoints: &[WebhookEndpoint],
+        wants: impl Fn(&WebhookEndpoint) -> bool,
+        kind: EventType,
+        dedupe: Option<String>,
+        data: serde_json::Value,
+    ) {
+        let targets: Vec<String> = endpoints
+            .iter()
+            .filter(|e| wants(e))
+            .map(|e| e.id.clone())
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let now = Utc::now();
+        let event = WebhookEvent::new(kind, now, data);
+        match self
+            .store
+            .enqueue_webhook_event(&event, dedupe.as_deref(), &targets, now)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(event = %event.id, kind = %kind, endpoints = targets.len(), "alert raised");
+                self.wake_courier();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, kind = %kind, "cannot store an alert"),
+        }
+    }
+
+    /// Endpoints that may want `kind`, or `None` when none does (the
+    /// common case: the caller does no more work).
+    async fn endpoints_for(&self, kind: EventType) -> Option<Vec<WebhookEndpoint>> {
+        match self.store.list_webhook_endpoints().await {
+            Ok(all) => {
+                let some: Vec<_> = all
+                    .into_iter()
+                    .filter(|e| e.events.is_empty() || e.events.contains(&kind))
+                    .collect();
+                (!some.is_empty()).then_some(some)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read webhook endpoints");
+                None
+            }
+        }
+    }
+
+    /// After spend was recorded: raises `cap.threshold` for each key, and
+    /// each run, of the `touched` (key id, day) pairs whose spend has reached a threshold an
+    /// endpoint asks for — once per key (or run), cap, period and
+    /// threshold, however many proxies report at once.
+    pub(crate) async fn check_thresholds(&self, touched: BTreeSet<(String, String)>) {
+        if touched.is_empty() {
+            return;
+        }
+        let Some(endpoints) = self.endpoints_for(EventType::CapThreshold).await else {
+            return;
+        };
+        let mut runs: BTreeSet<(String, String)> = BTreeSet::new();
+        for (key_id, day) in &touched {
+            if let Err(e) = self
+                .key_thresholds(&endpoints, key_id, day, &mut runs)
+                .await
+            {
+                tracing::warn!(error = %e, key = key_id, "cannot check a key's cap thresholds");
+            }
+        }
+        for (label, day) in runs {
+            if let Err(e) = self.run_thresholds(&endpoints, &label, &day).await {
+                tracing::warn!(error = %e, run = %label, "cannot check a run's cap thresholds");
+            }
+        }
+    }
+
+    async fn key_thresholds(
+        &self,
+        endpoints: &[WebhookEndpoint],
+        key_id: &str,
+        day: &str,
+        runs: &mut BTreeSet<(String, String)>,
+    ) -> Result<(), ApiError> {
+        let Some(key) = self.store.get_key(key_id).await? else {
+            return Ok(());
+        };
+        let spend = self.store.key_spend(key_id, day).await?;
+        runs.insert((key.agent_run_label.clone(), day.to_string()));
+        let subject = Subject {
+            run_label: Some(&key.agent_run_label),
+            key_id: Some(&key.id),
+        };
+        let base = json!({
+            "subject": "key",
+            "key_id": key.id,
+            "run_label": key.agent_run_label,
+            "vendor": key.vendor.as_str(),
+        });
+        self.crossings(
+            endpoints,
+            &subject,
+            "daily",
+            day,
+            spend.spent_day,
+            key.daily_cap,
+            &base,
+        )
+        .await;
+        if let Some(cap) = key.lifetime_cap {
+            self.crossings(
+                endpoints,
+                &subject,
+                "lifetime",
+                "lifetime",
+                spend.spent_lifetime,
+                cap,
+                &base,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// A run's daily cap is the sum of the daily caps of its keys that do
+    /// not draw on another key of the run (a child's spend already counts
+    /// against its parent's cap); its spend is that of all its keys.
+    async fn run_thresholds(
+        &self,
+        endpoints: &[WebhookEndpoint],
+        label: &str,
+        day: &str,
+    ) -> Result<(), ApiError> {
+        let keys: Vec<VaultKey> = self
+            .store
+            .list_keys(
+                &KeyFilter {
+                    agent_run_label: Some(label.to_string()),
+                    vendor: None,
+                    include_inactive: true,
+                },
+                Utc::now(),
+            )
+            .await?;
+        let ids: BTreeSet<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+        let mut cap = Micros::ZERO;
+        let mut spent = Micros::ZERO;
+        for k in &keys {
+            if !k.parent_id.as_deref().is_some_and(|p| ids.contains(p)) {
+                cap = Micros(cap.0.saturating_add(k.daily_cap.0));
+            }
+            spent = Micros(
+                spent
+                    .0
+                    .saturating_add(self.store.key_spend(&k.id, day).await?.spent_day.0),
+            );
+        }
+        let subject = Subject {
+            run_label: Some(label),
+            key_id: None,
+        };
+        let base = json!({"subject": "run", "run_label": label, "keys": keys.len()});
+        self.crossings(endpoints, &subject, "daily", day, spent, cap, &base)
+            .await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn crossings(
+        &self,
+        endpoints: &[WebhookEndpoint],
+        subject: &Subject<'_>,
+        cap_kind: &str,
+        period: &str,
+        spent: Micros,
+        cap: Micros,
+        base: &serde_json::Value,
+    ) {
+        if cap.0 <= 0 {
+            return;
+        }
+        let wanted: BTreeSet<u8> = endpoints
+            .iter()
+            .flat_map(|e| e.thresholds.iter().copied())
+            .collect();
+        let who = match subject.key_id {
+            Some(k) if base["subject"] == "key" => format!("key|{k}"),
+            _ => format!("run|{}", subject.run_label.unwrap_or("")),
+        };
+        for t in wanted {
+            if i128::from(spent.0) * 100 < i128::from(cap.0) * i128::from(t) {
+                continue;
+            }
+            let mut data = base.clone();
+            data["cap"] = json!(cap_kind);
+            data["period"] = json!(period);
+            data["threshold_percent"] = json!(t);
+            data["cap_usd"] = json!(usd(cap));
+            data["spent_usd"] = json!(usd(spent));
+            data["remaining_usd"] = json!(usd(Micros((cap.0 - spent.0).max(0))));
+            self.raise(
+                endpoints,
+                |e| e.wants_threshold(t, subject),
+                EventType::CapThreshold,
+                Some(format!("cap.threshold|{who}|{cap_kind}|{period}|{t}")),
+                data,
+            )
+            .await;
+        }
+    }
+
+    /// A call refused at a key's cap, as the control plane learns of it
+    /// (today: a lease grant that could not cover the call's minimum,
+    /// which is what a proxy at the cap asks for before refusing; refusal
+    /// records reported by proxies can call this too). The
+    /// `REFUSAL_BURST`-th refusal of a key within a UTC minute raises one
+    /// `cap.refusals` event for that minute.
+    pub async fn note_cap_refusal(&self, key_id: &str, at: DateTime<Utc>) {
+        let Some(endpoints) = self.endpoints_for(EventType::CapRefusals).await else {
+            return;
+        };
+        let minute = at.format("%Y-%m-%dT%H:%MZ").to_string();
+        let n = match self
+            .store
+            .count_alert(&format!("cap.refusals|{key_id}"), &minute)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count a cap refusal");
+                return;
+            }
+        };
+        if n != REFUSAL_BURST {
+            return;
+        }
+        let key = self.store.get_key(key_id).await.ok().flatten();
+        let run = key.as_ref().map(|k| k.agent_run_label.as_str());
+        let subject = Subject {
+            run_label: run,
+            key_id: Some(key_id),
+        };
+        self.raise(
+            &endpoints,
+            |e| e.wants(EventType::CapRefusals, &subject),
+            EventType::CapRefusals,
+            Some(format!("cap.refusals|{key_id}|{minute}")),
+            json!({
+                "key_id": key_id,
+                "run_label": run,
+                "vendor": key.as_ref().map(|k| k.vendor.as_str()),
+                "minute": minute,
+                "refusals": n,
+            }),
+        )
+        .await;
+    }
+
+    /// After a key (and its subtree) was revoked: `key.revoked`, and
+    /// `revocation.unconfirmed` when proxies did not confirm it.
+    pub(crate) async fn alert_key_revoked(
+        &self,
+        key: &VaultKey,
+        descendants: &[String],
+        c: &Confirmation,
+    ) {
+        if let Some(endpoints) = self.endpoints_for(EventType::KeyRevoked).await {
+            let subject = Subject {
+                run_label: Some(&key.agent_run_label),
+                key_id: Some(&key.id),
+            };
+            self.raise(
+                &endpoints,
+                |e| e.wants(EventType::KeyRevoked, &subject),
+                EventType::KeyRevoked,
+                Some(format!("key.revoked|{}", key.id)),
+                json!({
+                    "key_id": key.id,
+                    "run_label": key.agent_run_label,
+                    "vendor": key.vendor.as_str(),
+                    "descendants": descendants,
+                    "revoked_at": key.revoked_at.map(rfc3339),
+                    "confirmed": c.confirmed,
+                    "unconfirmed": c.unconfirmed,
+                }),
+            )
+            .await;
+        }
+        self.alert_unconfirmed(Some(&key.agent_run_label), Some(&key.id), c)
+            .await;
+    }
+
+    /// After a run was revoked (`ids` revoked by this call).
+    pub(crate) async fn alert_run_revoked(&self, label: &str, ids: &[String], c: &Confirmation) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Some(endpoints) = self.endpoints_for(EventType::RunRevoked).await {
+            let subject = Subject {
+                run_label: Some(label),
+                key_id: None,
+            };
+            self.raise(
+                &endpoints,
+                |e| e.wants(EventType::RunRevoked, &subject),
+                EventType::RunRevoked,
+                Some(format!("run.revoked|{label}|{}", c.version)),
+                json!({
+                    "run_label": label,
+                    "key_ids": ids,
+                    "confirmed": c.confirmed,
+                    "unconfirmed": c.unconfirmed,
+                }),
+            )
+            .await;
+        }
+        self.alert_unconfirmed(Some(label), None, c).await;
+    }
+
+    async fn alert_unconfirmed(&self, run: Option<&str>, key: Option<&str>, c: &Confirmation) {
+        if c.unconfirmed.is_empty() {
+            return;
+        }
+        let Some(endpoints) = self.endpoints_for(EventType::RevocationUnconfirmed).await else {
+            return;
+        };
+        let subject = Subject {
+            run_label: run,
+            key_id: key,
+        };
+        self.raise(
+            &endpoints,
+            |e| e.wants(EventType::RevocationUnconfirmed, &subject),
+            EventType::RevocationUnconfirmed,
+            Some(format!(
+                "revocation.unconfirmed|{}|{}|{}",
+                c.version,
+                key.or(run).unwrap_or(""),
+                c.unconfirmed.join(",")
+            )),
+            json!({
+                "run_label": run,
+                "key_id": key,
+                "version": c.version,
+                "unconfirmed": c.unconfirmed,
+                "unconfirmed_lease_usd": usd(c.unconfirmed_lease),
+            }),
+        )
+        .await;
+    }
+
+    /// A proxy reported how many spend events its spool holds undelivered;
+    /// `SPOOL_BACKLOG` or more raises `spool.backlog`, once per proxy and
+    /// UTC hour.
+    pub async fn note_spool_depth(&self, node_id: &str, depth: i64) {
+        if depth < SPOOL_BACKLOG {
+            return;
+        }
+        let Some(endpoints) = self.endpoints_for(EventType::SpoolBacklog).await else {
+            return;
+        };
+        let hour = Utc::now().format("%Y-%m-%dT%HZ").to_string();
+        self.raise(
+            &endpoints,
+            |e| e.wants(EventType::SpoolBacklog, &Subject::default()),
+            EventType::SpoolBacklog,
+            Some(format!("spool.backlog|{node_id}|{hour}")),
+            json!({"node_id": node_id, "spool_depth": depth, "threshold": SPOOL_BACKLOG}),
+        )
+        .await;
+    }
+}
