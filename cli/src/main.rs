@@ -189,6 +189,10 @@ enum VendorCmd {
         /// this vendor (the profile's table format; see docs/pricing.md).
         #[arg(long)]
         prices_file: Option<std::path::PathBuf>,
+        /// Forward the agent's W3C trace context (traceparent, tracestate)
+        /// to this vendor; without it both are stripped.
+        #[arg(long)]
+        forward_trace_context: bool,
     },
     /// List vendors.
     List,
@@ -449,6 +453,7 @@ fn vendor_json(v: &pb::Vendor) -> Value {
         "base_url": v.base_url,
         "currency_rates": v.currency_rates,
         "prices": serde_json::from_str::<Value>(&v.prices_json).unwrap_or(Value::Null),
+        "forward_trace_context": v.forward_trace_context,
         "updated_at": ts(&v.updated_at),
         "proxy_errors": v.proxy_errors.iter().map(|e| json!({
             "node_id": e.node_id, "error": e.error, "at": ts(&e.at),
@@ -756,6 +761,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             credential,
             rates,
             prices_file,
+            forward_trace_context,
         }) => {
             let prices_json = match prices_file {
                 Some(path) => std::fs::read_to_string(&path)
@@ -776,6 +782,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     currency_rates: pairs("rate", &rates)?,
                     prices_json,
                     ack_timeout_ms: 0,
+                    forward_trace_context,
                 })
                 .await?
                 .into_inner();

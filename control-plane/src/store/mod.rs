@@ -27,9 +27,11 @@ use crate::ledger::Checkpoint;
 pub mod dialect;
 mod sql;
 mod sql_store;
+mod timed;
 
 pub use dialect::{Dialect, CHANGE_CHANNEL};
 pub use sql_store::{PgStore, SqlStore, SqliteStore};
+pub use timed::TimedStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -299,6 +301,13 @@ pub trait Store: Send + Sync + 'static {
     /// `event_id`): one audit entry, the key's daily and lifetime spend, and
     /// the lease's reported spend. Returns (applied, duplicates).
     async fn record_spend(&self, events: &[SpendEvent]) -> StoreResult<(u32, u32)>;
+    /// Leases live at `now` (not closed, not expired), fleet-wide: how
+    /// many, and the budget they hold that their nodes have not reported
+    /// spent (for metrics).
+    async fn outstanding_leases(
+        &self,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(i64, keycap_proto::Micros)>;
 
     // --- audit --------------------------------------------------------------
     /// Audit entries matching the query (`vendors` included), newest first
