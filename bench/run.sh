@@ -16,6 +16,13 @@
 # and an open-loop run at a fixed rate (default 5000 requests/s) to compare
 # added latency. Prints a table and the ratios to direct.
 #
+# Then, unless BENCH_TRACING=0, keycap's closed-loop run again with its
+# traces off (no OTEL_* variables), sampled at 1% and at 100%
+# (parentbased_traceidratio), exported over OTLP/gRPC to a local collector
+# that counts spans (keycap-otlp-sink, from tests/src/otlp.rs), each mode
+# run BENCH_TRACING_ROUNDS times (default 3) in turn, the proxy restarted
+# for each run.
+#
 # Usage: bench/run.sh [seconds per run, default 10] [connections, default 64]
 # Env:   BENCH_RATE (fixed-rate run, default 5000), BENCH_PORT_BASE (19000)
 #        BENCH_SMOKE=1: one second per run, four connections, the debug
@@ -34,8 +41,10 @@ if [ "$SMOKE" = 1 ]; then
 else
   DURATION=${1:-10}; CONNS=${2:-64}; RATE=${BENCH_RATE:-5000}; BASE=${BENCH_PORT_BASE:-19000}
 fi
+TRACING=${BENCH_TRACING:-$([ "$SMOKE" = 1 ] && echo 0 || echo 1)}
+ROUNDS=${BENCH_TRACING_ROUNDS:-3}
 UPSTREAM=$((BASE + 1)); NGINX_PROXY=$((BASE + 2)); KC_PROXY=$((BASE + 3)); KC_CONTROL=$((BASE + 4))
-FLOOR=$((BASE + 5))
+FLOOR=$((BASE + 5)); OTLP=$((BASE + 6))
 
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
@@ -53,6 +62,12 @@ if [ "$SMOKE" = 1 ]; then
 else
   cargo build --release -q -p keycap-control -p keycap-proxy -p keycap --bins --example bare_proxy
   BIN=${CARGO_TARGET_DIR:-target}/release
+fi
+if [ "$TRACING" = 1 ]; then
+  # The collector only counts: a debug build does, and stays off the
+  # release build's critical path.
+  cargo build -q -p keycap-tests --bin keycap-otlp-sink
+  SINK=${CARGO_TARGET_DIR:-target}/debug/keycap-otlp-sink
 fi
 
 WORK=$(mktemp -d /tmp/keycap-bench.XXXXXX)
@@ -106,9 +121,13 @@ KEYCAP_LOG=warn "$BIN/keycap-control" --listen 127.0.0.1:$KC_CONTROL --allow-pri
   --database-url "sqlite:$WORK/keycap.db" --master-key "$MASTER" \
   --admin-token "$ADMIN" --fleet-token "$FLEET" > "$WORK/control.log" 2>&1 &
 PIDS+=($!)
-KEYCAP_LOG=warn "$BIN/keycap-proxy" --listen 127.0.0.1:$KC_PROXY \
-  --control-url http://127.0.0.1:$KC_CONTROL --fleet-token "$FLEET" --node-id bench > "$WORK/proxy.log" 2>&1 &
-PIDS+=($!)
+start_proxy() { # env assignments for the proxy...
+  env "$@" KEYCAP_LOG=warn "$BIN/keycap-proxy" --listen 127.0.0.1:$KC_PROXY \
+    --control-url http://127.0.0.1:$KC_CONTROL --fleet-token "$FLEET" --node-id bench >> "$WORK/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  PIDS+=($PROXY_PID)
+}
+start_proxy
 "$BIN/examples/bare_proxy" 127.0.0.1:$FLOOR http://127.0.0.1:$UPSTREAM > "$WORK/floor.log" 2>&1 &
 PIDS+=($!)
 
@@ -161,9 +180,41 @@ for t in "${targets[@]}"; do
   run "$1-rate" "$2" -c "$CONNS" -q "$RATE"
 done
 
-python3 - "$WORK" "$DURATION" "$CONNS" "$RATE" <<'PY'
+TRACE_MODES=()
+if [ "$TRACING" = 1 ]; then
+  "$SINK" 127.0.0.1:$OTLP > "$WORK/otlp.log" 2>&1 &
+  PIDS+=($!)
+  sleep 0.5
+  traced() { # mode: the proxy's OTEL_* environment for it
+    case $1 in
+      off) ;;
+      1pct) echo OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$OTLP OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01 ;;
+      100pct) echo OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$OTLP OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=1.0 ;;
+    esac
+  }
+  for round in $(seq 1 "$ROUNDS"); do
+    for mode in off 1pct 100pct; do
+      kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
+      # shellcheck disable=SC2046
+      start_proxy $(traced $mode)
+      wait_ok http://127.0.0.1:$KC_PROXY/healthz
+      # Warm: the first call draws the lease, as in the runs above.
+      curl -s -o /dev/null "http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents" \
+        -H "Authorization: Bearer $KEY" -d amount=100 -d currency=usd -d confirm=true
+      before=$(sed -n 's/^spans //p' "$WORK/otlp.log" | tail -1); before=${before:-0}
+      run "trace-$mode-$round" "http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents" -c "$CONNS"
+      sleep 2  # the last batch of spans leaves within a second
+      after=$(sed -n 's/^spans //p' "$WORK/otlp.log" | tail -1); after=${after:-0}
+      echo $((after - before)) > "$WORK/trace-$mode-$round.spans"
+    done
+  done
+  TRACE_MODES=(off 1pct 100pct)
+fi
+
+python3 - "$WORK" "$DURATION" "$CONNS" "$RATE" "$ROUNDS" ${TRACE_MODES[@]+"${TRACE_MODES[@]}"} <<'PY'
 import json, sys, os
-work, duration, conns, rate = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+work, duration, conns, rate, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+trace_modes = sys.argv[6:]
 def load(n):
     d = json.load(open(os.path.join(work, n + ".json")))
     s = d["summary"]; p = d["latencyPercentiles"]
@@ -187,4 +238,25 @@ f_ratio = rows["floor"][0]["rps"] / d_max["rps"]
 print(f"keycap throughput ratio / nginx throughput ratio = {k_ratio / n_ratio:.2f} (goal >= 1.2)")
 print(f"bare hyper floor ratio / nginx throughput ratio  = {f_ratio / n_ratio:.2f}; keycap reaches {k_ratio / f_ratio:.2f} of the floor")
 print(f"added p99 at {rate} req/s: nginx {rows['nginx'][1]['p99'] - d_rate['p99']:.3f} ms, keycap {rows['keycap'][1]['p99'] - d_rate['p99']:.3f} ms (goal: keycap <= nginx)")
+if trace_modes:
+    print(f"keycap with tracing, closed loop, {conns} connections, {duration}s per run, {rounds} rounds (off, 1%, 100% in turn):")
+    print(f"{'tracing':8} {'req/s per run':>30} {'mean':>8} {'vs off':>7} {'p99 ms':>8} {'spans/call':>10} {'non-200':>8}")
+    means = {}
+    for mode in trace_modes:
+        runs = [load(f"trace-{mode}-{r}") for r in range(1, rounds + 1)]
+        spans = [int(open(os.path.join(work, f"trace-{mode}-{r}.spans")).read() or 0) for r in range(1, rounds + 1)]
+        for r in runs:
+            if r["ok"] == 0:
+                sys.exit(f"bench: keycap with tracing {mode} answered no request with 200")
+        mean = sum(r["rps"] for r in runs) / len(runs)
+        means[mode] = mean
+        calls = sum(r["total"] for r in runs)
+        per_call = sum(spans) / calls if calls else 0
+        p99 = sum(r["p99"] for r in runs) / len(runs)
+        bad = sum(r["total"] - r["ok"] for r in runs)
+        print(f"{mode:8} {' '.join('%.0f' % r['rps'] for r in runs):>30} {mean:8.0f} "
+              f"{mean / means['off'] - 1:+7.1%} {p99:8.3f} {per_call:10.3f} {bad:8}")
+    spread = [load(f"trace-off-{r}")["rps"] for r in range(1, rounds + 1)]
+    print(f"tracing off: spread of its runs {(max(spread) - min(spread)) / means['off']:.1%} of their mean; "
+          f"1%: {means['1pct'] / means['off'] - 1:+.1%} (goal >= -3%); 100%: {means['100pct'] / means['off'] - 1:+.1%}")
 PY

@@ -190,6 +190,10 @@ enum VendorCmd {
         /// this vendor (the profile's table format; see docs/pricing.md).
         #[arg(long)]
         prices_file: Option<std::path::PathBuf>,
+        /// Forward the agent's W3C trace context (traceparent, tracestate)
+        /// to this vendor; without it both are stripped.
+        #[arg(long)]
+        forward_trace_context: bool,
     },
     /// List vendors.
     List,
@@ -724,6 +728,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             credential,
             rates,
             prices_file,
+            forward_trace_context,
         }) => {
             let prices_json = match prices_file {
                 Some(path) => std::fs::read_to_string(&path)
@@ -744,6 +749,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     currency_rates: pairs("rate", &rates)?,
                     prices_json,
                     ack_timeout_ms: 0,
+                    forward_trace_context,
                 })
                 .await?
                 .into_inner();

@@ -54,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
                 base_url: "https://stripe.example.com".into(),
                 currency_rates: BTreeMap::new(),
                 prices: "{}".into(),
+                forward_trace_context: false,
                 created_at: now,
                 updated_at: now,
             },

@@ -64,6 +64,8 @@ pub struct VendorAnswer {
     /// apply.
     #[schema(value_type = Option<Object>)]
     pub prices: Option<Value>,
+    /// Whether the agent's W3C trace context is forwarded to the vendor.
+    pub forward_trace_context: bool,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
@@ -108,6 +110,7 @@ impl VendorAnswer {
             prices: serde_json::from_str::<Value>(&v.prices)
                 .ok()
                 .filter(|p| !p.is_null()),
+            forward_trace_context: v.forward_trace_context,
             created_at: rfc3339(v.created_at),
             updated_at: rfc3339(v.updated_at),
             proxy_errors,
@@ -624,6 +627,7 @@ impl From<&pb::Vendor> for VendorAnswer {
             prices: serde_json::from_str::<Value>(&v.prices_json)
                 .ok()
                 .filter(|p| !p.is_null()),
+            forward_trace_context: v.forward_trace_context,
             created_at: proto_secs(&v.created_at),
             updated_at: proto_secs(&v.updated_at),
             proxy_errors: v

@@ -255,6 +255,9 @@ pub struct Vendor {
     /// The operator's price table (canonical JSON text); empty when the
     /// prices shipped with keycap apply.
     pub prices: String,
+    /// Proxies forward the agent's W3C trace context (`traceparent`,
+    /// `tracestate`) to the vendor; off by default, when both are stripped.
+    pub forward_trace_context: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

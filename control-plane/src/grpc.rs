@@ -90,6 +90,7 @@ pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
         base_url: v.base_url.clone(),
         currency_rates: v.currency_rates.clone().into_iter().collect(),
         prices_json: v.prices.clone(),
+        forward_trace_context: v.forward_trace_context,
         created_at: Some(to_proto(v.created_at)),
         updated_at: Some(to_proto(v.updated_at)),
         // A vendor as written: no proxy has loaded it yet.
@@ -159,6 +160,7 @@ fn fleet_vendor_to_pb(v: &FleetVendor) -> pb::FleetVendor {
         currency_rates: v.vendor.currency_rates.clone().into_iter().collect(),
         prices_json: v.vendor.prices.clone(),
         allow_private_upstream: v.allow_private_upstream,
+        forward_trace_context: v.vendor.forward_trace_context,
     }
 }
 
@@ -251,6 +253,7 @@ impl TryFrom<pb::PutVendorRequest> for PutVendor {
             &r.currency_rates.into_iter().collect(),
             &r.prices_json,
         )
+        .map(|put| put.forwarding_trace_context(r.forward_trace_context))
     }
 }
 
@@ -939,6 +942,28 @@ impl pb::fleet_service_server::FleetService for Api {
     ) -> Result<Response<pb::ReportSpendResponse>, Status> {
         self.fleet(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
+        // Each traced call's event is ingested in a span of the call's own
+        // trace (the batch mixes many), linked to this batch's span.
+        let ingesting: Vec<tracing::Span> = r
+            .events
+            .iter()
+            .filter(|e| !e.traceparent.is_empty())
+            .map(|e| {
+                let span = tracing::info_span!(
+                    "ingest spend",
+                    otel.kind = "consumer",
+                    keycap.call_id = %e.event_id,
+                    keycap.key_id = %e.key_id,
+                    keycap.vendor = %e.vendor,
+                    keycap.cost_usd = %Micros(e.cost_micros),
+                    keycap.outcome = %e.outcome,
+                    keycap.batch_events = r.events.len(),
+                );
+                keycap_telemetry::continue_from(&span, &e.traceparent);
+                span.follows_from(tracing::Span::current());
+                span
+            })
+            .collect();
         let events = r
             .events
             .into_iter()
@@ -946,6 +971,7 @@ impl pb::fleet_service_server::FleetService for Api {
             .collect::<Result<Vec<_>, _>>()
             .map_err(ApiError::from)?;
         let (applied, duplicates) = self.control.report_spend(events).await?;
+        drop(ingesting);
         crate::metrics::METRICS.spend_reported(applied as u64, duplicates as u64);
         Ok(Response::new(pb::ReportSpendResponse {
             applied: applied as i32,

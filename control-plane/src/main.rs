@@ -22,8 +22,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = cli.config.metrics_listen {
         let metrics = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(addr = %metrics.local_addr()?, "metrics listening");
+        let router = keycap_control::metrics::router(control.clone());
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics, keycap_control::metrics::router()).await {
+            if let Err(e) = axum::serve(metrics, router).await {
                 tracing::error!(error = %e, "metrics listener stopped");
             }
         });

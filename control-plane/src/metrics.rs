@@ -2,8 +2,10 @@
 //! (`--metrics-listen`), never on the API's.
 //!
 //! Labels carry only bounded values keycap chose: gRPC service and method
-//! names of keycap's own services (`unknown` for anything else) and status
-//! codes. Never a key, a token, a node address or a path.
+//! names of keycap's own services (`unknown` for anything else), status
+//! codes, store operations (the `Store` trait's method names), kinds of
+//! change, and the node ids of connected proxies (the fleet's own names).
+//! Never a key, a token, a node address or a path.
 //!
 //! One set per process (a control plane is one per process), so the gRPC
 //! layer and the handlers reach it without threading it through.
@@ -42,12 +44,73 @@ struct VersionLabel {
     version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabel {
+    /// The `Store` method.
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChangeLabel {
+    /// `revocation`, `key_creation`, `vendor_write` or `vendor_delete`.
+    change: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+/// A change proxies must confirm before the call that made it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Revocation,
+    KeyCreation,
+    VendorWrite,
+    VendorDelete,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Revocation => "revocation",
+            ChangeKind::KeyCreation => "key_creation",
+            ChangeKind::VendorWrite => "vendor_write",
+            ChangeKind::VendorDelete => "vendor_delete",
+        }
+    }
+}
+
+/// The fleet as the database shows it at a scrape
+/// (`Control::fleet_state`).
+#[derive(Clone, Debug, Default)]
+pub struct FleetState {
+    /// The change log's newest version in the database.
+    pub head: i64,
+    /// The newest version this replica has taken from it.
+    pub replica_version: i64,
+    /// Connected proxies and the version each has applied.
+    pub proxies: Vec<(String, i64)>,
+    /// Live leases, fleet-wide, and what they hold unreported.
+    pub leases: i64,
+    pub lease_unreported_micros: i64,
+}
+
 pub struct ControlMetrics {
     registry: Registry,
     requests: Family<RpcCodeLabel, Counter>,
     durations: Family<RpcLabel, Histogram>,
     spend_events: Family<SpendLabel, Counter>,
     spans_dropped: Counter,
+    store_queries: Family<StoreLabel, Histogram>,
+    confirmations: Family<ChangeLabel, Histogram>,
+    unconfirmed: Family<ChangeLabel, Counter>,
+    proxies: Gauge,
+    proxy_versions: Family<NodeLabel, Gauge>,
+    change_log_head: Gauge,
+    change_log_lag: Gauge,
+    leases: Gauge,
+    lease_unreported: Gauge,
 }
 
 /// This process's metrics.
@@ -120,13 +183,119 @@ impl ControlMetrics {
             "Trace spans dropped: the export queue was full or the collector did not take them",
             spans_dropped.clone(),
         );
+        let store_queries = Family::<StoreLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        registry.register_with_unit(
+            "store_query_duration",
+            "Time of one store operation (its queries and transaction), by operation",
+            prometheus_client::registry::Unit::Seconds,
+            store_queries.clone(),
+        );
+        let confirmations = Family::<ChangeLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register_with_unit(
+            "change_confirmation_duration",
+            "Time from a change's write until every connected proxy confirmed it (or the wait ended), by kind of change",
+            prometheus_client::registry::Unit::Seconds,
+            confirmations.clone(),
+        );
+        let unconfirmed = Family::<ChangeLabel, Counter>::default();
+        registry.register(
+            "changes_unconfirmed",
+            "Changes some connected proxy had not confirmed when the wait for them ended, by kind of change",
+            unconfirmed.clone(),
+        );
+        let proxies = Gauge::default();
+        registry.register(
+            "proxies_connected",
+            "Proxies whose policy stream some replica serves now",
+            proxies.clone(),
+        );
+        let proxy_versions = Family::<NodeLabel, Gauge>::default();
+        registry.register(
+            "proxy_policy_version",
+            "Change-log version each connected proxy has applied, by node id",
+            proxy_versions.clone(),
+        );
+        let change_log_head = Gauge::default();
+        registry.register(
+            "change_log_version",
+            "Newest change-log version in the database",
+            change_log_head.clone(),
+        );
+        let change_log_lag = Gauge::default();
+        registry.register(
+            "change_log_lag_versions",
+            "Change-log versions in the database this replica has not yet sent its proxies",
+            change_log_lag.clone(),
+        );
+        let leases = Gauge::default();
+        registry.register(
+            "leases_outstanding",
+            "Live budget leases, fleet-wide",
+            leases.clone(),
+        );
+        let lease_unreported = Gauge::default();
+        registry.register(
+            "leases_outstanding_micros",
+            "Budget live leases hold that their proxies have not reported spent, in micro-dollars",
+            lease_unreported.clone(),
+        );
         ControlMetrics {
             registry,
             requests,
             durations,
             spend_events,
             spans_dropped,
+            store_queries,
+            confirmations,
+            unconfirmed,
+            proxies,
+            proxy_versions,
+            change_log_head,
+            change_log_lag,
+            leases,
+            lease_unreported,
         }
+    }
+
+    /// One store operation `op` took `took`.
+    pub fn store_query(&self, op: &'static str, took: Duration) {
+        self.store_queries
+            .get_or_create(&StoreLabel { op })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A change of `kind` waited `took` for the proxies; `all` whether
+    /// every connected one confirmed it.
+    pub fn confirmed(&self, kind: ChangeKind, took: Duration, all: bool) {
+        let label = ChangeLabel {
+            change: kind.as_str(),
+        };
+        self.confirmations
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if !all {
+            self.unconfirmed.get_or_create(&label).inc();
+        }
+    }
+
+    /// The fleet's state as of this scrape.
+    pub fn fleet(&self, state: &FleetState) {
+        self.proxies.set(state.proxies.len() as i64);
+        self.proxy_versions.clear();
+        for (node, version) in &state.proxies {
+            self.proxy_versions
+                .get_or_create(&NodeLabel { node: node.clone() })
+                .set(*version);
+        }
+        self.change_log_head.set(state.head);
+        self.change_log_lag
+            .set((state.head - state.replica_version).max(0));
+        self.leases.set(state.leases);
+        self.lease_unreported.set(state.lease_unreported_micros);
     }
 
     /// One gRPC call of `path` answered with `code` after `took`.
@@ -171,11 +340,19 @@ impl ControlMetrics {
     }
 }
 
-/// `GET /metrics` on its own listener.
-pub fn router() -> axum::Router {
+/// `GET /metrics` on its own listener. The fleet's gauges are read from
+/// the database at each scrape; when it does not answer, they keep their
+/// last values and the rest is served.
+pub fn router(control: std::sync::Arc<crate::service::Control>) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(|headers: http::HeaderMap| async move {
+        axum::routing::get(move |headers: http::HeaderMap| async move {
+            let state = tokio::time::timeout(Duration::from_secs(2), control.fleet_state()).await;
+            match state {
+                Ok(Ok(state)) => METRICS.fleet(&state),
+                Ok(Err(e)) => tracing::warn!(error = %e, "metrics: fleet state not read"),
+                Err(_) => tracing::warn!("metrics: fleet state not read within 2 s"),
+            }
             let accept = headers
                 .get(http::header::ACCEPT)
                 .and_then(|v| v.to_str().ok());

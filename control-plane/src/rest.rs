@@ -317,7 +317,36 @@ pub fn router(control: Arc<Control>) -> Router {
                 ApiError::NotFound("no such endpoint".to_string()).into_response()
             }),
         )
+        .route_layer(axum::middleware::from_fn(rest_span))
         .with_state(control)
+}
+
+/// One server span per REST call, continuing the caller's W3C trace from
+/// its `traceparent` (an admin's revocation joins the admin's trace), named
+/// by the route template (`DELETE /vault/keys/{id}`), never the raw path
+/// or query. Health probes get none.
+async fn rest_span(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if !route.starts_with("/vault") {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let span = tracing::info_span!(
+        "rest call",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    keycap_telemetry::continue_trace(&span, req.headers());
+    let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    resp
 }
 
 /// Ready when the database answers a query, within two seconds.
@@ -410,6 +439,9 @@ pub struct PutVendorBody {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     prices: Option<Value>,
+    /// Forward the agent's W3C trace context to the vendor; absent: off.
+    #[serde(default)]
+    forward_trace_context: bool,
     /// How long to wait for the proxies to serve the change; absent or 0:
     /// the control plane's default.
     #[serde(default)]
@@ -435,7 +467,8 @@ fn put_vendor_request(
         b.credential.as_deref(),
         &b.currency_rates,
         &b.prices.map(|p| p.to_string()).unwrap_or_default(),
-    )?;
+    )?
+    .forwarding_trace_context(b.forward_trace_context);
     Ok((put, domain::parse_ack_timeout_ms(b.ack_timeout_ms)?))
 }
 

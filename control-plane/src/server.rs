@@ -20,7 +20,7 @@ use crate::config::ControlConfig;
 use crate::crypto::Sealer;
 use crate::grpc::Api;
 use crate::service::Control;
-use crate::store::{PgStore, SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore, Store, TimedStore};
 use crate::tls::{FleetIdentity, PeerCertificate, ServerTls};
 use tracing::Instrument as _;
 
@@ -30,9 +30,9 @@ use tracing::Instrument as _;
 pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     let store: Arc<dyn Store> =
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Arc::new(PgStore::connect(url).await?)
+            Arc::new(TimedStore(PgStore::connect(url).await?))
         } else {
-            Arc::new(SqliteStore::connect(url).await?)
+            Arc::new(TimedStore(SqliteStore::connect(url).await?))
         };
     store.migrate().await?;
     Ok(store)

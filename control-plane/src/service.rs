@@ -20,6 +20,7 @@ use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::Micros;
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::crypto::Sealer;
 use crate::domain::{
@@ -29,6 +30,7 @@ use crate::domain::{
 };
 use crate::error::ApiError;
 use crate::ledger;
+use crate::metrics::{ChangeKind, FleetState};
 use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
@@ -101,6 +103,8 @@ pub struct PutVendor {
     /// Canonical JSON of the operator's price table; empty for the shipped
     /// prices.
     pub prices: String,
+    /// Proxies forward the agent's trace context to the vendor.
+    pub forward_trace_context: bool,
 }
 
 impl PutVendor {
@@ -131,7 +135,14 @@ impl PutVendor {
             credential,
             currency_rates,
             prices,
+            forward_trace_context: false,
         })
+    }
+
+    /// Whether the proxies forward the agent's trace context to the vendor.
+    pub fn forwarding_trace_context(mut self, forward: bool) -> Self {
+        self.forward_trace_context = forward;
+        self
     }
 }
 
@@ -435,6 +446,31 @@ impl Control {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The fleet as the database shows it now, for the metrics: the change
+    /// log's head and this replica's place in it, the connected proxies
+    /// with the versions they applied, and the live leases.
+    pub async fn fleet_state(&self) -> Result<FleetState, ApiError> {
+        let now = Utc::now();
+        let head = self.store.latest_version().await?;
+        let connected_after = now - FLEET_NODE_STALE;
+        let proxies = self
+            .store
+            .fleet_nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.heartbeat_at > connected_after)
+            .map(|n| (n.node_id, n.applied_version))
+            .collect();
+        let (leases, unreported) = self.store.outstanding_leases(now).await?;
+        Ok(FleetState {
+            head,
+            replica_version: *self.version.borrow(),
+            proxies,
+            leases,
+            lease_unreported_micros: unreported.0,
+        })
     }
 
     /// The master-key sealer; the dashboard seals its session cookies with
@@ -861,7 +897,9 @@ impl Control {
                 minted
             }
         };
-        let confirmation = self.confirm_change(version, ack_timeout).await?;
+        let confirmation = self
+            .confirm_change(version, ack_timeout, ChangeKind::KeyCreation)
+            .await?;
         Ok((view, secret, confirmation))
     }
 
@@ -1076,6 +1114,7 @@ impl Control {
                 base_url: req.base_url,
                 currency_rates: req.currency_rates,
                 prices: req.prices,
+                forward_trace_context: req.forward_trace_context,
                 created_at: now,
                 updated_at: now,
             },
@@ -1088,7 +1127,9 @@ impl Control {
             other => other.into(),
         })?;
         let version = self.publish_head().await?;
-        let confirmation = self.confirm_change(version, ack_timeout).await?;
+        let confirmation = self
+            .confirm_change(version, ack_timeout, ChangeKind::VendorWrite)
+            .await?;
         Ok((out.0, out.1, confirmation))
     }
 
@@ -1200,6 +1241,7 @@ impl Control {
             credential: None,
             currency_rates: current.currency_rates,
             prices: domain::parse_prices(current.profile, &import.table.to_json())?,
+            forward_trace_context: current.forward_trace_context,
         };
         let (v, _, _) = self.put_vendor(vendors, put, None).await?;
         Ok((v, import.report))
@@ -1281,7 +1323,8 @@ impl Control {
         vendors.check(name)?;
         self.store.delete_vendor(name, Utc::now()).await?;
         let version = self.publish_head().await?;
-        self.confirm_change(version, ack_timeout).await
+        self.confirm_change(version, ack_timeout, ChangeKind::VendorDelete)
+            .await
     }
 
     // --- keys ---------------------------------------------------------------
@@ -1487,12 +1530,14 @@ impl Control {
         }
         let me = self.clone();
         let timeout = ack_timeout.unwrap_or(self.ack_timeout);
-        tokio::spawn(async move { me.await_revocation(key_ids, version, timeout).await })
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "revocation confirmation task failed");
-                ApiError::Internal
-            })?
+        // A child of the admin's call (which continues the admin's trace):
+        // the wait for the fleet shows in that trace.
+        let span = confirm_span(version, ChangeKind::Revocation);
+        let wait = async move { me.await_revocation(key_ids, version, timeout).await };
+        tokio::spawn(wait.instrument(span)).await.map_err(|e| {
+            tracing::error!(error = %e, "revocation confirmation task failed");
+            ApiError::Internal
+        })?
     }
 
     /// Waits until every proxy connected now has applied `version` (which
@@ -1504,10 +1549,19 @@ impl Control {
         &self,
         version: i64,
         ack_timeout: Option<Duration>,
+        kind: ChangeKind,
     ) -> Result<Confirmation, ApiError> {
+        let span = confirm_span(version, kind);
         let timeout = ack_timeout.unwrap_or(self.ack_timeout);
         let started = tokio::time::Instant::now();
-        let acks = self.await_acks(version, started + timeout).await?;
+        let acks = self
+            .await_acks(version, started + timeout)
+            .instrument(span.clone())
+            .await?;
+        let all = acks.waiting.is_empty();
+        crate::metrics::METRICS.confirmed(kind, started.elapsed(), all);
+        span.record("keycap.confirmed_nodes", acks.confirmed.len());
+        span.record("keycap.unconfirmed_nodes", acks.waiting.len());
         let waited_ms = started.elapsed().as_millis() as u64;
         if acks.waiting.is_empty() {
             tracing::debug!(
@@ -1591,6 +1645,14 @@ impl Control {
         } else {
             self.store.fence_leases(&unconfirmed, &key_ids, now).await?
         };
+        crate::metrics::METRICS.confirmed(
+            ChangeKind::Revocation,
+            started.elapsed(),
+            unconfirmed.is_empty(),
+        );
+        let span = tracing::Span::current();
+        span.record("keycap.confirmed_nodes", confirmed.len());
+        span.record("keycap.unconfirmed_nodes", unconfirmed.len());
         let waited_ms = started.elapsed().as_millis() as u64;
         if unconfirmed.is_empty() {
             tracing::info!(version, keys = ?key_ids, confirmed = confirmed.len(), waited_ms, "revocation confirmed by every connected proxy");
@@ -1961,6 +2023,19 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
     }
     let token = token.trim();
     (!token.is_empty()).then_some(token)
+}
+
+/// The span of waiting for the fleet to confirm a change: a child of the
+/// call that made it (which continues its caller's trace).
+fn confirm_span(version: i64, kind: ChangeKind) -> tracing::Span {
+    tracing::info_span!(
+        "confirm change",
+        otel.name = %format_args!("confirm {}", kind.as_str()),
+        keycap.change = kind.as_str(),
+        keycap.version = version,
+        keycap.confirmed_nodes = tracing::field::Empty,
+        keycap.unconfirmed_nodes = tracing::field::Empty,
+    )
 }
 
 #[cfg(test)]

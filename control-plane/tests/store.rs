@@ -422,6 +422,7 @@ fn vendor(name: &str, at: DateTime<Utc>) -> Vendor {
         currency_rates: rates,
         // The store keeps the text as given (validation is the domain's).
         prices: format!(r#"{{"vendor":"{name}"}}"#),
+        forward_trace_context: false,
         created_at: at,
         updated_at: at,
     }
@@ -897,6 +898,7 @@ mod cases {
         changed
             .currency_rates
             .insert("gbp".to_string(), "1.27".to_string());
+        changed.forward_trace_context = true;
         let (updated, created) = s
             .put_vendor(VendorWrite {
                 vendor: changed.clone(),
@@ -908,6 +910,7 @@ mod cases {
         assert_eq!(updated.created_at, trunc(t1), "created_at is kept");
         assert_eq!(updated.updated_at, trunc(t2));
         assert_eq!(updated.base_url, changed.base_url);
+        assert!(updated.forward_trace_context);
         assert_eq!(s.get_vendor("stripe").await.unwrap(), Some(updated.clone()));
         assert_eq!(
             s.get_vendor_credential("stripe").await.unwrap(),

@@ -241,6 +241,25 @@ impl KeySlot {
     }
 }
 
+/// What a node's leases hold at one moment (`Budget::held`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLeases {
+    /// Usable leases this node draws on: one per key at most.
+    pub leases: i64,
+    /// What they hold that no call has reserved or spent.
+    pub available_micros: i64,
+    /// What calls in flight have reserved (and not yet settled).
+    pub reserved_micros: i64,
+}
+
+impl HeldLeases {
+    /// Whether a call could be served from a lease without the control
+    /// plane.
+    pub fn can_serve(&self) -> bool {
+        self.available_micros > 0
+    }
+}
+
 pub struct Budget {
     source: Arc<dyn LeaseSource>,
     node_id: String,
@@ -437,6 +456,34 @@ impl Budget {
         let st = slot.state();
         let lease = st.current.as_ref()?;
         Some(Micros((lease.available() + st.unleased).max(0)))
+    }
+
+    /// The leases this node holds now (those it still draws on, not those
+    /// retiring): how many are usable, what they hold unspent and
+    /// unreserved, and what calls in flight have reserved of them.
+    pub fn held(&self, now: DateTime<Utc>) -> HeldLeases {
+        let slots: Vec<Arc<KeySlot>> = self
+            .keys
+            .lock()
+            .expect("budget map lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut held = HeldLeases::default();
+        let today = utc_day(now);
+        for slot in slots {
+            let st = slot.state();
+            let all = st.current.iter().chain(st.retiring.iter());
+            for lease in all {
+                held.reserved_micros += lease.reserved.max(0);
+            }
+            let usable = |l: &&LocalLease| st.day == today && now + EXPIRY_MARGIN < l.usable_until;
+            if let Some(lease) = st.current.as_ref().filter(usable) {
+                held.leases += 1;
+                held.available_micros += lease.available().max(0);
+            }
+        }
+        held
     }
 
     /// This run's mark in the ids of the leases it opens.

@@ -2,8 +2,8 @@
 //! (`target`), what a key may call (`endpoint`), which key was presented
 //! (`secret` and the proxy's header extraction), how raw bytes are cut
 //! into requests (`edge`), which headers would change how a vendor reads a
-//! body (`body_headers`), and how the credential is masked in what a vendor
-//! answers (`scrub`).
+//! body (`body_headers`), how the credential is masked in what a vendor
+//! answers (`scrub`), and what an agent says of its call (`context`).
 //!
 //! Test support, not part of the request path, in the same form as
 //! `pricing::check`: each `pub fn` takes arbitrary bytes and panics when an
@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("request_framing", request_framing),
     ("response_scrub", response_scrub),
     ("body_headers", body_headers),
+    ("keycap_context", keycap_context),
 ];
 
 /// Base URLs a target is joined onto, with and without a path prefix.
@@ -506,5 +507,80 @@ pub fn body_headers(data: &[u8]) {
     }
     for h in &decisive[2..] {
         assert!(!headers.contains_key(*h), "{h} accepted");
+    }
+}
+
+/// Arbitrary bytes as `Keycap-Context` header lines (split at `\n`; a
+/// line that is no header value is skipped) and as a `traceparent`:
+/// reading never panics; an accepted context holds at most
+/// `context::MAX_PAIRS` pairs, each key and value within its bound and of
+/// its alphabet, read back from the lines exactly (every pair of the lines
+/// is in it, and nothing else); a refusal's message is short and printable
+/// and never echoes a value; a trace id read is 32 lowercase hex digits,
+/// not all zero, taken from the header.
+pub fn keycap_context(data: &[u8]) {
+    use crate::context::{self, MAX_KEY_BYTES, MAX_PAIRS, MAX_VALUE_BYTES};
+    let mut headers = HeaderMap::new();
+    for line in data.split(|&b| b == b'\n') {
+        if let Ok(v) = HeaderValue::from_bytes(line) {
+            headers.append(context::KEYCAP_CONTEXT, v.clone());
+            headers.append(context::TRACEPARENT, v);
+        }
+    }
+    match context::read(&headers) {
+        Ok(pairs) => {
+            assert!(pairs.len() <= MAX_PAIRS, "{} pairs accepted", pairs.len());
+            let mut seen = 0;
+            for line in headers.get_all(context::KEYCAP_CONTEXT) {
+                let line = line.to_str().expect("an accepted context is ASCII");
+                for pair in line.split(',') {
+                    let (k, v) = pair
+                        .trim_matches([' ', '\t'])
+                        .split_once('=')
+                        .expect("accepted as pairs");
+                    assert_eq!(pairs.get(k).map(String::as_str), Some(v), "{line:?}");
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, pairs.len(), "a pair read that the lines do not hold");
+            for (k, v) in &pairs {
+                assert!(!k.is_empty() && k.len() <= MAX_KEY_BYTES, "{k:?}");
+                assert!(k.as_bytes()[0].is_ascii_alphabetic(), "{k:?}");
+                assert!(
+                    k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')),
+                    "{k:?}"
+                );
+                assert!(!v.is_empty() && v.len() <= MAX_VALUE_BYTES, "{v:?}");
+                assert!(
+                    v.bytes()
+                        .all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b'=' | b'"' | b'\\')),
+                    "{v:?}"
+                );
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                message.len() < 1024 && !message.chars().any(char::is_control),
+                "{message:?}"
+            );
+            if let context::ContextError::BadValue(key) = &e {
+                // Names the key, never the value it refused.
+                assert!(key.len() <= MAX_KEY_BYTES, "{key:?}");
+            }
+        }
+    }
+    if let Some(id) = context::trace_id(&headers) {
+        assert_eq!(id.len(), 32, "{id:?}");
+        assert!(
+            id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+            "{id:?}"
+        );
+        assert!(id.bytes().any(|b| b != b'0'), "{id:?}");
+        let line = headers
+            .get(context::TRACEPARENT)
+            .expect("read from the header");
+        assert!(line.to_str().is_ok_and(|l| l.contains(&id)), "{id:?}");
     }
 }

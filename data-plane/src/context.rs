@@ -49,8 +49,8 @@ pub enum ContextError {
 }
 
 /// Reads every `Keycap-Context` line of `headers` as one comma-separated
-/// list of `key=value` pairs (spaces around a pair are ignored). No
-/// header is an empty context.
+/// list of `key=value` pairs (spaces and tabs around a pair are ignored;
+/// nothing else that is not ASCII). No header is an empty context.
 pub fn read(headers: &HeaderMap) -> Result<HashMap<String, String>, ContextError> {
     let mut total = 0;
     let mut pairs = HashMap::new();
@@ -61,7 +61,10 @@ pub fn read(headers: &HeaderMap) -> Result<HashMap<String, String>, ContextError
         }
         let line = std::str::from_utf8(line.as_bytes()).map_err(|_| ContextError::NotPairs)?;
         for pair in line.split(',') {
-            let (key, value) = pair.trim().split_once('=').ok_or(ContextError::NotPairs)?;
+            let (key, value) = pair
+                .trim_matches([' ', '\t'])
+                .split_once('=')
+                .ok_or(ContextError::NotPairs)?;
             if !valid_key(key) {
                 return Err(ContextError::BadKey(clip(key)));
             }
@@ -233,5 +236,56 @@ mod tests {
         }
         assert_eq!(tp(&[good, good]), None);
         assert_eq!(tp(&[]), None);
+    }
+
+    #[test]
+    fn a_unicode_space_around_a_pair_is_not_a_space() {
+        let mut h = HeaderMap::new();
+        h.append(
+            KEYCAP_CONTEXT,
+            http::HeaderValue::from_bytes("\u{3000}step=a".as_bytes()).unwrap(),
+        );
+        assert!(matches!(read(&h), Err(ContextError::BadKey(_))));
+        assert_eq!(context(&["\tstep=a "]).unwrap()["step"], "a");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any header bytes at all: reading never panics, and whatever
+        /// it accepts is within the documented bounds.
+        #[test]
+        fn reading_any_header_never_panics(
+            lines in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..12)
+        ) {
+            crate::check::keycap_context(&lines.join(&b'\n'));
+        }
+
+        /// Lines shaped like contexts (the alphabet the parser cares
+        /// about), so the checks reach past the first refusal.
+        #[test]
+        fn reading_context_shaped_headers_never_panics(
+            lines in proptest::collection::vec("[a-z0-9_=, \t\\\".-]{0,80}", 0..24)
+        ) {
+            crate::check::keycap_context(lines.join("\n").as_bytes());
+        }
+
+        /// Well-formed pairs are read back exactly.
+        #[test]
+        fn well_formed_pairs_are_read_back(
+            pairs in proptest::collection::btree_map("[a-z][a-z0-9_.-]{0,20}", "[!-~&&[^,=\"\\\\]]{1,40}", 0..MAX_PAIRS)
+        ) {
+            let line: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let got = context(&[&line.join(", ")]);
+            if pairs.is_empty() {
+                proptest::prop_assert_eq!(got, Err(ContextError::NotPairs));
+            } else {
+                let got = got.unwrap();
+                proptest::prop_assert_eq!(got.len(), pairs.len());
+                for (k, v) in &pairs {
+                    proptest::prop_assert_eq!(&got[k], v);
+                }
+            }
+        }
     }
 }

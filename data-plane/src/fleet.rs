@@ -16,7 +16,7 @@
 //! answered with a refusal.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -175,6 +175,9 @@ pub struct Replica {
 pub struct Fleet {
     replicas: Replicas<Replica>,
     pub node_id: String,
+    /// Whether a policy stream from some replica is open and beating: the
+    /// proxy's connection to the control plane (readiness, metrics).
+    connected: Arc<AtomicBool>,
 }
 
 impl Fleet {
@@ -217,7 +220,17 @@ impl Fleet {
         Ok(Fleet {
             replicas: Replicas::new(replicas),
             node_id: node_id.to_string(),
+            connected: Arc::default(),
         })
+    }
+
+    /// Whether a replica's policy stream is open now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
     }
 
     /// The current replica's client.
@@ -313,6 +326,7 @@ pub async fn watch_policy(
         match open_stream(&fleet, replica, cache.version(), STREAM_OPEN).await {
             Ok((mut stream, first)) => {
                 backoff = Duration::from_millis(50);
+                fleet.set_connected(true);
                 // Silence is judged once the stream has shown it beats and
                 // has brought its first update: a large snapshot may take
                 // longer than a second to arrive on a slow link.
@@ -384,6 +398,7 @@ pub async fn watch_policy(
                 tracing::warn!(replica = %fleet.url(replica), code = ?s.code(), message = s.message(), "cannot watch policy")
             }
         }
+        fleet.set_connected(false);
         // The next replica takes over, from the version applied here.
         fleet.replicas().fail_over(replica);
         tokio::time::sleep(backoff).await;

@@ -137,6 +137,15 @@ pub async fn run(
         cache.clone(),
     ));
     let control = fleet.replicas().clone();
+    let readiness = proxy::Readiness {
+        policy: cache.clone(),
+        previous_run_settled: settled,
+        control_plane_connected: {
+            let fleet = fleet.clone();
+            Arc::new(move || fleet.connected())
+        },
+        budget: budget.clone(),
+    };
     tokio::spawn(fleet::watch_policy(fleet, cache.clone(), move |gone| {
         let b = gone_budget.clone();
         tokio::spawn(async move {
@@ -159,16 +168,26 @@ pub async fn run(
     let idempotency = idempotency::IdempotencyMemory::new();
     let tightening = tightening::Tightening::new();
     let rate_limiter = ratelimit::RateLimiter::new();
-    let metrics = metrics::Metrics::new(cache.clone());
+    let metrics = metrics::Metrics::new(
+        cache.clone(),
+        metrics::Gauges {
+            leases: {
+                let budget = budget.clone();
+                Arc::new(move || budget.held(chrono::Utc::now()))
+            },
+            pending_spend: spend.pending(),
+            control_plane_connected: readiness.control_plane_connected.clone(),
+        },
+    );
     if let Some(addr) = config.metrics_listen {
         let metrics_listener = TcpListener::bind(addr).await?;
         tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
         let mut stop = stop_rx.clone();
-        let (policy, previous) = (cache.clone(), settled.clone());
+        let ready = readiness.clone();
         tokio::spawn(metrics::serve(
             metrics_listener,
             metrics.clone(),
-            Arc::new(move || proxy::readiness(&policy, &previous)),
+            Arc::new(move || ready.check()),
             async move {
                 let _ = stop.wait_for(|stopping| *stopping).await;
             },
@@ -179,7 +198,7 @@ pub async fn run(
         .map(|_| {
             Ok(Arc::new(proxy::Proxy {
                 policy: cache.clone(),
-                previous_run_settled: settled.clone(),
+                readiness: readiness.clone(),
                 lookup: lookup.clone(),
                 budget: budget.clone(),
                 spend: spend.clone(),

@@ -24,7 +24,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
+use crate::budget::HeldLeases;
 use crate::policy::PolicyCache;
+use crate::spend::Pending;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -53,8 +55,23 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// Where the gauges read at each scrape come from.
+pub struct Gauges {
+    /// What the leases hold now (`Budget::held`).
+    pub leases: Arc<dyn Fn() -> HeldLeases + Send + Sync>,
+    pub pending_spend: Arc<Pending>,
+    pub control_plane_connected: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    gauges: Gauges,
+    leases: Gauge,
+    lease_available: Gauge,
+    lease_reserved: Gauge,
+    spend_pending: Gauge,
+    spend_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    connected: Gauge,
     requests: Family<OutcomeLabel, Counter>,
     calls_settled: Family<VendorLabel, Counter>,
     settled_micros: Family<VendorLabel, Counter>,
@@ -67,8 +84,45 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(policy: Arc<PolicyCache>) -> Arc<Metrics> {
+    pub fn new(policy: Arc<PolicyCache>, gauges: Gauges) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("keycap_proxy");
+        let leases = Gauge::default();
+        registry.register(
+            "leases",
+            "Budget leases this proxy draws on now (at most one per key)",
+            leases.clone(),
+        );
+        let lease_available = Gauge::default();
+        registry.register(
+            "lease_available_micros",
+            "Budget its leases hold that no call has reserved or spent, in micro-dollars: what it can serve without the control plane",
+            lease_available.clone(),
+        );
+        let lease_reserved = Gauge::default();
+        registry.register(
+            "lease_reserved_micros",
+            "Budget reserved by calls in flight and not yet settled, in micro-dollars",
+            lease_reserved.clone(),
+        );
+        let spend_pending = Gauge::default();
+        registry.register(
+            "spend_events_pending",
+            "Spend events not yet applied by the control plane (on disk too with --spool-dir)",
+            spend_pending.clone(),
+        );
+        let spend_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "spend_delivery_lag",
+            "How long the oldest spend event not yet applied by the control plane has waited; 0 when none waits",
+            Unit::Seconds,
+            spend_lag.clone(),
+        );
+        let connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while a control-plane replica's policy stream is open, else 0",
+            connected.clone(),
+        );
         let requests = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "requests",
@@ -130,6 +184,13 @@ impl Metrics {
         );
         Arc::new(Metrics {
             registry,
+            gauges,
+            leases,
+            lease_available,
+            lease_reserved,
+            spend_pending,
+            spend_lag,
+            connected,
             requests,
             calls_settled,
             settled_micros,
@@ -192,6 +253,15 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         self.policy_version.set(self.policy.version());
+        let held = (self.gauges.leases)();
+        self.leases.set(held.leases);
+        self.lease_available.set(held.available_micros);
+        self.lease_reserved.set(held.reserved_micros);
+        let (pending, lag) = self.gauges.pending_spend.backlog();
+        self.spend_pending.set(pending as i64);
+        self.spend_lag.set(lag.as_secs_f64());
+        self.connected
+            .set(i64::from((self.gauges.control_plane_connected)()));
         let dropped = keycap_telemetry::dropped_spans();
         self.spans_dropped
             .inc_by(dropped.saturating_sub(self.spans_dropped.get()));
@@ -276,9 +346,41 @@ mod tests {
     use super::*;
     use crate::pricing::Catalog;
 
+    fn gauges(connected: bool) -> Gauges {
+        Gauges {
+            leases: Arc::new(|| HeldLeases {
+                leases: 2,
+                available_micros: 7_000_000,
+                reserved_micros: 1_000_000,
+            }),
+            pending_spend: Arc::new(Pending::default()),
+            control_plane_connected: Arc::new(move || connected),
+        }
+    }
+
+    #[test]
+    fn gauges_are_read_at_each_scrape() {
+        let m = Metrics::new(PolicyCache::new(Catalog::builtin()), gauges(false));
+        let text = m.render();
+        for line in [
+            "keycap_proxy_leases 2\n",
+            "keycap_proxy_lease_available_micros 7000000\n",
+            "keycap_proxy_lease_reserved_micros 1000000\n",
+            "keycap_proxy_spend_events_pending 0\n",
+            "keycap_proxy_spend_delivery_lag_seconds 0.0\n",
+            "keycap_proxy_control_plane_connected 0\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        let m = Metrics::new(PolicyCache::new(Catalog::builtin()), gauges(true));
+        assert!(m
+            .render()
+            .contains("keycap_proxy_control_plane_connected 1\n"));
+    }
+
     #[test]
     fn counts_land_under_their_labels() {
-        let m = Metrics::new(PolicyCache::new(Catalog::builtin()));
+        let m = Metrics::new(PolicyCache::new(Catalog::builtin()), gauges(true));
         m.request("forwarded");
         m.request("forwarded");
         m.request("invalid_key");

@@ -37,6 +37,10 @@ pub struct VendorPolicy {
     /// The control plane runs with `--allow-private-upstreams`: calls may
     /// go over plain http and to non-public addresses.
     pub allow_private_upstream: bool,
+    /// The agent's W3C trace context (`traceparent`, `tracestate`) goes on
+    /// to the vendor, continued by the proxy's `forward` span when traces
+    /// are exported. Off by default: both are stripped.
+    pub forward_trace_context: bool,
     /// Masks the credential wherever a response repeats it.
     pub scrub: Arc<CredentialScrub>,
 }
@@ -216,6 +220,7 @@ fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Result<VendorPolicy, S
         credential,
         pricing,
         allow_private_upstream: v.allow_private_upstream,
+        forward_trace_context: v.forward_trace_context,
         scrub: Arc::new(CredentialScrub::new(&injection.secrets)),
     })
 }

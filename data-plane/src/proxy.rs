@@ -129,10 +129,8 @@ pub struct Proxy {
     pub policy: Arc<PolicyCache>,
     /// Asks the control plane about keys the policy does not hold yet.
     pub lookup: Arc<KeyLookup>,
-    /// Set once what a previous run left in the spool is delivered and its
-    /// leases handed back; until then `/healthz` says the proxy is not
-    /// ready.
-    pub previous_run_settled: tokio::sync::watch::Receiver<bool>,
+    /// What `/readyz` (and `/healthz`) answer.
+    pub readiness: Readiness,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<Budget>,
     pub spend: SpendReporter,
@@ -262,7 +260,7 @@ impl Proxy {
             });
         }
         if path == "/healthz" || path == "/readyz" {
-            let (status, body) = health_answer(readiness(&self.policy, &self.previous_run_settled));
+            let (status, body) = health_answer(self.readiness.check());
             let mut resp = Response::new(body::bytes(Bytes::from(body)));
             *resp.status_mut() = status;
             return Ok(resp);
@@ -462,9 +460,12 @@ impl Proxy {
         headers.remove(X_API_KEY);
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(context::KEYCAP_CONTEXT);
-        // The agent's trace stays keycap's: vendors are not told of it.
-        headers.remove(context::TRACEPARENT);
-        headers.remove(context::TRACESTATE);
+        // The agent's trace stays keycap's unless the vendor is set to be
+        // told of it (`forward_trace_context`).
+        if !vendor.forward_trace_context {
+            headers.remove(context::TRACEPARENT);
+            headers.remove(context::TRACESTATE);
+        }
         Ok(Admitted {
             key,
             vendor,
@@ -817,18 +818,51 @@ fn call_span<B>(req: &Request<B>, call_id: &str) -> tracing::Span {
     span
 }
 
-/// Whether the proxy can serve calls: it has its policy, and what a
-/// previous run left in the spool is delivered (its leases handed back).
-/// The reason when not.
-pub fn readiness(
-    policy: &PolicyCache,
-    previous_run_settled: &tokio::sync::watch::Receiver<bool>,
-) -> Result<(), &'static str> {
-    match (policy.is_ready(), *previous_run_settled.borrow()) {
-        (true, true) => Ok(()),
-        (false, _) => Err("waiting_for_policy"),
-        (true, false) => Err("settling_previous_run"),
+/// What `/readyz` looks at, on the agents' listener and the metrics one.
+#[derive(Clone)]
+pub struct Readiness {
+    pub policy: Arc<PolicyCache>,
+    /// Set once what a previous run left in the spool is delivered and its
+    /// leases handed back.
+    pub previous_run_settled: tokio::sync::watch::Receiver<bool>,
+    /// Whether a control-plane replica's policy stream is open.
+    pub control_plane_connected: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub budget: Arc<Budget>,
+}
+
+impl Readiness {
+    /// Whether the proxy can serve calls: it has its policy, what a
+    /// previous run left in the spool is delivered (its leases handed
+    /// back), and it can get budget: a control plane answers, or its
+    /// leases still hold some to serve from. The reason when not.
+    pub fn check(&self) -> Result<(), &'static str> {
+        readiness(
+            self.policy.is_ready(),
+            *self.previous_run_settled.borrow(),
+            (self.control_plane_connected)(),
+            || self.budget.held(Utc::now()).can_serve(),
+        )
     }
+}
+
+/// `Readiness::check` on its facts; `leases_can_serve` is asked only when
+/// no control plane answers.
+pub fn readiness(
+    policy_loaded: bool,
+    previous_run_settled: bool,
+    control_plane_connected: bool,
+    leases_can_serve: impl FnOnce() -> bool,
+) -> Result<(), &'static str> {
+    if !policy_loaded {
+        return Err("waiting_for_policy");
+    }
+    if !previous_run_settled {
+        return Err("settling_previous_run");
+    }
+    if !control_plane_connected && !leases_can_serve() {
+        return Err("control_plane_unreachable");
+    }
+    Ok(())
 }
 
 /// `/readyz` (and `/healthz`): 200 `{"status":"ok"}`, or 503 with the
@@ -1039,7 +1073,15 @@ struct Call {
 }
 
 impl Call {
-    async fn forward(mut self, up: Request<Full<Bytes>>) -> Result<Response<ProxyBody>, Refusal> {
+    async fn forward(
+        mut self,
+        mut up: Request<Full<Bytes>>,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        if self.vendor.forward_trace_context {
+            // The vendor's spans continue this `forward` span when it is
+            // traced; otherwise the agent's own context goes on as it came.
+            keycap_telemetry::inject_http(&tracing::Span::current(), up.headers_mut());
+        }
         let sent_at = Instant::now();
         let sent = tokio::time::timeout(
             self.proxy.upstream_timeout,
@@ -1308,6 +1350,10 @@ impl Ticket {
             day,
             trace_id: self.trace_id.clone().unwrap_or_default(),
             context: self.agent_context.clone(),
+            // Built inside the `settle` span: the control plane's
+            // ingestion of the event continues it.
+            traceparent: keycap_telemetry::traceparent(&tracing::Span::current())
+                .unwrap_or_default(),
         }
     }
 }
@@ -1395,6 +1441,25 @@ impl ChunkObserver for StreamObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_with_a_control_plane_or_leases_to_serve_from() {
+        let never = || -> bool { panic!("leases asked about while the control plane answers") };
+        assert_eq!(readiness(true, true, true, never), Ok(()));
+        assert_eq!(readiness(true, true, false, || true), Ok(()));
+        assert_eq!(
+            readiness(true, true, false, || false),
+            Err("control_plane_unreachable")
+        );
+        assert_eq!(
+            readiness(false, true, true, never),
+            Err("waiting_for_policy")
+        );
+        assert_eq!(
+            readiness(true, false, true, never),
+            Err("settling_previous_run")
+        );
+    }
 
     fn key_of(headers: &[(&str, &str)]) -> Option<String> {
         let mut h = HeaderMap::new();

@@ -13,9 +13,10 @@
 //! restarted proxy delivers what its previous run left (`replay`). Without
 //! one, events not yet delivered are lost if the proxy process dies.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use keycap_proto::pb;
 use tokio::sync::mpsc;
@@ -36,6 +37,38 @@ pub struct SpendReporter {
     spool: Option<Arc<Spool>>,
     run_prefix: Arc<str>,
     seq: Arc<AtomicU64>,
+    pending: Arc<Pending>,
+}
+
+/// Spend events handed to delivery and not yet applied (or refused) by
+/// the control plane, by when each was handed over: the backlog a control
+/// plane that is away leaves (metrics). Delivery keeps their order, so the
+/// oldest is always first.
+#[derive(Default)]
+pub struct Pending(Mutex<VecDeque<Instant>>);
+
+impl Pending {
+    fn queued(&self) {
+        self.lock().push_back(Instant::now());
+    }
+
+    fn delivered(&self, n: usize) {
+        let mut q = self.lock();
+        let n = n.min(q.len());
+        q.drain(..n);
+    }
+
+    /// How many events wait, and how long the oldest has waited.
+    pub fn backlog(&self) -> (usize, Duration) {
+        let q = self.lock();
+        (q.len(), q.front().map_or(Duration::ZERO, Instant::elapsed))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl SpendReporter {
@@ -47,14 +80,21 @@ impl SpendReporter {
         spool: Option<Arc<Spool>>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(deliver(sink, rx, spool.clone()));
+        let pending = Arc::new(Pending::default());
+        let task = tokio::spawn(deliver(sink, rx, spool.clone(), pending.clone()));
         let reporter = SpendReporter {
             tx,
             spool,
             run_prefix: uuid::Uuid::new_v4().simple().to_string().into(),
             seq: Arc::new(AtomicU64::new(0)),
+            pending,
         };
         (reporter, task)
+    }
+
+    /// The events waiting for the control plane.
+    pub fn pending(&self) -> Arc<Pending> {
+        self.pending.clone()
     }
 
     /// A fresh event id. Ids from one proxy run share a random prefix and
@@ -90,7 +130,9 @@ impl SpendReporter {
                 tracing::error!(event = %event.event_id, error = %e, "spend event not spooled");
             }
         }
+        self.pending.queued();
         if self.tx.send(event).is_err() {
+            self.pending.delivered(1);
             tracing::error!("spend delivery task is gone; event lost");
         }
     }
@@ -100,6 +142,7 @@ async fn deliver(
     sink: Arc<dyn SpendSink>,
     mut rx: mpsc::UnboundedReceiver<pb::SpendEvent>,
     spool: Option<Arc<Spool>>,
+    pending: Arc<Pending>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -128,7 +171,9 @@ async fn deliver(
                 Err(e) => tracing::error!(error = %e, "spend spool sync did not finish"),
             }
         }
+        let n = batch.len();
         send_all(sink.as_ref(), std::mem::take(&mut batch), spool.as_deref()).await;
+        pending.delivered(n);
     }
 }
 
@@ -258,10 +303,13 @@ mod tests {
             "ev0", "ev1", "bad2", "ev3", "ev4", "ev5", "bad6", "ev7", "ev8", "ev9",
         ];
         // Queued before delivery starts, so they travel as one batch.
+        let pending = Arc::new(Pending::default());
         for id in ids {
+            pending.queued();
             tx.send(event(id)).unwrap();
         }
-        let task = tokio::spawn(deliver(sink.clone(), rx, None));
+        assert_eq!(pending.backlog().0, ids.len());
+        let task = tokio::spawn(deliver(sink.clone(), rx, None, pending.clone()));
         tokio::time::timeout(Duration::from_secs(30), sink.done.notified())
             .await
             .expect("every valid event delivered");
@@ -281,5 +329,38 @@ mod tests {
         );
         drop(tx);
         task.await.unwrap();
+        assert_eq!(
+            pending.backlog(),
+            (0, Duration::ZERO),
+            "delivered or dropped"
+        );
+    }
+
+    /// Never answers: the control plane is away.
+    struct Away;
+
+    #[async_trait]
+    impl SpendSink for Away {
+        async fn report(&self, _: Vec<pb::SpendEvent>) -> Result<(), Status> {
+            Err(Status::unavailable("control plane away"))
+        }
+    }
+
+    #[tokio::test]
+    async fn events_wait_in_the_backlog_while_the_control_plane_is_away() {
+        let (reporter, _task) = SpendReporter::start(Arc::new(Away), None);
+        let pending = reporter.pending();
+        assert_eq!(pending.backlog(), (0, Duration::ZERO));
+        for i in 0..3 {
+            reporter.send(event(&format!("ev{i}")));
+        }
+        let (n, _) = pending.backlog();
+        assert_eq!(n, 3);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pending.backlog().1 == Duration::ZERO {
+            assert!(Instant::now() < deadline, "the backlog's age never grew");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pending.backlog().0, 3, "nothing leaves while away");
     }
 }

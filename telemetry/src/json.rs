@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -46,14 +46,37 @@ where
         if let Some(span) = ctx.lookup_current() {
             line.insert("span".into(), span.name().into());
         }
-        let cx = tracing::Span::current().context();
-        let sc = cx.span().span_context().clone();
-        if sc.is_valid() {
+        if let Some(sc) = traced_context(ctx) {
             line.insert("trace_id".into(), sc.trace_id().to_string().into());
             line.insert("span_id".into(), sc.span_id().to_string().into());
         }
         writeln!(writer, "{}", Value::Object(line))
     }
+}
+
+/// The trace and span a line belongs to: the current span's when it is
+/// traced, else the nearest traced span it sits in (a span only the log
+/// filter lets through, such as a library's debug span, has no trace of
+/// its own but lies inside one). Sampled out or not: the ids are there
+/// whenever traces are on, so a line can be tied to its call either way.
+fn traced_context<S, N>(ctx: &FmtContext<'_, S, N>) -> Option<SpanContext>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    let valid = |cx: opentelemetry::Context| {
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then_some(sc)
+    };
+    if let Some(sc) = valid(tracing::Span::current().context()) {
+        return Some(sc);
+    }
+    let scope: Vec<tracing::span::Id> = ctx.lookup_current()?.scope().map(|s| s.id()).collect();
+    tracing::dispatcher::get_default(|dispatch| {
+        scope
+            .iter()
+            .find_map(|id| valid(tracing_opentelemetry::get_otel_context(id, dispatch)?))
+    })
 }
 
 struct Fields(Map<String, Value>);
@@ -78,5 +101,92 @@ impl Visit for Fields {
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.0.insert(field.name().into(), value.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    use serde_json::Value;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+
+    use super::JsonLines;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The binaries install their subscriber globally, and so does this
+    /// test (a scoped one is not reached from inside its own formatting):
+    /// traces on, half the calls sampled out, the log filter letting
+    /// through a debug span the trace filter does not.
+    #[test]
+    fn every_line_inside_a_span_names_its_trace_and_span() {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::TraceIdRatioBased(0.5))
+            .build();
+        let out = Lines::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(provider.tracer("test"))
+                    .with_filter(EnvFilter::new("info")),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || writer.clone())
+                    .event_format(JsonLines)
+                    .with_filter(EnvFilter::new("debug")),
+            );
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        const CALLS: usize = 40;
+        for _ in 0..CALLS {
+            tracing::info!("before any span");
+            let call = tracing::info_span!("call");
+            let _call = call.enter();
+            tracing::info!("in the call");
+            let inner = tracing::debug_span!("library detail");
+            let _inner = inner.enter();
+            tracing::debug!("in a span only logs see");
+            tracing::warn!("a warning in it");
+        }
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 4 * CALLS);
+        let mut traces = std::collections::BTreeSet::new();
+        for call in lines.chunks(4) {
+            assert!(call[0].get("trace_id").is_none(), "{}", call[0]);
+            let trace = call[1]["trace_id"].as_str().expect("trace_id");
+            assert_eq!(trace.len(), 32, "{}", call[1]);
+            traces.insert(trace.to_string());
+            for line in &call[1..] {
+                assert!(line.get("span").is_some(), "{line}");
+                assert_eq!(line["trace_id"], trace, "{line}");
+                assert_eq!(line["span_id"].as_str().map(str::len), Some(16), "{line}");
+            }
+            // The debug span has no trace of its own: its lines name the
+            // call's span.
+            assert_eq!(call[2]["span_id"], call[1]["span_id"]);
+        }
+        assert_eq!(traces.len(), CALLS, "one trace per call");
     }
 }

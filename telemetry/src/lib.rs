@@ -306,6 +306,35 @@ pub fn rename(span: &tracing::Span, name: String) {
     span.context().span().update_name(name);
 }
 
+/// `span`'s W3C `traceparent`, when it is sampled for export: what a
+/// record handed on carries so its consumer's span joins the trace.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// A span for work done on behalf of a record that carried `traceparent`
+/// (see `traceparent`): the span joins that trace as its child. An empty
+/// or invalid `traceparent` leaves the span where it was.
+pub fn continue_from(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let mut headers = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_str(traceparent) {
+        headers.insert("traceparent", v);
+        continue_trace(span, &headers);
+    }
+}
+
 /// The trace id of `span` (32 lowercase hex digits) when it is traced.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();

@@ -189,6 +189,49 @@ impl Collector {
     }
 }
 
+/// Counts the spans it is sent and keeps none: the collector for a load
+/// that exports far more than a test would look at (bench/run.sh's traced
+/// runs, through `keycap-otlp-sink`).
+#[derive(Clone, Default)]
+pub struct SpanCounter(Arc<std::sync::atomic::AtomicU64>);
+
+impl SpanCounter {
+    /// Spans received so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Serves the OTLP trace service on `listener` until the process ends.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(self))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for SpanCounter {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let n: usize = request
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        self.0
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
 impl Drop for Collector {
     fn drop(&mut self) {
         self.stop();

@@ -30,10 +30,12 @@ use crate::webhook::{
 pub mod dialect;
 mod sql;
 mod sql_store;
+mod timed;
 mod webhook_rows;
 
 pub use dialect::{Dialect, CHANGE_CHANNEL};
 pub use sql_store::{PgStore, SqlStore, SqliteStore};
+pub use timed::TimedStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -310,6 +312,13 @@ pub trait Store: Send + Sync + 'static {
         let n = applied.iter().filter(|a| **a).count() as u32;
         Ok((n, events.len() as u32 - n))
     }
+    /// Leases live at `now` (not closed, not expired), fleet-wide: how
+    /// many, and the budget they hold that their nodes have not reported
+    /// spent (for metrics).
+    async fn outstanding_leases(
+        &self,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(i64, keycap_proto::Micros)>;
 
     // --- audit --------------------------------------------------------------
     /// Audit entries matching the query (`vendors` included), newest first

@@ -69,7 +69,7 @@ pub(super) fn audit_limit(limit: u32) -> i64 {
 }
 
 pub(super) const VENDOR_COLUMNS: &str =
-    "name, profile, base_url, currency_rates, prices, created_at, updated_at";
+    "name, profile, base_url, currency_rates, prices, forward_trace_context, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 pub struct VendorRow {
@@ -78,6 +78,7 @@ pub struct VendorRow {
     base_url: String,
     currency_rates: String,
     prices: String,
+    forward_trace_context: bool,
     created_at: i64,
     updated_at: i64,
 }
@@ -90,6 +91,7 @@ impl VendorRow {
             base_url: self.base_url,
             currency_rates: from_json(&self.currency_rates, "vendors.currency_rates")?,
             prices: self.prices,
+            forward_trace_context: self.forward_trace_context,
             created_at: from_micros(self.created_at, "vendors.created_at")?,
             updated_at: from_micros(self.updated_at, "vendors.updated_at")?,
         })

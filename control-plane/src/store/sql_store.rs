@@ -134,6 +134,7 @@ where
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
@@ -302,6 +303,7 @@ where
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
@@ -504,7 +506,8 @@ where
             (None, Some(sealed)) => {
                 sqlx::query(
                     "INSERT INTO vendors (name, profile, base_url, currency_rates, prices, \
-                     sealed_credential, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                     sealed_credential, created_at, updated_at, forward_trace_context) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 )
                 .bind(v.name.as_str())
                 .bind(v.profile.as_str())
@@ -514,6 +517,7 @@ where
                 .bind(sealed.as_slice())
                 .bind(micros(v.created_at))
                 .bind(micros(v.updated_at))
+                .bind(v.forward_trace_context)
                 .execute(w.conn())
                 .await
                 .map_err(|e| {
@@ -524,8 +528,8 @@ where
             (Some(created_at), sealed) => {
                 sqlx::query(
                     "UPDATE vendors SET profile = $1, base_url = $2, currency_rates = $3, prices = $4, \
-                     sealed_credential = COALESCE($5, sealed_credential), updated_at = $6 \
-                     WHERE name = $7",
+                     sealed_credential = COALESCE($5, sealed_credential), updated_at = $6, \
+                     forward_trace_context = $8 WHERE name = $7",
                 )
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
@@ -534,6 +538,7 @@ where
                 .bind(sealed.as_deref())
                 .bind(micros(v.updated_at))
                 .bind(v.name.as_str())
+                .bind(v.forward_trace_context)
                 .execute(w.conn())
                 .await?;
                 (from_micros(created_at, "vendors.created_at")?, false)
@@ -1159,6 +1164,22 @@ where
             .execute(w.conn())
             .await?;
         w.commit().await
+    }
+
+    async fn outstanding_leases(
+        &self,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(i64, keycap_proto::Micros)> {
+        let (leases, unreported): (i64, i64) = sqlx::query_as(
+            "SELECT CAST(COUNT(*) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN granted > reported \
+             THEN granted - reported ELSE 0 END), 0) AS BIGINT) \
+             FROM leases WHERE NOT closed AND expires_at > $1",
+        )
+        .bind(micros(now))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((leases, keycap_proto::Micros(unreported)))
     }
 
     async fn fleet_nodes(&self) -> StoreResult<Vec<FleetNode>> {

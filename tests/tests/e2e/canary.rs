@@ -57,13 +57,22 @@ const CANARY_CREDENTIAL: &str = "sk_live_CANARY0keycapAtRestCredential7Zq4WmX2pL
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
+    // Every span both planes make is exported to a collector, searched too.
+    let collector = keycap_tests::otlp::Collector::start().await;
     let mut opts = ControlOpts::sqlite();
     opts.log_level = Some("trace".into());
+    opts.env = collector.env();
+    let control_metrics_port = harness::free_port();
+    opts.args = vec![
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{control_metrics_port}"),
+    ];
     let metrics_port = harness::free_port();
     let stack = Stack::start_with_proxy(
         opts,
         ProxyOpts::new("canary-proxy")
             .log_level("trace")
+            .envs(collector.env())
             .flag("metrics-listen", format!("127.0.0.1:{metrics_port}")),
     )
     .await;
@@ -406,6 +415,28 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
         metrics.text
     );
     heard.resp("metrics", &metrics);
+    let control_metrics = Api::new(&format!("http://127.0.0.1:{control_metrics_port}"), None)
+        .get("/metrics")
+        .await;
+    assert!(
+        control_metrics
+            .text
+            .contains("keycap_control_store_query_duration_seconds"),
+        "{}",
+        control_metrics.text
+    );
+    heard.resp("control-plane metrics", &control_metrics);
+    // Spans of the last calls leave within 100 ms of ending; the key's
+    // revocation (the last change) is among them.
+    let exported = wait_for(within(Duration::from_secs(15)), || async {
+        let spans = collector.spans();
+        spans
+            .iter()
+            .any(|s| s.name == "POST /vault/keys/revoke")
+            .then(|| format!("{spans:?}"))
+    })
+    .await
+    .expect("the revocation's span exported");
 
     // --- the search ------------------------------------------------------------------
     let canaries = [
@@ -467,6 +498,8 @@ async fn no_secret_is_found_anywhere_keycap_writes_or_answers() {
         scanned.push((log.display().to_string(), bytes));
     }
     scanned.extend(heard.0);
+    assert!(exported.contains(&key.id), "exported spans name no key id");
+    scanned.push(("exported spans".to_string(), exported.into_bytes()));
     for (place, bytes) in &scanned {
         for (what, secret) in &canaries {
             // A minted secret is shown once, by design: in the answer that made it.

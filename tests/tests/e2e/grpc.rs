@@ -95,6 +95,7 @@ impl Grpc {
                         .collect(),
                     prices_json: String::new(),
                     ack_timeout_ms: 0,
+                    forward_trace_context: false,
                 }),
             )
             .await
@@ -826,6 +827,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
             currency_rates: Default::default(),
             prices_json: String::new(),
             ack_timeout_ms: 0,
+            forward_trace_context: true,
         }))
         .await
         .expect("PutVendor update")
@@ -833,6 +835,10 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
     assert!(!updated.created);
     let uv = updated.vendor.expect("vendor");
     assert_eq!(uv.base_url, "http://127.0.0.1:9/stripe-v2");
+    assert!(
+        uv.forward_trace_context,
+        "the vendor's trace forwarding is kept"
+    );
     assert_eq!(uv.created_at, v.created_at);
     let mut stream = g.watch(0).await;
     let snap = snapshot(&next_update(&mut stream, "snapshot").await, "snapshot");

@@ -183,6 +183,53 @@ async fn both_planes_serve_metrics_that_promtool_accepts() {
         control.contains("keycap_control_build_info{version=\""),
         "{control}"
     );
+    // The fleet as the control plane sees it, and how long its work takes.
+    for (series, at_least) in [
+        ("keycap_control_proxies_connected", 1.0),
+        (
+            r#"keycap_control_proxy_policy_version{node="metrics-proxy"}"#,
+            1.0,
+        ),
+        ("keycap_control_change_log_version", 1.0),
+        ("keycap_control_leases_outstanding", 1.0),
+        (
+            r#"keycap_control_store_query_duration_seconds_count{op="grant_lease"}"#,
+            1.0,
+        ),
+        (
+            r#"keycap_control_store_query_duration_seconds_count{op="record_spend"}"#,
+            1.0,
+        ),
+        (
+            r#"keycap_control_change_confirmation_duration_seconds_count{change="key_creation"}"#,
+            1.0,
+        ),
+        (
+            r#"keycap_control_change_confirmation_duration_seconds_count{change="vendor_write"}"#,
+            1.0,
+        ),
+    ] {
+        assert!(
+            sample(&control, series) >= at_least,
+            "{series} in {control}"
+        );
+    }
+    assert_eq!(
+        sample(&control, "keycap_control_change_log_lag_versions"),
+        0.0,
+        "{control}"
+    );
+    let proxy_gauges = [
+        "keycap_proxy_control_plane_connected",
+        "keycap_proxy_leases",
+        "keycap_proxy_lease_available_micros",
+        "keycap_proxy_lease_reserved_micros",
+        "keycap_proxy_spend_events_pending",
+        "keycap_proxy_spend_delivery_lag_seconds",
+    ];
+    for gauge in proxy_gauges {
+        assert!(proxy.contains(&format!("\n{gauge} ")), "{gauge} in {proxy}");
+    }
 
     // Both planes are alive and ready, the proxy on its metrics listener
     // too, where a balancer probes it away from agent traffic.
@@ -249,4 +296,102 @@ fn deploy_files_name_only_served_metrics(served: &str) {
             );
         }
     }
+}
+
+/// `/readyz` on the proxy's metrics listener: its status code and reason.
+async fn ready(port: u16) -> (u16, String) {
+    let r = Api::new(&format!("http://127.0.0.1:{port}"), None)
+        .get("/readyz")
+        .await;
+    let reason = r.json()["status"].as_str().unwrap_or_default().to_string();
+    (r.status, reason)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_cut_off_from_the_control_plane_is_ready_while_its_leases_serve() {
+    let port = free_port();
+    let mut stack = Stack::start_with_proxy(
+        ControlOpts::sqlite(),
+        ProxyOpts::new("cut-off-proxy").flag("metrics-listen", format!("127.0.0.1:{port}")),
+    )
+    .await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&stripe_key_body(json!(100), &["POST /v1/*"], "cut-off/1"))
+        .await;
+    let agent = stack.agent(&key.secret);
+    assert_eq!(dollar_charge(&agent).await.status, 200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+    let t = scrape(port).await;
+    assert_eq!(
+        sample(&t, "keycap_proxy_control_plane_connected"),
+        1.0,
+        "{t}"
+    );
+    assert_eq!(sample(&t, "keycap_proxy_leases"), 1.0, "{t}");
+    assert_eq!(sample(&t, "keycap_proxy_spend_events_pending"), 0.0, "{t}");
+    assert_eq!(ready(port).await, (200, "ok".to_string()));
+
+    // A call draws a lease that holds more than it (an idle key's lease
+    // gives its leftover back after a while, so it is read at once).
+    assert_eq!(dollar_charge(&agent).await.status, 200);
+    let t = scrape(port).await;
+    assert!(
+        sample(&t, "keycap_proxy_lease_available_micros") > 0.0,
+        "{t}"
+    );
+    stack.control.kill().await;
+    let cut_off = wait_until(within(Duration::from_secs(15)), || async {
+        sample(&scrape(port).await, "keycap_proxy_control_plane_connected") == 0.0
+    })
+    .await;
+    assert!(
+        cut_off,
+        "the proxy never noticed its control plane was gone"
+    );
+
+    // Served from the lease: ready, and the spend waits for delivery.
+    let r = dollar_charge(&agent).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(ready(port).await, (200, "ok".to_string()));
+    let t = wait_for(within(Duration::from_secs(15)), || async {
+        let t = scrape(port).await;
+        (sample(&t, "keycap_proxy_spend_events_pending") >= 1.0).then_some(t)
+    })
+    .await
+    .expect("the undelivered spend event in the metrics");
+    assert!(
+        sample(&t, "keycap_proxy_spend_delivery_lag_seconds") > 0.0,
+        "{t}"
+    );
+
+    // Once its leases can serve no more (spent, or handed back after the
+    // key fell idle), it is not ready: a balancer sends agents elsewhere.
+    for _ in 0..200 {
+        let r = dollar_charge(&agent).await;
+        if r.status != 200 {
+            assert_eq!(r.status, 503, "{}", r.text);
+            break;
+        }
+    }
+    let unready = wait_until(within(Duration::from_secs(15)), || async {
+        ready(port).await == (503, "control_plane_unreachable".to_string())
+    })
+    .await;
+    assert!(unready, "still ready with no control plane and no budget");
+    let r = Api::new(&stack.proxy.url(), None).get("/readyz").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.json()["status"], "control_plane_unreachable");
+
+    // Back: ready again, and the backlog is delivered.
+    stack.control.restart().await;
+    let caught_up = wait_until(within(SPEND_TIMEOUT), || async {
+        let t = scrape(port).await;
+        sample(&t, "keycap_proxy_control_plane_connected") == 1.0
+            && sample(&t, "keycap_proxy_spend_events_pending") == 0.0
+            && ready(port).await.0 == 200
+    })
+    .await;
+    assert!(caught_up, "{}", scrape(port).await);
 }

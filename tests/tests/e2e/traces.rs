@@ -74,6 +74,7 @@ async fn one_trace_runs_from_the_agent_through_the_proxy_to_the_control_plane() 
                 ("keycap-control", "keycap.v1.FleetService/GrantLease"),
                 ("keycap-proxy", "forward"),
                 ("keycap-proxy", "settle"),
+                ("keycap-control", "ingest spend"),
             ],
         )
         .await;
@@ -115,6 +116,48 @@ async fn one_trace_runs_from_the_agent_through_the_proxy_to_the_control_plane() 
         "crosses gRPC metadata"
     );
     assert_eq!(granted.attr("rpc.grpc.status_code"), Some("0"));
+    // The call's spend event, reported in a batch later, is ingested in a
+    // span of the same trace, under the proxy's `settle`.
+    let ingested = one(&spans, "keycap-control", "ingest spend");
+    assert_eq!(ingested.parent_span_id, proxy("settle").span_id);
+    assert_eq!(
+        ingested.attr("keycap.call_id"),
+        paid.header("keycap-call-id")
+    );
+    assert_eq!(ingested.attr("keycap.cost_usd"), Some("1"));
+
+    // The admin revokes the key inside a trace of its own: the control
+    // plane's span for the call and for the fleet's confirmation join it.
+    const ADMIN_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    const ADMIN_SPAN: &str = "10f067aa0ba902b8";
+    let revoked = stack
+        .admin
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/vault/keys/{}", key.id),
+            None,
+            &[("traceparent", &format!("00-{ADMIN_TRACE}-{ADMIN_SPAN}-01"))],
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text);
+    assert_eq!(revoked.json()["confirmation"]["all_confirmed"], true);
+    let admin_spans = collector
+        .wait_trace(
+            ADMIN_TRACE,
+            &[
+                ("keycap-control", "DELETE /vault/keys/{id}"),
+                ("keycap-control", "confirm revocation"),
+            ],
+        )
+        .await;
+    let call = one(&admin_spans, "keycap-control", "DELETE /vault/keys/{id}");
+    assert_eq!(call.parent_span_id, ADMIN_SPAN);
+    assert_eq!(call.kind, "SPAN_KIND_SERVER");
+    assert_eq!(call.attr("http.response.status_code"), Some("200"));
+    let confirm = one(&admin_spans, "keycap-control", "confirm revocation");
+    assert_eq!(confirm.parent_span_id, call.span_id);
+    assert_eq!(confirm.attr("keycap.unconfirmed_nodes"), Some("0"));
+    assert_eq!(confirm.attr("keycap.confirmed_nodes"), Some("1"));
 
     // Never the raw path or query, the vault key or the credential.
     let everything = format!("{:?}", collector.spans());
@@ -233,4 +276,118 @@ async fn keycap_dev_traces_a_call_and_its_audit_entry_names_the_trace_and_contex
         json!({"step": "charge-customer", "tool_call_id": "call_abc", "reasoning_id": "r_42"}),
         "{entry}"
     );
+}
+
+/// One $1 Stripe charge of `key` at `vendor`, sent with the agent's trace
+/// context.
+async fn traced_charge(stack: &Stack, vendor: &str, secret: &str, traceparent: &str) -> Resp {
+    stack
+        .agent(secret)
+        .send(
+            reqwest::Method::POST,
+            &format!("/{vendor}/v1/payment_intents"),
+            Some((
+                "application/x-www-form-urlencoded",
+                b"amount=100&currency=usd&confirm=true".to_vec(),
+            )),
+            &[("traceparent", traceparent), ("tracestate", "agent=7")],
+        )
+        .await
+}
+
+fn key_for(vendor: &str, label: &str) -> Value {
+    let mut body = stripe_key_body(json!(10), &["POST /v1/*"], label);
+    body["vendor"] = json!(vendor);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_vendor_set_to_forward_trace_context_is_told_of_the_trace() {
+    let collector = Collector::start().await;
+    let (stack, quiet) = traced_stack(&collector).await;
+    let told = MockVendor::start(STRIPE_CREDENTIAL).await;
+    let put = stack
+        .put_vendor(
+            "told",
+            &json!({"profile": "stripe", "base_url": told.url(), "credential": told.credential(),
+                    "forward_trace_context": true}),
+        )
+        .await;
+    assert_eq!(put["forward_trace_context"], true, "{put}");
+    let read = stack.admin.get("/vault/vendors/stripe").await.expect(200);
+    assert_eq!(
+        read["forward_trace_context"], false,
+        "off by default: {read}"
+    );
+
+    let traceparent = format!("00-{TRACE}-{AGENT_SPAN}-01");
+    for (vendor, label) in [("stripe", "quiet/1"), ("told", "told/1")] {
+        let key = stack.mint(&key_for(vendor, label)).await;
+        let paid = traced_charge(&stack, vendor, &key.secret, &traceparent).await;
+        assert_eq!(paid.status, 200, "{vendor}: {}", paid.text);
+    }
+
+    let sent = quiet.calls();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].header("traceparent"), None);
+    assert_eq!(sent[0].header("tracestate"), None);
+
+    // The told vendor's call continues the proxy's `forward` span of the
+    // agent's trace, and keeps the agent's tracestate.
+    let spans = collector
+        .wait_trace(TRACE, &[("keycap-proxy", "POST /told/*")])
+        .await;
+    let call = one(&spans, "keycap-proxy", "POST /told/*");
+    let forward = spans
+        .iter()
+        .find(|s| s.name == "forward" && s.parent_span_id == call.span_id)
+        .expect("the told call's forward span");
+    let sent = told.calls();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].header("traceparent"),
+        Some(format!("00-{TRACE}-{}-01", forward.span_id).as_str())
+    );
+    assert_eq!(sent[0].header("tracestate"), Some("agent=7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tracing_a_told_vendor_gets_the_agents_trace_context_as_sent() {
+    let stack = Stack::start().await;
+    let told = MockVendor::start(STRIPE_CREDENTIAL).await;
+    let quiet = MockVendor::start(STRIPE_CREDENTIAL).await;
+    let url = stack.control.url();
+    let token = stack.control.opts.admin_token.clone();
+    for (name, mock, forward) in [("told", &told, true), ("quiet", &quiet, false)] {
+        let base_url = mock.url();
+        let mut args = vec![
+            "vendor",
+            "put",
+            name,
+            "--profile",
+            "stripe",
+            "--base-url",
+            &base_url,
+            "--credential",
+            "-",
+        ];
+        if forward {
+            args.push("--forward-trace-context");
+        }
+        let out =
+            harness::keycap_cli_with_stdin(&url, &token, &args, Some(mock.credential())).await;
+        assert_eq!(out.json()["forward_trace_context"], forward, "{name}");
+    }
+    let traceparent = format!("00-{TRACE}-{AGENT_SPAN}-01");
+    for vendor in ["told", "quiet"] {
+        let key = stack.mint(&key_for(vendor, "untraced/1")).await;
+        let paid = traced_charge(&stack, vendor, &key.secret, &traceparent).await;
+        assert_eq!(paid.status, 200, "{vendor}: {}", paid.text);
+    }
+    let sent = told.calls();
+    assert_eq!(sent[0].header("traceparent"), Some(traceparent.as_str()));
+    assert_eq!(sent[0].header("tracestate"), Some("agent=7"));
+    let sent = quiet.calls();
+    assert_eq!(sent[0].header("traceparent"), None);
+    assert_eq!(sent[0].header("tracestate"), None);
 }

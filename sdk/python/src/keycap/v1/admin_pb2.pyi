@@ -77,6 +77,7 @@ class Vendor(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     PRICES_JSON_FIELD_NUMBER: _builtins.int
     PROXY_ERRORS_FIELD_NUMBER: _builtins.int
+    FORWARD_TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     """Pricing and credential-injection profile: "stripe", "openai"."""
@@ -84,6 +85,10 @@ class Vendor(_message.Message):
     prices_json: _builtins.str
     """The operator's price table for this vendor, as JSON text in its
     profile's table format; empty when the prices shipped with keycap apply.
+    """
+    forward_trace_context: _builtins.bool
+    """The proxy forwards the agent's W3C trace context (traceparent,
+    tracestate) to this vendor; off by default.
     """
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -112,10 +117,11 @@ class Vendor(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         prices_json: _builtins.str = ...,
         proxy_errors: _abc.Iterable[Global___VendorProxyError] | None = ...,
+        forward_trace_context: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "currency_rates", b"currency_rates", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -180,6 +186,7 @@ class PutVendorRequest(_message.Message):
     CURRENCY_RATES_FIELD_NUMBER: _builtins.int
     PRICES_JSON_FIELD_NUMBER: _builtins.int
     ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    FORWARD_TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     base_url: _builtins.str
@@ -196,6 +203,10 @@ class PutVendorRequest(_message.Message):
     """How long to wait for the proxies to serve the change, in milliseconds,
     at most 60000; 0: the control plane's --ack-timeout-ms.
     """
+    forward_trace_context: _builtins.bool
+    """Forward the agent's W3C trace context (traceparent, tracestate) to
+    this vendor. Off (the default) strips both before the call leaves.
+    """
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -208,10 +219,11 @@ class PutVendorRequest(_message.Message):
         currency_rates: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         prices_json: _builtins.str = ...,
         ack_timeout_ms: _builtins.int = ...,
+        forward_trace_context: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "base_url", b"base_url", "credential", b"credential", "currency_rates", b"currency_rates", "name", b"name", "prices_json", b"prices_json", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "base_url", b"base_url", "credential", b"credential", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
