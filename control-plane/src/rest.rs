@@ -1521,6 +1521,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn typed_answers_write_their_keys_sorted_as_json_did() {
+        #[derive(Serialize)]
+        struct Inner {
+            zone: Option<String>,
+            id: &'static str,
+        }
+        #[derive(Serialize)]
+        struct Outer {
+            #[serde(flatten)]
+            info: Inner,
+            key: &'static str,
+            confirmation: ConfirmationAnswer,
+        }
+        let resp = Answer::created(Outer {
+            info: Inner {
+                zone: None,
+                id: "key_1",
+            },
+            key: "kc_test_x",
+            confirmation: ConfirmationAnswer {
+                version: 3,
+                all_confirmed: true,
+                confirmed_nodes: vec!["n1".into()],
+                unconfirmed_nodes: vec![],
+                unconfirmed_lease_usd: Usd(Micros(1_500_000)),
+            },
+        })
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"confirmation":{"all_confirmed":true,"confirmed_nodes":["n1"],"unconfirmed_lease_usd":1.5,"unconfirmed_nodes":[],"version":3},"id":"key_1","key":"kc_test_x","zone":null}"#
+        );
+    }
+
+    #[tokio::test]
     async fn every_error_answer_is_the_one_documented_error_schema() {
         let doc: Value = serde_json::from_str(&openapi_document()).unwrap();
         for (path, item) in doc["paths"].as_object().unwrap() {

@@ -14,6 +14,7 @@ import filecmp
 import subprocess
 import sys
 import time
+import zipfile
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -269,6 +270,20 @@ def test_the_checked_in_generated_code_is_fresh(tmp_path):
     assert differ == [] and errors == [], f"run scripts/gen-sdks: {differ or errors} changed"
     packaged = ROOT / "sdk" / "python" / "LICENSE"
     assert packaged.read_bytes() == (ROOT / "LICENSE").read_bytes(), "run scripts/gen-sdks"
+
+
+def test_the_wheel_ships_the_license_its_metadata_declares(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "--quiet", "--wheel-dir", str(tmp_path), str(ROOT / "sdk" / "python")],
+                   check=True)
+    (wheel,) = tmp_path.glob("keycap-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert z.read(license_file) == (ROOT / "LICENSE").read_bytes()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        assert "License-Expression: Apache-2.0" in z.read(metadata).decode()
+    assert "keycap/py.typed" in names and "keycap/v1/admin_pb2.py" in names
 
 
 def test_the_sdk_type_checks_strictly():

@@ -269,6 +269,106 @@ export interface Spend {
   vendors: { vendor: string; totalUsd: string; calls: number }[];
 }
 
+/** An issuer token: mints child keys of one key. Never its secret. */
+export interface IssuerToken {
+  id: string;
+  keyId: string;
+  name: string;
+  tokenPrefix: string;
+  status: string;
+  createdAt: Date | null;
+  expiresAt: Date | null;
+  revokedAt: Date | null;
+}
+
+function issuerToken(t: pb.IssuerToken | undefined): IssuerToken {
+  const m = t ?? create(pb.IssuerTokenSchema);
+  return {
+    id: m.id, keyId: m.keyId, name: m.name, tokenPrefix: m.tokenPrefix,
+    status: STATUS[m.status] ?? "unknown",
+    createdAt: date(m.createdAt), expiresAt: date(m.expiresAt), revokedAt: date(m.revokedAt),
+  };
+}
+
+/** An admin token as keycap stores it: never its secret. `vendors` is empty for every vendor. */
+export interface AdminToken {
+  id: string;
+  name: string;
+  scopes: string[];
+  vendors: string[];
+  tokenPrefix: string;
+  status: string;
+  createdAt: Date | null;
+  expiresAt: Date | null;
+  revokedAt: Date | null;
+}
+
+function adminToken(t: pb.AdminToken | undefined): AdminToken {
+  const m = t ?? create(pb.AdminTokenSchema);
+  return {
+    id: m.id, name: m.name, scopes: m.scopes, vendors: m.vendors, tokenPrefix: m.tokenPrefix,
+    status: STATUS[m.status] ?? "unknown",
+    createdAt: date(m.createdAt), expiresAt: date(m.expiresAt), revokedAt: date(m.revokedAt),
+  };
+}
+
+/** A newly minted token. `token` is its secret, shown once; not enumerable, so JSON and inspect leave it out. */
+export class CreatedToken<T extends { id: string; expiresAt: Date | null }> {
+  declare readonly token: string;
+  constructor(secret: string, readonly info: T) {
+    Object.defineProperty(this, "token", { value: secret, enumerable: false });
+  }
+  get id(): string {
+    return this.info.id;
+  }
+  get expiresAt(): Date | null {
+    return this.info.expiresAt;
+  }
+}
+
+/** Whether the audit ledger's hash chain holds; `broken` names the first entry that breaks it. */
+export interface Verification {
+  ok: boolean;
+  checked: number;
+  legacy: number;
+  headSeq: number | null;
+  /** Hex SHA-256 of the last entry checked. */
+  headHash: string | null;
+  broken: { seq: number; reason: string; message: string } | null;
+  checkpointSeq: number | null;
+}
+
+/** A signed checkpoint of the ledger's head (hex hash, Ed25519 public key and signature). */
+export interface Checkpoint {
+  seq: number;
+  hash: string;
+  at: Date | null;
+  publicKey: string;
+  signature: string;
+}
+
+/** What a price import priced, skipped and left out, with the vendor as it now is. */
+export interface PriceImport {
+  vendor: Vendor;
+  asOf: string;
+  entries: number;
+  models: string[];
+  embeddings: string[];
+  images: string[];
+  skipped: { name: string; reason: string }[];
+  unusedPrices: { kind: string; reason: string; entries: number }[];
+}
+
+/** A master key rotation: not done while `failedVendors` is not empty. */
+export interface KekRotation {
+  kekId: string;
+  rewrapped: number;
+  alreadyCurrent: number;
+  failedVendors: string[];
+}
+
+const hex = (b: Uint8Array): string => Buffer.from(b).toString("hex");
+
 export interface CreateKey {
   vendor: string;
   dailyUsdCap: Money;
@@ -303,6 +403,7 @@ export class Client {
   readonly vendors: Vendors;
   readonly keys: Keys;
   readonly audit: Audit;
+  readonly adminTokens: AdminTokens;
   readonly #audit: RpcClient<typeof pb.AuditService>;
   readonly #call: Call;
 
@@ -337,6 +438,7 @@ export class Client {
     this.keys = new Keys(createClient(pb.KeyService, transport), this.#call);
     this.#audit = createClient(pb.AuditService, transport);
     this.audit = new Audit(this.#audit, this.#call);
+    this.adminTokens = new AdminTokens(createClient(pb.AdminTokenService, transport), this.#call);
   }
 
   /** What an agent run spent, in total and per vendor. */
@@ -380,6 +482,47 @@ export class Vendors {
 
   async delete(name: string): Promise<Confirmation> {
     return confirmation((await this.call(() => this.rpc.deleteVendor({ name }))).confirmation);
+  }
+
+  /** Replaces the vendor's prices with those of LiteLLM's price file (its JSON text as published). */
+  async importPrices(name: string, litellmJson: string): Promise<PriceImport> {
+    const r = await this.call(() => this.rpc.importVendorPrices({ name, litellmJson }));
+    const report = r.report ?? create(pb.PriceImportReportSchema);
+    return {
+      vendor: vendor(r.vendor), asOf: report.asOf, entries: report.entries, models: report.models,
+      embeddings: report.embeddings, images: report.images,
+      skipped: report.skipped.map((e) => ({ name: e.name, reason: e.reason })),
+      unusedPrices: report.unusedPrices.map((u) => ({ kind: u.kind, reason: u.reason, entries: u.entries })),
+    };
+  }
+
+  /** Re-wraps every vendor credential under the answering control plane's primary master key. */
+  async rotateKek(): Promise<KekRotation> {
+    const r = await this.call(() => this.rpc.rotateKek({}));
+    return { kekId: r.kekId, rewrapped: r.rewrapped, alreadyCurrent: r.alreadyCurrent, failedVendors: r.failedVendors };
+  }
+}
+
+export class AdminTokens {
+  constructor(readonly rpc: RpcClient<typeof pb.AdminTokenService>, private readonly call: Call) {}
+
+  /** Mints an admin token with `scopes` (restricted to `vendors` when given); its secret is `.token`, once. */
+  async create(t: { name: string; scopes: string[]; vendors?: string[]; expiresIn?: Duration }):
+    Promise<CreatedToken<AdminToken>> {
+    const r = await this.call(() => this.rpc.createAdminToken({
+      name: t.name, scopes: t.scopes, vendors: t.vendors ?? [],
+      expiresInSeconds: t.expiresIn === undefined ? 0n : seconds("expires_in", t.expiresIn),
+    }));
+    return new CreatedToken(r.secret, adminToken(r.token));
+  }
+
+  async list(filter: { includeInactive?: boolean } = {}): Promise<AdminToken[]> {
+    const r = await this.call(() => this.rpc.listAdminTokens({ includeInactive: filter.includeInactive ?? false }));
+    return r.tokens.map(adminToken);
+  }
+
+  async revoke(id: string): Promise<AdminToken> {
+    return adminToken((await this.call(() => this.rpc.revokeAdminToken({ id }))).token);
   }
 }
 
@@ -430,13 +573,22 @@ export class Keys {
     return { revokedIds: r.revokedIds, confirmation: confirmation(r.confirmation) };
   }
 
-  /** An issuer token for a key: its secret (`token`, shown once) and what keycap stores. */
+  /** An issuer token for a key: its secret (`token`, shown once) and what keycap stores (`info`). */
   async createIssuerToken(keyId: string, t: { name: string; expiresIn: Duration }):
-    Promise<{ token: string; id: string; expiresAt: Date | null }> {
+    Promise<CreatedToken<IssuerToken>> {
     const r = await this.call(() => this.rpc.createIssuerToken({
       keyId, name: t.name, expiresInSeconds: seconds("expires_in", t.expiresIn),
     }));
-    return { token: r.secret, id: r.token?.id ?? "", expiresAt: date(r.token?.expiresAt) };
+    return new CreatedToken(r.secret, issuerToken(r.token));
+  }
+
+  async listIssuerTokens(keyId: string, filter: { includeInactive?: boolean } = {}): Promise<IssuerToken[]> {
+    const r = await this.call(() => this.rpc.listIssuerTokens({ keyId, includeInactive: filter.includeInactive ?? false }));
+    return r.tokens.map(issuerToken);
+  }
+
+  async revokeIssuerToken(id: string): Promise<IssuerToken> {
+    return issuerToken((await this.call(() => this.rpc.revokeIssuerToken({ id }))).token);
   }
 }
 
@@ -476,5 +628,29 @@ export class Audit {
       if (!r.nextPageToken) return;
       pageToken = r.nextPageToken;
     }
+  }
+
+  /**
+   * Recomputes the ledger's hash chain (from `fromSeq`, trusting the hash
+   * stored before it) and holds its end against the latest signed checkpoint.
+   */
+  async verify(options: { fromSeq?: number } = {}): Promise<Verification> {
+    const r = await this.call(() => this.rpc.verifyAudit({ fromSeq: BigInt(options.fromSeq ?? 0) }));
+    const head = r.headHash.length > 0;
+    return {
+      ok: r.ok, checked: Number(r.checked), legacy: Number(r.legacy),
+      headSeq: head ? Number(r.headSeq) : null,
+      headHash: head ? hex(r.headHash) : null,
+      broken: r.ok ? null : { seq: Number(r.brokenSeq), reason: r.brokenReason, message: r.brokenMessage },
+      checkpointSeq: r.checkpointSeq ? Number(r.checkpointSeq) : null,
+    };
+  }
+
+  /** The ledger's signed checkpoints, newest first. */
+  async checkpoints(options: { limit?: number } = {}): Promise<Checkpoint[]> {
+    const r = await this.call(() => this.rpc.listCheckpoints({ limit: options.limit ?? 0 }));
+    return r.checkpoints.map((c) => ({
+      seq: Number(c.seq), hash: hex(c.hash), at: date(c.at), publicKey: hex(c.publicKey), signature: hex(c.signature),
+    }));
   }
 }

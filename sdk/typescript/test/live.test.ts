@@ -176,3 +176,50 @@ test("a wrong token and an unreachable server are one clear error each, without 
   assert.equal(lost.message, `unavailable: the control plane at ${addr} is unreachable`);
   assert.ok(!inspect(lost).includes(adminToken));
 });
+
+test("admin tokens, issuer tokens, audit verify and checkpoints", async () => {
+  const kc = new keycap.Client({ addr: control, token: adminToken });
+  const minted = await kc.adminTokens.create({ name: "ts reader", scopes: ["keys:read"], vendors: ["openai"], expiresIn: "1h" });
+  assert.match(minted.token, /^kcadm_/);
+  assert.ok(!JSON.stringify(minted).includes(minted.token) && !inspect(minted).includes(minted.token));
+  assert.deepEqual(minted.info.scopes, ["keys:read"]);
+  assert.equal(minted.info.status, "active");
+  assert.ok((await kc.adminTokens.list()).some((t) => t.id === minted.id));
+  const reader = new keycap.Client({ addr: control, token: minted.token });
+  assert.ok(Array.isArray(await reader.keys.list()));
+  await assert.rejects(reader.vendors.list(),
+    (e: unknown) => e instanceof keycap.PermissionDenied && e.code === "missing_scope" && !e.message.includes(minted.token));
+  assert.equal((await kc.adminTokens.revoke(minted.id)).status, "revoked");
+  assert.ok(!(await kc.adminTokens.list()).some((t) => t.id === minted.id));
+  assert.ok((await kc.adminTokens.list({ includeInactive: true })).some((t) => t.id === minted.id));
+  await assert.rejects(reader.keys.list(), (e: unknown) => e instanceof keycap.Unauthenticated);
+  await assert.rejects(kc.adminTokens.create({ name: "typo", scopes: ["keys:reed"] }),
+    (e: unknown) => e instanceof keycap.InvalidRequest && e.field === "scopes");
+
+  await kc.vendors.put("ts-audit", { profile: "openai", baseUrl: mockUrl, credential: CREDENTIAL });
+  const parent = await kc.keys.create({ vendor: "ts-audit", dailyUsdCap: "5", allowedEndpoints: CHAT, expiresIn: "1h", agentRunLabel: "ts-sdk/audit" });
+  const issuer = await kc.keys.createIssuerToken(parent.id, { name: "scenario", expiresIn: "30m" });
+  assert.match(issuer.token, /^kciss_/);
+  assert.equal(issuer.info.keyId, parent.id);
+  assert.deepEqual((await kc.keys.listIssuerTokens(parent.id)).map((t) => t.id), [issuer.id]);
+  assert.equal((await kc.keys.revokeIssuerToken(issuer.id)).status, "revoked");
+  assert.deepEqual(await kc.keys.listIssuerTokens(parent.id), []);
+
+  await chat(new OpenAI({ baseURL: parent.baseUrl(proxy), apiKey: parent.key, maxRetries: 0 }));
+  await until("the call's audit entry", SPEND_SETTLES_MS, async () => {
+    for await (const e of kc.audit.query({ keyId: parent.id })) return e;
+    return undefined;
+  });
+  let newest = 0;
+  for await (const e of kc.audit.query()) newest = Math.max(newest, e.seq);
+  const verified = await kc.audit.verify();
+  assert.ok(verified.ok && verified.broken === null, JSON.stringify(verified));
+  assert.equal(verified.headSeq, newest);
+  assert.match(verified.headHash ?? "", /^[0-9a-f]{64}$/);
+  assert.equal((await kc.audit.verify({ fromSeq: newest })).checked, 1);
+  for (const cp of await kc.audit.checkpoints({ limit: 5 })) {
+    assert.ok(cp.seq <= newest);
+    assert.match(cp.hash, /^[0-9a-f]{64}$/);
+    assert.match(cp.signature, /^[0-9a-f]{128}$/);
+  }
+});
