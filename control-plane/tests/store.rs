@@ -3297,7 +3297,10 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
         before
             .migrations
             .iter()
-            .filter(|m| m.version <= 11)
+            // Every migration but the partitioning ones (12, 13), so that
+            // today's code can write the rows; the partitioning then copies
+            // whatever columns the table has by then.
+            .filter(|m| !(12..=13).contains(&m.version))
             .cloned()
             .collect(),
     );
