@@ -62,11 +62,10 @@ enum Command {
     /// Manage vault keys.
     #[command(subcommand)]
     Key(KeyCmd),
-    /// Total spend of an agent run, per vendor.
-    Spend {
-        #[arg(long = "run-label")]
-        run_label: String,
-    },
+    /// Spend: of one agent run per vendor (`--run-label` alone), or a
+    /// report grouped by run label, key, vendor and/or UTC day over a time
+    /// range, with call and refusal counts (`--by key --since 7d`).
+    Spend(SpendArgs),
     /// Audit entries, newest first.
     Audit(AuditArgs),
     /// Operator tasks on the control plane.
@@ -294,6 +293,27 @@ enum IssuerTokenCmd {
 }
 
 #[derive(Args)]
+struct SpendArgs {
+    /// Alone: the run's spend per vendor. With a report: only this run.
+    #[arg(long = "run-label")]
+    run_label: Option<String>,
+    /// Group by any of run_label, key, vendor, day (comma-separated or
+    /// repeated).
+    #[arg(long = "by", value_delimiter = ',')]
+    by: Vec<String>,
+    /// Start: a time back from now (`7d`, `12h`, `30m`), an RFC 3339 time
+    /// or a UTC day (YYYY-MM-DD).
+    #[arg(long)]
+    since: Option<String>,
+    /// End (exclusive), in the same forms as --since.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only the top N groups by spend.
+    #[arg(long)]
+    top: Option<i32>,
+}
+
+#[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 struct AuditArgs {
     #[command(subcommand)]
@@ -310,6 +330,12 @@ struct AuditArgs {
     /// RFC 3339 time.
     #[arg(long)]
     until: Option<String>,
+    /// Only entries with this outcome (`refused`: the recorded refusals).
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Only refusals with this error code (e.g. daily_cap_exceeded).
+    #[arg(long = "refusal-reason")]
+    refusal_reason: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: i32,
     /// Page token from a previous listing.
@@ -327,6 +353,62 @@ enum AuditAction {
         #[arg(long)]
         from: Option<i64>,
     },
+    /// Write the ledger with its chain fields (JSON Lines or CSV), oldest
+    /// first, streamed; `docs/verify_ledger.py` checks a JSON Lines export
+    /// on its own.
+    Export {
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Entries at or after this time (RFC 3339, a UTC day, or a time
+        /// back from now such as 7d).
+        #[arg(long)]
+        from: Option<String>,
+        /// Entries before this time, in the same forms.
+        #[arg(long)]
+        to: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(short = 'o', long = "output")]
+        output: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+/// A time as the CLI takes it: a span back from now (`7d`, `12h`, `30m`,
+/// `45s`), an RFC 3339 time, or a UTC day (its midnight).
+fn parse_when(
+    field: &str,
+    s: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Some(unit) = s.chars().last().filter(|c| "dhms".contains(*c)) {
+        if let Ok(n) = s[..s.len() - 1].parse::<i64>() {
+            let span = match unit {
+                'd' => chrono::TimeDelta::try_days(n),
+                'h' => chrono::TimeDelta::try_hours(n),
+                'm' => chrono::TimeDelta::try_minutes(n),
+                _ => chrono::TimeDelta::try_seconds(n),
+            };
+            if let Some(t) = span
+                .filter(|_| n >= 0)
+                .and_then(|d| now.checked_sub_signed(d))
+            {
+                return Ok(t);
+            }
+        }
+    }
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .with_context(|| {
+            format!("--{field} {s:?} is not a span back from now (7d, 12h, 30m), an RFC 3339 time or a day YYYY-MM-DD")
+        })
 }
 
 fn usd(m: i64) -> String {
@@ -1016,7 +1098,12 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Spend { run_label } => {
+        Command::Spend(a)
+            if a.by.is_empty() && a.since.is_none() && a.until.is_none() && a.top.is_none() =>
+        {
+            let Some(run_label) = a.run_label else {
+                bail!("give --run-label for a run's spend, or --by/--since/--until/--top for a report");
+            };
             let r = c
                 .audit
                 .spend_summary(pb::SpendSummaryRequest {
@@ -1032,6 +1119,91 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     "vendor": v.vendor, "total_usd": usd(v.total_micros), "calls": v.calls,
                 })).collect::<Vec<_>>(),
             }));
+        }
+        Command::Spend(a) => {
+            let now = chrono::Utc::now();
+            let when = |field: &str, s: Option<String>| -> anyhow::Result<_> {
+                s.map(|s| parse_when(field, &s, now).map(to_proto))
+                    .transpose()
+            };
+            let r = c
+                .audit
+                .spend_report(pb::SpendReportRequest {
+                    group_by: a.by,
+                    from: when("since", a.since)?,
+                    to: when("until", a.until)?,
+                    top: a.top.unwrap_or(0),
+                    agent_run_label: a.run_label.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let by = |d: &str| r.group_by.iter().any(|g| g == d);
+            print(json!({
+                "group_by": r.group_by,
+                "groups": r.groups.iter().map(|g| {
+                    let mut row = serde_json::Map::new();
+                    for (dim, field, value) in [
+                        ("run_label", "agent_run_label", &g.agent_run_label),
+                        ("key", "key_id", &g.key_id),
+                        ("vendor", "vendor", &g.vendor),
+                        ("day", "day", &g.day),
+                    ] {
+                        if by(dim) {
+                            row.insert(field.into(), json!(value));
+                        }
+                    }
+                    row.insert("total_usd".into(), json!(usd(g.total_micros)));
+                    row.insert("calls".into(), json!(g.calls));
+                    row.insert("refused_calls".into(), json!(g.refused_calls));
+                    Value::Object(row)
+                }).collect::<Vec<_>>(),
+                "total_usd": usd(r.total_micros),
+                "calls": r.calls,
+                "refused_calls": r.refused_calls,
+                "more": r.more,
+            }));
+        }
+        Command::Audit(AuditArgs {
+            action:
+                Some(AuditAction::Export {
+                    format,
+                    from,
+                    to,
+                    output,
+                }),
+            ..
+        }) => {
+            let now = chrono::Utc::now();
+            let when = |field: &str, s: Option<String>| -> anyhow::Result<_> {
+                s.map(|s| parse_when(field, &s, now).map(to_proto))
+                    .transpose()
+            };
+            let mut stream = c
+                .audit
+                .export_audit(pb::ExportAuditRequest {
+                    format: match format {
+                        ExportFormat::Jsonl => "jsonl",
+                        ExportFormat::Csv => "csv",
+                    }
+                    .into(),
+                    from: when("from", from)?,
+                    to: when("to", to)?,
+                })
+                .await?
+                .into_inner();
+            // A chunk at a time: memory stays flat whatever the ledger's
+            // length.
+            let mut out: Box<dyn std::io::Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            while let Some(chunk) = stream.message().await? {
+                out.write_all(&chunk.data)?;
+            }
+            out.flush()?;
         }
         Command::Audit(AuditArgs {
             action: Some(AuditAction::Verify { from }),
@@ -1085,6 +1257,8 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     until: time("until", a.until)?,
                     page_size: a.limit,
                     page_token: a.page.unwrap_or_default(),
+                    outcome: a.outcome.unwrap_or_default(),
+                    refusal_reason: a.refusal_reason.unwrap_or_default(),
                     ..Default::default()
                 })
                 .await?
@@ -1101,6 +1275,8 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     "reserved_usd": usd(e.reserved_micros),
                     "cost_usd": usd(e.cost_micros),
                     "outcome": e.outcome,
+                    "refusal_reason": (e.outcome == "refused").then_some(&e.refusal_reason),
+                    "refused_calls": (e.outcome == "refused").then_some(e.refused_calls),
                 })).collect::<Vec<_>>(),
                 "next_page": (!r.next_page_token.is_empty()).then_some(r.next_page_token),
             }));

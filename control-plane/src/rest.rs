@@ -698,30 +698,173 @@ async fn revoke_issuer_token(
     )))
 }
 
+type Usd = keycap_proto::money::serde_json_number::Number;
+
 #[derive(Deserialize)]
 struct SpendQuery {
+    /// Alone: the run's spend per vendor (the summary). With any of the
+    /// others: only that run's entries in the report.
     agent_run_label: Option<String>,
+    /// Comma-separated: any of `run_label`, `key`, `vendor`, `day`.
+    group_by: Option<String>,
+    /// RFC 3339 time or UTC day `YYYY-MM-DD`: entries at or after it.
+    from: Option<String>,
+    /// RFC 3339 time or UTC day `YYYY-MM-DD`: entries before it.
+    to: Option<String>,
+    /// The top N groups by spend; default every group up to 10000.
+    top: Option<u32>,
+}
+
+/// `GET /vault/spend?agent_run_label=...`: a run's spend per vendor.
+#[derive(Serialize)]
+struct SpendSummaryAnswer {
+    agent_run_label: String,
+    total_usd: Usd,
+    total_micros: i64,
+    calls: i64,
+    vendors: Vec<VendorSpendAnswer>,
+}
+
+#[derive(Serialize)]
+struct VendorSpendAnswer {
+    vendor: String,
+    total_usd: Usd,
+    total_micros: i64,
+    calls: i64,
+}
+
+/// `GET /vault/spend?group_by=...&from=...&to=...&top=N`: a spend report.
+#[derive(Serialize)]
+struct SpendReportAnswer {
+    group_by: Vec<&'static str>,
+    from: Option<String>,
+    to: Option<String>,
+    /// Largest spend first.
+    groups: Vec<SpendGroupAnswer>,
+    /// Over every entry asked about, not only the groups shown.
+    total_usd: Usd,
+    total_micros: i64,
+    calls: i64,
+    refused_calls: i64,
+    /// Groups beyond `top` were left out.
+    more: bool,
+}
+
+/// One group: the dimensions grouped by, and what they spent.
+#[derive(Serialize)]
+struct SpendGroupAnswer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_run_label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vendor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    day: Option<String>,
+    total_usd: Usd,
+    total_micros: i64,
+    calls: i64,
+    refused_calls: i64,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum SpendAnswer {
+    Summary(SpendSummaryAnswer),
+    Report(SpendReportAnswer),
+}
+
+/// A report bound: an RFC 3339 time, or a UTC day (its midnight).
+fn parse_bound(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            invalid(
+                field,
+                "must be an RFC 3339 time like 2026-11-22T10:00:00Z or a day like 2026-11-22",
+            )
+            .into()
+        })
 }
 
 async fn spend(
     State(c): Ctl,
     headers: HeaderMap,
     q: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SpendAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::SpendSummary).await?;
     let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
-    let label = q
-        .agent_run_label
-        .ok_or_else(|| invalid("agent_run_label", "query parameter is required"))?;
-    let s = c.spend_summary(&caller.vendors, &label).await?;
-    Ok(Json(json!({
-        "agent_run_label": label,
-        "total_usd": usd(s.total),
-        "total_micros": s.total.0,
-        "calls": s.calls,
-        "vendors": s.vendors.iter().map(|(v, total, calls)| json!({
-            "vendor": v, "total_usd": usd(*total), "total_micros": total.0, "calls": calls,
-        })).collect::<Vec<_>>(),
+    let report = q.group_by.is_some() || q.from.is_some() || q.to.is_some() || q.top.is_some();
+    if !report {
+        let label = q.agent_run_label.ok_or_else(|| {
+            invalid(
+                "agent_run_label",
+                "query parameter is required (or group_by, from, to, top for a report)",
+            )
+        })?;
+        let s = c.spend_summary(&caller.vendors, &label).await?;
+        return Ok(Json(SpendAnswer::Summary(SpendSummaryAnswer {
+            agent_run_label: label,
+            total_usd: s.total.to_json_usd(),
+            total_micros: s.total.0,
+            calls: s.calls,
+            vendors: s
+                .vendors
+                .iter()
+                .map(|(vendor, total, calls)| VendorSpendAnswer {
+                    vendor: vendor.clone(),
+                    total_usd: total.to_json_usd(),
+                    total_micros: total.0,
+                    calls: *calls,
+                })
+                .collect(),
+        })));
+    }
+    if q.top == Some(0) {
+        return Err(invalid("top", "must be between 1 and 10000").into());
+    }
+    let since = q
+        .from
+        .as_deref()
+        .map(|s| parse_bound("from", s))
+        .transpose()?;
+    let until = q.to.as_deref().map(|s| parse_bound("to", s)).transpose()?;
+    let query = domain::SpendReportQuery {
+        group_by: domain::SpendDimension::parse_list(q.group_by.as_deref())?,
+        since,
+        until,
+        agent_run_label: q.agent_run_label,
+        vendors: None,
+        top: q.top.unwrap_or(0),
+    };
+    let r = c.spend_report(&caller.vendors, &query).await?;
+    let time = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true));
+    Ok(Json(SpendAnswer::Report(SpendReportAnswer {
+        group_by: query.group_by.iter().map(|d| d.as_str()).collect(),
+        from: time(since),
+        to: time(until),
+        groups: r
+            .groups
+            .into_iter()
+            .map(|g| SpendGroupAnswer {
+                agent_run_label: g.agent_run_label,
+                key_id: g.key_id,
+                vendor: g.vendor,
+                day: g.day,
+                total_usd: g.total.to_json_usd(),
+                total_micros: g.total.0,
+                calls: g.calls,
+                refused_calls: g.refused_calls,
+            })
+            .collect(),
+        total_usd: r.total.to_json_usd(),
+        total_micros: r.total.0,
+        calls: r.calls,
+        refused_calls: r.refused_calls,
+        more: r.more,
     })))
 }
 
@@ -738,6 +881,52 @@ struct AuditParams {
     trace_id: Option<String>,
     /// `key=value`: only entries whose context has this key with this value.
     context: Option<String>,
+    /// Only entries with this outcome (`refused`: the recorded refusals).
+    outcome: Option<String>,
+    /// Only refusal entries refused with this error code.
+    refusal_reason: Option<String>,
+}
+
+/// One audit entry as `GET /vault/audit` shows it.
+#[derive(Serialize)]
+struct AuditEntryAnswer {
+    seq: i64,
+    event_id: String,
+    key_id: String,
+    agent_run_label: String,
+    vendor: String,
+    method: String,
+    path: String,
+    upstream_status: i32,
+    reserved_usd: Usd,
+    reserved_micros: i64,
+    cost_usd: Usd,
+    cost_micros: i64,
+    /// `settled`, `released`, `settled_at_reservation`, or `refused`.
+    outcome: &'static str,
+    at: String,
+    node_id: String,
+    lease_id: String,
+    day: String,
+    /// The priced quantities (JSON), or null.
+    detail: Value,
+    trace_id: String,
+    context: BTreeMap<String, String>,
+    /// For a refusal: the error code the calls got, and how many calls of
+    /// the key in that minute it stands for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusal_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused_calls: Option<i64>,
+    prev_hash: Option<String>,
+    hash: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AuditAnswer {
+    /// Newest first.
+    entries: Vec<AuditEntryAnswer>,
+    next_cursor: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -872,7 +1061,7 @@ async fn audit(
     State(c): Ctl,
     headers: HeaderMap,
     q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::QueryAudit).await?;
     let Query(p) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
     let limit = p.limit.unwrap_or(100);
@@ -890,6 +1079,12 @@ async fn audit(
             .as_deref()
             .map(domain::parse_context_filter)
             .transpose()?,
+        outcome: p
+            .outcome
+            .as_deref()
+            .map(domain::Outcome::parse)
+            .transpose()?,
+        refusal_reason: p.refusal_reason,
         key_id: p.key_id,
         agent_run_label: p.agent_run_label,
         vendor: p.vendor,
@@ -915,38 +1110,42 @@ async fn audit(
         limit,
     };
     let entries = c.query_audit(&caller.vendors, &query).await?;
-    let items: Vec<Value> = entries
-        .iter()
+    let next_cursor = next_page_token(&entries, limit).map(|s| s.to_string());
+    let entries = entries
+        .into_iter()
         .map(|e| {
-            let ev = &e.event;
-            json!({
-                "seq": e.seq,
-                "event_id": ev.event_id,
-                "key_id": ev.key_id,
-                "agent_run_label": e.agent_run_label,
-                "vendor": ev.vendor,
-                "method": ev.method,
-                "path": ev.path,
-                "upstream_status": ev.upstream_status,
-                "reserved_usd": usd(ev.reserved),
-                "reserved_micros": ev.reserved.0,
-                "cost_usd": usd(ev.cost),
-                "cost_micros": ev.cost.0,
-                "outcome": ev.outcome.as_str(),
-                "at": ev.at.to_rfc3339_opts(SecondsFormat::Micros, true),
-                "node_id": ev.node_id,
-                "lease_id": ev.lease_id,
-                "day": ev.day,
-                "detail": serde_json::from_str::<Value>(&ev.detail_json).unwrap_or(Value::Null),
-                "trace_id": ev.trace_id,
-                "context": ev.context,
-                "prev_hash": e.prev_hash.map(hex::encode),
-                "hash": e.hash.map(hex::encode),
-            })
+            let ev = e.event;
+            let refused = ev.outcome == domain::Outcome::Refused;
+            AuditEntryAnswer {
+                seq: e.seq,
+                event_id: ev.event_id,
+                key_id: ev.key_id,
+                agent_run_label: e.agent_run_label,
+                vendor: ev.vendor,
+                method: ev.method,
+                path: ev.path,
+                upstream_status: ev.upstream_status,
+                reserved_usd: ev.reserved.to_json_usd(),
+                reserved_micros: ev.reserved.0,
+                cost_usd: ev.cost.to_json_usd(),
+                cost_micros: ev.cost.0,
+                outcome: ev.outcome.as_str(),
+                at: ev.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                node_id: ev.node_id,
+                lease_id: ev.lease_id,
+                day: ev.day,
+                detail: serde_json::from_str::<Value>(&ev.detail_json).unwrap_or(Value::Null),
+                trace_id: ev.trace_id,
+                context: ev.context,
+                refusal_reason: refused.then_some(ev.refusal_reason),
+                refused_calls: refused.then_some(ev.refused_calls),
+                prev_hash: e.prev_hash.map(hex::encode),
+                hash: e.hash.map(hex::encode),
+            }
         })
         .collect();
-    Ok(Json(json!({
-        "entries": items,
-        "next_cursor": next_page_token(&entries, limit).map(|s| s.to_string()),
-    })))
+    Ok(Json(AuditAnswer {
+        entries,
+        next_cursor,
+    }))
 }

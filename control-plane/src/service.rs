@@ -568,26 +568,11 @@ impl Control {
     ) -> Result<impl futures_util::Stream<Item = Result<String, crate::store::StoreError>>, ApiError>
     {
         vendors.check_all()?;
-        const PAGE: u32 = 2_000;
-        let store = self.store.clone();
-        let header = format.header();
-        Ok(futures_util::stream::try_unfold(
-            (Some(0i64), header),
-            move |(after, header)| {
-                let store = store.clone();
-                async move {
-                    let Some(after) = after else { return Ok(None) };
-                    let page = store.audit_chain(after, since, until, PAGE).await?;
-                    let next = (page.len() == PAGE as usize)
-                        .then(|| page.last().map(|e| e.seq))
-                        .flatten();
-                    let mut chunk = header.unwrap_or_default();
-                    for e in &page {
-                        chunk.push_str(&format.record(e));
-                    }
-                    Ok(Some((chunk, (next, None))))
-                }
-            },
+        Ok(ledger::export::stream(
+            self.store.clone(),
+            format,
+            since,
+            until,
         ))
     }
 
@@ -1598,6 +1583,37 @@ impl Control {
             }
         }
         Ok(out)
+    }
+
+    /// Spend, calls and refusals grouped as `q` asks, over the caller's
+    /// vendors only. `q.top` 0 means every group up to the most a report
+    /// holds.
+    pub async fn spend_report(
+        &self,
+        vendors: &VendorScope,
+        q: &domain::SpendReportQuery,
+    ) -> Result<domain::SpendReport, ApiError> {
+        if q.top > domain::MAX_REPORT_GROUPS {
+            return Err(domain::invalid(
+                "top",
+                format!("must be between 1 and {}", domain::MAX_REPORT_GROUPS),
+            )
+            .into());
+        }
+        if let (Some(since), Some(until)) = (q.since, q.until) {
+            if since >= until {
+                return Err(domain::invalid("from", "must be before to").into());
+            }
+        }
+        let mut q = q.clone();
+        if q.top == 0 {
+            q.top = domain::MAX_REPORT_GROUPS;
+        }
+        if let Some(label) = &q.agent_run_label {
+            q.agent_run_label = Some(domain::parse_run_label(label)?);
+        }
+        q.vendors = vendors.list();
+        Ok(self.store.spend_report(&q).await?)
     }
 
     // --- fleet --------------------------------------------------------------

@@ -19,8 +19,8 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
-    LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey, Vendor,
-    VendorLoadError,
+    LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
+    SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
 use crate::ledger::Checkpoint;
 
@@ -333,6 +333,11 @@ pub trait Store: Send + Sync + 'static {
         sealed_private: &[u8],
         at: DateTime<Utc>,
     ) -> StoreResult<()>;
-    /// Total settled spend and call count of a run label, per vendor.
+    /// Total settled spend and call count of a run label, per vendor
+    /// (refusal entries are not calls and are left out).
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary>;
+    /// Spend, forwarded calls and refused calls of the entries the query
+    /// names, grouped as it asks: the `top` groups by spend (then calls),
+    /// and the totals over all of them.
+    async fn spend_report(&self, q: &SpendReportQuery) -> StoreResult<SpendReport>;
 }
