@@ -44,7 +44,7 @@ struct Cli {
     ca: Option<std::path::PathBuf>,
     /// How answers are printed: `table` for people, `json` (the REST
     /// mapping's shapes) for scripts. Default: table on a terminal, json
-    /// when piped.
+    /// when piped. `audit export` writes `jsonl` (default) or `csv`.
     #[arg(long, value_enum, env = "KEYCAP_FORMAT", global = true)]
     format: Option<Format>,
     #[command(subcommand)]
@@ -356,9 +356,9 @@ enum AuditAction {
     /// Write the ledger with its chain fields (JSON Lines or CSV), oldest
     /// first, streamed; `docs/verify_ledger.py` checks a JSON Lines export
     /// on its own.
+    ///
+    /// `--format jsonl` (the default) or `--format csv`.
     Export {
-        #[arg(long, value_enum, default_value = "jsonl")]
-        format: ExportFormat,
         /// Entries at or after this time (RFC 3339, a UTC day, or a time
         /// back from now such as 7d).
         #[arg(long)]
@@ -370,12 +370,6 @@ enum AuditAction {
         #[arg(short = 'o', long = "output")]
         output: Option<std::path::PathBuf>,
     },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ExportFormat {
-    Jsonl,
-    Csv,
 }
 
 /// A time as the CLI takes it: a span back from now (`7d`, `12h`, `30m`,
@@ -608,14 +602,22 @@ fn import_prices_offline(args: &PricesImportArgs) -> anyhow::Result<()> {
 enum Format {
     Json,
     Table,
+    /// JSON Lines: for `audit export` (other answers print as json).
+    Jsonl,
+    /// For `audit export` (other answers print as json).
+    Csv,
 }
 
 /// The format every answer is printed in, chosen once in `main`.
 static FORMAT: std::sync::OnceLock<Format> = std::sync::OnceLock::new();
+/// The `--format` given, if any (an export's default differs).
+static FORMAT_ASKED: std::sync::OnceLock<Option<Format>> = std::sync::OnceLock::new();
 
 fn print(v: Value) {
     match FORMAT.get().copied().unwrap_or(Format::Json) {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Format::Json | Format::Jsonl | Format::Csv => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+        }
         Format::Table => print!("{}", table(&v)),
     }
 }
@@ -697,6 +699,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let _ = FORMAT.set(format);
+    let _ = FORMAT_ASKED.set(cli.format);
     if let Command::Completions { shell } = cli.command {
         let mut command = <Cli as clap::CommandFactory>::command();
         clap_complete::generate(shell, &mut command, "keycap", &mut std::io::stdout());
@@ -1164,13 +1167,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             }));
         }
         Command::Audit(AuditArgs {
-            action:
-                Some(AuditAction::Export {
-                    format,
-                    from,
-                    to,
-                    output,
-                }),
+            action: Some(AuditAction::Export { from, to, output }),
             ..
         }) => {
             let now = chrono::Utc::now();
@@ -1181,9 +1178,12 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             let mut stream = c
                 .audit
                 .export_audit(pb::ExportAuditRequest {
-                    format: match format {
-                        ExportFormat::Jsonl => "jsonl",
-                        ExportFormat::Csv => "csv",
+                    // Only csv differs from the default; `json` or a
+                    // `table` from KEYCAP_FORMAT export JSON Lines.
+                    format: if FORMAT_ASKED.get().copied().flatten() == Some(Format::Csv) {
+                        "csv"
+                    } else {
+                        "jsonl"
                     }
                     .into(),
                     from: when("from", from)?,
