@@ -36,6 +36,8 @@ def canonical(e):
     out += struct.pack(">I", len(ctx))
     for k, v in ctx:
         out += s(k) + s(v)
+    if e["outcome"] == "refused":
+        out += s(e["refusal_reason"]) + i(e["refused_calls"])
     return out
 
 

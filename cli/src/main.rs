@@ -45,7 +45,7 @@ struct Cli {
     ca: Option<std::path::PathBuf>,
     /// How answers are printed: `table` for people, `json` (the REST
     /// mapping's shapes) for scripts. Default: table on a terminal, json
-    /// when piped.
+    /// when piped. `audit export` writes `jsonl` (default) or `csv`.
     #[arg(long, value_enum, env = "KEYCAP_FORMAT", global = true)]
     format: Option<Format>,
     #[command(subcommand)]
@@ -63,11 +63,10 @@ enum Command {
     /// Manage vault keys.
     #[command(subcommand)]
     Key(KeyCmd),
-    /// Total spend of an agent run, per vendor.
-    Spend {
-        #[arg(long = "run-label")]
-        run_label: String,
-    },
+    /// Spend: of one agent run per vendor (`--run-label` alone), or a
+    /// report grouped by run label, key, vendor and/or UTC day over a time
+    /// range, with call and refusal counts (`--by key --since 7d`).
+    Spend(SpendArgs),
     /// Audit entries, newest first.
     Audit(AuditArgs),
     /// Operator tasks on the control plane.
@@ -299,6 +298,27 @@ enum IssuerTokenCmd {
 }
 
 #[derive(Args)]
+struct SpendArgs {
+    /// Alone: the run's spend per vendor. With a report: only this run.
+    #[arg(long = "run-label")]
+    run_label: Option<String>,
+    /// Group by any of run_label, key, vendor, day (comma-separated or
+    /// repeated).
+    #[arg(long = "by", value_delimiter = ',')]
+    by: Vec<String>,
+    /// Start: a time back from now (`7d`, `12h`, `30m`), an RFC 3339 time
+    /// or a UTC day (YYYY-MM-DD).
+    #[arg(long)]
+    since: Option<String>,
+    /// End (exclusive), in the same forms as --since.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only the top N groups by spend.
+    #[arg(long)]
+    top: Option<i32>,
+}
+
+#[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 struct AuditArgs {
     #[command(subcommand)]
@@ -315,6 +335,12 @@ struct AuditArgs {
     /// RFC 3339 time.
     #[arg(long)]
     until: Option<String>,
+    /// Only entries with this outcome (`refused`: the recorded refusals).
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Only refusals with this error code (e.g. daily_cap_exceeded).
+    #[arg(long = "refusal-reason")]
+    refusal_reason: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: i32,
     /// The `next_cursor` of a previous listing.
@@ -332,6 +358,56 @@ enum AuditAction {
         #[arg(long)]
         from: Option<i64>,
     },
+    /// Write the ledger with its chain fields (JSON Lines or CSV), oldest
+    /// first, streamed; `docs/verify_ledger.py` checks a JSON Lines export
+    /// on its own.
+    ///
+    /// `--format jsonl` (the default) or `--format csv`.
+    Export {
+        /// Entries at or after this time (RFC 3339, a UTC day, or a time
+        /// back from now such as 7d).
+        #[arg(long)]
+        from: Option<String>,
+        /// Entries before this time, in the same forms.
+        #[arg(long)]
+        to: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(short = 'o', long = "output")]
+        output: Option<std::path::PathBuf>,
+    },
+}
+
+/// A time as the CLI takes it: a span back from now (`7d`, `12h`, `30m`,
+/// `45s`), an RFC 3339 time, or a UTC day (its midnight).
+fn parse_when(
+    field: &str,
+    s: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Some(unit) = s.chars().last().filter(|c| "dhms".contains(*c)) {
+        if let Ok(n) = s[..s.len() - 1].parse::<i64>() {
+            let span = match unit {
+                'd' => chrono::TimeDelta::try_days(n),
+                'h' => chrono::TimeDelta::try_hours(n),
+                'm' => chrono::TimeDelta::try_minutes(n),
+                _ => chrono::TimeDelta::try_seconds(n),
+            };
+            if let Some(t) = span
+                .filter(|_| n >= 0)
+                .and_then(|d| now.checked_sub_signed(d))
+            {
+                return Ok(t);
+            }
+        }
+    }
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .with_context(|| {
+            format!("--{field} {s:?} is not a span back from now (7d, 12h, 30m), an RFC 3339 time or a day YYYY-MM-DD")
+        })
 }
 
 fn usd(m: i64) -> String {
@@ -478,14 +554,22 @@ fn import_prices_offline(args: &PricesImportArgs) -> anyhow::Result<()> {
 enum Format {
     Json,
     Table,
+    /// JSON Lines: for `audit export` (other answers print as json).
+    Jsonl,
+    /// For `audit export` (other answers print as json).
+    Csv,
 }
 
 /// The format every answer is printed in, chosen once in `main`.
 static FORMAT: std::sync::OnceLock<Format> = std::sync::OnceLock::new();
+/// The `--format` given, if any (an export's default differs).
+static FORMAT_ASKED: std::sync::OnceLock<Option<Format>> = std::sync::OnceLock::new();
 
 fn print(v: Value) {
     match FORMAT.get().copied().unwrap_or(Format::Json) {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Format::Json | Format::Jsonl | Format::Csv => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+        }
         Format::Table => print!("{}", table(&v)),
     }
 }
@@ -589,6 +673,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let _ = FORMAT.set(format);
+    let _ = FORMAT_ASKED.set(cli.format);
     if let Command::Completions { shell } = cli.command {
         let mut command = <Cli as clap::CommandFactory>::command();
         clap_complete::generate(shell, &mut command, "keycap", &mut std::io::stdout());
@@ -989,7 +1074,12 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Spend { run_label } => {
+        Command::Spend(a)
+            if a.by.is_empty() && a.since.is_none() && a.until.is_none() && a.top.is_none() =>
+        {
+            let Some(run_label) = a.run_label else {
+                bail!("give --run-label for a run's spend, or --by/--since/--until/--top for a report");
+            };
             let r = c
                 .audit
                 .spend_summary(pb::SpendSummaryRequest {
@@ -998,6 +1088,64 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             print(to_json(answers::SpendAnswer::from(&r)));
+        }
+        Command::Spend(a) => {
+            let now = chrono::Utc::now();
+            let when = |field: &str, s: Option<String>| -> anyhow::Result<_> {
+                s.map(|s| parse_when(field, &s, now)).transpose()
+            };
+            let bounds = (when("since", a.since)?, when("until", a.until)?);
+            let r = c
+                .audit
+                .spend_report(pb::SpendReportRequest {
+                    group_by: a.by,
+                    from: bounds.0.map(to_proto),
+                    to: bounds.1.map(to_proto),
+                    top: a.top.unwrap_or(0),
+                    agent_run_label: a.run_label.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print(to_json(answers::SpendReportAnswer::from_pb(&r, &bounds)));
+        }
+        Command::Audit(AuditArgs {
+            action: Some(AuditAction::Export { from, to, output }),
+            ..
+        }) => {
+            let now = chrono::Utc::now();
+            let when = |field: &str, s: Option<String>| -> anyhow::Result<_> {
+                s.map(|s| parse_when(field, &s, now).map(to_proto))
+                    .transpose()
+            };
+            let mut stream = c
+                .audit
+                .export_audit(pb::ExportAuditRequest {
+                    // Only csv differs from the default; `json` or a
+                    // `table` from KEYCAP_FORMAT export JSON Lines.
+                    format: if FORMAT_ASKED.get().copied().flatten() == Some(Format::Csv) {
+                        "csv"
+                    } else {
+                        "jsonl"
+                    }
+                    .into(),
+                    from: when("from", from)?,
+                    to: when("to", to)?,
+                })
+                .await?
+                .into_inner();
+            // A chunk at a time: memory stays flat whatever the ledger's
+            // length.
+            let mut out: Box<dyn std::io::Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            while let Some(chunk) = stream.message().await? {
+                out.write_all(&chunk.data)?;
+            }
+            out.flush()?;
         }
         Command::Audit(AuditArgs {
             action: Some(AuditAction::Verify { from }),
@@ -1038,6 +1186,8 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     until: time("until", a.until)?,
                     page_size: a.limit,
                     page_token: a.page.unwrap_or_default(),
+                    outcome: a.outcome.unwrap_or_default(),
+                    refusal_reason: a.refusal_reason.unwrap_or_default(),
                     ..Default::default()
                 })
                 .await?

@@ -100,6 +100,8 @@ async fn main() -> anyhow::Result<()> {
         detail_json: r#"{"amount":100,"currency":"usd"}"#.into(),
         trace_id: format!("{:032x}", i),
         context: BTreeMap::from([("tenant".into(), "acme".into())]),
+        refusal_reason: String::new(),
+        refused_calls: 0,
     };
 
     let started = Instant::now();

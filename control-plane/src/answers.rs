@@ -461,6 +461,52 @@ pub struct VendorSpendAnswer {
     pub calls: i64,
 }
 
+/// A spend report: spend, forwarded calls and refused calls, grouped.
+#[derive(Serialize, ToSchema)]
+pub struct SpendReportAnswer {
+    /// The dimensions grouped by: `run_label`, `key`, `vendor`, `day`.
+    pub group_by: Vec<&'static str>,
+    #[schema(format = DateTime)]
+    pub from: Option<String>,
+    #[schema(format = DateTime)]
+    pub to: Option<String>,
+    /// Largest spend first.
+    pub groups: Vec<SpendGroupAnswer>,
+    /// Over every entry asked about, not only the groups shown.
+    pub total_usd: Usd,
+    pub total_micros: i64,
+    pub calls: i64,
+    pub refused_calls: i64,
+    /// Groups beyond `top` were left out.
+    pub more: bool,
+}
+
+/// One group of a spend report: the dimensions grouped by, and what they
+/// spent.
+#[derive(Serialize, ToSchema)]
+pub struct SpendGroupAnswer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_run_label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    pub total_usd: Usd,
+    pub total_micros: i64,
+    pub calls: i64,
+    pub refused_calls: i64,
+}
+
+/// `GET /vault/spend`: a run's summary, or a report.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum SpendResult {
+    Summary(SpendAnswer),
+    Report(SpendReportAnswer),
+}
+
 /// One audit ledger entry: one call through a proxy.
 #[derive(Serialize, ToSchema)]
 pub struct AuditEntryAnswer {
@@ -489,6 +535,12 @@ pub struct AuditEntryAnswer {
     pub detail: Option<Value>,
     pub trace_id: String,
     pub context: BTreeMap<String, String>,
+    /// For a refusal (outcome `refused`): the error code the calls got, and
+    /// how many calls of the key in that minute the entry stands for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_calls: Option<i64>,
     /// Hex SHA-256 of the entry before; null for entries written before the
     /// ledger was chained.
     pub prev_hash: Option<String>,
@@ -498,6 +550,7 @@ pub struct AuditEntryAnswer {
 impl From<&domain::AuditEntry> for AuditEntryAnswer {
     fn from(e: &domain::AuditEntry) -> Self {
         let ev = &e.event;
+        let refused = ev.outcome == domain::Outcome::Refused;
         AuditEntryAnswer {
             seq: e.seq,
             event_id: ev.event_id.clone(),
@@ -521,6 +574,8 @@ impl From<&domain::AuditEntry> for AuditEntryAnswer {
                 .filter(|d| !d.is_null()),
             trace_id: ev.trace_id.clone(),
             context: ev.context.clone(),
+            refusal_reason: refused.then(|| ev.refusal_reason.clone()),
+            refused_calls: refused.then_some(ev.refused_calls),
             prev_hash: e.prev_hash.map(hex::encode),
             hash: e.hash.map(hex::encode),
         }
@@ -738,6 +793,52 @@ impl From<&pb::SpendSummaryResponse> for SpendAnswer {
     }
 }
 
+impl SpendReportAnswer {
+    /// The report as REST answers it, from the gRPC answer and the bounds
+    /// asked for.
+    pub fn from_pb(
+        r: &pb::SpendReportResponse,
+        (from, to): &(Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    ) -> Self {
+        let time =
+            |t: &Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true));
+        let by = |dim: &str, value: &str| {
+            r.group_by
+                .iter()
+                .any(|g| g == dim)
+                .then(|| value.to_string())
+        };
+        SpendReportAnswer {
+            group_by: r
+                .group_by
+                .iter()
+                .filter_map(|g| domain::SpendDimension::parse(g).ok().map(|d| d.as_str()))
+                .collect(),
+            from: time(from),
+            to: time(to),
+            groups: r
+                .groups
+                .iter()
+                .map(|g| SpendGroupAnswer {
+                    agent_run_label: by("run_label", &g.agent_run_label),
+                    key_id: by("key", &g.key_id),
+                    vendor: by("vendor", &g.vendor),
+                    day: by("day", &g.day),
+                    total_usd: Usd(Micros(g.total_micros)),
+                    total_micros: g.total_micros,
+                    calls: g.calls,
+                    refused_calls: g.refused_calls,
+                })
+                .collect(),
+            total_usd: Usd(Micros(r.total_micros)),
+            total_micros: r.total_micros,
+            calls: r.calls,
+            refused_calls: r.refused_calls,
+            more: r.more,
+        }
+    }
+}
+
 impl From<&pb::AuditEntry> for AuditEntryAnswer {
     fn from(e: &pb::AuditEntry) -> Self {
         AuditEntryAnswer {
@@ -763,6 +864,8 @@ impl From<&pb::AuditEntry> for AuditEntryAnswer {
                 .filter(|d| !d.is_null()),
             trace_id: e.trace_id.clone(),
             context: e.context.clone().into_iter().collect(),
+            refusal_reason: (e.outcome == "refused").then(|| e.refusal_reason.clone()),
+            refused_calls: (e.outcome == "refused").then_some(e.refused_calls),
             prev_hash: hex_or_null(&e.prev_hash),
             hash: hex_or_null(&e.hash),
         }

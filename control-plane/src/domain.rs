@@ -525,6 +525,10 @@ pub enum Outcome {
     Released,
     /// The response could not be priced; settled at the reservation.
     SettledAtReservation,
+    /// Not a forwarded call: calls of the key refused for one reason within
+    /// one minute on one proxy (`refusal_reason`, `refused_calls`). Costs
+    /// nothing and counts no call against the key.
+    Refused,
 }
 
 impl Outcome {
@@ -533,6 +537,7 @@ impl Outcome {
             Outcome::Settled => "settled",
             Outcome::Released => "released",
             Outcome::SettledAtReservation => "settled_at_reservation",
+            Outcome::Refused => "refused",
         }
     }
 
@@ -541,6 +546,7 @@ impl Outcome {
             "settled" => Ok(Outcome::Settled),
             "released" => Ok(Outcome::Released),
             "settled_at_reservation" => Ok(Outcome::SettledAtReservation),
+            "refused" => Ok(Outcome::Refused),
             other => Err(invalid("outcome", format!("unknown outcome {other:?}"))),
         }
     }
@@ -569,6 +575,47 @@ pub struct SpendEvent {
     pub trace_id: String,
     /// The agent's context for the call (see `validate_context`).
     pub context: BTreeMap<String, String>,
+    /// For a `Refused` entry, the error code the calls were refused with
+    /// (see `REFUSAL_REASONS`); empty otherwise.
+    pub refusal_reason: String,
+    /// For a `Refused` entry, how many calls it stands for (at least 1); 0
+    /// otherwise.
+    pub refused_calls: i64,
+}
+
+/// The refusals a proxy records in the ledger: a known key's calls refused
+/// by its policy (revoked, expired, allowlist, network, zone, rate, caps)
+/// or because they could not be priced. Each is the error code the caller
+/// got; a pricing refusal's code starts with one of `PRICING_REFUSALS`.
+pub const REFUSAL_REASONS: [&str; 9] = [
+    "key_revoked",
+    "key_expired",
+    "endpoint_not_allowed",
+    "ip_not_allowed",
+    "zone_mismatch",
+    "rate_limited",
+    "per_call_cap_exceeded",
+    "daily_cap_exceeded",
+    "lifetime_cap_exceeded",
+];
+
+/// Whether `reason` is a refusal the ledger records: one of
+/// `REFUSAL_REASONS`, or a pricing refusal's code (lowercase letters,
+/// digits and `_`, at most 64 bytes: the codes differ per vendor).
+pub fn validate_refusal_reason(reason: &str) -> Result<(), InvalidInput> {
+    let code_like = !reason.is_empty()
+        && reason.len() <= 64
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if code_like {
+        Ok(())
+    } else {
+        Err(invalid(
+            "refusal_reason",
+            "must be an error code: 1-64 lowercase letters, digits or _",
+        ))
+    }
 }
 
 /// At most this many context entries per call.
@@ -674,6 +721,10 @@ pub struct AuditQuery {
     pub trace_id: Option<String>,
     /// Only entries whose context has this key with this value.
     pub context: Option<(String, String)>,
+    /// Only entries with this outcome (`Refused`: the recorded refusals).
+    pub outcome: Option<Outcome>,
+    /// Only refusal entries with this reason (an error code).
+    pub refusal_reason: Option<String>,
     /// Page size: 0 means 100; at most 1000.
     pub limit: u32,
 }
@@ -684,6 +735,108 @@ pub struct SpendSummary {
     pub calls: i64,
     /// (vendor, total, calls), sorted by vendor.
     pub vendors: Vec<(String, Micros, i64)>,
+}
+
+/// What a spend report groups by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SpendDimension {
+    RunLabel,
+    Key,
+    Vendor,
+    /// The UTC day (`YYYY-MM-DD`) of the budget window.
+    Day,
+}
+
+impl SpendDimension {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpendDimension::RunLabel => "run_label",
+            SpendDimension::Key => "key",
+            SpendDimension::Vendor => "vendor",
+            SpendDimension::Day => "day",
+        }
+    }
+
+    /// `run_label` (or `agent_run_label`, `label`), `key` (or `key_id`),
+    /// `vendor`, `day`.
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        match s.trim() {
+            "run_label" | "agent_run_label" | "label" => Ok(SpendDimension::RunLabel),
+            "key" | "key_id" => Ok(SpendDimension::Key),
+            "vendor" => Ok(SpendDimension::Vendor),
+            "day" => Ok(SpendDimension::Day),
+            other => Err(invalid(
+                "group_by",
+                format!("unknown dimension {other:?}: use run_label, key, vendor or day"),
+            )),
+        }
+    }
+
+    /// A comma-separated list, each dimension at most once, in the order
+    /// given.
+    pub fn parse_list<'a>(
+        items: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<Self>, InvalidInput> {
+        let mut out: Vec<SpendDimension> = Vec::new();
+        for item in items.into_iter().flat_map(|s| s.split(',')) {
+            if item.trim().is_empty() {
+                continue;
+            }
+            let d = SpendDimension::parse(item)?;
+            if out.contains(&d) {
+                return Err(invalid(
+                    "group_by",
+                    format!("{} is named twice", d.as_str()),
+                ));
+            }
+            out.push(d);
+        }
+        Ok(out)
+    }
+}
+
+/// Most groups a spend report returns.
+pub const MAX_REPORT_GROUPS: u32 = 10_000;
+
+/// A spend report's question: spend, calls and refusals of the ledger's
+/// entries at or after `since` and before `until`, grouped by `group_by`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpendReportQuery {
+    pub group_by: Vec<SpendDimension>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only the entries of this run label.
+    pub agent_run_label: Option<String>,
+    /// Only entries of these vendors (an admin token's restriction).
+    pub vendors: Option<Vec<String>>,
+    /// The `top` groups by spend (then by calls); 1..=`MAX_REPORT_GROUPS`.
+    pub top: u32,
+}
+
+/// One group of a spend report: the values of the dimensions grouped by
+/// (`None` for the others), the settled spend, the forwarded calls and the
+/// refused calls.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpendGroup {
+    pub agent_run_label: Option<String>,
+    pub key_id: Option<String>,
+    pub vendor: Option<String>,
+    pub day: Option<String>,
+    pub total: Micros,
+    pub calls: i64,
+    pub refused_calls: i64,
+}
+
+/// A spend report: the top groups, largest spend first, and the totals
+/// over every entry asked about (not only the groups shown).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpendReport {
+    pub groups: Vec<SpendGroup>,
+    pub total: Micros,
+    pub calls: i64,
+    pub refused_calls: i64,
+    /// Groups beyond `top` left out.
+    pub more: bool,
 }
 
 /// A request to grow a lease: a proxy's local slice of one key's budget for

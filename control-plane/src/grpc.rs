@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use keycap_proto::pb;
 use keycap_proto::prices::litellm;
 use keycap_proto::time::{from_proto, opt_to_proto, to_proto};
@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{self, invalid, AuditQuery, KeyFilter, KeyStatus, LeaseGrantRequest, Vendor};
 use crate::error::ApiError;
+use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{
     AdminPrincipal, Confirmation, Control, Delta, FleetVendor, KeyView, NewAdminToken,
@@ -148,6 +149,8 @@ fn entry_to_pb(e: &domain::AuditEntry) -> pb::AuditEntry {
         context: ev.context.clone().into_iter().collect(),
         prev_hash: e.prev_hash.map(|h| h.to_vec()).unwrap_or_default(),
         hash: e.hash.map(|h| h.to_vec()).unwrap_or_default(),
+        refusal_reason: ev.refusal_reason.clone(),
+        refused_calls: ev.refused_calls,
     }
 }
 
@@ -292,6 +295,10 @@ impl TryFrom<pb::QueryAuditRequest> for AuditQuery {
             context: nonempty(r.context)
                 .map(|c| domain::parse_context_filter(&c))
                 .transpose()?,
+            outcome: nonempty(r.outcome)
+                .map(|o| domain::Outcome::parse(&o))
+                .transpose()?,
+            refusal_reason: nonempty(r.refusal_reason),
             limit: if r.page_size == 0 {
                 100
             } else {
@@ -300,6 +307,53 @@ impl TryFrom<pb::QueryAuditRequest> for AuditQuery {
         })
     }
 }
+
+impl TryFrom<pb::SpendReportRequest> for domain::SpendReportQuery {
+    type Error = domain::InvalidInput;
+
+    fn try_from(r: pb::SpendReportRequest) -> Result<Self, Self::Error> {
+        let ts = |field, t: Option<prost_types::Timestamp>| {
+            t.map(|t| from_proto(&t).ok_or_else(|| invalid(field, "out of range")))
+                .transpose()
+        };
+        Ok(domain::SpendReportQuery {
+            group_by: domain::SpendDimension::parse_list(r.group_by.iter().map(String::as_str))?,
+            since: ts("from", r.from)?,
+            until: ts("to", r.to)?,
+            agent_run_label: (!r.agent_run_label.is_empty()).then_some(r.agent_run_label),
+            vendors: None,
+            top: u32::try_from(r.top).map_err(|_| invalid("top", "must be between 1 and 10000"))?,
+        })
+    }
+}
+
+pub fn spend_report_to_pb(
+    group_by: &[domain::SpendDimension],
+    r: domain::SpendReport,
+) -> pb::SpendReportResponse {
+    pb::SpendReportResponse {
+        group_by: group_by.iter().map(|d| d.as_str().to_string()).collect(),
+        groups: r
+            .groups
+            .into_iter()
+            .map(|g| pb::SpendGroup {
+                agent_run_label: g.agent_run_label.unwrap_or_default(),
+                key_id: g.key_id.unwrap_or_default(),
+                vendor: g.vendor.unwrap_or_default(),
+                day: g.day.unwrap_or_default(),
+                total_micros: g.total.0,
+                calls: g.calls,
+                refused_calls: g.refused_calls,
+            })
+            .collect(),
+        total_micros: r.total.0,
+        calls: r.calls,
+        refused_calls: r.refused_calls,
+        more: r.more,
+    }
+}
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportAuditChunk, Status>> + Send>>;
 
 /// The page token for the page after `entries` (empty when it was short).
 pub fn next_page_token(entries: &[domain::AuditEntry], limit: u32) -> Option<i64> {
@@ -670,6 +724,55 @@ impl pb::audit_service_server::AuditService for Api {
                 })
                 .collect(),
         }))
+    }
+
+    async fn spend_report(
+        &self,
+        req: Request<pb::SpendReportRequest>,
+    ) -> Result<Response<pb::SpendReportResponse>, Status> {
+        let caller = self.admin(&req, Operation::SpendSummary).await?;
+        let q = domain::SpendReportQuery::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let report = self.control.spend_report(&caller.vendors, &q).await?;
+        Ok(Response::new(spend_report_to_pb(&q.group_by, report)))
+    }
+
+    type ExportAuditStream = ExportStream;
+
+    async fn export_audit(
+        &self,
+        req: Request<pb::ExportAuditRequest>,
+    ) -> Result<Response<ExportStream>, Status> {
+        let caller = self.admin(&req, Operation::QueryAudit).await?;
+        let r = req.into_inner();
+        let format = if r.format.is_empty() {
+            "jsonl"
+        } else {
+            &r.format
+        };
+        let format = ledger::export::Format::parse(format)
+            .ok_or_else(|| ApiError::from(invalid("format", "must be jsonl or csv")))?;
+        let ts = |field, t: Option<prost_types::Timestamp>| {
+            t.map(|t| from_proto(&t).ok_or_else(|| invalid(field, "out of range")))
+                .transpose()
+                .map_err(ApiError::from)
+        };
+        let (since, until) = (ts("from", r.from)?, ts("to", r.to)?);
+        let records = self
+            .control
+            .export_audit(&caller.vendors, format, since, until)?;
+        // A page of records per message; the next page is read only when
+        // the client has taken this one (tonic polls the stream as the
+        // transport has room), so memory stays flat.
+        let chunks = records.map(|r| match r {
+            Ok(text) => Ok(pb::ExportAuditChunk {
+                data: text.into_bytes(),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "audit export stopped");
+                Err(Status::internal("audit export stopped"))
+            }
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn spend_summary(
@@ -1118,6 +1221,27 @@ fn spend_event_from_pb(
     domain::validate_trace_id(&e.trace_id)?;
     let context: std::collections::BTreeMap<String, String> = e.context.into_iter().collect();
     domain::validate_context(&context)?;
+    let outcome = domain::Outcome::parse(&e.outcome)?;
+    if outcome == domain::Outcome::Refused {
+        domain::validate_refusal_reason(&e.refusal_reason)?;
+        if e.refused_calls < 1 {
+            return Err(invalid(
+                "refused_calls",
+                "a refusal stands for at least 1 call",
+            ));
+        }
+        if e.cost_micros != 0 || e.reserved_micros != 0 {
+            return Err(invalid(
+                "cost_micros",
+                "a refusal costs and reserves nothing",
+            ));
+        }
+    } else if !e.refusal_reason.is_empty() || e.refused_calls != 0 {
+        return Err(invalid(
+            "refusal_reason",
+            "only a refused event has a refusal reason and count",
+        ));
+    }
     Ok(domain::SpendEvent {
         event_id: e.event_id,
         lease_id: e.lease_id,
@@ -1129,7 +1253,7 @@ fn spend_event_from_pb(
         upstream_status: e.upstream_status,
         reserved: Micros(e.reserved_micros),
         cost: Micros(e.cost_micros),
-        outcome: domain::Outcome::parse(&e.outcome)?,
+        outcome,
         at: e
             .at
             .as_ref()
@@ -1139,6 +1263,8 @@ fn spend_event_from_pb(
         detail_json: e.detail_json,
         trace_id: e.trace_id,
         context,
+        refusal_reason: e.refusal_reason,
+        refused_calls: e.refused_calls,
     })
 }
 

@@ -1086,46 +1086,122 @@ async fn revoke_issuer_token(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct SpendQuery {
-    /// The agent run to sum (required).
+    /// Alone: the run's spend per vendor (the summary). With any of the
+    /// others: only that run's entries in the report.
     agent_run_label: Option<String>,
+    /// Comma-separated: any of `run_label`, `key`, `vendor`, `day`.
+    group_by: Option<String>,
+    /// RFC 3339 time or UTC day `YYYY-MM-DD`: entries at or after it.
+    from: Option<String>,
+    /// RFC 3339 time or UTC day `YYYY-MM-DD`: entries before it.
+    to: Option<String>,
+    /// The top N groups by spend; default every group up to 10000.
+    top: Option<u32>,
 }
 
-/// What an agent run spent, in total and per vendor (scope `audit:read`).
+/// A report bound: an RFC 3339 time, or a UTC day (its midnight).
+fn parse_bound(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            invalid(
+                field,
+                "must be an RFC 3339 time like 2026-11-22T10:00:00Z or a day like 2026-11-22",
+            )
+            .into()
+        })
+}
+
+/// What an agent run spent, in total and per vendor; or, with `group_by`,
+/// `from`, `to` or `top`, a spend report over the ledger (scope
+/// `audit:read`).
 #[utoipa::path(
     get,
     path = "/vault/spend",
     tag = "audit",
     operation_id = "spend",
     params(SpendQuery),
-    responses((status = 200, description = "The run's spend", body = SpendAnswer), ErrorAnswers),
+    responses((status = 200, description = "The run's spend, or the report", body = SpendResult), ErrorAnswers),
 )]
 async fn spend(
     State(c): Ctl,
     headers: HeaderMap,
     q: QueryResult<SpendQuery>,
-) -> Result<Answer<SpendAnswer>, ApiError> {
+) -> Result<Answer<SpendResult>, ApiError> {
     let caller = admin(&c, &headers, Operation::SpendSummary).await?;
     let q = query(q)?;
-    let label = q
-        .agent_run_label
-        .ok_or_else(|| invalid("agent_run_label", "query parameter is required"))?;
-    let s = c.spend_summary(&caller.vendors, &label).await?;
-    Ok(Answer::ok(SpendAnswer {
-        agent_run_label: label,
-        total_usd: Usd(s.total),
-        total_micros: s.total.0,
-        calls: s.calls,
-        vendors: s
-            .vendors
-            .iter()
-            .map(|(v, total, calls)| VendorSpendAnswer {
-                vendor: v.clone(),
-                total_usd: Usd(*total),
-                total_micros: total.0,
-                calls: *calls,
+    let report = q.group_by.is_some() || q.from.is_some() || q.to.is_some() || q.top.is_some();
+    if !report {
+        let label = q.agent_run_label.ok_or_else(|| {
+            invalid(
+                "agent_run_label",
+                "query parameter is required (or group_by, from, to, top for a report)",
+            )
+        })?;
+        let s = c.spend_summary(&caller.vendors, &label).await?;
+        return Ok(Answer::ok(SpendResult::Summary(SpendAnswer {
+            agent_run_label: label,
+            total_usd: Usd(s.total),
+            total_micros: s.total.0,
+            calls: s.calls,
+            vendors: s
+                .vendors
+                .iter()
+                .map(|(vendor, total, calls)| VendorSpendAnswer {
+                    vendor: vendor.clone(),
+                    total_usd: Usd(*total),
+                    total_micros: total.0,
+                    calls: *calls,
+                })
+                .collect(),
+        })));
+    }
+    if q.top == Some(0) {
+        return Err(invalid("top", "must be between 1 and 10000").into());
+    }
+    let since = q
+        .from
+        .as_deref()
+        .map(|s| parse_bound("from", s))
+        .transpose()?;
+    let until = q.to.as_deref().map(|s| parse_bound("to", s)).transpose()?;
+    let query = domain::SpendReportQuery {
+        group_by: domain::SpendDimension::parse_list(q.group_by.as_deref())?,
+        since,
+        until,
+        agent_run_label: q.agent_run_label,
+        vendors: None,
+        top: q.top.unwrap_or(0),
+    };
+    let r = c.spend_report(&caller.vendors, &query).await?;
+    let time = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true));
+    Ok(Answer::ok(SpendResult::Report(SpendReportAnswer {
+        group_by: query.group_by.iter().map(|d| d.as_str()).collect(),
+        from: time(since),
+        to: time(until),
+        groups: r
+            .groups
+            .into_iter()
+            .map(|g| SpendGroupAnswer {
+                agent_run_label: g.agent_run_label,
+                key_id: g.key_id,
+                vendor: g.vendor,
+                day: g.day,
+                total_usd: Usd(g.total),
+                total_micros: g.total.0,
+                calls: g.calls,
+                refused_calls: g.refused_calls,
             })
             .collect(),
-    }))
+        total_usd: Usd(r.total),
+        total_micros: r.total.0,
+        calls: r.calls,
+        refused_calls: r.refused_calls,
+        more: r.more,
+    })))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -1146,6 +1222,10 @@ struct AuditParams {
     trace_id: Option<String>,
     /// `key=value`: only entries whose context has this key with this value.
     context: Option<String>,
+    /// Only entries with this outcome (`refused`: the recorded refusals).
+    outcome: Option<String>,
+    /// Only refusal entries refused with this error code.
+    refusal_reason: Option<String>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -1320,6 +1400,12 @@ async fn audit(
             .as_deref()
             .map(domain::parse_context_filter)
             .transpose()?,
+        outcome: p
+            .outcome
+            .as_deref()
+            .map(domain::Outcome::parse)
+            .transpose()?,
+        refusal_reason: p.refusal_reason,
         key_id: p.key_id,
         agent_run_label: p.agent_run_label,
         vendor: p.vendor,

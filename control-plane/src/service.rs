@@ -648,36 +648,11 @@ impl Control {
     ) -> Result<impl futures_util::Stream<Item = Result<String, crate::store::StoreError>>, ApiError>
     {
         vendors.check_all()?;
-        const PAGE: u32 = 2_000;
-        let store = self.store.clone();
-        let header = format.header();
-        // An export of the whole ledger that reaches its end is noted
-        // (the highest seq it held), so retention knows those entries are
-        // kept outside the database too. A time-bounded export holds a
-        // range of times, not of seqs, and is not noted.
-        let whole = since.is_none() && until.is_none();
-        Ok(futures_util::stream::try_unfold(
-            (Some(0i64), header, 0i64),
-            move |(after, header, last)| {
-                let store = store.clone();
-                async move {
-                    let Some(after) = after else {
-                        // Polled again only once the last chunk was taken.
-                        if whole && last > 0 {
-                            store.record_export(last).await?;
-                        }
-                        return Ok(None);
-                    };
-                    let page = store.audit_chain(after, since, until, PAGE).await?;
-                    let last = page.last().map_or(last, |e| e.seq);
-                    let next = (page.len() == PAGE as usize).then_some(last);
-                    let mut chunk = header.unwrap_or_default();
-                    for e in &page {
-                        chunk.push_str(&format.record(e));
-                    }
-                    Ok(Some((chunk, (next, None, last))))
-                }
-            },
+        Ok(ledger::export::stream(
+            self.store.clone(),
+            format,
+            since,
+            until,
         ))
     }
 
@@ -1717,6 +1692,37 @@ impl Control {
             }
         }
         Ok(out)
+    }
+
+    /// Spend, calls and refusals grouped as `q` asks, over the caller's
+    /// vendors only. `q.top` 0 means every group up to the most a report
+    /// holds.
+    pub async fn spend_report(
+        &self,
+        vendors: &VendorScope,
+        q: &domain::SpendReportQuery,
+    ) -> Result<domain::SpendReport, ApiError> {
+        if q.top > domain::MAX_REPORT_GROUPS {
+            return Err(domain::invalid(
+                "top",
+                format!("must be between 1 and {}", domain::MAX_REPORT_GROUPS),
+            )
+            .into());
+        }
+        if let (Some(since), Some(until)) = (q.since, q.until) {
+            if since >= until {
+                return Err(domain::invalid("from", "must be before to").into());
+            }
+        }
+        let mut q = q.clone();
+        if q.top == 0 {
+            q.top = domain::MAX_REPORT_GROUPS;
+        }
+        if let Some(label) = &q.agent_run_label {
+            q.agent_run_label = Some(domain::parse_run_label(label)?);
+        }
+        q.vendors = vendors.list();
+        Ok(self.store.spend_report(&q).await?)
     }
 
     // --- fleet --------------------------------------------------------------

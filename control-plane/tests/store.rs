@@ -13,7 +13,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
 use keycap_control::domain::{
     AdminToken, AuditQuery, ChangeRef, IssuerToken, KeyFilter, KeyLimits, KeyStatus,
-    LeaseGrantRequest, Outcome, Profile, SpendEvent, VaultKey, Vendor, VendorName,
+    LeaseGrantRequest, Outcome, Profile, SpendDimension, SpendEvent, SpendReportQuery, VaultKey,
+    Vendor, VendorName,
 };
 use keycap_control::scope::{Scopes, VendorScope};
 use keycap_control::store::{
@@ -169,6 +170,8 @@ suite!(
     a_bulk_batch_applies_each_event_once_within_and_across_batches,
     audit_filters_by_trace_id_and_context,
     an_export_verifies_with_the_documented_script,
+    refusals_are_chained_entries_that_spend_nothing,
+    spend_report_groups_ranges_and_ranks,
 );
 
 macro_rules! raw_suite {
@@ -584,6 +587,25 @@ fn event(
         detail_json: r#"{"model":"x"}"#.to_string(),
         trace_id: String::new(),
         context: BTreeMap::new(),
+        refusal_reason: String::new(),
+        refused_calls: 0,
+    }
+}
+
+/// A proxy's report of `calls` calls of `key_id` refused with `reason` in
+/// the minute starting at `at`.
+fn refusal(event_id: &str, key_id: &str, vendor: &str, reason: &str, calls: i64) -> SpendEvent {
+    SpendEvent {
+        lease_id: String::new(),
+        method: String::new(),
+        path: String::new(),
+        upstream_status: 0,
+        reserved: Micros(0),
+        outcome: Outcome::Refused,
+        detail_json: String::new(),
+        refusal_reason: reason.to_string(),
+        refused_calls: calls,
+        ..event(event_id, key_id, "", DAY, vendor, 0)
     }
 }
 
@@ -2790,6 +2812,9 @@ mod cases {
             ("a".into(), "first, \"quoted\" ✓".into()),
         ]);
         events[4].detail_json = r#"{ "model" : "gpt-x",  "spaced": true }"#.into();
+        // Refusal entries carry their reason and count in the chain too.
+        events[12] = refusal("e12", "k1", "stripe", "daily_cap_exceeded", 500);
+        events[13] = refusal("e13", "k1", "stripe", "rate_limited", 1);
         for batch in events.chunks(7) {
             s.record_spend(batch).await.unwrap();
         }
@@ -2840,6 +2865,20 @@ mod cases {
                 all[10].seq
             )
         );
+        // A refusal's count changed: that entry is named.
+        let mut lines: Vec<String> = export.lines().map(str::to_string).collect();
+        let mut edited: serde_json::Value = serde_json::from_str(&lines[12]).unwrap();
+        assert_eq!(edited["refused_calls"], 500);
+        edited["refused_calls"] = serde_json::json!(5);
+        lines[12] = edited.to_string();
+        let bad = run(&(lines.join("\n") + "\n"));
+        assert_eq!(
+            String::from_utf8_lossy(&bad.stdout).trim(),
+            format!(
+                "BROKEN at seq {}: content does not match its hash",
+                all[12].seq
+            )
+        );
         // A middle entry removed: the one after it is named.
         let mut lines: Vec<String> = export.lines().map(str::to_string).collect();
         lines.remove(20);
@@ -2852,6 +2891,174 @@ mod cases {
                 all[21].seq
             )
         );
+    }
+
+    pub async fn refusals_are_chained_entries_that_spend_nothing(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
+        add_key(&*s, key("k2", "stripe", "run-1", 1_000_000)).await;
+        let batch = vec![
+            event("e1", "k1", "l1", DAY, "stripe", 100),
+            refusal("r1", "k1", "stripe", "daily_cap_exceeded", 500),
+            refusal("r2", "k2", "stripe", "endpoint_not_allowed", 3),
+            refusal("r3", "k1", "stripe", "rate_limited", 2),
+        ];
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (4, 0));
+        // A resent report counts once.
+        assert_eq!(s.record_spend(&batch[1..2]).await.unwrap(), (0, 1));
+        let all = check_whole_chain(&*s).await;
+        assert_eq!(all.len(), 4);
+        let v = keycap_control::ledger::verify(&*s, None, None)
+            .await
+            .unwrap();
+        assert!(v.ok(), "{v:?}");
+        let r1 = &all[1].event;
+        assert_eq!(r1.outcome, Outcome::Refused);
+        assert_eq!(
+            (r1.refusal_reason.as_str(), r1.refused_calls),
+            ("daily_cap_exceeded", 500)
+        );
+        assert_eq!(all[1].agent_run_label, "run-1");
+        assert_eq!(all[0].event.refusal_reason, "");
+
+        // A refusal spends nothing and is no call of the key's.
+        let spend = s.key_spend("k1", DAY).await.unwrap();
+        assert_eq!((spend.spent_day, spend.calls_day), (Micros(100), 1));
+        let sum = s.spend_summary("run-1").await.unwrap();
+        assert_eq!((sum.total, sum.calls), (Micros(100), 1));
+
+        // Queryable: every refusal, or one reason's.
+        let refused = s
+            .query_audit(&AuditQuery {
+                outcome: Some(Outcome::Refused),
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        let ids: Vec<&str> = refused.iter().map(|e| e.event.event_id.as_str()).collect();
+        assert_eq!(ids, ["r3", "r2", "r1"]);
+        let cap = s
+            .query_audit(&AuditQuery {
+                refusal_reason: Some("daily_cap_exceeded".into()),
+                key_id: Some("k1".into()),
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(cap.len(), 1);
+        assert_eq!(cap[0].event.refused_calls, 500);
+    }
+
+    pub async fn spend_report_groups_ranges_and_ranks(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
+        add_key(&*s, key("k2", "openai", "run-1", 1_000_000)).await;
+        add_key(&*s, key("k3", "stripe", "run-2", 1_000_000)).await;
+        let t0 = Utc.with_ymd_and_hms(2030, 1, 15, 10, 0, 0).unwrap();
+        let at = |e: SpendEvent, day: &str, hours: i64| SpendEvent {
+            at: t0 + Duration::hours(hours),
+            day: day.to_string(),
+            ..e
+        };
+        s.record_spend(&[
+            at(event("e1", "k1", "l", DAY, "stripe", 100), DAY, 0),
+            at(event("e2", "k2", "l", DAY, "openai", 7), DAY, 1),
+            at(event("e3", "k1", "l", DAY2, "stripe", 50), DAY2, 24),
+            at(event("e4", "k3", "l", DAY, "stripe", 1_000), DAY, 2),
+            at(event("e5", "k2", "l", DAY2, "openai", 0), DAY2, 25),
+            at(
+                refusal("r1", "k1", "stripe", "daily_cap_exceeded", 40),
+                DAY2,
+                26,
+            ),
+            at(refusal("r2", "k3", "stripe", "rate_limited", 2), DAY, 3),
+            at(event("e6", "k3", "l", DAY3, "stripe", 9), DAY3, 48),
+        ])
+        .await
+        .unwrap();
+        let report = |group_by: &[SpendDimension], top: u32| SpendReportQuery {
+            group_by: group_by.to_vec(),
+            top,
+            ..SpendReportQuery::default()
+        };
+        let rows = |r: &keycap_control::domain::SpendReport| -> Vec<(Vec<String>, i64, i64, i64)> {
+            r.groups
+                .iter()
+                .map(|g| {
+                    let dims = [&g.agent_run_label, &g.key_id, &g.vendor, &g.day]
+                        .into_iter()
+                        .flatten()
+                        .cloned()
+                        .collect();
+                    (dims, g.total.0, g.calls, g.refused_calls)
+                })
+                .collect()
+        };
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+        // By key: largest spend first, with calls and refusals; totals.
+        let by_key = s
+            .spend_report(&report(&[SpendDimension::Key], 100))
+            .await
+            .unwrap();
+        assert_eq!(
+            rows(&by_key),
+            vec![
+                (v(&["k3"]), 1_009, 2, 2),
+                (v(&["k1"]), 150, 2, 40),
+                (v(&["k2"]), 7, 2, 0),
+            ]
+        );
+        assert_eq!(
+            (
+                by_key.total,
+                by_key.calls,
+                by_key.refused_calls,
+                by_key.more
+            ),
+            (Micros(1_166), 6, 42, false)
+        );
+
+        // By vendor and day, over a range: [day 1 10:00, day 3 00:00).
+        let mut q = report(&[SpendDimension::Vendor, SpendDimension::Day], 100);
+        q.since = Some(t0);
+        q.until = Some(Utc.with_ymd_and_hms(2030, 1, 17, 0, 0, 0).unwrap());
+        let by_vendor_day = s.spend_report(&q).await.unwrap();
+        assert_eq!(
+            rows(&by_vendor_day),
+            vec![
+                (v(&["stripe", DAY]), 1_100, 2, 2),
+                (v(&["stripe", DAY2]), 50, 1, 40),
+                (v(&["openai", DAY]), 7, 1, 0),
+                (v(&["openai", DAY2]), 0, 1, 0),
+            ]
+        );
+        assert_eq!(by_vendor_day.total, Micros(1_157));
+
+        // Top N: the rest is in the totals and flagged.
+        let top = s
+            .spend_report(&report(&[SpendDimension::RunLabel], 1))
+            .await
+            .unwrap();
+        assert_eq!(rows(&top), vec![(v(&["run-2"]), 1_009, 2, 2)]);
+        assert!(top.more);
+        assert_eq!(top.total, Micros(1_166));
+
+        // One run, restricted to a vendor, no grouping: totals only.
+        let mut q = report(&[], 100);
+        q.agent_run_label = Some("run-1".into());
+        q.vendors = Some(vec!["stripe".into()]);
+        let only = s.spend_report(&q).await.unwrap();
+        assert!(only.groups.is_empty());
+        assert_eq!(
+            (only.total, only.calls, only.refused_calls),
+            (Micros(150), 2, 40)
+        );
+
+        // Nothing in range: zeros.
+        let mut q = report(&[SpendDimension::Key], 100);
+        q.since = Some(t0 + Duration::days(100));
+        let none = s.spend_report(&q).await.unwrap();
+        assert!(none.groups.is_empty());
+        assert_eq!((none.total, none.calls), (Micros(0), 0));
     }
 
     pub async fn audit_filters_by_trace_id_and_context(s: S) {

@@ -135,6 +135,27 @@ impl Refusal {
         }
     }
 
+    /// The reason the audit ledger records this refusal under when the
+    /// key is known (`refusals`): its code, for a refusal by the key's
+    /// policy (revoked, expired, allowlist, network, zone, rate, caps) or
+    /// by pricing. Others (a malformed request, an upstream or keycap
+    /// failure) are not the key's refusals and are not recorded.
+    pub fn ledger_reason(&self) -> Option<&'static str> {
+        match self {
+            Refusal::KeyExpired
+            | Refusal::KeyRevoked
+            | Refusal::EndpointNotAllowed(_)
+            | Refusal::ZoneMismatch(_)
+            | Refusal::IpNotAllowed(_)
+            | Refusal::RateLimited(_)
+            | Refusal::Unpriceable { .. }
+            | Refusal::PerCallCapExceeded { .. }
+            | Refusal::DailyCapExceeded { .. }
+            | Refusal::LifetimeCapExceeded { .. } => Some(self.code()),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::InvalidTarget(_)

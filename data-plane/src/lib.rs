@@ -33,6 +33,7 @@ pub mod policy;
 pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;
+pub mod refusals;
 pub mod scrub;
 pub mod spend;
 pub mod sse;
@@ -168,6 +169,13 @@ pub async fn run(
     let idempotency = idempotency::IdempotencyMemory::new();
     let tightening = tightening::Tightening::new();
     let rate_limiter = ratelimit::RateLimiter::new();
+    let refusals = refusals::RefusalTally::new();
+    let (refusals_stop, refusals_stopped) = watch::channel(false);
+    let refusal_reports = tokio::spawn(refusals::report(
+        refusals.clone(),
+        spend.clone(),
+        refusals_stopped,
+    ));
     let metrics = metrics::Metrics::new(
         cache.clone(),
         metrics::Gauges {
@@ -216,6 +224,7 @@ pub async fn run(
                 zone: config.zone.clone(),
                 trusted_proxies: config.trusted_proxies.clone(),
                 rate_limiter: rate_limiter.clone(),
+                refusals: refusals.clone(),
                 metrics: metrics.clone(),
             }))
         })
@@ -258,6 +267,12 @@ pub async fn run(
     };
     let _ = stop_tx.send(true);
     while ended_rx.recv().await.is_some() {}
+    // No call is refused any more: the refusals counted in the running
+    // minute go to the ledger with the rest of the spend.
+    let _ = refusals_stop.send(true);
+    if let Err(e) = refusal_reports.await {
+        tracing::error!(error = %e, "refusal reports did not finish");
+    }
     if tokio::time::timeout(SHUTDOWN_GRACE, delivery)
         .await
         .is_err()

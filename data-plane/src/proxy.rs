@@ -53,6 +53,7 @@ use crate::pricing::{
     StreamSettler,
 };
 use crate::ratelimit::{RateLimiter, RateStatus};
+use crate::refusals::RefusalTally;
 use crate::scrub::StreamScrub;
 use crate::spend::SpendReporter;
 use crate::target;
@@ -162,6 +163,9 @@ pub struct Proxy {
     pub trusted_proxies: Vec<IpNet>,
     /// Per-key rate limits, shared by its threads.
     pub rate_limiter: RateLimiter,
+    /// Refused calls of known keys, counted for the ledger, shared by its
+    /// threads.
+    pub refusals: RefusalTally,
 }
 
 /// Headers that describe one connection, not the message: never forwarded.
@@ -271,13 +275,16 @@ impl Proxy {
             ))));
         }
         let mut envelope: Envelope = envelope::before_authentication;
+        // The key presented, once known: a refusal of a known key is
+        // counted for the ledger.
+        let mut known_key: Option<Arc<KeyPolicy>> = None;
         // The id of the call's audit entry, on its answer whatever it is.
         let call_id = self.spend.next_event_id();
         let span = call_span(&req, &call_id);
         let started = Instant::now();
         let mut resp = match self
             .clone()
-            .call_vendor(req, now, peer.ip(), &call_id, &mut envelope)
+            .call_vendor(req, now, peer.ip(), &call_id, &mut envelope, &mut known_key)
             .instrument(span.clone())
             .await
         {
@@ -292,6 +299,9 @@ impl Proxy {
                 self.metrics.request(refusal.code());
                 span.record("keycap.outcome", refusal.code());
                 span.record("error.type", refusal.code());
+                if let (Some(key), Some(reason)) = (&known_key, refusal.ledger_reason()) {
+                    self.refusals.record(&key.id, &key.vendor, reason, now);
+                }
                 closing_after(refusal, version, now, envelope)
             }
         };
@@ -314,11 +324,12 @@ impl Proxy {
         peer: IpAddr,
         call_id: &str,
         envelope: &mut Envelope,
+        known_key: &mut Option<Arc<KeyPolicy>>,
     ) -> Result<Response<ProxyBody>, Refusal> {
         // This call's server span (see `call_span`); each phase is a child.
         let span = tracing::Span::current();
         let admitted = self
-            .admit(req, now, peer, &span, envelope)
+            .admit(req, now, peer, &span, envelope, known_key)
             .instrument(tracing::info_span!("authenticate"))
             .await?;
         let rate = admitted.rate;
@@ -354,6 +365,7 @@ impl Proxy {
         peer: IpAddr,
         call: &tracing::Span,
         envelope: &mut Envelope,
+        known_key: &mut Option<Arc<KeyPolicy>>,
     ) -> Result<Admitted, Refusal> {
         let raw_target = req
             .uri()
@@ -388,6 +400,7 @@ impl Proxy {
             (None, None) => return Err(Refusal::InvalidKey),
         };
         drop(presented);
+        *known_key = Some(key.clone());
         call.record("keycap.key_id", key.id.as_str());
         call.record("keycap.run_label", key.agent_run_label.as_str());
         let policy = self.policy.load();
@@ -1354,6 +1367,7 @@ impl Ticket {
             // ingestion of the event continues it.
             traceparent: keycap_telemetry::traceparent(&tracing::Span::current())
                 .unwrap_or_default(),
+            ..Default::default()
         }
     }
 }

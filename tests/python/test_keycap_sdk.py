@@ -175,6 +175,38 @@ def test_the_audit_ledger_verifies_and_lists_its_checkpoints(keycap, client):
         assert cp.at is not None and cp.at.tzinfo is not None
 
 
+def test_a_spend_report_and_a_streamed_export_that_verifies(keycap, client, tmp_path):
+    run = "py-sdk/report"
+    created = client.keys.create(vendor="openai", daily_usd_cap="5", allowed_endpoints=CHAT,
+                                 expires_in="1h", agent_run_label=run)
+    ai = openai.OpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key, max_retries=0)
+    for _ in range(2):
+        chat(ai)
+    since = datetime.now(timezone.utc) - timedelta(days=1)
+    report = settled(lambda: (r := client.spend_report(group_by=["key", "day"], since=since,
+                                                       agent_run_label=run, top=5)).calls == 2 and r)
+    assert report.group_by == ("key", "day") and not report.more
+    [group] = report.groups
+    assert group.key_id == created.id and group.vendor is None and group.agent_run_label is None
+    assert group.day == datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    assert group.calls == 2 and Decimal(0) < group.total_usd == report.total_usd
+    assert client.spend_report(group_by=["key"], until=since, agent_run_label=run).groups == ()
+    with pytest.raises(kc.InvalidRequest) as bad:
+        client.spend_report(group_by=["colour"])
+    assert bad.value.field == "group_by"
+
+    path = tmp_path / "audit.jsonl"
+    with open(path, "wb") as f:
+        for piece in client.audit.export(format="jsonl"):
+            f.write(piece)
+    verified = subprocess.run([sys.executable, str(ROOT / "docs" / "verify_ledger.py"), str(path)],
+                              capture_output=True, text=True)
+    assert verified.returncode == 0 and verified.stdout.startswith("OK "), verified.stdout
+    csv = b"".join(client.audit.export(format="csv", since=since))
+    assert csv.startswith(b"seq,event_id,key_id,") and csv.count(b"\r\n") >= 3
+    assert list(client.audit.query(key_id=created.id, outcome="refused")) == []
+
+
 def test_the_servers_refusal_names_its_code_and_field(client):
     with pytest.raises(kc.InvalidRequest) as bad:
         client.keys.create(vendor="openai", daily_usd_cap=0, allowed_endpoints=CHAT,
@@ -247,6 +279,10 @@ def test_the_async_client_has_the_same_surface(keycap):
                 await asyncio.sleep(0.05)
             entries = [e async for e in c.audit.query(key_id=created.id)]
             assert len(entries) == 1 and entries[0].cost_usd > 0
+            report = await c.spend_report(group_by=["run_label"], agent_run_label="py-sdk/async")
+            assert [(g.agent_run_label, g.calls) for g in report.groups] == [("py-sdk/async", 1)]
+            export = b"".join([p async for p in c.audit.export(format="jsonl")])
+            assert created.id.encode() in export
             revoked = await c.keys.revoke(created.id)
             assert revoked.key.status == "revoked" and revoked.confirmation.all_confirmed
             assert (await c.audit.verify()).ok

@@ -35,6 +35,8 @@ mod kek;
 mod ledger;
 #[path = "e2e/metrics.rs"]
 mod metrics;
+#[path = "e2e/refusals.rs"]
+mod refusals;
 #[path = "e2e/replicas.rs"]
 mod replicas;
 #[path = "e2e/revocation.rs"]

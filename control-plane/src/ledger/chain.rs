@@ -5,13 +5,16 @@
 //! UTF-8 length (4 bytes big-endian) followed by its bytes, an integer as 8
 //! bytes big-endian two's complement, and the context as its entry count (4
 //! bytes) followed by each key and value as strings, keys in byte order.
-//! Nothing is optional and nothing depends on a serializer's choices.
+//! Nothing is optional and nothing depends on a serializer's choices. A
+//! refusal entry (outcome `refused`) then has its reason (string) and the
+//! number of calls it stands for (integer); other entries end at the
+//! context, so their bytes are what they were before refusals were kept.
 
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::domain::SpendEvent;
+use crate::domain::{Outcome, SpendEvent};
 
 /// The `prev_hash` of the first entry.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -58,6 +61,10 @@ pub fn canonical_bytes(seq: i64, agent_run_label: &str, e: &SpendEvent) -> Vec<u
     put_str(&mut out, &e.detail_json);
     put_str(&mut out, &e.trace_id);
     put_context(&mut out, &e.context);
+    if e.outcome == Outcome::Refused {
+        put_str(&mut out, &e.refusal_reason);
+        put_int(&mut out, e.refused_calls);
+    }
     out
 }
 
@@ -199,7 +206,6 @@ impl Default for ChainCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Outcome;
     use chrono::TimeZone;
     use keycap_proto::Micros;
 
@@ -221,7 +227,50 @@ mod tests {
             detail_json: "{}".into(),
             trace_id: String::new(),
             context: BTreeMap::from([("b".into(), "2".into()), ("a".into(), "1".into())]),
+            refusal_reason: String::new(),
+            refused_calls: 0,
         }
+    }
+
+    fn refusal(calls: i64) -> SpendEvent {
+        SpendEvent {
+            outcome: Outcome::Refused,
+            refusal_reason: "daily_cap_exceeded".into(),
+            refused_calls: calls,
+            reserved: Micros(0),
+            cost: Micros(0),
+            ..event("r1", 0)
+        }
+    }
+
+    #[test]
+    fn a_spend_entry_encodes_as_before_refusals_were_kept() {
+        // The reason and count are encoded for refusals only, so every
+        // hash written before them still holds.
+        let mut e = event("e1", 100);
+        let before = canonical_bytes(1, "run", &e);
+        e.refusal_reason = "ignored".into();
+        e.refused_calls = 9;
+        assert_eq!(canonical_bytes(1, "run", &e), before);
+    }
+
+    #[test]
+    fn a_refusal_hashes_its_reason_and_count() {
+        let r = refusal(500);
+        let h = link(&GENESIS, 1, "run", &r);
+        let mut other = r.clone();
+        other.refused_calls = 499;
+        assert_ne!(link(&GENESIS, 1, "run", &other), h);
+        let mut other = r.clone();
+        other.refusal_reason = "rate_limited".into();
+        assert_ne!(link(&GENESIS, 1, "run", &other), h);
+        let tail = [
+            &[0, 0, 0, 18][..],
+            b"daily_cap_exceeded",
+            &500i64.to_be_bytes(),
+        ]
+        .concat();
+        assert!(canonical_bytes(1, "run", &r).ends_with(&tail));
     }
 
     #[test]

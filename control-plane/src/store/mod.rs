@@ -19,8 +19,8 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
-    LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey, Vendor,
-    VendorLoadError,
+    LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
+    SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
 use crate::ledger::{Checkpoint, Retention};
 use crate::webhook::{
@@ -373,8 +373,13 @@ pub trait Store: Send + Sync + 'static {
     async fn record_export(&self, through_seq: i64) -> StoreResult<()>;
     /// What was exported and what was dropped.
     async fn ledger_retention(&self) -> StoreResult<Retention>;
-    /// Total settled spend and call count of a run label, per vendor.
+    /// Total settled spend and call count of a run label, per vendor
+    /// (refusal entries are not calls and are left out).
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary>;
+    /// Spend, forwarded calls and refused calls of the entries the query
+    /// names, grouped as it asks: the `top` groups by spend (then calls),
+    /// and the totals over all of them.
+    async fn spend_report(&self, q: &SpendReportQuery) -> StoreResult<SpendReport>;
 
     // --- alert webhooks (see `crate::webhook`) -------------------------------
     /// Registers an endpoint with its sealed signing secret; `Conflict` if

@@ -361,7 +361,7 @@ impl ChangeRow {
 
 pub(super) const AUDIT_COLUMNS: &str = "seq, event_id, key_id, agent_run_label, vendor, method, \
      path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
-     trace_id, context, prev_hash, hash";
+     trace_id, context, prev_hash, hash, refusal_reason, refused_calls";
 
 #[derive(sqlx::FromRow)]
 pub struct AuditRow {
@@ -385,6 +385,8 @@ pub struct AuditRow {
     context: String,
     prev_hash: Option<Vec<u8>>,
     hash: Option<Vec<u8>>,
+    refusal_reason: String,
+    refused_calls: i64,
 }
 
 fn hash32(v: Option<Vec<u8>>, column: &str) -> StoreResult<Option<[u8; 32]>> {
@@ -414,6 +416,8 @@ impl AuditRow {
                 detail_json: self.detail_json,
                 trace_id: self.trace_id,
                 context: from_json(&self.context, "audit.context")?,
+                refusal_reason: self.refusal_reason,
+                refused_calls: self.refused_calls,
             },
             prev_hash: hash32(self.prev_hash, "audit.prev_hash")?,
             hash: hash32(self.hash, "audit.hash")?,
@@ -938,7 +942,8 @@ pub(super) struct SpendTotals {
 pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) -> SpendTotals {
     let mut daily: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
     let mut leases: BTreeMap<(String, String), i64> = BTreeMap::new();
-    for e in applied {
+    // A refusal entry spends nothing and is no call of the key's.
+    for e in applied.filter(|e| e.outcome != Outcome::Refused) {
         let d = daily.entry((e.key_id.clone(), e.day.clone())).or_default();
         d.0 += e.cost.0;
         d.1 += 1;
@@ -969,7 +974,7 @@ pub(super) fn audit_insert(entries: &[ChainedEntry<'_>]) -> StoreResult<Statemen
     let mut q = Statement::new(
         "INSERT INTO audit (seq, event_id, key_id, agent_run_label, vendor, method, path, \
          upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
-         trace_id, context, prev_hash, hash) VALUES ",
+         trace_id, context, prev_hash, hash, refusal_reason, refused_calls) VALUES ",
     );
     for (i, c) in entries.iter().enumerate() {
         let e = c.event;
@@ -1003,6 +1008,8 @@ pub(super) fn audit_insert(entries: &[ChainedEntry<'_>]) -> StoreResult<Statemen
         q.push(", ").push_bind(to_json(&e.context, "context")?);
         q.push(", ").push_bind(c.prev_hash.to_vec());
         q.push(", ").push_bind(c.hash.to_vec());
+        q.push(", ").push_bind(e.refusal_reason.as_str());
+        q.push(", ").push_bind(e.refused_calls);
         q.push(")");
     }
     Ok(q)

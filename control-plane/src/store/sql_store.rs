@@ -34,8 +34,8 @@ use super::webhook_rows::{
 use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
-    KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey,
-    Vendor, VendorLoadError,
+    KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendDimension, SpendEvent, SpendGroup,
+    SpendReport, SpendReportQuery, SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
 use crate::ledger::{self, Checkpoint, Retention};
 use crate::webhook::{
@@ -135,6 +135,7 @@ where
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, String, String, String, i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
@@ -304,6 +305,7 @@ where
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, String, String, String, i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
@@ -1517,6 +1519,12 @@ where
             q.push(format!(" AND {} = ", D::json_text("context", &key)))
                 .push_bind(value);
         }
+        if let Some(outcome) = aq.outcome {
+            q.push(" AND outcome = ").push_bind(outcome.as_str());
+        }
+        if let Some(reason) = &aq.refusal_reason {
+            q.push(" AND refusal_reason = ").push_bind(reason);
+        }
         if let Some(before) = aq.before_seq {
             q.push(" AND seq < ").push_bind(before);
         }
@@ -1610,7 +1618,7 @@ where
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary> {
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT vendor, CAST(COALESCE(SUM(cost), 0) AS BIGINT), COUNT(*) FROM audit \
-             WHERE agent_run_label = $1 GROUP BY vendor ORDER BY vendor",
+             WHERE agent_run_label = $1 AND outcome <> 'refused' GROUP BY vendor ORDER BY vendor",
         )
         .bind(agent_run_label)
         .fetch_all(&self.pool)
@@ -1622,6 +1630,92 @@ where
             summary.vendors.push((vendor, Micros(total), calls));
         }
         Ok(summary)
+    }
+
+    async fn spend_report(&self, rq: &SpendReportQuery) -> StoreResult<SpendReport> {
+        // Refusal entries cost nothing (their `cost` is 0) and are no
+        // forwarded call; they count in `refused_calls`.
+        const MEASURES: &str = "CAST(COALESCE(SUM(cost), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN outcome = 'refused' THEN 0 ELSE 1 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(refused_calls), 0) AS BIGINT)";
+        let filter = |q: &mut Statement| {
+            q.push_time_range(rq.since, rq.until);
+            if let Some(label) = &rq.agent_run_label {
+                q.push(" AND agent_run_label = ").push_bind(label.as_str());
+            }
+            if let Some(vendors) = &rq.vendors {
+                q.push_in("vendor", vendors);
+            }
+        };
+        let mut q = Statement::new(format!("SELECT {MEASURES} FROM audit WHERE 1 = 1"));
+        filter(&mut q);
+        let (total, calls, refused_calls): (i64, i64, i64) =
+            q.query_as::<D::Db, _>().fetch_one(&self.pool).await?;
+        let mut report = SpendReport {
+            total: Micros(total),
+            calls,
+            refused_calls,
+            ..SpendReport::default()
+        };
+        if rq.group_by.is_empty() {
+            return Ok(report);
+        }
+        // Every dimension is selected, those not grouped by as '' (one row
+        // shape whatever the grouping).
+        let column = |d: SpendDimension| match d {
+            SpendDimension::RunLabel => "agent_run_label",
+            SpendDimension::Key => "key_id",
+            SpendDimension::Vendor => "vendor",
+            SpendDimension::Day => "day",
+        };
+        let all = [
+            SpendDimension::RunLabel,
+            SpendDimension::Key,
+            SpendDimension::Vendor,
+            SpendDimension::Day,
+        ];
+        let selected: Vec<String> = all
+            .iter()
+            .map(|&d| {
+                if rq.group_by.contains(&d) {
+                    column(d).to_string()
+                } else {
+                    "CAST('' AS TEXT)".to_string()
+                }
+            })
+            .collect();
+        let grouped: Vec<&str> = rq.group_by.iter().map(|&d| column(d)).collect();
+        let mut q = Statement::new(format!(
+            "SELECT {}, {MEASURES} FROM audit WHERE 1 = 1",
+            selected.join(", ")
+        ));
+        filter(&mut q);
+        // One more than asked for tells whether groups were left out.
+        q.push(format!(
+            " GROUP BY {g} ORDER BY 5 DESC, 6 DESC, {g} LIMIT ",
+            g = grouped.join(", ")
+        ))
+        .push_bind(i64::from(rq.top) + 1);
+        let rows: Vec<(String, String, String, String, i64, i64, i64)> =
+            q.query_as::<D::Db, _>().fetch_all(&self.pool).await?;
+        report.more = rows.len() > rq.top as usize;
+        let has = |d: SpendDimension, v: String| rq.group_by.contains(&d).then_some(v);
+        report.groups = rows
+            .into_iter()
+            .take(rq.top as usize)
+            .map(
+                |(label, key, vendor, day, total, calls, refused_calls)| SpendGroup {
+                    agent_run_label: has(SpendDimension::RunLabel, label),
+                    key_id: has(SpendDimension::Key, key),
+                    vendor: has(SpendDimension::Vendor, vendor),
+                    day: has(SpendDimension::Day, day),
+                    total: Micros(total),
+                    calls,
+                    refused_calls,
+                },
+            )
+            .collect();
+        Ok(report)
     }
 
     async fn insert_webhook_endpoint(

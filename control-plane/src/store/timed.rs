@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use super::{RevokedKey, Store, StoreResult, VendorWrite};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
-    LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendSummary, VaultKey, Vendor,
-    VendorLoadError,
+    LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
+    SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
 use crate::ledger::{Checkpoint, Retention};
 use crate::webhook::{
@@ -357,6 +357,10 @@ impl<S: Store> Store for TimedStore<S> {
 
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary> {
         timed("spend_summary", self.0.spend_summary(agent_run_label)).await
+    }
+
+    async fn spend_report(&self, q: &SpendReportQuery) -> StoreResult<SpendReport> {
+        timed("spend_report", self.0.spend_report(q)).await
     }
 
     async fn ensure_audit_partitions(&self) -> StoreResult<()> {

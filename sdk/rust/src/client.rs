@@ -159,6 +159,10 @@ pub struct AuditFilter {
     pub trace_id: String,
     /// `key=value`: only entries whose agent context has it.
     pub context: String,
+    /// Only entries with this outcome (`refused`: the recorded refusals).
+    pub outcome: String,
+    /// Only refusals with this error code.
+    pub refusal_reason: String,
 }
 
 /// keycap's admin API with typed errors.
@@ -339,6 +343,8 @@ impl Client {
                 page_token,
                 trace_id: filter.trace_id.clone(),
                 context: filter.context.clone(),
+                outcome: filter.outcome.clone(),
+                refusal_reason: filter.refusal_reason.clone(),
             };
             let r = self.raw.audit.query_audit(req).await;
             let r = r.map_err(self.fail())?.into_inner();
@@ -461,6 +467,27 @@ impl Client {
     /// plane's primary master key.
     pub async fn rotate_kek(&mut self) -> Result<pb::RotateKekResponse> {
         let r = self.raw.vendors.rotate_kek(pb::RotateKekRequest {}).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// Spend, calls and refused calls grouped by any of `run_label`,
+    /// `key`, `vendor`, `day`, over a time range, top N (see
+    /// `pb::SpendReportRequest`).
+    pub async fn spend_report(
+        &mut self,
+        req: pb::SpendReportRequest,
+    ) -> Result<pb::SpendReportResponse> {
+        let r = self.raw.audit.spend_report(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// The ledger as JSON Lines or CSV, a page of records per message,
+    /// streamed: take each with `message()` and write it as it comes.
+    pub async fn export_audit(
+        &mut self,
+        req: pb::ExportAuditRequest,
+    ) -> Result<tonic::Streaming<pb::ExportAuditChunk>> {
+        let r = self.raw.audit.export_audit(req).await;
         Ok(r.map_err(self.fail())?.into_inner())
     }
 }

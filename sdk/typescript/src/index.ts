@@ -260,6 +260,10 @@ export interface AuditEntry {
   at: Date | null;
   nodeId: string;
   detail: unknown;
+  /** For outcome "refused": the error code the calls got ("" otherwise). */
+  refusalReason: string;
+  /** For outcome "refused": the calls of the key in that minute it stands for. */
+  refusedCalls: number;
 }
 
 export interface Spend {
@@ -369,6 +373,40 @@ export interface KekRotation {
 
 const hex = (b: Uint8Array): string => Buffer.from(b).toString("hex");
 
+/** One group of a spend report: the dimensions grouped by (absent for the others). */
+export interface SpendGroup {
+  agentRunLabel?: string;
+  keyId?: string;
+  vendor?: string;
+  day?: string;
+  totalUsd: string;
+  calls: number;
+  refusedCalls: number;
+}
+
+/** Spend grouped as asked, largest first; the totals cover every entry in range. */
+export interface SpendReport {
+  groupBy: string[];
+  groups: SpendGroup[];
+  totalUsd: string;
+  calls: number;
+  refusedCalls: number;
+  /** Groups beyond `top` were left out. */
+  more: boolean;
+}
+
+export interface SpendReportQuery {
+  /** Any of "run_label", "key", "vendor", "day" (UTC). */
+  groupBy?: string[];
+  /** Entries at or after this time. */
+  since?: Date;
+  /** Entries before this time. */
+  until?: Date;
+  /** The top N groups by spend. */
+  top?: number;
+  agentRunLabel?: string;
+}
+
 export interface CreateKey {
   vendor: string;
   dailyUsdCap: Money;
@@ -449,6 +487,39 @@ export class Client {
       totalUsd: usd(r.totalMicros),
       calls: Number(r.calls),
       vendors: r.vendors.map((v) => ({ vendor: v.vendor, totalUsd: usd(v.totalMicros), calls: Number(v.calls) })),
+    };
+  }
+
+  /** Spend, calls and refused calls grouped by run label, key, vendor and/or UTC day. */
+  async spendReport(q: SpendReportQuery = {}): Promise<SpendReport> {
+    const r = await this.#call(() => this.#audit.spendReport({
+      groupBy: q.groupBy ?? [],
+      ...(q.since ? { from: timestampFromDate(q.since) } : {}),
+      ...(q.until ? { to: timestampFromDate(q.until) } : {}),
+      top: q.top ?? 0,
+      agentRunLabel: q.agentRunLabel ?? "",
+    }));
+    const by = new Set(r.groupBy);
+    const dim = (name: string, value: string) => (by.has(name) ? value : undefined);
+    return {
+      groupBy: r.groupBy,
+      groups: r.groups.map((g) => {
+        const group: SpendGroup = {
+          totalUsd: usd(g.totalMicros), calls: Number(g.calls), refusedCalls: Number(g.refusedCalls),
+        };
+        const dims = {
+          agentRunLabel: dim("run_label", g.agentRunLabel), keyId: dim("key", g.keyId),
+          vendor: dim("vendor", g.vendor), day: dim("day", g.day),
+        };
+        for (const [k, v] of Object.entries(dims)) {
+          if (v !== undefined) (group as unknown as Record<string, string>)[k] = v;
+        }
+        return group;
+      }),
+      totalUsd: usd(r.totalMicros),
+      calls: Number(r.calls),
+      refusedCalls: Number(r.refusedCalls),
+      more: r.more,
     };
   }
 
@@ -602,6 +673,10 @@ export class Audit {
     traceId?: string;
     /** "key=value": only entries whose agent context has it. */
     context?: string;
+    /** "refused": the recorded refusals. */
+    outcome?: string;
+    /** Only refusals with this error code. */
+    refusalReason?: string;
   } = {}):
     AsyncGenerator<AuditEntry> {
     let pageToken = "";
@@ -614,6 +689,8 @@ export class Audit {
         ...(filter.until ? { until: timestampFromDate(filter.until) } : {}),
         traceId: filter.traceId ?? "",
         context: filter.context ?? "",
+        outcome: filter.outcome ?? "",
+        refusalReason: filter.refusalReason ?? "",
         pageSize: 500,
         pageToken,
       }));
@@ -623,6 +700,7 @@ export class Audit {
           vendor: e.vendor, method: e.method, path: e.path, upstreamStatus: e.upstreamStatus,
           reservedUsd: usd(e.reservedMicros), costUsd: usd(e.costMicros), outcome: e.outcome,
           at: date(e.at), nodeId: e.nodeId, detail: e.detailJson ? JSON.parse(e.detailJson) : null,
+          refusalReason: e.refusalReason, refusedCalls: Number(e.refusedCalls),
         };
       }
       if (!r.nextPageToken) return;
@@ -652,5 +730,26 @@ export class Audit {
     return r.checkpoints.map((c) => ({
       seq: Number(c.seq), hash: hex(c.hash), at: date(c.at), publicKey: hex(c.publicKey), signature: hex(c.signature),
     }));
+  }
+
+  /**
+   * The ledger oldest first with its chain fields, as JSON Lines ("jsonl") or
+   * CSV ("csv"), a page of records per piece as the server streams it: write
+   * each piece as it comes (docs/verify_ledger.py checks a JSON Lines export
+   * on its own). `timeoutMs` bounds the whole export (default: the client's).
+   */
+  async *export(options: { format?: "jsonl" | "csv"; since?: Date; until?: Date; timeoutMs?: number } = {}):
+    AsyncGenerator<Uint8Array> {
+    const pieces = this.rpc.exportAudit({
+      format: options.format ?? "jsonl",
+      ...(options.since ? { from: timestampFromDate(options.since) } : {}),
+      ...(options.until ? { to: timestampFromDate(options.until) } : {}),
+    }, options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {});
+    const iterator = pieces[Symbol.asyncIterator]();
+    for (;;) {
+      const next = await this.call(() => iterator.next());
+      if (next.done) return;
+      yield next.value.data;
+    }
   }
 }

@@ -8,8 +8,8 @@
 // any error or serialised value.
 
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, connect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, isAbsolute, join, resolve } from "node:path";
@@ -145,6 +145,26 @@ test("a TypeScript team walks the whole flow", async () => {
   assert.equal(billed.length, 1);
   assert.equal(billed[0]!.costUsd, spend.totalUsd);
   assert.equal(billed[0]!.path, "/v1/chat/completions");
+
+  // The spend report: grouped by key over a range, typed like the REST body.
+  const report = await kc.spendReport({ groupBy: ["key"], agentRunLabel: run, since: new Date(Date.now() - 86_400_000), top: 5 });
+  assert.deepEqual(report.groupBy, ["key"]);
+  assert.equal(report.calls, 1);
+  assert.equal(report.totalUsd, spend.totalUsd);
+  assert.equal(report.groups[0]!.keyId, created.id);
+  assert.equal(report.groups[0]!.vendor, undefined);
+  assert.equal(report.more, false);
+  await assert.rejects(kc.spendReport({ groupBy: ["colour"] }),
+    (e: unknown) => e instanceof keycap.InvalidRequest && e.field === "group_by");
+
+  // The export, streamed a page at a time, verifies on its own.
+  const pieces: Uint8Array[] = [];
+  for await (const piece of kc.audit.export({ format: "jsonl" })) pieces.push(piece);
+  const file = join(workdir, "audit.jsonl");
+  writeFileSync(file, Buffer.concat(pieces));
+  const verified = spawnSync("python3", [join(ROOT, "docs", "verify_ledger.py"), file], { encoding: "utf8" });
+  assert.equal(verified.status, 0, verified.stdout + verified.stderr);
+  assert.match(verified.stdout, /^OK \d+ entries, head seq \d+ hash [0-9a-f]{64}/);
 
   assert.ok((await kc.vendors.delete("ts-openai")).allConfirmed);
   await assert.rejects(kc.vendors.get("ts-openai"), (e: unknown) => e instanceof keycap.NotFound && e.code === "not_found");

@@ -52,6 +52,8 @@ from ._types import (
     Spend,
     UnusedPrice,
     Verification,
+    SpendGroup,
+    SpendReport,
     Vendor,
     VendorProxyError,
     VendorSpend,
@@ -66,6 +68,7 @@ __all__ = [
     "AsyncAudit", "AsyncClient", "AsyncKeys", "AsyncVendors", "Audit", "AuditEntry", "Client",
     "Confirmation", "Conflict", "CreatedIssuerToken", "CreatedKey", "Duration", "InvalidRequest",
     "IssuerToken", "Key", "KeyRevocation", "KeycapError", "Keys", "Money", "NotFound",
-    "PermissionDenied", "RunRevocation", "Spend", "Unauthenticated", "Unavailable", "Vendor",
-    "VendorProxyError", "VendorSpend", "VendorWrite", "Vendors", "base_url",
+    "PermissionDenied", "RunRevocation", "Spend", "SpendGroup", "SpendReport", "Unauthenticated",
+    "Unavailable", "Vendor", "VendorProxyError", "VendorSpend", "VendorWrite", "Vendors",
+    "base_url",
 ]

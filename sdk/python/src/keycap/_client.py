@@ -40,6 +40,7 @@ from ._types import (
     RunRevocation,
     Spend,
     Verification,
+    SpendReport,
     Vendor,
     VendorWrite,
     micros,
@@ -133,15 +134,38 @@ class _Requests:
     @staticmethod
     def query_audit(key_id: str | None, agent_run_label: str | None, vendor: str | None,
                     since: datetime | None, until: datetime | None, trace_id: str | None,
-                    context: str | None, page_token: str) -> pb.QueryAuditRequest:
+                    context: str | None, page_token: str, outcome: str | None = None,
+                    refusal_reason: str | None = None) -> pb.QueryAuditRequest:
         req = pb.QueryAuditRequest(key_id=key_id or "", agent_run_label=agent_run_label or "",
                                    vendor=vendor or "", page_size=AUDIT_PAGE_SIZE,
                                    page_token=page_token, trace_id=trace_id or "",
-                                   context=context or "")
+                                   context=context or "", outcome=outcome or "",
+                                   refusal_reason=refusal_reason or "")
         if since is not None:
             req.since.CopyFrom(timestamp(since))
         if until is not None:
             req.until.CopyFrom(timestamp(until))
+        return req
+
+    @staticmethod
+    def spend_report(group_by: Sequence[str], since: datetime | None, until: datetime | None,
+                     top: int | None, agent_run_label: str | None) -> pb.SpendReportRequest:
+        req = pb.SpendReportRequest(group_by=list(group_by), top=top or 0,
+                                    agent_run_label=agent_run_label or "")
+        if since is not None:
+            getattr(req, "from").CopyFrom(timestamp(since))
+        if until is not None:
+            req.to.CopyFrom(timestamp(until))
+        return req
+
+    @staticmethod
+    def export_audit(format: str, since: datetime | None,
+                     until: datetime | None) -> pb.ExportAuditRequest:
+        req = pb.ExportAuditRequest(format=format)
+        if since is not None:
+            getattr(req, "from").CopyFrom(timestamp(since))
+        if until is not None:
+            req.to.CopyFrom(timestamp(until))
         return req
 
 
@@ -276,14 +300,17 @@ class Audit(_Sync):
     def query(self, *, key_id: str | None = None, agent_run_label: str | None = None,
               vendor: str | None = None, since: datetime | None = None,
               until: datetime | None = None, trace_id: str | None = None,
-              context: str | None = None) -> Iterator[AuditEntry]:
+              context: str | None = None, outcome: str | None = None,
+              refusal_reason: str | None = None) -> Iterator[AuditEntry]:
         """Every matching entry, newest first, fetching page after page.
         `trace_id`: one call's entries; `context`: "key=value" of the
-        agent context the calls carried."""
+        agent context the calls carried; `outcome="refused"`: the recorded
+        refusals (`refusal_reason`: of one error code)."""
         page = ""
         while True:
             r = self._call(self._audit.QueryAudit, _Requests.query_audit(
-                key_id, agent_run_label, vendor, since, until, trace_id, context, page))
+                key_id, agent_run_label, vendor, since, until, trace_id, context, page,
+                outcome, refusal_reason))
             yield from (AuditEntry._from(e) for e in r.entries)
             if not r.next_page_token:
                 return
@@ -300,6 +327,21 @@ class Audit(_Sync):
         """The ledger's signed checkpoints, newest first."""
         r = self._call(self._audit.ListCheckpoints, pb.ListCheckpointsRequest(limit=limit or 0))
         return [Checkpoint._from(c) for c in r.checkpoints]
+
+
+    def export(self, *, format: str = "jsonl", since: datetime | None = None,
+               until: datetime | None = None) -> Iterator[bytes]:
+        """The ledger oldest first with its chain fields, as JSON Lines
+        ("jsonl") or CSV ("csv"), a page of records per piece, as the
+        server streams it: write each piece as it comes (docs/ledger.md;
+        docs/verify_ledger.py checks a JSON Lines export on its own). No
+        per-call timeout: an export takes as long as the ledger is long."""
+        try:
+            for piece in self._audit.ExportAudit(_Requests.export_audit(format, since, until),
+                                                 metadata=self._metadata):
+                yield piece.data
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self._target.addr) from None
 
 
 class AdminTokens(_Sync):
@@ -350,6 +392,16 @@ class Client:
         """What an agent run spent, in total and per vendor."""
         return Spend._from(self.audit._call(self.audit._audit.SpendSummary,
                                             pb.SpendSummaryRequest(agent_run_label=agent_run_label)))
+
+    def spend_report(self, *, group_by: Sequence[str] = (), since: datetime | None = None,
+                     until: datetime | None = None, top: int | None = None,
+                     agent_run_label: str | None = None) -> SpendReport:
+        """Spend, calls and refused calls grouped by any of "run_label",
+        "key", "vendor", "day" (UTC), at or after `since` and before
+        `until`; the `top` groups by spend, and the totals."""
+        return SpendReport._from(self.audit._call(
+            self.audit._audit.SpendReport,
+            _Requests.spend_report(group_by, since, until, top, agent_run_label)))
 
     def close(self) -> None:
         self._channel.close()
@@ -472,11 +524,13 @@ class AsyncAudit(_Async):
     async def query(self, *, key_id: str | None = None, agent_run_label: str | None = None,
                     vendor: str | None = None, since: datetime | None = None,
                     until: datetime | None = None, trace_id: str | None = None,
-                    context: str | None = None) -> AsyncIterator[AuditEntry]:
+                    context: str | None = None, outcome: str | None = None,
+                    refusal_reason: str | None = None) -> AsyncIterator[AuditEntry]:
         page = ""
         while True:
             r = await self._call(self._audit.QueryAudit, _Requests.query_audit(
-                key_id, agent_run_label, vendor, since, until, trace_id, context, page))
+                key_id, agent_run_label, vendor, since, until, trace_id, context, page,
+                outcome, refusal_reason))
             for e in r.entries:
                 yield AuditEntry._from(e)
             if not r.next_page_token:
@@ -491,6 +545,17 @@ class AsyncAudit(_Async):
         r = await self._call(self._audit.ListCheckpoints,
                              pb.ListCheckpointsRequest(limit=limit or 0))
         return [Checkpoint._from(c) for c in r.checkpoints]
+
+
+    async def export(self, *, format: str = "jsonl", since: datetime | None = None,
+                     until: datetime | None = None) -> AsyncIterator[bytes]:
+        """`Audit.export` on asyncio."""
+        try:
+            async for piece in self._audit.ExportAudit(
+                    _Requests.export_audit(format, since, until), metadata=self._metadata):
+                yield piece.data
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self._target.addr) from None
 
 
 class AsyncAdminTokens(_Async):
@@ -534,6 +599,14 @@ class AsyncClient:
         r = await self.audit._call(self.audit._audit.SpendSummary,
                                    pb.SpendSummaryRequest(agent_run_label=agent_run_label))
         return Spend._from(r)
+
+    async def spend_report(self, *, group_by: Sequence[str] = (), since: datetime | None = None,
+                           until: datetime | None = None, top: int | None = None,
+                           agent_run_label: str | None = None) -> SpendReport:
+        r = await self.audit._call(
+            self.audit._audit.SpendReport,
+            _Requests.spend_report(group_by, since, until, top, agent_run_label))
+        return SpendReport._from(r)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -295,13 +295,18 @@ class AuditEntry:
     at: datetime | None
     node_id: str
     detail: Any
+    refusal_reason: str = ""
+    """For outcome "refused": the error code the calls got."""
+    refused_calls: int = 0
+    """For outcome "refused": the calls of the key in that minute it stands for."""
 
     @classmethod
     def _from(cls, m: pb.AuditEntry) -> AuditEntry:
         return cls(m.seq, m.event_id, m.key_id, m.agent_run_label, m.vendor, m.method, m.path,
                    m.upstream_status, usd(m.reserved_micros), usd(m.cost_micros), m.outcome,
                    _time(m.at, m.HasField("at")), m.node_id,
-                   json.loads(m.detail_json) if m.detail_json else None)
+                   json.loads(m.detail_json) if m.detail_json else None,
+                   m.refusal_reason, m.refused_calls)
 
 
 @dataclass(frozen=True)
@@ -456,3 +461,43 @@ class PriceImport:
                    tuple(r.embeddings), tuple(r.images),
                    tuple(SkippedPrice(s.name, s.reason) for s in r.skipped),
                    tuple(UnusedPrice(u.kind, u.reason, u.entries) for u in r.unused_prices))
+
+
+@dataclass(frozen=True)
+class SpendGroup:
+    """One group of a spend report: the dimensions grouped by (None for
+    the others), the settled spend, the forwarded and the refused calls."""
+
+    agent_run_label: str | None
+    key_id: str | None
+    vendor: str | None
+    day: str | None
+    total_usd: Decimal
+    calls: int
+    refused_calls: int
+
+
+@dataclass(frozen=True)
+class SpendReport:
+    """Spend grouped as asked, largest first; the totals cover every entry
+    in range, not only the groups returned (`more`: some were left out)."""
+
+    group_by: tuple[str, ...]
+    groups: tuple[SpendGroup, ...]
+    total_usd: Decimal
+    calls: int
+    refused_calls: int
+    more: bool
+
+    @classmethod
+    def _from(cls, m: pb.SpendReportResponse) -> SpendReport:
+        by = tuple(m.group_by)
+
+        def dim(name: str, value: str) -> str | None:
+            return value if name in by else None
+
+        groups = tuple(SpendGroup(dim("run_label", g.agent_run_label), dim("key", g.key_id),
+                                  dim("vendor", g.vendor), dim("day", g.day),
+                                  usd(g.total_micros), g.calls, g.refused_calls)
+                       for g in m.groups)
+        return cls(by, groups, usd(m.total_micros), m.calls, m.refused_calls, m.more)

@@ -1290,6 +1290,8 @@ class AuditEntry(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    REFUSAL_REASON_FIELD_NUMBER: _builtins.int
+    REFUSED_CALLS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     event_id: _builtins.str
     key_id: _builtins.str
@@ -1315,6 +1317,12 @@ class AuditEntry(_message.Message):
     an entry written before the ledger was chained.
     """
     hash: _builtins.bytes
+    refusal_reason: _builtins.str
+    """For outcome "refused": the error code the calls were refused with and
+    how many calls of the key within the minute at `at` the entry stands
+    for (docs/ledger.md, "Refusals").
+    """
+    refused_calls: _builtins.int
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1344,10 +1352,12 @@ class AuditEntry(_message.Message):
         context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         prev_hash: _builtins.bytes = ...,
         hash: _builtins.bytes = ...,
+        refusal_reason: _builtins.str = ...,
+        refused_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1366,6 +1376,8 @@ class QueryAuditRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REFUSAL_REASON_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     agent_run_label: _builtins.str
     vendor: _builtins.str
@@ -1377,6 +1389,10 @@ class QueryAuditRequest(_message.Message):
     """Only the entries of the call with this trace id."""
     context: _builtins.str
     """"key=value": only entries whose context has this key with this value."""
+    outcome: _builtins.str
+    """Only entries with this outcome ("refused": the recorded refusals)."""
+    refusal_reason: _builtins.str
+    """Only refusal entries refused with this error code."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1393,10 +1409,12 @@ class QueryAuditRequest(_message.Message):
         page_token: _builtins.str = ...,
         trace_id: _builtins.str = ...,
         context: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        refusal_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "context", b"context", "key_id", b"key_id", "page_size", b"page_size", "page_token", b"page_token", "since", b"since", "trace_id", b"trace_id", "until", b"until", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "context", b"context", "key_id", b"key_id", "outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token", "refusal_reason", b"refusal_reason", "since", b"since", "trace_id", b"trace_id", "until", b"until", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1650,6 +1668,173 @@ class SpendSummaryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SpendSummaryResponse: _TypeAlias = SpendSummaryResponse  # noqa: Y015
+
+@_typing.final
+class SpendReportRequest(_message.Message):
+    """Spend, forwarded calls and refused calls, grouped (docs/ledger.md,
+    "Reports").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    AGENT_RUN_LABEL_FIELD_NUMBER: _builtins.int
+    top: _builtins.int
+    """The top groups by spend (then calls), 1..10000; 0: every group up to
+    10000.
+    """
+    agent_run_label: _builtins.str
+    """Only the entries of this run label."""
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Any of "run_label", "key", "vendor", "day" (UTC), each at most once;
+        none: the totals only.
+        """
+
+    @_builtins.property
+    def to(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
+        to: _timestamp_pb2.Timestamp | None = ...,
+        top: _builtins.int = ...,
+        agent_run_label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "to", b"to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "from", b"from", "group_by", b"group_by", "to", b"to", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendReportRequest: _TypeAlias = SpendReportRequest  # noqa: Y015
+
+@_typing.final
+class SpendGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_RUN_LABEL_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    VENDOR_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    TOTAL_MICROS_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    agent_run_label: _builtins.str
+    """The values of the dimensions grouped by; empty for the others."""
+    key_id: _builtins.str
+    vendor: _builtins.str
+    day: _builtins.str
+    total_micros: _builtins.int
+    calls: _builtins.int
+    refused_calls: _builtins.int
+    def __init__(
+        self,
+        *,
+        agent_run_label: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        vendor: _builtins.str = ...,
+        day: _builtins.str = ...,
+        total_micros: _builtins.int = ...,
+        calls: _builtins.int = ...,
+        refused_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "calls", b"calls", "day", b"day", "key_id", b"key_id", "refused_calls", b"refused_calls", "total_micros", b"total_micros", "vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendGroup: _TypeAlias = SpendGroup  # noqa: Y015
+
+@_typing.final
+class SpendReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    TOTAL_MICROS_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    total_micros: _builtins.int
+    """Over every entry asked about, not only the groups returned."""
+    calls: _builtins.int
+    refused_calls: _builtins.int
+    more: _builtins.bool
+    """Groups beyond `top` were left out."""
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpendGroup]:
+        """Largest spend first."""
+
+    def __init__(
+        self,
+        *,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
+        groups: _abc.Iterable[Global___SpendGroup] | None = ...,
+        total_micros: _builtins.int = ...,
+        calls: _builtins.int = ...,
+        refused_calls: _builtins.int = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "group_by", b"group_by", "groups", b"groups", "more", b"more", "refused_calls", b"refused_calls", "total_micros", b"total_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendReportResponse: _TypeAlias = SpendReportResponse  # noqa: Y015
+
+@_typing.final
+class ExportAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    format: _builtins.str
+    """"jsonl" (default) or "csv"."""
+    @_builtins.property
+    def to(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        format: _builtins.str = ...,
+        to: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "to", b"to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "from", b"from", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditRequest: _TypeAlias = ExportAuditRequest  # noqa: Y015
+
+@_typing.final
+class ExportAuditChunk(_message.Message):
+    """A piece of the export: the records' text, whole records only."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditChunk: _TypeAlias = ExportAuditChunk  # noqa: Y015
 
 @_typing.final
 class AdminToken(_message.Message):

@@ -722,6 +722,16 @@ class AuditServiceStub:
                 request_serializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.SpendReport = channel.unary_unary(
+                '/keycap.v1.AuditService/SpendReport',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.SpendReportRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.SpendReportResponse.FromString,
+                _registered_method=True)
+        self.ExportAudit = channel.unary_stream(
+                '/keycap.v1.AuditService/ExportAudit',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.ExportAuditChunk.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -755,6 +765,24 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SpendReport(self, request, context):
+        """Spend grouped by run label, key, vendor and/or UTC day over a time
+        range, with totals, call and refusal counts. Needs audit:read; a
+        token restricted to some vendors sees only theirs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAudit(self, request, context):
+        """The ledger in seq order with its chain fields, as JSON Lines or CSV
+        (docs/ledger.md, "Verifying an export"), streamed a page at a time.
+        Needs audit:read over every vendor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -777,6 +805,16 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=keycap_dot_v1_dot_admin__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'SpendReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpendReport,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.SpendReportRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.SpendReportResponse.SerializeToString,
+            ),
+            'ExportAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAudit,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.ExportAuditRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.ExportAuditChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -887,6 +925,60 @@ class AuditService:
             '/keycap.v1.AuditService/ListCheckpoints',
             keycap_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
             keycap_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpendReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.AuditService/SpendReport',
+            keycap_dot_v1_dot_admin__pb2.SpendReportRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.SpendReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/keycap.v1.AuditService/ExportAudit',
+            keycap_dot_v1_dot_admin__pb2.ExportAuditRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.ExportAuditChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -225,6 +225,16 @@ class AuditServiceStub:
     """The ledger's signed checkpoints, newest first. Needs audit:read over
     every vendor.
     """
+    SpendReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SpendReportRequest, _admin_pb2.SpendReportResponse]
+    """Spend grouped by run label, key, vendor and/or UTC day over a time
+    range, with totals, call and refusal counts. Needs audit:read; a
+    token restricted to some vendors sees only theirs.
+    """
+    ExportAudit: _grpc.UnaryStreamMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.ExportAuditChunk]
+    """The ledger in seq order with its chain fields, as JSON Lines or CSV
+    (docs/ledger.md, "Verifying an export"), streamed a page at a time.
+    Needs audit:read over every vendor.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -238,6 +248,16 @@ class AuditServiceAsyncStub(AuditServiceStub):
     ListCheckpoints: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCheckpointsRequest, _admin_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
     """The ledger's signed checkpoints, newest first. Needs audit:read over
     every vendor.
+    """
+    SpendReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.SpendReportRequest, _admin_pb2.SpendReportResponse]  # type: ignore[assignment]
+    """Spend grouped by run label, key, vendor and/or UTC day over a time
+    range, with totals, call and refusal counts. Needs audit:read; a
+    token restricted to some vendors sees only theirs.
+    """
+    ExportAudit: _aio.UnaryStreamMultiCallable[_admin_pb2.ExportAuditRequest, _admin_pb2.ExportAuditChunk]  # type: ignore[assignment]
+    """The ledger in seq order with its chain fields, as JSON Lines or CSV
+    (docs/ledger.md, "Verifying an export"), streamed a page at a time.
+    Needs audit:read over every vendor.
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -273,6 +293,28 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ListCheckpointsResponse, _abc.Awaitable[_admin_pb2.ListCheckpointsResponse]]:
         """The ledger's signed checkpoints, newest first. Needs audit:read over
         every vendor.
+        """
+
+    @_abc_1.abstractmethod
+    def SpendReport(
+        self,
+        request: _admin_pb2.SpendReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SpendReportResponse, _abc.Awaitable[_admin_pb2.SpendReportResponse]]:
+        """Spend grouped by run label, key, vendor and/or UTC day over a time
+        range, with totals, call and refusal counts. Needs audit:read; a
+        token restricted to some vendors sees only theirs.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportAudit(
+        self,
+        request: _admin_pb2.ExportAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.ExportAuditChunk], _abc.AsyncIterator[_admin_pb2.ExportAuditChunk]]:
+        """The ledger in seq order with its chain fields, as JSON Lines or CSV
+        (docs/ledger.md, "Verifying an export"), streamed a page at a time.
+        Needs audit:read over every vendor.
         """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
