@@ -1275,3 +1275,34 @@ fn status_to_pb(status: KeyStatus) -> pb::KeyStatus {
         KeyStatus::Revoked => pb::KeyStatus::Revoked,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nul_in_a_spend_event_is_refused_with_its_field_named() {
+        let good = pb::SpendEvent {
+            event_id: "e1".into(),
+            day: "2026-12-06".into(),
+            outcome: "settled".into(),
+            path: "/v1/payment_intents".into(),
+            at: Some(to_proto(chrono::Utc::now())),
+            ..Default::default()
+        };
+        assert!(spend_event_from_pb(good.clone(), "n1").is_ok());
+        for (field, edit) in [
+            (
+                "path",
+                (|e: &mut pb::SpendEvent| e.path.push('\0')) as fn(&mut _),
+            ),
+            ("event_id", |e| e.event_id.push('\0')),
+            ("detail_json", |e| e.detail_json = "{\"a\":\"\0\"}".into()),
+        ] {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            let err = spend_event_from_pb(bad, "n1").unwrap_err();
+            assert_eq!(err.field, field);
+        }
+    }
+}

@@ -277,3 +277,39 @@ async fn serve_connection<I>(
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn audit_retention_is_refused_on_sqlite() {
+        let config = ControlConfig {
+            metrics_listen: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: "sqlite::memory:".into(),
+            master_key: Some(crate::crypto::Sealer::generate_key_text()),
+            master_key_file: None,
+            previous_master_keys: Vec::new(),
+            previous_master_key_files: Vec::new(),
+            admin_token: None,
+            fleet_token: secret::generate(SecretKind::FleetToken, "test"),
+            key_env: "test".into(),
+            change_poll_ms: 250,
+            change_log_keep: 100_000,
+            ack_timeout_ms: 2000,
+            audit_retention_days: Some(30),
+            allow_private_upstreams: false,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+        };
+        let err = build(&config).await.err().expect("refused");
+        assert!(err.to_string().contains("needs PostgreSQL"), "{err}");
+        let config = ControlConfig {
+            audit_retention_days: None,
+            ..config
+        };
+        assert!(build(&config).await.is_ok());
+    }
+}
