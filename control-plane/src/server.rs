@@ -300,6 +300,8 @@ mod tests {
             ack_timeout_ms: 2000,
             audit_retention_days: Some(30),
             allow_private_upstreams: false,
+            allow_private_webhooks: false,
+            webhook_timeout_ms: 10_000,
             tls_cert: None,
             tls_key: None,
             client_ca: None,

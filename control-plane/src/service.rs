@@ -2097,6 +2097,8 @@ mod tests {
             detail_json: "{}".into(),
             trace_id: String::new(),
             context: BTreeMap::new(),
+            refusal_reason: String::new(),
+            refused_calls: 0,
         }
     }
 

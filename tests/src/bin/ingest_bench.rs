@@ -102,7 +102,7 @@ fn event(proxy: usize, n: u64, key_id: &str, day: &str) -> pb::SpendEvent {
         day: day.to_string(),
         trace_id: format!("{:032x}", n + 1),
         context: [("tenant".to_string(), format!("t{}", n % 7))].into(),
-        traceparent: String::new(),
+        ..Default::default()
     }
 }
 
