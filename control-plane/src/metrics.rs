@@ -210,7 +210,7 @@ impl ControlMetrics {
             ChangeKind::VendorWrite,
             ChangeKind::VendorDelete,
         ] {
-            unconfirmed.get_or_create(&ChangeLabel {
+            let _ = unconfirmed.get_or_create(&ChangeLabel {
                 change: kind.as_str(),
             });
         }
