@@ -202,6 +202,18 @@ impl ControlMetrics {
             confirmations.clone(),
         );
         let unconfirmed = Family::<ChangeLabel, Counter>::default();
+        // Each kind is there from the start, at 0, so `increase()` over it
+        // sees the first change that stays unconfirmed.
+        for kind in [
+            ChangeKind::Revocation,
+            ChangeKind::KeyCreation,
+            ChangeKind::VendorWrite,
+            ChangeKind::VendorDelete,
+        ] {
+            let _ = unconfirmed.get_or_create(&ChangeLabel {
+                change: kind.as_str(),
+            });
+        }
         registry.register(
             "changes_unconfirmed",
             "Changes some connected proxy had not confirmed when the wait for them ended, by kind of change",
