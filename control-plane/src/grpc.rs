@@ -24,6 +24,8 @@ use crate::service::{
 };
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
+mod webhooks;
+
 /// Implements every keycap gRPC service over one `Control`.
 #[derive(Clone)]
 pub struct Api {

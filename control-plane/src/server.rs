@@ -127,6 +127,9 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
         api.clone(),
     ))
     .add_service(pb::admin_token_service_server::AdminTokenServiceServer::new(api.clone()))
+    .add_service(pb::webhook_service_server::WebhookServiceServer::new(
+        api.clone(),
+    ))
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
     .add_service(reflection)
     .prepare()

@@ -329,3 +329,75 @@ async fn each_threshold_fires_once_with_three_proxies_spending_at_once() {
         "a threshold was delivered twice: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_adds_lists_tests_and_deletes_an_endpoint_over_grpc() {
+    let control = Control::start(private_ok()).await;
+    let receiver = Receiver::start(&[503]).await;
+    let cli = |args: Vec<String>| {
+        let (url, token) = (control.url(), control.opts.admin_token.clone());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            keycap_cli(&url, &token, &args).await
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let added = cli(s(&[
+        "--format",
+        "json",
+        "webhook",
+        "add",
+        &receiver.url("/cli"),
+        "--event",
+        "cap.threshold,key.revoked",
+        "--thresholds",
+        "80,100",
+        "--run-label",
+        "cli-run",
+    ]))
+    .await
+    .json();
+    let id = added["webhook"]["id"].as_str().unwrap().to_string();
+    assert_eq!(added["webhook"]["thresholds"], json!([80, 100]));
+    assert_eq!(added["webhook"]["run_label"], "cli-run");
+    assert!(added["secret"].as_str().unwrap().starts_with("whsec_"));
+    let listed = cli(s(&["--format", "json", "webhook", "list"]))
+        .await
+        .json();
+    assert_eq!(listed["webhooks"][0]["id"], id.as_str());
+
+    let event = cli(s(&["--format", "json", "webhook", "test", &id]))
+        .await
+        .json()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let got = wait_received(&receiver, 2, Duration::from_secs(20)).await;
+    assert_eq!(got[1].header("keycap-event-id"), Some(event.as_str()));
+    let shown = wait_for(within(Duration::from_secs(10)), || async {
+        let d = cli(s(&["--format", "json", "webhook", "deliveries", &id]))
+            .await
+            .json();
+        (d["deliveries"][0]["state"] == "delivered").then_some(d)
+    })
+    .await
+    .expect("the delivery shows as delivered");
+    let d = &shown["deliveries"][0];
+    assert_eq!(d["event_id"], event.as_str());
+    assert_eq!(d["attempts"], 2);
+    assert_eq!(d["attempt_log"][0]["status"], 503);
+    assert_eq!(d["attempt_log"][1]["status"], 200);
+
+    // Bad input is refused with keycap's code.
+    let bad = cli(s(&["webhook", "add", "https://u:p@hooks.example.com/"])).await;
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("invalid_request"), "{}", bad.stderr);
+
+    cli(s(&["--format", "json", "webhook", "delete", &id]))
+        .await
+        .json();
+    let listed = cli(s(&["--format", "json", "webhook", "list"]))
+        .await
+        .json();
+    assert_eq!(listed["webhooks"], json!([]));
+}

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keycap/v1/admin.proto.
  */
 export const file_keycap_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChVrZXljYXAvdjEvYWRtaW4ucHJvdG8SCWtleWNhcC52MSLVAgoGVmVuZG9yEgwKBG5hbWUYASABKAkSDwoHcHJvZmlsZRgCIAEoCRIQCghiYXNlX3VybBgDIAEoCRI8Cg5jdXJyZW5jeV9yYXRlcxgEIAMoCzIkLmtleWNhcC52MS5WZW5kb3IuQ3VycmVuY3lSYXRlc0VudHJ5Ei4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3ByaWNlc19qc29uGAcgASgJEjEKDHByb3h5X2Vycm9ycxgIIAMoCzIbLmtleWNhcC52MS5WZW5kb3JQcm94eUVycm9yGjQKEkN1cnJlbmN5UmF0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIloKEFZlbmRvclByb3h5RXJyb3ISDwoHbm9kZV9pZBgBIAEoCRINCgVlcnJvchgCIAEoCRImCgJhdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiggIKEFB1dFZlbmRvclJlcXVlc3QSDAoEbmFtZRgBIAEoCRIPCgdwcm9maWxlGAIgASgJEhAKCGJhc2VfdXJsGAMgASgJEhIKCmNyZWRlbnRpYWwYBCABKAkSRgoOY3VycmVuY3lfcmF0ZXMYBSADKAsyLi5rZXljYXAudjEuUHV0VmVuZG9yUmVxdWVzdC5DdXJyZW5jeVJhdGVzRW50cnkSEwoLcHJpY2VzX2pzb24YBiABKAkSFgoOYWNrX3RpbWVvdXRfbXMYByABKA0aNAoSQ3VycmVuY3lSYXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiewoRUHV0VmVuZG9yUmVzcG9uc2USIQoGdmVuZG9yGAEgASgLMhEua2V5Y2FwLnYxLlZlbmRvchIPCgdjcmVhdGVkGAIgASgIEjIKDGNvbmZpcm1hdGlvbhgDIAEoCzIcLmtleWNhcC52MS5GbGVldENvbmZpcm1hdGlvbiIgChBHZXRWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkiNgoRR2V0VmVuZG9yUmVzcG9uc2USIQoGdmVuZG9yGAEgASgLMhEua2V5Y2FwLnYxLlZlbmRvciIUChJMaXN0VmVuZG9yc1JlcXVlc3QiOQoTTGlzdFZlbmRvcnNSZXNwb25zZRIiCgd2ZW5kb3JzGAEgAygLMhEua2V5Y2FwLnYxLlZlbmRvciI7ChNEZWxldGVWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iSgoURGVsZXRlVmVuZG9yUmVzcG9uc2USMgoMY29uZmlybWF0aW9uGAEgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIhIKEFJvdGF0ZUtla1JlcXVlc3QiZwoRUm90YXRlS2VrUmVzcG9uc2USDgoGa2VrX2lkGAEgASgJEhEKCXJld3JhcHBlZBgCIAEoDRIXCg9hbHJlYWR5X2N1cnJlbnQYAyABKA0SFgoOZmFpbGVkX3ZlbmRvcnMYBCADKAkiPwoZSW1wb3J0VmVuZG9yUHJpY2VzUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDGxpdGVsbG1fanNvbhgCIAEoCSJtChpJbXBvcnRWZW5kb3JQcmljZXNSZXNwb25zZRIhCgZ2ZW5kb3IYASABKAsyES5rZXljYXAudjEuVmVuZG9yEiwKBnJlcG9ydBgCIAEoCzIcLmtleWNhcC52MS5QcmljZUltcG9ydFJlcG9ydCLFAQoRUHJpY2VJbXBvcnRSZXBvcnQSDQoFYXNfb2YYASABKAkSDwoHZW50cmllcxgCIAEoDRIOCgZtb2RlbHMYAyADKAkSEgoKZW1iZWRkaW5ncxgEIAMoCRIOCgZpbWFnZXMYBSADKAkSLQoHc2tpcHBlZBgGIAMoCzIcLmtleWNhcC52MS5Ta2lwcGVkUHJpY2VFbnRyeRItCg11bnVzZWRfcHJpY2VzGAcgAygLMhYua2V5Y2FwLnYxLlVudXNlZFByaWNlIjEKEVNraXBwZWRQcmljZUVudHJ5EgwKBG5hbWUYASABKAkSDgoGcmVhc29uGAIgASgJIjwKC1VudXNlZFByaWNlEgwKBGtpbmQYASABKAkSDgoGcmVhc29uGAIgASgJEg8KB2VudHJpZXMYAyABKA0ipQUKCFZhdWx0S2V5EgoKAmlkGAEgASgJEhIKCmtleV9wcmVmaXgYAiABKAkSDgoGdmVuZG9yGAMgASgJEhkKEWFsbG93ZWRfZW5kcG9pbnRzGAQgAygJEhgKEGRhaWx5X2NhcF9taWNyb3MYBSABKAMSGwoTcGVyX2NhbGxfY2FwX21pY3JvcxgGIAEoAxIbChNsaWZldGltZV9jYXBfbWljcm9zGAcgASgDEi4KCmV4cGlyZXNfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2FnZW50X3J1bl9sYWJlbBgJIAEoCRIzCghtZXRhZGF0YRgKIAMoCzIhLmtleWNhcC52MS5WYXVsdEtleS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBnN0YXR1cxgNIAEoDjIULmtleWNhcC52MS5LZXlTdGF0dXMSGgoSc3BlbnRfdG9kYXlfbWljcm9zGA4gASgDEh4KFnJlbWFpbmluZ190b2RheV9taWNyb3MYDyABKAMSHQoVc3BlbnRfbGlmZXRpbWVfbWljcm9zGBAgASgDEhMKC2NhbGxzX3RvZGF5GBEgASgDEh0KFXJhdGVfbGltaXRfcGVyX21pbnV0ZRgSIAEoDRIVCg1hbGxvd2VkX2NpZHJzGBMgAygJEgwKBHpvbmUYFCABKAkSEQoJcGFyZW50X2lkGBUgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKjAwoQQ3JlYXRlS2V5UmVxdWVzdBIOCgZ2ZW5kb3IYASABKAkSGQoRYWxsb3dlZF9lbmRwb2ludHMYAiADKAkSGAoQZGFpbHlfY2FwX21pY3JvcxgDIAEoAxIbChNwZXJfY2FsbF9jYXBfbWljcm9zGAQgASgDEhsKE2xpZmV0aW1lX2NhcF9taWNyb3MYBSABKAMSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAYgASgDEhcKD2FnZW50X3J1bl9sYWJlbBgHIAEoCRI7CghtZXRhZGF0YRgIIAMoCzIpLmtleWNhcC52MS5DcmVhdGVLZXlSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSHQoVcmF0ZV9saW1pdF9wZXJfbWludXRlGAkgASgNEhUKDWFsbG93ZWRfY2lkcnMYCiADKAkSDAoEem9uZRgLIAEoCRIRCglwYXJlbnRfaWQYDCABKAkSFgoOYWNrX3RpbWVvdXRfbXMYDSABKA0aLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBInkKEUNyZWF0ZUtleVJlc3BvbnNlEiAKA2tleRgBIAEoCzITLmtleWNhcC52MS5WYXVsdEtleRIOCgZzZWNyZXQYAiABKAkSMgoMY29uZmlybWF0aW9uGAMgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIhsKDUdldEtleVJlcXVlc3QSCgoCaWQYASABKAkiMgoOR2V0S2V5UmVzcG9uc2USIAoDa2V5GAEgASgLMhMua2V5Y2FwLnYxLlZhdWx0S2V5IlQKD0xpc3RLZXlzUmVxdWVzdBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSDgoGdmVuZG9yGAIgASgJEhgKEGluY2x1ZGVfaW5hY3RpdmUYAyABKAgiNQoQTGlzdEtleXNSZXNwb25zZRIhCgRrZXlzGAEgAygLMhMua2V5Y2FwLnYxLlZhdWx0S2V5IjYKEFJldm9rZUtleVJlcXVlc3QSCgoCaWQYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iegoRRmxlZXRDb25maXJtYXRpb24SDwoHdmVyc2lvbhgBIAEoAxIXCg9jb25maXJtZWRfbm9kZXMYAiADKAkSGQoRdW5jb25maXJtZWRfbm9kZXMYAyADKAkSIAoYdW5jb25maXJtZWRfbGVhc2VfbWljcm9zGAQgASgDImkKEVJldm9rZUtleVJlc3BvbnNlEiAKA2tleRgBIAEoCzITLmtleWNhcC52MS5WYXVsdEtleRIyCgxjb25maXJtYXRpb24YAiABKAsyHC5rZXljYXAudjEuRmxlZXRDb25maXJtYXRpb24iQwoQUmV2b2tlUnVuUmVxdWVzdBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iXAoRUmV2b2tlUnVuUmVzcG9uc2USEwoLcmV2b2tlZF9pZHMYASADKAkSMgoMY29uZmlybWF0aW9uGAIgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIoMCCgtJc3N1ZXJUb2tlbhIKCgJpZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIUCgx0b2tlbl9wcmVmaXgYBCABKAkSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc3RhdHVzGAggASgOMhQua2V5Y2FwLnYxLktleVN0YXR1cyJUChhDcmVhdGVJc3N1ZXJUb2tlblJlcXVlc3QSDgoGa2V5X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAMgASgDIlIKGUNyZWF0ZUlzc3VlclRva2VuUmVzcG9uc2USJQoFdG9rZW4YASABKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4SDgoGc2VjcmV0GAIgASgJIkMKF0xpc3RJc3N1ZXJUb2tlbnNSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIYChBpbmNsdWRlX2luYWN0aXZlGAIgASgIIkIKGExpc3RJc3N1ZXJUb2tlbnNSZXNwb25zZRImCgZ0b2tlbnMYASADKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4iJgoYUmV2b2tlSXNzdWVyVG9rZW5SZXF1ZXN0EgoKAmlkGAEgASgJIkIKGVJldm9rZUlzc3VlclRva2VuUmVzcG9uc2USJQoFdG9rZW4YASABKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4i3wMKCkF1ZGl0RW50cnkSCwoDc2VxGAEgASgDEhAKCGV2ZW50X2lkGAIgASgJEg4KBmtleV9pZBgDIAEoCRIXCg9hZ2VudF9ydW5fbGFiZWwYBCABKAkSDgoGdmVuZG9yGAUgASgJEg4KBm1ldGhvZBgGIAEoCRIMCgRwYXRoGAcgASgJEhcKD3Vwc3RyZWFtX3N0YXR1cxgIIAEoBRIXCg9yZXNlcnZlZF9taWNyb3MYCSABKAMSEwoLY29zdF9taWNyb3MYCiABKAMSDwoHb3V0Y29tZRgLIAEoCRImCgJhdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHbm9kZV9pZBgNIAEoCRITCgtkZXRhaWxfanNvbhgOIAEoCRIQCghsZWFzZV9pZBgPIAEoCRILCgNkYXkYECABKAkSEAoIdHJhY2VfaWQYESABKAkSMwoHY29udGV4dBgSIAMoCzIiLmtleWNhcC52MS5BdWRpdEVudHJ5LkNvbnRleHRFbnRyeRIRCglwcmV2X2hhc2gYEyABKAwSDAoEaGFzaBgUIAEoDBouCgxDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLsAQoRUXVlcnlBdWRpdFJlcXVlc3QSDgoGa2V5X2lkGAEgASgJEhcKD2FnZW50X3J1bl9sYWJlbBgCIAEoCRIOCgZ2ZW5kb3IYAyABKAkSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBiABKAUSEgoKcGFnZV90b2tlbhgHIAEoCRIQCgh0cmFjZV9pZBgIIAEoCRIPCgdjb250ZXh0GAkgASgJIlUKElF1ZXJ5QXVkaXRSZXNwb25zZRImCgdlbnRyaWVzGAEgAygLMhUua2V5Y2FwLnYxLkF1ZGl0RW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiYKElZlcmlmeUF1ZGl0UmVxdWVzdBIQCghmcm9tX3NlcRgBIAEoAyLCAQoTVmVyaWZ5QXVkaXRSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdjaGVja2VkGAIgASgDEg4KBmxlZ2FjeRgDIAEoAxIQCghoZWFkX3NlcRgEIAEoAxIRCgloZWFkX2hhc2gYBSABKAwSEgoKYnJva2VuX3NlcRgGIAEoAxIVCg1icm9rZW5fcmVhc29uGAcgASgJEhYKDmJyb2tlbl9tZXNzYWdlGAggASgJEhYKDmNoZWNrcG9pbnRfc2VxGAkgASgDInYKCkNoZWNrcG9pbnQSCwoDc2VxGAEgASgDEgwKBGhhc2gYAiABKAwSJgoCYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnB1YmxpY19rZXkYBCABKAwSEQoJc2lnbmF0dXJlGAUgASgMIicKFkxpc3RDaGVja3BvaW50c1JlcXVlc3QSDQoFbGltaXQYASABKAUiRQoXTGlzdENoZWNrcG9pbnRzUmVzcG9uc2USKgoLY2hlY2twb2ludHMYASADKAsyFS5rZXljYXAudjEuQ2hlY2twb2ludCIuChNTcGVuZFN1bW1hcnlSZXF1ZXN0EhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCSJCCgtWZW5kb3JTcGVuZBIOCgZ2ZW5kb3IYASABKAkSFAoMdG90YWxfbWljcm9zGAIgASgDEg0KBWNhbGxzGAMgASgDIn0KFFNwZW5kU3VtbWFyeVJlc3BvbnNlEhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCRIUCgx0b3RhbF9taWNyb3MYAiABKAMSDQoFY2FsbHMYAyABKAMSJwoHdmVuZG9ycxgEIAMoCzIWLmtleWNhcC52MS5WZW5kb3JTcGVuZCKTAgoKQWRtaW5Ub2tlbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBnNjb3BlcxgDIAMoCRIPCgd2ZW5kb3JzGAQgAygJEhQKDHRva2VuX3ByZWZpeBgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgZzdGF0dXMYCSABKA4yFC5rZXljYXAudjEuS2V5U3RhdHVzImQKF0NyZWF0ZUFkbWluVG9rZW5SZXF1ZXN0EgwKBG5hbWUYASABKAkSDgoGc2NvcGVzGAIgAygJEg8KB3ZlbmRvcnMYAyADKAkSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAQgASgDIlAKGENyZWF0ZUFkbWluVG9rZW5SZXNwb25zZRIkCgV0b2tlbhgBIAEoCzIVLmtleWNhcC52MS5BZG1pblRva2VuEg4KBnNlY3JldBgCIAEoCSIyChZMaXN0QWRtaW5Ub2tlbnNSZXF1ZXN0EhgKEGluY2x1ZGVfaW5hY3RpdmUYASABKAgiQAoXTGlzdEFkbWluVG9rZW5zUmVzcG9uc2USJQoGdG9rZW5zGAEgAygLMhUua2V5Y2FwLnYxLkFkbWluVG9rZW4iJQoXUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QSCgoCaWQYASABKAkiQAoYUmV2b2tlQWRtaW5Ub2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua2V5Y2FwLnYxLkFkbWluVG9rZW4qbgoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhYKEktFWV9TVEFUVVNfRVhQSVJFRBACEhYKEktFWV9TVEFUVVNfUkVWT0tFRBADMukDCg1WZW5kb3JTZXJ2aWNlEkYKCVB1dFZlbmRvchIbLmtleWNhcC52MS5QdXRWZW5kb3JSZXF1ZXN0Ghwua2V5Y2FwLnYxLlB1dFZlbmRvclJlc3BvbnNlEkYKCUdldFZlbmRvchIbLmtleWNhcC52MS5HZXRWZW5kb3JSZXF1ZXN0Ghwua2V5Y2FwLnYxLkdldFZlbmRvclJlc3BvbnNlEkwKC0xpc3RWZW5kb3JzEh0ua2V5Y2FwLnYxLkxpc3RWZW5kb3JzUmVxdWVzdBoeLmtleWNhcC52MS5MaXN0VmVuZG9yc1Jlc3BvbnNlEk8KDERlbGV0ZVZlbmRvchIeLmtleWNhcC52MS5EZWxldGVWZW5kb3JSZXF1ZXN0Gh8ua2V5Y2FwLnYxLkRlbGV0ZVZlbmRvclJlc3BvbnNlEkYKCVJvdGF0ZUtlaxIbLmtleWNhcC52MS5Sb3RhdGVLZWtSZXF1ZXN0Ghwua2V5Y2FwLnYxLlJvdGF0ZUtla1Jlc3BvbnNlEmEKEkltcG9ydFZlbmRvclByaWNlcxIkLmtleWNhcC52MS5JbXBvcnRWZW5kb3JQcmljZXNSZXF1ZXN0GiUua2V5Y2FwLnYxLkltcG9ydFZlbmRvclByaWNlc1Jlc3BvbnNlMoUFCgpLZXlTZXJ2aWNlEkYKCUNyZWF0ZUtleRIbLmtleWNhcC52MS5DcmVhdGVLZXlSZXF1ZXN0Ghwua2V5Y2FwLnYxLkNyZWF0ZUtleVJlc3BvbnNlEj0KBkdldEtleRIYLmtleWNhcC52MS5HZXRLZXlSZXF1ZXN0Ghkua2V5Y2FwLnYxLkdldEtleVJlc3BvbnNlEkMKCExpc3RLZXlzEhoua2V5Y2FwLnYxLkxpc3RLZXlzUmVxdWVzdBobLmtleWNhcC52MS5MaXN0S2V5c1Jlc3BvbnNlEkYKCVJldm9rZUtleRIbLmtleWNhcC52MS5SZXZva2VLZXlSZXF1ZXN0Ghwua2V5Y2FwLnYxLlJldm9rZUtleVJlc3BvbnNlEkYKCVJldm9rZVJ1bhIbLmtleWNhcC52MS5SZXZva2VSdW5SZXF1ZXN0Ghwua2V5Y2FwLnYxLlJldm9rZVJ1blJlc3BvbnNlEl4KEUNyZWF0ZUlzc3VlclRva2VuEiMua2V5Y2FwLnYxLkNyZWF0ZUlzc3VlclRva2VuUmVxdWVzdBokLmtleWNhcC52MS5DcmVhdGVJc3N1ZXJUb2tlblJlc3BvbnNlElsKEExpc3RJc3N1ZXJUb2tlbnMSIi5rZXljYXAudjEuTGlzdElzc3VlclRva2Vuc1JlcXVlc3QaIy5rZXljYXAudjEuTGlzdElzc3VlclRva2Vuc1Jlc3BvbnNlEl4KEVJldm9rZUlzc3VlclRva2VuEiMua2V5Y2FwLnYxLlJldm9rZUlzc3VlclRva2VuUmVxdWVzdBokLmtleWNhcC52MS5SZXZva2VJc3N1ZXJUb2tlblJlc3BvbnNlMtICCgxBdWRpdFNlcnZpY2USSQoKUXVlcnlBdWRpdBIcLmtleWNhcC52MS5RdWVyeUF1ZGl0UmVxdWVzdBodLmtleWNhcC52MS5RdWVyeUF1ZGl0UmVzcG9uc2USTwoMU3BlbmRTdW1tYXJ5Eh4ua2V5Y2FwLnYxLlNwZW5kU3VtbWFyeVJlcXVlc3QaHy5rZXljYXAudjEuU3BlbmRTdW1tYXJ5UmVzcG9uc2USTAoLVmVyaWZ5QXVkaXQSHS5rZXljYXAudjEuVmVyaWZ5QXVkaXRSZXF1ZXN0Gh4ua2V5Y2FwLnYxLlZlcmlmeUF1ZGl0UmVzcG9uc2USWAoPTGlzdENoZWNrcG9pbnRzEiEua2V5Y2FwLnYxLkxpc3RDaGVja3BvaW50c1JlcXVlc3QaIi5rZXljYXAudjEuTGlzdENoZWNrcG9pbnRzUmVzcG9uc2UypwIKEUFkbWluVG9rZW5TZXJ2aWNlElsKEENyZWF0ZUFkbWluVG9rZW4SIi5rZXljYXAudjEuQ3JlYXRlQWRtaW5Ub2tlblJlcXVlc3QaIy5rZXljYXAudjEuQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlElgKD0xpc3RBZG1pblRva2VucxIhLmtleWNhcC52MS5MaXN0QWRtaW5Ub2tlbnNSZXF1ZXN0GiIua2V5Y2FwLnYxLkxpc3RBZG1pblRva2Vuc1Jlc3BvbnNlElsKEFJldm9rZUFkbWluVG9rZW4SIi5rZXljYXAudjEuUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QaIy5rZXljYXAudjEuUmV2b2tlQWRtaW5Ub2tlblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChVrZXljYXAvdjEvYWRtaW4ucHJvdG8SCWtleWNhcC52MSLVAgoGVmVuZG9yEgwKBG5hbWUYASABKAkSDwoHcHJvZmlsZRgCIAEoCRIQCghiYXNlX3VybBgDIAEoCRI8Cg5jdXJyZW5jeV9yYXRlcxgEIAMoCzIkLmtleWNhcC52MS5WZW5kb3IuQ3VycmVuY3lSYXRlc0VudHJ5Ei4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3ByaWNlc19qc29uGAcgASgJEjEKDHByb3h5X2Vycm9ycxgIIAMoCzIbLmtleWNhcC52MS5WZW5kb3JQcm94eUVycm9yGjQKEkN1cnJlbmN5UmF0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIloKEFZlbmRvclByb3h5RXJyb3ISDwoHbm9kZV9pZBgBIAEoCRINCgVlcnJvchgCIAEoCRImCgJhdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiggIKEFB1dFZlbmRvclJlcXVlc3QSDAoEbmFtZRgBIAEoCRIPCgdwcm9maWxlGAIgASgJEhAKCGJhc2VfdXJsGAMgASgJEhIKCmNyZWRlbnRpYWwYBCABKAkSRgoOY3VycmVuY3lfcmF0ZXMYBSADKAsyLi5rZXljYXAudjEuUHV0VmVuZG9yUmVxdWVzdC5DdXJyZW5jeVJhdGVzRW50cnkSEwoLcHJpY2VzX2pzb24YBiABKAkSFgoOYWNrX3RpbWVvdXRfbXMYByABKA0aNAoSQ3VycmVuY3lSYXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiewoRUHV0VmVuZG9yUmVzcG9uc2USIQoGdmVuZG9yGAEgASgLMhEua2V5Y2FwLnYxLlZlbmRvchIPCgdjcmVhdGVkGAIgASgIEjIKDGNvbmZpcm1hdGlvbhgDIAEoCzIcLmtleWNhcC52MS5GbGVldENvbmZpcm1hdGlvbiIgChBHZXRWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkiNgoRR2V0VmVuZG9yUmVzcG9uc2USIQoGdmVuZG9yGAEgASgLMhEua2V5Y2FwLnYxLlZlbmRvciIUChJMaXN0VmVuZG9yc1JlcXVlc3QiOQoTTGlzdFZlbmRvcnNSZXNwb25zZRIiCgd2ZW5kb3JzGAEgAygLMhEua2V5Y2FwLnYxLlZlbmRvciI7ChNEZWxldGVWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iSgoURGVsZXRlVmVuZG9yUmVzcG9uc2USMgoMY29uZmlybWF0aW9uGAEgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIhIKEFJvdGF0ZUtla1JlcXVlc3QiZwoRUm90YXRlS2VrUmVzcG9uc2USDgoGa2VrX2lkGAEgASgJEhEKCXJld3JhcHBlZBgCIAEoDRIXCg9hbHJlYWR5X2N1cnJlbnQYAyABKA0SFgoOZmFpbGVkX3ZlbmRvcnMYBCADKAkiPwoZSW1wb3J0VmVuZG9yUHJpY2VzUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDGxpdGVsbG1fanNvbhgCIAEoCSJtChpJbXBvcnRWZW5kb3JQcmljZXNSZXNwb25zZRIhCgZ2ZW5kb3IYASABKAsyES5rZXljYXAudjEuVmVuZG9yEiwKBnJlcG9ydBgCIAEoCzIcLmtleWNhcC52MS5QcmljZUltcG9ydFJlcG9ydCLFAQoRUHJpY2VJbXBvcnRSZXBvcnQSDQoFYXNfb2YYASABKAkSDwoHZW50cmllcxgCIAEoDRIOCgZtb2RlbHMYAyADKAkSEgoKZW1iZWRkaW5ncxgEIAMoCRIOCgZpbWFnZXMYBSADKAkSLQoHc2tpcHBlZBgGIAMoCzIcLmtleWNhcC52MS5Ta2lwcGVkUHJpY2VFbnRyeRItCg11bnVzZWRfcHJpY2VzGAcgAygLMhYua2V5Y2FwLnYxLlVudXNlZFByaWNlIjEKEVNraXBwZWRQcmljZUVudHJ5EgwKBG5hbWUYASABKAkSDgoGcmVhc29uGAIgASgJIjwKC1VudXNlZFByaWNlEgwKBGtpbmQYASABKAkSDgoGcmVhc29uGAIgASgJEg8KB2VudHJpZXMYAyABKA0ipQUKCFZhdWx0S2V5EgoKAmlkGAEgASgJEhIKCmtleV9wcmVmaXgYAiABKAkSDgoGdmVuZG9yGAMgASgJEhkKEWFsbG93ZWRfZW5kcG9pbnRzGAQgAygJEhgKEGRhaWx5X2NhcF9taWNyb3MYBSABKAMSGwoTcGVyX2NhbGxfY2FwX21pY3JvcxgGIAEoAxIbChNsaWZldGltZV9jYXBfbWljcm9zGAcgASgDEi4KCmV4cGlyZXNfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2FnZW50X3J1bl9sYWJlbBgJIAEoCRIzCghtZXRhZGF0YRgKIAMoCzIhLmtleWNhcC52MS5WYXVsdEtleS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBnN0YXR1cxgNIAEoDjIULmtleWNhcC52MS5LZXlTdGF0dXMSGgoSc3BlbnRfdG9kYXlfbWljcm9zGA4gASgDEh4KFnJlbWFpbmluZ190b2RheV9taWNyb3MYDyABKAMSHQoVc3BlbnRfbGlmZXRpbWVfbWljcm9zGBAgASgDEhMKC2NhbGxzX3RvZGF5GBEgASgDEh0KFXJhdGVfbGltaXRfcGVyX21pbnV0ZRgSIAEoDRIVCg1hbGxvd2VkX2NpZHJzGBMgAygJEgwKBHpvbmUYFCABKAkSEQoJcGFyZW50X2lkGBUgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKjAwoQQ3JlYXRlS2V5UmVxdWVzdBIOCgZ2ZW5kb3IYASABKAkSGQoRYWxsb3dlZF9lbmRwb2ludHMYAiADKAkSGAoQZGFpbHlfY2FwX21pY3JvcxgDIAEoAxIbChNwZXJfY2FsbF9jYXBfbWljcm9zGAQgASgDEhsKE2xpZmV0aW1lX2NhcF9taWNyb3MYBSABKAMSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAYgASgDEhcKD2FnZW50X3J1bl9sYWJlbBgHIAEoCRI7CghtZXRhZGF0YRgIIAMoCzIpLmtleWNhcC52MS5DcmVhdGVLZXlSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSHQoVcmF0ZV9saW1pdF9wZXJfbWludXRlGAkgASgNEhUKDWFsbG93ZWRfY2lkcnMYCiADKAkSDAoEem9uZRgLIAEoCRIRCglwYXJlbnRfaWQYDCABKAkSFgoOYWNrX3RpbWVvdXRfbXMYDSABKA0aLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBInkKEUNyZWF0ZUtleVJlc3BvbnNlEiAKA2tleRgBIAEoCzITLmtleWNhcC52MS5WYXVsdEtleRIOCgZzZWNyZXQYAiABKAkSMgoMY29uZmlybWF0aW9uGAMgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIhsKDUdldEtleVJlcXVlc3QSCgoCaWQYASABKAkiMgoOR2V0S2V5UmVzcG9uc2USIAoDa2V5GAEgASgLMhMua2V5Y2FwLnYxLlZhdWx0S2V5IlQKD0xpc3RLZXlzUmVxdWVzdBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSDgoGdmVuZG9yGAIgASgJEhgKEGluY2x1ZGVfaW5hY3RpdmUYAyABKAgiNQoQTGlzdEtleXNSZXNwb25zZRIhCgRrZXlzGAEgAygLMhMua2V5Y2FwLnYxLlZhdWx0S2V5IjYKEFJldm9rZUtleVJlcXVlc3QSCgoCaWQYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iegoRRmxlZXRDb25maXJtYXRpb24SDwoHdmVyc2lvbhgBIAEoAxIXCg9jb25maXJtZWRfbm9kZXMYAiADKAkSGQoRdW5jb25maXJtZWRfbm9kZXMYAyADKAkSIAoYdW5jb25maXJtZWRfbGVhc2VfbWljcm9zGAQgASgDImkKEVJldm9rZUtleVJlc3BvbnNlEiAKA2tleRgBIAEoCzITLmtleWNhcC52MS5WYXVsdEtleRIyCgxjb25maXJtYXRpb24YAiABKAsyHC5rZXljYXAudjEuRmxlZXRDb25maXJtYXRpb24iQwoQUmV2b2tlUnVuUmVxdWVzdBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iXAoRUmV2b2tlUnVuUmVzcG9uc2USEwoLcmV2b2tlZF9pZHMYASADKAkSMgoMY29uZmlybWF0aW9uGAIgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIoMCCgtJc3N1ZXJUb2tlbhIKCgJpZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIUCgx0b2tlbl9wcmVmaXgYBCABKAkSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc3RhdHVzGAggASgOMhQua2V5Y2FwLnYxLktleVN0YXR1cyJUChhDcmVhdGVJc3N1ZXJUb2tlblJlcXVlc3QSDgoGa2V5X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAMgASgDIlIKGUNyZWF0ZUlzc3VlclRva2VuUmVzcG9uc2USJQoFdG9rZW4YASABKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4SDgoGc2VjcmV0GAIgASgJIkMKF0xpc3RJc3N1ZXJUb2tlbnNSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIYChBpbmNsdWRlX2luYWN0aXZlGAIgASgIIkIKGExpc3RJc3N1ZXJUb2tlbnNSZXNwb25zZRImCgZ0b2tlbnMYASADKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4iJgoYUmV2b2tlSXNzdWVyVG9rZW5SZXF1ZXN0EgoKAmlkGAEgASgJIkIKGVJldm9rZUlzc3VlclRva2VuUmVzcG9uc2USJQoFdG9rZW4YASABKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4i3wMKCkF1ZGl0RW50cnkSCwoDc2VxGAEgASgDEhAKCGV2ZW50X2lkGAIgASgJEg4KBmtleV9pZBgDIAEoCRIXCg9hZ2VudF9ydW5fbGFiZWwYBCABKAkSDgoGdmVuZG9yGAUgASgJEg4KBm1ldGhvZBgGIAEoCRIMCgRwYXRoGAcgASgJEhcKD3Vwc3RyZWFtX3N0YXR1cxgIIAEoBRIXCg9yZXNlcnZlZF9taWNyb3MYCSABKAMSEwoLY29zdF9taWNyb3MYCiABKAMSDwoHb3V0Y29tZRgLIAEoCRImCgJhdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHbm9kZV9pZBgNIAEoCRITCgtkZXRhaWxfanNvbhgOIAEoCRIQCghsZWFzZV9pZBgPIAEoCRILCgNkYXkYECABKAkSEAoIdHJhY2VfaWQYESABKAkSMwoHY29udGV4dBgSIAMoCzIiLmtleWNhcC52MS5BdWRpdEVudHJ5LkNvbnRleHRFbnRyeRIRCglwcmV2X2hhc2gYEyABKAwSDAoEaGFzaBgUIAEoDBouCgxDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLsAQoRUXVlcnlBdWRpdFJlcXVlc3QSDgoGa2V5X2lkGAEgASgJEhcKD2FnZW50X3J1bl9sYWJlbBgCIAEoCRIOCgZ2ZW5kb3IYAyABKAkSKQoFc2luY2UYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBiABKAUSEgoKcGFnZV90b2tlbhgHIAEoCRIQCgh0cmFjZV9pZBgIIAEoCRIPCgdjb250ZXh0GAkgASgJIlUKElF1ZXJ5QXVkaXRSZXNwb25zZRImCgdlbnRyaWVzGAEgAygLMhUua2V5Y2FwLnYxLkF1ZGl0RW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiYKElZlcmlmeUF1ZGl0UmVxdWVzdBIQCghmcm9tX3NlcRgBIAEoAyLCAQoTVmVyaWZ5QXVkaXRSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdjaGVja2VkGAIgASgDEg4KBmxlZ2FjeRgDIAEoAxIQCghoZWFkX3NlcRgEIAEoAxIRCgloZWFkX2hhc2gYBSABKAwSEgoKYnJva2VuX3NlcRgGIAEoAxIVCg1icm9rZW5fcmVhc29uGAcgASgJEhYKDmJyb2tlbl9tZXNzYWdlGAggASgJEhYKDmNoZWNrcG9pbnRfc2VxGAkgASgDInYKCkNoZWNrcG9pbnQSCwoDc2VxGAEgASgDEgwKBGhhc2gYAiABKAwSJgoCYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnB1YmxpY19rZXkYBCABKAwSEQoJc2lnbmF0dXJlGAUgASgMIicKFkxpc3RDaGVja3BvaW50c1JlcXVlc3QSDQoFbGltaXQYASABKAUiRQoXTGlzdENoZWNrcG9pbnRzUmVzcG9uc2USKgoLY2hlY2twb2ludHMYASADKAsyFS5rZXljYXAudjEuQ2hlY2twb2ludCIuChNTcGVuZFN1bW1hcnlSZXF1ZXN0EhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCSJCCgtWZW5kb3JTcGVuZBIOCgZ2ZW5kb3IYASABKAkSFAoMdG90YWxfbWljcm9zGAIgASgDEg0KBWNhbGxzGAMgASgDIn0KFFNwZW5kU3VtbWFyeVJlc3BvbnNlEhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCRIUCgx0b3RhbF9taWNyb3MYAiABKAMSDQoFY2FsbHMYAyABKAMSJwoHdmVuZG9ycxgEIAMoCzIWLmtleWNhcC52MS5WZW5kb3JTcGVuZCKTAgoKQWRtaW5Ub2tlbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBnNjb3BlcxgDIAMoCRIPCgd2ZW5kb3JzGAQgAygJEhQKDHRva2VuX3ByZWZpeBgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgZzdGF0dXMYCSABKA4yFC5rZXljYXAudjEuS2V5U3RhdHVzImQKF0NyZWF0ZUFkbWluVG9rZW5SZXF1ZXN0EgwKBG5hbWUYASABKAkSDgoGc2NvcGVzGAIgAygJEg8KB3ZlbmRvcnMYAyADKAkSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAQgASgDIlAKGENyZWF0ZUFkbWluVG9rZW5SZXNwb25zZRIkCgV0b2tlbhgBIAEoCzIVLmtleWNhcC52MS5BZG1pblRva2VuEg4KBnNlY3JldBgCIAEoCSIyChZMaXN0QWRtaW5Ub2tlbnNSZXF1ZXN0EhgKEGluY2x1ZGVfaW5hY3RpdmUYASABKAgiQAoXTGlzdEFkbWluVG9rZW5zUmVzcG9uc2USJQoGdG9rZW5zGAEgAygLMhUua2V5Y2FwLnYxLkFkbWluVG9rZW4iJQoXUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QSCgoCaWQYASABKAkiQAoYUmV2b2tlQWRtaW5Ub2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua2V5Y2FwLnYxLkFkbWluVG9rZW4ixgEKD1dlYmhvb2tFbmRwb2ludBIKCgJpZBgBIAEoCRILCgN1cmwYAiABKAkSDgoGZXZlbnRzGAMgAygJEhIKCnRocmVzaG9sZHMYBCADKA0SEQoJcnVuX2xhYmVsGAUgASgJEg4KBmtleV9pZBgGIAEoCRIOCgZmb3JtYXQYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkSLgoKY3JlYXRlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAinwEKFENyZWF0ZVdlYmhvb2tSZXF1ZXN0EgsKA3VybBgBIAEoCRIOCgZzZWNyZXQYAiABKAkSDgoGZXZlbnRzGAMgAygJEhIKCnRocmVzaG9sZHMYBCADKA0SEQoJcnVuX2xhYmVsGAUgASgJEg4KBmtleV9pZBgGIAEoCRIOCgZmb3JtYXQYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkiVAoVQ3JlYXRlV2ViaG9va1Jlc3BvbnNlEisKB3dlYmhvb2sYASABKAsyGi5rZXljYXAudjEuV2ViaG9va0VuZHBvaW50Eg4KBnNlY3JldBgCIAEoCSIVChNMaXN0V2ViaG9va3NSZXF1ZXN0IkQKFExpc3RXZWJob29rc1Jlc3BvbnNlEiwKCHdlYmhvb2tzGAEgAygLMhoua2V5Y2FwLnYxLldlYmhvb2tFbmRwb2ludCIiChREZWxldGVXZWJob29rUmVxdWVzdBIKCgJpZBgBIAEoCSIXChVEZWxldGVXZWJob29rUmVzcG9uc2UiIAoSVGVzdFdlYmhvb2tSZXF1ZXN0EgoKAmlkGAEgASgJIicKE1Rlc3RXZWJob29rUmVzcG9uc2USEAoIZXZlbnRfaWQYASABKAkifQoOV2ViaG9va0F0dGVtcHQSDwoHYXR0ZW1wdBgBIAEoBRImCgJhdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGc3RhdHVzGAMgASgFEg0KBWVycm9yGAQgASgJEhMKC2R1cmF0aW9uX21zGAUgASgDIvsBCg9XZWJob29rRGVsaXZlcnkSCwoDc2VxGAEgASgDEhAKCGV2ZW50X2lkGAIgASgJEhIKCmV2ZW50X3R5cGUYAyABKAkSDQoFc3RhdGUYBCABKAkSMwoPbmV4dF9hdHRlbXB0X2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCghhdHRlbXB0cxgHIAMoCzIZLmtleWNhcC52MS5XZWJob29rQXR0ZW1wdBIUCgxwYXlsb2FkX2pzb24YCCABKAkiOQocTGlzdFdlYmhvb2tEZWxpdmVyaWVzUmVxdWVzdBIKCgJpZBgBIAEoCRINCgVsaW1pdBgCIAEoDSJPCh1MaXN0V2ViaG9va0RlbGl2ZXJpZXNSZXNwb25zZRIuCgpkZWxpdmVyaWVzGAEgAygLMhoua2V5Y2FwLnYxLldlYmhvb2tEZWxpdmVyeSpuCglLZXlTdGF0dXMSGgoWS0VZX1NUQVRVU19VTlNQRUNJRklFRBAAEhUKEUtFWV9TVEFUVVNfQUNUSVZFEAESFgoSS0VZX1NUQVRVU19FWFBJUkVEEAISFgoSS0VZX1NUQVRVU19SRVZPS0VEEAMy6QMKDVZlbmRvclNlcnZpY2USRgoJUHV0VmVuZG9yEhsua2V5Y2FwLnYxLlB1dFZlbmRvclJlcXVlc3QaHC5rZXljYXAudjEuUHV0VmVuZG9yUmVzcG9uc2USRgoJR2V0VmVuZG9yEhsua2V5Y2FwLnYxLkdldFZlbmRvclJlcXVlc3QaHC5rZXljYXAudjEuR2V0VmVuZG9yUmVzcG9uc2USTAoLTGlzdFZlbmRvcnMSHS5rZXljYXAudjEuTGlzdFZlbmRvcnNSZXF1ZXN0Gh4ua2V5Y2FwLnYxLkxpc3RWZW5kb3JzUmVzcG9uc2USTwoMRGVsZXRlVmVuZG9yEh4ua2V5Y2FwLnYxLkRlbGV0ZVZlbmRvclJlcXVlc3QaHy5rZXljYXAudjEuRGVsZXRlVmVuZG9yUmVzcG9uc2USRgoJUm90YXRlS2VrEhsua2V5Y2FwLnYxLlJvdGF0ZUtla1JlcXVlc3QaHC5rZXljYXAudjEuUm90YXRlS2VrUmVzcG9uc2USYQoSSW1wb3J0VmVuZG9yUHJpY2VzEiQua2V5Y2FwLnYxLkltcG9ydFZlbmRvclByaWNlc1JlcXVlc3QaJS5rZXljYXAudjEuSW1wb3J0VmVuZG9yUHJpY2VzUmVzcG9uc2UyhQUKCktleVNlcnZpY2USRgoJQ3JlYXRlS2V5Ehsua2V5Y2FwLnYxLkNyZWF0ZUtleVJlcXVlc3QaHC5rZXljYXAudjEuQ3JlYXRlS2V5UmVzcG9uc2USPQoGR2V0S2V5Ehgua2V5Y2FwLnYxLkdldEtleVJlcXVlc3QaGS5rZXljYXAudjEuR2V0S2V5UmVzcG9uc2USQwoITGlzdEtleXMSGi5rZXljYXAudjEuTGlzdEtleXNSZXF1ZXN0Ghsua2V5Y2FwLnYxLkxpc3RLZXlzUmVzcG9uc2USRgoJUmV2b2tlS2V5Ehsua2V5Y2FwLnYxLlJldm9rZUtleVJlcXVlc3QaHC5rZXljYXAudjEuUmV2b2tlS2V5UmVzcG9uc2USRgoJUmV2b2tlUnVuEhsua2V5Y2FwLnYxLlJldm9rZVJ1blJlcXVlc3QaHC5rZXljYXAudjEuUmV2b2tlUnVuUmVzcG9uc2USXgoRQ3JlYXRlSXNzdWVyVG9rZW4SIy5rZXljYXAudjEuQ3JlYXRlSXNzdWVyVG9rZW5SZXF1ZXN0GiQua2V5Y2FwLnYxLkNyZWF0ZUlzc3VlclRva2VuUmVzcG9uc2USWwoQTGlzdElzc3VlclRva2VucxIiLmtleWNhcC52MS5MaXN0SXNzdWVyVG9rZW5zUmVxdWVzdBojLmtleWNhcC52MS5MaXN0SXNzdWVyVG9rZW5zUmVzcG9uc2USXgoRUmV2b2tlSXNzdWVyVG9rZW4SIy5rZXljYXAudjEuUmV2b2tlSXNzdWVyVG9rZW5SZXF1ZXN0GiQua2V5Y2FwLnYxLlJldm9rZUlzc3VlclRva2VuUmVzcG9uc2Uy0gIKDEF1ZGl0U2VydmljZRJJCgpRdWVyeUF1ZGl0Ehwua2V5Y2FwLnYxLlF1ZXJ5QXVkaXRSZXF1ZXN0Gh0ua2V5Y2FwLnYxLlF1ZXJ5QXVkaXRSZXNwb25zZRJPCgxTcGVuZFN1bW1hcnkSHi5rZXljYXAudjEuU3BlbmRTdW1tYXJ5UmVxdWVzdBofLmtleWNhcC52MS5TcGVuZFN1bW1hcnlSZXNwb25zZRJMCgtWZXJpZnlBdWRpdBIdLmtleWNhcC52MS5WZXJpZnlBdWRpdFJlcXVlc3QaHi5rZXljYXAudjEuVmVyaWZ5QXVkaXRSZXNwb25zZRJYCg9MaXN0Q2hlY2twb2ludHMSIS5rZXljYXAudjEuTGlzdENoZWNrcG9pbnRzUmVxdWVzdBoiLmtleWNhcC52MS5MaXN0Q2hlY2twb2ludHNSZXNwb25zZTKnAgoRQWRtaW5Ub2tlblNlcnZpY2USWwoQQ3JlYXRlQWRtaW5Ub2tlbhIiLmtleWNhcC52MS5DcmVhdGVBZG1pblRva2VuUmVxdWVzdBojLmtleWNhcC52MS5DcmVhdGVBZG1pblRva2VuUmVzcG9uc2USWAoPTGlzdEFkbWluVG9rZW5zEiEua2V5Y2FwLnYxLkxpc3RBZG1pblRva2Vuc1JlcXVlc3QaIi5rZXljYXAudjEuTGlzdEFkbWluVG9rZW5zUmVzcG9uc2USWwoQUmV2b2tlQWRtaW5Ub2tlbhIiLmtleWNhcC52MS5SZXZva2VBZG1pblRva2VuUmVxdWVzdBojLmtleWNhcC52MS5SZXZva2VBZG1pblRva2VuUmVzcG9uc2UywwMKDldlYmhvb2tTZXJ2aWNlElIKDUNyZWF0ZVdlYmhvb2sSHy5rZXljYXAudjEuQ3JlYXRlV2ViaG9va1JlcXVlc3QaIC5rZXljYXAudjEuQ3JlYXRlV2ViaG9va1Jlc3BvbnNlEk8KDExpc3RXZWJob29rcxIeLmtleWNhcC52MS5MaXN0V2ViaG9va3NSZXF1ZXN0Gh8ua2V5Y2FwLnYxLkxpc3RXZWJob29rc1Jlc3BvbnNlElIKDURlbGV0ZVdlYmhvb2sSHy5rZXljYXAudjEuRGVsZXRlV2ViaG9va1JlcXVlc3QaIC5rZXljYXAudjEuRGVsZXRlV2ViaG9va1Jlc3BvbnNlEkwKC1Rlc3RXZWJob29rEh0ua2V5Y2FwLnYxLlRlc3RXZWJob29rUmVxdWVzdBoeLmtleWNhcC52MS5UZXN0V2ViaG9va1Jlc3BvbnNlEmoKFUxpc3RXZWJob29rRGVsaXZlcmllcxInLmtleWNhcC52MS5MaXN0V2ViaG9va0RlbGl2ZXJpZXNSZXF1ZXN0Gigua2V5Y2FwLnYxLkxpc3RXZWJob29rRGVsaXZlcmllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A vendor keycap can forward to: a pricing profile, a base URL and the real
@@ -1858,6 +1858,394 @@ export const RevokeAdminTokenResponseSchema: GenMessage<RevokeAdminTokenResponse
   messageDesc(file_keycap_v1_admin, 53);
 
 /**
+ * @generated from message keycap.v1.WebhookEndpoint
+ */
+export type WebhookEndpoint = Message<"keycap.v1.WebhookEndpoint"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string url = 2;
+   */
+  url: string;
+
+  /**
+   * Event types (e.g. "cap.threshold"); empty means every type.
+   *
+   * @generated from field: repeated string events = 3;
+   */
+  events: string[];
+
+  /**
+   * Cap thresholds in percent, ascending.
+   *
+   * @generated from field: repeated uint32 thresholds = 4;
+   */
+  thresholds: number[];
+
+  /**
+   * Only events about this run label; empty: any.
+   *
+   * @generated from field: string run_label = 5;
+   */
+  runLabel: string;
+
+  /**
+   * Only events about this key; empty: any.
+   *
+   * @generated from field: string key_id = 6;
+   */
+  keyId: string;
+
+  /**
+   * "keycap" (the JSON event) or "slack" (an incoming-webhook message).
+   *
+   * @generated from field: string format = 7;
+   */
+  format: string;
+
+  /**
+   * @generated from field: string description = 8;
+   */
+  description: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 9;
+   */
+  createdAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message keycap.v1.WebhookEndpoint.
+ * Use `create(WebhookEndpointSchema)` to create a new message.
+ */
+export const WebhookEndpointSchema: GenMessage<WebhookEndpoint> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 54);
+
+/**
+ * @generated from message keycap.v1.CreateWebhookRequest
+ */
+export type CreateWebhookRequest = Message<"keycap.v1.CreateWebhookRequest"> & {
+  /**
+   * http(s), no user information; the host must resolve to public
+   * addresses unless the control plane runs with --allow-private-webhooks.
+   *
+   * @generated from field: string url = 1;
+   */
+  url: string;
+
+  /**
+   * 16-256 characters; empty: keycap draws one (whsec_...).
+   *
+   * @generated from field: string secret = 2;
+   */
+  secret: string;
+
+  /**
+   * @generated from field: repeated string events = 3;
+   */
+  events: string[];
+
+  /**
+   * 1-100 each; empty: 50, 80, 100.
+   *
+   * @generated from field: repeated uint32 thresholds = 4;
+   */
+  thresholds: number[];
+
+  /**
+   * @generated from field: string run_label = 5;
+   */
+  runLabel: string;
+
+  /**
+   * @generated from field: string key_id = 6;
+   */
+  keyId: string;
+
+  /**
+   * Empty or "keycap", or "slack".
+   *
+   * @generated from field: string format = 7;
+   */
+  format: string;
+
+  /**
+   * @generated from field: string description = 8;
+   */
+  description: string;
+};
+
+/**
+ * Describes the message keycap.v1.CreateWebhookRequest.
+ * Use `create(CreateWebhookRequestSchema)` to create a new message.
+ */
+export const CreateWebhookRequestSchema: GenMessage<CreateWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 55);
+
+/**
+ * @generated from message keycap.v1.CreateWebhookResponse
+ */
+export type CreateWebhookResponse = Message<"keycap.v1.CreateWebhookResponse"> & {
+  /**
+   * @generated from field: keycap.v1.WebhookEndpoint webhook = 1;
+   */
+  webhook?: WebhookEndpoint | undefined;
+
+  /**
+   * The signing secret. Shown only here.
+   *
+   * @generated from field: string secret = 2;
+   */
+  secret: string;
+};
+
+/**
+ * Describes the message keycap.v1.CreateWebhookResponse.
+ * Use `create(CreateWebhookResponseSchema)` to create a new message.
+ */
+export const CreateWebhookResponseSchema: GenMessage<CreateWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 56);
+
+/**
+ * @generated from message keycap.v1.ListWebhooksRequest
+ */
+export type ListWebhooksRequest = Message<"keycap.v1.ListWebhooksRequest"> & {
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhooksRequest.
+ * Use `create(ListWebhooksRequestSchema)` to create a new message.
+ */
+export const ListWebhooksRequestSchema: GenMessage<ListWebhooksRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 57);
+
+/**
+ * @generated from message keycap.v1.ListWebhooksResponse
+ */
+export type ListWebhooksResponse = Message<"keycap.v1.ListWebhooksResponse"> & {
+  /**
+   * @generated from field: repeated keycap.v1.WebhookEndpoint webhooks = 1;
+   */
+  webhooks: WebhookEndpoint[];
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhooksResponse.
+ * Use `create(ListWebhooksResponseSchema)` to create a new message.
+ */
+export const ListWebhooksResponseSchema: GenMessage<ListWebhooksResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 58);
+
+/**
+ * @generated from message keycap.v1.DeleteWebhookRequest
+ */
+export type DeleteWebhookRequest = Message<"keycap.v1.DeleteWebhookRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message keycap.v1.DeleteWebhookRequest.
+ * Use `create(DeleteWebhookRequestSchema)` to create a new message.
+ */
+export const DeleteWebhookRequestSchema: GenMessage<DeleteWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 59);
+
+/**
+ * @generated from message keycap.v1.DeleteWebhookResponse
+ */
+export type DeleteWebhookResponse = Message<"keycap.v1.DeleteWebhookResponse"> & {
+};
+
+/**
+ * Describes the message keycap.v1.DeleteWebhookResponse.
+ * Use `create(DeleteWebhookResponseSchema)` to create a new message.
+ */
+export const DeleteWebhookResponseSchema: GenMessage<DeleteWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 60);
+
+/**
+ * @generated from message keycap.v1.TestWebhookRequest
+ */
+export type TestWebhookRequest = Message<"keycap.v1.TestWebhookRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message keycap.v1.TestWebhookRequest.
+ * Use `create(TestWebhookRequestSchema)` to create a new message.
+ */
+export const TestWebhookRequestSchema: GenMessage<TestWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 61);
+
+/**
+ * @generated from message keycap.v1.TestWebhookResponse
+ */
+export type TestWebhookResponse = Message<"keycap.v1.TestWebhookResponse"> & {
+  /**
+   * The queued webhook.test event's id.
+   *
+   * @generated from field: string event_id = 1;
+   */
+  eventId: string;
+};
+
+/**
+ * Describes the message keycap.v1.TestWebhookResponse.
+ * Use `create(TestWebhookResponseSchema)` to create a new message.
+ */
+export const TestWebhookResponseSchema: GenMessage<TestWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 62);
+
+/**
+ * @generated from message keycap.v1.WebhookAttempt
+ */
+export type WebhookAttempt = Message<"keycap.v1.WebhookAttempt"> & {
+  /**
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp at = 2;
+   */
+  at?: Timestamp | undefined;
+
+  /**
+   * The receiver's HTTP status; 0 when it did not answer.
+   *
+   * @generated from field: int32 status = 3;
+   */
+  status: number;
+
+  /**
+   * Why it failed; empty for a 2xx.
+   *
+   * @generated from field: string error = 4;
+   */
+  error: string;
+
+  /**
+   * @generated from field: int64 duration_ms = 5;
+   */
+  durationMs: bigint;
+};
+
+/**
+ * Describes the message keycap.v1.WebhookAttempt.
+ * Use `create(WebhookAttemptSchema)` to create a new message.
+ */
+export const WebhookAttemptSchema: GenMessage<WebhookAttempt> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 63);
+
+/**
+ * @generated from message keycap.v1.WebhookDelivery
+ */
+export type WebhookDelivery = Message<"keycap.v1.WebhookDelivery"> & {
+  /**
+   * @generated from field: int64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * @generated from field: string event_id = 2;
+   */
+  eventId: string;
+
+  /**
+   * @generated from field: string event_type = 3;
+   */
+  eventType: string;
+
+  /**
+   * "pending", "delivered" or "failed".
+   *
+   * @generated from field: string state = 4;
+   */
+  state: string;
+
+  /**
+   * Set while pending.
+   *
+   * @generated from field: google.protobuf.Timestamp next_attempt_at = 5;
+   */
+  nextAttemptAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 6;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: repeated keycap.v1.WebhookAttempt attempts = 7;
+   */
+  attempts: WebhookAttempt[];
+
+  /**
+   * The event as delivered in keycap's format (JSON text).
+   *
+   * @generated from field: string payload_json = 8;
+   */
+  payloadJson: string;
+};
+
+/**
+ * Describes the message keycap.v1.WebhookDelivery.
+ * Use `create(WebhookDeliverySchema)` to create a new message.
+ */
+export const WebhookDeliverySchema: GenMessage<WebhookDelivery> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 64);
+
+/**
+ * @generated from message keycap.v1.ListWebhookDeliveriesRequest
+ */
+export type ListWebhookDeliveriesRequest = Message<"keycap.v1.ListWebhookDeliveriesRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * 0: 100; at most 1000.
+   *
+   * @generated from field: uint32 limit = 2;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhookDeliveriesRequest.
+ * Use `create(ListWebhookDeliveriesRequestSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesRequestSchema: GenMessage<ListWebhookDeliveriesRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 65);
+
+/**
+ * @generated from message keycap.v1.ListWebhookDeliveriesResponse
+ */
+export type ListWebhookDeliveriesResponse = Message<"keycap.v1.ListWebhookDeliveriesResponse"> & {
+  /**
+   * @generated from field: repeated keycap.v1.WebhookDelivery deliveries = 1;
+   */
+  deliveries: WebhookDelivery[];
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhookDeliveriesResponse.
+ * Use `create(ListWebhookDeliveriesResponseSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesResponseSchema: GenMessage<ListWebhookDeliveriesResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 66);
+
+/**
  * @generated from enum keycap.v1.KeyStatus
  */
 export enum KeyStatus {
@@ -2109,4 +2497,61 @@ export const AdminTokenService: GenService<{
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keycap_v1_admin, 3);
+
+/**
+ * @generated from service keycap.v1.WebhookService
+ */
+export const WebhookService: GenService<{
+  /**
+   * Needs webhooks:write.
+   *
+   * @generated from rpc keycap.v1.WebhookService.CreateWebhook
+   */
+  createWebhook: {
+    methodKind: "unary";
+    input: typeof CreateWebhookRequestSchema;
+    output: typeof CreateWebhookResponseSchema;
+  },
+  /**
+   * Needs webhooks:read.
+   *
+   * @generated from rpc keycap.v1.WebhookService.ListWebhooks
+   */
+  listWebhooks: {
+    methodKind: "unary";
+    input: typeof ListWebhooksRequestSchema;
+    output: typeof ListWebhooksResponseSchema;
+  },
+  /**
+   * Needs webhooks:write. Its deliveries go with it.
+   *
+   * @generated from rpc keycap.v1.WebhookService.DeleteWebhook
+   */
+  deleteWebhook: {
+    methodKind: "unary";
+    input: typeof DeleteWebhookRequestSchema;
+    output: typeof DeleteWebhookResponseSchema;
+  },
+  /**
+   * Needs webhooks:write. Queues a webhook.test event for this endpoint.
+   *
+   * @generated from rpc keycap.v1.WebhookService.TestWebhook
+   */
+  testWebhook: {
+    methodKind: "unary";
+    input: typeof TestWebhookRequestSchema;
+    output: typeof TestWebhookResponseSchema;
+  },
+  /**
+   * Needs webhooks:read. Newest first, with every attempt.
+   *
+   * @generated from rpc keycap.v1.WebhookService.ListWebhookDeliveries
+   */
+  listWebhookDeliveries: {
+    methodKind: "unary";
+    input: typeof ListWebhookDeliveriesRequestSchema;
+    output: typeof ListWebhookDeliveriesResponseSchema;
+  },
+}> = /*@__PURE__*/
+  serviceDesc(file_keycap_v1_admin, 4);
 
