@@ -235,6 +235,10 @@ enum VendorCmd {
         /// this vendor (the profile's table format; see docs/pricing.md).
         #[arg(long)]
         prices_file: Option<std::path::PathBuf>,
+        /// How long the credential may be used before it is due for
+        /// rotation, e.g. 90d (an alert fires once it is); default: never.
+        #[arg(long = "rotate-after")]
+        rotate_after: Option<String>,
     },
     /// List vendors.
     List,
@@ -496,6 +500,9 @@ fn vendor_json(v: &pb::Vendor) -> Value {
         "currency_rates": v.currency_rates,
         "prices": serde_json::from_str::<Value>(&v.prices_json).unwrap_or(Value::Null),
         "updated_at": ts(&v.updated_at),
+        "credential_set_at": ts(&v.credential_set_at),
+        "rotate_after_seconds": (v.rotate_after_seconds != 0).then_some(v.rotate_after_seconds),
+        "rotation_overdue": v.rotation_overdue,
         "proxy_errors": v.proxy_errors.iter().map(|e| json!({
             "node_id": e.node_id, "error": e.error, "at": ts(&e.at),
         })).collect::<Vec<_>>(),
@@ -803,6 +810,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             credential,
             rates,
             prices_file,
+            rotate_after,
         }) => {
             let prices_json = match prices_file {
                 Some(path) => std::fs::read_to_string(&path)
@@ -823,6 +831,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     currency_rates: pairs("rate", &rates)?,
                     prices_json,
                     ack_timeout_ms: 0,
+                    rotate_after: rotate_after.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

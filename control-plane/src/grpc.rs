@@ -96,6 +96,9 @@ pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
         updated_at: Some(to_proto(v.updated_at)),
         // A vendor as written: no proxy has loaded it yet.
         proxy_errors: Vec::new(),
+        rotate_after_seconds: v.rotate_after.map_or(0, |d| d.num_seconds()),
+        credential_set_at: Some(to_proto(v.credential_set_at)),
+        rotation_overdue: v.rotation_overdue(chrono::Utc::now()),
     }
 }
 
@@ -252,7 +255,8 @@ impl TryFrom<pb::PutVendorRequest> for PutVendor {
             Some(r.credential.as_str()),
             &r.currency_rates.into_iter().collect(),
             &r.prices_json,
-        )
+        )?
+        .with_rotate_after(&r.rotate_after)
     }
 }
 

@@ -184,6 +184,10 @@ fn vendor_fields(v: &Vendor) -> Value {
         "prices": serde_json::from_str::<Value>(&v.prices).unwrap_or(Value::Null),
         "created_at": rfc3339(v.created_at),
         "updated_at": rfc3339(v.updated_at),
+        "credential_set_at": rfc3339(v.credential_set_at),
+        "rotate_after_seconds": v.rotate_after.map(|d| d.num_seconds()),
+        "rotation_due_at": v.rotation_due_at().map(rfc3339),
+        "rotation_overdue": v.rotation_overdue(Utc::now()),
     })
 }
 
@@ -230,6 +234,10 @@ struct PutVendorBody {
     /// format; absent or null for the shipped prices.
     #[serde(default)]
     prices: Option<Value>,
+    /// How long a credential may be used before it is due for rotation
+    /// ("90d"); absent: never.
+    #[serde(default)]
+    rotate_after: Option<String>,
     /// How long to wait for the proxies to serve the change; absent or 0:
     /// the control plane's default.
     #[serde(default)]
@@ -255,7 +263,8 @@ fn put_vendor_request(
         b.credential.as_deref(),
         &b.currency_rates,
         &b.prices.map(|p| p.to_string()).unwrap_or_default(),
-    )?;
+    )?
+    .with_rotate_after(b.rotate_after.as_deref().unwrap_or(""))?;
     Ok((put, domain::parse_ack_timeout_ms(b.ack_timeout_ms)?))
 }
 

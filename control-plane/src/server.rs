@@ -91,6 +91,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         },
         Duration::from_millis(config.webhook_timeout_ms),
     )?;
+    control.check_credential_rotation_every(Duration::from_millis(config.rotation_check_ms));
     control.checkpoint_ledger_periodically();
     if let Some(token) = &config.admin_token {
         if !secret::is_well_formed(SecretKind::AdminToken, token) {

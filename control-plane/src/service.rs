@@ -98,6 +98,8 @@ pub struct PutVendor {
     /// Canonical JSON of the operator's price table; empty for the shipped
     /// prices.
     pub prices: String,
+    /// How long a credential may be used before it is due for rotation.
+    pub rotate_after: Option<chrono::TimeDelta>,
 }
 
 impl PutVendor {
@@ -128,7 +130,14 @@ impl PutVendor {
             credential,
             currency_rates,
             prices,
+            rotate_after: None,
         })
+    }
+
+    /// Sets `rotate_after` from its text ("90d"; empty: never).
+    pub fn with_rotate_after(mut self, text: &str) -> Result<Self, domain::InvalidInput> {
+        self.rotate_after = domain::parse_rotate_after(text)?;
+        Ok(self)
     }
 }
 
@@ -1031,6 +1040,8 @@ impl Control {
                 prices: req.prices,
                 created_at: now,
                 updated_at: now,
+                credential_set_at: now,
+                rotate_after: req.rotate_after,
             },
             sealed_credential,
         };
@@ -1153,6 +1164,7 @@ impl Control {
             credential: None,
             currency_rates: current.currency_rates,
             prices: domain::parse_prices(current.profile, &import.table.to_json())?,
+            rotate_after: current.rotate_after,
         };
         let (v, _, _) = self.put_vendor(vendors, put, None).await?;
         Ok((v, import.report))

@@ -423,6 +423,8 @@ fn vendor(name: &str, at: DateTime<Utc>) -> Vendor {
         prices: format!(r#"{{"vendor":"{name}"}}"#),
         created_at: at,
         updated_at: at,
+        credential_set_at: at,
+        rotate_after: None,
     }
 }
 

@@ -95,6 +95,7 @@ impl Grpc {
                         .collect(),
                     prices_json: String::new(),
                     ack_timeout_ms: 0,
+                    rotate_after: String::new(),
                 }),
             )
             .await
@@ -826,6 +827,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
             currency_rates: Default::default(),
             prices_json: String::new(),
             ack_timeout_ms: 0,
+            rotate_after: String::new(),
         }))
         .await
         .expect("PutVendor update")

@@ -401,3 +401,64 @@ async fn the_cli_adds_lists_tests_and_deletes_an_endpoint_over_grpc() {
         .json();
     assert_eq!(listed["webhooks"], json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_past_its_rotate_after_is_flagged_and_announced_once() {
+    let mut opts = private_ok();
+    opts.args
+        .extend(["--rotation-check-ms".into(), "100".into()]);
+    let control = Control::start(opts).await;
+    let admin = control.admin();
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    let receiver = Receiver::start(&[]).await;
+    register(
+        &admin,
+        json!({"url": receiver.url("/rot"), "events": ["credential.rotation_due"]}),
+    )
+    .await;
+    let put = json!({"profile": "stripe", "base_url": mock.url(),
+                     "credential": STRIPE_CREDENTIAL, "rotate_after": "2s"});
+    let v = admin
+        .put_json("/vault/vendors/stripe", &put)
+        .await
+        .expect(201);
+    assert_eq!(v["rotate_after_seconds"], 2);
+    assert_eq!(v["rotation_overdue"], false);
+    let bad = admin
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "stripe", "base_url": mock.url(), "rotate_after": "soon"}),
+        )
+        .await;
+    assert_eq!(
+        bad.expect_error(400, "invalid_request")["field"],
+        "rotate_after"
+    );
+
+    let first = wait_received(&receiver, 1, Duration::from_secs(20)).await;
+    let event = first[0].json();
+    assert_eq!(event["type"], "credential.rotation_due");
+    assert_eq!(event["data"]["vendor"], "stripe");
+    assert_eq!(event["data"]["credential_set_at"], v["credential_set_at"]);
+    let read = admin.get("/vault/vendors/stripe").await.expect(200);
+    assert_eq!(read["rotation_overdue"], true);
+
+    // A new credential starts again: one more alert, for it, once due.
+    let v2 = admin
+        .put_json("/vault/vendors/stripe", &put)
+        .await
+        .expect(200);
+    assert_eq!(v2["rotation_overdue"], false);
+    let got = wait_received(&receiver, 2, Duration::from_secs(20)).await;
+    assert_eq!(
+        got[1].json()["data"]["credential_set_at"],
+        v2["credential_set_at"]
+    );
+    // Checks keep running every 100 ms; neither credential is announced
+    // again (the outbox holds one event per credential).
+    let id = admin.get("/vault/webhooks").await.expect(200)["webhooks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(deliveries(&admin, &id).await.len(), 2);
+}

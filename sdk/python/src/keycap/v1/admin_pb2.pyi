@@ -77,6 +77,9 @@ class Vendor(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     PRICES_JSON_FIELD_NUMBER: _builtins.int
     PROXY_ERRORS_FIELD_NUMBER: _builtins.int
+    ROTATE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_SET_AT_FIELD_NUMBER: _builtins.int
+    ROTATION_OVERDUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     """Pricing and credential-injection profile: "stripe", "openai"."""
@@ -85,6 +88,12 @@ class Vendor(_message.Message):
     """The operator's price table for this vendor, as JSON text in its
     profile's table format; empty when the prices shipped with keycap apply.
     """
+    rotate_after_seconds: _builtins.int
+    """How long a credential may be used before it is due for rotation, in
+    seconds; 0: never.
+    """
+    rotation_overdue: _builtins.bool
+    """The credential is older than rotate_after: rotate it."""
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """USD rates for non-USD currencies, as decimal strings: {"eur": "1.08"}
@@ -101,6 +110,10 @@ class Vendor(_message.Message):
         reported it; empty when every proxy serves it. Filled on reads only.
         """
 
+    @_builtins.property
+    def credential_set_at(self) -> _timestamp_pb2.Timestamp:
+        """When the credential was last set (a KEK rotation does not count)."""
+
     def __init__(
         self,
         *,
@@ -112,10 +125,13 @@ class Vendor(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         prices_json: _builtins.str = ...,
         proxy_errors: _abc.Iterable[Global___VendorProxyError] | None = ...,
+        rotate_after_seconds: _builtins.int = ...,
+        credential_set_at: _timestamp_pb2.Timestamp | None = ...,
+        rotation_overdue: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credential_set_at", b"credential_set_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "currency_rates", b"currency_rates", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "credential_set_at", b"credential_set_at", "currency_rates", b"currency_rates", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "rotate_after_seconds", b"rotate_after_seconds", "rotation_overdue", b"rotation_overdue", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -180,6 +196,7 @@ class PutVendorRequest(_message.Message):
     CURRENCY_RATES_FIELD_NUMBER: _builtins.int
     PRICES_JSON_FIELD_NUMBER: _builtins.int
     ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    ROTATE_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     base_url: _builtins.str
@@ -196,6 +213,10 @@ class PutVendorRequest(_message.Message):
     """How long to wait for the proxies to serve the change, in milliseconds,
     at most 60000; 0: the control plane's --ack-timeout-ms.
     """
+    rotate_after: _builtins.str
+    """How long a credential may be used before it is due for rotation
+    ("90d", "12h"); empty: never. Replaces the stored value.
+    """
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -208,10 +229,11 @@ class PutVendorRequest(_message.Message):
         currency_rates: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         prices_json: _builtins.str = ...,
         ack_timeout_ms: _builtins.int = ...,
+        rotate_after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "base_url", b"base_url", "credential", b"credential", "currency_rates", b"currency_rates", "name", b"name", "prices_json", b"prices_json", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "base_url", b"base_url", "credential", b"credential", "currency_rates", b"currency_rates", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "rotate_after", b"rotate_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
