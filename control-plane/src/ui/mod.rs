@@ -10,6 +10,7 @@
 
 mod pages;
 mod session;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,10 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui/run/revoke", post(revoke_run))
         .route("/ui/vendors", get(vendors))
         .route("/ui/audit", get(audit))
+        .route("/ui/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/ui/webhooks/{id}", get(webhooks::show))
+        .route("/ui/webhooks/{id}/test", post(webhooks::test))
+        .route("/ui/webhooks/{id}/delete", post(webhooks::delete))
         .route("/ui/assets/keycap.css", get(stylesheet))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(control)

@@ -16,7 +16,7 @@ fn usd(m: Micros) -> String {
     format!("${m}")
 }
 
-fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
+pub(super) fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -35,6 +35,7 @@ fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
                             a href="/ui/keys" { "Keys" }
                             a href="/ui/vendors" { "Vendors" }
                             a href="/ui/audit" { "Audit" }
+                            a href="/ui/webhooks" { "Webhooks" }
                         }
                     }
                     @if let Some(s) = session {
@@ -303,10 +304,15 @@ pub fn vendors(s: &Session, vendors: &[VendorView], fingerprints: &[Option<Strin
                         td { (v.vendor.name.as_str()) }
                         td { (v.vendor.profile.as_str()) }
                         td { code { (v.vendor.base_url) } }
-                        td { @match fingerprint {
-                            Some(f) => code { (f) },
-                            None => "cannot be opened",
-                        } }
+                        td {
+                            @match fingerprint {
+                                Some(f) => code { (f) },
+                                None => "cannot be opened",
+                            }
+                            @if v.vendor.rotation_overdue(chrono::Utc::now()) {
+                                " " strong.overdue { "due for rotation" }
+                            }
+                        }
                         td {
                             @if v.vendor.prices.is_empty() { "shipped with keycap" }
                             @else { "operator's table, set " (v.vendor.updated_at.format("%Y-%m-%d %H:%M UTC")) }
