@@ -953,6 +953,9 @@ impl pb::fleet_service_server::FleetService for Api {
             .map_err(ApiError::from)?;
         let (applied, duplicates) = self.control.report_spend(&events).await?;
         crate::metrics::METRICS.spend_reported(applied as u64, duplicates as u64);
+        self.control
+            .note_spool_depth(&r.node_id, r.spool_depth)
+            .await;
         Ok(Response::new(pb::ReportSpendResponse {
             applied: applied as i32,
             duplicates: duplicates as i32,

@@ -175,6 +175,8 @@ pub struct Replica {
 pub struct Fleet {
     replicas: Replicas<Replica>,
     pub node_id: String,
+    /// The spend spool, once opened: its depth goes with every spend report.
+    spool: Arc<std::sync::OnceLock<Arc<crate::spool::Spool>>>,
 }
 
 impl Fleet {
@@ -217,7 +219,14 @@ impl Fleet {
         Ok(Fleet {
             replicas: Replicas::new(replicas),
             node_id: node_id.to_string(),
+            spool: Arc::default(),
         })
+    }
+
+    /// Reports `spool`'s depth with every spend report from now on (every
+    /// clone of this `Fleet` does).
+    pub fn report_spool_depth(&self, spool: Arc<crate::spool::Spool>) {
+        let _ = self.spool.set(spool);
     }
 
     /// The current replica's client.
@@ -643,6 +652,7 @@ impl SpendSink for Fleet {
             let mut r = Request::new(pb::ReportSpendRequest {
                 node_id: self.node_id.clone(),
                 events: events.clone(),
+                spool_depth: self.spool.get().map_or(0, |s| s.depth() as i64),
             });
             r.set_timeout(REPORT_TIMEOUT);
             async move { c.report_spend(r).await.map(drop) }

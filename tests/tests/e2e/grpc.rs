@@ -526,6 +526,7 @@ async fn fleet_calls_need_the_fleet_token() {
     let report = pb::ReportSpendRequest {
         node_id: NODE.into(),
         events: vec![event.clone()],
+        ..Default::default()
     };
 
     let wrong = format!("Bearer {}", keycap_tests::harness::fleet_token());
@@ -663,6 +664,7 @@ async fn report_spend_applies_each_event_once() {
     let batch = pb::ReportSpendRequest {
         node_id: NODE.into(),
         events: events.clone(),
+        ..Default::default()
     };
     let r = fleet
         .report_spend(g.as_fleet(batch.clone()))
@@ -698,6 +700,7 @@ async fn report_spend_applies_each_event_once() {
         .report_spend(g.as_fleet(pb::ReportSpendRequest {
             node_id: NODE.into(),
             events: vec![events[1].clone(), new],
+            ..Default::default()
         }))
         .await
         .expect("ReportSpend mixed")

@@ -462,3 +462,52 @@ async fn a_credential_past_its_rotate_after_is_flagged_and_announced_once() {
         .to_string();
     assert_eq!(deliveries(&admin, &id).await.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_reporting_a_spool_backlog_is_announced_once_an_hour() {
+    use keycap_proto::pb;
+    use keycap_proto::pb::fleet_service_client::FleetServiceClient;
+
+    let control = Control::start(private_ok()).await;
+    let receiver = Receiver::start(&[]).await;
+    register(
+        &control.admin(),
+        json!({"url": receiver.url("/spool"), "events": ["spool.backlog"]}),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(control.url())
+        .unwrap()
+        .connect()
+        .await
+        .expect("gRPC connection");
+    let mut fleet = FleetServiceClient::new(channel);
+    let report = |depth: i64| {
+        let mut r = tonic::Request::new(pb::ReportSpendRequest {
+            node_id: "spooling-proxy".into(),
+            events: Vec::new(),
+            spool_depth: depth,
+        });
+        let token: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", control.opts.fleet_token)
+                .parse()
+                .unwrap();
+        r.metadata_mut().insert("authorization", token);
+        r
+    };
+    // Below the threshold: nothing; at or above it: one event this hour,
+    // however many reports say so.
+    fleet.report_spend(report(999)).await.expect("report");
+    for depth in [1000, 4000, 2500] {
+        fleet.report_spend(report(depth)).await.expect("report");
+    }
+    let got = wait_received(&receiver, 1, Duration::from_secs(20)).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "spool.backlog");
+    assert_eq!(event["data"]["node_id"], "spooling-proxy");
+    assert_eq!(event["data"]["spool_depth"], 1000);
+    let id = control.admin().get("/vault/webhooks").await.expect(200)["webhooks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(deliveries(&control.admin(), &id).await.len(), 1);
+}
