@@ -211,15 +211,28 @@ async fn overview(State(c): Ctl, tls: TlsOn, headers: HeaderMap) -> Response {
     if let Err(e) = s.principal.require(Operation::ListKeys) {
         return html(
             StatusCode::OK,
-            pages::overview(&s, None, Some(&e.to_string())),
+            pages::overview(&s, None, Some(&e.to_string()), &[], 0),
         );
     }
     let filter = KeyFilter {
         include_inactive: true,
         ..KeyFilter::default()
     };
+    let connected_after = chrono::Utc::now() - crate::service::FLEET_NODE_STALE;
+    let proxies: Vec<_> = c
+        .store()
+        .fleet_nodes()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.heartbeat_at > connected_after)
+        .collect();
+    let head = c.store().latest_version().await.unwrap_or(0);
     match c.list_keys(&s.principal.vendors, &filter).await {
-        Ok(keys) => html(StatusCode::OK, pages::overview(&s, Some(&keys), None)),
+        Ok(keys) => html(
+            StatusCode::OK,
+            pages::overview(&s, Some(&keys), None, &proxies, head),
+        ),
         Err(e) => api_error(&s, e),
     }
 }

@@ -116,7 +116,14 @@ fn spend_by(keys: &[KeyView], by: impl Fn(&KeyView) -> String) -> Vec<(String, M
     rows
 }
 
-pub fn overview(s: &Session, keys: Option<&[KeyView]>, error: Option<&str>) -> Markup {
+/// `proxies` are those connected now; `head` the latest policy version.
+pub fn overview(
+    s: &Session,
+    keys: Option<&[KeyView]>,
+    error: Option<&str>,
+    proxies: &[crate::domain::FleetNode],
+    head: i64,
+) -> Markup {
     layout(
         Some(s),
         "Overview",
@@ -134,6 +141,23 @@ pub fn overview(s: &Session, keys: Option<&[KeyView]>, error: Option<&str>) -> M
                     @for (label, amount) in &by_run {
                         li { a href={"/ui/run?label=" (urlencode(label))} { (label) } " — " (usd(*amount)) }
                     }
+                }
+                h2 { "Proxies connected" }
+                @if proxies.is_empty() { p.help { "None." } } @else {
+                    div.table-wrap { table #proxies {
+                        thead { tr {
+                            th scope="col" { "Proxy" } th scope="col" { "Policy version" }
+                            th scope="col" { "Last heartbeat" }
+                        } }
+                        tbody { @for n in proxies { tr {
+                            td { (n.node_id) }
+                            td {
+                                (n.applied_version)
+                                @if n.applied_version < head { " (behind " (head) ")" } @else { " (current)" }
+                            }
+                            td { (n.heartbeat_at.format("%H:%M:%S UTC")) }
+                        } } }
+                    } }
                 }
             }
         },

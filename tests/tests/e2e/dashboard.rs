@@ -368,6 +368,20 @@ async fn an_operator_registers_tests_and_watches_a_webhook_from_the_dashboard() 
     let stack = Stack::start_with(opts).await;
     let receiver = keycap_tests::receiver::Receiver::start(&[500]).await;
     let browser = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    // The overview names the connected proxy and the policy version it
+    // applied.
+    let overview = browser.get("/ui").await;
+    assert!(
+        overview.body.contains("Proxies connected"),
+        "{}",
+        overview.body
+    );
+    assert!(
+        overview.body.contains("<td>e2e-proxy</td>"),
+        "{}",
+        overview.body
+    );
+    assert!(overview.body.contains("(current)"), "{}", overview.body);
     let page = browser.get("/ui/webhooks").await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(page.body.contains("Register an endpoint"));
