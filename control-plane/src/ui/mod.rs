@@ -48,6 +48,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui/run/revoke", post(revoke_run))
         .route("/ui/vendors", get(vendors))
         .route("/ui/audit", get(audit))
+        .route("/ui/audit/export", get(export_audit))
         .route("/ui/webhooks", get(webhooks::list).post(webhooks::create))
         .route("/ui/webhooks/{id}", get(webhooks::show))
         .route("/ui/webhooks/{id}/test", post(webhooks::test))
@@ -392,4 +393,50 @@ async fn audit(
         }
         Err(e) => api_error(&s, e),
     }
+}
+
+/// The ledger export (`GET /vault/audit/export`'s), for the session's
+/// token: a download link on the Audit page.
+async fn export_audit(
+    State(c): Ctl,
+    tls: TlsOn,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let s = match page_session(&c, &headers, tls, Operation::QueryAudit).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    let Some(format) =
+        crate::ledger::export::Format::parse(q.get("format").map_or("jsonl", String::as_str))
+    else {
+        return api_error(
+            &s,
+            crate::domain::invalid("format", "must be jsonl or csv").into(),
+        );
+    };
+    let records = match c.export_audit(&s.principal.vendors, format, None, None) {
+        Ok(r) => r,
+        Err(e) => return api_error(&s, e),
+    };
+    let body = axum::body::Body::from_stream(futures_util::TryStreamExt::map_err(records, |e| {
+        tracing::error!(error = %e, "audit export stopped");
+        std::io::Error::other("audit export stopped")
+    }));
+    let name = match format.content_type() {
+        t if t.contains("csv") => "keycap-audit.csv",
+        _ => "keycap-audit.jsonl",
+    };
+    let mut res = (StatusCode::OK, body).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+            .expect("a constant file name"),
+    );
+    res
 }

@@ -398,6 +398,13 @@ pub fn audit(s: &Session, f: &AuditFilters, entries: &[AuditEntry], more: bool) 
                 label { "Key id " input type="text" name="key_id" value=[f.key_id.as_deref()]; }
                 button type="submit" { "Filter" }
             }
+            @if s.principal.vendors.check_all().is_ok() {
+                p.export {
+                    "Export the whole ledger (chain fields included, verifiable offline): "
+                    a href="/ui/audit/export?format=jsonl" download { "JSON lines" } " · "
+                    a href="/ui/audit/export?format=csv" download { "CSV" }
+                }
+            }
             @if entries.is_empty() { p.help { "No audit entries match." } } @else {
                 div.table-wrap { table #audit {
                     thead { tr {

@@ -382,6 +382,23 @@ async fn an_operator_registers_tests_and_watches_a_webhook_from_the_dashboard() 
         overview.body
     );
     assert!(overview.body.contains("(current)"), "{}", overview.body);
+    // The Audit page links the ledger export, served on the session.
+    let audit = browser.get("/ui/audit").await;
+    assert!(
+        audit.body.contains("/ui/audit/export?format=csv"),
+        "{}",
+        audit.body
+    );
+    let export = browser.get("/ui/audit/export?format=jsonl").await;
+    assert_eq!(export.status, 200, "{}", export.body);
+    assert_eq!(
+        export.headers.get("content-disposition").unwrap(),
+        "attachment; filename=\"keycap-audit.jsonl\""
+    );
+    let anonymous = Browser::new(&stack.control.url())
+        .get("/ui/audit/export?format=csv")
+        .await;
+    assert_eq!(anonymous.status, 303, "no session, no export");
     let page = browser.get("/ui/webhooks").await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(page.body.contains("Register an endpoint"));
