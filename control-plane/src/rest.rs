@@ -426,7 +426,11 @@ pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
 }
 
 /// `POST /vault/keys`'s body and how long it waits for proxies.
-fn create_key_request(body: &[u8]) -> Result<(NewKey, Option<std::time::Duration>), ApiError> {
+/// `POST /vault/keys`'s body, validated (the dashboard's mint form posts
+/// the same fields).
+pub(crate) fn create_key_request(
+    body: &[u8],
+) -> Result<(NewKey, Option<std::time::Duration>), ApiError> {
     let b: CreateKeyBody = parse_body(body)?;
     let expires_in = expires_in_field(&b.expires_in)?;
     let limits = key_limits(&b)?;

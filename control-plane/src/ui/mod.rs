@@ -42,7 +42,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui", get(overview))
         .route("/ui/sign-in", get(sign_in_form).post(sign_in))
         .route("/ui/sign-out", post(sign_out))
-        .route("/ui/keys", get(keys))
+        .route("/ui/keys", get(keys).post(mint_key))
         .route("/ui/keys/{id}/revoke", post(revoke_key))
         .route("/ui/run", get(run))
         .route("/ui/run/revoke", post(revoke_run))
@@ -439,4 +439,66 @@ async fn export_audit(
             .expect("a constant file name"),
     );
     res
+}
+
+/// The Keys page's mint form: the fields of `POST /vault/keys`, validated by
+/// the same code; the answer shows the secret once.
+async fn mint_key(
+    State(c): Ctl,
+    tls: TlsOn,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fields = form(&body);
+    let s = match post_session(&c, &uri, &headers, &fields, tls.is_some()).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    if let Err(e) = s.principal.require(Operation::CreateKey) {
+        return api_error(&s, e);
+    }
+    let get = |k: &str| fields.get(k).map(|v| v.trim()).unwrap_or_default();
+    let mut req = serde_json::json!({
+        "vendor": get("vendor"),
+        "daily_usd_cap": get("daily_usd_cap"),
+        "allowed_endpoints": get("allowed_endpoints")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>(),
+        "expires_in": get("expires_in"),
+        "agent_run_label": get("agent_run_label"),
+    });
+    for optional in ["per_call_usd_cap", "lifetime_usd_cap"] {
+        if !get(optional).is_empty() {
+            req[optional] = serde_json::json!(get(optional));
+        }
+    }
+    let minted = match crate::rest::create_key_request(req.to_string().as_bytes()) {
+        Ok((new, _)) => {
+            c.mint_key(
+                &crate::service::KeyMinter::Admin(s.principal.clone()),
+                new,
+                None,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    match minted {
+        Ok((view, secret, confirmation)) => html(
+            StatusCode::CREATED,
+            pages::minted(&s, &view, &secret, &confirmation),
+        ),
+        Err(ApiError::Invalid(i)) => html(
+            StatusCode::BAD_REQUEST,
+            pages::message(
+                Some(&s),
+                "Not minted",
+                &format!("{}: {}", i.field, i.reason),
+            ),
+        ),
+        Err(e) => api_error(&s, e),
+    }
 }

@@ -258,6 +258,40 @@ pub fn keys(s: &Session, f: &KeyFilters, keys: &[KeyView]) -> Markup {
                 button type="submit" { "Filter" }
             }
             @if keys.is_empty() { p.help { "No keys match." } } @else { (keys_table(s, keys)) }
+            @if s.principal.require(Operation::CreateKey).is_ok() {
+                h2 { "Mint a key" }
+                p.help { "The fields of POST /vault/keys; the secret is shown once." }
+                form.mint method="post" action="/ui/keys" {
+                    input type="hidden" name="csrf" value=(s.csrf);
+                    label { "Vendor " input type="text" name="vendor" required; }
+                    label { "Daily cap, USD " input type="text" name="daily_usd_cap" required inputmode="decimal"; }
+                    label { "Per-call cap, USD " input type="text" name="per_call_usd_cap" inputmode="decimal"; }
+                    label { "Lifetime cap, USD " input type="text" name="lifetime_usd_cap" inputmode="decimal"; }
+                    label { "Allowed endpoints, one a line "
+                        textarea name="allowed_endpoints" rows="3" required placeholder="POST /v1/payment_intents" {}
+                    }
+                    label { "Expires in " input type="text" name="expires_in" value="24h" required; }
+                    label { "Run label " input type="text" name="agent_run_label" required; }
+                    button type="submit" { "Mint" }
+                }
+            }
+        },
+    )
+}
+
+/// A key just minted: its secret, once, and the proxies that serve it.
+pub fn minted(s: &Session, k: &KeyView, secret: &str, c: &Confirmation) -> Markup {
+    layout(
+        Some(s),
+        "Key minted",
+        html! {
+            div.notice role="status" {
+                p { "Key " code #key-id { (k.key.id) } " for run " (k.key.agent_run_label) ". Its secret, shown only now:" }
+                p { code #key-secret { (secret) } }
+            }
+            p { "Served by " (c.confirmed.len()) " proxy(ies)"
+                @if !c.unconfirmed.is_empty() { "; not yet confirmed by " (c.unconfirmed.join(", ")) } "." }
+            p { a href="/ui/keys" { "Back to keys" } }
         },
     )
 }

@@ -505,3 +505,69 @@ async fn an_operator_registers_tests_and_watches_a_webhook_from_the_dashboard() 
         json!([])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mint_form_shows_the_secret_once_and_the_key_works_at_once() {
+    let (stack, _mock) = stack_with_stripe().await;
+    let browser = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    let keys = browser.get("/ui/keys").await;
+    assert!(keys.body.contains("Mint a key"), "{}", keys.body);
+    let csrf = keys.csrf();
+    let minted = browser
+        .post(
+            "/ui/keys",
+            &[
+                ("csrf", &csrf),
+                ("vendor", "stripe"),
+                ("daily_usd_cap", "5"),
+                ("allowed_endpoints", "POST /v1/payment_intents\r\n"),
+                ("expires_in", "1h"),
+                ("agent_run_label", "ui/minted"),
+            ],
+        )
+        .await;
+    assert_eq!(minted.status, 201, "{}", minted.body);
+    let at = minted.body.find("id=\"key-secret\">").expect("the secret");
+    let secret = &minted.body[at + 16..];
+    let secret = secret[..secret.find('<').unwrap()].to_string();
+    assert!(secret.starts_with("kc_"), "{secret}");
+    // Usable on its first call, like a key minted over REST.
+    assert_eq!(dollar_charge(&stack.agent(&secret)).await.status, 200);
+    let again = browser.get("/ui/keys").await;
+    assert!(again.body.contains("ui/minted") && !again.body.contains(&secret));
+
+    // Bad input names the field and mints nothing.
+    let bad = browser
+        .post(
+            "/ui/keys",
+            &[
+                ("csrf", &csrf),
+                ("vendor", "stripe"),
+                ("daily_usd_cap", "lots"),
+                ("allowed_endpoints", "POST /v1/payment_intents"),
+                ("expires_in", "1h"),
+                ("agent_run_label", "ui/bad"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("daily_usd_cap"), "{}", bad.body);
+
+    // A token without keys:issue has no form and is refused.
+    let reader = stack
+        .admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "reader", "scopes": ["keys:read"]}),
+        )
+        .await
+        .expect(201);
+    let ro = signed_in(&stack.control.url(), reader["token"].as_str().unwrap()).await;
+    let page = ro.get("/ui/keys").await;
+    assert!(!page.body.contains("Mint a key"));
+    let refused = ro
+        .post("/ui/keys", &[("csrf", &page.csrf()), ("vendor", "stripe")])
+        .await;
+    assert_eq!(refused.status, 403);
+    assert!(refused.body.contains("keys:issue"), "{}", refused.body);
+}
