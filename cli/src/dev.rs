@@ -110,6 +110,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         // A receiver on this machine is what a developer tries first.
         allow_private_webhooks: true,
         webhook_timeout_ms: 10_000,
+        rotation_check_ms: 60_000,
         previous_master_keys: Vec::new(),
         previous_master_key_files: Vec::new(),
         // `keycap dev` stays on plain loopback.

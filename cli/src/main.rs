@@ -75,6 +75,9 @@ enum Command {
     /// Manage admin tokens (scoped, optionally vendor-restricted).
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCmd),
+    /// Alert webhooks: endpoints keycap posts signed events to.
+    #[command(subcommand)]
+    Webhook(WebhookCmd),
     /// LLM price tables.
     #[command(subcommand)]
     Prices(PricesCmd),
@@ -123,6 +126,49 @@ struct PricesImportArgs {
     /// The vendor whose prices --remote replaces.
     #[arg(long = "vendor-name", requires = "remote")]
     vendor_name: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum WebhookCmd {
+    /// Register an endpoint; prints its signing secret (shown only now).
+    Add {
+        /// http(s) URL, without user:password@.
+        url: String,
+        /// Event types (repeatable or comma separated), e.g.
+        /// cap.threshold,key.revoked; default: every type.
+        #[arg(long = "event", value_delimiter = ',')]
+        events: Vec<String>,
+        /// Cap thresholds in percent (comma separated); default 50,80,100.
+        #[arg(long, value_delimiter = ',')]
+        thresholds: Vec<u32>,
+        /// Only events about this run label.
+        #[arg(long = "run-label")]
+        run_label: Option<String>,
+        /// Only events about this key.
+        #[arg(long = "key-id")]
+        key_id: Option<String>,
+        /// Signing secret (16-256 characters); default: one is drawn.
+        #[arg(long, env = "KEYCAP_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Payload shape: keycap (the JSON event) or slack (an
+        /// incoming-webhook message).
+        #[arg(long = "payload", default_value = "keycap")]
+        payload: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Every endpoint.
+    List,
+    /// Delete an endpoint and its deliveries.
+    Delete { id: String },
+    /// Queue a webhook.test event for an endpoint.
+    Test { id: String },
+    /// An endpoint's deliveries, newest first, with every attempt.
+    Deliveries {
+        id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -193,6 +239,10 @@ enum VendorCmd {
         /// to this vendor; without it both are stripped.
         #[arg(long)]
         forward_trace_context: bool,
+        /// How long the credential may be used before it is due for
+        /// rotation, e.g. 90d (an alert fires once it is); default: never.
+        #[arg(long = "rotate-after")]
+        rotate_after: Option<String>,
     },
     /// List vendors.
     List,
@@ -484,6 +534,14 @@ fn vendor_json(v: &pb::Vendor) -> Value {
     to_json(answers::VendorAnswer::from(v))
 }
 
+/// A protobuf time as RFC 3339 to the second, or null.
+fn ts(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref()
+        .and_then(keycap_proto::time::from_proto)
+        .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        .unwrap_or(Value::Null)
+}
+
 fn parse_usd(field: &str, s: &str) -> anyhow::Result<i64> {
     Micros::parse_usd(s)
         .map(|m| m.0)
@@ -722,6 +780,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
         | Command::AdminToken(AdminTokenCmd::Generate { .. }) => {
             unreachable!("handled before connecting")
         }
+        Command::Webhook(cmd) => webhook(c, cmd).await?,
         Command::Prices(PricesCmd::Import(args)) => {
             let text = read_price_file(&args.file)?;
             // Only what an LLM vendor can use goes over the wire; the
@@ -814,6 +873,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             rates,
             prices_file,
             forward_trace_context,
+            rotate_after,
         }) => {
             let prices_json = match prices_file {
                 Some(path) => std::fs::read_to_string(&path)
@@ -835,6 +895,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     prices_json,
                     ack_timeout_ms: 0,
                     forward_trace_context,
+                    rotate_after: rotate_after.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -1193,6 +1254,108 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             print(to_json(answers::AuditPage::from(&r)));
+        }
+    }
+    Ok(())
+}
+
+fn webhook_json(w: &pb::WebhookEndpoint) -> Value {
+    json!({
+        "id": w.id,
+        "url": w.url,
+        "events": w.events,
+        "thresholds": w.thresholds,
+        "run_label": (!w.run_label.is_empty()).then_some(&w.run_label),
+        "key_id": (!w.key_id.is_empty()).then_some(&w.key_id),
+        "format": w.format,
+        "description": w.description,
+        "created_at": ts(&w.created_at),
+    })
+}
+
+async fn webhook(c: &mut AdminClient, cmd: WebhookCmd) -> anyhow::Result<()> {
+    match cmd {
+        WebhookCmd::Add {
+            url,
+            events,
+            thresholds,
+            run_label,
+            key_id,
+            secret,
+            payload,
+            description,
+        } => {
+            let r = c
+                .webhooks
+                .create_webhook(pb::CreateWebhookRequest {
+                    url,
+                    secret: secret.unwrap_or_default(),
+                    events,
+                    thresholds,
+                    run_label: run_label.unwrap_or_default(),
+                    key_id: key_id.unwrap_or_default(),
+                    format: payload,
+                    description,
+                })
+                .await?
+                .into_inner();
+            print(json!({
+                "webhook": r.webhook.as_ref().map(webhook_json),
+                "secret": r.secret,
+            }));
+        }
+        WebhookCmd::List => {
+            let r = c
+                .webhooks
+                .list_webhooks(pb::ListWebhooksRequest {})
+                .await?
+                .into_inner();
+            print(json!({"webhooks": r.webhooks.iter().map(webhook_json).collect::<Vec<_>>()}));
+        }
+        WebhookCmd::Delete { id } => {
+            c.webhooks
+                .delete_webhook(pb::DeleteWebhookRequest { id: id.clone() })
+                .await?;
+            print(json!({"deleted": id}));
+        }
+        WebhookCmd::Test { id } => {
+            let r = c
+                .webhooks
+                .test_webhook(pb::TestWebhookRequest { id })
+                .await?
+                .into_inner();
+            print(json!({"event_id": r.event_id}));
+        }
+        WebhookCmd::Deliveries { id, limit } => {
+            let r = c
+                .webhooks
+                .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest { id, limit })
+                .await?
+                .into_inner();
+            let out: Vec<Value> = r
+                .deliveries
+                .iter()
+                .map(|d| {
+                    json!({
+                        "event_id": d.event_id,
+                        "event_type": d.event_type,
+                        "state": d.state,
+                        "attempts": d.attempts.len(),
+                        "last_status": d.attempts.last().map(|a| a.status),
+                        "last_error": d.attempts.last().map(|a| a.error.clone()),
+                        "next_attempt_at": ts(&d.next_attempt_at),
+                        "created_at": ts(&d.created_at),
+                        "attempt_log": d.attempts.iter().map(|a| json!({
+                            "attempt": a.attempt,
+                            "at": ts(&a.at),
+                            "status": (a.status != 0).then_some(a.status),
+                            "error": a.error,
+                            "duration_ms": a.duration_ms,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            print(json!({"deliveries": out}));
         }
     }
     Ok(())

@@ -57,6 +57,8 @@ async fn main() -> anyhow::Result<()> {
                 forward_trace_context: false,
                 created_at: now,
                 updated_at: now,
+                credential_set_at: now,
+                rotate_after: None,
             },
             sealed_credential: Some(b"sealed".to_vec()),
         })

@@ -66,6 +66,15 @@ pub struct VendorAnswer {
     pub prices: Option<Value>,
     /// Whether the agent's W3C trace context is forwarded to the vendor.
     pub forward_trace_context: bool,
+    /// When the credential was last set (a master key rotation does not
+    /// count).
+    #[schema(format = DateTime)]
+    pub credential_set_at: Option<String>,
+    /// How long a credential may be used before it is due for rotation, in
+    /// seconds; null: never.
+    pub rotate_after_seconds: Option<i64>,
+    /// The credential is older than `rotate_after`: rotate it.
+    pub rotation_overdue: bool,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
@@ -111,6 +120,9 @@ impl VendorAnswer {
                 .ok()
                 .filter(|p| !p.is_null()),
             forward_trace_context: v.forward_trace_context,
+            credential_set_at: Some(rfc3339(v.credential_set_at)),
+            rotate_after_seconds: v.rotate_after.map(|d| d.num_seconds()),
+            rotation_overdue: v.rotation_overdue(Utc::now()),
             created_at: rfc3339(v.created_at),
             updated_at: rfc3339(v.updated_at),
             proxy_errors,
@@ -683,6 +695,9 @@ impl From<&pb::Vendor> for VendorAnswer {
                 .ok()
                 .filter(|p| !p.is_null()),
             forward_trace_context: v.forward_trace_context,
+            credential_set_at: proto_time(&v.credential_set_at, SecondsFormat::Secs),
+            rotate_after_seconds: (v.rotate_after_seconds != 0).then_some(v.rotate_after_seconds),
+            rotation_overdue: v.rotation_overdue,
             created_at: proto_secs(&v.created_at),
             updated_at: proto_secs(&v.updated_at),
             proxy_errors: v

@@ -260,6 +260,44 @@ pub struct Vendor {
     pub forward_trace_context: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the credential was last set (a KEK rotation does not count).
+    pub credential_set_at: DateTime<Utc>,
+    /// How long a credential may be used before it is due for rotation;
+    /// `None`: never.
+    pub rotate_after: Option<chrono::TimeDelta>,
+}
+
+impl Vendor {
+    /// When the credential is due for rotation, if the vendor says.
+    pub fn rotation_due_at(&self) -> Option<DateTime<Utc>> {
+        self.rotate_after.map(|d| self.credential_set_at + d)
+    }
+
+    /// Whether the credential is due for rotation at `now`.
+    pub fn rotation_overdue(&self, now: DateTime<Utc>) -> bool {
+        self.rotation_due_at().is_some_and(|due| due <= now)
+    }
+}
+
+/// Parses a vendor's `rotate_after`: "90d", "12h", "30days"; empty for
+/// none. At least an hour, at most ten years.
+pub fn parse_rotate_after(s: &str) -> Result<Option<chrono::TimeDelta>, InvalidInput> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let d = humantime::parse_duration(t).map_err(|e| {
+        invalid(
+            "rotate_after",
+            format!("{s:?} is not a duration like \"90d\": {e}"),
+        )
+    })?;
+    if d < std::time::Duration::from_secs(1) || d.as_secs() > 10 * 366 * 86_400 {
+        return Err(invalid("rotate_after", "must be from 1 second to 10 years"));
+    }
+    chrono::TimeDelta::from_std(d)
+        .map(Some)
+        .map_err(|_| invalid("rotate_after", "too large"))
 }
 
 /// An allowed endpoint, `METHOD /path` with `*` globs. Parsed by the same

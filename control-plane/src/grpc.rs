@@ -25,6 +25,8 @@ use crate::service::{
 };
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
+mod webhooks;
+
 /// Implements every keycap gRPC service over one `Control`.
 #[derive(Clone)]
 pub struct Api {
@@ -96,6 +98,9 @@ pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
         updated_at: Some(to_proto(v.updated_at)),
         // A vendor as written: no proxy has loaded it yet.
         proxy_errors: Vec::new(),
+        rotate_after_seconds: v.rotate_after.map_or(0, |d| d.num_seconds()),
+        credential_set_at: Some(to_proto(v.credential_set_at)),
+        rotation_overdue: v.rotation_overdue(chrono::Utc::now()),
     }
 }
 
@@ -255,7 +260,8 @@ impl TryFrom<pb::PutVendorRequest> for PutVendor {
             Some(r.credential.as_str()),
             &r.currency_rates.into_iter().collect(),
             &r.prices_json,
-        )
+        )?
+        .with_rotate_after(&r.rotate_after)
         .map(|put| put.forwarding_trace_context(r.forward_trace_context))
     }
 }
@@ -1076,6 +1082,9 @@ impl pb::fleet_service_server::FleetService for Api {
         let (applied, duplicates) = self.control.report_spend(events).await?;
         drop(ingesting);
         crate::metrics::METRICS.spend_reported(applied as u64, duplicates as u64);
+        self.control
+            .note_spool_depth(&r.node_id, r.spool_depth)
+            .await;
         Ok(Response::new(pb::ReportSpendResponse {
             applied: applied as i32,
             duplicates: duplicates as i32,

@@ -442,6 +442,10 @@ pub struct PutVendorBody {
     /// Forward the agent's W3C trace context to the vendor; absent: off.
     #[serde(default)]
     forward_trace_context: bool,
+    /// How long a credential may be used before it is due for rotation
+    /// ("90d"); absent: never.
+    #[serde(default)]
+    rotate_after: Option<String>,
     /// How long to wait for the proxies to serve the change; absent or 0:
     /// the control plane's default.
     #[serde(default)]
@@ -468,7 +472,8 @@ fn put_vendor_request(
         &b.currency_rates,
         &b.prices.map(|p| p.to_string()).unwrap_or_default(),
     )?
-    .forwarding_trace_context(b.forward_trace_context);
+    .forwarding_trace_context(b.forward_trace_context)
+    .with_rotate_after(b.rotate_after.as_deref().unwrap_or(""))?;
     Ok((put, domain::parse_ack_timeout_ms(b.ack_timeout_ms)?))
 }
 
@@ -712,7 +717,11 @@ pub fn create_key_body(body: &[u8]) -> Result<NewKey, ApiError> {
 }
 
 /// `POST /vault/keys`'s body and how long it waits for proxies.
-fn create_key_request(body: &[u8]) -> Result<(NewKey, Option<std::time::Duration>), ApiError> {
+/// `POST /vault/keys`'s body, validated (the dashboard's mint form posts
+/// the same fields).
+pub(crate) fn create_key_request(
+    body: &[u8],
+) -> Result<(NewKey, Option<std::time::Duration>), ApiError> {
     let b: CreateKeyBody = parse_body(body)?;
     let expires_in = expires_in_field(&b.expires_in)?;
     let limits = key_limits(&b)?;

@@ -98,6 +98,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         },
         Duration::from_millis(config.webhook_timeout_ms),
     )?;
+    control.check_credential_rotation_every(Duration::from_millis(config.rotation_check_ms));
     control.checkpoint_ledger_periodically();
     control.maintain_ledger_periodically(config.audit_retention_days);
     if let Some(token) = &config.admin_token {
@@ -135,6 +136,9 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
         api.clone(),
     ))
     .add_service(pb::admin_token_service_server::AdminTokenServiceServer::new(api.clone()))
+    .add_service(pb::webhook_service_server::WebhookServiceServer::new(
+        api.clone(),
+    ))
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
     .add_service(reflection)
     .prepare()
@@ -302,6 +306,7 @@ mod tests {
             allow_private_upstreams: false,
             allow_private_webhooks: false,
             webhook_timeout_ms: 10_000,
+            rotation_check_ms: 60_000,
             tls_cert: None,
             tls_key: None,
             client_ca: None,

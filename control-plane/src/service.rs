@@ -105,6 +105,8 @@ pub struct PutVendor {
     pub prices: String,
     /// Proxies forward the agent's trace context to the vendor.
     pub forward_trace_context: bool,
+    /// How long a credential may be used before it is due for rotation.
+    pub rotate_after: Option<chrono::TimeDelta>,
 }
 
 impl PutVendor {
@@ -136,6 +138,7 @@ impl PutVendor {
             currency_rates,
             prices,
             forward_trace_context: false,
+            rotate_after: None,
         })
     }
 
@@ -143,6 +146,12 @@ impl PutVendor {
     pub fn forwarding_trace_context(mut self, forward: bool) -> Self {
         self.forward_trace_context = forward;
         self
+    }
+
+    /// Sets `rotate_after` from its text ("90d"; empty: never).
+    pub fn with_rotate_after(mut self, text: &str) -> Result<Self, domain::InvalidInput> {
+        self.rotate_after = domain::parse_rotate_after(text)?;
+        Ok(self)
     }
 }
 
@@ -1092,6 +1101,8 @@ impl Control {
                 forward_trace_context: req.forward_trace_context,
                 created_at: now,
                 updated_at: now,
+                credential_set_at: now,
+                rotate_after: req.rotate_after,
             },
             sealed_credential,
         };
@@ -1217,6 +1228,7 @@ impl Control {
             currency_rates: current.currency_rates,
             prices: domain::parse_prices(current.profile, &import.table.to_json())?,
             forward_trace_context: current.forward_trace_context,
+            rotate_after: current.rotate_after,
         };
         let (v, _, _) = self.put_vendor(vendors, put, None).await?;
         Ok((v, import.report))

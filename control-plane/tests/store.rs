@@ -428,6 +428,8 @@ fn vendor(name: &str, at: DateTime<Utc>) -> Vendor {
         forward_trace_context: false,
         created_at: at,
         updated_at: at,
+        credential_set_at: at,
+        rotate_after: None,
     }
 }
 

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
-use keycap_control::store::{PgStore, SqliteStore, Store};
+use keycap_control::domain::{Profile, Vendor, VendorName};
+use keycap_control::store::{PgStore, SqliteStore, Store, VendorWrite};
 use keycap_control::webhook::{
     Attempt, AttemptOutcome, EndpointRequest, EventType, NewWebhookEndpoint, WebhookEvent,
 };
@@ -74,6 +75,7 @@ suite!(
     one_worker_holds_a_delivery_until_its_lease_runs_out,
     concurrent_workers_never_claim_the_same_delivery,
     alert_counters_count_across_callers,
+    a_credential_keeps_its_set_time_until_replaced,
 );
 
 async fn endpoint(s: &dyn Store, url: &str) -> String {
@@ -377,4 +379,59 @@ async fn alert_counters_count_across_callers(s: Arc<dyn Store>) {
             .unwrap(),
         1
     );
+}
+
+async fn a_credential_keeps_its_set_time_until_replaced(s: Arc<dyn Store>) {
+    let t0 = Utc::now() - Duration::days(100);
+    let vendor = |at: chrono::DateTime<Utc>, rotate: Option<Duration>| Vendor {
+        name: VendorName::parse("stripe").unwrap(),
+        profile: Profile::Stripe,
+        base_url: "https://stripe.example.com".into(),
+        currency_rates: Default::default(),
+        prices: String::new(),
+        forward_trace_context: false,
+        created_at: at,
+        updated_at: at,
+        credential_set_at: at,
+        rotate_after: rotate,
+    };
+    let write = |v: Vendor, sealed: Option<&[u8]>| VendorWrite {
+        vendor: v,
+        sealed_credential: sealed.map(<[u8]>::to_vec),
+    };
+    let (stored, _) = s
+        .put_vendor(write(vendor(t0, Some(Duration::days(90))), Some(b"c1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.credential_set_at.timestamp_micros(),
+        t0.timestamp_micros()
+    );
+    assert!(stored.rotation_overdue(Utc::now()));
+    // An update that keeps the credential keeps its age.
+    let t1 = t0 + Duration::days(50);
+    let (kept, _) = s
+        .put_vendor(write(vendor(t1, Some(Duration::days(90))), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.credential_set_at.timestamp_micros(),
+        t0.timestamp_micros()
+    );
+    let read = s.get_vendor("stripe").await.unwrap().unwrap();
+    assert_eq!(read.credential_set_at, kept.credential_set_at);
+    assert_eq!(read.rotate_after, Some(Duration::days(90)));
+    // A new credential starts again; clearing rotate_after stops the clock.
+    let t2 = Utc::now();
+    let (fresh, _) = s
+        .put_vendor(write(vendor(t2, None), Some(b"c2")))
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh.credential_set_at.timestamp_micros(),
+        t2.timestamp_micros()
+    );
+    let read = s.get_vendor("stripe").await.unwrap().unwrap();
+    assert_eq!(read.rotate_after, None);
+    assert!(!read.rotation_overdue(Utc::now() + Duration::days(1000)));
 }

@@ -178,6 +178,8 @@ pub struct Fleet {
     /// Whether a policy stream from some replica is open and beating: the
     /// proxy's connection to the control plane (readiness, metrics).
     connected: Arc<AtomicBool>,
+    /// The spend spool, once opened: its depth goes with every spend report.
+    spool: Arc<std::sync::OnceLock<Arc<crate::spool::Spool>>>,
 }
 
 impl Fleet {
@@ -221,6 +223,7 @@ impl Fleet {
             replicas: Replicas::new(replicas),
             node_id: node_id.to_string(),
             connected: Arc::default(),
+            spool: Arc::default(),
         })
     }
 
@@ -231,6 +234,12 @@ impl Fleet {
 
     fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Reports `spool`'s depth with every spend report from now on (every
+    /// clone of this `Fleet` does).
+    pub fn report_spool_depth(&self, spool: Arc<crate::spool::Spool>) {
+        let _ = self.spool.set(spool);
     }
 
     /// The current replica's client.
@@ -658,6 +667,7 @@ impl SpendSink for Fleet {
             let mut r = Request::new(pb::ReportSpendRequest {
                 node_id: self.node_id.clone(),
                 events: events.clone(),
+                spool_depth: self.spool.get().map_or(0, |s| s.depth() as i64),
             });
             r.set_timeout(REPORT_TIMEOUT);
             async move { c.report_spend(r).await.map(drop) }

@@ -111,6 +111,7 @@ pub async fn run(
         Some(dir) => {
             let (spool, recovered) = spool::Spool::open(dir, budget.run())?;
             let spool = Arc::new(spool);
+            fleet.report_spool_depth(spool.clone());
             let previous_run = recovered.previous_run.clone();
             let (sink, replayed, previous) = (fleet.clone(), spool.clone(), budget.clone());
             tokio::spawn(async move {

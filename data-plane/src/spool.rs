@@ -187,6 +187,11 @@ impl Spool {
     }
 
     /// Makes every record appended so far durable (one fsync per file).
+    /// Spend events recorded and not yet delivered.
+    pub fn depth(&self) -> usize {
+        self.state.lock().map(|s| s.pending.len()).unwrap_or(0)
+    }
+
     pub fn sync(&self) -> std::io::Result<()> {
         let (current, unsynced) = {
             let mut st = self.state();
@@ -487,6 +492,19 @@ mod tests {
             .map(|e| e.event_id.as_str())
             .collect();
         assert_eq!(ids, vec!["e1"]);
+    }
+
+    #[test]
+    fn depth_counts_events_not_yet_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path(), "test-run").unwrap();
+        assert_eq!(spool.depth(), 0);
+        for id in ["e1", "e2", "e3"] {
+            spool.event(&event(id, "l1", 1, "settled")).unwrap();
+        }
+        assert_eq!(spool.depth(), 3);
+        spool.delivered(["e1", "e3"]);
+        assert_eq!(spool.depth(), 1);
     }
 
     #[test]

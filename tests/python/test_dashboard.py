@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -198,3 +199,88 @@ def test_a_form_posted_from_another_site_is_refused(keycap, browser):
     finally:
         server.shutdown()
     assert keycap.key(key_id)["status"] == "active"
+
+
+class HookReceiver:
+    """A webhook receiver on 127.0.0.1 that answers 200 and keeps bodies."""
+
+    def __init__(self):
+        self.bodies = []
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+def test_an_operator_registers_and_tests_a_webhook(keycap, browser):
+    receiver = HookReceiver()
+    try:
+        sign_in(browser, keycap, keycap.admin_token)
+        browser.get(f"{keycap.control}/ui/webhooks")
+        form = browser.find_element(By.CSS_SELECTOR, "form.register")
+        form.find_element(By.NAME, "url").send_keys(receiver.url)
+        form.find_element(By.CSS_SELECTOR, "input[value='cap.threshold']").click()
+        thresholds = form.find_element(By.NAME, "thresholds")
+        thresholds.clear()
+        thresholds.send_keys("80,100")
+        form.find_element(By.CSS_SELECTOR, "button[type='submit']").click()
+        wait_for_page(browser, lambda d: d.find_elements(By.ID, "secret"))
+        secret = browser.find_element(By.ID, "secret").text
+        assert secret.startswith("whsec_"), secret
+        screenshot(browser, "webhooks")
+        link = browser.find_element(By.CSS_SELECTOR, "#webhooks a")
+        webhook_id = link.text
+        link.click()
+        wait_for_page(browser, lambda d: d.current_url.endswith(f"/ui/webhooks/{webhook_id}"))
+        assert secret not in browser.page_source
+        buttons(browser, "Send test event")[0].click()
+        wait_for_page(browser, lambda d: d.find_elements(By.ID, "queued"))
+        deadline = time.monotonic() + 20
+        while "HTTP 200" not in browser.page_source:
+            assert time.monotonic() < deadline, browser.page_source
+            time.sleep(0.2)
+            browser.get(f"{keycap.control}/ui/webhooks/{webhook_id}")
+        assert receiver.bodies and b"webhook.test" in receiver.bodies[-1]
+        screenshot(browser, "webhook-deliveries")
+        keycap.admin("DELETE", f"/vault/webhooks/{webhook_id}")
+    finally:
+        receiver.server.shutdown()
+
+
+def test_every_page_fits_a_phone_and_labels_every_control(keycap, browser):
+    sign_in(browser, keycap, keycap.admin_token)
+    browser.set_window_size(390, 844)
+    try:
+        for path in ["/ui", "/ui/keys", "/ui/vendors", "/ui/audit", "/ui/webhooks",
+                     "/ui/run?label=dashboard%2Fbrowser-run"]:
+            browser.get(f"{keycap.control}{path}")
+            overflow = browser.execute_script(
+                "return document.documentElement.scrollWidth - "
+                "document.documentElement.clientWidth")
+            wide = browser.execute_script("""
+                const w = document.documentElement.clientWidth;
+                return [...document.querySelectorAll('body *')]
+                  .filter(e => e.getBoundingClientRect().right > w + 1
+                               && !e.closest('.table-wrap'))
+                  .slice(0, 5).map(e => e.tagName + '.' + e.className + '#' + e.id
+                                   + ':' + Math.round(e.getBoundingClientRect().width));""")
+            assert overflow <= 0, f"{path} scrolls sideways by {overflow}px on a phone: {wide}"
+            unlabeled = browser.execute_script("""
+                return [...document.querySelectorAll('input:not([type=hidden]), select, button')]
+                  .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                               && !(e.textContent || '').trim())
+                  .map(e => e.outerHTML);""")
+            assert unlabeled == [], f"{path}: controls without a label: {unlabeled}"
+        screenshot(browser, "phone-webhooks")
+    finally:
+        browser.set_window_size(1280, 900)

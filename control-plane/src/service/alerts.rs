@@ -9,6 +9,7 @@
 //! caused it: an alert must not undo a revocation or refuse spend.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -510,5 +511,55 @@ impl Control {
             json!({"node_id": node_id, "spool_depth": depth, "threshold": SPOOL_BACKLOG}),
         )
         .await;
+    }
+
+    /// Every `period`, raises `credential.rotation_due` for each vendor
+    /// whose credential is older than its `rotate_after`: once per
+    /// credential (setting a new one starts again).
+    pub fn check_credential_rotation_every(self: &Arc<Self>, period: Duration) {
+        self.every(period, |control| async move {
+            control.check_credential_rotation().await;
+        });
+    }
+
+    pub async fn check_credential_rotation(&self) {
+        let now = Utc::now();
+        let vendors = match self.store.list_vendors().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read vendors for rotation checks");
+                return;
+            }
+        };
+        let due: Vec<_> = vendors.iter().filter(|v| v.rotation_overdue(now)).collect();
+        if due.is_empty() {
+            return;
+        }
+        let Some(endpoints) = self.endpoints_for(EventType::CredentialRotationDue).await else {
+            return;
+        };
+        for v in due {
+            let rotate_after = v.rotate_after.unwrap_or_default();
+            self.raise(
+                &endpoints,
+                |e| e.wants(EventType::CredentialRotationDue, &Subject::default()),
+                EventType::CredentialRotationDue,
+                Some(format!(
+                    "credential.rotation_due|{}|{}",
+                    v.name,
+                    v.credential_set_at.timestamp_micros()
+                )),
+                json!({
+                    "vendor": v.name.as_str(),
+                    "credential_set_at": rfc3339(v.credential_set_at),
+                    "rotate_after": humantime::format_duration(
+                        rotate_after.to_std().unwrap_or_default()
+                    ).to_string(),
+                    "rotate_after_seconds": rotate_after.num_seconds(),
+                    "due_at": v.rotation_due_at().map(rfc3339),
+                }),
+            )
+            .await;
+        }
     }
 }

@@ -68,8 +68,8 @@ pub(super) fn audit_limit(limit: u32) -> i64 {
     }
 }
 
-pub(super) const VENDOR_COLUMNS: &str =
-    "name, profile, base_url, currency_rates, prices, forward_trace_context, created_at, updated_at";
+pub(super) const VENDOR_COLUMNS: &str = "name, profile, base_url, currency_rates, prices, \
+     forward_trace_context, created_at, updated_at, credential_set_at, rotate_after_secs";
 
 #[derive(sqlx::FromRow)]
 pub struct VendorRow {
@@ -81,6 +81,8 @@ pub struct VendorRow {
     forward_trace_context: bool,
     created_at: i64,
     updated_at: i64,
+    credential_set_at: i64,
+    rotate_after_secs: Option<i64>,
 }
 
 impl VendorRow {
@@ -94,6 +96,8 @@ impl VendorRow {
             forward_trace_context: self.forward_trace_context,
             created_at: from_micros(self.created_at, "vendors.created_at")?,
             updated_at: from_micros(self.updated_at, "vendors.updated_at")?,
+            credential_set_at: from_micros(self.credential_set_at, "vendors.credential_set_at")?,
+            rotate_after: self.rotate_after_secs.map(chrono::TimeDelta::seconds),
         })
     }
 }

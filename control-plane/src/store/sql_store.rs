@@ -491,14 +491,15 @@ where
         let v = &write.vendor;
         let rates = to_json(&v.currency_rates, "currency_rates")?;
         let mut w = self.begin_write().await?;
-        let existing: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT created_at FROM vendors WHERE name = $1{}",
+        let existing: Option<(i64, i64)> = sqlx::query_as(&format!(
+            "SELECT created_at, credential_set_at FROM vendors WHERE name = $1{}",
             D::FOR_UPDATE
         ))
         .bind(v.name.as_str())
         .fetch_optional(w.conn())
         .await?;
-        let (created_at, created) = match (existing, &write.sealed_credential) {
+        let rotate_after = v.rotate_after.map(|d| d.num_seconds());
+        let (created_at, credential_set_at, created) = match (existing, &write.sealed_credential) {
             (None, None) => {
                 return Err(StoreError::Conflict(format!(
                     "vendor {} does not exist; creating it needs a credential",
@@ -508,8 +509,8 @@ where
             (None, Some(sealed)) => {
                 sqlx::query(
                     "INSERT INTO vendors (name, profile, base_url, currency_rates, prices, \
-                     sealed_credential, created_at, updated_at, forward_trace_context) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                     sealed_credential, created_at, updated_at, credential_set_at, rotate_after_secs, \
+                     forward_trace_context) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(v.name.as_str())
                 .bind(v.profile.as_str())
@@ -519,19 +520,27 @@ where
                 .bind(sealed.as_slice())
                 .bind(micros(v.created_at))
                 .bind(micros(v.updated_at))
+                .bind(micros(v.updated_at))
+                .bind(rotate_after)
                 .bind(v.forward_trace_context)
                 .execute(w.conn())
                 .await
                 .map_err(|e| {
                     conflict_on_unique(e, || format!("vendor {} was created concurrently", v.name))
                 })?;
-                (truncate(v.created_at), true)
+                (truncate(v.created_at), truncate(v.updated_at), true)
             }
-            (Some(created_at), sealed) => {
+            (Some((created_at, set_at)), sealed) => {
+                let set_at = if sealed.is_some() {
+                    micros(v.updated_at)
+                } else {
+                    set_at
+                };
                 sqlx::query(
                     "UPDATE vendors SET profile = $1, base_url = $2, currency_rates = $3, prices = $4, \
                      sealed_credential = COALESCE($5, sealed_credential), updated_at = $6, \
-                     forward_trace_context = $8 WHERE name = $7",
+                     credential_set_at = $7, rotate_after_secs = $8, forward_trace_context = $10 \
+                     WHERE name = $9",
                 )
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
@@ -539,17 +548,24 @@ where
                 .bind(&v.prices)
                 .bind(sealed.as_deref())
                 .bind(micros(v.updated_at))
+                .bind(set_at)
+                .bind(rotate_after)
                 .bind(v.name.as_str())
                 .bind(v.forward_trace_context)
                 .execute(w.conn())
                 .await?;
-                (from_micros(created_at, "vendors.created_at")?, false)
+                (
+                    from_micros(created_at, "vendors.created_at")?,
+                    from_micros(set_at, "vendors.credential_set_at")?,
+                    false,
+                )
             }
         };
         Self::append_changes(w.conn(), CHANGE_VENDOR, &[v.name.as_str()]).await?;
         w.commit().await?;
         let stored = Vendor {
             created_at,
+            credential_set_at,
             updated_at: truncate(v.updated_at),
             ..write.vendor
         };

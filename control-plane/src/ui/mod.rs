@@ -10,6 +10,7 @@
 
 mod pages;
 mod session;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,12 +42,17 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui", get(overview))
         .route("/ui/sign-in", get(sign_in_form).post(sign_in))
         .route("/ui/sign-out", post(sign_out))
-        .route("/ui/keys", get(keys))
+        .route("/ui/keys", get(keys).post(mint_key))
         .route("/ui/keys/{id}/revoke", post(revoke_key))
         .route("/ui/run", get(run))
         .route("/ui/run/revoke", post(revoke_run))
         .route("/ui/vendors", get(vendors))
         .route("/ui/audit", get(audit))
+        .route("/ui/audit/export", get(export_audit))
+        .route("/ui/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/ui/webhooks/{id}", get(webhooks::show))
+        .route("/ui/webhooks/{id}/test", post(webhooks::test))
+        .route("/ui/webhooks/{id}/delete", post(webhooks::delete))
         .route("/ui/assets/keycap.css", get(stylesheet))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(control)
@@ -206,15 +212,28 @@ async fn overview(State(c): Ctl, tls: TlsOn, headers: HeaderMap) -> Response {
     if let Err(e) = s.principal.require(Operation::ListKeys) {
         return html(
             StatusCode::OK,
-            pages::overview(&s, None, Some(&e.to_string())),
+            pages::overview(&s, None, Some(&e.to_string()), &[], 0),
         );
     }
     let filter = KeyFilter {
         include_inactive: true,
         ..KeyFilter::default()
     };
+    let connected_after = chrono::Utc::now() - crate::service::FLEET_NODE_STALE;
+    let proxies: Vec<_> = c
+        .store()
+        .fleet_nodes()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.heartbeat_at > connected_after)
+        .collect();
+    let head = c.store().latest_version().await.unwrap_or(0);
     match c.list_keys(&s.principal.vendors, &filter).await {
-        Ok(keys) => html(StatusCode::OK, pages::overview(&s, Some(&keys), None)),
+        Ok(keys) => html(
+            StatusCode::OK,
+            pages::overview(&s, Some(&keys), None, &proxies, head),
+        ),
         Err(e) => api_error(&s, e),
     }
 }
@@ -372,6 +391,114 @@ async fn audit(
             let more = entries.len() == AUDIT_PAGE as usize;
             html(StatusCode::OK, pages::audit(&s, &filters, &entries, more))
         }
+        Err(e) => api_error(&s, e),
+    }
+}
+
+/// The ledger export (`GET /vault/audit/export`'s), for the session's
+/// token: a download link on the Audit page.
+async fn export_audit(
+    State(c): Ctl,
+    tls: TlsOn,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let s = match page_session(&c, &headers, tls, Operation::QueryAudit).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    let Some(format) =
+        crate::ledger::export::Format::parse(q.get("format").map_or("jsonl", String::as_str))
+    else {
+        return api_error(
+            &s,
+            crate::domain::invalid("format", "must be jsonl or csv").into(),
+        );
+    };
+    let records = match c.export_audit(&s.principal.vendors, format, None, None) {
+        Ok(r) => r,
+        Err(e) => return api_error(&s, e),
+    };
+    let body = axum::body::Body::from_stream(futures_util::TryStreamExt::map_err(records, |e| {
+        tracing::error!(error = %e, "audit export stopped");
+        std::io::Error::other("audit export stopped")
+    }));
+    let name = match format.content_type() {
+        t if t.contains("csv") => "keycap-audit.csv",
+        _ => "keycap-audit.jsonl",
+    };
+    let mut res = (StatusCode::OK, body).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+            .expect("a constant file name"),
+    );
+    res
+}
+
+/// The Keys page's mint form: the fields of `POST /vault/keys`, validated by
+/// the same code; the answer shows the secret once.
+async fn mint_key(
+    State(c): Ctl,
+    tls: TlsOn,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fields = form(&body);
+    let s = match post_session(&c, &uri, &headers, &fields, tls.is_some()).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    if let Err(e) = s.principal.require(Operation::CreateKey) {
+        return api_error(&s, e);
+    }
+    let get = |k: &str| fields.get(k).map(|v| v.trim()).unwrap_or_default();
+    let mut req = serde_json::json!({
+        "vendor": get("vendor"),
+        "daily_usd_cap": get("daily_usd_cap"),
+        "allowed_endpoints": get("allowed_endpoints")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>(),
+        "expires_in": get("expires_in"),
+        "agent_run_label": get("agent_run_label"),
+    });
+    for optional in ["per_call_usd_cap", "lifetime_usd_cap"] {
+        if !get(optional).is_empty() {
+            req[optional] = serde_json::json!(get(optional));
+        }
+    }
+    let minted = match crate::rest::create_key_request(req.to_string().as_bytes()) {
+        Ok((new, _)) => {
+            c.mint_key(
+                &crate::service::KeyMinter::Admin(s.principal.clone()),
+                new,
+                None,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    match minted {
+        Ok((view, secret, confirmation)) => html(
+            StatusCode::CREATED,
+            pages::minted(&s, &view, &secret, &confirmation),
+        ),
+        Err(ApiError::Invalid(i)) => html(
+            StatusCode::BAD_REQUEST,
+            pages::message(
+                Some(&s),
+                "Not minted",
+                &format!("{}: {}", i.field, i.reason),
+            ),
+        ),
         Err(e) => api_error(&s, e),
     }
 }

@@ -16,7 +16,7 @@ fn usd(m: Micros) -> String {
     format!("${m}")
 }
 
-fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
+pub(super) fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -35,6 +35,7 @@ fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
                             a href="/ui/keys" { "Keys" }
                             a href="/ui/vendors" { "Vendors" }
                             a href="/ui/audit" { "Audit" }
+                            a href="/ui/webhooks" { "Webhooks" }
                         }
                     }
                     @if let Some(s) = session {
@@ -115,7 +116,14 @@ fn spend_by(keys: &[KeyView], by: impl Fn(&KeyView) -> String) -> Vec<(String, M
     rows
 }
 
-pub fn overview(s: &Session, keys: Option<&[KeyView]>, error: Option<&str>) -> Markup {
+/// `proxies` are those connected now; `head` the latest policy version.
+pub fn overview(
+    s: &Session,
+    keys: Option<&[KeyView]>,
+    error: Option<&str>,
+    proxies: &[crate::domain::FleetNode],
+    head: i64,
+) -> Markup {
     layout(
         Some(s),
         "Overview",
@@ -133,6 +141,23 @@ pub fn overview(s: &Session, keys: Option<&[KeyView]>, error: Option<&str>) -> M
                     @for (label, amount) in &by_run {
                         li { a href={"/ui/run?label=" (urlencode(label))} { (label) } " — " (usd(*amount)) }
                     }
+                }
+                h2 { "Proxies connected" }
+                @if proxies.is_empty() { p.help { "None." } } @else {
+                    div.table-wrap { table #proxies {
+                        thead { tr {
+                            th scope="col" { "Proxy" } th scope="col" { "Policy version" }
+                            th scope="col" { "Last heartbeat" }
+                        } }
+                        tbody { @for n in proxies { tr {
+                            td { (n.node_id) }
+                            td {
+                                (n.applied_version)
+                                @if n.applied_version < head { " (behind " (head) ")" } @else { " (current)" }
+                            }
+                            td { (n.heartbeat_at.format("%H:%M:%S UTC")) }
+                        } } }
+                    } }
                 }
             }
         },
@@ -233,6 +258,40 @@ pub fn keys(s: &Session, f: &KeyFilters, keys: &[KeyView]) -> Markup {
                 button type="submit" { "Filter" }
             }
             @if keys.is_empty() { p.help { "No keys match." } } @else { (keys_table(s, keys)) }
+            @if s.principal.require(Operation::CreateKey).is_ok() {
+                h2 { "Mint a key" }
+                p.help { "The fields of POST /vault/keys; the secret is shown once." }
+                form.mint method="post" action="/ui/keys" {
+                    input type="hidden" name="csrf" value=(s.csrf);
+                    label { "Vendor " input type="text" name="vendor" required; }
+                    label { "Daily cap, USD " input type="text" name="daily_usd_cap" required inputmode="decimal"; }
+                    label { "Per-call cap, USD " input type="text" name="per_call_usd_cap" inputmode="decimal"; }
+                    label { "Lifetime cap, USD " input type="text" name="lifetime_usd_cap" inputmode="decimal"; }
+                    label { "Allowed endpoints, one a line "
+                        textarea name="allowed_endpoints" rows="3" required placeholder="POST /v1/payment_intents" {}
+                    }
+                    label { "Expires in " input type="text" name="expires_in" value="24h" required; }
+                    label { "Run label " input type="text" name="agent_run_label" required; }
+                    button type="submit" { "Mint" }
+                }
+            }
+        },
+    )
+}
+
+/// A key just minted: its secret, once, and the proxies that serve it.
+pub fn minted(s: &Session, k: &KeyView, secret: &str, c: &Confirmation) -> Markup {
+    layout(
+        Some(s),
+        "Key minted",
+        html! {
+            div.notice role="status" {
+                p { "Key " code #key-id { (k.key.id) } " for run " (k.key.agent_run_label) ". Its secret, shown only now:" }
+                p { code #key-secret { (secret) } }
+            }
+            p { "Served by " (c.confirmed.len()) " proxy(ies)"
+                @if !c.unconfirmed.is_empty() { "; not yet confirmed by " (c.unconfirmed.join(", ")) } "." }
+            p { a href="/ui/keys" { "Back to keys" } }
         },
     )
 }
@@ -303,10 +362,15 @@ pub fn vendors(s: &Session, vendors: &[VendorView], fingerprints: &[Option<Strin
                         td { (v.vendor.name.as_str()) }
                         td { (v.vendor.profile.as_str()) }
                         td { code { (v.vendor.base_url) } }
-                        td { @match fingerprint {
-                            Some(f) => code { (f) },
-                            None => "cannot be opened",
-                        } }
+                        td {
+                            @match fingerprint {
+                                Some(f) => code { (f) },
+                                None => "cannot be opened",
+                            }
+                            @if v.vendor.rotation_overdue(chrono::Utc::now()) {
+                                " " strong.overdue { "due for rotation" }
+                            }
+                        }
                         td {
                             @if v.vendor.prices.is_empty() { "shipped with keycap" }
                             @else { "operator's table, set " (v.vendor.updated_at.format("%Y-%m-%d %H:%M UTC")) }
@@ -367,6 +431,13 @@ pub fn audit(s: &Session, f: &AuditFilters, entries: &[AuditEntry], more: bool) 
                 label { "Vendor " input type="text" name="vendor" value=[f.vendor.as_deref()]; }
                 label { "Key id " input type="text" name="key_id" value=[f.key_id.as_deref()]; }
                 button type="submit" { "Filter" }
+            }
+            @if s.principal.vendors.check_all().is_ok() {
+                p.export {
+                    "Export the whole ledger (chain fields included, verifiable offline): "
+                    a href="/ui/audit/export?format=jsonl" download { "JSON lines" } " · "
+                    a href="/ui/audit/export?format=csv" download { "CSV" }
+                }
             }
             @if entries.is_empty() { p.help { "No audit entries match." } } @else {
                 div.table-wrap { table #audit {

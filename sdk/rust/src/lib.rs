@@ -15,6 +15,7 @@ use std::path::Path;
 use keycap_proto::pb::{
     admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
     key_service_client::KeyServiceClient, vendor_service_client::VendorServiceClient,
+    webhook_service_client::WebhookServiceClient,
 };
 use keycap_proto::tls::{self, Trust};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -67,6 +68,7 @@ pub struct AdminClient {
     pub keys: KeyServiceClient<Svc>,
     pub audit: AuditServiceClient<Svc>,
     pub admin_tokens: AdminTokenServiceClient<Svc>,
+    pub webhooks: WebhookServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -108,7 +110,8 @@ impl AdminClient {
             vendors: VendorServiceClient::with_interceptor(channel.clone(), auth.clone()),
             keys: KeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            admin_tokens: AdminTokenServiceClient::with_interceptor(channel, auth),
+            admin_tokens: AdminTokenServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            webhooks: WebhookServiceClient::with_interceptor(channel, auth),
         })
     }
 }

@@ -129,6 +129,7 @@ async fn proxy(
         let mut req = tonic::Request::new(pb::ReportSpendRequest {
             node_id: node_id.clone(),
             events,
+            spool_depth: 0,
         });
         req.metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse()?);

@@ -11,7 +11,7 @@ use keycap_tests::pki::TestCa;
 use reqwest::header::{HeaderMap, CONTENT_SECURITY_POLICY, LOCATION, SET_COOKIE};
 use serde_json::json;
 
-use super::{dollar_charge, stack_with_stripe, stripe_key_body};
+use super::{dollar_charge, stack_with_stripe, stripe_key_body, wait_for, within, Duration};
 
 /// A browser's view of the dashboard: one cookie jar of one cookie, no
 /// redirects followed, so every answer can be inspected.
@@ -359,4 +359,215 @@ async fn a_read_only_token_sees_no_revoke_button_and_cannot_revoke() {
         .await;
     assert_eq!(refused.status, 403);
     assert_eq!(key_status(&stack.admin, &key.id).await, "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_registers_tests_and_watches_a_webhook_from_the_dashboard() {
+    let mut opts = ControlOpts::sqlite();
+    opts.args.push("--allow-private-webhooks".into());
+    let stack = Stack::start_with(opts).await;
+    let receiver = keycap_tests::receiver::Receiver::start(&[500]).await;
+    let browser = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    // The overview names the connected proxy and the policy version it
+    // applied.
+    let overview = browser.get("/ui").await;
+    assert!(
+        overview.body.contains("Proxies connected"),
+        "{}",
+        overview.body
+    );
+    assert!(
+        overview.body.contains("<td>e2e-proxy</td>"),
+        "{}",
+        overview.body
+    );
+    assert!(overview.body.contains("(current)"), "{}", overview.body);
+    // The Audit page links the ledger export, served on the session.
+    let audit = browser.get("/ui/audit").await;
+    assert!(
+        audit.body.contains("/ui/audit/export?format=csv"),
+        "{}",
+        audit.body
+    );
+    let export = browser.get("/ui/audit/export?format=jsonl").await;
+    assert_eq!(export.status, 200, "{}", export.body);
+    assert_eq!(
+        export.headers.get("content-disposition").unwrap(),
+        "attachment; filename=\"keycap-audit.jsonl\""
+    );
+    let anonymous = Browser::new(&stack.control.url())
+        .get("/ui/audit/export?format=csv")
+        .await;
+    assert_eq!(anonymous.status, 303, "no session, no export");
+    let page = browser.get("/ui/webhooks").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("Register an endpoint"));
+    let csrf = page.csrf();
+    let url = receiver.url("/ui-hook");
+    let created = browser
+        .post(
+            "/ui/webhooks",
+            &[
+                ("csrf", &csrf),
+                ("url", &url),
+                ("event", "cap.threshold"),
+                ("event", "key.revoked"),
+                ("thresholds", "80, 100"),
+                ("format", "keycap"),
+            ],
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let at = created
+        .body
+        .find("id=\"secret\">")
+        .expect("the secret, once");
+    let secret = &created.body[at + 12..];
+    let secret = &secret[..secret.find('<').unwrap()];
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let listed = stack.admin.get("/vault/webhooks").await.expect(200);
+    let id = listed["webhooks"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(listed["webhooks"][0]["thresholds"], json!([80, 100]));
+    assert_eq!(
+        listed["webhooks"][0]["events"],
+        json!(["cap.threshold", "key.revoked"])
+    );
+    let again = browser.get("/ui/webhooks").await;
+    assert!(again.body.contains(&id) && !again.body.contains(secret));
+
+    // A bad URL is shown as the field's error and registers nothing.
+    let bad = browser
+        .post(
+            "/ui/webhooks",
+            &[("csrf", &csrf), ("url", "ftp://x.example.com/")],
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(
+        bad.body.contains("url: only http and https"),
+        "{}",
+        bad.body
+    );
+
+    // "Send test event": the receiver answers 500, then 200 on the retry;
+    // the endpoint's page shows both attempts.
+    let tested = browser
+        .post(&format!("/ui/webhooks/{id}/test"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(tested.status, 202, "{}", tested.body);
+    assert!(tested.body.contains("Queued test event"));
+    let shown = wait_for(within(Duration::from_secs(20)), || async {
+        let p = browser.get(&format!("/ui/webhooks/{id}")).await;
+        (p.body.contains("HTTP 500") && p.body.contains("HTTP 200")).then_some(p)
+    })
+    .await
+    .expect("both attempts shown");
+    assert!(shown.body.contains("webhook.test"));
+    assert!(shown.body.contains("delivered"));
+
+    // Cross-site posts are refused; a read-only token has no form and its
+    // forged post is refused by the server.
+    let forged = browser
+        .post_from(
+            "https://evil.example.com",
+            &format!("/ui/webhooks/{id}/delete"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(forged.status, 403);
+    let reader = stack
+        .admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "hooks reader", "scopes": ["webhooks:read"]}),
+        )
+        .await
+        .expect(201);
+    let ro = signed_in(&stack.control.url(), reader["token"].as_str().unwrap()).await;
+    let ro_page = ro.get("/ui/webhooks").await;
+    assert_eq!(ro_page.status, 200);
+    assert!(!ro_page.body.contains("Register an endpoint"));
+    let refused = ro
+        .post(
+            &format!("/ui/webhooks/{id}/delete"),
+            &[("csrf", &ro_page.csrf())],
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains("webhooks:write"));
+
+    let deleted = browser
+        .post(&format!("/ui/webhooks/{id}/delete"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(deleted.status, 200);
+    assert_eq!(
+        stack.admin.get("/vault/webhooks").await.expect(200)["webhooks"],
+        json!([])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mint_form_shows_the_secret_once_and_the_key_works_at_once() {
+    let (stack, _mock) = stack_with_stripe().await;
+    let browser = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    let keys = browser.get("/ui/keys").await;
+    assert!(keys.body.contains("Mint a key"), "{}", keys.body);
+    let csrf = keys.csrf();
+    let minted = browser
+        .post(
+            "/ui/keys",
+            &[
+                ("csrf", &csrf),
+                ("vendor", "stripe"),
+                ("daily_usd_cap", "5"),
+                ("allowed_endpoints", "POST /v1/payment_intents\r\n"),
+                ("expires_in", "1h"),
+                ("agent_run_label", "ui/minted"),
+            ],
+        )
+        .await;
+    assert_eq!(minted.status, 201, "{}", minted.body);
+    let at = minted.body.find("id=\"key-secret\">").expect("the secret");
+    let secret = &minted.body[at + 16..];
+    let secret = secret[..secret.find('<').unwrap()].to_string();
+    assert!(secret.starts_with("kc_"), "{secret}");
+    // Usable on its first call, like a key minted over REST.
+    assert_eq!(dollar_charge(&stack.agent(&secret)).await.status, 200);
+    let again = browser.get("/ui/keys").await;
+    assert!(again.body.contains("ui/minted") && !again.body.contains(&secret));
+
+    // Bad input names the field and mints nothing.
+    let bad = browser
+        .post(
+            "/ui/keys",
+            &[
+                ("csrf", &csrf),
+                ("vendor", "stripe"),
+                ("daily_usd_cap", "lots"),
+                ("allowed_endpoints", "POST /v1/payment_intents"),
+                ("expires_in", "1h"),
+                ("agent_run_label", "ui/bad"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("daily_usd_cap"), "{}", bad.body);
+
+    // A token without keys:issue has no form and is refused.
+    let reader = stack
+        .admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "reader", "scopes": ["keys:read"]}),
+        )
+        .await
+        .expect(201);
+    let ro = signed_in(&stack.control.url(), reader["token"].as_str().unwrap()).await;
+    let page = ro.get("/ui/keys").await;
+    assert!(!page.body.contains("Mint a key"));
+    let refused = ro
+        .post("/ui/keys", &[("csrf", &page.csrf()), ("vendor", "stripe")])
+        .await;
+    assert_eq!(refused.status, 403);
+    assert!(refused.body.contains("keys:issue"), "{}", refused.body);
 }

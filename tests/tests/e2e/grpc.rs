@@ -96,6 +96,7 @@ impl Grpc {
                     prices_json: String::new(),
                     ack_timeout_ms: 0,
                     forward_trace_context: false,
+                    rotate_after: String::new(),
                 }),
             )
             .await
@@ -526,6 +527,7 @@ async fn fleet_calls_need_the_fleet_token() {
     let report = pb::ReportSpendRequest {
         node_id: NODE.into(),
         events: vec![event.clone()],
+        ..Default::default()
     };
 
     let wrong = format!("Bearer {}", keycap_tests::harness::fleet_token());
@@ -663,6 +665,7 @@ async fn report_spend_applies_each_event_once() {
     let batch = pb::ReportSpendRequest {
         node_id: NODE.into(),
         events: events.clone(),
+        ..Default::default()
     };
     let r = fleet
         .report_spend(g.as_fleet(batch.clone()))
@@ -698,6 +701,7 @@ async fn report_spend_applies_each_event_once() {
         .report_spend(g.as_fleet(pb::ReportSpendRequest {
             node_id: NODE.into(),
             events: vec![events[1].clone(), new],
+            ..Default::default()
         }))
         .await
         .expect("ReportSpend mixed")
@@ -828,6 +832,7 @@ async fn vendors_round_trip_over_grpc_without_their_credential() {
             prices_json: String::new(),
             ack_timeout_ms: 0,
             forward_trace_context: true,
+            rotate_after: String::new(),
         }))
         .await
         .expect("PutVendor update")

@@ -430,6 +430,7 @@ async fn leases_spend_reports_and_acks_are_checked_against_the_client_certificat
     let report = |node: &str| pb::ReportSpendRequest {
         node_id: node.into(),
         events: Vec::new(),
+        ..Default::default()
     };
     let give_back = |node: &str| pb::ReturnLeaseRequest {
         lease_id: "lease-1".into(),

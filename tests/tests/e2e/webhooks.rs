@@ -329,3 +329,185 @@ async fn each_threshold_fires_once_with_three_proxies_spending_at_once() {
         "a threshold was delivered twice: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_adds_lists_tests_and_deletes_an_endpoint_over_grpc() {
+    let control = Control::start(private_ok()).await;
+    let receiver = Receiver::start(&[503]).await;
+    let cli = |args: Vec<String>| {
+        let (url, token) = (control.url(), control.opts.admin_token.clone());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            keycap_cli(&url, &token, &args).await
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let added = cli(s(&[
+        "--format",
+        "json",
+        "webhook",
+        "add",
+        &receiver.url("/cli"),
+        "--event",
+        "cap.threshold,key.revoked",
+        "--thresholds",
+        "80,100",
+        "--run-label",
+        "cli-run",
+    ]))
+    .await
+    .json();
+    let id = added["webhook"]["id"].as_str().unwrap().to_string();
+    assert_eq!(added["webhook"]["thresholds"], json!([80, 100]));
+    assert_eq!(added["webhook"]["run_label"], "cli-run");
+    assert!(added["secret"].as_str().unwrap().starts_with("whsec_"));
+    let listed = cli(s(&["--format", "json", "webhook", "list"]))
+        .await
+        .json();
+    assert_eq!(listed["webhooks"][0]["id"], id.as_str());
+
+    let event = cli(s(&["--format", "json", "webhook", "test", &id]))
+        .await
+        .json()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let got = wait_received(&receiver, 2, Duration::from_secs(20)).await;
+    assert_eq!(got[1].header("keycap-event-id"), Some(event.as_str()));
+    let shown = wait_for(within(Duration::from_secs(10)), || async {
+        let d = cli(s(&["--format", "json", "webhook", "deliveries", &id]))
+            .await
+            .json();
+        (d["deliveries"][0]["state"] == "delivered").then_some(d)
+    })
+    .await
+    .expect("the delivery shows as delivered");
+    let d = &shown["deliveries"][0];
+    assert_eq!(d["event_id"], event.as_str());
+    assert_eq!(d["attempts"], 2);
+    assert_eq!(d["attempt_log"][0]["status"], 503);
+    assert_eq!(d["attempt_log"][1]["status"], 200);
+
+    // Bad input is refused with keycap's code.
+    let bad = cli(s(&["webhook", "add", "https://u:p@hooks.example.com/"])).await;
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("invalid_request"), "{}", bad.stderr);
+
+    cli(s(&["--format", "json", "webhook", "delete", &id]))
+        .await
+        .json();
+    let listed = cli(s(&["--format", "json", "webhook", "list"]))
+        .await
+        .json();
+    assert_eq!(listed["webhooks"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_past_its_rotate_after_is_flagged_and_announced_once() {
+    let mut opts = private_ok();
+    opts.args
+        .extend(["--rotation-check-ms".into(), "100".into()]);
+    let control = Control::start(opts).await;
+    let admin = control.admin();
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    let receiver = Receiver::start(&[]).await;
+    register(
+        &admin,
+        json!({"url": receiver.url("/rot"), "events": ["credential.rotation_due"]}),
+    )
+    .await;
+    let put = json!({"profile": "stripe", "base_url": mock.url(),
+                     "credential": STRIPE_CREDENTIAL, "rotate_after": "2s"});
+    let v = admin
+        .put_json("/vault/vendors/stripe", &put)
+        .await
+        .expect(201);
+    assert_eq!(v["rotate_after_seconds"], 2);
+    assert_eq!(v["rotation_overdue"], false);
+    let bad = admin
+        .put_json(
+            "/vault/vendors/stripe",
+            &json!({"profile": "stripe", "base_url": mock.url(), "rotate_after": "soon"}),
+        )
+        .await;
+    assert_eq!(
+        bad.expect_error(400, "invalid_request")["field"],
+        "rotate_after"
+    );
+
+    let first = wait_received(&receiver, 1, Duration::from_secs(20)).await;
+    let event = first[0].json();
+    assert_eq!(event["type"], "credential.rotation_due");
+    assert_eq!(event["data"]["vendor"], "stripe");
+    assert_eq!(event["data"]["credential_set_at"], v["credential_set_at"]);
+    let read = admin.get("/vault/vendors/stripe").await.expect(200);
+    assert_eq!(read["rotation_overdue"], true);
+
+    // A new credential starts again: one more alert, for it, once due.
+    let v2 = admin
+        .put_json("/vault/vendors/stripe", &put)
+        .await
+        .expect(200);
+    assert_eq!(v2["rotation_overdue"], false);
+    let got = wait_received(&receiver, 2, Duration::from_secs(20)).await;
+    assert_eq!(
+        got[1].json()["data"]["credential_set_at"],
+        v2["credential_set_at"]
+    );
+    // Checks keep running every 100 ms; neither credential is announced
+    // again (the outbox holds one event per credential).
+    let id = admin.get("/vault/webhooks").await.expect(200)["webhooks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(deliveries(&admin, &id).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_reporting_a_spool_backlog_is_announced_once_an_hour() {
+    use keycap_proto::pb;
+    use keycap_proto::pb::fleet_service_client::FleetServiceClient;
+
+    let control = Control::start(private_ok()).await;
+    let receiver = Receiver::start(&[]).await;
+    register(
+        &control.admin(),
+        json!({"url": receiver.url("/spool"), "events": ["spool.backlog"]}),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(control.url())
+        .unwrap()
+        .connect()
+        .await
+        .expect("gRPC connection");
+    let mut fleet = FleetServiceClient::new(channel);
+    let report = |depth: i64| {
+        let mut r = tonic::Request::new(pb::ReportSpendRequest {
+            node_id: "spooling-proxy".into(),
+            events: Vec::new(),
+            spool_depth: depth,
+        });
+        let token: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", control.opts.fleet_token)
+                .parse()
+                .unwrap();
+        r.metadata_mut().insert("authorization", token);
+        r
+    };
+    // Below the threshold: nothing; at or above it: one event this hour,
+    // however many reports say so.
+    fleet.report_spend(report(999)).await.expect("report");
+    for depth in [1000, 4000, 2500] {
+        fleet.report_spend(report(depth)).await.expect("report");
+    }
+    let got = wait_received(&receiver, 1, Duration::from_secs(20)).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "spool.backlog");
+    assert_eq!(event["data"]["node_id"], "spooling-proxy");
+    assert_eq!(event["data"]["spool_depth"], 1000);
+    let id = control.admin().get("/vault/webhooks").await.expect(200)["webhooks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(deliveries(&control.admin(), &id).await.len(), 1);
+}

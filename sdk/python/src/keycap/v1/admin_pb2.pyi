@@ -78,6 +78,9 @@ class Vendor(_message.Message):
     PRICES_JSON_FIELD_NUMBER: _builtins.int
     PROXY_ERRORS_FIELD_NUMBER: _builtins.int
     FORWARD_TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    ROTATE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_SET_AT_FIELD_NUMBER: _builtins.int
+    ROTATION_OVERDUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     """Pricing and credential-injection profile: "stripe", "openai"."""
@@ -90,6 +93,12 @@ class Vendor(_message.Message):
     """The proxy forwards the agent's W3C trace context (traceparent,
     tracestate) to this vendor; off by default.
     """
+    rotate_after_seconds: _builtins.int
+    """How long a credential may be used before it is due for rotation, in
+    seconds; 0: never.
+    """
+    rotation_overdue: _builtins.bool
+    """The credential is older than rotate_after: rotate it."""
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """USD rates for non-USD currencies, as decimal strings: {"eur": "1.08"}
@@ -106,6 +115,10 @@ class Vendor(_message.Message):
         reported it; empty when every proxy serves it. Filled on reads only.
         """
 
+    @_builtins.property
+    def credential_set_at(self) -> _timestamp_pb2.Timestamp:
+        """When the credential was last set (a KEK rotation does not count)."""
+
     def __init__(
         self,
         *,
@@ -118,10 +131,13 @@ class Vendor(_message.Message):
         prices_json: _builtins.str = ...,
         proxy_errors: _abc.Iterable[Global___VendorProxyError] | None = ...,
         forward_trace_context: _builtins.bool = ...,
+        rotate_after_seconds: _builtins.int = ...,
+        credential_set_at: _timestamp_pb2.Timestamp | None = ...,
+        rotation_overdue: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credential_set_at", b"credential_set_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "credential_set_at", b"credential_set_at", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "rotate_after_seconds", b"rotate_after_seconds", "rotation_overdue", b"rotation_overdue", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,6 +203,7 @@ class PutVendorRequest(_message.Message):
     PRICES_JSON_FIELD_NUMBER: _builtins.int
     ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     FORWARD_TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    ROTATE_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     base_url: _builtins.str
@@ -207,6 +224,10 @@ class PutVendorRequest(_message.Message):
     """Forward the agent's W3C trace context (traceparent, tracestate) to
     this vendor. Off (the default) strips both before the call leaves.
     """
+    rotate_after: _builtins.str
+    """How long a credential may be used before it is due for rotation
+    ("90d", "12h"); empty: never. Replaces the stored value.
+    """
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -220,10 +241,11 @@ class PutVendorRequest(_message.Message):
         prices_json: _builtins.str = ...,
         ack_timeout_ms: _builtins.int = ...,
         forward_trace_context: _builtins.bool = ...,
+        rotate_after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "base_url", b"base_url", "credential", b"credential", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "base_url", b"base_url", "credential", b"credential", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "rotate_after", b"rotate_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1842,8 +1864,8 @@ class AdminToken(_message.Message):
 
     Least-privilege admin tokens. Scopes: vendors:read, vendors:write,
     credentials:write, keys:read, keys:issue, keys:revoke, audit:read,
-    fleet:read, fleet:write (reserved), tokens:read, tokens:write, and admin
-    (all). A token may be restricted to some vendors, may expire, and may be
+    fleet:read, fleet:write (reserved), tokens:read, tokens:write,
+    webhooks:read, webhooks:write, and admin (all). A token may be restricted to some vendors, may expire, and may be
     revoked. A token can only create, list or revoke tokens whose scopes and
     vendors are within its own.
 
@@ -2043,3 +2065,366 @@ class RevokeAdminTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeAdminTokenResponse: _TypeAlias = RevokeAdminTokenResponse  # noqa: Y015
+
+@_typing.final
+class WebhookEndpoint(_message.Message):
+    """--- alert webhooks ---------------------------------------------------------
+    Endpoints keycap posts signed events to (docs/webhooks.md). Every call
+    needs a token unrestricted by vendor: events are about every vendor's keys.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    RUN_LABEL_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    url: _builtins.str
+    run_label: _builtins.str
+    """Only events about this run label; empty: any."""
+    key_id: _builtins.str
+    """Only events about this key; empty: any."""
+    format: _builtins.str
+    """"keycap" (the JSON event) or "slack" (an incoming-webhook message)."""
+    description: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event types (e.g. "cap.threshold"); empty means every type."""
+
+    @_builtins.property
+    def thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Cap thresholds in percent, ascending."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        events: _abc.Iterable[_builtins.str] | None = ...,
+        thresholds: _abc.Iterable[_builtins.int] | None = ...,
+        run_label: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        format: _builtins.str = ...,
+        description: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "events", b"events", "format", b"format", "id", b"id", "key_id", b"key_id", "run_label", b"run_label", "thresholds", b"thresholds", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookEndpoint: _TypeAlias = WebhookEndpoint  # noqa: Y015
+
+@_typing.final
+class CreateWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    RUN_LABEL_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """http(s), no user information; the host must resolve to public
+    addresses unless the control plane runs with --allow-private-webhooks.
+    """
+    secret: _builtins.str
+    """16-256 characters; empty: keycap draws one (whsec_...)."""
+    run_label: _builtins.str
+    key_id: _builtins.str
+    format: _builtins.str
+    """Empty or "keycap", or "slack"."""
+    description: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """1-100 each; empty: 50, 80, 100."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        secret: _builtins.str = ...,
+        events: _abc.Iterable[_builtins.str] | None = ...,
+        thresholds: _abc.Iterable[_builtins.int] | None = ...,
+        run_label: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        format: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "events", b"events", "format", b"format", "key_id", b"key_id", "run_label", b"run_label", "secret", b"secret", "thresholds", b"thresholds", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookRequest: _TypeAlias = CreateWebhookRequest  # noqa: Y015
+
+@_typing.final
+class CreateWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The signing secret. Shown only here."""
+    @_builtins.property
+    def webhook(self) -> Global___WebhookEndpoint: ...
+    def __init__(
+        self,
+        *,
+        webhook: Global___WebhookEndpoint | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookResponse: _TypeAlias = CreateWebhookResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhooksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhooksRequest: _TypeAlias = ListWebhooksRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhooksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookEndpoint]: ...
+    def __init__(
+        self,
+        *,
+        webhooks: _abc.Iterable[Global___WebhookEndpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhooks", b"webhooks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhooksResponse: _TypeAlias = ListWebhooksResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookRequest: _TypeAlias = DeleteWebhookRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookResponse: _TypeAlias = DeleteWebhookResponse  # noqa: Y015
+
+@_typing.final
+class TestWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestWebhookRequest: _TypeAlias = TestWebhookRequest  # noqa: Y015
+
+@_typing.final
+class TestWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The queued webhook.test event's id."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestWebhookResponse: _TypeAlias = TestWebhookResponse  # noqa: Y015
+
+@_typing.final
+class WebhookAttempt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    status: _builtins.int
+    """The receiver's HTTP status; 0 when it did not answer."""
+    error: _builtins.str
+    """Why it failed; empty for a 2xx."""
+    duration_ms: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        status: _builtins.int = ...,
+        error: _builtins.str = ...,
+        duration_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "duration_ms", b"duration_ms", "error", b"error", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookAttempt: _TypeAlias = WebhookAttempt  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    event_id: _builtins.str
+    event_type: _builtins.str
+    state: _builtins.str
+    """"pending", "delivered" or "failed"."""
+    payload_json: _builtins.str
+    """The event as delivered in keycap's format (JSON text)."""
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """Set while pending."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookAttempt]: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        state: _builtins.str = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _abc.Iterable[Global___WebhookAttempt] | None = ...,
+        payload_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "event_id", b"event_id", "event_type", b"event_type", "next_attempt_at", b"next_attempt_at", "payload_json", b"payload_json", "seq", b"seq", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    limit: _builtins.int
+    """0: 100; at most 1000."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]: ...
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015

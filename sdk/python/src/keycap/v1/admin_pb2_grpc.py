@@ -1151,3 +1151,252 @@ class AdminTokenService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WebhookServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateWebhook = channel.unary_unary(
+                '/keycap.v1.WebhookService/CreateWebhook',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/keycap.v1.WebhookService/ListWebhooks',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/keycap.v1.WebhookService/DeleteWebhook',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.TestWebhook = channel.unary_unary(
+                '/keycap.v1.WebhookService/TestWebhook',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.TestWebhookRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.TestWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/keycap.v1.WebhookService/ListWebhookDeliveries',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+
+
+class WebhookServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def CreateWebhook(self, request, context):
+        """Needs webhooks:write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Needs webhooks:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Needs webhooks:write. Its deliveries go with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestWebhook(self, request, context):
+        """Needs webhooks:write. Queues a webhook.test event for this endpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """Needs webhooks:read. Newest first, with every attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WebhookServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'TestWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestWebhook,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.TestWebhookRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.TestWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keycap.v1.WebhookService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keycap.v1.WebhookService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WebhookService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.WebhookService/CreateWebhook',
+            keycap_dot_v1_dot_admin__pb2.CreateWebhookRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.WebhookService/ListWebhooks',
+            keycap_dot_v1_dot_admin__pb2.ListWebhooksRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.WebhookService/DeleteWebhook',
+            keycap_dot_v1_dot_admin__pb2.DeleteWebhookRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.WebhookService/TestWebhook',
+            keycap_dot_v1_dot_admin__pb2.TestWebhookRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.TestWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.WebhookService/ListWebhookDeliveries',
+            keycap_dot_v1_dot_admin__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

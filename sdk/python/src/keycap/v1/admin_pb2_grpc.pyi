@@ -376,3 +376,76 @@ class AdminTokenServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_AdminTokenServiceServicer_to_server(servicer: AdminTokenServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class WebhookServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> WebhookServiceAsyncStub: ...
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateWebhookRequest, _admin_pb2.CreateWebhookResponse]
+    """Needs webhooks:write."""
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListWebhooksRequest, _admin_pb2.ListWebhooksResponse]
+    """Needs webhooks:read."""
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteWebhookRequest, _admin_pb2.DeleteWebhookResponse]
+    """Needs webhooks:write. Its deliveries go with it."""
+    TestWebhook: _grpc.UnaryUnaryMultiCallable[_admin_pb2.TestWebhookRequest, _admin_pb2.TestWebhookResponse]
+    """Needs webhooks:write. Queues a webhook.test event for this endpoint."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListWebhookDeliveriesRequest, _admin_pb2.ListWebhookDeliveriesResponse]
+    """Needs webhooks:read. Newest first, with every attempt."""
+
+@_typing.type_check_only
+class WebhookServiceAsyncStub(WebhookServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateWebhookRequest, _admin_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    """Needs webhooks:write."""
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListWebhooksRequest, _admin_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """Needs webhooks:read."""
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteWebhookRequest, _admin_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """Needs webhooks:write. Its deliveries go with it."""
+    TestWebhook: _aio.UnaryUnaryMultiCallable[_admin_pb2.TestWebhookRequest, _admin_pb2.TestWebhookResponse]  # type: ignore[assignment]
+    """Needs webhooks:write. Queues a webhook.test event for this endpoint."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListWebhookDeliveriesRequest, _admin_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Needs webhooks:read. Newest first, with every attempt."""
+
+class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _admin_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateWebhookResponse, _abc.Awaitable[_admin_pb2.CreateWebhookResponse]]:
+        """Needs webhooks:write."""
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _admin_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListWebhooksResponse, _abc.Awaitable[_admin_pb2.ListWebhooksResponse]]:
+        """Needs webhooks:read."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _admin_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteWebhookResponse, _abc.Awaitable[_admin_pb2.DeleteWebhookResponse]]:
+        """Needs webhooks:write. Its deliveries go with it."""
+
+    @_abc_1.abstractmethod
+    def TestWebhook(
+        self,
+        request: _admin_pb2.TestWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TestWebhookResponse, _abc.Awaitable[_admin_pb2.TestWebhookResponse]]:
+        """Needs webhooks:write. Queues a webhook.test event for this endpoint."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _admin_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_admin_pb2.ListWebhookDeliveriesResponse]]:
+        """Needs webhooks:read. Newest first, with every attempt."""
+
+def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keycap/v1/admin.proto.
  */
 export const file_keycap_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChVrZXljYXAvdjEvYWRtaW4ucHJvdG8SCWtleWNhcC52MSL0AgoGVmVuZG9yEgwKBG5hbWUYASABKAkSDwoHcHJvZmlsZRgCIAEoCRIQCghiYXNlX3VybBgDIAEoCRI8Cg5jdXJyZW5jeV9yYXRlcxgEIAMoCzIkLmtleWNhcC52MS5WZW5kb3IuQ3VycmVuY3lSYXRlc0VudHJ5Ei4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3ByaWNlc19qc29uGAcgASgJEjEKDHByb3h5X2Vycm9ycxgIIAMoCzIbLmtleWNhcC52MS5WZW5kb3JQcm94eUVycm9yEh0KFWZvcndhcmRfdHJhY2VfY29udGV4dBgJIAEoCBo0ChJDdXJyZW5jeVJhdGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJaChBWZW5kb3JQcm94eUVycm9yEg8KB25vZGVfaWQYASABKAkSDQoFZXJyb3IYAiABKAkSJgoCYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqECChBQdXRWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkSDwoHcHJvZmlsZRgCIAEoCRIQCghiYXNlX3VybBgDIAEoCRISCgpjcmVkZW50aWFsGAQgASgJEkYKDmN1cnJlbmN5X3JhdGVzGAUgAygLMi4ua2V5Y2FwLnYxLlB1dFZlbmRvclJlcXVlc3QuQ3VycmVuY3lSYXRlc0VudHJ5EhMKC3ByaWNlc19qc29uGAYgASgJEhYKDmFja190aW1lb3V0X21zGAcgASgNEh0KFWZvcndhcmRfdHJhY2VfY29udGV4dBgIIAEoCBo0ChJDdXJyZW5jeVJhdGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJ7ChFQdXRWZW5kb3JSZXNwb25zZRIhCgZ2ZW5kb3IYASABKAsyES5rZXljYXAudjEuVmVuZG9yEg8KB2NyZWF0ZWQYAiABKAgSMgoMY29uZmlybWF0aW9uGAMgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIiAKEEdldFZlbmRvclJlcXVlc3QSDAoEbmFtZRgBIAEoCSI2ChFHZXRWZW5kb3JSZXNwb25zZRIhCgZ2ZW5kb3IYASABKAsyES5rZXljYXAudjEuVmVuZG9yIhQKEkxpc3RWZW5kb3JzUmVxdWVzdCI5ChNMaXN0VmVuZG9yc1Jlc3BvbnNlEiIKB3ZlbmRvcnMYASADKAsyES5rZXljYXAudjEuVmVuZG9yIjsKE0RlbGV0ZVZlbmRvclJlcXVlc3QSDAoEbmFtZRgBIAEoCRIWCg5hY2tfdGltZW91dF9tcxgCIAEoDSJKChREZWxldGVWZW5kb3JSZXNwb25zZRIyCgxjb25maXJtYXRpb24YASABKAsyHC5rZXljYXAudjEuRmxlZXRDb25maXJtYXRpb24iEgoQUm90YXRlS2VrUmVxdWVzdCJnChFSb3RhdGVLZWtSZXNwb25zZRIOCgZrZWtfaWQYASABKAkSEQoJcmV3cmFwcGVkGAIgASgNEhcKD2FscmVhZHlfY3VycmVudBgDIAEoDRIWCg5mYWlsZWRfdmVuZG9ycxgEIAMoCSI/ChlJbXBvcnRWZW5kb3JQcmljZXNSZXF1ZXN0EgwKBG5hbWUYASABKAkSFAoMbGl0ZWxsbV9qc29uGAIgASgJIm0KGkltcG9ydFZlbmRvclByaWNlc1Jlc3BvbnNlEiEKBnZlbmRvchgBIAEoCzIRLmtleWNhcC52MS5WZW5kb3ISLAoGcmVwb3J0GAIgASgLMhwua2V5Y2FwLnYxLlByaWNlSW1wb3J0UmVwb3J0IsUBChFQcmljZUltcG9ydFJlcG9ydBINCgVhc19vZhgBIAEoCRIPCgdlbnRyaWVzGAIgASgNEg4KBm1vZGVscxgDIAMoCRISCgplbWJlZGRpbmdzGAQgAygJEg4KBmltYWdlcxgFIAMoCRItCgdza2lwcGVkGAYgAygLMhwua2V5Y2FwLnYxLlNraXBwZWRQcmljZUVudHJ5Ei0KDXVudXNlZF9wcmljZXMYByADKAsyFi5rZXljYXAudjEuVW51c2VkUHJpY2UiMQoRU2tpcHBlZFByaWNlRW50cnkSDAoEbmFtZRgBIAEoCRIOCgZyZWFzb24YAiABKAkiPAoLVW51c2VkUHJpY2USDAoEa2luZBgBIAEoCRIOCgZyZWFzb24YAiABKAkSDwoHZW50cmllcxgDIAEoDSKlBQoIVmF1bHRLZXkSCgoCaWQYASABKAkSEgoKa2V5X3ByZWZpeBgCIAEoCRIOCgZ2ZW5kb3IYAyABKAkSGQoRYWxsb3dlZF9lbmRwb2ludHMYBCADKAkSGAoQZGFpbHlfY2FwX21pY3JvcxgFIAEoAxIbChNwZXJfY2FsbF9jYXBfbWljcm9zGAYgASgDEhsKE2xpZmV0aW1lX2NhcF9taWNyb3MYByABKAMSLgoKZXhwaXJlc19hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPYWdlbnRfcnVuX2xhYmVsGAkgASgJEjMKCG1ldGFkYXRhGAogAygLMiEua2V5Y2FwLnYxLlZhdWx0S2V5Lk1ldGFkYXRhRW50cnkSLgoKY3JlYXRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc3RhdHVzGA0gASgOMhQua2V5Y2FwLnYxLktleVN0YXR1cxIaChJzcGVudF90b2RheV9taWNyb3MYDiABKAMSHgoWcmVtYWluaW5nX3RvZGF5X21pY3JvcxgPIAEoAxIdChVzcGVudF9saWZldGltZV9taWNyb3MYECABKAMSEwoLY2FsbHNfdG9kYXkYESABKAMSHQoVcmF0ZV9saW1pdF9wZXJfbWludXRlGBIgASgNEhUKDWFsbG93ZWRfY2lkcnMYEyADKAkSDAoEem9uZRgUIAEoCRIRCglwYXJlbnRfaWQYFSABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqMDChBDcmVhdGVLZXlSZXF1ZXN0Eg4KBnZlbmRvchgBIAEoCRIZChFhbGxvd2VkX2VuZHBvaW50cxgCIAMoCRIYChBkYWlseV9jYXBfbWljcm9zGAMgASgDEhsKE3Blcl9jYWxsX2NhcF9taWNyb3MYBCABKAMSGwoTbGlmZXRpbWVfY2FwX21pY3JvcxgFIAEoAxIaChJleHBpcmVzX2luX3NlY29uZHMYBiABKAMSFwoPYWdlbnRfcnVuX2xhYmVsGAcgASgJEjsKCG1ldGFkYXRhGAggAygLMikua2V5Y2FwLnYxLkNyZWF0ZUtleVJlcXVlc3QuTWV0YWRhdGFFbnRyeRIdChVyYXRlX2xpbWl0X3Blcl9taW51dGUYCSABKA0SFQoNYWxsb3dlZF9jaWRycxgKIAMoCRIMCgR6b25lGAsgASgJEhEKCXBhcmVudF9pZBgMIAEoCRIWCg5hY2tfdGltZW91dF9tcxgNIAEoDRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEieQoRQ3JlYXRlS2V5UmVzcG9uc2USIAoDa2V5GAEgASgLMhMua2V5Y2FwLnYxLlZhdWx0S2V5Eg4KBnNlY3JldBgCIAEoCRIyCgxjb25maXJtYXRpb24YAyABKAsyHC5rZXljYXAudjEuRmxlZXRDb25maXJtYXRpb24iGwoNR2V0S2V5UmVxdWVzdBIKCgJpZBgBIAEoCSIyCg5HZXRLZXlSZXNwb25zZRIgCgNrZXkYASABKAsyEy5rZXljYXAudjEuVmF1bHRLZXkiVAoPTGlzdEtleXNSZXF1ZXN0EhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCRIOCgZ2ZW5kb3IYAiABKAkSGAoQaW5jbHVkZV9pbmFjdGl2ZRgDIAEoCCI1ChBMaXN0S2V5c1Jlc3BvbnNlEiEKBGtleXMYASADKAsyEy5rZXljYXAudjEuVmF1bHRLZXkiNgoQUmV2b2tlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIWCg5hY2tfdGltZW91dF9tcxgCIAEoDSJ6ChFGbGVldENvbmZpcm1hdGlvbhIPCgd2ZXJzaW9uGAEgASgDEhcKD2NvbmZpcm1lZF9ub2RlcxgCIAMoCRIZChF1bmNvbmZpcm1lZF9ub2RlcxgDIAMoCRIgChh1bmNvbmZpcm1lZF9sZWFzZV9taWNyb3MYBCABKAMiaQoRUmV2b2tlS2V5UmVzcG9uc2USIAoDa2V5GAEgASgLMhMua2V5Y2FwLnYxLlZhdWx0S2V5EjIKDGNvbmZpcm1hdGlvbhgCIAEoCzIcLmtleWNhcC52MS5GbGVldENvbmZpcm1hdGlvbiJDChBSZXZva2VSdW5SZXF1ZXN0EhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCRIWCg5hY2tfdGltZW91dF9tcxgCIAEoDSJcChFSZXZva2VSdW5SZXNwb25zZRITCgtyZXZva2VkX2lkcxgBIAMoCRIyCgxjb25maXJtYXRpb24YAiABKAsyHC5rZXljYXAudjEuRmxlZXRDb25maXJtYXRpb24igwIKC0lzc3VlclRva2VuEgoKAmlkGAEgASgJEg4KBmtleV9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEhQKDHRva2VuX3ByZWZpeBgEIAEoCRIuCgpjcmVhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgZzdGF0dXMYCCABKA4yFC5rZXljYXAudjEuS2V5U3RhdHVzIlQKGENyZWF0ZUlzc3VlclRva2VuUmVxdWVzdBIOCgZrZXlfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIaChJleHBpcmVzX2luX3NlY29uZHMYAyABKAMiUgoZQ3JlYXRlSXNzdWVyVG9rZW5SZXNwb25zZRIlCgV0b2tlbhgBIAEoCzIWLmtleWNhcC52MS5Jc3N1ZXJUb2tlbhIOCgZzZWNyZXQYAiABKAkiQwoXTGlzdElzc3VlclRva2Vuc1JlcXVlc3QSDgoGa2V5X2lkGAEgASgJEhgKEGluY2x1ZGVfaW5hY3RpdmUYAiABKAgiQgoYTGlzdElzc3VlclRva2Vuc1Jlc3BvbnNlEiYKBnRva2VucxgBIAMoCzIWLmtleWNhcC52MS5Jc3N1ZXJUb2tlbiImChhSZXZva2VJc3N1ZXJUb2tlblJlcXVlc3QSCgoCaWQYASABKAkiQgoZUmV2b2tlSXNzdWVyVG9rZW5SZXNwb25zZRIlCgV0b2tlbhgBIAEoCzIWLmtleWNhcC52MS5Jc3N1ZXJUb2tlbiKOBAoKQXVkaXRFbnRyeRILCgNzZXEYASABKAMSEAoIZXZlbnRfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEhcKD2FnZW50X3J1bl9sYWJlbBgEIAEoCRIOCgZ2ZW5kb3IYBSABKAkSDgoGbWV0aG9kGAYgASgJEgwKBHBhdGgYByABKAkSFwoPdXBzdHJlYW1fc3RhdHVzGAggASgFEhcKD3Jlc2VydmVkX21pY3JvcxgJIAEoAxITCgtjb3N0X21pY3JvcxgKIAEoAxIPCgdvdXRjb21lGAsgASgJEiYKAmF0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdub2RlX2lkGA0gASgJEhMKC2RldGFpbF9qc29uGA4gASgJEhAKCGxlYXNlX2lkGA8gASgJEgsKA2RheRgQIAEoCRIQCgh0cmFjZV9pZBgRIAEoCRIzCgdjb250ZXh0GBIgAygLMiIua2V5Y2FwLnYxLkF1ZGl0RW50cnkuQ29udGV4dEVudHJ5EhEKCXByZXZfaGFzaBgTIAEoDBIMCgRoYXNoGBQgASgMEhYKDnJlZnVzYWxfcmVhc29uGBUgASgJEhUKDXJlZnVzZWRfY2FsbHMYFiABKAMaLgoMQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEilQIKEVF1ZXJ5QXVkaXRSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIXCg9hZ2VudF9ydW5fbGFiZWwYAiABKAkSDgoGdmVuZG9yGAMgASgJEikKBXNpbmNlGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAYgASgFEhIKCnBhZ2VfdG9rZW4YByABKAkSEAoIdHJhY2VfaWQYCCABKAkSDwoHY29udGV4dBgJIAEoCRIPCgdvdXRjb21lGAogASgJEhYKDnJlZnVzYWxfcmVhc29uGAsgASgJIlUKElF1ZXJ5QXVkaXRSZXNwb25zZRImCgdlbnRyaWVzGAEgAygLMhUua2V5Y2FwLnYxLkF1ZGl0RW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiYKElZlcmlmeUF1ZGl0UmVxdWVzdBIQCghmcm9tX3NlcRgBIAEoAyLCAQoTVmVyaWZ5QXVkaXRSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdjaGVja2VkGAIgASgDEg4KBmxlZ2FjeRgDIAEoAxIQCghoZWFkX3NlcRgEIAEoAxIRCgloZWFkX2hhc2gYBSABKAwSEgoKYnJva2VuX3NlcRgGIAEoAxIVCg1icm9rZW5fcmVhc29uGAcgASgJEhYKDmJyb2tlbl9tZXNzYWdlGAggASgJEhYKDmNoZWNrcG9pbnRfc2VxGAkgASgDInYKCkNoZWNrcG9pbnQSCwoDc2VxGAEgASgDEgwKBGhhc2gYAiABKAwSJgoCYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnB1YmxpY19rZXkYBCABKAwSEQoJc2lnbmF0dXJlGAUgASgMIicKFkxpc3RDaGVja3BvaW50c1JlcXVlc3QSDQoFbGltaXQYASABKAUiRQoXTGlzdENoZWNrcG9pbnRzUmVzcG9uc2USKgoLY2hlY2twb2ludHMYASADKAsyFS5rZXljYXAudjEuQ2hlY2twb2ludCIuChNTcGVuZFN1bW1hcnlSZXF1ZXN0EhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCSJCCgtWZW5kb3JTcGVuZBIOCgZ2ZW5kb3IYASABKAkSFAoMdG90YWxfbWljcm9zGAIgASgDEg0KBWNhbGxzGAMgASgDIn0KFFNwZW5kU3VtbWFyeVJlc3BvbnNlEhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCRIUCgx0b3RhbF9taWNyb3MYAiABKAMSDQoFY2FsbHMYAyABKAMSJwoHdmVuZG9ycxgEIAMoCzIWLmtleWNhcC52MS5WZW5kb3JTcGVuZCKeAQoSU3BlbmRSZXBvcnRSZXF1ZXN0EhAKCGdyb3VwX2J5GAEgAygJEigKBGZyb20YAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKAnRvGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBILCgN0b3AYBCABKAUSFwoPYWdlbnRfcnVuX2xhYmVsGAUgASgJIo4BCgpTcGVuZEdyb3VwEhcKD2FnZW50X3J1bl9sYWJlbBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSDgoGdmVuZG9yGAMgASgJEgsKA2RheRgEIAEoCRIUCgx0b3RhbF9taWNyb3MYBSABKAMSDQoFY2FsbHMYBiABKAMSFQoNcmVmdXNlZF9jYWxscxgHIAEoAyKYAQoTU3BlbmRSZXBvcnRSZXNwb25zZRIQCghncm91cF9ieRgBIAMoCRIlCgZncm91cHMYAiADKAsyFS5rZXljYXAudjEuU3BlbmRHcm91cBIUCgx0b3RhbF9taWNyb3MYAyABKAMSDQoFY2FsbHMYBCABKAMSFQoNcmVmdXNlZF9jYWxscxgFIAEoAxIMCgRtb3JlGAYgASgIInYKEkV4cG9ydEF1ZGl0UmVxdWVzdBIOCgZmb3JtYXQYASABKAkSKAoEZnJvbRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoCdG8YAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIiAKEEV4cG9ydEF1ZGl0Q2h1bmsSDAoEZGF0YRgBIAEoDCKTAgoKQWRtaW5Ub2tlbhIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBnNjb3BlcxgDIAMoCRIPCgd2ZW5kb3JzGAQgAygJEhQKDHRva2VuX3ByZWZpeBgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIkCgZzdGF0dXMYCSABKA4yFC5rZXljYXAudjEuS2V5U3RhdHVzImQKF0NyZWF0ZUFkbWluVG9rZW5SZXF1ZXN0EgwKBG5hbWUYASABKAkSDgoGc2NvcGVzGAIgAygJEg8KB3ZlbmRvcnMYAyADKAkSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAQgASgDIlAKGENyZWF0ZUFkbWluVG9rZW5SZXNwb25zZRIkCgV0b2tlbhgBIAEoCzIVLmtleWNhcC52MS5BZG1pblRva2VuEg4KBnNlY3JldBgCIAEoCSIyChZMaXN0QWRtaW5Ub2tlbnNSZXF1ZXN0EhgKEGluY2x1ZGVfaW5hY3RpdmUYASABKAgiQAoXTGlzdEFkbWluVG9rZW5zUmVzcG9uc2USJQoGdG9rZW5zGAEgAygLMhUua2V5Y2FwLnYxLkFkbWluVG9rZW4iJQoXUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QSCgoCaWQYASABKAkiQAoYUmV2b2tlQWRtaW5Ub2tlblJlc3BvbnNlEiQKBXRva2VuGAEgASgLMhUua2V5Y2FwLnYxLkFkbWluVG9rZW4qbgoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhYKEktFWV9TVEFUVVNfRVhQSVJFRBACEhYKEktFWV9TVEFUVVNfUkVWT0tFRBADMukDCg1WZW5kb3JTZXJ2aWNlEkYKCVB1dFZlbmRvchIbLmtleWNhcC52MS5QdXRWZW5kb3JSZXF1ZXN0Ghwua2V5Y2FwLnYxLlB1dFZlbmRvclJlc3BvbnNlEkYKCUdldFZlbmRvchIbLmtleWNhcC52MS5HZXRWZW5kb3JSZXF1ZXN0Ghwua2V5Y2FwLnYxLkdldFZlbmRvclJlc3BvbnNlEkwKC0xpc3RWZW5kb3JzEh0ua2V5Y2FwLnYxLkxpc3RWZW5kb3JzUmVxdWVzdBoeLmtleWNhcC52MS5MaXN0VmVuZG9yc1Jlc3BvbnNlEk8KDERlbGV0ZVZlbmRvchIeLmtleWNhcC52MS5EZWxldGVWZW5kb3JSZXF1ZXN0Gh8ua2V5Y2FwLnYxLkRlbGV0ZVZlbmRvclJlc3BvbnNlEkYKCVJvdGF0ZUtlaxIbLmtleWNhcC52MS5Sb3RhdGVLZWtSZXF1ZXN0Ghwua2V5Y2FwLnYxLlJvdGF0ZUtla1Jlc3BvbnNlEmEKEkltcG9ydFZlbmRvclByaWNlcxIkLmtleWNhcC52MS5JbXBvcnRWZW5kb3JQcmljZXNSZXF1ZXN0GiUua2V5Y2FwLnYxLkltcG9ydFZlbmRvclByaWNlc1Jlc3BvbnNlMoUFCgpLZXlTZXJ2aWNlEkYKCUNyZWF0ZUtleRIbLmtleWNhcC52MS5DcmVhdGVLZXlSZXF1ZXN0Ghwua2V5Y2FwLnYxLkNyZWF0ZUtleVJlc3BvbnNlEj0KBkdldEtleRIYLmtleWNhcC52MS5HZXRLZXlSZXF1ZXN0Ghkua2V5Y2FwLnYxLkdldEtleVJlc3BvbnNlEkMKCExpc3RLZXlzEhoua2V5Y2FwLnYxLkxpc3RLZXlzUmVxdWVzdBobLmtleWNhcC52MS5MaXN0S2V5c1Jlc3BvbnNlEkYKCVJldm9rZUtleRIbLmtleWNhcC52MS5SZXZva2VLZXlSZXF1ZXN0Ghwua2V5Y2FwLnYxLlJldm9rZUtleVJlc3BvbnNlEkYKCVJldm9rZVJ1bhIbLmtleWNhcC52MS5SZXZva2VSdW5SZXF1ZXN0Ghwua2V5Y2FwLnYxLlJldm9rZVJ1blJlc3BvbnNlEl4KEUNyZWF0ZUlzc3VlclRva2VuEiMua2V5Y2FwLnYxLkNyZWF0ZUlzc3VlclRva2VuUmVxdWVzdBokLmtleWNhcC52MS5DcmVhdGVJc3N1ZXJUb2tlblJlc3BvbnNlElsKEExpc3RJc3N1ZXJUb2tlbnMSIi5rZXljYXAudjEuTGlzdElzc3VlclRva2Vuc1JlcXVlc3QaIy5rZXljYXAudjEuTGlzdElzc3VlclRva2Vuc1Jlc3BvbnNlEl4KEVJldm9rZUlzc3VlclRva2VuEiMua2V5Y2FwLnYxLlJldm9rZUlzc3VlclRva2VuUmVxdWVzdBokLmtleWNhcC52MS5SZXZva2VJc3N1ZXJUb2tlblJlc3BvbnNlMu0DCgxBdWRpdFNlcnZpY2USSQoKUXVlcnlBdWRpdBIcLmtleWNhcC52MS5RdWVyeUF1ZGl0UmVxdWVzdBodLmtleWNhcC52MS5RdWVyeUF1ZGl0UmVzcG9uc2USTwoMU3BlbmRTdW1tYXJ5Eh4ua2V5Y2FwLnYxLlNwZW5kU3VtbWFyeVJlcXVlc3QaHy5rZXljYXAudjEuU3BlbmRTdW1tYXJ5UmVzcG9uc2USTAoLVmVyaWZ5QXVkaXQSHS5rZXljYXAudjEuVmVyaWZ5QXVkaXRSZXF1ZXN0Gh4ua2V5Y2FwLnYxLlZlcmlmeUF1ZGl0UmVzcG9uc2USWAoPTGlzdENoZWNrcG9pbnRzEiEua2V5Y2FwLnYxLkxpc3RDaGVja3BvaW50c1JlcXVlc3QaIi5rZXljYXAudjEuTGlzdENoZWNrcG9pbnRzUmVzcG9uc2USTAoLU3BlbmRSZXBvcnQSHS5rZXljYXAudjEuU3BlbmRSZXBvcnRSZXF1ZXN0Gh4ua2V5Y2FwLnYxLlNwZW5kUmVwb3J0UmVzcG9uc2USSwoLRXhwb3J0QXVkaXQSHS5rZXljYXAudjEuRXhwb3J0QXVkaXRSZXF1ZXN0Ghsua2V5Y2FwLnYxLkV4cG9ydEF1ZGl0Q2h1bmswATKnAgoRQWRtaW5Ub2tlblNlcnZpY2USWwoQQ3JlYXRlQWRtaW5Ub2tlbhIiLmtleWNhcC52MS5DcmVhdGVBZG1pblRva2VuUmVxdWVzdBojLmtleWNhcC52MS5DcmVhdGVBZG1pblRva2VuUmVzcG9uc2USWAoPTGlzdEFkbWluVG9rZW5zEiEua2V5Y2FwLnYxLkxpc3RBZG1pblRva2Vuc1JlcXVlc3QaIi5rZXljYXAudjEuTGlzdEFkbWluVG9rZW5zUmVzcG9uc2USWwoQUmV2b2tlQWRtaW5Ub2tlbhIiLmtleWNhcC52MS5SZXZva2VBZG1pblRva2VuUmVxdWVzdBojLmtleWNhcC52MS5SZXZva2VBZG1pblRva2VuUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChVrZXljYXAvdjEvYWRtaW4ucHJvdG8SCWtleWNhcC52MSLjAwoGVmVuZG9yEgwKBG5hbWUYASABKAkSDwoHcHJvZmlsZRgCIAEoCRIQCghiYXNlX3VybBgDIAEoCRI8Cg5jdXJyZW5jeV9yYXRlcxgEIAMoCzIkLmtleWNhcC52MS5WZW5kb3IuQ3VycmVuY3lSYXRlc0VudHJ5Ei4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3ByaWNlc19qc29uGAcgASgJEjEKDHByb3h5X2Vycm9ycxgIIAMoCzIbLmtleWNhcC52MS5WZW5kb3JQcm94eUVycm9yEh0KFWZvcndhcmRfdHJhY2VfY29udGV4dBgJIAEoCBIcChRyb3RhdGVfYWZ0ZXJfc2Vjb25kcxgKIAEoAxI1ChFjcmVkZW50aWFsX3NldF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQcm90YXRpb25fb3ZlcmR1ZRgMIAEoCBo0ChJDdXJyZW5jeVJhdGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJaChBWZW5kb3JQcm94eUVycm9yEg8KB25vZGVfaWQYASABKAkSDQoFZXJyb3IYAiABKAkSJgoCYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrcCChBQdXRWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkSDwoHcHJvZmlsZRgCIAEoCRIQCghiYXNlX3VybBgDIAEoCRISCgpjcmVkZW50aWFsGAQgASgJEkYKDmN1cnJlbmN5X3JhdGVzGAUgAygLMi4ua2V5Y2FwLnYxLlB1dFZlbmRvclJlcXVlc3QuQ3VycmVuY3lSYXRlc0VudHJ5EhMKC3ByaWNlc19qc29uGAYgASgJEhYKDmFja190aW1lb3V0X21zGAcgASgNEh0KFWZvcndhcmRfdHJhY2VfY29udGV4dBgIIAEoCBIUCgxyb3RhdGVfYWZ0ZXIYCSABKAkaNAoSQ3VycmVuY3lSYXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiewoRUHV0VmVuZG9yUmVzcG9uc2USIQoGdmVuZG9yGAEgASgLMhEua2V5Y2FwLnYxLlZlbmRvchIPCgdjcmVhdGVkGAIgASgIEjIKDGNvbmZpcm1hdGlvbhgDIAEoCzIcLmtleWNhcC52MS5GbGVldENvbmZpcm1hdGlvbiIgChBHZXRWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkiNgoRR2V0VmVuZG9yUmVzcG9uc2USIQoGdmVuZG9yGAEgASgLMhEua2V5Y2FwLnYxLlZlbmRvciIUChJMaXN0VmVuZG9yc1JlcXVlc3QiOQoTTGlzdFZlbmRvcnNSZXNwb25zZRIiCgd2ZW5kb3JzGAEgAygLMhEua2V5Y2FwLnYxLlZlbmRvciI7ChNEZWxldGVWZW5kb3JSZXF1ZXN0EgwKBG5hbWUYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iSgoURGVsZXRlVmVuZG9yUmVzcG9uc2USMgoMY29uZmlybWF0aW9uGAEgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIhIKEFJvdGF0ZUtla1JlcXVlc3QiZwoRUm90YXRlS2VrUmVzcG9uc2USDgoGa2VrX2lkGAEgASgJEhEKCXJld3JhcHBlZBgCIAEoDRIXCg9hbHJlYWR5X2N1cnJlbnQYAyABKA0SFgoOZmFpbGVkX3ZlbmRvcnMYBCADKAkiPwoZSW1wb3J0VmVuZG9yUHJpY2VzUmVxdWVzdBIMCgRuYW1lGAEgASgJEhQKDGxpdGVsbG1fanNvbhgCIAEoCSJtChpJbXBvcnRWZW5kb3JQcmljZXNSZXNwb25zZRIhCgZ2ZW5kb3IYASABKAsyES5rZXljYXAudjEuVmVuZG9yEiwKBnJlcG9ydBgCIAEoCzIcLmtleWNhcC52MS5QcmljZUltcG9ydFJlcG9ydCLFAQoRUHJpY2VJbXBvcnRSZXBvcnQSDQoFYXNfb2YYASABKAkSDwoHZW50cmllcxgCIAEoDRIOCgZtb2RlbHMYAyADKAkSEgoKZW1iZWRkaW5ncxgEIAMoCRIOCgZpbWFnZXMYBSADKAkSLQoHc2tpcHBlZBgGIAMoCzIcLmtleWNhcC52MS5Ta2lwcGVkUHJpY2VFbnRyeRItCg11bnVzZWRfcHJpY2VzGAcgAygLMhYua2V5Y2FwLnYxLlVudXNlZFByaWNlIjEKEVNraXBwZWRQcmljZUVudHJ5EgwKBG5hbWUYASABKAkSDgoGcmVhc29uGAIgASgJIjwKC1VudXNlZFByaWNlEgwKBGtpbmQYASABKAkSDgoGcmVhc29uGAIgASgJEg8KB2VudHJpZXMYAyABKA0ipQUKCFZhdWx0S2V5EgoKAmlkGAEgASgJEhIKCmtleV9wcmVmaXgYAiABKAkSDgoGdmVuZG9yGAMgASgJEhkKEWFsbG93ZWRfZW5kcG9pbnRzGAQgAygJEhgKEGRhaWx5X2NhcF9taWNyb3MYBSABKAMSGwoTcGVyX2NhbGxfY2FwX21pY3JvcxgGIAEoAxIbChNsaWZldGltZV9jYXBfbWljcm9zGAcgASgDEi4KCmV4cGlyZXNfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2FnZW50X3J1bl9sYWJlbBgJIAEoCRIzCghtZXRhZGF0YRgKIAMoCzIhLmtleWNhcC52MS5WYXVsdEtleS5NZXRhZGF0YUVudHJ5Ei4KCmNyZWF0ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiQKBnN0YXR1cxgNIAEoDjIULmtleWNhcC52MS5LZXlTdGF0dXMSGgoSc3BlbnRfdG9kYXlfbWljcm9zGA4gASgDEh4KFnJlbWFpbmluZ190b2RheV9taWNyb3MYDyABKAMSHQoVc3BlbnRfbGlmZXRpbWVfbWljcm9zGBAgASgDEhMKC2NhbGxzX3RvZGF5GBEgASgDEh0KFXJhdGVfbGltaXRfcGVyX21pbnV0ZRgSIAEoDRIVCg1hbGxvd2VkX2NpZHJzGBMgAygJEgwKBHpvbmUYFCABKAkSEQoJcGFyZW50X2lkGBUgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKjAwoQQ3JlYXRlS2V5UmVxdWVzdBIOCgZ2ZW5kb3IYASABKAkSGQoRYWxsb3dlZF9lbmRwb2ludHMYAiADKAkSGAoQZGFpbHlfY2FwX21pY3JvcxgDIAEoAxIbChNwZXJfY2FsbF9jYXBfbWljcm9zGAQgASgDEhsKE2xpZmV0aW1lX2NhcF9taWNyb3MYBSABKAMSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAYgASgDEhcKD2FnZW50X3J1bl9sYWJlbBgHIAEoCRI7CghtZXRhZGF0YRgIIAMoCzIpLmtleWNhcC52MS5DcmVhdGVLZXlSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSHQoVcmF0ZV9saW1pdF9wZXJfbWludXRlGAkgASgNEhUKDWFsbG93ZWRfY2lkcnMYCiADKAkSDAoEem9uZRgLIAEoCRIRCglwYXJlbnRfaWQYDCABKAkSFgoOYWNrX3RpbWVvdXRfbXMYDSABKA0aLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBInkKEUNyZWF0ZUtleVJlc3BvbnNlEiAKA2tleRgBIAEoCzITLmtleWNhcC52MS5WYXVsdEtleRIOCgZzZWNyZXQYAiABKAkSMgoMY29uZmlybWF0aW9uGAMgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIhsKDUdldEtleVJlcXVlc3QSCgoCaWQYASABKAkiMgoOR2V0S2V5UmVzcG9uc2USIAoDa2V5GAEgASgLMhMua2V5Y2FwLnYxLlZhdWx0S2V5IlQKD0xpc3RLZXlzUmVxdWVzdBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSDgoGdmVuZG9yGAIgASgJEhgKEGluY2x1ZGVfaW5hY3RpdmUYAyABKAgiNQoQTGlzdEtleXNSZXNwb25zZRIhCgRrZXlzGAEgAygLMhMua2V5Y2FwLnYxLlZhdWx0S2V5IjYKEFJldm9rZUtleVJlcXVlc3QSCgoCaWQYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iegoRRmxlZXRDb25maXJtYXRpb24SDwoHdmVyc2lvbhgBIAEoAxIXCg9jb25maXJtZWRfbm9kZXMYAiADKAkSGQoRdW5jb25maXJtZWRfbm9kZXMYAyADKAkSIAoYdW5jb25maXJtZWRfbGVhc2VfbWljcm9zGAQgASgDImkKEVJldm9rZUtleVJlc3BvbnNlEiAKA2tleRgBIAEoCzITLmtleWNhcC52MS5WYXVsdEtleRIyCgxjb25maXJtYXRpb24YAiABKAsyHC5rZXljYXAudjEuRmxlZXRDb25maXJtYXRpb24iQwoQUmV2b2tlUnVuUmVxdWVzdBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSFgoOYWNrX3RpbWVvdXRfbXMYAiABKA0iXAoRUmV2b2tlUnVuUmVzcG9uc2USEwoLcmV2b2tlZF9pZHMYASADKAkSMgoMY29uZmlybWF0aW9uGAIgASgLMhwua2V5Y2FwLnYxLkZsZWV0Q29uZmlybWF0aW9uIoMCCgtJc3N1ZXJUb2tlbhIKCgJpZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIUCgx0b2tlbl9wcmVmaXgYBCABKAkSLgoKY3JlYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc3RhdHVzGAggASgOMhQua2V5Y2FwLnYxLktleVN0YXR1cyJUChhDcmVhdGVJc3N1ZXJUb2tlblJlcXVlc3QSDgoGa2V5X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSGgoSZXhwaXJlc19pbl9zZWNvbmRzGAMgASgDIlIKGUNyZWF0ZUlzc3VlclRva2VuUmVzcG9uc2USJQoFdG9rZW4YASABKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4SDgoGc2VjcmV0GAIgASgJIkMKF0xpc3RJc3N1ZXJUb2tlbnNSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIYChBpbmNsdWRlX2luYWN0aXZlGAIgASgIIkIKGExpc3RJc3N1ZXJUb2tlbnNSZXNwb25zZRImCgZ0b2tlbnMYASADKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4iJgoYUmV2b2tlSXNzdWVyVG9rZW5SZXF1ZXN0EgoKAmlkGAEgASgJIkIKGVJldm9rZUlzc3VlclRva2VuUmVzcG9uc2USJQoFdG9rZW4YASABKAsyFi5rZXljYXAudjEuSXNzdWVyVG9rZW4ijgQKCkF1ZGl0RW50cnkSCwoDc2VxGAEgASgDEhAKCGV2ZW50X2lkGAIgASgJEg4KBmtleV9pZBgDIAEoCRIXCg9hZ2VudF9ydW5fbGFiZWwYBCABKAkSDgoGdmVuZG9yGAUgASgJEg4KBm1ldGhvZBgGIAEoCRIMCgRwYXRoGAcgASgJEhcKD3Vwc3RyZWFtX3N0YXR1cxgIIAEoBRIXCg9yZXNlcnZlZF9taWNyb3MYCSABKAMSEwoLY29zdF9taWNyb3MYCiABKAMSDwoHb3V0Y29tZRgLIAEoCRImCgJhdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHbm9kZV9pZBgNIAEoCRITCgtkZXRhaWxfanNvbhgOIAEoCRIQCghsZWFzZV9pZBgPIAEoCRILCgNkYXkYECABKAkSEAoIdHJhY2VfaWQYESABKAkSMwoHY29udGV4dBgSIAMoCzIiLmtleWNhcC52MS5BdWRpdEVudHJ5LkNvbnRleHRFbnRyeRIRCglwcmV2X2hhc2gYEyABKAwSDAoEaGFzaBgUIAEoDBIWCg5yZWZ1c2FsX3JlYXNvbhgVIAEoCRIVCg1yZWZ1c2VkX2NhbGxzGBYgASgDGi4KDENvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpUCChFRdWVyeUF1ZGl0UmVxdWVzdBIOCgZrZXlfaWQYASABKAkSFwoPYWdlbnRfcnVuX2xhYmVsGAIgASgJEg4KBnZlbmRvchgDIAEoCRIpCgVzaW5jZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdW50aWwYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgGIAEoBRISCgpwYWdlX3Rva2VuGAcgASgJEhAKCHRyYWNlX2lkGAggASgJEg8KB2NvbnRleHQYCSABKAkSDwoHb3V0Y29tZRgKIAEoCRIWCg5yZWZ1c2FsX3JlYXNvbhgLIAEoCSJVChJRdWVyeUF1ZGl0UmVzcG9uc2USJgoHZW50cmllcxgBIAMoCzIVLmtleWNhcC52MS5BdWRpdEVudHJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSImChJWZXJpZnlBdWRpdFJlcXVlc3QSEAoIZnJvbV9zZXEYASABKAMiwgEKE1ZlcmlmeUF1ZGl0UmVzcG9uc2USCgoCb2sYASABKAgSDwoHY2hlY2tlZBgCIAEoAxIOCgZsZWdhY3kYAyABKAMSEAoIaGVhZF9zZXEYBCABKAMSEQoJaGVhZF9oYXNoGAUgASgMEhIKCmJyb2tlbl9zZXEYBiABKAMSFQoNYnJva2VuX3JlYXNvbhgHIAEoCRIWCg5icm9rZW5fbWVzc2FnZRgIIAEoCRIWCg5jaGVja3BvaW50X3NlcRgJIAEoAyJ2CgpDaGVja3BvaW50EgsKA3NlcRgBIAEoAxIMCgRoYXNoGAIgASgMEiYKAmF0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpwdWJsaWNfa2V5GAQgASgMEhEKCXNpZ25hdHVyZRgFIAEoDCInChZMaXN0Q2hlY2twb2ludHNSZXF1ZXN0Eg0KBWxpbWl0GAEgASgFIkUKF0xpc3RDaGVja3BvaW50c1Jlc3BvbnNlEioKC2NoZWNrcG9pbnRzGAEgAygLMhUua2V5Y2FwLnYxLkNoZWNrcG9pbnQiLgoTU3BlbmRTdW1tYXJ5UmVxdWVzdBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkiQgoLVmVuZG9yU3BlbmQSDgoGdmVuZG9yGAEgASgJEhQKDHRvdGFsX21pY3JvcxgCIAEoAxINCgVjYWxscxgDIAEoAyJ9ChRTcGVuZFN1bW1hcnlSZXNwb25zZRIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSFAoMdG90YWxfbWljcm9zGAIgASgDEg0KBWNhbGxzGAMgASgDEicKB3ZlbmRvcnMYBCADKAsyFi5rZXljYXAudjEuVmVuZG9yU3BlbmQingEKElNwZW5kUmVwb3J0UmVxdWVzdBIQCghncm91cF9ieRgBIAMoCRIoCgRmcm9tGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBImCgJ0bxgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASCwoDdG9wGAQgASgFEhcKD2FnZW50X3J1bl9sYWJlbBgFIAEoCSKOAQoKU3BlbmRHcm91cBIXCg9hZ2VudF9ydW5fbGFiZWwYASABKAkSDgoGa2V5X2lkGAIgASgJEg4KBnZlbmRvchgDIAEoCRILCgNkYXkYBCABKAkSFAoMdG90YWxfbWljcm9zGAUgASgDEg0KBWNhbGxzGAYgASgDEhUKDXJlZnVzZWRfY2FsbHMYByABKAMimAEKE1NwZW5kUmVwb3J0UmVzcG9uc2USEAoIZ3JvdXBfYnkYASADKAkSJQoGZ3JvdXBzGAIgAygLMhUua2V5Y2FwLnYxLlNwZW5kR3JvdXASFAoMdG90YWxfbWljcm9zGAMgASgDEg0KBWNhbGxzGAQgASgDEhUKDXJlZnVzZWRfY2FsbHMYBSABKAMSDAoEbW9yZRgGIAEoCCJ2ChJFeHBvcnRBdWRpdFJlcXVlc3QSDgoGZm9ybWF0GAEgASgJEigKBGZyb20YAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKAnRvGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIgChBFeHBvcnRBdWRpdENodW5rEgwKBGRhdGEYASABKAwikwIKCkFkbWluVG9rZW4SCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIOCgZzY29wZXMYAyADKAkSDwoHdmVuZG9ycxgEIAMoCRIUCgx0b2tlbl9wcmVmaXgYBSABKAkSLgoKY3JlYXRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJAoGc3RhdHVzGAkgASgOMhQua2V5Y2FwLnYxLktleVN0YXR1cyJkChdDcmVhdGVBZG1pblRva2VuUmVxdWVzdBIMCgRuYW1lGAEgASgJEg4KBnNjb3BlcxgCIAMoCRIPCgd2ZW5kb3JzGAMgAygJEhoKEmV4cGlyZXNfaW5fc2Vjb25kcxgEIAEoAyJQChhDcmVhdGVBZG1pblRva2VuUmVzcG9uc2USJAoFdG9rZW4YASABKAsyFS5rZXljYXAudjEuQWRtaW5Ub2tlbhIOCgZzZWNyZXQYAiABKAkiMgoWTGlzdEFkbWluVG9rZW5zUmVxdWVzdBIYChBpbmNsdWRlX2luYWN0aXZlGAEgASgIIkAKF0xpc3RBZG1pblRva2Vuc1Jlc3BvbnNlEiUKBnRva2VucxgBIAMoCzIVLmtleWNhcC52MS5BZG1pblRva2VuIiUKF1Jldm9rZUFkbWluVG9rZW5SZXF1ZXN0EgoKAmlkGAEgASgJIkAKGFJldm9rZUFkbWluVG9rZW5SZXNwb25zZRIkCgV0b2tlbhgBIAEoCzIVLmtleWNhcC52MS5BZG1pblRva2VuIsYBCg9XZWJob29rRW5kcG9pbnQSCgoCaWQYASABKAkSCwoDdXJsGAIgASgJEg4KBmV2ZW50cxgDIAMoCRISCgp0aHJlc2hvbGRzGAQgAygNEhEKCXJ1bl9sYWJlbBgFIAEoCRIOCgZrZXlfaWQYBiABKAkSDgoGZm9ybWF0GAcgASgJEhMKC2Rlc2NyaXB0aW9uGAggASgJEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIp8BChRDcmVhdGVXZWJob29rUmVxdWVzdBILCgN1cmwYASABKAkSDgoGc2VjcmV0GAIgASgJEg4KBmV2ZW50cxgDIAMoCRISCgp0aHJlc2hvbGRzGAQgAygNEhEKCXJ1bl9sYWJlbBgFIAEoCRIOCgZrZXlfaWQYBiABKAkSDgoGZm9ybWF0GAcgASgJEhMKC2Rlc2NyaXB0aW9uGAggASgJIlQKFUNyZWF0ZVdlYmhvb2tSZXNwb25zZRIrCgd3ZWJob29rGAEgASgLMhoua2V5Y2FwLnYxLldlYmhvb2tFbmRwb2ludBIOCgZzZWNyZXQYAiABKAkiFQoTTGlzdFdlYmhvb2tzUmVxdWVzdCJEChRMaXN0V2ViaG9va3NSZXNwb25zZRIsCgh3ZWJob29rcxgBIAMoCzIaLmtleWNhcC52MS5XZWJob29rRW5kcG9pbnQiIgoURGVsZXRlV2ViaG9va1JlcXVlc3QSCgoCaWQYASABKAkiFwoVRGVsZXRlV2ViaG9va1Jlc3BvbnNlIiAKElRlc3RXZWJob29rUmVxdWVzdBIKCgJpZBgBIAEoCSInChNUZXN0V2ViaG9va1Jlc3BvbnNlEhAKCGV2ZW50X2lkGAEgASgJIn0KDldlYmhvb2tBdHRlbXB0Eg8KB2F0dGVtcHQYASABKAUSJgoCYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnN0YXR1cxgDIAEoBRINCgVlcnJvchgEIAEoCRITCgtkdXJhdGlvbl9tcxgFIAEoAyL7AQoPV2ViaG9va0RlbGl2ZXJ5EgsKA3NlcRgBIAEoAxIQCghldmVudF9pZBgCIAEoCRISCgpldmVudF90eXBlGAMgASgJEg0KBXN0YXRlGAQgASgJEjMKD25leHRfYXR0ZW1wdF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoIYXR0ZW1wdHMYByADKAsyGS5rZXljYXAudjEuV2ViaG9va0F0dGVtcHQSFAoMcGF5bG9hZF9qc29uGAggASgJIjkKHExpc3RXZWJob29rRGVsaXZlcmllc1JlcXVlc3QSCgoCaWQYASABKAkSDQoFbGltaXQYAiABKA0iTwodTGlzdFdlYmhvb2tEZWxpdmVyaWVzUmVzcG9uc2USLgoKZGVsaXZlcmllcxgBIAMoCzIaLmtleWNhcC52MS5XZWJob29rRGVsaXZlcnkqbgoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhYKEktFWV9TVEFUVVNfRVhQSVJFRBACEhYKEktFWV9TVEFUVVNfUkVWT0tFRBADMukDCg1WZW5kb3JTZXJ2aWNlEkYKCVB1dFZlbmRvchIbLmtleWNhcC52MS5QdXRWZW5kb3JSZXF1ZXN0Ghwua2V5Y2FwLnYxLlB1dFZlbmRvclJlc3BvbnNlEkYKCUdldFZlbmRvchIbLmtleWNhcC52MS5HZXRWZW5kb3JSZXF1ZXN0Ghwua2V5Y2FwLnYxLkdldFZlbmRvclJlc3BvbnNlEkwKC0xpc3RWZW5kb3JzEh0ua2V5Y2FwLnYxLkxpc3RWZW5kb3JzUmVxdWVzdBoeLmtleWNhcC52MS5MaXN0VmVuZG9yc1Jlc3BvbnNlEk8KDERlbGV0ZVZlbmRvchIeLmtleWNhcC52MS5EZWxldGVWZW5kb3JSZXF1ZXN0Gh8ua2V5Y2FwLnYxLkRlbGV0ZVZlbmRvclJlc3BvbnNlEkYKCVJvdGF0ZUtlaxIbLmtleWNhcC52MS5Sb3RhdGVLZWtSZXF1ZXN0Ghwua2V5Y2FwLnYxLlJvdGF0ZUtla1Jlc3BvbnNlEmEKEkltcG9ydFZlbmRvclByaWNlcxIkLmtleWNhcC52MS5JbXBvcnRWZW5kb3JQcmljZXNSZXF1ZXN0GiUua2V5Y2FwLnYxLkltcG9ydFZlbmRvclByaWNlc1Jlc3BvbnNlMoUFCgpLZXlTZXJ2aWNlEkYKCUNyZWF0ZUtleRIbLmtleWNhcC52MS5DcmVhdGVLZXlSZXF1ZXN0Ghwua2V5Y2FwLnYxLkNyZWF0ZUtleVJlc3BvbnNlEj0KBkdldEtleRIYLmtleWNhcC52MS5HZXRLZXlSZXF1ZXN0Ghkua2V5Y2FwLnYxLkdldEtleVJlc3BvbnNlEkMKCExpc3RLZXlzEhoua2V5Y2FwLnYxLkxpc3RLZXlzUmVxdWVzdBobLmtleWNhcC52MS5MaXN0S2V5c1Jlc3BvbnNlEkYKCVJldm9rZUtleRIbLmtleWNhcC52MS5SZXZva2VLZXlSZXF1ZXN0Ghwua2V5Y2FwLnYxLlJldm9rZUtleVJlc3BvbnNlEkYKCVJldm9rZVJ1bhIbLmtleWNhcC52MS5SZXZva2VSdW5SZXF1ZXN0Ghwua2V5Y2FwLnYxLlJldm9rZVJ1blJlc3BvbnNlEl4KEUNyZWF0ZUlzc3VlclRva2VuEiMua2V5Y2FwLnYxLkNyZWF0ZUlzc3VlclRva2VuUmVxdWVzdBokLmtleWNhcC52MS5DcmVhdGVJc3N1ZXJUb2tlblJlc3BvbnNlElsKEExpc3RJc3N1ZXJUb2tlbnMSIi5rZXljYXAudjEuTGlzdElzc3VlclRva2Vuc1JlcXVlc3QaIy5rZXljYXAudjEuTGlzdElzc3VlclRva2Vuc1Jlc3BvbnNlEl4KEVJldm9rZUlzc3VlclRva2VuEiMua2V5Y2FwLnYxLlJldm9rZUlzc3VlclRva2VuUmVxdWVzdBokLmtleWNhcC52MS5SZXZva2VJc3N1ZXJUb2tlblJlc3BvbnNlMu0DCgxBdWRpdFNlcnZpY2USSQoKUXVlcnlBdWRpdBIcLmtleWNhcC52MS5RdWVyeUF1ZGl0UmVxdWVzdBodLmtleWNhcC52MS5RdWVyeUF1ZGl0UmVzcG9uc2USTwoMU3BlbmRTdW1tYXJ5Eh4ua2V5Y2FwLnYxLlNwZW5kU3VtbWFyeVJlcXVlc3QaHy5rZXljYXAudjEuU3BlbmRTdW1tYXJ5UmVzcG9uc2USTAoLVmVyaWZ5QXVkaXQSHS5rZXljYXAudjEuVmVyaWZ5QXVkaXRSZXF1ZXN0Gh4ua2V5Y2FwLnYxLlZlcmlmeUF1ZGl0UmVzcG9uc2USWAoPTGlzdENoZWNrcG9pbnRzEiEua2V5Y2FwLnYxLkxpc3RDaGVja3BvaW50c1JlcXVlc3QaIi5rZXljYXAudjEuTGlzdENoZWNrcG9pbnRzUmVzcG9uc2USTAoLU3BlbmRSZXBvcnQSHS5rZXljYXAudjEuU3BlbmRSZXBvcnRSZXF1ZXN0Gh4ua2V5Y2FwLnYxLlNwZW5kUmVwb3J0UmVzcG9uc2USSwoLRXhwb3J0QXVkaXQSHS5rZXljYXAudjEuRXhwb3J0QXVkaXRSZXF1ZXN0Ghsua2V5Y2FwLnYxLkV4cG9ydEF1ZGl0Q2h1bmswATKnAgoRQWRtaW5Ub2tlblNlcnZpY2USWwoQQ3JlYXRlQWRtaW5Ub2tlbhIiLmtleWNhcC52MS5DcmVhdGVBZG1pblRva2VuUmVxdWVzdBojLmtleWNhcC52MS5DcmVhdGVBZG1pblRva2VuUmVzcG9uc2USWAoPTGlzdEFkbWluVG9rZW5zEiEua2V5Y2FwLnYxLkxpc3RBZG1pblRva2Vuc1JlcXVlc3QaIi5rZXljYXAudjEuTGlzdEFkbWluVG9rZW5zUmVzcG9uc2USWwoQUmV2b2tlQWRtaW5Ub2tlbhIiLmtleWNhcC52MS5SZXZva2VBZG1pblRva2VuUmVxdWVzdBojLmtleWNhcC52MS5SZXZva2VBZG1pblRva2VuUmVzcG9uc2UywwMKDldlYmhvb2tTZXJ2aWNlElIKDUNyZWF0ZVdlYmhvb2sSHy5rZXljYXAudjEuQ3JlYXRlV2ViaG9va1JlcXVlc3QaIC5rZXljYXAudjEuQ3JlYXRlV2ViaG9va1Jlc3BvbnNlEk8KDExpc3RXZWJob29rcxIeLmtleWNhcC52MS5MaXN0V2ViaG9va3NSZXF1ZXN0Gh8ua2V5Y2FwLnYxLkxpc3RXZWJob29rc1Jlc3BvbnNlElIKDURlbGV0ZVdlYmhvb2sSHy5rZXljYXAudjEuRGVsZXRlV2ViaG9va1JlcXVlc3QaIC5rZXljYXAudjEuRGVsZXRlV2ViaG9va1Jlc3BvbnNlEkwKC1Rlc3RXZWJob29rEh0ua2V5Y2FwLnYxLlRlc3RXZWJob29rUmVxdWVzdBoeLmtleWNhcC52MS5UZXN0V2ViaG9va1Jlc3BvbnNlEmoKFUxpc3RXZWJob29rRGVsaXZlcmllcxInLmtleWNhcC52MS5MaXN0V2ViaG9va0RlbGl2ZXJpZXNSZXF1ZXN0Gigua2V5Y2FwLnYxLkxpc3RXZWJob29rRGVsaXZlcmllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A vendor keycap can forward to: a pricing profile, a base URL and the real
@@ -82,6 +82,28 @@ export type Vendor = Message<"keycap.v1.Vendor"> & {
    * @generated from field: bool forward_trace_context = 9;
    */
   forwardTraceContext: boolean;
+
+  /**
+   * How long a credential may be used before it is due for rotation, in
+   * seconds; 0: never.
+   *
+   * @generated from field: int64 rotate_after_seconds = 10;
+   */
+  rotateAfterSeconds: bigint;
+
+  /**
+   * When the credential was last set (a KEK rotation does not count).
+   *
+   * @generated from field: google.protobuf.Timestamp credential_set_at = 11;
+   */
+  credentialSetAt?: Timestamp | undefined;
+
+  /**
+   * The credential is older than rotate_after: rotate it.
+   *
+   * @generated from field: bool rotation_overdue = 12;
+   */
+  rotationOverdue: boolean;
 };
 
 /**
@@ -176,6 +198,14 @@ export type PutVendorRequest = Message<"keycap.v1.PutVendorRequest"> & {
    * @generated from field: bool forward_trace_context = 8;
    */
   forwardTraceContext: boolean;
+
+  /**
+   * How long a credential may be used before it is due for rotation
+   * ("90d", "12h"); empty: never. Replaces the stored value.
+   *
+   * @generated from field: string rotate_after = 9;
+   */
+  rotateAfter: string;
 };
 
 /**
@@ -2099,6 +2129,394 @@ export const RevokeAdminTokenResponseSchema: GenMessage<RevokeAdminTokenResponse
   messageDesc(file_keycap_v1_admin, 58);
 
 /**
+ * @generated from message keycap.v1.WebhookEndpoint
+ */
+export type WebhookEndpoint = Message<"keycap.v1.WebhookEndpoint"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string url = 2;
+   */
+  url: string;
+
+  /**
+   * Event types (e.g. "cap.threshold"); empty means every type.
+   *
+   * @generated from field: repeated string events = 3;
+   */
+  events: string[];
+
+  /**
+   * Cap thresholds in percent, ascending.
+   *
+   * @generated from field: repeated uint32 thresholds = 4;
+   */
+  thresholds: number[];
+
+  /**
+   * Only events about this run label; empty: any.
+   *
+   * @generated from field: string run_label = 5;
+   */
+  runLabel: string;
+
+  /**
+   * Only events about this key; empty: any.
+   *
+   * @generated from field: string key_id = 6;
+   */
+  keyId: string;
+
+  /**
+   * "keycap" (the JSON event) or "slack" (an incoming-webhook message).
+   *
+   * @generated from field: string format = 7;
+   */
+  format: string;
+
+  /**
+   * @generated from field: string description = 8;
+   */
+  description: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 9;
+   */
+  createdAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message keycap.v1.WebhookEndpoint.
+ * Use `create(WebhookEndpointSchema)` to create a new message.
+ */
+export const WebhookEndpointSchema: GenMessage<WebhookEndpoint> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 59);
+
+/**
+ * @generated from message keycap.v1.CreateWebhookRequest
+ */
+export type CreateWebhookRequest = Message<"keycap.v1.CreateWebhookRequest"> & {
+  /**
+   * http(s), no user information; the host must resolve to public
+   * addresses unless the control plane runs with --allow-private-webhooks.
+   *
+   * @generated from field: string url = 1;
+   */
+  url: string;
+
+  /**
+   * 16-256 characters; empty: keycap draws one (whsec_...).
+   *
+   * @generated from field: string secret = 2;
+   */
+  secret: string;
+
+  /**
+   * @generated from field: repeated string events = 3;
+   */
+  events: string[];
+
+  /**
+   * 1-100 each; empty: 50, 80, 100.
+   *
+   * @generated from field: repeated uint32 thresholds = 4;
+   */
+  thresholds: number[];
+
+  /**
+   * @generated from field: string run_label = 5;
+   */
+  runLabel: string;
+
+  /**
+   * @generated from field: string key_id = 6;
+   */
+  keyId: string;
+
+  /**
+   * Empty or "keycap", or "slack".
+   *
+   * @generated from field: string format = 7;
+   */
+  format: string;
+
+  /**
+   * @generated from field: string description = 8;
+   */
+  description: string;
+};
+
+/**
+ * Describes the message keycap.v1.CreateWebhookRequest.
+ * Use `create(CreateWebhookRequestSchema)` to create a new message.
+ */
+export const CreateWebhookRequestSchema: GenMessage<CreateWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 60);
+
+/**
+ * @generated from message keycap.v1.CreateWebhookResponse
+ */
+export type CreateWebhookResponse = Message<"keycap.v1.CreateWebhookResponse"> & {
+  /**
+   * @generated from field: keycap.v1.WebhookEndpoint webhook = 1;
+   */
+  webhook?: WebhookEndpoint | undefined;
+
+  /**
+   * The signing secret. Shown only here.
+   *
+   * @generated from field: string secret = 2;
+   */
+  secret: string;
+};
+
+/**
+ * Describes the message keycap.v1.CreateWebhookResponse.
+ * Use `create(CreateWebhookResponseSchema)` to create a new message.
+ */
+export const CreateWebhookResponseSchema: GenMessage<CreateWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 61);
+
+/**
+ * @generated from message keycap.v1.ListWebhooksRequest
+ */
+export type ListWebhooksRequest = Message<"keycap.v1.ListWebhooksRequest"> & {
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhooksRequest.
+ * Use `create(ListWebhooksRequestSchema)` to create a new message.
+ */
+export const ListWebhooksRequestSchema: GenMessage<ListWebhooksRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 62);
+
+/**
+ * @generated from message keycap.v1.ListWebhooksResponse
+ */
+export type ListWebhooksResponse = Message<"keycap.v1.ListWebhooksResponse"> & {
+  /**
+   * @generated from field: repeated keycap.v1.WebhookEndpoint webhooks = 1;
+   */
+  webhooks: WebhookEndpoint[];
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhooksResponse.
+ * Use `create(ListWebhooksResponseSchema)` to create a new message.
+ */
+export const ListWebhooksResponseSchema: GenMessage<ListWebhooksResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 63);
+
+/**
+ * @generated from message keycap.v1.DeleteWebhookRequest
+ */
+export type DeleteWebhookRequest = Message<"keycap.v1.DeleteWebhookRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message keycap.v1.DeleteWebhookRequest.
+ * Use `create(DeleteWebhookRequestSchema)` to create a new message.
+ */
+export const DeleteWebhookRequestSchema: GenMessage<DeleteWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 64);
+
+/**
+ * @generated from message keycap.v1.DeleteWebhookResponse
+ */
+export type DeleteWebhookResponse = Message<"keycap.v1.DeleteWebhookResponse"> & {
+};
+
+/**
+ * Describes the message keycap.v1.DeleteWebhookResponse.
+ * Use `create(DeleteWebhookResponseSchema)` to create a new message.
+ */
+export const DeleteWebhookResponseSchema: GenMessage<DeleteWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 65);
+
+/**
+ * @generated from message keycap.v1.TestWebhookRequest
+ */
+export type TestWebhookRequest = Message<"keycap.v1.TestWebhookRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message keycap.v1.TestWebhookRequest.
+ * Use `create(TestWebhookRequestSchema)` to create a new message.
+ */
+export const TestWebhookRequestSchema: GenMessage<TestWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 66);
+
+/**
+ * @generated from message keycap.v1.TestWebhookResponse
+ */
+export type TestWebhookResponse = Message<"keycap.v1.TestWebhookResponse"> & {
+  /**
+   * The queued webhook.test event's id.
+   *
+   * @generated from field: string event_id = 1;
+   */
+  eventId: string;
+};
+
+/**
+ * Describes the message keycap.v1.TestWebhookResponse.
+ * Use `create(TestWebhookResponseSchema)` to create a new message.
+ */
+export const TestWebhookResponseSchema: GenMessage<TestWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 67);
+
+/**
+ * @generated from message keycap.v1.WebhookAttempt
+ */
+export type WebhookAttempt = Message<"keycap.v1.WebhookAttempt"> & {
+  /**
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp at = 2;
+   */
+  at?: Timestamp | undefined;
+
+  /**
+   * The receiver's HTTP status; 0 when it did not answer.
+   *
+   * @generated from field: int32 status = 3;
+   */
+  status: number;
+
+  /**
+   * Why it failed; empty for a 2xx.
+   *
+   * @generated from field: string error = 4;
+   */
+  error: string;
+
+  /**
+   * @generated from field: int64 duration_ms = 5;
+   */
+  durationMs: bigint;
+};
+
+/**
+ * Describes the message keycap.v1.WebhookAttempt.
+ * Use `create(WebhookAttemptSchema)` to create a new message.
+ */
+export const WebhookAttemptSchema: GenMessage<WebhookAttempt> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 68);
+
+/**
+ * @generated from message keycap.v1.WebhookDelivery
+ */
+export type WebhookDelivery = Message<"keycap.v1.WebhookDelivery"> & {
+  /**
+   * @generated from field: int64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * @generated from field: string event_id = 2;
+   */
+  eventId: string;
+
+  /**
+   * @generated from field: string event_type = 3;
+   */
+  eventType: string;
+
+  /**
+   * "pending", "delivered" or "failed".
+   *
+   * @generated from field: string state = 4;
+   */
+  state: string;
+
+  /**
+   * Set while pending.
+   *
+   * @generated from field: google.protobuf.Timestamp next_attempt_at = 5;
+   */
+  nextAttemptAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 6;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: repeated keycap.v1.WebhookAttempt attempts = 7;
+   */
+  attempts: WebhookAttempt[];
+
+  /**
+   * The event as delivered in keycap's format (JSON text).
+   *
+   * @generated from field: string payload_json = 8;
+   */
+  payloadJson: string;
+};
+
+/**
+ * Describes the message keycap.v1.WebhookDelivery.
+ * Use `create(WebhookDeliverySchema)` to create a new message.
+ */
+export const WebhookDeliverySchema: GenMessage<WebhookDelivery> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 69);
+
+/**
+ * @generated from message keycap.v1.ListWebhookDeliveriesRequest
+ */
+export type ListWebhookDeliveriesRequest = Message<"keycap.v1.ListWebhookDeliveriesRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * 0: 100; at most 1000.
+   *
+   * @generated from field: uint32 limit = 2;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhookDeliveriesRequest.
+ * Use `create(ListWebhookDeliveriesRequestSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesRequestSchema: GenMessage<ListWebhookDeliveriesRequest> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 70);
+
+/**
+ * @generated from message keycap.v1.ListWebhookDeliveriesResponse
+ */
+export type ListWebhookDeliveriesResponse = Message<"keycap.v1.ListWebhookDeliveriesResponse"> & {
+  /**
+   * @generated from field: repeated keycap.v1.WebhookDelivery deliveries = 1;
+   */
+  deliveries: WebhookDelivery[];
+};
+
+/**
+ * Describes the message keycap.v1.ListWebhookDeliveriesResponse.
+ * Use `create(ListWebhookDeliveriesResponseSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesResponseSchema: GenMessage<ListWebhookDeliveriesResponse> = /*@__PURE__*/
+  messageDesc(file_keycap_v1_admin, 71);
+
+/**
  * @generated from enum keycap.v1.KeyStatus
  */
 export enum KeyStatus {
@@ -2374,4 +2792,61 @@ export const AdminTokenService: GenService<{
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keycap_v1_admin, 3);
+
+/**
+ * @generated from service keycap.v1.WebhookService
+ */
+export const WebhookService: GenService<{
+  /**
+   * Needs webhooks:write.
+   *
+   * @generated from rpc keycap.v1.WebhookService.CreateWebhook
+   */
+  createWebhook: {
+    methodKind: "unary";
+    input: typeof CreateWebhookRequestSchema;
+    output: typeof CreateWebhookResponseSchema;
+  },
+  /**
+   * Needs webhooks:read.
+   *
+   * @generated from rpc keycap.v1.WebhookService.ListWebhooks
+   */
+  listWebhooks: {
+    methodKind: "unary";
+    input: typeof ListWebhooksRequestSchema;
+    output: typeof ListWebhooksResponseSchema;
+  },
+  /**
+   * Needs webhooks:write. Its deliveries go with it.
+   *
+   * @generated from rpc keycap.v1.WebhookService.DeleteWebhook
+   */
+  deleteWebhook: {
+    methodKind: "unary";
+    input: typeof DeleteWebhookRequestSchema;
+    output: typeof DeleteWebhookResponseSchema;
+  },
+  /**
+   * Needs webhooks:write. Queues a webhook.test event for this endpoint.
+   *
+   * @generated from rpc keycap.v1.WebhookService.TestWebhook
+   */
+  testWebhook: {
+    methodKind: "unary";
+    input: typeof TestWebhookRequestSchema;
+    output: typeof TestWebhookResponseSchema;
+  },
+  /**
+   * Needs webhooks:read. Newest first, with every attempt.
+   *
+   * @generated from rpc keycap.v1.WebhookService.ListWebhookDeliveries
+   */
+  listWebhookDeliveries: {
+    methodKind: "unary";
+    input: typeof ListWebhookDeliveriesRequestSchema;
+    output: typeof ListWebhookDeliveriesResponseSchema;
+  },
+}> = /*@__PURE__*/
+  serviceDesc(file_keycap_v1_admin, 4);
 
