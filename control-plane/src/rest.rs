@@ -89,7 +89,7 @@ impl IntoResponse for ApiError {
 /// `ErrorBody` shape.
 #[derive(IntoResponses)]
 #[allow(dead_code)] // describes answers; never built
-enum ErrorAnswers {
+pub(crate) enum ErrorAnswers {
     /// An input was refused (`invalid_request`; `field` names it).
     #[response(status = 400)]
     Invalid(ErrorBody),
@@ -234,6 +234,8 @@ impl utoipa::Modify for AdminTokenAuth {
         create_issuer_token, list_issuer_tokens, revoke_issuer_token,
         create_admin_token, list_admin_tokens, revoke_admin_token,
         spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
+        webhooks::create, webhooks::list, webhooks::read, webhooks::remove, webhooks::test,
+        webhooks::deliveries,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -241,6 +243,7 @@ impl utoipa::Modify for AdminTokenAuth {
     tags(
         (name = "vendors", description = "Vendors and their real credentials (never shown)"),
         (name = "keys", description = "Vault keys and their issuer tokens"),
+        (name = "webhooks", description = "Alert webhook endpoints and their deliveries (docs/webhooks.md)"),
         (name = "admin-tokens", description = "Admin tokens and their scopes"),
         (name = "audit", description = "The hash-chained audit ledger and spend"),
         (name = "meta", description = "This document"),

@@ -11,8 +11,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{admin, parse_body, rfc3339};
+use super::{admin, parse_body, rfc3339, ErrorAnswers};
 use crate::domain::invalid;
 use crate::error::ApiError;
 use crate::scope::Operation;
@@ -28,7 +29,7 @@ pub fn routes() -> Router<Arc<Control>> {
 }
 
 /// `POST /vault/webhooks`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhookBody {
     pub url: String,
@@ -69,7 +70,7 @@ impl CreateWebhookBody {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WebhookJson {
     pub id: String,
     pub url: String,
@@ -98,29 +99,29 @@ impl From<&WebhookEndpoint> for WebhookJson {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedWebhook {
     pub webhook: WebhookJson,
     /// The signing secret: shown here only.
     pub secret: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WebhookList {
     pub webhooks: Vec<WebhookJson>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Deleted {
     pub deleted: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TestQueued {
     pub event_id: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AttemptJson {
     pub attempt: i32,
     pub at: String,
@@ -142,7 +143,7 @@ impl From<&Attempt> for AttemptJson {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeliveryJson {
     pub seq: i64,
     pub event_id: String,
@@ -153,6 +154,7 @@ pub struct DeliveryJson {
     pub created_at: String,
     pub attempts: Vec<AttemptJson>,
     /// The event as delivered (keycap format).
+    #[schema(value_type = Object)]
     pub payload: serde_json::Value,
 }
 
@@ -171,14 +173,16 @@ impl From<&Delivery> for DeliveryJson {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeliveryList {
     pub deliveries: Vec<DeliveryJson>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeliveriesQuery {
+    /// At most this many, newest first.
     #[serde(default)]
     pub limit: u32,
 }
@@ -189,6 +193,11 @@ async fn caller(c: &Control, headers: &HeaderMap, op: Operation) -> Result<(), A
     admin(c, headers, op).await?.vendors.check_all()
 }
 
+/// Registers an alert webhook endpoint; the answer carries its signing
+/// secret, once (scope `webhooks:write`).
+#[utoipa::path(post, path = "/vault/webhooks", tag = "webhooks", operation_id = "create_webhook",
+    request_body = CreateWebhookBody,
+    responses((status = 201, description = "The endpoint and its secret", body = CreatedWebhook), ErrorAnswers))]
 async fn create(
     State(c): State<Arc<Control>>,
     headers: HeaderMap,
@@ -206,6 +215,9 @@ async fn create(
     ))
 }
 
+/// Every alert webhook endpoint (scope `webhooks:read`).
+#[utoipa::path(get, path = "/vault/webhooks", tag = "webhooks", operation_id = "list_webhooks",
+    responses((status = 200, description = "The endpoints", body = WebhookList), ErrorAnswers))]
 async fn list(
     State(c): State<Arc<Control>>,
     headers: HeaderMap,
@@ -217,6 +229,10 @@ async fn list(
     }))
 }
 
+/// One alert webhook endpoint, never its secret (scope `webhooks:read`).
+#[utoipa::path(get, path = "/vault/webhooks/{id}", tag = "webhooks", operation_id = "get_webhook",
+    params(("id" = String, Path, description = "The endpoint's id (`wh_...`)")),
+    responses((status = 200, description = "The endpoint", body = WebhookJson), ErrorAnswers))]
 async fn read(
     State(c): State<Arc<Control>>,
     Path(id): Path<String>,
@@ -226,6 +242,10 @@ async fn read(
     Ok(Json(WebhookJson::from(&c.get_webhook(&id).await?)))
 }
 
+/// Deletes an endpoint and its deliveries (scope `webhooks:write`).
+#[utoipa::path(delete, path = "/vault/webhooks/{id}", tag = "webhooks", operation_id = "delete_webhook",
+    params(("id" = String, Path, description = "The endpoint's id (`wh_...`)")),
+    responses((status = 200, description = "Deleted", body = Deleted), ErrorAnswers))]
 async fn remove(
     State(c): State<Arc<Control>>,
     Path(id): Path<String>,
@@ -236,6 +256,10 @@ async fn remove(
     Ok(Json(Deleted { deleted: true }))
 }
 
+/// Queues a `webhook.test` event to the endpoint (scope `webhooks:write`).
+#[utoipa::path(post, path = "/vault/webhooks/{id}/test", tag = "webhooks", operation_id = "test_webhook",
+    params(("id" = String, Path, description = "The endpoint's id (`wh_...`)")),
+    responses((status = 202, description = "The test event's id", body = TestQueued), ErrorAnswers))]
 async fn test(
     State(c): State<Arc<Control>>,
     Path(id): Path<String>,
@@ -249,6 +273,13 @@ async fn test(
     ))
 }
 
+/// An endpoint's newest deliveries with their attempts (scope
+/// `webhooks:read`).
+#[utoipa::path(get, path = "/vault/webhooks/{id}/deliveries", tag = "webhooks",
+    operation_id = "list_webhook_deliveries",
+    params(("id" = String, Path, description = "The endpoint's id (`wh_...`)")),
+    params(DeliveriesQuery),
+    responses((status = 200, description = "The deliveries, newest first", body = DeliveryList), ErrorAnswers))]
 async fn deliveries(
     State(c): State<Arc<Control>>,
     Path(id): Path<String>,

@@ -197,7 +197,7 @@ async fn both_planes_serve_metrics_that_promtool_accepts() {
             1.0,
         ),
         (
-            r#"keycap_control_store_query_duration_seconds_count{op="record_spend"}"#,
+            r#"keycap_control_store_query_duration_seconds_count{op="apply_spend"}"#,
             1.0,
         ),
         (
