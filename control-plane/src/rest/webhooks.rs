@@ -277,8 +277,7 @@ async fn test(
 /// `webhooks:read`).
 #[utoipa::path(get, path = "/vault/webhooks/{id}/deliveries", tag = "webhooks",
     operation_id = "list_webhook_deliveries",
-    params(("id" = String, Path, description = "The endpoint's id (`wh_...`)")),
-    params(DeliveriesQuery),
+    params(("id" = String, Path, description = "The endpoint's id (`wh_...`)"), DeliveriesQuery),
     responses((status = 200, description = "The deliveries, newest first", body = DeliveryList), ErrorAnswers))]
 async fn deliveries(
     State(c): State<Arc<Control>>,
