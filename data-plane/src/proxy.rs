@@ -300,7 +300,10 @@ impl Proxy {
                 span.record("keycap.outcome", refusal.code());
                 span.record("error.type", refusal.code());
                 if let (Some(key), Some(reason)) = (&known_key, refusal.ledger_reason()) {
-                    self.refusals.record(&key.id, &key.vendor, reason, now);
+                    // Counted in the minute it is refused, not the one the
+                    // call arrived in: a minute already reported is closed.
+                    self.refusals
+                        .record(&key.id, &key.vendor, reason, Utc::now());
                 }
                 closing_after(refusal, version, now, envelope)
             }

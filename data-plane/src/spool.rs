@@ -186,12 +186,17 @@ impl Spool {
         Ok(())
     }
 
-    /// Makes every record appended so far durable (one fsync per file).
-    /// Spend events recorded and not yet delivered.
+    /// Spend events recorded and not yet delivered (calls still in flight,
+    /// with only their reservation recorded, are not counted).
     pub fn depth(&self) -> usize {
-        self.state.lock().map(|s| s.pending.len()).unwrap_or(0)
+        self.state()
+            .pending
+            .values()
+            .filter(|(_, event)| event.is_some())
+            .count()
     }
 
+    /// Makes every record appended so far durable (one fsync per file).
     pub fn sync(&self) -> std::io::Result<()> {
         let (current, unsynced) = {
             let mut st = self.state();

@@ -81,7 +81,15 @@ impl Control {
         self.store
             .insert_webhook_endpoint(&new.endpoint, &sealed)
             .await?;
-        tracing::info!(webhook = %new.endpoint.id, url = %new.endpoint.url, "webhook endpoint registered");
+        // The URL itself may be a secret (a Slack incoming webhook): log its host.
+        let host = new
+            .endpoint
+            .url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_string))
+            .unwrap_or_default();
+        tracing::info!(webhook = %new.endpoint.id, host = %host, "webhook endpoint registered");
         let stored = self
             .store
             .get_webhook_endpoint(&new.endpoint.id)

@@ -93,6 +93,17 @@ pub struct PrivateDestination {
     addr: std::net::IpAddr,
 }
 
+/// The IP address a URL names literally (`http://10.0.0.1/`,
+/// `http://[::1]:8080/`), if it names one.
+fn literal_address(url: &str) -> Option<std::net::IpAddr> {
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
 /// Resolves a host with the system resolver and refuses it unless every
 /// address is allowed.
 #[derive(Clone)]
@@ -346,6 +357,19 @@ impl Courier {
             PayloadFormat::Keycap => d.payload.clone(),
             PayloadFormat::Slack => slack_body(&d.payload),
         };
+        // The connector resolves names through `CheckedResolver`, but an
+        // address written in the URL never reaches a resolver: check it here.
+        if self.destinations == Destinations::PublicOnly {
+            if let Some(addr) = literal_address(&d.url) {
+                if !keycap_proto::network::is_public_upstream(addr) {
+                    return Err(PrivateDestination {
+                        host: addr.to_string(),
+                        addr,
+                    }
+                    .to_string());
+                }
+            }
+        }
         let t = Utc::now().timestamp();
         let req = http::Request::post(d.url.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -391,6 +415,17 @@ fn describe(e: hyper_util::client::legacy::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_written_in_the_url_is_found_for_checking() {
+        use std::net::IpAddr;
+        let v4: IpAddr = "169.254.169.254".parse().unwrap();
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(literal_address("http://169.254.169.254/latest"), Some(v4));
+        assert_eq!(literal_address("https://[::1]:8443/hook"), Some(v6));
+        assert_eq!(literal_address("https://hooks.example.com/x"), None);
+        assert!(!keycap_proto::network::is_public_upstream(v4));
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {
