@@ -1054,6 +1054,16 @@ impl From<i64> for Arg {
         Arg::Int(v)
     }
 }
+impl From<&&str> for Arg {
+    fn from(v: &&str) -> Self {
+        Arg::Text(v.to_string())
+    }
+}
+impl From<&i64> for Arg {
+    fn from(v: &i64) -> Self {
+        Arg::Int(*v)
+    }
+}
 impl From<i32> for Arg {
     fn from(v: i32) -> Self {
         Arg::Int32(v)
@@ -1109,7 +1119,10 @@ impl Statement {
     }
 
     /// ` AND <column> IN (...)`; matches nothing for an empty list.
-    pub(super) fn push_in(&mut self, column: &str, values: &[impl AsRef<str>]) -> &mut Self {
+    pub(super) fn push_in<T>(&mut self, column: &str, values: &[T]) -> &mut Self
+    where
+        for<'v> &'v T: Into<Arg>,
+    {
         if values.is_empty() {
             return self.push(" AND 1 = 0");
         }
@@ -1118,7 +1131,7 @@ impl Statement {
             if i > 0 {
                 self.push(", ");
             }
-            self.push_bind(v.as_ref());
+            self.push_bind(v);
         }
         self.push(")")
     }

@@ -1866,14 +1866,14 @@ where
             .push(", leased_by = ")
             .push_bind(worker)
             .push(" WHERE 1 = 1");
-        push_in_ints(&mut q, "seq", &seqs);
+        q.push_in("seq", &seqs);
         q.query::<D::Db>().execute(w.conn()).await?;
         let mut q = Statement::new(format!(
             "SELECT {CLAIM_COLUMNS} FROM webhook_deliveries d \
              JOIN webhook_events ev ON ev.id = d.event_id \
              JOIN webhook_endpoints ep ON ep.id = d.endpoint_id WHERE 1 = 1"
         ));
-        push_in_ints(&mut q, "d.seq", &seqs);
+        q.push_in("d.seq", &seqs);
         q.push(" ORDER BY d.seq");
         let rows = q.query_as::<D::Db, ClaimRow>().fetch_all(w.conn()).await?;
         w.commit().await?;
@@ -1957,7 +1957,7 @@ where
             let mut q = Statement::new(format!(
                 "SELECT {ATTEMPT_COLUMNS} FROM webhook_attempts WHERE 1 = 1"
             ));
-            push_in_ints(&mut q, "delivery_seq", &seqs);
+            q.push_in("delivery_seq", &seqs);
             q.push(" ORDER BY delivery_seq, attempt");
             for row in q
                 .query_as::<D::Db, AttemptRow>()
@@ -1989,20 +1989,4 @@ where
         w.commit().await?;
         Ok(n)
     }
-}
-
-/// ` AND <column> IN (...)` over integers; matches nothing for an empty list.
-fn push_in_ints(q: &mut Statement, column: &str, values: &[i64]) {
-    if values.is_empty() {
-        q.push(" AND 1 = 0");
-        return;
-    }
-    q.push(format!(" AND {column} IN ("));
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            q.push(", ");
-        }
-        q.push_bind(*v);
-    }
-    q.push(")");
 }
