@@ -21,22 +21,22 @@ pub mod client_addr;
 pub mod config;
 pub mod context;
 pub mod edge;
-pub mod envelope;
 pub mod spool;
 pub use keycap_proto::endpoint;
+// What each vendor means (pricing, settlement streams, refusal envelopes)
+// lives in keycap-vendors, shared with the control plane.
+pub use keycap_vendors::{envelope, pricing, sse};
 pub mod error;
 pub mod fleet;
 pub mod idempotency;
 pub mod lookup;
 pub mod metrics;
 pub mod policy;
-pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;
 pub mod refusals;
 pub mod scrub;
 pub mod spend;
-pub mod sse;
 pub mod target;
 pub mod tightening;
 pub mod upstream;

@@ -238,7 +238,7 @@ fn usd_micros(decimal: &str) -> i64 {
 fn openai_prices(model: &str) -> (i64, i64) {
     // Compiled in, so the test reads the table the proxy was built with.
     let table: Value =
-        serde_json::from_str(include_str!("../../data-plane/prices/openai.json")).unwrap();
+        serde_json::from_str(include_str!("../../vendors/prices/openai.json")).unwrap();
     assert_eq!(table["unit"], "per_million_tokens");
     let m = &table["models"][model];
     (

@@ -25,12 +25,12 @@ pub use tokens::{
 };
 pub use twilio::TwilioPrices;
 
-/// The LLM price tables shipped with keycap (`data-plane/prices/`), read
+/// The LLM price tables shipped with keycap (`vendors/prices/`), read
 /// by the proxy as its defaults and by the control plane as the base of a
 /// price import for a vendor that has no table of its own.
 pub mod shipped {
-    pub const OPENAI: &str = include_str!("../../../data-plane/prices/openai.json");
-    pub const ANTHROPIC: &str = include_str!("../../../data-plane/prices/anthropic.json");
+    pub const OPENAI: &str = include_str!("../../../vendors/prices/openai.json");
+    pub const ANTHROPIC: &str = include_str!("../../../vendors/prices/anthropic.json");
 }
 
 /// Why a price table was refused. The message names the offending field.

@@ -45,7 +45,7 @@ async fn send_message(stack: &Stack, key: &str, body: &Value) -> Resp {
 fn anthropic_cost(model: &str, (input, output): (u64, u64)) -> i64 {
     // Compiled in, so the test reads the table the proxy was built with.
     let table: Value =
-        serde_json::from_str(include_str!("../../../data-plane/prices/anthropic.json")).unwrap();
+        serde_json::from_str(include_str!("../../../vendors/prices/anthropic.json")).unwrap();
     let m = &table["models"][model];
     let price = |field: &str| usd_micros(m[field].as_str().unwrap());
     let ceil = |tokens: u64, p: i64| (tokens as i64 * p + 999_999) / 1_000_000;
@@ -235,7 +235,7 @@ async fn a_current_claude_model_is_priced_with_its_us_inference_surcharge() {
     let (stack, mock, key) = stack_with_anthropic().await;
     let model = "claude-opus-4-6";
     let table: Value =
-        serde_json::from_str(include_str!("../../../data-plane/prices/anthropic.json")).unwrap();
+        serde_json::from_str(include_str!("../../../vendors/prices/anthropic.json")).unwrap();
     let uplift = usd_micros(
         table["models"][model]["uplifts"]["inference_geo_us"]
             .as_str()

@@ -34,7 +34,7 @@ async fn stack() -> (Stack, MockVendor, MintedKey) {
 
 /// The price table the proxy was built with (compiled in).
 fn table() -> Value {
-    serde_json::from_str(include_str!("../../../data-plane/prices/openai.json")).unwrap()
+    serde_json::from_str(include_str!("../../../vendors/prices/openai.json")).unwrap()
 }
 
 fn ceil_div(n: i64, d: i64) -> i64 {

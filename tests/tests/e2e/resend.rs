@@ -14,7 +14,7 @@ const RESEND_CREDENTIAL: &str = "re_KeycapE2eRealResendCredentialDoNotLeak";
 fn per_recipient() -> i64 {
     // Compiled in, so the test reads the table the proxy was built with.
     let table: Value =
-        serde_json::from_str(include_str!("../../../data-plane/prices/resend.json")).unwrap();
+        serde_json::from_str(include_str!("../../../vendors/prices/resend.json")).unwrap();
     usd_micros(table["per_recipient"].as_str().unwrap())
 }
 

@@ -33,7 +33,7 @@ fn basic(user_password: &str) -> String {
 /// The shipped table, compiled in, so the test reads the prices the proxy
 /// was built with.
 fn shipped() -> Value {
-    serde_json::from_str(include_str!("../../../data-plane/prices/twilio.json")).unwrap()
+    serde_json::from_str(include_str!("../../../vendors/prices/twilio.json")).unwrap()
 }
 
 fn form(pairs: &[(&str, &str)]) -> String {

@@ -1,0 +1,21 @@
+//! keycap-vendors: what each vendor means, written once for both planes.
+//!
+//! Owns the vendor profiles' rules: what a call costs before it is sent and
+//! after it is answered (`pricing`, one module per vendor), how a vendor's
+//! event stream is read for settlement (`sse`), and how a refusal is worded
+//! in the vendor's own error envelope (`envelope`). The proxy enforces with
+//! this code; the control plane runs the same code when it answers what a
+//! call would cost, so the two never disagree on a price.
+//!
+//! It must never do I/O, read a clock or touch a budget: pricing is a pure
+//! function of the request, the response and the price tables, and the
+//! callers own everything stateful.
+//!
+//! Reading order: `pricing` (the trait, then a vendor module), `sse`,
+//! `envelope`.
+
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod pricing;
+pub mod sse;
