@@ -45,7 +45,7 @@ fi
 TRACING=${BENCH_TRACING:-$([ "$SMOKE" = 1 ] && echo 0 || echo 1)}
 ROUNDS=${BENCH_TRACING_ROUNDS:-3}
 UPSTREAM=$((BASE + 1)); NGINX_PROXY=$((BASE + 2)); KC_PROXY=$((BASE + 3)); KC_CONTROL=$((BASE + 4))
-FLOOR=$((BASE + 5)); OTLP=$((BASE + 6))
+FLOOR=$((BASE + 5)); OTLP=$((BASE + 6)); KC_METRICS=$((BASE + 9))
 
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null \
@@ -124,7 +124,7 @@ KEYCAP_LOG=warn "$BIN/keycap-control" --listen 127.0.0.1:$KC_CONTROL --allow-pri
 PIDS+=($!)
 start_proxy() { # env assignments for the proxy...
   env "$@" KEYCAP_LOG=warn "$BIN/keycap-proxy" --listen 127.0.0.1:$KC_PROXY \
-    --control-url http://127.0.0.1:$KC_CONTROL --fleet-token "$FLEET" --node-id bench >> "$WORK/proxy.log" 2>&1 &
+    --control-url http://127.0.0.1:$KC_CONTROL --fleet-token "$FLEET" --node-id bench --metrics-listen 127.0.0.1:$KC_METRICS >> "$WORK/proxy.log" 2>&1 &
   PROXY_PID=$!
   PIDS+=($PROXY_PID)
 }
@@ -185,6 +185,9 @@ TRACE_MODES=()
 if [ "$TRACING" = 1 ]; then
   "$SINK" 127.0.0.1:$OTLP > "$WORK/otlp.log" 2>&1 &
   PIDS+=($!)
+  # A slow collector: accepts every export and answers each after 5 s.
+  "$SINK" 127.0.0.1:$((BASE + 8)) --delay-ms 5000 > "$WORK/otlp-slow.log" 2>&1 &
+  PIDS+=($!)
   sleep 0.5
   traced() { # mode: the proxy's OTEL_* environment for it
     case $1 in
@@ -194,10 +197,13 @@ if [ "$TRACING" = 1 ]; then
       # Every span for a collector that is not there: nothing listens on
       # the port, so each export fails and its spans are dropped.
       dead) echo OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$((BASE + 7)) OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=1.0 ;;
+      # Every span for a collector that answers each export after 5 s: the
+      # export queue fills and the overflow is dropped and counted.
+      slow) echo OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$((BASE + 8)) OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=1.0 ;;
     esac
   }
   for round in $(seq 1 "$ROUNDS"); do
-    for mode in off 1pct 100pct dead; do
+    for mode in off 1pct 100pct dead slow; do
       kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
       # shellcheck disable=SC2046
       start_proxy $(traced $mode)
@@ -205,14 +211,18 @@ if [ "$TRACING" = 1 ]; then
       # Warm: the first call draws the lease, as in the runs above.
       curl -s -o /dev/null "http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents" \
         -H "Authorization: Bearer $KEY" -d amount=100 -d currency=usd -d confirm=true
-      before=$(sed -n 's/^spans //p' "$WORK/otlp.log" | tail -1); before=${before:-0}
+      sink_log=$WORK/otlp.log; [ "$mode" = slow ] && sink_log=$WORK/otlp-slow.log
+      before=$(sed -n 's/^spans //p' "$sink_log" | tail -1); before=${before:-0}
       run "trace-$mode-$round" "http://127.0.0.1:$KC_PROXY/stripe/v1/payment_intents" -c "$CONNS"
       sleep 2  # the last batch of spans leaves within a second
-      after=$(sed -n 's/^spans //p' "$WORK/otlp.log" | tail -1); after=${after:-0}
+      after=$(sed -n 's/^spans //p' "$sink_log" | tail -1); after=${after:-0}
       echo $((after - before)) > "$WORK/trace-$mode-$round.spans"
+      # Spans the proxy dropped (queue full or export failed), from its own metric.
+      curl -fs "http://127.0.0.1:$KC_METRICS/metrics" \
+        | sed -n 's/^keycap_proxy_trace_spans_dropped_total //p' > "$WORK/trace-$mode-$round.dropped"
     done
   done
-  TRACE_MODES=(off 1pct 100pct dead)
+  TRACE_MODES=(off 1pct 100pct dead slow)
 fi
 
 python3 - "$WORK" "$DURATION" "$CONNS" "$RATE" "$ROUNDS" ${TRACE_MODES[@]+"${TRACE_MODES[@]}"} <<'PY'
@@ -243,12 +253,13 @@ print(f"keycap throughput ratio / nginx throughput ratio = {k_ratio / n_ratio:.2
 print(f"bare hyper floor ratio / nginx throughput ratio  = {f_ratio / n_ratio:.2f}; keycap reaches {k_ratio / f_ratio:.2f} of the floor")
 print(f"added p99 at {rate} req/s: nginx {rows['nginx'][1]['p99'] - d_rate['p99']:.3f} ms, keycap {rows['keycap'][1]['p99'] - d_rate['p99']:.3f} ms (goal: keycap <= nginx)")
 if trace_modes:
-    print(f"keycap with tracing, closed loop, {conns} connections, {duration}s per run, {rounds} rounds (off, 1%, 100%, 100% to a dead collector in turn):")
-    print(f"{'tracing':8} {'req/s per run':>30} {'mean':>8} {'vs off':>7} {'p99 ms':>8} {'spans/call':>10} {'non-200':>8}")
+    print(f"keycap with tracing, closed loop, {conns} connections, {duration}s per run, {rounds} rounds (off, 1%, 100%, 100% to a dead collector, 100% to a collector answering after 5 s, in turn):")
+    print(f"{'tracing':8} {'req/s per run':>30} {'mean':>8} {'vs off':>7} {'p99 ms':>8} {'spans/call':>10} {'dropped/call':>12} {'non-200':>8}")
     means = {}
     for mode in trace_modes:
         runs = [load(f"trace-{mode}-{r}") for r in range(1, rounds + 1)]
         spans = [int(open(os.path.join(work, f"trace-{mode}-{r}.spans")).read() or 0) for r in range(1, rounds + 1)]
+        dropped = [float(open(os.path.join(work, f"trace-{mode}-{r}.dropped")).read().strip() or 0) for r in range(1, rounds + 1)]
         for r in runs:
             if r["ok"] == 0:
                 sys.exit(f"bench: keycap with tracing {mode} answered no request with 200")
@@ -258,10 +269,12 @@ if trace_modes:
         per_call = sum(spans) / calls if calls else 0
         p99 = sum(r["p99"] for r in runs) / len(runs)
         bad = sum(r["total"] - r["ok"] for r in runs)
+        dropped_per_call = sum(dropped) / calls if calls else 0
         print(f"{mode:8} {' '.join('%.0f' % r['rps'] for r in runs):>30} {mean:8.0f} "
-              f"{mean / means['off'] - 1:+7.1%} {p99:8.3f} {per_call:10.3f} {bad:8}")
+              f"{mean / means['off'] - 1:+7.1%} {p99:8.3f} {per_call:10.3f} {dropped_per_call:12.3f} {bad:8}")
     spread = [load(f"trace-off-{r}")["rps"] for r in range(1, rounds + 1)]
     print(f"tracing off: spread of its runs {(max(spread) - min(spread)) / means['off']:.1%} of their mean; "
           f"1%: {means['1pct'] / means['off'] - 1:+.1%} (goal >= -3%); 100%: {means['100pct'] / means['off'] - 1:+.1%}; "
-          f"100% to a dead collector: {means['dead'] / means['off'] - 1:+.1%}")
+          f"100% to a dead collector: {means['dead'] / means['off'] - 1:+.1%}; "
+          f"100% to a slow collector: {means['slow'] / means['off'] - 1:+.1%}")
 PY

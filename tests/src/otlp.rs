@@ -191,14 +191,27 @@ impl Collector {
 
 /// Counts the spans it is sent and keeps none: the collector for a load
 /// that exports far more than a test would look at (bench/run.sh's traced
-/// runs, through `keycap-otlp-sink`).
+/// runs, through `keycap-otlp-sink`). With a delay it is a slow collector:
+/// each export is answered only after it, as from a collector that is
+/// overloaded or far away.
 #[derive(Clone, Default)]
-pub struct SpanCounter(Arc<std::sync::atomic::AtomicU64>);
+pub struct SpanCounter {
+    spans: Arc<std::sync::atomic::AtomicU64>,
+    delay: Duration,
+}
 
 impl SpanCounter {
+    /// A collector that answers each export after `delay`.
+    pub fn answering_after(delay: Duration) -> Self {
+        SpanCounter {
+            delay,
+            ..SpanCounter::default()
+        }
+    }
+
     /// Spans received so far.
     pub fn count(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.spans.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Serves the OTLP trace service on `listener` until the process ends.
@@ -226,8 +239,11 @@ impl TraceService for SpanCounter {
             .flat_map(|rs| &rs.scope_spans)
             .map(|ss| ss.spans.len())
             .sum();
-        self.0
+        self.spans
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }

@@ -3,10 +3,11 @@
 //! gRPC metadata into the control plane's span for the lease grant; all
 //! exported to the harness's own OTLP collector. No secret reaches a span
 //! or a log line, the vendor is not told of the trace, and a collector
-//! that is gone fails no call. Included from `e2e.rs`.
+//! that is gone or never answers fails and holds up no call. Included from
+//! `e2e.rs`.
 
-use keycap_tests::harness::ProxyOpts;
-use keycap_tests::otlp::{CollectedSpan, Collector};
+use keycap_tests::harness::{free_port, ProxyOpts};
+use keycap_tests::otlp::{CollectedSpan, Collector, SpanCounter};
 
 use super::*;
 
@@ -206,6 +207,70 @@ async fn a_collector_that_is_gone_fails_no_call() {
         assert_eq!(dollar_charge(&agent).await.status, 200);
     }
     stack.wait_key_spend(&key.id, 20_000_000, 20).await;
+}
+
+/// A collector that takes every export and never answers (each held an
+/// hour): the proxy's exporter is stuck on its first batch. Calls go on
+/// being answered and settled while that export is held, and the spans
+/// that no longer fit the proxy's bounded queue are dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_holds_up_no_call() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let stalled = SpanCounter::answering_after(Duration::from_secs(3600));
+    tokio::spawn(stalled.clone().serve(listener));
+    let metrics_port = free_port();
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "20".to_string()),
+        ("OTEL_BSP_MAX_QUEUE_SIZE".to_string(), "16".to_string()),
+        ("OTEL_BSP_EXPORT_TIMEOUT".to_string(), "3600000".to_string()),
+    ];
+    let proxy = ProxyOpts::new("stalled-collector-proxy")
+        .envs(env)
+        .flag("metrics-listen", format!("127.0.0.1:{metrics_port}"));
+    let stack = Stack::start_with_proxy(ControlOpts::sqlite(), proxy).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(1000),
+            &["POST /v1/*"],
+            "traced/stalled",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    // Call until the collector holds an export (the first batch leaves
+    // within the 20 ms schedule), then forty more while it is held.
+    let mut calls = 0;
+    while stalled.count() == 0 {
+        assert!(
+            calls < 500,
+            "no export reached the collector after {calls} calls"
+        );
+        assert_eq!(dollar_charge(&agent).await.status, 200);
+        calls += 1;
+    }
+    for _ in 0..40 {
+        assert_eq!(dollar_charge(&agent).await.status, 200);
+        calls += 1;
+    }
+    stack
+        .wait_key_spend(&key.id, calls * 1_000_000, calls)
+        .await;
+    let metrics = Api::new(&format!("http://127.0.0.1:{metrics_port}"), None)
+        .get("/metrics")
+        .await;
+    assert_eq!(metrics.status, 200, "{}", metrics.text);
+    let dropped: f64 = metrics
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("keycap_proxy_trace_spans_dropped_total "))
+        .expect("the dropped-spans counter")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dropped > 0.0, "{}", metrics.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
