@@ -95,8 +95,9 @@ pub struct ControlConfig {
     #[arg(long, env = "KEYCAP_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub webhook_timeout_ms: u64,
-    /// How often a replica looks for vendor credentials due for rotation
-    /// (their `rotate_after` passed), in milliseconds.
+    /// How often a replica sweeps for alerts no request raises (vendor
+    /// credentials due for rotation, cap thresholds crossed, cap refusal
+    /// bursts), in milliseconds.
     #[arg(long, env = "KEYCAP_ROTATION_CHECK_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub rotation_check_ms: u64,

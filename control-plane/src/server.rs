@@ -98,7 +98,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         },
         Duration::from_millis(config.webhook_timeout_ms),
     )?;
-    control.check_credential_rotation_every(Duration::from_millis(config.rotation_check_ms));
+    control.sweep_alerts_every(Duration::from_millis(config.rotation_check_ms));
     control.checkpoint_ledger_periodically();
     control.maintain_ledger_periodically(config.audit_retention_days);
     if let Some(token) = &config.admin_token {
