@@ -35,6 +35,7 @@ use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
 mod alerts;
+mod refusals;
 pub use alerts::SPOOL_BACKLOG;
 
 /// How long proxies keep knowing a key after it expired, to answer
