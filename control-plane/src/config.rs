@@ -89,6 +89,12 @@ pub struct ControlConfig {
     /// resolves to such an address (checked at every delivery) is refused.
     #[arg(long, env = "KEYCAP_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
+    /// Store alert events but post none from this replica, and never
+    /// resolve a webhook's host: for an instance that must not reach out
+    /// (a fuzzing run registers endpoints with made-up hosts). Another
+    /// replica without this flag delivers what it stored.
+    #[arg(long, env = "KEYCAP_NO_WEBHOOK_DELIVERIES")]
+    pub no_webhook_deliveries: bool,
     /// How long one webhook delivery attempt may take (connect, send and
     /// answer), in milliseconds; a replica's claim on a delivery lasts
     /// twice this plus 5 s, after which another replica may retry it.
