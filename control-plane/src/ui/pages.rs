@@ -174,7 +174,7 @@ fn count_chart(caption: &str, rows: &[(String, i64)]) -> Markup {
     let max = rows.iter().map(|(_, n)| *n).max().unwrap_or(0).max(1);
     let height = ROW * rows.len().max(1);
     html! {
-        figure {
+        figure.narrow {
             figcaption { (caption) }
             svg role="img" aria-label=(caption) viewBox={"0 0 600 " (height)}
                 width="100%" preserveAspectRatio="xMinYMin meet" {
