@@ -43,6 +43,10 @@ pub struct DevArgs {
     /// How log lines are written: text, or JSON with trace and span ids.
     #[arg(long, value_enum, env = "KEYCAP_LOG_FORMAT", default_value = "text")]
     log_format: keycap_telemetry::LogFormat,
+    /// Store alert events without posting them or resolving webhook hosts
+    /// (the OpenAPI fuzz registers endpoints with made-up hosts).
+    #[arg(long, env = "KEYCAP_NO_WEBHOOK_DELIVERIES")]
+    no_webhook_deliveries: bool,
 }
 
 /// Reads a secret file, or creates it with `make()` (mode 0600).
@@ -111,6 +115,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         allow_private_webhooks: true,
         webhook_timeout_ms: 10_000,
         rotation_check_ms: 60_000,
+        no_webhook_deliveries: args.no_webhook_deliveries,
         previous_master_keys: Vec::new(),
         previous_master_key_files: Vec::new(),
         // `keycap dev` stays on plain loopback.

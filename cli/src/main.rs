@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use keycap_client::{pb, AdminClient};
 use keycap_control::answers;
+use keycap_control::rest::webhooks as hooks;
 use keycap_proto::prices::{self, litellm};
 use keycap_proto::secret::{self, SecretKind};
 use keycap_proto::time::to_proto;
@@ -532,14 +533,6 @@ fn token_lifetime_secs(expires_in: Option<String>) -> anyhow::Result<i64> {
 
 fn vendor_json(v: &pb::Vendor) -> Value {
     to_json(answers::VendorAnswer::from(v))
-}
-
-/// A protobuf time as RFC 3339 to the second, or null.
-fn ts(t: &Option<prost_types::Timestamp>) -> Value {
-    t.as_ref()
-        .and_then(keycap_proto::time::from_proto)
-        .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
-        .unwrap_or(Value::Null)
 }
 
 fn parse_usd(field: &str, s: &str) -> anyhow::Result<i64> {
@@ -1259,20 +1252,6 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn webhook_json(w: &pb::WebhookEndpoint) -> Value {
-    json!({
-        "id": w.id,
-        "url": w.url,
-        "events": w.events,
-        "thresholds": w.thresholds,
-        "run_label": (!w.run_label.is_empty()).then_some(&w.run_label),
-        "key_id": (!w.key_id.is_empty()).then_some(&w.key_id),
-        "format": w.format,
-        "description": w.description,
-        "created_at": ts(&w.created_at),
-    })
-}
-
 async fn webhook(c: &mut AdminClient, cmd: WebhookCmd) -> anyhow::Result<()> {
     match cmd {
         WebhookCmd::Add {
@@ -1299,9 +1278,13 @@ async fn webhook(c: &mut AdminClient, cmd: WebhookCmd) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            print(json!({
-                "webhook": r.webhook.as_ref().map(webhook_json),
-                "secret": r.secret,
+            let webhook = r
+                .webhook
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("the control plane answered without the webhook"))?;
+            print(to_json(hooks::CreatedWebhook {
+                webhook: webhook.into(),
+                secret: r.secret,
             }));
         }
         WebhookCmd::List => {
@@ -1310,13 +1293,15 @@ async fn webhook(c: &mut AdminClient, cmd: WebhookCmd) -> anyhow::Result<()> {
                 .list_webhooks(pb::ListWebhooksRequest {})
                 .await?
                 .into_inner();
-            print(json!({"webhooks": r.webhooks.iter().map(webhook_json).collect::<Vec<_>>()}));
+            print(to_json(hooks::WebhookList {
+                webhooks: r.webhooks.iter().map(hooks::WebhookJson::from).collect(),
+            }));
         }
         WebhookCmd::Delete { id } => {
             c.webhooks
                 .delete_webhook(pb::DeleteWebhookRequest { id: id.clone() })
                 .await?;
-            print(json!({"deleted": id}));
+            print(to_json(hooks::Deleted { deleted: true }));
         }
         WebhookCmd::Test { id } => {
             let r = c
@@ -1324,7 +1309,9 @@ async fn webhook(c: &mut AdminClient, cmd: WebhookCmd) -> anyhow::Result<()> {
                 .test_webhook(pb::TestWebhookRequest { id })
                 .await?
                 .into_inner();
-            print(json!({"event_id": r.event_id}));
+            print(to_json(hooks::TestQueued {
+                event_id: r.event_id,
+            }));
         }
         WebhookCmd::Deliveries { id, limit } => {
             let r = c
@@ -1332,30 +1319,9 @@ async fn webhook(c: &mut AdminClient, cmd: WebhookCmd) -> anyhow::Result<()> {
                 .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest { id, limit })
                 .await?
                 .into_inner();
-            let out: Vec<Value> = r
-                .deliveries
-                .iter()
-                .map(|d| {
-                    json!({
-                        "event_id": d.event_id,
-                        "event_type": d.event_type,
-                        "state": d.state,
-                        "attempts": d.attempts.len(),
-                        "last_status": d.attempts.last().map(|a| a.status),
-                        "last_error": d.attempts.last().map(|a| a.error.clone()),
-                        "next_attempt_at": ts(&d.next_attempt_at),
-                        "created_at": ts(&d.created_at),
-                        "attempt_log": d.attempts.iter().map(|a| json!({
-                            "attempt": a.attempt,
-                            "at": ts(&a.at),
-                            "status": (a.status != 0).then_some(a.status),
-                            "error": a.error,
-                            "duration_ms": a.duration_ms,
-                        })).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            print(json!({"deliveries": out}));
+            print(to_json(hooks::DeliveryList {
+                deliveries: r.deliveries.iter().map(hooks::DeliveryJson::from).collect(),
+            }));
         }
     }
     Ok(())

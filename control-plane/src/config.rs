@@ -89,14 +89,21 @@ pub struct ControlConfig {
     /// resolves to such an address (checked at every delivery) is refused.
     #[arg(long, env = "KEYCAP_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
+    /// Store alert events but post none from this replica, and never
+    /// resolve a webhook's host: for an instance that must not reach out
+    /// (a fuzzing run registers endpoints with made-up hosts). Another
+    /// replica without this flag delivers what it stored.
+    #[arg(long, env = "KEYCAP_NO_WEBHOOK_DELIVERIES")]
+    pub no_webhook_deliveries: bool,
     /// How long one webhook delivery attempt may take (connect, send and
     /// answer), in milliseconds; a replica's claim on a delivery lasts
     /// twice this plus 5 s, after which another replica may retry it.
     #[arg(long, env = "KEYCAP_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub webhook_timeout_ms: u64,
-    /// How often a replica looks for vendor credentials due for rotation
-    /// (their `rotate_after` passed), in milliseconds.
+    /// How often a replica sweeps for alerts no request raises (vendor
+    /// credentials due for rotation, cap thresholds crossed, cap refusal
+    /// bursts), in milliseconds.
     #[arg(long, env = "KEYCAP_ROTATION_CHECK_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub rotation_check_ms: u64,

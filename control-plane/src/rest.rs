@@ -38,7 +38,7 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
-mod webhooks;
+pub mod webhooks;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;

@@ -86,19 +86,25 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         config.change_log_keep,
     );
     control.heartbeat_fleet();
-    control.deliver_webhooks(
-        if config.allow_private_webhooks {
-            tracing::warn!(
-                "--allow-private-webhooks: alert webhooks may go to loopback, private and \
+    if config.no_webhook_deliveries {
+        tracing::warn!(
+            "--no-webhook-deliveries: alert events are stored, not posted, by this replica"
+        );
+    } else {
+        control.deliver_webhooks(
+            if config.allow_private_webhooks {
+                tracing::warn!(
+                    "--allow-private-webhooks: alert webhooks may go to loopback, private and \
                  link-local addresses"
-            );
-            crate::webhook::delivery::Destinations::AllowPrivate
-        } else {
-            crate::webhook::delivery::Destinations::PublicOnly
-        },
-        Duration::from_millis(config.webhook_timeout_ms),
-    )?;
-    control.check_credential_rotation_every(Duration::from_millis(config.rotation_check_ms));
+                );
+                crate::webhook::delivery::Destinations::AllowPrivate
+            } else {
+                crate::webhook::delivery::Destinations::PublicOnly
+            },
+            Duration::from_millis(config.webhook_timeout_ms),
+        )?;
+    }
+    control.sweep_alerts_every(Duration::from_millis(config.rotation_check_ms));
     control.checkpoint_ledger_periodically();
     control.maintain_ledger_periodically(config.audit_retention_days);
     if let Some(token) = &config.admin_token {
@@ -307,6 +313,7 @@ mod tests {
             allow_private_webhooks: false,
             webhook_timeout_ms: 10_000,
             rotation_check_ms: 60_000,
+            no_webhook_deliveries: false,
             tls_cert: None,
             tls_key: None,
             client_ca: None,

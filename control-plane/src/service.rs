@@ -35,6 +35,7 @@ use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
 mod alerts;
+mod refusals;
 pub use alerts::SPOOL_BACKLOG;
 
 /// How long proxies keep knowing a key after it expired, to answer
@@ -1913,13 +1914,7 @@ impl Control {
         }
         let now = Utc::now();
         req.expires_at = now + chrono::Duration::from_std(LEASE_TTL).expect("constant fits");
-        let grant = self.store.grant_lease(&req, now).await?;
-        if grant.granted.0 == 0 {
-            // The key cannot cover the call's minimum: the proxy refuses it
-            // at the cap.
-            self.note_cap_refusal(&req.key_id, now).await;
-        }
-        Ok(grant)
+        Ok(self.store.grant_lease(&req, now).await?)
     }
 
     /// Closes a lease. With `node`, only a lease granted to that node is
@@ -1973,8 +1968,10 @@ impl Control {
         // The thresholds are checked on the keys and days the batch touched,
         // once it is stored.
         let touched = alerts::touched(&events);
+        let cap_refusals = alerts::cap_refusal_windows(&events);
         let recorded = self.spend.record(events).await?;
         self.check_thresholds(touched).await;
+        self.check_cap_refusals(cap_refusals).await;
         Ok(recorded)
     }
 }

@@ -153,6 +153,7 @@ mod tests {
             allow_private_webhooks: false,
             webhook_timeout_ms: 10_000,
             rotation_check_ms: 60_000,
+            no_webhook_deliveries: false,
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),
             client_ca: client_ca.then(|| ca.ca_pem()),

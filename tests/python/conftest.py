@@ -110,7 +110,7 @@ class Process:
 class Keycap:
     """A running `keycap dev` with every vendor registered on the mock."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, extra_args=()):
         mock_port, proxy_port, control_port, sandbox_port, metrics_port = free_ports(5)
         self.mock_url = f"http://127.0.0.1:{mock_port}"
         self.proxy = f"http://127.0.0.1:{proxy_port}"
@@ -128,7 +128,7 @@ class Keycap:
              "--control-listen", f"127.0.0.1:{control_port}",
              "--sandbox-listen", f"127.0.0.1:{sandbox_port}",
              "--metrics-listen", f"127.0.0.1:{metrics_port}",
-             "--upstream-timeout-secs", str(UPSTREAM_TIMEOUT_SECS)],
+             "--upstream-timeout-secs", str(UPSTREAM_TIMEOUT_SECS), *extra_args],
             workdir / "keycap-dev.log",
         )
         wait_until("keycap-mock-vendor",

@@ -3,7 +3,10 @@
 and mock vendor as the SDK tests. An operator signs in, sees a run's spend
 after calls through the proxy, revokes the run with a click, and the next
 call is refused; a read-only token gets no revoke button and the server
-refuses the action anyway; a form posted from another site is refused.
+refuses the action anyway; a form posted from another site is refused. A
+key minted with the form works on its first call; a run's page shows a new
+call's audit entry without reloading (server-sent events); refused calls
+show on the overview by reason.
 Each page visited is saved as a screenshot: under $KEYCAP_SCREENSHOTS when
 set (`KEYCAP_SCREENSHOTS=docs/screenshots` refreshes the README's), else in
 a temporary directory, so a test run leaves the checkout as it was.
@@ -64,10 +67,12 @@ def screenshot(driver, name):
     assert driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
 
 
-def sign_in(driver, keycap, token):
+def sign_in(driver, keycap, token, shot=None):
     driver.get(f"{keycap.control}/ui/sign-in")
     driver.delete_all_cookies()
     driver.get(f"{keycap.control}/ui/sign-in")
+    if shot:
+        screenshot(driver, shot)
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "form[action='/ui/sign-in'] button").click()
     wait_for_page(driver, lambda d: d.current_url != f"{keycap.control}/ui/sign-in"
@@ -104,7 +109,7 @@ def test_an_operator_sees_a_runs_spend_and_revokes_it(keycap, browser):
         assert charge(keycap, secret)[0] == 200
     keycap.wait_spend(key_id, 2_000_000, 2)
 
-    sign_in(browser, keycap, keycap.admin_token)
+    sign_in(browser, keycap, keycap.admin_token, shot="sign-in")
     assert label in browser.find_element(By.TAG_NAME, "main").text
     screenshot(browser, "overview")
     browser.get(f"{keycap.control}/ui/keys")
@@ -132,6 +137,83 @@ def test_an_operator_sees_a_runs_spend_and_revokes_it(keycap, browser):
     status, body = charge(keycap, secret)
     assert status == 401 and "key_revoked" in body, body
     assert keycap.key(key_id)["status"] == "revoked"
+
+
+def test_a_key_minted_with_the_form_works_on_its_first_call(keycap, browser):
+    label = "dashboard/minted"
+    sign_in(browser, keycap, keycap.admin_token)
+    browser.get(f"{keycap.control}/ui/keys")
+    form = browser.find_element(By.CSS_SELECTOR, "form.mint")
+    form.find_element(By.NAME, "vendor").send_keys("stripe")
+    form.find_element(By.NAME, "daily_usd_cap").send_keys("5")
+    form.find_element(By.NAME, "allowed_endpoints").send_keys("POST /v1/payment_intents")
+    form.find_element(By.NAME, "agent_run_label").send_keys(label)
+    form.find_element(By.CSS_SELECTOR, "button[type='submit']").click()
+    wait_for_page(browser, lambda d: d.find_elements(By.ID, "key-secret"))
+    secret = browser.find_element(By.ID, "key-secret").text
+    key_id = browser.find_element(By.ID, "key-id").text
+    assert secret.startswith("kc_"), secret
+    screenshot(browser, "key-minted")
+
+    # The form's answer waited for the proxies: the very first call works.
+    status, body = charge(keycap, secret)
+    assert status == 200, body
+    keycap.wait_spend(key_id, 1_000_000, 1)
+    # Shown once: no page shows the secret again.
+    browser.get(f"{keycap.control}/ui/keys?label={urllib.parse.quote(label, safe='')}")
+    assert key_id in browser.page_source
+    assert secret not in browser.page_source
+    browser.get(run_url(keycap, label))
+    assert secret not in browser.page_source
+
+
+def test_a_runs_audit_entries_arrive_without_reloading(keycap, browser):
+    label = "dashboard/live"
+    key_id, secret = keycap.mint("stripe", 20, ["POST /v1/payment_intents"], label)
+    assert charge(keycap, secret)[0] == 200
+    keycap.wait_spend(key_id, 1_000_000, 1)
+    sign_in(browser, keycap, keycap.admin_token)
+    browser.get(run_url(keycap, label))
+    rows = lambda d: d.find_elements(By.CSS_SELECTOR, "#run-audit tbody tr")  # noqa: E731
+    assert len(rows(browser)) == 1, browser.page_source
+    # The script has its stream open once it says so.
+    wait_for_page(browser, lambda d: d.find_element(By.ID, "live-status").text.startswith("Live"))
+    page_id = browser.execute_script("return window.performance.timeOrigin")
+
+    assert charge(keycap, secret)[0] == 200
+    WebDriverWait(browser, 30, poll_frequency=0.1).until(lambda d: len(rows(d)) == 2)
+    assert browser.execute_script("return window.performance.timeOrigin") == page_id, "no reload"
+    newest = rows(browser)[0]
+    assert newest.get_attribute("class") == "fresh"
+    cells = [td.text for td in newest.find_elements(By.TAG_NAME, "td")]
+    assert cells[2] == key_id and cells[3] == "stripe POST /v1/payment_intents", cells
+    assert cells[5] == "$1", cells
+    screenshot(browser, "run-live")
+
+
+def test_refused_calls_show_on_the_overview_by_reason(keycap, browser):
+    key_id, secret = keycap.mint("stripe", 5, ["POST /v1/payment_intents"],
+                                 "dashboard/refused")
+    req = urllib.request.Request(f"{keycap.proxy}/stripe/v1/customers",
+                                 headers={"Authorization": f"Bearer {secret}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 403
+    assert "endpoint_not_allowed" in refused.value.read().decode()
+
+    # The proxy reports a minute's refusals once that minute is over.
+    sign_in(browser, keycap, keycap.admin_token)
+    deadline = time.monotonic() + 120
+    while not browser.find_elements(By.XPATH, f"//table[@id='refusals-by-key']//td[small='{key_id}']"):
+        assert time.monotonic() < deadline, browser.page_source
+        time.sleep(1)
+        browser.get(f"{keycap.control}/ui")
+    row = browser.find_element(By.XPATH, f"//table[@id='refusals-by-key']//tr[td/small='{key_id}']")
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == "endpoint_not_allowed" and cells[4] == "1", cells
+    chart = browser.find_element(By.CSS_SELECTOR, "#refusals svg")
+    assert "endpoint_not_allowed" in chart.get_attribute("innerHTML")
+    screenshot(browser, "overview-refusals")
 
 
 def test_a_read_only_token_has_no_revoke_button_and_is_refused(keycap, browser):

@@ -1,7 +1,8 @@
 //! `/vault/webhooks`: alert webhook endpoints and their deliveries over
 //! REST, the same operations as gRPC's `WebhookService`. Bodies and answers
-//! are typed structs. An endpoint's signing secret appears only in the
-//! answer that registered it.
+//! are typed structs, built from domain types here and from gRPC messages
+//! by the `keycap` CLI, so both print one shape. An endpoint's signing
+//! secret appears only in the answer that registered it.
 
 use std::sync::Arc;
 
@@ -19,6 +20,14 @@ use crate::error::ApiError;
 use crate::scope::Operation;
 use crate::service::Control;
 use crate::webhook::{Attempt, Delivery, EndpointRequest, WebhookEndpoint};
+use keycap_proto::pb;
+
+/// A gRPC timestamp as answers write times (empty when unset).
+fn pb_time(t: &Option<prost_types::Timestamp>) -> Option<String> {
+    t.as_ref()
+        .and_then(keycap_proto::time::from_proto)
+        .map(rfc3339)
+}
 
 pub fn routes() -> Router<Arc<Control>> {
     Router::new()
@@ -99,6 +108,27 @@ impl From<&WebhookEndpoint> for WebhookJson {
     }
 }
 
+impl From<&pb::WebhookEndpoint> for WebhookJson {
+    fn from(e: &pb::WebhookEndpoint) -> Self {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        WebhookJson {
+            id: e.id.clone(),
+            url: e.url.clone(),
+            events: e.events.clone(),
+            thresholds: e
+                .thresholds
+                .iter()
+                .map(|&t| u8::try_from(t).unwrap_or(u8::MAX))
+                .collect(),
+            run_label: some(&e.run_label),
+            key_id: some(&e.key_id),
+            format: e.format.clone(),
+            description: e.description.clone(),
+            created_at: pb_time(&e.created_at).unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedWebhook {
     pub webhook: WebhookJson,
@@ -143,6 +173,18 @@ impl From<&Attempt> for AttemptJson {
     }
 }
 
+impl From<&pb::WebhookAttempt> for AttemptJson {
+    fn from(a: &pb::WebhookAttempt) -> Self {
+        AttemptJson {
+            attempt: a.attempt,
+            at: pb_time(&a.at).unwrap_or_default(),
+            status: (a.status != 0).then_some(a.status),
+            error: a.error.clone(),
+            duration_ms: a.duration_ms,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeliveryJson {
     pub seq: i64,
@@ -169,6 +211,21 @@ impl From<&Delivery> for DeliveryJson {
             created_at: rfc3339(d.created_at),
             attempts: d.attempts.iter().map(AttemptJson::from).collect(),
             payload: serde_json::from_str(&d.payload).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+impl From<&pb::WebhookDelivery> for DeliveryJson {
+    fn from(d: &pb::WebhookDelivery) -> Self {
+        DeliveryJson {
+            seq: d.seq,
+            event_id: d.event_id.clone(),
+            event_type: d.event_type.clone(),
+            state: d.state.clone(),
+            next_attempt_at: pb_time(&d.next_attempt_at),
+            created_at: pb_time(&d.created_at).unwrap_or_default(),
+            attempts: d.attempts.iter().map(AttemptJson::from).collect(),
+            payload: serde_json::from_str(&d.payload_json).unwrap_or(serde_json::Value::Null),
         }
     }
 }

@@ -17,8 +17,11 @@ use keycap_proto::Micros;
 use serde_json::json;
 
 use super::{Confirmation, Control};
-use crate::domain::{KeyFilter, SpendEvent, VaultKey};
+use crate::domain::{
+    KeyFilter, Outcome, SpendDimension, SpendEvent, SpendReportQuery, VaultKey, MAX_REPORT_GROUPS,
+};
 use crate::error::ApiError;
+use crate::store::RefusalCountQuery;
 use crate::webhook::delivery::{Courier, Destinations};
 use crate::webhook::{
     secret_record, Delivery, EndpointRequest, EventType, NewWebhookEndpoint, Subject,
@@ -45,6 +48,35 @@ pub(crate) fn touched(events: &[SpendEvent]) -> BTreeSet<(String, String)> {
         .map(|e| (e.key_id.clone(), e.day.clone()))
         .collect()
 }
+
+/// The refusal reasons that are a cap refusing a call.
+pub const CAP_REFUSALS: [&str; 3] = [
+    "per_call_cap_exceeded",
+    "daily_cap_exceeded",
+    "lifetime_cap_exceeded",
+];
+
+/// The (key id, minute) windows of a batch's cap refusal records: what
+/// [`Control::check_cap_refusals`] looks at once the batch is stored.
+pub(crate) fn cap_refusal_windows(events: &[SpendEvent]) -> BTreeSet<(String, DateTime<Utc>)> {
+    events
+        .iter()
+        .filter(|e| {
+            e.outcome == Outcome::Refused && CAP_REFUSALS.contains(&e.refusal_reason.as_str())
+        })
+        .map(|e| (e.key_id.clone(), minute_start(e.at)))
+        .collect()
+}
+
+fn minute_start(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp().div_euclid(60) * 60, 0).unwrap_or(t)
+}
+
+/// How far back the sweep looks for cap refusal bursts: the proxies
+/// report a minute's refusals once it is over, so a burst is raised at
+/// ingest; the sweep catches one whose endpoint was registered, or whose
+/// ingest failed to raise, meanwhile.
+const SWEEP_REFUSAL_MINUTES: i64 = 10;
 
 impl Control {
     /// Starts this replica's webhook courier: from now on it posts what the
@@ -226,6 +258,9 @@ impl Control {
         }
     }
 
+    /// A key's caps, and those of each of its ancestors, against the
+    /// spend of their whole subtree: a child's spend draws on every
+    /// ancestor's budget, so it can take a parent over a threshold.
     async fn key_thresholds(
         &self,
         endpoints: &[WebhookEndpoint],
@@ -233,11 +268,24 @@ impl Control {
         day: &str,
         runs: &mut BTreeSet<(String, String)>,
     ) -> Result<(), ApiError> {
-        let Some(key) = self.store.get_key(key_id).await? else {
-            return Ok(());
-        };
-        let spend = self.store.key_spend(key_id, day).await?;
-        runs.insert((key.agent_run_label.clone(), day.to_string()));
+        for lineage in self.store.lineage_spend(key_id, day).await? {
+            let Some(key) = self.store.get_key(&lineage.key_id).await? else {
+                continue;
+            };
+            runs.insert((key.agent_run_label.clone(), day.to_string()));
+            self.one_key_thresholds(endpoints, &key, day, lineage.spend)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn one_key_thresholds(
+        &self,
+        endpoints: &[WebhookEndpoint],
+        key: &VaultKey,
+        day: &str,
+        spend: crate::domain::KeySpend,
+    ) {
         let subject = Subject {
             run_label: Some(&key.agent_run_label),
             key_id: Some(&key.id),
@@ -270,7 +318,6 @@ impl Control {
             )
             .await;
         }
-        Ok(())
     }
 
     /// A run's daily cap is the sum of the daily caps of its keys that do
@@ -360,51 +407,65 @@ impl Control {
         }
     }
 
-    /// A call refused at a key's cap, as the control plane learns of it
-    /// (today: a lease grant that could not cover the call's minimum,
-    /// which is what a proxy at the cap asks for before refusing; refusal
-    /// records reported by proxies can call this too). The
-    /// `REFUSAL_BURST`-th refusal of a key within a UTC minute raises one
-    /// `cap.refusals` event for that minute.
-    pub async fn note_cap_refusal(&self, key_id: &str, at: DateTime<Utc>) {
+    /// After refusal records were stored: raises one `cap.refusals` event
+    /// for each (key, minute) window whose calls refused at a cap, summed
+    /// over every proxy's record of that minute, reached `REFUSAL_BURST`.
+    /// Read from the ledger, so a record delivered twice counts once and
+    /// whichever replica stored the last record raises it (the event's
+    /// dedupe makes it once).
+    pub(crate) async fn check_cap_refusals(&self, windows: BTreeSet<(String, DateTime<Utc>)>) {
+        if windows.is_empty() {
+            return;
+        }
         let Some(endpoints) = self.endpoints_for(EventType::CapRefusals).await else {
             return;
         };
-        let minute = at.format("%Y-%m-%dT%H:%MZ").to_string();
-        let n = match self
-            .store
-            .count_alert(&format!("cap.refusals|{key_id}"), &minute)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot count a cap refusal");
-                return;
+        for (key_id, minute) in windows {
+            let q = RefusalCountQuery {
+                since: Some(minute),
+                until: Some(minute + chrono::Duration::minutes(1)),
+                key_id: Some(key_id.clone()),
+                reasons: Some(CAP_REFUSALS.iter().map(|r| r.to_string()).collect()),
+                vendors: None,
+            };
+            let counts = match self.store.refusal_counts(&q).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %key_id, "cannot count cap refusals");
+                    continue;
+                }
+            };
+            let n: i64 = counts.iter().map(|c| c.calls).sum();
+            if n < REFUSAL_BURST {
+                continue;
             }
-        };
-        if n != REFUSAL_BURST {
-            return;
+            let key = self.store.get_key(&key_id).await.ok().flatten();
+            let run = key.as_ref().map(|k| k.agent_run_label.as_str());
+            let subject = Subject {
+                run_label: run,
+                key_id: Some(&key_id),
+            };
+            let minute = minute.format("%Y-%m-%dT%H:%MZ").to_string();
+            let reasons: serde_json::Map<String, serde_json::Value> = counts
+                .iter()
+                .map(|c| (c.reason.clone(), json!(c.calls)))
+                .collect();
+            self.raise(
+                &endpoints,
+                |e| e.wants(EventType::CapRefusals, &subject),
+                EventType::CapRefusals,
+                Some(format!("cap.refusals|{key_id}|{minute}")),
+                json!({
+                    "key_id": key_id,
+                    "run_label": run,
+                    "vendor": key.as_ref().map(|k| k.vendor.as_str()),
+                    "minute": minute,
+                    "refusals": n,
+                    "reasons": reasons,
+                }),
+            )
+            .await;
         }
-        let key = self.store.get_key(key_id).await.ok().flatten();
-        let run = key.as_ref().map(|k| k.agent_run_label.as_str());
-        let subject = Subject {
-            run_label: run,
-            key_id: Some(key_id),
-        };
-        self.raise(
-            &endpoints,
-            |e| e.wants(EventType::CapRefusals, &subject),
-            EventType::CapRefusals,
-            Some(format!("cap.refusals|{key_id}|{minute}")),
-            json!({
-                "key_id": key_id,
-                "run_label": run,
-                "vendor": key.as_ref().map(|k| k.vendor.as_str()),
-                "minute": minute,
-                "refusals": n,
-            }),
-        )
-        .await;
     }
 
     /// After a key (and its subtree) was revoked: `key.revoked`, and
@@ -521,13 +582,72 @@ impl Control {
         .await;
     }
 
-    /// Every `period`, raises `credential.rotation_due` for each vendor
-    /// whose credential is older than its `rotate_after`: once per
-    /// credential (setting a new one starts again).
-    pub fn check_credential_rotation_every(self: &Arc<Self>, period: Duration) {
+    /// Every `period`, sweeps for alerts no request raises, or that one
+    /// failed to: credentials due for rotation, cap thresholds already
+    /// crossed today (say, by an endpoint registered after the spend), and
+    /// cap refusal bursts of the last minutes. Every replica sweeps; each
+    /// event's dedupe in the store makes it raised once however many do.
+    pub fn sweep_alerts_every(self: &Arc<Self>, period: Duration) {
         self.every(period, |control| async move {
-            control.check_credential_rotation().await;
+            control.sweep_alerts().await;
         });
+    }
+
+    pub async fn sweep_alerts(&self) {
+        self.check_credential_rotation().await;
+        let now = Utc::now();
+        if self.endpoints_for(EventType::CapThreshold).await.is_some() {
+            let today = now.date_naive();
+            let q = SpendReportQuery {
+                group_by: vec![SpendDimension::Key],
+                since: today.and_hms_opt(0, 0, 0).map(|t| t.and_utc()),
+                until: None,
+                agent_run_label: None,
+                vendors: None,
+                top: MAX_REPORT_GROUPS,
+            };
+            match self.store.spend_report(&q).await {
+                Ok(report) => {
+                    let day = today.format("%Y-%m-%d").to_string();
+                    let touched = report
+                        .groups
+                        .into_iter()
+                        .filter(|g| g.total.0 > 0)
+                        .filter_map(|g| g.key_id)
+                        .map(|k| (k, day.clone()))
+                        .collect();
+                    self.check_thresholds(touched).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read today's spend for the alert sweep")
+                }
+            }
+        }
+        if self.endpoints_for(EventType::CapRefusals).await.is_some() {
+            let since = minute_start(now) - chrono::Duration::minutes(SWEEP_REFUSAL_MINUTES);
+            let q = RefusalCountQuery {
+                since: Some(since),
+                reasons: Some(CAP_REFUSALS.iter().map(|r| r.to_string()).collect()),
+                ..RefusalCountQuery::default()
+            };
+            match self.store.refusal_counts(&q).await {
+                Ok(counts) => {
+                    let windows = counts
+                        .iter()
+                        .filter(|c| c.calls >= REFUSAL_BURST)
+                        .flat_map(|c| {
+                            (0..=SWEEP_REFUSAL_MINUTES).map(move |m| {
+                                (c.key_id.clone(), since + chrono::Duration::minutes(m))
+                            })
+                        })
+                        .collect();
+                    self.check_cap_refusals(windows).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read cap refusals for the alert sweep")
+                }
+            }
+        }
     }
 
     pub async fn check_credential_rotation(&self) {

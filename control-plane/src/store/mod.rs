@@ -27,12 +27,14 @@ use crate::webhook::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
 };
 
+mod cockpit_rows;
 pub mod dialect;
 mod sql;
 mod sql_store;
 mod timed;
 mod webhook_rows;
 
+pub use cockpit_rows::{LineageSpend, RefusalCount, RefusalCountQuery, MAX_REFUSAL_GROUPS};
 pub use dialect::{Dialect, CHANGE_CHANNEL};
 pub use sql_store::{PgStore, SqlStore, SqliteStore};
 pub use timed::TimedStore;
@@ -435,4 +437,13 @@ pub trait Store: Send + Sync + 'static {
     /// Adds one to the counter of (`subject`, `bucket`) and returns its new
     /// value; every replica counts into the same row.
     async fn count_alert(&self, subject: &str, bucket: &str) -> StoreResult<i64>;
+
+    // --- the cockpit's reads (see `cockpit_rows`) -------------------------------
+    /// Refused calls of the refusal entries the query names, summed per
+    /// key and reason, most calls first (at most `MAX_REFUSAL_GROUPS`).
+    async fn refusal_counts(&self, q: &RefusalCountQuery) -> StoreResult<Vec<RefusalCount>>;
+    /// `key_id` and each of its ancestors, nearest first, each with the
+    /// spend of its whole subtree on `day` and over its lifetime. Empty
+    /// for an unknown key.
+    async fn lineage_spend(&self, key_id: &str, day: &str) -> StoreResult<Vec<LineageSpend>>;
 }

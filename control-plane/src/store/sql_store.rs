@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use keycap_proto::Micros;
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
+use super::cockpit_rows::{LineageSpendRow, RefusalCountRow, MAX_REFUSAL_GROUPS};
 use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
 use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
@@ -311,6 +312,8 @@ where
     for<'r> (i32,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (Vec<u8>,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (Option<i64>,): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> RefusalCountRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> LineageSpendRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> KeyRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AdminTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> IssuerTokenRow: FromRow<'r, <D::Db as Database>::Row>,
@@ -1988,5 +1991,64 @@ where
         .await?;
         w.commit().await?;
         Ok(n)
+    }
+
+    async fn refusal_counts(
+        &self,
+        rq: &super::RefusalCountQuery,
+    ) -> StoreResult<Vec<super::RefusalCount>> {
+        // A key's vendor and run label are fixed at mint, so grouping by
+        // them too keeps one row per key and reason.
+        let mut q = Statement::new(
+            "SELECT key_id, agent_run_label, vendor, refusal_reason, \
+             CAST(COALESCE(SUM(refused_calls), 0) AS BIGINT) AS calls \
+             FROM audit WHERE outcome = 'refused'",
+        );
+        q.push_time_range(rq.since, rq.until);
+        if let Some(key) = &rq.key_id {
+            q.push(" AND key_id = ").push_bind(key.as_str());
+        }
+        if let Some(reasons) = &rq.reasons {
+            q.push_in("refusal_reason", reasons);
+        }
+        if let Some(vendors) = &rq.vendors {
+            q.push_in("vendor", vendors);
+        }
+        q.push(
+            " GROUP BY key_id, agent_run_label, vendor, refusal_reason \
+             ORDER BY calls DESC, key_id, refusal_reason LIMIT ",
+        )
+        .push_bind(i64::from(MAX_REFUSAL_GROUPS));
+        Ok(q.query_as::<D::Db, RefusalCountRow>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(RefusalCountRow::into_domain)
+            .collect())
+    }
+
+    async fn lineage_spend(
+        &self,
+        key_id: &str,
+        day: &str,
+    ) -> StoreResult<Vec<super::LineageSpend>> {
+        // `a` walks up from the key to each ancestor; `d` down from that
+        // ancestor to every key of its subtree (itself included).
+        let rows: Vec<LineageSpendRow> = sqlx::query_as(
+            "SELECT a.ancestor_id, \
+               CAST(COALESCE(SUM(CASE WHEN s.day = $2 THEN s.spent END), 0) AS BIGINT) AS spent_day, \
+               CAST(COALESCE(SUM(CASE WHEN s.day = $2 THEN s.calls END), 0) AS BIGINT) AS calls_day, \
+               CAST(COALESCE(SUM(s.spent), 0) AS BIGINT) AS spent_lifetime \
+             FROM key_ancestors a \
+             JOIN key_ancestors d ON d.ancestor_id = a.ancestor_id \
+             LEFT JOIN key_spend_daily s ON s.key_id = d.key_id \
+             WHERE a.key_id = $1 \
+             GROUP BY a.ancestor_id, a.depth ORDER BY a.depth",
+        )
+        .bind(key_id)
+        .bind(day)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(LineageSpendRow::into_domain).collect())
     }
 }

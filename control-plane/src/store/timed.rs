@@ -474,4 +474,19 @@ impl<S: Store> Store for TimedStore<S> {
     async fn count_alert(&self, subject: &str, bucket: &str) -> StoreResult<i64> {
         timed("count_alert", self.0.count_alert(subject, bucket)).await
     }
+
+    async fn refusal_counts(
+        &self,
+        q: &super::RefusalCountQuery,
+    ) -> StoreResult<Vec<super::RefusalCount>> {
+        timed("refusal_counts", self.0.refusal_counts(q)).await
+    }
+
+    async fn lineage_spend(
+        &self,
+        key_id: &str,
+        day: &str,
+    ) -> StoreResult<Vec<super::LineageSpend>> {
+        timed("lineage_spend", self.0.lineage_spend(key_id, day)).await
+    }
 }

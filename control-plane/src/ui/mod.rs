@@ -1,6 +1,7 @@
 //! The operator's dashboard under `/ui`: server-rendered HTML (maud), one
-//! stylesheet embedded in the binary, no script, so it works offline and
-//! under a Content-Security-Policy that allows no inline code.
+//! stylesheet and one small script (the Run page's live audit) embedded in
+//! the binary, so it works offline and under a Content-Security-Policy
+//! that allows no inline code. Every page works without the script.
 //!
 //! It owns presentation only: every read and every action goes through
 //! `Control` with the signed-in token's principal, so the dashboard can
@@ -8,6 +9,7 @@
 //! hidden for a read-only token is refused by the server as well). It never
 //! shows a vendor credential or an admin token.
 
+mod live;
 mod pages;
 mod session;
 mod webhooks;
@@ -33,9 +35,13 @@ use session::{same_origin, Session};
 type Ctl = State<Arc<Control>>;
 type TlsOn = Option<Extension<Tls>>;
 
+/// Scripts only from the dashboard's own files (never inline), and
+/// connections (the live audit stream) only to its own origin.
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+                   script-src 'self'; connect-src 'self'; \
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 const STYLESHEET: &str = include_str!("assets/keycap.css");
+const LIVE_SCRIPT: &str = include_str!("assets/live.js");
 
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
@@ -46,6 +52,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui/keys/{id}/revoke", post(revoke_key))
         .route("/ui/run", get(run))
         .route("/ui/run/revoke", post(revoke_run))
+        .route("/ui/runs/{label}/events", get(live::events))
         .route("/ui/vendors", get(vendors))
         .route("/ui/audit", get(audit))
         .route("/ui/audit/export", get(export_audit))
@@ -54,6 +61,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui/webhooks/{id}/test", post(webhooks::test))
         .route("/ui/webhooks/{id}/delete", post(webhooks::delete))
         .route("/ui/assets/keycap.css", get(stylesheet))
+        .route("/ui/assets/live.js", get(live_script))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(control)
 }
@@ -87,6 +95,17 @@ async fn stylesheet() -> Response {
             (header::CACHE_CONTROL, "public, max-age=3600"),
         ],
         STYLESHEET,
+    )
+        .into_response()
+}
+
+async fn live_script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        LIVE_SCRIPT,
     )
         .into_response()
 }
@@ -212,7 +231,7 @@ async fn overview(State(c): Ctl, tls: TlsOn, headers: HeaderMap) -> Response {
     if let Err(e) = s.principal.require(Operation::ListKeys) {
         return html(
             StatusCode::OK,
-            pages::overview(&s, None, Some(&e.to_string()), &[], 0),
+            pages::overview(&s, None, Some(&e.to_string()), &[], 0, None),
         );
     }
     let filter = KeyFilter {
@@ -229,10 +248,18 @@ async fn overview(State(c): Ctl, tls: TlsOn, headers: HeaderMap) -> Response {
         .filter(|n| n.heartbeat_at > connected_after)
         .collect();
     let head = c.store().latest_version().await.unwrap_or(0);
+    // Refusals are ledger entries: shown to a token that may read the audit.
+    let refusals = match s.principal.require(Operation::QueryAudit) {
+        Ok(()) => match c.refusals_today(&s.principal.vendors).await {
+            Ok(r) => Some(r),
+            Err(e) => return api_error(&s, e),
+        },
+        Err(_) => None,
+    };
     match c.list_keys(&s.principal.vendors, &filter).await {
         Ok(keys) => html(
             StatusCode::OK,
-            pages::overview(&s, Some(&keys), None, &proxies, head),
+            pages::overview(&s, Some(&keys), None, &proxies, head, refusals.as_deref()),
         ),
         Err(e) => api_error(&s, e),
     }
@@ -309,7 +336,25 @@ async fn run(
         Ok(k) => k,
         Err(e) => return api_error(&s, e),
     };
-    html(StatusCode::OK, pages::run(&s, &label, &keys))
+    // The run's newest entries, which the page's script then follows live.
+    let entries = match s.principal.require(Operation::QueryAudit) {
+        Ok(()) => {
+            let q = AuditQuery {
+                agent_run_label: Some(label.clone()),
+                limit: AUDIT_PAGE,
+                ..AuditQuery::default()
+            };
+            match c.query_audit(&s.principal.vendors, &q).await {
+                Ok(entries) => Some(entries),
+                Err(e) => return api_error(&s, e),
+            }
+        }
+        Err(_) => None,
+    };
+    html(
+        StatusCode::OK,
+        pages::run(&s, &label, &keys, entries.as_deref()),
+    )
 }
 
 async fn revoke_run(

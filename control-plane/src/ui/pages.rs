@@ -1,6 +1,7 @@
 //! The dashboard's pages as maud templates. Pure functions of what the
 //! handlers read through `Control`: no I/O here. Charts are inline SVG
-//! drawn from attributes only (the CSP allows no inline style or script).
+//! drawn from attributes only (the CSP allows no inline style or script);
+//! the one script, the Run page's live audit, is a file (`assets/live.js`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,6 +12,7 @@ use super::session::Session;
 use crate::domain::{AuditEntry, KeyStatus};
 use crate::scope::Operation;
 use crate::service::{Confirmation, KeyView, VendorView};
+use crate::store::RefusalCount;
 
 fn usd(m: Micros) -> String {
     format!("${m}")
@@ -123,6 +125,7 @@ pub fn overview(
     error: Option<&str>,
     proxies: &[crate::domain::FleetNode],
     head: i64,
+    refusals: Option<&[RefusalCount]>,
 ) -> Markup {
     layout(
         Some(s),
@@ -136,6 +139,7 @@ pub fn overview(
                     (bar_chart("Today's spend by vendor", &by_vendor))
                     (bar_chart("Today's spend by run", &by_run))
                 }
+                @if let Some(refusals) = refusals { (refusals_today(refusals)) }
                 h2 { "Runs" }
                 ul.runs {
                     @for (label, amount) in &by_run {
@@ -162,6 +166,67 @@ pub fn overview(
             }
         },
     )
+}
+
+/// A horizontal bar chart of `(label, count)`, largest first.
+fn count_chart(caption: &str, rows: &[(String, i64)]) -> Markup {
+    const ROW: usize = 28;
+    let max = rows.iter().map(|(_, n)| *n).max().unwrap_or(0).max(1);
+    let height = ROW * rows.len().max(1);
+    html! {
+        figure.narrow {
+            figcaption { (caption) }
+            svg role="img" aria-label=(caption) viewBox={"0 0 600 " (height)}
+                width="100%" preserveAspectRatio="xMinYMin meet" {
+                @for (i, (label, n)) in rows.iter().enumerate() {
+                    @let y = i * ROW;
+                    @let w = 8 + (i128::from((*n).max(0)) * 352 / i128::from(max)) as i64;
+                    text x="0" y=(y + 18) font-size="13" fill="currentColor" { (label) }
+                    rect x="200" y=(y + 4) width=(w) height="18" fill="#c0392b" {}
+                    text x=(208 + w) y=(y + 18) font-size="13" fill="currentColor" { (n) }
+                }
+            }
+        }
+    }
+}
+
+/// Today's refused calls: a chart by reason, and a table by key and
+/// reason (from the proxies' refusal records, a minute late at most).
+fn refusals_today(refusals: &[RefusalCount]) -> Markup {
+    let mut by_reason: BTreeMap<&str, i64> = BTreeMap::new();
+    for r in refusals {
+        *by_reason.entry(r.reason.as_str()).or_default() += r.calls;
+    }
+    let mut rows: Vec<(String, i64)> = by_reason
+        .into_iter()
+        .map(|(reason, n)| (reason.to_string(), n))
+        .collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    html! {
+        section #refusals aria-labelledby="refusals-heading" {
+            h2 #refusals-heading { "Refusals today" }
+            @if refusals.is_empty() {
+                p.help { "No calls refused today." }
+            } @else {
+                (count_chart("Calls refused today by reason", &rows))
+                div.table-wrap { table #refusals-by-key {
+                    thead { tr {
+                        th scope="col" { "Reason" } th scope="col" { "Key" }
+                        th scope="col" { "Run" } th scope="col" { "Vendor" }
+                        th scope="col" { "Calls" }
+                    } }
+                    tbody { @for r in refusals { tr {
+                        td { code { (r.reason) } }
+                        td { small { (r.key_id) } }
+                        td { a href={"/ui/run?label=" (urlencode(&r.agent_run_label))} { (r.agent_run_label) } }
+                        td { (r.vendor) }
+                        td { (r.calls) }
+                    } } }
+                } }
+            }
+            p.help { "Proxies report each minute's refusals once the minute is over." }
+        }
+    }
 }
 
 fn urlencode(s: &str) -> String {
@@ -296,7 +361,9 @@ pub fn minted(s: &Session, k: &KeyView, secret: &str, c: &Confirmation) -> Marku
     )
 }
 
-pub fn run(s: &Session, label: &str, keys: &[KeyView]) -> Markup {
+/// `entries`: the run's newest audit entries, or `None` when the token may
+/// not read the audit.
+pub fn run(s: &Session, label: &str, keys: &[KeyView], entries: Option<&[AuditEntry]>) -> Markup {
     let spent: i64 = keys.iter().map(|k| k.spend.spent_day.0).sum();
     let can_revoke = s.principal.require(Operation::RevokeRun).is_ok();
     let any_active = keys.iter().any(|k| k.status == KeyStatus::Active);
@@ -314,8 +381,39 @@ pub fn run(s: &Session, label: &str, keys: &[KeyView]) -> Markup {
             }
             h2 { "Keys" }
             @if keys.is_empty() { p.help { "No keys carry this run label." } } @else { (keys_table(s, keys)) }
+            h2 #audit-heading { "Audit" }
+            @match entries {
+                None => p.help { "Reading the audit needs the audit:read scope." },
+                Some(entries) => (run_audit(label, entries)),
+            }
         },
     )
+}
+
+/// The run's audit table; `assets/live.js` adds entries as they arrive.
+fn run_audit(label: &str, entries: &[AuditEntry]) -> Markup {
+    html! {
+        p #live-status .help role="status" aria-live="polite" {
+            "The newest entries; reload to see more (live with JavaScript on)."
+        }
+        @if entries.is_empty() {
+            p #run-audit-empty .help { "No audit entries yet." }
+        }
+        div.table-wrap {
+            table #run-audit aria-labelledby="audit-heading" data-label=(label)
+                data-after=(entries.first().map_or(0, |e| e.seq)) hidden[entries.is_empty()] {
+                thead { tr {
+                    th scope="col" { "#" } th scope="col" { "At (UTC)" } th scope="col" { "Key" }
+                    th scope="col" { "Call" } th scope="col" { "Status" } th scope="col" { "Cost" }
+                    th scope="col" { "Outcome" } th scope="col" { "Proxy" }
+                } }
+                tbody { @for e in entries {
+                    tr #{"audit-" (e.seq)} { @for cell in super::live::cells(e) { td { (cell) } } }
+                } }
+            }
+        }
+        script src="/ui/assets/live.js" defer {}
+    }
 }
 
 pub fn revoked(s: &Session, what: &str, ids: &[String], c: &Confirmation) -> Markup {

@@ -571,3 +571,163 @@ async fn the_mint_form_shows_the_secret_once_and_the_key_works_at_once() {
     assert_eq!(refused.status, 403);
     assert!(refused.body.contains("keys:issue"), "{}", refused.body);
 }
+
+/// Reads a server-sent event stream until an `audit` event whose data
+/// contains `needle` arrives; its data.
+async fn next_audit_event(res: &mut reqwest::Response, buf: &mut String, needle: &str) -> String {
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            if event.lines().any(|l| l == "event: audit") {
+                let data: String = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
+                if data.contains(needle) {
+                    return data;
+                }
+            }
+        }
+        let chunk = res
+            .chunk()
+            .await
+            .expect("stream readable")
+            .expect("stream still open");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_audit_entries_arrive_live_on_its_page() {
+    let (stack, _mock) = stack_with_stripe().await;
+    let label = "dashboard/live 1";
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(50),
+            &["POST /v1/payment_intents"],
+            label,
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    dollar_charge(&agent).await.expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+
+    let browser = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    // Without script the page shows the entries; the script is a file.
+    let run = browser.get("/ui/run?label=dashboard%2Flive+1").await;
+    assert_eq!(run.status, 200, "{}", run.body);
+    assert!(run.body.contains("id=\"run-audit\""), "{}", run.body);
+    assert!(run.body.contains("/v1/payment_intents"), "{}", run.body);
+    assert!(
+        run.body
+            .contains("<script src=\"/ui/assets/live.js\" defer></script>"),
+        "{}",
+        run.body
+    );
+    assert_eq!(run.body.matches("<script").count(), 1, "no inline script");
+    let csp = run.headers[CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let script = browser.get("/ui/assets/live.js").await;
+    assert_eq!(script.status, 200);
+    assert!(script.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(script.body.contains("EventSource"));
+
+    // No session, no stream.
+    let anonymous = Browser::new(&stack.control.url());
+    let page = anonymous.get("/ui/runs/dashboard%2Flive%201/events").await;
+    assert_eq!(page.status, 303);
+
+    let after = {
+        let at = run.body.find("data-after=\"").unwrap() + "data-after=\"".len();
+        run.body[at..at + run.body[at..].find('"').unwrap()].to_string()
+    };
+    let mut res = browser
+        .http
+        .get(format!(
+            "{}/ui/runs/dashboard%2Flive%201/events?after={after}",
+            stack.control.url()
+        ))
+        .header("cookie", browser.cookie.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+
+    // A call made now appears on the open stream.
+    dollar_charge(&agent).await.expect(200);
+    let mut buf = String::new();
+    let data = tokio::time::timeout(
+        Duration::from_secs(30),
+        next_audit_event(&mut res, &mut buf, &key.id),
+    )
+    .await
+    .expect("the new entry arrives on the stream");
+    let event: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert!(event["seq"].as_i64().unwrap() > after.parse::<i64>().unwrap());
+    let cells: Vec<&str> = event["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(cells[2], key.id);
+    assert_eq!(cells[3], "stripe POST /v1/payment_intents");
+    assert_eq!(cells[5], "$1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_shows_todays_refusals_by_reason() {
+    let (mut stack, _mock) = stack_with_stripe().await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(5),
+            &["POST /v1/payment_intents"],
+            "dashboard/refused",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    for _ in 0..3 {
+        agent
+            .get("/stripe/v1/customers")
+            .await
+            .expect_error(403, "endpoint_not_allowed");
+    }
+    let browser = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    let before = browser.get("/ui").await;
+    assert!(
+        before.body.contains("No calls refused today."),
+        "{}",
+        before.body
+    );
+    // The proxy reports a minute's refusals once it is over, or as it stops.
+    let status = stack
+        .proxy
+        .process_mut()
+        .terminate(within(Duration::from_secs(30)))
+        .await
+        .expect("the proxy stops");
+    assert!(status.success(), "{status:?}");
+
+    let page = wait_for(within(Duration::from_secs(30)), || async {
+        let page = browser.get("/ui").await;
+        page.body.contains("id=\"refusals-by-key\"").then_some(page)
+    })
+    .await
+    .expect("the refusals appear on the overview");
+    assert!(
+        page.body.contains("Calls refused today by reason"),
+        "{}",
+        page.body
+    );
+    let row = format!(
+        "<td><code>endpoint_not_allowed</code></td><td><small>{}</small></td>",
+        key.id
+    );
+    assert!(page.body.contains(&row), "{}", page.body);
+    assert!(page.body.contains("<td>3</td>"), "{}", page.body);
+}

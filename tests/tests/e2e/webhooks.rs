@@ -384,18 +384,21 @@ async fn the_cli_adds_lists_tests_and_deletes_an_endpoint_over_grpc() {
     .expect("the delivery shows as delivered");
     let d = &shown["deliveries"][0];
     assert_eq!(d["event_id"], event.as_str());
-    assert_eq!(d["attempts"], 2);
-    assert_eq!(d["attempt_log"][0]["status"], 503);
-    assert_eq!(d["attempt_log"][1]["status"], 200);
+    // The REST answer's shape (`GET /vault/webhooks/{id}/deliveries`).
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 2, "{d}");
+    assert_eq!(d["attempts"][0]["status"], 503);
+    assert_eq!(d["attempts"][1]["status"], 200);
+    assert_eq!(d["payload"]["id"], event.as_str());
 
     // Bad input is refused with keycap's code.
     let bad = cli(s(&["webhook", "add", "https://u:p@hooks.example.com/"])).await;
     assert!(!bad.status.success());
     assert!(bad.stderr.contains("invalid_request"), "{}", bad.stderr);
 
-    cli(s(&["--format", "json", "webhook", "delete", &id]))
+    let deleted = cli(s(&["--format", "json", "webhook", "delete", &id]))
         .await
         .json();
+    assert_eq!(deleted, json!({"deleted": true}));
     let listed = cli(s(&["--format", "json", "webhook", "list"]))
         .await
         .json();
@@ -510,4 +513,124 @@ async fn a_proxy_reporting_a_spool_backlog_is_announced_once_an_hour() {
         .unwrap()
         .to_string();
     assert_eq!(deliveries(&control.admin(), &id).await.len(), 1);
+}
+
+/// Stops the stack's proxy as an operator does (SIGTERM): it reports the
+/// refusals of the running minute with its last spend.
+async fn stop_proxy(stack: &mut Stack) {
+    let status = stack
+        .proxy
+        .process_mut()
+        .terminate(within(Duration::from_secs(30)))
+        .await
+        .expect("the proxy stops");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_cap_refusals_at_the_proxy_is_announced_once() {
+    let mut stack = Stack::start_with(private_ok()).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let receiver = Receiver::start(&[]).await;
+    register(
+        &stack.admin,
+        json!({"url": receiver.url("/refusals"), "events": ["cap.refusals"]}),
+    )
+    .await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(1),
+            &["POST /v1/payment_intents"],
+            "wh/refusals",
+        ))
+        .await;
+    let agent = stack.agent(&key.secret);
+    dollar_charge(&agent).await.expect(200);
+    // The cap is spent: the proxy refuses these itself, and records them.
+    for _ in 0..7 {
+        dollar_charge(&agent)
+            .await
+            .expect_error(429, "daily_cap_exceeded");
+    }
+    stop_proxy(&mut stack).await;
+
+    let got = wait_received(&receiver, 1, Duration::from_secs(30)).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "cap.refusals", "{event}");
+    assert_eq!(event["data"]["key_id"], key.id.as_str());
+    assert_eq!(event["data"]["run_label"], "wh/refusals");
+    assert_eq!(event["data"]["refusals"], 7, "{event}");
+    assert_eq!(event["data"]["reasons"]["daily_cap_exceeded"], 7, "{event}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_crossing_a_threshold_through_its_child_is_announced() {
+    let (stack, _mock) = {
+        let stack = Stack::start_with(private_ok()).await;
+        let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+        stack.register("stripe", "stripe", &mock).await;
+        (stack, mock)
+    };
+    let receiver = Receiver::start(&[]).await;
+    let parent = stack
+        .mint(&stripe_key_body(
+            json!(2),
+            &["POST /v1/payment_intents"],
+            "wh/tree-parent",
+        ))
+        .await;
+    let mut body = stripe_key_body(json!(2), &["POST /v1/payment_intents"], "wh/tree-child");
+    body["parent_id"] = json!(parent.id);
+    body["expires_in"] = json!("1h");
+    let child = stack.mint(&body).await;
+    // Only the parent's thresholds are wanted: the parent itself never
+    // spends, its child does.
+    register(
+        &stack.admin,
+        json!({"url": receiver.url("/tree"), "events": ["cap.threshold"],
+               "thresholds": [50], "key_id": parent.id}),
+    )
+    .await;
+    dollar_charge(&stack.agent(&child.secret)).await.expect(200);
+
+    let got = wait_received(&receiver, 1, Duration::from_secs(30)).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "cap.threshold", "{event}");
+    assert_eq!(event["data"]["key_id"], parent.id.as_str(), "{event}");
+    assert_eq!(event["data"]["threshold_percent"], 50);
+    assert_eq!(event["data"]["spent_usd"], "1", "{event}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_threshold_crossed_before_its_endpoint_existed_is_raised_by_the_sweep() {
+    let mut opts = private_ok();
+    opts.args
+        .extend(["--rotation-check-ms".to_string(), "200".to_string()]);
+    let stack = Stack::start_with(opts).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(2),
+            &["POST /v1/payment_intents"],
+            "wh/swept",
+        ))
+        .await;
+    dollar_charge(&stack.agent(&key.secret)).await.expect(200);
+    stack.wait_key_spend(&key.id, 1_000_000, 1).await;
+
+    // No spend arrives after this: only the sweep can raise the threshold.
+    let receiver = Receiver::start(&[]).await;
+    register(
+        &stack.admin,
+        json!({"url": receiver.url("/swept"), "events": ["cap.threshold"],
+               "thresholds": [50], "key_id": key.id}),
+    )
+    .await;
+    let got = wait_received(&receiver, 1, Duration::from_secs(30)).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "cap.threshold", "{event}");
+    assert_eq!(event["data"]["key_id"], key.id.as_str(), "{event}");
+    assert_eq!(event["data"]["threshold_percent"], 50);
 }
