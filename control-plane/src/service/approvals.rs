@@ -179,6 +179,11 @@ impl Control {
             tracing::info!(approval = %id, key = %key_id, event = %event_id, "approval used");
             return Ok(Ok(approval));
         }
+        // The same call asking again (its first answer was lost and the
+        // proxy asked another replica): it is the one that used it.
+        if approval.key_id == key_id && approval.consumed_event.as_deref() == Some(event_id) {
+            return Ok(Ok(approval));
+        }
         Ok(Err(approval.refusal_for(key_id, &fingerprint, amount, now)))
     }
 
