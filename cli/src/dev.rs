@@ -122,6 +122,7 @@ pub async fn run(args: DevArgs, admin_token: Option<String>) -> anyhow::Result<(
         tls_cert: None,
         tls_key: None,
         client_ca: None,
+        approvals: Default::default(),
     };
     let control = keycap_control::server::build(&config).await?;
     control

@@ -293,6 +293,11 @@ enum KeyCmd {
         /// against the parent's caps.
         #[arg(long)]
         parent: Option<String>,
+        /// Calls reserving more than this many USD need a person's
+        /// approval (docs/approvals.md); a child keeps its parent's or a
+        /// lower one.
+        #[arg(long = "approval-above-usd")]
+        approval_above_usd: Option<String>,
     },
     /// List keys.
     List {
@@ -963,6 +968,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             allow_cidr,
             zone,
             parent,
+            approval_above_usd,
         }) => {
             let expires = humantime::parse_duration(&expires_in).with_context(|| {
                 format!("--expires-in {expires_in:?} is not a duration like 2h")
@@ -989,6 +995,10 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     zone: zone.unwrap_or_default(),
                     parent_id: parent.unwrap_or_default(),
                     ack_timeout_ms: 0,
+                    approval_above_micros: approval_above_usd
+                        .map(|s| parse_usd("approval-above-usd", &s))
+                        .transpose()?
+                        .unwrap_or(0),
                 })
                 .await?
                 .into_inner();

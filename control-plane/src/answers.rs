@@ -297,6 +297,10 @@ pub struct KeyAnswer {
     pub zone: Option<String>,
     /// The key whose caps this one also draws on; null for a root key.
     pub parent_id: Option<String>,
+    /// Calls reserving more than this need a person's approval
+    /// (docs/approvals.md); the lowest along the key's ancestors. Null: no
+    /// gate.
+    pub approval_above_usd: Option<Usd>,
 }
 
 impl From<&KeyView> for KeyAnswer {
@@ -327,6 +331,7 @@ impl From<&KeyView> for KeyAnswer {
             allowed_cidrs: k.limits.cidr_strings(),
             zone: k.limits.zone.clone(),
             parent_id: k.parent_id.clone(),
+            approval_above_usd: k.approval_above.map(Usd),
         }
     }
 }
@@ -553,6 +558,10 @@ pub struct AuditEntryAnswer {
     pub refusal_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused_calls: Option<i64>,
+    /// For a call forwarded under an approval (docs/approvals.md): its id,
+    /// who decided it and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<AuditApprovalAnswer>,
     /// Hex SHA-256 of the entry before; null for entries written before the
     /// ledger was chained.
     pub prev_hash: Option<String>,
@@ -588,9 +597,30 @@ impl From<&domain::AuditEntry> for AuditEntryAnswer {
             context: ev.context.clone(),
             refusal_reason: refused.then(|| ev.refusal_reason.clone()),
             refused_calls: refused.then_some(ev.refused_calls),
+            approval: AuditApprovalAnswer::of(crate::approval::AuditApproval::of(&ev.detail_json)),
             prev_hash: e.prev_hash.map(hex::encode),
             hash: e.hash.map(hex::encode),
         }
+    }
+}
+
+/// The approval a forwarded call was made under.
+#[derive(Serialize, ToSchema)]
+pub struct AuditApprovalAnswer {
+    /// `apr_...`
+    pub id: String,
+    /// The admin token that approved it, "<id> (<name>)".
+    pub decided_by: String,
+    pub reason: String,
+}
+
+impl AuditApprovalAnswer {
+    fn of(a: crate::approval::AuditApproval) -> Option<Self> {
+        (!a.id.is_empty()).then_some(AuditApprovalAnswer {
+            id: a.id,
+            decided_by: a.decided_by,
+            reason: a.reason,
+        })
     }
 }
 
@@ -752,6 +782,8 @@ impl From<&pb::VaultKey> for KeyAnswer {
             allowed_cidrs: k.allowed_cidrs.clone(),
             zone: non_empty(&k.zone),
             parent_id: non_empty(&k.parent_id),
+            approval_above_usd: (k.approval_above_micros != 0)
+                .then_some(Usd(Micros(k.approval_above_micros))),
         }
     }
 }
@@ -881,6 +913,11 @@ impl From<&pb::AuditEntry> for AuditEntryAnswer {
             context: e.context.clone().into_iter().collect(),
             refusal_reason: (e.outcome == "refused").then(|| e.refusal_reason.clone()),
             refused_calls: (e.outcome == "refused").then_some(e.refused_calls),
+            approval: AuditApprovalAnswer::of(crate::approval::AuditApproval {
+                id: e.approval_id.clone(),
+                decided_by: e.approval_decided_by.clone(),
+                reason: e.approval_reason.clone(),
+            }),
             prev_hash: hex_or_null(&e.prev_hash),
             hash: hex_or_null(&e.hash),
         }

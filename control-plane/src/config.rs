@@ -122,4 +122,31 @@ pub struct ControlConfig {
     /// certificate names the calling node id; admin calls are unaffected.
     #[arg(long, env = "KEYCAP_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub approvals: ApprovalArgs,
+}
+
+/// How the approval gate is offered (docs/approvals.md).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ApprovalArgs {
+    /// How long a call held for approval can be decided and then used, in
+    /// seconds.
+    #[arg(long = "approval-ttl-secs", env = "KEYCAP_APPROVAL_TTL_SECS",
+          default_value_t = crate::approval::DEFAULT_TTL_SECS,
+          value_parser = clap::value_parser!(u64).range(10..=7 * 86_400))]
+    pub ttl_secs: u64,
+    /// The control plane's URL as people reach it (e.g.
+    /// https://keycap.example.com), for the dashboard link in an
+    /// `approval_required` answer; unset: the link is a path.
+    #[arg(long = "public-url", env = "KEYCAP_PUBLIC_URL")]
+    pub public_url: Option<String>,
+}
+
+impl Default for ApprovalArgs {
+    fn default() -> Self {
+        ApprovalArgs {
+            ttl_secs: crate::approval::DEFAULT_TTL_SECS,
+            public_url: None,
+        }
+    }
 }

@@ -507,6 +507,9 @@ pub struct VaultKey {
     /// The key whose caps this key also draws on (a budget tree); `None`
     /// for a root key. Fixed at mint.
     pub parent_id: Option<String>,
+    /// A call reserving more than this needs a person's approval
+    /// (`crate::approval`); already the lowest along the key's ancestors.
+    pub approval_above: Option<Micros>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1349,6 +1352,7 @@ mod tests {
             revoked_at: None,
             limits: KeyLimits::default(),
             parent_id: None,
+            approval_above: None,
         }
     }
 

@@ -25,6 +25,7 @@ use crate::service::{
 };
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
+mod approvals;
 mod webhooks;
 
 /// Implements every keycap gRPC service over one `Control`.
@@ -128,11 +129,13 @@ pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
         allowed_cidrs: k.limits.cidr_strings(),
         zone: k.limits.zone.clone().unwrap_or_default(),
         parent_id: k.parent_id.clone().unwrap_or_default(),
+        approval_above_micros: k.approval_above.map_or(0, |c| c.0),
     }
 }
 
 fn entry_to_pb(e: &domain::AuditEntry) -> pb::AuditEntry {
     let ev = &e.event;
+    let approval = crate::approval::AuditApproval::of(&ev.detail_json);
     pb::AuditEntry {
         seq: e.seq,
         event_id: ev.event_id.clone(),
@@ -156,6 +159,9 @@ fn entry_to_pb(e: &domain::AuditEntry) -> pb::AuditEntry {
         hash: e.hash.map(|h| h.to_vec()).unwrap_or_default(),
         refusal_reason: ev.refusal_reason.clone(),
         refused_calls: ev.refused_calls,
+        approval_id: approval.id,
+        approval_decided_by: approval.decided_by,
+        approval_reason: approval.reason,
     }
 }
 
@@ -187,6 +193,7 @@ fn fleet_key_to_pb(k: &domain::VaultKey) -> pb::FleetKey {
         rate_limit_per_minute: k.limits.rate_limit_per_minute.unwrap_or(0),
         allowed_cidrs: k.limits.cidr_strings(),
         zone: k.limits.zone.clone().unwrap_or_default(),
+        approval_above_micros: k.approval_above.map_or(0, |c| c.0),
     }
 }
 
@@ -230,6 +237,7 @@ impl TryFrom<pb::CreateKeyRequest> for NewKey {
             )?,
             Some(r.parent_id.as_str()),
         )
+        .and_then(|k| k.with_approval_above(opt_cap(r.approval_above_micros)))
         .map_err(|mut e| {
             e.field = grpc_key_field(e.field);
             e
@@ -245,6 +253,7 @@ fn grpc_key_field(rest: &'static str) -> &'static str {
         "per_call_usd_cap" => "per_call_cap_micros",
         "lifetime_usd_cap" => "lifetime_cap_micros",
         "expires_in" => "expires_in_seconds",
+        "approval_above_usd" => "approval_above_micros",
         other => other,
     }
 }
@@ -1043,6 +1052,20 @@ impl pb::fleet_service_server::FleetService for Api {
                 .await?;
         }
         Ok(Response::new(pb::ReturnLeaseResponse {}))
+    }
+
+    async fn request_approval(
+        &self,
+        req: Request<pb::RequestApprovalRequest>,
+    ) -> Result<Response<pb::RequestApprovalResponse>, Status> {
+        self.fleet_request_approval(req).await
+    }
+
+    async fn consume_approval(
+        &self,
+        req: Request<pb::ConsumeApprovalRequest>,
+    ) -> Result<Response<pb::ConsumeApprovalResponse>, Status> {
+        self.fleet_consume_approval(req).await
     }
 
     async fn report_spend(

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod answers;
+pub mod approval;
 pub mod check;
 pub mod config;
 pub mod crypto;

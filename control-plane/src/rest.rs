@@ -667,6 +667,12 @@ pub struct CreateKeyBody {
     /// control plane's default.
     #[serde(default)]
     ack_timeout_ms: u64,
+    /// Calls reserving more than this need a person's approval
+    /// (docs/approvals.md); absent, null or 0: none (a child keeps its
+    /// parent's, or a lower one).
+    #[serde(default)]
+    #[schema(schema_with = optional_usd_input_schema)]
+    approval_above_usd: Option<Value>,
 }
 
 /// A key's limits from a create body; a rate that is not a whole number is
@@ -748,6 +754,13 @@ pub(crate) fn create_key_request(
         b.metadata,
         limits,
         b.parent_id.as_deref(),
+    )?
+    .with_approval_above(
+        b.approval_above_usd
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .map(|v| usd_field("approval_above_usd", v))
+            .transpose()?,
     )?;
     Ok((key, timeout))
 }

@@ -38,12 +38,15 @@ pub enum Scope {
     WebhooksRead,
     /// Registering, deleting and testing alert webhook endpoints.
     WebhooksWrite,
+    /// Approving or denying a call held for approval (docs/approvals.md).
+    /// Reading approvals needs `keys:read`.
+    ApprovalsDecide,
     /// Every scope, including ones added later.
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 14] = [
+    pub const ALL: [Scope; 15] = [
         Scope::VendorsRead,
         Scope::VendorsWrite,
         Scope::CredentialsWrite,
@@ -57,6 +60,7 @@ impl Scope {
         Scope::TokensWrite,
         Scope::WebhooksRead,
         Scope::WebhooksWrite,
+        Scope::ApprovalsDecide,
         Scope::Admin,
     ];
 
@@ -75,6 +79,7 @@ impl Scope {
             Scope::TokensWrite => "tokens:write",
             Scope::WebhooksRead => "webhooks:read",
             Scope::WebhooksWrite => "webhooks:write",
+            Scope::ApprovalsDecide => "approvals:decide",
             Scope::Admin => "admin",
         }
     }
@@ -285,10 +290,15 @@ pub enum Operation {
     TestWebhook,
     /// An endpoint's deliveries and their attempts.
     ListWebhookDeliveries,
+    /// Calls held for approval, and one of them.
+    ListApprovals,
+    GetApproval,
+    /// Approve or deny a held call.
+    DecideApproval,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 27] = [
+    pub const ALL: [Operation; 30] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -316,6 +326,9 @@ impl Operation {
         Operation::DeleteWebhook,
         Operation::TestWebhook,
         Operation::ListWebhookDeliveries,
+        Operation::ListApprovals,
+        Operation::GetApproval,
+        Operation::DecideApproval,
     ];
 }
 
@@ -343,6 +356,9 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::RotateKek => &[S::CredentialsWrite],
         O::CreateWebhook | O::DeleteWebhook | O::TestWebhook => &[S::WebhooksWrite],
         O::ListWebhooks | O::ListWebhookDeliveries => &[S::WebhooksRead],
+        // An approval is one of a key's calls: reading it is reading keys.
+        O::ListApprovals | O::GetApproval => &[S::KeysRead],
+        O::DecideApproval => &[S::ApprovalsDecide],
     }
 }
 

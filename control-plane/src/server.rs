@@ -86,6 +86,10 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         config.change_log_keep,
     );
     control.heartbeat_fleet();
+    control.configure_approvals(crate::service::ApprovalSettings {
+        ttl: Duration::from_secs(config.approvals.ttl_secs),
+        public_url: config.approvals.public_url.clone(),
+    });
     if config.no_webhook_deliveries {
         tracing::warn!(
             "--no-webhook-deliveries: alert events are stored, not posted, by this replica"
@@ -143,6 +147,9 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
     ))
     .add_service(pb::admin_token_service_server::AdminTokenServiceServer::new(api.clone()))
     .add_service(pb::webhook_service_server::WebhookServiceServer::new(
+        api.clone(),
+    ))
+    .add_service(pb::approval_service_server::ApprovalServiceServer::new(
         api.clone(),
     ))
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
@@ -317,6 +324,7 @@ mod tests {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            approvals: Default::default(),
         };
         let err = build(&config).await.err().expect("refused");
         assert!(err.to_string().contains("needs PostgreSQL"), "{err}");

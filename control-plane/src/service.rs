@@ -36,7 +36,9 @@ use crate::store::{Store, VendorWrite};
 
 mod alerts;
 mod refusals;
+mod approvals;
 pub use alerts::SPOOL_BACKLOG;
+pub use approvals::{ApprovalSettings, HeldCall};
 
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.
@@ -293,6 +295,9 @@ pub struct NewKey {
     pub limits: domain::KeyLimits,
     /// The key to mint this one under (a budget tree), if any.
     pub parent_id: Option<String>,
+    /// Calls reserving more than this need a person's approval; `None`:
+    /// none (or the parent's).
+    pub approval_above: Option<Micros>,
 }
 
 impl NewKey {
@@ -357,7 +362,20 @@ impl NewKey {
             metadata,
             limits,
             parent_id,
+            approval_above: None,
         })
+    }
+
+    /// Sets `approval_above` (`None` or 0: no gate of its own).
+    pub fn with_approval_above(
+        mut self,
+        above: Option<Micros>,
+    ) -> Result<Self, domain::InvalidInput> {
+        self.approval_above = match above {
+            None | Some(Micros::ZERO) => None,
+            Some(m) => Some(domain::parse_cap("approval_above_usd", m)?),
+        };
+        Ok(self)
     }
 }
 
@@ -421,6 +439,9 @@ pub struct Control {
     /// This replica's webhook sender, once `deliver_webhooks` started it;
     /// without one, events wait in the outbox for a replica that has one.
     courier: std::sync::OnceLock<Arc<crate::webhook::delivery::Courier>>,
+    /// How approvals are offered (`configure_approvals`); the defaults
+    /// until then.
+    approvals: std::sync::OnceLock<approvals::ApprovalSettings>,
 }
 
 impl Control {
@@ -450,6 +471,7 @@ impl Control {
             upstreams,
             spend: crate::ingest::SpendIngest::start(store.clone()),
             courier: std::sync::OnceLock::new(),
+            approvals: std::sync::OnceLock::new(),
             store,
         }))
     }
@@ -1354,6 +1376,7 @@ impl Control {
             revoked_at: None,
             limits: req.limits,
             parent_id: req.parent_id,
+            approval_above: req.approval_above,
         };
         if let Some(parent_id) = &key.parent_id {
             // A parent of a vendor the caller may not act on is not found,
@@ -1364,6 +1387,10 @@ impl Control {
                 .map_err(|_| ApiError::NotFound(format!("parent key {parent_id:?} not found")))?;
             // Network limits the child leaves out are its parent's.
             key.limits = parent.limits.for_child(&key.limits)?;
+            // The gate a child is held to is the lowest along its
+            // ancestors: stored as such, so a proxy reads one number.
+            key.approval_above =
+                crate::approval::within_parent(parent.approval_above, key.approval_above);
             domain::check_child_key(&parent, &key, now)?;
         }
         self.store.insert_key(&key).await.map_err(|e| match e {

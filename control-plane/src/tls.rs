@@ -157,6 +157,7 @@ mod tests {
             tls_cert: cert.then(|| server.cert.clone()),
             tls_key: cert.then(|| server.key.clone()),
             client_ca: client_ca.then(|| ca.ca_pem()),
+            approvals: Default::default(),
         }
     }
 

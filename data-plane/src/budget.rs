@@ -935,6 +935,7 @@ mod tests {
             rate_limit_per_minute: None,
             allowed_cidrs: Vec::new(),
             zone: None,
+            approval_above: None,
         }
     }
 

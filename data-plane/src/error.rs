@@ -96,6 +96,31 @@ pub enum Refusal {
         "a request with this Idempotency-Key is already in flight; retry when it has finished"
     )]
     IdempotentRequestInFlight,
+    /// The call reserves more than the key's `approval_above`: held for a
+    /// person's decision (docs/approvals.md); nothing was reserved.
+    #[error(
+        "this call would reserve {quote} USD, above this key's approval threshold of \
+         {threshold} USD; once a person approves it, repeat the identical request with \
+         the header Keycap-Approval: {id}"
+    )]
+    ApprovalRequired {
+        id: String,
+        quote: Micros,
+        threshold: Micros,
+        expires_at: DateTime<Utc>,
+        url: String,
+    },
+    /// A retry's `Keycap-Approval` could not be used; `code` says why
+    /// (`approval::refusal_message`). Its reservation was released.
+    #[error("{message}")]
+    ApprovalRefused {
+        code: &'static str,
+        message: String,
+        id: String,
+    },
+    /// The control plane could not hold the call or use its approval.
+    #[error("approvals cannot be recorded right now; nothing was forwarded")]
+    ApprovalUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -131,6 +156,9 @@ impl Refusal {
             Refusal::UpstreamResponseEncoded => "upstream_response_encoded",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::IdempotentRequestInFlight => "idempotent_request_in_flight",
+            Refusal::ApprovalRequired { .. } => "approval_required",
+            Refusal::ApprovalRefused { code, .. } => code,
+            Refusal::ApprovalUnavailable => "approval_unavailable",
             Refusal::Internal => "internal",
         }
     }
@@ -174,6 +202,12 @@ impl Refusal {
             | Refusal::IpNotAllowed(_)
             | Refusal::PerCallCapExceeded { .. }
             | Refusal::LifetimeCapExceeded { .. } => StatusCode::FORBIDDEN,
+            // Not a 429: the same request sent again without an approval
+            // is held again, so an SDK's automatic retries must not fire.
+            Refusal::ApprovalRequired { .. } | Refusal::ApprovalRefused { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            Refusal::ApprovalUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::UnauthenticatedBusy => StatusCode::SERVICE_UNAVAILABLE,
@@ -224,6 +258,25 @@ impl Refusal {
                 f.insert("limit_per_minute".into(), json!(status.limit));
                 f.insert("retry_after_seconds".into(), json!(status.reset_secs()));
             }
+            Refusal::ApprovalRequired {
+                id,
+                quote,
+                threshold,
+                expires_at,
+                url,
+            } => {
+                f.insert("approval_id".into(), json!(id));
+                f.insert("quote_usd".into(), usd(quote));
+                f.insert("approval_above_usd".into(), usd(threshold));
+                f.insert(
+                    "expires_at".into(),
+                    json!(expires_at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+                );
+                f.insert("approval_url".into(), json!(url));
+            }
+            Refusal::ApprovalRefused { id, .. } => {
+                f.insert("approval_id".into(), json!(id));
+            }
             _ => {}
         }
         f
@@ -234,7 +287,10 @@ impl Refusal {
     pub fn retry_is_futile(&self) -> bool {
         matches!(
             self,
-            Refusal::DailyCapExceeded { .. } | Refusal::LifetimeCapExceeded { .. }
+            Refusal::DailyCapExceeded { .. }
+                | Refusal::LifetimeCapExceeded { .. }
+                | Refusal::ApprovalRequired { .. }
+                | Refusal::ApprovalRefused { .. }
         )
     }
 
@@ -260,6 +316,7 @@ impl Refusal {
             Refusal::BudgetUnavailable
             | Refusal::PolicyUnavailable
             | Refusal::SpendNotRecorded
+            | Refusal::ApprovalUnavailable
             | Refusal::UnauthenticatedBusy => Some(1),
             _ => None,
         };

@@ -278,6 +278,37 @@ impl Fleet {
         .await
     }
 
+    /// Holds a call for approval (see `approval`).
+    pub async fn request_approval(
+        &self,
+        mut req: pb::RequestApprovalRequest,
+    ) -> Result<pb::RequestApprovalResponse, Status> {
+        req.node_id = self.node_id.clone();
+        self.call("request_approval", |mut c| {
+            let mut r = Request::new(req.clone());
+            r.set_timeout(LEASE_CALL_TIMEOUT);
+            async move { Ok(c.request_approval(r).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Uses an approval for a retry (see `approval`). A call that fails
+    /// with the replica unavailable may have used it anyway: asked again
+    /// (here, on the next replica) under the same event id, the control
+    /// plane answers that this call used it; any other call is refused.
+    pub async fn consume_approval(
+        &self,
+        mut req: pb::ConsumeApprovalRequest,
+    ) -> Result<pb::ConsumeApprovalResponse, Status> {
+        req.node_id = self.node_id.clone();
+        self.call("consume_approval", |mut c| {
+            let mut r = Request::new(req.clone());
+            r.set_timeout(LEASE_CALL_TIMEOUT);
+            async move { Ok(c.consume_approval(r).await?.into_inner()) }
+        })
+        .await
+    }
+
     pub fn replicas(&self) -> &Replicas<Replica> {
         &self.replicas
     }

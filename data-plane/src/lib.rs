@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod approval;
 pub mod body;
 pub mod body_headers;
 pub mod budget;
@@ -103,6 +104,7 @@ pub async fn run(
     )?;
     let budget = budget::Budget::new(Arc::new(fleet.clone()), &node_id);
     let lookup = lookup::KeyLookup::new(Arc::new(fleet.clone()), cache.clone());
+    let approvals: Arc<dyn approval::ApprovalDesk> = Arc::new(fleet.clone());
     // Whether what a previous run left is settled: its spend delivered and
     // its leases handed back. `/healthz` waits for it.
     let spooled = config.spool_dir.is_some();
@@ -209,6 +211,7 @@ pub async fn run(
                 policy: cache.clone(),
                 readiness: readiness.clone(),
                 lookup: lookup.clone(),
+                approvals: approvals.clone(),
                 budget: budget.clone(),
                 spend: spend.clone(),
                 vendors: proxy::VendorClients::new(tls.upstream.clone()),

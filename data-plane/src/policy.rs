@@ -74,6 +74,9 @@ pub struct KeyPolicy {
     pub allowed_cidrs: Vec<IpNet>,
     /// Only a proxy of this zone serves the key; `None`: any.
     pub zone: Option<String>,
+    /// A call reserving more than this needs an approval
+    /// (`crate::approval`); `None`: no gate.
+    pub approval_above: Option<Micros>,
 }
 
 #[derive(Default)]
@@ -261,6 +264,7 @@ fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
         rate_limit_per_minute,
         allowed_cidrs,
         zone,
+        approval_above: cap(k.approval_above_micros),
     })
 }
 

@@ -130,6 +130,8 @@ pub struct Proxy {
     pub policy: Arc<PolicyCache>,
     /// Asks the control plane about keys the policy does not hold yet.
     pub lookup: Arc<KeyLookup>,
+    /// Holds calls for approval and uses approvals (the control plane).
+    pub approvals: Arc<dyn crate::approval::ApprovalDesk>,
     /// What `/readyz` (and `/healthz`) answer.
     pub readiness: Readiness,
     pub metrics: Arc<Metrics>,
@@ -341,7 +343,7 @@ impl Proxy {
             .instrument(tracing::info_span!("price"))
             .await?;
         let reserved = priced
-            .reserve()
+            .reserve_gated()
             .instrument(tracing::info_span!("reserve"))
             .await?;
         let (call, up) = reserved.record()?;
@@ -451,6 +453,12 @@ impl Proxy {
         // price, cap) has used it.
         let rate = self.check_rate(&key)?;
         let agent_context = context::read(req.headers())?;
+        let approval_id =
+            crate::approval::presented(req.headers()).map_err(|_| Refusal::ApprovalRefused {
+                code: "approval_unknown",
+                message: crate::approval::refusal_message("approval_unknown").into(),
+                id: String::new(),
+            })?;
         // The call's own trace when traces are exported; else the agent's.
         let trace_id =
             keycap_telemetry::trace_id(call).or_else(|| context::trace_id(req.headers()));
@@ -476,6 +484,8 @@ impl Proxy {
         headers.remove(X_API_KEY);
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(context::KEYCAP_CONTEXT);
+        // keycap's own: the vendor never sees which approval a call used.
+        headers.remove(crate::approval::KEYCAP_APPROVAL);
         // The agent's trace stays keycap's unless the vendor is set to be
         // told of it (`forward_trace_context`).
         if !vendor.forward_trace_context {
@@ -492,6 +502,7 @@ impl Proxy {
             rate,
             agent_context,
             trace_id,
+            approval_id,
         })
     }
 
@@ -514,6 +525,7 @@ impl Proxy {
             rate: _,
             agent_context,
             trace_id,
+            approval_id,
         } = admitted;
         let method = http_method.as_str().to_string();
         let content_type = headers
@@ -594,6 +606,23 @@ impl Proxy {
                 });
             }
         }
+        // Before the credential goes in and the body is rewritten: what
+        // the agent sent is what a person approves.
+        let gate = (approval_id.is_some() || key.approval_above.is_some()).then(|| {
+            let canonical = crate::approval::Canonical::of(
+                &key.id,
+                &method,
+                &target.path,
+                target.query.as_deref(),
+                &headers,
+                &body,
+                vendor.pricing.idempotency_key(&headers),
+            );
+            Gate {
+                fingerprint: canonical.fingerprint(),
+                presented: approval_id,
+            }
+        });
         headers.insert(vendor.credential_header.clone(), vendor.credential.clone());
         let uri = target::join(&vendor.base_url, &target)
             .parse()
@@ -622,6 +651,7 @@ impl Proxy {
                 at: now,
             },
             up,
+            gate,
         })
     }
 
@@ -988,6 +1018,8 @@ struct Admitted {
     agent_context: HashMap<String, String>,
     /// The agent's W3C trace id, when it sent one.
     trace_id: Option<String>,
+    /// The `Keycap-Approval` it sent (removed from `headers`).
+    approval_id: Option<String>,
 }
 
 /// A priced call: what its spend event will say, and the request that
@@ -995,6 +1027,16 @@ struct Admitted {
 struct Priced {
     ticket: Ticket,
     up: Request<Full<Bytes>>,
+    /// Set when the key has an approval threshold or the agent presented
+    /// an approval.
+    gate: Option<Gate>,
+}
+
+/// What the approval gate needs of a priced call.
+struct Gate {
+    fingerprint: [u8; 32],
+    /// The `Keycap-Approval` the agent sent, if any.
+    presented: Option<String>,
 }
 
 /// What a call is from its price on: everything its spend event says.
@@ -1036,6 +1078,70 @@ impl Priced {
             held,
         })
     }
+
+    /// Step 4b with the approval gate (docs/approvals.md). A call that
+    /// presents an approval is reserved like any other (it must fit every
+    /// cap) and then uses the approval; one above its key's threshold
+    /// without one is held for a person and refused, nothing reserved.
+    async fn reserve_gated(mut self) -> Result<Reserved, Refusal> {
+        let Some(gate) = self.gate.take() else {
+            return self.reserve().await;
+        };
+        match gate.presented {
+            Some(id) => {
+                let mut reserved = self.reserve().await?;
+                // Dropped on a refusal, `reserved` releases its
+                // reservation: nothing left.
+                reserved.use_approval(&id, &gate.fingerprint).await?;
+                Ok(reserved)
+            }
+            None => match self.ticket.key.approval_above {
+                Some(threshold) if self.ticket.quote.reserve > threshold => {
+                    Err(self.hold_for_approval(threshold, gate.fingerprint).await)
+                }
+                _ => self.reserve().await,
+            },
+        }
+    }
+
+    /// Asks the control plane to hold this call for approval; the refusal
+    /// carries the approval's id, quote, expiry and where to decide it.
+    async fn hold_for_approval(self, threshold: Micros, fingerprint: [u8; 32]) -> Refusal {
+        let t = &self.ticket;
+        let path = match self.up.uri().query() {
+            Some(q) => format!("{}?{q}", t.path),
+            None => t.path.clone(),
+        };
+        let asked = t
+            .proxy
+            .approvals
+            .hold(pb::RequestApprovalRequest {
+                node_id: t.proxy.node_id.clone(),
+                key_id: t.key.id.clone(),
+                method: t.method.clone(),
+                path,
+                fingerprint: fingerprint.to_vec(),
+                quote_micros: t.quote.reserve.0,
+            })
+            .await;
+        match asked {
+            Ok(a) => Refusal::ApprovalRequired {
+                id: a.approval_id,
+                quote: t.quote.reserve,
+                threshold,
+                expires_at: a
+                    .expires_at
+                    .as_ref()
+                    .and_then(keycap_proto::time::from_proto)
+                    .unwrap_or(t.at),
+                url: a.approval_url,
+            },
+            Err(e) => {
+                tracing::warn!(code = ?e.code(), error = %e.message(), "cannot hold a call for approval");
+                Refusal::ApprovalUnavailable
+            }
+        }
+    }
 }
 
 /// A call whose cost is reserved but that has not left: dropped, its
@@ -1047,6 +1153,44 @@ struct Reserved {
 }
 
 impl Reserved {
+    /// Uses approval `id` for this call, through the control plane, before
+    /// anything leaves: of every retry carrying it, on any proxy, only the
+    /// one whose use the database accepts goes on. The approval's decision
+    /// goes into the call's audit detail.
+    async fn use_approval(&mut self, id: &str, fingerprint: &[u8; 32]) -> Result<(), Refusal> {
+        let t = &self.ticket;
+        let answer = t
+            .proxy
+            .approvals
+            .consume(pb::ConsumeApprovalRequest {
+                node_id: t.proxy.node_id.clone(),
+                approval_id: id.to_string(),
+                key_id: t.key.id.clone(),
+                fingerprint: fingerprint.to_vec(),
+                amount_micros: self.held.amount().0,
+                event_id: t.event_id.clone(),
+            })
+            .await
+            .map_err(|e| {
+                tracing::warn!(code = ?e.code(), error = %e.message(), "cannot use an approval");
+                Refusal::ApprovalUnavailable
+            })?;
+        if !answer.refusal.is_empty() {
+            let code = crate::approval::refusal_code(&answer.refusal);
+            return Err(Refusal::ApprovalRefused {
+                code,
+                message: crate::approval::refusal_message(code).to_string(),
+                id: id.to_string(),
+            });
+        }
+        self.ticket.quote.detail["approval"] = serde_json::json!({
+            "id": id,
+            "decided_by": answer.decided_by,
+            "reason": answer.reason,
+        });
+        Ok(())
+    }
+
     /// Puts the call's reservation record on disk, so a proxy killed while
     /// the vendor answers still reports the call, at its reservation, when
     /// it restarts; from then on the call may leave.

@@ -181,7 +181,7 @@ impl Control {
     /// Raises an event for the endpoints among `endpoints` that `wants`
     /// picks, once per `dedupe`. Nothing is stored when no endpoint wants
     /// it.
-    async fn raise(
+    pub(super) async fn raise(
         &self,
         endpoints: &[WebhookEndpoint],
         wants: impl Fn(&WebhookEndpoint) -> bool,
@@ -215,7 +215,7 @@ impl Control {
 
     /// Endpoints that may want `kind`, or `None` when none does (the
     /// common case: the caller does no more work).
-    async fn endpoints_for(&self, kind: EventType) -> Option<Vec<WebhookEndpoint>> {
+    pub(super) async fn endpoints_for(&self, kind: EventType) -> Option<Vec<WebhookEndpoint>> {
         match self.store.list_webhook_endpoints().await {
             Ok(all) => {
                 let some: Vec<_> = all

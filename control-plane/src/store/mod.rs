@@ -17,6 +17,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::approval::{Approval, ApprovalFilter};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
@@ -28,6 +29,7 @@ use crate::webhook::{
 };
 
 mod cockpit_rows;
+mod approval_rows;
 pub mod dialect;
 mod sql;
 mod sql_store;
@@ -446,4 +448,40 @@ pub trait Store: Send + Sync + 'static {
     /// spend of its whole subtree on `day` and over its lifetime. Empty
     /// for an unknown key.
     async fn lineage_spend(&self, key_id: &str, day: &str) -> StoreResult<Vec<LineageSpend>>;
+    // --- approvals (see `crate::approval`) ----------------------------------
+    /// Stores a call held for approval; `NotFound` if its key does not
+    /// exist, `Conflict` if its id is taken.
+    async fn insert_approval(&self, approval: &Approval) -> StoreResult<()>;
+    async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>>;
+    /// Approvals matching the filter, newest first; the state is judged at
+    /// `now` (an undecided one past its expiry is expired).
+    async fn list_approvals(
+        &self,
+        filter: &ApprovalFilter,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Approval>>;
+    /// Records a decision on a pending approval unexpired at `now`, in one
+    /// conditional statement, so of two concurrent deciders one wins.
+    /// Whether it was recorded.
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Uses an approval for the call `event_id`, in one conditional UPDATE:
+    /// approved, unexpired at `now`, unused, of `key_id`, with this
+    /// fingerprint and a quote of at least `amount`. Of any number of
+    /// concurrent callers, on any replica, at most one gets true.
+    async fn consume_approval(
+        &self,
+        id: &str,
+        key_id: &str,
+        fingerprint: &[u8; 32],
+        amount: keycap_proto::Micros,
+        event_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
 }

@@ -104,7 +104,7 @@ impl VendorRow {
 
 pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_endpoints, \
      daily_cap, per_call_cap, lifetime_cap, expires_at, agent_run_label, metadata, created_at, \
-     revoked_at, rate_limit_per_minute, allowed_cidrs, zone, parent_id";
+     revoked_at, rate_limit_per_minute, allowed_cidrs, zone, parent_id, approval_above";
 
 #[derive(sqlx::FromRow)]
 pub struct KeyRow {
@@ -125,6 +125,7 @@ pub struct KeyRow {
     allowed_cidrs: String,
     zone: Option<String>,
     parent_id: Option<String>,
+    approval_above: Option<i64>,
 }
 
 impl KeyRow {
@@ -168,6 +169,7 @@ impl KeyRow {
                 .transpose()?,
             limits,
             parent_id: self.parent_id,
+            approval_above: self.approval_above.map(Micros),
         })
     }
 }

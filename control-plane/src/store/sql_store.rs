@@ -12,6 +12,7 @@ use keycap_proto::Micros;
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
 use super::cockpit_rows::{LineageSpendRow, RefusalCountRow, MAX_REFUSAL_GROUPS};
+use super::approval_rows::{ApprovalRow, APPROVAL_COLUMNS};
 use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
 use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
@@ -33,6 +34,7 @@ use super::webhook_rows::{
     CLAIM_COLUMNS, DELIVERY_COLUMNS, ENDPOINT_COLUMNS,
 };
 use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
+use crate::approval::{Approval, ApprovalFilter, ApprovalState};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendDimension, SpendEvent, SpendGroup,
@@ -143,6 +145,7 @@ where
     for<'r> (Vec<u8>,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (Option<i64>,): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> KeyRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> ApprovalRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AdminTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> IssuerTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> VendorRow: FromRow<'r, <D::Db as Database>::Row>,
@@ -315,6 +318,7 @@ where
     for<'r> RefusalCountRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> LineageSpendRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> KeyRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> ApprovalRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AdminTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> IssuerTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> VendorRow: FromRow<'r, <D::Db as Database>::Row>,
@@ -703,6 +707,13 @@ where
             .execute(w.conn())
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
+        if let Some(above) = key.approval_above {
+            sqlx::query("UPDATE vault_keys SET approval_above = $1 WHERE id = $2")
+                .bind(above.0)
+                .bind(k.id)
+                .execute(w.conn())
+                .await?;
+        }
         let own = (k.id.to_string(), -1);
         for (ancestor, depth) in std::iter::once(&own).chain(&ancestors) {
             sqlx::query(
@@ -2050,5 +2061,144 @@ where
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(LineageSpendRow::into_domain).collect())
+    async fn insert_approval(&self, a: &Approval) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        let key: Option<i32> = sqlx::query_scalar("SELECT 1 FROM vault_keys WHERE id = $1")
+            .bind(a.key_id.as_str())
+            .fetch_optional(w.conn())
+            .await?;
+        if key.is_none() {
+            return Err(StoreError::NotFound(format!("key {}", a.key_id)));
+        }
+        sqlx::query(&format!(
+            "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+             $9, $10, $11, NULL, NULL, NULL, NULL, NULL, NULL)"
+        ))
+        .bind(a.id.as_str())
+        .bind(a.key_id.as_str())
+        .bind(a.vendor.as_str())
+        .bind(a.method.as_str())
+        .bind(a.path.as_str())
+        .bind(a.fingerprint.as_slice())
+        .bind(a.quote.0)
+        .bind(a.node_id.as_str())
+        .bind(a.agent_run_label.as_str())
+        .bind(micros(a.requested_at))
+        .bind(micros(a.expires_at))
+        .execute(w.conn())
+        .await
+        .map_err(|e| conflict_on_unique(e, || format!("approval {} already exists", a.id)))?;
+        w.commit().await
+    }
+
+    async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>> {
+        let sql = format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1");
+        sqlx::query_as::<_, ApprovalRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(ApprovalRow::into_domain)
+            .transpose()
+    }
+
+    async fn list_approvals(
+        &self,
+        filter: &ApprovalFilter,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Approval>> {
+        let mut q = Statement::new(format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE 1 = 1"
+        ));
+        if let Some(key) = &filter.key_id {
+            q.push(" AND key_id = ").push_bind(key);
+        }
+        let now = micros(now);
+        match filter.state {
+            None => {}
+            Some(ApprovalState::Used) => {
+                q.push(" AND consumed_at IS NOT NULL");
+            }
+            Some(ApprovalState::Denied) => {
+                q.push(" AND decision = 'denied'");
+            }
+            Some(ApprovalState::Pending) => {
+                q.push(" AND decision IS NULL AND expires_at > ")
+                    .push_bind(now);
+            }
+            Some(ApprovalState::Approved) => {
+                q.push(" AND decision = 'approved' AND consumed_at IS NULL AND expires_at > ")
+                    .push_bind(now);
+            }
+            Some(ApprovalState::Expired) => {
+                q.push(
+                    " AND consumed_at IS NULL AND (decision IS NULL OR decision = 'approved') \
+                     AND expires_at <= ",
+                )
+                .push_bind(now);
+            }
+        }
+        q.push(" ORDER BY requested_at DESC, id DESC LIMIT ")
+            .push_bind(audit_limit(filter.limit));
+        q.query_as::<D::Db, ApprovalRow>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(ApprovalRow::into_domain)
+            .collect()
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE approvals SET decision = $1, decided_by = $2, reason = $3, decided_at = $4 \
+             WHERE id = $5 AND decision IS NULL AND expires_at > $4",
+        )
+        .bind(if approved { "approved" } else { "denied" })
+        .bind(by)
+        .bind(reason)
+        .bind(micros(now))
+        .bind(id)
+        .execute(w.conn())
+        .await?;
+        let done = D::rows_affected(&done);
+        w.commit().await?;
+        Ok(done == 1)
+    }
+
+    async fn consume_approval(
+        &self,
+        id: &str,
+        key_id: &str,
+        fingerprint: &[u8; 32],
+        amount: Micros,
+        event_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        // One statement decides: every replica's retries race on this row,
+        // and the database lets exactly one of them set consumed_at.
+        let done = sqlx::query(
+            "UPDATE approvals SET consumed_at = $1, consumed_event = $2 \
+             WHERE id = $3 AND decision = 'approved' AND consumed_at IS NULL \
+             AND expires_at > $1 AND key_id = $4 AND fingerprint = $5 AND quote >= $6",
+        )
+        .bind(micros(now))
+        .bind(event_id)
+        .bind(id)
+        .bind(key_id)
+        .bind(fingerprint.as_slice())
+        .bind(amount.0)
+        .execute(w.conn())
+        .await?;
+        let done = D::rows_affected(&done);
+        w.commit().await?;
+        Ok(done == 1)
     }
 }

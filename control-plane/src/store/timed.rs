@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{RevokedKey, Store, StoreResult, VendorWrite};
+use crate::approval::{Approval, ApprovalFilter};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
@@ -488,5 +489,53 @@ impl<S: Store> Store for TimedStore<S> {
         day: &str,
     ) -> StoreResult<Vec<super::LineageSpend>> {
         timed("lineage_spend", self.0.lineage_spend(key_id, day)).await
+    }
+
+    async fn insert_approval(&self, approval: &Approval) -> StoreResult<()> {
+        timed("insert_approval", self.0.insert_approval(approval)).await
+    }
+
+    async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>> {
+        timed("get_approval", self.0.get_approval(id)).await
+    }
+
+    async fn list_approvals(
+        &self,
+        filter: &ApprovalFilter,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Approval>> {
+        timed("list_approvals", self.0.list_approvals(filter, now)).await
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approved: bool,
+        by: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        timed(
+            "decide_approval",
+            self.0.decide_approval(id, approved, by, reason, now),
+        )
+        .await
+    }
+
+    async fn consume_approval(
+        &self,
+        id: &str,
+        key_id: &str,
+        fingerprint: &[u8; 32],
+        amount: keycap_proto::Micros,
+        event_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        timed(
+            "consume_approval",
+            self.0
+                .consume_approval(id, key_id, fingerprint, amount, event_id, now),
+        )
+        .await
     }
 }

@@ -53,12 +53,16 @@ pub enum EventType {
     SpoolBacklog,
     /// A vendor's credential is older than the vendor's `rotate_after`.
     CredentialRotationDue,
+    /// A call was held for a person's approval (docs/approvals.md).
+    ApprovalRequested,
+    /// A held call was approved or denied.
+    ApprovalDecided,
     /// Sent by `keycap webhook test`.
     Test,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 10] = [
         EventType::CapThreshold,
         EventType::CapRefusals,
         EventType::KeyRevoked,
@@ -66,6 +70,8 @@ impl EventType {
         EventType::RevocationUnconfirmed,
         EventType::SpoolBacklog,
         EventType::CredentialRotationDue,
+        EventType::ApprovalRequested,
+        EventType::ApprovalDecided,
         EventType::Test,
     ];
 
@@ -78,6 +84,8 @@ impl EventType {
             EventType::RevocationUnconfirmed => "revocation.unconfirmed",
             EventType::SpoolBacklog => "spool.backlog",
             EventType::CredentialRotationDue => "credential.rotation_due",
+            EventType::ApprovalRequested => "approval.requested",
+            EventType::ApprovalDecided => "approval.decided",
             EventType::Test => "webhook.test",
         }
     }
