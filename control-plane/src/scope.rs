@@ -285,10 +285,13 @@ pub enum Operation {
     TestWebhook,
     /// An endpoint's deliveries and their attempts.
     ListWebhookDeliveries,
+    /// A dry run of a key's call: its price and what the proxy would
+    /// decide, reserving nothing (a read of the key and its budget).
+    Simulate,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 27] = [
+    pub const ALL: [Operation; 28] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -316,6 +319,7 @@ impl Operation {
         Operation::DeleteWebhook,
         Operation::TestWebhook,
         Operation::ListWebhookDeliveries,
+        Operation::Simulate,
     ];
 }
 
@@ -335,7 +339,7 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::CreateKey | O::CreateIssuerToken => &[S::KeysIssue],
         O::ListIssuerTokens => &[S::KeysRead],
         O::RevokeIssuerToken => &[S::KeysRevoke],
-        O::GetKey | O::ListKeys => &[S::KeysRead],
+        O::GetKey | O::ListKeys | O::Simulate => &[S::KeysRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
         O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],

@@ -36,6 +36,7 @@ use crate::store::{Store, VendorWrite};
 
 mod alerts;
 pub use alerts::SPOOL_BACKLOG;
+pub mod simulate;
 
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.
@@ -420,6 +421,8 @@ pub struct Control {
     /// This replica's webhook sender, once `deliver_webhooks` started it;
     /// without one, events wait in the outbox for a replica that has one.
     courier: std::sync::OnceLock<Arc<crate::webhook::delivery::Courier>>,
+    /// Dry runs counted per admin token (`simulate`).
+    dry_runs: simulate::DryRunLimiter,
 }
 
 impl Control {
@@ -449,6 +452,7 @@ impl Control {
             upstreams,
             spend: crate::ingest::SpendIngest::start(store.clone()),
             courier: std::sync::OnceLock::new(),
+            dry_runs: simulate::DryRunLimiter::default(),
             store,
         }))
     }
