@@ -44,8 +44,23 @@ async fn simulate(admin: &Api, key_id: &str, method: &str, path: &str, body: Val
     r.expect(200)
 }
 
-fn remaining(answer: &Value) -> &Value {
-    &answer["remaining"]["daily_remaining_usd"]
+/// The daily remainder a dry run answered, in micro-dollars.
+fn remaining(answer: &Value) -> i64 {
+    usd_micros(&answer["remaining"]["daily_remaining_usd"].to_string())
+}
+
+/// Waits until the key's settled spend today is `micros` (dry runs are
+/// rate-limited, so the key is polled instead).
+async fn wait_spent(admin: &Api, key_id: &str, micros: i64) {
+    let settled = wait_until(within(SPEND_TIMEOUT), || async {
+        let view = admin.get(&format!("/vault/keys/{key_id}")).await.json();
+        usd_micros(&view["spent_today_usd"].to_string()) == micros
+    })
+    .await;
+    assert!(
+        settled,
+        "the key's spend never reached {micros} micro-dollars"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +88,7 @@ async fn a_dry_run_agrees_with_the_proxy_and_reserves_nothing() {
 
     // Allowed: the dry run's quote is what the proxy reserves, and asking
     // twice (on either replica) changes nothing.
-    let charge = "amount=250&currency=usd";
+    let charge = "amount=250&currency=usd&confirm=true";
     let dry = simulate(
         &admin,
         &key_id,
@@ -86,7 +101,7 @@ async fn a_dry_run_agrees_with_the_proxy_and_reserves_nothing() {
     assert_eq!(dry["refusal"], Value::Null, "{dry}");
     assert_eq!(dry["quote"]["reserve_micros"], 2_500_000, "{dry}");
     assert_eq!(dry["quote"]["kind"], "stripe", "{dry}");
-    assert_eq!(remaining(&dry), 10, "{dry}");
+    assert_eq!(remaining(&dry), 10_000_000, "{dry}");
     let again = simulate(
         &fleet.admin(1),
         &key_id,
@@ -97,14 +112,18 @@ async fn a_dry_run_agrees_with_the_proxy_and_reserves_nothing() {
     .await;
     assert_eq!(
         remaining(&again),
-        10,
+        10_000_000,
         "a dry run reserved something: {again}"
     );
     let view = admin
         .get(&format!("/vault/keys/{key_id}"))
         .await
         .expect(200);
-    assert_eq!(view["remaining_today_usd"], 10, "{view}");
+    assert_eq!(
+        usd_micros(&view["remaining_today_usd"].to_string()),
+        10_000_000,
+        "{view}"
+    );
     assert_eq!(fleet.mock.calls().len(), 0, "a dry run reached the vendor");
 
     agent
@@ -126,19 +145,16 @@ async fn a_dry_run_agrees_with_the_proxy_and_reserves_nothing() {
         "the proxy reserved another amount than the dry run quoted: {}",
         entries[0]
     );
-    let after = wait_for(within(SPEND_TIMEOUT), || async {
-        let a = simulate(
-            &admin,
-            &key_id,
-            "POST",
-            "/v1/payment_intents",
-            json!(charge),
-        )
-        .await;
-        (remaining(&a) == 7.5).then_some(a)
-    })
-    .await
-    .expect("the settled charge shows in the dry run's remainder");
+    wait_spent(&admin, &key_id, 2_500_000).await;
+    let after = simulate(
+        &admin,
+        &key_id,
+        "POST",
+        "/v1/payment_intents",
+        json!(charge),
+    )
+    .await;
+    assert_eq!(remaining(&after), 7_500_000, "{after}");
     assert_eq!(after["allowed"], true, "{after}");
 
     // The endpoint refusal.
@@ -159,7 +175,7 @@ async fn a_dry_run_agrees_with_the_proxy_and_reserves_nothing() {
         .expect_error(403, "endpoint_not_allowed");
 
     // The per-call cap refusal, with the quote that broke it.
-    let big = "amount=700&currency=usd";
+    let big = "amount=700&currency=usd&confirm=true";
     let dry = simulate(&admin, &key_id, "POST", "/v1/payment_intents", json!(big)).await;
     assert_eq!(dry["refusal"]["code"], "per_call_cap_exceeded", "{dry}");
     assert_eq!(dry["quote"]["reserve_micros"], 7_000_000, "{dry}");
@@ -169,20 +185,17 @@ async fn a_dry_run_agrees_with_the_proxy_and_reserves_nothing() {
         .expect_error(403, "per_call_cap_exceeded");
 
     // The daily cap refusal: 5.5 USD of the 7.5 left... then 5.5 more.
-    let mid = "amount=550&currency=usd";
+    let mid = "amount=550&currency=usd&confirm=true";
     agent
         .post_form("/stripe/v1/payment_intents", mid)
         .await
         .expect(200);
-    let dry = wait_for(within(SPEND_TIMEOUT), || async {
-        let a = simulate(&admin, &key_id, "POST", "/v1/payment_intents", json!(mid)).await;
-        (a["allowed"] == false).then_some(a)
-    })
-    .await
-    .expect("the dry run refuses once the spend is settled");
+    wait_spent(&admin, &key_id, 8_000_000).await;
+    let dry = simulate(&admin, &key_id, "POST", "/v1/payment_intents", json!(mid)).await;
+    assert_eq!(dry["allowed"], false, "{dry}");
     assert_eq!(dry["refusal"]["code"], "daily_cap_exceeded", "{dry}");
     assert_eq!(dry["refusal"]["rule"], "daily_cap", "{dry}");
-    assert_eq!(remaining(&dry), 2, "{dry}");
+    assert_eq!(remaining(&dry), 2_000_000, "{dry}");
     agent
         .post_form("/stripe/v1/payment_intents", mid)
         .await
@@ -209,7 +222,7 @@ async fn a_dry_run_agrees_with_the_proxy_and_reserves_nothing() {
 
     // Through a proxy's /vault relay, the same answer.
     let relayed = fleet.proxies[1]
-        .api(Some(&harness::admin_token()))
+        .api(Some(&fleet.controls[0].opts.admin_token))
         .post_json(
             "/vault/simulate",
             &json!({"key_id": key_id, "request": {"method": "POST", "path": "/v1/refunds"}}),
@@ -267,7 +280,7 @@ async fn an_llm_call_is_quoted_as_the_proxy_reserves_it_over_every_client() {
     assert!(quoted > 0, "{dry}");
 
     // The Rust client (gRPC) and the CLI answer the same.
-    let token = harness::admin_token();
+    let token = fleet.controls[0].opts.admin_token.clone();
     let mut client = Client::connect(&fleet.controls[1].url(), &token, None)
         .await
         .unwrap();
@@ -281,7 +294,7 @@ async fn an_llm_call_is_quoted_as_the_proxy_reserves_it_over_every_client() {
             body.clone(),
         )
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("Simulate over gRPC: {e}"));
     assert!(grpc.allowed);
     assert_eq!(grpc.quote.as_ref().unwrap().reserve_micros, quoted);
     let cli = harness::keycap_cli(
