@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 mod dev;
 mod sandbox;
+mod simulate;
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +83,10 @@ enum Command {
     /// LLM price tables.
     #[command(subcommand)]
     Prices(PricesCmd),
+    /// Dry run: what the proxy would do with one call of a key (allowed or
+    /// the refusal and its rule, the price quote, what the key has left),
+    /// without forwarding or reserving anything.
+    Simulate(simulate::SimulateArgs),
     /// Print a shell completion script, e.g.
     /// `keycap completions bash > /etc/bash_completion.d/keycap`.
     Completions {
@@ -779,6 +784,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             unreachable!("handled before connecting")
         }
         Command::Webhook(cmd) => webhook(c, cmd).await?,
+        Command::Simulate(args) => simulate::run(c, args).await?,
         Command::Prices(PricesCmd::Import(args)) => {
             let text = read_price_file(&args.file)?;
             // Only what an LLM vendor can use goes over the wire; the

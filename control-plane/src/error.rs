@@ -33,6 +33,10 @@ pub enum ApiError {
         "an issuer token may only mint child keys of its own key (POST /vault/keys or CreateKey)"
     )]
     IssuerScope,
+    /// Too many calls of a rate-limited operation (dry runs) from one
+    /// token; retry after this many seconds.
+    #[error("too many calls from this token; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     /// Something failed inside keycap; details went to the log.
     #[error("internal error")]
     Internal,
@@ -49,6 +53,7 @@ impl ApiError {
             ApiError::MissingScope(_) => "missing_scope",
             ApiError::VendorNotAllowed(_) => "vendor_not_allowed",
             ApiError::IssuerScope => "issuer_scope",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Internal => "internal",
         }
     }
@@ -63,6 +68,7 @@ impl ApiError {
             ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
                 S::FORBIDDEN
             }
+            ApiError::RateLimited { .. } => S::TOO_MANY_REQUESTS,
             ApiError::Internal => S::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +116,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
                 tonic::Status::permission_denied(msg)
             }
+            ApiError::RateLimited { .. } => tonic::Status::resource_exhausted(msg),
             ApiError::Internal => tonic::Status::internal(msg),
         };
         let metadata = status.metadata_mut();

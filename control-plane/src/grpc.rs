@@ -26,6 +26,8 @@ use crate::service::{
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
 mod approvals;
+mod simulate;
+pub(crate) use simulate::answer_to_pb as simulate_answer_to_pb;
 mod webhooks;
 
 /// Implements every keycap gRPC service over one `Control`.

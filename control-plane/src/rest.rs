@@ -38,7 +38,9 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
+mod simulate;
 pub mod webhooks;
+pub use simulate::SimulateAnswer;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;
@@ -81,7 +83,12 @@ impl IntoResponse for ApiError {
             ApiError::VendorNotAllowed(v) => body.vendor = Some(v.clone()),
             _ => {}
         }
-        (self.http_status(), Json(body)).into_response()
+        let mut resp = (self.http_status(), Json(body)).into_response();
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, retry_after_secs.into());
+        }
+        resp
     }
 }
 
@@ -235,7 +242,7 @@ impl utoipa::Modify for AdminTokenAuth {
         create_admin_token, list_admin_tokens, revoke_admin_token,
         spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
         webhooks::create, webhooks::list, webhooks::read, webhooks::remove, webhooks::test,
-        webhooks::deliveries,
+        webhooks::deliveries, simulate::simulate,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -311,6 +318,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/vault/audit/export", get(export_audit))
         .merge(webhooks::routes())
+        .merge(simulate::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

@@ -295,10 +295,13 @@ pub enum Operation {
     GetApproval,
     /// Approve or deny a held call.
     DecideApproval,
+    /// A dry run of a key's call: its price and what the proxy would
+    /// decide, reserving nothing (a read of the key and its budget).
+    Simulate,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 30] = [
+    pub const ALL: [Operation; 31] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -329,6 +332,7 @@ impl Operation {
         Operation::ListApprovals,
         Operation::GetApproval,
         Operation::DecideApproval,
+        Operation::Simulate,
     ];
 }
 
@@ -348,7 +352,7 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::CreateKey | O::CreateIssuerToken => &[S::KeysIssue],
         O::ListIssuerTokens => &[S::KeysRead],
         O::RevokeIssuerToken => &[S::KeysRevoke],
-        O::GetKey | O::ListKeys => &[S::KeysRead],
+        O::GetKey | O::ListKeys | O::Simulate => &[S::KeysRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
         O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],

@@ -39,6 +39,7 @@ mod refusals;
 mod approvals;
 pub use alerts::SPOOL_BACKLOG;
 pub use approvals::{ApprovalSettings, HeldCall};
+pub mod simulate;
 
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.
@@ -442,6 +443,8 @@ pub struct Control {
     /// How approvals are offered (`configure_approvals`); the defaults
     /// until then.
     approvals: std::sync::OnceLock<approvals::ApprovalSettings>,
+    /// Dry runs counted per admin token (`simulate`).
+    dry_runs: simulate::DryRunLimiter,
 }
 
 impl Control {
@@ -472,6 +475,7 @@ impl Control {
             spend: crate::ingest::SpendIngest::start(store.clone()),
             courier: std::sync::OnceLock::new(),
             approvals: std::sync::OnceLock::new(),
+            dry_runs: simulate::DryRunLimiter::default(),
             store,
         }))
     }

@@ -15,7 +15,6 @@
 pub mod admission;
 pub mod approval;
 pub mod body;
-pub mod body_headers;
 pub mod budget;
 pub mod check;
 pub mod client_addr;
@@ -26,7 +25,7 @@ pub mod spool;
 pub use keycap_proto::endpoint;
 // What each vendor means (pricing, settlement streams, refusal envelopes)
 // lives in keycap-vendors, shared with the control plane.
-pub use keycap_vendors::{envelope, pricing, sse};
+pub use keycap_vendors::{body_headers, envelope, pricing, sse};
 pub mod error;
 pub mod fleet;
 pub mod idempotency;

@@ -3,7 +3,8 @@
 //! Owns the vendor profiles' rules: what a call costs before it is sent and
 //! after it is answered (`pricing`, one module per vendor), how a vendor's
 //! event stream is read for settlement (`sse`), and how a refusal is worded
-//! in the vendor's own error envelope (`envelope`). The proxy enforces with
+//! in the vendor's own error envelope (`envelope`), and which request headers
+//! would make a vendor read a body differently from pricing (`body_headers`). The proxy enforces with
 //! this code; the control plane runs the same code when it answers what a
 //! call would cost, so the two never disagree on a price.
 //!
@@ -16,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod body_headers;
 pub mod envelope;
 pub mod pricing;
 pub mod sse;

@@ -75,6 +75,23 @@ pub struct RevokedKey {
     pub descendants: Vec<String>,
 }
 
+/// One level of a key's budget tree — the key itself (depth 0) or an
+/// ancestor — with what weighs on its caps: settled spend and the unspent
+/// part of counting leases, each summed over the level's whole subtree (the
+/// same sums a lease grant decides on). Read for dry runs, which reserve
+/// nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetLevel {
+    pub key_id: String,
+    pub depth: i64,
+    pub daily_cap: keycap_proto::Micros,
+    pub lifetime_cap: Option<keycap_proto::Micros>,
+    pub spent_day: keycap_proto::Micros,
+    pub spent_life: keycap_proto::Micros,
+    pub leased_day: keycap_proto::Micros,
+    pub leased_life: keycap_proto::Micros,
+}
+
 /// A vendor write: the record plus, when the credential changes, its sealed
 /// form (opaque bytes from `crypto::Sealer`).
 #[derive(Clone, Debug)]
@@ -171,6 +188,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<String>>;
     /// Settled spend of a key on a UTC day (YYYY-MM-DD) and over its life.
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend>;
+    /// The key's budget tree on a UTC day (YYYY-MM-DD), key first, as a
+    /// lease grant would weigh it at `now`; empty for an unknown key.
+    /// Reads only: nothing is locked or reserved.
+    async fn budget_levels(
+        &self,
+        key_id: &str,
+        day: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<BudgetLevel>>;
 
     // --- change log (what proxies follow) -----------------------------------
     /// A signal that moves whenever the database says the change log may

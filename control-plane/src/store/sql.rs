@@ -584,6 +584,21 @@ pub struct TreeLevelRow {
     pub usage: UsageRow,
 }
 
+impl TreeLevelRow {
+    pub(super) fn into_level(self) -> super::BudgetLevel {
+        super::BudgetLevel {
+            key_id: self.id,
+            depth: self.depth,
+            daily_cap: Micros(self.budget.daily_cap),
+            lifetime_cap: self.budget.lifetime_cap.map(Micros),
+            spent_day: Micros(self.usage.spent_day),
+            spent_life: Micros(self.usage.spent_life),
+            leased_day: Micros(self.usage.leased_day),
+            leased_life: Micros(self.usage.leased_life),
+        }
+    }
+}
+
 /// The columns of `TreeLevelRow` for the key `?1`/`$1` and each ancestor,
 /// key first. `{p}` placeholders: key id, day, the time before which an
 /// unreturned lease no longer counts; `{greatest}` is the backend's

@@ -875,6 +875,22 @@ where
         })
     }
 
+    async fn budget_levels(
+        &self,
+        key_id: &str,
+        day: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<super::BudgetLevel>> {
+        let levels: Vec<TreeLevelRow> =
+            sqlx::query_as(&tree_levels_sql("$1", "$2", "$3", D::GREATEST))
+                .bind(key_id)
+                .bind(day)
+                .bind(micros(now - super::unreturned_lease_grace()))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(levels.into_iter().map(TreeLevelRow::into_level).collect())
+    }
+
     fn change_feed(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.dialect.change_feed(&self.pool)
     }

@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{RevokedKey, Store, StoreResult, VendorWrite};
+use super::{BudgetLevel, RevokedKey, Store, StoreResult, VendorWrite};
 use crate::approval::{Approval, ApprovalFilter};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
@@ -158,6 +158,15 @@ impl<S: Store> Store for TimedStore<S> {
 
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend> {
         timed("key_spend", self.0.key_spend(id, day)).await
+    }
+
+    async fn budget_levels(
+        &self,
+        key_id: &str,
+        day: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<BudgetLevel>> {
+        timed("budget_levels", self.0.budget_levels(key_id, day, now)).await
     }
 
     async fn latest_version(&self) -> StoreResult<i64> {

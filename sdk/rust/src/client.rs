@@ -490,6 +490,37 @@ impl Client {
         let r = self.raw.audit.export_audit(req).await;
         Ok(r.map_err(self.fail())?.into_inner())
     }
+
+    /// What the proxy would do with one call of key `key_id` — allowed or
+    /// the refusal code and rule, the price quote, what the key has left —
+    /// without forwarding or reserving anything. `path` is the path as the
+    /// vendor sees it (`/v1/payment_intents`).
+    pub async fn simulate(
+        &mut self,
+        key_id: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Vec<u8>>,
+    ) -> Result<pb::SimulateResponse> {
+        let req = pb::SimulateRequest {
+            key_id: key_id.to_string(),
+            request: Some(pb::SimulatedCall {
+                method: method.to_string(),
+                path: path.to_string(),
+                headers: headers
+                    .iter()
+                    .map(|(name, value)| pb::SimulatedHeader {
+                        name: name.to_string(),
+                        value: value.to_string(),
+                    })
+                    .collect(),
+                body: body.into(),
+            }),
+        };
+        let r = self.raw.simulate.simulate(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
 }
 
 #[cfg(test)]

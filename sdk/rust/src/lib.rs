@@ -14,8 +14,8 @@ use std::path::Path;
 
 use keycap_proto::pb::{
     admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
-    key_service_client::KeyServiceClient, vendor_service_client::VendorServiceClient,
-    webhook_service_client::WebhookServiceClient,
+    key_service_client::KeyServiceClient, simulate_service_client::SimulateServiceClient,
+    vendor_service_client::VendorServiceClient, webhook_service_client::WebhookServiceClient,
 };
 use keycap_proto::tls::{self, Trust};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -69,6 +69,8 @@ pub struct AdminClient {
     pub audit: AuditServiceClient<Svc>,
     pub admin_tokens: AdminTokenServiceClient<Svc>,
     pub webhooks: WebhookServiceClient<Svc>,
+    /// Dry runs of a key's calls (`Simulate`).
+    pub simulate: SimulateServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -111,7 +113,8 @@ impl AdminClient {
             keys: KeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
             admin_tokens: AdminTokenServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            webhooks: WebhookServiceClient::with_interceptor(channel, auth),
+            webhooks: WebhookServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            simulate: SimulateServiceClient::with_interceptor(channel, auth),
         })
     }
 }

@@ -363,6 +363,30 @@ export interface PriceImport {
   unusedPrices: { kind: string; reason: string; entries: number }[];
 }
 
+/** A call to simulate, as the agent would send it through the proxy. */
+export interface SimulatedCall {
+  method: string;
+  /** The path as the vendor sees it, with its query if any. */
+  path: string;
+  headers?: Record<string, string>;
+  body?: string | Uint8Array;
+}
+
+/** What the proxy would do with a simulated call; nothing was forwarded or reserved. */
+export interface Simulation {
+  allowed: boolean;
+  /** The code the proxy answers (or "quote_needs_lookup") and the rule behind it. */
+  refusal: { code: string; rule: string; message: string } | null;
+  /** The quote the proxy's pricing makes. */
+  quote: { reserveUsd: string; kind: string; rule: string; detail: unknown; streaming: boolean } | null;
+  dailyRemainingUsd: string;
+  lifetimeRemainingUsd: string | null;
+  unleasedUsd: string;
+  resetsAt: Date | null;
+  notChecked: string[];
+  lookups: string[];
+}
+
 /** A master key rotation: not done while `failedVendors` is not empty. */
 export interface KekRotation {
   kekId: string;
@@ -473,7 +497,8 @@ export class Client {
       }
     };
     this.vendors = new Vendors(createClient(pb.VendorService, transport), this.#call);
-    this.keys = new Keys(createClient(pb.KeyService, transport), this.#call);
+    this.keys = new Keys(createClient(pb.KeyService, transport), this.#call,
+      createClient(pb.SimulateService, transport));
     this.#audit = createClient(pb.AuditService, transport);
     this.audit = new Audit(this.#audit, this.#call);
     this.adminTokens = new AdminTokens(createClient(pb.AdminTokenService, transport), this.#call);
@@ -598,7 +623,42 @@ export class AdminTokens {
 }
 
 export class Keys {
-  constructor(readonly rpc: RpcClient<typeof pb.KeyService>, private readonly call: Call) {}
+  constructor(readonly rpc: RpcClient<typeof pb.KeyService>, private readonly call: Call,
+    private readonly dryRuns: RpcClient<typeof pb.SimulateService>) {}
+
+  /**
+   * A dry run: what the proxy would do with this call of the key (`path` as
+   * the vendor sees it, "/v1/payment_intents"), without forwarding or
+   * reserving anything (docs/simulate.md).
+   */
+  async simulate(keyId: string, call: SimulatedCall): Promise<Simulation> {
+    const body = call.body === undefined ? new Uint8Array()
+      : typeof call.body === "string" ? new TextEncoder().encode(call.body) : call.body;
+    const r = await this.call(() => this.dryRuns.simulate({
+      keyId,
+      request: {
+        method: call.method,
+        path: call.path,
+        headers: Object.entries(call.headers ?? {}).map(([name, value]) => ({ name, value })),
+        body,
+      },
+    }));
+    const b = r.budget;
+    return {
+      allowed: r.allowed,
+      refusal: r.refusalCode ? { code: r.refusalCode, rule: r.rule, message: r.message } : null,
+      quote: r.quote ? {
+        reserveUsd: usd(r.quote.reserveMicros), kind: r.quote.kind, rule: r.quote.rule,
+        detail: JSON.parse(r.quote.detailJson || "null"), streaming: r.quote.streaming,
+      } : null,
+      dailyRemainingUsd: usd(b?.dailyRemainingMicros ?? 0n),
+      lifetimeRemainingUsd: b?.hasLifetimeCap ? usd(b.lifetimeRemainingMicros) : null,
+      unleasedUsd: usd(b?.unleasedMicros ?? 0n),
+      resetsAt: b?.resetsAt ? timestampDate(b.resetsAt) : null,
+      notChecked: r.notChecked,
+      lookups: r.lookups,
+    };
+  }
 
   /** Mints a vault key; the answer carries its secret (`.key`) once. */
   async create(k: CreateKey): Promise<CreatedKey> {

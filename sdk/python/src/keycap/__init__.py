@@ -48,6 +48,9 @@ from ._types import (
     Money,
     PriceImport,
     RunRevocation,
+    SimulatedQuote,
+    SimulatedRefusal,
+    Simulation,
     SkippedPrice,
     Spend,
     UnusedPrice,
@@ -64,7 +67,7 @@ from ._types import (
 __all__ = [
     "AdminToken", "AdminTokens", "AsyncAdminTokens", "BrokenEntry", "Checkpoint",
     "CreatedAdminToken", "KekRotation", "PriceImport", "SkippedPrice", "UnusedPrice",
-    "Verification",
+    "Verification", "SimulatedQuote", "SimulatedRefusal", "Simulation",
     "AsyncAudit", "AsyncClient", "AsyncKeys", "AsyncVendors", "Audit", "AuditEntry", "Client",
     "Confirmation", "Conflict", "CreatedIssuerToken", "CreatedKey", "Duration", "InvalidRequest",
     "IssuerToken", "Key", "KeyRevocation", "KeycapError", "Keys", "Money", "NotFound",

@@ -38,6 +38,7 @@ from ._types import (
     Money,
     PriceImport,
     RunRevocation,
+    Simulation,
     Spend,
     Verification,
     SpendReport,
@@ -169,6 +170,16 @@ class _Requests:
         return req
 
 
+def _simulate_request(key_id: str, method: str, path: str,
+                      headers: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+                      body: bytes | str | None) -> pb.SimulateRequest:
+    pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+    data = body.encode() if isinstance(body, str) else (body or b"")
+    return pb.SimulateRequest(key_id=key_id, request=pb.SimulatedCall(
+        method=method, path=path,
+        headers=[pb.SimulatedHeader(name=n, value=v) for n, v in pairs], body=data))
+
+
 def _admin_token_request(name: str, scopes: Sequence[str], vendors: Sequence[str] | None,
                          expires_in: Duration | None) -> pb.CreateAdminTokenRequest:
     return pb.CreateAdminTokenRequest(
@@ -200,6 +211,7 @@ class _Sync:
         self._keys = rpc.KeyServiceStub(channel)
         self._audit = rpc.AuditServiceStub(channel)
         self._admin_tokens = rpc.AdminTokenServiceStub(channel)
+        self._simulate = rpc.SimulateServiceStub(channel)
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -294,6 +306,15 @@ class Keys(_Sync):
     def revoke_issuer_token(self, id: str) -> IssuerToken:
         r = self._call(self._keys.RevokeIssuerToken, pb.RevokeIssuerTokenRequest(id=id))
         return IssuerToken._from(r.token)
+
+    def simulate(self, key_id: str, *, method: str, path: str,
+                 headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+                 body: bytes | str | None = None) -> Simulation:
+        """A dry run: what the proxy would do with this call of the key
+        (`path` as the vendor sees it), without forwarding or reserving
+        anything (docs/simulate.md)."""
+        return Simulation._from(self._call(self._simulate.Simulate,
+                                           _simulate_request(key_id, method, path, headers, body)))
 
 
 class Audit(_Sync):
@@ -428,6 +449,7 @@ class _Async:
         self._keys = rpc.KeyServiceStub(channel)
         self._audit = rpc.AuditServiceStub(channel)
         self._admin_tokens = rpc.AdminTokenServiceStub(channel)
+        self._simulate = rpc.SimulateServiceStub(channel)
 
     async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -518,6 +540,13 @@ class AsyncKeys(_Async):
     async def revoke_issuer_token(self, id: str) -> IssuerToken:
         r = await self._call(self._keys.RevokeIssuerToken, pb.RevokeIssuerTokenRequest(id=id))
         return IssuerToken._from(r.token)
+
+    async def simulate(self, key_id: str, *, method: str, path: str,
+                       headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+                       body: bytes | str | None = None) -> Simulation:
+        """`Keys.simulate`, awaited."""
+        return Simulation._from(await self._call(
+            self._simulate.Simulate, _simulate_request(key_id, method, path, headers, body)))
 
 
 class AsyncAudit(_Async):

@@ -501,3 +501,54 @@ class SpendReport:
                                   usd(g.total_micros), g.calls, g.refused_calls)
                        for g in m.groups)
         return cls(by, groups, usd(m.total_micros), m.calls, m.refused_calls, m.more)
+
+
+@dataclass(frozen=True)
+class SimulatedRefusal:
+    """Why the proxy would refuse a simulated call: the code it answers
+    (or `quote_needs_lookup`) and the rule that decided it."""
+
+    code: str
+    rule: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SimulatedQuote:
+    """The quote the proxy's pricing makes: what it would reserve, the
+    quote's kind and reservation rule, the priced quantities."""
+
+    reserve_usd: Decimal
+    kind: str
+    rule: str
+    detail: Any
+    streaming: bool
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """The answer to `keys.simulate`: what the proxy would do with the call.
+    Nothing was forwarded or reserved."""
+
+    allowed: bool
+    refusal: SimulatedRefusal | None
+    quote: SimulatedQuote | None
+    daily_remaining_usd: Decimal
+    lifetime_remaining_usd: Decimal | None
+    unleased_usd: Decimal
+    resets_at: datetime | None
+    not_checked: tuple[str, ...]
+    lookups: tuple[str, ...]
+
+    @classmethod
+    def _from(cls, m: pb.SimulateResponse) -> Simulation:
+        refusal = (SimulatedRefusal(m.refusal_code, m.rule, m.message)
+                   if m.refusal_code else None)
+        quote = (SimulatedQuote(usd(m.quote.reserve_micros), m.quote.kind, m.quote.rule,
+                                json.loads(m.quote.detail_json or "null"), m.quote.streaming)
+                 if m.HasField("quote") else None)
+        b = m.budget
+        return cls(m.allowed, refusal, quote, usd(b.daily_remaining_micros),
+                   usd(b.lifetime_remaining_micros) if b.has_lifetime_cap else None,
+                   usd(b.unleased_micros), _time(b.resets_at, b.HasField("resets_at")),
+                   tuple(m.not_checked), tuple(m.lookups))
