@@ -3,7 +3,8 @@
 //! Owns the vendor profiles' rules: what a call costs before it is sent and
 //! after it is answered (`pricing`, one module per vendor), how a vendor's
 //! event stream is read for settlement (`sse`), and how a refusal is worded
-//! in the vendor's own error envelope (`envelope`). The proxy enforces with
+//! in the vendor's own error envelope (`envelope`), and how a vendor signs
+//! the webhooks it sends (`webhooks`). The proxy enforces with
 //! this code; the control plane runs the same code when it answers what a
 //! call would cost, so the two never disagree on a price.
 //!
@@ -12,10 +13,11 @@
 //! callers own everything stateful.
 //!
 //! Reading order: `pricing` (the trait, then a vendor module), `sse`,
-//! `envelope`.
+//! `envelope`, `webhooks` (inbound signatures and keycap's own).
 
 #![forbid(unsafe_code)]
 
 pub mod envelope;
 pub mod pricing;
 pub mod sse;
+pub mod webhooks;
