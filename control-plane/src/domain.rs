@@ -945,6 +945,8 @@ pub const MAX_VENDOR_ERROR_LEN: usize = 512;
 pub enum ChangeRef {
     Vendor(String),
     Key(String),
+    /// An inbound hook (`crate::hooks`), by id.
+    Hook(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -25,6 +25,7 @@ use crate::service::{
 };
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
+mod hooks;
 mod webhooks;
 
 /// Implements every keycap gRPC service over one `Control`.
@@ -902,6 +903,8 @@ fn delta_to_pb(d: Delta) -> pb::PolicyUpdate {
             removed_vendors: d.removed_vendors,
             upsert_keys: d.upsert_keys.iter().map(fleet_key_to_pb).collect(),
             removed_keys: d.removed_keys,
+            upsert_hooks: d.upsert_hooks.iter().map(hooks::fleet_hook_to_pb).collect(),
+            removed_hooks: d.removed_hooks,
         })),
     }
 }
@@ -1139,14 +1142,15 @@ async fn send_updates(
             at = d.version;
             delta_to_pb(d)
         }
-        Ok(None) => match control.snapshot().await {
-            Ok((version, vendors, keys)) => {
+        Ok(None) => match snapshot_with_hooks(&control).await {
+            Ok((version, vendors, keys, hooks)) => {
                 at = version;
                 pb::PolicyUpdate {
                     version,
                     update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
                         vendors: vendors.iter().map(fleet_vendor_to_pb).collect(),
                         keys: keys.iter().map(fleet_key_to_pb).collect(),
+                        hooks: hooks.iter().map(hooks::fleet_hook_to_pb).collect(),
                     })),
                 }
             }
@@ -1193,6 +1197,24 @@ async fn send_updates(
             }
         }
     }
+}
+
+/// The snapshot and the inbound hooks, read after its version (so a hook
+/// changed meanwhile is only ever newer than the version says).
+async fn snapshot_with_hooks(
+    control: &Control,
+) -> Result<
+    (
+        i64,
+        Vec<FleetVendor>,
+        Vec<domain::VaultKey>,
+        Vec<crate::hooks::FleetHook>,
+    ),
+    ApiError,
+> {
+    let (version, vendors, keys) = control.snapshot().await?;
+    let hooks = control.fleet_hooks().await?;
+    Ok((version, vendors, keys, hooks))
 }
 
 fn parse_day(day: String) -> Result<String, ApiError> {

@@ -285,10 +285,16 @@ pub enum Operation {
     TestWebhook,
     /// An endpoint's deliveries and their attempts.
     ListWebhookDeliveries,
+    /// Register an inbound hook (it holds a vendor signing secret).
+    CreateHook,
+    ListHooks,
+    DeleteHook,
+    /// Add or remove an inbound hook's vendor signing secret.
+    RollHookSecret,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 27] = [
+    pub const ALL: [Operation; 31] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -316,6 +322,10 @@ impl Operation {
         Operation::DeleteWebhook,
         Operation::TestWebhook,
         Operation::ListWebhookDeliveries,
+        Operation::CreateHook,
+        Operation::ListHooks,
+        Operation::DeleteHook,
+        Operation::RollHookSecret,
     ];
 }
 
@@ -343,6 +353,10 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::RotateKek => &[S::CredentialsWrite],
         O::CreateWebhook | O::DeleteWebhook | O::TestWebhook => &[S::WebhooksWrite],
         O::ListWebhooks | O::ListWebhookDeliveries => &[S::WebhooksRead],
+        // An inbound hook holds a vendor's signing secret: a credential.
+        O::CreateHook | O::RollHookSecret => &[S::WebhooksWrite, S::CredentialsWrite],
+        O::DeleteHook => &[S::WebhooksWrite],
+        O::ListHooks => &[S::WebhooksRead],
     }
 }
 

@@ -139,6 +139,9 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
     .add_service(pb::webhook_service_server::WebhookServiceServer::new(
         api.clone(),
     ))
+    .add_service(pb::fleet_hook_service_server::FleetHookServiceServer::new(
+        api.clone(),
+    ))
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
     .add_service(reflection)
     .prepare()

@@ -35,6 +35,7 @@ use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
 mod alerts;
+mod hooks;
 pub use alerts::SPOOL_BACKLOG;
 
 /// How long proxies keep knowing a key after it expired, to answer
@@ -1872,6 +1873,7 @@ impl Control {
         let now = Utc::now();
         let mut seen_vendors = std::collections::BTreeSet::new();
         let mut seen_keys = std::collections::BTreeSet::new();
+        let mut seen_hooks = std::collections::BTreeSet::new();
         for c in changes {
             delta.version = delta.version.max(c.version);
             match c.what {
@@ -1881,8 +1883,12 @@ impl Control {
                 ChangeRef::Key(id) => {
                     seen_keys.insert(id);
                 }
+                ChangeRef::Hook(id) => {
+                    seen_hooks.insert(id);
+                }
             }
         }
+        self.hook_delta(seen_hooks, &mut delta).await?;
         for name in seen_vendors {
             match self.store.get_vendor(&name).await? {
                 Some(v) => match self.fleet_vendor(v).await? {
@@ -2021,6 +2027,8 @@ pub struct Delta {
     pub removed_vendors: Vec<String>,
     pub upsert_keys: Vec<VaultKey>,
     pub removed_keys: Vec<String>,
+    pub upsert_hooks: Vec<crate::hooks::FleetHook>,
+    pub removed_hooks: Vec<String>,
 }
 
 impl Delta {
@@ -2029,6 +2037,8 @@ impl Delta {
             && self.removed_vendors.is_empty()
             && self.upsert_keys.is_empty()
             && self.removed_keys.is_empty()
+            && self.upsert_hooks.is_empty()
+            && self.removed_hooks.is_empty()
     }
 }
 

@@ -349,6 +349,7 @@ impl ChangeRow {
         let what = match self.kind.as_str() {
             CHANGE_VENDOR => ChangeRef::Vendor(self.ref_id),
             CHANGE_KEY => ChangeRef::Key(self.ref_id),
+            super::hook_rows::CHANGE_HOOK => ChangeRef::Hook(self.ref_id),
             other => {
                 return Err(corrupt(
                     "change_log.kind",
