@@ -1267,6 +1267,12 @@ fn spend_event_from_pb(
                 "a refusal costs and reserves nothing",
             ));
         }
+    } else if outcome == domain::Outcome::Relayed && (e.cost_micros != 0 || e.reserved_micros != 0)
+    {
+        return Err(invalid(
+            "cost_micros",
+            "a relayed inbound hook event costs and reserves nothing",
+        ));
     } else if !e.refusal_reason.is_empty() || e.refused_calls != 0 {
         return Err(invalid(
             "refusal_reason",
