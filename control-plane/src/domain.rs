@@ -570,15 +570,25 @@ pub enum Outcome {
     /// one minute on one proxy (`refusal_reason`, `refused_calls`). Costs
     /// nothing and counts no call against the key.
     Refused,
+    /// Not a vendor call: an inbound hook's event verified and relayed to
+    /// its destination (`crate::hooks`). Costs nothing, names no key.
+    Relayed,
 }
 
 impl Outcome {
+    /// Whether the entry is a call of its key: spend and call counts add
+    /// up only these.
+    pub fn is_call(self) -> bool {
+        !matches!(self, Outcome::Refused | Outcome::Relayed)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Settled => "settled",
             Outcome::Released => "released",
             Outcome::SettledAtReservation => "settled_at_reservation",
             Outcome::Refused => "refused",
+            Outcome::Relayed => "relayed",
         }
     }
 
@@ -588,6 +598,7 @@ impl Outcome {
             "released" => Ok(Outcome::Released),
             "settled_at_reservation" => Ok(Outcome::SettledAtReservation),
             "refused" => Ok(Outcome::Refused),
+            "relayed" => Ok(Outcome::Relayed),
             other => Err(invalid("outcome", format!("unknown outcome {other:?}"))),
         }
     }
@@ -948,6 +959,8 @@ pub const MAX_VENDOR_ERROR_LEN: usize = 512;
 pub enum ChangeRef {
     Vendor(String),
     Key(String),
+    /// An inbound hook (`crate::hooks`), by id.
+    Hook(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

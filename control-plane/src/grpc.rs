@@ -28,6 +28,7 @@ use crate::tls::{self, FleetIdentity, PeerCertificate};
 mod approvals;
 mod simulate;
 pub(crate) use simulate::answer_to_pb as simulate_answer_to_pb;
+mod hooks;
 mod webhooks;
 
 /// Implements every keycap gRPC service over one `Control`.
@@ -913,6 +914,8 @@ fn delta_to_pb(d: Delta) -> pb::PolicyUpdate {
             removed_vendors: d.removed_vendors,
             upsert_keys: d.upsert_keys.iter().map(fleet_key_to_pb).collect(),
             removed_keys: d.removed_keys,
+            upsert_hooks: d.upsert_hooks.iter().map(hooks::fleet_hook_to_pb).collect(),
+            removed_hooks: d.removed_hooks,
         })),
     }
 }
@@ -1164,14 +1167,15 @@ async fn send_updates(
             at = d.version;
             delta_to_pb(d)
         }
-        Ok(None) => match control.snapshot().await {
-            Ok((version, vendors, keys)) => {
+        Ok(None) => match snapshot_with_hooks(&control).await {
+            Ok((version, vendors, keys, hooks)) => {
                 at = version;
                 pb::PolicyUpdate {
                     version,
                     update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
                         vendors: vendors.iter().map(fleet_vendor_to_pb).collect(),
                         keys: keys.iter().map(fleet_key_to_pb).collect(),
+                        hooks: hooks.iter().map(hooks::fleet_hook_to_pb).collect(),
                     })),
                 }
             }
@@ -1218,6 +1222,24 @@ async fn send_updates(
             }
         }
     }
+}
+
+/// The snapshot and the inbound hooks, read after its version (so a hook
+/// changed meanwhile is only ever newer than the version says).
+async fn snapshot_with_hooks(
+    control: &Control,
+) -> Result<
+    (
+        i64,
+        Vec<FleetVendor>,
+        Vec<domain::VaultKey>,
+        Vec<crate::hooks::FleetHook>,
+    ),
+    ApiError,
+> {
+    let (version, vendors, keys) = control.snapshot().await?;
+    let hooks = control.fleet_hooks().await?;
+    Ok((version, vendors, keys, hooks))
 }
 
 fn parse_day(day: String) -> Result<String, ApiError> {
@@ -1270,6 +1292,12 @@ fn spend_event_from_pb(
                 "a refusal costs and reserves nothing",
             ));
         }
+    } else if outcome == domain::Outcome::Relayed && (e.cost_micros != 0 || e.reserved_micros != 0)
+    {
+        return Err(invalid(
+            "cost_micros",
+            "a relayed inbound hook event costs and reserves nothing",
+        ));
     } else if !e.refusal_reason.is_empty() || e.refused_calls != 0 {
         return Err(invalid(
             "refusal_reason",

@@ -17,6 +17,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod hooks;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;

@@ -38,6 +38,7 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
+mod hooks;
 mod simulate;
 pub mod webhooks;
 pub use simulate::SimulateAnswer;
@@ -243,6 +244,8 @@ impl utoipa::Modify for AdminTokenAuth {
         spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
         webhooks::create, webhooks::list, webhooks::read, webhooks::remove, webhooks::test,
         webhooks::deliveries, simulate::simulate,
+        hooks::create, hooks::list, hooks::read, hooks::remove, hooks::add_secret,
+        hooks::remove_secret,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -251,6 +254,7 @@ impl utoipa::Modify for AdminTokenAuth {
         (name = "vendors", description = "Vendors and their real credentials (never shown)"),
         (name = "keys", description = "Vault keys and their issuer tokens"),
         (name = "webhooks", description = "Alert webhook endpoints and their deliveries (docs/webhooks.md)"),
+        (name = "hooks", description = "Inbound hooks: vendor webhooks verified at the proxy and relayed (docs/inbound-hooks.md)"),
         (name = "admin-tokens", description = "Admin tokens and their scopes"),
         (name = "audit", description = "The hash-chained audit ledger and spend"),
         (name = "meta", description = "This document"),
@@ -319,6 +323,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/export", get(export_audit))
         .merge(webhooks::routes())
         .merge(simulate::routes())
+        .merge(hooks::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

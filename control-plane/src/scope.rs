@@ -298,10 +298,16 @@ pub enum Operation {
     /// A dry run of a key's call: its price and what the proxy would
     /// decide, reserving nothing (a read of the key and its budget).
     Simulate,
+    /// Register an inbound hook (it holds a vendor signing secret).
+    CreateHook,
+    ListHooks,
+    DeleteHook,
+    /// Add or remove an inbound hook's vendor signing secret.
+    RollHookSecret,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 31] = [
+    pub const ALL: [Operation; 35] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -333,6 +339,10 @@ impl Operation {
         Operation::GetApproval,
         Operation::DecideApproval,
         Operation::Simulate,
+        Operation::CreateHook,
+        Operation::ListHooks,
+        Operation::DeleteHook,
+        Operation::RollHookSecret,
     ];
 }
 
@@ -363,6 +373,10 @@ pub fn required(op: Operation) -> &'static [Scope] {
         // An approval is one of a key's calls: reading it is reading keys.
         O::ListApprovals | O::GetApproval => &[S::KeysRead],
         O::DecideApproval => &[S::ApprovalsDecide],
+        // An inbound hook holds a vendor's signing secret: a credential.
+        O::CreateHook | O::RollHookSecret => &[S::WebhooksWrite, S::CredentialsWrite],
+        O::DeleteHook => &[S::WebhooksWrite],
+        O::ListHooks => &[S::WebhooksRead],
     }
 }
 

@@ -37,6 +37,7 @@ use crate::store::{Store, VendorWrite};
 mod alerts;
 mod refusals;
 mod approvals;
+mod hooks;
 pub use alerts::SPOOL_BACKLOG;
 pub use approvals::{ApprovalSettings, HeldCall};
 pub mod simulate;
@@ -1904,6 +1905,7 @@ impl Control {
         let now = Utc::now();
         let mut seen_vendors = std::collections::BTreeSet::new();
         let mut seen_keys = std::collections::BTreeSet::new();
+        let mut seen_hooks = std::collections::BTreeSet::new();
         for c in changes {
             delta.version = delta.version.max(c.version);
             match c.what {
@@ -1913,8 +1915,12 @@ impl Control {
                 ChangeRef::Key(id) => {
                     seen_keys.insert(id);
                 }
+                ChangeRef::Hook(id) => {
+                    seen_hooks.insert(id);
+                }
             }
         }
+        self.hook_delta(seen_hooks, &mut delta).await?;
         for name in seen_vendors {
             match self.store.get_vendor(&name).await? {
                 Some(v) => match self.fleet_vendor(v).await? {
@@ -2049,6 +2055,8 @@ pub struct Delta {
     pub removed_vendors: Vec<String>,
     pub upsert_keys: Vec<VaultKey>,
     pub removed_keys: Vec<String>,
+    pub upsert_hooks: Vec<crate::hooks::FleetHook>,
+    pub removed_hooks: Vec<String>,
 }
 
 impl Delta {
@@ -2057,6 +2065,8 @@ impl Delta {
             && self.removed_vendors.is_empty()
             && self.upsert_keys.is_empty()
             && self.removed_keys.is_empty()
+            && self.upsert_hooks.is_empty()
+            && self.removed_hooks.is_empty()
     }
 }
 

@@ -23,6 +23,8 @@ use crate::edge::RequestFraming;
 use crate::pricing::check::{split_chunks, Check};
 use crate::proxy::presented_key;
 use crate::target::{join, normalize, Target};
+/// Inbound webhook signature headers: the parsers live with the vendors.
+pub use keycap_vendors::webhooks::check::hook_signature;
 
 /// Every edge fuzz target, by the name of its file in `fuzz/fuzz_targets/`
 /// and of its seed directory in `fuzz/corpus/`.
@@ -34,6 +36,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("response_scrub", response_scrub),
     ("body_headers", body_headers),
     ("keycap_context", keycap_context),
+    ("hook_signature", hook_signature),
 ];
 
 /// Base URLs a target is joined onto, with and without a path prefix.

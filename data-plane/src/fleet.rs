@@ -168,6 +168,18 @@ pub fn replica_unavailable(s: &Status) -> bool {
 pub struct Replica {
     pub url: Arc<str>,
     client: Client,
+    /// The same channel and credentials, for `FleetHookService`.
+    hook_client: HookClient,
+}
+
+pub type HookClient =
+    pb::fleet_hook_service_client::FleetHookServiceClient<InterceptedService<Channel, FleetAuth>>;
+
+impl Replica {
+    /// This replica's inbound-hook calls (`crate::hooks`).
+    pub fn hook_client(&self) -> HookClient {
+        self.hook_client.clone()
+    }
 }
 
 /// A cheap-to-clone handle on the control plane's fleet API.
@@ -215,6 +227,11 @@ impl Fleet {
                 .connect_with_connector_lazy(connector);
             replicas.push(Replica {
                 url: url.as_str().into(),
+                hook_client:
+                    pb::fleet_hook_service_client::FleetHookServiceClient::with_interceptor(
+                        channel.clone(),
+                        auth.clone(),
+                    ),
                 client: FleetServiceClient::with_interceptor(channel, auth.clone()),
             });
         }

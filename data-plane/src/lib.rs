@@ -28,6 +28,7 @@ pub use keycap_proto::endpoint;
 pub use keycap_vendors::{body_headers, envelope, pricing, sse};
 pub mod error;
 pub mod fleet;
+pub mod hooks;
 pub mod idempotency;
 pub mod lookup;
 pub mod metrics;

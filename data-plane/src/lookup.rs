@@ -295,6 +295,7 @@ mod tests {
             update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
                 vendors: vec![],
                 keys: vec![revoked],
+                ..Default::default()
             })),
         });
         assert!(cache.looked_up(&secret::hash(&secret)).is_none());

@@ -92,6 +92,8 @@ pub struct Policy {
     key_hash_by_id: HashMap<String, [u8; 32]>,
     /// Every key again, sorted by hash, for `key_standing`'s search.
     by_hash: Vec<Indexed>,
+    /// Inbound hooks by id (`crate::hooks`).
+    pub hooks: HashMap<String, Arc<crate::hooks::HookPolicy>>,
 }
 
 /// A key's entry in the search by hash: what the lookup reads, inline.
@@ -325,6 +327,7 @@ impl PolicyCache {
                         p.keys.insert(kp.hash, Arc::new(kp));
                     }
                 }
+                crate::hooks::apply(&mut p.hooks, s.hooks, Vec::new());
                 let old = self.current.load();
                 gone.extend(
                     old.key_hash_by_id
@@ -343,7 +346,9 @@ impl PolicyCache {
                     keys: old.keys.clone(),
                     key_hash_by_id: old.key_hash_by_id.clone(),
                     by_hash: Vec::new(),
+                    hooks: old.hooks.clone(),
                 };
+                crate::hooks::apply(&mut p.hooks, d.upsert_hooks, d.removed_hooks);
                 for name in d.removed_vendors {
                     p.vendors.remove(&name);
                     p.vendor_errors.remove(&name);
@@ -445,6 +450,7 @@ impl PolicyCache {
             keys: old.keys.clone(),
             key_hash_by_id: old.key_hash_by_id.clone(),
             by_hash: old.by_hash.clone(),
+            hooks: old.hooks.clone(),
         }));
     }
 }
@@ -519,6 +525,7 @@ mod tests {
             pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
                 vendors: vec![],
                 keys: vec![fleet_key("a", &a, false)],
+                ..Default::default()
             }),
         ));
         assert_eq!(standing_of(&cache, &a), "active");
@@ -625,6 +632,7 @@ mod tests {
             update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
                 vendors: vec![bad],
                 keys: vec![],
+                ..Default::default()
             })),
         });
         let p = cache.load();

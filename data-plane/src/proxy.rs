@@ -265,6 +265,23 @@ impl Proxy {
                 Err(refusal) => closing_after(refusal, version, now, envelope::flat),
             });
         }
+        // Inbound hooks: vendors' webhooks, verified and relayed
+        // (`hooks`). They carry no credential, so they hold only the share
+        // of connections such requests may.
+        if path.starts_with(crate::hooks::PREFIX) {
+            let _share = match self.unauthenticated.admit(req.headers()) {
+                Ok(permit) => permit,
+                Err(_) => {
+                    return Ok(closing_after(
+                        Refusal::UnauthenticatedBusy,
+                        version,
+                        now,
+                        envelope::flat,
+                    ))
+                }
+            };
+            return Ok(self.relay_hook(req).await);
+        }
         if path == "/healthz" || path == "/readyz" {
             let (status, body) = health_answer(self.readiness.check());
             let mut resp = Response::new(body::bytes(Bytes::from(body)));

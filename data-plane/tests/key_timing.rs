@@ -79,6 +79,7 @@ fn policy_with_keys() -> (Arc<PolicyCache>, Keys) {
         update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
             vendors: vec![],
             keys: fleet_keys,
+            ..Default::default()
         })),
     });
     (cache, keys)

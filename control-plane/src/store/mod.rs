@@ -23,6 +23,7 @@ use crate::domain::{
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
     SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
+use crate::hooks::StoredHook;
 use crate::ledger::{Checkpoint, Retention};
 use crate::webhook::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
@@ -31,6 +32,7 @@ use crate::webhook::{
 mod cockpit_rows;
 mod approval_rows;
 pub mod dialect;
+mod hook_rows;
 mod sql;
 mod sql_store;
 mod timed;
@@ -510,4 +512,35 @@ pub trait Store: Send + Sync + 'static {
         event_id: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<bool>;
+    // --- inbound hooks (see `crate::hooks`) ----------------------------------
+    /// Registers an inbound hook and logs the change for the proxies;
+    /// `Conflict` if its id is taken.
+    async fn insert_hook(&self, hook: &StoredHook) -> StoreResult<()>;
+    /// Every inbound hook, oldest first.
+    async fn list_hooks(&self) -> StoreResult<Vec<StoredHook>>;
+    async fn get_hook(&self, id: &str) -> StoreResult<Option<StoredHook>>;
+    /// Replaces a hook's sealed vendor secrets (a roll) and logs the
+    /// change; `NotFound` if absent.
+    async fn set_hook_secrets(&self, id: &str, sealed_secrets: &[u8]) -> StoreResult<()>;
+    /// Deletes a hook and its claimed event ids, and logs the change;
+    /// `NotFound` if absent.
+    async fn delete_hook(&self, id: &str) -> StoreResult<()>;
+    /// Claims event `event_id` of hook `hook_id` until `until`: true for
+    /// exactly one caller across every replica while the claim stands (the
+    /// primary key decides); a claim past its expiry is free again.
+    async fn claim_hook_event(
+        &self,
+        hook_id: &str,
+        event_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Ends a claim: kept until `keep_until` (the event was relayed), or
+    /// dropped (`None`: it was not, so the vendor's retry may be).
+    async fn settle_hook_event(
+        &self,
+        hook_id: &str,
+        event_id: &str,
+        keep_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<()>;
 }

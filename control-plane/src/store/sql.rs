@@ -351,6 +351,7 @@ impl ChangeRow {
         let what = match self.kind.as_str() {
             CHANGE_VENDOR => ChangeRef::Vendor(self.ref_id),
             CHANGE_KEY => ChangeRef::Key(self.ref_id),
+            super::hook_rows::CHANGE_HOOK => ChangeRef::Hook(self.ref_id),
             other => {
                 return Err(corrupt(
                     "change_log.kind",
@@ -963,8 +964,9 @@ pub(super) struct SpendTotals {
 pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) -> SpendTotals {
     let mut daily: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
     let mut leases: BTreeMap<(String, String), i64> = BTreeMap::new();
-    // A refusal entry spends nothing and is no call of the key's.
-    for e in applied.filter(|e| e.outcome != Outcome::Refused) {
+    // A refusal (or a relayed inbound hook event) spends nothing and is no
+    // call of the key's.
+    for e in applied.filter(|e| e.outcome.is_call()) {
         let d = daily.entry((e.key_id.clone(), e.day.clone())).or_default();
         d.0 += e.cost.0;
         d.1 += 1;

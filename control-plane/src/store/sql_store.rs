@@ -14,6 +14,7 @@ use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Typ
 use super::cockpit_rows::{LineageSpendRow, RefusalCountRow, MAX_REFUSAL_GROUPS};
 use super::approval_rows::{ApprovalRow, APPROVAL_COLUMNS};
 use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
+use super::hook_rows::{HookRow, CHANGE_HOOK, HOOK_COLUMNS};
 use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
 };
@@ -40,6 +41,7 @@ use crate::domain::{
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendDimension, SpendEvent, SpendGroup,
     SpendReport, SpendReportQuery, SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
+use crate::hooks::StoredHook;
 use crate::ledger::{self, Checkpoint, Retention};
 use crate::webhook::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
@@ -334,6 +336,7 @@ where
     for<'r> ClaimRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> DeliveryRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AttemptRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> HookRow: FromRow<'r, <D::Db as Database>::Row>,
 {
     async fn migrate(&self) -> StoreResult<()> {
         self.dialect.migrate(&self.pool).await
@@ -2077,6 +2080,8 @@ where
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(LineageSpendRow::into_domain).collect())
+    }
+
     async fn insert_approval(&self, a: &Approval) -> StoreResult<()> {
         let mut w = self.begin_write().await?;
         let key: Option<i32> = sqlx::query_scalar("SELECT 1 FROM vault_keys WHERE id = $1")
@@ -2216,5 +2221,137 @@ where
         let done = D::rows_affected(&done);
         w.commit().await?;
         Ok(done == 1)
+    }
+
+    async fn insert_hook(&self, hook: &StoredHook) -> StoreResult<()> {
+        let h = &hook.endpoint;
+        let mut w = self.begin_write().await?;
+        sqlx::query(&format!(
+            "INSERT INTO hook_endpoints ({HOOK_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ))
+        .bind(h.id.as_str())
+        .bind(h.vendor.as_str())
+        .bind(hook.sealed_secrets.as_slice())
+        .bind(hook.sealed_relay_secret.as_slice())
+        .bind(h.destination_url.as_str())
+        .bind(h.public_url.as_str())
+        .bind(h.tolerance_secs)
+        .bind(h.description.as_str())
+        .bind(micros(h.created_at))
+        .execute(w.conn())
+        .await
+        .map_err(|err| conflict_on_unique(err, || format!("hook {} already exists", h.id)))?;
+        Self::append_changes(w.conn(), CHANGE_HOOK, &[h.id.as_str()]).await?;
+        w.commit().await
+    }
+
+    async fn list_hooks(&self) -> StoreResult<Vec<StoredHook>> {
+        let sql = format!("SELECT {HOOK_COLUMNS} FROM hook_endpoints ORDER BY created_at, id");
+        sqlx::query_as::<_, HookRow>(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(HookRow::into_domain)
+            .collect()
+    }
+
+    async fn get_hook(&self, id: &str) -> StoreResult<Option<StoredHook>> {
+        let sql = format!("SELECT {HOOK_COLUMNS} FROM hook_endpoints WHERE id = $1");
+        sqlx::query_as::<_, HookRow>(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(HookRow::into_domain)
+            .transpose()
+    }
+
+    async fn set_hook_secrets(&self, id: &str, sealed_secrets: &[u8]) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query("UPDATE hook_endpoints SET sealed_secrets = $1 WHERE id = $2")
+            .bind(sealed_secrets)
+            .bind(id)
+            .execute(w.conn())
+            .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("hook {id}")));
+        }
+        Self::append_changes(w.conn(), CHANGE_HOOK, &[id]).await?;
+        w.commit().await
+    }
+
+    async fn delete_hook(&self, id: &str) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query("DELETE FROM hook_endpoints WHERE id = $1")
+            .bind(id)
+            .execute(w.conn())
+            .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("hook {id}")));
+        }
+        sqlx::query("DELETE FROM hook_event_claims WHERE hook_id = $1")
+            .bind(id)
+            .execute(w.conn())
+            .await?;
+        Self::append_changes(w.conn(), CHANGE_HOOK, &[id]).await?;
+        w.commit().await
+    }
+
+    async fn claim_hook_event(
+        &self,
+        hook_id: &str,
+        event_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        // Lapsed claims go first (any hook's: the table stays as small as
+        // the replay windows), so a lapsed one of this event is free again.
+        sqlx::query("DELETE FROM hook_event_claims WHERE expires_at <= $1")
+            .bind(micros(now))
+            .execute(w.conn())
+            .await?;
+        let done = sqlx::query(
+            "INSERT INTO hook_event_claims (hook_id, event_id, expires_at) \
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(hook_id)
+        .bind(event_id)
+        .bind(micros(until))
+        .execute(w.conn())
+        .await?;
+        let claimed = D::rows_affected(&done) == 1;
+        w.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn settle_hook_event(
+        &self,
+        hook_id: &str,
+        event_id: &str,
+        keep_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        match keep_until {
+            Some(until) => {
+                sqlx::query(
+                    "UPDATE hook_event_claims SET expires_at = $1 \
+                     WHERE hook_id = $2 AND event_id = $3",
+                )
+                .bind(micros(until))
+                .bind(hook_id)
+                .bind(event_id)
+                .execute(w.conn())
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM hook_event_claims WHERE hook_id = $1 AND event_id = $2")
+                    .bind(hook_id)
+                    .bind(event_id)
+                    .execute(w.conn())
+                    .await?;
+            }
+        }
+        w.commit().await
     }
 }

@@ -13,6 +13,7 @@ use crate::domain::{
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
     SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
+use crate::hooks::StoredHook;
 use crate::ledger::{Checkpoint, Retention};
 use crate::webhook::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
@@ -531,6 +532,44 @@ impl<S: Store> Store for TimedStore<S> {
         .await
     }
 
+    async fn insert_hook(&self, hook: &StoredHook) -> StoreResult<()> {
+        timed("insert_hook", self.0.insert_hook(hook)).await
+    }
+
+    async fn list_hooks(&self) -> StoreResult<Vec<StoredHook>> {
+        timed("list_hooks", self.0.list_hooks()).await
+    }
+
+    async fn get_hook(&self, id: &str) -> StoreResult<Option<StoredHook>> {
+        timed("get_hook", self.0.get_hook(id)).await
+    }
+
+    async fn set_hook_secrets(&self, id: &str, sealed_secrets: &[u8]) -> StoreResult<()> {
+        timed(
+            "set_hook_secrets",
+            self.0.set_hook_secrets(id, sealed_secrets),
+        )
+        .await
+    }
+
+    async fn delete_hook(&self, id: &str) -> StoreResult<()> {
+        timed("delete_hook", self.0.delete_hook(id)).await
+    }
+
+    async fn claim_hook_event(
+        &self,
+        hook_id: &str,
+        event_id: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        timed(
+            "claim_hook_event",
+            self.0.claim_hook_event(hook_id, event_id, now, until),
+        )
+        .await
+    }
+
     async fn consume_approval(
         &self,
         id: &str,
@@ -544,6 +583,19 @@ impl<S: Store> Store for TimedStore<S> {
             "consume_approval",
             self.0
                 .consume_approval(id, key_id, fingerprint, amount, event_id, now),
+        )
+        .await
+    }
+
+    async fn settle_hook_event(
+        &self,
+        hook_id: &str,
+        event_id: &str,
+        keep_until: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
+        timed(
+            "settle_hook_event",
+            self.0.settle_hook_event(hook_id, event_id, keep_until),
         )
         .await
     }
