@@ -99,7 +99,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
             if config.allow_private_webhooks {
                 tracing::warn!(
                     "--allow-private-webhooks: alert webhooks may go to loopback, private and \
-                 link-local addresses"
+                     link-local addresses"
                 );
                 crate::webhook::delivery::Destinations::AllowPrivate
             } else {

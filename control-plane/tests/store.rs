@@ -18,7 +18,7 @@ use keycap_control::domain::{
 };
 use keycap_control::scope::{Scopes, VendorScope};
 use keycap_control::store::{
-    unreturned_lease_grace, PgStore, SqliteStore, Store, StoreError, VendorWrite,
+    unreturned_lease_grace, PgStore, RefusalCountQuery, SqliteStore, Store, StoreError, VendorWrite,
 };
 use keycap_proto::Micros;
 use sha2::{Digest, Sha256};
@@ -172,6 +172,8 @@ suite!(
     an_export_verifies_with_the_documented_script,
     refusals_are_chained_entries_that_spend_nothing,
     spend_report_groups_ranges_and_ranks,
+    refusal_counts_sum_records_per_key_and_reason,
+    lineage_spend_sums_each_ancestors_subtree,
 );
 
 macro_rules! raw_suite {
@@ -2949,6 +2951,150 @@ mod cases {
             .unwrap();
         assert_eq!(cap.len(), 1);
         assert_eq!(cap[0].event.refused_calls, 500);
+    }
+
+    pub async fn refusal_counts_sum_records_per_key_and_reason(s: S) {
+        add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
+        add_key(&*s, key("k2", "stripe", "run-1", 1_000_000)).await;
+        add_key(&*s, key("k3", "openai", "run-2", 1_000_000)).await;
+        let t0 = Utc.with_ymd_and_hms(2030, 1, 15, 10, 0, 0).unwrap();
+        let at = |e: SpendEvent, minutes: i64, node: &str| SpendEvent {
+            at: t0 + Duration::minutes(minutes),
+            node_id: node.to_string(),
+            ..e
+        };
+        let batch = vec![
+            event("e1", "k1", "l1", DAY, "stripe", 100),
+            at(
+                refusal("r1", "k1", "stripe", "daily_cap_exceeded", 5),
+                0,
+                "node-a",
+            ),
+            // Another proxy's record of the same minute.
+            at(
+                refusal("r2", "k1", "stripe", "daily_cap_exceeded", 3),
+                0,
+                "node-b",
+            ),
+            at(
+                refusal("r3", "k1", "stripe", "rate_limited", 2),
+                0,
+                "node-a",
+            ),
+            at(
+                refusal("r4", "k2", "stripe", "endpoint_not_allowed", 1),
+                1,
+                "node-a",
+            ),
+            at(
+                refusal("r5", "k3", "openai", "daily_cap_exceeded", 4),
+                0,
+                "node-a",
+            ),
+        ];
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (6, 0));
+        let counts = |q: RefusalCountQuery| {
+            let s = s.clone();
+            async move {
+                s.refusal_counts(&q)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|c| (c.key_id, c.reason, c.calls))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let row = |k: &str, r: &str, n: i64| (k.to_string(), r.to_string(), n);
+
+        let all = counts(RefusalCountQuery {
+            since: Some(t0),
+            ..RefusalCountQuery::default()
+        })
+        .await;
+        assert_eq!(
+            all,
+            [
+                row("k1", "daily_cap_exceeded", 8),
+                row("k3", "daily_cap_exceeded", 4),
+                row("k1", "rate_limited", 2),
+                row("k2", "endpoint_not_allowed", 1),
+            ]
+        );
+        let full = s
+            .refusal_counts(&RefusalCountQuery::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            (full[0].agent_run_label.as_str(), full[0].vendor.as_str()),
+            ("run-1", "stripe")
+        );
+        // One key's cap refusals in one minute, every proxy's together.
+        let minute = counts(RefusalCountQuery {
+            since: Some(t0),
+            until: Some(t0 + Duration::minutes(1)),
+            key_id: Some("k1".into()),
+            reasons: Some(vec![
+                "daily_cap_exceeded".into(),
+                "lifetime_cap_exceeded".into(),
+            ]),
+            vendors: None,
+        })
+        .await;
+        assert_eq!(minute, [row("k1", "daily_cap_exceeded", 8)]);
+        // A token restricted to some vendors sees theirs only.
+        let stripe = counts(RefusalCountQuery {
+            vendors: Some(vec!["stripe".into()]),
+            ..RefusalCountQuery::default()
+        })
+        .await;
+        assert!(stripe.iter().all(|(k, _, _)| k != "k3"), "{stripe:?}");
+        let later = counts(RefusalCountQuery {
+            since: Some(t0 + Duration::minutes(1)),
+            ..RefusalCountQuery::default()
+        })
+        .await;
+        assert_eq!(later, [row("k2", "endpoint_not_allowed", 1)]);
+    }
+
+    pub async fn lineage_spend_sums_each_ancestors_subtree(s: S) {
+        add_key(&*s, key("p", "stripe", "r", 10_000_000)).await;
+        add_key(&*s, child("c", "p", 5_000_000)).await;
+        add_key(&*s, child("g", "c", 1_000_000)).await;
+        add_key(&*s, child("sibling", "p", 1_000_000)).await;
+        let batch = vec![
+            event("e1", "p", "l1", DAY, "stripe", 100),
+            event("e2", "c", "l2", DAY, "stripe", 200),
+            event("e3", "g", "l3", DAY, "stripe", 300),
+            event("e4", "c", "l4", DAY2, "stripe", 50),
+            event("e5", "sibling", "l5", DAY, "stripe", 7),
+        ];
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (5, 0));
+        let lineage: Vec<(String, i64, i64, i64)> = s
+            .lineage_spend("g", DAY)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| {
+                (
+                    l.key_id,
+                    l.spend.spent_day.0,
+                    l.spend.calls_day,
+                    l.spend.spent_lifetime.0,
+                )
+            })
+            .collect();
+        assert_eq!(
+            lineage,
+            [
+                ("g".to_string(), 300, 1, 300),
+                ("c".to_string(), 500, 2, 550),
+                ("p".to_string(), 607, 4, 657),
+            ]
+        );
+        let root = s.lineage_spend("p", DAY2).await.unwrap();
+        assert_eq!(root.len(), 1);
+        assert_eq!(root[0].spend.spent_day, Micros(50));
+        assert!(s.lineage_spend("nobody", DAY).await.unwrap().is_empty());
     }
 
     pub async fn spend_report_groups_ranges_and_ranks(s: S) {

@@ -141,7 +141,7 @@ async fn follow(
             _ = tx.closed() => return,
         }
         polls += 1;
-        if polls % RECHECK_EVERY == 0 {
+        if polls.is_multiple_of(RECHECK_EVERY) {
             match session::current(&c, &headers).await {
                 Some(s) if s.principal.require(Operation::QueryAudit).is_ok() => {
                     vendors = s.principal.vendors;

@@ -731,3 +731,43 @@ async fn the_overview_shows_todays_refusals_by_reason() {
     assert!(page.body.contains(&row), "{}", page.body);
     assert!(page.body.contains("<td>3</td>"), "{}", page.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_stream_ends_when_its_token_is_revoked() {
+    let control = Control::start(ControlOpts::sqlite()).await;
+    let admin = control.admin();
+    let created = admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "live reader", "scopes": ["keys:read", "audit:read"]}),
+        )
+        .await
+        .expect(201);
+    let browser = signed_in(&control.url(), created["token"].as_str().unwrap()).await;
+    let mut res = browser
+        .http
+        .get(format!("{}/ui/runs/some-run/events", control.url()))
+        .header("cookie", browser.cookie.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    admin
+        .delete(&format!(
+            "/vault/admin-tokens/{}",
+            created["id"].as_str().unwrap()
+        ))
+        .await
+        .expect(200);
+    // The stream re-checks its session every 10 s: it says so and closes.
+    let mut seen = String::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(chunk) = res.chunk().await.expect("stream readable") {
+            seen.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream stayed open: {seen}");
+    assert!(seen.contains("event: end"), "{seen}");
+}
