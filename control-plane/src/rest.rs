@@ -38,6 +38,7 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
+pub mod approvals;
 mod webhooks;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
@@ -236,6 +237,7 @@ impl utoipa::Modify for AdminTokenAuth {
         spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
         webhooks::create, webhooks::list, webhooks::read, webhooks::remove, webhooks::test,
         webhooks::deliveries,
+        approvals::list, approvals::read, approvals::approve, approvals::deny,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -244,6 +246,7 @@ impl utoipa::Modify for AdminTokenAuth {
         (name = "vendors", description = "Vendors and their real credentials (never shown)"),
         (name = "keys", description = "Vault keys and their issuer tokens"),
         (name = "webhooks", description = "Alert webhook endpoints and their deliveries (docs/webhooks.md)"),
+        (name = "approvals", description = "Calls held for a person's approval (docs/approvals.md)"),
         (name = "admin-tokens", description = "Admin tokens and their scopes"),
         (name = "audit", description = "The hash-chained audit ledger and spend"),
         (name = "meta", description = "This document"),
@@ -311,6 +314,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/vault/audit/export", get(export_audit))
         .merge(webhooks::routes())
+        .merge(approvals::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
