@@ -13,6 +13,7 @@ use keycap_proto::time::to_proto;
 use keycap_proto::Micros;
 use serde_json::{json, Value};
 
+mod approval;
 mod dev;
 mod sandbox;
 
@@ -78,6 +79,9 @@ enum Command {
     /// Alert webhooks: endpoints keycap posts signed events to.
     #[command(subcommand)]
     Webhook(WebhookCmd),
+    /// Calls held for a person's approval: list, show, approve, deny.
+    #[command(subcommand)]
+    Approval(approval::ApprovalCmd),
     /// LLM price tables.
     #[command(subcommand)]
     Prices(PricesCmd),
@@ -786,6 +790,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             unreachable!("handled before connecting")
         }
         Command::Webhook(cmd) => webhook(c, cmd).await?,
+        Command::Approval(cmd) => print(approval::run(c, cmd).await?),
         Command::Prices(PricesCmd::Import(args)) => {
             let text = read_price_file(&args.file)?;
             // Only what an LLM vendor can use goes over the wire; the

@@ -13,7 +13,8 @@
 use std::path::Path;
 
 use keycap_proto::pb::{
-    admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
+    admin_token_service_client::AdminTokenServiceClient,
+    approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
     key_service_client::KeyServiceClient, vendor_service_client::VendorServiceClient,
     webhook_service_client::WebhookServiceClient,
 };
@@ -69,6 +70,7 @@ pub struct AdminClient {
     pub audit: AuditServiceClient<Svc>,
     pub admin_tokens: AdminTokenServiceClient<Svc>,
     pub webhooks: WebhookServiceClient<Svc>,
+    pub approvals: ApprovalServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -111,7 +113,8 @@ impl AdminClient {
             keys: KeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
             admin_tokens: AdminTokenServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            webhooks: WebhookServiceClient::with_interceptor(channel, auth),
+            webhooks: WebhookServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            approvals: ApprovalServiceClient::with_interceptor(channel, auth),
         })
     }
 }
