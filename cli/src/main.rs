@@ -14,6 +14,7 @@ use keycap_proto::time::to_proto;
 use keycap_proto::Micros;
 use serde_json::{json, Value};
 
+mod approval;
 mod dev;
 mod sandbox;
 mod simulate;
@@ -80,6 +81,9 @@ enum Command {
     /// Alert webhooks: endpoints keycap posts signed events to.
     #[command(subcommand)]
     Webhook(WebhookCmd),
+    /// Calls held for a person's approval: list, show, approve, deny.
+    #[command(subcommand)]
+    Approval(approval::ApprovalCmd),
     /// LLM price tables.
     #[command(subcommand)]
     Prices(PricesCmd),
@@ -785,6 +789,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
         }
         Command::Webhook(cmd) => webhook(c, cmd).await?,
         Command::Simulate(args) => simulate::run(c, args).await?,
+        Command::Approval(cmd) => print(approval::run(c, cmd).await?),
         Command::Prices(PricesCmd::Import(args)) => {
             let text = read_price_file(&args.file)?;
             // Only what an LLM vendor can use goes over the wire; the

@@ -133,7 +133,7 @@ pub struct ApprovalArgs {
     /// seconds.
     #[arg(long = "approval-ttl-secs", env = "KEYCAP_APPROVAL_TTL_SECS",
           default_value_t = crate::approval::DEFAULT_TTL_SECS,
-          value_parser = clap::value_parser!(u64).range(10..=7 * 86_400))]
+          value_parser = clap::value_parser!(u64).range(1..=7 * 86_400))]
     pub ttl_secs: u64,
     /// The control plane's URL as people reach it (e.g.
     /// https://keycap.example.com), for the dashboard link in an

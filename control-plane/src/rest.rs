@@ -38,6 +38,7 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
+pub mod approvals;
 mod hooks;
 mod simulate;
 pub mod webhooks;
@@ -246,6 +247,7 @@ impl utoipa::Modify for AdminTokenAuth {
         webhooks::deliveries, simulate::simulate,
         hooks::create, hooks::list, hooks::read, hooks::remove, hooks::add_secret,
         hooks::remove_secret,
+        approvals::list, approvals::read, approvals::approve, approvals::deny,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -255,6 +257,7 @@ impl utoipa::Modify for AdminTokenAuth {
         (name = "keys", description = "Vault keys and their issuer tokens"),
         (name = "webhooks", description = "Alert webhook endpoints and their deliveries (docs/webhooks.md)"),
         (name = "hooks", description = "Inbound hooks: vendor webhooks verified at the proxy and relayed (docs/inbound-hooks.md)"),
+        (name = "approvals", description = "Calls held for a person's approval (docs/approvals.md)"),
         (name = "admin-tokens", description = "Admin tokens and their scopes"),
         (name = "audit", description = "The hash-chained audit ledger and spend"),
         (name = "meta", description = "This document"),
@@ -324,6 +327,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .merge(webhooks::routes())
         .merge(simulate::routes())
         .merge(hooks::routes())
+        .merge(approvals::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

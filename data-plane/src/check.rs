@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("body_headers", body_headers),
     ("keycap_context", keycap_context),
     ("hook_signature", hook_signature),
+    ("approval_fingerprint", approval_fingerprint),
 ];
 
 /// Base URLs a target is joined onto, with and without a path prefix.
@@ -585,5 +586,62 @@ pub fn keycap_context(data: &[u8]) {
             .get(context::TRACEPARENT)
             .expect("read from the header");
         assert!(line.to_str().is_ok_and(|l| l.contains(&id)), "{id:?}");
+    }
+}
+
+/// One request's fingerprint parts from fuzz bytes: lines of key id,
+/// method, path, `?query` (absent without `?`), body, `=idempotency key`
+/// (absent without `=`), then `<n><value>` lines, each a bound header
+/// (`approval::BOUND_HEADERS[n % 9]`) and its value.
+fn approval_request(bytes: &[u8]) -> crate::approval::Canonical {
+    use crate::approval::{Canonical, BOUND_HEADERS};
+    let mut lines = bytes.split(|&b| b == b'\n');
+    let mut next = || lines.next().unwrap_or_default();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let key_id = text(next());
+    let method = text(next());
+    let path = text(next());
+    let query = next().strip_prefix(b"?").map(text);
+    let body_sha256 = Sha256::digest(next()).into();
+    let idempotency_key = next().strip_prefix(b"=").map(text);
+    let mut headers = Vec::new();
+    loop {
+        let line = next();
+        let Some((&n, value)) = line.split_first() else {
+            break;
+        };
+        let name = BOUND_HEADERS[usize::from(n) % BOUND_HEADERS.len()];
+        headers.push((name.to_string(), value.to_vec()));
+    }
+    Canonical {
+        key_id,
+        method,
+        path,
+        query,
+        body_sha256,
+        idempotency_key,
+        headers,
+    }
+}
+
+/// The bytes as two requests, cut at the first 0xFF: each one's canonical
+/// encoding decodes back to it (so the encoding is injective), and two
+/// requests that differ in any bound part — which the vendor may treat
+/// differently — never share an encoding or a fingerprint.
+pub fn approval_fingerprint(data: &[u8]) {
+    use crate::approval::Canonical;
+    let (a, b) = match data.iter().position(|&x| x == 0xFF) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let (a, b) = (approval_request(a), approval_request(b));
+    for r in [&a, &b] {
+        assert_eq!(Canonical::decode(&r.encode()).as_ref(), Some(r), "{r:?}");
+    }
+    if a != b {
+        assert_ne!(a.encode(), b.encode(), "{a:?} and {b:?} share an encoding");
+        assert_ne!(a.fingerprint(), b.fingerprint(), "{a:?} and {b:?}");
+    } else {
+        assert_eq!(a.fingerprint(), b.fingerprint());
     }
 }

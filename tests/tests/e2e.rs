@@ -19,6 +19,8 @@ use keycap_tests::mock::{self, MockVendor};
 use keycap_tests::pg;
 use serde_json::{json, Value};
 
+#[path = "e2e/approvals.rs"]
+mod approvals;
 #[path = "e2e/call_headers.rs"]
 mod call_headers;
 #[path = "e2e/canary.rs"]

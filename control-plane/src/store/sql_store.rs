@@ -687,7 +687,7 @@ where
             None => Vec::new(),
         };
         let sql = format!(
-            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
         );
         sqlx::query(&sql)
             .bind(k.id)
@@ -707,16 +707,10 @@ where
             .bind(&k.allowed_cidrs)
             .bind(k.zone)
             .bind(k.parent_id)
+            .bind(key.approval_above.map(|m| m.0))
             .execute(w.conn())
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
-        if let Some(above) = key.approval_above {
-            sqlx::query("UPDATE vault_keys SET approval_above = $1 WHERE id = $2")
-                .bind(above.0)
-                .bind(k.id)
-                .execute(w.conn())
-                .await?;
-        }
         let own = (k.id.to_string(), -1);
         for (ancestor, depth) in std::iter::once(&own).chain(&ancestors) {
             sqlx::query(

@@ -103,6 +103,9 @@ pub struct NewKey {
     pub allowed_cidrs: Vec<String>,
     pub zone: Option<String>,
     pub parent_id: Option<String>,
+    /// Calls reserving more than this need a person's approval
+    /// (docs/approvals.md).
+    pub approval_above_usd: Option<Micros>,
 }
 
 /// A newly minted key: `key` is its secret, shown this once and kept out of
@@ -260,6 +263,7 @@ impl Client {
             allowed_cidrs: k.allowed_cidrs,
             zone: k.zone.unwrap_or_default(),
             parent_id: k.parent_id.unwrap_or_default(),
+            approval_above_micros: k.approval_above_usd.map_or(0, |m| m.0),
             ..Default::default()
         };
         let r = self.raw.keys.create_key(req).await;
@@ -461,6 +465,55 @@ impl Client {
         };
         let r = self.raw.vendors.import_vendor_prices(req).await;
         Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// Calls held for approval, newest first: those in `state` ("pending",
+    /// "approved", "denied", "expired", "used"; empty: all) of `key_id`
+    /// (empty: every key). Needs `keys:read`.
+    pub async fn list_approvals(&mut self, state: &str, key_id: &str) -> Result<Vec<pb::Approval>> {
+        let req = pb::ListApprovalsRequest {
+            state: state.to_string(),
+            key_id: key_id.to_string(),
+            limit: 0,
+        };
+        let r = self.raw.approvals.list_approvals(req).await;
+        Ok(r.map_err(self.fail())?.into_inner().approvals)
+    }
+
+    pub async fn get_approval(&mut self, id: &str) -> Result<pb::Approval> {
+        let req = pb::GetApprovalRequest { id: id.to_string() };
+        let r = self.raw.approvals.get_approval(req).await;
+        Ok(r.map_err(self.fail())?
+            .into_inner()
+            .approval
+            .unwrap_or_default())
+    }
+
+    /// Approves a held call with a reason (needs `approvals:decide`); the
+    /// agent's identical retry with `Keycap-Approval` is forwarded once.
+    pub async fn approve(&mut self, id: &str, reason: &str) -> Result<pb::Approval> {
+        let req = pb::DecideApprovalRequest {
+            id: id.to_string(),
+            reason: reason.to_string(),
+        };
+        let r = self.raw.approvals.approve_approval(req).await;
+        Ok(r.map_err(self.fail())?
+            .into_inner()
+            .approval
+            .unwrap_or_default())
+    }
+
+    /// Denies a held call with a reason (needs `approvals:decide`).
+    pub async fn deny(&mut self, id: &str, reason: &str) -> Result<pb::Approval> {
+        let req = pb::DecideApprovalRequest {
+            id: id.to_string(),
+            reason: reason.to_string(),
+        };
+        let r = self.raw.approvals.deny_approval(req).await;
+        Ok(r.map_err(self.fail())?
+            .into_inner()
+            .approval
+            .unwrap_or_default())
     }
 
     /// Re-wraps every vendor credential under the answering control

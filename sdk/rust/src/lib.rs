@@ -13,7 +13,8 @@
 use std::path::Path;
 
 use keycap_proto::pb::{
-    admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
+    admin_token_service_client::AdminTokenServiceClient,
+    approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
     key_service_client::KeyServiceClient, simulate_service_client::SimulateServiceClient,
     vendor_service_client::VendorServiceClient, webhook_service_client::WebhookServiceClient,
 };
@@ -71,6 +72,7 @@ pub struct AdminClient {
     pub webhooks: WebhookServiceClient<Svc>,
     /// Dry runs of a key's calls (`Simulate`).
     pub simulate: SimulateServiceClient<Svc>,
+    pub approvals: ApprovalServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -114,7 +116,8 @@ impl AdminClient {
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
             admin_tokens: AdminTokenServiceClient::with_interceptor(channel.clone(), auth.clone()),
             webhooks: WebhookServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            simulate: SimulateServiceClient::with_interceptor(channel, auth),
+            simulate: SimulateServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            approvals: ApprovalServiceClient::with_interceptor(channel, auth),
         })
     }
 }

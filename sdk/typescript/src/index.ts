@@ -188,6 +188,8 @@ export interface Key {
   allowedCidrs: string[];
   zone: string;
   parentId: string;
+  /** Calls reserving more than this need a person's approval; null: none. */
+  approvalAboveUsd: string | null;
 }
 
 function key(k: pb.VaultKey | undefined): Key {
@@ -214,6 +216,7 @@ function key(k: pb.VaultKey | undefined): Key {
     allowedCidrs: m.allowedCidrs,
     zone: m.zone,
     parentId: m.parentId,
+    approvalAboveUsd: m.approvalAboveMicros ? usd(m.approvalAboveMicros) : null,
   };
 }
 
@@ -264,6 +267,10 @@ export interface AuditEntry {
   refusalReason: string;
   /** For outcome "refused": the calls of the key in that minute it stands for. */
   refusedCalls: number;
+  /** For a call forwarded under an approval: its id, who decided it and why ("" otherwise). */
+  approvalId: string;
+  approvalDecidedBy: string;
+  approvalReason: string;
 }
 
 export interface Spend {
@@ -444,6 +451,8 @@ export interface CreateKey {
   allowedCidrs?: string[];
   zone?: string;
   parentId?: string;
+  /** Calls reserving more than this need a person's approval (docs/approvals.md). */
+  approvalAboveUsd?: Money;
 }
 
 // ------------------------------------------------------------------ client
@@ -466,6 +475,7 @@ export class Client {
   readonly keys: Keys;
   readonly audit: Audit;
   readonly adminTokens: AdminTokens;
+  readonly approvals: Approvals;
   readonly #audit: RpcClient<typeof pb.AuditService>;
   readonly #call: Call;
 
@@ -502,6 +512,7 @@ export class Client {
     this.#audit = createClient(pb.AuditService, transport);
     this.audit = new Audit(this.#audit, this.#call);
     this.adminTokens = new AdminTokens(createClient(pb.AdminTokenService, transport), this.#call);
+    this.approvals = new Approvals(createClient(pb.ApprovalService, transport), this.#call);
   }
 
   /** What an agent run spent, in total and per vendor. */
@@ -599,6 +610,77 @@ export class Vendors {
   }
 }
 
+/** A call held for a person's approval (docs/approvals.md). */
+export interface Approval {
+  id: string;
+  keyId: string;
+  agentRunLabel: string;
+  vendor: string;
+  method: string;
+  path: string;
+  fingerprint: string;
+  quoteUsd: string;
+  /** "pending", "approved", "denied", "expired" or "used". */
+  state: string;
+  requestedAt: Date | null;
+  expiresAt: Date | null;
+  decidedBy: string;
+  reason: string;
+  decidedAt: Date | null;
+  consumedAt: Date | null;
+  nodeId: string;
+  approvalUrl: string;
+}
+
+function approval(a: pb.Approval | undefined): Approval {
+  const m = a ?? create(pb.ApprovalSchema);
+  return {
+    id: m.id,
+    keyId: m.keyId,
+    agentRunLabel: m.agentRunLabel,
+    vendor: m.vendor,
+    method: m.method,
+    path: m.path,
+    fingerprint: m.fingerprint,
+    quoteUsd: usd(m.quoteMicros),
+    state: m.state,
+    requestedAt: date(m.requestedAt),
+    expiresAt: date(m.expiresAt),
+    decidedBy: m.decidedBy,
+    reason: m.reason,
+    decidedAt: date(m.decidedAt),
+    consumedAt: date(m.consumedAt),
+    nodeId: m.nodeId,
+    approvalUrl: m.approvalUrl,
+  };
+}
+
+export class Approvals {
+  constructor(readonly rpc: RpcClient<typeof pb.ApprovalService>, private readonly call: Call) {}
+
+  /** Held calls, newest first (needs keys:read). */
+  async list(filter: { state?: string; keyId?: string; limit?: number } = {}): Promise<Approval[]> {
+    const r = await this.call(() => this.rpc.listApprovals({
+      state: filter.state ?? "", keyId: filter.keyId ?? "", limit: filter.limit ?? 0,
+    }));
+    return r.approvals.map(approval);
+  }
+
+  async get(id: string): Promise<Approval> {
+    return approval((await this.call(() => this.rpc.getApproval({ id }))).approval);
+  }
+
+  /** Approves a held call (needs approvals:decide); the agent's identical retry with Keycap-Approval is forwarded once. */
+  async approve(id: string, reason: string): Promise<Approval> {
+    return approval((await this.call(() => this.rpc.approveApproval({ id, reason }))).approval);
+  }
+
+  /** Denies a held call (needs approvals:decide). */
+  async deny(id: string, reason: string): Promise<Approval> {
+    return approval((await this.call(() => this.rpc.denyApproval({ id, reason }))).approval);
+  }
+}
+
 export class AdminTokens {
   constructor(readonly rpc: RpcClient<typeof pb.AdminTokenService>, private readonly call: Call) {}
 
@@ -675,6 +757,8 @@ export class Keys {
       allowedCidrs: k.allowedCidrs ?? [],
       zone: k.zone ?? "",
       parentId: k.parentId ?? "",
+      approvalAboveMicros:
+        k.approvalAboveUsd === undefined ? 0n : micros("approval_above_usd", k.approvalAboveUsd),
     };
     const r = await this.call(() => this.rpc.createKey(req));
     return new CreatedKey(r.secret, key(r.key), confirmation(r.confirmation));
@@ -761,6 +845,7 @@ export class Audit {
           reservedUsd: usd(e.reservedMicros), costUsd: usd(e.costMicros), outcome: e.outcome,
           at: date(e.at), nodeId: e.nodeId, detail: e.detailJson ? JSON.parse(e.detailJson) : null,
           refusalReason: e.refusalReason, refusedCalls: Number(e.refusedCalls),
+          approvalId: e.approvalId, approvalDecidedBy: e.approvalDecidedBy, approvalReason: e.approvalReason,
         };
       }
       if (!r.nextPageToken) return;

@@ -12,6 +12,8 @@
 
 from ._client import (
     AdminTokens,
+    Approvals,
+    AsyncApprovals,
     AsyncAdminTokens,
     AsyncAudit,
     AsyncClient,
@@ -33,6 +35,7 @@ from ._errors import (
 )
 from ._types import (
     AdminToken,
+    Approval,
     AuditEntry,
     BrokenEntry,
     Checkpoint,
@@ -65,7 +68,7 @@ from ._types import (
 )
 
 __all__ = [
-    "AdminToken", "AdminTokens", "AsyncAdminTokens", "BrokenEntry", "Checkpoint",
+    "AdminToken", "AdminTokens", "Approval", "Approvals", "AsyncApprovals", "AsyncAdminTokens", "BrokenEntry", "Checkpoint",
     "CreatedAdminToken", "KekRotation", "PriceImport", "SkippedPrice", "UnusedPrice",
     "Verification", "SimulatedQuote", "SimulatedRefusal", "Simulation",
     "AsyncAudit", "AsyncClient", "AsyncKeys", "AsyncVendors", "Audit", "AuditEntry", "Client",

@@ -24,6 +24,7 @@ from keycap.v1 import admin_pb2_grpc as rpc
 from ._errors import KeycapError, Unauthenticated, from_rpc_error
 from ._types import (
     AdminToken,
+    Approval,
     AuditEntry,
     Checkpoint,
     Confirmation,
@@ -114,7 +115,8 @@ class _Requests:
                    lifetime_usd_cap: Money | None, metadata: Mapping[str, str] | None,
                    rate_limit_per_minute: int | None, allowed_cidrs: Sequence[str] | None,
                    zone: str | None, parent_id: str | None,
-                   ack_timeout: Duration | None) -> pb.CreateKeyRequest:
+                   ack_timeout: Duration | None,
+                   approval_above_usd: Money | None = None) -> pb.CreateKeyRequest:
         return pb.CreateKeyRequest(
             vendor=vendor,
             daily_cap_micros=micros("daily_usd_cap", daily_usd_cap),
@@ -130,7 +132,9 @@ class _Requests:
             allowed_cidrs=list(allowed_cidrs or ()),
             zone=zone or "",
             parent_id=parent_id or "",
-            ack_timeout_ms=_ack_ms(ack_timeout))
+            ack_timeout_ms=_ack_ms(ack_timeout),
+            approval_above_micros=(0 if approval_above_usd is None
+                                   else micros("approval_above_usd", approval_above_usd)))
 
     @staticmethod
     def query_audit(key_id: str | None, agent_run_label: str | None, vendor: str | None,
@@ -212,6 +216,7 @@ class _Sync:
         self._audit = rpc.AuditServiceStub(channel)
         self._admin_tokens = rpc.AdminTokenServiceStub(channel)
         self._simulate = rpc.SimulateServiceStub(channel)
+        self._approvals = rpc.ApprovalServiceStub(channel)
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -262,12 +267,13 @@ class Keys(_Sync):
                rate_limit_per_minute: int | None = None,
                allowed_cidrs: Sequence[str] | None = None, zone: str | None = None,
                parent_id: str | None = None,
-               ack_timeout: Duration | None = None) -> CreatedKey:
+               ack_timeout: Duration | None = None,
+               approval_above_usd: Money | None = None) -> CreatedKey:
         """Mints a vault key; the answer carries its secret (`.key`) once."""
         return _created_key(self._call(self._keys.CreateKey, _Requests.create_key(
             vendor, daily_usd_cap, allowed_endpoints, expires_in, agent_run_label,
             per_call_usd_cap, lifetime_usd_cap, metadata, rate_limit_per_minute, allowed_cidrs,
-            zone, parent_id, ack_timeout)))
+            zone, parent_id, ack_timeout, approval_above_usd)))
 
     def get(self, id: str) -> Key:
         return Key._from(self._call(self._keys.GetKey, pb.GetKeyRequest(id=id)).key)
@@ -384,6 +390,33 @@ class AdminTokens(_Sync):
         return AdminToken._from(r.token)
 
 
+class Approvals(_Sync):
+    """Calls held for a person's approval (docs/approvals.md)."""
+
+    def list(self, *, state: str | None = None, key_id: str | None = None,
+             limit: int = 0) -> builtins.list[Approval]:
+        """Newest first; `state` one of "pending", "approved", "denied",
+        "expired", "used" (needs keys:read)."""
+        r = self._call(self._approvals.ListApprovals, pb.ListApprovalsRequest(
+            state=state or "", key_id=key_id or "", limit=limit))
+        return [Approval._from(a) for a in r.approvals]
+
+    def get(self, id: str) -> Approval:
+        return Approval._from(self._call(self._approvals.GetApproval,
+                                         pb.GetApprovalRequest(id=id)).approval)
+
+    def approve(self, id: str, *, reason: str) -> Approval:
+        """Approves a held call (needs approvals:decide); the agent's
+        identical retry with `Keycap-Approval` is then forwarded once."""
+        return Approval._from(self._call(self._approvals.ApproveApproval,
+                                         pb.DecideApprovalRequest(id=id, reason=reason)).approval)
+
+    def deny(self, id: str, *, reason: str) -> Approval:
+        """Denies a held call (needs approvals:decide)."""
+        return Approval._from(self._call(self._approvals.DenyApproval,
+                                         pb.DecideApprovalRequest(id=id, reason=reason)).approval)
+
+
 class Client:
     """keycap's admin API, blocking.
 
@@ -408,6 +441,7 @@ class Client:
         self.keys = Keys(self._channel, target, metadata)
         self.audit = Audit(self._channel, target, metadata)
         self.admin_tokens = AdminTokens(self._channel, target, metadata)
+        self.approvals = Approvals(self._channel, target, metadata)
 
     def spend(self, *, agent_run_label: str) -> Spend:
         """What an agent run spent, in total and per vendor."""
@@ -450,6 +484,7 @@ class _Async:
         self._audit = rpc.AuditServiceStub(channel)
         self._admin_tokens = rpc.AdminTokenServiceStub(channel)
         self._simulate = rpc.SimulateServiceStub(channel)
+        self._approvals = rpc.ApprovalServiceStub(channel)
 
     async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -498,11 +533,12 @@ class AsyncKeys(_Async):
                      rate_limit_per_minute: int | None = None,
                      allowed_cidrs: Sequence[str] | None = None, zone: str | None = None,
                      parent_id: str | None = None,
-                     ack_timeout: Duration | None = None) -> CreatedKey:
+                     ack_timeout: Duration | None = None,
+                     approval_above_usd: Money | None = None) -> CreatedKey:
         return _created_key(await self._call(self._keys.CreateKey, _Requests.create_key(
             vendor, daily_usd_cap, allowed_endpoints, expires_in, agent_run_label,
             per_call_usd_cap, lifetime_usd_cap, metadata, rate_limit_per_minute, allowed_cidrs,
-            zone, parent_id, ack_timeout)))
+            zone, parent_id, ack_timeout, approval_above_usd)))
 
     async def get(self, id: str) -> Key:
         return Key._from((await self._call(self._keys.GetKey, pb.GetKeyRequest(id=id))).key)
@@ -606,6 +642,30 @@ class AsyncAdminTokens(_Async):
         return AdminToken._from(r.token)
 
 
+class AsyncApprovals(_Async):
+    """`Approvals` on asyncio."""
+
+    async def list(self, *, state: str | None = None, key_id: str | None = None,
+                   limit: int = 0) -> builtins.list[Approval]:
+        r = await self._call(self._approvals.ListApprovals, pb.ListApprovalsRequest(
+            state=state or "", key_id=key_id or "", limit=limit))
+        return [Approval._from(a) for a in r.approvals]
+
+    async def get(self, id: str) -> Approval:
+        r = await self._call(self._approvals.GetApproval, pb.GetApprovalRequest(id=id))
+        return Approval._from(r.approval)
+
+    async def approve(self, id: str, *, reason: str) -> Approval:
+        r = await self._call(self._approvals.ApproveApproval,
+                             pb.DecideApprovalRequest(id=id, reason=reason))
+        return Approval._from(r.approval)
+
+    async def deny(self, id: str, *, reason: str) -> Approval:
+        r = await self._call(self._approvals.DenyApproval,
+                             pb.DecideApprovalRequest(id=id, reason=reason))
+        return Approval._from(r.approval)
+
+
 class AsyncClient:
     """`Client`'s surface on asyncio (grpc.aio); the same arguments."""
 
@@ -623,6 +683,7 @@ class AsyncClient:
         self.keys = AsyncKeys(self._channel, target, metadata)
         self.audit = AsyncAudit(self._channel, target, metadata)
         self.admin_tokens = AsyncAdminTokens(self._channel, target, metadata)
+        self.approvals = AsyncApprovals(self._channel, target, metadata)
 
     async def spend(self, *, agent_run_label: str) -> Spend:
         r = await self.audit._call(self.audit._audit.SpendSummary,

@@ -181,6 +181,8 @@ class Key:
     allowed_cidrs: tuple[str, ...]
     zone: str
     parent_id: str
+    approval_above_usd: Decimal | None = None
+    """Calls reserving more than this need a person's approval."""
 
     @classmethod
     def _from(cls, m: pb.VaultKey) -> Key:
@@ -206,6 +208,8 @@ class Key:
             allowed_cidrs=tuple(m.allowed_cidrs),
             zone=m.zone,
             parent_id=m.parent_id,
+            approval_above_usd=(usd(m.approval_above_micros)
+                                if m.approval_above_micros else None),
         )
 
 
@@ -299,6 +303,10 @@ class AuditEntry:
     """For outcome "refused": the error code the calls got."""
     refused_calls: int = 0
     """For outcome "refused": the calls of the key in that minute it stands for."""
+    approval_id: str = ""
+    """For a call forwarded under an approval: its id, who decided it and why."""
+    approval_decided_by: str = ""
+    approval_reason: str = ""
 
     @classmethod
     def _from(cls, m: pb.AuditEntry) -> AuditEntry:
@@ -306,7 +314,46 @@ class AuditEntry:
                    m.upstream_status, usd(m.reserved_micros), usd(m.cost_micros), m.outcome,
                    _time(m.at, m.HasField("at")), m.node_id,
                    json.loads(m.detail_json) if m.detail_json else None,
-                   m.refusal_reason, m.refused_calls)
+                   m.refusal_reason, m.refused_calls,
+                   m.approval_id, m.approval_decided_by, m.approval_reason)
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A call held for a person's approval (docs/approvals.md)."""
+
+    id: str
+    key_id: str
+    agent_run_label: str
+    vendor: str
+    method: str
+    path: str
+    fingerprint: str
+    quote_usd: Decimal
+    state: str
+    """"pending", "approved", "denied", "expired" or "used"."""
+    requested_at: datetime | None
+    expires_at: datetime | None
+    decided_by: str
+    reason: str
+    decided_at: datetime | None
+    consumed_at: datetime | None
+    node_id: str
+    approval_url: str
+
+    @classmethod
+    def _from(cls, m: pb.Approval) -> Approval:
+        return cls(
+            id=m.id, key_id=m.key_id, agent_run_label=m.agent_run_label, vendor=m.vendor,
+            method=m.method, path=m.path, fingerprint=m.fingerprint,
+            quote_usd=usd(m.quote_micros), state=m.state,
+            requested_at=_time(m.requested_at, m.HasField("requested_at")),
+            expires_at=_time(m.expires_at, m.HasField("expires_at")),
+            decided_by=m.decided_by, reason=m.reason,
+            decided_at=_time(m.decided_at, m.HasField("decided_at")),
+            consumed_at=_time(m.consumed_at, m.HasField("consumed_at")),
+            node_id=m.node_id, approval_url=m.approval_url,
+        )
 
 
 @dataclass(frozen=True)

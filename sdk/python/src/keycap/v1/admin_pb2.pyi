@@ -657,6 +657,7 @@ class VaultKey(_message.Message):
     ALLOWED_CIDRS_FIELD_NUMBER: _builtins.int
     ZONE_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_ABOVE_MICROS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     key_prefix: _builtins.str
     """First characters of the secret, enough to recognise it in a list."""
@@ -681,6 +682,11 @@ class VaultKey(_message.Message):
     parent_id: _builtins.str
     """The key whose caps this key also draws on (a budget tree); empty for a
     root key.
+    """
+    approval_above_micros: _builtins.int
+    """A call whose reservation exceeds this needs a person's approval
+    (docs/approvals.md); the lowest along the key's ancestors, as minted.
+    0: no approval gate.
     """
     @_builtins.property
     def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -722,10 +728,11 @@ class VaultKey(_message.Message):
         allowed_cidrs: _abc.Iterable[_builtins.str] | None = ...,
         zone: _builtins.str = ...,
         parent_id: _builtins.str = ...,
+        approval_above_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -768,6 +775,7 @@ class CreateKeyRequest(_message.Message):
     ZONE_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
     ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    APPROVAL_ABOVE_MICROS_FIELD_NUMBER: _builtins.int
     vendor: _builtins.str
     daily_cap_micros: _builtins.int
     per_call_cap_micros: _builtins.int
@@ -787,6 +795,11 @@ class CreateKeyRequest(_message.Message):
     ack_timeout_ms: _builtins.int
     """How long to wait for the proxies to serve the new key, in
     milliseconds, at most 60000; 0: the control plane's --ack-timeout-ms.
+    """
+    approval_above_micros: _builtins.int
+    """A call whose reservation exceeds this needs a person's approval
+    (docs/approvals.md); 0: none, or the parent's. A child's is never
+    above its parent's.
     """
     @_builtins.property
     def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -812,10 +825,11 @@ class CreateKeyRequest(_message.Message):
         zone: _builtins.str = ...,
         parent_id: _builtins.str = ...,
         ack_timeout_ms: _builtins.int = ...,
+        approval_above_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "daily_cap_micros", b"daily_cap_micros", "expires_in_seconds", b"expires_in_seconds", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "daily_cap_micros", b"daily_cap_micros", "expires_in_seconds", b"expires_in_seconds", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1314,6 +1328,9 @@ class AuditEntry(_message.Message):
     HASH_FIELD_NUMBER: _builtins.int
     REFUSAL_REASON_FIELD_NUMBER: _builtins.int
     REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_DECIDED_BY_FIELD_NUMBER: _builtins.int
+    APPROVAL_REASON_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     event_id: _builtins.str
     key_id: _builtins.str
@@ -1345,6 +1362,12 @@ class AuditEntry(_message.Message):
     for (docs/ledger.md, "Refusals").
     """
     refused_calls: _builtins.int
+    approval_id: _builtins.str
+    """For a call forwarded under an approval (docs/approvals.md): its id,
+    who decided it and why; empty otherwise.
+    """
+    approval_decided_by: _builtins.str
+    approval_reason: _builtins.str
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1376,10 +1399,13 @@ class AuditEntry(_message.Message):
         hash: _builtins.bytes = ...,
         refusal_reason: _builtins.str = ...,
         refused_calls: _builtins.int = ...,
+        approval_id: _builtins.str = ...,
+        approval_decided_by: _builtins.str = ...,
+        approval_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "approval_decided_by", b"approval_decided_by", "approval_id", b"approval_id", "approval_reason", b"approval_reason", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2428,3 +2454,217 @@ class ListWebhookDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """--- approvals (docs/approvals.md) ------------------------------------------
+
+    A call held for a person's decision: its key priced it above the key's
+    approval_above_micros.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    VENDOR_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    QUOTE_MICROS_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    CONSUMED_AT_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    AGENT_RUN_LABEL_FIELD_NUMBER: _builtins.int
+    APPROVAL_URL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """apr_..."""
+    key_id: _builtins.str
+    vendor: _builtins.str
+    method: _builtins.str
+    path: _builtins.str
+    """The path as the vendor sees it, with its query."""
+    fingerprint: _builtins.str
+    """SHA-256 of the request's canonical form, hex."""
+    quote_micros: _builtins.int
+    """The reservation the proxy quoted; a retry may reserve at most this."""
+    state: _builtins.str
+    """"pending", "approved", "denied", "expired" or "used"."""
+    decided_by: _builtins.str
+    """The admin token (its id and name) that decided, and why."""
+    reason: _builtins.str
+    node_id: _builtins.str
+    """The proxy that asked."""
+    agent_run_label: _builtins.str
+    approval_url: _builtins.str
+    """The dashboard's page for it."""
+    @_builtins.property
+    def requested_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def consumed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        vendor: _builtins.str = ...,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        quote_micros: _builtins.int = ...,
+        requested_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        state: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        consumed_at: _timestamp_pb2.Timestamp | None = ...,
+        node_id: _builtins.str = ...,
+        agent_run_label: _builtins.str = ...,
+        approval_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consumed_at", b"consumed_at", "decided_at", b"decided_at", "expires_at", b"expires_at", "requested_at", b"requested_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "approval_url", b"approval_url", "consumed_at", b"consumed_at", "decided_at", b"decided_at", "decided_by", b"decided_by", "expires_at", b"expires_at", "fingerprint", b"fingerprint", "id", b"id", "key_id", b"key_id", "method", b"method", "node_id", b"node_id", "path", b"path", "quote_micros", b"quote_micros", "reason", b"reason", "requested_at", b"requested_at", "state", b"state", "vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
+
+@_typing.final
+class ListApprovalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """"pending", "approved", "denied", "expired", "used"; empty for all."""
+    key_id: _builtins.str
+    limit: _builtins.int
+    """0: 100; at most 1000."""
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "limit", b"limit", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalsRequest: _TypeAlias = ListApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class ListApprovalsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]: ...
+    def __init__(
+        self,
+        *,
+        approvals: _abc.Iterable[Global___Approval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalsResponse: _TypeAlias = ListApprovalsResponse  # noqa: Y015
+
+@_typing.final
+class GetApprovalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalRequest: _TypeAlias = GetApprovalRequest  # noqa: Y015
+
+@_typing.final
+class GetApprovalResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval(self) -> Global___Approval: ...
+    def __init__(
+        self,
+        *,
+        approval: Global___Approval | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalResponse: _TypeAlias = GetApprovalResponse  # noqa: Y015
+
+@_typing.final
+class DecideApprovalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    reason: _builtins.str
+    """1-500 characters; required."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideApprovalRequest: _TypeAlias = DecideApprovalRequest  # noqa: Y015
+
+@_typing.final
+class DecideApprovalResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval(self) -> Global___Approval: ...
+    def __init__(
+        self,
+        *,
+        approval: Global___Approval | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideApprovalResponse: _TypeAlias = DecideApprovalResponse  # noqa: Y015

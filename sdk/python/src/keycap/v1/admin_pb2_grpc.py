@@ -1400,3 +1400,208 @@ class WebhookService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ApprovalServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListApprovals = channel.unary_unary(
+                '/keycap.v1.ApprovalService/ListApprovals',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
+        self.GetApproval = channel.unary_unary(
+                '/keycap.v1.ApprovalService/GetApproval',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.GetApprovalRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.GetApprovalResponse.FromString,
+                _registered_method=True)
+        self.ApproveApproval = channel.unary_unary(
+                '/keycap.v1.ApprovalService/ApproveApproval',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalResponse.FromString,
+                _registered_method=True)
+        self.DenyApproval = channel.unary_unary(
+                '/keycap.v1.ApprovalService/DenyApproval',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalResponse.FromString,
+                _registered_method=True)
+
+
+class ApprovalServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def ListApprovals(self, request, context):
+        """Needs approvals:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApproval(self, request, context):
+        """Needs approvals:read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveApproval(self, request, context):
+        """Needs approvals:decide. Only a pending, unexpired approval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenyApproval(self, request, context):
+        """Needs approvals:decide. Only a pending, unexpired approval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ApprovalServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'GetApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApproval,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.GetApprovalRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.GetApprovalResponse.SerializeToString,
+            ),
+            'ApproveApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveApproval,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalResponse.SerializeToString,
+            ),
+            'DenyApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenyApproval,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.DecideApprovalResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keycap.v1.ApprovalService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keycap.v1.ApprovalService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ApprovalService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.ApprovalService/ListApprovals',
+            keycap_dot_v1_dot_admin__pb2.ListApprovalsRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.ApprovalService/GetApproval',
+            keycap_dot_v1_dot_admin__pb2.GetApprovalRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.GetApprovalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.ApprovalService/ApproveApproval',
+            keycap_dot_v1_dot_admin__pb2.DecideApprovalRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.DecideApprovalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenyApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.ApprovalService/DenyApproval',
+            keycap_dot_v1_dot_admin__pb2.DecideApprovalRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.DecideApprovalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

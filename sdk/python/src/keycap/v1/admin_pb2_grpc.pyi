@@ -449,3 +449,64 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         """Needs webhooks:read. Newest first, with every attempt."""
 
 def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ApprovalServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ApprovalServiceAsyncStub: ...
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApprovalsRequest, _admin_pb2.ListApprovalsResponse]
+    """Needs approvals:read."""
+    GetApproval: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetApprovalRequest, _admin_pb2.GetApprovalResponse]
+    """Needs approvals:read."""
+    ApproveApproval: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DecideApprovalRequest, _admin_pb2.DecideApprovalResponse]
+    """Needs approvals:decide. Only a pending, unexpired approval."""
+    DenyApproval: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DecideApprovalRequest, _admin_pb2.DecideApprovalResponse]
+    """Needs approvals:decide. Only a pending, unexpired approval."""
+
+@_typing.type_check_only
+class ApprovalServiceAsyncStub(ApprovalServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApprovalsRequest, _admin_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    """Needs approvals:read."""
+    GetApproval: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetApprovalRequest, _admin_pb2.GetApprovalResponse]  # type: ignore[assignment]
+    """Needs approvals:read."""
+    ApproveApproval: _aio.UnaryUnaryMultiCallable[_admin_pb2.DecideApprovalRequest, _admin_pb2.DecideApprovalResponse]  # type: ignore[assignment]
+    """Needs approvals:decide. Only a pending, unexpired approval."""
+    DenyApproval: _aio.UnaryUnaryMultiCallable[_admin_pb2.DecideApprovalRequest, _admin_pb2.DecideApprovalResponse]  # type: ignore[assignment]
+    """Needs approvals:decide. Only a pending, unexpired approval."""
+
+class ApprovalServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def ListApprovals(
+        self,
+        request: _admin_pb2.ListApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListApprovalsResponse, _abc.Awaitable[_admin_pb2.ListApprovalsResponse]]:
+        """Needs approvals:read."""
+
+    @_abc_1.abstractmethod
+    def GetApproval(
+        self,
+        request: _admin_pb2.GetApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetApprovalResponse, _abc.Awaitable[_admin_pb2.GetApprovalResponse]]:
+        """Needs approvals:read."""
+
+    @_abc_1.abstractmethod
+    def ApproveApproval(
+        self,
+        request: _admin_pb2.DecideApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DecideApprovalResponse, _abc.Awaitable[_admin_pb2.DecideApprovalResponse]]:
+        """Needs approvals:decide. Only a pending, unexpired approval."""
+
+    @_abc_1.abstractmethod
+    def DenyApproval(
+        self,
+        request: _admin_pb2.DecideApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DecideApprovalResponse, _abc.Awaitable[_admin_pb2.DecideApprovalResponse]]:
+        """Needs approvals:decide. Only a pending, unexpired approval."""
+
+def add_ApprovalServiceServicer_to_server(servicer: ApprovalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
