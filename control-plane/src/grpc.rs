@@ -26,7 +26,9 @@ use crate::service::{
 use crate::tls::{self, FleetIdentity, PeerCertificate};
 
 mod simulate;
+mod suggest;
 pub(crate) use simulate::answer_to_pb as simulate_answer_to_pb;
+pub(crate) use suggest::suggestion_to_pb;
 mod webhooks;
 
 /// Implements every keycap gRPC service over one `Control`.

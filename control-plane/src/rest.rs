@@ -39,8 +39,10 @@ use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
 mod simulate;
+mod suggest;
 mod webhooks;
 pub use simulate::SimulateAnswer;
+pub use suggest::SuggestAnswer;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;
@@ -242,7 +244,7 @@ impl utoipa::Modify for AdminTokenAuth {
         create_admin_token, list_admin_tokens, revoke_admin_token,
         spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
         webhooks::create, webhooks::list, webhooks::read, webhooks::remove, webhooks::test,
-        webhooks::deliveries, simulate::simulate,
+        webhooks::deliveries, simulate::simulate, suggest::suggest,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -319,6 +321,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/export", get(export_audit))
         .merge(webhooks::routes())
         .merge(simulate::routes())
+        .merge(suggest::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

@@ -288,10 +288,12 @@ pub enum Operation {
     /// A dry run of a key's call: its price and what the proxy would
     /// decide, reserving nothing (a read of the key and its budget).
     Simulate,
+    /// An enforcing policy suggested from a key's audit entries.
+    SuggestPolicy,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 28] = [
+    pub const ALL: [Operation; 29] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -320,6 +322,7 @@ impl Operation {
         Operation::TestWebhook,
         Operation::ListWebhookDeliveries,
         Operation::Simulate,
+        Operation::SuggestPolicy,
     ];
 }
 
@@ -340,6 +343,7 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::ListIssuerTokens => &[S::KeysRead],
         O::RevokeIssuerToken => &[S::KeysRevoke],
         O::GetKey | O::ListKeys | O::Simulate => &[S::KeysRead],
+        O::SuggestPolicy => &[S::KeysRead, S::AuditRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
         O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],

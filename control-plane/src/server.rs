@@ -142,6 +142,9 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
     .add_service(pb::simulate_service_server::SimulateServiceServer::new(
         api.clone(),
     ))
+    .add_service(pb::suggest_service_server::SuggestServiceServer::new(
+        api.clone(),
+    ))
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
     .add_service(reflection)
     .prepare()

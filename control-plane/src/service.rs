@@ -37,6 +37,7 @@ use crate::store::{Store, VendorWrite};
 mod alerts;
 pub use alerts::SPOOL_BACKLOG;
 pub mod simulate;
+pub mod suggest;
 
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.

@@ -15,7 +15,8 @@ use std::path::Path;
 use keycap_proto::pb::{
     admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
     key_service_client::KeyServiceClient, simulate_service_client::SimulateServiceClient,
-    vendor_service_client::VendorServiceClient, webhook_service_client::WebhookServiceClient,
+    suggest_service_client::SuggestServiceClient, vendor_service_client::VendorServiceClient,
+    webhook_service_client::WebhookServiceClient,
 };
 use keycap_proto::tls::{self, Trust};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -71,6 +72,8 @@ pub struct AdminClient {
     pub webhooks: WebhookServiceClient<Svc>,
     /// Dry runs of a key's calls (`Simulate`).
     pub simulate: SimulateServiceClient<Svc>,
+    /// Policies suggested from a key's observed calls (`SuggestPolicy`).
+    pub suggest: SuggestServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -114,7 +117,8 @@ impl AdminClient {
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
             admin_tokens: AdminTokenServiceClient::with_interceptor(channel.clone(), auth.clone()),
             webhooks: WebhookServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            simulate: SimulateServiceClient::with_interceptor(channel, auth),
+            simulate: SimulateServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            suggest: SuggestServiceClient::with_interceptor(channel, auth),
         })
     }
 }

@@ -2428,3 +2428,338 @@ class ListWebhookDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class SimulatedHeader(_message.Message):
+    """--- dry runs (docs/simulate.md) --------------------------------------------
+
+    One header of a simulated call; a name may repeat, as on the wire.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedHeader: _TypeAlias = SimulatedHeader  # noqa: Y015
+
+@_typing.final
+class SimulatedCall(_message.Message):
+    """A vendor call as the agent would send it through the proxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    path: _builtins.str
+    """The path as the vendor sees it ("/v1/payment_intents"), with its query
+    string if any; without the proxy's "/{vendor}" prefix.
+    """
+    body: _builtins.bytes
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimulatedHeader]: ...
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        headers: _abc.Iterable[Global___SimulatedHeader] | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "method", b"method", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedCall: _TypeAlias = SimulatedCall  # noqa: Y015
+
+@_typing.final
+class SimulateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    @_builtins.property
+    def request(self) -> Global___SimulatedCall: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        request: Global___SimulatedCall | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateRequest: _TypeAlias = SimulateRequest  # noqa: Y015
+
+@_typing.final
+class SimulatedQuote(_message.Message):
+    """How the call was priced: the quote the proxy's pricing code makes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVE_MICROS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    DETAIL_JSON_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
+    reserve_micros: _builtins.int
+    """What the proxy would reserve before forwarding."""
+    kind: _builtins.str
+    """The quote kind ("stripe", "openai_chat", "free", ...)."""
+    rule: _builtins.str
+    """The reservation rule the call is priced by ("POST /v1/charges")."""
+    detail_json: _builtins.str
+    """The priced quantities, as the audit entry would record them (JSON)."""
+    streaming: _builtins.bool
+    """The client asked for a streamed response (settled from the stream)."""
+    def __init__(
+        self,
+        *,
+        reserve_micros: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        detail_json: _builtins.str = ...,
+        streaming: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail_json", b"detail_json", "kind", b"kind", "reserve_micros", b"reserve_micros", "rule", b"rule", "streaming", b"streaming"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedQuote: _TypeAlias = SimulatedQuote  # noqa: Y015
+
+@_typing.final
+class SimulatedBudget(_message.Message):
+    """What the key and its ancestors have left, from the control plane's budget
+    state: caps minus settled spend over each level's subtree.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAILY_REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    LIFETIME_REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    HAS_LIFETIME_CAP_FIELD_NUMBER: _builtins.int
+    UNLEASED_MICROS_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    daily_remaining_micros: _builtins.int
+    lifetime_remaining_micros: _builtins.int
+    """0 with has_lifetime_cap false: no lifetime cap anywhere in the tree."""
+    has_lifetime_cap: _builtins.bool
+    unleased_micros: _builtins.int
+    """Of the daily remainder, what no proxy holds in a lease."""
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp:
+        """When the daily budget resets (next UTC midnight)."""
+
+    def __init__(
+        self,
+        *,
+        daily_remaining_micros: _builtins.int = ...,
+        lifetime_remaining_micros: _builtins.int = ...,
+        has_lifetime_cap: _builtins.bool = ...,
+        unleased_micros: _builtins.int = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily_remaining_micros", b"daily_remaining_micros", "has_lifetime_cap", b"has_lifetime_cap", "lifetime_remaining_micros", b"lifetime_remaining_micros", "resets_at", b"resets_at", "unleased_micros", b"unleased_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedBudget: _TypeAlias = SimulatedBudget  # noqa: Y015
+
+@_typing.final
+class SimulateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    REFUSAL_CODE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    NOT_CHECKED_FIELD_NUMBER: _builtins.int
+    LOOKUPS_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    refusal_code: _builtins.str
+    """When not allowed: the refusal code the proxy would answer
+    ("endpoint_not_allowed", "daily_cap_exceeded", ...) or, for a call
+    that cannot be quoted without reading the vendor, "quote_needs_lookup".
+    """
+    rule: _builtins.str
+    """The rule that decided it ("allowed_endpoints", "per_call_cap",
+    "daily_cap", "lifetime_cap", "key_status", "pricing", "body_headers",
+    "price_lookup").
+    """
+    message: _builtins.str
+    @_builtins.property
+    def quote(self) -> Global___SimulatedQuote:
+        """Set when the call could be priced."""
+
+    @_builtins.property
+    def budget(self) -> Global___SimulatedBudget: ...
+    @_builtins.property
+    def not_checked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Checks a dry run cannot make (they depend on the caller or the proxy):
+        "network", "zone", "rate_limit", "idempotency".
+        """
+
+    @_builtins.property
+    def lookups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For "quote_needs_lookup": the vendor objects the proxy reads first."""
+
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        refusal_code: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        message: _builtins.str = ...,
+        quote: Global___SimulatedQuote | None = ...,
+        budget: Global___SimulatedBudget | None = ...,
+        not_checked: _abc.Iterable[_builtins.str] | None = ...,
+        lookups: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "quote", b"quote"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "budget", b"budget", "lookups", b"lookups", "message", b"message", "not_checked", b"not_checked", "quote", b"quote", "refusal_code", b"refusal_code", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateResponse: _TypeAlias = SimulateResponse  # noqa: Y015
+
+@_typing.final
+class SuggestPolicyRequest(_message.Message):
+    """--- policy suggestions (docs/observe.md) -------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    MARGIN_PERCENT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    margin_percent: _builtins.int
+    """Percent added to the observed maxima; unset: 25. At most 1000."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        margin_percent: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_margin_percent", b"_margin_percent", "margin_percent", b"margin_percent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_margin_percent", b"_margin_percent", "key_id", b"key_id", "margin_percent", b"margin_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__margin_percent: _TypeAlias = _typing.Literal["margin_percent"]  # noqa: Y015
+    _WhichOneofArgType__margin_percent: _TypeAlias = _typing.Literal["_margin_percent", b"_margin_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__margin_percent) -> _WhichOneofReturnType__margin_percent | None: ...
+
+Global___SuggestPolicyRequest: _TypeAlias = SuggestPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ObservedUsage(_message.Message):
+    """What a suggestion was drawn from: the key's forwarded calls in the audit
+    ledger.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    MAX_DAILY_MICROS_FIELD_NUMBER: _builtins.int
+    MAX_CALL_MICROS_FIELD_NUMBER: _builtins.int
+    FIRST_AT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    calls: _builtins.int
+    days: _builtins.int
+    max_daily_micros: _builtins.int
+    """The largest settled spend of one UTC day."""
+    max_call_micros: _builtins.int
+    """The largest single reservation."""
+    truncated: _builtins.bool
+    """Only the most recent 10000 entries were read."""
+    @_builtins.property
+    def first_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        calls: _builtins.int = ...,
+        days: _builtins.int = ...,
+        max_daily_micros: _builtins.int = ...,
+        max_call_micros: _builtins.int = ...,
+        first_at: _timestamp_pb2.Timestamp | None = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_at", b"first_at", "last_at", b"last_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "days", b"days", "first_at", b"first_at", "last_at", b"last_at", "max_call_micros", b"max_call_micros", "max_daily_micros", b"max_daily_micros", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObservedUsage: _TypeAlias = ObservedUsage  # noqa: Y015
+
+@_typing.final
+class SuggestPolicyResponse(_message.Message):
+    """An enforcing policy, shaped like CreateKeyRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    ALLOWED_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    PER_CALL_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    MARGIN_PERCENT_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    daily_cap_micros: _builtins.int
+    per_call_cap_micros: _builtins.int
+    margin_percent: _builtins.int
+    @_builtins.property
+    def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """METHOD /path templates of the calls seen, ids collapsed to "*"."""
+
+    @_builtins.property
+    def observed(self) -> Global___ObservedUsage: ...
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        allowed_endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        daily_cap_micros: _builtins.int = ...,
+        per_call_cap_micros: _builtins.int = ...,
+        margin_percent: _builtins.int = ...,
+        observed: Global___ObservedUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observed", b"observed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_endpoints", b"allowed_endpoints", "daily_cap_micros", b"daily_cap_micros", "margin_percent", b"margin_percent", "observed", b"observed", "per_call_cap_micros", b"per_call_cap_micros", "vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuggestPolicyResponse: _TypeAlias = SuggestPolicyResponse  # noqa: Y015

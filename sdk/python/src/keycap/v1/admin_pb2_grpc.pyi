@@ -449,3 +449,65 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         """Needs webhooks:read. Newest first, with every attempt."""
 
 def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SimulateServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SimulateServiceAsyncStub: ...
+    Simulate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SimulateRequest, _admin_pb2.SimulateResponse]
+    """Needs keys:read; rate-limited per admin token. Forwards nothing and
+    reserves nothing; never shows a credential.
+    """
+
+@_typing.type_check_only
+class SimulateServiceAsyncStub(SimulateServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Simulate: _aio.UnaryUnaryMultiCallable[_admin_pb2.SimulateRequest, _admin_pb2.SimulateResponse]  # type: ignore[assignment]
+    """Needs keys:read; rate-limited per admin token. Forwards nothing and
+    reserves nothing; never shows a credential.
+    """
+
+class SimulateServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Simulate(
+        self,
+        request: _admin_pb2.SimulateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SimulateResponse, _abc.Awaitable[_admin_pb2.SimulateResponse]]:
+        """Needs keys:read; rate-limited per admin token. Forwards nothing and
+        reserves nothing; never shows a credential.
+        """
+
+def add_SimulateServiceServicer_to_server(servicer: SimulateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SuggestServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SuggestServiceAsyncStub: ...
+    SuggestPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SuggestPolicyRequest, _admin_pb2.SuggestPolicyResponse]
+    """Needs keys:read and audit:read. Reads the key's audit entries; changes
+    nothing.
+    """
+
+@_typing.type_check_only
+class SuggestServiceAsyncStub(SuggestServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SuggestPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SuggestPolicyRequest, _admin_pb2.SuggestPolicyResponse]  # type: ignore[assignment]
+    """Needs keys:read and audit:read. Reads the key's audit entries; changes
+    nothing.
+    """
+
+class SuggestServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def SuggestPolicy(
+        self,
+        request: _admin_pb2.SuggestPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SuggestPolicyResponse, _abc.Awaitable[_admin_pb2.SuggestPolicyResponse]]:
+        """Needs keys:read and audit:read. Reads the key's audit entries; changes
+        nothing.
+        """
+
+def add_SuggestServiceServicer_to_server(servicer: SuggestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
