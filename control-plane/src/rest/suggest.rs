@@ -70,7 +70,7 @@ pub struct SuggestAnswer {
 impl SuggestAnswer {
     /// From the gRPC answer, so REST and the CLI print one shape.
     pub fn from_pb(key_id: &str, r: &pb::SuggestPolicyResponse) -> Self {
-        let o = r.observed.clone().unwrap_or_default();
+        let o = r.observed.unwrap_or_default();
         let time = |t: &Option<prost_types::Timestamp>| {
             t.as_ref()
                 .and_then(keycap_proto::time::from_proto)

@@ -112,10 +112,22 @@ fn with_margin(m: Micros, percent: u32) -> Micros {
     Micros(i64::try_from(cents * i128::from(CENT)).unwrap_or(i64::MAX))
 }
 
+/// One forwarded call of the key, as its audit entry recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedCall {
+    pub method: String,
+    pub path: String,
+    /// The UTC day of its budget window.
+    pub day: String,
+    pub reserved: Micros,
+    pub cost: Micros,
+    pub at: DateTime<Utc>,
+}
+
 /// The suggestion from the key's forwarded calls (any order).
 pub fn suggest(
     key: &VaultKey,
-    calls: &[(String, String, String, Micros, Micros, DateTime<Utc>)],
+    calls: &[ObservedCall],
     margin_percent: u32,
     truncated: bool,
 ) -> Suggestion {
@@ -123,12 +135,12 @@ pub fn suggest(
     let mut per_day: BTreeMap<&str, i64> = BTreeMap::new();
     let mut max_call = Micros::ZERO;
     let (mut first_at, mut last_at) = (None::<DateTime<Utc>>, None::<DateTime<Utc>>);
-    for (method, path, day, reserved, cost, at) in calls {
-        endpoints.insert(template(method, path));
-        *per_day.entry(day.as_str()).or_default() += cost.0;
-        max_call = max_call.max(*reserved).max(*cost);
-        first_at = Some(first_at.map_or(*at, |f| f.min(*at)));
-        last_at = Some(last_at.map_or(*at, |l| l.max(*at)));
+    for c in calls {
+        endpoints.insert(template(&c.method, &c.path));
+        *per_day.entry(c.day.as_str()).or_default() += c.cost.0;
+        max_call = max_call.max(c.reserved).max(c.cost);
+        first_at = Some(first_at.map_or(c.at, |f| f.min(c.at)));
+        last_at = Some(last_at.map_or(c.at, |l| l.max(c.at)));
     }
     let max_daily = Micros(per_day.values().copied().max().unwrap_or(0));
     let per_call_cap = with_margin(max_call, margin_percent);
@@ -191,7 +203,14 @@ impl Control {
                     continue;
                 }
                 let ev = e.event;
-                calls.push((ev.method, ev.path, ev.day, ev.reserved, ev.cost, ev.at));
+                calls.push(ObservedCall {
+                    method: ev.method,
+                    path: ev.path,
+                    day: ev.day,
+                    reserved: ev.reserved,
+                    cost: ev.cost,
+                    at: ev.at,
+                });
             }
             if calls.len() >= MAX_OBSERVED_ENTRIES {
                 truncated = full;
