@@ -335,6 +335,10 @@ enum KeyCmd {
     /// Issuer tokens: each may only mint child keys of one key.
     #[command(subcommand)]
     IssuerToken(IssuerTokenCmd),
+    /// Suggest an enforcing policy (a create-key body under `suggested`)
+    /// from the key's forwarded calls: endpoint templates, daily and
+    /// per-call caps from the observed maxima plus a margin.
+    Suggest(simulate::SuggestArgs),
 }
 
 #[derive(Subcommand)]
@@ -1035,6 +1039,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                 .into_inner();
             print(json!({"keys": r.keys.iter().map(key_json).collect::<Vec<_>>()}));
         }
+        Command::Key(KeyCmd::Suggest(args)) => simulate::suggest(c, args).await?,
         Command::Key(KeyCmd::Get { id }) => {
             let r = c.keys.get_key(pb::GetKeyRequest { id }).await?.into_inner();
             print(r.key.as_ref().map(key_json).unwrap_or(Value::Null));

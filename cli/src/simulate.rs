@@ -1,7 +1,8 @@
 //! `keycap simulate`: a dry run of one vendor call of a key, over gRPC's
 //! `SimulateService` — what the proxy would do, the price quote, what the
 //! key has left — printed in the REST answer's shape. Nothing is forwarded
-//! or reserved.
+//! or reserved. And `keycap key suggest`, over `SuggestService`: a policy
+//! drawn from what a key was seen doing.
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -68,5 +69,30 @@ pub async fn run(c: &mut AdminClient, args: SimulateArgs) -> anyhow::Result<()> 
         .await?
         .into_inner();
     crate::print(crate::to_json(SimulateAnswer::from(&r)));
+    Ok(())
+}
+
+/// `keycap key suggest`: an enforcing policy from a key's observed calls.
+#[derive(Args)]
+pub struct SuggestArgs {
+    /// The key whose calls the policy is drawn from (key_...).
+    id: String,
+    /// Percent added to the observed maxima (default 25).
+    #[arg(long = "margin")]
+    margin_percent: Option<u32>,
+}
+
+pub async fn suggest(c: &mut AdminClient, args: SuggestArgs) -> anyhow::Result<()> {
+    let r = c
+        .suggest
+        .suggest_policy(pb::SuggestPolicyRequest {
+            key_id: args.id.clone(),
+            margin_percent: args.margin_percent,
+        })
+        .await?
+        .into_inner();
+    crate::print(crate::to_json(
+        keycap_control::rest::SuggestAnswer::from_pb(&args.id, &r),
+    ));
     Ok(())
 }

@@ -27,8 +27,10 @@ use crate::tls::{self, FleetIdentity, PeerCertificate};
 
 mod approvals;
 mod simulate;
+mod suggest;
 pub(crate) use simulate::answer_to_pb as simulate_answer_to_pb;
 mod hooks;
+pub(crate) use suggest::suggestion_to_pb;
 mod webhooks;
 
 /// Implements every keycap gRPC service over one `Control`.

@@ -117,13 +117,14 @@ pub struct ControlMetrics {
 pub static METRICS: LazyLock<ControlMetrics> = LazyLock::new(ControlMetrics::new);
 
 /// The services whose calls are counted by name.
-const SERVICES: [&str; 7] = [
+const SERVICES: [&str; 8] = [
     "keycap.v1.VendorService",
     "keycap.v1.KeyService",
     "keycap.v1.AuditService",
     "keycap.v1.AdminTokenService",
     "keycap.v1.WebhookService",
     "keycap.v1.SimulateService",
+    "keycap.v1.SuggestService",
     "keycap.v1.FleetService",
 ];
 

@@ -41,8 +41,10 @@ use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, New
 pub mod approvals;
 mod hooks;
 mod simulate;
+mod suggest;
 pub mod webhooks;
 pub use simulate::SimulateAnswer;
+pub use suggest::SuggestAnswer;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;
@@ -248,6 +250,7 @@ impl utoipa::Modify for AdminTokenAuth {
         hooks::create, hooks::list, hooks::read, hooks::remove, hooks::add_secret,
         hooks::remove_secret,
         approvals::list, approvals::read, approvals::approve, approvals::deny,
+        suggest::suggest,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -328,6 +331,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .merge(simulate::routes())
         .merge(hooks::routes())
         .merge(approvals::routes())
+        .merge(suggest::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

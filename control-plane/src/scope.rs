@@ -304,10 +304,12 @@ pub enum Operation {
     DeleteHook,
     /// Add or remove an inbound hook's vendor signing secret.
     RollHookSecret,
+    /// An enforcing policy suggested from a key's audit entries.
+    SuggestPolicy,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 35] = [
+    pub const ALL: [Operation; 36] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -343,6 +345,7 @@ impl Operation {
         Operation::ListHooks,
         Operation::DeleteHook,
         Operation::RollHookSecret,
+        Operation::SuggestPolicy,
     ];
 }
 
@@ -363,6 +366,7 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::ListIssuerTokens => &[S::KeysRead],
         O::RevokeIssuerToken => &[S::KeysRevoke],
         O::GetKey | O::ListKeys | O::Simulate => &[S::KeysRead],
+        O::SuggestPolicy => &[S::KeysRead, S::AuditRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
         O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],

@@ -158,6 +158,9 @@ pub fn router(control: Arc<Control>, fleet: FleetIdentity) -> axum::Router {
     .add_service(pb::fleet_hook_service_server::FleetHookServiceServer::new(
         api.clone(),
     ))
+    .add_service(pb::suggest_service_server::SuggestServiceServer::new(
+        api.clone(),
+    ))
     .add_service(pb::fleet_service_server::FleetServiceServer::new(api))
     .add_service(reflection)
     .prepare()

@@ -41,6 +41,7 @@ mod hooks;
 pub use alerts::SPOOL_BACKLOG;
 pub use approvals::{ApprovalSettings, HeldCall};
 pub mod simulate;
+pub mod suggest;
 
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.

@@ -158,7 +158,7 @@ pub struct SimulateAnswer {
 
 impl From<&pb::SimulateResponse> for SimulateAnswer {
     fn from(r: &pb::SimulateResponse) -> Self {
-        let budget = r.budget.clone().unwrap_or_default();
+        let budget = r.budget.unwrap_or_default();
         SimulateAnswer {
             allowed: r.allowed,
             refusal: (!r.refusal_code.is_empty()).then(|| SimulatedRefusal {

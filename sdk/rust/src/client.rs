@@ -574,6 +574,22 @@ impl Client {
         let r = self.raw.simulate.simulate(req).await;
         Ok(r.map_err(self.fail())?.into_inner())
     }
+
+    /// An enforcing policy for key `key_id` drawn from its forwarded calls
+    /// in the audit ledger (endpoint templates, caps from the observed
+    /// maxima plus `margin_percent`, 25 when `None`).
+    pub async fn suggest_policy(
+        &mut self,
+        key_id: &str,
+        margin_percent: Option<u32>,
+    ) -> Result<pb::SuggestPolicyResponse> {
+        let req = pb::SuggestPolicyRequest {
+            key_id: key_id.to_string(),
+            margin_percent,
+        };
+        let r = self.raw.suggest.suggest_policy(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
 }
 
 #[cfg(test)]

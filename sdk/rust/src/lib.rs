@@ -16,7 +16,8 @@ use keycap_proto::pb::{
     admin_token_service_client::AdminTokenServiceClient,
     approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
     key_service_client::KeyServiceClient, simulate_service_client::SimulateServiceClient,
-    vendor_service_client::VendorServiceClient, webhook_service_client::WebhookServiceClient,
+    suggest_service_client::SuggestServiceClient, vendor_service_client::VendorServiceClient,
+    webhook_service_client::WebhookServiceClient,
 };
 use keycap_proto::tls::{self, Trust};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -73,6 +74,8 @@ pub struct AdminClient {
     /// Dry runs of a key's calls (`Simulate`).
     pub simulate: SimulateServiceClient<Svc>,
     pub approvals: ApprovalServiceClient<Svc>,
+    /// Policies suggested from a key's observed calls (`SuggestPolicy`).
+    pub suggest: SuggestServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -117,7 +120,8 @@ impl AdminClient {
             admin_tokens: AdminTokenServiceClient::with_interceptor(channel.clone(), auth.clone()),
             webhooks: WebhookServiceClient::with_interceptor(channel.clone(), auth.clone()),
             simulate: SimulateServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            approvals: ApprovalServiceClient::with_interceptor(channel, auth),
+            approvals: ApprovalServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            suggest: SuggestServiceClient::with_interceptor(channel, auth),
         })
     }
 }

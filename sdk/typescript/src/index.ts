@@ -394,6 +394,18 @@ export interface Simulation {
   lookups: string[];
 }
 
+/** An enforcing policy suggested from a key's observed calls (a `CreateKey` without expiry). */
+export interface PolicySuggestion {
+  vendor: string;
+  allowedEndpoints: string[];
+  dailyUsdCap: string;
+  perCallUsdCap: string;
+  marginPercent: number;
+  observedCalls: number;
+  maxDailyUsd: string;
+  maxCallUsd: string;
+}
+
 /** A master key rotation: not done while `failedVendors` is not empty. */
 export interface KekRotation {
   kekId: string;
@@ -508,7 +520,7 @@ export class Client {
     };
     this.vendors = new Vendors(createClient(pb.VendorService, transport), this.#call);
     this.keys = new Keys(createClient(pb.KeyService, transport), this.#call,
-      createClient(pb.SimulateService, transport));
+      createClient(pb.SimulateService, transport), createClient(pb.SuggestService, transport));
     this.#audit = createClient(pb.AuditService, transport);
     this.audit = new Audit(this.#audit, this.#call);
     this.adminTokens = new AdminTokens(createClient(pb.AdminTokenService, transport), this.#call);
@@ -706,7 +718,30 @@ export class AdminTokens {
 
 export class Keys {
   constructor(readonly rpc: RpcClient<typeof pb.KeyService>, private readonly call: Call,
-    private readonly dryRuns: RpcClient<typeof pb.SimulateService>) {}
+    private readonly dryRuns: RpcClient<typeof pb.SimulateService>,
+    private readonly suggestions: RpcClient<typeof pb.SuggestService>) {}
+
+  /**
+   * An enforcing policy drawn from the key's forwarded calls: endpoint
+   * templates, daily and per-call caps from the observed maxima plus
+   * `marginPercent` (default 25). Spread it into `create` with `expiresIn`.
+   */
+  async suggest(keyId: string, options: { marginPercent?: number } = {}): Promise<PolicySuggestion> {
+    const r = await this.call(() => this.suggestions.suggestPolicy({
+      keyId, ...(options.marginPercent === undefined ? {} : { marginPercent: options.marginPercent }),
+    }));
+    const o = r.observed;
+    return {
+      vendor: r.vendor,
+      allowedEndpoints: r.allowedEndpoints,
+      dailyUsdCap: usd(r.dailyCapMicros),
+      perCallUsdCap: usd(r.perCallCapMicros),
+      marginPercent: r.marginPercent,
+      observedCalls: Number(o?.calls ?? 0n),
+      maxDailyUsd: usd(o?.maxDailyMicros ?? 0n),
+      maxCallUsd: usd(o?.maxCallMicros ?? 0n),
+    };
+  }
 
   /**
    * A dry run: what the proxy would do with this call of the key (`path` as

@@ -364,6 +364,19 @@ async fn every_admin_route_needs_the_scope_the_table_names() {
             None,
             &["keys:revoke"],
         ),
+        (
+            "POST",
+            "/vault/simulate".into(),
+            Some(json!({"key_id": live_key_id,
+                "request": {"method": "POST", "path": "/v1/payment_intents"}})),
+            &["keys:read"],
+        ),
+        (
+            "GET",
+            "/vault/keys/key_nobody/suggest".into(),
+            None,
+            &["keys:read", "audit:read"],
+        ),
     ];
     // A known token with an unrelated scope: 403 naming the first scope.
     let unrelated = token_with(&url, &admin, &["fleet:read"]).await;

@@ -450,3 +450,110 @@ async fn dry_runs_need_keys_read_and_are_rate_limited_per_token() {
     assert_eq!(dry["refusal"]["code"], "key_revoked", "{dry}");
     assert!(!dry.to_string().contains(STRIPE_CREDENTIAL));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_is_suggested_from_a_keys_calls_and_mints_a_key_that_admits_them() {
+    let stack = Stack::start().await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&json!({
+            "vendor": "stripe",
+            "daily_usd_cap": 100,
+            "allowed_endpoints": ["POST /v1/*", "GET /v1/*"],
+            "expires_in": "1h",
+            "agent_run_label": "suggest/observed",
+        }))
+        .await;
+    let path = format!("/vault/keys/{}/suggest", key.id);
+    stack.admin.get(&path).await.expect_error(409, "conflict");
+
+    let agent = stack.agent(&key.secret);
+    for amount in [300, 500] {
+        agent
+            .post_form(
+                "/stripe/v1/payment_intents",
+                &format!("amount={amount}&currency=usd&confirm=true"),
+            )
+            .await
+            .expect(200);
+    }
+    agent
+        .get("/stripe/v1/customers/cus_NffrFeUfNV2Hib")
+        .await
+        .expect(200);
+    stack.wait_key_spend(&key.id, 8_000_000, 3).await;
+    let entries = stack.wait_audit(&format!("key_id={}", key.id), 3).await;
+    assert_eq!(entries.len(), 3);
+
+    let s = stack.admin.get(&path).await.expect(200);
+    let suggested = &s["suggested"];
+    assert_eq!(
+        suggested["allowed_endpoints"],
+        json!(["GET /v1/customers/*", "POST /v1/payment_intents"]),
+        "{s}"
+    );
+    assert_eq!(s["margin_percent"], 25, "{s}");
+    assert_eq!(
+        usd_micros(&suggested["per_call_usd_cap"].to_string()),
+        6_250_000,
+        "{s}"
+    );
+    assert_eq!(
+        usd_micros(&suggested["daily_usd_cap"].to_string()),
+        10_000_000,
+        "{s}"
+    );
+    assert_eq!(s["observed"]["calls"], 3, "{s}");
+    assert_eq!(
+        usd_micros(&s["observed"]["max_daily_usd"].to_string()),
+        8_000_000,
+        "{s}"
+    );
+
+    // Another margin, through the CLI: the same shape.
+    let cli = keycap_cli(
+        &stack.control.url(),
+        &stack.control.opts.admin_token,
+        &[
+            "--format", "json", "key", "suggest", &key.id, "--margin", "0",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(
+        usd_micros(&cli["suggested"]["per_call_usd_cap"].to_string()),
+        5_000_000,
+        "{cli}"
+    );
+    assert_eq!(
+        cli["suggested"]["allowed_endpoints"],
+        suggested["allowed_endpoints"]
+    );
+
+    // The suggestion is a create-key body: the key it mints admits the calls
+    // observed and refuses what was never seen.
+    let mut body = suggested.clone();
+    body["expires_in"] = json!("1h");
+    body["agent_run_label"] = json!("suggest/enforced");
+    let enforced = stack.mint(&body).await;
+    let agent = stack.agent(&enforced.secret);
+    agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=500&currency=usd&confirm=true",
+        )
+        .await
+        .expect(200);
+    agent
+        .post_form("/stripe/v1/refunds", "payment_intent=pi_1")
+        .await
+        .expect_error(403, "endpoint_not_allowed");
+    agent
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=700&currency=usd&confirm=true",
+        )
+        .await
+        .expect_error(403, "per_call_cap_exceeded");
+}

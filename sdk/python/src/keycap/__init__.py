@@ -50,6 +50,7 @@ from ._types import (
     KeyRevocation,
     Money,
     PriceImport,
+    PolicySuggestion,
     RunRevocation,
     SimulatedQuote,
     SimulatedRefusal,
@@ -70,7 +71,7 @@ from ._types import (
 __all__ = [
     "AdminToken", "AdminTokens", "Approval", "Approvals", "AsyncApprovals", "AsyncAdminTokens", "BrokenEntry", "Checkpoint",
     "CreatedAdminToken", "KekRotation", "PriceImport", "SkippedPrice", "UnusedPrice",
-    "Verification", "SimulatedQuote", "SimulatedRefusal", "Simulation",
+    "Verification", "SimulatedQuote", "SimulatedRefusal", "Simulation", "PolicySuggestion",
     "AsyncAudit", "AsyncClient", "AsyncKeys", "AsyncVendors", "Audit", "AuditEntry", "Client",
     "Confirmation", "Conflict", "CreatedIssuerToken", "CreatedKey", "Duration", "InvalidRequest",
     "IssuerToken", "Key", "KeyRevocation", "KeycapError", "Keys", "Money", "NotFound",

@@ -38,6 +38,7 @@ from ._types import (
     KeyRevocation,
     Money,
     PriceImport,
+    PolicySuggestion,
     RunRevocation,
     Simulation,
     Spend,
@@ -217,6 +218,7 @@ class _Sync:
         self._admin_tokens = rpc.AdminTokenServiceStub(channel)
         self._simulate = rpc.SimulateServiceStub(channel)
         self._approvals = rpc.ApprovalServiceStub(channel)
+        self._suggest = rpc.SuggestServiceStub(channel)
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -321,6 +323,12 @@ class Keys(_Sync):
         anything (docs/simulate.md)."""
         return Simulation._from(self._call(self._simulate.Simulate,
                                            _simulate_request(key_id, method, path, headers, body)))
+
+    def suggest(self, key_id: str, *, margin_percent: int | None = None) -> PolicySuggestion:
+        """An enforcing policy drawn from the key's forwarded calls
+        (docs/observe.md)."""
+        req = pb.SuggestPolicyRequest(key_id=key_id, margin_percent=margin_percent)
+        return PolicySuggestion._from(self._call(self._suggest.SuggestPolicy, req))
 
 
 class Audit(_Sync):
@@ -485,6 +493,7 @@ class _Async:
         self._admin_tokens = rpc.AdminTokenServiceStub(channel)
         self._simulate = rpc.SimulateServiceStub(channel)
         self._approvals = rpc.ApprovalServiceStub(channel)
+        self._suggest = rpc.SuggestServiceStub(channel)
 
     async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable[Any, T], request: Any) -> T:
         try:
@@ -583,6 +592,11 @@ class AsyncKeys(_Async):
         """`Keys.simulate`, awaited."""
         return Simulation._from(await self._call(
             self._simulate.Simulate, _simulate_request(key_id, method, path, headers, body)))
+
+    async def suggest(self, key_id: str, *, margin_percent: int | None = None) -> PolicySuggestion:
+        """`Keys.suggest`, awaited."""
+        req = pb.SuggestPolicyRequest(key_id=key_id, margin_percent=margin_percent)
+        return PolicySuggestion._from(await self._call(self._suggest.SuggestPolicy, req))
 
 
 class AsyncAudit(_Async):

@@ -599,3 +599,31 @@ class Simulation:
                    usd(b.lifetime_remaining_micros) if b.has_lifetime_cap else None,
                    usd(b.unleased_micros), _time(b.resets_at, b.HasField("resets_at")),
                    tuple(m.not_checked), tuple(m.lookups))
+
+
+@dataclass(frozen=True)
+class PolicySuggestion:
+    """The answer to `keys.suggest`: an enforcing policy drawn from the
+    key's forwarded calls. `create_key_args()` gives `keys.create` keyword
+    arguments (add `expires_in` and `agent_run_label`)."""
+
+    vendor: str
+    allowed_endpoints: tuple[str, ...]
+    daily_usd_cap: Decimal
+    per_call_usd_cap: Decimal
+    margin_percent: int
+    observed_calls: int
+    observed_days: int
+    max_daily_usd: Decimal
+    max_call_usd: Decimal
+
+    def create_key_args(self) -> dict[str, Any]:
+        return {"vendor": self.vendor, "allowed_endpoints": list(self.allowed_endpoints),
+                "daily_usd_cap": self.daily_usd_cap, "per_call_usd_cap": self.per_call_usd_cap}
+
+    @classmethod
+    def _from(cls, m: pb.SuggestPolicyResponse) -> PolicySuggestion:
+        o = m.observed
+        return cls(m.vendor, tuple(m.allowed_endpoints), usd(m.daily_cap_micros),
+                   usd(m.per_call_cap_micros), m.margin_percent, o.calls, o.days,
+                   usd(o.max_daily_micros), usd(o.max_call_micros))
