@@ -31,6 +31,8 @@ mod first_call;
 mod fleet;
 #[path = "e2e/grpc.rs"]
 mod grpc;
+#[path = "e2e/hooks.rs"]
+mod hooks;
 #[path = "e2e/kek.rs"]
 mod kek;
 #[path = "e2e/ledger.rs"]

@@ -34,3 +34,9 @@ CREATE TABLE hook_event_claims (
     PRIMARY KEY (hook_id, event_id)
 );
 CREATE INDEX hook_event_claims_expires_at ON hook_event_claims (expires_at);
+
+-- Proxies learn hooks through the change log, as they learn vendors and
+-- keys.
+ALTER TABLE change_log DROP CONSTRAINT change_log_kind_check;
+ALTER TABLE change_log ADD CONSTRAINT change_log_kind_check
+    CHECK (kind IN ('vendor', 'key', 'hook'));

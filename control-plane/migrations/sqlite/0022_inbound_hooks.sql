@@ -34,3 +34,20 @@ CREATE TABLE hook_event_claims (
     PRIMARY KEY (hook_id, event_id)
 );
 CREATE INDEX hook_event_claims_expires_at ON hook_event_claims (expires_at);
+
+-- Proxies learn hooks through the change log, as they learn vendors and
+-- keys. SQLite cannot change a CHECK constraint in place: the table is
+-- rebuilt, its versions and its AUTOINCREMENT high-water mark kept (a
+-- version is never reused).
+CREATE TABLE change_log_0022 (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind    TEXT NOT NULL CHECK (kind IN ('vendor', 'key', 'hook')),
+    ref_id  TEXT NOT NULL
+);
+INSERT INTO change_log_0022 (version, kind, ref_id)
+    SELECT version, kind, ref_id FROM change_log;
+DELETE FROM sqlite_sequence WHERE name = 'change_log_0022';
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'change_log_0022', seq FROM sqlite_sequence WHERE name = 'change_log';
+DROP TABLE change_log;
+ALTER TABLE change_log_0022 RENAME TO change_log;

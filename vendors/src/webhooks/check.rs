@@ -50,7 +50,10 @@ pub fn hook_signature(data: &[u8]) {
     let secrets: &[(HookVendor, &str)] = &[
         (HookVendor::Stripe, "whsec_fuzzing_secret_never_in_a_seed"),
         (HookVendor::Twilio, "0123456789abcdef0123456789abcdef"),
-        (HookVendor::Resend, "whsec_ZnV6emluZyBzZWNyZXQgbmV2ZXIgaW4gYSBzZWVk"),
+        (
+            HookVendor::Resend,
+            "whsec_ZnV6emluZyBzZWNyZXQgbmV2ZXIgaW4gYSBzZWVk",
+        ),
     ];
     for (vendor, secret) in secrets {
         let r = verify(*vendor, &[secret], &event, 1_700_000_000, 300);
