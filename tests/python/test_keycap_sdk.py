@@ -296,6 +296,37 @@ def test_the_async_client_has_the_same_surface(keycap):
     asyncio.run(flow())
 
 
+def test_a_dry_run_and_a_suggested_policy(keycap, client):
+    client.vendors.put("py-dry", profile="openai", base_url=keycap.mock_url, credential=CREDENTIAL)
+    created = client.keys.create(vendor="py-dry", daily_usd_cap="1", allowed_endpoints=CHAT,
+                                 expires_in="1h", agent_run_label="py/dry-run")
+    body = '{"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}'
+    dry = client.keys.simulate(created.info.id, method="POST", path="/v1/chat/completions",
+                               headers={"Content-Type": "application/json"}, body=body)
+    assert dry.allowed and dry.refusal is None, dry
+    assert dry.quote is not None and dry.quote.kind == "openai_chat" and dry.quote.reserve_usd > 0
+    assert dry.daily_remaining_usd == Decimal("1"), dry
+    assert CREDENTIAL not in repr(dry)
+    refused = client.keys.simulate(created.info.id, method="POST", path="/v1/embeddings",
+                                   headers={"Content-Type": "application/json"}, body="{}")
+    assert not refused.allowed and refused.refusal is not None
+    assert refused.refusal.code == "endpoint_not_allowed" and refused.refusal.rule == "allowed_endpoints"
+
+    ai = openai.OpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key)
+    chat(ai)
+    suggestion = settled(lambda: _suggest(client, created.info.id))
+    assert suggestion.allowed_endpoints == ("POST /v1/chat/completions",), suggestion
+    assert suggestion.margin_percent == 25 and suggestion.per_call_usd_cap > 0
+    assert suggestion.create_key_args()["vendor"] == "py-dry"
+
+
+def _suggest(client, key_id):
+    try:
+        return client.keys.suggest(key_id)
+    except kc.Conflict:
+        return None  # no forwarded call in the ledger yet
+
+
 def test_the_checked_in_generated_code_is_fresh(tmp_path):
     subprocess.run([str(ROOT / "scripts" / "gen-sdks"), "--into", str(tmp_path)], check=True)
     fresh = tmp_path / "sdk" / "python" / "src" / "keycap" / "v1"

@@ -243,3 +243,30 @@ test("admin tokens, issuer tokens, audit verify and checkpoints", async () => {
     assert.match(cp.signature, /^[0-9a-f]{128}$/);
   }
 });
+
+test("a dry run answers before the call, and a policy is suggested after it", async () => {
+  const kc = new keycap.Client({ addr: control, token: adminToken });
+  await kc.vendors.put("ts-dry", { profile: "openai", baseUrl: mockUrl, credential: CREDENTIAL });
+  const created = await kc.keys.create({
+    vendor: "ts-dry", dailyUsdCap: "1", allowedEndpoints: CHAT, expiresIn: "1h", agentRunLabel: "ts-sdk/dry-run",
+  });
+  const request = {
+    method: "POST", path: "/v1/chat/completions", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ model: "gpt-4o", max_tokens: 10, messages: [{ role: "user", content: "hi" }] }),
+  };
+  const dry = await kc.keys.simulate(created.id, request);
+  assert.equal(dry.allowed, true);
+  assert.equal(dry.quote?.kind, "openai_chat");
+  assert.equal(dry.dailyRemainingUsd, "1");
+  assert.ok(!JSON.stringify(dry).includes(CREDENTIAL));
+  const refused = await kc.keys.simulate(created.id, { ...request, path: "/v1/embeddings" });
+  assert.equal(refused.allowed, false);
+  assert.equal(refused.refusal?.code, "endpoint_not_allowed");
+
+  const ai = new OpenAI({ baseURL: created.baseUrl(proxy), apiKey: created.key, maxRetries: 0 });
+  await chat(ai);
+  const suggestion = await until("a suggestion", SPEND_SETTLES_MS, async () => kc.keys.suggest(created.id));
+  assert.deepEqual(suggestion.allowedEndpoints, ["POST /v1/chat/completions"]);
+  assert.equal(suggestion.marginPercent, 25);
+  assert.equal(suggestion.vendor, "ts-dry");
+});
