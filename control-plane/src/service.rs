@@ -389,7 +389,8 @@ pub struct KekRotation {
     pub kek_id: String,
     pub rewrapped: u32,
     pub already_current: u32,
-    /// Vendors whose credential this replica could not open.
+    /// Vendors whose credential this replica could not open (and inbound
+    /// hooks, as `hook <id>`).
     pub failed_vendors: Vec<String>,
 }
 
@@ -1065,6 +1066,8 @@ impl Control {
                 }
             }
         }
+        // Inbound hooks' secrets are sealed under the same KEKs.
+        self.rewrap_hooks(&mut out).await?;
         tracing::info!(
             kek = %out.kek_id,
             rewrapped = out.rewrapped,

@@ -1,7 +1,7 @@
 //! The inbound hook store (`crate::hooks`) on both backends, SQLite on a
 //! temporary file and PostgreSQL at `DATABASE_URL` (skipped without one, as
-//! in `store.rs`): registration and its change-log entries, and the claim
-//! of an event id that keeps a replay from being relayed twice — exactly
+//! in `store.rs`): registration and its change-log entries, re-wrapping
+//! under a new KEK only what is unchanged, and the claim of an event id that keeps a replay from being relayed twice — exactly
 //! one of many concurrent claimers wins, a dropped claim is free again, a
 //! lapsed one too.
 
@@ -90,6 +90,22 @@ async fn hooks_round_trip_and_reach_the_change_log(s: Arc<dyn Store>) {
         s.get_hook("hk_1").await.unwrap().unwrap().sealed_secrets,
         b"rolled"
     );
+    // A KEK rotation replaces the sealed secrets only if unchanged.
+    assert!(!s
+        .rewrap_hook_secrets("hk_1", (b"stale", b"sealed-relay"), (b"a", b"b"))
+        .await
+        .unwrap());
+    assert!(s
+        .rewrap_hook_secrets(
+            "hk_1",
+            (b"rolled", b"sealed-relay"),
+            (b"rewrapped", b"relay2")
+        )
+        .await
+        .unwrap());
+    let rewrapped = s.get_hook("hk_1").await.unwrap().unwrap();
+    assert_eq!(rewrapped.sealed_secrets, b"rewrapped");
+    assert_eq!(rewrapped.sealed_relay_secret, b"relay2");
     s.delete_hook("hk_1").await.unwrap();
     assert!(s.get_hook("hk_1").await.unwrap().is_none());
     assert!(matches!(

@@ -8,7 +8,7 @@
 
 use chrono::{TimeDelta, Utc};
 
-use super::{Control, Delta};
+use super::{Control, Delta, KekRotation};
 use crate::domain::invalid;
 use crate::error::ApiError;
 use crate::hooks::{
@@ -198,6 +198,44 @@ impl Control {
             .store
             .settle_hook_event(hook_id, event_id, keep_until)
             .await?)
+    }
+
+    /// Re-wraps every hook's sealed secrets under this replica's primary
+    /// KEK (part of `rotate_kek`). A hook rolled meanwhile was sealed under
+    /// a current KEK anyway; one this replica cannot open is named.
+    pub(super) async fn rewrap_hooks(&self, out: &mut KekRotation) -> Result<(), ApiError> {
+        for h in self.store.list_hooks().await? {
+            let id = h.endpoint.id.clone();
+            let secrets = self.sealer.rewrap(&secrets_record(&id), &h.sealed_secrets);
+            let relay = self
+                .sealer
+                .rewrap(&relay_record(&id), &h.sealed_relay_secret);
+            match (secrets, relay) {
+                (Ok(None), Ok(None)) => out.already_current += 1,
+                (Ok(s), Ok(r)) => {
+                    let new_secrets = s.unwrap_or_else(|| h.sealed_secrets.clone());
+                    let new_relay = r.unwrap_or_else(|| h.sealed_relay_secret.clone());
+                    let replaced = self
+                        .store
+                        .rewrap_hook_secrets(
+                            &id,
+                            (&h.sealed_secrets, &h.sealed_relay_secret),
+                            (&new_secrets, &new_relay),
+                        )
+                        .await?;
+                    if replaced {
+                        out.rewrapped += 1;
+                    } else {
+                        out.already_current += 1;
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(hook = %id, error = %e, "inbound hook secrets cannot be re-wrapped");
+                    out.failed_vendors.push(format!("hook {id}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn stored_hook(&self, id: &str) -> Result<StoredHook, ApiError> {

@@ -522,6 +522,16 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a hook's sealed vendor secrets (a roll) and logs the
     /// change; `NotFound` if absent.
     async fn set_hook_secrets(&self, id: &str, sealed_secrets: &[u8]) -> StoreResult<()>;
+    /// Replaces a hook's sealed secrets with re-wrapped ones (a KEK
+    /// rotation: the plaintext is unchanged, so no change is logged), only
+    /// if both are still `old` (a roll meanwhile sealed them afresh).
+    /// Whether they were replaced.
+    async fn rewrap_hook_secrets(
+        &self,
+        id: &str,
+        old: (&[u8], &[u8]),
+        new: (&[u8], &[u8]),
+    ) -> StoreResult<bool>;
     /// Deletes a hook and its claimed event ids, and logs the change;
     /// `NotFound` if absent.
     async fn delete_hook(&self, id: &str) -> StoreResult<()>;

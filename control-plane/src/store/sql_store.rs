@@ -2274,6 +2274,29 @@ where
         w.commit().await
     }
 
+    async fn rewrap_hook_secrets(
+        &self,
+        id: &str,
+        old: (&[u8], &[u8]),
+        new: (&[u8], &[u8]),
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE hook_endpoints SET sealed_secrets = $1, sealed_relay_secret = $2 \
+             WHERE id = $3 AND sealed_secrets = $4 AND sealed_relay_secret = $5",
+        )
+        .bind(new.0)
+        .bind(new.1)
+        .bind(id)
+        .bind(old.0)
+        .bind(old.1)
+        .execute(w.conn())
+        .await?;
+        let replaced = D::rows_affected(&done) == 1;
+        w.commit().await?;
+        Ok(replaced)
+    }
+
     async fn delete_hook(&self, id: &str) -> StoreResult<()> {
         let mut w = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM hook_endpoints WHERE id = $1")

@@ -552,6 +552,19 @@ impl<S: Store> Store for TimedStore<S> {
         .await
     }
 
+    async fn rewrap_hook_secrets(
+        &self,
+        id: &str,
+        old: (&[u8], &[u8]),
+        new: (&[u8], &[u8]),
+    ) -> StoreResult<bool> {
+        timed(
+            "rewrap_hook_secrets",
+            self.0.rewrap_hook_secrets(id, old, new),
+        )
+        .await
+    }
+
     async fn delete_hook(&self, id: &str) -> StoreResult<()> {
         timed("delete_hook", self.0.delete_hook(id)).await
     }
