@@ -12,6 +12,7 @@
 pub mod answers;
 pub mod check;
 pub mod config;
+pub mod credential;
 pub mod crypto;
 pub mod domain;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod grpc;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod probe;
 pub mod rest;
 pub mod scope;
 pub mod server;

@@ -117,13 +117,14 @@ pub struct ControlMetrics {
 pub static METRICS: LazyLock<ControlMetrics> = LazyLock::new(ControlMetrics::new);
 
 /// The services whose calls are counted by name.
-const SERVICES: [&str; 6] = [
+const SERVICES: [&str; 7] = [
     "keycap.v1.VendorService",
     "keycap.v1.KeyService",
     "keycap.v1.AuditService",
     "keycap.v1.AdminTokenService",
     "keycap.v1.WebhookService",
     "keycap.v1.FleetService",
+    "keycap.v1.CredentialService",
 ];
 
 /// `service`, if it is one of keycap's own (a `'static` label), else

@@ -38,7 +38,9 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
+mod credentials;
 mod webhooks;
+pub use credentials::{CredentialAnswer, CredentialList, ProbeAnswer, PromoteAnswer};
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;
@@ -236,6 +238,7 @@ impl utoipa::Modify for AdminTokenAuth {
         spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
         webhooks::create, webhooks::list, webhooks::read, webhooks::remove, webhooks::test,
         webhooks::deliveries,
+        credentials::stage, credentials::list, credentials::probe, credentials::promote,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -311,6 +314,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/vault/audit/export", get(export_audit))
         .merge(webhooks::routes())
+        .merge(credentials::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

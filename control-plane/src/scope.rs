@@ -285,10 +285,18 @@ pub enum Operation {
     TestWebhook,
     /// An endpoint's deliveries and their attempts.
     ListWebhookDeliveries,
+    /// Add a credential version to a vendor without using it.
+    StageCredential,
+    /// A vendor's credential versions (never their material).
+    ListCredentials,
+    /// One authenticated read against the vendor with a version.
+    ProbeCredential,
+    /// Make a version the one proxies inject (or roll back to one).
+    PromoteCredential,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 27] = [
+    pub const ALL: [Operation; 31] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -316,6 +324,10 @@ impl Operation {
         Operation::DeleteWebhook,
         Operation::TestWebhook,
         Operation::ListWebhookDeliveries,
+        Operation::StageCredential,
+        Operation::ListCredentials,
+        Operation::ProbeCredential,
+        Operation::PromoteCredential,
     ];
 }
 
@@ -343,6 +355,10 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::RotateKek => &[S::CredentialsWrite],
         O::CreateWebhook | O::DeleteWebhook | O::TestWebhook => &[S::WebhooksWrite],
         O::ListWebhooks | O::ListWebhookDeliveries => &[S::WebhooksRead],
+        O::StageCredential | O::PromoteCredential => &[S::VendorsWrite, S::CredentialsWrite],
+        O::ListCredentials => &[S::VendorsRead],
+        // A probe sends the credential to the vendor.
+        O::ProbeCredential => &[S::CredentialsWrite],
     }
 }
 
