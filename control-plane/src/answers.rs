@@ -578,6 +578,10 @@ pub struct AuditEntryAnswer {
     pub refusal_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused_calls: Option<i64>,
+    /// The vendor credential version the call was forwarded with
+    /// (docs/rotation.md); null for a refusal or an entry written before
+    /// versions.
+    pub credential_version: Option<i64>,
     /// Hex SHA-256 of the entry before; null for entries written before the
     /// ledger was chained.
     pub prev_hash: Option<String>,
@@ -613,6 +617,7 @@ impl From<&domain::AuditEntry> for AuditEntryAnswer {
             context: ev.context.clone(),
             refusal_reason: refused.then(|| ev.refusal_reason.clone()),
             refused_calls: refused.then_some(ev.refused_calls),
+            credential_version: (ev.credential_version != 0).then_some(ev.credential_version),
             prev_hash: e.prev_hash.map(hex::encode),
             hash: e.hash.map(hex::encode),
         }
@@ -913,6 +918,7 @@ impl From<&pb::AuditEntry> for AuditEntryAnswer {
             context: e.context.clone().into_iter().collect(),
             refusal_reason: (e.outcome == "refused").then(|| e.refusal_reason.clone()),
             refused_calls: (e.outcome == "refused").then_some(e.refused_calls),
+            credential_version: (e.credential_version != 0).then_some(e.credential_version),
             prev_hash: hex_or_null(&e.prev_hash),
             hash: hex_or_null(&e.hash),
         }

@@ -41,6 +41,8 @@ mod refusals;
 mod replicas;
 #[path = "e2e/revocation.rs"]
 mod revocation;
+#[path = "e2e/rotation.rs"]
+mod rotation;
 #[path = "e2e/webhooks.rs"]
 mod webhooks;
 
