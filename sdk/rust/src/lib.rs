@@ -14,8 +14,8 @@ use std::path::Path;
 
 use keycap_proto::pb::{
     admin_token_service_client::AdminTokenServiceClient, audit_service_client::AuditServiceClient,
-    key_service_client::KeyServiceClient, vendor_service_client::VendorServiceClient,
-    webhook_service_client::WebhookServiceClient,
+    credential_service_client::CredentialServiceClient, key_service_client::KeyServiceClient,
+    vendor_service_client::VendorServiceClient, webhook_service_client::WebhookServiceClient,
 };
 use keycap_proto::tls::{self, Trust};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -69,6 +69,8 @@ pub struct AdminClient {
     pub audit: AuditServiceClient<Svc>,
     pub admin_tokens: AdminTokenServiceClient<Svc>,
     pub webhooks: WebhookServiceClient<Svc>,
+    /// A vendor's credential versions: stage, list, probe, promote.
+    pub credentials: CredentialServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -111,7 +113,8 @@ impl AdminClient {
             keys: KeyServiceClient::with_interceptor(channel.clone(), auth.clone()),
             audit: AuditServiceClient::with_interceptor(channel.clone(), auth.clone()),
             admin_tokens: AdminTokenServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            webhooks: WebhookServiceClient::with_interceptor(channel, auth),
+            webhooks: WebhookServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            credentials: CredentialServiceClient::with_interceptor(channel, auth),
         })
     }
 }

@@ -81,6 +81,8 @@ class Vendor(_message.Message):
     ROTATE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     CREDENTIAL_SET_AT_FIELD_NUMBER: _builtins.int
     ROTATION_OVERDUE_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_VERSION_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     """Pricing and credential-injection profile: "stripe", "openai"."""
@@ -98,7 +100,9 @@ class Vendor(_message.Message):
     seconds; 0: never.
     """
     rotation_overdue: _builtins.bool
-    """The credential is older than rotate_after: rotate it."""
+    """The active credential is older than rotate_after: rotate it."""
+    credential_version: _builtins.int
+    """The active credential version (docs/rotation.md)."""
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """USD rates for non-USD currencies, as decimal strings: {"eur": "1.08"}
@@ -119,6 +123,12 @@ class Vendor(_message.Message):
     def credential_set_at(self) -> _timestamp_pb2.Timestamp:
         """When the credential was last set (a KEK rotation does not count)."""
 
+    @_builtins.property
+    def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___CredentialVersion]:
+        """Every credential version, newest first: state, age, probe result;
+        never the credential.
+        """
+
     def __init__(
         self,
         *,
@@ -134,10 +144,12 @@ class Vendor(_message.Message):
         rotate_after_seconds: _builtins.int = ...,
         credential_set_at: _timestamp_pb2.Timestamp | None = ...,
         rotation_overdue: _builtins.bool = ...,
+        credential_version: _builtins.int = ...,
+        credentials: _abc.Iterable[Global___CredentialVersion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credential_set_at", b"credential_set_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "credential_set_at", b"credential_set_at", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "rotate_after_seconds", b"rotate_after_seconds", "rotation_overdue", b"rotation_overdue", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "credential_set_at", b"credential_set_at", "credential_version", b"credential_version", "credentials", b"credentials", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "rotate_after_seconds", b"rotate_after_seconds", "rotation_overdue", b"rotation_overdue", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1314,6 +1326,7 @@ class AuditEntry(_message.Message):
     HASH_FIELD_NUMBER: _builtins.int
     REFUSAL_REASON_FIELD_NUMBER: _builtins.int
     REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_VERSION_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     event_id: _builtins.str
     key_id: _builtins.str
@@ -1345,6 +1358,10 @@ class AuditEntry(_message.Message):
     for (docs/ledger.md, "Refusals").
     """
     refused_calls: _builtins.int
+    credential_version: _builtins.int
+    """The vendor credential version the call was forwarded with; 0 for a
+    refusal or an entry written before versions.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1376,10 +1393,11 @@ class AuditEntry(_message.Message):
         hash: _builtins.bytes = ...,
         refusal_reason: _builtins.str = ...,
         refused_calls: _builtins.int = ...,
+        credential_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "credential_version", b"credential_version", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2428,3 +2446,290 @@ class ListWebhookDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class CredentialVersion(_message.Message):
+    """--- credential versions (docs/rotation.md) ---------------------------------
+
+    One credential version of a vendor, never its material.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    PROMOTED_AT_FIELD_NUMBER: _builtins.int
+    GRACE_UNTIL_FIELD_NUMBER: _builtins.int
+    RETIRED_AT_FIELD_NUMBER: _builtins.int
+    AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
+    ROTATION_DUE_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    version: _builtins.int
+    state: _builtins.str
+    """"staged", "active", "previous" (in grace), "retired" (material erased)."""
+    age_seconds: _builtins.int
+    """Seconds since it was staged."""
+    rotation_due: _builtins.bool
+    """Active, and older than the vendor's rotate_after."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def promoted_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last became active; unset if never."""
+
+    @_builtins.property
+    def grace_until(self) -> _timestamp_pb2.Timestamp:
+        """For "previous": when it retires."""
+
+    @_builtins.property
+    def retired_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def probe(self) -> Global___CredentialProbe:
+        """The last probe; unset if never probed."""
+
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        version: _builtins.int = ...,
+        state: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        promoted_at: _timestamp_pb2.Timestamp | None = ...,
+        grace_until: _timestamp_pb2.Timestamp | None = ...,
+        retired_at: _timestamp_pb2.Timestamp | None = ...,
+        age_seconds: _builtins.int = ...,
+        probe: Global___CredentialProbe | None = ...,
+        rotation_due: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "grace_until", b"grace_until", "probe", b"probe", "promoted_at", b"promoted_at", "retired_at", b"retired_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "created_at", b"created_at", "grace_until", b"grace_until", "probe", b"probe", "promoted_at", b"promoted_at", "retired_at", b"retired_at", "rotation_due", b"rotation_due", "state", b"state", "vendor", b"vendor", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialVersion: _TypeAlias = CredentialVersion  # noqa: Y015
+
+@_typing.final
+class CredentialProbe(_message.Message):
+    """What a probe saw: whether the vendor accepted the credential (a 2xx),
+    its status (0: no answer) or why there was none. Never the vendor's body.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    status: _builtins.int
+    error: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        status: _builtins.int = ...,
+        error: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "error", b"error", "ok", b"ok", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialProbe: _TypeAlias = CredentialProbe  # noqa: Y015
+
+@_typing.final
+class StageCredentialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    credential: _builtins.str
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        credential: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageCredentialRequest: _TypeAlias = StageCredentialRequest  # noqa: Y015
+
+@_typing.final
+class StageCredentialResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credential(self) -> Global___CredentialVersion: ...
+    def __init__(
+        self,
+        *,
+        credential: Global___CredentialVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageCredentialResponse: _TypeAlias = StageCredentialResponse  # noqa: Y015
+
+@_typing.final
+class ListCredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCredentialsRequest: _TypeAlias = ListCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class ListCredentialsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___CredentialVersion]: ...
+    def __init__(
+        self,
+        *,
+        credentials: _abc.Iterable[Global___CredentialVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCredentialsResponse: _TypeAlias = ListCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class ProbeCredentialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vendor", b"vendor", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeCredentialRequest: _TypeAlias = ProbeCredentialRequest  # noqa: Y015
+
+@_typing.final
+class ProbeCredentialResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credential(self) -> Global___CredentialVersion: ...
+    def __init__(
+        self,
+        *,
+        credential: Global___CredentialVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeCredentialResponse: _TypeAlias = ProbeCredentialResponse  # noqa: Y015
+
+@_typing.final
+class PromoteCredentialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    GRACE_FIELD_NUMBER: _builtins.int
+    ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    version: _builtins.int
+    grace: _builtins.str
+    """How long the version active before stays usable ("1h"); empty for
+    10 minutes, "0s" to retire it at once. At most 7 days.
+    """
+    ack_timeout_ms: _builtins.int
+    """How long to wait for the proxies' acknowledgements; 0 for the
+    server's default.
+    """
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        version: _builtins.int = ...,
+        grace: _builtins.str = ...,
+        ack_timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "grace", b"grace", "vendor", b"vendor", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteCredentialRequest: _TypeAlias = PromoteCredentialRequest  # noqa: Y015
+
+@_typing.final
+class PromoteCredentialResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credential(self) -> Global___CredentialVersion: ...
+    @_builtins.property
+    def previous(self) -> Global___CredentialVersion:
+        """The version active before (now previous, or retired with no grace);
+        unset when the version was already active.
+        """
+
+    @_builtins.property
+    def confirmation(self) -> Global___FleetConfirmation: ...
+    def __init__(
+        self,
+        *,
+        credential: Global___CredentialVersion | None = ...,
+        previous: Global___CredentialVersion | None = ...,
+        confirmation: Global___FleetConfirmation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "credential", b"credential", "previous", b"previous"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "credential", b"credential", "previous", b"previous"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteCredentialResponse: _TypeAlias = PromoteCredentialResponse  # noqa: Y015

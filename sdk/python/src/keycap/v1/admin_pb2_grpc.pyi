@@ -449,3 +449,64 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         """Needs webhooks:read. Newest first, with every attempt."""
 
 def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CredentialServiceStub:
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CredentialServiceAsyncStub: ...
+    StageCredential: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StageCredentialRequest, _admin_pb2.StageCredentialResponse]
+    ListCredentials: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCredentialsRequest, _admin_pb2.ListCredentialsResponse]
+    ProbeCredential: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProbeCredentialRequest, _admin_pb2.ProbeCredentialResponse]
+    PromoteCredential: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteCredentialRequest, _admin_pb2.PromoteCredentialResponse]
+
+@_typing.type_check_only
+class CredentialServiceAsyncStub(CredentialServiceStub):
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    StageCredential: _aio.UnaryUnaryMultiCallable[_admin_pb2.StageCredentialRequest, _admin_pb2.StageCredentialResponse]  # type: ignore[assignment]
+    ListCredentials: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCredentialsRequest, _admin_pb2.ListCredentialsResponse]  # type: ignore[assignment]
+    ProbeCredential: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProbeCredentialRequest, _admin_pb2.ProbeCredentialResponse]  # type: ignore[assignment]
+    PromoteCredential: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteCredentialRequest, _admin_pb2.PromoteCredentialResponse]  # type: ignore[assignment]
+
+class CredentialServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    @_abc_1.abstractmethod
+    def StageCredential(
+        self,
+        request: _admin_pb2.StageCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.StageCredentialResponse, _abc.Awaitable[_admin_pb2.StageCredentialResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCredentials(
+        self,
+        request: _admin_pb2.ListCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCredentialsResponse, _abc.Awaitable[_admin_pb2.ListCredentialsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ProbeCredential(
+        self,
+        request: _admin_pb2.ProbeCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ProbeCredentialResponse, _abc.Awaitable[_admin_pb2.ProbeCredentialResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteCredential(
+        self,
+        request: _admin_pb2.PromoteCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PromoteCredentialResponse, _abc.Awaitable[_admin_pb2.PromoteCredentialResponse]]: ...
+
+def add_CredentialServiceServicer_to_server(servicer: CredentialServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
