@@ -106,6 +106,15 @@ impl VendorAnswer {
         Self::with_errors(v, Vec::new(), Vec::new())
     }
 
+    /// A vendor as written, with its credential versions.
+    pub fn written_with_versions(v: &Vendor, versions: &[crate::service::CredentialView]) -> Self {
+        let credentials = versions
+            .iter()
+            .map(crate::rest::CredentialAnswer::from)
+            .collect();
+        Self::with_errors(v, Vec::new(), credentials)
+    }
+
     pub fn view(view: &VendorView) -> Self {
         let errors = view
             .proxy_errors

@@ -399,8 +399,21 @@ impl pb::vendor_service_server::VendorService for Api {
             .control
             .put_vendor(&caller.vendors, put, timeout)
             .await?;
+        // The vendor as written, with its credential versions as a read
+        // shows them.
+        let versions = self
+            .control
+            .list_credentials(&caller.vendors, v.name.as_str())
+            .await?;
         Ok(Response::new(pb::PutVendorResponse {
-            vendor: Some(vendor_to_pb(&v)),
+            vendor: Some(pb::Vendor {
+                credential_version: versions
+                    .iter()
+                    .find(|c| c.credential.state == crate::credential::CredentialState::Active)
+                    .map_or(0, |c| c.credential.version),
+                credentials: versions.iter().map(credentials::view_to_pb).collect(),
+                ..vendor_to_pb(&v)
+            }),
             created,
             confirmation: Some(confirmation_to_pb(confirmation)),
         }))

@@ -509,6 +509,7 @@ async fn put_vendor(
     let (put, timeout) = put_vendor_request(&name, &body)?;
     caller.require(c.vendor_put_operation(&put).await?)?;
     let (v, created, confirmation) = c.put_vendor(&caller.vendors, put, timeout).await?;
+    let versions = c.list_credentials(&caller.vendors, v.name.as_str()).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -517,7 +518,7 @@ async fn put_vendor(
     Ok(Answer(
         status,
         PutVendorAnswer {
-            vendor: VendorAnswer::written(&v),
+            vendor: VendorAnswer::written_with_versions(&v, &versions),
             confirmation: (&confirmation).into(),
         },
     ))

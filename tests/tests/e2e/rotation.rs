@@ -313,14 +313,29 @@ async fn a_promote_under_load_through_three_proxies_fails_no_call() {
 async fn a_kek_rotation_rewraps_every_credential_version() {
     let (mut stack, mock) = stack_with_stripe().await;
     mock.accept_also(NEW_CREDENTIAL);
-    stack
-        .admin
-        .post_json(
-            "/vault/vendors/stripe/credentials",
-            &json!({ "credential": NEW_CREDENTIAL }),
-        )
-        .await
-        .expect(201);
+    // Staged with the CLI, the credential read from standard input.
+    let out = harness::keycap_cli_with_stdin(
+        &stack.control.url(),
+        &stack.control.opts.admin_token,
+        &["vendor", "credential", "add", "stripe", "--credential", "-"],
+        Some(NEW_CREDENTIAL),
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_no_credential(&out.stdout);
+    assert_eq!(out.json()["version"], 2, "{out:?}");
+    assert_eq!(out.json()["state"], "staged");
+    let listed = keycap_cli(
+        &stack.control.url(),
+        &stack.control.opts.admin_token,
+        &["vendor", "credential", "list", "stripe"],
+    )
+    .await;
+    assert_no_credential(&listed.stdout);
+    assert_eq!(
+        states(&listed.json()),
+        [(2, "staged".to_string()), (1, "active".to_string())]
+    );
     let old = stack.control.opts.master_key.clone();
     stack.control.opts.master_key = harness::master_key();
     stack.control.opts.previous_master_keys = vec![old];
