@@ -126,7 +126,7 @@ impl From<&CredentialView> for CredentialAnswer {
 }
 
 fn time(t: &Option<prost_types::Timestamp>) -> Option<String> {
-    t.as_ref().and_then(|t| from_proto(t)).map(rfc3339)
+    t.as_ref().and_then(from_proto).map(rfc3339)
 }
 
 impl From<&pb::CredentialVersion> for CredentialAnswer {
