@@ -38,6 +38,8 @@ def canonical(e):
         out += s(k) + s(v)
     if e["outcome"] == "refused":
         out += s(e["refusal_reason"]) + i(e["refused_calls"])
+    if e.get("credential_version", 0):
+        out += i(e["credential_version"])
     return out
 
 

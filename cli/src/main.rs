@@ -15,6 +15,7 @@ use keycap_proto::Micros;
 use serde_json::{json, Value};
 
 mod approval;
+mod credential;
 mod dev;
 mod sandbox;
 mod simulate;
@@ -261,6 +262,10 @@ enum VendorCmd {
     Get { name: String },
     /// Delete a vendor; its keys stop working once the proxies confirm.
     Delete { name: String },
+    /// A vendor's credential versions: add (stage), probe, promote, list
+    /// (docs/rotation.md).
+    #[command(subcommand)]
+    Credential(credential::CredentialCmd),
 }
 
 #[derive(Subcommand)]
@@ -962,6 +967,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             }));
             warn_unconfirmed("vendor deleted", r.confirmation.as_ref());
         }
+        Command::Vendor(VendorCmd::Credential(cmd)) => credential::run(c, cmd).await?,
         Command::Vendor(VendorCmd::List) => {
             let r = c
                 .vendors

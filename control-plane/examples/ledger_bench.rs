@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
                 rotate_after: None,
             },
             sealed_credential: Some(b"sealed".to_vec()),
+            credential_version: 1,
         })
         .await?;
     let run = uuid::Uuid::new_v4().simple().to_string();
@@ -105,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         context: BTreeMap::from([("tenant".into(), "acme".into())]),
         refusal_reason: String::new(),
         refused_calls: 0,
+        credential_version: 0,
     };
 
     let started = Instant::now();

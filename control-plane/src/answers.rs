@@ -75,6 +75,15 @@ pub struct VendorAnswer {
     pub rotate_after_seconds: Option<i64>,
     /// The credential is older than `rotate_after`: rotate it.
     pub rotation_overdue: bool,
+    /// The same as `rotation_overdue`: the active credential version is
+    /// older than `rotate_after`.
+    pub rotation_due: bool,
+    /// The active credential version (docs/rotation.md); null in the
+    /// answer to a write, which lists no versions.
+    pub credential_version: Option<i64>,
+    /// Every credential version, newest first: state, age, probe result;
+    /// never the credential.
+    pub credentials: Vec<crate::rest::CredentialAnswer>,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
@@ -94,7 +103,16 @@ pub struct ProxyErrorAnswer {
 impl VendorAnswer {
     /// A vendor as written: no proxy has loaded this configuration yet.
     pub fn written(v: &Vendor) -> Self {
-        Self::with_errors(v, Vec::new())
+        Self::with_errors(v, Vec::new(), Vec::new())
+    }
+
+    /// A vendor as written, with its credential versions.
+    pub fn written_with_versions(v: &Vendor, versions: &[crate::service::CredentialView]) -> Self {
+        let credentials = versions
+            .iter()
+            .map(crate::rest::CredentialAnswer::from)
+            .collect();
+        Self::with_errors(v, Vec::new(), credentials)
     }
 
     pub fn view(view: &VendorView) -> Self {
@@ -107,10 +125,20 @@ impl VendorAnswer {
                 at: rfc3339(e.at),
             })
             .collect();
-        Self::with_errors(&view.vendor, errors)
+        let credentials = view
+            .credentials
+            .iter()
+            .map(crate::rest::CredentialAnswer::from)
+            .collect();
+        Self::with_errors(&view.vendor, errors, credentials)
     }
 
-    fn with_errors(v: &Vendor, proxy_errors: Vec<ProxyErrorAnswer>) -> Self {
+    fn with_errors(
+        v: &Vendor,
+        proxy_errors: Vec<ProxyErrorAnswer>,
+        credentials: Vec<crate::rest::CredentialAnswer>,
+    ) -> Self {
+        let overdue = v.rotation_overdue(Utc::now());
         VendorAnswer {
             name: v.name.as_str().to_string(),
             profile: v.profile.as_str().to_string(),
@@ -122,7 +150,13 @@ impl VendorAnswer {
             forward_trace_context: v.forward_trace_context,
             credential_set_at: Some(rfc3339(v.credential_set_at)),
             rotate_after_seconds: v.rotate_after.map(|d| d.num_seconds()),
-            rotation_overdue: v.rotation_overdue(Utc::now()),
+            rotation_overdue: overdue,
+            rotation_due: overdue,
+            credential_version: credentials
+                .iter()
+                .find(|c: &&crate::rest::CredentialAnswer| c.state == "active")
+                .map(|c| c.version),
+            credentials,
             created_at: rfc3339(v.created_at),
             updated_at: rfc3339(v.updated_at),
             proxy_errors,
@@ -562,6 +596,10 @@ pub struct AuditEntryAnswer {
     /// who decided it and why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<AuditApprovalAnswer>,
+    /// The vendor credential version the call was forwarded with
+    /// (docs/rotation.md); null for a refusal or an entry written before
+    /// versions.
+    pub credential_version: Option<i64>,
     /// Hex SHA-256 of the entry before; null for entries written before the
     /// ledger was chained.
     pub prev_hash: Option<String>,
@@ -598,6 +636,7 @@ impl From<&domain::AuditEntry> for AuditEntryAnswer {
             refusal_reason: refused.then(|| ev.refusal_reason.clone()),
             refused_calls: refused.then_some(ev.refused_calls),
             approval: AuditApprovalAnswer::of(crate::approval::AuditApproval::of(&ev.detail_json)),
+            credential_version: (ev.credential_version != 0).then_some(ev.credential_version),
             prev_hash: e.prev_hash.map(hex::encode),
             hash: e.hash.map(hex::encode),
         }
@@ -728,6 +767,13 @@ impl From<&pb::Vendor> for VendorAnswer {
             credential_set_at: proto_time(&v.credential_set_at, SecondsFormat::Secs),
             rotate_after_seconds: (v.rotate_after_seconds != 0).then_some(v.rotate_after_seconds),
             rotation_overdue: v.rotation_overdue,
+            rotation_due: v.rotation_overdue,
+            credential_version: (v.credential_version != 0).then_some(v.credential_version),
+            credentials: v
+                .credentials
+                .iter()
+                .map(crate::rest::CredentialAnswer::from)
+                .collect(),
             created_at: proto_secs(&v.created_at),
             updated_at: proto_secs(&v.updated_at),
             proxy_errors: v
@@ -918,6 +964,7 @@ impl From<&pb::AuditEntry> for AuditEntryAnswer {
                 decided_by: e.approval_decided_by.clone(),
                 reason: e.approval_reason.clone(),
             }),
+            credential_version: (e.credential_version != 0).then_some(e.credential_version),
             prev_hash: hex_or_null(&e.prev_hash),
             hash: hex_or_null(&e.hash),
         }

@@ -633,6 +633,9 @@ pub struct SpendEvent {
     /// For a `Refused` entry, how many calls it stands for (at least 1); 0
     /// otherwise.
     pub refused_calls: i64,
+    /// The vendor credential version the call was forwarded with
+    /// (docs/rotation.md); 0 for a refusal, or from a proxy before versions.
+    pub credential_version: i64,
 }
 
 /// The refusals a proxy records in the ledger: a known key's calls refused

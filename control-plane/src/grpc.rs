@@ -31,6 +31,7 @@ mod suggest;
 pub(crate) use simulate::answer_to_pb as simulate_answer_to_pb;
 mod hooks;
 pub(crate) use suggest::suggestion_to_pb;
+mod credentials;
 mod webhooks;
 
 /// Implements every keycap gRPC service over one `Control`.
@@ -88,6 +89,16 @@ pub fn vendor_view_to_pb(view: &VendorView) -> pb::Vendor {
                 at: Some(to_proto(e.at)),
             })
             .collect(),
+        credential_version: view
+            .credentials
+            .iter()
+            .find(|c| c.credential.state == crate::credential::CredentialState::Active)
+            .map_or(0, |c| c.credential.version),
+        credentials: view
+            .credentials
+            .iter()
+            .map(credentials::view_to_pb)
+            .collect(),
         ..vendor_to_pb(&view.vendor)
     }
 }
@@ -107,6 +118,9 @@ pub fn vendor_to_pb(v: &Vendor) -> pb::Vendor {
         rotate_after_seconds: v.rotate_after.map_or(0, |d| d.num_seconds()),
         credential_set_at: Some(to_proto(v.credential_set_at)),
         rotation_overdue: v.rotation_overdue(chrono::Utc::now()),
+        // A vendor as written: its versions are read with it.
+        credential_version: 0,
+        credentials: Vec::new(),
     }
 }
 
@@ -167,6 +181,7 @@ fn entry_to_pb(e: &domain::AuditEntry) -> pb::AuditEntry {
         approval_id: approval.id,
         approval_decided_by: approval.decided_by,
         approval_reason: approval.reason,
+        credential_version: ev.credential_version,
     }
 }
 
@@ -176,6 +191,7 @@ fn fleet_vendor_to_pb(v: &FleetVendor) -> pb::FleetVendor {
         profile: v.vendor.profile.as_str().to_string(),
         base_url: v.vendor.base_url.clone(),
         credential: v.credential.clone(),
+        credential_version: v.credential_version,
         currency_rates: v.vendor.currency_rates.clone().into_iter().collect(),
         prices_json: v.vendor.prices.clone(),
         allow_private_upstream: v.allow_private_upstream,
@@ -397,8 +413,21 @@ impl pb::vendor_service_server::VendorService for Api {
             .control
             .put_vendor(&caller.vendors, put, timeout)
             .await?;
+        // The vendor as written, with its credential versions as a read
+        // shows them.
+        let versions = self
+            .control
+            .list_credentials(&caller.vendors, v.name.as_str())
+            .await?;
         Ok(Response::new(pb::PutVendorResponse {
-            vendor: Some(vendor_to_pb(&v)),
+            vendor: Some(pb::Vendor {
+                credential_version: versions
+                    .iter()
+                    .find(|c| c.credential.state == crate::credential::CredentialState::Active)
+                    .map_or(0, |c| c.credential.version),
+                credentials: versions.iter().map(credentials::view_to_pb).collect(),
+                ..vendor_to_pb(&v)
+            }),
             created,
             confirmation: Some(confirmation_to_pb(confirmation)),
         }))
@@ -1306,6 +1335,14 @@ fn spend_event_from_pb(
             "only a refused event has a refusal reason and count",
         ));
     }
+    if e.credential_version < 0
+        || (outcome == domain::Outcome::Refused && e.credential_version != 0)
+    {
+        return Err(invalid(
+            "credential_version",
+            "a forwarded call's credential version is 0 or more; a refusal has none",
+        ));
+    }
     Ok(domain::SpendEvent {
         event_id: e.event_id,
         lease_id: e.lease_id,
@@ -1329,6 +1366,7 @@ fn spend_event_from_pb(
         context,
         refusal_reason: e.refusal_reason,
         refused_calls: e.refused_calls,
+        credential_version: e.credential_version,
     })
 }
 

@@ -117,7 +117,7 @@ pub struct ControlMetrics {
 pub static METRICS: LazyLock<ControlMetrics> = LazyLock::new(ControlMetrics::new);
 
 /// The services whose calls are counted by name.
-const SERVICES: [&str; 8] = [
+const SERVICES: [&str; 9] = [
     "keycap.v1.VendorService",
     "keycap.v1.KeyService",
     "keycap.v1.AuditService",
@@ -126,6 +126,7 @@ const SERVICES: [&str; 8] = [
     "keycap.v1.SimulateService",
     "keycap.v1.SuggestService",
     "keycap.v1.FleetService",
+    "keycap.v1.CredentialService",
 ];
 
 /// `service`, if it is one of keycap's own (a `'static` label), else

@@ -39,12 +39,14 @@ use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
 pub mod approvals;
+mod credentials;
 mod hooks;
 mod simulate;
 mod suggest;
 pub mod webhooks;
 pub use simulate::SimulateAnswer;
 pub use suggest::SuggestAnswer;
+pub use credentials::{CredentialAnswer, CredentialList, ProbeAnswer, PromoteAnswer};
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;
@@ -251,6 +253,7 @@ impl utoipa::Modify for AdminTokenAuth {
         hooks::remove_secret,
         approvals::list, approvals::read, approvals::approve, approvals::deny,
         suggest::suggest,
+        credentials::stage, credentials::list, credentials::probe, credentials::promote,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -332,6 +335,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .merge(hooks::routes())
         .merge(approvals::routes())
         .merge(suggest::routes())
+        .merge(credentials::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -526,6 +530,7 @@ async fn put_vendor(
     let (put, timeout) = put_vendor_request(&name, &body)?;
     caller.require(c.vendor_put_operation(&put).await?)?;
     let (v, created, confirmation) = c.put_vendor(&caller.vendors, put, timeout).await?;
+    let versions = c.list_credentials(&caller.vendors, v.name.as_str()).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -534,7 +539,7 @@ async fn put_vendor(
     Ok(Answer(
         status,
         PutVendorAnswer {
-            vendor: VendorAnswer::written(&v),
+            vendor: VendorAnswer::written_with_versions(&v, &versions),
             confirmation: (&confirmation).into(),
         },
     ))

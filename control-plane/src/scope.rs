@@ -306,10 +306,18 @@ pub enum Operation {
     RollHookSecret,
     /// An enforcing policy suggested from a key's audit entries.
     SuggestPolicy,
+    /// Add a credential version to a vendor without using it.
+    StageCredential,
+    /// A vendor's credential versions (never their material).
+    ListCredentials,
+    /// One authenticated read against the vendor with a version.
+    ProbeCredential,
+    /// Make a version the one proxies inject (or roll back to one).
+    PromoteCredential,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 36] = [
+    pub const ALL: [Operation; 40] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -346,6 +354,10 @@ impl Operation {
         Operation::DeleteHook,
         Operation::RollHookSecret,
         Operation::SuggestPolicy,
+        Operation::StageCredential,
+        Operation::ListCredentials,
+        Operation::ProbeCredential,
+        Operation::PromoteCredential,
     ];
 }
 
@@ -381,6 +393,10 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::CreateHook | O::RollHookSecret => &[S::WebhooksWrite, S::CredentialsWrite],
         O::DeleteHook => &[S::WebhooksWrite],
         O::ListHooks => &[S::WebhooksRead],
+        O::StageCredential | O::PromoteCredential => &[S::VendorsWrite, S::CredentialsWrite],
+        O::ListCredentials => &[S::VendorsRead],
+        // A probe sends the credential to the vendor.
+        O::ProbeCredential => &[S::CredentialsWrite],
     }
 }
 

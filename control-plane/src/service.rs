@@ -37,9 +37,11 @@ use crate::store::{Store, VendorWrite};
 mod alerts;
 mod refusals;
 mod approvals;
+mod credentials;
 mod hooks;
 pub use alerts::SPOOL_BACKLOG;
 pub use approvals::{ApprovalSettings, HeldCall};
+pub use credentials::CredentialView;
 pub mod simulate;
 pub mod suggest;
 
@@ -389,8 +391,9 @@ pub struct KekRotation {
     pub kek_id: String,
     pub rewrapped: u32,
     pub already_current: u32,
-    /// Vendors whose credential this replica could not open (and inbound
-    /// hooks, as `hook <id>`).
+    /// Vendors whose credential this replica could not open (a version
+    /// other than 1 is named `vendor#vN`), and inbound hooks whose secrets
+    /// it could not open (as `hook <id>`).
     pub failed_vendors: Vec<String>,
 }
 
@@ -409,6 +412,8 @@ pub struct KeyView {
 pub struct VendorView {
     pub vendor: Vendor,
     pub proxy_errors: Vec<domain::VendorLoadError>,
+    /// Its credential versions, newest first (never their material).
+    pub credentials: Vec<CredentialView>,
 }
 
 /// A vendor with its opened credential: only for the fleet API.
@@ -416,6 +421,8 @@ pub struct VendorView {
 pub struct FleetVendor {
     pub vendor: Vendor,
     pub credential: String,
+    /// The version `credential` is, recorded with each call it makes.
+    pub credential_version: i64,
     /// The proxy may connect to private addresses for this vendor: only
     /// under the control plane's `--allow-private-upstreams`.
     pub allow_private_upstream: bool,
@@ -1038,31 +1045,40 @@ impl Control {
             kek_id: self.sealer.kek_id(),
             ..KekRotation::default()
         };
-        for (name, sealed) in self.store.sealed_credentials().await? {
-            match self.sealer.rewrap(&name, &sealed) {
+        // Every version with material: the active one, those staged and
+        // those still in grace. Retired versions have none left.
+        for c in self.store.sealed_credentials().await? {
+            let record = crate::credential::record_id(&c.vendor, c.version);
+            let label = if c.version == 1 {
+                c.vendor.clone()
+            } else {
+                format!("{}#v{}", c.vendor, c.version)
+            };
+            match self.sealer.rewrap(&record, &c.sealed) {
                 Ok(None) => out.already_current += 1,
                 Ok(Some(rewrapped)) => {
                     if self
                         .store
-                        .replace_sealed_credential(&name, &sealed, &rewrapped)
+                        .replace_sealed_credential(&c.vendor, c.version, &c.sealed, &rewrapped)
                         .await?
                     {
                         out.rewrapped += 1;
                     } else {
-                        // Replaced meanwhile by a put, which sealed it under
-                        // a KEK of that replica's: look again.
-                        match self.store.get_vendor_credential(&name).await? {
-                            Some(now) if matches!(self.sealer.rewrap(&name, &now), Ok(None)) => {
-                                out.already_current += 1
+                        // Replaced meanwhile (re-wrapped by another
+                        // replica) or erased (retired): look again.
+                        match self.store.get_credential(&c.vendor, c.version).await? {
+                            Some((_, Some(now)))
+                                if !matches!(self.sealer.rewrap(&record, &now), Ok(None)) =>
+                            {
+                                out.failed_vendors.push(label)
                             }
-                            None => {}
-                            Some(_) => out.failed_vendors.push(name),
+                            _ => out.already_current += 1,
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::error!(vendor = %name, error = %e, "credential cannot be re-wrapped");
-                    out.failed_vendors.push(name);
+                    tracing::error!(vendor = %c.vendor, version = c.version, error = %e, "credential cannot be re-wrapped");
+                    out.failed_vendors.push(label);
                 }
             }
         }
@@ -1119,31 +1135,49 @@ impl Control {
             self.check_stored_credential(&req).await?;
         }
         let now = Utc::now();
-        let sealed_credential = req
-            .credential
-            .as_deref()
-            .map(|c| self.sealer.seal(req.name.as_str(), c.as_bytes()));
-        let write = VendorWrite {
-            vendor: Vendor {
-                name: req.name,
-                profile: req.profile,
-                base_url: req.base_url,
-                currency_rates: req.currency_rates,
-                prices: req.prices,
-                forward_trace_context: req.forward_trace_context,
-                created_at: now,
-                updated_at: now,
-                credential_set_at: now,
-                rotate_after: req.rotate_after,
-            },
-            sealed_credential,
+        let vendor = Vendor {
+            name: req.name,
+            profile: req.profile,
+            base_url: req.base_url,
+            currency_rates: req.currency_rates,
+            prices: req.prices,
+            forward_trace_context: req.forward_trace_context,
+            created_at: now,
+            updated_at: now,
+            credential_set_at: now,
+            rotate_after: req.rotate_after,
         };
-        let out = self.store.put_vendor(write).await.map_err(|e| match e {
-            crate::store::StoreError::Conflict(_) => {
-                ApiError::Invalid(invalid("credential", "a new vendor needs its credential"))
+        // A credential is sealed as the vendor's next version (its record
+        // id binds the version); a concurrent write that took that version
+        // makes the store refuse, and it is sealed again as the next.
+        let mut attempts = 0;
+        let out = loop {
+            attempts += 1;
+            let credential_version = match &req.credential {
+                Some(_) => self.next_credential_version(vendor.name.as_str()).await?,
+                None => 0,
+            };
+            let sealed_credential = req.credential.as_deref().map(|c| {
+                let record = crate::credential::record_id(vendor.name.as_str(), credential_version);
+                self.sealer.seal(&record, c.as_bytes())
+            });
+            let write = VendorWrite {
+                vendor: vendor.clone(),
+                sealed_credential,
+                credential_version,
+            };
+            match self.store.put_vendor(write).await {
+                Ok(out) => break out,
+                Err(crate::store::StoreError::Conflict(_)) if req.credential.is_none() => {
+                    return Err(invalid("credential", "a new vendor needs its credential").into())
+                }
+                Err(crate::store::StoreError::Conflict(m)) if attempts >= 5 => {
+                    return Err(ApiError::Conflict(m))
+                }
+                Err(crate::store::StoreError::Conflict(_)) => continue,
+                Err(other) => return Err(other.into()),
             }
-            other => other.into(),
-        })?;
+        };
         let version = self.publish_head().await?;
         let confirmation = self
             .confirm_change(version, ack_timeout, ChangeKind::VendorWrite)
@@ -1156,12 +1190,15 @@ impl Control {
     /// every proxy would refuse the vendor.
     async fn check_stored_credential(&self, req: &PutVendor) -> Result<(), ApiError> {
         let name = req.name.as_str();
-        let Some(sealed) = self.store.get_vendor_credential(name).await? else {
+        let Some((version, sealed)) = self.store.get_vendor_credential(name).await? else {
             return Ok(());
         };
         // One that cannot be opened is withheld from proxies anyway (and
         // logged where the policy is built).
-        let Ok(plain) = self.sealer.open(name, &sealed) else {
+        let Ok(plain) = self
+            .sealer
+            .open(&crate::credential::record_id(name, version), &sealed)
+        else {
             return Ok(());
         };
         let plain = String::from_utf8(plain).unwrap_or_default();
@@ -1278,9 +1315,11 @@ impl Control {
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("vendor {name:?} not found")))?;
         let proxy_errors = self.store.vendor_load_errors(Some(name)).await?;
+        let credentials = self.credential_views(&vendor).await?;
         Ok(VendorView {
             vendor,
             proxy_errors,
+            credentials,
         })
     }
 
@@ -1288,19 +1327,20 @@ impl Control {
         let mut all = self.store.list_vendors().await?;
         all.retain(|v| vendors.allows(v.name.as_str()));
         let mut errors = self.store.vendor_load_errors(None).await?;
-        Ok(all
-            .into_iter()
-            .map(|vendor| {
-                let (mine, rest) = errors
-                    .drain(..)
-                    .partition(|e| e.vendor == vendor.name.as_str());
-                errors = rest;
-                VendorView {
-                    vendor,
-                    proxy_errors: mine,
-                }
-            })
-            .collect())
+        let mut out = Vec::with_capacity(all.len());
+        for vendor in all {
+            let (mine, rest) = errors
+                .drain(..)
+                .partition(|e| e.vendor == vendor.name.as_str());
+            errors = rest;
+            let credentials = self.credential_views(&vendor).await?;
+            out.push(VendorView {
+                vendor,
+                proxy_errors: mine,
+                credentials,
+            });
+        }
+        Ok(out)
     }
 
     /// Records the vendors `node_id` says it cannot load (the whole list,
@@ -1853,22 +1893,26 @@ impl Control {
     /// sha256sum | cut -c1-12` prints). `None` when no credential is set or
     /// it cannot be opened.
     pub async fn credential_fingerprint(&self, name: &str) -> Result<Option<String>, ApiError> {
-        let Some(sealed) = self.store.get_vendor_credential(name).await? else {
+        let Some((version, sealed)) = self.store.get_vendor_credential(name).await? else {
             return Ok(None);
         };
-        Ok(self.sealer.open(name, &sealed).ok().map(|plain| {
+        let record = crate::credential::record_id(name, version);
+        Ok(self.sealer.open(&record, &sealed).ok().map(|plain| {
             let digest = <sha2::Sha256 as sha2::Digest>::digest(&plain);
             format!("sha256:{}", &hex::encode(digest)[..12])
         }))
     }
 
     async fn fleet_vendor(&self, v: Vendor) -> Result<Option<FleetVendor>, ApiError> {
-        let Some(sealed) = self.store.get_vendor_credential(v.name.as_str()).await? else {
+        let Some((version, sealed)) = self.store.get_vendor_credential(v.name.as_str()).await?
+        else {
             return Ok(None);
         };
-        match self.sealer.open(v.name.as_str(), &sealed) {
+        let record = crate::credential::record_id(v.name.as_str(), version);
+        match self.sealer.open(&record, &sealed) {
             Ok(plain) => Ok(Some(FleetVendor {
                 credential: String::from_utf8(plain).map_err(|_| ApiError::Internal)?,
+                credential_version: version,
                 vendor: v,
                 allow_private_upstream: self.upstreams == domain::UpstreamPolicy::AllowPrivate,
             })),
@@ -2153,6 +2197,7 @@ mod tests {
             context: BTreeMap::new(),
             refusal_reason: String::new(),
             refused_calls: 0,
+            credential_version: 0,
         }
     }
 

@@ -436,9 +436,15 @@ fn vendor(name: &str, at: DateTime<Utc>) -> Vendor {
 }
 
 fn with_credential(v: Vendor, credential: &[u8]) -> VendorWrite {
+    with_version(v, credential, 1)
+}
+
+/// A write of `credential` as the vendor's `version` (its next one).
+fn with_version(v: Vendor, credential: &[u8], version: i64) -> VendorWrite {
     VendorWrite {
         vendor: v,
         sealed_credential: Some(credential.to_vec()),
+        credential_version: version,
     }
 }
 
@@ -594,6 +600,7 @@ fn event(
         context: BTreeMap::new(),
         refusal_reason: String::new(),
         refused_calls: 0,
+        credential_version: 0,
     }
 }
 
@@ -848,37 +855,42 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(
-            s.sealed_credentials().await.unwrap(),
+            s.sealed_credentials()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.vendor, c.version, c.sealed))
+                .collect::<Vec<_>>(),
             vec![
-                ("openai".to_string(), b"sealed-b".to_vec()),
-                ("stripe".to_string(), b"sealed-a".to_vec()),
+                ("openai".to_string(), 1, b"sealed-b".to_vec()),
+                ("stripe".to_string(), 1, b"sealed-a".to_vec()),
             ]
         );
         let version = s.latest_version().await.unwrap();
         assert!(s
-            .replace_sealed_credential("stripe", b"sealed-a", b"sealed-a2")
+            .replace_sealed_credential("stripe", 1, b"sealed-a", b"sealed-a2")
             .await
             .unwrap());
         assert_eq!(
             s.get_vendor_credential("stripe").await.unwrap(),
-            Some(b"sealed-a2".to_vec())
+            Some((1, b"sealed-a2".to_vec()))
         );
         // Stale expectation (changed meanwhile): nothing is replaced.
         assert!(!s
-            .replace_sealed_credential("stripe", b"sealed-a", b"sealed-a3")
+            .replace_sealed_credential("stripe", 1, b"sealed-a", b"sealed-a3")
             .await
             .unwrap());
         assert!(!s
-            .replace_sealed_credential("missing", b"x", b"y")
+            .replace_sealed_credential("missing", 1, b"x", b"y")
             .await
             .unwrap());
         assert_eq!(
             s.get_vendor_credential("stripe").await.unwrap(),
-            Some(b"sealed-a2".to_vec())
+            Some((1, b"sealed-a2".to_vec()))
         );
         assert_eq!(
             s.get_vendor_credential("openai").await.unwrap(),
-            Some(b"sealed-b".to_vec())
+            Some((1, b"sealed-b".to_vec()))
         );
         assert_eq!(
             s.latest_version().await.unwrap(),
@@ -892,6 +904,7 @@ mod cases {
         let no_credential = VendorWrite {
             vendor: vendor("stripe", t1),
             sealed_credential: None,
+            credential_version: 0,
         };
         assert_conflict(
             s.put_vendor(no_credential).await,
@@ -914,7 +927,7 @@ mod cases {
         assert_eq!(s.get_vendor("stripe").await.unwrap(), Some(stored.clone()));
         assert_eq!(
             s.get_vendor_credential("stripe").await.unwrap(),
-            Some(b"cred-1".to_vec())
+            Some((1, b"cred-1".to_vec()))
         );
 
         // Update without a credential: keeps it and created_at.
@@ -930,6 +943,7 @@ mod cases {
             .put_vendor(VendorWrite {
                 vendor: changed.clone(),
                 sealed_credential: None,
+                credential_version: 0,
             })
             .await
             .unwrap();
@@ -941,16 +955,34 @@ mod cases {
         assert_eq!(s.get_vendor("stripe").await.unwrap(), Some(updated.clone()));
         assert_eq!(
             s.get_vendor_credential("stripe").await.unwrap(),
-            Some(b"cred-1".to_vec())
+            Some((1, b"cred-1".to_vec()))
         );
 
-        // Update with a credential replaces it.
-        s.put_vendor(with_credential(vendor("stripe", t2), b"cred-2"))
+        // Update with a credential replaces it: the next version, active;
+        // the one before retires at once. A stale version is refused.
+        assert_conflict(
+            s.put_vendor(with_version(vendor("stripe", t2), b"cred-x", 1))
+                .await,
+            "a taken credential version",
+        );
+        s.put_vendor(with_version(vendor("stripe", t2), b"cred-2", 2))
             .await
             .unwrap();
+        let versions = s.list_credentials("stripe").await.unwrap();
+        assert_eq!(
+            versions
+                .iter()
+                .map(|c| (c.version, c.state.as_str()))
+                .collect::<Vec<_>>(),
+            [(2, "active"), (1, "retired")]
+        );
+        assert_eq!(
+            s.get_credential("stripe", 1).await.unwrap().unwrap().1,
+            None
+        );
         assert_eq!(
             s.get_vendor_credential("stripe").await.unwrap(),
-            Some(b"cred-2".to_vec())
+            Some((2, b"cred-2".to_vec()))
         );
 
         s.put_vendor(with_credential(vendor("anthropic", t1), b"x"))
@@ -1319,6 +1351,7 @@ mod cases {
         s.put_vendor(VendorWrite {
             vendor: vendor("stripe", now()),
             sealed_credential: None,
+            credential_version: 0,
         })
         .await
         .unwrap();

@@ -395,12 +395,13 @@ async fn a_credential_keeps_its_set_time_until_replaced(s: Arc<dyn Store>) {
         credential_set_at: at,
         rotate_after: rotate,
     };
-    let write = |v: Vendor, sealed: Option<&[u8]>| VendorWrite {
+    let write = |v: Vendor, sealed: Option<&[u8]>, version: i64| VendorWrite {
         vendor: v,
         sealed_credential: sealed.map(<[u8]>::to_vec),
+        credential_version: version,
     };
     let (stored, _) = s
-        .put_vendor(write(vendor(t0, Some(Duration::days(90))), Some(b"c1")))
+        .put_vendor(write(vendor(t0, Some(Duration::days(90))), Some(b"c1"), 1))
         .await
         .unwrap();
     assert_eq!(
@@ -411,7 +412,7 @@ async fn a_credential_keeps_its_set_time_until_replaced(s: Arc<dyn Store>) {
     // An update that keeps the credential keeps its age.
     let t1 = t0 + Duration::days(50);
     let (kept, _) = s
-        .put_vendor(write(vendor(t1, Some(Duration::days(90))), None))
+        .put_vendor(write(vendor(t1, Some(Duration::days(90))), None, 0))
         .await
         .unwrap();
     assert_eq!(
@@ -424,7 +425,7 @@ async fn a_credential_keeps_its_set_time_until_replaced(s: Arc<dyn Store>) {
     // A new credential starts again; clearing rotate_after stops the clock.
     let t2 = Utc::now();
     let (fresh, _) = s
-        .put_vendor(write(vendor(t2, None), Some(b"c2")))
+        .put_vendor(write(vendor(t2, None), Some(b"c2"), 2))
         .await
         .unwrap();
     assert_eq!(

@@ -33,6 +33,11 @@ pub struct VendorPolicy {
     /// or Basic for Twilio).
     pub credential_header: HeaderName,
     pub credential: HeaderValue,
+    /// The version `credential` is (0 from a control plane before
+    /// versions): recorded with every call made with it. A call keeps the
+    /// `VendorPolicy` it started with, so it injects and records one
+    /// version even when a promote lands meanwhile.
+    pub credential_version: i64,
     pub pricing: Arc<dyn PriceModel>,
     /// The control plane runs with `--allow-private-upstreams`: calls may
     /// go over plain http and to non-public addresses.
@@ -223,6 +228,7 @@ fn vendor_policy(v: pb::FleetVendor, prices: &Catalog) -> Result<VendorPolicy, S
         base_url: v.base_url,
         credential_header,
         credential,
+        credential_version: v.credential_version,
         pricing,
         allow_private_upstream: v.allow_private_upstream,
         forward_trace_context: v.forward_trace_context,

@@ -1527,6 +1527,8 @@ impl Ticket {
             day,
             trace_id: self.trace_id.clone().unwrap_or_default(),
             context: self.agent_context.clone(),
+            // The version injected: the call's own `VendorPolicy`.
+            credential_version: self.vendor.credential_version,
             // Built inside the `settle` span: the control plane's
             // ingestion of the event continues it.
             traceparent: keycap_telemetry::traceparent(&tracing::Span::current())

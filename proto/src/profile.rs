@@ -210,6 +210,80 @@ impl CredentialInjection {
     }
 }
 
+/// The cheap authenticated read that shows whether a credential works:
+/// a `GET` of `path` (below the vendor's base URL) with the credential
+/// injected as `CredentialInjection` injects it on every call. What each
+/// vendor answers without side effects or cost: Stripe's balance, OpenAI's
+/// and Anthropic's model lists, the Twilio account the credential names,
+/// Resend's domains; a generic vendor's rules name their own `probe_path`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeRequest {
+    pub path: String,
+}
+
+/// Why a credential cannot be probed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "a generic vendor's credentials are probed at its rules' probe_path, which is not set"
+    )]
+    NoProbePath,
+    #[error(
+        "the probe path must start with '/' and hold only URL path characters (no query, no '..')"
+    )]
+    BadPath,
+    #[error("a Twilio credential's user part must be an account SID (letters and digits)")]
+    BadTwilioSid,
+}
+
+/// Whether `path` can be probed: absolute, no query or fragment, no dot
+/// segments, visible ASCII only.
+pub fn check_probe_path(path: &str) -> Result<(), ProbeError> {
+    let ok = path.starts_with('/')
+        && path.len() <= 512
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"?#\\%".contains(&b))
+        && !path.split('/').any(|seg| seg == "." || seg == "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(ProbeError::BadPath)
+    }
+}
+
+impl ProbeRequest {
+    /// The probe of a `profile` vendor's `credential`; `generic_path` is a
+    /// generic vendor's `probe_path`.
+    pub fn new(
+        profile: Profile,
+        generic_path: Option<&str>,
+        credential: &str,
+    ) -> Result<Self, ProbeError> {
+        let path = match profile {
+            Profile::Stripe => "/v1/balance".to_string(),
+            Profile::Openai | Profile::Anthropic => "/v1/models".to_string(),
+            Profile::Resend => "/domains".to_string(),
+            Profile::Twilio => {
+                // The account the credential authenticates as: its user part
+                // (an API key's SID would be SK..., whose account is not
+                // named; the probe then reads as the vendor answers).
+                let sid = credential.split_once(':').map_or("", |(u, _)| u);
+                if sid.is_empty() || !sid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return Err(ProbeError::BadTwilioSid);
+                }
+                format!("/2010-04-01/Accounts/{sid}.json")
+            }
+            Profile::Generic => {
+                let p = generic_path.ok_or(ProbeError::NoProbePath)?;
+                check_probe_path(p)?;
+                p.to_string()
+            }
+        };
+        Ok(ProbeRequest { path })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +329,34 @@ mod tests {
             ("x-token", "tok_12345")
         );
         assert!(!format!("{own:?}").contains("tok_"));
+    }
+
+    #[test]
+    fn each_profile_probes_a_cheap_read() {
+        let path = |p, g, c| ProbeRequest::new(p, g, c).map(|r| r.path);
+        assert_eq!(path(Profile::Stripe, None, "sk_1").unwrap(), "/v1/balance");
+        assert_eq!(path(Profile::Openai, None, "sk").unwrap(), "/v1/models");
+        assert_eq!(path(Profile::Anthropic, None, "sk").unwrap(), "/v1/models");
+        assert_eq!(path(Profile::Resend, None, "re").unwrap(), "/domains");
+        assert_eq!(
+            path(Profile::Twilio, None, "AC123:token").unwrap(),
+            "/2010-04-01/Accounts/AC123.json"
+        );
+        assert_eq!(
+            path(Profile::Twilio, None, "../x:token"),
+            Err(ProbeError::BadTwilioSid)
+        );
+        assert_eq!(
+            path(Profile::Generic, Some("/v2/me"), "t").unwrap(),
+            "/v2/me"
+        );
+        assert_eq!(
+            path(Profile::Generic, None, "t"),
+            Err(ProbeError::NoProbePath)
+        );
+        for bad in ["v2/me", "/a/../b", "/a?x=1", "/a b", "/%2e%2e/"] {
+            assert_eq!(check_probe_path(bad), Err(ProbeError::BadPath), "{bad}");
+        }
     }
 
     #[test]

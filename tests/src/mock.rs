@@ -202,6 +202,9 @@ async fn until_released(mut released: watch::Receiver<bool>) {
 /// What the router shares between requests.
 struct MockState {
     credential: String,
+    /// Further credentials the probe endpoint (`GET /v1/balance`) accepts,
+    /// as a vendor accepts a new key next to the old during a rotation.
+    also_accepted: Mutex<Vec<String>>,
     calls: Mutex<Vec<RecordedCall>>,
     holds: Mutex<Vec<HeldPath>>,
     scripts: Mutex<Vec<(String, Scripted)>>,
@@ -285,6 +288,16 @@ impl MockVendor {
 
     pub fn credential(&self) -> &str {
         &self.state.credential
+    }
+
+    /// Makes `GET /v1/balance` accept `credential` too (as Bearer), as a
+    /// vendor accepts a newly issued key next to the old one.
+    pub fn accept_also(&self, credential: &str) {
+        self.state
+            .also_accepted
+            .lock()
+            .expect("mock credentials lock")
+            .push(credential.to_string());
     }
 
     /// Every call received so far, oldest first.
@@ -452,6 +465,7 @@ impl Drop for MockVendor {
 fn new_state(credential: &str) -> Arc<MockState> {
     Arc::new(MockState {
         credential: credential.to_string(),
+        also_accepted: Mutex::new(Vec::new()),
         calls: Mutex::new(Vec::new()),
         holds: Mutex::new(Vec::new()),
         scripts: Mutex::new(Vec::new()),
@@ -564,6 +578,7 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         ("GET", p) if customer_path(p).is_some() => {
             stripe_customer(&state, &call, customer_path(p).unwrap_or_default())
         }
+        ("GET", "/v1/balance") => balance(&state, &call),
         ("POST", "/v1/chat/completions") => chat_completion(&state, &call, mid_stream),
         ("POST", "/v1/responses") => openai::responses(&state, &call),
         ("POST", "/v1/embeddings") => openai::embeddings(&state, &call),
@@ -587,6 +602,35 @@ async fn handle(State(state): State<Arc<MockState>>, req: Request) -> Response {
         )
             .into_response(),
     }
+}
+
+/// Stripe's balance, the read a credential probe makes: 200 for the mock's
+/// credential or one `accept_also` added, else Stripe's 401 — whose body,
+/// like Stripe's, repeats part of the key it was given.
+fn balance(state: &MockState, call: &RecordedCall) -> Response {
+    let given = call
+        .authorization()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let accepted = given == state.credential
+        || state
+            .also_accepted
+            .lock()
+            .expect("mock credentials lock")
+            .iter()
+            .any(|c| c == given);
+    if !accepted {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {
+                "type": "invalid_request_error",
+                "message": format!("Invalid API Key provided: {given}"),
+            }})),
+        )
+            .into_response();
+    }
+    Json(json!({"object": "balance", "available": [{"amount": 0, "currency": "usd"}]}))
+        .into_response()
 }
 
 /// Echoes the request's headers back, the way some vendors' debugging

@@ -47,6 +47,8 @@ mod replicas;
 mod revocation;
 #[path = "e2e/simulate.rs"]
 mod simulate;
+#[path = "e2e/rotation.rs"]
+mod rotation;
 #[path = "e2e/webhooks.rs"]
 mod webhooks;
 

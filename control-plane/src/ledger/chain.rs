@@ -65,6 +65,11 @@ pub fn canonical_bytes(seq: i64, agent_run_label: &str, e: &SpendEvent) -> Vec<u
         put_str(&mut out, &e.refusal_reason);
         put_int(&mut out, e.refused_calls);
     }
+    // Only when known, so entries written before versions keep their
+    // bytes (and hashes); a refusal never has one.
+    if e.credential_version != 0 {
+        put_int(&mut out, e.credential_version);
+    }
     out
 }
 
@@ -229,6 +234,7 @@ mod tests {
             context: BTreeMap::from([("b".into(), "2".into()), ("a".into(), "1".into())]),
             refusal_reason: String::new(),
             refused_calls: 0,
+            credential_version: 0,
         }
     }
 

@@ -102,7 +102,7 @@ impl Format {
 }
 
 /// The columns of a CSV export, in order (also the JSONL field names).
-pub const FIELDS: [&str; 23] = [
+pub const FIELDS: [&str; 24] = [
     "seq",
     "event_id",
     "key_id",
@@ -124,6 +124,7 @@ pub const FIELDS: [&str; 23] = [
     "context",
     "refusal_reason",
     "refused_calls",
+    "credential_version",
     "prev_hash",
     "hash",
 ];
@@ -134,7 +135,7 @@ fn hex32(h: Option<[u8; 32]>) -> String {
 
 /// The entry's fields as text, in `FIELDS` order; the context as a JSON
 /// object, hashes as lowercase hex (empty for an unchained entry).
-pub fn fields(e: &AuditEntry) -> [String; 23] {
+pub fn fields(e: &AuditEntry) -> [String; 24] {
     let ev = &e.event;
     [
         e.seq.to_string(),
@@ -158,6 +159,7 @@ pub fn fields(e: &AuditEntry) -> [String; 23] {
         serde_json::to_string(&ev.context).unwrap_or_else(|_| "{}".into()),
         ev.refusal_reason.clone(),
         ev.refused_calls.to_string(),
+        ev.credential_version.to_string(),
         hex32(e.prev_hash),
         hex32(e.hash),
     ]
@@ -187,6 +189,7 @@ struct JsonRecord<'a> {
     context: &'a std::collections::BTreeMap<String, String>,
     refusal_reason: &'a str,
     refused_calls: i64,
+    credential_version: i64,
     prev_hash: String,
     hash: String,
 }
@@ -217,6 +220,7 @@ pub fn jsonl(e: &AuditEntry) -> String {
         context: &ev.context,
         refusal_reason: &ev.refusal_reason,
         refused_calls: ev.refused_calls,
+        credential_version: ev.credential_version,
         prev_hash: hex32(e.prev_hash),
         hash: hex32(e.hash),
     };

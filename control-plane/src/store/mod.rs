@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::approval::{Approval, ApprovalFilter};
+use crate::credential::{CredentialProbe, CredentialVersion, Promotion};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
@@ -31,6 +32,7 @@ use crate::webhook::{
 
 mod cockpit_rows;
 mod approval_rows;
+mod credential_rows;
 pub mod dialect;
 mod hook_rows;
 mod sql;
@@ -95,11 +97,21 @@ pub struct BudgetLevel {
 }
 
 /// A vendor write: the record plus, when the credential changes, its sealed
-/// form (opaque bytes from `crypto::Sealer`).
+/// form (opaque bytes from `crypto::Sealer`) and the version it was sealed
+/// as (`credential::record_id`): the vendor's next version.
 #[derive(Clone, Debug)]
 pub struct VendorWrite {
     pub vendor: Vendor,
     pub sealed_credential: Option<Vec<u8>>,
+    pub credential_version: i64,
+}
+
+/// One version's sealed material, for a KEK rotation.
+#[derive(Clone, Debug)]
+pub struct SealedCredential {
+    pub vendor: String,
+    pub version: i64,
+    pub sealed: Vec<u8>,
 }
 
 #[async_trait]
@@ -138,26 +150,79 @@ pub trait Store: Send + Sync + 'static {
 
     // --- vendors ------------------------------------------------------------
     /// Creates or replaces a vendor. Creating one requires a sealed
-    /// credential (`Conflict` otherwise); on update `None` keeps the stored
-    /// credential and `created_at`. Returns the stored vendor and whether it
-    /// was created. Appends a change-log entry.
+    /// credential (`Conflict` otherwise), which becomes version 1, active;
+    /// on update `None` keeps the stored credentials and `created_at`, and a
+    /// credential is staged and promoted at once: it becomes active as the
+    /// next version and the version active before retires at once (its
+    /// material erased), as an overwrite did before versions. `Conflict`
+    /// when `credential_version` is not the vendor's next version (another
+    /// write took it). Returns the stored vendor and whether it was
+    /// created. Appends a change-log entry.
     async fn put_vendor(&self, write: VendorWrite) -> StoreResult<(Vendor, bool)>;
     async fn get_vendor(&self, name: &str) -> StoreResult<Option<Vendor>>;
-    /// The sealed credential of a vendor, for the fleet snapshot.
-    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// The active credential version of a vendor and its sealed material,
+    /// for the fleet snapshot.
+    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<(i64, Vec<u8>)>>;
     async fn list_vendors(&self) -> StoreResult<Vec<Vendor>>;
-    /// Every vendor's name and sealed credential, for a KEK rotation.
-    async fn sealed_credentials(&self) -> StoreResult<Vec<(String, Vec<u8>)>>;
-    /// Replaces a vendor's sealed credential only if it is still `expected`,
-    /// so a rotation never overwrites a credential changed meanwhile.
-    /// Returns whether it was replaced. Appends no change-log entry: the
-    /// credential a proxy sees is the same.
+    /// Every credential version that still has sealed material (retired
+    /// ones have none), for a KEK rotation.
+    async fn sealed_credentials(&self) -> StoreResult<Vec<SealedCredential>>;
+    /// Replaces a version's sealed material only if it is still `expected`,
+    /// so a rotation never overwrites material changed (or erased)
+    /// meanwhile. Returns whether it was replaced. Appends no change-log
+    /// entry: the credential a proxy sees is the same.
     async fn replace_sealed_credential(
         &self,
         name: &str,
+        version: i64,
         expected: &[u8],
         sealed: &[u8],
     ) -> StoreResult<bool>;
+
+    // --- credential versions (see `crate::credential`) ---------------------
+    /// Stores `sealed` as `version` of `vendor`, staged (not served).
+    /// `NotFound` for an unknown vendor, `Conflict` when the version is
+    /// taken (the caller seals again as the next one).
+    async fn stage_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CredentialVersion>;
+    /// A vendor's versions, newest first (empty for an unknown vendor).
+    async fn list_credentials(&self, vendor: &str) -> StoreResult<Vec<CredentialVersion>>;
+    /// One version and its sealed material (`None` once retired).
+    async fn get_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+    ) -> StoreResult<Option<(CredentialVersion, Option<Vec<u8>>)>>;
+    /// Records a probe of a version; `NotFound` if absent.
+    async fn record_credential_probe(
+        &self,
+        vendor: &str,
+        version: i64,
+        probe: &CredentialProbe,
+    ) -> StoreResult<CredentialVersion>;
+    /// Makes `version` the vendor's active one, in one transaction: the
+    /// version active before becomes previous until `now + grace` (retired
+    /// at once, material erased, when `grace` is zero). A staged version or
+    /// a previous one still in grace (a rollback) may be promoted;
+    /// promoting the active one changes nothing. `NotFound` if absent,
+    /// `Conflict` for a retired one. Appends a change-log entry when
+    /// something changed, so proxies inject the new version.
+    async fn promote_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+        grace: chrono::TimeDelta,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Promotion>;
+    /// Retires every previous version whose grace ended at or before `now`:
+    /// its sealed material is erased. The (vendor, version) retired.
+    async fn retire_credentials(&self, now: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>>;
+
     /// Deletes a vendor; `NotFound` if absent, `Conflict` if an active
     /// (unrevoked, unexpired at `now`) key uses it. Appends a change-log entry.
     async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()>;

@@ -368,7 +368,7 @@ impl ChangeRow {
 
 pub(super) const AUDIT_COLUMNS: &str = "seq, event_id, key_id, agent_run_label, vendor, method, \
      path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
-     trace_id, context, prev_hash, hash, refusal_reason, refused_calls";
+     trace_id, context, prev_hash, hash, refusal_reason, refused_calls, credential_version";
 
 #[derive(sqlx::FromRow)]
 pub struct AuditRow {
@@ -394,6 +394,7 @@ pub struct AuditRow {
     hash: Option<Vec<u8>>,
     refusal_reason: String,
     refused_calls: i64,
+    credential_version: i64,
 }
 
 fn hash32(v: Option<Vec<u8>>, column: &str) -> StoreResult<Option<[u8; 32]>> {
@@ -425,6 +426,7 @@ impl AuditRow {
                 context: from_json(&self.context, "audit.context")?,
                 refusal_reason: self.refusal_reason,
                 refused_calls: self.refused_calls,
+                credential_version: self.credential_version,
             },
             prev_hash: hash32(self.prev_hash, "audit.prev_hash")?,
             hash: hash32(self.hash, "audit.hash")?,
@@ -997,7 +999,8 @@ pub(super) fn audit_insert(entries: &[ChainedEntry<'_>]) -> StoreResult<Statemen
     let mut q = Statement::new(
         "INSERT INTO audit (seq, event_id, key_id, agent_run_label, vendor, method, path, \
          upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
-         trace_id, context, prev_hash, hash, refusal_reason, refused_calls) VALUES ",
+         trace_id, context, prev_hash, hash, refusal_reason, refused_calls, \
+         credential_version) VALUES ",
     );
     for (i, c) in entries.iter().enumerate() {
         let e = c.event;
@@ -1033,6 +1036,7 @@ pub(super) fn audit_insert(entries: &[ChainedEntry<'_>]) -> StoreResult<Statemen
         q.push(", ").push_bind(c.hash.to_vec());
         q.push(", ").push_bind(e.refusal_reason.as_str());
         q.push(", ").push_bind(e.refused_calls);
+        q.push(", ").push_bind(e.credential_version);
         q.push(")");
     }
     Ok(q)

@@ -13,6 +13,7 @@ use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Typ
 
 use super::cockpit_rows::{LineageSpendRow, RefusalCountRow, MAX_REFUSAL_GROUPS};
 use super::approval_rows::{ApprovalRow, APPROVAL_COLUMNS};
+use super::credential_rows::{CredentialRow, SealedCredentialRow, CREDENTIAL_COLUMNS};
 use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
 use super::hook_rows::{HookRow, CHANGE_HOOK, HOOK_COLUMNS};
 use super::sql::{
@@ -34,8 +35,9 @@ use super::webhook_rows::{
     endpoint_lists, AttemptRow, ClaimRow, DeliveryRow, WebhookEndpointRow, ATTEMPT_COLUMNS,
     CLAIM_COLUMNS, DELIVERY_COLUMNS, ENDPOINT_COLUMNS,
 };
-use super::{RevokedKey, Store, StoreError, StoreResult, VendorWrite};
+use super::{RevokedKey, SealedCredential, Store, StoreError, StoreResult, VendorWrite};
 use crate::approval::{Approval, ApprovalFilter, ApprovalState};
+use crate::credential::{CredentialProbe, CredentialState, CredentialVersion, Promotion};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendDimension, SpendEvent, SpendGroup,
@@ -151,6 +153,8 @@ where
     for<'r> AdminTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> IssuerTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> VendorRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> CredentialRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> SealedCredentialRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> ChangeRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AuditRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> GrantRow: FromRow<'r, <D::Db as Database>::Row>,
@@ -189,6 +193,83 @@ where
                 .await?;
         }
         Ok(())
+    }
+
+    /// Inserts a credential version; `Conflict` when the version is taken.
+    async fn insert_credential(
+        conn: &mut <D::Db as Database>::Connection,
+        vendor: &str,
+        version: i64,
+        sealed: &[u8],
+        state: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        let promoted_at = (state == "active").then_some(now);
+        sqlx::query(
+            "INSERT INTO vendor_credentials (vendor, version, state, sealed, created_at, \
+             promoted_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(vendor)
+        .bind(version)
+        .bind(state)
+        .bind(sealed)
+        .bind(now)
+        .bind(promoted_at)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| {
+            conflict_on_unique(e, || {
+                format!("credential version {version} of vendor {vendor} is taken")
+            })
+        })?;
+        Ok(())
+    }
+
+    /// The version after the vendor's highest.
+    async fn next_credential_version(
+        conn: &mut <D::Db as Database>::Connection,
+        vendor: &str,
+    ) -> StoreResult<i64> {
+        let max: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM vendor_credentials WHERE vendor = $1")
+                .bind(vendor)
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok(max.unwrap_or(0) + 1)
+    }
+
+    /// Retires the vendor's versions matching `condition` (fixed SQL, never
+    /// input): material erased.
+    async fn retire_where(
+        conn: &mut <D::Db as Database>::Connection,
+        vendor: &str,
+        condition: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "UPDATE vendor_credentials SET state = 'retired', sealed = NULL, retired_at = $2, \
+             grace_until = NULL WHERE vendor = $1 AND {condition}"
+        ))
+        .bind(vendor)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn credential_row(
+        conn: &mut <D::Db as Database>::Connection,
+        vendor: &str,
+        version: i64,
+    ) -> StoreResult<Option<CredentialRow>> {
+        let sql = format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM vendor_credentials WHERE vendor = $1 AND version = $2"
+        );
+        Ok(sqlx::query_as::<_, CredentialRow>(&sql)
+            .bind(vendor)
+            .bind(version)
+            .fetch_optional(&mut *conn)
+            .await?)
     }
 
     /// Inserts an admin token; with `keep_existing`, a token whose hash is
@@ -324,6 +405,8 @@ where
     for<'r> AdminTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> IssuerTokenRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> VendorRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> CredentialRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> SealedCredentialRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> ChangeRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AuditRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> GrantRow: FromRow<'r, <D::Db as Database>::Row>,
@@ -509,6 +592,7 @@ where
         .fetch_optional(w.conn())
         .await?;
         let rotate_after = v.rotate_after.map(|d| d.num_seconds());
+        let now = micros(v.updated_at);
         let (created_at, credential_set_at, created) = match (existing, &write.sealed_credential) {
             (None, None) => {
                 return Err(StoreError::Conflict(format!(
@@ -517,20 +601,25 @@ where
                 )))
             }
             (None, Some(sealed)) => {
+                if write.credential_version != 1 {
+                    return Err(StoreError::Conflict(format!(
+                        "vendor {} is new: its credential is version 1",
+                        v.name
+                    )));
+                }
                 sqlx::query(
                     "INSERT INTO vendors (name, profile, base_url, currency_rates, prices, \
-                     sealed_credential, created_at, updated_at, credential_set_at, rotate_after_secs, \
-                     forward_trace_context) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                     created_at, updated_at, credential_set_at, rotate_after_secs, \
+                     forward_trace_context) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(v.name.as_str())
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
                 .bind(&rates)
                 .bind(&v.prices)
-                .bind(sealed.as_slice())
                 .bind(micros(v.created_at))
-                .bind(micros(v.updated_at))
-                .bind(micros(v.updated_at))
+                .bind(now)
+                .bind(now)
                 .bind(rotate_after)
                 .bind(v.forward_trace_context)
                 .execute(w.conn())
@@ -538,26 +627,40 @@ where
                 .map_err(|e| {
                     conflict_on_unique(e, || format!("vendor {} was created concurrently", v.name))
                 })?;
+                // A vendor deleted before may have left nothing: its rows
+                // went with it (`delete_vendor`).
+                Self::insert_credential(w.conn(), v.name.as_str(), 1, sealed, "active", now)
+                    .await?;
                 (truncate(v.created_at), truncate(v.updated_at), true)
             }
             (Some((created_at, set_at)), sealed) => {
-                let set_at = if sealed.is_some() {
-                    micros(v.updated_at)
+                let set_at = if let Some(sealed) = sealed {
+                    let next = Self::next_credential_version(w.conn(), v.name.as_str()).await?;
+                    if next != write.credential_version {
+                        return Err(StoreError::Conflict(format!(
+                            "credential version {} of vendor {} is taken",
+                            write.credential_version, v.name
+                        )));
+                    }
+                    // Overwritten as before versions: the active one
+                    // retires at once, its material erased.
+                    Self::retire_where(w.conn(), v.name.as_str(), "state = 'active'", now).await?;
+                    Self::insert_credential(w.conn(), v.name.as_str(), next, sealed, "active", now)
+                        .await?;
+                    now
                 } else {
                     set_at
                 };
                 sqlx::query(
                     "UPDATE vendors SET profile = $1, base_url = $2, currency_rates = $3, prices = $4, \
-                     sealed_credential = COALESCE($5, sealed_credential), updated_at = $6, \
-                     credential_set_at = $7, rotate_after_secs = $8, forward_trace_context = $10 \
-                     WHERE name = $9",
+                     updated_at = $5, credential_set_at = $6, rotate_after_secs = $7, \
+                     forward_trace_context = $9 WHERE name = $8",
                 )
                 .bind(v.profile.as_str())
                 .bind(&v.base_url)
                 .bind(&rates)
                 .bind(&v.prices)
-                .bind(sealed.as_deref())
-                .bind(micros(v.updated_at))
+                .bind(now)
                 .bind(set_at)
                 .bind(rotate_after)
                 .bind(v.name.as_str())
@@ -592,38 +695,276 @@ where
             .transpose()
     }
 
-    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        Ok(
-            sqlx::query_scalar("SELECT sealed_credential FROM vendors WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?,
+    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<(i64, Vec<u8>)>> {
+        Ok(sqlx::query_as(
+            "SELECT version, sealed FROM vendor_credentials \
+             WHERE vendor = $1 AND state = 'active' AND sealed IS NOT NULL",
         )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
-    async fn sealed_credentials(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
-        Ok(
-            sqlx::query_as("SELECT name, sealed_credential FROM vendors ORDER BY name")
-                .fetch_all(&self.pool)
-                .await?,
+    async fn sealed_credentials(&self) -> StoreResult<Vec<SealedCredential>> {
+        let rows: Vec<SealedCredentialRow> = sqlx::query_as(
+            "SELECT vendor, version, sealed FROM vendor_credentials \
+             WHERE sealed IS NOT NULL ORDER BY vendor, version",
         )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SealedCredential {
+                vendor: r.vendor,
+                version: r.version,
+                sealed: r.sealed,
+            })
+            .collect())
     }
 
     async fn replace_sealed_credential(
         &self,
         name: &str,
+        version: i64,
         expected: &[u8],
         sealed: &[u8],
     ) -> StoreResult<bool> {
         let done = sqlx::query(
-            "UPDATE vendors SET sealed_credential = $3 WHERE name = $1 AND sealed_credential = $2",
+            "UPDATE vendor_credentials SET sealed = $4 \
+             WHERE vendor = $1 AND version = $2 AND sealed = $3",
         )
         .bind(name)
+        .bind(version)
         .bind(expected)
         .bind(sealed)
         .execute(&self.pool)
         .await?;
         Ok(D::rows_affected(&done) == 1)
+    }
+
+    async fn stage_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CredentialVersion> {
+        let mut w = self.begin_write().await?;
+        let exists: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM vendors WHERE name = $1{}",
+            D::FOR_UPDATE
+        ))
+        .bind(vendor)
+        .fetch_optional(w.conn())
+        .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!("vendor {vendor}")));
+        }
+        Self::insert_credential(w.conn(), vendor, version, sealed, "staged", micros(now)).await?;
+        let row = Self::credential_row(w.conn(), vendor, version)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("credential {vendor} v{version}")))?;
+        w.commit().await?;
+        row.into_domain()
+    }
+
+    async fn list_credentials(&self, vendor: &str) -> StoreResult<Vec<CredentialVersion>> {
+        let sql = format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM vendor_credentials WHERE vendor = $1 \
+             ORDER BY version DESC"
+        );
+        sqlx::query_as::<_, CredentialRow>(&sql)
+            .bind(vendor)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(CredentialRow::into_domain)
+            .collect()
+    }
+
+    async fn get_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+    ) -> StoreResult<Option<(CredentialVersion, Option<Vec<u8>>)>> {
+        let Some(row) = ({
+            let mut conn = self.pool.acquire().await?;
+            Self::credential_row(&mut conn, vendor, version).await?
+        }) else {
+            return Ok(None);
+        };
+        let sealed: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT version, sealed FROM vendor_credentials WHERE vendor = $1 AND version = $2",
+        )
+        .bind(vendor)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Some((row.into_domain()?, sealed.and_then(|(_, s)| s))))
+    }
+
+    async fn record_credential_probe(
+        &self,
+        vendor: &str,
+        version: i64,
+        probe: &CredentialProbe,
+    ) -> StoreResult<CredentialVersion> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE vendor_credentials SET probe_ok = $3, probe_status = $4, probe_error = $5, \
+             probed_at = $6 WHERE vendor = $1 AND version = $2",
+        )
+        .bind(vendor)
+        .bind(version)
+        .bind(probe.ok)
+        .bind(probe.status)
+        .bind(probe.error.as_str())
+        .bind(micros(probe.at))
+        .execute(w.conn())
+        .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!(
+                "credential {vendor} v{version}"
+            )));
+        }
+        let row = Self::credential_row(w.conn(), vendor, version)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("credential {vendor} v{version}")))?;
+        w.commit().await?;
+        row.into_domain()
+    }
+
+    async fn promote_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+        grace: chrono::TimeDelta,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Promotion> {
+        let now_us = micros(now);
+        let mut w = self.begin_write().await?;
+        // The vendor's row serialises promotes of one vendor.
+        let exists: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM vendors WHERE name = $1{}",
+            D::FOR_UPDATE
+        ))
+        .bind(vendor)
+        .fetch_optional(w.conn())
+        .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!("vendor {vendor}")));
+        }
+        let target = Self::credential_row(w.conn(), vendor, version)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("credential version {version}")))?
+            .into_domain()?;
+        match target.state {
+            CredentialState::Active => {
+                w.commit().await?;
+                return Ok(Promotion {
+                    active: target,
+                    previous: None,
+                    changed: false,
+                });
+            }
+            CredentialState::Retired => {
+                return Err(StoreError::Conflict(format!(
+                    "credential version {version} is retired: its material is erased"
+                )));
+            }
+            CredentialState::Previous if target.grace_until.is_some_and(|g| g <= now) => {
+                return Err(StoreError::Conflict(format!(
+                    "credential version {version}'s grace has ended; it is being retired"
+                )));
+            }
+            CredentialState::Staged | CredentialState::Previous => {}
+        }
+        let old: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM vendor_credentials WHERE vendor = $1 AND state = 'active'",
+        )
+        .bind(vendor)
+        .fetch_optional(w.conn())
+        .await?;
+        if let Some(old) = old {
+            if grace > chrono::TimeDelta::zero() {
+                sqlx::query(
+                    "UPDATE vendor_credentials SET state = 'previous', grace_until = $3 \
+                     WHERE vendor = $1 AND version = $2",
+                )
+                .bind(vendor)
+                .bind(old)
+                .bind(micros(now + grace))
+                .execute(w.conn())
+                .await?;
+            } else {
+                Self::retire_where(w.conn(), vendor, "state = 'active'", now_us).await?;
+            }
+        }
+        sqlx::query(
+            "UPDATE vendor_credentials SET state = 'active', promoted_at = $3, grace_until = NULL \
+             WHERE vendor = $1 AND version = $2",
+        )
+        .bind(vendor)
+        .bind(version)
+        .bind(now_us)
+        .execute(w.conn())
+        .await?;
+        // A vendor's credential age is its active version's age.
+        sqlx::query(
+            "UPDATE vendors SET credential_set_at = (SELECT created_at FROM vendor_credentials \
+             WHERE vendor = $1 AND version = $2) WHERE name = $1",
+        )
+        .bind(vendor)
+        .bind(version)
+        .execute(w.conn())
+        .await?;
+        let active = Self::credential_row(w.conn(), vendor, version)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("credential version {version}")))?
+            .into_domain()?;
+        let previous = match old {
+            Some(old) => Self::credential_row(w.conn(), vendor, old)
+                .await?
+                .map(CredentialRow::into_domain)
+                .transpose()?,
+            None => None,
+        };
+        Self::append_changes(w.conn(), CHANGE_VENDOR, &[vendor]).await?;
+        w.commit().await?;
+        Ok(Promotion {
+            active,
+            previous,
+            changed: true,
+        })
+    }
+
+    async fn retire_credentials(&self, now: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>> {
+        let due: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT vendor, version FROM vendor_credentials \
+             WHERE state = 'previous' AND grace_until <= $1 ORDER BY vendor, version",
+        )
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut retired = Vec::with_capacity(due.len());
+        for (vendor, version) in due {
+            // Only if still previous and due: a rollback meanwhile made it
+            // active again.
+            let done = sqlx::query(
+                "UPDATE vendor_credentials SET state = 'retired', sealed = NULL, retired_at = $3, \
+                 grace_until = NULL WHERE vendor = $1 AND version = $2 AND state = 'previous' \
+                 AND grace_until <= $3",
+            )
+            .bind(vendor.as_str())
+            .bind(version)
+            .bind(micros(now))
+            .execute(&self.pool)
+            .await?;
+            if D::rows_affected(&done) == 1 {
+                retired.push((vendor, version));
+            }
+        }
+        Ok(retired)
     }
 
     async fn list_vendors(&self) -> StoreResult<Vec<Vendor>> {
@@ -662,6 +1003,10 @@ where
             )));
         }
         sqlx::query("DELETE FROM vendors WHERE name = $1")
+            .bind(name)
+            .execute(w.conn())
+            .await?;
+        sqlx::query("DELETE FROM vendor_credentials WHERE vendor = $1")
             .bind(name)
             .execute(w.conn())
             .await?;

@@ -6,8 +6,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{BudgetLevel, RevokedKey, Store, StoreResult, VendorWrite};
+use super::{BudgetLevel, RevokedKey, SealedCredential, Store, StoreResult, VendorWrite};
 use crate::approval::{Approval, ApprovalFilter};
+use crate::credential::{CredentialProbe, CredentialVersion, Promotion};
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
@@ -91,7 +92,7 @@ impl<S: Store> Store for TimedStore<S> {
         timed("get_vendor", self.0.get_vendor(name)).await
     }
 
-    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+    async fn get_vendor_credential(&self, name: &str) -> StoreResult<Option<(i64, Vec<u8>)>> {
         timed("get_vendor_credential", self.0.get_vendor_credential(name)).await
     }
 
@@ -99,21 +100,80 @@ impl<S: Store> Store for TimedStore<S> {
         timed("list_vendors", self.0.list_vendors()).await
     }
 
-    async fn sealed_credentials(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+    async fn sealed_credentials(&self) -> StoreResult<Vec<SealedCredential>> {
         timed("sealed_credentials", self.0.sealed_credentials()).await
     }
 
     async fn replace_sealed_credential(
         &self,
         name: &str,
+        version: i64,
         expected: &[u8],
         sealed: &[u8],
     ) -> StoreResult<bool> {
         timed(
             "replace_sealed_credential",
-            self.0.replace_sealed_credential(name, expected, sealed),
+            self.0
+                .replace_sealed_credential(name, version, expected, sealed),
         )
         .await
+    }
+
+    async fn stage_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> StoreResult<CredentialVersion> {
+        timed(
+            "stage_credential",
+            self.0.stage_credential(vendor, version, sealed, now),
+        )
+        .await
+    }
+
+    async fn list_credentials(&self, vendor: &str) -> StoreResult<Vec<CredentialVersion>> {
+        timed("list_credentials", self.0.list_credentials(vendor)).await
+    }
+
+    async fn get_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+    ) -> StoreResult<Option<(CredentialVersion, Option<Vec<u8>>)>> {
+        timed("get_credential", self.0.get_credential(vendor, version)).await
+    }
+
+    async fn record_credential_probe(
+        &self,
+        vendor: &str,
+        version: i64,
+        probe: &CredentialProbe,
+    ) -> StoreResult<CredentialVersion> {
+        timed(
+            "record_credential_probe",
+            self.0.record_credential_probe(vendor, version, probe),
+        )
+        .await
+    }
+
+    async fn promote_credential(
+        &self,
+        vendor: &str,
+        version: i64,
+        grace: chrono::TimeDelta,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Promotion> {
+        timed(
+            "promote_credential",
+            self.0.promote_credential(vendor, version, grace, now),
+        )
+        .await
+    }
+
+    async fn retire_credentials(&self, now: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>> {
+        timed("retire_credentials", self.0.retire_credentials(now)).await
     }
 
     async fn delete_vendor(&self, name: &str, now: DateTime<Utc>) -> StoreResult<()> {

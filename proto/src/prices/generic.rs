@@ -58,6 +58,10 @@ pub struct GenericRules {
     /// The header the real credential goes in, as the value itself;
     /// `None` for `Authorization: Bearer <credential>`.
     pub credential_header: Option<String>,
+    /// The path of a cheap authenticated read (`GET`) that shows whether a
+    /// credential works (`profile::ProbeRequest`); `None`: credentials of
+    /// this vendor cannot be probed.
+    pub probe_path: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +73,8 @@ struct RawRules {
     rules: Vec<RawRule>,
     #[serde(default)]
     credential_header: Option<String>,
+    #[serde(default)]
+    probe_path: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -216,10 +222,15 @@ impl GenericRules {
             crate::profile::check_credential_header(h)
                 .map_err(|e| err(format!("generic rules: credential_header: {e}")))?;
         }
+        if let Some(p) = &raw.probe_path {
+            crate::profile::check_probe_path(p)
+                .map_err(|e| err(format!("generic rules: probe_path: {e}")))?;
+        }
         Ok(GenericRules {
             as_of: raw.as_of,
             rules,
             credential_header,
+            probe_path: raw.probe_path,
         })
     }
 

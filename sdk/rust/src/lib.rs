@@ -15,9 +15,9 @@ use std::path::Path;
 use keycap_proto::pb::{
     admin_token_service_client::AdminTokenServiceClient,
     approval_service_client::ApprovalServiceClient, audit_service_client::AuditServiceClient,
-    key_service_client::KeyServiceClient, simulate_service_client::SimulateServiceClient,
-    suggest_service_client::SuggestServiceClient, vendor_service_client::VendorServiceClient,
-    webhook_service_client::WebhookServiceClient,
+    credential_service_client::CredentialServiceClient, key_service_client::KeyServiceClient,
+    simulate_service_client::SimulateServiceClient, suggest_service_client::SuggestServiceClient,
+    vendor_service_client::VendorServiceClient, webhook_service_client::WebhookServiceClient,
 };
 use keycap_proto::tls::{self, Trust};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -76,6 +76,8 @@ pub struct AdminClient {
     pub approvals: ApprovalServiceClient<Svc>,
     /// Policies suggested from a key's observed calls (`SuggestPolicy`).
     pub suggest: SuggestServiceClient<Svc>,
+    /// A vendor's credential versions: stage, list, probe, promote.
+    pub credentials: CredentialServiceClient<Svc>,
 }
 
 impl AdminClient {
@@ -121,7 +123,8 @@ impl AdminClient {
             webhooks: WebhookServiceClient::with_interceptor(channel.clone(), auth.clone()),
             simulate: SimulateServiceClient::with_interceptor(channel.clone(), auth.clone()),
             approvals: ApprovalServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            suggest: SuggestServiceClient::with_interceptor(channel, auth),
+            suggest: SuggestServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            credentials: CredentialServiceClient::with_interceptor(channel, auth),
         })
     }
 }
