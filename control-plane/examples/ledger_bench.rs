@@ -82,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
             revoked_at: None,
             limits: KeyLimits::default(),
             parent_id: None,
+            roll: Default::default(),
         })
         .await?;
     let day = now.format("%Y-%m-%d").to_string();

@@ -12,6 +12,9 @@ use chrono::{DateTime, Utc};
 use keycap_proto::secret::SecretKind;
 use keycap_proto::Micros;
 
+pub mod roll;
+pub use roll::KeyRoll;
+
 /// Largest cap keycap accepts: one billion dollars. Anything above is a typo
 /// (or an attempt to make a cap meaningless) and is refused.
 pub const MAX_CAP: Micros = Micros(1_000_000_000 * 1_000_000);
@@ -507,6 +510,8 @@ pub struct VaultKey {
     /// The key whose caps this key also draws on (a budget tree); `None`
     /// for a root key. Fixed at mint.
     pub parent_id: Option<String>,
+    /// Its place in a roll chain, and the budget it spends (`roll`).
+    pub roll: KeyRoll,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -528,6 +533,12 @@ impl KeyStatus {
 }
 
 impl VaultKey {
+    /// The budget this key spends: its roll chain's first key, or itself.
+    /// Leases, daily spend and the budget tree are all keyed by it.
+    pub fn budget_id(&self) -> &str {
+        self.roll.budget_id.as_deref().unwrap_or(&self.id)
+    }
+
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
         if self.revoked_at.is_some() {
             KeyStatus::Revoked
@@ -1349,6 +1360,7 @@ mod tests {
             revoked_at: None,
             limits: KeyLimits::default(),
             parent_id: None,
+            roll: KeyRoll::default(),
         }
     }
 

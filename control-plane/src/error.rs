@@ -33,6 +33,10 @@ pub enum ApiError {
         "an issuer token may only mint child keys of its own key (POST /vault/keys or CreateKey)"
     )]
     IssuerScope,
+    /// A roll of a key that was already rolled: a key has one successor,
+    /// so the chain stays one line and its budget one budget.
+    #[error("{0}")]
+    KeyAlreadyRolled(String),
     /// Something failed inside keycap; details went to the log.
     #[error("internal error")]
     Internal,
@@ -49,6 +53,7 @@ impl ApiError {
             ApiError::MissingScope(_) => "missing_scope",
             ApiError::VendorNotAllowed(_) => "vendor_not_allowed",
             ApiError::IssuerScope => "issuer_scope",
+            ApiError::KeyAlreadyRolled(_) => "key_already_rolled",
             ApiError::Internal => "internal",
         }
     }
@@ -58,7 +63,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => S::BAD_REQUEST,
             ApiError::NotFound(_) => S::NOT_FOUND,
-            ApiError::Conflict(_) => S::CONFLICT,
+            ApiError::Conflict(_) | ApiError::KeyAlreadyRolled(_) => S::CONFLICT,
             ApiError::Unauthenticated => S::UNAUTHORIZED,
             ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
                 S::FORBIDDEN
@@ -105,7 +110,9 @@ impl From<ApiError> for tonic::Status {
         let mut status = match e {
             ApiError::Invalid(_) => tonic::Status::invalid_argument(msg),
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
-            ApiError::Conflict(_) => tonic::Status::failed_precondition(msg),
+            ApiError::Conflict(_) | ApiError::KeyAlreadyRolled(_) => {
+                tonic::Status::failed_precondition(msg)
+            }
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
             ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
                 tonic::Status::permission_denied(msg)

@@ -38,7 +38,9 @@ use crate::ledger;
 use crate::scope::Operation;
 use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, NewKey, PutVendor};
 
+mod rolls;
 mod webhooks;
+pub use rolls::RollKeyBody;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;
@@ -235,7 +237,7 @@ impl utoipa::Modify for AdminTokenAuth {
         create_admin_token, list_admin_tokens, revoke_admin_token,
         spend, audit, verify_audit, list_checkpoints, export_audit, openapi_json,
         webhooks::create, webhooks::list, webhooks::read, webhooks::remove, webhooks::test,
-        webhooks::deliveries,
+        webhooks::deliveries, rolls::roll,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -311,6 +313,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/vault/audit/checkpoints", get(list_checkpoints))
         .route("/vault/audit/export", get(export_audit))
         .merge(webhooks::routes())
+        .merge(rolls::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

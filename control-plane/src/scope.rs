@@ -285,10 +285,13 @@ pub enum Operation {
     TestWebhook,
     /// An endpoint's deliveries and their attempts.
     ListWebhookDeliveries,
+    /// Mint a key's successor (same policy and budget) and revoke the key
+    /// after a grace.
+    RollKey,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 27] = [
+    pub const ALL: [Operation; 28] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -316,6 +319,7 @@ impl Operation {
         Operation::DeleteWebhook,
         Operation::TestWebhook,
         Operation::ListWebhookDeliveries,
+        Operation::RollKey,
     ];
 }
 
@@ -337,6 +341,8 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::RevokeIssuerToken => &[S::KeysRevoke],
         O::GetKey | O::ListKeys => &[S::KeysRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
+        // A roll issues a key and revokes one.
+        O::RollKey => &[S::KeysIssue, S::KeysRevoke],
         O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],
         O::ListAdminTokens => &[S::TokensRead],
@@ -389,6 +395,9 @@ mod tests {
                 Some(Scope::KeysRevoke),
             ),
             (Operation::RevokeRun, &["keys:revoke"], None),
+            (Operation::RollKey, &["keys:issue"], Some(Scope::KeysRevoke)),
+            (Operation::RollKey, &["keys:revoke"], Some(Scope::KeysIssue)),
+            (Operation::RollKey, &["keys:issue", "keys:revoke"], None),
             (Operation::PutVendor, &["vendors:write"], None),
             (
                 Operation::PutVendorWithCredential,

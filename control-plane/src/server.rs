@@ -86,6 +86,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         config.change_log_keep,
     );
     control.heartbeat_fleet();
+    control.retire_rolled_keys_periodically();
     control.deliver_webhooks(
         if config.allow_private_webhooks {
             tracing::warn!(

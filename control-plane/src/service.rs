@@ -35,7 +35,9 @@ use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
 mod alerts;
+mod rolls;
 pub use alerts::SPOOL_BACKLOG;
+pub use rolls::Rolled;
 
 /// How long proxies keep knowing a key after it expired, to answer
 /// `key_expired` rather than `invalid_key`.
@@ -1353,6 +1355,7 @@ impl Control {
             revoked_at: None,
             limits: req.limits,
             parent_id: req.parent_id,
+            roll: domain::KeyRoll::default(),
         };
         if let Some(parent_id) = &key.parent_id {
             // A parent of a vendor the caller may not act on is not found,

@@ -502,6 +502,7 @@ fn key(id: &str, vendor: &str, label: &str, daily_cap: i64) -> VaultKey {
         revoked_at: None,
         limits: KeyLimits::default(),
         parent_id: None,
+        roll: Default::default(),
     }
 }
 
