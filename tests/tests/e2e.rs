@@ -2432,3 +2432,6 @@ mod rust_client;
 
 #[path = "e2e/cli.rs"]
 mod cli;
+
+#[path = "e2e/key_roll.rs"]
+mod key_roll;

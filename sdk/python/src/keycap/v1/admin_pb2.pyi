@@ -657,6 +657,10 @@ class VaultKey(_message.Message):
     ALLOWED_CIDRS_FIELD_NUMBER: _builtins.int
     ZONE_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
+    ROLLED_FROM_FIELD_NUMBER: _builtins.int
+    SUCCESSOR_FIELD_NUMBER: _builtins.int
+    GRACE_ENDS_AT_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     key_prefix: _builtins.str
     """First characters of the secret, enough to recognise it in a list."""
@@ -682,6 +686,14 @@ class VaultKey(_message.Message):
     """The key whose caps this key also draws on (a budget tree); empty for a
     root key.
     """
+    rolled_from: _builtins.str
+    """Rolls (docs/keys.md): the key this one succeeded, empty if none."""
+    successor: _builtins.str
+    """The key that succeeded this one, empty until it is rolled."""
+    budget_id: _builtins.str
+    """The budget this key spends: the id of its roll chain's first key (its
+    own id when it was never rolled into).
+    """
     @_builtins.property
     def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -697,6 +709,10 @@ class VaultKey(_message.Message):
         """Client networks the key may be used from ("10.0.0.0/8", "2001:db8::/32",
         or one address); empty means any.
         """
+
+    @_builtins.property
+    def grace_ends_at(self) -> _timestamp_pb2.Timestamp:
+        """When a rolled key's grace ends and it is revoked; unset if not rolled."""
 
     def __init__(
         self,
@@ -722,10 +738,14 @@ class VaultKey(_message.Message):
         allowed_cidrs: _abc.Iterable[_builtins.str] | None = ...,
         zone: _builtins.str = ...,
         parent_id: _builtins.str = ...,
+        rolled_from: _builtins.str = ...,
+        successor: _builtins.str = ...,
+        grace_ends_at: _timestamp_pb2.Timestamp | None = ...,
+        budget_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "grace_ends_at", b"grace_ends_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "budget_id", b"budget_id", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "grace_ends_at", b"grace_ends_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "rolled_from", b"rolled_from", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "successor", b"successor", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2428,3 +2448,70 @@ class ListWebhookDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class RollKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    GRACE_FIELD_NUMBER: _builtins.int
+    ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    grace: _builtins.str
+    """How long the rolled key keeps working: a duration such as "10m", "90s"
+    or "1h", at most 24h; empty: 10m.
+    """
+    ack_timeout_ms: _builtins.int
+    """How long to wait for the proxies to serve the successor, in
+    milliseconds, at most 60000; 0: the control plane's --ack-timeout-ms.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        grace: _builtins.str = ...,
+        ack_timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "grace", b"grace", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollKeyRequest: _TypeAlias = RollKeyRequest  # noqa: Y015
+
+@_typing.final
+class RollKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    ROLLED_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The successor's secret (kc_...). Shown only here."""
+    @_builtins.property
+    def key(self) -> Global___VaultKey:
+        """The successor."""
+
+    @_builtins.property
+    def confirmation(self) -> Global___FleetConfirmation: ...
+    @_builtins.property
+    def rolled(self) -> Global___VaultKey:
+        """The rolled key, now with its successor and grace deadline."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___VaultKey | None = ...,
+        secret: _builtins.str = ...,
+        confirmation: Global___FleetConfirmation | None = ...,
+        rolled: Global___VaultKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "key", b"key", "rolled", b"rolled"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "key", b"key", "rolled", b"rolled", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollKeyResponse: _TypeAlias = RollKeyResponse  # noqa: Y015
