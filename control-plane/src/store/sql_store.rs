@@ -993,7 +993,7 @@ where
                CAST(COALESCE(SUM(CASE WHEN day = $2 THEN calls END), 0) AS BIGINT), \
                CAST(COALESCE(SUM(spent), 0) AS BIGINT) \
              FROM key_spend_daily WHERE key_id = \
-               (SELECT COALESCE(budget_id, id) FROM vault_keys WHERE id = $1)",
+               COALESCE((SELECT budget_id FROM vault_keys WHERE id = $1), $1)",
         )
         .bind(id)
         .bind(day)
