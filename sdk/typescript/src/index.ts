@@ -52,6 +52,7 @@ const BY_CODE: Record<string, typeof KeycapError> = {
   invalid_request: InvalidRequest,
   not_found: NotFound,
   conflict: Conflict,
+  key_already_rolled: Conflict,
   unauthenticated: Unauthenticated,
   missing_scope: PermissionDenied,
   vendor_not_allowed: PermissionDenied,
