@@ -173,3 +173,35 @@ async fn a_rolled_key_can_be_revoked_during_its_grace_and_revoking_the_successor
         .await
         .expect_error(409, "conflict");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_rolls_a_key_and_prints_the_successor_once() {
+    let (stack, _mock) = stack_with_stripe().await;
+    let first = stack
+        .mint(&stripe_key_body(
+            json!(3),
+            &["POST /v1/payment_intents"],
+            "make-scenario/roll-cli",
+        ))
+        .await;
+    let (url, token) = (stack.control.url(), stack.control.opts.admin_token.clone());
+    let out = keycap_cli(&url, &token, &["key", "roll", &first.id, "--grace", "90s"])
+        .await
+        .json();
+    let secret = out["key"].as_str().expect("the successor's secret");
+    assert!(secret::is_well_formed(SecretKind::VaultKey, secret));
+    assert_eq!(out["rolled_from"], first.id.as_str(), "{out}");
+    assert_eq!(out["budget_id"], first.id.as_str(), "{out}");
+    assert_eq!(out["confirmation"]["all_confirmed"], true, "{out}");
+    assert_eq!(out["rolled"]["successor"], out["id"], "{out}");
+    dollar_charge(&stack.agent(secret)).await.expect(200);
+    let again = keycap_cli(&url, &token, &["key", "roll", &first.id]).await;
+    assert!(!again.status.success());
+    assert!(
+        again.stderr.contains("key_already_rolled"),
+        "{}",
+        again.stderr
+    );
+    let read = keycap_cli(&url, &token, &["key", "get", &first.id]).await;
+    assert!(!read.stdout.contains(secret), "{}", read.stdout);
+}
