@@ -588,6 +588,40 @@ mod tests {
     }
 
     #[test]
+    fn a_rolled_keys_revocation_leaves_the_lease_pool_to_its_successor() {
+        let cache = PolicyCache::new(Catalog::builtin());
+        let (a, b) = (
+            secret::generate(SecretKind::VaultKey, "live"),
+            secret::generate(SecretKind::VaultKey, "live"),
+        );
+        let delta = |version, keys| pb::PolicyUpdate {
+            version,
+            update: Some(pb::policy_update::Update::Delta(pb::PolicyDelta {
+                upsert_keys: keys,
+                ..Default::default()
+            })),
+        };
+        let successor = |revoked| pb::FleetKey {
+            budget_id: "a".into(),
+            ..fleet_key("b", &b, revoked)
+        };
+        cache.apply(delta(1, vec![fleet_key("a", &a, false), successor(false)]));
+        let policy = cache.current.load();
+        let key_b = policy.keys.get(&secret::hash(&b)).unwrap();
+        assert_eq!(
+            key_b.budget_id, "a",
+            "the successor spends the first key's budget"
+        );
+        // The rolled key goes; its successor spends on from the same pool.
+        let gone = cache.apply(delta(2, vec![fleet_key("a", &a, true)]));
+        assert!(gone.is_empty(), "{gone:?}");
+        assert_eq!(standing_of(&cache, &a), "revoked");
+        // Once no key spends the budget, its lease goes back.
+        let gone = cache.apply(delta(3, vec![successor(true)]));
+        assert_eq!(gone, vec!["a".to_string()]);
+    }
+
+    #[test]
     fn every_applied_update_is_announced_after_the_request_path_sees_it() {
         let cache = PolicyCache::new(Catalog::builtin());
         let a = secret::generate(SecretKind::VaultKey, "live");
