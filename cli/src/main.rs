@@ -344,6 +344,16 @@ enum KeyCmd {
     /// from the key's forwarded calls: endpoint templates, daily and
     /// per-call caps from the observed maxima plus a margin.
     Suggest(simulate::SuggestArgs),
+    /// Roll a key: mint a successor with the same policy that spends the
+    /// same budget (printed with its secret, once, when every proxy serves
+    /// it); the key keeps working for --grace, then is revoked.
+    Roll {
+        id: String,
+        /// How long the rolled key keeps working, e.g. 90s, 10m, 1h; at
+        /// most 24h (default 10m).
+        #[arg(long)]
+        grace: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1028,6 +1038,23 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             out["confirmation"] = confirmation_json(r.confirmation.as_ref());
             print(out);
             warn_unconfirmed("key created", r.confirmation.as_ref());
+        }
+        Command::Key(KeyCmd::Roll { id, grace }) => {
+            let r = c
+                .keys
+                .roll_key(pb::RollKeyRequest {
+                    id,
+                    grace: grace.unwrap_or_default(),
+                    ack_timeout_ms: 0,
+                })
+                .await?
+                .into_inner();
+            let mut out = r.key.as_ref().map(key_json).unwrap_or(Value::Null);
+            out["key"] = json!(r.secret);
+            out["confirmation"] = confirmation_json(r.confirmation.as_ref());
+            out["rolled"] = r.rolled.as_ref().map(key_json).unwrap_or(Value::Null);
+            print(out);
+            warn_unconfirmed("key rolled", r.confirmation.as_ref());
         }
         Command::Key(KeyCmd::List {
             run_label,

@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             limits: KeyLimits::default(),
             parent_id: None,
             approval_above: None,
+            roll: Default::default(),
         })
         .await?;
     let day = now.format("%Y-%m-%d").to_string();

@@ -335,6 +335,17 @@ pub struct KeyAnswer {
     /// (docs/approvals.md); the lowest along the key's ancestors. Null: no
     /// gate.
     pub approval_above_usd: Option<Usd>,
+    /// The key this one succeeded in a roll; null if none.
+    pub rolled_from: Option<String>,
+    /// The key that succeeded this one; null until it is rolled.
+    pub successor: Option<String>,
+    /// When this rolled key's grace ends and it is revoked; null if not
+    /// rolled.
+    #[schema(format = DateTime)]
+    pub grace_ends_at: Option<String>,
+    /// The budget this key spends: its roll chain's first key (its own id
+    /// if it was never rolled into).
+    pub budget_id: String,
 }
 
 impl From<&KeyView> for KeyAnswer {
@@ -366,6 +377,10 @@ impl From<&KeyView> for KeyAnswer {
             zone: k.limits.zone.clone(),
             parent_id: k.parent_id.clone(),
             approval_above_usd: k.approval_above.map(Usd),
+            rolled_from: k.roll.rolled_from.clone(),
+            successor: k.roll.successor_id.clone(),
+            grace_ends_at: k.roll.retire_at.map(rfc3339),
+            budget_id: k.budget_id().to_string(),
         }
     }
 }
@@ -378,6 +393,20 @@ pub struct CreatedKeyAnswer {
     /// The vault key (`kc_<env>_...`): the agent's credential.
     pub key: String,
     pub confirmation: ConfirmationAnswer,
+}
+
+/// A roll: the successor with its secret (shown this once), answered like a
+/// creation, and the rolled key with its grace deadline.
+#[derive(Serialize, ToSchema)]
+pub struct RolledKeyAnswer {
+    #[serde(flatten)]
+    pub info: KeyAnswer,
+    /// The successor's vault key (`kc_<env>_...`).
+    pub key: String,
+    /// Which proxies serve the successor.
+    pub confirmation: ConfirmationAnswer,
+    /// The rolled key: `successor` and `grace_ends_at` set.
+    pub rolled: KeyAnswer,
 }
 
 /// A revoked key and which proxies confirmed they stopped serving it.
@@ -830,6 +859,14 @@ impl From<&pb::VaultKey> for KeyAnswer {
             parent_id: non_empty(&k.parent_id),
             approval_above_usd: (k.approval_above_micros != 0)
                 .then_some(Usd(Micros(k.approval_above_micros))),
+            rolled_from: non_empty(&k.rolled_from),
+            successor: non_empty(&k.successor),
+            grace_ends_at: proto_time(&k.grace_ends_at, SecondsFormat::Secs),
+            budget_id: if k.budget_id.is_empty() {
+                k.id.clone()
+            } else {
+                k.budget_id.clone()
+            },
         }
     }
 }

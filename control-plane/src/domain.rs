@@ -12,6 +12,9 @@ use chrono::{DateTime, Utc};
 use keycap_proto::secret::SecretKind;
 use keycap_proto::Micros;
 
+pub mod roll;
+pub use roll::KeyRoll;
+
 /// Largest cap keycap accepts: one billion dollars. Anything above is a typo
 /// (or an attempt to make a cap meaningless) and is refused.
 pub const MAX_CAP: Micros = Micros(1_000_000_000 * 1_000_000);
@@ -510,6 +513,8 @@ pub struct VaultKey {
     /// A call reserving more than this needs a person's approval
     /// (`crate::approval`); already the lowest along the key's ancestors.
     pub approval_above: Option<Micros>,
+    /// Its place in a roll chain, and the budget it spends (`roll`).
+    pub roll: KeyRoll,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -531,6 +536,12 @@ impl KeyStatus {
 }
 
 impl VaultKey {
+    /// The budget this key spends: its roll chain's first key, or itself.
+    /// Leases, daily spend and the budget tree are all keyed by it.
+    pub fn budget_id(&self) -> &str {
+        self.roll.budget_id.as_deref().unwrap_or(&self.id)
+    }
+
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
         if self.revoked_at.is_some() {
             KeyStatus::Revoked
@@ -1369,6 +1380,7 @@ mod tests {
             limits: KeyLimits::default(),
             parent_id: None,
             approval_above: None,
+            roll: KeyRoll::default(),
         }
     }
 

@@ -37,6 +37,10 @@ pub enum ApiError {
     /// token; retry after this many seconds.
     #[error("too many calls from this token; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// A roll of a key that was already rolled: a key has one successor,
+    /// so the chain stays one line and its budget one budget.
+    #[error("{0}")]
+    KeyAlreadyRolled(String),
     /// Something failed inside keycap; details went to the log.
     #[error("internal error")]
     Internal,
@@ -54,6 +58,7 @@ impl ApiError {
             ApiError::VendorNotAllowed(_) => "vendor_not_allowed",
             ApiError::IssuerScope => "issuer_scope",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::KeyAlreadyRolled(_) => "key_already_rolled",
             ApiError::Internal => "internal",
         }
     }
@@ -63,7 +68,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => S::BAD_REQUEST,
             ApiError::NotFound(_) => S::NOT_FOUND,
-            ApiError::Conflict(_) => S::CONFLICT,
+            ApiError::Conflict(_) | ApiError::KeyAlreadyRolled(_) => S::CONFLICT,
             ApiError::Unauthenticated => S::UNAUTHORIZED,
             ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
                 S::FORBIDDEN
@@ -111,7 +116,9 @@ impl From<ApiError> for tonic::Status {
         let mut status = match e {
             ApiError::Invalid(_) => tonic::Status::invalid_argument(msg),
             ApiError::NotFound(_) => tonic::Status::not_found(msg),
-            ApiError::Conflict(_) => tonic::Status::failed_precondition(msg),
+            ApiError::Conflict(_) | ApiError::KeyAlreadyRolled(_) => {
+                tonic::Status::failed_precondition(msg)
+            }
             ApiError::Unauthenticated => tonic::Status::unauthenticated(msg),
             ApiError::MissingScope(_) | ApiError::VendorNotAllowed(_) | ApiError::IssuerScope => {
                 tonic::Status::permission_denied(msg)

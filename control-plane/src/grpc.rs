@@ -149,6 +149,10 @@ pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
         zone: k.limits.zone.clone().unwrap_or_default(),
         parent_id: k.parent_id.clone().unwrap_or_default(),
         approval_above_micros: k.approval_above.map_or(0, |c| c.0),
+        rolled_from: k.roll.rolled_from.clone().unwrap_or_default(),
+        successor: k.roll.successor_id.clone().unwrap_or_default(),
+        grace_ends_at: opt_to_proto(k.roll.retire_at),
+        budget_id: k.budget_id().to_string(),
     }
 }
 
@@ -215,6 +219,7 @@ fn fleet_key_to_pb(k: &domain::VaultKey) -> pb::FleetKey {
         allowed_cidrs: k.limits.cidr_strings(),
         zone: k.limits.zone.clone().unwrap_or_default(),
         approval_above_micros: k.approval_above.map_or(0, |c| c.0),
+        budget_id: k.budget_id().to_string(),
     }
 }
 
@@ -671,6 +676,30 @@ impl pb::key_service_server::KeyService for Api {
         Ok(Response::new(pb::RevokeKeyResponse {
             key: Some(key_to_pb(&v)),
             confirmation: Some(confirmation_to_pb(confirmation)),
+        }))
+    }
+
+    async fn roll_key(
+        &self,
+        req: Request<pb::RollKeyRequest>,
+    ) -> Result<Response<pb::RollKeyResponse>, Status> {
+        let caller = self.admin(&req, Operation::RollKey).await?;
+        let r = req.into_inner();
+        let grace = domain::roll::parse_grace(&r.grace).map_err(ApiError::from)?;
+        let rolled = self
+            .control
+            .roll_key(
+                &caller.vendors,
+                &r.id,
+                grace,
+                ack_timeout(r.ack_timeout_ms)?,
+            )
+            .await?;
+        Ok(Response::new(pb::RollKeyResponse {
+            key: Some(key_to_pb(&rolled.successor)),
+            secret: rolled.secret,
+            confirmation: Some(confirmation_to_pb(rolled.confirmation)),
+            rolled: Some(key_to_pb(&rolled.rolled)),
         }))
     }
 

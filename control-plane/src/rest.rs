@@ -41,12 +41,14 @@ use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, New
 pub mod approvals;
 mod credentials;
 mod hooks;
+mod rolls;
 mod simulate;
 mod suggest;
 pub mod webhooks;
 pub use simulate::SimulateAnswer;
 pub use suggest::SuggestAnswer;
 pub use credentials::{CredentialAnswer, CredentialList, ProbeAnswer, PromoteAnswer};
+pub use rolls::RollKeyBody;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;
@@ -254,6 +256,7 @@ impl utoipa::Modify for AdminTokenAuth {
         approvals::list, approvals::read, approvals::approve, approvals::deny,
         suggest::suggest,
         credentials::stage, credentials::list, credentials::probe, credentials::promote,
+        rolls::roll,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -336,6 +339,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .merge(approvals::routes())
         .merge(suggest::routes())
         .merge(credentials::routes())
+        .merge(rolls::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

@@ -314,10 +314,13 @@ pub enum Operation {
     ProbeCredential,
     /// Make a version the one proxies inject (or roll back to one).
     PromoteCredential,
+    /// Mint a key's successor (same policy and budget) and revoke the key
+    /// after a grace.
+    RollKey,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 40] = [
+    pub const ALL: [Operation; 41] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -358,6 +361,7 @@ impl Operation {
         Operation::ListCredentials,
         Operation::ProbeCredential,
         Operation::PromoteCredential,
+        Operation::RollKey,
     ];
 }
 
@@ -380,6 +384,8 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::GetKey | O::ListKeys | O::Simulate => &[S::KeysRead],
         O::SuggestPolicy => &[S::KeysRead, S::AuditRead],
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
+        // A roll issues a key and revokes one.
+        O::RollKey => &[S::KeysIssue, S::KeysRevoke],
         O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],
         O::ListAdminTokens => &[S::TokensRead],
@@ -443,6 +449,9 @@ mod tests {
                 Some(Scope::KeysRevoke),
             ),
             (Operation::RevokeRun, &["keys:revoke"], None),
+            (Operation::RollKey, &["keys:issue"], Some(Scope::KeysRevoke)),
+            (Operation::RollKey, &["keys:revoke"], Some(Scope::KeysIssue)),
+            (Operation::RollKey, &["keys:issue", "keys:revoke"], None),
             (Operation::PutVendor, &["vendors:write"], None),
             (
                 Operation::PutVendorWithCredential,

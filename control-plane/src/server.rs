@@ -86,6 +86,7 @@ pub async fn build(config: &ControlConfig) -> anyhow::Result<Arc<Control>> {
         config.change_log_keep,
     );
     control.heartbeat_fleet();
+    control.retire_rolled_keys_periodically();
     control.configure_approvals(crate::service::ApprovalSettings {
         ttl: Duration::from_secs(config.approvals.ttl_secs),
         public_url: config.approvals.public_url.clone(),

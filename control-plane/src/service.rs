@@ -39,9 +39,11 @@ mod refusals;
 mod approvals;
 mod credentials;
 mod hooks;
+mod rolls;
 pub use alerts::SPOOL_BACKLOG;
 pub use approvals::{ApprovalSettings, HeldCall};
 pub use credentials::CredentialView;
+pub use rolls::Rolled;
 pub mod simulate;
 pub mod suggest;
 
@@ -1426,6 +1428,7 @@ impl Control {
             limits: req.limits,
             parent_id: req.parent_id,
             approval_above: req.approval_above,
+            roll: domain::KeyRoll::default(),
         };
         if let Some(parent_id) = &key.parent_id {
             // A parent of a vendor the caller may not act on is not found,

@@ -174,6 +174,8 @@ suite!(
     spend_report_groups_ranges_and_ranks,
     refusal_counts_sum_records_per_key_and_reason,
     lineage_spend_sums_each_ancestors_subtree,
+    a_roll_chain_spends_one_budget_and_retires_key_by_key,
+    rolling_repeatedly_never_grants_more_than_the_cap,
 );
 
 macro_rules! raw_suite {
@@ -511,6 +513,7 @@ fn key(id: &str, vendor: &str, label: &str, daily_cap: i64) -> VaultKey {
         limits: KeyLimits::default(),
         parent_id: None,
         approval_above: None,
+        roll: Default::default(),
     }
 }
 
@@ -519,6 +522,22 @@ fn child(id: &str, parent: &str, daily_cap: i64) -> VaultKey {
     VaultKey {
         parent_id: Some(parent.to_string()),
         ..key(id, "stripe", "r", daily_cap)
+    }
+}
+
+/// The successor a roll of `old` mints: its policy, its budget.
+fn successor(old: &VaultKey, id: &str) -> VaultKey {
+    VaultKey {
+        id: id.to_string(),
+        key_hash: Sha256::digest(id.as_bytes()).into(),
+        key_prefix: format!("kc_test_{id}"),
+        roll: keycap_control::domain::KeyRoll {
+            budget_id: Some(old.budget_id().to_string()),
+            rolled_from: Some(old.id.clone()),
+            successor_id: None,
+            retire_at: None,
+        },
+        ..old.clone()
     }
 }
 
@@ -2559,6 +2578,127 @@ mod cases {
             s.grant_lease(&req, now() + Duration::minutes(90)).await,
             "child of an expired key",
         );
+    }
+
+    pub async fn a_roll_chain_spends_one_budget_and_retires_key_by_key(s: S) {
+        add_key(&*s, key("p", "stripe", "r", 10_000_000)).await;
+        let a = add_key(&*s, child("a", "p", 6_000_000)).await;
+        s.record_spend(&[event("e1", "a", "", DAY, "stripe", 2_000_000)])
+            .await
+            .unwrap();
+        let grace = now() + Duration::minutes(10);
+        let a2 = successor(&a, "a2");
+        let rolled = s.roll_key("a", &a2, grace, now()).await.unwrap();
+        assert_eq!(rolled.roll.successor_id.as_deref(), Some("a2"));
+        assert_eq!(
+            rolled.roll.retire_at.map(|t| t.timestamp_micros()),
+            Some(grace.timestamp_micros())
+        );
+        let stored = s.get_key("a2").await.unwrap().unwrap();
+        assert_eq!(stored.budget_id(), "a");
+        assert_eq!(stored.roll.rolled_from.as_deref(), Some("a"));
+        // Spend before the roll counts after it, and a lease granted to the
+        // successor is the old key's too.
+        assert_eq!(available(&*s, "a2", DAY).await, 4_000_000);
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "a2", DAY, 3_000_000, 0)).await,
+            3_000_000
+        );
+        assert_eq!(available(&*s, "a", DAY).await, 1_000_000);
+        // The parent counts the chain once.
+        assert_eq!(available(&*s, "p", DAY).await, 5_000_000);
+        // A key is rolled once.
+        assert_conflict(
+            s.roll_key("a", &successor(&a, "a2b"), grace, now()).await,
+            "a second roll of one key",
+        );
+        assert!(s.get_key("a2b").await.unwrap().is_none());
+        let a3 = successor(&stored, "a3");
+        s.roll_key("a2", &a3, grace + Duration::minutes(5), now())
+            .await
+            .unwrap();
+        assert_eq!(s.get_key("a3").await.unwrap().unwrap().budget_id(), "a");
+        s.record_spend(&[event("e2", "a3", "l1", DAY, "stripe", 1_000_000)])
+            .await
+            .unwrap();
+        for id in ["a", "a2", "a3"] {
+            assert_eq!(
+                s.key_spend(id, DAY).await.unwrap().spent_day,
+                Micros(3_000_000),
+                "{id}"
+            );
+        }
+        // A child of the successor joins the chain's tree.
+        add_key(&*s, child("c", "a3", 1_000_000)).await;
+        assert_eq!(available(&*s, "c", DAY).await, 1_000_000);
+        // Deadlines come due in order; retiring a rolled key revokes it
+        // alone, and the chain spends on.
+        assert!(s.due_retirements(now(), 10).await.unwrap().is_empty());
+        assert_eq!(
+            s.due_retirements(now() + Duration::hours(1), 10)
+                .await
+                .unwrap(),
+            vec!["a".to_string(), "a2".to_string()]
+        );
+        let retired = s.revoke_key("a", now()).await.unwrap();
+        assert!(retired.descendants.is_empty());
+        assert!(retired.key.revoked_at.is_some());
+        assert!(s.get_key("a3").await.unwrap().unwrap().revoked_at.is_none());
+        assert!(s.get_key("c").await.unwrap().unwrap().revoked_at.is_none());
+        assert_eq!(
+            granted(&*s, grant("g2", "l2", "a3", DAY, 500_000, 0)).await,
+            500_000
+        );
+        assert_eq!(
+            s.due_retirements(now() + Duration::hours(1), 10)
+                .await
+                .unwrap(),
+            vec!["a2".to_string()]
+        );
+        assert_conflict(
+            s.roll_key("a", &successor(&a, "a4"), grace, now()).await,
+            "a roll of a revoked key",
+        );
+        // Revoking the chain's newest key revokes the budget: every key of
+        // the chain and the tree below it.
+        let revoked = s.revoke_key("a3", now()).await.unwrap();
+        assert_eq!(revoked.descendants, vec!["a", "a2", "c"]);
+        for id in ["a2", "a3", "c"] {
+            assert!(
+                s.get_key(id).await.unwrap().unwrap().revoked_at.is_some(),
+                "{id}"
+            );
+        }
+        assert_conflict(
+            s.grant_lease(&grant("g3", "l3", "a3", DAY, 1, 0), now())
+                .await,
+            "a grant on a revoked chain",
+        );
+        assert!(s.get_key("p").await.unwrap().unwrap().revoked_at.is_none());
+    }
+
+    pub async fn rolling_repeatedly_never_grants_more_than_the_cap(s: S) {
+        let mut head = add_key(&*s, key("k0", "stripe", "r", 5_000_000)).await;
+        let mut total = 0;
+        for i in 1..=8 {
+            // Each key of the chain takes what it can, then is rolled.
+            let id = format!("l{i}");
+            total += granted(&*s, grant(&id, &id, &head.id, DAY, 1_000_000, 0)).await;
+            let next = successor(&head, &format!("k{i}"));
+            s.roll_key(&head.id, &next, now() + Duration::minutes(10), now())
+                .await
+                .unwrap();
+            head = s.get_key(&next.id).await.unwrap().unwrap();
+            if i % 2 == 0 {
+                s.revoke_key(&format!("k{}", i - 2), now()).await.unwrap();
+            }
+        }
+        assert_eq!(
+            total, 5_000_000,
+            "the chain was granted {total} under a $5 cap"
+        );
+        assert_eq!(available(&*s, &head.id, DAY).await, 0);
+        assert_eq!(available(&*s, "k0", DAY).await, 0);
     }
 
     pub async fn revoking_a_key_revokes_its_subtree(s: S) {

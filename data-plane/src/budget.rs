@@ -23,6 +23,11 @@
 //! A lease not drawn on for `IDLE_SHRINK` gives back what it holds beyond
 //! its calls in flight, and one not drawn on for `IDLE_RETURN` goes back.
 //!
+//! Leases and reservations are keyed by the budget a key spends
+//! (`KeyPolicy::budget_id`), not by the key: a rolled key and its successor
+//! spend one budget and draw on one lease pool, so a roll never lets a node
+//! hold two leases' worth of one chain's budget.
+//!
 //! Invariant kept here: for every lease, reserved + spent <= granted, except
 //! where a settled cost exceeded its reservation (recorded at true cost).
 
@@ -313,13 +318,13 @@ impl Budget {
         let day = utc_day(now);
         if amount.0 <= 0 {
             return Ok(Reservation {
-                key_id: key.id.clone(),
+                key_id: key.budget_id.clone(),
                 lease_id: String::new(),
                 day,
                 amount: Micros::ZERO,
             });
         }
-        let slot = self.entry(&key.id);
+        let slot = self.entry(&key.budget_id);
         let clock = Instant::now();
         // Fast path: the current lease is today's, not about to expire, and
         // covers the call.
@@ -330,7 +335,7 @@ impl Budget {
                 if st.wants_renewal(&day, now, clock) {
                     st.renewing = true;
                     drop(st);
-                    self.top_up(slot.clone(), key.id.clone(), key.daily_cap.0, day);
+                    self.top_up(slot.clone(), key.budget_id.clone(), key.daily_cap.0, day);
                 }
                 return Ok(r);
             }
@@ -370,7 +375,7 @@ impl Budget {
                 } else {
                     st.ask_size(key.daily_cap.0, need, amount.0, clock)
                 };
-                self.grant_request(&st, &key.id, &day, requested, need)
+                self.grant_request(&st, &key.budget_id, &day, requested, need)
             };
             let lease_id = req.lease_id.clone();
             let resp = match self.source.grant(req.clone()).await {
@@ -393,7 +398,7 @@ impl Budget {
                     let lease = st.current.as_mut().expect("lease present after grant");
                     lease.reserved += amount.0;
                     return Ok(Reservation {
-                        key_id: key.id.clone(),
+                        key_id: key.budget_id.clone(),
                         lease_id: lease.id.clone(),
                         day,
                         amount,
@@ -781,7 +786,7 @@ fn take_from_current(
     }
     lease.reserved += amount.0;
     Some(Reservation {
-        key_id: key.id.clone(),
+        key_id: key.budget_id.clone(),
         lease_id: lease.id.clone(),
         day: day.to_string(),
         amount,
@@ -923,6 +928,7 @@ mod tests {
     fn key(cap: i64) -> KeyPolicy {
         KeyPolicy {
             id: "key_1".into(),
+            budget_id: "key_1".into(),
             hash: [0; 32],
             vendor: "stripe".into(),
             endpoints: crate::endpoint::EndpointSet::parse(&["POST /v1/x".to_string()]).unwrap(),

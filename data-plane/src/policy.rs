@@ -64,6 +64,10 @@ impl std::fmt::Debug for VendorPolicy {
 #[derive(Debug)]
 pub struct KeyPolicy {
     pub id: String,
+    /// The budget the key spends: its roll chain's first key (its own id
+    /// when it was never rolled into). Leases and reservations are keyed by
+    /// it, so a rolled key and its successor draw on one lease pool.
+    pub budget_id: String,
     pub hash: [u8; 32],
     pub vendor: String,
     pub endpoints: EndpointSet,
@@ -258,8 +262,14 @@ fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
             return None;
         }
     };
+    let budget_id = if k.budget_id.is_empty() {
+        k.id.clone()
+    } else {
+        k.budget_id
+    };
     Some(KeyPolicy {
         id: k.id,
+        budget_id,
         hash,
         vendor: k.vendor,
         endpoints,
@@ -313,9 +323,9 @@ impl PolicyCache {
         *self.ready.borrow()
     }
 
-    /// Applies one update from the control plane. Returns the ids of keys
-    /// that are no longer usable (revoked or removed), so their leases can
-    /// be handed back.
+    /// Applies one update from the control plane. Returns the budgets no
+    /// usable key spends any more (their keys revoked or removed), so their
+    /// leases can be handed back.
     pub fn apply(&self, update: pb::PolicyUpdate) -> Vec<String> {
         let mut gone = Vec::new();
         let next = match update.update {
@@ -395,6 +405,7 @@ impl PolicyCache {
             })
             .collect();
         next.by_hash.sort_unstable_by_key(|e| e.hash);
+        let gone = gone_budgets(&gone, &self.current.load(), &next);
         let version = next.version;
         self.current.store(Arc::new(next));
         self.looked_up
@@ -407,6 +418,35 @@ impl PolicyCache {
         self.applied.send_replace(version);
         gone
     }
+}
+
+/// The budgets of the `gone` keys that no usable key of `next` still
+/// spends: a rolled key's revocation leaves the lease pool to its
+/// successor, which spends the same budget.
+fn gone_budgets(gone: &[String], old: &Policy, next: &Policy) -> Vec<String> {
+    if gone.is_empty() {
+        return Vec::new();
+    }
+    let budget_of = |id: &String| {
+        [next, old]
+            .into_iter()
+            .find_map(|p| p.key_hash_by_id.get(id).and_then(|h| p.keys.get(h)))
+            .map_or_else(|| id.clone(), |k| k.budget_id.clone())
+    };
+    let live: std::collections::HashSet<&str> = next
+        .keys
+        .values()
+        .filter(|k| !k.revoked)
+        .map(|k| k.budget_id.as_str())
+        .collect();
+    let mut budgets: Vec<String> = gone
+        .iter()
+        .map(budget_of)
+        .filter(|b| !live.contains(b.as_str()))
+        .collect();
+    budgets.sort();
+    budgets.dedup();
+    budgets
 }
 
 impl PolicyCache {
@@ -562,6 +602,40 @@ mod tests {
         ));
         assert_eq!(standing_of(&cache, &b), "unknown");
         assert_eq!(standing_of(&cache, &a), "revoked");
+    }
+
+    #[test]
+    fn a_rolled_keys_revocation_leaves_the_lease_pool_to_its_successor() {
+        let cache = PolicyCache::new(Catalog::builtin());
+        let (a, b) = (
+            secret::generate(SecretKind::VaultKey, "live"),
+            secret::generate(SecretKind::VaultKey, "live"),
+        );
+        let delta = |version, keys| pb::PolicyUpdate {
+            version,
+            update: Some(pb::policy_update::Update::Delta(pb::PolicyDelta {
+                upsert_keys: keys,
+                ..Default::default()
+            })),
+        };
+        let successor = |revoked| pb::FleetKey {
+            budget_id: "a".into(),
+            ..fleet_key("b", &b, revoked)
+        };
+        cache.apply(delta(1, vec![fleet_key("a", &a, false), successor(false)]));
+        let policy = cache.current.load();
+        let key_b = policy.keys.get(&secret::hash(&b)).unwrap();
+        assert_eq!(
+            key_b.budget_id, "a",
+            "the successor spends the first key's budget"
+        );
+        // The rolled key goes; its successor spends on from the same pool.
+        let gone = cache.apply(delta(2, vec![fleet_key("a", &a, true)]));
+        assert!(gone.is_empty(), "{gone:?}");
+        assert_eq!(standing_of(&cache, &a), "revoked");
+        // Once no key spends the budget, its lease goes back.
+        let gone = cache.apply(delta(3, vec![successor(true)]));
+        assert_eq!(gone, vec!["a".to_string()]);
     }
 
     #[test]

@@ -1470,7 +1470,7 @@ impl Call {
         if let Ok(v) = usd(cost) {
             headers.insert(KEYCAP_COST_USD, v);
         }
-        if let Some(Ok(v)) = self.proxy.budget.remaining(&self.key.id).map(usd) {
+        if let Some(Ok(v)) = self.proxy.budget.remaining(&self.key.budget_id).map(usd) {
             headers.insert(KEYCAP_REMAINING_USD, v);
         }
     }

@@ -262,6 +262,32 @@ def test_the_environment_configures_the_client(keycap, monkeypatch):
         assert "openai" in [v.name for v in c.vendors.list()]
 
 
+def test_a_rolled_key_shares_its_budget_and_works_through_its_grace(keycap, client):
+    run = "py-sdk/roll"
+    first = client.keys.create(vendor="openai", daily_usd_cap="2", allowed_endpoints=CHAT,
+                               expires_in="1h", agent_run_label=run)
+    chat(openai.OpenAI(base_url=first.base_url(keycap.proxy), api_key=first.key, max_retries=0))
+    spent = settled(lambda: (k := client.keys.get(first.id)).calls_today == 1 and k).spent_today_usd
+
+    rolled = client.keys.roll(first.id, grace="1h")
+    assert rolled.key.startswith("kc_") and rolled.key not in repr(rolled)
+    assert rolled.confirmation.all_confirmed
+    assert rolled.info.rolled_from == first.id and rolled.info.budget_id == first.id
+    assert rolled.rolled.successor == rolled.id and rolled.rolled.grace_ends_at is not None
+    assert rolled.info.spent_today_usd == spent, "a roll resets no spend"
+    # The successor serves its first call; the old key still works.
+    chat(openai.OpenAI(base_url=first.base_url(keycap.proxy), api_key=rolled.key, max_retries=0))
+    chat(openai.OpenAI(base_url=first.base_url(keycap.proxy), api_key=first.key, max_retries=0))
+    settled(lambda: client.keys.get(rolled.id).calls_today == 3)
+    with pytest.raises(kc.Conflict) as twice:
+        client.keys.roll(first.id)
+    assert twice.value.code == "key_already_rolled"
+    with pytest.raises(kc.InvalidRequest) as long:
+        client.keys.roll(rolled.id, grace="2d")
+    assert long.value.field == "grace"
+    client.keys.revoke_run(run)
+
+
 def test_the_async_client_has_the_same_surface(keycap):
     async def flow():
         async with kc.AsyncClient(addr=keycap.control, token=keycap.admin_token) as c:

@@ -2440,3 +2440,6 @@ mod rust_client;
 
 #[path = "e2e/cli.rs"]
 mod cli;
+
+#[path = "e2e/key_roll.rs"]
+mod key_roll;

@@ -243,6 +243,9 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a key and its whole subtree (idempotent: a revoked key keeps
     /// its first `revoked_at`). `NotFound` if absent. Appends one change-log
     /// entry per key it revoked, so proxies refuse the descendants too.
+    /// The subtree is the key's budget's: every key of its roll chain goes
+    /// with it. A rolled key (one with a successor) is revoked alone: its
+    /// budget and subtree live on in the successor.
     async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey>;
     /// Revokes every unrevoked key with this run label — only those of
     /// `vendors` when given — and every unrevoked key below one of them in
@@ -253,6 +256,22 @@ pub trait Store: Send + Sync + 'static {
         vendors: Option<&[String]>,
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<String>>;
+    /// Rolls key `id`: inserts `successor` (which names `id` in
+    /// `roll.rolled_from` and spends `id`'s budget, `roll.budget_id`) and
+    /// records it on `id` with `retire_at`, when `id`'s grace ends, in one
+    /// transaction with a change-log entry for both. `NotFound` if `id` is
+    /// absent; `Conflict` if it is revoked, expired at `now`, or was already
+    /// rolled (a key has at most one successor). Returns `id` as now stored.
+    async fn roll_key(
+        &self,
+        id: &str,
+        successor: &VaultKey,
+        retire_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<VaultKey>;
+    /// Rolled keys whose grace ended at or before `now` and that are not
+    /// revoked yet, oldest deadline first, at most `limit`.
+    async fn due_retirements(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>>;
     /// Settled spend of a key on a UTC day (YYYY-MM-DD) and over its life.
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend>;
     /// The key's budget tree on a UTC day (YYYY-MM-DD), key first, as a

@@ -21,7 +21,7 @@ use keycap_proto::Micros;
 use super::{StoreError, StoreResult};
 use crate::domain::{
     parse_profile, AdminToken, AuditEntry, Change, ChangeRef, FleetNode, IssuerToken, KeyLimits,
-    LeaseGrant, NodeLease, Outcome, SpendEvent, VaultKey, Vendor, VendorName,
+    KeyRoll, LeaseGrant, NodeLease, Outcome, SpendEvent, VaultKey, Vendor, VendorName,
 };
 use crate::scope::{Scopes, VendorScope};
 
@@ -104,7 +104,8 @@ impl VendorRow {
 
 pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_endpoints, \
      daily_cap, per_call_cap, lifetime_cap, expires_at, agent_run_label, metadata, created_at, \
-     revoked_at, rate_limit_per_minute, allowed_cidrs, zone, parent_id, approval_above";
+     revoked_at, rate_limit_per_minute, allowed_cidrs, zone, parent_id, approval_above, \
+     budget_id, rolled_from, successor_id, retire_at";
 
 #[derive(sqlx::FromRow)]
 pub struct KeyRow {
@@ -126,6 +127,10 @@ pub struct KeyRow {
     zone: Option<String>,
     parent_id: Option<String>,
     approval_above: Option<i64>,
+    budget_id: Option<String>,
+    rolled_from: Option<String>,
+    successor_id: Option<String>,
+    retire_at: Option<i64>,
 }
 
 impl KeyRow {
@@ -170,6 +175,15 @@ impl KeyRow {
             limits,
             parent_id: self.parent_id,
             approval_above: self.approval_above.map(Micros),
+            roll: KeyRoll {
+                budget_id: self.budget_id,
+                rolled_from: self.rolled_from,
+                successor_id: self.successor_id,
+                retire_at: self
+                    .retire_at
+                    .map(|v| from_micros(v, "vault_keys.retire_at"))
+                    .transpose()?,
+            },
         })
     }
 }
@@ -193,6 +207,11 @@ pub(super) struct KeyInsert<'a> {
     pub allowed_cidrs: String,
     pub zone: Option<&'a str>,
     pub parent_id: Option<&'a str>,
+    pub approval_above: Option<i64>,
+    pub budget_id: Option<&'a str>,
+    pub rolled_from: Option<&'a str>,
+    pub successor_id: Option<&'a str>,
+    pub retire_at: Option<i64>,
 }
 
 impl<'a> KeyInsert<'a> {
@@ -215,6 +234,11 @@ impl<'a> KeyInsert<'a> {
             allowed_cidrs: to_json(&k.limits.cidr_strings(), "allowed_cidrs")?,
             zone: k.limits.zone.as_deref(),
             parent_id: k.parent_id.as_deref(),
+            approval_above: k.approval_above.map(|m| m.0),
+            budget_id: k.roll.budget_id.as_deref(),
+            rolled_from: k.roll.rolled_from.as_deref(),
+            successor_id: k.roll.successor_id.as_deref(),
+            retire_at: k.roll.retire_at.map(micros),
         })
     }
 }
@@ -610,7 +634,7 @@ impl TreeLevelRow {
 /// with the same lease-counting rule as a single key.
 pub(super) fn tree_levels_sql(key: &str, day: &str, grace: &str, greatest: &str) -> String {
     format!(
-        "SELECT k.id, CAST(a.depth AS BIGINT) AS depth, k.daily_cap, k.lifetime_cap,            k.expires_at, k.revoked_at,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id AND s.day = {day}), 0) AS BIGINT) AS spent_day,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id), 0) AS BIGINT) AS spent_life,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id AND l.day = {day}                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_day,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_life          FROM key_ancestors a JOIN vault_keys k ON k.id = a.ancestor_id          WHERE a.key_id = {key} ORDER BY a.depth"
+        "SELECT k.id, CAST(a.depth AS BIGINT) AS depth, k.daily_cap, k.lifetime_cap,            (SELECT MAX(c.expires_at) FROM vault_keys c WHERE c.id = k.id OR c.budget_id = k.id)              AS expires_at,            CASE WHEN EXISTS (SELECT 1 FROM vault_keys c              WHERE (c.id = k.id OR c.budget_id = k.id) AND c.revoked_at IS NULL)              THEN NULL ELSE k.revoked_at END AS revoked_at,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id AND s.day = {day}), 0) AS BIGINT) AS spent_day,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id), 0) AS BIGINT) AS spent_life,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id AND l.day = {day}                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_day,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_life          FROM key_ancestors a JOIN vault_keys k ON k.id = a.ancestor_id          WHERE a.key_id = {key} ORDER BY a.depth"
     )
 }
 

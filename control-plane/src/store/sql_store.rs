@@ -319,6 +319,26 @@ where
         .bind(parent)
         .fetch_optional(&mut *conn)
         .await?;
+        // A rolled-into parent's tree is its budget's: the child draws on
+        // the budget the whole roll chain shares. The budget's row is held
+        // too, since revoking the chain locks the budget rows of its tree.
+        let budget: String = sqlx::query_scalar(&format!(
+            "SELECT COALESCE(budget_id, id) FROM vault_keys WHERE id = $1{}",
+            D::FOR_SHARE
+        ))
+        .bind(parent)
+        .fetch_optional(&mut *conn)
+        .await?
+        .unwrap_or_else(|| parent.to_string());
+        if budget != parent {
+            let _: Option<i32> = sqlx::query_scalar(&format!(
+                "SELECT 1 FROM vault_keys WHERE id = $1{}",
+                D::FOR_SHARE
+            ))
+            .bind(budget.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+        }
         match state {
             None => return Err(StoreError::NotFound(format!("parent key {parent}"))),
             Some((Some(_), _)) => {
@@ -336,11 +356,76 @@ where
         let ancestors: Vec<(String, i64)> = sqlx::query_as(
             "SELECT ancestor_id, CAST(depth AS BIGINT) FROM key_ancestors WHERE key_id = $1",
         )
-        .bind(parent)
+        .bind(budget.as_str())
         .fetch_all(&mut *conn)
         .await?;
         check_tree_depth(parent, &ancestors)?;
         Ok(ancestors)
+    }
+
+    /// Revokes a rolled key alone (its successor spends its budget on) and
+    /// commits. Idempotent: a revoked key keeps its first `revoked_at`.
+    async fn retire_rolled_key(
+        mut w: WriteTx<'_, D::Db>,
+        mut key: VaultKey,
+        now: DateTime<Utc>,
+    ) -> StoreResult<RevokedKey> {
+        let revoked: Vec<String> = sqlx::query_scalar(
+            "UPDATE vault_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+             RETURNING id",
+        )
+        .bind(micros(now))
+        .bind(key.id.as_str())
+        .fetch_all(w.conn())
+        .await?;
+        let refs: Vec<&str> = revoked.iter().map(String::as_str).collect();
+        Self::append_changes(w.conn(), CHANGE_KEY, &refs).await?;
+        w.commit().await?;
+        if key.revoked_at.is_none() {
+            key.revoked_at = Some(truncate(now));
+        }
+        Ok(RevokedKey {
+            key,
+            descendants: Vec::new(),
+        })
+    }
+
+    /// Writes a key's row (no closure rows, no change-log entry).
+    async fn insert_key_row(
+        conn: &mut <D::Db as Database>::Connection,
+        k: &KeyInsert<'_>,
+    ) -> StoreResult<()> {
+        let sql = format!(
+            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $20, $21, $22)"
+        );
+        sqlx::query(&sql)
+            .bind(k.id)
+            .bind(k.key_hash)
+            .bind(k.key_prefix)
+            .bind(k.vendor)
+            .bind(&k.allowed_endpoints)
+            .bind(k.daily_cap)
+            .bind(k.per_call_cap)
+            .bind(k.lifetime_cap)
+            .bind(k.expires_at)
+            .bind(k.agent_run_label)
+            .bind(&k.metadata)
+            .bind(k.created_at)
+            .bind(k.revoked_at)
+            .bind(k.rate_limit_per_minute)
+            .bind(&k.allowed_cidrs)
+            .bind(k.zone)
+            .bind(k.parent_id)
+            .bind(k.approval_above)
+            .bind(k.budget_id)
+            .bind(k.rolled_from)
+            .bind(k.successor_id)
+            .bind(k.retire_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
+        Ok(())
     }
 
     async fn fetch_key(
@@ -1031,31 +1116,7 @@ where
             Some(parent) => Self::parent_ancestors(w.conn(), parent, k.created_at).await?,
             None => Vec::new(),
         };
-        let sql = format!(
-            "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-        );
-        sqlx::query(&sql)
-            .bind(k.id)
-            .bind(k.key_hash)
-            .bind(k.key_prefix)
-            .bind(k.vendor)
-            .bind(&k.allowed_endpoints)
-            .bind(k.daily_cap)
-            .bind(k.per_call_cap)
-            .bind(k.lifetime_cap)
-            .bind(k.expires_at)
-            .bind(k.agent_run_label)
-            .bind(&k.metadata)
-            .bind(k.created_at)
-            .bind(k.revoked_at)
-            .bind(k.rate_limit_per_minute)
-            .bind(&k.allowed_cidrs)
-            .bind(k.zone)
-            .bind(k.parent_id)
-            .bind(key.approval_above.map(|m| m.0))
-            .execute(w.conn())
-            .await
-            .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
+        Self::insert_key_row(w.conn(), &k).await?;
         let own = (k.id.to_string(), -1);
         for (ancestor, depth) in std::iter::once(&own).chain(&ancestors) {
             sqlx::query(
@@ -1113,6 +1174,19 @@ where
 
     async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey> {
         let mut w = self.begin_write().await?;
+        let Some(found) = Self::fetch_key(w.conn(), id).await? else {
+            return Err(StoreError::NotFound(format!("key {id}")));
+        };
+        if found.roll.successor_id.is_some() {
+            // A rolled key only retires: its budget, and the tree below it,
+            // live on in its successor, which keeps them working.
+            return Self::retire_rolled_key(w, found, now).await;
+        }
+        let budget = found.budget_id().to_string();
+        // The key's budget tree: every key whose budget is the key's own
+        // budget or one below it (a roll chain shares one budget).
+        let members = "(id IN (SELECT key_id FROM key_ancestors WHERE ancestor_id = $1) \
+             OR budget_id IN (SELECT key_id FROM key_ancestors WHERE ancestor_id = $1))";
         if D::ROW_LOCKS {
             // The subtree's rows are locked in id order, the order a grant
             // locks a key's ancestors in, so a revocation and a grant below
@@ -1120,24 +1194,20 @@ where
             // every child committed before them; a child minted later waits
             // on the key's lock and then finds it revoked.
             let _: Vec<String> = sqlx::query_scalar(&format!(
-                "SELECT id FROM vault_keys WHERE id IN \
-                   (SELECT key_id FROM key_ancestors WHERE ancestor_id = $1) \
-                 ORDER BY id{}",
+                "SELECT id FROM vault_keys WHERE {members} ORDER BY id{}",
                 D::FOR_UPDATE
             ))
-            .bind(id)
+            .bind(budget.as_str())
             .fetch_all(w.conn())
             .await?;
         }
-        let mut key = Self::fetch_key(w.conn(), id)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
-        let mut revoked: Vec<String> = sqlx::query_scalar(
-            "UPDATE vault_keys SET revoked_at = $1 WHERE revoked_at IS NULL \
-             AND id IN (SELECT key_id FROM key_ancestors WHERE ancestor_id = $2) RETURNING id",
-        )
+        let mut key = found;
+        let mut revoked: Vec<String> = sqlx::query_scalar(&format!(
+            "UPDATE vault_keys SET revoked_at = $2 WHERE revoked_at IS NULL AND {members} \
+             RETURNING id"
+        ))
+        .bind(budget.as_str())
         .bind(micros(now))
-        .bind(id)
         .fetch_all(w.conn())
         .await?;
         revoked.sort();
@@ -1146,10 +1216,10 @@ where
         if key.revoked_at.is_none() {
             key.revoked_at = Some(truncate(now));
         }
-        let descendants: Vec<String> = sqlx::query_scalar(
-            "SELECT key_id FROM key_ancestors WHERE ancestor_id = $1 AND key_id <> $1 \
-             ORDER BY key_id",
-        )
+        let descendants: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT id FROM vault_keys WHERE {members} AND id <> $2 ORDER BY id"
+        ))
+        .bind(budget.as_str())
         .bind(id)
         .fetch_all(w.conn())
         .await?;
@@ -1168,13 +1238,20 @@ where
         // only while its ancestors may. Locked in id order first (where rows
         // lock), the order grants lock a key's ancestors in.
         let subtrees = |q: &mut Statement| {
-            q.push(
-                "id IN (SELECT a.key_id FROM key_ancestors a \
-                 JOIN vault_keys r ON r.id = a.ancestor_id WHERE r.agent_run_label = ",
-            )
-            .push_bind(agent_run_label.to_string());
-            if let Some(vendors) = vendors {
-                q.push_in("r.vendor", vendors);
+            // A roll chain's keys share its budget (the chain's first key),
+            // which is where the tree's rows are.
+            for column in ["id", "budget_id"] {
+                q.push(if column == "id" { "(" } else { " OR " })
+                    .push(column)
+                    .push(
+                        " IN (SELECT a.key_id FROM key_ancestors a \
+                         JOIN vault_keys r ON r.id = a.ancestor_id WHERE r.agent_run_label = ",
+                    )
+                    .push_bind(agent_run_label.to_string());
+                if let Some(vendors) = vendors {
+                    q.push_in("r.vendor", vendors);
+                }
+                q.push(")");
             }
             q.push(")");
         };
@@ -1198,13 +1275,81 @@ where
         Ok(ids)
     }
 
+    async fn roll_key(
+        &self,
+        id: &str,
+        successor: &VaultKey,
+        retire_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<VaultKey> {
+        let k = KeyInsert::new(successor)?;
+        let mut w = self.begin_write().await?;
+        // The rolled key's row is held until commit: two rolls of one key
+        // serialise here, and the second finds the first's successor.
+        let state: Option<(Option<i64>, i64)> = sqlx::query_as(&format!(
+            "SELECT revoked_at, expires_at FROM vault_keys WHERE id = $1{}",
+            D::FOR_UPDATE
+        ))
+        .bind(id)
+        .fetch_optional(w.conn())
+        .await?;
+        match state {
+            None => return Err(StoreError::NotFound(format!("key {id}"))),
+            Some((Some(_), _)) => return Err(StoreError::Conflict(format!("key {id} is revoked"))),
+            Some((None, expires_at)) if expires_at <= micros(now) => {
+                return Err(StoreError::Conflict(format!("key {id} has expired")))
+            }
+            Some(_) => {}
+        }
+        let mut key = Self::fetch_key(w.conn(), id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        if let Some(next) = &key.roll.successor_id {
+            return Err(StoreError::Conflict(format!(
+                "key {id} was already rolled; its successor is {next}"
+            )));
+        }
+        if successor.roll.rolled_from.as_deref() != Some(id)
+            || successor.roll.budget_id.as_deref() != Some(key.budget_id())
+        {
+            return Err(StoreError::Conflict(format!(
+                "successor {} does not name key {id} and its budget",
+                successor.id
+            )));
+        }
+        Self::insert_key_row(w.conn(), &k).await?;
+        sqlx::query("UPDATE vault_keys SET successor_id = $1, retire_at = $2 WHERE id = $3")
+            .bind(successor.id.as_str())
+            .bind(micros(retire_at))
+            .bind(id)
+            .execute(w.conn())
+            .await?;
+        Self::append_changes(w.conn(), CHANGE_KEY, &[id, successor.id.as_str()]).await?;
+        w.commit().await?;
+        key.roll.successor_id = Some(successor.id.clone());
+        key.roll.retire_at = Some(truncate(retire_at));
+        Ok(key)
+    }
+
+    async fn due_retirements(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM vault_keys WHERE retire_at <= $1 AND revoked_at IS NULL \
+             ORDER BY retire_at, id LIMIT $2",
+        )
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend> {
         let (spent_day, calls_day, spent_lifetime): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
                CAST(COALESCE(SUM(CASE WHEN day = $2 THEN spent END), 0) AS BIGINT), \
                CAST(COALESCE(SUM(CASE WHEN day = $2 THEN calls END), 0) AS BIGINT), \
                CAST(COALESCE(SUM(spent), 0) AS BIGINT) \
-             FROM key_spend_daily WHERE key_id = $1",
+             FROM key_spend_daily WHERE key_id = \
+               COALESCE((SELECT budget_id FROM vault_keys WHERE id = $1), $1)",
         )
         .bind(id)
         .bind(day)
@@ -1306,6 +1451,17 @@ where
         // ONE statement, so a spend batch committing in between is seen whole
         // or not at all.
         let mut w = self.begin_write().await?;
+        // Every key of a roll chain spends one budget, the chain's first
+        // key: the grant, its lease and the tree are that budget's, so a
+        // roll never adds to what the chain may spend.
+        let budget: Option<String> =
+            sqlx::query_scalar("SELECT COALESCE(budget_id, id) FROM vault_keys WHERE id = $1")
+                .bind(req.key_id.as_str())
+                .fetch_optional(w.conn())
+                .await?;
+        let Some(budget) = budget else {
+            return Err(StoreError::NotFound(format!("key {}", req.key_id)));
+        };
         if D::ROW_LOCKS {
             let locked: Vec<String> = sqlx::query_scalar(&format!(
                 "SELECT id FROM vault_keys WHERE id IN \
@@ -1313,7 +1469,7 @@ where
                  ORDER BY id{}",
                 D::FOR_UPDATE
             ))
-            .bind(req.key_id.as_str())
+            .bind(budget.as_str())
             .fetch_all(w.conn())
             .await?;
             if locked.is_empty() {
@@ -1323,7 +1479,7 @@ where
         // The key and each ancestor with its subtree's usage, key first.
         let levels: Vec<TreeLevelRow> =
             sqlx::query_as(&tree_levels_sql("$1", "$2", "$3", D::GREATEST))
-                .bind(req.key_id.as_str())
+                .bind(budget.as_str())
                 .bind(req.day.as_str())
                 .bind(micros(now - super::unreturned_lease_grace()))
                 .fetch_all(w.conn())
@@ -1358,7 +1514,7 @@ where
         .fetch_optional(w.conn())
         .await?;
         check_grant(
-            &req.key_id,
+            &budget,
             &key,
             lease.as_ref(),
             &req.node_id,
@@ -1390,7 +1546,7 @@ where
                      VALUES ($1, $2, $3, $4, $5, 0, $6, FALSE)",
                 )
                 .bind(&req.lease_id)
-                .bind(&req.key_id)
+                .bind(budget.as_str())
                 .bind(&req.node_id)
                 .bind(&req.day)
                 .bind(granted)
@@ -1752,7 +1908,10 @@ where
         let totals = spend_totals(fresh.iter().copied());
         for ((key_id, day), spent, calls) in &totals.daily {
             sqlx::query(
-                "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES ($1, $2, $3, $4) \
+                // Spend counts against the budget the key spends (a roll
+                // chain's first key); the audit entry keeps the key itself.
+                "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES \
+                 (COALESCE((SELECT budget_id FROM vault_keys WHERE id = $1), $1), $2, $3, $4) \
                  ON CONFLICT (key_id, day) DO UPDATE \
                  SET spent = key_spend_daily.spent + excluded.spent, \
                      calls = key_spend_daily.calls + excluded.calls",

@@ -217,6 +217,20 @@ impl<S: Store> Store for TimedStore<S> {
         .await
     }
 
+    async fn roll_key(
+        &self,
+        id: &str,
+        successor: &VaultKey,
+        retire_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<VaultKey> {
+        timed("roll_key", self.0.roll_key(id, successor, retire_at, now)).await
+    }
+
+    async fn due_retirements(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>> {
+        timed("due_retirements", self.0.due_retirements(now, limit)).await
+    }
+
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend> {
         timed("key_spend", self.0.key_spend(id, day)).await
     }

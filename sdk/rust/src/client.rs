@@ -305,6 +305,21 @@ impl Client {
         Ok(r.map_err(self.fail())?.into_inner())
     }
 
+    /// Rolls a key: mints a successor with the same policy that spends the
+    /// same budget; the key keeps working for `grace` ("10m", "90s"; empty:
+    /// 10 minutes), then is revoked. The answer carries the successor's
+    /// secret, shown only here. A key already rolled is refused with
+    /// `key_already_rolled`.
+    pub async fn roll_key(&mut self, id: &str, grace: &str) -> Result<pb::RollKeyResponse> {
+        let req = pb::RollKeyRequest {
+            id: id.to_string(),
+            grace: grace.to_string(),
+            ack_timeout_ms: 0,
+        };
+        let r = self.raw.keys.roll_key(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
     /// Revokes every key of an agent run.
     pub async fn revoke_run(&mut self, agent_run_label: &str) -> Result<pb::RevokeRunResponse> {
         let req = pb::RevokeRunRequest {

@@ -52,6 +52,7 @@ const BY_CODE: Record<string, typeof KeycapError> = {
   invalid_request: InvalidRequest,
   not_found: NotFound,
   conflict: Conflict,
+  key_already_rolled: Conflict,
   unauthenticated: Unauthenticated,
   missing_scope: PermissionDenied,
   vendor_not_allowed: PermissionDenied,
@@ -190,6 +191,14 @@ export interface Key {
   parentId: string;
   /** Calls reserving more than this need a person's approval; null: none. */
   approvalAboveUsd: string | null;
+  /** The key this one succeeded in a roll; empty if none. */
+  rolledFrom: string;
+  /** The key that succeeded this one; empty until it is rolled. */
+  successor: string;
+  /** When this rolled key is revoked; null if it was not rolled. */
+  graceEndsAt: Date | null;
+  /** The budget the key spends: its roll chain's first key. */
+  budgetId: string;
 }
 
 function key(k: pb.VaultKey | undefined): Key {
@@ -217,6 +226,10 @@ function key(k: pb.VaultKey | undefined): Key {
     zone: m.zone,
     parentId: m.parentId,
     approvalAboveUsd: m.approvalAboveMicros ? usd(m.approvalAboveMicros) : null,
+    rolledFrom: m.rolledFrom,
+    successor: m.successor,
+    graceEndsAt: date(m.graceEndsAt),
+    budgetId: m.budgetId || m.id,
   };
 }
 
@@ -815,6 +828,22 @@ export class Keys {
   async revoke(id: string): Promise<{ key: Key; confirmation: Confirmation }> {
     const r = await this.call(() => this.rpc.revokeKey({ id }));
     return { key: key(r.key), confirmation: confirmation(r.confirmation) };
+  }
+
+  /**
+   * Rolls a key: a successor with the same policy that spends the same
+   * budget, resolved once the proxies serve it (its secret is `.key`, shown
+   * once). The rolled key keeps working for `grace` (default 10 minutes, at
+   * most 24 hours), then is revoked.
+   */
+  async roll(id: string, opts: { grace?: Duration } = {}):
+    Promise<{ created: CreatedKey; rolled: Key }> {
+    const grace = opts.grace === undefined ? "" : `${seconds("grace", opts.grace)}s`;
+    const r = await this.call(() => this.rpc.rollKey({ id, grace }));
+    return {
+      created: new CreatedKey(r.secret, key(r.key), confirmation(r.confirmation)),
+      rolled: key(r.rolled),
+    };
   }
 
   /** Revokes every key of an agent run. */

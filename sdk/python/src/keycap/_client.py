@@ -39,6 +39,7 @@ from ._types import (
     Money,
     PriceImport,
     PolicySuggestion,
+    RolledKey,
     RunRevocation,
     Simulation,
     Spend,
@@ -196,6 +197,16 @@ def _ack_ms(d: Duration | None) -> int:
     return 0 if d is None else seconds("ack_timeout", d) * 1000
 
 
+def _roll_request(id: str, grace: Duration | None, ack_timeout: Duration | None) -> pb.RollKeyRequest:
+    return pb.RollKeyRequest(id=id, grace="" if grace is None else f"{seconds('grace', grace)}s",
+                             ack_timeout_ms=_ack_ms(ack_timeout))
+
+
+def _rolled_key(r: pb.RollKeyResponse) -> RolledKey:
+    return RolledKey(key=r.secret, info=Key._from(r.key),
+                     confirmation=Confirmation._from(r.confirmation), rolled=Key._from(r.rolled))
+
+
 def _kek_rotation(r: pb.RotateKekResponse) -> KekRotation:
     return KekRotation(r.kek_id, r.rewrapped, r.already_current, tuple(r.failed_vendors))
 
@@ -292,6 +303,13 @@ class Keys(_Sync):
         r = self._call(self._keys.RevokeKey,
                        pb.RevokeKeyRequest(id=id, ack_timeout_ms=_ack_ms(ack_timeout)))
         return KeyRevocation(Key._from(r.key), Confirmation._from(r.confirmation))
+
+    def roll(self, id: str, *, grace: Duration | None = None,
+             ack_timeout: Duration | None = None) -> RolledKey:
+        """Rolls a key: a successor with the same policy that spends the same
+        budget, answered once the proxies serve it; the key keeps working for
+        `grace` (default 10 minutes, at most 24 hours), then is revoked."""
+        return _rolled_key(self._call(self._keys.RollKey, _roll_request(id, grace, ack_timeout)))
 
     def revoke_run(self, agent_run_label: str, *,
                    ack_timeout: Duration | None = None) -> RunRevocation:
@@ -563,6 +581,12 @@ class AsyncKeys(_Async):
         r = await self._call(self._keys.RevokeKey,
                              pb.RevokeKeyRequest(id=id, ack_timeout_ms=_ack_ms(ack_timeout)))
         return KeyRevocation(Key._from(r.key), Confirmation._from(r.confirmation))
+
+    async def roll(self, id: str, *, grace: Duration | None = None,
+                   ack_timeout: Duration | None = None) -> RolledKey:
+        """See `Keys.roll`."""
+        return _rolled_key(await self._call(self._keys.RollKey,
+                                            _roll_request(id, grace, ack_timeout)))
 
     async def revoke_run(self, agent_run_label: str, *,
                          ack_timeout: Duration | None = None) -> RunRevocation:

@@ -67,6 +67,7 @@ _BY_CODE: dict[str, type[KeycapError]] = {
     "invalid_request": InvalidRequest,
     "not_found": NotFound,
     "conflict": Conflict,
+    "key_already_rolled": Conflict,
     "unauthenticated": Unauthenticated,
     "missing_scope": PermissionDenied,
     "vendor_not_allowed": PermissionDenied,

@@ -181,6 +181,14 @@ class Key:
     allowed_cidrs: tuple[str, ...]
     zone: str
     parent_id: str
+    rolled_from: str
+    """The key this one succeeded in a roll; empty if none."""
+    successor: str
+    """The key that succeeded this one; empty until it is rolled."""
+    grace_ends_at: datetime | None
+    """When this rolled key is revoked; None if it was not rolled."""
+    budget_id: str
+    """The budget the key spends: its roll chain's first key."""
     approval_above_usd: Decimal | None = None
     """Calls reserving more than this need a person's approval."""
 
@@ -210,6 +218,10 @@ class Key:
             parent_id=m.parent_id,
             approval_above_usd=(usd(m.approval_above_micros)
                                 if m.approval_above_micros else None),
+            rolled_from=m.rolled_from,
+            successor=m.successor,
+            grace_ends_at=_time(m.grace_ends_at, m.HasField("grace_ends_at")),
+            budget_id=m.budget_id or m.id,
         )
 
 
@@ -242,6 +254,22 @@ class CreatedKey:
     def base_url(self, proxy: str, sdk: str = "openai") -> str:
         """`OpenAI(base_url=created.base_url(proxy), api_key=created.key)`."""
         return base_url(proxy, self.info.vendor, sdk)
+
+
+@dataclass(frozen=True)
+class RolledKey:
+    """A roll: the successor (`key` is its secret, shown this once and left
+    out of the repr), which proxies serve it, and the rolled key with its
+    grace deadline."""
+
+    key: str = field(repr=False)
+    info: Key
+    confirmation: Confirmation
+    rolled: Key
+
+    @property
+    def id(self) -> str:
+        return self.info.id
 
 
 @dataclass(frozen=True)

@@ -361,6 +361,11 @@ class KeyServiceStub:
                 request_serializer=keycap_dot_v1_dot_admin__pb2.RevokeIssuerTokenRequest.SerializeToString,
                 response_deserializer=keycap_dot_v1_dot_admin__pb2.RevokeIssuerTokenResponse.FromString,
                 _registered_method=True)
+        self.RollKey = channel.unary_unary(
+                '/keycap.v1.KeyService/RollKey',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.RollKeyRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.RollKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -422,6 +427,14 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RollKey(self, request, context):
+        """Mints a successor of a key with the same policy and the same budget;
+        the key keeps working for the grace, then is revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -464,6 +477,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RevokeIssuerToken,
                     request_deserializer=keycap_dot_v1_dot_admin__pb2.RevokeIssuerTokenRequest.FromString,
                     response_serializer=keycap_dot_v1_dot_admin__pb2.RevokeIssuerTokenResponse.SerializeToString,
+            ),
+            'RollKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollKey,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.RollKeyRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.RollKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -682,6 +700,33 @@ class KeyService:
             '/keycap.v1.KeyService/RevokeIssuerToken',
             keycap_dot_v1_dot_admin__pb2.RevokeIssuerTokenRequest.SerializeToString,
             keycap_dot_v1_dot_admin__pb2.RevokeIssuerTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.KeyService/RollKey',
+            keycap_dot_v1_dot_admin__pb2.RollKeyRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.RollKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -118,6 +118,10 @@ class KeyServiceStub:
     """Needs keys:read."""
     RevokeIssuerToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeIssuerTokenRequest, _admin_pb2.RevokeIssuerTokenResponse]
     """Needs keys:revoke. Revoking a revoked token changes nothing."""
+    RollKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RollKeyRequest, _admin_pb2.RollKeyResponse]
+    """Mints a successor of a key with the same policy and the same budget;
+    the key keeps working for the grace, then is revoked.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -140,6 +144,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """Needs keys:read."""
     RevokeIssuerToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeIssuerTokenRequest, _admin_pb2.RevokeIssuerTokenResponse]  # type: ignore[assignment]
     """Needs keys:revoke. Revoking a revoked token changes nothing."""
+    RollKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RollKeyRequest, _admin_pb2.RollKeyResponse]  # type: ignore[assignment]
+    """Mints a successor of a key with the same policy and the same budget;
+    the key keeps working for the grace, then is revoked.
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -207,6 +215,16 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RevokeIssuerTokenResponse, _abc.Awaitable[_admin_pb2.RevokeIssuerTokenResponse]]:
         """Needs keys:revoke. Revoking a revoked token changes nothing."""
+
+    @_abc_1.abstractmethod
+    def RollKey(
+        self,
+        request: _admin_pb2.RollKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RollKeyResponse, _abc.Awaitable[_admin_pb2.RollKeyResponse]]:
+        """Mints a successor of a key with the same policy and the same budget;
+        the key keeps working for the grace, then is revoked.
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
