@@ -181,15 +181,18 @@ fn take_opt<'a>(b: &mut &'a [u8]) -> Option<Option<&'a [u8]>> {
     }
 }
 
-/// The `Keycap-Approval` header's value, if the request has one: `Err`
-/// when it is there but not text.
-pub fn presented(headers: &HeaderMap) -> Result<Option<String>, ()> {
+/// The `Keycap-Approval` header's value, if the request has one; one that
+/// is not text names no approval there is (`approval_unknown`).
+pub fn presented(headers: &HeaderMap) -> Result<Option<String>, crate::error::Refusal> {
     match headers.get(KEYCAP_APPROVAL) {
         None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(|s| Some(s.trim().to_string()))
-            .map_err(|_| ()),
+        Some(v) => v.to_str().map(|s| Some(s.trim().to_string())).map_err(|_| {
+            crate::error::Refusal::ApprovalRefused {
+                code: "approval_unknown",
+                message: refusal_message("approval_unknown").into(),
+                id: String::new(),
+            }
+        }),
     }
 }
 

@@ -470,12 +470,7 @@ impl Proxy {
         // price, cap) has used it.
         let rate = self.check_rate(&key)?;
         let agent_context = context::read(req.headers())?;
-        let approval_id =
-            crate::approval::presented(req.headers()).map_err(|_| Refusal::ApprovalRefused {
-                code: "approval_unknown",
-                message: crate::approval::refusal_message("approval_unknown").into(),
-                id: String::new(),
-            })?;
+        let approval_id = crate::approval::presented(req.headers())?;
         // The call's own trace when traces are exported; else the agent's.
         let trace_id =
             keycap_telemetry::trace_id(call).or_else(|| context::trace_id(req.headers()));

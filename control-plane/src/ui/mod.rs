@@ -9,6 +9,7 @@
 //! hidden for a read-only token is refused by the server as well). It never
 //! shows a vendor credential or an admin token.
 
+mod approvals;
 mod live;
 mod pages;
 mod session;
@@ -60,6 +61,11 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/ui/webhooks/{id}", get(webhooks::show))
         .route("/ui/webhooks/{id}/test", post(webhooks::test))
         .route("/ui/webhooks/{id}/delete", post(webhooks::delete))
+        .route("/ui/approvals", get(approvals::list))
+        .route(
+            "/ui/approvals/{id}",
+            get(approvals::show).post(approvals::decide),
+        )
         .route("/ui/assets/keycap.css", get(stylesheet))
         .route("/ui/assets/live.js", get(live_script))
         .layer(axum::middleware::map_response(security_headers))

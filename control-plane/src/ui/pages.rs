@@ -38,6 +38,7 @@ pub(super) fn layout(session: Option<&Session>, title: &str, body: Markup) -> Ma
                             a href="/ui/vendors" { "Vendors" }
                             a href="/ui/audit" { "Audit" }
                             a href="/ui/webhooks" { "Webhooks" }
+                            a href="/ui/approvals" { "Approvals" }
                         }
                     }
                     @if let Some(s) = session {

@@ -771,3 +771,78 @@ async fn a_live_stream_ends_when_its_token_is_revoked() {
     assert!(ended.is_ok(), "the stream stayed open: {seen}");
     assert!(seen.contains("event: end"), "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_decided_from_its_page_and_a_read_only_token_cannot() {
+    let (stack, _mock) = stack_with_stripe().await;
+    let mut body = stripe_key_body(json!(100), &["POST /v1/payment_intents"], "ui/approvals");
+    body["approval_above_usd"] = json!(10);
+    let key = stack.mint(&body).await;
+    let held = stack
+        .agent(&key.secret)
+        .post_form(
+            "/stripe/v1/payment_intents",
+            "amount=5000&currency=usd&confirm=true",
+        )
+        .await;
+    let refusal = held.expect_error(403, "approval_required");
+    let id = refusal["approval_id"].as_str().unwrap().to_string();
+    let url = refusal["approval_url"].as_str().unwrap().to_string();
+    assert_eq!(url, format!("/ui/approvals/{id}"));
+
+    // A token that may read keys sees the approval and no form; the
+    // server refuses its decision anyway.
+    let reader = stack
+        .admin
+        .post_json(
+            "/vault/admin-tokens",
+            &json!({"name": "reader", "scopes": ["keys:read"]}),
+        )
+        .await
+        .expect(201);
+    let ro = signed_in(&stack.control.url(), reader["token"].as_str().unwrap()).await;
+    let listed = ro.get("/ui/approvals").await;
+    assert_eq!(listed.status, 200);
+    assert!(listed.body.contains(&id), "{}", listed.body);
+    let page = ro.get(&url).await;
+    assert_eq!(page.status, 200);
+    assert!(!page.body.contains(">Approve<"), "{}", page.body);
+    let csrf = page.csrf();
+    let refused = ro
+        .post(
+            &url,
+            &[("csrf", &csrf), ("verdict", "approve"), ("reason", "x")],
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(
+        refused.body.contains("approvals:decide"),
+        "{}",
+        refused.body
+    );
+
+    // The operator approves it with a reason.
+    let op = signed_in(&stack.control.url(), &stack.control.opts.admin_token).await;
+    let page = op.get(&url).await;
+    assert!(page.body.contains(">Approve<"), "{}", page.body);
+    let csrf = page.csrf();
+    let done = op
+        .post(
+            &url,
+            &[
+                ("csrf", &csrf),
+                ("verdict", "approve"),
+                ("reason", "quarterly invoice"),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(done.body.contains("quarterly invoice"), "{}", done.body);
+    let a = stack
+        .admin
+        .get(&format!("/vault/approvals/{id}"))
+        .await
+        .expect(200);
+    assert_eq!(a["state"], "approved");
+    assert_eq!(a["reason"], "quarterly invoice");
+}
