@@ -45,10 +45,10 @@ mod rolls;
 mod simulate;
 mod suggest;
 pub mod webhooks;
-pub use simulate::SimulateAnswer;
-pub use suggest::SuggestAnswer;
 pub use credentials::{CredentialAnswer, CredentialList, ProbeAnswer, PromoteAnswer};
 pub use rolls::RollKeyBody;
+pub use simulate::SimulateAnswer;
+pub use suggest::SuggestAnswer;
 pub use webhooks::{CreateWebhookBody, DeliveryJson, WebhookJson};
 
 type Ctl = State<Arc<Control>>;

@@ -35,10 +35,10 @@ use crate::scope::{self, Operation, Scopes, VendorScope};
 use crate::store::{Store, VendorWrite};
 
 mod alerts;
-mod refusals;
 mod approvals;
 mod credentials;
 mod hooks;
+mod refusals;
 mod rolls;
 pub use alerts::SPOOL_BACKLOG;
 pub use approvals::{ApprovalSettings, HeldCall};

@@ -90,6 +90,7 @@ async fn key(s: &dyn Store, id: &str) {
                 rotate_after: None,
             },
             sealed_credential: Some(b"sealed".to_vec()),
+            credential_version: 1,
         })
         .await
         .unwrap();
@@ -111,6 +112,7 @@ async fn key(s: &dyn Store, id: &str) {
         limits: KeyLimits::default(),
         parent_id: None,
         approval_above: Some(Micros(10_000_000)),
+        roll: Default::default(),
     })
     .await
     .unwrap();

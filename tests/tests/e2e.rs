@@ -45,10 +45,10 @@ mod refusals;
 mod replicas;
 #[path = "e2e/revocation.rs"]
 mod revocation;
-#[path = "e2e/simulate.rs"]
-mod simulate;
 #[path = "e2e/rotation.rs"]
 mod rotation;
+#[path = "e2e/simulate.rs"]
+mod simulate;
 #[path = "e2e/webhooks.rs"]
 mod webhooks;
 

@@ -30,8 +30,8 @@ use crate::webhook::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
 };
 
-mod cockpit_rows;
 mod approval_rows;
+mod cockpit_rows;
 mod credential_rows;
 pub mod dialect;
 mod hook_rows;

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use keycap_proto::Micros;
 use sqlx::{Database, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
-use super::cockpit_rows::{LineageSpendRow, RefusalCountRow, MAX_REFUSAL_GROUPS};
 use super::approval_rows::{ApprovalRow, APPROVAL_COLUMNS};
+use super::cockpit_rows::{LineageSpendRow, RefusalCountRow, MAX_REFUSAL_GROUPS};
 use super::credential_rows::{CredentialRow, SealedCredentialRow, CREDENTIAL_COLUMNS};
 use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
 use super::hook_rows::{HookRow, CHANGE_HOOK, HOOK_COLUMNS};

@@ -81,6 +81,8 @@ class Vendor(_message.Message):
     ROTATE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     CREDENTIAL_SET_AT_FIELD_NUMBER: _builtins.int
     ROTATION_OVERDUE_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_VERSION_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     """Pricing and credential-injection profile: "stripe", "openai"."""
@@ -98,7 +100,9 @@ class Vendor(_message.Message):
     seconds; 0: never.
     """
     rotation_overdue: _builtins.bool
-    """The credential is older than rotate_after: rotate it."""
+    """The active credential is older than rotate_after: rotate it."""
+    credential_version: _builtins.int
+    """The active credential version (docs/rotation.md)."""
     @_builtins.property
     def currency_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """USD rates for non-USD currencies, as decimal strings: {"eur": "1.08"}
@@ -119,6 +123,12 @@ class Vendor(_message.Message):
     def credential_set_at(self) -> _timestamp_pb2.Timestamp:
         """When the credential was last set (a KEK rotation does not count)."""
 
+    @_builtins.property
+    def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___CredentialVersion]:
+        """Every credential version, newest first: state, age, probe result;
+        never the credential.
+        """
+
     def __init__(
         self,
         *,
@@ -134,10 +144,12 @@ class Vendor(_message.Message):
         rotate_after_seconds: _builtins.int = ...,
         credential_set_at: _timestamp_pb2.Timestamp | None = ...,
         rotation_overdue: _builtins.bool = ...,
+        credential_version: _builtins.int = ...,
+        credentials: _abc.Iterable[Global___CredentialVersion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credential_set_at", b"credential_set_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "credential_set_at", b"credential_set_at", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "rotate_after_seconds", b"rotate_after_seconds", "rotation_overdue", b"rotation_overdue", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "created_at", b"created_at", "credential_set_at", b"credential_set_at", "credential_version", b"credential_version", "credentials", b"credentials", "currency_rates", b"currency_rates", "forward_trace_context", b"forward_trace_context", "name", b"name", "prices_json", b"prices_json", "profile", b"profile", "proxy_errors", b"proxy_errors", "rotate_after_seconds", b"rotate_after_seconds", "rotation_overdue", b"rotation_overdue", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,6 +670,10 @@ class VaultKey(_message.Message):
     ZONE_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
     APPROVAL_ABOVE_MICROS_FIELD_NUMBER: _builtins.int
+    ROLLED_FROM_FIELD_NUMBER: _builtins.int
+    SUCCESSOR_FIELD_NUMBER: _builtins.int
+    GRACE_ENDS_AT_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     key_prefix: _builtins.str
     """First characters of the secret, enough to recognise it in a list."""
@@ -688,6 +704,14 @@ class VaultKey(_message.Message):
     (docs/approvals.md); the lowest along the key's ancestors, as minted.
     0: no approval gate.
     """
+    rolled_from: _builtins.str
+    """Rolls (docs/keys.md): the key this one succeeded, empty if none."""
+    successor: _builtins.str
+    """The key that succeeded this one, empty until it is rolled."""
+    budget_id: _builtins.str
+    """The budget this key spends: the id of its roll chain's first key (its
+    own id when it was never rolled into).
+    """
     @_builtins.property
     def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -703,6 +727,10 @@ class VaultKey(_message.Message):
         """Client networks the key may be used from ("10.0.0.0/8", "2001:db8::/32",
         or one address); empty means any.
         """
+
+    @_builtins.property
+    def grace_ends_at(self) -> _timestamp_pb2.Timestamp:
+        """When a rolled key's grace ends and it is revoked; unset if not rolled."""
 
     def __init__(
         self,
@@ -729,10 +757,14 @@ class VaultKey(_message.Message):
         zone: _builtins.str = ...,
         parent_id: _builtins.str = ...,
         approval_above_micros: _builtins.int = ...,
+        rolled_from: _builtins.str = ...,
+        successor: _builtins.str = ...,
+        grace_ends_at: _timestamp_pb2.Timestamp | None = ...,
+        budget_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "grace_ends_at", b"grace_ends_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "budget_id", b"budget_id", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "grace_ends_at", b"grace_ends_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "rolled_from", b"rolled_from", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "successor", b"successor", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1331,6 +1363,7 @@ class AuditEntry(_message.Message):
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     APPROVAL_DECIDED_BY_FIELD_NUMBER: _builtins.int
     APPROVAL_REASON_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_VERSION_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     event_id: _builtins.str
     key_id: _builtins.str
@@ -1368,6 +1401,10 @@ class AuditEntry(_message.Message):
     """
     approval_decided_by: _builtins.str
     approval_reason: _builtins.str
+    credential_version: _builtins.int
+    """The vendor credential version the call was forwarded with; 0 for a
+    refusal or an entry written before versions.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1402,10 +1439,11 @@ class AuditEntry(_message.Message):
         approval_id: _builtins.str = ...,
         approval_decided_by: _builtins.str = ...,
         approval_reason: _builtins.str = ...,
+        credential_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "approval_decided_by", b"approval_decided_by", "approval_id", b"approval_id", "approval_reason", b"approval_reason", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "approval_decided_by", b"approval_decided_by", "approval_id", b"approval_id", "approval_reason", b"approval_reason", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "credential_version", b"credential_version", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2668,3 +2706,692 @@ class DecideApprovalResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecideApprovalResponse: _TypeAlias = DecideApprovalResponse  # noqa: Y015
+
+@_typing.final
+class SimulatedHeader(_message.Message):
+    """--- dry runs (docs/simulate.md) --------------------------------------------
+
+    One header of a simulated call; a name may repeat, as on the wire.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedHeader: _TypeAlias = SimulatedHeader  # noqa: Y015
+
+@_typing.final
+class SimulatedCall(_message.Message):
+    """A vendor call as the agent would send it through the proxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    path: _builtins.str
+    """The path as the vendor sees it ("/v1/payment_intents"), with its query
+    string if any; without the proxy's "/{vendor}" prefix.
+    """
+    body: _builtins.bytes
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimulatedHeader]: ...
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        headers: _abc.Iterable[Global___SimulatedHeader] | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "method", b"method", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedCall: _TypeAlias = SimulatedCall  # noqa: Y015
+
+@_typing.final
+class SimulateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    @_builtins.property
+    def request(self) -> Global___SimulatedCall: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        request: Global___SimulatedCall | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateRequest: _TypeAlias = SimulateRequest  # noqa: Y015
+
+@_typing.final
+class SimulatedQuote(_message.Message):
+    """How the call was priced: the quote the proxy's pricing code makes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVE_MICROS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    DETAIL_JSON_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
+    reserve_micros: _builtins.int
+    """What the proxy would reserve before forwarding."""
+    kind: _builtins.str
+    """The quote kind ("stripe", "openai_chat", "free", ...)."""
+    rule: _builtins.str
+    """The reservation rule the call is priced by ("POST /v1/charges")."""
+    detail_json: _builtins.str
+    """The priced quantities, as the audit entry would record them (JSON)."""
+    streaming: _builtins.bool
+    """The client asked for a streamed response (settled from the stream)."""
+    def __init__(
+        self,
+        *,
+        reserve_micros: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        detail_json: _builtins.str = ...,
+        streaming: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail_json", b"detail_json", "kind", b"kind", "reserve_micros", b"reserve_micros", "rule", b"rule", "streaming", b"streaming"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedQuote: _TypeAlias = SimulatedQuote  # noqa: Y015
+
+@_typing.final
+class SimulatedBudget(_message.Message):
+    """What the key and its ancestors have left, from the control plane's budget
+    state: caps minus settled spend over each level's subtree.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAILY_REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    LIFETIME_REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    HAS_LIFETIME_CAP_FIELD_NUMBER: _builtins.int
+    UNLEASED_MICROS_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    daily_remaining_micros: _builtins.int
+    lifetime_remaining_micros: _builtins.int
+    """0 with has_lifetime_cap false: no lifetime cap anywhere in the tree."""
+    has_lifetime_cap: _builtins.bool
+    unleased_micros: _builtins.int
+    """Of the daily remainder, what no proxy holds in a lease."""
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp:
+        """When the daily budget resets (next UTC midnight)."""
+
+    def __init__(
+        self,
+        *,
+        daily_remaining_micros: _builtins.int = ...,
+        lifetime_remaining_micros: _builtins.int = ...,
+        has_lifetime_cap: _builtins.bool = ...,
+        unleased_micros: _builtins.int = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resets_at", b"resets_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily_remaining_micros", b"daily_remaining_micros", "has_lifetime_cap", b"has_lifetime_cap", "lifetime_remaining_micros", b"lifetime_remaining_micros", "resets_at", b"resets_at", "unleased_micros", b"unleased_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulatedBudget: _TypeAlias = SimulatedBudget  # noqa: Y015
+
+@_typing.final
+class SimulateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    REFUSAL_CODE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    NOT_CHECKED_FIELD_NUMBER: _builtins.int
+    LOOKUPS_FIELD_NUMBER: _builtins.int
+    allowed: _builtins.bool
+    refusal_code: _builtins.str
+    """When not allowed: the refusal code the proxy would answer
+    ("endpoint_not_allowed", "daily_cap_exceeded", ...) or, for a call
+    that cannot be quoted without reading the vendor, "quote_needs_lookup".
+    """
+    rule: _builtins.str
+    """The rule that decided it ("allowed_endpoints", "per_call_cap",
+    "daily_cap", "lifetime_cap", "key_status", "pricing", "body_headers",
+    "price_lookup").
+    """
+    message: _builtins.str
+    @_builtins.property
+    def quote(self) -> Global___SimulatedQuote:
+        """Set when the call could be priced."""
+
+    @_builtins.property
+    def budget(self) -> Global___SimulatedBudget: ...
+    @_builtins.property
+    def not_checked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Checks a dry run cannot make (they depend on the caller or the proxy):
+        "network", "zone", "rate_limit", "idempotency".
+        """
+
+    @_builtins.property
+    def lookups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For "quote_needs_lookup": the vendor objects the proxy reads first."""
+
+    def __init__(
+        self,
+        *,
+        allowed: _builtins.bool = ...,
+        refusal_code: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        message: _builtins.str = ...,
+        quote: Global___SimulatedQuote | None = ...,
+        budget: Global___SimulatedBudget | None = ...,
+        not_checked: _abc.Iterable[_builtins.str] | None = ...,
+        lookups: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "quote", b"quote"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "budget", b"budget", "lookups", b"lookups", "message", b"message", "not_checked", b"not_checked", "quote", b"quote", "refusal_code", b"refusal_code", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateResponse: _TypeAlias = SimulateResponse  # noqa: Y015
+
+@_typing.final
+class SuggestPolicyRequest(_message.Message):
+    """--- policy suggestions (docs/observe.md) -------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    MARGIN_PERCENT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    margin_percent: _builtins.int
+    """Percent added to the observed maxima; unset: 25. At most 1000."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        margin_percent: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_margin_percent", b"_margin_percent", "margin_percent", b"margin_percent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_margin_percent", b"_margin_percent", "key_id", b"key_id", "margin_percent", b"margin_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__margin_percent: _TypeAlias = _typing.Literal["margin_percent"]  # noqa: Y015
+    _WhichOneofArgType__margin_percent: _TypeAlias = _typing.Literal["_margin_percent", b"_margin_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__margin_percent) -> _WhichOneofReturnType__margin_percent | None: ...
+
+Global___SuggestPolicyRequest: _TypeAlias = SuggestPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ObservedUsage(_message.Message):
+    """What a suggestion was drawn from: the key's forwarded calls in the audit
+    ledger.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    MAX_DAILY_MICROS_FIELD_NUMBER: _builtins.int
+    MAX_CALL_MICROS_FIELD_NUMBER: _builtins.int
+    FIRST_AT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    calls: _builtins.int
+    days: _builtins.int
+    max_daily_micros: _builtins.int
+    """The largest settled spend of one UTC day."""
+    max_call_micros: _builtins.int
+    """The largest single reservation."""
+    truncated: _builtins.bool
+    """Only the most recent 10000 entries were read."""
+    @_builtins.property
+    def first_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        calls: _builtins.int = ...,
+        days: _builtins.int = ...,
+        max_daily_micros: _builtins.int = ...,
+        max_call_micros: _builtins.int = ...,
+        first_at: _timestamp_pb2.Timestamp | None = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_at", b"first_at", "last_at", b"last_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "days", b"days", "first_at", b"first_at", "last_at", b"last_at", "max_call_micros", b"max_call_micros", "max_daily_micros", b"max_daily_micros", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObservedUsage: _TypeAlias = ObservedUsage  # noqa: Y015
+
+@_typing.final
+class SuggestPolicyResponse(_message.Message):
+    """An enforcing policy, shaped like CreateKeyRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    ALLOWED_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    PER_CALL_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    MARGIN_PERCENT_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    daily_cap_micros: _builtins.int
+    per_call_cap_micros: _builtins.int
+    margin_percent: _builtins.int
+    @_builtins.property
+    def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """METHOD /path templates of the calls seen, ids collapsed to "*"."""
+
+    @_builtins.property
+    def observed(self) -> Global___ObservedUsage: ...
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        allowed_endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        daily_cap_micros: _builtins.int = ...,
+        per_call_cap_micros: _builtins.int = ...,
+        margin_percent: _builtins.int = ...,
+        observed: Global___ObservedUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observed", b"observed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_endpoints", b"allowed_endpoints", "daily_cap_micros", b"daily_cap_micros", "margin_percent", b"margin_percent", "observed", b"observed", "per_call_cap_micros", b"per_call_cap_micros", "vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuggestPolicyResponse: _TypeAlias = SuggestPolicyResponse  # noqa: Y015
+
+@_typing.final
+class CredentialVersion(_message.Message):
+    """--- credential versions (docs/rotation.md) ---------------------------------
+
+    One credential version of a vendor, never its material.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    PROMOTED_AT_FIELD_NUMBER: _builtins.int
+    GRACE_UNTIL_FIELD_NUMBER: _builtins.int
+    RETIRED_AT_FIELD_NUMBER: _builtins.int
+    AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
+    ROTATION_DUE_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    version: _builtins.int
+    state: _builtins.str
+    """"staged", "active", "previous" (in grace), "retired" (material erased)."""
+    age_seconds: _builtins.int
+    """Seconds since it was staged."""
+    rotation_due: _builtins.bool
+    """Active, and older than the vendor's rotate_after."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def promoted_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last became active; unset if never."""
+
+    @_builtins.property
+    def grace_until(self) -> _timestamp_pb2.Timestamp:
+        """For "previous": when it retires."""
+
+    @_builtins.property
+    def retired_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def probe(self) -> Global___CredentialProbe:
+        """The last probe; unset if never probed."""
+
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        version: _builtins.int = ...,
+        state: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        promoted_at: _timestamp_pb2.Timestamp | None = ...,
+        grace_until: _timestamp_pb2.Timestamp | None = ...,
+        retired_at: _timestamp_pb2.Timestamp | None = ...,
+        age_seconds: _builtins.int = ...,
+        probe: Global___CredentialProbe | None = ...,
+        rotation_due: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "grace_until", b"grace_until", "probe", b"probe", "promoted_at", b"promoted_at", "retired_at", b"retired_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "created_at", b"created_at", "grace_until", b"grace_until", "probe", b"probe", "promoted_at", b"promoted_at", "retired_at", b"retired_at", "rotation_due", b"rotation_due", "state", b"state", "vendor", b"vendor", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialVersion: _TypeAlias = CredentialVersion  # noqa: Y015
+
+@_typing.final
+class CredentialProbe(_message.Message):
+    """What a probe saw: whether the vendor accepted the credential (a 2xx),
+    its status (0: no answer) or why there was none. Never the vendor's body.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    status: _builtins.int
+    error: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        status: _builtins.int = ...,
+        error: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "error", b"error", "ok", b"ok", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialProbe: _TypeAlias = CredentialProbe  # noqa: Y015
+
+@_typing.final
+class StageCredentialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    credential: _builtins.str
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        credential: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageCredentialRequest: _TypeAlias = StageCredentialRequest  # noqa: Y015
+
+@_typing.final
+class StageCredentialResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credential(self) -> Global___CredentialVersion: ...
+    def __init__(
+        self,
+        *,
+        credential: Global___CredentialVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageCredentialResponse: _TypeAlias = StageCredentialResponse  # noqa: Y015
+
+@_typing.final
+class ListCredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vendor", b"vendor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCredentialsRequest: _TypeAlias = ListCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class ListCredentialsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___CredentialVersion]: ...
+    def __init__(
+        self,
+        *,
+        credentials: _abc.Iterable[Global___CredentialVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCredentialsResponse: _TypeAlias = ListCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class ProbeCredentialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vendor", b"vendor", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeCredentialRequest: _TypeAlias = ProbeCredentialRequest  # noqa: Y015
+
+@_typing.final
+class ProbeCredentialResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credential(self) -> Global___CredentialVersion: ...
+    def __init__(
+        self,
+        *,
+        credential: Global___CredentialVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeCredentialResponse: _TypeAlias = ProbeCredentialResponse  # noqa: Y015
+
+@_typing.final
+class PromoteCredentialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VENDOR_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    GRACE_FIELD_NUMBER: _builtins.int
+    ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    vendor: _builtins.str
+    version: _builtins.int
+    grace: _builtins.str
+    """How long the version active before stays usable ("1h"); empty for
+    10 minutes, "0s" to retire it at once. At most 7 days.
+    """
+    ack_timeout_ms: _builtins.int
+    """How long to wait for the proxies' acknowledgements; 0 for the
+    server's default.
+    """
+    def __init__(
+        self,
+        *,
+        vendor: _builtins.str = ...,
+        version: _builtins.int = ...,
+        grace: _builtins.str = ...,
+        ack_timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "grace", b"grace", "vendor", b"vendor", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteCredentialRequest: _TypeAlias = PromoteCredentialRequest  # noqa: Y015
+
+@_typing.final
+class PromoteCredentialResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credential(self) -> Global___CredentialVersion: ...
+    @_builtins.property
+    def previous(self) -> Global___CredentialVersion:
+        """The version active before (now previous, or retired with no grace);
+        unset when the version was already active.
+        """
+
+    @_builtins.property
+    def confirmation(self) -> Global___FleetConfirmation: ...
+    def __init__(
+        self,
+        *,
+        credential: Global___CredentialVersion | None = ...,
+        previous: Global___CredentialVersion | None = ...,
+        confirmation: Global___FleetConfirmation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "credential", b"credential", "previous", b"previous"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "credential", b"credential", "previous", b"previous"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteCredentialResponse: _TypeAlias = PromoteCredentialResponse  # noqa: Y015
+
+@_typing.final
+class RollKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    GRACE_FIELD_NUMBER: _builtins.int
+    ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    grace: _builtins.str
+    """How long the rolled key keeps working: a duration such as "10m", "90s"
+    or "1h", at most 24h; empty: 10m.
+    """
+    ack_timeout_ms: _builtins.int
+    """How long to wait for the proxies to serve the successor, in
+    milliseconds, at most 60000; 0: the control plane's --ack-timeout-ms.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        grace: _builtins.str = ...,
+        ack_timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "grace", b"grace", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollKeyRequest: _TypeAlias = RollKeyRequest  # noqa: Y015
+
+@_typing.final
+class RollKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    ROLLED_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The successor's secret (kc_...). Shown only here."""
+    @_builtins.property
+    def key(self) -> Global___VaultKey:
+        """The successor."""
+
+    @_builtins.property
+    def confirmation(self) -> Global___FleetConfirmation: ...
+    @_builtins.property
+    def rolled(self) -> Global___VaultKey:
+        """The rolled key, now with its successor and grace deadline."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___VaultKey | None = ...,
+        secret: _builtins.str = ...,
+        confirmation: Global___FleetConfirmation | None = ...,
+        rolled: Global___VaultKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "key", b"key", "rolled", b"rolled"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "key", b"key", "rolled", b"rolled", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollKeyResponse: _TypeAlias = RollKeyResponse  # noqa: Y015

@@ -1650,3 +1650,358 @@ class ApprovalService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SimulateServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Simulate = channel.unary_unary(
+                '/keycap.v1.SimulateService/Simulate',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.SimulateRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.SimulateResponse.FromString,
+                _registered_method=True)
+
+
+class SimulateServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Simulate(self, request, context):
+        """Needs keys:read; rate-limited per admin token. Forwards nothing and
+        reserves nothing; never shows a credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SimulateServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Simulate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Simulate,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.SimulateRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.SimulateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keycap.v1.SimulateService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keycap.v1.SimulateService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SimulateService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Simulate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.SimulateService/Simulate',
+            keycap_dot_v1_dot_admin__pb2.SimulateRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.SimulateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SuggestServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SuggestPolicy = channel.unary_unary(
+                '/keycap.v1.SuggestService/SuggestPolicy',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.SuggestPolicyRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.SuggestPolicyResponse.FromString,
+                _registered_method=True)
+
+
+class SuggestServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def SuggestPolicy(self, request, context):
+        """Needs keys:read and audit:read. Reads the key's audit entries; changes
+        nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SuggestServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SuggestPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuggestPolicy,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.SuggestPolicyRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.SuggestPolicyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keycap.v1.SuggestService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keycap.v1.SuggestService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SuggestService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def SuggestPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.SuggestService/SuggestPolicy',
+            keycap_dot_v1_dot_admin__pb2.SuggestPolicyRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.SuggestPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CredentialServiceStub:
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StageCredential = channel.unary_unary(
+                '/keycap.v1.CredentialService/StageCredential',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.StageCredentialRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.StageCredentialResponse.FromString,
+                _registered_method=True)
+        self.ListCredentials = channel.unary_unary(
+                '/keycap.v1.CredentialService/ListCredentials',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.ListCredentialsRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.ListCredentialsResponse.FromString,
+                _registered_method=True)
+        self.ProbeCredential = channel.unary_unary(
+                '/keycap.v1.CredentialService/ProbeCredential',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.ProbeCredentialRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.ProbeCredentialResponse.FromString,
+                _registered_method=True)
+        self.PromoteCredential = channel.unary_unary(
+                '/keycap.v1.CredentialService/PromoteCredential',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.PromoteCredentialRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.PromoteCredentialResponse.FromString,
+                _registered_method=True)
+
+
+class CredentialServiceServicer:
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    def StageCredential(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProbeCredential(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCredential(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CredentialServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StageCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageCredential,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.StageCredentialRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.StageCredentialResponse.SerializeToString,
+            ),
+            'ListCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCredentials,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.ListCredentialsRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.ListCredentialsResponse.SerializeToString,
+            ),
+            'ProbeCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeCredential,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.ProbeCredentialRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.ProbeCredentialResponse.SerializeToString,
+            ),
+            'PromoteCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCredential,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.PromoteCredentialRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.PromoteCredentialResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keycap.v1.CredentialService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keycap.v1.CredentialService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class CredentialService:
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    @staticmethod
+    def StageCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.CredentialService/StageCredential',
+            keycap_dot_v1_dot_admin__pb2.StageCredentialRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.StageCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.CredentialService/ListCredentials',
+            keycap_dot_v1_dot_admin__pb2.ListCredentialsRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.ListCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.CredentialService/ProbeCredential',
+            keycap_dot_v1_dot_admin__pb2.ProbeCredentialRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.ProbeCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.CredentialService/PromoteCredential',
+            keycap_dot_v1_dot_admin__pb2.PromoteCredentialRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.PromoteCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

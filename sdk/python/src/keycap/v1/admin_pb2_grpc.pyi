@@ -528,3 +528,126 @@ class ApprovalServiceServicer(metaclass=_abc_1.ABCMeta):
         """Needs approvals:decide. Only a pending, unexpired approval."""
 
 def add_ApprovalServiceServicer_to_server(servicer: ApprovalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SimulateServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SimulateServiceAsyncStub: ...
+    Simulate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SimulateRequest, _admin_pb2.SimulateResponse]
+    """Needs keys:read; rate-limited per admin token. Forwards nothing and
+    reserves nothing; never shows a credential.
+    """
+
+@_typing.type_check_only
+class SimulateServiceAsyncStub(SimulateServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Simulate: _aio.UnaryUnaryMultiCallable[_admin_pb2.SimulateRequest, _admin_pb2.SimulateResponse]  # type: ignore[assignment]
+    """Needs keys:read; rate-limited per admin token. Forwards nothing and
+    reserves nothing; never shows a credential.
+    """
+
+class SimulateServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Simulate(
+        self,
+        request: _admin_pb2.SimulateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SimulateResponse, _abc.Awaitable[_admin_pb2.SimulateResponse]]:
+        """Needs keys:read; rate-limited per admin token. Forwards nothing and
+        reserves nothing; never shows a credential.
+        """
+
+def add_SimulateServiceServicer_to_server(servicer: SimulateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SuggestServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SuggestServiceAsyncStub: ...
+    SuggestPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SuggestPolicyRequest, _admin_pb2.SuggestPolicyResponse]
+    """Needs keys:read and audit:read. Reads the key's audit entries; changes
+    nothing.
+    """
+
+@_typing.type_check_only
+class SuggestServiceAsyncStub(SuggestServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SuggestPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SuggestPolicyRequest, _admin_pb2.SuggestPolicyResponse]  # type: ignore[assignment]
+    """Needs keys:read and audit:read. Reads the key's audit entries; changes
+    nothing.
+    """
+
+class SuggestServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def SuggestPolicy(
+        self,
+        request: _admin_pb2.SuggestPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SuggestPolicyResponse, _abc.Awaitable[_admin_pb2.SuggestPolicyResponse]]:
+        """Needs keys:read and audit:read. Reads the key's audit entries; changes
+        nothing.
+        """
+
+def add_SuggestServiceServicer_to_server(servicer: SuggestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class CredentialServiceStub:
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CredentialServiceAsyncStub: ...
+    StageCredential: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StageCredentialRequest, _admin_pb2.StageCredentialResponse]
+    ListCredentials: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCredentialsRequest, _admin_pb2.ListCredentialsResponse]
+    ProbeCredential: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ProbeCredentialRequest, _admin_pb2.ProbeCredentialResponse]
+    PromoteCredential: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteCredentialRequest, _admin_pb2.PromoteCredentialResponse]
+
+@_typing.type_check_only
+class CredentialServiceAsyncStub(CredentialServiceStub):
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    StageCredential: _aio.UnaryUnaryMultiCallable[_admin_pb2.StageCredentialRequest, _admin_pb2.StageCredentialResponse]  # type: ignore[assignment]
+    ListCredentials: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCredentialsRequest, _admin_pb2.ListCredentialsResponse]  # type: ignore[assignment]
+    ProbeCredential: _aio.UnaryUnaryMultiCallable[_admin_pb2.ProbeCredentialRequest, _admin_pb2.ProbeCredentialResponse]  # type: ignore[assignment]
+    PromoteCredential: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteCredentialRequest, _admin_pb2.PromoteCredentialResponse]  # type: ignore[assignment]
+
+class CredentialServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Numbered credential versions per vendor: stage, probe, promote (with a
+    grace for the previous version, and rollback by promoting it again).
+    """
+
+    @_abc_1.abstractmethod
+    def StageCredential(
+        self,
+        request: _admin_pb2.StageCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.StageCredentialResponse, _abc.Awaitable[_admin_pb2.StageCredentialResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCredentials(
+        self,
+        request: _admin_pb2.ListCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCredentialsResponse, _abc.Awaitable[_admin_pb2.ListCredentialsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ProbeCredential(
+        self,
+        request: _admin_pb2.ProbeCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ProbeCredentialResponse, _abc.Awaitable[_admin_pb2.ProbeCredentialResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteCredential(
+        self,
+        request: _admin_pb2.PromoteCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PromoteCredentialResponse, _abc.Awaitable[_admin_pb2.PromoteCredentialResponse]]: ...
+
+def add_CredentialServiceServicer_to_server(servicer: CredentialServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
