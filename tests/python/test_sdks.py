@@ -30,14 +30,14 @@ TINY_CAP = "0.0001"
 
 def token_cost(table, model, output_tokens):
     """Micro-dollars the shipped price table charges for the mock's usage."""
-    prices = json.loads((ROOT / "data-plane" / "prices" / table).read_text())["models"][model]
+    prices = json.loads((ROOT / "vendors" / "prices" / table).read_text())["models"][model]
     per_token = lambda usd: Decimal(usd)  # micro-dollars per token == USD per million
     return (math.ceil(PROMPT_TOKENS * per_token(prices["input"]))
             + math.ceil(output_tokens * per_token(prices["output"])))
 
 
 def unit_price(table, *path):
-    v = json.loads((ROOT / "data-plane" / "prices" / table).read_text())
+    v = json.loads((ROOT / "vendors" / "prices" / table).read_text())
     for p in path:
         v = v[p]
     return int(Decimal(v) * 1_000_000)

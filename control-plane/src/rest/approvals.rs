@@ -147,9 +147,10 @@ pub struct ApprovalsQuery {
     /// Only this key's.
     #[serde(default)]
     pub key_id: Option<String>,
-    /// At most this many (default 100, at most 1000), newest first.
+    /// At most this many, newest first: 1 to 1000 (default 100).
     #[serde(default)]
-    pub limit: u32,
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
 }
 
 /// Calls held for approval, newest first (scope `keys:read`).
@@ -163,10 +164,14 @@ async fn list(
 ) -> Result<Json<ApprovalList>, ApiError> {
     let caller = admin(&c, &headers, Operation::ListApprovals).await?;
     let Query(q) = q.map_err(|e| ApiError::from(invalid("query", e.body_text())))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 1000").into());
+    }
     let filter = ApprovalFilter {
         state: q.state.as_deref().map(ApprovalState::parse).transpose()?,
         key_id: q.key_id,
-        limit: q.limit,
+        limit,
     };
     let all = c.list_approvals(&caller.vendors, &filter).await?;
     Ok(Json(ApprovalList {
