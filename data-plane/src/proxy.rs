@@ -348,29 +348,42 @@ impl Proxy {
         envelope: &mut Envelope,
         known_key: &mut Option<Arc<KeyPolicy>>,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        // This call's server span (see `call_span`); each phase is a child.
+        // This call's server span (see `call_span`); each phase is a child,
+        // opened only when the call is sampled (`phase_spans`).
         let span = tracing::Span::current();
+        let phases = keycap_telemetry::phase_spans(&span);
+        let phase = |open: fn() -> tracing::Span| {
+            if phases {
+                open()
+            } else {
+                tracing::Span::none()
+            }
+        };
         let admitted = self
             .admit(req, now, peer, &span, envelope, known_key)
-            .instrument(tracing::info_span!("authenticate"))
+            .instrument(phase(|| tracing::info_span!("authenticate")))
             .await?;
         let rate = admitted.rate;
         let priced = self
             .price(admitted, call_id, span, now)
-            .instrument(tracing::info_span!("price"))
+            .instrument(phase(|| tracing::info_span!("price")))
             .await?;
         let reserved = priced
             .reserve_gated()
-            .instrument(tracing::info_span!("reserve"))
+            .instrument(phase(|| tracing::info_span!("reserve")))
             .await?;
         let (call, up) = reserved.record()?;
-        let forward = tracing::info_span!(
-            "forward",
-            otel.kind = "client",
-            http.request.method = %up.method(),
-            server.address = up.uri().host().unwrap_or_default(),
-            http.response.status_code = tracing::field::Empty,
-        );
+        let forward = if phases {
+            tracing::info_span!(
+                "forward",
+                otel.kind = "client",
+                http.request.method = %up.method(),
+                server.address = up.uri().host().unwrap_or_default(),
+                http.response.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let mut resp = call.forward(up).instrument(forward).await?;
         if let Some(rate) = rate {
             rate.insert_headers(resp.headers_mut());
@@ -1408,7 +1421,8 @@ impl Call {
     fn settle(&mut self, status: u16, mut s: Settlement) -> Option<Micros> {
         let held = self.held.take()?;
         let t = &mut self.ticket;
-        let _settle = tracing::info_span!(parent: &t.span, "settle").entered();
+        let _settle = keycap_telemetry::phase_spans(&t.span)
+            .then(|| tracing::info_span!(parent: &t.span, "settle").entered());
         let reserved = held.amount();
         if let Some(original) = t.rides_on {
             // Whether the vendor replayed the original or executed this
