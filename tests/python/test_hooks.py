@@ -138,6 +138,9 @@ def test_twilio_requests_signed_by_twilio_python(keycap, receiver):
     assert receiver.wait(1)[0][1] == form
     relayed_with_keycap_signature(receiver.deliveries, created["relay_secret"])
     assert post(url, form, headers, form_type)[0] == 409
+    # The idempotency token is not signed: a fresh one makes no replay new.
+    fresh = {**headers, "I-Twilio-Idempotency-Token": os.urandom(8).hex()}
+    assert post(url, form, fresh, form_type)[0] == 409
 
     tampered = urllib.parse.urlencode({**params, "Body": "changed"}).encode()
     other = {"X-Twilio-Signature": sig, "I-Twilio-Idempotency-Token": os.urandom(8).hex()}

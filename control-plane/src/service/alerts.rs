@@ -268,7 +268,12 @@ impl Control {
         day: &str,
         runs: &mut BTreeSet<(String, String)>,
     ) -> Result<(), ApiError> {
-        for lineage in self.store.lineage_spend(key_id, day).await? {
+        // A rolled key spends its chain's budget, kept under the chain's
+        // first key: that is the tree whose thresholds its spend moves.
+        let Some(spender) = self.store.get_key(key_id).await? else {
+            return Ok(());
+        };
+        for lineage in self.store.lineage_spend(spender.budget_id(), day).await? {
             let Some(key) = self.store.get_key(&lineage.key_id).await? else {
                 continue;
             };

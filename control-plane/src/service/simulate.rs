@@ -291,7 +291,8 @@ impl Control {
         let now = Utc::now();
         let levels = self
             .store
-            .budget_levels(&key.id, &keycap_proto::time::utc_day(now), now)
+            // A rolled key spends its chain's budget, kept under its first key.
+            .budget_levels(key.budget_id(), &keycap_proto::time::utc_day(now), now)
             .await?;
         let budget = DryRunBudget::of(&levels, now);
         let mut answer = DryRunAnswer {

@@ -52,6 +52,25 @@ async fn rolling_a_key_never_raises_what_its_chain_may_spend() {
     let second = rolled(&stack, &first.id, "3s", &first.id).await;
     assert_eq!(second.body["spent_today_usd"].as_f64(), Some(2.0));
     assert_eq!(second.body["daily_usd_cap"].as_f64(), Some(6.0));
+    // A dry run of the successor's call sees the chain's budget: $4 left.
+    let dry = stack
+        .admin
+        .post_json(
+            "/vault/simulate",
+            &json!({"key_id": second.id, "request": {
+                "method": "POST", "path": "/v1/payment_intents",
+                "headers": {"content-type": "application/x-www-form-urlencoded"},
+                "body": "amount=100&currency=usd&confirm=true",
+            }}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(dry["allowed"], true, "{dry}");
+    assert_eq!(
+        dry["remaining"]["daily_remaining_usd"].as_f64(),
+        Some(4.0),
+        "{dry}"
+    );
     let b = stack.agent(&second.secret);
     dollar_charge(&b).await.expect(200);
     dollar_charge(&a).await.expect(200);

@@ -6,7 +6,10 @@
 //! `bodySHA256=<hex SHA-256 of the body>` to the query. Because Twilio signs
 //! the URL sometimes with the default port and sometimes without, both forms
 //! are tried, as the validator does. Twilio signs no timestamp; the event id
-//! (replay) is `I-Twilio-Idempotency-Token`, else the signature itself.
+//! (replay) is the signature itself: it covers the URL and every parameter,
+//! so a retry of one event carries the same one. Twilio's
+//! `I-Twilio-Idempotency-Token` is not signed — anyone holding one request
+//! could replay it under a fresh token — so it never names the event.
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -16,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::{header, same, Inbound, Refusal, Verified};
 
 pub const SIGNATURE_HEADER: &str = "x-twilio-signature";
+/// Sent by Twilio with each event but not signed: never an event id.
 pub const IDEMPOTENCY_HEADER: &str = "i-twilio-idempotency-token";
 
 /// The base64 signature Twilio sends for `url` and form `params`.
@@ -125,15 +129,9 @@ pub fn verify(secrets: &[&str], event: &Inbound<'_>) -> Result<Verified, Refusal
     if !matched {
         return Err(Refusal::Forged);
     }
-    let event_id = match event
-        .headers
-        .get(IDEMPOTENCY_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(token) if !token.is_empty() => token.to_string(),
-        _ => format!("sig:{signature}"),
-    };
-    Ok(Verified { event_id })
+    Ok(Verified {
+        event_id: format!("sig:{signature}"),
+    })
 }
 
 #[cfg(test)]
@@ -206,21 +204,25 @@ mod tests {
     }
 
     #[test]
-    fn the_idempotency_token_names_the_event() {
-        let mut h = HeaderMap::new();
+    fn an_unsigned_idempotency_token_never_makes_a_replay_new() {
         let sig = sign(TOKEN, URL, &[]);
-        h.insert(SIGNATURE_HEADER, sig.parse().unwrap());
-        h.insert(IDEMPOTENCY_HEADER, "tok-1".parse().unwrap());
-        let v = verify(
-            &[TOKEN],
-            &Inbound {
-                headers: &h,
-                body: b"",
-                url: URL,
-            },
-        )
-        .unwrap();
-        assert_eq!(v.event_id, "tok-1");
+        let id_with = |token: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(SIGNATURE_HEADER, sig.parse().unwrap());
+            h.insert(IDEMPOTENCY_HEADER, token.parse().unwrap());
+            verify(
+                &[TOKEN],
+                &Inbound {
+                    headers: &h,
+                    body: b"",
+                    url: URL,
+                },
+            )
+            .unwrap()
+            .event_id
+        };
+        assert_eq!(id_with("tok-1"), format!("sig:{sig}"));
+        assert_eq!(id_with("tok-1"), id_with("tok-2"));
     }
 
     #[test]
