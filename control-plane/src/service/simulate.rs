@@ -410,6 +410,19 @@ impl Control {
                 ));
             }
         }
+        // The proxy holds such a call for a person before it reserves.
+        if let Some(above) = key.approval_above {
+            if reserve > above {
+                return Err(refused(
+                    "approval_required",
+                    "approval_above",
+                    format!(
+                        "this call reserves {reserve} USD; the key needs a person's approval \
+                         above {above} USD (docs/approvals.md)"
+                    ),
+                ));
+            }
+        }
         let budget = &answer.budget;
         if reserve > budget.daily_remaining {
             return Err(refused(

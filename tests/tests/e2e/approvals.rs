@@ -349,6 +349,28 @@ async fn a_child_is_gated_at_its_parents_lower_threshold() {
         "{}",
         child.body
     );
+    // A dry run says so before the agent tries.
+    let dry = |amount: i64| {
+        let admin = stack.admin.clone();
+        let key = child.id.clone();
+        async move {
+            admin
+                .post_json(
+                    "/vault/simulate",
+                    &json!({"key_id": key, "request": {
+                        "method": "POST", "path": "/v1/payment_intents",
+                        "headers": {"content-type": "application/x-www-form-urlencoded"},
+                        "body": format!("amount={amount}&currency=usd"),
+                    }}),
+                )
+                .await
+                .expect(200)
+        }
+    };
+    assert_eq!(dry(400).await["allowed"], true);
+    let gated = dry(600).await;
+    assert_eq!(gated["allowed"], false, "{gated}");
+    assert_eq!(gated["refusal"]["code"], "approval_required", "{gated}");
     let agent = stack.agent(&child.secret);
     pay(&agent, 400, None).await.expect(200);
     held(&agent, 600).await;
