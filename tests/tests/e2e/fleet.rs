@@ -139,12 +139,22 @@ fn reached_vendor_within_cap(fleet: &Fleet) -> Vec<i64> {
     reached
 }
 
-/// The key's audit entries once exactly `n` are there, as amounts in cents,
-/// sorted. Each is a settled charge.
+/// The key's call entries once exactly `n` are there, as amounts in cents,
+/// sorted. Each is a settled charge. The proxies' refusal records (one per
+/// proxy, reason and minute, written once a minute closes) are not calls.
 async fn audited(admin: &Api, key_id: &str, n: usize) -> Vec<i64> {
-    let entries = admin
-        .wait_audit(&format!("key_id={key_id}&limit=1000"), n)
-        .await;
+    let query = format!("key_id={key_id}&limit=1000");
+    let calls = |all: Vec<Value>| -> Vec<Value> {
+        all.into_iter()
+            .filter(|e| e["outcome"] != "refused")
+            .collect()
+    };
+    let entries = wait_for(within(SPEND_TIMEOUT), || async {
+        let e = calls(admin.audit(&query).await);
+        (e.len() == n).then_some(e)
+    })
+    .await
+    .unwrap_or_else(|| panic!("audit {query:?} never had {n} calls"));
     let mut cents: Vec<i64> = entries
         .iter()
         .map(|e| {
