@@ -38,8 +38,10 @@ def canonical(e):
         out += s(k) + s(v)
     if e["outcome"] == "refused":
         out += s(e["refusal_reason"]) + i(e["refused_calls"])
-    if e.get("credential_version", 0):
-        out += i(e["credential_version"])
+    if e.get("credential_version", 0) or e.get("would_refuse", ""):
+        out += i(e.get("credential_version", 0))
+    if e.get("would_refuse", ""):
+        out += s(e["would_refuse"])
     return out
 
 

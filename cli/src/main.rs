@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 mod approval;
 mod credential;
 mod dev;
+mod observe;
 mod sandbox;
 mod simulate;
 
@@ -314,6 +315,14 @@ enum KeyCmd {
         /// lower one.
         #[arg(long = "approval-above-usd")]
         approval_above_usd: Option<String>,
+        /// `observe`: forward the calls the caps, endpoints and rate limit
+        /// would refuse and mark them in the audit, holding the key to
+        /// --observe-ceiling-usd a day (docs/observe.md). Default: enforce.
+        #[arg(long, value_parser = ["enforce", "observe"])]
+        mode: Option<String>,
+        /// Observe mode's hard daily ceiling in USD (required with --mode observe).
+        #[arg(long = "observe-ceiling-usd")]
+        observe_ceiling_usd: Option<String>,
     },
     /// List keys.
     List {
@@ -346,6 +355,9 @@ enum KeyCmd {
     /// from the key's forwarded calls: endpoint templates, daily and
     /// per-call caps from the observed maxima plus a margin.
     Suggest(simulate::SuggestArgs),
+    /// Switch a key in observe mode to enforcing, in place (same id, secret
+    /// and budget); prints it once every connected proxy enforces it.
+    Enforce(observe::EnforceArgs),
     /// Roll a key: mint a successor with the same policy that spends the
     /// same budget (printed with its secret, once, when every proxy serves
     /// it); the key keeps working for --grace, then is revoked.
@@ -1002,6 +1014,8 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             zone,
             parent,
             approval_above_usd,
+            mode,
+            observe_ceiling_usd,
         }) => {
             let expires = humantime::parse_duration(&expires_in).with_context(|| {
                 format!("--expires-in {expires_in:?} is not a duration like 2h")
@@ -1030,6 +1044,11 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
                     ack_timeout_ms: 0,
                     approval_above_micros: approval_above_usd
                         .map(|s| parse_usd("approval-above-usd", &s))
+                        .transpose()?
+                        .unwrap_or(0),
+                    mode: mode.unwrap_or_default(),
+                    observe_ceiling_micros: observe_ceiling_usd
+                        .map(|s| parse_usd("observe-ceiling-usd", &s))
                         .transpose()?
                         .unwrap_or(0),
                 })
@@ -1075,6 +1094,7 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             print(json!({"keys": r.keys.iter().map(key_json).collect::<Vec<_>>()}));
         }
         Command::Key(KeyCmd::Suggest(args)) => simulate::suggest(c, args).await?,
+        Command::Key(KeyCmd::Enforce(args)) => observe::enforce(c, args).await?,
         Command::Key(KeyCmd::Get { id }) => {
             let r = c.keys.get_key(pb::GetKeyRequest { id }).await?.into_inner();
             print(r.key.as_ref().map(key_json).unwrap_or(Value::Null));

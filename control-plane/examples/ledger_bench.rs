@@ -85,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
             parent_id: None,
             approval_above: None,
             roll: Default::default(),
+            observe_ceiling: None,
         })
         .await?;
     let day = now.format("%Y-%m-%d").to_string();
@@ -108,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         refusal_reason: String::new(),
         refused_calls: 0,
         credential_version: 0,
+        would_refuse: String::new(),
     };
 
     let started = Instant::now();

@@ -335,6 +335,12 @@ pub struct KeyAnswer {
     /// (docs/approvals.md); the lowest along the key's ancestors. Null: no
     /// gate.
     pub approval_above_usd: Option<Usd>,
+    /// `enforce`, or `observe` (docs/observe.md): then the caps, endpoints
+    /// and rate limit above only mark the calls they would refuse, and
+    /// `observe_ceiling_usd` is what the key may spend a day.
+    pub mode: &'static str,
+    /// Observe mode's hard daily ceiling; null when enforcing.
+    pub observe_ceiling_usd: Option<Usd>,
     /// The key this one succeeded in a roll; null if none.
     pub rolled_from: Option<String>,
     /// The key that succeeded this one; null until it is rolled.
@@ -377,6 +383,8 @@ impl From<&KeyView> for KeyAnswer {
             zone: k.limits.zone.clone(),
             parent_id: k.parent_id.clone(),
             approval_above_usd: k.approval_above.map(Usd),
+            mode: k.mode(),
+            observe_ceiling_usd: k.observe_ceiling.map(Usd),
             rolled_from: k.roll.rolled_from.clone(),
             successor: k.roll.successor_id.clone(),
             grace_ends_at: k.roll.retire_at.map(rfc3339),
@@ -412,6 +420,15 @@ pub struct RolledKeyAnswer {
 /// A revoked key and which proxies confirmed they stopped serving it.
 #[derive(Serialize, ToSchema)]
 pub struct RevokedKeyAnswer {
+    #[serde(flatten)]
+    pub info: KeyAnswer,
+    pub confirmation: ConfirmationAnswer,
+}
+
+/// A key switched from observe mode to enforcing, and which proxies
+/// confirmed they enforce it.
+#[derive(Serialize, ToSchema)]
+pub struct EnforcedKeyAnswer {
     #[serde(flatten)]
     pub info: KeyAnswer,
     pub confirmation: ConfirmationAnswer,
@@ -559,6 +576,10 @@ pub struct SpendReportAnswer {
     pub refused_calls: i64,
     /// Groups beyond `top` were left out.
     pub more: bool,
+    /// Forwarded calls of keys in observe mode that enforcement would have
+    /// refused (docs/observe.md), and what they spent.
+    pub would_refuse_calls: i64,
+    pub would_refuse_usd: Usd,
 }
 
 /// One group of a spend report: the dimensions grouped by, and what they
@@ -577,6 +598,10 @@ pub struct SpendGroupAnswer {
     pub total_micros: i64,
     pub calls: i64,
     pub refused_calls: i64,
+    /// Calls of keys in observe mode enforcement would have refused, and
+    /// what they spent.
+    pub would_refuse_calls: i64,
+    pub would_refuse_usd: Usd,
 }
 
 /// `GET /vault/spend`: a run's summary, or a report.
@@ -629,6 +654,10 @@ pub struct AuditEntryAnswer {
     /// (docs/rotation.md); null for a refusal or an entry written before
     /// versions.
     pub credential_version: Option<i64>,
+    /// For a call of a key in observe mode that enforcement would have
+    /// refused (docs/observe.md): the refusal code and the rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_refuse: Option<WouldRefuseAnswer>,
     /// Hex SHA-256 of the entry before; null for entries written before the
     /// ledger was chained.
     pub prev_hash: Option<String>,
@@ -666,9 +695,33 @@ impl From<&domain::AuditEntry> for AuditEntryAnswer {
             refused_calls: refused.then_some(ev.refused_calls),
             approval: AuditApprovalAnswer::of(crate::approval::AuditApproval::of(&ev.detail_json)),
             credential_version: (ev.credential_version != 0).then_some(ev.credential_version),
+            would_refuse: WouldRefuseAnswer::of(&ev.would_refuse),
             prev_hash: e.prev_hash.map(hex::encode),
             hash: e.hash.map(hex::encode),
         }
+    }
+}
+
+/// What enforcement would have answered a call observe mode forwarded.
+#[derive(Serialize, ToSchema)]
+pub struct WouldRefuseAnswer {
+    /// The refusal code (`endpoint_not_allowed`, `rate_limited`,
+    /// `per_call_cap_exceeded`, `daily_cap_exceeded`,
+    /// `lifetime_cap_exceeded`).
+    pub code: String,
+    /// The rule that would have fired (`allowed_endpoints`, `rate_limit`,
+    /// `per_call_cap`, `daily_cap`, `lifetime_cap`).
+    pub rule: String,
+}
+
+impl WouldRefuseAnswer {
+    pub fn of(code: &str) -> Option<Self> {
+        (!code.is_empty()).then(|| WouldRefuseAnswer {
+            code: code.to_string(),
+            rule: domain::would_refuse_rule(code)
+                .unwrap_or_default()
+                .to_string(),
+        })
     }
 }
 
@@ -859,6 +912,13 @@ impl From<&pb::VaultKey> for KeyAnswer {
             parent_id: non_empty(&k.parent_id),
             approval_above_usd: (k.approval_above_micros != 0)
                 .then_some(Usd(Micros(k.approval_above_micros))),
+            mode: if k.mode == "observe" {
+                "observe"
+            } else {
+                "enforce"
+            },
+            observe_ceiling_usd: (k.observe_ceiling_micros != 0)
+                .then_some(Usd(Micros(k.observe_ceiling_micros))),
             rolled_from: non_empty(&k.rolled_from),
             successor: non_empty(&k.successor),
             grace_ends_at: proto_time(&k.grace_ends_at, SecondsFormat::Secs),
@@ -958,6 +1018,8 @@ impl SpendReportAnswer {
                     total_micros: g.total_micros,
                     calls: g.calls,
                     refused_calls: g.refused_calls,
+                    would_refuse_calls: g.would_refuse_calls,
+                    would_refuse_usd: Usd(Micros(g.would_refuse_micros)),
                 })
                 .collect(),
             total_usd: Usd(Micros(r.total_micros)),
@@ -965,6 +1027,8 @@ impl SpendReportAnswer {
             calls: r.calls,
             refused_calls: r.refused_calls,
             more: r.more,
+            would_refuse_calls: r.would_refuse_calls,
+            would_refuse_usd: Usd(Micros(r.would_refuse_micros)),
         }
     }
 }
@@ -1002,6 +1066,7 @@ impl From<&pb::AuditEntry> for AuditEntryAnswer {
                 reason: e.approval_reason.clone(),
             }),
             credential_version: (e.credential_version != 0).then_some(e.credential_version),
+            would_refuse: WouldRefuseAnswer::of(&e.would_refuse),
             prev_hash: hex_or_null(&e.prev_hash),
             hash: hex_or_null(&e.hash),
         }

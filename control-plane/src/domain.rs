@@ -515,6 +515,10 @@ pub struct VaultKey {
     pub approval_above: Option<Micros>,
     /// Its place in a roll chain, and the budget it spends (`roll`).
     pub roll: KeyRoll,
+    /// Set: the key is in observe mode (docs/observe.md) and this is the
+    /// daily ceiling actually enforced; its own caps, allowlist and rate
+    /// limit only mark the calls they would refuse. `None`: it enforces.
+    pub observe_ceiling: Option<Micros>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -542,6 +546,21 @@ impl VaultKey {
         self.roll.budget_id.as_deref().unwrap_or(&self.id)
     }
 
+    /// The daily cap the budget machinery holds the key to: its observe
+    /// ceiling in observe mode, else its daily cap.
+    pub fn enforced_daily_cap(&self) -> Micros {
+        self.observe_ceiling.unwrap_or(self.daily_cap)
+    }
+
+    /// The mode's REST and gRPC spelling: `observe` or `enforce`.
+    pub fn mode(&self) -> &'static str {
+        if self.observe_ceiling.is_some() {
+            "observe"
+        } else {
+            "enforce"
+        }
+    }
+
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
         if self.revoked_at.is_some() {
             KeyStatus::Revoked
@@ -551,6 +570,16 @@ impl VaultKey {
             KeyStatus::Active
         }
     }
+}
+
+/// The policy a key in observe mode enforces once switched (`Store::
+/// enforce_key`): its caps and endpoints, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnforcedTerms {
+    pub daily_cap: Micros,
+    pub per_call_cap: Option<Micros>,
+    pub lifetime_cap: Option<Micros>,
+    pub allowed_endpoints: Vec<String>,
 }
 
 /// What a key has spent: settled amounts from the ledger.
@@ -647,6 +676,28 @@ pub struct SpendEvent {
     /// The vendor credential version the call was forwarded with
     /// (docs/rotation.md); 0 for a refusal, or from a proxy before versions.
     pub credential_version: i64,
+    /// For a call of a key in observe mode: the refusal code enforcement
+    /// would have answered it with (one of `WOULD_REFUSE`); empty when
+    /// enforcement would have forwarded it, and for every other entry.
+    pub would_refuse: String,
+}
+
+/// The refusals observe mode forwards instead (docs/observe.md), each with
+/// the rule that would have fired, in the order the proxy checks them.
+pub const WOULD_REFUSE: [(&str, &str); 5] = [
+    ("endpoint_not_allowed", "allowed_endpoints"),
+    ("rate_limited", "rate_limit"),
+    ("per_call_cap_exceeded", "per_call_cap"),
+    ("daily_cap_exceeded", "daily_cap"),
+    ("lifetime_cap_exceeded", "lifetime_cap"),
+];
+
+/// The rule behind a would-refuse code; `None` for an unknown code.
+pub fn would_refuse_rule(code: &str) -> Option<&'static str> {
+    WOULD_REFUSE
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, rule)| *rule)
 }
 
 /// The refusals a proxy records in the ledger: a known key's calls refused
@@ -891,6 +942,10 @@ pub struct SpendGroup {
     pub total: Micros,
     pub calls: i64,
     pub refused_calls: i64,
+    /// Calls of keys in observe mode enforcement would have refused, and
+    /// what they spent (docs/observe.md).
+    pub would_refuse_calls: i64,
+    pub would_refuse: Micros,
 }
 
 /// A spend report: the top groups, largest spend first, and the totals
@@ -903,6 +958,8 @@ pub struct SpendReport {
     pub refused_calls: i64,
     /// Groups beyond `top` left out.
     pub more: bool,
+    pub would_refuse_calls: i64,
+    pub would_refuse: Micros,
 }
 
 /// A request to grow a lease: a proxy's local slice of one key's budget for
@@ -1381,6 +1438,7 @@ mod tests {
             parent_id: None,
             approval_above: None,
             roll: KeyRoll::default(),
+            observe_ceiling: None,
         }
     }
 

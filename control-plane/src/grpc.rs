@@ -149,6 +149,8 @@ pub fn key_to_pb(v: &KeyView) -> pb::VaultKey {
         zone: k.limits.zone.clone().unwrap_or_default(),
         parent_id: k.parent_id.clone().unwrap_or_default(),
         approval_above_micros: k.approval_above.map_or(0, |c| c.0),
+        mode: k.mode().to_string(),
+        observe_ceiling_micros: k.observe_ceiling.map_or(0, |c| c.0),
         rolled_from: k.roll.rolled_from.clone().unwrap_or_default(),
         successor: k.roll.successor_id.clone().unwrap_or_default(),
         grace_ends_at: opt_to_proto(k.roll.retire_at),
@@ -186,6 +188,10 @@ fn entry_to_pb(e: &domain::AuditEntry) -> pb::AuditEntry {
         approval_decided_by: approval.decided_by,
         approval_reason: approval.reason,
         credential_version: ev.credential_version,
+        would_refuse: ev.would_refuse.clone(),
+        would_refuse_rule: domain::would_refuse_rule(&ev.would_refuse)
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
@@ -219,6 +225,7 @@ fn fleet_key_to_pb(k: &domain::VaultKey) -> pb::FleetKey {
         allowed_cidrs: k.limits.cidr_strings(),
         zone: k.limits.zone.clone().unwrap_or_default(),
         approval_above_micros: k.approval_above.map_or(0, |c| c.0),
+        observe_ceiling_micros: k.observe_ceiling.map_or(0, |c| c.0),
         budget_id: k.budget_id().to_string(),
     }
 }
@@ -264,6 +271,7 @@ impl TryFrom<pb::CreateKeyRequest> for NewKey {
             Some(r.parent_id.as_str()),
         )
         .and_then(|k| k.with_approval_above(opt_cap(r.approval_above_micros)))
+        .and_then(|k| k.with_mode(&r.mode, opt_cap(r.observe_ceiling_micros)))
         .map_err(|mut e| {
             e.field = grpc_key_field(e.field);
             e
@@ -280,6 +288,7 @@ fn grpc_key_field(rest: &'static str) -> &'static str {
         "lifetime_usd_cap" => "lifetime_cap_micros",
         "expires_in" => "expires_in_seconds",
         "approval_above_usd" => "approval_above_micros",
+        "observe_ceiling_usd" => "observe_ceiling_micros",
         other => other,
     }
 }
@@ -385,12 +394,16 @@ pub fn spend_report_to_pb(
                 total_micros: g.total.0,
                 calls: g.calls,
                 refused_calls: g.refused_calls,
+                would_refuse_calls: g.would_refuse_calls,
+                would_refuse_micros: g.would_refuse.0,
             })
             .collect(),
         total_micros: r.total.0,
         calls: r.calls,
         refused_calls: r.refused_calls,
         more: r.more,
+        would_refuse_calls: r.would_refuse_calls,
+        would_refuse_micros: r.would_refuse.0,
     }
 }
 
@@ -700,6 +713,37 @@ impl pb::key_service_server::KeyService for Api {
             secret: rolled.secret,
             confirmation: Some(confirmation_to_pb(rolled.confirmation)),
             rolled: Some(key_to_pb(&rolled.rolled)),
+        }))
+    }
+
+    async fn enforce_key(
+        &self,
+        req: Request<pb::EnforceKeyRequest>,
+    ) -> Result<Response<pb::EnforceKeyResponse>, Status> {
+        let caller = self.admin(&req, Operation::EnforceKey).await?;
+        let r = req.into_inner();
+        let change = crate::service::EnforceChange::new(
+            opt_cap(r.daily_cap_micros),
+            opt_cap(r.per_call_cap_micros),
+            opt_cap(r.lifetime_cap_micros),
+            (!r.allowed_endpoints.is_empty()).then_some(r.allowed_endpoints.as_slice()),
+        )
+        .map_err(|mut e| {
+            e.field = grpc_key_field(e.field);
+            ApiError::from(e)
+        })?;
+        let (key, confirmation) = self
+            .control
+            .enforce_key(
+                &caller.vendors,
+                &r.id,
+                &change,
+                ack_timeout(r.ack_timeout_ms)?,
+            )
+            .await?;
+        Ok(Response::new(pb::EnforceKeyResponse {
+            key: Some(key_to_pb(&key)),
+            confirmation: Some(confirmation_to_pb(confirmation)),
         }))
     }
 
@@ -1372,6 +1416,14 @@ fn spend_event_from_pb(
             "a forwarded call's credential version is 0 or more; a refusal has none",
         ));
     }
+    if !e.would_refuse.is_empty()
+        && (!outcome.is_call() || domain::would_refuse_rule(&e.would_refuse).is_none())
+    {
+        return Err(invalid(
+            "would_refuse",
+            "only a forwarded call is marked, with a refusal code observe mode forwards",
+        ));
+    }
     Ok(domain::SpendEvent {
         event_id: e.event_id,
         lease_id: e.lease_id,
@@ -1396,6 +1448,7 @@ fn spend_event_from_pb(
         refusal_reason: e.refusal_reason,
         refused_calls: e.refused_calls,
         credential_version: e.credential_version,
+        would_refuse: e.would_refuse,
     })
 }
 

@@ -52,7 +52,8 @@ struct StoreLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChangeLabel {
-    /// `revocation`, `key_creation`, `vendor_write` or `vendor_delete`.
+    /// `revocation`, `key_creation`, `vendor_write`, `vendor_delete` or
+    /// `key_enforce`.
     change: &'static str,
 }
 
@@ -68,6 +69,8 @@ pub enum ChangeKind {
     KeyCreation,
     VendorWrite,
     VendorDelete,
+    /// A key switched from observe mode to enforcement.
+    KeyEnforce,
 }
 
 impl ChangeKind {
@@ -77,6 +80,7 @@ impl ChangeKind {
             ChangeKind::KeyCreation => "key_creation",
             ChangeKind::VendorWrite => "vendor_write",
             ChangeKind::VendorDelete => "vendor_delete",
+            ChangeKind::KeyEnforce => "key_enforce",
         }
     }
 }
@@ -213,6 +217,7 @@ impl ControlMetrics {
             ChangeKind::KeyCreation,
             ChangeKind::VendorWrite,
             ChangeKind::VendorDelete,
+            ChangeKind::KeyEnforce,
         ] {
             let _ = unconfirmed.get_or_create(&ChangeLabel {
                 change: kind.as_str(),

@@ -41,11 +41,13 @@ use crate::service::{AdminPrincipal, Control, NewAdminToken, NewIssuerToken, New
 pub mod approvals;
 mod credentials;
 mod hooks;
+mod observe;
 mod rolls;
 mod simulate;
 mod suggest;
 pub mod webhooks;
 pub use credentials::{CredentialAnswer, CredentialList, ProbeAnswer, PromoteAnswer};
+pub use observe::EnforceKeyBody;
 pub use rolls::RollKeyBody;
 pub use simulate::SimulateAnswer;
 pub use suggest::SuggestAnswer;
@@ -167,7 +169,7 @@ fn usd_input_schema() -> Schema {
 }
 
 /// Like `usd_input_schema`, also null (absent: no such cap).
-fn optional_usd_input_schema() -> Schema {
+pub(crate) fn optional_usd_input_schema() -> Schema {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([
             Type::Number,
@@ -257,6 +259,7 @@ impl utoipa::Modify for AdminTokenAuth {
         suggest::suggest,
         credentials::stage, credentials::list, credentials::probe, credentials::promote,
         rolls::roll,
+        observe::enforce,
     ),
     components(schemas(ErrorBody)),
     modifiers(&AdminTokenAuth),
@@ -340,6 +343,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .merge(suggest::routes())
         .merge(credentials::routes())
         .merge(rolls::routes())
+        .merge(observe::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -439,7 +443,7 @@ fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Re
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 /// A USD amount from JSON: a number or a decimal string, parsed exactly.
-fn usd_field(field: &'static str, v: &Value) -> Result<Micros, ApiError> {
+pub(crate) fn usd_field(field: &'static str, v: &Value) -> Result<Micros, ApiError> {
     let text = match v {
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.clone(),
@@ -703,6 +707,15 @@ pub struct CreateKeyBody {
     #[serde(default)]
     #[schema(schema_with = optional_usd_input_schema)]
     approval_above_usd: Option<Value>,
+    /// `enforce` (absent: the default) or `observe` (docs/observe.md): the
+    /// caps, endpoints and rate limit then only mark the calls they would
+    /// refuse, and `observe_ceiling_usd` is what the key may spend a day.
+    #[serde(default)]
+    mode: Option<String>,
+    /// Observe mode's hard daily ceiling; required with `"mode": "observe"`.
+    #[serde(default)]
+    #[schema(schema_with = optional_usd_input_schema)]
+    observe_ceiling_usd: Option<Value>,
 }
 
 /// A key's limits from a create body; a rate that is not a whole number is
@@ -790,6 +803,14 @@ pub(crate) fn create_key_request(
             .as_ref()
             .filter(|v| !v.is_null())
             .map(|v| usd_field("approval_above_usd", v))
+            .transpose()?,
+    )?
+    .with_mode(
+        b.mode.as_deref().unwrap_or(""),
+        b.observe_ceiling_usd
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .map(|v| usd_field("observe_ceiling_usd", v))
             .transpose()?,
     )?;
     Ok((key, timeout))
@@ -1249,6 +1270,8 @@ async fn spend(
                 total_micros: g.total.0,
                 calls: g.calls,
                 refused_calls: g.refused_calls,
+                would_refuse_calls: g.would_refuse_calls,
+                would_refuse_usd: Usd(g.would_refuse),
             })
             .collect(),
         total_usd: Usd(r.total),
@@ -1256,6 +1279,8 @@ async fn spend(
         calls: r.calls,
         refused_calls: r.refused_calls,
         more: r.more,
+        would_refuse_calls: r.would_refuse_calls,
+        would_refuse_usd: Usd(r.would_refuse),
     })))
 }
 

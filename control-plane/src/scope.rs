@@ -317,10 +317,13 @@ pub enum Operation {
     /// Mint a key's successor (same policy and budget) and revoke the key
     /// after a grace.
     RollKey,
+    /// Switch a key in observe mode to enforcing, possibly with new caps
+    /// and endpoints.
+    EnforceKey,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 41] = [
+    pub const ALL: [Operation; 42] = [
         Operation::PutVendor,
         Operation::PutVendorWithCredential,
         Operation::GetVendor,
@@ -362,6 +365,7 @@ impl Operation {
         Operation::ProbeCredential,
         Operation::PromoteCredential,
         Operation::RollKey,
+        Operation::EnforceKey,
     ];
 }
 
@@ -386,6 +390,8 @@ pub fn required(op: Operation) -> &'static [Scope] {
         O::RevokeKey | O::RevokeRun => &[S::KeysRevoke],
         // A roll issues a key and revokes one.
         O::RollKey => &[S::KeysIssue, S::KeysRevoke],
+        // It sets the caps and endpoints the key spends under, as minting does.
+        O::EnforceKey => &[S::KeysIssue],
         O::QueryAudit | O::SpendSummary | O::VerifyAudit | O::ListCheckpoints => &[S::AuditRead],
         O::CreateAdminToken | O::RevokeAdminToken => &[S::TokensWrite],
         O::ListAdminTokens => &[S::TokensRead],

@@ -38,11 +38,13 @@ mod alerts;
 mod approvals;
 mod credentials;
 mod hooks;
+mod observe;
 mod refusals;
 mod rolls;
 pub use alerts::SPOOL_BACKLOG;
 pub use approvals::{ApprovalSettings, HeldCall};
 pub use credentials::CredentialView;
+pub use observe::EnforceChange;
 pub use rolls::Rolled;
 pub mod simulate;
 pub mod suggest;
@@ -305,6 +307,8 @@ pub struct NewKey {
     /// Calls reserving more than this need a person's approval; `None`:
     /// none (or the parent's).
     pub approval_above: Option<Micros>,
+    /// Set: mint the key in observe mode with this daily ceiling.
+    pub observe_ceiling: Option<Micros>,
 }
 
 impl NewKey {
@@ -370,7 +374,42 @@ impl NewKey {
             limits,
             parent_id,
             approval_above: None,
+            observe_ceiling: None,
         })
+    }
+
+    /// Sets the key's mode (docs/observe.md): `""` or `enforce` enforces
+    /// and takes no ceiling; `observe` needs `observe_ceiling`, the daily
+    /// amount actually enforced, and is for a root key only.
+    pub fn with_mode(
+        mut self,
+        mode: &str,
+        observe_ceiling: Option<Micros>,
+    ) -> Result<Self, domain::InvalidInput> {
+        self.observe_ceiling = match (mode, observe_ceiling) {
+            ("" | "enforce", None) => None,
+            ("" | "enforce", Some(_)) => {
+                return Err(invalid(
+                    "observe_ceiling_usd",
+                    "only a key in mode \"observe\" has an observe ceiling",
+                ))
+            }
+            ("observe", None) => {
+                return Err(invalid(
+                    "observe_ceiling_usd",
+                    "required for mode \"observe\": the daily amount the key may never exceed",
+                ))
+            }
+            ("observe", Some(c)) => Some(domain::parse_cap("observe_ceiling_usd", c)?),
+            _ => return Err(invalid("mode", "must be \"enforce\" or \"observe\"")),
+        };
+        if self.observe_ceiling.is_some() && self.parent_id.is_some() {
+            return Err(invalid(
+                "mode",
+                "a child key cannot observe: observe mode is for a scenario's root key",
+            ));
+        }
+        Ok(self)
     }
 
     /// Sets `approval_above` (`None` or 0: no gate of its own).
@@ -943,6 +982,13 @@ impl Control {
             KeyStatus::Revoked => return Err(invalid("key_id", "the key is revoked").into()),
             KeyStatus::Expired => return Err(invalid("key_id", "the key has expired").into()),
         }
+        if key.observe_ceiling.is_some() {
+            return Err(invalid(
+                "key_id",
+                "the key is in observe mode and cannot have child keys; switch it to enforce first",
+            )
+            .into());
+        }
         let expires_at = caller.expiry_within(req.expires_in, now)?;
         let text = secret::generate(SecretKind::IssuerToken, &self.key_env);
         let record = domain::IssuerToken {
@@ -1429,6 +1475,7 @@ impl Control {
             parent_id: req.parent_id,
             approval_above: req.approval_above,
             roll: domain::KeyRoll::default(),
+            observe_ceiling: req.observe_ceiling,
         };
         if let Some(parent_id) = &key.parent_id {
             // A parent of a vendor the caller may not act on is not found,
@@ -1437,6 +1484,12 @@ impl Control {
                 .key_of_allowed_vendor(vendors, parent_id)
                 .await
                 .map_err(|_| ApiError::NotFound(format!("parent key {parent_id:?} not found")))?;
+            if parent.observe_ceiling.is_some() {
+                return Err(ApiError::Invalid(invalid(
+                    "parent_id",
+                    "the parent key is in observe mode and cannot have child keys; switch it to enforce first",
+                )));
+            }
             // Network limits the child leaves out are its parent's.
             key.limits = parent.limits.for_child(&key.limits)?;
             // The gate a child is held to is the lowest along its
@@ -1465,7 +1518,7 @@ impl Control {
             .await?;
         let status = key.status(now);
         let remaining_today = key
-            .daily_cap
+            .enforced_daily_cap()
             .saturating_sub(spend.spent_day)
             .max(Micros::ZERO);
         Ok(KeyView {
@@ -2201,6 +2254,7 @@ mod tests {
             refusal_reason: String::new(),
             refused_calls: 0,
             credential_version: 0,
+            would_refuse: String::new(),
         }
     }
 

@@ -113,6 +113,7 @@ async fn key(s: &dyn Store, id: &str) {
         parent_id: None,
         approval_above: Some(Micros(10_000_000)),
         roll: Default::default(),
+        observe_ceiling: None,
     })
     .await
     .unwrap();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
 use keycap_control::domain::{
-    AdminToken, AuditQuery, ChangeRef, IssuerToken, KeyFilter, KeyLimits, KeyStatus,
+    AdminToken, AuditQuery, ChangeRef, EnforcedTerms, IssuerToken, KeyFilter, KeyLimits, KeyStatus,
     LeaseGrantRequest, Outcome, Profile, SpendDimension, SpendEvent, SpendReportQuery, VaultKey,
     Vendor, VendorName,
 };
@@ -176,6 +176,7 @@ suite!(
     lineage_spend_sums_each_ancestors_subtree,
     a_roll_chain_spends_one_budget_and_retires_key_by_key,
     rolling_repeatedly_never_grants_more_than_the_cap,
+    an_observe_key_is_held_to_its_ceiling_marked_at_ingest_and_switched_in_place,
 );
 
 macro_rules! raw_suite {
@@ -514,6 +515,7 @@ fn key(id: &str, vendor: &str, label: &str, daily_cap: i64) -> VaultKey {
         parent_id: None,
         approval_above: None,
         roll: Default::default(),
+        observe_ceiling: None,
     }
 }
 
@@ -620,6 +622,7 @@ fn event(
         refusal_reason: String::new(),
         refused_calls: 0,
         credential_version: 0,
+        would_refuse: String::new(),
     }
 }
 
@@ -2036,6 +2039,129 @@ mod cases {
                 .await,
             "growing a returned lease",
         );
+    }
+
+    pub async fn an_observe_key_is_held_to_its_ceiling_marked_at_ingest_and_switched_in_place(
+        s: S,
+    ) {
+        let mut k = key("k1", "stripe", "observe", 1_000);
+        k.lifetime_cap = Some(Micros(1_500));
+        k.observe_ceiling = Some(Micros(5_000));
+        add_key(&*s, k).await;
+        add_key(&*s, key("k2", "stripe", "enforce", 1_000)).await;
+        // Held to the ceiling, with no lifetime cap: not to its own caps.
+        assert_eq!(
+            granted(&*s, grant("g1", "l1", "k1", DAY, 4_000, 0)).await,
+            4_000
+        );
+        // Events reserve their cost + 1. 800 fits the daily 1,000; then
+        // 800 + 301 passes it; a mark the proxy made stays; an enforcing
+        // key's calls are never marked.
+        let mut proxy_marked = event("e3", "k1", "l1", DAY, "stripe", 0);
+        proxy_marked.would_refuse = "endpoint_not_allowed".into();
+        let batch = vec![
+            event("e1", "k1", "l1", DAY, "stripe", 800),
+            event("e2", "k1", "l1", DAY, "stripe", 300),
+            proxy_marked,
+            event("e4", "k2", "", DAY, "stripe", 900),
+            event("e5", "k2", "", DAY, "stripe", 900),
+        ];
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (5, 0));
+        let mut entries = s.query_audit(&AuditQuery::default()).await.unwrap();
+        entries.sort_by_key(|e| e.seq);
+        let marks: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|e| (e.event.event_id.as_str(), e.event.would_refuse.as_str()))
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                ("e1", ""),
+                ("e2", "daily_cap_exceeded"),
+                ("e3", "endpoint_not_allowed"),
+                ("e4", ""),
+                ("e5", "")
+            ]
+        );
+        // The marks are in the chain: an edit would be named.
+        let chained = entries.iter().all(|e| {
+            e.hash
+                == Some(keycap_control::ledger::link(
+                    &e.prev_hash.unwrap(),
+                    e.seq,
+                    &e.agent_run_label,
+                    &e.event,
+                ))
+        });
+        assert!(chained, "every entry hashes with its mark");
+        // The lifetime cap marks in a later batch: 1,100 settled, 1,500 cap.
+        s.record_spend(&[event("e6", "k1", "l1", DAY2, "stripe", 500)])
+            .await
+            .unwrap();
+        let last = s.query_audit(&AuditQuery::default()).await.unwrap();
+        let e6 = last.iter().find(|e| e.event.event_id == "e6").unwrap();
+        assert_eq!(e6.event.would_refuse, "lifetime_cap_exceeded");
+        let report = s
+            .spend_report(&SpendReportQuery {
+                group_by: vec![SpendDimension::Key],
+                top: 10,
+                ..SpendReportQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(report.would_refuse_calls, 3);
+        assert_eq!(report.would_refuse, Micros(800));
+        let k1 = report
+            .groups
+            .iter()
+            .find(|g| g.key_id.as_deref() == Some("k1"))
+            .unwrap();
+        assert_eq!((k1.would_refuse_calls, k1.would_refuse), (3, Micros(800)));
+
+        // Switched in place: the ceiling is gone, the terms are the key's.
+        let terms = EnforcedTerms {
+            daily_cap: Micros(2_000),
+            per_call_cap: None,
+            lifetime_cap: Some(Micros(1_500)),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+        };
+        let version = s.latest_version().await.unwrap();
+        let switched = s.enforce_key("k1", &terms).await.unwrap();
+        assert_eq!(switched.observe_ceiling, None);
+        assert_eq!(switched.daily_cap, Micros(2_000));
+        assert!(
+            s.latest_version().await.unwrap() > version,
+            "a change to stream"
+        );
+        assert!(matches!(
+            s.enforce_key("k1", &terms).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.enforce_key("k2", &terms).await,
+            Err(StoreError::Conflict(_))
+        ));
+        // The lease granted under the ceiling still counts until it is back;
+        // then the lifetime cap binds: 1,600 spent of 1,500.
+        assert_eq!(available(&*s, "k1", DAY2).await, 0);
+        s.return_lease("l1", None, Micros(1_600)).await.unwrap();
+        assert_eq!(available(&*s, "k1", DAY2).await, 0);
+        let mut k3 = key("k3", "stripe", "observe", 1_000);
+        k3.observe_ceiling = Some(Micros(3_000));
+        add_key(&*s, k3).await;
+        s.record_spend(&[event("e7", "k3", "", DAY, "stripe", 1_200)])
+            .await
+            .unwrap();
+        s.enforce_key(
+            "k3",
+            &EnforcedTerms {
+                lifetime_cap: None,
+                ..terms
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(available(&*s, "k3", DAY).await, 800);
     }
 
     pub async fn lifetime_cap_spans_days(s: S) {

@@ -183,6 +183,18 @@ struct KeyLeases {
     last_used: Option<Instant>,
     /// A top-up is under way off the request path.
     renewing: bool,
+    /// The caps (daily, lifetime) the current lease was asked for under: a
+    /// key held to other caps since (a switch from observe mode) is served
+    /// by a new lease, never by one granted under the old caps.
+    terms: (i64, Option<i64>),
+}
+
+/// The caps a key's budget holds it to, as `KeyLeases::terms` keeps them.
+fn terms_of(key: &KeyPolicy) -> (i64, Option<i64>) {
+    (
+        key.budget_daily_cap().0,
+        key.budget_lifetime_cap().map(|m| m.0),
+    )
 }
 
 impl KeyLeases {
@@ -335,7 +347,8 @@ impl Budget {
                 if st.wants_renewal(&day, now, clock) {
                     st.renewing = true;
                     drop(st);
-                    self.top_up(slot.clone(), key.budget_id.clone(), key.daily_cap.0, day);
+                    let cap = key.budget_daily_cap().0;
+                    self.top_up(slot.clone(), key.budget_id.clone(), cap, day);
                 }
                 return Ok(r);
             }
@@ -343,10 +356,11 @@ impl Budget {
         let _granting = slot.granting.lock().await;
         {
             let mut st = slot.state();
-            if st.day != day {
+            if st.day != day || st.terms != terms_of(key) {
                 self.retire_current(&mut st);
                 st.day = day.clone();
-                st.unleased = key.daily_cap.0;
+                st.unleased = key.budget_daily_cap().0;
+                st.terms = terms_of(key);
             } else if st
                 .current
                 .as_ref()
@@ -373,7 +387,7 @@ impl Budget {
                 let requested = if gave_back {
                     need
                 } else {
-                    st.ask_size(key.daily_cap.0, need, amount.0, clock)
+                    st.ask_size(key.budget_daily_cap().0, need, amount.0, clock)
                 };
                 self.grant_request(&st, &key.budget_id, &day, requested, need)
             };
@@ -415,12 +429,12 @@ impl Budget {
                         // when the lifetime cap is what ran out would send
                         // the agent back to a key that can never serve it.
                         let remaining = Micros((available + st.unleased).max(0));
-                        return Err(match key.lifetime_cap {
+                        return Err(match key.budget_lifetime_cap() {
                             Some(cap) if st.lifetime_bound => {
                                 Refusal::LifetimeCapExceeded { cap, remaining }
                             }
                             _ => Refusal::DailyCapExceeded {
-                                cap: key.daily_cap,
+                                cap: key.budget_daily_cap(),
                                 remaining,
                                 resets_at: next_utc_midnight(now),
                             },
@@ -777,7 +791,7 @@ fn take_from_current(
     day: &str,
     now: DateTime<Utc>,
 ) -> Option<Reservation> {
-    if st.day != day {
+    if st.day != day || st.terms != terms_of(key) {
         return None;
     }
     let lease = st.current.as_mut()?;
@@ -942,6 +956,7 @@ mod tests {
             allowed_cidrs: Vec::new(),
             zone: None,
             approval_above: None,
+            observe_ceiling: None,
         }
     }
 
@@ -1124,6 +1139,30 @@ mod tests {
             b.reserve(&k, Micros(10), Utc::now()).await,
             Err(Refusal::BudgetUnavailable)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_switch_from_observe_mode_serves_no_call_from_the_ceiling_s_lease() {
+        let l = ledger(100);
+        let b = Budget::new(l.clone(), "n1");
+        let observing = KeyPolicy {
+            observe_ceiling: Some(Micros(100)),
+            ..key(5)
+        };
+        let now = Utc::now();
+        // Held to the ceiling, not its daily cap of 5.
+        let r = b.reserve(&observing, Micros(40), now).await.unwrap();
+        b.resolve(r, Micros(30));
+        assert!(b.remaining(&observing.budget_id).unwrap() > Micros(5));
+        // Switched: the lease asked for under the ceiling goes back with
+        // its spend, and the next call asks for a lease under the new caps.
+        let enforcing = key(5);
+        let r = b.reserve(&enforcing, Micros(1), now).await.unwrap();
+        let back = returned(&l, 1).await;
+        assert_eq!(back.values().copied().collect::<Vec<_>>(), vec![30]);
+        assert_ne!(r.lease_id, "", "{r:?}");
+        assert!(!back.contains_key(&r.lease_id), "a new lease serves it");
+        b.resolve(r, Micros(1));
     }
 
     #[tokio::test]

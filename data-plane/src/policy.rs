@@ -86,6 +86,30 @@ pub struct KeyPolicy {
     /// A call reserving more than this needs an approval
     /// (`crate::approval`); `None`: no gate.
     pub approval_above: Option<Micros>,
+    /// Set: the key is in observe mode (docs/observe.md) and its budget is
+    /// this a day; its own caps, endpoints and rate limit only mark calls.
+    pub observe_ceiling: Option<Micros>,
+}
+
+impl KeyPolicy {
+    /// The daily cap the key's budget holds it to: the observe ceiling in
+    /// observe mode, else its daily cap.
+    pub fn budget_daily_cap(&self) -> Micros {
+        self.observe_ceiling.unwrap_or(self.daily_cap)
+    }
+
+    /// The lifetime cap the key's budget holds it to: none in observe mode.
+    pub fn budget_lifetime_cap(&self) -> Option<Micros> {
+        self.lifetime_cap.filter(|_| self.observe_ceiling.is_none())
+    }
+
+    /// Whether leases granted under `self` may serve `next`: the same
+    /// budget held to the same caps.
+    fn same_budget_terms(&self, next: &KeyPolicy) -> bool {
+        self.budget_id == next.budget_id
+            && self.budget_daily_cap() == next.budget_daily_cap()
+            && self.budget_lifetime_cap() == next.budget_lifetime_cap()
+    }
 }
 
 #[derive(Default)]
@@ -283,6 +307,7 @@ fn key_policy(k: pb::FleetKey) -> Option<KeyPolicy> {
         allowed_cidrs,
         zone,
         approval_above: cap(k.approval_above_micros),
+        observe_ceiling: cap(k.observe_ceiling_micros),
     })
 }
 
@@ -324,10 +349,12 @@ impl PolicyCache {
     }
 
     /// Applies one update from the control plane. Returns the budgets no
-    /// usable key spends any more (their keys revoked or removed), so their
+    /// usable key spends any more (their keys revoked or removed) and those
+    /// now held to other caps (a key switched from observe mode), so their
     /// leases can be handed back.
     pub fn apply(&self, update: pb::PolicyUpdate) -> Vec<String> {
         let mut gone = Vec::new();
+        let mut rebudgeted = Vec::new();
         let next = match update.update {
             Some(pb::policy_update::Update::Snapshot(s)) => {
                 let mut p = Policy {
@@ -383,6 +410,14 @@ impl PolicyCache {
                         if kp.revoked {
                             gone.push(kp.id.clone());
                         }
+                        // Held to other caps now (a switch from observe
+                        // mode): leases granted under the old ones go back.
+                        if let Some(old) = p.key_hash_by_id.get(&kp.id).and_then(|h| p.keys.get(h))
+                        {
+                            if !old.same_budget_terms(&kp) {
+                                rebudgeted.push(kp.budget_id.clone());
+                            }
+                        }
                         p.key_hash_by_id.insert(kp.id.clone(), kp.hash);
                         p.keys.insert(kp.hash, Arc::new(kp));
                     }
@@ -405,7 +440,10 @@ impl PolicyCache {
             })
             .collect();
         next.by_hash.sort_unstable_by_key(|e| e.hash);
-        let gone = gone_budgets(&gone, &self.current.load(), &next);
+        let mut gone = gone_budgets(&gone, &self.current.load(), &next);
+        gone.extend(rebudgeted);
+        gone.sort();
+        gone.dedup();
         let version = next.version;
         self.current.store(Arc::new(next));
         self.looked_up

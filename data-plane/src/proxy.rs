@@ -472,16 +472,27 @@ impl Proxy {
             )));
         }
         let method = req.method().as_str().to_string();
+        let mut would_refuse = None;
         if !key.endpoints.allows(&method, &target.path) {
-            return Err(Refusal::EndpointNotAllowed(format!(
-                "{method} {} is not in this key's allowed endpoints",
-                target.path
-            )));
+            observe(
+                &key,
+                &mut would_refuse,
+                Refusal::EndpointNotAllowed(format!(
+                    "{method} {} is not in this key's allowed endpoints",
+                    target.path
+                )),
+            )?;
         }
         // Last of the authorisation checks, so a call refused by one of
         // them does not use up the key's rate; one refused later (body,
         // price, cap) has used it.
-        let rate = self.check_rate(&key)?;
+        let rate = match self.check_rate(&key) {
+            Ok(rate) => rate,
+            Err(r) => {
+                observe(&key, &mut would_refuse, r)?;
+                None
+            }
+        };
         let agent_context = context::read(req.headers())?;
         let approval_id = crate::approval::presented(req.headers())?;
         // The call's own trace when traces are exported; else the agent's.
@@ -528,6 +539,7 @@ impl Proxy {
             agent_context,
             trace_id,
             approval_id,
+            would_refuse,
         })
     }
 
@@ -551,6 +563,7 @@ impl Proxy {
             agent_context,
             trace_id,
             approval_id,
+            mut would_refuse,
         } = admitted;
         let method = http_method.as_str().to_string();
         let content_type = headers
@@ -625,10 +638,14 @@ impl Proxy {
         }
         if let Some(cap) = key.per_call_cap {
             if quote.reserve > cap {
-                return Err(Refusal::PerCallCapExceeded {
-                    cost: quote.reserve,
-                    cap,
-                });
+                observe(
+                    &key,
+                    &mut would_refuse,
+                    Refusal::PerCallCapExceeded {
+                        cost: quote.reserve,
+                        cap,
+                    },
+                )?;
             }
         }
         // Before the credential goes in and the body is rewritten: what
@@ -674,6 +691,7 @@ impl Proxy {
                 rule,
                 quoted,
                 at: now,
+                would_refuse,
             },
             up,
             gate,
@@ -1045,6 +1063,9 @@ struct Admitted {
     trace_id: Option<String>,
     /// The `Keycap-Approval` it sent (removed from `headers`).
     approval_id: Option<String>,
+    /// For a key in observe mode: the refusal enforcement would have
+    /// answered so far (`observe`).
+    would_refuse: Option<&'static str>,
 }
 
 /// A priced call: what its spend event will say, and the request that
@@ -1090,6 +1111,9 @@ struct Ticket {
     rule: String,
     quoted: Micros,
     at: DateTime<Utc>,
+    /// For a key in observe mode: the refusal code enforcement would have
+    /// answered with, which its spend event carries.
+    would_refuse: Option<&'static str>,
 }
 
 impl Priced {
@@ -1538,6 +1562,7 @@ impl Ticket {
             context: self.agent_context.clone(),
             // The version injected: the call's own `VendorPolicy`.
             credential_version: self.vendor.credential_version,
+            would_refuse: self.would_refuse.unwrap_or_default().to_string(),
             // Built inside the `settle` span: the control plane's
             // ingestion of the event continues it.
             traceparent: keycap_telemetry::traceparent(&tracing::Span::current())
@@ -1555,6 +1580,30 @@ impl Drop for Call {
     fn drop(&mut self) {
         let settlement = self.at_reservation();
         self.settle(0, settlement);
+    }
+}
+
+/// Observe mode (docs/observe.md): for a key in observe mode, a refusal of
+/// the allowlist, the rate limit or the per-call cap becomes the call's
+/// mark (the first one stays) and the call goes on; every other refusal,
+/// and every refusal of an enforcing key, stands. The daily and lifetime
+/// caps are marked by the control plane, which sees the fleet's spend; the
+/// key's observe ceiling is what its budget holds it to here.
+fn observe(
+    key: &KeyPolicy,
+    would_refuse: &mut Option<&'static str>,
+    refusal: Refusal,
+) -> Result<(), Refusal> {
+    match refusal {
+        Refusal::EndpointNotAllowed(_)
+        | Refusal::RateLimited(_)
+        | Refusal::PerCallCapExceeded { .. }
+            if key.observe_ceiling.is_some() =>
+        {
+            would_refuse.get_or_insert(refusal.code());
+            Ok(())
+        }
+        _ => Err(refusal),
     }
 }
 

@@ -39,6 +39,8 @@ mod kek;
 mod ledger;
 #[path = "e2e/metrics.rs"]
 mod metrics;
+#[path = "e2e/observe.rs"]
+mod observe;
 #[path = "e2e/refusals.rs"]
 mod refusals;
 #[path = "e2e/replicas.rs"]

@@ -12,6 +12,7 @@ use crate::service::simulate::{DryRun, DryRunAnswer};
 
 pub fn answer_to_pb(a: &DryRunAnswer) -> pb::SimulateResponse {
     let refusal = a.refusal.as_ref();
+    let would = a.would_refuse.as_ref();
     pb::SimulateResponse {
         allowed: a.allowed,
         refusal_code: refusal.map(|r| r.code.to_string()).unwrap_or_default(),
@@ -33,6 +34,9 @@ pub fn answer_to_pb(a: &DryRunAnswer) -> pb::SimulateResponse {
         }),
         not_checked: a.not_checked.iter().map(|s| s.to_string()).collect(),
         lookups: a.lookups.clone(),
+        would_refuse_code: would.map(|r| r.code.to_string()).unwrap_or_default(),
+        would_refuse_rule: would.map(|r| r.rule.to_string()).unwrap_or_default(),
+        would_refuse_message: would.map(|r| r.message.clone()).unwrap_or_default(),
     }
 }
 

@@ -67,8 +67,14 @@ pub fn canonical_bytes(seq: i64, agent_run_label: &str, e: &SpendEvent) -> Vec<u
     }
     // Only when known, so entries written before versions keep their
     // bytes (and hashes); a refusal never has one.
-    if e.credential_version != 0 {
+    // A call observe mode marked carries the version field too (0 when
+    // none), then the code: the field count stays readable from the
+    // length, and unmarked entries keep their bytes.
+    if e.credential_version != 0 || !e.would_refuse.is_empty() {
         put_int(&mut out, e.credential_version);
+    }
+    if !e.would_refuse.is_empty() {
+        put_str(&mut out, &e.would_refuse);
     }
     out
 }
@@ -235,6 +241,7 @@ mod tests {
             refusal_reason: String::new(),
             refused_calls: 0,
             credential_version: 0,
+            would_refuse: String::new(),
         }
     }
 
@@ -307,6 +314,8 @@ mod tests {
             |e| {
                 e.context.insert("c".into(), String::new());
             },
+            |e| e.credential_version = 2,
+            |e| e.would_refuse = "daily_cap_exceeded".into(),
         ];
         for edit in edits {
             let mut e = base.clone();
@@ -316,6 +325,27 @@ mod tests {
         for v in &variants {
             assert_ne!(*v, h);
         }
+    }
+
+    #[test]
+    fn an_observed_call_keeps_the_version_field_so_the_tail_reads_one_way() {
+        // Unmarked entries encode as before observe mode existed.
+        let plain = event("e1", 100);
+        let mut marked = plain.clone();
+        marked.would_refuse = "rate_limited".into();
+        let base = canonical_bytes(1, "run", &plain);
+        let tail = [&0i64.to_be_bytes()[..], &[0, 0, 0, 12], b"rate_limited"].concat();
+        assert_eq!(canonical_bytes(1, "run", &marked), [base, tail].concat());
+        // A version whose bytes spell a length and a code is no marked
+        // entry: the two tails differ in length.
+        let mut versioned = plain.clone();
+        versioned.credential_version = i64::from_be_bytes(*b"\0\0\0\x04abcd");
+        let mut coded = plain;
+        coded.would_refuse = "abcd".into();
+        assert_ne!(
+            canonical_bytes(1, "run", &versioned),
+            canonical_bytes(1, "run", &coded)
+        );
     }
 
     #[test]

@@ -102,7 +102,7 @@ impl Format {
 }
 
 /// The columns of a CSV export, in order (also the JSONL field names).
-pub const FIELDS: [&str; 24] = [
+pub const FIELDS: [&str; 25] = [
     "seq",
     "event_id",
     "key_id",
@@ -125,6 +125,7 @@ pub const FIELDS: [&str; 24] = [
     "refusal_reason",
     "refused_calls",
     "credential_version",
+    "would_refuse",
     "prev_hash",
     "hash",
 ];
@@ -135,7 +136,7 @@ fn hex32(h: Option<[u8; 32]>) -> String {
 
 /// The entry's fields as text, in `FIELDS` order; the context as a JSON
 /// object, hashes as lowercase hex (empty for an unchained entry).
-pub fn fields(e: &AuditEntry) -> [String; 24] {
+pub fn fields(e: &AuditEntry) -> [String; 25] {
     let ev = &e.event;
     [
         e.seq.to_string(),
@@ -160,6 +161,7 @@ pub fn fields(e: &AuditEntry) -> [String; 24] {
         ev.refusal_reason.clone(),
         ev.refused_calls.to_string(),
         ev.credential_version.to_string(),
+        ev.would_refuse.clone(),
         hex32(e.prev_hash),
         hex32(e.hash),
     ]
@@ -190,6 +192,7 @@ struct JsonRecord<'a> {
     refusal_reason: &'a str,
     refused_calls: i64,
     credential_version: i64,
+    would_refuse: &'a str,
     prev_hash: String,
     hash: String,
 }
@@ -221,6 +224,7 @@ pub fn jsonl(e: &AuditEntry) -> String {
         refusal_reason: &ev.refusal_reason,
         refused_calls: ev.refused_calls,
         credential_version: ev.credential_version,
+        would_refuse: &ev.would_refuse,
         prev_hash: hex32(e.prev_hash),
         hash: hex32(e.hash),
     };

@@ -14,6 +14,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod export;
+pub mod observe;
 pub mod retention;
 pub mod verify;
 

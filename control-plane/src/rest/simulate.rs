@@ -107,7 +107,8 @@ pub struct SimulatedRefusal {
     pub code: String,
     /// The rule that decided it: `key_status`, `vendor`,
     /// `allowed_endpoints`, `body_headers`, `pricing`, `price_lookup`,
-    /// `per_call_cap`, `daily_cap` or `lifetime_cap`.
+    /// `per_call_cap`, `daily_cap`, `lifetime_cap`, `rate_limit`, or
+    /// `observe_ceiling` (a key in observe mode at its ceiling).
     pub rule: String,
     pub message: String,
 }
@@ -154,6 +155,11 @@ pub struct SimulateAnswer {
     pub not_checked: Vec<String>,
     /// For `quote_needs_lookup`: the vendor objects the proxy reads first.
     pub lookups: Vec<String>,
+    /// For a key in observe mode (docs/observe.md): the first refusal
+    /// enforcement would have answered, which observe mode forwards
+    /// instead (`allowed` stays true); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_refuse: Option<SimulatedRefusal>,
 }
 
 impl From<&pb::SimulateResponse> for SimulateAnswer {
@@ -189,6 +195,11 @@ impl From<&pb::SimulateResponse> for SimulateAnswer {
             },
             not_checked: r.not_checked.clone(),
             lookups: r.lookups.clone(),
+            would_refuse: (!r.would_refuse_code.is_empty()).then(|| SimulatedRefusal {
+                code: r.would_refuse_code.clone(),
+                rule: r.would_refuse_rule.clone(),
+                message: r.would_refuse_message.clone(),
+            }),
         }
     }
 }

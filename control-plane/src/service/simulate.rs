@@ -202,6 +202,12 @@ pub struct DryRunAnswer {
     pub not_checked: Vec<&'static str>,
     /// For `quote_needs_lookup`: the vendor paths the proxy reads first.
     pub lookups: Vec<String>,
+    /// For a key in observe mode: the first refusal enforcement would have
+    /// answered, which observe mode forwards instead (docs/observe.md).
+    pub would_refuse: Option<DryRunRefusal>,
+    /// What the key's budget has settled today and over its life (the
+    /// budget tree's own level).
+    settled: Option<(Micros, Micros)>,
 }
 
 /// The stable name of a quote's kind, as the answer shows it.
@@ -264,6 +270,54 @@ impl DryRunLimiter {
     }
 }
 
+/// For a key in observe mode a refusal observe mode forwards is kept as
+/// the answer's `would_refuse` (the first only) and the dry run goes on;
+/// any other refusal, and every refusal of an enforcing key, ends it.
+fn observed(
+    key: &crate::domain::VaultKey,
+    answer: &mut DryRunAnswer,
+    r: DryRunRefusal,
+) -> Result<(), DryRunRefusal> {
+    if key.observe_ceiling.is_none() || crate::domain::would_refuse_rule(r.code).is_none() {
+        return Err(r);
+    }
+    answer.would_refuse.get_or_insert(r);
+    Ok(())
+}
+
+/// Observe mode's daily and lifetime marks, as the control plane makes
+/// them at ingest (`ledger::observe`): the key's own caps against what its
+/// budget has settled (the levels' first is the key's own).
+fn would_pass_caps(key: &crate::domain::VaultKey, reserve: Micros, answer: &mut DryRunAnswer) {
+    let Some(own) = answer.settled else {
+        return;
+    };
+    let over = |cap: Micros, spent: Micros| spent.0.saturating_add(reserve.0) > cap.0;
+    let r = if reserve.0 > 0 && over(key.daily_cap, own.0) {
+        refused(
+            "daily_cap_exceeded",
+            "daily_cap",
+            format!(
+                "this call reserves {reserve} USD; the key has settled {} USD of its {} USD \
+                 daily cap today",
+                own.0, key.daily_cap
+            ),
+        )
+    } else if reserve.0 > 0 && key.lifetime_cap.is_some_and(|cap| over(cap, own.1)) {
+        refused(
+            "lifetime_cap_exceeded",
+            "lifetime_cap",
+            format!(
+                "this call reserves {reserve} USD; the key has settled {} USD of its lifetime cap",
+                own.1
+            ),
+        )
+    } else {
+        return;
+    };
+    answer.would_refuse.get_or_insert(r);
+}
+
 fn refused(code: &'static str, rule: &'static str, message: impl Into<String>) -> DryRunRefusal {
     DryRunRefusal {
         code,
@@ -302,6 +356,8 @@ impl Control {
             budget,
             not_checked: NOT_CHECKED.to_vec(),
             lookups: Vec::new(),
+            would_refuse: None,
+            settled: levels.first().map(|l| (l.spent_day, l.spent_life)),
         };
         let refusal = match key.status(now) {
             KeyStatus::Revoked => Some(refused("key_revoked", "key_status", "this key is revoked")),
@@ -347,15 +403,19 @@ impl Control {
         let endpoints = keycap_proto::endpoint::EndpointSet::parse(&key.allowed_endpoints)
             .map_err(|e| refused("endpoint_not_allowed", "allowed_endpoints", e.to_string()))?;
         if !endpoints.allows(&run.method, &run.path) {
-            return Err(refused(
-                "endpoint_not_allowed",
-                "allowed_endpoints",
-                format!(
-                    "{} {} is not in this key's allowed endpoints",
-                    run.method,
-                    keycap_proto::clip(&run.path, 200)
+            observed(
+                key,
+                answer,
+                refused(
+                    "endpoint_not_allowed",
+                    "allowed_endpoints",
+                    format!(
+                        "{} {} is not in this key's allowed endpoints",
+                        run.method,
+                        keycap_proto::clip(&run.path, 200)
+                    ),
                 ),
-            ));
+            )?;
         }
         keycap_vendors::body_headers::check(&run.headers)
             .map_err(|e| refused("ambiguous_request", "body_headers", e.to_string()))?;
@@ -401,13 +461,17 @@ impl Control {
         });
         if let Some(cap) = key.per_call_cap {
             if reserve > cap {
-                return Err(refused(
-                    "per_call_cap_exceeded",
-                    "per_call_cap",
-                    format!(
-                        "this call reserves {reserve} USD; the key's per-call cap is {cap} USD"
+                observed(
+                    key,
+                    answer,
+                    refused(
+                        "per_call_cap_exceeded",
+                        "per_call_cap",
+                        format!(
+                            "this call reserves {reserve} USD; the key's per-call cap is {cap} USD"
+                        ),
                     ),
-                ));
+                )?;
             }
         }
         // The proxy holds such a call for a person before it reserves.
@@ -423,8 +487,22 @@ impl Control {
                 ));
             }
         }
+        if key.observe_ceiling.is_some() {
+            would_pass_caps(key, reserve, answer);
+        }
         let budget = &answer.budget;
         if reserve > budget.daily_remaining {
+            if let Some(ceiling) = key.observe_ceiling {
+                return Err(refused(
+                    "daily_cap_exceeded",
+                    "observe_ceiling",
+                    format!(
+                        "this call reserves {reserve} USD; the key in observe mode has {} USD \
+                         left today under its {ceiling} USD ceiling",
+                        budget.daily_remaining
+                    ),
+                ));
+            }
             return Err(refused(
                 "daily_cap_exceeded",
                 "daily_cap",

@@ -267,8 +267,8 @@ mod pg_copy {
     pub const AUDIT_COPY: &str = "COPY audit (seq, event_id, key_id, agent_run_label, vendor, \
          method, path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, \
          detail_json, trace_id, context, prev_hash, hash, refusal_reason, refused_calls, \
-         credential_version) FROM STDIN (FORMAT binary)";
-    const FIELDS: i16 = 23;
+         credential_version, would_refuse) FROM STDIN (FORMAT binary)";
+    const FIELDS: i16 = 24;
     /// Bytes per `CopyData` message.
     pub const MESSAGE: usize = 1 << 20;
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
@@ -329,6 +329,7 @@ mod pg_copy {
             bytes(&mut out, e.refusal_reason.as_bytes());
             int8(&mut out, e.refused_calls);
             int8(&mut out, e.credential_version);
+            bytes(&mut out, e.would_refuse.as_bytes());
         }
         out.extend_from_slice(&(-1i16).to_be_bytes());
         Ok(out)

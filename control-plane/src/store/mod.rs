@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 
 use crate::approval::{Approval, ApprovalFilter};
 use crate::credential::{CredentialProbe, CredentialVersion, Promotion};
+use crate::domain::EnforcedTerms;
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
@@ -269,6 +270,13 @@ pub trait Store: Send + Sync + 'static {
         retire_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> StoreResult<VaultKey>;
+    /// Switches key `id`, in observe mode, to enforcing `terms`: every key
+    /// of its roll chain (the chain's first key holds the budget's caps)
+    /// drops its observe ceiling and takes the terms, with a change-log
+    /// entry for each, in one transaction. `NotFound` if `id` is absent;
+    /// `Conflict` if it is revoked or not in observe mode. Returns `id` as
+    /// now stored.
+    async fn enforce_key(&self, id: &str, terms: &EnforcedTerms) -> StoreResult<VaultKey>;
     /// Rolled keys whose grace ended at or before `now` and that are not
     /// revoked yet, oldest deadline first, at most `limit`.
     async fn due_retirements(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>>;

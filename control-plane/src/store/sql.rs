@@ -105,7 +105,7 @@ impl VendorRow {
 pub(super) const KEY_COLUMNS: &str = "id, key_hash, key_prefix, vendor, allowed_endpoints, \
      daily_cap, per_call_cap, lifetime_cap, expires_at, agent_run_label, metadata, created_at, \
      revoked_at, rate_limit_per_minute, allowed_cidrs, zone, parent_id, approval_above, \
-     budget_id, rolled_from, successor_id, retire_at";
+     budget_id, rolled_from, successor_id, retire_at, observe_ceiling";
 
 #[derive(sqlx::FromRow)]
 pub struct KeyRow {
@@ -131,6 +131,7 @@ pub struct KeyRow {
     rolled_from: Option<String>,
     successor_id: Option<String>,
     retire_at: Option<i64>,
+    observe_ceiling: Option<i64>,
 }
 
 impl KeyRow {
@@ -184,6 +185,7 @@ impl KeyRow {
                     .map(|v| from_micros(v, "vault_keys.retire_at"))
                     .transpose()?,
             },
+            observe_ceiling: self.observe_ceiling.map(Micros),
         })
     }
 }
@@ -212,6 +214,7 @@ pub(super) struct KeyInsert<'a> {
     pub rolled_from: Option<&'a str>,
     pub successor_id: Option<&'a str>,
     pub retire_at: Option<i64>,
+    pub observe_ceiling: Option<i64>,
 }
 
 impl<'a> KeyInsert<'a> {
@@ -239,6 +242,7 @@ impl<'a> KeyInsert<'a> {
             rolled_from: k.roll.rolled_from.as_deref(),
             successor_id: k.roll.successor_id.as_deref(),
             retire_at: k.roll.retire_at.map(micros),
+            observe_ceiling: k.observe_ceiling.map(|m| m.0),
         })
     }
 }
@@ -392,7 +396,8 @@ impl ChangeRow {
 
 pub(super) const AUDIT_COLUMNS: &str = "seq, event_id, key_id, agent_run_label, vendor, method, \
      path, upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
-     trace_id, context, prev_hash, hash, refusal_reason, refused_calls, credential_version";
+     trace_id, context, prev_hash, hash, refusal_reason, refused_calls, credential_version, \
+     would_refuse";
 
 #[derive(sqlx::FromRow)]
 pub struct AuditRow {
@@ -419,6 +424,7 @@ pub struct AuditRow {
     refusal_reason: String,
     refused_calls: i64,
     credential_version: i64,
+    would_refuse: String,
 }
 
 fn hash32(v: Option<Vec<u8>>, column: &str) -> StoreResult<Option<[u8; 32]>> {
@@ -451,6 +457,7 @@ impl AuditRow {
                 refusal_reason: self.refusal_reason,
                 refused_calls: self.refused_calls,
                 credential_version: self.credential_version,
+                would_refuse: self.would_refuse,
             },
             prev_hash: hash32(self.prev_hash, "audit.prev_hash")?,
             hash: hash32(self.hash, "audit.hash")?,
@@ -629,12 +636,14 @@ impl TreeLevelRow {
 /// The columns of `TreeLevelRow` for the key `?1`/`$1` and each ancestor,
 /// key first. `{p}` placeholders: key id, day, the time before which an
 /// unreturned lease no longer counts; `{greatest}` is the backend's
-/// two-argument max. Subtree sums go through the closure table, so a
+/// two-argument max. A key in observe mode is held to its observe ceiling
+/// a day and no lifetime cap: its own caps only mark calls (docs/observe.md).
+/// Subtree sums go through the closure table, so a
 /// level counts its own spend and leases and those of all its descendants,
 /// with the same lease-counting rule as a single key.
 pub(super) fn tree_levels_sql(key: &str, day: &str, grace: &str, greatest: &str) -> String {
     format!(
-        "SELECT k.id, CAST(a.depth AS BIGINT) AS depth, k.daily_cap, k.lifetime_cap,            (SELECT MAX(c.expires_at) FROM vault_keys c WHERE c.id = k.id OR c.budget_id = k.id)              AS expires_at,            CASE WHEN EXISTS (SELECT 1 FROM vault_keys c              WHERE (c.id = k.id OR c.budget_id = k.id) AND c.revoked_at IS NULL)              THEN NULL ELSE k.revoked_at END AS revoked_at,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id AND s.day = {day}), 0) AS BIGINT) AS spent_day,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id), 0) AS BIGINT) AS spent_life,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id AND l.day = {day}                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_day,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_life          FROM key_ancestors a JOIN vault_keys k ON k.id = a.ancestor_id          WHERE a.key_id = {key} ORDER BY a.depth"
+        "SELECT k.id, CAST(a.depth AS BIGINT) AS depth,            COALESCE(k.observe_ceiling, k.daily_cap) AS daily_cap,            CASE WHEN k.observe_ceiling IS NULL THEN k.lifetime_cap END AS lifetime_cap,            (SELECT MAX(c.expires_at) FROM vault_keys c WHERE c.id = k.id OR c.budget_id = k.id)              AS expires_at,            CASE WHEN EXISTS (SELECT 1 FROM vault_keys c              WHERE (c.id = k.id OR c.budget_id = k.id) AND c.revoked_at IS NULL)              THEN NULL ELSE k.revoked_at END AS revoked_at,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id AND s.day = {day}), 0) AS BIGINT) AS spent_day,            CAST(COALESCE((SELECT SUM(s.spent) FROM key_ancestors d              JOIN key_spend_daily s ON s.key_id = d.key_id              WHERE d.ancestor_id = k.id), 0) AS BIGINT) AS spent_life,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id AND l.day = {day}                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_day,            CAST(COALESCE((SELECT SUM({greatest}(l.granted - l.reported, 0)) FROM key_ancestors d              JOIN leases l ON l.key_id = d.key_id              WHERE d.ancestor_id = k.id                AND (l.expires_at > {grace} OR (l.closed AND l.granted > l.reported))), 0)              AS BIGINT) AS leased_life          FROM key_ancestors a JOIN vault_keys k ON k.id = a.ancestor_id          WHERE a.key_id = {key} ORDER BY a.depth"
     )
 }
 
@@ -1008,6 +1017,19 @@ pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) ->
     }
 }
 
+/// What spend ingest reads of each key of a batch: the run label its
+/// entries carry and, for a key in observe mode, the caps its calls are
+/// marked against (`ledger::observe`).
+#[derive(sqlx::FromRow)]
+pub struct SpendKeyRow {
+    pub id: String,
+    pub agent_run_label: String,
+    pub budget_id: String,
+    pub daily_cap: i64,
+    pub lifetime_cap: Option<i64>,
+    pub observe_ceiling: Option<i64>,
+}
+
 /// One entry about to be appended: its event, its place in the chain and
 /// the run label of its key.
 pub struct ChainedEntry<'a> {
@@ -1024,7 +1046,7 @@ pub(super) fn audit_insert(entries: &[ChainedEntry<'_>]) -> StoreResult<Statemen
         "INSERT INTO audit (seq, event_id, key_id, agent_run_label, vendor, method, path, \
          upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
          trace_id, context, prev_hash, hash, refusal_reason, refused_calls, \
-         credential_version) VALUES ",
+         credential_version, would_refuse) VALUES ",
     );
     for (i, c) in entries.iter().enumerate() {
         let e = c.event;
@@ -1061,6 +1083,7 @@ pub(super) fn audit_insert(entries: &[ChainedEntry<'_>]) -> StoreResult<Statemen
         q.push(", ").push_bind(e.refusal_reason.as_str());
         q.push(", ").push_bind(e.refused_calls);
         q.push(", ").push_bind(e.credential_version);
+        q.push(", ").push_bind(e.would_refuse.as_str());
         q.push(")");
     }
     Ok(q)

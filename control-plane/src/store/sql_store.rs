@@ -16,6 +16,7 @@ use super::cockpit_rows::{LineageSpendRow, RefusalCountRow, MAX_REFUSAL_GROUPS};
 use super::credential_rows::{CredentialRow, SealedCredentialRow, CREDENTIAL_COLUMNS};
 use super::dialect::{self, Dialect, Lite, Pg, WriteTx};
 use super::hook_rows::{HookRow, CHANGE_HOOK, HOOK_COLUMNS};
+use super::sql::SpendKeyRow;
 use super::sql::{
     admin_token_lists, would_strand_admin, AdminTokenRow, ADMIN_TOKEN_COLUMNS, LAST_ADMIN,
 };
@@ -38,12 +39,14 @@ use super::webhook_rows::{
 use super::{RevokedKey, SealedCredential, Store, StoreError, StoreResult, VendorWrite};
 use crate::approval::{Approval, ApprovalFilter, ApprovalState};
 use crate::credential::{CredentialProbe, CredentialState, CredentialVersion, Promotion};
+use crate::domain::EnforcedTerms;
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     KeyStatus, LeaseGrant, LeaseGrantRequest, NodeLease, SpendDimension, SpendEvent, SpendGroup,
     SpendReport, SpendReportQuery, SpendSummary, VaultKey, Vendor, VendorLoadError,
 };
 use crate::hooks::StoredHook;
+use crate::ledger::observe::{ObservedCaps, SettledBefore};
 use crate::ledger::{self, Checkpoint, Retention};
 use crate::webhook::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
@@ -139,6 +142,9 @@ where
     for<'r> (String, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, String, String, String, i64, i64, i64, i64, i64):
+        FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
@@ -167,6 +173,7 @@ where
     for<'r> ClaimRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> DeliveryRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AttemptRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> SpendKeyRow: FromRow<'r, <D::Db as Database>::Row>,
 {
     async fn begin_write(&self) -> StoreResult<WriteTx<'_, D::Db>> {
         self.dialect.begin_write(&self.pool).await
@@ -390,6 +397,44 @@ where
         })
     }
 
+    /// What the budgets of the observed keys among `events` had settled
+    /// before them, for `ledger::observe::mark`. Nothing is read when no
+    /// key is in observe mode.
+    async fn settled_before(
+        conn: &mut <D::Db as Database>::Connection,
+        events: &[&SpendEvent],
+        observed: &std::collections::HashMap<String, ObservedCaps>,
+    ) -> StoreResult<SettledBefore> {
+        let mut settled = SettledBefore::default();
+        for e in events {
+            let Some(caps) = observed.get(&e.key_id) else {
+                continue;
+            };
+            let slot = (caps.budget_id.clone(), e.day.clone());
+            if let std::collections::hash_map::Entry::Vacant(day) = settled.day.entry(slot) {
+                let spent: Option<i64> = sqlx::query_scalar(
+                    "SELECT spent FROM key_spend_daily WHERE key_id = $1 AND day = $2",
+                )
+                .bind(&caps.budget_id)
+                .bind(&e.day)
+                .fetch_optional(&mut *conn)
+                .await?;
+                day.insert(spent.unwrap_or(0));
+            }
+            if !settled.life.contains_key(&caps.budget_id) {
+                let spent: i64 = sqlx::query_scalar(
+                    "SELECT CAST(COALESCE(SUM(spent), 0) AS BIGINT) FROM key_spend_daily \
+                     WHERE key_id = $1",
+                )
+                .bind(&caps.budget_id)
+                .fetch_one(&mut *conn)
+                .await?;
+                settled.life.insert(caps.budget_id.clone(), spent);
+            }
+        }
+        Ok(settled)
+    }
+
     /// Writes a key's row (no closure rows, no change-log entry).
     async fn insert_key_row(
         conn: &mut <D::Db as Database>::Connection,
@@ -397,7 +442,7 @@ where
     ) -> StoreResult<()> {
         let sql = format!(
             "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20, $21, $22)"
+             $18, $19, $20, $21, $22, $23)"
         );
         sqlx::query(&sql)
             .bind(k.id)
@@ -422,6 +467,7 @@ where
             .bind(k.rolled_from)
             .bind(k.successor_id)
             .bind(k.retire_at)
+            .bind(k.observe_ceiling)
             .execute(&mut *conn)
             .await
             .map_err(|e| conflict_on_unique(e, || format!("key {} already exists", k.id)))?;
@@ -474,6 +520,9 @@ where
     for<'r> (String, Vec<u8>, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (String, String, String, String, i64, i64, i64, i64, i64):
+        FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
@@ -504,6 +553,7 @@ where
     for<'r> ClaimRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> DeliveryRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> AttemptRow: FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> SpendKeyRow: FromRow<'r, <D::Db as Database>::Row>,
     for<'r> HookRow: FromRow<'r, <D::Db as Database>::Row>,
 {
     async fn migrate(&self) -> StoreResult<()> {
@@ -1275,6 +1325,44 @@ where
         Ok(ids)
     }
 
+    async fn enforce_key(&self, id: &str, terms: &EnforcedTerms) -> StoreResult<VaultKey> {
+        let mut w = self.begin_write().await?;
+        let Some(found) = Self::fetch_key(w.conn(), id).await? else {
+            return Err(StoreError::NotFound(format!("key {id}")));
+        };
+        if found.revoked_at.is_some() {
+            return Err(StoreError::Conflict(format!("key {id} is revoked")));
+        }
+        // Only keys still observing change, so of two switches at once one
+        // finds nothing left to switch. The row locks taken here order the
+        // switch with every lease grant of the budget (which locks them too).
+        let mut switched: Vec<String> = sqlx::query_scalar(
+            "UPDATE vault_keys SET observe_ceiling = NULL, daily_cap = $2, per_call_cap = $3, \
+             lifetime_cap = $4, allowed_endpoints = $5 \
+             WHERE (id = $1 OR budget_id = $1) AND observe_ceiling IS NOT NULL RETURNING id",
+        )
+        .bind(found.budget_id())
+        .bind(terms.daily_cap.0)
+        .bind(terms.per_call_cap.map(|m| m.0))
+        .bind(terms.lifetime_cap.map(|m| m.0))
+        .bind(to_json(&terms.allowed_endpoints, "allowed_endpoints")?)
+        .fetch_all(w.conn())
+        .await?;
+        if !switched.iter().any(|s| s == id) {
+            return Err(StoreError::Conflict(format!(
+                "key {id} is not in observe mode: it already enforces its policy"
+            )));
+        }
+        switched.sort();
+        let refs: Vec<&str> = switched.iter().map(String::as_str).collect();
+        Self::append_changes(w.conn(), CHANGE_KEY, &refs).await?;
+        let key = Self::fetch_key(w.conn(), id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        w.commit().await?;
+        Ok(key)
+    }
+
     async fn roll_key(
         &self,
         id: &str,
@@ -1873,16 +1961,33 @@ where
             .filter_map(|(e, a)| a.then_some(e))
             .collect();
         let mut labels = std::collections::HashMap::new();
+        let mut observed = std::collections::HashMap::new();
         for ids in spend_chunks(&distinct_key_ids(events)) {
-            let mut q = Statement::new("SELECT id, agent_run_label FROM vault_keys WHERE 1 = 1");
+            let mut q = Statement::new(
+                "SELECT id, agent_run_label, COALESCE(budget_id, id) AS budget_id, daily_cap, \
+                 lifetime_cap, observe_ceiling FROM vault_keys WHERE 1 = 1",
+            );
             q.push_in("id", ids);
-            let rows: Vec<(String, String)> = q.query_as::<D::Db, _>().fetch_all(w.conn()).await?;
-            labels.extend(rows);
+            let rows: Vec<SpendKeyRow> = q.query_as::<D::Db, _>().fetch_all(w.conn()).await?;
+            for r in rows {
+                if r.observe_ceiling.is_some() {
+                    let caps = ObservedCaps {
+                        budget_id: r.budget_id,
+                        daily_cap: Micros(r.daily_cap),
+                        lifetime_cap: r.lifetime_cap.map(Micros),
+                    };
+                    observed.insert(r.id.clone(), caps);
+                }
+                labels.insert(r.id, r.agent_run_label);
+            }
         }
+        let settled = Self::settled_before(w.conn(), &fresh, &observed).await?;
+        let fresh = ledger::observe::mark(&fresh, &observed, settled);
         let mut seq = head_seq;
         let entries: Vec<ChainedEntry<'_>> = fresh
             .iter()
-            .map(|&event| {
+            .map(|event| {
+                let event: &SpendEvent = event;
                 seq += 1;
                 let agent_run_label = labels.get(&event.key_id).map_or("", String::as_str);
                 let hash = ledger::link(&prev, seq, agent_run_label, event);
@@ -1905,7 +2010,7 @@ where
                 .execute(w.conn())
                 .await?;
         }
-        let totals = spend_totals(fresh.iter().copied());
+        let totals = spend_totals(fresh.iter().map(|e| &**e));
         for ((key_id, day), spent, calls) in &totals.daily {
             sqlx::query(
                 // Spend counts against the budget the key spends (a roll
@@ -2184,7 +2289,9 @@ where
         // forwarded call; they count in `refused_calls`.
         const MEASURES: &str = "CAST(COALESCE(SUM(cost), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN outcome = 'refused' THEN 0 ELSE 1 END), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(refused_calls), 0) AS BIGINT)";
+             CAST(COALESCE(SUM(refused_calls), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN would_refuse = '' THEN 0 ELSE 1 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN would_refuse = '' THEN 0 ELSE cost END), 0) AS BIGINT)";
         let filter = |q: &mut Statement| {
             q.push_time_range(rq.since, rq.until);
             if let Some(label) = &rq.agent_run_label {
@@ -2196,12 +2303,19 @@ where
         };
         let mut q = Statement::new(format!("SELECT {MEASURES} FROM audit WHERE 1 = 1"));
         filter(&mut q);
-        let (total, calls, refused_calls): (i64, i64, i64) =
-            q.query_as::<D::Db, _>().fetch_one(&self.pool).await?;
+        let (total, calls, refused_calls, would_refuse_calls, would_refuse): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = q.query_as::<D::Db, _>().fetch_one(&self.pool).await?;
         let mut report = SpendReport {
             total: Micros(total),
             calls,
             refused_calls,
+            would_refuse_calls,
+            would_refuse: Micros(would_refuse),
             ..SpendReport::default()
         };
         if rq.group_by.is_empty() {
@@ -2243,22 +2357,26 @@ where
             g = grouped.join(", ")
         ))
         .push_bind(i64::from(rq.top) + 1);
-        let rows: Vec<(String, String, String, String, i64, i64, i64)> =
-            q.query_as::<D::Db, _>().fetch_all(&self.pool).await?;
+        type Row = (String, String, String, String, i64, i64, i64, i64, i64);
+        let rows: Vec<Row> = q.query_as::<D::Db, _>().fetch_all(&self.pool).await?;
         report.more = rows.len() > rq.top as usize;
         let has = |d: SpendDimension, v: String| rq.group_by.contains(&d).then_some(v);
         report.groups = rows
             .into_iter()
             .take(rq.top as usize)
             .map(
-                |(label, key, vendor, day, total, calls, refused_calls)| SpendGroup {
-                    agent_run_label: has(SpendDimension::RunLabel, label),
-                    key_id: has(SpendDimension::Key, key),
-                    vendor: has(SpendDimension::Vendor, vendor),
-                    day: has(SpendDimension::Day, day),
-                    total: Micros(total),
-                    calls,
-                    refused_calls,
+                |(label, key, vendor, day, total, calls, refused_calls, would_calls, would)| {
+                    SpendGroup {
+                        agent_run_label: has(SpendDimension::RunLabel, label),
+                        key_id: has(SpendDimension::Key, key),
+                        vendor: has(SpendDimension::Vendor, vendor),
+                        day: has(SpendDimension::Day, day),
+                        total: Micros(total),
+                        calls,
+                        refused_calls,
+                        would_refuse_calls: would_calls,
+                        would_refuse: Micros(would),
+                    }
                 },
             )
             .collect();

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use super::{BudgetLevel, RevokedKey, SealedCredential, Store, StoreResult, VendorWrite};
 use crate::approval::{Approval, ApprovalFilter};
 use crate::credential::{CredentialProbe, CredentialVersion, Promotion};
+use crate::domain::EnforcedTerms;
 use crate::domain::{
     AdminToken, AuditEntry, AuditQuery, Change, FleetNode, IssuerToken, KeyFilter, KeySpend,
     LeaseGrant, LeaseGrantRequest, NodeLease, SpendEvent, SpendReport, SpendReportQuery,
@@ -225,6 +226,10 @@ impl<S: Store> Store for TimedStore<S> {
         now: DateTime<Utc>,
     ) -> StoreResult<VaultKey> {
         timed("roll_key", self.0.roll_key(id, successor, retire_at, now)).await
+    }
+
+    async fn enforce_key(&self, id: &str, terms: &EnforcedTerms) -> StoreResult<VaultKey> {
+        timed("enforce_key", self.0.enforce_key(id, terms)).await
     }
 
     async fn due_retirements(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>> {

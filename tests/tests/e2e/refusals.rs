@@ -316,7 +316,7 @@ async fn spend_reports_and_exports_over_rest_and_the_cli() {
         r["groups"],
         json!([{
             "vendor": "stripe", "day": today, "total_usd": 4.0, "total_micros": 4_000_000,
-            "calls": 4, "refused_calls": 1,
+            "calls": 4, "refused_calls": 1, "would_refuse_calls": 0, "would_refuse_usd": 0.0,
         }]),
         "{r}"
     );

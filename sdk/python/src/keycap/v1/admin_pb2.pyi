@@ -670,6 +670,8 @@ class VaultKey(_message.Message):
     ZONE_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
     APPROVAL_ABOVE_MICROS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    OBSERVE_CEILING_MICROS_FIELD_NUMBER: _builtins.int
     ROLLED_FROM_FIELD_NUMBER: _builtins.int
     SUCCESSOR_FIELD_NUMBER: _builtins.int
     GRACE_ENDS_AT_FIELD_NUMBER: _builtins.int
@@ -704,6 +706,14 @@ class VaultKey(_message.Message):
     (docs/approvals.md); the lowest along the key's ancestors, as minted.
     0: no approval gate.
     """
+    mode: _builtins.str
+    """"enforce" or "observe" (docs/observe.md). In observe mode the caps,
+    endpoints and rate limit above are what enforcement would apply: calls
+    they would refuse are forwarded and marked in the audit (would_refuse),
+    and the key is held to observe_ceiling_micros a day instead.
+    """
+    observe_ceiling_micros: _builtins.int
+    """The daily amount an observe key may never exceed; 0 when enforcing."""
     rolled_from: _builtins.str
     """Rolls (docs/keys.md): the key this one succeeded, empty if none."""
     successor: _builtins.str
@@ -757,6 +767,8 @@ class VaultKey(_message.Message):
         zone: _builtins.str = ...,
         parent_id: _builtins.str = ...,
         approval_above_micros: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        observe_ceiling_micros: _builtins.int = ...,
         rolled_from: _builtins.str = ...,
         successor: _builtins.str = ...,
         grace_ends_at: _timestamp_pb2.Timestamp | None = ...,
@@ -764,7 +776,7 @@ class VaultKey(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "grace_ends_at", b"grace_ends_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "budget_id", b"budget_id", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "grace_ends_at", b"grace_ends_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "rolled_from", b"rolled_from", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "successor", b"successor", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "budget_id", b"budget_id", "calls_today", b"calls_today", "created_at", b"created_at", "daily_cap_micros", b"daily_cap_micros", "expires_at", b"expires_at", "grace_ends_at", b"grace_ends_at", "id", b"id", "key_prefix", b"key_prefix", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "mode", b"mode", "observe_ceiling_micros", b"observe_ceiling_micros", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "remaining_today_micros", b"remaining_today_micros", "revoked_at", b"revoked_at", "rolled_from", b"rolled_from", "spent_lifetime_micros", b"spent_lifetime_micros", "spent_today_micros", b"spent_today_micros", "status", b"status", "successor", b"successor", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -808,6 +820,8 @@ class CreateKeyRequest(_message.Message):
     PARENT_ID_FIELD_NUMBER: _builtins.int
     ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     APPROVAL_ABOVE_MICROS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    OBSERVE_CEILING_MICROS_FIELD_NUMBER: _builtins.int
     vendor: _builtins.str
     daily_cap_micros: _builtins.int
     per_call_cap_micros: _builtins.int
@@ -833,6 +847,12 @@ class CreateKeyRequest(_message.Message):
     (docs/approvals.md); 0: none, or the parent's. A child's is never
     above its parent's.
     """
+    mode: _builtins.str
+    """"enforce" (default, also when empty) or "observe" (docs/observe.md):
+    then observe_ceiling_micros is required and parent_id must be empty.
+    """
+    observe_ceiling_micros: _builtins.int
+    """Observe mode's hard daily ceiling; 0 when enforcing."""
     @_builtins.property
     def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -858,10 +878,12 @@ class CreateKeyRequest(_message.Message):
         parent_id: _builtins.str = ...,
         ack_timeout_ms: _builtins.int = ...,
         approval_above_micros: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        observe_ceiling_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "daily_cap_micros", b"daily_cap_micros", "expires_in_seconds", b"expires_in_seconds", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "agent_run_label", b"agent_run_label", "allowed_cidrs", b"allowed_cidrs", "allowed_endpoints", b"allowed_endpoints", "approval_above_micros", b"approval_above_micros", "daily_cap_micros", b"daily_cap_micros", "expires_in_seconds", b"expires_in_seconds", "lifetime_cap_micros", b"lifetime_cap_micros", "metadata", b"metadata", "mode", b"mode", "observe_ceiling_micros", b"observe_ceiling_micros", "parent_id", b"parent_id", "per_call_cap_micros", b"per_call_cap_micros", "rate_limit_per_minute", b"rate_limit_per_minute", "vendor", b"vendor", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1364,6 +1386,8 @@ class AuditEntry(_message.Message):
     APPROVAL_DECIDED_BY_FIELD_NUMBER: _builtins.int
     APPROVAL_REASON_FIELD_NUMBER: _builtins.int
     CREDENTIAL_VERSION_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_RULE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     event_id: _builtins.str
     key_id: _builtins.str
@@ -1405,6 +1429,15 @@ class AuditEntry(_message.Message):
     """The vendor credential version the call was forwarded with; 0 for a
     refusal or an entry written before versions.
     """
+    would_refuse: _builtins.str
+    """A call of a key in observe mode that enforcement would have refused:
+    the refusal code it would have got ("endpoint_not_allowed",
+    "rate_limited", "per_call_cap_exceeded", "daily_cap_exceeded",
+    "lifetime_cap_exceeded") and the rule ("allowed_endpoints",
+    "rate_limit", "per_call_cap", "daily_cap", "lifetime_cap"); empty
+    otherwise.
+    """
+    would_refuse_rule: _builtins.str
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1440,10 +1473,12 @@ class AuditEntry(_message.Message):
         approval_decided_by: _builtins.str = ...,
         approval_reason: _builtins.str = ...,
         credential_version: _builtins.int = ...,
+        would_refuse: _builtins.str = ...,
+        would_refuse_rule: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "approval_decided_by", b"approval_decided_by", "approval_id", b"approval_id", "approval_reason", b"approval_reason", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "credential_version", b"credential_version", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "approval_decided_by", b"approval_decided_by", "approval_id", b"approval_id", "approval_reason", b"approval_reason", "at", b"at", "context", b"context", "cost_micros", b"cost_micros", "credential_version", b"credential_version", "day", b"day", "detail_json", b"detail_json", "event_id", b"event_id", "hash", b"hash", "key_id", b"key_id", "lease_id", b"lease_id", "method", b"method", "node_id", b"node_id", "outcome", b"outcome", "path", b"path", "prev_hash", b"prev_hash", "refusal_reason", b"refusal_reason", "refused_calls", b"refused_calls", "reserved_micros", b"reserved_micros", "seq", b"seq", "trace_id", b"trace_id", "upstream_status", b"upstream_status", "vendor", b"vendor", "would_refuse", b"would_refuse", "would_refuse_rule", b"would_refuse_rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1809,6 +1844,8 @@ class SpendGroup(_message.Message):
     TOTAL_MICROS_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
     REFUSED_CALLS_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_CALLS_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_MICROS_FIELD_NUMBER: _builtins.int
     agent_run_label: _builtins.str
     """The values of the dimensions grouped by; empty for the others."""
     key_id: _builtins.str
@@ -1817,6 +1854,11 @@ class SpendGroup(_message.Message):
     total_micros: _builtins.int
     calls: _builtins.int
     refused_calls: _builtins.int
+    would_refuse_calls: _builtins.int
+    """Calls of keys in observe mode that enforcement would have refused,
+    and what they spent.
+    """
+    would_refuse_micros: _builtins.int
     def __init__(
         self,
         *,
@@ -1827,10 +1869,12 @@ class SpendGroup(_message.Message):
         total_micros: _builtins.int = ...,
         calls: _builtins.int = ...,
         refused_calls: _builtins.int = ...,
+        would_refuse_calls: _builtins.int = ...,
+        would_refuse_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "calls", b"calls", "day", b"day", "key_id", b"key_id", "refused_calls", b"refused_calls", "total_micros", b"total_micros", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_run_label", b"agent_run_label", "calls", b"calls", "day", b"day", "key_id", b"key_id", "refused_calls", b"refused_calls", "total_micros", b"total_micros", "vendor", b"vendor", "would_refuse_calls", b"would_refuse_calls", "would_refuse_micros", b"would_refuse_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1846,12 +1890,16 @@ class SpendReportResponse(_message.Message):
     CALLS_FIELD_NUMBER: _builtins.int
     REFUSED_CALLS_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_CALLS_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_MICROS_FIELD_NUMBER: _builtins.int
     total_micros: _builtins.int
     """Over every entry asked about, not only the groups returned."""
     calls: _builtins.int
     refused_calls: _builtins.int
     more: _builtins.bool
     """Groups beyond `top` were left out."""
+    would_refuse_calls: _builtins.int
+    would_refuse_micros: _builtins.int
     @_builtins.property
     def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1867,10 +1915,12 @@ class SpendReportResponse(_message.Message):
         calls: _builtins.int = ...,
         refused_calls: _builtins.int = ...,
         more: _builtins.bool = ...,
+        would_refuse_calls: _builtins.int = ...,
+        would_refuse_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "group_by", b"group_by", "groups", b"groups", "more", b"more", "refused_calls", b"refused_calls", "total_micros", b"total_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "group_by", b"group_by", "groups", b"groups", "more", b"more", "refused_calls", b"refused_calls", "total_micros", b"total_micros", "would_refuse_calls", b"would_refuse_calls", "would_refuse_micros", b"would_refuse_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2881,6 +2931,9 @@ class SimulateResponse(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     NOT_CHECKED_FIELD_NUMBER: _builtins.int
     LOOKUPS_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_CODE_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_RULE_FIELD_NUMBER: _builtins.int
+    WOULD_REFUSE_MESSAGE_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     refusal_code: _builtins.str
     """When not allowed: the refusal code the proxy would answer
@@ -2893,6 +2946,14 @@ class SimulateResponse(_message.Message):
     "price_lookup").
     """
     message: _builtins.str
+    would_refuse_code: _builtins.str
+    """For a key in observe mode (docs/observe.md): the first refusal
+    enforcement would have answered, which observe mode forwards instead
+    (allowed stays true); empty otherwise. Rule "observe_ceiling" in
+    refusal_code/rule above is the ceiling itself, which refuses.
+    """
+    would_refuse_rule: _builtins.str
+    would_refuse_message: _builtins.str
     @_builtins.property
     def quote(self) -> Global___SimulatedQuote:
         """Set when the call could be priced."""
@@ -2920,10 +2981,13 @@ class SimulateResponse(_message.Message):
         budget: Global___SimulatedBudget | None = ...,
         not_checked: _abc.Iterable[_builtins.str] | None = ...,
         lookups: _abc.Iterable[_builtins.str] | None = ...,
+        would_refuse_code: _builtins.str = ...,
+        would_refuse_rule: _builtins.str = ...,
+        would_refuse_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "quote", b"quote"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "budget", b"budget", "lookups", b"lookups", "message", b"message", "not_checked", b"not_checked", "quote", b"quote", "refusal_code", b"refusal_code", "rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "budget", b"budget", "lookups", b"lookups", "message", b"message", "not_checked", b"not_checked", "quote", b"quote", "refusal_code", b"refusal_code", "rule", b"rule", "would_refuse_code", b"would_refuse_code", "would_refuse_message", b"would_refuse_message", "would_refuse_rule", b"would_refuse_rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3328,6 +3392,69 @@ class PromoteCredentialResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromoteCredentialResponse: _TypeAlias = PromoteCredentialResponse  # noqa: Y015
+
+@_typing.final
+class EnforceKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    PER_CALL_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    LIFETIME_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    ALLOWED_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    daily_cap_micros: _builtins.int
+    """Each replaces the key's own when set (caps > 0, endpoints non-empty);
+    otherwise the key enforces what it observed against.
+    """
+    per_call_cap_micros: _builtins.int
+    lifetime_cap_micros: _builtins.int
+    ack_timeout_ms: _builtins.int
+    """As in RevokeKeyRequest."""
+    @_builtins.property
+    def allowed_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        daily_cap_micros: _builtins.int = ...,
+        per_call_cap_micros: _builtins.int = ...,
+        lifetime_cap_micros: _builtins.int = ...,
+        allowed_endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        ack_timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "allowed_endpoints", b"allowed_endpoints", "daily_cap_micros", b"daily_cap_micros", "id", b"id", "lifetime_cap_micros", b"lifetime_cap_micros", "per_call_cap_micros", b"per_call_cap_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnforceKeyRequest: _TypeAlias = EnforceKeyRequest  # noqa: Y015
+
+@_typing.final
+class EnforceKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___VaultKey: ...
+    @_builtins.property
+    def confirmation(self) -> Global___FleetConfirmation: ...
+    def __init__(
+        self,
+        *,
+        key: Global___VaultKey | None = ...,
+        confirmation: Global___FleetConfirmation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnforceKeyResponse: _TypeAlias = EnforceKeyResponse  # noqa: Y015
 
 @_typing.final
 class RollKeyRequest(_message.Message):

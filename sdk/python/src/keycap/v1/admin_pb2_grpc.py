@@ -366,6 +366,11 @@ class KeyServiceStub:
                 request_serializer=keycap_dot_v1_dot_admin__pb2.RollKeyRequest.SerializeToString,
                 response_deserializer=keycap_dot_v1_dot_admin__pb2.RollKeyResponse.FromString,
                 _registered_method=True)
+        self.EnforceKey = channel.unary_unary(
+                '/keycap.v1.KeyService/EnforceKey',
+                request_serializer=keycap_dot_v1_dot_admin__pb2.EnforceKeyRequest.SerializeToString,
+                response_deserializer=keycap_dot_v1_dot_admin__pb2.EnforceKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -435,6 +440,15 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnforceKey(self, request, context):
+        """Switches a key in observe mode to enforcement in place (same id, same
+        budget), optionally with new caps and endpoints (e.g. a suggestion's);
+        answers once every connected proxy enforces it. Needs keys:create.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -482,6 +496,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RollKey,
                     request_deserializer=keycap_dot_v1_dot_admin__pb2.RollKeyRequest.FromString,
                     response_serializer=keycap_dot_v1_dot_admin__pb2.RollKeyResponse.SerializeToString,
+            ),
+            'EnforceKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnforceKey,
+                    request_deserializer=keycap_dot_v1_dot_admin__pb2.EnforceKeyRequest.FromString,
+                    response_serializer=keycap_dot_v1_dot_admin__pb2.EnforceKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -727,6 +746,33 @@ class KeyService:
             '/keycap.v1.KeyService/RollKey',
             keycap_dot_v1_dot_admin__pb2.RollKeyRequest.SerializeToString,
             keycap_dot_v1_dot_admin__pb2.RollKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnforceKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keycap.v1.KeyService/EnforceKey',
+            keycap_dot_v1_dot_admin__pb2.EnforceKeyRequest.SerializeToString,
+            keycap_dot_v1_dot_admin__pb2.EnforceKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -122,6 +122,11 @@ class KeyServiceStub:
     """Mints a successor of a key with the same policy and the same budget;
     the key keeps working for the grace, then is revoked.
     """
+    EnforceKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.EnforceKeyRequest, _admin_pb2.EnforceKeyResponse]
+    """Switches a key in observe mode to enforcement in place (same id, same
+    budget), optionally with new caps and endpoints (e.g. a suggestion's);
+    answers once every connected proxy enforces it. Needs keys:create.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -147,6 +152,11 @@ class KeyServiceAsyncStub(KeyServiceStub):
     RollKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RollKeyRequest, _admin_pb2.RollKeyResponse]  # type: ignore[assignment]
     """Mints a successor of a key with the same policy and the same budget;
     the key keeps working for the grace, then is revoked.
+    """
+    EnforceKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.EnforceKeyRequest, _admin_pb2.EnforceKeyResponse]  # type: ignore[assignment]
+    """Switches a key in observe mode to enforcement in place (same id, same
+    budget), optionally with new caps and endpoints (e.g. a suggestion's);
+    answers once every connected proxy enforces it. Needs keys:create.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -224,6 +234,17 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RollKeyResponse, _abc.Awaitable[_admin_pb2.RollKeyResponse]]:
         """Mints a successor of a key with the same policy and the same budget;
         the key keeps working for the grace, then is revoked.
+        """
+
+    @_abc_1.abstractmethod
+    def EnforceKey(
+        self,
+        request: _admin_pb2.EnforceKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EnforceKeyResponse, _abc.Awaitable[_admin_pb2.EnforceKeyResponse]]:
+        """Switches a key in observe mode to enforcement in place (same id, same
+        budget), optionally with new caps and endpoints (e.g. a suggestion's);
+        answers once every connected proxy enforces it. Needs keys:create.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
