@@ -346,6 +346,37 @@ def test_a_dry_run_and_a_suggested_policy(keycap, client):
     assert suggestion.create_key_args()["vendor"] == "py-dry"
 
 
+def test_an_observed_key_is_learned_from_and_switched_to_enforce(keycap, client):
+    run = "py-sdk/observe"
+    created = client.keys.create(vendor="openai", daily_usd_cap="0.0001", allowed_endpoints=CHAT,
+                                 expires_in="1h", agent_run_label=run, observe_ceiling_usd="1")
+    assert created.info.mode == "observe" and created.info.observe_ceiling_usd == Decimal("1")
+    ai = openai.OpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key, max_retries=0)
+    # Over its daily cap and off its allowlist: forwarded, and marked.
+    chat(ai)
+    ai.embeddings.create(model="text-embedding-3-small", input="hi")
+    entries = settled(lambda: len(e := list(client.audit.query(key_id=created.id))) == 2 and e)
+    assert sorted((e.would_refuse, e.would_refuse_rule) for e in entries) == [
+        ("daily_cap_exceeded", "daily_cap"), ("endpoint_not_allowed", "allowed_endpoints")]
+    report = client.spend_report(group_by=["key"], agent_run_label=run)
+    assert report.would_refuse_calls == 2 and report.groups[0].would_refuse_calls == 2
+    dry = client.keys.simulate(created.id, method="POST", path="/v1/embeddings",
+                               headers={"Content-Type": "application/json"},
+                               body='{"model": "text-embedding-3-small", "input": "hi"}')
+    assert dry.allowed and dry.would_refuse is not None, dry
+    assert dry.would_refuse.code == "endpoint_not_allowed"
+
+    switched = client.keys.enforce(created.id, daily_usd_cap="5")
+    assert switched.key.mode == "enforce" and switched.key.id == created.id
+    assert switched.confirmation.all_confirmed
+    with pytest.raises(openai.PermissionDeniedError):
+        ai.embeddings.create(model="text-embedding-3-small", input="hi")
+    chat(ai)
+    with pytest.raises(kc.Conflict):
+        client.keys.enforce(created.id)
+    client.keys.revoke_run(run)
+
+
 def _suggest(client, key_id):
     try:
         return client.keys.suggest(key_id)

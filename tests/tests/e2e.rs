@@ -2241,6 +2241,10 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         async move { admin.get(&path).await.expect(200) }
     };
     assert_eq!(got, rest(format!("/vault/keys/{id}")).await);
+    // Listed again now the spend is in: the first list may predate it.
+    let listed = cli(strings(&["key", "list", "--run-label", "cli/1"]))
+        .await
+        .json();
     assert_eq!(
         listed,
         rest("/vault/keys?agent_run_label=cli/1".to_string()).await

@@ -283,7 +283,12 @@ fn keys_table(s: &Session, keys: &[KeyView]) -> Markup {
                             td { (k.key.vendor.as_str()) }
                             td { a href={"/ui/run?label=" (urlencode(&k.key.agent_run_label))} { (k.key.agent_run_label) } }
                             td { (status_text(k.status)) }
-                            td { (usd(k.key.daily_cap)) }
+                            td {
+                                (usd(k.key.daily_cap))
+                                @if let Some(ceiling) = k.key.observe_ceiling {
+                                    br; small { "observing, ceiling " (usd(ceiling)) }
+                                }
+                            }
                             td { (usd(k.spend.spent_day)) }
                             td { (usd(k.remaining_today)) }
                             td { (usd(k.spend.spent_lifetime)) }

@@ -106,6 +106,20 @@ pub struct NewKey {
     /// Calls reserving more than this need a person's approval
     /// (docs/approvals.md).
     pub approval_above_usd: Option<Micros>,
+    /// Set: mint the key in observe mode (docs/observe.md) with this hard
+    /// daily ceiling; its caps, endpoints and rate limit then only mark the
+    /// calls they would refuse.
+    pub observe_ceiling_usd: Option<Micros>,
+}
+
+/// What a key in observe mode enforces once switched; each part left
+/// `None` (or empty) keeps the key's own.
+#[derive(Clone, Debug, Default)]
+pub struct Enforce {
+    pub daily_usd_cap: Option<Micros>,
+    pub per_call_usd_cap: Option<Micros>,
+    pub lifetime_usd_cap: Option<Micros>,
+    pub allowed_endpoints: Vec<String>,
 }
 
 /// A newly minted key: `key` is its secret, shown this once and kept out of
@@ -264,6 +278,12 @@ impl Client {
             zone: k.zone.unwrap_or_default(),
             parent_id: k.parent_id.unwrap_or_default(),
             approval_above_micros: k.approval_above_usd.map_or(0, |m| m.0),
+            mode: if k.observe_ceiling_usd.is_some() {
+                "observe".into()
+            } else {
+                String::new()
+            },
+            observe_ceiling_micros: k.observe_ceiling_usd.map_or(0, |m| m.0),
             ..Default::default()
         };
         let r = self.raw.keys.create_key(req).await;
@@ -317,6 +337,21 @@ impl Client {
             ack_timeout_ms: 0,
         };
         let r = self.raw.keys.roll_key(req).await;
+        Ok(r.map_err(self.fail())?.into_inner())
+    }
+
+    /// Switches a key in observe mode to enforcing, in place (same id,
+    /// secret and budget); answers once every connected proxy enforces it.
+    pub async fn enforce_key(&mut self, id: &str, e: Enforce) -> Result<pb::EnforceKeyResponse> {
+        let req = pb::EnforceKeyRequest {
+            id: id.to_string(),
+            daily_cap_micros: e.daily_usd_cap.map_or(0, |m| m.0),
+            per_call_cap_micros: e.per_call_usd_cap.map_or(0, |m| m.0),
+            lifetime_cap_micros: e.lifetime_usd_cap.map_or(0, |m| m.0),
+            allowed_endpoints: e.allowed_endpoints,
+            ack_timeout_ms: 0,
+        };
+        let r = self.raw.keys.enforce_key(req).await;
         Ok(r.map_err(self.fail())?.into_inner())
     }
 

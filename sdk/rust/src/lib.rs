@@ -27,7 +27,7 @@ use tonic::{Request, Status};
 
 mod client;
 
-pub use client::{base_url, AuditFilter, Client, CreatedKey, Error, NewKey, Result};
+pub use client::{base_url, AuditFilter, Client, CreatedKey, Enforce, Error, NewKey, Result};
 pub use keycap_proto::pb;
 pub use keycap_proto::Micros;
 

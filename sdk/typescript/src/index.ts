@@ -199,6 +199,13 @@ export interface Key {
   graceEndsAt: Date | null;
   /** The budget the key spends: its roll chain's first key. */
   budgetId: string;
+  /**
+   * "enforce", or "observe" (docs/observe.md): the caps, endpoints and rate
+   * limit then only mark the calls they would refuse.
+   */
+  mode: string;
+  /** Observe mode's hard daily ceiling; null when enforcing. */
+  observeCeilingUsd: string | null;
 }
 
 function key(k: pb.VaultKey | undefined): Key {
@@ -230,6 +237,8 @@ function key(k: pb.VaultKey | undefined): Key {
     successor: m.successor,
     graceEndsAt: date(m.graceEndsAt),
     budgetId: m.budgetId || m.id,
+    mode: m.mode || "enforce",
+    observeCeilingUsd: m.observeCeilingMicros ? usd(m.observeCeilingMicros) : null,
   };
 }
 
@@ -478,6 +487,16 @@ export interface CreateKey {
   parentId?: string;
   /** Calls reserving more than this need a person's approval (docs/approvals.md). */
   approvalAboveUsd?: Money;
+  /** Mint the key in observe mode (docs/observe.md) with this hard daily ceiling. */
+  observeCeilingUsd?: Money;
+}
+
+/** What a key in observe mode enforces once switched; each part left out keeps the key's own. */
+export interface Enforce {
+  dailyUsdCap?: Money;
+  perCallUsdCap?: Money;
+  lifetimeUsdCap?: Money;
+  allowedEndpoints?: string[];
 }
 
 // ------------------------------------------------------------------ client
@@ -807,6 +826,9 @@ export class Keys {
       parentId: k.parentId ?? "",
       approvalAboveMicros:
         k.approvalAboveUsd === undefined ? 0n : micros("approval_above_usd", k.approvalAboveUsd),
+      mode: k.observeCeilingUsd === undefined ? "" : "observe",
+      observeCeilingMicros:
+        k.observeCeilingUsd === undefined ? 0n : micros("observe_ceiling_usd", k.observeCeilingUsd),
     };
     const r = await this.call(() => this.rpc.createKey(req));
     return new CreatedKey(r.secret, key(r.key), confirmation(r.confirmation));
@@ -844,6 +866,22 @@ export class Keys {
       created: new CreatedKey(r.secret, key(r.key), confirmation(r.confirmation)),
       rolled: key(r.rolled),
     };
+  }
+
+  /**
+   * Switches a key in observe mode to enforcing, in place (same id, secret
+   * and budget); resolves once the proxies enforce it.
+   */
+  async enforce(id: string, e: Enforce = {}): Promise<{ key: Key; confirmation: Confirmation }> {
+    const cap = (field: string, v: Money | undefined) => (v === undefined ? 0n : micros(field, v));
+    const r = await this.call(() => this.rpc.enforceKey({
+      id,
+      dailyCapMicros: cap("daily_usd_cap", e.dailyUsdCap),
+      perCallCapMicros: cap("per_call_usd_cap", e.perCallUsdCap),
+      lifetimeCapMicros: cap("lifetime_usd_cap", e.lifetimeUsdCap),
+      allowedEndpoints: e.allowedEndpoints ?? [],
+    }));
+    return { key: key(r.key), confirmation: confirmation(r.confirmation) };
   }
 
   /** Revokes every key of an agent run. */

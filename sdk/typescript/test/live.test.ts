@@ -270,3 +270,27 @@ test("a dry run answers before the call, and a policy is suggested after it", as
   assert.equal(suggestion.marginPercent, 25);
   assert.equal(suggestion.vendor, "ts-dry");
 });
+
+test("an observed key forwards what enforcement would refuse, then enforces in place", async () => {
+  const kc = new keycap.Client({ addr: control, token: adminToken });
+  await kc.vendors.put("ts-observe", { profile: "openai", baseUrl: mockUrl, credential: CREDENTIAL });
+  const created = await kc.keys.create({
+    vendor: "ts-observe", dailyUsdCap: "5", allowedEndpoints: CHAT, expiresIn: "1h",
+    agentRunLabel: "ts-sdk/observe", observeCeilingUsd: "1",
+  });
+  assert.equal(created.info.mode, "observe");
+  assert.equal(created.info.observeCeilingUsd, "1");
+  const ai = new OpenAI({ baseURL: created.baseUrl(proxy), apiKey: created.key, maxRetries: 0 });
+  // Off the allowlist: forwarded while observing.
+  await ai.embeddings.create({ model: "text-embedding-3-small", input: "hi" });
+  const switched = await kc.keys.enforce(created.id, { dailyUsdCap: "2" });
+  assert.equal(switched.key.mode, "enforce");
+  assert.equal(switched.key.id, created.id);
+  assert.equal(switched.key.dailyUsdCap, "2");
+  assert.deepEqual(switched.confirmation.unconfirmedNodes, []);
+  await assert.rejects(
+    ai.embeddings.create({ model: "text-embedding-3-small", input: "hi" }),
+    (e: unknown) => e instanceof OpenAI.PermissionDeniedError,
+  );
+  await chat(ai);
+});

@@ -267,3 +267,115 @@ async fn an_observed_key_forwards_what_enforcement_would_refuse_and_switches_in_
     let got = marks(&admin, &id, 8).await;
     assert_eq!(got.last().map(String::as_str), Some(""), "{got:?}");
 }
+
+/// Runs the `keycap` CLI against `stack`, asserting it succeeded; its JSON.
+async fn cli(stack: &Stack, args: &[&str]) -> Value {
+    let out = keycap_tests::harness::keycap_cli(
+        &stack.control.url(),
+        &stack.control.opts.admin_token,
+        args,
+    )
+    .await;
+    assert!(out.status.success(), "keycap {args:?}: {}", out.stderr);
+    out.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_and_the_rust_client_observe_a_key_and_switch_it_to_its_suggestion() {
+    let (stack, mock) = stack_with_stripe().await;
+    let minted = cli(
+        &stack,
+        &[
+            "key",
+            "create",
+            "--vendor",
+            "stripe",
+            "--daily-usd-cap",
+            "1",
+            "--allow",
+            "POST /v1/payment_intents",
+            "--expires-in",
+            "1h",
+            "--run-label",
+            "observe/cli",
+            "--mode",
+            "observe",
+            "--observe-ceiling-usd",
+            "10",
+        ],
+    )
+    .await;
+    assert_eq!(minted["mode"], "observe", "{minted}");
+    assert_eq!(minted["observe_ceiling_usd"].as_f64(), Some(10.0));
+    let id = minted["id"].as_str().expect("id").to_string();
+    let agent = stack.agent(minted["key"].as_str().expect("key"));
+
+    // Over the $1 daily cap and off the allowlist, on the first calls.
+    pay(&agent, 200).await.expect(200);
+    read_customer(&agent).await.expect(200);
+    stack.wait_key_spend(&id, 2_000_000, 2).await;
+    let mut got = marks(&stack.admin, &id, 2).await;
+    got.sort();
+    assert_eq!(got, ["daily_cap_exceeded", "endpoint_not_allowed"]);
+
+    // Enforce what was seen, with no margin: both endpoints, $2 a day.
+    let switched = cli(
+        &stack,
+        &["key", "enforce", &id, "--suggested", "--margin", "0"],
+    )
+    .await;
+    assert_eq!(switched["mode"], "enforce", "{switched}");
+    assert_eq!(switched["id"], id.as_str());
+    assert_eq!(switched["daily_usd_cap"].as_f64(), Some(2.0), "{switched}");
+    assert_eq!(
+        switched["allowed_endpoints"],
+        json!(["GET /v1/customers/*", "POST /v1/payment_intents"])
+    );
+    assert_eq!(switched["confirmation"]["all_confirmed"], true);
+    read_customer(&agent).await.expect(200);
+    let sent = Utc::now();
+    let r = pay(&agent, 100).await;
+    assert_cap_refusal(&r, 2.0, 0.0, sent, Utc::now());
+    assert_eq!(mock.forwarded_stripe_amount(), 200);
+
+    // The Rust client: minted observing, switched with its own cap.
+    let mut client =
+        keycap_client::Client::connect(&stack.control.url(), &stack.control.opts.admin_token, None)
+            .await
+            .expect("connect");
+    let created = client
+        .create_key(keycap_client::NewKey {
+            vendor: "stripe".into(),
+            daily_usd_cap: keycap_client::Micros(1_000_000),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            expires_in: Duration::from_secs(3600),
+            agent_run_label: "observe/rust".into(),
+            observe_ceiling_usd: Some(keycap_client::Micros(5_000_000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.info.mode, "observe");
+    assert_eq!(created.info.observe_ceiling_micros, 5_000_000);
+    let enforced = client
+        .enforce_key(
+            created.id(),
+            keycap_client::Enforce {
+                daily_usd_cap: Some(keycap_client::Micros(3_000_000)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let key = enforced.key.unwrap();
+    assert_eq!(
+        (key.mode.as_str(), key.daily_cap_micros),
+        ("enforce", 3_000_000)
+    );
+    assert!(enforced.confirmation.unwrap().unconfirmed_nodes.is_empty());
+    let again = client
+        .enforce_key(created.id(), keycap_client::Enforce::default())
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), "conflict");
+}

@@ -35,6 +35,7 @@ from ._types import (
     IssuerToken,
     Key,
     KekRotation,
+    KeyEnforcement,
     KeyRevocation,
     Money,
     PriceImport,
@@ -118,7 +119,8 @@ class _Requests:
                    rate_limit_per_minute: int | None, allowed_cidrs: Sequence[str] | None,
                    zone: str | None, parent_id: str | None,
                    ack_timeout: Duration | None,
-                   approval_above_usd: Money | None = None) -> pb.CreateKeyRequest:
+                   approval_above_usd: Money | None = None,
+                   observe_ceiling_usd: Money | None = None) -> pb.CreateKeyRequest:
         return pb.CreateKeyRequest(
             vendor=vendor,
             daily_cap_micros=micros("daily_usd_cap", daily_usd_cap),
@@ -136,7 +138,25 @@ class _Requests:
             parent_id=parent_id or "",
             ack_timeout_ms=_ack_ms(ack_timeout),
             approval_above_micros=(0 if approval_above_usd is None
-                                   else micros("approval_above_usd", approval_above_usd)))
+                                   else micros("approval_above_usd", approval_above_usd)),
+            mode="" if observe_ceiling_usd is None else "observe",
+            observe_ceiling_micros=(0 if observe_ceiling_usd is None
+                                    else micros("observe_ceiling_usd", observe_ceiling_usd)))
+
+    @staticmethod
+    def enforce_key(id: str, daily_usd_cap: Money | None, per_call_usd_cap: Money | None,
+                    lifetime_usd_cap: Money | None, allowed_endpoints: Sequence[str] | None,
+                    ack_timeout: Duration | None) -> pb.EnforceKeyRequest:
+        def cap(field: str, v: Money | None) -> int:
+            return 0 if v is None else micros(field, v)
+
+        return pb.EnforceKeyRequest(
+            id=id,
+            daily_cap_micros=cap("daily_usd_cap", daily_usd_cap),
+            per_call_cap_micros=cap("per_call_usd_cap", per_call_usd_cap),
+            lifetime_cap_micros=cap("lifetime_usd_cap", lifetime_usd_cap),
+            allowed_endpoints=list(allowed_endpoints or ()),
+            ack_timeout_ms=_ack_ms(ack_timeout))
 
     @staticmethod
     def query_audit(key_id: str | None, agent_run_label: str | None, vendor: str | None,
@@ -281,12 +301,27 @@ class Keys(_Sync):
                allowed_cidrs: Sequence[str] | None = None, zone: str | None = None,
                parent_id: str | None = None,
                ack_timeout: Duration | None = None,
-               approval_above_usd: Money | None = None) -> CreatedKey:
-        """Mints a vault key; the answer carries its secret (`.key`) once."""
+               approval_above_usd: Money | None = None,
+               observe_ceiling_usd: Money | None = None) -> CreatedKey:
+        """Mints a vault key; the answer carries its secret (`.key`) once.
+        With `observe_ceiling_usd` the key is minted in observe mode
+        (docs/observe.md)."""
         return _created_key(self._call(self._keys.CreateKey, _Requests.create_key(
             vendor, daily_usd_cap, allowed_endpoints, expires_in, agent_run_label,
             per_call_usd_cap, lifetime_usd_cap, metadata, rate_limit_per_minute, allowed_cidrs,
-            zone, parent_id, ack_timeout, approval_above_usd)))
+            zone, parent_id, ack_timeout, approval_above_usd, observe_ceiling_usd)))
+
+    def enforce(self, id: str, *, daily_usd_cap: Money | None = None,
+                per_call_usd_cap: Money | None = None, lifetime_usd_cap: Money | None = None,
+                allowed_endpoints: Sequence[str] | None = None,
+                ack_timeout: Duration | None = None) -> KeyEnforcement:
+        """Switches a key in observe mode to enforcing, in place (same id,
+        secret and budget); each cap or the endpoints left out keep the
+        key's own. Returns once the proxies enforce it."""
+        r = self._call(self._keys.EnforceKey, _Requests.enforce_key(
+            id, daily_usd_cap, per_call_usd_cap, lifetime_usd_cap, allowed_endpoints,
+            ack_timeout))
+        return KeyEnforcement(Key._from(r.key), Confirmation._from(r.confirmation))
 
     def get(self, id: str) -> Key:
         return Key._from(self._call(self._keys.GetKey, pb.GetKeyRequest(id=id)).key)
@@ -561,11 +596,23 @@ class AsyncKeys(_Async):
                      allowed_cidrs: Sequence[str] | None = None, zone: str | None = None,
                      parent_id: str | None = None,
                      ack_timeout: Duration | None = None,
-                     approval_above_usd: Money | None = None) -> CreatedKey:
+                     approval_above_usd: Money | None = None,
+                     observe_ceiling_usd: Money | None = None) -> CreatedKey:
         return _created_key(await self._call(self._keys.CreateKey, _Requests.create_key(
             vendor, daily_usd_cap, allowed_endpoints, expires_in, agent_run_label,
             per_call_usd_cap, lifetime_usd_cap, metadata, rate_limit_per_minute, allowed_cidrs,
-            zone, parent_id, ack_timeout, approval_above_usd)))
+            zone, parent_id, ack_timeout, approval_above_usd, observe_ceiling_usd)))
+
+    async def enforce(self, id: str, *, daily_usd_cap: Money | None = None,
+                      per_call_usd_cap: Money | None = None,
+                      lifetime_usd_cap: Money | None = None,
+                      allowed_endpoints: Sequence[str] | None = None,
+                      ack_timeout: Duration | None = None) -> KeyEnforcement:
+        """See `Keys.enforce`."""
+        r = await self._call(self._keys.EnforceKey, _Requests.enforce_key(
+            id, daily_usd_cap, per_call_usd_cap, lifetime_usd_cap, allowed_endpoints,
+            ack_timeout))
+        return KeyEnforcement(Key._from(r.key), Confirmation._from(r.confirmation))
 
     async def get(self, id: str) -> Key:
         return Key._from((await self._call(self._keys.GetKey, pb.GetKeyRequest(id=id))).key)

@@ -191,6 +191,11 @@ class Key:
     """The budget the key spends: its roll chain's first key."""
     approval_above_usd: Decimal | None = None
     """Calls reserving more than this need a person's approval."""
+    mode: str = "enforce"
+    """"enforce", or "observe" (docs/observe.md): the caps, endpoints and
+    rate limit then only mark the calls they would refuse."""
+    observe_ceiling_usd: Decimal | None = None
+    """Observe mode's hard daily ceiling; None when enforcing."""
 
     @classmethod
     def _from(cls, m: pb.VaultKey) -> Key:
@@ -222,6 +227,9 @@ class Key:
             successor=m.successor,
             grace_ends_at=_time(m.grace_ends_at, m.HasField("grace_ends_at")),
             budget_id=m.budget_id or m.id,
+            mode=m.mode or "enforce",
+            observe_ceiling_usd=(usd(m.observe_ceiling_micros)
+                                 if m.observe_ceiling_micros else None),
         )
 
 
@@ -274,6 +282,15 @@ class RolledKey:
 
 @dataclass(frozen=True)
 class KeyRevocation:
+    key: Key
+    confirmation: Confirmation
+
+
+@dataclass(frozen=True)
+class KeyEnforcement:
+    """A key switched from observe mode to enforcing, and which proxies
+    confirmed they enforce it."""
+
     key: Key
     confirmation: Confirmation
 
@@ -335,6 +352,10 @@ class AuditEntry:
     """For a call forwarded under an approval: its id, who decided it and why."""
     approval_decided_by: str = ""
     approval_reason: str = ""
+    would_refuse: str = ""
+    """For a call of a key in observe mode: the refusal code enforcement
+    would have answered (docs/observe.md); empty otherwise."""
+    would_refuse_rule: str = ""
 
     @classmethod
     def _from(cls, m: pb.AuditEntry) -> AuditEntry:
@@ -343,7 +364,8 @@ class AuditEntry:
                    _time(m.at, m.HasField("at")), m.node_id,
                    json.loads(m.detail_json) if m.detail_json else None,
                    m.refusal_reason, m.refused_calls,
-                   m.approval_id, m.approval_decided_by, m.approval_reason)
+                   m.approval_id, m.approval_decided_by, m.approval_reason,
+                   m.would_refuse, m.would_refuse_rule)
 
 
 @dataclass(frozen=True)
@@ -550,6 +572,9 @@ class SpendGroup:
     total_usd: Decimal
     calls: int
     refused_calls: int
+    would_refuse_calls: int = 0
+    """Calls of keys in observe mode enforcement would have refused."""
+    would_refuse_usd: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -563,6 +588,8 @@ class SpendReport:
     calls: int
     refused_calls: int
     more: bool
+    would_refuse_calls: int = 0
+    would_refuse_usd: Decimal = Decimal(0)
 
     @classmethod
     def _from(cls, m: pb.SpendReportResponse) -> SpendReport:
@@ -573,9 +600,11 @@ class SpendReport:
 
         groups = tuple(SpendGroup(dim("run_label", g.agent_run_label), dim("key", g.key_id),
                                   dim("vendor", g.vendor), dim("day", g.day),
-                                  usd(g.total_micros), g.calls, g.refused_calls)
+                                  usd(g.total_micros), g.calls, g.refused_calls,
+                                  g.would_refuse_calls, usd(g.would_refuse_micros))
                        for g in m.groups)
-        return cls(by, groups, usd(m.total_micros), m.calls, m.refused_calls, m.more)
+        return cls(by, groups, usd(m.total_micros), m.calls, m.refused_calls, m.more,
+                   m.would_refuse_calls, usd(m.would_refuse_micros))
 
 
 @dataclass(frozen=True)
@@ -614,6 +643,9 @@ class Simulation:
     resets_at: datetime | None
     not_checked: tuple[str, ...]
     lookups: tuple[str, ...]
+    would_refuse: SimulatedRefusal | None = None
+    """For a key in observe mode: what enforcement would have refused the
+    call with (the call is still allowed)."""
 
     @classmethod
     def _from(cls, m: pb.SimulateResponse) -> Simulation:
@@ -626,7 +658,9 @@ class Simulation:
         return cls(m.allowed, refusal, quote, usd(b.daily_remaining_micros),
                    usd(b.lifetime_remaining_micros) if b.has_lifetime_cap else None,
                    usd(b.unleased_micros), _time(b.resets_at, b.HasField("resets_at")),
-                   tuple(m.not_checked), tuple(m.lookups))
+                   tuple(m.not_checked), tuple(m.lookups),
+                   SimulatedRefusal(m.would_refuse_code, m.would_refuse_rule,
+                                    m.would_refuse_message) if m.would_refuse_code else None)
 
 
 @dataclass(frozen=True)
