@@ -377,6 +377,36 @@ def test_an_observed_key_is_learned_from_and_switched_to_enforce(keycap, client)
     client.keys.revoke_run(run)
 
 
+def test_a_held_call_is_approved_and_its_retry_goes_through_the_official_sdk(keycap, client):
+    run = "py-sdk/approval"
+    created = client.keys.create(vendor="openai", daily_usd_cap="5", allowed_endpoints=CHAT,
+                                 expires_in="1h", agent_run_label=run,
+                                 approval_above_usd="0.000001")
+    ai = openai.OpenAI(base_url=created.base_url(keycap.proxy), api_key=created.key, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as held:
+        chat(ai)
+    approval_id = held.value.body["approval_id"]
+    assert held.value.body["code"] == "approval_required", held.value.body
+    pending = client.approvals.list(state="pending", key_id=created.id)
+    assert [a.id for a in pending] == [approval_id]
+    assert pending[0].quote_usd > 0 and pending[0].path == "/v1/chat/completions"
+    approved = client.approvals.approve(approval_id, reason="the monthly report")
+    assert approved.state == "approved" and approved.reason == "the monthly report"
+    retry = ai.with_options(default_headers={"Keycap-Approval": approval_id})
+    chat(retry)
+    with pytest.raises(openai.PermissionDeniedError) as again:
+        chat(retry)
+    assert again.value.body["code"] == "approval_used", again.value.body
+    assert client.approvals.get(approval_id).state == "used"
+    with pytest.raises(openai.PermissionDeniedError) as other:
+        chat(ai)
+    with pytest.raises(kc.KeycapError):
+        client.approvals.deny(approval_id, reason="too late")
+    denied = client.approvals.deny(other.value.body["approval_id"], reason="not today")
+    assert denied.state == "denied"
+    client.keys.revoke_run(run)
+
+
 def _suggest(client, key_id):
     try:
         return client.keys.suggest(key_id)

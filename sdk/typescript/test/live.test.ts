@@ -294,3 +294,30 @@ test("an observed key forwards what enforcement would refuse, then enforces in p
   );
   await chat(ai);
 });
+
+test("a held call is approved with the SDK and its retry is forwarded once", async () => {
+  const kc = new keycap.Client({ addr: control, token: adminToken });
+  await kc.vendors.put("ts-approve", { profile: "openai", baseUrl: mockUrl, credential: CREDENTIAL });
+  const created = await kc.keys.create({
+    vendor: "ts-approve", dailyUsdCap: "5", allowedEndpoints: CHAT, expiresIn: "1h",
+    agentRunLabel: "ts-sdk/approval", approvalAboveUsd: "0.000001",
+  });
+  const ai = new OpenAI({ baseURL: created.baseUrl(proxy), apiKey: created.key, maxRetries: 0 });
+  let approvalId = "";
+  await assert.rejects(chat(ai), (e: unknown) => {
+    if (!(e instanceof OpenAI.PermissionDeniedError)) return false;
+    approvalId = String((e.error as Record<string, unknown>)["approval_id"] ?? "");
+    return approvalId.startsWith("apr_");
+  });
+  const pending = await kc.approvals.list({ state: "pending", keyId: created.id });
+  assert.deepEqual(pending.map((a) => a.id), [approvalId]);
+  const approved = await kc.approvals.approve(approvalId, "the weekly digest");
+  assert.equal(approved.state, "approved");
+  const retry = new OpenAI({
+    baseURL: created.baseUrl(proxy), apiKey: created.key, maxRetries: 0,
+    defaultHeaders: { "Keycap-Approval": approvalId },
+  });
+  await chat(retry);
+  await assert.rejects(chat(retry), (e: unknown) => e instanceof OpenAI.PermissionDeniedError);
+  assert.equal((await kc.approvals.get(approvalId)).state, "used");
+});

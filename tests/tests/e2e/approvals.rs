@@ -376,3 +376,102 @@ async fn a_child_is_gated_at_its_parents_lower_threshold() {
     held(&agent, 600).await;
     assert_eq!(mock.payment_intent_amounts(), vec![400]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_decides_with_the_cli_and_the_webhooks_announce_the_hold_and_the_decision() {
+    let mut opts = ControlOpts::sqlite();
+    opts.args.push("--allow-private-webhooks".into());
+    let stack = Stack::start_with(opts).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let receiver = keycap_tests::receiver::Receiver::start(&[]).await;
+    stack
+        .admin
+        .post_json(
+            "/vault/webhooks",
+            &json!({"url": receiver.url("/hook"), "events": ["approval.requested", "approval.decided"]}),
+        )
+        .await
+        .expect(201);
+    let key = stack
+        .mint(&json!({
+            "vendor": "stripe", "daily_usd_cap": 1000, "expires_in": "1h",
+            "allowed_endpoints": ["POST /v1/payment_intents"],
+            "agent_run_label": "approvals/cli", "approval_above_usd": 10,
+        }))
+        .await;
+    let agent = stack.agent(&key.secret);
+    let url = stack.control.url();
+    let token = stack.control.opts.admin_token.clone();
+    let cli = |args: Vec<String>| {
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = keycap_tests::harness::keycap_cli(&url, &token, &args).await;
+            assert!(out.status.success(), "keycap {args:?}: {}", out.stderr);
+            out.json()
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // Held: the person hears of it by webhook, with the link to decide.
+    let first = id_of(&held(&agent, 5000).await);
+    let second = id_of(&held(&agent, 7000).await);
+    let listed = cli(args(&["approval", "list", "--state", "pending"])).await;
+    let pending: Vec<&str> = listed["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert_eq!(pending.len(), 2, "{listed}");
+    assert!(pending.contains(&first.as_str()) && pending.contains(&second.as_str()));
+
+    // Decided from the command line, each with its reason.
+    let approved = cli(args(&[
+        "approval",
+        "approve",
+        &first,
+        "--reason",
+        "invoice 77 is due",
+    ]))
+    .await;
+    assert_eq!(approved["state"], "approved", "{approved}");
+    let denied = cli(args(&["approval", "deny", &second, "--reason", "not ours"])).await;
+    assert_eq!(denied["state"], "denied", "{denied}");
+    let shown = cli(args(&["approval", "show", &first])).await;
+    assert_eq!(shown["reason"], "invoice 77 is due", "{shown}");
+
+    pay(&agent, 5000, Some(&first)).await.expect(200);
+    pay(&agent, 7000, Some(&second))
+        .await
+        .expect_error(403, "approval_denied");
+    assert_eq!(mock.payment_intent_amounts(), [5000]);
+
+    // Four events: two holds and two decisions, each naming its approval.
+    let got = wait_for(within(Duration::from_secs(20)), || async {
+        let got = receiver.received();
+        (got.len() >= 4).then_some(got)
+    })
+    .await
+    .expect("four approval events delivered");
+    let events: Vec<Value> = got.iter().map(|r| r.json()).collect();
+    let of = |kind: &str, id: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == kind && e["data"]["approval_id"] == id)
+            .unwrap_or_else(|| panic!("no {kind} for {id}: {events:?}"))
+            .clone()
+    };
+    let requested = of("approval.requested", &first);
+    assert_eq!(requested["data"]["quote_usd"], "50", "{requested}");
+    assert!(requested["data"]["approval_url"]
+        .as_str()
+        .is_some_and(|u| u.ends_with(&format!("/ui/approvals/{first}"))));
+    let decided = of("approval.decided", &first);
+    assert_eq!(decided["data"]["state"], "approved", "{decided}");
+    assert_eq!(decided["data"]["reason"], "invoice 77 is due");
+    assert!(decided["data"]["decided_by"].is_string(), "{decided}");
+    of("approval.requested", &second);
+    assert_eq!(of("approval.decided", &second)["data"]["state"], "denied");
+}
