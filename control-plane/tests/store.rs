@@ -3119,6 +3119,10 @@ mod cases {
         // Refusal entries carry their reason and count in the chain too.
         events[12] = refusal("e12", "k1", "stripe", "daily_cap_exceeded", 500);
         events[13] = refusal("e13", "k1", "stripe", "rate_limited", 1);
+        // Observe mode's marks, with and without a credential version.
+        events[20].would_refuse = "endpoint_not_allowed".into();
+        events[21].would_refuse = "per_call_cap_exceeded".into();
+        events[21].credential_version = 3;
         for batch in events.chunks(7) {
             s.record_spend(batch).await.unwrap();
         }

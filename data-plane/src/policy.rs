@@ -372,6 +372,14 @@ impl PolicyCache {
                 }
                 crate::hooks::apply(&mut p.hooks, s.hooks, Vec::new());
                 let old = self.current.load();
+                for (id, hash) in &p.key_hash_by_id {
+                    let before = old.key_hash_by_id.get(id).and_then(|h| old.keys.get(h));
+                    if let (Some(before), Some(now)) = (before, p.keys.get(hash)) {
+                        if !before.same_budget_terms(now) {
+                            rebudgeted.push(now.budget_id.clone());
+                        }
+                    }
+                }
                 gone.extend(
                     old.key_hash_by_id
                         .keys()
@@ -674,6 +682,48 @@ mod tests {
         // Once no key spends the budget, its lease goes back.
         let gone = cache.apply(delta(3, vec![successor(true)]));
         assert_eq!(gone, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_switch_from_observe_mode_hands_the_budgets_leases_back() {
+        let cache = PolicyCache::new(Catalog::builtin());
+        let a = secret::generate(SecretKind::VaultKey, "live");
+        let observing = pb::FleetKey {
+            observe_ceiling_micros: 50,
+            ..fleet_key("a", &a, false)
+        };
+        let delta = |version, keys| pb::PolicyUpdate {
+            version,
+            update: Some(pb::policy_update::Update::Delta(pb::PolicyDelta {
+                upsert_keys: keys,
+                ..Default::default()
+            })),
+        };
+        assert!(cache.apply(delta(1, vec![observing.clone()])).is_empty());
+        // The same key again changes nothing of its budget.
+        assert!(cache.apply(delta(2, vec![observing.clone()])).is_empty());
+        let key = cache
+            .current
+            .load()
+            .keys
+            .get(&secret::hash(&a))
+            .unwrap()
+            .clone();
+        assert_eq!(key.budget_daily_cap(), Micros(50));
+        assert_eq!(key.budget_lifetime_cap(), None);
+        // Switched: its leases were granted under the ceiling.
+        let gone = cache.apply(delta(3, vec![fleet_key("a", &a, false)]));
+        assert_eq!(gone, vec!["a".to_string()]);
+        // So too when the switch arrives in a snapshot.
+        assert!(cache.apply(delta(4, vec![observing.clone()]))[..] == ["a".to_string()]);
+        let snapshot = cache.apply(pb::PolicyUpdate {
+            version: 5,
+            update: Some(pb::policy_update::Update::Snapshot(pb::PolicySnapshot {
+                keys: vec![fleet_key("a", &a, false)],
+                ..Default::default()
+            })),
+        });
+        assert_eq!(snapshot, vec!["a".to_string()]);
     }
 
     #[test]

@@ -378,4 +378,28 @@ async fn the_cli_and_the_rust_client_observe_a_key_and_switch_it_to_its_suggesti
         .await
         .unwrap_err();
     assert_eq!(again.code(), "conflict");
+
+    // An observe key is refused once revoked, like any key, and a revoked
+    // key is not switched.
+    let watching = client
+        .create_key(keycap_client::NewKey {
+            vendor: "stripe".into(),
+            daily_usd_cap: keycap_client::Micros(1_000_000),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            expires_in: Duration::from_secs(3600),
+            agent_run_label: "observe/revoked".into(),
+            observe_ceiling_usd: Some(keycap_client::Micros(5_000_000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let agent = stack.agent(&watching.key);
+    read_customer(&agent).await.expect(200);
+    client.revoke_key(watching.id()).await.unwrap();
+    read_customer(&agent).await.expect_error(401, "key_revoked");
+    let revoked = client
+        .enforce_key(watching.id(), keycap_client::Enforce::default())
+        .await
+        .unwrap_err();
+    assert_eq!(revoked.code(), "conflict");
 }
