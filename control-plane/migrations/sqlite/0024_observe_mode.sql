@@ -10,3 +10,6 @@ ALTER TABLE vault_keys ADD COLUMN observe_ceiling BIGINT;
 -- "per_call_cap_exceeded", "daily_cap_exceeded", "lifetime_cap_exceeded");
 -- empty for every other entry.
 ALTER TABLE audit ADD COLUMN would_refuse TEXT NOT NULL DEFAULT '';
+-- The per-minute alert counters were replaced by the proxies' refusal
+-- records (cap.refusals counts those); nothing reads or writes them.
+DROP TABLE alert_counters;

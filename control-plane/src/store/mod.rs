@@ -556,9 +556,6 @@ pub trait Store: Send + Sync + 'static {
     /// An endpoint's newest deliveries with their attempts, newest first.
     async fn webhook_deliveries(&self, endpoint_id: &str, limit: u32)
         -> StoreResult<Vec<Delivery>>;
-    /// Adds one to the counter of (`subject`, `bucket`) and returns its new
-    /// value; every replica counts into the same row.
-    async fn count_alert(&self, subject: &str, bucket: &str) -> StoreResult<i64>;
 
     // --- the cockpit's reads (see `cockpit_rows`) -------------------------------
     /// Refused calls of the refusal entries the query names, summed per

@@ -2625,20 +2625,6 @@ where
             .collect()
     }
 
-    async fn count_alert(&self, subject: &str, bucket: &str) -> StoreResult<i64> {
-        let mut w = self.begin_write().await?;
-        let n: i64 = sqlx::query_scalar(
-            "INSERT INTO alert_counters (subject, bucket, n) VALUES ($1, $2, 1) \
-             ON CONFLICT (subject, bucket) DO UPDATE SET n = alert_counters.n + 1 RETURNING n",
-        )
-        .bind(subject)
-        .bind(bucket)
-        .fetch_one(w.conn())
-        .await?;
-        w.commit().await?;
-        Ok(n)
-    }
-
     async fn refusal_counts(
         &self,
         rq: &super::RefusalCountQuery,

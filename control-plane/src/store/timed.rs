@@ -561,10 +561,6 @@ impl<S: Store> Store for TimedStore<S> {
         .await
     }
 
-    async fn count_alert(&self, subject: &str, bucket: &str) -> StoreResult<i64> {
-        timed("count_alert", self.0.count_alert(subject, bucket)).await
-    }
-
     async fn refusal_counts(
         &self,
         q: &super::RefusalCountQuery,
