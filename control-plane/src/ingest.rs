@@ -12,6 +12,7 @@
 //! batch fails only its own call. This module never decides what an event
 //! means; the store applies it.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -26,9 +27,12 @@ const MAX_GROUP_EVENTS: usize = 10_000;
 /// Calls waiting for the writer before new ones wait to be queued.
 const QUEUE: usize = 1024;
 
+/// One call's answer: (applied, duplicates) for its events alone.
+type Answer = StoreResult<(u32, u32)>;
+
 struct Pending {
     events: Vec<SpendEvent>,
-    reply: oneshot::Sender<StoreResult<(u32, u32)>>,
+    reply: oneshot::Sender<Answer>,
 }
 
 /// The replica's spend writer (see module docs).
@@ -40,10 +44,19 @@ pub struct SpendIngest {
 impl SpendIngest {
     /// Starts the writer task; it ends when this is dropped.
     pub fn start(store: Arc<dyn Store>) -> SpendIngest {
+        let (ingest, writer) = SpendIngest::held(store);
+        tokio::spawn(writer);
+        ingest
+    }
+
+    /// The ingest and its writer, not yet running: calls queue up until
+    /// the writer is spawned, so a test can have it join exactly the
+    /// calls it queued.
+    fn held(store: Arc<dyn Store>) -> (SpendIngest, impl Future<Output = ()> + Send + 'static) {
         let (queue, rx) = mpsc::channel(QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
-        tokio::spawn(write(store, rx, batches.clone()));
-        SpendIngest { queue, batches }
+        let writer = write(store, rx, batches.clone());
+        (SpendIngest { queue, batches }, writer)
     }
 
     /// Store batches written so far (joined ones count once).
@@ -54,18 +67,23 @@ impl SpendIngest {
     /// Applies `events` (each at most once by event id); returns (applied,
     /// duplicates) for this call alone.
     pub async fn record(&self, events: Vec<SpendEvent>) -> StoreResult<(u32, u32)> {
+        let answer = self.enqueue(events).await?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Queues one call for the writer; its answer comes on the receiver.
+    async fn enqueue(&self, events: Vec<SpendEvent>) -> StoreResult<oneshot::Receiver<Answer>> {
         let (reply, answer) = oneshot::channel();
-        let gone = || {
-            crate::store::StoreError::Database(sqlx::Error::Protocol(
-                "the spend writer stopped".into(),
-            ))
-        };
         self.queue
             .send(Pending { events, reply })
             .await
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+            .map_err(|_| writer_gone())?;
+        Ok(answer)
     }
+}
+
+fn writer_gone() -> crate::store::StoreError {
+    crate::store::StoreError::Database(sqlx::Error::Protocol("the spend writer stopped".into()))
 }
 
 async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>, batches: Arc<AtomicU64>) {
@@ -113,5 +131,125 @@ async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>, batches: 
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::Utc;
+    use keycap_proto::Micros;
+
+    use super::*;
+    use crate::domain::Outcome;
+    use crate::store::{PgStore, SqliteStore};
+
+    const DAY: &str = "2026-12-06";
+
+    fn event(id: &str, cost: i64) -> SpendEvent {
+        SpendEvent {
+            event_id: id.to_string(),
+            lease_id: "lease-1".to_string(),
+            key_id: "key-1".to_string(),
+            day: DAY.to_string(),
+            vendor: "stripe".to_string(),
+            method: "POST".to_string(),
+            path: "/v1/payment_intents".to_string(),
+            upstream_status: 200,
+            reserved: Micros(cost),
+            cost: Micros(cost),
+            outcome: Outcome::Settled,
+            at: Utc::now(),
+            node_id: "node-a".to_string(),
+            detail_json: "{}".to_string(),
+            trace_id: String::new(),
+            context: BTreeMap::new(),
+            refusal_reason: String::new(),
+            refused_calls: 0,
+            credential_version: 0,
+            would_refuse: String::new(),
+        }
+    }
+
+    /// Three calls joined into one batch, the middle one carrying an event
+    /// the database refuses: the joined batch fails whole, then each call
+    /// is applied on its own, so only the middle call fails and the
+    /// others' events are in the ledger once each (an event the third call
+    /// resends counts as a duplicate of the first call's).
+    async fn one_refused_call_in_a_joined_batch_fails_only_itself(store: Arc<dyn Store>) {
+        let (ingest, writer) = SpendIngest::held(store.clone());
+        let first = ingest
+            .enqueue(vec![event("a1", 10), event("a2", 20)])
+            .await
+            .unwrap();
+        let refused = ingest
+            .enqueue(vec![event("b1", 100), event("refused-by-db", 200)])
+            .await
+            .unwrap();
+        let third = ingest
+            .enqueue(vec![event("c1", 1_000), event("a2", 20)])
+            .await
+            .unwrap();
+        // All three are queued before the writer runs: it takes them as
+        // one group.
+        tokio::spawn(writer);
+        assert_eq!(first.await.unwrap().unwrap(), (2, 0));
+        let err = refused.await.unwrap().expect_err("the refused call fails");
+        assert!(
+            matches!(err, crate::store::StoreError::Database(_)),
+            "{err}"
+        );
+        assert_eq!(third.await.unwrap().unwrap(), (1, 1));
+        assert_eq!(ingest.batches_written(), 1, "the three calls were joined");
+
+        let spend = store.key_spend("key-1", DAY).await.unwrap();
+        assert_eq!(
+            (spend.spent_day, spend.calls_day),
+            (Micros(1_030), 3),
+            "a1, a2 and c1 once each; nothing of the refused call"
+        );
+        let entries = store.audit_chain(0, None, None, 100).await.unwrap();
+        let ids: Vec<&str> = entries.iter().map(|e| e.event.event_id.as_str()).collect();
+        assert_eq!(ids, ["a1", "a2", "c1"]);
+        let verified = crate::ledger::verify(&*store, None, None).await.unwrap();
+        assert!(verified.ok(), "{verified:?}");
+        assert_eq!(verified.checked, 3);
+    }
+
+    #[tokio::test]
+    async fn sqlite_one_refused_call_in_a_joined_batch_fails_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(dir.path().join("keycap.db").to_str().unwrap())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_one_event BEFORE INSERT ON audit \
+             WHEN NEW.event_id = 'refused-by-db' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        one_refused_call_in_a_joined_batch_fails_only_itself(Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_one_refused_call_in_a_joined_batch_fails_only_itself() {
+        let Some(db) = keycap_tests::pg::fresh_database_or_skip().await.unwrap() else {
+            return;
+        };
+        let store = PgStore::connect(&db.url).await.unwrap();
+        store.migrate().await.unwrap();
+        sqlx::query(
+            "ALTER TABLE audit ADD CONSTRAINT refuse_one_event \
+             CHECK (event_id <> 'refused-by-db')",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        one_refused_call_in_a_joined_batch_fails_only_itself(Arc::new(store)).await;
+        drop(db);
     }
 }

@@ -114,6 +114,29 @@ impl SpendReporter {
         }
     }
 
+    /// Whether events are kept in a spool until delivered.
+    pub fn spooled(&self) -> bool {
+        self.spool.is_some()
+    }
+
+    /// Records in the spool, without sending them, events that are still
+    /// growing (a refusal window's running count): if this run dies, the
+    /// next delivers the last one recorded under each id; a later `send`
+    /// of the same id supersedes them. Made durable with one fsync.
+    pub async fn checkpoint(&self, events: Vec<pb::SpendEvent>) -> std::io::Result<()> {
+        let Some(spool) = self.spool.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            for event in &events {
+                spool.reserve(event)?;
+            }
+            spool.sync()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     /// A call whose reservation record was written was not forwarded after
     /// all: drops the record, so a restart does not report it.
     pub fn never_sent(&self, event_id: &str) {

@@ -10,9 +10,14 @@
 //! that was forwarded; `sync` makes them durable against a machine crash
 //! too, and the delivery task calls it once per batch (fsync in groups).
 //!
+//! A refusal window's running count (see `refusals`) is recorded the same
+//! way, as a reservation record: what the window reports if the run dies
+//! before its minute is over. Each checkpoint of the window supersedes the
+//! one before it, and the window's final event supersedes them all.
+//!
 //! On start, `recover` reads what a previous run left: each event id's last
 //! record — the real event, or for a call cut off mid-flight the
-//! reservation record — is delivered again. The control plane applies each
+//! reservation record (the last of them) — is delivered again. The control plane applies each
 //! event id once, so a record delivered before the crash is not counted
 //! twice. Segments roll over at `SEGMENT_BYTES` and are deleted once every
 //! event with a record in them has been delivered.
@@ -27,8 +32,8 @@
 //! (`Recovered::previous_run`). Leases of runs before it are not: one of
 //! them may have died with the machine.
 //!
-//! Record format: one tag byte (`R` reservation, `E` event, `D` delivered:
-//! only the id) then the length-delimited protobuf `SpendEvent`. A torn last record (a write cut
+//! Record format: one tag byte (`R` reservation or checkpoint, `E` event,
+//! `D` delivered: only the id) then the length-delimited protobuf `SpendEvent`. A torn last record (a write cut
 //! off by the crash) ends the segment.
 
 use std::collections::{BTreeMap, HashMap};
@@ -145,7 +150,9 @@ impl Spool {
     }
 
     /// Appends a call's reservation record: what it reports if it never
-    /// settles. Must return before the call is forwarded.
+    /// settles. Must return before the call is forwarded. (A refusal
+    /// window's checkpoint is written the same way, again under its id
+    /// each time; the last one counts.)
     pub fn reserve(&self, at_reservation: &pb::SpendEvent) -> std::io::Result<()> {
         self.append(RESERVATION, at_reservation)
     }
@@ -179,8 +186,9 @@ impl Spool {
             &mut slots.1
         };
         if let Some(earlier) = slot.replace(seq) {
-            // Written twice under one id (cannot happen on the request
-            // path): the earlier record is superseded.
+            // Written again under one id (a refusal window's next
+            // checkpoint; never a call's): the earlier record is
+            // superseded.
             drop_record(&mut st, &self.dir, earlier);
         }
         Ok(())
@@ -356,10 +364,12 @@ pub fn remembered_node_id(dir: &Path) -> anyhow::Result<String> {
 }
 
 /// Reads the segments a previous run left, oldest first: each event id's
-/// last record wins (its real event over its reservation record).
+/// last record wins, but a reservation record never wins over its real
+/// event.
 fn recover(segments: &[(u64, PathBuf)]) -> anyhow::Result<Recovered> {
     let mut order: Vec<String> = Vec::new();
-    let mut last: HashMap<String, pb::SpendEvent> = HashMap::new();
+    // Each id's record so far, and whether it is the real event.
+    let mut last: HashMap<String, (pb::SpendEvent, bool)> = HashMap::new();
     for (_, path) in segments {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let mut rest = bytes.as_slice();
@@ -383,20 +393,20 @@ fn recover(segments: &[(u64, PathBuf)]) -> anyhow::Result<Recovered> {
             }
             match last.get(&id) {
                 // A reservation record never overrides the real event.
-                Some(_) if tag == RESERVATION => {}
+                Some((_, true)) if tag == RESERVATION => {}
                 Some(_) => {
-                    last.insert(id, event);
+                    last.insert(id, (event, tag == EVENT));
                 }
                 None => {
                     order.push(id.clone());
-                    last.insert(id, event);
+                    last.insert(id, (event, tag == EVENT));
                 }
             }
         }
     }
     let events = order
         .into_iter()
-        .filter_map(|id| last.remove(&id))
+        .filter_map(|id| last.remove(&id).map(|(event, _)| event))
         .collect();
     Ok(Recovered {
         events,
@@ -474,6 +484,33 @@ mod tests {
         drop(spool);
         let (_spool, recovered) = Spool::open(dir.path(), "test-run").unwrap();
         assert!(recovered.events.is_empty());
+    }
+
+    #[test]
+    fn the_last_checkpoint_counts_and_never_over_the_real_event() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (spool, _) = Spool::open(dir.path(), "test-run").unwrap();
+            for cost in [1, 2] {
+                spool
+                    .reserve(&event("running", "", cost, "refused"))
+                    .unwrap();
+            }
+            for cost in [1, 2] {
+                spool
+                    .reserve(&event("closed", "", cost, "refused"))
+                    .unwrap();
+            }
+            spool.event(&event("closed", "", 3, "refused")).unwrap();
+            spool.reserve(&event("closed", "", 4, "refused")).unwrap();
+        }
+        let (_spool, recovered) = Spool::open(dir.path(), "test-run").unwrap();
+        let got: Vec<(&str, i64)> = recovered
+            .events
+            .iter()
+            .map(|e| (e.event_id.as_str(), e.cost_micros))
+            .collect();
+        assert_eq!(got, vec![("running", 2), ("closed", 3)]);
     }
 
     #[test]

@@ -4,10 +4,16 @@
 
 use std::collections::BTreeMap;
 
-use keycap_tests::harness::{wait_for, wait_until, within, Stack, SPEND_TIMEOUT};
+use chrono::Timelike;
+use keycap_proto::pb;
+use keycap_tests::harness::{
+    wait_for, wait_until, within, ControlOpts, ProxyOpts, Stack, SPEND_TIMEOUT,
+};
+use keycap_tests::mock::MockVendor;
+use prost::Message;
 use serde_json::{json, Value};
 
-use super::{dollar_charge, keycap_cli, stack_with_stripe, stripe_key_body};
+use super::{dollar_charge, keycap_cli, stack_with_stripe, stripe_key_body, STRIPE_CREDENTIAL};
 
 /// Stops the proxy as an operator does (SIGTERM): it reports the refusals
 /// of the running minute with its last spend.
@@ -116,6 +122,110 @@ async fn a_storm_of_refusals_is_one_entry_per_key_reason_and_minute() {
     assert_eq!(r["groups"][0]["total_micros"], 1_000_000);
     assert_eq!(r["groups"][0]["calls"], 1);
     assert_eq!(r["groups"][0]["refused_calls"], 500);
+}
+
+/// The refused-call counts of `key_id`'s refusal records in a proxy's
+/// spool, in the order written, read as the spool's record format says
+/// (data-plane/src/spool.rs: a tag byte, then a length-delimited
+/// `SpendEvent`; a torn record ends a segment).
+fn spooled_refusals(dir: &std::path::Path, key_id: &str) -> Vec<i64> {
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .expect("spool directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("spend-"))
+        })
+        .collect();
+    segments.sort();
+    let mut counts = Vec::new();
+    for path in segments {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let mut rest = bytes.as_slice();
+        while let Some((_tag, after)) = rest.split_first() {
+            let mut cursor = after;
+            let Ok(event) = pb::SpendEvent::decode_length_delimited(&mut cursor) else {
+                break;
+            };
+            rest = cursor;
+            if event.key_id == key_id && event.outcome == "refused" {
+                counts.push(event.refused_calls);
+            }
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_a_proxy_killed_mid_minute_reach_the_ledger_after_its_restart() {
+    let spool = tempfile::tempdir().unwrap();
+    let opts = ProxyOpts::new("refusing").flag("spool-dir", spool.path().display());
+    let mut stack = Stack::start_with_proxy(ControlOpts::sqlite(), opts).await;
+    let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
+    stack.register("stripe", "stripe", &mock).await;
+    let key = stack
+        .mint(&stripe_key_body(
+            json!(10),
+            &["POST /v1/payment_intents"],
+            "killed/1",
+        ))
+        .await;
+    // Early enough in a minute that the kill comes before it is over: the
+    // dead run never reports the window itself.
+    assert!(
+        wait_until(within(std::time::Duration::from_secs(30)), || async {
+            chrono::Utc::now().second() < 40
+        })
+        .await
+    );
+    let agent = stack.agent(&key.secret);
+    const REFUSED: i64 = 30;
+    for _ in 0..REFUSED {
+        agent
+            .get("/stripe/v1/customers")
+            .await
+            .expect_error(403, "endpoint_not_allowed");
+    }
+    // The running window reaches the spool within a checkpoint interval,
+    // with every call counted.
+    let checkpointed = wait_until(within(SPEND_TIMEOUT), || async {
+        spooled_refusals(spool.path(), &key.id).last() == Some(&REFUSED)
+    })
+    .await;
+    assert!(
+        checkpointed,
+        "spooled: {:?}",
+        spooled_refusals(spool.path(), &key.id)
+    );
+    stack.proxy.process_mut().kill().await;
+    assert!(
+        stack
+            .audit(&format!("outcome=refused&key_id={}", key.id))
+            .await
+            .is_empty(),
+        "the killed run reported nothing of the window"
+    );
+
+    // The next run on the spool delivers the window, once.
+    stack.proxy.restart().await;
+    let entries = refusals_of(&stack, &key.id, REFUSED).await;
+    stop_proxy(&mut stack).await;
+    let after_stop = stack
+        .audit(&format!("outcome=refused&key_id={}", key.id))
+        .await;
+    assert_eq!(after_stop, entries, "nothing more once the proxy stopped");
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["refused_calls"], REFUSED);
+    assert_eq!(entries[0]["refusal_reason"], "endpoint_not_allowed");
+    assert!(
+        entries[0]["at"].as_str().unwrap().ends_with(":00.000000Z"),
+        "a minute's start: {}",
+        entries[0]["at"]
+    );
+    let v = stack.admin.get("/vault/audit/verify").await.expect(200);
+    assert_eq!(v["ok"], true, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
