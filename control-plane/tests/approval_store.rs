@@ -4,70 +4,19 @@
 //! a use that breaks a rule (key, fingerprint, amount, expiry, state) never
 //! does.
 
-use std::any::Any;
+#[macro_use]
+mod common;
+
 use std::sync::Arc;
 
 use chrono::{Duration, SubsecRound, Utc};
 use keycap_control::approval::{Approval, ApprovalFilter, ApprovalState, ConsumeRefusal};
 use keycap_control::domain::{KeyLimits, Profile, VaultKey, Vendor, VendorName};
-use keycap_control::store::{PgStore, SqliteStore, Store, VendorWrite};
+use keycap_control::store::{Store, VendorWrite};
 use keycap_proto::Micros;
 use sha2::{Digest, Sha256};
 
-struct Backend {
-    store: Arc<dyn Store>,
-    _guard: Box<dyn Any + Send>,
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("keycap.db");
-    let store = SqliteStore::connect(path.to_str().expect("utf-8 path"))
-        .await
-        .expect("open sqlite");
-    store.migrate().await.expect("migrate sqlite");
-    Backend {
-        store: Arc::new(store),
-        _guard: Box::new(dir),
-    }
-}
-
-async fn postgres() -> Option<Backend> {
-    let db = keycap_tests::pg::fresh_database_or_skip()
-        .await
-        .expect("a PostgreSQL database for the store tests")?;
-    let store = PgStore::connect(&db.url).await.expect("connect postgres");
-    store.migrate().await.expect("migrate postgres");
-    Some(Backend {
-        store: Arc::new(store),
-        _guard: Box::new(db),
-    })
-}
-
-macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = super::sqlite().await;
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(backend) = super::postgres().await else { return };
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+store_suite!(
     an_approval_round_trips_and_is_decided_once,
     of_concurrent_uses_exactly_one_wins,
     a_use_that_breaks_a_rule_never_wins,

@@ -5,68 +5,17 @@
 //! and after it does not, the sweep erases retired material, and a KEK
 //! rotation sees every version that still has material.
 
-use std::any::Any;
+#[macro_use]
+mod common;
+
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use keycap_control::credential::{CredentialProbe, CredentialState};
 use keycap_control::domain::{Profile, Vendor, VendorName};
-use keycap_control::store::{PgStore, SqliteStore, Store, StoreError, VendorWrite};
+use keycap_control::store::{Store, StoreError, VendorWrite};
 
-struct Backend {
-    store: Arc<dyn Store>,
-    _guard: Box<dyn Any + Send>,
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("keycap.db");
-    let store = SqliteStore::connect(path.to_str().expect("utf-8 path"))
-        .await
-        .expect("open sqlite");
-    store.migrate().await.expect("migrate sqlite");
-    Backend {
-        store: Arc::new(store),
-        _guard: Box::new(dir),
-    }
-}
-
-async fn postgres() -> Option<Backend> {
-    let db = keycap_tests::pg::fresh_database_or_skip()
-        .await
-        .expect("a PostgreSQL database for the store tests")?;
-    let store = PgStore::connect(&db.url).await.expect("connect postgres");
-    store.migrate().await.expect("migrate postgres");
-    Some(Backend {
-        store: Arc::new(store),
-        _guard: Box::new(db),
-    })
-}
-
-macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = super::sqlite().await;
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(backend) = super::postgres().await else { return };
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+store_suite!(
     versions_stage_promote_and_retire,
     a_rollback_works_only_within_grace,
     versions_go_with_their_vendor,

@@ -5,44 +5,16 @@
 //! one of many concurrent claimers wins, a dropped claim is free again, a
 //! lapsed one too.
 
-use std::any::Any;
+#[macro_use]
+mod common;
+
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use keycap_control::domain::ChangeRef;
 use keycap_control::hooks::{HookEndpoint, StoredHook};
-use keycap_control::store::{PgStore, SqliteStore, Store, StoreError};
+use keycap_control::store::{Store, StoreError};
 use keycap_vendors::webhooks::HookVendor;
-
-struct Backend {
-    store: Arc<dyn Store>,
-    _guard: Box<dyn Any + Send>,
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("keycap.db");
-    let store = SqliteStore::connect(path.to_str().expect("utf-8 path"))
-        .await
-        .expect("open sqlite");
-    store.migrate().await.expect("migrate sqlite");
-    Backend {
-        store: Arc::new(store),
-        _guard: Box::new(dir),
-    }
-}
-
-async fn postgres() -> Option<Backend> {
-    let db = keycap_tests::pg::fresh_database_or_skip()
-        .await
-        .expect("a PostgreSQL database for the store tests")?;
-    let store = PgStore::connect(&db.url).await.expect("connect postgres");
-    store.migrate().await.expect("migrate postgres");
-    Some(Backend {
-        store: Arc::new(store),
-        _guard: Box::new(db),
-    })
-}
 
 fn hook(id: &str) -> StoredHook {
     StoredHook {
@@ -170,30 +142,7 @@ async fn an_event_is_claimed_once_across_concurrent_claimers(s: Arc<dyn Store>) 
         .unwrap());
 }
 
-macro_rules! both {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = super::sqlite().await;
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(backend) = super::postgres().await else { return };
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
-
-both!(
+store_suite!(
     hooks_round_trip_and_reach_the_change_log,
     an_event_is_claimed_once_across_concurrent_claimers,
 );

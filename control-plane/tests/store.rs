@@ -6,7 +6,9 @@
 //! Times passed in carry nanoseconds on purpose: the store keeps whole
 //! microseconds, so expected values are truncated with `trunc`.
 
-use std::any::Any;
+#[macro_use]
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -23,103 +25,10 @@ use keycap_control::store::{
 use keycap_proto::Micros;
 use sha2::{Digest, Sha256};
 
-// --- backends --------------------------------------------------------------
+use cases::*;
+use common::Raw;
 
-struct Backend {
-    store: Arc<dyn Store>,
-    /// The database as its owner sees it, for tests that tamper with it.
-    raw: Raw,
-    // Dropped after the store: the temp dir or the test database.
-    _guard: Box<dyn Any + Send>,
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("keycap.db");
-    let store = SqliteStore::connect(path.to_str().expect("utf-8 path"))
-        .await
-        .expect("open sqlite");
-    store.migrate().await.expect("migrate sqlite");
-    store.migrate().await.expect("migrate is idempotent");
-    Backend {
-        raw: Raw::Sqlite(store.pool().clone()),
-        store: Arc::new(store),
-        _guard: Box::new(dir),
-    }
-}
-
-async fn postgres() -> Option<Backend> {
-    let db = keycap_tests::pg::fresh_database_or_skip()
-        .await
-        .expect("a PostgreSQL database for the store tests")?;
-    let store = PgStore::connect(&db.url).await.expect("connect postgres");
-    store.migrate().await.expect("migrate postgres");
-    store.migrate().await.expect("migrate is idempotent");
-    Some(Backend {
-        raw: Raw::Postgres(store.pool().clone()),
-        store: Arc::new(store),
-        _guard: Box::new(db),
-    })
-}
-
-/// Direct SQL on a backend's database.
-#[derive(Clone)]
-pub enum Raw {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
-}
-
-impl Raw {
-    /// Runs `sql` (one statement); the database's error as text.
-    pub async fn exec(&self, sql: &str) -> Result<u64, String> {
-        match self {
-            Raw::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()),
-            Raw::Postgres(p) => sqlx::query(sql).execute(p).await.map(|r| r.rows_affected()),
-        }
-        .map_err(|e| e.to_string())
-    }
-
-    /// Lets the owner change the ledger as an attacker with the database
-    /// would: the append-only triggers out of the way.
-    pub async fn disable_ledger_triggers(&self) {
-        match self {
-            Raw::Sqlite(_) => {
-                self.exec("DROP TRIGGER audit_no_update").await.unwrap();
-                self.exec("DROP TRIGGER audit_no_delete").await.unwrap();
-            }
-            Raw::Postgres(_) => {
-                self.exec("ALTER TABLE audit DISABLE TRIGGER USER")
-                    .await
-                    .unwrap();
-            }
-        }
-    }
-}
-
-macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = super::sqlite().await;
-                    super::cases::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(backend) = super::postgres().await else { return };
-                    super::cases::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+store_suite!(
     admin_tokens_round_trip,
     issuer_tokens_round_trip,
     a_known_hash_is_not_recorded_again,
@@ -185,7 +94,7 @@ macro_rules! raw_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let backend = super::sqlite().await;
+                    let backend = crate::common::sqlite().await;
                     super::tamper::$case(backend.store.clone(), backend.raw.clone()).await;
                 }
             )*
@@ -194,7 +103,7 @@ macro_rules! raw_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(backend) = super::postgres().await else { return };
+                    let Some(backend) = crate::common::postgres().await else { return };
                     super::tamper::$case(backend.store.clone(), backend.raw.clone()).await;
                 }
             )*
@@ -3839,7 +3748,9 @@ async fn age_entries(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_retention_drops_only_covered_days_and_verify_holds_after() {
     use keycap_control::ledger::{self, ChainBreak};
-    let Some(b) = postgres().await else { return };
+    let Some(b) = common::postgres().await else {
+        return;
+    };
     let s = &*b.store;
     let Raw::Postgres(pool) = b.raw.clone() else {
         unreachable!()

@@ -4,71 +4,20 @@
 //! are claimed in order and by one worker at a time, a lease that runs out
 //! passes the delivery on, and attempts are kept.
 
-use std::any::Any;
+#[macro_use]
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use keycap_control::domain::{Profile, Vendor, VendorName};
-use keycap_control::store::{PgStore, SqliteStore, Store, VendorWrite};
+use keycap_control::store::{Store, VendorWrite};
 use keycap_control::webhook::{
     Attempt, AttemptOutcome, EndpointRequest, EventType, NewWebhookEndpoint, WebhookEvent,
 };
 
-struct Backend {
-    store: Arc<dyn Store>,
-    _guard: Box<dyn Any + Send>,
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("keycap.db");
-    let store = SqliteStore::connect(path.to_str().expect("utf-8 path"))
-        .await
-        .expect("open sqlite");
-    store.migrate().await.expect("migrate sqlite");
-    Backend {
-        store: Arc::new(store),
-        _guard: Box::new(dir),
-    }
-}
-
-async fn postgres() -> Option<Backend> {
-    let db = keycap_tests::pg::fresh_database_or_skip()
-        .await
-        .expect("a PostgreSQL database for the store tests")?;
-    let store = PgStore::connect(&db.url).await.expect("connect postgres");
-    store.migrate().await.expect("migrate postgres");
-    Some(Backend {
-        store: Arc::new(store),
-        _guard: Box::new(db),
-    })
-}
-
-macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = super::sqlite().await;
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(backend) = super::postgres().await else { return };
-                    super::$case(backend.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+store_suite!(
     endpoints_round_trip,
     an_event_is_raised_once_however_many_race,
     an_endpoint_gets_its_deliveries_in_order,
