@@ -312,6 +312,21 @@ pub fn parse_allowed_endpoint(s: &str) -> Result<String, InvalidInput> {
         .map_err(|e| invalid("allowed_endpoints", e.to_string()))
 }
 
+/// A key's allowed endpoints: 1 to `MAX_ALLOWED_ENDPOINTS` of them, each
+/// parsed by `parse_allowed_endpoint`.
+pub fn parse_allowed_endpoints(list: &[String]) -> Result<Vec<String>, InvalidInput> {
+    if list.is_empty() {
+        return Err(invalid(
+            "allowed_endpoints",
+            "at least one endpoint is required, e.g. \"POST /v1/payment_intents\"",
+        ));
+    }
+    if list.len() > MAX_ALLOWED_ENDPOINTS {
+        return Err(invalid("allowed_endpoints", "at most 256 endpoints"));
+    }
+    list.iter().map(|e| parse_allowed_endpoint(e)).collect()
+}
+
 /// A cap in micro-dollars: positive and at most `MAX_CAP`.
 pub fn parse_cap(field: &'static str, v: Micros) -> Result<Micros, InvalidInput> {
     if v.0 <= 0 {

@@ -335,19 +335,7 @@ impl NewKey {
             Some(p) => Some(p.to_string()),
         };
         let vendor = VendorName::parse(vendor).map_err(|e| invalid("vendor", e.reason))?;
-        if allowed_endpoints.is_empty() {
-            return Err(invalid(
-                "allowed_endpoints",
-                "at least one endpoint is required, e.g. \"POST /v1/payment_intents\"",
-            ));
-        }
-        if allowed_endpoints.len() > domain::MAX_ALLOWED_ENDPOINTS {
-            return Err(invalid("allowed_endpoints", "at most 256 endpoints"));
-        }
-        let allowed_endpoints = allowed_endpoints
-            .iter()
-            .map(|e| domain::parse_allowed_endpoint(e))
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed_endpoints = domain::parse_allowed_endpoints(allowed_endpoints)?;
         if metadata.len() > 64
             || metadata
                 .iter()

@@ -18,7 +18,7 @@ use chrono::Utc;
 use keycap_proto::Micros;
 
 use super::{Confirmation, Control, KeyView};
-use crate::domain::{self, invalid, EnforcedTerms, InvalidInput};
+use crate::domain::{self, EnforcedTerms, InvalidInput};
 use crate::error::ApiError;
 use crate::metrics::ChangeKind;
 use crate::scope::VendorScope;
@@ -44,23 +44,9 @@ impl EnforceChange {
         lifetime_cap: Option<Micros>,
         allowed_endpoints: Option<&[String]>,
     ) -> Result<Self, InvalidInput> {
-        let allowed_endpoints = match allowed_endpoints {
-            None => None,
-            Some([]) => {
-                return Err(invalid(
-                    "allowed_endpoints",
-                    "at least one endpoint is required, or leave it out to keep the key's",
-                ))
-            }
-            Some(list) if list.len() > domain::MAX_ALLOWED_ENDPOINTS => {
-                return Err(invalid("allowed_endpoints", "at most 256 endpoints"))
-            }
-            Some(list) => Some(
-                list.iter()
-                    .map(|e| domain::parse_allowed_endpoint(e))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        };
+        let allowed_endpoints = allowed_endpoints
+            .map(domain::parse_allowed_endpoints)
+            .transpose()?;
         Ok(EnforceChange {
             daily_cap: daily_cap
                 .map(|c| domain::parse_cap("daily_usd_cap", c))
