@@ -66,6 +66,7 @@ store_suite!(
     spend_summary_per_vendor,
     concurrent_grants_never_exceed_the_cap,
     concurrent_resent_batches_apply_once,
+    an_event_dated_ahead_of_the_ledger_clock_waits_and_then_counts_once,
     a_tree_is_recorded_and_bounded_in_depth,
     siblings_share_their_parents_daily_cap,
     a_grandchild_is_bounded_by_its_grandparent,
@@ -316,13 +317,14 @@ async fn sqlite_file_is_created_in_wal_mode() {
 
 // --- fixtures ----------------------------------------------------------------
 
-const DAY: &str = "2030-01-15";
-const DAY2: &str = "2030-01-16";
-const DAY3: &str = "2030-01-17";
+const DAY: &str = "2026-01-15";
+const DAY2: &str = "2026-01-16";
+const DAY3: &str = "2026-01-17";
 
-/// A fixed "now" with sub-microsecond digits.
+/// A fixed "now" with sub-microsecond digits, in the past: the calls it
+/// dates must not lie ahead of the ledger's own clock (`ledger::MAX_AHEAD`).
 fn now() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2030, 1, 15, 12, 0, 0).unwrap() + Duration::nanoseconds(123_456_789)
+    Utc.with_ymd_and_hms(2026, 1, 15, 12, 0, 0).unwrap() + Duration::nanoseconds(123_456_789)
 }
 
 fn trunc(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -2934,6 +2936,50 @@ mod cases {
         );
     }
 
+    pub async fn an_event_dated_ahead_of_the_ledger_clock_waits_and_then_counts_once(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000_000)).await;
+        let head = s.ledger_head().await.unwrap();
+        // A proxy whose clock runs two hours fast: its batch is refused
+        // whole, as a conflict (the proxy keeps it and retries), and
+        // nothing of it is applied.
+        let fast = SpendEvent {
+            at: Utc::now() + Duration::hours(2),
+            ..event("fast", "k1", "l1", DAY, "stripe", 10)
+        };
+        let batch = [event("on-time", "k1", "l1", DAY, "stripe", 5), fast.clone()];
+        match s.record_spend(&batch).await {
+            Err(StoreError::Conflict(why)) => assert!(
+                why.contains("spend event fast") && why.contains("ahead of the ledger's clock"),
+                "{why}"
+            ),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert_eq!(s.ledger_head().await.unwrap(), head);
+        assert_eq!(s.key_spend("k1", DAY).await.unwrap().calls_day, 0);
+        // Within the hour it is taken, and once only.
+        let soon = SpendEvent {
+            at: Utc::now() + Duration::minutes(50),
+            ..fast
+        };
+        let batch = [batch[0].clone(), soon];
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (2, 0));
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (0, 2));
+        // An event delivered long after its call (a spool replayed after
+        // days) and then again is still counted once.
+        let late = SpendEvent {
+            at: Utc::now() - Duration::days(40),
+            ..event("late", "k1", "l1", DAY, "stripe", 7)
+        };
+        assert_eq!(
+            s.record_spend(std::slice::from_ref(&late)).await.unwrap(),
+            (1, 0)
+        );
+        assert_eq!(s.record_spend(&[late]).await.unwrap(), (0, 1));
+        let spend = s.key_spend("k1", DAY).await.unwrap();
+        assert_eq!((spend.spent_day, spend.calls_day), (Micros(22), 3));
+        check_whole_chain(&*s).await;
+    }
+
     pub async fn the_audit_ledger_is_one_hash_chain(s: S) {
         add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
         let mut first: Vec<SpendEvent> = (0..5)
@@ -3169,7 +3215,7 @@ mod cases {
         add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
         add_key(&*s, key("k2", "stripe", "run-1", 1_000_000)).await;
         add_key(&*s, key("k3", "openai", "run-2", 1_000_000)).await;
-        let t0 = Utc.with_ymd_and_hms(2030, 1, 15, 10, 0, 0).unwrap();
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 15, 10, 0, 0).unwrap();
         let at = |e: SpendEvent, minutes: i64, node: &str| SpendEvent {
             at: t0 + Duration::minutes(minutes),
             node_id: node.to_string(),
@@ -3313,7 +3359,7 @@ mod cases {
         add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
         add_key(&*s, key("k2", "openai", "run-1", 1_000_000)).await;
         add_key(&*s, key("k3", "stripe", "run-2", 1_000_000)).await;
-        let t0 = Utc.with_ymd_and_hms(2030, 1, 15, 10, 0, 0).unwrap();
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 15, 10, 0, 0).unwrap();
         let at = |e: SpendEvent, day: &str, hours: i64| SpendEvent {
             at: t0 + Duration::hours(hours),
             day: day.to_string(),
@@ -3381,7 +3427,7 @@ mod cases {
         // By vendor and day, over a range: [day 1 10:00, day 3 00:00).
         let mut q = report(&[SpendDimension::Vendor, SpendDimension::Day], 100);
         q.since = Some(t0);
-        q.until = Some(Utc.with_ymd_and_hms(2030, 1, 17, 0, 0, 0).unwrap());
+        q.until = Some(Utc.with_ymd_and_hms(2026, 1, 17, 0, 0, 0).unwrap());
         let by_vendor_day = s.spend_report(&q).await.unwrap();
         assert_eq!(
             rows(&by_vendor_day),
@@ -3876,6 +3922,12 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
     );
     before.run(store.pool()).await.unwrap();
     let s: &dyn Store = &store;
+    let raw = Raw::Postgres(store.pool().clone());
+    // Today's dedupe lookup names `logged_at`, which the partitioning
+    // brings: a stand-in while the old rows are written, dropped before.
+    raw.exec("ALTER TABLE audit ADD COLUMN logged_at BIGINT NOT NULL DEFAULT 0")
+        .await
+        .unwrap();
     add_key(s, key("k1", "stripe", "r", 1_000_000_000)).await;
     let events: Vec<SpendEvent> = (0..25)
         .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 1 + i))
@@ -3883,6 +3935,9 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
     for batch in events.chunks(10) {
         s.record_spend(batch).await.unwrap();
     }
+    raw.exec("ALTER TABLE audit DROP COLUMN logged_at")
+        .await
+        .unwrap();
     let old = check_whole_chain(s).await;
     let head = s.ledger_head().await.unwrap();
 
@@ -3896,7 +3951,6 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
     assert!(partitioned);
     assert_eq!(check_whole_chain(s).await, old, "every row kept as it was");
     assert_eq!(s.ledger_head().await.unwrap(), head);
-    let raw = Raw::Postgres(store.pool().clone());
     let delete = raw.exec("DELETE FROM audit").await;
     assert!(delete.unwrap_err().contains("append-only"));
     assert!(raw

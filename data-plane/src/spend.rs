@@ -267,7 +267,12 @@ async fn send_until_answered(
             Ok(_) => return Ok(()),
             Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s),
             Err(s) => {
-                tracing::warn!(code = ?s.code(), events = events.len(), "spend report failed; will retry");
+                tracing::warn!(
+                    code = ?s.code(),
+                    message = s.message(),
+                    events = events.len(),
+                    "spend report failed; will retry"
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

@@ -18,6 +18,40 @@ pub mod observe;
 pub mod retention;
 pub mod verify;
 
+/// How far ahead of the ledger's clock a spend event may be dated and still
+/// be appended. Every report of one event carries the same time (a call's,
+/// or a refusal window's minute), so an event stored was logged at or after
+/// its own time less this; the dedupe lookup reads the ledger only from the
+/// batch's oldest event time less this (on PostgreSQL: that day's partition
+/// and later), and costs the same whatever the retention. An event dated
+/// further ahead, from a proxy whose clock runs fast, is answered
+/// `failed_precondition` and delivered once the clocks agree: it waits in
+/// the proxy's spool, never lost and never counted twice.
+use crate::domain::SpendEvent;
+
+pub const MAX_AHEAD: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// The first event of `events` dated more than `MAX_AHEAD` after `clock`
+/// (micros since the epoch, the ledger's clock), if any.
+pub fn dated_ahead(events: &[SpendEvent], clock: i64) -> Option<&SpendEvent> {
+    let limit = clock.saturating_add(MAX_AHEAD.num_microseconds().unwrap_or(i64::MAX));
+    events.iter().find(|e| e.at.timestamp_micros() > limit)
+}
+
+/// When the entries the dedupe lookup of `events` must see were logged
+/// (micros, the ledger's clock, which reads `clock` now): from the oldest
+/// event's time less `MAX_AHEAD` to now (plus `MAX_AHEAD`, should the
+/// clock have stepped back).
+pub fn dedupe_window(events: &[SpendEvent], clock: i64) -> std::ops::RangeInclusive<i64> {
+    let ahead = MAX_AHEAD.num_microseconds().unwrap_or(i64::MAX);
+    let oldest = events
+        .iter()
+        .map(|e| e.at.timestamp_micros())
+        .min()
+        .unwrap_or(i64::MIN);
+    oldest.saturating_sub(ahead)..=clock.saturating_add(ahead)
+}
+
 pub use chain::{canonical_bytes, link, ChainBreak, ChainCheck, GENESIS};
 pub use checkpoint::Checkpoint;
 pub use retention::Retention;

@@ -1934,22 +1934,37 @@ where
         // The ledger head first: holding it, this transaction is the only
         // appender (across replicas on PostgreSQL), so the events found
         // new below stay new until commit, and the seqs and hashes chained
-        // onto the head are the ledger's next ones.
-        let (head_seq, head_hash): (i64, Vec<u8>) = sqlx::query_as(&format!(
-            "SELECT seq, hash FROM ledger_head WHERE id = 1{}",
+        // onto the head are the ledger's next ones. The database's clock
+        // comes with it: no event dated too far past it is taken
+        // (`ledger::MAX_AHEAD`), which is what lets the dedupe lookup
+        // start at the batch's oldest event.
+        let (head_seq, clock, head_hash): (i64, i64, Vec<u8>) = sqlx::query_as(&format!(
+            "SELECT seq, {}, hash FROM ledger_head WHERE id = 1{}",
+            D::CLOCK_MICROS,
             D::FOR_UPDATE
         ))
         .fetch_one(w.conn())
         .await?;
+        if let Some(e) = ledger::dated_ahead(events, clock) {
+            return Err(StoreError::Conflict(format!(
+                "spend event {}: dated {}, more than {} min ahead of the ledger's clock ({}); \
+                 it is taken once the clocks agree (check the proxy's clock)",
+                e.event_id,
+                e.at.to_rfc3339(),
+                ledger::MAX_AHEAD.num_minutes(),
+                DateTime::from_timestamp_micros(clock).map_or_else(String::new, |t| t.to_rfc3339()),
+            )));
+        }
         let mut prev: [u8; 32] = head_hash
             .as_slice()
             .try_into()
             .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?;
         let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        let mut seen: std::collections::HashSet<String> = D::known_event_ids(w.conn(), &ids)
-            .await?
-            .into_iter()
-            .collect();
+        let mut seen: std::collections::HashSet<String> =
+            D::known_event_ids(w.conn(), &ids, ledger::dedupe_window(events, clock))
+                .await?
+                .into_iter()
+                .collect();
         // Each event at most once: not stored before, first in the batch.
         let applied: Vec<bool> = events
             .iter()

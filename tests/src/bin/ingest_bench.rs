@@ -43,6 +43,68 @@ struct Cli {
     /// A second or two with small settings: does the bench still run?
     #[arg(long)]
     smoke: bool,
+    /// Days of ledger already kept before the run: each past UTC day's
+    /// partition is filled with `--history-rows` entries first, as a
+    /// ledger with that retention holds (written unchained, as entries from
+    /// before the chain are, so the verify at the end still covers every
+    /// entry the run appends).
+    #[arg(long, default_value_t = 0)]
+    history_days: u32,
+    /// Entries per past day with `--history-days`.
+    #[arg(long, default_value_t = 100_000)]
+    history_rows: u32,
+}
+
+/// Fills the partitions of the `days` UTC days before today with `rows`
+/// entries each, spread over the bench's keys, seqs 1.., and moves the
+/// ledger head past them (its hash stays the genesis hash, as after entries
+/// written before the chain). Returns the entries written.
+async fn write_history(
+    pg: &mut sqlx::PgConnection,
+    keys: &[String],
+    days: u32,
+    rows: u32,
+) -> anyhow::Result<i64> {
+    let mut written = 0i64;
+    for d in (1..=days).rev() {
+        let day = (chrono::Utc::now() - chrono::Duration::days(i64::from(d))).date_naive();
+        sqlx::query("SELECT keycap_audit_partition($1)")
+            .bind(day)
+            .execute(&mut *pg)
+            .await?;
+        let start = day
+            .and_hms_opt(0, 0, 0)
+            .context("midnight")?
+            .and_utc()
+            .timestamp_micros();
+        sqlx::query(
+            "INSERT INTO audit (seq, event_id, key_id, agent_run_label, vendor, method, path, \
+             upstream_status, reserved, cost, outcome, at, node_id, lease_id, day, detail_json, \
+             trace_id, context, logged_at) \
+             SELECT $1 + g, 'history-' || ($1 + g), k.id, 'ingest/history', 'stripe', 'POST', \
+                    '/v1/payment_intents', 200, 10000, 10000, 'settled', \
+                    $2 + (g - 1) * (86400000000 / $3), 'ingest-proxy-history', 'lease-history', $4, \
+                    '{\"amount\":1,\"currency\":\"usd\"}', lpad(to_hex($1 + g), 32, '0'), \
+                    '{\"tenant\":\"t1\"}', $2 + (g - 1) * (86400000000 / $3) \
+             FROM generate_series(1, $3) g \
+             JOIN unnest($5::text[]) WITH ORDINALITY AS k(id, n) ON k.n = 1 + g % $6",
+        )
+        .bind(written)
+        .bind(start)
+        .bind(i64::from(rows))
+        .bind(day.format("%Y-%m-%d").to_string())
+        .bind(keys)
+        .bind(keys.len() as i64)
+        .execute(&mut *pg)
+        .await?;
+        written += i64::from(rows);
+    }
+    sqlx::query("UPDATE ledger_head SET seq = $1 WHERE id = 1")
+        .bind(written)
+        .execute(&mut *pg)
+        .await?;
+    sqlx::query("ANALYZE audit").execute(&mut *pg).await?;
+    Ok(written)
 }
 
 /// CPU time a process (or thread group) has used, from `/proc/<pid>/stat`.
@@ -191,6 +253,18 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut pg_admin = sqlx::PgConnection::connect(&db.url).await?;
+    let history = if cli.history_days > 0 {
+        let t = Instant::now();
+        let n = write_history(&mut pg_admin, &keys, cli.history_days, cli.history_rows).await?;
+        println!(
+            "ingest: {n} entries of history over {} past days written in {:.1} s",
+            cli.history_days,
+            t.elapsed().as_secs_f64()
+        );
+        n
+    } else {
+        0
+    };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let applied = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -257,8 +331,8 @@ async fn main() -> anyhow::Result<()> {
         .fetch_one(&mut pg_admin)
         .await?;
     ensure!(
-        rows as u64 == sent,
-        "{rows} ledger entries for {sent} events sent"
+        (rows - history) as u64 == sent,
+        "{rows} ledger entries for {sent} events sent and {history} of history"
     );
     let v = admin.get("/vault/audit/verify").await.expect(200);
     ensure!(v["ok"] == json!(true), "the chain does not verify: {v}");

@@ -713,6 +713,41 @@ async fn report_spend_applies_each_event_once() {
         (total + 5_000, 4),
         "{k:?}"
     );
+
+    // An event from a proxy whose clock runs two hours fast: the batch is
+    // answered failed_precondition (the proxy keeps it and retries, where
+    // invalid_argument would make it drop the event) and nothing of it is
+    // applied; dated right, the same event is taken.
+    let mut fast = spend_event(&unique("evt"), &lease_id, &key_id, 7_000);
+    fast.at = Some(keycap_proto::time::to_proto(
+        chrono::Utc::now() + chrono::Duration::hours(2),
+    ));
+    let batch = |e: pb::SpendEvent| pb::ReportSpendRequest {
+        node_id: NODE.into(),
+        events: vec![e],
+        ..Default::default()
+    };
+    let refused = fleet
+        .report_spend(g.as_fleet(batch(fast.clone())))
+        .await
+        .expect_err("an event dated two hours ahead");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("ahead of the ledger's clock"),
+        "{refused:?}"
+    );
+    assert_eq!(g.get_key(&key_id).await.calls_today, 4);
+    fast.at = Some(keycap_proto::time::to_proto(chrono::Utc::now()));
+    let r = fleet
+        .report_spend(g.as_fleet(batch(fast)))
+        .await
+        .expect("ReportSpend dated right")
+        .into_inner();
+    assert_eq!((r.applied, r.duplicates), (1, 0));
 }
 
 // --- admin auth -----------------------------------------------------------------------------
