@@ -697,6 +697,35 @@ pub struct SpendEvent {
     pub would_refuse: String,
 }
 
+#[cfg(test)]
+impl SpendEvent {
+    /// A settled Stripe call of `key_id`, for unit tests.
+    pub(crate) fn settled(event_id: &str, key_id: &str, reserved: i64, cost: i64) -> SpendEvent {
+        SpendEvent {
+            event_id: event_id.into(),
+            lease_id: "l".into(),
+            key_id: key_id.into(),
+            day: "2026-12-06".into(),
+            vendor: "stripe".into(),
+            method: "POST".into(),
+            path: "/v1/charges".into(),
+            upstream_status: 200,
+            reserved: Micros(reserved),
+            cost: Micros(cost),
+            outcome: Outcome::Settled,
+            at: Utc::now(),
+            node_id: "n".into(),
+            detail_json: "{}".into(),
+            trace_id: String::new(),
+            context: BTreeMap::new(),
+            refusal_reason: String::new(),
+            refused_calls: 0,
+            credential_version: 0,
+            would_refuse: String::new(),
+        }
+    }
+}
+
 /// The refusals observe mode forwards instead (docs/observe.md), each with
 /// the rule that would have fired, in the order the proxy checks them.
 pub const WOULD_REFUSE: [(&str, &str); 5] = [

@@ -84,28 +84,7 @@ mod tests {
     use crate::domain::Outcome;
 
     fn call(key: &str, reserved: i64, cost: i64) -> SpendEvent {
-        SpendEvent {
-            event_id: format!("e{reserved}-{cost}"),
-            lease_id: "l".into(),
-            key_id: key.into(),
-            day: "2026-12-06".into(),
-            vendor: "stripe".into(),
-            method: "POST".into(),
-            path: "/v1/charges".into(),
-            upstream_status: 200,
-            reserved: Micros(reserved),
-            cost: Micros(cost),
-            outcome: Outcome::Settled,
-            at: chrono::Utc::now(),
-            node_id: "n".into(),
-            detail_json: "{}".into(),
-            trace_id: String::new(),
-            context: Default::default(),
-            refusal_reason: String::new(),
-            refused_calls: 0,
-            credential_version: 0,
-            would_refuse: String::new(),
-        }
+        SpendEvent::settled(&format!("e{reserved}-{cost}"), key, reserved, cost)
     }
 
     fn caps(daily: i64, life: Option<i64>) -> HashMap<String, ObservedCaps> {

@@ -833,28 +833,7 @@ mod tests {
 
     #[test]
     fn the_sqlite_audit_insert_binds_plain_placeholders_in_order() {
-        let event = SpendEvent {
-            event_id: "e".into(),
-            lease_id: "l".into(),
-            key_id: "k".into(),
-            day: "2026-12-06".into(),
-            vendor: "stripe".into(),
-            method: "POST".into(),
-            path: "/v1/charges".into(),
-            upstream_status: 200,
-            reserved: Micros(2),
-            cost: Micros(1),
-            outcome: crate::domain::Outcome::Settled,
-            at: Utc::now(),
-            node_id: "n".into(),
-            detail_json: "{}".into(),
-            trace_id: String::new(),
-            context: Default::default(),
-            refusal_reason: String::new(),
-            refused_calls: 0,
-            credential_version: 0,
-            would_refuse: String::new(),
-        };
+        let event = SpendEvent::settled("e", "k", 2, 1);
         let entries: Vec<ChainedEntry<'_>> = (1..=3)
             .map(|seq| ChainedEntry {
                 seq,
