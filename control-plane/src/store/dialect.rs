@@ -29,7 +29,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -362,14 +362,21 @@ pub(super) const PG_MAX_CONNECTIONS: u32 = 16;
 pub(super) const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn pg_pool(url: &str) -> StoreResult<PgPool> {
-    // No JIT: keycap's statements are short, and a plan whose estimate
-    // crosses `jit_above_cost` (the dedupe lookup of a large batch does)
-    // would spend ~100 ms compiling to save microseconds.
-    let options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
     Ok(PgPoolOptions::new()
         .max_connections(PG_MAX_CONNECTIONS)
         .acquire_timeout(PG_ACQUIRE_TIMEOUT)
-        .connect_with(options)
+        // No JIT: keycap's statements are short, and a plan whose estimate
+        // crosses `jit_above_cost` (the dedupe lookup of a large batch
+        // does) would spend ~100 ms compiling to save microseconds. A
+        // `SET` rather than a startup option, which poolers such as
+        // PgBouncer refuse.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET jit = off").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .connect(url)
         .await?)
 }
 
