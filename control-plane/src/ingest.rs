@@ -136,39 +136,20 @@ async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>, batches: 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use chrono::Utc;
     use keycap_proto::Micros;
 
     use super::*;
-    use crate::domain::Outcome;
     use crate::store::{PgStore, SqliteStore};
 
     const DAY: &str = "2026-12-06";
 
     fn event(id: &str, cost: i64) -> SpendEvent {
         SpendEvent {
-            event_id: id.to_string(),
             lease_id: "lease-1".to_string(),
-            key_id: "key-1".to_string(),
             day: DAY.to_string(),
-            vendor: "stripe".to_string(),
-            method: "POST".to_string(),
             path: "/v1/payment_intents".to_string(),
-            upstream_status: 200,
-            reserved: Micros(cost),
-            cost: Micros(cost),
-            outcome: Outcome::Settled,
-            at: Utc::now(),
             node_id: "node-a".to_string(),
-            detail_json: "{}".to_string(),
-            trace_id: String::new(),
-            context: BTreeMap::new(),
-            refusal_reason: String::new(),
-            refused_calls: 0,
-            credential_version: 0,
-            would_refuse: String::new(),
+            ..SpendEvent::settled(id, "key-1", cost, cost)
         }
     }
 

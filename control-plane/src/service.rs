@@ -2223,26 +2223,10 @@ mod tests {
 
     fn spend(id: &str, cost: i64) -> SpendEvent {
         SpendEvent {
-            event_id: id.into(),
             lease_id: "l1".into(),
-            key_id: "k1".into(),
-            day: "2026-12-06".into(),
-            vendor: "stripe".into(),
-            method: "POST".into(),
             path: "/v1/payment_intents".into(),
-            upstream_status: 200,
-            reserved: Micros(cost),
-            cost: Micros(cost),
-            outcome: domain::Outcome::Settled,
-            at: Utc::now(),
             node_id: "n1".into(),
-            detail_json: "{}".into(),
-            trace_id: String::new(),
-            context: BTreeMap::new(),
-            refusal_reason: String::new(),
-            refused_calls: 0,
-            credential_version: 0,
-            would_refuse: String::new(),
+            ..SpendEvent::settled(id, "k1", cost, cost)
         }
     }
 
