@@ -550,6 +550,13 @@ pub struct Control {
 }
 
 impl Control {
+    /// Runs the `keycap` CLI against this control plane with its admin
+    /// token (`keycap_cli`).
+    pub async fn cli<S: AsRef<str>>(&self, args: &[S]) -> CliOutput {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+        keycap_cli(&self.url(), &self.opts.admin_token, &args).await
+    }
+
     pub async fn start(opts: ControlOpts) -> Control {
         let logs = log_dir();
         let (process, port) = Self::spawn(&opts, &logs, None).await;

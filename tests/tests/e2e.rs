@@ -2132,15 +2132,6 @@ async fn policy_changes_reach_a_running_proxy() {
 async fn cli_manages_vendors_keys_spend_and_audit() {
     let stack = Stack::start().await;
     let mock = MockVendor::start(STRIPE_CREDENTIAL).await;
-    let url = stack.control.url();
-    let token = stack.control.opts.admin_token.clone();
-    let cli = |args: Vec<String>| {
-        let (url, token) = (url.clone(), token.clone());
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            keycap_cli(&url, &token, &args).await
-        }
-    };
     let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
     let put = strings(&[
@@ -2154,15 +2145,15 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         "--credential",
         STRIPE_CREDENTIAL,
     ]);
-    let out = cli(put.clone()).await;
+    let out = stack.control.cli(&put).await;
     let v = out.json();
     assert!(!out.stdout.contains(STRIPE_CREDENTIAL));
     assert_eq!(v["name"], "stripe");
     assert_eq!(v["profile"], "stripe");
     assert_eq!(v["base_url"], mock.url());
     assert_eq!(v["created"], true);
-    assert_eq!(cli(put).await.json()["created"], false);
-    let out = cli(strings(&["vendor", "list"])).await;
+    assert_eq!(stack.control.cli(&put).await.json()["created"], false);
+    let out = stack.control.cli(&["vendor", "list"]).await;
     let list = out.json();
     assert!(!out.stdout.contains(STRIPE_CREDENTIAL));
     // The CLI prints what REST answers (docs/api-conventions.md).
@@ -2170,7 +2161,7 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     assert_eq!(list["vendors"].as_array().map(Vec::len), Some(1), "{list}");
     assert_eq!(list["vendors"][0]["name"], "stripe");
     assert_eq!(
-        cli(strings(&["vendor", "get", "stripe"])).await.json(),
+        stack.control.cli(&["vendor", "get", "stripe"]).await.json(),
         stack.admin.get("/vault/vendors/stripe").await.expect(200)
     );
 
@@ -2192,7 +2183,7 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
             label,
         ])
     };
-    let k = cli(create("cli/1")).await.json();
+    let k = stack.control.cli(&create("cli/1")).await.json();
     let id = k["id"].as_str().expect("id").to_string();
     let secret = k["key"].as_str().expect("key").to_string();
     assert!(secret.starts_with("kc_"), "{k}");
@@ -2214,7 +2205,9 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         .await
         .expect(200);
 
-    let listed = cli(strings(&["key", "list", "--run-label", "cli/1"]))
+    let listed = stack
+        .control
+        .cli(&["key", "list", "--run-label", "cli/1"])
         .await
         .json();
     let ids: Vec<&str> = listed["keys"]
@@ -2225,9 +2218,9 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         .collect();
     assert_eq!(ids, [id.as_str()]);
     let got = wait_for(within(SPEND_TIMEOUT), || {
-        let run = cli(strings(&["key", "get", &id]));
+        let (control, id) = (&stack.control, &id);
         async move {
-            let k = run.await.json();
+            let k = control.cli(&["key", "get", id]).await.json();
             (k["calls_today"] == 1).then_some(k)
         }
     })
@@ -2242,7 +2235,9 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     };
     assert_eq!(got, rest(format!("/vault/keys/{id}")).await);
     // Listed again now the spend is in: the first list may predate it.
-    let listed = cli(strings(&["key", "list", "--run-label", "cli/1"]))
+    let listed = stack
+        .control
+        .cli(&["key", "list", "--run-label", "cli/1"])
         .await
         .json();
     assert_eq!(
@@ -2250,7 +2245,9 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         rest("/vault/keys?agent_run_label=cli/1".to_string()).await
     );
 
-    let s = cli(strings(&["spend", "--run-label", "cli/1"]))
+    let s = stack
+        .control
+        .cli(&["spend", "--run-label", "cli/1"])
         .await
         .json();
     assert_eq!(s["total_usd"], 2.5);
@@ -2263,7 +2260,9 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         s,
         rest("/vault/spend?agent_run_label=cli/1".to_string()).await
     );
-    let a = cli(strings(&["audit", "--run-label", "cli/1"]))
+    let a = stack
+        .control
+        .cli(&["audit", "--run-label", "cli/1"])
         .await
         .json();
     let entries = a["entries"].as_array().expect("entries");
@@ -2277,13 +2276,13 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
         a,
         rest("/vault/audit?agent_run_label=cli/1&limit=50".to_string()).await
     );
-    let verified = cli(strings(&["audit", "verify"])).await.json();
+    let verified = stack.control.cli(&["audit", "verify"]).await.json();
     assert_eq!(verified, rest("/vault/audit/verify".to_string()).await);
     assert_eq!(verified["ok"], true);
     assert_eq!(entries[0]["outcome"], "settled");
     assert_eq!(entries[0]["key_id"], id.as_str());
 
-    let r = cli(strings(&["key", "revoke", &id])).await.json();
+    let r = stack.control.cli(&["key", "revoke", &id]).await.json();
     let revoked_at = Instant::now();
     assert_eq!(r["status"], "revoked");
     assert_refused_in_time(
@@ -2295,9 +2294,11 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     )
     .await;
 
-    let a = cli(create("cli/2")).await.json();
-    let b = cli(create("cli/2")).await.json();
-    let r = cli(strings(&["key", "revoke", "--run-label", "cli/2"]))
+    let a = stack.control.cli(&create("cli/2")).await.json();
+    let b = stack.control.cli(&create("cli/2")).await.json();
+    let r = stack
+        .control
+        .cli(&["key", "revoke", "--run-label", "cli/2"])
         .await
         .json();
     let mut got: Vec<&str> = r["revoked_ids"]
@@ -2312,18 +2313,23 @@ async fn cli_manages_vendors_keys_spend_and_audit() {
     assert_eq!(got, want);
     assert_eq!(r["revoked"], 2);
     assert_eq!(
-        cli(strings(&["key", "list"])).await.json(),
+        stack.control.cli(&["key", "list"]).await.json(),
         json!({"keys": []}),
         "revoked keys are not listed as active"
     );
-    let all = cli(strings(&["key", "list", "--all"])).await.json();
+    let all = stack.control.cli(&["key", "list", "--all"]).await.json();
     assert_eq!(all["keys"].as_array().map(Vec::len), Some(3), "{all}");
 
     // Failures exit non-zero and say why.
-    let missing = cli(strings(&["key", "get", "key_doesnotexist"])).await;
+    let missing = stack.control.cli(&["key", "get", "key_doesnotexist"]).await;
     assert!(!missing.status.success());
     assert!(missing.stderr.contains("not_found: "), "{}", missing.stderr);
-    let denied = keycap_cli(&url, &harness::admin_token(), &["vendor", "list"]).await;
+    let denied = keycap_cli(
+        &stack.control.url(),
+        &harness::admin_token(),
+        &["vendor", "list"],
+    )
+    .await;
     assert!(!denied.status.success());
     assert!(
         denied.stderr.contains("unauthenticated: "),

@@ -401,23 +401,15 @@ async fn a_person_decides_with_the_cli_and_the_webhooks_announce_the_hold_and_th
         }))
         .await;
     let agent = stack.agent(&key.secret);
-    let url = stack.control.url();
-    let token = stack.control.opts.admin_token.clone();
-    let cli = |args: Vec<String>| {
-        let (url, token) = (url.clone(), token.clone());
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let out = keycap_tests::harness::keycap_cli(&url, &token, &args).await;
-            assert!(out.status.success(), "keycap {args:?}: {}", out.stderr);
-            out.json()
-        }
-    };
-    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
     // Held: the person hears of it by webhook, with the link to decide.
     let first = id_of(&held(&agent, 5000).await);
     let second = id_of(&held(&agent, 7000).await);
-    let listed = cli(args(&["approval", "list", "--state", "pending"])).await;
+    let listed = stack
+        .control
+        .cli(&["approval", "list", "--state", "pending"])
+        .await
+        .json();
     let pending: Vec<&str> = listed["approvals"]
         .as_array()
         .expect("approvals")
@@ -428,18 +420,29 @@ async fn a_person_decides_with_the_cli_and_the_webhooks_announce_the_hold_and_th
     assert!(pending.contains(&first.as_str()) && pending.contains(&second.as_str()));
 
     // Decided from the command line, each with its reason.
-    let approved = cli(args(&[
-        "approval",
-        "approve",
-        &first,
-        "--reason",
-        "invoice 77 is due",
-    ]))
-    .await;
+    let approved = stack
+        .control
+        .cli(&[
+            "approval",
+            "approve",
+            &first,
+            "--reason",
+            "invoice 77 is due",
+        ])
+        .await
+        .json();
     assert_eq!(approved["state"], "approved", "{approved}");
-    let denied = cli(args(&["approval", "deny", &second, "--reason", "not ours"])).await;
+    let denied = stack
+        .control
+        .cli(&["approval", "deny", &second, "--reason", "not ours"])
+        .await
+        .json();
     assert_eq!(denied["state"], "denied", "{denied}");
-    let shown = cli(args(&["approval", "show", &first])).await;
+    let shown = stack
+        .control
+        .cli(&["approval", "show", &first])
+        .await
+        .json();
     assert_eq!(shown["reason"], "invoice 77 is due", "{shown}");
 
     pay(&agent, 5000, Some(&first)).await.expect(200);

@@ -334,39 +334,34 @@ async fn each_threshold_fires_once_with_three_proxies_spending_at_once() {
 async fn the_cli_adds_lists_tests_and_deletes_an_endpoint_over_grpc() {
     let control = Control::start(private_ok()).await;
     let receiver = Receiver::start(&[503]).await;
-    let cli = |args: Vec<String>| {
-        let (url, token) = (control.url(), control.opts.admin_token.clone());
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            keycap_cli(&url, &token, &args).await
-        }
-    };
-    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let added = cli(s(&[
-        "--format",
-        "json",
-        "webhook",
-        "add",
-        &receiver.url("/cli"),
-        "--event",
-        "cap.threshold,key.revoked",
-        "--thresholds",
-        "80,100",
-        "--run-label",
-        "cli-run",
-    ]))
-    .await
-    .json();
+    let added = control
+        .cli(&[
+            "--format",
+            "json",
+            "webhook",
+            "add",
+            &receiver.url("/cli"),
+            "--event",
+            "cap.threshold,key.revoked",
+            "--thresholds",
+            "80,100",
+            "--run-label",
+            "cli-run",
+        ])
+        .await
+        .json();
     let id = added["webhook"]["id"].as_str().unwrap().to_string();
     assert_eq!(added["webhook"]["thresholds"], json!([80, 100]));
     assert_eq!(added["webhook"]["run_label"], "cli-run");
     assert!(added["secret"].as_str().unwrap().starts_with("whsec_"));
-    let listed = cli(s(&["--format", "json", "webhook", "list"]))
+    let listed = control
+        .cli(&["--format", "json", "webhook", "list"])
         .await
         .json();
     assert_eq!(listed["webhooks"][0]["id"], id.as_str());
 
-    let event = cli(s(&["--format", "json", "webhook", "test", &id]))
+    let event = control
+        .cli(&["--format", "json", "webhook", "test", &id])
         .await
         .json()["event_id"]
         .as_str()
@@ -375,7 +370,8 @@ async fn the_cli_adds_lists_tests_and_deletes_an_endpoint_over_grpc() {
     let got = wait_received(&receiver, 2, Duration::from_secs(20)).await;
     assert_eq!(got[1].header("keycap-event-id"), Some(event.as_str()));
     let shown = wait_for(within(Duration::from_secs(10)), || async {
-        let d = cli(s(&["--format", "json", "webhook", "deliveries", &id]))
+        let d = control
+            .cli(&["--format", "json", "webhook", "deliveries", &id])
             .await
             .json();
         (d["deliveries"][0]["state"] == "delivered").then_some(d)
@@ -391,15 +387,19 @@ async fn the_cli_adds_lists_tests_and_deletes_an_endpoint_over_grpc() {
     assert_eq!(d["payload"]["id"], event.as_str());
 
     // Bad input is refused with keycap's code.
-    let bad = cli(s(&["webhook", "add", "https://u:p@hooks.example.com/"])).await;
+    let bad = control
+        .cli(&["webhook", "add", "https://u:p@hooks.example.com/"])
+        .await;
     assert!(!bad.status.success());
     assert!(bad.stderr.contains("invalid_request"), "{}", bad.stderr);
 
-    let deleted = cli(s(&["--format", "json", "webhook", "delete", &id]))
+    let deleted = control
+        .cli(&["--format", "json", "webhook", "delete", &id])
         .await
         .json();
     assert_eq!(deleted, json!({"deleted": true}));
-    let listed = cli(s(&["--format", "json", "webhook", "list"]))
+    let listed = control
+        .cli(&["--format", "json", "webhook", "list"])
         .await
         .json();
     assert_eq!(listed["webhooks"], json!([]));
