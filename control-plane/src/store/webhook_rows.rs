@@ -99,7 +99,8 @@ impl ClaimRow {
 }
 
 pub(super) const DELIVERY_COLUMNS: &str = "d.seq, d.endpoint_id, d.event_id, \
-     ev.type AS event_type, d.state, d.next_attempt_at, d.created_at, ev.payload";
+     ev.type AS event_type, d.state, CAST(d.attempts AS BIGINT) AS attempts, d.next_attempt_at, \
+     d.created_at, ev.payload";
 
 #[derive(sqlx::FromRow)]
 pub struct DeliveryRow {
@@ -108,6 +109,7 @@ pub struct DeliveryRow {
     event_id: String,
     event_type: String,
     state: String,
+    attempts: i64,
     next_attempt_at: i64,
     created_at: i64,
     payload: String,
@@ -118,7 +120,13 @@ impl DeliveryRow {
         self.seq
     }
 
-    pub(super) fn into_domain(self, attempts: Vec<Attempt>) -> StoreResult<Delivery> {
+    /// `attempts`: the delivery's attempts in order. They are read after
+    /// the delivery, so an attempt finished in between may be among them;
+    /// only those the delivery's own count includes are kept, and its state
+    /// and its attempts agree (an attempt and the count move in one
+    /// transaction).
+    pub(super) fn into_domain(self, mut attempts: Vec<Attempt>) -> StoreResult<Delivery> {
+        attempts.truncate(usize::try_from(self.attempts).unwrap_or(0));
         let pending = self.state == "pending";
         Ok(Delivery {
             seq: self.seq,
