@@ -5,9 +5,11 @@
 //! turns on the head's lock.
 //!
 //! One writer task per replica takes whatever calls are waiting when it is
-//! free and applies them together; each call still gets its own answer
-//! (its events applied and its duplicates, in the joined batch's order of
-//! arrival, so an event sent twice counts once whichever call carried it).
+//! free and applies them together, with up to two joined batches in flight
+//! (the second chained behind the first, `ledger::pipeline`); each call
+//! still gets its own answer (its events applied and its duplicates, in
+//! the joined batch's order of arrival, so an event sent twice counts once
+//! whichever call carried it).
 //! A joined batch that fails is applied again call by call, so one bad
 //! batch fails only its own call. This module never decides what an event
 //! means; the store applies it.
@@ -16,6 +18,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::SpendEvent;
@@ -24,6 +27,10 @@ use crate::store::{Store, StoreResult};
 /// Most events one joined batch takes (one call alone may bring more, up
 /// to what a call may carry).
 const MAX_GROUP_EVENTS: usize = 10_000;
+/// Joined batches being written at once: the next one's lookup and bulk
+/// write run while the one before it holds the ledger head and commits
+/// (`ledger::pipeline`).
+const IN_FLIGHT: usize = 2;
 /// Calls waiting for the writer before new ones wait to be queued.
 const QUEUE: usize = 1024;
 
@@ -87,48 +94,61 @@ fn writer_gone() -> crate::store::StoreError {
 }
 
 async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>, batches: Arc<AtomicU64>) {
-    while let Some(first) = rx.recv().await {
-        batches.fetch_add(1, Ordering::Relaxed);
-        let mut n = first.events.len();
-        let mut group = vec![first];
-        while n < MAX_GROUP_EVENTS {
-            match rx.try_recv() {
-                Ok(p) => {
-                    n += p.events.len();
-                    group.push(p);
+    let mut writing = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some(()) = writing.next(), if !writing.is_empty() => {}
+            first = rx.recv(), if writing.len() < IN_FLIGHT => {
+                let Some(first) = first else { break };
+                batches.fetch_add(1, Ordering::Relaxed);
+                let mut n = first.events.len();
+                let mut group = vec![first];
+                while n < MAX_GROUP_EVENTS {
+                    match rx.try_recv() {
+                        Ok(p) => {
+                            n += p.events.len();
+                            group.push(p);
+                        }
+                        Err(_) => break,
+                    }
                 }
-                Err(_) => break,
+                writing.push(apply(store.clone(), group));
             }
         }
-        if group.len() == 1 {
-            let p = group.pop().expect("one call");
-            let answer = store.record_spend(&p.events).await;
-            let _ = p.reply.send(answer);
-            continue;
-        }
-        let sizes: Vec<usize> = group.iter().map(|p| p.events.len()).collect();
-        let mut joined = Vec::with_capacity(n);
-        let mut replies = Vec::with_capacity(group.len());
-        for p in group {
-            joined.extend(p.events);
-            replies.push(p.reply);
-        }
-        match store.apply_spend(&joined).await {
-            Ok(applied) => {
-                let mut flags = applied.into_iter();
-                for (reply, size) in replies.into_iter().zip(sizes) {
-                    let mine = flags.by_ref().take(size).filter(|a| *a).count() as u32;
-                    let _ = reply.send(Ok((mine, size as u32 - mine)));
-                }
+    }
+    while writing.next().await.is_some() {}
+}
+
+/// Applies one group of calls as one store batch and answers each call.
+async fn apply(store: Arc<dyn Store>, mut group: Vec<Pending>) {
+    if group.len() == 1 {
+        let p = group.pop().expect("one call");
+        let answer = store.record_spend(&p.events).await;
+        let _ = p.reply.send(answer);
+        return;
+    }
+    let sizes: Vec<usize> = group.iter().map(|p| p.events.len()).collect();
+    let mut joined = Vec::with_capacity(sizes.iter().sum());
+    let mut replies = Vec::with_capacity(group.len());
+    for p in group {
+        joined.extend(p.events);
+        replies.push(p.reply);
+    }
+    match store.apply_spend(&joined).await {
+        Ok(applied) => {
+            let mut flags = applied.into_iter();
+            for (reply, size) in replies.into_iter().zip(sizes) {
+                let mine = flags.by_ref().take(size).filter(|a| *a).count() as u32;
+                let _ = reply.send(Ok((mine, size as u32 - mine)));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, calls = replies.len(), "a joined spend batch failed; applying its calls one by one");
-                let mut rest = joined.as_slice();
-                for (reply, size) in replies.into_iter().zip(sizes) {
-                    let (mine, after) = rest.split_at(size);
-                    rest = after;
-                    let _ = reply.send(store.record_spend(mine).await);
-                }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, calls = replies.len(), "a joined spend batch failed; applying its calls one by one");
+            let mut rest = joined.as_slice();
+            for (reply, size) in replies.into_iter().zip(sizes) {
+                let (mine, after) = rest.split_at(size);
+                rest = after;
+                let _ = reply.send(store.record_spend(mine).await);
             }
         }
     }

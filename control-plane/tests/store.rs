@@ -67,6 +67,7 @@ store_suite!(
     concurrent_grants_never_exceed_the_cap,
     concurrent_resent_batches_apply_once,
     an_event_dated_ahead_of_the_ledger_clock_waits_and_then_counts_once,
+    an_event_resent_while_its_first_batch_fails_is_applied_once,
     a_tree_is_recorded_and_bounded_in_depth,
     siblings_share_their_parents_daily_cap,
     a_grandchild_is_bounded_by_its_grandparent,
@@ -2980,6 +2981,35 @@ mod cases {
         check_whole_chain(&*s).await;
     }
 
+    pub async fn an_event_resent_while_its_first_batch_fails_is_applied_once(s: S) {
+        add_key(&*s, key("k1", "stripe", "r", 1_000_000)).await;
+        // Three batches at once (on PostgreSQL the later two chain behind
+        // the first, `ledger::pipeline`). The first carries event x and
+        // fails whole (another of its events is dated hours ahead); the
+        // third resends x. x was never stored, so the third applies it.
+        let x = event("x", "k1", "l1", DAY, "stripe", 5);
+        let fast = SpendEvent {
+            at: Utc::now() + Duration::hours(2),
+            ..event("fast", "k1", "l1", DAY, "stripe", 10)
+        };
+        let batches = [
+            vec![x.clone(), fast],
+            vec![event("y", "k1", "l1", DAY, "stripe", 7)],
+            vec![x],
+        ];
+        let answers =
+            futures_util::future::join_all(batches.iter().map(|b| s.record_spend(b))).await;
+        assert!(
+            matches!(answers[0], Err(StoreError::Conflict(_))),
+            "{answers:?}"
+        );
+        assert_eq!(answers[1].as_ref().unwrap(), &(1, 0));
+        assert_eq!(answers[2].as_ref().unwrap(), &(1, 0), "x is applied");
+        let spend = s.key_spend("k1", DAY).await.unwrap();
+        assert_eq!((spend.spent_day, spend.calls_day), (Micros(12), 2));
+        check_whole_chain(&*s).await;
+    }
+
     pub async fn the_audit_ledger_is_one_hash_chain(s: S) {
         add_key(&*s, key("k1", "stripe", "run-1", 1_000_000)).await;
         let mut first: Vec<SpendEvent> = (0..5)
@@ -3966,4 +3996,80 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
     let v = ledger::verify(s, None, None).await.unwrap();
     assert!(v.ok(), "{v:?}");
     assert_eq!(v.checked, 30);
+}
+
+/// Two replicas on one database, each with appends in flight at once
+/// (`ledger::pipeline`): an append chained ahead of the lock commits only
+/// onto the head it chained onto, so every event counts once, in one
+/// chain, whichever replica and whichever path took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
+    let Some(db) = keycap_tests::pg::fresh_database_or_skip()
+        .await
+        .expect("a PostgreSQL database")
+    else {
+        return;
+    };
+    let a = PgStore::connect(&db.url).await.unwrap();
+    a.migrate().await.unwrap();
+    let b = PgStore::connect(&db.url).await.unwrap();
+    add_key(&a, key("k1", "stripe", "r", 1_000_000_000)).await;
+    add_key(&a, key("k2", "openai", "r", 1_000_000_000)).await;
+    let batch = |n: usize| -> Vec<SpendEvent> {
+        (0..40)
+            .map(|i| {
+                let k = if i % 2 == 0 { "k1" } else { "k2" };
+                event(&format!("b{n}-e{i}"), k, "l1", DAY, "stripe", 1 + i as i64)
+            })
+            .collect()
+    };
+
+    // One replica, four batches at once: the first takes the lock, the
+    // others chain behind it and commit ahead of the lock. Batch 3 resends
+    // batch 1 while batch 1 is still in flight.
+    let first: Vec<Vec<SpendEvent>> = vec![batch(0), batch(1), batch(2), batch(1)];
+    let answers =
+        futures_util::future::join_all(first.iter().map(|batch| a.record_spend(batch))).await;
+    let applied: u32 = answers.iter().map(|r| r.as_ref().unwrap().0).sum();
+    assert_eq!(applied, 3 * 40, "batch 1 counted once: {answers:?}");
+    let (ahead, missed) = a.pipelined_appends();
+    assert!(
+        ahead >= 1,
+        "appends behind one in flight commit ahead of the lock"
+    );
+    assert_eq!(missed, 0, "alone, no replica appends in between");
+
+    // Two replicas: every batch is sent to both, four at a time each, so
+    // their appends meet, and ones chained onto a stale head start over.
+    let rest: Vec<Vec<SpendEvent>> = (3..27).map(batch).collect();
+    async fn run(s: &PgStore, order: Vec<&Vec<SpendEvent>>) -> u32 {
+        let mut applied = 0;
+        for four in order.chunks(4) {
+            let answers =
+                futures_util::future::join_all(four.iter().map(|batch| s.record_spend(batch)))
+                    .await;
+            applied += answers.into_iter().map(|r| r.unwrap().0).sum::<u32>();
+        }
+        applied
+    }
+    let (on_a, on_b) = tokio::join!(
+        run(&a, rest.iter().collect()),
+        run(&b, rest.iter().rev().collect())
+    );
+    assert_eq!(
+        on_a + on_b,
+        24 * 40,
+        "each event applied once across replicas"
+    );
+    let all = check_whole_chain(&a).await;
+    assert_eq!(all.len(), 27 * 40);
+    assert!(
+        all.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+        "seqs are consecutive"
+    );
+    let spent: i64 = (0..27).flat_map(batch).map(|e| e.cost.0).sum();
+    let k1 = a.key_spend("k1", DAY).await.unwrap();
+    let k2 = a.key_spend("k2", DAY).await.unwrap();
+    assert_eq!(k1.spent_day.0 + k2.spent_day.0, spent);
+    assert_eq!(k1.calls_day + k2.calls_day, 27 * 40);
 }

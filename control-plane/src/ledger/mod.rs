@@ -15,6 +15,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod export;
 pub mod observe;
+pub mod pipeline;
 pub mod retention;
 pub mod verify;
 

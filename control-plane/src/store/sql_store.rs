@@ -6,6 +6,8 @@
 //! described in `store::sql`; the schemas are `migrations/postgres` and
 //! `migrations/sqlite`.
 
+use std::borrow::Cow;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keycap_proto::Micros;
@@ -47,6 +49,7 @@ use crate::domain::{
 };
 use crate::hooks::StoredHook;
 use crate::ledger::observe::{ObservedCaps, SettledBefore};
+use crate::ledger::pipeline::{Appends, Head, Ticket};
 use crate::ledger::{self, Checkpoint, Retention};
 use crate::webhook::{
     Attempt, AttemptOutcome, ClaimedDelivery, Delivery, WebhookEndpoint, WebhookEvent,
@@ -55,6 +58,8 @@ use crate::webhook::{
 pub struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
     dialect: D,
+    /// This replica's ledger appends in flight, in order.
+    appends: Appends,
 }
 
 /// The production store, shared by every control-plane replica.
@@ -70,7 +75,11 @@ impl PgStore {
 
     /// Wraps a pool configured by the caller.
     pub fn from_pool(pool: sqlx::PgPool) -> Self {
-        SqlStore { pool, dialect: Pg }
+        SqlStore {
+            pool,
+            dialect: Pg,
+            appends: Appends::default(),
+        }
     }
 }
 
@@ -100,11 +109,19 @@ impl SqliteStore {
         SqlStore {
             pool,
             dialect: Lite::default(),
+            appends: Appends::default(),
         }
     }
 }
 
 impl<D: Dialect> SqlStore<D> {
+    /// This replica's ledger appends committed ahead of the head's lock,
+    /// and those that found another replica had appended in between
+    /// (`ledger::pipeline`), so far.
+    pub fn pipelined_appends(&self) -> (u64, u64) {
+        self.appends.counts()
+    }
+
     /// The pool, e.g. for a `PgListener` or a test's raw SQL.
     pub fn pool(&self) -> &Pool<D::Db> {
         &self.pool
@@ -395,6 +412,204 @@ where
             key,
             descendants: Vec::new(),
         })
+    }
+
+    /// Appends `events` to the ledger holding its head's lock from the
+    /// start: every append on SQLite, and on PostgreSQL one with no append
+    /// of this replica in flight before it (`ledger::pipeline`). Returns
+    /// which events were applied and the head it left.
+    async fn append_locked(&self, events: &[SpendEvent]) -> StoreResult<(Vec<bool>, Head)> {
+        let mut w = self.begin_write().await?;
+        // The ledger head first: holding it, this transaction is the only
+        // appender (across replicas on PostgreSQL), so the events found
+        // new below stay new until commit, and the seqs and hashes chained
+        // onto the head are the ledger's next ones. The database's clock
+        // comes with it: no event dated too far past it is taken
+        // (`ledger::MAX_AHEAD`), which is what lets the dedupe lookup
+        // start at the batch's oldest event.
+        let (head_seq, clock, head_hash): (i64, i64, Vec<u8>) = sqlx::query_as(&format!(
+            "SELECT seq, {}, hash FROM ledger_head WHERE id = 1{}",
+            D::CLOCK_MICROS,
+            D::FOR_UPDATE
+        ))
+        .fetch_one(w.conn())
+        .await?;
+        if let Some(e) = ledger::dated_ahead(events, clock) {
+            return Err(StoreError::Conflict(format!(
+                "spend event {}: dated {}, more than {} min ahead of the ledger's clock ({}); \
+                 it is taken once the clocks agree (check the proxy's clock)",
+                e.event_id,
+                e.at.to_rfc3339(),
+                ledger::MAX_AHEAD.num_minutes(),
+                DateTime::from_timestamp_micros(clock).map_or_else(String::new, |t| t.to_rfc3339()),
+            )));
+        }
+        let head = (
+            head_seq,
+            head_hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?,
+        );
+        let known = Self::known_event_ids(w.conn(), events, clock).await?;
+        let (applied, fresh) = first_unstored(events, known, |_| false);
+        let keys = Self::spend_keys(w.conn(), events).await?;
+        let settled = Self::settled_before(w.conn(), &fresh, &keys.observed).await?;
+        let fresh = ledger::observe::mark(&fresh, &keys.observed, settled);
+        let (entries, end) = chain_entries(head, &fresh, &keys.labels);
+        D::append_audit(w.conn(), &entries).await?;
+        Self::settle(w.conn(), &fresh, head, end).await?;
+        w.commit().await?;
+        Ok((applied, end))
+    }
+
+    /// Appends `events` behind an append of this replica still in flight
+    /// (`ledger::pipeline`): looks them up, chains them onto the head that
+    /// append leaves and writes them while it finishes, then takes the
+    /// ledger head's lock and commits only if the head is exactly that
+    /// one. `None`, having committed nothing, when it could not: the caller
+    /// then appends under the lock (which also answers every error).
+    async fn append_ahead(
+        &self,
+        events: &[SpendEvent],
+        ticket: &mut Ticket<'_>,
+    ) -> Option<Vec<bool>> {
+        if !ticket.behind() {
+            return None;
+        }
+        let mut w = self.begin_write().await.ok()?;
+        let clock: i64 = sqlx::query_scalar(&format!("SELECT {}", D::CLOCK_MICROS))
+            .fetch_one(w.conn())
+            .await
+            .ok()?;
+        // Checked before anything is written, so each entry is logged at
+        // or after its time less `MAX_AHEAD`, as the dedupe window needs;
+        // the locked append refuses such a batch.
+        if ledger::dated_ahead(events, clock).is_some() {
+            return None;
+        }
+        let known = Self::known_event_ids(w.conn(), events, clock).await.ok()?;
+        let keys = Self::spend_keys(w.conn(), events).await.ok()?;
+        // What an observed key's calls would have met depends on what the
+        // appends before settled: those go under the lock.
+        if !keys.observed.is_empty() {
+            return None;
+        }
+        let start = ticket.start().await?;
+        let (applied, fresh) = first_unstored(events, known, |id| ticket.earlier_holds(id));
+        let fresh: Vec<Cow<'_, SpendEvent>> = fresh.into_iter().map(Cow::Borrowed).collect();
+        let (entries, end) = chain_entries(start, &fresh, &keys.labels);
+        ticket.chained(end);
+        D::append_audit(w.conn(), &entries).await.ok()?;
+        ticket.earlier_done().await;
+        // The events dropped as carried by an append before are stored
+        // only if that append committed.
+        if !ticket.earlier_committed() {
+            return None;
+        }
+        let (seq, hash): (i64, Vec<u8>) = sqlx::query_as(&format!(
+            "SELECT seq, hash FROM ledger_head WHERE id = 1{}",
+            D::FOR_UPDATE
+        ))
+        .fetch_one(w.conn())
+        .await
+        .ok()?;
+        if seq != start.0 || hash != start.1 {
+            // Another replica appended in between: what the lookup saw is
+            // not all there is. Rolled back when `w` drops.
+            ticket.missed();
+            return None;
+        }
+        Self::settle(w.conn(), &fresh, start, end).await.ok()?;
+        w.commit().await.ok()?;
+        ticket.done_ahead(end);
+        Some(applied)
+    }
+
+    /// Which of `events` are already in the ledger, looking where an entry
+    /// of theirs can be (`ledger::dedupe_window`, `clock` the ledger's).
+    async fn known_event_ids(
+        conn: &mut <D::Db as Database>::Connection,
+        events: &[SpendEvent],
+        clock: i64,
+    ) -> StoreResult<Vec<String>> {
+        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        D::known_event_ids(conn, &ids, ledger::dedupe_window(events, clock)).await
+    }
+
+    /// The run label of each key among `events`, and the caps of those in
+    /// observe mode.
+    async fn spend_keys(
+        conn: &mut <D::Db as Database>::Connection,
+        events: &[SpendEvent],
+    ) -> StoreResult<SpendKeys> {
+        let mut keys = SpendKeys::default();
+        for ids in spend_chunks(&distinct_key_ids(events)) {
+            let mut q = Statement::new(
+                "SELECT id, agent_run_label, COALESCE(budget_id, id) AS budget_id, daily_cap, \
+                 lifetime_cap, observe_ceiling FROM vault_keys WHERE 1 = 1",
+            );
+            q.push_in("id", ids);
+            let rows: Vec<SpendKeyRow> = q.query_as::<D::Db, _>().fetch_all(&mut *conn).await?;
+            for r in rows {
+                if r.observe_ceiling.is_some() {
+                    let caps = ObservedCaps {
+                        budget_id: r.budget_id,
+                        daily_cap: Micros(r.daily_cap),
+                        lifetime_cap: r.lifetime_cap.map(Micros),
+                    };
+                    keys.observed.insert(r.id.clone(), caps);
+                }
+                keys.labels.insert(r.id, r.agent_run_label);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Moves the ledger head from `start` to `end` and counts the spend of
+    /// the `fresh` events just appended against their budgets and leases.
+    async fn settle(
+        conn: &mut <D::Db as Database>::Connection,
+        fresh: &[Cow<'_, SpendEvent>],
+        start: Head,
+        end: Head,
+    ) -> StoreResult<()> {
+        if end != start {
+            sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(end.0)
+                .bind(end.1.as_slice())
+                .execute(&mut *conn)
+                .await?;
+        }
+        let totals = spend_totals(fresh.iter().map(|e| &**e));
+        for ((key_id, day), spent, calls) in &totals.daily {
+            sqlx::query(
+                // Spend counts against the budget the key spends (a roll
+                // chain's first key); the audit entry keeps the key itself.
+                "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES \
+                 (COALESCE((SELECT budget_id FROM vault_keys WHERE id = $1), $1), $2, $3, $4) \
+                 ON CONFLICT (key_id, day) DO UPDATE \
+                 SET spent = key_spend_daily.spent + excluded.spent, \
+                     calls = key_spend_daily.calls + excluded.calls",
+            )
+            .bind(key_id)
+            .bind(day)
+            .bind(spent)
+            .bind(calls)
+            .execute(&mut *conn)
+            .await?;
+        }
+        for ((lease_id, node_id), reported) in &totals.leases {
+            sqlx::query(
+                "UPDATE leases SET reported = reported + $1 WHERE id = $2 AND node_id = $3",
+            )
+            .bind(reported)
+            .bind(lease_id)
+            .bind(node_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
 
     /// What the budgets of the observed keys among `events` had settled
@@ -1930,130 +2145,19 @@ where
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut w = self.begin_write().await?;
-        // The ledger head first: holding it, this transaction is the only
-        // appender (across replicas on PostgreSQL), so the events found
-        // new below stay new until commit, and the seqs and hashes chained
-        // onto the head are the ledger's next ones. The database's clock
-        // comes with it: no event dated too far past it is taken
-        // (`ledger::MAX_AHEAD`), which is what lets the dedupe lookup
-        // start at the batch's oldest event.
-        let (head_seq, clock, head_hash): (i64, i64, Vec<u8>) = sqlx::query_as(&format!(
-            "SELECT seq, {}, hash FROM ledger_head WHERE id = 1{}",
-            D::CLOCK_MICROS,
-            D::FOR_UPDATE
-        ))
-        .fetch_one(w.conn())
-        .await?;
-        if let Some(e) = ledger::dated_ahead(events, clock) {
-            return Err(StoreError::Conflict(format!(
-                "spend event {}: dated {}, more than {} min ahead of the ledger's clock ({}); \
-                 it is taken once the clocks agree (check the proxy's clock)",
-                e.event_id,
-                e.at.to_rfc3339(),
-                ledger::MAX_AHEAD.num_minutes(),
-                DateTime::from_timestamp_micros(clock).map_or_else(String::new, |t| t.to_rfc3339()),
-            )));
+        if !D::ROW_LOCKS {
+            // One writer at a time: nothing to do ahead of the lock.
+            return Ok(self.append_locked(events).await?.0);
         }
-        let mut prev: [u8; 32] = head_hash
-            .as_slice()
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?;
-        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        let mut seen: std::collections::HashSet<String> =
-            D::known_event_ids(w.conn(), &ids, ledger::dedupe_window(events, clock))
-                .await?
-                .into_iter()
-                .collect();
-        // Each event at most once: not stored before, first in the batch.
-        let applied: Vec<bool> = events
-            .iter()
-            .map(|e| seen.insert(e.event_id.clone()))
-            .collect();
-        let fresh: Vec<&SpendEvent> = events
-            .iter()
-            .zip(&applied)
-            .filter_map(|(e, a)| a.then_some(e))
-            .collect();
-        let mut labels = std::collections::HashMap::new();
-        let mut observed = std::collections::HashMap::new();
-        for ids in spend_chunks(&distinct_key_ids(events)) {
-            let mut q = Statement::new(
-                "SELECT id, agent_run_label, COALESCE(budget_id, id) AS budget_id, daily_cap, \
-                 lifetime_cap, observe_ceiling FROM vault_keys WHERE 1 = 1",
-            );
-            q.push_in("id", ids);
-            let rows: Vec<SpendKeyRow> = q.query_as::<D::Db, _>().fetch_all(w.conn()).await?;
-            for r in rows {
-                if r.observe_ceiling.is_some() {
-                    let caps = ObservedCaps {
-                        budget_id: r.budget_id,
-                        daily_cap: Micros(r.daily_cap),
-                        lifetime_cap: r.lifetime_cap.map(Micros),
-                    };
-                    observed.insert(r.id.clone(), caps);
-                }
-                labels.insert(r.id, r.agent_run_label);
-            }
+        let mut ticket = self
+            .appends
+            .ticket(events.iter().map(|e| e.event_id.as_str()));
+        if let Some(applied) = self.append_ahead(events, &mut ticket).await {
+            return Ok(applied);
         }
-        let settled = Self::settled_before(w.conn(), &fresh, &observed).await?;
-        let fresh = ledger::observe::mark(&fresh, &observed, settled);
-        let mut seq = head_seq;
-        let entries: Vec<ChainedEntry<'_>> = fresh
-            .iter()
-            .map(|event| {
-                let event: &SpendEvent = event;
-                seq += 1;
-                let agent_run_label = labels.get(&event.key_id).map_or("", String::as_str);
-                let hash = ledger::link(&prev, seq, agent_run_label, event);
-                let entry = ChainedEntry {
-                    seq,
-                    event,
-                    agent_run_label,
-                    prev_hash: prev,
-                    hash,
-                };
-                prev = hash;
-                entry
-            })
-            .collect();
-        D::append_audit(w.conn(), &entries).await?;
-        if !entries.is_empty() {
-            sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
-                .bind(seq)
-                .bind(prev.as_slice())
-                .execute(w.conn())
-                .await?;
-        }
-        let totals = spend_totals(fresh.iter().map(|e| &**e));
-        for ((key_id, day), spent, calls) in &totals.daily {
-            sqlx::query(
-                // Spend counts against the budget the key spends (a roll
-                // chain's first key); the audit entry keeps the key itself.
-                "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES \
-                 (COALESCE((SELECT budget_id FROM vault_keys WHERE id = $1), $1), $2, $3, $4) \
-                 ON CONFLICT (key_id, day) DO UPDATE \
-                 SET spent = key_spend_daily.spent + excluded.spent, \
-                     calls = key_spend_daily.calls + excluded.calls",
-            )
-            .bind(key_id)
-            .bind(day)
-            .bind(spent)
-            .bind(calls)
-            .execute(w.conn())
-            .await?;
-        }
-        for ((lease_id, node_id), reported) in &totals.leases {
-            sqlx::query(
-                "UPDATE leases SET reported = reported + $1 WHERE id = $2 AND node_id = $3",
-            )
-            .bind(reported)
-            .bind(lease_id)
-            .bind(node_id)
-            .execute(w.conn())
-            .await?;
-        }
-        w.commit().await?;
+        ticket.earlier_done().await;
+        let (applied, head) = self.append_locked(events).await?;
+        ticket.done(Some(head));
         Ok(applied)
     }
 
@@ -2191,6 +2295,11 @@ where
         }
         if let Some(reason) = &aq.refusal_reason {
             q.push(" AND refusal_reason = ").push_bind(reason);
+            if !reason.is_empty() {
+                // Only refused entries carry a reason; saying so lets
+                // PostgreSQL use its refusal index, which holds only them.
+                q.push(" AND outcome = 'refused'");
+            }
         }
         if let Some(before) = aq.before_seq {
             q.push(" AND seq < ").push_bind(before);
@@ -2994,4 +3103,62 @@ where
         }
         w.commit().await
     }
+}
+
+/// The run labels and observed caps of a spend batch's keys.
+#[derive(Default)]
+struct SpendKeys {
+    labels: std::collections::HashMap<String, String>,
+    observed: std::collections::HashMap<String, ObservedCaps>,
+}
+
+/// Which of `events` to apply: each at most once, first in the batch, not
+/// among `known` (stored before) nor carried by an append in flight before
+/// this one (`earlier`). Returns the flag of each event and the events
+/// flagged.
+fn first_unstored(
+    events: &[SpendEvent],
+    known: Vec<String>,
+    earlier: impl Fn(&str) -> bool,
+) -> (Vec<bool>, Vec<&SpendEvent>) {
+    let mut seen: std::collections::HashSet<String> = known.into_iter().collect();
+    let applied: Vec<bool> = events
+        .iter()
+        .map(|e| !earlier(&e.event_id) && seen.insert(e.event_id.clone()))
+        .collect();
+    let fresh = events
+        .iter()
+        .zip(&applied)
+        .filter_map(|(e, a)| a.then_some(e))
+        .collect();
+    (applied, fresh)
+}
+
+/// The ledger entries of `fresh`, chained in order onto `head`, and the
+/// head they end at.
+fn chain_entries<'e>(
+    head: Head,
+    fresh: &'e [Cow<'e, SpendEvent>],
+    labels: &'e std::collections::HashMap<String, String>,
+) -> (Vec<ChainedEntry<'e>>, Head) {
+    let (mut seq, mut prev) = head;
+    let entries = fresh
+        .iter()
+        .map(|event| {
+            let event: &SpendEvent = event;
+            seq += 1;
+            let agent_run_label = labels.get(&event.key_id).map_or("", String::as_str);
+            let hash = ledger::link(&prev, seq, agent_run_label, event);
+            let entry = ChainedEntry {
+                seq,
+                event,
+                agent_run_label,
+                prev_hash: prev,
+                hash,
+            };
+            prev = hash;
+            entry
+        })
+        .collect();
+    (entries, (seq, prev))
 }
