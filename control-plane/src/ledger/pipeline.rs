@@ -51,9 +51,7 @@ pub struct Appends {
 
 #[derive(Default)]
 struct Tail {
-    /// The stage of the latest ticket taken.
-    last: Option<watch::Receiver<Stage>>,
-    /// The tickets not yet finished, by ticket number.
+    /// The tickets not yet finished, by ticket number (oldest first).
     in_flight: Vec<(u64, Earlier)>,
     next: u64,
     back_off: u32,
@@ -76,20 +74,15 @@ impl Appends {
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let number = tail.next;
         tail.next += 1;
-        let earlier = tail.in_flight.iter().map(|(_, e)| e.clone()).collect();
-        let mine = Earlier {
-            stage: rx.clone(),
-            ids,
-        };
-        tail.in_flight.push((number, mine));
-        // Behind an append that is still in flight only, and not while
-        // backing off: a head left by a finished append may be stale.
-        let backing_off = tail.back_off > 0;
-        let prev = tail
-            .last
-            .replace(rx)
-            .filter(|prev| !backing_off && !matches!(*prev.borrow(), Stage::Done(_)));
+        let earlier: Vec<Earlier> = tail.in_flight.iter().map(|(_, e)| e.clone()).collect();
+        // Behind the latest append still in flight, if any, and not while
+        // backing off.
+        let prev = earlier
+            .last()
+            .filter(|_| tail.back_off == 0)
+            .map(|e| e.stage.clone());
         tail.back_off = tail.back_off.saturating_sub(1);
+        tail.in_flight.push((number, Earlier { stage: rx, ids }));
         Ticket {
             appends: self,
             number,
