@@ -4004,6 +4004,7 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
 /// chain, whichever replica and whichever path took it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
+    use futures_util::FutureExt;
     let Some(db) = keycap_tests::pg::fresh_database_or_skip()
         .await
         .expect("a PostgreSQL database")
@@ -4024,14 +4025,56 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
             .collect()
     };
 
-    // One replica, four batches at once: the first takes the lock, the
-    // others chain behind it (and commit ahead of the lock unless they
-    // fall back). Batch 3 resends batch 1 while batch 1 is still in flight.
-    let first: Vec<Vec<SpendEvent>> = vec![batch(0), batch(1), batch(2), batch(1)];
-    let answers =
-        futures_util::future::join_all(first.iter().map(|batch| a.record_spend(batch))).await;
+    // One replica. A first batch is held at the ledger head's lock (taken
+    // here, as another replica's append would), so it is surely in flight
+    // when three more start: those chain behind it, write ahead of the
+    // lock, and commit once it has. The last resends batch 1 while batch
+    // 1 is in flight.
+    let a = Arc::new(a);
+    let mut holder = a.pool().begin().await.unwrap();
+    sqlx::query("SELECT seq FROM ledger_head WHERE id = 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let a = a.clone();
+        async move { a.record_spend(&batch(0)).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first batch never waited for the head"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let behind: Vec<Vec<SpendEvent>> = vec![batch(1), batch(2), batch(1)];
+    let mut behind_done = Box::pin(futures_util::future::join_all(
+        behind.iter().map(|batch| a.record_spend(batch)),
+    ));
+    // Polled once: each takes its place in line behind the held batch.
+    assert!((&mut behind_done).now_or_never().is_none());
+    holder.commit().await.unwrap();
+    assert_eq!(held.await.unwrap().unwrap(), (40, 0));
+    let answers = behind_done.await;
     let applied: u32 = answers.iter().map(|r| r.as_ref().unwrap().0).sum();
-    assert_eq!(applied, 3 * 40, "batch 1 counted once: {answers:?}");
+    assert_eq!(applied, 2 * 40, "batch 1 counted once: {answers:?}");
+    let (ahead, missed) = a.pipelined_appends();
+    assert!(
+        ahead >= 1,
+        "batches behind one in flight commit ahead of the lock"
+    );
+    assert_eq!(missed, 0, "alone, no replica appends in between");
 
     // Two replicas: every batch is sent to both, four at a time each, so
     // their appends meet, and ones chained onto a stale head start over.
@@ -4055,7 +4098,7 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
         24 * 40,
         "each event applied once across replicas"
     );
-    let all = check_whole_chain(&a).await;
+    let all = check_whole_chain(&*a).await;
     assert_eq!(all.len(), 27 * 40);
     assert!(
         all.windows(2).all(|w| w[1].seq == w[0].seq + 1),

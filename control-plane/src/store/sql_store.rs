@@ -473,57 +473,57 @@ where
         &self,
         events: &[SpendEvent],
         ticket: &mut Ticket<'_>,
-    ) -> Option<Vec<bool>> {
+    ) -> StoreResult<Option<Vec<bool>>> {
         if !ticket.behind() {
-            return None;
+            return Ok(None);
         }
-        let mut w = self.begin_write().await.ok()?;
+        let mut w = self.begin_write().await?;
         let clock: i64 = sqlx::query_scalar(&format!("SELECT {}", D::CLOCK_MICROS))
             .fetch_one(w.conn())
-            .await
-            .ok()?;
+            .await?;
         // Checked before anything is written, so each entry is logged at
         // or after its time less `MAX_AHEAD`, as the dedupe window needs;
         // the locked append refuses such a batch.
         if ledger::dated_ahead(events, clock).is_some() {
-            return None;
+            return Ok(None);
         }
-        let known = Self::known_event_ids(w.conn(), events, clock).await.ok()?;
-        let keys = Self::spend_keys(w.conn(), events).await.ok()?;
+        let known = Self::known_event_ids(w.conn(), events, clock).await?;
+        let keys = Self::spend_keys(w.conn(), events).await?;
         // What an observed key's calls would have met depends on what the
         // appends before settled: those go under the lock.
         if !keys.observed.is_empty() {
-            return None;
+            return Ok(None);
         }
-        let start = ticket.start().await?;
+        let Some(start) = ticket.start().await else {
+            return Ok(None);
+        };
         let (applied, fresh) = first_unstored(events, known, |id| ticket.earlier_holds(id));
         let fresh: Vec<Cow<'_, SpendEvent>> = fresh.into_iter().map(Cow::Borrowed).collect();
         let (entries, end) = chain_entries(start, &fresh, &keys.labels);
         ticket.chained(end);
-        D::append_audit(w.conn(), &entries).await.ok()?;
+        D::append_audit(w.conn(), &entries).await?;
         ticket.earlier_done().await;
         // The events dropped as carried by an append before are stored
         // only if that append committed.
         if !ticket.earlier_committed() {
-            return None;
+            return Ok(None);
         }
         let (seq, hash): (i64, Vec<u8>) = sqlx::query_as(&format!(
             "SELECT seq, hash FROM ledger_head WHERE id = 1{}",
             D::FOR_UPDATE
         ))
         .fetch_one(w.conn())
-        .await
-        .ok()?;
+        .await?;
         if seq != start.0 || hash != start.1 {
             // Another replica appended in between: what the lookup saw is
             // not all there is. Rolled back when `w` drops.
             ticket.missed();
-            return None;
+            return Ok(None);
         }
-        Self::settle(w.conn(), &fresh, start, end).await.ok()?;
-        w.commit().await.ok()?;
+        Self::settle(w.conn(), &fresh, start, end).await?;
+        w.commit().await?;
         ticket.done_ahead(end);
-        Some(applied)
+        Ok(Some(applied))
     }
 
     /// Which of `events` are already in the ledger, looking where an entry
@@ -2152,8 +2152,13 @@ where
         let mut ticket = self
             .appends
             .ticket(events.iter().map(|e| e.event_id.as_str()));
-        if let Some(applied) = self.append_ahead(events, &mut ticket).await {
-            return Ok(applied);
+        match self.append_ahead(events, &mut ticket).await {
+            Ok(Some(applied)) => return Ok(applied),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(
+                error = %e,
+                "a spend batch written ahead of the ledger head's lock failed; appending it under the lock"
+            ),
         }
         ticket.earlier_done().await;
         let (applied, head) = self.append_locked(events).await?;
