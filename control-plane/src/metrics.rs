@@ -40,6 +40,12 @@ struct SpendLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AheadLabel {
+    /// `committed` or `missed`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -105,6 +111,7 @@ pub struct ControlMetrics {
     requests: Family<RpcCodeLabel, Counter>,
     durations: Family<RpcLabel, Histogram>,
     spend_events: Family<SpendLabel, Counter>,
+    appends_ahead: Family<AheadLabel, Counter>,
     spans_dropped: Counter,
     store_queries: Family<StoreLabel, Histogram>,
     confirmations: Family<ChangeLabel, Histogram>,
@@ -184,6 +191,13 @@ impl ControlMetrics {
             "spend_events_ingested",
             "Spend events proxies reported: applied, or a duplicate of one already applied",
             spend_events.clone(),
+        );
+        let appends_ahead = Family::<AheadLabel, Counter>::default();
+        registry.register(
+            "ledger_appends_ahead",
+            "Spend batches written ahead of the ledger head's lock behind another in flight: \
+             committed, or missed (another replica appended in between; appended again under the lock)",
+            appends_ahead.clone(),
         );
         let spans_dropped = Counter::default();
         registry.register(
@@ -269,6 +283,7 @@ impl ControlMetrics {
             requests,
             durations,
             spend_events,
+            appends_ahead,
             spans_dropped,
             store_queries,
             confirmations,
@@ -349,6 +364,15 @@ impl ControlMetrics {
             .inc_by(duplicates);
     }
 
+    /// One spend batch written ahead of the ledger head's lock
+    /// (`ledger::pipeline`): committed so, or missed.
+    pub fn append_ahead(&self, committed: bool) {
+        let result = if committed { "committed" } else { "missed" };
+        self.appends_ahead
+            .get_or_create(&AheadLabel { result })
+            .inc();
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let dropped = keycap_telemetry::dropped_spans();
@@ -418,12 +442,17 @@ mod tests {
             Duration::from_millis(2),
         );
         m.spend_reported(3, 1);
+        m.append_ahead(true);
+        m.append_ahead(false);
+        m.append_ahead(true);
         let text = m.render();
         for line in [
             "keycap_control_grpc_requests_total{service=\"keycap.v1.FleetService\",method=\"GrantLease\",code=\"0\"} 1",
             "keycap_control_grpc_requests_total{service=\"keycap.v1.FleetService\",method=\"GrantLease\",code=\"9\"} 1",
             "keycap_control_grpc_request_duration_seconds_count{service=\"keycap.v1.FleetService\",method=\"GrantLease\"} 2",
             "keycap_control_spend_events_ingested_total{result=\"applied\"} 3",
+            "keycap_control_ledger_appends_ahead_total{result=\"committed\"} 2",
+            "keycap_control_ledger_appends_ahead_total{result=\"missed\"} 1",
             "keycap_control_build_info{version=\"",
         ] {
             assert!(text.contains(line), "{line} not in {text}");

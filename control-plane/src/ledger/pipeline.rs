@@ -165,6 +165,7 @@ impl Ticket<'_> {
     /// chained onto: another replica appended in between.
     pub fn missed(&self) {
         self.appends.missed.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::METRICS.append_ahead(false);
         tracing::debug!(
             appends = BACK_OFF_APPENDS,
             "another replica appended to the ledger in between; the next appends take its lock first"
@@ -188,6 +189,7 @@ impl Ticket<'_> {
     /// This append committed ahead of the lock, leaving `head`.
     pub fn done_ahead(&self, head: Head) {
         self.appends.ahead.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::METRICS.append_ahead(true);
         self.done(Some(head));
     }
 }
