@@ -77,17 +77,14 @@ impl Appends {
         let earlier: Vec<Earlier> = tail.in_flight.iter().map(|(_, e)| e.clone()).collect();
         // Behind the latest append still in flight, if any, and not while
         // backing off.
-        let prev = earlier
-            .last()
-            .filter(|_| tail.back_off == 0)
-            .map(|e| e.stage.clone());
+        let behind = !earlier.is_empty() && tail.back_off == 0;
         tail.back_off = tail.back_off.saturating_sub(1);
         tail.in_flight.push((number, Earlier { stage: rx, ids }));
         Ticket {
             appends: self,
             number,
             stage,
-            prev,
+            behind,
             earlier,
         }
     }
@@ -99,7 +96,8 @@ pub struct Ticket<'a> {
     appends: &'a Appends,
     number: u64,
     stage: watch::Sender<Stage>,
-    prev: Option<watch::Receiver<Stage>>,
+    /// Whether this append chains behind the last of `earlier`.
+    behind: bool,
     /// The tickets before this one still in flight when it was taken.
     earlier: Vec<Earlier>,
 }
@@ -115,14 +113,23 @@ impl Ticket<'_> {
     /// Whether an append of this replica was in flight when this ticket
     /// was taken (otherwise this append takes the lock first).
     pub fn behind(&self) -> bool {
-        self.prev.is_some()
+        self.behind
+    }
+
+    /// The stage of the append this one chains behind, if it does.
+    fn prev(&mut self) -> Option<&mut watch::Receiver<Stage>> {
+        let behind = self.behind;
+        self.earlier
+            .last_mut()
+            .filter(|_| behind)
+            .map(|e| &mut e.stage)
     }
 
     /// The head the append before this one leaves if it commits, once it
     /// is known; `None` when this append must take the lock first (no
     /// append in flight before it, or that one did not get as far).
     pub async fn start(&mut self) -> Option<Head> {
-        let prev = self.prev.as_mut()?;
+        let prev = self.prev()?;
         let stage = match prev.wait_for(|s| *s != Stage::Working).await {
             Ok(stage) => *stage,
             Err(_) => Stage::Done(None),
@@ -156,7 +163,7 @@ impl Ticket<'_> {
 
     /// Waits until the append before this one has committed or failed.
     pub async fn earlier_done(&mut self) {
-        if let Some(prev) = self.prev.as_mut() {
+        if let Some(prev) = self.prev() {
             let _ = prev.wait_for(|s| matches!(s, Stage::Done(_))).await;
         }
     }
@@ -245,10 +252,7 @@ mod tests {
             !third.earlier_holds("a"),
             "finished appends are not in flight"
         );
-        assert!(
-            third.prev.is_none(),
-            "behind a finished append it locks first"
-        );
+        assert!(!third.behind(), "behind a finished append it locks first");
     }
 
     #[tokio::test]
@@ -280,10 +284,10 @@ mod tests {
         let mut held = vec![first];
         for n in 0..BACK_OFF_APPENDS {
             let t = appends.ticket([format!("x{n}").as_str()]);
-            assert!(t.prev.is_none(), "append {n} after the miss locks first");
+            assert!(!t.behind(), "append {n} after the miss locks first");
             held.push(t);
         }
         let t = appends.ticket(["y"]);
-        assert!(t.prev.is_some(), "then appends pipeline again");
+        assert!(t.behind(), "then appends pipeline again");
     }
 }
