@@ -13,12 +13,13 @@
 //! (`target/<profile>/`), or in `KEYCAP_BIN_DIR` when set; build them first
 //! with `cargo build --workspace --bins`.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -303,16 +304,28 @@ impl Drop for ChildProcess {
     }
 }
 
-/// `n` distinct ports that were free a moment ago. Another process may take
-/// one before the child binds it; `launch` retries when that happens.
+/// `n` ports that were free a moment ago, none handed out before by this
+/// process. Another process may take one before the child binds it;
+/// `launch` retries when that happens. Within one test the ports never
+/// repeat: children started at once (a fleet's proxies) would otherwise be
+/// able to get the same port, and the one that loses the bind could pass
+/// for ready while its sibling answers on that port.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().expect("handed-out ports lock");
+    // Every listener stays open until all `n` are picked, so the kernel
+    // gives distinct ports; those handed out earlier are skipped.
+    let mut listeners = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        if handed_out.insert(port) {
+            ports.push(port);
+        }
+        listeners.push(l);
+    }
+    ports
 }
 
 pub fn free_port() -> u16 {
@@ -1650,6 +1663,23 @@ impl Api {
                 "audit {query:?} never had {n} entries; last: {:?}",
                 self.audit(query).await
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_never_hands_out_a_port_twice() {
+        // Left to the kernel, a thousand picks of a free port repeat some
+        // (about 70 here): ports closed again are free to hand out again.
+        let mut seen = BTreeSet::new();
+        for _ in 0..500 {
+            for port in free_ports(2) {
+                assert!(seen.insert(port), "port {port} handed out twice");
+            }
         }
     }
 }
