@@ -1346,10 +1346,27 @@ async fn snapshot_with_hooks(
     Ok((version, vendors, keys, hooks))
 }
 
+/// A UTC day exactly as `YYYY-MM-DD`. The day is kept as written and
+/// keys a budget's spend (`key_spend_daily`), so forms a date parser also
+/// reads (`2026-1-5`, ` 2026-01-05`, `+2026-01-05`) would name another
+/// budget day than `2026-01-05`: they are refused.
 fn parse_day(day: String) -> Result<String, ApiError> {
-    chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d")
-        .map(|_| day)
-        .map_err(|_| ApiError::from(invalid("day", "must be a UTC day YYYY-MM-DD")))
+    let shaped = day.len() == 10
+        && day.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    if shaped && day.parse::<chrono::NaiveDate>().is_ok() {
+        Ok(day)
+    } else {
+        Err(ApiError::from(invalid(
+            "day",
+            "must be a UTC day YYYY-MM-DD",
+        )))
+    }
 }
 
 fn spend_event_from_pb(
@@ -1487,6 +1504,27 @@ mod tests {
             edit(&mut bad);
             let err = spend_event_from_pb(bad, "n1").unwrap_err();
             assert_eq!(err.field, field);
+        }
+    }
+
+    #[test]
+    fn a_day_is_taken_only_as_yyyy_mm_dd() {
+        assert_eq!(
+            parse_day("2026-01-05".into()).ok().as_deref(),
+            Some("2026-01-05")
+        );
+        // Each would be its own budget day next to 2026-01-05.
+        for day in [
+            "2026-1-5",
+            "2026-01-5",
+            " 2026-01-05",
+            "+2026-01-05",
+            "2026-01-05 ",
+            "2026-02-30",
+            "2026/01/05",
+            "",
+        ] {
+            assert!(parse_day(day.into()).is_err(), "{day:?} was taken");
         }
     }
 }
