@@ -1009,27 +1009,25 @@ pub(super) fn distinct_key_ids(events: &[SpendEvent]) -> Vec<&str> {
 /// writes one row per (key, day) and per lease instead of one per event.
 /// Sorted, so concurrent batches take row locks in the same order.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct SpendTotals {
+pub(super) struct SpendTotals<'a> {
     /// ((key_id, day), spent, calls)
-    pub daily: Vec<((String, String), i64, i64)>,
+    pub daily: Vec<((&'a str, &'a str), i64, i64)>,
     /// ((lease_id, node_id), reported): a lease's reported spend grows
     /// only by its own node's reports.
-    pub leases: Vec<((String, String), i64)>,
+    pub leases: Vec<((&'a str, &'a str), i64)>,
 }
 
-pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) -> SpendTotals {
-    let mut daily: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-    let mut leases: BTreeMap<(String, String), i64> = BTreeMap::new();
+pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) -> SpendTotals<'a> {
+    let mut daily: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+    let mut leases: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     // A refusal (or a relayed inbound hook event) spends nothing and is no
     // call of the key's.
     for e in applied.filter(|e| e.outcome.is_call()) {
-        let d = daily.entry((e.key_id.clone(), e.day.clone())).or_default();
+        let d = daily.entry((&e.key_id, &e.day)).or_default();
         d.0 += e.cost.0;
         d.1 += 1;
         if !e.lease_id.is_empty() {
-            *leases
-                .entry((e.lease_id.clone(), e.node_id.clone()))
-                .or_default() += e.cost.0;
+            *leases.entry((&e.lease_id, &e.node_id)).or_default() += e.cost.0;
         }
     }
     SpendTotals {

@@ -3126,10 +3126,10 @@ fn first_unstored(
     known: Vec<String>,
     earlier: impl Fn(&str) -> bool,
 ) -> (Vec<bool>, Vec<&SpendEvent>) {
-    let mut seen: std::collections::HashSet<String> = known.into_iter().collect();
+    let mut seen: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
     let applied: Vec<bool> = events
         .iter()
-        .map(|e| !earlier(&e.event_id) && seen.insert(e.event_id.clone()))
+        .map(|e| !earlier(&e.event_id) && seen.insert(&e.event_id))
         .collect();
     let fresh = events
         .iter()

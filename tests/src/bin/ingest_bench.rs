@@ -147,9 +147,12 @@ fn sum_ticks(pids: &[u32]) -> BTreeMap<u32, u64> {
         .collect()
 }
 
-fn event(proxy: usize, n: u64, key_id: &str, day: &str) -> pb::SpendEvent {
+/// Event `n` of proxy `proxy`, whose run drew the random `run`: its id is
+/// shaped as a proxy's (`SpendReporter::next_event_id`), so the ledger's
+/// `event_id` index holds keys of the real length.
+fn event(proxy: usize, run: u128, n: u64, key_id: &str, day: &str) -> pb::SpendEvent {
     pb::SpendEvent {
-        event_id: format!("p{proxy}-{n}"),
+        event_id: format!("ev_{run:032x}{n:016x}"),
         lease_id: format!("lease-{proxy}"),
         key_id: key_id.to_string(),
         vendor: "stripe".into(),
@@ -182,10 +185,11 @@ async fn proxy(
     let mut client = FleetServiceClient::new(channel);
     let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
     let node_id = format!("ingest-proxy-{i}");
+    let run: u128 = rand::random();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let events: Vec<pb::SpendEvent> = (0..batch)
-            .map(|k| event(i, n + k as u64, &key_id, &day))
+            .map(|k| event(i, run, n + k as u64, &key_id, &day))
             .collect();
         n += batch as u64;
         let mut req = tonic::Request::new(pb::ReportSpendRequest {
