@@ -3520,6 +3520,12 @@ mod cases {
             ..AuditQuery::default()
         };
         assert_eq!(ids(s.query_audit(&by_trace).await.unwrap()), ["e2", "e0"]);
+        // Untraced entries are out of the trace index, not out of reach.
+        let untraced = AuditQuery {
+            trace_id: Some(String::new()),
+            ..AuditQuery::default()
+        };
+        assert_eq!(ids(s.query_audit(&untraced).await.unwrap()), ["e3", "e1"]);
         let by_context = AuditQuery {
             context: Some(("tenant".into(), "acme".into())),
             ..AuditQuery::default()

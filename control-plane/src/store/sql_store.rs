@@ -2289,6 +2289,11 @@ where
         q.push_time_range(aq.since, aq.until);
         if let Some(trace_id) = &aq.trace_id {
             q.push(" AND trace_id = ").push_bind(trace_id);
+            if !trace_id.is_empty() {
+                // The trace index holds only traced entries; saying so
+                // lets the database use it.
+                q.push(" AND trace_id <> ''");
+            }
         }
         if let Some((key, value)) = &aq.context {
             let key = q.arg(key);

@@ -53,6 +53,10 @@ struct Cli {
     /// Entries per past day with `--history-days`.
     #[arg(long, default_value_t = 100_000)]
     history_rows: u32,
+    /// Events without a trace id, as a fleet that neither exports traces
+    /// nor gets a traceparent from its agents reports them.
+    #[arg(long)]
+    untraced: bool,
 }
 
 /// Fills the partitions of the `days` UTC days before today with `rows`
@@ -147,10 +151,19 @@ fn sum_ticks(pids: &[u32]) -> BTreeMap<u32, u64> {
         .collect()
 }
 
+/// What each simulated proxy sends.
+#[derive(Clone, Copy)]
+struct Load {
+    /// Events per call.
+    batch: usize,
+    /// Whether each event carries a trace id.
+    traced: bool,
+}
+
 /// Event `n` of proxy `proxy`, whose run drew the random `run`: its id is
 /// shaped as a proxy's (`SpendReporter::next_event_id`), so the ledger's
 /// `event_id` index holds keys of the real length.
-fn event(proxy: usize, run: u128, n: u64, key_id: &str, day: &str) -> pb::SpendEvent {
+fn event(proxy: usize, run: u128, n: u64, key_id: &str, day: &str, traced: bool) -> pb::SpendEvent {
     pb::SpendEvent {
         event_id: format!("ev_{run:032x}{n:016x}"),
         lease_id: format!("lease-{proxy}"),
@@ -165,7 +178,11 @@ fn event(proxy: usize, run: u128, n: u64, key_id: &str, day: &str) -> pb::SpendE
         at: Some(keycap_proto::time::to_proto(chrono::Utc::now())),
         detail_json: r#"{"amount":1,"currency":"usd"}"#.into(),
         day: day.to_string(),
-        trace_id: format!("{:032x}", n + 1),
+        trace_id: if traced {
+            format!("{:032x}", n + 1)
+        } else {
+            String::new()
+        },
         context: [("tenant".to_string(), format!("t{}", n % 7))].into(),
         ..Default::default()
     }
@@ -178,7 +195,7 @@ async fn proxy(
     channel: Channel,
     token: String,
     key_id: String,
-    batch: usize,
+    load: Load,
     stop: Arc<std::sync::atomic::AtomicBool>,
     applied: Arc<AtomicU64>,
 ) -> anyhow::Result<u64> {
@@ -188,10 +205,10 @@ async fn proxy(
     let run: u128 = rand::random();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let events: Vec<pb::SpendEvent> = (0..batch)
-            .map(|k| event(i, run, n + k as u64, &key_id, &day))
+        let events: Vec<pb::SpendEvent> = (0..load.batch)
+            .map(|k| event(i, run, n + k as u64, &key_id, &day, load.traced))
             .collect();
-        n += batch as u64;
+        n += load.batch as u64;
         let mut req = tonic::Request::new(pb::ReportSpendRequest {
             node_id: node_id.clone(),
             events,
@@ -201,10 +218,11 @@ async fn proxy(
             .insert("authorization", format!("Bearer {token}").parse()?);
         let answer = client.report_spend(req).await?.into_inner();
         ensure!(
-            answer.applied as usize == batch && answer.duplicates == 0,
-            "proxy {i}: {answer:?} for {batch} fresh events"
+            answer.applied as usize == load.batch && answer.duplicates == 0,
+            "proxy {i}: {answer:?} for {} fresh events",
+            load.batch
         );
-        applied.fetch_add(batch as u64, Ordering::Relaxed);
+        applied.fetch_add(load.batch as u64, Ordering::Relaxed);
     }
     Ok(n)
 }
@@ -279,7 +297,10 @@ async fn main() -> anyhow::Result<()> {
             channel,
             control.opts.fleet_token.clone(),
             key_id.clone(),
-            cli.batch,
+            Load {
+                batch: cli.batch,
+                traced: !cli.untraced,
+            },
             stop.clone(),
             applied.clone(),
         )));
@@ -314,9 +335,10 @@ async fn main() -> anyhow::Result<()> {
 
     let per_event = |ticks: u64| ticks as f64 / hz * 1e6 / events.max(1) as f64;
     println!(
-        "ingest: {} proxies, batches of {}, {:.1} s: {} events, {:.0} events/s (goal >= 100,000)",
+        "ingest: {} proxies, batches of {}{}, {:.1} s: {} events, {:.0} events/s (goal >= 100,000)",
         cli.proxies,
         cli.batch,
+        if cli.untraced { " (untraced)" } else { "" },
         took.as_secs_f64(),
         events,
         events as f64 / took.as_secs_f64()
