@@ -33,15 +33,10 @@ struct RpcCodeLabel {
     code: String,
 }
 
+/// How a counted thing ended: a spend event `applied` or a `duplicate`; a
+/// batch written ahead of the ledger head's lock `committed` or `missed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SpendLabel {
-    /// `applied` or `duplicate`.
-    result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct AheadLabel {
-    /// `committed` or `missed`.
+struct ResultLabel {
     result: &'static str,
 }
 
@@ -110,8 +105,8 @@ pub struct ControlMetrics {
     registry: Registry,
     requests: Family<RpcCodeLabel, Counter>,
     durations: Family<RpcLabel, Histogram>,
-    spend_events: Family<SpendLabel, Counter>,
-    appends_ahead: Family<AheadLabel, Counter>,
+    spend_events: Family<ResultLabel, Counter>,
+    appends_ahead: Family<ResultLabel, Counter>,
     spans_dropped: Counter,
     store_queries: Family<StoreLabel, Histogram>,
     confirmations: Family<ChangeLabel, Histogram>,
@@ -186,13 +181,13 @@ impl ControlMetrics {
             prometheus_client::registry::Unit::Seconds,
             durations.clone(),
         );
-        let spend_events = Family::<SpendLabel, Counter>::default();
+        let spend_events = Family::<ResultLabel, Counter>::default();
         registry.register(
             "spend_events_ingested",
             "Spend events proxies reported: applied, or a duplicate of one already applied",
             spend_events.clone(),
         );
-        let appends_ahead = Family::<AheadLabel, Counter>::default();
+        let appends_ahead = Family::<ResultLabel, Counter>::default();
         registry.register(
             "ledger_appends_ahead",
             "Spend batches written ahead of the ledger head's lock behind another in flight: \
@@ -355,10 +350,10 @@ impl ControlMetrics {
     /// One spend report: `applied` new events, `duplicates` already seen.
     pub fn spend_reported(&self, applied: u64, duplicates: u64) {
         self.spend_events
-            .get_or_create(&SpendLabel { result: "applied" })
+            .get_or_create(&ResultLabel { result: "applied" })
             .inc_by(applied);
         self.spend_events
-            .get_or_create(&SpendLabel {
+            .get_or_create(&ResultLabel {
                 result: "duplicate",
             })
             .inc_by(duplicates);
@@ -369,7 +364,7 @@ impl ControlMetrics {
     pub fn append_ahead(&self, committed: bool) {
         let result = if committed { "committed" } else { "missed" };
         self.appends_ahead
-            .get_or_create(&AheadLabel { result })
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 

@@ -99,7 +99,7 @@ impl SpendReporter {
 
     /// A fresh event id. Ids from one proxy run share a random prefix and
     /// then count up, so they are unique across the fleet, cost no system
-    /// call, and land next to each other in the ledger's unique index.
+    /// call, and land next to each other in the ledger's `event_id` index.
     pub fn next_event_id(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         format!("ev_{}{n:016x}", self.run_prefix)

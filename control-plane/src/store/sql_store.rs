@@ -452,7 +452,7 @@ where
                 .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?,
         );
         let known = Self::known_event_ids(w.conn(), events, clock).await?;
-        let (applied, fresh) = first_unstored(events, known, |_| false);
+        let (applied, fresh) = first_unstored(events, &known, |_| false);
         let keys = Self::spend_keys(w.conn(), events).await?;
         let settled = Self::settled_before(w.conn(), &fresh, &keys.observed).await?;
         let fresh = ledger::observe::mark(&fresh, &keys.observed, settled);
@@ -497,7 +497,7 @@ where
         let Some(start) = ticket.start().await else {
             return Ok(None);
         };
-        let (applied, fresh) = first_unstored(events, known, |id| ticket.earlier_holds(id));
+        let (applied, fresh) = first_unstored(events, &known, |id| ticket.earlier_holds(id));
         let fresh: Vec<Cow<'_, SpendEvent>> = fresh.into_iter().map(Cow::Borrowed).collect();
         let (entries, end) = chain_entries(start, &fresh, &keys.labels);
         ticket.chained(end);
@@ -3126,11 +3126,11 @@ struct SpendKeys {
 /// among `known` (stored before) nor carried by an append in flight before
 /// this one (`earlier`). Returns the flag of each event and the events
 /// flagged.
-fn first_unstored(
-    events: &[SpendEvent],
-    known: Vec<String>,
+fn first_unstored<'e>(
+    events: &'e [SpendEvent],
+    known: &[String],
     earlier: impl Fn(&str) -> bool,
-) -> (Vec<bool>, Vec<&SpendEvent>) {
+) -> (Vec<bool>, Vec<&'e SpendEvent>) {
     let mut seen: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
     let applied: Vec<bool> = events
         .iter()
