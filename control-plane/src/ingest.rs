@@ -5,8 +5,8 @@
 //! turns on the head's lock.
 //!
 //! One writer task per replica takes whatever calls are waiting when it is
-//! free and applies them together, with up to two joined batches in flight
-//! (the second chained behind the first, `ledger::pipeline`); each call
+//! free and applies them together, with up to three joined batches in
+//! flight (each chained behind the one before, `ledger::pipeline`); each call
 //! still gets its own answer (its events applied and its duplicates, in
 //! the joined batch's order of arrival, so an event sent twice counts once
 //! whichever call carried it).
@@ -27,10 +27,12 @@ use crate::store::{Store, StoreResult};
 /// Most events one joined batch takes (one call alone may bring more, up
 /// to what a call may carry).
 const MAX_GROUP_EVENTS: usize = 10_000;
-/// Joined batches being written at once: the next one's lookup and bulk
-/// write run while the one before it holds the ledger head and commits
-/// (`ledger::pipeline`).
-const IN_FLIGHT: usize = 2;
+/// Joined batches being written at once: the next ones' lookups and bulk
+/// writes run while the one before them holds the ledger head and commits
+/// (`ledger::pipeline`). A third in flight keeps a core busy while the
+/// first waits for its commit to reach disk (BENCHMARKS.md, "Fleet
+/// ingest").
+const IN_FLIGHT: usize = 3;
 /// Calls waiting for the writer before new ones wait to be queued.
 const QUEUE: usize = 1024;
 

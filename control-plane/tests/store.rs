@@ -57,6 +57,7 @@ store_suite!(
     record_spend_applies_each_event_once,
     spend_moves_from_lease_to_settled,
     a_report_moves_only_its_own_nodes_lease,
+    one_batch_settles_many_budgets_days_and_leases,
     fleet_nodes_register_acknowledge_and_unregister,
     fleet_heartbeat_refreshes_its_replica_and_forgets_the_dead,
     vendor_load_errors_are_replaced_per_node_and_shown_while_it_is_registered,
@@ -1516,6 +1517,71 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(available(&*s, "k", DAY).await, 300);
+    }
+
+    /// One batch spends on more keys than one settle statement takes
+    /// (`SPEND_CHUNK`, 256), on two days, on two keys of one roll chain,
+    /// and reports on each key's lease plus once on a lease of another
+    /// node's: every budget, day and lease gets exactly its own sum.
+    pub async fn one_batch_settles_many_budgets_days_and_leases(s: S) {
+        const KEYS: i64 = 300;
+        for i in 0..KEYS {
+            add_key(&*s, key(&format!("k{i}"), "stripe", "r", 1_000_000)).await;
+            let g = grant(
+                &format!("g{i}"),
+                &format!("l{i}"),
+                &format!("k{i}"),
+                DAY,
+                500_000,
+                0,
+            );
+            assert_eq!(granted(&*s, g).await, 500_000);
+        }
+        let a = add_key(&*s, key("a", "stripe", "r", 1_000_000)).await;
+        s.roll_key("a", &successor(&a, "a2"), now() + Duration::hours(1), now())
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        for i in 0..KEYS {
+            let (k, l) = (format!("k{i}"), format!("l{i}"));
+            events.push(event(&format!("e{i}"), &k, &l, DAY, "stripe", 100 + i));
+            if i % 2 == 0 {
+                events.push(event(&format!("d{i}"), &k, "", DAY2, "stripe", 10));
+            }
+        }
+        events.push(event("ra", "a", "", DAY, "stripe", 1_000));
+        events.push(event("ra2", "a2", "", DAY, "stripe", 2_000));
+        let mut stray = event("stray", "k0", "l0", DAY, "stripe", 7);
+        stray.node_id = "node-b".to_string();
+        events.push(stray);
+        let applied = s.record_spend(&events).await.unwrap();
+        assert_eq!(applied, (events.len() as u32, 0));
+
+        for i in 0..KEYS {
+            let k = format!("k{i}");
+            let stray = if i == 0 { 7 } else { 0 };
+            let day = s.key_spend(&k, DAY).await.unwrap();
+            assert_eq!(day.spent_day, Micros(100 + i + stray), "{k}");
+            assert_eq!(day.calls_day, 1 + i64::from(i == 0), "{k}");
+            let day2 = s.key_spend(&k, DAY2).await.unwrap();
+            let (spent2, calls2) = if i % 2 == 0 { (10, 1) } else { (0, 0) };
+            assert_eq!(
+                (day2.spent_day, day2.calls_day),
+                (Micros(spent2), calls2),
+                "{k}"
+            );
+            // The lease's own node's report moved its spend out of the
+            // lease; the stray report did not.
+            assert_eq!(available(&*s, &k, DAY).await, 500_000 - stray, "{k}");
+        }
+        for id in ["a", "a2"] {
+            let chain = s.key_spend(id, DAY).await.unwrap();
+            assert_eq!(
+                (chain.spent_day, chain.calls_day),
+                (Micros(3_000), 2),
+                "{id}"
+            );
+        }
     }
 
     /// (node, replica, applied version) of every registration.

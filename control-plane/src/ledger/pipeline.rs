@@ -256,6 +256,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_third_append_in_flight_counts_on_both_before_it() {
+        let appends = Appends::default();
+        let first = appends.ticket(["a"]);
+        let mut second = appends.ticket(["b"]);
+        let mut third = appends.ticket(["c"]);
+        assert!(third.earlier_holds("a") && third.earlier_holds("b"));
+        first.chained(head(1));
+        assert_eq!(second.start().await, Some(head(1)));
+        assert!(
+            third.start().now_or_never().is_none(),
+            "it chains onto the second, not the first"
+        );
+        second.chained(head(2));
+        assert_eq!(third.start().await, Some(head(2)));
+        first.done(Some(head(1)));
+        assert!(
+            third.earlier_done().now_or_never().is_none(),
+            "it waits for the second to finish"
+        );
+        second.earlier_done().await;
+        drop(second);
+        third.earlier_done().await;
+        assert!(
+            !third.earlier_committed(),
+            "the first committed but the second did not: b may not be stored"
+        );
+    }
+
+    #[tokio::test]
     async fn a_ticket_behind_an_append_that_failed_or_was_dropped_locks_first() {
         let appends = Appends::default();
         let first = appends.ticket(["a"]);

@@ -70,6 +70,9 @@ pub trait Dialect: Send + Sync + 'static {
     const ROW_LOCKS: bool;
     /// Suffix of a `SELECT` that locks the rows it reads for writing.
     const FOR_UPDATE: &'static str;
+    /// Whether a statement of many arguments is written with plain `?`
+    /// placeholders (`sql::Statement::anonymous`) rather than `$N`.
+    const PLAIN_PLACEHOLDERS: bool;
     /// Suffix of a `SELECT` that keeps the rows it reads from changing.
     const FOR_SHARE: &'static str;
     /// Suffix of a `SELECT` that locks the rows it reads for writing and
@@ -156,6 +159,7 @@ impl Dialect for Pg {
     type Db = Postgres;
     const ROW_LOCKS: bool = true;
     const FOR_UPDATE: &'static str = " FOR UPDATE";
+    const PLAIN_PLACEHOLDERS: bool = false;
     const FOR_SHARE: &'static str = " FOR SHARE";
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     const GREATEST: &'static str = "GREATEST";
@@ -424,6 +428,7 @@ impl Dialect for Lite {
     type Db = Sqlite;
     const ROW_LOCKS: bool = false;
     const FOR_UPDATE: &'static str = "";
+    const PLAIN_PLACEHOLDERS: bool = true;
     const FOR_SHARE: &'static str = "";
     const SKIP_LOCKED: &'static str = "";
     const GREATEST: &'static str = "MAX";

@@ -13,7 +13,7 @@
 //! * maps and lists (currency rates, allowed endpoints, metadata) are JSON
 //!   text.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use keycap_proto::Micros;
@@ -1005,25 +1005,36 @@ pub(super) fn distinct_key_ids(events: &[SpendEvent]) -> Vec<&str> {
     ids
 }
 
-/// What a batch of newly applied spend events adds up to, so each backend
-/// writes one row per (key, day) and per lease instead of one per event.
-/// Sorted, so concurrent batches take row locks in the same order.
+/// What a batch of newly applied spend events adds up to, so a settle
+/// writes one row per (budget, day) and per lease instead of one per
+/// event, in one statement of each kind (`settle_daily`, `settle_leases`).
+/// Sorted, so the rows are written in the same order whatever the batch.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct SpendTotals<'a> {
-    /// ((key_id, day), spent, calls)
+    /// ((budget_id, day), spent, calls): spend counts against the budget
+    /// its key spends (a roll chain's first key); the audit entry keeps
+    /// the key itself.
     pub daily: Vec<((&'a str, &'a str), i64, i64)>,
     /// ((lease_id, node_id), reported): a lease's reported spend grows
     /// only by its own node's reports.
     pub leases: Vec<((&'a str, &'a str), i64)>,
 }
 
-pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) -> SpendTotals<'a> {
+/// `budgets` maps a key id to the budget it spends; a key not in it (one
+/// the store does not hold) spends its own.
+pub(super) fn spend_totals<'a>(
+    applied: impl Iterator<Item = &'a SpendEvent>,
+    budgets: &'a HashMap<String, String>,
+) -> SpendTotals<'a> {
     let mut daily: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
     let mut leases: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     // A refusal (or a relayed inbound hook event) spends nothing and is no
     // call of the key's.
     for e in applied.filter(|e| e.outcome.is_call()) {
-        let d = daily.entry((&e.key_id, &e.day)).or_default();
+        let budget = budgets
+            .get(&e.key_id)
+            .map_or(e.key_id.as_str(), String::as_str);
+        let d = daily.entry((budget, &e.day)).or_default();
         d.0 += e.cost.0;
         d.1 += 1;
         if !e.lease_id.is_empty() {
@@ -1034,6 +1045,55 @@ pub(super) fn spend_totals<'a>(applied: impl Iterator<Item = &'a SpendEvent>) ->
         daily: daily.into_iter().map(|(k, (s, c))| (k, s, c)).collect(),
         leases: leases.into_iter().collect(),
     }
+}
+
+/// A statement with `$N` placeholders, or plain `?` ones when `plain`
+/// (SQLite, `Statement::anonymous`).
+fn statement(plain: bool, sql: &str) -> Statement {
+    if plain {
+        Statement::anonymous(sql)
+    } else {
+        Statement::new(sql)
+    }
+}
+
+/// The upsert adding `rows` of `SpendTotals::daily` to the budgets' daily
+/// spend, one statement for them all.
+pub(super) fn settle_daily(rows: &[((&str, &str), i64, i64)], plain: bool) -> Statement {
+    let mut q = statement(
+        plain,
+        "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES ",
+    );
+    for (i, ((budget, day), spent, calls)) in rows.iter().enumerate() {
+        q.push(if i == 0 { "(" } else { ", (" });
+        q.push_bind(*budget).push(", ").push_bind(*day);
+        q.push(", ").push_bind(*spent).push(", ").push_bind(*calls);
+        q.push(")");
+    }
+    q.push(
+        " ON CONFLICT (key_id, day) DO UPDATE \
+         SET spent = key_spend_daily.spent + excluded.spent, \
+             calls = key_spend_daily.calls + excluded.calls",
+    );
+    q
+}
+
+/// The update adding `rows` of `SpendTotals::leases` to the leases'
+/// reported spend, one statement for them all. A lease is matched by its
+/// id and its node: another node's report on it changes nothing. (A
+/// `VALUES` list's columns are `column1`, `column2`, … on both backends.)
+pub(super) fn settle_leases(rows: &[((&str, &str), i64)], plain: bool) -> Statement {
+    let mut q = statement(
+        plain,
+        "UPDATE leases SET reported = reported + v.column3 FROM (VALUES ",
+    );
+    for (i, ((lease, node), reported)) in rows.iter().enumerate() {
+        q.push(if i == 0 { "(" } else { ", (" });
+        q.push_bind(*lease).push(", ").push_bind(*node);
+        q.push(", ").push_bind(*reported).push(")");
+    }
+    q.push(") AS v WHERE leases.id = v.column1 AND leases.node_id = v.column2");
+    q
 }
 
 /// What spend ingest reads of each key of a batch: the run label its

@@ -24,9 +24,10 @@ use super::sql::{
 };
 use super::sql::{
     audit_limit, check_ancestors, check_grant, check_tree_depth, conflict_on_unique,
-    decide_tree_grant, distinct_key_ids, from_micros, micros, spend_chunks, spend_totals, to_json,
-    tree_levels_sql, truncate, AuditRow, ChangeRow, GrantRow, KeyInsert, KeyRow, LeaseRow,
-    TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR, KEY_COLUMNS, VENDOR_COLUMNS,
+    decide_tree_grant, distinct_key_ids, from_micros, micros, settle_daily, settle_leases,
+    spend_chunks, spend_totals, to_json, tree_levels_sql, truncate, AuditRow, ChangeRow, GrantRow,
+    KeyInsert, KeyRow, LeaseRow, TreeLevelRow, VendorRow, AUDIT_COLUMNS, CHANGE_KEY, CHANGE_VENDOR,
+    KEY_COLUMNS, VENDOR_COLUMNS,
 };
 use super::sql::{vendor_load_errors_sql, VendorLoadErrorRow};
 use super::sql::{ChainedEntry, Statement};
@@ -458,7 +459,7 @@ where
         let fresh = ledger::observe::mark(&fresh, &keys.observed, settled);
         let (entries, end) = chain_entries(head, &fresh, &keys.labels);
         D::append_audit(w.conn(), &entries).await?;
-        Self::settle(w.conn(), &fresh, head, end).await?;
+        Self::settle(w.conn(), &fresh, &keys.budgets, head, end).await?;
         w.commit().await?;
         Ok((applied, end))
     }
@@ -520,7 +521,7 @@ where
             ticket.missed();
             return Ok(None);
         }
-        Self::settle(w.conn(), &fresh, start, end).await?;
+        Self::settle(w.conn(), &fresh, &keys.budgets, start, end).await?;
         w.commit().await?;
         ticket.done_ahead(end);
         Ok(Some(applied))
@@ -552,6 +553,7 @@ where
             q.push_in("id", ids);
             let rows: Vec<SpendKeyRow> = q.query_as::<D::Db, _>().fetch_all(&mut *conn).await?;
             for r in rows {
+                keys.budgets.insert(r.id.clone(), r.budget_id.clone());
                 if r.observe_ceiling.is_some() {
                     let caps = ObservedCaps {
                         budget_id: r.budget_id,
@@ -567,10 +569,12 @@ where
     }
 
     /// Moves the ledger head from `start` to `end` and counts the spend of
-    /// the `fresh` events just appended against their budgets and leases.
+    /// the `fresh` events just appended against their budgets (`budgets`,
+    /// by key id: `SpendKeys::budgets`) and leases.
     async fn settle(
         conn: &mut <D::Db as Database>::Connection,
         fresh: &[Cow<'_, SpendEvent>],
+        budgets: &std::collections::HashMap<String, String>,
         start: Head,
         end: Head,
     ) -> StoreResult<()> {
@@ -581,33 +585,18 @@ where
                 .execute(&mut *conn)
                 .await?;
         }
-        let totals = spend_totals(fresh.iter().map(|e| &**e));
-        for ((key_id, day), spent, calls) in &totals.daily {
-            sqlx::query(
-                // Spend counts against the budget the key spends (a roll
-                // chain's first key); the audit entry keeps the key itself.
-                "INSERT INTO key_spend_daily (key_id, day, spent, calls) VALUES \
-                 (COALESCE((SELECT budget_id FROM vault_keys WHERE id = $1), $1), $2, $3, $4) \
-                 ON CONFLICT (key_id, day) DO UPDATE \
-                 SET spent = key_spend_daily.spent + excluded.spent, \
-                     calls = key_spend_daily.calls + excluded.calls",
-            )
-            .bind(key_id)
-            .bind(day)
-            .bind(spent)
-            .bind(calls)
-            .execute(&mut *conn)
-            .await?;
+        let totals = spend_totals(fresh.iter().map(|e| &**e), budgets);
+        for rows in spend_chunks(&totals.daily) {
+            settle_daily(rows, D::PLAIN_PLACEHOLDERS)
+                .query::<D::Db>()
+                .execute(&mut *conn)
+                .await?;
         }
-        for ((lease_id, node_id), reported) in &totals.leases {
-            sqlx::query(
-                "UPDATE leases SET reported = reported + $1 WHERE id = $2 AND node_id = $3",
-            )
-            .bind(reported)
-            .bind(lease_id)
-            .bind(node_id)
-            .execute(&mut *conn)
-            .await?;
+        for rows in spend_chunks(&totals.leases) {
+            settle_leases(rows, D::PLAIN_PLACEHOLDERS)
+                .query::<D::Db>()
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(())
     }
@@ -3115,10 +3104,12 @@ where
     }
 }
 
-/// The run labels and observed caps of a spend batch's keys.
+/// The run labels, budgets and observed caps of a spend batch's keys.
 #[derive(Default)]
 struct SpendKeys {
     labels: std::collections::HashMap<String, String>,
+    /// The budget each key spends: a roll chain's first key, else itself.
+    budgets: std::collections::HashMap<String, String>,
     observed: std::collections::HashMap<String, ObservedCaps>,
 }
 
