@@ -1,7 +1,8 @@
 //! `ingest-bench`: the fleet ingest benchmark (BENCHMARKS.md, "Fleet
 //! ingest"). One `keycap-control` replica on PostgreSQL; N simulated
 //! proxies, each on its own gRPC connection, send `ReportSpend` batches of
-//! synthetic spend events (fresh event ids, one key and lease per proxy)
+//! synthetic spend events (fresh event ids, one lease per proxy, and one key
+//! per proxy or `--keys-per-proxy` of them)
 //! in closed loops for a while. Prints the events applied per second, and
 //! the CPU per event of the replica process and of the PostgreSQL backends
 //! serving its database (`/proc/<pid>/stat` utime + stime before and after
@@ -34,6 +35,10 @@ struct Cli {
     /// flight.
     #[arg(long, default_value_t = 16)]
     proxies: usize,
+    /// Keys each simulated proxy spreads its events over, round robin (a
+    /// fleet serving many agents settles many keys per batch).
+    #[arg(long, default_value_t = 1)]
+    keys_per_proxy: usize,
     /// Spend events per ReportSpend call.
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -57,6 +62,11 @@ struct Cli {
     /// nor gets a traceparent from its agents reports them.
     #[arg(long)]
     untraced: bool,
+    /// After the run, also measure PostgreSQL's floor: its CPU to store
+    /// and index the run's entries by COPY alone (`floor`), with the
+    /// ledger's indexes and with only those dedupe needs.
+    #[arg(long)]
+    floor: bool,
 }
 
 /// Fills the partitions of the `days` UTC days before today with `rows`
@@ -123,6 +133,23 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The machine's CPU ticks so far, busy and idle (idle and I/O wait),
+/// from the first line of `/proc/stat`.
+fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(ticks.len() >= 5, "short /proc/stat");
+    let idle = ticks[3] + ticks[4];
+    Ok((ticks.iter().sum::<u64>() - idle, idle))
+}
+
 fn ticks_per_second() -> f64 {
     // USER_HZ is 100 on every Linux this runs on; `getconf CLK_TCK` says.
     std::process::Command::new("getconf")
@@ -140,6 +167,18 @@ async fn backends(admin: &mut sqlx::PgConnection, database: &str) -> anyhow::Res
         "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
     )
     .bind(database)
+    .fetch_all(admin)
+    .await?;
+    Ok(pids.into_iter().map(|p| p as u32).collect())
+}
+
+/// PostgreSQL's own processes that write for every database: the WAL
+/// writer, the checkpointer and the background writer.
+async fn server_processes(admin: &mut sqlx::PgConnection) -> anyhow::Result<Vec<u32>> {
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE backend_type IN ('walwriter', 'checkpointer', 'background writer')",
+    )
     .fetch_all(admin)
     .await?;
     Ok(pids.into_iter().map(|p| p as u32).collect())
@@ -194,7 +233,7 @@ async fn proxy(
     i: usize,
     channel: Channel,
     token: String,
-    key_id: String,
+    key_ids: Vec<String>,
     load: Load,
     stop: Arc<std::sync::atomic::AtomicBool>,
     applied: Arc<AtomicU64>,
@@ -206,7 +245,11 @@ async fn proxy(
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let events: Vec<pb::SpendEvent> = (0..load.batch)
-            .map(|k| event(i, run, n + k as u64, &key_id, &day, load.traced))
+            .map(|k| {
+                let n = n + k as u64;
+                let key_id = &key_ids[n as usize % key_ids.len()];
+                event(i, run, n, key_id, &day, load.traced)
+            })
             .collect();
         n += load.batch as u64;
         let mut req = tonic::Request::new(pb::ReportSpendRequest {
@@ -234,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
         cli.proxies = cli.proxies.min(4);
         cli.batch = cli.batch.min(100);
         cli.seconds = 1;
+        cli.floor = true;
     }
     let db = pg::fresh_database().await?;
     let database = db
@@ -257,7 +301,7 @@ async fn main() -> anyhow::Result<()> {
         .await;
     ensure!(r.status == 201, "register the vendor: {}", r.text);
     let mut keys = Vec::new();
-    for i in 0..cli.proxies {
+    for i in 0..cli.proxies * cli.keys_per_proxy.max(1) {
         let r = admin
             .post_json(
                 "/vault/keys",
@@ -290,13 +334,13 @@ async fn main() -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let applied = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for (i, key_id) in keys.iter().enumerate() {
+    for (i, key_ids) in keys.chunks(cli.keys_per_proxy.max(1)).enumerate() {
         let channel = Endpoint::from_shared(control.url())?.connect().await?;
         tasks.push(tokio::spawn(proxy(
             i,
             channel,
             control.opts.fleet_token.clone(),
-            key_id.clone(),
+            key_ids.to_vec(),
             Load {
                 batch: cli.batch,
                 traced: !cli.untraced,
@@ -310,22 +354,31 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let hz = ticks_per_second();
     let pg_pids = backends(&mut pg_admin, &database).await?;
+    let server_pids = server_processes(&mut pg_admin).await?;
+    let before_server = sum_ticks(&server_pids);
     let before_replica = cpu_ticks(replica_pid).context("replica stat")?;
     let before_pg = sum_ticks(&pg_pids);
     let before_me = cpu_ticks(std::process::id()).context("own stat")?;
     let before_events = applied.load(Ordering::Relaxed);
+    let before_machine = machine_ticks()?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(cli.seconds)).await;
     let events = applied.load(Ordering::Relaxed) - before_events;
     let took = started.elapsed();
     let replica = cpu_ticks(replica_pid).context("replica stat")? - before_replica;
     let me = cpu_ticks(std::process::id()).context("own stat")? - before_me;
+    let machine = machine_ticks()?;
+    let (busy, idle) = (machine.0 - before_machine.0, machine.1 - before_machine.1);
     // Backends that started during the run count whole; none should.
     let after_pids = backends(&mut pg_admin, &database).await?;
     let after_pg = sum_ticks(&after_pids);
     let pg: u64 = after_pg
         .iter()
         .map(|(pid, t)| t - before_pg.get(pid).copied().unwrap_or(0))
+        .sum();
+    let server: u64 = sum_ticks(&server_pids)
+        .iter()
+        .map(|(pid, t)| t - before_server.get(pid).copied().unwrap_or(*t))
         .sum();
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;
@@ -351,6 +404,15 @@ async fn main() -> anyhow::Result<()> {
         after_pg.len(),
         per_event(me)
     );
+    println!(
+        "ingest: CPU per event of PostgreSQL's own processes (WAL writer, checkpointer, \
+         background writer; not in the backends' figure): {:.2} us",
+        per_event(server)
+    );
+    println!(
+        "ingest: the machine's cores were {:.1}% idle during the run",
+        100.0 * idle as f64 / (busy + idle).max(1) as f64
+    );
 
     // Every event sent is in the ledger once, and the chain holds.
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit")
@@ -366,5 +428,208 @@ async fn main() -> anyhow::Result<()> {
         "ingest: ledger holds {rows} entries; verify ok, head seq {}",
         v["head_seq"]
     );
+    if cli.floor {
+        print_floors(&db.url, history, cli.batch, hz).await?;
+    }
     Ok(())
+}
+
+/// The audit table's indexes that appending in order and the exact dedupe
+/// need; the others serve queries (docs/ledger.md, "Index costs").
+const APPEND_INDEXES: [&str; 2] = ["audit_pkey", "audit_event_id"];
+
+/// `--floor`: PostgreSQL's floor (`floor`) with every index of the audit
+/// table, with only `APPEND_INDEXES`, and with those and each other index.
+async fn print_floors(url: &str, after: i64, batch: usize, hz: f64) -> anyhow::Result<()> {
+    let mut admin = sqlx::PgConnection::connect(url).await?;
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT CAST(indexrelid AS REGCLASS)::TEXT, pg_get_indexdef(indexrelid) FROM pg_index \
+         WHERE indrelid = CAST('audit' AS REGCLASS) ORDER BY 1",
+    )
+    .fetch_all(&mut admin)
+    .await?;
+    let (append, query): (Vec<_>, Vec<_>) = indexes
+        .iter()
+        .partition(|(name, _)| APPEND_INDEXES.contains(&name.as_str()));
+    ensure!(
+        append.len() == APPEND_INDEXES.len(),
+        "the audit table lacks one of {APPEND_INDEXES:?}"
+    );
+    let definitions =
+        |set: &[&(String, String)]| -> Vec<String> { set.iter().map(|(_, d)| d.clone()).collect() };
+    let mut runs = vec![
+        (
+            "every index".to_string(),
+            definitions(&indexes.iter().collect::<Vec<_>>()),
+        ),
+        (APPEND_INDEXES.join(" and "), definitions(&append)),
+    ];
+    for q in &query {
+        let mut set = append.clone();
+        set.push(q);
+        runs.push((format!("those and {}", q.0), definitions(&set)));
+    }
+    for (label, set) in runs {
+        let (entries, us) = floor(url, after, batch, &set, hz).await?;
+        println!(
+            "ingest: PostgreSQL floor, {label}: {us:.2} us of backend CPU per entry \
+             ({entries} entries by COPY alone, {batch} per transaction, {FLOOR_SESSIONS} sessions)"
+        );
+    }
+    Ok(())
+}
+
+/// Appends the floor writes at once: the replica has at most two in
+/// flight (`ledger::pipeline`).
+const FLOOR_SESSIONS: usize = 2;
+
+/// The signature, flags and (empty) header extension that open binary
+/// COPY data.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// What PostgreSQL spends, with nothing of keycap's around it, to store and
+/// index the entries the run appended (those after seq `after`): they are
+/// read back as binary COPY rows (not measured) and written by COPY into a
+/// twin of the audit table with the `indexes` (definitions of the audit
+/// table's), `batch` rows per transaction,
+/// from `FLOOR_SESSIONS` sessions at once. No dedupe lookup, no settle, no
+/// ledger head: the least an append of those rows costs. Returns the
+/// entries written and the backends' CPU per entry in µs.
+async fn floor(
+    url: &str,
+    after: i64,
+    batch: usize,
+    indexes: &[String],
+    hz: f64,
+) -> anyhow::Result<(usize, f64)> {
+    use tokio_stream::StreamExt;
+
+    let mut admin = sqlx::PgConnection::connect(url).await?;
+    let (first, last): (i64, i64) =
+        sqlx::query_as("SELECT MIN(logged_at), MAX(logged_at) FROM audit WHERE seq > $1")
+            .bind(after)
+            .fetch_one(&mut admin)
+            .await?;
+    sqlx::raw_sql(&format!(
+        "DROP TABLE IF EXISTS ingest_floor; \
+         CREATE TABLE ingest_floor (LIKE audit INCLUDING DEFAULTS) PARTITION BY RANGE (logged_at); \
+         CREATE TABLE ingest_floor_run PARTITION OF ingest_floor \
+         FOR VALUES FROM ({first}) TO ({})",
+        last + 1
+    ))
+    .execute(&mut admin)
+    .await?;
+    for definition in indexes {
+        let twin = definition
+            .replacen(" ON ONLY public.audit ", " ON ingest_floor ", 1)
+            .replacen(" INDEX audit_", " INDEX ingest_floor_", 1);
+        ensure!(
+            twin.contains(" ON ingest_floor ") && twin.contains(" INDEX ingest_floor_"),
+            "unexpected index definition: {definition}"
+        );
+        sqlx::raw_sql(&twin).execute(&mut admin).await?;
+    }
+
+    let mut data = Vec::new();
+    let mut out = admin
+        .copy_out_raw(&format!(
+            "COPY (SELECT * FROM audit WHERE seq > {after} ORDER BY seq) TO STDOUT (FORMAT binary)"
+        ))
+        .await?;
+    while let Some(chunk) = out.next().await {
+        data.extend_from_slice(&chunk?);
+    }
+    drop(out);
+    let rows = copy_rows(&data)?;
+    let batches: Arc<Vec<Vec<u8>>> = Arc::new(
+        rows.chunks(batch.max(1))
+            .map(|chunk| {
+                let mut b = COPY_HEADER.to_vec();
+                chunk.iter().for_each(|row| b.extend_from_slice(row));
+                b.extend_from_slice(&(-1i16).to_be_bytes());
+                b
+            })
+            .collect(),
+    );
+
+    let mut sessions = Vec::new();
+    for _ in 0..FLOOR_SESSIONS {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        sessions.push((conn, pid as u32));
+    }
+    let pids: Vec<u32> = sessions.iter().map(|(_, pid)| *pid).collect();
+    let before = sum_ticks(&pids);
+    let mut tasks = Vec::new();
+    for (s, (mut conn, _)) in sessions.into_iter().enumerate() {
+        let batches = batches.clone();
+        tasks.push(tokio::spawn(async move {
+            for b in batches.iter().skip(s).step_by(FLOOR_SESSIONS) {
+                let mut copy = conn
+                    .copy_in_raw("COPY ingest_floor FROM STDIN (FORMAT binary)")
+                    .await?;
+                copy.send(b.as_slice()).await?;
+                copy.finish().await?;
+            }
+            anyhow::Ok(conn)
+        }));
+    }
+    let mut conns = Vec::new();
+    for t in tasks {
+        conns.push(t.await??);
+    }
+    let ticks: u64 = sum_ticks(&pids)
+        .iter()
+        .map(|(pid, t)| t - before.get(pid).copied().unwrap_or(0))
+        .sum();
+    let written: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ingest_floor")
+        .fetch_one(&mut admin)
+        .await?;
+    ensure!(
+        written as usize == rows.len(),
+        "the floor wrote {written} of {} rows",
+        rows.len()
+    );
+    sqlx::raw_sql("DROP TABLE ingest_floor")
+        .execute(&mut admin)
+        .await?;
+    Ok((
+        rows.len(),
+        ticks as f64 / hz * 1e6 / rows.len().max(1) as f64,
+    ))
+}
+
+/// The rows of binary COPY data, each as its bytes (field count, then
+/// each field's length and bytes), without the header and trailer.
+fn copy_rows(data: &[u8]) -> anyhow::Result<Vec<&[u8]>> {
+    ensure!(
+        data.starts_with(COPY_HEADER),
+        "not binary COPY data with an empty header extension"
+    );
+    let be16 = |at: usize| -> anyhow::Result<i16> {
+        let b = data.get(at..at + 2).context("COPY data cut short")?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    };
+    let be32 = |at: usize| -> anyhow::Result<i32> {
+        let b = data.get(at..at + 4).context("COPY data cut short")?;
+        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut rows = Vec::new();
+    let mut at = COPY_HEADER.len();
+    loop {
+        let fields = be16(at)?;
+        if fields == -1 {
+            return Ok(rows);
+        }
+        let start = at;
+        at += 2;
+        for _ in 0..fields {
+            let len = be32(at)?;
+            at += 4 + usize::try_from(len.max(0))?;
+        }
+        ensure!(at <= data.len(), "COPY data cut short");
+        rows.push(&data[start..at]);
+    }
 }
