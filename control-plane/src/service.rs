@@ -476,6 +476,8 @@ pub struct Control {
     upstreams: domain::UpstreamPolicy,
     /// Joins concurrent spend reports into one store batch.
     spend: crate::ingest::SpendIngest,
+    /// Keys and days whose cap thresholds wait to be checked.
+    thresholds: alerts::PendingThresholds,
     /// This replica's webhook sender, once `deliver_webhooks` started it;
     /// without one, events wait in the outbox for a replica that has one.
     courier: std::sync::OnceLock<Arc<crate::webhook::delivery::Courier>>,
@@ -512,6 +514,7 @@ impl Control {
             ack_timeout,
             upstreams,
             spend: crate::ingest::SpendIngest::start(store.clone()),
+            thresholds: alerts::PendingThresholds::default(),
             courier: std::sync::OnceLock::new(),
             approvals: std::sync::OnceLock::new(),
             dry_runs: simulate::DryRunLimiter::default(),
@@ -2087,7 +2090,10 @@ impl Control {
 
     /// Applies a proxy's spend report, joined with the reports of other
     /// calls arriving meanwhile (`ingest`).
-    pub async fn report_spend(&self, events: Vec<SpendEvent>) -> Result<(u32, u32), ApiError> {
+    pub async fn report_spend(
+        self: &Arc<Self>,
+        events: Vec<SpendEvent>,
+    ) -> Result<(u32, u32), ApiError> {
         if events.len() > 10_000 {
             return Err(ApiError::Invalid(invalid(
                 "events",
@@ -2095,11 +2101,11 @@ impl Control {
             )));
         }
         // The thresholds are checked on the keys and days the batch touched,
-        // once it is stored.
+        // once it is stored (soon after the answer).
         let touched = alerts::touched(&events);
         let cap_refusals = alerts::cap_refusal_windows(&events);
         let recorded = self.spend.record(events).await?;
-        self.check_thresholds(touched).await;
+        self.check_thresholds_soon(touched);
         self.check_cap_refusals(cap_refusals).await;
         Ok(recorded)
     }
@@ -2228,6 +2234,111 @@ mod tests {
             node_id: "n1".into(),
             ..SpendEvent::settled(id, "k1", cost, cost)
         }
+    }
+
+    /// A report's answer does not wait for the check of its key's cap
+    /// thresholds: while a pass holds the checker, a report is answered
+    /// and its key waits. The next report's task (another key's) finds the
+    /// checker free, takes both reports' keys in one pass, and raises each
+    /// threshold k1 crossed (the key's and its run's 50%) once.
+    #[tokio::test]
+    async fn a_report_is_answered_before_its_thresholds_are_checked_and_none_is_lost() {
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        let now = Utc::now();
+        store
+            .put_vendor(VendorWrite {
+                vendor: domain::Vendor {
+                    name: VendorName::parse("stripe").unwrap(),
+                    profile: domain::Profile::Stripe,
+                    base_url: "https://api.stripe.com".into(),
+                    currency_rates: BTreeMap::new(),
+                    prices: String::new(),
+                    forward_trace_context: false,
+                    created_at: now,
+                    updated_at: now,
+                    credential_set_at: now,
+                    rotate_after: None,
+                },
+                sealed_credential: Some(b"sealed".to_vec()),
+                credential_version: 1,
+            })
+            .await
+            .unwrap();
+        store
+            .insert_key(&VaultKey {
+                id: "k1".into(),
+                key_hash: [7; 32],
+                key_prefix: "kc_test_k1".into(),
+                vendor: VendorName::parse("stripe").unwrap(),
+                allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+                daily_cap: Micros(10_000_000),
+                per_call_cap: None,
+                lifetime_cap: None,
+                expires_at: now + chrono::Duration::hours(1),
+                agent_run_label: "run-1".into(),
+                metadata: BTreeMap::new(),
+                created_at: now,
+                revoked_at: None,
+                limits: domain::KeyLimits::default(),
+                parent_id: None,
+                approval_above: None,
+                roll: domain::KeyRoll::default(),
+                observe_ceiling: None,
+            })
+            .await
+            .unwrap();
+        let (endpoint, _) = control
+            .create_webhook(&crate::webhook::EndpointRequest {
+                url: "https://hooks.example.com/caps".into(),
+                events: vec!["cap.threshold".into()],
+                thresholds: vec![50],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let raised = || async {
+            store
+                .webhook_deliveries(&endpoint.id, 10)
+                .await
+                .unwrap()
+                .len()
+        };
+
+        let pass = control.thresholds.checking.lock().await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            control.report_spend(vec![spend("e1", 6_000_000)]),
+        )
+        .await
+        .expect("answered while a pass holds the checker");
+        assert_eq!(answer.unwrap(), (1, 0));
+        assert_eq!(raised().await, 0, "not checked yet");
+        assert!(control
+            .thresholds
+            .waiting()
+            .contains(&("k1".to_string(), "2026-12-06".to_string())));
+        drop(pass);
+
+        // Another key's report: only the pass it starts checks k1 now.
+        let other = SpendEvent {
+            key_id: "k2".into(),
+            ..spend("e2", 1)
+        };
+        control.report_spend(vec![other]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while raised().await < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the thresholds were not raised"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The pass that raised them is the last: nothing waits, and a
+        // later pass raises nothing again.
+        assert!(control.thresholds.waiting().is_empty());
+        let touched = BTreeSet::from([("k1".to_string(), "2026-12-06".to_string())]);
+        control.check_thresholds(touched).await;
+        assert_eq!(raised().await, 2, "each threshold is raised once");
     }
 
     // A current-thread runtime runs the calls' tasks in order before the

@@ -39,6 +39,11 @@ struct Cli {
     /// fleet serving many agents settles many keys per batch).
     #[arg(long, default_value_t = 1)]
     keys_per_proxy: usize,
+    /// A webhook endpoint asks for `cap.threshold` alerts, so every report
+    /// is checked against the thresholds of the keys it touched (none is
+    /// crossed: the caps are far above the run's spend).
+    #[arg(long)]
+    alerts: bool,
     /// Spend events per ReportSpend call.
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -289,6 +294,9 @@ async fn main() -> anyhow::Result<()> {
         .to_string();
     let mut opts = ControlOpts::postgres(&db.url);
     opts.log_level = Some("warn".into());
+    if cli.alerts {
+        opts.args.push("--allow-private-webhooks".into());
+    }
     let control = Control::start(opts).await;
     let replica_pid = control.process().id().context("replica pid")?;
     let admin = control.admin();
@@ -300,6 +308,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
     ensure!(r.status == 201, "register the vendor: {}", r.text);
+    if cli.alerts {
+        admin
+            .post_json(
+                "/vault/webhooks",
+                &json!({"url": "http://127.0.0.1:9/alerts", "events": ["cap.threshold"],
+                        "thresholds": [50, 80, 100]}),
+            )
+            .await
+            .expect(201);
+    }
     let mut keys = Vec::new();
     for i in 0..cli.proxies * cli.keys_per_proxy.max(1) {
         let r = admin
