@@ -2045,6 +2045,7 @@ impl Control {
             )));
         }
         let now = Utc::now();
+        check_lease_day(&req.day, now)?;
         req.expires_at = now + chrono::Duration::from_std(LEASE_TTL).expect("constant fits");
         Ok(self.store.grant_lease(&req, now).await?)
     }
@@ -2192,10 +2193,53 @@ fn confirm_span(version: i64, kind: ChangeKind) -> tracing::Span {
     )
 }
 
+/// A lease draws on the budget of the UTC day it names, the day of the
+/// proxy's clock. It is granted only for the control plane's own day, or
+/// the day next to it while the clocks are within `ledger::MAX_AHEAD` of
+/// midnight: a proxy whose clock is a day off would otherwise spend
+/// another day's cap today, on top of today's.
+fn check_lease_day(day: &str, now: DateTime<Utc>) -> Result<(), ApiError> {
+    let skew = ledger::MAX_AHEAD;
+    if [now - skew, now, now + skew]
+        .into_iter()
+        .any(|t| keycap_proto::time::utc_day(t) == day)
+    {
+        return Ok(());
+    }
+    Err(ApiError::Invalid(invalid(
+        "day",
+        format!(
+            "{day} is not the control plane's UTC day ({}): a lease is for the day of the \
+             call; check the proxy's clock",
+            keycap_proto::time::utc_day(now)
+        ),
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::SqliteStore;
+
+    #[test]
+    fn a_lease_is_granted_for_the_control_planes_day_or_the_next_near_midnight() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let ok = |day: &str, now: &str| check_lease_day(day, at(now)).is_ok();
+        assert!(ok("2026-12-07", "2026-12-07T12:00:00Z"));
+        assert!(!ok("2026-12-06", "2026-12-07T12:00:00Z"));
+        assert!(!ok("2026-12-08", "2026-12-07T12:00:00Z"));
+        // Within MAX_AHEAD (an hour) of midnight, either side of it.
+        assert!(ok("2026-12-06", "2026-12-07T00:30:00Z"));
+        assert!(!ok("2026-12-06", "2026-12-07T01:30:00Z"));
+        assert!(ok("2026-12-08", "2026-12-07T23:30:00Z"));
+        assert!(!ok("2026-12-08", "2026-12-07T22:30:00Z"));
+        assert!(!ok("2026-12-09", "2026-12-07T23:30:00Z"));
+        let refused = check_lease_day("2030-01-01", at("2026-12-07T12:00:00Z")).unwrap_err();
+        assert!(
+            refused.to_string().contains("2026-12-07"),
+            "names the control plane's day: {refused}"
+        );
+    }
 
     /// A `Control` whose store fails every query: any lookup shows up as
     /// `Internal` instead of `Unauthenticated`.

@@ -618,6 +618,43 @@ async fn fleet_calls_need_the_fleet_token() {
     );
 }
 
+/// A proxy whose clock is days off asks for a lease on another day's
+/// budget: refused, naming the field and the control plane's day, and
+/// nothing is granted; the same grant for today is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_for_another_day_is_refused() {
+    let g = Grpc::start().await;
+    g.put_vendor().await;
+    let key_id = g.create_key("grpc/lease-day").await.key.expect("key").id;
+    let mut fleet = g.fleet();
+    let two_days_ahead =
+        keycap_proto::time::utc_day(chrono::Utc::now() + chrono::Duration::days(2));
+    let grant = |day: String| pb::GrantLeaseRequest {
+        grant_id: unique("grant"),
+        lease_id: unique("lease"),
+        key_id: key_id.clone(),
+        node_id: NODE.into(),
+        day,
+        requested_micros: 1_000_000,
+        minimum_micros: 1,
+    };
+    let s = fleet
+        .grant_lease(g.as_fleet(grant(two_days_ahead.clone())))
+        .await
+        .expect_err("a lease two days ahead");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().contains("day") && s.message().contains(&today()),
+        "{s:?}"
+    );
+    let granted = fleet
+        .grant_lease(g.as_fleet(grant(today())))
+        .await
+        .expect("a lease for today")
+        .into_inner();
+    assert_eq!(granted.granted_micros, 1_000_000, "{granted:?}");
+}
+
 // --- spend reports ----------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
