@@ -2280,14 +2280,7 @@ mod tests {
         }
     }
 
-    /// A report's answer does not wait for the check of its key's cap
-    /// thresholds: while a pass holds the checker, a report is answered
-    /// and its key waits. The next report's task (another key's) finds the
-    /// checker free, takes both reports' keys in one pass, and raises each
-    /// threshold k1 crossed (the key's and its run's 50%) once.
-    #[tokio::test]
-    async fn a_report_is_answered_before_its_thresholds_are_checked_and_none_is_lost() {
-        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+    async fn put_stripe(store: &dyn Store) {
         let now = Utc::now();
         store
             .put_vendor(VendorWrite {
@@ -2308,38 +2301,104 @@ mod tests {
             })
             .await
             .unwrap();
-        store
-            .insert_key(&VaultKey {
-                id: "k1".into(),
-                key_hash: [7; 32],
-                key_prefix: "kc_test_k1".into(),
-                vendor: VendorName::parse("stripe").unwrap(),
-                allowed_endpoints: vec!["POST /v1/payment_intents".into()],
-                daily_cap: Micros(10_000_000),
-                per_call_cap: None,
-                lifetime_cap: None,
-                expires_at: now + chrono::Duration::hours(1),
-                agent_run_label: "run-1".into(),
-                metadata: BTreeMap::new(),
-                created_at: now,
-                revoked_at: None,
-                limits: domain::KeyLimits::default(),
-                parent_id: None,
-                approval_above: None,
-                roll: domain::KeyRoll::default(),
-                observe_ceiling: None,
-            })
-            .await
-            .unwrap();
-        let (endpoint, _) = control
+    }
+
+    /// A root Stripe key of run `run-1` with this daily cap.
+    fn run_key(id: &str, daily_cap: i64) -> VaultKey {
+        let now = Utc::now();
+        VaultKey {
+            id: id.into(),
+            key_hash: secret::hash(id),
+            key_prefix: format!("kc_test_{id}"),
+            vendor: VendorName::parse("stripe").unwrap(),
+            allowed_endpoints: vec!["POST /v1/payment_intents".into()],
+            daily_cap: Micros(daily_cap),
+            per_call_cap: None,
+            lifetime_cap: None,
+            expires_at: now + chrono::Duration::hours(1),
+            agent_run_label: "run-1".into(),
+            metadata: BTreeMap::new(),
+            created_at: now,
+            revoked_at: None,
+            limits: domain::KeyLimits::default(),
+            parent_id: None,
+            approval_above: None,
+            roll: domain::KeyRoll::default(),
+            observe_ceiling: None,
+        }
+    }
+
+    /// An endpoint wanting `cap.threshold` at `percent` alone.
+    async fn threshold_endpoint(
+        control: &Control,
+        percent: u32,
+    ) -> crate::webhook::WebhookEndpoint {
+        control
             .create_webhook(&crate::webhook::EndpointRequest {
                 url: "https://hooks.example.com/caps".into(),
                 events: vec!["cap.threshold".into()],
-                thresholds: vec![50],
+                thresholds: vec![percent],
                 ..Default::default()
             })
             .await
+            .unwrap()
+            .0
+    }
+
+    /// The run's daily cap and spend count a roll chain's budget once: a
+    /// key rolled to a successor leaves two keys of the run on one budget,
+    /// and the run's alert shows that budget's cap and spend, not twice.
+    #[tokio::test]
+    async fn a_runs_threshold_counts_a_roll_chains_budget_once() {
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        put_stripe(&*store).await;
+        let k1 = run_key("k1", 10_000_000);
+        store.insert_key(&k1).await.unwrap();
+        let successor = VaultKey {
+            roll: domain::KeyRoll {
+                budget_id: Some("k1".into()),
+                rolled_from: Some("k1".into()),
+                ..Default::default()
+            },
+            ..run_key("k1b", 10_000_000)
+        };
+        let now = Utc::now();
+        store
+            .roll_key("k1", &successor, now + chrono::Duration::hours(1), now)
+            .await
             .unwrap();
+        let endpoint = threshold_endpoint(&control, 50).await;
+        let spent = SpendEvent {
+            key_id: "k1b".into(),
+            ..spend("e1", 6_000_000)
+        };
+        store.record_spend(&[spent]).await.unwrap();
+        let touched = BTreeSet::from([("k1b".to_string(), "2026-12-06".to_string())]);
+        control.check_thresholds(touched).await;
+        let runs: Vec<serde_json::Value> = store
+            .webhook_deliveries(&endpoint.id, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| serde_json::from_str::<serde_json::Value>(&d.payload).unwrap()["data"].clone())
+            .filter(|data| data["subject"] == "run")
+            .collect();
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert_eq!(runs[0]["cap_usd"], Micros(10_000_000).to_string());
+        assert_eq!(runs[0]["spent_usd"], Micros(6_000_000).to_string());
+    }
+
+    /// A report's answer does not wait for the check of its key's cap
+    /// thresholds: while a pass holds the checker, a report is answered
+    /// and its key waits. The next report's task (another key's) finds the
+    /// checker free, takes both reports' keys in one pass, and raises each
+    /// threshold k1 crossed (the key's and its run's 50%) once.
+    #[tokio::test]
+    async fn a_report_is_answered_before_its_thresholds_are_checked_and_none_is_lost() {
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        put_stripe(&*store).await;
+        store.insert_key(&run_key("k1", 10_000_000)).await.unwrap();
+        let endpoint = threshold_endpoint(&control, 50).await;
         let raised = || async {
             store
                 .webhook_deliveries(&endpoint.id, 10)

@@ -390,9 +390,9 @@ impl Control {
         }
     }
 
-    /// A run's daily cap is the sum of the daily caps of its keys that do
+    /// A run's daily cap is the sum of the daily caps of its budgets that do
     /// not draw on another key of the run (a child's spend already counts
-    /// against its parent's cap); its spend is that of all its keys.
+    /// against its parent's cap); its spend is that of all its budgets.
     async fn run_thresholds(
         &self,
         endpoints: &[WebhookEndpoint],
@@ -414,6 +414,12 @@ impl Control {
         let mut cap = Micros::ZERO;
         let mut spent = Micros::ZERO;
         for k in &keys {
+            // A roll chain's keys spend one budget, kept (with the caps
+            // grants enforce) under the chain's first key: counted once,
+            // there, not once per key of the chain.
+            if k.id != k.budget_id() {
+                continue;
+            }
             if !k.parent_id.as_deref().is_some_and(|p| ids.contains(p)) {
                 cap = Micros(cap.0.saturating_add(k.daily_cap.0));
             }
