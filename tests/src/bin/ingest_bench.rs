@@ -497,8 +497,9 @@ async fn print_floors(url: &str, after: i64, batch: usize, hz: f64) -> anyhow::R
     Ok(())
 }
 
-/// Appends the floor writes at once: the replica has at most two in
-/// flight (`ledger::pipeline`).
+/// Sessions writing the floor at once. The replica writes up to three
+/// batches at once (`ingest::IN_FLIGHT`); the floors in BENCHMARKS.md were
+/// measured with two.
 const FLOOR_SESSIONS: usize = 2;
 
 /// The signature, flags and (empty) header extension that open binary
