@@ -96,9 +96,10 @@ pub(super) async fn events(
         },
     };
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let vendors = s.principal.vendors;
     tokio::spawn(async move {
         let _permit = permit;
-        follow(c, headers, label, after, tx).await;
+        follow(c, headers, vendors, label, after, tx).await;
     });
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -122,19 +123,18 @@ async fn newest(
 }
 
 /// Sends the run's entries above `after` until the browser goes away or
-/// the session ends.
+/// the session ends. `vendors` is the scope of the session the request was
+/// served under; a session ended since is found at the next re-check and
+/// told with an `end` event, so the browser stops instead of reconnecting.
 async fn follow(
     c: Arc<Control>,
     headers: HeaderMap,
+    mut vendors: VendorScope,
     label: String,
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
     let mut polls = 0u32;
-    let mut vendors = match session::current(&c, &headers).await {
-        Some(s) => s.principal.vendors,
-        None => return,
-    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
