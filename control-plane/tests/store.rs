@@ -86,6 +86,7 @@ store_suite!(
     spend_report_groups_ranges_and_ranks,
     refusal_counts_sum_records_per_key_and_reason,
     lineage_spend_sums_each_ancestors_subtree,
+    threshold_reads_take_many_keys_at_once,
     a_roll_chain_spends_one_budget_and_retires_key_by_key,
     rolling_repeatedly_never_grants_more_than_the_cap,
     an_observe_key_is_held_to_its_ceiling_marked_at_ingest_and_switched_in_place,
@@ -3423,32 +3424,135 @@ mod cases {
             event("e5", "sibling", "l5", DAY, "stripe", 7),
         ];
         assert_eq!(s.record_spend(&batch).await.unwrap(), (5, 0));
-        let lineage: Vec<(String, i64, i64, i64)> = s
-            .lineage_spend("g", DAY)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| {
-                (
-                    l.key_id,
-                    l.spend.spent_day.0,
-                    l.spend.calls_day,
-                    l.spend.spent_lifetime.0,
-                )
-            })
-            .collect();
+        let lineage = |ids: &'static [&'static str], day: &'static str| {
+            let s = s.clone();
+            async move {
+                let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                s.lineage_spend(&ids, day)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| {
+                        (
+                            l.key_id,
+                            l.spend.spent_day.0,
+                            l.spend.calls_day,
+                            l.spend.spent_lifetime.0,
+                        )
+                    })
+                    .collect::<Vec<(String, i64, i64, i64)>>()
+            }
+        };
         assert_eq!(
-            lineage,
+            lineage(&["g"], DAY).await,
             [
                 ("g".to_string(), 300, 1, 300),
                 ("c".to_string(), 500, 2, 550),
                 ("p".to_string(), 607, 4, 657),
             ]
         );
-        let root = s.lineage_spend("p", DAY2).await.unwrap();
+        // Two keys at once: each ancestor once, at the least depth either
+        // key sees it (`p` is the sibling's parent), then by id.
+        assert_eq!(
+            lineage(&["sibling", "nobody", "g"], DAY).await,
+            [
+                ("g".to_string(), 300, 1, 300),
+                ("sibling".to_string(), 7, 1, 7),
+                ("c".to_string(), 500, 2, 550),
+                ("p".to_string(), 607, 4, 657),
+            ]
+        );
+        let root = lineage(&["p"], DAY2).await;
+        assert_eq!(root, [("p".to_string(), 50, 1, 657)]);
+        assert!(lineage(&["nobody"], DAY).await.is_empty());
+        assert!(lineage(&[], DAY).await.is_empty());
+    }
+
+    /// What a threshold pass reads for all its keys at once, over more
+    /// keys than one statement takes: the keys, their lineage's spend, the
+    /// keys of their runs and what each budget settled on a day.
+    pub async fn threshold_reads_take_many_keys_at_once(s: S) {
+        const KEYS: usize = 300;
+        add_key(&*s, key("root", "stripe", "run-root", 1_000_000_000)).await;
+        let mut ids = Vec::new();
+        let mut batch = Vec::new();
+        for i in 0..KEYS {
+            let id = format!("k{i:03}");
+            add_key(
+                &*s,
+                VaultKey {
+                    agent_run_label: format!("run-{}", i % 3),
+                    ..child(&id, "root", 1_000_000)
+                },
+            )
+            .await;
+            batch.push(event(
+                &format!("e{i}"),
+                &id,
+                "l",
+                DAY,
+                "stripe",
+                i as i64 + 1,
+            ));
+            ids.push(id);
+        }
+        assert_eq!(s.record_spend(&batch).await.unwrap(), (KEYS as u32, 0));
+        let total: i64 = (1..=KEYS as i64).sum();
+
+        let mut asked = ids.clone();
+        asked.push("nobody".to_string());
+        let mut found: Vec<String> = s
+            .keys_by_id(&asked)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.id)
+            .collect();
+        found.sort();
+        assert_eq!(found, ids, "every known key once, the unknown one left out");
+
+        let lineage = s.lineage_spend(&ids, DAY).await.unwrap();
+        assert_eq!(
+            lineage.len(),
+            KEYS + 1,
+            "each key, and the shared root once"
+        );
+        let root: Vec<_> = lineage.iter().filter(|l| l.key_id == "root").collect();
         assert_eq!(root.len(), 1);
-        assert_eq!(root[0].spend.spent_day, Micros(50));
-        assert!(s.lineage_spend("nobody", DAY).await.unwrap().is_empty());
+        assert_eq!(root[0].spend.spent_day, Micros(total));
+        assert_eq!(root[0].spend.calls_day, KEYS as i64);
+        let k7 = lineage.iter().find(|l| l.key_id == "k007").unwrap();
+        assert_eq!(k7.spend.spent_day, Micros(8));
+
+        let labels = vec![
+            "run-1".to_string(),
+            "run-root".to_string(),
+            "run-none".to_string(),
+        ];
+        let mut run_keys: Vec<(String, String)> = s
+            .run_keys(&labels)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| (k.agent_run_label, k.id))
+            .collect();
+        run_keys.sort();
+        let mut expected: Vec<(String, String)> = (0..KEYS)
+            .filter(|i| i % 3 == 1)
+            .map(|i| ("run-1".to_string(), format!("k{i:03}")))
+            .collect();
+        expected.push(("run-root".to_string(), "root".to_string()));
+        assert_eq!(run_keys, expected);
+
+        let mut budgets = ids.clone();
+        budgets.push("root".to_string());
+        let mut spent = s.budgets_spent_on(&budgets, DAY).await.unwrap();
+        spent.sort();
+        let expected: Vec<(String, Micros)> = (0..KEYS)
+            .map(|i| (format!("k{i:03}"), Micros(i as i64 + 1)))
+            .collect();
+        assert_eq!(spent, expected, "the root settled nothing itself");
+        assert!(s.budgets_spent_on(&budgets, DAY2).await.unwrap().is_empty());
     }
 
     pub async fn spend_report_groups_ranges_and_ranks(s: S) {

@@ -8,7 +8,7 @@
 //! posts it. A failure to raise is logged, never returned to the call that
 //! caused it: an alert must not undo a revocation or refuse spend.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::{Confirmation, Control};
 use crate::domain::{
-    KeyFilter, Outcome, SpendDimension, SpendEvent, SpendReportQuery, VaultKey, MAX_REPORT_GROUPS,
+    Outcome, SpendDimension, SpendEvent, SpendReportQuery, VaultKey, MAX_REPORT_GROUPS,
 };
 use crate::error::ApiError;
 use crate::store::RefusalCountQuery;
@@ -297,9 +297,12 @@ impl Control {
     }
 
     /// After spend was recorded: raises `cap.threshold` for each key, and
-    /// each run, of the `touched` (key id, day) pairs whose spend has reached a threshold an
-    /// endpoint asks for — once per key (or run), cap, period and
-    /// threshold, however many proxies report at once.
+    /// each run, of the `touched` (key id, day) pairs whose spend has
+    /// reached a threshold an endpoint asks for — once per key (or run),
+    /// cap, period and threshold, however many proxies report at once.
+    /// A pass reads a handful of statements per day it covers, whatever
+    /// the number of keys: the keys, their trees' spend, their runs' keys
+    /// and those runs' spend, each for all of them at once.
     pub(crate) async fn check_thresholds(&self, touched: BTreeSet<(String, String)>) {
         if touched.is_empty() {
             return;
@@ -307,46 +310,55 @@ impl Control {
         let Some(endpoints) = self.endpoints_for(EventType::CapThreshold).await else {
             return;
         };
-        let mut runs: BTreeSet<(String, String)> = BTreeSet::new();
-        for (key_id, day) in &touched {
-            if let Err(e) = self
-                .key_thresholds(&endpoints, key_id, day, &mut runs)
-                .await
-            {
-                tracing::warn!(error = %e, key = key_id, "cannot check a key's cap thresholds");
-            }
+        let mut days: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key_id, day) in touched {
+            days.entry(day).or_default().push(key_id);
         }
-        for (label, day) in runs {
-            if let Err(e) = self.run_thresholds(&endpoints, &label, &day).await {
-                tracing::warn!(error = %e, run = %label, "cannot check a run's cap thresholds");
+        for (day, key_ids) in days {
+            if let Err(e) = self.day_thresholds(&endpoints, &key_ids, &day).await {
+                tracing::warn!(error = %e, day, keys = key_ids.len(), "cannot check cap thresholds");
             }
         }
     }
 
-    /// A key's caps, and those of each of its ancestors, against the
-    /// spend of their whole subtree: a child's spend draws on every
-    /// ancestor's budget, so it can take a parent over a threshold.
-    async fn key_thresholds(
+    /// The caps of the keys of `key_ids`, and of each of their ancestors,
+    /// against the spend of their whole subtree on `day` (a child's spend
+    /// draws on every ancestor's budget, so it can take a parent over a
+    /// threshold); then the runs of all those keys.
+    async fn day_thresholds(
         &self,
         endpoints: &[WebhookEndpoint],
-        key_id: &str,
+        key_ids: &[String],
         day: &str,
-        runs: &mut BTreeSet<(String, String)>,
     ) -> Result<(), ApiError> {
         // A rolled key spends its chain's budget, kept under the chain's
         // first key: that is the tree whose thresholds its spend moves.
-        let Some(spender) = self.store.get_key(key_id).await? else {
-            return Ok(());
-        };
-        for lineage in self.store.lineage_spend(spender.budget_id(), day).await? {
-            let Some(key) = self.store.get_key(&lineage.key_id).await? else {
+        let budgets: BTreeSet<String> = self
+            .store
+            .keys_by_id(key_ids)
+            .await?
+            .iter()
+            .map(|k| k.budget_id().to_string())
+            .collect();
+        let budgets: Vec<String> = budgets.into_iter().collect();
+        let lineage = self.store.lineage_spend(&budgets, day).await?;
+        let ids: Vec<String> = lineage.iter().map(|l| l.key_id.clone()).collect();
+        let keys: HashMap<String, VaultKey> = self
+            .store
+            .keys_by_id(&ids)
+            .await?
+            .into_iter()
+            .map(|k| (k.id.clone(), k))
+            .collect();
+        let mut runs: BTreeSet<String> = BTreeSet::new();
+        for l in lineage {
+            let Some(key) = keys.get(&l.key_id) else {
                 continue;
             };
-            runs.insert((key.agent_run_label.clone(), day.to_string()));
-            self.one_key_thresholds(endpoints, &key, day, lineage.spend)
-                .await;
+            runs.insert(key.agent_run_label.clone());
+            self.one_key_thresholds(endpoints, key, day, l.spend).await;
         }
-        Ok(())
+        self.run_thresholds(endpoints, runs, day).await
     }
 
     async fn one_key_thresholds(
@@ -396,46 +408,48 @@ impl Control {
     async fn run_thresholds(
         &self,
         endpoints: &[WebhookEndpoint],
-        label: &str,
+        labels: BTreeSet<String>,
         day: &str,
     ) -> Result<(), ApiError> {
-        let keys: Vec<VaultKey> = self
-            .store
-            .list_keys(
-                &KeyFilter {
-                    agent_run_label: Some(label.to_string()),
-                    vendor: None,
-                    include_inactive: true,
-                },
-                Utc::now(),
-            )
-            .await?;
-        let ids: BTreeSet<&str> = keys.iter().map(|k| k.id.as_str()).collect();
-        let mut cap = Micros::ZERO;
-        let mut spent = Micros::ZERO;
-        for k in &keys {
-            // A roll chain's keys spend one budget, kept (with the caps
-            // grants enforce) under the chain's first key: counted once,
-            // there, not once per key of the chain.
-            if k.id != k.budget_id() {
-                continue;
-            }
-            if !k.parent_id.as_deref().is_some_and(|p| ids.contains(p)) {
-                cap = Micros(cap.0.saturating_add(k.daily_cap.0));
-            }
-            spent = Micros(
-                spent
-                    .0
-                    .saturating_add(self.store.key_spend(&k.id, day).await?.spent_day.0),
-            );
+        let labels: Vec<String> = labels.into_iter().collect();
+        let mut runs: BTreeMap<String, Vec<VaultKey>> = BTreeMap::new();
+        for k in self.store.run_keys(&labels).await? {
+            runs.entry(k.agent_run_label.clone()).or_default().push(k);
         }
-        let subject = Subject {
-            run_label: Some(label),
-            key_id: None,
-        };
-        let base = json!({"subject": "run", "run_label": label, "keys": keys.len()});
-        self.crossings(endpoints, &subject, "daily", day, spent, cap, &base)
-            .await;
+        // A roll chain's keys spend one budget, kept (with the caps grants
+        // enforce) under the chain's first key: counted once, there, not
+        // once per key of the chain.
+        let budgets: Vec<String> = runs
+            .values()
+            .flatten()
+            .filter(|k| k.id == k.budget_id())
+            .map(|k| k.id.clone())
+            .collect();
+        let spent: HashMap<String, Micros> = self
+            .store
+            .budgets_spent_on(&budgets, day)
+            .await?
+            .into_iter()
+            .collect();
+        for (label, keys) in &runs {
+            let ids: BTreeSet<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+            let mut cap = Micros::ZERO;
+            let mut run_spent = Micros::ZERO;
+            for k in keys.iter().filter(|k| k.id == k.budget_id()) {
+                if !k.parent_id.as_deref().is_some_and(|p| ids.contains(p)) {
+                    cap = Micros(cap.0.saturating_add(k.daily_cap.0));
+                }
+                let of_key = spent.get(&k.id).copied().unwrap_or(Micros::ZERO);
+                run_spent = Micros(run_spent.0.saturating_add(of_key.0));
+            }
+            let subject = Subject {
+                run_label: Some(label),
+                key_id: None,
+            };
+            let base = json!({"subject": "run", "run_label": label, "keys": keys.len()});
+            self.crossings(endpoints, &subject, "daily", day, run_spent, cap, &base)
+                .await;
+        }
         Ok(())
     }
 

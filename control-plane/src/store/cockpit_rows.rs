@@ -70,12 +70,18 @@ pub struct LineageSpend {
 #[derive(sqlx::FromRow)]
 pub struct LineageSpendRow {
     ancestor_id: String,
+    /// The least depth at which one of the keys asked about sees it.
+    pub(super) depth: i64,
     spent_day: i64,
     calls_day: i64,
     spent_lifetime: i64,
 }
 
 impl LineageSpendRow {
+    pub(super) fn ancestor_id(&self) -> &str {
+        &self.ancestor_id
+    }
+
     pub(super) fn into_domain(self) -> LineageSpend {
         LineageSpend {
             key_id: self.ancestor_id,

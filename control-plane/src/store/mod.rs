@@ -241,6 +241,10 @@ pub trait Store: Send + Sync + 'static {
     /// expired at `now`) only when the filter asks for them.
     async fn list_keys(&self, filter: &KeyFilter, now: DateTime<Utc>)
         -> StoreResult<Vec<VaultKey>>;
+    /// The keys of `ids` that exist, whatever their state, in no set order.
+    async fn keys_by_id(&self, ids: &[String]) -> StoreResult<Vec<VaultKey>>;
+    /// Every key of the runs `labels`, whatever its state, in no set order.
+    async fn run_keys(&self, labels: &[String]) -> StoreResult<Vec<VaultKey>>;
     /// Revokes a key and its whole subtree (idempotent: a revoked key keeps
     /// its first `revoked_at`). `NotFound` if absent. Appends one change-log
     /// entry per key it revoked, so proxies refuse the descendants too.
@@ -282,6 +286,14 @@ pub trait Store: Send + Sync + 'static {
     async fn due_retirements(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<String>>;
     /// Settled spend of a key on a UTC day (YYYY-MM-DD) and over its life.
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend>;
+    /// What each budget of `budget_ids` (a key id, not resolved through
+    /// `budget_id`) settled on a UTC day; a budget with nothing settled
+    /// that day is left out.
+    async fn budgets_spent_on(
+        &self,
+        budget_ids: &[String],
+        day: &str,
+    ) -> StoreResult<Vec<(String, keycap_proto::Micros)>>;
     /// The key's budget tree on a UTC day (YYYY-MM-DD), key first, as a
     /// lease grant would weigh it at `now`; empty for an unknown key.
     /// Reads only: nothing is locked or reserved.
@@ -561,10 +573,11 @@ pub trait Store: Send + Sync + 'static {
     /// Refused calls of the refusal entries the query names, summed per
     /// key and reason, most calls first (at most `MAX_REFUSAL_GROUPS`).
     async fn refusal_counts(&self, q: &RefusalCountQuery) -> StoreResult<Vec<RefusalCount>>;
-    /// `key_id` and each of its ancestors, nearest first, each with the
-    /// spend of its whole subtree on `day` and over its lifetime. Empty
-    /// for an unknown key.
-    async fn lineage_spend(&self, key_id: &str, day: &str) -> StoreResult<Vec<LineageSpend>>;
+    /// The keys of `key_ids` and each of their ancestors, once each,
+    /// nearest first (by the least depth at which one of `key_ids` sees
+    /// it, then id), each with the spend of its whole subtree on `day` and
+    /// over its lifetime. Unknown keys add nothing.
+    async fn lineage_spend(&self, key_ids: &[String], day: &str) -> StoreResult<Vec<LineageSpend>>;
     // --- approvals (see `crate::approval`) ----------------------------------
     /// Stores a call held for approval; `NotFound` if its key does not
     /// exist, `Conflict` if its id is taken.

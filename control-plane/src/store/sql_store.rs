@@ -678,6 +678,19 @@ where
         Ok(())
     }
 
+    /// Keys whose `column` is one of `values`, whatever their state.
+    async fn keys_in(&self, column: &str, values: &[String]) -> StoreResult<Vec<VaultKey>> {
+        let mut keys = Vec::with_capacity(values.len());
+        for chunk in spend_chunks(values) {
+            let mut q = Statement::new(format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE 1 = 1"));
+            q.push_in(column, chunk);
+            for row in q.query_as::<D::Db, KeyRow>().fetch_all(&self.pool).await? {
+                keys.push(row.into_domain()?);
+            }
+        }
+        Ok(keys)
+    }
+
     async fn fetch_key(
         conn: &mut <D::Db as Database>::Connection,
         id: &str,
@@ -1391,6 +1404,14 @@ where
         Self::fetch_key(&mut conn, id).await
     }
 
+    async fn keys_by_id(&self, ids: &[String]) -> StoreResult<Vec<VaultKey>> {
+        self.keys_in("id", ids).await
+    }
+
+    async fn run_keys(&self, labels: &[String]) -> StoreResult<Vec<VaultKey>> {
+        self.keys_in("agent_run_label", labels).await
+    }
+
     async fn find_key_by_hash(&self, key_hash: &[u8; 32]) -> StoreResult<Option<VaultKey>> {
         let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys WHERE key_hash = $1");
         sqlx::query_as::<_, KeyRow>(&sql)
@@ -1652,6 +1673,21 @@ where
             calls_day,
             spent_lifetime: Micros(spent_lifetime),
         })
+    }
+
+    async fn budgets_spent_on(
+        &self,
+        budget_ids: &[String],
+        day: &str,
+    ) -> StoreResult<Vec<(String, Micros)>> {
+        let mut spent = Vec::with_capacity(budget_ids.len());
+        for ids in spend_chunks(budget_ids) {
+            let mut q = Statement::new("SELECT key_id, spent FROM key_spend_daily WHERE day = ");
+            q.push_bind(day).push_in("key_id", ids);
+            let rows: Vec<(String, i64)> = q.query_as::<D::Db, _>().fetch_all(&self.pool).await?;
+            spent.extend(rows.into_iter().map(|(id, v)| (id, Micros(v))));
+        }
+        Ok(spent)
     }
 
     async fn budget_levels(
@@ -2784,27 +2820,47 @@ where
 
     async fn lineage_spend(
         &self,
-        key_id: &str,
+        key_ids: &[String],
         day: &str,
     ) -> StoreResult<Vec<super::LineageSpend>> {
-        // `a` walks up from the key to each ancestor; `d` down from that
-        // ancestor to every key of its subtree (itself included).
-        let rows: Vec<LineageSpendRow> = sqlx::query_as(
-            "SELECT a.ancestor_id, \
-               CAST(COALESCE(SUM(CASE WHEN s.day = $2 THEN s.spent END), 0) AS BIGINT) AS spent_day, \
-               CAST(COALESCE(SUM(CASE WHEN s.day = $2 THEN s.calls END), 0) AS BIGINT) AS calls_day, \
-               CAST(COALESCE(SUM(s.spent), 0) AS BIGINT) AS spent_lifetime \
-             FROM key_ancestors a \
-             JOIN key_ancestors d ON d.ancestor_id = a.ancestor_id \
-             LEFT JOIN key_spend_daily s ON s.key_id = d.key_id \
-             WHERE a.key_id = $1 \
-             GROUP BY a.ancestor_id, a.depth ORDER BY a.depth",
-        )
-        .bind(key_id)
-        .bind(day)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(LineageSpendRow::into_domain).collect())
+        let mut rows: Vec<LineageSpendRow> = Vec::new();
+        for ids in spend_chunks(key_ids) {
+            // `a` walks up from the keys to each ancestor (once, at the
+            // least depth any of them sees it); `d` down from that ancestor
+            // to every key of its subtree (itself included).
+            let mut q = Statement::new(
+                "SELECT a.ancestor_id, a.depth, CAST(COALESCE(SUM(CASE WHEN s.day = ",
+            );
+            let day = q.arg(day);
+            q.push(format!(
+                "{day} THEN s.spent END), 0) AS BIGINT) AS spent_day, \
+                 CAST(COALESCE(SUM(CASE WHEN s.day = {day} THEN s.calls END), 0) AS BIGINT) \
+                 AS calls_day, CAST(COALESCE(SUM(s.spent), 0) AS BIGINT) AS spent_lifetime \
+                 FROM (SELECT ancestor_id, CAST(MIN(depth) AS BIGINT) AS depth \
+                 FROM key_ancestors WHERE 1 = 1"
+            ))
+            .push_in("key_id", ids)
+            .push(
+                " GROUP BY ancestor_id) a \
+                 JOIN key_ancestors d ON d.ancestor_id = a.ancestor_id \
+                 LEFT JOIN key_spend_daily s ON s.key_id = d.key_id \
+                 GROUP BY a.ancestor_id, a.depth",
+            );
+            rows.extend(
+                q.query_as::<D::Db, LineageSpendRow>()
+                    .fetch_all(&self.pool)
+                    .await?,
+            );
+        }
+        // An ancestor shared by keys of two chunks has the same subtree
+        // spend in both: kept once, at the lesser depth.
+        rows.sort_by(|a, b| (a.depth, a.ancestor_id()).cmp(&(b.depth, b.ancestor_id())));
+        let mut seen = std::collections::HashSet::new();
+        Ok(rows
+            .into_iter()
+            .filter(|r| seen.insert(r.ancestor_id().to_string()))
+            .map(LineageSpendRow::into_domain)
+            .collect())
     }
 
     async fn insert_approval(&self, a: &Approval) -> StoreResult<()> {

@@ -201,6 +201,14 @@ impl<S: Store> Store for TimedStore<S> {
         timed("list_keys", self.0.list_keys(filter, now)).await
     }
 
+    async fn keys_by_id(&self, ids: &[String]) -> StoreResult<Vec<VaultKey>> {
+        timed("keys_by_id", self.0.keys_by_id(ids)).await
+    }
+
+    async fn run_keys(&self, labels: &[String]) -> StoreResult<Vec<VaultKey>> {
+        timed("run_keys", self.0.run_keys(labels)).await
+    }
+
     async fn revoke_key(&self, id: &str, now: DateTime<Utc>) -> StoreResult<RevokedKey> {
         timed("revoke_key", self.0.revoke_key(id, now)).await
     }
@@ -238,6 +246,14 @@ impl<S: Store> Store for TimedStore<S> {
 
     async fn key_spend(&self, id: &str, day: &str) -> StoreResult<KeySpend> {
         timed("key_spend", self.0.key_spend(id, day)).await
+    }
+
+    async fn budgets_spent_on(
+        &self,
+        budget_ids: &[String],
+        day: &str,
+    ) -> StoreResult<Vec<(String, keycap_proto::Micros)>> {
+        timed("budgets_spent_on", self.0.budgets_spent_on(budget_ids, day)).await
     }
 
     async fn budget_levels(
@@ -570,10 +586,10 @@ impl<S: Store> Store for TimedStore<S> {
 
     async fn lineage_spend(
         &self,
-        key_id: &str,
+        key_ids: &[String],
         day: &str,
     ) -> StoreResult<Vec<super::LineageSpend>> {
-        timed("lineage_spend", self.0.lineage_spend(key_id, day)).await
+        timed("lineage_spend", self.0.lineage_spend(key_ids, day)).await
     }
 
     async fn insert_approval(&self, approval: &Approval) -> StoreResult<()> {
