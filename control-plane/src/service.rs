@@ -2428,17 +2428,18 @@ mod tests {
             ..spend("e2", 1)
         };
         control.report_spend(vec![other]).await.unwrap();
+        // The pass that raises them may be the first report's own task,
+        // if it only ran once the checker was free: then k2 waits out that
+        // pass's second. Either way both are checked and nothing waits.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while raised().await < 2 {
+        while raised().await < 2 || !control.thresholds.waiting().is_empty() {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the thresholds were not raised"
+                "the thresholds were not raised, or keys still wait"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The pass that raised them is the last: nothing waits, and a
-        // later pass raises nothing again.
-        assert!(control.thresholds.waiting().is_empty());
+        // A later pass raises nothing again.
         let touched = BTreeSet::from([("k1".to_string(), "2026-12-06".to_string())]);
         control.check_thresholds(touched).await;
         assert_eq!(raised().await, 2, "each threshold is raised once");

@@ -95,6 +95,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// The text value of key `key` (an expression, e.g. a placeholder) of
     /// the JSON object in `column`; NULL when absent.
     fn json_text(column: &str, key: &str) -> String;
+    /// `column = value` for an audit column looked up by id (`event_id`,
+    /// `key_id`, `agent_run_label`, `trace_id`), `value` an expression
+    /// (e.g. a placeholder), written so the column's index serves it.
+    fn indexed_text_eq(column: &str, value: &str) -> String;
     /// How many rows a statement changed.
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
     /// See `Store::change_feed`.
@@ -185,6 +189,14 @@ impl Dialect for Pg {
 
     fn json_text(column: &str, key: &str) -> String {
         format!("(CAST({column} AS JSONB) ->> CAST({key} AS TEXT))")
+    }
+
+    fn indexed_text_eq(column: &str, value: &str) -> String {
+        // The index holds the id's hash (migration 0027): the hash finds
+        // the entries, the id itself decides.
+        format!(
+            "hashtextextended({column}, 0) = hashtextextended({value}, 0) AND {column} = {value}"
+        )
     }
 
     fn rows_affected(done: &sqlx::postgres::PgQueryResult) -> u64 {
@@ -451,6 +463,10 @@ impl Dialect for Lite {
 
     fn lock_table(_table: &str, _mode: &str) -> Option<String> {
         None
+    }
+
+    fn indexed_text_eq(column: &str, value: &str) -> String {
+        format!("{column} = {value}")
     }
 
     fn json_text(column: &str, key: &str) -> String {

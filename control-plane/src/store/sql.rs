@@ -1271,6 +1271,20 @@ impl Statement {
         }
     }
 
+    /// ` AND ` and the condition `eq` writes for `column` and one
+    /// argument's placeholder (`Dialect::indexed_text_eq`; it may write the
+    /// placeholder twice, which only `$N` placeholders allow).
+    pub(super) fn push_eq_as(
+        &mut self,
+        eq: fn(&str, &str) -> String,
+        column: &str,
+        arg: impl Into<Arg>,
+    ) -> &mut Self {
+        let value = self.arg(arg);
+        debug_assert!(!self.anonymous, "a condition may repeat its placeholder");
+        self.push(" AND ").push(eq(column, &value))
+    }
+
     /// ` AND at >= since AND at < until`, each when given.
     pub(super) fn push_time_range(
         &mut self,

@@ -2300,10 +2300,10 @@ where
     async fn query_audit(&self, aq: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
         let mut q = Statement::new(format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE 1 = 1"));
         if let Some(key_id) = &aq.key_id {
-            q.push(" AND key_id = ").push_bind(key_id);
+            q.push_eq_as(D::indexed_text_eq, "key_id", key_id);
         }
         if let Some(label) = &aq.agent_run_label {
-            q.push(" AND agent_run_label = ").push_bind(label);
+            q.push_eq_as(D::indexed_text_eq, "agent_run_label", label);
         }
         if let Some(vendor) = &aq.vendor {
             q.push(" AND vendor = ").push_bind(vendor);
@@ -2313,7 +2313,7 @@ where
         }
         q.push_time_range(aq.since, aq.until);
         if let Some(trace_id) = &aq.trace_id {
-            q.push(" AND trace_id = ").push_bind(trace_id);
+            q.push_eq_as(D::indexed_text_eq, "trace_id", trace_id);
             if !trace_id.is_empty() {
                 // The trace index holds only traced entries; saying so
                 // lets the database use it.
@@ -2427,10 +2427,11 @@ where
     }
 
     async fn spend_summary(&self, agent_run_label: &str) -> StoreResult<SpendSummary> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
             "SELECT vendor, CAST(COALESCE(SUM(cost), 0) AS BIGINT), COUNT(*) FROM audit \
-             WHERE agent_run_label = $1 AND outcome <> 'refused' GROUP BY vendor ORDER BY vendor",
-        )
+             WHERE {} AND outcome <> 'refused' GROUP BY vendor ORDER BY vendor",
+            D::indexed_text_eq("agent_run_label", "$1")
+        ))
         .bind(agent_run_label)
         .fetch_all(&self.pool)
         .await?;
@@ -2454,7 +2455,7 @@ where
         let filter = |q: &mut Statement| {
             q.push_time_range(rq.since, rq.until);
             if let Some(label) = &rq.agent_run_label {
-                q.push(" AND agent_run_label = ").push_bind(label.as_str());
+                q.push_eq_as(D::indexed_text_eq, "agent_run_label", label.as_str());
             }
             if let Some(vendors) = &rq.vendors {
                 q.push_in("vendor", vendors);
@@ -2797,7 +2798,7 @@ where
         );
         q.push_time_range(rq.since, rq.until);
         if let Some(key) = &rq.key_id {
-            q.push(" AND key_id = ").push_bind(key.as_str());
+            q.push_eq_as(D::indexed_text_eq, "key_id", key.as_str());
         }
         if let Some(reasons) = &rq.reasons {
             q.push_in("refusal_reason", reasons);
