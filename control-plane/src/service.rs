@@ -476,8 +476,8 @@ pub struct Control {
     upstreams: domain::UpstreamPolicy,
     /// Joins concurrent spend reports into one store batch.
     spend: crate::ingest::SpendIngest,
-    /// Keys and days whose cap thresholds wait to be checked.
-    thresholds: alerts::PendingThresholds,
+    /// Keys, days and minutes whose alerts wait to be checked.
+    pending: alerts::PendingChecks,
     /// This replica's webhook sender, once `deliver_webhooks` started it;
     /// without one, events wait in the outbox for a replica that has one.
     courier: std::sync::OnceLock<Arc<crate::webhook::delivery::Courier>>,
@@ -514,7 +514,7 @@ impl Control {
             ack_timeout,
             upstreams,
             spend: crate::ingest::SpendIngest::start(store.clone()),
-            thresholds: alerts::PendingThresholds::default(),
+            pending: alerts::PendingChecks::default(),
             courier: std::sync::OnceLock::new(),
             approvals: std::sync::OnceLock::new(),
             dry_runs: simulate::DryRunLimiter::default(),
@@ -2102,12 +2102,12 @@ impl Control {
             )));
         }
         // The thresholds are checked on the keys and days the batch touched,
-        // once it is stored (soon after the answer).
+        // and cap refusals on its keys' minutes, once it is stored (soon
+        // after the answer).
         let touched = alerts::touched(&events);
         let cap_refusals = alerts::cap_refusal_windows(&events);
         let recorded = self.spend.record(events).await?;
-        self.check_thresholds_soon(touched);
-        self.check_cap_refusals(cap_refusals).await;
+        self.check_alerts_soon(touched, cap_refusals);
         Ok(recorded)
     }
 }
@@ -2407,7 +2407,7 @@ mod tests {
                 .len()
         };
 
-        let pass = control.thresholds.checking.lock().await;
+        let pass = control.pending.checking.lock().await;
         let answer = tokio::time::timeout(
             Duration::from_secs(10),
             control.report_spend(vec![spend("e1", 6_000_000)]),
@@ -2417,7 +2417,7 @@ mod tests {
         assert_eq!(answer.unwrap(), (1, 0));
         assert_eq!(raised().await, 0, "not checked yet");
         assert!(control
-            .thresholds
+            .pending
             .waiting()
             .contains(&("k1".to_string(), "2026-12-06".to_string())));
         drop(pass);
@@ -2432,7 +2432,7 @@ mod tests {
         // if it only ran once the checker was free: then k2 waits out that
         // pass's second. Either way both are checked and nothing waits.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while raised().await < 2 || !control.thresholds.waiting().is_empty() {
+        while raised().await < 2 || !control.pending.waiting().is_empty() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the thresholds were not raised, or keys still wait"
@@ -2443,6 +2443,67 @@ mod tests {
         let touched = BTreeSet::from([("k1".to_string(), "2026-12-06".to_string())]);
         control.check_thresholds(touched).await;
         assert_eq!(raised().await, 2, "each threshold is raised once");
+    }
+
+    /// A report carrying a burst of cap refusals is answered before the
+    /// burst is checked: while a pass holds the checker, the report is
+    /// answered and its (key, minute) waits; a pass after raises the
+    /// `cap.refusals` event once.
+    #[tokio::test]
+    async fn a_report_is_answered_before_its_cap_refusals_are_checked() {
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        put_stripe(&*store).await;
+        store.insert_key(&run_key("k1", 10_000_000)).await.unwrap();
+        let endpoint = control
+            .create_webhook(&crate::webhook::EndpointRequest {
+                url: "https://hooks.example.com/refusals".into(),
+                events: vec!["cap.refusals".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .0;
+        let raised = || async {
+            store
+                .webhook_deliveries(&endpoint.id, 10)
+                .await
+                .unwrap()
+                .len()
+        };
+        let burst = SpendEvent {
+            outcome: domain::Outcome::Refused,
+            refusal_reason: "daily_cap_exceeded".into(),
+            refused_calls: crate::webhook::REFUSAL_BURST,
+            upstream_status: 0,
+            ..spend("r1", 0)
+        };
+
+        let pass = control.pending.checking.lock().await;
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), control.report_spend(vec![burst]))
+                .await
+                .expect("answered while a pass holds the checker");
+        assert_eq!(answer.unwrap(), (1, 0));
+        assert_eq!(raised().await, 0, "not checked yet");
+        assert_eq!(control.pending.waiting_windows().len(), 1);
+        drop(pass);
+
+        // Another key's report starts a pass, unless the first report's
+        // own task already has; either way the burst is raised once.
+        let other = SpendEvent {
+            key_id: "k2".into(),
+            ..spend("e2", 1)
+        };
+        control.report_spend(vec![other]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while raised().await < 1 || !control.pending.waiting_windows().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the burst was not raised, or windows still wait"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(raised().await, 1);
     }
 
     // A current-thread runtime runs the calls' tasks in order before the

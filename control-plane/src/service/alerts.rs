@@ -49,24 +49,37 @@ pub(crate) fn touched(events: &[SpendEvent]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-/// The least time between the starts of two passes of threshold checks on
-/// one replica (`Control::check_thresholds_soon`).
-const THRESHOLD_PASS: Duration = Duration::from_secs(1);
+/// The least time between the starts of two passes of alert checks on one
+/// replica (`Control::check_alerts_soon`).
+const ALERT_PASS: Duration = Duration::from_secs(1);
 
-/// The (key id, UTC day) pairs whose thresholds wait to be checked. A
-/// report adds what it touched and returns; one pass at a time per replica
-/// takes everything waiting, so a key that many reports touch meanwhile is
-/// checked once per pass, not once per report.
+/// What waits to be checked for alerts after spend was recorded: the (key
+/// id, UTC day) pairs whose cap thresholds, and the (key id, minute)
+/// windows whose cap refusals, reports touched. A report adds what it
+/// touched and returns; one pass at a time per replica takes everything
+/// waiting, so a key that many reports touch meanwhile is checked once per
+/// pass, not once per report.
 #[derive(Default)]
-pub(crate) struct PendingThresholds {
+pub(crate) struct PendingChecks {
     touched: std::sync::Mutex<BTreeSet<(String, String)>>,
+    windows: std::sync::Mutex<BTreeSet<(String, DateTime<Utc>)>>,
     /// Held by the task running the passes.
     pub(super) checking: tokio::sync::Mutex<()>,
 }
 
-impl PendingThresholds {
+impl PendingChecks {
     pub(super) fn waiting(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, String)>> {
         self.touched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn waiting_windows(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeSet<(String, DateTime<Utc>)>> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting().is_empty() && self.waiting_windows().is_empty()
     }
 }
 
@@ -253,44 +266,53 @@ impl Control {
     }
 
     /// After spend was recorded: has the thresholds of the `touched` (key
-    /// id, day) pairs checked (`check_thresholds`) without holding up the
-    /// report. The first pass after a quiet spell starts at once; while
-    /// reports keep coming, passes start at most once per `THRESHOLD_PASS`,
-    /// each covering every pair touched since the one before. A fleet
-    /// reporting a thousand keys several times a second would otherwise
-    /// read each key's tree and run once per report (measured: 33 us of
-    /// replica and 77 us of PostgreSQL CPU per event, BENCHMARKS.md).
-    pub(crate) fn check_thresholds_soon(self: &Arc<Self>, touched: BTreeSet<(String, String)>) {
-        if touched.is_empty() {
+    /// id, day) pairs (`check_thresholds`) and the cap refusals of the
+    /// `windows` (key id, minute) (`check_cap_refusals`) checked without
+    /// holding up the report. The first pass after a quiet spell starts at
+    /// once; while reports keep coming, passes start at most once per
+    /// `ALERT_PASS`, each covering everything touched since the one
+    /// before. A fleet reporting a thousand keys several times a second
+    /// would otherwise read each key's tree and run once per report
+    /// (measured: 33 us of replica and 77 us of PostgreSQL CPU per event,
+    /// BENCHMARKS.md).
+    pub(crate) fn check_alerts_soon(
+        self: &Arc<Self>,
+        touched: BTreeSet<(String, String)>,
+        windows: BTreeSet<(String, DateTime<Utc>)>,
+    ) {
+        if touched.is_empty() && windows.is_empty() {
             return;
         }
-        self.thresholds.waiting().extend(touched);
+        self.pending.waiting().extend(touched);
+        self.pending.waiting_windows().extend(windows);
         let control = self.clone();
-        tokio::spawn(async move { control.threshold_passes().await });
+        tokio::spawn(async move { control.alert_passes().await });
     }
 
-    /// Runs passes while pairs wait, unless another task already does.
-    async fn threshold_passes(&self) {
+    /// Runs passes while checks wait, unless another task already does.
+    async fn alert_passes(&self) {
         loop {
             {
-                let Ok(_checking) = self.thresholds.checking.try_lock() else {
+                let Ok(_checking) = self.pending.checking.try_lock() else {
                     // The task holding it takes what this one added: it
                     // looks again after letting go.
                     return;
                 };
                 loop {
-                    let touched = std::mem::take(&mut *self.thresholds.waiting());
-                    if touched.is_empty() {
+                    let touched = std::mem::take(&mut *self.pending.waiting());
+                    let windows = std::mem::take(&mut *self.pending.waiting_windows());
+                    if touched.is_empty() && windows.is_empty() {
                         break;
                     }
                     let started = tokio::time::Instant::now();
                     self.check_thresholds(touched).await;
-                    tokio::time::sleep_until(started + THRESHOLD_PASS).await;
+                    self.check_cap_refusals(windows).await;
+                    tokio::time::sleep_until(started + ALERT_PASS).await;
                 }
             }
-            // Pairs added after the last take, while this task still held
-            // the lock, are this task's to check.
-            if self.thresholds.waiting().is_empty() {
+            // Checks added after the last take, while this task still held
+            // the lock, are this task's to run.
+            if self.pending.is_empty() {
                 return;
             }
         }
