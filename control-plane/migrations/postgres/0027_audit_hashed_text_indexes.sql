@@ -1,8 +1,8 @@
 -- The audit indexes that look entries up by key, run label or trace id
 -- hold a 64-bit hash of the id, then `seq`, instead of the id's text
 -- (docs/ledger.md, "Index costs"). Every append inserts into each of them;
--- with the text each insert compared ids of 30-40 bytes, and the indexes
--- were two to three times the size of the hashed ones. Lookups ask for the
+-- with the text each insert compared ids of 30-40 bytes, and the key and
+-- trace indexes were twice the size of the hashed ones. Lookups ask for the
 -- hash and the id itself (store::dialect, `indexed_text_eq`), so they stay
 -- exact whatever two ids' hashes: the hash finds the entries, the id
 -- decides, and `seq` after the hash still reads one id's entries newest
