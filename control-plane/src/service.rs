@@ -2390,59 +2390,35 @@ mod tests {
 
     /// A report's answer does not wait for the check of its key's cap
     /// thresholds: while a pass holds the checker, a report is answered
-    /// and its key waits. The next report's task (another key's) finds the
-    /// checker free, takes both reports' keys in one pass, and raises each
-    /// threshold k1 crossed (the key's and its run's 50%) once.
+    /// and its key waits. Once the checker is free a pass takes it and
+    /// raises each threshold k1 crossed (the key's and its run's 50%) once.
     #[tokio::test]
     async fn a_report_is_answered_before_its_thresholds_are_checked_and_none_is_lost() {
         let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
         put_stripe(&*store).await;
         store.insert_key(&run_key("k1", 10_000_000)).await.unwrap();
         let endpoint = threshold_endpoint(&control, 50).await;
-        let raised = || async {
-            store
-                .webhook_deliveries(&endpoint.id, 10)
-                .await
-                .unwrap()
-                .len()
-        };
 
-        let pass = control.pending.checking.lock().await;
-        let answer = tokio::time::timeout(
-            Duration::from_secs(10),
-            control.report_spend(vec![spend("e1", 6_000_000)]),
-        )
-        .await
-        .expect("answered while a pass holds the checker");
-        assert_eq!(answer.unwrap(), (1, 0));
-        assert_eq!(raised().await, 0, "not checked yet");
+        let pass = answered_while_a_pass_holds_the_checker(&control, spend("e1", 6_000_000)).await;
+        assert_eq!(
+            deliveries(&*store, &endpoint.id).await,
+            0,
+            "not checked yet"
+        );
         assert!(control
             .pending
             .waiting()
             .contains(&("k1".to_string(), "2026-12-06".to_string())));
         drop(pass);
-
-        // Another key's report: only the pass it starts checks k1 now.
-        let other = SpendEvent {
-            key_id: "k2".into(),
-            ..spend("e2", 1)
-        };
-        control.report_spend(vec![other]).await.unwrap();
-        // The pass that raises them may be the first report's own task,
-        // if it only ran once the checker was free: then k2 waits out that
-        // pass's second. Either way both are checked and nothing waits.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while raised().await < 2 || !control.pending.waiting().is_empty() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the thresholds were not raised, or keys still wait"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        another_report_then_every_check_done(&control, &*store, &endpoint.id, 2).await;
         // A later pass raises nothing again.
         let touched = BTreeSet::from([("k1".to_string(), "2026-12-06".to_string())]);
         control.check_thresholds(touched).await;
-        assert_eq!(raised().await, 2, "each threshold is raised once");
+        assert_eq!(
+            deliveries(&*store, &endpoint.id).await,
+            2,
+            "each threshold is raised once"
+        );
     }
 
     /// A report carrying a burst of cap refusals is answered before the
@@ -2463,13 +2439,6 @@ mod tests {
             .await
             .unwrap()
             .0;
-        let raised = || async {
-            store
-                .webhook_deliveries(&endpoint.id, 10)
-                .await
-                .unwrap()
-                .len()
-        };
         let burst = SpendEvent {
             outcome: domain::Outcome::Refused,
             refusal_reason: "daily_cap_exceeded".into(),
@@ -2478,32 +2447,60 @@ mod tests {
             ..spend("r1", 0)
         };
 
+        let pass = answered_while_a_pass_holds_the_checker(&control, burst).await;
+        assert_eq!(
+            deliveries(&*store, &endpoint.id).await,
+            0,
+            "not checked yet"
+        );
+        assert_eq!(control.pending.waiting_windows().len(), 1);
+        drop(pass);
+        another_report_then_every_check_done(&control, &*store, &endpoint.id, 1).await;
+        assert_eq!(deliveries(&*store, &endpoint.id).await, 1);
+    }
+
+    async fn deliveries(store: &dyn Store, endpoint: &str) -> usize {
+        store.webhook_deliveries(endpoint, 10).await.unwrap().len()
+    }
+
+    /// Reports `event` while the test holds the checker, as a running pass
+    /// would; the answer must come all the same. Returns the checker.
+    async fn answered_while_a_pass_holds_the_checker(
+        control: &Arc<Control>,
+        event: SpendEvent,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
         let pass = control.pending.checking.lock().await;
         let answer =
-            tokio::time::timeout(Duration::from_secs(10), control.report_spend(vec![burst]))
+            tokio::time::timeout(Duration::from_secs(10), control.report_spend(vec![event]))
                 .await
                 .expect("answered while a pass holds the checker");
         assert_eq!(answer.unwrap(), (1, 0));
-        assert_eq!(raised().await, 0, "not checked yet");
-        assert_eq!(control.pending.waiting_windows().len(), 1);
-        drop(pass);
+        pass
+    }
 
-        // Another key's report starts a pass, unless the first report's
-        // own task already has; either way the burst is raised once.
+    /// Once the checker is free: another key's report starts a pass,
+    /// unless the first report's own task already has (then the second
+    /// waits out that pass's second). Either way, `endpoint` gets `raised`
+    /// deliveries and nothing is left waiting.
+    async fn another_report_then_every_check_done(
+        control: &Arc<Control>,
+        store: &dyn Store,
+        endpoint: &str,
+        raised: usize,
+    ) {
         let other = SpendEvent {
             key_id: "k2".into(),
             ..spend("e2", 1)
         };
         control.report_spend(vec![other]).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while raised().await < 1 || !control.pending.waiting_windows().is_empty() {
+        while deliveries(store, endpoint).await < raised || !control.pending.is_empty() {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the burst was not raised, or windows still wait"
+                "the alerts were not raised, or checks still wait"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(raised().await, 1);
     }
 
     // A current-thread runtime runs the calls' tasks in order before the

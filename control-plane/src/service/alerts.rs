@@ -78,7 +78,7 @@ impl PendingChecks {
         self.windows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.waiting().is_empty() && self.waiting_windows().is_empty()
     }
 }
