@@ -69,7 +69,7 @@ pub struct LineageSpend {
 
 #[derive(sqlx::FromRow)]
 pub struct LineageSpendRow {
-    ancestor_id: String,
+    pub(super) ancestor_id: String,
     /// The least depth at which one of the keys asked about sees it.
     pub(super) depth: i64,
     spent_day: i64,
@@ -78,10 +78,6 @@ pub struct LineageSpendRow {
 }
 
 impl LineageSpendRow {
-    pub(super) fn ancestor_id(&self) -> &str {
-        &self.ancestor_id
-    }
-
     pub(super) fn into_domain(self) -> LineageSpend {
         LineageSpend {
             key_id: self.ancestor_id,

@@ -2855,11 +2855,11 @@ where
         }
         // An ancestor shared by keys of two chunks has the same subtree
         // spend in both: kept once, at the lesser depth.
-        rows.sort_by(|a, b| (a.depth, a.ancestor_id()).cmp(&(b.depth, b.ancestor_id())));
+        rows.sort_by(|a, b| (a.depth, &a.ancestor_id).cmp(&(b.depth, &b.ancestor_id)));
         let mut seen = std::collections::HashSet::new();
         Ok(rows
             .into_iter()
-            .filter(|r| seen.insert(r.ancestor_id().to_string()))
+            .filter(|r| seen.insert(r.ancestor_id.clone()))
             .map(LineageSpendRow::into_domain)
             .collect())
     }
