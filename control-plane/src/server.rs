@@ -218,8 +218,9 @@ async fn grpc_span(
 /// with a proxy attached would never exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves until `shutdown` resolves, then stops accepting and lets calls in
-/// flight finish for at most `SHUTDOWN_GRACE`. With `tls`, every connection
+/// Serves until `shutdown` resolves, then stops accepting, lets calls in
+/// flight finish for at most `SHUTDOWN_GRACE` and runs the alert checks
+/// their spend left waiting (`Control::finish_alert_checks`). With `tls`, every connection
 /// is TLS; each handshake runs in its connection's own task (a failed or
 /// slow one holds up nobody else), and a client certificate it verified is
 /// put into every request's extensions as a `PeerCertificate`.
@@ -230,7 +231,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let fleet = tls.as_ref().map_or(FleetIdentity::TokenOnly, |t| t.fleet);
-    let mut app = router(control, fleet);
+    let mut app = router(control.clone(), fleet);
     if tls.is_some() {
         // Dashboard session cookies are `Secure` under TLS.
         app = app.layer(axum::Extension(crate::ui::Tls));
@@ -283,6 +284,8 @@ pub async fn serve(
     {
         tracing::info!("shutdown grace over; closing open streams");
     }
+    // Spend already answered may still wait for its alert checks.
+    control.finish_alert_checks(SHUTDOWN_GRACE).await;
     Ok(())
 }
 

@@ -2459,6 +2459,37 @@ mod tests {
         assert_eq!(deliveries(&*store, &endpoint.id).await, 1);
     }
 
+    /// A stopping replica checks what its last reports left waiting: a
+    /// report answered while a pass ran leaves its key to the next pass,
+    /// and the last pass at shutdown raises its alerts once the running
+    /// one lets go.
+    #[tokio::test]
+    async fn a_stopping_replica_checks_what_its_last_reports_left_waiting() {
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        put_stripe(&*store).await;
+        store.insert_key(&run_key("k1", 10_000_000)).await.unwrap();
+        let endpoint = threshold_endpoint(&control, 50).await;
+
+        let pass = answered_while_a_pass_holds_the_checker(&control, spend("e1", 6_000_000)).await;
+        let finish = tokio::spawn({
+            let control = control.clone();
+            async move { control.finish_alert_checks(Duration::from_secs(10)).await }
+        });
+        assert_eq!(
+            deliveries(&*store, &endpoint.id).await,
+            0,
+            "not checked yet"
+        );
+        drop(pass);
+        finish.await.unwrap();
+        assert_eq!(
+            deliveries(&*store, &endpoint.id).await,
+            2,
+            "the key's and the run's 50%"
+        );
+        assert!(control.pending.is_empty());
+    }
+
     async fn deliveries(store: &dyn Store, endpoint: &str) -> usize {
         store.webhook_deliveries(endpoint, 10).await.unwrap().len()
     }

@@ -289,6 +289,24 @@ impl Control {
         tokio::spawn(async move { control.alert_passes().await });
     }
 
+    /// As the replica stops: runs one last pass over what waits, after
+    /// the running one if any, so what the last reports touched is checked
+    /// now rather than left to another replica's sweep. Gives up after
+    /// `limit` (the sweep still covers today's thresholds and the last ten
+    /// minutes' refusals).
+    pub async fn finish_alert_checks(&self, limit: Duration) {
+        let last = async {
+            let _checking = self.pending.checking.lock().await;
+            let touched = std::mem::take(&mut *self.pending.waiting());
+            let windows = std::mem::take(&mut *self.pending.waiting_windows());
+            self.check_thresholds(touched).await;
+            self.check_cap_refusals(windows).await;
+        };
+        if tokio::time::timeout(limit, last).await.is_err() {
+            tracing::warn!("alert checks still waiting at shutdown are left to the sweep");
+        }
+    }
+
     /// Runs passes while checks wait, unless another task already does.
     async fn alert_passes(&self) {
         loop {
