@@ -234,6 +234,47 @@ impl ChildProcess {
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 
+    /// Whether this process holds the listening socket of `url`'s port
+    /// (Linux: `/proc/net/tcp{,6}` name each listening socket's inode, the
+    /// process's descriptors name their sockets'). True where `/proc`
+    /// cannot tell.
+    fn listens_on_port_of(&self, url: &str) -> bool {
+        let (Some(pid), Some(port)) = (
+            self.child.as_ref().and_then(Child::id),
+            reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.port_or_known_default()),
+        ) else {
+            return true;
+        };
+        let mut inodes = BTreeSet::new();
+        let mut readable = false;
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let Ok(text) = std::fs::read_to_string(table) else {
+                continue;
+            };
+            readable = true;
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let local_port = f
+                    .get(1)
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|h| u16::from_str_radix(h, 16).ok());
+                // State 0A is LISTEN; field 9 the socket's inode.
+                if local_port == Some(port) && f.get(3) == Some(&"0A") {
+                    inodes.extend(f.get(9).map(|i| format!("socket:[{i}]")));
+                }
+            }
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return !readable;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| inodes.contains(target.to_string_lossy().as_ref()))
+        })
+    }
+
     /// Sends SIGTERM (the signal an orchestrator stops a service with) and
     /// waits until `deadline` for the process to exit. Returns its status, or
     /// `None` if it was still running at the deadline.
@@ -423,7 +464,10 @@ async fn launch(
             }
             let mut ready = true;
             for u in &urls {
-                if !is_up(&http, u, readiness).await {
+                // Up, and answered by this child: another test's server
+                // that took the port first answers too, while the child
+                // that lost the bind is still on its way out.
+                if !is_up(&http, u, readiness).await || !process.listens_on_port_of(u) {
                     ready = false;
                     break;
                 }
@@ -1681,5 +1725,37 @@ mod tests {
                 assert!(seen.insert(port), "port {port} handed out twice");
             }
         }
+    }
+
+    /// A child is ready on a port only if the port's listening socket is
+    /// its own: one another process holds (here, this test's) is not.
+    #[tokio::test]
+    async fn a_port_is_the_childs_only_if_it_holds_the_listening_socket() {
+        let theirs = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = format!("http://{}/healthz", theirs.local_addr().unwrap());
+        let port = free_port();
+        let mine = format!("http://127.0.0.1:{port}/healthz");
+        let mut cmd = Command::new("python3");
+        cmd.arg("-c").arg(format!(
+            "import socket, time\n\
+             s = socket.socket()\n\
+             s.bind(('127.0.0.1', {port}))\n\
+             s.listen()\n\
+             time.sleep(60)\n"
+        ));
+        let logs = tempfile::tempdir().unwrap();
+        let child = ChildProcess::spawn("listener", cmd, &logs.path().join("listener.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !child.listens_on_port_of(&mine) {
+            assert!(
+                Instant::now() < deadline,
+                "the child never listened on {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !child.listens_on_port_of(&theirs),
+            "{theirs} is this test's"
+        );
     }
 }
