@@ -220,10 +220,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` resolves, then stops accepting, lets calls in
 /// flight finish for at most `SHUTDOWN_GRACE` and runs the alert checks
-/// their spend left waiting (`Control::finish_alert_checks`). With `tls`, every connection
-/// is TLS; each handshake runs in its connection's own task (a failed or
-/// slow one holds up nobody else), and a client certificate it verified is
-/// put into every request's extensions as a `PeerCertificate`.
+/// their spend left waiting (`Control::finish_alert_checks`). With `tls`,
+/// every connection is TLS; each handshake runs in its connection's own
+/// task (a failed or slow one holds up nobody else), and a client
+/// certificate it verified is put into every request's extensions as a
+/// `PeerCertificate`.
 pub async fn serve(
     listener: TcpListener,
     control: Arc<Control>,

@@ -2394,10 +2394,7 @@ mod tests {
     /// raises each threshold k1 crossed (the key's and its run's 50%) once.
     #[tokio::test]
     async fn a_report_is_answered_before_its_thresholds_are_checked_and_none_is_lost() {
-        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
-        put_stripe(&*store).await;
-        store.insert_key(&run_key("k1", 10_000_000)).await.unwrap();
-        let endpoint = threshold_endpoint(&control, 50).await;
+        let (control, store, endpoint) = k1_wanting_its_50_percent().await;
 
         let pass = answered_while_a_pass_holds_the_checker(&control, spend("e1", 6_000_000)).await;
         assert_eq!(
@@ -2465,10 +2462,7 @@ mod tests {
     /// one lets go.
     #[tokio::test]
     async fn a_stopping_replica_checks_what_its_last_reports_left_waiting() {
-        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
-        put_stripe(&*store).await;
-        store.insert_key(&run_key("k1", 10_000_000)).await.unwrap();
-        let endpoint = threshold_endpoint(&control, 50).await;
+        let (control, store, endpoint) = k1_wanting_its_50_percent().await;
 
         let pass = answered_while_a_pass_holds_the_checker(&control, spend("e1", 6_000_000)).await;
         let finish = tokio::spawn({
@@ -2488,6 +2482,20 @@ mod tests {
             "the key's and the run's 50%"
         );
         assert!(control.pending.is_empty());
+    }
+
+    /// A control plane with a Stripe key `k1` (a $10 daily cap, run
+    /// `run-1`) and an endpoint wanting its 50% thresholds.
+    async fn k1_wanting_its_50_percent() -> (
+        Arc<Control>,
+        Arc<dyn Store>,
+        crate::webhook::WebhookEndpoint,
+    ) {
+        let (control, store, _pool) = control_in_memory(Sealer::generate_key_text()).await;
+        put_stripe(&*store).await;
+        store.insert_key(&run_key("k1", 10_000_000)).await.unwrap();
+        let endpoint = threshold_endpoint(&control, 50).await;
+        (control, store, endpoint)
     }
 
     async fn deliveries(store: &dyn Store, endpoint: &str) -> usize {

@@ -297,14 +297,24 @@ impl Control {
     pub async fn finish_alert_checks(&self, limit: Duration) {
         let last = async {
             let _checking = self.pending.checking.lock().await;
-            let touched = std::mem::take(&mut *self.pending.waiting());
-            let windows = std::mem::take(&mut *self.pending.waiting_windows());
-            self.check_thresholds(touched).await;
-            self.check_cap_refusals(windows).await;
+            self.check_what_waits().await;
         };
         if tokio::time::timeout(limit, last).await.is_err() {
             tracing::warn!("alert checks still waiting at shutdown are left to the sweep");
         }
+    }
+
+    /// One pass: takes everything waiting and checks it. False when nothing
+    /// waited. The caller holds `pending.checking`.
+    async fn check_what_waits(&self) -> bool {
+        let touched = std::mem::take(&mut *self.pending.waiting());
+        let windows = std::mem::take(&mut *self.pending.waiting_windows());
+        if touched.is_empty() && windows.is_empty() {
+            return false;
+        }
+        self.check_thresholds(touched).await;
+        self.check_cap_refusals(windows).await;
+        true
     }
 
     /// Runs passes while checks wait, unless another task already does.
@@ -317,14 +327,10 @@ impl Control {
                     return;
                 };
                 loop {
-                    let touched = std::mem::take(&mut *self.pending.waiting());
-                    let windows = std::mem::take(&mut *self.pending.waiting_windows());
-                    if touched.is_empty() && windows.is_empty() {
+                    let started = tokio::time::Instant::now();
+                    if !self.check_what_waits().await {
                         break;
                     }
-                    let started = tokio::time::Instant::now();
-                    self.check_thresholds(touched).await;
-                    self.check_cap_refusals(windows).await;
                     tokio::time::sleep_until(started + ALERT_PASS).await;
                 }
             }
