@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Verify a keycap audit ledger export (JSON Lines) on its own.
 
-Usage: python3 verify_ledger.py export.jsonl [--from-hash HEX]
+Usage: python3 verify_ledger.py export.jsonl [--from-hash HEX] [--checkpoint SEQ:HASH]...
 
 Reads the export in seq order, recomputes every entry's hash from its
 fields as docs/ledger.md describes, and checks that each entry's prev_hash
-is the hash of the entry before it. Prints the head (last seq and hash) and
-exits 0 when the chain holds; names the first broken entry and exits 1
-otherwise. Standard library only.
+is the hash of the entry before it. Each --checkpoint (one kept from
+earlier, as `keycap audit checkpoints` lists it) must be in the export:
+the entry SEQ with exactly that hash. Prints the head (last seq and hash)
+and exits 0 when all of that holds; names the first broken entry or the
+checkpoint not reached and exits 1 otherwise. Standard library only.
 """
 import hashlib
 import json
@@ -52,6 +54,11 @@ def main(argv):
     prev = None
     if "--from-hash" in argv:
         prev = bytes.fromhex(argv[argv.index("--from-hash") + 1])
+    held = {}
+    for n, arg in enumerate(argv):
+        if arg == "--checkpoint":
+            seq, _, digest = argv[n + 1].partition(":")
+            held[int(seq)] = digest.lower()
     count = 0
     last_seq = None
     with open(argv[1], encoding="utf-8") as f:
@@ -72,7 +79,13 @@ def main(argv):
             if h.hex() != e["hash"]:
                 print(f"BROKEN at seq {e['seq']}: content does not match its hash")
                 return 1
+            if e["seq"] in held and held.pop(e["seq"]) != e["hash"]:
+                print(f"BROKEN at seq {e['seq']}: not the hash the checkpoint holds")
+                return 1
             prev, last_seq, count = h, e["seq"], count + 1
+    for seq in sorted(held):
+        print(f"BROKEN at seq {seq}: the checkpoint's entry is not in the export")
+        return 1
     print(f"OK {count} entries, head seq {last_seq} hash {prev.hex() if prev else ''}")
     return 0
 

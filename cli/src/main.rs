@@ -449,12 +449,24 @@ struct AuditArgs {
 #[derive(Subcommand)]
 enum AuditAction {
     /// Recompute the ledger's hash chain (and hold it against the latest
-    /// signed checkpoint); names the first broken entry and exits 1 if
-    /// there is one.
+    /// checkpoint keycap signed, and a kept one with --checkpoint); names
+    /// the first broken entry and exits 1 if there is one.
     Verify {
         /// Start at this seq, trusting the prev_hash stored with it.
         #[arg(long)]
         from: Option<i64>,
+        /// A checkpoint kept from earlier, SEQ:HASH (the hash as 64 hex
+        /// digits, as `keycap audit checkpoints` lists it): the entry SEQ
+        /// must still be in the ledger with that hash.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+    /// List the ledger's signed checkpoints, newest first: keep copies
+    /// outside the database, for `verify --checkpoint` later.
+    Checkpoints {
+        /// How many (1..1000).
+        #[arg(long, default_value_t = 100)]
+        limit: i32,
     },
     /// Write the ledger with its chain fields (JSON Lines or CSV), oldest
     /// first, streamed; `docs/verify_ledger.py` checks a JSON Lines export
@@ -1283,13 +1295,27 @@ async fn run(c: &mut AdminClient, command: Command) -> anyhow::Result<()> {
             out.flush()?;
         }
         Command::Audit(AuditArgs {
-            action: Some(AuditAction::Verify { from }),
+            action: Some(AuditAction::Checkpoints { limit }),
+            ..
+        }) => {
+            let r = c
+                .audit
+                .list_checkpoints(pb::ListCheckpointsRequest { limit })
+                .await?
+                .into_inner();
+            print(to_json(answers::CheckpointList {
+                checkpoints: r.checkpoints.iter().map(Into::into).collect(),
+            }));
+        }
+        Command::Audit(AuditArgs {
+            action: Some(AuditAction::Verify { from, checkpoint }),
             ..
         }) => {
             let r = c
                 .audit
                 .verify_audit(pb::VerifyAuditRequest {
                     from_seq: from.unwrap_or(0),
+                    checkpoint: checkpoint.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

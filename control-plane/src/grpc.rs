@@ -790,10 +790,12 @@ impl pb::audit_service_server::AuditService for Api {
         req: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let caller = self.admin(&req, Operation::VerifyAudit).await?;
-        let from = req.into_inner().from_seq;
+        let req = req.into_inner();
+        let from = req.from_seq;
+        let held = (!req.checkpoint.is_empty()).then_some(req.checkpoint.as_str());
         let v = self
             .control
-            .verify_audit(&caller.vendors, (from != 0).then_some(from))
+            .verify_audit(&caller.vendors, (from != 0).then_some(from), held)
             .await?;
         let (head_seq, head_hash) = v.head.unwrap_or_default();
         Ok(Response::new(pb::VerifyAuditResponse {

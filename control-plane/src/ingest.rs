@@ -215,7 +215,7 @@ mod tests {
         let entries = store.audit_chain(0, None, None, 100).await.unwrap();
         let ids: Vec<&str> = entries.iter().map(|e| e.event.event_id.as_str()).collect();
         assert_eq!(ids, ["a1", "a2", "c1"]);
-        let verified = crate::ledger::verify(&*store, None, None).await.unwrap();
+        let verified = crate::ledger::verify(&*store, None, &[]).await.unwrap();
         assert!(verified.ok(), "{verified:?}");
         assert_eq!(verified.checked, 3);
     }

@@ -1314,10 +1314,14 @@ struct AuditParams {
 struct VerifyParams {
     /// Start at this seq, trusting the prev_hash stored with it.
     from: Option<i64>,
+    /// A checkpoint kept from earlier, `SEQ:HASH` (hash as 64 hex digits):
+    /// the entry `SEQ` must still be in the ledger with that hash.
+    checkpoint: Option<String>,
 }
 
 /// Recomputes the audit ledger's hash chain and holds its end against the
-/// latest signed checkpoint (scope `audit:read`).
+/// latest checkpoint keycap signed, and against a checkpoint the caller
+/// kept, if given (scope `audit:read`).
 #[utoipa::path(
     get,
     path = "/vault/audit/verify",
@@ -1333,7 +1337,9 @@ async fn verify_audit(
 ) -> Result<Json<VerifyAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::VerifyAudit).await?;
     let p = query(q)?;
-    let v = c.verify_audit(&caller.vendors, p.from).await?;
+    let v = c
+        .verify_audit(&caller.vendors, p.from, p.checkpoint.as_deref())
+        .await?;
     Ok(Json(VerifyAnswer {
         ok: v.ok(),
         checked: v.checked,

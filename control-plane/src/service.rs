@@ -685,10 +685,13 @@ impl Control {
         Ok(Some(cp))
     }
 
-    /// The newest ledger signing key this replica's master key opens; a new
-    /// one (sealed under the master key) when there is none, e.g. after a
-    /// master key change. Old checkpoints keep their public keys.
-    async fn ledger_signing_key(&self) -> Result<ed25519_dalek::SigningKey, ApiError> {
+    /// The ledger signing keys this replica's master key opens, each the
+    /// private half of the public key stored beside it, newest first. Only
+    /// checkpoints signed by one of them are trusted: a stored public key
+    /// alone proves nothing to a verifier, as anyone who can write the
+    /// database can store a key pair of their own.
+    async fn opened_signing_keys(&self) -> Result<Vec<ed25519_dalek::SigningKey>, ApiError> {
+        let mut keys = Vec::new();
         for (id, public_key, sealed) in self.store.ledger_signing_keys().await? {
             let Ok(secret) = self.sealer.open(&signing_key_record(&id), &sealed) else {
                 continue;
@@ -698,8 +701,18 @@ impl Control {
             };
             let key = ed25519_dalek::SigningKey::from_bytes(&secret);
             if key.verifying_key().to_bytes()[..] == public_key[..] {
-                return Ok(key);
+                keys.push(key);
             }
+        }
+        Ok(keys)
+    }
+
+    /// The newest ledger signing key this replica's master key opens; a new
+    /// one (sealed under the master key) when there is none, e.g. after a
+    /// master key change. Old checkpoints keep their public keys.
+    async fn ledger_signing_key(&self) -> Result<ed25519_dalek::SigningKey, ApiError> {
+        if let Some(key) = self.opened_signing_keys().await?.into_iter().next() {
+            return Ok(key);
         }
         let key = ledger::checkpoint::new_signing_key();
         let public_key = key.verifying_key().to_bytes();
@@ -1794,18 +1807,44 @@ impl Control {
         Ok(self.store.query_audit(&q).await?)
     }
 
-    /// Recomputes the ledger's chain from `from` (see `ledger::verify`).
-    /// The chain spans every vendor, so only a caller over all of them may.
+    /// Recomputes the ledger's chain from `from` and holds its end against
+    /// the latest checkpoint this replica's master key signed and against
+    /// `held`, a checkpoint the caller kept (`SEQ:HASH`; see
+    /// `ledger::verify_to_checkpoint`). The chain spans every vendor, so
+    /// only a caller over all of them may.
     pub async fn verify_audit(
         &self,
         vendors: &VendorScope,
         from: Option<i64>,
+        held: Option<&str>,
     ) -> Result<ledger::Verification, ApiError> {
         vendors.check_all()?;
         if from.is_some_and(|f| f < 1) {
             return Err(domain::invalid("from", "must be a seq of at least 1").into());
         }
-        Ok(ledger::verify_to_checkpoint(&*self.store, from).await?)
+        let held = held
+            .map(str::parse::<ledger::KnownPoint>)
+            .transpose()
+            .map_err(|e| domain::invalid("checkpoint", e))?;
+        if let Some(point) = held {
+            // A point the check never reaches would pass unseen.
+            let dropped = self.store.ledger_retention().await?.dropped_through;
+            let first = from.unwrap_or(1).max(dropped + 1);
+            if point.seq < first {
+                let why = format!(
+                    "seq {} is before the first entry checked, {first}",
+                    point.seq
+                );
+                return Err(domain::invalid("checkpoint", why).into());
+            }
+        }
+        let trusted: Vec<[u8; 32]> = self
+            .opened_signing_keys()
+            .await?
+            .iter()
+            .map(|k| k.verifying_key().to_bytes())
+            .collect();
+        Ok(ledger::verify_to_checkpoint(&*self.store, from, &trusted, held).await?)
     }
 
     /// A run's spend over the caller's vendors only.
@@ -2592,7 +2631,7 @@ mod tests {
         assert_eq!(answers[19], (0, 30));
         let spent = store.key_spend("k1", "2026-12-06").await.unwrap();
         assert_eq!(spent.spent_day, Micros(unique.values().sum()));
-        let v = ledger::verify(&*store, None, None).await.unwrap();
+        let v = ledger::verify(&*store, None, &[]).await.unwrap();
         assert!(v.ok(), "{v:?}");
         assert_eq!(v.checked as usize, unique.len());
     }
@@ -2680,6 +2719,64 @@ mod tests {
             .unwrap();
         let next = control.checkpoint_ledger().await.unwrap().unwrap();
         assert_eq!((next.seq, next.public_key), (6, cp.public_key));
+    }
+
+    #[tokio::test]
+    async fn verify_trusts_only_checkpoints_a_key_its_master_key_opens_signed() {
+        let (control, store, pool) = control_in_memory(Sealer::generate_key_text()).await;
+        let verify = |held: Option<&'static str>| {
+            let control = control.clone();
+            async move { control.verify_audit(&VendorScope::All, None, held).await }
+        };
+        // An empty ledger, and a checkpoint of seq 5 that whoever can
+        // write the database stored with a key pair of their own: not used.
+        let stranger = ledger::checkpoint::new_signing_key();
+        let forged = ledger::Checkpoint::sign(&stranger, 5, [3; 32], Utc::now());
+        assert!(forged.signature_holds());
+        store.insert_checkpoint(&forged).await.unwrap();
+        let v = verify(None).await.unwrap();
+        assert!(v.ok(), "{v:?}");
+        assert_eq!(v.checkpoint_seq, None);
+
+        // A checkpoint keycap's own key signed is held: its entry is
+        // missing.
+        sqlx::query("UPDATE ledger_head SET seq = 6, hash = $1")
+            .bind(&[3u8; 32][..])
+            .execute(&pool)
+            .await
+            .unwrap();
+        let signed = control.checkpoint_ledger().await.unwrap().expect("signed");
+        assert_eq!(signed.seq, 6);
+        sqlx::query("UPDATE ledger_head SET seq = 0, hash = $1")
+            .bind(&ledger::GENESIS[..])
+            .execute(&pool)
+            .await
+            .unwrap();
+        let v = verify(None).await.unwrap();
+        assert_eq!(v.checkpoint_seq, Some(6));
+        assert_eq!(v.broken.map(|b| b.seq), Some(1));
+        // Stored checkpoints are kept as the ledger is.
+        let delete = sqlx::query("DELETE FROM ledger_checkpoints")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(delete.to_string().contains("append-only"), "{delete}");
+
+        // A kept checkpoint is read as SEQ:HASH, and must lie where the
+        // check reaches.
+        let bad = verify(Some("5:zz")).await.unwrap_err();
+        assert!(bad.to_string().contains("checkpoint"), "{bad}");
+        let held = "7:0000000000000000000000000000000000000000000000000000000000000000";
+        let v = verify(Some(held)).await.unwrap();
+        assert_eq!(v.broken.map(|b| b.seq), Some(1));
+        let early = control
+            .verify_audit(&VendorScope::All, Some(9), Some(held))
+            .await
+            .unwrap_err();
+        assert!(
+            early.to_string().contains("before the first entry checked"),
+            "{early}"
+        );
     }
 
     #[tokio::test]

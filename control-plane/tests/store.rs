@@ -140,7 +140,7 @@ mod tamper {
             s.record_spend(batch).await.unwrap();
         }
         let all = check_whole_chain(s).await;
-        let v = ledger::verify(s, None, None).await.unwrap();
+        let v = ledger::verify(s, None, &[]).await.unwrap();
         assert!(v.ok(), "{v:?}");
         assert_eq!(v.checked, 40);
         all.iter().map(|e| e.seq).collect()
@@ -163,7 +163,22 @@ mod tamper {
             let truncate = raw.exec("TRUNCATE audit").await;
             assert!(truncate.unwrap_err().contains("append-only"));
         }
-        assert!(ledger::verify(&*s, None, None).await.unwrap().ok());
+        assert!(ledger::verify(&*s, None, &[]).await.unwrap().ok());
+
+        // Signed checkpoints are kept the same way.
+        let (seq, hash) = s.ledger_head().await.unwrap();
+        let key = ledger::checkpoint::new_signing_key();
+        let cp = ledger::Checkpoint::sign(&key, seq, hash, Utc::now());
+        s.insert_checkpoint(&cp).await.unwrap();
+        let update = raw.exec("UPDATE ledger_checkpoints SET seq = 1").await;
+        assert!(update.unwrap_err().contains("append-only"));
+        let delete = raw.exec("DELETE FROM ledger_checkpoints").await;
+        assert!(delete.unwrap_err().contains("append-only"));
+        if let Raw::Postgres(_) = raw {
+            let truncate = raw.exec("TRUNCATE ledger_checkpoints").await;
+            assert!(truncate.unwrap_err().contains("append-only"));
+        }
+        assert_eq!(s.checkpoints(5).await.unwrap(), [cp]);
     }
 
     pub async fn an_edited_amount_is_named(s: S, raw: Raw) {
@@ -175,7 +190,7 @@ mod tamper {
         ))
         .await
         .unwrap();
-        let v = ledger::verify(&*s, None, None).await.unwrap();
+        let v = ledger::verify(&*s, None, &[]).await.unwrap();
         let broken = v.broken.expect("the edit is found");
         assert_eq!(
             (broken.seq, broken.reason),
@@ -183,7 +198,7 @@ mod tamper {
         );
         assert_eq!(v.checked, 17, "the entries before it hold");
         // Verifying from after it passes: the edit is before the range.
-        let later = ledger::verify(&*s, Some(seqs[18]), None).await.unwrap();
+        let later = ledger::verify(&*s, Some(seqs[18]), &[]).await.unwrap();
         assert!(later.ok(), "{later:?}");
         assert_eq!(later.checked, 22);
     }
@@ -194,7 +209,7 @@ mod tamper {
         raw.exec(&format!("DELETE FROM audit WHERE seq = {}", seqs[25]))
             .await
             .unwrap();
-        let v = ledger::verify(&*s, None, None).await.unwrap();
+        let v = ledger::verify(&*s, None, &[]).await.unwrap();
         let broken = v.broken.expect("the gap is found");
         assert_eq!(
             (broken.seq, broken.reason),
@@ -207,11 +222,20 @@ mod tamper {
         let (head_seq, head_hash) = s.ledger_head().await.unwrap();
         assert_eq!(head_seq, seqs[39]);
         let key = ledger::checkpoint::new_signing_key();
+        let trusted = [key.verifying_key().to_bytes()];
         let cp = ledger::Checkpoint::sign(&key, head_seq, head_hash, Utc::now());
         assert!(s.insert_checkpoint(&cp).await.unwrap());
         assert!(!s.insert_checkpoint(&cp).await.unwrap(), "one per seq");
         assert_eq!(s.checkpoints(5).await.unwrap(), std::slice::from_ref(&cp));
-        assert!(ledger::verify_to_checkpoint(&*s, None).await.unwrap().ok());
+        let verify = |held: Option<ledger::KnownPoint>| {
+            let s = s.clone();
+            async move {
+                ledger::verify_to_checkpoint(&*s, None, &trusted, held)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert!(verify(None).await.ok());
 
         // The last three entries removed and the head moved back to the
         // entry before them: the chain and the head agree again.
@@ -231,8 +255,8 @@ mod tamper {
         ))
         .await
         .unwrap();
-        assert!(ledger::verify(&*s, None, None).await.unwrap().ok());
-        let v = ledger::verify_to_checkpoint(&*s, None).await.unwrap();
+        assert!(ledger::verify(&*s, None, &[]).await.unwrap().ok());
+        let v = verify(None).await;
         let broken = v.broken.expect("the checkpoint catches it");
         assert_eq!(
             (broken.seq, broken.reason),
@@ -240,15 +264,51 @@ mod tamper {
         );
         assert_eq!(v.checkpoint_seq, Some(seqs[39]));
 
-        // A forged checkpoint (signature broken) is not trusted.
-        let mut forged = ledger::Checkpoint::sign(&key, seqs[39] + 5, [1; 32], Utc::now());
-        forged.signature[0] ^= 1;
+        // Checkpoints whose signature breaks, or that a key other than a
+        // trusted one signed (as anyone who can write the database can
+        // store), are not used.
+        let mut broken_signature =
+            ledger::Checkpoint::sign(&key, seqs[39] + 5, [1; 32], Utc::now());
+        broken_signature.signature[0] ^= 1;
+        s.insert_checkpoint(&broken_signature).await.unwrap();
+        let stranger = ledger::checkpoint::new_signing_key();
+        let forged = ledger::Checkpoint::sign(&stranger, seqs[39] + 6, [2; 32], Utc::now());
+        assert!(forged.signature_holds());
         s.insert_checkpoint(&forged).await.unwrap();
-        let v = ledger::verify_to_checkpoint(&*s, None).await.unwrap();
         assert_eq!(
-            v.checkpoint_seq,
+            verify(None).await.checkpoint_seq,
             Some(seqs[39]),
-            "the forged one is skipped"
+            "both skipped"
+        );
+
+        // The stored checkpoints removed too: only a checkpoint kept
+        // outside the database still shows the rewrite.
+        raw.exec("DELETE FROM ledger_checkpoints").await.unwrap();
+        let v = verify(None).await;
+        assert!(v.ok(), "nothing stored is left to catch it: {v:?}");
+        let kept = format!("{}:{}", seqs[39], hex::encode(head_hash));
+        let v = verify(Some(kept.parse().unwrap())).await;
+        let broken = v.broken.expect("the kept checkpoint catches it");
+        assert_eq!(
+            (broken.seq, broken.reason),
+            (seqs[37], ChainBreak::Truncated)
+        );
+        // A kept point the chain still reaches, with the hash it had, holds;
+        // with another hash it names that entry.
+        let before = check_whole_chain(&*s).await[30].clone();
+        let point = ledger::KnownPoint {
+            seq: before.seq,
+            hash: before.hash.unwrap(),
+        };
+        assert!(verify(Some(point)).await.ok());
+        let other = ledger::KnownPoint {
+            hash: [9; 32],
+            ..point
+        };
+        let broken = verify(Some(other)).await.broken.unwrap();
+        assert_eq!(
+            (broken.seq, broken.reason),
+            (before.seq, ChainBreak::Truncated)
         );
     }
 
@@ -258,7 +318,7 @@ mod tamper {
         raw.exec(&format!("DELETE FROM audit WHERE seq >= {}", seqs[37]))
             .await
             .unwrap();
-        let v = ledger::verify(&*s, None, None).await.unwrap();
+        let v = ledger::verify(&*s, None, &[]).await.unwrap();
         let broken = v.broken.expect("the truncation is found");
         assert_eq!(
             (broken.seq, broken.reason),
@@ -3185,15 +3245,17 @@ mod cases {
             .map(keycap_control::ledger::export::jsonl)
             .collect();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/verify_ledger.py");
-        let run = |text: &str| {
+        let run_with = |text: &str, args: &[String]| {
             let path = dir.path().join("audit.jsonl");
             std::fs::write(&path, text).unwrap();
             std::process::Command::new("python3")
                 .arg(script)
                 .arg(&path)
+                .args(args)
                 .output()
                 .expect("python3 runs")
         };
+        let run = |text: &str| run_with(text, &[]);
         let ok = run(&export);
         let out = String::from_utf8_lossy(&ok.stdout);
         let head = all.last().unwrap();
@@ -3251,6 +3313,36 @@ mod cases {
                 all[21].seq
             )
         );
+
+        // Checkpoints kept from earlier: one the export holds passes; the
+        // last entries cut off (a checkpoint beyond the end) or an entry
+        // whose hash is not the checkpoint's are named.
+        let point = |e: &keycap_control::domain::AuditEntry| {
+            let point = format!("{}:{}", e.seq, hex::encode(e.hash.unwrap()));
+            vec!["--checkpoint".to_string(), point]
+        };
+        let held = [point(&all[9]), point(head)].concat();
+        assert!(run_with(&export, &held).status.success());
+        let cut: String = export.lines().take(25).map(|l| format!("{l}\n")).collect();
+        let short = run_with(&cut, &held);
+        assert!(!short.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&short.stdout).trim(),
+            format!(
+                "BROKEN at seq {}: the checkpoint's entry is not in the export",
+                head.seq
+            )
+        );
+        let mut other = point(&all[9]);
+        other[1] = format!("{}:{}", all[9].seq, "ab".repeat(32));
+        let wrong = run_with(&export, &other);
+        assert_eq!(
+            String::from_utf8_lossy(&wrong.stdout).trim(),
+            format!(
+                "BROKEN at seq {}: not the hash the checkpoint holds",
+                all[9].seq
+            )
+        );
     }
 
     pub async fn refusals_are_chained_entries_that_spend_nothing(s: S) {
@@ -3267,7 +3359,7 @@ mod cases {
         assert_eq!(s.record_spend(&batch[1..2]).await.unwrap(), (0, 1));
         let all = check_whole_chain(&*s).await;
         assert_eq!(all.len(), 4);
-        let v = keycap_control::ledger::verify(&*s, None, None)
+        let v = keycap_control::ledger::verify(&*s, None, &[])
             .await
             .unwrap();
         assert!(v.ok(), "{v:?}");
@@ -4030,7 +4122,7 @@ async fn postgres_retention_drops_only_covered_days_and_verify_holds_after() {
     let older_kept = today - chrono::Days::new(9);
     age_entries(&b.raw, &pool, seq(0)..=seq(9), old).await;
     age_entries(&b.raw, &pool, seq(10)..=seq(19), older_kept).await;
-    assert!(ledger::verify(s, None, None).await.unwrap().ok());
+    assert!(ledger::verify(s, None, &[]).await.unwrap().ok());
     let before = today - chrono::Days::new(5);
 
     // Nothing covered (no checkpoint, no export): nothing goes.
@@ -4057,11 +4149,14 @@ async fn postgres_retention_drops_only_covered_days_and_verify_holds_after() {
     let key = ledger::checkpoint::new_signing_key();
     let cp = ledger::Checkpoint::sign(&key, head_seq, head_hash, Utc::now());
     s.insert_checkpoint(&cp).await.unwrap();
-    let v = ledger::verify_to_checkpoint(s, None).await.unwrap();
+    let trusted = [key.verifying_key().to_bytes()];
+    let v = ledger::verify_to_checkpoint(s, None, &trusted, None)
+        .await
+        .unwrap();
     assert!(v.ok(), "{v:?}");
     assert_eq!((v.checked, v.checkpoint_seq), (20, Some(head_seq)));
     // Asking for earlier entries starts at the first one kept.
-    let v = ledger::verify(s, Some(1), None).await.unwrap();
+    let v = ledger::verify(s, Some(1), &[]).await.unwrap();
     assert!(v.ok(), "{v:?}");
     assert_eq!(v.checked, 20);
 
@@ -4081,7 +4176,9 @@ async fn postgres_retention_drops_only_covered_days_and_verify_holds_after() {
     // retention and stays.
     let dropped = s.drop_audit_partitions(before, head_seq).await.unwrap();
     assert_eq!(dropped, [partition_name(older_kept)]);
-    let v = ledger::verify_to_checkpoint(s, None).await.unwrap();
+    let v = ledger::verify_to_checkpoint(s, None, &trusted, None)
+        .await
+        .unwrap();
     assert!(v.ok(), "{v:?}");
     assert_eq!(v.checked, 10);
     assert_eq!(s.ledger_retention().await.unwrap().dropped_through, seq(19));
@@ -4095,7 +4192,7 @@ async fn postgres_retention_drops_only_covered_days_and_verify_holds_after() {
         ))
         .await
         .unwrap();
-    let broken = ledger::verify(s, None, None).await.unwrap().broken.unwrap();
+    let broken = ledger::verify(s, None, &[]).await.unwrap().broken.unwrap();
     assert_eq!(
         (broken.seq, broken.reason),
         (seq(20), ChainBreak::HashMismatch)
@@ -4170,7 +4267,7 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
         .map(|i| event(&format!("e{i}"), "k1", "l1", DAY, "stripe", 1 + i))
         .collect();
     assert_eq!(s.record_spend(&more).await.unwrap(), (5, 5));
-    let v = ledger::verify(s, None, None).await.unwrap();
+    let v = ledger::verify(s, None, &[]).await.unwrap();
     assert!(v.ok(), "{v:?}");
     assert_eq!(v.checked, 30);
 }

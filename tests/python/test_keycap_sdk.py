@@ -170,6 +170,10 @@ def test_the_audit_ledger_verifies_and_lists_its_checkpoints(keycap, client):
     assert verified.head_seq == newest and verified.checked >= 1
     assert verified.head_hash is not None and len(verified.head_hash) == 64
     assert client.audit.verify(from_seq=newest).checked == 1
+    kept = f"{newest}:{verified.head_hash}"
+    assert client.audit.verify(checkpoint=kept).ok
+    other = client.audit.verify(checkpoint=f"{newest}:{'ab' * 32}")
+    assert not other.ok and other.broken.seq == newest, other
     for cp in client.audit.checkpoints(limit=5):
         assert cp.seq <= newest and len(cp.hash) == 64 and len(cp.signature) == 128
         assert cp.at is not None and cp.at.tzinfo is not None

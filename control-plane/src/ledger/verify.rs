@@ -40,23 +40,38 @@ impl Verification {
     }
 }
 
-/// A point of the chain known from elsewhere (a signed checkpoint): the
-/// entry `seq` must still exist with this hash.
+/// A point of the chain known from elsewhere (a signed checkpoint, or one
+/// an auditor kept): the entry `seq` must still exist with this hash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KnownPoint {
     pub seq: i64,
     pub hash: [u8; 32],
 }
 
+impl std::str::FromStr for KnownPoint {
+    type Err = String;
+
+    /// `SEQ:HASH`: a seq of at least 1 and the entry's hash as 64 hex
+    /// digits, as a listed checkpoint gives them.
+    fn from_str(s: &str) -> Result<KnownPoint, String> {
+        let shape = || format!("{s:?} is not SEQ:HASH (a seq, a colon, 64 hex digits)");
+        let (seq, hash) = s.split_once(':').ok_or_else(shape)?;
+        let seq: i64 = seq.parse().ok().filter(|seq| *seq >= 1).ok_or_else(shape)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(hash, &mut out).map_err(|_| shape())?;
+        Ok(KnownPoint { seq, hash: out })
+    }
+}
+
 /// Recomputes the chain from `from` (the first entry when `None`; from a
 /// later entry, its stored `prev_hash` is trusted; never before the first
 /// entry retention kept, which must follow the hash recorded for the last
 /// one dropped) to the end, and holds the end against the ledger head and
-/// `checkpoint`.
+/// every point of `known`; `checkpoint_seq` reports the first of them.
 pub async fn verify(
     store: &dyn Store,
     from: Option<i64>,
-    checkpoint: Option<KnownPoint>,
+    known: &[KnownPoint],
 ) -> StoreResult<Verification> {
     // Entries dropped by retention are gone for good: the check starts
     // after the last of them, from the hash kept for it, whatever `from`
@@ -74,10 +89,10 @@ pub async fn verify(
         None => (0, Some(ChainCheck::new())),
     };
     let out = Verification {
-        checkpoint_seq: checkpoint.map(|c| c.seq),
+        checkpoint_seq: known.first().map(|c| c.seq),
         ..Verification::default()
     };
-    let mut checkpoint_seen = false;
+    let mut seen = vec![false; known.len()];
     loop {
         let page = store.audit_chain(after, None, None, PAGE).await?;
         let Some(last) = page.last() else { break };
@@ -96,10 +111,10 @@ pub async fn verify(
             ) {
                 return Ok(finish(out, c, Some(BrokenEntry { seq: e.seq, reason })));
             }
-            if let Some(cp) = checkpoint {
-                if e.seq == cp.seq {
-                    checkpoint_seen = true;
-                    if e.hash != Some(cp.hash) {
+            for (point, seen) in known.iter().zip(&mut seen) {
+                if e.seq == point.seq {
+                    *seen = true;
+                    if e.hash != Some(point.hash) {
                         let broken = BrokenEntry {
                             seq: e.seq,
                             reason: ChainBreak::Truncated,
@@ -127,9 +142,11 @@ pub async fn verify(
     };
     let end = check.head().map_or(after, |(seq, _)| seq);
     let missing = missing.or_else(|| {
-        checkpoint
-            .filter(|cp| !checkpoint_seen && cp.seq > end)
-            .map(|_| end + 1)
+        known
+            .iter()
+            .zip(&seen)
+            .any(|(point, seen)| !seen && point.seq > end)
+            .then_some(end + 1)
     });
     if let Some(seq) = missing {
         let broken = BrokenEntry {
@@ -149,21 +166,60 @@ fn finish(mut out: Verification, check: &ChainCheck, broken: Option<BrokenEntry>
     out
 }
 
-/// `verify` held against the latest stored checkpoint whose signature
-/// holds (a checkpoint with a broken signature is not trusted, and not
-/// used).
+/// `verify` held against the latest stored checkpoint signed by one of the
+/// `trusted` public keys with a signature that holds (any other stored
+/// checkpoint is not used: whoever can write the database can store one
+/// signed with a key of their own), and against `held`, a point the
+/// caller knows from elsewhere (a checkpoint copied out earlier).
 pub async fn verify_to_checkpoint(
     store: &dyn Store,
     from: Option<i64>,
+    trusted: &[[u8; 32]],
+    held: Option<KnownPoint>,
 ) -> StoreResult<Verification> {
     let latest = store
         .checkpoints(16)
         .await?
         .into_iter()
-        .find(|cp| cp.signature_holds())
+        .find(|cp| trusted.contains(&cp.public_key) && cp.signature_holds())
         .map(|cp| KnownPoint {
             seq: cp.seq,
             hash: cp.hash,
         });
-    verify(store, from, latest).await
+    let known: Vec<KnownPoint> = latest.into_iter().chain(held).collect();
+    verify(store, from, &known).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KnownPoint;
+
+    #[test]
+    fn a_kept_checkpoint_reads_as_seq_colon_hash() {
+        let hash = "0a".repeat(32);
+        let point: KnownPoint = format!("42:{hash}").parse().unwrap();
+        assert_eq!(
+            point,
+            KnownPoint {
+                seq: 42,
+                hash: [10; 32]
+            }
+        );
+        let upper: KnownPoint = format!("42:{}", hash.to_uppercase()).parse().unwrap();
+        assert_eq!(upper, point);
+        for bad in [
+            format!("0:{hash}"),
+            format!("-1:{hash}"),
+            format!("x:{hash}"),
+            format!("42 :{hash}"),
+            format!("42:{}", &hash[2..]),
+            format!("42:{hash}00"),
+            format!("42:{}zz", &hash[2..]),
+            hash.clone(),
+            String::new(),
+        ] {
+            let err = bad.parse::<KnownPoint>().unwrap_err();
+            assert!(err.contains("SEQ:HASH"), "{bad:?}: {err}");
+        }
+    }
 }

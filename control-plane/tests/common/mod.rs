@@ -67,19 +67,23 @@ impl Raw {
         .map_err(|e| e.to_string())
     }
 
-    /// Lets the owner change the ledger as an attacker with the database
-    /// would: the append-only triggers out of the way.
+    /// Lets the owner change the ledger and its checkpoints as an attacker
+    /// with the database would: the append-only triggers out of the way.
     pub async fn disable_ledger_triggers(&self) {
-        match self {
-            Raw::Sqlite(_) => {
-                self.exec("DROP TRIGGER audit_no_update").await.unwrap();
-                self.exec("DROP TRIGGER audit_no_delete").await.unwrap();
-            }
-            Raw::Postgres(_) => {
-                self.exec("ALTER TABLE audit DISABLE TRIGGER USER")
-                    .await
-                    .unwrap();
-            }
+        let statements: &[&str] = match self {
+            Raw::Sqlite(_) => &[
+                "DROP TRIGGER audit_no_update",
+                "DROP TRIGGER audit_no_delete",
+                "DROP TRIGGER ledger_checkpoints_no_update",
+                "DROP TRIGGER ledger_checkpoints_no_delete",
+            ],
+            Raw::Postgres(_) => &[
+                "ALTER TABLE audit DISABLE TRIGGER USER",
+                "ALTER TABLE ledger_checkpoints DISABLE TRIGGER USER",
+            ],
+        };
+        for sql in statements {
+            self.exec(sql).await.unwrap();
         }
     }
 }

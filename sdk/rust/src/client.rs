@@ -421,10 +421,16 @@ impl Client {
 
     /// Recomputes the audit ledger's hash chain (from `from_seq`, trusting
     /// the hash stored before it) and holds its end against the latest
-    /// signed checkpoint.
-    pub async fn verify_audit(&mut self, from_seq: Option<i64>) -> Result<pb::VerifyAuditResponse> {
+    /// checkpoint keycap signed and against `checkpoint`, one kept from
+    /// earlier as `SEQ:HASH` (hash in hex).
+    pub async fn verify_audit(
+        &mut self,
+        from_seq: Option<i64>,
+        checkpoint: Option<&str>,
+    ) -> Result<pb::VerifyAuditResponse> {
         let req = pb::VerifyAuditRequest {
             from_seq: from_seq.unwrap_or(0),
+            checkpoint: checkpoint.unwrap_or_default().to_string(),
         };
         let r = self.raw.audit.verify_audit(req).await;
         Ok(r.map_err(self.fail())?.into_inner())

@@ -957,10 +957,14 @@ export class Audit {
 
   /**
    * Recomputes the ledger's hash chain (from `fromSeq`, trusting the hash
-   * stored before it) and holds its end against the latest signed checkpoint.
+   * stored before it) and holds its end against the latest checkpoint
+   * keycap signed and against `checkpoint`, one kept from earlier as
+   * "SEQ:HASH" (hash in hex).
    */
-  async verify(options: { fromSeq?: number } = {}): Promise<Verification> {
-    const r = await this.call(() => this.rpc.verifyAudit({ fromSeq: BigInt(options.fromSeq ?? 0) }));
+  async verify(options: { fromSeq?: number; checkpoint?: string } = {}): Promise<Verification> {
+    const r = await this.call(() =>
+      this.rpc.verifyAudit({ fromSeq: BigInt(options.fromSeq ?? 0), checkpoint: options.checkpoint ?? "" }),
+    );
     const head = r.headHash.length > 0;
     return {
       ok: r.ok, checked: Number(r.checked), legacy: Number(r.legacy),

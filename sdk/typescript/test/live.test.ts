@@ -237,6 +237,9 @@ test("admin tokens, issuer tokens, audit verify and checkpoints", async () => {
   assert.equal(verified.headSeq, newest);
   assert.match(verified.headHash ?? "", /^[0-9a-f]{64}$/);
   assert.equal((await kc.audit.verify({ fromSeq: newest })).checked, 1);
+  assert.ok((await kc.audit.verify({ checkpoint: `${newest}:${verified.headHash}` })).ok);
+  const other = await kc.audit.verify({ checkpoint: `${newest}:${"ab".repeat(32)}` });
+  assert.equal(other.broken?.seq, newest, JSON.stringify(other));
   for (const cp of await kc.audit.checkpoints({ limit: 5 })) {
     assert.ok(cp.seq <= newest);
     assert.match(cp.hash, /^[0-9a-f]{64}$/);

@@ -137,7 +137,7 @@ async fn a_rust_service_walks_the_whole_flow_with_keycap_client() {
         .map(|e| e.seq)
         .max()
         .unwrap();
-    let verified = client.verify_audit(None).await.unwrap();
+    let verified = client.verify_audit(None, None).await.unwrap();
     assert!(verified.ok, "{verified:?}");
     assert_eq!(verified.head_seq, newest);
     assert_eq!(
@@ -146,7 +146,21 @@ async fn a_rust_service_walks_the_whole_flow_with_keycap_client() {
             .as_str()
             .unwrap()
     );
-    assert_eq!(client.verify_audit(Some(newest)).await.unwrap().checked, 1);
+    assert_eq!(
+        client
+            .verify_audit(Some(newest), None)
+            .await
+            .unwrap()
+            .checked,
+        1
+    );
+    // Held against the head as a checkpoint kept now, and against one
+    // whose hash the ledger never had.
+    let kept = format!("{newest}:{}", hex::encode(&verified.head_hash));
+    assert!(client.verify_audit(None, Some(&kept)).await.unwrap().ok);
+    let other = format!("{newest}:{}", "ab".repeat(32));
+    let broken = client.verify_audit(None, Some(&other)).await.unwrap();
+    assert_eq!((broken.ok, broken.broken_seq), (false, newest));
     for cp in client.checkpoints(5).await.unwrap() {
         assert!(cp.seq <= newest && cp.hash.len() == 32 && cp.signature.len() == 64);
     }

@@ -404,12 +404,15 @@ class Audit(_Sync):
                 return
             page = r.next_page_token
 
-    def verify(self, *, from_seq: int | None = None) -> Verification:
+    def verify(self, *, from_seq: int | None = None,
+               checkpoint: str | None = None) -> Verification:
         """Recomputes the ledger's hash chain (from `from_seq`, trusting the
-        hash stored before it) and holds its end against the latest signed
-        checkpoint."""
-        return Verification._from(self._call(self._audit.VerifyAudit,
-                                             pb.VerifyAuditRequest(from_seq=from_seq or 0)))
+        hash stored before it) and holds its end against the latest
+        checkpoint keycap signed and against `checkpoint`, one kept from
+        earlier as "SEQ:HASH" (hash in hex)."""
+        return Verification._from(self._call(
+            self._audit.VerifyAudit,
+            pb.VerifyAuditRequest(from_seq=from_seq or 0, checkpoint=checkpoint or "")))
 
     def checkpoints(self, *, limit: int | None = None) -> list[Checkpoint]:
         """The ledger's signed checkpoints, newest first."""
@@ -687,9 +690,11 @@ class AsyncAudit(_Async):
                 return
             page = r.next_page_token
 
-    async def verify(self, *, from_seq: int | None = None) -> Verification:
+    async def verify(self, *, from_seq: int | None = None,
+                     checkpoint: str | None = None) -> Verification:
         return Verification._from(await self._call(
-            self._audit.VerifyAudit, pb.VerifyAuditRequest(from_seq=from_seq or 0)))
+            self._audit.VerifyAudit,
+            pb.VerifyAuditRequest(from_seq=from_seq or 0, checkpoint=checkpoint or "")))
 
     async def checkpoints(self, *, limit: int | None = None) -> list[Checkpoint]:
         r = await self._call(self._audit.ListCheckpoints,

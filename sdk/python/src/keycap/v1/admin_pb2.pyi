@@ -1571,18 +1571,25 @@ class VerifyAuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FROM_SEQ_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     from_seq: _builtins.int
     """Start at this seq, trusting the prev_hash stored with it; 0: from the
     first entry.
+    """
+    checkpoint: _builtins.str
+    """A checkpoint kept from earlier, "SEQ:HASH" (the hash as 64 hex
+    digits): the entry SEQ must still be in the ledger with that hash.
+    Empty: only the latest checkpoint keycap signed is held.
     """
     def __init__(
         self,
         *,
         from_seq: _builtins.int = ...,
+        checkpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_seq", b"from_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "from_seq", b"from_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
