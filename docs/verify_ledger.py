@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Verify a keycap audit ledger export (JSON Lines) on its own.
+"""Verify a keycap audit ledger export (JSON Lines or CSV) on its own.
 
-Usage: python3 verify_ledger.py export.jsonl [--from-hash HEX] [--checkpoint SEQ:HASH]...
+Usage: python3 verify_ledger.py EXPORT [--from-hash HEX] [--checkpoint SEQ:HASH]...
+
+EXPORT is read as CSV when its first line is the CSV header (starts with
+"seq,"), else as JSON Lines.
 
 Reads the export in seq order, recomputes every entry's hash from its
 fields as docs/ledger.md describes, and checks that each entry's prev_hash
@@ -11,10 +14,14 @@ the entry SEQ with exactly that hash. Prints the head (last seq and hash)
 and exits 0 when all of that holds; names the first broken entry or the
 checkpoint not reached and exits 1 otherwise. Standard library only.
 """
+import csv
 import hashlib
 import json
 import struct
 import sys
+
+INTEGERS = ("seq", "upstream_status", "reserved_micros", "cost_micros", "at_micros",
+            "refused_calls", "credential_version")
 
 
 def s(value):
@@ -47,6 +54,22 @@ def canonical(e):
     return out
 
 
+def records(f):
+    """The export's entries, each a dict with the JSON Lines field names."""
+    first = f.readline()
+    f.seek(0)
+    if not first.startswith("seq,"):
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+        return
+    for row in csv.DictReader(f):
+        for name in INTEGERS:
+            row[name] = int(row[name])
+        row["context"] = json.loads(row["context"])
+        yield row
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__.strip(), file=sys.stderr)
@@ -61,11 +84,8 @@ def main(argv):
             held[int(seq)] = digest.lower()
     count = 0
     last_seq = None
-    with open(argv[1], encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            e = json.loads(line)
+    with open(argv[1], encoding="utf-8", newline="") as f:
+        for e in records(f):
             if not e["hash"]:
                 if prev is not None:
                     print(f"BROKEN at seq {e['seq']}: unchained entry after the chain started")

@@ -1,8 +1,8 @@
-//! Exporting a ledger of a million entries: the export is read a page at a
-//! time and handed on as it is read, so the memory it holds stays flat
-//! whatever the ledger's length. (That an export verifies on its own is
-//! tested in the store suite and end to end; here the entries only need to
-//! be many.)
+//! Exporting and verifying a ledger of a million entries: each reads the
+//! ledger a page at a time and lets go of a page before the next, so the
+//! memory it holds stays flat whatever the ledger's length. (That an export
+//! verifies on its own, and that verify names what is broken, is tested in
+//! the store suite and end to end; here the entries only need to be many.)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,8 +35,16 @@ fn rss_bytes() -> u64 {
 
 /// Writes `ENTRIES` ledger entries straight into the database, in one
 /// statement (SQLite generates the rows), as an upgrade or a long-running
-/// deployment would have left them: no proxy needed to make them.
-async fn fill(store: &SqliteStore) {
+/// deployment would have left them: no proxy needed to make them. With
+/// `hashes` they carry random chain fields (an export copies them as they
+/// are); without, they are entries from before the ledger was chained,
+/// which verify reads and counts.
+async fn fill(store: &SqliteStore, hashes: bool) {
+    let chain = if hashes {
+        "randomblob(32), randomblob(32)"
+    } else {
+        "NULL, NULL"
+    };
     let sql = format!(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ENTRIES}) \
          INSERT INTO audit (seq, event_id, key_id, agent_run_label, vendor, method, path, \
@@ -46,7 +54,7 @@ async fn fill(store: &SqliteStore) {
          'openai', 'POST', '/v1/chat/completions', 200, 2000, 1500 + (i % 500), 'settled', \
          1796000000000000 + i * 1000, 'node-1', 'lease_' || (i % 101), '2026-12-01', \
          '{{\"model\":\"gpt-4o-mini\",\"input_tokens\":812,\"output_tokens\":95}}', '', \
-         '{{\"tenant\":\"acme\"}}', randomblob(32), randomblob(32), '', 0 FROM n"
+         '{{\"tenant\":\"acme\"}}', {chain}, '', 0 FROM n"
     );
     let mut tx = store.pool().begin().await.unwrap();
     // An export reads by seq only; the other indexes would only slow the
@@ -79,7 +87,7 @@ async fn a_million_entry_export_streams_in_flat_memory() {
     let store = SqliteStore::connect(path.to_str().unwrap()).await.unwrap();
     store.migrate().await.unwrap();
     let started = Instant::now();
-    fill(&store).await;
+    fill(&store, true).await;
     let filled = started.elapsed();
 
     let store: Arc<dyn Store> = Arc::new(store);
@@ -138,5 +146,60 @@ async fn a_million_entry_export_streams_in_flat_memory() {
         late_growth < MAX_LATE_GROWTH_BYTES,
         "the export's second half grew the process by {} KiB",
         late_growth >> 10
+    );
+}
+
+/// The process's peak resident memory since `reset_peak_rss`
+/// (/proc/self/status, VmHWM).
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status");
+    kb * 1024
+}
+
+/// Starts the peak resident memory over from the current one.
+fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("/proc/self/clear_refs");
+}
+
+/// Most the process may grow while verify runs: a page of entries (5,000,
+/// `ledger::verify`) decoded, and the database driver's buffers. Holding
+/// the ledger's entries (about 700 MB as exported) would pass it many times
+/// over.
+const MAX_VERIFY_GROWTH_BYTES: u64 = 48 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_entry_verify_reads_in_flat_memory() {
+    // In memory, so the whole database is resident before verify starts:
+    // what the process grows by while verify runs is verify's own, not a
+    // page cache filling.
+    let store = SqliteStore::in_memory().await.unwrap();
+    store.migrate().await.unwrap();
+    fill(&store, false).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+
+    reset_peak_rss();
+    let before = rss_bytes();
+    let started = Instant::now();
+    let v = keycap_control::ledger::verify(&*store, None, &[])
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let growth = peak_rss_bytes().saturating_sub(before);
+    println!(
+        "verify of {ENTRIES} entries in {took:?}: RSS {} MiB before, peak growth {} KiB",
+        before >> 20,
+        growth >> 10,
+    );
+    assert!(v.ok(), "{v:?}");
+    assert_eq!((v.legacy, v.checked), (ENTRIES as u64, 0));
+    assert!(
+        growth < MAX_VERIFY_GROWTH_BYTES,
+        "verify grew the process by {} MiB",
+        growth >> 20
     );
 }

@@ -3273,6 +3273,49 @@ mod cases {
             )
         );
 
+        // The same ledger exported as CSV verifies the same; an amount
+        // changed in it is named.
+        use keycap_control::ledger::export::{csv, csv_header};
+        let csv_export = |edit: Option<usize>| {
+            let mut out = csv_header();
+            for (n, e) in all.iter().enumerate() {
+                let mut e = e.clone();
+                if edit == Some(n) {
+                    e.event.cost.0 += 1;
+                }
+                out.push_str(&csv(&e));
+            }
+            out
+        };
+        let from_csv = run(&csv_export(None));
+        assert_eq!(
+            String::from_utf8_lossy(&from_csv.stdout),
+            String::from_utf8_lossy(&ok.stdout),
+            "{}",
+            String::from_utf8_lossy(&from_csv.stderr)
+        );
+        let bad = run(&csv_export(Some(4)));
+        assert_eq!(
+            String::from_utf8_lossy(&bad.stdout).trim(),
+            format!(
+                "BROKEN at seq {}: content does not match its hash",
+                all[4].seq
+            )
+        );
+        // A later part of the ledger verifies from the hash before it.
+        let tail: String = export.lines().skip(10).map(|l| format!("{l}\n")).collect();
+        let from = ["--from-hash".to_string(), hex::encode(all[9].hash.unwrap())];
+        let part = run_with(&tail, &from);
+        assert_eq!(
+            String::from_utf8_lossy(&part.stdout).trim(),
+            format!(
+                "OK 20 entries, head seq {} hash {}",
+                head.seq,
+                hex::encode(head.hash.unwrap())
+            )
+        );
+        assert!(!run(&tail).status.success(), "not from the genesis hash");
+
         // An amount changed in the export: that entry is named.
         let mut lines: Vec<String> = export.lines().map(str::to_string).collect();
         let mut edited: serde_json::Value = serde_json::from_str(&lines[10]).unwrap();

@@ -113,25 +113,33 @@ async fn calls_become_a_chain_that_verifies_over_rest_and_grpc() {
     let path = dir.path().join("audit.jsonl");
     std::fs::write(&path, export.text).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/verify_ledger.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!(
-            "OK 3 entries, head seq {} hash {}",
-            entries[0]["seq"],
-            entries[0]["hash"].as_str().unwrap()
-        )
+    let verified = |path: &std::path::Path| {
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let whole = format!(
+        "OK 3 entries, head seq {} hash {}",
+        entries[0]["seq"],
+        entries[0]["hash"].as_str().unwrap()
     );
+    assert_eq!(verified(&path), whole);
     let csv = stack.admin.get("/vault/audit/export?format=csv").await;
     assert_eq!(csv.status, 200);
     let lines: Vec<&str> = csv.text.lines().collect();
     assert_eq!(lines.len(), 4, "a header and three records");
     assert!(lines[0].starts_with("seq,event_id,key_id,"));
+    let csv_path = dir.path().join("audit.csv");
+    std::fs::write(&csv_path, &csv.text).unwrap();
+    assert_eq!(
+        verified(&csv_path),
+        whole,
+        "the CSV export verifies on its own too"
+    );
     let future = stack
         .admin
         .get("/vault/audit/export?from=2100-01-01T00:00:00Z")
