@@ -4348,33 +4348,42 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
     // lock, and commit once it has. The last resends batch 1 while batch
     // 1 is in flight.
     let a = Arc::new(a);
-    let mut holder = a.pool().begin().await.unwrap();
-    sqlx::query("SELECT seq FROM ledger_head WHERE id = 1 FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let b = Arc::new(b);
+    // Waits until `n` sessions wait for a lock (the ledger head's).
+    let lock_waiters = |n: i64, what: &'static str| {
+        let pool = a.pool().clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting >= n {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let hold_head = || async {
+        let mut holder = a.pool().begin().await.unwrap();
+        sqlx::query("SELECT seq FROM ledger_head WHERE id = 1 FOR UPDATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder
+    };
+    let holder = hold_head().await;
     let held = tokio::spawn({
         let a = a.clone();
         async move { a.record_spend(&batch(0)).await }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock')",
-        )
-        .fetch_one(a.pool())
-        .await
-        .unwrap();
-        if waiting {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first batch never waited for the head"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    lock_waiters(1, "the first batch never waited for the head").await;
     let behind: Vec<Vec<SpendEvent>> = vec![batch(1), batch(2), batch(1)];
     let mut behind_done = Box::pin(futures_util::future::join_all(
         behind.iter().map(|batch| a.record_spend(batch)),
@@ -4392,6 +4401,98 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
         "batches behind one in flight commit ahead of the lock"
     );
     assert_eq!(missed, 0, "alone, no replica appends in between");
+
+    // Another replica's entries committed below the head an append ahead
+    // chains onto, after that append started: B's batch 30 waits for the
+    // head first, then A's batch 31; A's batch 32, which also carries
+    // batch 30's events, starts behind 31 and gets as far as it can
+    // before 31 has chained. The lock goes to 30, then 31, which chains
+    // onto 30's entries, so 32 chains onto a head that holds them and
+    // must find them stored (looked up before 31 had chained, they were
+    // not yet, and were stored twice).
+    let holder = hold_head().await;
+    let other = tokio::spawn({
+        let b = b.clone();
+        async move { b.record_spend(&batch(30)).await }
+    });
+    lock_waiters(1, "B's batch never waited for the head").await;
+    let locked = tokio::spawn({
+        let a = a.clone();
+        async move { a.record_spend(&batch(31)).await }
+    });
+    lock_waiters(2, "A's batch never waited for the head").await;
+    let both: Vec<SpendEvent> = batch(32).into_iter().chain(batch(30)).collect();
+    let ahead = tokio::spawn({
+        let a = a.clone();
+        async move { a.record_spend(&both).await }
+    });
+    // Batch 32 has run every statement it runs before it waits for 31 to
+    // chain: its session idles in its transaction.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let idle: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'idle in transaction' AND query NOT LIKE '%FOR UPDATE%'",
+        )
+        .fetch_one(a.pool())
+        .await
+        .unwrap();
+        if idle >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch 32 never waited for batch 31"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    holder.commit().await.unwrap();
+    assert_eq!(other.await.unwrap().unwrap(), (40, 0));
+    assert_eq!(locked.await.unwrap().unwrap(), (40, 0));
+    assert_eq!(
+        ahead.await.unwrap().unwrap(),
+        (40, 40),
+        "batch 30's events, stored by B, count once"
+    );
+    let stored_twice: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT event_id FROM audit GROUP BY event_id \
+         HAVING COUNT(*) > 1) AS d",
+    )
+    .fetch_one(a.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored_twice, 0);
+
+    // A batch chained onto a head another replica moves first: replica A's
+    // batch 27 waits for the head, then B's batch 28 does; A's batch 29
+    // chains behind 27 and writes ahead. The lock goes to the waiters in
+    // turn, 27, then 28, so 29 finds the head where 28 left it, not where it
+    // chained on: it starts over holding the lock, and every event counts
+    // once.
+    let holder = hold_head().await;
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { a.record_spend(&batch(27)).await }
+    });
+    lock_waiters(1, "A's batch never waited for the head").await;
+    let between = tokio::spawn({
+        let b = b.clone();
+        async move { b.record_spend(&batch(28)).await }
+    });
+    lock_waiters(2, "B's batch never waited for the head").await;
+    let last = batch(29);
+    let mut chained = Box::pin(a.record_spend(&last));
+    assert!((&mut chained).now_or_never().is_none());
+    holder.commit().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), (40, 0));
+    assert_eq!(between.await.unwrap().unwrap(), (40, 0));
+    assert_eq!(chained.await.unwrap(), (40, 0));
+    let (_, missed) = a.pipelined_appends();
+    assert_eq!(missed, 1, "batch 29's head proved stale");
+    let v = keycap_control::ledger::verify(&*a, None, &[])
+        .await
+        .unwrap();
+    assert!(v.ok(), "{v:?}");
 
     // Two replicas: every batch is sent to both, four at a time each, so
     // their appends meet, and ones chained onto a stale head start over.
@@ -4416,16 +4517,16 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
         "each event applied once across replicas"
     );
     let all = check_whole_chain(&*a).await;
-    assert_eq!(all.len(), 27 * 40);
+    assert_eq!(all.len(), 33 * 40);
     assert!(
         all.windows(2).all(|w| w[1].seq == w[0].seq + 1),
         "seqs are consecutive"
     );
-    let spent: i64 = (0..27).flat_map(batch).map(|e| e.cost.0).sum();
+    let spent: i64 = (0..33).flat_map(batch).map(|e| e.cost.0).sum();
     let k1 = a.key_spend("k1", DAY).await.unwrap();
     let k2 = a.key_spend("k2", DAY).await.unwrap();
     assert_eq!(k1.spent_day.0 + k2.spent_day.0, spent);
-    assert_eq!(k1.calls_day + k2.calls_day, 27 * 40);
+    assert_eq!(k1.calls_day + k2.calls_day, 33 * 40);
 }
 
 /// Every lookup of the audit ledger by a key, run label or trace id is

@@ -1,8 +1,11 @@
-//! The audit ledger's rules: how an entry is encoded and chained, and how a
-//! chain is checked. The store keeps the rows and appends them inside the
-//! transaction that applies their spend; this module decides what each
-//! row's hash is and what counts as a break. It never talks to a database
-//! itself and never changes a row.
+//! The audit ledger's rules: how an entry is encoded and chained, in what
+//! order a replica's appends commit (`pipeline`), how a chain is checked
+//! (`verify`, also against signed or kept checkpoints, `checkpoint`), what
+//! an export holds (`export`) and when old entries may go (`retention`).
+//! The store keeps the rows and appends them inside the transaction that
+//! applies their spend; this module decides what each row's hash is and
+//! what counts as a break. It writes no SQL of its own (verify and export
+//! read through the `Store` trait) and never changes a row.
 //!
 //! Every entry has a sequence number (`seq`, increasing, decided under the
 //! ledger head's lock, so replicas appending at once still form one chain)

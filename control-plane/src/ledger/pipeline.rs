@@ -4,9 +4,11 @@
 //!
 //! Every append takes a [`Ticket`] in turn. A ticket behind an append
 //! still in flight learns the head that append will leave once that append
-//! has chained its entries ([`Ticket::start`]); it drops every event the
-//! appends before it carry ([`Ticket::earlier_holds`]), chains its own
-//! entries onto that head and writes them, then waits for the append before
+//! has chained its entries ([`Ticket::start`]); only then does it look its
+//! events up (every entry below that head is by then committed, or carried
+//! by an append before it), drops every event the appends before it carry
+//! ([`Ticket::earlier_holds`]), chains its own entries onto that head and
+//! writes them, then waits for the append before
 //! it to finish ([`Ticket::earlier_done`]) and takes the ledger head's lock.
 //! It commits only if every append before it committed
 //! ([`Ticket::earlier_committed`]) and the head under the lock is exactly

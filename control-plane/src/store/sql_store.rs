@@ -488,7 +488,6 @@ where
         if ledger::dated_ahead(events, clock).is_some() {
             return Ok(None);
         }
-        let known = Self::known_event_ids(w.conn(), events, clock).await?;
         let keys = Self::spend_keys(w.conn(), events).await?;
         // What an observed key's calls would have met depends on what the
         // appends before settled: those go under the lock.
@@ -498,6 +497,13 @@ where
         let Some(start) = ticket.start().await else {
             return Ok(None);
         };
+        // Looked up only once the head to chain onto is known. Every entry
+        // up to it is then either committed before this lookup reads, or
+        // written by an append of this replica still in flight (dropped
+        // below). Looked up earlier, another replica's entries committed
+        // between the lookup and the append before this one taking the
+        // lock would lie below `start` unseen, and be stored twice.
+        let known = Self::known_event_ids(w.conn(), events, clock).await?;
         let (applied, fresh) = first_unstored(events, &known, |id| ticket.earlier_holds(id));
         let fresh: Vec<Cow<'_, SpendEvent>> = fresh.into_iter().map(Cow::Borrowed).collect();
         let (entries, end) = chain_entries(start, &fresh, &keys.labels);
