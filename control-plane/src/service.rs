@@ -652,7 +652,11 @@ impl Control {
             return Ok(Vec::new());
         };
         let retention = self.store.ledger_retention().await?;
-        let covered = retention.droppable_through(&self.store.checkpoints(16).await?);
+        // Only checkpoints verify trusts count (`verify_audit`).
+        let trusted = self.trusted_checkpoint_keys().await?;
+        let mut checkpoints = self.store.checkpoints(16).await?;
+        checkpoints.retain(|cp| trusted.contains(&cp.public_key));
+        let covered = retention.droppable_through(&checkpoints);
         let before = Utc::now().date_naive() - chrono::Days::new(u64::from(days));
         let dropped = self.store.drop_audit_partitions(before, covered).await?;
         for table in &dropped {
@@ -1838,13 +1842,19 @@ impl Control {
                 return Err(domain::invalid("checkpoint", why).into());
             }
         }
-        let trusted: Vec<[u8; 32]> = self
+        let trusted = self.trusted_checkpoint_keys().await?;
+        Ok(ledger::verify_to_checkpoint(&*self.store, from, &trusted, held).await?)
+    }
+
+    /// The public keys of the ledger signing keys this replica's master
+    /// key opens: only checkpoints they signed are trusted.
+    async fn trusted_checkpoint_keys(&self) -> Result<Vec<[u8; 32]>, ApiError> {
+        Ok(self
             .opened_signing_keys()
             .await?
             .iter()
             .map(|k| k.verifying_key().to_bytes())
-            .collect();
-        Ok(ledger::verify_to_checkpoint(&*self.store, from, &trusted, held).await?)
+            .collect())
     }
 
     /// A run's spend over the caller's vendors only.

@@ -186,13 +186,21 @@ impl Ticket<'_> {
     /// This append finished: committed, leaving `head`, or not (`None`).
     pub fn done(&self, head: Option<Head>) {
         self.stage.send_replace(Stage::Done(head));
-        self.leave();
+        self.leave(head.is_some());
     }
 
-    /// Takes this ticket off the appends in flight.
-    fn leave(&self) {
+    /// Takes this ticket off the appends in flight. One that ends without
+    /// a known commit (an error, or dropped mid-append) may still commit:
+    /// its COMMIT can be on its way, its session holding the head's lock.
+    /// A ticket taken after it no longer lists it, so could chain behind
+    /// another and look up before that commit shows; the next appends take
+    /// the lock first instead, and so wait for that session to finish.
+    fn leave(&self, committed: bool) {
         let mut tail = self.appends.tail.lock().unwrap_or_else(|p| p.into_inner());
         tail.in_flight.retain(|(n, _)| *n != self.number);
+        if !committed {
+            tail.back_off = BACK_OFF_APPENDS;
+        }
     }
 
     /// This append committed ahead of the lock, leaving `head`.
@@ -205,14 +213,16 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.stage.send_if_modified(|s| match s {
+        let unfinished = self.stage.send_if_modified(|s| match s {
             Stage::Done(_) => false,
             _ => {
                 *s = Stage::Done(None);
                 true
             }
         });
-        self.leave();
+        if unfinished {
+            self.leave(false);
+        }
     }
 }
 
@@ -224,6 +234,39 @@ mod tests {
 
     fn head(seq: i64) -> Head {
         (seq, [seq as u8; 32])
+    }
+
+    #[test]
+    fn after_an_append_of_unknown_outcome_the_next_ones_take_the_lock_first() {
+        for ends in ["dropped", "failed"] {
+            let appends = Appends::default();
+            let in_flight = appends.ticket(["a"]);
+            let unknown = appends.ticket(["b"]);
+            unknown.chained(head(3));
+            if ends == "failed" {
+                unknown.done(None);
+            } else {
+                drop(unknown);
+            }
+            // Another append is still in flight, yet the next ones do not
+            // chain behind it: the one that ended may commit yet.
+            let next = |appends: &Appends| {
+                let t = appends.ticket(["c"]);
+                let behind = t.behind();
+                t.done(Some(head(4)));
+                behind
+            };
+            for _ in 0..BACK_OFF_APPENDS {
+                assert!(!next(&appends), "{ends}");
+            }
+            assert!(next(&appends), "{ends}: back to chaining");
+            in_flight.done(Some(head(1)));
+        }
+        // A commit leaves the chaining as it was.
+        let appends = Appends::default();
+        let _in_flight = appends.ticket(["a"]);
+        appends.ticket(["b"]).done(Some(head(2)));
+        assert!(appends.ticket(["c"]).behind());
     }
 
     #[tokio::test]
