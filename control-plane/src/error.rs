@@ -90,6 +90,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             StoreError::Conflict(why) => ApiError::Conflict(why),
+            StoreError::Invalid(why) => crate::domain::invalid("events", why).into(),
             other => {
                 tracing::error!(error = %other, "store operation failed");
                 ApiError::Internal

@@ -54,6 +54,10 @@ pub enum StoreError {
     /// that active keys still use, granting on a revoked key).
     #[error("{0}")]
     Conflict(String),
+    /// The input can never be applied as given (e.g. a spend event older
+    /// than the ledger retention keeps).
+    #[error("{0}")]
+    Invalid(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration error: {0}")]
