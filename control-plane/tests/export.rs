@@ -22,15 +22,20 @@ const MAX_GROWTH_BYTES: u64 = 96 << 20;
 /// cache is full: flat memory means about nothing.
 const MAX_LATE_GROWTH_BYTES: u64 = 16 << 20;
 
-/// The process's resident memory, from /proc/self/status.
-fn rss_bytes() -> u64 {
+/// A memory figure of this process from /proc/self/status, in bytes.
+fn status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"));
     kb * 1024
+}
+
+/// The process's resident memory.
+fn rss_bytes() -> u64 {
+    status_bytes("VmRSS")
 }
 
 /// Writes `ENTRIES` ledger entries straight into the database, in one
@@ -149,16 +154,9 @@ async fn a_million_entry_export_streams_in_flat_memory() {
     );
 }
 
-/// The process's peak resident memory since `reset_peak_rss`
-/// (/proc/self/status, VmHWM).
+/// The process's peak resident memory since `reset_peak_rss`.
 fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status");
-    kb * 1024
+    status_bytes("VmHWM")
 }
 
 /// Starts the peak resident memory over from the current one.

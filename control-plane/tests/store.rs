@@ -4367,6 +4367,40 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
 /// (`ledger::pipeline`): an append chained ahead of the lock commits only
 /// onto the head it chained onto, so every event counts once, in one
 /// chain, whichever replica and whichever path took it.
+/// Waits until `n` sessions of the database match `condition` (a
+/// `pg_stat_activity` condition), failing with `what` after 30 s.
+async fn until_sessions(pool: &sqlx::PgPool, condition: &str, n: i64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let matching: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND {condition}"
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if matching >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts an append of `events` on `store` and waits until it is the
+/// `n`th session waiting for a lock (the ledger head's).
+async fn queued_append(
+    store: &Arc<PgStore>,
+    events: Vec<SpendEvent>,
+    n: i64,
+    what: &str,
+) -> tokio::task::JoinHandle<keycap_control::store::StoreResult<(u32, u32)>> {
+    let s = store.clone();
+    let task = tokio::spawn(async move { s.record_spend(&events).await });
+    until_sessions(store.pool(), "wait_event_type = 'Lock'", n, what).await;
+    task
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
     use futures_util::FutureExt;
@@ -4397,27 +4431,6 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
     // 1 is in flight.
     let a = Arc::new(a);
     let b = Arc::new(b);
-    // Waits until `n` sessions wait for a lock (the ledger head's).
-    let lock_waiters = |n: i64, what: &'static str| {
-        let pool = a.pool().clone();
-        async move {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                if waiting >= n {
-                    return;
-                }
-                assert!(std::time::Instant::now() < deadline, "{what}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        }
-    };
     let hold_head = || async {
         let mut holder = a.pool().begin().await.unwrap();
         sqlx::query("SELECT seq FROM ledger_head WHERE id = 1 FOR UPDATE")
@@ -4427,11 +4440,7 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
         holder
     };
     let holder = hold_head().await;
-    let held = tokio::spawn({
-        let a = a.clone();
-        async move { a.record_spend(&batch(0)).await }
-    });
-    lock_waiters(1, "the first batch never waited for the head").await;
+    let held = queued_append(&a, batch(0), 1, "the first batch never waited for the head").await;
     let behind: Vec<Vec<SpendEvent>> = vec![batch(1), batch(2), batch(1)];
     let mut behind_done = Box::pin(futures_util::future::join_all(
         behind.iter().map(|batch| a.record_spend(batch)),
@@ -4459,16 +4468,8 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
     // must find them stored (looked up before 31 had chained, they were
     // not yet, and were stored twice).
     let holder = hold_head().await;
-    let other = tokio::spawn({
-        let b = b.clone();
-        async move { b.record_spend(&batch(30)).await }
-    });
-    lock_waiters(1, "B's batch never waited for the head").await;
-    let locked = tokio::spawn({
-        let a = a.clone();
-        async move { a.record_spend(&batch(31)).await }
-    });
-    lock_waiters(2, "A's batch never waited for the head").await;
+    let other = queued_append(&b, batch(30), 1, "B's batch never waited for the head").await;
+    let locked = queued_append(&a, batch(31), 2, "A's batch never waited for the head").await;
     let both: Vec<SpendEvent> = batch(32).into_iter().chain(batch(30)).collect();
     let ahead = tokio::spawn({
         let a = a.clone();
@@ -4476,24 +4477,13 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
     });
     // Batch 32 has run every statement it runs before it waits for 31 to
     // chain: its session idles in its transaction.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let idle: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND state = 'idle in transaction' AND query NOT LIKE '%FOR UPDATE%'",
-        )
-        .fetch_one(a.pool())
-        .await
-        .unwrap();
-        if idle >= 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "batch 32 never waited for batch 31"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    until_sessions(
+        a.pool(),
+        "state = 'idle in transaction' AND query NOT LIKE '%FOR UPDATE%'",
+        1,
+        "batch 32 never waited for batch 31",
+    )
+    .await;
     holder.commit().await.unwrap();
     assert_eq!(other.await.unwrap().unwrap(), (40, 0));
     assert_eq!(locked.await.unwrap().unwrap(), (40, 0));
@@ -4518,16 +4508,8 @@ async fn postgres_replicas_appending_ahead_of_the_lock_count_each_event_once() {
     // chained on: it starts over holding the lock, and every event counts
     // once.
     let holder = hold_head().await;
-    let first = tokio::spawn({
-        let a = a.clone();
-        async move { a.record_spend(&batch(27)).await }
-    });
-    lock_waiters(1, "A's batch never waited for the head").await;
-    let between = tokio::spawn({
-        let b = b.clone();
-        async move { b.record_spend(&batch(28)).await }
-    });
-    lock_waiters(2, "B's batch never waited for the head").await;
+    let first = queued_append(&a, batch(27), 1, "A's batch never waited for the head").await;
+    let between = queued_append(&b, batch(28), 2, "B's batch never waited for the head").await;
     let last = batch(29);
     let mut chained = Box::pin(a.record_spend(&last));
     assert!((&mut chained).now_or_never().is_none());
