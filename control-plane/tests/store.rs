@@ -4190,7 +4190,7 @@ async fn postgres_retention_drops_only_covered_days_and_verify_holds_after() {
     // whose entry could lie in the dropped day (dated then, or within
     // `MAX_AHEAD` after) cannot be told from a resend: it is refused, and
     // nothing of its batch is applied.
-    let kept_from: i64 = sqlx::query_scalar("SELECT kept_from FROM ledger_retention")
+    let kept_from: i64 = sqlx::query_scalar("SELECT kept_from FROM ledger_head")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -4301,9 +4301,8 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
             // Every migration but the partitioning ones (12, 13), so that
             // today's code can write the rows; the partitioning then copies
             // whatever columns the table has by then. Nor 27, which
-            // rebuilds indexes the partitioning creates, nor 29, which adds
-            // to 13's table.
-            .filter(|m| !(12..=13).contains(&m.version) && ![27, 29].contains(&m.version))
+            // rebuilds indexes the partitioning creates.
+            .filter(|m| !(12..=13).contains(&m.version) && m.version != 27)
             .cloned()
             .collect(),
     );
@@ -4313,13 +4312,6 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
     // Today's dedupe lookup names `logged_at`, which the partitioning
     // brings: a stand-in while the old rows are written, dropped before.
     raw.exec("ALTER TABLE audit ADD COLUMN logged_at BIGINT NOT NULL DEFAULT 0")
-        .await
-        .unwrap();
-    // Nor where retention's kept ledger starts (13 and 29): a stand-in too.
-    raw.exec("CREATE TABLE ledger_retention (id INTEGER PRIMARY KEY, kept_from BIGINT NOT NULL)")
-        .await
-        .unwrap();
-    raw.exec("INSERT INTO ledger_retention VALUES (1, 0)")
         .await
         .unwrap();
     add_key(s, key("k1", "stripe", "r", 1_000_000_000)).await;
@@ -4332,7 +4324,6 @@ async fn postgres_partitioning_keeps_the_ledger_written_before_it() {
     raw.exec("ALTER TABLE audit DROP COLUMN logged_at")
         .await
         .unwrap();
-    raw.exec("DROP TABLE ledger_retention").await.unwrap();
     let old = check_whole_chain(s).await;
     let head = s.ledger_head().await.unwrap();
 

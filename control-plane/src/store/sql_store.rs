@@ -164,6 +164,7 @@ where
     for<'r> (String, String, String, String, i64, i64, i64, i64, i64):
         FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, Vec<u8>, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, String, String, String, i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
@@ -427,14 +428,16 @@ where
         // onto the head are the ledger's next ones. The database's clock
         // comes with it: no event dated too far past it is taken
         // (`ledger::MAX_AHEAD`), which is what lets the dedupe lookup
-        // start at the batch's oldest event.
-        let (head_seq, clock, head_hash): (i64, i64, Vec<u8>) = sqlx::query_as(&format!(
-            "SELECT seq, {}, hash FROM ledger_head WHERE id = 1{}",
-            D::CLOCK_MICROS,
-            D::FOR_UPDATE
-        ))
-        .fetch_one(w.conn())
-        .await?;
+        // start at the batch's oldest event; nor one whose entry could lie
+        // in a day retention dropped (`kept_from`).
+        let (head_seq, clock, head_hash, kept_from): (i64, i64, Vec<u8>, i64) =
+            sqlx::query_as(&format!(
+                "SELECT seq, {}, hash, kept_from FROM ledger_head WHERE id = 1{}",
+                D::CLOCK_MICROS,
+                D::FOR_UPDATE
+            ))
+            .fetch_one(w.conn())
+            .await?;
         if let Some(e) = ledger::dated_ahead(events, clock) {
             return Err(StoreError::Conflict(format!(
                 "spend event {}: dated {}, more than {} min ahead of the ledger's clock ({}); \
@@ -452,7 +455,7 @@ where
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("ledger_head.hash: not 32 bytes".into()))?,
         );
-        Self::check_kept(w.conn(), events, clock).await?;
+        check_kept(events, clock, kept_from)?;
         let known = Self::known_event_ids(w.conn(), events, clock).await?;
         let (applied, fresh) = first_unstored(events, &known, |_| false);
         let keys = Self::spend_keys(w.conn(), events).await?;
@@ -516,8 +519,8 @@ where
         if !ticket.earlier_committed() {
             return Ok(None);
         }
-        let (seq, hash): (i64, Vec<u8>) = sqlx::query_as(&format!(
-            "SELECT seq, hash FROM ledger_head WHERE id = 1{}",
+        let (seq, kept_from, hash): (i64, i64, Vec<u8>) = sqlx::query_as(&format!(
+            "SELECT seq, kept_from, hash FROM ledger_head WHERE id = 1{}",
             D::FOR_UPDATE
         ))
         .fetch_one(w.conn())
@@ -530,45 +533,13 @@ where
         }
         // Retention may have dropped a day the lookup read since: then the
         // locked append answers.
-        if Self::check_kept(w.conn(), events, clock).await.is_err() {
+        if check_kept(events, clock, kept_from).is_err() {
             return Ok(None);
         }
         Self::settle(w.conn(), &fresh, &keys.budgets, start, end).await?;
         w.commit().await?;
         ticket.done_ahead(end);
         Ok(Some(applied))
-    }
-
-    /// `Invalid` when an entry of one of `events` could lie in a day
-    /// retention dropped (`ledger::dedupe_window` reaches before where the
-    /// kept ledger starts): the lookup cannot tell a resend from a new
-    /// event there, and applying it could count it twice. Read holding
-    /// the head's lock, which retention takes to drop a day.
-    async fn check_kept(
-        conn: &mut <D::Db as Database>::Connection,
-        events: &[SpendEvent],
-        clock: i64,
-    ) -> StoreResult<()> {
-        let kept_from: i64 =
-            sqlx::query_scalar("SELECT kept_from FROM ledger_retention WHERE id = 1")
-                .fetch_one(&mut *conn)
-                .await?;
-        let window = ledger::dedupe_window(events, clock);
-        if *window.start() >= kept_from {
-            return Ok(());
-        }
-        let oldest = events
-            .iter()
-            .min_by_key(|e| e.at)
-            .map_or("", |e| e.event_id.as_str());
-        let from =
-            DateTime::from_timestamp_micros(kept_from).map_or_else(String::new, |t| t.to_rfc3339());
-        Err(StoreError::Invalid(format!(
-            "spend event {oldest}: dated within {} min of ledger days retention dropped (the ledger \
-             keeps entries from {from}); whether it was applied before cannot be told, so it is not \
-             applied",
-            ledger::MAX_AHEAD.num_minutes()
-        )))
     }
 
     /// Which of `events` are already in the ledger, looking where an entry
@@ -785,6 +756,7 @@ where
     for<'r> (String, String, String, String, i64, i64, i64, i64, i64):
         FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64, Vec<u8>): FromRow<'r, <D::Db as Database>::Row>,
+    for<'r> (i64, i64, Vec<u8>, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, Option<Vec<u8>>): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (i64, i64): FromRow<'r, <D::Db as Database>::Row>,
     for<'r> (String, String, String, String, i64, i64, i64): FromRow<'r, <D::Db as Database>::Row>,
@@ -2424,28 +2396,23 @@ where
             if last.as_ref().is_some_and(|(seq, _)| *seq > covered) {
                 break;
             }
-            // The head next: no append looks events up while the day
-            // goes, and every append after sees where the ledger now
-            // starts (`kept_from`, checked under the head's lock).
-            sqlx::query(&format!(
-                "SELECT seq FROM ledger_head WHERE id = 1{}",
-                D::FOR_UPDATE
-            ))
-            .execute(w.conn())
-            .await?;
-            D::drop_audit_partition(w.conn(), &part).await?;
+            // Where the kept ledger now starts goes on the head's row
+            // first: this holds the head's lock until the day is gone, so
+            // no append looks events up meanwhile, and every append after
+            // reads it with the head (`check_kept`).
             let kept_from = part
                 .day
                 .succ_opt()
                 .and_then(|d| d.and_hms_opt(0, 0, 0))
                 .map_or(i64::MAX, |t| t.and_utc().timestamp_micros());
             sqlx::query(&format!(
-                "UPDATE ledger_retention SET kept_from = {}(kept_from, $1) WHERE id = 1",
+                "UPDATE ledger_head SET kept_from = {}(kept_from, $1) WHERE id = 1",
                 D::GREATEST
             ))
             .bind(kept_from)
             .execute(w.conn())
             .await?;
+            D::drop_audit_partition(w.conn(), &part).await?;
             if let Some((seq, hash)) = last.filter(|(seq, _)| *seq > through) {
                 let hash = hash.unwrap_or_else(|| ledger::GENESIS.to_vec());
                 sqlx::query(
@@ -3233,6 +3200,31 @@ struct SpendKeys {
     /// The budget each key spends: a roll chain's first key, else itself.
     budgets: std::collections::HashMap<String, String>,
     observed: std::collections::HashMap<String, ObservedCaps>,
+}
+
+/// `Invalid` when an entry of one of `events` could lie in a day retention
+/// dropped (`ledger::dedupe_window` reaches before `kept_from`, where the
+/// kept ledger starts): the lookup cannot tell a resend from a new event
+/// there, and applying it could count it twice. `kept_from` is read from
+/// the ledger head's row holding its lock, which retention takes to drop
+/// a day.
+fn check_kept(events: &[SpendEvent], clock: i64, kept_from: i64) -> StoreResult<()> {
+    let window = ledger::dedupe_window(events, clock);
+    if *window.start() >= kept_from {
+        return Ok(());
+    }
+    let oldest = events
+        .iter()
+        .min_by_key(|e| e.at)
+        .map_or("", |e| e.event_id.as_str());
+    let from =
+        DateTime::from_timestamp_micros(kept_from).map_or_else(String::new, |t| t.to_rfc3339());
+    Err(StoreError::Invalid(format!(
+        "spend event {oldest}: dated within {} min of ledger days retention dropped (the ledger \
+         keeps entries from {from}); whether it was applied before cannot be told, so it is not \
+         applied",
+        ledger::MAX_AHEAD.num_minutes()
+    )))
 }
 
 /// Which of `events` to apply: each at most once, first in the batch, not
