@@ -80,7 +80,12 @@ def main(argv):
     held = {}
     for n, arg in enumerate(argv):
         if arg == "--checkpoint":
-            seq, _, digest = argv[n + 1].partition(":")
+            point = argv[n + 1] if n + 1 < len(argv) else ""
+            seq, _, digest = point.partition(":")
+            if not seq.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                print(f"--checkpoint {point!r} is not SEQ:HASH (a seq, a colon, 64 hex digits)",
+                      file=sys.stderr)
+                return 2
             held[int(seq)] = digest.lower()
     count = 0
     last_seq = None

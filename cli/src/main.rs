@@ -469,8 +469,7 @@ enum AuditAction {
         limit: i32,
     },
     /// Write the ledger with its chain fields (JSON Lines or CSV), oldest
-    /// first, streamed; `docs/verify_ledger.py` checks a JSON Lines export
-    /// on its own.
+    /// first, streamed; `docs/verify_ledger.py` checks either on its own.
     ///
     /// `--format jsonl` (the default) or `--format csv`.
     Export {

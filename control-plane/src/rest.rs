@@ -1416,7 +1416,8 @@ struct CheckpointParams {
     limit: Option<u32>,
 }
 
-/// The ledger's signed checkpoints, newest first (scope `audit:read`).
+/// The ledger's signed checkpoints, newest first: those signed by a key
+/// keycap's master key opens, the ones verify trusts (scope `audit:read`).
 #[utoipa::path(
     get,
     path = "/vault/audit/checkpoints",

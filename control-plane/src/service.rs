@@ -654,8 +654,7 @@ impl Control {
         let retention = self.store.ledger_retention().await?;
         // Only checkpoints verify trusts count (`verify_audit`).
         let trusted = self.trusted_checkpoint_keys().await?;
-        let mut checkpoints = self.store.checkpoints(16).await?;
-        checkpoints.retain(|cp| trusted.contains(&cp.public_key));
+        let checkpoints = self.store.checkpoints(Some(&trusted), 16).await?;
         let covered = retention.droppable_through(&checkpoints);
         let before = Utc::now().date_naive() - chrono::Days::new(u64::from(days));
         let dropped = self.store.drop_audit_partitions(before, covered).await?;
@@ -679,7 +678,15 @@ impl Control {
     /// checkpoint is already of it; returns the newest checkpoint.
     pub async fn checkpoint_ledger(&self) -> Result<Option<ledger::Checkpoint>, ApiError> {
         let (seq, hash) = self.store.ledger_head().await?;
-        let latest = self.store.checkpoints(1).await?.into_iter().next();
+        // The latest this replica's keys signed: one stored under any other
+        // key does not stand for the head.
+        let trusted = self.trusted_checkpoint_keys().await?;
+        let latest = self
+            .store
+            .checkpoints(Some(&trusted), 1)
+            .await?
+            .into_iter()
+            .next();
         if seq == 0 || latest.as_ref().is_some_and(|cp| cp.seq >= seq) {
             return Ok(latest);
         }
@@ -751,7 +758,8 @@ impl Control {
         ))
     }
 
-    /// Stored checkpoints, newest first.
+    /// Stored checkpoints signed by a key this replica's master key opens
+    /// (the ones verify trusts, and worth keeping), newest first.
     pub async fn ledger_checkpoints(
         &self,
         vendors: &VendorScope,
@@ -761,7 +769,8 @@ impl Control {
         if !(1..=1000).contains(&limit) {
             return Err(domain::invalid("limit", "must be between 1 and 1000").into());
         }
-        Ok(self.store.checkpoints(limit).await?)
+        let trusted = self.trusted_checkpoint_keys().await?;
+        Ok(self.store.checkpoints(Some(&trusted), limit).await?)
     }
 
     // --- admin tokens -------------------------------------------------------
@@ -2749,7 +2758,10 @@ mod tests {
         assert_eq!(v.checkpoint_seq, None);
 
         // A checkpoint keycap's own key signed is held: its entry is
-        // missing.
+        // missing. Another forged one, ahead of the head, neither stops
+        // keycap signing the head nor is listed.
+        let ahead = ledger::Checkpoint::sign(&stranger, 100, [4; 32], Utc::now());
+        store.insert_checkpoint(&ahead).await.unwrap();
         sqlx::query("UPDATE ledger_head SET seq = 6, hash = $1")
             .bind(&[3u8; 32][..])
             .execute(&pool)
@@ -2757,6 +2769,16 @@ mod tests {
             .unwrap();
         let signed = control.checkpoint_ledger().await.unwrap().expect("signed");
         assert_eq!(signed.seq, 6);
+        let listed = control
+            .ledger_checkpoints(&VendorScope::All, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            listed,
+            std::slice::from_ref(&signed),
+            "the forged ones are not listed"
+        );
+        assert_eq!(store.checkpoints(None, 10).await.unwrap().len(), 3);
         sqlx::query("UPDATE ledger_head SET seq = 0, hash = $1")
             .bind(&ledger::GENESIS[..])
             .execute(&pool)

@@ -178,7 +178,7 @@ mod tamper {
             let truncate = raw.exec("TRUNCATE ledger_checkpoints").await;
             assert!(truncate.unwrap_err().contains("append-only"));
         }
-        assert_eq!(s.checkpoints(5).await.unwrap(), [cp]);
+        assert_eq!(s.checkpoints(None, 5).await.unwrap(), [cp]);
     }
 
     pub async fn an_edited_amount_is_named(s: S, raw: Raw) {
@@ -226,7 +226,10 @@ mod tamper {
         let cp = ledger::Checkpoint::sign(&key, head_seq, head_hash, Utc::now());
         assert!(s.insert_checkpoint(&cp).await.unwrap());
         assert!(!s.insert_checkpoint(&cp).await.unwrap(), "one per seq");
-        assert_eq!(s.checkpoints(5).await.unwrap(), std::slice::from_ref(&cp));
+        assert_eq!(
+            s.checkpoints(None, 5).await.unwrap(),
+            std::slice::from_ref(&cp)
+        );
         let verify = |held: Option<ledger::KnownPoint>| {
             let s = s.clone();
             async move {
@@ -275,6 +278,9 @@ mod tamper {
         let forged = ledger::Checkpoint::sign(&stranger, seqs[39] + 6, [2; 32], Utc::now());
         assert!(forged.signature_holds());
         s.insert_checkpoint(&forged).await.unwrap();
+        assert_eq!(s.checkpoints(None, 5).await.unwrap().len(), 3);
+        assert_eq!(s.checkpoints(Some(&trusted), 5).await.unwrap().len(), 2);
+        assert!(s.checkpoints(Some(&[]), 5).await.unwrap().is_empty());
         assert_eq!(
             verify(None).await.checkpoint_seq,
             Some(seqs[39]),

@@ -130,6 +130,10 @@ pub trait Dialect: Send + Sync + 'static {
     ) -> StoreResult<()>;
 }
 
+/// How long dropping a day's partition waits for the ledger's table lock
+/// before it gives up (until the next round of retention).
+const DETACH_LOCK_TIMEOUT: &str = "5s";
+
 /// One day's partition of the audit ledger (PostgreSQL).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditPartition {
@@ -283,6 +287,14 @@ impl Dialect for Pg {
         partition: &AuditPartition,
     ) -> StoreResult<()> {
         let table = &partition.table;
+        // Detaching waits for every transaction holding a lock on the
+        // ledger. An append written ahead of the head's lock holds one while
+        // it waits, in the replica, for the append before it, which may
+        // itself wait behind this request: a wait PostgreSQL cannot see as
+        // a deadlock. Give up instead; the next round tries again.
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{DETACH_LOCK_TIMEOUT}'"))
+            .execute(&mut *conn)
+            .await?;
         sqlx::query(&format!("ALTER TABLE audit DETACH PARTITION {table}"))
             .execute(&mut *conn)
             .await?;

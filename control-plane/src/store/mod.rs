@@ -480,8 +480,13 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a signed checkpoint; one already stored for its seq (another
     /// replica's) is kept. Whether this one was stored.
     async fn insert_checkpoint(&self, cp: &Checkpoint) -> StoreResult<bool>;
-    /// Stored checkpoints, newest (highest seq) first, at most `limit`.
-    async fn checkpoints(&self, limit: u32) -> StoreResult<Vec<Checkpoint>>;
+    /// Stored checkpoints, newest (highest seq) first, at most `limit`;
+    /// with `signed_by`, only those whose public key is one of these.
+    async fn checkpoints(
+        &self,
+        signed_by: Option<&[[u8; 32]]>,
+        limit: u32,
+    ) -> StoreResult<Vec<Checkpoint>>;
     /// Every ledger signing key: (id, public key, sealed private key),
     /// newest first.
     async fn ledger_signing_keys(&self) -> StoreResult<Vec<(String, Vec<u8>, Vec<u8>)>>;

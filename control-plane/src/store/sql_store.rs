@@ -2255,14 +2255,31 @@ where
         Ok(D::rows_affected(&done) == 1)
     }
 
-    async fn checkpoints(&self, limit: u32) -> StoreResult<Vec<Checkpoint>> {
-        let rows: Vec<(i64, Vec<u8>, i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, hash, at, public_key, signature FROM ledger_checkpoints \
-             ORDER BY seq DESC LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+    async fn checkpoints(
+        &self,
+        signed_by: Option<&[[u8; 32]]>,
+        limit: u32,
+    ) -> StoreResult<Vec<Checkpoint>> {
+        let mut q = Statement::new(
+            "SELECT seq, hash, at, public_key, signature FROM ledger_checkpoints WHERE 1 = 1",
+        );
+        if let Some(keys) = signed_by {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            q.push(" AND public_key IN (");
+            for (i, key) in keys.iter().enumerate() {
+                if i > 0 {
+                    q.push(", ");
+                }
+                q.push_bind(key.to_vec());
+            }
+            q.push(")");
+        }
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows: Vec<(i64, Vec<u8>, i64, Vec<u8>, Vec<u8>)> =
+            q.query_as::<D::Db, _>().fetch_all(&self.pool).await?;
         let bytes = |v: Vec<u8>, column: &str| {
             v.try_into()
                 .map_err(|_| StoreError::Corrupt(format!("ledger_checkpoints.{column}: length")))
@@ -2396,10 +2413,11 @@ where
             if last.as_ref().is_some_and(|(seq, _)| *seq > covered) {
                 break;
             }
-            // Where the kept ledger now starts goes on the head's row
-            // first: this holds the head's lock until the day is gone, so
-            // no append looks events up meanwhile, and every append after
-            // reads it with the head (`check_kept`).
+            // Detaching holds the ledger's table from here to commit, so no
+            // append looks events up until the day is gone and the head's
+            // row says where the kept ledger now starts: every append
+            // reads that with the head, under its lock (`check_kept`).
+            D::drop_audit_partition(w.conn(), &part).await?;
             let kept_from = part
                 .day
                 .succ_opt()
@@ -2412,7 +2430,6 @@ where
             .bind(kept_from)
             .execute(w.conn())
             .await?;
-            D::drop_audit_partition(w.conn(), &part).await?;
             if let Some((seq, hash)) = last.filter(|(seq, _)| *seq > through) {
                 let hash = hash.unwrap_or_else(|| ledger::GENESIS.to_vec());
                 sqlx::query(

@@ -438,8 +438,12 @@ impl<S: Store> Store for TimedStore<S> {
         timed("insert_checkpoint", self.0.insert_checkpoint(cp)).await
     }
 
-    async fn checkpoints(&self, limit: u32) -> StoreResult<Vec<Checkpoint>> {
-        timed("checkpoints", self.0.checkpoints(limit)).await
+    async fn checkpoints(
+        &self,
+        signed_by: Option<&[[u8; 32]]>,
+        limit: u32,
+    ) -> StoreResult<Vec<Checkpoint>> {
+        timed("checkpoints", self.0.checkpoints(signed_by, limit)).await
     }
 
     async fn ledger_signing_keys(&self) -> StoreResult<Vec<(String, Vec<u8>, Vec<u8>)>> {

@@ -849,8 +849,9 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCheckpoints(self, request, context):
-        """The ledger's signed checkpoints, newest first. Needs audit:read over
-        every vendor.
+        """The ledger's signed checkpoints, newest first: those signed by a key
+        keycap's master key opens, the ones VerifyAudit trusts. Needs
+        audit:read over every vendor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

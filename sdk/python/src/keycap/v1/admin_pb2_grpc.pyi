@@ -261,8 +261,9 @@ class AuditServiceStub:
     broken entry. Needs audit:read over every vendor.
     """
     ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCheckpointsRequest, _admin_pb2.ListCheckpointsResponse]
-    """The ledger's signed checkpoints, newest first. Needs audit:read over
-    every vendor.
+    """The ledger's signed checkpoints, newest first: those signed by a key
+    keycap's master key opens, the ones VerifyAudit trusts. Needs
+    audit:read over every vendor.
     """
     SpendReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SpendReportRequest, _admin_pb2.SpendReportResponse]
     """Spend grouped by run label, key, vendor and/or UTC day over a time
@@ -285,8 +286,9 @@ class AuditServiceAsyncStub(AuditServiceStub):
     broken entry. Needs audit:read over every vendor.
     """
     ListCheckpoints: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCheckpointsRequest, _admin_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
-    """The ledger's signed checkpoints, newest first. Needs audit:read over
-    every vendor.
+    """The ledger's signed checkpoints, newest first: those signed by a key
+    keycap's master key opens, the ones VerifyAudit trusts. Needs
+    audit:read over every vendor.
     """
     SpendReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.SpendReportRequest, _admin_pb2.SpendReportResponse]  # type: ignore[assignment]
     """Spend grouped by run label, key, vendor and/or UTC day over a time
@@ -330,8 +332,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListCheckpointsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListCheckpointsResponse, _abc.Awaitable[_admin_pb2.ListCheckpointsResponse]]:
-        """The ledger's signed checkpoints, newest first. Needs audit:read over
-        every vendor.
+        """The ledger's signed checkpoints, newest first: those signed by a key
+        keycap's master key opens, the ones VerifyAudit trusts. Needs
+        audit:read over every vendor.
         """
 
     @_abc_1.abstractmethod

@@ -3970,8 +3970,9 @@ export const AuditService: GenService<{
     output: typeof VerifyAuditResponseSchema;
   },
   /**
-   * The ledger's signed checkpoints, newest first. Needs audit:read over
-   * every vendor.
+   * The ledger's signed checkpoints, newest first: those signed by a key
+   * keycap's master key opens, the ones VerifyAudit trusts. Needs
+   * audit:read over every vendor.
    *
    * @generated from rpc keycap.v1.AuditService.ListCheckpoints
    */
