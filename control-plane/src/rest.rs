@@ -1337,9 +1337,9 @@ async fn verify_audit(
 ) -> Result<Json<VerifyAnswer>, ApiError> {
     let caller = admin(&c, &headers, Operation::VerifyAudit).await?;
     let p = query(q)?;
-    let v = c
-        .verify_audit(&caller.vendors, p.from, p.checkpoint.as_deref())
-        .await?;
+    // Empty, as an unset gRPC field: no kept checkpoint.
+    let held = p.checkpoint.as_deref().filter(|s| !s.is_empty());
+    let v = c.verify_audit(&caller.vendors, p.from, held).await?;
     Ok(Json(VerifyAnswer {
         ok: v.ok(),
         checked: v.checked,

@@ -3227,7 +3227,7 @@ struct SpendKeys {
 /// a day.
 fn check_kept(events: &[SpendEvent], clock: i64, kept_from: i64) -> StoreResult<()> {
     let window = ledger::dedupe_window(events, clock);
-    if *window.start() >= kept_from {
+    if kept_from == 0 || *window.start() >= kept_from {
         return Ok(());
     }
     let oldest = events

@@ -78,6 +78,13 @@ async fn calls_become_a_chain_that_verifies_over_rest_and_grpc() {
         .get("/vault/audit/verify?checkpoint=3:nothex")
         .await
         .expect_error(400, "invalid_request");
+    // Empty, as an unset gRPC field: no kept checkpoint.
+    let none = stack
+        .admin
+        .get("/vault/audit/verify?checkpoint=")
+        .await
+        .expect(200);
+    assert_eq!(none["ok"], true, "{none}");
 
     let channel = Endpoint::from_shared(stack.control.url())
         .unwrap()
