@@ -2309,6 +2309,17 @@ mod tests {
     }
 
     /// A `Control` over a fresh in-memory store; also the store and its pool.
+    /// Moves the ledger head, as appends leave it (the entries themselves
+    /// are not needed).
+    async fn set_ledger_head(pool: &sqlx::SqlitePool, seq: i64, hash: [u8; 32]) {
+        sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2")
+            .bind(seq)
+            .bind(&hash[..])
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
     async fn control_in_memory(
         master_key: String,
     ) -> (Arc<Control>, Arc<dyn Store>, sqlx::SqlitePool) {
@@ -2700,12 +2711,7 @@ mod tests {
         let (control, store, pool) = control_in_memory(master_key.clone()).await;
         assert_eq!(control.checkpoint_ledger().await.unwrap(), None, "empty");
 
-        // The head as appends leave it (entries themselves are not needed).
-        sqlx::query("UPDATE ledger_head SET seq = 5, hash = $1")
-            .bind(&[3u8; 32][..])
-            .execute(&pool)
-            .await
-            .unwrap();
+        set_ledger_head(&pool, 5, [3; 32]).await;
         let cp = control.checkpoint_ledger().await.unwrap().expect("signed");
         assert_eq!((cp.seq, cp.hash), (5, [3; 32]));
         assert!(cp.signature_holds());
@@ -2732,10 +2738,7 @@ mod tests {
         );
         let opened = ed25519_dalek::SigningKey::from_bytes(&secret.try_into().unwrap());
         assert_eq!(opened.verifying_key().to_bytes(), cp.public_key);
-        sqlx::query("UPDATE ledger_head SET seq = 6")
-            .execute(&pool)
-            .await
-            .unwrap();
+        set_ledger_head(&pool, 6, [3; 32]).await;
         let next = control.checkpoint_ledger().await.unwrap().unwrap();
         assert_eq!((next.seq, next.public_key), (6, cp.public_key));
     }
@@ -2762,11 +2765,7 @@ mod tests {
         // keycap signing the head nor is listed.
         let ahead = ledger::Checkpoint::sign(&stranger, 100, [4; 32], Utc::now());
         store.insert_checkpoint(&ahead).await.unwrap();
-        sqlx::query("UPDATE ledger_head SET seq = 6, hash = $1")
-            .bind(&[3u8; 32][..])
-            .execute(&pool)
-            .await
-            .unwrap();
+        set_ledger_head(&pool, 6, [3; 32]).await;
         let signed = control.checkpoint_ledger().await.unwrap().expect("signed");
         assert_eq!(signed.seq, 6);
         let listed = control
@@ -2779,11 +2778,7 @@ mod tests {
             "the forged ones are not listed"
         );
         assert_eq!(store.checkpoints(None, 10).await.unwrap().len(), 3);
-        sqlx::query("UPDATE ledger_head SET seq = 0, hash = $1")
-            .bind(&ledger::GENESIS[..])
-            .execute(&pool)
-            .await
-            .unwrap();
+        set_ledger_head(&pool, 0, ledger::GENESIS).await;
         let v = verify(None).await.unwrap();
         assert_eq!(v.checkpoint_seq, Some(6));
         assert_eq!(v.broken.map(|b| b.seq), Some(1));
